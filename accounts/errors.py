@@ -1,0 +1,122 @@
+"""The one error type every service raises, and the one way the API renders it.
+
+It lives in `accounts`, the lowest app, so that every other app may raise it
+without breaking the import direction in DESIGN.md.
+
+Every error reaches clients in OpenAI's and Stripe's shape:
+    {"error": {"type": ..., "code": ..., "message": ..., "param": ...}}
+`code` is stable and machine-readable; `message` says what was wrong and what
+to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+# HTTP status -> OpenAI-style error type.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class ApplicationError(Exception):
+    """A failure the caller can act on: bad input, a conflict, no credits."""
+
+    def __init__(
+        self,
+        *,
+        code: str,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.param = param
+        self.extra = extra or {}
+
+    def __repr__(self) -> str:
+        return (
+            f"ApplicationError(code={self.code!r}, status={self.status}, message={self.message!r})"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return error_body(
+            code=self.code, message=self.message, status=self.status, param=self.param, **self.extra
+        )
+
+
+def error_body(*, code: str, message: str, status: int, param: str | None = None, **extra: Any):
+    return {
+        "error": {
+            "type": _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error"),
+            "code": code,
+            "message": message,
+            "param": param,
+            **extra,
+        }
+    }
+
+
+def _first_field_error(detail: Any, prefix: str = "") -> tuple[str | None, str]:
+    """Flatten DRF's nested validation detail to (param, message) of the first problem."""
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = key if key != "non_field_errors" else None
+            param = f"{prefix}.{name}" if prefix and name else (name or prefix or None)
+            return _first_field_error(value, param or "")
+    if isinstance(detail, list) and detail:
+        return _first_field_error(detail[0], prefix)
+    return (prefix or None, str(detail))
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, ApplicationError):
+        return Response(exc.as_dict(), status=exc.status)
+    if isinstance(exc, Http404):
+        exc = drf_exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = drf_exceptions.PermissionDenied()
+
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None  # a genuine server error: Django's 500 handling takes over
+
+    if isinstance(exc, drf_exceptions.ValidationError):
+        param, message = _first_field_error(exc.detail)
+        code = "invalid_request"
+    else:
+        param = None
+        message = str(getattr(exc, "detail", exc))
+        code = {
+            drf_exceptions.NotAuthenticated: "authentication_failed",
+            drf_exceptions.AuthenticationFailed: "authentication_failed",
+            drf_exceptions.PermissionDenied: "permission_denied",
+            drf_exceptions.NotFound: "not_found",
+            drf_exceptions.MethodNotAllowed: "method_not_allowed",
+            drf_exceptions.NotAcceptable: "not_acceptable",
+            drf_exceptions.UnsupportedMediaType: "unsupported_media_type",
+            drf_exceptions.ParseError: "invalid_json",
+            drf_exceptions.Throttled: "rate_limited",
+        }.get(type(exc), "invalid_request")
+    response.data = error_body(code=code, message=message, status=response.status_code, param=param)
+    return response

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class GymbillingConfig(AppConfig):
+    name = "gymbilling"
+    verbose_name = "Billing and marketplace"

@@ -1,0 +1,90 @@
+"""Reads of the credit ledger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db.models import QuerySet, Sum
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from accounts.models import Organization
+from metering.models import (
+    AccountKind,
+    CreditLot,
+    LedgerAccount,
+    LedgerEntry,
+    ModelPrice,
+)
+
+
+@dataclass(frozen=True)
+class Balance:
+    """An organization's credits, in micro-credits.
+
+    available = what a new hold may take (the wallet account);
+    held      = reserved by pending holds (the holds account);
+    escrowed  = listed on the marketplace (the escrow account);
+    total     = available + held, which the wallet's lots add up to.
+    """
+
+    available: int
+    held: int
+    escrowed: int
+
+    @property
+    def total(self) -> int:
+        return self.available + self.held
+
+
+def organization_balance(*, organization: Organization) -> Balance:
+    rows = dict(
+        LedgerAccount.objects.filter(organization=organization).values_list("kind", "balance")
+    )
+    return Balance(
+        available=rows.get(AccountKind.WALLET, 0),
+        held=rows.get(AccountKind.HOLDS, 0),
+        escrowed=rows.get(AccountKind.ESCROW, 0),
+    )
+
+
+def account_balance(*, account: LedgerAccount) -> int:
+    """The true balance: the cache for organization accounts, the sum for system ones."""
+    if not account.is_system:
+        return account.balance
+    return LedgerEntry.objects.filter(account=account).aggregate(s=Sum("amount"))["s"] or 0
+
+
+def organization_lots(*, organization: Organization, include_spent: bool = False) -> QuerySet:
+    qs = CreditLot.objects.filter(organization=organization).select_related("account")
+    if not include_spent:
+        qs = qs.filter(remaining__gt=0)
+    return qs.order_by("expires_at", "pk")
+
+
+def organization_entries(*, organization: Organization) -> QuerySet:
+    return (
+        LedgerEntry.objects.filter(account__organization=organization)
+        .select_related("account", "transaction")
+        .order_by("-pk")
+    )
+
+
+def model_price(*, model_name: str, at: datetime | None = None) -> ModelPrice:
+    """The rates in force for a model at a moment: the newest book effective by then."""
+    at = at or timezone.now()
+    price = (
+        ModelPrice.objects.filter(model_name=model_name, price_book__effective_at__lte=at)
+        .select_related("price_book")
+        .order_by("-price_book__effective_at", "-price_book__version")
+        .first()
+    )
+    if price is None:
+        raise ApplicationError(
+            code="model_not_priced",
+            message=f"No price is set for the model {model_name!r}.",
+            status=404,
+            param="model",
+        )
+    return price

@@ -1,0 +1,36 @@
+"""Every write to the credit ledger. Import services from here."""
+
+from metering.services.holds import hold_capture, hold_place, hold_release, holds_expire
+from metering.services.ledger import (
+    credits_adjust,
+    credits_grant,
+    credits_transfer,
+    transaction_reverse,
+)
+from metering.services.lots import credits_expire
+from metering.services.pricing import (
+    Rates,
+    Usage,
+    credits_for_usage,
+    credits_worst_case,
+    price_book_publish,
+    round_charge,
+)
+
+__all__ = [
+    "Rates",
+    "Usage",
+    "credits_adjust",
+    "credits_expire",
+    "credits_for_usage",
+    "credits_grant",
+    "credits_transfer",
+    "credits_worst_case",
+    "hold_capture",
+    "hold_place",
+    "hold_release",
+    "holds_expire",
+    "price_book_publish",
+    "round_charge",
+    "transaction_reverse",
+]

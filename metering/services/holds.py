@@ -1,0 +1,172 @@
+"""Holds: reserve credits before work starts, settle exactly once after.
+
+place:   wallet -> holds            (refused with insufficient_credits)
+capture: holds -> consumption (the part used) and holds -> wallet (the rest);
+         the used part burns the wallet's lots in burn order
+release: holds -> wallet            (capture of nothing, status released)
+expire:  holds -> wallet            (the sweeper, for holds nobody settled)
+
+A hold is keyed by its business event (for inference, the job id): placing
+twice places once, and settling is guarded by the hold's row lock and its
+status, so retries and crashes can never capture twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from accounts.models import Organization
+from metering.models import AccountKind, Hold, HoldStatus, TransactionKind
+from metering.services.lots import lots_burn
+from metering.services.postings import (
+    accounts_for,
+    fingerprint,
+    idempotent,
+    post,
+    require_key,
+    require_positive,
+    retry_on_deadlock,
+    transaction_open,
+)
+
+
+@retry_on_deadlock
+def hold_place(
+    *,
+    organization: Organization,
+    amount: int,
+    key: str,
+    ttl: timedelta | None = None,
+    memo: str = "",
+) -> Hold:
+    """Reserve `amount` micro-credits, or raise `insufficient_credits` (402)."""
+    require_positive(amount)
+    require_key(key)
+    now = timezone.now()
+    ttl = ttl if ttl is not None else settings.METERING_HOLD_TTL
+    txn_key = f"hold:{key}"
+    fp = fingerprint(op="hold", org=organization.pk, amount=amount)
+
+    def work() -> Hold:
+        org_accounts, _ = accounts_for(organization)
+        txn = transaction_open(
+            kind=TransactionKind.HOLD_PLACE,
+            key=txn_key,
+            fingerprint=fp,
+            organization=organization,
+            memo=memo,
+        )
+        post(txn, [(org_accounts.wallet, -amount), (org_accounts.holds, amount)], now=now)
+        return Hold.objects.create(
+            organization=organization,
+            key=key,
+            amount=amount,
+            expires_at=now + ttl,
+            place_transaction=txn,
+        )
+
+    return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn.placed_hold)
+
+
+def _settle(*, key: str, captured: int, status: str, now: datetime) -> Hold:
+    """Settle a pending hold once. The hold's row lock orders concurrent settlers."""
+    with transaction.atomic():
+        hold = (
+            Hold.objects.select_for_update().select_related("organization").filter(key=key).first()
+        )
+        if hold is None:
+            raise ApplicationError(
+                code="hold_not_found", message=f"No hold has the key {key!r}.", status=404
+            )
+        if hold.status != HoldStatus.PENDING:
+            if hold.status == status and hold.captured == captured:
+                return hold  # a retry of the settlement that already happened
+            raise ApplicationError(
+                code="hold_already_settled",
+                message=(
+                    f"The hold {key!r} was already {hold.status} "
+                    f"({hold.captured} micro-credits captured); a hold settles once."
+                ),
+                status=409,
+            )
+        if captured > hold.amount:
+            raise ApplicationError(
+                code="capture_exceeds_hold",
+                message=(
+                    f"Cannot capture {captured} micro-credits from a hold of {hold.amount}; "
+                    "the hold must cover the worst case."
+                ),
+                param="amount",
+            )
+        org_accounts, system = accounts_for(hold.organization, AccountKind.CONSUMPTION)
+        txn = transaction_open(
+            kind={
+                HoldStatus.CAPTURED: TransactionKind.HOLD_CAPTURE,
+                HoldStatus.RELEASED: TransactionKind.HOLD_RELEASE,
+                HoldStatus.EXPIRED: TransactionKind.HOLD_EXPIRE,
+            }[status],
+            key=f"hold:{key}:settle",
+            fingerprint=fingerprint(op="settle", hold=hold.pk, captured=captured, status=status),
+            organization=hold.organization,
+        )
+        post(
+            txn,
+            [
+                (org_accounts.holds, -hold.amount),
+                (system[AccountKind.CONSUMPTION], captured),
+                (org_accounts.wallet, hold.amount - captured),
+            ],
+            now=now,
+            spend=False,
+        )
+        if captured:
+            lots_burn(txn=txn, account=org_accounts.wallet, amount=captured, now=now)
+        hold.status = status
+        hold.captured = captured
+        hold.settle_transaction = txn
+        hold.settled_at = now
+        hold.save(update_fields=["status", "captured", "settle_transaction", "settled_at"])
+        return hold
+
+
+@retry_on_deadlock
+def hold_capture(*, key: str, amount: int) -> Hold:
+    """Capture `amount` (0 up to the hold) for the work really done; release the rest."""
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+        raise ApplicationError(
+            code="invalid_amount",
+            message="The captured amount must be a non-negative integer of micro-credits.",
+            param="amount",
+        )
+    return _settle(key=key, captured=amount, status=HoldStatus.CAPTURED, now=timezone.now())
+
+
+@retry_on_deadlock
+def hold_release(*, key: str) -> Hold:
+    """Give the whole hold back: the work was canceled or failed before any token."""
+    return _settle(key=key, captured=0, status=HoldStatus.RELEASED, now=timezone.now())
+
+
+def holds_expire(*, now: datetime | None = None) -> int:
+    """Release pending holds past their expiry (work that never settled). Returns how many."""
+    now = now or timezone.now()
+    keys = list(
+        Hold.objects.filter(status=HoldStatus.PENDING, expires_at__lte=now)
+        .order_by("pk")
+        .values_list("key", flat=True)
+    )
+    expired = 0
+    for key in keys:
+        try:
+            _settle(key=key, captured=0, status=HoldStatus.EXPIRED, now=now)
+            expired += 1
+        except ApplicationError as exc:
+            # Settled meanwhile by its worker: nothing to do.
+            if exc.code != "hold_already_settled":
+                raise
+    return expired

@@ -1,0 +1,390 @@
+"""Grants, adjustments, transfers and reversals: every credit movement but holds."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db.models import F, Q
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from accounts.models import Organization
+from metering.models import (
+    AccountKind,
+    CreditLot,
+    JournalTransaction,
+    LedgerAccount,
+    LotMovement,
+    LotSource,
+    TransactionKind,
+)
+from metering.services.lots import (
+    LedgerInconsistent,
+    account_lower_next_expiry,
+    lot_create,
+    lots_burn,
+)
+from metering.services.postings import (
+    accounts_for,
+    fingerprint,
+    idempotent,
+    post,
+    require_key,
+    require_positive,
+    retry_on_deadlock,
+    transaction_open,
+)
+
+DEFAULT_LOT_PRIORITY = 100
+
+
+def _require_future(expires_at: datetime | None, now: datetime) -> None:
+    if expires_at is None:
+        return
+    if timezone.is_naive(expires_at):
+        raise ApplicationError(
+            code="invalid_expiry",
+            message="expires_at must be timezone-aware.",
+            param="expires_at",
+        )
+    if expires_at <= now:
+        raise ApplicationError(
+            code="lot_expired",
+            message=f"expires_at {expires_at.isoformat()} is in the past; credits must expire in the future.",
+            param="expires_at",
+        )
+
+
+def _org_account(organization: Organization, kind: str) -> LedgerAccount:
+    org_accounts, _ = accounts_for(organization)
+    return {
+        AccountKind.WALLET: org_accounts.wallet,
+        AccountKind.ESCROW: org_accounts.escrow,
+    }[kind]
+
+
+@retry_on_deadlock
+def credits_grant(
+    *,
+    organization: Organization,
+    amount: int,
+    source: str,
+    paid: bool,
+    resellable: bool,
+    key: str,
+    expires_at: datetime | None = None,
+    priority: int = DEFAULT_LOT_PRIORITY,
+    memo: str = "",
+    actor=None,
+) -> CreditLot:
+    """Issue new credits to the organization's wallet as one lot.
+
+    `key` names the business event (an invoice id, a promotion code and the
+    organization...); granting twice under one key grants once.
+    """
+    require_positive(amount)
+    require_key(key)
+    now = timezone.now()
+    _require_future(expires_at, now)
+    if source not in LotSource.values:
+        raise ApplicationError(
+            code="invalid_source", message=f"Unknown lot source {source!r}.", param="source"
+        )
+    if resellable and not paid:
+        raise ApplicationError(
+            code="invalid_lot",
+            message="Only paid credits may be resellable.",
+            param="resellable",
+        )
+    txn_key = f"grant:{key}"
+    fp = fingerprint(
+        op="grant",
+        org=organization.pk,
+        amount=amount,
+        source=source,
+        paid=paid,
+        resellable=resellable,
+        expires_at=expires_at,
+        priority=priority,
+    )
+    counter = AccountKind.ADJUSTMENTS if source == LotSource.ADJUSTMENT else AccountKind.ISSUANCE
+
+    def work() -> CreditLot:
+        org_accounts, system = accounts_for(organization, counter)
+        txn = transaction_open(
+            kind=TransactionKind.GRANT,
+            key=txn_key,
+            fingerprint=fp,
+            organization=organization,
+            memo=memo,
+            actor=actor,
+        )
+        post(txn, [(system[counter], -amount), (org_accounts.wallet, amount)], now=now)
+        return lot_create(
+            txn=txn,
+            account=org_accounts.wallet,
+            organization=organization,
+            amount=amount,
+            source=source,
+            paid=paid,
+            resellable=resellable,
+            priority=priority,
+            expires_at=expires_at,
+        )
+
+    return idempotent(
+        key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn.created_lots.get()
+    )
+
+
+@retry_on_deadlock
+def credits_adjust(
+    *,
+    organization: Organization,
+    amount: int,
+    reason: str,
+    key: str,
+    actor=None,
+    expires_at: datetime | None = None,
+) -> JournalTransaction:
+    """A finance correction: add (positive) or remove (negative) credits, with a reason.
+
+    Added credits are a free, non-resellable lot; removed credits burn the
+    wallet's lots in burn order and cannot take credits held for running work.
+    """
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount == 0:
+        raise ApplicationError(
+            code="invalid_amount",
+            message="amount must be a non-zero integer of micro-credits.",
+            param="amount",
+        )
+    if not isinstance(reason, str) or not reason.strip():
+        raise ApplicationError(
+            code="reason_required",
+            message="An adjustment needs a reason that finance can read later.",
+            param="reason",
+        )
+    require_key(key)
+    if amount > 0:
+        lot = credits_grant(
+            organization=organization,
+            amount=amount,
+            source=LotSource.ADJUSTMENT,
+            paid=False,
+            resellable=False,
+            key=f"adjust:{key}",
+            expires_at=expires_at,
+            memo=reason,
+            actor=actor,
+        )
+        return lot.created_by
+
+    now = timezone.now()
+    txn_key = f"adjust:{key}"
+    fp = fingerprint(op="adjust", org=organization.pk, amount=amount)
+
+    def work() -> JournalTransaction:
+        org_accounts, system = accounts_for(organization, AccountKind.ADJUSTMENTS)
+        txn = transaction_open(
+            kind=TransactionKind.ADJUSTMENT,
+            key=txn_key,
+            fingerprint=fp,
+            organization=organization,
+            memo=reason,
+            actor=actor,
+        )
+        post(
+            txn,
+            [(org_accounts.wallet, amount), (system[AccountKind.ADJUSTMENTS], -amount)],
+            now=now,
+        )
+        lots_burn(txn=txn, account=org_accounts.wallet, amount=-amount, now=now)
+        return txn
+
+    return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn)
+
+
+@retry_on_deadlock
+def credits_transfer(
+    *,
+    source: Organization,
+    destination: Organization,
+    amount: int,
+    key: str,
+    source_kind: str = AccountKind.WALLET,
+    destination_kind: str = AccountKind.WALLET,
+    only_resellable: bool = False,
+    lot_source: str | None = None,
+    resellable: bool | None = None,
+    memo: str = "",
+    actor=None,
+) -> JournalTransaction:
+    """Move credits between two organization accounts, lots and expiry included.
+
+    Each burned source lot becomes a new lot at the destination with the same
+    expiry, priority and paid flag (and `lot_source`/`resellable` when given:
+    a marketplace purchase arrives as source=marketplace, not resellable).
+    `source_kind`/`destination_kind` pick wallet or escrow, which is how the
+    marketplace moves listed credits into escrow and on to a buyer.
+    """
+    require_positive(amount)
+    require_key(key)
+    kinds = {AccountKind.WALLET, AccountKind.ESCROW}
+    if source_kind not in kinds or destination_kind not in kinds:
+        raise ApplicationError(
+            code="invalid_account", message="Transfers move between wallets and escrow only."
+        )
+    if source.pk == destination.pk and source_kind == destination_kind:
+        raise ApplicationError(
+            code="invalid_transfer",
+            message="The source and the destination are the same account.",
+            param="destination",
+        )
+    if lot_source is not None and lot_source not in LotSource.values:
+        raise ApplicationError(
+            code="invalid_source", message=f"Unknown lot source {lot_source!r}.", param="lot_source"
+        )
+    now = timezone.now()
+    txn_key = f"transfer:{key}"
+    fp = fingerprint(
+        op="transfer",
+        src=source.pk,
+        dst=destination.pk,
+        amount=amount,
+        src_kind=source_kind,
+        dst_kind=destination_kind,
+        only_resellable=only_resellable,
+    )
+
+    def work() -> JournalTransaction:
+        from_account = _org_account(source, source_kind)
+        to_account = _org_account(destination, destination_kind)
+        txn = transaction_open(
+            kind=TransactionKind.TRANSFER,
+            key=txn_key,
+            fingerprint=fp,
+            organization=source,
+            memo=memo,
+            actor=actor,
+        )
+        post(txn, [(from_account, -amount), (to_account, amount)], now=now)
+        try:
+            burned = lots_burn(
+                txn=txn,
+                account=from_account,
+                amount=amount,
+                now=now,
+                only=Q(resellable=True) if only_resellable else None,
+            )
+        except LedgerInconsistent:
+            if not only_resellable:
+                raise
+            raise ApplicationError(
+                code="insufficient_resellable_credits",
+                message="Not enough resellable credits: only paid subscription credits can be resold.",
+                status=402,
+                param="amount",
+            ) from None
+        for lot, taken in burned:
+            lot_create(
+                txn=txn,
+                account=to_account,
+                organization=destination,
+                amount=taken,
+                source=lot_source or lot.source,
+                paid=lot.paid,
+                resellable=lot.resellable if resellable is None else resellable,
+                priority=lot.priority,
+                expires_at=lot.expires_at,
+                parent=lot,
+            )
+        return txn
+
+    return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn)
+
+
+REVERSIBLE = {
+    TransactionKind.GRANT,
+    TransactionKind.ADJUSTMENT,
+    TransactionKind.TRANSFER,
+    TransactionKind.HOLD_CAPTURE,
+}
+
+
+@retry_on_deadlock
+def transaction_reverse(
+    *, original: JournalTransaction, reason: str, actor=None
+) -> JournalTransaction:
+    """Undo a transaction with its mirror image; the original stays as it was.
+
+    Holds are never reopened: what a capture took from a hold goes back to
+    the wallet. Lots the original created lose what it gave them (refused if
+    those credits were already spent: reverse what can be, adjust the rest);
+    lots it burned get their credits back, with their original expiry.
+    A transaction is reversed at most once.
+    """
+    if original.kind not in REVERSIBLE:
+        raise ApplicationError(
+            code="not_reversible",
+            message=f"A {original.kind} transaction cannot be reversed; settle or release holds instead.",
+            param="transaction",
+        )
+    if not isinstance(reason, str) or not reason.strip():
+        raise ApplicationError(
+            code="reason_required", message="A reversal needs a reason.", param="reason"
+        )
+    now = timezone.now()
+    txn_key = f"reverse:{original.pk}"
+    fp = fingerprint(op="reverse", original=original.pk)
+
+    def work() -> JournalTransaction:
+        txn = transaction_open(
+            kind=TransactionKind.REVERSAL,
+            key=txn_key,
+            fingerprint=fp,
+            organization=original.organization,
+            memo=reason,
+            actor=actor,
+            reverses=original,
+        )
+        entries = list(original.entries.select_related("account"))
+        postings = []
+        for entry in entries:
+            account = entry.account
+            if account.kind == AccountKind.HOLDS:
+                account = accounts_for(account.organization)[0].wallet
+            postings.append((account, -entry.amount))
+        post(txn, postings, now=now)
+
+        movements = list(
+            LotMovement.objects.filter(transaction=original)
+            .select_related("lot")
+            .order_by("lot_id")
+        )
+        locked = {
+            lot.pk: lot
+            for lot in CreditLot.objects.select_for_update()
+            .filter(pk__in=[m.lot_id for m in movements])
+            .order_by("pk")
+        }
+        for movement in movements:
+            lot = locked[movement.lot_id]
+            if lot.remaining - movement.amount < 0:
+                raise ApplicationError(
+                    code="reversal_not_possible",
+                    message=(
+                        "Some of these credits were already spent, transferred or expired; "
+                        "reverse what remains with an adjustment instead."
+                    ),
+                    status=409,
+                )
+            CreditLot.objects.filter(pk=lot.pk).update(remaining=F("remaining") - movement.amount)
+            lot.remaining -= movement.amount
+            LotMovement.objects.create(lot=lot, transaction=txn, amount=-movement.amount)
+            if movement.amount < 0:
+                # Credits came back to a lot that may be due: the next spend
+                # from this account sweeps it first.
+                account_lower_next_expiry(account_id=lot.account_id, expires_at=lot.expires_at)
+        return txn
+
+    return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn)
