@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
-from rest_framework.views import exception_handler as drf_exception_handler
 
 # HTTP status -> OpenAI-style error type.
 _TYPES = {
@@ -91,11 +91,27 @@ def _first_field_error(detail: Any, prefix: str = "") -> tuple[str | None, str]:
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApplicationError):
-        return Response(exc.as_dict(), status=exc.status)
+        response = Response(exc.as_dict(), status=exc.status)
+        if "retry_after" in exc.extra:
+            response["Retry-After"] = str(exc.extra["retry_after"])
+        return response
+    if isinstance(exc, RequestDataTooBig):
+        return Response(
+            error_body(
+                code="request_too_large",
+                message=f"The request body is over the limit of {settings.API_MAX_BODY_BYTES} bytes.",
+                status=413,
+            ),
+            status=413,
+        )
     if isinstance(exc, Http404):
         exc = drf_exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = drf_exceptions.PermissionDenied()
+
+    # Imported here: rest_framework.views imports the authentication classes,
+    # which import this module.
+    from rest_framework.views import exception_handler as drf_exception_handler
 
     response = drf_exception_handler(exc, context)
     if response is None:
@@ -120,3 +136,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         }.get(type(exc), "invalid_request")
     response.data = error_body(code=code, message=message, status=response.status_code, param=param)
     return response
+
+
+def json_error_response(*, code: str, message: str, status: int):
+    """The error shape as a plain Django response, for errors outside DRF views."""
+    from django.http import JsonResponse
+
+    return JsonResponse(error_body(code=code, message=message, status=status), status=status)

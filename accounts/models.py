@@ -1,9 +1,16 @@
-"""Identity and tenancy: users sign in by email; credits belong to organizations."""
+"""Identity and tenancy: users, organizations, roles, API keys, entitlements, audit.
+
+Credits belong to organizations. Billing decides what an organization may do
+and writes it here as entitlements (DESIGN.md); the API and inference read
+entitlements, never plans.
+"""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractUser, BaseUserManager
 from django.db import models
+from django.db.models import Q
 
 
 class UserManager(BaseUserManager["User"]):
@@ -43,15 +50,189 @@ class User(AbstractUser):
         return self.email
 
 
+class Standing(models.TextChoices):
+    ACTIVE = "active", "Active"
+    PAST_DUE = "past_due", "Past due (grace period)"
+    SUSPENDED = "suspended", "Suspended"
+
+
 class Organization(models.Model):
-    """The tenant. Wallets, keys, subscriptions and jobs all belong to one."""
+    """The tenant. Wallets, keys, subscriptions and jobs all belong to one.
+
+    The entitlement fields are written by billing whenever the subscription
+    changes; until a plan exists the defaults below apply.
+    """
 
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
+    personal = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    # --- entitlements (written by billing) ---
+    standing = models.CharField(max_length=16, choices=Standing.choices, default=Standing.ACTIVE)
+    seats = models.PositiveIntegerField(default=1)
+    model_tiers = models.JSONField(default=list, blank=True)  # access tiers allowed, e.g. ["basic"]
+    max_priority = models.CharField(max_length=16, default="standard")
+    requests_per_minute = models.PositiveIntegerField(default=60)
+    tokens_per_minute = models.PositiveIntegerField(default=100_000)
+    concurrent_jobs = models.PositiveIntegerField(default=4)
+    store_prompts = models.BooleanField(default=False)  # opt-in: prompts are not kept otherwise
 
     class Meta:
         ordering = ["pk"]
 
     def __str__(self) -> str:
         return self.slug
+
+    @property
+    def in_good_standing(self) -> bool:
+        return self.standing != Standing.SUSPENDED
+
+
+class Role(models.TextChoices):
+    OWNER = "owner", "Owner"
+    ADMIN = "admin", "Admin"
+    BILLING = "billing", "Billing"
+    MEMBER = "member", "Member"
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "organization"], name="membership_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}@{self.organization_id}:{self.role}"
+
+
+class Invitation(models.Model):
+    """An email invitation to join an organization; the token is stored hashed."""
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="invitations"
+    )
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "email"],
+                condition=Q(accepted_at__isnull=True, revoked_at__isnull=True),
+                name="invitation_one_open_per_email",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"invitation {self.email} -> {self.organization_id}"
+
+
+class Scope(models.TextChoices):
+    INFERENCE = "inference", "Inference"
+    BILLING_READ = "billing:read", "Billing (read)"
+    MARKETPLACE = "marketplace", "Marketplace"
+    ADMIN = "admin", "Organization admin (keys, members)"
+
+
+class ApiKey(models.Model):
+    """A partner app's credential: `gym_<public id>_<secret><checksum>`.
+
+    Only a hash of the whole key and its displayable prefix are stored; the
+    key is shown once, when created.
+    """
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    name = models.CharField(max_length=100)
+    public_id = models.CharField(max_length=16, unique=True)
+    secret_hash = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    # Optional per-key ceiling under the organization's limit.
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix} ({self.name})"
+
+    @property
+    def prefix(self) -> str:
+        return f"gym_{self.public_id}"
+
+
+class AuditEvent(models.Model):
+    """A security-relevant action, readable by the organization's owners and admins."""
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="audit_events", null=True
+    )
+    actor_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    actor_key = models.ForeignKey(
+        ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    action = models.CharField(max_length=64)
+    target = models.CharField(max_length=200, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-pk"]
+        indexes = [models.Index(fields=["organization", "-id"])]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.target}"
+
+
+class IdempotencyRecord(models.Model):
+    """The first response to a POST with an Idempotency-Key, replayed for 24 hours."""
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="idempotency_records"
+    )
+    key = models.CharField(max_length=255)
+    method = models.CharField(max_length=8)
+    path = models.CharField(max_length=500)
+    request_hash = models.CharField(max_length=64)
+    # Null while the first request is still running: a retry then gets 409.
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    content_type = models.CharField(max_length=200, blank=True)
+    body = models.BinaryField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "key"], name="idempotency_key_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id}:{self.key}"

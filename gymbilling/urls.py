@@ -1,13 +1,19 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from gymbilling.views import HealthView, HomeView
+from gymbilling.views import HealthView, HomeView, PingView, api_not_found, server_error
 
 urlpatterns = [
     path("", HomeView.as_view(), name="home"),
     path("healthz", HealthView.as_view(), name="health"),
+    path("ping", PingView.as_view(), name="ping"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/v1/", include("accounts.urls")),
+    path("api/v1/", include("metering.urls")),
 ]
+
+handler404 = api_not_found
+handler500 = server_error

@@ -374,3 +374,47 @@ class ModelPrice(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_name} @ v{self.price_book.version}"
+
+
+class UsageRecord(models.Model):
+    """What one job consumed, with everything finance needs and nothing from inference.
+
+    Written once per job, in the transaction that captures its hold (the job
+    id is unique), with the serving cost fixed at settlement.
+    """
+
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="usage_records"
+    )
+    api_key = models.ForeignKey(
+        "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    job_id = models.CharField(max_length=64, unique=True)
+    hold = models.OneToOneField(
+        Hold, on_delete=models.PROTECT, null=True, blank=True, related_name="usage_record"
+    )
+    model_name = models.CharField(max_length=128)
+    priority = models.CharField(max_length=16, choices=Priority.choices)
+    input_tokens = models.PositiveIntegerField()
+    cached_input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField()
+    engine_busy_ms = models.PositiveIntegerField(default=0)
+    credits = models.BigIntegerField()  # micro-credits charged
+    model_price = models.ForeignKey(
+        ModelPrice, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    serving_cost = models.BigIntegerField(default=0)  # minor units of `currency`
+    currency = models.CharField(max_length=3, default="usd")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization", "created_at"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(credits__gte=0) & Q(cached_input_tokens__lte=models.F("input_tokens")),
+                name="usage_record_valid_counts",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"usage {self.job_id} {self.model_name}"

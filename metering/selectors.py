@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Count, QuerySet, Sum
+from django.db.models import F as models_F
+from django.db.models.functions import TruncDay
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -16,6 +18,7 @@ from metering.models import (
     LedgerAccount,
     LedgerEntry,
     ModelPrice,
+    UsageRecord,
 )
 
 
@@ -88,3 +91,38 @@ def model_price(*, model_name: str, at: datetime | None = None) -> ModelPrice:
             param="model",
         )
     return price
+
+
+USAGE_GROUPINGS = {"day", "model", "key"}
+
+
+def usage_aggregate(
+    *, organization: Organization, start: datetime, end: datetime, group_by: str
+) -> list[dict]:
+    """Usage totals per day, model or API key over [start, end)."""
+    if group_by not in USAGE_GROUPINGS:
+        raise ApplicationError(
+            code="invalid_request",
+            message=f"group_by must be one of {', '.join(sorted(USAGE_GROUPINGS))}.",
+            param="group_by",
+        )
+    qs = UsageRecord.objects.filter(
+        organization=organization, created_at__gte=start, created_at__lt=end
+    )
+    if group_by == "day":
+        qs = qs.annotate(group=TruncDay("created_at"))
+    elif group_by == "model":
+        qs = qs.annotate(group=models_F("model_name"))
+    else:
+        qs = qs.annotate(group=models_F("api_key__public_id"))
+    return list(
+        qs.values("group")
+        .annotate(
+            requests=Count("id"),
+            input_tokens=Sum("input_tokens"),
+            cached_input_tokens=Sum("cached_input_tokens"),
+            output_tokens=Sum("output_tokens"),
+            credits=Sum("credits"),
+        )
+        .order_by("group")
+    )

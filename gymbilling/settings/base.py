@@ -38,6 +38,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "gymbilling.middleware.ApiErrorMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -90,6 +91,11 @@ STATIC_ROOT = BASE_DIR / "var" / "static"
 
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # API views set their own (accounts.api_base.OrgApiView).
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "accounts.errors.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
@@ -133,3 +139,19 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }
+
+# --- Redis (rate limits, counters) ---------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/1")
+
+# --- API ---------------------------------------------------------------------
+# Idempotency-Key responses are replayed for this long.
+IDEMPOTENCY_TTL = timedelta(hours=24)
+# A first request still "running" after this long is taken to have died, and a
+# retry may run instead of getting 409 forever.
+IDEMPOTENCY_LOCK_TIMEOUT = timedelta(
+    seconds=env.int("IDEMPOTENCY_LOCK_TIMEOUT_SECONDS", default=300)
+)
+# Requests larger than this are refused with 413 before they are read.
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1_048_576)
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
+SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")

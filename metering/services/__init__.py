@@ -16,6 +16,7 @@ from metering.services.pricing import (
     price_book_publish,
     round_charge,
 )
+from metering.services.usage import usage_record_create
 
 __all__ = [
     "Rates",
@@ -33,4 +34,5 @@ __all__ = [
     "price_book_publish",
     "round_charge",
     "transaction_reverse",
+    "usage_record_create",
 ]

@@ -1,0 +1,183 @@
+"""What every API view shares: who is calling, for which organization, how often,
+and whether this POST already happened.
+
+A view subclasses `OrgApiView`, names `required_scope` (for API keys) and
+`allowed_roles` (for signed-in users), and has a body that is always:
+validate, call a service or selector, serialize.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpResponse
+from rest_framework import serializers
+from rest_framework.authentication import SessionAuthentication
+from rest_framework.pagination import CursorPagination
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from accounts.authentication import ApiKeyAuthentication, KeyPrincipal
+from accounts.errors import ApplicationError
+from accounts.idempotency import StoredResponse, idempotency_begin, idempotency_complete
+from accounts.models import Membership, Organization, Role
+from accounts.ratelimits import Limit, rate_limit_consume
+
+ALL_ROLES = tuple(Role.values)
+MANAGERS = (Role.OWNER, Role.ADMIN)
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, so a typo is an error, not a silent default."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError(
+                    {unknown[0]: [f"Unknown field {unknown[0]!r}."]}, code="unknown_field"
+                )
+        return super().to_internal_value(data)
+
+
+class IdCursorPagination(CursorPagination):
+    """Opaque cursors over a stable order: pages never skip or repeat rows."""
+
+    ordering = "-pk"
+    page_size = 50
+    page_size_query_param = "limit"
+    max_page_size = 200
+
+
+class _Replay(Exception):
+    def __init__(self, stored: StoredResponse) -> None:
+        self.stored = stored
+
+
+class OrgApiView(APIView):
+    authentication_classes = [ApiKeyAuthentication, SessionAuthentication]
+    permission_classes = [IsAuthenticated]
+    # An API key needs this scope; None means any key of the organization.
+    required_scope: str | None = None
+    # A signed-in user needs one of these roles in the organization.
+    allowed_roles: tuple[str, ...] = ALL_ROLES
+
+    # --- who and for which organization ----------------------------------------
+
+    def resolve_organization(self, request: Request) -> Organization:
+        """The organization a request acts for.
+
+        API key: its organization. Signed-in user: the `X-Organization` header
+        (a slug), else their personal organization, else their first one.
+        """
+        if isinstance(request.user, KeyPrincipal):
+            return request.user.organization
+        memberships = Membership.objects.filter(user=request.user).select_related("organization")
+        slug = request.headers.get("X-Organization")
+        if slug:
+            membership = memberships.filter(organization__slug=slug).first()
+        else:
+            membership = memberships.order_by("-organization__personal", "pk").first()
+        if membership is None:
+            raise ApplicationError(
+                code="not_found",
+                message="No such organization among yours.",
+                status=404,
+                param="X-Organization",
+            )
+        request.membership = membership
+        return membership.organization
+
+    def check_access(self, request: Request, organization: Organization) -> None:
+        if isinstance(request.user, KeyPrincipal):
+            scopes = request.auth.scopes
+            if self.required_scope and self.required_scope not in scopes:
+                raise ApplicationError(
+                    code="permission_denied",
+                    message=f"This API key lacks the {self.required_scope!r} scope.",
+                    status=403,
+                )
+            return
+        role = getattr(request, "membership", None) and request.membership.role
+        if role not in self.allowed_roles:
+            raise ApplicationError(
+                code="permission_denied",
+                message=f"This needs one of the roles: {', '.join(self.allowed_roles)}.",
+                status=403,
+            )
+
+    def membership_for(self, request: Request, organization: Organization) -> Membership | None:
+        if isinstance(request.user, KeyPrincipal):
+            return None
+        return Membership.objects.filter(user=request.user, organization=organization).first()
+
+    # --- the request pipeline --------------------------------------------------
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # authentication and IsAuthenticated
+        request.organization = self.resolve_organization(request)
+        self.check_access(request, request.organization)
+        self._rate_limit(request)
+        self._idempotency_record = None
+        if request.method == "POST" and "Idempotency-Key" in request.headers:
+            outcome = idempotency_begin(
+                organization=request.organization,
+                key=request.headers["Idempotency-Key"],
+                method=request.method,
+                path=request.get_full_path(),
+                body=request.body,
+            )
+            if isinstance(outcome, StoredResponse):
+                raise _Replay(outcome)
+            self._idempotency_record = outcome
+
+    def _rate_limit(self, request: Request) -> None:
+        org = request.organization
+        limits = [Limit(scope=f"org:{org.pk}", limit=org.requests_per_minute)]
+        if isinstance(request.user, KeyPrincipal):
+            key = request.auth
+            limits.insert(
+                0,
+                Limit(
+                    scope=f"key:{key.pk}", limit=key.requests_per_minute or org.requests_per_minute
+                ),
+            )
+        request.ratelimit = rate_limit_consume(kind="requests", limits=limits)
+
+    def handle_exception(self, exc: Exception):
+        if isinstance(exc, _Replay):
+            response = HttpResponse(
+                exc.stored.body, status=exc.stored.status_code, content_type=exc.stored.content_type
+            )
+            response["Idempotent-Replayed"] = "true"
+            return response
+        try:
+            return super().handle_exception(exc)
+        except Exception:
+            # A server error: free the Idempotency-Key so the client can retry.
+            record = getattr(self, "_idempotency_record", None)
+            if record is not None:
+                self._idempotency_record = None
+                idempotency_complete(record=record, status_code=500, content_type="", body=b"")
+            raise
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        usage = getattr(request, "ratelimit", None)
+        if usage is not None:
+            response["x-ratelimit-limit-requests"] = str(usage.limit)
+            response["x-ratelimit-remaining-requests"] = str(usage.remaining)
+            response["x-ratelimit-reset-requests"] = f"{usage.reset_seconds}s"
+        record = getattr(self, "_idempotency_record", None)
+        if record is not None:
+            self._idempotency_record = None
+            if hasattr(response, "render") and not getattr(response, "is_rendered", True):
+                response.render()
+            idempotency_complete(
+                record=record,
+                status_code=response.status_code,
+                content_type=response.get("Content-Type", ""),
+                body=response.content,
+            )
+        return response

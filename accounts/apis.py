@@ -1,0 +1,364 @@
+"""The partner REST API for identity: me, keys, members, invitations, audit."""
+
+from __future__ import annotations
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from accounts.api_base import MANAGERS, IdCursorPagination, OrgApiView, StrictSerializer
+from accounts.authentication import KeyPrincipal
+from accounts.errors import ApplicationError
+from accounts.models import Membership, Organization, Role, Scope, User
+from accounts.selectors import (
+    organization_api_keys,
+    organization_audit_events,
+    organization_members,
+    organization_open_invitations,
+)
+from accounts.services import (
+    apikey_create,
+    apikey_revoke,
+    invitation_accept,
+    invitation_create,
+    membership_add,
+    membership_remove,
+    membership_set_role,
+)
+
+
+def paginate(view: OrgApiView, queryset, serializer_class) -> Response:
+    paginator = IdCursorPagination()
+    page = paginator.paginate_queryset(queryset, view.request, view=view)
+    return paginator.get_paginated_response(serializer_class(page, many=True).data)
+
+
+class OrganizationOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    slug = serializers.CharField()
+    name = serializers.CharField()
+    personal = serializers.BooleanField()
+    standing = serializers.CharField()
+    seats = serializers.IntegerField()
+    model_tiers = serializers.ListField(child=serializers.CharField())
+    max_priority = serializers.CharField()
+    requests_per_minute = serializers.IntegerField()
+    tokens_per_minute = serializers.IntegerField()
+    concurrent_jobs = serializers.IntegerField()
+
+
+# --- me ----------------------------------------------------------------------------
+
+
+class MeApi(OrgApiView):
+    class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "MeOutput"
+
+        organization = OrganizationOutput()
+        user = inline_serializer(
+            "MeUser",
+            {"id": serializers.IntegerField(), "email": serializers.EmailField()},
+            allow_null=True,
+        )
+        role = serializers.CharField(allow_null=True)
+        api_key = inline_serializer(
+            "MeKey",
+            {
+                "id": serializers.IntegerField(),
+                "prefix": serializers.CharField(),
+                "scopes": serializers.ListField(child=serializers.CharField()),
+            },
+            allow_null=True,
+        )
+
+    @extend_schema(responses=Output, summary="Who is calling, for which organization")
+    def get(self, request):
+        key = request.auth if isinstance(request.user, KeyPrincipal) else None
+        membership = getattr(request, "membership", None)
+        data = {
+            "organization": request.organization,
+            "user": None if key else {"id": request.user.pk, "email": request.user.email},
+            "role": membership.role if membership else None,
+            "api_key": {"id": key.pk, "prefix": key.prefix, "scopes": key.scopes} if key else None,
+        }
+        return Response(self.Output(data).data)
+
+
+# --- API keys --------------------------------------------------------------------
+
+
+class ApiKeyOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    prefix = serializers.CharField()
+    scopes = serializers.ListField(child=serializers.CharField())
+    requests_per_minute = serializers.IntegerField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(allow_null=True)
+    revoked_at = serializers.DateTimeField(allow_null=True)
+    last_used_at = serializers.DateTimeField(allow_null=True)
+
+
+class ApiKeyListCreateApi(OrgApiView):
+    required_scope = Scope.ADMIN
+    allowed_roles = MANAGERS
+
+    class Input(StrictSerializer):
+        class Meta:
+            ref_name = "KeyListCreateInput"
+
+        name = serializers.CharField(max_length=100)
+        scopes = serializers.ListField(
+            child=serializers.ChoiceField(choices=Scope.values), min_length=1, max_length=10
+        )
+        expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+    class CreatedOutput(ApiKeyOutput):
+        class Meta:
+            ref_name = "KeyListCreateCreatedOutput"
+
+        key = serializers.CharField(help_text="The full key. Shown once: store it now.")
+
+    @extend_schema(responses=ApiKeyOutput(many=True), summary="List the organization's API keys")
+    def get(self, request):
+        return paginate(
+            self, organization_api_keys(organization=request.organization), ApiKeyOutput
+        )
+
+    @extend_schema(request=Input, responses={201: CreatedOutput}, summary="Create an API key")
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        key, raw = apikey_create(
+            organization=request.organization,
+            actor=None if isinstance(request.user, KeyPrincipal) else request.user,
+            actor_key=request.auth if isinstance(request.user, KeyPrincipal) else None,
+            **data.validated_data,
+        )
+        body = dict(ApiKeyOutput(key).data, key=raw)
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class ApiKeyRevokeApi(OrgApiView):
+    required_scope = Scope.ADMIN
+    allowed_roles = MANAGERS
+
+    @extend_schema(responses=ApiKeyOutput, summary="Revoke an API key at once")
+    def delete(self, request, key_id: int):
+        key = get_object_or_404(organization_api_keys(organization=request.organization), pk=key_id)
+        is_key = isinstance(request.user, KeyPrincipal)
+        key = apikey_revoke(
+            key=key,
+            actor=None if is_key else request.user,
+            actor_key=request.auth if is_key else None,
+        )
+        return Response(ApiKeyOutput(key).data)
+
+
+# --- members and invitations -------------------------------------------------------
+
+
+class PathOrgApiView(OrgApiView):
+    """Views under /orgs/{org_id}/: the organization in the path must be the caller's.
+
+    Another organization's id answers 404, exactly like one that does not
+    exist, so ids reveal nothing.
+    """
+
+    def resolve_organization(self, request) -> Organization:
+        org_id = self.kwargs["org_id"]
+        if isinstance(request.user, KeyPrincipal):
+            if request.user.organization.pk != org_id:
+                raise ApplicationError(
+                    code="not_found", message="No such organization.", status=404
+                )
+            return request.user.organization
+        membership = (
+            Membership.objects.filter(user=request.user, organization_id=org_id)
+            .select_related("organization")
+            .first()
+        )
+        if membership is None:
+            raise ApplicationError(code="not_found", message="No such organization.", status=404)
+        request.membership = membership
+        return membership.organization
+
+
+class MemberOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    email = serializers.EmailField(source="user.email")
+    role = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class MemberListAddApi(PathOrgApiView):
+    required_scope = Scope.ADMIN
+
+    class Input(StrictSerializer):
+        class Meta:
+            ref_name = "MemberListAddInput"
+
+        email = serializers.EmailField()
+        role = serializers.ChoiceField(choices=Role.values, default=Role.MEMBER)
+
+    @extend_schema(responses=MemberOutput(many=True), summary="List members")
+    def get(self, request, org_id: int):
+        return paginate(self, organization_members(organization=request.organization), MemberOutput)
+
+    @extend_schema(request=Input, responses={201: MemberOutput}, summary="Add an existing user")
+    def post(self, request, org_id: int):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        user = User.objects.filter(email=data.validated_data["email"].lower()).first()
+        if user is None:
+            raise ApplicationError(
+                code="user_not_found",
+                message="No user has that email; send an invitation instead.",
+                status=404,
+                param="email",
+            )
+        membership = membership_add(
+            organization=request.organization,
+            user=user,
+            role=data.validated_data["role"],
+            actor=self._actor(request),
+        )
+        return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
+
+    def check_access(self, request, organization):
+        if request.method == "POST" and not isinstance(request.user, KeyPrincipal):
+            self.allowed_roles = MANAGERS
+        super().check_access(request, organization)
+
+    @staticmethod
+    def _actor(request):
+        return None if isinstance(request.user, KeyPrincipal) else request.user
+
+
+class MemberDetailApi(PathOrgApiView):
+    required_scope = Scope.ADMIN
+    allowed_roles = MANAGERS
+
+    class Input(StrictSerializer):
+        class Meta:
+            ref_name = "MemberDetailInput"
+
+        role = serializers.ChoiceField(choices=Role.values)
+
+    def _membership(self, request, member_id: int) -> Membership:
+        return get_object_or_404(
+            organization_members(organization=request.organization), pk=member_id
+        )
+
+    @extend_schema(request=Input, responses=MemberOutput, summary="Change a member's role")
+    def patch(self, request, org_id: int, member_id: int):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        membership = membership_set_role(
+            membership=self._membership(request, member_id),
+            role=data.validated_data["role"],
+            actor=MemberListAddApi._actor(request),
+        )
+        return Response(MemberOutput(membership).data)
+
+    @extend_schema(responses={204: None}, summary="Remove a member")
+    def delete(self, request, org_id: int, member_id: int):
+        membership_remove(
+            membership=self._membership(request, member_id), actor=MemberListAddApi._actor(request)
+        )
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class InvitationOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    email = serializers.EmailField()
+    role = serializers.CharField()
+    expires_at = serializers.DateTimeField()
+    created_at = serializers.DateTimeField()
+
+
+class InvitationListCreateApi(PathOrgApiView):
+    required_scope = Scope.ADMIN
+    allowed_roles = MANAGERS
+
+    class Input(StrictSerializer):
+        class Meta:
+            ref_name = "InvitationListCreateInput"
+
+        email = serializers.EmailField()
+        role = serializers.ChoiceField(choices=Role.values, default=Role.MEMBER)
+
+    @extend_schema(responses=InvitationOutput(many=True), summary="List open invitations")
+    def get(self, request, org_id: int):
+        return paginate(
+            self, organization_open_invitations(organization=request.organization), InvitationOutput
+        )
+
+    @extend_schema(request=Input, responses={201: InvitationOutput}, summary="Invite by email")
+    def post(self, request, org_id: int):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        invitation, _token = invitation_create(
+            organization=request.organization,
+            actor=MemberListAddApi._actor(request),
+            **data.validated_data,
+        )
+        return Response(InvitationOutput(invitation).data, status=status.HTTP_201_CREATED)
+
+
+class InvitationAcceptApi(OrgApiView):
+    """Accept an invitation as the signed-in user (API keys cannot: they are not people)."""
+
+    class Input(StrictSerializer):
+        class Meta:
+            ref_name = "InvitationAcceptInput"
+
+        token = serializers.CharField(max_length=200)
+
+    def resolve_organization(self, request):
+        if isinstance(request.user, KeyPrincipal):
+            raise ApplicationError(
+                code="permission_denied",
+                message="Sign in as the invited person to accept an invitation.",
+                status=403,
+            )
+        return super().resolve_organization(request)
+
+    @extend_schema(request=Input, responses={201: MemberOutput}, summary="Accept an invitation")
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        membership = invitation_accept(token=data.validated_data["token"], user=request.user)
+        return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
+
+
+# --- audit -------------------------------------------------------------------------
+
+
+class AuditEventOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    action = serializers.CharField()
+    target = serializers.CharField()
+    actor = serializers.SerializerMethodField()
+    data = serializers.JSONField()
+    created_at = serializers.DateTimeField()
+
+    def get_actor(self, event) -> str | None:
+        if event.actor_user_id:
+            return event.actor_user.email
+        if event.actor_key_id:
+            return event.actor_key.prefix
+        return None
+
+
+class AuditEventListApi(OrgApiView):
+    required_scope = Scope.ADMIN
+    allowed_roles = MANAGERS
+
+    @extend_schema(responses=AuditEventOutput(many=True), summary="Security audit log")
+    def get(self, request):
+        return paginate(
+            self, organization_audit_events(organization=request.organization), AuditEventOutput
+        )

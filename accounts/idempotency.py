@@ -1,0 +1,121 @@
+"""Idempotency-Key for every POST: the first response is replayed byte for byte.
+
+Per organization and key, for IDEMPOTENCY_TTL (24 h). A retry while the first
+request runs gets 409; the same key with another request gets 422. The
+record is inserted, and committed, before the work starts: its unique
+constraint is what makes two concurrent requests with one key run once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from accounts.models import IdempotencyRecord, Organization
+
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    status_code: int
+    content_type: str
+    body: bytes
+
+
+def request_hash(*, method: str, path: str, body: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in (method.encode(), b"\0", path.encode(), b"\0", body):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def idempotency_begin(
+    *, organization: Organization, key: str, method: str, path: str, body: bytes
+) -> IdempotencyRecord | StoredResponse:
+    """Claim the key for this request, or return the stored response to replay."""
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise ApplicationError(
+            code="invalid_idempotency_key",
+            message=f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters.",
+            param="Idempotency-Key",
+        )
+    digest = request_hash(method=method, path=path, body=body)
+    now = timezone.now()
+    for _attempt in range(2):
+        try:
+            with transaction.atomic():
+                return IdempotencyRecord.objects.create(
+                    organization=organization,
+                    key=key,
+                    method=method,
+                    path=path[:500],
+                    request_hash=digest,
+                    expires_at=now + settings.IDEMPOTENCY_TTL,
+                )
+        except IntegrityError:
+            pass
+        existing = IdempotencyRecord.objects.filter(organization=organization, key=key).first()
+        if existing is None:
+            continue  # purged between the insert and the read: try once more
+        if existing.expires_at <= now:
+            # Past its 24 hours: the key is free again.
+            IdempotencyRecord.objects.filter(pk=existing.pk, expires_at__lte=now).delete()
+            continue
+        if existing.request_hash != digest:
+            raise ApplicationError(
+                code="idempotency_key_reused",
+                message=(
+                    "This Idempotency-Key was already used with a different request. "
+                    "Use a new key for a new request."
+                ),
+                status=422,
+                param="Idempotency-Key",
+            )
+        if existing.status_code is None:
+            stale = existing.created_at <= now - settings.IDEMPOTENCY_LOCK_TIMEOUT
+            if stale and IdempotencyRecord.objects.filter(
+                pk=existing.pk, status_code__isnull=True, created_at=existing.created_at
+            ).update(created_at=now):
+                return existing  # the first request died: this retry takes over
+            raise ApplicationError(
+                code="idempotency_in_progress",
+                message="A request with this Idempotency-Key is still running; retry shortly.",
+                status=409,
+                param="Idempotency-Key",
+                extra={"retry_after": 1},
+            )
+        return StoredResponse(
+            status_code=existing.status_code,
+            content_type=existing.content_type,
+            body=bytes(existing.body or b""),
+        )
+    raise ApplicationError(
+        code="idempotency_in_progress",
+        message="A request with this Idempotency-Key is being processed; retry shortly.",
+        status=409,
+        extra={"retry_after": 1},
+    )
+
+
+def idempotency_complete(
+    *, record: IdempotencyRecord, status_code: int, content_type: str, body: bytes
+) -> None:
+    """Store the response; a server error instead frees the key so a retry can run."""
+    if status_code >= 500:
+        IdempotencyRecord.objects.filter(pk=record.pk).delete()
+        return
+    IdempotencyRecord.objects.filter(pk=record.pk).update(
+        status_code=status_code, content_type=content_type, body=body
+    )
+
+
+def idempotency_purge() -> int:
+    """Delete expired records (a periodic task)."""
+    deleted, _ = IdempotencyRecord.objects.filter(expires_at__lte=timezone.now()).delete()
+    return deleted

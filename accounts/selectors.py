@@ -1,0 +1,31 @@
+"""Reads of identity and tenancy."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization
+
+
+def organization_api_keys(*, organization: Organization) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(organization=organization).select_related("created_by")
+
+
+def organization_members(*, organization: Organization) -> QuerySet[Membership]:
+    return Membership.objects.filter(organization=organization).select_related("user")
+
+
+def organization_open_invitations(*, organization: Organization) -> QuerySet[Invitation]:
+    return Invitation.objects.filter(
+        organization=organization, accepted_at__isnull=True, revoked_at__isnull=True
+    ).select_related("invited_by")
+
+
+def organization_audit_events(*, organization: Organization) -> QuerySet[AuditEvent]:
+    return AuditEvent.objects.filter(organization=organization).select_related(
+        "actor_user", "actor_key"
+    )
+
+
+def user_memberships(*, user) -> QuerySet[Membership]:
+    return Membership.objects.filter(user=user).select_related("organization")

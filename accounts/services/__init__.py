@@ -1,0 +1,27 @@
+"""Every write of identity and tenancy. Import services from here."""
+
+from accounts.services.api_keys import apikey_authenticate, apikey_create, apikey_revoke
+from accounts.services.audit import audit_record
+from accounts.services.organizations import (
+    invitation_accept,
+    invitation_create,
+    membership_add,
+    membership_remove,
+    membership_set_role,
+    organization_create,
+    user_signup,
+)
+
+__all__ = [
+    "apikey_authenticate",
+    "apikey_create",
+    "apikey_revoke",
+    "audit_record",
+    "invitation_accept",
+    "invitation_create",
+    "membership_add",
+    "membership_remove",
+    "membership_set_role",
+    "organization_create",
+    "user_signup",
+]

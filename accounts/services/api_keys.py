@@ -1,0 +1,190 @@
+"""API keys: `gym_<public id>_<secret><checksum>`.
+
+- `gym_` and the fixed shape let secret scanners spot a leaked key; the
+  6-character checksum (CRC32 of the rest, base62) lets them tell a real key
+  from a look-alike without asking us.
+- Only SHA-256 of the whole key is stored, with the public id for lookup:
+  the database holds no secret. Keys carry 190 bits of randomness, so a fast
+  hash is enough (no password stretching is needed for random secrets).
+- The stored and computed hashes are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from accounts.models import ApiKey, Organization, Scope
+from accounts.services.audit import audit_record
+
+ALPHABET = string.digits + string.ascii_letters  # base62
+PUBLIC_ID_LENGTH = 12
+SECRET_LENGTH = 32
+CHECKSUM_LENGTH = 6
+PREFIX = "gym_"
+# How stale `last_used_at` may be: refreshing it on every request would be a
+# write per request.
+LAST_USED_GRANULARITY = timedelta(minutes=1)
+
+
+def _random(n: int) -> str:
+    return "".join(secrets.choice(ALPHABET) for _ in range(n))
+
+
+def _base62(value: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        value, digit = divmod(value, 62)
+        out.append(ALPHABET[digit])
+    return "".join(reversed(out))
+
+
+def _checksum(body: str) -> str:
+    return _base62(zlib.crc32(body.encode()), CHECKSUM_LENGTH)
+
+
+def hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    public_id: str
+    raw: str
+
+
+def parse_key(raw: str) -> ParsedKey | None:
+    """Split a presented key; None unless it has our shape and a valid checksum."""
+    if not raw.startswith(PREFIX):
+        return None
+    rest = raw[len(PREFIX) :]
+    public_id, sep, tail = rest.partition("_")
+    if (
+        not sep
+        or len(public_id) != PUBLIC_ID_LENGTH
+        or len(tail) != SECRET_LENGTH + CHECKSUM_LENGTH
+        or any(c not in ALPHABET for c in public_id + tail)
+    ):
+        return None
+    body, checksum = raw[:-CHECKSUM_LENGTH], raw[-CHECKSUM_LENGTH:]
+    if not hmac.compare_digest(_checksum(body), checksum):
+        return None
+    return ParsedKey(public_id=public_id, raw=raw)
+
+
+def _validate_scopes(scopes: list[str]) -> list[str]:
+    if not isinstance(scopes, list | tuple) or not scopes:
+        raise ApplicationError(
+            code="invalid_scopes",
+            message=f"Give at least one scope from: {', '.join(Scope.values)}.",
+            param="scopes",
+        )
+    unknown = [s for s in scopes if s not in Scope.values]
+    if unknown:
+        raise ApplicationError(
+            code="invalid_scopes",
+            message=f"Unknown scopes {unknown}; use any of: {', '.join(Scope.values)}.",
+            param="scopes",
+        )
+    return sorted(set(scopes))
+
+
+@transaction.atomic
+def apikey_create(
+    *,
+    organization: Organization,
+    name: str,
+    scopes: list[str],
+    expires_at: datetime | None = None,
+    actor=None,
+    actor_key: ApiKey | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key. Returns the row and the full key, which is never shown again."""
+    if not name or not name.strip() or len(name) > 100:
+        raise ApplicationError(
+            code="invalid_name", message="A key needs a name of 1 to 100 characters.", param="name"
+        )
+    scopes = _validate_scopes(scopes)
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ApplicationError(
+            code="invalid_expiry", message="expires_at must be in the future.", param="expires_at"
+        )
+    public_id = _random(PUBLIC_ID_LENGTH)
+    body = f"{PREFIX}{public_id}_{_random(SECRET_LENGTH)}"
+    raw = body + _checksum(body)
+    key = ApiKey.objects.create(
+        organization=organization,
+        name=name.strip(),
+        public_id=public_id,
+        secret_hash=hash_key(raw),
+        scopes=scopes,
+        expires_at=expires_at,
+        created_by=actor if getattr(actor, "pk", None) else None,
+    )
+    audit_record(
+        organization=organization,
+        action="api_key.created",
+        target=key.prefix,
+        actor_user=actor,
+        actor_key=actor_key,
+        data={"name": key.name, "scopes": scopes},
+    )
+    return key, raw
+
+
+@transaction.atomic
+def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -> ApiKey:
+    """Revoke at once: the next request with it fails. Revoking twice is harmless."""
+    updated = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
+    )
+    key.refresh_from_db()
+    if updated:
+        audit_record(
+            organization=key.organization,
+            action="api_key.revoked",
+            target=key.prefix,
+            actor_user=actor,
+            actor_key=actor_key,
+        )
+    return key
+
+
+def apikey_authenticate(*, raw: str) -> ApiKey:
+    """The live key for a presented secret, or `authentication_failed`."""
+    parsed = parse_key(raw or "")
+    key = (
+        ApiKey.objects.select_related("organization").filter(public_id=parsed.public_id).first()
+        if parsed
+        else None
+    )
+    # Hash even when nothing matched, so timing does not reveal which part failed.
+    presented = hash_key(raw or "")
+    stored = key.secret_hash if key else hash_key("")
+    if key is None or not hmac.compare_digest(presented, stored):
+        raise ApplicationError(
+            code="authentication_failed",
+            message="Invalid API key. Check the Authorization: Bearer header.",
+            status=401,
+        )
+    now = timezone.now()
+    if key.revoked_at is not None:
+        raise ApplicationError(
+            code="api_key_revoked", message="This API key was revoked.", status=401
+        )
+    if key.expires_at is not None and key.expires_at <= now:
+        raise ApplicationError(
+            code="api_key_expired", message="This API key has expired.", status=401
+        )
+    if key.last_used_at is None or key.last_used_at < now - LAST_USED_GRANULARITY:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+    return key

@@ -1,0 +1,263 @@
+"""Organizations, memberships and invitations."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.text import slugify
+
+from accounts.errors import ApplicationError
+from accounts.models import Invitation, Membership, Organization, Role, User
+from accounts.services.audit import audit_record
+
+INVITATION_TTL = timedelta(days=7)
+
+
+def organization_create(
+    *, slug: str, name: str = "", owner: User | None = None, personal: bool = False, actor=None
+) -> Organization:
+    """Create an organization, with `owner` as its first owner. Ledger accounts open on first use."""
+    if not slug or slugify(slug) != slug:
+        raise ApplicationError(
+            code="invalid_slug",
+            message="A slug uses lowercase letters, digits and hyphens only.",
+            param="slug",
+        )
+    try:
+        with transaction.atomic():
+            org = Organization.objects.create(slug=slug, name=name or slug, personal=personal)
+            if owner is not None:
+                Membership.objects.create(user=owner, organization=org, role=Role.OWNER)
+            audit_record(
+                organization=org,
+                action="organization.created",
+                target=slug,
+                actor_user=actor or owner,
+            )
+            return org
+    except IntegrityError:
+        raise ApplicationError(
+            code="organization_exists",
+            message=f"An organization with the slug {slug!r} already exists; choose another slug.",
+            status=409,
+            param="slug",
+        ) from None
+
+
+@transaction.atomic
+def user_signup(*, email: str, password: str | None) -> User:
+    """A new user and their personal organization, which they own."""
+    email = User.objects.normalize_email(email).lower()
+    try:
+        with transaction.atomic():
+            user = User.objects.create_user(email, password)
+    except IntegrityError:
+        raise ApplicationError(
+            code="email_taken", message="That email address already has an account.", status=409
+        ) from None
+    base = slugify(email.split("@")[0])[:40] or "user"
+    organization_create(
+        slug=f"{base}-{secrets.token_hex(3)}", name=email, owner=user, personal=True
+    )
+    return user
+
+
+def _require_manager(organization: Organization, actor) -> None:
+    """Owners and admins manage members; staff (finance, support) may too."""
+    if actor is None or getattr(actor, "is_staff", False):
+        return
+    role = (
+        Membership.objects.filter(organization=organization, user=actor)
+        .values_list("role", flat=True)
+        .first()
+    )
+    if role not in (Role.OWNER, Role.ADMIN):
+        raise ApplicationError(
+            code="permission_denied",
+            message="Only the organization's owners and admins can manage members.",
+            status=403,
+        )
+
+
+def _require_role(role: str) -> None:
+    if role not in Role.values:
+        raise ApplicationError(
+            code="invalid_role",
+            message=f"Unknown role {role!r}; use one of {', '.join(Role.values)}.",
+            param="role",
+        )
+
+
+def _seats_left(organization: Organization) -> bool:
+    return Membership.objects.filter(organization=organization).count() < organization.seats
+
+
+@transaction.atomic
+def membership_add(
+    *, organization: Organization, user: User, role: str = Role.MEMBER, actor=None
+) -> Membership:
+    _require_role(role)
+    _require_manager(organization, actor)
+    # Lock the organization so two concurrent adds cannot both take the last seat.
+    organization = Organization.objects.select_for_update().get(pk=organization.pk)
+    if Membership.objects.filter(organization=organization, user=user).exists():
+        raise ApplicationError(
+            code="already_member", message="That user is already a member.", status=409
+        )
+    if not _seats_left(organization):
+        raise ApplicationError(
+            code="no_seats_left",
+            message=f"All {organization.seats} seats are taken; add seats to your plan first.",
+            status=409,
+        )
+    membership = Membership.objects.create(user=user, organization=organization, role=role)
+    audit_record(
+        organization=organization,
+        action="member.added",
+        target=user.email,
+        actor_user=actor,
+        data={"role": role},
+    )
+    return membership
+
+
+@transaction.atomic
+def membership_set_role(*, membership: Membership, role: str, actor=None) -> Membership:
+    _require_role(role)
+    _require_manager(membership.organization, actor)
+    membership = Membership.objects.select_for_update().get(pk=membership.pk)
+    if membership.role == Role.OWNER and role != Role.OWNER:
+        _require_another_owner(membership)
+    old = membership.role
+    Membership.objects.filter(pk=membership.pk).update(role=role)
+    membership.role = role
+    audit_record(
+        organization=membership.organization,
+        action="member.role_changed",
+        target=membership.user.email,
+        actor_user=actor,
+        data={"from": old, "to": role},
+    )
+    return membership
+
+
+def _require_another_owner(membership: Membership) -> None:
+    owners = Membership.objects.select_for_update().filter(
+        organization_id=membership.organization_id, role=Role.OWNER
+    )
+    if owners.exclude(pk=membership.pk).count() == 0:
+        raise ApplicationError(
+            code="last_owner",
+            message="An organization needs an owner: make someone else owner first.",
+            status=409,
+        )
+
+
+@transaction.atomic
+def membership_remove(*, membership: Membership, actor=None) -> None:
+    _require_manager(membership.organization, actor)
+    if membership.role == Role.OWNER:
+        _require_another_owner(membership)
+    audit_record(
+        organization=membership.organization,
+        action="member.removed",
+        target=membership.user.email,
+        actor_user=actor,
+    )
+    membership.delete()
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@transaction.atomic
+def invitation_create(
+    *, organization: Organization, email: str, role: str = Role.MEMBER, actor=None
+) -> tuple[Invitation, str]:
+    """Invite someone by email. Returns the invitation and its token (sent, never stored)."""
+    _require_role(role)
+    _require_manager(organization, actor)
+    email = User.objects.normalize_email(email).lower()
+    if Membership.objects.filter(organization=organization, user__email=email).exists():
+        raise ApplicationError(
+            code="already_member", message=f"{email} is already a member.", status=409
+        )
+    token = secrets.token_urlsafe(32)
+    try:
+        with transaction.atomic():
+            invitation = Invitation.objects.create(
+                organization=organization,
+                email=email,
+                role=role,
+                token_hash=_token_hash(token),
+                invited_by=actor if getattr(actor, "pk", None) else None,
+                expires_at=timezone.now() + INVITATION_TTL,
+            )
+    except IntegrityError:
+        raise ApplicationError(
+            code="invitation_exists",
+            message=f"{email} already has an open invitation.",
+            status=409,
+            param="email",
+        ) from None
+    audit_record(
+        organization=organization,
+        action="member.invited",
+        target=email,
+        actor_user=actor,
+        data={"role": role},
+    )
+    base_url = getattr(settings, "SITE_URL", "http://127.0.0.1:8000")
+    transaction.on_commit(
+        lambda: send_mail(
+            subject=f"You are invited to {organization.name} on GymBilling",
+            message=(
+                f"Accept the invitation: {base_url}/invitations/accept?token={token}\n"
+                f'Or POST {{"token": "{token}"}} to {base_url}/api/v1/invitations/accept '
+                "while signed in. It expires in 7 days."
+            ),
+            from_email=None,
+            recipient_list=[email],
+        )
+    )
+    return invitation, token
+
+
+@transaction.atomic
+def invitation_accept(*, token: str, user: User) -> Membership:
+    invitation = (
+        Invitation.objects.select_for_update()
+        .select_related("organization")
+        .filter(token_hash=_token_hash(token or ""))
+        .first()
+    )
+    now = timezone.now()
+    if invitation is None or invitation.revoked_at or invitation.expires_at <= now:
+        raise ApplicationError(
+            code="invitation_invalid",
+            message="This invitation is unknown, revoked or expired; ask for a new one.",
+            status=404,
+            param="token",
+        )
+    if invitation.accepted_at:
+        raise ApplicationError(
+            code="invitation_used", message="This invitation was already accepted.", status=409
+        )
+    if invitation.email != user.email:
+        raise ApplicationError(
+            code="invitation_email_mismatch",
+            message="This invitation was sent to another email address.",
+            status=403,
+        )
+    membership = membership_add(
+        organization=invitation.organization, user=user, role=invitation.role, actor=None
+    )
+    Invitation.objects.filter(pk=invitation.pk).update(accepted_at=now)
+    return membership

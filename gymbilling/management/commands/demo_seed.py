@@ -1,0 +1,87 @@
+"""Seed the demo: an admin, an organization with credits, a price book. Safe to re-run."""
+
+from datetime import timedelta
+from decimal import Decimal
+
+from django.core.management.base import BaseCommand
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.models import Organization, User
+from accounts.services import organization_create
+from metering.models import PriceBook
+from metering.selectors import organization_balance
+from metering.services import credits_grant, price_book_publish
+from metering.services.postings import amount_display
+
+DEMO_ADMIN_EMAIL = "admin@gym.local"
+DEMO_ADMIN_PASSWORD = "gym-demo-admin"  # a local demo only
+DEMO_ORG = "demo-gym"
+MICRO = 1_000_000
+
+
+class Command(BaseCommand):
+    help = "Create demo data: an admin user, the demo-gym organization with credits, prices."
+
+    def handle(self, *args, **options):
+        with transaction.atomic():
+            admin = User.objects.filter(email=DEMO_ADMIN_EMAIL).first()
+            if admin is None:
+                User.objects.create_superuser(DEMO_ADMIN_EMAIL, DEMO_ADMIN_PASSWORD)
+            org = Organization.objects.filter(slug=DEMO_ORG).first() or organization_create(
+                slug=DEMO_ORG, name="Demo Gym"
+            )
+        if not PriceBook.objects.exists():
+            price_book_publish(
+                prices=[
+                    {
+                        "model_name": "gym-tiny",
+                        "input_rate": Decimal("0.5"),
+                        "cached_input_rate": Decimal("0.25"),
+                        "output_rate": Decimal("1.5"),
+                        "minimum_charge": 10,
+                    },
+                    {
+                        "model_name": "gym-large-fp8",
+                        "input_rate": Decimal("3"),
+                        "cached_input_rate": Decimal("1.5"),
+                        "output_rate": Decimal("12"),
+                        "minimum_charge": 100,
+                    },
+                ],
+                batch_multiplier=Decimal("0.5"),
+                standard_multiplier=Decimal("1"),
+                priority_multiplier=Decimal("2"),
+                notes="demo prices",
+            )
+        # The period and its expiry derive from the month, so a re-run in the
+        # same month replays the same grant instead of conflicting with it.
+        now = timezone.now()
+        period = now.strftime("%Y-%m")
+        period_end = (
+            now.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)
+        ).replace(day=1)
+        credits_grant(
+            organization=org,
+            amount=1_000 * MICRO,
+            source="subscription",
+            paid=True,
+            resellable=True,
+            key=f"demo:{org.slug}:subscription:{period}",
+            expires_at=period_end,
+            memo="demo subscription period",
+        )
+        credits_grant(
+            organization=org,
+            amount=100 * MICRO,
+            source="promotion",
+            paid=False,
+            resellable=False,
+            key=f"demo:{org.slug}:welcome",
+            priority=50,
+            memo="welcome promotion",
+        )
+        balance = organization_balance(organization=org)
+        self.stdout.write(
+            f"Organization {org.slug}: {amount_display(balance.available)} credits available."
+        )

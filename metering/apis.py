@@ -1,0 +1,160 @@
+"""The partner REST API for credits: balance, ledger entries, usage."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from accounts.api_base import IdCursorPagination, OrgApiView, StrictSerializer
+from accounts.errors import ApplicationError
+from accounts.models import Scope
+from metering.selectors import (
+    organization_balance,
+    organization_entries,
+    organization_lots,
+    usage_aggregate,
+)
+
+
+class LotOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    source = serializers.CharField()
+    paid = serializers.BooleanField()
+    resellable = serializers.BooleanField()
+    priority = serializers.IntegerField()
+    amount = serializers.IntegerField(help_text="micro-credits granted")
+    remaining = serializers.IntegerField(help_text="micro-credits left")
+    expires_at = serializers.DateTimeField(allow_null=True)
+    in_escrow = serializers.SerializerMethodField()
+
+    def get_in_escrow(self, lot) -> bool:
+        return lot.account.kind == "escrow"
+
+
+class BalanceApi(OrgApiView):
+    required_scope = Scope.BILLING_READ
+
+    class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "BalanceOutput"
+
+        unit = serializers.CharField(help_text="All amounts are integers of micro-credits.")
+        available = serializers.IntegerField()
+        held = serializers.IntegerField()
+        escrowed = serializers.IntegerField()
+        total = serializers.IntegerField(help_text="available + held")
+        lots = LotOutput(many=True)
+
+    @extend_schema(responses=Output, summary="Credits available, held and escrowed, with lots")
+    def get(self, request):
+        balance = organization_balance(organization=request.organization)
+        lots = organization_lots(organization=request.organization)
+        return Response(
+            self.Output(
+                {
+                    "unit": "micro_credit",
+                    "available": balance.available,
+                    "held": balance.held,
+                    "escrowed": balance.escrowed,
+                    "total": balance.total,
+                    "lots": lots,
+                }
+            ).data
+        )
+
+
+class EntryOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    account = serializers.CharField(source="account.kind")
+    amount = serializers.IntegerField(help_text="micro-credits; positive adds to the account")
+    balance_after = serializers.IntegerField(allow_null=True)
+    transaction_id = serializers.IntegerField()
+    kind = serializers.CharField(source="transaction.kind")
+    memo = serializers.CharField(source="transaction.memo")
+    created_at = serializers.DateTimeField()
+
+
+class LedgerApi(OrgApiView):
+    required_scope = Scope.BILLING_READ
+
+    @extend_schema(responses=EntryOutput(many=True), summary="The organization's ledger entries")
+    def get(self, request):
+        paginator = IdCursorPagination()
+        page = paginator.paginate_queryset(
+            organization_entries(organization=request.organization), request, view=self
+        )
+        return paginator.get_paginated_response(EntryOutput(page, many=True).data)
+
+
+class UsageApi(OrgApiView):
+    required_scope = Scope.BILLING_READ
+    MAX_RANGE = timedelta(days=366)
+
+    class Query(StrictSerializer):
+        class Meta:
+            ref_name = "UsageQuery"
+
+        start = serializers.DateTimeField(required=False)
+        end = serializers.DateTimeField(required=False)
+        group_by = serializers.ChoiceField(choices=["day", "model", "key"], default="day")
+
+    class Row(serializers.Serializer):
+        class Meta:
+            ref_name = "UsageRow"
+
+        group = serializers.CharField(allow_null=True)
+        requests = serializers.IntegerField()
+        input_tokens = serializers.IntegerField()
+        cached_input_tokens = serializers.IntegerField()
+        output_tokens = serializers.IntegerField()
+        credits = serializers.IntegerField()
+
+    class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "UsageOutput"
+
+        start = serializers.DateTimeField()
+        end = serializers.DateTimeField()
+        group_by = serializers.CharField()
+        data = serializers.ListField(child=serializers.DictField())
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("start", datetime, description="inclusive; default 30 days ago"),
+            OpenApiParameter("end", datetime, description="exclusive; default now"),
+            OpenApiParameter("group_by", str, enum=["day", "model", "key"]),
+        ],
+        responses=Output,
+        summary="Usage totals by day, model or key",
+    )
+    def get(self, request):
+        query = self.Query(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)
+        end = query.validated_data.get("end") or timezone.now()
+        start = query.validated_data.get("start") or end - timedelta(days=30)
+        if start >= end or end - start > self.MAX_RANGE:
+            raise ApplicationError(
+                code="invalid_request",
+                message="start must be before end, and the range at most 366 days.",
+                param="start",
+            )
+        rows = usage_aggregate(
+            organization=request.organization,
+            start=start,
+            end=end,
+            group_by=query.validated_data["group_by"],
+        )
+        return Response(
+            self.Output(
+                {
+                    "start": start,
+                    "end": end,
+                    "group_by": query.validated_data["group_by"],
+                    "data": self.Row(rows, many=True).data,
+                }
+            ).data
+        )

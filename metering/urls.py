@@ -1,0 +1,9 @@
+from django.urls import path
+
+from metering import apis
+
+urlpatterns = [
+    path("credits/balance", apis.BalanceApi.as_view(), name="credits-balance"),
+    path("credits/ledger", apis.LedgerApi.as_view(), name="credits-ledger"),
+    path("usage", apis.UsageApi.as_view(), name="usage"),
+]
