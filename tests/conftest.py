@@ -27,14 +27,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _ledger_reconciles(request):
-    """After every test that touched the database, every ledger invariant must hold."""
-    yield
-    uses_db = any(
-        name in request.fixturenames
-        for name in ("db", "transactional_db", "django_db_reset_sequences")
-    ) or request.node.get_closest_marker("django_db")
-    if not uses_db:
+    """After every test that touched the database, every ledger invariant must hold.
+
+    The database fixture is requested from here, so pytest tears this fixture
+    down first: the check sees the test's rows, before they are rolled back.
+    """
+    marker = request.node.get_closest_marker("django_db")
+    transactional = "transactional_db" in request.fixturenames or bool(
+        marker and (marker.kwargs.get("transaction") or (marker.args and marker.args[0]))
+    )
+    if transactional:
+        request.getfixturevalue("transactional_db")
+    elif marker or "db" in request.fixturenames:
+        request.getfixturevalue("db")
+    else:
+        yield
         return
+    yield
     report = ledger_reconcile()
     assert report.ok, f"ledger invariants broken after {request.node.nodeid}: {report.violations}"
 

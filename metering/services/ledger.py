@@ -107,12 +107,46 @@ def credits_grant(
         expires_at=expires_at,
         priority=priority,
     )
+    return _lot_issue(
+        organization=organization,
+        amount=amount,
+        source=source,
+        paid=paid,
+        resellable=resellable,
+        expires_at=expires_at,
+        priority=priority,
+        memo=memo,
+        actor=actor,
+        txn_kind=TransactionKind.GRANT,
+        txn_key=txn_key,
+        fp=fp,
+        now=now,
+    )
+
+
+def _lot_issue(
+    *,
+    organization: Organization,
+    amount: int,
+    source: str,
+    paid: bool,
+    resellable: bool,
+    expires_at: datetime | None,
+    priority: int,
+    memo: str,
+    actor,
+    txn_kind: str,
+    txn_key: str,
+    fp: str,
+    now: datetime,
+) -> CreditLot:
+    """New credits into the wallet as one lot, once per `txn_key`."""
     counter = AccountKind.ADJUSTMENTS if source == LotSource.ADJUSTMENT else AccountKind.ISSUANCE
 
     def work() -> CreditLot:
         org_accounts, system = accounts_for(organization, counter)
         txn = transaction_open(
-            kind=TransactionKind.GRANT,
+            kind=txn_kind,
             key=txn_key,
             fingerprint=fp,
             organization=organization,
@@ -165,23 +199,29 @@ def credits_adjust(
             param="reason",
         )
     require_key(key)
+    now = timezone.now()
+    # Both signs share one key namespace and fingerprint, so +5 and then -5
+    # under one key is a conflict, not two adjustments.
+    txn_key = f"adjust:{key}"
+    fp = fingerprint(op="adjust", org=organization.pk, amount=amount, expires_at=expires_at)
     if amount > 0:
-        lot = credits_grant(
+        _require_future(expires_at, now)
+        lot = _lot_issue(
             organization=organization,
             amount=amount,
             source=LotSource.ADJUSTMENT,
             paid=False,
             resellable=False,
-            key=f"adjust:{key}",
             expires_at=expires_at,
+            priority=DEFAULT_LOT_PRIORITY,
             memo=reason,
             actor=actor,
+            txn_kind=TransactionKind.ADJUSTMENT,
+            txn_key=txn_key,
+            fp=fp,
+            now=now,
         )
         return lot.created_by
-
-    now = timezone.now()
-    txn_key = f"adjust:{key}"
-    fp = fingerprint(op="adjust", org=organization.pk, amount=amount)
 
     def work() -> JournalTransaction:
         org_accounts, system = accounts_for(organization, AccountKind.ADJUSTMENTS)
@@ -354,7 +394,12 @@ def transaction_reverse(
             if account.kind == AccountKind.HOLDS:
                 account = accounts_for(account.organization)[0].wallet
             postings.append((account, -entry.amount))
-        post(txn, postings, now=now)
+        try:
+            post(txn, postings, now=now)
+        except ApplicationError as exc:
+            if exc.code != "insufficient_credits":
+                raise
+            raise _not_reversible_anymore() from None
 
         movements = list(
             LotMovement.objects.filter(transaction=original)
@@ -370,14 +415,7 @@ def transaction_reverse(
         for movement in movements:
             lot = locked[movement.lot_id]
             if lot.remaining - movement.amount < 0:
-                raise ApplicationError(
-                    code="reversal_not_possible",
-                    message=(
-                        "Some of these credits were already spent, transferred or expired; "
-                        "reverse what remains with an adjustment instead."
-                    ),
-                    status=409,
-                )
+                raise _not_reversible_anymore()
             CreditLot.objects.filter(pk=lot.pk).update(remaining=F("remaining") - movement.amount)
             lot.remaining -= movement.amount
             LotMovement.objects.create(lot=lot, transaction=txn, amount=-movement.amount)
@@ -388,3 +426,14 @@ def transaction_reverse(
         return txn
 
     return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn)
+
+
+def _not_reversible_anymore() -> ApplicationError:
+    return ApplicationError(
+        code="reversal_not_possible",
+        message=(
+            "Some of these credits were already spent, transferred or expired; "
+            "reverse what remains with an adjustment instead."
+        ),
+        status=409,
+    )

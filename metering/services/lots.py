@@ -165,9 +165,9 @@ def account_expire_lots(*, account: LedgerAccount, now: datetime) -> int:
         post(txn, [(locked, -movable), (system[AccountKind.EXPIRY], movable)], now=now, spend=False)
         expired = movable
     if due > movable:
-        # The rest backs pending holds: still due, so the next spend from this
-        # wallet (which can only happen once a hold has given credits back)
-        # sweeps again before it spends.
+        # The rest backs pending holds and cannot move yet. Keep the account
+        # due, so every spend sweeps again first and expires whatever a
+        # settled hold has given back meanwhile.
         next_expiry = now
     else:
         next_expiry = CreditLot.objects.filter(

@@ -261,8 +261,11 @@ def post(
 
 
 def _apply(account: LedgerAccount, amount: int, *, now: datetime, spend: bool) -> int:
-    # Only spending from a wallet is guarded by expiry: credits may always arrive.
-    expiry_free = not (spend and amount < 0 and account.kind == AccountKind.WALLET)
+    # Only spending is guarded by expiry (credits may always arrive), and only
+    # from accounts that hold lots: a wallet, or escrow on its way to a buyer.
+    expiry_free = not (
+        spend and amount < 0 and account.kind in (AccountKind.WALLET, AccountKind.ESCROW)
+    )
     for attempt in range(2):
         with connection.cursor() as cursor:
             cursor.execute(_UPDATE_CHECKED, [amount, account.pk, amount, expiry_free, now])
@@ -275,6 +278,10 @@ def _apply(account: LedgerAccount, amount: int, *, now: datetime, spend: bool) -
             from metering.services.lots import account_expire_lots
 
             account_expire_lots(account=locked, now=now)
+            # Swept under this row lock: whatever the account holds now is
+            # unexpired (expired credits still backing a pending hold sit in
+            # the holds account, not here), so the retry needs no guard.
+            expiry_free = True
             continue
         break
     raise ApplicationError(

@@ -1,0 +1,368 @@
+"""Expiry: unspent credits of a lot past its expiry go to the expiry account, never to work.
+
+Lots must expire in the future when granted, and hold_place reads the real
+clock, so the tests that need a lot to be really past its expiry grant one
+that expires a fraction of a second later and sleep until then (one short
+sleep per test). The sweeper itself takes `now`, so the rest look ahead.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+
+import pytest
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from metering.models import (
+    AccountKind,
+    CreditLot,
+    Hold,
+    HoldStatus,
+    JournalTransaction,
+    LedgerAccount,
+    LedgerEntry,
+    LotMovement,
+    TransactionKind,
+)
+from metering.selectors import account_balance, organization_balance
+from metering.services import (
+    credits_adjust,
+    credits_expire,
+    credits_transfer,
+    hold_capture,
+    hold_place,
+    hold_release,
+)
+from tests.helpers import credits
+
+pytestmark = pytest.mark.django_db
+
+
+def ledger_rows() -> tuple[int, int, int, int, int]:
+    return (
+        JournalTransaction.objects.count(),
+        LedgerEntry.objects.count(),
+        CreditLot.objects.count(),
+        LotMovement.objects.count(),
+        Hold.objects.count(),
+    )
+
+
+def expired_total() -> int:
+    account = LedgerAccount.objects.filter(
+        kind=AccountKind.EXPIRY, organization__isnull=True
+    ).first()
+    return account_balance(account=account) if account else 0
+
+
+def remaining(*lots: CreditLot) -> list[int]:
+    return [CreditLot.objects.get(pk=lot.pk).remaining for lot in lots]
+
+
+def wallet(org) -> LedgerAccount:
+    return LedgerAccount.objects.get(organization=org, kind=AccountKind.WALLET)
+
+
+def soon() -> datetime:
+    return timezone.now() + timedelta(milliseconds=600)
+
+
+def sleep_past(moment: datetime) -> None:
+    time.sleep(max(0.0, (moment - timezone.now()).total_seconds()) + 0.05)
+
+
+# --- the sweeper -----------------------------------------------------------------
+
+
+def test_sweeper_moves_the_remainder_of_expired_lots_to_the_expiry_account(org, grant):
+    # given: a lot partly spent, and a lot that never expires
+    expires_at = timezone.now() + timedelta(days=30)
+    expiring = grant(org, credits(100), expires_at=expires_at)
+    forever = grant(org, credits(50), expires_at=None)
+    hold_place(organization=org, amount=credits(30), key="job-1")
+    hold_capture(key="job-1", amount=credits(30))
+    before = expired_total()
+
+    # when
+    expired = credits_expire(now=expires_at + timedelta(seconds=1))
+
+    # then
+    assert expired == credits(70)
+    assert expired_total() - before == credits(70)
+    assert remaining(expiring, forever) == [0, credits(50)]
+    assert organization_balance(organization=org).available == credits(50)
+    txn = JournalTransaction.objects.get(kind=TransactionKind.EXPIRY, organization=org)
+    assert dict(txn.lot_movements.values_list("lot_id", "amount")) == {expiring.pk: -credits(70)}
+    assert wallet(org).next_expiry_at is None
+
+
+def test_sweeper_expires_only_lots_past_due_and_moves_next_expiry_forward(org, grant):
+    # given
+    first = timezone.now() + timedelta(days=10)
+    second = timezone.now() + timedelta(days=20)
+    early = grant(org, credits(10), expires_at=first)
+    late = grant(org, credits(20), expires_at=second)
+
+    # when
+    expired = credits_expire(now=first + timedelta(days=1))
+
+    # then
+    assert expired == credits(10)
+    assert remaining(early, late) == [0, credits(20)]
+    assert organization_balance(organization=org).available == credits(20)
+    assert wallet(org).next_expiry_at == second
+
+
+def test_sweeper_at_the_exact_expiry_moment_expires_the_lot(org, grant):
+    # given
+    expires_at = timezone.now() + timedelta(days=1)
+    lot = grant(org, credits(10), expires_at=expires_at)
+
+    # when
+    expired = credits_expire(now=expires_at)
+
+    # then
+    assert expired == credits(10)
+    assert remaining(lot) == [0]
+
+
+def test_sweeper_with_nothing_due_writes_nothing(org, grant):
+    # given
+    grant(org, credits(10), expires_at=timezone.now() + timedelta(days=30))
+    grant(org, credits(10), expires_at=None)
+    rows = ledger_rows()
+
+    # when
+    expired = credits_expire(now=timezone.now())
+
+    # then
+    assert expired == 0
+    assert ledger_rows() == rows
+    assert organization_balance(organization=org).available == credits(20)
+
+
+def test_sweeping_twice_expires_once(org, grant):
+    # given
+    expires_at = timezone.now() + timedelta(days=1)
+    grant(org, credits(10), expires_at=expires_at)
+    later = expires_at + timedelta(hours=1)
+    assert credits_expire(now=later) == credits(10)
+    rows = ledger_rows()
+    before = expired_total()
+
+    # when
+    expired = credits_expire(now=later)
+
+    # then
+    assert expired == 0
+    assert ledger_rows() == rows
+    assert expired_total() == before
+
+
+def test_sweeper_covers_every_organization_and_escrow(org, other_org, grant):
+    # given: org lists part of its credits in escrow
+    expires_at = timezone.now() + timedelta(days=7)
+    grant(org, credits(10), expires_at=expires_at)
+    grant(other_org, credits(5), expires_at=expires_at)
+    credits_transfer(
+        source=org,
+        destination=org,
+        amount=credits(4),
+        key="list-1",
+        destination_kind=AccountKind.ESCROW,
+        only_resellable=True,
+    )
+    before = expired_total()
+
+    # when
+    expired = credits_expire(now=expires_at + timedelta(minutes=1))
+
+    # then
+    assert expired == credits(15)
+    assert expired_total() - before == credits(15)
+    mine = organization_balance(organization=org)
+    assert (mine.available, mine.held, mine.escrowed) == (0, 0, 0)
+    assert organization_balance(organization=other_org).available == 0
+
+
+# --- spending after expiry, before the sweeper ------------------------------------
+
+
+def test_a_hold_placed_after_expiry_cannot_spend_expired_credits(org, grant):
+    # given: the sweeper has not run since the lot expired
+    expires_at = soon()
+    expiring = grant(org, credits(10), expires_at=expires_at)
+    forever = grant(org, credits(5), expires_at=None)
+    sleep_past(expires_at)
+    rows = ledger_rows()
+
+    # when: more than the unexpired credits is refused
+    with pytest.raises(ApplicationError) as exc:
+        hold_place(organization=org, amount=credits(6), key="job-too-big")
+
+    # then
+    assert exc.value.code == "insufficient_credits"
+    assert exc.value.status == 402
+    assert ledger_rows() == rows
+
+    # when: what the unexpired lot holds may still be reserved
+    before = expired_total()
+    hold_place(organization=org, amount=credits(5), key="job-ok")
+
+    # then: the expired remainder was swept first, in the same transaction
+    assert expired_total() - before == credits(10)
+    assert remaining(expiring, forever) == [0, credits(5)]
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held) == (0, credits(5))
+
+
+def test_only_expired_credits_cannot_be_held_at_all(org, grant):
+    # given
+    expires_at = soon()
+    grant(org, credits(10), expires_at=expires_at)
+    sleep_past(expires_at)
+    rows = ledger_rows()
+
+    # when
+    with pytest.raises(ApplicationError) as exc:
+        hold_place(organization=org, amount=1, key="job-1")
+
+    # then: refused, and the refused transaction left nothing behind
+    assert exc.value.code == "insufficient_credits"
+    assert ledger_rows() == rows
+    # the sweeper then takes them
+    assert credits_expire(now=timezone.now()) == credits(10)
+    assert organization_balance(organization=org).available == 0
+
+
+def test_adjustments_and_transfers_cannot_spend_expired_credits(org, other_org, grant):
+    # given: both organizations hold only credits that just expired
+    expires_at = soon()
+    grant(org, credits(10), expires_at=expires_at)
+    grant(other_org, credits(10), expires_at=expires_at)
+    sleep_past(expires_at)
+    rows = ledger_rows()
+
+    # when
+    with pytest.raises(ApplicationError) as adjust_exc:
+        credits_adjust(organization=org, amount=-credits(1), reason="fix", key="adj-1")
+    with pytest.raises(ApplicationError) as transfer_exc:
+        credits_transfer(source=other_org, destination=org, amount=credits(1), key="t-1")
+
+    # then
+    assert adjust_exc.value.code == "insufficient_credits"
+    assert transfer_exc.value.code == "insufficient_credits"
+    assert ledger_rows() == rows
+
+
+# --- expired credits that back a pending hold -------------------------------------
+
+
+def test_expired_credits_backing_a_pending_hold_wait_until_it_is_captured(org, grant):
+    # given: a hold placed while the lot was valid, still pending at its expiry
+    expires_at = timezone.now() + timedelta(days=30)
+    lot = grant(org, credits(10), expires_at=expires_at)
+    hold_place(organization=org, amount=credits(10), key="job-1")
+    after_expiry = expires_at + timedelta(seconds=1)
+    before = expired_total()
+
+    # when: the sweeper runs while the hold is pending
+    first_sweep = credits_expire(now=after_expiry)
+
+    # then: nothing can move; the hold still owns the credits
+    assert first_sweep == 0
+    assert remaining(lot) == [credits(10)]
+    assert Hold.objects.get(key="job-1").status == HoldStatus.PENDING
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held) == (0, credits(10))
+
+    # when: the hold is captured in part, then the sweeper runs again
+    hold_capture(key="job-1", amount=credits(4))
+    second_sweep = credits_expire(now=after_expiry)
+
+    # then: what the work used is consumed, the rest expires
+    assert second_sweep == credits(6)
+    assert expired_total() - before == credits(6)
+    assert remaining(lot) == [0]
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held) == (0, 0)
+
+
+def test_expired_credits_backing_a_released_hold_expire_after_the_release(org, grant):
+    # given: more expired credits than the pending hold covers
+    expires_at = timezone.now() + timedelta(days=30)
+    lot = grant(org, credits(30), expires_at=expires_at)
+    hold_place(organization=org, amount=credits(10), key="job-1")
+    after_expiry = expires_at + timedelta(seconds=1)
+
+    # when
+    first_sweep = credits_expire(now=after_expiry)
+
+    # then: only the part not backing the hold expires
+    assert first_sweep == credits(20)
+    assert remaining(lot) == [credits(10)]
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held) == (0, credits(10))
+
+    # when
+    hold_release(key="job-1")
+    second_sweep = credits_expire(now=after_expiry)
+
+    # then
+    assert second_sweep == credits(10)
+    assert remaining(lot) == [0]
+    assert organization_balance(organization=org).total == 0
+
+
+def test_a_pending_hold_on_expired_credits_does_not_block_spending_unexpired_ones(org, grant):
+    # given: a hold backed by a lot that then expires, and plenty of credits that never expire
+    expires_at = soon()
+    expiring = grant(org, credits(10), expires_at=expires_at, priority=1)
+    forever = grant(org, credits(100), expires_at=None)
+    hold_place(organization=org, amount=credits(10), key="job-running")
+    sleep_past(expires_at)
+
+    # when: new work reserves some of the unexpired credits
+    hold = hold_place(organization=org, amount=credits(20), key="job-new")
+
+    # then
+    assert hold.status == HoldStatus.PENDING
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held) == (credits(80), credits(30))
+    assert remaining(expiring, forever) == [credits(10), credits(100)]
+
+
+def test_expired_credits_in_escrow_cannot_be_sold_to_a_buyer(org, other_org, grant):
+    # given: credits listed on the marketplace, then past their expiry before a fill
+    expires_at = soon()
+    grant(org, credits(10), paid=True, resellable=True, expires_at=expires_at)
+    credits_transfer(
+        source=org,
+        destination=org,
+        amount=credits(10),
+        key="listing-1",
+        destination_kind=AccountKind.ESCROW,
+        only_resellable=True,
+    )
+    sleep_past(expires_at)
+    rows = ledger_rows()
+
+    # when
+    with pytest.raises(ApplicationError) as exc:
+        credits_transfer(
+            source=org,
+            destination=other_org,
+            amount=credits(4),
+            key="fill-1",
+            source_kind=AccountKind.ESCROW,
+            lot_source="marketplace",
+            resellable=False,
+        )
+
+    # then: expired credits are never spent, sold or transferred
+    assert exc.value.code == "insufficient_credits"
+    assert ledger_rows() == rows
+    assert organization_balance(organization=other_org).available == 0
+    assert organization_balance(organization=org).escrowed == credits(10)
