@@ -11,21 +11,54 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpResponse
+from rest_framework import exceptions as drf_exceptions
 from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import JSONParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, KeyPrincipal
 from accounts.errors import ApplicationError
-from accounts.idempotency import StoredResponse, idempotency_begin, idempotency_complete
+from accounts.idempotency import (
+    StoredResponse,
+    idempotency_begin,
+    idempotency_complete,
+    idempotency_release,
+)
 from accounts.models import Membership, Organization, Role
 from accounts.ratelimits import Limit, rate_limit_consume
 
 ALL_ROLES = tuple(Role.values)
 MANAGERS = (Role.OWNER, Role.ADMIN)
+
+
+# Refusals of the request itself (its body, its content type, its fields): the
+# endpoint never ran, so, as Stripe does, no idempotent result is stored and the
+# corrected request may be retried with the same Idempotency-Key. Views validate
+# their input before calling any service, and services raise ApplicationError,
+# never these.
+_REFUSED_BEFORE_WORK = (
+    drf_exceptions.ParseError,
+    drf_exceptions.UnsupportedMediaType,
+    drf_exceptions.ValidationError,
+)
+
+
+class JsonParser(JSONParser):
+    """DRF's JSON parser, refusing nesting too deep to parse as bad JSON.
+
+    Past about a thousand levels `json` raises RecursionError, not ValueError,
+    which DRF's parser lets through as a 500.
+    """
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise drf_exceptions.ParseError("JSON parse error - nested too deeply.") from None
 
 
 class StrictSerializer(serializers.Serializer):
@@ -49,6 +82,17 @@ class IdCursorPagination(CursorPagination):
     page_size_query_param = "limit"
     max_page_size = 200
 
+    def decode_cursor(self, request):
+        try:
+            return super().decode_cursor(request)
+        except drf_exceptions.NotFound:
+            # DRF answers 404 for a bad cursor; it is bad input, not a missing page.
+            raise ApplicationError(
+                code="invalid_cursor",
+                message="The cursor is not one this API returned; start again without it.",
+                param="cursor",
+            ) from None
+
 
 class _Replay(Exception):
     def __init__(self, stored: StoredResponse) -> None:
@@ -58,6 +102,11 @@ class _Replay(Exception):
 class OrgApiView(APIView):
     authentication_classes = [ApiKeyAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]
+    parser_classes = [JsonParser]
+    # List views page with it (accounts.apis.paginate); drf-spectacular reads it
+    # to document the {next, previous, results} envelope and the cursor and
+    # limit parameters of every operation whose response is a list.
+    pagination_class = IdCursorPagination
     # An API key needs this scope; None means any key of the organization.
     required_scope: str | None = None
     # A signed-in user needs one of these roles in the organization.
@@ -152,6 +201,11 @@ class OrgApiView(APIView):
             )
             response["Idempotent-Replayed"] = "true"
             return response
+        if isinstance(exc, _REFUSED_BEFORE_WORK):
+            record = getattr(self, "_idempotency_record", None)
+            if record is not None:
+                self._idempotency_record = None
+                idempotency_release(record=record)
         try:
             return super().handle_exception(exc)
         except Exception:

@@ -12,6 +12,7 @@ from accounts.authentication import KeyPrincipal
 from accounts.errors import ApplicationError
 from accounts.models import Membership, Organization, Role, Scope, User
 from accounts.selectors import (
+    invitation_by_token,
     organization_api_keys,
     organization_audit_events,
     organization_members,
@@ -114,6 +115,12 @@ class ApiKeyListCreateApi(OrgApiView):
             child=serializers.ChoiceField(choices=Scope.values), min_length=1, max_length=10
         )
         expires_at = serializers.DateTimeField(required=False, allow_null=True)
+        requests_per_minute = serializers.IntegerField(
+            required=False,
+            allow_null=True,
+            min_value=1,
+            help_text="A ceiling for this key under the organization's limit; null for none.",
+        )
 
     class CreatedOutput(ApiKeyOutput):
         class Meta:
@@ -145,7 +152,8 @@ class ApiKeyRevokeApi(OrgApiView):
     required_scope = Scope.ADMIN
     allowed_roles = MANAGERS
 
-    @extend_schema(responses=ApiKeyOutput, summary="Revoke an API key at once")
+    # Answers 200 with the revoked key (drf-spectacular assumes 204 for DELETE).
+    @extend_schema(responses={200: ApiKeyOutput}, summary="Revoke an API key at once")
     def delete(self, request, key_id: int):
         key = get_object_or_404(organization_api_keys(organization=request.organization), pk=key_id)
         is_key = isinstance(request.user, KeyPrincipal)
@@ -224,6 +232,7 @@ class MemberListAddApi(PathOrgApiView):
             user=user,
             role=data.validated_data["role"],
             actor=self._actor(request),
+            actor_key=self._actor_key(request),
         )
         return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
 
@@ -235,6 +244,10 @@ class MemberListAddApi(PathOrgApiView):
     @staticmethod
     def _actor(request):
         return None if isinstance(request.user, KeyPrincipal) else request.user
+
+    @staticmethod
+    def _actor_key(request):
+        return request.auth if isinstance(request.user, KeyPrincipal) else None
 
 
 class MemberDetailApi(PathOrgApiView):
@@ -260,13 +273,16 @@ class MemberDetailApi(PathOrgApiView):
             membership=self._membership(request, member_id),
             role=data.validated_data["role"],
             actor=MemberListAddApi._actor(request),
+            actor_key=MemberListAddApi._actor_key(request),
         )
         return Response(MemberOutput(membership).data)
 
     @extend_schema(responses={204: None}, summary="Remove a member")
     def delete(self, request, org_id: int, member_id: int):
         membership_remove(
-            membership=self._membership(request, member_id), actor=MemberListAddApi._actor(request)
+            membership=self._membership(request, member_id),
+            actor=MemberListAddApi._actor(request),
+            actor_key=MemberListAddApi._actor_key(request),
         )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -303,6 +319,7 @@ class InvitationListCreateApi(PathOrgApiView):
         invitation, _token = invitation_create(
             organization=request.organization,
             actor=MemberListAddApi._actor(request),
+            actor_key=MemberListAddApi._actor_key(request),
             **data.validated_data,
         )
         return Response(InvitationOutput(invitation).data, status=status.HTTP_201_CREATED)
@@ -324,7 +341,24 @@ class InvitationAcceptApi(OrgApiView):
                 message="Sign in as the invited person to accept an invitation.",
                 status=403,
             )
-        return super().resolve_organization(request)
+        if Membership.objects.filter(user=request.user).exists():
+            return super().resolve_organization(request)
+        # Someone with no organization yet: the invitation's organization
+        # scopes the rate limit and the Idempotency-Key.
+        token = request.data.get("token") if isinstance(request.data, dict) else None
+        invitation = invitation_by_token(token=token) if isinstance(token, str) else None
+        if invitation is None:
+            raise ApplicationError(
+                code="invitation_invalid",
+                message="This invitation is unknown, revoked or expired; ask for a new one.",
+                status=404,
+                param="token",
+            )
+        return invitation.organization
+
+    def check_access(self, request, organization):
+        # The invitation token is the permission; invitation_accept checks it.
+        return
 
     @extend_schema(request=Input, responses={201: MemberOutput}, summary="Accept an invitation")
     def post(self, request):

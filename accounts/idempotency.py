@@ -4,13 +4,22 @@ Per organization and key, for IDEMPOTENCY_TTL (24 h). A retry while the first
 request runs gets 409; the same key with another request gets 422. The
 record is inserted, and committed, before the work starts: its unique
 constraint is what makes two concurrent requests with one key run once.
+A server error, or a request refused before the endpoint ran (bad JSON, content
+type or fields), stores nothing: the key is freed for the corrected retry.
+
+Stored bodies are encrypted (Fernet, with a key derived from SECRET_KEY):
+some responses carry secrets shown once, such as a new API key, and the
+database must not hold them in the clear.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
+from functools import cache
 
+from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -19,6 +28,20 @@ from accounts.errors import ApplicationError
 from accounts.models import IdempotencyRecord, Organization
 
 MAX_KEY_LENGTH = 255
+
+
+@cache
+def _fernet(secret_key: str) -> Fernet:
+    digest = hashlib.sha256(b"gymbilling.idempotency:" + secret_key.encode()).digest()
+    return Fernet(base64.urlsafe_b64encode(digest))
+
+
+def _seal(body: bytes) -> bytes:
+    return _fernet(settings.SECRET_KEY).encrypt(body)
+
+
+def _open(sealed: bytes) -> bytes:
+    return _fernet(settings.SECRET_KEY).decrypt(sealed)
 
 
 @dataclass(frozen=True)
@@ -90,10 +113,19 @@ def idempotency_begin(
                 param="Idempotency-Key",
                 extra={"retry_after": 1},
             )
+        try:
+            body = _open(bytes(existing.body or b""))
+        except InvalidToken:
+            # Sealed under another SECRET_KEY: we cannot replay it, and must
+            # not run the request a second time either.
+            raise ApplicationError(
+                code="idempotency_key_reused",
+                message="This Idempotency-Key was used before and its result is unavailable; use a new key.",
+                status=422,
+                param="Idempotency-Key",
+            ) from None
         return StoredResponse(
-            status_code=existing.status_code,
-            content_type=existing.content_type,
-            body=bytes(existing.body or b""),
+            status_code=existing.status_code, content_type=existing.content_type, body=body
         )
     raise ApplicationError(
         code="idempotency_in_progress",
@@ -108,11 +140,16 @@ def idempotency_complete(
 ) -> None:
     """Store the response; a server error instead frees the key so a retry can run."""
     if status_code >= 500:
-        IdempotencyRecord.objects.filter(pk=record.pk).delete()
+        idempotency_release(record=record)
         return
     IdempotencyRecord.objects.filter(pk=record.pk).update(
-        status_code=status_code, content_type=content_type, body=body
+        status_code=status_code, content_type=content_type, body=_seal(body)
     )
+
+
+def idempotency_release(*, record: IdempotencyRecord) -> None:
+    """Free the key without storing a result: the request had no effect and may be retried."""
+    IdempotencyRecord.objects.filter(pk=record.pk).delete()
 
 
 def idempotency_purge() -> int:

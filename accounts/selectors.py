@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from django.db.models import QuerySet
 
 from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization
@@ -29,3 +31,15 @@ def organization_audit_events(*, organization: Organization) -> QuerySet[AuditEv
 
 def user_memberships(*, user) -> QuerySet[Membership]:
     return Membership.objects.filter(user=user).select_related("organization")
+
+
+def invitation_token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def invitation_by_token(*, token: str) -> Invitation | None:
+    return (
+        Invitation.objects.select_related("organization")
+        .filter(token_hash=invitation_token_hash(token))
+        .first()
+    )

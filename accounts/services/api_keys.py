@@ -105,6 +105,7 @@ def apikey_create(
     name: str,
     scopes: list[str],
     expires_at: datetime | None = None,
+    requests_per_minute: int | None = None,
     actor=None,
     actor_key: ApiKey | None = None,
 ) -> tuple[ApiKey, str]:
@@ -118,6 +119,14 @@ def apikey_create(
         raise ApplicationError(
             code="invalid_expiry", message="expires_at must be in the future.", param="expires_at"
         )
+    if requests_per_minute is not None and (
+        not isinstance(requests_per_minute, int) or requests_per_minute < 1
+    ):
+        raise ApplicationError(
+            code="invalid_rate_limit",
+            message="requests_per_minute must be a positive integer (or null for the organization's limit).",
+            param="requests_per_minute",
+        )
     public_id = _random(PUBLIC_ID_LENGTH)
     body = f"{PREFIX}{public_id}_{_random(SECRET_LENGTH)}"
     raw = body + _checksum(body)
@@ -128,6 +137,7 @@ def apikey_create(
         secret_hash=hash_key(raw),
         scopes=scopes,
         expires_at=expires_at,
+        requests_per_minute=requests_per_minute,
         created_by=actor if getattr(actor, "pk", None) else None,
     )
     audit_record(

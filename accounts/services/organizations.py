@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from datetime import timedelta
 
@@ -14,6 +13,7 @@ from django.utils.text import slugify
 
 from accounts.errors import ApplicationError
 from accounts.models import Invitation, Membership, Organization, Role, User
+from accounts.selectors import invitation_token_hash
 from accounts.services.audit import audit_record
 
 INVITATION_TTL = timedelta(days=7)
@@ -85,6 +85,21 @@ def _require_manager(organization: Organization, actor) -> None:
         )
 
 
+def _require_owner_for(organization: Organization, actor, *roles: str) -> None:
+    """Only an owner may grant the owner role or change an owner: an admin
+    cannot promote themselves and then remove the owners."""
+    if Role.OWNER not in roles or actor is None or getattr(actor, "is_staff", False):
+        return
+    if not Membership.objects.filter(
+        organization=organization, user=actor, role=Role.OWNER
+    ).exists():
+        raise ApplicationError(
+            code="permission_denied",
+            message="Only an owner can make someone an owner or change an owner's role.",
+            status=403,
+        )
+
+
 def _require_role(role: str) -> None:
     if role not in Role.values:
         raise ApplicationError(
@@ -100,10 +115,16 @@ def _seats_left(organization: Organization) -> bool:
 
 @transaction.atomic
 def membership_add(
-    *, organization: Organization, user: User, role: str = Role.MEMBER, actor=None
+    *,
+    organization: Organization,
+    user: User,
+    role: str = Role.MEMBER,
+    actor=None,
+    actor_key=None,
 ) -> Membership:
     _require_role(role)
     _require_manager(organization, actor)
+    _require_owner_for(organization, actor, role)
     # Lock the organization so two concurrent adds cannot both take the last seat.
     organization = Organization.objects.select_for_update().get(pk=organization.pk)
     if Membership.objects.filter(organization=organization, user=user).exists():
@@ -122,16 +143,20 @@ def membership_add(
         action="member.added",
         target=user.email,
         actor_user=actor,
+        actor_key=actor_key,
         data={"role": role},
     )
     return membership
 
 
 @transaction.atomic
-def membership_set_role(*, membership: Membership, role: str, actor=None) -> Membership:
+def membership_set_role(
+    *, membership: Membership, role: str, actor=None, actor_key=None
+) -> Membership:
     _require_role(role)
     _require_manager(membership.organization, actor)
     membership = Membership.objects.select_for_update().get(pk=membership.pk)
+    _require_owner_for(membership.organization, actor, role, membership.role)
     if membership.role == Role.OWNER and role != Role.OWNER:
         _require_another_owner(membership)
     old = membership.role
@@ -142,6 +167,7 @@ def membership_set_role(*, membership: Membership, role: str, actor=None) -> Mem
         action="member.role_changed",
         target=membership.user.email,
         actor_user=actor,
+        actor_key=actor_key,
         data={"from": old, "to": role},
     )
     return membership
@@ -160,8 +186,9 @@ def _require_another_owner(membership: Membership) -> None:
 
 
 @transaction.atomic
-def membership_remove(*, membership: Membership, actor=None) -> None:
+def membership_remove(*, membership: Membership, actor=None, actor_key=None) -> None:
     _require_manager(membership.organization, actor)
+    _require_owner_for(membership.organization, actor, membership.role)
     if membership.role == Role.OWNER:
         _require_another_owner(membership)
     audit_record(
@@ -169,21 +196,24 @@ def membership_remove(*, membership: Membership, actor=None) -> None:
         action="member.removed",
         target=membership.user.email,
         actor_user=actor,
+        actor_key=actor_key,
     )
     membership.delete()
 
 
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 @transaction.atomic
 def invitation_create(
-    *, organization: Organization, email: str, role: str = Role.MEMBER, actor=None
+    *,
+    organization: Organization,
+    email: str,
+    role: str = Role.MEMBER,
+    actor=None,
+    actor_key=None,
 ) -> tuple[Invitation, str]:
     """Invite someone by email. Returns the invitation and its token (sent, never stored)."""
     _require_role(role)
     _require_manager(organization, actor)
+    _require_owner_for(organization, actor, role)
     email = User.objects.normalize_email(email).lower()
     if Membership.objects.filter(organization=organization, user__email=email).exists():
         raise ApplicationError(
@@ -196,7 +226,7 @@ def invitation_create(
                 organization=organization,
                 email=email,
                 role=role,
-                token_hash=_token_hash(token),
+                token_hash=invitation_token_hash(token),
                 invited_by=actor if getattr(actor, "pk", None) else None,
                 expires_at=timezone.now() + INVITATION_TTL,
             )
@@ -212,6 +242,7 @@ def invitation_create(
         action="member.invited",
         target=email,
         actor_user=actor,
+        actor_key=actor_key,
         data={"role": role},
     )
     base_url = getattr(settings, "SITE_URL", "http://127.0.0.1:8000")
@@ -235,7 +266,7 @@ def invitation_accept(*, token: str, user: User) -> Membership:
     invitation = (
         Invitation.objects.select_for_update()
         .select_related("organization")
-        .filter(token_hash=_token_hash(token or ""))
+        .filter(token_hash=invitation_token_hash(token or ""))
         .first()
     )
     now = timezone.now()
@@ -256,8 +287,17 @@ def invitation_accept(*, token: str, user: User) -> Membership:
             message="This invitation was sent to another email address.",
             status=403,
         )
+    # The invitation is the permission: no manager check, but the audit log
+    # names the person who accepted.
     membership = membership_add(
         organization=invitation.organization, user=user, role=invitation.role, actor=None
+    )
+    audit_record(
+        organization=invitation.organization,
+        action="invitation.accepted",
+        target=user.email,
+        actor_user=user,
+        data={"role": invitation.role},
     )
     Invitation.objects.filter(pk=invitation.pk).update(accepted_at=now)
     return membership

@@ -102,6 +102,14 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "GymBilling API",
     "DESCRIPTION": "Credits, billing, metered inference and the credit marketplace.",
     "VERSION": "1.0.0",
+    # PATCH bodies are validated in full (a role change needs its role), so
+    # document them as such rather than as all-optional "Patched" components.
+    "COMPONENT_SPLIT_PATCH": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        # Documents the shared error shape and statuses on every /api/v1/ operation.
+        "gymbilling.openapi.add_error_responses",
+    ],
 }
 
 # --- Celery -----------------------------------------------------------------
@@ -125,6 +133,10 @@ CELERY_BEAT_SCHEDULE = {
     "metering-holds-expire": {
         "task": "metering.tasks.holds_expire_task",
         "schedule": crontab(minute="*"),
+    },
+    "accounts-idempotency-purge": {
+        "task": "accounts.tasks.idempotency_purge_task",
+        "schedule": crontab(minute=17),
     },
 }
 

@@ -20,13 +20,18 @@ class Command(BaseCommand):
             choices=Scope.values,
             help="default: inference billing:read",
         )
+        parser.add_argument(
+            "--rpm", type=int, help="requests per minute for this key (default: the organization's)"
+        )
 
-    def handle(self, *args, org_slug, name, scopes, **options):
+    def handle(self, *args, org_slug, name, scopes, rpm, **options):
         org = Organization.objects.filter(slug=org_slug).first()
         if org is None:
             raise CommandError(f"No organization has the slug {org_slug!r}.")
         try:
-            _key, raw = apikey_create(organization=org, name=name, scopes=scopes)
+            _key, raw = apikey_create(
+                organization=org, name=name, scopes=scopes, requests_per_minute=rpm
+            )
         except ApplicationError as exc:
             raise CommandError(f"{exc.code}: {exc.message}") from None
         self.stdout.write(raw)

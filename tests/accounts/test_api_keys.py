@@ -1,0 +1,439 @@
+"""API keys: `gym_<public id>_<secret><checksum>`, hashed at rest, scoped, revocable, audited."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+import zlib
+from datetime import timedelta
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from accounts.models import ApiKey, AuditEvent, Role, Scope
+from tests.accounts.conftest import key_client
+from tests.factories import OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+KEY_SHAPE = re.compile(
+    r"gym_(?P<public_id>[0-9A-Za-z]{12})_(?P<secret>[0-9A-Za-z]{32})[0-9A-Za-z]{6}"
+)
+BASE62 = string.digits + string.ascii_letters
+
+
+def checksum(body: str) -> str:
+    """The documented checksum, computed independently: CRC32 of the rest, 6 base62 digits."""
+    value = zlib.crc32(body.encode())
+    digits = []
+    for _ in range(6):
+        value, digit = divmod(value, 62)
+        digits.append(BASE62[digit])
+    return "".join(reversed(digits))
+
+
+def other_char(c: str) -> str:
+    return "a" if c != "a" else "b"
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) == {"error"}
+    assert {"type", "code", "message", "param"} <= set(body["error"])
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body["error"]
+
+
+# --- the key and what the database keeps -----------------------------------------
+
+
+def test_created_key_has_the_documented_shape_and_checksum(org, make_key):
+    # when
+    key, raw = make_key(org, scopes=[Scope.INFERENCE])
+
+    # then
+    match = KEY_SHAPE.fullmatch(raw)
+    assert match, raw
+    assert match["public_id"] == key.public_id
+    assert key.prefix == raw[:16] == f"gym_{key.public_id}"
+    assert raw[-6:] == checksum(raw[:-6])
+
+
+def test_database_holds_no_secret_only_a_hash_and_the_prefix(org, make_key):
+    # when
+    key, raw = make_key(org, scopes=[Scope.INFERENCE, Scope.BILLING_READ], name="prod")
+
+    # then: no column of the key's row contains the key or its secret part
+    secret = KEY_SHAPE.fullmatch(raw)["secret"]
+    fields = [f.attname for f in ApiKey._meta.concrete_fields]
+    row = ApiKey.objects.filter(pk=key.pk).values(*fields).get()
+    for column, value in row.items():
+        assert raw not in str(value), column
+        assert secret not in str(value), column
+    assert row["secret_hash"] == hashlib.sha256(raw.encode()).hexdigest()
+    # nor does the audit log of its creation
+    for event in AuditEvent.objects.filter(organization=org):
+        assert secret not in f"{event.target} {event.data}"
+
+
+def test_created_key_authenticates(org, make_key):
+    # given
+    key, raw = make_key(org, scopes=[Scope.INFERENCE])
+
+    # when
+    response = key_client(raw).get("/api/v1/me")
+
+    # then
+    assert response.status_code == 200
+    body = response.json()
+    assert body["organization"]["slug"] == org.slug
+    assert body["api_key"] == {"id": key.pk, "prefix": key.prefix, "scopes": [Scope.INFERENCE]}
+    assert body["user"] is None
+    key.refresh_from_db()
+    assert key.last_used_at is not None
+
+
+@pytest.mark.parametrize(
+    "position",
+    [4, 10, 17, 40, 48, 53],  # public id, public id, secret, secret, checksum, last character
+    ids=["public-id-start", "public-id", "secret-start", "secret", "checksum", "last"],
+)
+def test_a_key_with_one_character_changed_is_refused(org, make_key, position):
+    # given
+    key, raw = make_key(org)
+    tampered = raw[:position] + other_char(raw[position]) + raw[position + 1 :]
+    assert len(tampered) == len(raw) and tampered != raw
+
+    # when
+    response = key_client(tampered).get("/api/v1/me")
+
+    # then
+    error = assert_error(response, 401, "authentication_failed")
+    assert error["type"] == "authentication_error"
+    key.refresh_from_db()
+    assert key.last_used_at is None
+
+
+def test_a_key_with_a_valid_checksum_but_the_wrong_secret_is_refused(org, make_key):
+    # given: the real public id, another secret, and a checksum that matches it
+    key, _raw = make_key(org)
+    body = f"gym_{key.public_id}_{'A' * 32}"
+    forged = body + checksum(body)
+
+    # when
+    response = key_client(forged).get("/api/v1/me")
+
+    # then
+    assert_error(response, 401, "authentication_failed")
+    key.refresh_from_db()
+    assert key.last_used_at is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Bearer", "Bearer ", "Token {raw}", "Basic {raw}", "Bearer gym_short", "Bearer {raw}x"],
+)
+def test_a_malformed_authorization_header_is_refused(org, make_key, header):
+    # given
+    _key, raw = make_key(org)
+    client = Client()
+
+    # when
+    response = client.get("/api/v1/me", HTTP_AUTHORIZATION=header.format(raw=raw))
+
+    # then
+    assert_error(response, 401, "authentication_failed")
+
+
+# --- revocation and expiry ---------------------------------------------------------
+
+
+def test_revocation_takes_effect_on_the_very_next_request(org, admin_client, make_key):
+    # given: a key in use
+    victim, raw = make_key(org, scopes=[Scope.INFERENCE], name="leaked")
+    victim_client = key_client(raw)
+    assert victim_client.get("/api/v1/me").status_code == 200
+
+    # when
+    response = admin_client.delete(f"/api/v1/keys/{victim.pk}")
+
+    # then
+    assert response.status_code == 200
+    assert response.json()["revoked_at"] is not None
+    victim.refresh_from_db()
+    assert victim.revoked_at is not None
+    error = assert_error(victim_client.get("/api/v1/me"), 401, "api_key_revoked")
+    assert error["type"] == "authentication_error"
+
+
+def test_a_key_can_revoke_itself_and_is_refused_at_once(admin_key, admin_client):
+    # given
+    key, _raw = admin_key
+
+    # when
+    response = admin_client.delete(f"/api/v1/keys/{key.pk}")
+
+    # then
+    assert response.status_code == 200
+    assert_error(admin_client.get("/api/v1/keys"), 401, "api_key_revoked")
+
+
+def test_revoking_twice_records_one_revocation(org, admin_client, make_key):
+    # given
+    victim, _raw = make_key(org, scopes=[Scope.INFERENCE])
+    admin_client.delete(f"/api/v1/keys/{victim.pk}")
+    first_revoked_at = ApiKey.objects.get(pk=victim.pk).revoked_at
+
+    # when
+    response = admin_client.delete(f"/api/v1/keys/{victim.pk}")
+
+    # then
+    assert response.status_code == 200
+    assert ApiKey.objects.get(pk=victim.pk).revoked_at == first_revoked_at
+    assert AuditEvent.objects.filter(action="api_key.revoked", target=victim.prefix).count() == 1
+
+
+def test_another_organizations_key_cannot_be_revoked(admin_client, make_key):
+    # given
+    stranger, raw = make_key(OrganizationFactory(), scopes=[Scope.INFERENCE])
+
+    # when
+    response = admin_client.delete(f"/api/v1/keys/{stranger.pk}")
+
+    # then
+    assert_error(response, 404, "not_found")
+    stranger.refresh_from_db()
+    assert stranger.revoked_at is None
+    assert key_client(raw).get("/api/v1/me").status_code == 200
+
+
+def test_an_expired_key_is_refused(org, make_key):
+    # given: a key that worked until its expiry
+    key, raw = make_key(org, expires_at=timezone.now() + timedelta(hours=1))
+    client = key_client(raw)
+    assert client.get("/api/v1/me").status_code == 200
+    # Time passes: the expiry is now behind us (no service moves an expiry).
+    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    # when
+    response = client.get("/api/v1/me")
+
+    # then
+    error = assert_error(response, 401, "api_key_expired")
+    assert error["type"] == "authentication_error"
+
+
+def test_a_key_cannot_be_created_already_expired(org, admin_client):
+    # given
+    before = ApiKey.objects.count()
+
+    # when
+    response = admin_client.post(
+        "/api/v1/keys",
+        {"name": "late", "scopes": ["inference"], "expires_at": "2000-01-01T00:00:00Z"},
+        format="json",
+    )
+
+    # then
+    error = assert_error(response, 400, "invalid_expiry")
+    assert error["param"] == "expires_at"
+    assert ApiKey.objects.count() == before
+
+
+def test_a_key_created_with_an_expiry_reports_it(org, admin_client):
+    # given
+    expires_at = (timezone.now() + timedelta(days=7)).replace(microsecond=0)
+
+    # when
+    response = admin_client.post(
+        "/api/v1/keys",
+        {"name": "week", "scopes": ["inference"], "expires_at": expires_at.isoformat()},
+        format="json",
+    )
+
+    # then
+    assert response.status_code == 201
+    key = ApiKey.objects.get(pk=response.json()["id"])
+    assert key.expires_at == expires_at
+    assert response.json()["expires_at"] is not None
+
+
+# --- scopes ------------------------------------------------------------------------
+
+
+def test_a_billing_read_key_cannot_create_keys(org, make_key):
+    # given
+    _key, raw = make_key(org, scopes=[Scope.BILLING_READ])
+    before = ApiKey.objects.count()
+
+    # when
+    response = key_client(raw).post(
+        "/api/v1/keys", {"name": "escalate", "scopes": ["admin"]}, format="json"
+    )
+
+    # then
+    error = assert_error(response, 403, "permission_denied")
+    assert error["type"] == "permission_error"
+    assert ApiKey.objects.count() == before
+    assert not AuditEvent.objects.filter(action="api_key.created", data__name="escalate").exists()
+
+
+def test_an_admin_key_creates_a_key_with_the_scopes_asked_for(org, admin_client):
+    # when
+    response = admin_client.post(
+        "/api/v1/keys",
+        {"name": "reporting", "scopes": ["billing:read", "inference"]},
+        format="json",
+    )
+
+    # then
+    assert response.status_code == 201
+    created = ApiKey.objects.get(pk=response.json()["id"])
+    assert created.organization == org
+    assert created.name == "reporting"
+    assert created.scopes == ["billing:read", "inference"]
+    assert response.json()["scopes"] == ["billing:read", "inference"]
+
+
+@pytest.mark.parametrize(
+    ("scopes", "path", "allowed"),
+    [
+        ([Scope.BILLING_READ], "/api/v1/credits/balance", True),
+        ([Scope.INFERENCE], "/api/v1/credits/balance", False),
+        ([Scope.BILLING_READ], "/api/v1/credits/ledger", True),
+        ([Scope.MARKETPLACE], "/api/v1/usage", False),
+        ([Scope.BILLING_READ], "/api/v1/keys", False),
+        ([Scope.ADMIN], "/api/v1/keys", True),
+        ([Scope.BILLING_READ], "/api/v1/audit", False),
+        ([Scope.ADMIN], "/api/v1/audit", True),
+        ([Scope.INFERENCE], "/api/v1/me", True),
+    ],
+)
+def test_each_endpoint_needs_its_scope(org, make_key, scopes, path, allowed):
+    # given
+    _key, raw = make_key(org, scopes=scopes)
+
+    # when
+    response = key_client(raw).get(path)
+
+    # then
+    if allowed:
+        assert response.status_code == 200, response.content
+    else:
+        assert_error(response, 403, "permission_denied")
+
+
+def test_unknown_scopes_are_refused(org, admin_client):
+    # given
+    before = ApiKey.objects.count()
+
+    # when
+    response = admin_client.post("/api/v1/keys", {"name": "x", "scopes": ["root"]}, format="json")
+
+    # then
+    error = assert_error(response, 400, "invalid_request")
+    assert error["param"].startswith("scopes")
+    assert ApiKey.objects.count() == before
+
+
+# --- shown once ----------------------------------------------------------------------
+
+
+def test_the_created_key_is_shown_once_and_never_listed(org, admin_client):
+    # given
+    created = admin_client.post(
+        "/api/v1/keys", {"name": "ci", "scopes": ["inference"]}, format="json"
+    )
+    assert created.status_code == 201
+    raw = created.json()["key"]
+    secret = KEY_SHAPE.fullmatch(raw)["secret"]
+
+    # when
+    listing = admin_client.get("/api/v1/keys")
+    detail_after_revoke = admin_client.delete(f"/api/v1/keys/{created.json()['id']}")
+
+    # then: the creation response carried the working key...
+    assert created.json()["prefix"] == raw[:16]
+    assert ApiKey.objects.get(pk=created.json()["id"]).secret_hash == (
+        hashlib.sha256(raw.encode()).hexdigest()
+    )
+    # ...and nothing afterwards shows it again
+    assert listing.status_code == 200
+    rows = listing.json()["results"]
+    assert {row["prefix"] for row in rows} == {
+        k.prefix for k in ApiKey.objects.filter(organization=org)
+    }
+    assert all("key" not in row for row in rows)
+    assert secret.encode() not in listing.content
+    assert secret.encode() not in detail_after_revoke.content
+
+
+def test_an_owner_signed_in_creates_keys_and_a_member_cannot(org, member_of):
+    # given
+    org.seats = 5
+    org.save(update_fields=["seats"])
+    owner = member_of(org, Role.OWNER)
+    member = member_of(org, Role.MEMBER)
+    owner_client, member_client = Client(), Client()
+    owner_client.force_login(owner)
+    member_client.force_login(member)
+    body = {"name": "dashboard", "scopes": ["inference"]}
+
+    # when
+    by_owner = owner_client.post("/api/v1/keys", body, content_type="application/json")
+    by_member = member_client.post("/api/v1/keys", body, content_type="application/json")
+
+    # then
+    assert by_owner.status_code == 201
+    assert ApiKey.objects.get(pk=by_owner.json()["id"]).created_by == owner
+    assert_error(by_member, 403, "permission_denied")
+    assert ApiKey.objects.filter(organization=org).count() == 1
+
+
+# --- audit -----------------------------------------------------------------------------
+
+
+def test_creating_and_revoking_keys_is_audited_with_the_acting_key(org, admin_key, admin_client):
+    # given
+    admin, _raw = admin_key
+
+    # when
+    created = admin_client.post(
+        "/api/v1/keys", {"name": "worker", "scopes": ["inference"]}, format="json"
+    ).json()
+    admin_client.delete(f"/api/v1/keys/{created['id']}")
+
+    # then
+    events = AuditEvent.objects.filter(organization=org, target=created["prefix"]).order_by("pk")
+    assert [e.action for e in events] == ["api_key.created", "api_key.revoked"]
+    assert all(e.actor_key_id == admin.pk and e.actor_user_id is None for e in events)
+    assert events[0].data == {"name": "worker", "scopes": ["inference"]}
+
+
+def test_the_audit_log_lists_the_organizations_events_only(org, admin_key, admin_client, make_key):
+    # given: events here and in another organization
+    admin, _raw = admin_key
+    created = admin_client.post(
+        "/api/v1/keys", {"name": "worker", "scopes": ["inference"]}, format="json"
+    ).json()
+    admin_client.delete(f"/api/v1/keys/{created['id']}")
+    make_key(OrganizationFactory(), name="elsewhere")
+
+    # when
+    response = admin_client.get("/api/v1/audit")
+
+    # then
+    assert response.status_code == 200
+    rows = response.json()["results"]
+    assert [(r["action"], r["target"]) for r in rows] == [
+        ("api_key.revoked", created["prefix"]),
+        ("api_key.created", created["prefix"]),
+        ("api_key.created", admin.prefix),  # the fixture's own key, made by the service
+    ]
+    assert rows[0]["actor"] == admin.prefix
+    assert set(rows[0]) == {"id", "action", "target", "actor", "data", "created_at"}
+    assert {e.pk for e in AuditEvent.objects.filter(organization=org)} == {r["id"] for r in rows}

@@ -1,0 +1,311 @@
+"""Bad requests: each gets a 4xx in the one error shape, and nothing is written.
+
+Every POST below carries an Idempotency-Key, as a careful client's would: a
+request refused before the endpoint ran must not leave a stored result
+behind either.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+from django.conf import settings
+from django.test import Client
+
+from accounts.models import ApiKey, AuditEvent, IdempotencyRecord, Invitation, Membership, Role
+from metering.models import JournalTransaction
+from tests.accounts.conftest import key_client
+from tests.factories import OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+}
+
+
+def row_counts() -> dict[str, int]:
+    return {
+        model.__name__: model.objects.count()
+        for model in (
+            ApiKey,
+            AuditEvent,
+            IdempotencyRecord,
+            JournalTransaction,
+            Membership,
+            Invitation,
+        )
+    }
+
+
+def assert_error_shape(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.content
+    assert response["Content-Type"].startswith("application/json")
+    body = json.loads(response.content)
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert {"type", "code", "message", "param"} <= set(error)
+    assert error["type"] == ERROR_TYPES[status]
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@dataclass(frozen=True)
+class Bad:
+    path: str
+    body: bytes
+    status: int
+    code: str
+    param: str | None = None
+    content_type: str = "application/json"
+    method: str = "post"
+
+
+def j(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+VALID = {"name": "ok", "scopes": ["inference"]}
+
+BAD_KEY_REQUESTS = {
+    "malformed-json": Bad("/api/v1/keys", b'{"name": "x", "scopes": ["admin"', 400, "invalid_json"),
+    "trailing-garbage": Bad("/api/v1/keys", j(VALID) + b"}", 400, "invalid_json"),
+    "nan": Bad("/api/v1/keys", b'{"name": NaN, "scopes": ["admin"]}', 400, "invalid_json"),
+    "deeply-nested": Bad("/api/v1/keys", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    "non-utf8": Bad(
+        "/api/v1/keys", b'{"name": "\xff\xfe\xc3", "scopes": ["admin"]}', 400, "invalid_json"
+    ),
+    "latin1-encoded": Bad(
+        "/api/v1/keys",
+        '{"name": "caf\xe9", "scopes": ["admin"]}'.encode("latin-1"),
+        400,
+        "invalid_json",
+    ),
+    "empty-body": Bad("/api/v1/keys", b"", 400, "invalid_request", "name"),
+    "array": Bad("/api/v1/keys", j([VALID]), 400, "invalid_request"),
+    "string": Bad("/api/v1/keys", j("ok"), 400, "invalid_request"),
+    "null": Bad("/api/v1/keys", b"null", 400, "invalid_request"),
+    "name-list": Bad("/api/v1/keys", j({**VALID, "name": ["a"]}), 400, "invalid_request", "name"),
+    "name-object": Bad(
+        "/api/v1/keys", j({**VALID, "name": {"a": 1}}), 400, "invalid_request", "name"
+    ),
+    "name-null": Bad("/api/v1/keys", j({**VALID, "name": None}), 400, "invalid_request", "name"),
+    "name-blank": Bad("/api/v1/keys", j({**VALID, "name": "   "}), 400, "invalid_request", "name"),
+    "name-too-long": Bad(
+        "/api/v1/keys", j({**VALID, "name": "n" * 101}), 400, "invalid_request", "name"
+    ),
+    "name-nul-char": Bad(
+        "/api/v1/keys", j({**VALID, "name": "a\x00b"}), 400, "invalid_request", "name"
+    ),
+    "scopes-string": Bad(
+        "/api/v1/keys", j({**VALID, "scopes": "admin"}), 400, "invalid_request", "scopes"
+    ),
+    "scopes-empty": Bad(
+        "/api/v1/keys", j({**VALID, "scopes": []}), 400, "invalid_request", "scopes"
+    ),
+    "scopes-ints": Bad(
+        "/api/v1/keys", j({**VALID, "scopes": [1]}), 400, "invalid_request", "scopes"
+    ),
+    "scopes-unknown": Bad(
+        "/api/v1/keys", j({**VALID, "scopes": ["root"]}), 400, "invalid_request", "scopes"
+    ),
+    "expiry-number": Bad(
+        "/api/v1/keys",
+        j({**VALID, "expires_at": 1_900_000_000}),
+        400,
+        "invalid_request",
+        "expires_at",
+    ),
+    "expiry-garbage": Bad(
+        "/api/v1/keys", j({**VALID, "expires_at": "tomorrow"}), 400, "invalid_request", "expires_at"
+    ),
+    "unknown-field": Bad(
+        "/api/v1/keys", j({**VALID, "admin": True}), 400, "invalid_request", "admin"
+    ),
+    "typo-field": Bad(
+        "/api/v1/keys", j({"nmae": "ok", "scopes": ["admin"]}), 400, "invalid_request"
+    ),
+    "text-plain": Bad(
+        "/api/v1/keys", j(VALID), 415, "unsupported_media_type", content_type="text/plain"
+    ),
+    "form-encoded": Bad(
+        "/api/v1/keys",
+        b"name=ok&scopes=inference",
+        415,
+        "unsupported_media_type",
+        content_type="application/x-www-form-urlencoded",
+    ),
+    "xml": Bad(
+        "/api/v1/keys", b"<key/>", 415, "unsupported_media_type", content_type="application/xml"
+    ),
+    "invitation-bad-email": Bad(
+        "/api/v1/orgs/{org}/invitations",
+        j({"email": "not-an-email"}),
+        400,
+        "invalid_request",
+        "email",
+    ),
+    "invitation-bad-role": Bad(
+        "/api/v1/orgs/{org}/invitations",
+        j({"email": "a@example.test", "role": "god"}),
+        400,
+        "invalid_request",
+        "role",
+    ),
+    "member-email-number": Bad(
+        "/api/v1/orgs/{org}/members", j({"email": 5}), 400, "invalid_request", "email"
+    ),
+    "unknown-url": Bad("/api/v1/nope", j(VALID), 404, "not_found"),
+    "trailing-slash": Bad("/api/v1/keys/", j(VALID), 404, "not_found"),
+    "key-id-not-a-number": Bad("/api/v1/keys/abc", b"", 404, "not_found", method="delete"),
+    "key-id-unknown": Bad("/api/v1/keys/987654321", b"", 404, "not_found", method="delete"),
+    "unknown-url-get": Bad("/api/v1/keys/1/secret", b"", 404, "not_found", method="get"),
+    "method-not-allowed": Bad("/api/v1/keys", j(VALID), 405, "method_not_allowed", method="put"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KEY_REQUESTS.values(), ids=BAD_KEY_REQUESTS.keys())
+def test_bad_input_is_refused_in_the_error_shape_and_writes_nothing(org, admin_client, case):
+    # given
+    org.seats = 5
+    org.save(update_fields=["seats"])
+    before = row_counts()
+
+    # when
+    response = getattr(admin_client, case.method)(
+        case.path.format(org=org.pk),
+        data=case.body,
+        content_type=case.content_type,
+        HTTP_IDEMPOTENCY_KEY=f"bad-{case.code}",
+    )
+
+    # then
+    error = assert_error_shape(response, case.status, case.code)
+    if case.param is not None:
+        assert error["param"] is not None and error["param"].split(".")[0] == case.param
+    assert row_counts() == before
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(org, admin_client):
+    # given
+    before = row_counts()
+    name = "n" * settings.API_MAX_BODY_BYTES
+    body = j({"name": name, "scopes": ["inference"]})
+    assert len(body) > settings.API_MAX_BODY_BYTES
+
+    # when
+    response = admin_client.post(
+        "/api/v1/keys", data=body, content_type="application/json", HTTP_IDEMPOTENCY_KEY="huge"
+    )
+
+    # then
+    assert_error_shape(response, 413, "request_too_large")
+    assert row_counts() == before
+
+
+def test_a_non_numeric_content_length_is_refused(org, admin_client):
+    # given
+    before = row_counts()
+
+    # when
+    response = admin_client.post(
+        "/api/v1/keys", data=j(VALID), content_type="application/json", CONTENT_LENGTH="lots"
+    )
+
+    # then
+    assert_error_shape(response, 400, "invalid_request")
+    assert row_counts() == before
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_a_request_without_credentials_is_refused_with_401(org, method):
+    # given
+    before = row_counts()
+
+    # when
+    response = getattr(Client(), method)(
+        "/api/v1/keys",
+        **({"data": j(VALID), "content_type": "application/json"} if method == "post" else {}),
+        HTTP_IDEMPOTENCY_KEY="anon",
+    )
+
+    # then
+    assert_error_shape(response, 401, "authentication_failed")
+    assert response["WWW-Authenticate"] == "Bearer"
+    assert row_counts() == before
+
+
+@pytest.mark.parametrize("path", ["/api/v1/nope", "/api/v1/", "/api/v2/keys", "/api/v1/me/x"])
+def test_an_unknown_url_under_the_api_answers_a_json_404(path):
+    # when
+    response = Client().get(path)
+
+    # then
+    assert_error_shape(response, 404, "not_found")
+
+
+def test_a_bad_member_role_change_writes_nothing(org, admin_client, member_of):
+    # given
+    org.seats = 5
+    org.save(update_fields=["seats"])
+    user = member_of(org, Role.MEMBER)
+    membership = Membership.objects.get(user=user, organization=org)
+    before = row_counts()
+
+    # when
+    responses = [
+        admin_client.patch(
+            f"/api/v1/orgs/{org.pk}/members/{membership.pk}",
+            data=body,
+            content_type="application/json",
+        )
+        for body in (j({"role": "god"}), j({"role": None}), j({}), j({"role": "admin", "x": 1}))
+    ]
+
+    # then
+    for response in responses:
+        assert_error_shape(response, 400, "invalid_request")
+    membership.refresh_from_db()
+    assert membership.role == Role.MEMBER
+    assert row_counts() == before
+
+
+def test_another_organizations_id_in_the_path_is_not_found(org, admin_client):
+    # given
+    other = OrganizationFactory()
+    before = row_counts()
+
+    # when
+    response = admin_client.post(
+        f"/api/v1/orgs/{other.pk}/invitations",
+        data=j({"email": "a@example.test"}),
+        content_type="application/json",
+    )
+
+    # then
+    assert_error_shape(response, 404, "not_found")
+    assert row_counts() == before
+
+
+def test_a_valid_request_after_all_that_still_works(org, admin_client, admin_key):
+    # given: the key was used for garbage first
+    for case in list(BAD_KEY_REQUESTS.values())[:5]:
+        admin_client.post(case.path, data=case.body, content_type=case.content_type)
+
+    # when
+    response = key_client(admin_key[1]).post(
+        "/api/v1/keys", data=j(VALID), content_type="application/json"
+    )
+
+    # then
+    assert response.status_code == 201

@@ -1,0 +1,615 @@
+"""Members, roles, seats and invitations, through the dashboard's session and the API."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from django.conf import settings
+from django.core import mail
+from django.test import Client
+
+from accounts.models import AuditEvent, Invitation, Membership, Organization, Role, Scope
+from accounts.services import membership_add, organization_create, user_signup
+from tests.accounts.conftest import key_client
+from tests.factories import OrganizationFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def signed_in(user, *, csrf: bool = False) -> Client:
+    client = Client(enforce_csrf_checks=csrf)
+    client.force_login(user)
+    return client
+
+
+def csrf_token(client: Client) -> str:
+    """The token a dashboard page hands out: its form and cookie (the admin login page has one)."""
+    client.get("/admin/login/")
+    return client.cookies[settings.CSRF_COOKIE_NAME].value
+
+
+def send(client: Client, method: str, path: str, body: dict | None = None, **extra):
+    return getattr(client, method)(
+        path, data=json.dumps(body or {}), content_type="application/json", **extra
+    )
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.content
+    error = response.json()["error"]
+    assert {"type", "code", "message", "param"} <= set(error)
+    assert error["code"] == code
+    return error
+
+
+@pytest.fixture
+def team(member_of):
+    """An organization with 5 seats: an owner, an admin, a billing person and a member."""
+    org = OrganizationFactory(seats=5)
+    return {
+        "org": org,
+        Role.OWNER: member_of(org, Role.OWNER),
+        Role.ADMIN: member_of(org, Role.ADMIN),
+        Role.BILLING: member_of(org, Role.BILLING),
+        Role.MEMBER: member_of(org, Role.MEMBER),
+    }
+
+
+def membership(org: Organization, user) -> Membership:
+    return Membership.objects.get(organization=org, user=user)
+
+
+def audit(org: Organization, action: str) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(organization=org, action=action).order_by("pk"))
+
+
+# --- sessions and CSRF -------------------------------------------------------------------
+
+
+def test_a_session_post_without_the_csrf_token_is_refused(team):
+    # given
+    org = team["org"]
+    newcomer = UserFactory()
+    client = signed_in(team[Role.OWNER], csrf=True)
+    events_before = AuditEvent.objects.count()
+
+    # when
+    response = send(client, "post", f"/api/v1/orgs/{org.pk}/members", {"email": newcomer.email})
+
+    # then
+    error = assert_error(response, 403, "permission_denied")
+    assert "CSRF" in error["message"]
+    assert not Membership.objects.filter(user=newcomer).exists()
+    assert AuditEvent.objects.count() == events_before
+
+
+def test_a_session_post_with_the_csrf_token_goes_through(team):
+    # given
+    org = team["org"]
+    newcomer = UserFactory()
+    client = signed_in(team[Role.OWNER], csrf=True)
+    token = csrf_token(client)
+
+    # when
+    response = send(
+        client,
+        "post",
+        f"/api/v1/orgs/{org.pk}/members",
+        {"email": newcomer.email},
+        HTTP_X_CSRFTOKEN=token,
+    )
+
+    # then
+    assert response.status_code == 201, response.content
+    assert membership(org, newcomer).role == Role.MEMBER
+
+
+def test_a_session_read_needs_no_csrf_token(team):
+    # given
+    client = signed_in(team[Role.MEMBER], csrf=True)
+
+    # when
+    response = client.get("/api/v1/me", HTTP_X_ORGANIZATION=team["org"].slug)
+
+    # then
+    assert response.status_code == 200
+    assert response.json()["role"] == Role.MEMBER
+    assert response.json()["user"]["email"] == team[Role.MEMBER].email
+
+
+def test_an_api_key_needs_no_csrf_token(team, make_key):
+    # given
+    org = team["org"]
+    _key, raw = make_key(org, scopes=[Scope.ADMIN])
+    client = Client(enforce_csrf_checks=True)
+    newcomer = UserFactory()
+
+    # when
+    response = send(
+        client,
+        "post",
+        f"/api/v1/orgs/{org.pk}/members",
+        {"email": newcomer.email},
+        HTTP_AUTHORIZATION=f"Bearer {raw}",
+    )
+
+    # then
+    assert response.status_code == 201
+    assert membership(org, newcomer).role == Role.MEMBER
+
+
+def test_a_signed_out_visitor_is_refused(team):
+    # when
+    response = Client().get(f"/api/v1/orgs/{team['org'].pk}/members")
+
+    # then
+    assert_error(response, 401, "authentication_failed")
+
+
+# --- roles --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("role", "allowed"),
+    [(Role.OWNER, True), (Role.ADMIN, True), (Role.BILLING, False), (Role.MEMBER, False)],
+)
+def test_only_owners_and_admins_add_members(team, role, allowed):
+    # given
+    org = team["org"]
+    newcomer = UserFactory()
+
+    # when
+    response = send(
+        signed_in(team[role]), "post", f"/api/v1/orgs/{org.pk}/members", {"email": newcomer.email}
+    )
+
+    # then
+    if allowed:
+        assert response.status_code == 201
+        assert response.json()["email"] == newcomer.email
+        assert membership(org, newcomer).role == Role.MEMBER
+        [event] = audit(org, "member.added")[-1:]
+        assert event.target == newcomer.email
+        assert event.actor_user == team[role]
+    else:
+        assert_error(response, 403, "permission_denied")
+        assert not Membership.objects.filter(user=newcomer).exists()
+
+
+@pytest.mark.parametrize("role", [Role.BILLING, Role.MEMBER])
+def test_members_may_list_members_but_not_change_them(team, role):
+    # given
+    org = team["org"]
+    client = signed_in(team[role])
+    target = membership(org, team[Role.MEMBER])
+
+    # when
+    listing = client.get(f"/api/v1/orgs/{org.pk}/members")
+    promote = send(client, "patch", f"/api/v1/orgs/{org.pk}/members/{target.pk}", {"role": "owner"})
+    remove = client.delete(f"/api/v1/orgs/{org.pk}/members/{target.pk}")
+
+    # then
+    assert listing.status_code == 200
+    assert {row["email"] for row in listing.json()["results"]} == {
+        team[r].email for r in (Role.OWNER, Role.ADMIN, Role.BILLING, Role.MEMBER)
+    }
+    assert_error(promote, 403, "permission_denied")
+    assert_error(remove, 403, "permission_denied")
+    target.refresh_from_db()
+    assert target.role == Role.MEMBER
+    assert audit(org, "member.role_changed") == [] and audit(org, "member.removed") == []
+
+
+def test_an_admin_changes_a_role_and_it_is_audited(team):
+    # given
+    org = team["org"]
+    target = membership(org, team[Role.MEMBER])
+
+    # when
+    response = send(
+        signed_in(team[Role.ADMIN]),
+        "patch",
+        f"/api/v1/orgs/{org.pk}/members/{target.pk}",
+        {"role": "billing"},
+    )
+
+    # then
+    assert response.status_code == 200
+    assert response.json()["role"] == Role.BILLING
+    target.refresh_from_db()
+    assert target.role == Role.BILLING
+    [event] = audit(org, "member.role_changed")
+    assert event.target == team[Role.MEMBER].email
+    assert event.data == {"from": "member", "to": "billing"}
+    assert event.actor_user == team[Role.ADMIN]
+
+
+def test_an_owner_removes_a_member_and_it_is_audited(team):
+    # given
+    org = team["org"]
+    target = membership(org, team[Role.MEMBER])
+
+    # when
+    response = signed_in(team[Role.OWNER]).delete(f"/api/v1/orgs/{org.pk}/members/{target.pk}")
+
+    # then
+    assert response.status_code == 204
+    assert not Membership.objects.filter(pk=target.pk).exists()
+    [event] = audit(org, "member.removed")
+    assert event.target == team[Role.MEMBER].email
+    assert event.actor_user == team[Role.OWNER]
+
+
+def test_members_of_another_organization_cannot_be_reached(team, member_of):
+    # given
+    other = OrganizationFactory(seats=5)
+    outsider = member_of(other, Role.MEMBER)
+    client = signed_in(team[Role.OWNER])
+    target = membership(other, outsider)
+
+    # when
+    via_own_org = client.delete(f"/api/v1/orgs/{team['org'].pk}/members/{target.pk}")
+    via_their_org = client.delete(f"/api/v1/orgs/{other.pk}/members/{target.pk}")
+
+    # then
+    assert_error(via_own_org, 404, "not_found")
+    assert_error(via_their_org, 404, "not_found")
+    assert Membership.objects.filter(pk=target.pk).exists()
+
+
+# --- seats ----------------------------------------------------------------------------------
+
+
+def test_no_member_is_added_beyond_the_seats(member_of):
+    # given: two seats, both taken
+    org = OrganizationFactory(seats=2)
+    owner = member_of(org, Role.OWNER)
+    member_of(org, Role.MEMBER)
+    newcomer = UserFactory()
+
+    # when
+    response = send(
+        signed_in(owner), "post", f"/api/v1/orgs/{org.pk}/members", {"email": newcomer.email}
+    )
+
+    # then
+    error = assert_error(response, 409, "no_seats_left")
+    assert error["type"] == "conflict_error"
+    assert Membership.objects.filter(organization=org).count() == 2
+    assert [e.target for e in audit(org, "member.added")] == [
+        m.user.email for m in Membership.objects.filter(organization=org).order_by("pk")
+    ]
+
+
+def test_an_unknown_email_is_told_to_use_an_invitation(team):
+    # when
+    response = send(
+        signed_in(team[Role.OWNER]),
+        "post",
+        f"/api/v1/orgs/{team['org'].pk}/members",
+        {"email": "nobody@example.test"},
+    )
+
+    # then
+    error = assert_error(response, 404, "user_not_found")
+    assert error["param"] == "email"
+
+
+def test_adding_someone_twice_is_a_conflict(team):
+    # when
+    response = send(
+        signed_in(team[Role.OWNER]),
+        "post",
+        f"/api/v1/orgs/{team['org'].pk}/members",
+        {"email": team[Role.MEMBER].email},
+    )
+
+    # then
+    assert_error(response, 409, "already_member")
+
+
+# --- the last owner ----------------------------------------------------------------------------
+
+
+def test_the_last_owner_cannot_be_removed(team):
+    # given
+    org = team["org"]
+    owner = membership(org, team[Role.OWNER])
+
+    # when
+    by_admin = signed_in(team[Role.ADMIN]).delete(f"/api/v1/orgs/{org.pk}/members/{owner.pk}")
+    by_self = signed_in(team[Role.OWNER]).delete(f"/api/v1/orgs/{org.pk}/members/{owner.pk}")
+
+    # then: an admin may not touch an owner at all; the owner may not leave it ownerless
+    assert_error(by_admin, 403, "permission_denied")
+    assert_error(by_self, 409, "last_owner")
+    assert Membership.objects.filter(pk=owner.pk, role=Role.OWNER).exists()
+    assert audit(org, "member.removed") == []
+
+
+def test_an_admin_cannot_make_themselves_owner(team):
+    # given
+    org = team["org"]
+    admin = membership(org, team[Role.ADMIN])
+
+    # when
+    response = send(
+        signed_in(team[Role.ADMIN]),
+        "patch",
+        f"/api/v1/orgs/{org.pk}/members/{admin.pk}",
+        {"role": "owner"},
+    )
+
+    # then
+    assert_error(response, 403, "permission_denied")
+    assert Membership.objects.get(pk=admin.pk).role == Role.ADMIN
+    assert audit(org, "member.role_changed") == []
+
+
+def test_the_last_owner_cannot_be_demoted(team):
+    # given
+    org = team["org"]
+    owner = membership(org, team[Role.OWNER])
+
+    # when
+    response = send(
+        signed_in(team[Role.OWNER]),
+        "patch",
+        f"/api/v1/orgs/{org.pk}/members/{owner.pk}",
+        {"role": "admin"},
+    )
+
+    # then
+    assert_error(response, 409, "last_owner")
+    owner.refresh_from_db()
+    assert owner.role == Role.OWNER
+    assert audit(org, "member.role_changed") == []
+
+
+def test_an_owner_steps_down_once_there_is_another_owner(team):
+    # given
+    org = team["org"]
+    client = signed_in(team[Role.OWNER])
+    admin = membership(org, team[Role.ADMIN])
+    owner = membership(org, team[Role.OWNER])
+    promoted = send(client, "patch", f"/api/v1/orgs/{org.pk}/members/{admin.pk}", {"role": "owner"})
+    assert promoted.status_code == 200
+
+    # when
+    response = send(
+        client, "patch", f"/api/v1/orgs/{org.pk}/members/{owner.pk}", {"role": "member"}
+    )
+
+    # then
+    assert response.status_code == 200
+    assert set(
+        Membership.objects.filter(organization=org, role=Role.OWNER).values_list("user", flat=True)
+    ) == {team[Role.ADMIN].pk}
+    assert [e.data for e in audit(org, "member.role_changed")] == [
+        {"from": "admin", "to": "owner"},
+        {"from": "owner", "to": "member"},
+    ]
+
+
+# --- invitations ------------------------------------------------------------------------------
+
+
+def invite(client: Client, org: Organization, email: str, role: str = "member"):
+    return send(
+        client, "post", f"/api/v1/orgs/{org.pk}/invitations", {"email": email, "role": role}
+    )
+
+
+def token_from(message) -> str:
+    match = re.search(r"token=([A-Za-z0-9_\-]+)", message.body)
+    assert match, message.body
+    return match[1]
+
+
+def test_an_invitation_is_created_and_emailed(team, django_capture_on_commit_callbacks):
+    # given
+    org = team["org"]
+
+    # when
+    with django_capture_on_commit_callbacks(execute=True):
+        response = invite(signed_in(team[Role.ADMIN]), org, "New.Person@Example.TEST", "billing")
+
+    # then
+    assert response.status_code == 201
+    assert response.json()["email"] == "new.person@example.test"
+    assert response.json()["role"] == "billing"
+    invitation = Invitation.objects.get(organization=org)
+    assert invitation.email == "new.person@example.test"
+    assert invitation.invited_by == team[Role.ADMIN]
+    [message] = mail.outbox
+    assert message.to == ["new.person@example.test"]
+    token = token_from(message)
+    assert token not in invitation.token_hash  # only its hash is kept
+    [event] = audit(org, "member.invited")
+    assert event.target == "new.person@example.test"
+    assert event.data == {"role": "billing"}
+    assert event.actor_user == team[Role.ADMIN]
+    listing = signed_in(team[Role.ADMIN]).get(f"/api/v1/orgs/{org.pk}/invitations")
+    assert [row["email"] for row in listing.json()["results"]] == ["new.person@example.test"]
+
+
+def test_a_member_cannot_invite(team, django_capture_on_commit_callbacks):
+    # when
+    with django_capture_on_commit_callbacks(execute=True):
+        response = invite(signed_in(team[Role.MEMBER]), team["org"], "x@example.test")
+
+    # then
+    assert_error(response, 403, "permission_denied")
+    assert not Invitation.objects.exists()
+    assert mail.outbox == []
+
+
+def test_inviting_the_same_email_twice_is_a_conflict(team, django_capture_on_commit_callbacks):
+    # given
+    client = signed_in(team[Role.OWNER])
+    with django_capture_on_commit_callbacks(execute=True):
+        invite(client, team["org"], "x@example.test")
+
+    # when
+    with django_capture_on_commit_callbacks(execute=True):
+        response = invite(client, team["org"], "x@example.test")
+
+    # then
+    assert_error(response, 409, "invitation_exists")
+    assert Invitation.objects.count() == 1
+    assert len(mail.outbox) == 1
+
+
+@pytest.fixture
+def invited(team, django_capture_on_commit_callbacks):
+    """An invitation to a person who signed up (and so owns a personal organization)."""
+    person = user_signup(email="invitee@example.test", password=None)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = invite(signed_in(team[Role.OWNER]), team["org"], person.email, "admin")
+    assert response.status_code == 201
+    return person, token_from(mail.outbox[-1])
+
+
+def test_the_invited_person_accepts_and_becomes_a_member(team, invited):
+    # given
+    org = team["org"]
+    person, token = invited
+
+    # when
+    response = send(signed_in(person), "post", "/api/v1/invitations/accept", {"token": token})
+
+    # then
+    assert response.status_code == 201
+    assert response.json()["email"] == person.email
+    assert membership(org, person).role == Role.ADMIN
+    assert Invitation.objects.get(organization=org).accepted_at is not None
+    [added] = [e for e in audit(org, "member.added") if e.target == person.email]
+    assert added.data == {"role": "admin"}
+    open_invitations = signed_in(team[Role.OWNER]).get(f"/api/v1/orgs/{org.pk}/invitations")
+    assert open_invitations.json()["results"] == []
+
+
+def test_someone_else_cannot_accept_the_invitation(team, invited):
+    # given
+    org = team["org"]
+    _person, token = invited
+    intruder = user_signup(email="intruder@example.test", password=None)
+
+    # when
+    response = send(signed_in(intruder), "post", "/api/v1/invitations/accept", {"token": token})
+
+    # then
+    assert_error(response, 403, "invitation_email_mismatch")
+    assert not Membership.objects.filter(organization=org, user=intruder).exists()
+    assert Invitation.objects.get(organization=org).accepted_at is None
+
+
+def test_an_invitation_is_accepted_once(team, invited):
+    # given
+    org = team["org"]
+    person, token = invited
+    client = signed_in(person)
+    assert send(client, "post", "/api/v1/invitations/accept", {"token": token}).status_code == 201
+    added_events = len(audit(org, "member.added"))
+
+    # when
+    response = send(client, "post", "/api/v1/invitations/accept", {"token": token})
+
+    # then
+    assert_error(response, 409, "invitation_used")
+    assert Membership.objects.filter(organization=org, user=person).count() == 1
+    assert len(audit(org, "member.added")) == added_events
+
+
+def test_an_unknown_token_is_refused(team, invited):
+    # given
+    person, _token = invited
+
+    # when
+    response = send(
+        signed_in(person), "post", "/api/v1/invitations/accept", {"token": "not-a-token"}
+    )
+
+    # then
+    error = assert_error(response, 404, "invitation_invalid")
+    assert error["param"] == "token"
+    assert not Membership.objects.filter(organization=team["org"], user=person).exists()
+
+
+def test_an_api_key_cannot_accept_an_invitation(team, invited, make_key):
+    # given
+    _person, token = invited
+    _key, raw = make_key(team["org"], scopes=[Scope.ADMIN])
+
+    # when
+    response = key_client(raw).post("/api/v1/invitations/accept", {"token": token}, format="json")
+
+    # then
+    assert_error(response, 403, "permission_denied")
+    assert Invitation.objects.get(organization=team["org"]).accepted_at is None
+
+
+def test_accepting_when_the_seats_are_full_is_refused(
+    member_of, django_capture_on_commit_callbacks
+):
+    # given: an invitation sent while a seat was free, which someone else then took
+    org = OrganizationFactory(seats=2)
+    owner = member_of(org, Role.OWNER)
+    person = user_signup(email="late@example.test", password=None)
+    with django_capture_on_commit_callbacks(execute=True):
+        invite(signed_in(owner), org, person.email)
+    membership_add(organization=org, user=UserFactory(), role=Role.MEMBER, actor=owner)
+
+    # when
+    response = send(
+        signed_in(person),
+        "post",
+        "/api/v1/invitations/accept",
+        {"token": token_from(mail.outbox[-1])},
+    )
+
+    # then
+    assert_error(response, 409, "no_seats_left")
+    assert not Membership.objects.filter(organization=org, user=person).exists()
+    assert Invitation.objects.get(organization=org).accepted_at is None
+
+
+# --- the audit log over the dashboard -------------------------------------------------------------
+
+
+def test_owners_and_admins_read_the_audit_log_and_others_do_not(team):
+    # given: some membership history
+    org = team["org"]
+    owner_client = signed_in(team[Role.OWNER])
+    target = membership(org, team[Role.MEMBER])
+    send(owner_client, "patch", f"/api/v1/orgs/{org.pk}/members/{target.pk}", {"role": "billing"})
+    owner_client.delete(f"/api/v1/orgs/{org.pk}/members/{target.pk}")
+
+    # when
+    as_owner = owner_client.get("/api/v1/audit", HTTP_X_ORGANIZATION=org.slug)
+    as_admin = signed_in(team[Role.ADMIN]).get("/api/v1/audit", HTTP_X_ORGANIZATION=org.slug)
+    as_billing = signed_in(team[Role.BILLING]).get("/api/v1/audit", HTTP_X_ORGANIZATION=org.slug)
+
+    # then
+    assert as_owner.status_code == 200
+    actions = [row["action"] for row in as_owner.json()["results"]]
+    assert actions[:2] == ["member.removed", "member.role_changed"]
+    assert actions.count("member.added") == 4
+    assert as_owner.json()["results"][0]["actor"] == team[Role.OWNER].email
+    assert as_admin.json() == as_owner.json()
+    assert_error(as_billing, 403, "permission_denied")
+
+
+def test_organization_create_is_audited_with_its_owner(member_of):
+    # given
+    owner = UserFactory()
+
+    # when
+    org = organization_create(slug="acme", owner=owner)
+
+    # then
+    [event] = audit(org, "organization.created")
+    assert event.actor_user == owner
+    assert membership(org, owner).role == Role.OWNER

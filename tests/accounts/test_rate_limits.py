@@ -1,0 +1,168 @@
+"""Requests per minute, per key and per organization, counted in Redis (the real one)."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from accounts.models import ApiKey, Role, Scope
+from tests.accounts.conftest import key_client
+from tests.factories import OrganizationFactory
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_window")]
+
+
+def limit_key(key: ApiKey, requests_per_minute: int) -> None:
+    # No service sets a key's own ceiling yet: set the column as billing would.
+    ApiKey.objects.filter(pk=key.pk).update(requests_per_minute=requests_per_minute)
+
+
+def reset_seconds(response) -> int:
+    value = response["x-ratelimit-reset-requests"]
+    assert value.endswith("s"), value
+    return int(value[:-1])
+
+
+def assert_rate_limited(response) -> dict:
+    assert response.status_code == 429, response.content
+    error = response.json()["error"]
+    assert set(error) >= {"type", "code", "message", "param"}
+    assert error["type"] == "rate_limit_error"
+    assert error["code"] == "rate_limited"
+    retry_after = int(response["Retry-After"])
+    assert 1 <= retry_after <= 60
+    assert error["retry_after"] == retry_after
+    return error
+
+
+def test_a_key_with_its_own_limit_gets_that_many_requests_then_429(org, make_key):
+    # given
+    key, raw = make_key(org, scopes=[Scope.INFERENCE])
+    limit_key(key, 3)
+    client = key_client(raw)
+
+    # when
+    ok = [client.get("/api/v1/me") for _ in range(3)]
+    refused = client.get("/api/v1/me")
+
+    # then
+    assert [r.status_code for r in ok] == [200, 200, 200]
+    assert [r["x-ratelimit-limit-requests"] for r in ok] == ["3", "3", "3"]
+    assert [r["x-ratelimit-remaining-requests"] for r in ok] == ["2", "1", "0"]
+    assert all(1 <= reset_seconds(r) <= 60 for r in ok)
+    error = assert_rate_limited(refused)
+    assert "API key" in error["message"]
+    assert error["limit"] == 3
+
+
+def test_other_keys_of_the_same_organization_are_unaffected(org, make_key):
+    # given: one key has used up its own limit
+    limited, limited_raw = make_key(org, scopes=[Scope.INFERENCE], name="limited")
+    limit_key(limited, 3)
+    limited_client = key_client(limited_raw)
+    for _ in range(3):
+        assert limited_client.get("/api/v1/me").status_code == 200
+    assert_rate_limited(limited_client.get("/api/v1/me"))
+    _other, other_raw = make_key(org, scopes=[Scope.INFERENCE], name="other")
+
+    # when
+    response = key_client(other_raw).get("/api/v1/me")
+
+    # then: the other key answers, and the organization counted only the 3 that passed
+    assert response.status_code == 200
+    assert response["x-ratelimit-limit-requests"] == str(org.requests_per_minute)
+    assert response["x-ratelimit-remaining-requests"] == str(org.requests_per_minute - 4)
+
+
+def test_a_key_of_another_organization_is_unaffected(org, make_key):
+    # given
+    limited, limited_raw = make_key(org, scopes=[Scope.INFERENCE])
+    limit_key(limited, 3)
+    limited_client = key_client(limited_raw)
+    for _ in range(3):
+        limited_client.get("/api/v1/me")
+    assert_rate_limited(limited_client.get("/api/v1/me"))
+    stranger_org = OrganizationFactory()
+    _stranger, stranger_raw = make_key(stranger_org, scopes=[Scope.INFERENCE])
+
+    # when
+    response = key_client(stranger_raw).get("/api/v1/me")
+
+    # then
+    assert response.status_code == 200
+    assert response["x-ratelimit-remaining-requests"] == str(stranger_org.requests_per_minute - 1)
+
+
+def test_the_organizations_limit_applies_across_its_keys(make_key):
+    # given: an organization allowed 3 requests a minute, two keys without their own limit
+    org = OrganizationFactory(requests_per_minute=3)
+    _a, raw_a = make_key(org, scopes=[Scope.INFERENCE], name="a")
+    _b, raw_b = make_key(org, scopes=[Scope.INFERENCE], name="b")
+    client_a, client_b = key_client(raw_a), key_client(raw_b)
+    _s, raw_s = make_key(OrganizationFactory(requests_per_minute=3), scopes=[Scope.INFERENCE])
+
+    # when
+    first = [client_a.get("/api/v1/me"), client_a.get("/api/v1/me"), client_b.get("/api/v1/me")]
+    refused_b = client_b.get("/api/v1/me")
+    refused_a = client_a.get("/api/v1/me")
+    stranger = key_client(raw_s).get("/api/v1/me")
+
+    # then
+    assert [r.status_code for r in first] == [200, 200, 200]
+    assert [r["x-ratelimit-remaining-requests"] for r in first] == ["2", "1", "0"]
+    for refused in (refused_b, refused_a):
+        error = assert_rate_limited(refused)
+        assert "organization" in error["message"]
+    assert stranger.status_code == 200
+
+
+def test_a_key_limit_above_the_organizations_does_not_lift_it(make_key):
+    # given
+    org = OrganizationFactory(requests_per_minute=2)
+    key, raw = make_key(org, scopes=[Scope.INFERENCE])
+    limit_key(key, 100)
+    client = key_client(raw)
+
+    # when
+    statuses = [client.get("/api/v1/me").status_code for _ in range(3)]
+
+    # then
+    assert statuses == [200, 200, 429]
+
+
+def test_signed_in_users_count_against_their_organizations_limit(member_of):
+    # given
+    org = OrganizationFactory(requests_per_minute=2)
+    user = member_of(org, Role.OWNER)
+    client = Client()
+    client.force_login(user)
+
+    # when
+    responses = [client.get("/api/v1/me") for _ in range(3)]
+
+    # then
+    assert [r.status_code for r in responses[:2]] == [200, 200]
+    assert responses[1]["x-ratelimit-remaining-requests"] == "0"
+    assert_rate_limited(responses[2])
+
+
+def test_a_refused_post_creates_nothing(org, make_key):
+    # given
+    key, raw = make_key(org, scopes=[Scope.ADMIN])
+    limit_key(key, 1)
+    client = key_client(raw)
+    assert client.get("/api/v1/keys").status_code == 200
+    before = ApiKey.objects.count()
+
+    # when
+    response = client.post(
+        "/api/v1/keys",
+        {"name": "n", "scopes": ["inference"]},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="rl-1",
+    )
+
+    # then
+    assert_rate_limited(response)
+    assert ApiKey.objects.count() == before
+    assert not org.idempotency_records.exists()
