@@ -143,6 +143,9 @@ CELERY_BEAT_SCHEDULE = {
 # --- Metering ---------------------------------------------------------------
 # How long a hold may stay pending before the sweeper releases it.
 METERING_HOLD_TTL = timedelta(seconds=env.int("METERING_HOLD_TTL_SECONDS", default=3600))
+# Place and settle holds with the SQL fast path on PostgreSQL (metering/services/
+# fastpath.py); off, every call takes the ORM path. The tests run both.
+METERING_FAST_PATH = env.bool("METERING_FAST_PATH", default=True)
 
 LOGGING = {
     "version": 1,

@@ -22,9 +22,11 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from accounts.models import Organization
 from metering.models import AccountKind, Hold, HoldStatus, TransactionKind
+from metering.services import fastpath
 from metering.services.lots import lots_burn
 from metering.services.postings import (
     accounts_for,
+    accounts_lock,
     fingerprint,
     idempotent,
     post,
@@ -52,6 +54,20 @@ def hold_place(
     txn_key = f"hold:{key}"
     fp = fingerprint(op="hold", org=organization.pk, amount=amount)
 
+    if fastpath.enabled():
+        hold = fastpath.hold_place_fast(
+            organization_id=organization.pk,
+            amount=amount,
+            key=key,
+            txn_key=txn_key,
+            fp=fp,
+            memo=memo,
+            now=now,
+            expires_at=now + ttl,
+        )
+        if hold is not None:
+            return hold
+
     def work() -> Hold:
         org_accounts, _ = accounts_for(organization)
         txn = transaction_open(
@@ -73,11 +89,39 @@ def hold_place(
     return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn.placed_hold)
 
 
+SETTLE_KINDS = {
+    HoldStatus.CAPTURED: TransactionKind.HOLD_CAPTURE,
+    HoldStatus.RELEASED: TransactionKind.HOLD_RELEASE,
+    HoldStatus.EXPIRED: TransactionKind.HOLD_EXPIRE,
+}
+
+
+def _settle_fingerprint(status: str, captured: int) -> str:
+    return f"{status}:{captured}"
+
+
 def _settle(*, key: str, captured: int, status: str, now: datetime) -> Hold:
     """Settle a pending hold once. The hold's row lock orders concurrent settlers."""
+    if fastpath.enabled():
+        hold = fastpath.hold_settle_fast(
+            key=key,
+            captured=captured,
+            status=status,
+            txn_kind=SETTLE_KINDS[status],
+            fp=_settle_fingerprint(status, captured),
+            now=now,
+        )
+        if hold is not None:
+            return hold
     with transaction.atomic():
         hold = (
-            Hold.objects.select_for_update().select_related("organization").filter(key=key).first()
+            # of=("self",): lock the hold only. Locking the joined organization
+            # row too would block every insert that references it (foreign
+            # keys take a KEY SHARE lock), serializing all of its traffic.
+            Hold.objects.select_for_update(of=("self",))
+            .select_related("organization")
+            .filter(key=key)
+            .first()
         )
         if hold is None:
             raise ApplicationError(
@@ -104,14 +148,13 @@ def _settle(*, key: str, captured: int, status: str, now: datetime) -> Hold:
                 param="amount",
             )
         org_accounts, system = accounts_for(hold.organization, AccountKind.CONSUMPTION)
+        # Lock the wallet even when nothing goes back to it (a full capture
+        # posts nothing there): its row lock guards the lots burned below.
+        accounts_lock(org_accounts.wallet, org_accounts.holds)
         txn = transaction_open(
-            kind={
-                HoldStatus.CAPTURED: TransactionKind.HOLD_CAPTURE,
-                HoldStatus.RELEASED: TransactionKind.HOLD_RELEASE,
-                HoldStatus.EXPIRED: TransactionKind.HOLD_EXPIRE,
-            }[status],
+            kind=SETTLE_KINDS[status],
             key=f"hold:{key}:settle",
-            fingerprint=fingerprint(op="settle", hold=hold.pk, captured=captured, status=status),
+            fingerprint=_settle_fingerprint(status, captured),
             organization=hold.organization,
         )
         post(

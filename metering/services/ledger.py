@@ -394,6 +394,16 @@ def transaction_reverse(
             if account.kind == AccountKind.HOLDS:
                 account = accounts_for(account.organization)[0].wallet
             postings.append((account, -entry.amount))
+        net: dict[int, int] = {}
+        for account, amount in postings:
+            net[account.pk] = net.get(account.pk, 0) + amount
+        if not any(net.values()):
+            # A capture of nothing: holds -> wallet and back nets to zero.
+            raise ApplicationError(
+                code="nothing_to_reverse",
+                message="This transaction moved no credits once holds are settled; nothing to reverse.",
+                status=409,
+            )
         try:
             post(txn, postings, now=now)
         except ApplicationError as exc:

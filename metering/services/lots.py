@@ -16,6 +16,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
+from django.db import transaction
 from django.db.models import F, Min, Q
 
 from accounts.models import Organization
@@ -27,7 +28,7 @@ from metering.models import (
     LotMovement,
     TransactionKind,
 )
-from metering.services.postings import accounts_for, post
+from metering.services.postings import accounts_for, post, retry_on_deadlock
 
 FAR_FUTURE_SORT_KEY = (1, 0.0)
 
@@ -184,16 +185,15 @@ def credits_expire(*, now: datetime) -> int:
     Each account is swept in its own transaction, so one busy wallet never
     holds the others' locks. Safe to run concurrently and repeatedly.
     """
-    from django.db import transaction
-
     account_ids = (
         CreditLot.objects.filter(remaining__gt=0, expires_at__lte=now)
         .values_list("account_id", flat=True)
         .distinct()
     )
-    total = 0
-    for account_id in sorted(set(account_ids)):
-        with transaction.atomic():
-            account = LedgerAccount.objects.get(pk=account_id)
-            total += account_expire_lots(account=account, now=now)
-    return total
+    return sum(_account_sweep(account_id=pk, now=now) for pk in sorted(set(account_ids)))
+
+
+@retry_on_deadlock
+def _account_sweep(*, account_id: int, now: datetime) -> int:
+    with transaction.atomic():
+        return account_expire_lots(account=LedgerAccount.objects.get(pk=account_id), now=now)

@@ -149,6 +149,16 @@ def accounts_for(
     )
 
 
+def accounts_lock(*accounts: LedgerAccount) -> None:
+    """Take the accounts' row locks in primary-key order, the order every writer uses."""
+    list(
+        LedgerAccount.objects.select_for_update()
+        .filter(pk__in=[a.pk for a in accounts])
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+
+
 # --- journal transactions ----------------------------------------------------
 
 

@@ -1,0 +1,258 @@
+"""The settlement hot path in SQL: one statement to place a hold, two to settle it.
+
+Inference places and settles a hold for every request, so these two calls
+are the ledger's hot path. Through the ORM they cost 16 statements and about
+13 ms of client CPU per settlement (docs/BENCHMARKS.md); here they write the
+very same rows with 3 statements.
+
+This is an optimisation of the common case only. Whenever anything is not
+ordinary (the organization's accounts are not open yet, the wallet is short
+or has lots due to expire, the key was used before, the hold is not
+pending) the fast path writes nothing, or rolls back its savepoint, and
+returns None; the caller then runs the ORM path, which is the reference
+implementation and produces the right error, sweep or replay. The tests run
+the whole ledger suite through both paths (METERING_FAST_PATH).
+
+Locking is the same as the ORM path's, in the same order: the hold row,
+then the wallet, then the holds account (the wallet is opened first, so its
+primary key is lower, which is the order `post()` uses), then the wallet's
+lots. Every writer of a wallet's lots holds the wallet's row lock, which is
+why the lots are read by a second statement: its snapshot is taken after
+the first statement took that lock, so it sees every committed lot.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+
+from metering.models import Hold
+from metering.services.lots import LedgerInconsistent
+
+# In the model's field order, which is the order Model.from_db expects.
+HOLD_COLUMNS = tuple(f.column for f in Hold._meta.concrete_fields)
+_RETURNING = ", ".join(HOLD_COLUMNS)
+
+
+def enabled() -> bool:
+    return connection.vendor == "postgresql" and getattr(settings, "METERING_FAST_PATH", True)
+
+
+def _hold_from_row(row) -> Hold:
+    return Hold.from_db(
+        connection.alias, [f.attname for f in Hold._meta.concrete_fields], list(row)
+    )
+
+
+_PLACE = f"""
+WITH acct AS MATERIALIZED (
+    SELECT max(id) FILTER (WHERE kind = 'wallet') AS wallet_id,
+           max(id) FILTER (WHERE kind = 'holds') AS holds_id
+      FROM metering_ledgeraccount
+     WHERE organization_id = %(org)s AND kind IN ('wallet', 'holds')
+),
+w AS (
+    UPDATE metering_ledgeraccount a
+       SET balance = a.balance - %(amount)s
+      FROM acct
+     WHERE a.id = acct.wallet_id
+       AND a.balance >= %(amount)s
+       AND (a.next_expiry_at IS NULL OR a.next_expiry_at > %(now)s)
+    RETURNING a.id, a.balance
+),
+h AS (
+    UPDATE metering_ledgeraccount a
+       SET balance = a.balance + %(amount)s
+      FROM acct, w
+     WHERE a.id = acct.holds_id
+    RETURNING a.id, a.balance
+),
+t AS (
+    INSERT INTO metering_journaltransaction
+           (kind, idempotency_key, fingerprint, organization_id, memo, created_at)
+    SELECT 'hold_place', %(txn_key)s, %(fp)s, %(org)s, %(memo)s, %(now)s FROM h
+    RETURNING id
+),
+e AS (
+    INSERT INTO metering_ledgerentry (transaction_id, account_id, amount, balance_after, created_at)
+    SELECT t.id, w.id, -%(amount)s, w.balance, %(now)s FROM t, w
+    UNION ALL
+    SELECT t.id, h.id, %(amount)s, h.balance, %(now)s FROM t, h
+)
+INSERT INTO metering_hold
+       (organization_id, key, amount, captured, status, expires_at, place_transaction_id, created_at)
+SELECT %(org)s, %(key)s, %(amount)s, 0, 'pending', %(expires_at)s, t.id, %(now)s FROM t
+RETURNING {_RETURNING}
+"""
+
+
+def hold_place_fast(
+    *,
+    organization_id: int,
+    amount: int,
+    key: str,
+    txn_key: str,
+    fp: str,
+    memo: str,
+    now: datetime,
+    expires_at: datetime,
+) -> Hold | None:
+    """Place a hold in one statement, or None to say "take the ORM path"."""
+    params = {
+        "org": organization_id,
+        "amount": amount,
+        "key": key,
+        "txn_key": txn_key,
+        "fp": fp,
+        "memo": memo[:500],
+        "now": now,
+        "expires_at": expires_at,
+    }
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_PLACE, params)
+            row = cursor.fetchone()
+    except IntegrityError:
+        return None  # the key was used before: the ORM path replays or refuses
+    # No row: the wallet was short, due to expire, or not opened yet, and the
+    # statement wrote nothing (every insert hangs off the wallet's update).
+    return _hold_from_row(row) if row else None
+
+
+_SETTLE_ACCOUNTS = """
+WITH hd AS MATERIALIZED (
+    SELECT id, organization_id, amount
+      FROM metering_hold
+     WHERE key = %(key)s AND status = 'pending' AND amount >= %(captured)s
+       FOR UPDATE
+),
+acct AS MATERIALIZED (
+    SELECT max(a.id) FILTER (WHERE a.kind = 'wallet') AS wallet_id,
+           max(a.id) FILTER (WHERE a.kind = 'holds') AS holds_id,
+           (SELECT id FROM metering_ledgeraccount
+             WHERE organization_id IS NULL AND kind = 'consumption') AS consumption_id
+      FROM metering_ledgeraccount a JOIN hd ON a.organization_id = hd.organization_id
+     WHERE a.kind IN ('wallet', 'holds')
+),
+w AS (
+    -- Always written, even with nothing to give back: the wallet's row lock
+    -- is what guards its lots, which the capture burns next.
+    UPDATE metering_ledgeraccount a
+       SET balance = a.balance + (hd.amount - %(captured)s)
+      FROM acct, hd
+     WHERE a.id = acct.wallet_id AND acct.consumption_id IS NOT NULL
+    RETURNING a.id, a.balance
+),
+h AS (
+    UPDATE metering_ledgeraccount a
+       SET balance = a.balance - hd.amount
+      FROM acct, hd, w
+     WHERE a.id = acct.holds_id AND a.balance >= hd.amount
+    RETURNING a.id, a.balance
+),
+t AS (
+    INSERT INTO metering_journaltransaction
+           (kind, idempotency_key, fingerprint, organization_id, memo, created_at)
+    SELECT %(txn_kind)s, 'hold:' || %(key)s || ':settle', %(fp)s, hd.organization_id, '', %(now)s
+      FROM hd, h
+    RETURNING id
+),
+e AS (
+    INSERT INTO metering_ledgerentry (transaction_id, account_id, amount, balance_after, created_at)
+    SELECT t.id, h.id, -hd.amount, h.balance, %(now)s FROM t, h, hd
+    UNION ALL
+    SELECT t.id, acct.consumption_id, %(captured)s, NULL, %(now)s FROM t, acct
+     WHERE %(captured)s > 0
+    UNION ALL
+    SELECT t.id, w.id, hd.amount - %(captured)s, w.balance, %(now)s FROM t, w, hd
+     WHERE hd.amount > %(captured)s
+)
+SELECT hd.id, t.id, w.id FROM hd, t, w
+"""
+
+# A second statement, so its snapshot sees every lot committed before the
+# first statement took the wallet's lock. Lots are locked in primary-key
+# order, then burned in the documented burn order (metering.services.lots).
+_SETTLE_LOTS = f"""
+WITH locked AS MATERIALIZED (
+    SELECT id, remaining, priority, expires_at, paid
+      FROM metering_creditlot
+     WHERE account_id = %(wallet)s AND remaining > 0 AND %(captured)s > 0
+     ORDER BY id
+       FOR UPDATE
+),
+ranked AS (
+    SELECT id, remaining,
+           sum(remaining) OVER (
+               ORDER BY COALESCE(expires_at <= %(now)s, false) DESC,
+                        priority,
+                        expires_at ASC NULLS LAST,
+                        paid,
+                        id
+           ) AS through
+      FROM locked
+),
+take AS (
+    SELECT id, LEAST(remaining, %(captured)s - (through - remaining)) AS amount
+      FROM ranked
+     WHERE through - remaining < %(captured)s
+),
+burn AS (
+    UPDATE metering_creditlot l SET remaining = l.remaining - take.amount
+      FROM take WHERE l.id = take.id
+    RETURNING l.id
+),
+moves AS (
+    INSERT INTO metering_lotmovement (lot_id, transaction_id, amount)
+    SELECT id, %(txn)s, -amount FROM take
+),
+settled AS (
+    UPDATE metering_hold
+       SET status = %(status)s, captured = %(captured)s,
+           settle_transaction_id = %(txn)s, settled_at = %(now)s
+     WHERE id = %(hold)s
+    RETURNING {_RETURNING}
+)
+SELECT (SELECT COALESCE(sum(amount), 0) FROM take), settled.* FROM settled
+"""
+
+
+def hold_settle_fast(
+    *, key: str, captured: int, status: str, txn_kind: str, fp: str, now: datetime
+) -> Hold | None:
+    """Settle a pending hold in two statements, or None to say "take the ORM path"."""
+    params = {
+        "key": key,
+        "captured": captured,
+        "status": status,
+        "txn_kind": txn_kind,
+        "fp": fp,
+        "now": now,
+    }
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_SETTLE_ACCOUNTS, params)
+            first = cursor.fetchone()
+            if first is None:
+                # Not pending, over the hold, or not set up: nothing was
+                # written unless the holds account disagreed, so roll back.
+                raise _Fallback
+            hold_id, txn_id, wallet_id = first
+            cursor.execute(
+                _SETTLE_LOTS,
+                {**params, "wallet": wallet_id, "txn": txn_id, "hold": hold_id},
+            )
+            burned, *hold_row = cursor.fetchone()
+            if burned != captured:
+                raise LedgerInconsistent(
+                    f"lots of account {wallet_id} hold {burned} of the {captured} to burn"
+                )
+    except (_Fallback, IntegrityError):
+        return None
+    return _hold_from_row(hold_row)
+
+
+class _Fallback(Exception):
+    """Roll the savepoint back and let the ORM path decide."""
