@@ -8,6 +8,7 @@ validate, call a service or selector, serialize.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.http import HttpResponse
@@ -21,7 +22,7 @@ from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, KeyPrincipal
-from accounts.errors import ApplicationError
+from accounts.errors import ApplicationError, error_body
 from accounts.idempotency import (
     StoredResponse,
     idempotency_begin,
@@ -226,6 +227,25 @@ class OrgApiView(APIView):
         record = getattr(self, "_idempotency_record", None)
         if record is not None:
             self._idempotency_record = None
+            if getattr(response, "streaming", False):
+                # A stream cannot be replayed byte for byte: a retry is told
+                # where the first request's job is instead of running again.
+                idempotency_complete(
+                    record=record,
+                    status_code=409,
+                    content_type="application/json",
+                    body=json.dumps(
+                        error_body(
+                            code="idempotent_stream",
+                            message=(
+                                "This request was already answered as a stream; "
+                                f"its job is {response.get('X-Gym-Job-Id', 'unknown')}."
+                            ),
+                            status=409,
+                        )
+                    ).encode(),
+                )
+                return response
             if hasattr(response, "render") and not getattr(response, "is_rendered", True):
                 response.render()
             idempotency_complete(

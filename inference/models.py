@@ -1,0 +1,160 @@
+"""Credits out: the model catalog, Triton server pools, and jobs."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from metering.models import Priority
+
+
+class ServerPool(models.Model):
+    """Triton servers that serve the same models; jobs go to the least busy ready one."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    grpc_urls = models.JSONField(default=list, help_text='gRPC addresses, e.g. ["triton-0:8001"]')
+    metrics_urls = models.JSONField(default=list, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Precision(models.TextChoices):
+    FP16 = "fp16", "FP16"
+    BF16 = "bf16", "BF16"
+    FP8 = "fp8", "FP8"
+    INT8_SQ = "int8_sq", "INT8 SmoothQuant"
+    INT8_WO = "int8_wo", "INT8 weight-only"
+    INT4_AWQ = "int4_awq", "INT4 AWQ"
+
+
+class ModelStatus(models.TextChoices):
+    ACTIVE = "active", "Active"
+    DEPRECATED = "deprecated", "Deprecated"
+    RETIRED = "retired", "Retired"
+
+
+class CatalogModel(models.Model):
+    """A public model name and the TensorRT-LLM engine behind it.
+
+    Plans grant access tiers (the organization's `model_tiers` entitlement),
+    so billing never needs to know model names. Prices live in metering's
+    price book under the same public name.
+    """
+
+    name = models.CharField(max_length=128, unique=True)
+    pool = models.ForeignKey(ServerPool, on_delete=models.PROTECT, related_name="models")
+    triton_model = models.CharField(max_length=128, default="ensemble")
+    # The engine, for operators and for the economics reports.
+    precision = models.CharField(max_length=16, choices=Precision.choices, default=Precision.FP8)
+    kv_cache_dtype = models.CharField(max_length=16, default="fp8")
+    tensor_parallel = models.PositiveSmallIntegerField(default=1)
+    gpu_type = models.CharField(max_length=32, default="H100")
+    gpu_hour_cost = models.BigIntegerField(default=0, help_text="minor units per GPU-hour")
+    currency = models.CharField(max_length=3, default="usd")
+    context_limit = models.PositiveIntegerField(default=4096)
+    max_output_tokens = models.PositiveIntegerField(default=1024)
+    size_class = models.CharField(max_length=16, default="small")
+    chat_template = models.TextField(
+        default="{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n",
+        help_text="A Django template over `messages` (role, content).",
+    )
+    access_tier = models.CharField(max_length=32, default="basic")
+    status = models.CharField(
+        max_length=16, choices=ModelStatus.choices, default=ModelStatus.ACTIVE
+    )
+    successor = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    deprecation_date = models.DateField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(gpu_hour_cost__gte=0) & Q(tensor_parallel__gte=1),
+                name="catalog_model_sane_engine",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DedicatedCapacity(models.Model):
+    """An organization's own server pool for a model: its jobs go there first."""
+
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.CASCADE, related_name="dedicated_capacity"
+    )
+    model = models.ForeignKey(CatalogModel, on_delete=models.CASCADE, related_name="+")
+    pool = models.ForeignKey(ServerPool, on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "model"], name="dedicated_one_per_model"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id}:{self.model_id}->{self.pool_id}"
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELED = "canceled", "Canceled"
+    EXPIRED = "expired", "Expired"
+
+
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED)
+
+
+class Job(models.Model):
+    """One inference request. Its public id is also its hold's key in the ledger."""
+
+    public_id = models.CharField(max_length=40, unique=True)
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="jobs"
+    )
+    api_key = models.ForeignKey(
+        "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    model = models.ForeignKey(CatalogModel, on_delete=models.PROTECT, related_name="jobs")
+    model_price = models.ForeignKey(
+        "metering.ModelPrice", on_delete=models.PROTECT, related_name="+"
+    )
+    priority = models.CharField(max_length=16, choices=Priority.choices)
+    kind = models.CharField(max_length=16, default="chat")  # chat | completion
+    stream = models.BooleanField(default=False)
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    params = models.JSONField(default=dict)  # max_tokens, temperature, top_p, seed, stop
+    # Kept only where the organization opted in (Organization.store_prompts).
+    prompt = models.TextField(blank=True)
+    # Kept for asynchronous jobs, which are read back later.
+    output = models.TextField(blank=True)
+    callback_url = models.URLField(blank=True)
+    hold_amount = models.BigIntegerField()
+    queued_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    first_token_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    input_tokens = models.PositiveIntegerField(default=0)
+    cached_input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    engine_ms = models.PositiveIntegerField(default=0)
+    credits_charged = models.BigIntegerField(default=0)
+    serving_cost = models.BigIntegerField(default=0)  # minor units of the model's currency
+    finish_reason = models.CharField(max_length=16, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization", "-id"])]
+
+    def __str__(self) -> str:
+        return self.public_id

@@ -102,6 +102,7 @@ def celery_worker_process(django_db_setup, django_db_blocker):
                 sys.executable, "-m", "celery", "-A", "gymbilling", "worker",
                 "--pool=prefork", "--concurrency=2", "--loglevel=INFO",
                 "-n", f"{node}@%h",
+                "-Q", "celery,inference.priority,inference.standard,inference.batch",
             ],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -105,6 +105,10 @@ SPECTACULAR_SETTINGS = {
     # PATCH bodies are validated in full (a role change needs its role), so
     # document them as such rather than as all-optional "Patched" components.
     "COMPONENT_SPLIT_PATCH": False,
+    "ENUM_NAME_OVERRIDES": {
+        "MemberRoleEnum": ["owner", "admin", "billing", "member"],
+        "MessageRoleEnum": ["system", "user", "assistant", "developer"],
+    },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         # Documents the shared error shape and statuses on every /api/v1/ operation.
@@ -125,6 +129,10 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_RESULT_EXPIRES = timedelta(hours=1)
 CELERY_TIMEZONE = "UTC"
+# Inference jobs go to the queue of their priority; run workers per queue to
+# keep batch work from delaying priority work.
+CELERY_TASK_ROUTES = {"inference.tasks.job_run": {"queue": "inference.standard"}}
+CELERY_TASK_DEFAULT_QUEUE = "celery"
 CELERY_BEAT_SCHEDULE = {
     "metering-credits-expire": {
         "task": "metering.tasks.credits_expire_task",
@@ -154,6 +162,10 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }
+
+# --- Inference ---------------------------------------------------------------
+# How long a synchronous API request waits for its job before answering 504.
+INFERENCE_TIMEOUT_SECONDS = env.int("INFERENCE_TIMEOUT_SECONDS", default=120)
 
 # --- Redis (rate limits, counters) ---------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/1")

@@ -8,13 +8,18 @@ bidirectional stream (the unary RPC and HTTP /infer refuse decoupled models).
 from __future__ import annotations
 
 import queue
+import re
+import socket
+import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from inference.engine.server import TritonDevServer
+from inference.engine.server import MODEL_REPOSITORY, TritonDevServer
+from inference.triton import ServerPool, close_pools
 
 MODEL = "ensemble"
 
@@ -135,6 +140,8 @@ def triton_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
     with TritonDevServer(log_path=log) as server:
         yield server
+        # Triton does not finish shutting down while a client holds a stream open.
+        close_pools()
 
 
 @pytest.fixture
@@ -142,3 +149,82 @@ def engine(triton_server):
     client = EngineClient(triton_server.grpc_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def pool(triton_server):
+    """The gateway's client (inference.triton) on the session server; closed afterwards."""
+    server_pool = ServerPool([triton_server.grpc_url])
+    yield server_pool
+    server_pool.close()
+
+
+@pytest.fixture
+def dead_grpc_url() -> str:
+    """host:port where nothing listens: a port the kernel just handed out, closed again."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def private_triton_server(tmp_path):
+    """A second tritonserver that a test may kill (costs 1-3 s to start)."""
+    with TritonDevServer(log_path=tmp_path / "tritonserver.log") as server:
+        yield server
+
+
+def _engine_output_tokens(metrics_url: str) -> float:
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("gym_engine_output_tokens_total{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+def busy_engine(triton_server):
+    """Every engine worker held by a 3000-token stream; a request sent meanwhile waits, silent.
+
+    The streams go to `gym_engine` itself, not `ensemble`, so that cancelling
+    them at teardown really stops them (the ensemble does not pass a
+    cancellation on). Yields the number of workers held.
+    """
+    config = (MODEL_REPOSITORY / "gym_engine" / "config.pbtxt").read_text()
+    workers = int(re.search(r'"worker_threads"\s*value: \{ string_value: "(\d+)"', config)[1])
+    before = _engine_output_tokens(triton_server.metrics_url)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    arrived: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: arrived.put((result, error)))
+    for index in range(workers):
+        client.async_stream_infer(
+            "gym_engine",
+            ensemble_inputs(
+                grpcclient,
+                text_input="Hold this worker",
+                max_tokens=3000,
+                min_tokens=3000,
+                stream=True,
+            ),
+            request_id=f"busy-{index}",
+        )
+    started: set[str] = set()
+    while len(started) < workers:
+        result, error = arrived.get(timeout=30)
+        assert error is None, error
+        started.add(result.get_response().id)
+    try:
+        yield workers
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+        # The engine counts a request's tokens when it stops: wait for the count to settle.
+        deadline = time.monotonic() + 10
+        last = before
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = _engine_output_tokens(triton_server.metrics_url)
+            if now == last and now > before:
+                break
+            last = now

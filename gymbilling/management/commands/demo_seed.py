@@ -7,8 +7,9 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.models import Organization, User
-from accounts.services import organization_create
+from accounts.models import ApiKey, Organization, Scope, User
+from accounts.services import apikey_create, apikey_revoke, organization_create
+from inference.models import CatalogModel, Precision, ServerPool
 from metering.models import PriceBook
 from metering.selectors import organization_balance
 from metering.services import credits_grant, price_book_publish
@@ -22,6 +23,16 @@ MICRO = 1_000_000
 
 class Command(BaseCommand):
     help = "Create demo data: an admin user, the demo-gym organization with credits, prices."
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--triton-grpc",
+            default="127.0.0.1:8002",
+            help="gRPC address of the development Triton server (manage.py triton_dev)",
+        )
+        parser.add_argument(
+            "--key-file", help="write a fresh demo API key to this file (the old one is revoked)"
+        )
 
     def handle(self, *args, **options):
         with transaction.atomic():
@@ -81,6 +92,33 @@ class Command(BaseCommand):
             priority=50,
             memo="welcome promotion",
         )
+        pool, _ = ServerPool.objects.update_or_create(
+            name="dev-cpu", defaults={"grpc_urls": [options["triton_grpc"]]}
+        )
+        CatalogModel.objects.update_or_create(
+            name="gym-tiny",
+            defaults={
+                "pool": pool,
+                "triton_model": "ensemble",
+                "precision": Precision.FP16,
+                "kv_cache_dtype": "fp16",
+                "gpu_type": "cpu",
+                "gpu_hour_cost": 0,
+                "context_limit": 4096,
+                "max_output_tokens": 1024,
+                "access_tier": "basic",
+            },
+        )
+        if options.get("key_file"):
+            for old in ApiKey.objects.filter(organization=org, name="demo", revoked_at=None):
+                apikey_revoke(key=old)
+            _key, raw = apikey_create(
+                organization=org,
+                name="demo",
+                scopes=[Scope.INFERENCE, Scope.BILLING_READ, Scope.ADMIN, Scope.MARKETPLACE],
+            )
+            with open(options["key_file"], "w") as out:
+                out.write(raw)
         balance = organization_balance(organization=org)
         self.stdout.write(
             f"Organization {org.slug}: {amount_display(balance.available)} credits available."

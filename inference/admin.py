@@ -1,0 +1,61 @@
+"""The model catalog is edited here by staff; jobs are read-only records."""
+
+from django.contrib import admin
+
+from inference.models import CatalogModel, DedicatedCapacity, Job, ServerPool
+
+
+@admin.register(ServerPool)
+class ServerPoolAdmin(admin.ModelAdmin):
+    list_display = ["name", "grpc_urls"]
+
+
+@admin.register(CatalogModel)
+class CatalogModelAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "status",
+        "access_tier",
+        "precision",
+        "kv_cache_dtype",
+        "tensor_parallel",
+        "gpu_type",
+        "gpu_hour_cost",
+        "pool",
+    ]
+    list_filter = ["status", "precision", "access_tier"]
+    list_select_related = ["pool"]
+    search_fields = ["name"]
+
+
+@admin.register(DedicatedCapacity)
+class DedicatedCapacityAdmin(admin.ModelAdmin):
+    list_display = ["organization", "model", "pool"]
+    list_select_related = ["organization", "model", "pool"]
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = [
+        "public_id",
+        "organization",
+        "model",
+        "priority",
+        "status",
+        "input_tokens",
+        "output_tokens",
+        "credits_charged",
+        "queued_at",
+    ]
+    list_filter = ["status", "priority"]
+    search_fields = ["public_id", "organization__slug"]
+    list_select_related = ["organization", "model"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,361 @@
+"""The OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
+
+Bodies, streaming (Server-Sent Events, `stream_options.include_usage`) and
+errors follow OpenAI's, so the official SDKs work unchanged with `base_url`
+pointed here. Every response also says what it cost: the headers
+`X-Gym-Credits-Charged` and `X-Gym-Credits-Remaining` (credits, as decimal
+strings) and a `gym` object in the body (micro-credits).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from django.conf import settings
+from django.http import StreamingHttpResponse
+from django.template import Context, Engine
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from accounts.api_base import OrgApiView, StrictSerializer
+from accounts.errors import ApplicationError, error_body
+from accounts.models import Scope
+from inference.models import CatalogModel, Job
+from inference.relay import relay_cancel, relay_events
+from inference.selectors import catalog_models_for
+from inference.services import job_submit
+from inference.services.jobs import SubmitParams
+from metering.models import Priority
+from metering.services.postings import amount_display
+
+# Chat templates are plain text, not HTML: nothing may be escaped.
+_TEMPLATES = Engine(autoescape=False)
+
+
+def render_chat(model: CatalogModel, messages: list[dict]) -> str:
+    return _TEMPLATES.from_string(model.chat_template).render(Context({"messages": messages}))
+
+
+class ModelsApi(OrgApiView):
+    required_scope = Scope.INFERENCE
+
+    class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "ModelList"
+
+        object = serializers.CharField()
+        data = serializers.ListField(child=serializers.DictField())
+
+    @extend_schema(responses=Output, summary="The models this organization may call")
+    def get(self, request):
+        data = [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": int(m.created_at.timestamp()),
+                "owned_by": "gymbilling",
+                "gym": {
+                    "precision": m.precision,
+                    "context_limit": m.context_limit,
+                    "max_output_tokens": m.max_output_tokens,
+                    "status": m.status,
+                    "tier": m.access_tier,
+                },
+            }
+            for m in catalog_models_for(organization=request.organization)
+        ]
+        return Response({"object": "list", "data": data})
+
+
+class _Message(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["system", "user", "assistant", "developer"])
+    content = serializers.CharField(allow_blank=True, max_length=200_000, trim_whitespace=False)
+
+
+class _StreamOptions(serializers.Serializer):
+    include_usage = serializers.BooleanField(default=False)
+
+
+class _GenerationInput(StrictSerializer):
+    model = serializers.CharField(max_length=128)
+    max_tokens = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    max_completion_tokens = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    temperature = serializers.FloatField(min_value=0, max_value=2, required=False, allow_null=True)
+    top_p = serializers.FloatField(min_value=0, max_value=1, required=False, allow_null=True)
+    seed = serializers.IntegerField(
+        min_value=0, max_value=2**63 - 1, required=False, allow_null=True
+    )
+    stop = serializers.JSONField(required=False, allow_null=True)
+    n = serializers.IntegerField(min_value=1, max_value=1, required=False, allow_null=True)
+    stream = serializers.BooleanField(default=False)
+    stream_options = _StreamOptions(required=False, allow_null=True)
+    user = serializers.CharField(max_length=256, required=False, allow_blank=True)
+    priority = serializers.ChoiceField(choices=Priority.values, default=Priority.STANDARD)
+
+    def validate_stop(self, value):
+        if value is None:
+            return []
+        stops = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(stops, list)
+            or len(stops) > 4
+            or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stops)
+        ):
+            raise serializers.ValidationError("stop is a string or a list of up to 4 strings.")
+        return stops
+
+
+class _GenerationApi(OrgApiView):
+    """Shared by chat and text completions: submit, then answer or stream.
+
+    Subclasses define `prompt(data, model)`, `body(job, final)` and
+    `chunk(job, delta_text=, finish_reason=)` in their endpoint's shape.
+    """
+
+    required_scope = Scope.INFERENCE
+    kind = "chat"
+
+    def handle(self, request, data: dict):
+        model = CatalogModel.objects.filter(name=data["model"]).first()
+        prompt = self.prompt(data, model) if model else ""
+        job = job_submit(
+            organization=request.organization,
+            api_key=request.auth if hasattr(request.auth, "scopes") else None,
+            model_name=data["model"],
+            prompt=prompt,
+            params=SubmitParams(
+                max_tokens=data.get("max_completion_tokens") or data.get("max_tokens"),
+                temperature=data.get("temperature"),
+                top_p=data.get("top_p"),
+                seed=data.get("seed"),
+                stop=tuple(data.get("stop") or ()),
+            ),
+            priority=data["priority"],
+            kind=self.kind,
+            stream=data["stream"],
+        )
+        if data["stream"]:
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            response = StreamingHttpResponse(
+                self.sse(job, include_usage=include_usage), content_type="text/event-stream"
+            )
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"
+            response["X-Gym-Job-Id"] = job.public_id
+            return response
+        final = self.wait(job)
+        if final["type"] == "error":
+            raise self.engine_error(final)
+        response = Response(self.body(job, final))
+        response["X-Gym-Job-Id"] = job.public_id
+        response["X-Gym-Credits-Charged"] = amount_display(final["credits_charged"])
+        response["X-Gym-Credits-Remaining"] = amount_display(final["credits_remaining"])
+        return response
+
+    @staticmethod
+    def wait(job: Job) -> dict:
+        try:
+            for event in relay_events(job.public_id, timeout_s=settings.INFERENCE_TIMEOUT_SECONDS):
+                if event["type"] in ("done", "error"):
+                    return event
+        except TimeoutError:
+            relay_cancel(job.public_id)
+            raise ApplicationError(
+                code="engine_timeout",
+                message="The model did not answer in time; you were charged only for tokens served.",
+                status=504,
+            ) from None
+        raise ApplicationError(
+            code="engine_error", message="The job ended without a result.", status=502
+        )
+
+    @staticmethod
+    def engine_error(final: dict) -> ApplicationError:
+        code = final.get("error_code") or "engine_error"
+        status = {"engine_unavailable": 503, "engine_timeout": 504}.get(code, 502)
+        message = final.get("error_message") or "The model failed."
+        if code == "engine_error" and ("too long" in message or "exceeds" in message):
+            code, status = "context_length_exceeded", 400
+        return ApplicationError(code=code, message=message, status=status)
+
+    @staticmethod
+    def usage(final: dict) -> dict:
+        return {
+            "prompt_tokens": final["input_tokens"],
+            "completion_tokens": final["output_tokens"],
+            "total_tokens": final["input_tokens"] + final["output_tokens"],
+            "prompt_tokens_details": {"cached_tokens": final["cached_input_tokens"]},
+        }
+
+    @staticmethod
+    def gym(job: Job, final: dict) -> dict:
+        return {
+            "job_id": job.public_id,
+            "credits_charged": final["credits_charged"],
+            "credits_remaining": final["credits_remaining"],
+            "unit": "micro_credit",
+        }
+
+    def sse(self, job: Job, *, include_usage: bool) -> Iterator[bytes]:
+        def line(payload: dict | str) -> bytes:
+            text = payload if isinstance(payload, str) else json.dumps(payload)
+            return f"data: {text}\n\n".encode()
+
+        finished = False
+        try:
+            yield line(self.chunk(job, delta_text="", finish_reason=None))
+            for event in relay_events(job.public_id, timeout_s=settings.INFERENCE_TIMEOUT_SECONDS):
+                if event["type"] == "delta":
+                    yield line(self.chunk(job, delta_text=event["text"], finish_reason=None))
+                    continue
+                finished = True
+                if event["type"] == "error" and not event["output_tokens"]:
+                    error = self.engine_error(event)
+                    yield line(error.as_dict())
+                else:
+                    reason = event["finish_reason"] if event["type"] == "done" else "error"
+                    yield line(self.chunk(job, delta_text=None, finish_reason=reason))
+                if include_usage:
+                    final_chunk = self.chunk(job, delta_text=None, finish_reason=None)
+                    final_chunk["choices"] = []
+                    final_chunk["usage"] = self.usage(event)
+                    final_chunk["gym"] = self.gym(job, event)
+                    yield line(final_chunk)
+                yield line("[DONE]")
+                return
+        except TimeoutError:
+            yield line(
+                error_body(
+                    code="engine_timeout", message="The model did not answer in time.", status=504
+                )
+            )
+            yield line("[DONE]")
+        finally:
+            if not finished:
+                # The client went away (or we timed out): stop the engine.
+                relay_cancel(job.public_id)
+
+
+class ChatCompletionsApi(_GenerationApi):
+    kind = "chat"
+
+    class Input(_GenerationInput):
+        class Meta:
+            ref_name = "ChatCompletionInput"
+
+        messages = _Message(many=True, allow_empty=False, max_length=512)
+
+    def prompt(self, data, model):
+        return render_chat(model, data["messages"])
+
+    def body(self, job, final):
+        return {
+            "id": f"chatcmpl-{job.public_id}",
+            "object": "chat.completion",
+            "created": int(job.queued_at.timestamp()),
+            "model": job.model.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": final["text"]},
+                    "finish_reason": final["finish_reason"],
+                    "logprobs": None,
+                }
+            ],
+            "usage": self.usage(final),
+            "gym": self.gym(job, final),
+        }
+
+    def chunk(self, job, *, delta_text, finish_reason):
+        delta = {} if delta_text is None else {"content": delta_text}
+        if delta_text == "":
+            delta["role"] = "assistant"
+        return {
+            "id": f"chatcmpl-{job.public_id}",
+            "object": "chat.completion.chunk",
+            "created": int(job.queued_at.timestamp()),
+            "model": job.model.name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+
+    @extend_schema(
+        request=Input,
+        responses={
+            200: OpenApiResponse(
+                OpenApiTypes.OBJECT,
+                description="A chat.completion, or with stream=true a text/event-stream of "
+                "chat.completion.chunk objects ending in [DONE].",
+            )
+        },
+        summary="Chat completion (OpenAI-compatible)",
+    )
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        return self.handle(request, data.validated_data)
+
+
+class CompletionsApi(_GenerationApi):
+    kind = "completion"
+
+    class Input(_GenerationInput):
+        class Meta:
+            ref_name = "CompletionInput"
+
+        prompt = serializers.CharField(max_length=200_000, trim_whitespace=False)
+
+    def prompt(self, data, model):
+        return data["prompt"]
+
+    def body(self, job, final):
+        return {
+            "id": f"cmpl-{job.public_id}",
+            "object": "text_completion",
+            "created": int(job.queued_at.timestamp()),
+            "model": job.model.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": final["text"],
+                    "finish_reason": final["finish_reason"],
+                    "logprobs": None,
+                }
+            ],
+            "usage": self.usage(final),
+            "gym": self.gym(job, final),
+        }
+
+    def chunk(self, job, *, delta_text, finish_reason):
+        return {
+            "id": f"cmpl-{job.public_id}",
+            "object": "text_completion",
+            "created": int(job.queued_at.timestamp()),
+            "model": job.model.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": delta_text or "",
+                    "finish_reason": finish_reason,
+                    "logprobs": None,
+                }
+            ],
+        }
+
+    @extend_schema(
+        request=Input,
+        responses={
+            200: OpenApiResponse(
+                OpenApiTypes.OBJECT,
+                description="A text_completion, or with stream=true a text/event-stream of "
+                "text_completion chunks ending in [DONE].",
+            )
+        },
+        summary="Text completion (OpenAI-compatible)",
+    )
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        return self.handle(request, data.validated_data)

@@ -1,0 +1,66 @@
+"""Reads of the catalog and jobs."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from accounts.errors import ApplicationError
+from accounts.models import Organization
+from inference.models import CatalogModel, DedicatedCapacity, Job, ModelStatus, ServerPool
+
+# Until billing grants tiers, every organization may use the basic tier.
+DEFAULT_TIERS = ("basic",)
+
+
+def organization_tiers(organization: Organization) -> tuple[str, ...]:
+    return tuple(organization.model_tiers or DEFAULT_TIERS)
+
+
+def catalog_models_for(*, organization: Organization) -> QuerySet[CatalogModel]:
+    """The models an organization may call: listed, not retired, in its tiers."""
+    return (
+        CatalogModel.objects.exclude(status=ModelStatus.RETIRED)
+        .filter(access_tier__in=organization_tiers(organization))
+        .select_related("pool")
+    )
+
+
+def catalog_model_resolve(*, name: str, organization: Organization) -> CatalogModel:
+    model = CatalogModel.objects.select_related("pool", "successor").filter(name=name).first()
+    if model is None:
+        raise ApplicationError(
+            code="model_not_found",
+            message=f"The model {name!r} does not exist; GET /v1/models lists yours.",
+            status=404,
+            param="model",
+        )
+    if model.status == ModelStatus.RETIRED:
+        successor = f" Use {model.successor.name!r} instead." if model.successor else ""
+        raise ApplicationError(
+            code="model_not_found",
+            message=f"The model {name!r} was retired.{successor}",
+            status=404,
+            param="model",
+        )
+    if model.access_tier not in organization_tiers(organization):
+        raise ApplicationError(
+            code="model_not_in_plan",
+            message=f"Your plan does not include {name!r} (tier {model.access_tier!r}); upgrade to use it.",
+            status=403,
+            param="model",
+        )
+    return model
+
+
+def pool_for_job(*, job: Job) -> ServerPool:
+    """The organization's dedicated pool for the model if it has one, else the shared pool."""
+    dedicated = (
+        DedicatedCapacity.objects.select_related("pool")
+        .filter(organization_id=job.organization_id, model_id=job.model_id)
+        .first()
+    )
+    return dedicated.pool if dedicated else job.model.pool
+
+
+def organization_jobs(*, organization: Organization) -> QuerySet[Job]:
+    return Job.objects.filter(organization=organization).select_related("model")

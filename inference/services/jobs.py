@@ -1,0 +1,283 @@
+"""A job's life: submit (hold the worst case), start, settle exactly once, cancel.
+
+Submit follows DESIGN.md's "One inference request, end to end": the key and
+the organization's standing were checked by the API; here the model and the
+entitlements are checked, the worst case is priced and held, the Job row is
+written, and the Celery task is enqueued after commit on its priority's queue.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from accounts.models import ApiKey, Organization, Standing
+from accounts.ratelimits import (
+    Limit,
+    concurrency_acquire,
+    concurrency_release,
+    rate_limit_consume,
+    rate_limit_refund,
+)
+from inference.models import TERMINAL, Job, JobStatus
+from inference.selectors import catalog_model_resolve
+from metering.models import Priority
+from metering.selectors import model_price
+from metering.services import (
+    Rates,
+    Usage,
+    credits_for_usage,
+    credits_worst_case,
+    hold_capture,
+    hold_place,
+    hold_release,
+    usage_record_create,
+)
+
+PRIORITY_RANK = {Priority.BATCH: 0, Priority.STANDARD: 1, Priority.PRIORITY: 2}
+
+
+@dataclass(frozen=True)
+class SubmitParams:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def prompt_token_bound(prompt: str) -> int:
+    """An upper bound of the prompt's tokens without a tokenizer.
+
+    A byte-level BPE never yields more tokens than UTF-8 bytes, so holding
+    for the byte count can only over-reserve; the capture bills the engine's
+    real count.
+    """
+    return len(prompt.encode("utf-8"))
+
+
+def _limits(organization: Organization) -> list[Limit]:
+    return [Limit(scope=f"org:{organization.pk}", limit=organization.tokens_per_minute)]
+
+
+def job_submit(
+    *,
+    organization: Organization,
+    api_key: ApiKey | None,
+    model_name: str,
+    prompt: str,
+    params: SubmitParams,
+    priority: str = Priority.STANDARD,
+    kind: str = "chat",
+    stream: bool = False,
+    callback_url: str = "",
+) -> Job:
+    if organization.standing == Standing.SUSPENDED:
+        raise ApplicationError(
+            code="subscription_past_due",
+            message="Inference is suspended until the overdue invoice is paid.",
+            status=402,
+        )
+    model = catalog_model_resolve(name=model_name, organization=organization)
+    if priority not in PRIORITY_RANK:
+        raise ApplicationError(
+            code="invalid_request",
+            message=f"priority must be one of {', '.join(PRIORITY_RANK)}.",
+            param="priority",
+        )
+    if PRIORITY_RANK[priority] > PRIORITY_RANK.get(organization.max_priority, 1):
+        raise ApplicationError(
+            code="priority_not_in_plan",
+            message=f"Your plan allows priority up to {organization.max_priority!r}.",
+            status=403,
+            param="priority",
+        )
+    max_tokens = params.max_tokens or min(256, model.max_output_tokens)
+    if max_tokens > model.max_output_tokens:
+        raise ApplicationError(
+            code="invalid_request",
+            message=f"max_tokens may be at most {model.max_output_tokens} for {model.name!r}.",
+            param="max_tokens",
+        )
+    price = model_price(model_name=model.name)
+    bound = prompt_token_bound(prompt)
+    hold_amount = credits_worst_case(
+        rates=Rates.of(price, priority), prompt_tokens=bound, max_output_tokens=max_tokens
+    )
+    public_id = f"job_{secrets.token_urlsafe(18)}"
+
+    # Redis reservations first: cheap to refuse, and undone if the hold fails.
+    reserved_tokens = bound + max_tokens
+    rate_limit_consume(kind="tokens", limits=_limits(organization), cost=reserved_tokens)
+    try:
+        concurrency_acquire(
+            scope=f"org:{organization.pk}", limit=organization.concurrent_jobs, job_id=public_id
+        )
+    except ApplicationError:
+        rate_limit_refund(kind="tokens", limits=_limits(organization), amount=reserved_tokens)
+        raise
+    try:
+        with transaction.atomic():
+            hold_place(organization=organization, amount=hold_amount, key=public_id)
+            job = Job.objects.create(
+                public_id=public_id,
+                organization=organization,
+                api_key=api_key,
+                model=model,
+                model_price=price,
+                priority=priority,
+                kind=kind,
+                stream=stream,
+                params={
+                    "max_tokens": max_tokens,
+                    "temperature": params.temperature,
+                    "top_p": params.top_p,
+                    "seed": params.seed,
+                    "stop": list(params.stop),
+                    "reserved_tokens": reserved_tokens,
+                },
+                prompt=prompt if organization.store_prompts else "",
+                callback_url=callback_url,
+                hold_amount=hold_amount,
+            )
+            from inference.tasks import job_run
+
+            # The prompt travels in the task message, not the database, unless
+            # the organization opted in to storing it.
+            transaction.on_commit(
+                lambda: job_run.apply_async(
+                    args=[job.pk, prompt], queue=f"inference.{priority}", priority=None
+                )
+            )
+    except Exception:
+        concurrency_release(scope=f"org:{organization.pk}", job_id=public_id)
+        rate_limit_refund(kind="tokens", limits=_limits(organization), amount=reserved_tokens)
+        raise
+    return job
+
+
+def job_start(*, job: Job) -> bool:
+    """Mark a queued job running. False if it already ended (a redelivered task)."""
+    now = timezone.now()
+    updated = Job.objects.filter(pk=job.pk, status=JobStatus.QUEUED).update(
+        status=JobStatus.RUNNING, started_at=now
+    )
+    job.refresh_from_db()
+    return job.status == JobStatus.RUNNING or bool(updated)
+
+
+def serving_cost(*, engine_ms: int, gpu_hour_cost: int, tensor_parallel: int) -> int:
+    """What the engine time cost, in minor units, rounded up (a cost is never understated)."""
+    exact = Decimal(engine_ms) * gpu_hour_cost * tensor_parallel / Decimal(3_600_000)
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the engine really served, whatever happened."""
+
+    text: str = ""
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    engine_ms: int = 0
+    finish_reason: str = ""
+    error_code: str = ""
+    error_message: str = ""
+
+
+def job_settle(*, job: Job, outcome: Outcome, status: str) -> Job:
+    """Capture the credits for the tokens really served, once; release the rest.
+
+    Runs in one transaction: the capture, the usage record and the job row
+    commit together or not at all, so a worker that dies here is simply run
+    again, and the hold (keyed by the job id) still settles exactly once.
+    """
+    served = outcome.input_tokens or outcome.output_tokens
+    rates = Rates.of(job.model_price, job.priority)
+    charge = 0
+    if served:
+        charge = credits_for_usage(
+            rates=rates,
+            usage=Usage(
+                input_tokens=outcome.input_tokens,
+                output_tokens=outcome.output_tokens,
+                cached_input_tokens=min(outcome.cached_input_tokens, outcome.input_tokens),
+            ),
+        )
+        # The hold is the worst case by construction; never take more.
+        charge = min(charge, job.hold_amount)
+    cost = serving_cost(
+        engine_ms=outcome.engine_ms,
+        gpu_hour_cost=job.model.gpu_hour_cost,
+        tensor_parallel=job.model.tensor_parallel,
+    )
+    with transaction.atomic():
+        locked = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)
+        if locked.status in TERMINAL:
+            return locked  # settled by an earlier delivery of the task
+        if served:
+            hold = hold_capture(key=job.public_id, amount=charge)
+        else:
+            hold = hold_release(key=job.public_id)
+        usage_record_create(
+            organization=job.organization,
+            job_id=job.public_id,
+            model_name=job.model.name,
+            priority=job.priority,
+            usage=Usage(
+                input_tokens=outcome.input_tokens,
+                output_tokens=outcome.output_tokens,
+                cached_input_tokens=min(outcome.cached_input_tokens, outcome.input_tokens),
+            ),
+            credits=charge,
+            api_key=job.api_key,
+            hold=hold,
+            model_price=job.model_price,
+            engine_busy_ms=outcome.engine_ms,
+            serving_cost=cost,
+            currency=job.model.currency,
+        )
+        Job.objects.filter(pk=job.pk).update(
+            status=status,
+            finished_at=timezone.now(),
+            input_tokens=outcome.input_tokens,
+            cached_input_tokens=outcome.cached_input_tokens,
+            output_tokens=outcome.output_tokens,
+            engine_ms=outcome.engine_ms,
+            credits_charged=charge,
+            serving_cost=cost,
+            finish_reason=outcome.finish_reason,
+            error_code=outcome.error_code,
+            error_message=outcome.error_message[:500],
+            output=outcome.text if not job.stream and job.kind == "async" else "",
+        )
+    _release_reservations(job=job, used_tokens=outcome.input_tokens + outcome.output_tokens)
+    job.refresh_from_db()
+    return job
+
+
+def _release_reservations(*, job: Job, used_tokens: int) -> None:
+    organization = job.organization
+    concurrency_release(scope=f"org:{organization.pk}", job_id=job.public_id)
+    reserved = int(job.params.get("reserved_tokens", 0))
+    rate_limit_refund(
+        kind="tokens", limits=_limits(organization), amount=max(0, reserved - used_tokens)
+    )
+
+
+def job_cancel(*, job: Job) -> Job:
+    """Ask the worker to stop; a job not started yet is released at once."""
+    from inference.relay import relay_cancel
+
+    relay_cancel(job.public_id)
+    if job.status == JobStatus.QUEUED:
+        job = job_settle(
+            job=job, outcome=Outcome(finish_reason="cancelled"), status=JobStatus.CANCELED
+        )
+    return job

@@ -1,0 +1,111 @@
+"""The Celery side of a job: call Triton, relay tokens, settle exactly once.
+
+Queues: inference.priority, inference.standard, inference.batch. A worker
+that dies mid-job hands the task back (acks late, reject on worker lost);
+the redelivered task runs the generation again and the job settles once,
+because its hold is keyed by the job id and the settlement checks the job's
+status under its row lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import shared_task
+from celery.signals import worker_process_shutdown
+from django.utils import timezone
+
+from inference import triton
+from inference.models import TERMINAL, Job, JobStatus
+from inference.relay import relay_cancelled, relay_publish
+from inference.selectors import pool_for_job
+from inference.services import job_settle, job_start
+from inference.services.jobs import Outcome
+from metering.selectors import organization_balance
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True)
+def job_run(job_pk: int, prompt: str) -> str:
+    job = Job.objects.select_related("model", "organization", "model_price__price_book").get(
+        pk=job_pk
+    )
+    if job.status in TERMINAL or not job_start(job=job):
+        return job.status
+    params = job.params
+    request = triton.GenerationRequest(
+        prompt=prompt,
+        max_tokens=params["max_tokens"],
+        temperature=params.get("temperature"),
+        top_p=params.get("top_p"),
+        seed=params.get("seed"),
+        stop=list(params.get("stop") or []),
+        stream=job.stream,
+    )
+    cancel = threading.Event()
+    first_token = []
+
+    def on_delta(text: str) -> None:
+        if not first_token:
+            first_token.append(timezone.now())
+        relay_publish(job.public_id, {"type": "delta", "text": text})
+        if relay_cancelled(job.public_id):
+            cancel.set()
+
+    pool = pool_for_job(job=job)
+    try:
+        result = triton.pool_for(tuple(pool.grpc_urls), job.model.triton_model).generate(
+            request, on_delta=on_delta if job.stream else None, cancel=cancel
+        )
+        outcome = Outcome(
+            text=result.text,
+            input_tokens=result.input_tokens,
+            cached_input_tokens=result.cached_input_tokens,
+            output_tokens=result.output_tokens,
+            engine_ms=result.engine_ms,
+            finish_reason=result.finish_reason,
+        )
+        status = JobStatus.CANCELED if result.finish_reason == "cancelled" else JobStatus.SUCCEEDED
+    except triton.TritonError as exc:
+        partial = getattr(exc, "partial", None)
+        outcome = Outcome(
+            text=partial.text if partial else "",
+            input_tokens=partial.input_tokens if partial else 0,
+            cached_input_tokens=partial.cached_input_tokens if partial else 0,
+            output_tokens=partial.output_tokens if partial else 0,
+            engine_ms=partial.engine_ms if partial else 0,
+            finish_reason="error",
+            error_code=exc.code,
+            error_message=str(exc),
+        )
+        status = JobStatus.FAILED
+    if first_token:
+        Job.objects.filter(pk=job.pk, first_token_at__isnull=True).update(
+            first_token_at=first_token[0]
+        )
+    job = job_settle(job=job, outcome=outcome, status=status)
+    remaining = organization_balance(organization=job.organization).available
+    event = {
+        "type": "error" if status == JobStatus.FAILED else "done",
+        "status": job.status,
+        "text": outcome.text,
+        "finish_reason": outcome.finish_reason,
+        "input_tokens": job.input_tokens,
+        "cached_input_tokens": job.cached_input_tokens,
+        "output_tokens": job.output_tokens,
+        "credits_charged": job.credits_charged,
+        "credits_remaining": remaining,
+        "error_code": job.error_code,
+        "error_message": job.error_message,
+    }
+    relay_publish(job.public_id, event)
+    return job.status
+
+
+@worker_process_shutdown.connect
+def _close_triton_streams(**_kwargs) -> None:
+    # An open gRPC stream keeps a Triton server from shutting down; let go of
+    # ours when the worker process exits.
+    triton.close_pools()

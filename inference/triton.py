@@ -1,0 +1,742 @@
+"""The one client of Triton Inference Server (STYLE.md rule 13): the gateway calls only this.
+
+It speaks TensorRT-LLM's `ensemble` interface (DESIGN.md, "Credits out") to a
+pool of servers and returns what billing needs: the text and the engine's own
+token counts. What must stay true, and why it is built the way it is:
+
+- **Every request goes over the gRPC bidirectional stream** (`ModelStreamInfer`),
+  streamed or not: the model is decoupled, so unary `ModelInfer` answers
+  UNIMPLEMENTED and HTTP `/infer` answers 501, on the development engine and on
+  a TensorRT-LLM deployment with `decoupled_mode=true` alike.
+- **A stream carries one request at a time and is kept open between requests**
+  (a small per-server pool of open streams, one channel per server). Opening a
+  stream per request cost about 1 ms more per request than sending on an open
+  one; the engine answers a short request in 2-4 ms. Keeping streams open has a
+  price: Triton does not finish shutting down while a client holds a stream
+  open, so a stream idle for `stream_idle_s` is closed, and every idle stream
+  to a server is closed as soon as that server stops answering ready.
+- **The caller's thread reads the stream itself** (no reader thread, no hand-off
+  per token); one watchdog thread per process ends a stream whose caller asked
+  to cancel or that stayed silent past `timeout_s`, and closes idle streams.
+- We drive gRPC through tritonclient's generated stubs (`service_pb2`,
+  `service_pb2_grpc`) rather than `InferenceServerClient`: that class holds one
+  stream per client, and `stop_stream(cancel_requests=True)` leaves gRPC's
+  request-feeding thread blocked forever (one leaked thread per cancellation).
+- Counts: `num_input_tokens` and `num_cached_tokens` repeat on every streamed
+  response (take one); `num_output_tokens` counts its own response (sum them).
+  `exclude_input_in_output` is always sent, so a non-streamed TensorRT-LLM
+  response counts only generated tokens, as ours does.
+- Errors are typed (`TritonError` and its subclasses, each with a `code`). An
+  error raised after the engine delivered something carries `partial`: what
+  the caller received, so billing charges exactly that. A connection error is
+  retried on another ready server only before anything was delivered.
+- Cancelling ends the gRPC stream, which cancels the request in Triton. Through
+  an `ensemble` on Triton 2.51 (ours and TensorRT-LLM's) the engine does not
+  see the cancellation and runs on to `max_tokens` or a stop word; the caller
+  is still released at once with what was delivered.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import logging
+import os
+import queue
+import re
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# tritonclient's own channel settings (no message size limit, keepalive off:
+# Triton refuses pings more often than every 5 minutes without data), plus a
+# short reconnect backoff: gRPC's default grows to 120 s, which would keep a
+# restarted server out of the pool long after it answers ready again.
+_MAX_MESSAGE = 2**31 - 1
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+# How often the watchdog looks at in-flight requests: the most a cancellation
+# waits when the engine sends nothing (between tokens the caller checks itself).
+_WATCH_INTERVAL_S = 0.05
+_SWEEP_INTERVAL_S = 1.0
+# Triton prefixes an error from an ensemble step with the ensemble's name; the
+# rest is the engine's own message, the part worth showing a user.
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+_INT_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT32": "<I", "UINT64": "<Q"}
+
+
+# -- errors -------------------------------------------------------------------
+
+
+class TritonError(Exception):
+    """Base of every error this module raises; `code` is machine-readable.
+
+    `partial` is set when the engine had already delivered output: bill it.
+    """
+
+    code = "triton_error"
+
+    def __init__(self, message: str, *, partial: GenerationResult | None = None):
+        super().__init__(message)
+        self.message = message
+        self.partial = partial
+
+
+class EngineUnavailable(TritonError):
+    """No server is ready, or every attempt failed to connect before any output."""
+
+    code = "engine_unavailable"
+
+
+class EngineTimeout(TritonError):
+    """The engine sent nothing for `timeout_s` (before the first response or between two)."""
+
+    code = "engine_timeout"
+
+
+class EngineError(TritonError):
+    """The engine refused or failed the request; the message is the engine's."""
+
+    code = "engine_error"
+
+
+# -- requests and results -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What the engine delivered. `finish_reason`: "stop", "length" or "cancelled".
+
+    `input_tokens` and `output_tokens` are the engine's counts, the ones billed;
+    `cached_input_tokens` is the part of the prompt served from the prefix cache
+    (0 where the engine does not report it). `engine_ms` is wall time from
+    sending the request to its final response.
+    """
+
+    text: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    engine_ms: int
+    finish_reason: str
+    server_url: str = ""
+
+
+def _pack(fmt: str, value, name: str) -> bytes:
+    try:
+        return struct.pack(fmt, value)
+    except struct.error as exc:
+        raise EngineError(f"{name}={value!r} is out of range for the engine: {exc}.") from exc
+
+
+def _bytes_tensor(items: Sequence[str], name: str) -> bytes:
+    """Triton's BYTES wire format: each element as a 4-byte little-endian length, then the bytes."""
+    parts = []
+    for item in items:
+        try:
+            data = item.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EngineError(f"{name} must be valid UTF-8 text.") from exc
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _encode(model_name: str, request: GenerationRequest, request_id: str):
+    """The ensemble's tensors, batched: each [1] input travels as [1, 1], word lists as [1, n]."""
+    message = service_pb2.ModelInferRequest(model_name=model_name, id=request_id)
+
+    def add(name: str, datatype: str, raw: bytes, width: int = 1) -> None:
+        tensor = message.inputs.add()
+        tensor.name = name
+        tensor.datatype = datatype
+        tensor.shape.extend((1, width))
+        message.raw_input_contents.append(raw)
+
+    add("text_input", "BYTES", _bytes_tensor([request.prompt], "prompt"))
+    add("max_tokens", "INT32", _pack("<i", request.max_tokens, "max_tokens"))
+    add("stream", "BOOL", b"\x01" if request.stream else b"\x00")
+    add("exclude_input_in_output", "BOOL", b"\x01")
+    add("return_num_input_tokens", "BOOL", b"\x01")
+    add("return_num_output_tokens", "BOOL", b"\x01")
+    if request.temperature is not None:
+        add("temperature", "FP32", _pack("<f", request.temperature, "temperature"))
+    if request.top_p is not None:
+        add("top_p", "FP32", _pack("<f", request.top_p, "top_p"))
+    if request.top_k is not None:
+        add("top_k", "INT32", _pack("<i", request.top_k, "top_k"))
+    if request.seed is not None:
+        add("seed", "UINT64", _pack("<Q", request.seed, "seed"))
+    if request.stop:
+        add("stop_words", "BYTES", _bytes_tensor(request.stop, "stop"), width=len(request.stop))
+    # Without it the final flag of a stream rides on no response at all.
+    message.parameters["triton_enable_empty_final_response"].bool_param = True
+    return message
+
+
+class _Accumulator:
+    """Everything one request delivered so far, whichever response carried it."""
+
+    def __init__(self, request: GenerationRequest, server_url: str):
+        self.request = request
+        self.server_url = server_url
+        # A token may end inside a multi-byte character; the decoder holds the
+        # bytes until the character is complete.
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.parts: list[str] = []
+        self.input_tokens = 0
+        self.cached_input_tokens = 0
+        self.output_tokens = 0
+        self.responses = 0
+        self.started = 0.0
+
+    def add(self, response) -> str:
+        """Reads one ModelInferResponse; returns its text delta."""
+        self.responses += 1
+        delta = ""
+        for output, raw in zip(response.outputs, response.raw_output_contents, strict=False):
+            name = output.name
+            if name == "text_output":
+                if len(raw) >= 4:
+                    (length,) = struct.unpack_from("<I", raw)
+                    delta = self._decoder.decode(raw[4 : 4 + length])
+                    if delta:
+                        self.parts.append(delta)
+            elif name in ("num_output_tokens", "num_input_tokens", "num_cached_tokens"):
+                fmt = _INT_FORMATS.get(output.datatype)
+                if fmt is None or len(raw) < struct.calcsize(fmt):
+                    continue
+                (value,) = struct.unpack_from(fmt, raw)
+                if name == "num_output_tokens":
+                    self.output_tokens += value
+                elif name == "num_input_tokens":
+                    self.input_tokens = value
+                else:
+                    self.cached_input_tokens = value
+        return delta
+
+    def result(self, finish_reason: str | None = None) -> GenerationResult:
+        tail = self._decoder.decode(b"", final=True)
+        if tail:
+            self.parts.append(tail)
+        if finish_reason is None:
+            finish_reason = "length" if self.output_tokens >= self.request.max_tokens else "stop"
+        return GenerationResult(
+            text="".join(self.parts),
+            input_tokens=self.input_tokens,
+            cached_input_tokens=self.cached_input_tokens,
+            output_tokens=self.output_tokens,
+            engine_ms=round((time.perf_counter() - self.started) * 1000),
+            finish_reason=finish_reason,
+            server_url=self.server_url,
+        )
+
+    def partial(self) -> GenerationResult | None:
+        """What was delivered before a failure; its finish_reason is "error"."""
+        return self.result("error") if self.responses else None
+
+
+# -- streams, servers and the watchdog ------------------------------------------
+
+
+class _Stream:
+    """One open `ModelStreamInfer` call that carries one request at a time."""
+
+    def __init__(self, stub):
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        # gRPC feeds the call from this iterator on a thread of its own; the
+        # None that close() sends ends that thread.
+        self.call = stub.ModelStreamInfer(iter(self._outbox.get, None))
+        self.idle_since = time.monotonic()
+        self.abort_reason: str | None = None
+
+    def send(self, message) -> None:
+        self._outbox.put(message)
+
+    def usable(self) -> bool:
+        return self.abort_reason is None and not self.call.done()
+
+    def abort(self, reason: str) -> None:
+        """From any thread: ends the call; the reader's next() raises CANCELLED."""
+        if self.abort_reason is None:
+            self.abort_reason = reason
+        self.call.cancel()
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self.call.cancel()
+
+
+class _Server:
+    def __init__(self, url: str, index: int):
+        self.url = url
+        self.index = index
+        self.channel = grpc.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.check_lock = threading.Lock()
+        self.ready = False
+        self.checked_at: float | None = None  # None: unknown, check before use
+        self.inflight = 0
+        self.idle: list[_Stream] = []  # LIFO: the most recently used stream first
+
+
+@dataclass(eq=False)
+class _Flight:
+    stream: _Stream
+    cancel: threading.Event | None
+    timeout_s: float
+    deadline: float
+
+
+class _Watchdog:
+    """One daemon thread per process: ends streams that were cancelled or went silent,
+    and closes streams left idle.
+
+    It ticks at a fixed pace instead of being woken per request: waking a thread
+    for every request made each one wait for the GIL, about 5 ms (the default
+    switch interval) on a request the engine answers in 3.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._flights: set[_Flight] = set()
+        self._pools: weakref.WeakSet[ServerPool] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+
+    def _ensure_running(self) -> None:
+        # Called with the lock held.
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="triton-watchdog", daemon=True)
+            self._thread.start()
+
+    def add_pool(self, pool: ServerPool) -> None:
+        with self._lock:
+            self._pools.add(pool)
+            self._ensure_running()
+
+    def remove_pool(self, pool: ServerPool) -> None:
+        with self._lock:
+            self._pools.discard(pool)
+
+    def register(self, stream: _Stream, cancel: threading.Event | None, timeout_s: float):
+        flight = _Flight(stream, cancel, timeout_s, time.monotonic() + timeout_s)
+        with self._lock:
+            self._flights.add(flight)
+            self._ensure_running()
+        return flight
+
+    def unregister(self, flight: _Flight) -> None:
+        # Under the lock: once this returns, the watchdog never touches the stream.
+        with self._lock:
+            self._flights.discard(flight)
+
+    def _run(self) -> None:
+        last_sweep = time.monotonic()
+        while True:
+            time.sleep(_WATCH_INTERVAL_S)
+            now = time.monotonic()
+            try:
+                with self._lock:
+                    if not self._flights and not self._pools:
+                        self._thread = None
+                        return
+                    self._watch(now)
+                if now - last_sweep >= _SWEEP_INTERVAL_S:
+                    last_sweep = now
+                    for pool in list(self._pools):
+                        pool._close_idle_streams(now)
+            except Exception:  # the thread must outlive any one bad sweep
+                logger.exception("triton watchdog sweep failed")
+
+    def _watch(self, now: float) -> None:
+        for flight in list(self._flights):
+            if flight.cancel is not None and flight.cancel.is_set():
+                flight.stream.abort("cancelled")
+            elif now > flight.deadline:
+                flight.stream.abort("timeout")
+            else:
+                continue
+            self._flights.discard(flight)
+
+
+_watchdog = _Watchdog()
+
+
+class _Retry(Exception):
+    """A connection failed before the engine delivered anything: try another server."""
+
+
+# -- the pool -------------------------------------------------------------------
+
+
+class ServerPool:
+    """Triton servers that serve one model; `generate()` is safe from any number of threads.
+
+    Readiness (server live and ready, model ready) is checked at most every
+    `ready_ttl_s` per server, each check bounded by `connect_timeout_s`. A
+    request goes to the ready server with the fewest requests in flight from
+    this process (ties in turn). A connection error before anything was
+    delivered is retried, up to `retries` times, on another ready server (the
+    same one if it is the only one and answers ready again). `timeout_s` bounds
+    the silence before the first response and between two responses.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        model_name: str = "ensemble",
+        *,
+        timeout_s: float = 60,
+        connect_timeout_s: float = 2,
+        ready_ttl_s: float = 5,
+        retries: int = 2,
+        stream_idle_s: float = 2,
+    ):
+        if not urls:
+            raise ValueError("a ServerPool needs at least one gRPC url (host:port)")
+        self.urls = tuple(urls)
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.ready_ttl_s = ready_ttl_s
+        self.retries = retries
+        self.stream_idle_s = stream_idle_s
+        self._servers = [_Server(url, index) for index, url in enumerate(self.urls)]
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+        self._ids = itertools.count(1)
+        self._closed = False
+        _watchdog.add_pool(self)
+
+    def __repr__(self) -> str:
+        return f"ServerPool({list(self.urls)!r}, {self.model_name!r})"
+
+    # -- public ---------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_delta: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        request_id: str = "",
+    ) -> GenerationResult:
+        """Runs one generation; see the module docstring for the guarantees.
+
+        With `request.stream`, `on_delta(text)` is called in this thread for each
+        token delta as it arrives. When `cancel` is set, the request is ended and
+        what was delivered so far comes back with finish_reason "cancelled".
+        Raises EngineUnavailable, EngineTimeout or EngineError.
+        """
+        if self._closed:
+            raise EngineUnavailable(f"{self!r} is closed.")
+        if cancel is not None and cancel.is_set():
+            return GenerationResult("", 0, 0, 0, 0, "cancelled")
+        message = _encode(self.model_name, request, request_id or f"gym-{next(self._ids)}")
+        tried: set[_Server] = set()
+        failures: list[str] = []
+        for attempt in range(self.retries + 1):
+            server = self._pick(tried)
+            if server is None:
+                break
+            tried.add(server)
+            try:
+                return self._attempt(server, message, request, on_delta, cancel)
+            except _Retry as exc:
+                failures.append(f"{server.url}: {exc}")
+                # Check it again before the next pick: a restarted server is
+                # ready again, a dead one drops out.
+                server.checked_at = None
+                self._close_idle_streams_of(server)
+                if attempt < self.retries:
+                    logger.warning(
+                        "triton %s failed before any output (%s); retrying", server.url, exc
+                    )
+        detail = "; ".join(failures) if failures else "none answered ready"
+        raise EngineUnavailable(
+            f"No Triton server could serve {self.model_name!r} from {list(self.urls)} ({detail})."
+        )
+
+    def ready_urls(self) -> list[str]:
+        """The servers that answer ready now (cached for ready_ttl_s)."""
+        return [server.url for server in self._servers if self._is_ready(server)]
+
+    def close(self) -> None:
+        """Closes every stream and channel; lets Triton servers shut down promptly."""
+        self._closed = True
+        _watchdog.remove_pool(self)
+        with self._lock:
+            streams = [stream for server in self._servers for stream in server.idle]
+            for server in self._servers:
+                server.idle.clear()
+        for stream in streams:
+            stream.close()
+        for server in self._servers:
+            server.channel.close()
+
+    # -- routing and readiness -------------------------------------------------
+
+    def _pick(self, tried: set[_Server]) -> _Server | None:
+        ready = [server for server in self._servers if self._is_ready(server)]
+        fresh = [server for server in ready if server not in tried]
+        candidates = fresh or ready
+        if not candidates:
+            return None
+        count = len(self._servers)
+        with self._lock:
+            turn = next(self._turn)
+            server = min(candidates, key=lambda s: (s.inflight, (s.index - turn) % count))
+            server.inflight += 1
+        return server
+
+    def _is_ready(self, server: _Server) -> bool:
+        checked_at = server.checked_at
+        if checked_at is not None and time.monotonic() - checked_at < self.ready_ttl_s:
+            return server.ready
+        # One thread checks; the others use the last answer, or wait for the
+        # first one when there is none yet.
+        if not server.check_lock.acquire(blocking=checked_at is None):
+            return server.ready
+        try:
+            checked_at = server.checked_at
+            if checked_at is not None and time.monotonic() - checked_at < self.ready_ttl_s:
+                return server.ready
+            ready, why = self._probe(server)
+            if ready != server.ready or checked_at is None:
+                log = logger.info if ready else logger.warning
+                log("triton %s %s", server.url, "is ready" if ready else f"is not ready: {why}")
+            server.ready, server.checked_at = ready, time.monotonic()
+        finally:
+            server.check_lock.release()
+        if not ready:
+            # A server shutting down waits for its open streams: let it go.
+            self._close_idle_streams_of(server)
+        return ready
+
+    def _probe(self, server: _Server) -> tuple[bool, str]:
+        timeout = self.connect_timeout_s
+        try:
+            if not server.stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout).live:
+                return False, "server not live"
+            if not server.stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout).ready:
+                return False, "server not ready"
+            model = service_pb2.ModelReadyRequest(name=self.model_name)
+            if not server.stub.ModelReady(model, timeout=timeout).ready:
+                return False, f"model {self.model_name!r} not ready"
+        except grpc.RpcError as exc:
+            return False, f"{exc.code().name}: {exc.details()}"
+        return True, ""
+
+    # -- streams ---------------------------------------------------------------
+
+    def _checkout(self, server: _Server) -> _Stream:
+        while True:
+            with self._lock:
+                stream = server.idle.pop() if server.idle else None
+            if stream is None:
+                return _Stream(server.stub)
+            if stream.usable():
+                return stream
+            stream.close()
+
+    def _release(self, server: _Server, stream: _Stream, reusable: bool) -> None:
+        with self._lock:
+            server.inflight -= 1
+            if reusable and not self._closed and stream.usable():
+                stream.idle_since = time.monotonic()
+                server.idle.append(stream)
+                return
+        stream.close()
+
+    def _close_idle_streams_of(self, server: _Server) -> None:
+        with self._lock:
+            streams, server.idle = server.idle, []
+        for stream in streams:
+            stream.close()
+
+    def _close_idle_streams(self, now: float) -> None:
+        expired: list[_Stream] = []
+        with self._lock:
+            for server in self._servers:
+                keep = []
+                for stream in server.idle:
+                    fresh = now - stream.idle_since < self.stream_idle_s
+                    (keep if fresh else expired).append(stream)
+                server.idle = keep
+        for stream in expired:
+            stream.close()
+
+    # -- one attempt on one server ---------------------------------------------
+
+    def _attempt(self, server, message, request, on_delta, cancel) -> GenerationResult:
+        try:
+            stream = self._checkout(server)
+        except BaseException:
+            with self._lock:
+                server.inflight -= 1
+            raise
+        acc = _Accumulator(request, server.url)
+        flight = _watchdog.register(stream, cancel, self.timeout_s)
+        reusable = False
+        try:
+            acc.started = time.perf_counter()
+            stream.send(message)
+            for reply in stream.call:
+                flight.deadline = time.monotonic() + self.timeout_s
+                response = reply.infer_response
+                final = response.parameters.get("triton_final_response")
+                final = final is not None and final.bool_param
+                if reply.error_message:
+                    # The error is the request's last response; the stream lives on.
+                    reusable = final
+                    raise EngineError(
+                        _ENSEMBLE_PREFIX.sub("", reply.error_message), partial=acc.partial()
+                    )
+                delta = acc.add(response)
+                if delta and request.stream and on_delta is not None:
+                    on_delta(delta)
+                if final:
+                    reusable = True
+                    return acc.result()
+                if cancel is not None and cancel.is_set():
+                    stream.abort("cancelled")
+                    return acc.result("cancelled")
+            failure = "the server closed the stream before the final response"
+            if acc.responses:
+                raise EngineError(
+                    f"Triton {server.url} {failure} after {acc.output_tokens} tokens.",
+                    partial=acc.partial(),
+                )
+            raise _Retry(failure)
+        except grpc.RpcError as exc:
+            if stream.abort_reason == "cancelled":
+                return acc.result("cancelled")
+            if stream.abort_reason == "timeout":
+                raise EngineTimeout(
+                    f"Triton {server.url} sent nothing for {self.timeout_s:g} s.",
+                    partial=acc.partial(),
+                ) from None
+            failure = f"{exc.code().name}: {exc.details()}"
+            if acc.responses:
+                raise EngineError(
+                    f"Triton {server.url} failed after {acc.output_tokens} tokens ({failure}).",
+                    partial=acc.partial(),
+                ) from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise _Retry(failure) from None
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise EngineTimeout(f"Triton {server.url}: {failure}") from None
+            raise EngineError(f"Triton {server.url}: {failure}") from None
+        finally:
+            _watchdog.unregister(flight)
+            self._release(server, stream, reusable)
+
+
+# -- pools by url, process-wide -------------------------------------------------
+
+_pools: dict[tuple, ServerPool] = {}
+_pools_lock = threading.Lock()
+
+
+def pool_for(urls: Sequence[str], model_name: str = "ensemble", **options) -> ServerPool:
+    """The process's ServerPool for these urls, model and options (built once, then shared).
+
+    The gateway builds pools from the model catalog on every request; this keeps
+    one set of channels and open streams per pool.
+    """
+    key = (tuple(urls), model_name, tuple(sorted(options.items())))
+    pool = _pools.get(key)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.get(key)
+            if pool is None:
+                pool = _pools[key] = ServerPool(list(urls), model_name, **options)
+    return pool
+
+
+def close_pools() -> None:
+    """Closes every pool `pool_for` built (worker shutdown, tests)."""
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.close()
+
+
+def _after_fork_in_child() -> None:
+    # gRPC channels and threads do not survive fork: a child (a Celery prefork
+    # worker) starts with no pools and its own watchdog. Locks are new too: one
+    # may have been held by a thread that does not exist in the child.
+    global _watchdog, _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+    _watchdog = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- metrics ----------------------------------------------------------------------
+
+
+def scrape_metrics(metrics_url: str, *, timeout_s: float = 2.0) -> dict[str, float]:
+    """Triton's Prometheus metrics, each name summed over its series (models, labels).
+
+    E.g. `nv_inference_request_success`, `nv_inference_queue_duration_us`,
+    `gym_engine_output_tokens_total`. Raises EngineUnavailable when the
+    endpoint does not answer.
+    """
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise EngineUnavailable(f"Triton metrics at {metrics_url} did not answer: {exc}") from exc
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            name = line[: line.index("{")]
+            fields = line[line.rindex("}") + 1 :].split()
+        else:
+            name, *fields = line.split()
+        if not fields:
+            continue
+        try:
+            value = float(fields[0])
+        except ValueError:
+            continue
+        totals[name] = totals.get(name, 0.0) + value
+    return totals

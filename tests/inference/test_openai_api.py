@@ -1,0 +1,211 @@
+"""The OpenAI-compatible API end to end, with the official `openai` SDK as the client.
+
+Real parts only: the app served by a live server thread on the test
+database, a real Celery worker process, the real CPU Triton server, Redis.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import openai
+import pytest
+
+from accounts.models import Scope
+from accounts.services import apikey_create
+from inference.engine.tokenizer import count_tokens
+from inference.models import CatalogModel, Job, JobStatus, ServerPool
+from metering.models import Hold, HoldStatus, UsageRecord
+from metering.selectors import organization_balance
+from metering.services import Rates, Usage, credits_for_usage, price_book_publish
+from tests.factories import OrganizationFactory
+from tests.helpers import credits
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MODEL = "gym-tiny"
+
+
+@pytest.fixture
+def gym(live_server, triton_server, celery_worker_process, grant):
+    """An organization with credits, a priced model on the real Triton server, and a key."""
+    price_book_publish(
+        prices=[
+            {
+                "model_name": MODEL,
+                "input_rate": Decimal("0.5"),
+                "cached_input_rate": Decimal("0.25"),
+                "output_rate": Decimal("1.5"),
+                "minimum_charge": 0,
+            },
+            {
+                "model_name": "gym-large",
+                "input_rate": Decimal("3"),
+                "cached_input_rate": Decimal("1.5"),
+                "output_rate": Decimal("12"),
+            },
+        ]
+    )
+    pool = ServerPool.objects.create(name="test-cpu", grpc_urls=[triton_server.grpc_url])
+    CatalogModel.objects.create(name=MODEL, pool=pool, access_tier="basic")
+    CatalogModel.objects.create(name="gym-large", pool=pool, access_tier="pro")
+    org = OrganizationFactory(requests_per_minute=10_000, tokens_per_minute=10_000_000)
+    grant(org, credits(100))
+    _key, raw = apikey_create(
+        organization=org, name="sdk", scopes=[Scope.INFERENCE, Scope.BILLING_READ]
+    )
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=raw, max_retries=0)
+    return {"org": org, "client": client, "raw": raw, "url": live_server.url}
+
+
+def expected_charge(job: Job) -> int:
+    rates = Rates.of(job.model_price, job.priority)
+    usage = Usage(
+        input_tokens=job.input_tokens,
+        output_tokens=job.output_tokens,
+        cached_input_tokens=job.cached_input_tokens,
+    )
+    return credits_for_usage(rates=rates, usage=usage)
+
+
+def test_a_chat_completion_is_answered_and_billed_token_by_token(gym):
+    # given
+    org, client = gym["org"], gym["client"]
+    before = organization_balance(organization=org)
+
+    # when
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "How should a member plan a training week?"}],
+        max_tokens=12,
+        seed=7,
+    )
+    reply = raw.parse()
+
+    # then the answer has OpenAI's shape and the engine's real token counts
+    job = Job.objects.get(organization=org)
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content
+    assert reply.usage.completion_tokens == job.output_tokens <= 12
+    assert reply.usage.prompt_tokens == job.input_tokens > 0
+    assert job.output_tokens == count_tokens(reply.choices[0].message.content) or (
+        reply.choices[0].finish_reason == "length"
+    )
+    assert job.status == JobStatus.SUCCEEDED
+
+    # and exactly the served tokens were charged, the rest of the hold released
+    charge = expected_charge(job)
+    after = organization_balance(organization=org)
+    assert job.credits_charged == charge > 0
+    assert before.available - after.available == charge
+    assert after.held == 0
+    hold = Hold.objects.get(key=job.public_id)
+    assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, charge)
+    record = UsageRecord.objects.get(job_id=job.public_id)
+    assert (record.input_tokens, record.output_tokens, record.credits) == (
+        job.input_tokens,
+        job.output_tokens,
+        charge,
+    )
+    assert raw.headers["x-gym-credits-charged"] == f"{Decimal(charge) / 1_000_000:f}".rstrip(
+        "0"
+    ).rstrip(".")
+    assert int(Decimal(raw.headers["x-gym-credits-remaining"]) * 1_000_000) == after.available
+
+
+def test_a_streamed_chat_completion_relays_tokens_and_reports_usage(gym):
+    # given
+    org, client = gym["org"], gym["client"]
+
+    # when
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a good warm-up."}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+
+    # then the deltas add up to the text and the last chunk carries the usage
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    job = Job.objects.get(organization=org)
+    assert text
+    deltas = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(deltas) >= 2, (deltas, job.output_tokens, job.stream)
+    assert usage.completion_tokens == job.output_tokens
+    assert usage.prompt_tokens == job.input_tokens
+    assert job.credits_charged == expected_charge(job)
+    assert organization_balance(organization=org).held == 0
+
+
+def test_a_text_completion_works_too(gym):
+    # when
+    reply = gym["client"].completions.create(model=MODEL, prompt="Rest days matter", max_tokens=5)
+
+    # then
+    assert reply.object == "text_completion"
+    assert reply.usage.completion_tokens <= 5
+    assert Job.objects.get(organization=gym["org"]).kind == "completion"
+
+
+def test_models_lists_what_the_plan_allows(gym):
+    # when
+    models = gym["client"].models.list()
+
+    # then the basic tier model is there and the pro one is not
+    names = [m.id for m in models.data]
+    assert MODEL in names
+    assert "gym-large" not in names
+
+
+def test_errors_come_back_in_openai_shape_and_take_nothing(gym):
+    # given
+    org, client = gym["org"], gym["client"]
+    before = organization_balance(organization=org)
+    message = [{"role": "user", "content": "hi"}]
+
+    # when / then: an unknown model
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope", messages=message, max_tokens=4)
+    assert missing.value.body["code"] == "model_not_found"
+
+    # a model outside the plan
+    with pytest.raises(openai.PermissionDeniedError) as outside:
+        client.chat.completions.create(model="gym-large", messages=message, max_tokens=4)
+    assert outside.value.body["code"] == "model_not_in_plan"
+
+    # a bad key
+    bad = openai.OpenAI(base_url=f"{gym['url']}/v1", api_key="gym_nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=message, max_tokens=4)
+
+    # then nothing was held, charged or queued
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+
+
+def test_a_request_the_credits_cannot_cover_is_402_and_takes_nothing(gym, grant):
+    # given an organization with almost no credits
+    poor = OrganizationFactory(requests_per_minute=10_000, tokens_per_minute=10_000_000)
+    grant(poor, 5)  # five micro-credits
+    _key, raw = apikey_create(organization=poor, name="poor", scopes=[Scope.INFERENCE])
+    client = openai.OpenAI(base_url=f"{gym['url']}/v1", api_key=raw, max_retries=0)
+
+    # when
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+
+    # then
+    assert refused.value.status_code == 402
+    assert refused.value.body["code"] == "insufficient_credits"
+    balance = organization_balance(organization=poor)
+    assert (balance.available, balance.held) == (5, 0)
+    assert not Job.objects.filter(organization=poor).exists()

@@ -1,0 +1,416 @@
+"""inference.triton, the gateway's Triton client, against a real tritonserver (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from inference.engine.tokenizer import count_tokens
+from inference.triton import (
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    GenerationRequest,
+    GenerationResult,
+    ServerPool,
+    TritonError,
+    close_pools,
+    pool_for,
+    scrape_metrics,
+)
+
+PROMPT = "Tokens are the unit of work, and the cluster"
+# With this seed and temperature the engine writes 544 tokens before it ends on
+# its own: long enough to cancel or kill it mid-stream.
+LONG = {"seed": 27, "temperature": 1.5}
+
+
+def _long_request(**changes) -> GenerationRequest:
+    return GenerationRequest(PROMPT, 3000, stream=True, **{**LONG, **changes})
+
+
+def test_non_streaming_generation_returns_text_and_the_engines_token_counts(pool, triton_server):
+    # given
+    deltas: list[str] = []
+
+    # when
+    result = pool.generate(GenerationRequest(PROMPT, 16, seed=7), on_delta=deltas.append)
+
+    # then: counts are the engine tokenizer's, the prompt is not echoed
+    assert result.text
+    assert not result.text.startswith(PROMPT)
+    assert result.input_tokens == count_tokens(PROMPT)
+    assert result.output_tokens == count_tokens(result.text)
+    assert 0 < result.output_tokens <= 16
+    assert result.finish_reason == ("length" if result.output_tokens == 16 else "stop")
+    assert 0 <= result.cached_input_tokens < result.input_tokens
+    assert result.engine_ms >= 0
+    assert result.server_url == triton_server.grpc_url
+    # on_delta is for streams only
+    assert deltas == []
+
+
+def test_streamed_deltas_add_up_to_the_non_streamed_text_with_the_same_seed(pool):
+    # given
+    whole = pool.generate(GenerationRequest(PROMPT, 24, seed=5))
+    deltas: list[str] = []
+
+    # when
+    streamed = pool.generate(
+        GenerationRequest(PROMPT, 24, seed=5, stream=True), on_delta=deltas.append
+    )
+
+    # then
+    assert len(deltas) >= 3
+    assert "".join(deltas) == streamed.text == whole.text
+    assert streamed.output_tokens == whole.output_tokens == count_tokens(whole.text)
+    assert streamed.input_tokens == whole.input_tokens == count_tokens(PROMPT)
+    assert streamed.finish_reason == whole.finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reaching_max_tokens_finishes_with_length(pool, stream):
+    # when
+    result = pool.generate(GenerationRequest(PROMPT, 8, seed=3, stream=stream))
+
+    # then
+    assert result.output_tokens == 8
+    assert count_tokens(result.text) == 8
+    assert result.finish_reason == "length"
+
+
+def test_the_engine_ending_on_its_own_finishes_with_stop(pool):
+    # when: the default seed ends long before 3000 tokens
+    result = pool.generate(GenerationRequest(PROMPT, 3000))
+
+    # then
+    assert 0 < result.output_tokens < 3000
+    assert result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_word_ends_the_text_before_it_and_finishes_with_stop(pool, stream):
+    # given: a stop word from the middle of a longer run
+    full = pool.generate(GenerationRequest(PROMPT, 40, seed=21))
+    stop = " " + full.text.split()[5]
+
+    # when
+    stopped = pool.generate(
+        GenerationRequest(PROMPT, 40, seed=21, stop=[stop, "zzz-never"], stream=stream)
+    )
+
+    # then
+    assert stopped.text == full.text[: full.text.index(stop)]
+    assert stopped.finish_reason == "stop"
+    assert stopped.output_tokens < full.output_tokens
+
+
+def test_cancelling_mid_stream_returns_what_was_delivered(pool):
+    # given: a run of 544 tokens, cancelled from on_delta after the fifth
+    full = pool.generate(GenerationRequest(PROMPT, 3000, **LONG))
+    cancel = threading.Event()
+    deltas: list[str] = []
+
+    def on_delta(text: str) -> None:
+        deltas.append(text)
+        if len(deltas) == 5:
+            cancel.set()
+
+    # when
+    result = pool.generate(_long_request(), on_delta=on_delta, cancel=cancel)
+
+    # then: exactly what reached the caller, no delta after the cancel
+    assert result.finish_reason == "cancelled"
+    assert result.text == "".join(deltas) == full.text[: len(result.text)]
+    assert result.output_tokens == 5 == count_tokens(result.text)
+    assert result.input_tokens == count_tokens(PROMPT)
+    assert full.output_tokens > 500
+    # and the pool goes on serving
+    assert pool.generate(GenerationRequest(PROMPT, 4, seed=1)).output_tokens == 4
+
+
+def test_a_request_cancelled_before_it_starts_is_not_sent(pool):
+    # given
+    cancel = threading.Event()
+    cancel.set()
+
+    # when
+    result = pool.generate(GenerationRequest(PROMPT, 8), cancel=cancel)
+
+    # then: nothing delivered, nothing to bill
+    assert result == GenerationResult("", 0, 0, 0, 0, "cancelled")
+
+
+def test_cancelling_from_another_thread_releases_the_caller_promptly(pool):
+    # given: the cancel comes from elsewhere (the API process), after the first delta
+    full_started = time.monotonic()
+    full = pool.generate(_long_request(), on_delta=lambda text: None)
+    full_seconds = time.monotonic() - full_started
+    cancel = threading.Event()
+    first_delta = threading.Event()
+    deltas: list[str] = []
+
+    def on_delta(text: str) -> None:
+        deltas.append(text)
+        first_delta.set()
+
+    def cancel_after_first_delta() -> float:
+        first_delta.wait(30)
+        cancel.set()
+        return time.monotonic()
+
+    # when
+    with ThreadPoolExecutor(1) as executor:
+        cancelled_at = executor.submit(cancel_after_first_delta)
+        result = pool.generate(_long_request(), on_delta=on_delta, cancel=cancel)
+        returned_at = time.monotonic()
+
+    # then
+    assert result.finish_reason == "cancelled"
+    assert result.text == "".join(deltas)
+    assert 1 <= result.output_tokens < full.output_tokens
+    assert returned_at - cancelled_at.result() < min(0.5, full_seconds)
+
+
+@pytest.mark.parametrize("outcome", ["cancelled", "timeout"])
+def test_a_request_waiting_silently_is_cancelled_or_timed_out_by_the_watchdog(
+    triton_server, busy_engine, outcome
+):
+    # given: every engine worker busy for thousands of tokens, so a new request
+    # waits in the engine's queue and nothing at all arrives for it
+    waiting = ServerPool([triton_server.grpc_url], timeout_s=0.3 if outcome == "timeout" else 60)
+    cancel = threading.Event()
+    began = time.monotonic()
+    if outcome == "cancelled":
+        threading.Timer(0.1, cancel.set).start()
+
+    # when
+    try:
+        if outcome == "cancelled":
+            result = waiting.generate(GenerationRequest(PROMPT, 8, seed=1), cancel=cancel)
+        else:
+            with pytest.raises(EngineTimeout) as timeout:
+                waiting.generate(GenerationRequest(PROMPT, 8, seed=1))
+        elapsed = time.monotonic() - began
+    finally:
+        waiting.close()
+
+    # then: released within a watchdog tick, with nothing delivered
+    if outcome == "cancelled":
+        assert result.finish_reason == "cancelled"
+        assert (result.text, result.output_tokens) == ("", 0)
+        assert 0.1 <= elapsed < 0.5
+    else:
+        assert timeout.value.code == "engine_timeout"
+        assert timeout.value.partial is None
+        assert 0.3 <= elapsed < 0.7
+
+
+def test_the_timeout_bounds_silence_not_the_length_of_a_stream(triton_server):
+    # given: a timeout far longer than a token (under 1 ms) and shorter than the
+    # whole stream (this seed writes 1070 tokens, about 0.6 s streamed here)
+    pool = ServerPool([triton_server.grpc_url], timeout_s=0.3)
+
+    # when
+    try:
+        result = pool.generate(_long_request(seed=282, temperature=2.0), on_delta=lambda text: None)
+    finally:
+        pool.close()
+
+    # then
+    assert result.output_tokens > 1000
+    assert result.finish_reason == "stop"
+    assert result.engine_ms > 300
+
+
+def test_a_pool_with_a_dead_server_routes_to_the_live_one(triton_server, dead_grpc_url):
+    # given
+    pool = ServerPool([dead_grpc_url, triton_server.grpc_url])
+
+    # when
+    try:
+        results = [pool.generate(GenerationRequest(PROMPT, 4, seed=seed)) for seed in range(6)]
+        ready = pool.ready_urls()
+    finally:
+        pool.close()
+
+    # then
+    assert {result.server_url for result in results} == {triton_server.grpc_url}
+    assert all(result.output_tokens == 4 for result in results)
+    assert ready == [triton_server.grpc_url]
+
+
+def test_a_pool_of_dead_servers_is_unavailable_quickly(dead_grpc_url):
+    # given
+    pool = ServerPool([dead_grpc_url, "127.0.0.1:1"])
+    began = time.monotonic()
+
+    # when
+    try:
+        with pytest.raises(EngineUnavailable) as unavailable:
+            pool.generate(GenerationRequest(PROMPT, 4))
+    finally:
+        pool.close()
+
+    # then
+    assert time.monotonic() - began < 5
+    assert unavailable.value.code == "engine_unavailable"
+    assert unavailable.value.partial is None
+    assert dead_grpc_url in str(unavailable.value)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (GenerationRequest(PROMPT, 0), "max_tokens must be at least 1."),
+        (
+            GenerationRequest("lift " * 3000, 16),
+            "exceeds the maximum input length (2048); shorten the prompt.",
+        ),
+        (GenerationRequest(PROMPT, 4090), "exceeds the maximum sequence length (4096)"),
+        (GenerationRequest(PROMPT, 4, top_p=1.5), "top_p must be between 0 and 1"),
+    ],
+)
+def test_an_engine_refusal_is_an_engine_error_with_the_engines_message(pool, request_, message):
+    # when
+    with pytest.raises(EngineError) as refused:
+        pool.generate(request_)
+
+    # then: the engine's own words, without Triton's ensemble prefix
+    assert refused.value.code == "engine_error"
+    assert message in refused.value.message
+    assert not refused.value.message.startswith("in ensemble")
+    assert refused.value.partial is None
+    # and the next request on the same pool is served
+    assert pool.generate(GenerationRequest(PROMPT, 4, seed=2)).output_tokens == 4
+
+
+def test_a_value_the_wire_cannot_carry_is_refused_before_sending(pool):
+    # when / then
+    with pytest.raises(EngineError, match="seed=-1 is out of range"):
+        pool.generate(GenerationRequest(PROMPT, 4, seed=-1))
+
+
+def test_scrape_metrics_sums_the_series_of_each_metric(pool, triton_server):
+    # given
+    before = scrape_metrics(triton_server.metrics_url)
+    results = [pool.generate(GenerationRequest(PROMPT, 6, seed=seed)) for seed in (1, 2)]
+
+    # when
+    after = scrape_metrics(triton_server.metrics_url)
+
+    # then: both models (ensemble and gym_engine) count each request
+    assert after["nv_inference_request_success"] > 0
+    assert (
+        after["nv_inference_request_success"] - before.get("nv_inference_request_success", 0) >= 4
+    )
+    assert "nv_inference_queue_duration_us" in after
+    produced = sum(result.output_tokens for result in results)
+    assert after["gym_engine_output_tokens_total"] - before["gym_engine_output_tokens_total"] >= (
+        produced
+    )
+
+
+def test_scrape_metrics_of_a_dead_endpoint_is_unavailable(dead_grpc_url):
+    # when / then
+    with pytest.raises(EngineUnavailable):
+        scrape_metrics(f"http://{dead_grpc_url}/metrics", timeout_s=1)
+
+
+def test_one_pool_serves_many_threads_without_crossing_their_streams(pool):
+    # given: each thread its own prompt; half of its requests streamed
+    prompts = [f"Thread {index} asks: {PROMPT}" for index in range(16)]
+
+    def run(prompt: str) -> list[tuple[GenerationResult, str]]:
+        outcomes = []
+        seed = prompts.index(prompt)
+        for attempt in range(10):
+            deltas: list[str] = []
+            request = GenerationRequest(prompt, 12, seed=seed, stream=attempt % 2 == 1)
+            outcomes.append((pool.generate(request, on_delta=deltas.append), "".join(deltas)))
+        return outcomes
+
+    # when
+    with ThreadPoolExecutor(16) as executor:
+        per_thread = list(executor.map(run, prompts))
+
+    # then: every answer is the one its own prompt and seed give, counts included
+    for prompt, outcomes in zip(prompts, per_thread, strict=True):
+        texts = {result.text for result, _ in outcomes}
+        assert len(texts) == 1
+        for attempt, (result, streamed) in enumerate(outcomes):
+            assert result.input_tokens == count_tokens(prompt)
+            assert result.output_tokens == count_tokens(result.text)
+            assert streamed == (result.text if attempt % 2 else "")
+    assert len({outcomes[0][0].text for outcomes in per_thread}) > 1
+
+
+def test_pool_for_shares_one_pool_per_urls_model_and_options(triton_server):
+    # given
+    urls = [triton_server.grpc_url]
+
+    try:
+        # when
+        first = pool_for(urls)
+        again = pool_for(tuple(urls))
+        other_model = pool_for(urls, "gym_engine")
+        other_options = pool_for(urls, timeout_s=5)
+        result = first.generate(GenerationRequest(PROMPT, 4, seed=1))
+    finally:
+        close_pools()
+
+    # then
+    assert again is first
+    assert other_model is not first and other_options is not first
+    assert other_options.timeout_s == 5
+    assert result.output_tokens == 4
+    assert pool_for(urls) is not first
+    close_pools()
+
+
+def test_a_server_killed_mid_stream_fails_with_the_partial_and_later_requests_retry(
+    triton_server, private_triton_server
+):
+    # given: a pool that believes both servers ready for a minute, and a stream
+    # running on the server about to die
+    doomed, live = private_triton_server.grpc_url, triton_server.grpc_url
+    both = ServerPool([doomed, live], ready_ttl_s=60)
+    only_doomed = ServerPool([doomed])
+    deltas: list[str] = []
+
+    def kill_after_three(text: str) -> None:
+        deltas.append(text)
+        if len(deltas) == 3:
+            os.killpg(private_triton_server.process.pid, signal.SIGKILL)
+
+    try:
+        warm = {both.generate(GenerationRequest(PROMPT, 4, seed=s)).server_url for s in (1, 2)}
+        assert warm == {doomed, live}
+
+        # when
+        with pytest.raises(TritonError) as lost:
+            only_doomed.generate(_long_request(), on_delta=kill_after_three)
+        after = [both.generate(GenerationRequest(PROMPT, 4, seed=s)) for s in range(4)]
+        ready = both.ready_urls()
+    finally:
+        both.close()
+        only_doomed.close()
+
+    # then: the failed stream reports what it delivered, for billing
+    assert isinstance(lost.value, EngineError)
+    assert lost.value.code == "engine_error"
+    partial = lost.value.partial
+    assert partial is not None
+    assert partial.output_tokens >= 3
+    assert partial.finish_reason == "error"
+    assert partial.text == "".join(deltas)
+    assert partial.input_tokens == count_tokens(PROMPT)
+    # and requests that met the dead server before any token went to the live one
+    assert {result.server_url for result in after} == {live}
+    assert all(result.output_tokens == 4 for result in after)
+    assert ready == [live]
