@@ -10,3 +10,25 @@ def credits(n: int | str) -> int:
     value = Decimal(str(n)) * MICRO
     assert value == value.to_integral_value(), f"{n} is finer than a micro-credit"
     return int(value)
+
+
+def ledger_rows() -> tuple[int, int, int, int, int]:
+    """Row counts of every ledger table: a refused call must leave them all as they were."""
+    from metering.models import CreditLot, Hold, JournalTransaction, LedgerEntry, LotMovement
+
+    return (
+        JournalTransaction.objects.count(),
+        LedgerEntry.objects.count(),
+        CreditLot.objects.count(),
+        LotMovement.objects.count(),
+        Hold.objects.count(),
+    )
+
+
+def system_balance(kind: str) -> int:
+    """A system account's balance (the sum of its entries; 0 before it exists)."""
+    from metering.models import LedgerAccount
+    from metering.selectors import account_balance
+
+    account = LedgerAccount.objects.filter(kind=kind, organization__isnull=True).first()
+    return account_balance(account=account) if account else 0

@@ -71,6 +71,13 @@ DATABASES = {
 }
 # Services own their transactions (STYLE.md rule 6).
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # Lets psycopg keep prepared statements. Django's own queries bind on the
+    # client and never prepare; the ledger's fast path (metering/services/
+    # fastpath.py) binds on the server and prepares, which halves its cost in
+    # PostgreSQL. Behind a transaction-pooling PgBouncer older than 1.21, set
+    # METERING_FAST_PATH=false.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_USER_MODEL = "accounts.User"

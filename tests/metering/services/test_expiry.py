@@ -22,8 +22,6 @@ from metering.models import (
     HoldStatus,
     JournalTransaction,
     LedgerAccount,
-    LedgerEntry,
-    LotMovement,
     TransactionKind,
 )
 from metering.selectors import account_balance, organization_balance
@@ -35,19 +33,9 @@ from metering.services import (
     hold_place,
     hold_release,
 )
-from tests.helpers import credits
+from tests.helpers import credits, ledger_rows
 
 pytestmark = pytest.mark.django_db
-
-
-def ledger_rows() -> tuple[int, int, int, int, int]:
-    return (
-        JournalTransaction.objects.count(),
-        LedgerEntry.objects.count(),
-        CreditLot.objects.count(),
-        LotMovement.objects.count(),
-        Hold.objects.count(),
-    )
 
 
 def expired_total() -> int:

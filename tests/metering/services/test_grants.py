@@ -11,28 +11,14 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from metering.models import (
     AccountKind,
-    CreditLot,
-    JournalTransaction,
-    LedgerAccount,
-    LedgerEntry,
-    LotMovement,
     LotSource,
     TransactionKind,
 )
-from metering.selectors import account_balance, organization_balance
+from metering.selectors import organization_balance
 from metering.services import credits_grant
-from tests.helpers import credits
+from tests.helpers import credits, ledger_rows, system_balance
 
 pytestmark = pytest.mark.django_db
-
-
-def ledger_rows() -> tuple[int, int, int, int]:
-    return (
-        JournalTransaction.objects.count(),
-        LedgerEntry.objects.count(),
-        CreditLot.objects.count(),
-        LotMovement.objects.count(),
-    )
 
 
 def grant_params(**overrides):
@@ -46,11 +32,6 @@ def grant_params(**overrides):
     }
     params.update(overrides)
     return params
-
-
-def system_balance(kind: str) -> int:
-    account = LedgerAccount.objects.filter(kind=kind, organization__isnull=True).first()
-    return account_balance(account=account) if account else 0
 
 
 def test_grant_creates_one_lot_with_its_source_rights_priority_and_expiry(org):

@@ -14,27 +14,15 @@ from metering.models import (
     CreditLot,
     Hold,
     HoldStatus,
-    JournalTransaction,
     LedgerAccount,
-    LedgerEntry,
     LotMovement,
     TransactionKind,
 )
 from metering.selectors import account_balance, organization_balance
 from metering.services import hold_capture, hold_place, hold_release, holds_expire
-from tests.helpers import credits
+from tests.helpers import credits, ledger_rows
 
 pytestmark = pytest.mark.django_db
-
-
-def ledger_rows() -> tuple[int, int, int, int, int]:
-    return (
-        JournalTransaction.objects.count(),
-        LedgerEntry.objects.count(),
-        CreditLot.objects.count(),
-        LotMovement.objects.count(),
-        Hold.objects.count(),
-    )
 
 
 def consumed() -> int:

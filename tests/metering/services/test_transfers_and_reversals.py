@@ -16,12 +16,10 @@ from metering.models import (
     HoldStatus,
     JournalTransaction,
     LedgerAccount,
-    LedgerEntry,
-    LotMovement,
     LotSource,
     TransactionKind,
 )
-from metering.selectors import account_balance, organization_balance
+from metering.selectors import organization_balance
 from metering.services import (
     credits_adjust,
     credits_expire,
@@ -31,24 +29,9 @@ from metering.services import (
     hold_release,
     transaction_reverse,
 )
-from tests.helpers import credits
+from tests.helpers import credits, ledger_rows, system_balance
 
 pytestmark = pytest.mark.django_db
-
-
-def ledger_rows() -> tuple[int, int, int, int, int]:
-    return (
-        JournalTransaction.objects.count(),
-        LedgerEntry.objects.count(),
-        CreditLot.objects.count(),
-        LotMovement.objects.count(),
-        Hold.objects.count(),
-    )
-
-
-def system_balance(kind: str) -> int:
-    account = LedgerAccount.objects.filter(kind=kind, organization__isnull=True).first()
-    return account_balance(account=account) if account else 0
 
 
 def remaining(*lots: CreditLot) -> list[int]:
