@@ -13,6 +13,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/v1/", include("accounts.urls")),
     path("api/v1/", include("metering.urls")),
+    path("api/v1/", include("inference.api_urls")),
     path("v1/", include("inference.urls")),
 ]
 

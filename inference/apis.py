@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
+from django.shortcuts import get_object_or_404
 from django.template import Context, Engine
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -25,9 +26,9 @@ from accounts.errors import ApplicationError, error_body
 from accounts.models import Scope
 from inference.models import CatalogModel, Job
 from inference.relay import relay_cancel, relay_events
-from inference.selectors import catalog_models_for
-from inference.services import job_submit
-from inference.services.jobs import SubmitParams
+from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
+from inference.services import job_cancel, job_submit
+from inference.services.jobs import SubmitParams, job_quote
 from metering.models import Priority
 from metering.services.postings import amount_display
 
@@ -118,10 +119,10 @@ class _GenerationApi(OrgApiView):
     required_scope = Scope.INFERENCE
     kind = "chat"
 
-    def handle(self, request, data: dict):
+    def submit(self, request, data: dict) -> Job:
         model = CatalogModel.objects.filter(name=data["model"]).first()
         prompt = self.prompt(data, model) if model else ""
-        job = job_submit(
+        return job_submit(
             organization=request.organization,
             api_key=request.auth if hasattr(request.auth, "scopes") else None,
             model_name=data["model"],
@@ -137,6 +138,9 @@ class _GenerationApi(OrgApiView):
             kind=self.kind,
             stream=data["stream"],
         )
+
+    def handle(self, request, data: dict):
+        job = self.submit(request, data)
         if data["stream"]:
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             response = StreamingHttpResponse(
@@ -359,3 +363,147 @@ class CompletionsApi(_GenerationApi):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
         return self.handle(request, data.validated_data)
+
+
+# --- asynchronous jobs and quotes (/api/v1/) -------------------------------------------
+
+
+class JobOutput(serializers.Serializer):
+    class Meta:
+        ref_name = "Job"
+
+    id = serializers.CharField(source="public_id")
+    model = serializers.CharField(source="model.name")
+    priority = serializers.CharField()
+    status = serializers.CharField()
+    output = serializers.CharField(help_text="the generated text, once succeeded")
+    finish_reason = serializers.CharField()
+    input_tokens = serializers.IntegerField()
+    cached_input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    credits_held = serializers.IntegerField(source="hold_amount")
+    credits_charged = serializers.IntegerField()
+    error_code = serializers.CharField()
+    error_message = serializers.CharField()
+    queued_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    first_token_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class JobListCreateApi(_GenerationApi):
+    """Queue a job and answer at once; poll GET /api/v1/jobs/{id} for the result."""
+
+    kind = "async"
+
+    class Input(_GenerationInput):
+        class Meta:
+            ref_name = "JobInput"
+
+        messages = _Message(many=True, allow_empty=False, max_length=512, required=False)
+        prompt = serializers.CharField(max_length=200_000, trim_whitespace=False, required=False)
+
+        def validate(self, attrs):
+            if ("messages" in attrs) == ("prompt" in attrs):
+                raise serializers.ValidationError(
+                    {"messages": "Give either messages (chat) or prompt (completion)."}
+                )
+            if attrs.get("stream"):
+                raise serializers.ValidationError(
+                    {"stream": "Asynchronous jobs do not stream; use /v1/chat/completions."}
+                )
+            return attrs
+
+    def prompt(self, data, model):
+        return render_chat(model, data["messages"]) if "messages" in data else data["prompt"]
+
+    @extend_schema(responses=JobOutput(many=True), summary="List jobs, newest first")
+    def get(self, request):
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(
+            organization_jobs(organization=request.organization), request, view=self
+        )
+        return paginator.get_paginated_response(JobOutput(page, many=True).data)
+
+    @extend_schema(request=Input, responses={202: JobOutput}, summary="Queue an inference job")
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        job = self.submit(request, data.validated_data)
+        return Response(JobOutput(job).data, status=202)
+
+
+class JobDetailApi(OrgApiView):
+    required_scope = Scope.INFERENCE
+
+    @extend_schema(responses=JobOutput, summary="A job's status, usage and result")
+    def get(self, request, job_id: str):
+        job = get_object_or_404(
+            organization_jobs(organization=request.organization), public_id=job_id
+        )
+        return Response(JobOutput(job).data)
+
+
+class JobCancelApi(OrgApiView):
+    required_scope = Scope.INFERENCE
+
+    @extend_schema(request=None, responses=JobOutput, summary="Cancel a job")
+    def post(self, request, job_id: str):
+        job = get_object_or_404(
+            organization_jobs(organization=request.organization), public_id=job_id
+        )
+        return Response(JobOutput(job_cancel(job=job)).data)
+
+
+class QuoteApi(OrgApiView):
+    """What a request would cost: at most (what is held), and at an expected length."""
+
+    required_scope = Scope.INFERENCE
+
+    class Input(_GenerationInput):
+        class Meta:
+            ref_name = "QuoteInput"
+
+        messages = _Message(many=True, allow_empty=False, max_length=512, required=False)
+        prompt = serializers.CharField(max_length=200_000, trim_whitespace=False, required=False)
+        expected_output_tokens = serializers.IntegerField(min_value=0, required=False)
+
+        def validate(self, attrs):
+            if ("messages" in attrs) == ("prompt" in attrs):
+                raise serializers.ValidationError(
+                    {"messages": "Give either messages (chat) or prompt (completion)."}
+                )
+            return attrs
+
+    class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "Quote"
+
+        model = serializers.CharField()
+        priority = serializers.CharField()
+        unit = serializers.CharField()
+        max_credits = serializers.IntegerField(
+            help_text="the worst case, which is what a request holds"
+        )
+        expected_credits = serializers.IntegerField(
+            help_text="at about 4 prompt bytes per token and expected_output_tokens (default max_tokens)"
+        )
+        prompt_tokens_max = serializers.IntegerField()
+        max_tokens = serializers.IntegerField()
+
+    @extend_schema(request=Input, responses=Output, summary="Price a request before sending it")
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        model = catalog_model_resolve(name=v["model"], organization=request.organization)
+        prompt = render_chat(model, v["messages"]) if "messages" in v else v["prompt"]
+        quote = job_quote(
+            organization=request.organization,
+            model=model,
+            prompt=prompt,
+            max_tokens=v.get("max_completion_tokens") or v.get("max_tokens"),
+            priority=v["priority"],
+            expected_output_tokens=v.get("expected_output_tokens"),
+        )
+        return Response(self.Output(quote).data)

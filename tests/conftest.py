@@ -25,6 +25,19 @@ from tests.factories import OrganizationFactory
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_redis():
+    """Start the run with an empty test Redis database (settings.REDIS_URL).
+
+    Rate-limit windows and concurrency slots are keyed by organization id, and
+    a new test database hands out the same ids again: counters left by an
+    earlier run must not count against this one.
+    """
+    from accounts.redis import get_redis
+
+    get_redis().flushdb()
+
+
 @pytest.fixture(autouse=True)
 def _ledger_reconciles(request):
     """After every test that touched the database, every ledger invariant must hold.

@@ -65,6 +65,52 @@ def _limits(organization: Organization) -> list[Limit]:
     return [Limit(scope=f"org:{organization.pk}", limit=organization.tokens_per_minute)]
 
 
+def job_quote(
+    *,
+    organization: Organization,
+    model,
+    prompt: str,
+    max_tokens: int | None,
+    priority: str,
+    expected_output_tokens: int | None = None,
+) -> dict:
+    """The worst case a request holds, and its cost at an expected length. Writes nothing."""
+    max_tokens = _max_tokens(model, max_tokens)
+    price = model_price(model_name=model.name)
+    rates = Rates.of(price, priority)
+    bound = prompt_token_bound(prompt)
+    # About 4 UTF-8 bytes per token is typical of English under a BPE; the
+    # real count is the engine's, at capture.
+    expected_prompt = -(-bound // 4)
+    expected_output = min(
+        max_tokens, expected_output_tokens if expected_output_tokens is not None else max_tokens
+    )
+    return {
+        "model": model.name,
+        "priority": priority,
+        "unit": "micro_credit",
+        "max_credits": credits_worst_case(
+            rates=rates, prompt_tokens=bound, max_output_tokens=max_tokens
+        ),
+        "expected_credits": credits_for_usage(
+            rates=rates, usage=Usage(input_tokens=expected_prompt, output_tokens=expected_output)
+        ),
+        "prompt_tokens_max": bound,
+        "max_tokens": max_tokens,
+    }
+
+
+def _max_tokens(model, requested: int | None) -> int:
+    max_tokens = requested or min(256, model.max_output_tokens)
+    if max_tokens > model.max_output_tokens:
+        raise ApplicationError(
+            code="invalid_request",
+            message=f"max_tokens may be at most {model.max_output_tokens} for {model.name!r}.",
+            param="max_tokens",
+        )
+    return max_tokens
+
+
 def job_submit(
     *,
     organization: Organization,
@@ -97,13 +143,7 @@ def job_submit(
             status=403,
             param="priority",
         )
-    max_tokens = params.max_tokens or min(256, model.max_output_tokens)
-    if max_tokens > model.max_output_tokens:
-        raise ApplicationError(
-            code="invalid_request",
-            message=f"max_tokens may be at most {model.max_output_tokens} for {model.name!r}.",
-            param="max_tokens",
-        )
+    max_tokens = _max_tokens(model, params.max_tokens)
     price = model_price(model_name=model.name)
     bound = prompt_token_bound(prompt)
     hold_amount = credits_worst_case(

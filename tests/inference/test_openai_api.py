@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import openai
 import pytest
+import requests
 
 from accounts.models import Scope
 from accounts.services import apikey_create
@@ -209,3 +210,53 @@ def test_a_request_the_credits_cannot_cover_is_402_and_takes_nothing(gym, grant)
     balance = organization_balance(organization=poor)
     assert (balance.available, balance.held) == (5, 0)
     assert not Job.objects.filter(organization=poor).exists()
+
+
+def test_an_asynchronous_job_is_queued_run_and_read_back(gym):
+    # given
+    import time
+
+    headers = {"Authorization": f"Bearer {gym['raw']}"}
+    url = f"{gym['url']}/api/v1/jobs"
+
+    # when a job is queued
+    queued = requests.post(
+        url, headers=headers, json={"model": MODEL, "prompt": "Strength training", "max_tokens": 6}
+    )
+    job_id = queued.json()["id"]
+    deadline = time.monotonic() + 30
+    while True:
+        job = requests.get(f"{url}/{job_id}", headers=headers).json()
+        if job["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+    # then it ran on the worker, its text is kept, and it was billed for what was served
+    assert queued.status_code == 202
+    assert queued.json()["status"] == "queued"
+    assert job["status"] == "succeeded"
+    assert job["output"]
+    row = Job.objects.get(public_id=job_id)
+    assert job["credits_charged"] == expected_charge(row) > 0
+    assert organization_balance(organization=gym["org"]).held == 0
+    listed = requests.get(url, headers=headers).json()["results"]
+    assert [j["id"] for j in listed] == [job_id]
+
+
+def test_a_quote_is_what_a_request_then_holds(gym):
+    # given
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Plan my week"}]}
+
+    # when
+    quote = requests.post(
+        f"{gym['url']}/api/v1/credits/quote",
+        headers={"Authorization": f"Bearer {gym['raw']}"},
+        json={**body, "max_tokens": 8},
+    )
+    gym["client"].chat.completions.create(**body, max_tokens=8)
+
+    # then the quote's worst case is exactly the hold the request placed, and it wrote nothing
+    job = Job.objects.get(organization=gym["org"])
+    assert quote.status_code == 200
+    assert quote.json()["max_credits"] == job.hold_amount
+    assert 0 < quote.json()["expected_credits"] <= quote.json()["max_credits"]

@@ -30,6 +30,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 import schemathesis
@@ -47,11 +48,29 @@ from schemathesis.specs.openapi.checks import (
 from accounts.models import Role, Scope
 from accounts.services import apikey_create, invitation_create, membership_add
 from gymbilling.wsgi import application
-from metering.services import Usage, credits_grant, hold_place, usage_record_create
+from inference.models import CatalogModel, ServerPool
+from inference.services import job_submit
+from inference.services.jobs import SubmitParams
+from metering.services import (
+    Usage,
+    credits_grant,
+    hold_place,
+    price_book_publish,
+    usage_record_create,
+)
 from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import credits
 
 pytestmark = pytest.mark.django_db
+
+MODEL = "schemathesis-model"
+
+# Operations whose valid bodies random generation almost never hits (exactly one
+# of messages/prompt, a priority the plan allows): one known-good body each, so
+# their success responses are checked against the schema too.
+KNOWN_GOOD_BODIES = {
+    "POST /api/v1/jobs": {"model": MODEL, "prompt": "hello", "max_tokens": 4},
+}
 
 CHECKS = [
     not_a_server_error,
@@ -129,9 +148,36 @@ def caller() -> Caller:
         api_key=key,
         hold=hold,
     )
+    # A priced catalog model and a queued job. Under `db` nothing commits, so
+    # the job's on-commit enqueue never fires: no worker or Triton is needed.
+    price_book_publish(
+        prices=[
+            {
+                "model_name": MODEL,
+                "input_rate": Decimal("1"),
+                "cached_input_rate": Decimal("1"),
+                "output_rate": Decimal("1"),
+            }
+        ]
+    )
+    pool = ServerPool.objects.create(name="schemathesis", grpc_urls=["127.0.0.1:1"])
+    CatalogModel.objects.create(name=MODEL, pool=pool)
+    job = job_submit(
+        organization=org,
+        api_key=key,
+        model_name=MODEL,
+        prompt="hello",
+        params=SubmitParams(max_tokens=4),
+        kind="async",
+    )
     return Caller(
         headers={"Authorization": f"Bearer {raw}"},
-        own_ids={"org_id": org.pk, "key_id": spare.pk, "member_id": member.pk},
+        own_ids={
+            "org_id": org.pk,
+            "key_id": spare.pk,
+            "member_id": member.pk,
+            "job_id": job.public_id,
+        },
     )
 
 
@@ -167,6 +213,27 @@ def test_api_conforms_to_its_schema(case, caller, answers):
                 query=case.query,
                 body=case.body,
                 media_type=case.media_type,
+            )
+        )
+    if isinstance(case.body, dict) and "model" in case.body:
+        # A generated model name never names a catalog model: try the real one too.
+        cases.append(
+            case.operation.Case(
+                path_parameters=case.path_parameters,
+                headers=case.headers,
+                cookies=case.cookies,
+                query=case.query,
+                body={**case.body, "model": MODEL},
+                media_type=case.media_type,
+            )
+        )
+    if case.operation.label in KNOWN_GOOD_BODIES:
+        cases.append(
+            case.operation.Case(
+                path_parameters=case.path_parameters,
+                headers=case.headers,
+                body=KNOWN_GOOD_BODIES[case.operation.label],
+                media_type="application/json",
             )
         )
     for each in cases:

@@ -21,6 +21,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -39,9 +40,18 @@ from accounts.models import (
     User,
 )
 from accounts.services import apikey_create, invitation_create, membership_add
+from inference.models import CatalogModel, Job, JobStatus, ServerPool
+from inference.services import job_submit
+from inference.services.jobs import SubmitParams
 from metering.models import CreditLot, Hold, LedgerEntry, UsageRecord
 from metering.selectors import organization_balance
-from metering.services import Usage, credits_grant, hold_place, usage_record_create
+from metering.services import (
+    Usage,
+    credits_grant,
+    hold_place,
+    price_book_publish,
+    usage_record_create,
+)
 from tests.factories import OrganizationFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -71,6 +81,32 @@ class Tenant:
     invitation_token: str = ""
     # Values that identify this tenant's rows in any JSON answer.
     fingerprints: list[str] = field(default_factory=list)
+
+
+def inference_job_for(org: Organization, key: ApiKey, *, prompt: str):
+    """A queued job through the real service. Under the `db` fixture nothing is
+    ever committed, so the on-commit enqueue never fires: no worker is needed."""
+    if not CatalogModel.objects.filter(name="walker-model").exists():
+        price_book_publish(
+            prices=[
+                {
+                    "model_name": "walker-model",
+                    "input_rate": Decimal("1"),
+                    "cached_input_rate": Decimal("1"),
+                    "output_rate": Decimal("1"),
+                }
+            ]
+        )
+        pool = ServerPool.objects.create(name="walker-pool", grpc_urls=["127.0.0.1:1"])
+        CatalogModel.objects.create(name="walker-model", pool=pool)
+    return job_submit(
+        organization=org,
+        api_key=key,
+        model_name="walker-model",
+        prompt=prompt,
+        params=SubmitParams(max_tokens=4),
+        kind="async",
+    )
 
 
 @pytest.fixture
@@ -110,6 +146,7 @@ def tenant_a() -> Tenant:
         api_key=key,
         hold=hold,
     )
+    job = inference_job_for(org, key, prompt="tenant-a prompt")
     assert AuditEvent.objects.filter(organization=org).exists()
     return Tenant(
         org=org,
@@ -119,7 +156,12 @@ def tenant_a() -> Tenant:
         raw_key=raw_key,
         # The member is the target that isolation alone protects: removing
         # or promoting the owner would also trip on the last-owner rule.
-        path_ids={"org_id": org.pk, "key_id": key.pk, "member_id": member.pk},
+        path_ids={
+            "org_id": org.pk,
+            "key_id": key.pk,
+            "member_id": member.pk,
+            "job_id": job.public_id,
+        },
         member=member,
         invitation_token=token,
         fingerprints=[
@@ -142,13 +184,23 @@ def tenant_b() -> Tenant:
     owner = UserFactory(email="owner@tenant-b.test")
     owner_membership = membership_add(organization=org, user=owner, role=Role.OWNER)
     key, raw_key = apikey_create(organization=org, name="b-walker", scopes=Scope.values)
+    credits_grant(
+        organization=org, amount=A_GRANT // 7, source="pack", paid=True, resellable=False,
+        key=f"tenant-b-grant-{uuid.uuid4()}",
+    )  # fmt: skip
+    job = inference_job_for(org, key, prompt="b prompt")
     return Tenant(
         org=org,
         owner=owner,
         owner_membership=owner_membership,
         key=key,
         raw_key=raw_key,
-        path_ids={"org_id": org.pk, "key_id": key.pk, "member_id": owner_membership.pk},
+        path_ids={
+            "org_id": org.pk,
+            "key_id": key.pk,
+            "member_id": owner_membership.pk,
+            "job_id": job.public_id,
+        },
     )
 
 
@@ -401,4 +453,8 @@ def test_organization_b_cannot_see_or_touch_organization_a(caller, tenant_a, ten
     assert Membership.objects.filter(pk=tenant_a.member.pk, role=Role.MEMBER).exists()
     assert not Membership.objects.filter(organization=tenant_a.org, user=tenant_b.owner).exists()
     assert ApiKey.objects.get(pk=tenant_a.key.pk).revoked_at is None
-    assert organization_balance(organization=tenant_a.org).available == A_GRANT - A_HOLD
+    a_job = Job.objects.get(organization=tenant_a.org)
+    assert a_job.status == JobStatus.QUEUED  # B's cancel of A's job did not reach it
+    assert organization_balance(organization=tenant_a.org).available == (
+        A_GRANT - A_HOLD - a_job.hold_amount
+    )
