@@ -1,0 +1,431 @@
+"""Faults on the inference path: a dead engine, an engine killed mid-stream, a crowd
+of requests on too few credits, a worker killed mid-job.
+
+Real parts only: the app served by a live server thread on the test database,
+real Celery worker processes, the real CPU Triton server, PostgreSQL and Redis;
+the official `openai` SDK is the client where a client is needed. Whatever the
+fault, the ledger must hold: no overdraft, every hold settled exactly once,
+charged exactly the tokens the engine delivered, and `reconcile` clean (the
+suite's autouse fixture checks it after every test as well).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+import pytest
+import tritonclient.grpc as grpcclient
+from django.conf import settings
+
+from accounts.models import Scope
+from accounts.services import apikey_create
+from gymbilling.celery import app as celery_app
+from inference.apis import render_chat
+from inference.engine.server import MODEL_REPOSITORY
+from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ServerPool
+from inference.services import job_submit
+from inference.services.jobs import SubmitParams, prompt_token_bound
+from metering.models import Hold, HoldStatus, JournalTransaction, UsageRecord
+from metering.reconcile import ledger_reconcile
+from metering.selectors import model_price, organization_balance
+from metering.services import (
+    Rates,
+    Usage,
+    credits_for_usage,
+    credits_worst_case,
+    price_book_publish,
+)
+from tests.factories import OrganizationFactory
+from tests.helpers import credits
+from tests.inference import conftest as engine_fixtures
+from tests.inference.conftest import ensemble_inputs
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+# The engine fixtures of tests/inference, used here as they are.
+triton_server = engine_fixtures.triton_server
+private_triton_server = engine_fixtures.private_triton_server
+dead_grpc_url = engine_fixtures.dead_grpc_url
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "gym-fault"
+# With the development engine, this prompt at temperature 2 and seed 1200
+# generates 1345 tokens (about 0.9 s streamed): long enough to kill the server
+# well before the end.
+LONG_MESSAGES = [{"role": "user", "content": "Write a very long training guide."}]
+LONG_SEED, LONG_TEMPERATURE, LONG_TOKENS = 1200, 2.0, 1345
+
+
+def _model(urls: list[str], *, max_output_tokens: int = 1024) -> CatalogModel:
+    price_book_publish(
+        prices=[
+            {
+                "model_name": MODEL,
+                "input_rate": Decimal("0.5"),
+                "cached_input_rate": Decimal("0.25"),
+                "output_rate": Decimal("1.5"),
+                "minimum_charge": 0,
+            }
+        ]
+    )
+    pool = ServerPool.objects.create(name=f"fault-{uuid.uuid4().hex[:8]}", grpc_urls=urls)
+    return CatalogModel.objects.create(
+        name=MODEL, pool=pool, access_tier="basic", max_output_tokens=max_output_tokens
+    )
+
+
+def _organization(grant, amount: int):
+    # Limits far above what a test sends: a refusal may only be for credits.
+    org = OrganizationFactory(
+        requests_per_minute=1_000_000, tokens_per_minute=100_000_000, concurrent_jobs=10_000
+    )
+    grant(org, amount)
+    return org
+
+
+def _client(live_server, org) -> openai.OpenAI:
+    _key, raw = apikey_create(organization=org, name="faults", scopes=[Scope.INFERENCE])
+    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=raw, max_retries=0, timeout=120)
+
+
+def _expected_charge(job: Job) -> int:
+    return credits_for_usage(
+        rates=Rates.of(job.model_price, job.priority),
+        usage=Usage(
+            input_tokens=job.input_tokens,
+            output_tokens=job.output_tokens,
+            cached_input_tokens=job.cached_input_tokens,
+        ),
+    )
+
+
+def _settled_once(job: Job, *, status: str, captured: int) -> None:
+    hold = Hold.objects.get(key=job.public_id)
+    assert (hold.status, hold.captured, hold.amount) == (status, captured, job.hold_amount)
+    assert hold.settle_transaction_id is not None
+    assert (
+        JournalTransaction.objects.filter(idempotency_key=f"hold:{job.public_id}:settle").count()
+        == 1
+    )
+    record = UsageRecord.objects.get(job_id=job.public_id)
+    assert (record.input_tokens, record.output_tokens, record.credits) == (
+        job.input_tokens,
+        job.output_tokens,
+        captured,
+    )
+
+
+def _reconciles() -> None:
+    report = ledger_reconcile()
+    assert report.ok, report.violations
+
+
+# -- 1. the engine is unreachable before the request ------------------------------
+
+
+def test_an_unreachable_engine_is_503_and_gives_the_hold_back(
+    live_server, celery_worker_process, dead_grpc_url, grant
+):
+    # given a model whose only server is a port where nothing listens
+    _model([dead_grpc_url])
+    org = _organization(grant, credits(10))
+    client = _client(live_server, org)
+    before = organization_balance(organization=org)
+
+    # when
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Plan my week."}], max_tokens=32
+        )
+
+    # then the API says the engine is unavailable, in OpenAI's error shape
+    assert refused.value.status_code == 503
+    assert refused.value.body["code"] == "engine_unavailable"
+
+    # and the hold was released in full: nothing charged, nothing left held
+    job = Job.objects.get(organization=org)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "engine_unavailable")
+    assert (job.input_tokens, job.output_tokens, job.credits_charged) == (0, 0, 0)
+    after = organization_balance(organization=org)
+    assert (after.available, after.held) == (before.available, before.held) == (credits(10), 0)
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    _reconciles()
+
+
+# -- 2. the engine is killed while it streams ---------------------------------------
+
+
+def test_an_engine_killed_mid_stream_charges_exactly_the_tokens_delivered(
+    live_server, celery_worker_process, private_triton_server, grant
+):
+    # given a model served by a Triton server of this test's own
+    _model([private_triton_server.grpc_url], max_output_tokens=3000)
+    org = _organization(grant, credits(100))
+    client = _client(live_server, org)
+    before = organization_balance(organization=org)
+
+    # when the server is SIGKILLed after the first few streamed tokens
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=LONG_MESSAGES,
+        max_tokens=3000,
+        temperature=LONG_TEMPERATURE,
+        seed=LONG_SEED,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks, deltas = [], []
+    for chunk in stream:
+        chunks.append(chunk)
+        if chunk.choices and chunk.choices[0].delta.content:
+            deltas.append(chunk.choices[0].delta.content)
+            if len(deltas) == 3:
+                os.kill(private_triton_server.process.pid, signal.SIGKILL)
+
+    # then the stream ends (not hangs) with an error finish and the usage served
+    assert private_triton_server.process.wait(timeout=10) == -signal.SIGKILL
+    job = Job.objects.get(organization=org)
+    assert job.status == JobStatus.FAILED, (job.status, job.output_tokens, job.error_message)
+    assert job.error_code == "engine_error"
+    assert len(deltas) <= job.output_tokens < LONG_TOKENS
+    assert job.input_tokens > 0
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "error"
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (job.input_tokens, job.output_tokens)
+
+    # and exactly the delivered tokens were charged, the rest of the hold released
+    charge = _expected_charge(job)
+    assert job.credits_charged == charge > 0
+    after = organization_balance(organization=org)
+    assert before.available - after.available == charge
+    assert after.held == 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+    _reconciles()
+
+
+# -- 3. many requests on credits for a few -------------------------------------------
+
+
+def test_a_crowd_of_requests_never_overdraws_the_credits(
+    live_server, celery_worker_process, triton_server, grant
+):
+    # given credits for about 50 worst-case holds, and 200 requests
+    model = _model([triton_server.grpc_url])
+    messages = [{"role": "user", "content": "One tip for recovery?"}]
+    max_tokens = 8
+    hold = credits_worst_case(
+        rates=Rates.of(model_price(model_name=MODEL), "standard"),
+        prompt_tokens=prompt_token_bound(render_chat(model, messages)),
+        max_output_tokens=max_tokens,
+    )
+    budget = 50 * hold
+    org = _organization(grant, budget)
+    client = _client(live_server, org)
+
+    def call(index: int) -> tuple[int, str | None]:
+        try:
+            client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=max_tokens, seed=index
+            )
+        except openai.APIStatusError as exc:
+            return exc.status_code, (exc.body or {}).get("code")
+        return 200, None
+
+    # when they are sent 32 at a time: the live server is Django's threaded
+    # development server, a thread and a PostgreSQL connection per request
+    # (PostgreSQL allows 100), so 200 at once would measure the harness.
+    with ThreadPoolExecutor(max_workers=32) as threads:
+        answers = list(threads.map(call, range(200)))
+
+    # then each one was served or refused for credits, nothing else
+    counts = Counter(answers)
+    assert set(counts) <= {(200, None), (402, "insufficient_credits")}, counts
+    served = counts[(200, None)]
+    refused = counts[(402, "insufficient_credits")]
+    assert served + refused == 200
+    # 200 requests at even the cheapest real charge cost more than the budget,
+    # so without an overdraft some must have been refused
+    assert served > 0 and refused > 0
+
+    # and every served job settled, and the ledger adds up to the credit
+    jobs = list(Job.objects.filter(organization=org))
+    assert len(jobs) == served  # a refused request leaves no job behind
+    assert all(job.status == JobStatus.SUCCEEDED for job in jobs)
+    assert all(job.credits_charged == _expected_charge(job) > 0 for job in jobs)
+    assert served <= budget // min(job.credits_charged for job in jobs)
+    balance = organization_balance(organization=org)
+    assert balance.available >= 0
+    assert balance.held == 0
+    spent = sum(job.credits_charged for job in jobs)
+    assert budget - balance.available == spent
+    assert UsageRecord.objects.filter(organization=org).count() == served
+    assert not Hold.objects.filter(organization=org, status=HoldStatus.PENDING).exists()
+    _reconciles()
+
+
+# -- 4. a worker killed mid-job ------------------------------------------------------
+
+
+def _busy(grpc_url: str):
+    """Holds every engine worker of the server with a long stream; returns the client.
+
+    The streams go to `gym_engine` itself, so that stop_stream(cancel_requests=True)
+    really stops them (an ensemble does not pass a cancellation on). Meanwhile a
+    request answers ready but waits, silent, for a free engine worker.
+    """
+    config = (MODEL_REPOSITORY / "gym_engine" / "config.pbtxt").read_text()
+    workers = int(re.search(r'"worker_threads"\s*value: \{ string_value: "(\d+)"', config)[1])
+    arrived: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: arrived.put((result, error)))
+    for index in range(workers):
+        client.async_stream_infer(
+            "gym_engine",
+            ensemble_inputs(
+                grpcclient,
+                text_input="Hold this worker",
+                max_tokens=3000,
+                min_tokens=3000,
+                stream=True,
+            ),
+            request_id=f"busy-{index}",
+        )
+    started: set[str] = set()
+    while len(started) < workers:
+        result, error = arrived.get(timeout=30)
+        assert error is None, error
+        started.add(result.get_response().id)
+    return client
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture
+def own_worker(tmp_path):
+    """A `celery worker` of this test's own (prefork, one child) on inference.batch.
+
+    Any other worker on the broker (the session's) stops consuming inference.batch
+    while it runs, so that the job goes to this one; it is given back afterwards.
+    """
+    queue_name = "inference.batch"
+    replies = celery_app.control.cancel_consumer(queue_name, reply=True, timeout=2)
+    others = [node for reply in replies for node, answer in reply.items() if "ok" in answer]
+    db = settings.DATABASES["default"]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test",
+        "DATABASE_URL": (
+            f"postgres://{db['USER']}:{db.get('PASSWORD') or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        ),
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+        "CELERY_RESULT_BACKEND": settings.CELERY_RESULT_BACKEND,
+    }
+    node = f"fault-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
+    log = tmp_path / "celery-worker.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "gymbilling", "worker",
+                "--pool=prefork", "--concurrency=1", "--loglevel=INFO",
+                "-n", node, "-Q", queue_name, "--without-gossip", "--without-mingle",
+            ],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not celery_app.control.ping(destination=[node], timeout=1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the test's celery worker did not start:\n{log.read_text()}")
+        yield proc, log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if others:
+            celery_app.control.add_consumer(queue_name, destination=others, reply=True, timeout=2)
+
+
+def _wait_for(predicate, *, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_worker_killed_mid_job_hands_the_task_back_and_it_settles_once(
+    private_triton_server, own_worker, grant
+):
+    # given a job running on the test's own worker, its engine request waiting
+    # for an engine worker that a long stream holds
+    proc, log = own_worker
+    _model([private_triton_server.grpc_url])
+    org = _organization(grant, credits(100))
+    before = organization_balance(organization=org)
+    busy = _busy(private_triton_server.grpc_url)
+    try:
+        job = job_submit(
+            organization=org,
+            api_key=None,
+            model_name=MODEL,
+            prompt=render_chat(CatalogModel.objects.get(name=MODEL), LONG_MESSAGES),
+            params=SubmitParams(max_tokens=64, seed=3),
+            priority="batch",
+        )
+        _wait_for(
+            lambda: Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).exists(),
+            timeout=30,
+            what="the job to start",
+        )
+        (child,) = _children(proc.pid)
+
+        # when the pool process running it is SIGKILLed
+        os.kill(child, signal.SIGKILL)
+        _wait_for(lambda: "WorkerLostError" in log.read_text(), timeout=15, what="the worker loss")
+        assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
+    finally:
+        busy.stop_stream(cancel_requests=True)
+        busy.close()
+
+    # then the task comes back (reject on worker lost) and the job finishes once
+    job = _wait_for(
+        lambda: Job.objects.filter(pk=job.pk, status__in=TERMINAL).first(),
+        timeout=60,
+        what="the job to finish",
+    )
+    assert job.status == JobStatus.SUCCEEDED, (job.status, job.error_message)
+    assert 0 < job.output_tokens <= 64
+    assert child not in _children(proc.pid)  # a fresh pool process ran it again
+    deliveries = re.findall(r"inference\.tasks\.job_run\[([0-9a-f-]+)\] received", log.read_text())
+    assert len(deliveries) == 2 and len(set(deliveries)) == 1, log.read_text()
+
+    # and it was billed once: one hold settlement, one usage record
+    charge = _expected_charge(job)
+    assert job.credits_charged == charge > 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+    assert UsageRecord.objects.filter(organization=org).count() == 1
+    after = organization_balance(organization=org)
+    assert before.available - after.available == charge
+    assert after.held == 0
+    _reconciles()
