@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Make a Triton model repository that serves one TensorRT-LLM engine as `ensemble`.
+#
+# Copies TensorRT-LLM's inflight_batcher_llm templates (ensemble, preprocessing,
+# tensorrt_llm, postprocessing, tensorrt_llm_bls) into OUTPUT_REPO and fills
+# their ${...} placeholders with TensorRT-LLM's own tools/fill_template.py.
+# GymBilling sends every request over the gRPC stream and needs streaming, so
+# the models are decoupled; exclude_input_in_output defaults to true (the
+# gateway also sends it per request); KV-cache reuse is on for prefix caching.
+#
+# NOT RUN in this repository (no GPU there): check on a GPU before trusting it.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: ENGINE_DIR=... TOKENIZER_DIR=... fill_repository.sh OUTPUT_REPO
+
+  OUTPUT_REPO  new directory for the model repository (must not exist)
+
+Environment:
+  TRTLLM_DIR                      TensorRT-LLM checkout (required)
+  ENGINE_DIR                      engine from build_engines.sh, as the server sees it (required)
+  TOKENIZER_DIR                   Hugging Face tokenizer directory, as the server sees it (required)
+  MAX_BATCH_SIZE                  Triton max_batch_size of every model (default 64;
+                                  the engine's build-time max_batch_size caps the real batch)
+  TP                              tensor-parallel size of the engine = MPI world size (default 1)
+  KV_CACHE_FREE_GPU_MEM_FRACTION  share of free GPU memory for the KV cache (default 0.9)
+  ENABLE_CHUNKED_CONTEXT          true | false (default true; engine needs paged context FMHA)
+  INSTANCE_COUNT                  pre/postprocessing and BLS instances (default 1)
+  MAX_QUEUE_DELAY_MICROSECONDS    Triton dynamic batching delay (default 0)
+  PYTHON                          python interpreter (default python3)
+USAGE
+}
+
+if [[ $# -ne 1 ]]; then
+  usage >&2
+  exit 2
+fi
+REPO=$1
+
+die() { echo "fill_repository.sh: $*" >&2; exit 1; }
+
+: "${TRTLLM_DIR:?set TRTLLM_DIR to a TensorRT-LLM checkout}"
+: "${ENGINE_DIR:?set ENGINE_DIR to the engine directory}"
+: "${TOKENIZER_DIR:?set TOKENIZER_DIR to the tokenizer directory}"
+MAX_BATCH_SIZE=${MAX_BATCH_SIZE:-64}
+TP=${TP:-1}
+KV_CACHE_FREE_GPU_MEM_FRACTION=${KV_CACHE_FREE_GPU_MEM_FRACTION:-0.9}
+ENABLE_CHUNKED_CONTEXT=${ENABLE_CHUNKED_CONTEXT:-true}
+INSTANCE_COUNT=${INSTANCE_COUNT:-1}
+MAX_QUEUE_DELAY_MICROSECONDS=${MAX_QUEUE_DELAY_MICROSECONDS:-0}
+PYTHON=${PYTHON:-python3}
+
+# Since 2025 the backend lives in the TensorRT-LLM repository.
+TEMPLATES=$TRTLLM_DIR/triton_backend/all_models/inflight_batcher_llm
+FILL_TEMPLATE=$TRTLLM_DIR/triton_backend/tools/fill_template.py
+[[ -d $TEMPLATES ]] || die "no templates at $TEMPLATES"
+[[ -f $FILL_TEMPLATE ]] || die "no fill_template.py at $FILL_TEMPLATE"
+[[ ! -e $REPO ]] || die "$REPO already exists; fill_template.py edits in place, so start from a fresh copy"
+[[ $MAX_BATCH_SIZE =~ ^[1-9][0-9]*$ ]] || die "MAX_BATCH_SIZE must be a positive integer"
+[[ $TP =~ ^[1-9][0-9]*$ ]] || die "TP must be a positive integer"
+[[ -f $ENGINE_DIR/config.json ]] || echo "warning: no $ENGINE_DIR/config.json here (fine only if the server mounts it elsewhere)" >&2
+
+mkdir -p "$REPO"
+for model in ensemble preprocessing tensorrt_llm postprocessing tensorrt_llm_bls; do
+  [[ -d $TEMPLATES/$model ]] || die "template $model missing from $TEMPLATES"
+  cp -R "$TEMPLATES/$model" "$REPO/"
+done
+
+# fill MODEL key:value... -- fill_template.py asserts every key is in the file,
+# and template keys differ between TensorRT-LLM versions, so keys the file
+# lacks are skipped (with a note). ',' and ':' in values are escaped.
+fill() {
+  local model=$1 pair key value subs=()
+  local config=$REPO/$model/config.pbtxt
+  shift
+  for pair in "$@"; do
+    key=${pair%%:*}
+    value=${pair#*:}
+    if grep -qF "\${$key}" "$config"; then
+      value=${value//,/\\,}
+      value=${value//:/\\:}
+      subs+=("$key:$value")
+    else
+      echo "note: $model has no \${$key}; skipped" >&2
+    fi
+  done
+  (IFS=,; "$PYTHON" "$FILL_TEMPLATE" -i "$config" "${subs[*]}")
+}
+
+fill ensemble \
+  "triton_max_batch_size:$MAX_BATCH_SIZE" \
+  logits_datatype:TYPE_FP32
+
+fill preprocessing \
+  "tokenizer_dir:$TOKENIZER_DIR" \
+  "triton_max_batch_size:$MAX_BATCH_SIZE" \
+  "preprocessing_instance_count:$INSTANCE_COUNT"
+
+fill tensorrt_llm \
+  triton_backend:tensorrtllm \
+  "triton_max_batch_size:$MAX_BATCH_SIZE" \
+  decoupled_mode:true \
+  "engine_dir:$ENGINE_DIR" \
+  max_beam_width:1 \
+  batching_strategy:inflight_fused_batching \
+  batch_scheduler_policy:guaranteed_no_evict \
+  "kv_cache_free_gpu_mem_fraction:$KV_CACHE_FREE_GPU_MEM_FRACTION" \
+  enable_kv_cache_reuse:true \
+  "enable_chunked_context:$ENABLE_CHUNKED_CONTEXT" \
+  exclude_input_in_output:true \
+  "max_queue_delay_microseconds:$MAX_QUEUE_DELAY_MICROSECONDS" \
+  max_queue_size:0 \
+  encoder_input_features_data_type:TYPE_FP16 \
+  prompt_embedding_table_data_type:TYPE_FP16 \
+  logits_datatype:TYPE_FP32
+
+fill postprocessing \
+  "tokenizer_dir:$TOKENIZER_DIR" \
+  "triton_max_batch_size:$MAX_BATCH_SIZE" \
+  "postprocessing_instance_count:$INSTANCE_COUNT"
+
+fill tensorrt_llm_bls \
+  "triton_max_batch_size:$MAX_BATCH_SIZE" \
+  decoupled_mode:true \
+  "bls_instance_count:$INSTANCE_COUNT" \
+  accumulate_tokens:false \
+  prompt_embedding_table_data_type:TYPE_FP16 \
+  logits_datatype:TYPE_FP32
+
+# Placeholders left inside `string_value: "${...}"` are read as "unset" by the
+# backend; anywhere else (a data type, a batch size) the config would not parse.
+if grep -n '\${' "$REPO"/*/config.pbtxt | grep -v 'string_value'; then
+  die "placeholders above are still unfilled; add them to the fill calls"
+fi
+
+echo
+echo "Model repository ready: $REPO"
+if ((TP == 1)); then
+  echo "Start it (gRPC 8001 is what ServerPool.grpc_urls points at):"
+  echo "  tritonserver --model-repository=$REPO --grpc-port=8001 --http-port=8000 --metrics-port=8002"
+else
+  echo "Start it on $TP GPUs (one MPI rank per GPU):"
+  echo "  python3 $TRTLLM_DIR/triton_backend/scripts/launch_triton_server.py --world_size=$TP --model_repo=$REPO --grpc_port=8001 --http_port=8000 --metrics_port=8002"
+fi
