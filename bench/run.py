@@ -1,15 +1,17 @@
 """`make bench`: measure on this machine and write the figures into docs/BENCHMARKS.md.
 
-Usage: .venv/bin/python bench/run.py [--only ledger|api] [--no-write]
+Usage: .venv/bin/python bench/run.py [--only ledger|api|inference] [--no-write]
            [--duration S] [--rounds N] [--warmup S]            (ledger)
            [--api-duration S] [--api-rounds N] [--api-warmup S]
            [--workers N] [--threads N] [--conn-max-age S]
            [--no-reuse-port]                                   (api)
-Without --only it runs every benchmark, the ledger then the API, each in a
-process of its own. Each creates, and drops at its next run, its own
-database (`gymbilling_bench` and `gymbilling_bench_api`, or the ones
-BENCH_DATABASE_URL and BENCH_API_DATABASE_URL name); neither touches the
-database DATABASE_URL points at.
+           [--inf-duration S] [--inf-warmup S]                 (inference)
+Without --only it runs every benchmark, the ledger, the API then the
+inference path, each in a process of its own. Each creates, and drops at its
+next run, its own database (`gymbilling_bench`, `gymbilling_bench_api` and
+`gymbilling_bench_inf`, or the ones BENCH_DATABASE_URL, BENCH_API_DATABASE_URL
+and BENCH_INF_DATABASE_URL name); none touches the database DATABASE_URL
+points at.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)
 
-from bench import api, ledger, report  # noqa: E402
+from bench import api, inference, ledger, report  # noqa: E402
 
-SECTIONS = ("ledger", "api")
+SECTIONS = ("ledger", "api", "inference")
 
 
 def ledger_run(args: argparse.Namespace, log) -> str:
@@ -74,7 +76,19 @@ def api_run(args: argparse.Namespace, log) -> str:
     )
 
 
-RUNS = {"ledger": ledger_run, "api": api_run}
+def inference_run(args: argparse.Namespace, log) -> str:
+    url = os.environ.get("BENCH_INF_DATABASE_URL", inference.DEFAULT_URL)
+    result = inference.measure(url, warmup_s=args.inf_warmup, duration_s=args.inf_duration, log=log)
+    return inference.markdown(
+        result=result,
+        machine_rows=report.machine(ledger.pg_settings(url)),
+        date=report.date_utc(),
+        warmup_s=args.inf_warmup,
+        duration_s=args.inf_duration,
+    )
+
+
+RUNS = {"ledger": ledger_run, "api": api_run, "inference": inference_run}
 
 
 def main() -> int:
@@ -122,6 +136,16 @@ def main() -> int:
         type=int,
         default=None,
         help="seconds Django keeps a database connection (0: one per request)",
+    )
+    inf_args = parser.add_argument_group("inference")
+    inf_args.add_argument(
+        "--inf-duration",
+        type=float,
+        default=10.0,
+        help="seconds measured per number of clients on the HTTP path",
+    )
+    inf_args.add_argument(
+        "--inf-warmup", type=float, default=2.0, help="seconds of warm-up before each window"
     )
     args = parser.parse_args()
 
