@@ -191,10 +191,35 @@ def busy_engine(triton_server):
     them at teardown really stops them (the ensemble does not pass a
     cancellation on). Yields the number of workers held.
     """
+    before = _engine_output_tokens(triton_server.metrics_url)
+    client, workers = occupy_engine_workers(triton_server.grpc_url)
+    try:
+        yield workers
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+        # The engine counts a request's tokens when it stops: wait for the count to settle.
+        deadline = time.monotonic() + 10
+        last = before
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = _engine_output_tokens(triton_server.metrics_url)
+            if now == last and now > before:
+                break
+            last = now
+
+
+def occupy_engine_workers(grpc_url: str):
+    """Hold every engine worker of a server with a long stream; returns (client, workers).
+
+    The streams go to `gym_engine` itself, not `ensemble`, so that
+    `client.stop_stream(cancel_requests=True)` really stops them (the ensemble
+    does not pass a cancellation on). Meanwhile a request answers ready but
+    waits, silent, for a free engine worker.
+    """
     config = (MODEL_REPOSITORY / "gym_engine" / "config.pbtxt").read_text()
     workers = int(re.search(r'"worker_threads"\s*value: \{ string_value: "(\d+)"', config)[1])
-    before = _engine_output_tokens(triton_server.metrics_url)
-    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    client = grpcclient.InferenceServerClient(grpc_url)
     arrived: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: arrived.put((result, error)))
     for index in range(workers):
@@ -214,17 +239,4 @@ def busy_engine(triton_server):
         result, error = arrived.get(timeout=30)
         assert error is None, error
         started.add(result.get_response().id)
-    try:
-        yield workers
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
-        # The engine counts a request's tokens when it stops: wait for the count to settle.
-        deadline = time.monotonic() + 10
-        last = before
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            now = _engine_output_tokens(triton_server.metrics_url)
-            if now == last and now > before:
-                break
-            last = now
+    return client, workers

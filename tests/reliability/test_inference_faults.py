@@ -12,7 +12,6 @@ suite's autouse fixture checks it after every test as well).
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -26,14 +25,12 @@ from pathlib import Path
 
 import openai
 import pytest
-import tritonclient.grpc as grpcclient
 from django.conf import settings
 
 from accounts.models import Scope
 from accounts.services import apikey_create
 from gymbilling.celery import app as celery_app
 from inference.apis import render_chat
-from inference.engine.server import MODEL_REPOSITORY
 from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ServerPool
 from inference.services import job_submit
 from inference.services.jobs import SubmitParams, prompt_token_bound
@@ -50,7 +47,6 @@ from metering.services import (
 from tests.factories import OrganizationFactory
 from tests.helpers import credits
 from tests.inference import conftest as engine_fixtures
-from tests.inference.conftest import ensemble_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -280,34 +276,8 @@ def test_a_crowd_of_requests_never_overdraws_the_credits(
 
 
 def _busy(grpc_url: str):
-    """Holds every engine worker of the server with a long stream; returns the client.
-
-    The streams go to `gym_engine` itself, so that stop_stream(cancel_requests=True)
-    really stops them (an ensemble does not pass a cancellation on). Meanwhile a
-    request answers ready but waits, silent, for a free engine worker.
-    """
-    config = (MODEL_REPOSITORY / "gym_engine" / "config.pbtxt").read_text()
-    workers = int(re.search(r'"worker_threads"\s*value: \{ string_value: "(\d+)"', config)[1])
-    arrived: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(grpc_url)
-    client.start_stream(callback=lambda result, error: arrived.put((result, error)))
-    for index in range(workers):
-        client.async_stream_infer(
-            "gym_engine",
-            ensemble_inputs(
-                grpcclient,
-                text_input="Hold this worker",
-                max_tokens=3000,
-                min_tokens=3000,
-                stream=True,
-            ),
-            request_id=f"busy-{index}",
-        )
-    started: set[str] = set()
-    while len(started) < workers:
-        result, error = arrived.get(timeout=30)
-        assert error is None, error
-        started.add(result.get_response().id)
+    """Holds every engine worker of the server with a long stream; returns the client."""
+    client, _workers = engine_fixtures.occupy_engine_workers(grpc_url)
     return client
 
 
