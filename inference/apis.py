@@ -17,11 +17,11 @@ from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template import Context, Engine
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from accounts.api_base import OrgApiView, StrictSerializer
+from accounts.api_base import OrgApiView, StrictSerializer, acting_key
 from accounts.errors import ApplicationError, error_body
 from accounts.models import Scope
 from inference.models import CatalogModel, Job
@@ -124,7 +124,7 @@ class _GenerationApi(OrgApiView):
         prompt = self.prompt(data, model) if model else ""
         return job_submit(
             organization=request.organization,
-            api_key=request.auth if hasattr(request.auth, "scopes") else None,
+            api_key=acting_key(request),
             model_name=data["model"],
             prompt=prompt,
             params=SubmitParams(
@@ -138,6 +138,11 @@ class _GenerationApi(OrgApiView):
             kind=self.kind,
             stream=data["stream"],
         )
+
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        return self.handle(request, data.validated_data)
 
     def handle(self, request, data: dict):
         job = self.submit(request, data)
@@ -243,7 +248,17 @@ class _GenerationApi(OrgApiView):
                 relay_cancel(job.public_id)
 
 
+def _openai_schema(input_serializer, *, answer: str, summary: str):
+    return extend_schema(
+        request=input_serializer,
+        responses={200: OpenApiResponse(OpenApiTypes.OBJECT, description=answer)},
+        summary=summary,
+    )
+
+
 class ChatCompletionsApi(_GenerationApi):
+    """OpenAI's chat completions: the messages are rendered with the model's chat template."""
+
     kind = "chat"
 
     class Input(_GenerationInput):
@@ -285,24 +300,10 @@ class ChatCompletionsApi(_GenerationApi):
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
 
-    @extend_schema(
-        request=Input,
-        responses={
-            200: OpenApiResponse(
-                OpenApiTypes.OBJECT,
-                description="A chat.completion, or with stream=true a text/event-stream of "
-                "chat.completion.chunk objects ending in [DONE].",
-            )
-        },
-        summary="Chat completion (OpenAI-compatible)",
-    )
-    def post(self, request):
-        data = self.Input(data=request.data)
-        data.is_valid(raise_exception=True)
-        return self.handle(request, data.validated_data)
-
 
 class CompletionsApi(_GenerationApi):
+    """OpenAI's (legacy) text completions: the prompt is sent as it is."""
+
     kind = "completion"
 
     class Input(_GenerationInput):
@@ -347,22 +348,6 @@ class CompletionsApi(_GenerationApi):
                 }
             ],
         }
-
-    @extend_schema(
-        request=Input,
-        responses={
-            200: OpenApiResponse(
-                OpenApiTypes.OBJECT,
-                description="A text_completion, or with stream=true a text/event-stream of "
-                "text_completion chunks ending in [DONE].",
-            )
-        },
-        summary="Text completion (OpenAI-compatible)",
-    )
-    def post(self, request):
-        data = self.Input(data=request.data)
-        data.is_valid(raise_exception=True)
-        return self.handle(request, data.validated_data)
 
 
 # --- asynchronous jobs and quotes (/api/v1/) -------------------------------------------
@@ -507,3 +492,23 @@ class QuoteApi(OrgApiView):
             expected_output_tokens=v.get("expected_output_tokens"),
         )
         return Response(self.Output(quote).data)
+
+
+# Applied here rather than as class decorators: each schema names the view's
+# nested Input, which does not exist before the class body has run.
+extend_schema_view(
+    post=_openai_schema(
+        ChatCompletionsApi.Input,
+        answer="A chat.completion, or with stream=true a text/event-stream of "
+        "chat.completion.chunk objects ending in [DONE].",
+        summary="Chat completion (OpenAI-compatible)",
+    )
+)(ChatCompletionsApi)
+extend_schema_view(
+    post=_openai_schema(
+        CompletionsApi.Input,
+        answer="A text_completion, or with stream=true a text/event-stream of "
+        "text_completion chunks ending in [DONE].",
+        summary="Text completion (OpenAI-compatible)",
+    )
+)(CompletionsApi)
