@@ -95,6 +95,16 @@ class IdCursorPagination(CursorPagination):
             ) from None
 
 
+def acting_user(request):
+    """The signed-in person behind a request, or None when an API key acts."""
+    return None if isinstance(request.user, KeyPrincipal) else request.user
+
+
+def acting_key(request):
+    """The API key behind a request, or None when a signed-in person acts."""
+    return request.auth if isinstance(request.user, KeyPrincipal) else None
+
+
 class _Replay(Exception):
     def __init__(self, stored: StoredResponse) -> None:
         self.stored = stored

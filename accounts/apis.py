@@ -7,7 +7,14 @@ from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from accounts.api_base import MANAGERS, IdCursorPagination, OrgApiView, StrictSerializer
+from accounts.api_base import (
+    MANAGERS,
+    IdCursorPagination,
+    OrgApiView,
+    StrictSerializer,
+    acting_key,
+    acting_user,
+)
 from accounts.authentication import KeyPrincipal
 from accounts.errors import ApplicationError
 from accounts.models import Membership, Organization, Role, Scope, User
@@ -76,7 +83,7 @@ class MeApi(OrgApiView):
 
     @extend_schema(responses=Output, summary="Who is calling, for which organization")
     def get(self, request):
-        key = request.auth if isinstance(request.user, KeyPrincipal) else None
+        key = acting_key(request)
         membership = getattr(request, "membership", None)
         data = {
             "organization": request.organization,
@@ -140,8 +147,8 @@ class ApiKeyListCreateApi(OrgApiView):
         data.is_valid(raise_exception=True)
         key, raw = apikey_create(
             organization=request.organization,
-            actor=None if isinstance(request.user, KeyPrincipal) else request.user,
-            actor_key=request.auth if isinstance(request.user, KeyPrincipal) else None,
+            actor=acting_user(request),
+            actor_key=acting_key(request),
             **data.validated_data,
         )
         body = dict(ApiKeyOutput(key).data, key=raw)
@@ -156,11 +163,10 @@ class ApiKeyRevokeApi(OrgApiView):
     @extend_schema(responses={200: ApiKeyOutput}, summary="Revoke an API key at once")
     def delete(self, request, key_id: int):
         key = get_object_or_404(organization_api_keys(organization=request.organization), pk=key_id)
-        is_key = isinstance(request.user, KeyPrincipal)
         key = apikey_revoke(
             key=key,
-            actor=None if is_key else request.user,
-            actor_key=request.auth if is_key else None,
+            actor=acting_user(request),
+            actor_key=acting_key(request),
         )
         return Response(ApiKeyOutput(key).data)
 
@@ -231,8 +237,8 @@ class MemberListAddApi(PathOrgApiView):
             organization=request.organization,
             user=user,
             role=data.validated_data["role"],
-            actor=self._actor(request),
-            actor_key=self._actor_key(request),
+            actor=acting_user(request),
+            actor_key=acting_key(request),
         )
         return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
 
@@ -240,14 +246,6 @@ class MemberListAddApi(PathOrgApiView):
         if request.method == "POST" and not isinstance(request.user, KeyPrincipal):
             self.allowed_roles = MANAGERS
         super().check_access(request, organization)
-
-    @staticmethod
-    def _actor(request):
-        return None if isinstance(request.user, KeyPrincipal) else request.user
-
-    @staticmethod
-    def _actor_key(request):
-        return request.auth if isinstance(request.user, KeyPrincipal) else None
 
 
 class MemberDetailApi(PathOrgApiView):
@@ -272,8 +270,8 @@ class MemberDetailApi(PathOrgApiView):
         membership = membership_set_role(
             membership=self._membership(request, member_id),
             role=data.validated_data["role"],
-            actor=MemberListAddApi._actor(request),
-            actor_key=MemberListAddApi._actor_key(request),
+            actor=acting_user(request),
+            actor_key=acting_key(request),
         )
         return Response(MemberOutput(membership).data)
 
@@ -281,8 +279,8 @@ class MemberDetailApi(PathOrgApiView):
     def delete(self, request, org_id: int, member_id: int):
         membership_remove(
             membership=self._membership(request, member_id),
-            actor=MemberListAddApi._actor(request),
-            actor_key=MemberListAddApi._actor_key(request),
+            actor=acting_user(request),
+            actor_key=acting_key(request),
         )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -318,8 +316,8 @@ class InvitationListCreateApi(PathOrgApiView):
         data.is_valid(raise_exception=True)
         invitation, _token = invitation_create(
             organization=request.organization,
-            actor=MemberListAddApi._actor(request),
-            actor_key=MemberListAddApi._actor_key(request),
+            actor=acting_user(request),
+            actor_key=acting_key(request),
             **data.validated_data,
         )
         return Response(InvitationOutput(invitation).data, status=status.HTTP_201_CREATED)
