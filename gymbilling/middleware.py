@@ -9,7 +9,7 @@ from django.conf import settings
 
 from accounts.errors import json_error_response
 
-API_PREFIXES = ("/api/", "/v1/")
+API_PREFIXES = ("/api/", "/v1/", "/stripe/")
 
 
 class ApiErrorMiddleware:

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from gymbilling.apis import StripeWebhookView
 from gymbilling.views import HealthView, HomeView, PingView, api_not_found, server_error
 
 urlpatterns = [
@@ -14,6 +15,8 @@ urlpatterns = [
     path("api/v1/", include("accounts.urls")),
     path("api/v1/", include("metering.urls")),
     path("api/v1/", include("inference.api_urls")),
+    path("api/v1/", include("gymbilling.billing_urls")),
+    path("stripe/webhook/", StripeWebhookView.as_view(), name="stripe-webhook"),
     path("v1/", include("inference.urls")),
 ]
 

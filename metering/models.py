@@ -181,6 +181,8 @@ class LotSource(models.TextChoices):
     MARKETPLACE = "marketplace", "Marketplace purchase"
     PROMOTION = "promotion", "Promotion"
     ADJUSTMENT = "adjustment", "Adjustment"
+    # A plan's overage allowance: unpaid until the usage meter invoices it.
+    OVERAGE = "overage", "Overage allowance"
 
 
 class CreditLot(models.Model):

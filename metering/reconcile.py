@@ -164,7 +164,8 @@ def register(name: str, description: str, check: Callable[[], list[dict]]) -> No
         _EXTRA.append((name, description, check))
 
 
-def _rows(sql: str) -> list[dict]:
+def sql_rows(sql: str) -> list[dict]:
+    """Run one check's SQL; other apps' checks use it too."""
     with connection.cursor() as cursor:
         cursor.execute(sql)
         columns = [c[0] for c in cursor.description]
@@ -173,7 +174,7 @@ def _rows(sql: str) -> list[dict]:
 
 def ledger_reconcile() -> Report:
     report = Report()
-    checks = [(n, d, (lambda sql=sql: _rows(sql))) for n, d, sql in CHECKS] + _EXTRA
+    checks = [(n, d, (lambda sql=sql: sql_rows(sql))) for n, d, sql in CHECKS] + _EXTRA
     for name, description, check in checks:
         report.checked.append(name)
         rows = check()

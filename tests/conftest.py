@@ -89,8 +89,41 @@ def grant():
     return _grant
 
 
+STRIPE_TEST_SECRET_KEY = "sk_test_gymbilling"
+STRIPE_TEST_WEBHOOK_SECRET = "whsec_gymbilling_tests"
+
+
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, django_db_blocker):
+def stripe_standin():
+    """The local Stripe stand-in (gymbilling/stripe_standin) on a free loopback port.
+
+    Billing in this test process and in the Celery worker talks to it over
+    HTTP exactly as it would to api.stripe.com; nothing is mocked.
+    """
+    from gymbilling.stripe_standin.process import StripeStandIn
+
+    data_dir = ROOT / "var" / f"stripe-standin-{uuid.uuid4().hex[:8]}"
+    standin = StripeStandIn(data_dir=data_dir)
+    values = {
+        "STRIPE_SECRET_KEY": STRIPE_TEST_SECRET_KEY,
+        "STRIPE_WEBHOOK_SECRET": STRIPE_TEST_WEBHOOK_SECRET,
+        "STRIPE_API_BASE": standin.api_base,
+    }
+    saved = {name: getattr(settings, name) for name in values}
+    for name, value in values.items():
+        setattr(settings, name, value)
+        os.environ[name] = value  # for the worker process, started after this
+    try:
+        yield standin
+    finally:
+        for name, value in saved.items():
+            setattr(settings, name, value)
+            os.environ.pop(name, None)
+        standin.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
     """A real `celery -A gymbilling worker` process on the test database and Redis.
 
     Not eager mode: tasks cross Redis to another process, as in production.

@@ -32,3 +32,22 @@ def system_balance(kind: str) -> int:
 
     account = LedgerAccount.objects.filter(kind=kind, organization__isnull=True).first()
     return account_balance(account=account) if account else 0
+
+
+def wait_until(condition, *, timeout: float = 60.0, what: str = "the condition"):
+    """Poll `condition` until it returns something truthy, and return that.
+
+    For outcomes another process produces (a webhook delivered, a Celery task
+    run): the test asserts the outcome, and the timeout only bounds how long
+    a broken build takes to fail.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)

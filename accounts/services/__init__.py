@@ -9,6 +9,7 @@ from accounts.services.organizations import (
     membership_remove,
     membership_set_role,
     organization_create,
+    organization_entitlements_set,
     user_signup,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "membership_remove",
     "membership_set_role",
     "organization_create",
+    "organization_entitlements_set",
     "user_signup",
 ]

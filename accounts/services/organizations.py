@@ -301,3 +301,43 @@ def invitation_accept(*, token: str, user: User) -> Membership:
     )
     Invitation.objects.filter(pk=invitation.pk).update(accepted_at=now)
     return membership
+
+
+# The fields billing owns (DESIGN.md: entitlements live on the organization,
+# billing writes them, inference and the API only read them).
+ENTITLEMENT_FIELDS = (
+    "standing",
+    "seats",
+    "model_tiers",
+    "max_priority",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "concurrent_jobs",
+)
+
+
+@transaction.atomic
+def organization_entitlements_set(*, organization: Organization, reason: str, **values) -> bool:
+    """Write what the organization may do now; returns whether anything changed.
+
+    Locks the organization row so two billing events cannot interleave their
+    writes, and records the change in the audit log with the reason.
+    """
+    unknown = set(values) - set(ENTITLEMENT_FIELDS)
+    if unknown:
+        raise ValueError(f"not entitlement fields: {sorted(unknown)}")
+    locked = Organization.objects.select_for_update().get(pk=organization.pk)
+    changed = {name: value for name, value in values.items() if getattr(locked, name) != value}
+    if not changed:
+        return False
+    before = {name: getattr(locked, name) for name in changed}
+    Organization.objects.filter(pk=locked.pk).update(**changed)
+    for name, value in changed.items():
+        setattr(organization, name, value)
+    audit_record(
+        organization=locked,
+        action="organization.entitlements_changed",
+        target=reason[:200],
+        data={"before": before, "after": changed},
+    )
+    return True

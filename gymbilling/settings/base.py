@@ -189,3 +189,39 @@ IDEMPOTENCY_LOCK_TIMEOUT = timedelta(
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1_048_576)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")
+
+# --- Billing and Stripe ----------------------------------------------------------
+# Billing is on only when STRIPE_SECRET_KEY is set. STRIPE_API_BASE points the
+# client at another Stripe API (the local stand-in in tests and `make demo`);
+# empty means api.stripe.com.
+STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default="")
+STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
+STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
+STRIPE_TIMEOUT_SECONDS = env.float("STRIPE_TIMEOUT_SECONDS", default=10.0)
+STRIPE_MAX_NETWORK_RETRIES = env.int("STRIPE_MAX_NETWORK_RETRIES", default=2)
+# Signatures older than this are refused (Stripe's own default: 5 minutes).
+STRIPE_WEBHOOK_TOLERANCE_SECONDS = env.int("STRIPE_WEBHOOK_TOLERANCE_SECONDS", default=300)
+# The billing meter overage is reported to, and how often it is reported.
+STRIPE_OVERAGE_EVENT_NAME = env.str("STRIPE_OVERAGE_EVENT_NAME", default="gym_overage_credits")
+BILLING_OVERAGE_REPORT_MINUTES = env.int("BILLING_OVERAGE_REPORT_MINUTES", default=15)
+# A failed renewal keeps inference running this long before it is suspended.
+BILLING_GRACE_PERIOD = timedelta(seconds=env.int("BILLING_GRACE_PERIOD_SECONDS", default=3 * 86400))
+# Webhook events still pending after this long are queued again by beat.
+BILLING_EVENT_RETRY_AFTER = timedelta(
+    seconds=env.int("BILLING_EVENT_RETRY_AFTER_SECONDS", default=300)
+)
+
+CELERY_BEAT_SCHEDULE |= {
+    "billing-events-retry": {
+        "task": "gymbilling.tasks.stripe_events_retry_task",
+        "schedule": crontab(minute="*"),
+    },
+    "billing-suspend-overdue": {
+        "task": "gymbilling.tasks.subscriptions_suspend_overdue_task",
+        "schedule": crontab(minute="*"),
+    },
+    "billing-overage-report": {
+        "task": "gymbilling.tasks.overage_report_task",
+        "schedule": timedelta(minutes=BILLING_OVERAGE_REPORT_MINUTES),
+    },
+}

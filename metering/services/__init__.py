@@ -5,6 +5,8 @@ from metering.services.ledger import (
     credits_adjust,
     credits_grant,
     credits_transfer,
+    credits_trim,
+    lot_clawback,
     transaction_reverse,
 )
 from metering.services.lots import credits_expire
@@ -26,11 +28,13 @@ __all__ = [
     "credits_for_usage",
     "credits_grant",
     "credits_transfer",
+    "credits_trim",
     "credits_worst_case",
     "hold_capture",
     "hold_place",
     "hold_release",
     "holds_expire",
+    "lot_clawback",
     "price_book_publish",
     "round_charge",
     "transaction_reverse",

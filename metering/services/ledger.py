@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
-from django.db.models import F, Q
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -26,6 +28,7 @@ from metering.services.lots import (
 )
 from metering.services.postings import (
     accounts_for,
+    accounts_lock,
     fingerprint,
     idempotent,
     post,
@@ -446,4 +449,112 @@ def _not_reversible_anymore() -> ApplicationError:
             "reverse what remains with an adjustment instead."
         ),
         status=409,
+    )
+
+
+def _wallet_withdraw(
+    *,
+    organization: Organization,
+    key: str,
+    fp: str,
+    kind: str,
+    system_kind: str,
+    lots: Q,
+    amount_for: Callable[[int, int], int],
+    memo: str,
+    actor=None,
+) -> int:
+    """Take credits from some of the wallet's lots to a system account, once per key.
+
+    Locks the wallet, then asks `amount_for(credits in those lots, wallet
+    balance)` how much to take: credits backing a pending hold are not in the
+    wallet balance and are never taken. Taking nothing writes nothing; a
+    repeat of a key that took something returns 0.
+    """
+    if JournalTransaction.objects.filter(idempotency_key=key).exists():
+        # Fast answer for a replay; the unique key below is the real gate.
+        return 0
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            org_accounts, system = accounts_for(organization, system_kind)
+            accounts_lock(org_accounts.wallet)
+            wallet = LedgerAccount.objects.get(pk=org_accounts.wallet.pk)
+            # Expired lots are the sweep's business, not ours.
+            in_lots = (
+                CreditLot.objects.filter(account=wallet, remaining__gt=0)
+                .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+                .filter(lots)
+                .aggregate(total=Sum("remaining"))["total"]
+                or 0
+            )
+            amount = min(amount_for(in_lots, wallet.balance), wallet.balance, in_lots)
+            if amount <= 0:
+                return 0
+            txn = transaction_open(
+                kind=kind,
+                key=key,
+                fingerprint=fp,
+                organization=organization,
+                memo=memo,
+                actor=actor,
+            )
+            post(txn, [(wallet, -amount), (system[system_kind], amount)], now=now, spend=False)
+            lots_burn(
+                txn=txn,
+                account=wallet,
+                amount=amount,
+                now=now,
+                only=lots & (Q(expires_at__isnull=True) | Q(expires_at__gt=now)),
+            )
+            return amount
+    except IntegrityError:
+        if JournalTransaction.objects.filter(idempotency_key=key).exists():
+            return 0
+        raise
+
+
+@retry_on_deadlock
+def credits_trim(*, organization: Organization, source: str, keep: int, key: str, memo: str) -> int:
+    """Expire what exceeds `keep` among the wallet's unexpired lots of `source`.
+
+    A plan's rollover cap at period end: credits beyond it go to the expiry
+    account, soonest-expiring first, as if they had expired. Returns the
+    micro-credits expired.
+    """
+    if not isinstance(keep, int) or keep < 0:
+        raise ApplicationError(code="invalid_amount", message="keep must be >= 0.", param="keep")
+    require_key(key)
+    return _wallet_withdraw(
+        organization=organization,
+        key=f"trim:{key}",
+        fp=fingerprint(op="trim", org=organization.pk, source=source, keep=keep),
+        kind=TransactionKind.EXPIRY,
+        system_kind=AccountKind.EXPIRY,
+        lots=Q(source=source),
+        amount_for=lambda in_lots, _balance: in_lots - keep,
+        memo=memo,
+    )
+
+
+@retry_on_deadlock
+def lot_clawback(*, lot: CreditLot, amount: int, key: str, memo: str, actor=None) -> int:
+    """Take back up to `amount` of what is still unspent in one wallet lot.
+
+    A refund or a dispute of the payment that bought the lot: spent credits
+    cannot come back, so the caller records the difference as a loss.
+    Returns the micro-credits taken back (0 when nothing was left).
+    """
+    require_positive(amount)
+    require_key(key)
+    return _wallet_withdraw(
+        organization=lot.organization,
+        key=f"clawback:{key}",
+        fp=fingerprint(op="clawback", lot=lot.pk, amount=amount),
+        kind=TransactionKind.ADJUSTMENT,
+        system_kind=AccountKind.ADJUSTMENTS,
+        lots=Q(pk=lot.pk),
+        amount_for=lambda in_lots, _balance: amount,
+        memo=memo,
+        actor=actor,
     )

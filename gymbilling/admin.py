@@ -1,0 +1,142 @@
+"""Finance and staff: plans and packs are edited here; what Stripe told us is
+read-only; failed webhook events can be replayed."""
+
+from django.contrib import admin, messages
+
+from gymbilling.models import (
+    BillingCustomer,
+    CreditPack,
+    Invoice,
+    OverageReport,
+    PaymentReversal,
+    Plan,
+    StripeEvent,
+    StripePrice,
+    Subscription,
+)
+from gymbilling.services import stripe_event_process
+from metering.admin import ReadOnlyAdmin
+
+
+@admin.register(Plan)
+class PlanAdmin(admin.ModelAdmin):
+    list_display = [
+        "code",
+        "name",
+        "active",
+        "monthly_price",
+        "currency",
+        "monthly_credits",
+        "seat_based",
+        "overage_allowed",
+    ]
+    list_filter = ["active", "seat_based", "overage_allowed"]
+    readonly_fields = ["stripe_product_id", "created_at", "updated_at"]
+
+
+@admin.register(CreditPack)
+class CreditPackAdmin(admin.ModelAdmin):
+    list_display = ["code", "name", "active", "credits", "price", "currency", "validity_days"]
+    readonly_fields = ["stripe_product_id", "created_at", "updated_at"]
+
+
+@admin.register(StripePrice)
+class StripePriceAdmin(ReadOnlyAdmin):
+    list_display = ["lookup_key", "stripe_price_id", "kind", "unit_amount", "currency", "current"]
+    list_filter = ["kind", "current"]
+
+
+@admin.register(BillingCustomer)
+class BillingCustomerAdmin(admin.ModelAdmin):
+    list_display = ["organization", "stripe_customer_id", "email", "resale_frozen_at"]
+    search_fields = ["stripe_customer_id", "organization__slug", "email"]
+    readonly_fields = ["organization", "stripe_customer_id", "created_at"]
+    actions = ["unfreeze_resale"]
+
+    @admin.action(description="Allow reselling again (after a refund or dispute is resolved)")
+    def unfreeze_resale(self, request, queryset):
+        count = queryset.update(resale_frozen_at=None, resale_frozen_reason="")
+        self.message_user(request, f"Reselling allowed again for {count} organizations.")
+
+
+@admin.register(Subscription)
+class SubscriptionAdmin(ReadOnlyAdmin):
+    list_display = [
+        "stripe_subscription_id",
+        "organization",
+        "plan",
+        "seats",
+        "status",
+        "current_period_end",
+        "grace_until",
+    ]
+    list_filter = ["status", "plan"]
+    search_fields = ["stripe_subscription_id", "organization__slug"]
+
+
+@admin.register(Invoice)
+class InvoiceAdmin(ReadOnlyAdmin):
+    list_display = [
+        "stripe_invoice_id",
+        "organization",
+        "billing_reason",
+        "status",
+        "amount_paid",
+        "currency",
+        "credits_granted",
+        "created_at",
+    ]
+    list_filter = ["status", "billing_reason"]
+    search_fields = ["stripe_invoice_id", "organization__slug"]
+
+
+@admin.register(StripeEvent)
+class StripeEventAdmin(ReadOnlyAdmin):
+    list_display = [
+        "stripe_event_id",
+        "type",
+        "object_id",
+        "status",
+        "attempts",
+        "received_at",
+        "processed_at",
+    ]
+    list_filter = ["status", "type"]
+    search_fields = ["stripe_event_id", "object_id"]
+    actions = ["replay"]
+
+    @admin.action(description="Replay: process again now (reads the current objects from Stripe)")
+    def replay(self, request, queryset):
+        results = {}
+        for event in queryset.order_by("stripe_created_at"):
+            try:
+                status = stripe_event_process(event_pk=event.pk, force=True)
+            except Exception as exc:  # shown to staff; the event keeps its error
+                status = f"error: {exc}"
+            results[event.stripe_event_id] = status or "busy"
+        level = (
+            messages.SUCCESS
+            if all(s == "processed" or s == "ignored" for s in results.values())
+            else messages.WARNING
+        )
+        self.message_user(request, ", ".join(f"{k}: {v}" for k, v in results.items()), level)
+
+
+@admin.register(OverageReport)
+class OverageReportAdmin(ReadOnlyAdmin):
+    list_display = ["identifier", "organization", "credits", "sent_at", "created_at"]
+
+
+@admin.register(PaymentReversal)
+class PaymentReversalAdmin(ReadOnlyAdmin):
+    list_display = [
+        "key",
+        "kind",
+        "organization",
+        "amount",
+        "currency",
+        "credits_clawed_back",
+        "credits_lost",
+        "created_at",
+    ]
+    list_filter = ["kind"]

@@ -1,0 +1,409 @@
+"""Billing: what is sold (plans, credit packs), to whom (Stripe customers), and
+what Stripe told us (subscriptions, invoices, events).
+
+Money is an integer in the currency's minor unit with the ISO currency beside
+it; credits are integers of micro-credits (metering.models.MICRO). Stripe is
+the system of record for subscriptions and invoices: the rows here are a
+mirror, refreshed from Stripe's current object whenever an event names it.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+
+class Plan(models.Model):
+    """A membership tier, editable by staff in the admin.
+
+    A change of price creates a new Stripe price on the next
+    `stripe_sync_catalog`; subscriptions on the old price keep it (StripePrice
+    remembers every price a plan ever had). Seat-based (team) plans charge
+    `monthly_price` and grant `monthly_credits` per seat.
+    """
+
+    code = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=100)
+    description = models.CharField(max_length=500, blank=True)
+    active = models.BooleanField(default=True, help_text="Offered to new subscribers.")
+    sort_order = models.PositiveSmallIntegerField(default=0)
+
+    currency = models.CharField(max_length=3, default="usd")
+    monthly_price = models.PositiveBigIntegerField(
+        help_text="Minor units per month (per seat for seat-based plans)."
+    )
+    monthly_credits = models.PositiveBigIntegerField(
+        help_text="Micro-credits granted per paid month (per seat for seat-based plans)."
+    )
+    rollover_percent = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="Unspent credits carried into the next month, as % of a month's credits (0 = none).",
+    )
+
+    seat_based = models.BooleanField(default=False)
+    min_seats = models.PositiveIntegerField(default=1)
+    max_seats = models.PositiveIntegerField(default=1)
+
+    # Entitlements written onto the organization (accounts.Organization).
+    model_tiers = models.JSONField(default=list, help_text='Access tiers, e.g. ["basic", "pro"].')
+    max_priority = models.CharField(max_length=16, default="standard")
+    requests_per_minute = models.PositiveIntegerField(default=60)
+    tokens_per_minute = models.PositiveIntegerField(default=100_000)
+    concurrent_jobs = models.PositiveIntegerField(default=4)
+
+    overage_allowed = models.BooleanField(default=False)
+    overage_price_per_1k = models.PositiveBigIntegerField(
+        default=0, help_text="Minor units per 1,000 credits used beyond the month's credits."
+    )
+    fair_use_ceiling = models.PositiveBigIntegerField(
+        default=0,
+        help_text="Most micro-credits of overage per month (per seat for seat-based plans).",
+    )
+
+    stripe_product_id = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["sort_order", "monthly_price"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(rollover_percent__lte=100), name="plan_rollover_percent_max_100"
+            ),
+            models.CheckConstraint(
+                condition=Q(min_seats__gte=1) & Q(max_seats__gte=models.F("min_seats")),
+                name="plan_seat_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(overage_allowed=False)
+                | (Q(overage_price_per_1k__gt=0) & Q(fair_use_ceiling__gt=0)),
+                name="plan_overage_priced",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.code
+
+    def amount_for(self, seats: int) -> int:
+        """Minor units per month for this many seats."""
+        return self.monthly_price * (seats if self.seat_based else 1)
+
+    def credits_for(self, seats: int) -> int:
+        """Micro-credits per month for this many seats."""
+        return self.monthly_credits * (seats if self.seat_based else 1)
+
+    def rollover_cap_for(self, seats: int) -> int:
+        # Floor: a cap never rounds in the customer's favour past the percent.
+        return self.credits_for(seats) * self.rollover_percent // 100
+
+    def overage_ceiling_for(self, seats: int) -> int:
+        return self.fair_use_ceiling * (seats if self.seat_based else 1)
+
+
+class CreditPack(models.Model):
+    """A one-time purchase of credits that last `validity_days` (12 months)."""
+
+    code = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=100)
+    active = models.BooleanField(default=True)
+    credits = models.PositiveBigIntegerField(help_text="Micro-credits.")
+    price = models.PositiveBigIntegerField(help_text="Minor units.")
+    currency = models.CharField(max_length=3, default="usd")
+    validity_days = models.PositiveIntegerField(default=365)
+    stripe_product_id = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["price"]
+        constraints = [
+            models.CheckConstraint(condition=Q(credits__gt=0), name="pack_credits_positive"),
+            models.CheckConstraint(condition=Q(price__gt=0), name="pack_price_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.code
+
+
+class PriceKind(models.TextChoices):
+    PLAN = "plan", "Plan, per month"
+    OVERAGE = "overage", "Plan overage, metered"
+    PACK = "pack", "Credit pack, one time"
+
+
+class StripePrice(models.Model):
+    """Every Stripe price we ever created, so an old subscription's price still
+    names its plan after the plan's price changed."""
+
+    stripe_price_id = models.CharField(max_length=255, unique=True)
+    kind = models.CharField(max_length=16, choices=PriceKind.choices)
+    plan = models.ForeignKey(
+        Plan, on_delete=models.PROTECT, null=True, blank=True, related_name="prices"
+    )
+    pack = models.ForeignKey(
+        CreditPack, on_delete=models.PROTECT, null=True, blank=True, related_name="prices"
+    )
+    unit_amount = models.PositiveBigIntegerField()
+    currency = models.CharField(max_length=3)
+    lookup_key = models.CharField(max_length=200)
+    current = models.BooleanField(default=True, help_text="The price new purchases use.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(kind="pack", pack__isnull=False, plan__isnull=True))
+                | (Q(kind__in=["plan", "overage"], plan__isnull=False, pack__isnull=True)),
+                name="stripe_price_owner_matches_kind",
+            ),
+            models.UniqueConstraint(
+                fields=["lookup_key"], condition=Q(current=True), name="stripe_price_one_current"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.lookup_key} ({self.stripe_price_id})"
+
+
+class BillingCustomer(models.Model):
+    """The organization's Stripe customer, and whether it may resell credits."""
+
+    organization = models.OneToOneField(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="billing_customer"
+    )
+    stripe_customer_id = models.CharField(max_length=255, unique=True)
+    email = models.EmailField(blank=True)
+    # Set by a refund or dispute: the marketplace refuses this organization's listings.
+    resale_frozen_at = models.DateTimeField(null=True, blank=True)
+    resale_frozen_reason = models.CharField(max_length=200, blank=True)
+    # Stripe Connect account for marketplace payouts, when the seller has one.
+    stripe_connect_account_id = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.organization_id}:{self.stripe_customer_id}"
+
+
+class Subscription(models.Model):
+    """Our mirror of one Stripe subscription.
+
+    `plan`/`seats` are what the organization is entitled to now; they follow
+    Stripe's items at once on an upgrade and at period end on a downgrade
+    (`scheduled_plan`/`scheduled_seats` hold the change until then).
+    """
+
+    class Status(models.TextChoices):
+        INCOMPLETE = "incomplete", "Incomplete"
+        INCOMPLETE_EXPIRED = "incomplete_expired", "Incomplete, expired"
+        TRIALING = "trialing", "Trialing"
+        ACTIVE = "active", "Active"
+        PAST_DUE = "past_due", "Past due"
+        UNPAID = "unpaid", "Unpaid"
+        CANCELED = "canceled", "Canceled"
+        PAUSED = "paused", "Paused"
+
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="subscriptions"
+    )
+    stripe_subscription_id = models.CharField(max_length=255, unique=True)
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="subscriptions")
+    seats = models.PositiveIntegerField(default=1)
+    scheduled_plan = models.ForeignKey(
+        Plan, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    scheduled_seats = models.PositiveIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=24, choices=Status.choices)
+    current_period_start = models.DateTimeField()
+    current_period_end = models.DateTimeField()
+    cancel_at_period_end = models.BooleanField(default=False)
+    canceled_at = models.DateTimeField(null=True, blank=True)
+    # A failed payment starts the grace period; past it, inference is suspended.
+    grace_until = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    synced_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            # One live subscription per organization; canceled ones stay as history.
+            models.UniqueConstraint(
+                fields=["organization"],
+                condition=~Q(status__in=["canceled", "incomplete_expired"]),
+                name="subscription_one_live_per_org",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.stripe_subscription_id} {self.plan_id}x{self.seats} {self.status}"
+
+    @property
+    def live(self) -> bool:
+        return self.status not in (self.Status.CANCELED, self.Status.INCOMPLETE_EXPIRED)
+
+
+class Invoice(models.Model):
+    """Our mirror of a Stripe invoice, for the API and for `stripe_reconcile`."""
+
+    stripe_invoice_id = models.CharField(max_length=255, unique=True)
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="invoices"
+    )
+    subscription = models.ForeignKey(
+        Subscription, on_delete=models.PROTECT, null=True, blank=True, related_name="invoices"
+    )
+    billing_reason = models.CharField(max_length=40, blank=True)
+    status = models.CharField(max_length=24)
+    currency = models.CharField(max_length=3)
+    amount_due = models.BigIntegerField()
+    amount_paid = models.BigIntegerField()
+    period_start = models.DateTimeField(null=True, blank=True)
+    period_end = models.DateTimeField(null=True, blank=True)
+    hosted_invoice_url = models.URLField(max_length=1000, blank=True)
+    stripe_payment_intent_id = models.CharField(max_length=255, blank=True, db_index=True)
+    # Micro-credits this invoice granted (0 until paid; the ledger holds the lot).
+    credits_granted = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField()
+    paid_at = models.DateTimeField(null=True, blank=True)
+    synced_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.stripe_invoice_id} {self.status}"
+
+
+class CheckoutKind(models.TextChoices):
+    SUBSCRIPTION = "subscription", "Subscription"
+    PACK = "pack", "Credit pack"
+    MARKET_ORDER = "market_order", "Marketplace order"
+
+
+class CheckoutStatus(models.TextChoices):
+    OPEN = "open", "Open"
+    COMPLETE = "complete", "Complete"
+    EXPIRED = "expired", "Expired"
+
+
+class CheckoutSession(models.Model):
+    """A Stripe Checkout session we created, and what it was for."""
+
+    stripe_session_id = models.CharField(max_length=255, unique=True)
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="checkout_sessions"
+    )
+    kind = models.CharField(max_length=16, choices=CheckoutKind.choices)
+    plan = models.ForeignKey(
+        Plan, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    pack = models.ForeignKey(
+        CreditPack, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    seats = models.PositiveIntegerField(default=1)
+    status = models.CharField(max_length=16, choices=CheckoutStatus.choices, default="open")
+    url = models.URLField(max_length=2000)
+    stripe_payment_intent_id = models.CharField(max_length=255, blank=True)
+    amount_total = models.BigIntegerField(default=0)
+    currency = models.CharField(max_length=3, default="usd")
+    created_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.stripe_session_id} {self.kind} {self.status}"
+
+
+class EventStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PROCESSING = "processing", "Processing"
+    PROCESSED = "processed", "Processed"
+    IGNORED = "ignored", "Ignored (type not handled)"
+    FAILED = "failed", "Failed"
+
+
+class StripeEvent(models.Model):
+    """A webhook event, stored once by its Stripe id before anything else happens."""
+
+    stripe_event_id = models.CharField(max_length=255, unique=True)
+    type = models.CharField(max_length=100)
+    object_type = models.CharField(max_length=64, blank=True)
+    object_id = models.CharField(max_length=255, blank=True)
+    livemode = models.BooleanField(default=False)
+    api_version = models.CharField(max_length=64, blank=True)
+    stripe_created_at = models.DateTimeField()
+    payload = models.JSONField()
+    status = models.CharField(max_length=16, choices=EventStatus.choices, default="pending")
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+    processing_started_at = models.DateTimeField(null=True, blank=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-received_at"]
+        indexes = [models.Index(fields=["status", "received_at"], name="stripe_event_status")]
+
+    def __str__(self) -> str:
+        return f"{self.stripe_event_id} {self.type} {self.status}"
+
+
+class OverageReport(models.Model):
+    """One batch of overage sent to the Stripe billing meter.
+
+    Written before the call, so a crash between the two resends the same
+    `identifier`, which Stripe refuses as a duplicate: invoiced once.
+    """
+
+    identifier = models.CharField(max_length=100, unique=True)
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="overage_reports"
+    )
+    subscription = models.ForeignKey(
+        Subscription, on_delete=models.PROTECT, related_name="overage_reports"
+    )
+    lot_id = models.BigIntegerField(help_text="The overage allowance lot this usage burned.")
+    credits = models.PositiveBigIntegerField(help_text="Whole credits in this batch.")
+    sent_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["pk"]
+        constraints = [
+            models.CheckConstraint(condition=Q(credits__gt=0), name="overage_report_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.identifier} {self.credits}"
+
+
+class PaymentReversal(models.Model):
+    """A refund or dispute of a payment that bought credits, and what it cost us.
+
+    `credits_clawed_back` were still unspent and were taken back;
+    `credits_lost` were already spent (or resold) and are recorded as a loss
+    for finance, never silently dropped.
+    """
+
+    class Kind(models.TextChoices):
+        REFUND = "refund", "Refund"
+        DISPUTE = "dispute", "Dispute"
+
+    # refund:<charge>:<cumulative amount refunded> or dispute:<dispute id>
+    key = models.CharField(max_length=255, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="payment_reversals"
+    )
+    stripe_charge_id = models.CharField(max_length=255)
+    stripe_payment_intent_id = models.CharField(max_length=255, blank=True)
+    amount = models.BigIntegerField(help_text="Minor units refunded or disputed by this event.")
+    currency = models.CharField(max_length=3)
+    credits_bought = models.BigIntegerField(help_text="Micro-credits the payment bought.")
+    credits_clawed_back = models.BigIntegerField(default=0)
+    credits_lost = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.key} -{self.credits_clawed_back} lost {self.credits_lost}"

@@ -1,0 +1,105 @@
+"""Billing's reconciliation: each paid subscription invoice has exactly one grant,
+and each invoice grant a paid invoice.
+
+`billing_ledger_checks` run inside `ledger_reconcile` (and after every test)
+over our own rows; `stripe_reconcile` asks Stripe itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gymbilling import stripe_client
+from gymbilling.models import BillingCustomer, Subscription
+from gymbilling.services.invoices import invoice_credits, invoice_subscription_id
+from metering.models import JournalTransaction
+from metering.reconcile import register, sql_rows
+
+
+def paid_invoices_without_grant() -> list[dict]:
+    return sql_rows(
+        """
+        SELECT i.stripe_invoice_id, i.credits_granted
+          FROM gymbilling_invoice i
+         WHERE i.status = 'paid' AND i.credits_granted > 0
+           AND NOT EXISTS (SELECT 1 FROM metering_journaltransaction t
+                            WHERE t.idempotency_key = 'grant:invoice:' || i.stripe_invoice_id)
+        """
+    )
+
+
+def grants_without_paid_invoice() -> list[dict]:
+    return sql_rows(
+        """
+        SELECT t.id, t.idempotency_key
+          FROM metering_journaltransaction t
+         WHERE t.idempotency_key LIKE 'grant:invoice:%'
+           AND NOT EXISTS (SELECT 1 FROM gymbilling_invoice i
+                            WHERE 'grant:invoice:' || i.stripe_invoice_id = t.idempotency_key
+                              AND i.status = 'paid')
+        """
+    )
+
+
+def billing_ledger_checks() -> None:
+    register(
+        "paid_invoice_granted",
+        "every paid invoice that bought credits has its grant",
+        paid_invoices_without_grant,
+    )
+    register(
+        "invoice_grant_paid", "every invoice grant has a paid invoice", grants_without_paid_invoice
+    )
+
+
+@dataclass
+class StripeReport:
+    checked: int = 0
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def stripe_reconcile() -> StripeReport:
+    """Compare Stripe's paid subscription invoices with the ledger's grants, both ways."""
+    report = StripeReport()
+    ours = set(BillingCustomer.objects.values_list("stripe_customer_id", flat=True))
+    subscriptions = {
+        s.stripe_subscription_id: s for s in Subscription.objects.select_related("plan")
+    }
+    paid_ids: set[str] = set()
+    for invoice in stripe_client.invoices_list(status="paid"):
+        sub_id = invoice_subscription_id(invoice)
+        if invoice.get("customer") not in ours or not sub_id:
+            continue
+        report.checked += 1
+        paid_ids.add(invoice["id"])
+        granted = JournalTransaction.objects.filter(
+            idempotency_key=f"grant:invoice:{invoice['id']}"
+        ).count()
+        subscription = subscriptions.get(sub_id)
+        if subscription is None:
+            report.mismatches.append(
+                f"paid invoice {invoice['id']}: subscription {sub_id} unknown here"
+            )
+            continue
+        expected, _ = invoice_credits(invoice=invoice, subscription=subscription)
+        if expected > 0 and granted != 1:
+            report.mismatches.append(
+                f"paid invoice {invoice['id']} ({invoice.get('billing_reason')}): {granted} grants, expected 1"
+            )
+        if expected <= 0 and granted:
+            report.mismatches.append(
+                f"paid invoice {invoice['id']} buys no credits but has a grant"
+            )
+    for key in JournalTransaction.objects.filter(
+        idempotency_key__startswith="grant:invoice:"
+    ).values_list("idempotency_key", flat=True):
+        invoice_id = key.removeprefix("grant:invoice:")
+        if invoice_id not in paid_ids:
+            report.mismatches.append(
+                f"grant {key}: no paid subscription invoice {invoice_id} at Stripe"
+            )
+    return report

@@ -1,0 +1,33 @@
+"""Every write of billing. Import services from here."""
+
+from gymbilling.services.catalog import catalog_sync
+from gymbilling.services.checkout import checkout_create, portal_create, subscription_change
+from gymbilling.services.customers import billing_customer_ensure
+from gymbilling.services.events import (
+    checkout_handler_register,
+    reversal_handler_register,
+    stripe_event_process,
+    stripe_event_record,
+    stripe_events_retry,
+)
+from gymbilling.services.overage import overage_report
+from gymbilling.services.payments import payment_reversal_apply, resale_freeze
+from gymbilling.services.subscriptions import subscription_sync, subscriptions_suspend_overdue
+
+__all__ = [
+    "billing_customer_ensure",
+    "catalog_sync",
+    "checkout_create",
+    "checkout_handler_register",
+    "overage_report",
+    "payment_reversal_apply",
+    "portal_create",
+    "resale_freeze",
+    "reversal_handler_register",
+    "stripe_event_process",
+    "stripe_event_record",
+    "stripe_events_retry",
+    "subscription_change",
+    "subscription_sync",
+    "subscriptions_suspend_overdue",
+]

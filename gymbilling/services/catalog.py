@@ -1,0 +1,267 @@
+"""`stripe_sync_catalog`: plans and packs become Stripe products and prices.
+
+Idempotent: products use our own ids (`gym_plan_<code>`, `gym_pack_<code>`);
+each price has a lookup key (`gym_plan_<code>`, `gym_plan_<code>_overage`,
+`gym_pack_<code>`) and is created only when no current price with that key
+has the right amount and currency. Stripe prices are immutable, so a changed
+amount makes a new price that takes over the lookup key; the old one is
+deactivated but stays in StripePrice, because subscriptions on it still name
+their plan through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+
+from gymbilling import stripe_client
+from gymbilling.models import CreditPack, Plan, PriceKind, StripePrice
+from metering.models import MICRO
+
+
+@dataclass
+class SyncReport:
+    products: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deactivated: list[str] = field(default_factory=list)
+
+
+def _same_amount(price: dict, amount: dict) -> bool:
+    if "unit_amount" in amount:
+        return price.get("unit_amount") == amount["unit_amount"]
+    return Decimal(str(price.get("unit_amount_decimal") or "NaN")) == Decimal(
+        amount["unit_amount_decimal"]
+    )
+
+
+def _price_ensure(
+    *,
+    report: SyncReport,
+    lookup_key: str,
+    kind: str,
+    owner: dict,
+    unit_amount: int,
+    currency: str,
+    product: str,
+    params: dict,
+) -> StripePrice:
+    current = StripePrice.objects.filter(lookup_key=lookup_key, current=True).first()
+    if current and current.unit_amount == unit_amount and current.currency == currency:
+        report.unchanged.append(lookup_key)
+        return current
+    # Metered overage is priced per credit in fractions of a minor unit
+    # (Stripe keeps up to 12 decimals); everything else in whole minor units.
+    per_credit = params.pop("per_1k_credits", False)
+    amount = (
+        {"unit_amount_decimal": str(Decimal(unit_amount) / 1000)}
+        if per_credit
+        else {"unit_amount": unit_amount}
+    )
+    # Another run may have created it at Stripe and crashed before our row.
+    for price in stripe_client.prices_by_lookup_key([lookup_key]):
+        if _same_amount(price, amount) and price.get("currency") == currency:
+            created = price
+            break
+    else:
+        version = StripePrice.objects.filter(lookup_key=lookup_key).count() + 1
+        created = stripe_client.price_create(
+            key=f"price:{lookup_key}:v{version}:{currency}:{unit_amount}",
+            product=product,
+            currency=currency,
+            **amount,
+            lookup_key=lookup_key,
+            transfer_lookup_key=True,
+            metadata={"kind": kind, **{k: str(v.pk) for k, v in owner.items()}},
+            **params,
+        )
+    with transaction.atomic():
+        if current:
+            StripePrice.objects.filter(pk=current.pk).update(current=False)
+            report.deactivated.append(current.stripe_price_id)
+        row, _ = StripePrice.objects.update_or_create(
+            stripe_price_id=created["id"],
+            defaults={
+                "kind": kind,
+                "unit_amount": unit_amount,
+                "currency": currency,
+                "lookup_key": lookup_key,
+                "current": True,
+                **owner,
+            },
+        )
+    if current:
+        stripe_client.price_deactivate(current.stripe_price_id)
+    report.created.append(lookup_key)
+    return row
+
+
+def _plan_sync(plan: Plan, report: SyncReport, meter_id: str | None) -> None:
+    product_id = f"gym_plan_{plan.code}"
+    stripe_client.product_upsert(
+        product_id=product_id,
+        name=f"{plan.name} membership",
+        description=plan.description,
+        metadata={"plan": plan.code},
+    )
+    Plan.objects.filter(pk=plan.pk).update(stripe_product_id=product_id)
+    report.products.append(product_id)
+    _price_ensure(
+        report=report,
+        lookup_key=f"gym_plan_{plan.code}",
+        kind=PriceKind.PLAN,
+        owner={"plan": plan},
+        unit_amount=plan.monthly_price,
+        currency=plan.currency,
+        product=product_id,
+        params={"recurring": {"interval": "month", "usage_type": "licensed"}},
+    )
+    if plan.overage_allowed and meter_id:
+        # The meter counts whole credits; the plan's price is per 1,000 of them.
+        _price_ensure(
+            report=report,
+            lookup_key=f"gym_plan_{plan.code}_overage",
+            kind=PriceKind.OVERAGE,
+            owner={"plan": plan},
+            unit_amount=plan.overage_price_per_1k,
+            currency=plan.currency,
+            product=product_id,
+            params={
+                "recurring": {"interval": "month", "usage_type": "metered", "meter": meter_id},
+                "per_1k_credits": True,
+            },
+        )
+
+
+def _pack_sync(pack: CreditPack, report: SyncReport) -> None:
+    product_id = f"gym_pack_{pack.code}"
+    stripe_client.product_upsert(
+        product_id=product_id,
+        name=f"{pack.name} credit pack",
+        description=f"Credits valid for {pack.validity_days} days.",
+        metadata={"pack": pack.code},
+    )
+    CreditPack.objects.filter(pk=pack.pk).update(stripe_product_id=product_id)
+    report.products.append(product_id)
+    _price_ensure(
+        report=report,
+        lookup_key=f"gym_pack_{pack.code}",
+        kind=PriceKind.PACK,
+        owner={"pack": pack},
+        unit_amount=pack.price,
+        currency=pack.currency,
+        product=product_id,
+        params={},
+    )
+
+
+def catalog_sync() -> SyncReport:
+    """Create or update the Stripe products and prices of every plan and pack."""
+    report = SyncReport()
+    meter_id = None
+    if Plan.objects.filter(overage_allowed=True).exists():
+        meter_id = stripe_client.meter_ensure(
+            event_name=settings.STRIPE_OVERAGE_EVENT_NAME, display_name="Overage credits"
+        )["id"]
+    for plan in Plan.objects.order_by("pk"):
+        _plan_sync(plan, report, meter_id)
+    for pack in CreditPack.objects.order_by("pk"):
+        _pack_sync(pack, report)
+    return report
+
+
+# The demo's and the tests' catalog: prices in US cents, credits in micro-credits.
+DEFAULT_PLANS = [
+    {
+        "code": "basic",
+        "name": "Basic",
+        "sort_order": 10,
+        "description": "For one member getting started: the basic models, standard priority.",
+        "monthly_price": 2_000,
+        "monthly_credits": 2_000 * MICRO,
+        "rollover_percent": 0,
+        "model_tiers": ["basic"],
+        "max_priority": "standard",
+        "requests_per_minute": 60,
+        "tokens_per_minute": 100_000,
+        "concurrent_jobs": 4,
+    },
+    {
+        "code": "pro",
+        "name": "Pro",
+        "sort_order": 20,
+        "description": "Every model, priority queue, a quarter of the month rolls over, overage billed.",
+        "monthly_price": 9_900,
+        "monthly_credits": 12_000 * MICRO,
+        "rollover_percent": 25,
+        "model_tiers": ["basic", "pro"],
+        "max_priority": "priority",
+        "requests_per_minute": 600,
+        "tokens_per_minute": 1_000_000,
+        "concurrent_jobs": 16,
+        "overage_allowed": True,
+        "overage_price_per_1k": 900,
+        "fair_use_ceiling": 20_000 * MICRO,
+    },
+    {
+        "code": "team",
+        "name": "Team",
+        "sort_order": 30,
+        "description": "Per seat: pro models for a whole team, half a month rolls over.",
+        "monthly_price": 4_900,
+        "monthly_credits": 5_000 * MICRO,
+        "rollover_percent": 50,
+        "seat_based": True,
+        "min_seats": 2,
+        "max_seats": 200,
+        "model_tiers": ["basic", "pro"],
+        "max_priority": "priority",
+        "requests_per_minute": 1_200,
+        "tokens_per_minute": 2_000_000,
+        "concurrent_jobs": 32,
+        "overage_allowed": True,
+        "overage_price_per_1k": 800,
+        "fair_use_ceiling": 10_000 * MICRO,
+    },
+    {
+        "code": "enterprise",
+        "name": "Enterprise",
+        "sort_order": 40,
+        "description": "Dedicated capacity tiers, a full month rolls over, high limits.",
+        "monthly_price": 99_900,
+        "monthly_credits": 150_000 * MICRO,
+        "rollover_percent": 100,
+        "model_tiers": ["basic", "pro", "enterprise"],
+        "max_priority": "priority",
+        "requests_per_minute": 6_000,
+        "tokens_per_minute": 10_000_000,
+        "concurrent_jobs": 128,
+        "overage_allowed": True,
+        "overage_price_per_1k": 600,
+        "fair_use_ceiling": 500_000 * MICRO,
+    },
+]
+DEFAULT_PACKS = [
+    {"code": "boost-1k", "name": "Boost 1k", "credits": 1_000 * MICRO, "price": 1_200},
+    {"code": "boost-10k", "name": "Boost 10k", "credits": 10_000 * MICRO, "price": 10_000},
+]
+
+
+def catalog_seed_defaults() -> tuple[int, int]:
+    """Create the default plans and packs where their codes are missing (never overwrites)."""
+    plans = sum(
+        Plan.objects.get_or_create(
+            code=p["code"], defaults={k: v for k, v in p.items() if k != "code"}
+        )[1]
+        for p in DEFAULT_PLANS
+    )
+    packs = sum(
+        CreditPack.objects.get_or_create(
+            code=p["code"], defaults={k: v for k, v in p.items() if k != "code"}
+        )[1]
+        for p in DEFAULT_PACKS
+    )
+    return plans, packs

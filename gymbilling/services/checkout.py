@@ -1,0 +1,246 @@
+"""Starting a purchase: Checkout for a new subscription or a pack, a direct
+Stripe update for a plan or seat change, and the customer portal.
+
+Nothing is written until Stripe has answered: a Stripe outage is a clear 503
+(`payments_unavailable`) and leaves no row behind. Credits are never granted
+here; they follow the webhook of the paid invoice or session.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from accounts.errors import ApplicationError
+from accounts.models import Organization
+from gymbilling import stripe_client
+from gymbilling.models import (
+    CheckoutKind,
+    CheckoutSession,
+    CreditPack,
+    Plan,
+    PriceKind,
+    StripePrice,
+    Subscription,
+)
+from gymbilling.services.customers import billing_customer_ensure
+from gymbilling.services.subscriptions import live_subscription
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    url: str
+    kind: str  # "checkout" (pay on the page), "subscription_updated", "change_scheduled"
+    session_id: str = ""
+
+
+def _unavailable(exc: Exception) -> ApplicationError:
+    return ApplicationError(
+        code="payments_unavailable",
+        message="The payment provider cannot be reached right now; nothing was charged. Try again in a minute.",
+        status=503,
+    )
+
+
+def _current_price(
+    *, kind: str, plan: Plan | None = None, pack: CreditPack | None = None
+) -> StripePrice:
+    price = StripePrice.objects.filter(kind=kind, plan=plan, pack=pack, current=True).first()
+    if price is None:
+        raise ApplicationError(
+            code="not_for_sale",
+            message="This item has no price at the payment provider yet; staff must run stripe_sync_catalog.",
+            status=409,
+        )
+    return price
+
+
+def _require_configured() -> None:
+    if not stripe_client.configured():
+        raise ApplicationError(
+            code="billing_not_configured",
+            message="Billing is not enabled on this deployment (STRIPE_SECRET_KEY is not set).",
+            status=503,
+        )
+
+
+def _urls() -> tuple[str, str]:
+    base = settings.SITE_URL.rstrip("/")
+    return f"{base}/billing/?checkout=success", f"{base}/billing/?checkout=canceled"
+
+
+def checkout_create(
+    *,
+    organization: Organization,
+    plan: Plan | None = None,
+    pack: CreditPack | None = None,
+    seats: int = 1,
+) -> CheckoutResult:
+    """Subscribe, change plan or seats, or buy a pack."""
+    _require_configured()
+    if (plan is None) == (pack is None):
+        raise ApplicationError(
+            code="invalid_request", message="Give exactly one of plan or pack.", param="plan"
+        )
+    if plan is not None:
+        if not plan.active:
+            raise ApplicationError(
+                code="plan_not_available",
+                message=f"The plan {plan.code!r} is not offered.",
+                param="plan",
+            )
+        if not plan.seat_based and seats != 1:
+            raise ApplicationError(
+                code="invalid_seats",
+                message=f"The plan {plan.code!r} is not sold per seat; use seats=1.",
+                param="seats",
+            )
+        if not plan.min_seats <= seats <= plan.max_seats:
+            raise ApplicationError(
+                code="invalid_seats",
+                message=f"The plan {plan.code!r} takes {plan.min_seats} to {plan.max_seats} seats.",
+                param="seats",
+            )
+        current = live_subscription(organization)
+        if current is not None:
+            return subscription_change(subscription=current, plan=plan, seats=seats)
+    elif not pack.active:
+        raise ApplicationError(
+            code="pack_not_available",
+            message=f"The pack {pack.code!r} is not offered.",
+            param="pack",
+        )
+    try:
+        return _session_create(organization=organization, plan=plan, pack=pack, seats=seats)
+    except stripe_client.StripeUnavailable as exc:
+        raise _unavailable(exc) from exc
+
+
+def _session_create(*, organization, plan, pack, seats) -> CheckoutResult:
+    customer = billing_customer_ensure(organization=organization)
+    success_url, cancel_url = _urls()
+    metadata = {"organization_id": str(organization.pk)}
+    if plan is not None:
+        price = _current_price(kind=PriceKind.PLAN, plan=plan)
+        items = [{"price": price.stripe_price_id, "quantity": seats}]
+        metadata["plan"] = plan.code
+        overage = StripePrice.objects.filter(
+            kind=PriceKind.OVERAGE, plan=plan, current=True
+        ).first()
+        if overage is not None:
+            items.append({"price": overage.stripe_price_id})
+        params = {
+            "mode": "subscription",
+            "line_items": items,
+            "subscription_data": {"metadata": metadata},
+        }
+        kind = CheckoutKind.SUBSCRIPTION
+    else:
+        price = _current_price(kind=PriceKind.PACK, pack=pack)
+        metadata["pack"] = pack.code
+        params = {
+            "mode": "payment",
+            "line_items": [{"price": price.stripe_price_id, "quantity": 1}],
+            "payment_intent_data": {"metadata": metadata},
+        }
+        kind = CheckoutKind.PACK
+    session = stripe_client.checkout_session_create(
+        key=f"checkout:{organization.pk}:{uuid.uuid4()}",
+        customer=customer.stripe_customer_id,
+        client_reference_id=str(organization.pk),
+        success_url=success_url,
+        cancel_url=cancel_url,
+        metadata=metadata,
+        **params,
+    )
+    CheckoutSession.objects.create(
+        stripe_session_id=session["id"],
+        organization=organization,
+        kind=kind,
+        plan=plan,
+        pack=pack,
+        seats=seats,
+        url=session["url"],
+        amount_total=int(session.get("amount_total") or 0),
+        currency=str(session.get("currency") or price.currency),
+    )
+    return CheckoutResult(url=session["url"], kind="checkout", session_id=session["id"])
+
+
+def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutResult:
+    """Change the plan or seats of a live subscription, with the card on file.
+
+    An upgrade is invoiced at once for the prorated difference (and, paid,
+    grants the prorated credits); a downgrade changes the price from the next
+    period, and the organization keeps what it paid for until then.
+    """
+    if (plan.pk, seats) == (
+        subscription.plan_id,
+        subscription.seats,
+    ) and not subscription.scheduled_plan_id:
+        raise ApplicationError(
+            code="no_change",
+            message="The subscription already has this plan and seats.",
+            status=409,
+        )
+    if subscription.plan.currency != plan.currency:
+        raise ApplicationError(
+            code="currency_mismatch",
+            message="A subscription cannot change currency; cancel it and subscribe again.",
+            param="plan",
+        )
+    upgrade = plan.amount_for(seats) >= subscription.plan.amount_for(subscription.seats)
+    price = _current_price(kind=PriceKind.PLAN, plan=plan)
+    try:
+        stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
+        item = _plan_item(stripe_sub)
+        stripe_client.subscription_update(
+            subscription.stripe_subscription_id,
+            key=f"change:{subscription.stripe_subscription_id}:{plan.code}:{seats}:{uuid.uuid4()}",
+            items=[{"id": item["id"], "price": price.stripe_price_id, "quantity": seats}],
+            proration_behavior="always_invoice" if upgrade else "none",
+            cancel_at_period_end=False,
+            metadata={"plan": plan.code},
+        )
+    except stripe_client.StripeUnavailable as exc:
+        raise _unavailable(exc) from exc
+    except stripe_client.StripeCardDeclined as exc:
+        raise ApplicationError(
+            code="card_declined",
+            message=f"The card on file was declined ({exc}); update it in the billing portal.",
+            status=402,
+        ) from exc
+    success_url, _ = _urls()
+    return CheckoutResult(
+        url=success_url, kind="subscription_updated" if upgrade else "change_scheduled"
+    )
+
+
+def _plan_item(stripe_sub: dict) -> dict:
+    plan_prices = set(
+        StripePrice.objects.filter(kind=PriceKind.PLAN).values_list("stripe_price_id", flat=True)
+    )
+    for item in (stripe_sub.get("items") or {}).get("data") or []:
+        if (item.get("price") or {}).get("id") in plan_prices:
+            return item
+    raise ApplicationError(
+        code="subscription_unknown",
+        message="The subscription has no plan item we know; contact support.",
+        status=409,
+    )
+
+
+def portal_create(*, organization: Organization) -> str:
+    """A Stripe customer-portal URL, to manage cards and cancel."""
+    _require_configured()
+    try:
+        customer = billing_customer_ensure(organization=organization)
+        session = stripe_client.portal_session_create(
+            customer=customer.stripe_customer_id,
+            return_url=f"{settings.SITE_URL.rstrip('/')}/billing/",
+        )
+    except stripe_client.StripeUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return session["url"]

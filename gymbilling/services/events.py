@@ -1,0 +1,264 @@
+"""Stripe webhook events: stored once, processed at least once, safely.
+
+`stripe_event_record` runs in the webhook view: the signature is already
+verified; the event is inserted by its Stripe id (unique), so a duplicate
+delivery is a no-op, and a Celery task is queued after commit.
+
+`stripe_event_process` runs in the task. It claims the event (one worker at a
+time), re-reads the object the event names from Stripe (the payload may be
+stale: events arrive late, twice and out of order), and applies it under a
+per-customer lock, so two events about one customer never interleave their
+read-from-Stripe and write. Every handler is idempotent: grants are keyed by
+invoice or session id in the ledger.
+
+Stripe unreachable -> the event goes back to pending with the error and is
+retried (the task's retry, then the beat sweep); any other failure marks it
+failed with the error, to be replayed from the admin once fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from gymbilling import stripe_client
+from gymbilling.models import CheckoutSession, EventStatus, StripeEvent
+from gymbilling.services.invoices import invoice_subscription_id, invoice_sync
+from gymbilling.services.payments import (
+    checkout_session_mirror,
+    pack_purchase_grant,
+    payment_reversal_apply,
+)
+from gymbilling.services.subscriptions import SubscriptionUnknown, subscription_sync
+
+logger = logging.getLogger(__name__)
+
+# The marketplace (and any later module) adds what a completed or expired
+# Checkout session of its kind means, and what a refund of its payment means.
+CheckoutHandler = Callable[[CheckoutSession, dict], None]
+_checkout_handlers: dict[str, CheckoutHandler] = {}
+ReversalHandler = Callable[..., bool]
+_reversal_handlers: list[ReversalHandler] = []
+
+
+def checkout_handler_register(kind: str, handler: CheckoutHandler) -> None:
+    _checkout_handlers[kind] = handler
+
+
+def reversal_handler_register(handler: ReversalHandler) -> None:
+    """`handler(kind=, key=, charge=, amount=, cumulative=) -> bool` (True: it was its payment)."""
+    if handler not in _reversal_handlers:
+        _reversal_handlers.append(handler)
+
+
+class EventRetryLater(RuntimeError):
+    """Stripe could not be reached; the event stays pending."""
+
+
+# --- receive ---------------------------------------------------------------------
+
+
+def stripe_event_record(*, event: stripe_client.WebhookEvent) -> tuple[StripeEvent, bool]:
+    """Store a verified event once; returns (row, created). Queues processing on commit."""
+    from gymbilling.tasks import stripe_event_process_task
+
+    try:
+        with transaction.atomic():
+            row = StripeEvent.objects.create(
+                stripe_event_id=event.id,
+                type=event.type,
+                object_type=event.object_type,
+                object_id=event.object_id,
+                livemode=event.livemode,
+                api_version=event.api_version,
+                stripe_created_at=datetime.fromtimestamp(event.created, tz=UTC),
+                payload=event.payload,
+            )
+            transaction.on_commit(lambda: stripe_event_process_task.delay(row.pk))
+            return row, True
+    except IntegrityError:
+        return StripeEvent.objects.get(stripe_event_id=event.id), False
+
+
+# --- process -----------------------------------------------------------------------
+
+
+def _claim(event_pk: int, *, force: bool) -> StripeEvent | None:
+    """Move the event to processing if nobody else is on it; None if not ours to run."""
+    now = timezone.now()
+    claimable = Q(status=EventStatus.PENDING)
+    if force:
+        claimable |= Q(status__in=[EventStatus.FAILED, EventStatus.PROCESSED, EventStatus.IGNORED])
+    # A worker that died mid-event leaves it processing; after the retry delay
+    # anyone may take it over.
+    claimable |= Q(
+        status=EventStatus.PROCESSING,
+        processing_started_at__lt=now - settings.BILLING_EVENT_RETRY_AFTER,
+    )
+    from django.db.models import F
+
+    claimed = StripeEvent.objects.filter(claimable, pk=event_pk).update(
+        status=EventStatus.PROCESSING, processing_started_at=now, attempts=F("attempts") + 1
+    )
+    return StripeEvent.objects.get(pk=event_pk) if claimed else None
+
+
+def _finish(event: StripeEvent, status: str, error: str = "") -> None:
+    StripeEvent.objects.filter(pk=event.pk).update(
+        status=status,
+        last_error=error[:4000],
+        processed_at=timezone.now()
+        if status in (EventStatus.PROCESSED, EventStatus.IGNORED)
+        else None,
+    )
+
+
+@contextmanager
+def customer_lock(customer: str) -> Iterator[None]:
+    """Serialize everything about one Stripe customer across workers (PostgreSQL)."""
+    if connection.vendor != "postgresql" or not customer:
+        yield
+        return
+    lock_id = zlib.crc32(f"stripe-customer:{customer}".encode())
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s)", [lock_id])
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [lock_id])
+
+
+def stripe_event_process(*, event_pk: int, force: bool = False) -> str | None:
+    """Apply one stored event; returns its final status, None if another worker has it."""
+    event = _claim(event_pk, force=force)
+    if event is None:
+        return None
+    obj = (event.payload.get("data") or {}).get("object") or {}
+    customer = obj.get("customer") if isinstance(obj.get("customer"), str) else ""
+    try:
+        with customer_lock(customer or event.object_id):
+            handled = _dispatch(event)
+    except stripe_client.StripeUnavailable as exc:
+        _finish(event, EventStatus.PENDING, f"Stripe unreachable: {exc}")
+        raise EventRetryLater(str(exc)) from exc
+    except Exception as exc:  # recorded for the admin's replay, then re-raised for the logs
+        logger.exception("stripe event %s failed", event.stripe_event_id)
+        _finish(event, EventStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        return EventStatus.FAILED
+    status = EventStatus.PROCESSED if handled else EventStatus.IGNORED
+    _finish(event, status)
+    return status
+
+
+def _dispatch(event: StripeEvent) -> bool:
+    kind, object_id = event.type, event.object_id
+    if kind.startswith("checkout.session."):
+        return checkout_session_refresh(session_id=object_id)
+    if kind.startswith("customer.subscription."):
+        return subscription_refresh(subscription_id=object_id)
+    if kind.startswith("invoice."):
+        return invoice_refresh(invoice_id=object_id)
+    if kind in ("charge.refunded", "charge.refund.updated"):
+        obj = (event.payload.get("data") or {}).get("object") or {}
+        charge_id = object_id if kind == "charge.refunded" else str(obj.get("charge") or "")
+        return charge_refund_refresh(charge_id=charge_id)
+    if kind.startswith("charge.dispute."):
+        return dispute_refresh(dispute_id=object_id)
+    return False
+
+
+# --- handlers: read the current object, then apply it -----------------------------------
+
+
+def subscription_refresh(*, subscription_id: str):
+    try:
+        return subscription_sync(stripe_sub=stripe_client.subscription_retrieve(subscription_id))
+    except SubscriptionUnknown as exc:
+        logger.warning("ignored subscription %s: %s", subscription_id, exc)
+        return False
+
+
+def invoice_refresh(*, invoice_id: str) -> bool:
+    invoice = stripe_client.invoice_retrieve(invoice_id)
+    subscription = None
+    sub_id = invoice_subscription_id(invoice)
+    if sub_id:
+        subscription = subscription_refresh(subscription_id=sub_id) or None
+    return invoice_sync(invoice=invoice, subscription=subscription) is not None
+
+
+def checkout_session_refresh(*, session_id: str) -> bool:
+    session = stripe_client.checkout_session_retrieve(session_id)
+    checkout = checkout_session_mirror(session=session)
+    if checkout is None:
+        return False
+    if session.get("subscription"):
+        sub_id = session["subscription"]
+        subscription_refresh(subscription_id=sub_id if isinstance(sub_id, str) else sub_id["id"])
+    handler = _checkout_handlers.get(checkout.kind)
+    if handler is not None:
+        handler(checkout, session)
+    elif session.get("payment_status") == "paid":
+        pack_purchase_grant(checkout=checkout)
+    return True
+
+
+def charge_refund_refresh(*, charge_id: str) -> bool:
+    charge = stripe_client.charge_retrieve(charge_id)
+    refunded = int(charge.get("amount_refunded") or 0)
+    if refunded <= 0:
+        return False
+    params = {
+        "kind": "refund",
+        "key": f"refund:{charge_id}:{refunded}",
+        "charge": charge,
+        "amount": refunded,
+        "cumulative": True,
+    }
+    if any(handler(**params) for handler in _reversal_handlers):
+        return True
+    return payment_reversal_apply(**params) is not None
+
+
+def dispute_refresh(*, dispute_id: str) -> bool:
+    dispute = stripe_client.dispute_retrieve(dispute_id)
+    charge_id = dispute.get("charge")
+    if isinstance(charge_id, dict):
+        charge_id = charge_id.get("id")
+    charge = stripe_client.charge_retrieve(str(charge_id))
+    params = {
+        "kind": "dispute",
+        "key": f"dispute:{dispute_id}",
+        "charge": charge,
+        "amount": int(dispute.get("amount") or 0),
+        "cumulative": False,
+    }
+    if any(handler(**params) for handler in _reversal_handlers):
+        return True
+    return payment_reversal_apply(**params) is not None
+
+
+def stripe_events_retry(*, now: datetime | None = None) -> int:
+    """Queue again every event left pending, or stuck processing, for a while."""
+    from gymbilling.tasks import stripe_event_process_task
+
+    now = now or timezone.now()
+    stale = now - settings.BILLING_EVENT_RETRY_AFTER
+    due = StripeEvent.objects.filter(
+        Q(status=EventStatus.PENDING, received_at__lt=stale)
+        | Q(status=EventStatus.PROCESSING, processing_started_at__lt=stale)
+    ).values_list("pk", flat=True)[:500]
+    count = 0
+    for pk in due:
+        stripe_event_process_task.delay(pk)
+        count += 1
+    return count

@@ -1,0 +1,184 @@
+"""Paid subscription invoices grant credits: once per invoice, keyed by its id.
+
+The credits an invoice buys are read from its lines, priced by the plan of
+each line's price:
+- a regular line (billing_reason subscription_create/cycle) buys a month of
+  the plan's credits for its quantity;
+- proration lines (an upgrade, billing_reason subscription_update) buy the
+  fraction of a month their period covers, and an unused-time line (negative
+  amount) gives the same fraction of the old plan back: the grant is the
+  difference, floored to a micro-credit (never in the customer's favour by
+  more than the rounding of one line);
+- metered overage lines buy nothing (the credits were already used).
+
+Subscription credits expire at the end of the period they were bought for,
+or a period later when the plan rolls over some of them (the rollover cap is
+enforced at the period change: subscriptions.period_rollover).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.db import transaction
+
+from gymbilling.models import Invoice, PriceKind, StripePrice, Subscription
+from gymbilling.services.customers import organization_for_customer
+from gymbilling.services.subscriptions import ts
+from metering.models import JournalTransaction, LotSource
+from metering.services import credits_grant
+
+OVERAGE_LOT_PRIORITY = 1000  # burned after every other lot: overage is the last resort
+
+
+def invoice_subscription_id(invoice: dict) -> str | None:
+    """The subscription an invoice bills (its place moved in API version 2025-03-31)."""
+    details = ((invoice.get("parent") or {}).get("subscription_details")) or {}
+    return details.get("subscription") or invoice.get("subscription") or None
+
+
+def invoice_payment_intent_id(invoice: dict) -> str:
+    if invoice.get("payment_intent"):
+        return str(invoice["payment_intent"])
+    for payment in (invoice.get("payments") or {}).get("data") or []:
+        intent = (payment.get("payment") or {}).get("payment_intent")
+        if intent:
+            return str(intent)
+    return ""
+
+
+def _line_price_id(line: dict) -> str | None:
+    pricing = (line.get("pricing") or {}).get("price_details") or {}
+    price = pricing.get("price") or line.get("price")
+    if isinstance(price, dict):
+        price = price.get("id")
+    return price
+
+
+def invoice_credits(*, invoice: dict, subscription: Subscription) -> tuple[int, datetime | None]:
+    """The micro-credits this invoice buys, and when they expire."""
+    lines = (invoice.get("lines") or {}).get("data") or []
+    price_ids = [_line_price_id(line) for line in lines]
+    prices = {
+        p.stripe_price_id: p
+        for p in StripePrice.objects.filter(
+            stripe_price_id__in=[p for p in price_ids if p], kind=PriceKind.PLAN
+        ).select_related("plan")
+    }
+    period_seconds = max(
+        1,
+        int((subscription.current_period_end - subscription.current_period_start).total_seconds()),
+    )
+    total = 0
+    expires_at: datetime | None = None
+    for line in lines:
+        price = prices.get(_line_price_id(line))
+        if price is None:
+            continue
+        plan = price.plan
+        quantity = int(line.get("quantity") or 1)
+        period = line.get("period") or {}
+        start, end = ts(period.get("start")), ts(period.get("end"))
+        month_credits = plan.credits_for(quantity)
+        if line.get("proration") or (
+            (line.get("parent") or {}).get("subscription_item_details") or {}
+        ).get("proration"):
+            covered = max(0, int((end - start).total_seconds())) if start and end else 0
+            share = month_credits * min(covered, period_seconds) // period_seconds
+            total += share if int(line.get("amount") or 0) >= 0 else -share
+        else:
+            total += month_credits
+        if end is not None:
+            lot_end = end
+            if plan.rollover_percent:
+                lot_end = end + (end - start if start else timedelta(days=31))
+            expires_at = max(expires_at, lot_end) if expires_at else lot_end
+    return total, expires_at
+
+
+def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice | None:
+    """Mirror the invoice; if it is a paid subscription invoice, grant its credits once."""
+    org = organization_for_customer(str(invoice.get("customer") or ""))
+    if org is None:
+        return None
+    paid = invoice.get("status") == "paid"
+    transitions = invoice.get("status_transitions") or {}
+    period_start = ts(invoice.get("period_start"))
+    period_end = ts(invoice.get("period_end"))
+    lines = (invoice.get("lines") or {}).get("data") or []
+    line_ends = [ts((line.get("period") or {}).get("end")) for line in lines]
+    line_ends = [end for end in line_ends if end]
+    if line_ends:
+        # The period the invoice bought (Stripe's invoice period_* is the
+        # period before it, for subscription invoices billed in advance).
+        period_start = min(
+            ts((line.get("period") or {}).get("start")) or period_start for line in lines
+        )
+        period_end = max(line_ends)
+    credits, expires_at = (0, None)
+    if paid and subscription is not None:
+        credits, expires_at = invoice_credits(invoice=invoice, subscription=subscription)
+    with transaction.atomic():
+        row, _ = Invoice.objects.update_or_create(
+            stripe_invoice_id=invoice["id"],
+            defaults={
+                "organization": org,
+                "subscription": subscription,
+                "billing_reason": str(invoice.get("billing_reason") or ""),
+                "status": str(invoice.get("status") or ""),
+                "currency": str(invoice.get("currency") or ""),
+                "amount_due": int(invoice.get("amount_due") or 0),
+                "amount_paid": int(invoice.get("amount_paid") or 0),
+                "period_start": period_start,
+                "period_end": period_end,
+                "hosted_invoice_url": str(invoice.get("hosted_invoice_url") or ""),
+                "stripe_payment_intent_id": invoice_payment_intent_id(invoice),
+                "created_at": ts(invoice.get("created")),
+                "paid_at": ts(transitions.get("paid_at")) if paid else None,
+            },
+        )
+    already = JournalTransaction.objects.filter(
+        idempotency_key=f"grant:invoice:{invoice['id']}"
+    ).exists()
+    # The amount depends on the subscription's period, which moves on: a
+    # replay after the period changed must not compute a second, different
+    # grant (the ledger's key would refuse it as a conflict). The key is the
+    # gate; this read only spares the replay that refusal.
+    if credits > 0 and not already:
+        subscription_period_grant(
+            invoice=row, subscription=subscription, credits=credits, expires_at=expires_at
+        )
+    return row
+
+
+def subscription_period_grant(
+    *, invoice: Invoice, subscription: Subscription, credits: int, expires_at: datetime | None
+) -> None:
+    """Grant what a paid invoice bought (and the plan's overage allowance), once."""
+    plan = subscription.plan
+    credits_grant(
+        organization=invoice.organization,
+        amount=credits,
+        source=LotSource.SUBSCRIPTION,
+        paid=True,
+        resellable=True,
+        key=f"invoice:{invoice.stripe_invoice_id}",
+        expires_at=expires_at,
+        memo=f"{plan.code} x{subscription.seats}, invoice {invoice.stripe_invoice_id}",
+    )
+    Invoice.objects.filter(pk=invoice.pk).update(credits_granted=credits)
+    if plan.overage_allowed and invoice.billing_reason in (
+        "subscription_create",
+        "subscription_cycle",
+    ):
+        credits_grant(
+            organization=invoice.organization,
+            amount=plan.overage_ceiling_for(subscription.seats),
+            source=LotSource.OVERAGE,
+            paid=False,
+            resellable=False,
+            priority=OVERAGE_LOT_PRIORITY,
+            key=f"overage:{invoice.stripe_invoice_id}",
+            expires_at=invoice.period_end or subscription.current_period_end,
+            memo=f"overage allowance of {plan.code}, invoiced by the usage meter",
+        )

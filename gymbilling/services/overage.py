@@ -1,0 +1,88 @@
+"""Overage: usage beyond a month's credits, reported to a Stripe billing meter.
+
+Where a plan allows overage, each paid period also grants an *overage
+allowance* lot (source=overage, unpaid, not resellable, burned after every
+other lot, as large as the plan's fair-use ceiling, expiring with the
+period): holds and settlement work unchanged, the wallet never goes
+negative, and what was burned from the allowance is exactly the overage.
+
+Every run reports, per allowance lot, the whole credits burned since the last
+report, as one meter event whose identifier is the lot and the running total
+(`ovg_<lot>_<total>`). The OverageReport row is written before the call and
+marked sent after, so a crash in between resends the same identifier, which
+Stripe refuses as a duplicate: each credit is invoiced once.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from gymbilling import stripe_client
+from gymbilling.models import BillingCustomer, Invoice, OverageReport
+from metering.models import MICRO, CreditLot, LotMovement, LotSource, TransactionKind
+
+
+def overage_used(lot: CreditLot) -> int:
+    """Micro-credits of the allowance spent (not expired, not still held)."""
+    expired = (
+        LotMovement.objects.filter(lot=lot, transaction__kind=TransactionKind.EXPIRY).aggregate(
+            total=Sum("amount")
+        )["total"]
+        or 0
+    )
+    return lot.amount - lot.remaining + expired  # expiry movements are negative
+
+
+def _lot_subscription(lot: CreditLot):
+    key = lot.created_by.idempotency_key  # grant:overage:<invoice id>
+    invoice_id = key.removeprefix("grant:overage:")
+    invoice = (
+        Invoice.objects.filter(stripe_invoice_id=invoice_id).select_related("subscription").first()
+    )
+    return invoice.subscription if invoice else None
+
+
+def overage_report(*, now=None) -> int:
+    """Report new overage to Stripe; returns the whole credits reported in this run."""
+    now = now or timezone.now()
+    reported = 0
+    lots = (
+        CreditLot.objects.filter(source=LotSource.OVERAGE, account__kind="wallet")
+        .select_related("created_by", "organization")
+        .order_by("pk")
+    )
+    for lot in lots:
+        if lot.remaining == lot.amount:
+            continue
+        used = overage_used(lot) // MICRO  # whole credits; the rest waits for the next run
+        done = OverageReport.objects.filter(lot_id=lot.pk).aggregate(t=Sum("credits"))["t"] or 0
+        if used > done:
+            subscription = _lot_subscription(lot)
+            if subscription is None:
+                continue
+            try:
+                with transaction.atomic():
+                    OverageReport.objects.create(
+                        identifier=f"ovg_{lot.pk}_{used}",
+                        organization=lot.organization,
+                        subscription=subscription,
+                        lot_id=lot.pk,
+                        credits=used - done,
+                    )
+            except IntegrityError:
+                pass  # another run wrote this batch; it is sent below
+    for report in OverageReport.objects.filter(sent_at__isnull=True).select_related("organization"):
+        customer = BillingCustomer.objects.get(organization=report.organization)
+        stripe_client.meter_event_create(
+            event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
+            customer=customer.stripe_customer_id,
+            value=report.credits,
+            identifier=report.identifier,
+            timestamp=int(now.timestamp()),
+        )
+        OverageReport.objects.filter(pk=report.pk).update(sent_at=now)
+        reported += report.credits
+    return reported

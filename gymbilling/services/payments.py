@@ -1,0 +1,153 @@
+"""One-time payments (credit packs) and the reversal of any payment that bought credits.
+
+A refund or dispute claws back the credits the payment bought that are still
+unspent in the buyer's wallet, in proportion to the money returned (rounded
+up: a refund of any part of a payment takes back at least that share), and
+records what was already spent as a loss. Either also freezes reselling for
+the organization until finance lifts it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from gymbilling.models import (
+    BillingCustomer,
+    CheckoutKind,
+    CheckoutSession,
+    CheckoutStatus,
+    Invoice,
+    PaymentReversal,
+)
+from metering.models import CreditLot, JournalTransaction, LotSource
+from metering.services import credits_grant, lot_clawback
+
+
+def checkout_session_mirror(*, session: dict) -> CheckoutSession | None:
+    """Record Stripe's view of a Checkout session we created; None if not ours."""
+    row = CheckoutSession.objects.filter(stripe_session_id=session["id"]).first()
+    if row is None:
+        return None
+    status = str(session.get("status") or "")
+    updates: dict = {}
+    if status in CheckoutStatus.values and status != row.status:
+        updates["status"] = status
+    intent = session.get("payment_intent")
+    if isinstance(intent, dict):
+        intent = intent.get("id")
+    if intent and intent != row.stripe_payment_intent_id:
+        updates["stripe_payment_intent_id"] = intent
+    if session.get("amount_total") is not None:
+        updates["amount_total"] = int(session["amount_total"])
+    if status == CheckoutStatus.COMPLETE and row.completed_at is None:
+        updates["completed_at"] = timezone.now()
+    completed_at = updates.pop("completed_at", None)
+    if updates:
+        CheckoutSession.objects.filter(pk=row.pk).update(**updates)
+    if completed_at:
+        # Set once (the pack's validity counts from it): the first writer wins.
+        CheckoutSession.objects.filter(pk=row.pk, completed_at__isnull=True).update(
+            completed_at=completed_at
+        )
+    if updates or completed_at:
+        row.refresh_from_db()
+    return row
+
+
+def pack_purchase_grant(*, checkout: CheckoutSession) -> CreditLot | None:
+    """A paid pack checkout grants the pack's credits, valid `validity_days`, once."""
+    if checkout.kind != CheckoutKind.PACK or checkout.completed_at is None:
+        return None
+    pack = checkout.pack
+    return credits_grant(
+        organization=checkout.organization,
+        amount=pack.credits,
+        source=LotSource.PACK,
+        paid=True,
+        resellable=False,
+        key=f"pack:{checkout.stripe_session_id}",
+        expires_at=checkout.completed_at + timedelta(days=pack.validity_days),
+        memo=f"credit pack {pack.code}",
+    )
+
+
+def _grant_for_payment(payment_intent_id: str) -> tuple[JournalTransaction | None, object]:
+    """The grant a payment bought: a subscription invoice's or a pack's."""
+    if not payment_intent_id:
+        return None, None
+    invoice = Invoice.objects.filter(stripe_payment_intent_id=payment_intent_id).first()
+    if invoice is not None:
+        key = f"grant:invoice:{invoice.stripe_invoice_id}"
+        return JournalTransaction.objects.filter(idempotency_key=key).first(), invoice.organization
+    checkout = CheckoutSession.objects.filter(
+        stripe_payment_intent_id=payment_intent_id, kind=CheckoutKind.PACK
+    ).first()
+    if checkout is not None:
+        key = f"grant:pack:{checkout.stripe_session_id}"
+        return JournalTransaction.objects.filter(idempotency_key=key).first(), checkout.organization
+    return None, None
+
+
+def _ceil_share(total: int, part: int, whole: int) -> int:
+    return -(-total * part // whole) if whole > 0 else total
+
+
+def resale_freeze(*, organization, reason: str) -> None:
+    BillingCustomer.objects.filter(organization=organization, resale_frozen_at__isnull=True).update(
+        resale_frozen_at=timezone.now(), resale_frozen_reason=reason[:200]
+    )
+
+
+def payment_reversal_apply(
+    *, kind: str, key: str, charge: dict, amount: int, cumulative: bool
+) -> PaymentReversal | None:
+    """Claw back the credits a refunded or disputed charge bought; record the loss.
+
+    `amount` is the money refunded or disputed; with `cumulative` it is the
+    charge's total refunded so far (Stripe's `amount_refunded`), and only the
+    part not yet reversed by an earlier event is applied now.
+    """
+    intent = charge.get("payment_intent")
+    if isinstance(intent, dict):
+        intent = intent.get("id")
+    grant, organization = _grant_for_payment(str(intent or ""))
+    if grant is None:
+        return None  # not a payment that bought credits here (or the marketplace's)
+    lot = grant.created_lots.order_by("pk").first()
+    charge_amount = int(charge.get("amount") or 0)
+    target = min(lot.amount, _ceil_share(lot.amount, amount, charge_amount))
+    try:
+        with transaction.atomic():
+            reversal = PaymentReversal.objects.create(
+                key=key,
+                kind=kind,
+                organization=organization,
+                stripe_charge_id=charge["id"],
+                stripe_payment_intent_id=str(intent or ""),
+                amount=amount,
+                currency=str(charge.get("currency") or ""),
+                credits_bought=lot.amount,
+            )
+            done = 0
+            if cumulative:
+                earlier = PaymentReversal.objects.filter(
+                    stripe_charge_id=charge["id"], kind=kind
+                ).exclude(pk=reversal.pk)
+                done = sum(r.credits_clawed_back + r.credits_lost for r in earlier)
+            due = max(0, target - done)
+            clawed = (
+                lot_clawback(lot=lot, amount=due, key=key, memo=f"{kind} of {charge['id']}")
+                if due
+                else 0
+            )
+            PaymentReversal.objects.filter(pk=reversal.pk).update(
+                credits_clawed_back=clawed, credits_lost=due - clawed
+            )
+            resale_freeze(organization=organization, reason=f"{kind} of {charge['id']}")
+    except IntegrityError:
+        return PaymentReversal.objects.filter(key=key).first()
+    reversal.refresh_from_db()
+    return reversal

@@ -1,0 +1,230 @@
+"""Our mirror of a Stripe subscription, and the entitlements it gives.
+
+`subscription_sync` takes Stripe's current subscription object (never a
+webhook payload: events arrive late, twice and out of order, so the handler
+re-reads the object) and makes our row and the organization's entitlements
+match it:
+
+- an upgrade (more per month: plan or seats) applies at once; Stripe's
+  proration invoice, once paid, grants the prorated difference (invoices.py);
+- a downgrade is scheduled for the period end: the organization keeps what it
+  paid for until then;
+- a new period expires last period's credits beyond the plan's rollover cap;
+- `past_due` starts the grace period; past it inference is suspended
+  (`subscriptions_suspend_overdue`, every minute from beat); a paid invoice
+  makes the subscription active and the organization active again;
+- a canceled subscription returns the organization to the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.models import Organization, Standing
+from accounts.services import organization_entitlements_set
+from gymbilling.models import PriceKind, StripePrice, Subscription
+from gymbilling.services.customers import organization_for_customer
+from metering.models import LotSource
+from metering.services import credits_trim
+
+# What an organization without a live subscription may do: the field defaults.
+_DEFAULTS = {
+    name: Organization._meta.get_field(name).get_default()
+    for name in (
+        "seats",
+        "model_tiers",
+        "max_priority",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "concurrent_jobs",
+    )
+}
+
+Status = Subscription.Status
+_ENTITLED = (Status.ACTIVE, Status.TRIALING, Status.PAST_DUE, Status.UNPAID)
+
+
+class SubscriptionUnknown(LookupError):
+    """A Stripe subscription we cannot tie to an organization and a plan (not ours)."""
+
+
+def ts(value) -> datetime | None:
+    return datetime.fromtimestamp(int(value), tz=UTC) if value else None
+
+
+@dataclass(frozen=True)
+class StripeItems:
+    """What Stripe's subscription object says is bought, read for API_VERSION."""
+
+    plan_price: StripePrice
+    seats: int
+    period_start: datetime
+    period_end: datetime
+
+
+def stripe_items(stripe_sub: dict) -> StripeItems:
+    items = (stripe_sub.get("items") or {}).get("data") or []
+    price_ids = [(item.get("price") or {}).get("id") for item in items]
+    prices = {
+        p.stripe_price_id: p
+        for p in StripePrice.objects.filter(
+            stripe_price_id__in=price_ids, kind=PriceKind.PLAN
+        ).select_related("plan")
+    }
+    for item in items:
+        price = prices.get((item.get("price") or {}).get("id"))
+        if price is None:
+            continue
+        # Since API version 2025-03-31 the period lives on each item.
+        start = item.get("current_period_start") or stripe_sub.get("current_period_start")
+        end = item.get("current_period_end") or stripe_sub.get("current_period_end")
+        return StripeItems(
+            plan_price=price,
+            seats=int(item.get("quantity") or 1),
+            period_start=ts(start),
+            period_end=ts(end),
+        )
+    raise SubscriptionUnknown(f"subscription {stripe_sub.get('id')} has no price of ours")
+
+
+def _organization_of(stripe_sub: dict) -> Organization:
+    org = organization_for_customer(str(stripe_sub.get("customer") or ""))
+    if org is None:
+        raise SubscriptionUnknown(f"customer {stripe_sub.get('customer')} is not one of ours")
+    return org
+
+
+def _is_upgrade(sub: Subscription, plan, seats: int) -> bool:
+    return plan.amount_for(seats) >= sub.plan.amount_for(sub.seats)
+
+
+def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subscription:
+    """Make our row and the organization's entitlements match Stripe's object."""
+    now = now or timezone.now()
+    org = _organization_of(stripe_sub)
+    items = stripe_items(stripe_sub)
+    status = str(stripe_sub.get("status") or Status.INCOMPLETE)
+    rolled_from = None  # (plan, seats, period start) of a period that just ended
+    with transaction.atomic():
+        sub = (
+            Subscription.objects.select_for_update()
+            .select_related("plan")
+            .filter(stripe_subscription_id=stripe_sub["id"])
+            .first()
+        )
+        if sub is None:
+            sub = Subscription(
+                organization=org,
+                stripe_subscription_id=stripe_sub["id"],
+                plan=items.plan_price.plan,
+                seats=items.seats,
+                current_period_start=items.period_start,
+                current_period_end=items.period_end,
+            )
+        elif items.period_start > sub.current_period_start:
+            rolled_from = (sub.plan, sub.seats, sub.current_period_start)
+            sub.plan, sub.seats = items.plan_price.plan, items.seats
+            sub.scheduled_plan = sub.scheduled_seats = None
+        elif (items.plan_price.plan_id, items.seats) != (sub.plan_id, sub.seats):
+            if _is_upgrade(sub, items.plan_price.plan, items.seats):
+                sub.plan, sub.seats = items.plan_price.plan, items.seats
+                sub.scheduled_plan = sub.scheduled_seats = None
+            else:
+                sub.scheduled_plan, sub.scheduled_seats = items.plan_price.plan, items.seats
+        else:
+            sub.scheduled_plan = sub.scheduled_seats = None
+        sub.current_period_start = max(sub.current_period_start, items.period_start)
+        sub.current_period_end = max(sub.current_period_end, items.period_end)
+        sub.status = status
+        sub.cancel_at_period_end = bool(stripe_sub.get("cancel_at_period_end"))
+        sub.canceled_at = ts(stripe_sub.get("canceled_at") or stripe_sub.get("ended_at"))
+        if status in (Status.PAST_DUE, Status.UNPAID):
+            sub.grace_until = sub.grace_until or now + settings.BILLING_GRACE_PERIOD
+        else:
+            sub.grace_until = None
+        try:
+            with transaction.atomic():
+                sub.save()
+        except IntegrityError:
+            # Another live subscription already holds this organization: Stripe
+            # allows it, we do not grant twice. Keep it out of our books.
+            raise SubscriptionUnknown(
+                f"organization {org.pk} already has a live subscription; "
+                f"{stripe_sub['id']} needs a human"
+            ) from None
+        entitlements_write(subscription=sub, now=now)
+    if rolled_from is not None:
+        period_rollover(subscription=sub, previous=rolled_from)
+    return sub
+
+
+def period_rollover(*, subscription: Subscription, previous: tuple) -> int:
+    """Expire what exceeds the ended period's rollover cap (once per period)."""
+    plan, seats, period_start = previous
+    return credits_trim(
+        organization=subscription.organization,
+        source=LotSource.SUBSCRIPTION,
+        keep=plan.rollover_cap_for(seats),
+        key=f"rollover:{subscription.stripe_subscription_id}:{int(period_start.timestamp())}",
+        memo=f"rollover cap of {plan.code}: {plan.rollover_percent}% of a month",
+    )
+
+
+def standing_for(subscription: Subscription, now: datetime) -> str:
+    if subscription.status in (Status.PAST_DUE, Status.UNPAID):
+        if subscription.grace_until and subscription.grace_until > now:
+            return Standing.PAST_DUE
+        return Standing.SUSPENDED
+    return Standing.ACTIVE
+
+
+def entitlements_write(*, subscription: Subscription, now: datetime) -> bool:
+    """Write what the subscription entitles the organization to (DESIGN.md)."""
+    org = subscription.organization
+    if subscription.status not in _ENTITLED:
+        return organization_entitlements_set(
+            organization=org,
+            reason=f"{subscription.stripe_subscription_id} {subscription.status}",
+            standing=Standing.ACTIVE,
+            **_DEFAULTS,
+        )
+    plan = subscription.plan
+    return organization_entitlements_set(
+        organization=org,
+        reason=f"{subscription.stripe_subscription_id} {plan.code}x{subscription.seats} "
+        f"{subscription.status}",
+        standing=standing_for(subscription, now),
+        seats=subscription.seats if plan.seat_based else max(plan.max_seats, 1),
+        model_tiers=list(plan.model_tiers),
+        max_priority=plan.max_priority,
+        requests_per_minute=plan.requests_per_minute,
+        tokens_per_minute=plan.tokens_per_minute,
+        concurrent_jobs=plan.concurrent_jobs,
+    )
+
+
+def subscriptions_suspend_overdue(*, now: datetime | None = None) -> int:
+    """Suspend inference for organizations whose grace period has run out."""
+    now = now or timezone.now()
+    overdue = Subscription.objects.filter(
+        status__in=[Status.PAST_DUE, Status.UNPAID], grace_until__lte=now
+    ).select_related("organization", "plan")
+    changed = 0
+    for sub in overdue:
+        if entitlements_write(subscription=sub, now=now):
+            changed += 1
+    return changed
+
+
+def live_subscription(organization: Organization) -> Subscription | None:
+    return (
+        Subscription.objects.filter(organization=organization)
+        .exclude(status__in=[Status.CANCELED, Status.INCOMPLETE_EXPIRED])
+        .select_related("plan", "scheduled_plan")
+        .first()
+    )

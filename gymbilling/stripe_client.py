@@ -1,0 +1,326 @@
+"""The one module that talks to Stripe (STYLE.md 13).
+
+Everything else in the project calls the functions here and gets plain dicts
+back, never SDK objects, so services read Stripe's JSON as documented for the
+pinned API version and a test can point the whole project at the local
+stand-in (gymbilling/stripe_standin) by setting STRIPE_API_BASE.
+
+- The API version is pinned (`API_VERSION`): Stripe changes object shapes
+  between versions, and the webhook payloads follow the account's version, so
+  we only ever read objects we fetched ourselves under this version.
+- Every call has a timeout and the SDK's own retries for network errors and
+  409/429/5xx (it sends the same idempotency key on each retry).
+- Every POST carries an idempotency key derived from our own rows
+  (`checkout:<org>:<uuid>`, `customer:org:<pk>`, ...), so a retry after a
+  timeout cannot create a second customer, subscription or transfer.
+- Errors become three types the services handle: `StripeUnavailable` (try
+  again later: network, 5xx, rate limit), `StripeCardDeclined`, and
+  `StripeRequestRefused` (Stripe said no to the request itself).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import stripe
+from django.conf import settings
+
+# The version this code reads objects in. Upgrading it is a code change:
+# read Stripe's changelog for every field services/ and the stand-in use.
+API_VERSION = "2026-10-28.endive"
+
+
+class StripeNotConfigured(RuntimeError):
+    """STRIPE_SECRET_KEY is not set: billing is off in this deployment."""
+
+
+class StripeUnavailable(RuntimeError):
+    """Stripe did not answer, or answered 5xx/429: nothing is known to have happened."""
+
+
+class StripeRequestRefused(RuntimeError):
+    """Stripe refused the request (4xx). `code` is Stripe's error code."""
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code = code or ""
+        self.status = status
+
+
+class StripeCardDeclined(StripeRequestRefused):
+    """The customer's card was declined (402)."""
+
+
+class WebhookSignatureInvalid(ValueError):
+    """The webhook's Stripe-Signature does not match its body, or is too old."""
+
+
+def configured() -> bool:
+    return bool(settings.STRIPE_SECRET_KEY)
+
+
+def _client() -> stripe.StripeClient:
+    if not configured():
+        raise StripeNotConfigured("Set STRIPE_SECRET_KEY to enable billing.")
+    kwargs: dict[str, Any] = {}
+    if settings.STRIPE_API_BASE:
+        kwargs["base_addresses"] = {"api": settings.STRIPE_API_BASE}
+    return stripe.StripeClient(
+        settings.STRIPE_SECRET_KEY,
+        stripe_version=API_VERSION,
+        max_network_retries=settings.STRIPE_MAX_NETWORK_RETRIES,
+        http_client=stripe.RequestsClient(timeout=settings.STRIPE_TIMEOUT_SECONDS),
+        **kwargs,
+    )
+
+
+def _plain(obj: Any) -> dict:
+    """Plain JSON data: the SDK parses `*_decimal` fields into Decimal, which a
+    JSONField (a stored webhook payload) cannot hold; they stay strings, as
+    Stripe sends them."""
+    data = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    return json.loads(json.dumps(data, default=str))
+
+
+def _call(fn, *args, key: str | None = None, **params) -> dict:
+    """Run one SDK call, translating its errors into ours."""
+    options = {"idempotency_key": key} if key else None
+    try:
+        if options:
+            result = fn(*args, params=params or None, options=options)
+        else:
+            result = fn(*args, params=params or None)
+    except stripe.CardError as exc:
+        raise StripeCardDeclined(
+            exc.user_message or str(exc), code=exc.code, status=exc.http_status
+        ) from exc
+    except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
+        raise StripeUnavailable(str(exc)) from exc
+    except stripe.StripeError as exc:
+        status = exc.http_status
+        if status is not None and status >= 500:
+            raise StripeUnavailable(str(exc)) from exc
+        raise StripeRequestRefused(
+            exc.user_message or str(exc), code=exc.code, status=status
+        ) from exc
+    return _plain(result)
+
+
+def _list(fn, *args, **params) -> list[dict]:
+    page = _call(fn, *args, **params)
+    return list(page.get("data", []))
+
+
+# --- catalog -------------------------------------------------------------------
+
+
+def product_upsert(*, product_id: str, name: str, description: str, metadata: dict) -> dict:
+    """Create the product under our own id, or update its name and metadata."""
+    v1 = _client().v1
+    try:
+        _call(v1.products.retrieve, product_id)
+    except StripeRequestRefused as exc:
+        if exc.status != 404:
+            raise
+        return _call(
+            v1.products.create,
+            key=f"product:{product_id}",
+            id=product_id,
+            name=name,
+            description=description or None,
+            metadata=metadata,
+        )
+    return _call(
+        v1.products.update,
+        product_id,
+        name=name,
+        description=description or None,
+        metadata=metadata,
+    )
+
+
+def prices_by_lookup_key(lookup_keys: list[str]) -> list[dict]:
+    return _list(_client().v1.prices.list, lookup_keys=lookup_keys, active=True, limit=100)
+
+
+def price_create(*, key: str, **params) -> dict:
+    return _call(_client().v1.prices.create, key=key, **params)
+
+
+def price_deactivate(price_id: str) -> dict:
+    return _call(_client().v1.prices.update, price_id, active=False)
+
+
+def meter_ensure(*, event_name: str, display_name: str) -> dict:
+    """The billing meter overage is reported to, created once."""
+    v1 = _client().v1
+    for meter in _list(v1.billing.meters.list, limit=100):
+        if meter.get("event_name") == event_name:
+            return meter
+    return _call(
+        v1.billing.meters.create,
+        key=f"meter:{event_name}",
+        display_name=display_name,
+        event_name=event_name,
+        default_aggregation={"formula": "sum"},
+        customer_mapping={"event_payload_key": "stripe_customer_id", "type": "by_id"},
+        value_settings={"event_payload_key": "value"},
+    )
+
+
+# --- customers, checkout, portal ------------------------------------------------
+
+
+def customer_create(*, key: str, email: str, name: str, metadata: dict) -> dict:
+    return _call(
+        _client().v1.customers.create, key=key, email=email or None, name=name, metadata=metadata
+    )
+
+
+def checkout_session_create(*, key: str, **params) -> dict:
+    return _call(_client().v1.checkout.sessions.create, key=key, **params)
+
+
+def checkout_session_retrieve(session_id: str) -> dict:
+    return _call(_client().v1.checkout.sessions.retrieve, session_id)
+
+
+def checkout_session_expire(session_id: str) -> dict:
+    return _call(_client().v1.checkout.sessions.expire, session_id)
+
+
+def portal_session_create(*, customer: str, return_url: str) -> dict:
+    return _call(
+        _client().v1.billing_portal.sessions.create, customer=customer, return_url=return_url
+    )
+
+
+# --- subscriptions and invoices -------------------------------------------------
+
+
+def subscription_retrieve(subscription_id: str) -> dict:
+    return _call(_client().v1.subscriptions.retrieve, subscription_id)
+
+
+def subscription_update(subscription_id: str, *, key: str, **params) -> dict:
+    return _call(_client().v1.subscriptions.update, subscription_id, key=key, **params)
+
+
+def invoice_retrieve(invoice_id: str) -> dict:
+    return _call(_client().v1.invoices.retrieve, invoice_id)
+
+
+def invoices_list(*, customer: str | None = None, status: str | None = None) -> list[dict]:
+    """Every invoice (all pages), newest first."""
+    client = _client()
+    params: dict[str, Any] = {"limit": 100}
+    if customer:
+        params["customer"] = customer
+    if status:
+        params["status"] = status
+    invoices: list[dict] = []
+    while True:
+        page = _call(client.v1.invoices.list, **params)
+        invoices.extend(page.get("data", []))
+        if not page.get("has_more") or not page.get("data"):
+            return invoices
+        params["starting_after"] = page["data"][-1]["id"]
+
+
+def charge_retrieve(charge_id: str) -> dict:
+    return _call(_client().v1.charges.retrieve, charge_id)
+
+
+def dispute_retrieve(dispute_id: str) -> dict:
+    return _call(_client().v1.disputes.retrieve, dispute_id)
+
+
+def payment_intent_retrieve(payment_intent_id: str) -> dict:
+    return _call(_client().v1.payment_intents.retrieve, payment_intent_id)
+
+
+# --- usage, payouts ---------------------------------------------------------------
+
+
+def meter_event_create(
+    *, event_name: str, customer: str, value: int, identifier: str, timestamp: int
+) -> dict | None:
+    """Report usage; None when Stripe already has an event with this identifier."""
+    try:
+        return _call(
+            _client().v1.billing.meter_events.create,
+            event_name=event_name,
+            payload={"stripe_customer_id": customer, "value": str(value)},
+            identifier=identifier,
+            timestamp=timestamp,
+        )
+    except StripeRequestRefused as exc:
+        if exc.code == "resource_already_exists":
+            return None
+        raise
+
+
+def connect_account_create(*, key: str, email: str, metadata: dict) -> dict:
+    return _call(
+        _client().v1.accounts.create, key=key, type="express", email=email, metadata=metadata
+    )
+
+
+def transfer_create(*, key: str, **params) -> dict:
+    return _call(_client().v1.transfers.create, key=key, **params)
+
+
+def customer_balance_credit(*, key: str, customer: str, **params) -> dict:
+    return _call(_client().v1.customers.balance_transactions.create, customer, key=key, **params)
+
+
+def refund_create(*, key: str, **params) -> dict:
+    return _call(_client().v1.refunds.create, key=key, **params)
+
+
+# --- webhooks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    id: str
+    type: str
+    created: int
+    livemode: bool
+    api_version: str
+    object_type: str
+    object_id: str
+    payload: dict
+
+
+def webhook_event_construct(payload: bytes, signature: str | None) -> WebhookEvent:
+    """Verify the Stripe-Signature header (HMAC and a 5-minute tolerance) and parse."""
+    if not settings.STRIPE_WEBHOOK_SECRET:
+        raise StripeNotConfigured("Set STRIPE_WEBHOOK_SECRET to accept webhooks.")
+    try:
+        event = stripe.Webhook.construct_event(
+            payload,
+            signature,
+            settings.STRIPE_WEBHOOK_SECRET,
+            tolerance=settings.STRIPE_WEBHOOK_TOLERANCE_SECONDS,
+        )
+    except stripe.SignatureVerificationError as exc:
+        raise WebhookSignatureInvalid(str(exc)) from exc
+    except ValueError as exc:
+        raise WebhookSignatureInvalid(f"The body is not a Stripe event: {exc}") from exc
+    body = _plain(event)
+    obj = (body.get("data") or {}).get("object") or {}
+    if not isinstance(body.get("id"), str) or not isinstance(body.get("type"), str):
+        raise WebhookSignatureInvalid("The event has no id or type.")
+    return WebhookEvent(
+        id=body["id"],
+        type=body["type"],
+        created=int(body.get("created") or 0),
+        livemode=bool(body.get("livemode")),
+        api_version=str(body.get("api_version") or ""),
+        object_type=str(obj.get("object") or ""),
+        object_id=str(obj.get("id") or ""),
+        payload=body,
+    )

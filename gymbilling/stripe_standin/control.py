@@ -1,0 +1,102 @@
+"""`/_config/...`: control endpoints for tests and the demo (no auth, like localstripe's).
+
+    GET    /_config/health                        {"ok": true}
+    DELETE /_config/data                          forget everything (store, events, idempotency keys)
+    POST   /_config/webhooks/<id>                 {"url", "secret", "events"?: [...]} add/replace a target
+    POST   /_config/webhooks/hold                 queue events without sending them
+    POST   /_config/webhooks/release              send what was held, in order
+    GET    /_config/events[?type=...]             {"data": [{"id", "type", "object", "object_id",
+                                                    "created", "deliveries": {<webhook id>: "pending|delivered|failed"}}]}
+    POST   /_config/subscriptions/<id>/advance    end the current period → the subscription
+    POST   /_config/customers/<id>/card           {"card": "4242424242424242"} new default card → the payment method
+    POST   /_config/charges/<id>/dispute          {"amount"?, "reason"?} → the dispute
+    GET    /_config/meter_events?customer=cus_…   {"data": [...accepted events], "total_value": "…"}  (meters.py)
+
+`/_config/webhooks/<id>` with id `hold`/`release` is taken by the hold/release
+endpoints, so those two names cannot be used as webhook ids.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from localstripe.resources import Customer, store
+
+from gymbilling.stripe_standin import idempotency, webhooks
+from gymbilling.stripe_standin.common import json_response, read_params, stripe_error
+from gymbilling.stripe_standin.payments import card_create, customer_card_replace, dispute_open
+from gymbilling.stripe_standin.subscriptions import subscription_advance
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"ok": True})
+
+
+async def data_forget(request: web.Request) -> web.Response:
+    store.clear()
+    webhooks.forget_events()
+    idempotency.forget()
+    return json_response({"ok": True})
+
+
+async def webhook_register(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    url, secret, events = params.get("url"), params.get("secret"), params.get("events")
+    if not url or not str(url).startswith("http") or not secret:
+        raise stripe_error(400, "A webhook needs an http(s) url and a secret.", param="url")
+    if events is not None and not isinstance(events, list):
+        raise stripe_error(400, "events must be a list of event types.", param="events")
+    webhooks.register(request.match_info["id"], url, secret, events)
+    return json_response({"id": request.match_info["id"], "url": url, "events": events})
+
+
+async def webhooks_hold(request: web.Request) -> web.Response:
+    webhooks.hold()
+    return json_response({"held": True})
+
+
+async def webhooks_release(request: web.Request) -> web.Response:
+    webhooks.release()
+    return json_response({"held": False})
+
+
+async def events_list(request: web.Request) -> web.Response:
+    event_type = request.query.get("type")
+    events = [e for e in webhooks.event_log() if event_type is None or e["type"] == event_type]
+    return json_response({"object": "list", "data": events, "held": webhooks.is_held()})
+
+
+async def subscription_advance_handler(request: web.Request) -> web.Response:
+    return json_response(subscription_advance(request.match_info["id"])._export())
+
+
+async def customer_card(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    customer = Customer._api_retrieve(request.match_info["id"])
+    method = customer_card_replace(
+        customer=customer, method=card_create(str(params.get("card", "")))
+    )
+    return json_response(method._export())
+
+
+async def charge_dispute(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    dispute = dispute_open(
+        charge_id=request.match_info["id"],
+        amount=params.get("amount"),
+        reason=params.get("reason") or "fraudulent",
+    )
+    return json_response(dispute._export())
+
+
+routes = [
+    ("GET", "/_config/health", health),
+    ("DELETE", "/_config/data", data_forget),
+    # hold/release before `{id}`: aiohttp matches routes in the order they are added.
+    ("POST", "/_config/webhooks/hold", webhooks_hold),
+    ("POST", "/_config/webhooks/release", webhooks_release),
+    ("POST", "/_config/webhooks/{id}", webhook_register),
+    ("GET", "/_config/events", events_list),
+    ("POST", "/_config/subscriptions/{id}/advance", subscription_advance_handler),
+    ("POST", "/_config/customers/{id}/card", customer_card),
+    ("POST", "/_config/charges/{id}/dispute", charge_dispute),
+]

@@ -1,0 +1,237 @@
+"""Billing meters and meter events (`/v1/billing/meters`, `/v1/billing/meter_events`).
+
+Real Stripe accepts meter events asynchronously and reports bad ones later; here
+they are checked at once (unknown `event_name` → 400, a repeated `identifier` →
+400 `resource_already_exists`) so a test sees the outcome immediately. Only the
+`sum` aggregation and `by_id` customer mapping are emulated. Usage is billed
+when a subscription's period ends (`/_config/subscriptions/<id>/advance`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from localstripe.resources import Customer, StripeObject, store
+
+from gymbilling.stripe_standin.common import (
+    api,
+    json_response,
+    list_of,
+    newest_first,
+    now,
+    objects_of,
+    stored,
+    stripe_error,
+    to_decimal,
+    to_int,
+)
+
+# Accepted events live in the store (so they survive a restart) under one key.
+EVENTS_KEY = "standin:meter_events"
+
+
+class Meter(StripeObject):
+    object = "billing.meter"
+    _id_prefix = "mtr_"
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__()
+        self.__dict__.update(fields)
+
+
+class MeterEvent(StripeObject):
+    """The response object of `POST /v1/billing/meter_events` (not stored)."""
+
+    object = "billing.meter_event"
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+def _accepted_events() -> list[dict[str, Any]]:
+    if EVENTS_KEY not in store:
+        store[EVENTS_KEY] = []
+    return store[EVENTS_KEY]
+
+
+def meter_create(
+    *,
+    display_name: str | None = None,
+    event_name: str | None = None,
+    default_aggregation: Any = None,
+    customer_mapping: Any = None,
+    value_settings: Any = None,
+    event_time_window: str | None = None,
+    **_ignored: Any,
+) -> Meter:
+    if not display_name or not event_name:
+        missing = "display_name" if not display_name else "event_name"
+        raise stripe_error(
+            400, f"Missing required param: {missing}.", code="parameter_missing", param=missing
+        )
+    formula = (default_aggregation or {}).get("formula", "sum")
+    if formula != "sum":
+        raise stripe_error(
+            400, "Only the sum aggregation is emulated.", param="default_aggregation[formula]"
+        )
+    if any(
+        m.event_name == event_name and m.status == "active" for m in objects_of("billing.meter")
+    ):
+        raise stripe_error(
+            400,
+            f"An active meter already uses event_name '{event_name}'.",
+            code="resource_already_exists",
+            param="event_name",
+        )
+    return Meter(
+        display_name=display_name,
+        event_name=event_name,
+        default_aggregation={"formula": formula},
+        customer_mapping={
+            "type": "by_id",
+            "event_payload_key": (customer_mapping or {}).get(
+                "event_payload_key", "stripe_customer_id"
+            ),
+        },
+        value_settings={
+            "event_payload_key": (value_settings or {}).get("event_payload_key", "value")
+        },
+        event_time_window=event_time_window,
+        status="active",
+        status_transitions={"deactivated_at": None},
+        updated=now(),
+    )
+
+
+def _meter_for_event(event_name: str) -> Meter:
+    for meter in objects_of("billing.meter"):
+        if meter.event_name == event_name and meter.status == "active":
+            return meter
+    raise stripe_error(
+        400,
+        f"No active meter found for event_name '{event_name}'.",
+        code="resource_missing",
+        param="event_name",
+    )
+
+
+def meter_event_create(
+    *,
+    event_name: str | None = None,
+    payload: Any = None,
+    identifier: str | None = None,
+    timestamp: Any = None,
+    **_ignored: Any,
+) -> MeterEvent:
+    if not event_name:
+        raise stripe_error(
+            400, "Missing required param: event_name.", code="parameter_missing", param="event_name"
+        )
+    meter = _meter_for_event(event_name)
+    payload = dict(payload or {})
+    customer_id = payload.get(meter.customer_mapping["event_payload_key"])
+    if not customer_id:
+        raise stripe_error(
+            400,
+            "The payload has no customer id.",
+            code="parameter_missing",
+            param=f"payload[{meter.customer_mapping['event_payload_key']}]",
+        )
+    Customer._api_retrieve(customer_id)  # 404 for an unknown customer
+    value = to_decimal(
+        payload.get(meter.value_settings["event_payload_key"], "1"), "payload[value]"
+    )
+    identifier = identifier or f"standin-{uuid.uuid4()}"
+    events = _accepted_events()
+    if any(e["identifier"] == identifier for e in events):
+        raise stripe_error(
+            400,
+            f"An event already exists with identifier {identifier}.",
+            code="resource_already_exists",
+            param="identifier",
+        )
+    event = {
+        "identifier": identifier,
+        "event_name": event_name,
+        "meter": meter.id,
+        "customer": customer_id,
+        "value": str(value),
+        "payload": {k: str(v) for k, v in payload.items()},
+        "timestamp": to_int(timestamp, "timestamp") if timestamp is not None else now(),
+        "created": now(),
+        "billed_on_invoice": None,
+    }
+    events.append(event)
+    return MeterEvent(
+        event_name=event_name,
+        identifier=identifier,
+        payload=event["payload"],
+        timestamp=event["timestamp"],
+        created=event["created"],
+        livemode=False,
+    )
+
+
+def meter_usage_take(*, customer_id: str, meter_id: str, invoice_id: str) -> Decimal:
+    """Sum the customer's unbilled usage on a meter and mark it billed on this invoice."""
+    total = Decimal(0)
+    for event in _accepted_events():
+        if (
+            event["customer"] == customer_id
+            and event["meter"] == meter_id
+            and event["billed_on_invoice"] is None
+        ):
+            total += Decimal(event["value"])
+            event["billed_on_invoice"] = invoice_id
+    return total
+
+
+async def config_meter_events(request):
+    """`GET /_config/meter_events?customer=cus_...[&event_name=...]`: accepted events, in order."""
+    customer = request.query.get("customer")
+    event_name = request.query.get("event_name")
+    events = [
+        e
+        for e in _accepted_events()
+        if (customer is None or e["customer"] == customer)
+        and (event_name is None or e["event_name"] == event_name)
+    ]
+    return json_response(
+        {
+            "object": "list",
+            "data": events,
+            "total_value": str(sum((Decimal(e["value"]) for e in events), Decimal(0))),
+        }
+    )
+
+
+def _meter_get(*, id: str, **_ignored: Any) -> Meter:
+    return stored("billing.meter", id)
+
+
+def _meter_list(
+    *, status: str | None = None, limit: Any = None, starting_after: Any = None, **_ignored: Any
+):
+    meters = newest_first(objects_of("billing.meter"))
+    if status:
+        meters = [m for m in meters if m.status == status]
+    return list_of("/v1/billing/meters", meters, limit=limit, starting_after=starting_after)
+
+
+def _meter_deactivate(*, id: str, **_ignored: Any) -> Meter:
+    meter = stored("billing.meter", id)
+    meter.status = "inactive"
+    meter.status_transitions["deactivated_at"] = now()
+    return meter
+
+
+routes = [
+    ("POST", "/v1/billing/meters", api(meter_create)),
+    ("GET", "/v1/billing/meters", api(_meter_list)),
+    ("GET", "/v1/billing/meters/{id}", api(_meter_get)),
+    ("POST", "/v1/billing/meters/{id}/deactivate", api(_meter_deactivate)),
+    ("POST", "/v1/billing/meter_events", api(meter_event_create)),
+    ("GET", "/_config/meter_events", config_meter_events),
+]

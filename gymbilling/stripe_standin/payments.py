@@ -1,0 +1,228 @@
+"""Cards, charges, refunds and disputes on top of localstripe's objects.
+
+Test card numbers follow Stripe's: 4242424242424242 succeeds,
+4000000000000002 is declined when attached (so in Checkout), and
+4000000000000341 attaches but every off-session charge fails (renewals,
+`invoices.pay`, `always_invoice` upgrades). On-session payments (the Checkout
+page) succeed with it, so a demo can subscribe with it and watch the renewal fail.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localstripe.resources import (
+    Charge,
+    Customer,
+    PaymentIntent,
+    PaymentMethod,
+    Refund,
+    StripeObject,
+)
+
+from gymbilling.stripe_standin.common import (
+    api,
+    list_of,
+    newest_first,
+    now,
+    objects_of,
+    stored,
+    stripe_error,
+    to_int,
+)
+from gymbilling.stripe_standin.webhooks import emit
+
+CARD_SUCCEEDS = "4242424242424242"
+CARD_DECLINED = "4000000000000002"
+CARD_FAILS_OFF_SESSION = "4000000000000341"
+
+
+def card_create(number: str) -> PaymentMethod:
+    number = "".join(ch for ch in str(number) if ch.isdigit())
+    if len(number) != 16:
+        raise stripe_error(
+            402, "Your card number is incorrect.", code="incorrect_number", param="card[number]"
+        )
+    return PaymentMethod(
+        type="card", card={"number": number, "exp_month": 12, "exp_year": 2034, "cvc": "123"}
+    )
+
+
+def customer_card_replace(*, customer: Customer, method: PaymentMethod) -> PaymentMethod:
+    """Attach a card and make it the default for invoices (raises 402 if declined)."""
+    PaymentMethod._api_attach(method.id, customer=customer.id)
+    emit("payment_method.attached", method)
+    customer.invoice_settings["default_payment_method"] = method.id
+    emit("customer.updated", customer)
+    return method
+
+
+def customer_default_method(customer_id: str) -> str | None:
+    customer = Customer._api_retrieve(customer_id)
+    method = customer._get_default_payment_method_or_source()
+    return method.id if method is not None else None
+
+
+def payment_collect(
+    *,
+    customer_id: str | None,
+    amount: int,
+    currency: str,
+    payment_method_id: str,
+    off_session: bool,
+    metadata: dict[str, str] | None = None,
+    transfer_group: str | None = None,
+    description: str | None = None,
+) -> PaymentIntent:
+    """Create and confirm a PaymentIntent with one charge; never raises on decline.
+
+    localstripe's own confirm path calls back into its Invoice class; ours has
+    its own invoices, so the charge is driven here and the events sent here
+    (localstripe sends no charge events at all).
+    """
+    intent = PaymentIntent(
+        amount=amount,
+        currency=currency,
+        customer=customer_id,
+        payment_method=payment_method_id,
+        metadata=dict(metadata or {}),
+        capture_method="automatic",
+    )
+    intent.transfer_group = transfer_group
+    intent.description = description
+    charge = Charge(
+        amount=amount,
+        currency=currency,
+        customer=customer_id,
+        source=payment_method_id,
+        description=description,
+    )
+    charge.payment_intent = intent.id
+    charge.metadata = dict(metadata or {})
+    charge.transfer_group = transfer_group
+    charge.disputed = False
+    if not off_session:
+        # The customer is present: see the module docstring about 4000000000000341.
+        charge._authorized = True
+    intent.latest_charge = charge
+    charge._initialize_charge()
+    if charge.status == "succeeded":
+        emit("charge.succeeded", charge)
+        emit("payment_intent.succeeded", intent)
+    else:
+        emit("charge.failed", charge)
+        emit("payment_intent.payment_failed", intent)
+    return intent
+
+
+def declined_error(intent: PaymentIntent) -> Exception:
+    charge = intent.latest_charge
+    return stripe_error(
+        402,
+        charge.failure_message or "Your card was declined.",
+        code=charge.failure_code or "card_declined",
+        decline_code="generic_decline",
+        charge=charge.id,
+        payment_intent={"id": intent.id, "status": intent.status},
+    )
+
+
+def _charge_for(charge: Any, payment_intent: Any) -> Charge:
+    if charge:
+        return Charge._api_retrieve(charge)
+    if payment_intent:
+        intent = PaymentIntent._api_retrieve(payment_intent)
+        if intent.latest_charge is None:
+            raise stripe_error(
+                400, "This PaymentIntent has no charge to refund.", param="payment_intent"
+            )
+        return intent.latest_charge
+    raise stripe_error(
+        400, "Provide a charge or a payment_intent.", code="parameter_missing", param="charge"
+    )
+
+
+def refund_create(
+    *,
+    charge: str | None = None,
+    payment_intent: str | None = None,
+    amount: Any = None,
+    metadata: Any = None,
+    reason: str | None = None,
+    **_ignored: Any,
+) -> Refund:
+    charge_obj = _charge_for(charge, payment_intent)
+    refundable = charge_obj.amount - charge_obj.amount_refunded
+    amount_int = refundable if amount is None else to_int(amount, "amount", minimum=1)
+    if amount_int > refundable:
+        raise stripe_error(
+            400,
+            f"Refund amount ({amount_int}) is greater than unrefunded amount on charge ({refundable})",
+            code="charge_already_refunded" if refundable == 0 else "amount_too_large",
+            param="amount",
+        )
+    refund = Refund(charge=charge_obj.id, amount=amount_int, metadata=metadata)
+    refund.payment_intent = charge_obj.payment_intent
+    refund.reason = reason
+    emit("charge.refunded", charge_obj)
+    emit("refund.created", refund)
+    return refund
+
+
+class Dispute(StripeObject):
+    object = "dispute"
+    _id_prefix = "du_"
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__()
+        self.__dict__.update(fields)
+
+
+def dispute_open(*, charge_id: str, amount: Any = None, reason: str = "fraudulent") -> Dispute:
+    charge = Charge._api_retrieve(charge_id)
+    dispute = Dispute(
+        amount=charge.amount if amount is None else to_int(amount, "amount", minimum=1),
+        currency=charge.currency,
+        charge=charge.id,
+        payment_intent=charge.payment_intent,
+        reason=reason,
+        status="needs_response",
+        is_charge_refundable=False,
+        evidence_details={
+            "due_by": now() + 7 * 86400,
+            "has_evidence": False,
+            "past_due": False,
+            "submission_count": 0,
+        },
+        metadata={},
+    )
+    charge.disputed = True
+    emit("charge.dispute.created", dispute)
+    return dispute
+
+
+def _dispute_get(*, id: str, **_ignored: Any) -> Dispute:
+    return stored("dispute", id)
+
+
+def _dispute_list(
+    *,
+    charge: str | None = None,
+    payment_intent: str | None = None,
+    limit: Any = None,
+    starting_after: Any = None,
+    **_ignored: Any,
+):
+    disputes = newest_first(objects_of("dispute"))
+    if charge:
+        disputes = [d for d in disputes if d.charge == charge]
+    if payment_intent:
+        disputes = [d for d in disputes if d.payment_intent == payment_intent]
+    return list_of("/v1/disputes", disputes, limit=limit, starting_after=starting_after)
+
+
+routes = [
+    ("POST", "/v1/refunds", api(refund_create)),
+    ("GET", "/v1/disputes", api(_dispute_list)),
+    ("GET", "/v1/disputes/{id}", api(_dispute_get)),
+]

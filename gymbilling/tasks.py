@@ -1,0 +1,40 @@
+"""Billing's Celery tasks: thin, take ids, safe to run twice (STYLE.md 8)."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from gymbilling.services import (
+    overage_report,
+    stripe_event_process,
+    stripe_events_retry,
+    subscriptions_suspend_overdue,
+)
+from gymbilling.services.events import EventRetryLater
+
+
+@shared_task(
+    bind=True,
+    autoretry_for=(EventRetryLater,),
+    retry_backoff=5,
+    retry_backoff_max=300,
+    max_retries=10,
+)
+def stripe_event_process_task(self, event_pk: int) -> str | None:
+    """Apply one stored webhook event; Stripe unreachable -> retried with backoff."""
+    return stripe_event_process(event_pk=event_pk)
+
+
+@shared_task
+def stripe_events_retry_task() -> int:
+    return stripe_events_retry()
+
+
+@shared_task
+def subscriptions_suspend_overdue_task() -> int:
+    return subscriptions_suspend_overdue()
+
+
+@shared_task
+def overage_report_task() -> int:
+    return overage_report()

@@ -1,0 +1,216 @@
+"""POST /stripe/webhook/: verified, stored once, answered at once; duplicates and
+disorder change nothing; Stripe unreachable leaves the event pending."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+from django.test import override_settings
+
+from gymbilling.models import EventStatus, StripeEvent, Subscription
+from gymbilling.services import stripe_event_process, stripe_event_record
+from gymbilling.services.events import EventRetryLater
+from gymbilling.stripe_client import WebhookEvent
+from metering.models import MICRO, JournalTransaction
+from tests.gymbilling.billing.conftest import event_for, signed
+from tests.helpers import ledger_rows, wait_until
+
+
+def post_event(client, body: bytes, signature: str | None):
+    headers = {"HTTP_STRIPE_SIGNATURE": signature} if signature else {}
+    return client.post("/stripe/webhook/", data=body, content_type="application/json", **headers)
+
+
+@pytest.mark.django_db
+class TestSignature:
+    def test_a_tampered_body_is_refused_and_nothing_is_stored(self, client, stripe_standin):
+        # given: a correctly signed event whose body is then changed
+        body, signature = signed(event_for({"id": "in_1", "object": "invoice"}, "invoice.paid"))
+        tampered = body.replace(b"in_1", b"in_2")
+
+        # when
+        response = post_event(client, tampered, signature)
+
+        # then
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_signature"
+        assert StripeEvent.objects.count() == 0
+
+    def test_a_six_minute_old_signature_is_refused(self, client, stripe_standin):
+        body, signature = signed(
+            event_for({"id": "in_1", "object": "invoice"}, "invoice.paid"),
+            at=int(time.time()) - 360,
+        )
+        response = post_event(client, body, signature)
+        assert response.status_code == 400
+        assert StripeEvent.objects.count() == 0
+
+    def test_a_missing_or_foreign_signature_is_refused(self, client, stripe_standin):
+        body, _ = signed(event_for({"id": "in_1", "object": "invoice"}, "invoice.paid"))
+        _, foreign = signed(body, secret="whsec_someone_else")
+        assert post_event(client, body, None).status_code == 400
+        assert post_event(client, body, foreign).status_code == 400
+        assert post_event(client, b"not json", signed(b"not json")[1]).status_code == 400
+        assert StripeEvent.objects.count() == 0
+
+    def test_webhooks_are_off_without_a_secret(self, client):
+        body, signature = signed(event_for({"id": "in_1", "object": "invoice"}, "invoice.paid"))
+        with override_settings(STRIPE_WEBHOOK_SECRET=""):
+            response = post_event(client, body, signature)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "billing_not_configured"
+
+    def test_an_event_is_stored_once_by_its_id(
+        self, client, stripe_standin, django_capture_on_commit_callbacks
+    ):
+        body, signature = signed(
+            event_for(
+                {"id": "cus_x", "object": "customer"}, "customer.updated", event_id="evt_once"
+            )
+        )
+        with django_capture_on_commit_callbacks(execute=False):
+            first = post_event(client, body, signature)
+            second = post_event(client, body, signature)
+        assert first.status_code == 200 and first.json()["duplicate"] is False
+        assert second.status_code == 200 and second.json()["duplicate"] is True
+        assert StripeEvent.objects.filter(stripe_event_id="evt_once").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_same_paid_invoice_ten_times_at_once_grants_once(
+    live_server, celery_worker_process, stripe_standin, catalog, customer, stripe_sdk
+):
+    """10 concurrent deliveries of invoice.paid and invoice.payment_succeeded -> one grant."""
+    # given: a paid subscription whose webhooks were not delivered (no endpoint registered)
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    session = stripe_sdk.v1.checkout.sessions.retrieve(response.json()["session_id"])
+    invoice = stripe_sdk.v1.invoices.list(params={"subscription": session.subscription}).data[0]
+    assert invoice.status == "paid"
+    events = [
+        event_for(invoice, kind, event_id=f"evt_{kind}_{invoice.id}")
+        for kind in ("invoice.paid", "invoice.payment_succeeded")
+    ]
+
+    # when: each is delivered 5 times, all at once
+    url = f"{live_server.url}/stripe/webhook/"
+    barrier = threading.Barrier(10)
+    answers: list[int] = []
+
+    def deliver(event):
+        body, signature = signed(event)
+        barrier.wait()
+        answers.append(
+            requests.post(
+                url,
+                data=body,
+                headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+                timeout=30,
+            ).status_code
+        )
+
+    threads = [threading.Thread(target=deliver, args=(events[i % 2],)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # then: two events stored, both processed, one grant of a month of Basic
+    assert answers == [200] * 10
+    wait_until(
+        lambda: StripeEvent.objects.filter(status=EventStatus.PROCESSED).count() == 2,
+        what="both events processed",
+    )
+    grants = JournalTransaction.objects.filter(idempotency_key=f"grant:invoice:{invoice.id}")
+    assert grants.count() == 1
+    assert grants.get().entries.get(account__kind="wallet").amount == 2_000 * MICRO
+    assert StripeEvent.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_a_deletion_before_an_older_update_ends_in_stripes_state(
+    stripe_standin, catalog, customer, stripe_sdk
+):
+    """Events carry stale snapshots; processing reads the current object, so order does not matter."""
+    # given: a subscription, then canceled at Stripe
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    session = stripe_sdk.v1.checkout.sessions.retrieve(response.json()["session_id"])
+    active = stripe_sdk.v1.subscriptions.retrieve(session.subscription)
+    stripe_sdk.v1.subscriptions.cancel(session.subscription)
+    deleted = stripe_sdk.v1.subscriptions.retrieve(session.subscription)
+    assert deleted.status == "canceled"
+
+    # when: the deletion arrives first, then the older "updated" event
+    first = record(event_for(deleted, "customer.subscription.deleted"))
+    stripe_event_process(event_pk=first.pk)
+    older = record(event_for(active, "customer.subscription.updated"))
+    stripe_event_process(event_pk=older.pk)
+
+    # then: our row says what Stripe says now
+    sub = Subscription.objects.get(stripe_subscription_id=session.subscription)
+    assert sub.status == "canceled"
+    customer.organization.refresh_from_db()
+    assert customer.organization.model_tiers == []
+
+
+@pytest.mark.django_db
+def test_stripe_unreachable_leaves_the_event_pending_and_a_retry_applies_it(
+    stripe_standin, catalog, customer, stripe_sdk
+):
+    # given: a paid pack purchase whose checkout.session.completed is stored
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    assert response.status_code == 200, response.content
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    session = stripe_sdk.v1.checkout.sessions.retrieve(response.json()["session_id"])
+    event = record(event_for(session, "checkout.session.completed"))
+    before = ledger_rows()
+
+    # when: Stripe cannot be reached while processing
+    unreachable = override_settings(
+        STRIPE_API_BASE="http://127.0.0.1:9", STRIPE_MAX_NETWORK_RETRIES=0
+    )
+    with unreachable, pytest.raises(EventRetryLater):
+        stripe_event_process(event_pk=event.pk)
+
+    # then: nothing changed and the event waits, with the reason
+    event.refresh_from_db()
+    assert event.status == EventStatus.PENDING and "unreachable" in event.last_error
+    assert event.attempts == 1
+    assert ledger_rows() == before
+
+    # when: the retry runs with Stripe back
+    assert stripe_event_process(event_pk=event.pk) == EventStatus.PROCESSED
+
+    # then: the pack's credits are granted, once
+    lot = JournalTransaction.objects.get(
+        idempotency_key=f"grant:pack:{session.id}"
+    ).created_lots.get()
+    assert lot.amount == 1_000 * MICRO and lot.source == "pack" and lot.resellable is False
+    assert stripe_event_process(event_pk=event.pk, force=True) == EventStatus.PROCESSED
+    assert JournalTransaction.objects.filter(idempotency_key__startswith="grant:pack:").count() == 1
+
+
+def record(payload: dict) -> StripeEvent:
+    """Store an event as the webhook view does after verification.
+
+    These tests run inside one database transaction, so the on-commit task
+    is never queued: the test processes the event itself, in the order it chooses.
+    """
+    obj = payload["data"]["object"]
+    row, _ = stripe_event_record(
+        event=WebhookEvent(
+            id=payload["id"],
+            type=payload["type"],
+            created=payload["created"],
+            livemode=False,
+            api_version=payload["api_version"],
+            object_type=obj.get("object", ""),
+            object_id=obj["id"],
+            payload=payload,
+        )
+    )
+    return row

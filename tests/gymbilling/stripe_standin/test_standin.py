@@ -1,0 +1,428 @@
+"""The Stripe stand-in drives a whole subscription lifecycle through the real SDK over HTTP.
+
+No mocks: a stand-in process, the `stripe` SDK pinned to `stripe.api_version`,
+and a webhook receiver that verifies every signature.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+
+import pytest
+import stripe
+
+from gymbilling.stripe_standin.process import StandInError
+
+CARD_OK = "4242424242424242"
+CARD_DECLINED = "4000000000000002"
+CARD_FAILS_OFF_SESSION = "4000000000000341"
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def _monthly_price(
+    client: stripe.StripeClient, *, unit_amount: int = 2000, **recurring: object
+) -> stripe.Price:
+    product = client.v1.products.create(
+        params={"id": _unique("prod_gym"), "name": "Gym membership"}
+    )
+    return client.v1.prices.create(
+        params={
+            "product": product.id,
+            "currency": "usd",
+            "unit_amount": unit_amount,
+            "recurring": {"interval": "month", **recurring},
+            "lookup_key": _unique("pro_monthly"),
+            "metadata": {"credits": "1000"},
+        }
+    )
+
+
+def _subscribe(client, standin, price, *, quantity: int = 1, card: str = CARD_OK):
+    session = client.v1.checkout.sessions.create(
+        params={
+            "mode": "subscription",
+            "customer_email": f"{_unique('member')}@example.com",
+            "line_items": [{"price": price.id, "quantity": quantity}],
+            "success_url": "http://127.0.0.1/done?session={CHECKOUT_SESSION_ID}",
+            "cancel_url": "http://127.0.0.1/cancel",
+            "client_reference_id": "org-42",
+            "subscription_data": {"metadata": {"organization": "42"}},
+        }
+    )
+    standin.pay_checkout(session.id, card)
+    session = client.v1.checkout.sessions.retrieve(session.id)
+    return session, client.v1.subscriptions.retrieve(session.subscription)
+
+
+def test_price_is_found_by_lookup_key(stripe_client):
+    # given a recurring price with a lookup key
+    price = _monthly_price(stripe_client)
+
+    # when prices are listed by that lookup key
+    found = stripe_client.v1.prices.list(params={"lookup_keys": [price.lookup_key], "active": True})
+
+    # then exactly that price comes back, in the full shape
+    assert [p.id for p in found.data] == [price.id]
+    assert found.data[0].recurring.interval == "month"
+    assert found.data[0].unit_amount == 2000
+    assert found.data[0].product.startswith("prod_gym_")
+
+
+def test_checkout_subscription_is_paid_and_signed_events_arrive(
+    stripe_client, stripe_standin, webhook_receiver
+):
+    # given a monthly price
+    price = _monthly_price(stripe_client)
+
+    # when a customer pays the Checkout page with a good card
+    session, subscription = _subscribe(stripe_client, stripe_standin, price, quantity=2)
+
+    # then the session is complete, the subscription active, its first invoice paid
+    assert (session.status, session.payment_status) == ("complete", "paid")
+    assert session.customer.startswith("cus_")
+    assert subscription.status == "active"
+    assert subscription.metadata["organization"] == "42"
+    item = subscription["items"].data[0]
+    assert (item.price.id, item.price.lookup_key, item.quantity) == (price.id, price.lookup_key, 2)
+    assert item.current_period_end > item.current_period_start
+    invoice = stripe_client.v1.invoices.retrieve(subscription.latest_invoice)
+    assert (invoice.status, invoice.billing_reason, invoice.amount_paid) == (
+        "paid",
+        "subscription_create",
+        4000,
+    )
+    assert invoice.parent.subscription_details.subscription == subscription.id
+    assert invoice.lines.data[0].pricing.price_details.price == price.id
+    customer = stripe_client.v1.customers.retrieve(session.customer)
+    assert customer.invoice_settings.default_payment_method.startswith("pm_")
+    # and the signed webhooks arrive
+    assert (
+        webhook_receiver.wait_for("checkout.session.completed", session.id).data.object.subscription
+        == subscription.id
+    )
+    assert webhook_receiver.wait_for("invoice.paid", invoice.id).data.object.status == "paid"
+    webhook_receiver.wait_for("invoice.payment_succeeded", invoice.id)
+    webhook_receiver.wait_for("customer.subscription.created", subscription.id)
+    assert webhook_receiver.rejected == []
+
+
+def test_events_arrive_in_creation_order(stripe_client, stripe_standin, webhook_receiver):
+    # given a paid checkout
+    session, subscription = _subscribe(stripe_client, stripe_standin, _monthly_price(stripe_client))
+    webhook_receiver.wait_for("checkout.session.completed", session.id)
+
+    # then the invoice's events arrive in the order they were sent
+    sent = [
+        e["type"] for e in stripe_standin.events() if e["object_id"] == subscription.latest_invoice
+    ]
+    assert sent == [
+        "invoice.created",
+        "invoice.finalized",
+        "invoice.paid",
+        "invoice.payment_succeeded",
+    ]
+    assert webhook_receiver.types_for(subscription.latest_invoice) == sent
+
+
+def test_declined_card_leaves_checkout_session_open(stripe_client, stripe_standin):
+    # given an open Checkout Session
+    price = _monthly_price(stripe_client)
+    session = stripe_client.v1.checkout.sessions.create(
+        params={
+            "mode": "subscription",
+            "customer_email": "declined@example.com",
+            "line_items": [{"price": price.id, "quantity": 1}],
+            "success_url": "http://127.0.0.1/done",
+        }
+    )
+
+    # when the customer pays with a card that is declined
+    with pytest.raises(StandInError) as declined:
+        stripe_standin.pay_checkout(session.id, CARD_DECLINED)
+
+    # then the error says so and the session stays open, without a subscription
+    assert declined.value.status == 402
+    assert declined.value.body["error"]["code"] == "card_declined"
+    session = stripe_client.v1.checkout.sessions.retrieve(session.id)
+    assert (session.status, session.subscription) == ("open", None)
+    page = urllib.request.urlopen(session.url).read().decode()
+    assert "card" in page
+
+
+def test_advance_renews_with_a_paid_cycle_invoice(stripe_client, stripe_standin, webhook_receiver):
+    # given an active subscription
+    _, subscription = _subscribe(stripe_client, stripe_standin, _monthly_price(stripe_client))
+    first_end = subscription["items"].data[0].current_period_end
+
+    # when its period ends
+    stripe_standin.advance(subscription.id)
+
+    # then the next period starts and its cycle invoice is paid
+    subscription = stripe_client.v1.subscriptions.retrieve(subscription.id)
+    assert subscription.status == "active"
+    assert subscription["items"].data[0].current_period_start == first_end
+    invoice = stripe_client.v1.invoices.retrieve(subscription.latest_invoice)
+    assert (invoice.billing_reason, invoice.status, invoice.amount_paid) == (
+        "subscription_cycle",
+        "paid",
+        2000,
+    )
+    webhook_receiver.wait_for("invoice.paid", invoice.id)
+
+
+def test_failing_card_makes_renewal_past_due_until_the_invoice_is_paid(
+    stripe_client, stripe_standin, webhook_receiver
+):
+    # given an active subscription whose card now fails off-session
+    session, subscription = _subscribe(stripe_client, stripe_standin, _monthly_price(stripe_client))
+    stripe_standin.set_card(session.customer, CARD_FAILS_OFF_SESSION)
+
+    # when the period ends
+    stripe_standin.advance(subscription.id)
+
+    # then the renewal fails: open invoice, past_due subscription, payment_failed event
+    subscription = stripe_client.v1.subscriptions.retrieve(subscription.id)
+    invoice = stripe_client.v1.invoices.retrieve(subscription.latest_invoice)
+    assert (subscription.status, invoice.status) == ("past_due", "open")
+    webhook_receiver.wait_for("invoice.payment_failed", invoice.id)
+    with pytest.raises(stripe.CardError):
+        stripe_client.v1.invoices.pay(invoice.id)
+
+    # when the card is fixed and the invoice paid again
+    stripe_standin.set_card(session.customer, CARD_OK)
+    paid = stripe_client.v1.invoices.pay(invoice.id)
+
+    # then the invoice is paid and the subscription active again
+    assert paid.status == "paid"
+    assert stripe_client.v1.subscriptions.retrieve(subscription.id).status == "active"
+    webhook_receiver.wait_for("invoice.paid", invoice.id)
+
+
+def _half_up(amount: int, remaining: int, period: int) -> int:
+    return (amount * remaining * 2 + period) // (2 * period)
+
+
+def test_always_invoice_upgrade_prorates_to_the_minor_unit(
+    stripe_client, stripe_standin, webhook_receiver
+):
+    # given an active subscription at 19.99 x 1
+    _, subscription = _subscribe(
+        stripe_client, stripe_standin, _monthly_price(stripe_client, unit_amount=1999)
+    )
+    item = subscription["items"].data[0]
+    bigger = _monthly_price(stripe_client, unit_amount=4999)
+
+    # when it moves to 49.99 x 3 with always_invoice
+    subscription = stripe_client.v1.subscriptions.update(
+        subscription.id,
+        params={
+            "items": [{"id": item.id, "price": bigger.id, "quantity": 3}],
+            "proration_behavior": "always_invoice",
+            "payment_behavior": "error_if_incomplete",
+        },
+    )
+
+    # then a subscription_update invoice credits the unused old time and charges the new
+    invoice = stripe_client.v1.invoices.retrieve(subscription.latest_invoice)
+    assert (invoice.billing_reason, invoice.status) == ("subscription_update", "paid")
+    credit, charge = invoice.lines.data
+    assert credit.proration and charge.proration
+    remaining = credit.period.end - credit.period.start
+    period = item.current_period_end - item.current_period_start
+    assert credit.amount == -_half_up(1999, remaining, period)
+    assert charge.amount == _half_up(4999 * 3, remaining, period)
+    assert invoice.amount_paid == credit.amount + charge.amount
+    assert subscription["items"].data[0].price.id == bigger.id
+    webhook_receiver.wait_for("customer.subscription.updated", subscription.id)
+
+
+def test_cancel_at_period_end_cancels_on_advance(stripe_client, stripe_standin, webhook_receiver):
+    # given a subscription set to cancel at period end
+    _, subscription = _subscribe(stripe_client, stripe_standin, _monthly_price(stripe_client))
+    stripe_client.v1.subscriptions.update(subscription.id, params={"cancel_at_period_end": True})
+
+    # when the period ends
+    stripe_standin.advance(subscription.id)
+
+    # then it is canceled, without a new invoice
+    canceled = stripe_client.v1.subscriptions.retrieve(subscription.id)
+    assert canceled.status == "canceled"
+    assert canceled.latest_invoice == subscription.latest_invoice
+    webhook_receiver.wait_for("customer.subscription.deleted", subscription.id)
+
+
+def test_meter_events_refuse_duplicates_and_bill_usage_on_the_next_cycle(
+    stripe_client, stripe_standin
+):
+    # given a metered price on a meter, and a subscription to it plus a licensed price
+    event_name = _unique("tokens")
+    meter = stripe_client.v1.billing.meters.create(
+        params={
+            "display_name": "Tokens",
+            "event_name": event_name,
+            "default_aggregation": {"formula": "sum"},
+            "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
+            "value_settings": {"event_payload_key": "value"},
+        }
+    )
+    metered = _monthly_price(stripe_client, unit_amount=3, usage_type="metered", meter=meter.id)
+    session, subscription = _subscribe(stripe_client, stripe_standin, metered)
+    customer = session.customer
+
+    # when usage is reported, once twice with the same identifier
+    for identifier, value in (("u-1", "1000"), ("u-2", "234")):
+        stripe_client.v1.billing.meter_events.create(
+            params={
+                "event_name": event_name,
+                "identifier": f"{customer}-{identifier}",
+                "payload": {"stripe_customer_id": customer, "value": value},
+            }
+        )
+    with pytest.raises(stripe.InvalidRequestError) as duplicate:
+        stripe_client.v1.billing.meter_events.create(
+            params={
+                "event_name": event_name,
+                "identifier": f"{customer}-u-1",
+                "payload": {"stripe_customer_id": customer, "value": "5"},
+            }
+        )
+    with pytest.raises(stripe.InvalidRequestError):
+        stripe_client.v1.billing.meter_events.create(
+            params={
+                "event_name": "no_such_meter",
+                "payload": {"stripe_customer_id": customer, "value": "5"},
+            }
+        )
+
+    # then the duplicate is refused like Stripe, and only accepted usage counts
+    assert duplicate.value.http_status == 400
+    assert duplicate.value.code == "resource_already_exists"
+    assert sum(int(e["value"]) for e in stripe_standin.meter_events(customer)) == 1234
+
+    # and the next cycle invoice bills it
+    stripe_standin.advance(subscription.id)
+    invoice = stripe_client.v1.invoices.retrieve(
+        stripe_client.v1.subscriptions.retrieve(subscription.id).latest_invoice
+    )
+    usage_lines = [line for line in invoice.lines.data if line.amount]
+    assert [line.amount for line in usage_lines] == [1234 * 3]
+    assert invoice.amount_paid == 1234 * 3
+
+
+def test_transfer_with_the_same_idempotency_key_is_created_once(stripe_client, webhook_receiver):
+    # given a connected account
+    account = stripe_client.v1.accounts.create(
+        params={"type": "express", "email": "seller@example.com"}
+    )
+    assert account.charges_enabled and account.payouts_enabled
+    params = {
+        "amount": 1500,
+        "currency": "usd",
+        "destination": account.id,
+        "transfer_group": "order-7",
+    }
+    key = _unique("payout")
+
+    # when the same transfer is sent twice with one idempotency key
+    first = stripe_client.v1.transfers.create(params=params, options={"idempotency_key": key})
+    second = stripe_client.v1.transfers.create(params=params, options={"idempotency_key": key})
+
+    # then one transfer exists
+    assert first.id == second.id
+    assert [
+        t.id for t in stripe_client.v1.transfers.list(params={"destination": account.id}).data
+    ] == [first.id]
+    webhook_receiver.wait_for("transfer.created", first.id)
+
+    # and a reversal is reported
+    stripe_client.v1.transfers.reversals.create(first.id, params={"amount": 500})
+    assert (
+        webhook_receiver.wait_for("transfer.reversed", first.id).data.object.amount_reversed == 500
+    )
+
+
+def _one_time_payment(client, standin):
+    product = client.v1.products.create(params={"name": "Credit pack"})
+    price = client.v1.prices.create(
+        params={"product": product.id, "currency": "usd", "unit_amount": 5000}
+    )
+    session = client.v1.checkout.sessions.create(
+        params={
+            "mode": "payment",
+            "customer_email": "buyer@example.com",
+            "line_items": [{"price": price.id, "quantity": 1}],
+            "success_url": "http://127.0.0.1/done",
+            "payment_intent_data": {"metadata": {"pack": "big"}, "transfer_group": "order-9"},
+        }
+    )
+    standin.pay_checkout(session.id, CARD_OK)
+    return client.v1.payment_intents.retrieve(
+        client.v1.checkout.sessions.retrieve(session.id).payment_intent
+    )
+
+
+def test_refund_sends_charge_refunded(stripe_client, stripe_standin, webhook_receiver):
+    # given a paid one-time Checkout payment
+    intent = _one_time_payment(stripe_client, stripe_standin)
+    assert (intent.status, intent.metadata["pack"], intent.transfer_group) == (
+        "succeeded",
+        "big",
+        "order-9",
+    )
+
+    # when part of it is refunded
+    refund = stripe_client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 2000})
+
+    # then the charge reports the refund
+    charge_id = refund.charge
+    event = webhook_receiver.wait_for("charge.refunded", charge_id)
+    assert (event.data.object.amount_refunded, event.data.object.refunded) == (2000, False)
+    webhook_receiver.wait_for("refund.created", refund.id)
+
+
+def test_dispute_sends_charge_dispute_created(stripe_client, stripe_standin, webhook_receiver):
+    # given a paid one-time payment
+    intent = _one_time_payment(stripe_client, stripe_standin)
+    charge_id = (
+        intent.latest_charge if isinstance(intent.latest_charge, str) else intent.latest_charge.id
+    )
+
+    # when the cardholder disputes it
+    dispute = stripe_standin.dispute(charge_id)
+
+    # then a dispute needing a response is reported
+    event = webhook_receiver.wait_for("charge.dispute.created", dispute["id"])
+    assert (event.data.object.charge, event.data.object.payment_intent) == (charge_id, intent.id)
+    assert (event.data.object.amount, event.data.object.status) == (5000, "needs_response")
+
+
+def test_portal_session_page_lists_the_subscription(stripe_client, stripe_standin):
+    # given a subscribed customer
+    session, subscription = _subscribe(stripe_client, stripe_standin, _monthly_price(stripe_client))
+
+    # when a portal session is opened
+    portal = stripe_client.v1.billing_portal.sessions.create(
+        params={"customer": session.customer, "return_url": "http://127.0.0.1/account"}
+    )
+
+    # then its page loads and offers to cancel that subscription
+    page = urllib.request.urlopen(portal.url).read().decode()
+    assert subscription.id in page
+    assert "Cancel at period end" in page
+    assert "http://127.0.0.1/account" in page
+
+
+def test_errors_have_stripes_shape(stripe_client):
+    # when a missing object is asked for
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        stripe_client.v1.prices.retrieve("price_missing")
+
+    # then the SDK raises Stripe's error with its code
+    assert missing.value.http_status == 404
+    assert missing.value.code == "resource_missing"
+    assert json.loads(missing.value.http_body)["error"]["type"] == "invalid_request_error"
