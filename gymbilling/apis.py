@@ -68,6 +68,9 @@ class PlanListApi(APIView):
     permission_classes = [AllowAny]
 
     class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "CatalogOutput"
+
         plans = PlanOutput(many=True)
         packs = PackOutput(many=True)
 
@@ -81,6 +84,9 @@ class CheckoutApi(OrgApiView):
     allowed_roles = BILLING_ROLES
 
     class Input(StrictSerializer):
+        class Meta:
+            ref_name = "CheckoutInput"
+
         plan = serializers.SlugField(required=False, help_text="A plan code from /api/v1/plans.")
         pack = serializers.SlugField(required=False, help_text="A pack code from /api/v1/plans.")
         seats = serializers.IntegerField(required=False, default=1, min_value=1, max_value=10_000)
@@ -91,6 +97,9 @@ class CheckoutApi(OrgApiView):
             return attrs
 
     class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "CheckoutOutput"
+
         url = serializers.URLField(help_text="Open it to pay (or, for a change, where to look).")
         kind = serializers.ChoiceField(
             choices=["checkout", "subscription_updated", "change_scheduled"],
@@ -134,6 +143,9 @@ class PortalApi(OrgApiView):
     allowed_roles = BILLING_ROLES
 
     class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "PortalOutput"
+
         url = serializers.URLField()
 
     @extend_schema(
@@ -174,6 +186,9 @@ class SubscriptionApi(OrgApiView):
     required_scope = Scope.BILLING_READ
 
     class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "SubscriptionStateOutput"
+
         subscription = SubscriptionOutput(allow_null=True)
         entitlements = EntitlementsOutput()
 

@@ -8,16 +8,21 @@ export DJANGO_SETTINGS_MODULE=gymbilling.settings.local
 export PATH="$PWD/.venv/bin:$PATH"
 PORT="${PORT:-8000}"
 TRITON_HTTP=8001 TRITON_GRPC=8002 TRITON_METRICS=8003
+STRIPE_STANDIN_PORT="${STRIPE_STANDIN_PORT:-8420}"
 mkdir -p var/log
+
+# Billing runs against the local Stripe stand-in unless a real key is given.
+if [ -z "${STRIPE_SECRET_KEY:-}" ]; then
+  export STRIPE_SECRET_KEY=sk_test_gymbilling_demo
+  export STRIPE_WEBHOOK_SECRET=whsec_gymbilling_demo
+  export STRIPE_API_BASE="http://127.0.0.1:${STRIPE_STANDIN_PORT}"
+  STANDIN=1
+fi
 
 scripts/ensure_services.sh || {
   echo "make demo needs Redis on 127.0.0.1:6379 (the Celery broker and the rate limiter)." >&2
   exit 1
 }
-
-python manage.py migrate --noinput
-python manage.py demo_seed --triton-grpc "127.0.0.1:${TRITON_GRPC}" --key-file var/demo-key
-KEY=$(cat var/demo-key)
 
 pids=()
 cleanup() {
@@ -27,6 +32,23 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup INT TERM EXIT
+
+if [ -n "${STANDIN:-}" ]; then
+  python -m gymbilling.stripe_standin --host 127.0.0.1 --port "$STRIPE_STANDIN_PORT" \
+    --data-dir var/stripe-standin \
+    --webhook-url "http://127.0.0.1:${PORT}/stripe/webhook/" --webhook-secret "$STRIPE_WEBHOOK_SECRET" \
+    > var/log/stripe-standin.log 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 50); do
+    curl -fsS "${STRIPE_API_BASE}/_config/health" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+fi
+
+python manage.py migrate --noinput
+python manage.py demo_seed --triton-grpc "127.0.0.1:${TRITON_GRPC}" --key-file var/demo-key
+python manage.py stripe_sync_catalog
+KEY=$(cat var/demo-key)
 
 python manage.py triton_dev --http-port $TRITON_HTTP --grpc-port $TRITON_GRPC \
   --metrics-port $TRITON_METRICS > var/log/triton.log 2>&1 &
@@ -60,6 +82,11 @@ GymBilling demo is running (logs in var/log/).
     -d '{"model": "gym-tiny", "messages": [{"role": "user", "content": "How do I train?"}], "max_tokens": 16}'
 
   curl http://127.0.0.1:${PORT}/api/v1/credits/balance -H "Authorization: Bearer ${KEY}"
+
+  # Subscribe to Pro: open the returned url and pay with card 4242 4242 4242 4242
+  # (Stripe: ${STRIPE_API_BASE:-https://api.stripe.com}); the webhook grants the credits.
+  curl http://127.0.0.1:${PORT}/api/v1/billing/checkout -H "Authorization: Bearer ${KEY}" \
+    -H "Content-Type: application/json" -d '{"plan": "pro"}'
 
   python - <<PY
 from openai import OpenAI

@@ -47,6 +47,8 @@ from schemathesis.specs.openapi.checks import (
 
 from accounts.models import Role, Scope
 from accounts.services import apikey_create, invitation_create, membership_add
+from gymbilling.services import catalog_sync
+from gymbilling.services.catalog import catalog_seed_defaults
 from gymbilling.wsgi import application
 from inference.models import CatalogModel, ServerPool
 from inference.services import job_submit
@@ -70,6 +72,7 @@ MODEL = "schemathesis-model"
 # their success responses are checked against the schema too.
 KNOWN_GOOD_BODIES = {
     "POST /api/v1/jobs": {"model": MODEL, "prompt": "hello", "max_tokens": 4},
+    "POST /api/v1/billing/checkout": {"pack": "boost-1k"},
 }
 
 CHECKS = [
@@ -115,7 +118,7 @@ def _wsgi_keeps_the_test_connection():
 
 
 @pytest.fixture
-def caller() -> Caller:
+def caller(stripe_standin) -> Caller:
     """An owner's organization with something of everything, and an API key with every scope.
 
     The limit is high enough that hundreds of requests in a minute are not refused.
@@ -160,6 +163,9 @@ def caller() -> Caller:
             }
         ]
     )
+    # Plans and packs on sale at the Stripe stand-in, so checkout can succeed.
+    catalog_seed_defaults()
+    catalog_sync()
     pool = ServerPool.objects.create(name="schemathesis", grpc_urls=["127.0.0.1:1"])
     CatalogModel.objects.create(name=MODEL, pool=pool)
     job = job_submit(

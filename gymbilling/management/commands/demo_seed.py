@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from accounts.models import ApiKey, Organization, Scope, User
 from accounts.services import apikey_create, apikey_revoke, organization_create
+from gymbilling.services.catalog import catalog_seed_defaults
 from inference.models import CatalogModel, Precision, ServerPool
 from metering.models import PriceBook
 from metering.selectors import organization_balance
@@ -42,6 +43,8 @@ class Command(BaseCommand):
             org = Organization.objects.filter(slug=DEMO_ORG).first() or organization_create(
                 slug=DEMO_ORG, name="Demo Gym"
             )
+        plans, packs = catalog_seed_defaults()
+        self.stdout.write(f"catalog: {plans} plans and {packs} credit packs added")
         if not PriceBook.objects.exists():
             price_book_publish(
                 prices=[

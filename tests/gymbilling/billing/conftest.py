@@ -100,3 +100,61 @@ def event_for(obj: dict, event_type: str, *, event_id: str | None = None) -> dic
         "api_version": API_VERSION,
         "data": {"object": obj},
     }
+
+
+@pytest.fixture
+def deliver(stripe_standin):
+    """Apply, in this test's transaction, every event the stand-in sent since the last call.
+
+    For tests that run inside one database transaction (no live server): the
+    events are recorded as the webhook view would and processed in order,
+    reading the current objects from the stand-in like the worker does.
+    """
+    from gymbilling.services import stripe_event_process, stripe_event_record
+    from gymbilling.stripe_client import WebhookEvent
+
+    seen = {event["id"] for event in stripe_standin.events()}
+
+    def _deliver() -> list[str]:
+        statuses = []
+        for event in stripe_standin.events():
+            if event["id"] in seen:
+                continue
+            seen.add(event["id"])
+            row, _ = stripe_event_record(
+                event=WebhookEvent(
+                    id=event["id"],
+                    type=event["type"],
+                    created=int(event["created"]),
+                    livemode=False,
+                    api_version=API_VERSION,
+                    object_type=event["object"],
+                    object_id=event["object_id"],
+                    payload={
+                        "id": event["id"],
+                        "type": event["type"],
+                        "data": {"object": {"id": event["object_id"]}},
+                    },
+                )
+            )
+            statuses.append(stripe_event_process(event_pk=row.pk))
+        return statuses
+
+    return _deliver
+
+
+@pytest.fixture
+def subscribed(customer, catalog, stripe_standin, deliver):
+    """Subscribe `customer` to a plan through Checkout, paid; returns the Subscription."""
+    from gymbilling.models import Subscription
+
+    def _subscribe(plan: str = "pro", seats: int = 1) -> Subscription:
+        response = customer.client.post(
+            "/api/v1/billing/checkout", {"plan": plan, "seats": seats}, format="json"
+        )
+        assert response.status_code == 200, response.content
+        stripe_standin.pay_checkout(response.json()["session_id"])
+        assert "failed" not in deliver()
+        return Subscription.objects.get(organization=customer.organization)
+
+    return _subscribe

@@ -27,7 +27,7 @@ def grant_params(**overrides):
         "source": LotSource.SUBSCRIPTION,
         "paid": True,
         "resellable": True,
-        "key": "invoice:in_123",
+        "key": "promo:spring-123",
         "expires_at": timezone.now() + timedelta(days=30),
     }
     params.update(overrides)
@@ -285,10 +285,10 @@ def test_resellable_credits_that_were_not_paid_for_are_refused(org):
 def test_a_refused_grant_does_not_burn_its_key(org):
     # given: a first attempt with bad input
     with pytest.raises(ApplicationError):
-        credits_grant(**grant_params(organization=org, amount=0, key="invoice:retry"))
+        credits_grant(**grant_params(organization=org, amount=0, key="promo:retry"))
 
     # when: the caller fixes the input and retries under the same key
-    lot = credits_grant(**grant_params(organization=org, amount=credits(7), key="invoice:retry"))
+    lot = credits_grant(**grant_params(organization=org, amount=credits(7), key="promo:retry"))
 
     # then
     assert lot.amount == credits(7)

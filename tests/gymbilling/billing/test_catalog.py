@@ -1,0 +1,75 @@
+"""stripe_sync_catalog: plans and packs become Stripe products and prices, idempotently."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+
+from gymbilling.models import Plan, StripePrice
+from gymbilling.services import catalog_sync
+from gymbilling.services.catalog import catalog_seed_defaults
+
+pytestmark = pytest.mark.django_db
+
+
+def test_sync_twice_creates_nothing_the_second_time(stripe_standin, stripe_sdk):
+    # given
+    catalog_seed_defaults()
+    out = io.StringIO()
+    call_command("stripe_sync_catalog", stdout=out)
+    prices = set(StripePrice.objects.values_list("stripe_price_id", flat=True))
+
+    # when
+    report = catalog_sync()
+
+    # then: every price already matched
+    assert report.created == [] and report.deactivated == []
+    assert set(StripePrice.objects.values_list("stripe_price_id", flat=True)) == prices
+    # 4 plans + 3 overage prices + 2 packs
+    assert len(prices) == 9
+    pro = stripe_sdk.v1.prices.list(params={"lookup_keys": ["gym_plan_pro"]}).data
+    assert [(p.unit_amount, p.currency, p.recurring.interval) for p in pro] == [
+        (9_900, "usd", "month")
+    ]
+    overage = stripe_sdk.v1.prices.list(params={"lookup_keys": ["gym_plan_pro_overage"]}).data[0]
+    assert overage.recurring.usage_type == "metered" and str(overage.unit_amount_decimal) == "0.9"
+
+
+def test_a_new_price_takes_over_and_the_old_one_still_names_its_plan(stripe_standin, stripe_sdk):
+    # given: synced, then staff raise Pro's price
+    catalog_seed_defaults()
+    catalog_sync()
+    old = StripePrice.objects.get(lookup_key="gym_plan_pro", current=True)
+    Plan.objects.filter(code="pro").update(monthly_price=10_900)
+
+    # when
+    report = catalog_sync()
+
+    # then
+    assert report.created == ["gym_plan_pro"] and report.deactivated == [old.stripe_price_id]
+    new = StripePrice.objects.get(lookup_key="gym_plan_pro", current=True)
+    assert new.unit_amount == 10_900 and new.plan.code == "pro"
+    old.refresh_from_db()
+    assert old.current is False and old.plan.code == "pro"
+    assert stripe_sdk.v1.prices.retrieve(old.stripe_price_id).active is False
+    looked_up = stripe_sdk.v1.prices.list(params={"lookup_keys": ["gym_plan_pro"]}).data
+    assert [p.id for p in looked_up] == [new.stripe_price_id]
+
+
+def test_the_command_says_what_is_missing():
+    with (
+        override_settings(STRIPE_SECRET_KEY=""),
+        pytest.raises(CommandError, match="STRIPE_SECRET_KEY"),
+    ):
+        call_command("stripe_sync_catalog")
+    with override_settings(
+        STRIPE_SECRET_KEY="sk_test_x",
+        STRIPE_API_BASE="http://127.0.0.1:9",
+        STRIPE_MAX_NETWORK_RETRIES=0,
+    ):
+        catalog_seed_defaults()
+        with pytest.raises(CommandError, match="unreachable"):
+            call_command("stripe_sync_catalog")

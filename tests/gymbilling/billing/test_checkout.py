@@ -1,0 +1,172 @@
+"""Starting purchases: validation, Stripe outages, roles, packs, the portal, reads."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from accounts.models import Role
+from accounts.services import membership_add
+from gymbilling.models import BillingCustomer, CheckoutSession, Plan, Subscription
+from gymbilling.stripe_standin.process import StandInError
+from metering.models import MICRO, CreditLot
+from tests.factories import UserFactory
+from tests.helpers import ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+
+def billing_rows() -> tuple[int, int, int]:
+    return (
+        BillingCustomer.objects.count(),
+        CheckoutSession.objects.count(),
+        Subscription.objects.count(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({}, 400, "invalid_request"),
+        ({"plan": "pro", "pack": "boost-1k"}, 400, "invalid_request"),
+        ({"plan": "no-such-plan"}, 404, "plan_not_found"),
+        ({"pack": "no-such-pack"}, 404, "pack_not_found"),
+        ({"plan": "pro", "seats": 3}, 400, "invalid_seats"),
+        ({"plan": "team", "seats": 1}, 400, "invalid_seats"),
+        ({"plan": "team", "seats": 0}, 400, "invalid_request"),
+        ({"plan": "pro", "coupon": "FREE"}, 400, "invalid_request"),
+        ({"plan": ["pro"]}, 400, "invalid_request"),
+    ],
+)
+def test_bad_checkout_requests_are_refused_and_change_nothing(
+    customer, catalog, body, status, code
+):
+    before = (billing_rows(), ledger_rows())
+    response = customer.client.post("/api/v1/billing/checkout", body, format="json")
+    assert response.status_code == status, response.content
+    assert response.json()["error"]["code"] == code
+    assert (billing_rows(), ledger_rows()) == before
+
+
+def test_a_plan_not_offered_any_more_cannot_be_bought(customer, catalog):
+    Plan.objects.filter(code="pro").update(active=False)
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "plan_not_available"
+
+
+def test_stripe_unreachable_during_checkout_is_a_clear_503_and_writes_nothing(customer, catalog):
+    # given: Stripe cannot be reached
+    before = (billing_rows(), ledger_rows())
+    with override_settings(STRIPE_API_BASE="http://127.0.0.1:9", STRIPE_MAX_NETWORK_RETRIES=0):
+        # when
+        response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    # then
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "payments_unavailable"
+    assert (billing_rows(), ledger_rows()) == before
+
+
+def test_billing_off_without_a_stripe_key(customer, catalog):
+    with override_settings(STRIPE_SECRET_KEY=""):
+        response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+        portal = customer.client.post("/api/v1/billing/portal")
+    assert (
+        response.status_code == 503 and response.json()["error"]["code"] == "billing_not_configured"
+    )
+    assert portal.status_code == 503
+
+
+def test_members_without_a_billing_role_cannot_buy(customer, catalog):
+    customer.organization.seats = 5
+    customer.organization.save(update_fields=["seats"])
+    member = UserFactory()
+    membership_add(organization=customer.organization, user=member, role=Role.MEMBER)
+    client = APIClient()
+    client.force_authenticate(member)
+    response = client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    assert response.status_code == 403
+    assert CheckoutSession.objects.count() == 0
+
+
+def test_a_paid_pack_grants_its_credits_for_a_year(customer, catalog, stripe_standin, deliver):
+    # given
+    response = customer.client.post(
+        "/api/v1/billing/checkout", {"pack": "boost-10k"}, format="json"
+    )
+    assert response.status_code == 200
+    checkout = CheckoutSession.objects.get(stripe_session_id=response.json()["session_id"])
+    assert checkout.kind == "pack" and checkout.status == "open"
+
+    # when: paid on the stand-in's page, and its webhooks delivered
+    page = requests.get(response.json()["url"], timeout=10)
+    assert page.status_code == 200 and "4242" in page.text
+    stripe_standin.pay_checkout(checkout.stripe_session_id)
+    deliver()
+
+    # then
+    lot = CreditLot.objects.get(organization=customer.organization, source="pack")
+    checkout.refresh_from_db()
+    assert lot.amount == 10_000 * MICRO and lot.paid and not lot.resellable
+    assert (lot.expires_at - checkout.completed_at).days == 365
+    assert checkout.status == "complete"
+
+
+def test_a_declined_card_grants_nothing(customer, catalog, stripe_standin, deliver):
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    with pytest.raises(StandInError) as declined:
+        stripe_standin.pay_checkout(response.json()["session_id"], card="4000000000000002")
+    assert declined.value.status == 402
+    deliver()
+    assert not CreditLot.objects.filter(organization=customer.organization).exists()
+
+
+def test_subscription_and_invoices_read_back(customer, subscribed):
+    assert customer.client.get("/api/v1/billing/subscription").json()["subscription"] is None
+    sub = subscribed("team", seats=3)
+    body = customer.client.get("/api/v1/billing/subscription").json()
+    assert body["subscription"]["plan"] == "team" and body["subscription"]["seats"] == 3
+    assert body["entitlements"]["seats"] == 3
+    invoices = customer.client.get("/api/v1/billing/invoices").json()["results"]
+    assert len(invoices) == 1
+    assert invoices[0]["status"] == "paid" and invoices[0]["amount_paid"] == 3 * 4_900
+    assert invoices[0]["credits_granted"] == 3 * 5_000 * MICRO
+    assert sub.status == "active"
+
+
+def test_a_downgrade_waits_for_the_period_end(customer, subscribed, stripe_standin, deliver):
+    # given: Team with 5 seats
+    sub = subscribed("team", seats=5)
+    # when: down to 2 seats
+    response = customer.client.post(
+        "/api/v1/billing/checkout", {"plan": "team", "seats": 2}, format="json"
+    )
+    assert response.json()["kind"] == "change_scheduled"
+    deliver()
+    # then: still 5 seats until the period ends, then 2, and 2 seats' credits
+    sub.refresh_from_db()
+    assert (sub.seats, sub.scheduled_seats) == (5, 2)
+    customer.organization.refresh_from_db()
+    assert customer.organization.seats == 5
+    stripe_standin.advance(sub.stripe_subscription_id)
+    deliver()
+    sub.refresh_from_db()
+    customer.organization.refresh_from_db()
+    assert (sub.seats, sub.scheduled_seats, customer.organization.seats) == (2, None, 2)
+    assert sub.invoices.order_by("created_at", "pk").last().credits_granted == 2 * 5_000 * MICRO
+
+
+def test_the_portal_link_opens(customer, catalog):
+    response = customer.client.post("/api/v1/billing/portal")
+    assert response.status_code == 200
+    assert requests.get(response.json()["url"], timeout=10).status_code == 200
+
+
+def test_plans_are_public(client, catalog):
+    response = client.get("/api/v1/plans")
+    assert response.status_code == 200
+    codes = [plan["code"] for plan in response.json()["plans"]]
+    assert codes == ["basic", "pro", "team", "enterprise"]
+    assert {pack["code"] for pack in response.json()["packs"]} == {"boost-1k", "boost-10k"}

@@ -1,0 +1,169 @@
+"""Overage reported to the Stripe meter once; refunds and disputes claw back what
+is unspent, record the rest as a loss and freeze reselling; stripe_reconcile."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.core.management import call_command
+
+from gymbilling.models import (
+    BillingCustomer,
+    CheckoutSession,
+    OverageReport,
+    PaymentReversal,
+    StripeEvent,
+)
+from gymbilling.reconcile import stripe_reconcile
+from gymbilling.services import overage_report, stripe_event_process
+from metering.models import MICRO, CreditLot, JournalTransaction
+from metering.selectors import organization_balance
+from metering.services import hold_capture, hold_place
+
+pytestmark = pytest.mark.django_db
+
+
+def spend(org, credits: int, key: str) -> None:
+    hold_place(organization=org, amount=credits, key=key)
+    hold_capture(key=key, amount=credits)
+
+
+def test_overage_is_reported_to_the_meter_once(customer, subscribed, stripe_standin):
+    # given: Pro (12,000 credits a month, overage allowed) and 12,500.4 credits spent
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_500 * MICRO + 400_000, key="job-1")
+    cus = BillingCustomer.objects.get(organization=org).stripe_customer_id
+
+    # when: the report runs, twice
+    assert overage_report() == 500
+    assert overage_report() == 0
+
+    # then: Stripe's meter has 500 whole credits, in one event; the 0.4 waits
+    events = stripe_standin.meter_events(cus)
+    assert [int(e["value"]) for e in events] == [500]
+    # when: 0.6 more credit is used, the carried fraction makes one more credit
+    spend(org, 600_000, key="job-2")
+    assert overage_report() == 1
+    assert sum(int(e["value"]) for e in stripe_standin.meter_events(cus)) == 501
+
+
+def test_an_overage_batch_lost_in_a_crash_is_resent_with_the_same_identifier(
+    customer, subscribed, stripe_standin
+):
+    # given: a batch reported, then (as after a crash before sent_at was saved) marked unsent
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    overage_report()
+    OverageReport.objects.update(sent_at=None)
+
+    # when: the next run resends it
+    assert overage_report() == 10
+
+    # then: Stripe refused the duplicate identifier; the meter still counts 10
+    cus = BillingCustomer.objects.get(organization=org).stripe_customer_id
+    assert sum(int(e["value"]) for e in stripe_standin.meter_events(cus)) == 10
+    assert OverageReport.objects.get().sent_at is not None
+
+
+def test_a_refunded_pack_takes_back_what_is_unspent_and_records_the_loss(
+    customer, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given: a 1,000-credit pack bought, 300 credits spent
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    deliver()
+    spend(org, 300 * MICRO, key="job-1")
+    checkout = CheckoutSession.objects.get()
+
+    # when: the whole payment is refunded at Stripe
+    stripe_sdk.v1.refunds.create(params={"payment_intent": checkout.stripe_payment_intent_id})
+    deliver()
+
+    # then: 700 credits taken back, 300 recorded as lost, reselling frozen
+    reversal = PaymentReversal.objects.get()
+    assert (reversal.kind, reversal.credits_clawed_back, reversal.credits_lost) == (
+        "refund",
+        700 * MICRO,
+        300 * MICRO,
+    )
+    assert organization_balance(organization=org).available == 0
+    assert BillingCustomer.objects.get(organization=org).resale_frozen_at is not None
+
+
+def test_a_partial_refund_takes_back_its_share_once(
+    customer, catalog, stripe_standin, stripe_sdk, deliver
+):
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    deliver()
+    checkout = CheckoutSession.objects.get()
+
+    # when: a quarter of $12.00 is refunded, then the event is delivered again
+    stripe_sdk.v1.refunds.create(
+        params={"payment_intent": checkout.stripe_payment_intent_id, "amount": 300}
+    )
+    deliver()
+
+    refunded = StripeEvent.objects.get(type="charge.refunded")
+    assert stripe_event_process(event_pk=refunded.pk, force=True) == "processed"
+
+    # then: a quarter of the credits is taken back, once
+    assert PaymentReversal.objects.get().credits_clawed_back == 250 * MICRO
+    assert organization_balance(organization=org).available == 750 * MICRO
+
+
+def test_a_disputed_subscription_payment_claws_back_and_freezes_resale(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Basic, 2,000 credits, 500 spent
+    sub = subscribed("basic")
+    org = customer.organization
+    spend(org, 500 * MICRO, key="job-1")
+    invoice = sub.invoices.get()
+    intent = stripe_sdk.v1.payment_intents.retrieve(invoice.stripe_payment_intent_id)
+    charge = (
+        intent.latest_charge if isinstance(intent.latest_charge, str) else intent.latest_charge.id
+    )
+
+    # when: the cardholder disputes the charge
+    stripe_standin.dispute(charge)
+    deliver()
+
+    # then
+    reversal = PaymentReversal.objects.get(kind="dispute")
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (1_500 * MICRO, 500 * MICRO)
+    assert BillingCustomer.objects.get(organization=org).resale_frozen_at is not None
+    # the paid invoice keeps its one grant: reconcile still agrees with Stripe
+    assert stripe_reconcile().ok
+
+
+def test_stripe_reconcile_reports_a_paid_invoice_without_a_grant(
+    customer, subscribed, stripe_standin
+):
+    # given: a reconciled subscription, then a renewal whose webhooks never arrived
+    sub = subscribed("basic")
+    out = io.StringIO()
+    call_command("stripe_reconcile", stdout=out)
+    assert "0 mismatches" in out.getvalue()
+    stripe_standin.advance(sub.stripe_subscription_id)
+
+    # when
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exit_:
+        call_command("stripe_reconcile", stdout=out)
+
+    # then
+    assert exit_.value.code == 1
+    assert "MISMATCH paid invoice" in out.getvalue() and "0 grants, expected 1" in out.getvalue()
+    assert (
+        JournalTransaction.objects.filter(idempotency_key__startswith="grant:invoice:").count() == 1
+    )
+    assert (
+        CreditLot.objects.filter(organization=customer.organization, source="subscription").count()
+        == 1
+    )
