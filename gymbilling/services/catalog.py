@@ -11,6 +11,9 @@ their plan through it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -67,17 +70,25 @@ def _price_ensure(
             created = price
             break
     else:
-        version = StripePrice.objects.filter(lookup_key=lookup_key).count() + 1
-        created = stripe_client.price_create(
-            key=f"price:{lookup_key}:v{version}:{currency}:{unit_amount}",
-            product=product,
-            currency=currency,
+        request = {
+            "product": product,
+            "currency": currency,
             **amount,
-            lookup_key=lookup_key,
-            transfer_lookup_key=True,
-            metadata={"kind": kind, **{k: str(v.pk) for k, v in owner.items()}},
+            "lookup_key": lookup_key,
+            "transfer_lookup_key": True,
+            "metadata": {"kind": kind, **{k: str(v.pk) for k, v in owner.items()}},
             **params,
-        )
+        }
+        # The key names this exact request: a retry replays it, a changed
+        # price (or another database's rows) is a new request.
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:24]
+        created = stripe_client.price_create(key=f"price:{lookup_key}:{digest}", **request)
+        if not created.get("active", True):
+            # A replay of a price made earlier today and deactivated since (the
+            # amount went back and forth): that one is retired, make a new one.
+            created = stripe_client.price_create(
+                key=f"price:{lookup_key}:{digest}:{uuid.uuid4()}", **request
+            )
     with transaction.atomic():
         if current:
             StripePrice.objects.filter(pk=current.pk).update(current=False)
