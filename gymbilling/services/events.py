@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -149,6 +149,11 @@ def stripe_event_process(*, event_pk: int, force: bool = False) -> str | None:
             handled = _dispatch(event)
     except stripe_client.StripeUnavailable as exc:
         _finish(event, EventStatus.PENDING, f"Stripe unreachable: {exc}")
+        raise EventRetryLater(str(exc)) from exc
+    except OperationalError as exc:
+        # The database itself was briefly unavailable (a lock timeout, a
+        # failover): nothing was applied, so this is a retry, not a failure.
+        _finish(event, EventStatus.PENDING, f"database unavailable: {exc}")
         raise EventRetryLater(str(exc)) from exc
     except Exception as exc:  # recorded for the admin's replay, then re-raised for the logs
         logger.exception("stripe event %s failed", event.stripe_event_id)

@@ -11,8 +11,14 @@ if not env.str("DATABASE_URL", default=""):
         "NAME": BASE_DIR / "var" / "demo.sqlite3",  # `make demo` creates var/
         "ATOMIC_REQUESTS": False,
         # Writers queue instead of failing at once when the worker and the
-        # web process write together.
-        "OPTIONS": {"timeout": 20},
+        # web process write together: every transaction takes the write lock
+        # when it begins (a reader upgrading to writer mid-transaction fails
+        # at once, whatever the timeout), and WAL lets readers carry on.
+        "OPTIONS": {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL;",
+        },
     }
 
 EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"

@@ -75,6 +75,32 @@ def billing_live(transactional_db, live_server, celery_worker_process, stripe_st
     stripe_standin.register_webhook(
         "http://127.0.0.1:9/unused", STRIPE_TEST_WEBHOOK_SECRET, webhook_id="app", events=["none"]
     )
+    _quiesce(stripe_standin)
+
+
+def _quiesce(stripe_standin) -> None:
+    """Wait until no webhook is on its way and the worker has applied every event.
+
+    The test database is truncated after a transactional test; a worker still
+    applying a late event would hold locks that deadlock the truncation.
+    """
+    from gymbilling.models import EventStatus, StripeEvent
+    from tests.helpers import wait_until
+
+    wait_until(
+        lambda: all(
+            event.get("deliveries", {}).get("app") != "pending" for event in stripe_standin.events()
+        ),
+        what="the stand-in's last webhook deliveries",
+    )
+    wait_until(
+        lambda: (
+            not StripeEvent.objects.filter(
+                status__in=[EventStatus.PENDING, EventStatus.PROCESSING]
+            ).exists()
+        ),
+        what="the worker to apply the last events",
+    )
 
 
 def signed(
