@@ -6,7 +6,7 @@
     POST   /_config/webhooks/hold                 queue events without sending them
     POST   /_config/webhooks/release              send what was held, in order
     GET    /_config/events[?type=...]             {"data": [{"id", "type", "object", "object_id",
-                                                    "created", "deliveries": {<webhook id>: "pending|delivered|failed"}}]}
+                                                    "created", "deliveries": {<webhook id>: "pending|delivered|failed|canceled"}}]}
     POST   /_config/subscriptions/<id>/advance    end the current period → the subscription
     POST   /_config/customers/<id>/card           {"card": "4242424242424242"} new default card → the payment method
     POST   /_config/charges/<id>/dispute          {"amount"?, "reason"?} → the dispute

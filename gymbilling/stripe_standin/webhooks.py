@@ -84,6 +84,10 @@ def register(endpoint_id: str, url: str, secret: str, events: list[str] | None =
     old = _endpoints.pop(endpoint_id, None)
     if old and old.worker:
         old.worker.cancel()
+        # What the replaced target had not delivered yet never will be.
+        while not old.queue.empty():
+            _queued_at, _event, record = old.queue.get_nowait()
+            record["deliveries"][endpoint_id] = "canceled"
     endpoint = Endpoint(url=url, secret=secret, events=events)
     endpoint.worker = asyncio.get_running_loop().create_task(
         _deliver_forever(endpoint_id, endpoint)

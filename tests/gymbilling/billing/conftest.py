@@ -71,11 +71,11 @@ def billing_live(transactional_db, live_server, celery_worker_process, stripe_st
         f"{live_server.url}/stripe/webhook/", STRIPE_TEST_WEBHOOK_SECRET, webhook_id="app"
     )
     yield live_server
+    _quiesce(stripe_standin)
     # Later tests deliver by hand: a live-server URL of a finished test would only fail.
     stripe_standin.register_webhook(
         "http://127.0.0.1:9/unused", STRIPE_TEST_WEBHOOK_SECRET, webhook_id="app", events=["none"]
     )
-    _quiesce(stripe_standin)
 
 
 def _quiesce(stripe_standin) -> None:
