@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.api_base import MANAGERS, IdCursorPagination, OrgApiView, StrictSerializer
+from accounts.apis import OrganizationOutput
 from accounts.errors import ApplicationError, json_error_response
 from accounts.models import Role, Scope
 from gymbilling import stripe_client
@@ -172,16 +173,6 @@ class SubscriptionOutput(serializers.Serializer):
     grace_until = serializers.DateTimeField(allow_null=True)
 
 
-class EntitlementsOutput(serializers.Serializer):
-    standing = serializers.CharField()
-    seats = serializers.IntegerField()
-    model_tiers = serializers.ListField(child=serializers.CharField())
-    max_priority = serializers.CharField()
-    requests_per_minute = serializers.IntegerField()
-    tokens_per_minute = serializers.IntegerField()
-    concurrent_jobs = serializers.IntegerField()
-
-
 class SubscriptionApi(OrgApiView):
     required_scope = Scope.BILLING_READ
 
@@ -190,7 +181,7 @@ class SubscriptionApi(OrgApiView):
             ref_name = "SubscriptionStateOutput"
 
         subscription = SubscriptionOutput(allow_null=True)
-        entitlements = EntitlementsOutput()
+        entitlements = OrganizationOutput(help_text="The organization and what it may do now.")
 
     @extend_schema(responses=Output, summary="The live subscription (or null) and what it entitles")
     def get(self, request):
