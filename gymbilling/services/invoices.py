@@ -151,10 +151,14 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
     return row
 
 
+@transaction.atomic
 def subscription_period_grant(
     *, invoice: Invoice, subscription: Subscription, credits: int, expires_at: datetime | None
 ) -> None:
-    """Grant what a paid invoice bought (and the plan's overage allowance), once."""
+    """Grant what a paid invoice bought (and the plan's overage allowance), once.
+
+    One transaction: the month's credits and its overage allowance appear together.
+    """
     plan = subscription.plan
     credits_grant(
         organization=invoice.organization,
