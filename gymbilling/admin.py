@@ -140,3 +140,60 @@ class PaymentReversalAdmin(ReadOnlyAdmin):
         "created_at",
     ]
     list_filter = ["kind"]
+
+
+# --- the credit marketplace (read-only: every change goes through its services) --------
+
+from gymbilling.models import (  # noqa: E402
+    MarketFill,
+    MarketListing,
+    MarketOrder,
+    MarketPayout,
+    MarketReversal,
+    MoneyAccount,
+    MoneyTransaction,
+)
+
+
+@admin.register(MarketListing)
+class MarketListingAdmin(ReadOnlyAdmin):
+    list_display = ["id", "seller", "price_per_1k", "currency", "quantity", "sold", "status", "created_at"]
+    list_filter = ["status", "currency"]
+    search_fields = ["seller__slug"]
+
+
+@admin.register(MarketOrder)
+class MarketOrderAdmin(ReadOnlyAdmin):
+    list_display = ["id", "buyer", "quantity", "amount_total", "currency", "status", "shortfall_amount", "created_at"]
+    list_filter = ["status", "currency"]
+    search_fields = ["buyer__slug", "stripe_payment_intent_id"]
+
+
+@admin.register(MarketFill)
+class MarketFillAdmin(ReadOnlyAdmin):
+    list_display = ["id", "order", "listing", "seller", "quantity", "gross", "fee", "refunded", "status", "proceeds"]
+    list_filter = ["status", "proceeds"]
+
+
+@admin.register(MarketPayout)
+class MarketPayoutAdmin(ReadOnlyAdmin):
+    list_display = ["id", "seller", "amount", "currency", "method", "status", "stripe_object_id", "created_at"]
+    list_filter = ["status", "method"]
+
+
+@admin.register(MarketReversal)
+class MarketReversalAdmin(ReadOnlyAdmin):
+    list_display = ["key", "order", "amount", "fee_reversed", "seller_reversed", "loss", "credits_lost"]
+
+
+@admin.register(MoneyAccount)
+class MoneyAccountAdmin(ReadOnlyAdmin):
+    list_display = ["id", "kind", "organization", "currency", "balance"]
+    list_filter = ["kind", "currency"]
+
+
+@admin.register(MoneyTransaction)
+class MoneyTransactionAdmin(ReadOnlyAdmin):
+    list_display = ["id", "kind", "idempotency_key", "currency", "organization", "created_at"]
+    list_filter = ["kind", "currency"]
+    search_fields = ["idempotency_key"]

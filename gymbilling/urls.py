@@ -16,6 +16,7 @@ urlpatterns = [
     path("api/v1/", include("metering.urls")),
     path("api/v1/", include("inference.api_urls")),
     path("api/v1/", include("gymbilling.billing_urls")),
+    path("api/v1/", include("gymbilling.market_urls")),
     path("stripe/webhook/", StripeWebhookView.as_view(), name="stripe-webhook"),
     path("v1/", include("inference.urls")),
 ]

@@ -17,3 +17,23 @@ from gymbilling.models.billing import (  # noqa: F401
     StripePrice,
     Subscription,
 )
+from gymbilling.models.market import (  # noqa: F401
+    SELLER_KINDS,
+    FillStatus,
+    ListingLot,
+    ListingStatus,
+    MarketFill,
+    MarketListing,
+    MarketOrder,
+    MarketPayout,
+    MarketReversal,
+    MoneyAccount,
+    MoneyAccountKind,
+    MoneyEntry,
+    MoneyTransaction,
+    MoneyTransactionKind,
+    OrderStatus,
+    PayoutMethod,
+    PayoutStatus,
+    ProceedsState,
+)

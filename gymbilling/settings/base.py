@@ -168,6 +168,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    # The Stripe SDK logs every request at INFO; its errors reach us as exceptions.
+    "loggers": {"stripe": {"level": "WARNING"}},
 }
 
 # --- Inference ---------------------------------------------------------------
@@ -223,5 +225,37 @@ CELERY_BEAT_SCHEDULE |= {
     "billing-overage-report": {
         "task": "gymbilling.tasks.overage_report_task",
         "schedule": timedelta(minutes=BILLING_OVERAGE_REPORT_MINUTES),
+    },
+}
+
+# --- Credit marketplace (gymbilling/market) -------------------------------------------
+# Platform fee on each fill, in basis points (1000 = 10%), rounded half up per fill.
+MARKET_FEE_BPS = env.int("MARKET_FEE_BPS", default=1000)
+# How long an order's reservation is held for payment.
+MARKET_RESERVATION_TTL = timedelta(seconds=env.int("MARKET_RESERVATION_SECONDS", default=15 * 60))
+# Sellers' proceeds stay pending this long (refunds and disputes can still claw back).
+MARKET_PAYOUT_HOLDING = timedelta(days=env.int("MARKET_PAYOUT_HOLDING_DAYS", default=7))
+# Abuse limits: listings per seller per 24 hours, price bounds (minor units per
+# 1,000 credits), the smallest listing (micro-credits), and the currencies traded.
+MARKET_LISTINGS_PER_DAY = env.int("MARKET_LISTINGS_PER_DAY", default=20)
+MARKET_PRICE_FLOOR = env.int("MARKET_PRICE_FLOOR", default=1)
+MARKET_PRICE_CEILING = env.int("MARKET_PRICE_CEILING", default=100_000)
+MARKET_MIN_LISTING_QUANTITY = env.int("MARKET_MIN_LISTING_QUANTITY", default=10_000_000)
+MARKET_CURRENCIES = env.list("MARKET_CURRENCIES", default=["usd"])
+# The most listings one order may fill from.
+MARKET_ORDER_MAX_LISTINGS = env.int("MARKET_ORDER_MAX_LISTINGS", default=50)
+
+CELERY_BEAT_SCHEDULE |= {
+    "market-orders-expire": {
+        "task": "gymbilling.market.tasks.market_orders_expire_task",
+        "schedule": crontab(minute="*"),
+    },
+    "market-listings-expire": {
+        "task": "gymbilling.market.tasks.market_listings_expire_task",
+        "schedule": crontab(minute="*"),
+    },
+    "market-payouts-run": {
+        "task": "gymbilling.market.tasks.market_payouts_run_task",
+        "schedule": crontab(minute=23),
     },
 }

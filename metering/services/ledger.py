@@ -310,14 +310,17 @@ def credits_transfer(
             memo=memo,
             actor=actor,
         )
-        post(txn, [(from_account, -amount), (to_account, amount)], now=now)
         try:
-            burned = lots_burn(
+            transfer_post(
                 txn=txn,
-                account=from_account,
+                from_account=from_account,
+                to_account=to_account,
+                destination=destination,
                 amount=amount,
                 now=now,
                 only=Q(resellable=True) if only_resellable else None,
+                lot_source=lot_source,
+                resellable=resellable,
             )
         except LedgerInconsistent:
             if not only_resellable:
@@ -328,22 +331,47 @@ def credits_transfer(
                 status=402,
                 param="amount",
             ) from None
-        for lot, taken in burned:
-            lot_create(
-                txn=txn,
-                account=to_account,
-                organization=destination,
-                amount=taken,
-                source=lot_source or lot.source,
-                paid=lot.paid,
-                resellable=lot.resellable if resellable is None else resellable,
-                priority=lot.priority,
-                expires_at=lot.expires_at,
-                parent=lot,
-            )
         return txn
 
     return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn)
+
+
+def transfer_post(
+    *,
+    txn: JournalTransaction,
+    from_account: LedgerAccount,
+    to_account: LedgerAccount,
+    destination: Organization,
+    amount: int,
+    now: datetime,
+    only: Q | None = None,
+    lot_source: str | None = None,
+    resellable: bool | None = None,
+) -> list[CreditLot]:
+    """Post a transfer's entries and carry its lots over, inside `txn`.
+
+    Burns `amount` from the source account's lots (those `only` selects, in
+    burn order); each burned lot becomes a lot of the destination with the
+    same expiry, priority and paid flag (`lot_source`/`resellable` override).
+    The marketplace calls it with `only` naming a listing's escrow lots.
+    """
+    post(txn, [(from_account, -amount), (to_account, amount)], now=now)
+    burned = lots_burn(txn=txn, account=from_account, amount=amount, now=now, only=only)
+    return [
+        lot_create(
+            txn=txn,
+            account=to_account,
+            organization=destination,
+            amount=taken,
+            source=lot_source or lot.source,
+            paid=lot.paid,
+            resellable=lot.resellable if resellable is None else resellable,
+            priority=lot.priority,
+            expires_at=lot.expires_at,
+            parent=lot,
+        )
+        for lot, taken in burned
+    ]
 
 
 REVERSIBLE = {

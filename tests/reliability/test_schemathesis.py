@@ -73,6 +73,7 @@ MODEL = "schemathesis-model"
 KNOWN_GOOD_BODIES = {
     "POST /api/v1/jobs": {"model": MODEL, "prompt": "hello", "max_tokens": 4},
     "POST /api/v1/billing/checkout": {"pack": "boost-1k"},
+    "POST /api/v1/market/listings": {"quantity": 10_000_000, "price_per_1k": 300},
 }
 
 CHECKS = [
@@ -88,6 +89,9 @@ NO_SUCCESS_EXPECTED = {
     "POST /api/v1/invitations/accept",
     # Adds an existing user by email; a generated email matches no user (404).
     "POST /api/v1/orgs/{org_id}/members",
+    # Opens a Stripe Checkout; with no STRIPE_SECRET_KEY here it answers 503
+    # billing_not_configured (tests/gymbilling/market cover its success).
+    "POST /api/v1/market/orders",
 }
 
 schema = schemathesis.openapi.from_wsgi("/api/schema/?format=json", application).include(
@@ -176,9 +180,23 @@ def caller(stripe_standin) -> Caller:
         params=SubmitParams(max_tokens=4),
         kind="async",
     )
+    from gymbilling.market.services import listing_create, order_reserve
+
+    seller = OrganizationFactory()
+    credits_grant(
+        organization=seller, amount=credits(100), source="subscription", paid=True,
+        resellable=True, key=f"schemathesis-{uuid.uuid4()}",
+        expires_at=timezone.now() + timedelta(days=30),
+    )  # fmt: skip
+    offer = listing_create(seller=seller, quantity=credits(50), price_per_1k=400, currency="usd")
+    listing = listing_create(seller=org, quantity=credits(10), price_per_1k=300, currency="usd")
+    order = order_reserve(buyer=org, quantity=credits(1), max_price_per_1k=400, currency="usd",
+                          listing_id=offer.pk)  # fmt: skip
     return Caller(
         headers={"Authorization": f"Bearer {raw}"},
         own_ids={
+            "listing_id": listing.pk,
+            "order_id": order.pk,
             "org_id": org.pk,
             "key_id": spare.pk,
             "member_id": member.pk,

@@ -66,6 +66,8 @@ MIN_OPERATIONS = 10
 A_GRANT = 987_654_321
 A_HOLD = 24_681_357
 A_USAGE_CREDITS = 13_579_246
+# A's marketplace listing (micro-credits moved from its wallet into escrow).
+A_LISTED = 10_000_000
 
 
 @dataclass
@@ -109,6 +111,29 @@ def inference_job_for(org: Organization, key: ApiKey, *, prompt: str):
     )
 
 
+def market_objects(org: Organization, *, list_credits: bool) -> tuple[int, int]:
+    """A listing of `org`'s (or, without resellable credits, of another seller's
+    it may not touch) and an order of `org`'s, reserved without Stripe."""
+    from gymbilling.market.services import listing_create, order_reserve
+
+    seller = OrganizationFactory()
+    credits_grant(
+        organization=seller, amount=100 * 10**6, source="subscription", paid=True,
+        resellable=True, key=f"market-seller-{uuid.uuid4()}",
+        expires_at=timezone.now() + timedelta(days=30),
+    )  # fmt: skip
+    other = listing_create(seller=seller, quantity=20 * 10**6, price_per_1k=400, currency="usd")
+    listing = (
+        listing_create(seller=org, quantity=A_LISTED, price_per_1k=321, currency="usd")
+        if list_credits
+        else other
+    )
+    order = order_reserve(
+        buyer=org, quantity=10**6, max_price_per_1k=400, currency="usd", listing_id=other.pk
+    )
+    return listing.pk, order.pk
+
+
 @pytest.fixture
 def tenant_a() -> Tenant:
     """A, with something of everything: members, a key, an invitation, ledger, audit, usage."""
@@ -147,6 +172,7 @@ def tenant_a() -> Tenant:
         hold=hold,
     )
     job = inference_job_for(org, key, prompt="tenant-a prompt")
+    listing_id, order_id = market_objects(org, list_credits=True)
     assert AuditEvent.objects.filter(organization=org).exists()
     return Tenant(
         org=org,
@@ -161,6 +187,8 @@ def tenant_a() -> Tenant:
             "key_id": key.pk,
             "member_id": member.pk,
             "job_id": job.public_id,
+            "listing_id": listing_id,
+            "order_id": order_id,
         },
         member=member,
         invitation_token=token,
@@ -189,6 +217,7 @@ def tenant_b() -> Tenant:
         key=f"tenant-b-grant-{uuid.uuid4()}",
     )  # fmt: skip
     job = inference_job_for(org, key, prompt="b prompt")
+    listing_id, order_id = market_objects(org, list_credits=False)
     return Tenant(
         org=org,
         owner=owner,
@@ -200,6 +229,8 @@ def tenant_b() -> Tenant:
             "key_id": key.pk,
             "member_id": owner_membership.pk,
             "job_id": job.public_id,
+            "listing_id": listing_id,
+            "order_id": order_id,
         },
     )
 
@@ -465,5 +496,5 @@ def test_organization_b_cannot_see_or_touch_organization_a(
     a_job = Job.objects.get(organization=tenant_a.org)
     assert a_job.status == JobStatus.QUEUED  # B's cancel of A's job did not reach it
     assert organization_balance(organization=tenant_a.org).available == (
-        A_GRANT - A_HOLD - a_job.hold_amount
+        A_GRANT - A_HOLD - a_job.hold_amount - A_LISTED
     )

@@ -1,0 +1,1133 @@
+"""Marketplace writes: listings, orders, payment, release, expiry, payouts, reversals.
+
+Lock order, everywhere (STYLE.md 12): listing rows (primary-key order), then
+the order row, then ledger accounts (metering's `post`, primary-key order),
+then credit lots (primary-key order), then fills (primary-key order) and
+money accounts. No Stripe call is made inside a transaction: an order is
+reserved and committed, then Checkout is created, then recorded; if Stripe
+fails in between, the reservation is released by compensating transfers.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Min, Q, Sum
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from accounts.models import Organization, Standing
+from gymbilling import stripe_client
+from gymbilling.market.escrow import (
+    account_of,
+    credits_move,
+    expired_sweep,
+    lots_remaining,
+    unexpired,
+)
+from gymbilling.market.money import MoneyInsufficient, money_account, money_post
+from gymbilling.market.rules import fill_amount, platform_fee, share_ceil
+from gymbilling.models import (
+    BillingCustomer,
+    CheckoutKind,
+    CheckoutSession,
+    FillStatus,
+    ListingLot,
+    ListingStatus,
+    MarketFill,
+    MarketListing,
+    MarketOrder,
+    MarketPayout,
+    MarketReversal,
+    MoneyAccountKind,
+    MoneyTransactionKind,
+    OrderStatus,
+    PayoutMethod,
+    PayoutStatus,
+    ProceedsState,
+)
+from metering.models import MICRO, AccountKind, CreditLot, LotSource
+from metering.services import lot_clawback
+from metering.services.postings import accounts_lock, retry_on_deadlock
+
+logger = logging.getLogger(__name__)
+
+# Only these credits may be sold: paid for with a subscription (not packs,
+# promotions, adjustments, overage, nor credits bought on the marketplace).
+RESELLABLE = Q(resellable=True, paid=True, source=LotSource.SUBSCRIPTION)
+
+
+# --- validation ---------------------------------------------------------------------
+
+
+def _int(value, *, param: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApplicationError(
+            code="invalid_request", message=f"{param} must be an integer.", param=param
+        )
+    return value
+
+
+def _require_quantity(quantity: int, *, minimum: int, param: str = "quantity") -> None:
+    _int(quantity, param=param)
+    if quantity <= 0:
+        raise ApplicationError(
+            code="invalid_quantity",
+            message=f"{param} must be a positive number of micro-credits; got {quantity}.",
+            param=param,
+        )
+    if quantity < minimum:
+        raise ApplicationError(
+            code="quantity_below_minimum",
+            message=f"{param} must be at least {minimum} micro-credits ({minimum / MICRO:g} credits).",
+            param=param,
+        )
+
+
+def _require_price(price: int, *, param: str) -> None:
+    _int(price, param=param)
+    floor, ceiling = settings.MARKET_PRICE_FLOOR, settings.MARKET_PRICE_CEILING
+    if not floor <= price <= ceiling:
+        raise ApplicationError(
+            code="price_out_of_bounds",
+            message=f"{param} must be between {floor} and {ceiling} minor units per 1,000 credits.",
+            param=param,
+            extra={"floor": floor, "ceiling": ceiling},
+        )
+
+
+def _require_currency(currency: str) -> str:
+    currency = str(currency or "").lower()
+    if currency not in settings.MARKET_CURRENCIES:
+        raise ApplicationError(
+            code="unsupported_currency",
+            message=f"The marketplace trades in {', '.join(settings.MARKET_CURRENCIES)}.",
+            param="currency",
+        )
+    return currency
+
+
+def seller_eligibility(organization: Organization) -> str | None:
+    """Why the organization may not sell now, or None."""
+    if organization.standing != Standing.ACTIVE:
+        return f"the organization's standing is {organization.standing}"
+    frozen = (
+        BillingCustomer.objects.filter(organization=organization, resale_frozen_at__isnull=False)
+        .values_list("resale_frozen_reason", flat=True)
+        .first()
+    )
+    if frozen is not None:
+        return f"reselling is frozen ({frozen or 'a refund or dispute'})"
+    return None
+
+
+def _listing_lots(listing: MarketListing) -> Q:
+    return Q(market_listing_lot__listing=listing)
+
+
+# --- listings -------------------------------------------------------------------------
+
+
+@retry_on_deadlock
+def listing_create(
+    *, seller: Organization, quantity: int, price_per_1k: int, currency: str
+) -> MarketListing:
+    """Move `quantity` of the seller's resellable credits into escrow and offer them."""
+    _require_quantity(quantity, minimum=settings.MARKET_MIN_LISTING_QUANTITY)
+    _require_price(price_per_1k, param="price_per_1k")
+    currency = _require_currency(currency)
+    why = seller_eligibility(seller)
+    if why:
+        raise ApplicationError(
+            code="resale_not_allowed",
+            message=f"This organization cannot list credits: {why}.",
+            status=403,
+        )
+    now = timezone.now()
+    with transaction.atomic():
+        wallet = account_of(seller, AccountKind.WALLET)
+        escrow = account_of(seller, AccountKind.ESCROW)
+        # The wallet's row lock serializes this seller's listings, so the
+        # daily limit below cannot be raced past.
+        accounts_lock(wallet)
+        since = now - timedelta(days=1)
+        today = MarketListing.objects.filter(seller=seller, created_at__gte=since).count()
+        if today >= settings.MARKET_LISTINGS_PER_DAY:
+            raise ApplicationError(
+                code="listing_limit_reached",
+                message=f"At most {settings.MARKET_LISTINGS_PER_DAY} listings per 24 hours; try again later.",
+                status=429,
+            )
+        resellable = lots_remaining(lots=Q(account=wallet) & RESELLABLE, now=now)
+        if resellable < quantity:
+            raise ApplicationError(
+                code="insufficient_resellable_credits",
+                message=(
+                    f"Only {resellable} micro-credits are resellable (paid subscription credits); "
+                    f"{quantity} were asked for."
+                ),
+                status=402,
+                param="quantity",
+                extra={"available": resellable},
+            )
+        txn, lots = credits_move(
+            key=f"market:list:{uuid.uuid4()}",
+            organization=seller,
+            from_account=wallet,
+            to_account=escrow,
+            to_organization=seller,
+            amount=quantity,
+            lots=RESELLABLE,
+            now=now,
+            memo="marketplace listing",
+        )
+        listing = MarketListing.objects.create(
+            seller=seller,
+            currency=currency,
+            price_per_1k=price_per_1k,
+            quantity=quantity,
+            expires_at=min((lot.expires_at for lot in lots if lot.expires_at), default=None),
+            list_transaction=txn,
+        )
+        ListingLot.objects.bulk_create(ListingLot(listing=listing, lot=lot) for lot in lots)
+    return listing
+
+
+def _listing_close_if_done(listing: MarketListing, *, now: datetime) -> None:
+    """An open listing with nothing left to sell and nothing reserved ends (caller holds its lock)."""
+    if listing.status != ListingStatus.OPEN:
+        return
+    if listing.fills.filter(status=FillStatus.RESERVED).exists():
+        return
+    if lots_remaining(lots=_listing_lots(listing), now=now) > 0:
+        return
+    escrow = account_of(listing.seller, AccountKind.ESCROW)
+    expired_sweep(account=escrow, lots=_listing_lots(listing), now=now)
+    listing.status = (
+        ListingStatus.SOLD_OUT if listing.sold == listing.quantity else ListingStatus.EXPIRED
+    )
+    listing.closed_at = now
+    MarketListing.objects.filter(pk=listing.pk).update(status=listing.status, closed_at=now)
+
+
+@retry_on_deadlock
+def listing_cancel(*, seller: Organization, listing_id: int) -> MarketListing:
+    """End the listing: its unsold, unreserved, unexpired credits go back to the wallet.
+
+    Credits reserved by a buyer's order in flight stay with that order: paid,
+    they are delivered; released, they go to the seller's wallet.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        listing = (
+            MarketListing.objects.select_for_update()
+            .filter(pk=listing_id, seller=seller)
+            .select_related("seller")
+            .first()
+        )
+        if listing is None:
+            raise ApplicationError(
+                code="not_found",
+                message="No such listing among yours.",
+                status=404,
+                param="listing_id",
+            )
+        if listing.status != ListingStatus.OPEN:
+            raise ApplicationError(
+                code="listing_not_open",
+                message=f"This listing is already {listing.status}.",
+                status=409,
+            )
+        escrow = account_of(seller, AccountKind.ESCROW)
+        # Expired credits go to the expiry account, never back to the seller.
+        expired_sweep(account=escrow, lots=_listing_lots(listing), now=now)
+        back = lots_remaining(lots=_listing_lots(listing), now=now)
+        if back:
+            credits_move(
+                key=f"market:cancel:{listing.pk}",
+                organization=seller,
+                from_account=escrow,
+                to_account=account_of(seller, AccountKind.WALLET),
+                to_organization=seller,
+                amount=back,
+                lots=_listing_lots(listing),
+                now=now,
+                memo=f"marketplace listing {listing.pk} canceled",
+            )
+        listing.status = ListingStatus.CANCELED
+        listing.closed_at = now
+        MarketListing.objects.filter(pk=listing.pk).update(status=listing.status, closed_at=now)
+    return listing
+
+
+def listings_expire(*, now: datetime | None = None) -> int:
+    """Sweep listings whose credits have (partly) expired; end those with nothing left."""
+    now = now or timezone.now()
+    due = (
+        MarketListing.objects.filter(status=ListingStatus.OPEN)
+        .filter(
+            Q(lots__lot__remaining__gt=0, lots__lot__expires_at__lte=now)
+            | ~Q(pk__in=ListingLot.objects.filter(lot__remaining__gt=0).values("listing_id"))
+        )
+        .values_list("pk", flat=True)
+        .distinct()
+    )
+    closed = 0
+    for pk in sorted(set(due)):
+        closed += _listing_expire_one(listing_id=pk, now=now)
+    return closed
+
+
+@retry_on_deadlock
+def _listing_expire_one(*, listing_id: int, now: datetime) -> int:
+    with transaction.atomic():
+        listing = (
+            MarketListing.objects.select_for_update().select_related("seller").get(pk=listing_id)
+        )
+        if listing.status != ListingStatus.OPEN:
+            return 0
+        expired_sweep(
+            account=account_of(listing.seller, AccountKind.ESCROW),
+            lots=_listing_lots(listing),
+            now=now,
+        )
+        _listing_close_if_done(listing, now=now)
+        return int(listing.status != ListingStatus.OPEN)
+
+
+# --- orders -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Take:
+    listing: MarketListing
+    quantity: int
+
+
+def _insufficient(available: int, quantity: int) -> ApplicationError:
+    return ApplicationError(
+        code="insufficient_liquidity",
+        message=(
+            f"Only {available} micro-credits are offered at or below your maximum price; "
+            f"{quantity} were asked for. Raise max_price_per_1k, order less, or try later."
+        ),
+        status=409,
+        param="quantity",
+        extra={"available": available},
+    )
+
+
+@retry_on_deadlock
+def order_reserve(
+    *,
+    buyer: Organization,
+    quantity: int,
+    max_price_per_1k: int,
+    currency: str,
+    listing_id: int | None = None,
+    allow_partial: bool = False,
+    now: datetime | None = None,
+) -> MarketOrder:
+    """Reserve the cheapest offers up to `max_price_per_1k`, across listings.
+
+    All or nothing unless `allow_partial`. Each fill moves its credits from
+    the seller's escrow to the buyer's escrow in one journal transaction, so
+    a credit reserved here can be neither reserved again nor canceled by the
+    seller until this order is paid or released.
+    """
+    _require_quantity(quantity, minimum=1)
+    _require_price(max_price_per_1k, param="max_price_per_1k")
+    currency = _require_currency(currency)
+    if buyer.standing == Standing.SUSPENDED:
+        raise ApplicationError(
+            code="organization_suspended",
+            message="A suspended organization cannot buy on the marketplace.",
+            status=403,
+        )
+    now = now or timezone.now()
+    with transaction.atomic():
+        if listing_id is not None:
+            listing = MarketListing.objects.filter(pk=listing_id, status=ListingStatus.OPEN).first()
+            if listing is None:
+                raise ApplicationError(
+                    code="listing_not_found",
+                    message="No such open listing.",
+                    status=404,
+                    param="listing",
+                )
+            if listing.seller_id == buyer.pk:
+                raise ApplicationError(
+                    code="own_listing",
+                    message="You cannot buy your own listing; cancel it to get the credits back.",
+                    param="listing",
+                )
+            if listing.currency != currency:
+                raise ApplicationError(
+                    code="currency_mismatch",
+                    message=f"This listing is priced in {listing.currency}.",
+                    param="currency",
+                )
+            candidate_ids = [listing.pk] if listing.price_per_1k <= max_price_per_1k else []
+        else:
+            candidate_ids = list(
+                MarketListing.objects.filter(
+                    status=ListingStatus.OPEN, currency=currency, price_per_1k__lte=max_price_per_1k
+                )
+                .exclude(seller=buyer)
+                .order_by("price_per_1k", "pk")
+                .values_list("pk", flat=True)[: settings.MARKET_ORDER_MAX_LISTINGS]
+            )
+        locked = list(
+            MarketListing.objects.select_for_update()
+            .filter(pk__in=candidate_ids, status=ListingStatus.OPEN)
+            .select_related("seller")
+            .order_by("pk")
+        )
+        locked.sort(key=lambda each: (each.price_per_1k, each.pk))
+        takes: list[_Take] = []
+        need = quantity
+        for listing in locked:
+            if need == 0:
+                break
+            available = lots_remaining(lots=_listing_lots(listing), now=now)
+            take = min(available, need)
+            if take > 0:
+                takes.append(_Take(listing=listing, quantity=take))
+                need -= take
+        reserved = quantity - need
+        if reserved == 0 or (need and not allow_partial):
+            raise _insufficient(reserved, quantity)
+        order = MarketOrder.objects.create(
+            buyer=buyer,
+            currency=currency,
+            quantity_requested=quantity,
+            max_price_per_1k=max_price_per_1k,
+            quantity=reserved,
+            amount_total=sum(
+                fill_amount(quantity=t.quantity, price_per_1k=t.listing.price_per_1k) for t in takes
+            ),
+            expires_at=now + settings.MARKET_RESERVATION_TTL,
+        )
+        buyer_escrow = account_of(buyer, AccountKind.ESCROW)
+        for t in takes:
+            txn, _ = credits_move(
+                key=f"market:reserve:{order.pk}:{t.listing.pk}",
+                organization=t.listing.seller,
+                from_account=account_of(t.listing.seller, AccountKind.ESCROW),
+                to_account=buyer_escrow,
+                to_organization=buyer,
+                amount=t.quantity,
+                lots=_listing_lots(t.listing),
+                now=now,
+                memo=f"marketplace order {order.pk} reserves listing {t.listing.pk}",
+            )
+            MarketFill.objects.create(
+                order=order,
+                listing=t.listing,
+                seller=t.listing.seller,
+                currency=currency,
+                price_per_1k=t.listing.price_per_1k,
+                quantity=t.quantity,
+                amount=fill_amount(quantity=t.quantity, price_per_1k=t.listing.price_per_1k),
+                reserve_transaction=txn,
+            )
+    return order
+
+
+def _payments_unavailable() -> ApplicationError:
+    return ApplicationError(
+        code="payments_unavailable",
+        message="The payment provider cannot be reached right now; nothing was reserved or charged. Try again in a minute.",
+        status=503,
+    )
+
+
+def order_create(
+    *,
+    buyer: Organization,
+    quantity: int,
+    max_price_per_1k: int,
+    currency: str,
+    listing_id: int | None = None,
+    allow_partial: bool = False,
+) -> MarketOrder:
+    """Reserve, then open a Stripe Checkout for the order's total.
+
+    Stripe failing after the reservation releases it at once (compensating
+    transfers back to the listings) and answers 503 `payments_unavailable`.
+    """
+    if not stripe_client.configured():
+        raise ApplicationError(
+            code="billing_not_configured",
+            message="Billing is not enabled on this deployment (STRIPE_SECRET_KEY is not set).",
+            status=503,
+        )
+    from gymbilling.services import billing_customer_ensure
+
+    order = order_reserve(
+        buyer=buyer,
+        quantity=quantity,
+        max_price_per_1k=max_price_per_1k,
+        currency=currency,
+        listing_id=listing_id,
+        allow_partial=allow_partial,
+    )
+    base = settings.SITE_URL.rstrip("/")
+    metadata = {"market_order": str(order.pk), "organization_id": str(buyer.pk)}
+    try:
+        customer = billing_customer_ensure(organization=buyer)
+        session = stripe_client.checkout_session_create(
+            key=f"market-order:{order.pk}",
+            mode="payment",
+            customer=customer.stripe_customer_id,
+            line_items=[
+                {
+                    "price_data": {
+                        "currency": order.currency,
+                        "unit_amount": order.amount_total,
+                        "product_data": {
+                            "name": f"{order.quantity / MICRO:g} credits (marketplace order {order.pk})"
+                        },
+                    },
+                    "quantity": 1,
+                }
+            ],
+            payment_intent_data={
+                "metadata": metadata,
+                "transfer_group": f"market-order-{order.pk}",
+            },
+            metadata=metadata,
+            success_url=f"{base}/market/?order={order.pk}&checkout=success",
+            cancel_url=f"{base}/market/?order={order.pk}&checkout=canceled",
+        )
+    except (stripe_client.StripeUnavailable, stripe_client.StripeRequestRefused) as exc:
+        logger.warning("market order %s: checkout failed: %s", order.pk, exc)
+        order_release(order_id=order.pk, status=OrderStatus.FAILED, code="payments_unavailable")
+        raise _payments_unavailable() from exc
+    with transaction.atomic():
+        checkout = CheckoutSession.objects.create(
+            stripe_session_id=session["id"],
+            organization=buyer,
+            kind=CheckoutKind.MARKET_ORDER,
+            url=session.get("url") or "",
+            amount_total=order.amount_total,
+            currency=order.currency,
+        )
+        MarketOrder.objects.filter(pk=order.pk).update(
+            checkout=checkout, checkout_url=session.get("url") or ""
+        )
+    order.refresh_from_db()
+    return order
+
+
+def _order_locked(order_id: int) -> tuple[MarketOrder, list[MarketFill], dict[int, MarketListing]]:
+    """Lock the order's listings (pk order), then the order, then its fills."""
+    listing_ids = sorted(
+        set(MarketFill.objects.filter(order_id=order_id).values_list("listing_id", flat=True))
+    )
+    listings = {
+        each.pk: each
+        for each in MarketListing.objects.select_for_update()
+        .filter(pk__in=listing_ids)
+        .select_related("seller")
+        .order_by("pk")
+    }
+    order = MarketOrder.objects.select_for_update().select_related("buyer").get(pk=order_id)
+    fills = list(MarketFill.objects.select_for_update().filter(order=order).order_by("pk"))
+    for fill in fills:
+        fill.listing = listings[fill.listing_id]
+    return order, fills, listings
+
+
+@retry_on_deadlock
+def order_release(*, order_id: int, status: str, code: str, now: datetime | None = None) -> bool:
+    """Give a pending order's reserved credits back; False when it was no longer pending.
+
+    To the listing while it is open, else (canceled, ended) to the seller's
+    wallet. Reserved credits that expired meanwhile go to the expiry account.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        order, fills, listings = _order_locked(order_id)
+        if order.status != OrderStatus.PENDING:
+            return False
+        buyer_escrow = account_of(order.buyer, AccountKind.ESCROW)
+        for fill in fills:
+            if fill.status != FillStatus.RESERVED:
+                continue
+            reserved_lots = Q(created_by_id=fill.reserve_transaction_id)
+            expired_sweep(account=buyer_escrow, lots=reserved_lots, now=now)
+            back = lots_remaining(lots=Q(account=buyer_escrow) & reserved_lots, now=now)
+            txn = None
+            if back:
+                listing = fill.listing
+                to_listing = listing.status == ListingStatus.OPEN
+                txn, lots = credits_move(
+                    key=f"market:release:{fill.pk}",
+                    organization=order.buyer,
+                    from_account=buyer_escrow,
+                    to_account=account_of(
+                        listing.seller, AccountKind.ESCROW if to_listing else AccountKind.WALLET
+                    ),
+                    to_organization=listing.seller,
+                    amount=back,
+                    lots=reserved_lots,
+                    now=now,
+                    memo=f"marketplace order {order.pk} released ({code})",
+                )
+                if to_listing:
+                    ListingLot.objects.bulk_create(
+                        ListingLot(listing=listing, lot=lot) for lot in lots
+                    )
+            MarketFill.objects.filter(pk=fill.pk).update(
+                status=FillStatus.RELEASED, settle_transaction=txn, settled_at=now
+            )
+        MarketOrder.objects.filter(pk=order.pk).update(
+            status=status, failure_code=code, closed_at=now
+        )
+        for listing in listings.values():
+            _listing_close_if_done(listing, now=now)
+    return True
+
+
+@retry_on_deadlock
+def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = None) -> MarketOrder:
+    """Deliver a paid order's reserved credits and book the sale, once.
+
+    Credits that expired while reserved are not delivered; neither is
+    anything of an order already released (paid after its reservation timed
+    out). What was paid for and not delivered is refunded (`shortfall_amount`).
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        order, fills, listings = _order_locked(order_id)
+        if order.stripe_payment_intent_id:
+            return order  # already applied
+        buyer = order.buyer
+        buyer_escrow = account_of(buyer, AccountKind.ESCROW)
+        buyer_wallet = account_of(buyer, AccountKind.WALLET)
+        holding = settings.MARKET_PAYOUT_HOLDING
+        delivered_total = 0
+        for fill in fills:
+            if fill.status != FillStatus.RESERVED:
+                continue
+            reserved_lots = Q(created_by_id=fill.reserve_transaction_id)
+            expired_sweep(account=buyer_escrow, lots=reserved_lots, now=now)
+            deliver = lots_remaining(lots=Q(account=buyer_escrow) & reserved_lots, now=now)
+            txn = None
+            gross = fee = 0
+            if deliver:
+                txn, _ = credits_move(
+                    key=f"market:deliver:{fill.pk}",
+                    organization=buyer,
+                    from_account=buyer_escrow,
+                    to_account=buyer_wallet,
+                    to_organization=buyer,
+                    amount=deliver,
+                    lots=reserved_lots,
+                    now=now,
+                    lot_source=LotSource.MARKETPLACE,
+                    resellable=False,
+                    memo=f"marketplace order {order.pk}: listing {fill.listing_id}",
+                )
+                gross = min(
+                    fill.amount, fill_amount(quantity=deliver, price_per_1k=fill.price_per_1k)
+                )
+                fee = platform_fee(gross=gross, fee_bps=settings.MARKET_FEE_BPS)
+                _book_sale(fill=fill, gross=gross, fee=fee)
+                MarketListing.objects.filter(pk=fill.listing_id).update(
+                    sold=fill.listing.sold + deliver
+                )
+                fill.listing.sold += deliver
+            delivered_total += gross
+            MarketFill.objects.filter(pk=fill.pk).update(
+                status=FillStatus.DELIVERED,
+                delivered_quantity=deliver,
+                gross=gross,
+                fee=fee,
+                proceeds=ProceedsState.PENDING if gross else ProceedsState.NONE,
+                available_at=now + holding if gross else None,
+                settle_transaction=txn,
+                settled_at=now,
+            )
+        updates = {
+            "stripe_payment_intent_id": payment_intent_id,
+            "shortfall_amount": order.amount_total - delivered_total,
+        }
+        if order.status == OrderStatus.PENDING:
+            updates |= {"status": OrderStatus.PAID, "closed_at": now}
+        MarketOrder.objects.filter(pk=order.pk).update(**updates)
+        for listing in listings.values():
+            _listing_close_if_done(listing, now=now)
+        if updates["shortfall_amount"]:
+            transaction.on_commit(lambda: order_shortfall_refund(order_id=order.pk))
+    order.refresh_from_db()
+    return order
+
+
+def _book_sale(*, fill: MarketFill, gross: int, fee: int) -> None:
+    """The buyer's money for one fill into the seller's pending proceeds, less the fee."""
+    cur = fill.currency
+    pending = money_account(
+        kind=MoneyAccountKind.SELLER_PENDING, currency=cur, organization=fill.seller
+    )
+    money_post(
+        kind=MoneyTransactionKind.SALE,
+        key=f"sale:{fill.pk}",
+        currency=cur,
+        organization=fill.seller,
+        fill=fill,
+        postings=[
+            (money_account(kind=MoneyAccountKind.BUYER_CLEARING, currency=cur), -gross),
+            (pending, gross),
+        ],
+        memo=f"order {fill.order_id} listing {fill.listing_id}",
+    )
+    if fee:
+        money_post(
+            kind=MoneyTransactionKind.FEE,
+            key=f"fee:{fill.pk}",
+            currency=cur,
+            organization=fill.seller,
+            fill=fill,
+            postings=[
+                (pending, -fee),
+                (money_account(kind=MoneyAccountKind.PLATFORM_FEES, currency=cur), fee),
+            ],
+            memo=f"{settings.MARKET_FEE_BPS} bps of {gross}",
+        )
+
+
+def order_shortfall_refund(*, order_id: int) -> bool:
+    """Refund what an order paid for and did not get; retried by `orders_expire` until done."""
+    order = MarketOrder.objects.get(pk=order_id)
+    if (
+        not order.shortfall_amount
+        or order.shortfall_refunded_at
+        or not order.stripe_payment_intent_id
+    ):
+        return False
+    try:
+        stripe_client.refund_create(
+            key=f"market-shortfall:{order.pk}",
+            payment_intent=order.stripe_payment_intent_id,
+            amount=order.shortfall_amount,
+            metadata={"market_order": str(order.pk), "reason": "not_delivered"},
+        )
+    except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
+        logger.warning("market order %s: shortfall refund later: %s", order.pk, exc)
+        return False
+    MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
+        shortfall_refunded_at=timezone.now()
+    )
+    return True
+
+
+def market_checkout_handle(checkout: CheckoutSession, session: dict) -> None:
+    """gymbilling.services.events calls this with Stripe's current Checkout session."""
+    order = MarketOrder.objects.filter(checkout=checkout).first()
+    if order is None:
+        return
+    status = session.get("status")
+    intent = session.get("payment_intent")
+    if isinstance(intent, dict):
+        intent = intent.get("id")
+    if status == "complete" and session.get("payment_status") == "paid":
+        order_pay(order_id=order.pk, payment_intent_id=str(intent or session["id"]))
+    elif status == "expired":
+        order_release(order_id=order.pk, status=OrderStatus.EXPIRED, code="checkout_expired")
+
+
+def orders_expire(*, now: datetime | None = None) -> int:
+    """Release reservations past their hold time, expiring their Checkout first.
+
+    Stripe unreachable: the order stays reserved and the next run tries
+    again (releasing first could sell credits a buyer is paying for this
+    second). A session that turns out to be paid is delivered instead.
+    Also retries shortfall refunds Stripe did not take.
+    """
+    from gymbilling.services.payments import checkout_session_mirror
+
+    now = now or timezone.now()
+    released = 0
+    due = MarketOrder.objects.filter(
+        status=OrderStatus.PENDING, expires_at__lte=now
+    ).select_related("checkout")
+    for order in due.order_by("expires_at")[:500]:
+        if order.checkout is None:
+            released += order_release(
+                order_id=order.pk, status=OrderStatus.EXPIRED, code="reservation_timeout", now=now
+            )
+            continue
+        try:
+            try:
+                session = stripe_client.checkout_session_expire(order.checkout.stripe_session_id)
+            except stripe_client.StripeRequestRefused:
+                # Not open any more: completed (paid) or already expired.
+                session = stripe_client.checkout_session_retrieve(order.checkout.stripe_session_id)
+        except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
+            logger.warning("market order %s: cannot expire its checkout yet: %s", order.pk, exc)
+            continue
+        checkout_session_mirror(session=session)
+        if session.get("status") == "complete" and session.get("payment_status") == "paid":
+            market_checkout_handle(order.checkout, session)
+        elif session.get("status") in ("expired", None) or session.get("status") != "complete":
+            released += order_release(
+                order_id=order.pk, status=OrderStatus.EXPIRED, code="reservation_timeout", now=now
+            )
+    for pk in MarketOrder.objects.filter(
+        shortfall_amount__gt=0, shortfall_refunded_at__isnull=True
+    ).values_list("pk", flat=True)[:100]:
+        order_shortfall_refund(order_id=pk)
+    return released
+
+
+# --- payouts -----------------------------------------------------------------------------
+
+
+def _seller_share_left(fill: MarketFill) -> int:
+    return fill.gross - fill.fee - fill.seller_reversed
+
+
+@retry_on_deadlock
+def _fill_mature(*, fill_id: int, now: datetime) -> bool:
+    with transaction.atomic():
+        fill = MarketFill.objects.select_for_update().select_related("seller").get(pk=fill_id)
+        if fill.proceeds != ProceedsState.PENDING or fill.available_at > now:
+            return False
+        amount = _seller_share_left(fill)
+        cur = fill.currency
+        money_post(
+            kind=MoneyTransactionKind.RELEASE,
+            key=f"release:{fill.pk}",
+            currency=cur,
+            organization=fill.seller,
+            fill=fill,
+            postings=[
+                (
+                    money_account(
+                        kind=MoneyAccountKind.SELLER_PENDING, currency=cur, organization=fill.seller
+                    ),
+                    -amount,
+                ),
+                (
+                    money_account(
+                        kind=MoneyAccountKind.SELLER_AVAILABLE,
+                        currency=cur,
+                        organization=fill.seller,
+                    ),
+                    amount,
+                ),
+            ],
+        )
+        MarketFill.objects.filter(pk=fill.pk).update(proceeds=ProceedsState.AVAILABLE)
+        return True
+
+
+@retry_on_deadlock
+def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
+    """One payout of everything available to the seller in `currency`, in the ledger."""
+    with transaction.atomic():
+        fills = list(
+            MarketFill.objects.select_for_update()
+            .filter(seller_id=seller_id, currency=currency, proceeds=ProceedsState.AVAILABLE)
+            .order_by("pk")
+        )
+        amount = sum(_seller_share_left(fill) for fill in fills)
+        if not fills:
+            return None
+        seller = Organization.objects.get(pk=seller_id)
+        payout = None
+        if amount > 0:
+            customer = BillingCustomer.objects.filter(organization=seller).first()
+            if customer is None:
+                logger.warning("seller %s has proceeds but no Stripe customer", seller_id)
+                return None
+            if customer.stripe_connect_account_id:
+                method, destination = PayoutMethod.TRANSFER, customer.stripe_connect_account_id
+            else:
+                method, destination = PayoutMethod.INVOICE_CREDIT, customer.stripe_customer_id
+            payout = MarketPayout.objects.create(
+                seller=seller,
+                currency=currency,
+                amount=amount,
+                method=method,
+                destination=destination,
+            )
+            money_post(
+                kind=MoneyTransactionKind.PAYOUT,
+                key=f"payout:{payout.pk}",
+                currency=currency,
+                organization=seller,
+                payout=payout,
+                postings=[
+                    (
+                        money_account(
+                            kind=MoneyAccountKind.SELLER_AVAILABLE,
+                            currency=currency,
+                            organization=seller,
+                        ),
+                        -amount,
+                    ),
+                    (money_account(kind=MoneyAccountKind.PAYOUTS, currency=currency), amount),
+                ],
+                memo=f"{method} to {destination}",
+            )
+        MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
+            proceeds=ProceedsState.PAID_OUT, payout=payout
+        )
+        return payout
+
+
+def payout_send(*, payout_id: int) -> str:
+    """Call Stripe for a recorded payout; its key makes a resend pay once."""
+    payout = MarketPayout.objects.get(pk=payout_id)
+    if payout.status != PayoutStatus.PENDING:
+        return payout.status
+    key = f"market-payout:{payout.pk}"
+    metadata = {"market_payout": str(payout.pk), "organization_id": str(payout.seller_id)}
+    try:
+        if payout.method == PayoutMethod.TRANSFER:
+            result = stripe_client.transfer_create(
+                key=key,
+                amount=payout.amount,
+                currency=payout.currency,
+                destination=payout.destination,
+                transfer_group=f"market-payout-{payout.pk}",
+                metadata=metadata,
+            )
+        else:
+            result = stripe_client.customer_balance_credit(
+                key=key,
+                customer=payout.destination,
+                amount=-payout.amount,
+                currency=payout.currency,
+                description=f"Marketplace proceeds (payout {payout.pk})",
+                metadata=metadata,
+            )
+    except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
+        MarketPayout.objects.filter(pk=payout.pk).update(last_error=str(exc)[:500])
+        return PayoutStatus.PENDING
+    except stripe_client.StripeRequestRefused as exc:
+        _payout_fail(payout_id=payout.pk, error=str(exc))
+        return PayoutStatus.FAILED
+    MarketPayout.objects.filter(pk=payout.pk, status=PayoutStatus.PENDING).update(
+        status=PayoutStatus.SENT,
+        stripe_object_id=str(result.get("id") or ""),
+        sent_at=timezone.now(),
+    )
+    return PayoutStatus.SENT
+
+
+@retry_on_deadlock
+def _payout_fail(*, payout_id: int, error: str) -> None:
+    """Stripe refused the payout: its proceeds go back to available, for the next run."""
+    with transaction.atomic():
+        payout = MarketPayout.objects.select_for_update().select_related("seller").get(pk=payout_id)
+        if payout.status != PayoutStatus.PENDING:
+            return
+        fills = list(MarketFill.objects.select_for_update().filter(payout=payout).order_by("pk"))
+        money_post(
+            kind=MoneyTransactionKind.PAYOUT_FAILED,
+            key=f"payout_failed:{payout.pk}",
+            currency=payout.currency,
+            organization=payout.seller,
+            payout=payout,
+            postings=[
+                (
+                    money_account(kind=MoneyAccountKind.PAYOUTS, currency=payout.currency),
+                    -payout.amount,
+                ),
+                (
+                    money_account(
+                        kind=MoneyAccountKind.SELLER_AVAILABLE,
+                        currency=payout.currency,
+                        organization=payout.seller,
+                    ),
+                    payout.amount,
+                ),
+            ],
+            memo=error,
+        )
+        MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
+            proceeds=ProceedsState.AVAILABLE, payout=None
+        )
+        MarketPayout.objects.filter(pk=payout.pk).update(
+            status=PayoutStatus.FAILED, last_error=error[:500]
+        )
+
+
+def payouts_run(*, now: datetime | None = None) -> int:
+    """Make proceeds past the holding period available, record payouts, send them."""
+    now = now or timezone.now()
+    for pk in MarketFill.objects.filter(
+        proceeds=ProceedsState.PENDING, available_at__lte=now
+    ).values_list("pk", flat=True)[:1000]:
+        _fill_mature(fill_id=pk, now=now)
+    sellers = (
+        MarketFill.objects.filter(proceeds=ProceedsState.AVAILABLE)
+        .values_list("seller_id", "currency")
+        .distinct()
+    )
+    for seller_id, currency in sorted(set(sellers)):
+        _payout_record(seller_id=seller_id, currency=currency)
+    sent = 0
+    for pk in MarketPayout.objects.filter(status=PayoutStatus.PENDING).values_list("pk", flat=True):
+        sent += payout_send(payout_id=pk) == PayoutStatus.SENT
+    return sent
+
+
+# --- refunds and disputes ---------------------------------------------------------------
+
+
+def market_reversal_handle(
+    *, kind: str, key: str, charge: dict, amount: int, cumulative: bool
+) -> bool:
+    """A refund or dispute of a charge; True when the charge paid a marketplace order.
+
+    `amount` with `cumulative` is Stripe's `amount_refunded` so far: only the
+    part not yet applied (and not our own shortfall refund) is applied now.
+    Per fill, in order: the platform's fee share comes back from fees, the
+    seller's share from their proceeds while not yet paid out, and what was
+    already paid out is posted as a loss. The buyer's unspent credits of
+    that share are clawed back; spent ones are recorded as lost credits.
+    """
+    intent = charge.get("payment_intent")
+    if isinstance(intent, dict):
+        intent = intent.get("id")
+    if not intent:
+        return False
+    order = MarketOrder.objects.filter(stripe_payment_intent_id=str(intent)).first()
+    if order is None:
+        return False
+    _reversal_apply(
+        order_id=order.pk, kind=kind, key=key, charge=charge, amount=amount, cumulative=cumulative
+    )
+    return True
+
+
+@retry_on_deadlock
+def _reversal_apply(
+    *, order_id: int, kind: str, key: str, charge: dict, amount: int, cumulative: bool
+) -> None:
+    from gymbilling.services import resale_freeze
+
+    with transaction.atomic():
+        order = MarketOrder.objects.select_for_update().select_related("buyer").get(pk=order_id)
+        if MarketReversal.objects.filter(key=key).exists():
+            return
+        fills = list(
+            MarketFill.objects.select_for_update()
+            .filter(order=order, status=FillStatus.DELIVERED, gross__gt=0)
+            .select_related("seller")
+            .order_by("pk")
+        )
+        if cumulative:
+            earlier = (
+                MarketReversal.objects.filter(order=order, kind=kind).aggregate(s=Sum("amount"))[
+                    "s"
+                ]
+                or 0
+            )
+            new = max(0, amount - order.shortfall_amount - earlier)
+        else:
+            new = max(0, amount)
+        reversal = MarketReversal.objects.create(
+            key=key,
+            kind=kind,
+            order=order,
+            stripe_charge_id=str(charge.get("id") or ""),
+            currency=order.currency,
+            amount=new,
+        )
+        totals = {
+            "fee_reversed": 0,
+            "seller_reversed": 0,
+            "loss": 0,
+            "credits_clawed_back": 0,
+            "credits_lost": 0,
+        }
+        left = new
+        cur = order.currency
+        for fill in fills:
+            if left == 0:
+                break
+            r = min(left, fill.gross - fill.refunded)
+            if r <= 0:
+                continue
+            left -= r
+            before, after = fill.refunded, fill.refunded + r
+            # The fee comes back in proportion, rounded down (the platform keeps
+            # a fraction of a cent until the last refund returns all of it).
+            fee_back = fill.fee * after // fill.gross - fill.fee * before // fill.gross
+            seller_part = r - fee_back
+            reversible = 0
+            seller_account = None
+            if fill.proceeds in (ProceedsState.PENDING, ProceedsState.AVAILABLE):
+                reversible = min(seller_part, _seller_share_left(fill))
+                seller_account = money_account(
+                    kind=MoneyAccountKind.SELLER_PENDING
+                    if fill.proceeds == ProceedsState.PENDING
+                    else MoneyAccountKind.SELLER_AVAILABLE,
+                    currency=cur,
+                    organization=fill.seller,
+                )
+            loss = seller_part - reversible
+            postings = [
+                (money_account(kind=MoneyAccountKind.BUYER_CLEARING, currency=cur), r),
+                (money_account(kind=MoneyAccountKind.PLATFORM_FEES, currency=cur), -fee_back),
+                (money_account(kind=MoneyAccountKind.LOSSES, currency=cur), -loss),
+            ]
+            if seller_account is not None:
+                postings.append((seller_account, -reversible))
+            try:
+                money_post(
+                    kind=MoneyTransactionKind.REVERSAL,
+                    key=f"reversal:{key}:{fill.pk}",
+                    currency=cur,
+                    organization=fill.seller,
+                    fill=fill,
+                    postings=postings,
+                    memo=f"{kind} of {charge.get('id')}",
+                )
+            except MoneyInsufficient as exc:  # reconcile guarantees it cannot happen
+                raise AssertionError(f"proceeds of fill {fill.pk} out of step: {exc}") from exc
+            # Credits: the refunded share of what was delivered, from what is unspent.
+            credit_target = share_ceil(fill.delivered_quantity, after, fill.gross) - share_ceil(
+                fill.delivered_quantity, before, fill.gross
+            )
+            clawed = 0
+            for lot in CreditLot.objects.filter(created_by_id=fill.settle_transaction_id).order_by(
+                "pk"
+            ):
+                if clawed == credit_target:
+                    break
+                clawed += lot_clawback(
+                    lot=lot,
+                    amount=credit_target - clawed,
+                    key=f"market:{key}:{fill.pk}:{lot.pk}",
+                    memo=f"{kind} of marketplace order {order.pk}",
+                )
+            MarketFill.objects.filter(pk=fill.pk).update(
+                refunded=after, seller_reversed=fill.seller_reversed + reversible
+            )
+            totals["fee_reversed"] += fee_back
+            totals["seller_reversed"] += reversible
+            totals["loss"] += loss
+            totals["credits_clawed_back"] += clawed
+            totals["credits_lost"] += credit_target - clawed
+        MarketReversal.objects.filter(pk=reversal.pk).update(**totals)
+        resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
+
+
+def next_expiry(listing: MarketListing, now: datetime) -> datetime | None:
+    return (
+        CreditLot.objects.filter(_listing_lots(listing), remaining__gt=0)
+        .filter(unexpired(now))
+        .aggregate(m=Min("expires_at"))["m"]
+    )

@@ -1,0 +1,14 @@
+from django.urls import path
+
+from gymbilling import market_apis
+
+urlpatterns = [
+    path("market/listings", market_apis.ListingsApi.as_view(), name="market-listings"),
+    path(
+        "market/listings/<int:listing_id>",
+        market_apis.ListingDetailApi.as_view(),
+        name="market-listing",
+    ),
+    path("market/orders", market_apis.OrdersApi.as_view(), name="market-orders"),
+    path("market/orders/<int:order_id>", market_apis.OrderDetailApi.as_view(), name="market-order"),
+]

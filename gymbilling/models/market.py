@@ -1,0 +1,407 @@
+"""The credit marketplace: listings, orders and their fills, and the money ledger
+of sellers' proceeds.
+
+Credits: a listing's credits sit in the seller's escrow account (metering) as
+lots keeping their original expiry; `ListingLot` says which escrow lots are
+whose. A buyer's order reserves credits by moving them from the seller's
+escrow into the buyer's escrow (one journal transaction per fill), so two
+buyers can never hold the same credit: the ledger itself refuses it. Payment
+moves a fill's lots from the buyer's escrow to the buyer's wallet as new,
+non-resellable marketplace lots; a failed or timed-out payment moves them back
+(to the listing, or to the seller's wallet when the listing was canceled).
+
+Money: integers in the currency's minor unit. `MoneyTransaction` /
+`MoneyEntry` are a double-entry, append-only ledger (PostgreSQL triggers in
+migration 0002_market refuse UPDATE and DELETE), same sign convention as the
+credit ledger: a positive entry adds to the account; organization accounts
+(a seller's pending and available proceeds) never go negative; system
+accounts may (buyer payments clearing is the negative mirror of all money
+taken in, losses the negative mirror of all money lost).
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+
+class ListingStatus(models.TextChoices):
+    OPEN = "open", "Open"
+    SOLD_OUT = "sold_out", "Sold out"
+    CANCELED = "canceled", "Canceled"
+    EXPIRED = "expired", "Expired"
+
+
+class MarketListing(models.Model):
+    """A seller's offer of escrowed credits at one price per 1,000 credits."""
+
+    seller = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="market_listings"
+    )
+    currency = models.CharField(max_length=3)
+    price_per_1k = models.PositiveBigIntegerField(help_text="Minor units per 1,000 credits.")
+    quantity = models.PositiveBigIntegerField(help_text="Micro-credits listed.")
+    # Micro-credits delivered to buyers (paid fills).
+    sold = models.PositiveBigIntegerField(default=0)
+    status = models.CharField(max_length=16, choices=ListingStatus.choices, default="open")
+    # The earliest expiry of the listed lots, when listed (the order book shows
+    # the current one, from the lots).
+    expires_at = models.DateTimeField(null=True, blank=True)
+    list_transaction = models.OneToOneField(
+        "metering.JournalTransaction", on_delete=models.PROTECT, related_name="market_listing"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["currency", "price_per_1k", "id"],
+                condition=Q(status="open"),
+                name="market_listing_book",
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(quantity__gt=0), name="market_listing_qty_positive"),
+            models.CheckConstraint(
+                condition=Q(sold__lte=models.F("quantity")), name="market_listing_sold_le_qty"
+            ),
+            models.CheckConstraint(
+                condition=Q(status="open", closed_at__isnull=True)
+                | (~Q(status="open") & Q(closed_at__isnull=False)),
+                name="market_listing_closed_at",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"listing {self.pk} {self.quantity}@{self.price_per_1k}{self.currency} {self.status}"
+
+
+class ListingLot(models.Model):
+    """An escrow lot of the seller's that backs one listing."""
+
+    listing = models.ForeignKey(MarketListing, on_delete=models.PROTECT, related_name="lots")
+    lot = models.OneToOneField(
+        "metering.CreditLot", on_delete=models.PROTECT, related_name="market_listing_lot"
+    )
+
+    def __str__(self) -> str:
+        return f"listing {self.listing_id} lot {self.lot_id}"
+
+
+class OrderStatus(models.TextChoices):
+    PENDING = "pending", "Reserved, awaiting payment"
+    PAID = "paid", "Paid and delivered"
+    EXPIRED = "expired", "Reservation timed out"
+    FAILED = "failed", "Payment failed or could not start"
+
+
+class MarketOrder(models.Model):
+    """A buyer's order: quantity up to a price, reserved across listings, paid by Checkout."""
+
+    buyer = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="market_orders"
+    )
+    currency = models.CharField(max_length=3)
+    quantity_requested = models.PositiveBigIntegerField()
+    max_price_per_1k = models.PositiveBigIntegerField()
+    quantity = models.PositiveBigIntegerField(help_text="Micro-credits reserved.")
+    amount_total = models.PositiveBigIntegerField(help_text="Minor units charged.")
+    status = models.CharField(max_length=16, choices=OrderStatus.choices, default="pending")
+    failure_code = models.CharField(max_length=64, blank=True)
+    expires_at = models.DateTimeField()
+    checkout = models.OneToOneField(
+        "gymbilling.CheckoutSession",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="market_order",
+    )
+    checkout_url = models.URLField(max_length=2000, blank=True)
+    stripe_payment_intent_id = models.CharField(max_length=255, blank=True, db_index=True)
+    # Paid for but not delivered (credits expired while reserved, or paid after
+    # the reservation was released): refunded to the buyer.
+    shortfall_amount = models.PositiveBigIntegerField(default=0)
+    shortfall_refunded_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["expires_at"], condition=Q(status="pending"), name="market_order_due"
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(quantity__gt=0) & Q(quantity__lte=models.F("quantity_requested")),
+                name="market_order_qty_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(shortfall_amount__lte=models.F("amount_total")),
+                name="market_order_shortfall_le_total",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"order {self.pk} {self.quantity} {self.status}"
+
+
+class FillStatus(models.TextChoices):
+    RESERVED = "reserved", "Reserved"
+    DELIVERED = "delivered", "Delivered"
+    RELEASED = "released", "Released"
+
+
+class ProceedsState(models.TextChoices):
+    NONE = "none", "No proceeds (not delivered)"
+    PENDING = "pending", "In the holding period"
+    AVAILABLE = "available", "Available for payout"
+    PAID_OUT = "paid_out", "Paid out"
+
+
+class MarketFill(models.Model):
+    """One listing's part of an order."""
+
+    order = models.ForeignKey(MarketOrder, on_delete=models.PROTECT, related_name="fills")
+    listing = models.ForeignKey(MarketListing, on_delete=models.PROTECT, related_name="fills")
+    seller = models.ForeignKey("accounts.Organization", on_delete=models.PROTECT, related_name="+")
+    currency = models.CharField(max_length=3)
+    price_per_1k = models.PositiveBigIntegerField()
+    quantity = models.PositiveBigIntegerField(help_text="Micro-credits reserved.")
+    amount = models.PositiveBigIntegerField(help_text="Minor units for the reserved quantity.")
+    status = models.CharField(max_length=16, choices=FillStatus.choices, default="reserved")
+    delivered_quantity = models.PositiveBigIntegerField(default=0)
+    # What the buyer paid for the delivered quantity, the platform's fee on it,
+    # and what of the seller's share a refund or dispute took back.
+    gross = models.PositiveBigIntegerField(default=0)
+    fee = models.PositiveBigIntegerField(default=0)
+    refunded = models.PositiveBigIntegerField(default=0)
+    seller_reversed = models.PositiveBigIntegerField(default=0)
+    proceeds = models.CharField(max_length=16, choices=ProceedsState.choices, default="none")
+    available_at = models.DateTimeField(null=True, blank=True)
+    payout = models.ForeignKey(
+        "gymbilling.MarketPayout",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="fills",
+    )
+    reserve_transaction = models.OneToOneField(
+        "metering.JournalTransaction", on_delete=models.PROTECT, related_name="market_fill_reserved"
+    )
+    settle_transaction = models.OneToOneField(
+        "metering.JournalTransaction",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="market_fill_settled",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    settled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["available_at"], condition=Q(proceeds="pending"), name="market_fill_matures"
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(quantity__gt=0), name="market_fill_qty_positive"),
+            models.CheckConstraint(
+                condition=Q(delivered_quantity__lte=models.F("quantity")),
+                name="market_fill_delivered_le_qty",
+            ),
+            models.CheckConstraint(
+                condition=Q(fee__lte=models.F("gross")) & Q(refunded__lte=models.F("gross")),
+                name="market_fill_money_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(seller_reversed__lte=models.F("gross") - models.F("fee")),
+                name="market_fill_seller_reversed_le_net",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"fill {self.pk} order {self.order_id} listing {self.listing_id} {self.status}"
+
+    @property
+    def net(self) -> int:
+        """The seller's share of what the buyer paid."""
+        return self.gross - self.fee
+
+
+class PayoutMethod(models.TextChoices):
+    TRANSFER = "transfer", "Stripe Connect transfer"
+    INVOICE_CREDIT = "invoice_credit", "Credit on the next invoice"
+
+
+class PayoutStatus(models.TextChoices):
+    PENDING = "pending", "Recorded, not yet sent to Stripe"
+    SENT = "sent", "Sent"
+    FAILED = "failed", "Refused by Stripe, proceeds returned to available"
+
+
+class MarketPayout(models.Model):
+    """One payment of a seller's available proceeds, recorded before Stripe is called.
+
+    The Stripe call's idempotency key is derived from this row, so a crash or
+    an outage between the two resends the same request: paid once.
+    """
+
+    seller = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="market_payouts"
+    )
+    currency = models.CharField(max_length=3)
+    amount = models.PositiveBigIntegerField()
+    method = models.CharField(max_length=16, choices=PayoutMethod.choices)
+    destination = models.CharField(max_length=255, help_text="Connect account or customer id.")
+    status = models.CharField(max_length=16, choices=PayoutStatus.choices, default="pending")
+    stripe_object_id = models.CharField(max_length=255, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="market_payout_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"payout {self.pk} {self.amount}{self.currency} {self.status}"
+
+
+class MarketReversal(models.Model):
+    """A refund or dispute of a marketplace payment, and how it was absorbed.
+
+    Of `amount`: `fee_reversed` came back from platform fees, `seller_reversed`
+    from the sellers' proceeds not yet paid out, and `loss` (sellers' shares
+    already paid out) is a loss, posted to the losses account. Of the
+    credits: `credits_clawed_back` were unspent and taken back from the buyer,
+    `credits_lost` were already spent.
+    """
+
+    # refund:<charge>:<cumulative refunded> or dispute:<dispute id> (events.py).
+    key = models.CharField(max_length=255, unique=True)
+    kind = models.CharField(max_length=16)
+    order = models.ForeignKey(MarketOrder, on_delete=models.PROTECT, related_name="reversals")
+    stripe_charge_id = models.CharField(max_length=255)
+    currency = models.CharField(max_length=3)
+    amount = models.PositiveBigIntegerField()
+    fee_reversed = models.PositiveBigIntegerField(default=0)
+    seller_reversed = models.PositiveBigIntegerField(default=0)
+    loss = models.PositiveBigIntegerField(default=0)
+    credits_clawed_back = models.PositiveBigIntegerField(default=0)
+    credits_lost = models.PositiveBigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.amount}{self.currency} loss {self.loss}"
+
+
+# --- the money ledger ------------------------------------------------------------
+
+
+class MoneyAccountKind(models.TextChoices):
+    # Per seller organization and currency: never negative.
+    SELLER_PENDING = "seller_pending", "Seller proceeds in the holding period"
+    SELLER_AVAILABLE = "seller_available", "Seller proceeds available for payout"
+    # System accounts, one per currency.
+    BUYER_CLEARING = "buyer_clearing", "Buyer payments clearing"
+    PLATFORM_FEES = "platform_fees", "Platform fees"
+    PAYOUTS = "payouts", "Payouts sent"
+    LOSSES = "losses", "Losses (refunds and disputes after payout)"
+
+
+SELLER_KINDS = (MoneyAccountKind.SELLER_PENDING, MoneyAccountKind.SELLER_AVAILABLE)
+
+
+class MoneyAccount(models.Model):
+    kind = models.CharField(max_length=32, choices=MoneyAccountKind.choices)
+    organization = models.ForeignKey(
+        "accounts.Organization",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="market_money_accounts",
+    )
+    currency = models.CharField(max_length=3)
+    # Cached sum of the entries; seller accounts only (system accounts are hot rows).
+    balance = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "kind", "currency"],
+                condition=Q(organization__isnull=False),
+                name="money_account_one_per_org_kind_currency",
+            ),
+            models.UniqueConstraint(
+                fields=["kind", "currency"],
+                condition=Q(organization__isnull=True),
+                name="money_account_one_system_per_kind_currency",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    Q(kind__in=[k.value for k in SELLER_KINDS], organization__isnull=False)
+                    & Q(balance__gte=0)
+                )
+                | (~Q(kind__in=[k.value for k in SELLER_KINDS]) & Q(organization__isnull=True)),
+                name="money_account_seller_kinds_non_negative",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        owner = self.organization_id or "system"
+        return f"{owner}:{self.kind}:{self.currency}"
+
+
+class MoneyTransactionKind(models.TextChoices):
+    SALE = "sale", "Sale (buyer paid for a fill)"
+    FEE = "fee", "Platform fee on a fill"
+    RELEASE = "release", "Holding period over"
+    PAYOUT = "payout", "Payout"
+    PAYOUT_FAILED = "payout_failed", "Payout refused, returned"
+    REVERSAL = "reversal", "Refund or dispute"
+
+
+class MoneyTransaction(models.Model):
+    kind = models.CharField(max_length=32, choices=MoneyTransactionKind.choices)
+    # One per business event: sale:<fill>, fee:<fill>, release:<fill>,
+    # payout:<payout>, payout_failed:<payout>, reversal:<reversal key>:<fill>.
+    idempotency_key = models.CharField(max_length=255, unique=True)
+    currency = models.CharField(max_length=3)
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    fill = models.ForeignKey(
+        MarketFill, on_delete=models.PROTECT, null=True, blank=True, related_name="money"
+    )
+    payout = models.ForeignKey(
+        MarketPayout, on_delete=models.PROTECT, null=True, blank=True, related_name="money"
+    )
+    memo = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.idempotency_key}"
+
+
+class MoneyEntry(models.Model):
+    transaction = models.ForeignKey(
+        MoneyTransaction, on_delete=models.PROTECT, related_name="entries"
+    )
+    account = models.ForeignKey(MoneyAccount, on_delete=models.PROTECT, related_name="entries")
+    amount = models.BigIntegerField(help_text="Minor units; positive adds to the account.")
+    balance_after = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=~Q(amount=0), name="money_entry_nonzero"),
+        ]
+        indexes = [models.Index(fields=["account", "id"], name="money_entry_by_account")]
+
+    def __str__(self) -> str:
+        return f"{self.amount:+d} on {self.account_id}"

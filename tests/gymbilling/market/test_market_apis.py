@@ -1,0 +1,176 @@
+"""The marketplace over HTTP: shapes, codes, and that refused requests change nothing."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from accounts.models import Scope
+from accounts.services import apikey_create
+from gymbilling.market.services import listing_create
+from gymbilling.models import MarketListing, MarketOrder, MoneyEntry
+from tests.gymbilling.market.conftest import paid_session
+from tests.helpers import credits, ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+
+def client_for(org, scopes=(Scope.MARKETPLACE,)) -> Client:
+    _, raw = apikey_create(organization=org, name="market", scopes=list(scopes))
+    return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+
+
+def rows():
+    return (
+        ledger_rows(),
+        MarketListing.objects.count(),
+        MarketOrder.objects.count(),
+        MoneyEntry.objects.count(),
+    )
+
+
+def test_list_browse_order_and_follow_an_order(fake_stripe, seller, buyer):
+    from gymbilling.market.services import market_checkout_handle
+
+    api_seller, api_buyer = client_for(seller), client_for(buyer)
+    # list
+    r = api_seller.post(
+        "/api/v1/market/listings",
+        {"quantity": credits(100), "price_per_1k": 250, "currency": "usd"},
+        content_type="application/json",
+    )
+    assert r.status_code == 201, r.content
+    listing = r.json()
+    assert (listing["available"], listing["status"], listing["price_per_1k"]) == (
+        credits(100),
+        "open",
+        250,
+    )
+    # the book, with a quote
+    r = api_buyer.get("/api/v1/market/listings", {"quantity": credits(40)})
+    assert r.status_code == 200
+    book = r.json()
+    assert [each["id"] for each in book["listings"]] == [listing["id"]]
+    assert book["listings"][0]["expires_at"] is not None
+    assert book["quote"] == {
+        "quantity": credits(40),
+        "fillable": credits(40),
+        "best_price_per_1k": 250,
+        "worst_price_per_1k": 250,
+        "amount": 10,
+        "depth": credits(100),
+    }
+    # order
+    r = api_buyer.post(
+        "/api/v1/market/orders",
+        {"quantity": credits(40), "max_price_per_1k": 300},
+        content_type="application/json",
+    )
+    assert r.status_code == 201, r.content
+    order = r.json()
+    assert order["status"] == "pending" and order["amount_total"] == 10
+    assert order["checkout_url"].startswith("https://checkout.test/")
+    # pay, then the order shows it
+    row = MarketOrder.objects.get(pk=order["id"])
+    market_checkout_handle(row.checkout, paid_session(fake_stripe, row))
+    r = api_buyer.get(f"/api/v1/market/orders/{order['id']}")
+    assert r.status_code == 200 and r.json()["status"] == "paid"
+    assert r.json()["fills"][0]["delivered_quantity"] == credits(40)
+    # the seller cancels the rest
+    r = api_seller.delete(f"/api/v1/market/listings/{listing['id']}")
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+
+
+@pytest.mark.parametrize(
+    "body,code",
+    [
+        ({"quantity": 0, "price_per_1k": 250}, "invalid_request"),
+        ({"quantity": -5, "price_per_1k": 250}, "invalid_request"),
+        ({"quantity": credits(100), "price_per_1k": 0}, "invalid_request"),
+        ({"quantity": credits(100), "price_per_1k": 100_001}, "price_out_of_bounds"),
+        ({"quantity": credits(1), "price_per_1k": 250}, "quantity_below_minimum"),
+        ({"quantity": credits(5000), "price_per_1k": 250}, "insufficient_resellable_credits"),
+        ({"quantity": credits(100), "price_per_1k": 250, "bogus": 1}, "invalid_request"),
+    ],
+)
+def test_bad_listings_are_refused_with_a_code_and_change_nothing(seller, body, code):
+    api = client_for(seller)
+    before = rows()
+    r = api.post("/api/v1/market/listings", body, content_type="application/json")
+    assert 400 <= r.status_code < 500, r.content
+    error = r.json()["error"]
+    assert error["code"] == code or (code == "invalid_request" and error["code"]), error
+    assert rows() == before
+
+
+def test_bad_orders_are_refused_with_a_code_and_change_nothing(fake_stripe, seller, buyer):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    api_seller, api_buyer = client_for(seller), client_for(buyer)
+    before = rows()
+    for api, body, status, code in [
+        (api_buyer, {"quantity": 0, "max_price_per_1k": 300}, 400, None),
+        (api_buyer, {"quantity": -1, "max_price_per_1k": 300}, 400, None),
+        (
+            api_buyer,
+            {"quantity": credits(10), "max_price_per_1k": 100_001},
+            400,
+            "price_out_of_bounds",
+        ),
+        (
+            api_buyer,
+            {"quantity": credits(101), "max_price_per_1k": 300},
+            409,
+            "insufficient_liquidity",
+        ),
+        (
+            api_seller,
+            {"quantity": credits(10), "max_price_per_1k": 300, "listing": listing.pk},
+            400,
+            "own_listing",
+        ),
+        (
+            api_buyer,
+            {"quantity": credits(10), "max_price_per_1k": 300, "listing": 999_999},
+            404,
+            "listing_not_found",
+        ),
+    ]:
+        r = api.post("/api/v1/market/orders", body, content_type="application/json")
+        assert r.status_code == status, (body, r.content)
+        if code:
+            assert r.json()["error"]["code"] == code
+    assert rows() == before
+
+
+def test_another_organizations_listing_and_order_answer_404(fake_stripe, seller, buyer):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    api_buyer = client_for(buyer)
+    r = api_buyer.post(
+        "/api/v1/market/orders",
+        {"quantity": credits(10), "max_price_per_1k": 300},
+        content_type="application/json",
+    )
+    order_id = r.json()["id"]
+    before = rows()
+    api_seller = client_for(seller)
+    assert api_buyer.delete(f"/api/v1/market/listings/{listing.pk}").status_code == 404
+    assert api_buyer.get(f"/api/v1/market/listings/{listing.pk}").status_code == 404
+    assert api_seller.get(f"/api/v1/market/orders/{order_id}").status_code == 404
+    assert rows() == before
+
+
+def test_a_key_without_the_marketplace_scope_is_refused(seller):
+    api = client_for(seller, scopes=(Scope.BILLING_READ,))
+    r = api.get("/api/v1/market/listings")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+
+
+def test_stripe_down_answers_503_payments_unavailable(fake_stripe, seller, buyer):
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    fake_stripe.down = True
+    r = client_for(buyer).post(
+        "/api/v1/market/orders",
+        {"quantity": credits(10), "max_price_per_1k": 300},
+        content_type="application/json",
+    )
+    assert r.status_code == 503 and r.json()["error"]["code"] == "payments_unavailable"

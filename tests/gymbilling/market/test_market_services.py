@@ -1,0 +1,576 @@
+"""The marketplace's services end to end in one process: credits and money.
+
+Stripe is the fake at the client module (conftest.py); every outcome is
+asserted on rows and balances, and the autouse reconcile fixture checks every
+ledger invariant (credits, escrow attribution, proceeds) after each test.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db.models import Sum
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from accounts.models import Standing
+from gymbilling.market.rules import fill_amount, platform_fee
+from gymbilling.market.services import (
+    listing_cancel,
+    listing_create,
+    listings_expire,
+    market_checkout_handle,
+    market_reversal_handle,
+    order_create,
+    orders_expire,
+    payouts_run,
+)
+from gymbilling.models import (
+    BillingCustomer,
+    FillStatus,
+    ListingStatus,
+    MarketListing,
+    MarketOrder,
+    MarketPayout,
+    MarketReversal,
+    MoneyAccount,
+    MoneyEntry,
+    OrderStatus,
+    PayoutMethod,
+    PayoutStatus,
+)
+from metering.models import MICRO, CreditLot, LotSource
+from metering.selectors import organization_balance
+from metering.services import credits_grant
+from tests.factories import OrganizationFactory
+from tests.gymbilling.market.conftest import charge_for, paid_session, subscription_credits
+from tests.helpers import credits, ledger_rows, system_balance
+
+pytestmark = pytest.mark.django_db
+
+
+def money(kind, currency="usd", organization=None) -> int:
+    account = MoneyAccount.objects.filter(
+        kind=kind, currency=currency, organization=organization
+    ).first()
+    if account is None:
+        return 0
+    return MoneyEntry.objects.filter(account=account).aggregate(s=Sum("amount"))["s"] or 0
+
+
+# --- rules -----------------------------------------------------------------------------
+
+
+def test_fill_amount_rounds_up_to_the_minor_unit():
+    # 1,000 credits at 250 -> exactly 250; one micro-credit more costs one more cent.
+    assert fill_amount(quantity=credits(1000), price_per_1k=250) == 250
+    assert fill_amount(quantity=credits(1000) + 1, price_per_1k=250) == 251
+    assert fill_amount(quantity=credits(1), price_per_1k=250) == 1  # 0.25 -> 1
+    assert fill_amount(quantity=credits(4), price_per_1k=250) == 1  # exactly 1.0
+
+
+def test_platform_fee_rounds_half_up():
+    assert platform_fee(gross=1000, fee_bps=1000) == 100
+    assert platform_fee(gross=5, fee_bps=1000) == 1  # 0.5 -> 1
+    assert platform_fee(gross=4, fee_bps=1000) == 0  # 0.4 -> 0
+    assert platform_fee(gross=15, fee_bps=1000) == 2  # 1.5 -> 2
+    assert platform_fee(gross=14, fee_bps=1000) == 1  # 1.4 -> 1
+
+
+# --- listing ---------------------------------------------------------------------------
+
+
+def test_listing_moves_resellable_credits_into_escrow_keeping_their_expiry(seller):
+    # given: the seller's subscription lot
+    wallet_lot = CreditLot.objects.get(organization=seller, account__kind="wallet")
+    # when
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    # then
+    balance = organization_balance(organization=seller)
+    assert (balance.available, balance.escrowed) == (credits(900), credits(100))
+    escrow_lot = CreditLot.objects.get(organization=seller, account__kind="escrow")
+    assert escrow_lot.expires_at == wallet_lot.expires_at == listing.expires_at
+    assert escrow_lot.source == LotSource.SUBSCRIPTION and escrow_lot.remaining == credits(100)
+
+
+@pytest.mark.parametrize(
+    "source,paid,resellable",
+    [("pack", True, False), ("promotion", False, False), ("marketplace", True, False)],
+)
+def test_only_paid_subscription_credits_can_be_listed(source, paid, resellable, buyer):
+    # given: credits that are not resellable
+    credits_grant(
+        organization=buyer,
+        amount=credits(500),
+        source=source,
+        paid=paid,
+        resellable=resellable,
+        key=f"not-resellable-{source}",
+        expires_at=timezone.now() + timedelta(days=30),
+    )
+    before = ledger_rows()
+    # when / then
+    with pytest.raises(ApplicationError) as exc:
+        listing_create(seller=buyer, quantity=credits(100), price_per_1k=300, currency="usd")
+    assert exc.value.code == "insufficient_resellable_credits" and exc.value.status == 402
+    assert ledger_rows() == before and not MarketListing.objects.exists()
+
+
+@pytest.mark.parametrize("why", ["past_due", "suspended", "frozen"])
+def test_an_organization_not_in_good_standing_cannot_list(seller, why):
+    if why == "frozen":
+        BillingCustomer.objects.filter(organization=seller).update(
+            resale_frozen_at=timezone.now(), resale_frozen_reason="dispute"
+        )
+    else:
+        seller.standing = Standing.PAST_DUE if why == "past_due" else Standing.SUSPENDED
+        seller.save(update_fields=["standing"])
+    before = ledger_rows()
+    with pytest.raises(ApplicationError) as exc:
+        listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    assert exc.value.code == "resale_not_allowed" and exc.value.status == 403
+    assert ledger_rows() == before
+
+
+def test_listing_limits(seller, settings):
+    settings.MARKET_LISTINGS_PER_DAY = 2
+    for code, kwargs in [
+        ("price_out_of_bounds", {"quantity": credits(100), "price_per_1k": 0}),
+        ("price_out_of_bounds", {"quantity": credits(100), "price_per_1k": 100_001}),
+        ("quantity_below_minimum", {"quantity": credits(9), "price_per_1k": 300}),
+        ("invalid_quantity", {"quantity": -5, "price_per_1k": 300}),
+        (
+            "unsupported_currency",
+            {"quantity": credits(100), "price_per_1k": 300, "currency": "xxx"},
+        ),
+    ]:
+        kwargs.setdefault("currency", "usd")
+        with pytest.raises(ApplicationError) as exc:
+            listing_create(seller=seller, **kwargs)
+        assert exc.value.code == code, kwargs
+    listing_create(seller=seller, quantity=credits(10), price_per_1k=300, currency="usd")
+    listing_create(seller=seller, quantity=credits(10), price_per_1k=300, currency="usd")
+    with pytest.raises(ApplicationError) as exc:
+        listing_create(seller=seller, quantity=credits(10), price_per_1k=300, currency="usd")
+    assert exc.value.code == "listing_limit_reached" and exc.value.status == 429
+
+
+# --- orders, payment -----------------------------------------------------------------------
+
+
+def test_partial_fills_across_three_listings_fill_cheapest_first_and_charge_the_exact_total(
+    fake_stripe, buyer
+):
+    # given: three sellers at three prices (the cheapest listed last)
+    sellers = [OrganizationFactory() for _ in range(3)]
+    for org in sellers:
+        subscription_credits(org, credits(1000))
+    expensive = listing_create(
+        seller=sellers[0], quantity=credits(100), price_per_1k=777, currency="usd"
+    )
+    middle = listing_create(
+        seller=sellers[1], quantity=credits(100), price_per_1k=333, currency="usd"
+    )
+    cheap = listing_create(
+        seller=sellers[2], quantity=credits(100), price_per_1k=111, currency="usd"
+    )
+    # when: 250.5 credits at up to 800 per 1,000
+    order = order_create(
+        buyer=buyer, quantity=credits("250.5"), max_price_per_1k=800, currency="usd"
+    )
+    # then: 100 @111 + 100 @333 + 50.5 @777, each rounded up: 11.1->12, 33.3->34, 39.2385->40
+    fills = {f.listing_id: f for f in order.fills.all()}
+    assert [fills[cheap.pk].quantity, fills[middle.pk].quantity, fills[expensive.pk].quantity] == [
+        credits(100),
+        credits(100),
+        credits("50.5"),
+    ]
+    assert [fills[cheap.pk].amount, fills[middle.pk].amount, fills[expensive.pk].amount] == [
+        12,
+        34,
+        40,
+    ]
+    assert order.amount_total == 86
+    session = fake_stripe.sessions[order.checkout.stripe_session_id]
+    assert session["params"]["line_items"][0]["price_data"]["unit_amount"] == 86
+    assert order.checkout_url.startswith("https://checkout.test/")
+    assert organization_balance(organization=buyer).escrowed == credits("250.5")
+    # when: paid
+    market_checkout_handle(order.checkout, paid_session(fake_stripe, order))
+    # then: delivered as marketplace lots, same expiry, paid, not resellable
+    order.refresh_from_db()
+    assert order.status == OrderStatus.PAID and order.shortfall_amount == 0
+    balance = organization_balance(organization=buyer)
+    assert (balance.available, balance.escrowed) == (credits("250.5"), 0)
+    lots = CreditLot.objects.filter(organization=buyer, account__kind="wallet")
+    assert {(lot.source, lot.paid, lot.resellable) for lot in lots} == {
+        ("marketplace", True, False)
+    }
+    assert {lot.expires_at for lot in lots} == {
+        cheap.expires_at,
+        middle.expires_at,
+        expensive.expires_at,
+    }
+    # money: buyers paid 86; fees 10% half up per fill: 1.2->1, 3.4->3, 4.0->4
+    assert money("buyer_clearing") == -86
+    assert money("platform_fees") == 8
+    assert money("seller_pending", organization=sellers[2]) == 11
+    assert money("seller_pending", organization=sellers[1]) == 31
+    assert money("seller_pending", organization=sellers[0]) == 36
+    cheap.refresh_from_db()
+    assert cheap.status == ListingStatus.SOLD_OUT and cheap.sold == credits(100)
+    # a second delivery of the same event changes nothing
+    market_checkout_handle(order.checkout, fake_stripe.sessions[order.checkout.stripe_session_id])
+    assert organization_balance(organization=buyer).available == credits("250.5")
+
+
+def test_not_enough_liquidity_is_refused_and_changes_nothing(fake_stripe, seller, buyer):
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    before = ledger_rows(), MarketOrder.objects.count()
+    with pytest.raises(ApplicationError) as exc:
+        order_create(buyer=buyer, quantity=credits(101), max_price_per_1k=300, currency="usd")
+    assert exc.value.code == "insufficient_liquidity" and exc.value.status == 409
+    assert exc.value.extra["available"] == credits(100)
+    with pytest.raises(ApplicationError) as exc:
+        order_create(buyer=buyer, quantity=credits(10), max_price_per_1k=299, currency="usd")
+    assert exc.value.code == "insufficient_liquidity"
+    assert (ledger_rows(), MarketOrder.objects.count()) == before
+    # allow_partial takes what there is
+    order = order_create(
+        buyer=buyer, quantity=credits(150), max_price_per_1k=300, currency="usd", allow_partial=True
+    )
+    assert order.quantity == credits(100) and order.quantity_requested == credits(150)
+
+
+def test_buying_your_own_listing_is_refused(fake_stripe, seller):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    before = ledger_rows()
+    with pytest.raises(ApplicationError) as exc:
+        order_create(
+            buyer=seller,
+            quantity=credits(10),
+            max_price_per_1k=300,
+            currency="usd",
+            listing_id=listing.pk,
+        )
+    assert exc.value.code == "own_listing" and exc.value.status == 400
+    # without naming it, one's own offers are simply not matched
+    with pytest.raises(ApplicationError) as exc:
+        order_create(buyer=seller, quantity=credits(10), max_price_per_1k=300, currency="usd")
+    assert exc.value.code == "insufficient_liquidity"
+    assert ledger_rows() == before
+
+
+def test_payment_failure_releases_the_reservation(fake_stripe, seller, buyer):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
+    assert organization_balance(organization=seller).escrowed == credits(40)
+    # when: the session expires unpaid (the card was declined and the buyer gave up)
+    session = fake_stripe.sessions[order.checkout.stripe_session_id]
+    session["status"] = "expired"
+    market_checkout_handle(order.checkout, dict(session))
+    # then
+    order.refresh_from_db()
+    assert order.status == OrderStatus.EXPIRED
+    assert {f.status for f in order.fills.all()} == {FillStatus.RELEASED}
+    assert organization_balance(organization=seller).escrowed == credits(100)
+    assert organization_balance(organization=buyer).escrowed == 0
+    # the credits are for sale again
+    again = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
+    assert again.fills.get().listing_id == listing.pk
+
+
+def test_reservation_timeout_expires_the_checkout_and_releases(fake_stripe, seller, buyer):
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
+    # not yet due
+    assert orders_expire(now=timezone.now()) == 0
+    later = timezone.now() + timedelta(minutes=16)
+    # Stripe down: the reservation is kept, and retried next run
+    fake_stripe.down = True
+    assert orders_expire(now=later) == 0
+    assert MarketOrder.objects.get(pk=order.pk).status == OrderStatus.PENDING
+    fake_stripe.down = False
+    assert orders_expire(now=later) == 1
+    order.refresh_from_db()
+    assert order.status == OrderStatus.EXPIRED and order.failure_code == "reservation_timeout"
+    assert fake_stripe.sessions[order.checkout.stripe_session_id]["status"] == "expired"
+    assert organization_balance(organization=seller).escrowed == credits(100)
+
+
+def test_a_session_paid_at_the_last_moment_is_delivered_not_released(fake_stripe, seller, buyer):
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
+    paid_session(fake_stripe, order)  # paid, the webhook not yet processed
+    orders_expire(now=timezone.now() + timedelta(minutes=16))
+    order.refresh_from_db()
+    assert order.status == OrderStatus.PAID
+    assert organization_balance(organization=buyer).available == credits(60)
+
+
+def test_stripe_down_when_ordering_answers_503_and_undoes_the_reservation(
+    fake_stripe, seller, buyer
+):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    fake_stripe.down = True
+    with pytest.raises(ApplicationError) as exc:
+        order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
+    assert exc.value.code == "payments_unavailable" and exc.value.status == 503
+    order = MarketOrder.objects.get()
+    assert order.status == OrderStatus.FAILED and order.checkout is None
+    assert organization_balance(organization=seller).escrowed == credits(100)
+    assert organization_balance(organization=buyer).escrowed == 0
+    listing.refresh_from_db()
+    assert listing.status == ListingStatus.OPEN
+
+
+def test_cancel_while_a_payment_is_in_flight_cannot_sell_a_credit_twice(fake_stripe, seller, buyer):
+    # given: 60 of 100 reserved by a buyer who is paying
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
+    # when: the seller cancels
+    listing_cancel(seller=seller, listing_id=listing.pk)
+    # then: only the unreserved 40 return
+    assert organization_balance(organization=seller).available == credits(940)
+    # and the payment still delivers the 60 reserved
+    market_checkout_handle(order.checkout, paid_session(fake_stripe, order))
+    assert organization_balance(organization=buyer).available == credits(60)
+    assert organization_balance(organization=seller).available == credits(940)
+    assert organization_balance(organization=seller).escrowed == 0
+    listing.refresh_from_db()
+    assert listing.status == ListingStatus.CANCELED and listing.sold == credits(60)
+    # cancel again -> 409; nothing else to buy
+    with pytest.raises(ApplicationError) as exc:
+        listing_cancel(seller=seller, listing_id=listing.pk)
+    assert exc.value.code == "listing_not_open"
+
+
+def test_cancel_then_payment_fails_returns_reserved_credits_to_the_sellers_wallet(
+    fake_stripe, seller, buyer
+):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
+    listing_cancel(seller=seller, listing_id=listing.pk)
+    orders_expire(now=timezone.now() + timedelta(minutes=16))
+    assert organization_balance(organization=seller).available == credits(1000)
+    assert organization_balance(organization=buyer).escrowed == 0
+    assert MarketOrder.objects.get(pk=order.pk).status == OrderStatus.EXPIRED
+
+
+def test_other_organizations_listing_cannot_be_canceled(seller, buyer):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    before = ledger_rows()
+    with pytest.raises(ApplicationError) as exc:
+        listing_cancel(seller=buyer, listing_id=listing.pk)
+    assert exc.value.code == "not_found" and exc.value.status == 404
+    assert ledger_rows() == before
+
+
+# --- expiry -----------------------------------------------------------------------------------
+
+
+def test_credits_expiring_in_escrow_go_to_the_expiry_account_and_end_the_listing(seller):
+    # given: a listing of credits expiring in 2 days
+    short = OrganizationFactory()
+    subscription_credits(short, credits(100), days=2)
+    listing = listing_create(seller=short, quantity=credits(100), price_per_1k=300, currency="usd")
+    expiry_before = system_balance("expiry")
+    # when: three days later
+    assert listings_expire(now=timezone.now() + timedelta(days=3)) == 1
+    # then
+    listing.refresh_from_db()
+    assert listing.status == ListingStatus.EXPIRED
+    balance = organization_balance(organization=short)
+    assert (balance.available, balance.escrowed) == (0, 0)
+    assert system_balance("expiry") - expiry_before == credits(100)
+
+
+def test_cancel_after_expiry_returns_nothing_expired(seller):
+    short = OrganizationFactory()
+    subscription_credits(short, credits(100), days=2)
+    subscription_credits(short, credits(100), days=30)
+    # burn order takes the soonest-expiring lot first: 100 expiring in 2 days + 20 of the other
+    listing = listing_create(seller=short, quantity=credits(120), price_per_1k=300, currency="usd")
+    from unittest import mock
+
+    with mock.patch("django.utils.timezone.now", return_value=timezone.now() + timedelta(days=3)):
+        listing_cancel(seller=short, listing_id=listing.pk)
+    balance = organization_balance(organization=short)
+    assert (balance.available, balance.escrowed) == (credits(100), 0)
+
+
+def test_reserved_credits_that_expire_are_not_delivered_and_the_buyer_is_refunded(
+    fake_stripe, buyer, django_capture_on_commit_callbacks
+):
+    short = OrganizationFactory()
+    subscription_credits(short, credits(100), days=2)
+    listing_create(seller=short, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
+    # when: the payment is applied after the credits expired
+    from gymbilling.market.services import order_pay
+
+    with django_capture_on_commit_callbacks(execute=True):
+        order_pay(
+            order_id=order.pk, payment_intent_id="pi_late", now=timezone.now() + timedelta(days=3)
+        )
+    # then: nothing delivered, all refunded, no proceeds
+    order.refresh_from_db()
+    assert order.shortfall_amount == order.amount_total == 30
+    assert organization_balance(organization=buyer).available == 0
+    assert fake_stripe.refunds == [
+        {
+            "payment_intent": "pi_late",
+            "amount": 30,
+            "metadata": {"market_order": str(order.pk), "reason": "not_delivered"},
+        }
+    ]
+    assert money("buyer_clearing") == 0
+
+
+# --- payouts, fees, reversals -----------------------------------------------------------------
+
+
+def _sold(fake_stripe, seller, buyer, *, quantity=100 * MICRO, price=1234):
+    listing_create(seller=seller, quantity=quantity, price_per_1k=price, currency="usd")
+    order = order_create(buyer=buyer, quantity=quantity, max_price_per_1k=price, currency="usd")
+    market_checkout_handle(order.checkout, paid_session(fake_stripe, order))
+    order.refresh_from_db()
+    return order
+
+
+def test_payout_after_the_holding_period_by_invoice_credit_or_connect_transfer(
+    fake_stripe, seller, buyer
+):
+    # given: 100 credits sold at 12.34 per 1,000 -> 124 (123.4 rounded up), fee 12 (12.4)
+    order = _sold(fake_stripe, seller, buyer)
+    assert order.amount_total == 124
+    fill = order.fills.get()
+    assert (fill.gross, fill.fee) == (124, 12)
+    # not before 7 days
+    assert payouts_run(now=timezone.now() + timedelta(days=6)) == 0
+    assert money("seller_pending", organization=seller) == 112
+    # when: after
+    assert payouts_run(now=timezone.now() + timedelta(days=8)) == 1
+    # then: no Connect account -> a credit on the next invoice
+    payout = MarketPayout.objects.get()
+    assert (payout.method, payout.amount, payout.status) == (
+        PayoutMethod.INVOICE_CREDIT,
+        112,
+        PayoutStatus.SENT,
+    )
+    assert fake_stripe.balance_credits[0]["amount"] == -112
+    assert (
+        money("seller_pending", organization=seller)
+        == money("seller_available", organization=seller)
+        == 0
+    )
+    assert money("payouts") == 112
+    # a second run pays nothing more
+    assert payouts_run(now=timezone.now() + timedelta(days=9)) == 0
+    # a seller with a Connect account is paid by transfer
+    other = OrganizationFactory()
+    BillingCustomer.objects.create(
+        organization=other, stripe_customer_id="cus_other", stripe_connect_account_id="acct_123"
+    )
+    subscription_credits(other, credits(100))
+    _sold(fake_stripe, other, buyer, price=500)
+    payouts_run(now=timezone.now() + timedelta(days=8))
+    assert fake_stripe.transfers[0]["destination"] == "acct_123"
+    assert fake_stripe.transfers[0]["amount"] == 45  # 50 - 5
+
+
+def test_payout_refused_returns_the_proceeds_to_available_and_stripe_down_retries(
+    fake_stripe, seller, buyer
+):
+    BillingCustomer.objects.filter(organization=seller).update(
+        stripe_connect_account_id="acct_gone"
+    )
+    _sold(fake_stripe, seller, buyer)
+    later = timezone.now() + timedelta(days=8)
+    fake_stripe.down = True
+    assert payouts_run(now=later) == 0
+    assert MarketPayout.objects.get().status == PayoutStatus.PENDING
+    fake_stripe.down = False
+    fake_stripe.refuse_transfers = True
+    assert payouts_run(now=later) == 0
+    assert MarketPayout.objects.filter(status=PayoutStatus.FAILED).count() == 1
+    # the next run records a new payout; now it works
+    fake_stripe.refuse_transfers = False
+    assert payouts_run(now=later) == 1
+    assert money("seller_available", organization=seller) == 0
+    assert money("payouts") == 112
+
+
+def test_refund_before_payout_reverses_proceeds_fee_and_credits(fake_stripe, seller, buyer):
+    order = _sold(fake_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
+    # when: the whole charge is refunded
+    assert market_reversal_handle(
+        kind="refund",
+        key=f"refund:ch_{order.pk}:124",
+        charge=charge_for(order, amount_refunded=124),
+        amount=124,
+        cumulative=True,
+    )
+    # then: everything reversed, no loss, the buyer's credits taken back
+    reversal = MarketReversal.objects.get()
+    assert (reversal.amount, reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (
+        124,
+        12,
+        112,
+        0,
+    )
+    assert reversal.credits_clawed_back == credits(100)
+    assert money("seller_pending", organization=seller) == 0
+    assert money("platform_fees") == 0 and money("buyer_clearing") == 0 and money("losses") == 0
+    assert organization_balance(organization=buyer).available == 0
+    assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is not None
+    # replayed event: nothing more
+    market_reversal_handle(
+        kind="refund",
+        key=f"refund:ch_{order.pk}:124",
+        charge=charge_for(order, amount_refunded=124),
+        amount=124,
+        cumulative=True,
+    )
+    assert MarketReversal.objects.count() == 1
+    # nothing left to pay out
+    assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
+
+
+def test_partial_refund_then_dispute_after_payout_records_the_loss(fake_stripe, seller, buyer):
+    order = _sold(fake_stripe, seller, buyer)  # 124, fee 12, net 112
+    # the buyer spends 30 credits
+    from metering.services import credits_adjust
+
+    credits_adjust(organization=buyer, amount=-credits(30), reason="spent", key="spend-30")
+    # given: a partial refund of 62 before payout
+    market_reversal_handle(
+        kind="refund",
+        key=f"refund:ch_{order.pk}:62",
+        charge=charge_for(order, amount_refunded=62),
+        amount=62,
+        cumulative=True,
+    )
+    first = MarketReversal.objects.get()
+    assert (first.fee_reversed, first.seller_reversed, first.loss) == (6, 56, 0)
+    assert first.credits_clawed_back == credits(50)
+    # payout of what remains: 112 - 56
+    payouts_run(now=timezone.now() + timedelta(days=8))
+    assert MarketPayout.objects.get().amount == 56
+    # when: the rest is disputed after payout
+    market_reversal_handle(
+        kind="dispute",
+        key="dispute:dp_1",
+        charge=charge_for(order, amount_refunded=62),
+        amount=62,
+        cumulative=False,
+    )
+    # then: the fee share comes back, the seller's paid-out share is a loss, credits: 20 left
+    second = MarketReversal.objects.get(key="dispute:dp_1")
+    assert (second.fee_reversed, second.seller_reversed, second.loss) == (6, 0, 56)
+    assert (second.credits_clawed_back, second.credits_lost) == (credits(20), credits(30))
+    assert money("losses") == -56
+    assert money("buyer_clearing") == 0  # all 124 went back to the buyer
+    assert money("platform_fees") == 0
+    assert money("payouts") == 56
