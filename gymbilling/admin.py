@@ -157,33 +157,79 @@ from gymbilling.models import (  # noqa: E402
 
 @admin.register(MarketListing)
 class MarketListingAdmin(ReadOnlyAdmin):
-    list_display = ["id", "seller", "price_per_1k", "currency", "quantity", "sold", "status", "created_at"]
+    list_display = [
+        "id",
+        "seller",
+        "price_per_1k",
+        "currency",
+        "quantity",
+        "sold",
+        "status",
+        "created_at",
+    ]
     list_filter = ["status", "currency"]
     search_fields = ["seller__slug"]
 
 
 @admin.register(MarketOrder)
 class MarketOrderAdmin(ReadOnlyAdmin):
-    list_display = ["id", "buyer", "quantity", "amount_total", "currency", "status", "shortfall_amount", "created_at"]
+    list_display = [
+        "id",
+        "buyer",
+        "quantity",
+        "amount_total",
+        "currency",
+        "status",
+        "shortfall_amount",
+        "created_at",
+    ]
     list_filter = ["status", "currency"]
     search_fields = ["buyer__slug", "stripe_payment_intent_id"]
 
 
 @admin.register(MarketFill)
 class MarketFillAdmin(ReadOnlyAdmin):
-    list_display = ["id", "order", "listing", "seller", "quantity", "gross", "fee", "refunded", "status", "proceeds"]
+    list_display = [
+        "id",
+        "order",
+        "listing",
+        "seller",
+        "quantity",
+        "gross",
+        "fee",
+        "refunded",
+        "status",
+        "proceeds",
+    ]
     list_filter = ["status", "proceeds"]
 
 
 @admin.register(MarketPayout)
 class MarketPayoutAdmin(ReadOnlyAdmin):
-    list_display = ["id", "seller", "amount", "currency", "method", "status", "stripe_object_id", "created_at"]
+    list_display = [
+        "id",
+        "seller",
+        "amount",
+        "currency",
+        "method",
+        "status",
+        "stripe_object_id",
+        "created_at",
+    ]
     list_filter = ["status", "method"]
 
 
 @admin.register(MarketReversal)
 class MarketReversalAdmin(ReadOnlyAdmin):
-    list_display = ["key", "order", "amount", "fee_reversed", "seller_reversed", "loss", "credits_lost"]
+    list_display = [
+        "key",
+        "order",
+        "amount",
+        "fee_reversed",
+        "seller_reversed",
+        "loss",
+        "credits_lost",
+    ]
 
 
 @admin.register(MoneyAccount)
