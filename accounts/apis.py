@@ -1,6 +1,8 @@
-"""The partner REST API for identity: me, keys, members, invitations, audit."""
+"""The partner REST API for identity: me, keys, members, invitations, audit, webhook secret."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema, inline_serializer
@@ -33,6 +35,8 @@ from accounts.services import (
     membership_add,
     membership_remove,
     membership_set_role,
+    webhook_secret_reveal,
+    webhook_secret_rotate,
 )
 
 
@@ -393,4 +397,75 @@ class AuditEventListApi(OrgApiView):
     def get(self, request):
         return paginate(
             self, organization_audit_events(organization=request.organization), AuditEventOutput
+        )
+
+
+# --- webhook signing secret ------------------------------------------------------------
+
+
+class WebhookSecretOutput(serializers.Serializer):
+    secret = serializers.CharField(
+        help_text="whsec_...: verify the Gym-Signature header of our webhooks with it"
+    )
+    created_at = serializers.DateTimeField()
+    rotated_at = serializers.DateTimeField(allow_null=True)
+    previous_expires_at = serializers.DateTimeField(
+        allow_null=True,
+        help_text="until then webhooks are signed with the previous secret as well",
+    )
+
+
+def _secret_response(revealed) -> Response:
+    response = Response(WebhookSecretOutput(revealed).data)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+class WebhookSecretApi(OrgApiView):
+    """The secret that signs the webhooks we send (job callbacks), created on first read."""
+
+    required_scope = Scope.ADMIN
+    allowed_roles = MANAGERS
+
+    @extend_schema(responses=WebhookSecretOutput, summary="The webhook signing secret")
+    def get(self, request):
+        return _secret_response(
+            webhook_secret_reveal(
+                organization=request.organization,
+                actor=acting_user(request),
+                actor_key=acting_key(request),
+            )
+        )
+
+
+class WebhookSecretRotateApi(OrgApiView):
+    required_scope = Scope.ADMIN
+    allowed_roles = MANAGERS
+
+    class Input(StrictSerializer):
+        class Meta:
+            ref_name = "WebhookSecretRotateInput"
+
+        previous_valid_for_seconds = serializers.IntegerField(
+            min_value=0,
+            max_value=86_400,
+            default=0,
+            help_text="keep signing with the old secret too for this long (default: stop at once)",
+        )
+
+    @extend_schema(
+        request=Input, responses=WebhookSecretOutput, summary="Rotate the webhook signing secret"
+    )
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        return _secret_response(
+            webhook_secret_rotate(
+                organization=request.organization,
+                previous_valid_for=timedelta(
+                    seconds=data.validated_data["previous_valid_for_seconds"]
+                ),
+                actor=acting_user(request),
+                actor_key=acting_key(request),
+            )
         )

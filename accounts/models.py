@@ -236,3 +236,25 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.organization_id}:{self.key}"
+
+
+class WebhookSecret(models.Model):
+    """An organization's `whsec_...` secret, which signs the webhooks we send it.
+
+    Unlike an API key it must be read back to sign, so it is stored encrypted
+    (Fernet; accounts.services.webhook_secrets), never in the clear. After a
+    rotation the previous secret may keep signing, beside the new one, until
+    `previous_expires_at`, so receivers can switch without dropping events.
+    """
+
+    organization = models.OneToOneField(
+        Organization, on_delete=models.CASCADE, related_name="webhook_secret"
+    )
+    secret_sealed = models.BinaryField()
+    previous_sealed = models.BinaryField(null=True, blank=True)
+    previous_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    rotated_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"webhook secret of {self.organization_id}"

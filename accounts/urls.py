@@ -19,4 +19,10 @@ urlpatterns = [
     ),
     path("invitations/accept", apis.InvitationAcceptApi.as_view(), name="invitation-accept"),
     path("audit", apis.AuditEventListApi.as_view(), name="audit"),
+    path("webhooks/secret", apis.WebhookSecretApi.as_view(), name="webhook-secret"),
+    path(
+        "webhooks/secret/rotate",
+        apis.WebhookSecretRotateApi.as_view(),
+        name="webhook-secret-rotate",
+    ),
 ]

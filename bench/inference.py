@@ -35,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench import api
+from bench import api, harness
 from bench.harness import _percentile_ms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/gymbilling_bench_inf"
 # A Redis database nothing else uses (the app: 0 and 1, the API bench: 4, the
 # tests: 14 and 15); broker, results, rate limits and the relay all in it,
 # flushed at the start of each run.
-REDIS_URL = "redis://127.0.0.1:6379/8"
+REDIS_URL = os.environ.get("BENCH_INF_REDIS_URL", "redis://127.0.0.1:6379/8")
 HOST = api.HOST
 MODEL = "gym-tiny"
 MAX_TOKENS = 16
@@ -64,6 +64,16 @@ TARGET_RATE_16 = 150.0
 
 
 # --- setup ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """The shape of the worker and of gunicorn (bench/run.py --inf-* flags)."""
+
+    pool: str = "threads"
+    concurrency: int = 16
+    server_workers: int = api.WORKERS
+    server_threads: int = api.THREADS
 
 
 def _environment(url: str) -> None:
@@ -138,20 +148,30 @@ def seed(grpc_url: str) -> Seed:
 
 
 class Worker:
-    """`celery -A gymbilling worker` on the bench database and Redis, as tests/conftest.py starts it."""
+    """`celery -A gymbilling worker` on the bench database and Redis."""
 
-    def __init__(self) -> None:
+    def __init__(self, url: str, pool: str = "prefork", concurrency: int = 2) -> None:
         self.node = f"bench-{uuid.uuid4().hex[:8]}"
+        self.url = url
         self.command = [
             sys.executable, "-m", "celery", "-A", "gymbilling", "worker",
-            "--pool=prefork", "--concurrency=2", "--loglevel=WARNING",
+            f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=WARNING",
             "-n", f"{self.node}@%h", "-Q", QUEUES,
         ]  # fmt: skip
         self.log = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test"}
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test",
+            # Persistent database connections, as gunicorn gets them (see
+            # gymbilling/celery.py). With CONN_MAX_AGE 0, Django's default, a
+            # worker opens a PostgreSQL connection for every task, and the new
+            # backend's empty catalog caches and unprepared statements cost
+            # about 8 ms per job here.
+            "DATABASE_URL": api._with_query(self.url, conn_max_age=api.CONN_MAX_AGE),
+        }
         self.proc = subprocess.Popen(
             self.command,
             cwd=ROOT,
@@ -202,6 +222,13 @@ class Row:
     errors: int = 0
     first_error: str = ""
     output_tokens: int = 0  # what the clients were told, warm-up included
+    # Per measured non-streamed request: wall-clock send and receive times and
+    # the job id (X-Gym-Job-Id), for the stage breakdown (job_stages).
+    jobs: list[tuple[float, float, str]] = field(default_factory=list)
+    # CPU ms per measured request, per part of the path (CpuMeter), and the
+    # CPUs' worth everything else on the machine used meanwhile.
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    other_cpus: float = math.nan
 
     @property
     def p50_ms(self) -> float:
@@ -306,6 +333,14 @@ async def _stream_response(reader: asyncio.StreamReader) -> tuple[int, float | N
     return status, first, tokens
 
 
+def _job_id(head: bytes) -> str:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"x-gym-job-id":
+            return value.strip().decode()
+    return ""
+
+
 async def _client(port: int, key: str, row: Row, window: tuple[float, float], stream: bool, n):
     measure_from, stop_at = window
     reader, writer = await asyncio.open_connection(HOST, port)
@@ -313,6 +348,8 @@ async def _client(port: int, key: str, row: Row, window: tuple[float, float], st
         while time.perf_counter() < stop_at:
             request = _request(port, key, next(n), stream)
             started = time.perf_counter()
+            sent_at = time.time()
+            job_id = ""
             writer.write(request)
             try:
                 if stream:
@@ -321,8 +358,9 @@ async def _client(port: int, key: str, row: Row, window: tuple[float, float], st
                     if status != 200 or tokens is None:
                         raise ValueError(f"status {status}, usage {tokens}")
                 else:
-                    status, _, body, close = await api._read_response(reader)
+                    status, head, body, close = await api._read_response(reader)
                     ended = time.perf_counter()
+                    job_id = _job_id(head)
                     if status != 200:
                         raise ValueError(f"status {status}: {body[:300]!r}")
                     tokens = _usage_tokens(json.loads(body).get("usage"))
@@ -339,15 +377,74 @@ async def _client(port: int, key: str, row: Row, window: tuple[float, float], st
             # has no first token: served and billed, but without a latency.
             if ended is not None and started >= measure_from and time.perf_counter() <= stop_at:
                 row.latencies.append(ended - started)
+                if job_id:
+                    row.jobs.append((sent_at, sent_at + (ended - started), job_id))
     finally:
         writer.close()
 
 
+class CpuMeter:
+    """CPU time (the scheduler's runtime, /proc) of each part of the path, and of the machine.
+
+    Parts: gunicorn, the Celery worker, Triton (server and Python-backend stubs),
+    the PostgreSQL backends of the bench database, and Redis (the machine's one
+    server: anything else using it counts too). The processes are looked up at
+    each sample, so worker processes and backends started meanwhile count.
+    """
+
+    def __init__(self, *, gunicorn: int, worker: int, triton: int, dbname: str) -> None:
+        self.roots = {"gunicorn": gunicorn, "worker": worker, "Triton": triton}
+        self.dbname = dbname
+
+    def sample(self) -> tuple[dict[str, int], int]:
+        parts = {name: _tree(pid) for name, pid in self.roots.items()}
+        parts["PostgreSQL"] = api._backend_pids(self.dbname)
+        parts["Redis"] = api._redis_pids()
+        used = {
+            name: sum(api._runtime_ns(pid) or 0 for pid in pids) for name, pids in parts.items()
+        }
+        return used, harness._busy_ticks()
+
+
+def _tree(root: int) -> set[int]:
+    """A process and all its descendants."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = {root}, [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
 def http_window(
-    port: int, key: str, clients: int, warmup_s: float, duration_s: float, stream: bool = False
+    port: int,
+    key: str,
+    clients: int,
+    warmup_s: float,
+    duration_s: float,
+    stream: bool = False,
+    cpu: CpuMeter | None = None,
 ) -> Row:
     row = Row("stream" if stream else "http", clients, duration_s=duration_s)
     counter = iter(range(10**9))
+
+    async def meter(measure_from: float) -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        first, busy0 = cpu.sample()
+        await asyncio.sleep(duration_s)
+        last, busy1 = cpu.sample()
+        served = max(1, len(row.latencies))
+        row.cpu_ms = {name: (last[name] - first[name]) / 1e6 / served for name in first}
+        ours = sum(last[name] - first[name] for name in first) / 1e9
+        row.other_cpus = max(0.0, (busy1 - busy0) / harness._TICKS - ours) / duration_s
 
     async def run() -> None:
         measure_from = time.perf_counter() + warmup_s
@@ -356,6 +453,8 @@ def http_window(
             asyncio.create_task(_client(port, key, row, window, stream, counter))
             for _ in range(clients)
         ]
+        if cpu is not None:
+            tasks.append(asyncio.create_task(meter(measure_from)))
         done, pending = await asyncio.wait(tasks, timeout=warmup_s + duration_s + 30)
         for task in pending:
             task.cancel()
@@ -379,6 +478,9 @@ class Result:
     stream: Row | None
     billing: dict[str, object]
     timings: dict[str, float]
+    config: Config
+    url: str
+    stages: list[tuple[str, str, float, float]]
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -389,8 +491,81 @@ def _log_row(log, row: Row) -> None:
     log(
         f"{row.name:>6} x{row.clients:<2}: {len(row.latencies)} measured, "
         f"{row.rate:7.1f}/s p50 {row.p50_ms:7.2f} ms p99 {row.p99_ms:7.2f} ms, "
-        f"errors {row.errors}" + (f" (first: {row.first_error[:300]})" if row.first_error else "")
+        f"errors {row.errors}"
+        + (f", CPU ms/request {_cpu_text(row)}" if row.cpu_ms else "")
+        + (f" (first: {row.first_error[:300]})" if row.first_error else "")
     )
+
+
+# Where one request's time goes, from the Job row's own timestamps (written by
+# the API process and the worker on this machine's clock) and the client's.
+STAGES = (
+    (
+        "API: request in to job row written",
+        "gunicorn, API key, rate limits, model and price read, token and concurrency "
+        "reservations in Redis, hold placed, Job row inserted (`queued_at`)",
+    ),
+    (
+        "dispatch: job row written to job started",
+        "commit, `apply_async` after commit, the message through Redis, a worker thread "
+        "takes it, loads the job and marks it running (`started_at`)",
+    ),
+    (
+        "engine: the Triton call",
+        "the job's `engine_ms`, measured in the worker around the gRPC call",
+    ),
+    (
+        "worker around the engine, settlement included",
+        "`started_at` to `finished_at` less the engine: pool lookup, then the settlement "
+        "transaction (job row locked, hold captured, usage record, job row updated)",
+    ),
+    (
+        "relay: settled to response read",
+        "commit, reservations released, balance read, result published to the job's "
+        "Redis stream, the waiting API thread wakes (XREAD BLOCK), response written and read",
+    ),
+)
+
+
+def job_stages(row: Row) -> list[tuple[str, str, float, float]]:
+    """(stage, what, p50 ms, mean ms) over the row's measured requests."""
+    from inference.models import Job
+
+    jobs = {
+        j.public_id: j
+        for j in Job.objects.filter(public_id__in=[job_id for _, _, job_id in row.jobs])
+    }
+    spans: list[list[float]] = [[] for _ in STAGES]
+    for sent, received, job_id in row.jobs:
+        job = jobs.get(job_id)
+        if job is None or job.started_at is None or job.finished_at is None:
+            continue
+        queued, started = job.queued_at.timestamp(), job.started_at.timestamp()
+        finished, engine = job.finished_at.timestamp(), job.engine_ms / 1000
+        for i, span in enumerate(
+            (
+                queued - sent,
+                started - queued,
+                engine,
+                finished - started - engine,
+                received - finished,
+            )
+        ):
+            spans[i].append(span)
+    return [
+        (
+            name,
+            what,
+            _percentile_ms(values, 50),
+            1000 * sum(values) / len(values) if values else math.nan,
+        )
+        for (name, what), values in zip(STAGES, spans, strict=True)
+    ]
+
+
+def _cpu_text(row: Row) -> str:
+    parts = " + ".join(f"{name} {ms:.1f}" for name, ms in row.cpu_ms.items())
+    return f"{parts} = {sum(row.cpu_ms.values()):.1f}"
 
 
 def billing_check(rows: list[Row]) -> dict[str, object]:
@@ -418,7 +593,14 @@ def billing_check(rows: list[Row]) -> dict[str, object]:
     }
 
 
-def measure(url: str, *, warmup_s: float, duration_s: float, log: Callable[[str], None]) -> Result:
+def measure(
+    url: str,
+    *,
+    warmup_s: float,
+    duration_s: float,
+    config: Config,
+    log: Callable[[str], None],
+) -> Result:
     from inference.engine.server import TritonDevServer
 
     timings = {"load_before": os.getloadavg()[0]}
@@ -429,8 +611,10 @@ def measure(url: str, *, warmup_s: float, duration_s: float, log: Callable[[str]
     api.redis_flush()
     previous = signal.signal(signal.SIGTERM, _terminate)
     triton = TritonDevServer()
-    worker = Worker()
-    server = api.Server(url, api.ServerConfig(api.WORKERS, api.THREADS, api.CONN_MAX_AGE))
+    worker = Worker(url, config.pool, config.concurrency)
+    server = api.Server(
+        url, api.ServerConfig(config.server_workers, config.server_threads, api.CONN_MAX_AGE)
+    )
     try:
         triton.start()
         log(f"tritonserver ready (grpc {triton.grpc_url}) in {triton.ready_seconds:.1f} s")
@@ -448,9 +632,15 @@ def measure(url: str, *, warmup_s: float, duration_s: float, log: Callable[[str]
         _log_row(log, floor_row)
         triton_row = direct(triton.grpc_url, seed_.prompt)
         _log_row(log, triton_row)
+        cpu = CpuMeter(
+            gunicorn=server.proc.pid,
+            worker=worker.proc.pid,
+            triton=triton.process.pid,
+            dbname=urlsplit(url).path.lstrip("/"),
+        )
         http_rows = []
         for clients in CLIENTS:
-            row = http_window(server.port, seed_.api_key, clients, warmup_s, duration_s)
+            row = http_window(server.port, seed_.api_key, clients, warmup_s, duration_s, cpu=cpu)
             _log_row(log, row)
             http_rows.append(row)
         stream_row = http_window(server.port, seed_.api_key, 1, warmup_s, duration_s, stream=True)
@@ -458,6 +648,7 @@ def measure(url: str, *, warmup_s: float, duration_s: float, log: Callable[[str]
         for proc, name in ((server.proc, "gunicorn"), (worker.proc, "celery worker")):
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{name} died during the run")
+        stages = job_stages(next(r for r in http_rows if r.clients == 1))
         billing = billing_check([*http_rows, stream_row])
         log(f"billing: {billing}")
     finally:
@@ -470,7 +661,9 @@ def measure(url: str, *, warmup_s: float, duration_s: float, log: Callable[[str]
         signal.signal(signal.SIGTERM, previous)
     timings["load_after"] = os.getloadavg()[0]
     timings["total"] = time.perf_counter() - started
-    return Result(floor_row, triton_row, http_rows, stream_row, billing, timings)
+    return Result(
+        floor_row, triton_row, http_rows, stream_row, billing, timings, config, url, stages
+    )
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -485,7 +678,7 @@ def _met(ok: bool) -> str:
 
 
 def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, duration_s: float) -> str:
-    fl, tr = result.floor, result.triton
+    fl, tr, cfg = result.floor, result.triton, result.config
     lines = [
         "| path | clients | measured | requests/s | p50 ms | p99 ms | errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -513,6 +706,20 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
             f"| {r.clients} | {_fmt(a50)} | {_fmt(r.p99_ms - tr.p99_ms)} "
             f"| {_fmt(a50 - fl.p50_ms)} |"
         )
+    cpus = os.cpu_count() or 1
+    names = list(result.http[0].cpu_ms) if result.http[0].cpu_ms else []
+    cpu_lines = [
+        f"| clients | {' | '.join(names)} | total | {cpus} CPUs ÷ total: requests/s at most "
+        "| other CPU load |",
+        "| ---: |" + " ---: |" * (len(names) + 3),
+    ]
+    for r in result.http:
+        if r.cpu_ms:
+            total = sum(r.cpu_ms.values())
+            cpu_lines.append(
+                f"| {r.clients} | {' | '.join(_fmt(r.cpu_ms[n]) for n in names)} "
+                f"| {_fmt(total)} | {_fmt(cpus * 1000 / total, 0)} | {_fmt(r.other_cpus)} |"
+            )
     one = next(r for r in result.http if r.clients == 1)
     sixteen = next(r for r in result.http if r.clients == 16)
     over_floor = one.p50_ms - tr.p50_ms - fl.p50_ms
@@ -537,10 +744,13 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         "- Engine: the development Triton server (`inference.engine.server.TritonDevServer`, "
         "the `ensemble` model on CPU), started for the run.",
         "- Worker: `celery -A gymbilling worker -Q "
-        f"{QUEUES} --concurrency 2 --pool prefork`, settings `gymbilling.settings.test`.",
-        f"- Server: gunicorn as in the API benchmark ({api.WORKERS} workers x {api.THREADS} "
-        "threads, gthread, production settings, persistent database connections).",
-        f"- Own database `{urlsplit(DEFAULT_URL).path.lstrip('/')}` (dropped, migrated and "
+        f"{QUEUES} --pool {cfg.pool} --concurrency {cfg.concurrency}`, settings "
+        "`gymbilling.settings.test`, `DATABASE_URL` with `conn_max_age` (persistent "
+        "connections, as gunicorn's).",
+        f"- Server: gunicorn as in the API benchmark but {cfg.server_workers} workers x "
+        f"{cfg.server_threads} threads (gthread, production settings, persistent database "
+        "connections).",
+        f"- Own database `{urlsplit(result.url).path.lstrip('/')}` (dropped, migrated and "
         "seeded through the services: a price book, the catalog as `demo_seed` makes it, one "
         "organization with limits nothing reaches and one inference key) and Redis database "
         f"`{REDIS_URL.rsplit('/', 1)[1]}` (broker, results, limits and relay; flushed).",
@@ -561,6 +771,34 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         "",
         *added,
         "",
+        "### CPU per request",
+        "",
+        "CPU time (the scheduler's runtime, from /proc) each part of the path used in a "
+        "measured window, per request served in it: gunicorn, the Celery worker, the "
+        "PostgreSQL backends of the bench database, Redis (the machine's one server, so "
+        "anything else using it counts too) and Triton (server and Python-backend stubs). "
+        f"Every part shares the same {cpus} CPUs, so {cpus} CPUs' worth of time divided by "
+        "the total is the most requests per second this machine could serve, before any "
+        "waiting. Other CPU load: the CPUs' worth used meanwhile by everything else (other "
+        "people's work on a shared machine, the load generator); well above 0, the rates "
+        "and latencies of that row are lower than this machine can do.",
+        "",
+        *cpu_lines,
+        "",
+        "### Where the time of one request goes (1 client)",
+        "",
+        "From each measured request's Job row (`queued_at`, `started_at`, `engine_ms`, "
+        "`finished_at`, stamped by the API process and the worker) and the client's send and "
+        "receive times, all on this machine's clock. Medians of different stages do not add "
+        "up to the median of the whole; the means do.",
+        "",
+        "| stage | what it covers | p50 ms | mean ms |",
+        "| --- | --- | ---: | ---: |",
+        *(
+            f"| {name} | {what} | {_fmt(p50)} | {_fmt(mean)} |"
+            for name, what, p50, mean in result.stages
+        ),
+        "",
         "### Billing",
         "",
         *(f"- {k}: {v}" for k, v in result.billing.items()),
@@ -573,5 +811,16 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         f"billed: {_fmt(sixteen.rate, 1)} requests/s, "
         f"{'every token billed' if billed else 'billing check failed'} — "
         f"{_met(sixteen.rate >= TARGET_RATE_16 and billed and errors_16)}.",
+        *(
+            [
+                f"  At 16 clients every request cost {_fmt(sum(sixteen.cpu_ms.values()))} ms of "
+                f"CPU across the parts of the path (table above), so {cpus} CPUs serve at most "
+                f"{_fmt(cpus * 1000 / sum(sixteen.cpu_ms.values()), 0)} requests/s, and only with "
+                f"nothing else running; {TARGET_RATE_16:g}/s needs at most "
+                f"{_fmt(cpus * 1000 / TARGET_RATE_16, 1)} ms per request."
+            ]
+            if sixteen.cpu_ms
+            else []
+        ),
     ]
     return "\n".join(out) + "\n"

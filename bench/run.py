@@ -5,12 +5,15 @@ Usage: .venv/bin/python bench/run.py [--only ledger|api|inference] [--no-write]
            [--api-duration S] [--api-rounds N] [--api-warmup S]
            [--workers N] [--threads N] [--conn-max-age S]
            [--no-reuse-port]                                   (api)
-           [--inf-duration S] [--inf-warmup S]                 (inference)
+           [--inf-duration S] [--inf-warmup S] [--inf-pool threads|prefork]
+           [--inf-concurrency N] [--inf-server-workers N]
+           [--inf-server-threads N]                            (inference)
 Without --only it runs every benchmark, the ledger, the API then the
 inference path, each in a process of its own. Each creates, and drops at its
 next run, its own database (`gymbilling_bench`, `gymbilling_bench_api` and
 `gymbilling_bench_inf`, or the ones BENCH_DATABASE_URL, BENCH_API_DATABASE_URL
-and BENCH_INF_DATABASE_URL name); none touches the database DATABASE_URL
+and BENCH_INF_DATABASE_URL name; the inference path its Redis database, 8 or
+BENCH_INF_REDIS_URL); none touches the database DATABASE_URL
 points at.
 """
 
@@ -78,7 +81,15 @@ def api_run(args: argparse.Namespace, log) -> str:
 
 def inference_run(args: argparse.Namespace, log) -> str:
     url = os.environ.get("BENCH_INF_DATABASE_URL", inference.DEFAULT_URL)
-    result = inference.measure(url, warmup_s=args.inf_warmup, duration_s=args.inf_duration, log=log)
+    config = inference.Config(
+        pool=args.inf_pool,
+        concurrency=args.inf_concurrency,
+        server_workers=args.inf_server_workers,
+        server_threads=args.inf_server_threads,
+    )
+    result = inference.measure(
+        url, warmup_s=args.inf_warmup, duration_s=args.inf_duration, config=config, log=log
+    )
     return inference.markdown(
         result=result,
         machine_rows=report.machine(ledger.pg_settings(url)),
@@ -146,6 +157,30 @@ def main() -> int:
     )
     inf_args.add_argument(
         "--inf-warmup", type=float, default=2.0, help="seconds of warm-up before each window"
+    )
+    inf_args.add_argument(
+        "--inf-pool",
+        choices=("threads", "prefork"),
+        default=inference.Config.pool,
+        help="the Celery worker's pool",
+    )
+    inf_args.add_argument(
+        "--inf-concurrency",
+        type=int,
+        default=inference.Config.concurrency,
+        help="the Celery worker's concurrency (threads or processes)",
+    )
+    inf_args.add_argument(
+        "--inf-server-workers",
+        type=int,
+        default=inference.Config.server_workers,
+        help="gunicorn worker processes",
+    )
+    inf_args.add_argument(
+        "--inf-server-threads",
+        type=int,
+        default=inference.Config.server_threads,
+        help="threads per gunicorn worker",
     )
     args = parser.parse_args()
 

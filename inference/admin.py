@@ -1,8 +1,8 @@
-"""The model catalog is edited here by staff; jobs are read-only records."""
+"""The model catalog is edited here by staff; jobs and their callbacks are read-only records."""
 
 from django.contrib import admin
 
-from inference.models import CatalogModel, DedicatedCapacity, Job, ServerPool
+from inference.models import CatalogModel, DedicatedCapacity, Job, JobCallback, ServerPool
 
 
 @admin.register(ServerPool)
@@ -50,6 +50,34 @@ class JobAdmin(admin.ModelAdmin):
     list_filter = ["status", "priority"]
     search_fields = ["public_id", "organization__slug"]
     list_select_related = ["organization", "model"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(JobCallback)
+class JobCallbackAdmin(admin.ModelAdmin):
+    list_display = [
+        "event_id",
+        "organization",
+        "event_type",
+        "status",
+        "attempts",
+        "last_status_code",
+        "next_attempt_at",
+        "delivered_at",
+    ]
+    list_filter = ["status", "event_type"]
+    search_fields = ["event_id", "job__public_id", "organization__slug"]
+    list_select_related = ["organization"]
+    # The body is the event as sent; the URL may carry the customer's own tokens.
+    exclude = ["body"]
 
     def has_add_permission(self, request, obj=None):
         return False

@@ -24,6 +24,7 @@ from rest_framework.response import Response
 from accounts.api_base import OrgApiView, StrictSerializer, acting_key
 from accounts.errors import ApplicationError, error_body
 from accounts.models import Scope
+from inference.callback_client import callback_url_validate
 from inference.models import CatalogModel, Job
 from inference.relay import relay_cancel, relay_events
 from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
@@ -120,13 +121,13 @@ class _GenerationApi(OrgApiView):
     kind = "chat"
 
     def submit(self, request, data: dict) -> Job:
-        model = CatalogModel.objects.filter(name=data["model"]).first()
-        prompt = self.prompt(data, model) if model else ""
         return job_submit(
             organization=request.organization,
             api_key=acting_key(request),
             model_name=data["model"],
-            prompt=prompt,
+            # Rendered with the model job_submit resolves (and checks), so the
+            # catalog is read once per request.
+            prompt=lambda model: self.prompt(data, model),
             params=SubmitParams(
                 max_tokens=data.get("max_completion_tokens") or data.get("max_tokens"),
                 temperature=data.get("temperature"),
@@ -137,6 +138,7 @@ class _GenerationApi(OrgApiView):
             priority=data["priority"],
             kind=self.kind,
             stream=data["stream"],
+            callback_url=data.get("callback_url", ""),
         )
 
     def post(self, request):
@@ -387,6 +389,16 @@ class JobListCreateApi(_GenerationApi):
 
         messages = _Message(many=True, allow_empty=False, max_length=512, required=False)
         prompt = serializers.CharField(max_length=200_000, trim_whitespace=False, required=False)
+        callback_url = serializers.CharField(
+            required=False,
+            allow_blank=True,
+            trim_whitespace=False,
+            help_text="https URL of a public host, at most 2048 characters: it receives a "
+            "webhook signed with your webhook secret (GET /api/v1/webhooks/secret) when the job ends.",
+        )
+
+        def validate_callback_url(self, value):
+            return callback_url_validate(value) if value else ""
 
         def validate(self, attrs):
             if ("messages" in attrs) == ("prompt" in attrs):

@@ -137,7 +137,8 @@ class Job(models.Model):
     prompt = models.TextField(blank=True)
     # Kept for asynchronous jobs, which are read back later.
     output = models.TextField(blank=True)
-    callback_url = models.URLField(blank=True)
+    # Where a signed webhook goes when the job ends (inference.services.callbacks).
+    callback_url = models.URLField(max_length=2048, blank=True)
     hold_amount = models.BigIntegerField()
     queued_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -158,3 +159,53 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return self.public_id
+
+
+class CallbackStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    DELIVERED = "delivered", "Delivered"
+    FAILED = "failed", "Failed"
+
+
+class JobCallback(models.Model):
+    """The outbox row of a job's webhook: written in the transaction that ends the job.
+
+    So a callback is never lost between the job's end and its delivery: a
+    lost Celery message, a worker that dies mid-delivery, a receiver that is
+    down are all retried from this row (inference.services.callbacks). Its
+    event id and body are fixed when written; every attempt sends the same.
+    """
+
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, related_name="callback")
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.CASCADE, related_name="+"
+    )
+    event_id = models.CharField(max_length=40, unique=True)
+    event_type = models.CharField(max_length=32)
+    url = models.URLField(max_length=2048)
+    body = models.TextField(help_text="the exact JSON sent (and signed) on every attempt")
+    status = models.CharField(
+        max_length=16, choices=CallbackStatus.choices, default=CallbackStatus.PENDING
+    )
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # Due time of the next attempt while pending; during an attempt, the end of
+    # its lease (a worker that died mid-attempt is retried after it). Null once final.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            # The sweep's query: pending callbacks that are due.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(status="pending"),
+                name="job_callback_due",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} ({self.status})"

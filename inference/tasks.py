@@ -5,6 +5,19 @@ that dies mid-job hands the task back (acks late, reject on worker lost);
 the redelivered task runs the generation again and the job settles once,
 because its hold is keyed by the job id and the settlement checks the job's
 status under its row lock.
+
+A job is mostly waiting (on Triton, PostgreSQL, Redis), so an inference worker
+may run many at once in threads (`--pool threads --concurrency 16`, as
+docs/BENCHMARKS.md measures) rather than one per process. Nothing here is
+shared between jobs but thread-safe clients (the Triton pool, the Redis pool;
+Django gives each thread its own database connection), and each settlement is
+its own transaction under the job's and the hold's row locks, so neighbours
+cannot double-settle (tests/reliability/test_inference_faults.py runs its crowd
+on such a worker). The price of threads: "reject on worker lost" needs the
+prefork pool. A prefork child that dies hands its task back at once; a threads
+worker that dies hands its tasks back when the broker's visibility timeout
+expires (kombu's Redis transport: one hour by default), and they settle once
+then, as above.
 """
 
 from __future__ import annotations
@@ -21,17 +34,22 @@ from inference.models import TERMINAL, Job, JobStatus
 from inference.relay import relay_cancelled, relay_publish
 from inference.selectors import pool_for_job
 from inference.services import job_settle, job_start
+from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
 from inference.services.jobs import Outcome
 from metering.selectors import organization_balance
 
 logger = logging.getLogger(__name__)
 
 
-@shared_task(acks_late=True, reject_on_worker_lost=True)
+# ignore_result: the answer travels through the relay (and the Job row), never
+# through Celery's result backend; storing it would cost the worker a write and
+# the API process a result subscription per job, for a result nobody reads.
+@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def job_run(job_pk: int, prompt: str) -> str:
-    job = Job.objects.select_related("model", "organization", "model_price__price_book").get(
-        pk=job_pk
-    )
+    # Everything the run and the settlement read, in one query.
+    job = Job.objects.select_related(
+        "model__pool", "organization", "model_price__price_book", "api_key"
+    ).get(pk=job_pk)
     if job.status in TERMINAL or not job_start(job=job):
         return job.status
     params = job.params
@@ -66,6 +84,7 @@ def job_run(job_pk: int, prompt: str) -> str:
             output_tokens=result.output_tokens,
             engine_ms=result.engine_ms,
             finish_reason=result.finish_reason,
+            first_token_at=first_token[0] if first_token else None,
         )
         status = JobStatus.CANCELED if result.finish_reason == "cancelled" else JobStatus.SUCCEEDED
     except triton.TritonError as exc:
@@ -79,12 +98,9 @@ def job_run(job_pk: int, prompt: str) -> str:
             finish_reason="error",
             error_code=exc.code,
             error_message=str(exc),
+            first_token_at=first_token[0] if first_token else None,
         )
         status = JobStatus.FAILED
-    if first_token:
-        Job.objects.filter(pk=job.pk, first_token_at__isnull=True).update(
-            first_token_at=first_token[0]
-        )
     job = job_settle(job=job, outcome=outcome, status=status)
     remaining = organization_balance(organization=job.organization).available
     event = {
@@ -109,3 +125,16 @@ def _close_triton_streams(**_kwargs) -> None:
     # An open gRPC stream keeps a Triton server from shutting down; let go of
     # ours when the worker process exits.
     triton.close_pools()
+
+
+# --- job callbacks (inference.services.callbacks) ----------------------------------
+# Safe to run twice: a delivery claims its row first, so a duplicate finds
+# nothing due. Retries live in the row (next_attempt_at), not in Celery.
+@shared_task(ignore_result=True)
+def job_callback_deliver_task(callback_id: int) -> None:
+    job_callback_deliver(callback_id=callback_id)
+
+
+@shared_task(ignore_result=True)
+def job_callbacks_sweep_task() -> int:
+    return job_callbacks_sweep()

@@ -12,6 +12,11 @@ from accounts.services.organizations import (
     organization_entitlements_set,
     user_signup,
 )
+from accounts.services.webhook_secrets import (
+    webhook_secret_reveal,
+    webhook_secret_rotate,
+    webhook_signing_secrets,
+)
 
 __all__ = [
     "apikey_authenticate",
@@ -26,4 +31,7 @@ __all__ = [
     "organization_create",
     "organization_entitlements_set",
     "user_signup",
+    "webhook_secret_reveal",
+    "webhook_secret_rotate",
+    "webhook_signing_secrets",
 ]

@@ -175,6 +175,31 @@ LOGGING = {
 # --- Inference ---------------------------------------------------------------
 # How long a synchronous API request waits for its job before answering 504.
 INFERENCE_TIMEOUT_SECONDS = env.int("INFERENCE_TIMEOUT_SECONDS", default=120)
+# Job callbacks (inference.services.callbacks): a signed webhook when an
+# asynchronous job ends. Each attempt may take this long in all.
+INFERENCE_CALLBACK_TIMEOUT_SECONDS = env.float("INFERENCE_CALLBACK_TIMEOUT_SECONDS", default=10.0)
+# The wait after each failed attempt (seconds); one more attempt than delays,
+# then the callback is marked failed. Default: 8 attempts over about 20 hours.
+INFERENCE_CALLBACK_RETRY_SCHEDULE_SECONDS = [
+    int(s)
+    for s in env.list(
+        "INFERENCE_CALLBACK_RETRY_SCHEDULE_SECONDS",
+        default=["10", "60", "300", "1800", "7200", "21600", "43200"],
+    )
+]
+# How often beat queues the callbacks that are due (and any lost on the way).
+INFERENCE_CALLBACK_SWEEP_SECONDS = env.int("INFERENCE_CALLBACK_SWEEP_SECONDS", default=10)
+# Lets callback URLs name loopback (127.0.0.1, ::1, localhost), over http too:
+# for local receivers in development and tests. DEBUG allows it as well.
+INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = env.bool(
+    "INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK", default=False
+)
+CELERY_BEAT_SCHEDULE |= {
+    "inference-callbacks-sweep": {
+        "task": "inference.tasks.job_callbacks_sweep_task",
+        "schedule": timedelta(seconds=INFERENCE_CALLBACK_SWEEP_SECONDS),
+    },
+}
 
 # --- Redis (rate limits, counters) ---------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/1")

@@ -11,3 +11,6 @@ EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/15")
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=CELERY_BROKER_URL)
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/14")
+# Job callbacks go to receivers the tests run on 127.0.0.1, which answer at once.
+INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = True
+INFERENCE_CALLBACK_TIMEOUT_SECONDS = env.float("INFERENCE_CALLBACK_TIMEOUT_SECONDS", default=2.0)

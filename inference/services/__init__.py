@@ -1,5 +1,18 @@
 """Every write of the inference app."""
 
+from inference.services.callbacks import (
+    job_callback_deliver,
+    job_callback_record,
+    job_callbacks_sweep,
+)
 from inference.services.jobs import job_cancel, job_settle, job_start, job_submit
 
-__all__ = ["job_cancel", "job_settle", "job_start", "job_submit"]
+__all__ = [
+    "job_callback_deliver",
+    "job_callback_record",
+    "job_callbacks_sweep",
+    "job_cancel",
+    "job_settle",
+    "job_start",
+    "job_submit",
+]

@@ -9,7 +9,9 @@ written, and the Celery task is enqueued after commit on its priority's queue.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import ROUND_CEILING, Decimal
 
 from django.db import transaction
@@ -24,8 +26,9 @@ from accounts.ratelimits import (
     rate_limit_consume,
     rate_limit_refund,
 )
-from inference.models import TERMINAL, Job, JobStatus
+from inference.models import TERMINAL, CatalogModel, Job, JobStatus
 from inference.selectors import catalog_model_resolve
+from inference.services.callbacks import job_callback_record
 from metering.models import Priority
 from metering.selectors import model_price
 from metering.services import (
@@ -116,13 +119,18 @@ def job_submit(
     organization: Organization,
     api_key: ApiKey | None,
     model_name: str,
-    prompt: str,
+    prompt: str | Callable[[CatalogModel], str],
     params: SubmitParams,
     priority: str = Priority.STANDARD,
     kind: str = "chat",
     stream: bool = False,
     callback_url: str = "",
 ) -> Job:
+    """Hold the worst case, write the Job, enqueue it after commit.
+
+    `prompt` is the text, or a function that renders it for the resolved
+    model (a chat template), called once the model has passed every check.
+    """
     if organization.standing == Standing.SUSPENDED:
         raise ApplicationError(
             code="subscription_past_due",
@@ -143,6 +151,8 @@ def job_submit(
             status=403,
             param="priority",
         )
+    if callable(prompt):
+        prompt = prompt(model)
     max_tokens = _max_tokens(model, params.max_tokens)
     price = model_price(model_name=model.name)
     bound = prompt_token_bound(prompt)
@@ -202,13 +212,22 @@ def job_submit(
 
 
 def job_start(*, job: Job) -> bool:
-    """Mark a queued job running. False if it already ended (a redelivered task)."""
+    """Mark a queued job running. False if it already ended (a redelivered task).
+
+    A job already running is a redelivery of a task whose worker died: it runs
+    again, and the settlement still happens once (job_settle). The object keeps
+    its related rows (model, organization, price) as they were loaded: only the
+    two fields this writes are read back, and only when the update lost a race.
+    """
     now = timezone.now()
     updated = Job.objects.filter(pk=job.pk, status=JobStatus.QUEUED).update(
         status=JobStatus.RUNNING, started_at=now
     )
-    job.refresh_from_db()
-    return job.status == JobStatus.RUNNING or bool(updated)
+    if updated:
+        job.status, job.started_at = JobStatus.RUNNING, now
+        return True
+    job.refresh_from_db(fields=["status", "started_at"])
+    return job.status == JobStatus.RUNNING
 
 
 def serving_cost(*, engine_ms: int, gpu_hour_cost: int, tensor_parallel: int) -> int:
@@ -229,6 +248,7 @@ class Outcome:
     finish_reason: str = ""
     error_code: str = ""
     error_message: str = ""
+    first_token_at: datetime | None = None  # when the first streamed token arrived
 
 
 def job_settle(*, job: Job, outcome: Outcome, status: str) -> Job:
@@ -283,22 +303,31 @@ def job_settle(*, job: Job, outcome: Outcome, status: str) -> Job:
             serving_cost=cost,
             currency=job.model.currency,
         )
-        Job.objects.filter(pk=job.pk).update(
-            status=status,
-            finished_at=timezone.now(),
-            input_tokens=outcome.input_tokens,
-            cached_input_tokens=outcome.cached_input_tokens,
-            output_tokens=outcome.output_tokens,
-            engine_ms=outcome.engine_ms,
-            credits_charged=charge,
-            serving_cost=cost,
-            finish_reason=outcome.finish_reason,
-            error_code=outcome.error_code,
-            error_message=outcome.error_message[:500],
-            output=outcome.text if not job.stream and job.kind == "async" else "",
-        )
+        written = {
+            "status": status,
+            "finished_at": timezone.now(),
+            "input_tokens": outcome.input_tokens,
+            "cached_input_tokens": outcome.cached_input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "engine_ms": outcome.engine_ms,
+            "credits_charged": charge,
+            "serving_cost": cost,
+            "finish_reason": outcome.finish_reason,
+            "error_code": outcome.error_code,
+            "error_message": outcome.error_message[:500],
+            "output": outcome.text if not job.stream and job.kind == "async" else "",
+        }
+        if outcome.first_token_at is not None and locked.first_token_at is None:
+            written["first_token_at"] = outcome.first_token_at
+        Job.objects.filter(pk=job.pk).update(**written)
+        # Its webhook, if asked for, in the same transaction (an outbox row).
+        job_callback_record(job=job, status=status)
     _release_reservations(job=job, used_tokens=outcome.input_tokens + outcome.output_tokens)
-    job.refresh_from_db()
+    # The row now holds exactly what was written: set it on the object rather
+    # than read it back, which would also drop the related rows loaded with it
+    # (the caller reads job.organization next).
+    for name, value in written.items():
+        setattr(job, name, value)
     return job
 
 

@@ -11,6 +11,7 @@ suite's autouse fixture checks it after every test as well).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -215,8 +216,29 @@ def test_an_engine_killed_mid_stream_charges_exactly_the_tokens_delivered(
 # -- 3. many requests on credits for a few -------------------------------------------
 
 
+@pytest.fixture(params=["session worker", "threads worker"])
+def crowd_worker(request, tmp_path, celery_worker_process):
+    """The session's prefork worker, or a worker of threads on the crowd's queue.
+
+    The threads worker is the shape docs/BENCHMARKS.md measures for inference
+    (16 jobs at once in one process, persistent database connections): each
+    job must still settle exactly once while its neighbours settle beside it.
+    """
+    if request.param == "session worker":
+        yield celery_worker_process
+        return
+    with _own_worker(
+        tmp_path / "celery-worker.log",
+        queue_name="inference.standard",
+        pool="threads",
+        concurrency=16,
+        conn_max_age=600,
+    ) as (proc, _log):
+        yield proc
+
+
 def test_a_crowd_of_requests_never_overdraws_the_credits(
-    live_server, celery_worker_process, triton_server, grant
+    live_server, crowd_worker, triton_server, grant
 ):
     # given credits for about 50 worst-case holds, and 200 requests
     model = _model([triton_server.grpc_url])
@@ -286,14 +308,13 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
-@pytest.fixture
-def own_worker(tmp_path):
-    """A `celery worker` of this test's own (prefork, one child) on inference.batch.
+@contextlib.contextmanager
+def _own_worker(log: Path, *, queue_name: str, pool: str, concurrency: int, conn_max_age: int = 0):
+    """A `celery worker` of the test's own on one queue; yields (process, log).
 
-    Any other worker on the broker (the session's) stops consuming inference.batch
-    while it runs, so that the job goes to this one; it is given back afterwards.
+    Any other worker on the broker (the session's) stops consuming the queue
+    while it runs, so that its jobs go to this one; it is given back afterwards.
     """
-    queue_name = "inference.batch"
     replies = celery_app.control.cancel_consumer(queue_name, reply=True, timeout=2)
     others = [node for reply in replies for node, answer in reply.items() if "ok" in answer]
     db = settings.DATABASES["default"]
@@ -301,18 +322,18 @@ def own_worker(tmp_path):
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test",
         "DATABASE_URL": (
-            f"postgres://{db['USER']}:{db.get('PASSWORD') or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+            f"postgres://{db['USER']}:{db.get('PASSWORD') or ''}@{db['HOST']}:{db['PORT']}"
+            f"/{db['NAME']}?conn_max_age={conn_max_age}"
         ),
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         "CELERY_RESULT_BACKEND": settings.CELERY_RESULT_BACKEND,
     }
     node = f"fault-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
-    log = tmp_path / "celery-worker.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "gymbilling", "worker",
-                "--pool=prefork", "--concurrency=1", "--loglevel=INFO",
+                f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
                 "-n", node, "-Q", queue_name, "--without-gossip", "--without-mingle",
             ],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -332,6 +353,15 @@ def own_worker(tmp_path):
             proc.wait()
         if others:
             celery_app.control.add_consumer(queue_name, destination=others, reply=True, timeout=2)
+
+
+@pytest.fixture
+def own_worker(tmp_path):
+    """A prefork worker of the test's own, one child, on inference.batch."""
+    with _own_worker(
+        tmp_path / "celery-worker.log", queue_name="inference.batch", pool="prefork", concurrency=1
+    ) as worker:
+        yield worker
 
 
 def _wait_for(predicate, *, timeout: float, what: str):

@@ -1,0 +1,248 @@
+"""The client of customers' webhook receivers: which URLs we accept, and one POST to one.
+
+A callback URL is chosen by the customer and called from inside our network,
+so it is a server-side request forgery risk. Three lines of defence:
+
+1. At submit, `callback_url_validate` refuses anything but an https URL of a
+   public host name or public IP literal: no credentials in the URL, no
+   private, loopback, link-local, shared or reserved addresses, however they
+   are spelled (`127.1`, `0x7f000001`, `[::ffff:10.0.0.1]`).
+2. At delivery, the host name is resolved and every address must be public
+   too (a public name may point inside), and the connection goes to the
+   address that was checked, not to a second lookup that DNS rebinding could
+   answer differently. TLS still verifies the certificate for the host name.
+3. Redirects are never followed (a 3xx is a failed attempt, as at Stripe),
+   the whole attempt has a deadline, and at most a little of the answer is read.
+
+Loopback (127.0.0.0/8, ::1, `localhost`), over http or https, is allowed only
+when settings.DEBUG or INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK is on: for
+development and the tests' local receivers.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+from accounts.errors import ApplicationError
+
+logger = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+# Enough for a status line and headers; the body of the answer is ignored.
+MAX_RESPONSE_BYTES = 64 * 1024
+USER_AGENT = "GymBilling-Webhooks/1.0"
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def loopback_allowed() -> bool:
+    return bool(settings.DEBUG or settings.INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK)
+
+
+def address_allowed(address: IPAddress) -> bool:
+    """A public address; loopback too when loopback_allowed()."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return loopback_allowed()
+    return address.is_global and not address.is_multicast
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    """The address a host names literally, in any spelling a resolver would accept."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    # inet_aton's legacy forms (127.1, 0x7f.1, 2130706433, 0177.0.0.1) are what
+    # getaddrinfo, and so the HTTP client, would connect to.
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def _refuse(message: str) -> ApplicationError:
+    return ApplicationError(code="invalid_callback_url", message=message, param="callback_url")
+
+
+def callback_url_validate(url: str) -> str:
+    """`url` if we may POST a job's webhook to it; else 400 `invalid_callback_url`."""
+    if len(url) > MAX_URL_LENGTH:
+        raise _refuse(f"callback_url may be at most {MAX_URL_LENGTH} characters.")
+    if not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
+        raise _refuse(
+            "callback_url must be ASCII without spaces or control characters "
+            "(percent-encode the rest, and write host names in punycode)."
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise _refuse("callback_url is not a valid URL.") from None
+    if parts.scheme not in ("https", "http") or not parts.netloc:
+        raise _refuse("callback_url must be an absolute https:// URL.")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise _refuse(
+            "callback_url must not carry credentials; verify our Gym-Signature header instead."
+        )
+    if parts.fragment or url.endswith("#"):
+        raise _refuse("callback_url must not have a #fragment.")
+    if port == 0:
+        raise _refuse("callback_url has an invalid port.")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise _refuse("callback_url has no host.")
+    address = _ip_literal(host)
+    loopback = host == "localhost" or (address is not None and address.is_loopback)
+    if loopback:
+        if not loopback_allowed():
+            raise _refuse("callback_url must be a public address, not loopback.")
+    elif parts.scheme != "https":
+        raise _refuse("callback_url must use https.")
+    elif address is not None:
+        if not address_allowed(address):
+            raise _refuse(
+                f"callback_url must be a public address; {address} is private, "
+                "link-local or reserved."
+            )
+    else:
+        labels = host.split(".")
+        if (
+            len(labels) < 2
+            or not all(_LABEL.match(label) for label in labels)
+            or labels[-1].isdigit()
+            or host.endswith(".localhost")
+        ):
+            raise _refuse("callback_url must name a public host (a fully qualified domain name).")
+    return url
+
+
+# --- delivery ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one attempt got: a status code, or the error that kept it from one."""
+
+    status_code: int | None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the address that was vetted, whatever DNS says a moment later."""
+
+    def __init__(self, host: str, port: int, *, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+    default_port = 443
+
+    def connect(self) -> None:
+        super().connect()
+        context = ssl.create_default_context()
+        # The certificate is checked against the host name the customer gave.
+        self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
+
+
+def _vetted_address(host: str, port: int) -> str:
+    """The first address of `host`, provided every one it resolves to is allowed."""
+    literal = _ip_literal(host)
+    if literal is not None:
+        candidates = [literal]
+    else:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        candidates = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    if not candidates:
+        raise OSError(f"{host} has no address")
+    for address in candidates:
+        if not address_allowed(address):
+            raise PermissionError(f"{host} resolves to {address}, which is not a public address")
+    return str(candidates[0])
+
+
+def _drain(response: http.client.HTTPResponse, sock: socket.socket, deadline: float) -> None:
+    """Read a little of the answer's body, within the deadline; only its status counts."""
+    read = 0
+    try:
+        while read < MAX_RESPONSE_BYTES and not response.isclosed():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or sock.fileno() == -1:
+                return  # a receiver trickling its body is cut off
+            sock.settimeout(remaining)
+            chunk = response.read(min(8192, MAX_RESPONSE_BYTES - read))
+            if not chunk:
+                return
+            read += len(chunk)
+    except (OSError, http.client.HTTPException):
+        return
+
+
+def callback_post(*, url: str, body: bytes, headers: dict[str, str], timeout: float) -> Answer:
+    """POST `body` to `url` once, within `timeout` seconds in all. Never raises."""
+    deadline = time.monotonic() + timeout
+    connection = None
+    try:
+        callback_url_validate(url)  # the rules may have tightened since the job was submitted
+        parts = urlsplit(url)
+        host = (parts.hostname or "").rstrip(".")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = _vetted_address(host, port)
+        cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+        connection = cls(host, port, address=address, timeout=timeout)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        connection.request(
+            "POST",
+            path,
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+                "Content-Length": str(len(body)),
+                **headers,
+            },
+        )
+        # Kept: the connection lets go of its socket once the answer says it will close.
+        sock = connection.sock
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        response = connection.getresponse()
+        _drain(response, sock, deadline)
+        return Answer(status_code=response.status)
+    except ApplicationError as exc:
+        return Answer(status_code=None, error=f"refused: {exc.message}")
+    except PermissionError as exc:
+        return Answer(status_code=None, error=f"refused: {exc}")
+    except TimeoutError:
+        return Answer(status_code=None, error=f"no answer within {timeout:g} s")
+    except (OSError, http.client.HTTPException) as exc:
+        return Answer(status_code=None, error=f"{type(exc).__name__}: {exc}"[:500])
+    except Exception as exc:  # a bug here must not leave the callback claimed until its lease ends
+        logger.exception("callback POST to %s failed unexpectedly", url)
+        return Answer(status_code=None, error=f"internal error: {type(exc).__name__}"[:500])
+    finally:
+        if connection is not None:
+            connection.close()

@@ -1,0 +1,192 @@
+"""Which callback URLs a job may name: https to public hosts only (inference.callback_client).
+
+No worker or Triton here: a refused URL is refused before anything is held,
+and a job accepted under the `db` fixture never commits, so never runs.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from rest_framework.test import APIClient
+
+from accounts.errors import ApplicationError
+from accounts.models import Scope
+from accounts.services import apikey_create
+from inference.callback_client import callback_post, callback_url_validate
+from inference.models import CatalogModel, Job, ServerPool
+from metering.selectors import organization_balance
+from metering.services import price_book_publish
+from tests.factories import OrganizationFactory
+from tests.helpers import credits, ledger_rows
+
+MODEL = "callback-url-model"
+
+PUBLIC = [
+    "https://hooks.example.com/gym",
+    "https://hooks.example.com:8443/gym/jobs?source=gym&x=1",
+    "https://8.8.8.8/hook",
+    "https://[2606:4700:4700::1111]/hook",
+    "https://xn--bcher-kva.example/hook",
+]
+
+REFUSED = {
+    "http to a public host": "http://hooks.example.com/gym",
+    "another scheme": "ftp://hooks.example.com/gym",
+    "no scheme": "hooks.example.com/gym",
+    "not a URL": "not a url",
+    "no host": "https:///gym",
+    "credentials": "https://user:secret@hooks.example.com/gym",
+    "a user name that looks like the host": "https://hooks.example.com@evil.example/",
+    "a fragment": "https://hooks.example.com/gym#part",
+    "a bad port": "https://hooks.example.com:99999/gym",
+    "spaces": "https://hooks.example.com/a b",
+    "non-ASCII": "https://hooks.example.com/caf\u00e9",
+    "too long": "https://hooks.example.com/" + "a" * 2048,
+    "RFC 1918": "https://10.0.0.1/gym",
+    "RFC 1918 too": "https://192.168.1.10/gym",
+    "RFC 1918 as well": "https://172.16.0.1/gym",
+    "cloud metadata (link-local)": "https://169.254.169.254/latest/meta-data",
+    "shared address space": "https://100.64.0.1/gym",
+    "unspecified": "https://0.0.0.0/gym",
+    "multicast": "https://224.0.0.1/gym",
+    "IPv6 link-local": "https://[fe80::1]/gym",
+    "IPv6 unique local": "https://[fd00::1]/gym",
+    "IPv4-mapped private": "https://[::ffff:10.0.0.1]/gym",
+    "hex IPv4": "https://0x0a000001/gym",
+    "decimal IPv4": "https://167772161/gym",
+    "short IPv4": "https://10.1/gym",
+    "single-label host": "https://intranet/gym",
+    "numeric top-level label": "https://hooks.example.123/gym",
+    "a .localhost name": "https://api.localhost/gym",
+}
+
+LOOPBACK = [
+    "http://127.0.0.1:8000/gym",
+    "https://127.0.0.1/gym",
+    "http://localhost:8000/gym",
+    "https://[::1]/gym",
+    "https://127.1/gym",
+    "https://0x7f000001/gym",
+]
+
+
+@pytest.fixture
+def loopback_off(settings):
+    settings.DEBUG = False
+    settings.INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = False
+
+
+@pytest.mark.parametrize("url", PUBLIC)
+def test_https_urls_of_public_hosts_are_accepted(url, loopback_off):
+    assert callback_url_validate(url) == url
+
+
+@pytest.mark.parametrize("url", REFUSED.values(), ids=REFUSED.keys())
+def test_anything_else_is_refused_with_a_reason(url, loopback_off):
+    # when
+    with pytest.raises(ApplicationError) as refused:
+        callback_url_validate(url)
+
+    # then
+    assert (refused.value.code, refused.value.status) == ("invalid_callback_url", 400)
+    assert refused.value.param == "callback_url"
+    assert refused.value.message.startswith("callback_url")
+
+
+@pytest.mark.parametrize("url", LOOPBACK)
+def test_loopback_only_where_the_setting_or_debug_allows_it(url, settings):
+    # given / when / then
+    settings.DEBUG = False
+    settings.INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = False
+    with pytest.raises(ApplicationError):
+        callback_url_validate(url)
+    settings.INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = True
+    assert callback_url_validate(url) == url
+    settings.INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = False
+    settings.DEBUG = True
+    assert callback_url_validate(url) == url
+
+
+def test_delivery_checks_again_and_never_connects_to_a_refused_address(loopback_off):
+    # when: a URL accepted once, under rules since tightened
+    answer = callback_post(url="http://localhost:9/gym", body=b"{}", headers={}, timeout=1)
+
+    # then
+    assert answer.status_code is None
+    assert answer.error.startswith("refused:")
+
+
+# --- through the API ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def api(db, grant):
+    price_book_publish(
+        prices=[
+            {
+                "model_name": MODEL,
+                "input_rate": Decimal("1"),
+                "cached_input_rate": Decimal("1"),
+                "output_rate": Decimal("1"),
+            }
+        ]
+    )
+    pool = ServerPool.objects.create(name="callback-urls", grpc_urls=["127.0.0.1:1"])
+    CatalogModel.objects.create(name=MODEL, pool=pool)
+    org = OrganizationFactory(requests_per_minute=10_000)
+    grant(org, credits(10))
+    _key, raw = apikey_create(organization=org, name="jobs", scopes=[Scope.INFERENCE])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    return org, client
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        REFUSED["http to a public host"],
+        REFUSED["credentials"],
+        REFUSED["cloud metadata (link-local)"],
+        REFUSED["IPv4-mapped private"],
+        REFUSED["too long"],
+        "http://127.0.0.1:8000/gym",  # loopback, with the setting off
+    ],
+)
+def test_a_job_with_a_refused_callback_url_is_400_and_changes_nothing(api, url, loopback_off):
+    # given
+    org, client = api
+    before = (ledger_rows(), organization_balance(organization=org))
+
+    # when
+    response = client.post(
+        "/api/v1/jobs",
+        {"model": MODEL, "prompt": "hello", "max_tokens": 4, "callback_url": url},
+        format="json",
+    )
+
+    # then
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_callback_url", "callback_url")
+    assert error["message"]
+    assert not Job.objects.filter(organization=org).exists()
+    assert (ledger_rows(), organization_balance(organization=org)) == before
+
+
+def test_a_job_with_a_good_callback_url_keeps_it(api, loopback_off):
+    # given
+    org, client = api
+    url = "https://hooks.example.com/gym?source=jobs"
+
+    # when
+    response = client.post(
+        "/api/v1/jobs",
+        {"model": MODEL, "prompt": "hello", "max_tokens": 4, "callback_url": url},
+        format="json",
+    )
+
+    # then
+    assert response.status_code == 202, response.content
+    assert Job.objects.get(organization=org).callback_url == url
