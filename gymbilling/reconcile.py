@@ -19,9 +19,10 @@ from metering.reconcile import register, sql_rows
 def paid_invoices_without_grant() -> list[dict]:
     return sql_rows(
         """
-        SELECT i.stripe_invoice_id, i.credits_granted
+        SELECT i.stripe_invoice_id, i.billing_reason
           FROM gymbilling_invoice i
-         WHERE i.status = 'paid' AND i.credits_granted > 0
+         WHERE i.status = 'paid' AND i.subscription_id IS NOT NULL
+           AND i.billing_reason IN ('subscription_create', 'subscription_cycle')
            AND NOT EXISTS (SELECT 1 FROM metering_journaltransaction t
                             WHERE t.idempotency_key = 'grant:invoice:' || i.stripe_invoice_id)
         """
@@ -44,7 +45,7 @@ def grants_without_paid_invoice() -> list[dict]:
 def billing_ledger_checks() -> None:
     register(
         "paid_invoice_granted",
-        "every paid invoice that bought credits has its grant",
+        "every paid first or renewal invoice of a subscription has its grant",
         paid_invoices_without_grant,
     )
     register(

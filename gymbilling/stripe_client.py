@@ -180,6 +180,9 @@ def customer_create(*, key: str, email: str, name: str, metadata: dict) -> dict:
 
 
 def checkout_session_create(*, key: str, **params) -> dict:
+    # Cards only: an asynchronous method (a bank debit) can complete a session
+    # unpaid and fail days later, after the credits were reserved or granted.
+    params.setdefault("payment_method_types", ["card"])
     return _call(_client().v1.checkout.sessions.create, key=key, **params)
 
 
@@ -209,7 +212,10 @@ def subscription_update(subscription_id: str, *, key: str, **params) -> dict:
 
 
 def invoice_retrieve(invoice_id: str) -> dict:
-    return _call(_client().v1.invoices.retrieve, invoice_id)
+    # Since API version 2025-03-31 an invoice names its PaymentIntent only in
+    # `payments`, which Stripe includes only when asked: without it a refund
+    # of the payment could not be traced back to the credits it bought.
+    return _call(_client().v1.invoices.retrieve, invoice_id, expand=["payments"])
 
 
 def invoices_list(*, customer: str | None = None, status: str | None = None) -> list[dict]:

@@ -265,6 +265,25 @@ def listing_cancel(*, seller: Organization, listing_id: int) -> MarketListing:
     return listing
 
 
+def listings_withdraw_all(*, seller: Organization) -> int:
+    """End every open listing of a seller whose reselling was frozen (a refund or dispute).
+
+    Their unsold credits return to the wallet, where the clawback of the
+    reversed payment can reach them; reserved credits stay with their orders.
+    """
+    ended = 0
+    for listing_id in MarketListing.objects.filter(
+        seller=seller, status=ListingStatus.OPEN
+    ).values_list("pk", flat=True):
+        try:
+            listing_cancel(seller=seller, listing_id=listing_id)
+            ended += 1
+        except ApplicationError as exc:
+            if exc.code != "listing_not_open":  # ended meanwhile: nothing to do
+                raise
+    return ended
+
+
 def listings_expire(*, now: datetime | None = None) -> int:
     """Sweep listings whose credits have (partly) expired; end those with nothing left."""
     now = now or timezone.now()
@@ -722,6 +741,11 @@ def order_shortfall_refund(*, order_id: int) -> bool:
     except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
         logger.warning("market order %s: shortfall refund later: %s", order.pk, exc)
         return False
+    except stripe_client.StripeRequestRefused as exc:
+        # Stripe said no (already refunded by hand, a dispute open...): finance
+        # must look; the sweep keeps trying and logging meanwhile.
+        logger.error("market order %s: shortfall refund refused: %s", order.pk, exc)
+        return False
     MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
         shortfall_refunded_at=timezone.now()
     )
@@ -974,7 +998,16 @@ def payouts_run(*, now: datetime | None = None) -> int:
         .values_list("seller_id", "currency")
         .distinct()
     )
+    # A seller frozen by a refund or dispute is not paid until finance lifts
+    # it: their proceeds stay available, where a reversal can still reach them.
+    frozen = set(
+        BillingCustomer.objects.filter(resale_frozen_at__isnull=False).values_list(
+            "organization_id", flat=True
+        )
+    )
     for seller_id, currency in sorted(set(sellers)):
+        if seller_id in frozen:
+            continue
         _payout_record(seller_id=seller_id, currency=currency)
     sent = 0
     for pk in MarketPayout.objects.filter(status=PayoutStatus.PENDING).values_list("pk", flat=True):
@@ -1122,7 +1155,9 @@ def _reversal_apply(
             totals["credits_clawed_back"] += clawed
             totals["credits_lost"] += credit_target - clawed
         MarketReversal.objects.filter(pk=reversal.pk).update(**totals)
-        resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
+        if new > 0:
+            # Not for our own refund of an undelivered part: the buyer did nothing.
+            resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
 
 
 def next_expiry(listing: MarketListing, now: datetime) -> datetime | None:

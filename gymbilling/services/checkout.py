@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
+from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import Organization
@@ -19,6 +21,7 @@ from gymbilling import stripe_client
 from gymbilling.models import (
     CheckoutKind,
     CheckoutSession,
+    CheckoutStatus,
     CreditPack,
     Plan,
     PriceKind,
@@ -118,7 +121,48 @@ def checkout_create(
         raise _unavailable(exc) from exc
 
 
+# Stripe keeps a Checkout session open for 24 hours.
+_SESSION_REUSE = timedelta(hours=23)
+
+
+def _open_subscription_checkout(*, organization, plan, seats) -> CheckoutResult | None:
+    """One open subscription checkout per organization.
+
+    Two tabs paying two sessions would make two Stripe subscriptions, each
+    charged monthly. The same plan and seats reuse the open session; another
+    choice expires it at Stripe first.
+    """
+    since = timezone.now() - _SESSION_REUSE
+    for session in CheckoutSession.objects.filter(
+        organization=organization,
+        kind=CheckoutKind.SUBSCRIPTION,
+        status=CheckoutStatus.OPEN,
+        created_at__gte=since,
+    ):
+        if (session.plan_id, session.seats) == (plan.pk, seats):
+            return CheckoutResult(
+                url=session.url, kind="checkout", session_id=session.stripe_session_id
+            )
+        try:
+            stripe_client.checkout_session_expire(session.stripe_session_id)
+        except stripe_client.StripeRequestRefused as exc:
+            if exc.status != 400:  # 400: already complete or expired at Stripe
+                raise
+            raise ApplicationError(
+                code="checkout_in_progress",
+                message="A subscription checkout of this organization was just completed; "
+                "reload the subscription before changing it.",
+                status=409,
+            ) from exc
+        CheckoutSession.objects.filter(pk=session.pk).update(status=CheckoutStatus.EXPIRED)
+    return None
+
+
 def _session_create(*, organization, plan, pack, seats) -> CheckoutResult:
+    if plan is not None:
+        reused = _open_subscription_checkout(organization=organization, plan=plan, seats=seats)
+        if reused is not None:
+            return reused
     customer = billing_customer_ensure(organization=organization)
     success_url, cancel_url = _urls()
     metadata = {"organization_id": str(organization.pk)}

@@ -234,8 +234,15 @@ def charge_refund_refresh(*, charge_id: str) -> bool:
     return payment_reversal_apply(**params) is not None
 
 
+# Disputes whose funds were taken from us. Inquiries (warning_*) move no money;
+# a dispute already won was never a loss.
+DISPUTE_FUNDS_WITHDRAWN = {"needs_response", "under_review", "lost"}
+
+
 def dispute_refresh(*, dispute_id: str) -> bool:
     dispute = stripe_client.dispute_retrieve(dispute_id)
+    if dispute.get("status") not in DISPUTE_FUNDS_WITHDRAWN:
+        return False
     charge_id = dispute.get("charge")
     if isinstance(charge_id, dict):
         charge_id = charge_id.get("id")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django.db import transaction
+from django.utils import timezone
 
 from gymbilling.models import Invoice, PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
@@ -145,10 +146,29 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
     # grant (the ledger's key would refuse it as a conflict). The key is the
     # gate; this read only spares the replay that refusal.
     if credits > 0 and not already:
+        expires_at = _late_payment_expiry(expires_at, paid_at=row.paid_at)
         subscription_period_grant(
             invoice=row, subscription=subscription, credits=credits, expires_at=expires_at
         )
     return row
+
+
+# An invoice paid after the period it bought (a failed renewal paid late)
+# still gets usable credits: they last this long from the payment.
+LATE_PAYMENT_VALIDITY = timedelta(days=7)
+
+
+def _late_payment_expiry(
+    expires_at: datetime | None, *, paid_at: datetime | None
+) -> datetime | None:
+    if expires_at is None:
+        return None
+    paid = paid_at or timezone.now()
+    return (
+        max(expires_at, paid + LATE_PAYMENT_VALIDITY)
+        if expires_at <= timezone.now()
+        else expires_at
+    )
 
 
 @transaction.atomic
@@ -171,9 +191,12 @@ def subscription_period_grant(
         memo=f"{plan.code} x{subscription.seats}, invoice {invoice.stripe_invoice_id}",
     )
     Invoice.objects.filter(pk=invoice.pk).update(credits_granted=credits)
-    if plan.overage_allowed and invoice.billing_reason in (
-        "subscription_create",
-        "subscription_cycle",
+    allowance_until = invoice.period_end or subscription.current_period_end
+    if (
+        plan.overage_allowed
+        and invoice.billing_reason in ("subscription_create", "subscription_cycle")
+        # Paid after its period: no overage to allow any more.
+        and allowance_until > timezone.now()
     ):
         credits_grant(
             organization=invoice.organization,
@@ -183,6 +206,6 @@ def subscription_period_grant(
             resellable=False,
             priority=OVERAGE_LOT_PRIORITY,
             key=f"overage:{invoice.stripe_invoice_id}",
-            expires_at=invoice.period_end or subscription.current_period_end,
+            expires_at=allowance_until,
             memo=f"overage allowance of {plan.code}, invoiced by the usage meter",
         )

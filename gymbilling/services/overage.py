@@ -21,7 +21,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from gymbilling import stripe_client
-from gymbilling.models import BillingCustomer, Invoice, OverageReport
+from gymbilling.models import BillingCustomer, Invoice, OverageReport, Subscription
 from metering.models import MICRO, CreditLot, LotMovement, LotSource, TransactionKind
 
 
@@ -57,14 +57,21 @@ def overage_report(*, now=None) -> int:
     for lot in lots:
         if lot.remaining == lot.amount:
             continue
-        used = overage_used(lot) // MICRO  # whole credits; the rest waits for the next run
-        done = OverageReport.objects.filter(lot_id=lot.pk).aggregate(t=Sum("credits"))["t"] or 0
-        if used > done:
-            subscription = _lot_subscription(lot)
-            if subscription is None:
-                continue
-            try:
-                with transaction.atomic():
+        subscription = _lot_subscription(lot)
+        if subscription is None:
+            continue
+        try:
+            with transaction.atomic():
+                # One run at a time per subscription: two overlapping runs would
+                # each read the same total and report overlapping batches.
+                Subscription.objects.select_for_update().filter(pk=subscription.pk).first()
+                lot.refresh_from_db(fields=["remaining"])
+                used = overage_used(lot) // MICRO  # whole credits; the rest waits
+                done = (
+                    OverageReport.objects.filter(lot_id=lot.pk).aggregate(t=Sum("credits"))["t"]
+                    or 0
+                )
+                if used > done:
                     OverageReport.objects.create(
                         identifier=f"ovg_{lot.pk}_{used}",
                         organization=lot.organization,
@@ -72,8 +79,8 @@ def overage_report(*, now=None) -> int:
                         lot_id=lot.pk,
                         credits=used - done,
                     )
-            except IntegrityError:
-                pass  # another run wrote this batch; it is sent below
+        except IntegrityError:
+            pass  # another run wrote this batch; it is sent below
     for report in OverageReport.objects.filter(sent_at__isnull=True).select_related("organization"):
         customer = BillingCustomer.objects.get(organization=report.organization)
         stripe_client.meter_event_create(

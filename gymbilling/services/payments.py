@@ -9,9 +9,10 @@ the organization until finance lifts it.
 
 from __future__ import annotations
 
+import zlib
 from datetime import timedelta
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from gymbilling.models import (
@@ -95,6 +96,23 @@ def _ceil_share(total: int, part: int, whole: int) -> int:
     return -(-total * part // whole) if whole > 0 else total
 
 
+def charge_lock(charge_id: str) -> None:
+    """A transaction-scoped lock on one Stripe charge (PostgreSQL; a no-op elsewhere)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s)",
+                [zlib.crc32(f"stripe-charge:{charge_id}".encode())],
+            )
+
+
+def _listings_withdraw(*, organization) -> None:
+    """End the organization's open marketplace listings (their unsold credits go home)."""
+    from gymbilling.market.services import listings_withdraw_all
+
+    listings_withdraw_all(seller=organization)
+
+
 def resale_freeze(*, organization, reason: str) -> None:
     BillingCustomer.objects.filter(organization=organization, resale_frozen_at__isnull=True).update(
         resale_frozen_at=timezone.now(), resale_frozen_reason=reason[:200]
@@ -119,8 +137,16 @@ def payment_reversal_apply(
     lot = grant.created_lots.order_by("pk").first()
     charge_amount = int(charge.get("amount") or 0)
     target = min(lot.amount, _ceil_share(lot.amount, amount, charge_amount))
+    reason = f"{kind} of {charge['id']}"
+    # First: no more reselling, and what is listed comes back to the wallet,
+    # where the clawback can reach it (listed credits are lots of the escrow).
+    resale_freeze(organization=organization, reason=reason)
+    _listings_withdraw(organization=organization)
     try:
         with transaction.atomic():
+            # One reversal of a charge at a time: a refund and a dispute of the
+            # same charge may arrive together, under different locks upstream.
+            charge_lock(charge["id"])
             reversal = PaymentReversal.objects.create(
                 key=key,
                 kind=kind,
@@ -131,22 +157,30 @@ def payment_reversal_apply(
                 currency=str(charge.get("currency") or ""),
                 credits_bought=lot.amount,
             )
-            done = 0
+            earlier = PaymentReversal.objects.filter(stripe_charge_id=charge["id"]).exclude(
+                pk=reversal.pk
+            )
+            done = sum(r.credits_clawed_back + r.credits_lost for r in earlier)
             if cumulative:
-                earlier = PaymentReversal.objects.filter(
-                    stripe_charge_id=charge["id"], kind=kind
-                ).exclude(pk=reversal.pk)
-                done = sum(r.credits_clawed_back + r.credits_lost for r in earlier)
-            due = max(0, target - done)
+                # Stripe's amount_refunded is a running total of refunds; only
+                # the part no earlier event applied is due now.
+                due = max(
+                    0,
+                    target
+                    - sum(
+                        r.credits_clawed_back + r.credits_lost for r in earlier if r.kind == kind
+                    ),
+                )
+            else:
+                due = target
+            # Never more than the payment bought, whatever mix of events.
+            due = max(0, min(due, lot.amount - done))
             clawed = (
-                lot_clawback(lot=lot, amount=due, key=key, memo=f"{kind} of {charge['id']}")
-                if due
-                else 0
+                lot_clawback(lot=lot, amount=due, key=key, memo=reason, family=True) if due else 0
             )
             PaymentReversal.objects.filter(pk=reversal.pk).update(
                 credits_clawed_back=clawed, credits_lost=due - clawed
             )
-            resale_freeze(organization=organization, reason=f"{kind} of {charge['id']}")
     except IntegrityError:
         return PaymentReversal.objects.filter(key=key).first()
     reversal.refresh_from_db()

@@ -158,8 +158,10 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
                 f"{stripe_sub['id']} needs a human"
             ) from None
         entitlements_write(subscription=sub, now=now)
-    if rolled_from is not None:
-        period_rollover(subscription=sub, previous=rolled_from)
+        if rolled_from is not None:
+            # In the same transaction as the new period: a crash in between
+            # would otherwise save the period and never trim its rollover.
+            period_rollover(subscription=sub, previous=rolled_from)
     return sub
 
 

@@ -9,7 +9,8 @@
                                                     "created", "deliveries": {<webhook id>: "pending|delivered|failed|canceled"}}]}
     POST   /_config/subscriptions/<id>/advance    end the current period → the subscription
     POST   /_config/customers/<id>/card           {"card": "4242424242424242"} new default card → the payment method
-    POST   /_config/charges/<id>/dispute          {"amount"?, "reason"?} → the dispute
+    POST   /_config/charges/<id>/dispute          {"amount"?, "reason"?, "status"?} → the dispute
+                                                  (status "warning_needs_response": an inquiry)
     GET    /_config/meter_events?customer=cus_…   {"data": [...accepted events], "total_value": "…"}  (meters.py)
 
 `/_config/webhooks/<id>` with id `hold`/`release` is taken by the hold/release
@@ -84,6 +85,7 @@ async def charge_dispute(request: web.Request) -> web.Response:
         charge_id=request.match_info["id"],
         amount=params.get("amount"),
         reason=params.get("reason") or "fraudulent",
+        status=params.get("status") or "needs_response",
     )
     return json_response(dispute._export())
 

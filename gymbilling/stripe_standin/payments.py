@@ -178,7 +178,26 @@ class Dispute(StripeObject):
         self.__dict__.update(fields)
 
 
-def dispute_open(*, charge_id: str, amount: Any = None, reason: str = "fraudulent") -> Dispute:
+DISPUTE_STATUSES = {
+    "warning_needs_response",
+    "warning_under_review",
+    "warning_closed",
+    "needs_response",
+    "under_review",
+    "won",
+    "lost",
+}
+
+
+def dispute_open(
+    *,
+    charge_id: str,
+    amount: Any = None,
+    reason: str = "fraudulent",
+    status: str = "needs_response",
+) -> Dispute:
+    if status not in DISPUTE_STATUSES:
+        raise stripe_error(400, f"Unknown dispute status {status!r}.", param="status")
     charge = Charge._api_retrieve(charge_id)
     dispute = Dispute(
         amount=charge.amount if amount is None else to_int(amount, "amount", minimum=1),
@@ -186,7 +205,7 @@ def dispute_open(*, charge_id: str, amount: Any = None, reason: str = "fraudulen
         charge=charge.id,
         payment_intent=charge.payment_intent,
         reason=reason,
-        status="needs_response",
+        status=status,
         is_charge_refundable=False,
         evidence_details={
             "due_by": now() + 7 * 86400,

@@ -166,11 +166,16 @@ class StripeStandIn:
         return self.config("POST", f"/_config/customers/{customer_id}/card", {"card": card})
 
     def dispute(
-        self, charge_id: str, *, amount: int | None = None, reason: str = "fraudulent"
+        self,
+        charge_id: str,
+        *,
+        amount: int | None = None,
+        reason: str = "fraudulent",
+        status: str = "needs_response",
     ) -> dict[str, Any]:
-        return self.config(
-            "POST", f"/_config/charges/{charge_id}/dispute", {"amount": amount, "reason": reason}
-        )
+        """Open a dispute; status "warning_needs_response" makes it an inquiry (no funds move)."""
+        body = {"amount": amount, "reason": reason, "status": status}
+        return self.config("POST", f"/_config/charges/{charge_id}/dispute", body)
 
     def pay_checkout(self, session_id: str, card: str = "4242424242424242") -> dict[str, Any]:
         """Pay a Checkout Session as the page's form would; returns the session (raises if declined)."""

@@ -516,7 +516,14 @@ def _wallet_withdraw(
                 .aggregate(total=Sum("remaining"))["total"]
                 or 0
             )
-            amount = min(amount_for(in_lots, wallet.balance), wallet.balance, in_lots)
+            # Credits of these lots may back pending holds (lots count held
+            # credits, the wallet balance does not). Taken to be the first
+            # the holds will burn, they stay: otherwise a capture would burn
+            # other lots (a paid pack) in their place.
+            held = LedgerAccount.objects.get(
+                organization=organization, kind=AccountKind.HOLDS
+            ).balance
+            amount = min(amount_for(in_lots, wallet.balance), wallet.balance, in_lots - held)
             if amount <= 0:
                 return 0
             txn = transaction_open(
@@ -565,12 +572,25 @@ def credits_trim(*, organization: Organization, source: str, keep: int, key: str
     )
 
 
+def _lot_family(lot: CreditLot) -> list[int]:
+    """The lot and the lots split from it, two generations down (to escrow and back)."""
+    children = list(CreditLot.objects.filter(parent_id=lot.pk).values_list("pk", flat=True))
+    grandchildren = list(
+        CreditLot.objects.filter(parent_id__in=children).values_list("pk", flat=True)
+    )
+    return [lot.pk, *children, *grandchildren]
+
+
 @retry_on_deadlock
-def lot_clawback(*, lot: CreditLot, amount: int, key: str, memo: str, actor=None) -> int:
+def lot_clawback(
+    *, lot: CreditLot, amount: int, key: str, memo: str, actor=None, family: bool = False
+) -> int:
     """Take back up to `amount` of what is still unspent in one wallet lot.
 
     A refund or a dispute of the payment that bought the lot: spent credits
-    cannot come back, so the caller records the difference as a loss.
+    cannot come back, so the caller records the difference as a loss. With
+    `family`, the lot's descendants in the same wallet count too (credits
+    that went to escrow and came back are lots split from it).
     Returns the micro-credits taken back (0 when nothing was left).
     """
     require_positive(amount)
@@ -581,7 +601,7 @@ def lot_clawback(*, lot: CreditLot, amount: int, key: str, memo: str, actor=None
         fp=fingerprint(op="clawback", lot=lot.pk, amount=amount),
         kind=TransactionKind.ADJUSTMENT,
         system_kind=AccountKind.ADJUSTMENTS,
-        lots=Q(pk=lot.pk),
+        lots=Q(pk__in=_lot_family(lot) if family else [lot.pk]),
         amount_for=lambda in_lots, _balance: amount,
         memo=memo,
         actor=actor,

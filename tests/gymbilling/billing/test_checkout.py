@@ -170,3 +170,18 @@ def test_plans_are_public(client, catalog):
     codes = [plan["code"] for plan in response.json()["plans"]]
     assert codes == ["basic", "pro", "team", "enterprise"]
     assert {pack["code"] for pack in response.json()["packs"]} == {"boost-1k", "boost-10k"}
+
+
+def test_one_open_subscription_checkout_per_organization(customer, catalog, stripe_sdk):
+    """Two tabs must not make two subscriptions: the same choice reuses the session."""
+    first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json").json()
+    again = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json").json()
+    assert again["session_id"] == first["session_id"]
+
+    # another choice replaces it: the first can no longer be paid
+    other = customer.client.post(
+        "/api/v1/billing/checkout", {"plan": "basic"}, format="json"
+    ).json()
+    assert other["session_id"] != first["session_id"]
+    assert stripe_sdk.v1.checkout.sessions.retrieve(first["session_id"]).status == "expired"
+    assert CheckoutSession.objects.get(stripe_session_id=first["session_id"]).status == "expired"

@@ -167,3 +167,63 @@ def test_stripe_reconcile_reports_a_paid_invoice_without_a_grant(
         CreditLot.objects.filter(organization=customer.organization, source="subscription").count()
         == 1
     )
+
+
+def test_a_refund_reaches_credits_that_were_listed_and_stops_the_listing(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    """Listed credits live in escrow lots: the refund first ends the listings."""
+    from gymbilling.market.services import listing_create
+    from gymbilling.models import MarketListing
+
+    # given: Basic (2,000 credits), 1,500 of them listed on the marketplace
+    sub = subscribed("basic")
+    org = customer.organization
+    listing = listing_create(seller=org, quantity=1_500 * MICRO, price_per_1k=500, currency="usd")
+    invoice = sub.invoices.get()
+
+    # when: the subscription payment is refunded in full
+    stripe_sdk.v1.refunds.create(params={"payment_intent": invoice.stripe_payment_intent_id})
+    deliver()
+
+    # then: the listing ended, and all 2,000 credits were taken back, none lost
+    assert MarketListing.objects.get(pk=listing.pk).status == "canceled"
+    reversal = PaymentReversal.objects.get()
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (2_000 * MICRO, 0)
+    assert organization_balance(organization=org).available == 0
+    assert organization_balance(organization=org).escrowed == 0
+
+
+def test_credits_backing_a_running_job_are_not_clawed_back_from_under_it(
+    customer, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given: a 1,000-credit pack, 400 of it held by a running job
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    deliver()
+    hold_place(organization=org, amount=400 * MICRO, key="job-running")
+
+    # when: the pack is refunded
+    checkout = CheckoutSession.objects.get()
+    stripe_sdk.v1.refunds.create(params={"payment_intent": checkout.stripe_payment_intent_id})
+    deliver()
+
+    # then: 600 come back now; the job's 400 are still there for its capture
+    reversal = PaymentReversal.objects.get()
+    assert reversal.credits_clawed_back == 600 * MICRO
+    hold_capture(key="job-running", amount=400 * MICRO)
+    assert organization_balance(organization=org).available == 0
+
+
+def test_a_dispute_inquiry_moves_nothing(customer, subscribed, stripe_standin, stripe_sdk):
+    from gymbilling.services.events import dispute_refresh
+
+    sub = subscribed("basic")
+    intent = stripe_sdk.v1.payment_intents.retrieve(sub.invoices.get().stripe_payment_intent_id)
+    charge = (
+        intent.latest_charge if isinstance(intent.latest_charge, str) else intent.latest_charge.id
+    )
+    dispute = stripe_standin.dispute(charge, status="warning_needs_response")
+    assert dispute_refresh(dispute_id=dispute["id"]) is False
+    assert not PaymentReversal.objects.exists()

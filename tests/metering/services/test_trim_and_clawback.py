@@ -1,0 +1,72 @@
+"""credits_trim (the rollover cap) and lot_clawback (refunds): take only what is
+free to take, once per key."""
+
+from __future__ import annotations
+
+import pytest
+
+from accounts.errors import ApplicationError
+from metering.models import CreditLot
+from metering.selectors import organization_balance
+from metering.services import credits_trim, hold_capture, hold_place, lot_clawback
+from tests.helpers import credits, ledger_rows, system_balance
+
+pytestmark = pytest.mark.django_db
+
+
+def test_trim_keeps_the_cap_and_expires_the_rest_once(org, grant):
+    # given: 100 subscription credits and 50 from a pack
+    grant(org, credits(100), source="subscription")
+    grant(org, credits(50), source="pack", resellable=False)
+
+    # when: the rollover cap is 25
+    expired = credits_trim(
+        organization=org, source="subscription", keep=credits(25), key="p1", memo="cap"
+    )
+    again = credits_trim(
+        organization=org, source="subscription", keep=credits(25), key="p1", memo="cap"
+    )
+
+    # then
+    assert (expired, again) == (credits(75), 0)
+    assert organization_balance(organization=org).available == credits(75)
+    assert system_balance("expiry") == credits(75)
+
+
+def test_trim_leaves_the_credits_a_pending_hold_needs(org, grant):
+    """Otherwise the hold's capture would burn the paid pack in their place."""
+    # given: 100 subscription credits (burned first), a pack of 50, a hold of 100
+    grant(org, credits(100), source="subscription", priority=10)
+    pack = grant(org, credits(50), source="pack", resellable=False, priority=20)
+    hold_place(organization=org, amount=credits(100), key="job")
+
+    # when: the cap would keep nothing
+    assert credits_trim(organization=org, source="subscription", keep=0, key="p1", memo="cap") == 0
+    hold_capture(key="job", amount=credits(100))
+
+    # then: the pack is untouched
+    pack.refresh_from_db()
+    assert pack.remaining == credits(50)
+
+
+def test_clawback_takes_what_is_left_of_the_lot_and_nothing_else(org, grant):
+    lot = grant(org, credits(100), source="pack", resellable=False)
+    grant(org, credits(30), source="promotion", paid=False, resellable=False, priority=200)
+    hold_place(organization=org, amount=credits(60), key="job")
+    hold_capture(key="job", amount=credits(60))
+
+    taken = lot_clawback(lot=lot, amount=credits(100), key="refund-1", memo="refund")
+
+    assert taken == credits(40)
+    assert CreditLot.objects.get(pk=lot.pk).remaining == 0
+    assert organization_balance(organization=org).available == credits(30)
+
+
+def test_bad_input_changes_nothing(org, grant):
+    lot = grant(org, credits(10))
+    before = ledger_rows()
+    with pytest.raises(ApplicationError):
+        lot_clawback(lot=lot, amount=0, key="r", memo="x")
+    with pytest.raises(ApplicationError):
+        credits_trim(organization=org, source="subscription", keep=-1, key="t", memo="x")
+    assert ledger_rows() == before
