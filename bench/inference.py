@@ -123,6 +123,7 @@ def seed(grpc_url: str) -> Seed:
         gpu_hour_cost=0,
         context_limit=4096,
         max_output_tokens=1024,
+        tokenizer_file="inference/engine/tokenizer.json",
         access_tier="basic",
     )
     org = Organization.objects.create(

@@ -47,7 +47,7 @@ class JobAdmin(admin.ModelAdmin):
         "credits_charged",
         "queued_at",
     ]
-    list_filter = ["status", "priority"]
+    list_filter = ["status", "priority", "input_tokens_source"]
     search_fields = ["public_id", "organization__slug"]
     list_select_related = ["organization", "model"]
 

@@ -26,7 +26,7 @@ from accounts.errors import ApplicationError, error_body
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
 from inference.models import CatalogModel, Job
-from inference.relay import relay_cancel, relay_events
+from inference.relay import HEARTBEAT, relay_cancel, relay_events
 from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
 from inference.services import job_cancel, job_submit
 from inference.services.jobs import SubmitParams, job_quote
@@ -208,6 +208,7 @@ class _GenerationApi(OrgApiView):
             "credits_charged": final["credits_charged"],
             "credits_remaining": final["credits_remaining"],
             "unit": "micro_credit",
+            "prompt_tokens_source": final.get("input_tokens_source", ""),
         }
 
     def sse(self, job: Job, *, include_usage: bool) -> Iterator[bytes]:
@@ -216,9 +217,17 @@ class _GenerationApi(OrgApiView):
             return f"data: {text}\n\n".encode()
 
         finished = False
+        events = relay_events(
+            job.public_id, timeout_s=settings.INFERENCE_TIMEOUT_SECONDS, heartbeat=True
+        )
         try:
             yield line(self.chunk(job, delta_text="", finish_reason=None))
-            for event in relay_events(job.public_id, timeout_s=settings.INFERENCE_TIMEOUT_SECONDS):
+            for event in events:
+                if event is HEARTBEAT:
+                    # An SSE comment, which clients ignore: writing it is how a
+                    # client that went away is noticed before the first token.
+                    yield b": keep-alive\n\n"
+                    continue
                 if event["type"] == "delta":
                     yield line(self.chunk(job, delta_text=event["text"], finish_reason=None))
                     continue
@@ -246,7 +255,10 @@ class _GenerationApi(OrgApiView):
             yield line("[DONE]")
         finally:
             if not finished:
-                # The client went away (or we timed out): stop the engine.
+                # The client went away (the server closed this generator when a
+                # write failed) or we timed out: the worker ends the engine
+                # request and the job settles as canceled, billed for what the
+                # engine delivered until then (and its prompt, once sent).
                 relay_cancel(job.public_id)
 
 
@@ -368,6 +380,12 @@ class JobOutput(serializers.Serializer):
     input_tokens = serializers.IntegerField()
     cached_input_tokens = serializers.IntegerField()
     output_tokens = serializers.IntegerField()
+    input_tokens_source = serializers.CharField(
+        help_text="where the billed input_tokens came from: engine (its own count), tokenizer "
+        "(the engine took the prompt but sent no count: counted with the model's tokenizer), "
+        "unmetered (same, no tokenizer: not billed), none (the prompt never reached the "
+        "engine, or the engine failed first: not billed); blank until the job ends"
+    )
     credits_held = serializers.IntegerField(source="hold_amount")
     credits_charged = serializers.IntegerField()
     error_code = serializers.CharField()

@@ -59,6 +59,15 @@ class CatalogModel(models.Model):
         default="{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n",
         help_text="A Django template over `messages` (role, content).",
     )
+    # The engine's own tokenizer, readable by the workers. The engine's counts
+    # are what is billed; this counts a prompt only when the engine took it and
+    # never answered (a request cancelled before its first token).
+    tokenizer_file = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Path to the engine's tokenizer.json on the workers (relative to the "
+        "project root), e.g. inference/engine/tokenizer.json; blank: none.",
+    )
     access_tier = models.CharField(max_length=32, default="basic")
     status = models.CharField(
         max_length=16, choices=ModelStatus.choices, default=ModelStatus.ACTIVE
@@ -111,6 +120,15 @@ class JobStatus(models.TextChoices):
     EXPIRED = "expired", "Expired"
 
 
+class InputTokensSource(models.TextChoices):
+    """Where a settled job's billed prompt count came from (see inference/tasks.py)."""
+
+    ENGINE = "engine", "The engine's num_input_tokens"
+    TOKENIZER = "tokenizer", "Counted with the model's tokenizer (the engine sent no count)"
+    UNMETERED = "unmetered", "Not billed: the engine sent no count and there is no tokenizer"
+    NONE = "none", "Not billed: the prompt never reached the engine, or the engine failed first"
+
+
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED)
 
 
@@ -147,6 +165,10 @@ class Job(models.Model):
     input_tokens = models.PositiveIntegerField(default=0)
     cached_input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
+    # Blank until settled (and on jobs settled before it was recorded).
+    input_tokens_source = models.CharField(
+        max_length=16, choices=InputTokensSource.choices, blank=True
+    )
     engine_ms = models.PositiveIntegerField(default=0)
     credits_charged = models.BigIntegerField(default=0)
     serving_cost = models.BigIntegerField(default=0)  # minor units of the model's currency

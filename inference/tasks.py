@@ -23,19 +23,20 @@ then, as above.
 from __future__ import annotations
 
 import logging
-import threading
+from dataclasses import replace
+from datetime import datetime
 
 from celery import shared_task
 from celery.signals import worker_process_shutdown
 from django.utils import timezone
 
 from inference import triton
-from inference.models import TERMINAL, Job, JobStatus
-from inference.relay import relay_cancelled, relay_publish
+from inference.models import TERMINAL, InputTokensSource, Job, JobStatus
+from inference.relay import relay_cancel_watch, relay_publish
 from inference.selectors import pool_for_job
 from inference.services import job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
-from inference.services.jobs import Outcome
+from inference.services.jobs import Outcome, prompt_tokens_count
 from metering.selectors import organization_balance
 
 logger = logging.getLogger(__name__)
@@ -52,72 +53,131 @@ def job_run(job_pk: int, prompt: str) -> str:
     ).get(pk=job_pk)
     if job.status in TERMINAL or not job_start(job=job):
         return job.status
+    first_token: list[datetime] = []
+
+    def on_delta(text: str) -> None:
+        if not first_token:
+            first_token.append(timezone.now())
+        relay_publish(job.public_id, {"type": "delta", "text": text})
+
+    pool = pool_for_job(job=job)
+    engine = triton.pool_for(tuple(pool.grpc_urls), job.model.triton_model)
+    # Set by POST /api/v1/jobs/{id}/cancel, or by the API process when a
+    # streaming client goes away or a waiting one times out.
+    with relay_cancel_watch(job.public_id) as cancel:
+        try:
+            result = engine.generate(
+                _engine_request(job, prompt),
+                on_delta=on_delta if job.stream else None,
+                cancel=cancel,
+            )
+        except triton.TritonError as exc:
+            outcome, status = _failure_outcome(exc), JobStatus.FAILED
+        else:
+            outcome = _result_outcome(job, prompt, result)
+            cancelled = result.finish_reason == "cancelled"
+            status = JobStatus.CANCELED if cancelled else JobStatus.SUCCEEDED
+    if first_token:
+        outcome = replace(outcome, first_token_at=first_token[0])
+    job = job_settle(job=job, outcome=outcome, status=status)
+    relay_publish(job.public_id, _final_event(job, outcome))
+    return job.status
+
+
+def _engine_request(job: Job, prompt: str) -> triton.GenerationRequest:
     params = job.params
-    request = triton.GenerationRequest(
+    return triton.GenerationRequest(
         prompt=prompt,
         max_tokens=params["max_tokens"],
         temperature=params.get("temperature"),
         top_p=params.get("top_p"),
         seed=params.get("seed"),
         stop=list(params.get("stop") or []),
-        stream=job.stream,
+        # An asynchronous job is streamed from the engine too, though nobody
+        # reads its tokens: a cancellation then ends it between two tokens and
+        # bills what was generated so far, where a single response would leave
+        # nothing to bill. Not for the OpenAI endpoints' non-streamed answers:
+        # on the CPU engine a response per token cost about 0.5 ms a token
+        # (16 tokens: 2.5 -> 10 ms, README "Inference"), which they would pay
+        # on every request for a cancellation they rarely use.
+        stream=job.stream or job.kind == "async",
     )
-    cancel = threading.Event()
-    first_token = []
 
-    def on_delta(text: str) -> None:
-        if not first_token:
-            first_token.append(timezone.now())
-        relay_publish(job.public_id, {"type": "delta", "text": text})
-        if relay_cancelled(job.public_id):
-            cancel.set()
 
-    pool = pool_for_job(job=job)
-    try:
-        result = triton.pool_for(tuple(pool.grpc_urls), job.model.triton_model).generate(
-            request, on_delta=on_delta if job.stream else None, cancel=cancel
-        )
-        outcome = Outcome(
-            text=result.text,
-            input_tokens=result.input_tokens,
-            cached_input_tokens=result.cached_input_tokens,
-            output_tokens=result.output_tokens,
-            engine_ms=result.engine_ms,
-            finish_reason=result.finish_reason,
-            first_token_at=first_token[0] if first_token else None,
-        )
-        status = JobStatus.CANCELED if result.finish_reason == "cancelled" else JobStatus.SUCCEEDED
-    except triton.TritonError as exc:
-        partial = getattr(exc, "partial", None)
-        outcome = Outcome(
-            text=partial.text if partial else "",
-            input_tokens=partial.input_tokens if partial else 0,
-            cached_input_tokens=partial.cached_input_tokens if partial else 0,
-            output_tokens=partial.output_tokens if partial else 0,
-            engine_ms=partial.engine_ms if partial else 0,
-            finish_reason="error",
-            error_code=exc.code,
-            error_message=str(exc),
-            first_token_at=first_token[0] if first_token else None,
-        )
-        status = JobStatus.FAILED
-    job = job_settle(job=job, outcome=outcome, status=status)
+def _result_outcome(job: Job, prompt: str, result: triton.GenerationResult) -> Outcome:
+    outcome = Outcome(
+        text=result.text,
+        input_tokens=result.input_tokens,
+        cached_input_tokens=result.cached_input_tokens,
+        output_tokens=result.output_tokens,
+        engine_ms=result.engine_ms,
+        finish_reason=result.finish_reason,
+        input_tokens_source=InputTokensSource.ENGINE
+        if result.input_tokens
+        else InputTokensSource.NONE,
+    )
+    if result.sent and not result.input_tokens:
+        outcome = _with_untold_prompt(job, prompt, outcome)
+    return outcome
+
+
+def _with_untold_prompt(job: Job, prompt: str, outcome: Outcome) -> Outcome:
+    """The engine took the prompt but never counted it: bill it by the model's tokenizer.
+
+    That is a request cancelled after it was sent and before its first
+    response: the engine's counts ride on its responses and none came, yet it
+    took the prompt (and through an ensemble goes on to generate). Where the
+    catalog has no tokenizer the prompt is not billed, and the job says so
+    ("unmetered"). Without this, cancelling before the first token would make
+    any prompt free.
+    """
+    counted = prompt_tokens_count(model=job.model, prompt=prompt)
+    if counted is None:
+        logger.warning("job %s: prompt taken by the engine but not billed: no tokenizer", job)
+        return replace(outcome, input_tokens_source=InputTokensSource.UNMETERED)
+    return replace(outcome, input_tokens=counted, input_tokens_source=InputTokensSource.TOKENIZER)
+
+
+def _failure_outcome(exc: triton.TritonError) -> Outcome:
+    """What a failed request is billed: what the engine delivered before failing, if anything.
+
+    A failure before any response bills nothing, not even a prompt the engine
+    may have taken: the client gets only an error, and the failure is ours
+    (unreachable, silent, crashed or refusing engine).
+    """
+    partial = exc.partial
+    return Outcome(
+        text=partial.text if partial else "",
+        input_tokens=partial.input_tokens if partial else 0,
+        cached_input_tokens=partial.cached_input_tokens if partial else 0,
+        output_tokens=partial.output_tokens if partial else 0,
+        engine_ms=partial.engine_ms if partial else 0,
+        finish_reason="error",
+        error_code=exc.code,
+        error_message=str(exc),
+        input_tokens_source=InputTokensSource.ENGINE
+        if partial and partial.input_tokens
+        else InputTokensSource.NONE,
+    )
+
+
+def _final_event(job: Job, outcome: Outcome) -> dict:
+    """The relay's last event for this job: what the waiting API process answers with."""
     remaining = organization_balance(organization=job.organization).available
-    event = {
-        "type": "error" if status == JobStatus.FAILED else "done",
+    return {
+        "type": "error" if job.status == JobStatus.FAILED else "done",
         "status": job.status,
         "text": outcome.text,
         "finish_reason": outcome.finish_reason,
         "input_tokens": job.input_tokens,
         "cached_input_tokens": job.cached_input_tokens,
         "output_tokens": job.output_tokens,
+        "input_tokens_source": job.input_tokens_source,
         "credits_charged": job.credits_charged,
         "credits_remaining": remaining,
         "error_code": job.error_code,
         "error_message": job.error_message,
     }
-    relay_publish(job.public_id, event)
-    return job.status
 
 
 @worker_process_shutdown.connect

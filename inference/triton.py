@@ -33,7 +33,9 @@ token counts. What must stay true, and why it is built the way it is:
 - Cancelling ends the gRPC stream, which cancels the request in Triton. Through
   an `ensemble` on Triton 2.51 (ours and TensorRT-LLM's) the engine does not
   see the cancellation and runs on to `max_tokens` or a stop word; the caller
-  is still released at once with what was delivered.
+  is still released at once with what was delivered, and `sent` says whether
+  the engine got the request at all (the gateway bills a prompt taken but
+  never counted by the model's tokenizer: inference/tasks.py).
 """
 
 from __future__ import annotations
@@ -141,7 +143,10 @@ class GenerationResult:
     `input_tokens` and `output_tokens` are the engine's counts, the ones billed;
     `cached_input_tokens` is the part of the prompt served from the prefix cache
     (0 where the engine does not report it). `engine_ms` is wall time from
-    sending the request to its final response.
+    sending the request to its final response. `sent`: the request went out to
+    a server; a request cancelled after that and before any response has
+    `sent` and no counts (the engine took its prompt, and through an ensemble
+    goes on generating).
     """
 
     text: str
@@ -151,6 +156,7 @@ class GenerationResult:
     engine_ms: int
     finish_reason: str
     server_url: str = ""
+    sent: bool = False
 
 
 def _pack(fmt: str, value, name: str) -> bytes:
@@ -260,6 +266,7 @@ class _Accumulator:
             engine_ms=round((time.perf_counter() - self.started) * 1000),
             finish_reason=finish_reason,
             server_url=self.server_url,
+            sent=True,
         )
 
     def partial(self) -> GenerationResult | None:

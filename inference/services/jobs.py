@@ -8,12 +8,16 @@ written, and the Celery task is enqueued after commit on its priority's queue.
 
 from __future__ import annotations
 
+import functools
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -26,7 +30,7 @@ from accounts.ratelimits import (
     rate_limit_consume,
     rate_limit_refund,
 )
-from inference.models import TERMINAL, CatalogModel, Job, JobStatus
+from inference.models import TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
 from inference.selectors import catalog_model_resolve
 from inference.services.callbacks import job_callback_record
 from metering.models import Priority
@@ -41,6 +45,8 @@ from metering.services import (
     hold_release,
     usage_record_create,
 )
+
+logger = logging.getLogger(__name__)
 
 PRIORITY_RANK = {Priority.BATCH: 0, Priority.STANDARD: 1, Priority.PRIORITY: 2}
 
@@ -62,6 +68,35 @@ def prompt_token_bound(prompt: str) -> int:
     real count.
     """
     return len(prompt.encode("utf-8"))
+
+
+@functools.cache
+def _tokenizer(path: str):
+    from tokenizers import Tokenizer
+
+    resolved = Path(path)
+    if not resolved.is_absolute():
+        resolved = Path(settings.BASE_DIR) / resolved
+    return Tokenizer.from_file(str(resolved))
+
+
+def prompt_tokens_count(*, model: CatalogModel, prompt: str) -> int | None:
+    """The prompt's tokens by the model's own tokenizer; None when the catalog has none.
+
+    Only for a prompt the engine took but never counted (its counts ride on
+    its responses). Encoded without special tokens, as the development engine
+    and TensorRT-LLM's preprocessing (by default) do: a deployment that adds a
+    BOS token is under-counted by it, never over-counted. A tokenizer file
+    that cannot be read counts as none (logged): the job must still settle.
+    """
+    if not model.tokenizer_file:
+        return None
+    try:
+        tokenizer = _tokenizer(model.tokenizer_file)
+    except Exception:
+        logger.exception("tokenizer %r of %s could not be loaded", model.tokenizer_file, model)
+        return None
+    return len(tokenizer.encode(prompt, add_special_tokens=False).ids)
 
 
 def _limits(organization: Organization) -> list[Limit]:
@@ -249,14 +284,19 @@ class Outcome:
     error_code: str = ""
     error_message: str = ""
     first_token_at: datetime | None = None  # when the first streamed token arrived
+    input_tokens_source: str = InputTokensSource.NONE
 
 
-def job_settle(*, job: Job, outcome: Outcome, status: str) -> Job:
+def job_settle(
+    *, job: Job, outcome: Outcome, status: str, only_from: tuple[str, ...] | None = None
+) -> Job:
     """Capture the credits for the tokens really served, once; release the rest.
 
     Runs in one transaction: the capture, the usage record and the job row
     commit together or not at all, so a worker that dies here is simply run
     again, and the hold (keyed by the job id) still settles exactly once.
+    With `only_from`, a job whose status (under the lock) is not one of those
+    is left alone and returned as it is.
     """
     served = outcome.input_tokens or outcome.output_tokens
     rates = Rates.of(job.model_price, job.priority)
@@ -281,6 +321,8 @@ def job_settle(*, job: Job, outcome: Outcome, status: str) -> Job:
         locked = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)
         if locked.status in TERMINAL:
             return locked  # settled by an earlier delivery of the task
+        if only_from is not None and locked.status not in only_from:
+            return locked
         if served:
             hold = hold_capture(key=job.public_id, amount=charge)
         else:
@@ -309,6 +351,7 @@ def job_settle(*, job: Job, outcome: Outcome, status: str) -> Job:
             "input_tokens": outcome.input_tokens,
             "cached_input_tokens": outcome.cached_input_tokens,
             "output_tokens": outcome.output_tokens,
+            "input_tokens_source": outcome.input_tokens_source,
             "engine_ms": outcome.engine_ms,
             "credits_charged": charge,
             "serving_cost": cost,
@@ -341,12 +384,22 @@ def _release_reservations(*, job: Job, used_tokens: int) -> None:
 
 
 def job_cancel(*, job: Job) -> Job:
-    """Ask the worker to stop; a job not started yet is released at once."""
+    """Ask the worker to stop; a job not started yet is released at once.
+
+    A running job is stopped by its worker (it polls for the cancellation, see
+    inference.relay) within a fraction of a second, and settles for what the
+    engine delivered until then; the job returned here may still be running.
+    """
     from inference.relay import relay_cancel
 
     relay_cancel(job.public_id)
     if job.status == JobStatus.QUEUED:
+        # Only if it is still queued under the lock: a worker that started it
+        # meanwhile owns the settlement, and bills what the engine took.
         job = job_settle(
-            job=job, outcome=Outcome(finish_reason="cancelled"), status=JobStatus.CANCELED
+            job=job,
+            outcome=Outcome(finish_reason="cancelled"),
+            status=JobStatus.CANCELED,
+            only_from=(JobStatus.QUEUED,),
         )
     return job

@@ -109,6 +109,7 @@ class Command(BaseCommand):
                 "gpu_hour_cost": 0,
                 "context_limit": 4096,
                 "max_output_tokens": 1024,
+                "tokenizer_file": "inference/engine/tokenizer.json",
                 "access_tier": "basic",
             },
         )

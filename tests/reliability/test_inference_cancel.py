@@ -1,0 +1,409 @@
+"""Requests that end early: a streaming client that goes away, a job cancelled while it
+runs or before the engine's first token, a request the engine refuses.
+
+Real parts only, as in test_inference_faults.py: the app on a live server
+thread, the session's Celery worker process, the real CPU Triton server,
+PostgreSQL and Redis. The streaming client is a raw socket, so that the test
+decides exactly when the connection closes.
+
+What is billed when a request ends early (README, "Inference"):
+- what the engine delivered to the worker before the worker ended the request:
+  the engine's own counts, summed over the responses it read (through an
+  `ensemble` the engine goes on generating after a cancellation; that is not
+  billed);
+- a prompt the engine took but never counted (cancelled before its first
+  response, or a stream the engine ended without a token): counted with the
+  catalog model's tokenizer, or not billed where the catalog has none, the
+  job saying which (`input_tokens_source`);
+- a failure before any response (unreachable, refusing, silent engine): nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+import requests
+
+from accounts.models import Scope
+from accounts.redis import get_redis
+from accounts.services import apikey_create
+from inference.apis import render_chat
+from inference.engine.tokenizer import count_tokens
+from inference.models import TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus, ServerPool
+from inference.triton import GenerationRequest
+from inference.triton import ServerPool as EnginePool
+from metering.models import HoldStatus
+from metering.selectors import organization_balance
+from metering.services import price_book_publish
+from tests.helpers import credits
+from tests.inference import conftest as engine_fixtures
+from tests.reliability.test_inference_faults import (
+    _client,
+    _expected_charge,
+    _organization,
+    _settled_once,
+    _wait_for,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+triton_server = engine_fixtures.triton_server
+
+MODEL = "gym-cancel"
+TOKENIZER = "inference/engine/tokenizer.json"
+# With the development engine this conversation, at temperature 2 and seed
+# 4792, generates 1815 tokens before its end token: the longest of seeds
+# 0-5999, so that a test has time to cancel well before the end.
+LONG_MESSAGES = [{"role": "user", "content": "Write a very long training guide."}]
+LONG_SEED, LONG_TEMPERATURE, MAX_TOKENS = 4792, 2.0, 3000
+
+
+def _model(urls: list[str], *, tokenizer_file: str = TOKENIZER) -> CatalogModel:
+    price_book_publish(
+        prices=[
+            {
+                "model_name": MODEL,
+                "input_rate": Decimal("0.5"),
+                "cached_input_rate": Decimal("0.25"),
+                "output_rate": Decimal("1.5"),
+                "minimum_charge": 0,
+            }
+        ]
+    )
+    pool = ServerPool.objects.create(name="cancel-tests", grpc_urls=urls)
+    return CatalogModel.objects.create(
+        name=MODEL,
+        pool=pool,
+        access_tier="basic",
+        max_output_tokens=4096,
+        tokenizer_file=tokenizer_file,
+    )
+
+
+def _long_body(**extra) -> dict:
+    return {
+        "model": MODEL,
+        "messages": LONG_MESSAGES,
+        "max_tokens": MAX_TOKENS,
+        "temperature": LONG_TEMPERATURE,
+        "seed": LONG_SEED,
+        **extra,
+    }
+
+
+def _full_generation(grpc_url: str, prompt: str):
+    """The whole generation the engine makes for the long request (it is deterministic)."""
+    pool = EnginePool([grpc_url])
+    try:
+        request = GenerationRequest(
+            prompt, MAX_TOKENS, temperature=LONG_TEMPERATURE, seed=LONG_SEED, stream=True
+        )
+        return pool.generate(request)
+    finally:
+        pool.close()
+
+
+class _StreamingClient:
+    """POST a streamed completion over a raw socket; read its SSE events; hang up at will."""
+
+    def __init__(self, base_url: str, api_key: str, body: dict):
+        address = urlsplit(base_url)
+        payload = json.dumps(body).encode()
+        self.sock = socket.create_connection((address.hostname, address.port), timeout=30)
+        self.sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\n"
+            + f"Host: {address.netloc}\r\nAuthorization: Bearer {api_key}\r\n".encode()
+            + b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        self._buffer = b""
+        self.status_line = b""
+
+    def events(self) -> Iterator[dict]:
+        """Each `data: {...}` event as it arrives (comments and headers skipped)."""
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                if not self.status_line:
+                    self.status_line = line.strip()
+                if line.startswith(b"data: {"):
+                    yield json.loads(line[len(b"data: ") :])
+            received = self.sock.recv(65536)
+            if not received:
+                return
+            self._buffer += received
+
+    def hang_up(self) -> None:
+        self.sock.close()
+
+
+def _relayed(job: Job) -> tuple[str, dict]:
+    """What the worker relayed for the job: the text of its deltas, and its final event."""
+    entries = get_redis().xrange(f"jobstream:{job.public_id}")
+    events = [json.loads(fields[b"e"]) for _entry_id, fields in entries]
+    text = "".join(event["text"] for event in events if event["type"] == "delta")
+    return text, events[-1]
+
+
+def _finished(job_pk: int) -> Job:
+    return _wait_for(
+        lambda: Job.objects.filter(pk=job_pk, status__in=TERMINAL).first(),
+        timeout=60,
+        what="the job to end",
+    )
+
+
+# -- 1. a streaming client that goes away mid-stream --------------------------------------
+
+
+def test_a_client_that_hangs_up_mid_stream_cancels_the_job_and_pays_for_what_was_delivered(
+    live_server, celery_worker_process, triton_server, grant
+):
+    # given a long generation, and how long it is when nobody stops it
+    model = _model([triton_server.grpc_url])
+    prompt = render_chat(model, LONG_MESSAGES)
+    full = _full_generation(triton_server.grpc_url, prompt)
+    assert full.output_tokens > 1000
+    org = _organization(grant, credits(100))
+    _key, raw = apikey_create(organization=org, name="cancel", scopes=[Scope.INFERENCE])
+    before = organization_balance(organization=org)
+
+    # when the client reads the first three tokens, then closes the connection
+    client = _StreamingClient(live_server.url, raw, _long_body(stream=True))
+    read = []
+    for event in client.events():
+        if event["choices"] and event["choices"][0]["delta"].get("content"):
+            read.append(event["choices"][0]["delta"]["content"])
+            if len(read) == 3:
+                break
+    client.hang_up()
+
+    # then the job ends canceled, well before the engine's end
+    job = _finished(Job.objects.get(organization=org).pk)
+    assert client.status_line.endswith(b"200 OK")
+    assert (job.status, job.finish_reason) == (JobStatus.CANCELED, "cancelled")
+    assert len(read) <= job.output_tokens < full.output_tokens
+
+    # and it was billed for exactly what the engine delivered to the worker
+    # until it cancelled: the text relayed is the start of the engine's own
+    # generation, and the billed count is the engine's count of that text
+    relayed_text, final = _relayed(job)
+    assert relayed_text == final["text"]
+    assert "".join(read) == relayed_text[: len("".join(read))]
+    assert full.text.startswith(relayed_text)
+    assert job.output_tokens == count_tokens(relayed_text) == final["output_tokens"]
+    assert job.input_tokens == count_tokens(prompt)
+    assert job.input_tokens_source == InputTokensSource.ENGINE
+
+    # and the hold settled once, for that, the rest released
+    charge = _expected_charge(job)
+    assert job.credits_charged == charge > 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+    after = organization_balance(organization=org)
+    assert before.available - after.available == charge
+    assert after.held == 0
+
+
+# -- 2. ended after the engine took the prompt, before its first response -----------------
+
+
+@pytest.mark.parametrize("tokenizer_file", [TOKENIZER, ""], ids=["tokenizer", "no tokenizer"])
+def test_a_stream_cancelled_before_the_first_token_bills_the_prompt_the_engine_took(
+    live_server, celery_worker_process, triton_server, grant, tokenizer_file
+):
+    # given a model whose engine is busy: a request sent now waits, silent, in
+    # the engine's queue
+    model = _model([triton_server.grpc_url], tokenizer_file=tokenizer_file)
+    messages = [{"role": "user", "content": "How long should a warm-up last?"}]
+    prompt = render_chat(model, messages)
+    org = _organization(grant, credits(100))
+    _key, raw = apikey_create(organization=org, name="cancel", scopes=[Scope.INFERENCE])
+    before = organization_balance(organization=org)
+    busy, _workers = engine_fixtures.occupy_engine_workers(triton_server.grpc_url)
+    try:
+        # when a streaming client reads the opening chunk, waits until the
+        # worker has sent its request to the engine, and hangs up
+        client = _StreamingClient(
+            live_server.url,
+            raw,
+            {"model": MODEL, "messages": messages, "max_tokens": 8, "stream": True},
+        )
+        opening = next(client.events())
+        assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        job = Job.objects.get(organization=org)
+        _wait_for(
+            lambda: Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).exists(),
+            timeout=30,
+            what="the job to start",
+        )
+        time.sleep(0.3)
+        client.hang_up()
+
+        # then the job ends canceled with nothing generated, while the engine
+        # is still busy: the SSE heartbeat noticed the client was gone
+        job = _finished(job.pk)
+    finally:
+        busy.stop_stream(cancel_requests=True)
+        busy.close()
+    assert (job.status, job.finish_reason, job.output_tokens) == (
+        JobStatus.CANCELED,
+        "cancelled",
+        0,
+    )
+    after = organization_balance(organization=org)
+    assert after.held == 0
+    if tokenizer_file:
+        # and its prompt was billed, counted with the model's tokenizer: the
+        # count the engine itself makes of that prompt
+        engine_count = EnginePool([triton_server.grpc_url])
+        try:
+            told = engine_count.generate(GenerationRequest(prompt, 1)).input_tokens
+        finally:
+            engine_count.close()
+        assert job.input_tokens == count_tokens(prompt) == told > 0
+        assert job.input_tokens_source == InputTokensSource.TOKENIZER
+        charge = _expected_charge(job)
+        assert job.credits_charged == charge > 0
+        _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+        assert before.available - after.available == charge
+    else:
+        # and without a tokenizer it could not be counted: not billed, and said so
+        assert (job.input_tokens, job.credits_charged) == (0, 0)
+        assert job.input_tokens_source == InputTokensSource.UNMETERED
+        _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+        assert after.available == before.available
+
+
+def test_a_streamed_answer_the_engine_ends_at_once_still_bills_its_prompt(
+    live_server, celery_worker_process, triton_server, grant
+):
+    # given a conversation the engine ends at its first step with seed 34: a
+    # stream that has no token response at all, so no counts from the engine
+    model = _model([triton_server.grpc_url])
+    messages = [{"role": "user", "content": "Plan my week."}]
+    prompt = render_chat(model, messages)
+    org = _organization(grant, credits(100))
+    client = _client(live_server, org)
+    before = organization_balance(organization=org)
+
+    # when
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=8,
+        seed=34,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+
+    # then the answer is empty, and its prompt was billed at the tokenizer's
+    # count, which is the engine's own count of that prompt
+    job = Job.objects.get(organization=org)
+    assert (job.status, job.output_tokens) == (JobStatus.SUCCEEDED, 0)
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    engine_count = EnginePool([triton_server.grpc_url])
+    try:
+        told = engine_count.generate(GenerationRequest(prompt, 8, seed=34))
+    finally:
+        engine_count.close()
+    assert told.output_tokens == 0
+    assert job.input_tokens == count_tokens(prompt) == told.input_tokens > 0
+    assert job.input_tokens_source == InputTokensSource.TOKENIZER
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (job.input_tokens, 0)
+    assert chunks[-1].model_extra["gym"]["prompt_tokens_source"] == "tokenizer"
+    charge = _expected_charge(job)
+    assert job.credits_charged == charge > 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+    assert before.available - organization_balance(organization=org).available == charge
+
+
+# -- 3. an asynchronous job cancelled while it runs ---------------------------------------
+
+
+def test_cancelling_a_running_async_job_stops_it_and_bills_what_was_generated(
+    live_server, celery_worker_process, triton_server, grant
+):
+    # given a long asynchronous job, running
+    model = _model([triton_server.grpc_url])
+    prompt = render_chat(model, LONG_MESSAGES)
+    full = _full_generation(triton_server.grpc_url, prompt)
+    org = _organization(grant, credits(100))
+    _key, raw = apikey_create(organization=org, name="cancel", scopes=[Scope.INFERENCE])
+    headers = {"Authorization": f"Bearer {raw}"}
+    jobs_url = f"{live_server.url}/api/v1/jobs"
+    before = organization_balance(organization=org)
+    queued = requests.post(jobs_url, headers=headers, json=_long_body(), timeout=30)
+    assert queued.status_code == 202, queued.text
+    job_id = queued.json()["id"]
+    _wait_for(
+        lambda: Job.objects.filter(public_id=job_id, status=JobStatus.RUNNING).exists(),
+        timeout=30,
+        what="the job to start",
+    )
+    time.sleep(0.3)  # a few hundred tokens in: the whole generation takes over a second
+
+    # when it is cancelled
+    cancelled = requests.post(f"{jobs_url}/{job_id}/cancel", headers=headers, timeout=30)
+
+    # then it ends canceled, before the engine's end
+    assert cancelled.status_code == 200, cancelled.text
+    job = _finished(Job.objects.get(public_id=job_id).pk)
+    read_back = requests.get(f"{jobs_url}/{job_id}", headers=headers, timeout=30).json()
+    assert (read_back["status"], read_back["finish_reason"]) == ("canceled", "cancelled")
+    assert 0 < job.output_tokens < full.output_tokens
+
+    # and it kept, and was billed for, exactly what the engine had generated:
+    # the start of the whole generation, at the engine's count of it
+    assert read_back["output"] == job.output
+    assert full.text.startswith(job.output)
+    assert job.output_tokens == count_tokens(job.output)
+    assert (read_back["input_tokens"], read_back["input_tokens_source"]) == (
+        count_tokens(prompt),
+        "engine",
+    )
+    charge = _expected_charge(job)
+    assert read_back["credits_charged"] == job.credits_charged == charge > 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+    after = organization_balance(organization=org)
+    assert before.available - after.available == charge
+    assert after.held == 0
+
+
+# -- 4. the engine refuses the request -------------------------------------------------
+
+
+def test_a_request_the_engine_refuses_bills_nothing(
+    live_server, celery_worker_process, triton_server, grant
+):
+    # given a request longer than the engine's sequence limit (prompt plus
+    # max_tokens over 4096), which only the engine checks
+    _model([triton_server.grpc_url])
+    org = _organization(grant, credits(100))
+    client = _client(live_server, org)
+    before = organization_balance(organization=org)
+
+    # when
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Plan my week."}], max_tokens=4096
+        )
+
+    # then the engine's reason comes back, and nothing was billed
+    assert refused.value.body["code"] == "context_length_exceeded"
+    assert "lower max_tokens" in refused.value.body["message"]
+    job = Job.objects.get(organization=org)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "engine_error")
+    assert (job.input_tokens, job.output_tokens, job.credits_charged) == (0, 0, 0)
+    assert job.input_tokens_source == InputTokensSource.NONE
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    assert organization_balance(organization=org) == before
