@@ -77,6 +77,11 @@ if DATABASES["default"]["ENGINE"].endswith("postgresql"):
     # fastpath.py) binds on the server and prepares, which halves its cost in
     # PostgreSQL. Behind a transaction-pooling PgBouncer older than 1.21, set
     # METERING_FAST_PATH=false.
+    # Do not turn on OPTIONS["server_side_binding"] for Django's queries as they
+    # are: tried on 2026-12-01, a prepared `remaining - $1` took a later
+    # 12,500,000,000 as a 32-bit integer and wrapped (a lot's remaining rose
+    # past its amount; the CHECK constraint refused it). The fast path casts
+    # every parameter (::bigint) for this reason.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
