@@ -216,13 +216,15 @@ def _listing_close_if_done(listing: MarketListing, *, now: datetime) -> None:
 
 
 @retry_on_deadlock
-def listing_cancel(*, seller: Organization, listing_id: int) -> MarketListing:
+def listing_cancel(
+    *, seller: Organization, listing_id: int, now: datetime | None = None
+) -> MarketListing:
     """End the listing: its unsold, unreserved, unexpired credits go back to the wallet.
 
     Credits reserved by a buyer's order in flight stay with that order: paid,
     they are delivered; released, they go to the seller's wallet.
     """
-    now = timezone.now()
+    now = now or timezone.now()
     with transaction.atomic():
         listing = (
             MarketListing.objects.select_for_update()

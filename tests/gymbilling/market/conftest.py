@@ -1,16 +1,14 @@
 """Marketplace fixtures.
 
-Stripe is replaced at the client module (gymbilling.stripe_client) by
-`FakeStripe` in these service-level tests: the stand-in runs over HTTP only in
-test_end_to_end.py. The fake keeps what a test needs to assert on (sessions,
-refunds, transfers, balance credits) and can be switched to "unavailable".
+Stripe is the local stand-in (gymbilling/stripe_standin) over HTTP, as in
+every billing test: `market_stripe` only adds the switches these tests need
+(Stripe unreachable; a payout destination that does not exist) and reads back
+what Stripe holds (sessions, refunds, transfers, balance credits).
 """
 
 from __future__ import annotations
 
-import itertools
 import uuid
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
@@ -18,98 +16,79 @@ from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.models import BillingCustomer, MarketOrder
+from gymbilling.services import billing_customer_ensure
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
 from tests.helpers import credits
 
-_ids = itertools.count(1)
+UNREACHABLE = "http://127.0.0.1:9"
 
 
-@dataclass
-class FakeStripe:
-    down: bool = False
-    refuse_transfers: bool = False
-    sessions: dict = field(default_factory=dict)
-    refunds: list = field(default_factory=list)
-    transfers: list = field(default_factory=list)
-    balance_credits: list = field(default_factory=list)
-    keys: list = field(default_factory=list)
+class MarketStripe:
+    """The stand-in, as the marketplace's Stripe, with two switches."""
 
-    def _check(self, key=None):
-        if self.down:
-            raise stripe_client.StripeUnavailable("fake: Stripe is down")
-        if key:
-            self.keys.append(key)
+    def __init__(self, standin, settings) -> None:
+        self.standin = standin
+        self._settings = settings
+        self._retries = settings.STRIPE_MAX_NETWORK_RETRIES
 
-    def customer_create(self, *, key, email, name, metadata):
-        self._check(key)
-        return {"id": f"cus_{next(_ids)}"}
+    @property
+    def down(self) -> bool:
+        return self.standin.api_base != self._settings.STRIPE_API_BASE
 
-    def checkout_session_create(self, *, key, **params):
-        self._check(key)
-        sid = f"cs_test_{next(_ids)}"
-        session = {
-            "id": sid,
-            "url": f"https://checkout.test/{sid}",
-            "status": "open",
-            "payment_status": "unpaid",
-            "payment_intent": None,
-            "amount_total": params["line_items"][0]["price_data"]["unit_amount"],
-            "params": params,
-        }
-        self.sessions[sid] = session
-        return dict(session)
+    @down.setter
+    def down(self, value: bool) -> None:
+        # A closed port: every call fails to connect, as when Stripe is down.
+        self._settings.STRIPE_API_BASE = UNREACHABLE if value else self.standin.api_base
+        self._settings.STRIPE_MAX_NETWORK_RETRIES = 0 if value else self._retries
 
-    def checkout_session_retrieve(self, session_id):
-        self._check()
-        return dict(self.sessions[session_id])
+    def session(self, session_id: str) -> dict:
+        return stripe_client.checkout_session_retrieve(session_id)
 
-    def checkout_session_expire(self, session_id):
-        self._check()
-        session = self.sessions[session_id]
-        if session["status"] != "open":
-            raise stripe_client.StripeRequestRefused("not open", status=400)
-        session["status"] = "expired"
-        return dict(session)
+    def pay(self, session_id: str) -> dict:
+        self.standin.pay_checkout(session_id)
+        return self.session(session_id)
 
-    def pay(self, session_id):
-        session = self.sessions[session_id]
-        session.update(status="complete", payment_status="paid", payment_intent=f"pi_{session_id}")
-        return dict(session)
+    def expire(self, session_id: str) -> dict:
+        return stripe_client.checkout_session_expire(session_id)
 
-    def refund_create(self, *, key, **params):
-        self._check(key)
-        self.refunds.append(params)
-        return {"id": f"re_{next(_ids)}"}
+    def _list(self, path: str) -> list[dict]:
+        import json
+        import urllib.request
 
-    def transfer_create(self, *, key, **params):
-        self._check(key)
-        if self.refuse_transfers:
-            raise stripe_client.StripeRequestRefused("no such destination", status=400)
-        self.transfers.append(params)
-        return {"id": f"tr_{next(_ids)}"}
+        request = urllib.request.Request(
+            f"{self.standin.api_base}{path}",
+            headers={"Authorization": f"Bearer {self._settings.STRIPE_SECRET_KEY}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())["data"]
 
-    def customer_balance_credit(self, *, key, customer, **params):
-        self._check(key)
-        self.balance_credits.append({"customer": customer, **params})
-        return {"id": f"cbtxn_{next(_ids)}"}
+    def refunded(self, payment_intent: str) -> int:
+        """Minor units Stripe has refunded of the payment's charge."""
+        charge = stripe_client.payment_intent_retrieve(payment_intent)["latest_charge"]
+        charge_id = charge["id"] if isinstance(charge, dict) else charge
+        return int(stripe_client.charge_retrieve(charge_id)["amount_refunded"])
+
+    def transfers(self, destination: str) -> list[dict]:
+        return self._list(f"/v1/transfers?destination={destination}&limit=100")
+
+    def balance_credits(self, organization) -> list[dict]:
+        customer = BillingCustomer.objects.get(organization=organization).stripe_customer_id
+        return self._list(f"/v1/customers/{customer}/balance_transactions?limit=100")
+
+    def connect_account(self, organization) -> str:
+        account = stripe_client.connect_account_create(
+            key=f"acct:{organization.pk}:{uuid.uuid4()}", email="seller@example.test", metadata={}
+        )
+        BillingCustomer.objects.filter(organization=organization).update(
+            stripe_connect_account_id=account["id"]
+        )
+        return account["id"]
 
 
 @pytest.fixture
-def fake_stripe(monkeypatch, settings):
-    fake = FakeStripe()
-    settings.STRIPE_SECRET_KEY = "sk_test_fake"
-    for name in (
-        "customer_create",
-        "checkout_session_create",
-        "checkout_session_retrieve",
-        "checkout_session_expire",
-        "refund_create",
-        "transfer_create",
-        "customer_balance_credit",
-    ):
-        monkeypatch.setattr(stripe_client, name, getattr(fake, name))
-    return fake
+def market_stripe(stripe_standin, settings) -> MarketStripe:
+    return MarketStripe(stripe_standin, settings)
 
 
 def subscription_credits(organization, amount, *, days=30):
@@ -124,23 +103,27 @@ def subscription_credits(organization, amount, *, days=30):
     )
 
 
-@pytest.fixture
-def seller(db):
+def market_member(*, credits_amount: int = 0):
+    """An organization with a real Stripe customer at the stand-in (and credits)."""
     org = OrganizationFactory()
-    BillingCustomer.objects.create(organization=org, stripe_customer_id=f"cus_seller_{org.pk}")
-    subscription_credits(org, credits(1000))
+    billing_customer_ensure(organization=org)
+    if credits_amount:
+        subscription_credits(org, credits_amount)
     return org
 
 
 @pytest.fixture
-def buyer(db):
-    org = OrganizationFactory()
-    BillingCustomer.objects.create(organization=org, stripe_customer_id=f"cus_buyer_{org.pk}")
-    return org
+def seller(db, market_stripe):
+    return market_member(credits_amount=credits(1000))
 
 
-def paid_session(fake: FakeStripe, order: MarketOrder) -> dict:
-    return fake.pay(order.checkout.stripe_session_id)
+@pytest.fixture
+def buyer(db, market_stripe):
+    return market_member()
+
+
+def paid_session(stripe: MarketStripe, order: MarketOrder) -> dict:
+    return stripe.pay(order.checkout.stripe_session_id)
 
 
 def charge_for(order: MarketOrder, *, amount_refunded=0) -> dict:

@@ -29,7 +29,7 @@ def rows():
     )
 
 
-def test_list_browse_order_and_follow_an_order(fake_stripe, seller, buyer):
+def test_list_browse_order_and_follow_an_order(market_stripe, seller, buyer):
     from gymbilling.market.services import market_checkout_handle
 
     api_seller, api_buyer = client_for(seller), client_for(buyer)
@@ -69,10 +69,10 @@ def test_list_browse_order_and_follow_an_order(fake_stripe, seller, buyer):
     assert r.status_code == 201, r.content
     order = r.json()
     assert order["status"] == "pending" and order["amount_total"] == 10
-    assert order["checkout_url"].startswith("https://checkout.test/")
+    assert order["checkout_url"].startswith(market_stripe.standin.api_base + "/checkout/")
     # pay, then the order shows it
     row = MarketOrder.objects.get(pk=order["id"])
-    market_checkout_handle(row.checkout, paid_session(fake_stripe, row))
+    market_checkout_handle(row.checkout, paid_session(market_stripe, row))
     r = api_buyer.get(f"/api/v1/market/orders/{order['id']}")
     assert r.status_code == 200 and r.json()["status"] == "paid"
     assert r.json()["fills"][0]["delivered_quantity"] == credits(40)
@@ -103,7 +103,7 @@ def test_bad_listings_are_refused_with_a_code_and_change_nothing(seller, body, c
     assert rows() == before
 
 
-def test_bad_orders_are_refused_with_a_code_and_change_nothing(fake_stripe, seller, buyer):
+def test_bad_orders_are_refused_with_a_code_and_change_nothing(market_stripe, seller, buyer):
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     api_seller, api_buyer = client_for(seller), client_for(buyer)
     before = rows()
@@ -142,7 +142,7 @@ def test_bad_orders_are_refused_with_a_code_and_change_nothing(fake_stripe, sell
     assert rows() == before
 
 
-def test_another_organizations_listing_and_order_answer_404(fake_stripe, seller, buyer):
+def test_another_organizations_listing_and_order_answer_404(market_stripe, seller, buyer):
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     api_buyer = client_for(buyer)
     r = api_buyer.post(
@@ -165,9 +165,9 @@ def test_a_key_without_the_marketplace_scope_is_refused(seller):
     assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
 
 
-def test_stripe_down_answers_503_payments_unavailable(fake_stripe, seller, buyer):
+def test_stripe_down_answers_503_payments_unavailable(market_stripe, seller, buyer):
     listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
-    fake_stripe.down = True
+    market_stripe.down = True
     r = client_for(buyer).post(
         "/api/v1/market/orders",
         {"quantity": credits(10), "max_price_per_1k": 300},

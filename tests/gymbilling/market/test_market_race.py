@@ -9,23 +9,21 @@ from django.db import connection
 
 from accounts.errors import ApplicationError
 from gymbilling.market.services import listing_create, order_create
-from gymbilling.models import BillingCustomer, MarketFill, MarketOrder
+from gymbilling.models import MarketFill, MarketOrder
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
-from tests.gymbilling.market.conftest import subscription_credits
+from tests.gymbilling.market.conftest import market_member, subscription_credits
 from tests.helpers import credits
 
 
 @pytest.mark.django_db(transaction=True)
-def test_twenty_buyers_race_for_five_fills(fake_stripe):
+def test_twenty_buyers_race_for_five_fills(market_stripe):
     # given: 100 credits listed; each buyer wants 20
     seller = OrganizationFactory()
     subscription_credits(seller, credits(100))
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
-    buyers = [OrganizationFactory() for _ in range(20)]
-    for each in buyers:
-        BillingCustomer.objects.create(organization=each, stripe_customer_id=f"cus_race_{each.pk}")
+    buyers = [market_member() for _ in range(20)]
     barrier = threading.Barrier(len(buyers))
     outcomes: dict[int, str] = {}
 

@@ -44,7 +44,12 @@ from metering.models import MICRO, CreditLot, LotSource
 from metering.selectors import organization_balance
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
-from tests.gymbilling.market.conftest import charge_for, paid_session, subscription_credits
+from tests.gymbilling.market.conftest import (
+    charge_for,
+    market_member,
+    paid_session,
+    subscription_credits,
+)
 from tests.helpers import credits, ledger_rows, system_balance
 
 pytestmark = pytest.mark.django_db
@@ -160,7 +165,7 @@ def test_listing_limits(seller, settings):
 
 
 def test_partial_fills_across_three_listings_fill_cheapest_first_and_charge_the_exact_total(
-    fake_stripe, buyer
+    market_stripe, buyer
 ):
     # given: three sellers at three prices (the cheapest listed last)
     sellers = [OrganizationFactory() for _ in range(3)]
@@ -192,12 +197,12 @@ def test_partial_fills_across_three_listings_fill_cheapest_first_and_charge_the_
         40,
     ]
     assert order.amount_total == 86
-    session = fake_stripe.sessions[order.checkout.stripe_session_id]
-    assert session["params"]["line_items"][0]["price_data"]["unit_amount"] == 86
-    assert order.checkout_url.startswith("https://checkout.test/")
+    session = market_stripe.session(order.checkout.stripe_session_id)
+    assert session["amount_total"] == 86
+    assert order.checkout_url.startswith(market_stripe.standin.api_base + "/checkout/")
     assert organization_balance(organization=buyer).escrowed == credits("250.5")
     # when: paid
-    market_checkout_handle(order.checkout, paid_session(fake_stripe, order))
+    market_checkout_handle(order.checkout, paid_session(market_stripe, order))
     # then: delivered as marketplace lots, same expiry, paid, not resellable
     order.refresh_from_db()
     assert order.status == OrderStatus.PAID and order.shortfall_amount == 0
@@ -221,11 +226,11 @@ def test_partial_fills_across_three_listings_fill_cheapest_first_and_charge_the_
     cheap.refresh_from_db()
     assert cheap.status == ListingStatus.SOLD_OUT and cheap.sold == credits(100)
     # a second delivery of the same event changes nothing
-    market_checkout_handle(order.checkout, fake_stripe.sessions[order.checkout.stripe_session_id])
+    market_checkout_handle(order.checkout, market_stripe.session(order.checkout.stripe_session_id))
     assert organization_balance(organization=buyer).available == credits("250.5")
 
 
-def test_not_enough_liquidity_is_refused_and_changes_nothing(fake_stripe, seller, buyer):
+def test_not_enough_liquidity_is_refused_and_changes_nothing(market_stripe, seller, buyer):
     listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     before = ledger_rows(), MarketOrder.objects.count()
     with pytest.raises(ApplicationError) as exc:
@@ -243,7 +248,7 @@ def test_not_enough_liquidity_is_refused_and_changes_nothing(fake_stripe, seller
     assert order.quantity == credits(100) and order.quantity_requested == credits(150)
 
 
-def test_buying_your_own_listing_is_refused(fake_stripe, seller):
+def test_buying_your_own_listing_is_refused(market_stripe, seller):
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     before = ledger_rows()
     with pytest.raises(ApplicationError) as exc:
@@ -262,14 +267,13 @@ def test_buying_your_own_listing_is_refused(fake_stripe, seller):
     assert ledger_rows() == before
 
 
-def test_payment_failure_releases_the_reservation(fake_stripe, seller, buyer):
+def test_payment_failure_releases_the_reservation(market_stripe, seller, buyer):
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
     assert organization_balance(organization=seller).escrowed == credits(40)
     # when: the session expires unpaid (the card was declined and the buyer gave up)
-    session = fake_stripe.sessions[order.checkout.stripe_session_id]
-    session["status"] = "expired"
-    market_checkout_handle(order.checkout, dict(session))
+    session = market_stripe.expire(order.checkout.stripe_session_id)
+    market_checkout_handle(order.checkout, session)
     # then
     order.refresh_from_db()
     assert order.status == OrderStatus.EXPIRED
@@ -281,28 +285,28 @@ def test_payment_failure_releases_the_reservation(fake_stripe, seller, buyer):
     assert again.fills.get().listing_id == listing.pk
 
 
-def test_reservation_timeout_expires_the_checkout_and_releases(fake_stripe, seller, buyer):
+def test_reservation_timeout_expires_the_checkout_and_releases(market_stripe, seller, buyer):
     listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
     # not yet due
     assert orders_expire(now=timezone.now()) == 0
     later = timezone.now() + timedelta(minutes=16)
     # Stripe down: the reservation is kept, and retried next run
-    fake_stripe.down = True
+    market_stripe.down = True
     assert orders_expire(now=later) == 0
     assert MarketOrder.objects.get(pk=order.pk).status == OrderStatus.PENDING
-    fake_stripe.down = False
+    market_stripe.down = False
     assert orders_expire(now=later) == 1
     order.refresh_from_db()
     assert order.status == OrderStatus.EXPIRED and order.failure_code == "reservation_timeout"
-    assert fake_stripe.sessions[order.checkout.stripe_session_id]["status"] == "expired"
+    assert market_stripe.session(order.checkout.stripe_session_id)["status"] == "expired"
     assert organization_balance(organization=seller).escrowed == credits(100)
 
 
-def test_a_session_paid_at_the_last_moment_is_delivered_not_released(fake_stripe, seller, buyer):
+def test_a_session_paid_at_the_last_moment_is_delivered_not_released(market_stripe, seller, buyer):
     listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
-    paid_session(fake_stripe, order)  # paid, the webhook not yet processed
+    paid_session(market_stripe, order)  # paid, the webhook not yet processed
     orders_expire(now=timezone.now() + timedelta(minutes=16))
     order.refresh_from_db()
     assert order.status == OrderStatus.PAID
@@ -310,10 +314,10 @@ def test_a_session_paid_at_the_last_moment_is_delivered_not_released(fake_stripe
 
 
 def test_stripe_down_when_ordering_answers_503_and_undoes_the_reservation(
-    fake_stripe, seller, buyer
+    market_stripe, seller, buyer
 ):
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
-    fake_stripe.down = True
+    market_stripe.down = True
     with pytest.raises(ApplicationError) as exc:
         order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
     assert exc.value.code == "payments_unavailable" and exc.value.status == 503
@@ -325,7 +329,9 @@ def test_stripe_down_when_ordering_answers_503_and_undoes_the_reservation(
     assert listing.status == ListingStatus.OPEN
 
 
-def test_cancel_while_a_payment_is_in_flight_cannot_sell_a_credit_twice(fake_stripe, seller, buyer):
+def test_cancel_while_a_payment_is_in_flight_cannot_sell_a_credit_twice(
+    market_stripe, seller, buyer
+):
     # given: 60 of 100 reserved by a buyer who is paying
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
@@ -334,7 +340,7 @@ def test_cancel_while_a_payment_is_in_flight_cannot_sell_a_credit_twice(fake_str
     # then: only the unreserved 40 return
     assert organization_balance(organization=seller).available == credits(940)
     # and the payment still delivers the 60 reserved
-    market_checkout_handle(order.checkout, paid_session(fake_stripe, order))
+    market_checkout_handle(order.checkout, paid_session(market_stripe, order))
     assert organization_balance(organization=buyer).available == credits(60)
     assert organization_balance(organization=seller).available == credits(940)
     assert organization_balance(organization=seller).escrowed == 0
@@ -347,7 +353,7 @@ def test_cancel_while_a_payment_is_in_flight_cannot_sell_a_credit_twice(fake_str
 
 
 def test_cancel_then_payment_fails_returns_reserved_credits_to_the_sellers_wallet(
-    fake_stripe, seller, buyer
+    market_stripe, seller, buyer
 ):
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     order = order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
@@ -392,16 +398,13 @@ def test_cancel_after_expiry_returns_nothing_expired(seller):
     subscription_credits(short, credits(100), days=30)
     # burn order takes the soonest-expiring lot first: 100 expiring in 2 days + 20 of the other
     listing = listing_create(seller=short, quantity=credits(120), price_per_1k=300, currency="usd")
-    from unittest import mock
-
-    with mock.patch("django.utils.timezone.now", return_value=timezone.now() + timedelta(days=3)):
-        listing_cancel(seller=short, listing_id=listing.pk)
+    listing_cancel(seller=short, listing_id=listing.pk, now=timezone.now() + timedelta(days=3))
     balance = organization_balance(organization=short)
     assert (balance.available, balance.escrowed) == (credits(100), 0)
 
 
 def test_reserved_credits_that_expire_are_not_delivered_and_the_buyer_is_refunded(
-    fake_stripe, buyer, django_capture_on_commit_callbacks
+    market_stripe, buyer, django_capture_on_commit_callbacks
 ):
     short = OrganizationFactory()
     subscription_credits(short, credits(100), days=2)
@@ -410,40 +413,35 @@ def test_reserved_credits_that_expire_are_not_delivered_and_the_buyer_is_refunde
     # when: the payment is applied after the credits expired
     from gymbilling.market.services import order_pay
 
+    intent = market_stripe.pay(order.checkout.stripe_session_id)["payment_intent"]
     with django_capture_on_commit_callbacks(execute=True):
         order_pay(
-            order_id=order.pk, payment_intent_id="pi_late", now=timezone.now() + timedelta(days=3)
+            order_id=order.pk, payment_intent_id=intent, now=timezone.now() + timedelta(days=3)
         )
     # then: nothing delivered, all refunded, no proceeds
     order.refresh_from_db()
     assert order.shortfall_amount == order.amount_total == 30
     assert organization_balance(organization=buyer).available == 0
-    assert fake_stripe.refunds == [
-        {
-            "payment_intent": "pi_late",
-            "amount": 30,
-            "metadata": {"market_order": str(order.pk), "reason": "not_delivered"},
-        }
-    ]
+    assert market_stripe.refunded(intent) == 30
     assert money("buyer_clearing") == 0
 
 
 # --- payouts, fees, reversals -----------------------------------------------------------------
 
 
-def _sold(fake_stripe, seller, buyer, *, quantity=100 * MICRO, price=1234):
+def _sold(market_stripe, seller, buyer, *, quantity=100 * MICRO, price=1234):
     listing_create(seller=seller, quantity=quantity, price_per_1k=price, currency="usd")
     order = order_create(buyer=buyer, quantity=quantity, max_price_per_1k=price, currency="usd")
-    market_checkout_handle(order.checkout, paid_session(fake_stripe, order))
+    market_checkout_handle(order.checkout, paid_session(market_stripe, order))
     order.refresh_from_db()
     return order
 
 
 def test_payout_after_the_holding_period_by_invoice_credit_or_connect_transfer(
-    fake_stripe, seller, buyer
+    market_stripe, seller, buyer
 ):
     # given: 100 credits sold at 12.34 per 1,000 -> 124 (123.4 rounded up), fee 12 (12.4)
-    order = _sold(fake_stripe, seller, buyer)
+    order = _sold(market_stripe, seller, buyer)
     assert order.amount_total == 124
     fill = order.fills.get()
     assert (fill.gross, fill.fee) == (124, 12)
@@ -459,7 +457,7 @@ def test_payout_after_the_holding_period_by_invoice_credit_or_connect_transfer(
         112,
         PayoutStatus.SENT,
     )
-    assert fake_stripe.balance_credits[0]["amount"] == -112
+    assert [t["amount"] for t in market_stripe.balance_credits(seller)] == [-112]
     assert (
         money("seller_pending", organization=seller)
         == money("seller_available", organization=seller)
@@ -469,41 +467,40 @@ def test_payout_after_the_holding_period_by_invoice_credit_or_connect_transfer(
     # a second run pays nothing more
     assert payouts_run(now=timezone.now() + timedelta(days=9)) == 0
     # a seller with a Connect account is paid by transfer
-    other = OrganizationFactory()
-    BillingCustomer.objects.create(
-        organization=other, stripe_customer_id="cus_other", stripe_connect_account_id="acct_123"
-    )
-    subscription_credits(other, credits(100))
-    _sold(fake_stripe, other, buyer, price=500)
+    other = market_member(credits_amount=credits(100))
+    account = market_stripe.connect_account(other)
+    _sold(market_stripe, other, buyer, price=500)
     payouts_run(now=timezone.now() + timedelta(days=8))
-    assert fake_stripe.transfers[0]["destination"] == "acct_123"
-    assert fake_stripe.transfers[0]["amount"] == 45  # 50 - 5
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [45]  # 50 - 5
 
 
 def test_payout_refused_returns_the_proceeds_to_available_and_stripe_down_retries(
-    fake_stripe, seller, buyer
+    market_stripe, seller, buyer
 ):
+    # given: the seller's Connect account is one Stripe does not have (closed)
+    account = market_stripe.connect_account(seller)
     BillingCustomer.objects.filter(organization=seller).update(
         stripe_connect_account_id="acct_gone"
     )
-    _sold(fake_stripe, seller, buyer)
+    _sold(market_stripe, seller, buyer)
     later = timezone.now() + timedelta(days=8)
-    fake_stripe.down = True
+    # Stripe down: the payout is recorded and waits
+    market_stripe.down = True
     assert payouts_run(now=later) == 0
     assert MarketPayout.objects.get().status == PayoutStatus.PENDING
-    fake_stripe.down = False
-    fake_stripe.refuse_transfers = True
+    # Stripe back: the transfer to the missing account is refused
+    market_stripe.down = False
     assert payouts_run(now=later) == 0
     assert MarketPayout.objects.filter(status=PayoutStatus.FAILED).count() == 1
-    # the next run records a new payout; now it works
-    fake_stripe.refuse_transfers = False
+    # the next run records a new payout; with the account back it works
+    BillingCustomer.objects.filter(organization=seller).update(stripe_connect_account_id=account)
     assert payouts_run(now=later) == 1
     assert money("seller_available", organization=seller) == 0
     assert money("payouts") == 112
 
 
-def test_refund_before_payout_reverses_proceeds_fee_and_credits(fake_stripe, seller, buyer):
-    order = _sold(fake_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
+def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, seller, buyer):
+    order = _sold(market_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
     # when: the whole charge is refunded
     assert market_reversal_handle(
         kind="refund",
@@ -538,8 +535,8 @@ def test_refund_before_payout_reverses_proceeds_fee_and_credits(fake_stripe, sel
     assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
 
 
-def test_partial_refund_then_dispute_after_payout_records_the_loss(fake_stripe, seller, buyer):
-    order = _sold(fake_stripe, seller, buyer)  # 124, fee 12, net 112
+def test_partial_refund_then_dispute_after_payout_records_the_loss(market_stripe, seller, buyer):
+    order = _sold(market_stripe, seller, buyer)  # 124, fee 12, net 112
     # the buyer spends 30 credits
     from metering.services import credits_adjust
 

@@ -44,11 +44,11 @@ from gymbilling.market.services import (
     orders_expire,
     payouts_run,
 )
-from gymbilling.models import BillingCustomer, MarketListing, MarketOrder, OrderStatus
+from gymbilling.models import MarketListing, MarketOrder, OrderStatus
 from metering.models import MICRO, AccountKind, LedgerAccount, LedgerEntry
 from metering.reconcile import ledger_reconcile
 from metering.services import credits_grant
-from tests.factories import OrganizationFactory
+from tests.gymbilling.market.conftest import market_member
 
 ORGS = 3
 EXPECTED = {
@@ -75,12 +75,9 @@ class MarketMachine(RuleBasedStateMachine):
         self.now = timezone.now()
         self.orgs = []
         for i in range(ORGS):
-            org = OrganizationFactory()
-            BillingCustomer.objects.create(
-                organization=org,
-                stripe_customer_id=f"cus_sm_{org.pk}",
-                stripe_connect_account_id=f"acct_{org.pk}" if i == 0 else "",
-            )
+            org = market_member()
+            if i == 0:
+                self.stripe.connect_account(org)
             self.orgs.append(org)
 
     def _system(self) -> int:
@@ -244,7 +241,9 @@ class MarketMachine(RuleBasedStateMachine):
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_marketplace_keeps_every_invariant_under_random_operations(fake_stripe):
+def test_marketplace_keeps_every_invariant_under_random_operations(market_stripe):
+    # The machine's organizations are customers of the Stripe stand-in.
+    MarketMachine.stripe = market_stripe
     run_state_machine_as_test(
         MarketMachine,
         settings=settings(
