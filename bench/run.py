@@ -1,6 +1,6 @@
 """`make bench`: measure on this machine and write the figures into docs/BENCHMARKS.md.
 
-Usage: .venv/bin/python bench/run.py [--only ledger|api|inference] [--no-write]
+Usage: .venv/bin/python bench/run.py [--only ledger|api|inference|billing] [--no-write]
            [--duration S] [--rounds N] [--warmup S]            (ledger)
            [--api-duration S] [--api-rounds N] [--api-warmup S]
            [--workers N] [--threads N] [--conn-max-age S]
@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)
 
-from bench import api, inference, ledger, report  # noqa: E402
+from bench import api, billing, inference, ledger, report  # noqa: E402
 
-SECTIONS = ("ledger", "api", "inference")
+SECTIONS = ("ledger", "api", "inference", "billing")
 
 
 def ledger_run(args: argparse.Namespace, log) -> str:
@@ -99,7 +99,23 @@ def inference_run(args: argparse.Namespace, log) -> str:
     )
 
 
-RUNS = {"ledger": ledger_run, "api": api_run, "inference": inference_run}
+def billing_run(args: argparse.Namespace, log) -> str:
+    url = os.environ.get("BENCH_BILLING_DATABASE_URL", billing.DEFAULT_URL)
+    ingests, applied = billing.measure(url, events=args.billing_events, log=log)
+    return billing.markdown(
+        ingests=ingests,
+        applied=applied,
+        machine_rows=report.machine(ledger.pg_settings(url)),
+        date=report.date_utc(),
+    )
+
+
+RUNS = {
+    "ledger": ledger_run,
+    "api": api_run,
+    "inference": inference_run,
+    "billing": billing_run,
+}
 
 
 def main() -> int:
@@ -181,6 +197,10 @@ def main() -> int:
         type=int,
         default=inference.Config.server_threads,
         help="threads per gunicorn worker",
+    )
+    billing_args = parser.add_argument_group("billing")
+    billing_args.add_argument(
+        "--billing-events", type=int, default=400, help="webhook events posted per client count"
     )
     args = parser.parse_args()
 
