@@ -16,12 +16,9 @@ Redis database 5 and a stand-in process; nothing else is touched.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import http.client
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -29,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import api, ledger
+from bench import api, harness
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/gymbilling_bench_billing"
@@ -67,9 +64,9 @@ class Apply:
 
 
 def _signed(body: bytes) -> str:
-    timestamp = int(time.time())
-    mac = hmac.new(WEBHOOK_SECRET.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
+    from gymbilling.stripe_standin.webhooks import sign
+
+    return sign(body, WEBHOOK_SECRET, int(time.time()))
 
 
 def _event(event_id: str, event_type: str, obj: dict) -> bytes:
@@ -119,12 +116,6 @@ def _post_all(port: int, bodies: list[bytes], clients: int) -> tuple[list[float]
     for thread in threads:
         thread.join()
     return latencies, errors[0], time.perf_counter() - began
-
-
-def _percentile_ms(values: list[float], q: int) -> float:
-    return (
-        statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else values[0] * 1000
-    )
 
 
 def _paid_invoices(standin, customer, count: int, log) -> list[dict]:
@@ -213,8 +204,8 @@ def measure(url: str, *, events: int, log) -> tuple[list[Ingest], Apply]:
                 ]
                 latencies, errors, seconds = _post_all(server.port, bodies, clients)
                 ingests.append(
-                    Ingest(clients, len(latencies), seconds, _percentile_ms(latencies, 50),
-                           _percentile_ms(latencies, 99), errors)
+                    Ingest(clients, len(latencies), seconds, harness._percentile_ms(latencies, 50),
+                           harness._percentile_ms(latencies, 99), errors)
                 )  # fmt: skip
                 log(f"ingest x{clients}: {ingests[-1].rate:.1f}/s, p50 {ingests[-1].p50_ms:.2f} ms")
             # apply: the queued ingest tasks are not part of it
@@ -280,7 +271,3 @@ def markdown(*, ingests: list[Ingest], applied: Apply, machine_rows, date: str) 
         "(two GETs per event, here to the stand-in on the same machine).",
     ]
     return "\n".join(out) + "\n"
-
-
-def pg(url: str) -> dict[str, str]:
-    return ledger.pg_settings(url)

@@ -70,6 +70,12 @@ def stripe_reconcile() -> StripeReport:
     subscriptions = {
         s.stripe_subscription_id: s for s in Subscription.objects.select_related("plan")
     }
+    granted_ids = {
+        key.removeprefix("grant:invoice:")
+        for key in JournalTransaction.objects.filter(
+            idempotency_key__startswith="grant:invoice:"
+        ).values_list("idempotency_key", flat=True)
+    }
     paid_ids: set[str] = set()
     for invoice in stripe_client.invoices_list(status="paid"):
         sub_id = invoice_subscription_id(invoice)
@@ -77,9 +83,8 @@ def stripe_reconcile() -> StripeReport:
             continue
         report.checked += 1
         paid_ids.add(invoice["id"])
-        granted = JournalTransaction.objects.filter(
-            idempotency_key=f"grant:invoice:{invoice['id']}"
-        ).count()
+        # The key is unique: one grant at most, so "exactly one" is "one".
+        granted = int(invoice["id"] in granted_ids)
         subscription = subscriptions.get(sub_id)
         if subscription is None:
             report.mismatches.append(

@@ -19,18 +19,17 @@ failed with the error, to be replayed from the admin once fixed.
 from __future__ import annotations
 
 import logging
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from gymbilling import stripe_client
-from gymbilling.models import CheckoutSession, EventStatus, StripeEvent
+from gymbilling.locks import session_lock
+from gymbilling.models import CheckoutSession, EventStatus, StripeEvent, Subscription
 from gymbilling.services.invoices import invoice_subscription_id, invoice_sync
 from gymbilling.services.payments import (
     checkout_session_mirror,
@@ -121,22 +120,6 @@ def _finish(event: StripeEvent, status: str, error: str = "") -> None:
     )
 
 
-@contextmanager
-def customer_lock(customer: str) -> Iterator[None]:
-    """Serialize everything about one Stripe customer across workers (PostgreSQL)."""
-    if connection.vendor != "postgresql" or not customer:
-        yield
-        return
-    lock_id = zlib.crc32(f"stripe-customer:{customer}".encode())
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_lock(%s)", [lock_id])
-    try:
-        yield
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_unlock(%s)", [lock_id])
-
-
 def stripe_event_process(*, event_pk: int, force: bool = False) -> str | None:
     """Apply one stored event; returns its final status, None if another worker has it."""
     event = _claim(event_pk, force=force)
@@ -145,7 +128,8 @@ def stripe_event_process(*, event_pk: int, force: bool = False) -> str | None:
     obj = (event.payload.get("data") or {}).get("object") or {}
     customer = obj.get("customer") if isinstance(obj.get("customer"), str) else ""
     try:
-        with customer_lock(customer or event.object_id):
+        # Everything about one Stripe customer, one worker at a time.
+        with session_lock(f"stripe-customer:{customer or event.object_id}"):
             handled = _dispatch(event)
     except stripe_client.StripeUnavailable as exc:
         _finish(event, EventStatus.PENDING, f"Stripe unreachable: {exc}")
@@ -169,7 +153,7 @@ def _dispatch(event: StripeEvent) -> bool:
     if kind.startswith("checkout.session."):
         return checkout_session_refresh(session_id=object_id)
     if kind.startswith("customer.subscription."):
-        return subscription_refresh(subscription_id=object_id)
+        return subscription_refresh(subscription_id=object_id) is not None
     if kind.startswith("invoice."):
         return invoice_refresh(invoice_id=object_id)
     if kind in ("charge.refunded", "charge.refund.updated"):
@@ -184,12 +168,13 @@ def _dispatch(event: StripeEvent) -> bool:
 # --- handlers: read the current object, then apply it -----------------------------------
 
 
-def subscription_refresh(*, subscription_id: str):
+def subscription_refresh(*, subscription_id: str) -> Subscription | None:
+    """Our row for Stripe's subscription, or None when it is not ours to mirror."""
     try:
         return subscription_sync(stripe_sub=stripe_client.subscription_retrieve(subscription_id))
     except SubscriptionUnknown as exc:
         logger.warning("ignored subscription %s: %s", subscription_id, exc)
-        return False
+        return None
 
 
 def invoice_refresh(*, invoice_id: str) -> bool:
@@ -197,7 +182,7 @@ def invoice_refresh(*, invoice_id: str) -> bool:
     subscription = None
     sub_id = invoice_subscription_id(invoice)
     if sub_id:
-        subscription = subscription_refresh(subscription_id=sub_id) or None
+        subscription = subscription_refresh(subscription_id=sub_id)
     return invoice_sync(invoice=invoice, subscription=subscription) is not None
 
 

@@ -119,25 +119,24 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
     credits, expires_at = (0, None)
     if paid and subscription is not None:
         credits, expires_at = invoice_credits(invoice=invoice, subscription=subscription)
-    with transaction.atomic():
-        row, _ = Invoice.objects.update_or_create(
-            stripe_invoice_id=invoice["id"],
-            defaults={
-                "organization": org,
-                "subscription": subscription,
-                "billing_reason": str(invoice.get("billing_reason") or ""),
-                "status": str(invoice.get("status") or ""),
-                "currency": str(invoice.get("currency") or ""),
-                "amount_due": int(invoice.get("amount_due") or 0),
-                "amount_paid": int(invoice.get("amount_paid") or 0),
-                "period_start": period_start,
-                "period_end": period_end,
-                "hosted_invoice_url": str(invoice.get("hosted_invoice_url") or ""),
-                "stripe_payment_intent_id": invoice_payment_intent_id(invoice),
-                "created_at": ts(invoice.get("created")),
-                "paid_at": ts(transitions.get("paid_at")) if paid else None,
-            },
-        )
+    row, _ = Invoice.objects.update_or_create(
+        stripe_invoice_id=invoice["id"],
+        defaults={
+            "organization": org,
+            "subscription": subscription,
+            "billing_reason": str(invoice.get("billing_reason") or ""),
+            "status": str(invoice.get("status") or ""),
+            "currency": str(invoice.get("currency") or ""),
+            "amount_due": int(invoice.get("amount_due") or 0),
+            "amount_paid": int(invoice.get("amount_paid") or 0),
+            "period_start": period_start,
+            "period_end": period_end,
+            "hosted_invoice_url": str(invoice.get("hosted_invoice_url") or ""),
+            "stripe_payment_intent_id": invoice_payment_intent_id(invoice),
+            "created_at": ts(invoice.get("created")),
+            "paid_at": ts(transitions.get("paid_at")) if paid else None,
+        },
+    )
     already = JournalTransaction.objects.filter(
         idempotency_key=f"grant:invoice:{invoice['id']}"
     ).exists()

@@ -21,7 +21,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from gymbilling import stripe_client
-from gymbilling.models import BillingCustomer, Invoice, OverageReport, Subscription
+from gymbilling.models import Invoice, OverageReport, Subscription
 from metering.models import MICRO, CreditLot, LotMovement, LotSource, TransactionKind
 
 
@@ -81,11 +81,12 @@ def overage_report(*, now=None) -> int:
                     )
         except IntegrityError:
             pass  # another run wrote this batch; it is sent below
-    for report in OverageReport.objects.filter(sent_at__isnull=True).select_related("organization"):
-        customer = BillingCustomer.objects.get(organization=report.organization)
+    for report in OverageReport.objects.filter(sent_at__isnull=True).select_related(
+        "organization__billing_customer"
+    ):
         stripe_client.meter_event_create(
             event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
-            customer=customer.stripe_customer_id,
+            customer=report.organization.billing_customer.stripe_customer_id,
             value=report.credits,
             identifier=report.identifier,
             timestamp=int(now.timestamp()),

@@ -9,12 +9,12 @@ the organization until finance lifts it.
 
 from __future__ import annotations
 
-import zlib
 from datetime import timedelta
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from gymbilling.locks import transaction_lock
 from gymbilling.models import (
     BillingCustomer,
     CheckoutKind,
@@ -96,16 +96,6 @@ def _ceil_share(total: int, part: int, whole: int) -> int:
     return -(-total * part // whole) if whole > 0 else total
 
 
-def charge_lock(charge_id: str) -> None:
-    """A transaction-scoped lock on one Stripe charge (PostgreSQL; a no-op elsewhere)."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_advisory_xact_lock(%s)",
-                [zlib.crc32(f"stripe-charge:{charge_id}".encode())],
-            )
-
-
 def _listings_withdraw(*, organization) -> None:
     """End the organization's open marketplace listings (their unsold credits go home)."""
     from gymbilling.market.services import listings_withdraw_all
@@ -146,7 +136,7 @@ def payment_reversal_apply(
         with transaction.atomic():
             # One reversal of a charge at a time: a refund and a dispute of the
             # same charge may arrive together, under different locks upstream.
-            charge_lock(charge["id"])
+            transaction_lock(f"stripe-charge:{charge['id']}")
             reversal = PaymentReversal.objects.create(
                 key=key,
                 kind=kind,

@@ -499,9 +499,6 @@ def _wallet_withdraw(
     wallet balance and are never taken. Taking nothing writes nothing; a
     repeat of a key that took something returns 0.
     """
-    if JournalTransaction.objects.filter(idempotency_key=key).exists():
-        # Fast answer for a replay; the unique key below is the real gate.
-        return 0
     now = timezone.now()
     try:
         with transaction.atomic():
@@ -544,6 +541,7 @@ def _wallet_withdraw(
             )
             return amount
     except IntegrityError:
+        # The key's unique index is the gate: this event was applied before.
         if JournalTransaction.objects.filter(idempotency_key=key).exists():
             return 0
         raise

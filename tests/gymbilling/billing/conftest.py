@@ -8,8 +8,6 @@ stand-in and applies them to the test database.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from accounts.models import Organization, Scope
 from accounts.services import apikey_create, organization_create
 from gymbilling.services.catalog import catalog_seed_defaults, catalog_sync
 from gymbilling.stripe_client import API_VERSION
+from gymbilling.stripe_standin.webhooks import sign
 from tests.conftest import STRIPE_TEST_SECRET_KEY, STRIPE_TEST_WEBHOOK_SECRET
 from tests.factories import UserFactory
 
@@ -108,9 +107,7 @@ def signed(
 ):
     """A body and a Stripe-Signature header, as Stripe computes them."""
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    timestamp = int(time.time()) if at is None else at
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return body, f"t={timestamp},v1={mac}"
+    return body, sign(body, secret, int(time.time()) if at is None else at)
 
 
 def event_for(obj: dict, event_type: str, *, event_id: str | None = None) -> dict:
