@@ -325,15 +325,24 @@ class TritonDevServer:
 
     def _terminate(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=self.stop_timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("tritonserver ignored SIGTERM for %.0f s; killing it", self.stop_timeout)
-            process.kill()
-            process.wait()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "tritonserver ignored SIGTERM for %.0f s; killing it", self.stop_timeout
+                )
+                process.kill()
+                process.wait()
+        # The Python-backend stubs are children in the server's own session and
+        # process group. A server that died (SIGKILLed by a fault test, or
+        # crashed) leaves them behind, orphaned and polling, each burning CPU
+        # until reboot: end whatever of the group is left.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
 
     def _cleanup(self) -> None:
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
