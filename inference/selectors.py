@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
+from accounts.cache import SharedCache
 from accounts.errors import ApplicationError
 from accounts.models import Organization
 from inference.models import CatalogModel, DedicatedCapacity, Job, ModelStatus, ServerPool
 
 # Until billing grants tiers, every organization may use the basic tier.
 DEFAULT_TIERS = ("basic",)
+
+# Catalog models (with their pools) and dedicated capacity, read by every
+# request in the API process and again in the worker; dropped in every process
+# when one of those rows changes (InferenceConfig.ready). The instances are
+# shared between threads and requests: read them, never change them.
+CATALOG = SharedCache("inference-catalog")
 
 
 def organization_tiers(organization: Organization) -> tuple[str, ...]:
@@ -25,8 +32,19 @@ def catalog_models_for(*, organization: Organization) -> QuerySet[CatalogModel]:
     )
 
 
+def catalog_model_by_name(name: str) -> CatalogModel | None:
+    return CATALOG.get(
+        ("name", name),
+        lambda: CatalogModel.objects.select_related("pool", "successor").filter(name=name).first(),
+    )
+
+
+def catalog_model_by_id(pk: int) -> CatalogModel:
+    return CATALOG.get(("pk", pk), lambda: CatalogModel.objects.select_related("pool").get(pk=pk))
+
+
 def catalog_model_resolve(*, name: str, organization: Organization) -> CatalogModel:
-    model = CatalogModel.objects.select_related("pool", "successor").filter(name=name).first()
+    model = catalog_model_by_name(name)
     if model is None:
         raise ApplicationError(
             code="model_not_found",
@@ -52,14 +70,19 @@ def catalog_model_resolve(*, name: str, organization: Organization) -> CatalogMo
     return model
 
 
+def _dedicated_pools() -> dict[tuple[int, int], ServerPool]:
+    # The whole table: staff assign it by hand, so it stays small, and most
+    # jobs are looked up in it for an organization that has none.
+    return {
+        (d.organization_id, d.model_id): d.pool
+        for d in DedicatedCapacity.objects.select_related("pool")
+    }
+
+
 def pool_for_job(*, job: Job) -> ServerPool:
     """The organization's dedicated pool for the model if it has one, else the shared pool."""
-    dedicated = (
-        DedicatedCapacity.objects.select_related("pool")
-        .filter(organization_id=job.organization_id, model_id=job.model_id)
-        .first()
-    )
-    return dedicated.pool if dedicated else job.model.pool
+    dedicated = CATALOG.get("dedicated", _dedicated_pools)
+    return dedicated.get((job.organization_id, job.model_id)) or job.model.pool
 
 
 def organization_jobs(*, organization: Organization) -> QuerySet[Job]:

@@ -33,11 +33,11 @@ from django.utils import timezone
 from inference import triton
 from inference.models import TERMINAL, InputTokensSource, Job, JobStatus
 from inference.relay import relay_cancel_watch, relay_publish
-from inference.selectors import pool_for_job
+from inference.selectors import catalog_model_by_id, pool_for_job
 from inference.services import job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
 from inference.services.jobs import Outcome, prompt_tokens_count
-from metering.selectors import organization_balance
+from metering.selectors import model_price_by_id, organization_balance
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,11 @@ logger = logging.getLogger(__name__)
 # the API process a result subscription per job, for a result nobody reads.
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def job_run(job_pk: int, prompt: str) -> str:
-    # Everything the run and the settlement read, in one query.
-    job = Job.objects.select_related(
-        "model__pool", "organization", "model_price__price_book", "api_key"
-    ).get(pk=job_pk)
+    # Everything the run and the settlement read: the job's own rows in one
+    # query, the catalog model and the price from the process's caches.
+    job = Job.objects.select_related("organization", "api_key").get(pk=job_pk)
+    job.model = catalog_model_by_id(job.model_id)
+    job.model_price = model_price_by_id(job.model_price_id)
     if job.status in TERMINAL or not job_start(job=job):
         return job.status
     first_token: list[datetime] = []

@@ -622,6 +622,11 @@ class ServerPool:
             for reply in stream.call:
                 flight.deadline = time.monotonic() + self.timeout_s
                 response = reply.infer_response
+                if response.id and response.id != message.id:
+                    # A late response of an earlier request on this reused
+                    # stream: never bill (or relay) one request's tokens to another.
+                    logger.warning("triton %s: dropped a response of %r", server.url, response.id)
+                    continue
                 final = response.parameters.get("triton_final_response")
                 final = final is not None and final.bool_param
                 if reply.error_message:

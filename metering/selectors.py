@@ -10,6 +10,7 @@ from django.db.models import F as models_F
 from django.db.models.functions import TruncDay
 from django.utils import timezone
 
+from accounts.cache import SharedCache
 from accounts.errors import ApplicationError
 from accounts.models import Organization
 from metering.models import (
@@ -52,6 +53,12 @@ def organization_balance(*, organization: Organization) -> Balance:
     )
 
 
+def model_price_by_id(pk: int) -> ModelPrice:
+    return PRICES.get(
+        ("pk", pk), lambda: ModelPrice.objects.select_related("price_book").get(pk=pk)
+    )
+
+
 def account_balance(*, account: LedgerAccount) -> int:
     """The true balance: the cache for organization accounts, the sum for system ones."""
     if not account.is_system:
@@ -74,15 +81,26 @@ def organization_entries(*, organization: Organization) -> QuerySet:
     )
 
 
+# Price books, read by every inference request; dropped in every process when
+# a book is published (MeteringConfig.ready). Books are never edited, so a
+# cached price is the row itself. Shared between threads: never change them.
+PRICES = SharedCache("metering-prices")
+
+
+def _model_prices(model_name: str) -> list[ModelPrice]:
+    """Every book's price of the model, the newest book (by effective time, then version) first."""
+    return list(
+        ModelPrice.objects.filter(model_name=model_name)
+        .select_related("price_book")
+        .order_by("-price_book__effective_at", "-price_book__version")
+    )
+
+
 def model_price(*, model_name: str, at: datetime | None = None) -> ModelPrice:
     """The rates in force for a model at a moment: the newest book effective by then."""
     at = at or timezone.now()
-    price = (
-        ModelPrice.objects.filter(model_name=model_name, price_book__effective_at__lte=at)
-        .select_related("price_book")
-        .order_by("-price_book__effective_at", "-price_book__version")
-        .first()
-    )
+    prices = PRICES.get(("model", model_name), lambda: _model_prices(model_name))
+    price = next((p for p in prices if p.price_book.effective_at <= at), None)
     if price is None:
         raise ApplicationError(
             code="model_not_priced",

@@ -39,6 +39,16 @@ def _fresh_redis():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_caches():
+    """Each test starts with the catalog and price caches (accounts.cache) dropped in
+    every process: the tables they mirror are emptied between tests without the
+    save signals that would drop them."""
+    from accounts.cache import caches_reset
+
+    caches_reset()
+
+
+@pytest.fixture(autouse=True)
 def _ledger_reconciles(request):
     """After every test that touched the database, every ledger invariant must hold.
 

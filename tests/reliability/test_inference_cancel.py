@@ -146,11 +146,20 @@ class _StreamingClient:
 
 
 def _relayed(job: Job) -> tuple[str, dict]:
-    """What the worker relayed for the job: the text of its deltas, and its final event."""
-    entries = get_redis().xrange(f"jobstream:{job.public_id}")
-    events = [json.loads(fields[b"e"]) for _entry_id, fields in entries]
-    text = "".join(event["text"] for event in events if event["type"] == "delta")
-    return text, events[-1]
+    """What the worker relayed for the job: the text of its deltas, and its final event.
+
+    Waits for the final event: the worker publishes it just after the
+    settlement commits, so a job already seen ended may not have it yet.
+    """
+
+    def events() -> list[dict] | None:
+        entries = get_redis().xrange(f"jobstream:{job.public_id}")
+        found = [json.loads(fields[b"e"]) for _entry_id, fields in entries]
+        return found if found and found[-1]["type"] in ("done", "error") else None
+
+    relayed = _wait_for(events, timeout=10, what="the job's final relay event")
+    text = "".join(event["text"] for event in relayed if event["type"] == "delta")
+    return text, relayed[-1]
 
 
 def _finished(job_pk: int) -> Job:
