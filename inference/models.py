@@ -130,6 +130,7 @@ class InputTokensSource(models.TextChoices):
 
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED)
+NON_TERMINAL = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class Job(models.Model):

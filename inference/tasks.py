@@ -31,13 +31,13 @@ from celery.signals import worker_process_shutdown
 from django.utils import timezone
 
 from inference import triton
-from inference.models import TERMINAL, InputTokensSource, Job, JobStatus
+from inference.models import InputTokensSource, Job, JobStatus
 from inference.relay import relay_cancel_watch, relay_publish
 from inference.selectors import catalog_model_by_id, pool_for_job
 from inference.services import job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
 from inference.services.jobs import Outcome, prompt_tokens_count
-from metering.selectors import model_price_by_id, organization_balance
+from metering.selectors import model_price_by_id, wallet_balance
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,14 @@ logger = logging.getLogger(__name__)
 # the API process a result subscription per job, for a result nobody reads.
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def job_run(job_pk: int, prompt: str) -> str:
-    # Everything the run and the settlement read: the job's own rows in one
-    # query, the catalog model and the price from the process's caches.
-    job = Job.objects.select_related("organization", "api_key").get(pk=job_pk)
+    # Everything the run and the settlement read: the job's row, loaded as it
+    # is marked running, and its catalog model and price from this process's
+    # caches. The organization is never loaded: its id is all they need.
+    job = job_start(job_pk=job_pk)
+    if job is None:  # it ended already: cancelled while queued, or settled by a redelivery
+        return Job.objects.filter(pk=job_pk).values_list("status", flat=True).first() or ""
     job.model = catalog_model_by_id(job.model_id)
     job.model_price = model_price_by_id(job.model_price_id)
-    if job.status in TERMINAL or not job_start(job=job):
-        return job.status
     first_token: list[datetime] = []
 
     def on_delta(text: str) -> None:
@@ -164,7 +165,7 @@ def _failure_outcome(exc: triton.TritonError) -> Outcome:
 
 def _final_event(job: Job, outcome: Outcome) -> dict:
     """The relay's last event for this job: what the waiting API process answers with."""
-    remaining = organization_balance(organization=job.organization).available
+    remaining = wallet_balance(organization_id=job.organization_id)
     return {
         "type": "error" if job.status == JobStatus.FAILED else "done",
         "status": job.status,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -30,7 +32,7 @@ from accounts.ratelimits import (
     rate_limit_consume,
     rate_limit_refund,
 )
-from inference.models import TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
+from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
 from inference.selectors import catalog_model_resolve
 from inference.services.callbacks import job_callback_record
 from metering.models import Priority
@@ -246,23 +248,27 @@ def job_submit(
     return job
 
 
-def job_start(*, job: Job) -> bool:
-    """Mark a queued job running. False if it already ended (a redelivered task).
+# Loads the job and marks it running in one round trip. A job already running
+# is a redelivery of a task whose worker died: it runs again (its first start
+# time is kept), and the settlement still happens once (job_settle).
+_START = """
+UPDATE inference_job
+   SET status = %(running)s,
+       started_at = CASE WHEN status = %(queued)s THEN %(now)s ELSE started_at END
+ WHERE id = %(pk)s AND status IN (%(queued)s, %(running)s)
+RETURNING *
+"""
 
-    A job already running is a redelivery of a task whose worker died: it runs
-    again, and the settlement still happens once (job_settle). The object keeps
-    its related rows (model, organization, price) as they were loaded: only the
-    two fields this writes are read back, and only when the update lost a race.
-    """
-    now = timezone.now()
-    updated = Job.objects.filter(pk=job.pk, status=JobStatus.QUEUED).update(
-        status=JobStatus.RUNNING, started_at=now
-    )
-    if updated:
-        job.status, job.started_at = JobStatus.RUNNING, now
-        return True
-    job.refresh_from_db(fields=["status", "started_at"])
-    return job.status == JobStatus.RUNNING
+
+def job_start(*, job_pk: int) -> Job | None:
+    """Mark a queued (or redelivered running) job running and return it; None if it ended."""
+    params = {
+        "pk": job_pk,
+        "now": timezone.now(),
+        "queued": JobStatus.QUEUED,
+        "running": JobStatus.RUNNING,
+    }
+    return next(iter(Job.objects.raw(_START, params)), None)
 
 
 def serving_cost(*, engine_ms: int, gpu_hour_cost: int, tensor_parallel: int) -> int:
@@ -317,18 +323,40 @@ def job_settle(
         gpu_hour_cost=job.model.gpu_hour_cost,
         tensor_parallel=job.model.tensor_parallel,
     )
+    written = {
+        "status": status,
+        "finished_at": timezone.now(),
+        "input_tokens": outcome.input_tokens,
+        "cached_input_tokens": outcome.cached_input_tokens,
+        "output_tokens": outcome.output_tokens,
+        "input_tokens_source": outcome.input_tokens_source,
+        "engine_ms": outcome.engine_ms,
+        "credits_charged": charge,
+        "serving_cost": cost,
+        "finish_reason": outcome.finish_reason,
+        "error_code": outcome.error_code,
+        "error_message": outcome.error_message[:500],
+        "output": outcome.text if not job.stream and job.kind == "async" else "",
+    }
+    update = dict(written)
+    if outcome.first_token_at is not None:
+        update["first_token_at"] = Coalesce(F("first_token_at"), Value(outcome.first_token_at))
     with transaction.atomic():
-        locked = Job.objects.select_for_update(of=("self",)).get(pk=job.pk)
-        if locked.status in TERMINAL:
-            return locked  # settled by an earlier delivery of the task
-        if only_from is not None and locked.status not in only_from:
-            return locked
+        # The claim: one UPDATE takes the job's row lock and writes its end,
+        # only if it has not ended (an earlier delivery of the task settled
+        # it) and, with `only_from`, only from those states. Whoever claims it
+        # is the one settlement; the hold is locked after it, as before.
+        claimed = Job.objects.filter(
+            pk=job.pk, status__in=only_from or NON_TERMINAL
+        ).update(**update)
+        if not claimed:
+            return Job.objects.get(pk=job.pk)
         if served:
             hold = hold_capture(key=job.public_id, amount=charge)
         else:
             hold = hold_release(key=job.public_id)
         usage_record_create(
-            organization=job.organization,
+            organization_id=job.organization_id,
             job_id=job.public_id,
             model_name=job.model.name,
             priority=job.priority,
@@ -338,48 +366,33 @@ def job_settle(
                 cached_input_tokens=min(outcome.cached_input_tokens, outcome.input_tokens),
             ),
             credits=charge,
-            api_key=job.api_key,
+            api_key_id=job.api_key_id,
             hold=hold,
             model_price=job.model_price,
             engine_busy_ms=outcome.engine_ms,
             serving_cost=cost,
             currency=job.model.currency,
+            only_writer=True,  # the claim above
         )
-        written = {
-            "status": status,
-            "finished_at": timezone.now(),
-            "input_tokens": outcome.input_tokens,
-            "cached_input_tokens": outcome.cached_input_tokens,
-            "output_tokens": outcome.output_tokens,
-            "input_tokens_source": outcome.input_tokens_source,
-            "engine_ms": outcome.engine_ms,
-            "credits_charged": charge,
-            "serving_cost": cost,
-            "finish_reason": outcome.finish_reason,
-            "error_code": outcome.error_code,
-            "error_message": outcome.error_message[:500],
-            "output": outcome.text if not job.stream and job.kind == "async" else "",
-        }
-        if outcome.first_token_at is not None and locked.first_token_at is None:
-            written["first_token_at"] = outcome.first_token_at
-        Job.objects.filter(pk=job.pk).update(**written)
         # Its webhook, if asked for, in the same transaction (an outbox row).
         job_callback_record(job=job, status=status)
     _release_reservations(job=job, used_tokens=outcome.input_tokens + outcome.output_tokens)
     # The row now holds exactly what was written: set it on the object rather
-    # than read it back, which would also drop the related rows loaded with it
-    # (the caller reads job.organization next).
+    # than read it back, which would also drop the related rows loaded with it.
     for name, value in written.items():
         setattr(job, name, value)
+    if outcome.first_token_at is not None and job.first_token_at is None:
+        job.first_token_at = outcome.first_token_at
     return job
 
 
 def _release_reservations(*, job: Job, used_tokens: int) -> None:
-    organization = job.organization
-    concurrency_release(scope=f"org:{organization.pk}", job_id=job.public_id)
+    scope = f"org:{job.organization_id}"
+    concurrency_release(scope=scope, job_id=job.public_id)
     reserved = int(job.params.get("reserved_tokens", 0))
+    # A refund reads only the scope of a limit, not its size.
     rate_limit_refund(
-        kind="tokens", limits=_limits(organization), amount=max(0, reserved - used_tokens)
+        kind="tokens", limits=[Limit(scope=scope, limit=0)], amount=max(0, reserved - used_tokens)
     )
 
 

@@ -73,7 +73,7 @@ def test_cancelling_a_queued_job_releases_its_hold_at_once(queued_job):
 def test_a_job_a_worker_started_meanwhile_is_left_to_the_worker_to_settle(queued_job):
     # given: the API read the job as queued, then a worker started it
     seen_by_the_api = Job.objects.get(pk=queued_job.pk)
-    assert job_start(job=queued_job)
+    assert job_start(job_pk=queued_job.pk)
 
     # when the API cancels it with what it read
     job = job_cancel(job=seen_by_the_api)

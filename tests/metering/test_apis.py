@@ -186,7 +186,7 @@ OUTSIDE = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)
 def record(org, *, at: datetime, model: str, key=None, tokens=(100, 10, 50), charged=1_000):
     input_tokens, cached, output_tokens = tokens
     row = usage_record_create(
-        organization=org,
+        organization_id=org.pk,
         job_id=f"job-{uuid.uuid4()}",
         model_name=model,
         priority="standard",
@@ -194,7 +194,7 @@ def record(org, *, at: datetime, model: str, key=None, tokens=(100, 10, 50), cha
             input_tokens=input_tokens, cached_input_tokens=cached, output_tokens=output_tokens
         ),
         credits=charged,
-        api_key=key,
+        api_key_id=key.pk if key else None,
     )
     # Records are stamped when written; move this one to the day it stands for.
     UsageRecord.objects.filter(pk=row.pk).update(created_at=at)
@@ -289,7 +289,7 @@ def test_usage_range_start_is_inclusive_and_end_exclusive(org, usage):
 def test_usage_defaults_to_the_last_30_days_by_day(org):
     # given
     usage_record_create(
-        organization=org,
+        organization_id=org.pk,
         job_id="job-now",
         model_name="llama-8b",
         priority="standard",

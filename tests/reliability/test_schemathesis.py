@@ -146,13 +146,13 @@ def caller(stripe_standin) -> Caller:
     )
     hold = hold_place(organization=org, amount=credits(1), key=f"schemathesis-{uuid.uuid4()}")
     usage_record_create(
-        organization=org,
+        organization_id=org.pk,
         job_id=f"schemathesis-{uuid.uuid4()}",
         model_name="llama-test",
         priority="standard",
         usage=Usage(input_tokens=100, output_tokens=20),
         credits=credits(1),
-        api_key=key,
+        api_key_id=key.pk,
         hold=hold,
     )
     # A priced catalog model and a queued job. Under `db` nothing commits, so

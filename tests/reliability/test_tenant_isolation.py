@@ -162,13 +162,13 @@ def tenant_a() -> Tenant:
         organization=org, amount=A_HOLD, key=f"tenant-a-hold-{uuid.uuid4()}", memo="tenant-a hold"
     )
     usage_record_create(
-        organization=org,
+        organization_id=org.pk,
         job_id=f"tenant-a-job-{uuid.uuid4()}",
         model_name="tenant-a-model",
         priority="standard",
         usage=Usage(input_tokens=1_234_567, output_tokens=7_654_321),
         credits=A_USAGE_CREDITS,
-        api_key=key,
+        api_key_id=key.pk,
         hold=hold,
     )
     job = inference_job_for(org, key, prompt="tenant-a prompt")
