@@ -346,9 +346,9 @@ def job_settle(
         # only if it has not ended (an earlier delivery of the task settled
         # it) and, with `only_from`, only from those states. Whoever claims it
         # is the one settlement; the hold is locked after it, as before.
-        claimed = Job.objects.filter(
-            pk=job.pk, status__in=only_from or NON_TERMINAL
-        ).update(**update)
+        claimed = Job.objects.filter(pk=job.pk, status__in=only_from or NON_TERMINAL).update(
+            **update
+        )
         if not claimed:
             return Job.objects.get(pk=job.pk)
         if served:
