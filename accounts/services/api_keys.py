@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import secrets
@@ -22,6 +23,7 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.cache import SharedCache
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Organization, Scope
 from accounts.services.audit import audit_record
@@ -34,6 +36,26 @@ PREFIX = "gym_"
 # How stale `last_used_at` may be: refreshing it on every request would be a
 # write per request.
 LAST_USED_GRANULARITY = timedelta(minutes=1)
+
+# Keys with their organizations, by public id: every API request reads one.
+# Dropped in every process when a key or an organization changes (the save
+# signals, AccountsConfig.ready; the services that write them with update()
+# call KEYS.invalidate()), so a revocation, a suspension or a new limit holds
+# from the very next request. Each request gets its own copies.
+KEYS = SharedCache("api-keys")
+
+
+def _key_lookup(public_id: str) -> ApiKey | None:
+    cached = KEYS.get(
+        public_id,
+        lambda: ApiKey.objects.select_related("organization").filter(public_id=public_id).first(),
+    )
+    if cached is None:
+        return None
+    key = copy.copy(cached)
+    key.organization = copy.copy(cached.organization)
+    key._cached = cached  # where last_used_at is written back (apikey_authenticate)
+    return key
 
 
 def _random(n: int) -> str:
@@ -157,6 +179,7 @@ def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -
     updated = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(
         revoked_at=timezone.now()
     )
+    KEYS.invalidate()
     key.refresh_from_db()
     if updated:
         audit_record(
@@ -172,11 +195,7 @@ def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -
 def apikey_authenticate(*, raw: str) -> ApiKey:
     """The live key for a presented secret, or `authentication_failed`."""
     parsed = parse_key(raw or "")
-    key = (
-        ApiKey.objects.select_related("organization").filter(public_id=parsed.public_id).first()
-        if parsed
-        else None
-    )
+    key = _key_lookup(parsed.public_id) if parsed else None
     # Hash even when nothing matched, so timing does not reveal which part failed.
     presented = hash_key(raw or "")
     stored = key.secret_hash if key else hash_key("")
@@ -197,4 +216,8 @@ def apikey_authenticate(*, raw: str) -> ApiKey:
         )
     if key.last_used_at is None or key.last_used_at < now - LAST_USED_GRANULARITY:
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        # Not a change anyone must see at once: the cached row learns it
+        # (else every request would write it), other processes within
+        # LAST_USED_GRANULARITY.
+        key.last_used_at = key._cached.last_used_at = now
     return key

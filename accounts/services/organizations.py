@@ -14,6 +14,7 @@ from django.utils.text import slugify
 from accounts.errors import ApplicationError
 from accounts.models import Invitation, Membership, Organization, Role, User
 from accounts.selectors import invitation_token_hash
+from accounts.services.api_keys import KEYS
 from accounts.services.audit import audit_record
 
 INVITATION_TTL = timedelta(days=7)
@@ -332,6 +333,7 @@ def organization_entitlements_set(*, organization: Organization, reason: str, **
         return False
     before = {name: getattr(locked, name) for name in changed}
     Organization.objects.filter(pk=locked.pk).update(**changed)
+    KEYS.invalidate()  # the API reads the organization with its key
     for name, value in changed.items():
         setattr(organization, name, value)
     audit_record(
