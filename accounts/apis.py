@@ -38,6 +38,7 @@ from accounts.services import (
     webhook_secret_reveal,
     webhook_secret_rotate,
 )
+from accounts.services.api_keys import MAX_REQUESTS_PER_MINUTE
 
 
 def paginate(view: OrgApiView, queryset, serializer_class) -> Response:
@@ -130,6 +131,7 @@ class ApiKeyListCreateApi(OrgApiView):
             required=False,
             allow_null=True,
             min_value=1,
+            max_value=MAX_REQUESTS_PER_MINUTE,
             help_text="A ceiling for this key under the organization's limit; null for none.",
         )
 

@@ -96,12 +96,18 @@ def rate_limit_consume(*, kind: str, limits: list[Limit], cost: int = 1) -> Usag
     )
 
 
-def rate_limit_refund(*, kind: str, limits: list[Limit], amount: int) -> None:
-    """Give back counted units (a token reservation that was not used)."""
+def rate_limit_refund(*, kind: str, limits: list[Limit], amount: int, pipe=None) -> None:
+    """Give back counted units (a token reservation that was not used).
+
+    With `pipe` (a Redis pipeline) the refund is queued on it, for the caller
+    to send with its other commands.
+    """
     if amount <= 0:
         return
     now = time.time()
-    pipe = get_redis().pipeline()
+    own = pipe is None
+    if own:
+        pipe = get_redis().pipeline()
     for lim in limits:
         key = _window_key(kind, lim.scope, now)
         # Only if the window still exists: never create a negative window.
@@ -111,7 +117,8 @@ def rate_limit_refund(*, kind: str, limits: list[Limit], amount: int) -> None:
             key,
             amount,
         )
-    pipe.execute()
+    if own:
+        pipe.execute()
 
 
 _ACQUIRE = """
@@ -141,5 +148,6 @@ def concurrency_acquire(
     return job_id
 
 
-def concurrency_release(*, scope: str, job_id: str) -> None:
-    get_redis().zrem(f"conc:{scope}", job_id)
+def concurrency_release(*, scope: str, job_id: str, pipe=None) -> None:
+    """Free `job_id`'s slot; with `pipe`, queued on that Redis pipeline."""
+    (pipe if pipe is not None else get_redis()).zrem(f"conc:{scope}", job_id)

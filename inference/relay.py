@@ -42,12 +42,15 @@ def _cancel_key(job_id: str) -> str:
     return f"jobcancel:{job_id}"
 
 
-def relay_publish(job_id: str, event: dict) -> None:
-    redis_client = get_redis()
-    pipe = redis_client.pipeline(transaction=False)
+def relay_publish(job_id: str, event: dict, pipe=None) -> None:
+    """Append `event` to the job's stream; with `pipe`, queued on that Redis pipeline."""
+    own = pipe is None
+    if own:
+        pipe = get_redis().pipeline(transaction=False)
     pipe.xadd(_stream(job_id), {"e": json.dumps(event)}, maxlen=MAX_EVENTS, approximate=True)
     pipe.expire(_stream(job_id), STREAM_TTL_SECONDS)
-    pipe.execute()
+    if own:
+        pipe.execute()
 
 
 def relay_events(

@@ -30,6 +30,7 @@ from celery import shared_task
 from celery.signals import worker_process_shutdown
 from django.utils import timezone
 
+from accounts.redis import get_redis
 from inference import triton
 from inference.models import InputTokensSource, Job, JobStatus
 from inference.relay import relay_cancel_watch, relay_publish
@@ -81,8 +82,11 @@ def job_run(job_pk: int, prompt: str) -> str:
             status = JobStatus.CANCELED if cancelled else JobStatus.SUCCEEDED
     if first_token:
         outcome = replace(outcome, first_token_at=first_token[0])
-    job = job_settle(job=job, outcome=outcome, status=status)
-    relay_publish(job.public_id, _final_event(job, outcome))
+    # The reservations' release and the final event go to Redis together.
+    pipe = get_redis().pipeline(transaction=False)
+    job = job_settle(job=job, outcome=outcome, status=status, pipe=pipe)
+    relay_publish(job.public_id, _final_event(job, outcome), pipe=pipe)
+    pipe.execute()
     return job.status
 
 
@@ -165,7 +169,9 @@ def _failure_outcome(exc: triton.TritonError) -> Outcome:
 
 def _final_event(job: Job, outcome: Outcome) -> dict:
     """The relay's last event for this job: what the waiting API process answers with."""
-    remaining = wallet_balance(organization_id=job.organization_id)
+    remaining = getattr(job, "wallet_balance_after", None)
+    if remaining is None:  # the settlement did not say (it took the ORM path)
+        remaining = wallet_balance(organization_id=job.organization_id)
     return {
         "type": "error" if job.status == JobStatus.FAILED else "done",
         "status": job.status,

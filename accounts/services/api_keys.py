@@ -36,6 +36,9 @@ PREFIX = "gym_"
 # How stale `last_used_at` may be: refreshing it on every request would be a
 # write per request.
 LAST_USED_GRANULARITY = timedelta(minutes=1)
+# The column is a PostgreSQL integer; more than that is refused with a 400,
+# not a database error.
+MAX_REQUESTS_PER_MINUTE = 2_147_483_647
 
 # Keys with their organizations, by public id: every API request reads one.
 # Dropped in every process when a key or an organization changes (the save
@@ -142,11 +145,15 @@ def apikey_create(
             code="invalid_expiry", message="expires_at must be in the future.", param="expires_at"
         )
     if requests_per_minute is not None and (
-        not isinstance(requests_per_minute, int) or requests_per_minute < 1
+        not isinstance(requests_per_minute, int)
+        or not 1 <= requests_per_minute <= MAX_REQUESTS_PER_MINUTE
     ):
         raise ApplicationError(
             code="invalid_rate_limit",
-            message="requests_per_minute must be a positive integer (or null for the organization's limit).",
+            message=(
+                f"requests_per_minute must be an integer from 1 to {MAX_REQUESTS_PER_MINUTE} "
+                "(or null for the organization's limit)."
+            ),
             param="requests_per_minute",
         )
     public_id = _random(PUBLIC_ID_LENGTH)

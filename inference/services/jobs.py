@@ -210,7 +210,7 @@ def job_submit(
         raise
     try:
         with transaction.atomic():
-            hold_place(organization=organization, amount=hold_amount, key=public_id)
+            hold_place(organization=organization, amount=hold_amount, key=public_id, new_key=True)
             job = Job.objects.create(
                 public_id=public_id,
                 organization=organization,
@@ -294,7 +294,12 @@ class Outcome:
 
 
 def job_settle(
-    *, job: Job, outcome: Outcome, status: str, only_from: tuple[str, ...] | None = None
+    *,
+    job: Job,
+    outcome: Outcome,
+    status: str,
+    only_from: tuple[str, ...] | None = None,
+    pipe=None,
 ) -> Job:
     """Capture the credits for the tokens really served, once; release the rest.
 
@@ -302,7 +307,10 @@ def job_settle(
     commit together or not at all, so a worker that dies here is simply run
     again, and the hold (keyed by the job id) still settles exactly once.
     With `only_from`, a job whose status (under the lock) is not one of those
-    is left alone and returned as it is.
+    is left alone and returned as it is. The token and concurrency
+    reservations are released after the commit, on `pipe` (a Redis pipeline
+    the caller sends) when given. The job returned carries
+    `wallet_balance_after` when the settlement learnt it (else None).
     """
     served = outcome.input_tokens or outcome.output_tokens
     rates = Rates.of(job.model_price, job.priority)
@@ -376,7 +384,10 @@ def job_settle(
         )
         # Its webhook, if asked for, in the same transaction (an outbox row).
         job_callback_record(job=job, status=status)
-    _release_reservations(job=job, used_tokens=outcome.input_tokens + outcome.output_tokens)
+    _release_reservations(
+        job=job, used_tokens=outcome.input_tokens + outcome.output_tokens, pipe=pipe
+    )
+    job.wallet_balance_after = getattr(hold, "wallet_balance_after", None)
     # The row now holds exactly what was written: set it on the object rather
     # than read it back, which would also drop the related rows loaded with it.
     for name, value in written.items():
@@ -386,13 +397,16 @@ def job_settle(
     return job
 
 
-def _release_reservations(*, job: Job, used_tokens: int) -> None:
+def _release_reservations(*, job: Job, used_tokens: int, pipe=None) -> None:
     scope = f"org:{job.organization_id}"
-    concurrency_release(scope=scope, job_id=job.public_id)
+    concurrency_release(scope=scope, job_id=job.public_id, pipe=pipe)
     reserved = int(job.params.get("reserved_tokens", 0))
     # A refund reads only the scope of a limit, not its size.
     rate_limit_refund(
-        kind="tokens", limits=[Limit(scope=scope, limit=0)], amount=max(0, reserved - used_tokens)
+        kind="tokens",
+        limits=[Limit(scope=scope, limit=0)],
+        amount=max(0, reserved - used_tokens),
+        pipe=pipe,
     )
 
 

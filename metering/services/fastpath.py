@@ -119,8 +119,15 @@ def hold_place_fast(
     memo: str,
     now: datetime,
     expires_at: datetime,
+    savepoint: bool = True,
 ) -> Hold | None:
-    """Place a hold in one statement, or None to say "take the ORM path"."""
+    """Place a hold in one statement, or None to say "take the ORM path".
+
+    `savepoint=False` when the key cannot have been used before (see
+    hold_place's `new_key`): a used key is the only error the savepoint
+    recovers from; without it, that error is raised, and the caller's
+    transaction with it.
+    """
     params = {
         "org": organization_id,
         "amount": amount,
@@ -132,9 +139,11 @@ def hold_place_fast(
         "expires_at": expires_at,
     }
     try:
-        with transaction.atomic(), _cursor() as cursor:
+        with transaction.atomic(savepoint=savepoint), _cursor() as cursor:
             row = _execute(cursor, _PLACE, params)
     except IntegrityError:
+        if not savepoint:
+            raise
         return None  # the key was used before: the ORM path replays or refuses
     # No row: the wallet was short, due to expire, or not opened yet, and the
     # statement wrote nothing (every insert hangs off the wallet's update).
@@ -189,7 +198,7 @@ e AS (
     SELECT t.id, w.id, hd.amount - %(captured)s::bigint, w.balance, %(now)s::timestamptz FROM t, w, hd
      WHERE hd.amount > %(captured)s::bigint
 )
-SELECT hd.id, t.id, w.id FROM hd, t, w
+SELECT hd.id, t.id, w.id, w.balance FROM hd, t, w
 """
 
 # A second statement, so its snapshot sees every lot committed before the
@@ -258,7 +267,7 @@ def hold_settle_fast(
                 # Not pending, over the hold, or not set up: nothing was
                 # written unless the holds account disagreed, so roll back.
                 raise _Fallback
-            hold_id, txn_id, wallet_id = first
+            hold_id, txn_id, wallet_id, wallet_balance = first
             burned, *hold_row = _execute(
                 cursor,
                 _SETTLE_LOTS,
@@ -270,7 +279,11 @@ def hold_settle_fast(
                 )
     except (_Fallback, IntegrityError):
         return None
-    return _hold_from_row(hold_row)
+    hold = _hold_from_row(hold_row)
+    # What the organization may spend just after this settlement: inference
+    # answers with it (X-Gym-Credits-Remaining) without reading it again.
+    hold.wallet_balance_after = wallet_balance
+    return hold
 
 
 class _Fallback(Exception):

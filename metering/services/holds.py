@@ -45,8 +45,14 @@ def hold_place(
     key: str,
     ttl: timedelta | None = None,
     memo: str = "",
+    new_key: bool = False,
 ) -> Hold:
-    """Reserve `amount` micro-credits, or raise `insufficient_credits` (402)."""
+    """Reserve `amount` micro-credits, or raise `insufficient_credits` (402).
+
+    `new_key`: the caller made `key` just now, unique by construction (a new
+    job's id), so it cannot replay an earlier hold; the fast path then sets
+    no savepoint (two round trips less on every inference request).
+    """
     require_positive(amount)
     require_key(key)
     now = timezone.now()
@@ -64,6 +70,7 @@ def hold_place(
             memo=memo,
             now=now,
             expires_at=now + ttl,
+            savepoint=not new_key,
         )
         if hold is not None:
             return hold

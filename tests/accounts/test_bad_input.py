@@ -132,6 +132,14 @@ BAD_KEY_REQUESTS = {
     "unknown-field": Bad(
         "/api/v1/keys", j({**VALID, "admin": True}), 400, "invalid_request", "admin"
     ),
+    # Found by schemathesis: past the integer column it was a 500.
+    "rate-limit-out-of-range": Bad(
+        "/api/v1/keys",
+        j({**VALID, "requests_per_minute": 2_069_872_645_737}),
+        400,
+        "invalid_request",
+        "requests_per_minute",
+    ),
     "typo-field": Bad(
         "/api/v1/keys", j({"nmae": "ok", "scopes": ["admin"]}), 400, "invalid_request"
     ),
