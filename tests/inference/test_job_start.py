@@ -1,0 +1,81 @@
+"""job_start: one statement that loads a job as it marks it running, committed without
+waiting for the disk, and nothing after it that must wait for the disk is affected.
+
+Transactional: the statement runs in autocommit, as in the worker; the Job row
+is written directly, so no Celery task is sent for it.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+
+from inference.models import CatalogModel, Job, JobStatus, ServerPool
+from inference.services import job_start
+from metering.selectors import model_price
+from metering.services import price_book_publish
+from tests.factories import OrganizationFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def job() -> Job:
+    price_book_publish(
+        prices=[
+            {
+                "model_name": "gym-start",
+                "input_rate": Decimal("1"),
+                "cached_input_rate": Decimal("1"),
+                "output_rate": Decimal("1"),
+            }
+        ]
+    )
+    pool = ServerPool.objects.create(name="start", grpc_urls=["127.0.0.1:1"])
+    model = CatalogModel.objects.create(name="gym-start", pool=pool, access_tier="basic")
+    return Job.objects.create(
+        public_id="job_start_test",
+        organization=OrganizationFactory(),
+        model=model,
+        model_price=model_price(model_name="gym-start"),
+        params={"max_tokens": 4},
+        hold_amount=1,
+    )
+
+
+def _synchronous_commit() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
+def test_a_queued_job_is_loaded_running_and_the_next_transaction_waits_for_the_disk(job):
+    # when the worker starts it
+    started = job_start(job_pk=job.pk)
+
+    # then it comes back running, stamped, as stored
+    assert started.pk == job.pk and started.status == JobStatus.RUNNING
+    assert started.started_at is not None
+    assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
+
+    # and the connection's next transaction (a settlement) still waits for the disk
+    assert _synchronous_commit() == "on"
+
+
+def test_a_redelivered_running_job_runs_again_and_keeps_its_first_start(job):
+    first = job_start(job_pk=job.pk)
+
+    again = job_start(job_pk=job.pk)
+
+    assert again.status == JobStatus.RUNNING
+    assert again.started_at == first.started_at
+
+
+def test_an_ended_job_is_not_started(job):
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.CANCELED)
+
+    assert job_start(job_pk=job.pk) is None
+    assert Job.objects.get(pk=job.pk).status == JobStatus.CANCELED
+    assert _synchronous_commit() == "on"
