@@ -7,13 +7,16 @@ of the CPU of a request, docs/BENCHMARKS.md). A `SharedCache` keeps them in
 the process instead, and keeps them only while a generation token in Redis is
 the one it read before loading them:
 
-- every read asks Redis for the token (one GET, far cheaper than a query);
-  a token other than the one its entries were loaded under empties the cache;
+- every read asks Redis for the token (one GET, far cheaper than a query),
+  or, inside a `cache_scope()` (a request, a job), reads every cache's token
+  once, in one MGET, at its first read; a token other than the one its
+  entries were loaded under empties the cache;
 - every write to the cached tables (`cache_invalidate_on_save` connects the
   models' save and delete signals) writes a new random token once its
   transaction commits, so the next read in every process reloads.
 
-So a change is seen by the very next request anywhere, never a moment later.
+So a change is seen by the very next request (or job) anywhere, never a moment
+later.
 A token is random rather than a counter, so a Redis that was flushed (or
 restarted: it keeps nothing on disk here) can never bring back a token that
 stale entries were loaded under. Writes that bypass the signals (`update()`,
@@ -26,11 +29,13 @@ goes to the database, as if there were no cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextvars import ContextVar
 from typing import TypeVar
 
 import redis
@@ -52,6 +57,38 @@ MAX_ENTRIES = 4096
 MAX_AGE_S = 60.0
 
 _all: list[SharedCache] = []
+
+# The tokens read for the current unit of work (cache_scope), by Redis key.
+_scope_tokens: ContextVar[dict[str, bytes | None] | None] = ContextVar(
+    "cache_scope_tokens", default=None
+)
+
+
+@contextlib.contextmanager
+def cache_scope() -> Iterator[None]:
+    """One unit of work (a request, a job): each cache's token is read from Redis once.
+
+    The first read of any cache inside it fetches every cache's token in one
+    MGET; later reads use them. A change committed by another process while
+    the unit runs is seen by the next unit; one it commits itself is seen by
+    its own next read (invalidate() forgets the token read).
+    """
+    reset = _scope_tokens.set({})
+    try:
+        yield
+    finally:
+        _scope_tokens.reset(reset)
+
+
+class CacheScopeMiddleware:
+    """Every request is one cache_scope (MIDDLEWARE)."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        with cache_scope():
+            return self.get_response(request)
 
 
 class SharedCache:
@@ -75,7 +112,7 @@ class SharedCache:
         if connection.in_atomic_block:
             return load()
         try:
-            token = get_redis().get(self._token_key)
+            token = self._current_token()
         except redis.RedisError:
             logger.warning("cache %s: Redis unreachable, reading the database", self.name)
             return load()
@@ -99,6 +136,15 @@ class SharedCache:
                 self._entries[key] = value
         return value
 
+    def _current_token(self) -> bytes | None:
+        scope = _scope_tokens.get()
+        if scope is None:
+            return get_redis().get(self._token_key)
+        if self._token_key not in scope:
+            keys = [cache._token_key for cache in _all]
+            scope.update(zip(keys, get_redis().mget(keys), strict=True))
+        return scope[self._token_key]
+
     def invalidate(self) -> None:
         """Every process drops its entries, once the current transaction (if any) commits."""
         transaction.on_commit(self._new_token)
@@ -106,6 +152,9 @@ class SharedCache:
     def _new_token(self) -> None:
         with self._lock:
             self._entries.clear()
+        scope = _scope_tokens.get()
+        if scope is not None:
+            scope.pop(self._token_key, None)  # this unit's next read asks again
         try:
             get_redis().set(self._token_key, secrets.token_hex(16))
         except redis.RedisError:

@@ -54,6 +54,9 @@ FLOOR_TASK = "accounts.tasks.idempotency_purge_task"
 CALLS = 200  # floor and direct Triton, each
 WARMUP_CALLS = 20
 CLIENTS = (1, 16, 64)
+# The row with as many organizations as clients: every other row bills one
+# organization, whose wallet every request locks (the ledger's hot wallet).
+SPREAD_ORGS = 16
 STARTUP_TIMEOUT_S = 60
 MICRO = 1_000_000
 BIG = 1_000_000_000
@@ -88,10 +91,17 @@ def _environment(url: str) -> None:
 class Seed:
     api_key: str
     prompt: str  # what the chat template renders for MESSAGES
+    # One key per organization of SPREAD_ORGS more, for the row whose clients
+    # each bill their own organization.
+    spread_keys: tuple[str, ...] = ()
 
 
 def seed(grpc_url: str) -> Seed:
-    """The catalog as demo_seed makes it, and one organization with limits nothing reaches."""
+    """The catalog as demo_seed makes it, and organizations with limits nothing reaches.
+
+    One organization for every row but one; SPREAD_ORGS more, one per client,
+    for the row that spreads the load.
+    """
     from django.utils import timezone
 
     from accounts.models import Organization, Scope
@@ -126,26 +136,30 @@ def seed(grpc_url: str) -> Seed:
         tokenizer_file="inference/engine/tokenizer.json",
         access_tier="basic",
     )
-    org = Organization.objects.create(
-        slug="bench-inf",
-        name="Bench inference",
-        requests_per_minute=BIG,
-        tokens_per_minute=BIG,
-        concurrent_jobs=1_000,
-    )
-    credits_grant(
-        organization=org,
-        amount=BIG * MICRO,
-        source="subscription",
-        paid=True,
-        resellable=False,
-        key="bench-inf-seed",
-        expires_at=timezone.now() + timedelta(days=30),
-    )
-    _, raw = apikey_create(
-        organization=org, name="bench", scopes=[Scope.INFERENCE], requests_per_minute=BIG
-    )
-    return Seed(raw, render_chat(model, MESSAGES))
+    keys = []
+    for n in range(1 + SPREAD_ORGS):
+        suffix = f"-{n}" if n else ""
+        org = Organization.objects.create(
+            slug=f"bench-inf{suffix}",
+            name=f"Bench inference{suffix}",
+            requests_per_minute=BIG,
+            tokens_per_minute=BIG,
+            concurrent_jobs=1_000,
+        )
+        credits_grant(
+            organization=org,
+            amount=BIG * MICRO,
+            source="subscription",
+            paid=True,
+            resellable=False,
+            key=f"bench-inf-seed{suffix}",
+            expires_at=timezone.now() + timedelta(days=30),
+        )
+        _, raw = apikey_create(
+            organization=org, name="bench", scopes=[Scope.INFERENCE], requests_per_minute=BIG
+        )
+        keys.append(raw)
+    return Seed(keys[0], render_chat(model, MESSAGES), tuple(keys[1:]))
 
 
 class Worker:
@@ -427,14 +441,16 @@ def _tree(root: int) -> set[int]:
 
 def http_window(
     port: int,
-    key: str,
+    keys: list[str] | tuple[str, ...],
     clients: int,
     warmup_s: float,
     duration_s: float,
     stream: bool = False,
     cpu: CpuMeter | None = None,
+    name: str = "",
 ) -> Row:
-    row = Row("stream" if stream else "http", clients, duration_s=duration_s)
+    """One row: `clients` closed-loop clients, client i with keys[i % len(keys)]."""
+    row = Row(name or ("stream" if stream else "http"), clients, duration_s=duration_s)
     counter = iter(range(10**9))
 
     async def meter(measure_from: float) -> None:
@@ -451,8 +467,8 @@ def http_window(
         measure_from = time.perf_counter() + warmup_s
         window = (measure_from, measure_from + duration_s)
         tasks = [
-            asyncio.create_task(_client(port, key, row, window, stream, counter))
-            for _ in range(clients)
+            asyncio.create_task(_client(port, keys[i % len(keys)], row, window, stream, counter))
+            for i in range(clients)
         ]
         if cpu is not None:
             tasks.append(asyncio.create_task(meter(measure_from)))
@@ -641,10 +657,21 @@ def measure(
         )
         http_rows = []
         for clients in CLIENTS:
-            row = http_window(server.port, seed_.api_key, clients, warmup_s, duration_s, cpu=cpu)
+            row = http_window(server.port, [seed_.api_key], clients, warmup_s, duration_s, cpu=cpu)
             _log_row(log, row)
             http_rows.append(row)
-        stream_row = http_window(server.port, seed_.api_key, 1, warmup_s, duration_s, stream=True)
+        spread_row = http_window(
+            server.port,
+            seed_.spread_keys,
+            SPREAD_ORGS,
+            warmup_s,
+            duration_s,
+            cpu=cpu,
+            name="http-orgs",
+        )
+        _log_row(log, spread_row)
+        http_rows.append(spread_row)
+        stream_row = http_window(server.port, [seed_.api_key], 1, warmup_s, duration_s, stream=True)
         _log_row(log, stream_row)
         for proc, name in ((server.proc, "gunicorn"), (worker.proc, "celery worker")):
             if proc is not None and proc.poll() is not None:
@@ -678,6 +705,14 @@ def _met(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
+def _clients(row: Row) -> str:
+    return (
+        f"{row.clients}, {row.clients} organizations"
+        if row.name == "http-orgs"
+        else str(row.clients)
+    )
+
+
 def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, duration_s: float) -> str:
     fl, tr, cfg = result.floor, result.triton, result.config
     lines = [
@@ -688,6 +723,7 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         "floor": f"Celery floor: `{FLOOR_TASK}.apply_async().get()`",
         "triton": "direct Triton: `pool_for([grpc]).generate()`",
         "http": "`POST /v1/chat/completions` through gunicorn",
+        "http-orgs": "same, each client billing its own organization",
         "stream": "same, `stream: true`: time to first content chunk",
     }
     rows = [fl, tr, *result.http, *([result.stream] if result.stream else [])]
@@ -704,7 +740,7 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
     for r in result.http:
         a50 = r.p50_ms - tr.p50_ms
         added.append(
-            f"| {r.clients} | {_fmt(a50)} | {_fmt(r.p99_ms - tr.p99_ms)} "
+            f"| {_clients(r)} | {_fmt(a50)} | {_fmt(r.p99_ms - tr.p99_ms)} "
             f"| {_fmt(a50 - fl.p50_ms)} |"
         )
     cpus = os.cpu_count() or 1
@@ -718,14 +754,15 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         if r.cpu_ms:
             total = sum(r.cpu_ms.values())
             cpu_lines.append(
-                f"| {r.clients} | {' | '.join(_fmt(r.cpu_ms[n]) for n in names)} "
+                f"| {_clients(r)} | {' | '.join(_fmt(r.cpu_ms[n]) for n in names)} "
                 f"| {_fmt(total)} | {_fmt(cpus * 1000 / total, 0)} | {_fmt(r.other_cpus)} |"
             )
     one = next(r for r in result.http if r.clients == 1)
-    sixteen = next(r for r in result.http if r.clients == 16)
+    sixteen = next(r for r in result.http if r.clients == 16 and r.name == "http")
     over_floor = one.p50_ms - tr.p50_ms - fl.p50_ms
     billed = bool(result.billing["all billed"])
     errors_16 = sixteen.errors == 0
+    spread = next((r for r in result.http if r.name == "http-orgs"), None)
     out = [
         "## Inference path overhead",
         "",
@@ -752,8 +789,10 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         f"{cfg.server_threads} threads (gthread, production settings, persistent database "
         "connections).",
         f"- Own database `{urlsplit(result.url).path.lstrip('/')}` (dropped, migrated and "
-        "seeded through the services: a price book, the catalog as `demo_seed` makes it, one "
-        "organization with limits nothing reaches and one inference key) and Redis database "
+        "seeded through the services: a price book, the catalog as `demo_seed` makes it, "
+        f"organizations with limits nothing reaches and an inference key each: one billed by "
+        f"every row but one, {SPREAD_ORGS} more for the row whose clients each bill their own "
+        "organization; every other row's requests all lock one wallet) and Redis database "
         f"`{REDIS_URL.rsplit('/', 1)[1]}` (broker, results, limits and relay; flushed).",
         f"- Floor: `{FLOOR_TASK}` (one DELETE on an empty table) sent with `apply_async()` "
         f"and waited on with `.get()`; direct Triton: `{CALLS}` sequential calls. Both after "
@@ -811,7 +850,14 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         f"- At least {TARGET_RATE_16:g} requests/s end to end at 16 clients with every token "
         f"billed: {_fmt(sixteen.rate, 1)} requests/s, "
         f"{'every token billed' if billed else 'billing check failed'} — "
-        f"{_met(sixteen.rate >= TARGET_RATE_16 and billed and errors_16)}.",
+        f"{_met(sixteen.rate >= TARGET_RATE_16 and billed and errors_16)} (one organization: "
+        "every request locks its one wallet; "
+        + (
+            f"with {spread.clients} organizations, one per client: {_fmt(spread.rate, 1)} "
+            "requests/s)."
+            if spread
+            else "no run with more organizations)."
+        ),
         *(
             [
                 f"  At 16 clients every request cost {_fmt(sum(sixteen.cpu_ms.values()))} ms of "

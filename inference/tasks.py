@@ -30,6 +30,7 @@ from celery import shared_task
 from celery.signals import worker_process_shutdown
 from django.utils import timezone
 
+from accounts.cache import cache_scope
 from accounts.redis import get_redis
 from inference import triton
 from inference.models import InputTokensSource, Job, JobStatus
@@ -48,6 +49,12 @@ logger = logging.getLogger(__name__)
 # the API process a result subscription per job, for a result nobody reads.
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def job_run(job_pk: int, prompt: str) -> str:
+    # One Redis read of the catalog and price caches' tokens for the whole job.
+    with cache_scope():
+        return _job_run(job_pk, prompt)
+
+
+def _job_run(job_pk: int, prompt: str) -> str:
     # Everything the run and the settlement read: the job's row, loaded as it
     # is marked running, and its catalog model and price from this process's
     # caches. The organization is never loaded: its id is all they need.

@@ -168,3 +168,28 @@ def test_without_redis_every_read_goes_to_the_database(monkeypatch):
 
     # then both reads loaded: nothing could say whether a kept value is current
     assert (first, second, len(loads)) == ("v", "v", 2)
+
+
+def test_a_unit_of_work_reads_the_tokens_once_and_sees_its_own_changes():
+    from accounts.cache import cache_scope
+    from accounts.redis import get_redis
+
+    cache = SharedCache("test-scope")
+    with cache_scope():
+        # given a value read in a unit of work (a request, a job)
+        assert cache.get("k", lambda: "v1") == "v1"
+
+        # when another process commits a change (it writes a new token)
+        get_redis().set("cachegen:test-scope", "changed elsewhere")
+
+        # then this unit goes on with the tokens it read at its start
+        assert cache.get("k", lambda: "v2") == "v1"
+
+        # but a change it commits itself, it sees at once
+        cache.invalidate()
+        assert cache.get("k", lambda: "v3") == "v3"
+
+    # and the next unit sees the other process's change
+    get_redis().set("cachegen:test-scope", "changed elsewhere again")
+    with cache_scope():
+        assert cache.get("k", lambda: "v4") == "v4"
