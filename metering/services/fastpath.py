@@ -30,6 +30,7 @@ from django.db import IntegrityError, connection, transaction
 
 from metering.models import Hold
 from metering.services.lots import LedgerInconsistent
+from metering.services.usage import UsageDraft
 
 # In the model's field order, which is the order Model.from_db expects.
 HOLD_COLUMNS = tuple(f.column for f in Hold._meta.concrete_fields)
@@ -243,15 +244,39 @@ settled AS (
            settle_transaction_id = %(txn)s::bigint, settled_at = %(now)s::timestamptz
      WHERE id = %(hold)s::bigint
     RETURNING {_RETURNING}
+),
+-- The usage record the hold paid for (UsageDraft), when there is one.
+rec AS (
+    INSERT INTO metering_usagerecord
+           (organization_id, api_key_id, job_id, hold_id, model_name, priority,
+            input_tokens, cached_input_tokens, output_tokens, engine_busy_ms, credits,
+            model_price_id, serving_cost, currency, created_at)
+    SELECT %(u_org)s::bigint, %(u_key)s::bigint, %(u_job)s::text, settled.id,
+           %(u_model)s::text, %(u_priority)s::text, %(u_in)s::integer, %(u_cached)s::integer,
+           %(u_out)s::integer, %(u_ms)s::integer, %(u_credits)s::bigint, %(u_price)s::bigint,
+           %(u_cost)s::bigint, %(u_currency)s::text, %(now)s::timestamptz
+      FROM settled
+     WHERE %(u_record)s::boolean
 )
 SELECT (SELECT COALESCE(sum(amount), 0) FROM take), settled.* FROM settled
 """
 
 
 def hold_settle_fast(
-    *, key: str, captured: int, status: str, txn_kind: str, fp: str, now: datetime
+    *,
+    key: str,
+    captured: int,
+    status: str,
+    txn_kind: str,
+    fp: str,
+    now: datetime,
+    usage: UsageDraft | None = None,
 ) -> Hold | None:
-    """Settle a pending hold in two statements, or None to say "take the ORM path"."""
+    """Settle a pending hold in two statements, or None to say "take the ORM path".
+
+    With `usage`, its usage record is written by the second statement; a
+    record the job already has makes it take the ORM path, which replays it.
+    """
     params = {
         "key": key,
         "captured": captured,
@@ -259,6 +284,7 @@ def hold_settle_fast(
         "txn_kind": txn_kind,
         "fp": fp,
         "now": now,
+        **_usage_params(usage),
     }
     try:
         with transaction.atomic(), _cursor() as cursor:
@@ -284,6 +310,45 @@ def hold_settle_fast(
     # answers with it (X-Gym-Credits-Remaining) without reading it again.
     hold.wallet_balance_after = wallet_balance
     return hold
+
+
+def _usage_params(usage: UsageDraft | None) -> dict:
+    if usage is None:
+        # One statement for both cases (one prepared plan): nothing inserted.
+        return dict.fromkeys(_USAGE_PARAMS) | {"u_record": False}
+    return {
+        "u_record": True,
+        "u_org": usage.organization_id,
+        "u_key": usage.api_key_id,
+        "u_job": usage.job_id,
+        "u_model": usage.model_name,
+        "u_priority": usage.priority,
+        "u_in": usage.usage.input_tokens,
+        "u_cached": usage.usage.cached_input_tokens,
+        "u_out": usage.usage.output_tokens,
+        "u_ms": usage.engine_busy_ms,
+        "u_credits": usage.credits,
+        "u_price": usage.model_price.pk if usage.model_price is not None else None,
+        "u_cost": usage.serving_cost,
+        "u_currency": usage.currency,
+    }
+
+
+_USAGE_PARAMS = (
+    "u_org",
+    "u_key",
+    "u_job",
+    "u_model",
+    "u_priority",
+    "u_in",
+    "u_cached",
+    "u_out",
+    "u_ms",
+    "u_credits",
+    "u_price",
+    "u_cost",
+    "u_currency",
+)
 
 
 class _Fallback(Exception):

@@ -35,6 +35,7 @@ from metering.services.postings import (
     retry_on_deadlock,
     transaction_open,
 )
+from metering.services.usage import UsageDraft
 
 
 @retry_on_deadlock
@@ -107,8 +108,15 @@ def _settle_fingerprint(status: str, captured: int) -> str:
     return f"{status}:{captured}"
 
 
-def _settle(*, key: str, captured: int, status: str, now: datetime) -> Hold:
-    """Settle a pending hold once. The hold's row lock orders concurrent settlers."""
+def _settle(
+    *, key: str, captured: int, status: str, now: datetime, usage: UsageDraft | None = None
+) -> Hold:
+    """Settle a pending hold once. The hold's row lock orders concurrent settlers.
+
+    With `usage`, its usage record is written in the same transaction.
+    """
+    if usage is not None:
+        usage.validate()
     if fastpath.enabled():
         hold = fastpath.hold_settle_fast(
             key=key,
@@ -117,9 +125,19 @@ def _settle(*, key: str, captured: int, status: str, now: datetime) -> Hold:
             txn_kind=SETTLE_KINDS[status],
             fp=_settle_fingerprint(status, captured),
             now=now,
+            usage=usage,
         )
         if hold is not None:
             return hold
+    with transaction.atomic():
+        hold = _settle_orm(key=key, captured=captured, status=status, now=now)
+        if usage is not None:
+            usage.write(hold=hold)
+        return hold
+
+
+def _settle_orm(*, key: str, captured: int, status: str, now: datetime) -> Hold:
+    """The reference path of _settle (the fast path's fallback)."""
     with transaction.atomic():
         hold = (
             # of=("self",): lock the hold only. Locking the joined organization
@@ -185,21 +203,29 @@ def _settle(*, key: str, captured: int, status: str, now: datetime) -> Hold:
 
 
 @retry_on_deadlock
-def hold_capture(*, key: str, amount: int) -> Hold:
-    """Capture `amount` (0 up to the hold) for the work really done; release the rest."""
+def hold_capture(*, key: str, amount: int, usage: UsageDraft | None = None) -> Hold:
+    """Capture `amount` (0 up to the hold) for the work really done; release the rest.
+
+    With `usage`, the usage record that `amount` pays for is written with it.
+    """
     if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
         raise ApplicationError(
             code="invalid_amount",
             message="The captured amount must be a non-negative integer of micro-credits.",
             param="amount",
         )
-    return _settle(key=key, captured=amount, status=HoldStatus.CAPTURED, now=timezone.now())
+    return _settle(
+        key=key, captured=amount, status=HoldStatus.CAPTURED, now=timezone.now(), usage=usage
+    )
 
 
 @retry_on_deadlock
-def hold_release(*, key: str) -> Hold:
-    """Give the whole hold back: the work was canceled or failed before any token."""
-    return _settle(key=key, captured=0, status=HoldStatus.RELEASED, now=timezone.now())
+def hold_release(*, key: str, usage: UsageDraft | None = None) -> Hold:
+    """Give the whole hold back: the work was canceled or failed before any token.
+
+    With `usage`, the (unbilled) usage record of that work is written with it.
+    """
+    return _settle(key=key, captured=0, status=HoldStatus.RELEASED, now=timezone.now(), usage=usage)
 
 
 def holds_expire(*, now: datetime | None = None) -> int:

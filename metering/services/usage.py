@@ -2,11 +2,56 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.db import IntegrityError, transaction
 
 from accounts.errors import ApplicationError
 from metering.models import Hold, ModelPrice, UsageRecord
 from metering.services.pricing import Usage
+
+
+@dataclass(frozen=True)
+class UsageDraft:
+    """A usage record to write with the settlement of the hold that paid for it.
+
+    hold_capture / hold_release(usage=...) write it in the same transaction,
+    on the SQL fast path in the same statement as the lots burnt: one round
+    trip less while the wallet's row lock is held.
+    """
+
+    organization_id: int
+    job_id: str
+    model_name: str
+    priority: str
+    usage: Usage
+    credits: int
+    api_key_id: int | None = None
+    model_price: ModelPrice | None = None
+    engine_busy_ms: int = 0
+    serving_cost: int = 0
+    currency: str = "usd"
+
+    def validate(self) -> None:
+        if self.credits < 0 or self.serving_cost < 0 or self.engine_busy_ms < 0:
+            raise ApplicationError(code="invalid_usage", message="Amounts cannot be negative.")
+
+    def write(self, *, hold: Hold | None) -> UsageRecord:
+        """Through the ORM (the reference path): once per job, a repeat returns the first."""
+        return usage_record_create(
+            organization_id=self.organization_id,
+            job_id=self.job_id,
+            model_name=self.model_name,
+            priority=self.priority,
+            usage=self.usage,
+            credits=self.credits,
+            api_key_id=self.api_key_id,
+            hold=hold,
+            model_price=self.model_price,
+            engine_busy_ms=self.engine_busy_ms,
+            serving_cost=self.serving_cost,
+            currency=self.currency,
+        )
 
 
 def usage_record_create(
@@ -23,15 +68,8 @@ def usage_record_create(
     engine_busy_ms: int = 0,
     serving_cost: int = 0,
     currency: str = "usd",
-    only_writer: bool = False,
 ) -> UsageRecord:
-    """Record a job's usage once; a repeat for the same job returns the first record.
-
-    `only_writer`: the caller holds a lock that makes it the only writer of
-    this job's record (the settlement's claim of the job row), so a repeat
-    cannot happen and no savepoint is set for one (two round trips less); a
-    duplicate then fails the caller's transaction instead of being returned.
-    """
+    """Record a job's usage once; a repeat for the same job returns the first record."""
     if credits < 0 or serving_cost < 0 or engine_busy_ms < 0:
         raise ApplicationError(code="invalid_usage", message="Amounts cannot be negative.")
     fields = {
@@ -50,8 +88,6 @@ def usage_record_create(
         "serving_cost": serving_cost,
         "currency": currency,
     }
-    if only_writer:
-        return UsageRecord.objects.create(**fields)
     try:
         with transaction.atomic():
             return UsageRecord.objects.create(**fields)

@@ -9,13 +9,35 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from metering.models import CreditLot, Hold, JournalTransaction, LedgerEntry, LotMovement
+from metering.models import (
+    CreditLot,
+    Hold,
+    JournalTransaction,
+    LedgerEntry,
+    LotMovement,
+    UsageRecord,
+)
 from metering.selectors import organization_balance
-from metering.services import credits_grant, hold_capture, hold_place, hold_release
+from metering.services import Usage, credits_grant, hold_capture, hold_place, hold_release
+from metering.services.usage import UsageDraft
 from tests.factories import OrganizationFactory
 from tests.helpers import credits
 
 pytestmark = pytest.mark.django_db
+
+
+def _draft(org, job_id: str, charged: int) -> UsageDraft:
+    return UsageDraft(
+        organization_id=org.pk,
+        job_id=job_id,
+        model_name="llama-test",
+        priority="standard",
+        usage=Usage(input_tokens=40, cached_input_tokens=8, output_tokens=12),
+        credits=charged,
+        engine_busy_ms=17,
+        serving_cost=3,
+        currency="usd",
+    )
 
 
 def run_scenario(tag: str) -> dict:
@@ -33,9 +55,10 @@ def run_scenario(tag: str) -> dict:
     hold_place(organization=org, amount=credits(8), key=f"{tag}-a")
     hold_place(organization=org, amount=credits(3), key=f"{tag}-b")
     hold_place(organization=org, amount=credits(2), key=f"{tag}-c")
-    hold_capture(key=f"{tag}-a", amount=credits(7))  # burns the promotion first, then paid
+    # burns the promotion first, then paid; its usage record written with it
+    hold_capture(key=f"{tag}-a", amount=credits(7), usage=_draft(org, f"{tag}-a", credits(7)))
     hold_capture(key=f"{tag}-b", amount=credits(3))  # a full capture: nothing goes back
-    hold_release(key=f"{tag}-c")
+    hold_release(key=f"{tag}-c", usage=_draft(org, f"{tag}-c", 0))
 
     entries = [
         (e.transaction.kind, e.account.kind, e.amount, e.balance_after)
@@ -63,7 +86,25 @@ def run_scenario(tag: str) -> dict:
             "idempotency_key", flat=True
         )
     )
+    usage = sorted(
+        (
+            u.job_id.removeprefix(f"{tag}-"),
+            u.hold.key.removeprefix(f"{tag}-"),
+            u.model_name,
+            u.priority,
+            u.input_tokens,
+            u.cached_input_tokens,
+            u.output_tokens,
+            u.engine_busy_ms,
+            u.credits,
+            u.serving_cost,
+            u.currency,
+            u.api_key_id,
+        )
+        for u in UsageRecord.objects.filter(organization=org).select_related("hold")
+    )
     return {
+        "usage": usage,
         "balance": organization_balance(organization=org),
         "entries": entries,
         "holds": sorted(holds),
@@ -82,6 +123,7 @@ def test_the_fast_path_and_the_orm_path_write_the_same_rows(settings):
 
     # then every row matches, and the scenario did what it says
     assert fast == orm
+    assert [(u[0], u[1], u[8]) for u in fast["usage"]] == [("a", "a", credits(7)), ("c", "c", 0)]
     assert fast["balance"].available == credits(25) - credits(10)
     assert fast["lots"] == [
         ("promotion", credits(5), 0),
@@ -116,3 +158,44 @@ def test_the_fast_path_falls_back_for_everything_unusual(settings, org, grant):
     assert captured.status == "captured"
     assert settled.value.code == "hold_already_settled"
     assert Hold.objects.filter(organization=org).count() == 1
+
+
+def test_a_usage_record_already_written_is_replayed_not_doubled(settings, org, grant):
+    # given a job whose usage was recorded already (a settlement retried after
+    # its record was written by hand, say), and its hold still pending
+    settings.METERING_FAST_PATH = True
+    grant(org, credits(10))
+    hold_place(organization=org, amount=credits(2), key="job-dup")
+    _draft(org, "job-dup", credits(1)).write(hold=None)
+
+    # when the hold is captured with the same record
+    hold = hold_capture(key="job-dup", amount=credits(1), usage=_draft(org, "job-dup", credits(1)))
+
+    # then the fast path stepped aside, the ORM path settled the hold once
+    # and returned the record already there: one record, one capture
+    assert (hold.status, hold.captured) == ("captured", credits(1))
+    assert UsageRecord.objects.filter(job_id="job-dup").count() == 1
+    assert organization_balance(organization=org).available == credits(9)
+
+
+def test_the_fast_path_writes_the_usage_record_in_its_own_statements(settings, org, grant):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    # given a pending hold, after a first settlement opened the system
+    # accounts (until then the fast path steps aside: "not set up")
+    settings.METERING_FAST_PATH = True
+    grant(org, credits(10))
+    hold_place(organization=org, amount=credits(1), key="job-first")
+    hold_capture(key="job-first", amount=credits(1))
+    hold_place(organization=org, amount=credits(2), key="job-fast")
+
+    # when it is captured with its usage record
+    with CaptureQueriesContext(connection) as queries:
+        hold_capture(key="job-fast", amount=credits(1), usage=_draft(org, "job-fast", credits(1)))
+
+    # then no ORM statement ran (the fast path's own run on a raw cursor),
+    # only its savepoint, and the record is there, linked to the hold
+    assert all(q["sql"].split()[0] in ("SAVEPOINT", "RELEASE") for q in queries.captured_queries)
+    record = UsageRecord.objects.select_related("hold").get(job_id="job-fast")
+    assert (record.hold.key, record.credits) == ("job-fast", credits(1))
