@@ -94,8 +94,9 @@ class CacheScopeMiddleware:
 class SharedCache:
     """Values loaded from the database, shared by a process's threads, dropped on any change."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, *, max_age_s: float = MAX_AGE_S):
         self.name = name
+        self.max_age_s = max_age_s
         self._token_key = f"cachegen:{name}"
         self._lock = threading.Lock()
         self._token: bytes | None = None
@@ -118,7 +119,7 @@ class SharedCache:
             return load()
         with self._lock:
             now = time.monotonic()
-            if token != self._token or now - self._emptied_at > MAX_AGE_S:
+            if token != self._token or now - self._emptied_at > self.max_age_s:
                 self._entries.clear()
                 self._token = token
                 self._emptied_at = now
@@ -147,7 +148,9 @@ class SharedCache:
 
     def invalidate(self) -> None:
         """Every process drops its entries, once the current transaction (if any) commits."""
-        transaction.on_commit(self._new_token)
+        # robust: a failing callback registered before this one must not keep
+        # the change from every other process.
+        transaction.on_commit(self._new_token, robust=True)
 
     def _new_token(self) -> None:
         with self._lock:
@@ -178,7 +181,7 @@ def cache_invalidate_on_save(cache: SharedCache, *models) -> None:
 
 
 def caches_reset() -> None:
-    """Every cache dropped in every process, now (the test suite, which empties
-    tables without signals between tests)."""
+    """Every cache dropped in every process, now: after `migrate` (data migrations
+    send no save signals) and between tests (which empty tables without them)."""
     for cache in _all:
         cache._new_token()

@@ -89,12 +89,24 @@ def _job_run(job_pk: int, prompt: str) -> str:
             status = JobStatus.CANCELED if cancelled else JobStatus.SUCCEEDED
     if first_token:
         outcome = replace(outcome, first_token_at=first_token[0])
-    # The reservations' release and the final event go to Redis together.
+    # The reservations' release and the final event go to Redis together;
+    # the release is sent even if building the final event fails.
     pipe = get_redis().pipeline(transaction=False)
-    job = job_settle(job=job, outcome=outcome, status=status, pipe=pipe)
-    relay_publish(job.public_id, _final_event(job, outcome), pipe=pipe)
-    pipe.execute()
+    try:
+        job = job_settle(job=job, outcome=outcome, status=status, pipe=pipe)
+        relay_publish(job.public_id, _final_event(job, outcome), pipe=pipe)
+    finally:
+        _send(pipe)
     return job.status
+
+
+def _send(pipe) -> None:
+    try:
+        pipe.execute()
+    except Exception:
+        # The job is settled; what is lost is a concurrency slot until its
+        # lease ends, a token refund, or the answer (the client times out).
+        logger.exception("could not send a job's reservations release and final event")
 
 
 def _engine_request(job: Job, prompt: str) -> triton.GenerationRequest:

@@ -45,7 +45,9 @@ MAX_REQUESTS_PER_MINUTE = 2_147_483_647
 # signals, AccountsConfig.ready; the services that write them with update()
 # call KEYS.invalidate()), so a revocation, a suspension or a new limit holds
 # from the very next request. Each request gets its own copies.
-KEYS = SharedCache("api-keys")
+# Reloaded every 5 s at the latest even if a change could not be published
+# (Redis unreachable at that moment): a revocation must not wait a minute.
+KEYS = SharedCache("api-keys", max_age_s=5.0)
 
 
 def _key_lookup(public_id: str) -> ApiKey | None:

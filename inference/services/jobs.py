@@ -254,19 +254,11 @@ def job_submit(
 # Loads the job and marks it running in one round trip. A job already running
 # is a redelivery of a task whose worker died: it runs again (its first start
 # time is kept), and the settlement still happens once (job_settle).
-#
-# Committed without waiting for the disk (synchronous_commit off for this one
-# statement's transaction; set_config(..., true) lasts until its commit):
-# should PostgreSQL crash before the write reaches the disk, the job is simply
-# still queued, which a redelivered task starts again. Every write of money
-# (the hold, the settlement) still waits for the disk. This saves the wait for
-# a WAL flush on every job.
 _START = """
 UPDATE inference_job
    SET status = %(running)s,
        started_at = CASE WHEN status = %(queued)s THEN %(now)s ELSE started_at END
  WHERE id = %(pk)s AND status IN (%(queued)s, %(running)s)
-   AND set_config('synchronous_commit', 'off', true) IS NOT NULL
 RETURNING *
 """
 
@@ -365,9 +357,10 @@ def job_settle(
         # only if it has not ended (an earlier delivery of the task settled
         # it) and, with `only_from`, only from those states. Whoever claims it
         # is the one settlement; the hold is locked after it, as before.
-        claimed = Job.objects.filter(pk=job.pk, status__in=only_from or NON_TERMINAL).update(
-            **update
+        claimable = (
+            NON_TERMINAL if only_from is None else [s for s in only_from if s in NON_TERMINAL]
         )
+        claimed = Job.objects.filter(pk=job.pk, status__in=claimable).update(**update)
         if not claimed:
             return Job.objects.get(pk=job.pk)
         # The usage record is written with the settlement (on the fast path

@@ -117,6 +117,12 @@ def _settle(
     """
     if usage is not None:
         usage.validate()
+        if usage.credits != captured:
+            raise ApplicationError(
+                code="invalid_usage",
+                message=f"The usage record charges {usage.credits} micro-credits; the "
+                f"settlement captures {captured}.",
+            )
     if fastpath.enabled():
         hold = fastpath.hold_settle_fast(
             key=key,

@@ -1,5 +1,5 @@
-"""job_start: one statement that loads a job as it marks it running, committed without
-waiting for the disk, and nothing after it that must wait for the disk is affected.
+"""job_start: one statement that loads a job as it marks it running (a redelivery runs it
+again, an ended job is not started).
 
 Transactional: the statement runs in autocommit, as in the worker; the Job row
 is written directly, so no Celery task is sent for it.
@@ -51,7 +51,7 @@ def _synchronous_commit() -> str:
         return cursor.fetchone()[0]
 
 
-def test_a_queued_job_is_loaded_running_and_the_next_transaction_waits_for_the_disk(job):
+def test_a_queued_job_is_loaded_running_and_committed(job):
     # when the worker starts it
     started = job_start(job_pk=job.pk)
 
@@ -60,7 +60,7 @@ def test_a_queued_job_is_loaded_running_and_the_next_transaction_waits_for_the_d
     assert started.started_at is not None
     assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
 
-    # and the connection's next transaction (a settlement) still waits for the disk
+    # and committed durably, like every later write on the connection
     assert _synchronous_commit() == "on"
 
 

@@ -199,3 +199,27 @@ def test_the_fast_path_writes_the_usage_record_in_its_own_statements(settings, o
     assert all(q["sql"].split()[0] in ("SAVEPOINT", "RELEASE") for q in queries.captured_queries)
     record = UsageRecord.objects.select_related("hold").get(job_id="job-fast")
     assert (record.hold.key, record.credits) == ("job-fast", credits(1))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "orm path"])
+def test_a_usage_record_that_disagrees_with_the_capture_is_refused(settings, org, grant, fast):
+    from accounts.errors import ApplicationError
+    from tests.helpers import ledger_rows
+
+    # given a pending hold
+    settings.METERING_FAST_PATH = fast
+    grant(org, credits(10))
+    hold_place(organization=org, amount=credits(2), key="job-mismatch")
+    before = ledger_rows()
+
+    # when it is captured with a record that charges something else
+    with pytest.raises(ApplicationError) as refused:
+        hold_capture(
+            key="job-mismatch", amount=credits(1), usage=_draft(org, "job-mismatch", credits(2))
+        )
+
+    # then nothing was written: the hold still pending, no record
+    assert refused.value.code == "invalid_usage"
+    assert ledger_rows() == before
+    assert Hold.objects.get(key="job-mismatch").status == "pending"
+    assert not UsageRecord.objects.filter(job_id="job-mismatch").exists()
