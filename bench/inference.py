@@ -519,13 +519,13 @@ def _log_row(log, row: Row) -> None:
 STAGES = (
     (
         "API: request in to job row written",
-        "gunicorn, API key, rate limits, model and price read, token and concurrency "
-        "reservations in Redis, hold placed, Job row inserted (`queued_at`)",
+        "gunicorn, API key, model and price (cached per process), rate limits, token and "
+        "concurrency reservations in Redis, Job row inserted (`queued_at`)",
     ),
     (
         "dispatch: job row written to job started",
-        "commit, `apply_async` after commit, the message through Redis, a worker thread "
-        "takes it, loads the job and marks it running (`started_at`)",
+        "hold placed, commit, `apply_async` after commit, the message through Redis, a "
+        "worker thread takes it and loads the job as it marks it running (`started_at`)",
     ),
     (
         "engine: the Triton call",
@@ -534,12 +534,12 @@ STAGES = (
     (
         "worker around the engine, settlement included",
         "`started_at` to `finished_at` less the engine: pool lookup, then the settlement "
-        "transaction (job row locked, hold captured, usage record, job row updated)",
+        "transaction (the job claimed by its UPDATE, the hold captured with its usage record)",
     ),
     (
         "relay: settled to response read",
-        "commit, reservations released, balance read, result published to the job's "
-        "Redis stream, the waiting API thread wakes (XREAD BLOCK), response written and read",
+        "commit, reservations released and the result published to the job's Redis stream "
+        "in one pipeline, the waiting API thread wakes (XREAD BLOCK), response written and read",
     ),
 )
 
