@@ -4,6 +4,8 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
+from metering.migration_ops import postgresql_only
+
 # PostgreSQL only (the demo's SQLite has neither):
 # - the varchar_pattern_ops ("_like") index Django adds beside a unique
 #   CharField serves LIKE 'prefix%' queries, which nothing runs on job ids;
@@ -20,15 +22,6 @@ BACKWARD = [
     "CREATE INDEX IF NOT EXISTS inference_job_public_id_295922b5_like "
     "ON inference_job (public_id varchar_pattern_ops)",
 ]
-
-
-def _run(statements):
-    def run(apps, schema_editor):
-        if schema_editor.connection.vendor == "postgresql":
-            for sql in statements:
-                schema_editor.execute(sql)
-
-    return run
 
 
 class Migration(migrations.Migration):
@@ -48,5 +41,5 @@ class Migration(migrations.Migration):
                 to="accounts.organization",
             ),
         ),
-        migrations.RunPython(_run(FORWARD), _run(BACKWARD)),
+        postgresql_only(FORWARD, BACKWARD),
     ]

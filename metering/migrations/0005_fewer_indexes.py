@@ -4,6 +4,8 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
+from metering.migration_ops import postgresql_only
+
 # PostgreSQL only (the demo's SQLite has none of these): the varchar_pattern_ops
 # ("_like") indexes Django adds beside unique CharFields serve LIKE 'prefix%'
 # queries, which nothing runs on these keys; Django drops them with IF EXISTS
@@ -25,15 +27,6 @@ BACKWARD = [
     f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({column} varchar_pattern_ops)"
     for name, (table, column) in LIKE_INDEXES.items()
 ] + ["ALTER TABLE metering_ledgeraccount RESET (fillfactor)"]
-
-
-def _run(statements):
-    def run(apps, schema_editor):
-        if schema_editor.connection.vendor == "postgresql":
-            for sql in statements:
-                schema_editor.execute(sql)
-
-    return run
 
 
 class Migration(migrations.Migration):
@@ -59,5 +52,5 @@ class Migration(migrations.Migration):
             name='organization',
             field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.PROTECT, related_name='usage_records', to='accounts.organization'),
         ),
-        migrations.RunPython(_run(FORWARD), _run(BACKWARD)),
+        postgresql_only(FORWARD, BACKWARD),
     ]

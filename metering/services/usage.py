@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from django.db import IntegrityError, transaction
 
@@ -38,19 +38,9 @@ class UsageDraft:
 
     def write(self, *, hold: Hold | None) -> UsageRecord:
         """Through the ORM (the reference path): once per job, a repeat returns the first."""
+        # The draft's fields are usage_record_create's arguments, by name.
         return usage_record_create(
-            organization_id=self.organization_id,
-            job_id=self.job_id,
-            model_name=self.model_name,
-            priority=self.priority,
-            usage=self.usage,
-            credits=self.credits,
-            api_key_id=self.api_key_id,
-            hold=hold,
-            model_price=self.model_price,
-            engine_busy_ms=self.engine_busy_ms,
-            serving_cost=self.serving_cost,
-            currency=self.currency,
+            hold=hold, **{field.name: getattr(self, field.name) for field in fields(self)}
         )
 
 
