@@ -9,6 +9,7 @@ died stops counting after its lease instead of forever.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,6 +46,17 @@ return result
 """
 
 
+@functools.cache
+def _script(source: str):
+    """The script run by its SHA (EVALSHA): its text is not sent with every request.
+
+    redis-py loads it again by itself should the server have lost it (a
+    restart, SCRIPT FLUSH). Not for pipelines: there redis-py first asks
+    whether the script exists, a round trip more than EVAL.
+    """
+    return get_redis().register_script(source)
+
+
 @dataclass(frozen=True)
 class Limit:
     scope: str  # "key:<id>" or "org:<id>"
@@ -71,8 +83,8 @@ def rate_limit_consume(*, kind: str, limits: list[Limit], cost: int = 1) -> Usag
     """
     now = time.time()
     keys = [_window_key(kind, lim.scope, now) for lim in limits]
-    result = get_redis().eval(
-        _CONSUME, len(keys), *keys, cost, WINDOW_SECONDS, *[lim.limit for lim in limits]
+    result = _script(_CONSUME)(
+        keys=keys, args=[cost, WINDOW_SECONDS, *[lim.limit for lim in limits]]
     )
     if result[0] != 0:
         full = limits[result[0] - 1]
@@ -137,7 +149,9 @@ def concurrency_acquire(
     """Take one of `limit` concurrent slots for `job_id` (idempotent), or raise 429."""
     job_id = job_id or uuid.uuid4().hex
     now = time.time()
-    ok = get_redis().eval(_ACQUIRE, 1, f"conc:{scope}", now, limit, job_id, now + lease, lease + 60)
+    ok = _script(_ACQUIRE)(
+        keys=[f"conc:{scope}"], args=[now, limit, job_id, now + lease, lease + 60]
+    )
     if not ok:
         raise ApplicationError(
             code="too_many_concurrent_jobs",

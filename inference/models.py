@@ -137,9 +137,8 @@ class Job(models.Model):
     """One inference request. Its public id is also its hold's key in the ledger."""
 
     public_id = models.CharField(max_length=40, unique=True)
-    # Meta's (organization, -id) index leads with it.
     organization = models.ForeignKey(
-        "accounts.Organization", on_delete=models.PROTECT, related_name="jobs", db_index=False
+        "accounts.Organization", on_delete=models.PROTECT, related_name="jobs"
     )
     api_key = models.ForeignKey(
         "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"

@@ -130,9 +130,6 @@ class JournalTransaction(models.Model):
         null=True,
         blank=True,
         related_name="journal_transactions",
-        # Meta's (organization, -created_at) index leads with it: a second
-        # index would only cost every insert (two per inference request).
-        db_index=False,
     )
     memo = models.CharField(max_length=500, blank=True)
     actor = models.ForeignKey(
@@ -162,10 +159,7 @@ class LedgerEntry(models.Model):
     transaction = models.ForeignKey(
         JournalTransaction, on_delete=models.PROTECT, related_name="entries"
     )
-    # Meta's (account, id) index leads with it; no second index to maintain.
-    account = models.ForeignKey(
-        LedgerAccount, on_delete=models.PROTECT, related_name="entries", db_index=False
-    )
+    account = models.ForeignKey(LedgerAccount, on_delete=models.PROTECT, related_name="entries")
     amount = models.BigIntegerField()  # micro-credits; positive adds to the account
     # The account's cached balance after this entry; null for system accounts.
     balance_after = models.BigIntegerField(null=True, blank=True)
@@ -391,12 +385,8 @@ class UsageRecord(models.Model):
     id is unique), with the serving cost fixed at settlement.
     """
 
-    # Meta's (organization, created_at) index leads with it.
     organization = models.ForeignKey(
-        "accounts.Organization",
-        on_delete=models.PROTECT,
-        related_name="usage_records",
-        db_index=False,
+        "accounts.Organization", on_delete=models.PROTECT, related_name="usage_records"
     )
     api_key = models.ForeignKey(
         "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"

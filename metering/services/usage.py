@@ -62,7 +62,7 @@ def usage_record_create(
     """Record a job's usage once; a repeat for the same job returns the first record."""
     if credits < 0 or serving_cost < 0 or engine_busy_ms < 0:
         raise ApplicationError(code="invalid_usage", message="Amounts cannot be negative.")
-    fields = {
+    values = {
         "organization_id": organization_id,
         "api_key_id": api_key_id,
         "job_id": job_id,
@@ -80,7 +80,7 @@ def usage_record_create(
     }
     try:
         with transaction.atomic():
-            return UsageRecord.objects.create(**fields)
+            return UsageRecord.objects.create(**values)
     except IntegrityError:
         existing = UsageRecord.objects.filter(job_id=job_id).first()
         if existing is None:
