@@ -166,3 +166,32 @@ def test_a_refused_post_creates_nothing(org, make_key):
     assert_rate_limited(response)
     assert ApiKey.objects.count() == before
     assert not org.idempotency_records.exists()
+
+
+def test_limits_still_count_after_redis_lost_its_scripts():
+    # The limit scripts run by their SHA (EVALSHA): a Redis that restarted or
+    # flushed its script cache must still count and refuse, not fail.
+    from accounts.errors import ApplicationError
+    from accounts.ratelimits import (
+        Limit,
+        concurrency_acquire,
+        concurrency_release,
+        rate_limit_consume,
+    )
+    from accounts.redis import get_redis
+
+    limits = [Limit(scope="org:scripts-test", limit=2)]
+    assert rate_limit_consume(kind="requests", limits=limits).remaining == 1
+    get_redis().script_flush()
+
+    assert rate_limit_consume(kind="requests", limits=limits).remaining == 0
+    with pytest.raises(ApplicationError) as refused:
+        rate_limit_consume(kind="requests", limits=limits)
+    assert refused.value.code == "rate_limited"
+
+    get_redis().script_flush()
+    assert concurrency_acquire(scope="org:scripts-test", limit=1, job_id="a") == "a"
+    with pytest.raises(ApplicationError) as busy:
+        concurrency_acquire(scope="org:scripts-test", limit=1, job_id="b")
+    assert busy.value.code == "too_many_concurrent_jobs"
+    concurrency_release(scope="org:scripts-test", job_id="a")
