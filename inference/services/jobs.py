@@ -2,8 +2,10 @@
 
 Submit follows DESIGN.md's "One inference request, end to end": the key and
 the organization's standing were checked by the API; here the model and the
-entitlements are checked, the worst case is priced and held, the Job row is
-written, and the Celery task is enqueued after commit on its priority's queue.
+entitlements are checked, the worst case is priced, the hold and the Job row
+are written in one transaction (the hold last: it locks the organization's
+wallet until the commit), and the Celery task is enqueued after commit on its
+priority's queue. A refused hold (402) rolls the Job row back with it.
 """
 
 from __future__ import annotations
