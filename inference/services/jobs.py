@@ -240,10 +240,16 @@ def job_submit(
             from inference.tasks import job_run
 
             # The prompt travels in the task message, not the database, unless
-            # the organization opted in to storing it.
+            # the organization opted in to storing it. Not in the message's
+            # description either: Celery would put a repr of the arguments in
+            # its headers (argsrepr), which monitoring and task events show.
             transaction.on_commit(
                 lambda: job_run.apply_async(
-                    args=[job.pk, prompt], queue=f"inference.{priority}", priority=None
+                    args=[job.pk, prompt],
+                    queue=f"inference.{priority}",
+                    priority=None,
+                    argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
+                    kwargsrepr="{}",
                 )
             )
     except Exception:
