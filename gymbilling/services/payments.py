@@ -128,6 +128,12 @@ def payment_reversal_apply(
     charge_amount = int(charge.get("amount") or 0)
     target = min(lot.amount, _ceil_share(lot.amount, amount, charge_amount))
     reason = f"{kind} of {charge['id']}"
+    applied = PaymentReversal.objects.filter(key=key).first()
+    if applied is not None:
+        # A replay (the same event again, or a later event of the same key):
+        # nothing to do, and above all no new freeze of a resale that finance
+        # may have lifted since.
+        return applied
     # First: no more reselling, and what is listed comes back to the wallet,
     # where the clawback can reach it (listed credits are lots of the escrow).
     resale_freeze(organization=organization, reason=reason)

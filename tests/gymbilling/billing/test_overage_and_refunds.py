@@ -103,18 +103,22 @@ def test_a_partial_refund_takes_back_its_share_once(
     deliver()
     checkout = CheckoutSession.objects.get()
 
-    # when: a quarter of $12.00 is refunded, then the event is delivered again
+    # when: a quarter of $12.00 is refunded; finance lifts the resale freeze;
+    # then the event is delivered again
     stripe_sdk.v1.refunds.create(
         params={"payment_intent": checkout.stripe_payment_intent_id, "amount": 300}
     )
     deliver()
+    BillingCustomer.objects.filter(organization=org).update(resale_frozen_at=None)
 
     refunded = StripeEvent.objects.get(type="charge.refunded")
     assert stripe_event_process(event_pk=refunded.pk, force=True) == "processed"
 
-    # then: a quarter of the credits is taken back, once
+    # then: a quarter of the credits is taken back, once, and the replay did
+    # not freeze reselling again
     assert PaymentReversal.objects.get().credits_clawed_back == 250 * MICRO
     assert organization_balance(organization=org).available == 750 * MICRO
+    assert BillingCustomer.objects.get(organization=org).resale_frozen_at is None
 
 
 def test_a_disputed_subscription_payment_claws_back_and_freezes_resale(
