@@ -15,14 +15,24 @@ Stripe refuses as a duplicate: each credit is invoiced once.
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
+
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Sum
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.models import Invoice, OverageReport, Subscription
 from metering.models import MICRO, CreditLot, LotMovement, LotSource, TransactionKind
+
+logger = logging.getLogger(__name__)
+
+# An allowance is looked at until this long after it expired: what was burned
+# in its last minutes is reported by a run after its expiry, even with beat
+# down for a while; older allowances are settled and cost no queries.
+REPORT_AFTER_EXPIRY = timedelta(days=7)
 
 
 def overage_used(lot: CreditLot) -> int:
@@ -36,28 +46,33 @@ def overage_used(lot: CreditLot) -> int:
     return lot.amount - lot.remaining + expired  # expiry movements are negative
 
 
-def _lot_subscription(lot: CreditLot):
-    key = lot.created_by.idempotency_key  # grant:overage:<invoice id>
-    invoice_id = key.removeprefix("grant:overage:")
-    invoice = (
-        Invoice.objects.filter(stripe_invoice_id=invoice_id).select_related("subscription").first()
-    )
-    return invoice.subscription if invoice else None
+def _invoice_id(lot: CreditLot) -> str:
+    return lot.created_by.idempotency_key.removeprefix("grant:overage:")  # grant:overage:<invoice>
 
 
 def overage_report(*, now=None) -> int:
     """Report new overage to Stripe; returns the whole credits reported in this run."""
     now = now or timezone.now()
     reported = 0
-    lots = (
-        CreditLot.objects.filter(source=LotSource.OVERAGE, account__kind="wallet")
+    # Only allowances something was burned from, and not long expired.
+    lots = list(
+        CreditLot.objects.filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=now - REPORT_AFTER_EXPIRY),
+            source=LotSource.OVERAGE,
+            account__kind="wallet",
+            remaining__lt=F("amount"),
+        )
         .select_related("created_by", "organization")
         .order_by("pk")
     )
+    subscriptions = {
+        invoice.stripe_invoice_id: invoice.subscription
+        for invoice in Invoice.objects.filter(
+            stripe_invoice_id__in={_invoice_id(lot) for lot in lots}
+        ).select_related("subscription")
+    }
     for lot in lots:
-        if lot.remaining == lot.amount:
-            continue
-        subscription = _lot_subscription(lot)
+        subscription = subscriptions.get(_invoice_id(lot))
         if subscription is None:
             continue
         try:
@@ -84,13 +99,20 @@ def overage_report(*, now=None) -> int:
     for report in OverageReport.objects.filter(sent_at__isnull=True).select_related(
         "organization__billing_customer"
     ):
-        stripe_client.meter_event_create(
-            event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
-            customer=report.organization.billing_customer.stripe_customer_id,
-            value=report.credits,
-            identifier=report.identifier,
-            timestamp=int(now.timestamp()),
-        )
+        try:
+            stripe_client.meter_event_create(
+                event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
+                customer=report.organization.billing_customer.stripe_customer_id,
+                value=report.credits,
+                identifier=report.identifier,
+                timestamp=int(now.timestamp()),
+            )
+        except stripe_client.StripeRequestRefused:
+            # This report alone (say, a customer deleted at Stripe): it stays
+            # unsent and is tried again next run; the others go on. Stripe
+            # being unreachable still ends the run (StripeUnavailable).
+            logger.exception("overage report %s refused by Stripe", report.identifier)
+            continue
         OverageReport.objects.filter(pk=report.pk).update(sent_at=now)
         reported += report.credits
     return reported

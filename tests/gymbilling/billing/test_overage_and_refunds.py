@@ -68,6 +68,35 @@ def test_an_overage_batch_lost_in_a_crash_is_resent_with_the_same_identifier(
     assert OverageReport.objects.get().sent_at is not None
 
 
+def test_a_report_stripe_refuses_waits_and_does_not_hold_back_the_others(
+    customer, subscribed, stripe_standin
+):
+    # given: a batch for a customer Stripe no longer knows, written before a good one
+    from tests.factories import OrganizationFactory
+
+    subscribed("pro")
+    org = customer.organization
+    gone = OrganizationFactory()
+    BillingCustomer.objects.create(organization=gone, stripe_customer_id="cus_deleted_at_stripe")
+    stuck = OverageReport.objects.create(
+        identifier="ovg_gone_1",
+        organization=gone,
+        subscription=org.subscriptions.get(),
+        lot_id=0,
+        credits=3,
+    )
+    spend(org, 12_004 * MICRO, key="job-1")
+
+    # when: the report runs
+    assert overage_report() == 4
+
+    # then: the good batch reached the meter; the refused one waits, unsent
+    cus = BillingCustomer.objects.get(organization=org).stripe_customer_id
+    assert [int(e["value"]) for e in stripe_standin.meter_events(cus)] == [4]
+    stuck.refresh_from_db()
+    assert stuck.sent_at is None
+
+
 def test_a_refunded_pack_takes_back_what_is_unspent_and_records_the_loss(
     customer, catalog, stripe_standin, stripe_sdk, deliver
 ):
