@@ -100,12 +100,8 @@ def stripe_reconcile() -> StripeReport:
             report.mismatches.append(
                 f"paid invoice {invoice['id']} buys no credits but has a grant"
             )
-    for key in JournalTransaction.objects.filter(
-        idempotency_key__startswith="grant:invoice:"
-    ).values_list("idempotency_key", flat=True):
-        invoice_id = key.removeprefix("grant:invoice:")
-        if invoice_id not in paid_ids:
-            report.mismatches.append(
-                f"grant {key}: no paid subscription invoice {invoice_id} at Stripe"
-            )
+    for invoice_id in sorted(granted_ids - paid_ids):
+        report.mismatches.append(
+            f"grant grant:invoice:{invoice_id}: no paid subscription invoice {invoice_id} at Stripe"
+        )
     return report

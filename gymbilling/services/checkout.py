@@ -29,7 +29,7 @@ from gymbilling.models import (
     Subscription,
 )
 from gymbilling.services.customers import billing_customer_ensure
-from gymbilling.services.subscriptions import live_subscription
+from gymbilling.services.subscriptions import live_subscription, plan_change_is_upgrade
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
             message="A subscription cannot change currency; cancel it and subscribe again.",
             param="plan",
         )
-    upgrade = plan.amount_for(seats) >= subscription.plan.amount_for(subscription.seats)
+    upgrade = plan_change_is_upgrade(subscription, plan, seats)
     price = _current_price(kind=PriceKind.PLAN, plan=plan)
     try:
         stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)

@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from gymbilling.locks import transaction_lock
+from gymbilling.market.rules import share_ceil
 from gymbilling.models import (
     BillingCustomer,
     CheckoutKind,
@@ -92,10 +93,6 @@ def _grant_for_payment(payment_intent_id: str) -> tuple[JournalTransaction | Non
     return None, None
 
 
-def _ceil_share(total: int, part: int, whole: int) -> int:
-    return -(-total * part // whole) if whole > 0 else total
-
-
 def _listings_withdraw(*, organization) -> None:
     """End the organization's open marketplace listings (their unsold credits go home)."""
     from gymbilling.market.services import listings_withdraw_all
@@ -126,7 +123,7 @@ def payment_reversal_apply(
         return None  # not a payment that bought credits here (or the marketplace's)
     lot = grant.created_lots.order_by("pk").first()
     charge_amount = int(charge.get("amount") or 0)
-    target = min(lot.amount, _ceil_share(lot.amount, amount, charge_amount))
+    target = min(lot.amount, share_ceil(lot.amount, amount, charge_amount))
     reason = f"{kind} of {charge['id']}"
     applied = PaymentReversal.objects.filter(key=key).first()
     if applied is not None:

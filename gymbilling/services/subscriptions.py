@@ -27,22 +27,18 @@ from django.utils import timezone
 
 from accounts.models import Organization, Standing
 from accounts.services import organization_entitlements_set
+from accounts.services.organizations import ENTITLEMENT_FIELDS
 from gymbilling.models import PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
 from metering.models import LotSource
 from metering.services import credits_trim
 
-# What an organization without a live subscription may do: the field defaults.
+# What an organization without a live subscription may do: the field defaults
+# of every entitlement (its standing is written on its own).
 _DEFAULTS = {
     name: Organization._meta.get_field(name).get_default()
-    for name in (
-        "seats",
-        "model_tiers",
-        "max_priority",
-        "requests_per_minute",
-        "tokens_per_minute",
-        "concurrent_jobs",
-    )
+    for name in ENTITLEMENT_FIELDS
+    if name != "standing"
 }
 
 Status = Subscription.Status
@@ -99,7 +95,10 @@ def _organization_of(stripe_sub: dict) -> Organization:
     return org
 
 
-def _is_upgrade(sub: Subscription, plan, seats: int) -> bool:
+def plan_change_is_upgrade(sub: Subscription, plan, seats: int) -> bool:
+    """Whether moving `sub` to `plan` x `seats` costs at least as much: an upgrade is
+    applied (and prorated) now, a downgrade from the next period. Checkout and the
+    webhook's sync must agree on it."""
     return plan.amount_for(seats) >= sub.plan.amount_for(sub.seats)
 
 
@@ -131,7 +130,7 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             sub.plan, sub.seats = items.plan_price.plan, items.seats
             sub.scheduled_plan = sub.scheduled_seats = None
         elif (items.plan_price.plan_id, items.seats) != (sub.plan_id, sub.seats):
-            if _is_upgrade(sub, items.plan_price.plan, items.seats):
+            if plan_change_is_upgrade(sub, items.plan_price.plan, items.seats):
                 sub.plan, sub.seats = items.plan_price.plan, items.seats
                 sub.scheduled_plan = sub.scheduled_seats = None
             else:
@@ -213,9 +212,15 @@ def entitlements_write(*, subscription: Subscription, now: datetime) -> bool:
 def subscriptions_suspend_overdue(*, now: datetime | None = None) -> int:
     """Suspend inference for organizations whose grace period has run out."""
     now = now or timezone.now()
-    overdue = Subscription.objects.filter(
-        status__in=[Status.PAST_DUE, Status.UNPAID], grace_until__lte=now
-    ).select_related("organization", "plan")
+    # Not those already suspended: each would lock its organization's row
+    # every minute to write nothing, until Stripe ends the subscription.
+    overdue = (
+        Subscription.objects.filter(
+            status__in=[Status.PAST_DUE, Status.UNPAID], grace_until__lte=now
+        )
+        .exclude(organization__standing=Standing.SUSPENDED)
+        .select_related("organization", "plan")
+    )
     changed = 0
     for sub in overdue:
         if entitlements_write(subscription=sub, now=now):
