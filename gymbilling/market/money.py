@@ -13,7 +13,6 @@ from collections.abc import Iterable
 
 from django.db import IntegrityError, connection, transaction
 
-from accounts.errors import ApplicationError
 from accounts.models import Organization
 from gymbilling.models import (
     SELLER_KINDS,
@@ -114,10 +113,3 @@ def money_post(
         if MoneyTransaction.objects.filter(idempotency_key=key).exists():
             return None
         raise
-
-
-def require_positive_money(value: int, *, param: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ApplicationError(
-            code="invalid_amount", message=f"{param} must be a positive integer.", param=param
-        )

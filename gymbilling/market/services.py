@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Min, Q, Sum
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -28,7 +28,6 @@ from gymbilling.market.escrow import (
     credits_move,
     expired_sweep,
     lots_remaining,
-    unexpired,
 )
 from gymbilling.market.money import MoneyInsufficient, money_account, money_post
 from gymbilling.market.rules import fill_amount, platform_fee, share_ceil
@@ -44,6 +43,7 @@ from gymbilling.models import (
     MarketOrder,
     MarketPayout,
     MarketReversal,
+    MoneyAccount,
     MoneyAccountKind,
     MoneyTransactionKind,
     OrderStatus,
@@ -51,9 +51,9 @@ from gymbilling.models import (
     PayoutStatus,
     ProceedsState,
 )
-from metering.models import MICRO, AccountKind, CreditLot, LotSource
+from metering.models import AccountKind, CreditLot, LotSource
 from metering.services import lot_clawback
-from metering.services.postings import accounts_lock, retry_on_deadlock
+from metering.services.postings import accounts_lock, amount_display, retry_on_deadlock
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _require_quantity(quantity: int, *, minimum: int, param: str = "quantity") -
     if quantity < minimum:
         raise ApplicationError(
             code="quantity_below_minimum",
-            message=f"{param} must be at least {minimum} micro-credits ({minimum / MICRO:g} credits).",
+            message=f"{param} must be at least {minimum} micro-credits ({amount_display(minimum)} credits).",
             param=param,
         )
 
@@ -512,7 +512,7 @@ def order_create(
                         "currency": order.currency,
                         "unit_amount": order.amount_total,
                         "product_data": {
-                            "name": f"{order.quantity / MICRO:g} credits (marketplace order {order.pk})"
+                            "name": f"{amount_display(order.quantity)} credits (marketplace order {order.pk})"
                         },
                     },
                     "quantity": 1,
@@ -633,6 +633,7 @@ def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = N
         buyer_escrow = account_of(buyer, AccountKind.ESCROW)
         buyer_wallet = account_of(buyer, AccountKind.WALLET)
         holding = settings.MARKET_PAYOUT_HOLDING
+        system = _system_accounts(order.currency)  # a fill's currency is its order's
         delivered_total = 0
         for fill in fills:
             if fill.status != FillStatus.RESERVED:
@@ -660,7 +661,7 @@ def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = N
                     fill.amount, fill_amount(quantity=deliver, price_per_1k=fill.price_per_1k)
                 )
                 fee = platform_fee(gross=gross, fee_bps=settings.MARKET_FEE_BPS)
-                _book_sale(fill=fill, gross=gross, fee=fee)
+                _book_sale(fill=fill, gross=gross, fee=fee, system=system)
                 MarketListing.objects.filter(pk=fill.listing_id).update(
                     sold=fill.listing.sold + deliver
                 )
@@ -691,7 +692,19 @@ def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = N
     return order
 
 
-def _book_sale(*, fill: MarketFill, gross: int, fee: int) -> None:
+def _system_accounts(currency: str) -> dict[str, MoneyAccount]:
+    """The platform's money accounts in a currency, read once for a loop over fills."""
+    return {
+        kind: money_account(kind=kind, currency=currency)
+        for kind in (
+            MoneyAccountKind.BUYER_CLEARING,
+            MoneyAccountKind.PLATFORM_FEES,
+            MoneyAccountKind.LOSSES,
+        )
+    }
+
+
+def _book_sale(*, fill: MarketFill, gross: int, fee: int, system: dict[str, MoneyAccount]) -> None:
     """The buyer's money for one fill into the seller's pending proceeds, less the fee."""
     cur = fill.currency
     pending = money_account(
@@ -704,7 +717,7 @@ def _book_sale(*, fill: MarketFill, gross: int, fee: int) -> None:
         organization=fill.seller,
         fill=fill,
         postings=[
-            (money_account(kind=MoneyAccountKind.BUYER_CLEARING, currency=cur), -gross),
+            (system[MoneyAccountKind.BUYER_CLEARING], -gross),
             (pending, gross),
         ],
         memo=f"order {fill.order_id} listing {fill.listing_id}",
@@ -718,7 +731,7 @@ def _book_sale(*, fill: MarketFill, gross: int, fee: int) -> None:
             fill=fill,
             postings=[
                 (pending, -fee),
-                (money_account(kind=MoneyAccountKind.PLATFORM_FEES, currency=cur), fee),
+                (system[MoneyAccountKind.PLATFORM_FEES], fee),
             ],
             memo=f"{settings.MARKET_FEE_BPS} bps of {gross}",
         )
@@ -1040,22 +1053,28 @@ def market_reversal_handle(
     order = MarketOrder.objects.filter(stripe_payment_intent_id=str(intent)).first()
     if order is None:
         return False
-    _reversal_apply(
+    froze = _reversal_apply(
         order_id=order.pk, kind=kind, key=key, charge=charge, amount=amount, cumulative=cumulative
     )
+    if froze:
+        # As for a refunded subscription payment: a frozen organization's open
+        # listings end too (outside the order's transaction: listings are
+        # locked before orders).
+        listings_withdraw_all(seller=order.buyer)
     return True
 
 
 @retry_on_deadlock
 def _reversal_apply(
     *, order_id: int, kind: str, key: str, charge: dict, amount: int, cumulative: bool
-) -> None:
+) -> bool:
+    """Apply the reversal once; True when it froze the buyer's reselling."""
     from gymbilling.services import resale_freeze
 
     with transaction.atomic():
         order = MarketOrder.objects.select_for_update().select_related("buyer").get(pk=order_id)
         if MarketReversal.objects.filter(key=key).exists():
-            return
+            return False
         fills = list(
             MarketFill.objects.select_for_update()
             .filter(order=order, status=FillStatus.DELIVERED, gross__gt=0)
@@ -1089,6 +1108,7 @@ def _reversal_apply(
         }
         left = new
         cur = order.currency
+        system = _system_accounts(cur)
         for fill in fills:
             if left == 0:
                 break
@@ -1114,9 +1134,9 @@ def _reversal_apply(
                 )
             loss = seller_part - reversible
             postings = [
-                (money_account(kind=MoneyAccountKind.BUYER_CLEARING, currency=cur), r),
-                (money_account(kind=MoneyAccountKind.PLATFORM_FEES, currency=cur), -fee_back),
-                (money_account(kind=MoneyAccountKind.LOSSES, currency=cur), -loss),
+                (system[MoneyAccountKind.BUYER_CLEARING], r),
+                (system[MoneyAccountKind.PLATFORM_FEES], -fee_back),
+                (system[MoneyAccountKind.LOSSES], -loss),
             ]
             if seller_account is not None:
                 postings.append((seller_account, -reversible))
@@ -1160,11 +1180,4 @@ def _reversal_apply(
         if new > 0:
             # Not for our own refund of an undelivered part: the buyer did nothing.
             resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
-
-
-def next_expiry(listing: MarketListing, now: datetime) -> datetime | None:
-    return (
-        CreditLot.objects.filter(_listing_lots(listing), remaining__gt=0)
-        .filter(unexpired(now))
-        .aggregate(m=Min("expires_at"))["m"]
-    )
+        return new > 0

@@ -535,6 +535,29 @@ def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, s
     assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
 
 
+def test_a_refunded_buyer_s_own_listings_end_with_the_resale_freeze(market_stripe, seller):
+    # given: a buyer who also sells credits of their own, with a listing open
+    buyer = market_member(credits_amount=credits(500))
+    own = listing_create(seller=buyer, quantity=200 * MICRO, price_per_1k=5000, currency="usd")
+    order = _sold(market_stripe, seller, buyer)
+
+    # when: the buyer's marketplace payment is refunded
+    assert market_reversal_handle(
+        kind="refund",
+        key=f"refund:ch_{order.pk}:124",
+        charge=charge_for(order, amount_refunded=124),
+        amount=124,
+        cumulative=True,
+    )
+
+    # then: reselling is frozen and the open listing ended, its credits home
+    assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is not None
+    own.refresh_from_db()
+    assert own.status != ListingStatus.OPEN
+    assert organization_balance(organization=buyer).escrowed == 0
+    assert organization_balance(organization=buyer).available == credits(500)
+
+
 def test_partial_refund_then_dispute_after_payout_records_the_loss(market_stripe, seller, buyer):
     order = _sold(market_stripe, seller, buyer)  # 124, fee 12, net 112
     # the buyer spends 30 credits
