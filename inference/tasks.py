@@ -215,11 +215,12 @@ def _close_triton_streams(**_kwargs) -> None:
 
 
 # --- job callbacks (inference.services.callbacks) ----------------------------------
-# Safe to run twice: a delivery claims its row first, so a duplicate finds
-# nothing due. Retries live in the row (next_attempt_at), not in Celery.
+# Safe to run twice: a delivery claims its row at the attempt count it was
+# queued with, so a duplicate finds it moved on. Retries live in the row
+# (next_attempt_at), not in Celery.
 @shared_task(ignore_result=True)
-def job_callback_deliver_task(callback_id: int) -> None:
-    job_callback_deliver(callback_id=callback_id)
+def job_callback_deliver_task(callback_id: int, attempts: int | None = None) -> None:
+    job_callback_deliver(callback_id=callback_id, attempts=attempts)
 
 
 @shared_task(ignore_result=True)

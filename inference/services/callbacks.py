@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.services.webhook_secrets import webhook_signature_header, webhook_signing_secrets
@@ -99,12 +100,19 @@ def job_callback_record(*, job: Job, status: str) -> JobCallback | None:
 
     # robust: with the broker down the job has still ended, and the sweep
     # delivers from the outbox row later; the caller must not see an error.
-    transaction.on_commit(lambda: job_callback_deliver_task.delay(callback.pk), robust=True)
+    transaction.on_commit(lambda: job_callback_deliver_task.delay(callback.pk, 0), robust=True)
     return callback
 
 
-def job_callback_deliver(*, callback_id: int, now: datetime | None = None) -> JobCallback | None:
+def job_callback_deliver(
+    *, callback_id: int, now: datetime | None = None, attempts: int | None = None
+) -> JobCallback | None:
     """Make the callback's next attempt if it is pending and due at `now`; None if not.
+
+    With `attempts` (a queued delivery: the count when it was queued), the
+    attempt is made if no other was made since, due or not: the sweep moves
+    a row it queues out of the due ones for a lease (job_callbacks_sweep), and
+    a duplicate message finds the count moved on.
 
     Never inside a transaction: the POST may take INFERENCE_CALLBACK_TIMEOUT_SECONDS,
     and no row may stay locked, nor a transaction open, that long.
@@ -116,7 +124,8 @@ def job_callback_deliver(*, callback_id: int, now: datetime | None = None) -> Jo
         callback = (
             JobCallback.objects.select_for_update(skip_locked=True, of=("self",))
             .select_related("organization")
-            .filter(pk=callback_id, status=CallbackStatus.PENDING, next_attempt_at__lte=now)
+            .filter(pk=callback_id, status=CallbackStatus.PENDING)
+            .filter(Q(attempts=attempts) if attempts is not None else Q(next_attempt_at__lte=now))
             .first()
         )
         if callback is None:
@@ -181,11 +190,39 @@ def job_callbacks_due(*, now: datetime | None = None, limit: int = SWEEP_BATCH) 
     )
 
 
+# Takes the due rows out of the due ones for a lease, in one statement, and says
+# which they were and how many attempts each had: the sweep queues each once,
+# not again every run while its message waits in the queue.
+_SWEEP_CLAIM = """
+UPDATE inference_jobcallback SET next_attempt_at = %(until)s
+ WHERE id IN (
+    SELECT id FROM inference_jobcallback
+     WHERE status = %(pending)s AND next_attempt_at <= %(now)s
+     ORDER BY next_attempt_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED)
+RETURNING id, attempts
+"""
+
+
 def job_callbacks_sweep(*, now: datetime | None = None) -> int:
-    """Queue a delivery for every due callback (beat runs it every few seconds)."""
+    """Queue a delivery for every due callback (beat runs it every few seconds).
+
+    A queued row is due again only after a lease: if its message is lost, the
+    sweep queues it again then.
+    """
     from inference.tasks import job_callback_deliver_task
 
-    due = job_callbacks_due(now=now)
-    for callback_id in due:
-        job_callback_deliver_task.delay(callback_id)
-    return len(due)
+    now = now or timezone.now()
+    params = {
+        "until": now + _lease(),
+        "pending": CallbackStatus.PENDING,
+        "now": now,
+        "limit": SWEEP_BATCH,
+    }
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_SWEEP_CLAIM, params)
+        claimed = cursor.fetchall()
+    for callback_id, attempts in claimed:
+        job_callback_deliver_task.delay(callback_id, attempts)
+    return len(claimed)

@@ -371,6 +371,9 @@ def job_settle(
         claimed = Job.objects.filter(pk=job.pk, status__in=claimable).update(**update)
         if not claimed:
             return Job.objects.get(pk=job.pk)
+        # Its webhook, if asked for, in the same transaction (an outbox row),
+        # before the hold: its queries need not wait under the wallet's lock.
+        job_callback_record(job=job, status=status)
         # The usage record is written with the settlement (on the fast path
         # in the same statement): one round trip less under the wallet's lock.
         record = UsageDraft(
@@ -394,8 +397,6 @@ def job_settle(
             hold = hold_capture(key=job.public_id, amount=charge, usage=record)
         else:
             hold = hold_release(key=job.public_id, usage=record)
-        # Its webhook, if asked for, in the same transaction (an outbox row).
-        job_callback_record(job=job, status=status)
     _release_reservations(
         job=job, used_tokens=outcome.input_tokens + outcome.output_tokens, pipe=pipe
     )
