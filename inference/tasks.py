@@ -39,7 +39,7 @@ from inference.selectors import catalog_model_by_id, pool_for_job
 from inference.services import job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
 from inference.services.jobs import Outcome, prompt_tokens_count
-from metering.selectors import model_price_by_id, wallet_balance
+from metering.selectors import model_price_by_id, organization_balance
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +189,8 @@ def _failure_outcome(exc: triton.TritonError) -> Outcome:
 def _final_event(job: Job, outcome: Outcome) -> dict:
     """The relay's last event for this job: what the waiting API process answers with."""
     remaining = getattr(job, "wallet_balance_after", None)
-    if remaining is None:  # the settlement did not say (it took the ORM path)
-        remaining = wallet_balance(organization_id=job.organization_id)
+    if remaining is None:  # the settlement did not say (ORM path, or settled earlier)
+        remaining = organization_balance(organization=job.organization).available
     return {
         "type": "error" if job.status == JobStatus.FAILED else "done",
         "status": job.status,

@@ -59,16 +59,6 @@ def model_price_by_id(pk: int) -> ModelPrice:
     )
 
 
-def wallet_balance(*, organization_id: int) -> int:
-    """What the organization may spend now (its wallet), in micro-credits; 0 before it has one."""
-    balance = (
-        LedgerAccount.objects.filter(organization_id=organization_id, kind=AccountKind.WALLET)
-        .values_list("balance", flat=True)
-        .first()
-    )
-    return balance or 0
-
-
 def account_balance(*, account: LedgerAccount) -> int:
     """The true balance: the cache for organization accounts, the sum for system ones."""
     if not account.is_system:
