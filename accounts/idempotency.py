@@ -14,34 +14,27 @@ database must not hold them in the clear.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
-from functools import cache
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import InvalidToken
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import IdempotencyRecord, Organization
+from accounts.sealing import sealer
 
 MAX_KEY_LENGTH = 255
 
 
-@cache
-def _fernet(secret_key: str) -> Fernet:
-    digest = hashlib.sha256(b"gymbilling.idempotency:" + secret_key.encode()).digest()
-    return Fernet(base64.urlsafe_b64encode(digest))
-
-
 def _seal(body: bytes) -> bytes:
-    return _fernet(settings.SECRET_KEY).encrypt(body)
+    return sealer("idempotency").encrypt(body)
 
 
 def _open(sealed: bytes) -> bytes:
-    return _fernet(settings.SECRET_KEY).decrypt(sealed)
+    return sealer("idempotency").decrypt(sealed)
 
 
 @dataclass(frozen=True)

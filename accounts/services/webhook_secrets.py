@@ -18,20 +18,19 @@ reseals it under the new key.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from django.conf import settings
+from cryptography.fernet import InvalidToken, MultiFernet
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Organization, WebhookSecret
+from accounts.sealing import sealer
 from accounts.services.audit import audit_record
 
 PREFIX = "whsec_"
@@ -39,14 +38,8 @@ PREFIX = "whsec_"
 MAX_PREVIOUS_VALIDITY = timedelta(hours=24)
 
 
-def _fernet_for(secret_key: str) -> Fernet:
-    digest = hashlib.sha256(b"gymbilling.webhook-secret:" + secret_key.encode()).digest()
-    return Fernet(base64.urlsafe_b64encode(digest))
-
-
 def _fernet() -> MultiFernet:
-    keys = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
-    return MultiFernet([_fernet_for(key) for key in keys])
+    return sealer("webhook-secret")
 
 
 def _seal(secret: str) -> bytes:
