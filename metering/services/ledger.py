@@ -542,9 +542,19 @@ def _wallet_withdraw(
             return amount
     except IntegrityError:
         # The key's unique index is the gate: this event was applied before.
-        if JournalTransaction.objects.filter(idempotency_key=key).exists():
-            return 0
-        raise
+        # The same request again takes nothing more; another request under
+        # the same key is refused, as every ledger write refuses it.
+        existing = JournalTransaction.objects.filter(idempotency_key=key).first()
+        if existing is None:
+            raise
+        if existing.fingerprint != fp:
+            raise ApplicationError(
+                code="idempotency_conflict",
+                message=f"The idempotency key {key!r} was already used for a different request.",
+                status=409,
+                param="key",
+            ) from None
+        return 0
 
 
 @retry_on_deadlock

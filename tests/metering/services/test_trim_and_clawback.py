@@ -70,3 +70,19 @@ def test_bad_input_changes_nothing(org, grant):
     with pytest.raises(ApplicationError):
         credits_trim(organization=org, source="subscription", keep=-1, key="t", memo="x")
     assert ledger_rows() == before
+
+
+def test_a_trim_key_reused_for_another_cap_is_refused(org, grant):
+    # given: a trim applied under a key
+    grant(org, credits(100), source="subscription")
+    credits_trim(organization=org, source="subscription", keep=credits(25), key="p2", memo="cap")
+
+    # when the same key comes with another cap
+    with pytest.raises(ApplicationError) as refused:
+        credits_trim(
+            organization=org, source="subscription", keep=credits(10), key="p2", memo="cap"
+        )
+
+    # then it is refused, and nothing more was taken
+    assert refused.value.code == "idempotency_conflict"
+    assert organization_balance(organization=org).available == credits(25)
