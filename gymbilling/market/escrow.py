@@ -17,7 +17,6 @@ from django.db.models import Q, Sum
 
 from accounts.models import Organization
 from metering.models import (
-    AccountKind,
     CreditLot,
     JournalTransaction,
     LedgerAccount,
@@ -25,16 +24,11 @@ from metering.models import (
 )
 from metering.services.ledger import transfer_post
 from metering.services.lots import account_expire_lots
-from metering.services.postings import accounts_for, fingerprint, idempotent, transaction_open
+from metering.services.postings import fingerprint, idempotent, transaction_open
 
 
 def unexpired(now: datetime) -> Q:
     return Q(expires_at__isnull=True) | Q(expires_at__gt=now)
-
-
-def account_of(organization: Organization, kind: str) -> LedgerAccount:
-    org_accounts, _ = accounts_for(organization)
-    return org_accounts.wallet if kind == AccountKind.WALLET else org_accounts.escrow
 
 
 def lots_remaining(*, lots: Q, now: datetime) -> int:

@@ -23,12 +23,7 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from accounts.models import Organization, Standing
 from gymbilling import stripe_client
-from gymbilling.market.escrow import (
-    account_of,
-    credits_move,
-    expired_sweep,
-    lots_remaining,
-)
+from gymbilling.market.escrow import credits_move, expired_sweep, lots_remaining
 from gymbilling.market.money import MoneyInsufficient, money_account, money_post
 from gymbilling.market.rules import fill_amount, platform_fee, share_ceil
 from gymbilling.models import (
@@ -53,6 +48,7 @@ from gymbilling.models import (
 )
 from metering.models import AccountKind, CreditLot, LotSource
 from metering.services import lot_clawback
+from metering.services.ledger import organization_account
 from metering.services.postings import accounts_lock, amount_display, retry_on_deadlock
 
 logger = logging.getLogger(__name__)
@@ -150,8 +146,8 @@ def listing_create(
         )
     now = timezone.now()
     with transaction.atomic():
-        wallet = account_of(seller, AccountKind.WALLET)
-        escrow = account_of(seller, AccountKind.ESCROW)
+        wallet = organization_account(seller, AccountKind.WALLET)
+        escrow = organization_account(seller, AccountKind.ESCROW)
         # The wallet's row lock serializes this seller's listings, so the
         # daily limit below cannot be raced past.
         accounts_lock(wallet)
@@ -206,7 +202,7 @@ def _listing_close_if_done(listing: MarketListing, *, now: datetime) -> None:
         return
     if lots_remaining(lots=_listing_lots(listing), now=now) > 0:
         return
-    escrow = account_of(listing.seller, AccountKind.ESCROW)
+    escrow = organization_account(listing.seller, AccountKind.ESCROW)
     expired_sweep(account=escrow, lots=_listing_lots(listing), now=now)
     listing.status = (
         ListingStatus.SOLD_OUT if listing.sold == listing.quantity else ListingStatus.EXPIRED
@@ -245,7 +241,7 @@ def listing_cancel(
                 message=f"This listing is already {listing.status}.",
                 status=409,
             )
-        escrow = account_of(seller, AccountKind.ESCROW)
+        escrow = organization_account(seller, AccountKind.ESCROW)
         # Expired credits go to the expiry account, never back to the seller.
         expired_sweep(account=escrow, lots=_listing_lots(listing), now=now)
         back = lots_remaining(lots=_listing_lots(listing), now=now)
@@ -254,7 +250,7 @@ def listing_cancel(
                 key=f"market:cancel:{listing.pk}",
                 organization=seller,
                 from_account=escrow,
-                to_account=account_of(seller, AccountKind.WALLET),
+                to_account=organization_account(seller, AccountKind.WALLET),
                 to_organization=seller,
                 amount=back,
                 lots=_listing_lots(listing),
@@ -313,7 +309,7 @@ def _listing_expire_one(*, listing_id: int, now: datetime) -> int:
         if listing.status != ListingStatus.OPEN:
             return 0
         expired_sweep(
-            account=account_of(listing.seller, AccountKind.ESCROW),
+            account=organization_account(listing.seller, AccountKind.ESCROW),
             lots=_listing_lots(listing),
             now=now,
         )
@@ -434,12 +430,12 @@ def order_reserve(
             ),
             expires_at=now + settings.MARKET_RESERVATION_TTL,
         )
-        buyer_escrow = account_of(buyer, AccountKind.ESCROW)
+        buyer_escrow = organization_account(buyer, AccountKind.ESCROW)
         for t in takes:
             txn, _ = credits_move(
                 key=f"market:reserve:{order.pk}:{t.listing.pk}",
                 organization=t.listing.seller,
-                from_account=account_of(t.listing.seller, AccountKind.ESCROW),
+                from_account=organization_account(t.listing.seller, AccountKind.ESCROW),
                 to_account=buyer_escrow,
                 to_organization=buyer,
                 amount=t.quantity,
@@ -577,7 +573,7 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
         order, fills, listings = _order_locked(order_id)
         if order.status != OrderStatus.PENDING:
             return False
-        buyer_escrow = account_of(order.buyer, AccountKind.ESCROW)
+        buyer_escrow = organization_account(order.buyer, AccountKind.ESCROW)
         for fill in fills:
             if fill.status != FillStatus.RESERVED:
                 continue
@@ -592,7 +588,7 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
                     key=f"market:release:{fill.pk}",
                     organization=order.buyer,
                     from_account=buyer_escrow,
-                    to_account=account_of(
+                    to_account=organization_account(
                         listing.seller, AccountKind.ESCROW if to_listing else AccountKind.WALLET
                     ),
                     to_organization=listing.seller,
@@ -630,8 +626,8 @@ def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = N
         if order.stripe_payment_intent_id:
             return order  # already applied
         buyer = order.buyer
-        buyer_escrow = account_of(buyer, AccountKind.ESCROW)
-        buyer_wallet = account_of(buyer, AccountKind.WALLET)
+        buyer_escrow = organization_account(buyer, AccountKind.ESCROW)
+        buyer_wallet = organization_account(buyer, AccountKind.WALLET)
         holding = settings.MARKET_PAYOUT_HOLDING
         system = _system_accounts(order.currency)  # a fill's currency is its order's
         delivered_total = 0

@@ -58,7 +58,8 @@ def _require_future(expires_at: datetime | None, now: datetime) -> None:
         )
 
 
-def _org_account(organization: Organization, kind: str) -> LedgerAccount:
+def organization_account(organization: Organization, kind: str) -> LedgerAccount:
+    """The organization's wallet or escrow account (KeyError for any other kind)."""
     org_accounts, _ = accounts_for(organization)
     return {
         AccountKind.WALLET: org_accounts.wallet,
@@ -300,8 +301,8 @@ def credits_transfer(
     )
 
     def work() -> JournalTransaction:
-        from_account = _org_account(source, source_kind)
-        to_account = _org_account(destination, destination_kind)
+        from_account = organization_account(source, source_kind)
+        to_account = organization_account(destination, destination_kind)
         txn = transaction_open(
             kind=TransactionKind.TRANSFER,
             key=txn_key,
