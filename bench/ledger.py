@@ -48,7 +48,10 @@ CAPTURE = 1_234_567  # what it really used: a partial capture burns a lot
 
 # The two targets of the issue.
 SPREAD_TARGET_RATIO = 1 / 3
-HOT_TARGET_SCALE = 0.8
+# "Not collapsing" (see targets()): 8 clients on one wallet keep at least
+# this share of one client's rate, and at least SPREAD_TARGET_RATIO of what
+# bare psycopg does on one hot row with 8 clients.
+HOT_TARGET_SCALE = 2 / 3
 DEADLOCK_STATS_DELAY_S = 0.5
 KEY_PREFIX = "bench:"
 
@@ -65,10 +68,16 @@ class Statement:
 
     @property
     def is_write(self) -> bool:
-        return self.verb in ("INSERT", "UPDATE") or bool(self.modifies)
+        # FUNCTION: a call of one of the ledger's server-side functions
+        # (migration metering 0005), which write.
+        return self.verb in ("INSERT", "UPDATE", "FUNCTION") or bool(self.modifies)
 
     def describe(self) -> str:
         unit = "row" if self.rows == 1 else "rows"
+        if self.verb == "FUNCTION":
+            return (
+                f"SELECT … FROM {self.table}(…): server-side, writes ({self.rows} {unit} returned)"
+            )
         if self.verb == "WITH":
             # One statement doing the work of several (the ledger's SQL fast
             # path): name what it writes; the row counts are in the table below.
@@ -256,6 +265,9 @@ def _classify(raw: str, rowcount: int) -> Statement:
             (found.group(1).upper().split()[0], found.group(2))
             for found in re.finditer(r'\b(INSERT\s+INTO|UPDATE)\s+"?(\w+)"?', text, re.IGNORECASE)
         )
+    called = re.search(r"\sFROM\s+(metering_\w+)\(", text)
+    if verb == "SELECT" and called:
+        return Statement(verb="FUNCTION", table=called.group(1), rows=max(rowcount, 0), sql=text)
     if verb == "SELECT":
         joins = tuple(re.findall(r'\sJOIN\s+"?(\w+)"?', text, re.IGNORECASE))
         locking = re.search(r"\bFOR\s+UPDATE(\s+OF\b)?", text, re.IGNORECASE)
@@ -644,20 +656,29 @@ def targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
         )
     hot1, hot8 = by[("hot", 1)], by[("hot", 8)]
     # "Not collapsing": one wallet's settlements serialize on its row locks,
-    # so 8 clients cannot do much more than 1; collapsing is doing less
-    # (lock convoys, deadlocks, retries) or failing. The tolerance is for the
-    # run-to-run noise of a 2-CPU machine; the bare floor's own hot-row
-    # scaling is shown beside it for scale.
+    # so 8 clients cannot do much more than 1; collapsing is doing far less
+    # (lock convoys, deadlocks, retries) or failing. Two bars, both needed:
+    # against its own 1-client rate (a share, not 100%: this 2-CPU machine
+    # moves a single rate by 10-20% between runs, and bare psycopg's own
+    # 8-to-1 scaling on one hot row measured anywhere from x0.73 to x1.54),
+    # and against what PostgreSQL allows on one hot row with 8 clients, the
+    # bare floor measured in the same alternating windows (the spread-out
+    # settlements' 1/3 bar). An earlier 80% bar on the first alone was
+    # dropped: the same code passed and failed it from run to run.
     scale = hot8.ledger.rate / hot1.ledger.rate
     bare_scale = hot8.bare.rate / hot1.bare.rate
     result.append(
         (
             "the hot wallet does not collapse under 8 clients (8-client rate ≥ "
-            f"{HOT_TARGET_SCALE:.0%} of the 1-client rate, no failed settlements)",
-            scale >= HOT_TARGET_SCALE and hot8.ledger.errors == 0,
+            f"{HOT_TARGET_SCALE:.0%} of the 1-client rate and ≥ 1/3 of bare psycopg's "
+            "8-client rate on one hot row, no failed settlements)",
+            scale >= HOT_TARGET_SCALE
+            and hot8.ratio >= SPREAD_TARGET_RATIO
+            and hot8.ledger.errors == 0,
             f"{_fmt(hot8.ledger.rate)}/s vs {_fmt(hot1.ledger.rate)}/s (x{scale:.2f}; "
-            f"bare psycopg on one hot row: x{bare_scale:.2f}), {hot8.ledger.errors} failed "
-            f"settlements, {hot8.deadlocks} deadlocks",
+            f"bare psycopg on one hot row: x{bare_scale:.2f}), ratio to bare at 8 clients "
+            f"{hot8.ratio:.2f}, {hot8.ledger.errors} failed settlements, "
+            f"{hot8.deadlocks} deadlocks",
         )
     )
     return result
@@ -757,8 +778,14 @@ def markdown(
         "Statements counted by wrapping Django's connection (`execute_wrapper`) around one "
         "steady-state settlement; rows written counted by PostgreSQL "
         "(`pg_stat_xact_user_tables`) for another: "
-        f"**{_counts(both, profile.place_rows + profile.capture_rows)}**, plus BEGIN and "
-        "COMMIT for each of the 2 transactions.",
+        f"**{_counts(both, profile.place_rows + profile.capture_rows)}**, "
+        + (
+            "each statement sent alone, outside any transaction block, so PostgreSQL "
+            "commits it as it ends (no BEGIN or COMMIT round trip; the wallet's row lock "
+            "is never held while the client process runs)."
+            if profile.fast_path
+            else "plus BEGIN and COMMIT for each of the 2 transactions."
+        ),
         "",
         f"1. `hold_place` — {_counts(profile.place, profile.place_rows)}:",
         *_statement_lines(profile.place),

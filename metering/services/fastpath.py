@@ -1,14 +1,16 @@
-"""The settlement hot path in SQL: one statement to place a hold, two to settle it.
+"""The settlement hot path in SQL: one statement to place a hold, one to settle it.
 
 Inference places and settles a hold for every request, so these two calls
 are the ledger's hot path. Through the ORM they cost 16 statements and about
 13 ms of client CPU per settlement (docs/BENCHMARKS.md); here they write the
-very same rows with 3 statements.
+very same rows with one statement each (the settlement's calls a
+server-side function, migration 0005), its own transaction when the caller
+has none open, so no round trip happens while the wallet is locked.
 
 This is an optimisation of the common case only. Whenever anything is not
 ordinary (the organization's accounts are not open yet, the wallet is short
 or has lots due to expire, the key was used before, the hold is not
-pending) the fast path writes nothing, or rolls back its savepoint, and
+pending) the fast path writes nothing, or rolls back what it wrote, and
 returns None; the caller then runs the ORM path, which is the reference
 implementation and produces the right error, sweep or replay. The tests run
 the whole ledger suite through both paths (METERING_FAST_PATH).
@@ -17,16 +19,17 @@ Locking is the same as the ORM path's, in the same order: the hold row,
 then the wallet, then the holds account (the wallet is opened first, so its
 primary key is lower, which is the order `post()` uses), then the wallet's
 lots. Every writer of a wallet's lots holds the wallet's row lock, which is
-why the lots are read by a second statement: its snapshot is taken after
-the first statement took that lock, so it sees every committed lot.
+why the settlement reads the lots in a later statement than the one that
+took that lock: its snapshot sees every committed lot.
 """
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from metering.models import Hold
 from metering.services.lots import LedgerInconsistent
@@ -45,10 +48,18 @@ def _execute(cursor, sql: str, params: dict):
     # the sizes of the numbers. Behind a transaction-pooling PgBouncer, set
     # METERING_FAST_PATH=false or use PgBouncer 1.21+ with prepared statements.
     # Django's wrapper turns psycopg's errors into Django's (IntegrityError,
-    # OperationalError), which the callers and retry_on_deadlock expect.
-    with connection.wrap_database_errors:
+    # OperationalError), which the callers and retry_on_deadlock expect; its
+    # execute wrappers (query logging, tracing, the benchmark's statement
+    # count) see these statements as they see the ORM's.
+    def run(sql, params, many, context):
         cursor.execute(sql, params, prepare=True)
         return cursor.fetchone()
+
+    executor = run
+    for wrapper in reversed(connection.execute_wrappers):
+        executor = functools.partial(wrapper, executor)
+    with connection.wrap_database_errors:
+        return executor(sql, params, False, {"connection": connection, "cursor": cursor})
 
 
 def _cursor():
@@ -140,8 +151,14 @@ def hold_place_fast(
         "expires_at": expires_at,
     }
     try:
-        with transaction.atomic(savepoint=savepoint), _cursor() as cursor:
-            row = _execute(cursor, _PLACE, params)
+        if not connection.in_atomic_block:
+            # Alone, the statement is its own transaction, committed as it
+            # ends: the wallet's row lock is not held across a round trip.
+            with _cursor() as cursor:
+                row = _execute(cursor, _PLACE, params)
+        else:
+            with transaction.atomic(savepoint=savepoint), _cursor() as cursor:
+                row = _execute(cursor, _PLACE, params)
     except IntegrityError:
         if not savepoint:
             raise
@@ -151,115 +168,24 @@ def hold_place_fast(
     return _hold_from_row(row) if row else None
 
 
-_SETTLE_ACCOUNTS = """
-WITH hd AS MATERIALIZED (
-    SELECT id, organization_id, amount
-      FROM metering_hold
-     WHERE key = %(key)s::text AND status = 'pending' AND amount >= %(captured)s::bigint
-       FOR UPDATE
-),
-acct AS MATERIALIZED (
-    SELECT max(a.id) FILTER (WHERE a.kind = 'wallet') AS wallet_id,
-           max(a.id) FILTER (WHERE a.kind = 'holds') AS holds_id,
-           (SELECT id FROM metering_ledgeraccount
-             WHERE organization_id IS NULL AND kind = 'consumption') AS consumption_id
-      FROM metering_ledgeraccount a JOIN hd ON a.organization_id = hd.organization_id
-     WHERE a.kind IN ('wallet', 'holds')
-),
-w AS (
-    -- Always written, even with nothing to give back: the wallet's row lock
-    -- is what guards its lots, which the capture burns next.
-    UPDATE metering_ledgeraccount a
-       SET balance = a.balance + (hd.amount - %(captured)s::bigint)
-      FROM acct, hd
-     WHERE a.id = acct.wallet_id AND acct.consumption_id IS NOT NULL
-    RETURNING a.id, a.balance
-),
-h AS (
-    UPDATE metering_ledgeraccount a
-       SET balance = a.balance - hd.amount
-      FROM acct, hd, w
-     WHERE a.id = acct.holds_id AND a.balance >= hd.amount
-    RETURNING a.id, a.balance
-),
-t AS (
-    INSERT INTO metering_journaltransaction
-           (kind, idempotency_key, fingerprint, organization_id, memo, created_at)
-    SELECT %(txn_kind)s::text, 'hold:' || %(key)s::text || ':settle', %(fp)s::text, hd.organization_id, '', %(now)s::timestamptz
-      FROM hd, h
-    RETURNING id
-),
-e AS (
-    INSERT INTO metering_ledgerentry (transaction_id, account_id, amount, balance_after, created_at)
-    SELECT t.id, h.id, -hd.amount, h.balance, %(now)s::timestamptz FROM t, h, hd
-    UNION ALL
-    SELECT t.id, acct.consumption_id, %(captured)s::bigint, NULL, %(now)s::timestamptz FROM t, acct
-     WHERE %(captured)s::bigint > 0
-    UNION ALL
-    SELECT t.id, w.id, hd.amount - %(captured)s::bigint, w.balance, %(now)s::timestamptz FROM t, w, hd
-     WHERE hd.amount > %(captured)s::bigint
-)
-SELECT hd.id, t.id, w.id, w.balance FROM hd, t, w
-"""
-
-# A second statement, so its snapshot sees every lot committed before the
-# first statement took the wallet's lock. Lots are locked in primary-key
-# order, then burned in the documented burn order (metering.services.lots).
-_SETTLE_LOTS = f"""
-WITH locked AS MATERIALIZED (
-    SELECT id, remaining, priority, expires_at, paid
-      FROM metering_creditlot
-     WHERE account_id = %(wallet)s::bigint AND remaining > 0 AND %(captured)s::bigint > 0
-     ORDER BY id
-       FOR UPDATE
-),
-ranked AS (
-    SELECT id, remaining,
-           sum(remaining) OVER (
-               ORDER BY COALESCE(expires_at <= %(now)s::timestamptz, false) DESC,
-                        priority,
-                        expires_at ASC NULLS LAST,
-                        paid,
-                        id
-           ) AS through
-      FROM locked
-),
-take AS (
-    SELECT id, LEAST(remaining, %(captured)s::bigint - (through - remaining)) AS amount
-      FROM ranked
-     WHERE through - remaining < %(captured)s::bigint
-),
-burn AS (
-    UPDATE metering_creditlot l SET remaining = l.remaining - take.amount
-      FROM take WHERE l.id = take.id
-    RETURNING l.id
-),
-moves AS (
-    INSERT INTO metering_lotmovement (lot_id, transaction_id, amount)
-    SELECT id, %(txn)s::bigint, -amount FROM take
-),
-settled AS (
-    UPDATE metering_hold
-       SET status = %(status)s::text, captured = %(captured)s::bigint,
-           settle_transaction_id = %(txn)s::bigint, settled_at = %(now)s::timestamptz
-     WHERE id = %(hold)s::bigint
-    RETURNING {_RETURNING}
-),
--- The usage record the hold paid for (UsageDraft), when there is one.
-rec AS (
-    INSERT INTO metering_usagerecord
-           (organization_id, api_key_id, job_id, hold_id, model_name, priority,
-            input_tokens, cached_input_tokens, output_tokens, engine_busy_ms, credits,
-            model_price_id, serving_cost, currency, created_at)
-    SELECT %(u_org)s::bigint, %(u_key)s::bigint, %(u_job)s::text, settled.id,
+# The settlement runs server-side (migration 0005, `metering_hold_settle`):
+# the accounts statement, then the lots statement with a fresh snapshot, in
+# one round trip and with the function's EXCEPTION block as its savepoint,
+# so the wallet's row lock is never held while this process waits for a CPU.
+_SETTLE = f"""
+SELECT s.o_wallet_balance, {", ".join(f"(s.o_hold).{c}" for c in HOLD_COLUMNS)}
+  FROM metering_hold_settle(
+           %(key)s::text, %(captured)s::bigint, %(status)s::text, %(txn_kind)s::text,
+           %(fp)s::text, %(now)s::timestamptz,
+           %(u_record)s::boolean, %(u_org)s::bigint, %(u_key)s::bigint, %(u_job)s::text,
            %(u_model)s::text, %(u_priority)s::text, %(u_in)s::integer, %(u_cached)s::integer,
            %(u_out)s::integer, %(u_ms)s::integer, %(u_credits)s::bigint, %(u_price)s::bigint,
-           %(u_cost)s::bigint, %(u_currency)s::text, %(now)s::timestamptz
-      FROM settled
-     WHERE %(u_record)s::boolean
-)
-SELECT (SELECT COALESCE(sum(amount), 0) FROM take), settled.* FROM settled
+           %(u_cost)s::bigint, %(u_currency)s::text
+       ) s
 """
+
+# SQLSTATE the function raises when the wallet's lots cannot cover a capture.
+_LOTS_SHORT = "GYM02"
 
 
 def hold_settle_fast(
@@ -272,10 +198,12 @@ def hold_settle_fast(
     now: datetime,
     usage: UsageDraft | None = None,
 ) -> Hold | None:
-    """Settle a pending hold in two statements, or None to say "take the ORM path".
+    """Settle a pending hold in one statement, or None to say "take the ORM path".
 
-    With `usage`, its usage record is written by the second statement; a
+    With `usage`, its usage record is written by the same statement; a
     record the job already has makes it take the ORM path, which replays it.
+    Lots that cannot cover the capture raise LedgerInconsistent; inside a
+    transaction, that transaction is then aborted (the statement failed).
     """
     params = {
         "key": key,
@@ -287,24 +215,15 @@ def hold_settle_fast(
         **_usage_params(usage),
     }
     try:
-        with transaction.atomic(), _cursor() as cursor:
-            first = _execute(cursor, _SETTLE_ACCOUNTS, params)
-            if first is None:
-                # Not pending, over the hold, or not set up: nothing was
-                # written unless the holds account disagreed, so roll back.
-                raise _Fallback
-            hold_id, txn_id, wallet_id, wallet_balance = first
-            burned, *hold_row = _execute(
-                cursor,
-                _SETTLE_LOTS,
-                {**params, "wallet": wallet_id, "txn": txn_id, "hold": hold_id},
-            )
-            if burned != captured:
-                raise LedgerInconsistent(
-                    f"lots of account {wallet_id} hold {burned} of the {captured} to burn"
-                )
-    except (_Fallback, IntegrityError):
-        return None
+        with _cursor() as cursor:
+            row = _execute(cursor, _SETTLE, params)
+    except DatabaseError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) == _LOTS_SHORT:
+            raise LedgerInconsistent(str(exc.__cause__)) from exc
+        raise
+    if row is None:
+        return None  # nothing written: not ordinary, the ORM path decides
+    wallet_balance, *hold_row = row
     hold = _hold_from_row(hold_row)
     # What the organization may spend just after this settlement: inference
     # answers with it (X-Gym-Credits-Remaining) without reading it again.
@@ -349,7 +268,3 @@ _USAGE_PARAMS = (
     "u_cost",
     "u_currency",
 )
-
-
-class _Fallback(Exception):
-    """Roll the savepoint back and let the ORM path decide."""
