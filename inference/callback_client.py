@@ -28,6 +28,7 @@ import re
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -167,13 +168,34 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
         self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
 
 
-def _vetted_address(host: str, port: int) -> str:
+# Name lookups run on these threads, so that one the resolver does not answer
+# costs the attempt its deadline and no more: getaddrinfo itself has no
+# timeout (the system resolver's is 5 s per server and try). A lookup left
+# running finishes on its thread and is dropped; with every thread taken by
+# such lookups, the next ones wait in the queue and time out the same way.
+_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="callback-dns")
+
+
+class ResolveTimeout(OSError):
+    """The host name did not resolve before the attempt's deadline."""
+
+
+def _resolve(host: str, port: int, deadline: float) -> list:
+    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        future.cancel()  # not started yet: never runs
+        raise ResolveTimeout(f"{host} did not resolve in time") from None
+
+
+def _vetted_address(host: str, port: int, deadline: float) -> str:
     """The first address of `host`, provided every one it resolves to is allowed."""
     literal = _ip_literal(host)
     if literal is not None:
         candidates = [literal]
     else:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _resolve(host, port, deadline)
         candidates = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
     if not candidates:
         raise OSError(f"{host} has no address")
@@ -209,9 +231,12 @@ def callback_post(*, url: str, body: bytes, headers: dict[str, str], timeout: fl
         parts = urlsplit(url)
         host = (parts.hostname or "").rstrip(".")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = _vetted_address(host, port)
+        address = _vetted_address(host, port, deadline)
         cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        connection = cls(host, port, address=address, timeout=timeout)
+        # What is left of the deadline once the name is resolved.
+        connection = cls(
+            host, port, address=address, timeout=max(0.001, deadline - time.monotonic())
+        )
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -236,6 +261,8 @@ def callback_post(*, url: str, body: bytes, headers: dict[str, str], timeout: fl
         return Answer(status_code=None, error=f"refused: {exc.message}")
     except PermissionError as exc:
         return Answer(status_code=None, error=f"refused: {exc}")
+    except ResolveTimeout as exc:
+        return Answer(status_code=None, error=f"{exc} (within {timeout:g} s)")
     except TimeoutError:
         return Answer(status_code=None, error=f"no answer within {timeout:g} s")
     except (OSError, http.client.HTTPException) as exc:

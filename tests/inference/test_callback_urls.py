@@ -118,6 +118,36 @@ def test_delivery_checks_again_and_never_connects_to_a_refused_address(loopback_
     assert answer.error.startswith("refused:")
 
 
+def test_a_name_the_resolver_never_answers_costs_the_attempt_its_deadline(monkeypatch):
+    import socket
+    import threading
+
+    from inference import callback_client
+
+    # given a resolver that never answers. Nothing here can make a real one
+    # hang (no network), so the lookup is replaced at the one module that
+    # makes it; left alone, it would answer after 30 s with an error.
+    release = threading.Event()
+
+    def silent(*args, **kwargs):
+        release.wait(30)
+        raise socket.gaierror("the resolver gave up")
+
+    monkeypatch.setattr(callback_client.socket, "getaddrinfo", silent)
+
+    # when a webhook is posted to a host name with a short deadline
+    try:
+        answer = callback_post(
+            url="https://hooks.example.com/gym", body=b"{}", headers={}, timeout=0.2
+        )
+    finally:
+        release.set()
+
+    # then the attempt failed for want of an address within its deadline
+    assert answer.status_code is None
+    assert answer.error == "hooks.example.com did not resolve in time (within 0.2 s)"
+
+
 # --- through the API ----------------------------------------------------------------------
 
 
