@@ -193,3 +193,22 @@ def test_a_unit_of_work_reads_the_tokens_once_and_sees_its_own_changes():
     get_redis().set("cachegen:test-scope", "changed elsewhere again")
     with cache_scope():
         assert cache.get("k", lambda: "v4") == "v4"
+
+
+def test_an_edited_chat_template_renders_on_the_next_request():
+    from inference.apis import render_chat
+
+    # given a model whose template has rendered once (and is compiled, cached)
+    model = CatalogModel(
+        name="templated", chat_template="A:{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    first = render_chat(model, messages)
+
+    # when an operator edits the template
+    model.chat_template = "B:{% for m in messages %}{{ m.role }}={{ m.content }}{% endfor %}"
+
+    # then the next prompt is rendered with the new one, and the old still works
+    assert (first, render_chat(model, messages)) == ("A:hi", "B:user=hi")
+    model.chat_template = "A:{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert render_chat(model, messages) == "A:hi"
