@@ -25,6 +25,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from accounts import sql
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Organization, Standing
 from accounts.ratelimits import (
@@ -212,26 +213,30 @@ def job_submit(
         raise
     try:
         with transaction.atomic():
-            job = Job.objects.create(
-                public_id=public_id,
-                organization=organization,
-                api_key=api_key,
-                model=model,
-                model_price=price,
-                priority=priority,
-                kind=kind,
-                stream=stream,
-                params={
-                    "max_tokens": max_tokens,
-                    "temperature": params.temperature,
-                    "top_p": params.top_p,
-                    "seed": params.seed,
-                    "stop": list(params.stop),
-                    "reserved_tokens": reserved_tokens,
-                },
-                prompt=prompt if organization.store_prompts else "",
-                callback_url=callback_url,
-                hold_amount=hold_amount,
+            # A prepared INSERT (accounts.sql): building the ORM's was about
+            # 15% of the API process's CPU per request.
+            job = sql.insert(
+                Job(
+                    public_id=public_id,
+                    organization=organization,
+                    api_key=api_key,
+                    model=model,
+                    model_price=price,
+                    priority=priority,
+                    kind=kind,
+                    stream=stream,
+                    params={
+                        "max_tokens": max_tokens,
+                        "temperature": params.temperature,
+                        "top_p": params.top_p,
+                        "seed": params.seed,
+                        "stop": list(params.stop),
+                        "reserved_tokens": reserved_tokens,
+                    },
+                    prompt=prompt if organization.store_prompts else "",
+                    callback_url=callback_url,
+                    hold_amount=hold_amount,
+                )
             )
             # The hold last: it locks the organization's wallet, and every
             # other request of the organization waits for that lock until
@@ -271,6 +276,20 @@ RETURNING *
 """
 
 
+# The same, prepared (accounts.sql) on PostgreSQL: the ORM's raw() machinery
+# around it was about 10% of the worker's CPU per job.
+@functools.cache
+def _start_prepared() -> str:
+    return f"""
+UPDATE inference_job
+   SET status = %(running)s::varchar,
+       started_at = CASE WHEN status = %(queued)s::varchar THEN %(now)s::timestamptz
+                         ELSE started_at END
+ WHERE id = %(pk)s::bigint AND status IN (%(queued)s::varchar, %(running)s::varchar)
+RETURNING {sql.columns(Job)}
+"""
+
+
 def job_start(*, job_pk: int) -> Job | None:
     """Mark a queued (or redelivered running) job running and return it; None if it ended."""
     params = {
@@ -279,7 +298,11 @@ def job_start(*, job_pk: int) -> Job | None:
         "queued": JobStatus.QUEUED,
         "running": JobStatus.RUNNING,
     }
-    return next(iter(Job.objects.raw(_START, params)), None)
+    if not sql.available():
+        return next(iter(Job.objects.raw(_START, params)), None)
+    with sql.cursor() as cursor:
+        row = sql.execute(cursor, _start_prepared(), params)
+    return sql.from_row(Job, row) if row is not None else None
 
 
 def serving_cost(*, engine_ms: int, gpu_hour_cost: int, tensor_parallel: int) -> int:
@@ -368,7 +391,12 @@ def job_settle(
         claimable = (
             NON_TERMINAL if only_from is None else [s for s in only_from if s in NON_TERMINAL]
         )
-        claimed = Job.objects.filter(pk=job.pk, status__in=claimable).update(**update)
+        if sql.available():
+            claimed = _claim(
+                pk=job.pk, written=written, first_token_at=outcome.first_token_at, only=claimable
+            )
+        else:
+            claimed = Job.objects.filter(pk=job.pk, status__in=claimable).update(**update)
         if not claimed:
             return Job.objects.get(pk=job.pk)
         # Its webhook, if asked for, in the same transaction (an outbox row),
@@ -408,6 +436,28 @@ def job_settle(
     if outcome.first_token_at is not None and job.first_token_at is None:
         job.first_token_at = outcome.first_token_at
     return job
+
+
+@functools.cache
+def _claim_sql(names: tuple[str, ...]) -> str:
+    fields = [Job._meta.get_field(name) for name in names]
+    sets = ",\n       ".join(f"{f.column} = %({f.name})s::{sql.cast_type(f)}" for f in fields)
+    return f"""
+UPDATE inference_job
+   SET {sets},
+       first_token_at = COALESCE(first_token_at, %(first_token_at)s::timestamptz)
+ WHERE id = %(pk)s::bigint AND status = ANY(%(only)s::varchar[])
+"""
+
+
+def _claim(*, pk: int, written: dict, first_token_at: datetime | None, only: list[str]) -> int:
+    """job_settle's claim as a prepared statement (accounts.sql): 1 if claimed, else 0.
+
+    The ORM's UPDATE cost the worker about 11% of its CPU per job to build.
+    """
+    params = {**written, "first_token_at": first_token_at, "pk": pk, "only": list(only)}
+    with sql.cursor() as cursor:
+        return sql.execute(cursor, _claim_sql(tuple(written)), params, fetch="count")
 
 
 def _release_reservations(*, job: Job, used_tokens: int, pipe=None) -> None:

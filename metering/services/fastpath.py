@@ -25,48 +25,26 @@ took that lock: its snapshot sees every committed lot.
 
 from __future__ import annotations
 
-import functools
 from datetime import datetime
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
 
+from accounts import sql
 from metering.models import Hold
 from metering.services.lots import LedgerInconsistent
 from metering.services.usage import UsageDraft
 
+# Every statement here is prepared, with server-side binding and each
+# parameter cast (accounts.sql): they are large and run on every request, and
+# client-side binding made PostgreSQL parse and plan them every time (about
+# 2.5 ms of its CPU per settlement here). Behind a transaction-pooling
+# PgBouncer, set METERING_FAST_PATH=false or use PgBouncer 1.21+ with
+# prepared statements.
+
 # In the model's field order, which is the order Model.from_db expects.
 HOLD_COLUMNS = tuple(f.column for f in Hold._meta.concrete_fields)
 _RETURNING = ", ".join(HOLD_COLUMNS)
-
-
-def _execute(cursor, sql: str, params: dict):
-    # Server-side binding and a prepared statement: these statements are large
-    # and run on every request, and Django's default client-side binding makes
-    # PostgreSQL parse and plan them every time (about 2.5 ms of its CPU per
-    # settlement here). Explicit casts keep one plan per statement whatever
-    # the sizes of the numbers. Behind a transaction-pooling PgBouncer, set
-    # METERING_FAST_PATH=false or use PgBouncer 1.21+ with prepared statements.
-    # Django's wrapper turns psycopg's errors into Django's (IntegrityError,
-    # OperationalError), which the callers and retry_on_deadlock expect; its
-    # execute wrappers (query logging, tracing, the benchmark's statement
-    # count) see these statements as they see the ORM's.
-    def run(sql, params, many, context):
-        cursor.execute(sql, params, prepare=True)
-        return cursor.fetchone()
-
-    executor = run
-    for wrapper in reversed(connection.execute_wrappers):
-        executor = functools.partial(wrapper, executor)
-    with connection.wrap_database_errors:
-        return executor(sql, params, False, {"connection": connection, "cursor": cursor})
-
-
-def _cursor():
-    import psycopg
-
-    connection.ensure_connection()
-    return psycopg.Cursor(connection.connection)
 
 
 def enabled() -> bool:
@@ -154,11 +132,11 @@ def hold_place_fast(
         if not connection.in_atomic_block:
             # Alone, the statement is its own transaction, committed as it
             # ends: the wallet's row lock is not held across a round trip.
-            with _cursor() as cursor:
-                row = _execute(cursor, _PLACE, params)
+            with sql.cursor() as cursor:
+                row = sql.execute(cursor, _PLACE, params)
         else:
-            with transaction.atomic(savepoint=savepoint), _cursor() as cursor:
-                row = _execute(cursor, _PLACE, params)
+            with transaction.atomic(savepoint=savepoint), sql.cursor() as cursor:
+                row = sql.execute(cursor, _PLACE, params)
     except IntegrityError:
         if not savepoint:
             raise
@@ -215,8 +193,8 @@ def hold_settle_fast(
         **_usage_params(usage),
     }
     try:
-        with _cursor() as cursor:
-            row = _execute(cursor, _SETTLE, params)
+        with sql.cursor() as cursor:
+            row = sql.execute(cursor, _SETTLE, params)
     except DatabaseError as exc:
         if getattr(exc.__cause__, "sqlstate", None) == _LOTS_SHORT:
             raise LedgerInconsistent(str(exc.__cause__)) from exc

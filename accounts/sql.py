@@ -1,0 +1,127 @@
+"""Prepared statements for the few queries every inference request runs.
+
+Django binds parameters on the client, so PostgreSQL parses and plans each of
+its statements every time, and building the SQL of an INSERT or an UPDATE
+costs the ORM more CPU than running it. For the statements on every
+request's path (the ledger's fast path, the job row's insert, start and
+claim) this module binds on the server and prepares: psycopg parses and
+plans each once per connection (after `prepare_threshold` uses, or at once
+with `prepare=True`).
+
+Every parameter is cast to its column's type. Without a cast PostgreSQL
+infers a parameter's type from the statement, once, for the prepared plan:
+`remaining - $1` took a later 12,500,000,000 as a 32-bit integer and wrapped
+(2026-12-01), which is why Django's own queries keep client-side binding
+(gymbilling/settings/base.py).
+
+PostgreSQL only: callers check `available()` and take the ORM path on
+SQLite (the demo's default); `insert` does that itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from django.db import connection
+from django.db.models import Model
+
+
+def available() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def cursor():
+    """A raw psycopg cursor on Django's connection: server-side binding."""
+    import psycopg
+
+    connection.ensure_connection()
+    return psycopg.Cursor(connection.connection)
+
+
+def execute(cur, sql: str, params, *, fetch: str = "one"):
+    """Run a prepared statement; its first row (fetch="one") or its row count ("count").
+
+    Through Django's error wrapper, so callers see Django's exceptions
+    (IntegrityError, OperationalError, ...), which retry_on_deadlock and the
+    services expect; and through Django's execute wrappers, so query logging,
+    tracing and the benchmarks see these statements as they see the ORM's.
+    """
+
+    def run(sql, params, many, context):
+        cur.execute(sql, params, prepare=True)
+        return cur.fetchone() if fetch == "one" else cur.rowcount
+
+    executor = run
+    for wrapper in reversed(connection.execute_wrappers):
+        executor = functools.partial(wrapper, executor)
+    with connection.wrap_database_errors:
+        return executor(sql, params, False, {"connection": connection, "cursor": cur})
+
+
+def cast_type(field) -> str:
+    """The SQL type a parameter for `field` is cast to."""
+    return field.cast_db_type(connection)
+
+
+@functools.cache
+def _insert_statement(model: type[Model]) -> tuple[str, tuple]:
+    quote = connection.ops.quote_name
+    meta = model._meta
+    fields = tuple(f for f in meta.concrete_fields if not f.primary_key)
+    columns = ", ".join(quote(f.column) for f in fields)
+    values = ", ".join(f"%s::{cast_type(f)}" for f in fields)
+    sql = (
+        f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({values}) "
+        f"RETURNING {quote(meta.pk.column)}"
+    )
+    return sql, fields
+
+
+def insert(obj: Model) -> Model:
+    """INSERT `obj`'s row as `obj.save()` would, with a prepared statement.
+
+    Defaults and `auto_now_add` are applied as the ORM applies them (the
+    fields' own pre_save and get_db_prep_save); the primary key comes back
+    from the database. No save signals are sent: use it only for models
+    nothing listens to (a model cached by accounts.cache must go through
+    save()).
+    """
+    if not available():
+        obj.save(force_insert=True)
+        return obj
+    sql, fields = _insert_statement(type(obj))
+    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
+    with cursor() as cur:
+        (pk,) = execute(cur, sql, params)
+    obj.pk = pk
+    obj._state.adding = False
+    obj._state.db = connection.alias
+    return obj
+
+
+@functools.cache
+def _row_converters(model: type[Model]) -> tuple:
+    """Per concrete field, the converters the ORM applies to a value read (JSON, ...)."""
+    table = model._meta.db_table
+    return tuple(
+        tuple(connection.ops.get_db_converters(f.get_col(table)) + f.get_db_converters(connection))
+        for f in model._meta.concrete_fields
+    )
+
+
+def columns(model: type[Model]) -> str:
+    """The model's columns in field order, for a RETURNING that `from_row` reads."""
+    return ", ".join(connection.ops.quote_name(f.column) for f in model._meta.concrete_fields)
+
+
+def from_row(model: type[Model], row) -> Model:
+    """A model instance from a row of `columns(model)`, converted as the ORM converts."""
+    meta = model._meta
+    values = []
+    for field, converters, value in zip(
+        meta.concrete_fields, _row_converters(model), row, strict=True
+    ):
+        for converter in converters:
+            value = converter(value, field.get_col(meta.db_table), connection)
+        values.append(value)
+    return model.from_db(connection.alias, [f.attname for f in meta.concrete_fields], values)

@@ -1,0 +1,116 @@
+"""accounts.sql: the prepared statements write and read rows exactly as the ORM does."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from accounts import sql
+from inference.models import CatalogModel, Job, ServerPool
+from metering.selectors import model_price
+from metering.services import price_book_publish
+from tests.factories import OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _job(org, model, public_id: str, **extra) -> Job:
+    return Job(
+        public_id=public_id,
+        organization=org,
+        model=model,
+        model_price=model_price(model_name=model.name),
+        priority="standard",
+        params={"max_tokens": 16, "stop": ["\n"], "temperature": 0.7, "seed": 2**40},
+        hold_amount=12_500_000_000,  # past 32 bits
+        **extra,
+    )
+
+
+@pytest.fixture
+def model():
+    price_book_publish(
+        prices=[
+            {
+                "model_name": "sql-model",
+                "input_rate": Decimal("1"),
+                "cached_input_rate": Decimal("1"),
+                "output_rate": Decimal("1"),
+            }
+        ]
+    )
+    pool = ServerPool.objects.create(name="sql-pool", grpc_urls=["127.0.0.1:1"])
+    return CatalogModel.objects.create(name="sql-model", pool=pool)
+
+
+def _fields(job: Job) -> dict:
+    skip = {"id", "public_id", "queued_at"}
+    return {
+        f.attname: getattr(job, f.attname) for f in Job._meta.concrete_fields if f.name not in skip
+    }
+
+
+def test_insert_writes_the_row_save_writes(model):
+    org = OrganizationFactory()
+
+    # when one job is inserted by the prepared statement, another by the ORM
+    before = timezone.now()
+    prepared = sql.insert(_job(org, model, "job_prepared"))
+    orm = _job(org, model, "job_orm")
+    orm.save(force_insert=True)
+
+    # then both rows read back the same, defaults and JSON included, with a
+    # primary key and an auto_now_add time the database holds
+    read_prepared = Job.objects.get(public_id="job_prepared")
+    read_orm = Job.objects.get(public_id="job_orm")
+    assert read_prepared.pk == prepared.pk and not prepared._state.adding
+    assert _fields(read_prepared) == _fields(read_orm)
+    assert read_prepared.hold_amount == 12_500_000_000
+    assert read_prepared.params["seed"] == 2**40
+    assert read_prepared.status == "queued" and read_prepared.input_tokens == 0
+    assert before <= read_prepared.queued_at == prepared.queued_at <= timezone.now()
+
+
+def test_a_row_read_by_a_prepared_statement_is_the_model_the_orm_reads(model):
+    # given a job with JSON, nulls and times
+    org = OrganizationFactory()
+    started = timezone.now() - timedelta(seconds=3)
+    job = _job(org, model, "job_read", started_at=started)
+    job.save(force_insert=True)
+
+    # when its row is read by a prepared statement
+    with sql.cursor() as cursor:
+        row = sql.execute(
+            cursor,
+            f"SELECT {sql.columns(Job)} FROM inference_job WHERE id = %(pk)s::bigint",
+            {"pk": job.pk},
+        )
+    read = sql.from_row(Job, row)
+
+    # then it is what the ORM reads: the JSON decoded, the times aware
+    assert _fields(read) == _fields(Job.objects.get(pk=job.pk))
+    assert read.params == job.params
+    assert isinstance(read.started_at, datetime) and read.started_at == started
+    assert read.finished_at is None
+
+
+def test_prepared_statements_are_seen_by_execute_wrappers(model):
+    # given a wrapper on the connection, as query logging or tracing installs
+    seen = []
+
+    def wrapper(execute, sql_text, params, many, context):
+        seen.append(sql_text.split()[0])
+        return execute(sql_text, params, many, context)
+
+    # when a row is inserted by a prepared statement
+    job = _job(OrganizationFactory(), model, "job_wrapped")
+    with connection.execute_wrapper(wrapper), CaptureQueriesContext(connection):
+        sql.insert(job)
+
+    # then the wrapper saw it
+    assert seen == ["INSERT"]
