@@ -14,20 +14,24 @@ infers a parameter's type from the statement, once, for the prepared plan:
 (2026-12-01), which is why Django's own queries keep client-side binding
 (gymbilling/settings/base.py).
 
-PostgreSQL only: callers check `available()` and take the ORM path on
-SQLite (the demo's default); `insert` does that itself.
+PostgreSQL only, and only with DATABASE_PREPARED_STATEMENTS on (off behind
+a transaction-pooling PgBouncer older than 1.21, which cannot keep a
+connection's prepared statements): callers check `available()` and take the
+ORM path otherwise, as on SQLite (the demo's default); `insert` does that
+itself.
 """
 
 from __future__ import annotations
 
 import functools
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Model
 
 
 def available() -> bool:
-    return connection.vendor == "postgresql"
+    return connection.vendor == "postgresql" and settings.DATABASE_PREPARED_STATEMENTS
 
 
 def cursor():

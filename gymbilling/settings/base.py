@@ -74,10 +74,11 @@ DATABASES = {
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
 if DATABASES["default"]["ENGINE"].endswith("postgresql"):
     # Lets psycopg keep prepared statements. Django's own queries bind on the
-    # client and never prepare; the ledger's fast path (metering/services/
-    # fastpath.py) binds on the server and prepares, which halves its cost in
-    # PostgreSQL. Behind a transaction-pooling PgBouncer older than 1.21, set
-    # METERING_FAST_PATH=false.
+    # client and never prepare; the few statements every inference request
+    # runs (accounts/sql.py: the ledger's fast path, the job row) bind on the
+    # server and prepare, which halves their cost in PostgreSQL. Behind a
+    # transaction-pooling PgBouncer older than 1.21, set
+    # DATABASE_PREPARED_STATEMENTS=false.
     # Do not turn on OPTIONS["server_side_binding"] for Django's queries as they
     # are: tried on 2026-12-01, a prepared `remaining - $1` took a later
     # 12,500,000,000 as a 32-bit integer and wrapped (a lot's remaining rose
@@ -167,6 +168,9 @@ METERING_HOLD_TTL = timedelta(seconds=env.int("METERING_HOLD_TTL_SECONDS", defau
 # Place and settle holds with the SQL fast path on PostgreSQL (metering/services/
 # fastpath.py); off, every call takes the ORM path. The tests run both.
 METERING_FAST_PATH = env.bool("METERING_FAST_PATH", default=True)
+# Server-side prepared statements for the hot path (accounts/sql.py); false
+# behind a transaction-pooling PgBouncer older than 1.21 (the ORM path then).
+DATABASE_PREPARED_STATEMENTS = env.bool("DATABASE_PREPARED_STATEMENTS", default=True)
 
 LOGGING = {
     "version": 1,

@@ -114,3 +114,29 @@ def test_prepared_statements_are_seen_by_execute_wrappers(model):
 
     # then the wrapper saw it
     assert seen == ["INSERT"]
+
+
+def test_without_prepared_statements_the_orm_writes_the_same_row(settings, model):
+    from metering.services import fastpath
+
+    # given prepared statements off (behind an old transaction-pooling PgBouncer)
+    settings.DATABASE_PREPARED_STATEMENTS = False
+    org = OrganizationFactory()
+    job = _job(org, model, "job_unprepared")
+    statements = []
+
+    def wrapper(execute, sql_text, params, many, context):
+        statements.append(sql_text)
+        return execute(sql_text, params, many, context)
+
+    # when a row is inserted
+    with connection.execute_wrapper(wrapper):
+        sql.insert(job)
+
+    # then the ORM wrote it (client-side binding: no casts), and it reads back
+    # as the prepared statement's would; the ledger's fast path is off too
+    assert not sql.available() and not fastpath.enabled()
+    assert len(statements) == 1 and "::" not in statements[0]
+    read = Job.objects.get(public_id="job_unprepared")
+    assert read.pk == job.pk and read.params == job.params
+    assert read.hold_amount == 12_500_000_000

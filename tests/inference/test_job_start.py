@@ -21,8 +21,16 @@ from tests.factories import OrganizationFactory
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(params=[True, False], ids=["prepared", "orm"])
+def prepared(request, settings) -> bool:
+    # Both the prepared statement (accounts.sql) and the ORM's raw() it falls
+    # back to (an old transaction-pooling PgBouncer, SQLite) must behave alike.
+    settings.DATABASE_PREPARED_STATEMENTS = request.param
+    return request.param
+
+
 @pytest.fixture
-def job() -> Job:
+def job(prepared) -> Job:
     price_book_publish(
         prices=[
             {
@@ -58,6 +66,7 @@ def test_a_queued_job_is_loaded_running_and_committed(job):
     # then it comes back running, stamped, as stored
     assert started.pk == job.pk and started.status == JobStatus.RUNNING
     assert started.started_at is not None
+    assert started.params == {"max_tokens": 4} and started.hold_amount == 1
     assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
 
     # and committed durably, like every later write on the connection

@@ -1,0 +1,89 @@
+"""job_settle's claim: one UPDATE decides the one settlement, prepared or through the ORM.
+
+No worker and no engine, as in test_job_cancel.py: one database transaction,
+never committed, so the job's Celery task is never sent.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.utils import timezone
+
+from inference.models import CatalogModel, InputTokensSource, Job, JobStatus, ServerPool
+from inference.services import job_settle, job_start, job_submit
+from inference.services.jobs import Outcome, SubmitParams
+from metering.models import Hold, HoldStatus, UsageRecord
+from metering.services import price_book_publish
+from tests.factories import OrganizationFactory
+from tests.helpers import credits
+
+pytestmark = pytest.mark.django_db
+
+MODEL = "gym-settle-unit"
+
+
+@pytest.fixture(params=[True, False], ids=["prepared", "orm"])
+def running_job(request, settings, grant) -> Job:
+    # Both the prepared claim (accounts.sql) and the ORM's UPDATE it falls
+    # back to (an old transaction-pooling PgBouncer, SQLite) must behave alike.
+    settings.DATABASE_PREPARED_STATEMENTS = request.param
+    price_book_publish(
+        prices=[
+            {
+                "model_name": MODEL,
+                "input_rate": Decimal("0.5"),
+                "cached_input_rate": Decimal("0.25"),
+                "output_rate": Decimal("1.5"),
+                "minimum_charge": 0,
+            }
+        ]
+    )
+    pool = ServerPool.objects.create(name="settle-unit", grpc_urls=["127.0.0.1:1"])
+    CatalogModel.objects.create(name=MODEL, pool=pool, access_tier="basic")
+    org = OrganizationFactory(tokens_per_minute=1_000_000, concurrent_jobs=10)
+    grant(org, credits(10))
+    job = job_submit(
+        organization=org,
+        api_key=None,
+        model_name=MODEL,
+        prompt="Plan my week.",
+        params=SubmitParams(max_tokens=16),
+        kind="async",
+    )
+    return job_start(job_pk=job.pk)
+
+
+def test_the_first_settlement_claims_the_job_and_a_second_changes_nothing(running_job):
+    first_token = timezone.now() - timedelta(milliseconds=40)
+    outcome = Outcome(
+        text="Monday: rest.",
+        input_tokens=5,
+        output_tokens=4,
+        engine_ms=12,
+        finish_reason="stop",
+        first_token_at=first_token,
+        input_tokens_source=InputTokensSource.ENGINE,
+    )
+
+    # when the worker settles it, then a redelivered task settles it again
+    # with another outcome
+    settled = job_settle(job=running_job, outcome=outcome, status=JobStatus.SUCCEEDED)
+    again = job_settle(
+        job=running_job,
+        outcome=Outcome(output_tokens=9, first_token_at=timezone.now()),
+        status=JobStatus.FAILED,
+    )
+
+    # then the row holds the first settlement, and only the first was billed
+    row = Job.objects.get(pk=running_job.pk)
+    assert (row.status, row.input_tokens, row.output_tokens) == (JobStatus.SUCCEEDED, 5, 4)
+    assert (row.finish_reason, row.engine_ms, row.output) == ("stop", 12, "Monday: rest.")
+    assert row.first_token_at == first_token and row.finished_at is not None
+    assert row.credits_charged == settled.credits_charged > 0
+    assert (again.status, again.output_tokens) == (JobStatus.SUCCEEDED, 4)
+    hold = Hold.objects.get(key=row.public_id)
+    assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, row.credits_charged)
+    assert UsageRecord.objects.filter(job_id=row.public_id).count() == 1
