@@ -51,3 +51,35 @@ def wait_until(condition, *, timeout: float = 60.0, what: str = "the condition")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
+
+
+def served_model(
+    name: str,
+    *,
+    grpc_urls: list[str] | None = None,
+    input_rate: str = "0.5",
+    cached_input_rate: str = "0.25",
+    output_rate: str = "1.5",
+    **model_fields,
+):
+    """A catalog model on its own server pool, priced in the price book (credits per 1M tokens).
+
+    The pool's default address is one nothing listens on: for tests that never
+    reach an engine.
+    """
+    from inference.models import CatalogModel, ServerPool
+    from metering.services import price_book_publish
+
+    price_book_publish(
+        prices=[
+            {
+                "model_name": name,
+                "input_rate": Decimal(input_rate),
+                "cached_input_rate": Decimal(cached_input_rate),
+                "output_rate": Decimal(output_rate),
+                "minimum_charge": 0,
+            }
+        ]
+    )
+    pool = ServerPool.objects.create(name=f"pool-{name}", grpc_urls=grpc_urls or ["127.0.0.1:1"])
+    return CatalogModel.objects.create(name=name, pool=pool, **model_fields)

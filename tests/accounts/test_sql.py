@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from decimal import Decimal
 
 import pytest
 from django.db import connection
@@ -11,10 +10,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts import sql
-from inference.models import CatalogModel, Job, ServerPool
+from inference.models import Job
 from metering.selectors import model_price
-from metering.services import price_book_publish
 from tests.factories import OrganizationFactory
+from tests.helpers import served_model
 
 pytestmark = pytest.mark.django_db
 
@@ -34,18 +33,7 @@ def _job(org, model, public_id: str, **extra) -> Job:
 
 @pytest.fixture
 def model():
-    price_book_publish(
-        prices=[
-            {
-                "model_name": "sql-model",
-                "input_rate": Decimal("1"),
-                "cached_input_rate": Decimal("1"),
-                "output_rate": Decimal("1"),
-            }
-        ]
-    )
-    pool = ServerPool.objects.create(name="sql-pool", grpc_urls=["127.0.0.1:1"])
-    return CatalogModel.objects.create(name="sql-model", pool=pool)
+    return served_model("sql-model")
 
 
 def _fields(job: Job) -> dict:

@@ -8,19 +8,16 @@ tests/reliability/test_inference_cancel.py.
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 import pytest
 
 from accounts.redis import get_redis
-from inference.models import CatalogModel, InputTokensSource, Job, JobStatus, ServerPool
+from inference.models import InputTokensSource, Job, JobStatus
 from inference.services import job_cancel, job_settle, job_start, job_submit
 from inference.services.jobs import Outcome, SubmitParams
 from metering.models import Hold, HoldStatus
 from metering.selectors import organization_balance
-from metering.services import price_book_publish
 from tests.factories import OrganizationFactory
-from tests.helpers import credits
+from tests.helpers import credits, served_model
 
 pytestmark = pytest.mark.django_db
 
@@ -29,19 +26,7 @@ MODEL = "gym-cancel-unit"
 
 @pytest.fixture
 def queued_job(grant):
-    price_book_publish(
-        prices=[
-            {
-                "model_name": MODEL,
-                "input_rate": Decimal("0.5"),
-                "cached_input_rate": Decimal("0.25"),
-                "output_rate": Decimal("1.5"),
-                "minimum_charge": 0,
-            }
-        ]
-    )
-    pool = ServerPool.objects.create(name="unit", grpc_urls=["127.0.0.1:1"])
-    CatalogModel.objects.create(name=MODEL, pool=pool, access_tier="basic")
+    served_model(MODEL, access_tier="basic")
     org = OrganizationFactory(tokens_per_minute=1_000_000, concurrent_jobs=10)
     grant(org, credits(10))
     return job_submit(

@@ -7,18 +7,16 @@ never committed, so the job's Celery task is never sent.
 from __future__ import annotations
 
 from datetime import timedelta
-from decimal import Decimal
 
 import pytest
 from django.utils import timezone
 
-from inference.models import CatalogModel, InputTokensSource, Job, JobStatus, ServerPool
+from inference.models import InputTokensSource, Job, JobStatus
 from inference.services import job_settle, job_start, job_submit
 from inference.services.jobs import Outcome, SubmitParams
 from metering.models import Hold, HoldStatus, UsageRecord
-from metering.services import price_book_publish
 from tests.factories import OrganizationFactory
-from tests.helpers import credits
+from tests.helpers import credits, served_model
 
 pytestmark = pytest.mark.django_db
 
@@ -30,19 +28,7 @@ def running_job(request, settings, grant) -> Job:
     # Both the prepared claim (accounts.sql) and the ORM's UPDATE it falls
     # back to (an old transaction-pooling PgBouncer, SQLite) must behave alike.
     settings.DATABASE_PREPARED_STATEMENTS = request.param
-    price_book_publish(
-        prices=[
-            {
-                "model_name": MODEL,
-                "input_rate": Decimal("0.5"),
-                "cached_input_rate": Decimal("0.25"),
-                "output_rate": Decimal("1.5"),
-                "minimum_charge": 0,
-            }
-        ]
-    )
-    pool = ServerPool.objects.create(name="settle-unit", grpc_urls=["127.0.0.1:1"])
-    CatalogModel.objects.create(name=MODEL, pool=pool, access_tier="basic")
+    served_model(MODEL, access_tier="basic")
     org = OrganizationFactory(tokens_per_minute=1_000_000, concurrent_jobs=10)
     grant(org, credits(10))
     job = job_submit(

@@ -7,16 +7,14 @@ is written directly, so no Celery task is sent for it.
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 import pytest
 from django.db import connection
 
-from inference.models import CatalogModel, Job, JobStatus, ServerPool
+from inference.models import Job, JobStatus
 from inference.services import job_start
 from metering.selectors import model_price
-from metering.services import price_book_publish
 from tests.factories import OrganizationFactory
+from tests.helpers import served_model
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -31,18 +29,7 @@ def prepared(request, settings) -> bool:
 
 @pytest.fixture
 def job(prepared) -> Job:
-    price_book_publish(
-        prices=[
-            {
-                "model_name": "gym-start",
-                "input_rate": Decimal("1"),
-                "cached_input_rate": Decimal("1"),
-                "output_rate": Decimal("1"),
-            }
-        ]
-    )
-    pool = ServerPool.objects.create(name="start", grpc_urls=["127.0.0.1:1"])
-    model = CatalogModel.objects.create(name="gym-start", pool=pool, access_tier="basic")
+    model = served_model("gym-start", access_tier="basic")
     return Job.objects.create(
         public_id="job_start_test",
         organization=OrganizationFactory(),
