@@ -4,14 +4,14 @@ Requests and tokens per minute use fixed one-minute windows, checked and
 counted for every scope (the key and its organization) in one Lua script:
 either every window has room and all are counted, or none is. Concurrent jobs
 are a sorted set of job ids scored by a lease expiry, so a job whose worker
-died stops counting after its lease instead of forever.
+died stops counting after its lease instead of forever; a job's token
+reservation and its slot are taken by the same script, in one round trip.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-import uuid
 from dataclasses import dataclass
 
 from accounts.errors import ApplicationError
@@ -19,28 +19,47 @@ from accounts.redis import get_redis
 
 WINDOW_SECONDS = 60
 
-# KEYS: one window key per scope. ARGV: cost, window, then one limit per key.
-# Returns {0, ...remaining per key, ttl} when counted, {i, ttl} when scope i is full.
-_CONSUME = """
+# Checks every window, and takes a concurrency slot when asked, all or nothing.
+# KEYS: one window key per scope, then (when ARGV[3] is a job id) the
+# organization's set of running jobs. ARGV: cost, window, job id or '', now,
+# slots, the job's lease expiry, the set's TTL, then one limit per window key.
+# Returns {0, ...remaining per window, ttl} when counted, {i, ttl, used} when
+# window i is full, {-1} when every slot is taken.
+_TAKE = """
 local cost = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
-for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[2 + i])
-  local used = tonumber(redis.call('GET', key) or '0')
+local job = ARGV[3]
+local n = #KEYS
+if job ~= '' then n = n - 1 end
+for i = 1, n do
+  local limit = tonumber(ARGV[7 + i])
+  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
   if used + cost > limit then
-    local ttl = redis.call('TTL', key)
+    local ttl = redis.call('TTL', KEYS[i])
     if ttl < 0 then ttl = window end
     return {i, ttl, used}
   end
 end
-local result = {0}
-for i, key in ipairs(KEYS) do
-  local used = redis.call('INCRBY', key, cost)
-  if used == cost then redis.call('EXPIRE', key, window) end
-  table.insert(result, tonumber(ARGV[2 + i]) - used)
+if job ~= '' then
+  local running = KEYS[n + 1]
+  redis.call('ZREMRANGEBYSCORE', running, '-inf', ARGV[4])
+  if not redis.call('ZSCORE', running, job) then
+    if redis.call('ZCARD', running) >= tonumber(ARGV[5]) then return {-1} end
+    redis.call('ZADD', running, ARGV[6], job)
+    redis.call('EXPIRE', running, ARGV[7])
+  end
 end
-local ttl = redis.call('TTL', KEYS[1])
-if ttl < 0 then ttl = window end
+local result = {0}
+for i = 1, n do
+  local used = redis.call('INCRBY', KEYS[i], cost)
+  if used == cost then redis.call('EXPIRE', KEYS[i], window) end
+  table.insert(result, tonumber(ARGV[7 + i]) - used)
+end
+local ttl = window
+if n > 0 then
+  ttl = redis.call('TTL', KEYS[1])
+  if ttl < 0 then ttl = window end
+end
 table.insert(result, ttl)
 return result
 """
@@ -76,16 +95,39 @@ def _window_key(kind: str, scope: str, now: float) -> str:
     return f"rl:{kind}:{scope}:{int(now // WINDOW_SECONDS)}"
 
 
-def rate_limit_consume(*, kind: str, limits: list[Limit], cost: int = 1) -> Usage:
+@dataclass(frozen=True)
+class Slot:
+    """One of `limit` concurrent-job slots of `scope`, taken for `job_id` until its lease ends."""
+
+    scope: str
+    limit: int
+    job_id: str
+    lease: int = 900
+
+
+def rate_limit_consume(
+    *, kind: str, limits: list[Limit], cost: int = 1, slot: Slot | None = None
+) -> Usage:
     """Count `cost` against every limit, or raise `rate_limited` (429) and count nothing.
 
-    The reported usage is the tightest scope's.
+    With `slot`, also take that concurrency slot, in the same script: both or
+    neither (`too_many_concurrent_jobs`, 429, when every slot is taken). The
+    slot is idempotent per job id. The reported usage is the tightest scope's.
     """
     now = time.time()
     keys = [_window_key(kind, lim.scope, now) for lim in limits]
-    result = _script(_CONSUME)(
-        keys=keys, args=[cost, WINDOW_SECONDS, *[lim.limit for lim in limits]]
-    )
+    args = [cost, WINDOW_SECONDS, "", 0, 0, 0, 0]
+    if slot is not None:
+        keys.append(f"conc:{slot.scope}")
+        args[2:] = [slot.job_id, now, slot.limit, now + slot.lease, slot.lease + 60]
+    result = _script(_TAKE)(keys=keys, args=[*args, *[lim.limit for lim in limits]])
+    if result[0] == -1:
+        raise ApplicationError(
+            code="too_many_concurrent_jobs",
+            message=f"{slot.limit} jobs are already running for this organization; wait for one to finish.",
+            status=429,
+            extra={"retry_after": 1},
+        )
     if result[0] != 0:
         full = limits[result[0] - 1]
         retry_after = max(1, int(result[1]))
@@ -100,6 +142,8 @@ def rate_limit_consume(*, kind: str, limits: list[Limit], cost: int = 1) -> Usag
             extra={"retry_after": retry_after, "limit": full.limit, "kind": kind},
         )
     remaining = result[1:-1]
+    if not limits:
+        return Usage(limit=0, remaining=0, reset_seconds=int(result[-1]))
     tightest = min(range(len(limits)), key=lambda i: remaining[i])
     return Usage(
         limit=limits[tightest].limit,
@@ -131,35 +175,6 @@ def rate_limit_refund(*, kind: str, limits: list[Limit], amount: int, pipe=None)
         )
     if own:
         pipe.execute()
-
-
-_ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 1 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
-
-
-def concurrency_acquire(
-    *, scope: str, limit: int, job_id: str | None = None, lease: int = 900
-) -> str:
-    """Take one of `limit` concurrent slots for `job_id` (idempotent), or raise 429."""
-    job_id = job_id or uuid.uuid4().hex
-    now = time.time()
-    ok = _script(_ACQUIRE)(
-        keys=[f"conc:{scope}"], args=[now, limit, job_id, now + lease, lease + 60]
-    )
-    if not ok:
-        raise ApplicationError(
-            code="too_many_concurrent_jobs",
-            message=f"{limit} jobs are already running for this organization; wait for one to finish.",
-            status=429,
-            extra={"retry_after": 1},
-        )
-    return job_id
 
 
 def concurrency_release(*, scope: str, job_id: str, pipe=None) -> None:

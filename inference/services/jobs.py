@@ -30,7 +30,7 @@ from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Organization, Standing
 from accounts.ratelimits import (
     Limit,
-    concurrency_acquire,
+    Slot,
     concurrency_release,
     rate_limit_consume,
     rate_limit_refund,
@@ -203,14 +203,15 @@ def job_submit(
 
     # Redis reservations first: cheap to refuse, and undone if the hold fails.
     reserved_tokens = bound + max_tokens
-    rate_limit_consume(kind="tokens", limits=_limits(organization), cost=reserved_tokens)
-    try:
-        concurrency_acquire(
+    # The tokens and a concurrency slot in one script: both or neither.
+    rate_limit_consume(
+        kind="tokens",
+        limits=_limits(organization),
+        cost=reserved_tokens,
+        slot=Slot(
             scope=f"org:{organization.pk}", limit=organization.concurrent_jobs, job_id=public_id
-        )
-    except ApplicationError:
-        rate_limit_refund(kind="tokens", limits=_limits(organization), amount=reserved_tokens)
-        raise
+        ),
+    )
     try:
         with transaction.atomic():
             # A prepared INSERT (accounts.sql): building the ORM's was about

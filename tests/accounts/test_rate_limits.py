@@ -172,12 +172,7 @@ def test_limits_still_count_after_redis_lost_its_scripts():
     # The limit scripts run by their SHA (EVALSHA): a Redis that restarted or
     # flushed its script cache must still count and refuse, not fail.
     from accounts.errors import ApplicationError
-    from accounts.ratelimits import (
-        Limit,
-        concurrency_acquire,
-        concurrency_release,
-        rate_limit_consume,
-    )
+    from accounts.ratelimits import Limit, Slot, concurrency_release, rate_limit_consume
     from accounts.redis import get_redis
 
     limits = [Limit(scope="org:scripts-test", limit=2)]
@@ -190,8 +185,21 @@ def test_limits_still_count_after_redis_lost_its_scripts():
     assert refused.value.code == "rate_limited"
 
     get_redis().script_flush()
-    assert concurrency_acquire(scope="org:scripts-test", limit=1, job_id="a") == "a"
+    tokens = [Limit(scope="org:scripts-test", limit=100)]
+    rate_limit_consume(
+        kind="tokens",
+        limits=tokens,
+        cost=5,
+        slot=Slot(scope="org:scripts-test", limit=1, job_id="a"),
+    )
     with pytest.raises(ApplicationError) as busy:
-        concurrency_acquire(scope="org:scripts-test", limit=1, job_id="b")
+        rate_limit_consume(
+            kind="tokens",
+            limits=tokens,
+            cost=5,
+            slot=Slot(scope="org:scripts-test", limit=1, job_id="b"),
+        )
     assert busy.value.code == "too_many_concurrent_jobs"
+    # the refused job's tokens were not counted: 95 of 100 still free
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 95
     concurrency_release(scope="org:scripts-test", job_id="a")

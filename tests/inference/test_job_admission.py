@@ -1,0 +1,57 @@
+"""job_submit's admission: the token reservation and the concurrency slot, both or neither.
+
+One database transaction, never committed, as in test_job_cancel.py: the
+Celery task of an admitted job is never sent.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from accounts.errors import ApplicationError
+from accounts.ratelimits import Limit, concurrency_release, rate_limit_consume
+from inference.services import job_submit
+from inference.services.jobs import SubmitParams
+from metering.selectors import organization_balance
+from tests.factories import OrganizationFactory
+from tests.helpers import credits, ledger_rows, served_model
+
+pytestmark = pytest.mark.django_db
+
+MODEL = "gym-admission"
+
+
+def _submit(org):
+    return job_submit(
+        organization=org,
+        api_key=None,
+        model_name=MODEL,
+        prompt="Plan my week.",
+        params=SubmitParams(max_tokens=16),
+        kind="async",
+    )
+
+
+def test_a_job_past_the_concurrency_limit_takes_no_tokens_and_no_credits(grant):
+    # given an organization allowed one job at a time, running one
+    served_model(MODEL)
+    org = OrganizationFactory(tokens_per_minute=1_000, concurrent_jobs=1)
+    grant(org, credits(10))
+    running = _submit(org)
+    tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
+    tokens_left = rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining
+    rows, balance = ledger_rows(), organization_balance(organization=org)
+
+    # when a second job is submitted
+    with pytest.raises(ApplicationError) as refused:
+        _submit(org)
+
+    # then it is refused for concurrency, and took no tokens, no hold, no row
+    assert (refused.value.code, refused.value.status) == ("too_many_concurrent_jobs", 429)
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == tokens_left
+    assert ledger_rows() == rows
+    assert organization_balance(organization=org) == balance
+
+    # and once the first ends (its slot given back), the next is admitted
+    concurrency_release(scope=f"org:{org.pk}", job_id=running.public_id)
+    assert _submit(org).status == "queued"
