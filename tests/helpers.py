@@ -83,3 +83,18 @@ def served_model(
     )
     pool = ServerPool.objects.create(name=f"pool-{name}", grpc_urls=grpc_urls or ["127.0.0.1:1"])
     return CatalogModel.objects.create(name=name, pool=pool, **model_fields)
+
+
+def submit_job(organization, model_name: str, *, prompt: str = "Plan my week.", max_tokens=16):
+    """An asynchronous job through the real job_submit (hold, limits, row; its task on commit)."""
+    from inference.services import job_submit
+    from inference.services.jobs import SubmitParams
+
+    return job_submit(
+        organization=organization,
+        api_key=None,
+        model_name=model_name,
+        prompt=prompt,
+        params=SubmitParams(max_tokens=max_tokens),
+        kind="async",
+    )

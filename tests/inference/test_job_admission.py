@@ -10,26 +10,13 @@ import pytest
 
 from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, concurrency_release, rate_limit_consume
-from inference.services import job_submit
-from inference.services.jobs import SubmitParams
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, ledger_rows, served_model
+from tests.helpers import credits, ledger_rows, served_model, submit_job
 
 pytestmark = pytest.mark.django_db
 
 MODEL = "gym-admission"
-
-
-def _submit(org):
-    return job_submit(
-        organization=org,
-        api_key=None,
-        model_name=MODEL,
-        prompt="Plan my week.",
-        params=SubmitParams(max_tokens=16),
-        kind="async",
-    )
 
 
 def test_a_job_past_the_concurrency_limit_takes_no_tokens_and_no_credits(grant):
@@ -37,14 +24,14 @@ def test_a_job_past_the_concurrency_limit_takes_no_tokens_and_no_credits(grant):
     served_model(MODEL)
     org = OrganizationFactory(tokens_per_minute=1_000, concurrent_jobs=1)
     grant(org, credits(10))
-    running = _submit(org)
+    running = submit_job(org, MODEL)
     tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
     tokens_left = rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining
     rows, balance = ledger_rows(), organization_balance(organization=org)
 
     # when a second job is submitted
     with pytest.raises(ApplicationError) as refused:
-        _submit(org)
+        submit_job(org, MODEL)
 
     # then it is refused for concurrency, and took no tokens, no hold, no row
     assert (refused.value.code, refused.value.status) == ("too_many_concurrent_jobs", 429)
@@ -54,4 +41,4 @@ def test_a_job_past_the_concurrency_limit_takes_no_tokens_and_no_credits(grant):
 
     # and once the first ends (its slot given back), the next is admitted
     concurrency_release(scope=f"org:{org.pk}", job_id=running.public_id)
-    assert _submit(org).status == "queued"
+    assert submit_job(org, MODEL).status == "queued"

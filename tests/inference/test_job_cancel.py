@@ -12,12 +12,12 @@ import pytest
 
 from accounts.redis import get_redis
 from inference.models import InputTokensSource, Job, JobStatus
-from inference.services import job_cancel, job_settle, job_start, job_submit
-from inference.services.jobs import Outcome, SubmitParams
+from inference.services import job_cancel, job_settle, job_start
+from inference.services.jobs import Outcome
 from metering.models import Hold, HoldStatus
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, served_model
+from tests.helpers import credits, served_model, submit_job
 
 pytestmark = pytest.mark.django_db
 
@@ -29,14 +29,7 @@ def queued_job(grant):
     served_model(MODEL, access_tier="basic")
     org = OrganizationFactory(tokens_per_minute=1_000_000, concurrent_jobs=10)
     grant(org, credits(10))
-    return job_submit(
-        organization=org,
-        api_key=None,
-        model_name=MODEL,
-        prompt="Plan my week.",
-        params=SubmitParams(max_tokens=16),
-        kind="async",
-    )
+    return submit_job(org, MODEL)
 
 
 def _cancel_requested(job: Job) -> bool:

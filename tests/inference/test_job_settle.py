@@ -12,11 +12,11 @@ import pytest
 from django.utils import timezone
 
 from inference.models import InputTokensSource, Job, JobStatus
-from inference.services import job_settle, job_start, job_submit
-from inference.services.jobs import Outcome, SubmitParams
+from inference.services import job_settle, job_start
+from inference.services.jobs import Outcome
 from metering.models import Hold, HoldStatus, UsageRecord
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, served_model
+from tests.helpers import credits, served_model, submit_job
 
 pytestmark = pytest.mark.django_db
 
@@ -31,14 +31,7 @@ def running_job(request, settings, grant) -> Job:
     served_model(MODEL, access_tier="basic")
     org = OrganizationFactory(tokens_per_minute=1_000_000, concurrent_jobs=10)
     grant(org, credits(10))
-    job = job_submit(
-        organization=org,
-        api_key=None,
-        model_name=MODEL,
-        prompt="Plan my week.",
-        params=SubmitParams(max_tokens=16),
-        kind="async",
-    )
+    job = submit_job(org, MODEL)
     return job_start(job_pk=job.pk)
 
 
