@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection, models
 from django.db.models import Model
 
 
@@ -47,9 +47,18 @@ def execute(cur, sql: str, params, *, fetch: str = "one"):
 
     Through Django's error wrapper, so callers see Django's exceptions
     (IntegrityError, OperationalError, ...), which retry_on_deadlock and the
-    services expect; and through Django's execute wrappers, so query logging,
-    tracing and the benchmarks see these statements as they see the ORM's.
+    services expect; and through Django's execute wrappers, so tracing and
+    the benchmarks' statement counts see these statements. (Django's own
+    query log, DEBUG's and CaptureQueriesContext's, does not: it records
+    only its own cursors.)
+
+    A failed statement inside a transaction aborts that transaction, with no
+    savepoint to go back to: the atomic block is marked for rollback, so a
+    caller that catches the error and goes on gets Django's clear
+    TransactionManagementError instead of PostgreSQL's "current transaction
+    is aborted".
     """
+    connection.validate_no_broken_transaction()
 
     def run(sql, params, many, context):
         cur.execute(sql, params, prepare=True)
@@ -58,12 +67,34 @@ def execute(cur, sql: str, params, *, fetch: str = "one"):
     executor = run
     for wrapper in reversed(connection.execute_wrappers):
         executor = functools.partial(wrapper, executor)
-    with connection.wrap_database_errors:
-        return executor(sql, params, False, {"connection": connection, "cursor": cur})
+    try:
+        with connection.wrap_database_errors:
+            return executor(sql, params, False, {"connection": connection, "cursor": cur})
+    except DatabaseError as exc:
+        if connection.in_atomic_block:
+            connection.needs_rollback = True
+        if _stale_plan(exc):
+            # A migration changed a column this prepared statement returns:
+            # PostgreSQL refuses it on this connection from now on, and psycopg
+            # keeps it. Recycle the connection at the end of this request or
+            # task (close_old_connections), so only this one fails.
+            connection.close_at = 0
+        raise
+
+
+def _stale_plan(exc: DatabaseError) -> bool:
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) == "0A000" and "cached plan" in str(cause)
 
 
 def cast_type(field) -> str:
-    """The SQL type a parameter for `field` is cast to."""
+    """The SQL type a parameter for `field` is cast to.
+
+    Never a length: an explicit cast to varchar(n) truncates silently, where
+    storing a too-long value into the column raises, as the ORM does.
+    """
+    if isinstance(field, models.CharField):
+        return "varchar"
     return field.cast_db_type(connection)
 
 
@@ -71,6 +102,17 @@ def cast_type(field) -> str:
 def _insert_statement(model: type[Model]) -> tuple[str, tuple]:
     quote = connection.ops.quote_name
     meta = model._meta
+    # What the ORM would leave to the database, this statement would not:
+    # refuse such models rather than write them differently.
+    unsupported = [
+        f.name
+        for f in meta.concrete_fields
+        if f.db_default is not models.NOT_PROVIDED
+        or isinstance(f, models.GeneratedField)
+        or (f.primary_key and not isinstance(f, models.AutoField))
+    ]
+    if unsupported:
+        raise TypeError(f"sql.insert cannot write {model.__name__}: {', '.join(unsupported)}")
     fields = tuple(f for f in meta.concrete_fields if not f.primary_key)
     columns = ", ".join(quote(f.column) for f in fields)
     values = ", ".join(f"%s::{cast_type(f)}" for f in fields)

@@ -27,8 +27,8 @@ import logging
 import re
 import socket
 import ssl
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -168,25 +168,35 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
         self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
 
 
-# Name lookups run on these threads, so that one the resolver does not answer
-# costs the attempt its deadline and no more: getaddrinfo itself has no
-# timeout (the system resolver's is 5 s per server and try). A lookup left
-# running finishes on its thread and is dropped; with every thread taken by
-# such lookups, the next ones wait in the queue and time out the same way.
-_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="callback-dns")
-
-
 class ResolveTimeout(OSError):
     """The host name did not resolve before the attempt's deadline."""
 
 
 def _resolve(host: str, port: int, deadline: float) -> list:
-    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    try:
-        return future.result(timeout=max(0.0, deadline - time.monotonic()))
-    except TimeoutError:
-        future.cancel()  # not started yet: never runs
-        raise ResolveTimeout(f"{host} did not resolve in time") from None
+    """getaddrinfo, waited on only until `deadline`.
+
+    getaddrinfo has no timeout of its own (the system resolver's is 5 s per
+    server and try), so it runs on a thread of its own, which is dropped if
+    it is too slow and ends by itself when the resolver gives up. Not a
+    shared pool: a customer's names that never resolve would fill it, and
+    every other customer's lookups would wait in its queue and fail.
+    """
+    done: list = []
+
+    def lookup() -> None:
+        try:
+            done.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            done.append(exc)
+
+    thread = threading.Thread(target=lookup, name="callback-dns", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not done:
+        raise ResolveTimeout(f"{host} did not resolve in time")
+    if isinstance(done[0], OSError):
+        raise done[0]
+    return done[0]
 
 
 def _vetted_address(host: str, port: int, deadline: float) -> str:

@@ -170,7 +170,9 @@ METERING_HOLD_TTL = timedelta(seconds=env.int("METERING_HOLD_TTL_SECONDS", defau
 METERING_FAST_PATH = env.bool("METERING_FAST_PATH", default=True)
 # Server-side prepared statements for the hot path (accounts/sql.py); false
 # behind a transaction-pooling PgBouncer older than 1.21 (the ORM path then).
-DATABASE_PREPARED_STATEMENTS = env.bool("DATABASE_PREPARED_STATEMENTS", default=True)
+# Unset, it follows METERING_FAST_PATH: before this setting existed, those
+# deployments were told to set METERING_FAST_PATH=false, and must stay safe.
+DATABASE_PREPARED_STATEMENTS = env.bool("DATABASE_PREPARED_STATEMENTS", default=METERING_FAST_PATH)
 
 LOGGING = {
     "version": 1,

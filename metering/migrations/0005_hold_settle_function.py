@@ -153,6 +153,11 @@ BEGIN
         SELECT (SELECT COALESCE(sum(amount), 0) FROM take) AS burned, settled.hh AS hold
           INTO r
           FROM settled;
+        IF NOT FOUND THEN
+            -- Cannot happen (the hold is locked by the first statement); if it
+            -- did, fail the whole settlement rather than answer with nothing.
+            RAISE EXCEPTION 'hold %% was not settled', v_hold USING ERRCODE = 'GYM02';
+        END IF;
     EXCEPTION
         -- A used settlement key or usage record, or GYM01 above: nothing
         -- stays written (the block is a subtransaction); no row returned.

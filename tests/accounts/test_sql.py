@@ -128,3 +128,50 @@ def test_without_prepared_statements_the_orm_writes_the_same_row(settings, model
     read = Job.objects.get(public_id="job_unprepared")
     assert read.pk == job.pk and read.params == job.params
     assert read.hold_amount == 12_500_000_000
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "orm"])
+def test_a_value_too_long_for_its_column_is_refused_not_cut(settings, model, prepared):
+    from django.db import DataError, transaction
+
+    # given a job id longer than its column (40 characters)
+    settings.DATABASE_PREPARED_STATEMENTS = prepared
+    job = _job(OrganizationFactory(), model, "job_" + "x" * 60)
+
+    # when it is inserted, then it is refused as the ORM refuses it, and
+    # nothing was stored cut short
+    with pytest.raises(DataError), transaction.atomic():
+        sql.insert(job)
+    assert not Job.objects.filter(public_id__startswith="job_xxx").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_a_migration_made_stale_recycles_its_connection():
+    import psycopg
+    from django.db import NotSupportedError, close_old_connections
+
+    # given a prepared statement on this connection, over a scratch table
+    params = connection.get_connection_params()
+    with psycopg.connect(**params, autocommit=True) as other:
+        other.execute("CREATE TABLE sql_probe (id int, note varchar(10))")
+        other.execute("INSERT INTO sql_probe VALUES (1, 'a')")
+    try:
+        probe = "SELECT note FROM sql_probe WHERE id = %(id)s::integer"
+        with sql.cursor() as cursor:
+            assert sql.execute(cursor, probe, {"id": 1}) == ("a",)
+        connection.close_at = None  # persistent, as production's conn_max_age keeps it
+
+        # when a migration, elsewhere, changes the type of a column it returns
+        with psycopg.connect(**params, autocommit=True) as other:
+            other.execute("ALTER TABLE sql_probe ALTER COLUMN note TYPE text")
+
+        # then the statement fails on this connection, which is marked to be
+        # recycled at the end of the request or task; the next one works
+        with pytest.raises(NotSupportedError), sql.cursor() as cursor:
+            sql.execute(cursor, probe, {"id": 1})
+        close_old_connections()
+        with sql.cursor() as cursor:
+            assert sql.execute(cursor, probe, {"id": 1}) == ("a",)
+    finally:
+        with psycopg.connect(**params, autocommit=True) as other:
+            other.execute("DROP TABLE IF EXISTS sql_probe")

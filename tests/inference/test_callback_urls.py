@@ -148,6 +148,57 @@ def test_a_name_the_resolver_never_answers_costs_the_attempt_its_deadline(monkey
     assert answer.error == "hooks.example.com did not resolve in time (within 0.2 s)"
 
 
+def test_names_that_never_resolve_do_not_hold_up_other_lookups(monkeypatch, settings):
+    import socket
+    import threading
+
+    from inference import callback_client
+
+    # given a resolver that never answers for one customer's host names but
+    # answers at once for another's (replaced at the one module that resolves,
+    # as above; the answer is loopback, where nothing listens on port 9)
+    settings.INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = True
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def resolver(host, port, *args, **kwargs):
+        if host.startswith("silent"):
+            release.wait(30)
+            raise socket.gaierror("the resolver gave up")
+        return real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(callback_client.socket, "getaddrinfo", resolver)
+
+    # when eight deliveries to silent names are under way, then one to the other
+    slow = [
+        threading.Thread(
+            target=callback_post,
+            kwargs={
+                "url": f"https://silent{i}.example.com/gym",
+                "body": b"{}",
+                "headers": {},
+                "timeout": 1.0,
+            },
+        )
+        for i in range(8)
+    ]
+    try:
+        for thread in slow:
+            thread.start()
+        answer = callback_post(
+            url="https://hooks.example.com:9/gym", body=b"{}", headers={}, timeout=1.0
+        )
+    finally:
+        release.set()
+        for thread in slow:
+            thread.join()
+
+    # then its name was resolved (its attempt failed on the connection instead)
+    assert answer.status_code is None
+    assert "did not resolve" not in answer.error
+    assert "Connection" in answer.error or "refused" in answer.error
+
+
 # --- through the API ----------------------------------------------------------------------
 
 

@@ -229,6 +229,7 @@ def test_a_usage_record_that_disagrees_with_the_capture_is_refused(settings, org
 @pytest.mark.parametrize("fast", [True, False], ids=["fast path", "orm path"])
 def test_lots_that_cannot_cover_a_capture_stop_it_and_write_nothing(settings, org, grant, fast):
     from django.db import connection, transaction
+    from django.test.utils import CaptureQueriesContext
 
     from metering.services.lots import LedgerInconsistent
     from tests.helpers import ledger_rows
@@ -249,11 +250,19 @@ def test_lots_that_cannot_cover_a_capture_stop_it_and_write_nothing(settings, or
 
     # when the hold is captured by a caller with its own transaction (the
     # error ends it: the fast path's statement fails as a whole)
-    with pytest.raises(LedgerInconsistent) as short, transaction.atomic():
+    with (
+        CaptureQueriesContext(connection) as queries,
+        pytest.raises(LedgerInconsistent) as short,
+        transaction.atomic(),
+    ):
         hold_capture(key="job-short", amount=credits(1))
 
     # then the capture is refused as an inconsistency, and nothing was written
     assert "to burn" in str(short.value)
+    # and on the fast path it was the server-side function that found it,
+    # not the ORM path after it (which would have locked the hold itself)
+    orm_ran = any("FOR UPDATE" in q["sql"] for q in queries.captured_queries)
+    assert orm_ran is not fast
     assert ledger_rows() == before
     assert organization_balance(organization=org) == balance
     assert Hold.objects.get(key="job-short").status == "pending"
