@@ -499,16 +499,21 @@ def test_payout_refused_returns_the_proceeds_to_available_and_stripe_down_retrie
     assert money("payouts") == 112
 
 
-def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, seller, buyer):
-    order = _sold(market_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
-    # when: the whole charge is refunded
-    assert market_reversal_handle(
+def _refund_in_full(order) -> bool:
+    """Stripe's refund of the whole 124 charge of `_sold`'s order, as its webhook hands it on."""
+    return market_reversal_handle(
         kind="refund",
         key=f"refund:ch_{order.pk}:124",
         charge=charge_for(order, amount_refunded=124),
         amount=124,
         cumulative=True,
     )
+
+
+def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, seller, buyer):
+    order = _sold(market_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
+    # when: the whole charge is refunded
+    assert _refund_in_full(order)
     # then: everything reversed, no loss, the buyer's credits taken back
     reversal = MarketReversal.objects.get()
     assert (reversal.amount, reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (
@@ -523,13 +528,7 @@ def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, s
     assert organization_balance(organization=buyer).available == 0
     assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is not None
     # replayed event: nothing more
-    market_reversal_handle(
-        kind="refund",
-        key=f"refund:ch_{order.pk}:124",
-        charge=charge_for(order, amount_refunded=124),
-        amount=124,
-        cumulative=True,
-    )
+    _refund_in_full(order)
     assert MarketReversal.objects.count() == 1
     # nothing left to pay out
     assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
@@ -542,13 +541,7 @@ def test_a_refunded_buyer_s_own_listings_end_with_the_resale_freeze(market_strip
     order = _sold(market_stripe, seller, buyer)
 
     # when: the buyer's marketplace payment is refunded
-    assert market_reversal_handle(
-        kind="refund",
-        key=f"refund:ch_{order.pk}:124",
-        charge=charge_for(order, amount_refunded=124),
-        amount=124,
-        cumulative=True,
-    )
+    assert _refund_in_full(order)
 
     # then: reselling is frozen and the open listing ended, its credits home
     assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is not None
