@@ -34,7 +34,7 @@ def available() -> bool:
     return connection.vendor == "postgresql" and settings.DATABASE_PREPARED_STATEMENTS
 
 
-def cursor():
+def _cursor():
     """A raw psycopg cursor on Django's connection: server-side binding."""
     import psycopg
 
@@ -42,7 +42,7 @@ def cursor():
     return psycopg.Cursor(connection.connection)
 
 
-def execute(cur, sql: str, params, *, fetch: str = "one"):
+def execute(sql: str, params, *, fetch: str = "one"):
     """Run a prepared statement; its first row (fetch="one") or its row count ("count").
 
     Through Django's error wrapper, so callers see Django's exceptions
@@ -61,6 +61,7 @@ def execute(cur, sql: str, params, *, fetch: str = "one"):
     connection.validate_no_broken_transaction()
 
     def run(sql, params, many, context):
+        cur = context["cursor"]
         cur.execute(sql, params, prepare=True)
         return cur.fetchone() if fetch == "one" else cur.rowcount
 
@@ -68,7 +69,7 @@ def execute(cur, sql: str, params, *, fetch: str = "one"):
     for wrapper in reversed(connection.execute_wrappers):
         executor = functools.partial(wrapper, executor)
     try:
-        with connection.wrap_database_errors:
+        with connection.wrap_database_errors, _cursor() as cur:
             return executor(sql, params, False, {"connection": connection, "cursor": cur})
     except DatabaseError as exc:
         if connection.in_atomic_block:
@@ -137,8 +138,7 @@ def insert(obj: Model) -> Model:
         return obj
     sql, fields = _insert_statement(type(obj))
     params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
-    with cursor() as cur:
-        (pk,) = execute(cur, sql, params)
+    (pk,) = execute(sql, params)
     obj.pk = pk
     obj._state.adding = False
     obj._state.db = connection.alias

@@ -25,6 +25,7 @@ took that lock: its snapshot sees every committed lot.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 
 from django.conf import settings
@@ -127,15 +128,13 @@ def hold_place_fast(
         "now": now,
         "expires_at": expires_at,
     }
+    # Alone (no transaction open), the statement is its own transaction,
+    # committed as it ends: the wallet's row lock is not held across a round
+    # trip. Inside the caller's, a savepoint unless the key is new.
+    alone = not connection.in_atomic_block
     try:
-        if not connection.in_atomic_block:
-            # Alone, the statement is its own transaction, committed as it
-            # ends: the wallet's row lock is not held across a round trip.
-            with sql.cursor() as cursor:
-                row = sql.execute(cursor, _PLACE, params)
-        else:
-            with transaction.atomic(savepoint=savepoint), sql.cursor() as cursor:
-                row = sql.execute(cursor, _PLACE, params)
+        with contextlib.nullcontext() if alone else transaction.atomic(savepoint=savepoint):
+            row = sql.execute(_PLACE, params)
     except IntegrityError:
         if not savepoint:
             raise
@@ -192,8 +191,7 @@ def hold_settle_fast(
         **_usage_params(usage),
     }
     try:
-        with sql.cursor() as cursor:
-            row = sql.execute(cursor, _SETTLE, params)
+        row = sql.execute(_SETTLE, params)
     except DatabaseError as exc:
         if getattr(exc.__cause__, "sqlstate", None) == _LOTS_SHORT:
             raise LedgerInconsistent(str(exc.__cause__)) from exc

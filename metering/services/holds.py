@@ -143,69 +143,68 @@ def _settle(
 
 
 def _settle_orm(*, key: str, captured: int, status: str, now: datetime) -> Hold:
-    """The reference path of _settle (the fast path's fallback)."""
-    with transaction.atomic():
-        hold = (
-            # of=("self",): lock the hold only. Locking the joined organization
-            # row too would block every insert that references it (foreign
-            # keys take a KEY SHARE lock), serializing all of its traffic.
-            Hold.objects.select_for_update(of=("self",))
-            .select_related("organization")
-            .filter(key=key)
-            .first()
+    """The reference path of _settle (the fast path's fallback), inside its transaction."""
+    hold = (
+        # of=("self",): lock the hold only. Locking the joined organization
+        # row too would block every insert that references it (foreign
+        # keys take a KEY SHARE lock), serializing all of its traffic.
+        Hold.objects.select_for_update(of=("self",))
+        .select_related("organization")
+        .filter(key=key)
+        .first()
+    )
+    if hold is None:
+        raise ApplicationError(
+            code="hold_not_found", message=f"No hold has the key {key!r}.", status=404
         )
-        if hold is None:
-            raise ApplicationError(
-                code="hold_not_found", message=f"No hold has the key {key!r}.", status=404
-            )
-        if hold.status != HoldStatus.PENDING:
-            if hold.status == status and hold.captured == captured:
-                return hold  # a retry of the settlement that already happened
-            raise ApplicationError(
-                code="hold_already_settled",
-                message=(
-                    f"The hold {key!r} was already {hold.status} "
-                    f"({hold.captured} micro-credits captured); a hold settles once."
-                ),
-                status=409,
-            )
-        if captured > hold.amount:
-            raise ApplicationError(
-                code="capture_exceeds_hold",
-                message=(
-                    f"Cannot capture {captured} micro-credits from a hold of {hold.amount}; "
-                    "the hold must cover the worst case."
-                ),
-                param="amount",
-            )
-        org_accounts, system = accounts_for(hold.organization, AccountKind.CONSUMPTION)
-        # Lock the wallet even when nothing goes back to it (a full capture
-        # posts nothing there): its row lock guards the lots burned below.
-        accounts_lock(org_accounts.wallet, org_accounts.holds)
-        txn = transaction_open(
-            kind=SETTLE_KINDS[status],
-            key=f"hold:{key}:settle",
-            fingerprint=_settle_fingerprint(status, captured),
-            organization=hold.organization,
+    if hold.status != HoldStatus.PENDING:
+        if hold.status == status and hold.captured == captured:
+            return hold  # a retry of the settlement that already happened
+        raise ApplicationError(
+            code="hold_already_settled",
+            message=(
+                f"The hold {key!r} was already {hold.status} "
+                f"({hold.captured} micro-credits captured); a hold settles once."
+            ),
+            status=409,
         )
-        post(
-            txn,
-            [
-                (org_accounts.holds, -hold.amount),
-                (system[AccountKind.CONSUMPTION], captured),
-                (org_accounts.wallet, hold.amount - captured),
-            ],
-            now=now,
-            spend=False,
+    if captured > hold.amount:
+        raise ApplicationError(
+            code="capture_exceeds_hold",
+            message=(
+                f"Cannot capture {captured} micro-credits from a hold of {hold.amount}; "
+                "the hold must cover the worst case."
+            ),
+            param="amount",
         )
-        if captured:
-            lots_burn(txn=txn, account=org_accounts.wallet, amount=captured, now=now)
-        hold.status = status
-        hold.captured = captured
-        hold.settle_transaction = txn
-        hold.settled_at = now
-        hold.save(update_fields=["status", "captured", "settle_transaction", "settled_at"])
-        return hold
+    org_accounts, system = accounts_for(hold.organization, AccountKind.CONSUMPTION)
+    # Lock the wallet even when nothing goes back to it (a full capture
+    # posts nothing there): its row lock guards the lots burned below.
+    accounts_lock(org_accounts.wallet, org_accounts.holds)
+    txn = transaction_open(
+        kind=SETTLE_KINDS[status],
+        key=f"hold:{key}:settle",
+        fingerprint=_settle_fingerprint(status, captured),
+        organization=hold.organization,
+    )
+    post(
+        txn,
+        [
+            (org_accounts.holds, -hold.amount),
+            (system[AccountKind.CONSUMPTION], captured),
+            (org_accounts.wallet, hold.amount - captured),
+        ],
+        now=now,
+        spend=False,
+    )
+    if captured:
+        lots_burn(txn=txn, account=org_accounts.wallet, amount=captured, now=now)
+    hold.status = status
+    hold.captured = captured
+    hold.settle_transaction = txn
+    hold.settled_at = now
+    hold.save(update_fields=["status", "captured", "settle_transaction", "settled_at"])
+    return hold
 
 
 @retry_on_deadlock

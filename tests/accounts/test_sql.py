@@ -72,12 +72,10 @@ def test_a_row_read_by_a_prepared_statement_is_the_model_the_orm_reads(model):
     job.save(force_insert=True)
 
     # when its row is read by a prepared statement
-    with sql.cursor() as cursor:
-        row = sql.execute(
-            cursor,
-            f"SELECT {sql.columns(Job)} FROM inference_job WHERE id = %(pk)s::bigint",
-            {"pk": job.pk},
-        )
+    row = sql.execute(
+        f"SELECT {sql.columns(Job)} FROM inference_job WHERE id = %(pk)s::bigint",
+        {"pk": job.pk},
+    )
     read = sql.from_row(Job, row)
 
     # then it is what the ORM reads: the JSON decoded, the times aware
@@ -157,8 +155,7 @@ def test_a_statement_a_migration_made_stale_recycles_its_connection():
         other.execute("INSERT INTO sql_probe VALUES (1, 'a')")
     try:
         probe = "SELECT note FROM sql_probe WHERE id = %(id)s::integer"
-        with sql.cursor() as cursor:
-            assert sql.execute(cursor, probe, {"id": 1}) == ("a",)
+        assert sql.execute(probe, {"id": 1}) == ("a",)
         connection.close_at = None  # persistent, as production's conn_max_age keeps it
 
         # when a migration, elsewhere, changes the type of a column it returns
@@ -167,11 +164,10 @@ def test_a_statement_a_migration_made_stale_recycles_its_connection():
 
         # then the statement fails on this connection, which is marked to be
         # recycled at the end of the request or task; the next one works
-        with pytest.raises(NotSupportedError), sql.cursor() as cursor:
-            sql.execute(cursor, probe, {"id": 1})
+        with pytest.raises(NotSupportedError):
+            sql.execute(probe, {"id": 1})
         close_old_connections()
-        with sql.cursor() as cursor:
-            assert sql.execute(cursor, probe, {"id": 1}) == ("a",)
+        assert sql.execute(probe, {"id": 1}) == ("a",)
     finally:
         with psycopg.connect(**params, autocommit=True) as other:
             other.execute("DROP TABLE IF EXISTS sql_probe")
