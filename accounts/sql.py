@@ -24,6 +24,7 @@ itself.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import DatabaseError, connection, models
@@ -100,8 +101,7 @@ def cast_type(field) -> str:
 
 
 @functools.cache
-def _insert_statement(model: type[Model]) -> tuple[str, tuple]:
-    quote = connection.ops.quote_name
+def _insert_fields(model: type[Model]) -> tuple:
     meta = model._meta
     # What the ORM would leave to the database, this statement would not:
     # refuse such models rather than write them differently.
@@ -114,7 +114,14 @@ def _insert_statement(model: type[Model]) -> tuple[str, tuple]:
     ]
     if unsupported:
         raise TypeError(f"sql.insert cannot write {model.__name__}: {', '.join(unsupported)}")
-    fields = tuple(f for f in meta.concrete_fields if not f.primary_key)
+    return tuple(f for f in meta.concrete_fields if not f.primary_key)
+
+
+@functools.cache
+def _insert_statement(model: type[Model]) -> tuple[str, tuple]:
+    quote = connection.ops.quote_name
+    meta = model._meta
+    fields = _insert_fields(model)
     columns = ", ".join(quote(f.column) for f in fields)
     values = ", ".join(f"%s::{cast_type(f)}" for f in fields)
     sql = (
@@ -122,6 +129,51 @@ def _insert_statement(model: type[Model]) -> tuple[str, tuple]:
         f"RETURNING {quote(meta.pk.column)}"
     )
     return sql, fields
+
+
+def _insert_params(obj: Model, fields) -> list:
+    return [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
+
+
+def mark_inserted(obj: Model, pk) -> Model:
+    """Mark `obj` as saved with primary key `pk` (after an INSERT from `insert_parts`)."""
+    obj.pk = pk
+    obj._state.adding = False
+    obj._state.db = connection.alias
+    return obj
+
+
+@dataclass(frozen=True)
+class RowInsert:
+    """One INSERT to embed in a larger statement (see `insert_parts`)."""
+
+    table: str  # quoted
+    columns: str  # quoted, comma-separated
+    values: str  # named placeholders, each cast: `%(row_0)s::bigint, ...`
+    pk_column: str  # quoted
+    params: dict
+
+
+def insert_parts(obj: Model, *, prefix: str = "row_") -> RowInsert:
+    """`insert(obj)`'s INSERT in parts, for a caller that writes it inside its own statement.
+
+    Same values as `insert` (pre_save and get_db_prep_save), as named
+    parameters `%(<prefix>N)s` so they cannot collide with the caller's.
+    PostgreSQL only (check `available()`).
+    """
+    table, columns, values, pk_column, names = _insert_text(type(obj), prefix)
+    params = _insert_params(obj, _insert_fields(type(obj)))
+    return RowInsert(table, columns, values, pk_column, dict(zip(names, params, strict=True)))
+
+
+@functools.cache
+def _insert_text(model: type[Model], prefix: str) -> tuple[str, str, str, str, tuple]:
+    quote = connection.ops.quote_name
+    fields = _insert_fields(model)
+    names = tuple(f"{prefix}{index}" for index in range(len(fields)))
+    values = ", ".join(f"%({name})s::{cast_type(f)}" for name, f in zip(names, fields, strict=True))
+    columns = ", ".join(quote(f.column) for f in fields)
+    return quote(model._meta.db_table), columns, values, quote(model._meta.pk.column), names
 
 
 def insert(obj: Model) -> Model:
@@ -137,12 +189,8 @@ def insert(obj: Model) -> Model:
         obj.save(force_insert=True)
         return obj
     sql, fields = _insert_statement(type(obj))
-    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
-    (pk,) = execute(sql, params)
-    obj.pk = pk
-    obj._state.adding = False
-    obj._state.db = connection.alias
-    return obj
+    (pk,) = execute(sql, _insert_params(obj, fields))
+    return mark_inserted(obj, pk)
 
 
 @functools.cache

@@ -518,27 +518,29 @@ def _log_row(log, row: Row) -> None:
 # the API process and the worker on this machine's clock) and the client's.
 STAGES = (
     (
-        "API: request in to job row written",
+        "API: request in to job row built",
         "gunicorn, API key, model and price (cached per process), rate limits, token and "
-        "concurrency reservations in Redis, Job row inserted (`queued_at`)",
+        "concurrency reservations in Redis, the Job row's values (`queued_at`)",
     ),
     (
-        "dispatch: job row written to job started",
-        "hold placed, commit, `apply_async` after commit, the message through Redis, a "
-        "worker thread takes it and loads the job as it marks it running (`started_at`)",
+        "dispatch: job row built to job started",
+        "one statement writes the hold and the Job row and commits, `apply_async` at once, the "
+        "message through Redis, a worker thread takes it and loads the job as it marks it "
+        "running (`started_at`)",
     ),
     (
         "engine: the Triton call",
         "the job's `engine_ms`, measured in the worker around the gRPC call",
     ),
     (
-        "worker around the engine, settlement included",
-        "`started_at` to `finished_at` less the engine: pool lookup, then the settlement "
-        "transaction (the job claimed by its UPDATE, the hold captured with its usage record)",
+        "worker around the engine",
+        "`started_at` to `finished_at` less the engine: the pool lookup and the outcome "
+        "(`finished_at` is stamped as the settlement starts)",
     ),
     (
-        "relay: settled to response read",
-        "commit, reservations released and the result published to the job's Redis stream "
+        "settlement and relay: to response read",
+        "one statement claims the job and captures its hold with its usage record and "
+        "commits; reservations released and the result published to the job's Redis stream "
         "in one pipeline, the waiting API thread wakes (XREAD BLOCK), response written and read",
     ),
 )

@@ -98,3 +98,17 @@ def submit_job(organization, model_name: str, *, prompt: str = "Plan my week.", 
         params=SubmitParams(max_tokens=max_tokens),
         kind="async",
     )
+
+
+class StatementLog:
+    """Every statement sent through Django's connection, the prepared ones (accounts.sql) too.
+
+    Use as `with connection.execute_wrapper(log := StatementLog()): ...`.
+    """
+
+    def __init__(self):
+        self.sql: list[str] = []
+
+    def __call__(self, execute, sql, params, many, context):
+        self.sql.append(sql)
+        return execute(sql, params, many, context)

@@ -3,9 +3,9 @@
 Submit follows DESIGN.md's "One inference request, end to end": the key and
 the organization's standing were checked by the API; here the model and the
 entitlements are checked, the worst case is priced, the hold and the Job row
-are written in one transaction (the hold last: it locks the organization's
-wallet until the commit), and the Celery task is enqueued after commit on its
-priority's queue. A refused hold (402) rolls the Job row back with it.
+are written in one transaction (on PostgreSQL in one statement: it locks the
+organization's wallet until it commits), and the Celery task is enqueued
+after commit on its priority's queue. A refused hold (402) writes no Job row.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -45,10 +45,12 @@ from metering.services import (
     Usage,
     credits_for_usage,
     credits_worst_case,
+    fastpath,
     hold_capture,
     hold_place,
     hold_release,
 )
+from metering.services.holds import hold_settle_params
 from metering.services.usage import UsageDraft
 
 logger = logging.getLogger(__name__)
@@ -212,52 +214,53 @@ def job_submit(
             scope=f"org:{organization.pk}", limit=organization.concurrent_jobs, job_id=public_id
         ),
     )
+    job = Job(
+        public_id=public_id,
+        organization=organization,
+        api_key=api_key,
+        model=model,
+        model_price=price,
+        priority=priority,
+        kind=kind,
+        stream=stream,
+        params={
+            "max_tokens": max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+            "stop": list(params.stop),
+            "reserved_tokens": reserved_tokens,
+        },
+        prompt=prompt if organization.store_prompts else "",
+        callback_url=callback_url,
+        hold_amount=hold_amount,
+    )
     try:
-        with transaction.atomic():
-            # A prepared INSERT (accounts.sql): building the ORM's was about
-            # 15% of the API process's CPU per request.
-            job = sql.insert(
-                Job(
-                    public_id=public_id,
-                    organization=organization,
-                    api_key=api_key,
-                    model=model,
-                    model_price=price,
-                    priority=priority,
-                    kind=kind,
-                    stream=stream,
-                    params={
-                        "max_tokens": max_tokens,
-                        "temperature": params.temperature,
-                        "top_p": params.top_p,
-                        "seed": params.seed,
-                        "stop": list(params.stop),
-                        "reserved_tokens": reserved_tokens,
-                    },
-                    prompt=prompt if organization.store_prompts else "",
-                    callback_url=callback_url,
-                    hold_amount=hold_amount,
-                )
-            )
-            # The hold last: it locks the organization's wallet, and every
-            # other request of the organization waits for that lock until
-            # this transaction commits.
-            hold_place(organization=organization, amount=hold_amount, key=public_id, new_key=True)
-            from inference.tasks import job_run
+        # The Job row is written by the hold's own statement, and only if the
+        # hold is placed (hold_place's `row`): with no transaction open that
+        # one statement commits both, so the organization's wallet is locked
+        # for it alone, not across BEGIN, an INSERT and a COMMIT round trip
+        # (every other request of the organization waits for that lock).
+        hold_place(
+            organization=organization, amount=hold_amount, key=public_id, new_key=True, row=job
+        )
+        from inference.tasks import job_run
 
-            # The prompt travels in the task message, not the database, unless
-            # the organization opted in to storing it. Not in the message's
-            # description either: Celery would put a repr of the arguments in
-            # its headers (argsrepr), which monitoring and task events show.
-            transaction.on_commit(
-                lambda: job_run.apply_async(
-                    args=[job.pk, prompt],
-                    queue=f"inference.{priority}",
-                    priority=None,
-                    argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
-                    kwargsrepr="{}",
-                )
+        # After commit: at once when no transaction is open, else when the
+        # caller's commits. The prompt travels in the task message, not the
+        # database, unless the organization opted in to storing it. Not in the
+        # message's description either: Celery would put a repr of the
+        # arguments in its headers (argsrepr), which monitoring and task
+        # events show.
+        transaction.on_commit(
+            lambda: job_run.apply_async(
+                args=[job.pk, prompt],
+                queue=f"inference.{priority}",
+                priority=None,
+                argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
+                kwargsrepr="{}",
             )
+        )
     except Exception:
         concurrency_release(scope=f"org:{organization.pk}", job_id=public_id)
         rate_limit_refund(kind="tokens", limits=_limits(organization), amount=reserved_tokens)
@@ -340,6 +343,8 @@ def job_settle(
     Runs in one transaction: the capture, the usage record and the job row
     commit together or not at all, so a worker that dies here is simply run
     again, and the hold (keyed by the job id) still settles exactly once.
+    From a worker (no transaction open) on the ledger's fast path, that
+    transaction is one statement (migration 0004, `inference_job_settle`).
     With `only_from`, a job whose status (under the lock) is not one of those
     is left alone and returned as it is. The token and concurrency
     reservations are released after the commit, on `pipe` (a Redis pipeline
@@ -380,53 +385,40 @@ def job_settle(
         "error_message": outcome.error_message[:500],
         "output": outcome.text if not job.stream and job.kind == "async" else "",
     }
-    with transaction.atomic():
-        # The claim: one UPDATE takes the job's row lock and writes its end,
-        # only if it has not ended (an earlier delivery of the task settled
-        # it) and, with `only_from`, only from those states. Whoever claims it
-        # is the one settlement; the hold is locked after it, as before.
-        claimable = (
-            NON_TERMINAL if only_from is None else [s for s in only_from if s in NON_TERMINAL]
-        )
-        if sql.available():
-            claimed = _claim(
-                pk=job.pk, written=written, first_token_at=outcome.first_token_at, only=claimable
-            )
-        else:
-            update = dict(written)
-            if outcome.first_token_at is not None:
-                update["first_token_at"] = Coalesce(
-                    F("first_token_at"), Value(outcome.first_token_at)
-                )
-            claimed = Job.objects.filter(pk=job.pk, status__in=claimable).update(**update)
-        if not claimed:
-            return Job.objects.get(pk=job.pk)
-        # Its webhook, if asked for, in the same transaction (an outbox row),
-        # before the hold: its queries need not wait under the wallet's lock.
-        job_callback_record(job=job, status=status)
-        # The usage record is written with the settlement (on the fast path
-        # in the same statement): one round trip less under the wallet's lock.
-        record = UsageDraft(
-            organization_id=job.organization_id,
-            job_id=job.public_id,
-            model_name=job.model.name,
-            priority=job.priority,
-            usage=Usage(
-                input_tokens=outcome.input_tokens,
-                output_tokens=outcome.output_tokens,
-                cached_input_tokens=min(outcome.cached_input_tokens, outcome.input_tokens),
-            ),
-            credits=charge,
-            api_key_id=job.api_key_id,
-            model_price=job.model_price,
-            engine_busy_ms=outcome.engine_ms,
-            serving_cost=cost,
-            currency=job.model.currency,
-        )
-        if served:
-            hold = hold_capture(key=job.public_id, amount=charge, usage=record)
-        else:
-            hold = hold_release(key=job.public_id, usage=record)
+    claimable = NON_TERMINAL if only_from is None else [s for s in only_from if s in NON_TERMINAL]
+    # The usage record is written with the settlement (on the fast path in
+    # the same statement): one round trip less under the wallet's lock.
+    record = UsageDraft(
+        organization_id=job.organization_id,
+        job_id=job.public_id,
+        model_name=job.model.name,
+        priority=job.priority,
+        usage=Usage(
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            cached_input_tokens=min(outcome.cached_input_tokens, outcome.input_tokens),
+        ),
+        credits=charge,
+        api_key_id=job.api_key_id,
+        model_price=job.model_price,
+        engine_busy_ms=outcome.engine_ms,
+        serving_cost=cost,
+        currency=job.model.currency,
+    )
+    claim = _Claim(
+        job=job,
+        written=written,
+        first_token_at=outcome.first_token_at,
+        only=claimable,
+        captured=charge if served else None,
+        record=record,
+    )
+    settled = _settle_in_one_call(claim) if _settles_in_one_call(job) else None
+    if settled is None:
+        settled = _settle_in_transaction(claim, status=status)
+    claimed, hold = settled
+    if not claimed:
+        return Job.objects.get(pk=job.pk)
     _release_reservations(
         job=job, used_tokens=outcome.input_tokens + outcome.output_tokens, pipe=pipe
     )
@@ -438,6 +430,110 @@ def job_settle(
     if outcome.first_token_at is not None and job.first_token_at is None:
         job.first_token_at = outcome.first_token_at
     return job
+
+
+def _settles_in_one_call(job: Job) -> bool:
+    # From a worker (no transaction open), on the ledger's fast path. A job
+    # with a webhook writes its outbox row in the settlement's transaction.
+    return fastpath.enabled() and not connection.in_atomic_block and not job.callback_url
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """One settlement of a job: its claim (the row's end) and its hold's."""
+
+    job: Job
+    written: dict  # the job's columns the claim writes
+    first_token_at: datetime | None
+    only: list[str]  # the states it may end from
+    captured: int | None  # None: the hold is released
+    record: UsageDraft
+
+
+def _settle_in_one_call(claim: _Claim):
+    """The claim and the hold's settlement in one statement (migration 0004), its own transaction.
+
+    (claimed, hold) as `_settle_in_transaction` returns them, or None when the
+    settlement is not the fast path's: nothing was written, and the caller
+    runs the transaction instead.
+    """
+    params = {f"j_{name}": value for name, value in claim.written.items()}
+    params |= {
+        "j_first_token_at": claim.first_token_at,
+        "pk": claim.job.pk,
+        "only": list(claim.only),
+    }
+    params |= hold_settle_params(
+        key=claim.job.public_id, captured=claim.captured, usage=claim.record
+    )
+    try:
+        with fastpath.lots_short_raised():
+            row = sql.execute(_SETTLE_IN_ONE_CALL, params)
+    except DatabaseError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) == _NEEDS_TRANSACTION:
+            return None
+        raise
+    claimed, *result = row
+    return (True, fastpath.hold_from_result(result)) if claimed else (False, None)
+
+
+# SQLSTATE of inference_job_settle when the settlement is not the fast path's.
+_NEEDS_TRANSACTION = "GYM03"
+
+_JOB_ARGS = (
+    ("status", "text"),
+    ("finished_at", "timestamptz"),
+    ("input_tokens", "integer"),
+    ("cached_input_tokens", "integer"),
+    ("output_tokens", "integer"),
+    ("input_tokens_source", "text"),
+    ("engine_ms", "integer"),
+    ("credits_charged", "bigint"),
+    ("serving_cost", "bigint"),
+    ("finish_reason", "text"),
+    ("error_code", "text"),
+    ("error_message", "text"),
+    ("output", "text"),
+    ("first_token_at", "timestamptz"),
+)
+_SETTLE_IN_ONE_CALL = f"""
+SELECT s.o_claimed, {fastpath.HOLD_RESULT}
+  FROM inference_job_settle(
+           %(pk)s::bigint, %(only)s::text[],
+           {", ".join(f"%(j_{name})s::{cast}" for name, cast in _JOB_ARGS)},
+           {fastpath.SETTLE_ARGS}
+       ) s
+"""
+
+
+def _settle_in_transaction(claim: _Claim, *, status: str):
+    """The claim, the webhook's outbox row and the hold's settlement in one transaction.
+
+    (True, the settled hold), or (False, None) when the job was not claimed.
+    """
+    job, first_token_at = claim.job, claim.first_token_at
+    with transaction.atomic():
+        # The claim: one UPDATE takes the job's row lock and writes its end,
+        # only if it has not ended (an earlier delivery of the task settled
+        # it) and, with `only_from`, only from those states. Whoever claims it
+        # is the one settlement; the hold is locked after it, as before.
+        if sql.available():
+            claimed = _claim(
+                pk=job.pk, written=claim.written, first_token_at=first_token_at, only=claim.only
+            )
+        else:
+            update = dict(claim.written)
+            if first_token_at is not None:
+                update["first_token_at"] = Coalesce(F("first_token_at"), Value(first_token_at))
+            claimed = Job.objects.filter(pk=job.pk, status__in=claim.only).update(**update)
+        if not claimed:
+            return False, None
+        # Its webhook, if asked for, in the same transaction (an outbox row),
+        # before the hold: its queries need not wait under the wallet's lock.
+        job_callback_record(job=job, status=status)
+        if claim.captured is not None:
+            return True, hold_capture(key=job.public_id, amount=claim.captured, usage=claim.record)
+        return True, hold_release(key=job.public_id, usage=claim.record)
 
 
 @functools.cache

@@ -21,11 +21,17 @@ primary key is lower, which is the order `post()` uses), then the wallet's
 lots. Every writer of a wallet's lots holds the wallet's row lock, which is
 why the settlement reads the lots in a later statement than the one that
 took that lock: its snapshot sees every committed lot.
+
+Inference writes its own row in the same statements: a new job's row with
+its hold's placement (hold_place's `row`), and its job's claim with the
+settlement (`SETTLE_ARGS`, called from migration inference/0004), so that a
+request's ledger writes are two statements, each its own transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from datetime import datetime
 
 from django.conf import settings
@@ -98,6 +104,30 @@ SELECT %(org)s::bigint, %(key)s::text, %(amount)s::bigint, 0, 'pending', %(expir
 RETURNING {_RETURNING}
 """
 
+_PLACE_WITH_ROW = (
+    _PLACE.replace(
+        "\nINSERT INTO metering_hold", ",\nplaced AS (\nINSERT INTO metering_hold", 1
+    ).rstrip()
+    + """
+),
+extra AS (
+    INSERT INTO {table} ({columns}) SELECT {values} FROM placed RETURNING {pk_column}
+)
+SELECT placed.*, extra.{pk_column} FROM placed, extra
+"""
+)
+
+
+@functools.cache
+def _place_with_row(table: str, columns: str, values: str, pk_column: str) -> str:
+    # Braces in the placement's own text were resolved above; only these four remain.
+    return (
+        _PLACE_WITH_ROW.replace("{table}", table)
+        .replace("{columns}", columns)
+        .replace("{values}", values)
+        .replace("{pk_column}", pk_column)
+    )
+
 
 def hold_place_fast(
     *,
@@ -110,6 +140,7 @@ def hold_place_fast(
     now: datetime,
     expires_at: datetime,
     savepoint: bool = True,
+    row: sql.RowInsert | None = None,
 ) -> Hold | None:
     """Place a hold in one statement, or None to say "take the ORM path".
 
@@ -117,6 +148,10 @@ def hold_place_fast(
     hold_place's `new_key`): a used key is the only error the savepoint
     recovers from; without it, that error is raised, and the caller's
     transaction with it.
+
+    `row`: an INSERT written by the same statement, only if the hold is
+    placed (a new job's row); the hold returned carries its primary key as
+    `row_pk`. Nothing at all is written when the hold is not.
     """
     params = {
         "org": organization_id,
@@ -128,35 +163,51 @@ def hold_place_fast(
         "now": now,
         "expires_at": expires_at,
     }
+    statement = _PLACE
+    if row is not None:
+        statement = _place_with_row(row.table, row.columns, row.values, row.pk_column)
+        params.update(row.params)
     # Alone (no transaction open), the statement is its own transaction,
     # committed as it ends: the wallet's row lock is not held across a round
     # trip. Inside the caller's, a savepoint unless the key is new.
     alone = not connection.in_atomic_block
     try:
         with contextlib.nullcontext() if alone else transaction.atomic(savepoint=savepoint):
-            row = sql.execute(_PLACE, params)
+            result = sql.execute(statement, params)
     except IntegrityError:
         if not savepoint:
             raise
         return None  # the key was used before: the ORM path replays or refuses
     # No row: the wallet was short, due to expire, or not opened yet, and the
     # statement wrote nothing (every insert hangs off the wallet's update).
-    return _hold_from_row(row) if row else None
+    if not result:
+        return None
+    if row is None:
+        return _hold_from_row(result)
+    hold = _hold_from_row(result[:-1])
+    hold.row_pk = result[-1]
+    return hold
 
 
 # The settlement runs server-side (migration 0005, `metering_hold_settle`):
 # the accounts statement, then the lots statement with a fresh snapshot, in
 # one round trip and with the function's EXCEPTION block as its savepoint,
 # so the wallet's row lock is never held while this process waits for a CPU.
-_SETTLE = f"""
-SELECT s.o_wallet_balance, {", ".join(f"(s.o_hold).{c}" for c in HOLD_COLUMNS)}
-  FROM metering_hold_settle(
-           %(key)s::text, %(captured)s::bigint, %(status)s::text, %(txn_kind)s::text,
+#
+# SETTLE_ARGS are the function's arguments, named as `settle_params` names
+# them, and HOLD_RESULT its result as the columns `hold_from_result` reads:
+# inference calls the function from its own (inference_job_settle).
+SETTLE_ARGS = """%(key)s::text, %(captured)s::bigint, %(status)s::text, %(txn_kind)s::text,
            %(fp)s::text, %(now)s::timestamptz,
            %(u_record)s::boolean, %(u_org)s::bigint, %(u_key)s::bigint, %(u_job)s::text,
            %(u_model)s::text, %(u_priority)s::text, %(u_in)s::integer, %(u_cached)s::integer,
            %(u_out)s::integer, %(u_ms)s::integer, %(u_credits)s::bigint, %(u_price)s::bigint,
-           %(u_cost)s::bigint, %(u_currency)s::text
+           %(u_cost)s::bigint, %(u_currency)s::text"""
+HOLD_RESULT = "s.o_wallet_balance, " + ", ".join(f"(s.o_hold).{c}" for c in HOLD_COLUMNS)
+_SETTLE = f"""
+SELECT {HOLD_RESULT}
+  FROM metering_hold_settle(
+           {SETTLE_ARGS}
        ) s
 """
 
@@ -181,7 +232,21 @@ def hold_settle_fast(
     Lots that cannot cover the capture raise LedgerInconsistent; inside a
     transaction, that transaction is then aborted (the statement failed).
     """
-    params = {
+    params = settle_params(
+        key=key, captured=captured, status=status, txn_kind=txn_kind, fp=fp, now=now, usage=usage
+    )
+    with lots_short_raised():
+        row = sql.execute(_SETTLE, params)
+    if row is None:
+        return None  # nothing written: not ordinary, the ORM path decides
+    return hold_from_result(row)
+
+
+def settle_params(
+    *, key: str, captured: int, status: str, txn_kind: str, fp: str, now: datetime, usage
+) -> dict:
+    """The parameters SETTLE_ARGS names."""
+    return {
         "key": key,
         "captured": captured,
         "status": status,
@@ -190,14 +255,21 @@ def hold_settle_fast(
         "now": now,
         **_usage_params(usage),
     }
+
+
+@contextlib.contextmanager
+def lots_short_raised():
+    """Report the function's GYM02 (lots short of the capture) as LedgerInconsistent."""
     try:
-        row = sql.execute(_SETTLE, params)
+        yield
     except DatabaseError as exc:
         if getattr(exc.__cause__, "sqlstate", None) == _LOTS_SHORT:
             raise LedgerInconsistent(str(exc.__cause__)) from exc
         raise
-    if row is None:
-        return None  # nothing written: not ordinary, the ORM path decides
+
+
+def hold_from_result(row) -> Hold:
+    """The settled hold from HOLD_RESULT's columns."""
     wallet_balance, *hold_row = row
     hold = _hold_from_row(hold_row)
     # What the organization may spend just after this settlement: inference

@@ -17,8 +17,10 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Model
 from django.utils import timezone
 
+from accounts import sql
 from accounts.errors import ApplicationError
 from accounts.models import Organization
 from metering.models import AccountKind, Hold, HoldStatus, TransactionKind
@@ -47,15 +49,25 @@ def hold_place(
     ttl: timedelta | None = None,
     memo: str = "",
     new_key: bool = False,
+    row: Model | None = None,
 ) -> Hold:
     """Reserve `amount` micro-credits, or raise `insufficient_credits` (402).
 
     `new_key`: the caller made `key` just now, unique by construction (a new
     job's id), so it cannot replay an earlier hold; the fast path then sets
     no savepoint (two round trips less on every inference request).
+
+    `row` (with `new_key` only): a model instance not saved yet, inserted in
+    the same transaction as the hold, and only if the hold is placed: a new
+    job's row. On the fast path that is the same statement, so with no
+    transaction open the job and its hold commit as it ends, with no BEGIN
+    or COMMIT round trip, and the wallet's row lock is held for that one
+    statement only. No save signals are sent for it (accounts.sql.insert).
     """
     require_positive(amount)
     require_key(key)
+    if row is not None and not new_key:
+        raise ValueError("hold_place(row=...) needs new_key=True: a replay would not write it")
     now = timezone.now()
     ttl = ttl if ttl is not None else settings.METERING_HOLD_TTL
     txn_key = f"hold:{key}"
@@ -72,11 +84,16 @@ def hold_place(
             now=now,
             expires_at=now + ttl,
             savepoint=not new_key,
+            row=sql.insert_parts(row) if row is not None else None,
         )
         if hold is not None:
+            if row is not None:
+                sql.mark_inserted(row, hold.row_pk)
             return hold
 
     def work() -> Hold:
+        if row is not None:
+            sql.insert(row)
         org_accounts, _ = accounts_for(organization)
         txn = transaction_open(
             kind=TransactionKind.HOLD_PLACE,
@@ -115,14 +132,7 @@ def _settle(
 
     With `usage`, its usage record is written in the same transaction.
     """
-    if usage is not None:
-        usage.validate()
-        if usage.credits != captured:
-            raise ApplicationError(
-                code="invalid_usage",
-                message=f"The usage record charges {usage.credits} micro-credits; the "
-                f"settlement captures {captured}.",
-            )
+    _check_usage(captured, usage)
     if fastpath.enabled():
         hold = fastpath.hold_settle_fast(
             key=key,
@@ -140,6 +150,50 @@ def _settle(
         if usage is not None:
             usage.write(hold=hold)
         return hold
+
+
+def _check_usage(captured: int, usage: UsageDraft | None) -> None:
+    if usage is not None:
+        usage.validate()
+        if usage.credits != captured:
+            raise ApplicationError(
+                code="invalid_usage",
+                message=f"The usage record charges {usage.credits} micro-credits; the "
+                f"settlement captures {captured}.",
+            )
+
+
+def hold_settle_params(*, key: str, captured: int | None, usage: UsageDraft | None) -> dict:
+    """What a caller's own statement passes to the settlement function (fastpath.SETTLE_ARGS).
+
+    `captured`: the amount hold_capture would capture, or None for what
+    hold_release does. Checked as they check it. For a caller that settles a
+    hold in the same statement as its own write (inference's job claim,
+    migration inference/0004); only with `fastpath.enabled()`. When that
+    statement's function returns no row, the caller runs hold_capture or
+    hold_release instead, in a transaction with its own write.
+    """
+    if captured is None:
+        status, captured = HoldStatus.RELEASED, 0
+    else:
+        status = HoldStatus.CAPTURED
+        if not isinstance(captured, int) or isinstance(captured, bool) or captured < 0:
+            raise ApplicationError(
+                code="invalid_amount",
+                message="The captured amount must be a non-negative integer of micro-credits.",
+                param="amount",
+            )
+    require_key(key)
+    _check_usage(captured, usage)
+    return fastpath.settle_params(
+        key=key,
+        captured=captured,
+        status=status,
+        txn_kind=SETTLE_KINDS[status],
+        fp=_settle_fingerprint(status, captured),
+        now=timezone.now(),
+        usage=usage,
+    )
 
 
 def _settle_orm(*, key: str, captured: int, status: str, now: datetime) -> Hold:

@@ -1,0 +1,166 @@
+"""job_settle from a worker: the claim and the hold's settlement in one statement.
+
+With no transaction open (a worker), on the ledger's fast path, the job's
+claim and its hold's settlement run as one call to `inference_job_settle`
+(migration inference/0004), its own transaction. It must do exactly what
+the transaction does (test_job_settle.py), and when the settlement is not
+the fast path's it must leave nothing written, claim included, for the
+transaction to decide.
+
+Transactional: the statements commit as in the worker. The Job row and its
+hold are written directly, so no Celery task is sent.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from inference.models import InputTokensSource, Job, JobStatus
+from inference.services import job_settle, job_start
+from inference.services.jobs import Outcome
+from metering.models import AccountKind, Hold, HoldStatus, UsageRecord
+from metering.selectors import model_price, organization_balance
+from metering.services import hold_place, holds_expire
+from metering.services.postings import accounts_for
+from tests.factories import OrganizationFactory
+from tests.helpers import StatementLog, credits, ledger_rows, served_model
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MODEL = "gym-settle-one-call"
+
+
+@pytest.fixture
+def running_job(grant) -> Job:
+    model = served_model(MODEL, access_tier="basic")
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = Job.objects.create(
+        public_id="job_settle_one_call",
+        organization=org,
+        model=model,
+        model_price=model_price(model_name=MODEL),
+        priority="standard",
+        params={"max_tokens": 16},
+        hold_amount=credits(1),
+    )
+    hold_place(organization=org, amount=credits(1), key=job.public_id, new_key=True)
+    # The system's consumption account, opened by the first settlement ever
+    # (through the ORM path: the fast path steps aside until it exists).
+    accounts_for(org, AccountKind.CONSUMPTION)
+    started = job_start(job_pk=job.pk)
+    # What the worker has loaded (from its caches) before it settles.
+    started.model, started.model_price = model, job.model_price
+    assert started.model_price.price_book is not None
+    return started
+
+
+def _served() -> Outcome:
+    return Outcome(
+        text="Squat, then rest.",
+        input_tokens=7,
+        output_tokens=5,
+        engine_ms=9,
+        finish_reason="stop",
+        first_token_at=timezone.now() - timedelta(milliseconds=20),
+        input_tokens_source=InputTokensSource.ENGINE,
+    )
+
+
+def test_a_worker_settles_its_job_in_one_statement_once(running_job):
+    org = running_job.organization
+    before = organization_balance(organization=org)
+
+    # when the worker settles it
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        settled = job_settle(job=running_job, outcome=_served(), status=JobStatus.SUCCEEDED)
+
+    # then one statement did it
+    assert len(statements.sql) == 1 and "inference_job_settle(" in statements.sql[0]
+
+    # and the job, its hold and its usage record say the same charge
+    row = Job.objects.get(pk=running_job.pk)
+    assert (row.status, row.input_tokens, row.output_tokens) == (JobStatus.SUCCEEDED, 7, 5)
+    assert row.finished_at is not None and row.first_token_at is not None
+    assert 0 < row.credits_charged == settled.credits_charged < credits(1)
+    hold = Hold.objects.get(key=row.public_id)
+    assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, row.credits_charged)
+    record = UsageRecord.objects.get(job_id=row.public_id)
+    assert (record.credits, record.input_tokens, record.output_tokens) == (
+        row.credits_charged,
+        7,
+        5,
+    )
+    after = organization_balance(organization=org)
+    assert after.held == before.held - credits(1)
+    assert after.available == before.available + credits(1) - row.credits_charged
+    assert settled.wallet_balance_after == after.available
+
+    # and a redelivered task settling it again changes nothing
+    rows = ledger_rows()
+    again = job_settle(job=running_job, outcome=Outcome(output_tokens=50), status=JobStatus.FAILED)
+    assert (again.status, again.output_tokens) == (JobStatus.SUCCEEDED, 5)
+    assert ledger_rows() == rows and UsageRecord.objects.filter(job_id=row.public_id).count() == 1
+
+
+def test_a_job_that_served_nothing_releases_its_whole_hold(running_job):
+    org = running_job.organization
+    before = organization_balance(organization=org)
+
+    job_settle(
+        job=running_job,
+        outcome=Outcome(finish_reason="error", error_code="engine_unavailable"),
+        status=JobStatus.FAILED,
+    )
+
+    row = Job.objects.get(pk=running_job.pk)
+    assert (row.status, row.credits_charged, row.error_code) == (
+        JobStatus.FAILED,
+        0,
+        "engine_unavailable",
+    )
+    assert Hold.objects.get(key=row.public_id).status == HoldStatus.RELEASED
+    assert organization_balance(organization=org).available == before.available + credits(1)
+
+
+def test_a_state_it_may_not_end_from_is_left_alone(running_job):
+    rows = ledger_rows()
+
+    # when a cancellation of queued jobs reaches it after the worker started it
+    left = job_settle(
+        job=running_job,
+        outcome=Outcome(finish_reason="cancelled"),
+        status=JobStatus.CANCELED,
+        only_from=(JobStatus.QUEUED,),
+    )
+
+    # then nothing was written
+    assert left.status == JobStatus.RUNNING
+    assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING
+    assert ledger_rows() == rows
+
+
+def test_a_settlement_the_call_cannot_do_undoes_the_claim_too(running_job):
+    # given a hold that expired (and was released) while its job still ran
+    Hold.objects.filter(key=running_job.public_id).update(expires_at=timezone.now())
+    assert holds_expire() == 1
+    rows = ledger_rows()
+
+    # when the worker settles the job: the call steps aside, and the
+    # transaction's answer is the ORM path's error
+    statements = StatementLog()
+    with connection.execute_wrapper(statements), pytest.raises(ApplicationError) as refused:
+        job_settle(job=running_job, outcome=_served(), status=JobStatus.SUCCEEDED)
+    assert refused.value.code == "hold_already_settled"
+    assert "inference_job_settle(" in statements.sql[0] and len(statements.sql) > 1
+
+    # and neither the call nor the transaction left anything written
+    assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING
+    assert ledger_rows() == rows
+    assert not UsageRecord.objects.filter(job_id=running_job.public_id).exists()

@@ -1,0 +1,95 @@
+"""job_submit writes the Job row and its hold together, or neither.
+
+On the ledger's fast path one statement writes both (hold_place's `row`), so
+the organization's wallet is locked for that statement only; on the ORM path
+(the fast path off, or no prepared statements) one transaction does. Both
+paths must leave the same rows, and a refused hold must leave none.
+
+One database transaction per test, never committed, as in
+test_job_admission.py: the Celery task of an admitted job is never sent.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from accounts.errors import ApplicationError
+from accounts.ratelimits import Limit, rate_limit_consume
+from inference.models import Job, JobStatus
+from metering.models import Hold, HoldStatus
+from metering.selectors import organization_balance
+from metering.services import hold_place
+from tests.factories import OrganizationFactory
+from tests.helpers import StatementLog, credits, ledger_rows, served_model, submit_job
+
+pytestmark = pytest.mark.django_db
+
+MODEL = "gym-submit"
+
+
+@pytest.fixture(params=["fast", "orm"])
+def path(request, settings) -> str:
+    settings.METERING_FAST_PATH = request.param == "fast"
+    return request.param
+
+
+def test_an_admitted_job_is_stored_with_its_hold(path, grant):
+    # given an organization with credits
+    served_model(MODEL)
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    before = organization_balance(organization=org).available
+
+    # when a job is submitted
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        job = submit_job(org, MODEL, max_tokens=16)
+
+    # then its row is stored queued, with the primary key it was given
+    stored = Job.objects.get(pk=job.pk)
+    assert stored.public_id == job.public_id and stored.status == JobStatus.QUEUED
+    assert stored.organization_id == org.pk and stored.hold_amount == job.hold_amount > 0
+    assert stored.queued_at == job.queued_at
+    assert stored.params["max_tokens"] == 16
+
+    # and its hold, keyed by its id, holds exactly its worst case
+    hold = Hold.objects.get(key=job.public_id)
+    assert (hold.amount, hold.status) == (job.hold_amount, HoldStatus.PENDING)
+    assert organization_balance(organization=org).available == before - job.hold_amount
+
+    # and on the fast path one statement wrote both
+    if path == "fast":
+        writes = [s for s in statements.sql if "INSERT" in s or "UPDATE" in s]
+        assert len(writes) == 1
+        assert "INSERT INTO metering_hold" in writes[0] and '"inference_job"' in writes[0]
+
+
+def test_a_refused_hold_stores_no_job_and_gives_the_tokens_back(path, grant):
+    # given an organization whose credits cannot cover a job's worst case
+    served_model(MODEL)
+    org = OrganizationFactory(tokens_per_minute=100_000)
+    grant(org, 1)
+    tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
+    tokens_left = rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining
+    rows, jobs = ledger_rows(), Job.objects.count()
+
+    # when a job is submitted
+    with pytest.raises(ApplicationError) as refused:
+        submit_job(org, MODEL)
+
+    # then it is refused for credits, with no row, no hold, no tokens taken
+    assert (refused.value.code, refused.value.status) == ("insufficient_credits", 402)
+    assert Job.objects.count() == jobs
+    assert ledger_rows() == rows
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == tokens_left
+
+
+def test_a_row_goes_with_a_new_key_only(grant):
+    # a replayed hold would not write the row: refused before anything is written
+    org = OrganizationFactory()
+    grant(org, credits(1))
+    rows = ledger_rows()
+    with pytest.raises(ValueError, match="new_key"):
+        hold_place(organization=org, amount=5, key="job-x", row=Job(public_id="job-x"))
+    assert ledger_rows() == rows
