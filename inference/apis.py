@@ -27,6 +27,7 @@ from accounts.errors import ApplicationError, error_body
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
 from inference.models import CatalogModel, Job
+from inference.openai_body import generation_body
 from inference.relay import HEARTBEAT, relay_cancel, relay_events
 from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
 from inference.services import job_cancel, job_submit
@@ -152,9 +153,14 @@ class _GenerationApi(OrgApiView):
         )
 
     def post(self, request):
-        data = self.Input(data=request.data)
-        data.is_valid(raise_exception=True)
-        return self.handle(request, data.validated_data)
+        # The ordinary body without the serializer (inference.openai_body);
+        # anything else, every error included, through it.
+        data = generation_body(request.data, kind=self.kind)
+        if data is None:
+            serializer = self.Input(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            data = serializer.validated_data
+        return self.handle(request, data)
 
     def handle(self, request, data: dict):
         job = self.submit(request, data)

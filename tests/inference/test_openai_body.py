@@ -1,0 +1,214 @@
+"""inference.openai_body agrees with the endpoints' serializers, which stay the reference.
+
+Whatever the fast validator accepts, the serializer accepts too, with the
+same validated data; whatever the serializer refuses, the fast validator
+defers (returns None), so every error is the serializer's. No database.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inference.apis import ChatCompletionsApi, CompletionsApi
+from inference.openai_body import generation_body
+
+SERIALIZERS = {"chat": ChatCompletionsApi.Input, "completion": CompletionsApi.Input}
+
+
+def _plain(value):
+    # validated_data nests OrderedDicts; compare as plain JSON values.
+    return json.loads(json.dumps(value))
+
+
+def _reference(body, kind):
+    serializer = SERIALIZERS[kind](data=body)
+    return _plain(serializer.validated_data) if serializer.is_valid() else None
+
+
+ORDINARY = [
+    ("chat", {"model": "gym-tiny", "messages": [{"role": "user", "content": "Hi"}]}),
+    (
+        "chat",
+        {
+            "model": "gym-tiny",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Plan a squat day ✓"},
+                {"role": "assistant", "content": ""},
+            ],
+            "max_tokens": 16,
+            "max_completion_tokens": None,
+            "temperature": 1,
+            "top_p": 0.9,
+            "seed": 7,
+            "stop": "\n",
+            "n": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "user": "member-42",
+            "priority": "batch",
+        },
+    ),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": None}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "bc"]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {}}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": None}),
+    ("completion", {"model": "gym-tiny", "prompt": "Once upon a time", "max_tokens": 8}),
+    ("completion", {"model": "gym-tiny", "prompt": "   ", "user": ""}),
+]
+
+REFUSED = [
+    ("chat", []),
+    ("chat", {"model": "m"}),
+    ("chat", {"model": "m", "messages": []}),
+    ("chat", {"model": "m", "messages": [{"role": "robot", "content": "x"}]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "bogus": 1}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "a\x00b"}]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "\ud800"}]}),
+    ("chat", {"model": "", "messages": [{"role": "user", "content": "x"}]}),
+    ("chat", {"model": "m" * 129, "messages": [{"role": "user", "content": "x"}]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "priority": "vip"}),
+    ("completion", {"model": "m", "prompt": ""}),
+    ("completion", {"model": "m", "prompt": ["a", "b"]}),
+    ("completion", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+]
+
+
+@pytest.mark.parametrize(("kind", "body"), ORDINARY)
+def test_an_ordinary_body_is_validated_without_the_serializer_and_as_it_would(kind, body):
+    fast = generation_body(body, kind=kind)
+    assert fast is not None
+    assert _plain(fast) == _reference(body, kind)
+
+
+@pytest.mark.parametrize(("kind", "body"), REFUSED)
+def test_a_refused_body_is_left_to_the_serializer(kind, body):
+    assert _reference(body, kind) is None
+    assert generation_body(body, kind=kind) is None
+
+
+# Any JSON-like value for each field, ordinary or not, so both sides are pushed
+# through their edges: strings with whitespace, NUL and surrogates, bools
+# posing as numbers, numbers as strings, nested junk.
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-3, max_value=2**64)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["", " m ", "m", "16", "user", "batch", "standard", "\x00", "\ud800", "é"])
+    | st.text(max_size=8)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(
+            st.sampled_from(["role", "content", "include_usage", "name", "x"]), inner, max_size=3
+        )
+    ),
+    max_leaves=8,
+)
+_messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "robot", 1]), "content": _values}
+    )
+    | _values,
+    max_size=3,
+)
+
+
+def _either(valid):
+    # Mostly a value the field takes, sometimes anything at all.
+    return st.one_of(valid, valid, valid, _values)
+
+
+_valid_messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant", "developer"]),
+            "content": st.text(max_size=20),
+        }
+    ),
+    min_size=1,
+    max_size=3,
+)
+_fields = {
+    "messages": st.one_of(_valid_messages, _valid_messages, _valid_messages, _messages),
+    "prompt": _either(st.text(min_size=1, max_size=20)),
+    "max_tokens": _either(st.none() | st.integers(min_value=1, max_value=10**6)),
+    "max_completion_tokens": _either(st.none() | st.integers(min_value=1, max_value=10**6)),
+    "temperature": _either(
+        st.none() | st.floats(min_value=0, max_value=2) | st.integers(min_value=0, max_value=2)
+    ),
+    "top_p": _either(st.none() | st.floats(min_value=0, max_value=1)),
+    "seed": _either(st.none() | st.integers(min_value=0, max_value=2**63 - 1)),
+    "stop": _either(
+        st.none()
+        | st.text(min_size=1, max_size=64)
+        | st.lists(st.text(min_size=1, max_size=64), max_size=4)
+    ),
+    "n": _either(st.sampled_from([None, 1])),
+    "stream": _either(st.booleans()),
+    "stream_options": _either(
+        st.none() | st.fixed_dictionaries({}, optional={"include_usage": st.booleans()})
+    ),
+    "user": _either(st.text(max_size=8)),
+    "priority": _either(st.sampled_from(["batch", "standard", "priority"])),
+    "logit_bias": _values,
+}
+_TEXT_FIELD = {"chat": "messages", "completion": "prompt"}
+
+
+@st.composite
+def _body(draw, kind: str):
+    # The endpoint's own text field always, the other one now and then.
+    text_field = _TEXT_FIELD[kind]
+    optional = {n: s for n, s in _fields.items() if n not in (text_field, "logit_bias")}
+    other = "prompt" if kind == "chat" else "messages"
+    if draw(st.integers(0, 9)):
+        optional.pop(other)
+    return draw(
+        st.fixed_dictionaries(
+            {
+                "model": st.sampled_from(["gym-tiny", "gym-tiny", "gym-tiny", " gym-tiny", ""]),
+                text_field: _fields[text_field],
+            },
+            optional=optional,
+        )
+    )
+
+
+_kind_and_body = st.sampled_from(["chat", "completion"]).flatmap(
+    lambda kind: st.tuples(st.just(kind), _body(kind))
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(kind_and_body=_kind_and_body)
+def test_whatever_the_fast_path_accepts_the_serializer_accepts_alike(kind_and_body):
+    kind, body = kind_and_body
+    fast = generation_body(body, kind=kind)
+    if fast is not None:
+        assert _plain(fast) == _reference(body, kind)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind_and_body=_kind_and_body,
+    extra=st.sampled_from(["logit_bias", "tools", "functions"]),
+    value=_values,
+)
+def test_a_field_the_endpoint_does_not_know_is_left_to_the_serializer(kind_and_body, extra, value):
+    kind, body = kind_and_body
+    body = {**body, extra: value}
+    assert generation_body(body, kind=kind) is None
+    assert _reference(body, kind) is None
