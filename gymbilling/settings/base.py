@@ -133,6 +133,10 @@ SPECTACULAR_SETTINGS = {
 # --- Celery -----------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=CELERY_BROKER_URL)
+# On a Redis broker, kombu's Redis transport keeping its Redis client
+# (gymbilling/broker.py); any other broker, kombu's transport for its scheme.
+if CELERY_BROKER_URL.split("://", 1)[0].lower() in ("redis", "rediss"):
+    CELERY_BROKER_TRANSPORT = "gymbilling.broker:Transport"
 # A task is acknowledged only after it ran, and a worker that dies mid-task
 # hands it back: delivery is at least once, so every task is idempotent.
 CELERY_TASK_ACKS_LATE = True

@@ -1,0 +1,35 @@
+"""The Celery broker transport: kombu's Redis transport, with its Redis client kept.
+
+kombu's Redis channel builds a new `redis.Redis` object for every command it
+sends outside its event loop: each task published, and in a worker each
+delivery recorded for late acknowledgement and each acknowledgement
+(`Channel._create_client`, kombu 5.7). With redis-py 8 building one costs
+about 45 µs of CPU (its response-callback tables), three or four times per
+inference job on the paths docs/BENCHMARKS.md profiles. A `redis.Redis` is a
+thread-safe handle on a connection pool, so each channel keeps one per pool
+instead; the connections, and so every command on the wire, are the same.
+
+Used only when the broker URL is a redis:// or rediss:// one (settings:
+CELERY_BROKER_TRANSPORT); any other broker keeps kombu's transport for it.
+"""
+
+from __future__ import annotations
+
+from kombu.transport import redis as kombu_redis
+
+
+class Channel(kombu_redis.Channel):
+    def _create_client(self, asynchronous=False):
+        # The event loop's own (asynchronous) client is made once per channel by
+        # kombu already; only the synchronous one is rebuilt per command.
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        pool = self.pool
+        kept = getattr(self, "_gym_client", None)
+        if kept is None or kept.connection_pool is not pool:
+            kept = self._gym_client = super()._create_client(asynchronous=False)
+        return kept
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel

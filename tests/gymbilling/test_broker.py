@@ -1,0 +1,56 @@
+"""The broker transport (gymbilling/broker.py): kombu's Redis transport, its client kept.
+
+Against the real Redis broker of the test run. The worker-process tests
+(test_celery_worker.py, the inference suites) send every task through it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.conf import settings
+
+from gymbilling.broker import Channel
+from gymbilling.celery import app
+
+
+def test_a_redis_broker_uses_the_transport_that_keeps_its_client():
+    assert settings.CELERY_BROKER_URL.startswith("redis://")
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        assert isinstance(channel, Channel)
+
+        # one client per pool, where kombu built one per command
+        first = channel._create_client()
+        assert channel._create_client() is first
+        assert first.connection_pool is channel.pool
+
+        # a client for the event loop is still kombu's own
+        assert channel._create_client(asynchronous=True) is not first
+
+
+def test_a_message_goes_through_and_is_acknowledged():
+    queue_name = f"gym-test-broker-{uuid.uuid4().hex}"
+    with app.connection_for_write() as connection, connection.SimpleQueue(queue_name) as queue:
+        try:
+            queue.put({"job": 7, "prompt": "héllo"})
+            message = queue.get(timeout=5)
+            assert message.payload == {"job": 7, "prompt": "héllo"}
+            message.ack()
+            with pytest.raises(queue.Empty):
+                queue.get(block=False)
+        finally:
+            queue.clear()
+
+
+def test_a_channel_whose_pools_were_dropped_builds_a_client_on_the_new_pool():
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        before = channel._create_client()
+        # what kombu does when a channel reconnects (Channel._disconnect_pools)
+        channel._disconnect_pools()
+        after = channel._create_client()
+        assert after is not before
+        assert after.connection_pool is channel.pool
+        assert after.ping()
