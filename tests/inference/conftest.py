@@ -198,11 +198,12 @@ def busy_engine(triton_server):
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
-        # The engine counts a request's tokens when it stops: wait for the count to settle.
+        # The engine counts a request's tokens when it stops, and publishes its
+        # counts every METRICS_FLUSH_S (0.1 s): wait for the count to settle.
         deadline = time.monotonic() + 10
         last = before
         while time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.25)
             now = _engine_output_tokens(triton_server.metrics_url)
             if now == last and now > before:
                 break
