@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import Q
 
-from metering.models import Priority
+from metering.models import Priority, unique_not_like_indexed
 
 
 class ServerPool(models.Model):
@@ -136,9 +136,12 @@ NON_TERMINAL = (JobStatus.QUEUED, JobStatus.RUNNING)
 class Job(models.Model):
     """One inference request. Its public id is also its hold's key in the ledger."""
 
-    public_id = models.CharField(max_length=40, unique=True)
+    public_id = models.CharField(max_length=40)  # unique: see Meta
     organization = models.ForeignKey(
-        "accounts.Organization", on_delete=models.PROTECT, related_name="jobs"
+        "accounts.Organization",
+        on_delete=models.PROTECT,
+        related_name="jobs",
+        db_index=False,  # the (organization, -id) index leads with it
     )
     api_key = models.ForeignKey(
         "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
@@ -179,6 +182,7 @@ class Job(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["organization", "-id"])]
+        constraints = [unique_not_like_indexed("public_id", "job_public_id_unique")]
 
     def __str__(self) -> str:
         return self.public_id

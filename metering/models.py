@@ -28,6 +28,18 @@ from django.db.models import Q
 MICRO = 1_000_000  # micro-credits per credit
 
 
+def unique_not_like_indexed(field: str, name: str) -> models.UniqueConstraint:
+    """UNIQUE_NOT_LIKE_INDEXED: a text column unique through a constraint.
+
+    `unique=True` on a CharField also gives it, on PostgreSQL, a second
+    index (varchar_pattern_ops) for LIKE 'prefix%' queries, which nothing here
+    runs (the admin's search is a contains) and which every insert and every
+    non-HOT update pays for: the keys of holds, transactions, usage records
+    and jobs are written on every inference request.
+    """
+    return models.UniqueConstraint(fields=[field], name=name)
+
+
 class AccountKind(models.TextChoices):
     # Organization accounts: never negative.
     WALLET = "wallet", "Wallet"
@@ -120,7 +132,8 @@ class JournalTransaction(models.Model):
 
     kind = models.CharField(max_length=32, choices=TransactionKind.choices)
     # Unique per business event: "hold:<job id>", "grant:invoice:<id>", ...
-    idempotency_key = models.CharField(max_length=255, unique=True)
+    # (UNIQUE_NOT_LIKE_INDEXED below).
+    idempotency_key = models.CharField(max_length=255)
     # Hash of the request that created it; a repeat with another request under
     # the same key is a conflict, not a replay.
     fingerprint = models.CharField(max_length=64)
@@ -130,6 +143,7 @@ class JournalTransaction(models.Model):
         null=True,
         blank=True,
         related_name="journal_transactions",
+        db_index=False,  # the (organization, -created_at) index leads with it
     )
     memo = models.CharField(max_length=500, blank=True)
     actor = models.ForeignKey(
@@ -150,6 +164,7 @@ class JournalTransaction(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["organization", "-created_at"])]
+        constraints = [unique_not_like_indexed("idempotency_key", "journal_transaction_key_unique")]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.idempotency_key}"
@@ -159,7 +174,12 @@ class LedgerEntry(models.Model):
     transaction = models.ForeignKey(
         JournalTransaction, on_delete=models.PROTECT, related_name="entries"
     )
-    account = models.ForeignKey(LedgerAccount, on_delete=models.PROTECT, related_name="entries")
+    account = models.ForeignKey(
+        LedgerAccount,
+        on_delete=models.PROTECT,
+        related_name="entries",
+        db_index=False,  # the (account, id) index leads with it
+    )
     amount = models.BigIntegerField()  # micro-credits; positive adds to the account
     # The account's cached balance after this entry; null for system accounts.
     balance_after = models.BigIntegerField(null=True, blank=True)
@@ -268,8 +288,9 @@ class Hold(models.Model):
     organization = models.ForeignKey(
         "accounts.Organization", on_delete=models.PROTECT, related_name="holds"
     )
-    # The business event it reserves for; for inference, the job id.
-    key = models.CharField(max_length=255, unique=True)
+    # The business event it reserves for; for inference, the job id. Unique
+    # (UNIQUE_NOT_LIKE_INDEXED below).
+    key = models.CharField(max_length=255)
     amount = models.BigIntegerField()
     captured = models.BigIntegerField(default=0)
     status = models.CharField(max_length=16, choices=HoldStatus.choices, default=HoldStatus.PENDING)
@@ -289,6 +310,7 @@ class Hold(models.Model):
 
     class Meta:
         constraints = [
+            unique_not_like_indexed("key", "hold_key_unique"),
             models.CheckConstraint(condition=Q(amount__gt=0), name="hold_amount_positive"),
             models.CheckConstraint(
                 condition=Q(captured__gte=0) & Q(captured__lte=models.F("amount")),
@@ -386,12 +408,15 @@ class UsageRecord(models.Model):
     """
 
     organization = models.ForeignKey(
-        "accounts.Organization", on_delete=models.PROTECT, related_name="usage_records"
+        "accounts.Organization",
+        on_delete=models.PROTECT,
+        related_name="usage_records",
+        db_index=False,  # the (organization, created_at) index leads with it
     )
     api_key = models.ForeignKey(
         "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
-    job_id = models.CharField(max_length=64, unique=True)
+    job_id = models.CharField(max_length=64)  # unique (UNIQUE_NOT_LIKE_INDEXED below)
     hold = models.OneToOneField(
         Hold, on_delete=models.PROTECT, null=True, blank=True, related_name="usage_record"
     )
@@ -412,6 +437,7 @@ class UsageRecord(models.Model):
     class Meta:
         indexes = [models.Index(fields=["organization", "created_at"])]
         constraints = [
+            unique_not_like_indexed("job_id", "usage_record_job_unique"),
             models.CheckConstraint(
                 condition=Q(credits__gte=0) & Q(cached_input_tokens__lte=models.F("input_tokens")),
                 name="usage_record_valid_counts",
