@@ -36,6 +36,31 @@ def invoice_grants(org) -> list[JournalTransaction]:
     )
 
 
+def webhooks_settled(stripe_standin) -> None:
+    """Wait until the stand-in delivered every event it made and the worker processed each.
+
+    Before a step the test runs itself (with a simulated clock): a late event
+    processed afterwards would re-derive the organization's standing from
+    the real clock (for instance past due, still in its grace period) and
+    overwrite what the step set.
+    """
+
+    def settled() -> bool:
+        events = stripe_standin.events()
+        delivered = all(
+            status != "pending" for event in events for status in event["deliveries"].values()
+        )
+        ids = [event["id"] for event in events if "delivered" in event["deliveries"].values()]
+        stored = StripeEvent.objects.filter(stripe_event_id__in=ids)
+        return (
+            delivered
+            and stored.count() == len(ids)
+            and not stored.filter(status__in=["pending", "processing"]).exists()
+        )
+
+    wait_until(settled, what="every webhook delivered and processed")
+
+
 def paid_invoice(stripe_sdk, invoice_id):
     return wait_until(
         lambda: (
@@ -140,7 +165,9 @@ def test_subscription_lifecycle(billing_live, customer, stripe_standin, stripe_s
         idempotency_key=f"grant:invoice:{failed_invoice}"
     ).exists()
 
-    # when: the grace period runs out
+    # when: the grace period runs out (after the failed renewal's last event,
+    # which would otherwise set "past due" again from the real clock)
+    webhooks_settled(stripe_standin)
     assert subscriptions_suspend_overdue(now=sub.grace_until + timedelta(seconds=1)) == 1
 
     # then: inference is refused with 402 subscription_past_due, and no credits move
@@ -151,7 +178,9 @@ def test_subscription_lifecycle(billing_live, customer, stripe_standin, stripe_s
         {"model": "gym-tiny", "messages": [{"role": "user", "content": "hi"}]},
         format="json",
     )
-    assert chat.status_code == 402 and chat.json()["error"]["code"] == "subscription_past_due"
+    assert chat.status_code == 402 and chat.json()["error"]["code"] == "subscription_past_due", (
+        chat.content
+    )
 
     # when: the customer fixes the card and the open invoice is paid
     stripe_standin.set_card(sub_customer(sub), "4242424242424242")
