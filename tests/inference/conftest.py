@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import re
 import socket
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -196,8 +197,7 @@ def busy_engine(triton_server):
     try:
         yield workers
     finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
+        client.stop()
         # The engine counts a request's tokens when it stops, and publishes its
         # counts every METRICS_FLUSH_S (0.1 s): wait for the count to settle.
         deadline = time.monotonic() + 10
@@ -210,21 +210,37 @@ def busy_engine(triton_server):
             last = now
 
 
-def occupy_engine_workers(grpc_url: str):
-    """Hold every engine worker of a server with a long stream; returns (client, workers).
+class BusyEngine:
+    """Every engine worker of a server held by a long stream, each replaced as it ends, until stop().
 
-    The streams go to `gym_engine` itself, not `ensemble`, so that
-    `client.stop_stream(cancel_requests=True)` really stops them (the ensemble
-    does not pass a cancellation on). Meanwhile a request answers ready but
-    waits, silent, for a free engine worker.
+    The streams go to `gym_engine` itself, not `ensemble`, so that stopping
+    them really stops them (the ensemble does not pass a cancellation on).
+    Meanwhile a request answers ready but waits, silent, for a free engine
+    worker. A stream of 3000 tokens lasts a second or two here, less on a
+    quicker machine; replacing each as it ends keeps the engine busy for as
+    long as the test needs, however fast it is.
     """
-    config = (MODEL_REPOSITORY / "gym_engine" / "config.pbtxt").read_text()
-    workers = int(re.search(r'"worker_threads"\s*value: \{ string_value: "(\d+)"', config)[1])
-    client = grpcclient.InferenceServerClient(grpc_url)
-    arrived: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: arrived.put((result, error)))
-    for index in range(workers):
-        client.async_stream_infer(
+
+    def __init__(self, grpc_url: str):
+        config = (MODEL_REPOSITORY / "gym_engine" / "config.pbtxt").read_text()
+        self.workers = int(
+            re.search(r'"worker_threads"\s*value: \{ string_value: "(\d+)"', config)[1]
+        )
+        self._stopping = threading.Event()
+        self._seen: set[str] = set()
+        self._started: queue.Queue = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(grpc_url)
+        self.client.start_stream(callback=self._on_response)
+        for index in range(self.workers):
+            self._send(f"busy-{index}")
+        started: set[str] = set()
+        while len(started) < self.workers:
+            request_id, error = self._started.get(timeout=30)
+            assert error is None, error
+            started.add(request_id)
+
+    def _send(self, request_id: str) -> None:
+        self.client.async_stream_infer(
             "gym_engine",
             ensemble_inputs(
                 grpcclient,
@@ -233,11 +249,31 @@ def occupy_engine_workers(grpc_url: str):
                 min_tokens=3000,
                 stream=True,
             ),
-            request_id=f"busy-{index}",
+            request_id=request_id,
+            # The end of a stream comes on a response of its own: ask for it.
+            enable_empty_final_response=True,
         )
-    started: set[str] = set()
-    while len(started) < workers:
-        result, error = arrived.get(timeout=30)
-        assert error is None, error
-        started.add(result.get_response().id)
-    return client, workers
+
+    def _on_response(self, result, error) -> None:
+        if self._stopping.is_set():
+            return
+        if error is not None:
+            self._started.put((None, error))
+            return
+        response = result.get_response()
+        if response.id not in self._seen:
+            self._seen.add(response.id)
+            self._started.put((response.id, None))
+        if response.parameters["triton_final_response"].bool_param:
+            self._send(response.id)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+
+def occupy_engine_workers(grpc_url: str) -> tuple[BusyEngine, int]:
+    """Hold every engine worker of a server (BusyEngine); returns (it, the number of workers)."""
+    busy = BusyEngine(grpc_url)
+    return busy, busy.workers

@@ -260,8 +260,7 @@ def test_a_stream_cancelled_before_the_first_token_bills_the_prompt_the_engine_t
         # is still busy: the SSE heartbeat noticed the client was gone
         job = _finished(job.pk)
     finally:
-        busy.stop_stream(cancel_requests=True)
-        busy.close()
+        busy.stop()
     assert (job.status, job.finish_reason, job.output_tokens) == (
         JobStatus.CANCELED,
         "cancelled",

@@ -405,8 +405,7 @@ def test_a_worker_killed_mid_job_hands_the_task_back_and_it_settles_once(
         _wait_for(lambda: "WorkerLostError" in log.read_text(), timeout=15, what="the worker loss")
         assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
     finally:
-        busy.stop_stream(cancel_requests=True)
-        busy.close()
+        busy.stop()
 
     # then the task comes back (reject on worker lost) and the job finishes once
     job = _wait_for(
