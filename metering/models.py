@@ -32,10 +32,12 @@ def unique_not_like_indexed(field: str, name: str) -> models.UniqueConstraint:
     """UNIQUE_NOT_LIKE_INDEXED: a text column unique through a constraint.
 
     `unique=True` on a CharField also gives it, on PostgreSQL, a second
-    index (varchar_pattern_ops) for LIKE 'prefix%' queries, which nothing here
-    runs (the admin's search is a contains) and which every insert and every
-    non-HOT update pays for: the keys of holds, transactions, usage records
-    and jobs are written on every inference request.
+    index (varchar_pattern_ops) for LIKE 'prefix%' queries, which every
+    insert and every non-HOT update pays for: the keys of holds,
+    transactions, usage records and jobs are written on every inference
+    request. A column that is searched by prefix declares that index itself
+    (JournalTransaction); the admin's search is a contains, which no index
+    serves.
     """
     return models.UniqueConstraint(fields=[field], name=name)
 
@@ -163,7 +165,17 @@ class JournalTransaction(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
-        indexes = [models.Index(fields=["organization", "-created_at"])]
+        indexes = [
+            models.Index(fields=["organization", "-created_at"]),
+            # Prefix queries by kind of event ("grant:invoice:...": the Stripe
+            # reconciliation), which the unique index cannot serve under a
+            # non-C collation.
+            models.Index(
+                fields=["idempotency_key"],
+                name="journal_key_prefix",
+                opclasses=["varchar_pattern_ops"],
+            ),
+        ]
         constraints = [unique_not_like_indexed("idempotency_key", "journal_transaction_key_unique")]
 
     def __str__(self) -> str:

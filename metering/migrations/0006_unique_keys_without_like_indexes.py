@@ -56,4 +56,8 @@ class Migration(migrations.Migration):
             model_name='usagerecord',
             constraint=models.UniqueConstraint(fields=('job_id',), name='usage_record_job_unique'),
         ),
+        migrations.AddIndex(
+            model_name='journaltransaction',
+            index=models.Index(fields=['idempotency_key'], name='journal_key_prefix', opclasses=['varchar_pattern_ops']),
+        ),
     ]
