@@ -63,7 +63,10 @@ def _hold_from_row(row) -> Hold:
     )
 
 
-_PLACE = f"""
+# The placement: its common table expressions (the accounts, the journal
+# transaction, its entries), then the hold row. Every insert hangs off the
+# wallet's update, so a wallet that is short writes nothing.
+_PLACE_CTES = """
 WITH acct AS MATERIALIZED (
     SELECT max(id) FILTER (WHERE kind = 'wallet') AS wallet_id,
            max(id) FILTER (WHERE kind = 'holds') AS holds_id
@@ -98,35 +101,26 @@ e AS (
     UNION ALL
     SELECT t.id, h.id, %(amount)s::bigint, h.balance, %(now)s::timestamptz FROM t, h
 )
+"""
+_PLACE_HOLD = f"""
 INSERT INTO metering_hold
        (organization_id, key, amount, captured, status, expires_at, place_transaction_id, created_at)
 SELECT %(org)s::bigint, %(key)s::text, %(amount)s::bigint, 0, 'pending', %(expires_at)s::timestamptz, t.id, %(now)s::timestamptz FROM t
 RETURNING {_RETURNING}
 """
+_PLACE = _PLACE_CTES + _PLACE_HOLD
 
-_PLACE_WITH_ROW = (
-    _PLACE.replace(
-        "\nINSERT INTO metering_hold", ",\nplaced AS (\nINSERT INTO metering_hold", 1
-    ).rstrip()
-    + """
-),
+
+@functools.cache
+def _place_with_row(table: str, columns: str, values: str, pk_column: str) -> str:
+    """The placement, then a row inserted only if the hold was (`RowInsert`'s parts)."""
+    return f"""{_PLACE_CTES.rstrip()},
+placed AS ({_PLACE_HOLD}),
 extra AS (
     INSERT INTO {table} ({columns}) SELECT {values} FROM placed RETURNING {pk_column}
 )
 SELECT placed.*, extra.{pk_column} FROM placed, extra
 """
-)
-
-
-@functools.cache
-def _place_with_row(table: str, columns: str, values: str, pk_column: str) -> str:
-    # Braces in the placement's own text were resolved above; only these four remain.
-    return (
-        _PLACE_WITH_ROW.replace("{table}", table)
-        .replace("{columns}", columns)
-        .replace("{values}", values)
-        .replace("{pk_column}", pk_column)
-    )
 
 
 def hold_place_fast(

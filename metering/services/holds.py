@@ -152,6 +152,15 @@ def _settle(
         return hold
 
 
+def _require_capture_amount(amount) -> None:
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+        raise ApplicationError(
+            code="invalid_amount",
+            message="The captured amount must be a non-negative integer of micro-credits.",
+            param="amount",
+        )
+
+
 def _check_usage(captured: int, usage: UsageDraft | None) -> None:
     if usage is not None:
         usage.validate()
@@ -177,12 +186,7 @@ def hold_settle_params(*, key: str, captured: int | None, usage: UsageDraft | No
         status, captured = HoldStatus.RELEASED, 0
     else:
         status = HoldStatus.CAPTURED
-        if not isinstance(captured, int) or isinstance(captured, bool) or captured < 0:
-            raise ApplicationError(
-                code="invalid_amount",
-                message="The captured amount must be a non-negative integer of micro-credits.",
-                param="amount",
-            )
+        _require_capture_amount(captured)
     require_key(key)
     _check_usage(captured, usage)
     return fastpath.settle_params(
@@ -267,12 +271,7 @@ def hold_capture(*, key: str, amount: int, usage: UsageDraft | None = None) -> H
 
     With `usage`, the usage record that `amount` pays for is written with it.
     """
-    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
-        raise ApplicationError(
-            code="invalid_amount",
-            message="The captured amount must be a non-negative integer of micro-credits.",
-            param="amount",
-        )
+    _require_capture_amount(amount)
     return _settle(
         key=key, captured=amount, status=HoldStatus.CAPTURED, now=timezone.now(), usage=usage
     )
