@@ -23,6 +23,7 @@ then, as above.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from datetime import datetime
 
@@ -38,31 +39,72 @@ from inference.relay import relay_cancel_watch, relay_publish
 from inference.selectors import catalog_model_by_id, pool_for_job
 from inference.services import job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
-from inference.services.jobs import Outcome, prompt_tokens_count
+from inference.services.jobs import Outcome, job_from_engine_spec, prompt_tokens_count
 from metering.selectors import model_price_by_id, organization_balance
 
 logger = logging.getLogger(__name__)
+
+
+# A job delivered this soon after it was sent goes to the engine before it is
+# marked running, on the server pool the API resolved for it: marking it (an
+# UPDATE) and reading its model and price (the catalog caches' Redis read) then
+# run while the engine works instead of before it (docs/BENCHMARKS.md). An
+# older message (a backlog, a redelivery) is marked running first, on the pool
+# the catalog names now, so that a job cancelled while it waited is never
+# sent: through an ensemble the engine would run an abandoned request to its
+# end (triton.py). The age is read from the API's clock with the worker's;
+# clocks that disagree only move jobs from one order to the other, and both
+# settle alike.
+ENGINE_FIRST_WITHIN_S = 2.0
 
 
 # ignore_result: the answer travels through the relay (and the Job row), never
 # through Celery's result backend; storing it would cost the worker a write and
 # the API process a result subscription per job, for a result nobody reads.
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def job_run(job_pk: int, prompt: str) -> str:
+def job_run(job_pk: int, prompt: str, spec: dict | None = None) -> str:
     # One Redis read of the catalog and price caches' tokens for the whole job.
     with cache_scope():
-        return _job_run(job_pk, prompt)
+        return _job_run(job_pk, prompt, spec)
 
 
-def _job_run(job_pk: int, prompt: str) -> str:
-    # Everything the run and the settlement read: the job's row, loaded as it
-    # is marked running, and its catalog model and price from this process's
-    # caches. The organization is never loaded: its id is all they need.
-    job = job_start(job_pk=job_pk)
-    if job is None:  # it ended already: cancelled while queued, or settled by a redelivery
-        return Job.objects.filter(pk=job_pk).values_list("status", flat=True).first() or ""
-    job.model = catalog_model_by_id(job.model_id)
-    job.model_price = model_price_by_id(job.model_price_id)
+class _Start:
+    """The job's row, marked running: at once, or while the engine works (`after_send`)."""
+
+    def __init__(self, job_pk: int):
+        self.job_pk = job_pk
+        self.job: Job | None = None
+        self.ended = False  # the job had ended before it could be started
+
+    def __call__(self) -> bool:
+        job = job_start(job_pk=self.job_pk)
+        if job is None:  # cancelled while queued, or settled by a redelivery
+            self.ended = True
+            return False
+        # Everything the settlement reads but the job's row: its catalog model
+        # and price, from this process's caches. The organization is never
+        # loaded: its id is all they need.
+        job.model = catalog_model_by_id(job.model_id)
+        job.model_price = model_price_by_id(job.model_price_id)
+        self.job = job
+        return True
+
+    def status(self) -> str:
+        return Job.objects.filter(pk=self.job_pk).values_list("status", flat=True).first() or ""
+
+
+def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
+    start = _Start(job_pk)
+    engine_first = spec is not None and 0 <= time.time() - spec["sent_at"] < ENGINE_FIRST_WITHIN_S
+    if engine_first:
+        job = job_from_engine_spec(job_pk, spec)
+        engine = triton.pool_for(tuple(spec["grpc_urls"]), spec["triton_model"])
+    elif start():
+        job = start.job
+        pool = pool_for_job(job=job)
+        engine = triton.pool_for(tuple(pool.grpc_urls), job.model.triton_model)
+    else:
+        return start.status()
     first_token: list[datetime] = []
 
     def on_delta(text: str) -> None:
@@ -70,8 +112,7 @@ def _job_run(job_pk: int, prompt: str) -> str:
             first_token.append(timezone.now())
         relay_publish(job.public_id, {"type": "delta", "text": text})
 
-    pool = pool_for_job(job=job)
-    engine = triton.pool_for(tuple(pool.grpc_urls), job.model.triton_model)
+    result: triton.GenerationResult | triton.TritonError
     # Set by POST /api/v1/jobs/{id}/cancel, or by the API process when a
     # streaming client goes away or a waiting one times out.
     with relay_cancel_watch(job.public_id) as cancel:
@@ -80,13 +121,22 @@ def _job_run(job_pk: int, prompt: str) -> str:
                 _engine_request(job, prompt),
                 on_delta=on_delta if job.stream else None,
                 cancel=cancel,
+                after_send=start if engine_first else None,
             )
         except triton.TritonError as exc:
-            outcome, status = _failure_outcome(exc), JobStatus.FAILED
-        else:
-            outcome = _result_outcome(job, prompt, result)
-            cancelled = result.finish_reason == "cancelled"
-            status = JobStatus.CANCELED if cancelled else JobStatus.SUCCEEDED
+            result = exc
+    if engine_first:
+        # Started while the engine worked; or never sent (no server took it,
+        # or the job had ended: its request was abandoned): start it now.
+        if start.ended or (start.job is None and not start()):
+            return start.status()
+        job = start.job
+    if isinstance(result, triton.TritonError):
+        outcome, status = _failure_outcome(result), JobStatus.FAILED
+    else:
+        outcome = _result_outcome(job, prompt, result)
+        cancelled = result.finish_reason == "cancelled"
+        status = JobStatus.CANCELED if cancelled else JobStatus.SUCCEEDED
     if first_token:
         outcome = replace(outcome, first_token_at=first_token[0])
     # The reservations' release and the final event go to Redis together;

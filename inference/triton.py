@@ -400,6 +400,18 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
+class _Once:
+    """`generate`'s after_send: called after the first send only, not again on a retry."""
+
+    def __init__(self, call: Callable[[], bool]):
+        self._call = call
+        self.called = False
+
+    def __call__(self) -> bool:
+        self.called = True
+        return self._call()
+
+
 class _Retry(Exception):
     """A connection failed before the engine delivered anything: try another server."""
 
@@ -458,12 +470,20 @@ class ServerPool:
         on_delta: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
         request_id: str = "",
+        after_send: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Runs one generation; see the module docstring for the guarantees.
 
         With `request.stream`, `on_delta(text)` is called in this thread for each
         token delta as it arrives. When `cancel` is set, the request is ended and
         what was delivered so far comes back with finish_reason "cancelled".
+        `after_send()` is called once, in this thread, as soon as the request
+        first went out to a server and before any response is read: work that
+        may overlap the engine's. If it returns False the request is abandoned
+        (ended on the server; the result is empty, finish_reason "cancelled");
+        if it raises, the request is ended and the exception propagates. While
+        it runs responses queue up unread, so for a request that finished
+        meanwhile `engine_ms` includes the rest of its run.
         Raises EngineUnavailable, EngineTimeout or EngineError.
         """
         if self._closed:
@@ -471,6 +491,7 @@ class ServerPool:
         if cancel is not None and cancel.is_set():
             return GenerationResult("", 0, 0, 0, 0, "cancelled")
         message = _encode(self.model_name, request, request_id or f"gym-{next(self._ids)}")
+        hook = _Once(after_send) if after_send is not None else None
         tried: set[_Server] = set()
         failures: list[str] = []
         for attempt in range(self.retries + 1):
@@ -479,7 +500,7 @@ class ServerPool:
                 break
             tried.add(server)
             try:
-                return self._attempt(server, message, request, on_delta, cancel)
+                return self._attempt(server, message, request, on_delta, cancel, hook)
             except _Retry as exc:
                 failures.append(f"{server.url}: {exc}")
                 # Check it again before the next pick: a restarted server is
@@ -606,7 +627,7 @@ class ServerPool:
 
     # -- one attempt on one server ---------------------------------------------
 
-    def _attempt(self, server, message, request, on_delta, cancel) -> GenerationResult:
+    def _attempt(self, server, message, request, on_delta, cancel, hook) -> GenerationResult:
         try:
             stream = self._checkout(server)
         except BaseException:
@@ -619,6 +640,15 @@ class ServerPool:
         try:
             acc.started = time.perf_counter()
             stream.send(message)
+            if hook is not None and not hook.called:
+                try:
+                    go_on = hook()
+                except BaseException:
+                    stream.abort("cancelled")
+                    raise
+                if not go_on:
+                    stream.abort("cancelled")
+                    return GenerationResult("", 0, 0, 0, 0, "cancelled", server.url, sent=True)
             for reply in stream.call:
                 flight.deadline = time.monotonic() + self.timeout_s
                 response = reply.infer_response

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,7 +37,7 @@ from accounts.ratelimits import (
     rate_limit_refund,
 )
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
-from inference.selectors import catalog_model_resolve
+from inference.selectors import catalog_model_resolve, pool_for_job
 from inference.services.callbacks import job_callback_record
 from metering.models import Priority
 from metering.selectors import model_price
@@ -251,10 +252,11 @@ def job_submit(
         # database, unless the organization opted in to storing it. Not in the
         # message's description either: Celery would put a repr of the
         # arguments in its headers (argsrepr), which monitoring and task
-        # events show.
+        # events show. With it, what the engine call needs (job_engine_spec),
+        # so a worker can send it to the engine before it marks the job running.
         transaction.on_commit(
             lambda: job_run.apply_async(
-                args=[job.pk, prompt],
+                args=[job.pk, prompt, job_engine_spec(job)],
                 queue=f"inference.{priority}",
                 priority=None,
                 argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
@@ -266,6 +268,37 @@ def job_submit(
         rate_limit_refund(kind="tokens", limits=_limits(organization), amount=reserved_tokens)
         raise
     return job
+
+
+def job_engine_spec(job: Job) -> dict:
+    """What a worker needs to send a job to the engine, without reading its row or the catalog.
+
+    Travels in the job's task message (JSON); `job_from_engine_spec` reads it
+    back. The server pool is the one the catalog names as the job is queued
+    (inference.tasks uses it only for a message delivered within seconds).
+    """
+    pool = pool_for_job(job=job)
+    return {
+        "grpc_urls": list(pool.grpc_urls),
+        "triton_model": job.model.triton_model,
+        "id": job.public_id,
+        "kind": job.kind,
+        "stream": job.stream,
+        "params": job.params,
+        # The worker's clock reads the message's age from it (tasks.py).
+        "sent_at": time.time(),
+    }
+
+
+def job_from_engine_spec(job_pk: int, spec: dict) -> Job:
+    """An unsaved Job holding only what `job_engine_spec` carried: for the engine call, not to save."""
+    return Job(
+        pk=job_pk,
+        public_id=spec["id"],
+        kind=spec["kind"],
+        stream=spec["stream"],
+        params=spec["params"],
+    )
 
 
 # Loads the job and marks it running in one round trip. A job already running

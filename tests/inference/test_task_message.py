@@ -44,6 +44,11 @@ def test_the_prompt_is_in_the_task_arguments_but_not_in_their_description(
     assert job.status == JobStatus.SUCCEEDED
     [(headers, body)] = published
     args = body[0]
-    assert args == [job.pk, "Strength training"]
+    assert args[:2] == [job.pk, "Strength training"]
+    # with what the engine call needs (inference.tasks: sent before the job
+    # is marked running), which is not the prompt
+    spec = args[2]
+    assert spec["id"] == job.public_id and spec["params"]["max_tokens"] == 4
+    assert "Strength" not in repr(spec)
     assert "Strength" not in headers["argsrepr"]
     assert headers["argsrepr"] == f"({job.pk}, <prompt: 17 characters>)"

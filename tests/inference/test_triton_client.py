@@ -146,6 +146,62 @@ def test_a_request_cancelled_before_it_starts_is_not_sent(pool):
     assert result == GenerationResult("", 0, 0, 0, 0, "cancelled")
 
 
+def test_after_send_runs_once_while_the_engine_works_on_the_request(private_triton_server):
+    # given: a pool on a server nothing else uses, and a hook that waits until
+    # the server has answered the request (its success counters moved)
+    pool = ServerPool([private_triton_server.grpc_url])
+    request = GenerationRequest(PROMPT, 8, seed=3)
+    expected = pool.generate(request)
+    before = scrape_metrics(private_triton_server.metrics_url)["nv_inference_request_success"]
+    seen: list[float] = []
+
+    def after_send() -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            metrics = scrape_metrics(private_triton_server.metrics_url)
+            if metrics["nv_inference_request_success"] > before:
+                seen.append(metrics["nv_inference_request_success"])
+                break
+            time.sleep(0.01)
+        return True
+
+    try:
+        # when
+        result = pool.generate(request, after_send=after_send)
+    finally:
+        pool.close()
+
+    # then: the request was served while the hook ran (sent before it), once,
+    # and its answer is the one it gets without a hook
+    assert len(seen) == 1
+    assert result.text == expected.text and result.output_tokens == expected.output_tokens
+    assert result.finish_reason == expected.finish_reason
+
+
+def test_after_send_saying_no_abandons_the_request_and_the_pool_serves_on(pool):
+    # when
+    result = pool.generate(GenerationRequest(PROMPT, 8, seed=3), after_send=lambda: False)
+
+    # then: nothing delivered, but the request did go out (the engine took it)
+    assert result.finish_reason == "cancelled"
+    assert (result.text, result.input_tokens, result.output_tokens) == ("", 0, 0)
+    assert result.sent
+    # and the next request gets its own answer, not the abandoned one's
+    again = pool.generate(GenerationRequest(PROMPT, 4, seed=1))
+    assert again.output_tokens == 4 and again.finish_reason == "length"
+
+
+def test_after_send_raising_ends_the_request_and_propagates(pool):
+    # given
+    def after_send() -> bool:
+        raise RuntimeError("the database is down")
+
+    # when / then
+    with pytest.raises(RuntimeError, match="the database is down"):
+        pool.generate(GenerationRequest(PROMPT, 8, seed=3), after_send=after_send)
+    assert pool.generate(GenerationRequest(PROMPT, 4, seed=1)).output_tokens == 4
+
+
 def test_cancelling_from_another_thread_releases_the_caller_promptly(pool):
     # given: the cancel comes from elsewhere (the API process), after the first delta
     full = pool.generate(_long_request(), on_delta=lambda text: None)

@@ -1,0 +1,193 @@
+"""The worker's job_run: a job fresh off the queue goes to the engine before it is marked running.
+
+A message delivered within ENGINE_FIRST_WITHIN_S of being sent carries what
+the engine call needs (job_engine_spec), so the job's start (its row marked
+running) runs while the engine works; an older message, or one without it,
+starts the job first, so a job cancelled while it waited is never sent. Either
+way a job settles once and an ended job is never settled again.
+
+The task body runs in this process (`job_run.run`), on a tritonserver of its
+own whose request counters only these requests move; the end-to-end path
+through a real worker process is tests/inference/test_openai_api.py's.
+Transactional: the job's statements commit as in the worker. The Job row and
+its hold are written directly, so no Celery message is left behind.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.db import connection
+
+from inference import tasks, triton
+from inference.models import Job, JobStatus
+from inference.services import job_cancel
+from inference.services.jobs import job_engine_spec
+from metering.models import Hold, HoldStatus, UsageRecord
+from metering.selectors import model_price
+from metering.services import hold_place
+from tests.factories import OrganizationFactory
+from tests.helpers import credits, ledger_rows, served_model
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PROMPT = "Strength training"
+
+
+@pytest.fixture
+def engine(private_triton_server):
+    yield private_triton_server
+    # Its streams must go before the server can stop.
+    triton.close_pools()
+
+
+@pytest.fixture
+def queued_job(engine, grant) -> Job:
+    model = served_model("gym-run", grpc_urls=[engine.grpc_url], access_tier="basic")
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = Job.objects.create(
+        public_id=f"job_run_{time.monotonic_ns()}",
+        organization=org,
+        model=model,
+        model_price=model_price(model_name="gym-run"),
+        priority="standard",
+        params={"max_tokens": 4, "seed": 1, "reserved_tokens": 0},
+        hold_amount=credits(1),
+    )
+    hold_place(organization=org, amount=credits(1), key=job.public_id, new_key=True)
+    return job
+
+
+def _spec(job: Job, *, age_s: float = 0.0) -> dict:
+    spec = job_engine_spec(job)
+    spec["sent_at"] -= age_s
+    return spec
+
+
+def _served(engine) -> float:
+    """Requests the engine's models have answered (the ensemble and its steps each count)."""
+    return triton.scrape_metrics(engine.metrics_url).get("nv_inference_request_success", 0)
+
+
+def _served_reaches(engine, count: float) -> float:
+    deadline = time.monotonic() + 10
+    while (served := _served(engine)) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return served
+
+
+@pytest.mark.parametrize(
+    "message", ["fresh", "late", "without spec"], ids=["fresh", "late", "without-spec"]
+)
+def test_a_job_runs_and_settles_once_whatever_its_message_carried(queued_job, message):
+    # given
+    args = {
+        "fresh": (queued_job.pk, PROMPT, _spec(queued_job)),
+        "late": (queued_job.pk, PROMPT, _spec(queued_job, age_s=60)),
+        "without spec": (queued_job.pk, PROMPT),
+    }[message]
+
+    # when
+    status = tasks.job_run.run(*args)
+
+    # then: succeeded, billed once for what the engine served
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.SUCCEEDED
+    assert job.started_at is not None and job.started_at <= job.finished_at
+    assert job.output_tokens == 4 and job.input_tokens > 0
+    [record] = UsageRecord.objects.filter(job_id=job.public_id)
+    assert record.output_tokens == 4 and record.credits == job.credits_charged > 0
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.CAPTURED
+
+
+def test_a_late_message_goes_to_the_pool_the_catalog_names_now(queued_job, dead_grpc_url):
+    # given: a message that waited, naming a pool since taken away
+    spec = _spec(queued_job, age_s=60) | {"grpc_urls": [dead_grpc_url]}
+
+    # when
+    status = tasks.job_run.run(queued_job.pk, PROMPT, spec)
+
+    # then: served by the catalog's pool
+    assert status == JobStatus.SUCCEEDED
+    assert Job.objects.get(pk=queued_job.pk).output_tokens == 4
+
+
+def test_a_fresh_message_no_server_takes_starts_the_job_and_fails_it_unbilled(
+    queued_job, dead_grpc_url
+):
+    # given: a fresh message whose pool has no live server
+    spec = _spec(queued_job) | {"grpc_urls": [dead_grpc_url]}
+
+    # when
+    status = tasks.job_run.run(queued_job.pk, PROMPT, spec)
+
+    # then: started and settled as failed, its whole hold released, nothing billed
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.FAILED
+    assert job.error_code == "engine_unavailable" and job.started_at is not None
+    assert job.credits_charged == 0
+    hold = Hold.objects.get(key=job.public_id)
+    assert hold.status == HoldStatus.RELEASED and hold.captured == 0
+
+
+def test_a_fresh_message_reaches_the_engine_before_the_job_is_marked_running(queued_job):
+    # given: the engine's in-flight count, read when the job's start statement runs
+    in_flight_at_start: list[int] = []
+    pool = triton.pool_for([queued_job.model.pool.grpc_urls[0]], queued_job.model.triton_model)
+
+    def watch(execute, sql, params, many, context):
+        if sql.lstrip().startswith("UPDATE inference_job") and "started_at" in sql:
+            in_flight_at_start.append(sum(server.inflight for server in pool._servers))
+        return execute(sql, params, many, context)
+
+    # when
+    with connection.execute_wrapper(watch):
+        status = tasks.job_run.run(queued_job.pk, PROMPT, _spec(queued_job))
+
+    # then: the request was out when the job was started, and it succeeded
+    assert in_flight_at_start == [1]
+    assert status == JobStatus.SUCCEEDED
+
+
+def test_a_job_cancelled_before_its_fresh_message_arrived_is_abandoned_not_settled_again(
+    queued_job, engine
+):
+    # given: the job was cancelled while queued (its hold released), then its
+    # message arrives at once
+    job_cancel(job=queued_job)
+    before = ledger_rows(), UsageRecord.objects.count()
+    served = _served(engine)
+
+    # when
+    status = tasks.job_run.run(queued_job.pk, PROMPT, _spec(queued_job))
+
+    # then: it stays cancelled, nothing more is written or billed
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.CANCELED
+    assert job.started_at is None and job.credits_charged == 0
+    assert (ledger_rows(), UsageRecord.objects.count()) == before
+    # though the engine did get the request (sent before the start found the job ended)
+    assert _served_reaches(engine, served + 1) > served
+
+
+def test_a_job_cancelled_before_its_late_message_arrived_is_never_sent(queued_job, engine):
+    # given: the job was cancelled while queued, and its message waited long
+    job_cancel(job=queued_job)
+    before = ledger_rows(), UsageRecord.objects.count()
+    served = _served(engine)
+    one_request = triton.pool_for([engine.grpc_url], "ensemble")
+
+    # when
+    status = tasks.job_run.run(queued_job.pk, PROMPT, _spec(queued_job, age_s=60))
+    # and one more request follows it to the engine
+    one_request.generate(triton.GenerationRequest(PROMPT, 2, seed=1))
+
+    # then: it stays cancelled, nothing more is written or billed
+    assert status == Job.objects.get(pk=queued_job.pk).status == JobStatus.CANCELED
+    assert (ledger_rows(), UsageRecord.objects.count()) == before
+    # and the engine answered the later request only (each request moves the
+    # counter once per model: the ensemble and its step)
+    per_request = 2
+    assert _served_reaches(engine, served + per_request) == served + per_request
