@@ -30,7 +30,7 @@ from accounts.idempotency import (
     idempotency_release,
 )
 from accounts.models import Membership, Organization, Role
-from accounts.ratelimits import Limit, rate_limit_consume
+from accounts.ratelimits import Limit, RequestCount, rate_limit_consume
 
 ALL_ROLES = tuple(Role.values)
 MANAGERS = (Role.OWNER, Role.ADMIN)
@@ -122,6 +122,12 @@ class OrgApiView(APIView):
     required_scope: str | None = None
     # A signed-in user needs one of these roles in the organization.
     allowed_roles: tuple[str, ...] = ALL_ROLES
+    # The view counts the request against its requests-per-minute limits
+    # itself, with the other reservations its service takes in Redis (one
+    # round trip less): `request.request_count` (accounts.ratelimits.
+    # RequestCount) goes to the service. Should the view fail before the
+    # count, it is taken on the way out (finalize_response).
+    counts_requests_with_work = False
 
     # --- who and for which organization ----------------------------------------
 
@@ -203,7 +209,24 @@ class OrgApiView(APIView):
                     scope=f"key:{key.pk}", limit=key.requests_per_minute or org.requests_per_minute
                 ),
             )
+        if self.counts_requests_with_work:
+            request.request_count = RequestCount(limits)
+            return
         request.ratelimit = rate_limit_consume(kind="requests", limits=limits)
+
+    def _count_request_if_not_yet(self, request) -> None:
+        """The request's count, for a view that failed before its service took it."""
+        count = getattr(request, "request_count", None)
+        if count is None:
+            return
+        if count.usage is None:
+            try:
+                count.usage = rate_limit_consume(kind="requests", limits=count.limits)
+            except ApplicationError:
+                # Over the limit already: the answer stays the view's error
+                # (a 4xx of its own), without the limit headers.
+                return
+        request.ratelimit = count.usage
 
     def handle_exception(self, exc: Exception):
         if isinstance(exc, _Replay):
@@ -229,6 +252,7 @@ class OrgApiView(APIView):
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
+        self._count_request_if_not_yet(request)
         usage = getattr(request, "ratelimit", None)
         if usage is not None:
             response["x-ratelimit-limit-requests"] = str(usage.limit)

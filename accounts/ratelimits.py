@@ -20,19 +20,19 @@ from accounts.redis import get_redis
 WINDOW_SECONDS = 60
 
 # Checks every window, and takes a concurrency slot when asked, all or nothing.
-# KEYS: one window key per scope, then (when ARGV[3] is a job id) the
-# organization's set of running jobs. ARGV: cost, window, job id or '', now,
-# slots, the job's lease expiry, the set's TTL, then one limit per window key.
-# Returns {0, ...remaining per window, ttl} when counted, {i, ttl, used} when
-# window i is full, {-1} when every slot is taken.
+# KEYS: one window key per limit, then (when ARGV[2] is a job id) the
+# organization's set of running jobs. ARGV: window, job id or '', now, slots,
+# the job's lease expiry, the set's TTL, then a limit and a cost per window key.
+# Returns {0, remaining per window..., ttl per window...} when counted,
+# {i, ttl, used} when window i is full, {-1} when every slot is taken.
 _TAKE = """
-local cost = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local job = ARGV[3]
+local window = tonumber(ARGV[1])
+local job = ARGV[2]
 local n = #KEYS
 if job ~= '' then n = n - 1 end
 for i = 1, n do
-  local limit = tonumber(ARGV[7 + i])
+  local limit = tonumber(ARGV[5 + 2 * i])
+  local cost = tonumber(ARGV[6 + 2 * i])
   local used = tonumber(redis.call('GET', KEYS[i]) or '0')
   if used + cost > limit then
     local ttl = redis.call('TTL', KEYS[i])
@@ -42,25 +42,25 @@ for i = 1, n do
 end
 if job ~= '' then
   local running = KEYS[n + 1]
-  redis.call('ZREMRANGEBYSCORE', running, '-inf', ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', running, '-inf', ARGV[3])
   if not redis.call('ZSCORE', running, job) then
-    if redis.call('ZCARD', running) >= tonumber(ARGV[5]) then return {-1} end
-    redis.call('ZADD', running, ARGV[6], job)
-    redis.call('EXPIRE', running, ARGV[7])
+    if redis.call('ZCARD', running) >= tonumber(ARGV[4]) then return {-1} end
+    redis.call('ZADD', running, ARGV[5], job)
+    redis.call('EXPIRE', running, ARGV[6])
   end
 end
 local result = {0}
+local ttls = {}
 for i = 1, n do
+  local cost = tonumber(ARGV[6 + 2 * i])
   local used = redis.call('INCRBY', KEYS[i], cost)
   if used == cost then redis.call('EXPIRE', KEYS[i], window) end
-  table.insert(result, tonumber(ARGV[7 + i]) - used)
-end
-local ttl = window
-if n > 0 then
-  ttl = redis.call('TTL', KEYS[1])
+  table.insert(result, tonumber(ARGV[5 + 2 * i]) - used)
+  local ttl = redis.call('TTL', KEYS[i])
   if ttl < 0 then ttl = window end
+  table.insert(ttls, ttl)
 end
-table.insert(result, ttl)
+for i = 1, n do table.insert(result, ttls[i]) end
 return result
 """
 
@@ -105,22 +105,49 @@ class Slot:
     lease: int = 900
 
 
+@dataclass
+class RequestCount:
+    """A request's count against its requests-per-minute limits, left to the work it asks for.
+
+    An endpoint that reserves something else in Redis anyway (an inference
+    job's tokens and slot) counts its request in the same script, a round
+    trip less: the API view hands this to the service, whose
+    `rate_limit_consume(..., request=...)` counts it and fills `usage`. An
+    endpoint that failed before counting it counts it on its way out
+    (accounts.api_base), so every request still counts once.
+    """
+
+    limits: list[Limit]
+    usage: Usage | None = None
+
+
 def rate_limit_consume(
-    *, kind: str, limits: list[Limit], cost: int = 1, slot: Slot | None = None
+    *,
+    kind: str,
+    limits: list[Limit],
+    cost: int = 1,
+    slot: Slot | None = None,
+    request: RequestCount | None = None,
 ) -> Usage:
     """Count `cost` against every limit, or raise `rate_limited` (429) and count nothing.
 
     With `slot`, also take that concurrency slot, in the same script: both or
     neither (`too_many_concurrent_jobs`, 429, when every slot is taken). The
-    slot is idempotent per job id. The reported usage is the tightest scope's.
+    slot is idempotent per job id. With `request`, also count one request
+    against its limits, first and in the same script (its usage is set on
+    it). The reported usage is the tightest scope's.
     """
     now = time.time()
-    keys = [_window_key(kind, lim.scope, now) for lim in limits]
-    args = [cost, WINDOW_SECONDS, "", 0, 0, 0, 0]
+    counted = [("requests", lim, 1) for lim in request.limits] if request is not None else []
+    counted += [(kind, lim, cost) for lim in limits]
+    keys = [_window_key(k, lim.scope, now) for k, lim, _cost in counted]
+    args = [WINDOW_SECONDS, "", 0, 0, 0, 0]
     if slot is not None:
         keys.append(f"conc:{slot.scope}")
-        args[2:] = [slot.job_id, now, slot.limit, now + slot.lease, slot.lease + 60]
-    result = _script(_TAKE)(keys=keys, args=[*args, *[lim.limit for lim in limits]])
+        args[1:] = [slot.job_id, now, slot.limit, now + slot.lease, slot.lease + 60]
+    for _kind, lim, units in counted:
+        args += [lim.limit, units]
+    result = _script(_TAKE)(keys=keys, args=args)
     if result[0] == -1:
         raise ApplicationError(
             code="too_many_concurrent_jobs",
@@ -129,26 +156,35 @@ def rate_limit_consume(
             extra={"retry_after": 1},
         )
     if result[0] != 0:
-        full = limits[result[0] - 1]
+        full_kind, full, _units = counted[result[0] - 1]
         retry_after = max(1, int(result[1]))
         raise ApplicationError(
             code="rate_limited",
             message=(
-                f"Rate limit reached: {full.limit} {kind} per minute for this "
+                f"Rate limit reached: {full.limit} {full_kind} per minute for this "
                 f"{'API key' if full.scope.startswith('key:') else 'organization'}. "
                 f"Retry after {retry_after} s."
             ),
             status=429,
-            extra={"retry_after": retry_after, "limit": full.limit, "kind": kind},
+            extra={"retry_after": retry_after, "limit": full.limit, "kind": full_kind},
         )
-    remaining = result[1:-1]
+    n = len(counted)
+    remaining, ttls = result[1 : 1 + n], result[1 + n :]
+    if request is not None:
+        k = len(request.limits)
+        request.usage = _usage(request.limits, remaining[:k], ttls[:k])
+        remaining, ttls = remaining[k:], ttls[k:]
+    return _usage(limits, remaining, ttls)
+
+
+def _usage(limits: list[Limit], remaining: list[int], ttls: list[int]) -> Usage:
     if not limits:
-        return Usage(limit=0, remaining=0, reset_seconds=int(result[-1]))
+        return Usage(limit=0, remaining=0, reset_seconds=WINDOW_SECONDS)
     tightest = min(range(len(limits)), key=lambda i: remaining[i])
     return Usage(
         limit=limits[tightest].limit,
         remaining=max(0, remaining[tightest]),
-        reset_seconds=max(1, int(result[-1])),
+        reset_seconds=max(1, int(ttls[tightest])),
     )
 
 

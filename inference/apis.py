@@ -130,6 +130,8 @@ class _GenerationApi(OrgApiView):
 
     required_scope = Scope.INFERENCE
     kind = "chat"
+    # The request is counted with the job's tokens and slot (job_submit).
+    counts_requests_with_work = True
 
     def submit(self, request, data: dict) -> Job:
         return job_submit(
@@ -150,6 +152,7 @@ class _GenerationApi(OrgApiView):
             kind=self.kind,
             stream=data["stream"],
             callback_url=data.get("callback_url", ""),
+            request_count=getattr(request, "request_count", None),
         )
 
     def post(self, request):

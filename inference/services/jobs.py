@@ -31,6 +31,7 @@ from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Organization, Standing
 from accounts.ratelimits import (
     Limit,
+    RequestCount,
     Slot,
     concurrency_release,
     rate_limit_consume,
@@ -168,11 +169,15 @@ def job_submit(
     kind: str = "chat",
     stream: bool = False,
     callback_url: str = "",
+    request_count: RequestCount | None = None,
 ) -> Job:
     """Hold the worst case, write the Job, enqueue it after commit.
 
     `prompt` is the text, or a function that renders it for the resolved
     model (a chat template), called once the model has passed every check.
+    `request_count`: the API request's own count against its requests-per-
+    minute limits, taken in the same Redis script as the job's tokens and
+    slot (accounts.ratelimits).
     """
     if organization.standing == Standing.SUSPENDED:
         raise ApplicationError(
@@ -206,7 +211,8 @@ def job_submit(
 
     # Redis reservations first: cheap to refuse, and undone if the hold fails.
     reserved_tokens = bound + max_tokens
-    # The tokens and a concurrency slot in one script: both or neither.
+    # The tokens and a concurrency slot (and the request's own count) in one
+    # script: all or nothing.
     rate_limit_consume(
         kind="tokens",
         limits=_limits(organization),
@@ -214,6 +220,7 @@ def job_submit(
         slot=Slot(
             scope=f"org:{organization.pk}", limit=organization.concurrent_jobs, job_id=public_id
         ),
+        request=request_count,
     )
     job = Job(
         public_id=public_id,

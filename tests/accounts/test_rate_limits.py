@@ -203,3 +203,80 @@ def test_limits_still_count_after_redis_lost_its_scripts():
     # the refused job's tokens were not counted: 95 of 100 still free
     assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 95
     concurrency_release(scope="org:scripts-test", job_id="a")
+
+
+# --- a request counted with the work it asks for (an inference job) ------------------
+
+
+def test_a_request_counted_with_a_jobs_tokens_is_all_or_nothing():
+    from accounts.errors import ApplicationError
+    from accounts.ratelimits import Limit, RequestCount, rate_limit_consume
+
+    requests = [Limit(scope="key:together", limit=2), Limit(scope="org:together", limit=5)]
+    tokens = [Limit(scope="org:together", limit=100)]
+
+    # when both have room: one call counts the request and the tokens
+    count = RequestCount(requests)
+    used = rate_limit_consume(kind="tokens", limits=tokens, cost=60, request=count)
+    assert used.remaining == 40 and used.limit == 100
+    assert (count.usage.limit, count.usage.remaining) == (2, 1)
+    assert 1 <= count.usage.reset_seconds <= 60
+
+    # when the tokens have no room: the request is not counted either
+    refused = RequestCount(requests)
+    with pytest.raises(ApplicationError) as too_many_tokens:
+        rate_limit_consume(kind="tokens", limits=tokens, cost=60, request=refused)
+    assert too_many_tokens.value.extra["kind"] == "tokens"
+    assert refused.usage is None
+    probe = RequestCount(requests)
+    rate_limit_consume(kind="tokens", limits=tokens, cost=0, request=probe)
+    assert probe.usage.remaining == 0  # 2 counted: the first call and this probe
+
+    # when the requests have no room: refused as requests, the tokens untouched
+    with pytest.raises(ApplicationError) as too_many_requests:
+        rate_limit_consume(kind="tokens", limits=tokens, cost=1, request=RequestCount(requests))
+    assert too_many_requests.value.code == "rate_limited"
+    assert too_many_requests.value.extra["kind"] == "requests"
+    assert "API key" in too_many_requests.value.message
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 40
+
+
+def _scripts_run() -> int:
+    """Limit scripts Redis has run (they run by SHA), from its own command statistics."""
+    from accounts.redis import get_redis
+
+    return get_redis().info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def _chat(client, body: dict):
+    return client.post("/v1/chat/completions", body, format="json")
+
+
+def test_chat_completions_over_the_request_limit_are_refused_before_any_hold(org, make_key):
+    # given: a model the organization may call, and a key with room for 2 requests
+    from inference.models import Job
+    from metering.models import Hold
+    from tests.helpers import served_model
+
+    served_model("gym-rl", access_tier="basic")
+    key, raw = make_key(org, scopes=[Scope.INFERENCE])
+    limit_key(key, 2)
+    client = key_client(raw)
+    body = {"model": "gym-rl", "messages": [{"role": "user", "content": "hi"}]}
+
+    # when: a bad body, then a request the organization cannot pay for (no
+    # credits), then one over the limit
+    bad = _chat(client, {"model": "gym-rl", "messages": []})
+    scripts_before = _scripts_run()
+    unpaid = _chat(client, body)
+    scripts_run = _scripts_run() - scripts_before
+    refused = _chat(client, body)
+
+    # then: each counted once, the refused one before anything was reserved
+    assert bad.status_code == 400 and bad["x-ratelimit-remaining-requests"] == "1"
+    assert unpaid.status_code == 402 and unpaid["x-ratelimit-remaining-requests"] == "0"
+    # the request's count and the job's tokens and slot in one script, one round trip
+    assert scripts_run == 1
+    error = assert_rate_limited(refused)
+    assert "API key" in error["message"]
+    assert not Job.objects.exists() and not Hold.objects.exists()
