@@ -423,7 +423,9 @@ class ServerPool:
     """Triton servers that serve one model; `generate()` is safe from any number of threads.
 
     Readiness (server live and ready, model ready) is checked at most every
-    `ready_ttl_s` per server, each check bounded by `connect_timeout_s`. A
+    `ready_ttl_s` per server while it answers ready, and every
+    `not_ready_ttl_s` while it does not (a restarted server is back in the
+    pool within about a second), each check bounded by `connect_timeout_s`. A
     request goes to the ready server with the fewest requests in flight from
     this process (ties in turn). A connection error before anything was
     delivered is retried, up to `retries` times, on another ready server (the
@@ -439,6 +441,7 @@ class ServerPool:
         timeout_s: float = 60,
         connect_timeout_s: float = 2,
         ready_ttl_s: float = 5,
+        not_ready_ttl_s: float = 1,
         retries: int = 2,
         stream_idle_s: float = 2,
     ):
@@ -449,6 +452,7 @@ class ServerPool:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.ready_ttl_s = ready_ttl_s
+        self.not_ready_ttl_s = not_ready_ttl_s
         self.retries = retries
         self.stream_idle_s = stream_idle_s
         self._servers = [_Server(url, index) for index, url in enumerate(self.urls)]
@@ -548,18 +552,22 @@ class ServerPool:
             server.inflight += 1
         return server
 
-    def _is_ready(self, server: _Server) -> bool:
+    def _answer_holds(self, server: _Server) -> bool:
         checked_at = server.checked_at
-        if checked_at is not None and time.monotonic() - checked_at < self.ready_ttl_s:
+        ttl = self.ready_ttl_s if server.ready else self.not_ready_ttl_s
+        return checked_at is not None and time.monotonic() - checked_at < ttl
+
+    def _is_ready(self, server: _Server) -> bool:
+        if self._answer_holds(server):
             return server.ready
         # One thread checks; the others use the last answer, or wait for the
         # first one when there is none yet.
-        if not server.check_lock.acquire(blocking=checked_at is None):
+        if not server.check_lock.acquire(blocking=server.checked_at is None):
             return server.ready
         try:
-            checked_at = server.checked_at
-            if checked_at is not None and time.monotonic() - checked_at < self.ready_ttl_s:
+            if self._answer_holds(server):
                 return server.ready
+            checked_at = server.checked_at
             ready, why = self._probe(server)
             if ready != server.ready or checked_at is None:
                 log = logger.info if ready else logger.warning

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from inference.engine.server import TritonDevServer
 from inference.engine.tokenizer import count_tokens
 from inference.triton import (
     EngineError,
@@ -301,6 +302,33 @@ def test_a_pool_with_a_dead_server_routes_to_the_live_one(triton_server, dead_gr
     assert {result.server_url for result in results} == {triton_server.grpc_url}
     assert all(result.output_tokens == 4 for result in results)
     assert ready == [triton_server.grpc_url]
+
+
+def test_a_server_that_comes_back_is_used_again_within_its_not_ready_ttl(dead_grpc_url, tmp_path):
+    # given a pool whose one server answered not ready (nothing listens yet);
+    # a ready answer would be kept a minute, a not-ready one half a second
+    pool = ServerPool([dead_grpc_url], ready_ttl_s=60, not_ready_ttl_s=0.5, connect_timeout_s=1)
+    with pytest.raises(EngineUnavailable):
+        pool.generate(GenerationRequest(PROMPT, 2, seed=1))
+
+    # when a server comes up at that address
+    port = int(dead_grpc_url.rsplit(":", 1)[1])
+    with TritonDevServer(grpc_port=port, log_path=tmp_path / "tritonserver.log"):
+        deadline = time.monotonic() + 15
+        try:
+            while True:
+                try:
+                    result = pool.generate(GenerationRequest(PROMPT, 2, seed=1))
+                    break
+                except EngineUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            pool.close()  # before the server stops: it waits for open streams
+
+    # then the pool serves from it again, long before a minute
+    assert result.output_tokens == 2
 
 
 def test_a_pool_of_dead_servers_is_unavailable_quickly(dead_grpc_url):
