@@ -525,8 +525,8 @@ STAGES = (
     (
         "dispatch: job row built to job started",
         "one statement writes the hold and the Job row and commits, `apply_async` at once, the "
-        "message through Redis, a worker thread takes it and loads the job as it marks it "
-        "running (`started_at`)",
+        "message through Redis, a worker thread takes it, sends it to the engine and, while "
+        "the engine works, loads the job as it marks it running (`started_at`)",
     ),
     (
         "engine: the Triton call",
@@ -534,8 +534,9 @@ STAGES = (
     ),
     (
         "worker around the engine",
-        "`started_at` to `finished_at` less the engine: the pool lookup and the outcome "
-        "(`finished_at` is stamped as the settlement starts)",
+        "`started_at` to `finished_at` less the engine: the outcome (`finished_at` is "
+        "stamped as the settlement starts), less the part of the engine call that came "
+        "before `started_at` (so it may be below 0)",
     ),
     (
         "settlement and relay: to response read",

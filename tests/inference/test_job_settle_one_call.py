@@ -164,3 +164,34 @@ def test_a_settlement_the_call_cannot_do_undoes_the_claim_too(running_job):
     assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING
     assert ledger_rows() == rows
     assert not UsageRecord.objects.filter(job_id=running_job.public_id).exists()
+
+
+def test_lots_short_of_the_capture_fail_the_call_and_undo_the_claim(running_job):
+    from metering.services.lots import LedgerInconsistent
+
+    # given the wallet's lots emptied behind the ledger's back (no service
+    # does that: it is the corruption the ledger's check is there for)
+    org = running_job.organization
+    corrupt = "UPDATE metering_creditlot SET remaining = remaining + %s WHERE organization_id = %s"
+    with connection.cursor() as cursor:
+        cursor.execute(corrupt, [-credits(10), org.pk])
+    rows = ledger_rows()
+
+    try:
+        # when the worker settles the job
+        statements = StatementLog()
+        with connection.execute_wrapper(statements), pytest.raises(LedgerInconsistent) as short:
+            job_settle(job=running_job, outcome=_served(), status=JobStatus.SUCCEEDED)
+
+        # then the one call found it, and nothing of it stayed: the job still
+        # runs (its claim undone, for a later delivery to settle once the
+        # ledger is repaired), no usage record, the ledger as it was
+        assert "to burn" in str(short.value)
+        assert len(statements.sql) == 1 and "inference_job_settle(" in statements.sql[0]
+        assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING
+        assert Hold.objects.get(key=running_job.public_id).status == HoldStatus.PENDING
+        assert not UsageRecord.objects.filter(job_id=running_job.public_id).exists()
+        assert ledger_rows() == rows
+    finally:
+        with connection.cursor() as cursor:  # repaired, for the suite's reconcile check
+            cursor.execute(corrupt, [credits(10), org.pk])
