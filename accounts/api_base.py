@@ -9,6 +9,7 @@ validate, call a service or selector, serialize.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from django.http import HttpResponse
@@ -32,6 +33,8 @@ from accounts.idempotency import (
 from accounts.models import Membership, Organization, Role
 from accounts.ratelimits import Limit, RequestCount, rate_limit_consume
 
+logger = logging.getLogger(__name__)
+
 ALL_ROLES = tuple(Role.values)
 MANAGERS = (Role.OWNER, Role.ADMIN)
 
@@ -46,6 +49,16 @@ _REFUSED_BEFORE_WORK = (
     drf_exceptions.UnsupportedMediaType,
     drf_exceptions.ValidationError,
 )
+
+
+def _rate_limited(exc: Exception) -> bool:
+    """A 429: a limit refused the request and reserved nothing, so nothing is replayed either.
+
+    Raised in initial() before an Idempotency-Key is claimed, or, for a view
+    that counts its requests with its work (an inference job), by the
+    service after it was: either way the retry with the same key must run.
+    """
+    return isinstance(exc, ApplicationError) and exc.status == 429
 
 
 class JsonParser(JSONParser):
@@ -217,7 +230,7 @@ class OrgApiView(APIView):
     def _count_request_if_not_yet(self, request) -> None:
         """The request's count, for a view that failed before its service took it."""
         count = getattr(request, "request_count", None)
-        if count is None:
+        if count is None or count.refused:
             return
         if count.usage is None:
             try:
@@ -225,6 +238,11 @@ class OrgApiView(APIView):
             except ApplicationError:
                 # Over the limit already: the answer stays the view's error
                 # (a 4xx of its own), without the limit headers.
+                return
+            except Exception:
+                # Redis failed: answer with the view's own error all the
+                # same, uncounted, rather than turn it into a 500.
+                logger.warning("could not count a request against its limits", exc_info=True)
                 return
         request.ratelimit = count.usage
 
@@ -235,7 +253,7 @@ class OrgApiView(APIView):
             )
             response["Idempotent-Replayed"] = "true"
             return response
-        if isinstance(exc, _REFUSED_BEFORE_WORK):
+        if isinstance(exc, _REFUSED_BEFORE_WORK) or _rate_limited(exc):
             record = getattr(self, "_idempotency_record", None)
             if record is not None:
                 self._idempotency_record = None

@@ -119,6 +119,7 @@ class RequestCount:
 
     limits: list[Limit]
     usage: Usage | None = None
+    refused: bool = False  # its own limit refused it: a 429, not counted
 
 
 def rate_limit_consume(
@@ -157,6 +158,8 @@ def rate_limit_consume(
         )
     if result[0] != 0:
         full_kind, full, _units = counted[result[0] - 1]
+        if request is not None and result[0] <= len(request.limits):
+            request.refused = True
         retry_after = max(1, int(result[1]))
         raise ApplicationError(
             code="rate_limited",

@@ -11,3 +11,15 @@ class InferenceConfig(AppConfig):
         from inference.selectors import CATALOG
 
         cache_invalidate_on_save(CATALOG, CatalogModel, ServerPool, DedicatedCapacity)
+
+        from metering.signals import hold_expired
+
+        hold_expired.connect(_end_the_job_of_an_expired_hold, dispatch_uid="inference-jobs")
+
+
+def _end_the_job_of_an_expired_hold(sender, key: str, **kwargs) -> None:
+    # Every job's hold is keyed by the job's public id (job_submit).
+    if key.startswith("job_"):
+        from inference.services.jobs import job_expire_for_hold
+
+        job_expire_for_hold(key=key)

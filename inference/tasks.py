@@ -45,17 +45,20 @@ from metering.selectors import model_price_by_id, organization_balance
 logger = logging.getLogger(__name__)
 
 
-# A job delivered this soon after it was sent goes to the engine before it is
-# marked running, on the server pool the API resolved for it: marking it (an
-# UPDATE) and reading its model and price (the catalog caches' Redis read) then
-# run while the engine works instead of before it (docs/BENCHMARKS.md). An
-# older message (a backlog, a redelivery) is marked running first, on the pool
-# the catalog names now, so that a job cancelled while it waited is never
-# sent: through an ensemble the engine would run an abandoned request to its
-# end (triton.py). The age is read from the API's clock with the worker's;
-# clocks that disagree only move jobs from one order to the other, and both
-# settle alike.
-ENGINE_FIRST_WITHIN_S = 2.0
+# A job delivered this soon after it was sent (a worker was idle) goes to the
+# engine before it is marked running, on the server pool the API resolved for
+# it: marking it (an UPDATE) and reading its model and price (the catalog
+# caches' Redis read) then run while the engine works instead of before it
+# (docs/BENCHMARKS.md, fifth pass). A job that ended meanwhile (cancelled
+# while queued) has its request abandoned, but through an ensemble the engine
+# runs an abandoned request to its end (triton.py), unbilled: hence a short
+# window, which a job a client cancels within it pays for with that engine
+# time. An older message (a backlog, a redelivery after a while) is marked
+# running first, on the pool the catalog names now, so that a job cancelled
+# while it waited is never sent. The age is read from the API's clock with the
+# worker's; clocks that disagree only move jobs from one order to the other,
+# and both settle alike.
+ENGINE_FIRST_WITHIN_S = 0.25
 
 
 # ignore_result: the answer travels through the relay (and the Job row), never
@@ -242,7 +245,8 @@ def _final_event(job: Job, outcome: Outcome) -> dict:
     if remaining is None:  # the settlement did not say (ORM path, or settled earlier)
         remaining = organization_balance(organization=job.organization).available
     return {
-        "type": "error" if job.status == JobStatus.FAILED else "done",
+        # An expired job (its hold expired while it ran) gives nothing away.
+        "type": "error" if job.status in (JobStatus.FAILED, JobStatus.EXPIRED) else "done",
         "status": job.status,
         "text": outcome.text,
         "finish_reason": outcome.finish_reason,

@@ -521,7 +521,7 @@ class ServerPool:
         )
 
     def ready_urls(self) -> list[str]:
-        """The servers that answer ready now (cached for ready_ttl_s)."""
+        """The servers that answer ready now (answers cached: ready_ttl_s, not_ready_ttl_s)."""
         return [server.url for server in self._servers if self._is_ready(server)]
 
     def close(self) -> None:

@@ -244,6 +244,11 @@ def job_submit(
         hold_amount=hold_amount,
     )
     try:
+        # What the engine call needs, read now (the server pool from the
+        # catalog's cache): nothing that can fail may run between the hold's
+        # commit and the task's dispatch, or the job would stay queued with
+        # its hold.
+        spec = job_engine_spec(job)
         # The Job row is written by the hold's own statement, and only if the
         # hold is placed (hold_place's `row`): with no transaction open that
         # one statement commits both, so the organization's wallet is locked
@@ -263,7 +268,7 @@ def job_submit(
         # so a worker can send it to the engine before it marks the job running.
         transaction.on_commit(
             lambda: job_run.apply_async(
-                args=[job.pk, prompt, job_engine_spec(job)],
+                args=[job.pk, prompt, spec | {"sent_at": time.time()}],
                 queue=f"inference.{priority}",
                 priority=None,
                 argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
@@ -292,7 +297,8 @@ def job_engine_spec(job: Job) -> dict:
         "kind": job.kind,
         "stream": job.stream,
         "params": job.params,
-        # The worker's clock reads the message's age from it (tasks.py).
+        # The worker's clock reads the message's age from it (tasks.py);
+        # job_submit sets it again as it sends the message.
         "sent_at": time.time(),
     }
 
@@ -608,6 +614,34 @@ def _release_reservations(*, job: Job, used_tokens: int, pipe=None) -> None:
         amount=max(0, reserved - used_tokens),
         pipe=pipe,
     )
+
+
+def job_expire_for_hold(*, key: str) -> Job | None:
+    """End the job whose hold expired: `expired`, nothing charged. None if no open job had it.
+
+    The ledger released the hold (metering's `holds_expire`, sent on by the
+    `hold_expired` signal) because it stayed pending past its expiry: the
+    job's worker vanished, or its message was lost, so nothing was billed and
+    nothing can be any more. The job ends with the state GET shows and, if
+    it asked for one, a `job.expired` webhook. A worker that still finishes
+    it later finds it ended and writes nothing (job_settle's claim).
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        job = Job.objects.select_for_update().filter(public_id=key, status__in=NON_TERMINAL).first()
+        if job is None:
+            return None
+        job.status = JobStatus.EXPIRED
+        job.finished_at = now
+        job.error_code = "job_expired"
+        job.error_message = (
+            "The job did not finish before its credit hold expired (its worker was lost); "
+            "nothing was charged."
+        )
+        job.save(update_fields=["status", "finished_at", "error_code", "error_message"])
+        job_callback_record(job=job, status=JobStatus.EXPIRED)
+    concurrency_release(scope=f"org:{job.organization_id}", job_id=job.public_id)
+    return job
 
 
 def job_cancel(*, job: Job) -> Job:

@@ -13,6 +13,8 @@ status, so retries and crashes can never capture twice.
 
 from __future__ import annotations
 
+import functools
+import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -38,6 +40,9 @@ from metering.services.postings import (
     transaction_open,
 )
 from metering.services.usage import UsageDraft
+from metering.signals import hold_expired
+
+logger = logging.getLogger(__name__)
 
 
 @retry_on_deadlock
@@ -303,4 +308,12 @@ def holds_expire(*, now: datetime | None = None) -> int:
             # Settled meanwhile by its worker: nothing to do.
             if exc.code != "hold_already_settled":
                 raise
+        else:
+            transaction.on_commit(functools.partial(_tell_expired, key))
     return expired
+
+
+def _tell_expired(key: str) -> None:
+    for receiver, result in hold_expired.send_robust(sender=Hold, key=key):
+        if isinstance(result, Exception):
+            logger.error("hold %s expired; %r failed on it", key, receiver, exc_info=result)

@@ -252,10 +252,9 @@ def _chat(client, body: dict):
     return client.post("/v1/chat/completions", body, format="json")
 
 
-def test_chat_completions_over_the_request_limit_are_refused_before_any_hold(org, make_key):
+def test_chat_completions_over_the_request_limit_are_refused_before_any_reservation(org, make_key):
     # given: a model the organization may call, and a key with room for 2 requests
-    from inference.models import Job
-    from metering.models import Hold
+    from accounts.ratelimits import Limit, rate_limit_consume
     from tests.helpers import served_model
 
     served_model("gym-rl", access_tier="basic")
@@ -270,7 +269,11 @@ def test_chat_completions_over_the_request_limit_are_refused_before_any_hold(org
     scripts_before = _scripts_run()
     unpaid = _chat(client, body)
     scripts_run = _scripts_run() - scripts_before
-    refused = _chat(client, body)
+    tokens = [Limit(scope=f"org:{org.pk}", limit=0)]
+    tokens_before = rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining
+    refused = client.post(
+        "/v1/chat/completions", body, format="json", HTTP_IDEMPOTENCY_KEY="rl-chat-1"
+    )
 
     # then: each counted once, the refused one before anything was reserved
     assert bad.status_code == 400 and bad["x-ratelimit-remaining-requests"] == "1"
@@ -279,4 +282,6 @@ def test_chat_completions_over_the_request_limit_are_refused_before_any_hold(org
     assert scripts_run == 1
     error = assert_rate_limited(refused)
     assert "API key" in error["message"]
-    assert not Job.objects.exists() and not Hold.objects.exists()
+    # no tokens reserved for it, and its Idempotency-Key left free for the retry
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == tokens_before
+    assert not org.idempotency_records.exists()

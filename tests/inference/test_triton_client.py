@@ -187,6 +187,8 @@ def test_after_send_saying_no_abandons_the_request_and_the_pool_serves_on(pool):
     assert result.finish_reason == "cancelled"
     assert (result.text, result.input_tokens, result.output_tokens) == ("", 0, 0)
     assert result.sent
+    # and its stream was let go: nothing in flight, no stream kept for reuse
+    assert [(server.inflight, server.idle) for server in pool._servers] == [(0, [])]
     # and the next request gets its own answer, not the abandoned one's
     again = pool.generate(GenerationRequest(PROMPT, 4, seed=1))
     assert again.output_tokens == 4 and again.finish_reason == "length"
@@ -200,6 +202,7 @@ def test_after_send_raising_ends_the_request_and_propagates(pool):
     # when / then
     with pytest.raises(RuntimeError, match="the database is down"):
         pool.generate(GenerationRequest(PROMPT, 8, seed=3), after_send=after_send)
+    assert [(server.inflight, server.idle) for server in pool._servers] == [(0, [])]
     assert pool.generate(GenerationRequest(PROMPT, 4, seed=1)).output_tokens == 4
 
 

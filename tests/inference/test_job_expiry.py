@@ -1,0 +1,131 @@
+"""A job whose hold expired ends `expired`, nothing charged; a late worker writes nothing.
+
+The ledger's sweep (`holds_expire`) releases a hold that stayed pending past
+its expiry: the job's worker vanished or its message was lost. The job then
+ends too (through metering's `hold_expired` signal), with a `job.expired`
+webhook if it asked for one. Transactional: each step commits as in the
+sweep and the worker. Job rows and holds are written directly, so no Celery
+message is sent.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from inference import tasks
+from inference.models import Job, JobCallback, JobStatus
+from inference.services import job_settle
+from inference.services.jobs import Outcome
+from metering.models import Hold, HoldStatus, UsageRecord
+from metering.selectors import model_price, organization_balance
+from metering.services import hold_place, holds_expire
+from tests.factories import OrganizationFactory
+from tests.helpers import credits, ledger_rows, served_model
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MODEL = "gym-expiry"
+
+
+@pytest.fixture
+def open_job(grant):
+    model = served_model(MODEL, access_tier="basic")
+    org = OrganizationFactory()
+    grant(org, credits(10))
+
+    def make(public_id: str, *, status: str = JobStatus.QUEUED, callback_url: str = "") -> Job:
+        job = Job.objects.create(
+            public_id=public_id,
+            organization=org,
+            model=model,
+            model_price=model_price(model_name=MODEL),
+            priority="standard",
+            status=status,
+            params={"max_tokens": 16},
+            hold_amount=credits(1),
+            callback_url=callback_url,
+        )
+        hold_place(organization=org, amount=credits(1), key=public_id, new_key=True)
+        return job
+
+    return make
+
+
+def _expire_holds() -> int:
+    Hold.objects.filter(status=HoldStatus.PENDING).update(expires_at=timezone.now())
+    return holds_expire(now=timezone.now() + timedelta(seconds=1))
+
+
+def test_jobs_whose_holds_expired_end_expired_with_nothing_charged(open_job):
+    # given a queued job and a running one whose worker vanished
+    queued = open_job("job_expiry_queued")
+    running = open_job("job_expiry_running", status=JobStatus.RUNNING)
+    org = queued.organization
+    before = organization_balance(organization=org)
+
+    # when the ledger's sweep releases their holds
+    assert _expire_holds() == 2
+
+    # then both jobs ended expired, nothing charged, every credit back
+    for job in (queued, running):
+        row = Job.objects.get(pk=job.pk)
+        assert (row.status, row.credits_charged, row.error_code) == (
+            JobStatus.EXPIRED,
+            0,
+            "job_expired",
+        )
+        assert row.finished_at is not None
+        assert Hold.objects.get(key=job.public_id).status == HoldStatus.EXPIRED
+    after = organization_balance(organization=org)
+    assert after.held == 0 and after.available == before.available + credits(2)
+
+
+def test_an_expired_job_with_a_webhook_gets_its_event(open_job):
+    # given
+    job = open_job("job_expiry_hooked", callback_url="https://hooks.example.com/jobs")
+
+    # when
+    _expire_holds()
+
+    # then its webhook says it expired, as GET says
+    callback = JobCallback.objects.get(job_id=job.pk)
+    assert callback.event_type == "job.expired"
+    assert '"status":"expired"' in callback.body
+
+
+def test_a_worker_that_finishes_an_expired_job_later_writes_nothing(open_job):
+    # given a running job whose hold expired
+    job = open_job("job_expiry_late", status=JobStatus.RUNNING)
+    _expire_holds()
+    rows = ledger_rows()
+
+    # when its worker comes back and settles what it served
+    outcome = Outcome(text="late", input_tokens=7, output_tokens=5, finish_reason="stop")
+    settled = job_settle(job=job, outcome=outcome, status=JobStatus.SUCCEEDED)
+
+    # then the job stays expired and nothing is billed
+    assert settled.status == JobStatus.EXPIRED and settled.credits_charged == 0
+    assert ledger_rows() == rows
+    assert not UsageRecord.objects.filter(job_id=job.public_id).exists()
+    # and a client still waiting is answered with the error, not the free text
+    final = tasks._final_event(settled, outcome)
+    assert (final["type"], final["error_code"]) == ("error", "job_expired")
+
+
+def test_a_settled_job_is_left_alone_by_the_sweep(open_job):
+    # given a job its worker settled
+    job = open_job("job_expiry_done", status=JobStatus.RUNNING)
+    job_settle(
+        job=job,
+        outcome=Outcome(text="ok", input_tokens=7, output_tokens=5, finish_reason="stop"),
+        status=JobStatus.SUCCEEDED,
+    )
+
+    # when the sweep runs
+    assert _expire_holds() == 0
+
+    # then it stays as it was
+    assert Job.objects.get(pk=job.pk).status == JobStatus.SUCCEEDED
