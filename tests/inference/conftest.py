@@ -218,7 +218,11 @@ class BusyEngine:
     Meanwhile a request answers ready but waits, silent, for a free engine
     worker. A stream of 3000 tokens lasts a second or two here, less on a
     quicker machine; replacing each as it ends keeps the engine busy for as
-    long as the test needs, however fast it is.
+    long as the test needs, however fast it is. As many streams again wait
+    queued behind the running ones: the engine takes its queue in order, so
+    when a running stream ends, a request a test sent meanwhile still waits
+    behind one of those (a replacement is queued behind it, and alone it let
+    the test's request through: a flaky cancel test).
     """
 
     def __init__(self, grpc_url: str):
@@ -231,7 +235,7 @@ class BusyEngine:
         self._started: queue.Queue = queue.Queue()
         self.client = grpcclient.InferenceServerClient(grpc_url)
         self.client.start_stream(callback=self._on_response)
-        for index in range(self.workers):
+        for index in range(2 * self.workers):
             self._send(f"busy-{index}")
         started: set[str] = set()
         while len(started) < self.workers:
