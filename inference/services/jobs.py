@@ -268,6 +268,7 @@ def job_submit(
         # so a worker can send it to the engine before it marks the job running.
         transaction.on_commit(
             lambda: job_run.apply_async(
+                # The worker reads the message's age from `sent_at` (tasks.py).
                 args=[job.pk, prompt, spec | {"sent_at": time.time()}],
                 queue=f"inference.{priority}",
                 priority=None,
@@ -285,9 +286,10 @@ def job_submit(
 def job_engine_spec(job: Job) -> dict:
     """What a worker needs to send a job to the engine, without reading its row or the catalog.
 
-    Travels in the job's task message (JSON); `job_from_engine_spec` reads it
-    back. The server pool is the one the catalog names as the job is queued
-    (inference.tasks uses it only for a message delivered within seconds).
+    Travels in the job's task message (JSON), with the `sent_at` time the
+    sender stamps on it; `job_from_engine_spec` reads it back. The server
+    pool is the one the catalog names as the job is queued (inference.tasks
+    uses it only for a message delivered within ENGINE_FIRST_WITHIN_S).
     """
     pool = pool_for_job(job=job)
     return {
@@ -297,9 +299,6 @@ def job_engine_spec(job: Job) -> dict:
         "kind": job.kind,
         "stream": job.stream,
         "params": job.params,
-        # The worker's clock reads the message's age from it (tasks.py);
-        # job_submit sets it again as it sends the message.
-        "sent_at": time.time(),
     }
 
 

@@ -28,7 +28,7 @@ from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price
 from metering.services import hold_place
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, ledger_rows, served_model
+from tests.helpers import credits, ledger_rows, served_model, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -61,21 +61,13 @@ def queued_job(engine, grant) -> Job:
 
 
 def _spec(job: Job, *, age_s: float = 0.0) -> dict:
-    spec = job_engine_spec(job)
-    spec["sent_at"] -= age_s
-    return spec
+    """The job's task-message spec, as job_submit sends it, `age_s` old."""
+    return job_engine_spec(job) | {"sent_at": time.time() - age_s}
 
 
 def _served(engine) -> float:
     """Requests the engine's models have answered (the ensemble and its steps each count)."""
     return triton.scrape_metrics(engine.metrics_url).get("nv_inference_request_success", 0)
-
-
-def _served_reaches(engine, count: float) -> float:
-    deadline = time.monotonic() + 10
-    while (served := _served(engine)) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return served
 
 
 def _served_when_idle(engine) -> float:
@@ -192,7 +184,7 @@ def test_a_job_cancelled_before_its_fresh_message_arrived_is_abandoned_not_settl
     assert job.started_at is None and job.credits_charged == 0
     assert (ledger_rows(), UsageRecord.objects.count()) == before
     # though the engine did get the request (sent before the start found the job ended)
-    assert _served_reaches(engine, served + 1) > served
+    wait_until(lambda: _served(engine) > served, timeout=10, what="the engine to answer it")
 
 
 def test_a_job_cancelled_before_its_late_message_arrived_is_never_sent(queued_job, engine):

@@ -24,6 +24,7 @@ from inference.triton import (
     pool_for,
     scrape_metrics,
 )
+from tests.helpers import wait_until
 
 PROMPT = "Tokens are the unit of work, and the cluster"
 # With this seed and temperature the engine writes 544 tokens before it ends on
@@ -156,14 +157,11 @@ def test_after_send_runs_once_while_the_engine_works_on_the_request(private_trit
     before = scrape_metrics(private_triton_server.metrics_url)["nv_inference_request_success"]
     seen: list[float] = []
 
+    def served() -> float:
+        return scrape_metrics(private_triton_server.metrics_url)["nv_inference_request_success"]
+
     def after_send() -> bool:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            metrics = scrape_metrics(private_triton_server.metrics_url)
-            if metrics["nv_inference_request_success"] > before:
-                seen.append(metrics["nv_inference_request_success"])
-                break
-            time.sleep(0.01)
+        seen.append(wait_until(lambda: served() > before, timeout=10, what="the server to answer"))
         return True
 
     try:
