@@ -39,7 +39,12 @@ from inference.relay import relay_cancel_watch, relay_publish
 from inference.selectors import catalog_model_by_id, pool_for_job
 from inference.services import job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
-from inference.services.jobs import Outcome, job_from_engine_spec, prompt_tokens_count
+from inference.services.jobs import (
+    ENGINE_SPEC_HEADER,
+    Outcome,
+    job_from_engine_spec,
+    prompt_tokens_count,
+)
 from metering.selectors import model_price_by_id, organization_balance
 
 logger = logging.getLogger(__name__)
@@ -64,8 +69,16 @@ ENGINE_FIRST_WITHIN_S = 0.25
 # ignore_result: the answer travels through the relay (and the Job row), never
 # through Celery's result backend; storing it would cost the worker a write and
 # the API process a result subscription per job, for a result nobody reads.
-@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def job_run(job_pk: int, prompt: str, spec: dict | None = None) -> str:
+#
+# What the engine call needs (job_engine_spec) comes in a message header,
+# which Celery makes an attribute of the task's request; a message without it
+# (from an API of a release before it) starts the job first. `spec` as a third
+# argument is how the release before this one sent it: kept so that its
+# messages, still queued during an upgrade, run as they were meant to.
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def job_run(self, job_pk: int, prompt: str, spec: dict | None = None) -> str:
+    if spec is None:
+        spec = self.request.get(ENGINE_SPEC_HEADER)
     # One Redis read of the catalog and price caches' tokens for the whole job.
     with cache_scope():
         return _job_run(job_pk, prompt, spec)

@@ -265,11 +265,16 @@ def job_submit(
         # message's description either: Celery would put a repr of the
         # arguments in its headers (argsrepr), which monitoring and task
         # events show. With it, what the engine call needs (job_engine_spec),
-        # so a worker can send it to the engine before it marks the job running.
+        # so a worker can send it to the engine before it marks the job
+        # running: in a header of its own, not an argument, so that a worker
+        # of a release whose task takes two arguments still runs the message
+        # (it ignores the header and starts the job first): the API and the
+        # workers may be deployed in either order.
         transaction.on_commit(
             lambda: job_run.apply_async(
+                args=[job.pk, prompt],
                 # The worker reads the message's age from `sent_at` (tasks.py).
-                args=[job.pk, prompt, spec | {"sent_at": time.time()}],
+                headers={ENGINE_SPEC_HEADER: spec | {"sent_at": time.time()}},
                 queue=f"inference.{priority}",
                 priority=None,
                 argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
@@ -283,11 +288,16 @@ def job_submit(
     return job
 
 
+# The task message header that carries job_engine_spec.
+ENGINE_SPEC_HEADER = "gym_engine_spec"
+
+
 def job_engine_spec(job: Job) -> dict:
     """What a worker needs to send a job to the engine, without reading its row or the catalog.
 
-    Travels in the job's task message (JSON), with the `sent_at` time the
-    sender stamps on it; `job_from_engine_spec` reads it back. The server
+    Travels in the job's task message (JSON, in its ENGINE_SPEC_HEADER
+    header), with the `sent_at` time the sender stamps on it;
+    `job_from_engine_spec` reads it back. The server
     pool is the one the catalog names as the job is queued (inference.tasks
     uses it only for a message delivered within ENGINE_FIRST_WITHIN_S).
     """

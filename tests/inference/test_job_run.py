@@ -6,6 +6,8 @@ running) runs while the engine works; an older message, or one without it,
 starts the job first, so a job cancelled while it waited is never sent. Either
 way a job settles once and an ended job is never settled again.
 
+The spec travels in a message header (a worker of a release before it ignores
+it), or, from the release before this one, as a third argument; both are run.
 The task body runs in this process (`job_run.run`), on a tritonserver of its
 own whose request counters only these requests move; the end-to-end path
 through a real worker process is tests/inference/test_openai_api.py's.
@@ -23,7 +25,7 @@ from django.db import connection
 from inference import tasks, triton
 from inference.models import Job, JobStatus
 from inference.services import job_settle
-from inference.services.jobs import Outcome, job_engine_spec
+from inference.services.jobs import ENGINE_SPEC_HEADER, Outcome, job_engine_spec
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price
 from metering.services import hold_place
@@ -65,6 +67,16 @@ def _spec(job: Job, *, age_s: float = 0.0) -> dict:
     return job_engine_spec(job) | {"sent_at": time.time() - age_s}
 
 
+def _run(job: Job, spec: dict | None) -> str:
+    """The task body, run as a worker runs a message carrying `spec` in its header (or none):
+    Celery makes each header of a message an attribute of the task's request."""
+    tasks.job_run.push_request(**({ENGINE_SPEC_HEADER: spec} if spec is not None else {}))
+    try:
+        return tasks.job_run.run(job.pk, PROMPT)
+    finally:
+        tasks.job_run.pop_request()
+
+
 def _served(engine) -> float:
     """Requests the engine's models have answered (the ensemble and its steps each count)."""
     return triton.scrape_metrics(engine.metrics_url).get("nv_inference_request_success", 0)
@@ -94,18 +106,25 @@ def _ended_while_queued(job: Job) -> None:
 
 
 @pytest.mark.parametrize(
-    "message", ["fresh", "late", "without spec"], ids=["fresh", "late", "without-spec"]
+    "message",
+    ["fresh", "late", "without spec", "fresh, spec as an argument"],
+    ids=["fresh", "late", "without-spec", "fresh-spec-argument"],
 )
 def test_a_job_runs_and_settles_once_whatever_its_message_carried(queued_job, message):
-    # given
-    args = {
-        "fresh": (queued_job.pk, PROMPT, _spec(queued_job)),
-        "late": (queued_job.pk, PROMPT, _spec(queued_job, age_s=60)),
-        "without spec": (queued_job.pk, PROMPT),
+    # given: a message with the spec in its header, fresh or late; without it
+    # (an API of an earlier release); or with it as a third argument (the
+    # release before this one)
+    run = {
+        "fresh": lambda: _run(queued_job, _spec(queued_job)),
+        "late": lambda: _run(queued_job, _spec(queued_job, age_s=60)),
+        "without spec": lambda: _run(queued_job, None),
+        "fresh, spec as an argument": lambda: tasks.job_run.run(
+            queued_job.pk, PROMPT, _spec(queued_job)
+        ),
     }[message]
 
     # when
-    status = tasks.job_run.run(*args)
+    status = run()
 
     # then: succeeded, billed once for what the engine served
     job = Job.objects.get(pk=queued_job.pk)
@@ -122,7 +141,7 @@ def test_a_late_message_goes_to_the_pool_the_catalog_names_now(queued_job, dead_
     spec = _spec(queued_job, age_s=60) | {"grpc_urls": [dead_grpc_url]}
 
     # when
-    status = tasks.job_run.run(queued_job.pk, PROMPT, spec)
+    status = _run(queued_job, spec)
 
     # then: served by the catalog's pool
     assert status == JobStatus.SUCCEEDED
@@ -136,7 +155,7 @@ def test_a_fresh_message_no_server_takes_starts_the_job_and_fails_it_unbilled(
     spec = _spec(queued_job) | {"grpc_urls": [dead_grpc_url]}
 
     # when
-    status = tasks.job_run.run(queued_job.pk, PROMPT, spec)
+    status = _run(queued_job, spec)
 
     # then: started and settled as failed, its whole hold released, nothing billed
     job = Job.objects.get(pk=queued_job.pk)
@@ -147,7 +166,8 @@ def test_a_fresh_message_no_server_takes_starts_the_job_and_fails_it_unbilled(
     assert hold.status == HoldStatus.RELEASED and hold.captured == 0
 
 
-def test_a_fresh_message_reaches_the_engine_before_the_job_is_marked_running(queued_job):
+@pytest.mark.parametrize("carried", ["header", "argument"])
+def test_a_fresh_message_reaches_the_engine_before_the_job_is_marked_running(queued_job, carried):
     # given: the engine's in-flight count, read when the job's start statement runs
     in_flight_at_start: list[int] = []
     pool = triton.pool_for([queued_job.model.pool.grpc_urls[0]], queued_job.model.triton_model)
@@ -159,7 +179,10 @@ def test_a_fresh_message_reaches_the_engine_before_the_job_is_marked_running(que
 
     # when
     with connection.execute_wrapper(watch):
-        status = tasks.job_run.run(queued_job.pk, PROMPT, _spec(queued_job))
+        if carried == "header":
+            status = _run(queued_job, _spec(queued_job))
+        else:  # as the release before this one sent it
+            status = tasks.job_run.run(queued_job.pk, PROMPT, _spec(queued_job))
 
     # then: the request was out when the job was started, and it succeeded
     assert in_flight_at_start == [1]
@@ -176,7 +199,7 @@ def test_a_job_cancelled_before_its_fresh_message_arrived_is_abandoned_not_settl
     served = _served(engine)
 
     # when
-    status = tasks.job_run.run(queued_job.pk, PROMPT, _spec(queued_job))
+    status = _run(queued_job, _spec(queued_job))
 
     # then: it stays cancelled, nothing more is written or billed
     job = Job.objects.get(pk=queued_job.pk)
@@ -195,7 +218,7 @@ def test_a_job_cancelled_before_its_late_message_arrived_is_never_sent(queued_jo
     one_request = triton.pool_for([engine.grpc_url], "ensemble")
 
     # when
-    status = tasks.job_run.run(queued_job.pk, PROMPT, _spec(queued_job, age_s=60))
+    status = _run(queued_job, _spec(queued_job, age_s=60))
     # and one more request follows it to the engine
     one_request.generate(triton.GenerationRequest(PROMPT, 2, seed=1))
 
