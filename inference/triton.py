@@ -328,7 +328,7 @@ class _Flight:
 
 class _Watchdog:
     """One daemon thread per process: ends streams that were cancelled or went silent,
-    and closes streams left idle.
+    closes streams left idle, and has expired readiness answers checked again.
 
     It ticks at a fixed pace instead of being woken per request: waking a thread
     for every request made each one wait for the GIL, about 5 ms (the default
@@ -379,9 +379,12 @@ class _Watchdog:
                         self._thread = None
                         return
                     self._watch(now)
+                pools = list(self._pools)
+                for pool in pools:
+                    pool._refresh()
                 if now - last_sweep >= _SWEEP_INTERVAL_S:
                     last_sweep = now
-                    for pool in list(self._pools):
+                    for pool in pools:
                         pool._close_idle_streams(now)
             except Exception:  # the thread must outlive any one bad sweep
                 logger.exception("triton watchdog sweep failed")
@@ -422,10 +425,12 @@ class _Retry(Exception):
 class ServerPool:
     """Triton servers that serve one model; `generate()` is safe from any number of threads.
 
-    Readiness (server live and ready, model ready) is checked at most every
+    Readiness (server live and ready, model ready) is checked again every
     `ready_ttl_s` per server while it answers ready, and every
     `not_ready_ttl_s` while it does not (a restarted server is back in the
-    pool within about a second), each check bounded by `connect_timeout_s`. A
+    pool within about a second), each check bounded by `connect_timeout_s`;
+    in the background, so requests use the last answer and never wait on a
+    check, except a server's first (and its next after a connection error). A
     request goes to the ready server with the fewest requests in flight from
     this process (ties in turn). A connection error before anything was
     delivered is retried, up to `retries` times, on another ready server (the
@@ -521,7 +526,7 @@ class ServerPool:
         )
 
     def ready_urls(self) -> list[str]:
-        """The servers that answer ready now (answers cached: ready_ttl_s, not_ready_ttl_s)."""
+        """The servers whose last answer was ready (refreshed: ready_ttl_s, not_ready_ttl_s)."""
         return [server.url for server in self._servers if self._is_ready(server)]
 
     def close(self) -> None:
@@ -558,23 +563,51 @@ class ServerPool:
         return checked_at is not None and time.monotonic() - checked_at < ttl
 
     def _is_ready(self, server: _Server) -> bool:
-        if self._answer_holds(server):
+        # The last answer, however old: the watchdog has it checked again in
+        # the background once it expires (_refresh), so a request never waits
+        # on a check, of a server that hangs least of all (up to
+        # connect_timeout_s). Only a server with no answer yet (first use, or
+        # after a connection error) is checked here, by one thread while the
+        # others wait for its answer.
+        if server.checked_at is not None:
             return server.ready
-        # One thread checks; the others use the last answer, or wait for the
-        # first one when there is none yet.
-        if not server.check_lock.acquire(blocking=server.checked_at is None):
-            return server.ready
-        try:
-            if self._answer_holds(server):
+        with server.check_lock:
+            if server.checked_at is not None:
                 return server.ready
-            checked_at = server.checked_at
-            ready, why = self._probe(server)
-            if ready != server.ready or checked_at is None:
-                log = logger.info if ready else logger.warning
-                log("triton %s %s", server.url, "is ready" if ready else f"is not ready: {why}")
-            server.ready, server.checked_at = ready, time.monotonic()
+            return self._check(server)
+
+    def _refresh(self) -> None:
+        """From the watchdog: checks again, each in a thread of its own, servers whose answer
+        expired; one check per server at a time (its check_lock, released by that thread)."""
+        for server in self._servers:
+            if self._closed or server.checked_at is None or self._answer_holds(server):
+                continue
+            if server.check_lock.acquire(blocking=False):
+                threading.Thread(
+                    target=self._check_and_release,
+                    args=(server,),
+                    name=f"triton-ready-{server.url}",
+                    daemon=True,
+                ).start()
+
+    def _check_and_release(self, server: _Server) -> None:
+        try:
+            if not self._closed:
+                self._check(server)
+        except Exception:
+            if not self._closed:  # a pool closed meanwhile has closed its channels
+                logger.exception("triton %s: readiness check failed", server.url)
         finally:
             server.check_lock.release()
+
+    def _check(self, server: _Server) -> bool:
+        """Asks the server and records its answer; called with its check_lock held."""
+        first = server.checked_at is None
+        ready, why = self._probe(server)
+        if ready != server.ready or first:
+            log = logger.info if ready else logger.warning
+            log("triton %s %s", server.url, "is ready" if ready else f"is not ready: {why}")
+        server.ready, server.checked_at = ready, time.monotonic()
         if not ready:
             # A server shutting down waits for its open streams: let it go.
             self._close_idle_streams_of(server)

@@ -170,6 +170,16 @@ def dead_grpc_url() -> str:
 
 
 @pytest.fixture
+def hung_grpc_url():
+    """host:port where a server hangs: the kernel takes connections (a listening socket's
+    backlog) but nothing ever answers, as from a server stuck or behind a dropped route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
 def private_triton_server(tmp_path):
     """A second tritonserver that a test may kill (costs 1-3 s to start)."""
     with TritonDevServer(log_path=tmp_path / "tritonserver.log") as server:

@@ -332,6 +332,47 @@ def test_a_server_that_comes_back_is_used_again_within_its_not_ready_ttl(dead_gr
     assert result.output_tokens == 2
 
 
+def test_a_hung_server_is_checked_again_in_the_background_not_on_a_requests_thread(
+    triton_server, hung_grpc_url
+):
+    # given: a pool with a server that never answers, beside a live one, whose
+    # answers expire quickly; and a record of where each readiness check ran
+    pool = ServerPool(
+        [hung_grpc_url, triton_server.grpc_url],
+        ready_ttl_s=0.2,
+        not_ready_ttl_s=0.2,
+        connect_timeout_s=0.5,
+    )
+    checks: list[tuple[str, str]] = []
+    probe = pool._probe
+
+    def recorded(server):
+        checks.append((server.url, threading.current_thread().name))
+        return probe(server)
+
+    pool._probe = recorded
+    request_threads = {threading.current_thread().name}
+
+    # when requests keep coming while the hung server is checked again and again
+    try:
+        results = [pool.generate(GenerationRequest(PROMPT, 2, seed=1))]
+        while sum(url == hung_grpc_url for url, _ in checks) < 4:
+            results.append(pool.generate(GenerationRequest(PROMPT, 2, seed=1)))
+            assert len(results) < 100_000, "the hung server was not checked again"
+    finally:
+        pool.close()
+
+    # then every request was served by the live server
+    assert {result.server_url for result in results} == {triton_server.grpc_url}
+    # and after each server's first answer, which the first request waited
+    # for, every check ran on a background thread, none on a request's
+    first, later = checks[:2], checks[2:]
+    assert {url for url, _ in first} == {hung_grpc_url, triton_server.grpc_url}
+    assert {thread for _, thread in first} == request_threads
+    assert later and not {thread for _, thread in later} & request_threads
+    assert {url for url, _ in later} == {hung_grpc_url, triton_server.grpc_url}
+
+
 def test_a_pool_of_dead_servers_is_unavailable_quickly(dead_grpc_url):
     # given
     pool = ServerPool([dead_grpc_url, "127.0.0.1:1"])
