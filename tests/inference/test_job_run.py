@@ -17,6 +17,7 @@ its hold are written directly, so no Celery message is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -24,6 +25,7 @@ from django.db import connection
 
 from inference import tasks, triton
 from inference.models import Job, JobStatus
+from inference.relay import relay_events
 from inference.services import job_settle
 from inference.services.jobs import ENGINE_SPEC_HEADER, Outcome, job_engine_spec
 from metering.models import Hold, HoldStatus, UsageRecord
@@ -92,6 +94,20 @@ def _served_when_idle(engine) -> float:
         if now != served:
             served, still_since = now, time.monotonic()
     return served
+
+
+@contextlib.contextmanager
+def _watching_the_start(job: Job, in_flight_at_start: list[int]):
+    """Appends the requests in flight at the job's engine each time its start statement runs."""
+    pool = triton.pool_for([job.model.pool.grpc_urls[0]], job.model.triton_model)
+
+    def watch(execute, sql, params, many, context):
+        if sql.lstrip().startswith("UPDATE inference_job") and "started_at" in sql:
+            in_flight_at_start.append(sum(server.inflight for server in pool._servers))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(watch):
+        yield
 
 
 def _ended_while_queued(job: Job) -> None:
@@ -170,15 +186,9 @@ def test_a_fresh_message_no_server_takes_starts_the_job_and_fails_it_unbilled(
 def test_a_fresh_message_reaches_the_engine_before_the_job_is_marked_running(queued_job, carried):
     # given: the engine's in-flight count, read when the job's start statement runs
     in_flight_at_start: list[int] = []
-    pool = triton.pool_for([queued_job.model.pool.grpc_urls[0]], queued_job.model.triton_model)
-
-    def watch(execute, sql, params, many, context):
-        if sql.lstrip().startswith("UPDATE inference_job") and "started_at" in sql:
-            in_flight_at_start.append(sum(server.inflight for server in pool._servers))
-        return execute(sql, params, many, context)
 
     # when
-    with connection.execute_wrapper(watch):
+    with _watching_the_start(queued_job, in_flight_at_start):
         if carried == "header":
             status = _run(queued_job, _spec(queued_job))
         else:  # as the release before this one sent it
@@ -187,6 +197,30 @@ def test_a_fresh_message_reaches_the_engine_before_the_job_is_marked_running(que
     # then: the request was out when the job was started, and it succeeded
     assert in_flight_at_start == [1]
     assert status == JobStatus.SUCCEEDED
+
+
+def test_a_fresh_streamed_job_relays_its_tokens_and_settles_once(queued_job):
+    # given: a streamed job, its row marked so, and its spec with it
+    Job.objects.filter(pk=queued_job.pk).update(stream=True)
+    queued_job.stream = True
+    in_flight_at_start: list[int] = []
+
+    # when
+    with _watching_the_start(queued_job, in_flight_at_start):
+        status = _run(queued_job, _spec(queued_job))
+    events = list(relay_events(queued_job.public_id, timeout_s=10))
+
+    # then: sent before it was started, its deltas relayed in order, then the
+    # final event with the text they make, billed once
+    assert in_flight_at_start == [1]
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.SUCCEEDED and job.first_token_at is not None
+    *deltas, final = events
+    assert deltas and {event["type"] for event in deltas} == {"delta"}
+    assert final["type"] == "done" and final["output_tokens"] == job.output_tokens == 4
+    assert "".join(event["text"] for event in deltas) == final["text"] != ""
+    [record] = UsageRecord.objects.filter(job_id=job.public_id)
+    assert record.output_tokens == 4 and record.credits == job.credits_charged > 0
 
 
 def test_a_job_cancelled_before_its_fresh_message_arrived_is_abandoned_not_settled_again(

@@ -177,6 +177,36 @@ def test_after_send_runs_once_while_the_engine_works_on_the_request(private_trit
     assert result.finish_reason == expected.finish_reason
 
 
+def test_after_send_runs_once_though_the_request_is_retried_on_another_server(
+    triton_server, private_triton_server
+):
+    # given: a pool whose first pick is a server that dies as soon as the
+    # request is out (killed by the hook itself), before it answers anything
+    doomed, live = private_triton_server.grpc_url, triton_server.grpc_url
+    pool = ServerPool([doomed, live])
+    calls: list[list[int]] = []
+
+    def kill_the_server_it_went_to() -> bool:
+        calls.append([server.inflight for server in pool._servers])  # where it went
+        os.killpg(private_triton_server.process.pid, signal.SIGKILL)
+        return True
+
+    # when: a long request, answered in one response at its end (not streamed)
+    try:
+        result = pool.generate(
+            GenerationRequest(PROMPT, 3000, **LONG), after_send=kill_the_server_it_went_to
+        )
+    finally:
+        pool.close()
+
+    # then: the request went to the doomed server first, was retried on the
+    # live one, which served all of it, and the hook ran once, for the first
+    # send only
+    assert calls == [[1, 0]]
+    assert result.server_url == live
+    assert result.finish_reason == "stop" and result.output_tokens == 544
+
+
 def test_after_send_saying_no_abandons_the_request_and_the_pool_serves_on(pool):
     # when
     result = pool.generate(GenerationRequest(PROMPT, 8, seed=3), after_send=lambda: False)
