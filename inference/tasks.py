@@ -71,14 +71,16 @@ ENGINE_FIRST_WITHIN_S = 0.25
 # the API process a result subscription per job, for a result nobody reads.
 #
 # What the engine call needs (job_engine_spec) comes in a message header,
-# which Celery makes an attribute of the task's request; a message without it
-# (from an API of a release before it) starts the job first. `spec` as a third
+# which a worker makes an attribute of the task's request (`Task.apply`, run
+# in-process, leaves it in `request.headers`); a message without it (from an
+# API of a release before it) starts the job first. `spec` as a third
 # argument is how the release before this one sent it: kept so that its
 # messages, still queued during an upgrade, run as they were meant to.
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def job_run(self, job_pk: int, prompt: str, spec: dict | None = None) -> str:
     if spec is None:
-        spec = self.request.get(ENGINE_SPEC_HEADER)
+        request = self.request
+        spec = request.get(ENGINE_SPEC_HEADER) or (request.headers or {}).get(ENGINE_SPEC_HEADER)
     # One Redis read of the catalog and price caches' tokens for the whole job.
     with cache_scope():
         return _job_run(job_pk, prompt, spec)

@@ -80,6 +80,11 @@ _CHANNEL_OPTIONS = [
 # waits when the engine sends nothing (between tokens the caller checks itself).
 _WATCH_INTERVAL_S = 0.05
 _SWEEP_INTERVAL_S = 1.0
+# A pool no request has used for this long stops having its servers checked
+# and forgets their answers: its next request checks them as at first use.
+# Pools live as long as the process (pool_for), including those of servers
+# the catalog no longer names.
+_FORGET_AFTER_IDLE_S = 60.0
 # Triton prefixes an error from an ensemble step with the ensemble's name; the
 # rest is the engine's own message, the part worth showing a user.
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
@@ -314,6 +319,9 @@ class _Server:
         self.check_lock = threading.Lock()
         self.ready = False
         self.checked_at: float | None = None  # None: unknown, check before use
+        # Moved on by a connection error: a check that began before it does
+        # not record its answer, which may predate the failure.
+        self.epoch = 0
         self.inflight = 0
         self.idle: list[_Stream] = []  # LIFO: the most recently used stream first
 
@@ -379,9 +387,9 @@ class _Watchdog:
                         self._thread = None
                         return
                     self._watch(now)
-                pools = list(self._pools)
+                    pools = list(self._pools)
                 for pool in pools:
-                    pool._refresh()
+                    pool._refresh(now)
                 if now - last_sweep >= _SWEEP_INTERVAL_S:
                     last_sweep = now
                     for pool in pools:
@@ -465,6 +473,7 @@ class ServerPool:
         self._turn = itertools.count()
         self._ids = itertools.count(1)
         self._closed = False
+        self.used_at = time.monotonic()
         _watchdog.add_pool(self)
 
     def __repr__(self) -> str:
@@ -514,6 +523,8 @@ class ServerPool:
                 failures.append(f"{server.url}: {exc}")
                 # Check it again before the next pick: a restarted server is
                 # ready again, a dead one drops out.
+                with self._lock:
+                    server.epoch += 1
                 server.checked_at = None
                 self._close_idle_streams_of(server)
                 if attempt < self.retries:
@@ -545,6 +556,7 @@ class ServerPool:
     # -- routing and readiness -------------------------------------------------
 
     def _pick(self, tried: set[_Server]) -> _Server | None:
+        self.used_at = time.monotonic()
         ready = [server for server in self._servers if self._is_ready(server)]
         fresh = [server for server in ready if server not in tried]
         candidates = fresh or ready
@@ -553,7 +565,16 @@ class ServerPool:
         count = len(self._servers)
         with self._lock:
             turn = next(self._turn)
-            server = min(candidates, key=lambda s: (s.inflight, (s.index - turn) % count))
+            # A server whose answer expired (being checked again) only when no
+            # other will do: it may have stopped answering since.
+            server = min(
+                candidates,
+                key=lambda s: (
+                    not self._answer_holds(s),
+                    s.inflight,
+                    (s.index - turn) % count,
+                ),
+            )
             server.inflight += 1
         return server
 
@@ -576,19 +597,32 @@ class ServerPool:
                 return server.ready
             return self._check(server)
 
-    def _refresh(self) -> None:
+    def _refresh(self, now: float) -> None:
         """From the watchdog: checks again, each in a thread of its own, servers whose answer
-        expired; one check per server at a time (its check_lock, released by that thread)."""
+        expired; one check per server at a time (its check_lock, released by that thread).
+        A pool left unused forgets its answers instead (_FORGET_AFTER_IDLE_S)."""
+        idle = now - self.used_at > _FORGET_AFTER_IDLE_S
         for server in self._servers:
-            if self._closed or server.checked_at is None or self._answer_holds(server):
+            if self._closed or server.checked_at is None:
                 continue
-            if server.check_lock.acquire(blocking=False):
+            if not idle and self._answer_holds(server):
+                continue
+            if not server.check_lock.acquire(blocking=False):
+                continue
+            if idle:
+                server.checked_at = None
+                server.check_lock.release()
+                continue
+            try:
                 threading.Thread(
                     target=self._check_and_release,
                     args=(server,),
                     name=f"triton-ready-{server.url}",
                     daemon=True,
                 ).start()
+            except BaseException:
+                server.check_lock.release()
+                raise
 
     def _check_and_release(self, server: _Server) -> None:
         try:
@@ -602,8 +636,12 @@ class ServerPool:
 
     def _check(self, server: _Server) -> bool:
         """Asks the server and records its answer; called with its check_lock held."""
-        first = server.checked_at is None
+        first, epoch = server.checked_at is None, server.epoch
         ready, why = self._probe(server)
+        if self._closed:  # its channels were closed under the check
+            return False
+        if server.epoch != epoch:  # a connection error since: this answer may predate it
+            return ready
         if ready != server.ready or first:
             log = logger.info if ready else logger.warning
             log("triton %s %s", server.url, "is ready" if ready else f"is not ready: {why}")

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from inference import triton as triton_module
 from inference.engine.server import TritonDevServer
 from inference.engine.tokenizer import count_tokens
 from inference.triton import (
@@ -366,7 +367,8 @@ def test_a_hung_server_is_checked_again_in_the_background_not_on_a_requests_thre
     triton_server, hung_grpc_url
 ):
     # given: a pool with a server that never answers, beside a live one, whose
-    # answers expire quickly; and a record of where each readiness check ran
+    # answers expire quickly; a record of where each readiness check ran; and
+    # the hung server's checks after its first made to hang until the test ends
     pool = ServerPool(
         [hung_grpc_url, triton_server.grpc_url],
         ready_ttl_s=0.2,
@@ -374,33 +376,106 @@ def test_a_hung_server_is_checked_again_in_the_background_not_on_a_requests_thre
         connect_timeout_s=0.5,
     )
     checks: list[tuple[str, str]] = []
+    hanging, release = threading.Event(), threading.Event()
     probe = pool._probe
 
     def recorded(server):
         checks.append((server.url, threading.current_thread().name))
+        if server.url == hung_grpc_url and len(checks) > 2:
+            hanging.set()
+            release.wait(600)
         return probe(server)
 
     pool._probe = recorded
-    request_threads = {threading.current_thread().name}
 
-    # when requests keep coming while the hung server is checked again and again
-    try:
+    def requests() -> tuple[str, list]:
         results = [pool.generate(GenerationRequest(PROMPT, 2, seed=1))]
-        while sum(url == hung_grpc_url for url, _ in checks) < 4:
+        deadline = time.monotonic() + 30
+        while not hanging.is_set():
+            assert time.monotonic() < deadline, "the hung server was not checked again"
             results.append(pool.generate(GenerationRequest(PROMPT, 2, seed=1)))
-            assert len(results) < 100_000, "the hung server was not checked again"
-    finally:
-        pool.close()
+        results += [pool.generate(GenerationRequest(PROMPT, 2, seed=s)) for s in range(20)]
+        return threading.current_thread().name, results
 
-    # then every request was served by the live server
+    # when requests keep coming while the hung server's check hangs (on a
+    # thread of their own: had one waited on that check, it would never end)
+    with ThreadPoolExecutor(1, thread_name_prefix="requests") as executor:
+        try:
+            request_thread, results = executor.submit(requests).result(timeout=60)
+        finally:
+            release.set()
+            pool.close()
+
+    # then every request was served by the live server, none held up
     assert {result.server_url for result in results} == {triton_server.grpc_url}
+    assert all(result.output_tokens == 2 for result in results)
     # and after each server's first answer, which the first request waited
-    # for, every check ran on a background thread, none on a request's
+    # for, every check ran on a background thread, none on the requests'
     first, later = checks[:2], checks[2:]
     assert {url for url, _ in first} == {hung_grpc_url, triton_server.grpc_url}
-    assert {thread for _, thread in first} == request_threads
-    assert later and not {thread for _, thread in later} & request_threads
-    assert {url for url, _ in later} == {hung_grpc_url, triton_server.grpc_url}
+    assert {thread for _, thread in first} == {request_thread}
+    assert later and request_thread not in {thread for _, thread in later}
+
+
+def test_while_a_servers_answer_is_checked_again_requests_go_to_the_others(
+    triton_server, private_triton_server
+):
+    # given: two live servers, answers that expire quickly, and the first
+    # server's checks after its first made to hang until the test ends
+    first, other = private_triton_server.grpc_url, triton_server.grpc_url
+    pool = ServerPool([first, other], ready_ttl_s=0.2)
+    hanging, release = threading.Event(), threading.Event()
+    probe = pool._probe
+    checked: list[str] = []
+
+    def recorded(server):
+        checked.append(server.url)
+        if server.url == first and checked.count(first) > 1:
+            hanging.set()
+            release.wait(600)
+        return probe(server)
+
+    pool._probe = recorded
+    try:
+        warm = {pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in (1, 2)}
+        wait_until(hanging.is_set, timeout=30, what="the first server to be checked again")
+
+        # when requests come while its check is under way
+        served = [pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in range(8)]
+    finally:
+        release.set()
+        pool.close()
+
+    # then: both served before; now only the server whose answer holds, though
+    # the turn would have alternated them
+    assert warm == {first, other}
+    assert served == [other] * 8
+
+
+def test_a_pool_left_unused_forgets_its_answers_and_checks_again_when_used(pool, monkeypatch):
+    # given: a pool that served, then was left alone past the idle limit
+    monkeypatch.setattr(triton_module, "_FORGET_AFTER_IDLE_S", 0.3)
+    checks: list[str] = []
+    probe = pool._probe
+
+    def recorded(server):
+        checks.append(threading.current_thread().name)
+        return probe(server)
+
+    pool._probe = recorded
+    pool.generate(GenerationRequest(PROMPT, 2, seed=1))
+    [server] = pool._servers
+    wait_until(lambda: server.checked_at is None, timeout=30, what="the answer to be forgotten")
+    checks_while_idle = len(checks)
+
+    # when it is used again
+    result = pool.generate(GenerationRequest(PROMPT, 2, seed=1))
+
+    # then: no background checks while idle after forgetting; the request
+    # checked the server itself, as at first use, and was served
+    assert checks[0] == checks[-1] == threading.current_thread().name
+    assert len(checks) == checks_while_idle + 1
+    assert result.output_tokens == 2
 
 
 def test_a_pool_of_dead_servers_is_unavailable_quickly(dead_grpc_url):
