@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterator
 
 from django.conf import settings
@@ -28,12 +29,14 @@ from accounts.models import Scope
 from inference.callback_client import callback_url_validate
 from inference.models import CatalogModel, Job
 from inference.openai_body import generation_body
-from inference.relay import HEARTBEAT, relay_cancel, relay_events
+from inference.relay import HEARTBEAT, relay_events
 from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
 from inference.services import job_cancel, job_submit
 from inference.services.jobs import SubmitParams, job_quote
 from metering.models import Priority
 from metering.services.postings import amount_display
+
+logger = logging.getLogger(__name__)
 
 # Chat templates are plain text, not HTML: nothing may be escaped.
 _TEMPLATES = Engine(autoescape=False)
@@ -121,6 +124,23 @@ class _GenerationInput(StrictSerializer):
         return stops
 
 
+def _cancel_abandoned(job: Job) -> None:
+    """The job of a client that went away or stopped waiting: cancelled, not run for no one.
+
+    Still queued (a backlog), it settles at once as canceled, nothing billed,
+    and its message, when a worker takes it, is never sent to the engine;
+    running, its worker ends the engine request and it settles as canceled,
+    billed for what the engine delivered until then (and its prompt, once
+    sent). Called while answering or closing the response: a failure here is
+    logged, never raised (the job then runs on, and its hold bounds what it
+    can cost, as before).
+    """
+    try:
+        job_cancel(job=job)
+    except Exception:
+        logger.exception("could not cancel job %s, whose client went away", job.public_id)
+
+
 class _GenerationApi(OrgApiView):
     """Shared by chat and text completions: submit, then answer or stream.
 
@@ -192,7 +212,7 @@ class _GenerationApi(OrgApiView):
                 if event["type"] in ("done", "error"):
                     return event
         except TimeoutError:
-            relay_cancel(job.public_id)
+            _cancel_abandoned(job)
             raise ApplicationError(
                 code="engine_timeout",
                 message="The model did not answer in time; you were charged only for tokens served.",
@@ -275,10 +295,8 @@ class _GenerationApi(OrgApiView):
         finally:
             if not finished:
                 # The client went away (the server closed this generator when a
-                # write failed) or we timed out: the worker ends the engine
-                # request and the job settles as canceled, billed for what the
-                # engine delivered until then (and its prompt, once sent).
-                relay_cancel(job.public_id)
+                # write failed) or we timed out.
+                _cancel_abandoned(job)
 
 
 def _openai_schema(input_serializer, *, answer: str, summary: str):

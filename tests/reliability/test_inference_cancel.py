@@ -57,6 +57,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 triton_server = engine_fixtures.triton_server
 
 MODEL = "gym-cancel"
+# The session worker's processes (tests/conftest.py: --pool=prefork --concurrency=2).
+WORKER_PROCESSES = 2
 TOKENIZER = "inference/engine/tokenizer.json"
 # With the development engine this conversation, at temperature 2 and seed
 # 4792, generates 1815 tokens before its end token: the longest of seeds
@@ -415,3 +417,70 @@ def test_a_request_the_engine_refuses_bills_nothing(
     assert job.input_tokens_source == InputTokensSource.NONE
     _settled_once(job, status=HoldStatus.RELEASED, captured=0)
     assert organization_balance(organization=org) == before
+
+
+# -- 5. a client that stops waiting while its job is still queued ------------------------
+
+
+def test_a_client_that_stops_waiting_before_its_job_starts_cancels_it_unrun_and_unbilled(
+    live_server, celery_worker_process, triton_server, grant, settings
+):
+    # given every process of the session's worker taken by a job waiting on a
+    # busy engine, so that a job submitted now stays queued
+    _model([triton_server.grpc_url])
+    occupier = _organization(grant, credits(100))
+    _key, occupier_raw = apikey_create(organization=occupier, name="busy", scopes=[Scope.INFERENCE])
+    jobs_url = f"{live_server.url}/api/v1/jobs"
+    org = _organization(grant, credits(100))
+    client = _client(live_server, org)
+    before = organization_balance(organization=org)
+    settings.INFERENCE_TIMEOUT_SECONDS = 2
+    busy, _workers = engine_fixtures.occupy_engine_workers(triton_server.grpc_url)
+    try:
+        occupying = [
+            requests.post(
+                jobs_url,
+                headers={"Authorization": f"Bearer {occupier_raw}"},
+                json={"model": MODEL, "messages": LONG_MESSAGES, "max_tokens": 4},
+                timeout=30,
+            ).json()["id"]
+            for _ in range(WORKER_PROCESSES)
+        ]
+        _wait_for(
+            lambda: (
+                Job.objects.filter(public_id__in=occupying, status=JobStatus.RUNNING).count()
+                == WORKER_PROCESSES
+            ),
+            timeout=30,
+            what="the worker's processes to be taken",
+        )
+
+        # when a client waits for an answer longer than the gateway waits
+        with pytest.raises(openai.APIStatusError) as gave_up:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Plan my week."}], max_tokens=4
+            )
+
+        # then it is told so, and its job, never started, is canceled at once
+        assert (gave_up.value.status_code, gave_up.value.body["code"]) == (504, "engine_timeout")
+        job = Job.objects.get(organization=org)
+        assert (job.status, job.started_at) == (JobStatus.CANCELED, None)
+    finally:
+        busy.stop()
+
+    # and once the worker is free and has taken the messages queued behind it
+    # (one more job, sent after, has run), it never ran: nothing was billed
+    for occupied in occupying:
+        _finished(Job.objects.get(public_id=occupied).pk)
+    later = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Plan my week."}], max_tokens=2
+    )
+    job.refresh_from_db()
+    assert (job.status, job.started_at, job.credits_charged) == (JobStatus.CANCELED, None, 0)
+    assert (job.input_tokens, job.output_tokens) == (0, 0)
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    served = Job.objects.filter(organization=org).exclude(pk=job.pk).get()
+    assert served.status == JobStatus.SUCCEEDED and later.usage.completion_tokens >= 0
+    after = organization_balance(organization=org)
+    assert before.available - after.available == served.credits_charged
+    assert after.held == 0
