@@ -10,6 +10,7 @@ strings) and a `gym` object in the body (micro-credits).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -189,8 +190,24 @@ class _GenerationApi(OrgApiView):
         job = self.submit(request, data)
         if data["stream"]:
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            events = relay_events(
+                job.public_id, timeout_s=settings.INFERENCE_TIMEOUT_SECONDS, heartbeat=True
+            )
+            # The first event, or a heartbeat when none came within one poll
+            # (half a second): a job that failed before its first token (no
+            # engine would take it) is answered with its error status, as a
+            # request that is not streamed is, not with a 200 whose stream
+            # holds the error. One that fails later can only say so in the
+            # stream: the 200 is sent by then.
+            try:
+                first = next(events)
+            except TimeoutError:
+                raise self.timed_out(job) from None
+            if first is not HEARTBEAT and first["type"] == "error" and not first["output_tokens"]:
+                raise self.engine_error(first)
             response = StreamingHttpResponse(
-                self.sse(job, include_usage=include_usage), content_type="text/event-stream"
+                self.sse(job, itertools.chain([first], events), include_usage=include_usage),
+                content_type="text/event-stream",
             )
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
@@ -212,14 +229,19 @@ class _GenerationApi(OrgApiView):
                 if event["type"] in ("done", "error"):
                     return event
         except TimeoutError:
-            _cancel_abandoned(job)
-            raise ApplicationError(
-                code="engine_timeout",
-                message="The model did not answer in time; you were charged only for tokens served.",
-                status=504,
-            ) from None
+            raise _GenerationApi.timed_out(job) from None
         raise ApplicationError(
             code="engine_error", message="The job ended without a result.", status=502
+        )
+
+    @staticmethod
+    def timed_out(job: Job) -> ApplicationError:
+        """The gateway stopped waiting for the job: it is cancelled (_cancel_abandoned)."""
+        _cancel_abandoned(job)
+        return ApplicationError(
+            code="engine_timeout",
+            message="The model did not answer in time; you were charged only for tokens served.",
+            status=504,
         )
 
     @staticmethod
@@ -250,15 +272,12 @@ class _GenerationApi(OrgApiView):
             "prompt_tokens_source": final.get("input_tokens_source", ""),
         }
 
-    def sse(self, job: Job, *, include_usage: bool) -> Iterator[bytes]:
+    def sse(self, job: Job, events: Iterator, *, include_usage: bool) -> Iterator[bytes]:
         def line(payload: dict | str) -> bytes:
             text = payload if isinstance(payload, str) else json.dumps(payload)
             return f"data: {text}\n\n".encode()
 
         finished = False
-        events = relay_events(
-            job.public_id, timeout_s=settings.INFERENCE_TIMEOUT_SECONDS, heartbeat=True
-        )
         try:
             yield line(self.chunk(job, delta_text="", finish_reason=None))
             for event in events:
@@ -276,7 +295,12 @@ class _GenerationApi(OrgApiView):
                     yield line(error.as_dict())
                 else:
                     reason = event["finish_reason"] if event["type"] == "done" else "error"
-                    yield line(self.chunk(job, delta_text=None, finish_reason=reason))
+                    last = self.chunk(job, delta_text=None, finish_reason=reason)
+                    if not include_usage:
+                        # What the answer cost, which a streamed answer cannot
+                        # carry in its headers (sent before it settled).
+                        last["gym"] = self.gym(job, event)
+                    yield line(last)
                 if include_usage:
                     final_chunk = self.chunk(job, delta_text=None, finish_reason=None)
                     final_chunk["choices"] = []

@@ -145,6 +145,32 @@ def test_a_streamed_chat_completion_relays_tokens_and_reports_usage(gym):
     assert organization_balance(organization=org).held == 0
 
 
+def test_a_streamed_answer_without_usage_still_says_what_it_cost(gym):
+    # given
+    org, client = gym["org"], gym["client"]
+
+    # when: streamed, usage not asked for
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Describe a good warm-up."}],
+            max_tokens=8,
+            stream=True,
+        )
+    )
+
+    # then no chunk carries usage, and the one that finishes the answer
+    # carries the credits charged and remaining (headers went out before)
+    job = Job.objects.get(organization=org)
+    assert all(chunk.usage is None for chunk in chunks)
+    [last] = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert last is chunks[-1]
+    cost = last.model_extra["gym"]
+    assert cost["job_id"] == job.public_id
+    assert cost["credits_charged"] == job.credits_charged == expected_charge(job) > 0
+    assert cost["credits_remaining"] == organization_balance(organization=org).available
+
+
 def test_a_text_completion_works_too(gym):
     # when
     reply = gym["client"].completions.create(model=MODEL, prompt="Rest days matter", max_tokens=5)

@@ -132,19 +132,33 @@ def _reconciles() -> None:
 # -- 1. the engine is unreachable before the request ------------------------------
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+@pytest.mark.parametrize("engine", ["never there", "killed after serving"])
 def test_an_unreachable_engine_is_503_and_gives_the_hold_back(
-    live_server, celery_worker_process, dead_grpc_url, grant
+    live_server, celery_worker_process, dead_grpc_url, private_triton_server, grant, engine, stream
 ):
-    # given a model whose only server is a port where nothing listens
-    _model([dead_grpc_url])
+    # given a model whose only server is a port where nothing listens, or a
+    # server that served the worker (which then took it for ready) and died
+    if engine == "never there":
+        _model([dead_grpc_url])
+    else:
+        _model([private_triton_server.grpc_url])
+        served = _organization(grant, credits(10))
+        _client(live_server, served).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Warm up."}], max_tokens=2
+        )
+        os.killpg(private_triton_server.process.pid, signal.SIGKILL)
     org = _organization(grant, credits(10))
     client = _client(live_server, org)
     before = organization_balance(organization=org)
 
-    # when
+    # when (streamed or not: no token came, so the status can still say it)
     with pytest.raises(openai.APIStatusError) as refused:
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Plan my week."}], max_tokens=32
+            model=MODEL,
+            messages=[{"role": "user", "content": "Plan my week."}],
+            max_tokens=32,
+            stream=stream,
         )
 
     # then the API says the engine is unavailable, in OpenAI's error shape
