@@ -79,10 +79,14 @@ def _dedicated_pools() -> dict[tuple[int, int], ServerPool]:
     }
 
 
-def pool_for_job(*, job: Job) -> ServerPool:
-    """The organization's dedicated pool for the model if it has one, else the shared pool."""
-    dedicated = CATALOG.get("dedicated", _dedicated_pools)
-    return dedicated.get((job.organization_id, job.model_id)) or job.model.pool
+def pools_for_job(*, job: Job) -> list[ServerPool]:
+    """Where the job may run, in order: the organization's dedicated pool for the model if
+    it has one (its jobs go there first), then the model's shared pool."""
+    dedicated = CATALOG.get("dedicated", _dedicated_pools).get((job.organization_id, job.model_id))
+    shared = job.model.pool
+    if dedicated is None or dedicated.pk == shared.pk:
+        return [shared]
+    return [dedicated, shared]
 
 
 def organization_jobs(*, organization: Organization) -> QuerySet[Job]:

@@ -36,7 +36,7 @@ from accounts.redis import get_redis
 from inference import triton
 from inference.models import InputTokensSource, Job, JobStatus
 from inference.relay import relay_cancel_watch, relay_publish
-from inference.selectors import catalog_model_by_id, pool_for_job
+from inference.selectors import catalog_model_by_id, pools_for_job
 from inference.services import job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
 from inference.services.jobs import (
@@ -116,33 +116,37 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     engine_first = spec is not None and 0 <= time.time() - spec["sent_at"] < ENGINE_FIRST_WITHIN_S
     if engine_first:
         job = job_from_engine_spec(job_pk, spec)
-        engine = triton.pool_for(tuple(spec["grpc_urls"]), spec["triton_model"])
+        model = spec["triton_model"]
+        urls = [spec["grpc_urls"]]
+        if spec.get("fallback_grpc_urls"):  # not in the previous release's spec
+            urls.append(spec["fallback_grpc_urls"])
     elif start():
         job = start.job
-        pool = pool_for_job(job=job)
-        engine = triton.pool_for(tuple(pool.grpc_urls), job.model.triton_model)
+        model = job.model.triton_model
+        urls = [pool.grpc_urls for pool in pools_for_job(job=job)]
     else:
         return start.status()
+    engines = [triton.pool_for(tuple(pool_urls), model) for pool_urls in urls]
     first_token: list[datetime] = []
 
     def on_delta(text: str) -> None:
+        # An asynchronous job is streamed from the engine too (_engine_request):
+        # its first token is stamped, but nobody reads its deltas.
         if not first_token:
             first_token.append(timezone.now())
-        relay_publish(job.public_id, {"type": "delta", "text": text})
+        if job.stream:
+            relay_publish(job.public_id, {"type": "delta", "text": text})
 
-    result: triton.GenerationResult | triton.TritonError
     # Set by POST /api/v1/jobs/{id}/cancel, or by the API process when a
     # streaming client goes away or a waiting one times out.
     with relay_cancel_watch(job.public_id) as cancel:
-        try:
-            result = engine.generate(
-                _engine_request(job, prompt),
-                on_delta=on_delta if job.stream else None,
-                cancel=cancel,
-                after_send=start if engine_first else None,
-            )
-        except triton.TritonError as exc:
-            result = exc
+        result = _generate(
+            engines,
+            _engine_request(job, prompt),
+            on_delta=on_delta,
+            cancel=cancel,
+            start=start if engine_first else None,
+        )
     if engine_first:
         # Started while the engine worked; or never sent (no server took it,
         # or the job had ended: its request was abandoned): start it now.
@@ -166,6 +170,30 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     finally:
         _send(pipe)
     return job.status
+
+
+def _generate(
+    engines: list[triton.ServerPool], request: triton.GenerationRequest, *, on_delta, cancel, start
+) -> triton.GenerationResult | triton.TritonError:
+    """The request on the first pool that takes it (a dedicated pool, then the shared one):
+    the next is tried only when no server of a pool took it, so nothing was delivered.
+    `start` (engine-first) runs once, on the first send, whichever pool took it."""
+    result: triton.GenerationResult | triton.TritonError
+    for attempt, engine in enumerate(engines, 1):
+        try:
+            return engine.generate(
+                request,
+                on_delta=on_delta,
+                cancel=cancel,
+                after_send=start if start is not None and start.job is None else None,
+            )
+        except triton.EngineUnavailable as exc:
+            result = exc
+            if attempt < len(engines):
+                logger.warning("%s; trying the next pool", exc)
+        except triton.TritonError as exc:
+            return exc
+    return result
 
 
 def _send(pipe) -> None:

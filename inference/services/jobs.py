@@ -38,7 +38,7 @@ from accounts.ratelimits import (
     rate_limit_refund,
 )
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
-from inference.selectors import catalog_model_resolve, pool_for_job
+from inference.selectors import catalog_model_resolve, pools_for_job
 from inference.services.callbacks import job_callback_record
 from metering.models import Priority
 from metering.selectors import model_price
@@ -297,13 +297,15 @@ def job_engine_spec(job: Job) -> dict:
 
     Travels in the job's task message (JSON, in its ENGINE_SPEC_HEADER
     header), with the `sent_at` time the sender stamps on it;
-    `job_from_engine_spec` reads it back. The server
-    pool is the one the catalog names as the job is queued (inference.tasks
-    uses it only for a message delivered within ENGINE_FIRST_WITHIN_S).
+    `job_from_engine_spec` reads it back. The server pools are those the
+    catalog names as the job is queued (pools_for_job: `grpc_urls` first,
+    then `fallback_grpc_urls`, empty when there is one); inference.tasks uses
+    them only for a message delivered within ENGINE_FIRST_WITHIN_S.
     """
-    pool = pool_for_job(job=job)
+    first, *rest = pools_for_job(job=job)
     return {
-        "grpc_urls": list(pool.grpc_urls),
+        "grpc_urls": list(first.grpc_urls),
+        "fallback_grpc_urls": [url for pool in rest for url in pool.grpc_urls],
         "triton_model": job.model.triton_model,
         "id": job.public_id,
         "kind": job.kind,

@@ -28,7 +28,7 @@ from kombu.message import Message
 from kombu.serialization import dumps
 
 from inference import tasks, triton
-from inference.models import Job, JobStatus
+from inference.models import DedicatedCapacity, Job, JobStatus, ServerPool
 from inference.relay import relay_events
 from inference.services import job_settle
 from inference.services.jobs import ENGINE_SPEC_HEADER, Outcome, job_engine_spec
@@ -57,22 +57,27 @@ def fresh_means_within_ten_seconds(monkeypatch):
     monkeypatch.setattr(tasks, "ENGINE_FIRST_WITHIN_S", 10.0)
 
 
-@pytest.fixture
-def queued_job(engine, grant) -> Job:
-    model = served_model("gym-run", grpc_urls=[engine.grpc_url], access_tier="basic")
-    org = OrganizationFactory()
-    grant(org, credits(10))
+def _queued(org, model) -> Job:
+    """A queued job of `org` on `model` with its hold, written directly (no message sent)."""
     job = Job.objects.create(
         public_id=f"job_run_{time.monotonic_ns()}",
         organization=org,
         model=model,
-        model_price=model_price(model_name="gym-run"),
+        model_price=model_price(model_name=model.name),
         priority="standard",
         params={"max_tokens": 4, "seed": 1, "reserved_tokens": 0},
         hold_amount=credits(1),
     )
     hold_place(organization=org, amount=credits(1), key=job.public_id, new_key=True)
     return job
+
+
+@pytest.fixture
+def queued_job(engine, grant) -> Job:
+    model = served_model("gym-run", grpc_urls=[engine.grpc_url], access_tier="basic")
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    return _queued(org, model)
 
 
 def _spec(job: Job, *, age_s: float = 0.0) -> dict:
@@ -282,3 +287,75 @@ def test_a_job_cancelled_before_its_late_message_arrived_is_never_sent(queued_jo
     # counter once per model: the ensemble and its step)
     per_request = 2
     assert _served_when_idle(engine) == served + per_request
+
+
+# -- dedicated capacity: an organization's jobs go to its own pool first -------------------
+
+
+@pytest.fixture
+def shared_model(triton_server):
+    """A model whose shared pool is the session's server."""
+    return served_model("gym-shared", grpc_urls=[triton_server.grpc_url], access_tier="basic")
+
+
+def _with_dedicated_pool(grant, model, urls: list[str]):
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    pool = ServerPool.objects.create(name=f"dedicated-{org.pk}", grpc_urls=urls)
+    DedicatedCapacity.objects.create(organization=org, model=model, pool=pool)
+    return org
+
+
+def _run_as(job: Job, message: str) -> str:
+    return _run(job, _spec(job, age_s=60 if message == "late" else 0))
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_an_organizations_job_goes_to_its_dedicated_pool(engine, shared_model, grant, message):
+    # given an organization with a pool of its own (this test's server) for the model
+    org = _with_dedicated_pool(grant, shared_model, [engine.grpc_url])
+    job = _queued(org, shared_model)
+    served = _served_when_idle(engine)
+
+    # when its job runs
+    status = _run_as(job, message)
+
+    # then its own server served it (the ensemble and its step: 2 requests)
+    assert status == JobStatus.SUCCEEDED
+    assert _served_when_idle(engine) == served + 2
+
+
+def test_another_organizations_job_stays_on_the_shared_pool(engine, shared_model, grant):
+    # given one organization with a dedicated pool, and another without
+    _with_dedicated_pool(grant, shared_model, [engine.grpc_url])
+    other = OrganizationFactory()
+    grant(other, credits(10))
+    job = _queued(other, shared_model)
+    served = _served_when_idle(engine)
+
+    # when the other's job runs
+    status = _run(job, _spec(job))
+
+    # then the shared pool served it, not the dedicated one
+    assert status == JobStatus.SUCCEEDED
+    assert Job.objects.get(pk=job.pk).output_tokens == 4
+    assert _served_when_idle(engine) == served
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_job_whose_dedicated_pool_takes_nothing_is_served_by_the_shared_pool(
+    shared_model, dead_grpc_url, grant, message
+):
+    # given an organization whose dedicated pool has no live server
+    org = _with_dedicated_pool(grant, shared_model, [dead_grpc_url])
+    job = _queued(org, shared_model)
+
+    # when its job runs
+    status = _run_as(job, message)
+
+    # then the shared pool served it, started and billed once
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.SUCCEEDED
+    assert job.output_tokens == 4 and job.started_at is not None
+    [record] = UsageRecord.objects.filter(job_id=job.public_id)
+    assert record.credits == job.credits_charged > 0

@@ -265,6 +265,9 @@ def test_an_asynchronous_job_is_queued_run_and_read_back(gym):
     row = Job.objects.get(public_id=job_id)
     assert job["credits_charged"] == expected_charge(row) > 0
     assert organization_balance(organization=gym["org"]).held == 0
+    # with the time its first token came (it is streamed from the engine)
+    assert job["first_token_at"] is not None
+    assert row.started_at <= row.first_token_at <= row.finished_at
     listed = requests.get(url, headers=headers).json()["results"]
     assert [j["id"] for j in listed] == [job_id]
 
