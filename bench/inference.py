@@ -5,11 +5,15 @@ server (`TritonDevServer`), a real Celery worker subprocess and gunicorn:
 
 1. the floor: the round trip of a cheap Celery task answered through Redis
    (`accounts.tasks.idempotency_purge_task`, one DELETE on an empty table);
-2. direct Triton: `inference.triton.pool_for([grpc]).generate(...)`;
+2. direct Triton: `inference.triton.pool_for([grpc]).generate(...)`, the
+   client the worker uses, at 1 client and, from as many threads as clients,
+   at each concurrency the path is measured at, streamed (time to the first
+   response) and not;
 3. the whole path: POST /v1/chat/completions through gunicorn, the API
    submitting a job (hold, rate limits), the worker calling Triton and
    settling it, the answer relayed back through Redis;
-4. streaming: time to the first content chunk of the same request;
+4. streaming: time to the first content chunk of the same request, at each
+   concurrency;
 5. the 1-client target again, interleaved: one floor call, one direct call
    and one request through the whole path per round, in random order, so
    that all three meet the machine at the same speed (on this shared 2-CPU
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
@@ -33,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -314,6 +321,53 @@ def direct(grpc_url: str, prompt: str) -> Row:
     return _timed_calls("triton", _direct_call(grpc_url, prompt))
 
 
+def _stamp_first(stamps: list[float], _text: str) -> None:
+    if not stamps:
+        stamps.append(time.perf_counter())
+
+
+def direct_window(
+    grpc_url: str, prompt: str, clients: int, warmup_s: float, duration_s: float, stream: bool
+) -> Row:
+    """Direct Triton at `clients` concurrency: as many threads, closed loop, on one pool (as
+    the worker's threads share one); streamed, the latency is to the first response."""
+    from inference.triton import GenerationRequest, pool_for
+
+    pool = pool_for([grpc_url])
+    row = Row("triton-stream" if stream else "triton", clients, duration_s=duration_s)
+    seeds, lock = itertools.count(), threading.Lock()
+    measure_from = time.perf_counter() + warmup_s
+    stop_at = measure_from + duration_s
+
+    def client() -> None:
+        while time.perf_counter() < stop_at:
+            first: list[float] = []
+            request = GenerationRequest(prompt, MAX_TOKENS, seed=next(seeds), stream=stream)
+            started = time.perf_counter()
+            try:
+                result = pool.generate(
+                    request,
+                    on_delta=functools.partial(_stamp_first, first),
+                )
+            except Exception as exc:
+                with lock:
+                    row.error(f"{type(exc).__name__}: {exc}")
+                continue
+            ended = (first[0] if first else None) if stream else time.perf_counter()
+            with lock:
+                row.ok += 1
+                row.output_tokens += result.output_tokens
+                if ended is not None and started >= measure_from and time.perf_counter() <= stop_at:
+                    row.latencies.append(ended - started)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return row
+
+
 @dataclass
 class Interleaved:
     """Per round, seconds: the floor, direct Triton and the whole path, measured in turn."""
@@ -578,13 +632,15 @@ class Result:
     floor: Row
     triton: Row
     http: list[Row]
-    stream: Row | None
+    streams: list[Row]
     billing: dict[str, object]
     timings: dict[str, float]
     config: Config
     url: str
     stages: list[tuple[str, str, float, float]]
     interleaved: Interleaved | None = None
+    direct: list[Row] = field(default_factory=list)  # direct Triton at 16 and 64, streamed too
+    stages_16: list[tuple[str, str, float, float]] = field(default_factory=list)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -761,8 +817,22 @@ def measure(
         )
         _log_row(log, spread_row)
         http_rows.append(spread_row)
-        stream_row = http_window(server.port, [seed_.api_key], 1, warmup_s, duration_s, stream=True)
-        _log_row(log, stream_row)
+        stream_rows = []
+        for clients in CLIENTS:
+            row = http_window(
+                server.port, [seed_.api_key], clients, warmup_s, duration_s, stream=True
+            )
+            _log_row(log, row)
+            stream_rows.append(row)
+        # Direct Triton at the same concurrencies, for what the path adds at each.
+        direct_rows = []
+        for stream in (False, True):
+            for clients in CLIENTS if stream else CLIENTS[1:]:
+                row = direct_window(
+                    triton.grpc_url, seed_.prompt, clients, warmup_s, duration_s, stream
+                )
+                _log_row(log, row)
+                direct_rows.append(row)
         rounds, rounds_row = interleaved(server.port, seed_.api_key, triton.grpc_url, seed_.prompt)
         log(
             f"interleaved: floor {rounds.p50_ms('floor'):.2f}, direct "
@@ -773,7 +843,8 @@ def measure(
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{name} died during the run")
         stages = job_stages(next(r for r in http_rows if r.clients == 1))
-        billing = billing_check([*http_rows, stream_row, rounds_row])
+        stages_16 = job_stages(next(r for r in http_rows if r.clients == 16 and r.name == "http"))
+        billing = billing_check([*http_rows, *stream_rows, rounds_row])
         log(f"billing: {billing}")
     finally:
         from inference.triton import close_pools
@@ -789,13 +860,15 @@ def measure(
         floor_row,
         triton_row,
         http_rows,
-        stream_row,
+        stream_rows,
         billing,
         timings,
         config,
         url,
         stages,
         rounds,
+        direct_rows,
+        stages_16,
     )
 
 
@@ -852,28 +925,47 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
     ]
     labels = {
         "floor": f"Celery floor: `{FLOOR_TASK}.apply_async().get()`",
-        "triton": "direct Triton: `pool_for([grpc]).generate()`",
+        "triton": "direct Triton: `pool_for([grpc]).generate()` (a thread per client)",
+        "triton-stream": "direct Triton, streamed: time to the first response",
         "http": "`POST /v1/chat/completions` through gunicorn",
         "http-orgs": "same, each client billing its own organization",
         "stream": "same, `stream: true`: time to first content chunk",
     }
-    rows = [fl, tr, *result.http, *([result.stream] if result.stream else [])]
+    plain = [r for r in result.direct if r.name == "triton"]
+    streamed = [r for r in result.direct if r.name == "triton-stream"]
+    rows = [fl, tr, *plain, *result.http, *streamed, *result.streams]
     for r in rows:
         lines.append(
             f"| {labels[r.name]} | {r.clients} | {len(r.latencies)} | {_fmt(r.rate, 1)} "
             f"| {_fmt(r.p50_ms)} | {_fmt(r.p99_ms)} | {r.errors} |"
         )
+    # Each path row next to direct Triton at its own concurrency.
+    direct_at = {r.clients: r for r in [tr, *plain]}
     added = [
-        "| clients | p50 ms added over direct Triton | p99 ms added over direct Triton "
+        "| clients | direct Triton p50 ms | p50 ms added over it | p99 ms added over it "
         "| p50 added minus the Celery floor p50 |",
-        "| ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result.http:
-        a50 = r.p50_ms - tr.p50_ms
+        base = direct_at.get(r.clients, tr)
+        a50 = r.p50_ms - base.p50_ms
         added.append(
-            f"| {_clients(r)} | {_fmt(a50)} | {_fmt(r.p99_ms - tr.p99_ms)} "
-            f"| {_fmt(a50 - fl.p50_ms)} |"
+            f"| {_clients(r)} | {_fmt(base.p50_ms)} | {_fmt(a50)} "
+            f"| {_fmt(r.p99_ms - base.p99_ms)} | {_fmt(a50 - fl.p50_ms)} |"
         )
+    stream_at = {r.clients: r for r in streamed}
+    added_ttft = [
+        "| clients | direct Triton, first response p50 ms | path, first content chunk p50 ms "
+        "| p50 ms added | p99 ms added |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result.streams:
+        base = stream_at.get(r.clients)
+        if base is not None:
+            added_ttft.append(
+                f"| {r.clients} | {_fmt(base.p50_ms)} | {_fmt(r.p50_ms)} "
+                f"| {_fmt(r.p50_ms - base.p50_ms)} | {_fmt(r.p99_ms - base.p99_ms)} |"
+            )
     cpus = os.cpu_count() or 1
     names = list(result.http[0].cpu_ms) if result.http[0].cpu_ms else []
     cpu_lines = [
@@ -928,7 +1020,9 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         f"`{REDIS_URL.rsplit('/', 1)[1]}` (broker, results, limits and relay; flushed).",
         f"- Floor: `{FLOOR_TASK}` (one DELETE on an empty table) sent with `apply_async()` "
         f"and waited on with `.get()`; direct Triton: `{CALLS}` sequential calls. Both after "
-        f"{WARMUP_CALLS} warm-up calls.",
+        f"{WARMUP_CALLS} warm-up calls. Direct Triton at more clients, and streamed: as "
+        "many threads of this process as clients, each in a closed loop on one shared "
+        "pool (the worker's client, as its threads share it), timed like the HTTP rows.",
         f"- HTTP: closed loop, raw HTTP/1.1 keep-alive connections, one per client; "
         f"{warmup_s:g} s warm-up then {duration_s:g} s measured per row. Every response "
         "checked: status 200 and a `usage` object with integer token counts (streamed: the "
@@ -941,7 +1035,16 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         "",
         "### What the gateway adds to direct Triton",
         "",
+        "Each row of the path next to direct Triton at the same concurrency (the engine "
+        "queues requests the same way for both); the 1-client comparison is with the 200 "
+        "sequential calls above, the rest with the threaded rows.",
+        "",
         *added,
+        "",
+        "Streamed, to the first token: the path to its first chunk with content, direct "
+        "Triton to its first response (each carries a token).",
+        "",
+        *added_ttft,
         "",
         "### CPU per request",
         "",
@@ -972,6 +1075,26 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
             for name, what, p50, mean in result.stages
         ),
         "",
+        *(
+            [
+                "### The same at 16 clients, one organization",
+                "",
+                "Here each stage includes its waits: for a worker thread and a CPU "
+                "(dispatch), for the engine's queue (engine), for the wallet's row lock "
+                "(settlement: every request of this row settles against one wallet). The "
+                "stage that grows most from 1 to 16 clients is where requests queue.",
+                "",
+                "| stage | p50 ms | mean ms |",
+                "| --- | ---: | ---: |",
+                *(
+                    f"| {name} | {_fmt(p50)} | {_fmt(mean)} |"
+                    for name, _what, p50, mean in result.stages_16
+                ),
+                "",
+            ]
+            if result.stages_16
+            else []
+        ),
         "### Billing",
         "",
         *(f"- {k}: {v}" for k, v in result.billing.items()),
