@@ -14,11 +14,14 @@ import itertools
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from datetime import time as dt_time
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template import Context, Engine
+from django.utils.http import http_date
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers
@@ -28,7 +31,7 @@ from accounts.api_base import OrgApiView, StrictSerializer, acting_key
 from accounts.errors import ApplicationError, error_body
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
-from inference.models import CatalogModel, Job
+from inference.models import CatalogModel, Job, ModelStatus
 from inference.openai_body import generation_body
 from inference.relay import HEARTBEAT, relay_events
 from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
@@ -80,6 +83,10 @@ class ModelsApi(OrgApiView):
                     "max_output_tokens": m.max_output_tokens,
                     "status": m.status,
                     "tier": m.access_tier,
+                    # A deprecated model: the day it stops being served, and
+                    # what to move to.
+                    "deprecation_date": m.deprecation_date,
+                    "successor": m.successor.name if m.successor else None,
                 },
             }
             for m in catalog_models_for(organization=request.organization)
@@ -123,6 +130,18 @@ class _GenerationInput(StrictSerializer):
         ):
             raise serializers.ValidationError("stop is a string or a list of up to 4 strings.")
         return stops
+
+
+def _announce_sunset(response, model: CatalogModel) -> None:
+    """A deprecated model's answers say when it stops being served (RFC 8594's Sunset) and,
+    if it has one, its successor; from that day it is refused as retired."""
+    if model.status != ModelStatus.DEPRECATED or model.deprecation_date is None:
+        return
+    response["Sunset"] = http_date(
+        datetime.combine(model.deprecation_date, dt_time.min, tzinfo=UTC).timestamp()
+    )
+    if model.successor:
+        response["X-Gym-Model-Successor"] = model.successor.name
 
 
 def _cancel_abandoned(job: Job) -> None:
@@ -212,11 +231,13 @@ class _GenerationApi(OrgApiView):
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
             response["X-Gym-Job-Id"] = job.public_id
+            _announce_sunset(response, job.model)
             return response
         final = self.wait(job)
         if final["type"] == "error":
             raise self.engine_error(final)
         response = Response(self.body(job, final))
+        _announce_sunset(response, job.model)
         response["X-Gym-Job-Id"] = job.public_id
         response["X-Gym-Credits-Charged"] = amount_display(final["credits_charged"])
         response["X-Gym-Credits-Remaining"] = amount_display(final["credits_remaining"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 from django.db import models
 from django.db.models import Q
 
@@ -75,7 +77,13 @@ class CatalogModel(models.Model):
     successor = models.ForeignKey(
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
-    deprecation_date = models.DateField(null=True, blank=True)
+    deprecation_date = models.DateField(
+        null=True,
+        blank=True,
+        help_text="For a deprecated model: the day it stops being served (it is then "
+        "refused as retired, pointing at its successor); until then its answers carry a "
+        "Sunset header with this day.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -89,6 +97,16 @@ class CatalogModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def retired_on(self, day: date) -> bool:
+        """Retired, or deprecated and at or past its deprecation date."""
+        if self.status == ModelStatus.RETIRED:
+            return True
+        return (
+            self.status == ModelStatus.DEPRECATED
+            and self.deprecation_date is not None
+            and self.deprecation_date <= day
+        )
 
 
 class DedicatedCapacity(models.Model):

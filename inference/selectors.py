@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from accounts.cache import SharedCache
 from accounts.errors import ApplicationError
@@ -24,11 +25,13 @@ def organization_tiers(organization: Organization) -> tuple[str, ...]:
 
 
 def catalog_models_for(*, organization: Organization) -> QuerySet[CatalogModel]:
-    """The models an organization may call: listed, not retired, in its tiers."""
+    """The models an organization may call: listed, not retired (nor deprecated past their
+    date: CatalogModel.retired_on), in its tiers."""
     return (
         CatalogModel.objects.exclude(status=ModelStatus.RETIRED)
+        .exclude(status=ModelStatus.DEPRECATED, deprecation_date__lte=timezone.localdate())
         .filter(access_tier__in=organization_tiers(organization))
-        .select_related("pool")
+        .select_related("pool", "successor")
     )
 
 
@@ -52,7 +55,7 @@ def catalog_model_resolve(*, name: str, organization: Organization) -> CatalogMo
             status=404,
             param="model",
         )
-    if model.status == ModelStatus.RETIRED:
+    if model.retired_on(timezone.localdate()):
         successor = f" Use {model.successor.name!r} instead." if model.successor else ""
         raise ApplicationError(
             code="model_not_found",

@@ -85,7 +85,14 @@ def served_model(
     return CatalogModel.objects.create(name=name, pool=pool, **model_fields)
 
 
-def submit_job(organization, model_name: str, *, prompt: str = "Plan my week.", max_tokens=16):
+def submit_job(
+    organization,
+    model_name: str,
+    *,
+    prompt: str = "Plan my week.",
+    max_tokens=16,
+    priority: str = "standard",
+):
     """An asynchronous job through the real job_submit (hold, limits, row; its task on commit)."""
     from inference.services import job_submit
     from inference.services.jobs import SubmitParams
@@ -96,6 +103,7 @@ def submit_job(organization, model_name: str, *, prompt: str = "Plan my week.", 
         model_name=model_name,
         prompt=prompt,
         params=SubmitParams(max_tokens=max_tokens),
+        priority=priority,
         kind="async",
     )
 

@@ -1,4 +1,5 @@
-"""job_submit's admission: the token reservation and the concurrency slot, both or neither.
+"""job_submit's admission: the token reservation and the concurrency slot, both or neither;
+the priorities a plan allows; prompts kept only for organizations that opted in.
 
 One database transaction, never committed, as in test_job_cancel.py: the
 Celery task of an admitted job is never sent.
@@ -10,6 +11,7 @@ import pytest
 
 from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, concurrency_release, rate_limit_consume
+from inference.models import Job
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, submit_job
@@ -42,3 +44,40 @@ def test_a_job_past_the_concurrency_limit_takes_no_tokens_and_no_credits(grant):
     # and once the first ends (its slot given back), the next is admitted
     concurrency_release(scope=f"org:{org.pk}", job_id=running.public_id)
     assert submit_job(org, MODEL).status == "queued"
+
+
+def test_a_priority_above_the_plans_is_refused_and_takes_nothing(grant):
+    # given an organization whose plan allows up to standard priority
+    served_model(MODEL)
+    org = OrganizationFactory(max_priority="standard")
+    grant(org, credits(10))
+    rows, balance = ledger_rows(), organization_balance(organization=org)
+
+    # when a job asks for priority
+    with pytest.raises(ApplicationError) as refused:
+        submit_job(org, MODEL, priority="priority")
+
+    # then it is refused, and nothing was held or written
+    assert (refused.value.code, refused.value.status) == ("priority_not_in_plan", 403)
+    assert (ledger_rows(), organization_balance(organization=org)) == (rows, balance)
+    assert not Job.objects.filter(organization=org).exists()
+    # while batch and standard are admitted, each on its own priority
+    assert [submit_job(org, MODEL, priority=p).priority for p in ("batch", "standard")] == [
+        "batch",
+        "standard",
+    ]
+
+
+@pytest.mark.parametrize("opted_in", [False, True], ids=["default", "opted-in"])
+def test_a_prompt_is_kept_only_for_an_organization_that_opted_in(grant, opted_in):
+    # given
+    served_model(MODEL)
+    org = OrganizationFactory(store_prompts=opted_in)
+    grant(org, credits(10))
+
+    # when
+    job = submit_job(org, MODEL, prompt="My private training plan")
+
+    # then the job row holds the prompt only if the organization asked for it
+    stored = Job.objects.get(pk=job.pk).prompt
+    assert stored == ("My private training plan" if opted_in else "")

@@ -6,16 +6,20 @@ database, a real Celery worker process, the real CPU Triton server, Redis.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 from decimal import Decimal
 
 import openai
 import pytest
 import requests
+from django.utils import timezone
+from django.utils.http import http_date
 
 from accounts.models import Scope
 from accounts.services import apikey_create
 from inference.engine.tokenizer import count_tokens
-from inference.models import CatalogModel, Job, JobStatus, ServerPool
+from inference.models import CatalogModel, Job, JobStatus, ModelStatus, ServerPool
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import organization_balance
 from metering.services import Rates, Usage, credits_for_usage, price_book_publish
@@ -171,6 +175,45 @@ def test_a_streamed_answer_without_usage_still_says_what_it_cost(gym):
     assert cost["credits_remaining"] == organization_balance(organization=org).available
 
 
+def test_a_deprecated_model_is_served_with_its_sunset_until_its_date_then_refused(gym):
+    # given the model deprecated, with a successor and a date a month away
+    org, client = gym["org"], gym["client"]
+    model = CatalogModel.objects.get(name=MODEL)
+    model.status = ModelStatus.DEPRECATED
+    model.successor = CatalogModel.objects.get(name="gym-large")
+    model.deprecation_date = timezone.localdate() + timedelta(days=30)
+    model.save()
+    message = [{"role": "user", "content": "hi"}]
+
+    # when it is called before that date
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=message, max_tokens=2
+    )
+    listed = {m.id: m.model_extra["gym"] for m in client.models.list().data}
+
+    # then it answers, saying when it stops and what follows it
+    assert raw.http_response.status_code == 200
+    sunset = datetime.combine(model.deprecation_date, dt_time.min, tzinfo=UTC)
+    assert raw.headers["sunset"] == http_date(sunset.timestamp())
+    assert raw.headers["x-gym-model-successor"] == "gym-large"
+    assert listed[MODEL]["status"] == "deprecated"
+    assert listed[MODEL]["deprecation_date"] == model.deprecation_date.isoformat()
+    assert listed[MODEL]["successor"] == "gym-large"
+
+    # and when its date has come, it is refused as retired, pointing at its
+    # successor, no longer listed, and nothing is held or queued for it
+    model.deprecation_date = timezone.localdate()
+    model.save()
+    before = organization_balance(organization=org)
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.chat.completions.create(model=MODEL, messages=message, max_tokens=2)
+    assert gone.value.body["code"] == "model_not_found"
+    assert "'gym-large'" in gone.value.body["message"]
+    assert MODEL not in [m.id for m in client.models.list().data]
+    assert organization_balance(organization=org) == before
+    assert Job.objects.filter(organization=org).count() == 1
+
+
 def test_a_text_completion_works_too(gym):
     # when
     reply = gym["client"].completions.create(model=MODEL, prompt="Rest days matter", max_tokens=5)
@@ -179,6 +222,17 @@ def test_a_text_completion_works_too(gym):
     assert reply.object == "text_completion"
     assert reply.usage.completion_tokens <= 5
     assert Job.objects.get(organization=gym["org"]).kind == "completion"
+
+    # and streamed, with the same seed, the pieces make the same text
+    kwargs = {"model": MODEL, "prompt": "Rest days matter", "max_tokens": 5, "seed": 3}
+    whole = gym["client"].completions.create(**kwargs)
+    chunks = list(
+        gym["client"].completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_models_lists_what_the_plan_allows(gym):
@@ -209,8 +263,17 @@ def test_errors_come_back_in_openai_shape_and_take_nothing(gym):
 
     # a bad key
     bad = openai.OpenAI(base_url=f"{gym['url']}/v1", api_key="gym_nope", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as unknown:
         bad.chat.completions.create(model=MODEL, messages=message, max_tokens=4)
+    assert unknown.value.body["code"] == "authentication_failed"
+
+    # a request over the organization's requests per minute
+    org.requests_per_minute = 0
+    org.save()
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model=MODEL, messages=message, max_tokens=4)
+    assert limited.value.body["code"] == "rate_limited"
+    assert limited.value.response.headers["retry-after"]
 
     # then nothing was held, charged or queued
     assert organization_balance(organization=org) == before
