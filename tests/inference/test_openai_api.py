@@ -74,8 +74,12 @@ def expected_charge(job: Job) -> int:
 
 
 def test_a_chat_completion_is_answered_and_billed_token_by_token(gym):
-    # given
+    # given an engine whose GPU-hour costs 3,600,000 minor units, on two GPUs
+    # (tensor parallel): its serving cost is then 2 minor units per engine ms
     org, client = gym["org"], gym["client"]
+    model = CatalogModel.objects.get(name=MODEL)
+    model.gpu_hour_cost, model.tensor_parallel = 3_600_000, 2
+    model.save()  # as the admin saves it: the processes' catalog caches are told
     before = organization_balance(organization=org)
 
     # when
@@ -113,6 +117,9 @@ def test_a_chat_completion_is_answered_and_billed_token_by_token(gym):
         job.output_tokens,
         charge,
     )
+    # with the engine's busy time and what it cost to serve, on the job and its record
+    assert job.engine_ms > 0
+    assert job.serving_cost == record.serving_cost == 2 * job.engine_ms
     assert raw.headers["x-gym-credits-charged"] == f"{Decimal(charge) / 1_000_000:f}".rstrip(
         "0"
     ).rstrip(".")
