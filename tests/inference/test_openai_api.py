@@ -342,6 +342,81 @@ def test_an_asynchronous_job_is_queued_run_and_read_back(gym):
     assert [j["id"] for j in listed] == [job_id]
 
 
+def test_a_prompt_the_engine_served_from_its_prefix_cache_is_billed_at_the_cached_rate(gym):
+    # given a long prompt the engine has seen once
+    org, client = gym["org"], gym["client"]
+    messages = [{"role": "user", "content": "Plan a twelve week strength block " * 8}]
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, seed=1)
+
+    # when it is sent again
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, seed=2)
+
+    # then the engine says which prompt tokens came from its cache (whole
+    # blocks of 16), the answer reports them, and they cost the cached rate
+    job = Job.objects.filter(organization=org).latest("pk")
+    assert 16 <= job.cached_input_tokens < job.input_tokens
+    assert job.cached_input_tokens % 16 == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == job.cached_input_tokens
+    assert job.credits_charged == expected_charge(job)
+    uncached = credits_for_usage(
+        rates=Rates.of(job.model_price, job.priority),
+        usage=Usage(input_tokens=job.input_tokens, output_tokens=job.output_tokens),
+    )
+    assert job.credits_charged < uncached
+    assert UsageRecord.objects.get(job_id=job.public_id).cached_input_tokens == (
+        job.cached_input_tokens
+    )
+
+
+def test_usage_by_model_and_by_key_adds_up_what_was_served(gym):
+    # given two chat completions served, billed to the fixture's key
+    client, headers = gym["client"], {"Authorization": f"Bearer {gym['raw']}"}
+    for seed in (1, 2):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, seed=seed
+        )
+    jobs = Job.objects.filter(organization=gym["org"])
+
+    # when the usage is asked for, by model and by key
+    by = {
+        group_by: requests.get(
+            f"{gym['url']}/api/v1/usage", headers=headers, params={"group_by": group_by}
+        ).json()["data"]
+        for group_by in ("model", "key")
+    }
+
+    # then each grouping has one row with both requests' engine counts and credits
+    expected = {
+        "requests": 2,
+        "input_tokens": sum(j.input_tokens for j in jobs),
+        "cached_input_tokens": sum(j.cached_input_tokens for j in jobs),
+        "output_tokens": sum(j.output_tokens for j in jobs),
+        "credits": sum(j.credits_charged for j in jobs),
+    }
+    assert expected["credits"] > 0 and expected["input_tokens"] > 0
+    [by_model], [by_key] = by["model"], by["key"]
+    assert by_model["group"] == MODEL
+    assert {k: by_model[k] for k in expected} == expected
+    assert {k: by_key[k] for k in expected} == expected
+
+
+def test_the_job_list_pages_with_a_cursor_newest_first(gym):
+    # given three asynchronous jobs
+    headers = {"Authorization": f"Bearer {gym['raw']}"}
+    url = f"{gym['url']}/api/v1/jobs"
+    body = {"model": MODEL, "prompt": "Strength training", "max_tokens": 2}
+    ids = [requests.post(url, headers=headers, json=body).json()["id"] for _ in range(3)]
+
+    # when they are listed two at a time, following the cursor
+    first = requests.get(url, headers=headers, params={"limit": 2}).json()
+    second = requests.get(first["next"], headers=headers).json()
+
+    # then every job comes once, newest first, and the last page says it is the last
+    assert [j["id"] for j in first["results"]] == ids[::-1][:2]
+    assert [j["id"] for j in second["results"]] == ids[::-1][2:]
+    assert second["next"] is None
+
+
 def test_a_quote_is_what_a_request_then_holds(gym):
     # given
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Plan my week"}]}
