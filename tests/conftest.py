@@ -132,6 +132,68 @@ def stripe_standin():
         standin.stop()
 
 
+@pytest.fixture
+def app_server(transactional_db, stripe_standin):
+    """The app under gunicorn (gthread, 2 workers x 8 threads), as production serves it, on
+    the test database and Redis; yields its base URL.
+
+    For crowds: Django's development server behind `live_server` takes a thread and a
+    PostgreSQL connection per connection, so 200 clients at once would exhaust
+    PostgreSQL's 100 connections; gunicorn queues them for its 16 threads.
+    """
+    import socket
+    import urllib.request
+
+    db = settings.DATABASES["default"]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test",
+        "DATABASE_URL": (
+            f"postgres://{db['USER']}:{db.get('PASSWORD') or ''}@{db['HOST']}:{db['PORT']}"
+            f"/{db['NAME']}?conn_max_age=600"
+        ),
+        "REDIS_URL": settings.REDIS_URL,
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+        "CELERY_RESULT_BACKEND": settings.CELERY_RESULT_BACKEND,
+    }
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = ROOT / "var" / "test-gunicorn.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "gunicorn", "gymbilling.wsgi:application",
+                "--bind", f"127.0.0.1:{port}", "--worker-class", "gthread",
+                "--workers", "2", "--threads", "8", "--backlog", "512",
+                "--graceful-timeout", "5", "--no-control-socket",
+            ],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited early; see {log}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gunicorn did not answer in 60 s; see {log}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="session")
 def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
     """A real `celery -A gymbilling worker` process on the test database and Redis.

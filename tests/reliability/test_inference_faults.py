@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -252,7 +253,7 @@ def crowd_worker(request, tmp_path, celery_worker_process):
 
 
 def test_a_crowd_of_requests_never_overdraws_the_credits(
-    live_server, crowd_worker, triton_server, grant
+    app_server, crowd_worker, triton_server, grant
 ):
     # given credits for about 50 worst-case holds, and 200 requests
     model = _model([triton_server.grpc_url])
@@ -265,9 +266,12 @@ def test_a_crowd_of_requests_never_overdraws_the_credits(
     )
     budget = 50 * hold
     org = _organization(grant, budget)
-    client = _client(live_server, org)
+    _key, raw = apikey_create(organization=org, name="crowd", scopes=[Scope.INFERENCE])
+    client = openai.OpenAI(base_url=f"{app_server}/v1", api_key=raw, max_retries=0, timeout=120)
+    start = threading.Barrier(200)
 
     def call(index: int) -> tuple[int, str | None]:
+        start.wait(timeout=60)
         try:
             client.chat.completions.create(
                 model=MODEL, messages=messages, max_tokens=max_tokens, seed=index
@@ -276,10 +280,8 @@ def test_a_crowd_of_requests_never_overdraws_the_credits(
             return exc.status_code, (exc.body or {}).get("code")
         return 200, None
 
-    # when they are sent 32 at a time: the live server is Django's threaded
-    # development server, a thread and a PostgreSQL connection per request
-    # (PostgreSQL allows 100), so 200 at once would measure the harness.
-    with ThreadPoolExecutor(max_workers=32) as threads:
+    # when all 200 are sent at once, to the app under gunicorn (a connection each)
+    with ThreadPoolExecutor(max_workers=200) as threads:
         answers = list(threads.map(call, range(200)))
 
     # then each one was served or refused for credits, nothing else
