@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from django.utils import timezone
 from metering.reconcile import ledger_reconcile
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
+from tests.helpers import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,11 +187,7 @@ def app_server(transactional_db, stripe_standin):
                 time.sleep(0.1)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")
@@ -238,8 +234,4 @@ def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
             raise RuntimeError(f"celery worker did not answer a ping in 60 s; see {log}")
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

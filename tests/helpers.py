@@ -120,3 +120,16 @@ class StatementLog:
     def __call__(self, execute, sql, params, many, context):
         self.sql.append(sql)
         return execute(sql, params, many, context)
+
+
+def stop_process(proc) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 30 s (a subprocess.Popen)."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -47,7 +47,7 @@ from metering.services import (
     price_book_publish,
 )
 from tests.factories import OrganizationFactory
-from tests.helpers import credits
+from tests.helpers import credits, stop_process
 from tests.inference import conftest as engine_fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -361,12 +361,7 @@ def _own_worker(log: Path, *, queue_name: str, pool: str, concurrency: int, conn
                 raise RuntimeError(f"the test's celery worker did not start:\n{log.read_text()}")
         yield proc, log
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         if others:
             celery_app.control.add_consumer(queue_name, destination=others, reply=True, timeout=2)
 
