@@ -13,14 +13,16 @@ import functools
 import itertools
 import json
 import logging
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from datetime import time as dt_time
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template import Context, Engine
+from django.utils import timezone
 from django.utils.http import http_date
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
@@ -41,6 +43,14 @@ from metering.models import Priority
 from metering.services.postings import amount_display
 
 logger = logging.getLogger(__name__)
+
+# How long a streamed request waits for its job's first event before its 200
+# goes out: one relay poll. A job no engine takes comes back failed well within
+# it when a worker is free (then answered 503, as unstreamed); behind a
+# backlog the error comes in the stream. Not longer: the heartbeats that
+# notice a client gone (and cancel its job) only start after it, and a client
+# that hangs up before its first token should pay for as little as it can.
+STREAM_FIRST_EVENT_WAIT_S = 0.5
 
 # Chat templates are plain text, not HTML: nothing may be escaped.
 _TEMPLATES = Engine(autoescape=False)
@@ -134,12 +144,12 @@ class _GenerationInput(StrictSerializer):
 
 def _announce_sunset(response, model: CatalogModel) -> None:
     """A deprecated model's answers say when it stops being served (RFC 8594's Sunset) and,
-    if it has one, its successor; from that day it is refused as retired."""
+    if it has one, its successor; from that day it is refused as retired (the day begins
+    at midnight in the project's time zone, the clock CatalogModel.retired_on is read on)."""
     if model.status != ModelStatus.DEPRECATED or model.deprecation_date is None:
         return
-    response["Sunset"] = http_date(
-        datetime.combine(model.deprecation_date, dt_time.min, tzinfo=UTC).timestamp()
-    )
+    midnight = timezone.make_aware(datetime.combine(model.deprecation_date, dt_time.min))
+    response["Sunset"] = http_date(midnight.timestamp())
     if model.successor:
         response["X-Gym-Model-Successor"] = model.successor.name
 
@@ -212,16 +222,19 @@ class _GenerationApi(OrgApiView):
             events = relay_events(
                 job.public_id, timeout_s=settings.INFERENCE_TIMEOUT_SECONDS, heartbeat=True
             )
-            # The first event, or a heartbeat when none came within one poll
-            # (half a second): a job that failed before its first token (no
-            # engine would take it) is answered with its error status, as a
-            # request that is not streamed is, not with a 200 whose stream
-            # holds the error. One that fails later can only say so in the
-            # stream: the 200 is sent by then.
+            # The first event, waited for up to STREAM_FIRST_EVENT_WAIT_S: a
+            # job that failed before its first token (no engine would take
+            # it, the engine refused it) is answered with its error status,
+            # as a request that is not streamed is, not with a 200 whose
+            # stream holds the error. One that fails later (behind a backlog,
+            # or after tokens) can only say so in the stream: the 200 is sent.
             try:
-                first = next(events)
+                first = self.first_event(events)
             except TimeoutError:
                 raise self.timed_out(job) from None
+            except Exception:
+                _cancel_abandoned(job)  # nobody will read it (Redis failed under us)
+                raise
             if first is not HEARTBEAT and first["type"] == "error" and not first["output_tokens"]:
                 raise self.engine_error(first)
             response = StreamingHttpResponse(
@@ -242,6 +255,16 @@ class _GenerationApi(OrgApiView):
         response["X-Gym-Credits-Charged"] = amount_display(final["credits_charged"])
         response["X-Gym-Credits-Remaining"] = amount_display(final["credits_remaining"])
         return response
+
+    @staticmethod
+    def first_event(events: Iterator) -> dict:
+        """The first real event, or HEARTBEAT when none came within STREAM_FIRST_EVENT_WAIT_S
+        (each HEARTBEAT is one relay poll, half a second, without an event)."""
+        deadline = time.monotonic() + STREAM_FIRST_EVENT_WAIT_S
+        event = next(events)
+        while event is HEARTBEAT and time.monotonic() < deadline:
+            event = next(events)
+        return event
 
     @staticmethod
     def wait(job: Job) -> dict:

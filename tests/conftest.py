@@ -134,12 +134,13 @@ def stripe_standin():
 
 @pytest.fixture
 def app_server(transactional_db, stripe_standin):
-    """The app under gunicorn (gthread, 2 workers x 8 threads), as production serves it, on
+    """The app under gunicorn (gthread, 2 workers x 24 threads), as production serves it, on
     the test database and Redis; yields its base URL.
 
     For crowds: Django's development server behind `live_server` takes a thread and a
     PostgreSQL connection per connection, so 200 clients at once would exhaust
-    PostgreSQL's 100 connections; gunicorn queues them for its 16 threads.
+    PostgreSQL's 100 connections; gunicorn queues them for its 48 threads (48
+    connections, beside the workers' and the test's own).
     """
     import socket
     import urllib.request
@@ -166,7 +167,7 @@ def app_server(transactional_db, stripe_standin):
             [
                 sys.executable, "-m", "gunicorn", "gymbilling.wsgi:application",
                 "--bind", f"127.0.0.1:{port}", "--worker-class", "gthread",
-                "--workers", "2", "--threads", "8", "--backlog", "512",
+                "--workers", "2", "--threads", "24", "--backlog", "512",
                 "--graceful-timeout", "5", "--no-control-socket",
             ],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -18,6 +18,8 @@ its hold are written directly, so no Celery message is left behind.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 
 import pytest
@@ -57,7 +59,7 @@ def fresh_means_within_ten_seconds(monkeypatch):
     monkeypatch.setattr(tasks, "ENGINE_FIRST_WITHIN_S", 10.0)
 
 
-def _queued(org, model) -> Job:
+def _queued(org, model, **params) -> Job:
     """A queued job of `org` on `model` with its hold, written directly (no message sent)."""
     job = Job.objects.create(
         public_id=f"job_run_{time.monotonic_ns()}",
@@ -65,7 +67,7 @@ def _queued(org, model) -> Job:
         model=model,
         model_price=model_price(model_name=model.name),
         priority="standard",
-        params={"max_tokens": 4, "seed": 1, "reserved_tokens": 0},
+        params={"max_tokens": 4, "seed": 1, "reserved_tokens": 0} | params,
         hold_amount=credits(1),
     )
     hold_place(organization=org, amount=credits(1), key=job.public_id, new_key=True)
@@ -359,3 +361,38 @@ def test_a_job_whose_dedicated_pool_takes_nothing_is_served_by_the_shared_pool(
     assert job.output_tokens == 4 and job.started_at is not None
     [record] = UsageRecord.objects.filter(job_id=job.public_id)
     assert record.credits == job.credits_charged > 0
+
+
+def test_a_job_whose_dedicated_server_dies_after_taking_it_is_served_by_the_shared_pool(
+    engine, shared_model, grant, monkeypatch
+):
+    # given an organization whose dedicated server dies as soon as it has
+    # taken the job's request (killed from the job's start, which runs once
+    # the request is out), a long one: 544 tokens, answered only at its end
+    org = _with_dedicated_pool(grant, shared_model, [engine.grpc_url])
+    job = _queued(org, shared_model, max_tokens=3000, seed=27, temperature=1.5)
+    starts: list[int] = []
+    start = tasks._Start.__call__
+
+    def kill_then_start(self) -> bool:
+        starts.append(sum(server.inflight for server in _pool_of(engine)._servers))
+        os.killpg(engine.process.pid, signal.SIGKILL)
+        return start(self)
+
+    monkeypatch.setattr(tasks._Start, "__call__", kill_then_start)
+
+    # when its fresh message runs
+    status = _run(job, _spec(job))
+
+    # then the request was out at the dedicated server when the job started,
+    # once; the shared pool served it all; it was billed once
+    assert starts == [1]
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.SUCCEEDED
+    assert job.output_tokens == 544 and job.started_at is not None
+    [record] = UsageRecord.objects.filter(job_id=job.public_id)
+    assert record.output_tokens == 544 and record.credits == job.credits_charged > 0
+
+
+def _pool_of(server) -> triton.ServerPool:
+    return triton.pool_for([server.grpc_url], "ensemble")

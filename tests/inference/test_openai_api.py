@@ -6,7 +6,7 @@ database, a real Celery worker process, the real CPU Triton server, Redis.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from datetime import time as dt_time
 from decimal import Decimal
 
@@ -182,7 +182,7 @@ def test_a_streamed_answer_without_usage_still_says_what_it_cost(gym):
     assert cost["credits_remaining"] == organization_balance(organization=org).available
 
 
-def test_a_deprecated_model_is_served_with_its_sunset_until_its_date_then_refused(gym):
+def test_a_deprecated_model_is_served_with_its_sunset_until_its_date_then_refused(gym, monkeypatch):
     # given the model deprecated, with a successor and a date a month away
     org, client = gym["org"], gym["client"]
     model = CatalogModel.objects.get(name=MODEL)
@@ -200,17 +200,18 @@ def test_a_deprecated_model_is_served_with_its_sunset_until_its_date_then_refuse
 
     # then it answers, saying when it stops and what follows it
     assert raw.http_response.status_code == 200
-    sunset = datetime.combine(model.deprecation_date, dt_time.min, tzinfo=UTC)
+    sunset = timezone.make_aware(datetime.combine(model.deprecation_date, dt_time.min))
     assert raw.headers["sunset"] == http_date(sunset.timestamp())
     assert raw.headers["x-gym-model-successor"] == "gym-large"
     assert listed[MODEL]["status"] == "deprecated"
     assert listed[MODEL]["deprecation_date"] == model.deprecation_date.isoformat()
     assert listed[MODEL]["successor"] == "gym-large"
 
-    # and when its date has come, it is refused as retired, pointing at its
-    # successor, no longer listed, and nothing is held or queued for it
-    model.deprecation_date = timezone.localdate()
-    model.save()
+    # and when its date has come (the clock moved, nothing saved: the catalog
+    # entry the API process cached is the one it reads), it is refused as
+    # retired, pointing at its successor, no longer listed, and nothing is
+    # held or queued for it
+    monkeypatch.setattr(timezone, "localdate", lambda *_a, **_k: model.deprecation_date)
     before = organization_balance(organization=org)
     with pytest.raises(openai.NotFoundError) as gone:
         client.chat.completions.create(model=MODEL, messages=message, max_tokens=2)

@@ -136,19 +136,30 @@ def _reconciles() -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
 @pytest.mark.parametrize("engine", ["never there", "killed after serving"])
 def test_an_unreachable_engine_is_503_and_gives_the_hold_back(
-    live_server, celery_worker_process, dead_grpc_url, private_triton_server, grant, engine, stream
+    request, live_server, celery_worker_process, dead_grpc_url, grant, engine, stream
 ):
     # given a model whose only server is a port where nothing listens, or a
-    # server that served the worker (which then took it for ready) and died
+    # server that served the worker (whose processes then took it for ready:
+    # several requests at once, so that each of them served one) and died
     if engine == "never there":
         _model([dead_grpc_url])
     else:
-        _model([private_triton_server.grpc_url])
-        served = _organization(grant, credits(10))
-        _client(live_server, served).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Warm up."}], max_tokens=2
-        )
-        os.killpg(private_triton_server.process.pid, signal.SIGKILL)
+        doomed = request.getfixturevalue("private_triton_server")
+        _model([doomed.grpc_url])
+        warm = _client(live_server, _organization(grant, credits(10)))
+        with ThreadPoolExecutor(max_workers=6) as threads:
+            list(
+                threads.map(
+                    lambda seed: warm.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": "Warm up."}],
+                        max_tokens=2,
+                        seed=seed,
+                    ),
+                    range(6),
+                )
+            )
+        os.killpg(doomed.process.pid, signal.SIGKILL)
     org = _organization(grant, credits(10))
     client = _client(live_server, org)
     before = organization_balance(organization=org)
