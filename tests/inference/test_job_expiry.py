@@ -4,28 +4,32 @@ The ledger's sweep (`holds_expire`) releases a hold that stayed pending past
 its expiry: the job's worker vanished or its message was lost. The job then
 ends too (through metering's `hold_expired` signal), with a `job.expired`
 webhook if it asked for one. Transactional: each step commits as in the
-sweep and the worker. Job rows and holds are written directly, so no Celery
-message is sent.
+sweep and the worker. Job rows and holds are written directly, so no job
+message is sent; a webhook's delivery is, and is waited for.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from inference import tasks
-from inference.models import Job, JobCallback, JobStatus
+from inference.models import CallbackStatus, Job, JobCallback, JobStatus
 from inference.services import job_settle
 from inference.services.jobs import Outcome
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price, organization_balance
 from metering.services import hold_place, holds_expire
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, ledger_rows, served_model
+from tests.helpers import credits, ledger_rows, served_model, wait_until
+from tests.inference import test_callbacks as callback_fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+receiver_of = callback_fixtures.receiver_of
 
 MODEL = "gym-expiry"
 
@@ -83,9 +87,10 @@ def test_jobs_whose_holds_expired_end_expired_with_nothing_charged(open_job):
     assert after.held == 0 and after.available == before.available + credits(2)
 
 
-def test_an_expired_job_with_a_webhook_gets_its_event(open_job):
-    # given
-    job = open_job("job_expiry_hooked", callback_url="https://hooks.example.com/jobs")
+def test_an_expired_job_with_a_webhook_gets_its_event(open_job, celery_worker_process, receiver_of):
+    # given a job whose webhook goes to a receiver of this test's
+    receiver = receiver_of(200)
+    job = open_job("job_expiry_hooked", callback_url=f"{receiver.url}/jobs")
 
     # when
     _expire_holds()
@@ -94,6 +99,15 @@ def test_an_expired_job_with_a_webhook_gets_its_event(open_job):
     callback = JobCallback.objects.get(job_id=job.pk)
     assert callback.event_type == "job.expired"
     assert '"status":"expired"' in callback.body
+    # and the session's worker delivers it, once (waited for: the delivery
+    # writes the callback row, which must not race the test's teardown)
+    wait_until(
+        lambda: JobCallback.objects.get(pk=callback.pk).status == CallbackStatus.DELIVERED,
+        timeout=30,
+        what="the webhook to be delivered",
+    )
+    [delivered] = receiver.received
+    assert json.loads(delivered.body)["type"] == "job.expired"
 
 
 def test_a_worker_that_finishes_an_expired_job_later_writes_nothing(open_job):
