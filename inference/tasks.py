@@ -71,16 +71,11 @@ ENGINE_FIRST_WITHIN_S = 0.25
 # the API process a result subscription per job, for a result nobody reads.
 #
 # What the engine call needs (job_engine_spec) comes in a message header,
-# which a worker makes an attribute of the task's request (`Task.apply`, run
-# in-process, leaves it in `request.headers`); a message without it (from an
-# API of a release before it) starts the job first. `spec` as a third
-# argument is how the release before this one sent it: kept so that its
-# messages, still queued during an upgrade, run as they were meant to.
+# which a worker makes an attribute of the task's request; a message without
+# it (from an API of a release before it) starts the job first.
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def job_run(self, job_pk: int, prompt: str, spec: dict | None = None) -> str:
-    if spec is None:
-        request = self.request
-        spec = request.get(ENGINE_SPEC_HEADER) or (request.headers or {}).get(ENGINE_SPEC_HEADER)
+def job_run(self, job_pk: int, prompt: str) -> str:
+    spec = self.request.get(ENGINE_SPEC_HEADER)
     # One Redis read of the catalog and price caches' tokens for the whole job.
     with cache_scope():
         return _job_run(job_pk, prompt, spec)
@@ -116,10 +111,7 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     engine_first = spec is not None and 0 <= time.time() - spec["sent_at"] < ENGINE_FIRST_WITHIN_S
     if engine_first:
         job = job_from_engine_spec(job_pk, spec)
-        model = spec["triton_model"]
-        urls = [spec["grpc_urls"]]
-        if spec.get("fallback_grpc_urls"):  # not in the previous release's spec
-            urls.append(spec["fallback_grpc_urls"])
+        model, urls = spec["triton_model"], spec["pools"]
     elif start():
         job = start.job
         model = job.model.triton_model

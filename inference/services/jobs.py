@@ -297,15 +297,13 @@ def job_engine_spec(job: Job) -> dict:
 
     Travels in the job's task message (JSON, in its ENGINE_SPEC_HEADER
     header), with the `sent_at` time the sender stamps on it;
-    `job_from_engine_spec` reads it back. The server pools are those the
-    catalog names as the job is queued (pools_for_job: `grpc_urls` first,
-    then `fallback_grpc_urls`, empty when there is one); inference.tasks uses
-    them only for a message delivered within ENGINE_FIRST_WITHIN_S.
+    `job_from_engine_spec` reads it back. `pools`: the servers of each pool
+    the catalog names as the job is queued, in order (pools_for_job);
+    inference.tasks uses them only for a message delivered within
+    ENGINE_FIRST_WITHIN_S.
     """
-    first, *rest = pools_for_job(job=job)
     return {
-        "grpc_urls": list(first.grpc_urls),
-        "fallback_grpc_urls": [url for pool in rest for url in pool.grpc_urls],
+        "pools": [list(pool.grpc_urls) for pool in pools_for_job(job=job)],
         "triton_model": job.model.triton_model,
         "id": job.public_id,
         "kind": job.kind,

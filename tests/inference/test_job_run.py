@@ -7,7 +7,7 @@ starts the job first, so a job cancelled while it waited is never sent. Either
 way a job settles once and an ended job is never settled again.
 
 The spec travels in a message header (a worker of a release before it ignores
-it), or, from the release before this one, as a third argument; both are run.
+it); a message without it is run too.
 The task body runs in this process (`job_run.run`), on a tritonserver of its
 own whose request counters only these requests move; the end-to-end path
 through a real worker process is tests/inference/test_openai_api.py's.
@@ -148,25 +148,19 @@ def _ended_while_queued(job: Job) -> None:
 
 
 @pytest.mark.parametrize(
-    "message",
-    ["fresh", "late", "without spec", "fresh, spec as an argument"],
-    ids=["fresh", "late", "without-spec", "fresh-spec-argument"],
+    "message", ["fresh", "late", "without spec"], ids=["fresh", "late", "without-spec"]
 )
 def test_a_job_runs_and_settles_once_whatever_its_message_carried(queued_job, message):
-    # given: a message with the spec in its header, fresh or late; without it
-    # (an API of an earlier release); or with it as a third argument (the
-    # release before this one)
-    run = {
-        "fresh": lambda: _run(queued_job, _spec(queued_job)),
-        "late": lambda: _run(queued_job, _spec(queued_job, age_s=60)),
-        "without spec": lambda: _run(queued_job, None),
-        "fresh, spec as an argument": lambda: tasks.job_run.run(
-            queued_job.pk, PROMPT, _spec(queued_job)
-        ),
+    # given: a message with the spec in its header, fresh or late, or without
+    # it (an API of an earlier release)
+    spec = {
+        "fresh": _spec(queued_job),
+        "late": _spec(queued_job, age_s=60),
+        "without spec": None,
     }[message]
 
     # when
-    status = run()
+    status = _run(queued_job, spec)
 
     # then: succeeded, billed once for what the engine served
     job = Job.objects.get(pk=queued_job.pk)
@@ -180,7 +174,7 @@ def test_a_job_runs_and_settles_once_whatever_its_message_carried(queued_job, me
 
 def test_a_late_message_goes_to_the_pool_the_catalog_names_now(queued_job, dead_grpc_url):
     # given: a message that waited, naming a pool since taken away
-    spec = _spec(queued_job, age_s=60) | {"grpc_urls": [dead_grpc_url]}
+    spec = _spec(queued_job, age_s=60) | {"pools": [[dead_grpc_url]]}
 
     # when
     status = _run(queued_job, spec)
@@ -194,7 +188,7 @@ def test_a_fresh_message_no_server_takes_starts_the_job_and_fails_it_unbilled(
     queued_job, dead_grpc_url
 ):
     # given: a fresh message whose pool has no live server
-    spec = _spec(queued_job) | {"grpc_urls": [dead_grpc_url]}
+    spec = _spec(queued_job) | {"pools": [[dead_grpc_url]]}
 
     # when
     status = _run(queued_job, spec)
@@ -208,17 +202,13 @@ def test_a_fresh_message_no_server_takes_starts_the_job_and_fails_it_unbilled(
     assert hold.status == HoldStatus.RELEASED and hold.captured == 0
 
 
-@pytest.mark.parametrize("carried", ["header", "argument"])
-def test_a_fresh_message_reaches_the_engine_before_the_job_is_marked_running(queued_job, carried):
+def test_a_fresh_message_reaches_the_engine_before_the_job_is_marked_running(queued_job):
     # given: the engine's in-flight count, read when the job's start statement runs
     in_flight_at_start: list[int] = []
 
     # when
     with _watching_the_start(queued_job, in_flight_at_start):
-        if carried == "header":
-            status = _run(queued_job, _spec(queued_job))
-        else:  # as the release before this one sent it
-            status = tasks.job_run.run(queued_job.pk, PROMPT, _spec(queued_job))
+        status = _run(queued_job, _spec(queued_job))
 
     # then: the request was out when the job was started, and it succeeded
     assert in_flight_at_start == [1]
