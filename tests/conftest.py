@@ -20,7 +20,7 @@ from django.utils import timezone
 from metering.reconcile import ledger_reconcile
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
-from tests.helpers import stop_process
+from tests.helpers import process_env, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,18 +145,7 @@ def app_server(transactional_db, stripe_standin):
     import socket
     import urllib.request
 
-    db = settings.DATABASES["default"]
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test",
-        "DATABASE_URL": (
-            f"postgres://{db['USER']}:{db.get('PASSWORD') or ''}@{db['HOST']}:{db['PORT']}"
-            f"/{db['NAME']}?conn_max_age=600"
-        ),
-        "REDIS_URL": settings.REDIS_URL,
-        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-        "CELERY_RESULT_BACKEND": settings.CELERY_RESULT_BACKEND,
-    }
+    env = process_env(conn_max_age=600)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -198,16 +187,7 @@ def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
     Not eager mode: tasks cross Redis to another process, as in production.
     Tests using it need `transactional_db` so the worker sees committed rows.
     """
-    db = settings.DATABASES["default"]
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test",
-        "DATABASE_URL": (
-            f"postgres://{db['USER']}:{db.get('PASSWORD') or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-        ),
-        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-        "CELERY_RESULT_BACKEND": settings.CELERY_RESULT_BACKEND,
-    }
+    env = process_env()
     node = f"test-{uuid.uuid4().hex[:8]}"
     log = ROOT / "var" / "test-celery-worker.log"
     log.parent.mkdir(exist_ok=True)

@@ -133,3 +133,25 @@ def stop_process(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def process_env(*, conn_max_age: int = 0) -> dict[str, str]:
+    """The environment for a process a test starts (a Celery worker, gunicorn): this run's
+    settings, the test database (`conn_max_age`: Django's persistent connections, in
+    seconds), its Redis and its broker."""
+    import os
+
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test",
+        "DATABASE_URL": (
+            f"postgres://{db['USER']}:{db.get('PASSWORD') or ''}@{db['HOST']}:{db['PORT']}"
+            f"/{db['NAME']}?conn_max_age={conn_max_age}"
+        ),
+        "REDIS_URL": settings.REDIS_URL,
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+        "CELERY_RESULT_BACKEND": settings.CELERY_RESULT_BACKEND,
+    }

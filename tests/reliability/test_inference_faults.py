@@ -27,7 +27,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from django.conf import settings
 
 from accounts.models import Scope
 from accounts.services import apikey_create
@@ -47,7 +46,7 @@ from metering.services import (
     price_book_publish,
 )
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, stop_process
+from tests.helpers import credits, process_env, stop_process
 from tests.inference import conftest as engine_fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -344,17 +343,7 @@ def _own_worker(log: Path, *, queue_name: str, pool: str, concurrency: int, conn
     """
     replies = celery_app.control.cancel_consumer(queue_name, reply=True, timeout=2)
     others = [node for reply in replies for node, answer in reply.items() if "ok" in answer]
-    db = settings.DATABASES["default"]
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "gymbilling.settings.test",
-        "DATABASE_URL": (
-            f"postgres://{db['USER']}:{db.get('PASSWORD') or ''}@{db['HOST']}:{db['PORT']}"
-            f"/{db['NAME']}?conn_max_age={conn_max_age}"
-        ),
-        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-        "CELERY_RESULT_BACKEND": settings.CELERY_RESULT_BACKEND,
-    }
+    env = process_env(conn_max_age=conn_max_age)
     node = f"fault-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
     with open(log, "w") as out:
         proc = subprocess.Popen(
