@@ -7,7 +7,7 @@ from inference.models import CatalogModel, DedicatedCapacity, Job, JobCallback, 
 
 @admin.register(ServerPool)
 class ServerPoolAdmin(admin.ModelAdmin):
-    list_display = ["name", "grpc_urls"]
+    list_display = ["name", "grpc_urls", "metrics_urls"]
 
 
 @admin.register(CatalogModel)

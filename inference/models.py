@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
 from metering.models import Priority, unique_not_like_indexed
+
+_GRPC_ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 
 class ServerPool(models.Model):
@@ -15,10 +19,36 @@ class ServerPool(models.Model):
 
     name = models.SlugField(max_length=64, unique=True)
     grpc_urls = models.JSONField(default=list, help_text='gRPC addresses, e.g. ["triton-0:8001"]')
-    metrics_urls = models.JSONField(default=list, blank=True)
+    metrics_urls = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Optional: each server's Prometheus metrics url, in the order of the gRPC "
+        'addresses, e.g. ["http://triton-0:8002/metrics"]. With them, jobs go to the server '
+        "with the fewest requests running or queued from every client, not only from the "
+        "worker sending the job.",
+    )
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        errors = {}
+        urls = self.grpc_urls
+        if not isinstance(urls, list) or not urls:
+            errors["grpc_urls"] = "A list of at least one gRPC address (host:port)."
+        elif not all(isinstance(url, str) and _GRPC_ADDRESS.match(url) for url in urls):
+            errors["grpc_urls"] = "Each gRPC address is host:port, without a scheme."
+        metrics = self.metrics_urls
+        if not isinstance(metrics, list) or not all(
+            isinstance(url, str) and url.startswith(("http://", "https://")) for url in metrics
+        ):
+            errors["metrics_urls"] = "A list of http(s) urls."
+        elif metrics and isinstance(urls, list) and len(metrics) != len(urls):
+            errors["metrics_urls"] = (
+                f"One metrics url per gRPC address ({len(urls)}), in the same order, or none."
+            )
+        if errors:
+            raise ValidationError(errors)
 
 
 class Precision(models.TextChoices):

@@ -112,13 +112,19 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     if engine_first:
         job = job_from_engine_spec(job_pk, spec)
         model, urls = spec["triton_model"], spec["pools"]
+        metrics = spec.get("metrics") or [()] * len(urls)
     elif start():
         job = start.job
         model = job.model.triton_model
-        urls = [pool.grpc_urls for pool in pools_for_job(job=job)]
+        pools = pools_for_job(job=job)
+        urls = [pool.grpc_urls for pool in pools]
+        metrics = [pool.metrics_urls for pool in pools]
     else:
         return start.status()
-    engines = [triton.pool_for(tuple(pool_urls), model) for pool_urls in urls]
+    engines = [
+        triton.pool_for(tuple(grpc), model, metrics_urls=tuple(metrics_urls))
+        for grpc, metrics_urls in zip(urls, metrics, strict=True)
+    ]
     first_token: list[datetime] = []
 
     def on_delta(text: str) -> None:

@@ -311,9 +311,10 @@ class _Stream:
 
 
 class _Server:
-    def __init__(self, url: str, index: int):
+    def __init__(self, url: str, index: int, metrics_url: str = ""):
         self.url = url
         self.index = index
+        self.metrics_url = metrics_url
         self.channel = grpc.insecure_channel(url, options=_CHANNEL_OPTIONS)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.check_lock = threading.Lock()
@@ -324,6 +325,11 @@ class _Server:
         self.epoch = 0
         self.inflight = 0
         self.idle: list[_Stream] = []  # LIFO: the most recently used stream first
+        # What other clients (other processes) have running or queued on it,
+        # from its metrics (_scrape_load), and when that was read.
+        self.load_lock = threading.Lock()
+        self.others = 0
+        self.load_at: float | None = None
 
 
 @dataclass(eq=False)
@@ -411,6 +417,18 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
+def _start_holding(lock: threading.Lock, target: Callable, server: _Server, what: str) -> None:
+    """Runs target(server) in a thread of its own, which releases `lock`, held by the caller
+    (released here if the thread cannot start)."""
+    try:
+        threading.Thread(
+            target=target, args=(server,), name=f"triton-{what}-{server.url}", daemon=True
+        ).start()
+    except BaseException:
+        lock.release()
+        raise
+
+
 class _Once:
     """`generate`'s after_send: called after the first send only, not again on a retry."""
 
@@ -439,8 +457,13 @@ class ServerPool:
     pool within about a second), each check bounded by `connect_timeout_s`;
     in the background, so requests use the last answer and never wait on a
     check, except a server's first (and its next after a connection error). A
-    request goes to the ready server with the fewest requests in flight from
-    this process (ties in turn). A connection error before anything was
+    request goes to the ready server with the fewest requests in flight (ties
+    in turn): this process's own, plus, when the pool has `metrics_urls` (one
+    per server, Triton's Prometheus endpoint) and more than one server, the
+    requests every other client has running or queued there, read from the
+    server's metrics every `load_ttl_s` in the background (engine_load). A
+    load reading older than three times that is not used: routing falls back
+    to this process's counts. A connection error before anything was
     delivered is retried, up to `retries` times, on another ready server (the
     same one if it is the only one and answers ready again). `timeout_s` bounds
     the silence before the first response and between two responses.
@@ -457,9 +480,13 @@ class ServerPool:
         not_ready_ttl_s: float = 1,
         retries: int = 2,
         stream_idle_s: float = 2,
+        metrics_urls: Sequence[str] = (),
+        load_ttl_s: float = 1,
     ):
         if not urls:
             raise ValueError("a ServerPool needs at least one gRPC url (host:port)")
+        if metrics_urls and len(metrics_urls) != len(urls):
+            raise ValueError("metrics_urls, when given, has one url per gRPC url, in order")
         self.urls = tuple(urls)
         self.model_name = model_name
         self.timeout_s = timeout_s
@@ -468,7 +495,16 @@ class ServerPool:
         self.not_ready_ttl_s = not_ready_ttl_s
         self.retries = retries
         self.stream_idle_s = stream_idle_s
-        self._servers = [_Server(url, index) for index, url in enumerate(self.urls)]
+        self.metrics_urls = tuple(metrics_urls)
+        self.load_ttl_s = load_ttl_s
+        self._servers = [
+            _Server(url, index, metrics_url)
+            for index, (url, metrics_url) in enumerate(
+                itertools.zip_longest(self.urls, self.metrics_urls, fillvalue="")
+            )
+        ]
+        # With one server there is nothing to choose: its load is not read.
+        self._reads_load = len(self._servers) > 1 and bool(self.metrics_urls)
         self._lock = threading.Lock()
         self._turn = itertools.count()
         self._ids = itertools.count(1)
@@ -563,6 +599,7 @@ class ServerPool:
         if not candidates:
             return None
         count = len(self._servers)
+        now = time.monotonic()
         with self._lock:
             turn = next(self._turn)
             # A server whose answer expired (being checked again) only when no
@@ -571,12 +608,19 @@ class ServerPool:
                 candidates,
                 key=lambda s: (
                     not self._answer_holds(s),
-                    s.inflight,
+                    s.inflight + self._others(s, now),
                     (s.index - turn) % count,
                 ),
             )
             server.inflight += 1
         return server
+
+    def _others(self, server: _Server, now: float) -> int:
+        """Other clients' requests on the server, while its last load reading is recent."""
+        load_at = server.load_at
+        if load_at is None or now - load_at > 3 * self.load_ttl_s:
+            return 0
+        return server.others
 
     def _answer_holds(self, server: _Server) -> bool:
         checked_at = server.checked_at
@@ -602,6 +646,8 @@ class ServerPool:
         expired; one check per server at a time (its check_lock, released by that thread).
         A pool left unused forgets its answers instead (_FORGET_AFTER_IDLE_S)."""
         idle = now - self.used_at > _FORGET_AFTER_IDLE_S
+        if self._reads_load and not idle:
+            self._refresh_load(now)
         for server in self._servers:
             if self._closed or server.checked_at is None:
                 continue
@@ -613,16 +659,39 @@ class ServerPool:
                 server.checked_at = None
                 server.check_lock.release()
                 continue
+            _start_holding(server.check_lock, self._check_and_release, server, "ready")
+
+    def _refresh_load(self, now: float) -> None:
+        """Reads again, each in a thread of its own, the load of servers read load_ttl_s ago."""
+        for server in self._servers:
+            if self._closed or not server.metrics_url:
+                continue
+            if server.load_at is not None and now - server.load_at < self.load_ttl_s:
+                continue
+            if not server.load_lock.acquire(blocking=False):
+                continue
+            _start_holding(server.load_lock, self._scrape_load_and_release, server, "load")
+
+    def _scrape_load_and_release(self, server: _Server) -> None:
+        try:
+            before = server.inflight
             try:
-                threading.Thread(
-                    target=self._check_and_release,
-                    args=(server,),
-                    name=f"triton-ready-{server.url}",
-                    daemon=True,
-                ).start()
-            except BaseException:
-                server.check_lock.release()
-                raise
+                load = engine_load(
+                    scrape_samples(server.metrics_url, timeout_s=self.connect_timeout_s)
+                )
+            except EngineUnavailable as exc:
+                # Not ready is the readiness check's to say; here the load is
+                # just unknown, and routing uses this process's counts.
+                logger.debug("triton %s: load unknown: %s", server.url, exc)
+                server.others, server.load_at = 0, time.monotonic()
+                return
+            # Triton counts this process's requests too. Those in flight while
+            # it was read are between `before` and now's count: taking the
+            # larger errs towards fewer others, i.e. towards local counts.
+            server.others = max(0, load - max(before, server.inflight))
+            server.load_at = time.monotonic()
+        finally:
+            server.load_lock.release()
 
     def _check_and_release(self, server: _Server) -> None:
         try:
@@ -652,18 +721,7 @@ class ServerPool:
         return ready
 
     def _probe(self, server: _Server) -> tuple[bool, str]:
-        timeout = self.connect_timeout_s
-        try:
-            if not server.stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout).live:
-                return False, "server not live"
-            if not server.stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout).ready:
-                return False, "server not ready"
-            model = service_pb2.ModelReadyRequest(name=self.model_name)
-            if not server.stub.ModelReady(model, timeout=timeout).ready:
-                return False, f"model {self.model_name!r} not ready"
-        except grpc.RpcError as exc:
-            return False, f"{exc.code().name}: {exc.details()}"
-        return True, ""
+        return _probe(server.stub, self.model_name, self.connect_timeout_s)
 
     # -- streams ---------------------------------------------------------------
 
@@ -784,6 +842,21 @@ class ServerPool:
             self._release(server, stream, reusable)
 
 
+def _probe(stub, model_name: str, timeout: float) -> tuple[bool, str]:
+    """Whether a server is live and ready and serves the model ready; if not, why."""
+    try:
+        if not stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout).live:
+            return False, "server not live"
+        if not stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout).ready:
+            return False, "server not ready"
+        model = service_pb2.ModelReadyRequest(name=model_name)
+        if not stub.ModelReady(model, timeout=timeout).ready:
+            return False, f"model {model_name!r} not ready"
+    except grpc.RpcError as exc:
+        return False, f"{exc.code().name}: {exc.details()}"
+    return True, ""
+
+
 # -- pools by url, process-wide -------------------------------------------------
 
 _pools: dict[tuple, ServerPool] = {}
@@ -796,6 +869,8 @@ def pool_for(urls: Sequence[str], model_name: str = "ensemble", **options) -> Se
     The gateway builds pools from the model catalog on every request; this keeps
     one set of channels and open streams per pool.
     """
+    if not options.get("metrics_urls"):
+        options.pop("metrics_urls", None)  # none given is the default: the same pool
     key = (tuple(urls), model_name, tuple(sorted(options.items())))
     pool = _pools.get(key)
     if pool is None:
@@ -831,6 +906,49 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # -- metrics ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One series of a Prometheus text exposition: its name, its labels and its value."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    """The samples of a Prometheus text exposition (comments and unparsable lines skipped)."""
+    samples = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        name, labels, value = match.groups()
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        samples.append(Sample(name, dict(_LABEL.findall(labels or "")), number))
+    return samples
+
+
+def scrape_samples(metrics_url: str, *, timeout_s: float = 2.0) -> list[Sample]:
+    """Triton's Prometheus metrics, series by series. Raises EngineUnavailable when the
+    endpoint does not answer."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise EngineUnavailable(f"Triton metrics at {metrics_url} did not answer: {exc}") from exc
+    return parse_metrics(text)
+
+
 def scrape_metrics(metrics_url: str, *, timeout_s: float = 2.0) -> dict[str, float]:
     """Triton's Prometheus metrics, each name summed over its series (models, labels).
 
@@ -838,26 +956,79 @@ def scrape_metrics(metrics_url: str, *, timeout_s: float = 2.0) -> dict[str, flo
     `gym_engine_output_tokens_total`. Raises EngineUnavailable when the
     endpoint does not answer.
     """
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
-            text = response.read().decode("utf-8", errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        raise EngineUnavailable(f"Triton metrics at {metrics_url} did not answer: {exc}") from exc
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "{" in line:
-            name = line[: line.index("{")]
-            fields = line[line.rindex("}") + 1 :].split()
-        else:
-            name, *fields = line.split()
-        if not fields:
-            continue
-        try:
-            value = float(fields[0])
-        except ValueError:
-            continue
-        totals[name] = totals.get(name, 0.0) + value
+    for sample in scrape_samples(metrics_url, timeout_s=timeout_s):
+        totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
+
+
+# TensorRT-LLM's backend reports its executor's requests in this gauge family
+# (request_type: active = being generated, waiting = queued in the executor,
+# scheduled, context, max); the development engine reports the same.
+TRTLLM_REQUESTS = "nv_trt_llm_request_metrics"
+# Triton's own: requests queued in front of a model, before its backend has them.
+TRITON_PENDING = "nv_inference_pending_request_count"
+
+
+def engine_load(samples: Sequence[Sample]) -> int:
+    """Requests a server has running or queued, over all its models: Triton's pending
+    requests, plus the TensorRT-LLM executors' active and waiting ones."""
+    return int(
+        sum(
+            sample.value
+            for sample in samples
+            if sample.name == TRITON_PENDING
+            or (
+                sample.name == TRTLLM_REQUESTS
+                and sample.labels.get("request_type") in ("active", "waiting")
+            )
+        )
+    )
+
+
+# -- one server, for operators ---------------------------------------------------------
+
+
+@dataclass
+class ServerReport:
+    """What `manage.py triton_status` shows of one server: readiness per model and, from its
+    metrics when it has a url, its load and request counts (None: not read)."""
+
+    url: str
+    metrics_url: str
+    models: dict[str, str]  # model name -> "" when ready, else why not
+    load: int | None = None
+    requests_ok: int | None = None
+    requests_failed: int | None = None
+    metrics_error: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return all(why == "" for why in self.models.values())
+
+
+def server_report(
+    url: str, model_names: Sequence[str], metrics_url: str = "", *, timeout_s: float = 2.0
+) -> ServerReport:
+    """Asks one server, now, whether it serves each model, and reads its metrics."""
+    with grpc.insecure_channel(url, options=_CHANNEL_OPTIONS) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        models = {}
+        for name in model_names:
+            _, why = _probe(stub, name, timeout_s)
+            models[name] = why
+    report = ServerReport(url, metrics_url, models)
+    if metrics_url:
+        try:
+            samples = scrape_samples(metrics_url, timeout_s=timeout_s)
+        except EngineUnavailable as exc:
+            report.metrics_error = str(exc)
+        else:
+            report.load = engine_load(samples)
+            totals = {}
+            for sample in samples:
+                if sample.labels.get("model") in models:
+                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            report.requests_ok = int(totals.get("nv_inference_request_success", 0))
+            report.requests_failed = int(totals.get("nv_inference_request_failure", 0))
+    return report

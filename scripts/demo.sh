@@ -46,7 +46,8 @@ if [ -n "${STANDIN:-}" ]; then
 fi
 
 python manage.py migrate --noinput
-python manage.py demo_seed --triton-grpc "127.0.0.1:${TRITON_GRPC}" --key-file var/demo-key
+python manage.py demo_seed --triton-grpc "127.0.0.1:${TRITON_GRPC}" \
+  --triton-metrics "http://127.0.0.1:${TRITON_METRICS}/metrics" --key-file var/demo-key
 python manage.py stripe_sync_catalog
 KEY=$(cat var/demo-key)
 

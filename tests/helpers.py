@@ -57,6 +57,7 @@ def served_model(
     name: str,
     *,
     grpc_urls: list[str] | None = None,
+    metrics_urls: list[str] | None = None,
     input_rate: str = "0.5",
     cached_input_rate: str = "0.25",
     output_rate: str = "1.5",
@@ -81,7 +82,11 @@ def served_model(
             }
         ]
     )
-    pool = ServerPool.objects.create(name=f"pool-{name}", grpc_urls=grpc_urls or ["127.0.0.1:1"])
+    pool = ServerPool.objects.create(
+        name=f"pool-{name}",
+        grpc_urls=grpc_urls or ["127.0.0.1:1"],
+        metrics_urls=metrics_urls or [],
+    )
     return CatalogModel.objects.create(name=name, pool=pool, **model_fields)
 
 

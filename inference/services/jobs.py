@@ -298,12 +298,15 @@ def job_engine_spec(job: Job) -> dict:
     Travels in the job's task message (JSON, in its ENGINE_SPEC_HEADER
     header), with the `sent_at` time the sender stamps on it;
     `job_from_engine_spec` reads it back. `pools`: the servers of each pool
-    the catalog names as the job is queued, in order (pools_for_job);
-    inference.tasks uses them only for a message delivered within
-    ENGINE_FIRST_WITHIN_S.
+    the catalog names as the job is queued, in order (pools_for_job), and
+    `metrics` each pool's metrics urls (for routing by load; a message
+    without them routes by the worker's own counts); inference.tasks uses
+    them only for a message delivered within ENGINE_FIRST_WITHIN_S.
     """
+    pools = pools_for_job(job=job)
     return {
-        "pools": [list(pool.grpc_urls) for pool in pools_for_job(job=job)],
+        "pools": [list(pool.grpc_urls) for pool in pools],
+        "metrics": [list(pool.metrics_urls) for pool in pools],
         "triton_model": job.model.triton_model,
         "id": job.public_id,
         "kind": job.kind,

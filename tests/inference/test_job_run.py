@@ -39,6 +39,7 @@ from metering.selectors import model_price
 from metering.services import hold_place
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, wait_until
+from tests.inference.conftest import occupy_engine_workers
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -386,3 +387,47 @@ def test_a_job_whose_dedicated_server_dies_after_taking_it_is_served_by_the_shar
 
 def _pool_of(server) -> triton.ServerPool:
     return triton.pool_for([server.grpc_url], "ensemble")
+
+
+# -- routing by load: a pool with metrics urls counts every client's requests --------------
+
+
+def _ensemble_served(server) -> float:
+    """Requests the server's `ensemble` answered (the gateway's; not another client's
+    requests to `gym_engine` itself)."""
+    return sum(
+        sample.value
+        for sample in triton.scrape_samples(server.metrics_url)
+        if sample.name == "nv_inference_request_success"
+        and sample.labels.get("model") == "ensemble"
+    )
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_job_goes_to_the_server_other_clients_leave_free(engine, triton_server, grant, message):
+    # given a model on two servers with their metrics urls in the catalog, the
+    # first (this test's) held busy by another client, and the worker's pool
+    # for them (the one its jobs use) having read that
+    urls = [engine.grpc_url, triton_server.grpc_url]
+    metrics = [engine.metrics_url, triton_server.metrics_url]
+    model = served_model("gym-load", grpc_urls=urls, metrics_urls=metrics, access_tier="basic")
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    pool = triton.pool_for(urls, "ensemble", metrics_urls=tuple(metrics))
+    busy, workers = occupy_engine_workers(engine.grpc_url)
+    try:
+        wait_until(
+            lambda: pool._others(pool._servers[0], time.monotonic()) >= workers,
+            timeout=30,
+            what="the busy server's load to be read",
+        )
+        before = _ensemble_served(engine)
+
+        # when jobs run
+        statuses = [_run_as(_queued(org, model), message) for _ in range(4)]
+    finally:
+        busy.stop()
+
+    # then: all served, none by the busy server
+    assert statuses == [JobStatus.SUCCEEDED] * 4
+    assert _ensemble_served(engine) == before

@@ -14,6 +14,7 @@ from inference import triton as triton_module
 from inference.engine.server import TritonDevServer
 from inference.engine.tokenizer import count_tokens
 from inference.triton import (
+    TRTLLM_REQUESTS,
     EngineError,
     EngineTimeout,
     EngineUnavailable,
@@ -22,10 +23,14 @@ from inference.triton import (
     ServerPool,
     TritonError,
     close_pools,
+    engine_load,
+    parse_metrics,
     pool_for,
     scrape_metrics,
+    scrape_samples,
 )
 from tests.helpers import wait_until
+from tests.inference.conftest import occupy_engine_workers
 
 PROMPT = "Tokens are the unit of work, and the cluster"
 # With this seed and temperature the engine writes 544 tokens before it ends on
@@ -653,3 +658,174 @@ def test_a_server_killed_mid_stream_fails_with_the_partial_and_later_requests_re
     assert {result.server_url for result in after} == {live}
     assert all(result.output_tokens == 4 for result in after)
     assert ready == [live]
+
+
+# -- load: what every client has running or queued on a server ---------------------------
+
+# Triton's exposition as a TensorRT-LLM deployment writes it (the backend's
+# documented example, with a request queued in front of the ensemble and
+# nothing yet waiting in the executor).
+TRTLLM_METRICS = """\
+# HELP nv_trt_llm_request_metrics TRT LLM request metrics
+# TYPE nv_trt_llm_request_metrics gauge
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="context",version="1"} 1
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="scheduled",version="1"} 1
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="max",version="1"} 512
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active",version="1"} 3
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="waiting",version="1"} 0
+# HELP nv_inference_pending_request_count Instantaneous number of pending requests
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{model="ensemble",version="1"} 1
+nv_inference_request_success{model="ensemble",version="1"} 1017 1733000000000
+nv_gpu_utilization{gpu_uuid="GPU-b8 x"} 0.93
+"""
+
+
+def test_the_load_of_a_tensorrt_llm_server_is_its_active_waiting_and_pending_requests():
+    # when
+    samples = parse_metrics(TRTLLM_METRICS)
+
+    # then: every series with its labels (a timestamp after the value ignored,
+    # a label value with a space kept), and the load counts 3 active, 0
+    # waiting, 1 pending, not the context/scheduled subsets or the maximum
+    assert len(samples) == 8
+    assert samples[-2].value == 1017 and samples[-1].labels == {"gpu_uuid": "GPU-b8 x"}
+    assert engine_load(samples) == 4
+
+
+def test_the_development_engine_reports_its_requests_as_tensorrt_llms_backend_does(
+    private_triton_server,
+):
+    # given the gauges of an idle engine
+    def gauges() -> dict[str, float]:
+        return {
+            sample.labels["request_type"]: sample.value
+            for sample in scrape_samples(private_triton_server.metrics_url)
+            if sample.name == TRTLLM_REQUESTS
+        }
+
+    busy, workers = occupy_engine_workers(private_triton_server.grpc_url)
+    idle = {"active": 0, "scheduled": 0, "waiting": 0, "max": workers}
+    try:
+        # when another client holds every worker, as many more requests queued
+        expected = {"active": workers, "scheduled": workers, "waiting": workers, "max": workers}
+        wait_until(lambda: gauges() == expected, timeout=30, what=f"the gauges to say {expected}")
+        load = engine_load(scrape_samples(private_triton_server.metrics_url))
+    finally:
+        busy.stop()
+
+    # then its load was all of them; once they are gone, none
+    assert load == 2 * workers
+    wait_until(lambda: gauges() == idle, timeout=30, what=f"the gauges to say {idle}")
+
+
+def test_routing_counts_the_requests_other_clients_have_on_each_server(
+    triton_server, private_triton_server
+):
+    # given a pool of two servers with their metrics urls
+    busy_url, free_url = private_triton_server.grpc_url, triton_server.grpc_url
+    pool = ServerPool(
+        [busy_url, free_url],
+        metrics_urls=[private_triton_server.metrics_url, triton_server.metrics_url],
+        load_ttl_s=0.2,
+    )
+    busy_server = pool._servers[0]
+
+    def others() -> int:
+        return pool._others(busy_server, time.monotonic())
+
+    try:
+        while_idle = [
+            pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in (1, 2)
+        ]
+        # when another client (not this pool) holds every worker of the first
+        busy, workers = occupy_engine_workers(busy_url)
+        try:
+            wait_until(lambda: others() >= workers, timeout=30, what="the load to be read")
+            while_busy = [
+                pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in range(6)
+            ]
+        finally:
+            busy.stop()
+        wait_until(lambda: others() == 0, timeout=30, what="the load to be read again")
+        after = [pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in (1, 2)]
+    finally:
+        pool.close()
+
+    # then: idle, the two took turns; while the first was busy with another
+    # client's requests (which this process's own counts cannot see), every
+    # request went to the other; once it was free again, turns again
+    assert sorted(while_idle) == sorted(after) == sorted([busy_url, free_url])
+    assert while_busy == [free_url] * 6
+
+
+def test_the_pools_own_requests_are_not_counted_as_other_clients(private_triton_server):
+    # given a server every worker of which another client holds, as many of
+    # its requests queued, and a pool that names it twice (so that routing,
+    # whatever it reads, sends the pool's request there), with the metrics url
+    url, metrics = private_triton_server.grpc_url, private_triton_server.metrics_url
+    busy, workers = occupy_engine_workers(url)
+    pool = ServerPool([url, url], metrics_urls=[metrics, metrics], load_ttl_s=0.1)
+    with ThreadPoolExecutor(1) as executor:
+        try:
+            # one request of the pool's own, queued behind the others' at the engine
+            queued = executor.submit(pool.generate, GenerationRequest(PROMPT, 2, seed=1))
+            wait_until(lambda: any(s.inflight for s in pool._servers), timeout=30, what="sent")
+            [mine] = [server for server in pool._servers if server.inflight]
+            wait_until(
+                lambda: engine_load(scrape_samples(metrics)) > 2 * workers,
+                timeout=30,
+                what="the server to count it with the others' requests",
+            )
+            counted_from = time.monotonic()
+
+            # when the pool reads the load again (a reading begun after that:
+            # the second to end after it), while its request still waits
+            wait_until(lambda: (mine.load_at or 0) > counted_from, timeout=30, what="a reading")
+            first_end = mine.load_at
+            wait_until(lambda: mine.load_at > first_end, timeout=30, what="another reading")
+            seen = (mine.inflight, mine.others)
+        finally:
+            busy.stop()
+            result = queued.result(timeout=60)
+            pool.close()
+
+    # then: the server counted the pool's request too, but the pool counts
+    # only the other client's as others (at most all of them)
+    assert seen[0] == 1
+    assert workers <= seen[1] <= 2 * workers
+    assert result.output_tokens == 2
+
+
+def test_a_metrics_url_that_does_not_answer_leaves_routing_to_the_pools_own_counts(
+    triton_server, private_triton_server, dead_grpc_url
+):
+    # given a pool whose first server's metrics url answers nothing
+    pool = ServerPool(
+        [private_triton_server.grpc_url, triton_server.grpc_url],
+        metrics_urls=[f"http://{dead_grpc_url}/metrics", triton_server.metrics_url],
+        load_ttl_s=0.1,
+        connect_timeout_s=0.5,
+    )
+    try:
+        pool.generate(GenerationRequest(PROMPT, 2, seed=1))
+        wait_until(
+            lambda: all(server.load_at is not None for server in pool._servers),
+            timeout=30,
+            what="both loads to be read",
+        )
+
+        # when requests come
+        served = [pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in range(4)]
+    finally:
+        pool.close()
+
+    # then: both servers served in turn, the unknown load counted as none
+    assert pool._servers[0].others == 0
+    assert sorted(served) == sorted([private_triton_server.grpc_url, triton_server.grpc_url] * 2)
+
+
+def test_a_pool_needs_one_metrics_url_per_server_or_none():
+    # when / then
+    with pytest.raises(ValueError, match="one url per gRPC url"):
+        ServerPool(["127.0.0.1:1", "127.0.0.1:2"], metrics_urls=["http://127.0.0.1:3/metrics"])

@@ -32,6 +32,12 @@ class Command(BaseCommand):
             help="gRPC address of the development Triton server (manage.py triton_dev)",
         )
         parser.add_argument(
+            "--triton-metrics",
+            default="",
+            help="its Prometheus metrics url, e.g. http://127.0.0.1:8003/metrics (optional: "
+            "routing reads the load of each server of a pool from it)",
+        )
+        parser.add_argument(
             "--key-file", help="write a fresh demo API key to this file (the old one is revoked)"
         )
 
@@ -96,7 +102,11 @@ class Command(BaseCommand):
             memo="welcome promotion",
         )
         pool, _ = ServerPool.objects.update_or_create(
-            name="dev-cpu", defaults={"grpc_urls": [options["triton_grpc"]]}
+            name="dev-cpu",
+            defaults={
+                "grpc_urls": [options["triton_grpc"]],
+                "metrics_urls": [options["triton_metrics"]] if options["triton_metrics"] else [],
+            },
         )
         CatalogModel.objects.update_or_create(
             name="gym-tiny",

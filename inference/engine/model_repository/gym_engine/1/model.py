@@ -35,6 +35,12 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # and of its latency (direct gRPC calls, 2026-12-02). A scrape sees a
 # request's tokens within this interval.
 METRICS_FLUSH_S = 0.1
+# TensorRT-LLM's backend reports its executor's requests in this gauge family;
+# the gateway routes by it (inference.triton.engine_load), so this engine
+# reports the same: `active` being generated, `waiting` taken but queued for a
+# worker thread, `scheduled` (= active: no batch to pause in), `max` the
+# worker threads. Published with the token counts, every METRICS_FLUSH_S.
+REQUEST_GAUGES = "nv_trt_llm_request_metrics"
 
 
 class RequestError(Exception):
@@ -159,11 +165,25 @@ class TritonPythonModel:
         sys.setswitchinterval(0.0005)
         # Decoupled requests run on these threads so that `execute` returns at
         # once and streams interleave, as in-flight batching does on a GPU.
-        self.pool = ThreadPoolExecutor(
-            max_workers=int(parameters.get("worker_threads", 4)), thread_name_prefix="gym-engine"
-        )
+        workers = int(parameters.get("worker_threads", 4))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gym-engine")
         self._metrics_lock = threading.Lock()
         labels = {"model": args["model_name"], "version": args["model_version"]}
+        # Requests taken (execute) and started (a worker thread has them), not
+        # yet answered: counted under _metrics_lock.
+        self._taken = 0
+        self._started = 0
+        self.request_family = pb_utils.MetricFamily(
+            name=REQUEST_GAUGES,
+            description="Requests of the development engine, as TensorRT-LLM's backend reports them",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.request_gauges = {
+            kind: self.request_family.Metric(labels={**labels, "request_type": kind})
+            for kind in ("active", "waiting", "scheduled", "max")
+        }
+        self.request_gauges["max"].set(workers)
+        self._published_requests = (0, 0)
         # The families must outlive their metrics, or incrementing fails.
         self.metric_families = {
             kind: pb_utils.MetricFamily(
@@ -207,6 +227,8 @@ class TritonPythonModel:
                     flags=FINAL,
                 )
                 continue
+            with self._metrics_lock:
+                self._taken += 1
             self.pool.submit(self._serve_decoupled, rows, sender)
         return None
 
@@ -237,6 +259,8 @@ class TritonPythonModel:
             return _error_response(str(exc))
 
     def _serve_decoupled(self, rows: list[_Request], sender) -> None:
+        with self._metrics_lock:
+            self._started += 1
         try:
             if rows[0].stream:
                 self._stream(rows[0], sender)
@@ -248,6 +272,10 @@ class TritonPythonModel:
                 pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))),
                 flags=FINAL,
             )
+        finally:
+            with self._metrics_lock:
+                self._taken -= 1
+                self._started -= 1
 
     def _count(self, row: _Request, output_ids: list[int], cached: int) -> None:
         self.engine.prefix_cache.store([*row.prompt_ids, *output_ids])
@@ -260,9 +288,17 @@ class TritonPythonModel:
         with self._metrics_lock:
             pending = self._pending_tokens
             self._pending_tokens = dict.fromkeys(pending, 0)
+            requests = (self._started, self._taken - self._started)
         for kind, count in pending.items():
             if count:
                 self.token_metrics[kind].increment(count)
+        if requests != self._published_requests:
+            # Each set is a round trip to the Triton process: only on a change.
+            active, waiting = requests
+            self.request_gauges["active"].set(active)
+            self.request_gauges["scheduled"].set(active)
+            self.request_gauges["waiting"].set(waiting)
+            self._published_requests = requests
 
     def _publish_metrics_loop(self) -> None:
         while not self._flusher_stop.wait(METRICS_FLUSH_S):
