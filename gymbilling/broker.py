@@ -15,7 +15,10 @@ CELERY_BROKER_TRANSPORT); any other broker keeps kombu's transport for it.
 
 from __future__ import annotations
 
+from django.conf import settings
 from kombu.transport import redis as kombu_redis
+
+TRANSPORT = "gymbilling.broker:Transport"
 
 
 class Channel(kombu_redis.Channel):
@@ -33,3 +36,19 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def publish_declare() -> list | None:
+    """What a publisher on the hot path passes as `apply_async(declare=...)`.
+
+    A task sent to a named queue goes out through the anonymous direct
+    exchange (Celery converts it), which on Redis is an LPUSH to the queue's
+    list: nothing needs declaring first. Celery's default declares the queue
+    on every publish all the same, and kombu's check that it already did
+    binds a copy of the queue each time: 0.05-0.15 ms of the API's CPU per
+    inference request here (bench: 340 against 440 µs per publish). So []
+    (declare nothing) on this transport; None (Celery's default) on any
+    other broker, where a message published before any worker declared its
+    queue would be dropped.
+    """
+    return [] if getattr(settings, "CELERY_BROKER_TRANSPORT", "") == TRANSPORT else None

@@ -37,6 +37,7 @@ from accounts.ratelimits import (
     rate_limit_consume,
     rate_limit_refund,
 )
+from gymbilling.broker import publish_declare
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
 from inference.selectors import catalog_model_resolve, pools_for_job
 from inference.services.callbacks import job_callback_record
@@ -279,6 +280,7 @@ def job_submit(
                 priority=None,
                 argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
                 kwargsrepr="{}",
+                declare=publish_declare(),
             )
         )
     except Exception:

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from django.conf import settings
 
-from gymbilling.broker import Channel
+from gymbilling.broker import TRANSPORT, Channel, publish_declare
 from gymbilling.celery import app
 
 
@@ -54,3 +54,31 @@ def test_a_channel_whose_pools_were_dropped_builds_a_client_on_the_new_pool():
         assert after is not before
         assert after.connection_pool is channel.pool
         assert after.ping()
+
+
+def test_publishers_declare_nothing_on_this_transport_and_celerys_default_on_others(settings):
+    # given the test run's Redis broker
+    assert settings.CELERY_BROKER_TRANSPORT == TRANSPORT
+
+    # then a hot-path publish declares no queue ([]); on another broker, the
+    # queue is declared as Celery does by default (None)
+    assert publish_declare() == []
+    del settings.CELERY_BROKER_TRANSPORT
+    assert publish_declare() is None
+
+
+def test_a_task_published_without_declaring_its_queue_reaches_the_queue():
+    # given a queue nothing declared in this process
+    queue_name = f"gym-test-undeclared-{uuid.uuid4().hex}"
+    with app.connection_for_write() as connection:
+        client = connection.default_channel.client
+        try:
+            # when a task is sent to it as the inference jobs are
+            app.tasks["celery.accumulate"].apply_async(
+                args=[1], queue=queue_name, declare=publish_declare()
+            )
+
+            # then its message is in the queue's list
+            assert client.llen(queue_name) == 1
+        finally:
+            client.delete(queue_name)
