@@ -19,7 +19,11 @@ server (`TritonDevServer`), a real Celery worker subprocess and gunicorn:
    and one request through the whole path per round, in random order, so
    that all three meet the machine at the same speed (on this shared 2-CPU
    machine the speed moves by half within minutes, and 1-3 above are
-   measured minutes apart).
+   measured minutes apart); and in the same rounds the two parts of the
+   path that the floor has no counterpart for and that no gateway code can
+   shorten: the ledger's two durable transactions alone (a hold placed,
+   then captured, through the metering services, as the ledger benchmark
+   settles) and a bare HTTP round trip to the same gunicorn (`GET /ping`).
 
 Every response is checked (200 and `usage`), and at the end every request
 must be billed: one UsageRecord per successful request, as many output tokens
@@ -112,6 +116,9 @@ class Seed:
     # One key per organization of SPREAD_ORGS more, for the row whose clients
     # each bill their own organization.
     spread_keys: tuple[str, ...] = ()
+    # The organization the interleaved rounds' bare ledger calls settle on
+    # (its own wallet: no job, no usage record, nothing the billing check counts).
+    ledger_org_id: int = 0
 
 
 def seed(grpc_url: str) -> Seed:
@@ -177,7 +184,17 @@ def seed(grpc_url: str) -> Seed:
             organization=org, name="bench", scopes=[Scope.INFERENCE], requests_per_minute=BIG
         )
         keys.append(raw)
-    return Seed(keys[0], render_chat(model, MESSAGES), tuple(keys[1:]))
+    ledger_org = Organization.objects.create(slug="bench-inf-ledger", name="Bench ledger alone")
+    credits_grant(
+        organization=ledger_org,
+        amount=BIG * MICRO,
+        source="subscription",
+        paid=True,
+        resellable=False,
+        key="bench-inf-ledger-seed",
+        expires_at=timezone.now() + timedelta(days=30),
+    )
+    return Seed(keys[0], render_chat(model, MESSAGES), tuple(keys[1:]), ledger_org.pk)
 
 
 class Worker:
@@ -374,11 +391,14 @@ def direct_window(
 
 @dataclass
 class Interleaved:
-    """Per round, seconds: the floor, direct Triton and the whole path, measured in turn."""
+    """Per round, seconds: the floor, direct Triton and the whole path, measured in turn; and,
+    in the same rounds, the ledger's two transactions alone and a bare HTTP round trip."""
 
     floor: list[float] = field(default_factory=list)
     direct: list[float] = field(default_factory=list)
     path: list[float] = field(default_factory=list)
+    ledger: list[float] = field(default_factory=list)
+    http: list[float] = field(default_factory=list)
     errors: int = 0  # rounds not measured: a call failed
 
     def p50_ms(self, kind: str) -> float:
@@ -395,12 +415,46 @@ class Interleaved:
         each = [p - d - f for f, d, p in zip(self.floor, self.direct, self.path, strict=True)]
         return _percentile_ms(each, 50)
 
+    @property
+    def gateway_own_ms(self) -> float:
+        """The target's figure less the ledger's and a bare HTTP round trip's p50s: what the
+        gateway's own code (authentication, limits, validation, dispatch, relay) adds."""
+        return self.added_over_floor_ms - self.p50_ms("ledger") - self.p50_ms("http")
 
-def interleaved(port: int, key: str, grpc_url: str, prompt: str) -> tuple[Interleaved, Row]:
-    """INTERLEAVED_ROUNDS rounds (after WARMUP_CALLS) of one floor call, one direct call and
-    one non-streamed request through the path, in a random order per round; the Row counts
-    the path's requests for the billing check. A round with a failed call is not measured."""
-    calls = {"floor": _floor_call, "direct": _direct_call(grpc_url, prompt)}
+
+def _ledger_call(organization_id: int) -> Callable[[int], None]:
+    from accounts.models import Organization
+    from bench.ledger import settle_once
+
+    organization = Organization.objects.get(pk=organization_id)
+    run = uuid.uuid4().hex[:8]
+
+    def call(i: int) -> None:
+        # Called from the rounds' event loop, synchronously, as the floor and
+        # direct calls are: Django refuses the ORM in an event loop's thread
+        # unless told it is safe here (no coroutine runs meanwhile). Not a hop
+        # to another thread: that would add its own latency to the figure.
+        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+        try:
+            settle_once(organization, f"bench-inf-ledger-{run}-{i}")
+        finally:
+            del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
+
+    return call
+
+
+def interleaved(
+    port: int, key: str, grpc_url: str, prompt: str, ledger_org_id: int
+) -> tuple[Interleaved, Row]:
+    """INTERLEAVED_ROUNDS rounds (after WARMUP_CALLS) of one floor call, one direct call,
+    one non-streamed request through the path, one settlement through the ledger's services
+    and one GET /ping, in a random order per round; the Row counts the path's requests for
+    the billing check. A round with a failed call is not measured."""
+    calls = {
+        "floor": _floor_call,
+        "direct": _direct_call(grpc_url, prompt),
+        "ledger": _ledger_call(ledger_org_id),
+    }
     result, row = Interleaved(), Row("interleaved", 1)
     order = random.Random(0)
 
@@ -415,15 +469,29 @@ def interleaved(port: int, key: str, grpc_url: str, prompt: str) -> tuple[Interl
             row.output_tokens += _usage_tokens(json.loads(body).get("usage"))
             row.ok += 1
 
+        async def ping() -> None:
+            writer.write(f"GET /ping HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode())
+            status, _head, body, close = await api._read_response(reader)
+            if status != 200 or close or body != b"pong":
+                raise ValueError(f"/ping: status {status} (closes: {close}): {body[:300]!r}")
+
+        async def call(kind: str, i: int) -> None:
+            if kind == "path":
+                await path(i)
+            elif kind == "http":
+                await ping()
+            else:
+                calls[kind](i)
+
         try:
             for i in range(WARMUP_CALLS + INTERLEAVED_ROUNDS):
-                kinds = ["floor", "direct", "path"]
+                kinds = ["floor", "direct", "path", "ledger", "http"]
                 order.shuffle(kinds)
                 took: dict[str, float] = {}
                 try:
                     for kind in kinds:
                         started = time.perf_counter()
-                        await path(i) if kind == "path" else calls[kind](i)
+                        await call(kind, i)
                         took[kind] = time.perf_counter() - started
                 except Exception as exc:  # any failed call: the round is not measured
                     row.error(f"{type(exc).__name__}: {exc}")
@@ -837,11 +905,15 @@ def measure(
                 )
                 _log_row(log, row)
                 direct_rows.append(row)
-        rounds, rounds_row = interleaved(server.port, seed_.api_key, triton.grpc_url, seed_.prompt)
+        rounds, rounds_row = interleaved(
+            server.port, seed_.api_key, triton.grpc_url, seed_.prompt, seed_.ledger_org_id
+        )
         log(
             f"interleaved: floor {rounds.p50_ms('floor'):.2f}, direct "
             f"{rounds.p50_ms('direct'):.2f}, path {rounds.p50_ms('path'):.2f} ms "
-            f"-> {rounds.added_over_floor_ms:.2f} above the floor ({rounds_row.errors} errors)"
+            f"-> {rounds.added_over_floor_ms:.2f} above the floor; ledger alone "
+            f"{rounds.p50_ms('ledger'):.2f}, /ping {rounds.p50_ms('http'):.2f} -> gateway's own "
+            f"{rounds.gateway_own_ms:.2f} ({rounds_row.errors} errors)"
         )
         for proc, name in ((server.proc, "gunicorn"), (worker.proc, "celery worker")):
             if proc is not None and proc.poll() is not None:
@@ -917,6 +989,21 @@ def _interleaved_lines(rounds: Interleaved) -> list[str]:
         f"| {_fmt(rounds.p50_ms('floor'))} | {_fmt(rounds.p50_ms('direct'))} "
         f"| {_fmt(rounds.p50_ms('path'))} | {_fmt(rounds.added_over_floor_ms)} "
         f"| {_fmt(rounds.per_round_ms)} |",
+        "",
+        "In the same rounds, two parts of the path that the floor has no counterpart for "
+        "and that no gateway code can shorten: the ledger's two durable transactions alone "
+        "(a hold placed, then captured, through the metering services, as the ledger "
+        "section settles; the path writes the Job row in the first and claims the job in "
+        "the second) and a bare HTTP round trip to the same gunicorn (`GET /ping`, a "
+        "constant through the same middleware). The last column is what remains of the "
+        "target's figure for the gateway's own work: authentication, limits, validation, "
+        "the Celery publish and the relay.",
+        "",
+        "| ledger alone (place, capture) p50 ms | `GET /ping` p50 ms | the target's figure "
+        "less both |",
+        "| ---: | ---: | ---: |",
+        f"| {_fmt(rounds.p50_ms('ledger'))} | {_fmt(rounds.p50_ms('http'))} "
+        f"| {_fmt(rounds.gateway_own_ms)} |",
         "",
     ]
 
@@ -1110,7 +1197,10 @@ def markdown(*, result: Result, machine_rows, date: str, warmup_s: float, durati
         + (
             f"; interleaved (the three measured in turn, section above): "
             f"{_fmt(rounds.added_over_floor_ms)} ms — "
-            f"{_met(rounds.added_over_floor_ms <= TARGET_ADDED_P50_MS)}."
+            f"{_met(rounds.added_over_floor_ms <= TARGET_ADDED_P50_MS)}. Of that, the "
+            f"ledger's two durable transactions alone take {_fmt(rounds.p50_ms('ledger'))} ms "
+            f"and a bare HTTP round trip {_fmt(rounds.p50_ms('http'))} ms at this speed, "
+            f"leaving {_fmt(rounds.gateway_own_ms)} ms for the gateway's own work."
             if rounds
             else "."
         ),
