@@ -38,17 +38,27 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-def publish_declare() -> list | None:
-    """What a publisher on the hot path passes as `apply_async(declare=...)`.
+def publish_declare(queue_name: str) -> list | None:
+    """What a publisher on the hot path passes as `apply_async(declare=...)` for a queue.
 
-    A task sent to a named queue goes out through the anonymous direct
-    exchange (Celery converts it), which on Redis is an LPUSH to the queue's
-    list: nothing needs declaring first. Celery's default declares the queue
-    on every publish all the same, and kombu's check that it already did
-    binds a copy of the queue each time: 0.05-0.15 ms of the API's CPU per
-    inference request here (bench: 340 against 440 µs per publish). So []
-    (declare nothing) on this transport; None (Celery's default) on any
-    other broker, where a message published before any worker declared its
-    queue would be dropped.
+    A task sent to a queue of a direct exchange goes out through the
+    anonymous exchange (Celery converts it), which on Redis is an LPUSH to
+    the queue's list (its priority list included): nothing needs declaring
+    first. Celery's default declares the queue on every publish all the
+    same, and kombu's check that it already did binds a copy of the queue
+    each time: 0.05-0.15 ms of the API's CPU per inference request here
+    (bench: 340 against 440 µs per publish). So [] (declare nothing) on this
+    transport for such a queue; None (Celery's default) for a queue of
+    another exchange type or with queue arguments (routed through bindings,
+    or expiring: declaring does something there), and on any other broker,
+    where a message published before any worker declared its queue would be
+    dropped.
     """
-    return [] if getattr(settings, "CELERY_BROKER_TRANSPORT", "") == TRANSPORT else None
+    if getattr(settings, "CELERY_BROKER_TRANSPORT", "") != TRANSPORT:
+        return None
+    from gymbilling.celery import app
+
+    queue = app.amqp.queues[queue_name]  # Celery's own, made on first use as it makes it
+    if queue.exchange.type != "direct" or queue.queue_arguments or queue.expires:
+        return None
+    return []

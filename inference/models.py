@@ -11,7 +11,14 @@ from django.db.models import Q
 
 from metering.models import Priority, unique_not_like_indexed
 
-_GRPC_ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+# host:port, the host a name (letters, digits, '.', '-', '_'), an IPv4
+# address or a bracketed IPv6 one ([::1]:8001), the port 1-65535.
+_GRPC_ADDRESS = re.compile(r"^(?:[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
+
+
+def _grpc_address_ok(url) -> bool:
+    match = isinstance(url, str) and _GRPC_ADDRESS.match(url)
+    return bool(match) and 1 <= int(match[1]) <= 65535
 
 
 class ServerPool(models.Model):
@@ -36,8 +43,13 @@ class ServerPool(models.Model):
         urls = self.grpc_urls
         if not isinstance(urls, list) or not urls:
             errors["grpc_urls"] = "A list of at least one gRPC address (host:port)."
-        elif not all(isinstance(url, str) and _GRPC_ADDRESS.match(url) for url in urls):
-            errors["grpc_urls"] = "Each gRPC address is host:port, without a scheme."
+        elif not all(_grpc_address_ok(url) for url in urls):
+            errors["grpc_urls"] = (
+                "Each gRPC address is host:port (port 1-65535, an IPv6 host in brackets), "
+                "without a scheme."
+            )
+        if self.metrics_urls is None:  # the admin's empty field: none
+            self.metrics_urls = []
         metrics = self.metrics_urls
         if not isinstance(metrics, list) or not all(
             isinstance(url, str) and url.startswith(("http://", "https://")) for url in metrics

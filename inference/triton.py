@@ -41,8 +41,10 @@ token counts. What must stay true, and why it is built the way it is:
 from __future__ import annotations
 
 import codecs
+import http.client
 import itertools
 import logging
+import math
 import os
 import queue
 import re
@@ -325,11 +327,15 @@ class _Server:
         self.epoch = 0
         self.inflight = 0
         self.idle: list[_Stream] = []  # LIFO: the most recently used stream first
-        # What other clients (other processes) have running or queued on it,
-        # from its metrics (_scrape_load), and when that was read.
+        # What other clients (other processes) have running on it, from its
+        # metrics (_scrape_load_and_release): `others` as of `load_at` (None:
+        # never read, or the last reading failed); `read_at`: when the last
+        # reading ended, read or failed (the next is due load_ttl_s later).
         self.load_lock = threading.Lock()
-        self.others = 0
+        self.others: int | None = None
         self.load_at: float | None = None
+        self.read_at: float | None = None
+        self.load_failing = False
 
 
 @dataclass(eq=False)
@@ -460,10 +466,11 @@ class ServerPool:
     request goes to the ready server with the fewest requests in flight (ties
     in turn): this process's own, plus, when the pool has `metrics_urls` (one
     per server, Triton's Prometheus endpoint) and more than one server, the
-    requests every other client has running or queued there, read from the
-    server's metrics every `load_ttl_s` in the background (engine_load). A
-    load reading older than three times that is not used: routing falls back
-    to this process's counts. A connection error before anything was
+    requests every other client has on it, read from the server's metrics
+    every `load_ttl_s` in the background (engine_load). While any candidate's
+    load is unknown (not read yet, its last reading failed, or older than
+    three times that), all are compared by this process's counts alone, as
+    without metrics. A connection error before anything was
     delivered is retried, up to `retries` times, on another ready server (the
     same one if it is the only one and answers ready again). `timeout_s` bounds
     the silence before the first response and between two responses.
@@ -600,6 +607,15 @@ class ServerPool:
             return None
         count = len(self._servers)
         now = time.monotonic()
+        # Other clients' load counts only when every candidate's is known: a
+        # server whose reading failed or is stale (its metrics endpoint
+        # overloaded, say) must not look idle next to servers with readings.
+        # Then, as without metrics, this process's own requests decide.
+        known: dict[_Server, int] = {}
+        if self._reads_load:
+            others = [self._others(s, now) for s in candidates]
+            if None not in others:
+                known = dict(zip(candidates, others, strict=True))
         with self._lock:
             turn = next(self._turn)
             # A server whose answer expired (being checked again) only when no
@@ -608,19 +624,20 @@ class ServerPool:
                 candidates,
                 key=lambda s: (
                     not self._answer_holds(s),
-                    s.inflight + self._others(s, now),
+                    s.inflight + known.get(s, 0),
                     (s.index - turn) % count,
                 ),
             )
             server.inflight += 1
         return server
 
-    def _others(self, server: _Server, now: float) -> int:
-        """Other clients' requests on the server, while its last load reading is recent."""
-        load_at = server.load_at
-        if load_at is None or now - load_at > 3 * self.load_ttl_s:
-            return 0
-        return server.others
+    def _others(self, server: _Server, now: float) -> int | None:
+        """Other clients' requests on the server from its last reading; None when unknown
+        (never read, the last reading failed, or it is older than 3 * load_ttl_s)."""
+        load_at, others = server.load_at, server.others
+        if load_at is None or others is None or now - load_at > 3 * self.load_ttl_s:
+            return None
+        return others
 
     def _answer_holds(self, server: _Server) -> bool:
         checked_at = server.checked_at
@@ -666,7 +683,7 @@ class ServerPool:
         for server in self._servers:
             if self._closed or not server.metrics_url:
                 continue
-            if server.load_at is not None and now - server.load_at < self.load_ttl_s:
+            if server.read_at is not None and now - server.read_at < self.load_ttl_s:
                 continue
             if not server.load_lock.acquire(blocking=False):
                 continue
@@ -679,18 +696,27 @@ class ServerPool:
                 load = engine_load(
                     scrape_samples(server.metrics_url, timeout_s=self.connect_timeout_s)
                 )
-            except EngineUnavailable as exc:
-                # Not ready is the readiness check's to say; here the load is
-                # just unknown, and routing uses this process's counts.
-                logger.debug("triton %s: load unknown: %s", server.url, exc)
-                server.others, server.load_at = 0, time.monotonic()
+                if load is None:
+                    raise ValueError("its metrics report no load (no pending or active requests)")
+            except Exception as exc:  # whatever the endpoint sent: this thread ends here
+                # Unknown, not 0 (_pick then routes by this process's counts);
+                # not ready is the readiness check's to say. Logged when it
+                # starts failing, not every load_ttl_s.
+                server.others = None
+                if not server.load_failing:
+                    server.load_failing = True
+                    logger.warning("triton %s: load unknown: %r", server.url, exc)
                 return
+            if server.load_failing:
+                server.load_failing = False
+                logger.info("triton %s: load read again", server.url)
             # Triton counts this process's requests too. Those in flight while
             # it was read are between `before` and now's count: taking the
             # larger errs towards fewer others, i.e. towards local counts.
             server.others = max(0, load - max(before, server.inflight))
             server.load_at = time.monotonic()
         finally:
+            server.read_at = time.monotonic()
             server.load_lock.release()
 
     def _check_and_release(self, server: _Server) -> None:
@@ -869,8 +895,20 @@ def pool_for(urls: Sequence[str], model_name: str = "ensemble", **options) -> Se
     The gateway builds pools from the model catalog on every request; this keeps
     one set of channels and open streams per pool.
     """
-    if not options.get("metrics_urls"):
-        options.pop("metrics_urls", None)  # none given is the default: the same pool
+    metrics = options.pop("metrics_urls", None) or ()
+    if len(urls) > 1 and metrics:
+        # From the catalog, written by whatever wrote the row: a list that
+        # does not match the servers would make every job on the pool fail,
+        # so it is left out (routing by this process's counts), and said.
+        if len(metrics) == len(urls) and all(isinstance(url, str) for url in metrics):
+            options["metrics_urls"] = tuple(metrics)
+        else:
+            logger.warning(
+                "metrics urls %r do not match the servers %r one for one: not used",
+                metrics,
+                list(urls),
+            )
+    # One server, or none given: the same pool as without (nothing to read).
     key = (tuple(urls), model_name, tuple(sorted(options.items())))
     pool = _pools.get(key)
     if pool is None:
@@ -944,8 +982,9 @@ def scrape_samples(metrics_url: str, *, timeout_s: float = 2.0) -> list[Sample]:
     try:
         with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
             text = response.read().decode("utf-8", errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        raise EngineUnavailable(f"Triton metrics at {metrics_url} did not answer: {exc}") from exc
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        # ValueError: not a url urllib can open; HTTPException: a broken answer.
+        raise EngineUnavailable(f"Triton metrics at {metrics_url} did not answer: {exc!r}") from exc
     return parse_metrics(text)
 
 
@@ -962,28 +1001,30 @@ def scrape_metrics(metrics_url: str, *, timeout_s: float = 2.0) -> dict[str, flo
     return totals
 
 
-# TensorRT-LLM's backend reports its executor's requests in this gauge family
-# (request_type: active = being generated, waiting = queued in the executor,
-# scheduled, context, max); the development engine reports the same.
+# TensorRT-LLM's backend reports its executor's requests in this gauge family:
+# request_type `active` (every request the executor holds, up to `max`),
+# `scheduled` (those in this iteration's batch), `context`, `max`, and on
+# newer backends `waiting` (active - scheduled: a part of active, not added
+# to it). Requests queued in the executor beyond `max` are not exported. The
+# development engine reports the same family.
 TRTLLM_REQUESTS = "nv_trt_llm_request_metrics"
 # Triton's own: requests queued in front of a model, before its backend has them.
 TRITON_PENDING = "nv_inference_pending_request_count"
 
 
-def engine_load(samples: Sequence[Sample]) -> int:
-    """Requests a server has running or queued, over all its models: Triton's pending
-    requests, plus the TensorRT-LLM executors' active and waiting ones."""
-    return int(
-        sum(
-            sample.value
-            for sample in samples
-            if sample.name == TRITON_PENDING
-            or (
-                sample.name == TRTLLM_REQUESTS
-                and sample.labels.get("request_type") in ("active", "waiting")
-            )
-        )
-    )
+def engine_load(samples: Sequence[Sample]) -> int | None:
+    """Requests a server holds, over all its models: Triton's pending requests plus the
+    TensorRT-LLM executors' active ones; None when its metrics carry neither (values that
+    are not finite numbers are skipped)."""
+    load, seen = 0.0, False
+    for sample in samples:
+        if sample.name == TRITON_PENDING or (
+            sample.name == TRTLLM_REQUESTS and sample.labels.get("request_type") == "active"
+        ):
+            seen = True
+            if math.isfinite(sample.value):
+                load += sample.value
+    return int(load) if seen else None
 
 
 # -- one server, for operators ---------------------------------------------------------
@@ -1021,13 +1062,13 @@ def server_report(
     if metrics_url:
         try:
             samples = scrape_samples(metrics_url, timeout_s=timeout_s)
-        except EngineUnavailable as exc:
-            report.metrics_error = str(exc)
+        except Exception as exc:  # an operator's report says what went wrong, whatever it was
+            report.metrics_error = str(exc) or repr(exc)
         else:
             report.load = engine_load(samples)
             totals = {}
             for sample in samples:
-                if sample.labels.get("model") in models:
+                if sample.labels.get("model") in models and math.isfinite(sample.value):
                     totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
             report.requests_ok = int(totals.get("nv_inference_request_success", 0))
             report.requests_failed = int(totals.get("nv_inference_request_failure", 0))

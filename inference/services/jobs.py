@@ -271,16 +271,17 @@ def job_submit(
         # of a release whose task takes two arguments still runs the message
         # (it ignores the header and starts the job first): the API and the
         # workers may be deployed in either order.
+        queue = f"inference.{priority}"
         transaction.on_commit(
             lambda: job_run.apply_async(
                 args=[job.pk, prompt],
                 # The worker reads the message's age from `sent_at` (tasks.py).
                 headers={ENGINE_SPEC_HEADER: spec | {"sent_at": time.time()}},
-                queue=f"inference.{priority}",
+                queue=queue,
                 priority=None,
                 argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
                 kwargsrepr="{}",
-                declare=publish_declare(),
+                declare=publish_declare(queue),
             )
         )
     except Exception:

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from django.conf import settings
+from kombu import Exchange, Queue
 
 from gymbilling.broker import TRANSPORT, Channel, publish_declare
 from gymbilling.celery import app
@@ -56,15 +57,33 @@ def test_a_channel_whose_pools_were_dropped_builds_a_client_on_the_new_pool():
         assert after.ping()
 
 
-def test_publishers_declare_nothing_on_this_transport_and_celerys_default_on_others(settings):
+def test_publishers_declare_nothing_for_a_direct_queue_on_this_transport(settings):
     # given the test run's Redis broker
     assert settings.CELERY_BROKER_TRANSPORT == TRANSPORT
 
-    # then a hot-path publish declares no queue ([]); on another broker, the
-    # queue is declared as Celery does by default (None)
-    assert publish_declare() == []
+    # then a hot-path publish to an inference queue declares nothing ([]);
+    # on another broker, the queue is declared as Celery does by default (None)
+    assert publish_declare("inference.standard") == []
     del settings.CELERY_BROKER_TRANSPORT
-    assert publish_declare() is None
+    assert publish_declare("inference.standard") is None
+
+
+@pytest.mark.parametrize(
+    "queue",
+    [
+        Queue("gym-test-topic", Exchange("gym-test-topic", type="topic"), routing_key="a.#"),
+        Queue("gym-test-expiring", expires=60),
+    ],
+    ids=["topic exchange", "expiring queue"],
+)
+def test_a_queue_routed_through_bindings_or_expiring_is_declared_as_celery_does(queue):
+    # given a queue whose declaration does something on Redis
+    app.amqp.queues.add(queue)
+    try:
+        # then a publisher declares it (Celery's default)
+        assert publish_declare(queue.name) is None
+    finally:
+        del app.amqp.queues[queue.name]
 
 
 def test_a_task_published_without_declaring_its_queue_reaches_the_queue():
@@ -75,7 +94,7 @@ def test_a_task_published_without_declaring_its_queue_reaches_the_queue():
         try:
             # when a task is sent to it as the inference jobs are
             app.tasks["celery.accumulate"].apply_async(
-                args=[1], queue=queue_name, declare=publish_declare()
+                args=[1], queue=queue_name, declare=publish_declare(queue_name)
             )
 
             # then its message is in the queue's list

@@ -417,7 +417,7 @@ def test_a_job_goes_to_the_server_other_clients_leave_free(engine, triton_server
     busy, workers = occupy_engine_workers(engine.grpc_url)
     try:
         wait_until(
-            lambda: pool._others(pool._servers[0], time.monotonic()) >= workers,
+            lambda: (pool._others(pool._servers[0], time.monotonic()) or 0) >= workers,
             timeout=30,
             what="the busy server's load to be read",
         )

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.django_db
         ("triton-0:8001", [], "grpc_urls"),
         (["grpc://triton-0:8001"], [], "grpc_urls"),
         (["triton-0"], [], "grpc_urls"),
+        (["::1:8001"], [], "grpc_urls"),
+        (["[::1]:99999"], [], "grpc_urls"),
+        (["triton-0:0"], [], "grpc_urls"),
         (["triton-0:8001", "triton-1:8001"], ["http://triton-0:8002/metrics"], "metrics_urls"),
         (["triton-0:8001"], ["triton-0:8002/metrics"], "metrics_urls"),
         (["triton-0:8001"], "http://triton-0:8002/metrics", "metrics_urls"),
@@ -41,7 +44,7 @@ def test_a_pool_with_addresses_no_client_could_use_is_refused(grpc_urls, metrics
 
 def test_a_pool_with_a_metrics_url_per_server_or_none_is_accepted():
     # when / then: no error
-    ServerPool(name="a", grpc_urls=["triton-0:8001", "10.0.0.7:8001"]).full_clean()
+    ServerPool(name="a", grpc_urls=["triton_0:8001", "10.0.0.7:8001"]).full_clean()
     ServerPool(
         name="b",
         grpc_urls=["triton-0:8001", "[::1]:8001"],
@@ -66,6 +69,18 @@ def test_staff_adding_a_pool_with_mismatched_metrics_urls_see_why_and_nothing_is
     assert response.status_code == 200
     assert "One metrics url per gRPC address (2)" in response.content.decode()
     assert not ServerPool.objects.filter(name="two-servers").exists()
+
+
+def test_staff_leaving_the_metrics_urls_empty_save_a_pool_without_them(admin_client):
+    # when a pool is added in the admin with the metrics field left empty
+    response = admin_client.post(
+        "/admin/inference/serverpool/add/",
+        {"name": "no-metrics", "grpc_urls": '["triton-0:8001"]', "metrics_urls": ""},
+    )
+
+    # then it is saved, with none
+    assert response.status_code == 302
+    assert ServerPool.objects.get(name="no-metrics").metrics_urls == []
 
 
 def _status(*args: str) -> tuple[int, str, str]:
@@ -128,6 +143,28 @@ def test_triton_status_fails_when_a_pool_has_no_server_serving(triton_server, de
     assert f"{dead_grpc_url}  NOT SERVING" in out
     assert "UNAVAILABLE" in out
     assert "pool-gym-down" in err and "pool-gym-up" not in err
+
+
+def test_triton_status_reports_every_server_of_a_pool_whose_metrics_urls_are_short(
+    triton_server, dead_grpc_url
+):
+    # given a pool written around the admin's checks: two servers, one metrics url
+    served_model(
+        "gym-short",
+        grpc_urls=[triton_server.grpc_url, dead_grpc_url],
+        metrics_urls=[triton_server.metrics_url],
+    )
+
+    # when
+    code, out, _err = _status("--json", "--timeout", "1")
+
+    # then both servers are reported, the second without a load; the pool serves
+    assert code == 0
+    [pool] = json.loads(out)["pools"]
+    first, second = pool["servers"]
+    assert (first["url"], first["ready"]) == (triton_server.grpc_url, True)
+    assert isinstance(first["load"], int)
+    assert (second["url"], second["ready"], second["load"]) == (dead_grpc_url, False, None)
 
 
 def test_triton_status_of_a_pool_that_does_not_exist_is_an_error():

@@ -672,7 +672,8 @@ nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="context",version="
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="scheduled",version="1"} 1
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="max",version="1"} 512
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active",version="1"} 3
-nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="waiting",version="1"} 0
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="waiting",version="1"} 2
+nv_trt_llm_request_metrics{model="draft",request_type="active",version="1"} NaN
 # HELP nv_inference_pending_request_count Instantaneous number of pending requests
 # TYPE nv_inference_pending_request_count gauge
 nv_inference_pending_request_count{model="ensemble",version="1"} 1
@@ -686,9 +687,10 @@ def test_the_load_of_a_tensorrt_llm_server_is_its_active_waiting_and_pending_req
     samples = parse_metrics(TRTLLM_METRICS)
 
     # then: every series with its labels (a timestamp after the value ignored,
-    # a label value with a space kept), and the load counts 3 active, 0
-    # waiting, 1 pending, not the context/scheduled subsets or the maximum
-    assert len(samples) == 8
+    # a label value with a space kept); the load counts the 3 active and the 1
+    # pending, not the scheduled, context or waiting parts of active (waiting
+    # is active - scheduled), nor the maximum, nor a value that is no number
+    assert len(samples) == 9
     assert samples[-2].value == 1017 and samples[-1].labels == {"gpu_uuid": "GPU-b8 x"}
     assert engine_load(samples) == 4
 
@@ -697,20 +699,24 @@ def test_the_development_engine_reports_its_requests_as_tensorrt_llms_backend_do
     private_triton_server,
 ):
     # given the gauges of an idle engine
+    seen: list = []
+
     def gauges() -> dict[str, float]:
-        return {
-            sample.labels["request_type"]: sample.value
-            for sample in scrape_samples(private_triton_server.metrics_url)
-            if sample.name == TRTLLM_REQUESTS
-        }
+        seen[:] = scrape_samples(private_triton_server.metrics_url)
+        return {s.labels["request_type"]: s.value for s in seen if s.name == TRTLLM_REQUESTS}
 
     busy, workers = occupy_engine_workers(private_triton_server.grpc_url)
     idle = {"active": 0, "scheduled": 0, "waiting": 0, "max": workers}
     try:
         # when another client holds every worker, as many more requests queued
-        expected = {"active": workers, "scheduled": workers, "waiting": workers, "max": workers}
+        expected = {
+            "active": 2 * workers,
+            "scheduled": workers,
+            "waiting": workers,
+            "max": workers,
+        }
         wait_until(lambda: gauges() == expected, timeout=30, what=f"the gauges to say {expected}")
-        load = engine_load(scrape_samples(private_triton_server.metrics_url))
+        load = engine_load(seen)  # from the same reading
     finally:
         busy.stop()
 
@@ -731,17 +737,24 @@ def test_routing_counts_the_requests_other_clients_have_on_each_server(
     )
     busy_server = pool._servers[0]
 
-    def others() -> int:
-        return pool._others(busy_server, time.monotonic())
+    def others(server=busy_server) -> int | None:
+        return pool._others(server, time.monotonic())
 
     try:
+        # (what earlier tests left running on the session's server has ended)
+        pool.generate(GenerationRequest(PROMPT, 2, seed=1))
+        wait_until(
+            lambda: [others(server) for server in pool._servers] == [0, 0],
+            timeout=30,
+            what="both servers to read idle",
+        )
         while_idle = [
             pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in (1, 2)
         ]
         # when another client (not this pool) holds every worker of the first
         busy, workers = occupy_engine_workers(busy_url)
         try:
-            wait_until(lambda: others() >= workers, timeout=30, what="the load to be read")
+            wait_until(lambda: (others() or 0) >= workers, timeout=30, what="the load to be read")
             while_busy = [
                 pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in range(6)
             ]
@@ -797,32 +810,89 @@ def test_the_pools_own_requests_are_not_counted_as_other_clients(private_triton_
     assert result.output_tokens == 2
 
 
-def test_a_metrics_url_that_does_not_answer_leaves_routing_to_the_pools_own_counts(
+def test_a_server_whose_load_is_unknown_does_not_draw_the_requests_of_a_busy_one(
     triton_server, private_triton_server, dead_grpc_url
 ):
-    # given a pool whose first server's metrics url answers nothing
+    # given a pool of two servers: the first's metrics url answers nothing,
+    # the second is busy with another client's requests, which it reports
+    busy_url = private_triton_server.grpc_url
     pool = ServerPool(
-        [private_triton_server.grpc_url, triton_server.grpc_url],
-        metrics_urls=[f"http://{dead_grpc_url}/metrics", triton_server.metrics_url],
+        [triton_server.grpc_url, busy_url],
+        metrics_urls=[f"http://{dead_grpc_url}/metrics", private_triton_server.metrics_url],
         load_ttl_s=0.1,
         connect_timeout_s=0.5,
     )
+    unknown, busy_server = pool._servers
+    busy, workers = occupy_engine_workers(busy_url)
     try:
         pool.generate(GenerationRequest(PROMPT, 2, seed=1))
         wait_until(
-            lambda: all(server.load_at is not None for server in pool._servers),
+            lambda: unknown.read_at is not None and (busy_server.others or 0) >= workers,
             timeout=30,
             what="both loads to be read",
         )
 
         # when requests come
-        served = [pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in range(4)]
+        served = [pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in (2, 3)]
+    finally:
+        busy.stop()
+        pool.close()
+
+    # then: the unknown load was not taken for none (which would send every
+    # request there): with one unknown, this process's own counts decide, and
+    # the two servers take turns, as without metrics
+    assert unknown.others is None and unknown.load_at is None
+    assert sorted(served) == sorted([triton_server.grpc_url, busy_url])
+
+
+def test_metrics_that_cannot_be_read_leave_the_load_unknown_and_are_read_again_later(
+    triton_server, private_triton_server
+):
+    # given a pool whose first server's metrics url answers, but not with
+    # Prometheus text (Triton's HTTP API), and the second's with its metrics
+    pool = ServerPool(
+        [triton_server.grpc_url, private_triton_server.grpc_url],
+        metrics_urls=[f"{triton_server.http_base}/v2", private_triton_server.metrics_url],
+        load_ttl_s=0.1,
+    )
+    bad, good = pool._servers
+    reads: list[float] = []
+    scrape = pool._scrape_load_and_release
+
+    def counted(server):
+        if server is bad:
+            reads.append(time.monotonic())
+        scrape(server)
+
+    pool._scrape_load_and_release = counted
+    try:
+        pool.generate(GenerationRequest(PROMPT, 2, seed=1))
+        wait_until(lambda: len(reads) >= 3 and good.load_at, timeout=30, what="readings")
+        spread = reads[-1] - reads[-3]
     finally:
         pool.close()
 
-    # then: both servers served in turn, the unknown load counted as none
-    assert pool._servers[0].others == 0
-    assert sorted(served) == sorted([private_triton_server.grpc_url, triton_server.grpc_url] * 2)
+    # then: no load taken from it (it has no series of the load: unknown, not
+    # 0), retried every load_ttl_s, not on every watchdog tick (0.05 s); the
+    # other's read
+    assert bad.others is None and bad.load_at is None
+    assert good.others is not None
+    assert spread >= 2 * 0.1
+
+
+def test_pool_for_leaves_out_metrics_urls_that_do_not_match_the_servers(caplog):
+    # when the catalog gives one metrics url for two servers, or any for one
+    mismatched = pool_for(
+        ["127.0.0.1:1", "127.0.0.1:2"], "ensemble", metrics_urls=["http://127.0.0.1:3/metrics"]
+    )
+    single = pool_for(["127.0.0.1:4"], "ensemble", metrics_urls=["http://127.0.0.1:5/metrics"])
+
+    # then: pools that route by their own counts, as without metrics, and why
+    assert mismatched.metrics_urls == () and not mismatched._reads_load
+    assert mismatched is pool_for(["127.0.0.1:1", "127.0.0.1:2"], "ensemble")
+    assert single is pool_for(["127.0.0.1:4"], "ensemble")
+    assert "do not match the servers" in caplog.text
+    close_pools()
 
 
 def test_a_pool_needs_one_metrics_url_per_server_or_none():

@@ -10,6 +10,7 @@ so it can back an alert or a deploy check; `--json` for machines.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict
 
@@ -42,10 +43,14 @@ class Command(BaseCommand):
             names = sorted(
                 {m.triton_model for m in pool.models.all() if m.status != ModelStatus.RETIRED}
             )
-            metrics = pool.metrics_urls or [""] * len(pool.grpc_urls)
+            # Every server, whatever its metrics urls say (a row written
+            # around the admin may have too few or too many).
+            metrics = [url if isinstance(url, str) else "" for url in pool.metrics_urls or []]
             reports = [
                 server_report(url, names or ["ensemble"], metrics_url, timeout_s=options["timeout"])
-                for url, metrics_url in zip(pool.grpc_urls, metrics, strict=False)
+                for url, metrics_url in itertools.zip_longest(
+                    pool.grpc_urls, metrics[: len(pool.grpc_urls)], fillvalue=""
+                )
             ]
             serving = sum(report.ready for report in reports)
             if names and not serving:

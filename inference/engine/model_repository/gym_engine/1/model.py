@@ -37,9 +37,11 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_FLUSH_S = 0.1
 # TensorRT-LLM's backend reports its executor's requests in this gauge family;
 # the gateway routes by it (inference.triton.engine_load), so this engine
-# reports the same: `active` being generated, `waiting` taken but queued for a
-# worker thread, `scheduled` (= active: no batch to pause in), `max` the
-# worker threads. Published with the token counts, every METRICS_FLUSH_S.
+# reports the same, with the same meanings: `active` every request it holds,
+# `scheduled` those a worker thread is generating, `waiting` the rest
+# (active - scheduled, a part of active), `max` the worker threads. Unlike
+# TensorRT-LLM's executor it has no limit on what it holds, so `active` may
+# pass `max`. Published with the token counts, every METRICS_FLUSH_S.
 REQUEST_GAUGES = "nv_trt_llm_request_metrics"
 
 
@@ -294,9 +296,9 @@ class TritonPythonModel:
                 self.token_metrics[kind].increment(count)
         if requests != self._published_requests:
             # Each set is a round trip to the Triton process: only on a change.
-            active, waiting = requests
-            self.request_gauges["active"].set(active)
-            self.request_gauges["scheduled"].set(active)
+            scheduled, waiting = requests
+            self.request_gauges["active"].set(scheduled + waiting)
+            self.request_gauges["scheduled"].set(scheduled)
             self.request_gauges["waiting"].set(waiting)
             self._published_requests = requests
 
