@@ -94,7 +94,7 @@ class Command(BaseCommand):
                 line = f"  {report.url}  {state}"
                 if report.load is not None:
                     line += (
-                        f"  load {report.load} (running or queued)"
+                        f"  load {report.load} (requests it holds)"
                         f"  requests ok {report.requests_ok}, failed {report.requests_failed}"
                     )
                 elif report.metrics_error:
