@@ -161,9 +161,9 @@ def seed(grpc_url: str) -> Seed:
         tokenizer_file="inference/engine/tokenizer.json",
         access_tier="basic",
     )
-    keys = []
-    for n in range(1 + SPREAD_ORGS):
-        suffix = f"-{n}" if n else ""
+
+    def funded(suffix: str) -> Organization:
+        """An organization with limits nothing reaches and credits nothing exhausts."""
         org = Organization.objects.create(
             slug=f"bench-inf{suffix}",
             name=f"Bench inference{suffix}",
@@ -180,20 +180,19 @@ def seed(grpc_url: str) -> Seed:
             key=f"bench-inf-seed{suffix}",
             expires_at=timezone.now() + timedelta(days=30),
         )
+        return org
+
+    keys = []
+    for n in range(1 + SPREAD_ORGS):
         _, raw = apikey_create(
-            organization=org, name="bench", scopes=[Scope.INFERENCE], requests_per_minute=BIG
+            organization=funded(f"-{n}" if n else ""),
+            name="bench",
+            scopes=[Scope.INFERENCE],
+            requests_per_minute=BIG,
         )
         keys.append(raw)
-    ledger_org = Organization.objects.create(slug="bench-inf-ledger", name="Bench ledger alone")
-    credits_grant(
-        organization=ledger_org,
-        amount=BIG * MICRO,
-        source="subscription",
-        paid=True,
-        resellable=False,
-        key="bench-inf-ledger-seed",
-        expires_at=timezone.now() + timedelta(days=30),
-    )
+    # Its own wallet for the interleaved rounds' bare ledger calls.
+    ledger_org = funded("-ledger")
     return Seed(keys[0], render_chat(model, MESSAGES), tuple(keys[1:]), ledger_org.pk)
 
 
