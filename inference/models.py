@@ -31,8 +31,8 @@ class ServerPool(models.Model):
         blank=True,
         help_text="Optional: each server's Prometheus metrics url, in the order of the gRPC "
         'addresses, e.g. ["http://triton-0:8002/metrics"]. With them, jobs go to the server '
-        "with the fewest requests running or queued from every client, not only from the "
-        "worker sending the job.",
+        "holding the fewest requests from every client, not only from the worker sending "
+        "the job.",
     )
 
     def __str__(self) -> str:

@@ -122,7 +122,7 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     else:
         return start.status()
     engines = [
-        triton.pool_for(tuple(grpc), model, metrics_urls=tuple(metrics_urls))
+        triton.pool_for(tuple(grpc), model, metrics_urls=metrics_urls)
         for grpc, metrics_urls in zip(urls, metrics, strict=True)
     ]
     first_token: list[datetime] = []

@@ -13,6 +13,6 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name='serverpool',
             name='metrics_urls',
-            field=models.JSONField(blank=True, default=list, help_text='Optional: each server\'s Prometheus metrics url, in the order of the gRPC addresses, e.g. ["http://triton-0:8002/metrics"]. With them, jobs go to the server with the fewest requests running or queued from every client, not only from the worker sending the job.'),
+            field=models.JSONField(blank=True, default=list, help_text='Optional: each server\'s Prometheus metrics url, in the order of the gRPC addresses, e.g. ["http://triton-0:8002/metrics"]. With them, jobs go to the server holding the fewest requests from every client, not only from the worker sending the job.'),
         ),
     ]
