@@ -12,7 +12,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
-from inference.models import ServerPool
+from inference.models import DedicatedCapacity, ServerPool
 from inference.triton import GenerationRequest, scrape_metrics
 from inference.triton import ServerPool as TritonPool
 from tests.helpers import served_model, wait_until
@@ -165,6 +165,29 @@ def test_triton_status_reports_every_server_of_a_pool_whose_metrics_urls_are_sho
     assert (first["url"], first["ready"]) == (triton_server.grpc_url, True)
     assert isinstance(first["load"], int)
     assert (second["url"], second["ready"], second["load"]) == (dead_grpc_url, False, None)
+
+
+def test_triton_status_asks_a_dedicated_pool_for_its_models_and_does_not_fail_for_it(
+    triton_server, dead_grpc_url, org
+):
+    # given a model served by the session's server, and an organization's
+    # dedicated pool for it whose only server is down
+    model = served_model(
+        "gym-shared-up", grpc_urls=[triton_server.grpc_url], triton_model="gym_engine"
+    )
+    pool = ServerPool.objects.create(name="dedicated-down", grpc_urls=[dead_grpc_url])
+    DedicatedCapacity.objects.create(organization=org, model=model, pool=pool)
+
+    # when
+    code, out, _err = _status("--json", "--timeout", "1")
+
+    # then: the dedicated pool was asked for the model's engine model and
+    # reported down, but the exit status is 0: its jobs go to the shared pool
+    pools = {entry["pool"]: entry for entry in json.loads(out)["pools"]}
+    assert pools["dedicated-down"]["models"] == ["gym_engine"]
+    assert pools["dedicated-down"]["serving"] == 0
+    assert pools["pool-gym-shared-up"]["serving"] == 1
+    assert code == 0
 
 
 def test_triton_status_of_a_pool_that_does_not_exist_is_an_error():

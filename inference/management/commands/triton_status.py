@@ -1,11 +1,13 @@
 """`python manage.py triton_status`: is every Triton server of the catalog serving, and how busy.
 
 For operators and monitoring: each server pool of the catalog (or one, with
-`--pool`), each server asked now whether it serves every catalog model of
-the pool, with its load and request counts from its metrics url where the
-pool has them. Exit status 1 when a pool that catalog models use has no
-server serving all of them (what a job would meet as `engine_unavailable`),
-so it can back an alert or a deploy check; `--json` for machines.
+`--pool`), each server asked now whether it serves every engine model the
+pool is used for (catalog models, and dedicated capacity assigned to it),
+with its load and request counts from its metrics url where the pool has
+them. Exit status 1 when a pool that catalog models use has no server
+serving all of them (what a job would meet as `engine_unavailable`; a
+dedicated pool down is not that: its jobs go to the shared pool), so it can
+back an alert or a deploy check; `--json` for machines.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict
 
 from django.core.management.base import BaseCommand, CommandError
 
-from inference.models import ModelStatus, ServerPool
+from inference.models import DedicatedCapacity, ModelStatus, ServerPool
 from inference.triton import server_report
 
 
@@ -36,13 +38,16 @@ class Command(BaseCommand):
             pools = pools.filter(name=options["pool"])
             if not pools:
                 raise CommandError(f"No server pool named {options['pool']!r}.")
+        dedicated: dict[int, set[str]] = {}
+        for capacity in DedicatedCapacity.objects.select_related("model"):
+            if capacity.model.status != ModelStatus.RETIRED:
+                dedicated.setdefault(capacity.pool_id, set()).add(capacity.model.triton_model)
         result, down = [], []
         for pool in pools:
             # The engine models the pool's catalog entries call (retired ones
             # are never called); a pool no model uses is checked for liveness.
-            names = sorted(
-                {m.triton_model for m in pool.models.all() if m.status != ModelStatus.RETIRED}
-            )
+            shared = {m.triton_model for m in pool.models.all() if m.status != ModelStatus.RETIRED}
+            names = sorted(shared | dedicated.get(pool.pk, set()))
             # Every server, whatever its metrics urls say (a row written
             # around the admin may have too few or too many).
             metrics = [url if isinstance(url, str) else "" for url in pool.metrics_urls or []]
@@ -53,7 +58,7 @@ class Command(BaseCommand):
                 )
             ]
             serving = sum(report.ready for report in reports)
-            if names and not serving:
+            if shared and not serving:
                 down.append(pool.name)
             result.append(
                 {"pool": pool.name, "models": names, "serving": serving, "servers": reports}
