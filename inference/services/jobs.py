@@ -37,7 +37,7 @@ from accounts.ratelimits import (
     rate_limit_consume,
     rate_limit_refund,
 )
-from gymbilling.broker import publish_declare
+from gymbilling.broker import task_publish
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
 from inference.selectors import catalog_model_resolve, pools_for_job
 from inference.services.callbacks import job_callback_record
@@ -272,16 +272,16 @@ def job_submit(
         # (it ignores the header and starts the job first): the API and the
         # workers may be deployed in either order.
         queue = f"inference.{priority}"
+        # Sent as apply_async would send it, for less CPU (gymbilling.broker).
         transaction.on_commit(
-            lambda: job_run.apply_async(
+            lambda: task_publish(
+                job_run,
                 args=[job.pk, prompt],
+                queue=queue,
                 # The worker reads the message's age from `sent_at` (tasks.py).
                 headers={ENGINE_SPEC_HEADER: spec | {"sent_at": time.time()}},
-                queue=queue,
-                priority=None,
                 argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
                 kwargsrepr="{}",
-                declare=publish_declare(queue),
             )
         )
     except Exception:

@@ -6,14 +6,21 @@ Against the real Redis broker of the test run. The worker-process tests
 
 from __future__ import annotations
 
+import base64
+import json
+import socket
 import uuid
 
 import pytest
+import redis
 from django.conf import settings
 from kombu import Exchange, Queue
 
-from gymbilling.broker import TRANSPORT, Channel, publish_declare
+from gymbilling import broker
+from gymbilling.broker import TRANSPORT, Channel, publish_declare, task_publish
 from gymbilling.celery import app
+from inference.services.jobs import ENGINE_SPEC_HEADER
+from inference.tasks import job_run
 
 
 def test_a_redis_broker_uses_the_transport_that_keeps_its_client():
@@ -101,3 +108,140 @@ def test_a_task_published_without_declaring_its_queue_reaches_the_queue():
             assert client.llen(queue_name) == 1
         finally:
             client.delete(queue_name)
+
+
+# --- task_publish: the message written straight onto its queue's list -------------
+
+
+def _queued(queue_name: str) -> list[dict]:
+    """The raw messages in a queue's Redis list, oldest first, as a worker would read them."""
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    return [json.loads(raw) for raw in reversed(client.lrange(queue_name, 0, -1))]
+
+
+def _drop_queue(queue_name: str) -> None:
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).delete(queue_name)
+    app.amqp.queues.pop(queue_name, None)
+
+
+@pytest.fixture
+def apply_async_calls(monkeypatch):
+    """Every call of job_run.apply_async, passed on to Celery's own."""
+    calls = []
+    real = job_run.apply_async
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job_run, "apply_async", counted)
+    return calls
+
+
+def test_a_message_pushed_onto_its_queue_is_the_one_celery_publishes(apply_async_calls):
+    # given a plain queue nothing consumes, and the same task sent to it both ways
+    queue_name = f"gym-test-direct-{uuid.uuid4().hex}"
+    headers = {ENGINE_SPEC_HEADER: {"id": "job_x", "params": {"stop": ["\n"]}, "sent_at": 1.5}}
+    try:
+        task_publish(
+            job_run,
+            args=[7, "héllo ✓"],
+            queue=queue_name,
+            headers=headers,
+            argsrepr="(7, <prompt: 7 characters>)",
+            kwargsrepr="{}",
+        )
+        assert apply_async_calls == []  # pushed, not published through Celery
+        job_run.apply_async(
+            args=[7, "héllo ✓"],
+            queue=queue_name,
+            headers=headers,
+            priority=None,
+            argsrepr="(7, <prompt: 7 characters>)",
+            kwargsrepr="{}",
+        )
+        ours, celerys = _queued(queue_name)
+    finally:
+        _drop_queue(queue_name)
+
+    # then, but for the ids each message gets, they are the same message
+    for message in ours, celerys:
+        task_id = message["headers"].pop("id")
+        assert message["headers"].pop("root_id") == task_id
+        assert message["properties"].pop("correlation_id") == task_id
+        uuid.UUID(message["properties"].pop("delivery_tag"))
+    assert ours == celerys
+    assert ours["headers"][ENGINE_SPEC_HEADER] == headers[ENGINE_SPEC_HEADER]
+    assert json.loads(base64.b64decode(ours["body"]))[0] == [7, "héllo ✓"]
+
+
+def test_a_push_that_fails_is_published_through_celery(monkeypatch, apply_async_calls):
+    # given a broker client that cannot connect (a port nothing listens on)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    monkeypatch.setattr(
+        broker,
+        "_broker_redis",
+        lambda: redis.Redis(port=closed_port, socket_connect_timeout=0.5),
+    )
+    queue_name = f"gym-test-direct-{uuid.uuid4().hex}"
+    try:
+        # when a task is sent
+        task_publish(job_run, args=[8, "x"], queue=queue_name, argsrepr="(8, ...)")
+
+        # then Celery published it instead, once
+        [(message)] = _queued(queue_name)
+    finally:
+        _drop_queue(queue_name)
+    assert len(apply_async_calls) == 1
+    assert message["headers"]["task"] == job_run.name
+    assert json.loads(base64.b64decode(message["body"]))[0] == [8, "x"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"CELERY_BROKER_URL": "rediss://127.0.0.1:6379/15"},
+        {"broker_transport_options": {"global_keyprefix": "gym:"}},
+        {"task_send_sent_event": True},
+        {"task_compression": "gzip"},
+    ],
+    ids=["TLS broker", "key prefix", "sent events", "compression"],
+)
+def test_what_the_push_does_not_mirror_goes_through_celery(settings, change):
+    # given a queue the push serves as things are
+    queue_name = "inference.standard"
+    assert broker._direct(job_run, queue_name)
+
+    # when the broker or Celery is set up in a way the push does not copy
+    saved = {}
+    for name, value in change.items():
+        if name.isupper():
+            setattr(settings, name, value)
+        else:
+            saved[name] = app.conf[name]
+            app.conf[name] = value
+    try:
+        # then its messages go through apply_async
+        assert not broker._direct(job_run, queue_name)
+    finally:
+        for name, value in saved.items():
+            app.conf[name] = value
+
+
+def test_a_task_sent_from_inside_a_task_goes_through_celery():
+    # Celery links such a message to the task that sent it (parent and root
+    # ids): given a task running in this thread, as a worker runs one
+    from celery._state import _task_stack
+
+    class Running:
+        request = type("Request", (), {"id": "p", "root_id": "r", "called_directly": False})()
+
+    _task_stack.push(Running())
+    try:
+        assert app.current_worker_task is not None
+        # then its messages go through apply_async
+        assert not broker._direct(job_run, "inference.standard")
+    finally:
+        _task_stack.pop()
