@@ -203,6 +203,9 @@ class _GenerationApi(OrgApiView):
             stream=data["stream"],
             callback_url=data.get("callback_url", ""),
             request_count=getattr(request, "request_count", None),
+            # Answered only once the job settled, unless streamed: the hold's
+            # commit need not wait for the disk (job_submit).
+            hold_durable=data["stream"],
         )
 
     def post(self, request):

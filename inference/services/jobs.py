@@ -171,6 +171,7 @@ def job_submit(
     stream: bool = False,
     callback_url: str = "",
     request_count: RequestCount | None = None,
+    hold_durable: bool = True,
 ) -> Job:
     """Hold the worst case, write the Job, enqueue it after commit.
 
@@ -179,6 +180,9 @@ def job_submit(
     `request_count`: the API request's own count against its requests-per-
     minute limits, taken in the same Redis script as the job's tokens and
     slot (accounts.ratelimits).
+    `hold_durable=False`: the caller answers only after the job settles, so
+    the hold's commit need not wait for the disk (metering's hold_place:
+    the settlement's durable commit makes it durable before any answer).
     """
     if organization.standing == Standing.SUSPENDED:
         raise ApplicationError(
@@ -256,7 +260,12 @@ def job_submit(
         # for it alone, not across BEGIN, an INSERT and a COMMIT round trip
         # (every other request of the organization waits for that lock).
         hold_place(
-            organization=organization, amount=hold_amount, key=public_id, new_key=True, row=job
+            organization=organization,
+            amount=hold_amount,
+            key=public_id,
+            new_key=True,
+            row=job,
+            durable=hold_durable,
         )
         from inference.tasks import job_run
 

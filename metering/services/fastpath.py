@@ -111,15 +111,26 @@ RETURNING {_RETURNING}
 _PLACE = _PLACE_CTES + _PLACE_HOLD
 
 
+# For a placement its caller makes durable later (hold_place's `durable`): its
+# own transaction commits without waiting for the WAL flush. set_config's
+# third argument makes the setting the transaction's alone, so the
+# connection's next statement commits as configured again; it is joined into
+# the last SELECT so that PostgreSQL evaluates it (an unreferenced CTE that
+# only reads is never run).
+_NOT_FLUSHED = ", (SELECT set_config('synchronous_commit', 'off', true)) unflushed"
+
+
 @functools.cache
-def _place_with_row(table: str, columns: str, values: str, pk_column: str) -> str:
+def _place_with_row(
+    table: str, columns: str, values: str, pk_column: str, durable: bool = True
+) -> str:
     """The placement, then a row inserted only if the hold was (`RowInsert`'s parts)."""
     return f"""{_PLACE_CTES.rstrip()},
 placed AS ({_PLACE_HOLD}),
 extra AS (
     INSERT INTO {table} ({columns}) SELECT {values} FROM placed RETURNING {pk_column}
 )
-SELECT placed.*, extra.{pk_column} FROM placed, extra
+SELECT placed.*, extra.{pk_column} FROM placed, extra{"" if durable else _NOT_FLUSHED}
 """
 
 
@@ -135,6 +146,7 @@ def hold_place_fast(
     expires_at: datetime,
     savepoint: bool = True,
     row: sql.RowInsert | None = None,
+    durable: bool = True,
 ) -> Hold | None:
     """Place a hold in one statement, or None to say "take the ORM path".
 
@@ -146,6 +158,8 @@ def hold_place_fast(
     `row`: an INSERT written by the same statement, only if the hold is
     placed (a new job's row); the hold returned carries its primary key as
     `row_pk`. Nothing at all is written when the hold is not.
+
+    `durable=False` (with `row`, no transaction open: see hold_place).
     """
     params = {
         "org": organization_id,
@@ -158,13 +172,15 @@ def hold_place_fast(
         "expires_at": expires_at,
     }
     statement = _PLACE
-    if row is not None:
-        statement = _place_with_row(row.table, row.columns, row.values, row.pk_column)
-        params.update(row.params)
     # Alone (no transaction open), the statement is its own transaction,
     # committed as it ends: the wallet's row lock is not held across a round
     # trip. Inside the caller's, a savepoint unless the key is new.
     alone = not connection.in_atomic_block
+    if row is not None:
+        statement = _place_with_row(
+            row.table, row.columns, row.values, row.pk_column, durable or not alone
+        )
+        params.update(row.params)
     try:
         with contextlib.nullcontext() if alone else transaction.atomic(savepoint=savepoint):
             result = sql.execute(statement, params)

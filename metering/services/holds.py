@@ -55,6 +55,7 @@ def hold_place(
     memo: str = "",
     new_key: bool = False,
     row: Model | None = None,
+    durable: bool = True,
 ) -> Hold:
     """Reserve `amount` micro-credits, or raise `insufficient_credits` (402).
 
@@ -68,6 +69,18 @@ def hold_place(
     transaction open the job and its hold commit as it ends, with no BEGIN
     or COMMIT round trip, and the wallet's row lock is held for that one
     statement only. No save signals are sent for it (accounts.sql.insert).
+
+    `durable=False` (with `row`, and no transaction open): the hold commits
+    without waiting for PostgreSQL's WAL flush, a round trip to the disk
+    less. Only for a caller whose next durable commit comes before anything
+    depends on the hold outside the database: the WAL is flushed in order,
+    so that commit makes this one durable too, and a crash before it loses
+    the hold and its row together (the request is never answered, and what
+    an engine already did for it is not billed: nothing delivered it). An
+    inference request answered only after its job settles is such a caller
+    (inference.services.jobs.job_submit); one answered sooner (a stream, an
+    asynchronous job's 202) is not. Elsewhere (the ORM path, inside a
+    transaction) the commit is durable as always.
     """
     require_positive(amount)
     require_key(key)
@@ -90,6 +103,7 @@ def hold_place(
             expires_at=now + ttl,
             savepoint=not new_key,
             row=sql.insert_parts(row) if row is not None else None,
+            durable=durable,
         )
         if hold is not None:
             if row is not None:

@@ -11,6 +11,7 @@ test_job_admission.py: the Celery task of an admitted job is never sent.
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from django.db import connection
 
@@ -18,8 +19,8 @@ from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, rate_limit_consume
 from inference.models import Job, JobStatus
 from metering.models import Hold, HoldStatus
-from metering.selectors import organization_balance
-from metering.services import hold_place
+from metering.selectors import model_price, organization_balance
+from metering.services import fastpath, hold_place
 from tests.factories import OrganizationFactory
 from tests.helpers import StatementLog, credits, ledger_rows, served_model, submit_job
 
@@ -93,3 +94,84 @@ def test_a_row_goes_with_a_new_key_only(grant):
     with pytest.raises(ValueError, match="new_key"):
         hold_place(organization=org, amount=5, key="job-x", row=Job(public_id="job-x"))
     assert ledger_rows() == rows
+
+
+def _job_row(org, public_id: str) -> Job:
+    """A new job's row as job_submit builds it (the model served, its price in force)."""
+    model = served_model(MODEL)
+    return Job(
+        public_id=public_id,
+        organization=org,
+        model=model,
+        model_price=model_price(model_name=MODEL),
+        priority="standard",
+        kind="chat",
+        params={"max_tokens": 16},
+        hold_amount=1000,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("durable", [False, True], ids=["unflushed", "durable"])
+def test_a_hold_placed_without_waiting_for_the_disk_still_commits_with_its_row(
+    settings, grant, durable
+):
+    # given the fast path, no transaction open, and a new job's row
+    settings.METERING_FAST_PATH = True
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = _job_row(org, f"job_{'unflushed' if not durable else 'durable'}")
+
+    # when its hold is placed, with or without waiting for the WAL flush
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        hold_place(
+            organization=org, amount=1000, key=job.public_id, new_key=True, row=job,
+            durable=durable,
+        )  # fmt: skip
+
+    # then both are committed: another connection sees them
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        seen = other.execute(
+            "SELECT h.status, j.status FROM metering_hold h"
+            " JOIN inference_job j ON j.public_id = h.key WHERE h.key = %s",
+            [job.public_id],
+        ).fetchone()
+    assert seen == (HoldStatus.PENDING, JobStatus.QUEUED)
+    # and only the unflushed placement asked PostgreSQL not to wait for the disk
+    [placement] = [s for s in statements.sql if "INSERT INTO metering_hold" in s]
+    assert ("synchronous_commit" in placement) is not durable
+    # for its own transaction only: this connection's next commit waits again
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+
+
+def test_the_unflushed_placement_really_turns_the_flush_off_for_its_transaction():
+    # The setting is joined into the placement's last SELECT so that it is
+    # evaluated (an unreferenced CTE that only reads never runs): inside a
+    # transaction (the test's), the same join leaves the setting off.
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+        cursor.execute(f"SELECT placed.x FROM (SELECT 1 AS x) placed{fastpath._NOT_FLUSHED}")
+        assert cursor.fetchone() == (1,)
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "off"
+
+
+def test_inside_a_transaction_a_hold_is_always_placed_durable(settings, grant):
+    # the caller's transaction may write more; its commit is not this one's to weaken
+    settings.METERING_FAST_PATH = True
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = _job_row(org, "job_in_a_transaction")
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        hold_place(
+            organization=org, amount=1000, key=job.public_id, new_key=True, row=job,
+            durable=False,
+        )  # fmt: skip
+    [placement] = [s for s in statements.sql if "INSERT INTO metering_hold" in s]
+    assert "synchronous_commit" not in placement
+    assert Job.objects.filter(public_id=job.public_id).exists()

@@ -13,6 +13,8 @@ from decimal import Decimal
 import openai
 import pytest
 import requests
+from django.db import connection
+from django.test import Client
 from django.utils import timezone
 from django.utils.http import http_date
 
@@ -24,7 +26,7 @@ from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import organization_balance
 from metering.services import Rates, Usage, credits_for_usage, price_book_publish
 from tests.factories import OrganizationFactory
-from tests.helpers import credits
+from tests.helpers import StatementLog, credits
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -435,3 +437,30 @@ def test_a_quote_is_what_a_request_then_holds(gym):
     assert quote.status_code == 200
     assert quote.json()["max_credits"] == job.hold_amount
     assert 0 < quote.json()["expected_credits"] <= quote.json()["max_credits"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answered once settled", "streamed"])
+def test_only_an_answer_given_after_settlement_places_its_hold_unflushed(gym, stream):
+    # Django's test client, in this thread, so that this connection's
+    # statements are the API's own (the live server's thread has its own).
+    # given a chat completion, answered once its job settled, or streamed
+    # (tokens reach the client before the job settles)
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        response = Client().post(
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+             "stream": stream},
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {gym['raw']}",
+        )  # fmt: skip
+        body = b"".join(response.streaming_content) if stream else response.content
+    assert response.status_code == 200, body
+
+    # then only the hold of the answer given after settlement skipped the
+    # flush (the settlement's durable commit flushes it before the answer)
+    [placement] = [s for s in statements.sql if "INSERT INTO metering_hold" in s]
+    assert ("synchronous_commit" in placement) is not stream
+    # and either way the job settled, its hold captured
+    hold = Hold.objects.get(key=response["X-Gym-Job-Id"])
+    assert hold.status == HoldStatus.CAPTURED and hold.captured > 0
