@@ -96,19 +96,27 @@ def test_a_row_goes_with_a_new_key_only(grant):
     assert ledger_rows() == rows
 
 
-def _job_row(org, public_id: str) -> Job:
-    """A new job's row as job_submit builds it (the model served, its price in force)."""
-    model = served_model(MODEL)
-    return Job(
+def _place_job_hold(grant, public_id: str, *, durable: bool) -> tuple[Job, str]:
+    """A new job's hold placed with its row, as job_submit places it; the placement's SQL."""
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = Job(
         public_id=public_id,
         organization=org,
-        model=model,
+        model=served_model(MODEL),
         model_price=model_price(model_name=MODEL),
         priority="standard",
         kind="chat",
         params={"max_tokens": 16},
         hold_amount=1000,
     )
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        hold_place(
+            organization=org, amount=1000, key=public_id, new_key=True, row=job, durable=durable
+        )
+    [placement] = [s for s in statements.sql if "INSERT INTO metering_hold" in s]
+    return job, placement
 
 
 @pytest.mark.django_db(transaction=True)
@@ -116,19 +124,10 @@ def _job_row(org, public_id: str) -> Job:
 def test_a_hold_placed_without_waiting_for_the_disk_still_commits_with_its_row(
     settings, grant, durable
 ):
-    # given the fast path, no transaction open, and a new job's row
+    # given the fast path and no transaction open: when a new job's hold is
+    # placed with its row, with or without waiting for the WAL flush
     settings.METERING_FAST_PATH = True
-    org = OrganizationFactory()
-    grant(org, credits(10))
-    job = _job_row(org, f"job_{'unflushed' if not durable else 'durable'}")
-
-    # when its hold is placed, with or without waiting for the WAL flush
-    statements = StatementLog()
-    with connection.execute_wrapper(statements):
-        hold_place(
-            organization=org, amount=1000, key=job.public_id, new_key=True, row=job,
-            durable=durable,
-        )  # fmt: skip
+    job, placement = _place_job_hold(grant, f"job_durable_{durable}", durable=durable)
 
     # then both are committed: another connection sees them
     with psycopg.connect(**connection.get_connection_params()) as other:
@@ -139,7 +138,6 @@ def test_a_hold_placed_without_waiting_for_the_disk_still_commits_with_its_row(
         ).fetchone()
     assert seen == (HoldStatus.PENDING, JobStatus.QUEUED)
     # and only the unflushed placement asked PostgreSQL not to wait for the disk
-    [placement] = [s for s in statements.sql if "INSERT INTO metering_hold" in s]
     assert ("synchronous_commit" in placement) is not durable
     # for its own transaction only: this connection's next commit waits again
     with connection.cursor() as cursor:
@@ -163,15 +161,6 @@ def test_the_unflushed_placement_really_turns_the_flush_off_for_its_transaction(
 def test_inside_a_transaction_a_hold_is_always_placed_durable(settings, grant):
     # the caller's transaction may write more; its commit is not this one's to weaken
     settings.METERING_FAST_PATH = True
-    org = OrganizationFactory()
-    grant(org, credits(10))
-    job = _job_row(org, "job_in_a_transaction")
-    statements = StatementLog()
-    with connection.execute_wrapper(statements):
-        hold_place(
-            organization=org, amount=1000, key=job.public_id, new_key=True, row=job,
-            durable=False,
-        )  # fmt: skip
-    [placement] = [s for s in statements.sql if "INSERT INTO metering_hold" in s]
+    job, placement = _place_job_hold(grant, "job_in_a_transaction", durable=False)
     assert "synchronous_commit" not in placement
     assert Job.objects.filter(public_id=job.public_id).exists()
