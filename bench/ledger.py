@@ -235,11 +235,12 @@ def seed(url: str) -> tuple[list[int], int]:
     return spread, hot
 
 
-def settle_once(organization, key: str) -> None:
-    """One settlement, exactly as inference does it."""
+def settle_once(organization, key: str, *, hold_durable: bool = True) -> None:
+    """One settlement, exactly as inference does it (`hold_durable=False`: as an answer
+    given only after its job settles places its hold, not waiting for the WAL flush)."""
     from metering.services import hold_capture, hold_place
 
-    hold_place(organization=organization, amount=HOLD, key=key)
+    hold_place(organization=organization, amount=HOLD, key=key, durable=hold_durable)
     hold_capture(key=key, amount=CAPTURE)
 
 

@@ -118,6 +118,8 @@ _PLACE = _PLACE_CTES + _PLACE_HOLD
 # the last SELECT so that PostgreSQL evaluates it (an unreferenced CTE that
 # only reads is never run).
 _NOT_FLUSHED = ", (SELECT set_config('synchronous_commit', 'off', true)) unflushed"
+_PLACE_NOT_FLUSHED = _PLACE.replace(" FROM t\nRETURNING", f" FROM t{_NOT_FLUSHED}\nRETURNING")
+assert _PLACE_NOT_FLUSHED != _PLACE
 
 
 @functools.cache
@@ -159,7 +161,8 @@ def hold_place_fast(
     placed (a new job's row); the hold returned carries its primary key as
     `row_pk`. Nothing at all is written when the hold is not.
 
-    `durable=False` (with `row`, no transaction open: see hold_place).
+    `durable=False`: with no transaction open, the commit does not wait for
+    the WAL flush (see hold_place).
     """
     params = {
         "org": organization_id,
@@ -171,15 +174,15 @@ def hold_place_fast(
         "now": now,
         "expires_at": expires_at,
     }
-    statement = _PLACE
     # Alone (no transaction open), the statement is its own transaction,
     # committed as it ends: the wallet's row lock is not held across a round
-    # trip. Inside the caller's, a savepoint unless the key is new.
+    # trip. Inside the caller's, a savepoint unless the key is new, and the
+    # caller's commit is durable (it may write more than this hold).
     alone = not connection.in_atomic_block
+    durable = durable or not alone
+    statement = _PLACE if durable else _PLACE_NOT_FLUSHED
     if row is not None:
-        statement = _place_with_row(
-            row.table, row.columns, row.values, row.pk_column, durable or not alone
-        )
+        statement = _place_with_row(row.table, row.columns, row.values, row.pk_column, durable)
         params.update(row.params)
     try:
         with contextlib.nullcontext() if alone else transaction.atomic(savepoint=savepoint):

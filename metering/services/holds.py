@@ -70,7 +70,7 @@ def hold_place(
     or COMMIT round trip, and the wallet's row lock is held for that one
     statement only. No save signals are sent for it (accounts.sql.insert).
 
-    `durable=False` (with `row`, and no transaction open): the hold commits
+    `durable=False` (with no transaction open; on the fast path): the hold commits
     without waiting for PostgreSQL's WAL flush, a round trip to the disk
     less. Only for a caller whose next durable commit comes before anything
     depends on the hold outside the database: the WAL is flushed in order,

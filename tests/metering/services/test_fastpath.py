@@ -306,3 +306,38 @@ def test_outside_a_transaction_each_call_commits_on_its_own(settings):
     assert (captured.status, status, amount_captured) == ("captured", "captured", credits(2))
     assert holds == 2
     assert organization_balance(organization=org).available == credits(10) - credits(3)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hold_placed_without_waiting_for_the_disk_is_committed_all_the_same(settings):
+    import psycopg
+    from django.db import connection
+
+    from tests.helpers import StatementLog
+
+    # given the fast path on and no transaction open
+    settings.METERING_FAST_PATH = True
+    org = OrganizationFactory()
+    credits_grant(
+        organization=org, amount=credits(10), source="subscription", paid=True,
+        resellable=True, key="unflushed-grant", expires_at=timezone.now() + timedelta(days=30),
+    )  # fmt: skip
+
+    # when a hold is placed without waiting for its WAL flush (no row of its own)
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        hold_place(organization=org, amount=credits(3), key="unflushed", durable=False)
+
+    # then its one statement asked for that, for its own transaction only
+    [placement] = [s for s in statements.sql if "INSERT INTO metering_hold" in s]
+    assert "set_config('synchronous_commit', 'off', true)" in placement
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+    # and it is committed: another connection sees the hold and the wallet charged
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        status = other.execute("SELECT status FROM metering_hold WHERE key = 'unflushed'")
+        assert status.fetchone()[0] == "pending"
+    assert organization_balance(organization=org).available == credits(10) - credits(3)
+    # and it settles as any other
+    assert hold_capture(key="unflushed", amount=credits(2)).status == "captured"
