@@ -270,6 +270,16 @@ def test_lots_that_cannot_cover_a_capture_stop_it_and_write_nothing(settings, or
         cursor.execute(corrupt, [credits(9), org.pk])
 
 
+def _org_with_ten_credits():
+    """An organization granted 10 credits (a paid, resellable subscription lot)."""
+    org = OrganizationFactory()
+    credits_grant(
+        organization=org, amount=credits(10), source="subscription", paid=True,
+        resellable=True, key=f"grant-{org.pk}", expires_at=timezone.now() + timedelta(days=30),
+    )  # fmt: skip
+    return org
+
+
 @pytest.mark.django_db(transaction=True)
 def test_outside_a_transaction_each_call_commits_on_its_own(settings):
     import psycopg
@@ -278,11 +288,7 @@ def test_outside_a_transaction_each_call_commits_on_its_own(settings):
     # given the fast path on, and no transaction open (as the benchmark and
     # any caller of the services alone: each statement is its own transaction)
     settings.METERING_FAST_PATH = True
-    org = OrganizationFactory()
-    credits_grant(
-        organization=org, amount=credits(10), source="subscription", paid=True,
-        resellable=True, key="auto-grant", expires_at=timezone.now() + timedelta(days=30),
-    )  # fmt: skip
+    org = _org_with_ten_credits()
     hold_place(organization=org, amount=credits(1), key="auto-first")
     hold_capture(key="auto-first", amount=credits(1))
 
@@ -317,11 +323,7 @@ def test_a_hold_placed_without_waiting_for_the_disk_is_committed_all_the_same(se
 
     # given the fast path on and no transaction open
     settings.METERING_FAST_PATH = True
-    org = OrganizationFactory()
-    credits_grant(
-        organization=org, amount=credits(10), source="subscription", paid=True,
-        resellable=True, key="unflushed-grant", expires_at=timezone.now() + timedelta(days=30),
-    )  # fmt: skip
+    org = _org_with_ten_credits()
 
     # when a hold is placed without waiting for its WAL flush (no row of its own)
     statements = StatementLog()
