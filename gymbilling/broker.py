@@ -23,12 +23,14 @@ import base64
 import functools
 import logging
 import uuid
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import redis
 from celery import signals
 from celery.utils.nodenames import anon_nodename
 from django.conf import settings
+from django.test.signals import setting_changed
 from kombu.entity import maybe_delivery_mode
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
@@ -99,15 +101,33 @@ def publish_declare(queue_name: str) -> list | None:
 # inside a task, which Celery links to its parent), it is `apply_async`.
 
 
-def _direct(task, queue_name: str) -> bool:
-    """Whether `task`'s message to `queue_name` may be written straight onto its list."""
+@dataclass(frozen=True)
+class _Plan:
+    """What a pushed message of one task to one queue takes from the configuration."""
+
+    delivery_mode: int
+    ignore_result: bool
+    retry_policy: dict
+
+
+@functools.cache
+def _push_plan(task_name: str, queue_name: str) -> _Plan | None:
+    """How `task_name`'s messages to `queue_name` are pushed straight onto its list, or
+    None when they must go through apply_async.
+
+    Read once per task and queue: Celery's configuration lookups cost about
+    0.1 ms a message (its layered ConfigurationView). Settings changes
+    (Django's setting_changed, as tests make them) empty the cache; Celery's
+    configuration is not changed at run time.
+    """
     if publish_declare(queue_name) != []:
-        return False  # another broker, or a queue routed through bindings
+        return None  # another broker, or a queue routed through bindings
     from gymbilling.celery import app
 
     conf = app.conf
+    task = app.tasks[task_name]
     options = conf.broker_transport_options or {}
-    return (
+    plain = (
         urlsplit(settings.CELERY_BROKER_URL).scheme.lower() == "redis"
         and not conf.broker_use_ssl
         and not {"global_keyprefix", "priority_steps", "sep", "body_encoding"} & set(options)
@@ -118,8 +138,19 @@ def _direct(task, queue_name: str) -> bool:
         and task.time_limit is None
         and task.soft_time_limit is None
         and getattr(task, "serializer", None) in (None, "json")
-        and app.current_worker_task is None
     )
+    if not plain:
+        return None
+    return _Plan(
+        delivery_mode=maybe_delivery_mode(
+            app.amqp.queues[queue_name].exchange.delivery_mode or conf.task_default_delivery_mode
+        ),
+        ignore_result=bool(task.ignore_result),
+        retry_policy=dict(conf.task_publish_retry_policy),
+    )
+
+
+setting_changed.connect(lambda **_kwargs: _push_plan.cache_clear(), weak=False)
 
 
 @functools.cache
@@ -152,10 +183,15 @@ def task_publish(
     queue's list directly (above); else, and should that push fail, through
     `apply_async` (which retries the publish as the Celery settings say).
     """
-    if _direct(task, queue):
+    from gymbilling.celery import app
+
+    # A message sent from inside a task is linked to it (parent and root ids).
+    plan = _push_plan(task.name, queue) if app.current_worker_task is None else None
+    if plan is not None:
         try:
             _push(
-                task,
+                task.name,
+                plan,
                 args=args,
                 queue=queue,
                 headers=headers or {},
@@ -184,18 +220,18 @@ def task_publish(
     )
 
 
-def _push(task, *, args, queue, headers, argsrepr, kwargsrepr) -> None:
+def _push(name: str, plan: _Plan, *, args, queue, headers, argsrepr, kwargsrepr) -> None:
     from gymbilling.celery import app
 
     task_id = str(uuid.uuid4())
     task_headers, properties, body, _sent_event = app.amqp.as_task_v2(
         task_id,
-        task.name,
+        name,
         args=args,
         kwargs={},
         reply_to=app.thread_oid,
         origin=_origin(),
-        ignore_result=task.ignore_result,
+        ignore_result=plan.ignore_result,
         argsrepr=argsrepr,
         kwargsrepr=kwargsrepr,
     )
@@ -205,22 +241,19 @@ def _push(task, *, args, queue, headers, argsrepr, kwargsrepr) -> None:
     properties.update(
         {k: v for k, v in (("argsrepr", argsrepr), ("kwargsrepr", kwargsrepr)) if v is not None}
     )
-    queue_entity = app.amqp.queues[queue]
-    properties["delivery_mode"] = maybe_delivery_mode(
-        queue_entity.exchange.delivery_mode or app.conf.task_default_delivery_mode
-    )
+    properties["delivery_mode"] = plan.delivery_mode
     # Celery sends a direct queue's task through the anonymous exchange,
     # routed by the queue's name.
     exchange, routing_key = "", queue
     signals.before_task_publish.send(
-        sender=task.name,
+        sender=name,
         body=body,
         exchange=exchange,
         routing_key=routing_key,
         declare=[],
         headers=task_headers,
         properties=properties,
-        retry_policy=dict(app.conf.task_publish_retry_policy),
+        retry_policy=dict(plan.retry_policy),
     )
     # kombu's virtual channel: the body serialized, then base64 (the Redis
     # transport's body encoding); priority 0 (none asked), whose list is the
@@ -240,7 +273,7 @@ def _push(task, *, args, queue, headers, argsrepr, kwargsrepr) -> None:
     }
     _broker_redis().lpush(queue, dumps(envelope))
     signals.after_task_publish.send(
-        sender=task.name,
+        sender=name,
         body=body,
         headers=task_headers,
         exchange=exchange,

@@ -212,7 +212,7 @@ def test_a_push_that_fails_is_published_through_celery(monkeypatch, apply_async_
 def test_what_the_push_does_not_mirror_goes_through_celery(settings, change):
     # given a queue the push serves as things are
     queue_name = "inference.standard"
-    assert broker._direct(job_run, queue_name)
+    assert broker._push_plan(job_run.name, queue_name) is not None
 
     # when the broker or Celery is set up in a way the push does not copy
     saved = {}
@@ -222,26 +222,35 @@ def test_what_the_push_does_not_mirror_goes_through_celery(settings, change):
         else:
             saved[name] = app.conf[name]
             app.conf[name] = value
+    broker._push_plan.cache_clear()  # Celery's configuration changed (settings clear it)
     try:
         # then its messages go through apply_async
-        assert not broker._direct(job_run, queue_name)
+        assert broker._push_plan(job_run.name, queue_name) is None
     finally:
         for name, value in saved.items():
             app.conf[name] = value
+        broker._push_plan.cache_clear()
 
 
-def test_a_task_sent_from_inside_a_task_goes_through_celery():
+def test_a_task_sent_from_inside_a_task_goes_through_celery(apply_async_calls):
     # Celery links such a message to the task that sent it (parent and root
     # ids): given a task running in this thread, as a worker runs one
     from celery._state import _task_stack
 
-    class Running:
-        request = type("Request", (), {"id": "p", "root_id": "r", "called_directly": False})()
-
-    _task_stack.push(Running())
+    running = app.tasks["celery.accumulate"]
+    running.push_request(id="p", root_id="r", called_directly=False)
+    queue_name = f"gym-test-direct-{uuid.uuid4().hex}"
+    _task_stack.push(running)
     try:
         assert app.current_worker_task is not None
-        # then its messages go through apply_async
-        assert not broker._direct(job_run, "inference.standard")
+        # when it sends a task
+        task_publish(job_run, args=[9, "y"], queue=queue_name)
+        [message] = _queued(queue_name)
     finally:
         _task_stack.pop()
+        running.pop_request()
+        _drop_queue(queue_name)
+
+    # then Celery published it, linked to the running task
+    assert len(apply_async_calls) == 1
+    assert (message["headers"]["parent_id"], message["headers"]["root_id"]) == ("p", "r")
