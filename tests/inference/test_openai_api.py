@@ -255,6 +255,22 @@ def test_models_lists_what_the_plan_allows(gym):
     assert "gym-large" not in names
 
 
+@pytest.mark.parametrize("accept", ["text/html", "application/xml", "application/json; indent=4"])
+def test_the_openai_endpoints_answer_json_whatever_accept_says(gym, accept):
+    # as OpenAI's API does (the rest of this API negotiates: 406 for text/html)
+    headers = {"Authorization": f"Bearer {gym['raw']}", "Accept": accept}
+    models = requests.get(f"{gym['url']}/v1/models", headers=headers, timeout=10)
+    refused = requests.post(f"{gym['url']}/v1/chat/completions", json={}, headers=headers,
+                            timeout=10)  # fmt: skip
+    assert models.status_code == 200
+    assert models.headers["Content-Type"] == "application/json"
+    assert MODEL in [m["id"] for m in models.json()["data"]]
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "invalid_request"
+    elsewhere = requests.get(f"{gym['url']}/api/v1/credits/balance", headers=headers, timeout=10)
+    assert elsewhere.status_code == (200 if accept.startswith("application/json") else 406)
+
+
 def test_errors_come_back_in_openai_shape_and_take_nothing(gym):
     # given
     org, client = gym["org"], gym["client"]
