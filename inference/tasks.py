@@ -41,6 +41,7 @@ from inference.services import job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
 from inference.services.jobs import (
     ENGINE_SPEC_HEADER,
+    EngineJob,
     Outcome,
     job_from_engine_spec,
     prompt_tokens_count,
@@ -203,7 +204,7 @@ def _send(pipe) -> None:
         logger.exception("could not send a job's reservations release and final event")
 
 
-def _engine_request(job: Job, prompt: str) -> triton.GenerationRequest:
+def _engine_request(job: Job | EngineJob, prompt: str) -> triton.GenerationRequest:
     params = job.params
     return triton.GenerationRequest(
         prompt=prompt,

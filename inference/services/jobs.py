@@ -327,9 +327,24 @@ def job_engine_spec(job: Job) -> dict:
     }
 
 
-def job_from_engine_spec(job_pk: int, spec: dict) -> Job:
-    """An unsaved Job holding only what `job_engine_spec` carried: for the engine call, not to save."""
-    return Job(
+@dataclass(frozen=True)
+class EngineJob:
+    """The part of a job the engine call reads (a Job has the same attributes)."""
+
+    pk: int
+    public_id: str
+    kind: str
+    stream: bool
+    params: dict
+
+
+def job_from_engine_spec(job_pk: int, spec: dict) -> EngineJob:
+    """What `job_engine_spec` carried, for the engine call before the job's row is read.
+
+    Not a Job instance: building a model instance (about 30 µs here) would sit
+    between the message's arrival and the engine's first byte.
+    """
+    return EngineJob(
         pk=job_pk,
         public_id=spec["id"],
         kind=spec["kind"],
