@@ -480,3 +480,89 @@ def test_only_an_answer_given_after_settlement_places_its_hold_unflushed(gym, st
     # and either way the job settled, its hold captured
     hold = Hold.objects.get(key=response["X-Gym-Job-Id"])
     assert hold.status == HoldStatus.CAPTURED and hold.captured > 0
+
+
+# --- optimistic caches (accounts.cache): what another process changed is seen at once --
+#
+# The live server runs in this process, so its caches are this process's: a
+# change "elsewhere" is the row written without save signals and its cache's
+# token rewritten in Redis, which is all another process's commit leaves here.
+
+
+def _changed_elsewhere(cache_name: str) -> None:
+    from accounts.redis import get_redis
+
+    get_redis().set(f"cachegen:{cache_name}", f"elsewhere-{timezone.now().timestamp()}")
+
+
+def _chat(gym, idempotency_key: str | None = None) -> requests.Response:
+    headers = {"Authorization": f"Bearer {gym['raw']}"}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    return requests.post(
+        f"{gym['url']}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        headers=headers,
+        timeout=30,
+    )
+
+
+def test_a_key_revoked_elsewhere_is_refused_at_once_and_takes_nothing(gym):
+    # given a key this process has authenticated (its cache holds it, live)
+    assert _chat(gym).status_code == 200
+    org = gym["org"]
+    before, jobs = organization_balance(organization=org), Job.objects.count()
+    ApiKeyModel = Job._meta.get_field("api_key").related_model
+
+    # when another process revokes it
+    ApiKeyModel.objects.filter(organization=org).update(revoked_at=timezone.now())
+    _changed_elsewhere("api-keys")
+
+    # then the very next request is refused, with nothing held, charged or queued
+    refused = _chat(gym)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "api_key_revoked"
+    assert organization_balance(organization=org) == before
+    assert Job.objects.count() == jobs
+
+
+def test_a_model_brought_back_elsewhere_is_served_at_once(gym):
+    # given a model this process has cached as retired (and refused)
+    CatalogModel.objects.filter(name=MODEL).update(status=ModelStatus.RETIRED)
+    _changed_elsewhere("inference-catalog")
+    gone = _chat(gym)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+    # when another process makes it active again
+    CatalogModel.objects.filter(name=MODEL).update(status=ModelStatus.ACTIVE)
+    _changed_elsewhere("inference-catalog")
+
+    # then the next request, whose cached row said "retired", is checked
+    # before it is refused, and served
+    served = _chat(gym, idempotency_key="brought-back")
+    assert served.status_code == 200, served.text
+    assert served.json()["usage"]["completion_tokens"] > 0
+    # once: the Idempotency-Key its first attempt claimed was released, and
+    # the answer stored is the one served
+    again = _chat(gym, idempotency_key="brought-back")
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json() == served.json()
+    assert Job.objects.filter(status=JobStatus.SUCCEEDED).count() == 1
+
+
+def test_a_request_whose_cached_rows_are_current_reads_no_cache_token(gym, monkeypatch):
+    # given this process's caches warm
+    from accounts.redis import get_redis
+
+    assert _chat(gym).status_code == 200
+    client = get_redis()
+    reads = []
+    real_mget = client.mget
+    monkeypatch.setattr(client, "mget", lambda *a, **kw: reads.append(a) or real_mget(*a, **kw))
+
+    # when the next request is served
+    assert _chat(gym).status_code == 200
+
+    # then the API asked Redis for no token: the rate-limit script checked them
+    # (the worker, a process of its own, reads them once per job)
+    assert reads == []
