@@ -23,7 +23,6 @@ from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, KeyPrincipal
-from accounts.cache import CacheStale, cache_scope, cache_scope_recheck
 from accounts.errors import ApplicationError, error_body
 from accounts.idempotency import (
     StoredResponse,
@@ -142,58 +141,6 @@ class OrgApiView(APIView):
     # RequestCount) goes to the service. Should the view fail before the
     # count, it is taken on the way out (finalize_response).
     counts_requests_with_work = False
-    # The view runs in an optimistic cache scope (accounts.cache): the cached
-    # rows it reads (its key and organization, the catalog, the prices) are
-    # used under the cache tokens this process last read, which the Redis
-    # script its service runs anyway checks (inference's job_submit: one
-    # round trip less per request). A request whose rows had changed, or one
-    # about to end in an error or a replay before that check whose rows
-    # turn out to have changed, starts again, once, reading every token
-    # first; nothing it did counted (the script counts nothing when a token
-    # differs; an Idempotency-Key it claimed is released).
-    optimistic_caches = False
-    _restart = False  # this attempt's cached rows were stale: dispatch starts again
-    _last_attempt = False  # the attempt that reads every token first
-
-    # --- optimistic caches -------------------------------------------------------
-
-    def dispatch(self, request, *args, **kwargs):
-        if not self.optimistic_caches:
-            return super().dispatch(request, *args, **kwargs)
-        # Read now and kept (Django's HttpRequest.body), so that a second
-        # attempt parses it again.
-        request.body  # noqa: B018
-        self._restart = self._last_attempt = False
-        with cache_scope(optimistic=True):
-            response = super().dispatch(request, *args, **kwargs)
-        if not self._restart:
-            return response
-        self._restart, self._last_attempt = False, True
-        with cache_scope():
-            return super().dispatch(request, *args, **kwargs)
-
-    def _stale_caches(self, exc: Exception | None) -> bool:
-        """Whether this attempt rested on cache values that have changed since (it then
-        starts again: dispatch). Asks Redis only if some were taken on trust and not
-        checked yet; should Redis not answer, the attempt starts again (reading the
-        database, as caches do without Redis) rather than answer on values unchecked."""
-        if not self.optimistic_caches or self._restart or self._last_attempt:
-            return False
-        if isinstance(exc, CacheStale):
-            stale = True
-        else:
-            try:
-                stale = cache_scope_recheck()
-            except Exception:
-                logger.warning("could not check the cache tokens; starting again", exc_info=True)
-                stale = True
-        if stale:
-            self._restart = True
-            record = getattr(self, "_idempotency_record", None)
-            if record is not None:
-                self._idempotency_record = None
-                idempotency_release(record=record)
-        return stale
 
     # --- who and for which organization ----------------------------------------
 
@@ -300,8 +247,6 @@ class OrgApiView(APIView):
         request.ratelimit = count.usage
 
     def handle_exception(self, exc: Exception):
-        if self._stale_caches(exc):
-            return HttpResponse(status=503)  # never sent: dispatch starts the request again
         if isinstance(exc, _Replay):
             response = HttpResponse(
                 exc.stored.body, status=exc.stored.status_code, content_type=exc.stored.content_type
@@ -324,8 +269,6 @@ class OrgApiView(APIView):
             raise
 
     def finalize_response(self, request, response, *args, **kwargs):
-        if self._restart or self._stale_caches(None):
-            return response  # never sent: dispatch starts the request again
         response = super().finalize_response(request, response, *args, **kwargs)
         self._count_request_if_not_yet(request)
         usage = getattr(request, "ratelimit", None)

@@ -11,14 +11,6 @@ the one it read before loading them:
   or, inside a `cache_scope()` (a request, a job), reads every cache's token
   once, in one MGET, at its first read; a token other than the one its
   entries were loaded under empties the cache;
-- or, inside an optimistic `cache_scope(optimistic=True)` (an inference
-  request), takes the token this process last read and checks it later,
-  in a Redis script the unit runs anyway before it does anything that
-  counts (the rate-limit script: `cache_scope_expected`); should it have
-  changed, or should the unit end in an error before that check, every
-  token is read then (`cache_scope_recheck`) and a unit whose values were
-  stale starts again (`CacheStale`, accounts.api_base). One round trip less
-  on every such request;
 - every write to the cached tables (`cache_invalidate_on_save` connects the
   models' save and delete signals) writes a new random token once its
   transaction commits, so the next read in every process reloads.
@@ -44,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import redis
@@ -67,98 +58,26 @@ MAX_AGE_S = 60.0
 
 _all: list[SharedCache] = []
 
-
-class CacheStale(Exception):
-    """Values an optimistic unit of work took from this process's caches had changed:
-    the unit must start again (nothing it did before the check counted)."""
-
-
-@dataclass
-class _Scope:
-    # Tokens read from Redis (or checked there), by Redis key.
-    tokens: dict[str, bytes | None] = field(default_factory=dict)
-    # Tokens taken from this process's caches, not checked yet (optimistic).
-    assumed: dict[str, bytes | None] = field(default_factory=dict)
-    optimistic: bool = False
-
-
-# The current unit of work's tokens (cache_scope).
-_scope_tokens: ContextVar[_Scope | None] = ContextVar("cache_scope_tokens", default=None)
+# The tokens read for the current unit of work (cache_scope), by Redis key.
+_scope_tokens: ContextVar[dict[str, bytes | None] | None] = ContextVar(
+    "cache_scope_tokens", default=None
+)
 
 
 @contextlib.contextmanager
-def cache_scope(*, optimistic: bool = False) -> Iterator[None]:
+def cache_scope() -> Iterator[None]:
     """One unit of work (a request, a job): each cache's token is read from Redis once.
 
     The first read of any cache inside it fetches every cache's token in one
     MGET; later reads use them. A change committed by another process while
     the unit runs is seen by the next unit; one it commits itself is seen by
     its own next read (invalidate() forgets the token read).
-
-    `optimistic`: a cache whose token this process has read before is used
-    under that token without asking Redis; the unit must then have the
-    tokens checked (`cache_scope_expected` and `cache_scope_checked` around
-    a Redis script that compares them, or `cache_scope_recheck`) before
-    anything it does counts, and start again when they had changed.
     """
-    reset = _scope_tokens.set(_Scope(optimistic=optimistic))
+    reset = _scope_tokens.set({})
     try:
         yield
     finally:
         _scope_tokens.reset(reset)
-
-
-def cache_scope_expected() -> dict[str, bytes | None] | None:
-    """The tokens an optimistic scope took on trust, for a Redis script to compare
-    (`GET key == value`, an absent key as ''), or None when nothing needs checking.
-
-    Only those: a cache the unit has not read may hold a token that changed
-    since (this process learns a new token when it next reads that cache),
-    and checking it would start units again for nothing. A cache first read
-    after the check reads every token (one MGET), as in any scope.
-    """
-    scope = _scope_tokens.get()
-    if scope is None or not scope.assumed:
-        return None
-    return dict(scope.assumed)
-
-
-def cache_scope_checked(expected: dict[str, bytes | None]) -> None:
-    """A script found every token as `expected`: the unit goes on, as if it had read them."""
-    scope = _scope_tokens.get()
-    if scope is None:
-        return
-    scope.tokens.update(expected)
-    scope.assumed.clear()
-    scope.optimistic = False
-
-
-def cache_scope_recheck() -> bool:
-    """Read every token now; True when a value the scope took on trust was stale.
-
-    For a unit ending before its check (an error, an early answer): what it
-    answers may rest on stale values. Nothing to read (no token taken on
-    trust) is no round trip.
-    """
-    scope = _scope_tokens.get()
-    if scope is None or not scope.assumed:
-        return False
-    try:
-        _read_all_tokens(scope)
-    except CacheStale:
-        return True
-    return False
-
-
-def _read_all_tokens(scope: _Scope) -> None:
-    """Every cache's token, in one MGET, into the scope; CacheStale when one it took on
-    trust had changed."""
-    keys = [cache._token_key for cache in _all]
-    scope.tokens.update(zip(keys, get_redis().mget(keys), strict=True))
-    assumed, scope.assumed = scope.assumed, {}
-    scope.optimistic = False
-    if any(scope.tokens.get(key) != token for key, token in assumed.items()):
-        raise CacheStale
 
 
 class CacheScopeMiddleware:
@@ -181,7 +100,6 @@ class SharedCache:
         self._token_key = f"cachegen:{name}"
         self._lock = threading.Lock()
         self._token: bytes | None = None
-        self._token_read = False  # _token was read from Redis (None is a token too)
         self._entries: dict[Hashable, object] = {}
         self._emptied_at = time.monotonic()
         _all.append(self)
@@ -201,11 +119,9 @@ class SharedCache:
             return load()
         with self._lock:
             now = time.monotonic()
-            stale = token != self._token or not self._token_read
-            if stale or now - self._emptied_at > self.max_age_s:
+            if token != self._token or now - self._emptied_at > self.max_age_s:
                 self._entries.clear()
                 self._token = token
-                self._token_read = True
                 self._emptied_at = now
             elif key in self._entries:
                 return self._entries[key]  # type: ignore[return-value]
@@ -223,19 +139,12 @@ class SharedCache:
 
     def _current_token(self) -> bytes | None:
         scope = _scope_tokens.get()
-        key = self._token_key
         if scope is None:
-            return get_redis().get(key)
-        if key in scope.tokens:
-            return scope.tokens[key]
-        if key in scope.assumed:
-            return scope.assumed[key]
-        if scope.optimistic and self._token_read:
-            with self._lock:
-                scope.assumed[key] = self._token
-            return scope.assumed[key]
-        _read_all_tokens(scope)  # CacheStale if a token taken on trust had changed
-        return scope.tokens[key]
+            return get_redis().get(self._token_key)
+        if self._token_key not in scope:
+            keys = [cache._token_key for cache in _all]
+            scope.update(zip(keys, get_redis().mget(keys), strict=True))
+        return scope[self._token_key]
 
     def invalidate(self) -> None:
         """Every process drops its entries, once the current transaction (if any) commits."""
@@ -246,26 +155,17 @@ class SharedCache:
     def _new_token(self) -> None:
         with self._lock:
             self._entries.clear()
-            # Until the new token is known here, an optimistic scope must read
-            # it rather than trust the one it replaces.
-            self._token_read = False
         scope = _scope_tokens.get()
-        if scope is not None:  # this unit's next read asks again
-            scope.tokens.pop(self._token_key, None)
-            scope.assumed.pop(self._token_key, None)
-        token = secrets.token_hex(16).encode()
+        if scope is not None:
+            scope.pop(self._token_key, None)  # this unit's next read asks again
         try:
-            get_redis().set(self._token_key, token)
+            get_redis().set(self._token_key, secrets.token_hex(16))
         except redis.RedisError:
             # The change is committed; other processes cannot be told. They
             # read Redis before every use, so with Redis down they read the
             # database anyway, and a Redis that comes back empty (no token)
             # differs from the token they loaded under.
             logger.exception("cache %s: could not publish a new token", self.name)
-            return
-        with self._lock:
-            if not self._entries:  # nothing was loaded under an older token meanwhile
-                self._token, self._token_read = token, True
 
 
 def cache_invalidate_on_save(cache: SharedCache, *models) -> None:

@@ -14,42 +14,34 @@ import functools
 import time
 from dataclasses import dataclass
 
-from accounts.cache import CacheStale
 from accounts.errors import ApplicationError
 from accounts.redis import get_redis
 
 WINDOW_SECONDS = 60
 
 # Checks every window, and takes a concurrency slot when asked, all or nothing.
-# KEYS: m cache-token keys (accounts.cache), one window key per limit, then
-# (when ARGV[2] is a job id) the organization's set of running jobs. ARGV:
-# window, job id or '', now, slots, the job's lease expiry, the set's TTL, m,
-# the m tokens expected ('' for none), then a limit and a cost per window key.
+# KEYS: one window key per limit, then (when ARGV[2] is a job id) the
+# organization's set of running jobs. ARGV: window, job id or '', now, slots,
+# the job's lease expiry, the set's TTL, then a limit and a cost per window key.
 # Returns {0, remaining per window..., ttl per window...} when counted,
-# {i, ttl, used} when window i is full, {-1} when every slot is taken, {-2}
-# when a cache token is not the one expected (nothing counted).
+# {i, ttl, used} when window i is full, {-1} when every slot is taken.
 _TAKE = """
 local window = tonumber(ARGV[1])
 local job = ARGV[2]
-local m = tonumber(ARGV[7])
-for i = 1, m do
-  if (redis.call('GET', KEYS[i]) or '') ~= ARGV[7 + i] then return {-2} end
-end
-local n = #KEYS - m
+local n = #KEYS
 if job ~= '' then n = n - 1 end
 for i = 1, n do
-  local key = KEYS[m + i]
-  local limit = tonumber(ARGV[6 + m + 2 * i])
-  local cost = tonumber(ARGV[7 + m + 2 * i])
-  local used = tonumber(redis.call('GET', key) or '0')
+  local limit = tonumber(ARGV[5 + 2 * i])
+  local cost = tonumber(ARGV[6 + 2 * i])
+  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
   if used + cost > limit then
-    local ttl = redis.call('TTL', key)
+    local ttl = redis.call('TTL', KEYS[i])
     if ttl < 0 then ttl = window end
     return {i, ttl, used}
   end
 end
 if job ~= '' then
-  local running = KEYS[m + n + 1]
+  local running = KEYS[n + 1]
   redis.call('ZREMRANGEBYSCORE', running, '-inf', ARGV[3])
   if not redis.call('ZSCORE', running, job) then
     if redis.call('ZCARD', running) >= tonumber(ARGV[4]) then return {-1} end
@@ -60,12 +52,11 @@ end
 local result = {0}
 local ttls = {}
 for i = 1, n do
-  local key = KEYS[m + i]
-  local cost = tonumber(ARGV[7 + m + 2 * i])
-  local used = redis.call('INCRBY', key, cost)
-  if used == cost then redis.call('EXPIRE', key, window) end
-  table.insert(result, tonumber(ARGV[6 + m + 2 * i]) - used)
-  local ttl = redis.call('TTL', key)
+  local cost = tonumber(ARGV[6 + 2 * i])
+  local used = redis.call('INCRBY', KEYS[i], cost)
+  if used == cost then redis.call('EXPIRE', KEYS[i], window) end
+  table.insert(result, tonumber(ARGV[5 + 2 * i]) - used)
+  local ttl = redis.call('TTL', KEYS[i])
   if ttl < 0 then ttl = window end
   table.insert(ttls, ttl)
 end
@@ -138,7 +129,6 @@ def rate_limit_consume(
     cost: int = 1,
     slot: Slot | None = None,
     request: RequestCount | None = None,
-    caches: dict[str, bytes | None] | None = None,
 ) -> Usage:
     """Count `cost` against every limit, or raise `rate_limited` (429) and count nothing.
 
@@ -147,28 +137,18 @@ def rate_limit_consume(
     slot is idempotent per job id. With `request`, also count one request
     against its limits, first and in the same script (its usage is set on
     it). The reported usage is the tightest scope's.
-
-    With `caches` (accounts.cache.cache_scope_expected: token keys and the
-    values expected), the script first checks them and counts nothing when
-    one differs: CacheStale. The caller's optimistic scope is then checked
-    (cache_scope_checked) only when this returns.
     """
     now = time.time()
     counted = [("requests", lim, 1) for lim in request.limits] if request is not None else []
     counted += [(kind, lim, cost) for lim in limits]
-    expected = caches or {}
-    keys = list(expected)
-    keys += [_window_key(k, lim.scope, now) for k, lim, _cost in counted]
-    args = [WINDOW_SECONDS, "", 0, 0, 0, 0, len(expected)]
-    args += [b"" if token is None else token for token in expected.values()]
+    keys = [_window_key(k, lim.scope, now) for k, lim, _cost in counted]
+    args = [WINDOW_SECONDS, "", 0, 0, 0, 0]
     if slot is not None:
         keys.append(f"conc:{slot.scope}")
-        args[1:6] = [slot.job_id, now, slot.limit, now + slot.lease, slot.lease + 60]
+        args[1:] = [slot.job_id, now, slot.limit, now + slot.lease, slot.lease + 60]
     for _kind, lim, units in counted:
         args += [lim.limit, units]
     result = _script(_TAKE)(keys=keys, args=args)
-    if result[0] == -2:
-        raise CacheStale
     if result[0] == -1:
         raise ApplicationError(
             code="too_many_concurrent_jobs",

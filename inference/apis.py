@@ -194,8 +194,6 @@ class _GenerationApi(OrgApiView):
 
     required_scope = Scope.INFERENCE
     content_negotiation_class = _JsonWhateverAccepted
-    # Its cached rows are checked in job_submit's rate-limit script (OrgApiView).
-    optimistic_caches = True
     kind = "chat"
     # The request is counted with the job's tokens and slot (job_submit).
     counts_requests_with_work = True

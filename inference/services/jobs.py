@@ -27,7 +27,6 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts import sql
-from accounts.cache import cache_scope_checked, cache_scope_expected
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Organization, Standing
 from accounts.ratelimits import (
@@ -218,10 +217,7 @@ def job_submit(
     # Redis reservations first: cheap to refuse, and undone if the hold fails.
     reserved_tokens = bound + max_tokens
     # The tokens and a concurrency slot (and the request's own count) in one
-    # script: all or nothing. In it, first, the check of the cache tokens an
-    # optimistic request (accounts.cache) took on trust: everything above read
-    # cached rows; a stale one counts nothing and the request starts again.
-    expected = cache_scope_expected()
+    # script: all or nothing.
     rate_limit_consume(
         kind="tokens",
         limits=_limits(organization),
@@ -230,10 +226,7 @@ def job_submit(
             scope=f"org:{organization.pk}", limit=organization.concurrent_jobs, job_id=public_id
         ),
         request=request_count,
-        caches=expected,
     )
-    if expected:
-        cache_scope_checked(expected)
     job = Job(
         public_id=public_id,
         organization=organization,
