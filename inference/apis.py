@@ -194,6 +194,9 @@ class _GenerationApi(OrgApiView):
 
     required_scope = Scope.INFERENCE
     content_negotiation_class = _JsonWhateverAccepted
+    # The answer waits for the job's settlement (or streams): job_submit's
+    # hold_durable. Not so an asynchronous job's 202.
+    answers_after_settlement = True
     kind = "chat"
     # The request is counted with the job's tokens and slot (job_submit).
     counts_requests_with_work = True
@@ -220,7 +223,7 @@ class _GenerationApi(OrgApiView):
             request_count=getattr(request, "request_count", None),
             # Answered only once the job settled, unless streamed: the hold's
             # commit need not wait for the disk (job_submit).
-            hold_durable=data["stream"],
+            hold_durable=data["stream"] or not self.answers_after_settlement,
         )
 
     def post(self, request):
@@ -523,6 +526,10 @@ class JobListCreateApi(_GenerationApi):
     """Queue a job and answer at once; poll GET /api/v1/jobs/{id} for the result."""
 
     kind = "async"
+    # Its 202 names the job right after the hold commits: that commit waits
+    # for the disk. And, as the rest of /api/v1/, it negotiates Accept.
+    answers_after_settlement = False
+    content_negotiation_class = DefaultContentNegotiation
 
     class Input(_GenerationInput):
         class Meta:

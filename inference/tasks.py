@@ -85,13 +85,13 @@ def job_run(self, job_pk: int, prompt: str) -> str:
 class _Start:
     """The job's row, marked running: at once, or while the engine works (`after_send`)."""
 
-    def __init__(self, job_pk: int):
-        self.job_pk = job_pk
+    def __init__(self, job_pk: int, public_id: str | None):
+        self.job_pk, self.public_id = job_pk, public_id
         self.job: Job | None = None
         self.ended = False  # the job had ended before it could be started
 
     def __call__(self) -> bool:
-        job = job_start(job_pk=self.job_pk)
+        job = job_start(job_pk=self.job_pk, public_id=self.public_id)
         if job is None:  # cancelled while queued, or settled by a redelivery
             self.ended = True
             return False
@@ -104,11 +104,16 @@ class _Start:
         return True
 
     def status(self) -> str:
-        return Job.objects.filter(pk=self.job_pk).values_list("status", flat=True).first() or ""
+        jobs = Job.objects.filter(pk=self.job_pk)
+        if self.public_id is not None:
+            jobs = jobs.filter(public_id=self.public_id)
+        return jobs.values_list("status", flat=True).first() or ""
 
 
 def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
-    start = _Start(job_pk)
+    # The message's job by its primary key and, when the message says it, its
+    # public id (job_start: a key may name another job after a crash).
+    start = _Start(job_pk, spec["id"] if spec is not None else None)
     engine_first = spec is not None and 0 <= time.time() - spec["sent_at"] < ENGINE_FIRST_WITHIN_S
     if engine_first:
         job = job_from_engine_spec(job_pk, spec)

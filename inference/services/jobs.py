@@ -361,6 +361,7 @@ UPDATE inference_job
    SET status = %(running)s,
        started_at = CASE WHEN status = %(queued)s THEN %(now)s ELSE started_at END
  WHERE id = %(pk)s AND status IN (%(queued)s, %(running)s)
+   AND (%(public_id)s IS NULL OR public_id = %(public_id)s)
 RETURNING *
 """
 
@@ -375,14 +376,24 @@ UPDATE inference_job
        started_at = CASE WHEN status = %(queued)s::varchar THEN %(now)s::timestamptz
                          ELSE started_at END
  WHERE id = %(pk)s::bigint AND status IN (%(queued)s::varchar, %(running)s::varchar)
+   AND (%(public_id)s::text IS NULL OR public_id = %(public_id)s::text)
 RETURNING {sql.columns(Job)}
 """
 
 
-def job_start(*, job_pk: int) -> Job | None:
-    """Mark a queued (or redelivered running) job running and return it; None if it ended."""
+def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
+    """Mark a queued (or redelivered running) job running and return it; None if it ended.
+
+    `public_id` (the task message's engine spec carries it): only the job of
+    that id. A primary key alone may not name the job the message was sent
+    for: a hold placed without waiting for the WAL flush (hold_place's
+    durable=False) is lost with its job's row in a database crash, and the
+    row's primary key with it, which the sequence may then give to another
+    organization's job while the lost job's message is still queued.
+    """
     params = {
         "pk": job_pk,
+        "public_id": public_id,
         "now": timezone.now(),
         "queued": JobStatus.QUEUED,
         "running": JobStatus.RUNNING,

@@ -76,7 +76,10 @@ def hold_place(
     depends on the hold outside the database: the WAL is flushed in order,
     so that commit makes this one durable too, and a crash before it loses
     the hold and its row together (the request is never answered, and what
-    an engine already did for it is not billed: nothing delivered it). An
+    an engine already did for it is not billed: nothing delivered it), and
+    the row's primary key may then be given to another row: whatever names
+    the row outside the database before that commit must name it by more
+    than its key (inference's task message has the job's public id). An
     inference request answered only after its job settles is such a caller
     (inference.services.jobs.job_submit); one answered sooner (a stream, an
     asynchronous job's 202) is not. Elsewhere (the ORM path, inside a

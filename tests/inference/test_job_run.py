@@ -173,6 +173,26 @@ def test_a_job_runs_and_settles_once_whatever_its_message_carried(queued_job, me
     assert Hold.objects.get(key=job.public_id).status == HoldStatus.CAPTURED
 
 
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_message_whose_job_was_lost_runs_nothing_on_the_job_that_took_its_key(
+    queued_job, message
+):
+    # given a job whose primary key a lost job's message still names (that
+    # job's hold and row lost in a database crash before their flush, the key
+    # given again: job_start), the message carrying the lost job's public id
+    lost = _spec(queued_job, age_s=0 if message == "fresh" else 60)
+    lost["id"] = "job_lost_in_a_crash"
+
+    # when it is run
+    _run(queued_job, lost)
+
+    # then the job of that key is neither started nor settled nor billed
+    job = Job.objects.get(pk=queued_job.pk)
+    assert (job.status, job.started_at, job.credits_charged) == (JobStatus.QUEUED, None, 0)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.PENDING
+    assert not UsageRecord.objects.filter(job_id=job.public_id).exists()
+
+
 def test_a_late_message_goes_to_the_pool_the_catalog_names_now(queued_job, dead_grpc_url):
     # given: a message that waited, naming a pool since taken away
     spec = _spec(queued_job, age_s=60) | {"pools": [[dead_grpc_url]]}

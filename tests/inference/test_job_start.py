@@ -75,3 +75,17 @@ def test_an_ended_job_is_not_started(job):
     assert job_start(job_pk=job.pk) is None
     assert Job.objects.get(pk=job.pk).status == JobStatus.CANCELED
     assert _synchronous_commit() == "on"
+
+
+def test_a_message_for_another_job_under_the_same_key_starts_nothing(job):
+    # given a job whose primary key a lost job once had (a hold placed without
+    # waiting for the disk, lost in a database crash, its key given again),
+    # and that lost job's message, which names it by its public id too
+    # when the message is run
+    started = job_start(job_pk=job.pk, public_id="job_lost_in_a_crash")
+
+    # then nothing is started, and the job of that key is left as it was
+    assert started is None
+    assert Job.objects.get(pk=job.pk).status == JobStatus.QUEUED
+    # while its own message starts it
+    assert job_start(job_pk=job.pk, public_id=job.public_id).status == JobStatus.RUNNING

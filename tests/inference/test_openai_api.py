@@ -6,6 +6,7 @@ database, a real Celery worker process, the real CPU Triton server, Redis.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta
 from datetime import time as dt_time
 from decimal import Decimal
@@ -480,6 +481,27 @@ def test_only_an_answer_given_after_settlement_places_its_hold_unflushed(gym, st
     # and either way the job settled, its hold captured
     hold = Hold.objects.get(key=response["X-Gym-Job-Id"])
     assert hold.status == HoldStatus.CAPTURED and hold.captured > 0
+
+
+def test_an_asynchronous_job_answered_before_it_settles_places_its_hold_durably(gym):
+    # its 202 names the job right after the hold commits: that commit waits for the disk
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        response = Client().post(
+            "/api/v1/jobs",
+            {"model": MODEL, "prompt": "Plan a week.", "max_tokens": 4},
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {gym['raw']}",
+        )
+    assert response.status_code == 202, response.content
+    [placement] = [s for s in statements.sql if "INSERT INTO metering_hold" in s]
+    assert "synchronous_commit" not in placement
+    # (and it runs to its end before the test's tables are emptied under the worker)
+    deadline = time.monotonic() + 30
+    while Job.objects.filter(status__in=[JobStatus.QUEUED, JobStatus.RUNNING]).exists():
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.05)
+    assert Job.objects.get(public_id=response.json()["id"]).status == JobStatus.SUCCEEDED
 
 
 # --- the per-process caches (accounts.cache): what another process changed is seen at once
