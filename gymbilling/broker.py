@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -127,16 +128,23 @@ def _push_plan(task_name: str, queue_name: str) -> _Plan | None:
     conf = app.conf
     task = app.tasks[task_name]
     options = conf.broker_transport_options or {}
+    # Options the task itself sets for its messages, which apply_async applies.
+    # (Its serializer and ignore_result are read below.)
+    task_options = {
+        k: v
+        for k, v in task._get_exec_options().items()
+        if k not in ("ignore_result", "serializer")
+    }
     plain = (
-        urlsplit(settings.CELERY_BROKER_URL).scheme.lower() == "redis"
+        urlsplit(_broker_url()).scheme.lower() == "redis"
         and not conf.broker_use_ssl
+        and not conf.task_always_eager
+        and not any(value is not None for value in task_options.values())
         and not {"global_keyprefix", "priority_steps", "sep", "body_encoding"} & set(options)
         and conf.task_protocol == 2
         and conf.task_serializer == "json"
         and not conf.task_compression
         and not conf.task_send_sent_event
-        and task.time_limit is None
-        and task.soft_time_limit is None
         and getattr(task, "serializer", None) in (None, "json")
     )
     if not plain:
@@ -150,22 +158,39 @@ def _push_plan(task_name: str, queue_name: str) -> _Plan | None:
     )
 
 
-setting_changed.connect(lambda **_kwargs: _push_plan.cache_clear(), weak=False)
+def _settings_changed(**_kwargs) -> None:
+    _push_plan.cache_clear()
+    _broker_redis.cache_clear()
+
+
+setting_changed.connect(_settings_changed, weak=False)
+
+
+def _broker_url() -> str:
+    """Where Celery publishes: its broker_write_url if set, else the broker URL."""
+    from gymbilling.celery import app
+
+    return app.conf.broker_write_url or settings.CELERY_BROKER_URL
 
 
 @functools.cache
 def _broker_redis() -> redis.Redis:
-    # The broker's Redis (CELERY_BROKER_URL), which may be another database or
-    # server than REDIS_URL's; timeouts as the rate limiter's (accounts.redis).
-    return redis.Redis.from_url(
-        settings.CELERY_BROKER_URL, socket_timeout=1.0, socket_connect_timeout=1.0
-    )
+    # The broker's Redis (_broker_url), which may be another database or
+    # server than REDIS_URL's. A connection that cannot be made fails within
+    # a second (then Celery's publish is tried: nothing was sent); an answer
+    # is waited for up to 10 s, and one that does not come is an error, not
+    # a reason to publish again (the push may have been applied).
+    return redis.Redis.from_url(_broker_url(), socket_timeout=10.0, socket_connect_timeout=1.0)
 
 
 @functools.cache
 def _origin() -> str:
-    # Celery asks the host's name for every message (anon_nodename).
+    # Celery asks the host's name for every message (anon_nodename); it holds
+    # the process id, so a forked child asks again.
     return anon_nodename()
+
+
+os.register_at_fork(after_in_child=_origin.cache_clear)
 
 
 def task_publish(
@@ -199,10 +224,13 @@ def task_publish(
                 kwargsrepr=kwargsrepr,
             )
             return
-        except redis.RedisError:
-            # Celery's own publish then retries as its policy says; like it,
-            # this may send twice when the push reached Redis and its answer
-            # did not (a job's second run settles nothing twice: inference.tasks).
+        except redis.ConnectionError:
+            # No connection to the broker (refused, or lost): Celery's own
+            # publish then retries as its policy says. A push lost with its
+            # connection after it was sent may then be sent twice, as with
+            # Celery's own retries (a job's second run settles nothing twice:
+            # inference.tasks). A timeout is not retried: the push may have
+            # been applied; the error goes to the caller.
             logger.warning(
                 "could not push a %s message to %s; publishing through Celery",
                 task.name,
