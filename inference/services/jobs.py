@@ -267,37 +267,65 @@ def job_submit(
             row=job,
             durable=hold_durable,
         )
-        from inference.tasks import job_run
-
-        # After commit: at once when no transaction is open, else when the
-        # caller's commits. The prompt travels in the task message, not the
-        # database, unless the organization opted in to storing it. Not in the
-        # message's description either: Celery would put a repr of the
-        # arguments in its headers (argsrepr), which monitoring and task
-        # events show. With it, what the engine call needs (job_engine_spec),
-        # so a worker can send it to the engine before it marks the job
-        # running: in a header of its own, not an argument, so that a worker
-        # of a release whose task takes two arguments still runs the message
-        # (it ignores the header and starts the job first): the API and the
-        # workers may be deployed in either order.
-        queue = f"inference.{priority}"
-        # Sent as apply_async would send it, for less CPU (gymbilling.broker).
-        transaction.on_commit(
-            lambda: task_publish(
-                job_run,
-                args=[job.pk, prompt],
-                queue=queue,
-                # The worker reads the message's age from `sent_at` (tasks.py).
-                headers={ENGINE_SPEC_HEADER: spec | {"sent_at": time.time()}},
-                argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
-                kwargsrepr="{}",
-            )
-        )
     except Exception:
         concurrency_release(scope=f"org:{organization.pk}", job_id=public_id)
         rate_limit_refund(kind="tokens", limits=_limits(organization), amount=reserved_tokens)
         raise
+    # After commit: at once when no transaction is open, else when the
+    # caller's commits.
+    transaction.on_commit(lambda: _job_publish(job, prompt, spec))
     return job
+
+
+def _job_publish(job: Job, prompt: str, spec: dict) -> None:
+    """Send the job's task message; a job whose message could not be sent is cancelled.
+
+    The prompt travels in the task message, not the database, unless the
+    organization opted in to storing it. Not in the message's description
+    either: Celery would put a repr of the arguments in its headers
+    (argsrepr), which monitoring and task events show. With it, what the
+    engine call needs (job_engine_spec), so a worker can send it to the
+    engine before it marks the job running: in a header of its own, not an
+    argument, so that a worker of a release whose task takes two arguments
+    still runs the message (it ignores the header and starts the job first):
+    the API and the workers may be deployed in either order. Sent as
+    apply_async would send it, for less CPU (gymbilling.broker).
+
+    Should the broker not take it, the job is settled as cancelled while
+    queued (its hold and its reservations released, nothing billed) instead
+    of waiting, queued and holding, for its hold to expire, and the caller
+    gets engine_unavailable (503). A message that reached the broker all the
+    same (its answer lost) then finds the job ended and is never run.
+    """
+    from inference.tasks import job_run
+
+    try:
+        task_publish(
+            job_run,
+            args=[job.pk, prompt],
+            queue=f"inference.{job.priority}",
+            # The worker reads the message's age from `sent_at` (tasks.py).
+            headers={ENGINE_SPEC_HEADER: spec | {"sent_at": time.time()}},
+            argsrepr=f"({job.pk}, <prompt: {len(prompt)} characters>)",
+            kwargsrepr="{}",
+        )
+    except Exception:
+        logger.exception("job %s: its task message could not be sent; cancelling it", job)
+        try:
+            job_settle(
+                job=job,
+                outcome=Outcome(finish_reason="cancelled"),
+                status=JobStatus.CANCELED,
+                only_from=(JobStatus.QUEUED,),
+            )
+        except Exception:
+            # The hold then expires, and the job with it (job expiry).
+            logger.exception("job %s: could not cancel the job whose message was not sent", job)
+        raise ApplicationError(
+            code="engine_unavailable",
+            message="The job could not be queued; nothing was charged. Retry shortly.",
+            status=503,
+        ) from None
 
 
 # The task message header that carries job_engine_spec.

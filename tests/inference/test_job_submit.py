@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+import redis
 from django.db import connection
 
 from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, rate_limit_consume
+from accounts.redis import get_redis
 from inference.models import Job, JobStatus
+from inference.services import jobs
 from metering.models import Hold, HoldStatus
 from metering.selectors import model_price, organization_balance
 from metering.services import fastpath, hold_place
@@ -164,3 +167,35 @@ def test_inside_a_transaction_a_hold_is_always_placed_durable(settings, grant):
     job, placement = _place_job_hold(grant, "job_in_a_transaction", durable=False)
     assert "synchronous_commit" not in placement
     assert Job.objects.filter(public_id=job.public_id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_whose_message_the_broker_refuses_is_cancelled_and_takes_nothing(grant, monkeypatch):
+    # given an organization with credits, and a broker that refuses the job's
+    # message. Stood in at the broker client's one entry point (task_publish):
+    # a real outage would stop the test session's worker, which other tests share.
+    org = OrganizationFactory(tokens_per_minute=100_000)
+    served_model(MODEL)
+    grant(org, credits(10))
+    tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
+    tokens_left = rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining
+    before = organization_balance(organization=org)
+
+    def refused(*_args, **_kwargs):
+        raise redis.ConnectionError("the broker is down")
+
+    monkeypatch.setattr(jobs, "task_publish", refused)
+
+    # when a job is submitted
+    with pytest.raises(ApplicationError) as failed:
+        submit_job(org, MODEL)
+
+    # then the client is told to retry, and the job, written with its hold,
+    # is cancelled: nothing charged or held, its tokens and its slot given back once
+    assert (failed.value.code, failed.value.status) == ("engine_unavailable", 503)
+    [job] = Job.objects.filter(organization=org)
+    assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED
+    assert organization_balance(organization=org) == before
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == tokens_left
+    assert get_redis().zscore(f"conc:org:{org.pk}", job.public_id) is None
