@@ -252,7 +252,7 @@ def job_submit(
         # What the engine call needs, read now (the server pool from the
         # catalog's cache): nothing that can fail may run between the hold's
         # commit and the task's dispatch, or the job would stay queued with
-        # its hold.
+        # its hold (a dispatch that fails cancels it: _job_publish).
         spec = job_engine_spec(job)
         # The Job row is written by the hold's own statement, and only if the
         # hold is placed (hold_place's `row`): with no transaction open that
@@ -312,12 +312,7 @@ def _job_publish(job: Job, prompt: str, spec: dict) -> None:
     except Exception:
         logger.exception("job %s: its task message could not be sent; cancelling it", job)
         try:
-            job_settle(
-                job=job,
-                outcome=Outcome(finish_reason="cancelled"),
-                status=JobStatus.CANCELED,
-                only_from=(JobStatus.QUEUED,),
-            )
+            _cancel_if_queued(job)
         except Exception:
             # The hold then expires, and the job with it (job expiry).
             logger.exception("job %s: could not cancel the job whose message was not sent", job)
@@ -733,12 +728,16 @@ def job_cancel(*, job: Job) -> Job:
 
     relay_cancel(job.public_id)
     if job.status == JobStatus.QUEUED:
-        # Only if it is still queued under the lock: a worker that started it
-        # meanwhile owns the settlement, and bills what the engine took.
-        job = job_settle(
-            job=job,
-            outcome=Outcome(finish_reason="cancelled"),
-            status=JobStatus.CANCELED,
-            only_from=(JobStatus.QUEUED,),
-        )
+        job = _cancel_if_queued(job)
     return job
+
+
+def _cancel_if_queued(job: Job) -> Job:
+    """Settle the job as cancelled, nothing billed, if it is still queued under the lock: a
+    worker that started it meanwhile owns the settlement, and bills what the engine took."""
+    return job_settle(
+        job=job,
+        outcome=Outcome(finish_reason="cancelled"),
+        status=JobStatus.CANCELED,
+        only_from=(JobStatus.QUEUED,),
+    )
