@@ -67,7 +67,15 @@ def serve(index: int) -> None:
     try:
         worker.start()
         server.start()
-        print(json.dumps({"port": server.port, "key": seeded.api_key}), flush=True)
+        # The engine's address and the prompt the chat template renders: a
+        # client may call the same engine directly (bench/timeline.py).
+        build = {
+            "port": server.port,
+            "key": seeded.api_key,
+            "grpc": triton.grpc_url,
+            "prompt": seeded.prompt,
+        }
+        print(json.dumps(build), flush=True)
         stop.wait()
     finally:
         from inference.triton import close_pools
