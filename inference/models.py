@@ -103,9 +103,11 @@ class CatalogModel(models.Model):
         default="{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n",
         help_text="A Django template over `messages` (role, content).",
     )
-    # The engine's own tokenizer, readable by the workers. The engine's counts
-    # are what is billed; this counts a prompt only when the engine took it and
-    # never answered (a request cancelled before its first token).
+    # The engine's own tokenizer, readable by the API processes and the
+    # workers. The engine's counts are what is billed; this counts a prompt
+    # when the engine took it and never answered (a request cancelled before
+    # its first token), and one whose bytes alone do not show that it fits
+    # context_limit (inference.services.jobs._within_context).
     tokenizer_file = models.CharField(
         max_length=500,
         blank=True,

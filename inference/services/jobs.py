@@ -93,8 +93,9 @@ def _tokenizer(path: str):
 def prompt_tokens_count(*, model: CatalogModel, prompt: str) -> int | None:
     """The prompt's tokens by the model's own tokenizer; None when the catalog has none.
 
-    Only for a prompt the engine took but never counted (its counts ride on
-    its responses). Encoded without special tokens, as the development engine
+    For a prompt the engine took but never counted (its counts ride on its
+    responses), and for one too long for its bytes to show that it fits the
+    model's context (_within_context). Encoded without special tokens, as the development engine
     and TensorRT-LLM's preprocessing (by default) do: a deployment that adds a
     BOS token is under-counted by it, never over-counted. A tokenizer file
     that cannot be read counts as none (logged): the job must still settle.
@@ -123,10 +124,12 @@ def job_quote(
     expected_output_tokens: int | None = None,
 ) -> dict:
     """The worst case a request holds, and its cost at an expected length. Writes nothing."""
+    requested = max_tokens
     max_tokens = _max_tokens(model, max_tokens)
+    bound = prompt_token_bound(prompt)
+    max_tokens = _within_context(model, prompt, bound, max_tokens, requested=requested)
     price = model_price(model_name=model.name)
     rates = Rates.of(price, priority)
-    bound = prompt_token_bound(prompt)
     # About 4 UTF-8 bytes per token is typical of English under a BPE; the
     # real count is the engine's, at capture.
     expected_prompt = -(-bound // 4)
@@ -157,6 +160,51 @@ def _max_tokens(model, requested: int | None) -> int:
             param="max_tokens",
         )
     return max_tokens
+
+
+def _within_context(
+    model: CatalogModel,
+    prompt: str,
+    bound: int,
+    max_tokens: int,
+    *,
+    requested: int | None,
+    param: str | None = None,
+) -> int:
+    """max_tokens, once the prompt and it fit the model's context (the catalog's context_limit).
+
+    Refused with 400 `context_length_exceeded` before anything is reserved,
+    held or sent, as OpenAI refuses it: the catalog's limit holds even for
+    an engine built for longer sequences. The prompt's byte count bounds its
+    tokens (prompt_token_bound), so a prompt whose bound fits needs no
+    tokenizer, which is every short request; a longer one is counted by the
+    model's tokenizer (about a millisecond for 4 KB of English here). A
+    max_tokens the client did not ask for (the default) is cut to what the
+    context leaves, as OpenAI does. Without a tokenizer in the catalog the
+    engine's own check decides, as before.
+    """
+    limit = model.context_limit
+    if bound + max_tokens <= limit:
+        return max_tokens
+    counted = prompt_tokens_count(model=model, prompt=prompt)
+    if counted is None or counted + max_tokens <= limit:
+        return max_tokens
+    if requested is None and counted < limit:
+        return limit - counted
+    raise ApplicationError(
+        code="context_length_exceeded",
+        message=(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{counted + max_tokens} tokens ({counted} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or max_tokens."
+        ),
+        param=param,
+    )
+
+
+# The body field a context error names: an asynchronous job or a quote may
+# have either.
+_PROMPT_PARAM = {"chat": "messages", "completion": "prompt"}
 
 
 def job_submit(
@@ -207,8 +255,11 @@ def job_submit(
     if callable(prompt):
         prompt = prompt(model)
     max_tokens = _max_tokens(model, params.max_tokens)
-    price = model_price(model_name=model.name)
     bound = prompt_token_bound(prompt)
+    max_tokens = _within_context(
+        model, prompt, bound, max_tokens, requested=params.max_tokens, param=_PROMPT_PARAM.get(kind)
+    )
+    price = model_price(model_name=model.name)
     hold_amount = credits_worst_case(
         rates=Rates.of(price, priority), prompt_tokens=bound, max_output_tokens=max_tokens
     )

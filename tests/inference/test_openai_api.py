@@ -437,6 +437,93 @@ def test_the_job_list_pages_with_a_cursor_newest_first(gym):
     assert second["next"] is None
 
 
+def _with_context(limit: int) -> None:
+    """gym-tiny with the engine's tokenizer and a context of `limit` tokens, as the admin sets it."""
+    model = CatalogModel.objects.get(name=MODEL)
+    model.context_limit, model.tokenizer_file = limit, "inference/engine/tokenizer.json"
+    model.save()  # the processes' catalog caches are told
+
+
+# 121 bytes, 59 tokens as the default chat template renders it: over a 64-token
+# context by its bytes, within it by its tokens.
+FITS_BY_TOKENS = "Plan a week of squats, presses, rows and easy runs for a new member who trains three days a week."
+
+
+def _rendered(content: str) -> str:
+    return f"<|user|>\n{content}\n<|assistant|>\n"
+
+
+def test_a_request_over_the_models_context_is_refused_before_anything_is_held(gym):
+    # given a model whose catalog entry allows 64 tokens of context (the
+    # engine itself takes 4096), and a prompt of 82 tokens
+    _with_context(64)
+    org, client = gym["org"], gym["client"]
+    before = organization_balance(organization=org)
+    content = "squat " * 60
+    assert count_tokens(_rendered(content)) == 82
+
+    # when
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=8
+        )
+
+    # then OpenAI's error, with the counts, and nothing held, queued or reserved
+    assert refused.value.body["code"] == "context_length_exceeded"
+    assert refused.value.body["param"] == "messages"
+    assert refused.value.body["message"].startswith(
+        "This model's maximum context length is 64 tokens. However, you requested 90 tokens "
+        "(82 in the prompt, 8 for the completion)."
+    )
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+
+    # and a prompt that fits by its tokens, with more max_tokens than the
+    # context leaves, is refused too: a max_tokens asked for is never cut
+    with pytest.raises(openai.BadRequestError) as over:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": FITS_BY_TOKENS}], max_tokens=8
+        )
+    assert (
+        "you requested 67 tokens (59 in the prompt, 8 for the completion)"
+        in (over.value.body["message"])
+    )
+
+    # and a quote of the same request says so as well
+    quote = requests.post(
+        f"{gym['url']}/api/v1/credits/quote",
+        headers={"Authorization": f"Bearer {gym['raw']}"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8},
+    )
+    assert (quote.status_code, quote.json()["error"]["code"]) == (400, "context_length_exceeded")
+    assert organization_balance(organization=org) == before
+
+
+def test_a_prompt_over_the_context_by_its_bytes_is_counted_and_served(gym):
+    # given a 64-token context and a prompt of 121 bytes, 59 tokens
+    _with_context(64)
+    org, client = gym["org"], gym["client"]
+    assert count_tokens(_rendered(FITS_BY_TOKENS)) == 59
+
+    # when it asks for 5 tokens, then for none (the default, 256)
+    asked = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": FITS_BY_TOKENS}], max_tokens=5, seed=3
+    )
+    default = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": FITS_BY_TOKENS}], seed=3
+    )
+
+    # then both are served, the default cut to the 5 tokens the context leaves,
+    # and the engine counted the prompt as the gateway did
+    jobs = list(Job.objects.filter(organization=org).order_by("pk"))
+    assert [job.params["max_tokens"] for job in jobs] == [5, 5]
+    assert [job.status for job in jobs] == [JobStatus.SUCCEEDED] * 2
+    for reply in (asked, default):
+        assert reply.usage.prompt_tokens == 59
+        assert reply.usage.completion_tokens <= 5
+    assert default.choices[0].message.content == asked.choices[0].message.content
+
+
 def test_a_quote_is_what_a_request_then_holds(gym):
     # given
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Plan my week"}]}

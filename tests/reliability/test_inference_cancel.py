@@ -68,7 +68,9 @@ LONG_MESSAGES = [{"role": "user", "content": "Write a very long training guide."
 LONG_SEED, LONG_TEMPERATURE, MAX_TOKENS = 4792, 2.0, 3000
 
 
-def _model(urls: list[str], *, tokenizer_file: str = TOKENIZER) -> CatalogModel:
+def _model(
+    urls: list[str], *, tokenizer_file: str = TOKENIZER, context_limit: int = 4096
+) -> CatalogModel:
     price_book_publish(
         prices=[
             {
@@ -87,6 +89,7 @@ def _model(urls: list[str], *, tokenizer_file: str = TOKENIZER) -> CatalogModel:
         access_tier="basic",
         max_output_tokens=4096,
         tokenizer_file=tokenizer_file,
+        context_limit=context_limit,
     )
 
 
@@ -397,8 +400,10 @@ def test_a_request_the_engine_refuses_bills_nothing(
     live_server, celery_worker_process, triton_server, grant
 ):
     # given a request longer than the engine's sequence limit (prompt plus
-    # max_tokens over 4096), which only the engine checks
-    _model([triton_server.grpc_url])
+    # max_tokens over 4096), on a model whose catalog entry says its context
+    # is longer (8192): the gateway's own check lets it through, the engine
+    # refuses it
+    _model([triton_server.grpc_url], context_limit=8192)
     org = _organization(grant, credits(100))
     client = _client(live_server, org)
     before = organization_balance(organization=org)
