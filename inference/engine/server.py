@@ -34,6 +34,8 @@ import urllib.request
 from pathlib import Path
 from secrets import token_hex
 
+from inference.engine import STREAM_TOKEN_INTERVAL_ENV
+
 logger = logging.getLogger(__name__)
 
 ENGINE_DIR = Path(__file__).resolve().parent
@@ -94,6 +96,7 @@ class TritonDevServer:
         log_verbose: int = 0,
         ready_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        stream_token_interval_ms: float | None = None,
     ):
         self.host = host
         self._requested_ports = (http_port, grpc_port, metrics_port)
@@ -104,6 +107,9 @@ class TritonDevServer:
         self.log_verbose = log_verbose
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
+        # Milliseconds the engine waits after each streamed token (model.py);
+        # None: as this process's environment says (0 when it says nothing).
+        self.stream_token_interval_ms = stream_token_interval_ms
         self.ready_seconds: float | None = None
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
@@ -242,6 +248,8 @@ class TritonDevServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         # model.py imports `inference.engine` from this checkout.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        if self.stream_token_interval_ms is not None:
+            env[STREAM_TOKEN_INTERVAL_ENV] = f"{self.stream_token_interval_ms:g}"
         return env
 
     def _spawn(self, backends: Path) -> None:

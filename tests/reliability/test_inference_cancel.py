@@ -38,6 +38,7 @@ from accounts.redis import get_redis
 from accounts.services import apikey_create
 from gymbilling.celery import app as celery_app
 from inference.apis import render_chat
+from inference.engine.server import TritonDevServer
 from inference.engine.tokenizer import count_tokens
 from inference.models import TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus, ServerPool
 from inference.triton import GenerationRequest
@@ -344,13 +345,30 @@ def test_a_streamed_answer_the_engine_ends_at_once_still_bills_its_prompt(
 # -- 3. an asynchronous job cancelled while it runs ---------------------------------------
 
 
+# 1 ms after each streamed token: the long generation then lasts about 2.3 s
+# instead of 0.3-0.7 (a response per token, 1815 tokens), so that a cancel
+# (the test noticing the job running, an HTTP call, the worker's next poll:
+# up to 0.5 s here) lands inside it on any machine. Unpaced, the stream ended
+# first in about one run in ten.
+PACE_MS = 1
+
+
+@pytest.fixture
+def paced_triton_server(tmp_path):
+    with TritonDevServer(
+        log_path=tmp_path / "tritonserver.log", stream_token_interval_ms=PACE_MS
+    ) as server:
+        yield server
+
+
 def test_cancelling_a_running_async_job_stops_it_and_bills_what_was_generated(
-    live_server, celery_worker_process, triton_server, grant
+    live_server, celery_worker_process, paced_triton_server, grant
 ):
-    # given a long asynchronous job, running
-    model = _model([triton_server.grpc_url])
+    # given a long asynchronous job, running, on an engine that streams a
+    # token a millisecond
+    model = _model([paced_triton_server.grpc_url])
     prompt = render_chat(model, LONG_MESSAGES)
-    full = _full_generation(triton_server.grpc_url, prompt)
+    full = _full_generation(paced_triton_server.grpc_url, prompt)
     org = _organization(grant, credits(100))
     _key, raw = apikey_create(organization=org, name="cancel", scopes=[Scope.INFERENCE])
     headers = {"Authorization": f"Bearer {raw}"}
@@ -364,7 +382,7 @@ def test_cancelling_a_running_async_job_stops_it_and_bills_what_was_generated(
         timeout=30,
         what="the job to start",
     )
-    time.sleep(0.3)  # a few hundred tokens in: the whole generation takes over a second
+    time.sleep(0.3)  # a couple of hundred tokens in
 
     # when it is cancelled
     cancelled = requests.post(f"{jobs_url}/{job_id}/cancel", headers=headers, timeout=30)

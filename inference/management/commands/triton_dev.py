@@ -32,6 +32,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--ready-timeout", type=float, default=60.0, help="Seconds to wait for ready."
         )
+        parser.add_argument(
+            "--stream-token-interval-ms",
+            type=float,
+            default=None,
+            help="Milliseconds between two streamed tokens (default: "
+            "GYM_ENGINE_STREAM_TOKEN_INTERVAL_MS, else 0: as fast as the CPU goes); 20 looks "
+            "like a GPU engine's pace.",
+        )
 
     def handle(self, *args, **options):
         server = TritonDevServer(
@@ -41,6 +49,7 @@ class Command(BaseCommand):
             metrics_port=options["metrics_port"],
             log_verbose=options["log_verbose"],
             ready_timeout=options["ready_timeout"],
+            stream_token_interval_ms=options["stream_token_interval_ms"],
             # The server's own log goes to this terminal, as `tritonserver` would.
             inherit_output=True,
         )

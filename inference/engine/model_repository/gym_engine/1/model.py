@@ -12,8 +12,10 @@ Runs inside Triton's Python stub, not in Django: it imports only
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,11 +23,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
+    from inference.engine import STREAM_TOKEN_INTERVAL_ENV
     from inference.engine.generation import EngineError, SamplingParams, load_engine
 except ImportError:
     # Started by hand (`tritonserver --model-repository ...`) without PYTHONPATH:
     # the repository root is five levels up from this file.
     sys.path.insert(0, str(Path(__file__).resolve().parents[5]))
+    from inference.engine import STREAM_TOKEN_INTERVAL_ENV
     from inference.engine.generation import EngineError, SamplingParams, load_engine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -155,6 +159,7 @@ class TritonPythonModel:
             key: value["string_value"] for key, value in config.get("parameters", {}).items()
         }
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.token_interval_s = float(os.environ.get(STREAM_TOKEN_INTERVAL_ENV) or 0) / 1000
         self.engine = load_engine(
             max_input_len=int(parameters.get("max_input_len", 2048)),
             max_seq_len=int(parameters.get("max_seq_len", 4096)),
@@ -380,5 +385,7 @@ class TritonPythonModel:
                     )
                 )
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+            if self.token_interval_s:
+                time.sleep(self.token_interval_s)
         self._count(row, output_ids, cached)
         sender.send(flags=FINAL)
