@@ -180,13 +180,32 @@ def _finished(job_pk: int) -> Job:
 # -- 1. a streaming client that goes away mid-stream --------------------------------------
 
 
+# 1 ms after each streamed token: the long generation then lasts about 2.7 s
+# instead of 0.3-0.7 (a response per token, 1815 tokens), so that a cancel
+# (a client hanging up, or the test noticing the job running and calling the
+# cancel endpoint; then the worker's next poll: up to 0.5 s here) lands inside
+# it on any machine. Unpaced, the async job's stream ended first in about one
+# run in ten.
+PACE_MS = 1
+
+
+@pytest.fixture(scope="module")
+def paced_triton_server(tmp_path_factory):
+    with TritonDevServer(
+        log_path=tmp_path_factory.mktemp("paced") / "tritonserver.log",
+        stream_token_interval_ms=PACE_MS,
+    ) as server:
+        yield server
+
+
 def test_a_client_that_hangs_up_mid_stream_cancels_the_job_and_pays_for_what_was_delivered(
-    live_server, celery_worker_process, triton_server, grant
+    live_server, celery_worker_process, paced_triton_server, grant
 ):
-    # given a long generation, and how long it is when nobody stops it
-    model = _model([triton_server.grpc_url])
+    # given a long generation, a token a millisecond, and how long it is when
+    # nobody stops it
+    model = _model([paced_triton_server.grpc_url])
     prompt = render_chat(model, LONG_MESSAGES)
-    full = _full_generation(triton_server.grpc_url, prompt)
+    full = _full_generation(paced_triton_server.grpc_url, prompt)
     assert full.output_tokens > 1000
     org = _organization(grant, credits(100))
     _key, raw = apikey_create(organization=org, name="cancel", scopes=[Scope.INFERENCE])
@@ -343,22 +362,6 @@ def test_a_streamed_answer_the_engine_ends_at_once_still_bills_its_prompt(
 
 
 # -- 3. an asynchronous job cancelled while it runs ---------------------------------------
-
-
-# 1 ms after each streamed token: the long generation then lasts about 2.3 s
-# instead of 0.3-0.7 (a response per token, 1815 tokens), so that a cancel
-# (the test noticing the job running, an HTTP call, the worker's next poll:
-# up to 0.5 s here) lands inside it on any machine. Unpaced, the stream ended
-# first in about one run in ten.
-PACE_MS = 1
-
-
-@pytest.fixture
-def paced_triton_server(tmp_path):
-    with TritonDevServer(
-        log_path=tmp_path / "tritonserver.log", stream_token_interval_ms=PACE_MS
-    ) as server:
-        yield server
 
 
 def test_cancelling_a_running_async_job_stops_it_and_bills_what_was_generated(
