@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,20 +79,26 @@ if django is not None and os.environ.get({ENV_DIR!r}):
 # --- in the served processes ----------------------------------------------------
 
 _stamps: list[str] = []
+_stamps_lock = threading.Lock()
+_installed = False
 
 
 def stamp(name: str) -> None:
+    # list.append is atomic; the flush swaps the list under the lock, so a
+    # stamp another thread appends meanwhile goes to the next flush.
     _stamps.append(f"{time.perf_counter_ns()} {os.getpid()} {name}\n")
     if len(_stamps) >= 256:
         _flush()
 
 
 def _flush() -> None:
+    global _stamps
+    with _stamps_lock:
+        taken, _stamps = _stamps, []
     directory = os.environ.get(ENV_DIR)
-    if directory and _stamps:
+    if directory and taken:
         with open(Path(directory) / f"{os.getpid()}.txt", "a") as out:
-            out.write("".join(_stamps))
-    _stamps.clear()
+            out.write("".join(taken))
 
 
 def _stamped(func, name: str):
@@ -107,7 +114,11 @@ def _stamped(func, name: str):
 
 
 def install() -> None:
-    """Wrap STAMPS and kombu's BRPOP read (the worker's wake-up for a message)."""
+    """Wrap STAMPS and kombu's BRPOP read (the worker's wake-up for a message), once."""
+    global _installed
+    if _installed:  # django.setup() called again
+        return
+    _installed = True
     import importlib
 
     for module_name, attribute, name in STAMPS:
@@ -154,10 +165,24 @@ def _serve(directory: str) -> tuple[subprocess.Popen, dict]:
         stderr=log.open("w"),
         text=True,
     )
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the build did not start; see {log}")
-    return proc, json.loads(line)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the build did not start; see {log}")
+        return proc, json.loads(line)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """ab.py's serve stops its gunicorn, worker and Triton on SIGTERM."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _requests(stamps: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
@@ -216,11 +241,17 @@ def main() -> int:
             from inference import triton
 
             pool = triton.pool_for([build["grpc"]])
-            request = triton.GenerationRequest(prompt=build["prompt"], max_tokens=16, seed=1)
             client = ab.Client(build["port"], build["key"])
+
+            def direct_call(seed: int) -> None:
+                # As the path's request: the same prompt, length and seed.
+                pool.generate(
+                    triton.GenerationRequest(prompt=build["prompt"], max_tokens=16, seed=seed)
+                )
+
             for n in range(args.warmup):
                 client.call(n)
-                pool.generate(request)
+                direct_call(n)
             stamps: list[tuple[int, str]] = []
             direct: list[float] = []
             for n in range(args.requests):
@@ -231,12 +262,11 @@ def main() -> int:
                 # request starts from a machine at rest from the other's.
                 time.sleep(0.002)
                 started = time.perf_counter()
-                pool.generate(request)
+                direct_call(args.warmup + n)
                 direct.append((time.perf_counter() - started) * 1000)
                 time.sleep(0.002)
         finally:
-            proc.terminate()
-            proc.wait()
+            _stop(proc)
         for path in glob.glob(str(Path(directory) / "*.txt")):
             for line in Path(path).read_text().splitlines():
                 at, _pid, name = line.split(" ", 2)

@@ -2,7 +2,8 @@
 
 # Milliseconds between two streamed tokens, read by the engine (model.py) from
 # the server's environment, which TritonDevServer(stream_token_interval_ms=)
-# and `triton_dev --stream-token-interval-ms` set. 0: as fast as the CPU goes
+# sets (0 unless told); `triton_dev` (make demo) passes this variable from its
+# own environment or .env, or --stream-token-interval-ms. 0: as fast as the CPU goes
 # (about 0.25 ms a token here); a GPU engine streams one every 10-30 ms. A
 # demo that should look like one, or a test that must act while a stream
 # runs, paces it.

@@ -96,7 +96,7 @@ class TritonDevServer:
         log_verbose: int = 0,
         ready_timeout: float = 60.0,
         stop_timeout: float = 10.0,
-        stream_token_interval_ms: float | None = None,
+        stream_token_interval_ms: float = 0,
     ):
         self.host = host
         self._requested_ports = (http_port, grpc_port, metrics_port)
@@ -107,8 +107,13 @@ class TritonDevServer:
         self.log_verbose = log_verbose
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
-        # Milliseconds the engine waits after each streamed token (model.py);
-        # None: as this process's environment says (0 when it says nothing).
+        # Milliseconds the engine waits after each streamed token (model.py).
+        # Set here, never inherited from this process's environment: a
+        # developer's pace for demos must not slow the tests or the bench.
+        if not stream_token_interval_ms >= 0:
+            raise ValueError(
+                f"stream_token_interval_ms must be 0 or more, not {stream_token_interval_ms!r}"
+            )
         self.stream_token_interval_ms = stream_token_interval_ms
         self.ready_seconds: float | None = None
         self.process: subprocess.Popen | None = None
@@ -248,8 +253,7 @@ class TritonDevServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         # model.py imports `inference.engine` from this checkout.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        if self.stream_token_interval_ms is not None:
-            env[STREAM_TOKEN_INTERVAL_ENV] = f"{self.stream_token_interval_ms:g}"
+        env[STREAM_TOKEN_INTERVAL_ENV] = f"{self.stream_token_interval_ms:g}"
         return env
 
     def _spawn(self, backends: Path) -> None:

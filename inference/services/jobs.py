@@ -82,12 +82,31 @@ def prompt_token_bound(prompt: str) -> int:
 
 @functools.cache
 def _tokenizer(path: str):
+    """The tokenizer at `path`, or None when it cannot be read (logged once per process)."""
     from tokenizers import Tokenizer
 
     resolved = Path(path)
     if not resolved.is_absolute():
         resolved = Path(settings.BASE_DIR) / resolved
-    return Tokenizer.from_file(str(resolved))
+    try:
+        return Tokenizer.from_file(str(resolved))
+    except Exception:
+        # Cached as None like a success: the API asks on every long prompt,
+        # and a traceback per request would bury the one that matters.
+        logger.exception("tokenizer %r could not be loaded; counting without it", path)
+        return None
+
+
+@functools.cache
+def _longest_token_bytes(path: str) -> int:
+    """The most UTF-8 bytes any one token of the tokenizer at `path` stands for (1 if unread)."""
+    tokenizer = _tokenizer(path)
+    if tokenizer is None:
+        return 1
+    return max(
+        (len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.get_vocab_size())),
+        default=1,
+    )
 
 
 def prompt_tokens_count(*, model: CatalogModel, prompt: str) -> int | None:
@@ -95,19 +114,23 @@ def prompt_tokens_count(*, model: CatalogModel, prompt: str) -> int | None:
 
     For a prompt the engine took but never counted (its counts ride on its
     responses), and for one too long for its bytes to show that it fits the
-    model's context (_within_context). Encoded without special tokens, as the development engine
-    and TensorRT-LLM's preprocessing (by default) do: a deployment that adds a
-    BOS token is under-counted by it, never over-counted. A tokenizer file
-    that cannot be read counts as none (logged): the job must still settle.
+    model's context (_within_context). Encoded without special tokens, as
+    the development engine and TensorRT-LLM's preprocessing (by default) do:
+    a deployment that adds a BOS token is under-counted by it, never
+    over-counted. A tokenizer file that cannot be read counts as none
+    (logged): the job must still settle.
     """
-    if not model.tokenizer_file:
-        return None
-    try:
-        tokenizer = _tokenizer(model.tokenizer_file)
-    except Exception:
-        logger.exception("tokenizer %r of %s could not be loaded", model.tokenizer_file, model)
+    tokenizer = _tokenizer(model.tokenizer_file) if model.tokenizer_file else None
+    if tokenizer is None:
         return None
     return len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+
+
+# A token covers at most its own decoded bytes of the prompt, unless the
+# tokenizer's normalizer shrinks the text first (NFKC turns a 3-byte ligature
+# into 2 letters): twice the longest token is a lower bound of the tokens any
+# real tokenizer makes of a prompt, within which a prompt is counted exactly.
+_NORMALIZER_SLACK = 2
 
 
 def _limits(organization: Organization) -> list[Limit]:
@@ -186,20 +209,43 @@ def _within_context(
     limit = model.context_limit
     if bound + max_tokens <= limit:
         return max_tokens
+    if not model.tokenizer_file or _tokenizer(model.tokenizer_file) is None:
+        return max_tokens  # nothing to count with: the engine decides
+    # Tokenizing holds the GIL (about 1 ms per 4 KB, 0.5 s per MB here): a
+    # prompt whose bytes alone prove it too long is refused uncounted, so no
+    # request makes this process tokenize much more than its context.
+    at_least = -(-bound // (_longest_token_bytes(model.tokenizer_file) * _NORMALIZER_SLACK))
+    if at_least >= limit:
+        raise _context_exceeded(limit, param, prompt_at_least=at_least)
     counted = prompt_tokens_count(model=model, prompt=prompt)
     if counted is None or counted + max_tokens <= limit:
         return max_tokens
     if requested is None and counted < limit:
         return limit - counted
-    raise ApplicationError(
-        code="context_length_exceeded",
-        message=(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{counted + max_tokens} tokens ({counted} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the length of the prompt or max_tokens."
-        ),
-        param=param,
-    )
+    if requested is None:
+        raise _context_exceeded(limit, param, prompt_at_least=counted)
+    raise _context_exceeded(limit, param, prompt=counted, completion=max_tokens)
+
+
+def _context_exceeded(
+    limit: int,
+    param: str | None,
+    *,
+    prompt: int | None = None,
+    completion: int | None = None,
+    prompt_at_least: int | None = None,
+) -> ApplicationError:
+    head = f"This model's maximum context length is {limit} tokens. However, "
+    if prompt_at_least is not None:
+        # A prompt that fills the context alone (max_tokens left out, or far
+        # too long to be worth counting exactly).
+        detail = f"your prompt is {prompt_at_least} tokens or more. Please shorten it."
+    else:
+        detail = (
+            f"you requested {prompt + completion} tokens ({prompt} in the prompt, {completion} "
+            "for the completion). Please reduce the length of the prompt or max_tokens."
+        )
+    return ApplicationError(code="context_length_exceeded", message=head + detail, param=param)
 
 
 # The body field a context error names: an asynchronous job or a quote may

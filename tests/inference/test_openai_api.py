@@ -20,6 +20,7 @@ from django.utils import timezone
 from django.utils.http import http_date
 
 from accounts.models import Scope
+from accounts.redis import get_redis
 from accounts.services import apikey_create
 from inference.engine.tokenizer import count_tokens
 from inference.models import CatalogModel, Job, JobStatus, ModelStatus, ServerPool
@@ -477,6 +478,7 @@ def test_a_request_over_the_models_context_is_refused_before_anything_is_held(gy
     )
     assert organization_balance(organization=org) == before
     assert not Job.objects.filter(organization=org).exists()
+    assert _tokens_reserved(org) == 0
 
     # and a prompt that fits by its tokens, with more max_tokens than the
     # context leaves, is refused too: a max_tokens asked for is never cut
@@ -497,6 +499,42 @@ def test_a_request_over_the_models_context_is_refused_before_anything_is_held(gy
     )
     assert (quote.status_code, quote.json()["error"]["code"]) == (400, "context_length_exceeded")
     assert organization_balance(organization=org) == before
+
+
+def _tokens_reserved(org) -> int:
+    """Tokens reserved in Redis for the organization this minute (accounts.ratelimits)."""
+    redis_client = get_redis()
+    return sum(
+        int(redis_client.get(key) or 0) for key in redis_client.keys(f"rl:tokens:org:{org.pk}:*")
+    )
+
+
+def test_a_prompt_that_fills_the_context_alone_is_refused_whatever_max_tokens_says(gym):
+    # given a 64-token context
+    _with_context(64)
+    org, client = gym["org"], gym["client"]
+    before = organization_balance(organization=org)
+
+    # when an 82-token prompt leaves max_tokens out (nothing left to cut it to)
+    with pytest.raises(openai.BadRequestError) as full:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "squat " * 60}]
+        )
+    # and a 40 KB prompt comes as a text completion: its bytes alone prove it
+    # too long, so it is refused without being tokenized
+    with pytest.raises(openai.BadRequestError) as huge:
+        client.completions.create(model=MODEL, prompt="squat " * 7000, max_tokens=4)
+
+    # then both are refused, saying the prompt is the problem, naming the field
+    assert full.value.body["code"] == huge.value.body["code"] == "context_length_exceeded"
+    assert full.value.body["message"].endswith(
+        "your prompt is 82 tokens or more. Please shorten it."
+    )
+    assert (full.value.body["param"], huge.value.body["param"]) == ("messages", "prompt")
+    assert "tokens or more" in huge.value.body["message"]
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+    assert _tokens_reserved(org) == 0
 
 
 def test_a_prompt_over_the_context_by_its_bytes_is_counted_and_served(gym):
@@ -522,6 +560,9 @@ def test_a_prompt_over_the_context_by_its_bytes_is_counted_and_served(gym):
         assert reply.usage.prompt_tokens == 59
         assert reply.usage.completion_tokens <= 5
     assert default.choices[0].message.content == asked.choices[0].message.content
+    # and their tokens are counted against the limits where a refused
+    # request's would have been (_tokens_reserved is not blind)
+    assert _tokens_reserved(org) >= 2 * 59
 
 
 def test_a_quote_is_what_a_request_then_holds(gym):

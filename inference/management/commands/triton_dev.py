@@ -6,11 +6,13 @@ usual 8000/8001/8002 because `runserver` already takes 8000.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 from django.core.management.base import BaseCommand, CommandError
 
+from inference.engine import STREAM_TOKEN_INTERVAL_ENV
 from inference.engine.server import PUBLIC_MODEL, TritonDevServer, TritonServerError
 
 
@@ -35,10 +37,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--stream-token-interval-ms",
             type=float,
-            default=None,
+            default=float(os.environ.get(STREAM_TOKEN_INTERVAL_ENV) or 0),
             help="Milliseconds between two streamed tokens (default: "
             "GYM_ENGINE_STREAM_TOKEN_INTERVAL_MS, else 0: as fast as the CPU goes); 20 looks "
-            "like a GPU engine's pace.",
+            "like one GPU engine stream's pace (the engine runs 4 streams at once).",
         )
 
     def handle(self, *args, **options):

@@ -159,7 +159,12 @@ class TritonPythonModel:
             key: value["string_value"] for key, value in config.get("parameters", {}).items()
         }
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
-        self.token_interval_s = float(os.environ.get(STREAM_TOKEN_INTERVAL_ENV) or 0) / 1000
+        # TritonDevServer checks it; by hand, a bad value means no pacing.
+        try:
+            pace_ms = max(0.0, float(os.environ.get(STREAM_TOKEN_INTERVAL_ENV) or 0))
+        except ValueError:
+            pace_ms = 0.0
+        self.token_interval_s = pace_ms / 1000
         self.engine = load_engine(
             max_input_len=int(parameters.get("max_input_len", 2048)),
             max_seq_len=int(parameters.get("max_seq_len", 4096)),
