@@ -145,6 +145,23 @@ def triton_server(tmp_path_factory):
         close_pools()
 
 
+# Milliseconds the paced server waits after each streamed token. Unpaced, a
+# stream of 1,000-2,000 tokens lasts 0.2-0.7 s as this machine's speed swings
+# (a response per token): a test that must act, or be timed out, while a
+# stream runs raced its end (two failed fresh-clone runs, 2026-12-02). Paced,
+# such a stream lasts over a second on any machine.
+PACE_MS = 1
+
+
+@pytest.fixture(scope="session")
+def paced_triton_server(tmp_path_factory):
+    """A second tritonserver whose engine waits PACE_MS after each streamed token."""
+    log = tmp_path_factory.mktemp("paced-tritonserver") / "tritonserver.log"
+    with TritonDevServer(log_path=log, stream_token_interval_ms=PACE_MS) as server:
+        yield server
+        close_pools()
+
+
 @pytest.fixture
 def engine(triton_server):
     client = EngineClient(triton_server.grpc_url)

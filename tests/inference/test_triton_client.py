@@ -307,10 +307,12 @@ def test_a_request_waiting_silently_is_cancelled_or_timed_out_by_the_watchdog(
         assert elapsed >= 0.3
 
 
-def test_the_timeout_bounds_silence_not_the_length_of_a_stream(triton_server):
-    # given: a timeout far longer than a token (under 1 ms) and shorter than the
-    # whole stream (this seed writes 1070 tokens, about 0.6 s streamed here)
-    pool = ServerPool([triton_server.grpc_url], timeout_s=0.3)
+def test_the_timeout_bounds_silence_not_the_length_of_a_stream(paced_triton_server):
+    # given: a timeout far longer than a token (about 1 ms on the paced
+    # engine) and shorter than the whole stream (this seed writes 1070 tokens:
+    # over a second paced; unpaced it took 0.2-0.6 s, and the fast runs
+    # ended it within the timeout, proving nothing)
+    pool = ServerPool([paced_triton_server.grpc_url], timeout_s=0.3)
 
     # when
     try:

@@ -38,7 +38,6 @@ from accounts.redis import get_redis
 from accounts.services import apikey_create
 from gymbilling.celery import app as celery_app
 from inference.apis import render_chat
-from inference.engine.server import TritonDevServer
 from inference.engine.tokenizer import count_tokens
 from inference.models import TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus, ServerPool
 from inference.triton import GenerationRequest
@@ -59,6 +58,7 @@ from tests.reliability.test_inference_faults import (
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 triton_server = engine_fixtures.triton_server
+paced_triton_server = engine_fixtures.paced_triton_server
 
 MODEL = "gym-cancel"
 TOKENIZER = "inference/engine/tokenizer.json"
@@ -180,24 +180,12 @@ def _finished(job_pk: int) -> Job:
 # -- 1. a streaming client that goes away mid-stream --------------------------------------
 
 
-# 1 ms after each streamed token: the long generation then lasts about 2.7 s
-# instead of 0.3-0.7 (a response per token, 1815 tokens), so that a cancel
-# (a client hanging up, or the test noticing the job running and calling the
-# cancel endpoint; then the worker's next poll: up to 0.5 s here) lands inside
-# it on any machine. Unpaced, the async job's stream ended first in about one
-# run in ten.
-PACE_MS = 1
-
-
-@pytest.fixture(scope="module")
-def paced_triton_server(tmp_path_factory):
-    with TritonDevServer(
-        log_path=tmp_path_factory.mktemp("paced") / "tritonserver.log",
-        stream_token_interval_ms=PACE_MS,
-    ) as server:
-        yield server
-
-
+# The long generation on the paced engine (tests.inference.conftest) lasts
+# about 2.7 s instead of 0.3-0.7 (a response per token, 1815 tokens), so that
+# a cancel (a client hanging up, or the test noticing the job running and
+# calling the cancel endpoint; then the worker's next poll: up to 0.5 s here)
+# lands inside it on any machine. Unpaced, the async job's stream ended first
+# in about one run in ten.
 def test_a_client_that_hangs_up_mid_stream_cancels_the_job_and_pays_for_what_was_delivered(
     live_server, celery_worker_process, paced_triton_server, grant
 ):
