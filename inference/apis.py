@@ -224,6 +224,7 @@ class _GenerationApi(OrgApiView):
             # Answered only once the job settled, unless streamed: the hold's
             # commit need not wait for the disk (job_submit).
             hold_durable=data["stream"] or not self.answers_after_settlement,
+            prompt_field="messages" if "messages" in data else "prompt",
         )
 
     def post(self, request):
@@ -650,6 +651,7 @@ class QuoteApi(OrgApiView):
             max_tokens=v.get("max_completion_tokens") or v.get("max_tokens"),
             priority=v["priority"],
             expected_output_tokens=v.get("expected_output_tokens"),
+            prompt_field="messages" if "messages" in v else "prompt",
         )
         return Response(self.Output(quote).data)
 

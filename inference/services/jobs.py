@@ -145,12 +145,18 @@ def job_quote(
     max_tokens: int | None,
     priority: str,
     expected_output_tokens: int | None = None,
+    prompt_field: str | None = None,
 ) -> dict:
-    """The worst case a request holds, and its cost at an expected length. Writes nothing."""
+    """The worst case a request holds, and its cost at an expected length. Writes nothing.
+
+    `prompt_field`: the body field the prompt came in, which a context error names.
+    """
     requested = max_tokens
     max_tokens = _max_tokens(model, max_tokens)
     bound = prompt_token_bound(prompt)
-    max_tokens = _within_context(model, prompt, bound, max_tokens, requested=requested)
+    max_tokens = _within_context(
+        model, prompt, bound, max_tokens, requested=requested, param=prompt_field
+    )
     price = model_price(model_name=model.name)
     rates = Rates.of(price, priority)
     # About 4 UTF-8 bytes per token is typical of English under a BPE; the
@@ -248,8 +254,8 @@ def _context_exceeded(
     return ApplicationError(code="context_length_exceeded", message=head + detail, param=param)
 
 
-# The body field a context error names: an asynchronous job or a quote may
-# have either.
+# The body field a context error names, by the job's kind; an asynchronous
+# job may have either, and its view says which (job_submit's prompt_field).
 _PROMPT_PARAM = {"chat": "messages", "completion": "prompt"}
 
 
@@ -266,6 +272,7 @@ def job_submit(
     callback_url: str = "",
     request_count: RequestCount | None = None,
     hold_durable: bool = True,
+    prompt_field: str | None = None,
 ) -> Job:
     """Hold the worst case, write the Job, enqueue it after commit.
 
@@ -274,6 +281,8 @@ def job_submit(
     `request_count`: the API request's own count against its requests-per-
     minute limits, taken in the same Redis script as the job's tokens and
     slot (accounts.ratelimits).
+    `prompt_field`: the body field the prompt came in ("messages",
+    "prompt"), which a context error names; by default the kind's.
     `hold_durable=False`: the caller answers only after the job settles, so
     the hold's commit need not wait for the disk (metering's hold_place:
     the settlement's durable commit makes it durable before any answer).
@@ -303,7 +312,12 @@ def job_submit(
     max_tokens = _max_tokens(model, params.max_tokens)
     bound = prompt_token_bound(prompt)
     max_tokens = _within_context(
-        model, prompt, bound, max_tokens, requested=params.max_tokens, param=_PROMPT_PARAM.get(kind)
+        model,
+        prompt,
+        bound,
+        max_tokens,
+        requested=params.max_tokens,
+        param=prompt_field or _PROMPT_PARAM.get(kind),
     )
     price = model_price(model_name=model.name)
     hold_amount = credits_worst_case(

@@ -498,7 +498,21 @@ def test_a_request_over_the_models_context_is_refused_before_anything_is_held(gy
         json={"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8},
     )
     assert (quote.status_code, quote.json()["error"]["code"]) == (400, "context_length_exceeded")
+    assert quote.json()["error"]["param"] == "messages"
+
+    # and an asynchronous job given a prompt, naming that field
+    job = requests.post(
+        f"{gym['url']}/api/v1/jobs",
+        headers={"Authorization": f"Bearer {gym['raw']}"},
+        json={"model": MODEL, "prompt": content, "max_tokens": 8},
+    )
+    assert job.status_code == 400, job.text
+    assert (job.json()["error"]["code"], job.json()["error"]["param"]) == (
+        "context_length_exceeded",
+        "prompt",
+    )
     assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
 
 
 def _tokens_reserved(org) -> int:
