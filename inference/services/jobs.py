@@ -99,10 +99,8 @@ def _tokenizer(path: str):
 
 @functools.cache
 def _longest_token_bytes(path: str) -> int:
-    """The most UTF-8 bytes any one token of the tokenizer at `path` stands for (1 if unread)."""
+    """The most UTF-8 bytes any one token of the (readable) tokenizer at `path` stands for."""
     tokenizer = _tokenizer(path)
-    if tokenizer is None:
-        return 1
     return max(
         (len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.get_vocab_size())),
         default=1,
@@ -223,14 +221,14 @@ def _within_context(
     at_least = -(-bound // (_longest_token_bytes(model.tokenizer_file) * _NORMALIZER_SLACK))
     if at_least >= limit:
         raise _context_exceeded(limit, param, prompt_at_least=at_least)
-    counted = prompt_tokens_count(model=model, prompt=prompt)
-    if counted is None or counted + max_tokens <= limit:
+    counted = prompt_tokens_count(model=model, prompt=prompt)  # the tokenizer is readable
+    if counted + max_tokens <= limit:
         return max_tokens
-    if requested is None and counted < limit:
-        return limit - counted
-    if requested is None:
-        raise _context_exceeded(limit, param, prompt_at_least=counted)
-    raise _context_exceeded(limit, param, prompt=counted, completion=max_tokens)
+    if requested is not None:
+        raise _context_exceeded(limit, param, prompt=counted, completion=max_tokens)
+    if counted < limit:
+        return limit - counted  # the default max_tokens, cut to what is left
+    raise _context_exceeded(limit, param, prompt_at_least=counted)
 
 
 def _context_exceeded(
@@ -252,11 +250,6 @@ def _context_exceeded(
             "for the completion). Please reduce the length of the prompt or max_tokens."
         )
     return ApplicationError(code="context_length_exceeded", message=head + detail, param=param)
-
-
-# The body field a context error names, by the job's kind; an asynchronous
-# job may have either, and its view says which (job_submit's prompt_field).
-_PROMPT_PARAM = {"chat": "messages", "completion": "prompt"}
 
 
 def job_submit(
@@ -282,7 +275,7 @@ def job_submit(
     minute limits, taken in the same Redis script as the job's tokens and
     slot (accounts.ratelimits).
     `prompt_field`: the body field the prompt came in ("messages",
-    "prompt"), which a context error names; by default the kind's.
+    "prompt"), which a context error names.
     `hold_durable=False`: the caller answers only after the job settles, so
     the hold's commit need not wait for the disk (metering's hold_place:
     the settlement's durable commit makes it durable before any answer).
@@ -317,7 +310,7 @@ def job_submit(
         bound,
         max_tokens,
         requested=params.max_tokens,
-        param=prompt_field or _PROMPT_PARAM.get(kind),
+        param=prompt_field,
     )
     price = model_price(model_name=model.name)
     hold_amount = credits_worst_case(

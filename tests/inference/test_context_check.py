@@ -45,12 +45,8 @@ def test_a_prompt_whose_bytes_prove_it_too_long_is_refused_without_tokenizing(mo
     model = CatalogModel(name="m", context_limit=64, tokenizer_file=TOKENIZER)
     assert jobs._longest_token_bytes(TOKENIZER) == 13
     encoded = []
-    tokenizer = jobs._tokenizer(TOKENIZER)
-    monkeypatch.setattr(
-        jobs,
-        "prompt_tokens_count",
-        lambda **kw: encoded.append(kw) or len(tokenizer.encode(kw["prompt"]).ids),
-    )
+    count = jobs.prompt_tokens_count  # the real count, its calls recorded
+    monkeypatch.setattr(jobs, "prompt_tokens_count", lambda **kw: encoded.append(kw) or count(**kw))
     prompt = "x" * (64 * 26)  # at least 64 tokens even at 26 bytes a token
 
     # when / then: refused, uncounted
