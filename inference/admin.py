@@ -1,8 +1,10 @@
 """The model catalog is edited here by staff; jobs and their callbacks are read-only records."""
 
+from django import forms
 from django.contrib import admin
 
 from inference.models import CatalogModel, DedicatedCapacity, Job, JobCallback, ServerPool
+from inference.services.jobs import tokenizer_special_tokens
 
 
 @admin.register(ServerPool)
@@ -10,8 +12,29 @@ class ServerPoolAdmin(admin.ModelAdmin):
     list_display = ["name", "grpc_urls", "metrics_urls"]
 
 
+class CatalogModelForm(forms.ModelForm):
+    # The model and fields are the admin's (ModelAdmin.get_form).
+
+    def clean(self):
+        """A prompt_special_tokens the tokenizer cannot add is a typo that would skew every
+        hold and context check: 0 (the preprocessing adds none) or what its post-processor
+        adds. A tokenizer this process cannot read (it lives on the workers) is not checked."""
+        data = super().clean()
+        path, special = data.get("tokenizer_file"), data.get("prompt_special_tokens")
+        if path and special:
+            adds = tokenizer_special_tokens(path)
+            if adds is not None and special != adds:
+                self.add_error(
+                    "prompt_special_tokens",
+                    f"{path} adds {adds} special token(s) to a prompt: set {adds}, or 0 if the "
+                    "engine's preprocessing runs with add_special_tokens false.",
+                )
+        return data
+
+
 @admin.register(CatalogModel)
 class CatalogModelAdmin(admin.ModelAdmin):
+    form = CatalogModelForm
     list_display = [
         "name",
         "status",

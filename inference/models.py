@@ -6,6 +6,7 @@ import re
 from datetime import date
 
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -113,6 +114,25 @@ class CatalogModel(models.Model):
         blank=True,
         help_text="Path to the engine's tokenizer.json on the workers (relative to the "
         "project root), e.g. inference/engine/tokenizer.json; blank: none.",
+    )
+    # What the engine adds to and allows of a prompt, so that the gateway's
+    # bound, count and context check agree with the engine's own: TensorRT-
+    # LLM's preprocessing adds the tokenizer's special tokens (a BOS) unless
+    # its `add_special_tokens` parameter is false, and refuses a prompt over
+    # the engine's max_input_len. deploy/triton/fill_repository.sh prints both.
+    prompt_special_tokens = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="Tokens the engine's preprocessing adds to every prompt: what the "
+        "tokenizer's post-processor adds (1 for a BOS token) when the preprocessing model's "
+        "add_special_tokens is true, TensorRT-LLM's default; 0 when it is false, and for the "
+        "development engine.",
+    )
+    max_input_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="The engine's own limit on a prompt's tokens (TensorRT-LLM's max_input_len; "
+        "the development engine's is 2048), special tokens included; blank: context_limit only.",
     )
     access_tier = models.CharField(max_length=32, default="basic")
     status = models.CharField(

@@ -28,6 +28,9 @@ Environment:
   ENABLE_CHUNKED_CONTEXT          true | false (default true; engine needs paged context FMHA)
   INSTANCE_COUNT                  pre/postprocessing and BLS instances (default 1)
   MAX_QUEUE_DELAY_MICROSECONDS    Triton dynamic batching delay (default 0)
+  ADD_SPECIAL_TOKENS              true | false: preprocessing adds the tokenizer's special
+                                  tokens (a BOS) to every prompt (default true, the backend's
+                                  own default); the catalog's prompt_special_tokens must agree
   PYTHON                          python interpreter (default python3)
 USAGE
 }
@@ -49,6 +52,7 @@ KV_CACHE_FREE_GPU_MEM_FRACTION=${KV_CACHE_FREE_GPU_MEM_FRACTION:-0.9}
 ENABLE_CHUNKED_CONTEXT=${ENABLE_CHUNKED_CONTEXT:-true}
 INSTANCE_COUNT=${INSTANCE_COUNT:-1}
 MAX_QUEUE_DELAY_MICROSECONDS=${MAX_QUEUE_DELAY_MICROSECONDS:-0}
+ADD_SPECIAL_TOKENS=${ADD_SPECIAL_TOKENS:-true}
 PYTHON=${PYTHON:-python3}
 
 # Since 2025 the backend lives in the TensorRT-LLM repository.
@@ -59,6 +63,7 @@ FILL_TEMPLATE=$TRTLLM_DIR/triton_backend/tools/fill_template.py
 [[ ! -e $REPO ]] || die "$REPO already exists; fill_template.py edits in place, so start from a fresh copy"
 [[ $MAX_BATCH_SIZE =~ ^[1-9][0-9]*$ ]] || die "MAX_BATCH_SIZE must be a positive integer"
 [[ $TP =~ ^[1-9][0-9]*$ ]] || die "TP must be a positive integer"
+[[ $ADD_SPECIAL_TOKENS == true || $ADD_SPECIAL_TOKENS == false ]] || die "ADD_SPECIAL_TOKENS must be true or false"
 [[ -f $ENGINE_DIR/config.json ]] || echo "warning: no $ENGINE_DIR/config.json here (fine only if the server mounts it elsewhere)" >&2
 
 mkdir -p "$REPO"
@@ -94,6 +99,7 @@ fill ensemble \
 
 fill preprocessing \
   "tokenizer_dir:$TOKENIZER_DIR" \
+  "add_special_tokens:$ADD_SPECIAL_TOKENS" \
   "triton_max_batch_size:$MAX_BATCH_SIZE" \
   "preprocessing_instance_count:$INSTANCE_COUNT"
 
@@ -142,4 +148,35 @@ if ((TP == 1)); then
 else
   echo "Start it on $TP GPUs (one MPI rank per GPU):"
   echo "  python3 $TRTLLM_DIR/triton_backend/scripts/launch_triton_server.py --world_size=$TP --model_repo=$REPO --grpc_port=8001 --http_port=8000 --metrics_port=8002"
+fi
+
+# The catalog entry must count a prompt as this deployment does (the context
+# check, the hold's bound, a prompt billed by the tokenizer): print its
+# values, read with the `tokenizers` library as the gateway reads them.
+echo
+echo "Catalog entry (admin: Inference > Catalog models) for this engine:"
+if ! "$PYTHON" - "$TOKENIZER_DIR" "$ENGINE_DIR" "$ADD_SPECIAL_TOKENS" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+tokenizer_dir, engine_dir, add_special = sys.argv[1:]
+tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
+special = 0
+if add_special == "true":
+    special = len(Tokenizer.from_file(str(tokenizer_file)).encode("", add_special_tokens=True).ids)
+print(f"  tokenizer_file         {tokenizer_file}  (copy it where the API and workers read it)")
+print(f"  prompt_special_tokens  {special}")
+config = Path(engine_dir) / "config.json"
+if config.exists():
+    build = json.loads(config.read_text()).get("build_config", {})
+    print(f"  max_input_tokens       {build.get('max_input_len', '(not in config.json)')}")
+    print(f"  context_limit          at most {build.get('max_seq_len', '(not in config.json)')}")
+else:
+    print(f"  max_input_tokens       max_input_len of {config} (not readable here)")
+PY
+then
+  echo "  (not read here: needs Python's tokenizers and \$TOKENIZER_DIR/tokenizer.json; see deploy/triton/README.md)"
 fi

@@ -70,14 +70,15 @@ class SubmitParams:
     stop: tuple[str, ...] = ()
 
 
-def prompt_token_bound(prompt: str) -> int:
-    """An upper bound of the prompt's tokens without a tokenizer.
+def prompt_token_bound(prompt: str, *, special_tokens: int = 0) -> int:
+    """An upper bound of the prompt's tokens, as the engine counts them, without a tokenizer.
 
-    A byte-level BPE never yields more tokens than UTF-8 bytes, so holding
-    for the byte count can only over-reserve; the capture bills the engine's
-    real count.
+    A byte-level BPE never yields more tokens than UTF-8 bytes, and the
+    engine's preprocessing adds `special_tokens` (the catalog's
+    prompt_special_tokens: a BOS) to every prompt, so holding for the two
+    can only over-reserve; the capture bills the engine's real count.
     """
-    return len(prompt.encode("utf-8"))
+    return len(prompt.encode("utf-8")) + special_tokens
 
 
 @functools.cache
@@ -108,20 +109,30 @@ def _longest_token_bytes(path: str) -> int:
 
 
 def prompt_tokens_count(*, model: CatalogModel, prompt: str) -> int | None:
-    """The prompt's tokens by the model's own tokenizer; None when the catalog has none.
+    """The prompt's tokens as the engine counts them, by the model's own tokenizer;
+    None when the catalog has none.
 
     For a prompt the engine took but never counted (its counts ride on its
     responses), and for one too long for its bytes to show that it fits the
-    model's context (_within_context). Encoded without special tokens, as
-    the development engine and TensorRT-LLM's preprocessing (by default) do:
-    a deployment that adds a BOS token is under-counted by it, never
-    over-counted. A tokenizer file that cannot be read counts as none
-    (logged): the job must still settle.
+    model's context (_within_context). The text's tokens plus the special
+    tokens the engine's preprocessing adds (the catalog's
+    prompt_special_tokens), which is what TensorRT-LLM's preprocessing counts
+    with add_special_tokens on or off. A tokenizer file that cannot be read
+    counts as none (logged): the job must still settle.
     """
     tokenizer = _tokenizer(model.tokenizer_file) if model.tokenizer_file else None
     if tokenizer is None:
         return None
-    return len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+    return len(tokenizer.encode(prompt, add_special_tokens=False).ids) + model.prompt_special_tokens
+
+
+def tokenizer_special_tokens(path: str) -> int | None:
+    """The special tokens the tokenizer at `path` adds to a prompt (its post-processor's BOS,
+    say), as a preprocessing that adds them counts; None when it cannot be read."""
+    tokenizer = _tokenizer(path)
+    if tokenizer is None:
+        return None
+    return len(tokenizer.encode("", add_special_tokens=True).ids)
 
 
 # A token covers at most its own decoded bytes of the prompt, unless the
@@ -151,7 +162,7 @@ def job_quote(
     """
     requested = max_tokens
     max_tokens = _max_tokens(model, max_tokens)
-    bound = prompt_token_bound(prompt)
+    bound = prompt_token_bound(prompt, special_tokens=model.prompt_special_tokens)
     max_tokens = _within_context(
         model, prompt, bound, max_tokens, requested=requested, param=prompt_field
     )
@@ -159,7 +170,8 @@ def job_quote(
     rates = Rates.of(price, priority)
     # About 4 UTF-8 bytes per token is typical of English under a BPE; the
     # real count is the engine's, at capture.
-    expected_prompt = -(-bound // 4)
+    special = model.prompt_special_tokens
+    expected_prompt = -(-(bound - special) // 4) + special
     expected_output = min(
         max_tokens, expected_output_tokens if expected_output_tokens is not None else max_tokens
     )
@@ -198,30 +210,41 @@ def _within_context(
     requested: int | None,
     param: str | None = None,
 ) -> int:
-    """max_tokens, once the prompt and it fit the model's context (the catalog's context_limit).
+    """max_tokens, once the prompt and it fit the model's context (the catalog's context_limit)
+    and the prompt fits the engine's own limit on prompts (max_input_tokens, when set).
 
     Refused with 400 `context_length_exceeded` before anything is reserved,
     held or sent, as OpenAI refuses it: the catalog's limit holds even for
     an engine built for longer sequences. The prompt's byte count bounds its
-    tokens (prompt_token_bound), so a prompt whose bound fits needs no
-    tokenizer, which is every short request; a longer one is counted by the
-    model's tokenizer (about a millisecond for 4 KB of English here). A
-    max_tokens the client did not ask for (the default) is cut to what the
-    context leaves, as OpenAI does. Without a tokenizer in the catalog the
-    engine's own check decides, as before.
+    tokens (prompt_token_bound, with the special tokens the engine adds), so
+    a prompt whose bound fits needs no tokenizer, which is every short
+    request; a longer one is counted by the model's tokenizer (about a
+    millisecond for 4 KB of English here). A max_tokens the client did not
+    ask for (the default) is cut to what the context leaves, as OpenAI does.
+    Without a tokenizer in the catalog the engine's own check decides, as
+    before.
     """
     limit = model.context_limit
-    if bound + max_tokens <= limit:
+    prompt_limit = model.max_input_tokens
+    if prompt_limit is not None and prompt_limit >= limit:
+        prompt_limit = None  # the context is the tighter limit
+    if bound + max_tokens <= limit and (prompt_limit is None or bound <= prompt_limit):
         return max_tokens
     if not model.tokenizer_file or _tokenizer(model.tokenizer_file) is None:
         return max_tokens  # nothing to count with: the engine decides
     # Tokenizing holds the GIL (about 1 ms per 4 KB, 0.5 s per MB here): a
     # prompt whose bytes alone prove it too long is refused uncounted, so no
     # request makes this process tokenize much more than its context.
-    at_least = -(-bound // (_longest_token_bytes(model.tokenizer_file) * _NORMALIZER_SLACK))
+    special = model.prompt_special_tokens
+    longest = _longest_token_bytes(model.tokenizer_file) * _NORMALIZER_SLACK
+    at_least = -(-(bound - special) // longest) + special
+    if prompt_limit is not None and at_least > prompt_limit:
+        raise _prompt_too_long(prompt_limit, param, at_least, exact=False)
     if at_least >= limit:
         raise _context_exceeded(limit, param, prompt_at_least=at_least)
     counted = prompt_tokens_count(model=model, prompt=prompt)  # the tokenizer is readable
+    if prompt_limit is not None and counted > prompt_limit:
+        raise _prompt_too_long(prompt_limit, param, counted, exact=True)
     if counted + max_tokens <= limit:
         return max_tokens
     if requested is not None:
@@ -229,6 +252,18 @@ def _within_context(
     if counted < limit:
         return limit - counted  # the default max_tokens, cut to what is left
     raise _context_exceeded(limit, param, prompt_at_least=counted)
+
+
+def _prompt_too_long(prompt_limit: int, param: str | None, prompt: int, *, exact: bool):
+    """The engine takes prompts of at most `prompt_limit` tokens; this one has more."""
+    return ApplicationError(
+        code="context_length_exceeded",
+        message=(
+            f"This model's maximum prompt length is {prompt_limit} tokens. However, your "
+            f"prompt is {prompt} tokens{'' if exact else ' or more'}. Please shorten it."
+        ),
+        param=param,
+    )
 
 
 def _context_exceeded(
@@ -303,7 +338,7 @@ def job_submit(
     if callable(prompt):
         prompt = prompt(model)
     max_tokens = _max_tokens(model, params.max_tokens)
-    bound = prompt_token_bound(prompt)
+    bound = prompt_token_bound(prompt, special_tokens=model.prompt_special_tokens)
     max_tokens = _within_context(
         model,
         prompt,

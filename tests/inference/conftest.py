@@ -308,3 +308,16 @@ def occupy_engine_workers(grpc_url: str) -> tuple[BusyEngine, int]:
     """Hold every engine worker of a server (BusyEngine); returns (it, the number of workers)."""
     busy = BusyEngine(grpc_url)
     return busy, busy.workers
+
+
+@pytest.fixture
+def fresh_tokenizer_caches():
+    """The catalog tokenizers' per-process caches (inference.services.jobs), empty before and
+    after: a test's tokenizer file, readable or not, is never another test's."""
+    from inference.services import jobs
+
+    jobs._tokenizer.cache_clear()
+    jobs._longest_token_bytes.cache_clear()
+    yield
+    jobs._tokenizer.cache_clear()
+    jobs._longest_token_bytes.cache_clear()

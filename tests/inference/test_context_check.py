@@ -10,16 +10,9 @@ from accounts.errors import ApplicationError
 from inference.models import CatalogModel
 from inference.services import jobs
 
+pytestmark = pytest.mark.usefixtures("fresh_tokenizer_caches")
+
 TOKENIZER = "inference/engine/tokenizer.json"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_tokenizer_caches():
-    jobs._tokenizer.cache_clear()
-    jobs._longest_token_bytes.cache_clear()
-    yield
-    jobs._tokenizer.cache_clear()
-    jobs._longest_token_bytes.cache_clear()
 
 
 def test_an_unreadable_tokenizer_leaves_the_check_to_the_engine_and_is_logged_once(caplog):

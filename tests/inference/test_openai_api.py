@@ -438,11 +438,22 @@ def test_the_job_list_pages_with_a_cursor_newest_first(gym):
     assert second["next"] is None
 
 
-def _with_context(limit: int) -> None:
-    """gym-tiny with the engine's tokenizer and a context of `limit` tokens, as the admin sets it."""
+def _with_context(limit: int, *, max_input_tokens: int | None = None) -> None:
+    """gym-tiny with the engine's tokenizer, a context of `limit` tokens and the engine's
+    prompt limit, as the admin sets them."""
     model = CatalogModel.objects.get(name=MODEL)
     model.context_limit, model.tokenizer_file = limit, "inference/engine/tokenizer.json"
+    model.max_input_tokens = max_input_tokens
     model.save()  # the processes' catalog caches are told
+
+
+def _refused_chat(client, content: str, **params) -> dict:
+    """The error body of a chat completion of one user message that must be refused with 400."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], **params
+        )
+    return refused.value.body
 
 
 # 121 bytes, 59 tokens as the default chat template renders it: over a 64-token
@@ -464,15 +475,12 @@ def test_a_request_over_the_models_context_is_refused_before_anything_is_held(gy
     assert count_tokens(_rendered(content)) == 82
 
     # when
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=8
-        )
+    refused = _refused_chat(client, content, max_tokens=8)
 
     # then OpenAI's error, with the counts, and nothing held, queued or reserved
-    assert refused.value.body["code"] == "context_length_exceeded"
-    assert refused.value.body["param"] == "messages"
-    assert refused.value.body["message"].startswith(
+    assert refused["code"] == "context_length_exceeded"
+    assert refused["param"] == "messages"
+    assert refused["message"].startswith(
         "This model's maximum context length is 64 tokens. However, you requested 90 tokens "
         "(82 in the prompt, 8 for the completion)."
     )
@@ -577,6 +585,34 @@ def test_a_prompt_over_the_context_by_its_bytes_is_counted_and_served(gym):
     # and their tokens are counted against the limits where a refused
     # request's would have been (_tokens_reserved is not blind)
     assert _tokens_reserved(org) >= 2 * 59
+
+
+def test_a_prompt_over_the_engines_own_prompt_limit_is_refused_before_anything_is_held(gym):
+    # given gym-tiny with a 4096-token context on an engine that takes
+    # prompts of at most 64 tokens (its max_input_len)
+    _with_context(4096, max_input_tokens=64)
+    org, client = gym["org"], gym["client"]
+    before = organization_balance(organization=org)
+
+    # when an 82-token prompt asks for 8 tokens, well within the context
+    refused = _refused_chat(client, "squat " * 60, max_tokens=8)
+
+    # then it is refused with the engine's limit and the count, before any
+    # hold, job or reservation
+    assert (refused["code"], refused["param"]) == ("context_length_exceeded", "messages")
+    assert refused["message"] == (
+        "This model's maximum prompt length is 64 tokens. However, your prompt is 82 tokens. "
+        "Please shorten it."
+    )
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+    assert _tokens_reserved(org) == 0
+
+    # and a 59-token prompt, over the limit by its bytes, is served
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": FITS_BY_TOKENS}], max_tokens=4
+    )
+    assert reply.usage.prompt_tokens == 59
 
 
 def test_a_quote_is_what_a_request_then_holds(gym):

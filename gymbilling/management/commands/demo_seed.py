@@ -118,6 +118,9 @@ class Command(BaseCommand):
                 "gpu_type": "cpu",
                 "gpu_hour_cost": 0,
                 "context_limit": 4096,
+                # The development engine's max_input_len (its config.pbtxt);
+                # its preprocessing adds no special tokens (prompt_special_tokens 0).
+                "max_input_tokens": 2048,
                 "max_output_tokens": 1024,
                 "tokenizer_file": "inference/engine/tokenizer.json",
                 "access_tier": "basic",
