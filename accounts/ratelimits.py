@@ -18,6 +18,10 @@ from accounts.errors import ApplicationError
 from accounts.redis import get_redis
 
 WINDOW_SECONDS = 60
+# A concurrency slot's default lease: the longest a job may hold its slot
+# when nothing releases it (its worker died; concurrency_slots_sweep frees
+# slots whose job is known to be over much sooner).
+SLOT_LEASE_SECONDS = 900
 
 # Checks every window, and takes a concurrency slot when asked, all or nothing.
 # KEYS: one window key per limit, then (when ARGV[2] is a job id) the
@@ -102,7 +106,7 @@ class Slot:
     scope: str
     limit: int
     job_id: str
-    lease: int = 900
+    lease: int = SLOT_LEASE_SECONDS
 
 
 @dataclass
@@ -219,3 +223,18 @@ def rate_limit_refund(*, kind: str, limits: list[Limit], amount: int, pipe=None)
 def concurrency_release(*, scope: str, job_id: str, pipe=None) -> None:
     """Free `job_id`'s slot; with `pipe`, queued on that Redis pipeline."""
     (pipe if pipe is not None else get_redis()).zrem(f"conc:{scope}", job_id)
+
+
+def concurrency_slots_taken(*, before: float, lease: int = SLOT_LEASE_SECONDS):
+    """Yields (scope, job ids) of the concurrency slots taken before `before` (a Unix time)
+    with `lease`, scope by scope: those old enough that their job must be under way."""
+    redis_client = get_redis()
+    for key in redis_client.scan_iter(match="conc:*", count=500):
+        # A slot's score is its lease's end, so it was taken at score - lease.
+        taken = redis_client.zrangebyscore(key, "-inf", before + lease)
+        if taken:
+            yield _text(key).removeprefix("conc:"), [_text(job) for job in taken]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

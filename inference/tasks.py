@@ -37,7 +37,7 @@ from inference import triton
 from inference.models import InputTokensSource, Job, JobStatus
 from inference.relay import relay_cancel_watch, relay_publish
 from inference.selectors import catalog_model_by_id, pools_for_job
-from inference.services import job_settle, job_start
+from inference.services import concurrency_slots_sweep, job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
 from inference.services.jobs import (
     ENGINE_SPEC_HEADER,
@@ -327,3 +327,9 @@ def job_callback_deliver_task(callback_id: int, attempts: int | None = None) -> 
 @shared_task(ignore_result=True)
 def job_callbacks_sweep_task() -> int:
     return job_callbacks_sweep()
+
+
+# --- concurrency slots (inference.services.jobs.concurrency_slots_sweep) ------------
+@shared_task(ignore_result=True)
+def concurrency_slots_sweep_task() -> int:
+    return concurrency_slots_sweep()

@@ -215,6 +215,12 @@ CELERY_BEAT_SCHEDULE |= {
         "task": "inference.tasks.job_callbacks_sweep_task",
         "schedule": timedelta(seconds=INFERENCE_CALLBACK_SWEEP_SECONDS),
     },
+    # Slots of jobs that are over or were lost, freed within about two
+    # minutes instead of their 15-minute lease (concurrency_slots_sweep).
+    "inference-concurrency-slots-sweep": {
+        "task": "inference.tasks.concurrency_slots_sweep_task",
+        "schedule": timedelta(seconds=60),
+    },
 }
 
 # --- Redis (rate limits, counters) ---------------------------------------------

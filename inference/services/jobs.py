@@ -34,9 +34,11 @@ from accounts.ratelimits import (
     RequestCount,
     Slot,
     concurrency_release,
+    concurrency_slots_taken,
     rate_limit_consume,
     rate_limit_refund,
 )
+from accounts.redis import get_redis
 from gymbilling.broker import task_publish
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
 from inference.selectors import catalog_model_resolve, pools_for_job
@@ -826,6 +828,48 @@ def _release_reservations(*, job: Job, used_tokens: int, pipe=None) -> None:
         amount=max(0, reserved - used_tokens),
         pipe=pipe,
     )
+
+
+# A slot whose job has no open row this long after it was taken lost its job:
+# the request died between its reservation and its hold's commit, a database
+# crash took an unflushed hold with its row, or the release after a
+# settlement went down with its worker. Far longer than a hold's statement
+# waits for its wallet.
+SLOT_SWEEP_GRACE_SECONDS = 60
+
+
+def concurrency_slots_sweep(*, now: float | None = None) -> int:
+    """Frees the concurrency slots whose job is not open (queued or running); returns how many.
+
+    Without it such a slot counts against its organization's concurrent jobs
+    until its lease ends (accounts.ratelimits.SLOT_LEASE_SECONDS, 15 minutes).
+    Run every minute by Celery beat. A slot younger than
+    SLOT_SWEEP_GRACE_SECONDS is left alone: its job's row may not be committed
+    yet.
+    """
+    now = time.time() if now is None else now
+    freed = 0
+    for scope, job_ids in concurrency_slots_taken(before=now - SLOT_SWEEP_GRACE_SECONDS):
+        open_ids = set(
+            Job.objects.filter(public_id__in=job_ids, status__in=NON_TERMINAL).values_list(
+                "public_id", flat=True
+            )
+        )
+        lost = [job_id for job_id in job_ids if job_id not in open_ids]
+        if not lost:
+            continue
+        with get_redis().pipeline(transaction=False) as pipe:
+            for job_id in lost:
+                concurrency_release(scope=scope, job_id=job_id, pipe=pipe)
+            pipe.execute()
+        logger.warning(
+            "freed %d concurrency slot(s) of %s whose job is over or lost: %s",
+            len(lost),
+            scope,
+            ", ".join(lost),
+        )
+        freed += len(lost)
+    return freed
 
 
 def job_expire_for_hold(*, key: str) -> Job | None:
