@@ -18,9 +18,10 @@ from accounts.errors import ApplicationError
 from accounts.redis import get_redis
 
 WINDOW_SECONDS = 60
-# A concurrency slot's default lease: the longest a job may hold its slot
-# when nothing releases it (its worker died; concurrency_slots_sweep frees
-# slots whose job is known to be over much sooner).
+# A concurrency slot's lease: the longest a job may hold its slot when nothing
+# releases it (inference's concurrency_slots_sweep frees the slots of jobs
+# known to be over much sooner). One lease for every slot, so that a slot's
+# score (its lease's end) also says when it was taken.
 SLOT_LEASE_SECONDS = 900
 
 # Checks every window, and takes a concurrency slot when asked, all or nothing.
@@ -101,12 +102,12 @@ def _window_key(kind: str, scope: str, now: float) -> str:
 
 @dataclass(frozen=True)
 class Slot:
-    """One of `limit` concurrent-job slots of `scope`, taken for `job_id` until its lease ends."""
+    """One of `limit` concurrent-job slots of `scope`, taken for `job_id` until released, or
+    for SLOT_LEASE_SECONDS."""
 
     scope: str
     limit: int
     job_id: str
-    lease: int = SLOT_LEASE_SECONDS
 
 
 @dataclass
@@ -149,7 +150,7 @@ def rate_limit_consume(
     args = [WINDOW_SECONDS, "", 0, 0, 0, 0]
     if slot is not None:
         keys.append(f"conc:{slot.scope}")
-        args[1:] = [slot.job_id, now, slot.limit, now + slot.lease, slot.lease + 60]
+        args[1:] = [slot.job_id, now, slot.limit, now + SLOT_LEASE_SECONDS, SLOT_LEASE_SECONDS + 60]
     for _kind, lim, units in counted:
         args += [lim.limit, units]
     result = _script(_TAKE)(keys=keys, args=args)
@@ -225,13 +226,13 @@ def concurrency_release(*, scope: str, job_id: str, pipe=None) -> None:
     (pipe if pipe is not None else get_redis()).zrem(f"conc:{scope}", job_id)
 
 
-def concurrency_slots_taken(*, before: float, lease: int = SLOT_LEASE_SECONDS):
-    """Yields (scope, job ids) of the concurrency slots taken before `before` (a Unix time)
-    with `lease`, scope by scope: those old enough that their job must be under way."""
+def concurrency_slots_taken(*, before: float):
+    """Yields (scope, job ids) of the concurrency slots taken before `before` (a Unix time, of
+    the clocks of the processes that took them), scope by scope."""
     redis_client = get_redis()
     for key in redis_client.scan_iter(match="conc:*", count=500):
-        # A slot's score is its lease's end, so it was taken at score - lease.
-        taken = redis_client.zrangebyscore(key, "-inf", before + lease)
+        # A slot's score is its lease's end: it was taken SLOT_LEASE_SECONDS before.
+        taken = redis_client.zrangebyscore(key, "-inf", before + SLOT_LEASE_SECONDS)
         if taken:
             yield _text(key).removeprefix("conc:"), [_text(job) for job in taken]
 

@@ -1,7 +1,6 @@
 """The model catalog is edited here by staff; jobs and their callbacks are read-only records."""
 
-from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from inference.models import CatalogModel, DedicatedCapacity, Job, JobCallback, ServerPool
 from inference.services.jobs import tokenizer_special_tokens
@@ -12,29 +11,8 @@ class ServerPoolAdmin(admin.ModelAdmin):
     list_display = ["name", "grpc_urls", "metrics_urls"]
 
 
-class CatalogModelForm(forms.ModelForm):
-    # The model and fields are the admin's (ModelAdmin.get_form).
-
-    def clean(self):
-        """A prompt_special_tokens the tokenizer cannot add is a typo that would skew every
-        hold and context check: 0 (the preprocessing adds none) or what its post-processor
-        adds. A tokenizer this process cannot read (it lives on the workers) is not checked."""
-        data = super().clean()
-        path, special = data.get("tokenizer_file"), data.get("prompt_special_tokens")
-        if path and special:
-            adds = tokenizer_special_tokens(path)
-            if adds is not None and special != adds:
-                self.add_error(
-                    "prompt_special_tokens",
-                    f"{path} adds {adds} special token(s) to a prompt: set {adds}, or 0 if the "
-                    "engine's preprocessing runs with add_special_tokens false.",
-                )
-        return data
-
-
 @admin.register(CatalogModel)
 class CatalogModelAdmin(admin.ModelAdmin):
-    form = CatalogModelForm
     list_display = [
         "name",
         "status",
@@ -49,6 +27,24 @@ class CatalogModelAdmin(admin.ModelAdmin):
     list_filter = ["status", "precision", "access_tier"]
     list_select_related = ["pool"]
     search_fields = ["name"]
+
+    def save_model(self, request, obj, form, change):
+        """Saved as given, with a warning when prompt_special_tokens differs from what the
+        tokenizer file adds: a typo there skews every hold and context check, yet the engine's
+        preprocessing may rightly differ (add_special_tokens false, or transformers rebuilding
+        the post-processor from tokenizer_config.json), so it is not refused. A tokenizer this
+        process cannot read (it lives on the workers) is not checked."""
+        super().save_model(request, obj, form, change)
+        adds = tokenizer_special_tokens(obj.tokenizer_file) if obj.tokenizer_file else None
+        if adds is not None and adds != obj.prompt_special_tokens:
+            self.message_user(
+                request,
+                f"{obj.tokenizer_file} adds {adds} special token(s) to a prompt, and "
+                f"prompt_special_tokens is {obj.prompt_special_tokens}: check what the engine's "
+                "preprocessing adds (deploy/triton/fill_repository.sh prints it). Every hold "
+                "and context check counts this value.",
+                level=messages.WARNING,
+            )
 
 
 @admin.register(DedicatedCapacity)

@@ -152,7 +152,9 @@ fi
 
 # The catalog entry must count a prompt as this deployment does (the context
 # check, the hold's bound, a prompt billed by the tokenizer): print its
-# values, read with the `tokenizers` library as the gateway reads them.
+# values. The special tokens are counted as the preprocessing model counts
+# them (transformers' AutoTokenizer, which may rebuild the post-processor
+# from tokenizer_config.json), else as the gateway reads tokenizer.json.
 echo
 echo "Catalog entry (admin: Inference > Catalog models) for this engine:"
 if ! "$PYTHON" - "$TOKENIZER_DIR" "$ENGINE_DIR" "$ADD_SPECIAL_TOKENS" <<'PY'
@@ -160,15 +162,24 @@ import json
 import sys
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 tokenizer_dir, engine_dir, add_special = sys.argv[1:]
 tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
-special = 0
+special, read_by = 0, "ADD_SPECIAL_TOKENS=false"
 if add_special == "true":
-    special = len(Tokenizer.from_file(str(tokenizer_file)).encode("", add_special_tokens=True).ids)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_dir, legacy=False, padding_side="left", trust_remote_code=True
+        )
+        special, read_by = len(tokenizer.encode("", add_special_tokens=True)), "transformers"
+    except ImportError:
+        from tokenizers import Tokenizer
+
+        encoded = Tokenizer.from_file(str(tokenizer_file)).encode("", add_special_tokens=True)
+        special, read_by = len(encoded.ids), "tokenizers (no transformers here)"
 print(f"  tokenizer_file         {tokenizer_file}  (copy it where the API and workers read it)")
-print(f"  prompt_special_tokens  {special}")
+print(f"  prompt_special_tokens  {special}  (read by {read_by})")
 config = Path(engine_dir) / "config.json"
 if config.exists():
     build = json.loads(config.read_text()).get("build_config", {})

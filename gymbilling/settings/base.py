@@ -215,8 +215,9 @@ CELERY_BEAT_SCHEDULE |= {
         "task": "inference.tasks.job_callbacks_sweep_task",
         "schedule": timedelta(seconds=INFERENCE_CALLBACK_SWEEP_SECONDS),
     },
-    # Slots of jobs that are over or were lost, freed within about two
-    # minutes instead of their 15-minute lease (concurrency_slots_sweep).
+    # Slots of jobs that are over or were lost, freed about 5 minutes after
+    # they were taken instead of at their 15-minute lease's end
+    # (concurrency_slots_sweep).
     "inference-concurrency-slots-sweep": {
         "task": "inference.tasks.concurrency_slots_sweep_task",
         "schedule": timedelta(seconds=60),

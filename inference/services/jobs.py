@@ -72,15 +72,24 @@ class SubmitParams:
     stop: tuple[str, ...] = ()
 
 
-def prompt_token_bound(prompt: str, *, special_tokens: int = 0) -> int:
-    """An upper bound of the prompt's tokens, as the engine counts them, without a tokenizer.
+def prompt_token_bound(prompt: str, *, model: CatalogModel | None = None) -> int:
+    """An upper bound of the prompt's tokens as `model`'s engine counts them, without tokenizing.
 
-    A byte-level BPE never yields more tokens than UTF-8 bytes, and the
-    engine's preprocessing adds `special_tokens` (the catalog's
-    prompt_special_tokens: a BOS) to every prompt, so holding for the two
-    can only over-reserve; the capture bills the engine's real count.
+    A byte-level BPE never yields more tokens than UTF-8 bytes. A
+    SentencePiece-style tokenizer (Llama 2, Mistral) puts a "▁" in front of
+    the text and falls back to one token a byte: one token more
+    (_bound_slack, read once from the catalog's tokenizer). And the
+    engine's preprocessing adds the catalog's prompt_special_tokens (a BOS)
+    to every prompt. Holding for the sum can only over-reserve; the capture
+    bills the engine's real count, and never more than the hold (a
+    normalizer that expands characters, NFKC's, can exceed the bound).
     """
-    return len(prompt.encode("utf-8")) + special_tokens
+    extra = 0
+    if model is not None:
+        extra = model.prompt_special_tokens
+        if model.tokenizer_file:
+            extra += _bound_slack(model.tokenizer_file)
+    return len(prompt.encode("utf-8")) + extra
 
 
 @functools.cache
@@ -128,6 +137,24 @@ def prompt_tokens_count(*, model: CatalogModel, prompt: str) -> int | None:
     return len(tokenizer.encode(prompt, add_special_tokens=False).ids) + model.prompt_special_tokens
 
 
+# One-byte texts on which a token a tokenizer prepends shows (_bound_slack).
+_PROBES = ("\x01", "a", " ", "\n")
+
+
+@functools.cache
+def _bound_slack(path: str) -> int:
+    """Tokens the tokenizer at `path` makes beyond a text's bytes (0 if it cannot be read): 1
+    for one that prepends a "▁" (Metaspace, Llama 2's Prepend normalizer), 0 for a byte-level
+    BPE. Probed on texts of one byte each, where a prepended token shows."""
+    tokenizer = _tokenizer(path)
+    if tokenizer is None:
+        return 0
+    return max(
+        0,
+        *(len(tokenizer.encode(text, add_special_tokens=False).ids) - 1 for text in _PROBES),
+    )
+
+
 def tokenizer_special_tokens(path: str) -> int | None:
     """The special tokens the tokenizer at `path` adds to a prompt (its post-processor's BOS,
     say), as a preprocessing that adds them counts; None when it cannot be read."""
@@ -164,7 +191,7 @@ def job_quote(
     """
     requested = max_tokens
     max_tokens = _max_tokens(model, max_tokens)
-    bound = prompt_token_bound(prompt, special_tokens=model.prompt_special_tokens)
+    bound = prompt_token_bound(prompt, model=model)
     max_tokens = _within_context(
         model, prompt, bound, max_tokens, requested=requested, param=prompt_field
     )
@@ -172,8 +199,7 @@ def job_quote(
     rates = Rates.of(price, priority)
     # About 4 UTF-8 bytes per token is typical of English under a BPE; the
     # real count is the engine's, at capture.
-    special = model.prompt_special_tokens
-    expected_prompt = -(-(bound - special) // 4) + special
+    expected_prompt = -(-len(prompt.encode("utf-8")) // 4) + model.prompt_special_tokens
     expected_output = min(
         max_tokens, expected_output_tokens if expected_output_tokens is not None else max_tokens
     )
@@ -218,7 +244,7 @@ def _within_context(
     Refused with 400 `context_length_exceeded` before anything is reserved,
     held or sent, as OpenAI refuses it: the catalog's limit holds even for
     an engine built for longer sequences. The prompt's byte count bounds its
-    tokens (prompt_token_bound, with the special tokens the engine adds), so
+    tokens (prompt_token_bound, with what the tokenizer and the engine add), so
     a prompt whose bound fits needs no tokenizer, which is every short
     request; a longer one is counted by the model's tokenizer (about a
     millisecond for 4 KB of English here). A max_tokens the client did not
@@ -237,9 +263,8 @@ def _within_context(
     # Tokenizing holds the GIL (about 1 ms per 4 KB, 0.5 s per MB here): a
     # prompt whose bytes alone prove it too long is refused uncounted, so no
     # request makes this process tokenize much more than its context.
-    special = model.prompt_special_tokens
     longest = _longest_token_bytes(model.tokenizer_file) * _NORMALIZER_SLACK
-    at_least = -(-(bound - special) // longest) + special
+    at_least = -(-len(prompt.encode("utf-8")) // longest) + model.prompt_special_tokens
     if prompt_limit is not None and at_least > prompt_limit:
         raise _prompt_too_long(prompt_limit, param, at_least, exact=False)
     if at_least >= limit:
@@ -340,7 +365,7 @@ def job_submit(
     if callable(prompt):
         prompt = prompt(model)
     max_tokens = _max_tokens(model, params.max_tokens)
-    bound = prompt_token_bound(prompt, special_tokens=model.prompt_special_tokens)
+    bound = prompt_token_bound(prompt, model=model)
     max_tokens = _within_context(
         model,
         prompt,
@@ -833,9 +858,13 @@ def _release_reservations(*, job: Job, used_tokens: int, pipe=None) -> None:
 # A slot whose job has no open row this long after it was taken lost its job:
 # the request died between its reservation and its hold's commit, a database
 # crash took an unflushed hold with its row, or the release after a
-# settlement went down with its worker. Far longer than a hold's statement
-# waits for its wallet.
-SLOT_SWEEP_GRACE_SECONDS = 60
+# settlement went down with its worker. Nothing bounds how long a live
+# request may take between the two (a wallet lock held, the database
+# stalled), so the grace is long enough that one that slow is an outage; the
+# cost of being wrong is one job run beyond the organization's concurrency,
+# never money. It also covers clock skew between the API hosts (the slot's
+# time) and the one running the sweep.
+SLOT_SWEEP_GRACE_SECONDS = 300
 
 
 def concurrency_slots_sweep(*, now: float | None = None) -> int:
@@ -844,8 +873,8 @@ def concurrency_slots_sweep(*, now: float | None = None) -> int:
     Without it such a slot counts against its organization's concurrent jobs
     until its lease ends (accounts.ratelimits.SLOT_LEASE_SECONDS, 15 minutes).
     Run every minute by Celery beat. A slot younger than
-    SLOT_SWEEP_GRACE_SECONDS is left alone: its job's row may not be committed
-    yet.
+    SLOT_SWEEP_GRACE_SECONDS (5 minutes) is left alone: its job's row may not
+    be committed yet.
     """
     now = time.time() if now is None else now
     freed = 0

@@ -316,8 +316,9 @@ def fresh_tokenizer_caches():
     after: a test's tokenizer file, readable or not, is never another test's."""
     from inference.services import jobs
 
-    jobs._tokenizer.cache_clear()
-    jobs._longest_token_bytes.cache_clear()
+    caches = (jobs._tokenizer, jobs._longest_token_bytes, jobs._bound_slack)
+    for cache in caches:
+        cache.cache_clear()
     yield
-    jobs._tokenizer.cache_clear()
-    jobs._longest_token_bytes.cache_clear()
+    for cache in caches:
+        cache.cache_clear()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 from django.forms.models import model_to_dict
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from accounts.errors import ApplicationError
 from inference.models import CatalogModel, Job
@@ -45,6 +45,22 @@ def bos_tokenizer(tmp_path) -> str:
     return str(path)
 
 
+@pytest.fixture
+def sentencepiece_tokenizer(tmp_path) -> str:
+    """A tokenizer.json shaped as Llama 2's and Mistral's: a "▁" put in front of the text,
+    unknown characters one token a byte, a BOS added with special tokens."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "▁squat": 4}
+    vocab |= {f"<0x{byte:02X}>": 5 + byte for byte in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    path = tmp_path / "sp-tokenizer.json"
+    tokenizer.save(str(path))
+    return str(path)
+
+
 def _engine_count(tokenizer_file: str, prompt: str) -> int:
     """num_input_tokens as a preprocessing with add_special_tokens on reports it."""
     return len(Tokenizer.from_file(tokenizer_file).encode(prompt, add_special_tokens=True).ids)
@@ -61,8 +77,26 @@ def test_the_gateway_counts_a_prompt_as_an_engine_that_adds_a_bos_does(bos_token
         # even for a 1-byte prompt (2 tokens with the BOS)
         engine = _engine_count(bos_tokenizer, prompt)
         assert jobs.prompt_tokens_count(model=model, prompt=prompt) == engine
-        assert jobs.prompt_token_bound(prompt, special_tokens=1) >= engine
+        assert jobs.prompt_token_bound(prompt, model=model) >= engine
     assert _engine_count(bos_tokenizer, "x") == 2
+
+
+def test_the_bound_covers_a_tokenizer_that_puts_a_token_in_front_of_the_text(
+    sentencepiece_tokenizer,
+):
+    # given a Llama 2-style tokenizer: one byte of text is "▁" and a byte
+    # token, and a BOS: 3 tokens as the engine counts them
+    model = CatalogModel(name="m", tokenizer_file=sentencepiece_tokenizer, prompt_special_tokens=1)
+    assert _engine_count(sentencepiece_tokenizer, "\x01") == 3
+
+    # then the gateway's bound covers every prompt's count, one byte or many
+    for prompt in ["\x01", "a", " ", "é", "squat", "plan my week, then squat", "日本"]:
+        engine = _engine_count(sentencepiece_tokenizer, prompt)
+        assert jobs.prompt_token_bound(prompt, model=model) >= engine, prompt
+        assert jobs.prompt_tokens_count(model=model, prompt=prompt) == engine
+    # and the development engine's byte-level tokenizer needs no such slack
+    dev = CatalogModel(name="dev", tokenizer_file=TOKENIZER)
+    assert jobs.prompt_token_bound("a", model=dev) == 1
 
 
 def test_a_default_max_tokens_is_cut_to_leave_room_for_the_bos(bos_tokenizer):
@@ -73,7 +107,7 @@ def test_a_default_max_tokens_is_cut_to_leave_room_for_the_bos(bos_tokenizer):
     )
     prompt = "squat " * 40
     assert _engine_count(bos_tokenizer, prompt) == 44
-    bound = jobs.prompt_token_bound(prompt, special_tokens=1)
+    bound = jobs.prompt_token_bound(prompt, model=model)
 
     # when max_tokens is left out, the default is cut so that the engine's
     # count plus it is exactly the context
@@ -145,22 +179,68 @@ def test_a_prompt_over_the_engines_input_limit_is_refused_before_anything_is_hel
     assert submit_job(org, "gym-short", prompt="squat " * 20, max_tokens=4).pk
 
 
-def test_staff_cannot_set_special_tokens_the_tokenizer_does_not_add(admin_client, bos_tokenizer):
+def test_the_engines_prompt_limit_counts_the_bos_and_yields_to_a_tighter_context(bos_tokenizer):
+    # given an engine that adds a BOS and takes prompts of at most 44 tokens
+    model = CatalogModel(
+        name="m",
+        context_limit=4096,
+        max_input_tokens=44,
+        tokenizer_file=bos_tokenizer,
+        prompt_special_tokens=1,
+    )
+    fits, over = "squat " * 40, "squat " * 41  # 43 and 44 text tokens
+    assert [_engine_count(bos_tokenizer, p) for p in (fits, over)] == [44, 45]
+
+    # then the prompt of 44 with its BOS fits, the one of 45 does not
+    assert jobs._within_context(model, fits, len(fits) + 1, 8, requested=8) == 8
+    with pytest.raises(ApplicationError) as refused:
+        jobs._within_context(model, over, len(over) + 1, 8, requested=8)
+    assert "maximum prompt length is 44 tokens. However, your prompt is 45 tokens." in str(
+        refused.value
+    )
+
+    # and an engine limit at or above the context leaves the context to decide
+    model.context_limit, model.max_input_tokens = 64, 64
+    with pytest.raises(ApplicationError) as context:
+        jobs._within_context(model, over, len(over) + 1, 20, requested=20)
+    assert "maximum context length is 64 tokens" in str(context.value)
+
+
+def test_a_prompt_refused_uncounted_counts_the_bos_too(bos_tokenizer, monkeypatch):
+    # given a 64-token context on an engine that adds a BOS, and a prompt of
+    # 1638 bytes: 63 tokens at least by its bytes (26 a token), 64 with the BOS
+    model = CatalogModel(
+        name="m", context_limit=64, tokenizer_file=bos_tokenizer, prompt_special_tokens=1
+    )
+    assert jobs._longest_token_bytes(bos_tokenizer) == 13
+    prompt = "x" * (63 * 26)
+    counted = []
+    monkeypatch.setattr(jobs, "prompt_tokens_count", lambda **kw: counted.append(kw))
+
+    # then it fills the context alone, and is refused without being tokenized
+    with pytest.raises(ApplicationError) as refused:
+        jobs._within_context(model, prompt, len(prompt) + 1, 4, requested=4)
+    assert "your prompt is 64 tokens or more" in str(refused.value)
+    assert counted == []
+
+
+def test_staff_are_warned_when_special_tokens_differ_from_what_the_tokenizer_adds(
+    admin_client, bos_tokenizer
+):
     # given a catalog entry with a tokenizer that adds one BOS
     model = served_model("gym-admin-bos", tokenizer_file=bos_tokenizer)
     url = f"/admin/inference/catalogmodel/{model.pk}/change/"
     form = {k: ("" if v is None else v) for k, v in model_to_dict(model).items()}
+    warning = "adds 1 special token(s) to a prompt, and prompt_special_tokens is"
 
-    # when staff set 2 special tokens, then the form refuses it, saying what fits
-    refused = admin_client.post(url, {**form, "prompt_special_tokens": 2})
-    assert refused.status_code == 200
-    assert "adds 1 special token(s) to a prompt: set 1, or 0" in refused.content.decode()
-    model.refresh_from_db()
-    assert model.prompt_special_tokens == 0
+    for special, warned in [(1, False), (0, True), (2, True)]:
+        # when staff save a value
+        saved = admin_client.post(url, {**form, "prompt_special_tokens": special}, follow=True)
 
-    # and 1 (what it adds) and 0 (a preprocessing without special tokens) are saved
-    for special in (1, 0):
-        saved = admin_client.post(url, {**form, "prompt_special_tokens": special})
-        assert saved.status_code == 302, saved.content.decode()[:2000]
+        # then it is saved as given (the preprocessing may rightly differ),
+        # with a warning when it is not what the tokenizer adds
+        assert saved.status_code == 200
         model.refresh_from_db()
         assert model.prompt_special_tokens == special
+        page = saved.content.decode()
+        assert (f"{warning} {special}:" in page) is warned, (special, page[:500])

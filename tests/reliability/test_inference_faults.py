@@ -271,7 +271,7 @@ def test_a_crowd_of_requests_never_overdraws_the_credits(
     max_tokens = 8
     hold = credits_worst_case(
         rates=Rates.of(model_price(model_name=MODEL), "standard"),
-        prompt_tokens=prompt_token_bound(render_chat(model, messages)),
+        prompt_tokens=prompt_token_bound(render_chat(model, messages), model=model),
         max_output_tokens=max_tokens,
     )
     budget = 50 * hold
