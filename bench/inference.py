@@ -157,6 +157,7 @@ def seed(grpc_url: str) -> Seed:
         gpu_type="cpu",
         gpu_hour_cost=0,
         context_limit=4096,
+        max_input_tokens=2048,
         max_output_tokens=1024,
         tokenizer_file="inference/engine/tokenizer.json",
         access_tier="basic",
