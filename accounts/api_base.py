@@ -43,7 +43,8 @@ MANAGERS = (Role.OWNER, Role.ADMIN)
 # endpoint never ran, so, as Stripe does, no idempotent result is stored and the
 # corrected request may be retried with the same Idempotency-Key. Views validate
 # their input before calling any service, and services raise ApplicationError,
-# never these.
+# never these; a field check that raises an ApplicationError of its own code
+# (a callback URL's) marks it `refuses_input`.
 _REFUSED_BEFORE_WORK = (
     drf_exceptions.ParseError,
     drf_exceptions.UnsupportedMediaType,
@@ -98,14 +99,26 @@ class IdCursorPagination(CursorPagination):
 
     def decode_cursor(self, request):
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
         except drf_exceptions.NotFound:
             # DRF answers 404 for a bad cursor; it is bad input, not a missing page.
-            raise ApplicationError(
-                code="invalid_cursor",
-                message="The cursor is not one this API returned; start again without it.",
-                param="cursor",
-            ) from None
+            raise _invalid_cursor() from None
+        # DRF checks the cursor's encoding, not its position: a position that
+        # is not a primary key would reach the query (a 500).
+        if cursor is not None and cursor.position is not None:
+            try:
+                int(cursor.position)
+            except ValueError:
+                raise _invalid_cursor() from None
+        return cursor
+
+
+def _invalid_cursor() -> ApplicationError:
+    return ApplicationError(
+        code="invalid_cursor",
+        message="The cursor is not one this API returned; start again without it.",
+        param="cursor",
+    )
 
 
 def acting_user(request):
@@ -253,7 +266,8 @@ class OrgApiView(APIView):
             )
             response["Idempotent-Replayed"] = "true"
             return response
-        if isinstance(exc, _REFUSED_BEFORE_WORK) or _rate_limited(exc):
+        refused_input = isinstance(exc, ApplicationError) and exc.refuses_input
+        if isinstance(exc, _REFUSED_BEFORE_WORK) or refused_input or _rate_limited(exc):
             record = getattr(self, "_idempotency_record", None)
             if record is not None:
                 self._idempotency_record = None

@@ -46,6 +46,7 @@ class ApplicationError(Exception):
         status: int = 400,
         param: str | None = None,
         extra: dict[str, Any] | None = None,
+        refuses_input: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -53,6 +54,10 @@ class ApplicationError(Exception):
         self.status = status
         self.param = param
         self.extra = extra or {}
+        # Raised by a field's own check while the view validates its input
+        # (before any work): the Idempotency-Key stays free, as for DRF's
+        # field errors (accounts.api_base._REFUSED_BEFORE_WORK).
+        self.refuses_input = refuses_input
 
     def __repr__(self) -> str:
         return (

@@ -19,7 +19,7 @@ from datetime import datetime
 from datetime import time as dt_time
 
 from django.conf import settings
-from django.http import StreamingHttpResponse
+from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template import Context, Engine
 from django.utils import timezone
@@ -123,8 +123,17 @@ class _Message(serializers.Serializer):
     content = serializers.CharField(allow_blank=True, max_length=200_000, trim_whitespace=False)
 
 
+class _JsonBoolean(serializers.BooleanField):
+    """true or false only, as OpenAI takes them: DRF's also takes "yes", "on", 1 and "0"."""
+
+    def to_internal_value(self, data):
+        if type(data) is not bool:
+            self.fail("invalid", input=data)
+        return data
+
+
 class _StreamOptions(serializers.Serializer):
-    include_usage = serializers.BooleanField(default=False)
+    include_usage = _JsonBoolean(default=False)
 
 
 class _GenerationInput(StrictSerializer):
@@ -138,7 +147,7 @@ class _GenerationInput(StrictSerializer):
     )
     stop = serializers.JSONField(required=False, allow_null=True)
     n = serializers.IntegerField(min_value=1, max_value=1, required=False, allow_null=True)
-    stream = serializers.BooleanField(default=False)
+    stream = _JsonBoolean(default=False)
     stream_options = _StreamOptions(required=False, allow_null=True)
     user = serializers.CharField(max_length=256, required=False, allow_blank=True)
     priority = serializers.ChoiceField(choices=Priority.values, default=Priority.STANDARD)
@@ -153,7 +162,20 @@ class _GenerationInput(StrictSerializer):
             or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stops)
         ):
             raise serializers.ValidationError("stop is a string or a list of up to 4 strings.")
+        if not all(_storable(s) for s in stops):
+            raise serializers.ValidationError(
+                "stop strings may not hold a NUL character or a lone surrogate."
+            )
         return stops
+
+
+def _storable(text: str) -> bool:
+    """Text PostgreSQL keeps in a JSON column: no NUL, valid UTF-8 (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def _announce_sunset(response, model: CatalogModel) -> None:
@@ -584,10 +606,7 @@ class JobDetailApi(OrgApiView):
 
     @extend_schema(responses=JobOutput, summary="A job's status, usage and result")
     def get(self, request, job_id: str):
-        job = get_object_or_404(
-            organization_jobs(organization=request.organization), public_id=job_id
-        )
-        return Response(JobOutput(job).data)
+        return Response(JobOutput(_organization_job(request, job_id)).data)
 
 
 class JobCancelApi(OrgApiView):
@@ -595,10 +614,15 @@ class JobCancelApi(OrgApiView):
 
     @extend_schema(request=None, responses=JobOutput, summary="Cancel a job")
     def post(self, request, job_id: str):
-        job = get_object_or_404(
-            organization_jobs(organization=request.organization), public_id=job_id
-        )
+        job = _organization_job(request, job_id)
         return Response(JobOutput(job_cancel(job=job)).data)
+
+
+def _organization_job(request, job_id: str) -> Job:
+    """The request's organization's job of that public id, else 404 (another's too)."""
+    if "\x00" in job_id:  # no stored id has one, and PostgreSQL refuses to compare it
+        raise Http404
+    return get_object_or_404(organization_jobs(organization=request.organization), public_id=job_id)
 
 
 class QuoteApi(OrgApiView):

@@ -76,7 +76,9 @@ def _ip_literal(host: str) -> IPAddress | None:
 
 
 def _refuse(message: str) -> ApplicationError:
-    return ApplicationError(code="invalid_callback_url", message=message, param="callback_url")
+    return ApplicationError(
+        code="invalid_callback_url", message=message, param="callback_url", refuses_input=True
+    )
 
 
 def callback_url_validate(url: str) -> str:

@@ -154,8 +154,7 @@ def _stop(value: Any) -> list[str]:
     if type(stops) is not list or len(stops) > 4:
         raise _Defer
     for stop in stops:
-        if type(stop) is not str or not 0 < len(stop) <= 64:
-            raise _Defer
+        _text(stop, allow_blank=False, max_length=64)
     return list(stops)
 
 

@@ -72,6 +72,18 @@ REFUSED = [
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": "\x00"}),
+    ("completion", {"model": "m", "prompt": "x", "stop": ["ok", "\ud800"]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": 1}),
+    (
+        "chat",
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream_options": {"include_usage": "true"},
+        },
+    ),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "a\x00b"}]}),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "\ud800"}]}),
     ("chat", {"model": "", "messages": [{"role": "user", "content": "x"}]}),
