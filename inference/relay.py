@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from django.conf import settings
+
 from accounts.redis import get_redis
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,20 @@ def relay_events(
 
 
 def relay_cancel(job_id: str) -> None:
-    get_redis().set(_cancel_key(job_id), b"1", ex=STREAM_TTL_SECONDS)
+    """Ask the job's worker to stop it, for as long as the job can still run.
+
+    A job's task may run again much later than its first run (a worker that
+    died hands it back to the end of its queue), and a run after the request
+    expired would bill in full: so it is kept until the job's hold has
+    expired, after which no run can bill anything (the job has expired).
+    """
+    ttl = max(STREAM_TTL_SECONDS, int(settings.METERING_HOLD_TTL.total_seconds()) + 60)
+    get_redis().set(_cancel_key(job_id), b"1", ex=ttl)
+
+
+def relay_cancel_requested(job_id: str) -> bool:
+    """Whether the job was asked to stop (relay_cancel), now: one Redis read."""
+    return bool(get_redis().exists(_cancel_key(job_id)))
 
 
 class _CancelWatcher:

@@ -29,13 +29,14 @@ from datetime import datetime
 
 from celery import shared_task
 from celery.signals import worker_process_shutdown
+from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from accounts.cache import cache_scope
 from accounts.redis import get_redis
 from inference import triton
 from inference.models import InputTokensSource, Job, JobStatus
-from inference.relay import relay_cancel_watch, relay_publish
+from inference.relay import relay_cancel_requested, relay_cancel_watch, relay_publish
 from inference.selectors import catalog_model_by_id, pools_for_job
 from inference.services import concurrency_slots_sweep, job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
@@ -144,6 +145,10 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     # Set by POST /api/v1/jobs/{id}/cancel, or by the API process when a
     # streaming client goes away or a waiting one times out.
     with relay_cancel_watch(job.public_id) as cancel:
+        if not engine_first and relay_cancel_requested(job.public_id):
+            # A job cancelled while running whose task came back (its worker
+            # died): the watcher would see it only after the prompt was sent.
+            cancel.set()
         result = _generate(
             engines,
             _engine_request(job, prompt),
@@ -169,11 +174,38 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     # the release is sent even if building the final event fails.
     pipe = get_redis().pipeline(transaction=False)
     try:
-        job = job_settle(job=job, outcome=outcome, status=status, pipe=pipe)
+        job = _settle(job=job, outcome=outcome, status=status, pipe=pipe)
         relay_publish(job.public_id, _final_event(job, outcome), pipe=pipe)
     finally:
         _send(pipe)
     return job.status
+
+
+# The pauses between tries of a settlement the database failed under (a
+# restart, a failover, a dropped connection, a deadlock): about 15 s in all.
+# A task that raised is not run again (acks_late hands back only the tasks
+# of a worker that died), so without them the tokens served would go
+# unbilled and the hold stay locked until it expired. After the last try
+# the job is left to that expiry: it ends expired, nothing charged.
+SETTLE_RETRY_PAUSES_S = (0.2, 1.0, 4.0, 10.0)
+
+
+def _settle(*, job: Job, outcome: Outcome, status: str, pipe) -> Job:
+    """job_settle, tried again while the database fails; it settles a job once however often
+    it is called (a try whose commit went through and whose answer was lost is claimed)."""
+    pauses = iter(SETTLE_RETRY_PAUSES_S)
+    while True:
+        try:
+            return job_settle(job=job, outcome=outcome, status=status, pipe=pipe)
+        except (OperationalError, InterfaceError):
+            pause = next(pauses, None)
+            if pause is None:
+                raise
+            logger.warning(
+                "job %s: its settlement failed; trying again in %g s", job, pause, exc_info=True
+            )
+            connection.close()  # a broken connection: the next try opens a new one
+            time.sleep(pause)
 
 
 def _generate(

@@ -477,15 +477,24 @@ def _job_publish(job: Job, prompt: str, spec: dict) -> None:
         )
     except Exception:
         logger.exception("job %s: its task message could not be sent; cancelling it", job)
+        status = None
         try:
-            _cancel_if_queued(job)
+            # The cancel key too: a message the broker took although its
+            # answer was lost may have reached a worker that started the job.
+            status = job_cancel(job=job).status
         except Exception:
             # The hold then expires, and the job with it (job expiry).
             logger.exception("job %s: could not cancel the job whose message was not sent", job)
+        if status == JobStatus.CANCELED and Job.objects.get(pk=job.pk).credits_charged == 0:
+            message = "The job could not be queued; nothing was charged. Retry shortly."
+        else:
+            message = (
+                f"The job could not be confirmed as queued, and was cancelled; if a worker had "
+                f"started it, it is charged only for what it served: see GET /api/v1/jobs/"
+                f"{job.public_id} before you retry."
+            )
         raise ApplicationError(
-            code="engine_unavailable",
-            message="The job could not be queued; nothing was charged. Retry shortly.",
-            status=503,
+            code="engine_unavailable", message=message, status=503, extra={"job_id": job.public_id}
         ) from None
 
 

@@ -22,16 +22,19 @@ import os
 import signal
 import time
 
+import psycopg
 import pytest
 from celery import uuid
 from celery.worker.request import Request
+from django.conf import settings
 from django.db import connection
 from kombu.message import Message
 from kombu.serialization import dumps
 
+from accounts.redis import get_redis
 from inference import tasks, triton
 from inference.models import DedicatedCapacity, Job, JobStatus, ServerPool
-from inference.relay import relay_events
+from inference.relay import relay_cancel, relay_events
 from inference.services import job_settle
 from inference.services.jobs import ENGINE_SPEC_HEADER, Outcome, job_engine_spec
 from metering.models import Hold, HoldStatus, UsageRecord
@@ -300,6 +303,67 @@ def test_a_job_cancelled_before_its_late_message_arrived_is_never_sent(queued_jo
     # counter once per model: the ensemble and its step)
     per_request = 2
     assert _served_when_idle(engine) == served + per_request
+
+
+def test_a_running_job_cancelled_before_its_task_came_back_is_not_sent_again(queued_job, engine):
+    # given a job that was running when its worker died (its task goes back to
+    # the end of the queue), and that its client cancelled meanwhile
+    assert tasks.job_start(job_pk=queued_job.pk, public_id=queued_job.public_id) is not None
+    relay_cancel(queued_job.public_id)
+    # the cancel outlives the job's hold, however long the queue is
+    hold_ttl = int(settings.METERING_HOLD_TTL.total_seconds())
+    assert get_redis().ttl(f"jobcancel:{queued_job.public_id}") > hold_ttl
+    served = _served(engine)
+
+    # when its task runs again, late
+    status = _run(queued_job, _spec(queued_job, age_s=60))
+
+    # then it ends cancelled without reaching the engine, nothing billed
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.CANCELED
+    assert (job.credits_charged, job.input_tokens, job.output_tokens) == (0, 0, 0)
+    assert Hold.objects.get(key=queued_job.public_id).status == HoldStatus.RELEASED
+    assert _served_when_idle(engine) == served
+
+
+def test_a_settlement_the_database_fails_under_is_tried_again(queued_job, monkeypatch):
+    # given a job the engine served, and a database connection that the
+    # server ends (a restart, a failover) just before the job settles
+    monkeypatch.setattr(tasks, "SETTLE_RETRY_PAUSES_S", (0.05, 0.05))
+    job = tasks.job_start(job_pk=queued_job.pk, public_id=queued_job.public_id)
+    job.model, job.model_price = queued_job.model, queued_job.model_price
+    outcome = Outcome(
+        text="Squat.", input_tokens=3, output_tokens=4, finish_reason="length", engine_ms=2
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [pid] = cursor.fetchone()
+    with _admin_connection() as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    # when it settles
+    pipe = get_redis().pipeline(transaction=False)
+    settled = tasks._settle(job=job, outcome=outcome, status=JobStatus.SUCCEEDED, pipe=pipe)
+    pipe.execute()
+
+    # then it settled once, on a new connection, billed for what was served
+    assert settled.status == Job.objects.get(pk=job.pk).status == JobStatus.SUCCEEDED
+    hold = Hold.objects.get(key=job.public_id)
+    assert hold.status == HoldStatus.CAPTURED and hold.captured == settled.credits_charged > 0
+    assert UsageRecord.objects.filter(job_id=job.public_id).count() == 1
+
+
+def _admin_connection() -> psycopg.Connection:
+    """A second connection to the test database, as Django's settings name it."""
+    db = connection.settings_dict
+    return psycopg.connect(
+        dbname=db["NAME"],
+        user=db["USER"],
+        password=db["PASSWORD"] or None,
+        host=db["HOST"] or "127.0.0.1",
+        port=db["PORT"] or 5432,
+        autocommit=True,
+    )
 
 
 # -- dedicated capacity: an organization's jobs go to its own pool first -------------------

@@ -20,6 +20,7 @@ from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, rate_limit_consume
 from accounts.redis import get_redis
 from inference.models import Job, JobStatus
+from inference.relay import relay_cancel_requested
 from inference.services import jobs
 from metering.models import Hold, HoldStatus
 from metering.selectors import model_price, organization_balance
@@ -199,3 +200,38 @@ def test_a_job_whose_message_the_broker_refuses_is_cancelled_and_takes_nothing(g
     assert organization_balance(organization=org) == before
     assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == tokens_left
     assert get_redis().zscore(f"conc:org:{org.pk}", job.public_id) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_a_worker_started_although_the_brokers_answer_was_lost_is_cancelled_not_denied(
+    grant, monkeypatch
+):
+    # given a broker that took the job's message but whose answer was lost
+    # (its socket timed out after the push), while a worker started the job.
+    # Stood in at the broker client's one entry point: a reply lost after a
+    # push cannot be made to happen on demand with a real Redis.
+    org = OrganizationFactory()
+    served_model(MODEL)
+    grant(org, credits(10))
+
+    def pushed_but_unanswered(_task, *, args, **_kwargs):
+        jobs.job_start(job_pk=args[0])  # what the worker that took it did meanwhile
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(jobs, "task_publish", pushed_but_unanswered)
+
+    # when a job is submitted
+    with pytest.raises(ApplicationError) as failed:
+        submit_job(org, MODEL)
+
+    # then the client is not told that nothing was charged: the job is
+    # running, so its worker is asked to stop it (it then settles for what
+    # it served), and the answer names the job to look at
+    [job] = Job.objects.filter(organization=org)
+    assert (failed.value.code, failed.value.status) == ("engine_unavailable", 503)
+    assert "nothing was charged" not in failed.value.message
+    assert f"GET /api/v1/jobs/{job.public_id}" in failed.value.message
+    assert failed.value.extra == {"job_id": job.public_id}
+    assert job.status == JobStatus.RUNNING
+    assert relay_cancel_requested(job.public_id)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.PENDING
