@@ -34,7 +34,7 @@ from accounts.api_base import OrgApiView, StrictSerializer, acting_key
 from accounts.errors import ApplicationError, error_body
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
-from inference.models import CatalogModel, Job, ModelStatus
+from inference.models import CatalogModel, Job, JobStatus, ModelStatus
 from inference.openai_body import generation_body
 from inference.relay import HEARTBEAT, relay_events
 from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 # notice a client gone (and cancel its job) only start after it, and a client
 # that hangs up before its first token should pay for as little as it can.
 STREAM_FIRST_EVENT_WAIT_S = 0.5
+
+# How long a request the gateway stopped waiting for waits for its job's last
+# event once it asked the worker to cancel it: the cancel reaches the worker
+# within its poll (0.1 s), and the settlement follows the engine's end.
+FINAL_AFTER_CANCEL_WAIT_S = 2.0
 
 # Chat templates are plain text, not HTML: nothing may be escaped.
 _TEMPLATES = Engine(autoescape=False)
@@ -275,7 +280,7 @@ class _GenerationApi(OrgApiView):
             try:
                 first = self.first_event(events)
             except TimeoutError:
-                raise self.timed_out(job) from None
+                raise self.timed_out(job, self.final_after_cancel(job)) from None
             except Exception:
                 _cancel_abandoned(job)  # nobody will read it (Redis failed under us)
                 raise
@@ -317,19 +322,40 @@ class _GenerationApi(OrgApiView):
                 if event["type"] in ("done", "error"):
                     return event
         except TimeoutError:
-            raise _GenerationApi.timed_out(job) from None
+            final = _GenerationApi.final_after_cancel(job)
+            if final is not None and final["status"] == JobStatus.SUCCEEDED:
+                return final  # it finished as the wait ended: answered, as it was billed
+            raise _GenerationApi.timed_out(job, final) from None
         raise ApplicationError(
             code="engine_error", message="The job ended without a result.", status=502
         )
 
     @staticmethod
-    def timed_out(job: Job) -> ApplicationError:
-        """The gateway stopped waiting for the job: it is cancelled (_cancel_abandoned)."""
+    def final_after_cancel(job: Job) -> dict | None:
+        """The gateway stopped waiting: the job is cancelled (_cancel_abandoned), and its last
+        event read once more, for up to FINAL_AFTER_CANCEL_WAIT_S, so that what it was billed
+        is known (it may even have finished as the wait ended); None if it did not come."""
         _cancel_abandoned(job)
+        try:
+            for event in relay_events(job.public_id, timeout_s=FINAL_AFTER_CANCEL_WAIT_S):
+                if event["type"] in ("done", "error"):
+                    return event
+        except Exception:  # TimeoutError, or Redis failing: the answer is a 504 either way
+            return None
+        return None
+
+    @staticmethod
+    def timed_out(job: Job, final: dict | None) -> ApplicationError:
+        """The 504 of a job the gateway stopped waiting for, with its charge when known."""
+        if final is None:
+            charged = f"it is charged only for what it served: see GET /api/v1/jobs/{job.public_id}"
+        else:
+            charged = f"it was charged {amount_display(final['credits_charged'])} credits for what it served"
         return ApplicationError(
             code="engine_timeout",
-            message="The model did not answer in time; you were charged only for tokens served.",
+            message=f"The model did not answer in time; the job was cancelled, and {charged}.",
             status=504,
+            extra={"job_id": job.public_id},
         )
 
     @staticmethod

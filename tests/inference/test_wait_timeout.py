@@ -1,0 +1,87 @@
+"""A request the gateway stops waiting for: its job is cancelled, and the answer says what it cost.
+
+The job's last event can come just after the wait ends (the job finished
+then, or its worker settled the cancel): it is read once more, so a job that
+succeeded is answered as it was billed, and a cancelled one's 504 carries its
+real charge. The wait is made to end at once (INFERENCE_TIMEOUT_SECONDS 0);
+the worker's side is played by the real settlement and relay.
+
+One database transaction per test, never committed: no job's task is sent.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from accounts.errors import ApplicationError
+from inference import apis, tasks
+from inference.models import Job, JobStatus
+from inference.relay import relay_cancel_requested, relay_publish
+from inference.services import job_settle, job_start
+from inference.services.jobs import Outcome
+from metering.services.postings import amount_display
+from tests.factories import OrganizationFactory
+from tests.helpers import credits, served_model, submit_job
+
+pytestmark = pytest.mark.django_db
+
+MODEL = "gym-wait"
+
+
+@pytest.fixture
+def running_job(grant, settings, monkeypatch) -> Job:
+    settings.INFERENCE_TIMEOUT_SECONDS = 0
+    monkeypatch.setattr(apis, "FINAL_AFTER_CANCEL_WAIT_S", 0.2)
+    served_model(MODEL)
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = submit_job(org, MODEL, max_tokens=8)
+    return job_start(job_pk=job.pk, public_id=job.public_id)
+
+
+def _settled_by_its_worker(job: Job, status: str, output_tokens: int) -> dict:
+    """What the worker does at the end: settle, then publish the final event."""
+    outcome = Outcome(
+        text="Squat low.",
+        input_tokens=5,
+        output_tokens=output_tokens,
+        finish_reason="length" if status == JobStatus.SUCCEEDED else "cancelled",
+    )
+    settled = job_settle(job=job, outcome=outcome, status=status)
+    event = tasks._final_event(settled, outcome)
+    relay_publish(job.public_id, event)
+    return event
+
+
+def test_a_job_that_finished_as_the_wait_ended_is_answered_as_it_was_billed(running_job):
+    # given a job whose worker settled it and sent its answer just as the wait ended
+    sent = _settled_by_its_worker(running_job, JobStatus.SUCCEEDED, output_tokens=8)
+
+    # when the API stops waiting, then the answer is the job's, not a 504
+    assert apis._GenerationApi.wait(running_job) == sent
+    assert sent["credits_charged"] > 0
+
+
+def test_a_job_cancelled_at_the_timeout_is_a_504_with_its_real_charge(running_job):
+    # given a job whose worker settles the cancel for the 3 tokens it served
+    sent = _settled_by_its_worker(running_job, JobStatus.CANCELED, output_tokens=3)
+
+    # when the API stops waiting
+    with pytest.raises(ApplicationError) as timed_out:
+        apis._GenerationApi.wait(running_job)
+
+    # then its worker was told to stop, and the 504 says what the job cost
+    assert relay_cancel_requested(running_job.public_id)
+    assert (timed_out.value.code, timed_out.value.status) == ("engine_timeout", 504)
+    charged = amount_display(sent["credits_charged"])
+    assert f"charged {charged} credits for what it served" in timed_out.value.message
+    assert timed_out.value.extra == {"job_id": running_job.public_id}
+
+
+def test_a_job_that_says_nothing_after_the_cancel_is_a_504_that_names_it(running_job):
+    with pytest.raises(ApplicationError) as timed_out:
+        apis._GenerationApi.wait(running_job)
+    assert timed_out.value.status == 504
+    assert f"see GET /api/v1/jobs/{running_job.public_id}" in timed_out.value.message
+    assert relay_cancel_requested(running_job.public_id)
+    assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING  # its worker settles it
