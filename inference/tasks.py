@@ -31,6 +31,7 @@ from celery import shared_task
 from celery.signals import worker_process_shutdown
 from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from accounts.cache import cache_scope
 from accounts.redis import get_redis
@@ -134,13 +135,23 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     ]
     first_token: list[datetime] = []
 
+    relay_lost: list[RedisError] = []
+
     def on_delta(text: str) -> None:
         # An asynchronous job is streamed from the engine too (_engine_request):
         # its first token is stamped, but nobody reads its deltas.
         if not first_token:
             first_token.append(timezone.now())
-        if job.stream:
-            relay_publish(job.public_id, {"type": "delta", "text": text})
+        if job.stream and not relay_lost:
+            try:
+                relay_publish(job.public_id, {"type": "delta", "text": text})
+            except RedisError as exc:
+                # Nobody can read the rest: the engine is stopped and the job
+                # settles for what it produced. Raised here, it would leave the
+                # job unsettled (and its tokens unbilled) until its hold expired.
+                logger.warning("job %s: its tokens cannot be relayed (%r); stopping it", job, exc)
+                relay_lost.append(exc)
+                cancel.set()
 
     # Set by POST /api/v1/jobs/{id}/cancel, or by the API process when a
     # streaming client goes away or a waiting one times out.

@@ -24,6 +24,7 @@ import time
 
 import psycopg
 import pytest
+import redis
 from celery import uuid
 from celery.worker.request import Request
 from django.conf import settings
@@ -34,7 +35,7 @@ from kombu.serialization import dumps
 from accounts.redis import get_redis
 from inference import tasks, triton
 from inference.models import DedicatedCapacity, Job, JobStatus, ServerPool
-from inference.relay import relay_cancel, relay_events
+from inference.relay import relay_cancel, relay_events, relay_publish
 from inference.services import job_settle
 from inference.services.jobs import ENGINE_SPEC_HEADER, Outcome, job_engine_spec
 from metering.models import Hold, HoldStatus, UsageRecord
@@ -261,6 +262,40 @@ def test_a_fresh_streamed_job_relays_its_tokens_and_settles_once(queued_job):
     assert "".join(event["text"] for event in deltas) == final["text"] != ""
     [record] = UsageRecord.objects.filter(job_id=job.public_id)
     assert record.output_tokens == 4 and record.credits == job.credits_charged > 0
+
+
+def test_a_streamed_job_whose_relay_fails_is_stopped_and_billed_for_what_it_produced(
+    queued_job, monkeypatch
+):
+    # given a streamed job of 8 tokens, and a relay whose Redis fails from its
+    # second token on. Stood in at the relay's publish: a real Redis outage
+    # would stop every other test's relay too.
+    Job.objects.filter(pk=queued_job.pk).update(
+        stream=True, params=queued_job.params | {"max_tokens": 8}
+    )
+    queued_job.refresh_from_db()
+    published = []
+
+    def failing_after_one(job_id, event, pipe=None):
+        if pipe is None and event["type"] == "delta" and published:
+            raise redis.ConnectionError("Connection reset by peer")
+        published.append(event)
+        relay_publish(job_id, event, pipe=pipe)
+
+    monkeypatch.setattr(tasks, "relay_publish", failing_after_one)
+
+    # when it runs
+    status = _run(queued_job, _spec(queued_job))
+
+    # then the engine was stopped, and the job settled once for what it
+    # produced (at least the relayed token, fewer than asked)
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.CANCELED
+    assert 1 <= job.output_tokens < 8 and job.credits_charged > 0
+    hold = Hold.objects.get(key=job.public_id)
+    assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, job.credits_charged)
+    [record] = UsageRecord.objects.filter(job_id=job.public_id)
+    assert record.output_tokens == job.output_tokens
 
 
 def test_a_job_cancelled_before_its_fresh_message_arrived_is_abandoned_not_settled_again(
