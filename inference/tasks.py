@@ -156,7 +156,7 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     # Set by POST /api/v1/jobs/{id}/cancel, or by the API process when a
     # streaming client goes away or a waiting one times out.
     with relay_cancel_watch(job.public_id) as cancel:
-        if not engine_first and relay_cancel_requested(job.public_id):
+        if getattr(job, "restarted", False) and relay_cancel_requested(job.public_id):
             # A job cancelled while running whose task came back (its worker
             # died): the watcher would see it only after the prompt was sent.
             cancel.set()

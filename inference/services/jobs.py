@@ -582,6 +582,8 @@ RETURNING {sql.columns(Job)}
 def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
     """Mark a queued (or redelivered running) job running and return it; None if it ended.
 
+    The job returned says whether it was running already (`restarted`).
+
     `public_id` (the task message's engine spec carries it): only the job of
     that id. A primary key alone may not name the job the message was sent
     for: a hold placed without waiting for the WAL flush (hold_place's
@@ -597,9 +599,15 @@ def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
         "running": JobStatus.RUNNING,
     }
     if not sql.available():
-        return next(iter(Job.objects.raw(_START, params)), None)
-    row = sql.execute(_start_prepared(), params)
-    return sql.from_row(Job, row) if row is not None else None
+        job = next(iter(Job.objects.raw(_START, params)), None)
+    else:
+        row = sql.execute(_start_prepared(), params)
+        job = sql.from_row(Job, row) if row is not None else None
+    if job is not None:
+        # Started before (it keeps its first start time): a task run again
+        # after its worker died, which may have been cancelled meanwhile.
+        job.restarted = job.started_at != params["now"]
+    return job
 
 
 def serving_cost(*, engine_ms: int, gpu_hour_cost: int, tensor_parallel: int) -> int:

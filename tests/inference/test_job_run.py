@@ -343,7 +343,8 @@ def test_a_job_cancelled_before_its_late_message_arrived_is_never_sent(queued_jo
 def test_a_running_job_cancelled_before_its_task_came_back_is_not_sent_again(queued_job, engine):
     # given a job that was running when its worker died (its task goes back to
     # the end of the queue), and that its client cancelled meanwhile
-    assert tasks.job_start(job_pk=queued_job.pk, public_id=queued_job.public_id) is not None
+    first = tasks.job_start(job_pk=queued_job.pk, public_id=queued_job.public_id)
+    assert first is not None and not first.restarted
     relay_cancel(queued_job.public_id)
     # the cancel outlives the job's hold, however long the queue is
     hold_ttl = int(settings.METERING_HOLD_TTL.total_seconds())
