@@ -173,6 +173,13 @@ class _GenerationInput(StrictSerializer):
             )
         return stops
 
+    def validate(self, attrs):
+        if attrs.get("stream_options") is not None and not attrs.get("stream"):
+            raise serializers.ValidationError(
+                {"stream_options": "stream_options is only allowed when stream is true."}
+            )
+        return attrs
+
 
 def _storable(text: str) -> bool:
     """Text PostgreSQL keeps in a JSON column: no NUL, valid UTF-8 (no lone surrogate)."""
@@ -598,6 +605,7 @@ class JobListCreateApi(_GenerationApi):
             return callback_url_validate(value) if value else ""
 
         def validate(self, attrs):
+            attrs = super().validate(attrs)
             if ("messages" in attrs) == ("prompt" in attrs):
                 raise serializers.ValidationError(
                     {"messages": "Give either messages (chat) or prompt (completion)."}
@@ -665,6 +673,7 @@ class QuoteApi(OrgApiView):
         expected_output_tokens = serializers.IntegerField(min_value=0, required=False)
 
         def validate(self, attrs):
+            attrs = super().validate(attrs)
             if ("messages" in attrs) == ("prompt" in attrs):
                 raise serializers.ValidationError(
                     {"messages": "Give either messages (chat) or prompt (completion)."}

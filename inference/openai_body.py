@@ -78,6 +78,8 @@ def generation_body(data: Any, *, kind: str) -> dict | None:
         out["stream"] = _bool(data.get("stream", False))
         if "stream_options" in data:
             out["stream_options"] = _stream_options(data["stream_options"])
+            if out["stream_options"] is not None and not out["stream"]:
+                raise _Defer  # refused: only with stream
         if "user" in data:
             out["user"] = _name(data["user"], 256, allow_blank=True)
         priority = data.get("priority", _STANDARD)

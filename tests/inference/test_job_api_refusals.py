@@ -104,3 +104,15 @@ def test_a_refused_callback_url_leaves_the_idempotency_key_for_the_corrected_ret
 def test_stream_is_true_or_false_only(api, stream):
     error = _error(api.post("/v1/chat/completions", {**CHAT, "stream": stream}, format="json"), 400)
     assert (error["code"], error["param"]) == ("invalid_request", "stream")
+
+
+def test_stream_options_come_only_with_stream(api):
+    error = _error(
+        api.post(
+            "/v1/chat/completions",
+            {**CHAT, "stream_options": {"include_usage": True}},
+            format="json",
+        ),
+        400,
+    )
+    assert (error["code"], error["param"]) == ("invalid_request", "stream_options")

@@ -55,7 +55,19 @@ ORDINARY = [
     ),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": None}),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "bc"]}),
-    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {}}),
+    (
+        "chat",
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": None},
+    ),
+    (
+        "chat",
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "stream_options": {},
+        },
+    ),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": None}),
     ("completion", {"model": "gym-tiny", "prompt": "Once upon a time", "max_tokens": 8}),
     ("completion", {"model": "gym-tiny", "prompt": "   ", "user": ""}),
@@ -76,6 +88,7 @@ REFUSED = [
     ("completion", {"model": "m", "prompt": "x", "stop": ["ok", "\ud800"]}),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": 1}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {}}),
     (
         "chat",
         {
