@@ -326,6 +326,7 @@ class _Server:
         # not record its answer, which may predate the failure.
         self.epoch = 0
         self.inflight = 0
+        self.picked = 0  # requests ever routed here (only grows): see _scrape_load_and_release
         self.idle: list[_Stream] = []  # LIFO: the most recently used stream first
         # What other clients (other processes) have running on it, from its
         # metrics (_scrape_load_and_release): `others` as of `load_at` (None:
@@ -629,6 +630,7 @@ class ServerPool:
                 ),
             )
             server.inflight += 1
+            server.picked += 1
         return server
 
     def _others(self, server: _Server, now: float) -> int | None:
@@ -691,7 +693,7 @@ class ServerPool:
 
     def _scrape_load_and_release(self, server: _Server) -> None:
         try:
-            before = server.inflight
+            before, picked_before = server.inflight, server.picked
             try:
                 load = engine_load(
                     scrape_samples(server.metrics_url, timeout_s=self.connect_timeout_s)
@@ -710,10 +712,15 @@ class ServerPool:
             if server.load_failing:
                 server.load_failing = False
                 logger.info("triton %s: load read again", server.url)
-            # Triton counts this process's requests too. Those in flight while
-            # it was read are between `before` and now's count: taking the
-            # larger errs towards fewer others, i.e. towards local counts.
-            server.others = max(0, load - max(before, server.inflight))
+            # Triton counts this process's requests too: at most those in
+            # flight when the reading began and those routed here while it
+            # ran (one that started and ended within it may have been
+            # counted, yet is in neither `before` nor the count after it, and
+            # would read as another client's until the next reading, drawing
+            # this process's requests to the other servers). Erring towards
+            # fewer others errs towards this process's own counts.
+            ours = before + server.picked - picked_before
+            server.others = max(0, load - ours)
             server.load_at = time.monotonic()
         finally:
             server.read_at = time.monotonic()

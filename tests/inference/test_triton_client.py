@@ -762,7 +762,11 @@ def test_routing_counts_the_requests_other_clients_have_on_each_server(
             ]
         finally:
             busy.stop()
-        wait_until(lambda: others() == 0, timeout=30, what="the load to be read again")
+        wait_until(
+            lambda: [others(server) for server in pool._servers] == [0, 0],
+            timeout=30,
+            what="both servers to read idle again",
+        )
         after = [pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in (1, 2)]
     finally:
         pool.close()
@@ -901,3 +905,37 @@ def test_a_pool_needs_one_metrics_url_per_server_or_none():
     # when / then
     with pytest.raises(ValueError, match="one url per gRPC url"):
         ServerPool(["127.0.0.1:1", "127.0.0.1:2"], metrics_urls=["http://127.0.0.1:3/metrics"])
+
+
+def test_a_request_of_this_pool_that_ends_while_the_load_is_read_is_not_read_as_another_clients(
+    monkeypatch,
+):
+    # given a pool of two servers with metrics urls, one of whose requests is
+    # routed to the first and ends while that server's metrics are read: the
+    # reading, taken meanwhile, counts it (1 pending). Stood in at the
+    # module's metrics read: a real server cannot be made to answer at the
+    # one moment that request is in its queue.
+    pool = ServerPool(
+        ["127.0.0.1:1", "127.0.0.1:2"],
+        metrics_urls=["http://127.0.0.1:3/metrics", "http://127.0.0.1:4/metrics"],
+    )
+    server = pool._servers[0]
+
+    def reading_while_one_of_ours_ran(_url, *, timeout_s):
+        with pool._lock:  # routed there, as _pick routes ...
+            server.inflight += 1
+            server.picked += 1
+        with pool._lock:  # ... and answered, as a request's end counts it
+            server.inflight -= 1
+        return [triton_module.Sample(triton_module.TRITON_PENDING, {"model": "ensemble"}, 1.0)]
+
+    monkeypatch.setattr(triton_module, "scrape_samples", reading_while_one_of_ours_ran)
+    try:
+        # when its load is read
+        server.load_lock.acquire()
+        pool._scrape_load_and_release(server)
+    finally:
+        pool.close()
+
+    # then the request counted there is this pool's own, not another client's
+    assert server.others == 0
