@@ -35,7 +35,7 @@ from accounts.errors import ApplicationError, error_body
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
 from inference.models import CatalogModel, Job, JobStatus, ModelStatus
-from inference.openai_body import generation_body
+from inference.openai_body import generation_body, text_storable
 from inference.relay import HEARTBEAT, relay_events
 from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
 from inference.services import job_cancel, job_submit
@@ -167,7 +167,7 @@ class _GenerationInput(StrictSerializer):
             or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stops)
         ):
             raise serializers.ValidationError("stop is a string or a list of up to 4 strings.")
-        if not all(_storable(s) for s in stops):
+        if not all(text_storable(s) for s in stops):
             raise serializers.ValidationError(
                 "stop strings may not hold a NUL character or a lone surrogate."
             )
@@ -179,15 +179,6 @@ class _GenerationInput(StrictSerializer):
                 {"stream_options": "stream_options is only allowed when stream is true."}
             )
         return attrs
-
-
-def _storable(text: str) -> bool:
-    """Text PostgreSQL keeps in a JSON column: no NUL, valid UTF-8 (no lone surrogate)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
 
 
 def _announce_sunset(response, model: CatalogModel) -> None:

@@ -91,17 +91,22 @@ def generation_body(data: Any, *, kind: str) -> dict | None:
     return out
 
 
+def text_storable(text: str) -> bool:
+    """Text PostgreSQL stores: no NUL, and valid UTF-8 (encode() refuses a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def _text(value: Any, *, allow_blank: bool, max_length: int = _MAX_TEXT) -> str:
-    # As DRF's CharField(trim_whitespace=False): a string, no NUL, no lone
-    # surrogate (encode() refuses those), at most max_length characters.
-    if type(value) is not str or len(value) > max_length or "\x00" in value:
+    # As DRF's CharField(trim_whitespace=False): a string, storable, at most
+    # max_length characters.
+    if type(value) is not str or len(value) > max_length or not text_storable(value):
         raise _Defer
     if not value and not allow_blank:
         raise _Defer
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Defer from None
     return value
 
 

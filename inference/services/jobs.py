@@ -477,15 +477,19 @@ def _job_publish(job: Job, prompt: str, spec: dict) -> None:
         )
     except Exception:
         logger.exception("job %s: its task message could not be sent; cancelling it", job)
-        status = None
+        cancelled = None
         try:
             # The cancel key too: a message the broker took although its
             # answer was lost may have reached a worker that started the job.
-            status = job_cancel(job=job).status
+            cancelled = job_cancel(job=job)
         except Exception:
             # The hold then expires, and the job with it (job expiry).
             logger.exception("job %s: could not cancel the job whose message was not sent", job)
-        if status == JobStatus.CANCELED and Job.objects.get(pk=job.pk).credits_charged == 0:
+        if (
+            cancelled is not None
+            and cancelled.status == JobStatus.CANCELED
+            and cancelled.credits_charged == 0
+        ):
             message = "The job could not be queued; nothing was charged. Retry shortly."
         else:
             message = (
@@ -894,28 +898,28 @@ def concurrency_slots_sweep(*, now: float | None = None) -> int:
     be committed yet.
     """
     now = time.time() if now is None else now
-    freed = 0
-    for scope, job_ids in concurrency_slots_taken(before=now - SLOT_SWEEP_GRACE_SECONDS):
-        open_ids = set(
-            Job.objects.filter(public_id__in=job_ids, status__in=NON_TERMINAL).values_list(
-                "public_id", flat=True
-            )
-        )
-        lost = [job_id for job_id in job_ids if job_id not in open_ids]
-        if not lost:
-            continue
+    taken = list(concurrency_slots_taken(before=now - SLOT_SWEEP_GRACE_SECONDS))
+    # One query for every scope's jobs, one round trip for every release.
+    open_ids = set(
+        Job.objects.filter(
+            public_id__in=[job_id for _scope, job_ids in taken for job_id in job_ids],
+            status__in=NON_TERMINAL,
+        ).values_list("public_id", flat=True)
+    )
+    lost = [
+        (scope, job_id) for scope, job_ids in taken for job_id in job_ids if job_id not in open_ids
+    ]
+    if lost:
         with get_redis().pipeline(transaction=False) as pipe:
-            for job_id in lost:
+            for scope, job_id in lost:
                 concurrency_release(scope=scope, job_id=job_id, pipe=pipe)
             pipe.execute()
         logger.warning(
-            "freed %d concurrency slot(s) of %s whose job is over or lost: %s",
+            "freed %d concurrency slot(s) whose job is over or lost: %s",
             len(lost),
-            scope,
-            ", ".join(lost),
+            ", ".join(f"{scope}/{job_id}" for scope, job_id in lost),
         )
-        freed += len(lost)
-    return freed
+    return len(lost)
 
 
 def job_expire_for_hold(*, key: str) -> Job | None:
