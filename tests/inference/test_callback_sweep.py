@@ -3,6 +3,11 @@
 The sweep test runs inside one uncommitted test transaction: the messages the
 sweep sends find no row a worker could see, so what is asserted is what the
 sweep itself claims.
+
+The callback's job is written directly, already ended (as a job with a
+callback is): submitting one would send its Celery task on commit in the
+transactional test, and the session's worker, shared with other modules, would
+run it while the test's teardown empties the tables.
 """
 
 from __future__ import annotations
@@ -12,18 +17,31 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from inference.models import CallbackStatus, JobCallback
+from inference.models import CallbackStatus, Job, JobCallback, JobStatus
 from inference.services.callbacks import _lease, job_callback_deliver, job_callbacks_sweep
-from tests.inference.test_job_cancel import queued_job  # noqa: F401  (fixture)
+from metering.selectors import model_price
+from tests.factories import OrganizationFactory
+from tests.helpers import served_model
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def due_callback(queued_job):  # noqa: F811
+def due_callback():
+    model = served_model("gym-sweep", access_tier="basic")
+    job = Job.objects.create(
+        public_id="job_sweep_test",
+        organization=OrganizationFactory(),
+        model=model,
+        model_price=model_price(model_name="gym-sweep"),
+        status=JobStatus.SUCCEEDED,
+        params={"max_tokens": 4},
+        hold_amount=0,
+        finished_at=timezone.now(),
+    )
     return JobCallback.objects.create(
-        job=queued_job,
-        organization=queued_job.organization,
+        job=job,
+        organization=job.organization,
         event_id="evt_sweep",
         event_type="job.succeeded",
         url="https://hooks.example.com/x",
