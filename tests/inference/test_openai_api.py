@@ -23,12 +23,12 @@ from accounts.models import Scope
 from accounts.redis import get_redis
 from accounts.services import apikey_create
 from inference.engine.tokenizer import count_tokens
-from inference.models import CatalogModel, Job, JobStatus, ModelStatus, ServerPool
+from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ModelStatus, ServerPool
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import organization_balance
 from metering.services import Rates, Usage, credits_for_usage, price_book_publish
 from tests.factories import OrganizationFactory
-from tests.helpers import StatementLog, credits
+from tests.helpers import StatementLog, credits, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -436,6 +436,13 @@ def test_the_job_list_pages_with_a_cursor_newest_first(gym):
     assert [j["id"] for j in first["results"]] == ids[::-1][:2]
     assert [j["id"] for j in second["results"]] == ids[::-1][2:]
     assert second["next"] is None
+
+    # and the jobs end before the test does: the session's worker runs them,
+    # and one settling while the teardown empties the tables fails the flush
+    wait_until(
+        lambda: not Job.objects.filter(public_id__in=ids).exclude(status__in=TERMINAL).exists(),
+        what="the listed jobs to end",
+    )
 
 
 def _with_context(limit: int, *, max_input_tokens: int | None = None) -> None:
