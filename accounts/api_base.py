@@ -29,6 +29,7 @@ from accounts.idempotency import (
     idempotency_begin,
     idempotency_complete,
     idempotency_release,
+    replayed_headers,
 )
 from accounts.models import Membership, Organization, Role
 from accounts.ratelimits import Limit, RequestCount, rate_limit_consume
@@ -264,9 +265,12 @@ class OrgApiView(APIView):
             response = HttpResponse(
                 exc.stored.body, status=exc.stored.status_code, content_type=exc.stored.content_type
             )
+            for name, value in exc.stored.headers.items():
+                response[name] = value
             response["Idempotent-Replayed"] = "true"
             return response
         refused_input = isinstance(exc, ApplicationError) and exc.refuses_input
+        self._answer_took_effect = isinstance(exc, ApplicationError) and exc.took_effect
         if isinstance(exc, _REFUSED_BEFORE_WORK) or refused_input or _rate_limited(exc):
             record = getattr(self, "_idempotency_record", None)
             if record is not None:
@@ -319,5 +323,7 @@ class OrgApiView(APIView):
                 status_code=response.status_code,
                 content_type=response.get("Content-Type", ""),
                 body=response.content,
+                headers=replayed_headers(response),
+                took_effect=getattr(self, "_answer_took_effect", False),
             )
         return response

@@ -47,6 +47,7 @@ class ApplicationError(Exception):
         param: str | None = None,
         extra: dict[str, Any] | None = None,
         refuses_input: bool = False,
+        took_effect: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -58,6 +59,11 @@ class ApplicationError(Exception):
         # (before any work): the Idempotency-Key stays free, as for DRF's
         # field errors (accounts.api_base._REFUSED_BEFORE_WORK).
         self.refuses_input = refuses_input
+        # Raised after the request did something a retry must not do again
+        # (a job that was, or may have been, charged): its answer, even a
+        # 5xx, is stored under the Idempotency-Key and replayed, instead of
+        # the key being freed for a retry that would run a second job.
+        self.took_effect = took_effect
 
     def __repr__(self) -> str:
         return (

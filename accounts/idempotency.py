@@ -5,7 +5,10 @@ request runs gets 409; the same key with another request gets 422. The
 record is inserted, and committed, before the work starts: its unique
 constraint is what makes two concurrent requests with one key run once.
 A server error, or a request refused before the endpoint ran (bad JSON, content
-type or fields), stores nothing: the key is freed for the corrected retry.
+type or fields), stores nothing: the key is freed for the corrected retry. A
+server error after the request took effect (an inference job that was, or may
+have been, charged: ApplicationError.took_effect) is stored like any answer:
+a retry with the key must not run, and charge, a second job.
 
 Stored bodies are encrypted (Fernet, with a key derived from SECRET_KEY):
 some responses carry secrets shown once, such as a new API key, and the
@@ -37,11 +40,28 @@ def _open(sealed: bytes) -> bytes:
     return sealer("idempotency").decrypt(sealed)
 
 
+# Headers a response carries of its own, sent again with its replay: what the
+# request was charged (X-Gym-*), a model's Sunset, a Retry-After. Not the
+# x-ratelimit-* headers: those describe the request that was answered.
+_REPLAYED_HEADERS = ("retry-after", "sunset", "location")
+_REPLAYED_PREFIX = "x-gym-"
+
+
+def replayed_headers(response) -> dict[str, str]:
+    """The headers of `response` (an HttpResponse) that its replay must carry too."""
+    return {
+        name: value
+        for name, value in response.items()
+        if name.lower() in _REPLAYED_HEADERS or name.lower().startswith(_REPLAYED_PREFIX)
+    }
+
+
 @dataclass(frozen=True)
 class StoredResponse:
     status_code: int
     content_type: str
     body: bytes
+    headers: dict[str, str]
 
 
 def request_hash(*, method: str, path: str, body: bytes) -> str:
@@ -118,7 +138,10 @@ def idempotency_begin(
                 param="Idempotency-Key",
             ) from None
         return StoredResponse(
-            status_code=existing.status_code, content_type=existing.content_type, body=body
+            status_code=existing.status_code,
+            content_type=existing.content_type,
+            body=body,
+            headers=existing.headers or {},
         )
     raise ApplicationError(
         code="idempotency_in_progress",
@@ -129,14 +152,24 @@ def idempotency_begin(
 
 
 def idempotency_complete(
-    *, record: IdempotencyRecord, status_code: int, content_type: str, body: bytes
+    *,
+    record: IdempotencyRecord,
+    status_code: int,
+    content_type: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    took_effect: bool = False,
 ) -> None:
-    """Store the response; a server error instead frees the key so a retry can run."""
-    if status_code >= 500:
+    """Store the response; a server error of a request without effect instead frees the key
+    so a retry can run."""
+    if status_code >= 500 and not took_effect:
         idempotency_release(record=record)
         return
     IdempotencyRecord.objects.filter(pk=record.pk).update(
-        status_code=status_code, content_type=content_type, body=_seal(body)
+        status_code=status_code,
+        content_type=content_type,
+        body=_seal(body),
+        headers=headers or {},
     )
 
 

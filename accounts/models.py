@@ -226,6 +226,10 @@ class IdempotencyRecord(models.Model):
     status_code = models.PositiveSmallIntegerField(null=True, blank=True)
     content_type = models.CharField(max_length=200, blank=True)
     body = models.BinaryField(null=True, blank=True)
+    # The response's own headers a replay sends again (accounts.idempotency:
+    # the credits charged, the job's id, a model's Sunset), not the rate
+    # limits of the request that was answered.
+    headers = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(db_index=True)
 

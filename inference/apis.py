@@ -283,7 +283,7 @@ class _GenerationApi(OrgApiView):
                 _cancel_abandoned(job)  # nobody will read it (Redis failed under us)
                 raise
             if first is not HEARTBEAT and first["type"] == "error" and not first["output_tokens"]:
-                raise self.engine_error(first)
+                raise self.engine_error(job, first)
             response = StreamingHttpResponse(
                 self.sse(job, itertools.chain([first], events), include_usage=include_usage),
                 content_type="text/event-stream",
@@ -295,7 +295,7 @@ class _GenerationApi(OrgApiView):
             return response
         final = self.wait(job)
         if final["type"] == "error":
-            raise self.engine_error(final)
+            raise self.engine_error(job, final)
         response = Response(self.body(job, final))
         _announce_sunset(response, job.model)
         response["X-Gym-Job-Id"] = job.public_id
@@ -325,7 +325,11 @@ class _GenerationApi(OrgApiView):
                 return final  # it finished as the wait ended: answered, as it was billed
             raise _GenerationApi.timed_out(job, final) from None
         raise ApplicationError(
-            code="engine_error", message="The job ended without a result.", status=502
+            code="engine_error",
+            message=f"The job ended without a result: see GET /api/v1/jobs/{job.public_id}.",
+            status=502,
+            extra={"job_id": job.public_id},
+            took_effect=True,  # what it was charged is not known here
         )
 
     @staticmethod
@@ -354,16 +358,25 @@ class _GenerationApi(OrgApiView):
             message=f"The model did not answer in time; the job was cancelled, and {charged}.",
             status=504,
             extra={"job_id": job.public_id},
+            took_effect=final is None or final["credits_charged"] > 0,
         )
 
     @staticmethod
-    def engine_error(final: dict) -> ApplicationError:
+    def engine_error(job: Job, final: dict) -> ApplicationError:
+        """The job's failure as the answer; one that was charged (the tokens the engine served
+        before it failed) keeps its Idempotency-Key, so that a retry does not charge again."""
         code = final.get("error_code") or "engine_error"
         status = {"engine_unavailable": 503, "engine_timeout": 504}.get(code, 502)
         message = final.get("error_message") or "The model failed."
         if code == "engine_error" and ("too long" in message or "exceeds" in message):
             code, status = "context_length_exceeded", 400
-        return ApplicationError(code=code, message=message, status=status)
+        return ApplicationError(
+            code=code,
+            message=message,
+            status=status,
+            extra={"job_id": job.public_id},
+            took_effect=final.get("credits_charged", 0) > 0,
+        )
 
     @staticmethod
     def usage(final: dict) -> dict:
@@ -403,7 +416,7 @@ class _GenerationApi(OrgApiView):
                     continue
                 finished = True
                 if event["type"] == "error" and not event["output_tokens"]:
-                    error = self.engine_error(event)
+                    error = self.engine_error(job, event)
                     yield line(error.as_dict())
                 else:
                     reason = event["finish_reason"] if event["type"] == "done" else "error"

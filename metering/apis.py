@@ -135,7 +135,14 @@ class UsageApi(OrgApiView):
         query = self.Query(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         end = query.validated_data.get("end") or timezone.now()
-        start = query.validated_data.get("start") or end - timedelta(days=30)
+        try:
+            start = query.validated_data.get("start") or end - timedelta(days=30)
+        except OverflowError:  # an end in the calendar's first 30 days
+            raise ApplicationError(
+                code="invalid_request",
+                message="end is too early: give a start, or a later end.",
+                param="end",
+            ) from None
         if start >= end or end - start > self.MAX_RANGE:
             raise ApplicationError(
                 code="invalid_request",

@@ -20,7 +20,7 @@ from django.utils import timezone
 from metering.reconcile import ledger_reconcile
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
-from tests.helpers import process_env, stop_process
+from tests.helpers import RUNNING_WORKERS, process_env, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,10 +32,34 @@ def _fresh_redis():
     Rate-limit windows and concurrency slots are keyed by organization id, and
     a new test database hands out the same ids again: counters left by an
     earlier run must not count against this one.
+    The broker's database too (a Redis broker; CELERY_BROKER_URL and the
+    result backend): a message an interrupted run left queued names a job id
+    this run's database gives to another job, and would run on it.
     """
+    import redis
+    from django.conf import settings
+
     from accounts.redis import get_redis
 
     get_redis().flushdb()
+    for url in {settings.CELERY_BROKER_URL, settings.CELERY_RESULT_BACKEND}:
+        if url.split("://", 1)[0] in ("redis", "rediss"):
+            redis.Redis.from_url(url).flushdb()
+
+
+# Rate-limit windows are fixed minutes: a test that counts requests must not
+# straddle a window boundary, or the count resets half way through.
+WINDOW_MARGIN_SECONDS = 5
+
+
+@pytest.fixture
+def fresh_window() -> None:
+    """Wait, if need be, so the test runs inside one rate-limit window."""
+    from accounts.ratelimits import WINDOW_SECONDS
+
+    left = WINDOW_SECONDS - time.time() % WINDOW_SECONDS
+    if left < WINDOW_MARGIN_SECONDS:
+        time.sleep(left + 0.05)
 
 
 @pytest.fixture(autouse=True)
@@ -213,6 +237,8 @@ def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
                 break
         else:
             raise RuntimeError(f"celery worker did not answer a ping in 60 s; see {log}")
+        RUNNING_WORKERS.add(f"{node}@{os.uname().nodename}")
         yield proc
     finally:
+        RUNNING_WORKERS.discard(f"{node}@{os.uname().nodename}")
         stop_process(proc)

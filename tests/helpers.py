@@ -1,5 +1,6 @@
 """Small helpers shared by tests."""
 
+import contextlib
 from decimal import Decimal
 
 MICRO = 1_000_000
@@ -160,3 +161,54 @@ def process_env(*, conn_max_age: int = 0) -> dict[str, str]:
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         "CELERY_RESULT_BACKEND": settings.CELERY_RESULT_BACKEND,
     }
+
+
+# The Celery worker processes the tests run now ("name@host"), which
+# paused_consumers pauses: tests.conftest's session worker registers itself.
+RUNNING_WORKERS: set[str] = set()
+
+
+def _consumers_of(queue_name: str, nodes: set[str]) -> set[str] | None:
+    """Which of `nodes` consume `queue_name` now; None if one of them did not answer."""
+    from gymbilling.celery import app
+
+    replies = app.control.inspect(destination=sorted(nodes), timeout=3).active_queues() or {}
+    if set(replies) != nodes:
+        return None
+    return {
+        node for node, queues in replies.items() if any(q["name"] == queue_name for q in queues)
+    }
+
+
+@contextlib.contextmanager
+def paused_consumers(queue_name: str, *, timeout: float = 60.0):
+    """The tests' Celery workers (RUNNING_WORKERS) stop consuming `queue_name` until the
+    block ends.
+
+    Waits until none consumes it, whatever their replies to the cancel said (a
+    busy worker may answer after the reply's timeout, and still act on it);
+    afterwards each is told to consume it again, whether or not it confirmed
+    the pause, and waited for, so that a lost reply never leaves the session's
+    worker deaf to the queue for the tests that follow.
+    """
+    from gymbilling.celery import app
+
+    nodes = set(RUNNING_WORKERS)
+    if not nodes:
+        yield
+        return
+    app.control.cancel_consumer(queue_name, destination=sorted(nodes), reply=True, timeout=3)
+    try:
+        wait_until(
+            lambda: _consumers_of(queue_name, nodes) == set(),
+            timeout=timeout,
+            what=f"{sorted(nodes)} to stop consuming {queue_name}",
+        )
+        yield
+    finally:
+        app.control.add_consumer(queue_name, destination=sorted(nodes), reply=True, timeout=3)
+        wait_until(
+            lambda: _consumers_of(queue_name, nodes) == nodes,
+            timeout=timeout,
+            what=f"{sorted(nodes)} to consume {queue_name} again",
+        )

@@ -142,6 +142,16 @@ if CELERY_BROKER_URL.split("://", 1)[0].lower() in ("redis", "rediss"):
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A message a worker took but never acknowledged (the whole worker died, not
+# only the child that ran it: reject_on_worker_lost hands that back at once)
+# goes back to its queue after this long, on kombu's Redis transport. Longer
+# than any job runs, or a running job's message would come back while it runs;
+# well inside a hold's life (METERING_HOLD_TTL_SECONDS), so that the job it
+# carries is still run: a job whose hold expires within JOB_START_MARGIN
+# (inference.services.jobs) is never started, and ends expired, unbilled.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT_SECONDS", default=1800)
+}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

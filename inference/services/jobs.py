@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from gymbilling.broker import task_publish
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
 from inference.selectors import catalog_model_resolve, pools_for_job
 from inference.services.callbacks import job_callback_record
-from metering.models import Priority
+from metering.models import HoldStatus, Priority
 from metering.selectors import model_price
 from metering.services import (
     Rates,
@@ -187,8 +187,12 @@ def job_quote(
 ) -> dict:
     """The worst case a request holds, and its cost at an expected length. Writes nothing.
 
+    A request that job_submit would refuse (a suspended organization, a
+    priority outside the plan) is refused alike: no price is quoted for it.
     `prompt_field`: the body field the prompt came in, which a context error names.
     """
+    _refuse_if_suspended(organization)
+    _refuse_priority_outside_plan(organization, priority)
     requested = max_tokens
     max_tokens = _max_tokens(model, max_tokens)
     bound = prompt_token_bound(prompt, model=model)
@@ -216,6 +220,31 @@ def job_quote(
         "prompt_tokens_max": bound,
         "max_tokens": max_tokens,
     }
+
+
+def _refuse_if_suspended(organization: Organization) -> None:
+    if organization.standing == Standing.SUSPENDED:
+        raise ApplicationError(
+            code="subscription_past_due",
+            message="Inference is suspended until the overdue invoice is paid.",
+            status=402,
+        )
+
+
+def _refuse_priority_outside_plan(organization: Organization, priority: str) -> None:
+    if priority not in PRIORITY_RANK:
+        raise ApplicationError(
+            code="invalid_request",
+            message=f"priority must be one of {', '.join(PRIORITY_RANK)}.",
+            param="priority",
+        )
+    if PRIORITY_RANK[priority] > PRIORITY_RANK.get(organization.max_priority, 1):
+        raise ApplicationError(
+            code="priority_not_in_plan",
+            message=f"Your plan allows priority up to {organization.max_priority!r}.",
+            status=403,
+            param="priority",
+        )
 
 
 def _max_tokens(model, requested: int | None) -> int:
@@ -342,26 +371,9 @@ def job_submit(
     the hold's commit need not wait for the disk (metering's hold_place:
     the settlement's durable commit makes it durable before any answer).
     """
-    if organization.standing == Standing.SUSPENDED:
-        raise ApplicationError(
-            code="subscription_past_due",
-            message="Inference is suspended until the overdue invoice is paid.",
-            status=402,
-        )
+    _refuse_if_suspended(organization)
     model = catalog_model_resolve(name=model_name, organization=organization)
-    if priority not in PRIORITY_RANK:
-        raise ApplicationError(
-            code="invalid_request",
-            message=f"priority must be one of {', '.join(PRIORITY_RANK)}.",
-            param="priority",
-        )
-    if PRIORITY_RANK[priority] > PRIORITY_RANK.get(organization.max_priority, 1):
-        raise ApplicationError(
-            code="priority_not_in_plan",
-            message=f"Your plan allows priority up to {organization.max_priority!r}.",
-            status=403,
-            param="priority",
-        )
+    _refuse_priority_outside_plan(organization, priority)
     if callable(prompt):
         prompt = prompt(model)
     max_tokens = _max_tokens(model, params.max_tokens)
@@ -485,11 +497,12 @@ def _job_publish(job: Job, prompt: str, spec: dict) -> None:
         except Exception:
             # The hold then expires, and the job with it (job expiry).
             logger.exception("job %s: could not cancel the job whose message was not sent", job)
-        if (
+        unqueued = (
             cancelled is not None
             and cancelled.status == JobStatus.CANCELED
             and cancelled.credits_charged == 0
-        ):
+        )
+        if unqueued:
             message = "The job could not be queued; nothing was charged. Retry shortly."
         else:
             message = (
@@ -498,7 +511,13 @@ def _job_publish(job: Job, prompt: str, spec: dict) -> None:
                 f"{job.public_id} before you retry."
             )
         raise ApplicationError(
-            code="engine_unavailable", message=message, status=503, extra={"job_id": job.public_id}
+            code="engine_unavailable",
+            message=message,
+            status=503,
+            extra={"job_id": job.public_id},
+            # A job a worker may have started keeps the Idempotency-Key: a
+            # retry under it must not run (and charge) a second one.
+            took_effect=not unqueued,
         ) from None
 
 
@@ -558,12 +577,24 @@ def job_from_engine_spec(job_pk: int, spec: dict) -> EngineJob:
 # Loads the job and marks it running in one round trip. A job already running
 # is a redelivery of a task whose worker died: it runs again (its first start
 # time is kept), and the settlement still happens once (job_settle).
+# A job is started only while its hold (keyed by its public id) is pending and
+# will outlive the longest run (JOB_START_MARGIN): a job started as its hold
+# expired would be expired under its running worker (job_expire_for_hold),
+# and its settlement, finding it ended, would bill nothing for what it served.
+# Such a job, a backlog's or one whose message came back late (a dead worker's,
+# after the broker's visibility timeout), is left to its hold's expiry instead:
+# it ends expired, nothing charged.
+JOB_START_MARGIN = timedelta(minutes=10)
+
 _START = """
 UPDATE inference_job
    SET status = %(running)s,
        started_at = CASE WHEN status = %(queued)s THEN %(now)s ELSE started_at END
  WHERE id = %(pk)s AND status IN (%(queued)s, %(running)s)
    AND (%(public_id)s IS NULL OR public_id = %(public_id)s)
+   AND EXISTS (SELECT 1 FROM metering_hold h
+                WHERE h.key = inference_job.public_id AND h.status = %(pending)s
+                  AND h.expires_at > %(start_by)s)
 RETURNING *
 """
 
@@ -579,12 +610,16 @@ UPDATE inference_job
                          ELSE started_at END
  WHERE id = %(pk)s::bigint AND status IN (%(queued)s::varchar, %(running)s::varchar)
    AND (%(public_id)s::text IS NULL OR public_id = %(public_id)s::text)
+   AND EXISTS (SELECT 1 FROM metering_hold h
+                WHERE h.key = inference_job.public_id AND h.status = %(pending)s::varchar
+                  AND h.expires_at > %(start_by)s::timestamptz)
 RETURNING {sql.columns(Job)}
 """
 
 
 def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
-    """Mark a queued (or redelivered running) job running and return it; None if it ended.
+    """Mark a queued (or redelivered running) job running and return it; None if it ended,
+    or if its hold expires too soon for it to run (JOB_START_MARGIN).
 
     The job returned says whether it was running already (`restarted`).
 
@@ -595,12 +630,15 @@ def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
     row's primary key with it, which the sequence may then give to another
     organization's job while the lost job's message is still queued.
     """
+    now = timezone.now()
     params = {
         "pk": job_pk,
         "public_id": public_id,
-        "now": timezone.now(),
+        "now": now,
         "queued": JobStatus.QUEUED,
         "running": JobStatus.RUNNING,
+        "pending": HoldStatus.PENDING,
+        "start_by": now + JOB_START_MARGIN,
     }
     if not sql.available():
         job = next(iter(Job.objects.raw(_START, params)), None)

@@ -13,7 +13,6 @@ status, so retries and crashes can never capture twice.
 
 from __future__ import annotations
 
-import functools
 import logging
 from datetime import datetime, timedelta
 
@@ -309,7 +308,13 @@ def hold_release(*, key: str, usage: UsageDraft | None = None) -> Hold:
 
 
 def holds_expire(*, now: datetime | None = None) -> int:
-    """Release pending holds past their expiry (work that never settled). Returns how many."""
+    """Release pending holds past their expiry (work that never settled). Returns how many.
+
+    Each hold's release commits together with what its `hold_expired`
+    receivers do (an inference job ends `expired`): a receiver that fails
+    undoes that hold's release, which the next sweep tries again, so that no
+    hold is released under work still shown open. The other holds go on.
+    """
     now = now or timezone.now()
     keys = list(
         Hold.objects.filter(status=HoldStatus.PENDING, expires_at__lte=now)
@@ -319,18 +324,15 @@ def holds_expire(*, now: datetime | None = None) -> int:
     expired = 0
     for key in keys:
         try:
-            _settle(key=key, captured=0, status=HoldStatus.EXPIRED, now=now)
-            expired += 1
+            with transaction.atomic():
+                _settle(key=key, captured=0, status=HoldStatus.EXPIRED, now=now)
+                hold_expired.send(sender=Hold, key=key)
         except ApplicationError as exc:
             # Settled meanwhile by its worker: nothing to do.
             if exc.code != "hold_already_settled":
                 raise
+        except Exception:
+            logger.exception("hold %s: its expiry failed; the next sweep tries again", key)
         else:
-            transaction.on_commit(functools.partial(_tell_expired, key))
+            expired += 1
     return expired
-
-
-def _tell_expired(key: str) -> None:
-    for receiver, result in hold_expired.send_robust(sender=Hold, key=key):
-        if isinstance(result, Exception):
-            logger.error("hold %s expired; %r failed on it", key, receiver, exc_info=result)

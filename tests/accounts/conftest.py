@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
 from rest_framework.test import APIClient
 
 from accounts.models import ApiKey, Organization, Role, Scope
-from accounts.ratelimits import WINDOW_SECONDS
 from accounts.redis import get_redis
 from accounts.services import apikey_create, membership_add
 from tests.factories import UserFactory
-
-# Rate-limit windows are fixed minutes: a test that counts requests must not
-# straddle a window boundary, or the count resets half way through.
-WINDOW_MARGIN_SECONDS = 5
 
 
 @pytest.fixture(autouse=True)
@@ -28,14 +22,6 @@ def _clean_rate_limits():
     """
     get_redis().flushdb()
     yield
-
-
-@pytest.fixture
-def fresh_window() -> None:
-    """Wait, if need be, so the test runs inside one rate-limit window."""
-    left = WINDOW_SECONDS - time.time() % WINDOW_SECONDS
-    if left < WINDOW_MARGIN_SECONDS:
-        time.sleep(left + 0.05)
 
 
 @pytest.fixture

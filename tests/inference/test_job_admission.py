@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db
 MODEL = "gym-admission"
 
 
-def test_a_job_past_the_concurrency_limit_takes_no_tokens_and_no_credits(grant):
+def test_a_job_past_the_concurrency_limit_takes_no_tokens_and_no_credits(grant, fresh_window):
     # given an organization allowed one job at a time, running one
     served_model(MODEL)
     org = OrganizationFactory(tokens_per_minute=1_000, concurrent_jobs=1)

@@ -23,6 +23,7 @@ from inference.services.jobs import Outcome
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price, organization_balance
 from metering.services import hold_place, holds_expire
+from metering.signals import hold_expired
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, wait_until
 from tests.inference import test_callbacks as callback_fixtures
@@ -143,3 +144,35 @@ def test_a_settled_job_is_left_alone_by_the_sweep(open_job):
 
     # then it stays as it was
     assert Job.objects.get(pk=job.pk).status == JobStatus.SUCCEEDED
+
+
+def test_a_job_the_sweep_could_not_end_keeps_its_hold_until_a_later_sweep_ends_both(open_job):
+    # given two jobs whose holds are past their expiry, and a receiver of the
+    # ledger's signal that fails on the first one's hold (as a database error
+    # in ending that job would)
+    stuck, other = open_job("job_expiry_stuck"), open_job("job_expiry_other")
+
+    def fails_on_the_first(sender, key: str, **kwargs) -> None:
+        if key == stuck.public_id:
+            raise RuntimeError("the job could not be ended")
+
+    hold_expired.connect(fails_on_the_first, dispatch_uid="test-fails-on-the-first")
+    try:
+        # when the sweep runs
+        assert _expire_holds() == 1
+    finally:
+        hold_expired.disconnect(dispatch_uid="test-fails-on-the-first")
+
+    # then that job stays open on a pending hold, not open on a released one,
+    # while the other hold and its job expired
+    assert Job.objects.get(pk=stuck.pk).status == JobStatus.QUEUED
+    assert Hold.objects.get(key=stuck.public_id).status == HoldStatus.PENDING
+    assert Job.objects.get(pk=other.pk).status == JobStatus.EXPIRED
+    assert Hold.objects.get(key=other.public_id).status == HoldStatus.EXPIRED
+
+    # and the next sweep ends it, nothing charged
+    assert _expire_holds() == 1
+    job = Job.objects.get(pk=stuck.pk)
+    assert (job.status, job.credits_charged) == (JobStatus.EXPIRED, 0)
+    assert Hold.objects.get(key=stuck.public_id).status == HoldStatus.EXPIRED
+    assert organization_balance(organization=job.organization).held == 0

@@ -21,6 +21,7 @@ import contextlib
 import os
 import signal
 import time
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -29,6 +30,7 @@ from celery import uuid
 from celery.worker.request import Request
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 from kombu.message import Message
 from kombu.serialization import dumps
 
@@ -37,10 +39,10 @@ from inference import tasks, triton
 from inference.models import DedicatedCapacity, Job, JobStatus, ServerPool
 from inference.relay import relay_cancel, relay_events, relay_publish
 from inference.services import job_settle
-from inference.services.jobs import ENGINE_SPEC_HEADER, Outcome, job_engine_spec
+from inference.services.jobs import ENGINE_SPEC_HEADER, JOB_START_MARGIN, Outcome, job_engine_spec
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price
-from metering.services import hold_place
+from metering.services import hold_place, holds_expire
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, wait_until
 from tests.inference.conftest import occupy_engine_workers
@@ -360,6 +362,34 @@ def test_a_running_job_cancelled_before_its_task_came_back_is_not_sent_again(que
     assert (job.credits_charged, job.input_tokens, job.output_tokens) == (0, 0, 0)
     assert Hold.objects.get(key=queued_job.public_id).status == HoldStatus.RELEASED
     assert _served_when_idle(engine) == served
+
+
+@pytest.mark.parametrize("was_running", [False, True], ids=["queued", "came-back"])
+def test_a_late_message_whose_hold_expires_soon_is_not_run_and_the_job_expires_unbilled(
+    queued_job, engine, was_running
+):
+    # given a job whose message arrives when its hold has less life left than
+    # a run may take (a backlog, or a dead worker's task the broker handed
+    # back late), queued or started before
+    if was_running:
+        assert tasks.job_start(job_pk=queued_job.pk, public_id=queued_job.public_id)
+    soon = timezone.now() + JOB_START_MARGIN - timedelta(minutes=1)
+    Hold.objects.filter(key=queued_job.public_id).update(expires_at=soon)
+    status_before = Job.objects.get(pk=queued_job.pk).status
+    served, before = _served(engine), (ledger_rows(), UsageRecord.objects.count())
+
+    # when its task runs
+    status = _run(queued_job, _spec(queued_job, age_s=60))
+
+    # then it is not started, nor sent to the engine: nothing is written
+    assert status == Job.objects.get(pk=queued_job.pk).status == status_before
+    assert (ledger_rows(), UsageRecord.objects.count()) == before
+    assert _served_when_idle(engine) == served
+    # and when the hold expires, the job ends expired with nothing charged
+    assert holds_expire(now=soon + timedelta(seconds=1)) == 1
+    job = Job.objects.get(pk=queued_job.pk)
+    assert (job.status, job.credits_charged) == (JobStatus.EXPIRED, 0)
+    assert Hold.objects.get(key=queued_job.public_id).status == HoldStatus.EXPIRED
 
 
 def test_a_settlement_the_database_fails_under_is_tried_again(queued_job, monkeypatch):

@@ -19,9 +19,9 @@ from django.test import Client
 from django.utils import timezone
 from django.utils.http import http_date
 
-from accounts.models import Scope
+from accounts.models import Scope, Standing
 from accounts.redis import get_redis
-from accounts.services import apikey_create
+from accounts.services import apikey_create, organization_entitlements_set
 from inference.engine.tokenizer import count_tokens
 from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ModelStatus, ServerPool
 from metering.models import Hold, HoldStatus, UsageRecord
@@ -641,6 +641,32 @@ def test_a_quote_is_what_a_request_then_holds(gym):
     assert 0 < quote.json()["expected_credits"] <= quote.json()["max_credits"]
 
 
+def test_a_quote_of_a_request_that_would_be_refused_is_refused_alike(gym):
+    # given an organization whose plan allows standard priority at most
+    org = gym["org"]
+    url = f"{gym['url']}/api/v1/credits/quote"
+    headers = {"Authorization": f"Bearer {gym['raw']}"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Plan my week"}]}
+    assert org.max_priority == "standard"
+
+    # when it asks the price of a request at a priority its plan does not have
+    over = requests.post(url, headers=headers, json={**body, "priority": "priority"})
+
+    # then it is told so, as the request itself would be, and given no price
+    assert over.status_code == 403, over.text
+    assert (over.json()["error"]["code"], over.json()["error"]["param"]) == (
+        "priority_not_in_plan",
+        "priority",
+    )
+
+    # and once inference is suspended for an unpaid invoice, no quote either
+    organization_entitlements_set(organization=org, reason="test", standing=Standing.SUSPENDED)
+    suspended = requests.post(url, headers=headers, json=body)
+    assert suspended.status_code == 402, suspended.text
+    assert suspended.json()["error"]["code"] == "subscription_past_due"
+    assert not Job.objects.filter(organization=org).exists()
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["answered once settled", "streamed"])
 def test_only_an_answer_given_after_settlement_places_its_hold_unflushed(gym, stream):
     # Django's test client, in this thread, so that this connection's
@@ -753,4 +779,7 @@ def test_a_model_brought_back_elsewhere_is_served_at_once(gym):
     again = _chat(gym, idempotency_key="brought-back")
     assert again.headers.get("Idempotent-Replayed") == "true"
     assert again.json() == served.json()
+    # with the first answer's own headers: the job it ran, what it charged
+    for name in ("X-Gym-Job-Id", "X-Gym-Credits-Charged"):
+        assert again.headers.get(name) == served.headers[name], name
     assert Job.objects.filter(status=JobStatus.SUCCEEDED).count() == 1

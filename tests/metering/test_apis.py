@@ -316,8 +316,18 @@ def test_usage_defaults_to_the_last_30_days_by_day(org):
         ({"start": "2025-03-03T00:00:00Z", "end": "2025-03-01T00:00:00Z"}, "start"),
         ({"start": "2020-01-01T00:00:00Z", "end": "2025-01-01T00:00:00Z"}, "start"),
         ({"limit": "5"}, "limit"),
+        # 30 days before it (the default start) is before the calendar's first day
+        ({"end": "0001-01-10T00:00:00Z"}, "end"),
     ],
-    ids=["unknown-grouping", "empty-grouping", "bad-date", "reversed", "over-a-year", "unknown"],
+    ids=[
+        "unknown-grouping",
+        "empty-grouping",
+        "bad-date",
+        "reversed",
+        "over-a-year",
+        "unknown",
+        "end-at-the-calendar-start",
+    ],
 )
 def test_usage_refuses_a_bad_query(org, query, param):
     # when

@@ -45,7 +45,7 @@ from inference.triton import ServerPool as EnginePool
 from metering.models import HoldStatus
 from metering.selectors import organization_balance
 from metering.services import price_book_publish
-from tests.helpers import credits
+from tests.helpers import credits, paused_consumers
 from tests.inference import conftest as engine_fixtures
 from tests.reliability.test_inference_faults import (
     _client,
@@ -446,7 +446,8 @@ def _worker_holds(job_pk: int) -> bool:
     """Whether a worker has the job's task running or reserved (Celery's inspect)."""
     inspect = celery_app.control.inspect(timeout=5)
     active, reserved = inspect.active(), inspect.reserved()
-    assert active is not None and reserved is not None, "the worker did not answer"
+    if active is None or reserved is None:
+        return True  # the worker did not answer (busy): it may hold it; ask again
     held = [task for found in (active, reserved) for tasks in found.values() for task in tasks]
     # With argsrepr set, a task's args are shown as that text: "(pk, <prompt: ...>)".
     return any(
@@ -465,10 +466,7 @@ def test_a_client_that_stops_waiting_before_its_job_starts_cancels_it_unrun_and_
     before = organization_balance(organization=org)
     settings.INFERENCE_TIMEOUT_SECONDS = 2
     queue = "inference.standard"
-    paused = celery_app.control.cancel_consumer(queue, reply=True, timeout=5)
-    workers = [node for reply in paused for node, answer in reply.items() if "ok" in answer]
-    assert workers, paused
-    try:
+    with paused_consumers(queue):
         # when a client waits for an answer longer than the gateway waits
         with pytest.raises(openai.APIStatusError) as gave_up:
             client.chat.completions.create(
@@ -481,8 +479,6 @@ def test_a_client_that_stops_waiting_before_its_job_starts_cancels_it_unrun_and_
         assert (job.status, job.started_at) == (JobStatus.CANCELED, None)
         # while its message still waits in the broker's queue
         assert _queued_messages(queue) == 1
-    finally:
-        celery_app.control.add_consumer(queue, destination=workers, reply=True, timeout=5)
 
     # and once the worker takes the queue again and has run that message (it
     # left the queue, and the worker holds it no longer; a job sent after it
@@ -503,4 +499,49 @@ def test_a_client_that_stops_waiting_before_its_job_starts_cancels_it_unrun_and_
     assert served.status == JobStatus.SUCCEEDED
     after = organization_balance(organization=org)
     assert before.available - after.available == served.credits_charged
+    assert after.held == 0
+
+
+# -- 6. a timed-out answer that was charged, retried under its Idempotency-Key -------------
+
+
+def test_a_charged_504_is_replayed_under_its_idempotency_key_and_charges_once(
+    live_server, celery_worker_process, triton_server, grant, settings
+):
+    # given a model whose engine is busy (a request sent now waits, silent, in
+    # its queue) and a gateway that waits three seconds
+    model = _model([triton_server.grpc_url])
+    messages = [{"role": "user", "content": "How long should a warm-up last?"}]
+    prompt = render_chat(model, messages)
+    org = _organization(grant, credits(100))
+    _key, raw = apikey_create(organization=org, name="timeout", scopes=[Scope.INFERENCE])
+    headers = {"Authorization": f"Bearer {raw}", "Idempotency-Key": "timed-out-once"}
+    body = {"model": MODEL, "messages": messages, "max_tokens": 8}
+    url = f"{live_server.url}/v1/chat/completions"
+    settings.INFERENCE_TIMEOUT_SECONDS = 3
+    before = organization_balance(organization=org)
+    busy, _workers = engine_fixtures.occupy_engine_workers(triton_server.grpc_url)
+    try:
+        # when the request times out after the engine took its prompt (which is
+        # billed: counted with the model's tokenizer)
+        first = requests.post(url, headers=headers, json=body, timeout=30)
+        assert first.status_code == 504, first.text
+        job = _finished(Job.objects.get(organization=org).pk)
+        assert first.json()["error"]["job_id"] == job.public_id
+        assert job.input_tokens == count_tokens(prompt) > 0
+        assert job.credits_charged == _expected_charge(job) > 0
+
+        # and the client retries with the same key
+        retried = requests.post(url, headers=headers, json=body, timeout=30)
+    finally:
+        busy.stop()
+
+    # then the retry is the first answer replayed: no second job, no second charge
+    assert retried.status_code == 504
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert retried.content == first.content
+    assert Job.objects.filter(organization=org).count() == 1
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=job.credits_charged)
+    after = organization_balance(organization=org)
+    assert before.available - after.available == job.credits_charged
     assert after.held == 0
