@@ -13,8 +13,9 @@ from django.db import connection
 from inference.models import Job, JobStatus
 from inference.services import job_start
 from metering.selectors import model_price
+from metering.services import hold_place, hold_release
 from tests.factories import OrganizationFactory
-from tests.helpers import served_model
+from tests.helpers import credits, served_model
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,16 +29,21 @@ def prepared(request, settings) -> bool:
 
 
 @pytest.fixture
-def job(prepared) -> Job:
+def job(prepared, grant) -> Job:
+    """A queued job and its hold (a job is started only while its hold is pending)."""
     model = served_model("gym-start", access_tier="basic")
-    return Job.objects.create(
+    org = OrganizationFactory()
+    grant(org, credits(1))
+    job = Job.objects.create(
         public_id="job_start_test",
-        organization=OrganizationFactory(),
+        organization=org,
         model=model,
         model_price=model_price(model_name="gym-start"),
         params={"max_tokens": 4},
         hold_amount=1,
     )
+    hold_place(organization=org, amount=1, key=job.public_id, new_key=True)
+    return job
 
 
 def _synchronous_commit() -> str:
@@ -75,6 +81,16 @@ def test_an_ended_job_is_not_started(job):
     assert job_start(job_pk=job.pk) is None
     assert Job.objects.get(pk=job.pk).status == JobStatus.CANCELED
     assert _synchronous_commit() == "on"
+
+
+def test_a_job_whose_hold_is_not_pending_is_not_started(job):
+    # given a queued job whose hold has been settled (released: its job is
+    # over for the ledger, whatever its row still says)
+    hold_release(key=job.public_id)
+
+    # then its message starts nothing
+    assert job_start(job_pk=job.pk, public_id=job.public_id) is None
+    assert Job.objects.get(pk=job.pk).status == JobStatus.QUEUED
 
 
 def test_a_message_for_another_job_under_the_same_key_starts_nothing(job):
