@@ -22,7 +22,16 @@ ERROR_COMPONENT = "Error"
 ERROR_RESPONSES: dict[int, str] = {
     400: "The request is malformed or a field is invalid; `error.param` names it.",
     401: "No credentials, or an API key that is malformed, invalid, revoked or expired.",
-    403: "The API key lacks the scope, or the user the role, that this operation needs.",
+    402: (
+        "Only where the operation spends or reserves credits: not enough of them "
+        "(`insufficient_credits`), or inference suspended until an overdue invoice is "
+        "paid (`subscription_past_due`)."
+    ),
+    403: (
+        "The API key lacks the scope, or the user the role, that this operation needs; "
+        "or the organization's plan does not include it (`model_not_in_plan`, "
+        "`priority_not_in_plan`)."
+    ),
     404: (
         "No such object, or no such organization among the caller's. Another "
         "organization's ids answer 404 too, so ids reveal nothing."

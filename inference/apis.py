@@ -37,7 +37,7 @@ from inference.callback_client import callback_url_validate
 from inference.models import CatalogModel, Job, JobStatus, ModelStatus
 from inference.openai_body import generation_body, text_storable
 from inference.relay import HEARTBEAT, relay_events
-from inference.selectors import catalog_model_resolve, catalog_models_for, organization_jobs
+from inference.selectors import catalog_models_for, organization_jobs
 from inference.services import job_cancel, job_submit
 from inference.services.jobs import SubmitParams, job_quote
 from metering.models import Priority
@@ -264,6 +264,30 @@ class _GenerationApi(OrgApiView):
 
     def handle(self, request, data: dict):
         job = self.submit(request, data)
+        try:
+            return self.answer(job, data)
+        except ApplicationError:
+            raise
+        except Exception as exc:
+            # Redis or the database failed under the answer, after the job
+            # was queued (and may be, or have been, charged): the job is
+            # cancelled, and the answer is a 502 that names it and keeps the
+            # Idempotency-Key (took_effect), so a retry does not run a second.
+            logger.exception("job %s: its answer failed", job.public_id)
+            _cancel_abandoned(job)
+            raise ApplicationError(
+                code="engine_error",
+                message=(
+                    "The answer failed after the job was queued; it was cancelled: see "
+                    f"GET /api/v1/jobs/{job.public_id} for what it served and was charged."
+                ),
+                status=502,
+                extra={"job_id": job.public_id},
+                took_effect=True,
+            ) from exc
+
+    def answer(self, job: Job, data: dict):
+        """The job's answer: its SSE stream, or its result once it settled."""
         if data["stream"]:
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             events = relay_events(
@@ -279,9 +303,6 @@ class _GenerationApi(OrgApiView):
                 first = self.first_event(events)
             except TimeoutError:
                 raise self.timed_out(job, self.final_after_cancel(job)) from None
-            except Exception:
-                _cancel_abandoned(job)  # nobody will read it (Redis failed under us)
-                raise
             if first is not HEARTBEAT and first["type"] == "error" and not first["output_tokens"]:
                 raise self.engine_error(job, first)
             response = StreamingHttpResponse(
@@ -705,11 +726,13 @@ class QuoteApi(OrgApiView):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        model = catalog_model_resolve(name=v["model"], organization=request.organization)
-        prompt = render_chat(model, v["messages"]) if "messages" in v else v["prompt"]
+        # Rendered with the model job_quote resolves (after the checks it shares with submit).
+        prompt = (
+            (lambda model: render_chat(model, v["messages"])) if "messages" in v else v["prompt"]
+        )
         quote = job_quote(
             organization=request.organization,
-            model=model,
+            model_name=v["model"],
             prompt=prompt,
             max_tokens=v.get("max_completion_tokens") or v.get("max_tokens"),
             priority=v["priority"],

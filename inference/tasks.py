@@ -16,8 +16,9 @@ cannot double-settle (tests/reliability/test_inference_faults.py runs its crowd
 on such a worker). The price of threads: "reject on worker lost" needs the
 prefork pool. A prefork child that dies hands its task back at once; a threads
 worker that dies hands its tasks back when the broker's visibility timeout
-expires (kombu's Redis transport: one hour by default), and they settle once
-then, as above.
+expires (CELERY_VISIBILITY_TIMEOUT_SECONDS, 30 minutes, well inside a hold's
+hour: a job whose hold expires within JOB_START_MARGIN is not started), and
+they settle once then, as above.
 """
 
 from __future__ import annotations

@@ -178,8 +178,8 @@ def _limits(organization: Organization) -> list[Limit]:
 def job_quote(
     *,
     organization: Organization,
-    model,
-    prompt: str,
+    model_name: str,
+    prompt: str | Callable[[CatalogModel], str],
     max_tokens: int | None,
     priority: str,
     expected_output_tokens: int | None = None,
@@ -187,12 +187,17 @@ def job_quote(
 ) -> dict:
     """The worst case a request holds, and its cost at an expected length. Writes nothing.
 
-    A request that job_submit would refuse (a suspended organization, a
-    priority outside the plan) is refused alike: no price is quoted for it.
+    A request that job_submit would refuse is refused alike, in the same
+    order (a suspended organization, then the model, then a priority outside
+    the plan): no price is quoted for it. `prompt` is the text, or a function
+    that renders it for the resolved model, as for job_submit.
     `prompt_field`: the body field the prompt came in, which a context error names.
     """
     _refuse_if_suspended(organization)
+    model = catalog_model_resolve(name=model_name, organization=organization)
     _refuse_priority_outside_plan(organization, priority)
+    if callable(prompt):
+        prompt = prompt(model)
     requested = max_tokens
     max_tokens = _max_tokens(model, max_tokens)
     bound = prompt_token_bound(prompt, model=model)
@@ -586,6 +591,13 @@ def job_from_engine_spec(job_pk: int, spec: dict) -> EngineJob:
 # it ends expired, nothing charged.
 JOB_START_MARGIN = timedelta(minutes=10)
 
+
+def _start_margin() -> timedelta:
+    """JOB_START_MARGIN, or half the hold's life if that is shorter: a short hold TTL (a
+    deployment of short jobs) must not leave no job able to start."""
+    return min(JOB_START_MARGIN, settings.METERING_HOLD_TTL / 2)
+
+
 _START = """
 UPDATE inference_job
    SET status = %(running)s,
@@ -638,7 +650,7 @@ def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
         "queued": JobStatus.QUEUED,
         "running": JobStatus.RUNNING,
         "pending": HoldStatus.PENDING,
-        "start_by": now + JOB_START_MARGIN,
+        "start_by": now + _start_margin(),
     }
     if not sql.available():
         job = next(iter(Job.objects.raw(_START, params)), None)
@@ -984,7 +996,15 @@ def job_expire_for_hold(*, key: str) -> Job | None:
         )
         job.save(update_fields=["status", "finished_at", "error_code", "error_message"])
         job_callback_record(job=job, status=JobStatus.EXPIRED)
-    concurrency_release(scope=f"org:{job.organization_id}", job_id=job.public_id)
+    # Once it committed (the hold's sweep runs this inside the release's
+    # transaction), and best effort: a slot Redis did not free is freed by
+    # concurrency_slots_sweep, and a Redis outage must not hold the release up.
+    transaction.on_commit(
+        functools.partial(
+            concurrency_release, scope=f"org:{job.organization_id}", job_id=job.public_id
+        ),
+        robust=True,
+    )
     return job
 
 

@@ -314,6 +314,11 @@ def holds_expire(*, now: datetime | None = None) -> int:
     receivers do (an inference job ends `expired`): a receiver that fails
     undoes that hold's release, which the next sweep tries again, so that no
     hold is released under work still shown open. The other holds go on.
+    The receivers run first, inside the transaction: they lock their work's
+    row (a job) before the hold is locked, the order in which the work's own
+    settlement locks them (inference's job_settle), so the two never wait on
+    each other in a cycle. Work settled meanwhile makes the release fail
+    (`hold_already_settled`), which undoes the receivers' writes too.
     """
     now = now or timezone.now()
     keys = list(
@@ -325,12 +330,13 @@ def holds_expire(*, now: datetime | None = None) -> int:
     for key in keys:
         try:
             with transaction.atomic():
-                _settle(key=key, captured=0, status=HoldStatus.EXPIRED, now=now)
                 hold_expired.send(sender=Hold, key=key)
+                _settle(key=key, captured=0, status=HoldStatus.EXPIRED, now=now)
         except ApplicationError as exc:
-            # Settled meanwhile by its worker: nothing to do.
-            if exc.code != "hold_already_settled":
-                raise
+            if exc.code != "hold_already_settled":  # else settled meanwhile: nothing to do
+                logger.error(
+                    "hold %s: its expiry failed (%r); the next sweep tries again", key, exc
+                )
         except Exception:
             logger.exception("hold %s: its expiry failed; the next sweep tries again", key)
         else:

@@ -131,7 +131,7 @@ def test_the_hold_and_the_quote_cover_the_bos(grant):
     # when a job is submitted, and the same request quoted
     job = submit_job(org, "gym-bos", prompt=prompt, max_tokens=4)
     quote = jobs.job_quote(
-        organization=org, model=model, prompt=prompt, max_tokens=4, priority="standard"
+        organization=org, model_name=model.name, prompt=prompt, max_tokens=4, priority="standard"
     )
 
     # then both hold the prompt's bytes plus the BOS: 14 credits

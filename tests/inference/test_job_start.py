@@ -7,11 +7,15 @@ is written directly, so no Celery task is sent for it.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from inference.models import Job, JobStatus
 from inference.services import job_start
+from metering.models import Hold
 from metering.selectors import model_price
 from metering.services import hold_place, hold_release
 from tests.factories import OrganizationFactory
@@ -104,4 +108,15 @@ def test_a_message_for_another_job_under_the_same_key_starts_nothing(job):
     assert started is None
     assert Job.objects.get(pk=job.pk).status == JobStatus.QUEUED
     # while its own message starts it
+    assert job_start(job_pk=job.pk, public_id=job.public_id).status == JobStatus.RUNNING
+
+
+def test_a_fresh_job_starts_under_a_hold_ttl_shorter_than_the_start_margin(job, settings):
+    # given holds that live 5 minutes (shorter than JOB_START_MARGIN, 10): a
+    # deployment of short jobs
+    settings.METERING_HOLD_TTL = timedelta(minutes=5)
+    Hold.objects.filter(key=job.public_id).update(expires_at=timezone.now() + timedelta(minutes=5))
+
+    # then a job whose hold was just placed still starts (the margin is at
+    # most half the hold's life)
     assert job_start(job_pk=job.pk, public_id=job.public_id).status == JobStatus.RUNNING

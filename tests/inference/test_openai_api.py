@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import openai
 import pytest
+import redis
 import requests
 from django.db import connection
 from django.test import Client
@@ -22,6 +23,7 @@ from django.utils.http import http_date
 from accounts.models import Scope, Standing
 from accounts.redis import get_redis
 from accounts.services import apikey_create, organization_entitlements_set
+from inference import apis
 from inference.engine.tokenizer import count_tokens
 from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ModelStatus, ServerPool
 from metering.models import Hold, HoldStatus, UsageRecord
@@ -664,6 +666,9 @@ def test_a_quote_of_a_request_that_would_be_refused_is_refused_alike(gym):
     suspended = requests.post(url, headers=headers, json=body)
     assert suspended.status_code == 402, suspended.text
     assert suspended.json()["error"]["code"] == "subscription_past_due"
+    # whatever the model, as for the request itself (the standing is checked first)
+    unknown = requests.post(url, headers=headers, json={**body, "model": "no-such-model"})
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (402, "subscription_past_due")
     assert not Job.objects.filter(organization=org).exists()
 
 
@@ -783,3 +788,43 @@ def test_a_model_brought_back_elsewhere_is_served_at_once(gym):
     for name in ("X-Gym-Job-Id", "X-Gym-Credits-Charged"):
         assert again.headers.get(name) == served.headers[name], name
     assert Job.objects.filter(status=JobStatus.SUCCEEDED).count() == 1
+
+
+def test_an_answer_that_fails_after_its_job_was_queued_is_a_502_kept_under_its_key(
+    gym, monkeypatch
+):
+    # given the relay failing under the API after the job was queued (Redis
+    # going away): injected at the API's relay read, the one point a real
+    # outage would have to fall on, between the submit and the read
+    org = gym["org"]
+    before = organization_balance(organization=org)
+
+    def relay_down(job_id: str, **kwargs):
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(apis, "relay_events", relay_down)
+
+    # when a request is sent with an Idempotency-Key, and retried with it
+    first = _chat(gym, idempotency_key="relay-down")
+    again = _chat(gym, idempotency_key="relay-down")
+
+    # then the answer is a 502 naming the job, and the retry is that answer
+    # replayed: no second job, so no second charge
+    job = Job.objects.get(organization=org)
+    assert first.status_code == 502, first.text
+    assert (first.json()["error"]["code"], first.json()["error"]["job_id"]) == (
+        "engine_error",
+        job.public_id,
+    )
+    assert (again.status_code, again.headers.get("Idempotent-Replayed")) == (502, "true")
+    assert again.content == first.content
+    assert Job.objects.filter(organization=org).count() == 1
+
+    # and the job, cancelled, ends settled once: the balance moved by its charge alone
+    ended = wait_until(
+        lambda: Job.objects.filter(pk=job.pk, status__in=TERMINAL).first(), what="the job to end"
+    )
+    assert Hold.objects.get(key=job.public_id).status != HoldStatus.PENDING
+    after = organization_balance(organization=org)
+    assert before.available - after.available == ended.credits_charged
+    assert after.held == 0
