@@ -430,7 +430,7 @@ def test_while_a_servers_answer_is_checked_again_requests_go_to_the_others(
     # given: two live servers, answers that expire quickly, and the first
     # server's checks after its first made to hang until the test ends
     first, other = private_triton_server.grpc_url, triton_server.grpc_url
-    pool = ServerPool([first, other], ready_ttl_s=0.2)
+    pool = ServerPool([first, other], ready_ttl_s=1.0)
     hanging, release = threading.Event(), threading.Event()
     probe = pool._probe
     checked: list[str] = []
@@ -447,8 +447,20 @@ def test_while_a_servers_answer_is_checked_again_requests_go_to_the_others(
         warm = {pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in (1, 2)}
         wait_until(hanging.is_set, timeout=30, what="the first server to be checked again")
 
-        # when requests come while its check is under way
-        served = [pool.generate(GenerationRequest(PROMPT, 2, seed=s)).server_url for s in range(8)]
+        # when requests come while its check is under way, each while the
+        # other server's answer holds for at least half a second more (its
+        # own checks run every second; with both answers expired the turn
+        # decides, which is not what this test is about)
+        [other_server] = [server for server in pool._servers if server.url == other]
+
+        def others_answer_holds_a_while() -> bool:
+            checked_at = other_server.checked_at
+            return checked_at is not None and time.monotonic() - checked_at < 0.5
+
+        served = []
+        for seed in range(8):
+            wait_until(others_answer_holds_a_while, timeout=30, what="a fresh answer")
+            served.append(pool.generate(GenerationRequest(PROMPT, 2, seed=seed)).server_url)
     finally:
         release.set()
         pool.close()
