@@ -8,7 +8,9 @@ inference job: its worker vanished, or its message was lost). Arguments:
 release; a receiver that raises undoes it (logged), and the next sweep tries
 that hold again, so that a hold is never released under work its app still
 shows open. A receiver's effects outside the database (Redis) belong in
-`transaction.on_commit`.
+`transaction.on_commit`. A hold still pending a day past its expiry
+(`HOLD_EXPIRY_FORCED_AFTER`) is released first and its receivers are told
+after the commit: a receiver that always fails must not hold credits forever.
 """
 
 from django.dispatch import Signal

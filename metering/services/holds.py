@@ -13,6 +13,7 @@ status, so retries and crashes can never capture twice.
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import datetime, timedelta
 
@@ -307,6 +308,14 @@ def hold_release(*, key: str, usage: UsageDraft | None = None) -> Hold:
     return _settle(key=key, captured=0, status=HoldStatus.RELEASED, now=timezone.now(), usage=usage)
 
 
+# A hold still pending this long past its expiry (its receivers failed at
+# every sweep since, or the sweep did not run) is released without waiting for
+# them, and they are told after the commit, best effort: a receiver that fails
+# for good (a bug) must not keep a customer's credits held forever. Each such
+# release is logged as an error.
+HOLD_EXPIRY_FORCED_AFTER = timedelta(hours=24)
+
+
 def holds_expire(*, now: datetime | None = None) -> int:
     """Release pending holds past their expiry (work that never settled). Returns how many.
 
@@ -318,20 +327,26 @@ def holds_expire(*, now: datetime | None = None) -> int:
     row (a job) before the hold is locked, the order in which the work's own
     settlement locks them (inference's job_settle), so the two never wait on
     each other in a cycle. Work settled meanwhile makes the release fail
-    (`hold_already_settled`), which undoes the receivers' writes too.
+    (`hold_already_settled`), which undoes the receivers' writes too. A hold
+    HOLD_EXPIRY_FORCED_AFTER past its expiry is released first and its
+    receivers told after the commit.
     """
     now = now or timezone.now()
-    keys = list(
+    due = list(
         Hold.objects.filter(status=HoldStatus.PENDING, expires_at__lte=now)
         .order_by("pk")
-        .values_list("key", flat=True)
+        .values_list("key", "expires_at")
     )
     expired = 0
-    for key in keys:
+    for key, expires_at in due:
+        forced = now - expires_at > HOLD_EXPIRY_FORCED_AFTER
         try:
             with transaction.atomic():
-                hold_expired.send(sender=Hold, key=key)
+                if not forced:
+                    hold_expired.send(sender=Hold, key=key)
                 _settle(key=key, captured=0, status=HoldStatus.EXPIRED, now=now)
+                if forced:
+                    transaction.on_commit(functools.partial(_tell_expired, key))
         except ApplicationError as exc:
             if exc.code != "hold_already_settled":  # else settled meanwhile: nothing to do
                 logger.error(
@@ -341,4 +356,16 @@ def holds_expire(*, now: datetime | None = None) -> int:
             logger.exception("hold %s: its expiry failed; the next sweep tries again", key)
         else:
             expired += 1
+            if forced:
+                logger.error(
+                    "hold %s: released %s past its expiry before its receivers ended its work",
+                    key,
+                    now - expires_at,
+                )
     return expired
+
+
+def _tell_expired(key: str) -> None:
+    for receiver, result in hold_expired.send_robust(sender=Hold, key=key):
+        if isinstance(result, Exception):
+            logger.error("hold %s expired; %r failed on it", key, receiver, exc_info=result)

@@ -23,6 +23,7 @@ from inference.services.jobs import Outcome
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price, organization_balance
 from metering.services import hold_place, holds_expire
+from metering.services.holds import HOLD_EXPIRY_FORCED_AFTER
 from metering.signals import hold_expired
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, wait_until
@@ -175,4 +176,31 @@ def test_a_job_the_sweep_could_not_end_keeps_its_hold_until_a_later_sweep_ends_b
     job = Job.objects.get(pk=stuck.pk)
     assert (job.status, job.credits_charged) == (JobStatus.EXPIRED, 0)
     assert Hold.objects.get(key=stuck.public_id).status == HoldStatus.EXPIRED
+    assert organization_balance(organization=job.organization).held == 0
+
+
+def test_a_hold_a_day_past_its_expiry_is_released_even_if_a_receiver_always_fails(open_job):
+    # given a job whose hold expired more than a day ago, and a receiver of the
+    # ledger's signal that fails every time (a bug): the sweep could not
+    # release the hold since
+    job = open_job("job_expiry_forced")
+    a_day_ago = timezone.now() - HOLD_EXPIRY_FORCED_AFTER - timedelta(minutes=1)
+    Hold.objects.filter(key=job.public_id).update(expires_at=a_day_ago)
+
+    def always_fails(sender, key: str, **kwargs) -> None:
+        raise RuntimeError("a receiver with a bug")
+
+    hold_expired.connect(always_fails, dispatch_uid="test-always-fails")
+    try:
+        # when the sweep runs
+        expired = holds_expire()
+    finally:
+        hold_expired.disconnect(dispatch_uid="test-always-fails")
+
+    # then the customer's credits are released all the same, and the job,
+    # whose own receiver was told after the release, ended expired
+    assert expired == 1
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.EXPIRED
+    row = Job.objects.get(pk=job.pk)
+    assert (row.status, row.credits_charged) == (JobStatus.EXPIRED, 0)
     assert organization_balance(organization=job.organization).held == 0
