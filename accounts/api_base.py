@@ -271,7 +271,8 @@ class OrgApiView(APIView):
             return response
         refused_input = isinstance(exc, ApplicationError) and exc.refuses_input
         self._answer_took_effect = isinstance(exc, ApplicationError) and exc.took_effect
-        if isinstance(exc, _REFUSED_BEFORE_WORK) or refused_input or _rate_limited(exc):
+        refused_by_limit = _rate_limited(exc) and not self._answer_took_effect
+        if isinstance(exc, _REFUSED_BEFORE_WORK) or refused_input or refused_by_limit:
             record = getattr(self, "_idempotency_record", None)
             if record is not None:
                 self._idempotency_record = None

@@ -107,10 +107,21 @@ class _Start:
         return True
 
     def status(self) -> str:
+        """The job's status, once it could not be started (what the task returns)."""
         jobs = Job.objects.filter(pk=self.job_pk)
         if self.public_id is not None:
             jobs = jobs.filter(public_id=self.public_id)
-        return jobs.values_list("status", flat=True).first() or ""
+        status = jobs.values_list("status", flat=True).first() or ""
+        if status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            # Not ended, yet not started: job_start refused it for its hold
+            # (settled, or expiring within the start margin). It ends with
+            # the hold's expiry; a message this late deserves a look.
+            logger.warning(
+                "job %s not started: its hold is settled or expires too soon to run it; "
+                "it ends expired with the hold",
+                self.public_id or self.job_pk,
+            )
+        return status
 
 
 def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:

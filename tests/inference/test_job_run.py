@@ -366,7 +366,7 @@ def test_a_running_job_cancelled_before_its_task_came_back_is_not_sent_again(que
 
 @pytest.mark.parametrize("was_running", [False, True], ids=["queued", "came-back"])
 def test_a_late_message_whose_hold_expires_soon_is_not_run_and_the_job_expires_unbilled(
-    queued_job, engine, was_running
+    queued_job, engine, was_running, caplog
 ):
     # given a job whose message arrives when its hold has less life left than
     # a run may take (a backlog, or a dead worker's task the broker handed
@@ -381,8 +381,10 @@ def test_a_late_message_whose_hold_expires_soon_is_not_run_and_the_job_expires_u
     # when its task runs
     status = _run(queued_job, _spec(queued_job, age_s=60))
 
-    # then it is not started, nor sent to the engine: nothing is written
+    # then it is not started, nor sent to the engine: nothing is written, and
+    # the worker says so
     assert status == Job.objects.get(pk=queued_job.pk).status == status_before
+    assert f"job {queued_job.public_id} not started" in caplog.text
     assert (ledger_rows(), UsageRecord.objects.count()) == before
     assert _served_when_idle(engine) == served
     # and when the hold expires, the job ends expired with nothing charged
