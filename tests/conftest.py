@@ -213,6 +213,7 @@ def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
     """
     env = process_env()
     node = f"test-{uuid.uuid4().hex[:8]}"
+    named = f"{node}@{os.uname().nodename}"  # as Celery names the node (-n NODE@%h)
     log = ROOT / "var" / "test-celery-worker.log"
     log.parent.mkdir(exist_ok=True)
     with open(log, "w") as out:
@@ -232,13 +233,13 @@ def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"celery worker exited early; see {log}:\n{log.read_text()}")
-            replies = app.control.ping(destination=[f"{node}@{os.uname().nodename}"], timeout=1)
+            replies = app.control.ping(destination=[named], timeout=1)
             if replies:
                 break
         else:
             raise RuntimeError(f"celery worker did not answer a ping in 60 s; see {log}")
-        RUNNING_WORKERS.add(f"{node}@{os.uname().nodename}")
+        RUNNING_WORKERS.add(named)
         yield proc
     finally:
-        RUNNING_WORKERS.discard(f"{node}@{os.uname().nodename}")
+        RUNNING_WORKERS.discard(named)
         stop_process(proc)

@@ -193,9 +193,7 @@ def job_quote(
     that renders it for the resolved model, as for job_submit.
     `prompt_field`: the body field the prompt came in, which a context error names.
     """
-    _refuse_if_suspended(organization)
-    model = catalog_model_resolve(name=model_name, organization=organization)
-    _refuse_priority_outside_plan(organization, priority)
+    model = _admitted_model(organization, model_name, priority)
     if callable(prompt):
         prompt = prompt(model)
     requested = max_tokens
@@ -227,16 +225,17 @@ def job_quote(
     }
 
 
-def _refuse_if_suspended(organization: Organization) -> None:
+def _admitted_model(organization: Organization, model_name: str, priority: str) -> CatalogModel:
+    """The request's model, once the organization may use it at that priority: the
+    refusals job_submit and job_quote share, in this order (a suspended organization,
+    the model, a priority outside the plan)."""
     if organization.standing == Standing.SUSPENDED:
         raise ApplicationError(
             code="subscription_past_due",
             message="Inference is suspended until the overdue invoice is paid.",
             status=402,
         )
-
-
-def _refuse_priority_outside_plan(organization: Organization, priority: str) -> None:
+    model = catalog_model_resolve(name=model_name, organization=organization)
     if priority not in PRIORITY_RANK:
         raise ApplicationError(
             code="invalid_request",
@@ -250,6 +249,7 @@ def _refuse_priority_outside_plan(organization: Organization, priority: str) -> 
             status=403,
             param="priority",
         )
+    return model
 
 
 def _max_tokens(model, requested: int | None) -> int:
@@ -376,9 +376,7 @@ def job_submit(
     the hold's commit need not wait for the disk (metering's hold_place:
     the settlement's durable commit makes it durable before any answer).
     """
-    _refuse_if_suspended(organization)
-    model = catalog_model_resolve(name=model_name, organization=organization)
-    _refuse_priority_outside_plan(organization, priority)
+    model = _admitted_model(organization, model_name, priority)
     if callable(prompt):
         prompt = prompt(model)
     max_tokens = _max_tokens(model, params.max_tokens)
@@ -579,9 +577,6 @@ def job_from_engine_spec(job_pk: int, spec: dict) -> EngineJob:
     )
 
 
-# Loads the job and marks it running in one round trip. A job already running
-# is a redelivery of a task whose worker died: it runs again (its first start
-# time is kept), and the settlement still happens once (job_settle).
 # A job is started only while its hold (keyed by its public id) is pending and
 # will outlive the longest run (JOB_START_MARGIN): a job started as its hold
 # expired would be expired under its running worker (job_expire_for_hold),
@@ -598,6 +593,10 @@ def _start_margin() -> timedelta:
     return min(JOB_START_MARGIN, settings.METERING_HOLD_TTL / 2)
 
 
+# Loads the job and marks it running in one round trip, if its hold allows
+# (above). A job already running is a redelivery of a task whose worker died:
+# it runs again (its first start time is kept), and the settlement still
+# happens once (job_settle).
 _START = """
 UPDATE inference_job
    SET status = %(running)s,
