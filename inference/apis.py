@@ -387,7 +387,11 @@ class _GenerationApi(OrgApiView):
         """The job's failure as the answer; one that was charged (the tokens the engine served
         before it failed) keeps its Idempotency-Key, so that a retry does not charge again."""
         code = final.get("error_code") or "engine_error"
-        status = {"engine_unavailable": 503, "engine_timeout": 504}.get(code, 502)
+        status = {
+            "engine_unavailable": 503,
+            "engine_timeout": 504,
+            "job_deadline_exceeded": 504,
+        }.get(code, 502)
         message = final.get("error_message") or "The model failed."
         if code == "engine_error" and ("too long" in message or "exceeds" in message):
             code, status = "context_length_exceeded", 400

@@ -47,6 +47,7 @@ from inference.services.jobs import (
     EngineJob,
     Outcome,
     job_from_engine_spec,
+    job_run_limit,
     prompt_tokens_count,
 )
 from metering.selectors import model_price_by_id, organization_balance
@@ -128,6 +129,8 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     # The message's job by its primary key and, when the message says it, its
     # public id (job_start: a key may name another job after a crash).
     start = _Start(job_pk, spec["id"] if spec is not None else None)
+    limit_s = job_run_limit()
+    deadline = time.monotonic() + limit_s
     engine_first = spec is not None and 0 <= time.time() - spec["sent_at"] < ENGINE_FIRST_WITHIN_S
     if engine_first:
         job = job_from_engine_spec(job_pk, spec)
@@ -178,6 +181,7 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
             on_delta=on_delta,
             cancel=cancel,
             start=start if engine_first else None,
+            deadline=deadline,
         )
     if engine_first:
         # Started while the engine worked; or never sent (no server took it,
@@ -187,6 +191,8 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
         job = start.job
     if isinstance(result, triton.TritonError):
         outcome, status = _failure_outcome(result), JobStatus.FAILED
+        if isinstance(result, triton.DeadlineExceeded):
+            outcome = _past_deadline(job, prompt, result, outcome, limit_s)
     else:
         outcome = _result_outcome(job, prompt, result)
         cancelled = result.finish_reason == "cancelled"
@@ -232,7 +238,13 @@ def _settle(*, job: Job, outcome: Outcome, status: str, pipe) -> Job:
 
 
 def _generate(
-    engines: list[triton.ServerPool], request: triton.GenerationRequest, *, on_delta, cancel, start
+    engines: list[triton.ServerPool],
+    request: triton.GenerationRequest,
+    *,
+    on_delta,
+    cancel,
+    start,
+    deadline: float,
 ) -> triton.GenerationResult | triton.TritonError:
     """The request on the first pool that takes it (a dedicated pool, then the shared one):
     the next is tried only when no server of a pool took it, so nothing was delivered.
@@ -245,6 +257,7 @@ def _generate(
                 on_delta=on_delta,
                 cancel=cancel,
                 after_send=start if start is not None and start.job is None else None,
+                deadline=deadline,
             )
         except triton.EngineUnavailable as exc:
             result = exc
@@ -316,6 +329,28 @@ def _with_untold_prompt(job: Job, prompt: str, outcome: Outcome) -> Outcome:
         logger.warning("job %s: prompt taken by the engine but not billed: no tokenizer", job)
         return replace(outcome, input_tokens_source=InputTokensSource.UNMETERED)
     return replace(outcome, input_tokens=counted, input_tokens_source=InputTokensSource.TOKENIZER)
+
+
+def _past_deadline(
+    job: Job, prompt: str, exc: triton.DeadlineExceeded, outcome: Outcome, limit_s: float
+) -> Outcome:
+    """A job ended at its run limit (job_run_limit) is billed as a cancelled one: what the
+    engine delivered, and a prompt it took but never counted (by the model's tokenizer).
+
+    Not as a failure of ours, which bills nothing before the first response:
+    the run was as long as the request made it, and the engine worked on it
+    all that time.
+    """
+    outcome = replace(
+        outcome,
+        error_message=(
+            f"The job ran longer than its limit of {limit_s:g} s and was stopped; it is "
+            f"billed for the tokens the engine produced ({outcome.output_tokens})."
+        ),
+    )
+    if exc.sent and not outcome.input_tokens:
+        outcome = _with_untold_prompt(job, prompt, outcome)
+    return outcome
 
 
 def _failure_outcome(exc: triton.TritonError) -> Outcome:

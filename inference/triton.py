@@ -17,7 +17,9 @@ token counts. What must stay true, and why it is built the way it is:
   to a server is closed as soon as that server stops answering ready.
 - **The caller's thread reads the stream itself** (no reader thread, no hand-off
   per token); one watchdog thread per process ends a stream whose caller asked
-  to cancel or that stayed silent past `timeout_s`, and closes idle streams.
+  to cancel, that stayed silent past `timeout_s`, or that ran past the
+  caller's `deadline` (a job's run limit: Triton's own timeouts count silence
+  only), and closes idle streams.
 - We drive gRPC through tritonclient's generated stubs (`service_pb2`,
   `service_pb2_grpc`) rather than `InferenceServerClient`: that class holds one
   stream per client, and `stop_stream(cancel_requests=True)` leaves gRPC's
@@ -120,6 +122,17 @@ class EngineTimeout(TritonError):
     """The engine sent nothing for `timeout_s` (before the first response or between two)."""
 
     code = "engine_timeout"
+
+
+class DeadlineExceeded(EngineTimeout):
+    """The request was still running at the `deadline` its caller gave (a job's run limit),
+    and was ended there. `sent`: it had gone out to a server, whose engine took its prompt."""
+
+    code = "job_deadline_exceeded"
+
+    def __init__(self, message: str, *, partial: GenerationResult | None = None, sent: bool):
+        super().__init__(message, partial=partial)
+        self.sent = sent
 
 
 class EngineError(TritonError):
@@ -343,13 +356,14 @@ class _Server:
 class _Flight:
     stream: _Stream
     cancel: threading.Event | None
-    timeout_s: float
-    deadline: float
+    heard_by: float  # the next response is due by then (timeout_s of silence)
+    ends_by: float  # the caller's deadline (math.inf: none)
 
 
 class _Watchdog:
-    """One daemon thread per process: ends streams that were cancelled or went silent,
-    closes streams left idle, and has expired readiness answers checked again.
+    """One daemon thread per process: ends streams that were cancelled, went silent or ran
+    past their deadline, closes streams left idle, and has expired readiness answers
+    checked again.
 
     It ticks at a fixed pace instead of being woken per request: waking a thread
     for every request made each one wait for the GIL, about 5 ms (the default
@@ -377,8 +391,10 @@ class _Watchdog:
         with self._lock:
             self._pools.discard(pool)
 
-    def register(self, stream: _Stream, cancel: threading.Event | None, timeout_s: float):
-        flight = _Flight(stream, cancel, timeout_s, time.monotonic() + timeout_s)
+    def register(
+        self, stream: _Stream, cancel: threading.Event | None, timeout_s: float, ends_by: float
+    ) -> _Flight:
+        flight = _Flight(stream, cancel, time.monotonic() + timeout_s, ends_by)
         with self._lock:
             self._flights.add(flight)
             self._ensure_running()
@@ -414,7 +430,9 @@ class _Watchdog:
         for flight in list(self._flights):
             if flight.cancel is not None and flight.cancel.is_set():
                 flight.stream.abort("cancelled")
-            elif now > flight.deadline:
+            elif now > flight.ends_by:
+                flight.stream.abort("deadline")
+            elif now > flight.heard_by:
                 flight.stream.abort("timeout")
             else:
                 continue
@@ -533,6 +551,7 @@ class ServerPool:
         cancel: threading.Event | None = None,
         request_id: str = "",
         after_send: Callable[[], bool] | None = None,
+        deadline: float | None = None,
     ) -> GenerationResult:
         """Runs one generation; see the module docstring for the guarantees.
 
@@ -545,8 +564,10 @@ class ServerPool:
         (ended on the server; the result is empty, finish_reason "cancelled");
         if it raises, the request is ended and the exception propagates. While
         it runs responses queue up unread, so for a request that finished
-        meanwhile `engine_ms` includes the rest of its run.
-        Raises EngineUnavailable, EngineTimeout or EngineError.
+        meanwhile `engine_ms` includes the rest of its run. A request still
+        running at `deadline` (time.monotonic(), retries included) is ended
+        there: DeadlineExceeded, with what was delivered.
+        Raises EngineUnavailable, EngineTimeout (DeadlineExceeded) or EngineError.
         """
         if self._closed:
             raise EngineUnavailable(f"{self!r} is closed.")
@@ -556,13 +577,18 @@ class ServerPool:
         hook = _Once(after_send) if after_send is not None else None
         tried: set[_Server] = set()
         failures: list[str] = []
+        ends_by = math.inf if deadline is None else deadline
         for attempt in range(self.retries + 1):
+            if time.monotonic() >= ends_by:
+                raise DeadlineExceeded(
+                    "The request reached its deadline before any server took it.", sent=False
+                )
             server = self._pick(tried)
             if server is None:
                 break
             tried.add(server)
             try:
-                return self._attempt(server, message, request, on_delta, cancel, hook)
+                return self._attempt(server, message, request, on_delta, cancel, hook, ends_by)
             except _Retry as exc:
                 failures.append(f"{server.url}: {exc}")
                 # Check it again before the next pick: a restarted server is
@@ -797,7 +823,9 @@ class ServerPool:
 
     # -- one attempt on one server ---------------------------------------------
 
-    def _attempt(self, server, message, request, on_delta, cancel, hook) -> GenerationResult:
+    def _attempt(
+        self, server, message, request, on_delta, cancel, hook, ends_by: float
+    ) -> GenerationResult:
         try:
             stream = self._checkout(server)
         except BaseException:
@@ -805,7 +833,7 @@ class ServerPool:
                 server.inflight -= 1
             raise
         acc = _Accumulator(request, server.url)
-        flight = _watchdog.register(stream, cancel, self.timeout_s)
+        flight = _watchdog.register(stream, cancel, self.timeout_s, ends_by)
         reusable = False
         try:
             acc.started = time.perf_counter()
@@ -820,7 +848,7 @@ class ServerPool:
                     stream.abort("cancelled")
                     return GenerationResult("", 0, 0, 0, 0, "cancelled", server.url, sent=True)
             for reply in stream.call:
-                flight.deadline = time.monotonic() + self.timeout_s
+                flight.heard_by = time.monotonic() + self.timeout_s
                 response = reply.infer_response
                 if response.id and response.id != message.id:
                     # A late response of an earlier request on this reused
@@ -854,6 +882,13 @@ class ServerPool:
         except grpc.RpcError as exc:
             if stream.abort_reason == "cancelled":
                 return acc.result("cancelled")
+            if stream.abort_reason == "deadline":
+                raise DeadlineExceeded(
+                    f"The request ran past its deadline and was ended after "
+                    f"{acc.output_tokens} tokens (Triton {server.url}).",
+                    partial=acc.partial(),
+                    sent=True,
+                ) from None
             if stream.abort_reason == "timeout":
                 raise EngineTimeout(
                     f"Triton {server.url} sent nothing for {self.timeout_s:g} s.",

@@ -145,7 +145,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # A message a worker took but never acknowledged (the whole worker died, not
 # only the child that ran it: reject_on_worker_lost hands that back at once)
 # goes back to its queue after this long, on kombu's Redis transport. Longer
-# than any job runs, or a running job's message would come back while it runs;
+# than any job runs (INFERENCE_JOB_DEADLINE_SECONDS), or a running job's
+# message would come back while it runs;
 # well inside a hold's life (METERING_HOLD_TTL_SECONDS), so that the job it
 # carries is still run: a job whose hold expires within JOB_START_MARGIN
 # (inference.services.jobs) is never started, and ends expired, unbilled.
@@ -201,6 +202,12 @@ LOGGING = {
 # --- Inference ---------------------------------------------------------------
 # How long a synchronous API request waits for its job before answering 504.
 INFERENCE_TIMEOUT_SECONDS = env.int("INFERENCE_TIMEOUT_SECONDS", default=120)
+# How long a job may run on its worker (sent to the engine until its last
+# token) before it is ended, failed `job_deadline_exceeded`, and billed for
+# what the engine produced; at most half of inference.services.jobs's start
+# margin (job_run_limit). It bounds asynchronous jobs and jobs whose waiting
+# client is gone; a waiting client gives up first (INFERENCE_TIMEOUT_SECONDS).
+INFERENCE_JOB_DEADLINE_SECONDS = env.float("INFERENCE_JOB_DEADLINE_SECONDS", default=300.0)
 # Job callbacks (inference.services.callbacks): a signed webhook when an
 # asynchronous job ends. Each attempt may take this long in all.
 INFERENCE_CALLBACK_TIMEOUT_SECONDS = env.float("INFERENCE_CALLBACK_TIMEOUT_SECONDS", default=10.0)

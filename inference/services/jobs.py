@@ -578,7 +578,8 @@ def job_from_engine_spec(job_pk: int, spec: dict) -> EngineJob:
 
 
 # A job is started only while its hold (keyed by its public id) is pending and
-# will outlive the longest run (JOB_START_MARGIN): a job started as its hold
+# will outlive the longest run and its settlement (JOB_START_MARGIN; a run
+# lasts at most half of it: job_run_limit): a job started as its hold
 # expired would be expired under its running worker (job_expire_for_hold),
 # and its settlement, finding it ended, would bill nothing for what it served.
 # Such a job, a backlog's or one whose message came back late (a dead worker's,
@@ -591,6 +592,20 @@ def _start_margin() -> timedelta:
     """JOB_START_MARGIN, or half the hold's life if that is shorter: a short hold TTL (a
     deployment of short jobs) must not leave no job able to start."""
     return min(JOB_START_MARGIN, settings.METERING_HOLD_TTL / 2)
+
+
+def job_run_limit() -> float:
+    """Seconds a job may run before the worker ends it (failed, `job_deadline_exceeded`,
+    billed for what the engine produced): INFERENCE_JOB_DEADLINE_SECONDS, at most half
+    the start margin.
+
+    A job starts with at least the margin left on its hold; running at most half
+    of it, it leaves the other half for its settlement (tried again while the
+    database fails: tasks.SETTLE_RETRY_PAUSES_S) before the hold can expire
+    under it. Without a limit a job ran as long as its engine kept talking:
+    Triton's timeouts count silence, and max_tokens bounds tokens, not time.
+    """
+    return min(settings.INFERENCE_JOB_DEADLINE_SECONDS, _start_margin().total_seconds() / 2)
 
 
 # Loads the job and marks it running in one round trip, if its hold allows

@@ -36,13 +36,14 @@ from kombu.serialization import dumps
 
 from accounts.redis import get_redis
 from inference import tasks, triton
-from inference.models import DedicatedCapacity, Job, JobStatus, ServerPool
+from inference.engine.tokenizer import count_tokens
+from inference.models import DedicatedCapacity, InputTokensSource, Job, JobStatus, ServerPool
 from inference.relay import relay_cancel, relay_events, relay_publish
 from inference.services import job_settle
 from inference.services.jobs import ENGINE_SPEC_HEADER, JOB_START_MARGIN, Outcome, job_engine_spec
 from metering.models import Hold, HoldStatus, UsageRecord
-from metering.selectors import model_price
-from metering.services import hold_place, holds_expire
+from metering.selectors import model_price, organization_balance
+from metering.services import Rates, Usage, credits_for_usage, hold_place, holds_expire
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, wait_until
 from tests.inference.conftest import occupy_engine_workers
@@ -94,13 +95,13 @@ def _spec(job: Job, *, age_s: float = 0.0) -> dict:
     return job_engine_spec(job) | {"sent_at": time.time() - age_s}
 
 
-def _run(job: Job, spec: dict | None) -> str:
+def _run(job: Job, spec: dict | None, prompt: str = PROMPT) -> str:
     """The job's task message, with `spec` in its header (or none), run in this process as a
     worker runs one: Celery's own message building and its worker's Request, which makes the
     message's headers the task request's attributes."""
     task = tasks.job_run
     built = task.app.amqp.as_task_v2(
-        uuid(), task.name, args=[job.pk, PROMPT], ignore_result=task.ignore_result
+        uuid(), task.name, args=[job.pk, prompt], ignore_result=task.ignore_result
     )
     headers = dict(built.headers)
     if spec is not None:  # as apply_async(headers=...) adds it, on top of Celery's own
@@ -298,6 +299,127 @@ def test_a_streamed_job_whose_relay_fails_is_stopped_and_billed_for_what_it_prod
     assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, job.credits_charged)
     [record] = UsageRecord.objects.filter(job_id=job.public_id)
     assert record.output_tokens == job.output_tokens
+
+
+def _charge(job: Job) -> int:
+    """What the job's counts cost at its price."""
+    usage = Usage(
+        input_tokens=job.input_tokens,
+        output_tokens=job.output_tokens,
+        cached_input_tokens=job.cached_input_tokens,
+    )
+    return credits_for_usage(rates=Rates.of(job.model_price, job.priority), usage=usage)
+
+
+def _settled_for_its_charge(job: Job, org, before) -> None:
+    """The job's hold captured its charge once, the rest released."""
+    hold = Hold.objects.get(key=job.public_id)
+    assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, job.credits_charged)
+    [record] = UsageRecord.objects.filter(job_id=job.public_id)
+    assert (record.input_tokens, record.output_tokens, record.credits) == (
+        job.input_tokens,
+        job.output_tokens,
+        job.credits_charged,
+    )
+    # `before` was read with the hold placed: what it held comes back, less the charge
+    after = organization_balance(organization=org)
+    assert before.held == job.hold_amount
+    assert (before.available + before.held - after.available, after.held) == (
+        job.credits_charged,
+        0,
+    )
+
+
+# With the development engine this prompt, at seed 282 and temperature 2,
+# makes 1070 tokens: over a second on the paced engine (a millisecond a token).
+LONG_PROMPT = "Tokens are the unit of work, and the cluster"
+LONG_PARAMS = {"max_tokens": 3000, "seed": 282, "temperature": 2.0}
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_job_running_past_its_limit_is_stopped_failed_and_billed_for_what_it_produced(
+    paced_triton_server, grant, settings, message
+):
+    # given a streamed job that runs over a second when nothing stops it, and
+    # a run limit of half a second
+    settings.INFERENCE_JOB_DEADLINE_SECONDS = 0.5
+    model = served_model(
+        "gym-run-long", grpc_urls=[paced_triton_server.grpc_url], access_tier="basic"
+    )
+    full = triton.pool_for([paced_triton_server.grpc_url], "ensemble").generate(
+        triton.GenerationRequest(LONG_PROMPT, stream=True, **LONG_PARAMS)
+    )
+    assert full.output_tokens > 1000
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = _queued(org, model, **LONG_PARAMS)
+    Job.objects.filter(pk=job.pk).update(stream=True)
+    job.refresh_from_db()
+    before = organization_balance(organization=org)
+
+    # when it runs
+    status = _run(job, _spec(job, age_s=60 if message == "late" else 0), prompt=LONG_PROMPT)
+    events = list(relay_events(job.public_id, timeout_s=10))
+
+    # then it was stopped at its limit, failed, and says why
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.FAILED
+    assert job.error_code == "job_deadline_exceeded"
+    assert "limit of 0.5 s" in job.error_message
+    # with what the engine had produced: the start of its whole text, relayed
+    # and counted by the engine
+    assert 0 < job.output_tokens < full.output_tokens
+    assert (job.input_tokens, job.input_tokens_source) == (
+        full.input_tokens,
+        InputTokensSource.ENGINE,
+    )
+    *deltas, final = events
+    relayed = "".join(event["text"] for event in deltas)
+    assert (final["type"], final["error_code"]) == ("error", "job_deadline_exceeded")
+    assert final["text"] == relayed and full.text.startswith(relayed)
+    assert final["output_tokens"] == job.output_tokens == count_tokens(relayed)
+    # and it was billed for exactly that, once
+    assert job.credits_charged == _charge(job) > 0
+    assert final["credits_charged"] == job.credits_charged
+    _settled_for_its_charge(job, org, before)
+
+
+def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_it_sent(
+    engine, grant, settings
+):
+    # given a model with a tokenizer whose engine is busy (a request sent now
+    # waits, silent, in its queue), and a run limit of half a second
+    settings.INFERENCE_JOB_DEADLINE_SECONDS = 0.5
+    model = served_model(
+        "gym-run-busy",
+        grpc_urls=[engine.grpc_url],
+        access_tier="basic",
+        tokenizer_file="inference/engine/tokenizer.json",
+    )
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = _queued(org, model)
+    before = organization_balance(organization=org)
+    busy, _workers = occupy_engine_workers(engine.grpc_url)
+    try:
+        # when it runs
+        status = _run(job, _spec(job, age_s=60))
+    finally:
+        busy.stop()
+
+    # then it was stopped and failed with nothing generated, and billed the
+    # prompt the engine took (as a cancelled job is), counted by the model's
+    # tokenizer: the engine worked on the request until its limit
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.FAILED
+    assert job.error_code == "job_deadline_exceeded"
+    assert job.output_tokens == 0
+    assert (job.input_tokens, job.input_tokens_source) == (
+        count_tokens(PROMPT),
+        InputTokensSource.TOKENIZER,
+    )
+    assert job.credits_charged == _charge(job) > 0
+    _settled_for_its_charge(job, org, before)
 
 
 def test_a_job_cancelled_before_its_fresh_message_arrived_is_abandoned_not_settled_again(

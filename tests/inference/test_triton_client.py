@@ -15,6 +15,7 @@ from inference.engine.server import TritonDevServer
 from inference.engine.tokenizer import count_tokens
 from inference.triton import (
     TRTLLM_REQUESTS,
+    DeadlineExceeded,
     EngineError,
     EngineTimeout,
     EngineUnavailable,
@@ -270,7 +271,7 @@ def test_cancelling_from_another_thread_releases_the_caller_promptly(pool):
     assert returned_at >= cancelled_at.result()
 
 
-@pytest.mark.parametrize("outcome", ["cancelled", "timeout"])
+@pytest.mark.parametrize("outcome", ["cancelled", "timeout", "deadline"])
 def test_a_request_waiting_silently_is_cancelled_or_timed_out_by_the_watchdog(
     triton_server, busy_engine, outcome
 ):
@@ -286,9 +287,12 @@ def test_a_request_waiting_silently_is_cancelled_or_timed_out_by_the_watchdog(
     try:
         if outcome == "cancelled":
             result = waiting.generate(GenerationRequest(PROMPT, 8, seed=1), cancel=cancel)
-        else:
+        elif outcome == "timeout":
             with pytest.raises(EngineTimeout) as timeout:
                 waiting.generate(GenerationRequest(PROMPT, 8, seed=1))
+        else:
+            with pytest.raises(DeadlineExceeded) as timeout:
+                waiting.generate(GenerationRequest(PROMPT, 8, seed=1), deadline=began + 0.3)
         elapsed = time.monotonic() - began
     finally:
         waiting.close()
@@ -301,8 +305,13 @@ def test_a_request_waiting_silently_is_cancelled_or_timed_out_by_the_watchdog(
         assert result.finish_reason == "cancelled"
         assert (result.text, result.output_tokens) == ("", 0)
         assert elapsed >= 0.1
-    else:
+    elif outcome == "timeout":
         assert timeout.value.code == "engine_timeout"
+        assert timeout.value.partial is None
+        assert elapsed >= 0.3
+    else:
+        # the engine took the request (its prompt is the caller's to bill)
+        assert (timeout.value.code, timeout.value.sent) == ("job_deadline_exceeded", True)
         assert timeout.value.partial is None
         assert elapsed >= 0.3
 
@@ -324,6 +333,52 @@ def test_the_timeout_bounds_silence_not_the_length_of_a_stream(paced_triton_serv
     assert result.output_tokens > 1000
     assert result.finish_reason == "stop"
     assert result.engine_ms > 300
+
+
+def test_a_stream_running_past_its_deadline_is_ended_with_what_was_delivered(
+    paced_triton_server,
+):
+    # given a stream of over a thousand tokens, over a second long paced, and
+    # what the engine writes for it when nothing stops it
+    pool = ServerPool([paced_triton_server.grpc_url])
+    request = _long_request(seed=282, temperature=2.0)
+    try:
+        full = pool.generate(request)
+        assert full.output_tokens > 1000
+
+        # when it is sent with half a second to run, the silence timeout long
+        deltas: list[str] = []
+        began = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as past:
+            pool.generate(request, on_delta=deltas.append, deadline=began + 0.5)
+        elapsed = time.monotonic() - began
+
+        # then it was ended there, not at its end, with what was delivered:
+        # the start of the whole text, counted by the engine
+        partial = past.value.partial
+        assert (past.value.code, past.value.sent) == ("job_deadline_exceeded", True)
+        assert elapsed >= 0.5
+        assert 0 < partial.output_tokens < full.output_tokens
+        assert partial.text == "".join(deltas) and full.text.startswith(partial.text)
+        assert partial.output_tokens == count_tokens(partial.text)
+        assert partial.input_tokens == full.input_tokens
+        # and the pool serves on
+        assert pool.generate(GenerationRequest(PROMPT, 4, seed=1)).output_tokens == 4
+    finally:
+        pool.close()
+
+
+def test_a_request_whose_deadline_has_passed_is_not_sent(pool):
+    # given a deadline already behind us
+    picked = [server.picked for server in pool._servers]
+
+    # when
+    with pytest.raises(DeadlineExceeded) as past:
+        pool.generate(GenerationRequest(PROMPT, 4, seed=1), deadline=time.monotonic() - 1)
+
+    # then no server was given it, and the error says it was not sent
+    assert (past.value.sent, past.value.partial) == (False, None)
+    assert [server.picked for server in pool._servers] == picked
 
 
 def test_a_pool_with_a_dead_server_routes_to_the_live_one(triton_server, dead_grpc_url):

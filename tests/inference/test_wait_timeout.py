@@ -85,3 +85,34 @@ def test_a_job_that_says_nothing_after_the_cancel_is_a_504_that_names_it(running
     assert f"see GET /api/v1/jobs/{running_job.public_id}" in timed_out.value.message
     assert relay_cancel_requested(running_job.public_id)
     assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING  # its worker settles it
+
+
+def test_a_job_stopped_at_its_run_limit_is_answered_504_and_keeps_its_key(grant):
+    # given a job its worker stopped at its run limit (job_run_limit) after 3
+    # tokens, which it settled for them
+    served_model(MODEL)
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    submitted = submit_job(org, MODEL, max_tokens=8)
+    job = job_start(job_pk=submitted.pk, public_id=submitted.public_id)
+    outcome = Outcome(
+        text="Squat low",
+        input_tokens=5,
+        output_tokens=3,
+        finish_reason="error",
+        error_code="job_deadline_exceeded",
+        error_message="The job ran longer than its limit of 300 s and was stopped.",
+    )
+    settled = job_settle(job=job, outcome=outcome, status=JobStatus.FAILED)
+    relay_publish(job.public_id, tasks._final_event(settled, outcome))
+
+    # when the waiting request reads its end and answers with it
+    final = apis._GenerationApi.wait(job)
+    answer = apis._GenerationApi.engine_error(job, final)
+
+    # then it is a 504 that says why, names the job, and (charged) keeps its
+    # Idempotency-Key, so that a retry is not run and charged again
+    assert (answer.code, answer.status) == ("job_deadline_exceeded", 504)
+    assert answer.message == outcome.error_message
+    assert answer.extra == {"job_id": job.public_id}
+    assert settled.credits_charged > 0 and answer.took_effect
