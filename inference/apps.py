@@ -7,6 +7,7 @@ class InferenceConfig(AppConfig):
 
     def ready(self) -> None:
         from accounts.cache import cache_invalidate_on_save
+        from inference import checks  # noqa: F401  (registers the system checks)
         from inference.models import CatalogModel, DedicatedCapacity, ServerPool
         from inference.selectors import CATALOG
 

@@ -339,13 +339,14 @@ def _past_deadline(
 
     Not as a failure of ours, which bills nothing before the first response:
     the run was as long as the request made it, and the engine worked on it
-    all that time.
+    all that time (its engine time is the whole run, delivered or not).
     """
     outcome = replace(
         outcome,
+        engine_ms=max(outcome.engine_ms, exc.engine_ms),
         error_message=(
             f"The job ran longer than its limit of {limit_s:g} s and was stopped; it is "
-            f"billed for the tokens the engine produced ({outcome.output_tokens})."
+            f"billed for what was delivered until then ({outcome.output_tokens} tokens)."
         ),
     )
     if exc.sent and not outcome.input_tokens:

@@ -126,13 +126,23 @@ class EngineTimeout(TritonError):
 
 class DeadlineExceeded(EngineTimeout):
     """The request was still running at the `deadline` its caller gave (a job's run limit),
-    and was ended there. `sent`: it had gone out to a server, whose engine took its prompt."""
+    and was ended there (as a cancellation is: through an ensemble the engine runs on).
+    `sent`: it had gone out to a server, whose engine took its prompt; `engine_ms`: from
+    sending it to its end, delivered or not."""
 
     code = "job_deadline_exceeded"
 
-    def __init__(self, message: str, *, partial: GenerationResult | None = None, sent: bool):
+    def __init__(
+        self,
+        message: str,
+        *,
+        partial: GenerationResult | None = None,
+        sent: bool,
+        engine_ms: int = 0,
+    ):
         super().__init__(message, partial=partial)
         self.sent = sent
+        self.engine_ms = engine_ms
 
 
 class EngineError(TritonError):
@@ -888,6 +898,7 @@ class ServerPool:
                     f"{acc.output_tokens} tokens (Triton {server.url}).",
                     partial=acc.partial(),
                     sent=True,
+                    engine_ms=round((time.perf_counter() - acc.started) * 1000),
                 ) from None
             if stream.abort_reason == "timeout":
                 raise EngineTimeout(

@@ -202,11 +202,12 @@ LOGGING = {
 # --- Inference ---------------------------------------------------------------
 # How long a synchronous API request waits for its job before answering 504.
 INFERENCE_TIMEOUT_SECONDS = env.int("INFERENCE_TIMEOUT_SECONDS", default=120)
-# How long a job may run on its worker (sent to the engine until its last
-# token) before it is ended, failed `job_deadline_exceeded`, and billed for
-# what the engine produced; at most half of inference.services.jobs's start
-# margin (job_run_limit). It bounds asynchronous jobs and jobs whose waiting
-# client is gone; a waiting client gives up first (INFERENCE_TIMEOUT_SECONDS).
+# How long a job may run, from when its worker takes it, before its request is
+# ended, the job failed `job_deadline_exceeded` and billed for what was
+# delivered; at most half of inference.services.jobs's start margin
+# (job_run_limit; inference/checks.py says so when it is capped). It bounds
+# asynchronous jobs and jobs whose waiting client is gone; a waiting client
+# gives up first (INFERENCE_TIMEOUT_SECONDS).
 INFERENCE_JOB_DEADLINE_SECONDS = env.float("INFERENCE_JOB_DEADLINE_SECONDS", default=300.0)
 # Job callbacks (inference.services.callbacks): a signed webhook when an
 # asynchronous job ends. Each attempt may take this long in all.

@@ -602,8 +602,10 @@ def job_run_limit() -> float:
     A job starts with at least the margin left on its hold; running at most half
     of it, it leaves the other half for its settlement (tried again while the
     database fails: tasks.SETTLE_RETRY_PAUSES_S) before the hold can expire
-    under it. Without a limit a job ran as long as its engine kept talking:
-    Triton's timeouts count silence, and max_tokens bounds tokens, not time.
+    under it. Without a limit a job's worker waited as long as its engine kept
+    talking: Triton's timeouts count silence, and max_tokens bounds tokens, not
+    time. The limit ends the request as a cancellation does: the worker is
+    free and the job settled, though through an ensemble the engine runs on.
     """
     return min(settings.INFERENCE_JOB_DEADLINE_SECONDS, _start_margin().total_seconds() / 2)
 

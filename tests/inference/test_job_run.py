@@ -388,8 +388,9 @@ def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_
     engine, grant, settings
 ):
     # given a model with a tokenizer whose engine is busy (a request sent now
-    # waits, silent, in its queue), and a run limit of half a second
-    settings.INFERENCE_JOB_DEADLINE_SECONDS = 0.5
+    # waits, silent, in its queue), and a run limit of a second and a half:
+    # time enough, on a slow machine, to start the job and send it
+    settings.INFERENCE_JOB_DEADLINE_SECONDS = 1.5
     model = served_model(
         "gym-run-busy",
         grpc_urls=[engine.grpc_url],
@@ -400,6 +401,9 @@ def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_
     grant(org, credits(10))
     job = _queued(org, model)
     before = organization_balance(organization=org)
+    # the worker's pool for it has used its server (no readiness check on the
+    # job's time), then every engine worker is taken
+    triton.pool_for([engine.grpc_url], "ensemble").generate(triton.GenerationRequest(PROMPT, 1))
     busy, _workers = occupy_engine_workers(engine.grpc_url)
     try:
         # when it runs
@@ -414,6 +418,8 @@ def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_
     assert status == job.status == JobStatus.FAILED
     assert job.error_code == "job_deadline_exceeded"
     assert job.output_tokens == 0
+    # and its engine time is the time it was in the engine's hands
+    assert job.engine_ms > 0
     assert (job.input_tokens, job.input_tokens_source) == (
         count_tokens(PROMPT),
         InputTokensSource.TOKENIZER,

@@ -278,6 +278,9 @@ def test_a_request_waiting_silently_is_cancelled_or_timed_out_by_the_watchdog(
     # given: every engine worker busy for thousands of tokens, so a new request
     # waits in the engine's queue and nothing at all arrives for it
     waiting = ServerPool([triton_server.grpc_url], timeout_s=0.3 if outcome == "timeout" else 60)
+    # its server's readiness known, so that the request's first step is not
+    # a check run on its time (which, slow, would end a deadline unsent)
+    assert waiting.ready_urls() == [triton_server.grpc_url]
     cancel = threading.Event()
     began = time.monotonic()
     if outcome == "cancelled":

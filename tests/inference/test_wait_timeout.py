@@ -19,6 +19,7 @@ from inference.models import Job, JobStatus
 from inference.relay import relay_cancel_requested, relay_publish
 from inference.services import job_settle, job_start
 from inference.services.jobs import Outcome
+from inference.triton import DeadlineExceeded, GenerationResult
 from metering.services.postings import amount_display
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, served_model, submit_job
@@ -95,14 +96,9 @@ def test_a_job_stopped_at_its_run_limit_is_answered_504_and_keeps_its_key(grant)
     grant(org, credits(10))
     submitted = submit_job(org, MODEL, max_tokens=8)
     job = job_start(job_pk=submitted.pk, public_id=submitted.public_id)
-    outcome = Outcome(
-        text="Squat low",
-        input_tokens=5,
-        output_tokens=3,
-        finish_reason="error",
-        error_code="job_deadline_exceeded",
-        error_message="The job ran longer than its limit of 300 s and was stopped.",
-    )
+    delivered = GenerationResult("Squat low", 5, 0, 3, 300_000, "error", sent=True)
+    past = DeadlineExceeded("ran past its deadline", partial=delivered, sent=True)
+    outcome = tasks._past_deadline(job, "", past, tasks._failure_outcome(past), 300.0)
     settled = job_settle(job=job, outcome=outcome, status=JobStatus.FAILED)
     relay_publish(job.public_id, tasks._final_event(settled, outcome))
 
@@ -113,6 +109,9 @@ def test_a_job_stopped_at_its_run_limit_is_answered_504_and_keeps_its_key(grant)
     # then it is a 504 that says why, names the job, and (charged) keeps its
     # Idempotency-Key, so that a retry is not run and charged again
     assert (answer.code, answer.status) == ("job_deadline_exceeded", 504)
-    assert answer.message == outcome.error_message
+    assert answer.message == (
+        "The job ran longer than its limit of 300 s and was stopped; it is billed for what "
+        "was delivered until then (3 tokens)."
+    )
     assert answer.extra == {"job_id": job.public_id}
     assert settled.credits_charged > 0 and answer.took_effect
