@@ -31,7 +31,7 @@ from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
 
 from accounts.api_base import OrgApiView, StrictSerializer, acting_key
-from accounts.errors import ApplicationError, error_body
+from accounts.errors import ApplicationError
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
 from inference.models import CatalogModel, Job, JobStatus, ModelStatus
@@ -39,7 +39,7 @@ from inference.openai_body import generation_body, text_storable
 from inference.relay import HEARTBEAT, relay_events
 from inference.selectors import catalog_models_for, organization_jobs
 from inference.services import job_cancel, job_submit
-from inference.services.jobs import SubmitParams, job_quote
+from inference.services.jobs import SubmitParams, job_quote, job_run_limit
 from metering.models import Priority
 from metering.services.postings import amount_display
 
@@ -290,8 +290,16 @@ class _GenerationApi(OrgApiView):
         """The job's answer: its SSE stream, or its result once it settled."""
         if data["stream"]:
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            # A stream waits INFERENCE_TIMEOUT_SECONDS for each event, not for
+            # the whole answer: a long generation that keeps sending tokens is
+            # not cut off (its worker ends it at the run limit, and says so).
+            # The whole is bounded all the same, by the run and one wait more.
+            quiet_s = settings.INFERENCE_TIMEOUT_SECONDS
             events = relay_events(
-                job.public_id, timeout_s=settings.INFERENCE_TIMEOUT_SECONDS, heartbeat=True
+                job.public_id,
+                timeout_s=quiet_s + job_run_limit(),
+                quiet_s=quiet_s,
+                heartbeat=True,
             )
             # The first event, waited for up to STREAM_FIRST_EVENT_WAIT_S: a
             # job that failed before its first token (no engine would take
@@ -460,11 +468,10 @@ class _GenerationApi(OrgApiView):
                 yield line("[DONE]")
                 return
         except TimeoutError:
-            yield line(
-                error_body(
-                    code="engine_timeout", message="The model did not answer in time.", status=504
-                )
-            )
+            # Nothing came for a whole wait: the job is cancelled, and the
+            # error says what it was charged (or names it), as a 504 does.
+            finished = True
+            yield line(self.timed_out(job, self.final_after_cancel(job)).as_dict())
             yield line("[DONE]")
         finally:
             if not finished:

@@ -56,23 +56,32 @@ def relay_publish(job_id: str, event: dict, pipe=None) -> None:
 
 
 def relay_events(
-    job_id: str, *, timeout_s: float, poll_ms: int = 500, heartbeat: bool = False
+    job_id: str,
+    *,
+    timeout_s: float,
+    poll_ms: int = 500,
+    heartbeat: bool = False,
+    quiet_s: float | None = None,
 ) -> Iterator[dict]:
-    """Yield the job's events in order until a final one, or raise TimeoutError.
+    """Yield the job's events in order until a final one, or raise TimeoutError: after
+    `timeout_s` in all, or, with `quiet_s`, once that long passed without an event.
 
     With `heartbeat`, HEARTBEAT is yielded after every `poll_ms` without an event.
     """
     redis_client = get_redis()
     last = "0-0"
     deadline = time.monotonic() + timeout_s
+    heard_by = deadline if quiet_s is None else time.monotonic() + quiet_s
     while True:
-        left_ms = int((deadline - time.monotonic()) * 1000)
+        left_ms = int((min(deadline, heard_by) - time.monotonic()) * 1000)
         if left_ms <= 0:
             raise TimeoutError(job_id)
         # Block in slices, so the Redis client's socket timeout is never reached.
         reply = redis_client.xread({_stream(job_id): last}, block=min(poll_ms, left_ms), count=256)
         if not reply and heartbeat:
             yield HEARTBEAT
+        if reply and quiet_s is not None:
+            heard_by = time.monotonic() + quiet_s
         for _stream_name, entries in reply or []:
             for entry_id, fields in entries:
                 last = entry_id

@@ -200,7 +200,8 @@ LOGGING = {
 }
 
 # --- Inference ---------------------------------------------------------------
-# How long a synchronous API request waits for its job before answering 504.
+# How long a synchronous API request waits for its job before answering 504;
+# a streamed one waits this long for each event (inference.apis).
 INFERENCE_TIMEOUT_SECONDS = env.int("INFERENCE_TIMEOUT_SECONDS", default=120)
 # How long a job may run, from when its worker takes it, before its request is
 # ended, the job failed `job_deadline_exceeded` and billed for what was

@@ -45,6 +45,7 @@ from inference.triton import ServerPool as EnginePool
 from metering.models import HoldStatus
 from metering.selectors import organization_balance
 from metering.services import price_book_publish
+from metering.services.postings import amount_display
 from tests.helpers import credits, paused_consumers
 from tests.inference import conftest as engine_fixtures
 from tests.reliability.test_inference_faults import (
@@ -103,6 +104,21 @@ def _long_body(**extra) -> dict:
         "seed": LONG_SEED,
         **extra,
     }
+
+
+QUESTION = [{"role": "user", "content": "How long should a warm-up last?"}]
+
+
+QUESTION_STREAMED = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "stream": True}
+
+
+def _asker(urls: list[str], grant, key_name: str, **model_fields) -> tuple[str, object, str]:
+    """The model on `urls`, and an organization with credits and an inference key that will
+    ask it QUESTION: (QUESTION's rendered prompt, the organization, the raw key)."""
+    prompt = render_chat(_model(urls, **model_fields), QUESTION)
+    org = _organization(grant, credits(100))
+    _key, raw = apikey_create(organization=org, name=key_name, scopes=[Scope.INFERENCE])
+    return prompt, org, raw
 
 
 def _full_generation(grpc_url: str, prompt: str):
@@ -244,21 +260,15 @@ def test_a_stream_cancelled_before_the_first_token_bills_the_prompt_the_engine_t
 ):
     # given a model whose engine is busy: a request sent now waits, silent, in
     # the engine's queue
-    model = _model([triton_server.grpc_url], tokenizer_file=tokenizer_file)
-    messages = [{"role": "user", "content": "How long should a warm-up last?"}]
-    prompt = render_chat(model, messages)
-    org = _organization(grant, credits(100))
-    _key, raw = apikey_create(organization=org, name="cancel", scopes=[Scope.INFERENCE])
+    prompt, org, raw = _asker(
+        [triton_server.grpc_url], grant, "cancel", tokenizer_file=tokenizer_file
+    )
     before = organization_balance(organization=org)
     busy, _workers = engine_fixtures.occupy_engine_workers(triton_server.grpc_url)
     try:
         # when a streaming client reads the opening chunk, waits until the
         # worker has sent its request to the engine, and hangs up
-        client = _StreamingClient(
-            live_server.url,
-            raw,
-            {"model": MODEL, "messages": messages, "max_tokens": 8, "stream": True},
-        )
+        client = _StreamingClient(live_server.url, raw, QUESTION_STREAMED)
         opening = next(client.events())
         assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         job = Job.objects.get(organization=org)
@@ -510,13 +520,9 @@ def test_a_charged_504_is_replayed_under_its_idempotency_key_and_charges_once(
 ):
     # given a model whose engine is busy (a request sent now waits, silent, in
     # its queue) and a gateway that waits three seconds
-    model = _model([triton_server.grpc_url])
-    messages = [{"role": "user", "content": "How long should a warm-up last?"}]
-    prompt = render_chat(model, messages)
-    org = _organization(grant, credits(100))
-    _key, raw = apikey_create(organization=org, name="timeout", scopes=[Scope.INFERENCE])
+    prompt, org, raw = _asker([triton_server.grpc_url], grant, "timeout")
     headers = {"Authorization": f"Bearer {raw}", "Idempotency-Key": "timed-out-once"}
-    body = {"model": MODEL, "messages": messages, "max_tokens": 8}
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8}
     url = f"{live_server.url}/v1/chat/completions"
     settings.INFERENCE_TIMEOUT_SECONDS = 3
     before = organization_balance(organization=org)
@@ -545,3 +551,80 @@ def test_a_charged_504_is_replayed_under_its_idempotency_key_and_charges_once(
     after = organization_balance(organization=org)
     assert before.available - after.available == job.credits_charged
     assert after.held == 0
+
+
+# -- 7. a stream and the gateway's wait --------------------------------------------------
+
+
+def test_a_stream_that_keeps_sending_outlasts_the_gateways_wait(
+    live_server, celery_worker_process, paced_triton_server, grant, settings
+):
+    # given a stream of over a thousand tokens that lasts well over a second
+    # (a millisecond a token), and a gateway that waits a second for each event
+    model = _model([paced_triton_server.grpc_url])
+    prompt = render_chat(model, LONG_MESSAGES)
+    full = _full_generation(paced_triton_server.grpc_url, prompt)
+    assert full.output_tokens > 1000
+    org = _organization(grant, credits(100))
+    client = _client(live_server, org)
+    settings.INFERENCE_TIMEOUT_SECONDS = 1
+
+    # when a client streams it
+    began = time.monotonic()
+    chunks = list(
+        client.chat.completions.create(
+            **_long_body(stream=True), stream_options={"include_usage": True}
+        )
+    )
+    elapsed = time.monotonic() - began
+
+    # then it was served whole, though it lasted longer than one wait: the
+    # wait bounds the silence between events, not the answer
+    assert elapsed > settings.INFERENCE_TIMEOUT_SECONDS
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == full.text
+    assert chunks[-1].usage.completion_tokens == full.output_tokens
+    job = Job.objects.get(organization=org)
+    assert (job.status, job.output_tokens) == (JobStatus.SUCCEEDED, full.output_tokens)
+    assert job.credits_charged == _expected_charge(job) > 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=job.credits_charged)
+
+
+def test_a_stream_that_hears_nothing_for_a_whole_wait_ends_with_its_jobs_charge(
+    live_server, celery_worker_process, triton_server, grant, settings
+):
+    # given a model whose engine is busy (a request sent now waits, silent, in
+    # its queue), and a gateway that waits two seconds for each event
+    prompt, org, raw = _asker([triton_server.grpc_url], grant, "quiet")
+    before = organization_balance(organization=org)
+    settings.INFERENCE_TIMEOUT_SECONDS = 2
+    busy, _workers = engine_fixtures.occupy_engine_workers(triton_server.grpc_url)
+    try:
+        # when a client streams it and reads to the end
+        client = _StreamingClient(live_server.url, raw, QUESTION_STREAMED)
+        events = list(client.events())
+        job = _finished(Job.objects.get(organization=org).pk)
+    finally:
+        busy.stop()
+
+    # then the stream (begun: 200) ends with a timeout error that names the
+    # job and says what it was charged: the prompt the engine took, counted
+    # with the model's tokenizer, as the job was cancelled
+    assert client.status_line.endswith(b"200 OK")
+    opening, error = events
+    assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert (error["error"]["code"], error["error"]["job_id"]) == ("engine_timeout", job.public_id)
+    assert (job.status, job.output_tokens) == (JobStatus.CANCELED, 0)
+    assert job.input_tokens == count_tokens(prompt) > 0
+    charge = _expected_charge(job)
+    assert job.credits_charged == charge > 0
+    # (the charge, once the worker settled the cancel within the gateway's
+    # last look; else the job, to look it up)
+    message = error["error"]["message"]
+    assert (
+        f"charged {amount_display(charge)} credits" in message
+        or f"see GET /api/v1/jobs/{job.public_id}" in message
+    )
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+    after = organization_balance(organization=org)
+    assert (before.available - after.available, after.held) == (charge, 0)
