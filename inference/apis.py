@@ -606,7 +606,13 @@ class JobOutput(serializers.Serializer):
     )
     credits_held = serializers.IntegerField(source="hold_amount")
     credits_charged = serializers.IntegerField()
-    error_code = serializers.CharField()
+    error_code = serializers.CharField(
+        help_text="why a failed or expired job ended, blank otherwise: engine_unavailable (no "
+        "engine would take it), engine_timeout (its engine went silent), engine_error (its "
+        "engine refused or failed it), job_deadline_exceeded (it ran longer than the run "
+        "limit; billed for what was delivered), job_expired (it did not settle before its "
+        "hold expired; nothing charged)"
+    )
     error_message = serializers.CharField()
     queued_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
