@@ -292,12 +292,13 @@ class _GenerationApi(OrgApiView):
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             # A stream waits INFERENCE_TIMEOUT_SECONDS for each event, not for
             # the whole answer: a long generation that keeps sending tokens is
-            # not cut off (its worker ends it at the run limit, and says so).
-            # The whole is bounded all the same, by the run and one wait more.
+            # not cut off (its worker ends it at the run limit, and its last
+            # chunk says why: gym.error). The whole is bounded all the same: a
+            # wait in the queue, the run, a wait for its settlement.
             quiet_s = settings.INFERENCE_TIMEOUT_SECONDS
             events = relay_events(
                 job.public_id,
-                timeout_s=quiet_s + job_run_limit(),
+                timeout_s=2 * quiet_s + job_run_limit(),
                 quiet_s=quiet_s,
                 heartbeat=True,
             )
@@ -422,62 +423,91 @@ class _GenerationApi(OrgApiView):
 
     @staticmethod
     def gym(job: Job, final: dict) -> dict:
-        return {
+        gym = {
             "job_id": job.public_id,
             "credits_charged": final["credits_charged"],
             "credits_remaining": final["credits_remaining"],
             "unit": "micro_credit",
             "prompt_tokens_source": final.get("input_tokens_source", ""),
         }
+        if final["type"] == "error":
+            # A stream that failed after its first tokens ends with finish_reason
+            # "error": why (job_deadline_exceeded, engine_error...) is said here.
+            gym["error"] = {
+                "code": final.get("error_code", ""),
+                "message": final.get("error_message", ""),
+            }
+        return gym
 
     def sse(self, job: Job, events: Iterator, *, include_usage: bool) -> Iterator[bytes]:
-        def line(payload: dict | str) -> bytes:
-            text = payload if isinstance(payload, str) else json.dumps(payload)
-            return f"data: {text}\n\n".encode()
-
         finished = False
+        relayed: list[str] = []  # the text sent so far
         try:
-            yield line(self.chunk(job, delta_text="", finish_reason=None))
-            for event in events:
-                if event is HEARTBEAT:
-                    # An SSE comment, which clients ignore: writing it is how a
-                    # client that went away is noticed before the first token.
-                    yield b": keep-alive\n\n"
-                    continue
-                if event["type"] == "delta":
-                    yield line(self.chunk(job, delta_text=event["text"], finish_reason=None))
-                    continue
+            yield _sse_line(self.chunk(job, delta_text="", finish_reason=None))
+            final = None
+            try:
+                for event in events:
+                    if event is HEARTBEAT:
+                        # An SSE comment, which clients ignore: writing it is how a
+                        # client that went away is noticed before the first token.
+                        yield b": keep-alive\n\n"
+                    elif event["type"] == "delta":
+                        relayed.append(event["text"])
+                        yield _sse_line(
+                            self.chunk(job, delta_text=event["text"], finish_reason=None)
+                        )
+                    else:
+                        final = event
+                        break
+            except TimeoutError:
+                # No event for a whole wait: the job is cancelled and its end read
+                # once more. One that finished as the wait ended is answered as it
+                # was billed (the text not relayed yet first); else the error says
+                # what it was charged, or names it, as a 504 does.
                 finished = True
-                if event["type"] == "error" and not event["output_tokens"]:
-                    error = self.engine_error(job, event)
-                    yield line(error.as_dict())
-                else:
-                    reason = event["finish_reason"] if event["type"] == "done" else "error"
-                    last = self.chunk(job, delta_text=None, finish_reason=reason)
-                    if not include_usage:
-                        # What the answer cost, which a streamed answer cannot
-                        # carry in its headers (sent before it settled).
-                        last["gym"] = self.gym(job, event)
-                    yield line(last)
-                if include_usage:
-                    final_chunk = self.chunk(job, delta_text=None, finish_reason=None)
-                    final_chunk["choices"] = []
-                    final_chunk["usage"] = self.usage(event)
-                    final_chunk["gym"] = self.gym(job, event)
-                    yield line(final_chunk)
-                yield line("[DONE]")
-                return
-        except TimeoutError:
-            # Nothing came for a whole wait: the job is cancelled, and the
-            # error says what it was charged (or names it), as a 504 does.
+                final = self.final_after_cancel(job)
+                if final is None or final["status"] != JobStatus.SUCCEEDED:
+                    yield _sse_line(self.timed_out(job, final).as_dict())
+                    yield _sse_line("[DONE]")
+                    return
+                rest = final["text"][len("".join(relayed)) :]
+                if rest:
+                    yield _sse_line(self.chunk(job, delta_text=rest, finish_reason=None))
+            if final is None:
+                return  # the events ended without an end: cancelled below
             finished = True
-            yield line(self.timed_out(job, self.final_after_cancel(job)).as_dict())
-            yield line("[DONE]")
+            for payload in self.sse_end(job, final, include_usage=include_usage):
+                yield _sse_line(payload)
         finally:
             if not finished:
                 # The client went away (the server closed this generator when a
-                # write failed) or we timed out.
+                # write failed).
                 _cancel_abandoned(job)
+
+    def sse_end(self, job: Job, final: dict, *, include_usage: bool) -> Iterator[dict | str]:
+        """The stream's last events for the job's final event."""
+        if final["type"] == "error" and not final["output_tokens"]:
+            yield self.engine_error(job, final).as_dict()
+        else:
+            reason = final["finish_reason"] if final["type"] == "done" else "error"
+            last = self.chunk(job, delta_text=None, finish_reason=reason)
+            if not include_usage:
+                # What the answer cost, which a streamed answer cannot
+                # carry in its headers (sent before it settled).
+                last["gym"] = self.gym(job, final)
+            yield last
+        if include_usage:
+            final_chunk = self.chunk(job, delta_text=None, finish_reason=None)
+            final_chunk["choices"] = []
+            final_chunk["usage"] = self.usage(final)
+            final_chunk["gym"] = self.gym(job, final)
+            yield final_chunk
+        yield "[DONE]"
+
+
+def _sse_line(payload: dict | str) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {text}\n\n".encode()
 
 
 def _openai_schema(input_serializer, *, answer: str, summary: str):

@@ -207,8 +207,9 @@ INFERENCE_TIMEOUT_SECONDS = env.int("INFERENCE_TIMEOUT_SECONDS", default=120)
 # ended, the job failed `job_deadline_exceeded` and billed for what was
 # delivered; at most half of inference.services.jobs's start margin
 # (job_run_limit; inference/checks.py says so when it is capped). It bounds
-# asynchronous jobs and jobs whose waiting client is gone; a waiting client
-# gives up first (INFERENCE_TIMEOUT_SECONDS).
+# asynchronous jobs, streams (which wait INFERENCE_TIMEOUT_SECONDS for each
+# event, not for the whole) and jobs whose client is gone; a request that is
+# not streamed gives up first (INFERENCE_TIMEOUT_SECONDS).
 INFERENCE_JOB_DEADLINE_SECONDS = env.float("INFERENCE_JOB_DEADLINE_SECONDS", default=300.0)
 # Job callbacks (inference.services.callbacks): a signed webhook when an
 # asynchronous job ends. Each attempt may take this long in all.

@@ -11,6 +11,8 @@ One database transaction per test, never committed: no job's task is sent.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from accounts.errors import ApplicationError
@@ -115,3 +117,58 @@ def test_a_job_stopped_at_its_run_limit_is_answered_504_and_keeps_its_key(grant)
     )
     assert answer.extra == {"job_id": job.public_id}
     assert settled.credits_charged > 0 and answer.took_effect
+
+
+def test_a_stream_whose_job_finished_as_its_wait_ended_is_answered_in_full(running_job):
+    # given a streamed job whose first token was sent, and whose worker
+    # settled it and sent its end just as the stream's wait for the next
+    # event ran out
+    sent = _settled_by_its_worker(running_job, JobStatus.SUCCEEDED, output_tokens=8)
+
+    def events():
+        yield {"type": "delta", "text": "Squat"}
+        raise TimeoutError(running_job.public_id)
+
+    # when the stream is written
+    lines = list(apis.ChatCompletionsApi().sse(running_job, events(), include_usage=True))
+
+    # then it is the whole answer, as it was billed, not a timeout error: the
+    # text not relayed yet, then the usage, then [DONE]
+    payloads = [json.loads(line[len(b"data: ") :]) for line in lines if line.startswith(b"data: {")]
+    assert not [payload for payload in payloads if "error" in payload]
+    text = "".join(
+        payload["choices"][0]["delta"].get("content") or ""
+        for payload in payloads
+        if payload["choices"]
+    )
+    assert text == sent["text"] == "Squat low."
+    assert payloads[-1]["usage"]["completion_tokens"] == 8
+    assert payloads[-1]["gym"]["credits_charged"] == sent["credits_charged"] > 0
+    assert lines[-1] == b"data: [DONE]\n\n"
+
+
+def test_a_stream_stopped_at_its_run_limit_after_tokens_ends_saying_why(running_job):
+    # given a streamed job its worker stopped at its run limit after 3 tokens,
+    # and settled for them
+    delivered = GenerationResult("Squat low", 5, 0, 3, 300_000, "error", sent=True)
+    past = DeadlineExceeded("ran past its deadline", partial=delivered, sent=True)
+    outcome = tasks._past_deadline(running_job, "", past, tasks._failure_outcome(past), 300.0)
+    settled = job_settle(job=running_job, outcome=outcome, status=JobStatus.FAILED)
+    end = tasks._final_event(settled, outcome)
+
+    # when its stream is written, without usage
+    lines = list(
+        apis.ChatCompletionsApi().sse(
+            running_job, iter([{"type": "delta", "text": "Squat low"}, end]), include_usage=False
+        )
+    )
+
+    # then its last chunk ends it in error, says why, and what it cost
+    last = json.loads(lines[-2][len(b"data: ") :])
+    assert last["choices"][0]["finish_reason"] == "error"
+    assert last["gym"]["error"] == {
+        "code": "job_deadline_exceeded",
+        "message": outcome.error_message,
+    }
+    assert last["gym"]["credits_charged"] == settled.credits_charged > 0
+    assert lines[-1] == b"data: [DONE]\n\n"

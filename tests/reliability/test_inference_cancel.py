@@ -37,6 +37,7 @@ from accounts.models import Scope
 from accounts.redis import get_redis
 from accounts.services import apikey_create
 from gymbilling.celery import app as celery_app
+from inference import apis
 from inference.apis import render_chat
 from inference.engine.tokenizer import count_tokens
 from inference.models import TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus, ServerPool
@@ -559,15 +560,15 @@ def test_a_charged_504_is_replayed_under_its_idempotency_key_and_charges_once(
 def test_a_stream_that_keeps_sending_outlasts_the_gateways_wait(
     live_server, celery_worker_process, paced_triton_server, grant, settings
 ):
-    # given a stream of over a thousand tokens that lasts well over a second
-    # (a millisecond a token), and a gateway that waits a second for each event
+    # given a stream of 1815 tokens that lasts at least 1.8 s (a millisecond a
+    # token), and a gateway that waits a second and a half for each event
     model = _model([paced_triton_server.grpc_url])
     prompt = render_chat(model, LONG_MESSAGES)
     full = _full_generation(paced_triton_server.grpc_url, prompt)
     assert full.output_tokens > 1000
     org = _organization(grant, credits(100))
     client = _client(live_server, org)
-    settings.INFERENCE_TIMEOUT_SECONDS = 1
+    settings.INFERENCE_TIMEOUT_SECONDS = 1.5
 
     # when a client streams it
     began = time.monotonic()
@@ -591,13 +592,16 @@ def test_a_stream_that_keeps_sending_outlasts_the_gateways_wait(
 
 
 def test_a_stream_that_hears_nothing_for_a_whole_wait_ends_with_its_jobs_charge(
-    live_server, celery_worker_process, triton_server, grant, settings
+    live_server, celery_worker_process, triton_server, grant, settings, monkeypatch
 ):
     # given a model whose engine is busy (a request sent now waits, silent, in
-    # its queue), and a gateway that waits two seconds for each event
+    # its queue), a gateway that waits three seconds for each event (time for
+    # the worker to send the prompt), and that, once it cancels, waits for the
+    # job's end long enough to learn its charge on any machine
     prompt, org, raw = _asker([triton_server.grpc_url], grant, "quiet")
     before = organization_balance(organization=org)
-    settings.INFERENCE_TIMEOUT_SECONDS = 2
+    settings.INFERENCE_TIMEOUT_SECONDS = 3
+    monkeypatch.setattr(apis, "FINAL_AFTER_CANCEL_WAIT_S", 15.0)
     busy, _workers = engine_fixtures.occupy_engine_workers(triton_server.grpc_url)
     try:
         # when a client streams it and reads to the end
@@ -618,13 +622,7 @@ def test_a_stream_that_hears_nothing_for_a_whole_wait_ends_with_its_jobs_charge(
     assert job.input_tokens == count_tokens(prompt) > 0
     charge = _expected_charge(job)
     assert job.credits_charged == charge > 0
-    # (the charge, once the worker settled the cancel within the gateway's
-    # last look; else the job, to look it up)
-    message = error["error"]["message"]
-    assert (
-        f"charged {amount_display(charge)} credits" in message
-        or f"see GET /api/v1/jobs/{job.public_id}" in message
-    )
+    assert f"charged {amount_display(charge)} credits" in error["error"]["message"]
     _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
     after = organization_balance(organization=org)
     assert (before.available - after.available, after.held) == (charge, 0)
