@@ -25,7 +25,12 @@ from django.template import Context, Engine
 from django.utils import timezone
 from django.utils.http import http_date
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import serializers
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
@@ -691,12 +696,33 @@ class JobListCreateApi(_GenerationApi):
     def prompt(self, data, model):
         return render_chat(model, data["messages"]) if "messages" in data else data["prompt"]
 
-    @extend_schema(responses=JobOutput(many=True), summary="List jobs, newest first")
+    class Query(StrictSerializer):
+        class Meta:
+            ref_name = "JobListQuery"
+
+        status = serializers.ChoiceField(choices=JobStatus.values, required=False)
+        model = serializers.CharField(max_length=100, required=False)
+        # The pagination's own, checked by it.
+        cursor = serializers.CharField(required=False)
+        limit = serializers.CharField(required=False)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("status", str, enum=JobStatus.values, description="only these"),
+            OpenApiParameter("model", str, description="only this model's (its public name)"),
+        ],
+        responses=JobOutput(many=True),
+        summary="List jobs, newest first",
+    )
     def get(self, request):
+        query = self.Query(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)
         paginator = self.pagination_class()
-        page = paginator.paginate_queryset(
-            organization_jobs(organization=request.organization), request, view=self
+        data = query.validated_data
+        jobs = organization_jobs(
+            organization=request.organization, status=data.get("status"), model=data.get("model")
         )
+        page = paginator.paginate_queryset(jobs, request, view=self)
         return paginator.get_paginated_response(JobOutput(page, many=True).data)
 
     @extend_schema(request=Input, responses={202: JobOutput}, summary="Queue an inference job")

@@ -92,5 +92,13 @@ def pools_for_job(*, job: Job) -> list[ServerPool]:
     return [dedicated, shared]
 
 
-def organization_jobs(*, organization: Organization) -> QuerySet[Job]:
-    return Job.objects.filter(organization=organization).select_related("model")
+def organization_jobs(
+    *, organization: Organization, status: str | None = None, model: str | None = None
+) -> QuerySet[Job]:
+    """The organization's jobs; of one status, and of one model (its public name), if given."""
+    jobs = Job.objects.filter(organization=organization)
+    if status is not None:
+        jobs = jobs.filter(status=status)
+    if model is not None:
+        jobs = jobs.filter(model__name=model)
+    return jobs.select_related("model")

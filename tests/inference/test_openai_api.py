@@ -447,6 +447,43 @@ def test_the_job_list_pages_with_a_cursor_newest_first(gym):
     )
 
 
+def test_the_job_list_filters_by_status_and_model_and_refuses_what_it_cannot_filter_by(gym):
+    # given three asynchronous jobs, all ended, one of them failed (set so
+    # here: the list reads the stored status, whatever ended the job)
+    headers = {"Authorization": f"Bearer {gym['raw']}"}
+    url = f"{gym['url']}/api/v1/jobs"
+    body = {"model": MODEL, "prompt": "Strength training", "max_tokens": 2}
+    ids = [requests.post(url, headers=headers, json=body).json()["id"] for _ in range(3)]
+    wait_until(
+        lambda: not Job.objects.filter(public_id__in=ids).exclude(status__in=TERMINAL).exists(),
+        what="the jobs to end",
+    )
+    Job.objects.filter(public_id=ids[1]).update(status=JobStatus.FAILED)
+
+    def listed(**params) -> list[str]:
+        answer = requests.get(url, headers=headers, params=params)
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        found = [job["id"] for job in page["results"]]
+        while page["next"]:  # the next page keeps the filter
+            page = requests.get(page["next"], headers=headers).json()
+            found += [job["id"] for job in page["results"]]
+        return found
+
+    # when listed by status, then by model: each list has its jobs only, newest first
+    assert listed(status="failed") == [ids[1]]
+    assert listed(status="succeeded", limit=1) == [ids[2], ids[0]]
+    assert listed(status="running") == []
+    assert listed(model=MODEL, limit=2) == ids[::-1]
+    assert listed(model="gym-none") == []
+
+    # and a status that is not one, or a filter it does not have, is a 400 that names it
+    for params, param in (({"status": "done"}, "status"), ({"colour": "red"}, "colour")):
+        refused = requests.get(url, headers=headers, params=params)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == param
+
+
 def _with_context(limit: int, *, max_input_tokens: int | None = None) -> None:
     """gym-tiny with the engine's tokenizer, a context of `limit` tokens and the engine's
     prompt limit, as the admin sets them."""
