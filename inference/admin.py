@@ -66,7 +66,8 @@ class JobAdmin(admin.ModelAdmin):
         "credits_charged",
         "queued_at",
     ]
-    list_filter = ["status", "priority", "input_tokens_source"]
+    # error_code: which jobs failed how (engine_error, job_deadline_exceeded...).
+    list_filter = ["status", "priority", "error_code", "model", "input_tokens_source"]
     search_fields = ["public_id", "organization__slug"]
     list_select_related = ["organization", "model"]
 
