@@ -701,14 +701,14 @@ class JobListCreateApi(_GenerationApi):
             ref_name = "JobListQuery"
 
         status = serializers.ChoiceField(choices=JobStatus.values, required=False)
-        model = serializers.CharField(max_length=100, required=False)
-        # The pagination's own, checked by it.
-        cursor = serializers.CharField(required=False)
-        limit = serializers.CharField(required=False)
+        model = serializers.CharField(max_length=128, required=False)  # CatalogModel.name's
+        # The pagination's own, checked by it (blank: the first page, the default size).
+        cursor = serializers.CharField(required=False, allow_blank=True)
+        limit = serializers.CharField(required=False, allow_blank=True)
 
     @extend_schema(
         parameters=[
-            OpenApiParameter("status", str, enum=JobStatus.values, description="only these"),
+            OpenApiParameter("status", str, enum=JobStatus.values, description="only jobs in it"),
             OpenApiParameter("model", str, description="only this model's (its public name)"),
         ],
         responses=JobOutput(many=True),

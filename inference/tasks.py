@@ -341,17 +341,17 @@ def _past_deadline(
     the run was as long as the request made it, and the engine worked on it
     all that time (its engine time is the whole run, delivered or not).
     """
-    outcome = replace(
-        outcome,
-        engine_ms=max(outcome.engine_ms, exc.engine_ms),
-        error_message=(
-            f"The job ran longer than its limit of {limit_s:g} s and was stopped; it is "
-            f"billed for what was delivered until then ({outcome.output_tokens} tokens)."
-        ),
-    )
+    outcome = replace(outcome, engine_ms=max(outcome.engine_ms, exc.engine_ms))
     if exc.sent and not outcome.input_tokens:
         outcome = _with_untold_prompt(job, prompt, outcome)
-    return outcome
+    return replace(
+        outcome,
+        error_message=(
+            f"The job ran longer than its limit of {limit_s:g} s and was stopped; it is "
+            f"billed for what the engine took and delivered until then: "
+            f"{outcome.input_tokens} prompt and {outcome.output_tokens} output tokens."
+        ),
+    )
 
 
 def _failure_outcome(exc: triton.TritonError) -> Outcome:

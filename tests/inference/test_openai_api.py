@@ -472,6 +472,7 @@ def test_the_job_list_filters_by_status_and_model_and_refuses_what_it_cannot_fil
 
     # when listed by status, then by model: each list has its jobs only, newest first
     assert listed(status="failed") == [ids[1]]
+    assert listed(status="failed", cursor="", limit="") == [ids[1]]  # blank: first page
     assert listed(status="succeeded", limit=1) == [ids[2], ids[0]]
     assert listed(status="running") == []
     assert listed(model=MODEL, limit=2) == ids[::-1]

@@ -113,7 +113,7 @@ def test_a_job_stopped_at_its_run_limit_is_answered_504_and_keeps_its_key(grant)
     assert (answer.code, answer.status) == ("job_deadline_exceeded", 504)
     assert answer.message == (
         "The job ran longer than its limit of 300 s and was stopped; it is billed for what "
-        "was delivered until then (3 tokens)."
+        "the engine took and delivered until then: 5 prompt and 3 output tokens."
     )
     assert answer.extra == {"job_id": job.public_id}
     assert settled.credits_charged > 0 and answer.took_effect
