@@ -645,7 +645,7 @@ class JobOutput(serializers.Serializer):
         help_text="why a failed or expired job ended, blank otherwise: engine_unavailable (no "
         "engine would take it), engine_timeout (its engine went silent), engine_error (its "
         "engine refused or failed it), job_deadline_exceeded (it ran longer than the run "
-        "limit; billed for what was delivered), job_expired (it did not settle before its "
+        "limit; billed for the prompt the engine took and the tokens delivered), job_expired (it did not settle before its "
         "hold expired; nothing charged)"
     )
     error_message = serializers.CharField()
