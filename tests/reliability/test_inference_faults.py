@@ -232,6 +232,11 @@ def test_an_engine_killed_mid_stream_charges_exactly_the_tokens_delivered(
     assert finishes[-1] == "error"
     usage = chunks[-1].usage
     assert (usage.prompt_tokens, usage.completion_tokens) == (job.input_tokens, job.output_tokens)
+    # and why it ended, in its last chunk
+    assert chunks[-1].model_extra["gym"]["error"] == {
+        "code": "engine_error",
+        "message": job.error_message,
+    }
 
     # and exactly the delivered tokens were charged, the rest of the hold released
     charge = _expected_charge(job)
