@@ -2,7 +2,14 @@
 
 from django.contrib import admin, messages
 
-from inference.models import CatalogModel, DedicatedCapacity, Job, JobCallback, ServerPool
+from inference.models import (
+    JOB_ERROR_CODES,
+    CatalogModel,
+    DedicatedCapacity,
+    Job,
+    JobCallback,
+    ServerPool,
+)
 from inference.services.jobs import tokenizer_special_tokens
 
 
@@ -59,16 +66,9 @@ class _ErrorCodeFilter(admin.SimpleListFilter):
 
     title = "error code"
     parameter_name = "error_code"
-    CODES = (
-        ("engine_unavailable", "engine unavailable"),
-        ("engine_timeout", "engine timeout"),
-        ("engine_error", "engine error"),
-        ("job_deadline_exceeded", "ran past its run limit"),
-        ("job_expired", "expired with its hold"),
-    )
 
     def lookups(self, request, model_admin):
-        return self.CODES
+        return [(code, code) for code in JOB_ERROR_CODES]
 
     def queryset(self, request, queryset):
         return queryset.filter(error_code=self.value()) if self.value() else queryset

@@ -39,7 +39,7 @@ from accounts.api_base import OrgApiView, StrictSerializer, acting_key
 from accounts.errors import ApplicationError
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
-from inference.models import CatalogModel, Job, JobStatus, ModelStatus
+from inference.models import JOB_ERROR_CODES, CatalogModel, Job, JobStatus, ModelStatus
 from inference.openai_body import generation_body, text_storable
 from inference.relay import HEARTBEAT, relay_events
 from inference.selectors import catalog_models_for, organization_jobs
@@ -446,7 +446,7 @@ class _GenerationApi(OrgApiView):
 
     def sse(self, job: Job, events: Iterator, *, include_usage: bool) -> Iterator[bytes]:
         finished = False
-        relayed: list[str] = []  # the text sent so far
+        relayed = 0  # characters of text sent so far
         try:
             yield _sse_line(self.chunk(job, delta_text="", finish_reason=None))
             final = None
@@ -457,7 +457,7 @@ class _GenerationApi(OrgApiView):
                         # client that went away is noticed before the first token.
                         yield b": keep-alive\n\n"
                     elif event["type"] == "delta":
-                        relayed.append(event["text"])
+                        relayed += len(event["text"])
                         yield _sse_line(
                             self.chunk(job, delta_text=event["text"], finish_reason=None)
                         )
@@ -475,7 +475,7 @@ class _GenerationApi(OrgApiView):
                     yield _sse_line(self.timed_out(job, final).as_dict())
                     yield _sse_line("[DONE]")
                     return
-                rest = final["text"][len("".join(relayed)) :]
+                rest = final["text"][relayed:]
                 if rest:
                     yield _sse_line(self.chunk(job, delta_text=rest, finish_reason=None))
             if final is None:
@@ -642,11 +642,8 @@ class JobOutput(serializers.Serializer):
     credits_held = serializers.IntegerField(source="hold_amount")
     credits_charged = serializers.IntegerField()
     error_code = serializers.CharField(
-        help_text="why a failed or expired job ended, blank otherwise: engine_unavailable (no "
-        "engine would take it), engine_timeout (its engine went silent), engine_error (its "
-        "engine refused or failed it), job_deadline_exceeded (it ran longer than the run "
-        "limit; billed for the prompt the engine took and the tokens delivered), job_expired (it did not settle before its "
-        "hold expired; nothing charged)"
+        help_text="why a failed or expired job ended, blank otherwise: "
+        + ", ".join(f"{code} ({meaning})" for code, meaning in JOB_ERROR_CODES.items())
     )
     error_message = serializers.CharField()
     queued_at = serializers.DateTimeField()

@@ -213,6 +213,18 @@ class InputTokensSource(models.TextChoices):
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED)
 NON_TERMINAL = (JobStatus.QUEUED, JobStatus.RUNNING)
+# The codes a failed or expired job's error_code holds, and what each means:
+# one list for the API's schema (inference.apis.JobOutput) and the admin's filter.
+JOB_ERROR_CODES = {
+    "engine_unavailable": "no engine would take it",
+    "engine_timeout": "its engine went silent",
+    "engine_error": "its engine refused or failed it",
+    "job_deadline_exceeded": (
+        "it ran longer than the run limit; billed for the prompt the engine took and the "
+        "tokens delivered"
+    ),
+    "job_expired": "it did not settle before its hold expired; nothing charged",
+}
 
 
 class Job(models.Model):

@@ -596,8 +596,8 @@ def _start_margin() -> timedelta:
 
 def job_run_limit() -> float:
     """Seconds a job may run before the worker ends it (failed, `job_deadline_exceeded`,
-    billed for what the engine produced): INFERENCE_JOB_DEADLINE_SECONDS, at most half
-    the start margin.
+    billed as a cancelled job: tasks._past_deadline): INFERENCE_JOB_DEADLINE_SECONDS, at
+    most half the start margin.
 
     A job starts with at least the margin left on its hold; running at most half
     of it, it leaves the other half for its settlement (tried again while the
