@@ -43,10 +43,11 @@ from inference.services import job_settle
 from inference.services.jobs import ENGINE_SPEC_HEADER, JOB_START_MARGIN, Outcome, job_engine_spec
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price, organization_balance
-from metering.services import Rates, Usage, credits_for_usage, hold_place, holds_expire
+from metering.services import hold_place, holds_expire
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, wait_until
 from tests.inference.conftest import occupy_engine_workers
+from tests.reliability.test_inference_faults import _expected_charge, _settled_once
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -301,26 +302,9 @@ def test_a_streamed_job_whose_relay_fails_is_stopped_and_billed_for_what_it_prod
     assert record.output_tokens == job.output_tokens
 
 
-def _charge(job: Job) -> int:
-    """What the job's counts cost at its price."""
-    usage = Usage(
-        input_tokens=job.input_tokens,
-        output_tokens=job.output_tokens,
-        cached_input_tokens=job.cached_input_tokens,
-    )
-    return credits_for_usage(rates=Rates.of(job.model_price, job.priority), usage=usage)
-
-
 def _settled_for_its_charge(job: Job, org, before) -> None:
-    """The job's hold captured its charge once, the rest released."""
-    hold = Hold.objects.get(key=job.public_id)
-    assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, job.credits_charged)
-    [record] = UsageRecord.objects.filter(job_id=job.public_id)
-    assert (record.input_tokens, record.output_tokens, record.credits) == (
-        job.input_tokens,
-        job.output_tokens,
-        job.credits_charged,
-    )
+    """The job's hold captured its charge once (_settled_once), the rest released."""
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=job.credits_charged)
     # `before` was read with the hold placed: what it held comes back, less the charge
     after = organization_balance(organization=org)
     assert before.held == job.hold_amount
@@ -380,7 +364,7 @@ def test_a_job_running_past_its_limit_is_stopped_failed_and_billed_for_what_it_p
     assert final["text"] == relayed and full.text.startswith(relayed)
     assert final["output_tokens"] == job.output_tokens == count_tokens(relayed)
     # and it was billed for exactly that, once
-    assert job.credits_charged == _charge(job) > 0
+    assert job.credits_charged == _expected_charge(job) > 0
     assert final["credits_charged"] == job.credits_charged
     _settled_for_its_charge(job, org, before)
 
@@ -425,7 +409,7 @@ def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_
         count_tokens(PROMPT),
         InputTokensSource.TOKENIZER,
     )
-    assert job.credits_charged == _charge(job) > 0
+    assert job.credits_charged == _expected_charge(job) > 0
     assert f"{job.input_tokens} prompt and 0 output tokens" in job.error_message
     _settled_for_its_charge(job, org, before)
 
