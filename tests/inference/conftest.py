@@ -310,6 +310,29 @@ def occupy_engine_workers(grpc_url: str) -> tuple[BusyEngine, int]:
     return busy, busy.workers
 
 
+def wait_for_engine_load(metrics_url: str, load: int, timeout: float = 30.0) -> int:
+    """Wait until a server holds at least `load` requests, by its own metrics (the load the
+    gateway routes by: inference.triton.engine_load); returns the load seen.
+
+    A BusyEngine keeps 2 x workers requests in the engine (it sends the next
+    only after one ends), so one more than that is a request of the test's:
+    the engine has taken its prompt. The gauges are published every 0.1 s.
+    """
+    from inference.triton import engine_load, scrape_samples
+
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = engine_load(scrape_samples(metrics_url)) or 0
+        if seen >= load:
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for the engine to hold {load} "
+                f"requests (it holds {seen})"
+            )
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def fresh_tokenizer_caches():
     """The catalog tokenizers' per-process caches (inference.services.jobs), empty before and

@@ -278,7 +278,9 @@ def test_a_stream_cancelled_before_the_first_token_bills_the_prompt_the_engine_t
             timeout=30,
             what="the job to start",
         )
-        time.sleep(0.3)
+        # The job is marked running while its request is sent (or before): the
+        # engine's own count of the requests it holds says when it has it.
+        engine_fixtures.wait_for_engine_load(triton_server.metrics_url, 2 * _workers + 1)
         client.hang_up()
 
         # then the job ends canceled with nothing generated, while the engine
