@@ -14,15 +14,24 @@ import functools
 import time
 from dataclasses import dataclass
 
+from django.conf import settings
+
 from accounts.errors import ApplicationError
 from accounts.redis import get_redis
 
 WINDOW_SECONDS = 60
-# A concurrency slot's lease: the longest a job may hold its slot when nothing
-# releases it (inference's concurrency_slots_sweep frees the slots of jobs
-# known to be over much sooner). One lease for every slot, so that a slot's
-# score (its lease's end) also says when it was taken.
-SLOT_LEASE_SECONDS = 900
+
+
+def slot_lease_seconds() -> int:
+    """A concurrency slot's lease: the longest a job may hold its slot when nothing releases
+    it (inference's concurrency_slots_sweep frees the slots of jobs known to be over much
+    sooner); RATELIMIT_SLOT_LEASE_SECONDS, which follows how long a job may run.
+
+    One lease for every slot, so that a slot's score (its lease's end) also
+    says when it was taken.
+    """
+    return settings.RATELIMIT_SLOT_LEASE_SECONDS
+
 
 # Checks every window, and takes a concurrency slot when asked, all or nothing.
 # KEYS: one window key per limit, then (when ARGV[2] is a job id) the
@@ -103,7 +112,7 @@ def _window_key(kind: str, scope: str, now: float) -> str:
 @dataclass(frozen=True)
 class Slot:
     """One of `limit` concurrent-job slots of `scope`, taken for `job_id` until released, or
-    for SLOT_LEASE_SECONDS."""
+    for slot_lease_seconds()."""
 
     scope: str
     limit: int
@@ -150,7 +159,8 @@ def rate_limit_consume(
     args = [WINDOW_SECONDS, "", 0, 0, 0, 0]
     if slot is not None:
         keys.append(f"conc:{slot.scope}")
-        args[1:] = [slot.job_id, now, slot.limit, now + SLOT_LEASE_SECONDS, SLOT_LEASE_SECONDS + 60]
+        lease = slot_lease_seconds()
+        args[1:] = [slot.job_id, now, slot.limit, now + lease, lease + 60]
     for _kind, lim, units in counted:
         args += [lim.limit, units]
     result = _script(_TAKE)(keys=keys, args=args)
@@ -230,9 +240,10 @@ def concurrency_slots_taken(*, before: float):
     """Yields (scope, job ids) of the concurrency slots taken before `before` (a Unix time, of
     the clocks of the processes that took them), scope by scope."""
     redis_client = get_redis()
+    lease = slot_lease_seconds()
     for key in redis_client.scan_iter(match="conc:*", count=500):
-        # A slot's score is its lease's end: it was taken SLOT_LEASE_SECONDS before.
-        taken = redis_client.zrangebyscore(key, "-inf", before + SLOT_LEASE_SECONDS)
+        # A slot's score is its lease's end: it was taken a lease before.
+        taken = redis_client.zrangebyscore(key, "-inf", before + lease)
         if taken:
             yield _text(key).removeprefix("conc:"), [_text(job) for job in taken]
 

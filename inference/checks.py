@@ -1,5 +1,6 @@
 """System checks of the inference settings (`python manage.py check`; migrate and runserver
-run them too): a run limit that would fail every job, or that is capped without saying so."""
+run them too): a run limit that would fail every job, or that is capped without saying so,
+and a broker that would hand a job back while it runs, or too late for it to start."""
 
 from __future__ import annotations
 
@@ -24,14 +25,52 @@ def job_run_limit_check(app_configs, **kwargs) -> list:
         ]
     allowed = job_run_limit()
     if wanted > allowed:
+        hold_ttl = int(settings.METERING_HOLD_TTL.total_seconds())
         return [
             CheckWarning(
                 f"INFERENCE_JOB_DEADLINE_SECONDS is {wanted:g}, but jobs run at most "
-                f"{allowed:g} s: half the start margin, so that a job settles before its "
-                "hold expires.",
-                hint="The most a job may run is a quarter of METERING_HOLD_TTL_SECONDS, and "
-                "never more than half of inference.services.jobs.JOB_START_MARGIN (5 minutes).",
+                f"{allowed:g} s: a quarter of METERING_HOLD_TTL_SECONDS ({hold_ttl}), so that "
+                "a job settles before its hold expires.",
+                hint="Raise METERING_HOLD_TTL_SECONDS to at least four runs, or leave it unset: "
+                "it then follows the run limit (six runs, at least an hour).",
                 id="inference.W001",
+            )
+        ]
+    return []
+
+
+@register(Tags.compatibility)
+def broker_visibility_check(app_configs, **kwargs) -> list:
+    """On a Redis broker a message whose worker vanished comes back after the visibility
+    timeout: it must not come back while its job may still run and settle (the start
+    margin), and must come back early enough for the job to start."""
+    from inference.services.jobs import job_start_margin
+
+    if settings.CELERY_BROKER_URL.split("://", 1)[0].lower() not in ("redis", "rediss"):
+        return []  # RabbitMQ hands a message back when its consumer's connection ends
+    timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600)
+    margin = int(job_start_margin().total_seconds())
+    hold_ttl = int(settings.METERING_HOLD_TTL.total_seconds())
+    unset = "or leave CELERY_VISIBILITY_TIMEOUT_SECONDS and METERING_HOLD_TTL_SECONDS unset: "
+    unset += "they then follow INFERENCE_JOB_DEADLINE_SECONDS."
+    if timeout <= margin:
+        return [
+            CheckWarning(
+                f"CELERY_VISIBILITY_TIMEOUT_SECONDS is {timeout}, but a job may run and settle "
+                f"for {margin} s: the broker would hand a running job's message to another "
+                "worker, which runs it again (it is billed once, the engine serves it twice).",
+                hint=f"Raise it above {margin} s (three runs is the default), {unset}",
+                id="inference.W002",
+            )
+        ]
+    if timeout + margin >= hold_ttl:
+        return [
+            CheckWarning(
+                f"CELERY_VISIBILITY_TIMEOUT_SECONDS ({timeout}) and the start margin "
+                f"({margin} s) add up to METERING_HOLD_TTL_SECONDS ({hold_ttl}) or more: the "
+                "job of a worker that died comes back too late to start, and ends expired.",
+                hint=f"Raise METERING_HOLD_TTL_SECONDS above {timeout + margin}, {unset}",
+                id="inference.W003",
             )
         ]
     return []

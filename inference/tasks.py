@@ -17,7 +17,7 @@ on such a worker). The price of threads: "reject on worker lost" needs the
 prefork pool. A prefork child that dies hands its task back at once; a threads
 worker that dies hands its tasks back when the broker's visibility timeout
 expires (CELERY_VISIBILITY_TIMEOUT_SECONDS, 30 minutes, well inside a hold's
-hour: a job whose hold expires within JOB_START_MARGIN is not started), and
+hour: a job whose hold expires within the start margin is not started), and
 they settle once then, as above.
 """
 

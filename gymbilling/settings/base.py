@@ -5,6 +5,7 @@ django-environ; `.env.example` lists them all. An integration is on only when
 its variable is set.
 """
 
+import math
 from datetime import timedelta
 from pathlib import Path
 
@@ -130,6 +131,13 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 
+# How long an inference job may run (INFERENCE_JOB_DEADLINE_SECONDS, under
+# Inference below) sets the defaults of the settings that must outlast a run:
+# the broker's visibility timeout, a hold's life and a concurrency slot's
+# lease. Raising it alone raises them with it; one set explicitly and too
+# short is a `manage.py check` warning (inference/checks.py).
+_JOB_RUN_S = max(0.0, env.float("INFERENCE_JOB_DEADLINE_SECONDS", default=300.0))
+
 # --- Celery -----------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=CELERY_BROKER_URL)
@@ -145,13 +153,15 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # A message a worker took but never acknowledged (the whole worker died, not
 # only the child that ran it: reject_on_worker_lost hands that back at once)
 # goes back to its queue after this long, on kombu's Redis transport. Longer
-# than any job runs (INFERENCE_JOB_DEADLINE_SECONDS), or a running job's
-# message would come back while it runs;
-# well inside a hold's life (METERING_HOLD_TTL_SECONDS), so that the job it
-# carries is still run: a job whose hold expires within JOB_START_MARGIN
-# (inference.services.jobs) is never started, and ends expired, unbilled.
+# than a job runs and settles (the start margin, inference.services.jobs), or
+# a running job's message would come back while it runs; well inside a
+# hold's life (METERING_HOLD_TTL_SECONDS), so that the job it carries is
+# still run: a job whose hold expires within the start margin is never
+# started, and ends expired, unbilled. By default 30 minutes, or three runs.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT_SECONDS", default=1800)
+    "visibility_timeout": env.int(
+        "CELERY_VISIBILITY_TIMEOUT_SECONDS", default=max(1800, math.ceil(3 * _JOB_RUN_S))
+    )
 }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
@@ -178,8 +188,13 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 # --- Metering ---------------------------------------------------------------
-# How long a hold may stay pending before the sweeper releases it.
-METERING_HOLD_TTL = timedelta(seconds=env.int("METERING_HOLD_TTL_SECONDS", default=3600))
+# How long a hold may stay pending before the sweeper releases it. By default
+# an hour, or six runs of a job: room for its queueing, a dead worker's
+# message handed back (the visibility timeout, three runs) and the start
+# margin after it (two runs).
+METERING_HOLD_TTL = timedelta(
+    seconds=env.int("METERING_HOLD_TTL_SECONDS", default=max(3600, math.ceil(6 * _JOB_RUN_S)))
+)
 # Place and settle holds with the SQL fast path on PostgreSQL (metering/services/
 # fastpath.py); off, every call takes the ORM path. The tests run both.
 METERING_FAST_PATH = env.bool("METERING_FAST_PATH", default=True)
@@ -205,8 +220,8 @@ LOGGING = {
 INFERENCE_TIMEOUT_SECONDS = env.int("INFERENCE_TIMEOUT_SECONDS", default=120)
 # How long a job may run, from when its worker takes it, before its request is
 # ended, the job failed `job_deadline_exceeded` and billed for what was
-# delivered; at most half of inference.services.jobs's start margin
-# (job_run_limit; inference/checks.py says so when it is capped). It bounds
+# delivered; at most a quarter of a hold's life (job_run_limit;
+# inference/checks.py says so when it is capped). It bounds
 # asynchronous jobs, streams (which wait INFERENCE_TIMEOUT_SECONDS for each
 # event, not for the whole) and jobs whose client is gone; a request that is
 # not streamed gives up first (INFERENCE_TIMEOUT_SECONDS).
@@ -246,6 +261,12 @@ CELERY_BEAT_SCHEDULE |= {
 
 # --- Redis (rate limits, counters) ---------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/1")
+# How long a job's concurrency slot counts against its organization's
+# concurrent-jobs limit when nothing releases it (a vanished worker; the
+# inference sweep frees the slots of jobs known to be over sooner): 15
+# minutes, or two runs of a job and 5 minutes, so that a running job never
+# stops counting (accounts.ratelimits).
+RATELIMIT_SLOT_LEASE_SECONDS = max(900, math.ceil(2 * _JOB_RUN_S) + 300)
 
 # --- API ---------------------------------------------------------------------
 # Idempotency-Key responses are replayed for this long.

@@ -578,36 +578,42 @@ def job_from_engine_spec(job_pk: int, spec: dict) -> EngineJob:
 
 
 # A job is started only while its hold (keyed by its public id) is pending and
-# will outlive the longest run and its settlement (JOB_START_MARGIN; a run
-# lasts at most half of it: job_run_limit): a job started as its hold
-# expired would be expired under its running worker (job_expire_for_hold),
-# and its settlement, finding it ended, would bill nothing for what it served.
-# Such a job, a backlog's or one whose message came back late (a dead worker's,
-# after the broker's visibility timeout), is left to its hold's expiry instead:
-# it ends expired, nothing charged.
+# will outlive the longest run and its settlement (the start margin: at least
+# JOB_START_MARGIN, and at least two runs, since a run lasts at most half of
+# it: job_run_limit): a job started as its hold expired would be expired under
+# its running worker (job_expire_for_hold), and its settlement, finding it
+# ended, would bill nothing for what it served. Such a job, a backlog's or one
+# whose message came back late (a dead worker's, after the broker's
+# visibility timeout), is left to its hold's expiry instead: it ends expired,
+# nothing charged.
 JOB_START_MARGIN = timedelta(minutes=10)
-
-
-def _start_margin() -> timedelta:
-    """JOB_START_MARGIN, or half the hold's life if that is shorter: a short hold TTL (a
-    deployment of short jobs) must not leave no job able to start."""
-    return min(JOB_START_MARGIN, settings.METERING_HOLD_TTL / 2)
 
 
 def job_run_limit() -> float:
     """Seconds a job may run before the worker ends it (failed, `job_deadline_exceeded`,
     billed as a cancelled job: tasks._past_deadline): INFERENCE_JOB_DEADLINE_SECONDS, at
-    most half the start margin.
+    most a quarter of the hold's life (METERING_HOLD_TTL).
 
-    A job starts with at least the margin left on its hold; running at most half
-    of it, it leaves the other half for its settlement (tried again while the
-    database fails: tasks.SETTLE_RETRY_PAUSES_S) before the hold can expire
-    under it. Without a limit a job's worker waited as long as its engine kept
-    talking: Triton's timeouts count silence, and max_tokens bounds tokens, not
-    time. The limit ends the request as a cancellation does: the worker is
-    free and the job settled, though through an ensemble the engine runs on.
+    A job starts with at least two runs left on its hold (job_start_margin);
+    running at most one, it leaves the other for its settlement (tried again
+    while the database fails: tasks.SETTLE_RETRY_PAUSES_S) before the hold can
+    expire under it. Without a limit a job's worker waited as long as its
+    engine kept talking: Triton's timeouts count silence, and max_tokens bounds
+    tokens, not time. The limit ends the request as a cancellation does: the
+    worker is free and the job settled, though through an ensemble the engine
+    runs on.
     """
-    return min(settings.INFERENCE_JOB_DEADLINE_SECONDS, _start_margin().total_seconds() / 2)
+    return min(
+        settings.INFERENCE_JOB_DEADLINE_SECONDS, settings.METERING_HOLD_TTL.total_seconds() / 4
+    )
+
+
+def job_start_margin() -> timedelta:
+    """The least life a job's hold must have left for the job to start: JOB_START_MARGIN or
+    two runs (job_run_limit), whichever is longer, and at most half the hold's life, so that
+    a fresh job always starts (a short hold TTL is a deployment of short jobs)."""
+    runs = timedelta(seconds=2 * job_run_limit())
+    return min(max(JOB_START_MARGIN, runs), settings.METERING_HOLD_TTL / 2)
 
 
 # Loads the job and marks it running in one round trip, if its hold allows
@@ -647,7 +653,7 @@ RETURNING {sql.columns(Job)}
 
 def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
     """Mark a queued (or redelivered running) job running and return it; None if it ended,
-    or if its hold expires too soon for it to run (JOB_START_MARGIN).
+    or if its hold expires too soon for it to run and settle (job_start_margin).
 
     The job returned says whether it was running already (`restarted`).
 
@@ -666,7 +672,7 @@ def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
         "queued": JobStatus.QUEUED,
         "running": JobStatus.RUNNING,
         "pending": HoldStatus.PENDING,
-        "start_by": now + _start_margin(),
+        "start_by": now + job_start_margin(),
     }
     if not sql.available():
         job = next(iter(Job.objects.raw(_START, params)), None)
@@ -958,7 +964,7 @@ def concurrency_slots_sweep(*, now: float | None = None) -> int:
     """Frees the concurrency slots whose job is not open (queued or running); returns how many.
 
     Without it such a slot counts against its organization's concurrent jobs
-    until its lease ends (accounts.ratelimits.SLOT_LEASE_SECONDS, 15 minutes).
+    until its lease ends (accounts.ratelimits.slot_lease_seconds, 15 minutes by default).
     Run every minute by Celery beat. A slot younger than
     SLOT_SWEEP_GRACE_SECONDS (5 minutes) is left alone: its job's row may not
     be committed yet.

@@ -285,3 +285,32 @@ def test_chat_completions_over_the_request_limit_are_refused_before_any_reservat
     # no tokens reserved for it, and its Idempotency-Key left free for the retry
     assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == tokens_before
     assert not org.idempotency_records.exists()
+
+
+def test_a_concurrency_slot_is_leased_for_the_configured_time(settings):
+    # given slots leased for 65 minutes (what a 30-minute run limit sets)
+    import time
+
+    from accounts.ratelimits import Limit, Slot, concurrency_slots_taken, rate_limit_consume
+    from accounts.redis import get_redis
+
+    settings.RATELIMIT_SLOT_LEASE_SECONDS = 3900
+    scope = "org:lease-test"
+    get_redis().delete(f"conc:{scope}")
+
+    # when a job takes one
+    taken = time.time()
+    rate_limit_consume(
+        kind="tokens",
+        limits=[Limit(scope=scope, limit=100)],
+        slot=Slot(scope=scope, limit=1, job_id="job_long"),
+    )
+
+    # then it counts until the lease's end, and the set outlives it
+    lease_end = get_redis().zscore(f"conc:{scope}", "job_long")
+    assert taken + 3900 <= lease_end <= time.time() + 3900
+    assert get_redis().ttl(f"conc:{scope}") > 3900
+    # and the sweep reads when it was taken from the same lease: not before it was
+    assert dict(concurrency_slots_taken(before=taken - 1)).get(scope) is None
+    assert dict(concurrency_slots_taken(before=time.time() + 1))[scope] == ["job_long"]
+    get_redis().delete(f"conc:{scope}")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 from django.core.checks import run_checks
+
+
+def settings_root() -> Path:
+    """The project's root, where `gymbilling` is imported from."""
+    return Path(__file__).resolve().parents[2]
 
 
 def _ids() -> list[str]:
@@ -29,3 +39,80 @@ def test_a_run_limit_above_what_holds_allow_is_a_warning_that_names_the_cap(sett
     [warning] = [m for m in run_checks() if m.id == "inference.W001"]
     assert not warning.is_serious()
     assert "jobs run at most 150 s" in warning.msg
+
+
+def test_a_long_run_limit_alone_raises_what_must_outlast_a_run():
+    # given only a 30-minute run limit in the environment, in a process of
+    # its own (the settings derive their defaults as they are read)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("METERING_HOLD_TTL_SECONDS", "CELERY_VISIBILITY_TIMEOUT_SECONDS")
+    }
+    env.update(
+        INFERENCE_JOB_DEADLINE_SECONDS="1800", DJANGO_SETTINGS_MODULE="gymbilling.settings.test"
+    )
+    env.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/13")
+    report = """
+import json, django
+django.setup()
+from django.conf import settings
+from django.core.checks import run_checks
+from inference.services.jobs import job_run_limit, job_start_margin
+print(json.dumps({
+    "run": job_run_limit(),
+    "margin": job_start_margin().total_seconds(),
+    "visibility": settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"],
+    "hold_ttl": settings.METERING_HOLD_TTL.total_seconds(),
+    "slot_lease": settings.RATELIMIT_SLOT_LEASE_SECONDS,
+    "checks": [m.id for m in run_checks() if m.id.startswith("inference.")],
+}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", report],
+        cwd=settings_root(),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+    # then jobs run 30 minutes, start with an hour left on their hold, a dead
+    # worker's message comes back after 90 minutes, holds live 3 hours, a
+    # running job keeps its concurrency slot, and nothing is left to warn of
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "run": 1800,
+        "margin": 3600,
+        "visibility": 5400,
+        "hold_ttl": 10800,
+        "slot_lease": 3900,
+        "checks": [],
+    }
+
+
+def test_a_visibility_timeout_a_job_may_outrun_is_a_warning(settings):
+    # given a Redis broker handing back unacknowledged messages after 10
+    # minutes, and 5-minute runs (a start margin of 10 minutes)
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/13"
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 600}
+    [warning] = [m for m in run_checks() if m.id == "inference.W002"]
+    assert "a job may run and settle for 600 s" in warning.msg
+    assert "above 600 s" in warning.hint
+    # while RabbitMQ hands a message back only when its consumer goes
+    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+    assert _ids() == []
+
+
+def test_a_visibility_timeout_that_leaves_no_time_to_start_is_a_warning(settings):
+    # given hour-long holds and a message handed back after 50 minutes: the
+    # job it carries needs 10 minutes of its hold left to start
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/13"
+    settings.METERING_HOLD_TTL = timedelta(hours=1)
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3000}
+    [warning] = [m for m in run_checks() if m.id == "inference.W003"]
+    assert "comes back too late to start" in warning.msg
+    assert "above 3600" in warning.hint
+    # and at 45 minutes it starts in time
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2700}
+    assert _ids() == []

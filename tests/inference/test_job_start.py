@@ -120,3 +120,24 @@ def test_a_fresh_job_starts_under_a_hold_ttl_shorter_than_the_start_margin(job, 
     # then a job whose hold was just placed still starts (the margin is at
     # most half the hold's life)
     assert job_start(job_pk=job.pk, public_id=job.public_id).status == JobStatus.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("run_limit_s", "starts"), [(300, True), (900, False)], ids=["5-minute runs", "15-minute runs"]
+)
+def test_a_job_starts_only_with_two_runs_left_on_its_hold(job, settings, run_limit_s, starts):
+    # given hour-long holds, and a job whose hold has 20 minutes left (a
+    # backlog's, or one a dead worker's broker handed back late)
+    settings.METERING_HOLD_TTL = timedelta(hours=1)
+    settings.INFERENCE_JOB_DEADLINE_SECONDS = run_limit_s
+    Hold.objects.filter(key=job.public_id).update(expires_at=timezone.now() + timedelta(minutes=20))
+
+    # when its task runs
+    started = job_start(job_pk=job.pk, public_id=job.public_id)
+
+    # then it starts when it may run 5 minutes (the margin is 10: the least
+    # there is), not when it may run 15 (it could still be running, or
+    # settling, when its hold expires under it: the margin is two runs, 30)
+    assert (started is not None) is starts
+    expected = JobStatus.RUNNING if starts else JobStatus.QUEUED
+    assert Job.objects.get(pk=job.pk).status == expected
