@@ -25,7 +25,8 @@ WINDOW_SECONDS = 60
 def slot_lease_seconds() -> int:
     """A concurrency slot's lease: the longest a job may hold its slot when nothing releases
     it (inference's concurrency_slots_sweep frees the slots of jobs known to be over much
-    sooner); RATELIMIT_SLOT_LEASE_SECONDS, which follows how long a job may run.
+    sooner); RATELIMIT_SLOT_LEASE_SECONDS, a hold's life and 5 minutes, so that a job's
+    slot counts for as long as the job may be open.
 
     One lease for every slot, so that a slot's score (its lease's end) also
     says when it was taken.

@@ -4,6 +4,8 @@ and a broker that would hand a job back while it runs, or too late for it to sta
 
 from __future__ import annotations
 
+import math
+
 from django.conf import settings
 from django.core.checks import Error, Tags, register
 from django.core.checks import Warning as CheckWarning
@@ -31,12 +33,18 @@ def job_run_limit_check(app_configs, **kwargs) -> list:
                 f"INFERENCE_JOB_DEADLINE_SECONDS is {wanted:g}, but jobs run at most "
                 f"{allowed:g} s: a quarter of METERING_HOLD_TTL_SECONDS ({hold_ttl}), so that "
                 "a job settles before its hold expires.",
-                hint="Raise METERING_HOLD_TTL_SECONDS to at least four runs, or leave it unset: "
-                "it then follows the run limit (six runs, at least an hour).",
+                hint=f"Raise METERING_HOLD_TTL_SECONDS to at least {math.ceil(4 * wanted)} (four "
+                "runs), or leave it unset: it then follows the run limit (six runs, at least an "
+                "hour).",
                 id="inference.W001",
             )
         ]
     return []
+
+
+# Brokers served by kombu's Redis transport, whose visibility timeout hands back
+# the messages of a worker that vanished.
+REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 
 
 @register(Tags.compatibility)
@@ -44,12 +52,12 @@ def broker_visibility_check(app_configs, **kwargs) -> list:
     """On a Redis broker a message whose worker vanished comes back after the visibility
     timeout: it must not come back while its job may still run and settle (the start
     margin), and must come back early enough for the job to start."""
-    from inference.services.jobs import job_start_margin
+    from inference.services.jobs import JOB_START_MARGIN, job_start_margin
 
-    if settings.CELERY_BROKER_URL.split("://", 1)[0].lower() not in ("redis", "rediss"):
+    if settings.CELERY_BROKER_URL.split("://", 1)[0].lower() not in REDIS_SCHEMES:
         return []  # RabbitMQ hands a message back when its consumer's connection ends
     timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600)
-    margin = int(job_start_margin().total_seconds())
+    margin = math.ceil(job_start_margin().total_seconds())
     hold_ttl = int(settings.METERING_HOLD_TTL.total_seconds())
     unset = "or leave CELERY_VISIBILITY_TIMEOUT_SECONDS and METERING_HOLD_TTL_SECONDS unset: "
     unset += "they then follow INFERENCE_JOB_DEADLINE_SECONDS."
@@ -64,12 +72,17 @@ def broker_visibility_check(app_configs, **kwargs) -> list:
             )
         ]
     if timeout + margin >= hold_ttl:
+        # The margin is capped at half the hold's life: with a longer life it
+        # may grow to two runs, which the value named must leave room for.
+        wanted = settings.INFERENCE_JOB_DEADLINE_SECONDS
+        full_margin = max(JOB_START_MARGIN.total_seconds(), 2 * wanted)
+        needed = max(timeout + math.ceil(full_margin) + 1, math.ceil(4 * wanted))
         return [
             CheckWarning(
                 f"CELERY_VISIBILITY_TIMEOUT_SECONDS ({timeout}) and the start margin "
                 f"({margin} s) add up to METERING_HOLD_TTL_SECONDS ({hold_ttl}) or more: the "
                 "job of a worker that died comes back too late to start, and ends expired.",
-                hint=f"Raise METERING_HOLD_TTL_SECONDS above {timeout + margin}, {unset}",
+                hint=f"Raise METERING_HOLD_TTL_SECONDS to at least {needed}, {unset}",
                 id="inference.W003",
             )
         ]

@@ -16,8 +16,9 @@ cannot double-settle (tests/reliability/test_inference_faults.py runs its crowd
 on such a worker). The price of threads: "reject on worker lost" needs the
 prefork pool. A prefork child that dies hands its task back at once; a threads
 worker that dies hands its tasks back when the broker's visibility timeout
-expires (CELERY_VISIBILITY_TIMEOUT_SECONDS, 30 minutes, well inside a hold's
-hour: a job whose hold expires within the start margin is not started), and
+expires (CELERY_VISIBILITY_TIMEOUT_SECONDS, by default 30 minutes or three
+runs, well inside a hold's life: a job whose hold expires within the start
+margin is not started), and
 they settle once then, as above.
 """
 
@@ -48,6 +49,7 @@ from inference.services.jobs import (
     Outcome,
     job_from_engine_spec,
     job_run_limit,
+    job_start_refusal,
     prompt_tokens_count,
 )
 from metering.selectors import model_price_by_id, organization_balance
@@ -112,15 +114,15 @@ class _Start:
         jobs = Job.objects.filter(pk=self.job_pk)
         if self.public_id is not None:
             jobs = jobs.filter(public_id=self.public_id)
-        status = jobs.values_list("status", flat=True).first() or ""
+        status, public_id = jobs.values_list("status", "public_id").first() or ("", "")
         if status in (JobStatus.QUEUED, JobStatus.RUNNING):
             # Not ended, yet not started: job_start refused it for its hold
             # (settled, or expiring within the start margin). It ends with
-            # the hold's expiry; a message this late deserves a look.
-            logger.warning(
-                "job %s not started: its hold is settled or expires too soon to run it; "
-                "it ends expired with the hold",
-                self.public_id or self.job_pk,
+            # the hold's expiry; a message this late deserves a look, and a
+            # hold too short for any job to start, a fix.
+            level, why = job_start_refusal(public_id=public_id)
+            logger.log(
+                level, "job %s not started: %s; it ends expired with its hold", public_id, why
             )
         return status
 

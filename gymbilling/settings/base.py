@@ -133,9 +133,11 @@ SPECTACULAR_SETTINGS = {
 
 # How long an inference job may run (INFERENCE_JOB_DEADLINE_SECONDS, under
 # Inference below) sets the defaults of the settings that must outlast a run:
-# the broker's visibility timeout, a hold's life and a concurrency slot's
-# lease. Raising it alone raises them with it; one set explicitly and too
-# short is a `manage.py check` warning (inference/checks.py).
+# the broker's visibility timeout and a hold's life (and, through it, a
+# concurrency slot's lease). Raising it alone raises them with it; one set
+# explicitly and too short is a `manage.py check` warning
+# (inference/checks.py). The web app, every worker and beat must read the
+# same values: the web app places the holds the workers start jobs under.
 _JOB_RUN_S = max(0.0, env.float("INFERENCE_JOB_DEADLINE_SECONDS", default=300.0))
 
 # --- Celery -----------------------------------------------------------------
@@ -251,7 +253,7 @@ CELERY_BEAT_SCHEDULE |= {
         "schedule": timedelta(seconds=INFERENCE_CALLBACK_SWEEP_SECONDS),
     },
     # Slots of jobs that are over or were lost, freed about 5 minutes after
-    # they were taken instead of at their 15-minute lease's end
+    # they were taken instead of at their lease's end (a hold's life)
     # (concurrency_slots_sweep).
     "inference-concurrency-slots-sweep": {
         "task": "inference.tasks.concurrency_slots_sweep_task",
@@ -262,11 +264,13 @@ CELERY_BEAT_SCHEDULE |= {
 # --- Redis (rate limits, counters) ---------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/1")
 # How long a job's concurrency slot counts against its organization's
-# concurrent-jobs limit when nothing releases it (a vanished worker; the
-# inference sweep frees the slots of jobs known to be over sooner): 15
-# minutes, or two runs of a job and 5 minutes, so that a running job never
-# stops counting (accounts.ratelimits).
-RATELIMIT_SLOT_LEASE_SECONDS = max(900, math.ceil(2 * _JOB_RUN_S) + 300)
+# concurrent-jobs limit when nothing releases it (accounts.ratelimits): a
+# hold's life and 5 minutes. A job is open at most as long as its hold (it
+# starts only with the start margin left, and ends expired with its hold), so
+# its slot never lapses while it may still run, however long it queued; the
+# sweep frees the slots of jobs that are over, or were never written, after
+# 5 minutes (inference's concurrency_slots_sweep).
+RATELIMIT_SLOT_LEASE_SECONDS = int(METERING_HOLD_TTL.total_seconds()) + 300
 
 # --- API ---------------------------------------------------------------------
 # Idempotency-Key responses are replayed for this long.

@@ -43,7 +43,7 @@ from gymbilling.broker import task_publish
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
 from inference.selectors import catalog_model_resolve, pools_for_job
 from inference.services.callbacks import job_callback_record
-from metering.models import HoldStatus, Priority
+from metering.models import Hold, HoldStatus, Priority
 from metering.selectors import model_price
 from metering.services import (
     Rates,
@@ -686,6 +686,35 @@ def job_start(*, job_pk: int, public_id: str | None = None) -> Job | None:
     return job
 
 
+def job_start_refusal(*, public_id: str) -> tuple[int, str]:
+    """Why job_start refused an open job, for its worker's log: (logging level, message).
+
+    A late message (a backlog, a dead worker's handed back) is worth a
+    warning. A hold placed for not much more than this process's start margin
+    (under a minute more) is a deployment whose web app and workers read
+    different settings: hardly any job can start, so it is an error that says
+    what to fix. Read only on that path, never on a job that starts.
+    """
+    hold = Hold.objects.filter(key=public_id).values("status", "created_at", "expires_at").first()
+    if hold is None or hold["status"] != HoldStatus.PENDING:
+        status = hold["status"] if hold is not None else "missing"
+        return logging.WARNING, f"its hold is {status}"
+    margin = job_start_margin().total_seconds()
+    life = (hold["expires_at"] - hold["created_at"]).total_seconds()
+    if life < margin + 60:
+        return logging.ERROR, (
+            f"its hold was placed for {life:.0f} s, and this worker starts a job only with "
+            f"{margin:.0f} s of its hold left: jobs cannot start. The web app that placed it "
+            "and this worker read different METERING_HOLD_TTL_SECONDS or "
+            "INFERENCE_JOB_DEADLINE_SECONDS; give every process the same"
+        )
+    left = (hold["expires_at"] - timezone.now()).total_seconds()
+    return logging.WARNING, (
+        f"its hold expires in {left:.0f} s, within the start margin ({margin:.0f} s) a run "
+        "and its settlement may take"
+    )
+
+
 def serving_cost(*, engine_ms: int, gpu_hour_cost: int, tensor_parallel: int) -> int:
     """What the engine time cost, in minor units, rounded up (a cost is never understated)."""
     exact = Decimal(engine_ms) * gpu_hour_cost * tensor_parallel / Decimal(3_600_000)
@@ -964,7 +993,7 @@ def concurrency_slots_sweep(*, now: float | None = None) -> int:
     """Frees the concurrency slots whose job is not open (queued or running); returns how many.
 
     Without it such a slot counts against its organization's concurrent jobs
-    until its lease ends (accounts.ratelimits.slot_lease_seconds, 15 minutes by default).
+    until its lease ends (accounts.ratelimits.slot_lease_seconds: a hold's life).
     Run every minute by Celery beat. A slot younger than
     SLOT_SWEEP_GRACE_SECONDS (5 minutes) is left alone: its job's row may not
     be committed yet.

@@ -33,7 +33,7 @@ def test_a_run_limit_that_would_stop_every_job_is_an_error(settings):
 
 
 def test_a_run_limit_above_what_holds_allow_is_a_warning_that_names_the_cap(settings):
-    # given holds of 10 minutes: a start margin of 5, so jobs run at most 150 s
+    # given holds of 10 minutes: jobs run at most a quarter of it, 150 s
     settings.METERING_HOLD_TTL = timedelta(minutes=10)
     settings.INFERENCE_JOB_DEADLINE_SECONDS = 300
     [warning] = [m for m in run_checks() if m.id == "inference.W001"]
@@ -53,8 +53,10 @@ def test_a_long_run_limit_alone_raises_what_must_outlast_a_run():
         INFERENCE_JOB_DEADLINE_SECONDS="1800", DJANGO_SETTINGS_MODULE="gymbilling.settings.test"
     )
     env.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/13")
+    # A developer's .env is not read: the test states the whole environment.
     report = """
-import json, django
+import json, django, environ
+environ.Env.read_env = lambda *args, **kwargs: None
 django.setup()
 from django.conf import settings
 from django.core.checks import run_checks
@@ -80,13 +82,14 @@ print(json.dumps({
 
     # then jobs run 30 minutes, start with an hour left on their hold, a dead
     # worker's message comes back after 90 minutes, holds live 3 hours, a
-    # running job keeps its concurrency slot, and nothing is left to warn of
+    # job's concurrency slot counts as long as its hold lives, and nothing is
+    # left to warn of
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {
         "run": 1800,
         "margin": 3600,
         "visibility": 5400,
         "hold_ttl": 10800,
-        "slot_lease": 3900,
+        "slot_lease": 11100,
         "checks": [],
     }
 
@@ -112,7 +115,26 @@ def test_a_visibility_timeout_that_leaves_no_time_to_start_is_a_warning(settings
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3000}
     [warning] = [m for m in run_checks() if m.id == "inference.W003"]
     assert "comes back too late to start" in warning.msg
-    assert "above 3600" in warning.hint
+    assert "at least 3601" in warning.hint
     # and at 45 minutes it starts in time
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2700}
+    assert _ids() == []
+
+
+def test_the_hold_life_a_warning_names_leaves_room_for_the_whole_margin(settings):
+    # given holds of 1000 s, 5-minute runs and a message handed back after 30
+    # minutes: the start margin is capped at half the hold's life, 500 s
+    settings.CELERY_BROKER_URL = "sentinel://127.0.0.1:26379"
+    settings.METERING_HOLD_TTL = timedelta(seconds=1000)
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 1800}
+    warnings = {m.id: m for m in run_checks() if m.id.startswith("inference.")}
+
+    # then the runs are capped (a quarter of 1000 s), and the hold life each
+    # warning names is enough on its own: 1200 s for the runs; for the
+    # visibility timeout, 30 minutes and the margin a longer life gives (10
+    # minutes), not the 500 s it has now
+    assert set(warnings) == {"inference.W001", "inference.W003"}
+    assert "at least 1200" in warnings["inference.W001"].hint
+    assert "at least 2401" in warnings["inference.W003"].hint
+    settings.METERING_HOLD_TTL = timedelta(seconds=2401)
     assert _ids() == []

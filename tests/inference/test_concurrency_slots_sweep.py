@@ -4,7 +4,7 @@ A job's slot (accounts.ratelimits, a sorted set per organization) is taken
 before its hold and freed after its settlement. A request that dies between
 the two, a database crash that takes an unflushed hold with its Job row, or a
 worker that dies between a settlement's commit and the release leaves the
-slot taken for its 15-minute lease, so the organization runs one job fewer.
+slot taken for its lease (a hold's life), so the organization runs one job fewer.
 
 One database transaction per test, never committed: no job's task is sent.
 """

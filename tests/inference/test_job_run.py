@@ -488,7 +488,9 @@ def test_a_late_message_whose_hold_expires_soon_is_not_run_and_the_job_expires_u
     if was_running:
         assert tasks.job_start(job_pk=queued_job.pk, public_id=queued_job.public_id)
     soon = timezone.now() + JOB_START_MARGIN - timedelta(minutes=1)
-    Hold.objects.filter(key=queued_job.public_id).update(expires_at=soon)
+    Hold.objects.filter(key=queued_job.public_id).update(
+        expires_at=soon, created_at=soon - settings.METERING_HOLD_TTL
+    )
     status_before = Job.objects.get(pk=queued_job.pk).status
     served, before = _served(engine), (ledger_rows(), UsageRecord.objects.count())
 
@@ -498,7 +500,8 @@ def test_a_late_message_whose_hold_expires_soon_is_not_run_and_the_job_expires_u
     # then it is not started, nor sent to the engine: nothing is written, and
     # the worker says so
     assert status == Job.objects.get(pk=queued_job.pk).status == status_before
-    assert f"job {queued_job.public_id} not started" in caplog.text
+    assert f"job {queued_job.public_id} not started: its hold expires in" in caplog.text
+    assert "WARNING" in [r.levelname for r in caplog.records if "not started" in r.getMessage()]
     assert (ledger_rows(), UsageRecord.objects.count()) == before
     assert _served_when_idle(engine) == served
     # and when the hold expires, the job ends expired with nothing charged
@@ -506,6 +509,30 @@ def test_a_late_message_whose_hold_expires_soon_is_not_run_and_the_job_expires_u
     job = Job.objects.get(pk=queued_job.pk)
     assert (job.status, job.credits_charged) == (JobStatus.EXPIRED, 0)
     assert Hold.objects.get(key=queued_job.public_id).status == HoldStatus.EXPIRED
+
+
+def test_a_worker_whose_start_margin_no_hold_allows_says_what_to_fix(queued_job, settings, caplog):
+    # given a job whose hold the web app placed for an hour (its settings),
+    # and a worker told that jobs run 30 minutes (a start margin of an hour)
+    # while the web app was not
+    settings.INFERENCE_JOB_DEADLINE_SECONDS = 1800
+    settings.METERING_HOLD_TTL = timedelta(hours=3)
+    before = (ledger_rows(), UsageRecord.objects.count())
+
+    # when its fresh message runs (sent to the engine as the job starts, and
+    # abandoned there when it does not)
+    status = _run(queued_job, _spec(queued_job))
+
+    # then the job is not started, nothing is written, and the worker logs an
+    # error that names the settings the processes disagree on
+    assert status == Job.objects.get(pk=queued_job.pk).status == JobStatus.QUEUED
+    assert (ledger_rows(), UsageRecord.objects.count()) == before
+    [record] = [r for r in caplog.records if "not started" in r.getMessage()]
+    assert record.levelname == "ERROR"
+    assert "its hold was placed for 3600 s, and this worker starts a job only with 3600 s" in (
+        record.getMessage()
+    )
+    assert "METERING_HOLD_TTL_SECONDS or INFERENCE_JOB_DEADLINE_SECONDS" in record.getMessage()
 
 
 def test_a_settlement_the_database_fails_under_is_tried_again(queued_job, monkeypatch):
