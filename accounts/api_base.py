@@ -16,6 +16,7 @@ from django.http import HttpResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import JSONParser
 from rest_framework.permissions import IsAuthenticated
@@ -63,18 +64,48 @@ def _rate_limited(exc: Exception) -> bool:
     return isinstance(exc, ApplicationError) and exc.status == 429
 
 
+# No request body of this API nests deeper than a few levels (a chat body:
+# object, messages, message); far deeper JSON is refused as it is parsed.
+MAX_JSON_DEPTH = 32
+
+
+def _json_depth_exceeds(data, limit: int) -> bool:
+    """Whether `data` nests containers deeper than `limit`; iterative, so any depth is safe."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if type(value) is dict:
+            children = value.values()
+        elif type(value) is list:
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
+
+
 class JsonParser(JSONParser):
-    """DRF's JSON parser, refusing nesting too deep to parse as bad JSON.
+    """DRF's JSON parser, refusing JSON nested deeper than MAX_JSON_DEPTH as bad JSON.
 
     Past about a thousand levels `json` raises RecursionError, not ValueError,
-    which DRF's parser lets through as a 500.
+    which DRF's parser lets through as a 500; and a body just shallow enough
+    to parse still overflowed the stack later, in a serializer's recursive
+    validation or error message (a 500 too).
     """
 
     def parse(self, stream, media_type=None, parser_context=None):
         try:
-            return super().parse(stream, media_type, parser_context)
+            data = super().parse(stream, media_type, parser_context)
         except RecursionError:
-            raise drf_exceptions.ParseError("JSON parse error - nested too deeply.") from None
+            data = None
+        else:
+            if not _json_depth_exceeds(data, MAX_JSON_DEPTH):
+                return data
+        raise drf_exceptions.ParseError(
+            f"JSON parse error - nested more than {MAX_JSON_DEPTH} levels deep."
+        )
 
 
 class StrictSerializer(serializers.Serializer):
@@ -97,6 +128,21 @@ class IdCursorPagination(CursorPagination):
     page_size = 50
     page_size_query_param = "limit"
     max_page_size = 200
+
+    def get_page_size(self, request):
+        # DRF falls back to the default page size for a limit it cannot read
+        # (`abc`, -5, 0) and caps a larger one silently: the client would not
+        # learn that its page is not the size it asked for.
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None or raw == "":
+            return self.page_size
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= self.max_page_size:
+            raise ApplicationError(
+                code="invalid_request",
+                message=f"limit must be a whole number from 1 to {self.max_page_size}.",
+                param="limit",
+            )
+        return int(raw)
 
     def decode_cursor(self, request):
         try:
@@ -137,10 +183,28 @@ class _Replay(Exception):
         self.stored = stored
 
 
+class _NegotiationSettings:
+    """What DRF's negotiation reads of its settings: no `?format=` override."""
+
+    URL_FORMAT_OVERRIDE = None
+
+
+class ApiContentNegotiation(DefaultContentNegotiation):
+    """DRF's negotiation by `Accept`, without its `?format=` override.
+
+    With it, `?format=xml` (a renderer these views do not have) was a 404
+    `not_found`, read as "no such job"; without it, `format` is a query
+    parameter like any other: refused where unknown, as every other is.
+    """
+
+    settings = _NegotiationSettings
+
+
 class OrgApiView(APIView):
     authentication_classes = [ApiKeyAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]
     parser_classes = [JsonParser]
+    content_negotiation_class = ApiContentNegotiation
     # List views page with it (accounts.apis.paginate); drf-spectacular reads it
     # to document the {next, previous, results} envelope and the cursor and
     # limit parameters of every operation whose response is a list.

@@ -105,6 +105,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         response = Response(exc.as_dict(), status=exc.status)
         if "retry_after" in exc.extra:
             response["Retry-After"] = str(exc.extra["retry_after"])
+        if exc.status == 401:
+            # A 401 names the scheme to authenticate with (RFC 9110 11.6.1), as
+            # DRF's own 401 (no Authorization header at all) does.
+            response["WWW-Authenticate"] = "Bearer"
         return response
     if isinstance(exc, RequestDataTooBig):
         return Response(

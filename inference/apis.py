@@ -32,10 +32,9 @@ from drf_spectacular.utils import (
     extend_schema_view,
 )
 from rest_framework import serializers
-from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
 
-from accounts.api_base import OrgApiView, StrictSerializer, acting_key
+from accounts.api_base import ApiContentNegotiation, OrgApiView, StrictSerializer, acting_key
 from accounts.errors import ApplicationError
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
@@ -80,7 +79,7 @@ def render_chat(model: CatalogModel, messages: list[dict]) -> str:
     return _chat_template(model.chat_template).render(Context({"messages": messages}))
 
 
-class _JsonWhateverAccepted(DefaultContentNegotiation):
+class _JsonWhateverAccepted(ApiContentNegotiation):
     """OpenAI's API answers JSON (or, streaming, events) whatever `Accept` says; so do these.
 
     DRF's negotiation parses the header on every request to pick among
@@ -142,7 +141,16 @@ class _JsonBoolean(serializers.BooleanField):
         return data
 
 
-class _StreamOptions(serializers.Serializer):
+class _JsonNumber(serializers.FloatField):
+    """A JSON number: DRF's also takes true and false (as 1.0 and 0.0)."""
+
+    def to_internal_value(self, data):
+        if type(data) is bool:
+            self.fail("invalid", input=data)
+        return super().to_internal_value(data)
+
+
+class _StreamOptions(StrictSerializer):
     include_usage = _JsonBoolean(default=False)
 
 
@@ -150,8 +158,8 @@ class _GenerationInput(StrictSerializer):
     model = serializers.CharField(max_length=128)
     max_tokens = serializers.IntegerField(min_value=1, required=False, allow_null=True)
     max_completion_tokens = serializers.IntegerField(min_value=1, required=False, allow_null=True)
-    temperature = serializers.FloatField(min_value=0, max_value=2, required=False, allow_null=True)
-    top_p = serializers.FloatField(min_value=0, max_value=1, required=False, allow_null=True)
+    temperature = _JsonNumber(min_value=0, max_value=2, required=False, allow_null=True)
+    top_p = _JsonNumber(min_value=0, max_value=1, required=False, allow_null=True)
     seed = serializers.IntegerField(
         min_value=0, max_value=2**63 - 1, required=False, allow_null=True
     )
@@ -182,6 +190,15 @@ class _GenerationInput(StrictSerializer):
         if attrs.get("stream_options") is not None and not attrs.get("stream"):
             raise serializers.ValidationError(
                 {"stream_options": "stream_options is only allowed when stream is true."}
+            )
+        # OpenAI's newer name for max_tokens: one limit, named once (or twice alike).
+        limits = {attrs.get("max_tokens"), attrs.get("max_completion_tokens")} - {None}
+        if len(limits) > 1:
+            raise serializers.ValidationError(
+                {
+                    "max_completion_tokens": "max_tokens and max_completion_tokens are the same "
+                    "limit and differ here; send one of them."
+                }
             )
         return attrs
 
@@ -659,7 +676,7 @@ class JobListCreateApi(_GenerationApi):
     # Its 202 names the job right after the hold commits: that commit waits
     # for the disk. And, as the rest of /api/v1/, it negotiates Accept.
     answers_after_settlement = False
-    content_negotiation_class = DefaultContentNegotiation
+    content_negotiation_class = ApiContentNegotiation
 
     class Input(_GenerationInput):
         class Meta:
@@ -699,7 +716,8 @@ class JobListCreateApi(_GenerationApi):
 
         status = serializers.ChoiceField(choices=JobStatus.values, required=False)
         model = serializers.CharField(max_length=128, required=False)  # CatalogModel.name's
-        # The pagination's own, checked by it (blank: the first page, the default size).
+        # The pagination's own, checked by it (accounts.api_base.IdCursorPagination;
+        # blank: the first page, the default size).
         cursor = serializers.CharField(required=False, allow_blank=True)
         limit = serializers.CharField(required=False, allow_blank=True)
 

@@ -65,6 +65,9 @@ def generation_body(data: Any, *, kind: str) -> dict | None:
         for name in ("max_tokens", "max_completion_tokens"):
             if name in data:
                 out[name] = _int(data[name], low=1)
+        limits = (out.get("max_tokens"), out.get("max_completion_tokens"))
+        if None not in limits and limits[0] != limits[1]:
+            raise _Defer  # two different limits: refused
         if "temperature" in data:
             out["temperature"] = _float(data["temperature"], 0, 2)
         if "top_p" in data:

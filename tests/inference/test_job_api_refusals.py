@@ -116,3 +116,109 @@ def test_stream_options_come_only_with_stream(api):
         400,
     )
     assert (error["code"], error["param"]) == ("invalid_request", "stream_options")
+
+
+def _nested(depth: int) -> str:
+    """A JSON array `depth` levels deep."""
+    return "[" * depth + '"x"' + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [33, 900, 980, 5000])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/jobs", "/api/v1/credits/quote"])
+def test_json_nested_too_deep_is_bad_json_and_holds_nothing(api, org, path, depth):
+    # given a body whose one message's role nests `depth` levels deep: from
+    # about 980 on, DRF's validation overflowed Python's stack (a 500), and
+    # from about 1000 the parser did
+    before = organization_balance(organization=org)
+    role = _nested(depth)
+    body = f'{{"model": "{MODEL}", "messages": [{{"role": {role}, "content": "hi"}}]}}'
+
+    # when
+    error = _error(api.post(path, body, content_type="application/json"), 400)
+
+    # then
+    assert error["code"] == "invalid_json"
+    assert "nested more than 32 levels" in error["message"]
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+
+
+def test_json_nested_as_deep_as_allowed_is_read(api):
+    # 32 levels: the body's own 3 and a stop list's 29 more is refused as a
+    # stop, not as JSON
+    stop = json.loads(_nested(29))
+    error = _error(api.post("/v1/chat/completions", {**CHAT, "stop": stop}, format="json"), 400)
+    assert (error["code"], error["param"]) == ("invalid_request", "stop")
+
+
+@pytest.mark.parametrize("limit", ["abc", "-5", "0", "1e3", "201", "\N{FULLWIDTH DIGIT ONE}"])
+def test_a_page_size_outside_1_to_200_is_refused(api, limit):
+    error = _error(api.get("/api/v1/jobs", {"limit": limit}), 400)
+    assert (error["code"], error["param"]) == ("invalid_request", "limit")
+    assert "from 1 to 200" in error["message"]
+    # while the bounds are pages
+    for fine in ("1", "200", ""):
+        assert api.get("/api/v1/jobs", {"limit": fine}).status_code == 200
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/jobs"])
+def test_a_sampling_value_is_a_number_not_a_boolean(api, org, path, field):
+    before = organization_balance(organization=org)
+    error = _error(api.post(path, {**CHAT, field: True}, format="json"), 400)
+    assert (error["code"], error["param"]) == ("invalid_request", field)
+    assert organization_balance(organization=org) == before
+
+
+def test_stream_options_are_only_the_known_ones(api):
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True, "bogus": 1}}
+    error = _error(api.post("/v1/chat/completions", body, format="json"), 400)
+    assert error["code"] == "invalid_request"
+    assert error["param"].startswith("stream_options")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/jobs", "/api/v1/credits/quote"])
+def test_two_different_output_limits_are_refused(api, org, path):
+    # given max_tokens and its newer name, max_completion_tokens, that differ
+    before = organization_balance(organization=org)
+    body = {**CHAT, "max_tokens": 5, "max_completion_tokens": 9}
+
+    # then the request is refused, naming the second
+    error = _error(api.post(path, body, format="json"), 400)
+    assert (error["code"], error["param"]) == ("invalid_request", "max_completion_tokens")
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+    # while the same limit under both names is one limit
+    quoted = api.post(
+        "/api/v1/credits/quote",
+        {**CHAT, "max_tokens": 5, "max_completion_tokens": 5},
+        format="json",
+    )
+    assert quoted.status_code == 200, quoted.content
+
+
+def test_a_format_query_parameter_is_not_a_renderer_choice(api, org):
+    # given a job
+    job_id = api.post("/api/v1/jobs", {**CHAT, "max_tokens": 4}, format="json").json()["id"]
+
+    # when it is read with ?format=xml (DRF's format override answered 404
+    # "Not found." for a format it had no renderer for: the job looked missing)
+    read = api.get(f"/api/v1/jobs/{job_id}", {"format": "xml"})
+
+    # then it is the job, in JSON
+    assert read.status_code == 200, read.content
+    assert read.json()["id"] == job_id
+    # and the list, which knows its query parameters, refuses an unknown one
+    error = _error(api.get("/api/v1/jobs", {"format": "xml"}), 400)
+    assert (error["code"], error["param"]) == ("invalid_request", "format")
+
+
+def test_a_401_for_a_bad_key_names_the_scheme(org):
+    from django.test import Client
+
+    response = Client().get("/v1/models", HTTP_AUTHORIZATION="Bearer gym_not_a_key")
+    assert _error(response, 401)["code"] in ("authentication_failed", "invalid_api_key")
+    assert response["WWW-Authenticate"] == "Bearer"
+    response = Client().get("/v1/models", HTTP_AUTHORIZATION="Basic abc")
+    assert _error(response, 401)["code"] == "authentication_failed"
+    assert response["WWW-Authenticate"] == "Bearer"
