@@ -1065,9 +1065,13 @@ def job_cancel(*, job: Job) -> Job:
     A running job is stopped by its worker (it polls for the cancellation, see
     inference.relay) within a fraction of a second, and settles for what the
     engine delivered until then; the job returned here may still be running.
+    A job that already ended is returned as it ended: a cancel that lost the
+    race with its end changes nothing, and leaves no cancellation behind.
     """
     from inference.relay import relay_cancel
 
+    if job.status not in NON_TERMINAL:
+        return job
     relay_cancel(job.public_id)
     if job.status == JobStatus.QUEUED:
         job = _cancel_if_queued(job)

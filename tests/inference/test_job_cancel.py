@@ -72,3 +72,21 @@ def test_a_job_a_worker_started_meanwhile_is_left_to_the_worker_to_settle(queued
     assert (settled.status, settled.input_tokens) == (JobStatus.CANCELED, 4)
     assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, settled.credits_charged)
     assert settled.credits_charged > 0
+
+
+def test_cancelling_a_job_that_ended_changes_nothing(queued_job):
+    # given a job that succeeded and was billed
+    job_start(job_pk=queued_job.pk)
+    outcome = Outcome(input_tokens=4, output_tokens=3, finish_reason="stop")
+    ended = job_settle(job=queued_job, outcome=outcome, status=JobStatus.SUCCEEDED)
+    balance = organization_balance(organization=ended.organization)
+
+    # when it is cancelled (a cancel that lost the race with its end)
+    job = job_cancel(job=Job.objects.get(pk=ended.pk))
+
+    # then it is answered as it ended, its charge and the balance as they
+    # were, and no cancellation is left for a worker to find
+    assert (job.status, job.credits_charged) == (JobStatus.SUCCEEDED, ended.credits_charged)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.CAPTURED
+    assert organization_balance(organization=job.organization) == balance
+    assert not _cancel_requested(job)

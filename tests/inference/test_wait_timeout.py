@@ -11,6 +11,7 @@ One database transaction per test, never committed: no job's task is sent.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -43,7 +44,9 @@ def running_job(grant, settings, monkeypatch) -> Job:
 
 
 def _settled_by_its_worker(job: Job, status: str, output_tokens: int) -> dict:
-    """What the worker does at the end: settle, then publish the final event."""
+    """What the worker does at the end: settle, then publish the final event. The worker's
+    own copy of the job: the API's (`job`) still says what the API saw."""
+    job = copy.copy(job)
     outcome = Outcome(
         text="Squat low.",
         input_tokens=5,
