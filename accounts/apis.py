@@ -220,7 +220,7 @@ class MemberListAddApi(PathOrgApiView):
         class Meta:
             ref_name = "MemberListAddInput"
 
-        email = serializers.EmailField()
+        email = serializers.EmailField(max_length=254)  # the column's
         role = serializers.ChoiceField(choices=Role.values, default=Role.MEMBER)
 
     @extend_schema(responses=MemberOutput(many=True), summary="List members")
@@ -307,7 +307,7 @@ class InvitationListCreateApi(PathOrgApiView):
         class Meta:
             ref_name = "InvitationListCreateInput"
 
-        email = serializers.EmailField()
+        email = serializers.EmailField(max_length=254)  # the column's
         role = serializers.ChoiceField(choices=Role.values, default=Role.MEMBER)
 
     @extend_schema(responses=InvitationOutput(many=True), summary="List open invitations")

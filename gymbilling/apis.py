@@ -13,7 +13,13 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.api_base import MANAGERS, IdCursorPagination, OrgApiView, StrictSerializer
+from accounts.api_base import (
+    MANAGERS,
+    ApiContentNegotiation,
+    IdCursorPagination,
+    OrgApiView,
+    StrictSerializer,
+)
 from accounts.apis import OrganizationOutput
 from accounts.errors import ApplicationError, json_error_response
 from accounts.models import Role, Scope
@@ -67,6 +73,7 @@ class PlanListApi(APIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
+    content_negotiation_class = ApiContentNegotiation  # no ?format= override, as the rest
 
     class Output(serializers.Serializer):
         class Meta:

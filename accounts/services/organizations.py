@@ -86,10 +86,26 @@ def _require_manager(organization: Organization, actor) -> None:
         )
 
 
-def _require_owner_for(organization: Organization, actor, *roles: str) -> None:
+def _require_owner_for(organization: Organization, actor, *roles: str, actor_key=None) -> None:
     """Only an owner may grant the owner role or change an owner: an admin
-    cannot promote themselves and then remove the owners."""
-    if Role.OWNER not in roles or actor is None or getattr(actor, "is_staff", False):
+    cannot promote themselves and then remove the owners.
+
+    An API key acts with the standing its creator has now: an admin's key
+    with the admin scope must not do what the admin may not (nor may a key
+    whose creator is gone). No actor and no key: the system acting.
+    """
+    if Role.OWNER not in roles:
+        return
+    if actor is None and actor_key is not None:
+        actor = actor_key.created_by
+        if actor is None:
+            raise ApplicationError(
+                code="permission_denied",
+                message="Only an owner can make someone an owner or change an owner's role; "
+                "this API key's creator is no longer known.",
+                status=403,
+            )
+    if actor is None or getattr(actor, "is_staff", False):
         return
     if not Membership.objects.filter(
         organization=organization, user=actor, role=Role.OWNER
@@ -125,7 +141,7 @@ def membership_add(
 ) -> Membership:
     _require_role(role)
     _require_manager(organization, actor)
-    _require_owner_for(organization, actor, role)
+    _require_owner_for(organization, actor, role, actor_key=actor_key)
     # Lock the organization so two concurrent adds cannot both take the last seat.
     organization = Organization.objects.select_for_update().get(pk=organization.pk)
     if Membership.objects.filter(organization=organization, user=user).exists():
@@ -157,7 +173,7 @@ def membership_set_role(
     _require_role(role)
     _require_manager(membership.organization, actor)
     membership = Membership.objects.select_for_update().get(pk=membership.pk)
-    _require_owner_for(membership.organization, actor, role, membership.role)
+    _require_owner_for(membership.organization, actor, role, membership.role, actor_key=actor_key)
     if membership.role == Role.OWNER and role != Role.OWNER:
         _require_another_owner(membership)
     old = membership.role
@@ -189,7 +205,7 @@ def _require_another_owner(membership: Membership) -> None:
 @transaction.atomic
 def membership_remove(*, membership: Membership, actor=None, actor_key=None) -> None:
     _require_manager(membership.organization, actor)
-    _require_owner_for(membership.organization, actor, membership.role)
+    _require_owner_for(membership.organization, actor, membership.role, actor_key=actor_key)
     if membership.role == Role.OWNER:
         _require_another_owner(membership)
     audit_record(
@@ -214,7 +230,7 @@ def invitation_create(
     """Invite someone by email. Returns the invitation and its token (sent, never stored)."""
     _require_role(role)
     _require_manager(organization, actor)
-    _require_owner_for(organization, actor, role)
+    _require_owner_for(organization, actor, role, actor_key=actor_key)
     email = User.objects.normalize_email(email).lower()
     if Membership.objects.filter(organization=organization, user__email=email).exists():
         raise ApplicationError(

@@ -348,6 +348,65 @@ def test_an_admin_cannot_make_themselves_owner(team):
     assert audit(org, "member.role_changed") == []
 
 
+def _admin_key_of(user, org) -> str:
+    """An `admin`-scoped API key, created by `user` signed in (as the dashboard does)."""
+    response = send(signed_in(user), "post", "/api/v1/keys", {"name": "ops", "scopes": ["admin"]})
+    assert response.status_code == 201, response.content
+    return response.json()["key"]
+
+
+def test_an_admins_api_key_cannot_do_what_the_admin_may_not(team):
+    # given an admin's key with the admin scope (admins may create one)
+    org = team["org"]
+    admin, owner = membership(org, team[Role.ADMIN]), membership(org, team[Role.OWNER])
+    api = key_client(_admin_key_of(team[Role.ADMIN], org))
+    base = f"/api/v1/orgs/{org.pk}"
+
+    # when the key makes the admin owner, demotes or removes the owner, or
+    # invites a new owner
+    attempts = [
+        api.patch(f"{base}/members/{admin.pk}", {"role": "owner"}, format="json"),
+        api.patch(f"{base}/members/{owner.pk}", {"role": "member"}, format="json"),
+        api.delete(f"{base}/members/{owner.pk}"),
+        api.post(
+            f"{base}/invitations", {"email": "x@example.test", "role": "owner"}, format="json"
+        ),
+    ]
+
+    # then each is refused as the admin signed in is, and nothing changed
+    for response in attempts:
+        assert_error(response, 403, "permission_denied")
+    assert Membership.objects.get(pk=admin.pk).role == Role.ADMIN
+    assert Membership.objects.get(pk=owner.pk).role == Role.OWNER
+    assert not Invitation.objects.filter(organization=org).exists()
+    # while the key manages what the admin may: a member's role
+    member = membership(org, team[Role.MEMBER])
+    changed = api.patch(f"{base}/members/{member.pk}", {"role": "billing"}, format="json")
+    assert changed.status_code == 200, changed.content
+
+
+def test_an_owners_api_key_may_make_an_owner_until_its_creator_is_no_longer_one(team):
+    # given an owner's admin key
+    org = team["org"]
+    admin = membership(org, team[Role.ADMIN])
+    api = key_client(_admin_key_of(team[Role.OWNER], org))
+
+    # when it makes the admin owner
+    promoted = api.patch(
+        f"/api/v1/orgs/{org.pk}/members/{admin.pk}", {"role": "owner"}, format="json"
+    )
+
+    # then it may, as its creator may
+    assert promoted.status_code == 200, promoted.content
+    # and once its creator is an admin, it may no longer touch an owner
+    Membership.objects.filter(organization=org, user=team[Role.OWNER]).update(role=Role.ADMIN)
+    demoted = api.patch(
+        f"/api/v1/orgs/{org.pk}/members/{admin.pk}", {"role": "admin"}, format="json"
+    )
+    assert_error(demoted, 403, "permission_denied")
+    assert Membership.objects.get(pk=admin.pk).role == Role.OWNER
+
+
 def test_the_last_owner_cannot_be_demoted(team):
     # given
     org = team["org"]
@@ -489,6 +548,23 @@ def test_the_invited_person_accepts_and_becomes_a_member(team, invited):
     assert added.data == {"role": "admin"}
     open_invitations = signed_in(team[Role.OWNER]).get(f"/api/v1/orgs/{org.pk}/invitations")
     assert open_invitations.json()["results"] == []
+
+
+def test_an_email_longer_than_the_column_is_refused_not_a_server_error(team):
+    # given a valid address of 260 characters (an address may have 320; the
+    # column, as Django's EmailField, 254)
+    email = "a" * 64 + "@" + ("b" * 63 + ".") * 3 + "com"
+    assert len(email) == 260
+    owner = signed_in(team[Role.OWNER])
+
+    # when it is invited, or added
+    invited = send(owner, "post", f"/api/v1/orgs/{team['org'].pk}/invitations", {"email": email})
+    added = send(owner, "post", f"/api/v1/orgs/{team['org'].pk}/members", {"email": email})
+
+    # then both are refused, naming the field, and nothing is written
+    for response in (invited, added):
+        assert assert_error(response, 400, "invalid_request")["param"] == "email"
+    assert not Invitation.objects.filter(organization=team["org"]).exists()
 
 
 def test_someone_else_cannot_accept_the_invitation(team, invited):

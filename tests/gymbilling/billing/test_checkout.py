@@ -170,6 +170,8 @@ def test_plans_are_public(client, catalog):
     codes = [plan["code"] for plan in response.json()["plans"]]
     assert codes == ["basic", "pro", "team", "enterprise"]
     assert {pack["code"] for pack in response.json()["packs"]} == {"boost-1k", "boost-10k"}
+    # and ?format= picks no renderer (DRF's override answered 404 for one it lacked)
+    assert client.get("/api/v1/plans", {"format": "xml"}).json() == response.json()
 
 
 def test_one_open_subscription_checkout_per_organization(customer, catalog, stripe_sdk):
