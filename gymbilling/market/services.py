@@ -419,15 +419,17 @@ def order_reserve(
         reserved = quantity - need
         if reserved == 0 or (need and not allow_partial):
             raise _insufficient(reserved, quantity)
+        amount_total = sum(
+            fill_amount(quantity=t.quantity, price_per_1k=t.listing.price_per_1k) for t in takes
+        )
+        _require_chargeable(amount_total, currency)  # raised here, nothing is written
         order = MarketOrder.objects.create(
             buyer=buyer,
             currency=currency,
             quantity_requested=quantity,
             max_price_per_1k=max_price_per_1k,
             quantity=reserved,
-            amount_total=sum(
-                fill_amount(quantity=t.quantity, price_per_1k=t.listing.price_per_1k) for t in takes
-            ),
+            amount_total=amount_total,
             expires_at=now + settings.MARKET_RESERVATION_TTL,
         )
         buyer_escrow = organization_account(buyer, AccountKind.ESCROW)
@@ -454,6 +456,23 @@ def order_reserve(
                 reserve_transaction=txn,
             )
     return order
+
+
+def _require_chargeable(amount: int, currency: str) -> None:
+    """An order's total must be one Stripe can charge (MARKET_MIN/MAX_ORDER_AMOUNT): outside
+    them the payment fails after the reservation, which no retry fixes."""
+    low, high = settings.MARKET_MIN_ORDER_AMOUNT, settings.MARKET_MAX_ORDER_AMOUNT
+    if low <= amount <= high:
+        return
+    side = "at least" if amount < low else "at most"
+    bound = low if amount < low else high
+    raise ApplicationError(
+        code="amount_below_minimum" if amount < low else "amount_above_maximum",
+        message=f"This order would cost {amount} {currency} minor units; a card payment is "
+        f"{side} {bound}. Change the quantity.",
+        param="quantity",
+        extra={"amount": amount, "limit": bound},
+    )
 
 
 def _payments_unavailable() -> ApplicationError:
@@ -485,6 +504,7 @@ def order_create(
             status=503,
         )
     from gymbilling.services import billing_customer_ensure
+    from gymbilling.services.checkout import provider_refused
 
     order = order_reserve(
         buyer=buyer,
@@ -522,10 +542,15 @@ def order_create(
             success_url=f"{base}/market/?order={order.pk}&checkout=success",
             cancel_url=f"{base}/market/?order={order.pk}&checkout=canceled",
         )
-    except (stripe_client.StripeUnavailable, stripe_client.StripeRequestRefused) as exc:
+    except stripe_client.StripeUnavailable as exc:
         logger.warning("market order %s: checkout failed: %s", order.pk, exc)
         order_release(order_id=order.pk, status=OrderStatus.FAILED, code="payments_unavailable")
         raise _payments_unavailable() from exc
+    except stripe_client.StripeRequestRefused as exc:
+        # Stripe said no to this order's checkout: retrying will not change it.
+        logger.warning("market order %s: checkout refused: %s", order.pk, exc)
+        order_release(order_id=order.pk, status=OrderStatus.FAILED, code="payment_provider_refused")
+        raise provider_refused(exc) from exc
     with transaction.atomic():
         checkout = CheckoutSession.objects.create(
             stripe_session_id=session["id"],

@@ -60,6 +60,20 @@ def _current_price(
     return price
 
 
+def provider_refused(exc: stripe_client.StripeRequestRefused) -> ApplicationError:
+    """Stripe refused a request this service built (a customer deleted at Stripe, a portal
+    with no configuration, a subscription Stripe already ended): nothing was charged, and
+    sending it again will not help. A 502 that says what Stripe said, not a 500."""
+    stripe_code = f" ({exc.code})" if exc.code else ""
+    return ApplicationError(
+        code="payment_provider_refused",
+        message=f"The payment provider refused the request{stripe_code}: {exc}. Nothing was "
+        "charged; contact support if this persists.",
+        status=502,
+        extra={"provider_code": exc.code or None},
+    )
+
+
 def _require_configured() -> None:
     if not stripe_client.configured():
         raise ApplicationError(
@@ -115,10 +129,18 @@ def checkout_create(
             message=f"The pack {pack.code!r} is not offered.",
             param="pack",
         )
+    elif seats != 1:
+        raise ApplicationError(
+            code="invalid_seats",
+            message="A credit pack is bought one at a time; leave seats out.",
+            param="seats",
+        )
     try:
         return _session_create(organization=organization, plan=plan, pack=pack, seats=seats)
     except stripe_client.StripeUnavailable as exc:
         raise _unavailable(exc) from exc
+    except stripe_client.StripeRequestRefused as exc:
+        raise provider_refused(exc) from exc
 
 
 # Stripe keeps a Checkout session open for 24 hours.
@@ -256,6 +278,8 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
             message=f"The card on file was declined ({exc}); update it in the billing portal.",
             status=402,
         ) from exc
+    except stripe_client.StripeRequestRefused as exc:
+        raise provider_refused(exc) from exc
     success_url, _ = _urls()
     return CheckoutResult(
         url=success_url, kind="subscription_updated" if upgrade else "change_scheduled"
@@ -287,4 +311,6 @@ def portal_create(*, organization: Organization) -> str:
         )
     except stripe_client.StripeUnavailable as exc:
         raise _unavailable(exc) from exc
+    except stripe_client.StripeRequestRefused as exc:
+        raise provider_refused(exc) from exc
     return session["url"]

@@ -337,6 +337,12 @@ MARKET_MIN_LISTING_QUANTITY = env.int("MARKET_MIN_LISTING_QUANTITY", default=10_
 MARKET_CURRENCIES = env.list("MARKET_CURRENCIES", default=["usd"])
 # The most listings one order may fill from.
 MARKET_ORDER_MAX_LISTINGS = env.int("MARKET_ORDER_MAX_LISTINGS", default=50)
+# The least and the most one order may cost (minor units): Stripe refuses a
+# card payment under its minimum charge (50 in usd and eur, 30 in gbp, 50 yen)
+# and over 8 digits. An order outside them is refused before anything is
+# reserved, instead of failing at Stripe after its reservation.
+MARKET_MIN_ORDER_AMOUNT = env.int("MARKET_MIN_ORDER_AMOUNT", default=50)
+MARKET_MAX_ORDER_AMOUNT = env.int("MARKET_MAX_ORDER_AMOUNT", default=99_999_999)
 
 CELERY_BEAT_SCHEDULE |= {
     "market-orders-expire": {

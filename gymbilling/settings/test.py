@@ -13,4 +13,8 @@ CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=CELERY_BROKER_U
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/14")
 # Job callbacks go to receivers the tests run on 127.0.0.1, which answer at once.
 INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = True
+# The marketplace tests trade a few credits for a few cents, under Stripe's
+# minimum charge, which the stand-in does not enforce; the minimum's own test
+# sets the production default (tests/gymbilling/market/test_market_apis.py).
+MARKET_MIN_ORDER_AMOUNT = 1
 INFERENCE_CALLBACK_TIMEOUT_SECONDS = env.float("INFERENCE_CALLBACK_TIMEOUT_SECONDS", default=2.0)

@@ -38,6 +38,7 @@ def billing_rows() -> tuple[int, int, int]:
         ({"plan": "team", "seats": 0}, 400, "invalid_request"),
         ({"plan": "pro", "coupon": "FREE"}, 400, "invalid_request"),
         ({"plan": ["pro"]}, 400, "invalid_request"),
+        ({"pack": "boost-1k", "seats": 5}, 400, "invalid_seats"),
     ],
 )
 def test_bad_checkout_requests_are_refused_and_change_nothing(
@@ -66,6 +67,36 @@ def test_stripe_unreachable_during_checkout_is_a_clear_503_and_writes_nothing(cu
     # then
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "payments_unavailable"
+    assert (billing_rows(), ledger_rows()) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/api/v1/billing/portal", None), ("/api/v1/billing/checkout", {"pack": "boost-1k"})],
+    ids=["portal", "pack checkout"],
+)
+def test_a_request_stripe_refuses_is_a_502_that_says_so_not_a_server_error(
+    customer, catalog, path, body
+):
+    # given an organization whose Stripe customer was deleted at Stripe
+    assert customer.client.post("/api/v1/billing/portal").status_code == 200
+    BillingCustomer.objects.filter(organization=customer.organization).update(
+        stripe_customer_id="cus_gone"
+    )
+    before = (billing_rows(), ledger_rows())
+
+    # when it opens the portal, or buys a pack
+    response = customer.client.post(path, body, format="json")
+
+    # then Stripe's refusal is named, nothing is written, and the
+    # Idempotency-Key is not kept (a 5xx)
+    assert response.status_code == 502, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["provider_code"]) == (
+        "payment_provider_refused",
+        "resource_missing",
+    )
+    assert error["message"].startswith("The payment provider refused the request")
     assert (billing_rows(), ledger_rows()) == before
 
 

@@ -174,3 +174,80 @@ def test_stripe_down_answers_503_payments_unavailable(market_stripe, seller, buy
         content_type="application/json",
     )
     assert r.status_code == 503 and r.json()["error"]["code"] == "payments_unavailable"
+
+
+def test_an_order_stripe_could_not_charge_is_refused_before_anything_is_reserved(
+    market_stripe, seller, buyer, settings
+):
+    # given Stripe's card minimum (50 cents) and maximum (8 digits), and a
+    # listing at $3 per 1,000 credits
+    settings.MARKET_MIN_ORDER_AMOUNT, settings.MARKET_MAX_ORDER_AMOUNT = 50, 99_999_999
+    listing_create(seller=seller, quantity=credits(1000), price_per_1k=300, currency="usd")
+    api = client_for(buyer)
+    before = rows()
+
+    # when a buyer orders 10 credits (3 cents)
+    small = api.post(
+        "/api/v1/market/orders",
+        {"quantity": credits(10), "max_price_per_1k": 300},
+        content_type="application/json",
+    )
+
+    # then it is refused with the amount and the minimum, nothing reserved
+    # (no order, no journal), and no checkout opened at Stripe
+    assert small.status_code == 400, small.content
+    error = small.json()["error"]
+    assert (error["code"], error["param"]) == ("amount_below_minimum", "quantity")
+    assert (error["amount"], error["limit"]) == (3, 50)
+    assert rows() == before
+    # and above the maximum alike
+    settings.MARKET_MAX_ORDER_AMOUNT = 2_99
+    large = api.post(
+        "/api/v1/market/orders",
+        {"quantity": credits(1000), "max_price_per_1k": 300},
+        content_type="application/json",
+    )
+    assert large.json()["error"]["code"] == "amount_above_maximum", large.content
+    assert rows() == before
+    # while 200 credits (60 cents) is an order
+    fine = api.post(
+        "/api/v1/market/orders",
+        {"quantity": credits(200), "max_price_per_1k": 300},
+        content_type="application/json",
+    )
+    assert fine.status_code == 201, fine.content
+    assert fine.json()["amount_total"] == 60
+
+
+def test_an_order_stripe_refuses_is_a_502_and_its_reservation_is_given_back(
+    market_stripe, seller, buyer
+):
+    # given a buyer whose Stripe customer was deleted at Stripe
+    from gymbilling.models import BillingCustomer
+    from gymbilling.services import billing_customer_ensure
+
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    billing_customer_ensure(organization=buyer)
+    BillingCustomer.objects.filter(organization=buyer).update(stripe_customer_id="cus_gone")
+
+    # when it orders
+    r = client_for(buyer).post(
+        "/api/v1/market/orders",
+        {"quantity": credits(10), "max_price_per_1k": 300},
+        content_type="application/json",
+    )
+
+    # then Stripe's refusal is named (not "unreachable, try again"), and the
+    # order failed with its credits back on the listing
+    assert r.status_code == 502, r.content
+    assert r.json()["error"]["code"] == "payment_provider_refused"
+    order = MarketOrder.objects.get(buyer=buyer)
+    assert (order.status, order.failure_code) == ("failed", "payment_provider_refused")
+    listing.refresh_from_db()
+    assert listing.status == "open"
+    reorder = client_for(buyer).post(
+        "/api/v1/market/orders",
+        {"quantity": credits(100), "max_price_per_1k": 300, "listing": listing.pk},
+        content_type="application/json",
+    )
+    assert reorder.json()["error"]["code"] == "payment_provider_refused"  # all 100 were free again
