@@ -253,5 +253,17 @@ class StripeWebhookView(View):
                 message=f"The Stripe-Signature header does not verify: {exc}",
                 status=400,
             )
+        except stripe_client.WebhookEventInvalid as exc:
+            return json_error_response(code="invalid_event", message=str(exc), status=400)
         row, created = stripe_event_record(event=event)
         return JsonResponse({"received": True, "duplicate": not created, "status": row.status})
+
+    def http_method_not_allowed(self, request, *args, **kwargs):
+        # Django's own 405 is an empty text/html body: answer in the API's shape.
+        response = json_error_response(
+            code="method_not_allowed",
+            message=f"Method {request.method} is not allowed here; Stripe sends POST.",
+            status=405,
+        )
+        response["Allow"] = "POST"
+        return response

@@ -21,6 +21,7 @@ stand-in (gymbilling/stripe_standin) by setting STRIPE_API_BASE.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,18 @@ class StripeCardDeclined(StripeRequestRefused):
 
 class WebhookSignatureInvalid(ValueError):
     """The webhook's Stripe-Signature does not match its body, or is too old."""
+
+
+class WebhookEventInvalid(ValueError):
+    """A correctly signed body that is not a Stripe event this service can store."""
+
+
+# Bounds of what StripeEvent stores (its columns), checked before it is written.
+_EVENT_TEXT_LIMITS = {"id": 255, "type": 100, "api_version": 64}
+_CREATED_MAX = 2**32  # seconds since 1970: the year 2106
+# A NUL escaped in JSON text (after an even number of backslashes, so not an
+# escaped backslash followed by "u0000").
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def configured() -> bool:
@@ -317,16 +330,39 @@ def webhook_event_construct(payload: bytes, signature: str | None) -> WebhookEve
     except ValueError as exc:
         raise WebhookSignatureInvalid(f"The body is not a Stripe event: {exc}") from exc
     body = _plain(event)
-    obj = (body.get("data") or {}).get("object") or {}
     if not isinstance(body.get("id"), str) or not isinstance(body.get("type"), str):
         raise WebhookSignatureInvalid("The event has no id or type.")
+    _require_storable(body)
+    obj = body["data"]["object"]
     return WebhookEvent(
         id=body["id"],
         type=body["type"],
-        created=int(body.get("created") or 0),
+        created=body.get("created") or 0,
         livemode=bool(body.get("livemode")),
         api_version=str(body.get("api_version") or ""),
-        object_type=str(obj.get("object") or ""),
-        object_id=str(obj.get("id") or ""),
+        object_type=str(obj.get("object") or "")[:64],
+        object_id=str(obj.get("id") or "")[:255],
         payload=body,
     )
+
+
+def _require_storable(body: dict) -> None:
+    """Refuse, as WebhookEventInvalid, a signed event whose shape would fail as it is
+    stored or read (a 500 otherwise): Stripe's own events always pass. Only a holder of
+    the signing secret can send one that does not."""
+    data = body.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise WebhookEventInvalid("The event has no data.object.")
+    created = body.get("created", 0)
+    if type(created) is not int or not 0 <= created < _CREATED_MAX:
+        raise WebhookEventInvalid("The event's created is not a Unix time.")
+    for field, limit in _EVENT_TEXT_LIMITS.items():
+        if len(str(body.get(field) or "")) > limit:
+            raise WebhookEventInvalid(f"The event's {field} is longer than {limit} characters.")
+    try:
+        # jsonb holds no NaN or Infinity, nor a NUL in a string.
+        text = json.dumps(body, allow_nan=False)
+    except ValueError as exc:
+        raise WebhookEventInvalid(f"The event is not storable JSON: {exc}") from exc
+    if _JSON_NUL.search(text):
+        raise WebhookEventInvalid("The event holds a NUL character.")

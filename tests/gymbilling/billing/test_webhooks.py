@@ -56,6 +56,58 @@ class TestSignature:
         assert post_event(client, b"not json", signed(b"not json")[1]).status_code == 400
         assert StripeEvent.objects.count() == 0
 
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"data": ["not", "an", "object"]},
+            {"data": {"object": "in_1"}},
+            {"created": "yesterday"},
+            {"created": 10**20},
+            {"created": True},
+            {"id": "evt_" + "x" * 300},
+            {"api_version": "v" * 65},
+            {"data": {"object": {"id": "in_1", "object": "invoice", "total": float("nan")}}},
+            {"data": {"object": {"id": "in_1", "object": "invoice", "memo": "a\x00b"}}},
+        ],
+        ids=[
+            "data a list",
+            "object a string",
+            "created a word",
+            "created past 2106",
+            "created a boolean",
+            "id too long",
+            "api_version too long",
+            "NaN",
+            "NUL",
+        ],
+    )
+    def test_a_signed_body_that_is_no_storable_event_is_refused(
+        self, client, stripe_standin, change
+    ):
+        # given a body signed with the webhook secret, but not shaped as
+        # Stripe's events are (only a holder of the secret can send one)
+        event = event_for({"id": "in_1", "object": "invoice"}, "invoice.paid") | change
+        body, signature = signed(event)
+
+        # when, then: a 400 that says so, nothing stored (it was a 500)
+        response = post_event(client, body, signature)
+        assert response.status_code == 400, response.content
+        assert response.json()["error"]["code"] == "invalid_event"
+        assert StripeEvent.objects.count() == 0
+
+    def test_a_literal_backslash_u0000_in_text_is_not_a_nul(self, client, stripe_standin):
+        event = event_for({"id": "in_1", "object": "invoice", "memo": "\\u0000"}, "invoice.paid")
+        response = post_event(client, *signed(event))
+        assert response.status_code == 200, response.content
+        assert StripeEvent.objects.get().payload["data"]["object"]["memo"] == "\\u0000"
+
+    def test_any_method_but_post_is_a_json_405(self, client):
+        for method in ("get", "put", "delete"):
+            response = getattr(client, method)("/stripe/webhook/")
+            assert response.status_code == 405
+            assert response.json()["error"]["code"] == "method_not_allowed"
+            assert response["Allow"] == "POST"
+
     def test_webhooks_are_off_without_a_secret(self, client):
         body, signature = signed(event_for({"id": "in_1", "object": "invoice"}, "invoice.paid"))
         with override_settings(STRIPE_WEBHOOK_SECRET=""):
