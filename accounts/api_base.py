@@ -194,7 +194,8 @@ class ApiContentNegotiation(DefaultContentNegotiation):
 
     With it, `?format=xml` (a renderer these views do not have) was a 404
     `not_found`, read as "no such job"; without it, `format` is a query
-    parameter like any other: refused where unknown, as every other is.
+    parameter like any other: refused by a view that checks its query
+    parameters (the job list), ignored by one that takes none.
     """
 
     settings = _NegotiationSettings
