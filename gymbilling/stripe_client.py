@@ -360,9 +360,10 @@ def _require_storable(body: dict) -> None:
         if len(str(body.get(field) or "")) > limit:
             raise WebhookEventInvalid(f"The event's {field} is longer than {limit} characters.")
     try:
-        # jsonb holds no NaN or Infinity, nor a NUL in a string.
-        text = json.dumps(body, allow_nan=False)
-    except ValueError as exc:
+        # jsonb holds no NaN or Infinity, no lone surrogate, nor a NUL in a string.
+        text = json.dumps(body, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as exc:
         raise WebhookEventInvalid(f"The event is not storable JSON: {exc}") from exc
     if _JSON_NUL.search(text):
         raise WebhookEventInvalid("The event holds a NUL character.")

@@ -152,6 +152,14 @@ class _JsonNumber(serializers.FloatField):
 
 class _StreamOptions(StrictSerializer):
     include_usage = _JsonBoolean(default=False)
+    # OpenAI's: pads streamed chunks against length side channels. Taken and
+    # ignored: these chunks go from this API straight to its client.
+    include_obfuscation = _JsonBoolean(required=False)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        value.pop("include_obfuscation", None)
+        return value
 
 
 class _GenerationInput(StrictSerializer):

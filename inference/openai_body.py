@@ -171,6 +171,8 @@ def _stop(value: Any) -> list[str]:
 def _stream_options(value: Any) -> dict | None:
     if value is None:
         return None
-    if type(value) is not dict or not value.keys() <= {"include_usage"}:
+    if type(value) is not dict or not value.keys() <= {"include_usage", "include_obfuscation"}:
         raise _Defer
+    if "include_obfuscation" in value:
+        _bool(value["include_obfuscation"])  # taken and ignored, as the serializer does
     return {"include_usage": _bool(value.get("include_usage", False))}

@@ -169,7 +169,11 @@ def apikey_create(
         scopes=scopes,
         expires_at=expires_at,
         requests_per_minute=requests_per_minute,
-        created_by=actor if getattr(actor, "pk", None) else None,
+        # A key made with a key is its creator's: it must not outlive the
+        # standing of the person behind the key that made it.
+        created_by=actor
+        if getattr(actor, "pk", None)
+        else (actor_key.created_by if actor_key is not None else None),
     )
     audit_record(
         organization=organization,

@@ -69,8 +69,40 @@ def user_signup(*, email: str, password: str | None) -> User:
     return user
 
 
-def _require_manager(organization: Organization, actor) -> None:
-    """Owners and admins manage members; staff (finance, support) may too."""
+def _key_creator_role(organization: Organization, actor_key) -> str | None:
+    """The role the person who created `actor_key` has in `organization` now (None: no
+    longer a member, or the key has no creator: made with `manage.py apikey_create`)."""
+    creator_id = actor_key.created_by_id
+    if creator_id is None:
+        return None
+    return (
+        Membership.objects.filter(organization=organization, user_id=creator_id)
+        .values_list("role", flat=True)
+        .first()
+    )
+
+
+def _refused(message: str) -> ApplicationError:
+    return ApplicationError(code="permission_denied", message=message, status=403)
+
+
+def _require_manager(organization: Organization, actor, actor_key=None) -> None:
+    """Owners and admins manage members; staff (finance, support) may too.
+
+    An API key (its `admin` scope checked by the view) acts with the standing
+    its creator has now: a key whose creator is no longer an owner or admin
+    of the organization (demoted, removed) manages no one. A key made by an
+    operator (`manage.py apikey_create`, no creator) has its scope alone.
+    """
+    if actor is None and actor_key is not None:
+        if actor_key.created_by_id is None:
+            return
+        if _key_creator_role(organization, actor_key) not in (Role.OWNER, Role.ADMIN):
+            raise _refused(
+                "This API key's creator is no longer an owner or admin of the organization; "
+                "use a key of someone who is."
+            )
+        return
     if actor is None or getattr(actor, "is_staff", False):
         return
     role = (
@@ -79,42 +111,34 @@ def _require_manager(organization: Organization, actor) -> None:
         .first()
     )
     if role not in (Role.OWNER, Role.ADMIN):
-        raise ApplicationError(
-            code="permission_denied",
-            message="Only the organization's owners and admins can manage members.",
-            status=403,
-        )
+        raise _refused("Only the organization's owners and admins can manage members.")
 
 
 def _require_owner_for(organization: Organization, actor, *roles: str, actor_key=None) -> None:
     """Only an owner may grant the owner role or change an owner: an admin
     cannot promote themselves and then remove the owners.
 
-    An API key acts with the standing its creator has now: an admin's key
-    with the admin scope must not do what the admin may not (nor may a key
-    whose creator is gone). No actor and no key: the system acting.
+    An API key does so only while the person who created it is an owner of
+    the organization: an admin's key with the admin scope must not do what
+    the admin may not, and a key without a creator (an operator's) or whose
+    creator left may not either. A staff member's key is no staff member. No
+    actor and no key: the system acting.
     """
     if Role.OWNER not in roles:
         return
     if actor is None and actor_key is not None:
-        actor = actor_key.created_by
-        if actor is None:
-            raise ApplicationError(
-                code="permission_denied",
-                message="Only an owner can make someone an owner or change an owner's role; "
-                "this API key's creator is no longer known.",
-                status=403,
+        if _key_creator_role(organization, actor_key) != Role.OWNER:
+            raise _refused(
+                "Only an owner can make someone an owner or change an owner's role; an API "
+                "key may only while the person who created it is an owner."
             )
+        return
     if actor is None or getattr(actor, "is_staff", False):
         return
     if not Membership.objects.filter(
         organization=organization, user=actor, role=Role.OWNER
     ).exists():
-        raise ApplicationError(
-            code="permission_denied",
-            message="Only an owner can make someone an owner or change an owner's role.",
-            status=403,
-        )
+        raise _refused("Only an owner can make someone an owner or change an owner's role.")
 
 
 def _require_role(role: str) -> None:
@@ -140,7 +164,7 @@ def membership_add(
     actor_key=None,
 ) -> Membership:
     _require_role(role)
-    _require_manager(organization, actor)
+    _require_manager(organization, actor, actor_key)
     _require_owner_for(organization, actor, role, actor_key=actor_key)
     # Lock the organization so two concurrent adds cannot both take the last seat.
     organization = Organization.objects.select_for_update().get(pk=organization.pk)
@@ -171,7 +195,7 @@ def membership_set_role(
     *, membership: Membership, role: str, actor=None, actor_key=None
 ) -> Membership:
     _require_role(role)
-    _require_manager(membership.organization, actor)
+    _require_manager(membership.organization, actor, actor_key)
     membership = Membership.objects.select_for_update().get(pk=membership.pk)
     _require_owner_for(membership.organization, actor, role, membership.role, actor_key=actor_key)
     if membership.role == Role.OWNER and role != Role.OWNER:
@@ -204,7 +228,7 @@ def _require_another_owner(membership: Membership) -> None:
 
 @transaction.atomic
 def membership_remove(*, membership: Membership, actor=None, actor_key=None) -> None:
-    _require_manager(membership.organization, actor)
+    _require_manager(membership.organization, actor, actor_key)
     _require_owner_for(membership.organization, actor, membership.role, actor_key=actor_key)
     if membership.role == Role.OWNER:
         _require_another_owner(membership)
@@ -229,7 +253,7 @@ def invitation_create(
 ) -> tuple[Invitation, str]:
     """Invite someone by email. Returns the invitation and its token (sent, never stored)."""
     _require_role(role)
-    _require_manager(organization, actor)
+    _require_manager(organization, actor, actor_key)
     _require_owner_for(organization, actor, role, actor_key=actor_key)
     email = User.objects.normalize_email(email).lower()
     if Membership.objects.filter(organization=organization, user__email=email).exists():

@@ -407,6 +407,47 @@ def test_an_owners_api_key_may_make_an_owner_until_its_creator_is_no_longer_one(
     assert Membership.objects.get(pk=admin.pk).role == Role.OWNER
 
 
+def test_a_key_stops_managing_members_when_its_creator_stops_being_an_admin(team):
+    # given an admin's key, and a key that key made
+    org = team["org"]
+    member = membership(org, team[Role.MEMBER])
+    api = key_client(_admin_key_of(team[Role.ADMIN], org))
+    made = api.post("/api/v1/keys", {"name": "minted", "scopes": ["admin"]}, format="json")
+    assert made.status_code == 201, made.content
+    minted = key_client(made.json()["key"])
+    base = f"/api/v1/orgs/{org.pk}/members/{member.pk}"
+
+    # when the admin is made a member, then neither key manages anyone (the
+    # minted one is its maker's creator's)
+    Membership.objects.filter(organization=org, user=team[Role.ADMIN]).update(role=Role.MEMBER)
+    for key in (api, minted):
+        refused = key.patch(base, {"role": "billing"}, format="json")
+        assert_error(refused, 403, "permission_denied")
+    assert Membership.objects.get(pk=member.pk).role == Role.MEMBER
+    assert audit(org, "member.role_changed") == []
+
+
+def test_an_operators_key_manages_members_but_no_owner(team):
+    # given a key made with manage.py apikey_create (no creator)
+    from accounts.services import apikey_create
+
+    org = team["org"]
+    _key, raw = apikey_create(organization=org, name="ops", scopes=[Scope.ADMIN])
+    api = key_client(raw)
+    member, owner = membership(org, team[Role.MEMBER]), membership(org, team[Role.OWNER])
+
+    # then it changes a member's role, and not an owner's
+    changed = api.patch(
+        f"/api/v1/orgs/{org.pk}/members/{member.pk}", {"role": "billing"}, format="json"
+    )
+    assert changed.status_code == 200, changed.content
+    refused = api.patch(
+        f"/api/v1/orgs/{org.pk}/members/{owner.pk}", {"role": "admin"}, format="json"
+    )
+    assert_error(refused, 403, "permission_denied")
+    assert Membership.objects.get(pk=owner.pk).role == Role.OWNER
+
+
 def test_the_last_owner_cannot_be_demoted(team):
     # given
     org = team["org"]

@@ -123,10 +123,11 @@ def _nested(depth: int) -> str:
     return "[" * depth + '"x"' + "]" * depth
 
 
-@pytest.mark.parametrize("depth", [33, 900, 980, 5000])
+@pytest.mark.parametrize("depth", [30, 900, 980, 5000])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/jobs", "/api/v1/credits/quote"])
 def test_json_nested_too_deep_is_bad_json_and_holds_nothing(api, org, path, depth):
-    # given a body whose one message's role nests `depth` levels deep: from
+    # given a body whose one message's role nests `depth` levels below the
+    # body's own 3 (object, messages, message): 33 levels and more. From
     # about 980 on, DRF's validation overflowed Python's stack (a 500), and
     # from about 1000 the parser did
     before = organization_balance(organization=org)
@@ -144,11 +145,13 @@ def test_json_nested_too_deep_is_bad_json_and_holds_nothing(api, org, path, dept
 
 
 def test_json_nested_as_deep_as_allowed_is_read(api):
-    # 32 levels: the body's own 3 and a stop list's 29 more is refused as a
-    # stop, not as JSON
-    stop = json.loads(_nested(29))
-    error = _error(api.post("/v1/chat/completions", {**CHAT, "stop": stop}, format="json"), 400)
-    assert (error["code"], error["param"]) == ("invalid_request", "stop")
+    # 32 levels (the body's 3 and the role's 29) are read: the role is then
+    # refused as a role, not the body as JSON
+    role = _nested(29)
+    body = f'{{"model": "{MODEL}", "messages": [{{"role": {role}, "content": "hi"}}]}}'
+    error = _error(api.post("/v1/chat/completions", body, content_type="application/json"), 400)
+    assert error["code"] == "invalid_request"
+    assert error["param"].startswith("messages")
 
 
 @pytest.mark.parametrize("limit", ["abc", "-5", "0", "1e3", "201", "\N{FULLWIDTH DIGIT ONE}"])
@@ -168,6 +171,26 @@ def test_a_sampling_value_is_a_number_not_a_boolean(api, org, path, field):
     error = _error(api.post(path, {**CHAT, field: True}, format="json"), 400)
     assert (error["code"], error["param"]) == ("invalid_request", field)
     assert organization_balance(organization=org) == before
+
+
+def test_stream_options_take_openais_include_obfuscation(api, org):
+    # OpenAI's chat stream_options has include_obfuscation too: taken, ignored
+    body = {
+        **CHAT,
+        "stream": True,
+        "stream_options": {"include_usage": True, "include_obfuscation": False},
+    }
+    quoted = api.post("/api/v1/credits/quote", body, format="json")
+    assert quoted.status_code == 200, quoted.content
+    error = _error(
+        api.post(
+            "/v1/chat/completions",
+            {**body, "stream_options": {"include_obfuscation": "no"}},
+            format="json",
+        ),
+        400,
+    )
+    assert error["param"].startswith("stream_options")
 
 
 def test_stream_options_are_only_the_known_ones(api):

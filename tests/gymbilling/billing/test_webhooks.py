@@ -68,6 +68,8 @@ class TestSignature:
             {"api_version": "v" * 65},
             {"data": {"object": {"id": "in_1", "object": "invoice", "total": float("nan")}}},
             {"data": {"object": {"id": "in_1", "object": "invoice", "memo": "a\x00b"}}},
+            {"data": {"object": {"id": "in_1", "object": "invoice", "memo": "a\ud800b"}}},
+            {"id": "evt_\ud800"},
         ],
         ids=[
             "data a list",
@@ -79,6 +81,8 @@ class TestSignature:
             "api_version too long",
             "NaN",
             "NUL",
+            "lone surrogate",
+            "lone surrogate in the id",
         ],
     )
     def test_a_signed_body_that_is_no_storable_event_is_refused(
