@@ -32,7 +32,7 @@ from accounts.idempotency import (
     idempotency_release,
     replayed_headers,
 )
-from accounts.models import Membership, Organization, Role
+from accounts.models import Membership, Organization, Role, Scope
 from accounts.ratelimits import Limit, RequestCount, rate_limit_consume
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,25 @@ class ApiContentNegotiation(DefaultContentNegotiation):
     settings = _NegotiationSettings
 
 
+def _require_key_creator_manages(key, organization: Organization) -> None:
+    """An `admin` key's power is its creator's: it works only while the person who created
+    it is an owner or admin of the organization, so demoting or removing an admin disarms
+    the admin keys they made (inference and other scopes keep working). A key made with
+    `manage.py apikey_create` has no creator: the operator's, its scope alone decides. One
+    query, on admin endpoints only."""
+    if key.created_by_id is None:
+        return
+    if not Membership.objects.filter(
+        organization=organization, user_id=key.created_by_id, role__in=MANAGERS
+    ).exists():
+        raise ApplicationError(
+            code="permission_denied",
+            message="This API key's admin scope acts for the person who created it, who is no "
+            "longer an owner or admin of this organization.",
+            status=403,
+        )
+
+
 class OrgApiView(APIView):
     authentication_classes = [ApiKeyAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]
@@ -256,6 +275,8 @@ class OrgApiView(APIView):
                     message=f"This API key lacks the {self.required_scope!r} scope.",
                     status=403,
                 )
+            if self.required_scope == Scope.ADMIN:
+                _require_key_creator_manages(request.auth, organization)
             return
         role = getattr(request, "membership", None) and request.membership.role
         if role not in self.allowed_roles:

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core import mail
 from django.test import Client
 
-from accounts.models import AuditEvent, Invitation, Membership, Organization, Role, Scope
+from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization, Role, Scope
 from accounts.services import membership_add, organization_create, user_signup
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory, UserFactory
@@ -423,8 +423,13 @@ def test_a_key_stops_managing_members_when_its_creator_stops_being_an_admin(team
     for key in (api, minted):
         refused = key.patch(base, {"role": "billing"}, format="json")
         assert_error(refused, 403, "permission_denied")
+        # nor makes, lists or revokes keys: its admin scope was its creator's
+        made_again = key.post("/api/v1/keys", {"name": "again", "scopes": ["admin"]}, format="json")
+        assert_error(made_again, 403, "permission_denied")
+        assert_error(key.get("/api/v1/keys"), 403, "permission_denied")
     assert Membership.objects.get(pk=member.pk).role == Role.MEMBER
     assert audit(org, "member.role_changed") == []
+    assert not ApiKey.objects.filter(organization=org, name="again").exists()
 
 
 def test_an_operators_key_manages_members_but_no_owner(team):
