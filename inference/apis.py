@@ -211,6 +211,11 @@ class _GenerationInput(StrictSerializer):
         return attrs
 
 
+def _max_tokens_param(data: dict) -> str:
+    """The field the output limit came in, for an error about it to name."""
+    return "max_completion_tokens" if data.get("max_completion_tokens") else "max_tokens"
+
+
 def _announce_sunset(response, model: CatalogModel) -> None:
     """A deprecated model's answers say when it stops being served (RFC 8594's Sunset) and,
     if it has one, its successor; from that day it is refused as retired (the day begins
@@ -266,6 +271,7 @@ class _GenerationApi(OrgApiView):
             prompt=lambda model: self.prompt(data, model),
             params=SubmitParams(
                 max_tokens=data.get("max_completion_tokens") or data.get("max_tokens"),
+                max_tokens_param=_max_tokens_param(data),
                 temperature=data.get("temperature"),
                 top_p=data.get("top_p"),
                 seed=data.get("seed"),
@@ -831,6 +837,7 @@ class QuoteApi(OrgApiView):
             model_name=v["model"],
             prompt=prompt,
             max_tokens=v.get("max_completion_tokens") or v.get("max_tokens"),
+            max_tokens_param=_max_tokens_param(v),
             priority=v["priority"],
             expected_output_tokens=v.get("expected_output_tokens"),
             prompt_field="messages" if "messages" in v else "prompt",

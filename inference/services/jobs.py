@@ -66,6 +66,9 @@ PRIORITY_RANK = {Priority.BATCH: 0, Priority.STANDARD: 1, Priority.PRIORITY: 2}
 @dataclass(frozen=True)
 class SubmitParams:
     max_tokens: int | None = None
+    # The body field max_tokens came in (OpenAI's newer name is
+    # max_completion_tokens): the one an error about it names.
+    max_tokens_param: str = "max_tokens"
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -184,6 +187,7 @@ def job_quote(
     priority: str,
     expected_output_tokens: int | None = None,
     prompt_field: str | None = None,
+    max_tokens_param: str = "max_tokens",
 ) -> dict:
     """The worst case a request holds, and its cost at an expected length. Writes nothing.
 
@@ -197,7 +201,7 @@ def job_quote(
     if callable(prompt):
         prompt = prompt(model)
     requested = max_tokens
-    max_tokens = _max_tokens(model, max_tokens)
+    max_tokens = _max_tokens(model, max_tokens, param=max_tokens_param)
     bound = prompt_token_bound(prompt, model=model)
     max_tokens = _within_context(
         model, prompt, bound, max_tokens, requested=requested, param=prompt_field
@@ -252,13 +256,13 @@ def _admitted_model(organization: Organization, model_name: str, priority: str) 
     return model
 
 
-def _max_tokens(model, requested: int | None) -> int:
+def _max_tokens(model, requested: int | None, *, param: str = "max_tokens") -> int:
     max_tokens = requested or min(256, model.max_output_tokens)
     if max_tokens > model.max_output_tokens:
         raise ApplicationError(
             code="invalid_request",
-            message=f"max_tokens may be at most {model.max_output_tokens} for {model.name!r}.",
-            param="max_tokens",
+            message=f"{param} may be at most {model.max_output_tokens} for {model.name!r}.",
+            param=param,
         )
     return max_tokens
 
@@ -379,7 +383,7 @@ def job_submit(
     model = _admitted_model(organization, model_name, priority)
     if callable(prompt):
         prompt = prompt(model)
-    max_tokens = _max_tokens(model, params.max_tokens)
+    max_tokens = _max_tokens(model, params.max_tokens, param=params.max_tokens_param)
     bound = prompt_token_bound(prompt, model=model)
     max_tokens = _within_context(
         model,

@@ -13,7 +13,7 @@ import pytest
 
 from accounts.models import Scope
 from accounts.services import apikey_create
-from inference.models import Job
+from inference.models import CatalogModel, Job
 from metering.selectors import organization_balance
 from tests.accounts.conftest import key_client
 from tests.helpers import credits, served_model
@@ -245,3 +245,19 @@ def test_a_401_for_a_bad_key_names_the_scheme(org):
     response = Client().get("/v1/models", HTTP_AUTHORIZATION="Basic abc")
     assert _error(response, 401)["code"] == "authentication_failed"
     assert response["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/jobs", "/api/v1/credits/quote"])
+def test_an_output_limit_over_the_models_names_the_field_it_came_in(api, org, path, field):
+    # given a model that writes at most its catalog's max_output_tokens
+    before = organization_balance(organization=org)
+    over = CatalogModel.objects.get(name=MODEL).max_output_tokens + 1
+
+    # when a request asks for more, under either name
+    error = _error(api.post(path, {**CHAT, field: over}, format="json"), 400)
+
+    # then the error names the field the client sent, and nothing is held
+    assert (error["code"], error["param"]) == ("invalid_request", field)
+    assert error["message"].startswith(f"{field} may be at most")
+    assert organization_balance(organization=org) == before
