@@ -69,40 +69,17 @@ def user_signup(*, email: str, password: str | None) -> User:
     return user
 
 
-def _key_creator_role(organization: Organization, actor_key) -> str | None:
-    """The role the person who created `actor_key` has in `organization` now (None: no
-    longer a member, or the key has no creator: made with `manage.py apikey_create`)."""
-    creator_id = actor_key.created_by_id
-    if creator_id is None:
-        return None
-    return (
-        Membership.objects.filter(organization=organization, user_id=creator_id)
-        .values_list("role", flat=True)
-        .first()
-    )
-
-
 def _refused(message: str) -> ApplicationError:
     return ApplicationError(code="permission_denied", message=message, status=403)
 
 
-def _require_manager(organization: Organization, actor, actor_key=None) -> None:
+def _require_manager(organization: Organization, actor) -> None:
     """Owners and admins manage members; staff (finance, support) may too.
 
-    An API key (its `admin` scope checked by the view) acts with the standing
-    its creator has now: a key whose creator is no longer an owner or admin
-    of the organization (demoted, removed) manages no one. A key made by an
-    operator (`manage.py apikey_create`, no creator) has its scope alone.
+    An API key (no `actor`) is checked by the view: its `admin` scope, which
+    works only while the key's creator is an owner or admin
+    (accounts.api_base._require_key_creator_manages).
     """
-    if actor is None and actor_key is not None:
-        if actor_key.created_by_id is None:
-            return
-        if _key_creator_role(organization, actor_key) not in (Role.OWNER, Role.ADMIN):
-            raise _refused(
-                "This API key's creator is no longer an owner or admin of the organization; "
-                "use a key of someone who is."
-            )
-        return
     if actor is None or getattr(actor, "is_staff", False):
         return
     role = (
@@ -124,21 +101,18 @@ def _require_owner_for(organization: Organization, actor, *roles: str, actor_key
     creator left may not either. A staff member's key is no staff member. No
     actor and no key: the system acting.
     """
-    if Role.OWNER not in roles:
+    if Role.OWNER not in roles or (actor is None and actor_key is None):
         return
-    if actor is None and actor_key is not None:
-        if _key_creator_role(organization, actor_key) != Role.OWNER:
-            raise _refused(
-                "Only an owner can make someone an owner or change an owner's role; an API "
-                "key may only while the person who created it is an owner."
-            )
+    if getattr(actor, "is_staff", False):
         return
-    if actor is None or getattr(actor, "is_staff", False):
-        return
+    person = actor.pk if actor is not None else actor_key.created_by_id
     if not Membership.objects.filter(
-        organization=organization, user=actor, role=Role.OWNER
+        organization=organization, user_id=person, role=Role.OWNER
     ).exists():
-        raise _refused("Only an owner can make someone an owner or change an owner's role.")
+        raise _refused(
+            "Only an owner can make someone an owner or change an owner's role (with an API "
+            "key: only while the person who created it is an owner)."
+        )
 
 
 def _require_role(role: str) -> None:
@@ -164,7 +138,7 @@ def membership_add(
     actor_key=None,
 ) -> Membership:
     _require_role(role)
-    _require_manager(organization, actor, actor_key)
+    _require_manager(organization, actor)
     _require_owner_for(organization, actor, role, actor_key=actor_key)
     # Lock the organization so two concurrent adds cannot both take the last seat.
     organization = Organization.objects.select_for_update().get(pk=organization.pk)
@@ -195,7 +169,7 @@ def membership_set_role(
     *, membership: Membership, role: str, actor=None, actor_key=None
 ) -> Membership:
     _require_role(role)
-    _require_manager(membership.organization, actor, actor_key)
+    _require_manager(membership.organization, actor)
     membership = Membership.objects.select_for_update().get(pk=membership.pk)
     _require_owner_for(membership.organization, actor, role, membership.role, actor_key=actor_key)
     if membership.role == Role.OWNER and role != Role.OWNER:
@@ -228,7 +202,7 @@ def _require_another_owner(membership: Membership) -> None:
 
 @transaction.atomic
 def membership_remove(*, membership: Membership, actor=None, actor_key=None) -> None:
-    _require_manager(membership.organization, actor, actor_key)
+    _require_manager(membership.organization, actor)
     _require_owner_for(membership.organization, actor, membership.role, actor_key=actor_key)
     if membership.role == Role.OWNER:
         _require_another_owner(membership)
@@ -253,7 +227,7 @@ def invitation_create(
 ) -> tuple[Invitation, str]:
     """Invite someone by email. Returns the invitation and its token (sent, never stored)."""
     _require_role(role)
-    _require_manager(organization, actor, actor_key)
+    _require_manager(organization, actor)
     _require_owner_for(organization, actor, role, actor_key=actor_key)
     email = User.objects.normalize_email(email).lower()
     if Membership.objects.filter(organization=organization, user__email=email).exists():

@@ -355,6 +355,11 @@ def _admin_key_of(user, org) -> str:
     return response.json()["key"]
 
 
+def _set_role(api, org, member: Membership, role: str):
+    """PATCH a member's role with an API key client."""
+    return api.patch(f"/api/v1/orgs/{org.pk}/members/{member.pk}", {"role": role}, format="json")
+
+
 def test_an_admins_api_key_cannot_do_what_the_admin_may_not(team):
     # given an admin's key with the admin scope (admins may create one)
     org = team["org"]
@@ -365,8 +370,8 @@ def test_an_admins_api_key_cannot_do_what_the_admin_may_not(team):
     # when the key makes the admin owner, demotes or removes the owner, or
     # invites a new owner
     attempts = [
-        api.patch(f"{base}/members/{admin.pk}", {"role": "owner"}, format="json"),
-        api.patch(f"{base}/members/{owner.pk}", {"role": "member"}, format="json"),
+        _set_role(api, org, admin, "owner"),
+        _set_role(api, org, owner, "member"),
         api.delete(f"{base}/members/{owner.pk}"),
         api.post(
             f"{base}/invitations", {"email": "x@example.test", "role": "owner"}, format="json"
@@ -381,7 +386,7 @@ def test_an_admins_api_key_cannot_do_what_the_admin_may_not(team):
     assert not Invitation.objects.filter(organization=org).exists()
     # while the key manages what the admin may: a member's role
     member = membership(org, team[Role.MEMBER])
-    changed = api.patch(f"{base}/members/{member.pk}", {"role": "billing"}, format="json")
+    changed = _set_role(api, org, member, "billing")
     assert changed.status_code == 200, changed.content
 
 
@@ -392,17 +397,13 @@ def test_an_owners_api_key_may_make_an_owner_until_its_creator_is_no_longer_one(
     api = key_client(_admin_key_of(team[Role.OWNER], org))
 
     # when it makes the admin owner
-    promoted = api.patch(
-        f"/api/v1/orgs/{org.pk}/members/{admin.pk}", {"role": "owner"}, format="json"
-    )
+    promoted = _set_role(api, org, admin, "owner")
 
     # then it may, as its creator may
     assert promoted.status_code == 200, promoted.content
     # and once its creator is an admin, it may no longer touch an owner
     Membership.objects.filter(organization=org, user=team[Role.OWNER]).update(role=Role.ADMIN)
-    demoted = api.patch(
-        f"/api/v1/orgs/{org.pk}/members/{admin.pk}", {"role": "admin"}, format="json"
-    )
+    demoted = _set_role(api, org, admin, "admin")
     assert_error(demoted, 403, "permission_denied")
     assert Membership.objects.get(pk=admin.pk).role == Role.OWNER
 
@@ -415,13 +416,12 @@ def test_a_key_stops_managing_members_when_its_creator_stops_being_an_admin(team
     made = api.post("/api/v1/keys", {"name": "minted", "scopes": ["admin"]}, format="json")
     assert made.status_code == 201, made.content
     minted = key_client(made.json()["key"])
-    base = f"/api/v1/orgs/{org.pk}/members/{member.pk}"
 
     # when the admin is made a member, then neither key manages anyone (the
     # minted one is its maker's creator's)
     Membership.objects.filter(organization=org, user=team[Role.ADMIN]).update(role=Role.MEMBER)
     for key in (api, minted):
-        refused = key.patch(base, {"role": "billing"}, format="json")
+        refused = _set_role(key, org, member, "billing")
         assert_error(refused, 403, "permission_denied")
         # nor makes, lists or revokes keys: its admin scope was its creator's
         made_again = key.post("/api/v1/keys", {"name": "again", "scopes": ["admin"]}, format="json")
@@ -442,13 +442,9 @@ def test_an_operators_key_manages_members_but_no_owner(team):
     member, owner = membership(org, team[Role.MEMBER]), membership(org, team[Role.OWNER])
 
     # then it changes a member's role, and not an owner's
-    changed = api.patch(
-        f"/api/v1/orgs/{org.pk}/members/{member.pk}", {"role": "billing"}, format="json"
-    )
+    changed = _set_role(api, org, member, "billing")
     assert changed.status_code == 200, changed.content
-    refused = api.patch(
-        f"/api/v1/orgs/{org.pk}/members/{owner.pk}", {"role": "admin"}, format="json"
-    )
+    refused = _set_role(api, org, owner, "admin")
     assert_error(refused, 403, "permission_denied")
     assert Membership.objects.get(pk=owner.pk).role == Role.OWNER
 

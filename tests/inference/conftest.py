@@ -319,18 +319,13 @@ def wait_for_engine_load(metrics_url: str, load: int, timeout: float = 30.0) -> 
     the engine has taken its prompt. The gauges are published every 0.1 s.
     """
     from inference.triton import engine_load, scrape_samples
+    from tests.helpers import wait_until
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def held() -> int:
         seen = engine_load(scrape_samples(metrics_url)) or 0
-        if seen >= load:
-            return seen
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:.0f} s waiting for the engine to hold {load} "
-                f"requests (it holds {seen})"
-            )
-        time.sleep(0.05)
+        return seen if seen >= load else 0
+
+    return wait_until(held, timeout=timeout, what=f"the engine to hold {load} requests")
 
 
 @pytest.fixture

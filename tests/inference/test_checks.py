@@ -7,14 +7,9 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
-from pathlib import Path
 
+from django.conf import settings
 from django.core.checks import run_checks
-
-
-def settings_root() -> Path:
-    """The project's root, where `gymbilling` is imported from."""
-    return Path(__file__).resolve().parents[2]
 
 
 def _ids() -> list[str]:
@@ -72,7 +67,7 @@ print(json.dumps({
 """
     done = subprocess.run(
         [sys.executable, "-c", report],
-        cwd=settings_root(),
+        cwd=settings.BASE_DIR,
         env=env,
         capture_output=True,
         text=True,
