@@ -6,6 +6,7 @@ class GymbillingConfig(AppConfig):
     verbose_name = "Billing and marketplace"
 
     def ready(self) -> None:
+        from gymbilling import checks  # noqa: F401  (registers the system checks)
         from gymbilling.market.reconcile import market_ledger_checks
         from gymbilling.market.services import market_checkout_handle, market_reversal_handle
         from gymbilling.models import CheckoutKind

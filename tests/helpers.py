@@ -163,6 +163,29 @@ def process_env(*, conn_max_age: int = 0) -> dict[str, str]:
     }
 
 
+def settings_in_a_fresh_process(script: str, *, env: dict[str, str]):
+    """Run `script` after `django.setup()` in a new Python process with exactly `env`
+    (settings derive their values as the process starts, so a test of what the environment
+    does needs a process of its own; a developer's .env is not read). Returns the
+    CompletedProcess: stdout and stderr as text."""
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    prelude = (
+        "import environ, django\nenviron.Env.read_env = lambda *a, **k: None\ndjango.setup()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + script],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 # The Celery worker processes the tests run now ("name@host"), which
 # paused_consumers pauses: tests.conftest's session worker registers itself.
 RUNNING_WORKERS: set[str] = set()

@@ -459,9 +459,11 @@ def order_reserve(
 
 
 def _require_chargeable(amount: int, currency: str) -> None:
-    """An order's total must be one Stripe can charge (MARKET_MIN/MAX_ORDER_AMOUNT): outside
-    them the payment fails after the reservation, which no retry fixes."""
-    low, high = settings.MARKET_MIN_ORDER_AMOUNT, settings.MARKET_MAX_ORDER_AMOUNT
+    """An order's total must be one Stripe can charge (MARKET_MIN_ORDER_AMOUNTS for its
+    currency, MARKET_MAX_ORDER_AMOUNT): outside them the payment fails after the
+    reservation, which no retry fixes. A traded currency always has a minimum: the system
+    check gymbilling.E001 refuses to start without one."""
+    low, high = settings.MARKET_MIN_ORDER_AMOUNTS[currency], settings.MARKET_MAX_ORDER_AMOUNT
     if low <= amount <= high:
         return
     side = "at least" if amount < low else "at most"

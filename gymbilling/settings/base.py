@@ -334,14 +334,40 @@ MARKET_LISTINGS_PER_DAY = env.int("MARKET_LISTINGS_PER_DAY", default=20)
 MARKET_PRICE_FLOOR = env.int("MARKET_PRICE_FLOOR", default=1)
 MARKET_PRICE_CEILING = env.int("MARKET_PRICE_CEILING", default=100_000)
 MARKET_MIN_LISTING_QUANTITY = env.int("MARKET_MIN_LISTING_QUANTITY", default=10_000_000)
-MARKET_CURRENCIES = env.list("MARKET_CURRENCIES", default=["usd"])
+MARKET_CURRENCIES = [c.lower() for c in env.list("MARKET_CURRENCIES", default=["usd"])]
 # The most listings one order may fill from.
 MARKET_ORDER_MAX_LISTINGS = env.int("MARKET_ORDER_MAX_LISTINGS", default=50)
 # The least and the most one order may cost (minor units): Stripe refuses a
-# card payment under its minimum charge (50 in usd and eur, 30 in gbp, 50 yen)
-# and over 8 digits. An order outside them is refused before anything is
-# reserved, instead of failing at Stripe after its reservation.
-MARKET_MIN_ORDER_AMOUNT = env.int("MARKET_MIN_ORDER_AMOUNT", default=50)
+# card payment under its minimum charge, which differs by currency, and over
+# 8 digits. An order outside them is refused before anything is reserved,
+# instead of failing at Stripe after its reservation. Stripe's minimums, from
+# https://docs.stripe.com/currencies#minimum-and-maximum-charge-amounts (a
+# settlement in another currency can raise them; MARKET_MIN_ORDER_AMOUNTS,
+# "usd=100,jpy=100", overrides per currency). A traded currency with no
+# minimum here fails `manage.py check` (gymbilling.E001).
+STRIPE_MINIMUM_CHARGES = {
+    "usd": 50, "aed": 200, "aud": 50, "bgn": 100, "brl": 50, "cad": 50, "chf": 50,
+    "czk": 1500, "dkk": 250, "eur": 50, "gbp": 30, "hkd": 400, "huf": 17500, "inr": 50,
+    "jpy": 50, "mxn": 1000, "myr": 200, "nok": 300, "nzd": 50, "pln": 200, "ron": 200,
+    "sek": 300, "sgd": 50, "thb": 1000,
+}  # fmt: skip
+
+
+def _amounts_by_currency(name: str) -> dict[str, int]:
+    """`usd=100,jpy=100` from the environment, currencies in lower case."""
+    amounts = {}
+    for pair in filter(None, (p.strip() for p in env.str(name, default="").split(","))):
+        currency, _, amount = pair.partition("=")
+        try:
+            amounts[currency.strip().lower()] = int(amount)
+        except ValueError:
+            raise environ.ImproperlyConfigured(
+                f"{name}: {pair!r} is not currency=minor-units (e.g. usd=50)"
+            ) from None
+    return amounts
+
+
+MARKET_MIN_ORDER_AMOUNTS = STRIPE_MINIMUM_CHARGES | _amounts_by_currency("MARKET_MIN_ORDER_AMOUNTS")
 MARKET_MAX_ORDER_AMOUNT = env.int("MARKET_MAX_ORDER_AMOUNT", default=99_999_999)
 
 CELERY_BEAT_SCHEDULE |= {

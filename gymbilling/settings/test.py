@@ -16,5 +16,5 @@ INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = True
 # The marketplace tests trade a few credits for a few cents, under Stripe's
 # minimum charge, which the stand-in does not enforce; the minimum's own test
 # sets the production default (tests/gymbilling/market/test_market_apis.py).
-MARKET_MIN_ORDER_AMOUNT = 1
+MARKET_MIN_ORDER_AMOUNTS = dict.fromkeys(STRIPE_MINIMUM_CHARGES, 1)  # noqa: F405
 INFERENCE_CALLBACK_TIMEOUT_SECONDS = env.float("INFERENCE_CALLBACK_TIMEOUT_SECONDS", default=2.0)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from datetime import timedelta
 
-from django.conf import settings
 from django.core.checks import run_checks
+
+from tests.helpers import settings_in_a_fresh_process
 
 
 def _ids() -> list[str]:
@@ -48,13 +47,12 @@ def test_a_long_run_limit_alone_raises_what_must_outlast_a_run():
         INFERENCE_JOB_DEADLINE_SECONDS="1800", DJANGO_SETTINGS_MODULE="gymbilling.settings.test"
     )
     env.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/13")
-    # A developer's .env is not read: the test states the whole environment.
     report = """
-import json, django, environ
-environ.Env.read_env = lambda *args, **kwargs: None
-django.setup()
+import json
 from django.conf import settings
 from django.core.checks import run_checks
+
+from tests.helpers import settings_in_a_fresh_process
 from inference.services.jobs import job_run_limit, job_start_margin
 print(json.dumps({
     "run": job_run_limit(),
@@ -65,14 +63,7 @@ print(json.dumps({
     "checks": [m.id for m in run_checks() if m.id.startswith("inference.")],
 }))
 """
-    done = subprocess.run(
-        [sys.executable, "-c", report],
-        cwd=settings.BASE_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = settings_in_a_fresh_process(report, env=env)
     assert done.returncode == 0, done.stderr
 
     # then jobs run 30 minutes, start with an hour left on their hold, a dead

@@ -181,7 +181,8 @@ def test_an_order_stripe_could_not_charge_is_refused_before_anything_is_reserved
 ):
     # given Stripe's card minimum (50 cents) and maximum (8 digits), and a
     # listing at $3 per 1,000 credits
-    settings.MARKET_MIN_ORDER_AMOUNT, settings.MARKET_MAX_ORDER_AMOUNT = 50, 99_999_999
+    settings.MARKET_MIN_ORDER_AMOUNTS = settings.STRIPE_MINIMUM_CHARGES
+    settings.MARKET_MAX_ORDER_AMOUNT = 99_999_999
     listing_create(seller=seller, quantity=credits(1000), price_per_1k=300, currency="usd")
     api = client_for(buyer)
     before = rows()
@@ -217,6 +218,38 @@ def test_an_order_stripe_could_not_charge_is_refused_before_anything_is_reserved
     )
     assert fine.status_code == 201, fine.content
     assert fine.json()["amount_total"] == 60
+
+
+def test_the_minimum_order_is_the_one_of_the_orders_currency(
+    market_stripe, seller, buyer, settings
+):
+    # given a marketplace in dollars and pounds with Stripe's minimums (50
+    # cents, 30 pence), and a listing in each at 3 minor units per 10 credits
+    settings.MARKET_CURRENCIES = ["usd", "gbp"]
+    settings.MARKET_MIN_ORDER_AMOUNTS = settings.STRIPE_MINIMUM_CHARGES
+    for currency in ("usd", "gbp"):
+        listing_create(seller=seller, quantity=credits(400), price_per_1k=300, currency=currency)
+    api = client_for(buyer)
+    before = rows()
+
+    def order(currency):
+        return api.post(
+            "/api/v1/market/orders",
+            {"quantity": credits(100), "max_price_per_1k": 300, "currency": currency},
+            content_type="application/json",
+        )
+
+    # when a buyer orders 100 credits (30 minor units) in each
+    in_dollars = order("usd")
+    # then 30 cents is under the dollar's minimum, and nothing was reserved
+    assert in_dollars.status_code == 400, in_dollars.content
+    error = in_dollars.json()["error"]
+    assert (error["code"], error["amount"], error["limit"]) == ("amount_below_minimum", 30, 50)
+    assert rows() == before
+    # while 30 pence is the pound's minimum: an order
+    in_pounds = order("gbp")
+    assert in_pounds.status_code == 201, in_pounds.content
+    assert (in_pounds.json()["amount_total"], in_pounds.json()["currency"]) == (30, "gbp")
 
 
 def test_an_order_stripe_refuses_is_a_502_and_its_reservation_is_given_back(
