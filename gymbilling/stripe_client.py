@@ -42,12 +42,22 @@ class StripeUnavailable(RuntimeError):
 
 
 class StripeRequestRefused(RuntimeError):
-    """Stripe refused the request (4xx). `code` is Stripe's error code."""
+    """Stripe refused the request (4xx). `code` is Stripe's error code, `request_id` the id
+    Stripe's support finds the request by (its `Request-Id` header; None where the stand-in
+    sends none)."""
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+    ):
         super().__init__(message)
         self.code = code or ""
         self.status = status
+        self.request_id = request_id or None
 
 
 class StripeCardDeclined(StripeRequestRefused):
@@ -107,7 +117,10 @@ def _call(fn, *args, key: str | None = None, **params) -> dict:
             result = fn(*args, params=params or None)
     except stripe.CardError as exc:
         raise StripeCardDeclined(
-            exc.user_message or str(exc), code=exc.code, status=exc.http_status
+            exc.user_message or str(exc),
+            code=exc.code,
+            status=exc.http_status,
+            request_id=exc.request_id,
         ) from exc
     except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
         raise StripeUnavailable(str(exc)) from exc
@@ -116,7 +129,7 @@ def _call(fn, *args, key: str | None = None, **params) -> dict:
         if status is not None and status >= 500:
             raise StripeUnavailable(str(exc)) from exc
         raise StripeRequestRefused(
-            exc.user_message or str(exc), code=exc.code, status=status
+            exc.user_message or str(exc), code=exc.code, status=status, request_id=exc.request_id
         ) from exc
     return _plain(result)
 

@@ -8,6 +8,7 @@ here; they follow the webhook of the paid invoice or session.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +31,8 @@ from gymbilling.models import (
 )
 from gymbilling.services.customers import billing_customer_ensure
 from gymbilling.services.subscriptions import live_subscription, plan_change_is_upgrade
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,14 +66,25 @@ def _current_price(
 def provider_refused(exc: stripe_client.StripeRequestRefused) -> ApplicationError:
     """Stripe refused a request this service built (a customer deleted at Stripe, a portal
     with no configuration, a subscription Stripe already ended): nothing was charged, and
-    sending it again will not help. A 502 that says what Stripe said, not a 500."""
+    sending it again will not help. A 502 with Stripe's error code and request id, not a
+    500. Stripe's own text is logged, not answered: it is written for the account's
+    operators (object ids, live or test mode, the dashboard's settings), except a card
+    decline's, which Stripe writes for the card holder."""
+    logger.error(
+        "Stripe refused a request (%s, HTTP %s, request %s): %s",
+        exc.code or "no code",
+        exc.status,
+        exc.request_id or "without an id",
+        exc,
+    )
     stripe_code = f" ({exc.code})" if exc.code else ""
+    said = f": {exc}" if isinstance(exc, stripe_client.StripeCardDeclined) else ""
     return ApplicationError(
         code="payment_provider_refused",
-        message=f"The payment provider refused the request{stripe_code}: {exc}. Nothing was "
-        "charged; contact support if this persists.",
+        message=f"The payment provider refused the request{stripe_code}{said}. Nothing was "
+        "charged; contact support, with this error's provider_request_id, if it persists.",
         status=502,
-        extra={"provider_code": exc.code or None},
+        extra={"provider_code": exc.code or None, "provider_request_id": exc.request_id},
     )
 
 

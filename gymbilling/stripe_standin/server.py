@@ -9,6 +9,7 @@ as `/v1/invoices/{id}/pay` reaches our handler and not localstripe's.
 from __future__ import annotations
 
 import logging
+import secrets
 import traceback
 from pathlib import Path
 
@@ -99,6 +100,15 @@ async def error_middleware(request: web.Request, handler):
 
 
 @web.middleware
+async def request_id_middleware(request: web.Request, handler):
+    """Stripe's `Request-Id` on every answer: the SDK puts it on its errors, and a
+    service shows it to whoever asks its support about a refused request."""
+    response = await handler(request)
+    response.headers.setdefault("Request-Id", f"req_{secrets.token_hex(7)}")
+    return response
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler):
     if request.path.startswith(PUBLIC_PREFIXES):
         return await handler(request)
@@ -158,6 +168,7 @@ def create_app(
 
     app = web.Application(
         middlewares=[
+            request_id_middleware,
             error_middleware,
             auth_middleware,
             idempotency.idempotency_middleware,

@@ -76,7 +76,7 @@ def test_stripe_unreachable_during_checkout_is_a_clear_503_and_writes_nothing(cu
     ids=["portal", "pack checkout"],
 )
 def test_a_request_stripe_refuses_is_a_502_that_says_so_not_a_server_error(
-    customer, catalog, path, body
+    customer, catalog, path, body, caplog
 ):
     # given an organization whose Stripe customer was deleted at Stripe
     assert customer.client.post("/api/v1/billing/portal").status_code == 200
@@ -88,7 +88,7 @@ def test_a_request_stripe_refuses_is_a_502_that_says_so_not_a_server_error(
     # when it opens the portal, or buys a pack
     response = customer.client.post(path, body, format="json")
 
-    # then Stripe's refusal is named, nothing is written, and the
+    # then Stripe's refusal is named by its code, nothing is written, and the
     # Idempotency-Key is not kept (a 5xx)
     assert response.status_code == 502, response.content
     error = response.json()["error"]
@@ -97,6 +97,14 @@ def test_a_request_stripe_refuses_is_a_502_that_says_so_not_a_server_error(
         "resource_missing",
     )
     assert error["message"].startswith("The payment provider refused the request")
+    # and Stripe's text, written for the account's operators, goes to the log
+    # with Stripe's request id; the customer gets the id to quote
+    [logged] = [r for r in caplog.records if r.name == "gymbilling.services.checkout"]
+    stripe_said = logged.getMessage().rsplit("): ", 1)[1]
+    assert logged.levelname == "ERROR" and stripe_said
+    assert stripe_said not in error["message"]
+    assert error["provider_request_id"].startswith("req_")
+    assert error["provider_request_id"] in logged.getMessage()
     assert (billing_rows(), ledger_rows()) == before
 
 
