@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
@@ -581,13 +581,23 @@ def credits_trim(*, organization: Organization, source: str, keep: int, key: str
     )
 
 
+_LOT_FAMILY = """
+WITH RECURSIVE family(id) AS (
+    SELECT %s::bigint
+    UNION
+    SELECT l.id FROM metering_creditlot l JOIN family f ON l.parent_id = f.id
+)
+SELECT id FROM family
+"""
+
+
 def _lot_family(lot: CreditLot) -> list[int]:
-    """The lot and the lots split from it, two generations down (to escrow and back)."""
-    children = list(CreditLot.objects.filter(parent_id=lot.pk).values_list("pk", flat=True))
-    grandchildren = list(
-        CreditLot.objects.filter(parent_id__in=children).values_list("pk", flat=True)
-    )
-    return [lot.pk, *children, *grandchildren]
+    """The lot and every lot split from it, however many generations down: each move
+    through escrow splits one (listed, reserved, released to the listing, withdrawn to the
+    wallet is four), and credits may make that trip any number of times."""
+    with connection.cursor() as cursor:
+        cursor.execute(_LOT_FAMILY, [lot.pk])
+        return [pk for (pk,) in cursor.fetchall()]
 
 
 @retry_on_deadlock

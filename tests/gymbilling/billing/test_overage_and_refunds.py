@@ -227,6 +227,43 @@ def test_a_refund_reaches_credits_that_were_listed_and_stops_the_listing(
     assert organization_balance(organization=org).escrowed == 0
 
 
+def test_a_refund_reaches_credits_that_came_back_from_an_abandoned_marketplace_order(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    """Each move through escrow splits a lot from its parent: a reservation
+    that is released and a listing withdrawn make great-great-grandchildren."""
+    from gymbilling.market.services import (
+        listing_cancel,
+        listing_create,
+        order_release,
+        order_reserve,
+    )
+    from tests.factories import OrganizationFactory
+
+    # given: Basic (2,000 credits), 1,500 listed, 1,000 of them reserved by a
+    # buyer who never paid (released back to the listing), then the listing
+    # canceled (back to the wallet)
+    sub = subscribed("basic")
+    org = customer.organization
+    listing = listing_create(seller=org, quantity=1_500 * MICRO, price_per_1k=500, currency="usd")
+    order = order_reserve(
+        buyer=OrganizationFactory(), quantity=1_000 * MICRO, max_price_per_1k=500, currency="usd"
+    )
+    assert order_release(order_id=order.pk, status="expired", code="checkout_expired")
+    listing_cancel(seller=org, listing_id=listing.pk)
+    assert organization_balance(organization=org).available == 2_000 * MICRO
+
+    # when: the subscription payment is refunded in full
+    invoice = sub.invoices.get()
+    stripe_sdk.v1.refunds.create(params={"payment_intent": invoice.stripe_payment_intent_id})
+    deliver()
+
+    # then: all 2,000 credits were taken back, none recorded as lost
+    reversal = PaymentReversal.objects.get()
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (2_000 * MICRO, 0)
+    assert organization_balance(organization=org).available == 0
+
+
 def test_credits_backing_a_running_job_are_not_clawed_back_from_under_it(
     customer, catalog, stripe_standin, stripe_sdk, deliver
 ):
