@@ -338,6 +338,13 @@ class Hold(models.Model):
             models.Index(
                 fields=["expires_at"], condition=Q(status="pending"), name="hold_pending_expiry"
             ),
+            # An organization's pending holds (metering.services.lots.holds_backing):
+            # a handful among its millions of settled ones.
+            models.Index(
+                fields=["organization", "created_at"],
+                condition=Q(status="pending"),
+                name="hold_pending_org",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -4,7 +4,7 @@ Inference places and settles a hold for every request, so these two calls
 are the ledger's hot path. Through the ORM they cost 16 statements and about
 13 ms of client CPU per settlement (docs/BENCHMARKS.md); here they write the
 very same rows with one statement each (the settlement's calls a
-server-side function, migration 0005), its own transaction when the caller
+server-side function, migrations 0005 and 0007), its own transaction when the caller
 has none open, so no round trip happens while the wallet is locked.
 
 This is an optimisation of the common case only. Whenever anything is not
@@ -202,7 +202,7 @@ def hold_place_fast(
     return hold
 
 
-# The settlement runs server-side (migration 0005, `metering_hold_settle`):
+# The settlement runs server-side (migrations 0005 and 0007, `metering_hold_settle`):
 # the accounts statement, then the lots statement with a fresh snapshot, in
 # one round trip and with the function's EXCEPTION block as its savepoint,
 # so the wallet's row lock is never held while this process waits for a CPU.

@@ -278,7 +278,13 @@ def _settle_orm(*, key: str, captured: int, status: str, now: datetime) -> Hold:
         spend=False,
     )
     if captured:
-        lots_burn(txn=txn, account=org_accounts.wallet, amount=captured, now=now)
+        lots_burn(
+            txn=txn,
+            account=org_accounts.wallet,
+            amount=captured,
+            now=now,
+            placed_at=hold.created_at,
+        )
     hold.status = status
     hold.captured = captured
     hold.settle_transaction = txn

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q, Sum
+from django.db.models import F, Q
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -23,8 +23,11 @@ from metering.models import (
 from metering.services.lots import (
     LedgerInconsistent,
     account_lower_next_expiry,
+    burn_sort_key,
+    holds_backing,
     lot_create,
     lots_burn,
+    lots_take,
 )
 from metering.services.postings import (
     accounts_for,
@@ -507,21 +510,27 @@ def _wallet_withdraw(
             accounts_lock(org_accounts.wallet)
             wallet = LedgerAccount.objects.get(pk=org_accounts.wallet.pk)
             # Expired lots are the sweep's business, not ours.
-            in_lots = (
+            unexpired = Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+            chosen = list(
                 CreditLot.objects.filter(account=wallet, remaining__gt=0)
-                .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-                .filter(lots)
-                .aggregate(total=Sum("remaining"))["total"]
-                or 0
+                .filter(unexpired & lots)
+                .select_for_update()
+                .order_by("pk")
             )
-            # Credits of these lots may back pending holds (lots count held
-            # credits, the wallet balance does not). Taken to be the first
-            # the holds will burn, they stay: otherwise a capture would burn
-            # other lots (a paid pack) in their place.
-            held = LedgerAccount.objects.get(
-                organization=organization, kind=AccountKind.HOLDS
-            ).balance
-            amount = min(amount_for(in_lots, wallet.balance), wallet.balance, in_lots - held)
+            in_lots = sum(lot.remaining for lot in chosen)
+            # Credits of these lots that pending holds will burn (lots count
+            # held credits, the wallet balance does not) stay: otherwise a
+            # capture would burn other lots (a paid pack) in their place. Only
+            # those: a hold burns other lots first where the burn order says so.
+            backing = holds_backing(
+                organization=organization,
+                lots=list(CreditLot.objects.filter(account=wallet, remaining__gt=0)),
+                now=now,
+            )
+            free = [(lot, lot.remaining - backing.get(lot.pk, 0)) for lot in chosen]
+            amount = min(
+                amount_for(in_lots, wallet.balance), wallet.balance, sum(f for _, f in free)
+            )
             if amount <= 0:
                 return 0
             txn = transaction_open(
@@ -533,13 +542,7 @@ def _wallet_withdraw(
                 actor=actor,
             )
             post(txn, [(wallet, -amount), (system[system_kind], amount)], now=now, spend=False)
-            lots_burn(
-                txn=txn,
-                account=wallet,
-                amount=amount,
-                now=now,
-                only=lots & (Q(expires_at__isnull=True) | Q(expires_at__gt=now)),
-            )
+            lots_take(txn=txn, taken=_first_in_burn_order(free, amount, now))
             return amount
     except IntegrityError:
         # The key's unique index is the gate: this event was applied before.
@@ -556,6 +559,19 @@ def _wallet_withdraw(
                 param="key",
             ) from None
         return 0
+
+
+def _first_in_burn_order(
+    free: list[tuple[CreditLot, int]], amount: int, now: datetime
+) -> list[tuple[CreditLot, int]]:
+    """`amount` out of what each lot has free, taken from the lots in burn order."""
+    taken = []
+    for lot, available in sorted(free, key=lambda pair: burn_sort_key(pair[0], now)):
+        take = min(available, amount)
+        if take > 0:
+            taken.append((lot, take))
+            amount -= take
+    return taken
 
 
 @retry_on_deadlock

@@ -1,14 +1,23 @@
 """Credit lots: where credits came from, which are spent first, and expiry.
 
 Burn order, fixed and documented (README "The credit ledger"):
-  1. lots already past their expiry (they can only still hold credits that
-     back a pending hold placed before they expired; spending them first
-     leaves no expired credit behind when the hold settles);
+  1. for a hold's capture, lots that expired after the hold was placed (they
+     can only still hold credits that back a pending hold placed before they
+     expired; spending them first leaves no expired credit behind when the
+     hold settles);
   2. lower `priority` first;
   3. soonest `expires_at` first, lots that never expire last;
   4. free before paid (paid credits are the ones a member may resell or be
      refunded, so they are kept longest);
   5. oldest first (`pk`).
+Lots that had expired before the hold was placed (or, for any other spend,
+before now) come after all of these: their credits back older holds, which
+the sweep keeps them for, and are never spent by work they did not back.
+
+Which credits a pending hold will burn is therefore known without storing
+it: `holds_backing` replays the pending holds over the lots in this order.
+The sweep expires the rest of the expired lots, and a clawback or a trim
+takes only what no pending hold will burn.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from accounts.models import Organization
 from metering.models import (
     AccountKind,
     CreditLot,
+    Hold,
+    HoldStatus,
     JournalTransaction,
     LedgerAccount,
     LotMovement,
@@ -33,10 +44,20 @@ from metering.services.postings import accounts_for, post, retry_on_deadlock
 FAR_FUTURE_SORT_KEY = (1, 0.0)
 
 
-def burn_sort_key(lot: CreditLot, now: datetime) -> tuple:
-    expired = lot.expires_at is not None and lot.expires_at <= now
+def burn_sort_key(lot: CreditLot, now: datetime, placed_at: datetime | None = None) -> tuple:
+    """The lot's place in the burn order of a spend at `now`, or of the capture of a hold
+    placed at `placed_at`."""
     expiry = (0, lot.expires_at.timestamp()) if lot.expires_at else FAR_FUTURE_SORT_KEY
-    return (0 if expired else 1, lot.priority, expiry, lot.paid, lot.pk)
+    return (_expiry_rank(lot, now, placed_at or now), lot.priority, expiry, lot.paid, lot.pk)
+
+
+def _expiry_rank(lot: CreditLot, now: datetime, placed_at: datetime) -> int:
+    """0: expired since the hold was placed (burned first); 1: not expired; 2: expired
+    before it was placed (burned only if nothing else is left: a bug elsewhere, which a
+    failed settlement would make worse)."""
+    if lot.expires_at is None or lot.expires_at > now:
+        return 1
+    return 0 if lot.expires_at > placed_at else 2
 
 
 def lot_create(
@@ -90,19 +111,22 @@ def lots_burn(
     amount: int,
     now: datetime,
     only: Q | None = None,
+    placed_at: datetime | None = None,
 ) -> list[tuple[CreditLot, int]]:
     """Take `amount` from the account's lots in burn order; returns (lot, taken) pairs.
 
-    Locks the lots in primary-key order (the order every writer uses), then
-    burns in burn order. The caller has already debited the account, so the
-    lots must cover it; if they do not, the ledger is inconsistent and the
-    whole transaction is refused.
+    `placed_at`: the capture of a hold placed then (see the burn order). Locks
+    the lots in primary-key order (the order every writer uses), then burns in
+    burn order. The caller has already debited the account, so the lots must
+    cover it; if they do not, the ledger is inconsistent and the whole
+    transaction is refused.
     """
     lots_qs = CreditLot.objects.filter(account=account, remaining__gt=0)
     if only is not None:
         lots_qs = lots_qs.filter(only)
     lots = sorted(
-        lots_qs.select_for_update().order_by("pk"), key=lambda lot: burn_sort_key(lot, now)
+        lots_qs.select_for_update().order_by("pk"),
+        key=lambda lot: burn_sort_key(lot, now, placed_at),
     )
     taken: list[tuple[CreditLot, int]] = []
     left = amount
@@ -116,13 +140,44 @@ def lots_burn(
         raise LedgerInconsistent(
             f"lots of account {account.pk} hold {amount - left} of the {amount} to burn"
         )
+    lots_take(txn=txn, taken=taken)
+    return taken
+
+
+def lots_take(*, txn: JournalTransaction, taken: list[tuple[CreditLot, int]]) -> None:
+    """Take each (lot, amount) from its lot, with its movement; the caller holds the lots'
+    account's row lock and has posted the entries."""
     for lot, take in taken:
         CreditLot.objects.filter(pk=lot.pk).update(remaining=F("remaining") - take)
         lot.remaining -= take
     LotMovement.objects.bulk_create(
         LotMovement(lot=lot, transaction=txn, amount=-take) for lot, take in taken
     )
-    return taken
+
+
+def holds_backing(
+    *, organization: Organization, lots: list[CreditLot], now: datetime
+) -> dict[int, int]:
+    """How much of each of a wallet's `lots` the organization's pending holds will burn, by
+    lot id: every pending hold replayed over the lots in its capture's burn order, the most
+    recently placed first (it may use the fewest expired lots), as far as the lots reach.
+    The caller holds the wallet's row lock, which every writer of holds and lots takes."""
+    pending = (
+        Hold.objects.filter(organization=organization, status=HoldStatus.PENDING)
+        .order_by("-created_at", "-pk")
+        .values_list("created_at", "amount")
+    )
+    free = {lot.pk: lot.remaining for lot in lots}
+    for placed_at, amount in pending:
+        for lot in sorted(lots, key=lambda lot: burn_sort_key(lot, now, placed_at)):
+            if amount == 0:
+                break
+            if _expiry_rank(lot, now, placed_at) == 2:
+                continue  # expired before this hold was placed: never backed it
+            take = min(free[lot.pk], amount)
+            free[lot.pk] -= take
+            amount -= take
+    return {lot.pk: lot.remaining - free[lot.pk] for lot in lots if free[lot.pk] < lot.remaining}
 
 
 class LedgerInconsistent(RuntimeError):
@@ -139,18 +194,33 @@ def account_expire_lots(*, account: LedgerAccount, now: datetime) -> int:
     """
     locked = LedgerAccount.objects.select_for_update().get(pk=account.pk)
     org = locked.organization
-    expired_lots = CreditLot.objects.filter(
-        account=locked, remaining__gt=0, expires_at__lte=now
-    ).order_by("pk")
+    expired_lots = list(
+        CreditLot.objects.filter(account=locked, remaining__gt=0, expires_at__lte=now)
+        .select_for_update()
+        .order_by("pk")
+    )
     due = sum(lot.remaining for lot in expired_lots)
-    held = 0
-    if locked.kind == AccountKind.WALLET:
-        # Pending holds are taken to be backed by expired lots first (the
-        # burn order captures those first), so that much of `due` must wait.
-        # Every writer of the holds account locks the wallet first, and we
-        # hold that lock, so this read cannot go stale.
-        held = LedgerAccount.objects.get(organization=org, kind=AccountKind.HOLDS).balance
-    movable = max(0, due - held)
+    backing: dict[int, int] = {}
+    if locked.kind == AccountKind.WALLET and expired_lots:
+        # What pending holds placed before these lots expired will burn of
+        # them must wait for the holds' captures; the rest expires now. Every
+        # writer of the holds locks the wallet first, and we hold that lock.
+        # Unexpired lots count too: a hold burns lots it may use in burn order.
+        backing = holds_backing(
+            organization=org,
+            lots=expired_lots
+            + list(
+                CreditLot.objects.filter(account=locked, remaining__gt=0, expires_at__gt=now)
+                | CreditLot.objects.filter(account=locked, remaining__gt=0, expires_at__isnull=True)
+            ),
+            now=now,
+        )
+    taken = [
+        (lot, lot.remaining - backing.get(lot.pk, 0))
+        for lot in expired_lots
+        if lot.remaining > backing.get(lot.pk, 0)
+    ]
+    movable = sum(take for _, take in taken)
     expired = 0
     if movable > 0:
         _, system = accounts_for(org, AccountKind.EXPIRY)
@@ -161,8 +231,7 @@ def account_expire_lots(*, account: LedgerAccount, now: datetime) -> int:
             organization=org,
             memo="expired credit lots",
         )
-        # The whole amount is taken from expired lots only, soonest expiry first.
-        lots_burn(txn=txn, account=locked, amount=movable, now=now, only=Q(expires_at__lte=now))
+        lots_take(txn=txn, taken=taken)
         post(txn, [(locked, -movable), (system[AccountKind.EXPIRY], movable)], now=now, spend=False)
         expired = movable
     if due > movable:

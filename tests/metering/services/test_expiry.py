@@ -63,6 +63,19 @@ def sleep_past(moment: datetime) -> None:
     time.sleep(max(0.0, (moment - timezone.now()).total_seconds()) + 0.05)
 
 
+def expired_lot_kept_for_a_job(org, grant, *, key="job-before", job_after: int = 0):
+    """10 credits that expire while a job placed before (`key`) holds them, 100 that never
+    expire, and, with `job_after`, a second job placed after the expiry."""
+    expires_at = soon()
+    expiring = grant(org, credits(10), expires_at=expires_at, priority=1)
+    forever = grant(org, credits(100), expires_at=None)
+    hold_place(organization=org, amount=credits(10), key=key)
+    sleep_past(expires_at)
+    if job_after:
+        hold_place(organization=org, amount=job_after, key="job-after")
+    return expiring, forever
+
+
 # --- the sweeper -----------------------------------------------------------------
 
 
@@ -308,11 +321,7 @@ def test_expired_credits_backing_a_released_hold_expire_after_the_release(org, g
 
 def test_a_pending_hold_on_expired_credits_does_not_block_spending_unexpired_ones(org, grant):
     # given: a hold backed by a lot that then expires, and plenty of credits that never expire
-    expires_at = soon()
-    expiring = grant(org, credits(10), expires_at=expires_at, priority=1)
-    forever = grant(org, credits(100), expires_at=None)
-    hold_place(organization=org, amount=credits(10), key="job-running")
-    sleep_past(expires_at)
+    expiring, forever = expired_lot_kept_for_a_job(org, grant, key="job-running")
 
     # when: new work reserves some of the unexpired credits
     hold = hold_place(organization=org, amount=credits(20), key="job-new")
@@ -322,6 +331,81 @@ def test_a_pending_hold_on_expired_credits_does_not_block_spending_unexpired_one
     balance = organization_balance(organization=org)
     assert (balance.available, balance.held) == (credits(80), credits(30))
     assert remaining(expiring, forever) == [credits(10), credits(100)]
+
+
+def test_expired_credits_are_not_kept_for_a_hold_placed_after_they_expired(org, grant):
+    # given: a hold placed while a 10-credit lot was valid, and after its
+    # expiry a second hold, which only unexpired credits can back
+    expiring, forever = expired_lot_kept_for_a_job(org, grant, job_after=credits(20))
+
+    # when: the first job ends without using anything, and the sweeper runs
+    hold_release(key="job-before")
+    swept = credits_expire(now=timezone.now())
+
+    # then: the expired lot expires in full (the later hold never backed it),
+    # and only the unexpired credits not held remain to spend
+    assert swept == credits(10)
+    assert remaining(expiring) == [0]
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held) == (credits(80), credits(20))
+    with pytest.raises(ApplicationError) as exc:
+        hold_place(organization=org, amount=credits(81), key="job-too-big")
+    assert exc.value.code == "insufficient_credits"
+    # and the later job's capture burns unexpired credits
+    hold_capture(key="job-after", amount=credits(20))
+    assert remaining(expiring, forever) == [0, credits(80)]
+
+
+def test_a_capture_burns_no_expired_credit_kept_for_an_earlier_hold(org, grant):
+    # given: a hold on a lot that then expired, and a hold placed after that
+    expiring, forever = expired_lot_kept_for_a_job(org, grant, job_after=credits(20))
+
+    # when: the later hold is captured first, then the earlier one released
+    hold_capture(key="job-after", amount=credits(20))
+    hold_release(key="job-before")
+    credits_expire(now=timezone.now())
+
+    # then: the later job was served from unexpired credits, and the expired
+    # lot expired in full: 80 left, not 90
+    assert remaining(expiring, forever) == [0, credits(80)]
+    assert organization_balance(organization=org).available == credits(80)
+
+
+def test_what_expires_under_a_pending_hold_is_what_its_capture_would_not_burn(org, grant):
+    # given: a plan's credits (burned first) and an overage allowance (burned
+    # last) that expire together, and a job placed before they expired
+    expires_at = soon()
+    plan = grant(org, credits(200), expires_at=expires_at, priority=100)
+    allowance = grant(
+        org, credits(1000), expires_at=expires_at, priority=1000, paid=False, resellable=False
+    )
+    hold_place(organization=org, amount=credits(150), key="job-1")
+    sleep_past(expires_at)
+
+    # when: the sweeper runs, then the job is captured
+    swept = credits_expire(now=timezone.now())
+
+    # then: the allowance expired in full and the plan's credits wait for the
+    # job, which burns them: no overage is used for work the plan covered
+    assert swept == credits(1050)
+    assert remaining(plan, allowance) == [credits(150), 0]
+    hold_capture(key="job-1", amount=credits(100))
+    assert remaining(plan, allowance) == [credits(50), 0]
+    assert credits_expire(now=timezone.now()) == credits(50)
+
+
+def test_a_debit_does_not_take_expired_credits_kept_for_a_pending_hold(org, grant):
+    # given: a hold on a lot that then expired, and credits that never expire
+    expiring, forever = expired_lot_kept_for_a_job(org, grant)
+
+    # when: finance debits 5 credits, then the job ends unused and the sweeper runs
+    credits_adjust(organization=org, amount=-credits(5), key="debit-1", reason="correction")
+    hold_release(key="job-before")
+    credits_expire(now=timezone.now())
+
+    # then: the debit came out of unexpired credits, and the expired lot expired in full
+    assert remaining(expiring, forever) == [0, credits(95)]
+    assert organization_balance(organization=org).available == credits(95)
 
 
 def test_expired_credits_in_escrow_cannot_be_sold_to_a_buyer(org, other_org, grant):

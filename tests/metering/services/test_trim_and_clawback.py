@@ -8,7 +8,7 @@ import pytest
 from accounts.errors import ApplicationError
 from metering.models import CreditLot
 from metering.selectors import organization_balance
-from metering.services import credits_trim, hold_capture, hold_place, lot_clawback
+from metering.services import credits_trim, hold_capture, hold_place, hold_release, lot_clawback
 from tests.helpers import credits, ledger_rows, system_balance
 
 pytestmark = pytest.mark.django_db
@@ -60,6 +60,43 @@ def test_clawback_takes_what_is_left_of_the_lot_and_nothing_else(org, grant):
     assert taken == credits(40)
     assert CreditLot.objects.get(pk=lot.pk).remaining == 0
     assert organization_balance(organization=org).available == credits(30)
+
+
+def test_a_clawback_takes_the_lot_a_pending_hold_will_not_burn(org, grant):
+    # given: a paid pack of 100 and 1,000 promotional credits burned before
+    # it, and a running job holding 500
+    promo = grant(org, credits(1000), source="adjustment", paid=False, resellable=False, priority=1)
+    pack = grant(org, credits(100), source="pack", resellable=False, priority=20)
+    hold_place(organization=org, amount=credits(500), key="job-running")
+
+    # when: the pack's payment is refunded
+    taken = lot_clawback(lot=pack, amount=credits(100), key="refund-1", memo="refund")
+
+    # then: the whole pack comes back (the job will burn promotional credits),
+    # and the job's capture still has its credits
+    assert taken == credits(100)
+    hold_capture(key="job-running", amount=credits(500))
+    assert [CreditLot.objects.get(pk=lot.pk).remaining for lot in (promo, pack)] == [
+        credits(500),
+        0,
+    ]
+    assert organization_balance(organization=org).available == credits(500)
+
+
+def test_a_trim_takes_only_what_pending_holds_will_not_burn(org, grant):
+    # given: 100 subscription credits burned after 1,000 promotional ones,
+    # and a job holding 500
+    grant(org, credits(1000), source="adjustment", paid=False, resellable=False, priority=1)
+    grant(org, credits(100), source="subscription", priority=20)
+    hold_place(organization=org, amount=credits(500), key="job-running")
+
+    # when: the rollover cap is 0
+    expired = credits_trim(organization=org, source="subscription", keep=0, key="p1", memo="cap")
+
+    # then: all 100 expire; the job's 500 are promotional credits
+    assert expired == credits(100)
+    hold_release(key="job-running")
+    assert organization_balance(organization=org).available == credits(1000)
 
 
 def test_bad_input_changes_nothing(org, grant):
