@@ -273,6 +273,22 @@ def payment_intent_retrieve(payment_intent_id: str) -> dict:
     return _call(_client().v1.payment_intents.retrieve, payment_intent_id)
 
 
+def payment_intent_charge(payment_intent_id: str) -> dict | None:
+    """The charge that paid a PaymentIntent (its latest), or None when it has none."""
+    intent = _call(
+        _client().v1.payment_intents.retrieve, payment_intent_id, expand=["latest_charge"]
+    )
+    charge = intent.get("latest_charge")
+    if isinstance(charge, str):  # not expanded after all
+        return charge_retrieve(charge)
+    return charge or None
+
+
+def disputes_list(*, payment_intent: str) -> list[dict]:
+    """The disputes of a payment (a charge has at most one; a PaymentIntent one per charge)."""
+    return _list(_client().v1.disputes.list, payment_intent=payment_intent, limit=100)
+
+
 # --- usage, payouts ---------------------------------------------------------------
 
 

@@ -800,7 +800,11 @@ def market_checkout_handle(checkout: CheckoutSession, session: dict) -> None:
     if isinstance(intent, dict):
         intent = intent.get("id")
     if status == "complete" and session.get("payment_status") == "paid":
+        from gymbilling.services.events import payment_reversals_refresh
+
         order_pay(order_id=order.pk, payment_intent_id=str(intent or session["id"]))
+        # A refund or dispute processed before this could not find the order.
+        payment_reversals_refresh(payment_intent_id=str(intent or ""))
     elif status == "expired":
         order_release(order_id=order.pk, status=OrderStatus.EXPIRED, code="checkout_expired")
 

@@ -183,7 +183,12 @@ def invoice_refresh(*, invoice_id: str) -> bool:
     sub_id = invoice_subscription_id(invoice)
     if sub_id:
         subscription = subscription_refresh(subscription_id=sub_id)
-    return invoice_sync(invoice=invoice, subscription=subscription) is not None
+    row = invoice_sync(invoice=invoice, subscription=subscription)
+    if row is None:
+        return False
+    if row.status == "paid":
+        payment_reversals_refresh(payment_intent_id=row.stripe_payment_intent_id)
+    return True
 
 
 def checkout_session_refresh(*, session_id: str) -> bool:
@@ -197,8 +202,8 @@ def checkout_session_refresh(*, session_id: str) -> bool:
     handler = _checkout_handlers.get(checkout.kind)
     if handler is not None:
         handler(checkout, session)
-    elif session.get("payment_status") == "paid":
-        pack_purchase_grant(checkout=checkout)
+    elif session.get("payment_status") == "paid" and pack_purchase_grant(checkout=checkout):
+        payment_reversals_refresh(payment_intent_id=checkout.stripe_payment_intent_id)
     return True
 
 
@@ -242,6 +247,27 @@ def dispute_refresh(*, dispute_id: str) -> bool:
     if any(handler(**params) for handler in _reversal_handlers):
         return True
     return payment_reversal_apply(**params) is not None
+
+
+def payment_reversals_refresh(*, payment_intent_id: str) -> None:
+    """Apply what Stripe has already refunded or disputed of a payment just granted.
+
+    Events arrive out of order: a refund or dispute processed before the
+    payment's grant found nothing to take back and was ignored. So every path
+    that grants what a payment bought calls this after granting, and the
+    reversal goes through the handlers above under the key its own event
+    uses: applied once, whichever of the two comes first.
+    """
+    if not payment_intent_id:
+        return
+    charge = stripe_client.payment_intent_charge(payment_intent_id)
+    if charge is None:
+        return
+    if int(charge.get("amount_refunded") or 0) > 0:
+        charge_refund_refresh(charge_id=charge["id"])
+    if charge.get("disputed"):
+        for dispute in stripe_client.disputes_list(payment_intent=payment_intent_id):
+            dispute_refresh(dispute_id=dispute["id"])
 
 
 def stripe_events_retry(*, now: datetime | None = None) -> int:

@@ -138,11 +138,12 @@ def deliver(stripe_standin):
 
     seen = {event["id"] for event in stripe_standin.events()}
 
-    def _deliver() -> list[str]:
+    def _deliver(*, first: tuple[str, ...] = ()) -> list[str]:
+        """`first`: event types to process before the others, as a late webhook leaves them."""
         statuses = []
-        for event in stripe_standin.events():
-            if event["id"] in seen:
-                continue
+        events = [event for event in stripe_standin.events() if event["id"] not in seen]
+        events.sort(key=lambda event: event["type"] not in first)  # stable: Stripe's order else
+        for event in events:
             seen.add(event["id"])
             row, _ = stripe_event_record(
                 event=WebhookEvent(

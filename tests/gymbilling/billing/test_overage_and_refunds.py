@@ -8,6 +8,7 @@ import io
 import pytest
 from django.core.management import call_command
 
+from gymbilling import stripe_client
 from gymbilling.models import (
     BillingCustomer,
     CheckoutSession,
@@ -17,6 +18,7 @@ from gymbilling.models import (
 )
 from gymbilling.reconcile import stripe_reconcile
 from gymbilling.services import overage_report, stripe_event_process
+from gymbilling.services.invoices import invoice_payment_intent_id
 from metering.models import MICRO, CreditLot, JournalTransaction
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place
@@ -297,3 +299,65 @@ def test_a_dispute_inquiry_moves_nothing(customer, subscribed, stripe_standin, s
     dispute = stripe_standin.dispute(charge, status="warning_needs_response")
     assert dispute_refresh(dispute_id=dispute["id"]) is False
     assert not PaymentReversal.objects.exists()
+
+
+# --- a refund or dispute processed before the payment that bought the credits -------------
+
+# The types of the events that reverse a payment, processed before the payment's own.
+REVERSALS_FIRST = ("charge.refunded", "charge.dispute.created")
+
+
+def charge_of(payment_intent: str) -> str:
+    charge = stripe_client.payment_intent_retrieve(payment_intent)["latest_charge"]
+    return charge["id"] if isinstance(charge, dict) else charge
+
+
+def reverse_at_stripe(stripe_standin, stripe_sdk, payment_intent: str, kind: str) -> None:
+    """The whole payment refunded, or disputed, at Stripe."""
+    if kind == "refund":
+        stripe_sdk.v1.refunds.create(params={"payment_intent": payment_intent})
+    else:
+        stripe_standin.dispute(charge_of(payment_intent))
+
+
+def paid_checkout_intent(session_id: str) -> str:
+    """The PaymentIntent that paid a Checkout session: its own, or its first invoice's."""
+    session = stripe_client.checkout_session_retrieve(session_id)
+    if session.get("payment_intent"):
+        return session["payment_intent"]
+    stripe_sub = stripe_client.subscription_retrieve(session["subscription"])
+    return invoice_payment_intent_id(stripe_client.invoice_retrieve(stripe_sub["latest_invoice"]))
+
+
+@pytest.mark.parametrize("kind", ["refund", "dispute"])
+@pytest.mark.parametrize(
+    ("purchase", "source", "bought"),
+    [
+        ({"plan": "basic"}, "subscription", 2_000 * MICRO),
+        ({"pack": "boost-1k"}, "pack", 1_000 * MICRO),
+    ],
+    ids=["invoice", "pack"],
+)
+def test_a_reversal_processed_before_the_payment_takes_back_what_it_bought(
+    kind, purchase, source, bought, customer, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given: Basic (its first invoice) or a pack bought through Checkout and paid,
+    # then refunded or disputed in full at Stripe before any webhook was processed
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", purchase, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    intent = paid_checkout_intent(response.json()["session_id"])
+    reverse_at_stripe(stripe_standin, stripe_sdk, intent, kind)
+
+    # when: the reversal's event is processed first (nothing bought yet: ignored),
+    # then invoice.paid or checkout.session.completed
+    assert "failed" not in deliver(first=REVERSALS_FIRST)
+
+    # then: the payment granted once, and all of it was taken back on the spot
+    assert [lot.amount for lot in CreditLot.objects.filter(organization=org, source=source)] == [
+        bought
+    ]
+    reversal = PaymentReversal.objects.get()
+    assert (reversal.kind, reversal.credits_clawed_back, reversal.credits_lost) == (kind, bought, 0)
+    assert organization_balance(organization=org).available == 0
+    assert BillingCustomer.objects.get(organization=org).resale_frozen_at is not None

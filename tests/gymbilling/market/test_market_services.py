@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import Standing
+from gymbilling import stripe_client
 from gymbilling.market.rules import fill_amount, platform_fee
 from gymbilling.market.services import (
     listing_cancel,
@@ -40,6 +41,7 @@ from gymbilling.models import (
     PayoutMethod,
     PayoutStatus,
 )
+from gymbilling.services.events import charge_refund_refresh, checkout_session_refresh
 from metering.models import MICRO, CreditLot, LotSource
 from metering.selectors import organization_balance
 from metering.services import credits_grant
@@ -510,11 +512,8 @@ def _refund_in_full(order) -> bool:
     )
 
 
-def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, seller, buyer):
-    order = _sold(market_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
-    # when: the whole charge is refunded
-    assert _refund_in_full(order)
-    # then: everything reversed, no loss, the buyer's credits taken back
+def assert_reversed_in_full(seller, buyer) -> None:
+    """`_sold`'s sale undone: fee and proceeds back, no loss, the buyer's credits taken back."""
     reversal = MarketReversal.objects.get()
     assert (reversal.amount, reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (
         124,
@@ -526,11 +525,42 @@ def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, s
     assert money("seller_pending", organization=seller) == 0
     assert money("platform_fees") == 0 and money("buyer_clearing") == 0 and money("losses") == 0
     assert organization_balance(organization=buyer).available == 0
+
+
+def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, seller, buyer):
+    order = _sold(market_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
+    # when: the whole charge is refunded
+    assert _refund_in_full(order)
+    # then: everything reversed, no loss, the buyer's credits taken back
+    assert_reversed_in_full(seller, buyer)
     assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is not None
     # replayed event: nothing more
     _refund_in_full(order)
     assert MarketReversal.objects.count() == 1
     # nothing left to pay out
+    assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
+
+
+def test_a_refund_processed_before_the_order_s_payment_reverses_the_sale(
+    market_stripe, seller, buyer
+):
+    # given: an order paid at Stripe (124, fee 12), then refunded in full there,
+    # before its checkout.session.completed was processed
+    listing_create(seller=seller, quantity=100 * MICRO, price_per_1k=1234, currency="usd")
+    order = order_create(buyer=buyer, quantity=100 * MICRO, max_price_per_1k=1234, currency="usd")
+    intent = paid_session(market_stripe, order)["payment_intent"]
+    stripe_client.refund_create(key=f"test-refund:{order.pk}", payment_intent=intent)
+
+    # when: the refund's event is processed first (no order has the payment yet), then the checkout's
+    assert (
+        charge_refund_refresh(charge_id=stripe_client.payment_intent_charge(intent)["id"]) is False
+    )
+    assert checkout_session_refresh(session_id=order.checkout.stripe_session_id)
+
+    # then: the order was delivered, then reversed whole, and the seller is paid nothing for it
+    order.refresh_from_db()
+    assert order.status == OrderStatus.PAID
+    assert_reversed_in_full(seller, buyer)
     assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
 
 
