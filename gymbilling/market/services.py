@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q, Sum
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -40,6 +40,8 @@ from gymbilling.models import (
     MarketReversal,
     MoneyAccount,
     MoneyAccountKind,
+    MoneyEntry,
+    MoneyTransaction,
     MoneyTransactionKind,
     OrderStatus,
     PayoutMethod,
@@ -990,14 +992,50 @@ def payout_send(*, payout_id: int) -> str:
     return PayoutStatus.SENT
 
 
+def _losses_while_paying(payout: MarketPayout) -> dict[tuple[int, int], int]:
+    """Seller shares that refunds and disputes booked as losses against this payout's
+    fills while it was being paid, by (fill, reversal transaction)."""
+    entries = MoneyEntry.objects.filter(
+        transaction__payout=payout,
+        transaction__kind=MoneyTransactionKind.REVERSAL,
+        account__kind=MoneyAccountKind.LOSSES,
+    ).values_list("transaction__fill_id", "transaction_id", "amount")
+    return {(fill_id, txn_id): -amount for fill_id, txn_id, amount in entries}
+
+
+def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
+    """What was booked as lost comes back from the seller's share instead: on the
+    fills (so what is left to pay excludes it) and on their reversals' records."""
+    keys = dict(
+        MoneyTransaction.objects.filter(pk__in=[txn for _, txn in losses]).values_list(
+            "pk", "idempotency_key"
+        )
+    )
+    for (fill_id, txn_id), amount in losses.items():
+        MarketFill.objects.filter(pk=fill_id).update(seller_reversed=F("seller_reversed") + amount)
+        # The transaction is reversal:<reversal key>:<fill>.
+        reversal_key = keys[txn_id].removeprefix("reversal:").rpartition(":")[0]
+        MarketReversal.objects.filter(key=reversal_key).update(
+            loss=F("loss") - amount, seller_reversed=F("seller_reversed") + amount
+        )
+
+
 @retry_on_deadlock
 def _payout_fail(*, payout_id: int, error: str) -> None:
-    """Stripe refused the payout: its proceeds go back to available, for the next run."""
+    """Stripe refused the payout: its proceeds go back to available, for the next run.
+
+    Not all of them: a refund or dispute that came while the payout was
+    pending found its fills paid out and booked their seller share as a loss.
+    Nothing was paid after all, so that share is recovered from the loss and
+    taken from the seller's proceeds, as it would have been before the payout.
+    """
     with transaction.atomic():
         payout = MarketPayout.objects.select_for_update().select_related("seller").get(pk=payout_id)
         if payout.status != PayoutStatus.PENDING:
             return
         fills = list(MarketFill.objects.select_for_update().filter(payout=payout).order_by("pk"))
+        losses = _losses_while_paying(payout)
+        recovered = sum(losses.values())
         money_post(
             kind=MoneyTransactionKind.PAYOUT_FAILED,
             key=f"payout_failed:{payout.pk}",
@@ -1015,7 +1053,11 @@ def _payout_fail(*, payout_id: int, error: str) -> None:
                         currency=payout.currency,
                         organization=payout.seller,
                     ),
-                    payout.amount,
+                    payout.amount - recovered,
+                ),
+                (
+                    money_account(kind=MoneyAccountKind.LOSSES, currency=payout.currency),
+                    recovered,
                 ),
             ],
             memo=error,
@@ -1023,6 +1065,7 @@ def _payout_fail(*, payout_id: int, error: str) -> None:
         MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
             proceeds=ProceedsState.AVAILABLE, payout=None
         )
+        _losses_recover(losses)
         MarketPayout.objects.filter(pk=payout.pk).update(
             status=PayoutStatus.FAILED, last_error=error[:500]
         )
@@ -1174,6 +1217,9 @@ def _reversal_apply(
                     currency=cur,
                     organization=fill.seller,
                     fill=fill,
+                    # A loss while the fill's payout is in flight: should Stripe
+                    # refuse that payout, the loss is recovered (_payout_fail).
+                    payout=fill.payout if fill.proceeds == ProceedsState.PAID_OUT else None,
                     postings=postings,
                     memo=f"{kind} of {charge.get('id')}",
                 )

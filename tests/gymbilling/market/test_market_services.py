@@ -501,15 +501,60 @@ def test_payout_refused_returns_the_proceeds_to_available_and_stripe_down_retrie
     assert money("payouts") == 112
 
 
-def _refund_in_full(order) -> bool:
-    """Stripe's refund of the whole 124 charge of `_sold`'s order, as its webhook hands it on."""
+def _refund(order, amount: int) -> bool:
+    """Stripe's refunds of `_sold`'s order, `amount` in all so far, as its webhook hands them on."""
     return market_reversal_handle(
         kind="refund",
-        key=f"refund:ch_{order.pk}:124",
-        charge=charge_for(order, amount_refunded=124),
-        amount=124,
+        key=f"refund:ch_{order.pk}:{amount}",
+        charge=charge_for(order, amount_refunded=amount),
+        amount=amount,
         cumulative=True,
     )
+
+
+def _refund_in_full(order) -> bool:
+    """The whole 124 charge of `_sold`'s order refunded."""
+    return _refund(order, 124)
+
+
+def test_a_refund_while_a_payout_is_pending_then_refused_pays_the_seller_only_what_is_left(
+    market_stripe, seller, buyer
+):
+    # given: a sale (124, fee 12, seller 112) whose payout is recorded while Stripe
+    # is down, to a Connect account Stripe no longer has
+    account = market_stripe.connect_account(seller)
+    BillingCustomer.objects.filter(organization=seller).update(
+        stripe_connect_account_id="acct_gone"
+    )
+    order = _sold(market_stripe, seller, buyer)
+    later = timezone.now() + timedelta(days=8)
+    market_stripe.down = True
+    assert payouts_run(now=later) == 0
+    assert MarketPayout.objects.get().status == PayoutStatus.PENDING
+    # and half the charge is refunded meanwhile: fee share 6, seller share 56,
+    # booked as a loss since the fill is being paid out
+    market_stripe.down = False
+    _refund(order, 62)
+    assert money("losses") == -56
+
+    # when: Stripe refuses the transfer, then the seller's account is fixed and payouts run again
+    assert payouts_run(now=later) == 0
+    assert MarketPayout.objects.get().status == PayoutStatus.FAILED
+    BillingCustomer.objects.filter(organization=seller).update(stripe_connect_account_id=account)
+    assert payouts_run(now=later) == 1
+
+    # then: the seller got gross - fee - the refunded seller share (124 - 12 - 56),
+    # the loss was recovered, and every account balances the 62 still charged
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [56]
+    reversal = MarketReversal.objects.get()
+    assert (reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (6, 56, 0)
+    assert money("losses") == 0
+    assert money("payouts") == 56
+    assert money("platform_fees") == 6
+    assert money("buyer_clearing") == -62
+    assert money("seller_available", organization=seller) == 0
+    # a later run pays nothing more
+    assert payouts_run(now=later) == 0
 
 
 def assert_reversed_in_full(seller, buyer) -> None:
@@ -588,13 +633,7 @@ def test_partial_refund_then_dispute_after_payout_records_the_loss(market_stripe
 
     credits_adjust(organization=buyer, amount=-credits(30), reason="spent", key="spend-30")
     # given: a partial refund of 62 before payout
-    market_reversal_handle(
-        kind="refund",
-        key=f"refund:ch_{order.pk}:62",
-        charge=charge_for(order, amount_refunded=62),
-        amount=62,
-        cumulative=True,
-    )
+    _refund(order, 62)
     first = MarketReversal.objects.get()
     assert (first.fee_reversed, first.seller_reversed, first.loss) == (6, 56, 0)
     assert first.credits_clawed_back == credits(50)
