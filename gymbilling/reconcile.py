@@ -17,12 +17,19 @@ from metering.reconcile import register, sql_rows
 
 
 def paid_invoices_without_grant() -> list[dict]:
+    """Paid first and renewal invoices of our subscriptions without their grant, and
+    any paid invoice of a subscription mirrored without one (subscription_sync
+    refused it): what that bought was never granted, and only a human can say."""
     return sql_rows(
         """
-        SELECT i.stripe_invoice_id, i.billing_reason
+        SELECT i.stripe_invoice_id, i.billing_reason, i.subscription_id
           FROM gymbilling_invoice i
-         WHERE i.status = 'paid' AND i.subscription_id IS NOT NULL
-           AND i.billing_reason IN ('subscription_create', 'subscription_cycle')
+         WHERE i.status = 'paid'
+           AND ((i.subscription_id IS NOT NULL
+                 AND i.billing_reason IN ('subscription_create', 'subscription_cycle'))
+             OR (i.subscription_id IS NULL
+                 AND i.billing_reason IN ('subscription_create', 'subscription_cycle',
+                                          'subscription_update')))
            AND NOT EXISTS (SELECT 1 FROM metering_journaltransaction t
                             WHERE t.idempotency_key = 'grant:invoice:' || i.stripe_invoice_id)
         """
@@ -45,7 +52,8 @@ def grants_without_paid_invoice() -> list[dict]:
 def billing_ledger_checks() -> None:
     register(
         "paid_invoice_granted",
-        "every paid first or renewal invoice of a subscription has its grant",
+        "every paid first or renewal invoice of a subscription has its grant, "
+        "and no paid subscription invoice lacks its subscription",
         paid_invoices_without_grant,
     )
     register(

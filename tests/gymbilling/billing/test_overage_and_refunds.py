@@ -12,14 +12,16 @@ from gymbilling import stripe_client
 from gymbilling.models import (
     BillingCustomer,
     CheckoutSession,
+    Invoice,
     OverageReport,
     PaymentReversal,
     StripeEvent,
 )
 from gymbilling.reconcile import stripe_reconcile
 from gymbilling.services import overage_report, stripe_event_process
-from gymbilling.services.invoices import invoice_payment_intent_id
+from gymbilling.services.invoices import invoice_payment_intent_id, invoice_sync
 from metering.models import MICRO, CreditLot, JournalTransaction
+from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place
 
@@ -202,6 +204,35 @@ def test_stripe_reconcile_reports_a_paid_invoice_without_a_grant(
         CreditLot.objects.filter(organization=customer.organization, source="subscription").count()
         == 1
     )
+
+
+def test_ledger_reconcile_reports_a_paid_subscription_invoice_mirrored_without_its_subscription(
+    customer, catalog, stripe_standin, deliver
+):
+    # given: Basic paid at Stripe, its first invoice mirrored with no subscription
+    # (as when subscription_sync refused the subscription) and so granted nothing
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    session = stripe_client.checkout_session_retrieve(response.json()["session_id"])
+    stripe_sub = stripe_client.subscription_retrieve(session["subscription"])
+    stripe_invoice = stripe_client.invoice_retrieve(stripe_sub["latest_invoice"])
+    invoice_sync(invoice=stripe_invoice, subscription=None)
+
+    # when
+    report = ledger_reconcile()
+
+    # then: the invoice is reported as paid and never granted
+    flagged = [v for v in report.violations if v.check == "paid_invoice_granted"]
+    assert [row["stripe_invoice_id"] for v in flagged for row in v.rows] == [stripe_invoice["id"]]
+
+    # when: its events are processed, the subscription with them
+    assert "failed" not in deliver()
+
+    # then: granted once, and reconcile agrees
+    assert Invoice.objects.get(stripe_invoice_id=stripe_invoice["id"]).credits_granted == (
+        2_000 * MICRO
+    )
+    assert ledger_reconcile().ok
 
 
 def test_a_refund_reaches_credits_that_were_listed_and_stops_the_listing(
