@@ -12,15 +12,17 @@ read-from-Stripe and write. Every handler is idempotent: grants are keyed by
 invoice or session id in the ledger.
 
 Stripe unreachable -> the event goes back to pending with the error and is
-retried (the task's retry, then the beat sweep); any other failure marks it
-failed with the error, to be replayed from the admin once fixed.
+retried (the task's retry, then the beat sweep); so does an event that needs
+another processed first (SubscriptionConflict), for WAIT_FOR_OTHER_EVENTS. Any
+other failure marks it failed with the error, to be replayed from the admin
+once fixed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, transaction
@@ -36,7 +38,11 @@ from gymbilling.services.payments import (
     pack_purchase_grant,
     payment_reversal_apply,
 )
-from gymbilling.services.subscriptions import SubscriptionUnknown, subscription_sync
+from gymbilling.services.subscriptions import (
+    SubscriptionConflict,
+    SubscriptionUnknown,
+    subscription_sync,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +65,13 @@ def reversal_handler_register(handler: ReversalHandler) -> None:
 
 
 class EventRetryLater(RuntimeError):
-    """Stripe could not be reached; the event stays pending."""
+    """Stripe could not be reached, or the event waits for another; it stays pending."""
+
+
+# How long an event that waits for another (SubscriptionConflict) is retried
+# before it is marked failed for a human: Stripe retries a webhook it could
+# not deliver for up to three days.
+WAIT_FOR_OTHER_EVENTS = timedelta(days=3)
 
 
 # --- receive ---------------------------------------------------------------------
@@ -139,6 +151,15 @@ def stripe_event_process(*, event_pk: int, force: bool = False) -> str | None:
         # failover): nothing was applied, so this is a retry, not a failure.
         _finish(event, EventStatus.PENDING, f"database unavailable: {exc}")
         raise EventRetryLater(str(exc)) from exc
+    except SubscriptionConflict as exc:
+        if timezone.now() - event.received_at < WAIT_FOR_OTHER_EVENTS:
+            # Events arrive out of order: the other subscription's deletion
+            # is likely on its way. Until it is processed this one waits.
+            _finish(event, EventStatus.PENDING, f"waiting: {exc}")
+            raise EventRetryLater(str(exc)) from exc
+        logger.error("stripe event %s still waits: %s", event.stripe_event_id, exc)
+        _finish(event, EventStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        return EventStatus.FAILED
     except Exception as exc:  # recorded for the admin's replay, then re-raised for the logs
         logger.exception("stripe event %s failed", event.stripe_event_id)
         _finish(event, EventStatus.FAILED, f"{type(exc).__name__}: {exc}")
@@ -172,6 +193,8 @@ def subscription_refresh(*, subscription_id: str) -> Subscription | None:
     """Our row for Stripe's subscription, or None when it is not ours to mirror."""
     try:
         return subscription_sync(stripe_sub=stripe_client.subscription_retrieve(subscription_id))
+    except SubscriptionConflict:
+        raise  # ours, but not yet: the event is retried (stripe_event_process)
     except SubscriptionUnknown as exc:
         logger.warning("ignored subscription %s: %s", subscription_id, exc)
         return None
@@ -182,7 +205,13 @@ def invoice_refresh(*, invoice_id: str) -> bool:
     subscription = None
     sub_id = invoice_subscription_id(invoice)
     if sub_id:
-        subscription = subscription_refresh(subscription_id=sub_id)
+        try:
+            subscription = subscription_refresh(subscription_id=sub_id)
+        except SubscriptionConflict:
+            # Mirrored meanwhile, granted nothing: reconcile reports it until
+            # the retry, once the conflict is gone, grants it.
+            invoice_sync(invoice=invoice, subscription=None)
+            raise
     row = invoice_sync(invoice=invoice, subscription=subscription)
     if row is None:
         return False

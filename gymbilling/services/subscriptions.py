@@ -49,6 +49,11 @@ class SubscriptionUnknown(LookupError):
     """A Stripe subscription we cannot tie to an organization and a plan (not ours)."""
 
 
+class SubscriptionConflict(SubscriptionUnknown):
+    """The organization has another live subscription here: most often the one a
+    re-subscription replaced, whose deletion has not been processed yet."""
+
+
 def ts(value) -> datetime | None:
     return datetime.fromtimestamp(int(value), tz=UTC) if value else None
 
@@ -152,7 +157,7 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
         except IntegrityError:
             # Another live subscription already holds this organization: Stripe
             # allows it, we do not grant twice. Keep it out of our books.
-            raise SubscriptionUnknown(
+            raise SubscriptionConflict(
                 f"organization {org.pk} already has a live subscription; "
                 f"{stripe_sub['id']} needs a human"
             ) from None

@@ -10,7 +10,7 @@ import pytest
 import requests
 from django.test import override_settings
 
-from gymbilling.models import EventStatus, StripeEvent, Subscription
+from gymbilling.models import EventStatus, Invoice, StripeEvent, StripePrice, Subscription
 from gymbilling.services import stripe_event_process, stripe_event_record
 from gymbilling.services.events import EventRetryLater
 from gymbilling.stripe_client import WebhookEvent
@@ -248,6 +248,46 @@ def test_stripe_unreachable_leaves_the_event_pending_and_a_retry_applies_it(
     assert lot.amount == 1_000 * MICRO and lot.source == "pack" and lot.resellable is False
     assert stripe_event_process(event_pk=event.pk, force=True) == EventStatus.PROCESSED
     assert JournalTransaction.objects.filter(idempotency_key__startswith="grant:pack:").count() == 1
+
+
+@pytest.mark.django_db
+def test_a_resubscription_s_invoice_before_the_old_subscription_s_end_waits_for_it(
+    stripe_standin, catalog, customer, stripe_sdk, subscribed
+):
+    # given: Basic, canceled at Stripe, and a new Basic subscription paid there
+    old = subscribed("basic")
+    stripe_sdk.v1.subscriptions.cancel(old.stripe_subscription_id)
+    deleted = stripe_sdk.v1.subscriptions.retrieve(old.stripe_subscription_id)
+    price = StripePrice.objects.get(plan__code="basic", kind="plan", current=True)
+    new = stripe_sdk.v1.subscriptions.create(
+        params={
+            "customer": old.organization.billing_customer.stripe_customer_id,
+            "items": [{"price": price.stripe_price_id}],
+        }
+    )
+    invoice = stripe_sdk.v1.invoices.retrieve(new.latest_invoice)
+    assert invoice.status == "paid"
+
+    # when: the new invoice's invoice.paid is processed before the old subscription's deletion
+    paid = record(event_for(invoice, "invoice.paid"))
+    with pytest.raises(EventRetryLater):
+        stripe_event_process(event_pk=paid.pk)
+
+    # then: it waits to be retried, with the reason; nothing granted for it yet
+    paid.refresh_from_db()
+    assert paid.status == EventStatus.PENDING and "live subscription" in paid.last_error
+    grant = JournalTransaction.objects.filter(idempotency_key=f"grant:invoice:{invoice.id}")
+    assert not grant.exists()
+
+    # when: the deletion is processed, then the retry
+    ended = record(event_for(deleted, "customer.subscription.deleted"))
+    assert stripe_event_process(event_pk=ended.pk) == EventStatus.PROCESSED
+    assert stripe_event_process(event_pk=paid.pk) == EventStatus.PROCESSED
+
+    # then: the new subscription's invoice granted a month of Basic, to the new subscription
+    row = Invoice.objects.get(stripe_invoice_id=invoice.id)
+    assert row.subscription.stripe_subscription_id == new.id
+    assert grant.get().entries.get(account__kind="wallet").amount == 2_000 * MICRO
 
 
 def record(payload: dict) -> StripeEvent:
