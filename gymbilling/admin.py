@@ -124,7 +124,7 @@ class StripeEventAdmin(ReadOnlyAdmin):
 
 @admin.register(OverageReport)
 class OverageReportAdmin(ReadOnlyAdmin):
-    list_display = ["identifier", "organization", "credits", "sent_at", "created_at"]
+    list_display = ["identifier", "organization", "credits", "used_at", "sent_at", "created_at"]
 
 
 @admin.register(PaymentReversal)

@@ -362,6 +362,12 @@ class OverageReport(models.Model):
     )
     lot_id = models.BigIntegerField(help_text="The overage allowance lot this usage burned.")
     credits = models.PositiveBigIntegerField(help_text="Whole credits in this batch.")
+    used_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the batch's last credit was used, within the allowance's period: "
+        "the meter event's timestamp, so Stripe bills it in that period.",
+    )
     sent_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

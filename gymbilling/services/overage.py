@@ -11,16 +11,23 @@ report, as one meter event whose identifier is the lot and the running total
 (`ovg_<lot>_<total>`). The OverageReport row is written before the call and
 marked sent after, so a crash in between resends the same identifier, which
 Stripe refuses as a duplicate: each credit is invoiced once.
+
+Stripe bills a meter event in the period its timestamp falls in, so each is
+stamped with when its credits were used, not when the run reports them:
+usage of a period's last minutes, reported after its end (within Stripe's
+hour of invoice finalization grace), is billed with that period, and so is
+that of a subscription ending then. A batch never spans two periods: an
+allowance is one period's, and a batch is one allowance's.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q, Sum
+from django.db.models import F, Max, Q, Sum
 from django.utils import timezone
 
 from gymbilling import stripe_client
@@ -44,6 +51,33 @@ def overage_used(lot: CreditLot) -> int:
         or 0
     )
     return lot.amount - lot.remaining + expired  # expiry movements are negative
+
+
+# Stripe refuses a meter event stamped more than 35 days in the past; an
+# hour's margin covers the clocks and the call.
+METER_EVENT_MAX_AGE = timedelta(days=35) - timedelta(hours=1)
+
+
+def overage_used_at(lot: CreditLot) -> datetime | None:
+    """When the allowance's latest credit was used, inside its period.
+
+    A job held before the period's end and settled after it burned that
+    period's allowance: it is that period's usage, stamped at its last second.
+    """
+    used_at = (
+        LotMovement.objects.filter(lot=lot, amount__lt=0)
+        .exclude(transaction__kind=TransactionKind.EXPIRY)
+        .aggregate(at=Max("transaction__created_at"))["at"]
+    )
+    if used_at is None or lot.expires_at is None:
+        return used_at
+    return min(used_at, lot.expires_at - timedelta(seconds=1))
+
+
+def meter_timestamp(*, used_at: datetime, now: datetime) -> int:
+    """The meter event's timestamp: the usage's, unless Stripe would refuse it as too old
+    (a batch that waited weeks, Stripe or beat down): then the oldest it takes."""
+    return int(max(used_at, now - METER_EVENT_MAX_AGE).timestamp())
 
 
 def _invoice_id(lot: CreditLot) -> str:
@@ -93,6 +127,7 @@ def overage_report(*, now=None) -> int:
                         subscription=subscription,
                         lot_id=lot.pk,
                         credits=used - done,
+                        used_at=overage_used_at(lot) or now,
                     )
         except IntegrityError:
             pass  # another run wrote this batch; it is sent below
@@ -105,7 +140,7 @@ def overage_report(*, now=None) -> int:
                 customer=report.organization.billing_customer.stripe_customer_id,
                 value=report.credits,
                 identifier=report.identifier,
-                timestamp=int(now.timestamp()),
+                timestamp=meter_timestamp(used_at=report.used_at or report.created_at, now=now),
             )
         except stripe_client.StripeRequestRefused:
             # This report alone (say, a customer deleted at Stripe): it stays

@@ -4,9 +4,11 @@ is unspent, record the rest as a loss and freeze reselling; stripe_reconcile."""
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.models import (
@@ -20,6 +22,7 @@ from gymbilling.models import (
 from gymbilling.reconcile import stripe_reconcile
 from gymbilling.services import overage_report, stripe_event_process
 from gymbilling.services.invoices import invoice_payment_intent_id, invoice_sync
+from gymbilling.services.overage import meter_timestamp, overage_used_at
 from metering.models import MICRO, CreditLot, JournalTransaction
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
@@ -51,6 +54,49 @@ def test_overage_is_reported_to_the_meter_once(customer, subscribed, stripe_stan
     spend(org, 600_000, key="job-2")
     assert overage_report() == 1
     assert sum(int(e["value"]) for e in stripe_standin.meter_events(cus)) == 501
+
+
+def test_overage_is_stamped_with_when_it_was_used_not_when_it_was_reported(
+    customer, subscribed, stripe_standin
+):
+    # given: 10 credits of overage used a minute before T (a period's end, say)
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    used_at = timezone.now()
+    period_end = used_at + timedelta(minutes=1)
+
+    # when: the report runs a minute after T
+    assert overage_report(now=period_end + timedelta(minutes=1)) == 10
+
+    # then: Stripe's meter event is stamped inside the period, at the usage
+    cus = BillingCustomer.objects.get(organization=org).stripe_customer_id
+    [event] = stripe_standin.meter_events(cus)
+    assert used_at.timestamp() - 5 <= int(event["timestamp"]) <= period_end.timestamp()
+
+
+def test_overage_stamps_stay_in_their_period_and_in_stripe_s_window(
+    customer, subscribed, stripe_standin
+):
+    # given: a period's overage allowance, and a job held in it that settles after its end
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_000 * MICRO, key="job-1")
+    hold_place(organization=org, amount=10 * MICRO, key="job-2")
+    allowance = CreditLot.objects.get(organization=org, source="overage")
+    period_end = timezone.now() - timedelta(seconds=30)  # as if the period ended meanwhile
+    allowance.expires_at = period_end
+
+    # when: the job settles
+    hold_capture(key="job-2", amount=10 * MICRO)
+
+    # then: its usage is the period's, stamped at the period's last second
+    assert overage_used_at(allowance) == period_end - timedelta(seconds=1)
+    # and a batch older than Stripe takes (35 days) is stamped as old as it takes
+    now = period_end + timedelta(days=40)
+    assert meter_timestamp(used_at=period_end, now=now) == int(
+        (now - timedelta(days=35) + timedelta(hours=1)).timestamp()
+    )
 
 
 def test_an_overage_batch_lost_in_a_crash_is_resent_with_the_same_identifier(
