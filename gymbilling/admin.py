@@ -53,6 +53,12 @@ class BillingCustomerAdmin(admin.ModelAdmin):
     readonly_fields = ["organization", "stripe_customer_id", "created_at"]
     actions = ["unfreeze_resale"]
 
+    def has_delete_permission(self, request, obj=None):
+        # Every later invoice.paid finds its organization through this row: without it
+        # the customer is still charged and granted nothing. The delete view and the
+        # "delete selected" action both go with this permission.
+        return False
+
     @admin.action(description="Allow reselling again (after a refund or dispute is resolved)")
     def unfreeze_resale(self, request, queryset):
         count = queryset.update(resale_frozen_at=None, resale_frozen_reason="")
