@@ -17,6 +17,12 @@ class UserAdmin(BaseUserAdmin):
     )
     add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "password1", "password2")}),)
 
+    def has_delete_permission(self, request, obj=None):
+        # Staff deactivate a person (is_active) instead: a deleted user's audit trail
+        # loses its actor, and the API keys they made must keep naming their creator
+        # (ApiKey.created_by is PROTECT; a deactivated creator's admin keys are refused).
+        return False
+
 
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):

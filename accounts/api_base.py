@@ -204,13 +204,17 @@ class ApiContentNegotiation(DefaultContentNegotiation):
 def _require_key_creator_manages(key, organization: Organization) -> None:
     """An `admin` key's power is its creator's: it works only while the person who created
     it is an owner or admin of the organization, so demoting or removing an admin disarms
-    the admin keys they made (inference and other scopes keep working). A key made with
+    the admin keys they made (inference and other scopes keep working); so does
+    deactivating them (staff do that rather than delete a user). A key made with
     `manage.py apikey_create` has no creator: the operator's, its scope alone decides. One
     query, on admin endpoints only."""
     if key.created_by_id is None:
         return
     if not Membership.objects.filter(
-        organization=organization, user_id=key.created_by_id, role__in=MANAGERS
+        organization=organization,
+        user_id=key.created_by_id,
+        user__is_active=True,
+        role__in=MANAGERS,
     ).exists():
         raise ApplicationError(
             code="permission_denied",

@@ -168,8 +168,11 @@ class ApiKey(models.Model):
     scopes = models.JSONField(default=list)
     # Optional per-key ceiling under the organization's limit.
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    # An admin-scoped key acts with its creator's role (accounts.api_base), and a key with
+    # no creator is an operator's, whose scope alone decides: deleting the creator must
+    # not turn their keys into operator keys. People leave by deactivation instead.
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(null=True, blank=True)

@@ -98,8 +98,8 @@ def _require_owner_for(organization: Organization, actor, *roles: str, actor_key
     An API key does so only while the person who created it is an owner of
     the organization: an admin's key with the admin scope must not do what
     the admin may not, and a key without a creator (an operator's) or whose
-    creator left may not either. A staff member's key is no staff member. No
-    actor and no key: the system acting.
+    creator left (or was deactivated) may not either. A staff member's key is
+    no staff member. No actor and no key: the system acting.
     """
     if Role.OWNER not in roles or (actor is None and actor_key is None):
         return
@@ -107,7 +107,7 @@ def _require_owner_for(organization: Organization, actor, *roles: str, actor_key
         return
     person = actor.pk if actor is not None else actor_key.created_by_id
     if not Membership.objects.filter(
-        organization=organization, user_id=person, role=Role.OWNER
+        organization=organization, user_id=person, user__is_active=True, role=Role.OWNER
     ).exists():
         raise _refused(
             "Only an owner can make someone an owner or change an owner's role (with an API "

@@ -1,0 +1,107 @@
+"""People and organizations in the Django admin, as staff use it."""
+
+from __future__ import annotations
+
+import pytest
+from django.db.models import ProtectedError
+from django.test import Client
+
+from accounts.errors import ApplicationError
+from accounts.models import ApiKey, Membership, Role, Scope, User
+from accounts.services import apikey_create, membership_set_role
+from tests.accounts.conftest import key_client
+from tests.factories import OrganizationFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff(admin_user) -> Client:
+    """A superuser signed in to the admin (this folder's `admin_client` is an API key's)."""
+    client = Client()
+    client.force_login(admin_user)
+    return client
+
+
+def user_form(user: User, **changes) -> dict:
+    """The admin's change form for `user` as the page fills it, with `changes`."""
+    form = {
+        "email": user.email,
+        "first_name": user.first_name,
+        "last_name": user.last_name,
+        "is_active": "on" if user.is_active else "",
+        "date_joined_0": user.date_joined.strftime("%Y-%m-%d"),
+        "date_joined_1": user.date_joined.strftime("%H:%M:%S"),
+    }
+    form.update(changes)
+    return {name: value for name, value in form.items() if value != ""}
+
+
+def _key_of(user, organization, scopes=(Scope.ADMIN, Scope.INFERENCE)) -> str:
+    _key, raw = apikey_create(
+        organization=organization, name="ops", scopes=list(scopes), actor=user
+    )
+    return raw
+
+
+# --- leaving: deactivate, never delete ------------------------------------------------------
+
+
+def test_staff_cannot_delete_a_user_and_the_database_keeps_their_keys_creator(staff):
+    # given an admin who made an API key
+    org = OrganizationFactory(seats=5)
+    admin = UserFactory()
+    Membership.objects.create(organization=org, user=admin, role=Role.ADMIN)
+    _key_of(admin, org)
+
+    # when staff open the user's delete page, and when code deletes the user
+    page = staff.post(f"/admin/accounts/user/{admin.pk}/delete/", {"post": "yes"})
+    with pytest.raises(ProtectedError):
+        admin.delete()
+
+    # then both are refused: the key still names its creator, so it can never
+    # become a creator-less (operator's) key
+    assert page.status_code == 403
+    assert ApiKey.objects.get(organization=org).created_by_id == admin.pk
+
+
+def test_a_deactivated_admins_admin_key_is_refused_and_its_other_scopes_work(staff):
+    # given an admin's key with the admin and inference scopes
+    org = OrganizationFactory(seats=5)
+    admin = UserFactory()
+    Membership.objects.create(organization=org, user=admin, role=Role.ADMIN)
+    api = key_client(_key_of(admin, org))
+    assert api.get("/api/v1/keys").status_code == 200
+
+    # when staff deactivate the admin in the admin
+    saved = staff.post(f"/admin/accounts/user/{admin.pk}/change/", user_form(admin, is_active=""))
+    assert saved.status_code == 302, saved.content
+    assert not User.objects.get(pk=admin.pk).is_active
+
+    # then the key is refused on admin endpoints, as a departed admin's is,
+    # and makes no key; its inference scope still reads the models
+    refused = api.post("/api/v1/keys", {"name": "again", "scopes": ["admin"]}, format="json")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "permission_denied"
+    assert api.get("/api/v1/keys").status_code == 403
+    assert not ApiKey.objects.filter(name="again").exists()
+    assert api.get("/v1/models").status_code == 200
+
+
+def test_a_deactivated_owners_key_can_no_longer_make_an_owner(staff):
+    # given an owner's admin key, and a member
+    org = OrganizationFactory(seats=5)
+    owner, member = UserFactory(), UserFactory()
+    Membership.objects.create(organization=org, user=owner, role=Role.OWNER)
+    joined = Membership.objects.create(organization=org, user=member, role=Role.MEMBER)
+    _key_of(owner, org)
+    key = ApiKey.objects.get(organization=org)
+
+    # when the owner is deactivated, then the key asks the service itself (the
+    # view's own check of the creator aside) to make the member owner
+    staff.post(f"/admin/accounts/user/{owner.pk}/change/", user_form(owner, is_active=""))
+    with pytest.raises(ApplicationError) as refused:
+        membership_set_role(membership=joined, role=Role.OWNER, actor_key=key)
+
+    # then it is refused and the member is still a member
+    assert refused.value.code == "permission_denied"
+    assert Membership.objects.get(pk=joined.pk).role == Role.MEMBER
