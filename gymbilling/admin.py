@@ -59,7 +59,11 @@ class BillingCustomerAdmin(admin.ModelAdmin):
         # "delete selected" action both go with this permission.
         return False
 
-    @admin.action(description="Allow reselling again (after a refund or dispute is resolved)")
+    # Without `permissions` Django offers an action to anyone who may view the list.
+    @admin.action(
+        description="Allow reselling again (after a refund or dispute is resolved)",
+        permissions=["change"],
+    )
     def unfreeze_resale(self, request, queryset):
         count = queryset.update(resale_frozen_at=None, resale_frozen_reason="")
         self.message_user(request, f"Reselling allowed again for {count} organizations.")
@@ -111,7 +115,15 @@ class StripeEventAdmin(ReadOnlyAdmin):
     search_fields = ["stripe_event_id", "object_id"]
     actions = ["replay"]
 
-    @admin.action(description="Replay: process again now (reads the current objects from Stripe)")
+    def has_replay_permission(self, request) -> bool:
+        """Replaying grants credits and changes subscriptions, so it needs the change
+        permission, though the event itself stays read-only here (what Stripe sent)."""
+        return request.user.has_perm("gymbilling.change_stripeevent")
+
+    @admin.action(
+        description="Replay: process again now (reads the current objects from Stripe)",
+        permissions=["replay"],
+    )
     def replay(self, request, queryset):
         results = {}
         for event in queryset.order_by("stripe_created_at"):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.admin import helpers
+from django.contrib.auth.models import Permission
+from django.test import Client
+from django.utils import timezone
 
-from gymbilling.models import BillingCustomer
-from tests.factories import OrganizationFactory
+from gymbilling.models import BillingCustomer, StripeEvent
+from tests.factories import OrganizationFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -16,6 +19,26 @@ def _customer(**fields) -> BillingCustomer:
     return BillingCustomer.objects.create(
         organization=organization, stripe_customer_id=f"cus_{organization.slug}", **fields
     )
+
+
+def staff_with(*codenames: str) -> Client:
+    """A staff member signed in to the admin with these gymbilling permissions only."""
+    user = UserFactory(is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="gymbilling", codename__in=codenames)
+    )
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def run_action(client: Client, changelist: str, action: str, *pks: int):
+    return client.post(changelist, {"action": action, helpers.ACTION_CHECKBOX_NAME: list(pks)})
+
+
+def offered_actions(client: Client, changelist: str) -> set[str]:
+    form = client.get(changelist).context["action_form"]  # None: no action at all
+    return {name for name, _label in form.fields["action"].choices} if form else set()
 
 
 def test_a_billing_customer_cannot_be_deleted_in_the_admin(admin_client):
@@ -35,3 +58,51 @@ def test_a_billing_customer_cannot_be_deleted_in_the_admin(admin_client):
     assert page.status_code == 403
     assert listed.status_code == 302  # back to the list: no such action
     assert BillingCustomer.objects.filter(pk=customer.pk).exists()
+
+
+# --- actions need more than the view permission ----------------------------------------------
+
+
+def test_staff_who_may_only_view_customers_cannot_unfreeze_resale():
+    # given a customer frozen after a dispute, and staff who may only view customers
+    frozen_at = timezone.now()
+    customer = _customer(resale_frozen_at=frozen_at, resale_frozen_reason="dispute dp_1")
+    viewer = staff_with("view_billingcustomer")
+    changelist = "/admin/gymbilling/billingcustomer/"
+
+    # when they post the unfreeze action
+    run_action(viewer, changelist, "unfreeze_resale", customer.pk)
+
+    # then the customer is still frozen, and the action is not offered to them
+    customer.refresh_from_db()
+    assert customer.resale_frozen_at == frozen_at
+    assert customer.resale_frozen_reason == "dispute dp_1"
+    assert "unfreeze_resale" not in offered_actions(viewer, changelist)
+    editor = staff_with("view_billingcustomer", "change_billingcustomer")
+    assert "unfreeze_resale" in offered_actions(editor, changelist)
+
+
+def test_staff_who_may_only_view_stripe_events_cannot_replay_one():
+    # given a failed event, and staff who may only view events
+    event = StripeEvent.objects.create(
+        stripe_event_id="evt_admin_replay",
+        type="invoice.paid",
+        stripe_created_at=timezone.now(),
+        payload={},
+        status="failed",
+        attempts=3,
+        last_error="Stripe unreachable",
+    )
+    viewer = staff_with("view_stripeevent")
+    changelist = "/admin/gymbilling/stripeevent/"
+
+    # when they post the replay action
+    run_action(viewer, changelist, "replay", event.pk)
+
+    # then the event was not processed again, and the action is offered only
+    # to staff with the change permission (the event itself stays read-only)
+    event.refresh_from_db()
+    assert (event.status, event.attempts, event.processing_started_at) == ("failed", 3, None)
+    assert "replay" not in offered_actions(viewer, changelist)
+    editor = staff_with("view_stripeevent", "change_stripeevent")
+    assert "replay" in offered_actions(editor, changelist)
