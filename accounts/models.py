@@ -50,6 +50,17 @@ class User(AbstractUser):
         return self.email
 
 
+def model_tiers_problem(value) -> str | None:
+    """Why `value` is not a list of access tier names, or None when it is one.
+
+    The column is JSON, so a form takes "pro" or 3 as readily as ["pro"]; inference
+    reads the entitlement as a list, and a string would grant its letters as tiers.
+    """
+    if isinstance(value, list) and all(isinstance(tier, str) and tier for tier in value):
+        return None
+    return 'A JSON list of access tier names, e.g. ["basic", "pro"].'
+
+
 class Standing(models.TextChoices):
     ACTIVE = "active", "Active"
     PAST_DUE = "past_due", "Past due (grace period)"

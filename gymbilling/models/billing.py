@@ -9,8 +9,26 @@ mirror, refreshed from Stripe's current object whenever an event names it.
 
 from __future__ import annotations
 
+import re
+
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+
+from accounts.models import model_tiers_problem
+from metering.models import Priority
+
+# Stripe's form of an ISO 4217 code; prices and payments compare it as a string.
+_CURRENCY = re.compile(r"^[a-z]{3}$")
+# Longest a credit pack may last: a grant's expiry must stay a datetime, and ten
+# years is past any pack sold (a year is the default).
+PACK_VALIDITY_DAYS_MAX = 3650
+
+
+def _currency_problems(currency) -> dict[str, str]:
+    if isinstance(currency, str) and _CURRENCY.match(currency):
+        return {}
+    return {"currency": 'The lower-case ISO 4217 code Stripe uses, e.g. "usd" or "eur".'}
 
 
 class Plan(models.Model):
@@ -84,6 +102,17 @@ class Plan(models.Model):
     def __str__(self) -> str:
         return self.code
 
+    def clean(self) -> None:
+        # What a purchase later relies on: refused here, in the admin's form, rather
+        # than when a customer subscribes.
+        errors = _currency_problems(self.currency)
+        if problem := model_tiers_problem(self.model_tiers):
+            errors["model_tiers"] = problem
+        if self.max_priority not in Priority.values:
+            errors["max_priority"] = f"One of the job priorities: {', '.join(Priority.values)}."
+        if errors:
+            raise ValidationError(errors)
+
     def amount_for(self, seats: int) -> int:
         """Minor units per month for this many seats."""
         return self.monthly_price * (seats if self.seat_based else 1)
@@ -123,6 +152,17 @@ class CreditPack(models.Model):
 
     def __str__(self) -> str:
         return self.code
+
+    def clean(self) -> None:
+        # The grant after payment dates its lot validity_days ahead: 0 grants credits
+        # already expired, and a huge value overflows the date, after the customer paid.
+        errors = _currency_problems(self.currency)
+        if self.validity_days is not None and not (
+            1 <= self.validity_days <= PACK_VALIDITY_DAYS_MAX
+        ):
+            errors["validity_days"] = f"From 1 to {PACK_VALIDITY_DAYS_MAX} days."
+        if errors:
+            raise ValidationError(errors)
 
 
 class PriceKind(models.TextChoices):

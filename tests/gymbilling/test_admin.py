@@ -8,7 +8,7 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
-from gymbilling.models import BillingCustomer, StripeEvent
+from gymbilling.models import BillingCustomer, CreditPack, Plan, StripeEvent
 from tests.factories import OrganizationFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -106,3 +106,78 @@ def test_staff_who_may_only_view_stripe_events_cannot_replay_one():
     assert "replay" not in offered_actions(viewer, changelist)
     editor = staff_with("view_stripeevent", "change_stripeevent")
     assert "replay" in offered_actions(editor, changelist)
+
+
+# --- plans and packs: what a purchase relies on is checked when staff save it -----------------
+
+PLAN_FORM = {
+    "code": "admin-plan",
+    "name": "Admin plan",
+    "sort_order": 0,
+    "currency": "usd",
+    "monthly_price": 2000,
+    "monthly_credits": 20_000_000,
+    "rollover_percent": 0,
+    "min_seats": 1,
+    "max_seats": 1,
+    "model_tiers": '["basic", "pro"]',
+    "max_priority": "standard",
+    "requests_per_minute": 60,
+    "tokens_per_minute": 100_000,
+    "concurrent_jobs": 4,
+    "overage_price_per_1k": 0,
+    "fair_use_ceiling": 0,
+}
+PACK_FORM = {
+    "code": "admin-pack",
+    "name": "Admin pack",
+    "credits": 1_000_000,
+    "price": 500,
+    "currency": "usd",
+    "validity_days": 365,
+}
+
+
+def field_errors(response) -> dict[str, list[str]]:
+    assert response.status_code == 200, "the form was saved"
+    return response.context["adminform"].form.errors
+
+
+def test_staff_add_a_plan_and_a_pack_that_are_well_formed(admin_client):
+    # when / then: both are saved as given
+    assert admin_client.post("/admin/gymbilling/plan/add/", PLAN_FORM).status_code == 302
+    assert admin_client.post("/admin/gymbilling/creditpack/add/", PACK_FORM).status_code == 302
+    assert Plan.objects.get(code="admin-plan").model_tiers == ["basic", "pro"]
+    assert CreditPack.objects.get(code="admin-pack").validity_days == 365
+
+
+PLAN, PACK = (Plan, PLAN_FORM), (CreditPack, PACK_FORM)
+
+
+@pytest.mark.parametrize(
+    "kind, field, value",
+    [
+        (PLAN, "model_tiers", '"pro"'),
+        (PLAN, "model_tiers", "3"),
+        (PLAN, "model_tiers", '["basic", 2]'),
+        (PLAN, "max_priority", "urgent"),
+        (PLAN, "max_priority", "Priority"),
+        (PLAN, "currency", "USD"),
+        (PLAN, "currency", "us"),
+        (PACK, "validity_days", 0),
+        (PACK, "validity_days", 3651),
+        (PACK, "validity_days", 3_000_000),
+        (PACK, "currency", "Eur"),
+    ],
+)
+def test_a_plan_or_pack_a_purchase_would_break_on_is_refused_with_the_field_named(
+    admin_client, kind, field, value
+):
+    # when staff add a plan or a pack with the value
+    model, form = kind
+    add = f"/admin/gymbilling/{model._meta.model_name}/add/"
+    response = admin_client.post(add, {**form, field: value})
+
+    # then the form names the field, and nothing was saved
+    assert list(field_errors(response)) == [field]
+    assert not model.objects.filter(code=form["code"]).exists()
