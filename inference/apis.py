@@ -9,7 +9,6 @@ strings) and a `gym` object in the body (micro-credits).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -21,7 +20,6 @@ from datetime import time as dt_time
 from django.conf import settings
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
-from django.template import Context, Engine
 from django.utils import timezone
 from django.utils.http import http_date
 from drf_spectacular.types import OpenApiTypes
@@ -38,6 +36,7 @@ from accounts.api_base import ApiContentNegotiation, OrgApiView, StrictSerialize
 from accounts.errors import ApplicationError
 from accounts.models import Scope
 from inference.callback_client import callback_url_validate
+from inference.chat_templates import chat_template_render
 from inference.models import JOB_ERROR_CODES, CatalogModel, Job, JobStatus, ModelStatus
 from inference.openai_body import generation_body, text_storable
 from inference.relay import HEARTBEAT, relay_events
@@ -62,21 +61,9 @@ STREAM_FIRST_EVENT_WAIT_S = 0.5
 # within its poll (0.1 s), and the settlement follows the engine's end.
 FINAL_AFTER_CANCEL_WAIT_S = 2.0
 
-# Chat templates are plain text, not HTML: nothing may be escaped.
-_TEMPLATES = Engine(autoescape=False)
-
-
-@functools.lru_cache(maxsize=128)
-def _chat_template(source: str):
-    # Compiled once per template text, not per request (it was about 4% of
-    # the API process's CPU per chat request): keyed by the text itself, so
-    # an edit in the admin is a new entry, never a stale one. A compiled
-    # Django template renders safely from many threads at once.
-    return _TEMPLATES.from_string(source)
-
 
 def render_chat(model: CatalogModel, messages: list[dict]) -> str:
-    return _chat_template(model.chat_template).render(Context({"messages": messages}))
+    return chat_template_render(model.chat_template, messages)
 
 
 class _JsonWhateverAccepted(ApiContentNegotiation):

@@ -9,7 +9,9 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.template import TemplateDoesNotExist, TemplateSyntaxError
 
+from inference.chat_templates import chat_template_render
 from metering.models import Priority, unique_not_like_indexed
 
 # host:port, the host a name (letters, digits, '.', '-', '_'), an IPv4
@@ -77,6 +79,13 @@ class ModelStatus(models.TextChoices):
     ACTIVE = "active", "Active"
     DEPRECATED = "deprecated", "Deprecated"
     RETIRED = "retired", "Retired"
+
+
+# What the catalog's clean() renders a chat template with, as a chat request would.
+_SAMPLE_CONVERSATION = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hello"},
+]
 
 
 class CatalogModel(models.Model):
@@ -161,6 +170,17 @@ class CatalogModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        # The API renders this template for every chat request: one that does not
+        # compile (a Jinja-style `messages[0]`, an unclosed tag) or cannot render (an
+        # include of a file that is not there) would answer each of them with a 500.
+        try:
+            chat_template_render(self.chat_template, _SAMPLE_CONVERSATION)
+        except (TemplateSyntaxError, TemplateDoesNotExist) as exc:
+            raise ValidationError(
+                {"chat_template": f"This Django template does not render: {exc}"}
+            ) from None
 
     def retired_on(self, day: date) -> bool:
         """Retired, or deprecated and at or past its deprecation date."""
