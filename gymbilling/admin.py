@@ -15,7 +15,7 @@ from gymbilling.models import (
     Subscription,
 )
 from gymbilling.services import stripe_event_process
-from metering.admin import ReadOnlyAdmin
+from metering.admin import AccountBalanceAdmin, ReadOnlyAdmin
 
 
 @admin.register(Plan)
@@ -169,6 +169,7 @@ from gymbilling.models import (  # noqa: E402
     MarketPayout,
     MarketReversal,
     MoneyAccount,
+    MoneyEntry,
     MoneyTransaction,
 )
 
@@ -251,8 +252,9 @@ class MarketReversalAdmin(ReadOnlyAdmin):
 
 
 @admin.register(MoneyAccount)
-class MoneyAccountAdmin(ReadOnlyAdmin):
-    list_display = ["id", "kind", "organization", "currency", "balance"]
+class MoneyAccountAdmin(AccountBalanceAdmin):
+    entry_model = MoneyEntry
+    list_display = ["id", "kind", "organization", "currency", "true_balance"]
     list_filter = ["kind", "currency"]
 
 

@@ -5,6 +5,8 @@ corrections go through the services (adjustments, reversals).
 """
 
 from django.contrib import admin
+from django.db.models import Case, F, Model, OuterRef, Subquery, Sum, When
+from django.db.models.functions import Coalesce
 
 from metering.models import (
     CreditLot,
@@ -28,6 +30,44 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class AccountBalanceAdmin(ReadOnlyAdmin):
+    """Accounts with their true balance, for credits (LedgerAccount) and money (MoneyAccount).
+
+    A system account (no organization) keeps no cached balance, by design: every
+    settlement touches it, so a cache would be one hot row serializing them all. Its
+    `balance` column stays 0 and its balance is the sum of its entries, which the list
+    adds in the same query (the SUM runs for system rows only); an organization's
+    account shows its cache.
+    """
+
+    entry_model: type[Model]  # the account's entries: an `account` and an `amount`
+    exclude = ["balance"]  # 0 for a system account: shown as true_balance instead
+    readonly_fields = ["true_balance"]
+
+    def get_queryset(self, request):
+        summed = (
+            self.entry_model.objects.filter(account=OuterRef("pk"))
+            .order_by()
+            .values("account")
+            .annotate(total=Sum("amount"))
+            .values("total")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                _true_balance=Case(
+                    When(organization__isnull=True, then=Coalesce(Subquery(summed), 0)),
+                    default=F("balance"),
+                )
+            )
+        )
+
+    @admin.display(description="balance (system: sum of entries)", ordering="_true_balance")
+    def true_balance(self, account) -> int:
+        return account._true_balance
+
+
 class EntryInline(admin.TabularInline):
     model = LedgerEntry
     fields = ["account", "amount", "balance_after"]
@@ -40,8 +80,9 @@ class EntryInline(admin.TabularInline):
 
 
 @admin.register(LedgerAccount)
-class LedgerAccountAdmin(ReadOnlyAdmin):
-    list_display = ["id", "organization", "kind", "balance", "next_expiry_at"]
+class LedgerAccountAdmin(AccountBalanceAdmin):
+    entry_model = LedgerEntry
+    list_display = ["id", "organization", "kind", "true_balance", "next_expiry_at"]
     list_filter = ["kind"]
     search_fields = ["organization__slug"]
     list_select_related = ["organization"]

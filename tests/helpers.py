@@ -35,6 +35,15 @@ def system_balance(kind: str) -> int:
     return account_balance(account=account) if account else 0
 
 
+def changelist_column(page: str, field: str) -> dict[str, str]:
+    """An admin changelist's `field` column as rendered, by each row's id (its first column)."""
+    import re
+
+    rows = re.findall(r'<th class="field-id"><a [^>]*>(\d+)</a></th>(.*?)</tr>', page, re.S)
+    cell = re.compile(rf'<td class="field-{field}[^"]*">([^<]*)</td>')
+    return {pk: match[1] for pk, rest in rows if (match := cell.search(rest))}
+
+
 def wait_until(condition, *, timeout: float = 60.0, what: str = "the condition"):
     """Poll `condition` until it returns something truthy, and return that.
 

@@ -8,8 +8,10 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
-from gymbilling.models import BillingCustomer, CreditPack, Plan, StripeEvent
+from gymbilling.market.money import money_account, money_post
+from gymbilling.models import BillingCustomer, CreditPack, MoneyAccount, Plan, StripeEvent
 from tests.factories import OrganizationFactory, UserFactory
+from tests.helpers import changelist_column
 
 pytestmark = pytest.mark.django_db
 
@@ -181,3 +183,46 @@ def test_a_plan_or_pack_a_purchase_would_break_on_is_refused_with_the_field_name
     # then the form names the field, and nothing was saved
     assert list(field_errors(response)) == [field]
     assert not model.objects.filter(code=form["code"]).exists()
+
+
+# --- the marketplace's money accounts -------------------------------------------------------
+
+
+def _fee(seller, amount: int, key: str) -> None:
+    """Money from buyer payments clearing to platform fees (system accounts only, so
+    the sellers' proceeds still match their fills), through money_post."""
+    money_post(
+        kind="fee",
+        key=key,
+        currency="usd",
+        organization=seller,
+        postings=[
+            (money_account(kind="buyer_clearing", currency="usd"), -amount),
+            (money_account(kind="platform_fees", currency="usd"), amount),
+        ],
+    )
+
+
+def test_the_money_account_list_shows_a_system_accounts_balance_as_the_sum_of_its_entries(
+    admin_client,
+):
+    # given two postings between system accounts (no cached balance), and a
+    # seller's account
+    seller = OrganizationFactory()
+    _fee(seller, 1200, "fee:admin-1")
+    _fee(seller, 800, "fee:admin-2")
+    pending = money_account(kind="seller_pending", currency="usd", organization=seller)
+    clearing, fees = (
+        MoneyAccount.objects.get(kind=kind, organization=None)
+        for kind in ("buyer_clearing", "platform_fees")
+    )
+    assert clearing.balance == fees.balance == 0
+
+    # when finance open the money account list
+    page = admin_client.get("/admin/gymbilling/moneyaccount/").content.decode()
+
+    # then each system account shows the sum of its entries and the seller's
+    # account its cached balance, under a heading that says how each is made
+    shown = changelist_column(page, "true_balance")
+    assert [shown[str(a.pk)] for a in (clearing, fees, pending)] == ["-2000", "2000", "0"]
+    assert "Balance (system: sum of entries)" in page
