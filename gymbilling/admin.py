@@ -256,6 +256,7 @@ class MoneyAccountAdmin(AccountBalanceAdmin):
     entry_model = MoneyEntry
     list_display = ["id", "kind", "organization", "currency", "true_balance"]
     list_filter = ["kind", "currency"]
+    list_select_related = ["organization"]  # one query for the page, not one per seller
 
 
 @admin.register(MoneyTransaction)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from django.contrib.admin import helpers
 from django.contrib.auth.models import Permission
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from gymbilling.market.money import money_account, money_post
@@ -226,3 +228,22 @@ def test_the_money_account_list_shows_a_system_accounts_balance_as_the_sum_of_it
     shown = changelist_column(page, "true_balance")
     assert [shown[str(a.pk)] for a in (clearing, fees, pending)] == ["-2000", "2000", "0"]
     assert "Balance (system: sum of entries)" in page
+
+
+def test_the_money_account_list_takes_as_many_queries_for_many_sellers_as_for_one(
+    admin_client,
+):
+    # given one seller's account, and the queries its list takes
+    money_account(kind="seller_pending", currency="usd", organization=OrganizationFactory())
+    with CaptureQueriesContext(connection) as one:
+        assert admin_client.get("/admin/gymbilling/moneyaccount/").status_code == 200
+
+    # when 30 more sellers have accounts
+    for _ in range(30):
+        money_account(kind="seller_pending", currency="usd", organization=OrganizationFactory())
+    with CaptureQueriesContext(connection) as many:
+        page = admin_client.get("/admin/gymbilling/moneyaccount/").content.decode()
+
+    # then the list, naming each seller, takes the same queries
+    assert len(changelist_column(page, "organization")) == 31
+    assert len(many.captured_queries) == len(one.captured_queries)
