@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
 from accounts.models import Organization, User
+from accounts.services import organization_entitlements_set
+from accounts.services.organizations import ENTITLEMENT_FIELDS
 
 
 @admin.register(User)
@@ -26,5 +28,27 @@ class UserAdmin(BaseUserAdmin):
 
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "created_at"]
+    list_display = ["slug", "name", "standing", "created_at"]
     search_fields = ["slug", "name"]
+
+    def save_model(self, request, obj, form, change):
+        """Entitlements (standing, tiers, priority, limits, seats) are written as billing
+        writes them, through organization_entitlements_set: under the organization's row
+        lock, and recorded in its audit log with the staff member's name. A plain save
+        would write every column from the form, over what billing set meanwhile."""
+        entitlements = {
+            name: getattr(obj, name) for name in ENTITLEMENT_FIELDS if name in form.changed_data
+        }
+        if change:
+            others = [name for name in form.changed_data if name not in ENTITLEMENT_FIELDS]
+            if others:
+                obj.save(update_fields=others)
+        else:
+            # Created with the defaults; what staff chose instead is set as a change.
+            for name in entitlements:
+                setattr(obj, name, Organization._meta.get_field(name).get_default())
+            obj.save()
+        if entitlements:
+            organization_entitlements_set(
+                organization=obj, reason=f"admin: set by {request.user}", **entitlements
+            )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser, BaseUserManager
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
@@ -94,6 +95,12 @@ class Organization(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+    def clean(self) -> None:
+        if self.model_tiers is None:  # the admin's empty field: no tiers beyond the default
+            self.model_tiers = []
+        if problem := model_tiers_problem(self.model_tiers):
+            raise ValidationError({"model_tiers": problem})
 
     @property
     def in_good_standing(self) -> bool:

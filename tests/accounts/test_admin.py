@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.db.models import ProtectedError
+from django.forms.models import model_to_dict
 from django.test import Client
 
 from accounts.errors import ApplicationError
-from accounts.models import ApiKey, Membership, Role, Scope, User
+from accounts.models import (
+    ApiKey,
+    AuditEvent,
+    Membership,
+    Organization,
+    Role,
+    Scope,
+    Standing,
+    User,
+)
 from accounts.services import apikey_create, membership_set_role
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory, UserFactory
@@ -23,18 +35,29 @@ def staff(admin_user) -> Client:
     return client
 
 
+def posted(fields: dict) -> dict:
+    """`fields` as a browser posts an admin form: a ticked box "on", an unticked box and
+    an empty field left out."""
+    return {
+        name: "on" if value is True else value
+        for name, value in fields.items()
+        if value is not None and value is not False and value != ""
+    }
+
+
 def user_form(user: User, **changes) -> dict:
     """The admin's change form for `user` as the page fills it, with `changes`."""
-    form = {
-        "email": user.email,
-        "first_name": user.first_name,
-        "last_name": user.last_name,
-        "is_active": "on" if user.is_active else "",
-        "date_joined_0": user.date_joined.strftime("%Y-%m-%d"),
-        "date_joined_1": user.date_joined.strftime("%H:%M:%S"),
-    }
-    form.update(changes)
-    return {name: value for name, value in form.items() if value != ""}
+    return posted(
+        {
+            "email": user.email,
+            "first_name": user.first_name,
+            "last_name": user.last_name,
+            "is_active": user.is_active,
+            "date_joined_0": user.date_joined.strftime("%Y-%m-%d"),
+            "date_joined_1": user.date_joined.strftime("%H:%M:%S"),
+            **changes,
+        }
+    )
 
 
 def _key_of(user, organization, scopes=(Scope.ADMIN, Scope.INFERENCE)) -> str:
@@ -74,7 +97,9 @@ def test_a_deactivated_admins_admin_key_is_refused_and_its_other_scopes_work(sta
     assert api.get("/api/v1/keys").status_code == 200
 
     # when staff deactivate the admin in the admin
-    saved = staff.post(f"/admin/accounts/user/{admin.pk}/change/", user_form(admin, is_active=""))
+    saved = staff.post(
+        f"/admin/accounts/user/{admin.pk}/change/", user_form(admin, is_active=False)
+    )
     assert saved.status_code == 302, saved.content
     assert not User.objects.get(pk=admin.pk).is_active
 
@@ -98,10 +123,81 @@ def test_a_deactivated_owners_key_can_no_longer_make_an_owner(staff):
 
     # when the owner is deactivated, then the key asks the service itself (the
     # view's own check of the creator aside) to make the member owner
-    staff.post(f"/admin/accounts/user/{owner.pk}/change/", user_form(owner, is_active=""))
+    staff.post(f"/admin/accounts/user/{owner.pk}/change/", user_form(owner, is_active=False))
     with pytest.raises(ApplicationError) as refused:
         membership_set_role(membership=joined, role=Role.OWNER, actor_key=key)
 
     # then it is refused and the member is still a member
     assert refused.value.code == "permission_denied"
     assert Membership.objects.get(pk=joined.pk).role == Role.MEMBER
+
+
+# --- organizations: entitlements go through their service -----------------------------------
+
+
+def organization_form(org: Organization, **changes) -> dict:
+    """The admin's form for `org` as the page fills it, with `changes`."""
+    return posted({**model_to_dict(org), "model_tiers": json.dumps(org.model_tiers), **changes})
+
+
+def test_staff_changing_an_entitlement_write_it_through_the_service_and_the_audit_log(
+    staff, admin_user
+):
+    # given an organization on the default limits
+    org = OrganizationFactory(requests_per_minute=60, model_tiers=["basic"])
+
+    # when staff raise its request limit and rename it in the admin
+    saved = staff.post(
+        f"/admin/accounts/organization/{org.pk}/change/",
+        organization_form(org, requests_per_minute=600, name="Renamed"),
+    )
+
+    # then both are saved, and the entitlement change is audited as billing's
+    # are, naming the staff member; the name is no entitlement
+    assert saved.status_code == 302, saved.content
+    org.refresh_from_db()
+    assert (org.requests_per_minute, org.name, org.model_tiers) == (600, "Renamed", ["basic"])
+    [event] = AuditEvent.objects.filter(
+        organization=org, action="organization.entitlements_changed"
+    )
+    assert event.data == {
+        "before": {"requests_per_minute": 60},
+        "after": {"requests_per_minute": 600},
+    }
+    assert admin_user.email in event.target
+
+
+def test_staff_adding_an_organization_with_entitlements_have_them_audited(staff):
+    # when staff add an organization that is suspended from the start
+    saved = staff.post(
+        "/admin/accounts/organization/add/",
+        organization_form(
+            Organization(slug="from-admin", name="From admin"), standing=Standing.SUSPENDED
+        ),
+    )
+
+    # then it exists suspended, and the audit log says who set that
+    assert saved.status_code == 302, saved.content
+    org = Organization.objects.get(slug="from-admin")
+    assert org.standing == Standing.SUSPENDED
+    [event] = AuditEvent.objects.filter(
+        organization=org, action="organization.entitlements_changed"
+    )
+    assert event.data["after"] == {"standing": "suspended"}
+
+
+@pytest.mark.parametrize("tiers", ['"pro"', "3", '["basic", null]'])
+def test_staff_cannot_give_an_organization_tiers_that_are_not_a_list_of_names(staff, tiers):
+    # given an organization
+    org = OrganizationFactory(model_tiers=["basic"])
+
+    # when staff save tiers that are not a list of names
+    response = staff.post(
+        f"/admin/accounts/organization/{org.pk}/change/", organization_form(org, model_tiers=tiers)
+    )
+
+    # then the form names the field, and the tiers are as they were
+    assert response.status_code == 200
+    assert list(response.context["adminform"].form.errors) == ["model_tiers"]
+    org.refresh_from_db()
+    assert org.model_tiers == ["basic"]
