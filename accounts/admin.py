@@ -1,13 +1,38 @@
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+from django.contrib.auth.forms import AdminUserCreationForm
+from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
+from django.core.exceptions import ValidationError
 
 from accounts.models import Organization, User
 from accounts.services import organization_entitlements_set
 from accounts.services.organizations import ENTITLEMENT_FIELDS
 
 
+class _LowerCaseEmail:
+    """An address is stored lower-cased, as the manager and sign-up store it and as
+    invitations compare it: one kept with capitals matches no invitation. And unique
+    whatever its case: Ann@x and ann@x are one person."""
+
+    def clean_email(self):
+        email = User.objects.normalize_email(self.cleaned_data["email"]).lower()
+        if User.objects.filter(email__iexact=email).exclude(pk=self.instance.pk).exists():
+            raise ValidationError("A user with that email address already exists.", code="unique")
+        return email
+
+
+class UserCreationForm(_LowerCaseEmail, AdminUserCreationForm):
+    pass
+
+
+class UserChangeForm(_LowerCaseEmail, BaseUserChangeForm):
+    pass
+
+
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
+    add_form = UserCreationForm
+    form = UserChangeForm
     ordering = ["email"]
     list_display = ["email", "first_name", "last_name", "is_staff", "is_active"]
     search_fields = ["email", "first_name", "last_name"]

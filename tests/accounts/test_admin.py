@@ -20,7 +20,12 @@ from accounts.models import (
     Standing,
     User,
 )
-from accounts.services import apikey_create, membership_set_role
+from accounts.services import (
+    apikey_create,
+    invitation_accept,
+    invitation_create,
+    membership_set_role,
+)
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory, UserFactory
 
@@ -201,3 +206,59 @@ def test_staff_cannot_give_an_organization_tiers_that_are_not_a_list_of_names(st
     assert list(response.context["adminform"].form.errors) == ["model_tiers"]
     org.refresh_from_db()
     assert org.model_tiers == ["basic"]
+
+
+# --- email addresses: lower-cased, one person per address whatever its case -----------------
+
+PASSWORD = "a long and unusual passphrase 7"
+
+
+def test_staff_adding_a_user_with_capitals_store_the_address_as_invitations_compare_it(staff):
+    # given an open invitation to the lower-cased address
+    org = OrganizationFactory(seats=5)
+    _invitation, token = invitation_create(organization=org, email="ann.lee@example.test")
+
+    # when staff add the person with capitals in their address
+    saved = staff.post(
+        "/admin/accounts/user/add/",
+        {"email": "Ann.Lee@Example.TEST", "password1": PASSWORD, "password2": PASSWORD},
+    )
+
+    # then the address is stored lower-cased, and the invitation is theirs to accept
+    assert saved.status_code == 302, saved.content
+    user = User.objects.get(email="ann.lee@example.test")
+    invitation_accept(token=token, user=user)
+    assert Membership.objects.filter(organization=org, user=user).exists()
+
+
+def test_staff_cannot_add_a_second_user_whose_address_differs_only_in_case(staff):
+    # given a user
+    UserFactory(email="bob@example.test")
+
+    # when staff add the same address with capitals
+    response = staff.post(
+        "/admin/accounts/user/add/",
+        {"email": "BOB@Example.test", "password1": PASSWORD, "password2": PASSWORD},
+    )
+
+    # then the form names the address, and there is still one such user
+    assert response.status_code == 200
+    assert list(response.context["adminform"].form.errors) == ["email"]
+    assert User.objects.filter(email__iexact="bob@example.test").count() == 1
+
+
+def test_staff_changing_an_address_store_it_lower_cased_and_never_anothers(staff):
+    # given two users
+    carol, dave = UserFactory(email="carol@example.test"), UserFactory(email="dave@example.test")
+    change = f"/admin/accounts/user/{carol.pk}/change/"
+
+    # when staff give the first a new address with capitals, then the second's
+    renamed = staff.post(change, user_form(carol, email="Carol.New@Example.TEST"))
+    taken = staff.post(change, user_form(carol, email="DAVE@example.test"))
+
+    # then the first is stored lower-cased and the second refused
+    assert renamed.status_code == 302, renamed.content
+    assert taken.status_code == 200
+    assert list(taken.context["adminform"].form.errors) == ["email"]
+    assert User.objects.get(pk=carol.pk).email == "carol.new@example.test"
+    assert User.objects.get(pk=dave.pk).email == "dave@example.test"
