@@ -6,6 +6,7 @@ from celery import shared_task
 
 from gymbilling.services import (
     overage_report,
+    payment_reversals_pending_settle,
     stripe_event_process,
     stripe_events_retry,
     subscriptions_suspend_overdue,
@@ -38,3 +39,8 @@ def subscriptions_suspend_overdue_task() -> int:
 @shared_task
 def overage_report_task() -> int:
     return overage_report()
+
+
+@shared_task
+def payment_reversals_pending_settle_task() -> int:
+    return payment_reversals_pending_settle()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import Count, QuerySet, Sum
+from django.db import connection
+from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models import F as models_F
 from django.db.models.functions import TruncDay
 from django.utils import timezone
@@ -71,6 +72,42 @@ def organization_lots(*, organization: Organization, include_spent: bool = False
     if not include_spent:
         qs = qs.filter(remaining__gt=0)
     return qs.order_by("expires_at", "pk")
+
+
+_LOT_FAMILY = """
+WITH RECURSIVE family(id) AS (
+    SELECT %s::bigint
+    UNION
+    SELECT l.id FROM metering_creditlot l JOIN family f ON l.parent_id = f.id
+)
+SELECT id FROM family
+"""
+
+
+def lot_family_ids(lot: CreditLot) -> list[int]:
+    """The lot and every lot split from it, however many generations down: each move
+    through escrow splits one (listed, reserved, released to the listing, withdrawn to the
+    wallet is four), and credits may make that trip any number of times."""
+    with connection.cursor() as cursor:
+        cursor.execute(_LOT_FAMILY, [lot.pk])
+        return [pk for (pk,) in cursor.fetchall()]
+
+
+def lot_family_unspent(*, lot: CreditLot, now: datetime | None = None) -> int:
+    """Micro-credits of the lot and its family still unspent and unexpired in its
+    organization's wallet (pending holds' included: lots count held credits)."""
+    now = now or timezone.now()
+    return (
+        CreditLot.objects.filter(
+            pk__in=lot_family_ids(lot),
+            account__organization=lot.organization_id,
+            account__kind=AccountKind.WALLET,
+            remaining__gt=0,
+        )
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .aggregate(total=Sum("remaining"))["total"]
+        or 0
+    )
 
 
 def organization_entries(*, organization: Organization) -> QuerySet:

@@ -426,7 +426,9 @@ class PaymentReversal(models.Model):
 
     `credits_clawed_back` were still unspent and were taken back;
     `credits_lost` were already spent (or resold) and are recorded as a loss
-    for finance, never silently dropped.
+    for finance, never silently dropped; `credits_pending` were unspent but
+    held by running work: taken back as that work settles and gives them back,
+    or lost if it spends them (payment_reversals_pending_settle).
     """
 
     class Kind(models.TextChoices):
@@ -446,10 +448,26 @@ class PaymentReversal(models.Model):
     credits_bought = models.BigIntegerField(help_text="Micro-credits the payment bought.")
     credits_clawed_back = models.BigIntegerField(default=0)
     credits_lost = models.BigIntegerField(default=0)
+    credits_pending = models.BigIntegerField(
+        default=0,
+        help_text="Unspent but held by running work when the reversal came: taken back as "
+        "the work settles, or lost if it spends them.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [
+            # The sweep's few rows among all reversals.
+            models.Index(
+                fields=["created_at"],
+                condition=models.Q(credits_pending__gt=0),
+                name="reversal_credits_pending",
+            ),
+        ]
 
     def __str__(self) -> str:
-        return f"{self.key} -{self.credits_clawed_back} lost {self.credits_lost}"
+        return (
+            f"{self.key} -{self.credits_clawed_back} lost {self.credits_lost}"
+            f" pending {self.credits_pending}"
+        )

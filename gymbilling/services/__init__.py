@@ -11,7 +11,11 @@ from gymbilling.services.events import (
     stripe_events_retry,
 )
 from gymbilling.services.overage import overage_report
-from gymbilling.services.payments import payment_reversal_apply, resale_freeze
+from gymbilling.services.payments import (
+    payment_reversal_apply,
+    payment_reversals_pending_settle,
+    resale_freeze,
+)
 from gymbilling.services.subscriptions import subscription_sync, subscriptions_suspend_overdue
 
 __all__ = [
@@ -21,6 +25,7 @@ __all__ = [
     "checkout_handler_register",
     "overage_report",
     "payment_reversal_apply",
+    "payment_reversals_pending_settle",
     "portal_create",
     "resale_freeze",
     "reversal_handler_register",

@@ -9,9 +9,10 @@ the organization until finance lifts it.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from gymbilling.locks import transaction_lock
@@ -25,6 +26,7 @@ from gymbilling.models import (
     PaymentReversal,
 )
 from metering.models import CreditLot, JournalTransaction, LotSource
+from metering.selectors import lot_family_unspent
 from metering.services import credits_grant, lot_clawback
 
 
@@ -153,17 +155,11 @@ def payment_reversal_apply(
             earlier = PaymentReversal.objects.filter(stripe_charge_id=charge["id"]).exclude(
                 pk=reversal.pk
             )
-            done = sum(r.credits_clawed_back + r.credits_lost for r in earlier)
+            done = sum(_credits_reversed(r) for r in earlier)
             if cumulative:
                 # Stripe's amount_refunded is a running total of refunds; only
                 # the part no earlier event applied is due now.
-                due = max(
-                    0,
-                    target
-                    - sum(
-                        r.credits_clawed_back + r.credits_lost for r in earlier if r.kind == kind
-                    ),
-                )
+                due = max(0, target - sum(_credits_reversed(r) for r in earlier if r.kind == kind))
             else:
                 due = target
             # Never more than the payment bought, whatever mix of events.
@@ -171,10 +167,66 @@ def payment_reversal_apply(
             clawed = (
                 lot_clawback(lot=lot, amount=due, key=key, memo=reason, family=True) if due else 0
             )
+            # What is still unspent now is held by running work (a clawback
+            # takes all it may otherwise): it waits for that work to settle.
+            pending = min(due - clawed, lot_family_unspent(lot=lot)) if due > clawed else 0
             PaymentReversal.objects.filter(pk=reversal.pk).update(
-                credits_clawed_back=clawed, credits_lost=due - clawed
+                credits_clawed_back=clawed,
+                credits_pending=pending,
+                credits_lost=due - clawed - pending,
             )
     except IntegrityError:
         return PaymentReversal.objects.filter(key=key).first()
     reversal.refresh_from_db()
     return reversal
+
+
+def _credits_reversed(reversal: PaymentReversal) -> int:
+    return reversal.credits_clawed_back + reversal.credits_lost + reversal.credits_pending
+
+
+def payment_reversals_pending_settle(*, now: datetime | None = None) -> int:
+    """Take back what refunds and disputes found held by running work, as it settles.
+
+    A reversal that came while jobs held the payment's credits could not take
+    them from under the jobs (their captures burn them). Every minute, each
+    such reversal takes back what has come back to the wallet since (work
+    started after the reversal shelters nothing); what the work spent, or
+    what expired meanwhile, is a loss. Every hold ends within the hold TTL
+    (the sweep's), so each reversal is done within about that. Returns the
+    micro-credits taken back.
+    """
+    now = now or timezone.now()
+    taken = 0
+    for pk in PaymentReversal.objects.filter(credits_pending__gt=0).values_list("pk", flat=True):
+        taken += _reversal_pending_settle(reversal_id=pk, now=now)
+    return taken
+
+
+def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
+    with transaction.atomic():
+        reversal = PaymentReversal.objects.select_for_update().get(pk=reversal_id)
+        if reversal.credits_pending <= 0:
+            return 0
+        grant, _ = _grant_for_payment(reversal.stripe_payment_intent_id)
+        lot = grant.created_lots.order_by("pk").first()
+        pending = reversal.credits_pending
+        # Keyed by what is pending: a take that moved credits changes it, and
+        # one that moved nothing wrote nothing, so its key is free again.
+        taken = lot_clawback(
+            lot=lot,
+            amount=pending,
+            key=f"{reversal.key}:pending:{pending}",
+            memo=f"{reversal.kind} of {reversal.stripe_charge_id}, once running work settled",
+            family=True,
+            # Work started since cannot shelter them: it burns other lots.
+            holds_placed_before=reversal.created_at,
+        )
+        # Still unspent: held by work of that time, or a wallet all held.
+        still = min(pending - taken, lot_family_unspent(lot=lot, now=now))
+        PaymentReversal.objects.filter(pk=reversal.pk).update(
+            credits_clawed_back=F("credits_clawed_back") + taken,
+            credits_lost=F("credits_lost") + (pending - taken - still),
+            credits_pending=still,
+        )
+        return taken

@@ -319,6 +319,11 @@ CELERY_BEAT_SCHEDULE |= {
         "task": "gymbilling.tasks.overage_report_task",
         "schedule": timedelta(minutes=BILLING_OVERAGE_REPORT_MINUTES),
     },
+    # Refunded or disputed credits that running work held: taken back as it settles.
+    "billing-reversals-pending": {
+        "task": "gymbilling.tasks.payment_reversals_pending_settle_task",
+        "schedule": crontab(minute="*"),
+    },
 }
 
 # --- Credit marketplace (gymbilling/market) -------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -20,6 +20,7 @@ from metering.models import (
     LotSource,
     TransactionKind,
 )
+from metering.selectors import lot_family_ids
 from metering.services.lots import (
     LedgerInconsistent,
     account_lower_next_expiry,
@@ -495,6 +496,7 @@ def _wallet_withdraw(
     amount_for: Callable[[int, int], int],
     memo: str,
     actor=None,
+    holds_placed_before: datetime | None = None,
 ) -> int:
     """Take credits from some of the wallet's lots to a system account, once per key.
 
@@ -526,6 +528,7 @@ def _wallet_withdraw(
                 organization=organization,
                 lots=list(CreditLot.objects.filter(account=wallet, remaining__gt=0)),
                 now=now,
+                placed_before=holds_placed_before,
             )
             free = [(lot, lot.remaining - backing.get(lot.pk, 0)) for lot in chosen]
             amount = min(
@@ -597,36 +600,27 @@ def credits_trim(*, organization: Organization, source: str, keep: int, key: str
     )
 
 
-_LOT_FAMILY = """
-WITH RECURSIVE family(id) AS (
-    SELECT %s::bigint
-    UNION
-    SELECT l.id FROM metering_creditlot l JOIN family f ON l.parent_id = f.id
-)
-SELECT id FROM family
-"""
-
-
-def _lot_family(lot: CreditLot) -> list[int]:
-    """The lot and every lot split from it, however many generations down: each move
-    through escrow splits one (listed, reserved, released to the listing, withdrawn to the
-    wallet is four), and credits may make that trip any number of times."""
-    with connection.cursor() as cursor:
-        cursor.execute(_LOT_FAMILY, [lot.pk])
-        return [pk for (pk,) in cursor.fetchall()]
-
-
 @retry_on_deadlock
 def lot_clawback(
-    *, lot: CreditLot, amount: int, key: str, memo: str, actor=None, family: bool = False
+    *,
+    lot: CreditLot,
+    amount: int,
+    key: str,
+    memo: str,
+    actor=None,
+    family: bool = False,
+    holds_placed_before: datetime | None = None,
 ) -> int:
     """Take back up to `amount` of what is still unspent in one wallet lot.
 
     A refund or a dispute of the payment that bought the lot: spent credits
     cannot come back, so the caller records the difference as a loss. With
     `family`, the lot's descendants in the same wallet count too (credits
-    that went to escrow and came back are lots split from it).
-    Returns the micro-credits taken back (0 when nothing was left).
+    that went to escrow and came back are lots split from it). Credits that
+    pending holds will burn are not taken; with `holds_placed_before`, only
+    those of holds placed by then (work started after a refund came does not
+    shelter the refunded credits). Returns the micro-credits taken back (0
+    when nothing was left).
     """
     require_positive(amount)
     require_key(key)
@@ -636,8 +630,9 @@ def lot_clawback(
         fp=fingerprint(op="clawback", lot=lot.pk, amount=amount),
         kind=TransactionKind.ADJUSTMENT,
         system_kind=AccountKind.ADJUSTMENTS,
-        lots=Q(pk__in=_lot_family(lot) if family else [lot.pk]),
+        lots=Q(pk__in=lot_family_ids(lot) if family else [lot.pk]),
         amount_for=lambda in_lots, _balance: amount,
         memo=memo,
         actor=actor,
+        holds_placed_before=holds_placed_before,
     )

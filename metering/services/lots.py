@@ -156,17 +156,21 @@ def lots_take(*, txn: JournalTransaction, taken: list[tuple[CreditLot, int]]) ->
 
 
 def holds_backing(
-    *, organization: Organization, lots: list[CreditLot], now: datetime
+    *,
+    organization: Organization,
+    lots: list[CreditLot],
+    now: datetime,
+    placed_before: datetime | None = None,
 ) -> dict[int, int]:
     """How much of each of a wallet's `lots` the organization's pending holds will burn, by
     lot id: every pending hold replayed over the lots in its capture's burn order, the most
     recently placed first (it may use the fewest expired lots), as far as the lots reach.
-    The caller holds the wallet's row lock, which every writer of holds and lots takes."""
-    pending = (
-        Hold.objects.filter(organization=organization, status=HoldStatus.PENDING)
-        .order_by("-created_at", "-pk")
-        .values_list("created_at", "amount")
-    )
+    `placed_before`: only the holds placed by then. The caller holds the wallet's row lock,
+    which every writer of holds and lots takes."""
+    pending = Hold.objects.filter(organization=organization, status=HoldStatus.PENDING)
+    if placed_before is not None:
+        pending = pending.filter(created_at__lte=placed_before)
+    pending = pending.order_by("-created_at", "-pk").values_list("created_at", "amount")
     free = {lot.pk: lot.remaining for lot in lots}
     for placed_at, amount in pending:
         for lot in sorted(lots, key=lambda lot: burn_sort_key(lot, now, placed_at)):

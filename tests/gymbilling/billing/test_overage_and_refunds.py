@@ -20,13 +20,17 @@ from gymbilling.models import (
     StripeEvent,
 )
 from gymbilling.reconcile import stripe_reconcile
-from gymbilling.services import overage_report, stripe_event_process
+from gymbilling.services import (
+    overage_report,
+    payment_reversals_pending_settle,
+    stripe_event_process,
+)
 from gymbilling.services.invoices import invoice_payment_intent_id, invoice_sync
 from gymbilling.services.overage import meter_timestamp, overage_used_at
 from metering.models import MICRO, CreditLot, JournalTransaction
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import hold_capture, hold_place
+from metering.services import hold_capture, hold_place, hold_release
 
 pytestmark = pytest.mark.django_db
 
@@ -363,6 +367,67 @@ def test_credits_backing_a_running_job_are_not_clawed_back_from_under_it(
     assert reversal.credits_clawed_back == 600 * MICRO
     hold_capture(key="job-running", amount=400 * MICRO)
     assert organization_balance(organization=org).available == 0
+
+
+def taken_pending_lost(reversal: PaymentReversal) -> tuple[int, int, int]:
+    return (reversal.credits_clawed_back, reversal.credits_pending, reversal.credits_lost)
+
+
+def refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver):
+    """A 1,000-credit pack, all of it held by a running job, then refunded in full."""
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    deliver()
+    hold_place(organization=org, amount=1_000 * MICRO, key="job-running")
+    checkout = CheckoutSession.objects.get()
+    stripe_sdk.v1.refunds.create(params={"payment_intent": checkout.stripe_payment_intent_id})
+    deliver()
+    return org
+
+
+def test_refunded_credits_a_job_held_come_back_as_it_settles(
+    customer, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given: a refunded pack whose every credit a running job holds
+    org = refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+
+    # then: nothing could be taken yet, and nothing is called lost either
+    reversal = PaymentReversal.objects.get()
+    assert taken_pending_lost(reversal) == (0, 1_000 * MICRO, 0)
+
+    # when: the job uses 400 and gives 600 back, and the minute's sweep runs
+    hold_capture(key="job-running", amount=400 * MICRO)
+    taken = payment_reversals_pending_settle()
+
+    # then: the 600 are taken back and the 400 the job used are the loss;
+    # the member keeps nothing of the refunded pack
+    reversal.refresh_from_db()
+    assert taken == 600 * MICRO
+    assert taken_pending_lost(reversal) == (600 * MICRO, 0, 400 * MICRO)
+    assert organization_balance(organization=org).total == 0
+    assert payment_reversals_pending_settle() == 0
+
+
+def test_work_started_after_a_refund_does_not_shelter_the_refunded_credits(
+    customer, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given: a refunded pack a running job held, and then, once that job gave
+    # all back, a new job holding half of it
+    org = refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+    hold_release(key="job-running")
+    hold_place(organization=org, amount=500 * MICRO, key="job-after")
+
+    # when: the sweep runs, then the new job uses all it holds, and it runs again
+    first = payment_reversals_pending_settle()
+    hold_capture(key="job-after", amount=500 * MICRO)
+    second = payment_reversals_pending_settle()
+
+    # then: the free half came back at once, the half the new job spent is lost
+    reversal = PaymentReversal.objects.get()
+    assert (first, second) == (500 * MICRO, 0)
+    assert taken_pending_lost(reversal) == (500 * MICRO, 0, 500 * MICRO)
+    assert organization_balance(organization=org).total == 0
 
 
 def test_a_dispute_inquiry_moves_nothing(customer, subscribed, stripe_standin, stripe_sdk):

@@ -63,14 +63,24 @@ def sleep_past(moment: datetime) -> None:
     time.sleep(max(0.0, (moment - timezone.now()).total_seconds()) + 0.05)
 
 
+def expire_just_after(hold: Hold, *lots: CreditLot) -> None:
+    """The lots expire a microsecond after the hold was placed, as the passing of time
+    would have them, and their wallet is told, as a grant tells it."""
+    expired_at = hold.created_at + timedelta(microseconds=1)
+    CreditLot.objects.filter(pk__in=[lot.pk for lot in lots]).update(expires_at=expired_at)
+    LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
+
+
 def expired_lot_kept_for_a_job(org, grant, *, key="job-before", job_after: int = 0):
     """10 credits that expire while a job placed before (`key`) holds them, 100 that never
-    expire, and, with `job_after`, a second job placed after the expiry."""
-    expires_at = soon()
-    expiring = grant(org, credits(10), expires_at=expires_at, priority=1)
+    expire, and, with `job_after`, a second job placed after the expiry.
+
+    The lot's expiry is then moved to just after the job's placement, as the passing of
+    time would have it, and the wallet told, as a grant tells it: no sleep, so a loaded
+    machine cannot place the job after the expiry by accident."""
+    expiring = grant(org, credits(10), expires_at=timezone.now() + timedelta(days=1), priority=1)
     forever = grant(org, credits(100), expires_at=None)
-    hold_place(organization=org, amount=credits(10), key=key)
-    sleep_past(expires_at)
+    expire_just_after(hold_place(organization=org, amount=credits(10), key=key), expiring)
     if job_after:
         hold_place(organization=org, amount=job_after, key="job-after")
     return expiring, forever
@@ -374,13 +384,14 @@ def test_a_capture_burns_no_expired_credit_kept_for_an_earlier_hold(org, grant):
 def test_what_expires_under_a_pending_hold_is_what_its_capture_would_not_burn(org, grant):
     # given: a plan's credits (burned first) and an overage allowance (burned
     # last) that expire together, and a job placed before they expired
-    expires_at = soon()
-    plan = grant(org, credits(200), expires_at=expires_at, priority=100)
+    tomorrow = timezone.now() + timedelta(days=1)
+    plan = grant(org, credits(200), expires_at=tomorrow, priority=100)
     allowance = grant(
-        org, credits(1000), expires_at=expires_at, priority=1000, paid=False, resellable=False
+        org, credits(1000), expires_at=tomorrow, priority=1000, paid=False, resellable=False
     )
-    hold_place(organization=org, amount=credits(150), key="job-1")
-    sleep_past(expires_at)
+    expire_just_after(
+        hold_place(organization=org, amount=credits(150), key="job-1"), plan, allowance
+    )
 
     # when: the sweeper runs, then the job is captured
     swept = credits_expire(now=timezone.now())
