@@ -17,14 +17,21 @@ from django.db.models import Q, Sum
 
 from accounts.models import Organization
 from metering.models import (
+    AccountKind,
     CreditLot,
     JournalTransaction,
     LedgerAccount,
     TransactionKind,
 )
 from metering.services.ledger import transfer_post
-from metering.services.lots import account_expire_lots
-from metering.services.postings import fingerprint, idempotent, transaction_open
+from metering.services.lots import account_expire_lots, lots_burn
+from metering.services.postings import (
+    accounts_for,
+    fingerprint,
+    idempotent,
+    post,
+    transaction_open,
+)
 
 
 def unexpired(now: datetime) -> Q:
@@ -101,3 +108,38 @@ def credits_move(
         work=work,
         replay=lambda txn: (txn, list(txn.created_lots.order_by("pk"))),
     )
+
+
+def credits_expire_early(
+    *,
+    key: str,
+    organization: Organization,
+    account: LedgerAccount,
+    amount: int,
+    lots: Q,
+    now: datetime,
+    memo: str,
+) -> int:
+    """Expire `amount` of the unexpired lots `lots` selects in escrow now, soonest first.
+
+    The rollover cap reaching listed credits: they go to the expiry account
+    as if they had expired. Once per key: a repeat takes nothing more and
+    returns 0 (as metering's `credits_trim` does), whatever its amount.
+    """
+    txn_key = f"trim:{key}"
+    fp = fingerprint(op="escrow_trim", account=account.pk, key=key)
+
+    def work() -> int:
+        _, system = accounts_for(organization, AccountKind.EXPIRY)
+        txn = transaction_open(
+            kind=TransactionKind.EXPIRY,
+            key=txn_key,
+            fingerprint=fp,
+            organization=organization,
+            memo=memo,
+        )
+        post(txn, [(account, -amount), (system[AccountKind.EXPIRY], amount)], now=now, spend=False)
+        lots_burn(txn=txn, account=account, amount=amount, now=now, only=lots & unexpired(now))
+        return amount
+
+    return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: 0)

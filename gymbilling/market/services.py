@@ -1,9 +1,10 @@
 """Marketplace writes: listings, orders, payment, release, expiry, payouts, reversals.
 
-Lock order, everywhere (STYLE.md 12): listing rows (primary-key order), then
-the order row, then ledger accounts (metering's `post`, primary-key order),
-then credit lots (primary-key order), then fills (primary-key order) and
-money accounts. No Stripe call is made inside a transaction: an order is
+Lock order, everywhere (STYLE.md 12): the seller's market lock (`_seller_lock`,
+taken by what opens listings and what must see all of a seller's listings),
+then listing rows (primary-key order), then the order row, then ledger
+accounts (metering's `post`, primary-key order), then credit lots
+(primary-key order), then fills (primary-key order) and money accounts. No Stripe call is made inside a transaction: an order is
 reserved and committed, then Checkout is created, then recorded; if Stripe
 fails in between, the reservation is released by compensating transfers.
 """
@@ -23,7 +24,13 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from accounts.models import Organization, Standing
 from gymbilling import stripe_client
-from gymbilling.market.escrow import credits_move, expired_sweep, lots_remaining
+from gymbilling.locks import transaction_lock
+from gymbilling.market.escrow import (
+    credits_expire_early,
+    credits_move,
+    expired_sweep,
+    lots_remaining,
+)
 from gymbilling.market.money import MoneyInsufficient, money_account, money_post
 from gymbilling.market.rules import fill_amount, platform_fee, share_ceil
 from gymbilling.models import (
@@ -49,7 +56,7 @@ from gymbilling.models import (
     ProceedsState,
 )
 from metering.models import AccountKind, CreditLot, LotSource
-from metering.services import lot_clawback
+from metering.services import credits_trim, lot_clawback
 from metering.services.ledger import organization_account
 from metering.services.postings import accounts_lock, amount_display, retry_on_deadlock
 
@@ -128,6 +135,16 @@ def _listing_lots(listing: MarketListing) -> Q:
     return Q(market_listing_lot__listing=listing)
 
 
+def _seller_lock(seller: Organization) -> None:
+    """Until the transaction ends, no other listing of this seller can be opened.
+
+    Taken first by `listing_create`, and by whoever must see every listing
+    of the seller (the rollover cap): a listing is then either committed
+    before they look, or created after them, from what they left.
+    """
+    transaction_lock(f"market-seller:{seller.pk}")
+
+
 # --- listings -------------------------------------------------------------------------
 
 
@@ -148,10 +165,12 @@ def listing_create(
         )
     now = timezone.now()
     with transaction.atomic():
+        # Serializes this seller's listings, so the daily limit below cannot
+        # be raced past, and none is opened while the rollover counts them.
+        _seller_lock(seller)
         wallet = organization_account(seller, AccountKind.WALLET)
         escrow = organization_account(seller, AccountKind.ESCROW)
-        # The wallet's row lock serializes this seller's listings, so the
-        # daily limit below cannot be raced past.
+        # The resellable credits counted below stay there until they move.
         accounts_lock(wallet)
         since = now - timedelta(days=1)
         today = MarketListing.objects.filter(seller=seller, created_at__gte=since).count()
@@ -282,6 +301,57 @@ def listings_withdraw_all(*, seller: Organization) -> int:
             if exc.code != "listing_not_open":  # ended meanwhile: nothing to do
                 raise
     return ended
+
+
+def credits_trim_with_listings(
+    *, seller: Organization, keep: int, key: str, memo: str, now: datetime | None = None
+) -> int:
+    """The rollover cap over the seller's subscription credits, in the wallet or listed.
+
+    Listed credits are escrow lots, out of reach of metering's wallet trim:
+    listed just before a period ends and taken back after it, they would all
+    roll over. So the wallet is trimmed to what the open listings leave of
+    `keep`; what the wallet cannot give (it holds less, or pending holds will
+    burn it) comes out of the listings, in burn order, to the expiry account,
+    and a listing left with nothing ends. A listing keeps its lots and its
+    price: its available quantity is what its lots still hold. Credits a
+    buyer's pending order reserved are in the buyer's escrow, neither counted
+    nor taken: paid, they are sold; released, they come back to the listing.
+    Returns the micro-credits expired.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        _seller_lock(seller)
+        listings = list(
+            MarketListing.objects.select_for_update()
+            .filter(seller=seller, status=ListingStatus.OPEN)
+            .order_by("pk")
+        )
+        listed_lots = Q(market_listing_lot__listing__in=listings, source=LotSource.SUBSCRIPTION)
+        listed = lots_remaining(lots=listed_lots, now=now)
+        expired = credits_trim(
+            organization=seller,
+            source=LotSource.SUBSCRIPTION,
+            keep=max(0, keep - listed),
+            key=key,
+            memo=memo,
+        )
+        wallet = organization_account(seller, AccountKind.WALLET)
+        in_wallet = lots_remaining(lots=Q(account=wallet, source=LotSource.SUBSCRIPTION), now=now)
+        over = min(listed, in_wallet + listed - keep)
+        if over > 0:
+            expired += credits_expire_early(
+                key=f"{key}:listed",
+                organization=seller,
+                account=organization_account(seller, AccountKind.ESCROW),
+                amount=over,
+                lots=listed_lots,
+                now=now,
+                memo=memo,
+            )
+            for listing in listings:
+                _listing_close_if_done(listing, now=now)
+    return expired
 
 
 def listings_expire(*, now: datetime | None = None) -> int:

@@ -28,10 +28,9 @@ from django.utils import timezone
 from accounts.models import Organization, Standing
 from accounts.services import organization_entitlements_set
 from accounts.services.organizations import ENTITLEMENT_FIELDS
+from gymbilling.market.services import credits_trim_with_listings
 from gymbilling.models import PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
-from metering.models import LotSource
-from metering.services import credits_trim
 
 # What an organization without a live subscription may do: the field defaults
 # of every entitlement (its standing is written on its own).
@@ -170,11 +169,15 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
 
 
 def period_rollover(*, subscription: Subscription, previous: tuple) -> int:
-    """Expire what exceeds the ended period's rollover cap (once per period)."""
+    """Expire what exceeds the ended period's rollover cap (once per period).
+
+    The cap counts the credits the organization has listed on the
+    marketplace too: otherwise listing them before the period ends and
+    taking them back after would carry them all over.
+    """
     plan, seats, period_start = previous
-    return credits_trim(
-        organization=subscription.organization,
-        source=LotSource.SUBSCRIPTION,
+    return credits_trim_with_listings(
+        seller=subscription.organization,
         keep=plan.rollover_cap_for(seats),
         key=f"rollover:{subscription.stripe_subscription_id}:{int(period_start.timestamp())}",
         memo=f"rollover cap of {plan.code}: {plan.rollover_percent}% of a month",

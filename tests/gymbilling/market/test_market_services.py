@@ -7,7 +7,7 @@ ledger invariant (credits, escrow attribution, proceeds) after each test.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db.models import Sum
@@ -17,6 +17,7 @@ from accounts.errors import ApplicationError
 from accounts.models import Standing
 from gymbilling import stripe_client
 from gymbilling.market.rules import fill_amount, platform_fee
+from gymbilling.market.selectors import organization_listing
 from gymbilling.market.services import (
     listing_cancel,
     listing_create,
@@ -40,9 +41,13 @@ from gymbilling.models import (
     OrderStatus,
     PayoutMethod,
     PayoutStatus,
+    Plan,
+    StripePrice,
 )
+from gymbilling.services import subscription_sync
 from gymbilling.services.events import charge_refund_refresh, checkout_session_refresh
 from metering.models import MICRO, CreditLot, LotSource
+from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
@@ -403,6 +408,140 @@ def test_cancel_after_expiry_returns_nothing_expired(seller):
     listing_cancel(seller=short, listing_id=listing.pk, now=timezone.now() + timedelta(days=3))
     balance = organization_balance(organization=short)
     assert (balance.available, balance.escrowed) == (credits(100), 0)
+
+
+# --- the rollover cap ---------------------------------------------------------------------------
+
+ROLL_PERIOD = timedelta(days=30)
+
+
+def rollover_member():
+    """A member of a plan of 1,000 credits a month that rolls 10% over, in its first period.
+
+    Returns the organization, its subscription as Stripe shows it, and the
+    period's lot as the paid invoice grants it: expiring a period after the
+    period ends, as a rollover plan's credits do (invoices.invoice_credits).
+    """
+    plan = Plan.objects.create(
+        code="roll-10",
+        name="Roll 10",
+        monthly_price=1_000,
+        monthly_credits=credits(1000),
+        rollover_percent=10,
+    )
+    price = StripePrice.objects.create(
+        stripe_price_id="price_roll_10",
+        kind="plan",
+        plan=plan,
+        unit_amount=1_000,
+        currency="usd",
+        lookup_key="roll-10",
+    )
+    org = market_member()
+    start = timezone.now() - timedelta(days=29)
+    stripe_sub = {
+        "id": f"sub_roll_{org.pk}",
+        "customer": BillingCustomer.objects.get(organization=org).stripe_customer_id,
+        "status": "active",
+        "items": {"data": [{"price": {"id": price.stripe_price_id}, "quantity": 1}]},
+    }
+    stripe_sub = stripe_period(stripe_sub, start)
+    subscription_sync(stripe_sub=stripe_sub)
+    # 29 days into a 30-day period: a period after it ends is 31 days from now.
+    lot = subscription_credits(org, credits(1000), days=31)
+    return org, stripe_sub, lot
+
+
+def stripe_period(stripe_sub: dict, start) -> dict:
+    """The subscription with its item in the period that begins at `start`."""
+    [item] = stripe_sub["items"]["data"]
+    item = item | {
+        "current_period_start": int(start.timestamp()),
+        "current_period_end": int((start + ROLL_PERIOD).timestamp()),
+    }
+    return stripe_sub | {"items": {"data": [item]}}
+
+
+def roll(stripe_sub: dict) -> None:
+    """The next period begins (Stripe's renewal, as the webhook's re-read shows it)."""
+    [item] = stripe_sub["items"]["data"]
+    subscription_sync(
+        stripe_sub=stripe_period(
+            stripe_sub, datetime.fromtimestamp(item["current_period_end"], tz=UTC)
+        )
+    )
+
+
+def subscription_credits_owned(org) -> int:
+    """Unexpired subscription credits the organization holds: in its wallet and its listings."""
+    return (
+        CreditLot.objects.filter(
+            organization=org,
+            source="subscription",
+            account__kind__in=["wallet", "escrow"],
+            remaining__gt=0,
+            expires_at__gt=timezone.now(),
+        ).aggregate(s=Sum("remaining"))["s"]
+        or 0
+    )
+
+
+def test_listed_credits_count_toward_the_rollover_cap(market_stripe):
+    # given: 1,000 subscription credits (the cap keeps 100), 900 listed at a price nobody pays
+    org, stripe_sub, granted = rollover_member()
+    listing = listing_create(
+        seller=org, quantity=credits(900), price_per_1k=100_000, currency="usd"
+    )
+    expiry_before = system_balance("expiry")
+
+    # when: the period rolls over
+    roll(stripe_sub)
+
+    # then: 900 expired, the wallet's 100 first, then 800 of the listing's 900
+    assert system_balance("expiry") - expiry_before == credits(900)
+    assert organization_balance(organization=org).available == 0
+    assert organization_listing(organization=org, listing_id=listing.pk).available == credits(100)
+
+    # when: the seller cancels the listing
+    listing_cancel(seller=org, listing_id=listing.pk)
+
+    # then: the organization keeps the cap, no more
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.escrowed) == (credits(100), 0)
+    assert system_balance("expiry") - expiry_before == credits(900)
+    # and what came back kept its lot's expiry (a period past the one that ended, as the
+    # 10% that rolls over has): cancelling a listing never renews credits
+    [back] = CreditLot.objects.filter(organization=org, account__kind="wallet", remaining__gt=0)
+    assert back.expires_at == granted.expires_at
+    listing.refresh_from_db()
+    assert listing.status == ListingStatus.CANCELED and listing.sold == 0
+    assert ledger_reconcile().ok
+
+
+def test_the_rollover_shrinks_listings_but_not_what_a_pending_order_reserved(market_stripe, buyer):
+    # given: 900 of 1,000 listed, 500 of them reserved by a buyer who is paying
+    org, stripe_sub, _ = rollover_member()
+    listing = listing_create(seller=org, quantity=credits(900), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(500), max_price_per_1k=300, currency="usd")
+
+    # when: the period rolls over
+    roll(stripe_sub)
+
+    # then: the wallet's 100 and 300 of the listing's unreserved 400 expired; the
+    # listing still offers 100 (the cap), the order's 500 stay reserved
+    assert organization_balance(organization=org).available == 0
+    assert subscription_credits_owned(org) == credits(100)
+    assert organization_listing(organization=org, listing_id=listing.pk).available == credits(100)
+    assert organization_balance(organization=buyer).escrowed == credits(500)
+
+    # when: the buyer pays
+    market_checkout_handle(order.checkout, paid_session(market_stripe, order))
+
+    # then: the 500 are delivered, and the listing goes on with its 100
+    assert organization_balance(organization=buyer).available == credits(500)
+    listing.refresh_from_db()
+    assert listing.status == ListingStatus.OPEN and listing.sold == credits(500)
+    assert ledger_reconcile().ok
 
 
 def test_reserved_credits_that_expire_are_not_delivered_and_the_buyer_is_refunded(
