@@ -138,9 +138,10 @@ def _listing_lots(listing: MarketListing) -> Q:
 def _seller_lock(seller: Organization) -> None:
     """Until the transaction ends, no other listing of this seller can be opened.
 
-    Taken first by `listing_create`, and by whoever must see every listing
-    of the seller (the rollover cap): a listing is then either committed
-    before they look, or created after them, from what they left.
+    Taken first by `listing_create` (which checks the resale freeze under
+    it), and by whoever must see every listing of the seller (a freeze's
+    withdrawal, the rollover cap): a listing is then either committed before
+    they look, or created after them, from what they left.
     """
     transaction_lock(f"market-seller:{seller.pk}")
 
@@ -156,18 +157,21 @@ def listing_create(
     _require_quantity(quantity, minimum=settings.MARKET_MIN_LISTING_QUANTITY)
     _require_price(price_per_1k, param="price_per_1k")
     currency = _require_currency(currency)
-    why = seller_eligibility(seller)
-    if why:
-        raise ApplicationError(
-            code="resale_not_allowed",
-            message=f"This organization cannot list credits: {why}.",
-            status=403,
-        )
     now = timezone.now()
     with transaction.atomic():
         # Serializes this seller's listings, so the daily limit below cannot
         # be raced past, and none is opened while the rollover counts them.
         _seller_lock(seller)
+        # Under the lock: a refund's freeze commits before it withdraws the
+        # listings, and the withdrawal waits for this lock, so either this
+        # sees the freeze or the withdrawal sees this listing.
+        why = seller_eligibility(seller)
+        if why:
+            raise ApplicationError(
+                code="resale_not_allowed",
+                message=f"This organization cannot list credits: {why}.",
+                status=403,
+            )
         wallet = organization_account(seller, AccountKind.WALLET)
         escrow = organization_account(seller, AccountKind.ESCROW)
         # The resellable credits counted below stay there until they move.
@@ -289,11 +293,20 @@ def listings_withdraw_all(*, seller: Organization) -> int:
 
     Their unsold credits return to the wallet, where the clawback of the
     reversed payment can reach them; reserved credits stay with their orders.
+    The freeze is committed before this runs.
     """
+    with transaction.atomic():
+        # A listing_create that passed the freeze check holds the seller's
+        # lock until its listing is committed: waiting for it here lets the
+        # query see that listing; one that comes after sees the freeze.
+        _seller_lock(seller)
+        open_ids = list(
+            MarketListing.objects.filter(seller=seller, status=ListingStatus.OPEN).values_list(
+                "pk", flat=True
+            )
+        )
     ended = 0
-    for listing_id in MarketListing.objects.filter(
-        seller=seller, status=ListingStatus.OPEN
-    ).values_list("pk", flat=True):
+    for listing_id in open_ids:
         try:
             listing_cancel(seller=seller, listing_id=listing_id)
             ended += 1

@@ -1,4 +1,5 @@
-"""20 buyers race for a listing that can fill 5 of them, on real PostgreSQL connections."""
+"""Races on real PostgreSQL connections: 20 buyers for a listing that can fill 5 of
+them; a resale freeze against a listing being created."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import pytest
 from django.db import connection
 
 from accounts.errors import ApplicationError
-from gymbilling.market.services import listing_create, order_create
-from gymbilling.models import MarketFill, MarketOrder
+from gymbilling.market import services as market_services
+from gymbilling.market.services import listing_create, listings_withdraw_all, order_create
+from gymbilling.models import ListingStatus, MarketFill, MarketListing, MarketOrder
+from gymbilling.services import resale_freeze
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import market_member, subscription_credits
-from tests.helpers import credits
+from tests.helpers import credits, wait_until
 
 
 @pytest.mark.django_db(transaction=True)
@@ -50,4 +53,113 @@ def test_twenty_buyers_race_for_five_fills(market_stripe):
     assert MarketOrder.objects.count() == 5
     assert organization_balance(organization=seller).escrowed == 0
     assert sum(organization_balance(organization=b).escrowed for b in buyers) == credits(100)
+    assert ledger_reconcile().ok
+
+
+# --- a resale freeze against a listing being created ----------------------------------------
+#
+# A refund or dispute freezes the seller's reselling, then withdraws their open
+# listings so the clawback can reach the credits. A listing created meanwhile
+# must not stay open. The two tests below place the freeze at each point of a
+# listing_create in flight; a hook on a lock call only decides when the other
+# connection runs (nothing is mocked), so the outcome does not hang on timing.
+
+
+def _freeze_and_withdraw(seller, errors: list) -> None:
+    """What a refund does to the seller, on its own connection (payments.payment_reversal_apply)."""
+    try:
+        resale_freeze(organization=seller, reason="refund of ch_test")
+        listings_withdraw_all(seller=seller)
+    except Exception as exc:  # surfaced by the test's assertion
+        errors.append(exc)
+    finally:
+        connection.close()
+
+
+def _advisory_lock_waiters() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_freeze_committed_before_a_listing_takes_its_lock_refuses_the_listing(
+    market_stripe, monkeypatch
+):
+    # given: a seller starting a listing; just before it takes its lock, a refund
+    # freezes reselling and withdraws the seller's listings, and commits
+    seller = market_member(credits_amount=credits(1000))
+    errors: list = []
+    real_lock = market_services._seller_lock
+    refunded = threading.Event()
+
+    def refund_first(org):
+        if not refunded.is_set():
+            refunded.set()
+            refund = threading.Thread(target=_freeze_and_withdraw, args=(seller, errors))
+            refund.start()
+            refund.join()
+        real_lock(org)
+
+    monkeypatch.setattr(market_services, "_seller_lock", refund_first)
+
+    # when
+    with pytest.raises(ApplicationError) as exc:
+        listing_create(seller=seller, quantity=credits(900), price_per_1k=300, currency="usd")
+
+    # then: refused, nothing listed, every credit in the wallet where the clawback reaches it
+    assert errors == []
+    assert exc.value.code == "resale_not_allowed" and exc.value.status == 403
+    assert not MarketListing.objects.filter(seller=seller).exists()
+    balance = organization_balance(organization=seller)
+    assert (balance.available, balance.escrowed) == (credits(1000), 0)
+    assert ledger_reconcile().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_freeze_while_a_listing_is_being_created_ends_that_listing(market_stripe, monkeypatch):
+    # given: a seller's listing_create past its checks, holding its lock, paused
+    seller = market_member(credits_amount=credits(1000))
+    errors: list = []
+    real_accounts_lock = market_services.accounts_lock
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause_once(*accounts):
+        real_accounts_lock(*accounts)
+        if not paused.is_set():
+            paused.set()
+            resume.wait(timeout=60)
+
+    monkeypatch.setattr(market_services, "accounts_lock", pause_once)
+
+    def create() -> None:
+        try:
+            listing_create(seller=seller, quantity=credits(900), price_per_1k=300, currency="usd")
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    creating = threading.Thread(target=create)
+    creating.start()
+    assert paused.wait(timeout=60)
+
+    # when: a refund freezes reselling and withdraws the listings meanwhile
+    refund = threading.Thread(target=_freeze_and_withdraw, args=(seller, errors))
+    refund.start()
+    # the withdrawal either waits for the listing in flight, or is over before it
+    wait_until(
+        lambda: not refund.is_alive() or _advisory_lock_waiters() > 0,
+        what="the withdrawal to finish or wait for the seller's lock",
+    )
+    resume.set()
+    creating.join()
+    refund.join()
+
+    # then: the listing was created, and ended by the withdrawal: its credits are home
+    assert errors == []
+    listing = MarketListing.objects.get(seller=seller)
+    assert listing.status == ListingStatus.CANCELED
+    balance = organization_balance(organization=seller)
+    assert (balance.available, balance.escrowed) == (credits(1000), 0)
     assert ledger_reconcile().ok
