@@ -582,7 +582,8 @@ def order_create(
     """Reserve, then open a Stripe Checkout for the order's total.
 
     Stripe failing after the reservation releases it at once (compensating
-    transfers back to the listings) and answers 503 `payments_unavailable`.
+    transfers back to the listings) and answers 503 `payments_unavailable`;
+    anything else failing there releases it too, and its error goes on up.
     """
     if not stripe_client.configured():
         raise ApplicationError(
@@ -629,6 +630,7 @@ def order_create(
             success_url=f"{base}/market/?order={order.pk}&checkout=success",
             cancel_url=f"{base}/market/?order={order.pk}&checkout=canceled",
         )
+        _order_checkout_record(order=order, buyer=buyer, session=session)
     except stripe_client.StripeUnavailable as exc:
         logger.warning("market order %s: checkout failed: %s", order.pk, exc)
         order_release(order_id=order.pk, status=OrderStatus.FAILED, code="payments_unavailable")
@@ -638,6 +640,19 @@ def order_create(
         logger.warning("market order %s: checkout refused: %s", order.pk, exc)
         order_release(order_id=order.pk, status=OrderStatus.FAILED, code="payment_provider_refused")
         raise provider_refused(exc) from exc
+    except Exception:
+        # Anything else (a bug, a response we cannot read, the database): the
+        # buyer gets an error and no checkout to pay, so the credits must not
+        # stay reserved for them until orders_expire.
+        logger.exception("market order %s: checkout failed", order.pk)
+        order_release(order_id=order.pk, status=OrderStatus.FAILED, code="checkout_failed")
+        raise
+    order.refresh_from_db()
+    return order
+
+
+def _order_checkout_record(*, order: MarketOrder, buyer: Organization, session: dict) -> None:
+    """Link the order to its Checkout session: the session's events find the order by it."""
     with transaction.atomic():
         checkout = CheckoutSession.objects.create(
             stripe_session_id=session["id"],
@@ -650,8 +665,6 @@ def order_create(
         MarketOrder.objects.filter(pk=order.pk).update(
             checkout=checkout, checkout_url=session.get("url") or ""
         )
-    order.refresh_from_db()
-    return order
 
 
 def _order_locked(order_id: int) -> tuple[MarketOrder, list[MarketFill], dict[int, MarketListing]]:

@@ -336,6 +336,41 @@ def test_stripe_down_when_ordering_answers_503_and_undoes_the_reservation(
     assert listing.status == ListingStatus.OPEN
 
 
+def test_an_unexpected_error_opening_the_checkout_releases_the_reservation(
+    market_stripe, seller, buyer, monkeypatch
+):
+    # given: 100 credits listed, and a checkout call that fails as nothing should.
+    # Mocked at the client module: the stand-in answers what it is asked, so it
+    # cannot make the SDK crash (a bug of ours, a response nobody can read).
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    before = organization_balance(organization=seller), organization_balance(organization=buyer)
+
+    def crash(**params):
+        raise RuntimeError("unreadable response")
+
+    monkeypatch.setattr(stripe_client, "checkout_session_create", crash)
+
+    # when
+    with pytest.raises(RuntimeError):
+        order_create(buyer=buyer, quantity=credits(60), max_price_per_1k=300, currency="usd")
+
+    # then: the order failed at once, its reservation released, not left to orders_expire
+    order = MarketOrder.objects.get()
+    assert (order.status, order.failure_code, order.checkout) == (
+        OrderStatus.FAILED,
+        "checkout_failed",
+        None,
+    )
+    assert {f.status for f in order.fills.all()} == {FillStatus.RELEASED}
+    # the listing offers its 100 again, and every credit is where it was
+    offered = organization_listing(organization=seller, listing_id=listing.pk).available
+    assert offered == credits(100)
+    assert (
+        organization_balance(organization=seller),
+        organization_balance(organization=buyer),
+    ) == before
+
+
 def test_cancel_while_a_payment_is_in_flight_cannot_sell_a_credit_twice(
     market_stripe, seller, buyer
 ):
