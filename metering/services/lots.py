@@ -22,6 +22,7 @@ takes only what no pending hold will burn.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 
@@ -40,6 +41,8 @@ from metering.models import (
     TransactionKind,
 )
 from metering.services.postings import accounts_for, post, retry_on_deadlock
+
+logger = logging.getLogger(__name__)
 
 FAR_FUTURE_SORT_KEY = (1, 0.0)
 
@@ -256,14 +259,22 @@ def credits_expire(*, now: datetime) -> int:
     """Sweep every account with a lot due; the beat task and `credits_expire` call this.
 
     Each account is swept in its own transaction, so one busy wallet never
-    holds the others' locks. Safe to run concurrently and repeatedly.
+    holds the others' locks, and one that fails (a ledger that disagrees with
+    itself, which reconcile names) is logged and left for the next run
+    without stopping the others. Safe to run concurrently and repeatedly.
     """
     account_ids = (
         CreditLot.objects.filter(remaining__gt=0, expires_at__lte=now)
         .values_list("account_id", flat=True)
         .distinct()
     )
-    return sum(_account_sweep(account_id=pk, now=now) for pk in sorted(set(account_ids)))
+    expired = 0
+    for pk in sorted(set(account_ids)):
+        try:
+            expired += _account_sweep(account_id=pk, now=now)
+        except Exception:
+            logger.exception("account %s: its expiry sweep failed; the next run tries again", pk)
+    return expired
 
 
 @retry_on_deadlock

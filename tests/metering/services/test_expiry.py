@@ -200,6 +200,28 @@ def test_sweeper_covers_every_organization_and_escrow(org, other_org, grant):
     assert organization_balance(organization=other_org).available == 0
 
 
+def test_one_account_the_sweep_cannot_expire_does_not_stop_the_others(
+    org, other_org, grant, caplog
+):
+    # given: two organizations' lots due, and the first one's wallet edited by
+    # hand to hold less than its lots (a ledger that disagrees with itself)
+    expires_at = timezone.now() + timedelta(days=7)
+    grant(org, credits(10), expires_at=expires_at)
+    grant(other_org, credits(5), expires_at=expires_at)
+    broken = wallet(org)
+    LedgerAccount.objects.filter(pk=broken.pk).update(balance=credits(1))
+
+    # when
+    expired = credits_expire(now=expires_at + timedelta(minutes=1))
+
+    # then: the other organization's credits expired, and the failure is logged
+    assert expired == credits(5)
+    assert organization_balance(organization=other_org).available == 0
+    assert f"account {broken.pk}: its expiry sweep failed" in caplog.text
+    # (the hand edit undone, for the reconcile every test ends with)
+    LedgerAccount.objects.filter(pk=broken.pk).update(balance=credits(10))
+
+
 # --- spending after expiry, before the sweeper ------------------------------------
 
 
