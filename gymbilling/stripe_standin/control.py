@@ -11,6 +11,8 @@
     POST   /_config/customers/<id>/card           {"card": "4242424242424242"} new default card → the payment method
     POST   /_config/charges/<id>/dispute          {"amount"?, "reason"?, "status"?} → the dispute
                                                   (status "warning_needs_response": an inquiry)
+    POST   /_config/disputes/<id>/close           {"status": "won"|"lost"|"warning_closed"} → the dispute
+                                                  (won: charge.dispute.funds_reinstated, then .closed)
     GET    /_config/meter_events?customer=cus_…   {"data": [...accepted events], "total_value": "…"}  (meters.py)
 
 `/_config/webhooks/<id>` with id `hold`/`release` is taken by the hold/release
@@ -24,7 +26,12 @@ from localstripe.resources import Customer, store
 
 from gymbilling.stripe_standin import idempotency, webhooks
 from gymbilling.stripe_standin.common import json_response, read_params, stripe_error
-from gymbilling.stripe_standin.payments import card_create, customer_card_replace, dispute_open
+from gymbilling.stripe_standin.payments import (
+    card_create,
+    customer_card_replace,
+    dispute_close,
+    dispute_open,
+)
 from gymbilling.stripe_standin.subscriptions import subscription_advance
 
 
@@ -90,6 +97,14 @@ async def charge_dispute(request: web.Request) -> web.Response:
     return json_response(dispute._export())
 
 
+async def dispute_end(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    dispute = dispute_close(
+        dispute_id=request.match_info["id"], status=params.get("status") or "won"
+    )
+    return json_response(dispute._export())
+
+
 routes = [
     ("GET", "/_config/health", health),
     ("DELETE", "/_config/data", data_forget),
@@ -101,4 +116,5 @@ routes = [
     ("POST", "/_config/subscriptions/{id}/advance", subscription_advance_handler),
     ("POST", "/_config/customers/{id}/card", customer_card),
     ("POST", "/_config/charges/{id}/dispute", charge_dispute),
+    ("POST", "/_config/disputes/{id}/close", dispute_end),
 ]

@@ -220,6 +220,36 @@ def dispute_open(
     return dispute
 
 
+# How a dispute can end: a dispute whose funds were withdrawn is won (Stripe
+# reinstates the funds) or lost; an inquiry (warning_*) only closes.
+DISPUTE_ENDINGS = {
+    "needs_response": {"won", "lost"},
+    "under_review": {"won", "lost"},
+    "warning_needs_response": {"warning_closed"},
+    "warning_under_review": {"warning_closed"},
+}
+
+
+def dispute_close(*, dispute_id: str, status: str = "won") -> Dispute:
+    """End a dispute as the card network decides it, with Stripe's events.
+
+    Won: `charge.dispute.funds_reinstated`, then `charge.dispute.closed`, as
+    Stripe sends them; lost or an inquiry closed: `charge.dispute.closed`.
+    """
+    dispute = stored("dispute", dispute_id)
+    if status not in DISPUTE_ENDINGS.get(dispute.status, set()):
+        raise stripe_error(
+            400,
+            f"A dispute with status {dispute.status!r} cannot end as {status!r}.",
+            param="status",
+        )
+    dispute.status = status
+    if status == "won":
+        emit("charge.dispute.funds_reinstated", dispute)
+    emit("charge.dispute.closed", dispute)
+    return dispute
+
+
 def _dispute_get(*, id: str, **_ignored: Any) -> Dispute:
     return stored("dispute", id)
 

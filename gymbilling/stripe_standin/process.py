@@ -177,6 +177,10 @@ class StripeStandIn:
         body = {"amount": amount, "reason": reason, "status": status}
         return self.config("POST", f"/_config/charges/{charge_id}/dispute", body)
 
+    def close_dispute(self, dispute_id: str, *, status: str = "won") -> dict[str, Any]:
+        """End a dispute: "won" (Stripe reinstates the funds), "lost", or "warning_closed"."""
+        return self.config("POST", f"/_config/disputes/{dispute_id}/close", {"status": status})
+
     def pay_checkout(self, session_id: str, card: str = "4242424242424242") -> dict[str, Any]:
         """Pay a Checkout Session as the page's form would; returns the session (raises if declined)."""
         request = urllib.request.Request(

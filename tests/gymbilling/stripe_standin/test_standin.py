@@ -401,6 +401,31 @@ def test_dispute_sends_charge_dispute_created(stripe_client, stripe_standin, web
     assert (event.data.object.amount, event.data.object.status) == (5000, "needs_response")
 
 
+def test_a_won_dispute_sends_funds_reinstated_then_closed(
+    stripe_client, stripe_standin, webhook_receiver
+):
+    # given a disputed payment
+    intent = _one_time_payment(stripe_client, stripe_standin)
+    charge_id = (
+        intent.latest_charge if isinstance(intent.latest_charge, str) else intent.latest_charge.id
+    )
+    dispute = stripe_standin.dispute(charge_id)
+
+    # when the card network decides for the merchant
+    won = stripe_standin.close_dispute(dispute["id"], status="won")
+
+    # then the funds come back, the dispute closes, and reading it says won
+    assert won["status"] == "won"
+    reinstated = webhook_receiver.wait_for("charge.dispute.funds_reinstated", dispute["id"])
+    closed = webhook_receiver.wait_for("charge.dispute.closed", dispute["id"])
+    assert (reinstated.data.object.status, closed.data.object.status) == ("won", "won")
+    assert stripe_client.v1.disputes.retrieve(dispute["id"]).status == "won"
+    # and a closed dispute does not end again
+    with pytest.raises(StandInError) as again:
+        stripe_standin.close_dispute(dispute["id"], status="lost")
+    assert again.value.status == 400
+
+
 def test_portal_session_page_lists_the_subscription(stripe_client, stripe_standin):
     # given a subscribed customer
     session, subscription = _subscribe(stripe_client, stripe_standin, _monthly_price(stripe_client))
