@@ -155,9 +155,11 @@ class PaymentReversalAdmin(ReadOnlyAdmin):
         "currency",
         "credits_clawed_back",
         "credits_lost",
+        "credits_reinstated",
         "created_at",
+        "reinstated_at",
     ]
-    list_filter = ["kind"]
+    list_filter = ["kind", ("reinstated_at", admin.EmptyFieldListFilter)]
 
 
 # --- the credit marketplace (read-only: every change goes through its services) --------

@@ -429,6 +429,11 @@ class PaymentReversal(models.Model):
     for finance, never silently dropped; `credits_pending` were unspent but
     held by running work: taken back as that work settles and gives them back,
     or lost if it spends them (payment_reversals_pending_settle).
+
+    A dispute the gym wins is undone at `reinstated_at`: `credits_reinstated`
+    (what was clawed back) are the customer's again, and nothing is lost or
+    pending any more (the money came back); `credits_clawed_back` stays, the
+    history of what the dispute took.
     """
 
     class Kind(models.TextChoices):
@@ -452,6 +457,12 @@ class PaymentReversal(models.Model):
         default=0,
         help_text="Unspent but held by running work when the reversal came: taken back as "
         "the work settles, or lost if it spends them.",
+    )
+    reinstated_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a won dispute gave back what it took."
+    )
+    credits_reinstated = models.BigIntegerField(
+        default=0, help_text="Micro-credits a won dispute gave back (what it clawed back)."
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -5,6 +5,7 @@ from gymbilling.services.checkout import checkout_create, portal_create, subscri
 from gymbilling.services.customers import billing_customer_ensure
 from gymbilling.services.events import (
     checkout_handler_register,
+    reinstatement_handler_register,
     reversal_handler_register,
     stripe_event_process,
     stripe_event_record,
@@ -13,6 +14,7 @@ from gymbilling.services.events import (
 from gymbilling.services.overage import overage_report
 from gymbilling.services.payments import (
     payment_reversal_apply,
+    payment_reversal_reinstate,
     payment_reversals_pending_settle,
     resale_freeze,
 )
@@ -25,8 +27,10 @@ __all__ = [
     "checkout_handler_register",
     "overage_report",
     "payment_reversal_apply",
+    "payment_reversal_reinstate",
     "payment_reversals_pending_settle",
     "portal_create",
+    "reinstatement_handler_register",
     "resale_freeze",
     "reversal_handler_register",
     "stripe_event_process",

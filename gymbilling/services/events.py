@@ -37,6 +37,7 @@ from gymbilling.services.payments import (
     checkout_session_mirror,
     pack_purchase_grant,
     payment_reversal_apply,
+    payment_reversal_reinstate,
 )
 from gymbilling.services.subscriptions import (
     SubscriptionConflict,
@@ -52,6 +53,7 @@ CheckoutHandler = Callable[[CheckoutSession, dict], None]
 _checkout_handlers: dict[str, CheckoutHandler] = {}
 ReversalHandler = Callable[..., bool]
 _reversal_handlers: list[ReversalHandler] = []
+_reinstatement_handlers: list[ReversalHandler] = []
 
 
 def checkout_handler_register(kind: str, handler: CheckoutHandler) -> None:
@@ -62,6 +64,12 @@ def reversal_handler_register(handler: ReversalHandler) -> None:
     """`handler(kind=, key=, charge=, amount=, cumulative=) -> bool` (True: it was its payment)."""
     if handler not in _reversal_handlers:
         _reversal_handlers.append(handler)
+
+
+def reinstatement_handler_register(handler: ReversalHandler) -> None:
+    """`handler(key=) -> bool` (True: the reversal under `key` was of its payment)."""
+    if handler not in _reinstatement_handlers:
+        _reinstatement_handlers.append(handler)
 
 
 class EventRetryLater(RuntimeError):
@@ -253,13 +261,23 @@ def charge_refund_refresh(*, charge_id: str) -> bool:
     return payment_reversal_apply(**params) is not None
 
 
-# Disputes whose funds were taken from us. Inquiries (warning_*) move no money;
-# a dispute already won was never a loss.
+# Disputes whose funds were taken from us. Inquiries (warning_*) move no money.
 DISPUTE_FUNDS_WITHDRAWN = {"needs_response", "under_review", "lost"}
+# A dispute we won: Stripe reinstated the funds. Final, like lost.
+DISPUTE_WON = "won"
 
 
 def dispute_refresh(*, dispute_id: str) -> bool:
+    """Apply a dispute as Stripe has it now, whichever of its events this is.
+
+    Funds withdrawn: the payment is reversed, once. Won: what that reversal
+    took is given back, once; a dispute won before its reversal was applied
+    here (its events came late) never takes anything, since every event of
+    it reads the status now, and won is final.
+    """
     dispute = stripe_client.dispute_retrieve(dispute_id)
+    if dispute.get("status") == DISPUTE_WON:
+        return dispute_reinstate(key=f"dispute:{dispute_id}")
     if dispute.get("status") not in DISPUTE_FUNDS_WITHDRAWN:
         return False
     charge_id = dispute.get("charge")
@@ -276,6 +294,13 @@ def dispute_refresh(*, dispute_id: str) -> bool:
     if any(handler(**params) for handler in _reversal_handlers):
         return True
     return payment_reversal_apply(**params) is not None
+
+
+def dispute_reinstate(*, key: str) -> bool:
+    """A won dispute gives back what its reversal took; False when none was applied."""
+    if any(handler(key=key) for handler in _reinstatement_handlers):
+        return True
+    return payment_reversal_reinstate(key=key) is not None
 
 
 def payment_reversals_refresh(*, payment_intent_id: str) -> None:

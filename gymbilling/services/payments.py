@@ -4,7 +4,8 @@ A refund or dispute claws back the credits the payment bought that are still
 unspent in the buyer's wallet, in proportion to the money returned (rounded
 up: a refund of any part of a payment takes back at least that share), and
 records what was already spent as a loss. Either also freezes reselling for
-the organization until finance lifts it.
+the organization until finance lifts it. A dispute the gym then wins gives
+back what it took (`payment_reversal_reinstate`); the freeze stays.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from gymbilling.models import (
 )
 from metering.models import CreditLot, JournalTransaction, LotSource
 from metering.selectors import lot_family_unspent
-from metering.services import credits_grant, lot_clawback
+from metering.services import clawbacks_reverse, credits_grant, lot_clawback
 
 
 def checkout_session_mirror(*, session: dict) -> CheckoutSession | None:
@@ -182,7 +183,42 @@ def payment_reversal_apply(
 
 
 def _credits_reversed(reversal: PaymentReversal) -> int:
+    if reversal.reinstated_at is not None:
+        return 0  # a won dispute gave it all back: a later refund may take its share
     return reversal.credits_clawed_back + reversal.credits_lost + reversal.credits_pending
+
+
+def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
+    """Undo a dispute's reversal: Stripe gave the money back (the dispute was won).
+
+    The credits it took back return to the lots they were taken from (its
+    clawbacks are reversed: same source, paid and resellable flags, expiry);
+    what it left pending stops being pending (still in the wallet, the
+    customer's again); what it recorded as lost was spent and stays spent, but
+    is no loss any more: the money came back. The resale freeze stays until
+    finance lifts it. Once per reversal: a replay returns the reinstated row;
+    None when no reversal has this key (the dispute was never applied here).
+    """
+    reversal = PaymentReversal.objects.filter(key=key).first()
+    if reversal is None:
+        return None
+    with transaction.atomic():
+        # payment_reversal_apply's lock, then the row the pending sweep locks.
+        transaction_lock(f"stripe-charge:{reversal.stripe_charge_id}")
+        reversal = PaymentReversal.objects.select_for_update().get(pk=reversal.pk)
+        if reversal.reinstated_at is not None:
+            return reversal
+        given_back = clawbacks_reverse(
+            key=key, reason=f"{reversal.kind} of {reversal.stripe_charge_id} won: funds reinstated"
+        )
+        PaymentReversal.objects.filter(pk=reversal.pk).update(
+            reinstated_at=timezone.now(),
+            credits_reinstated=given_back,
+            credits_pending=0,
+            credits_lost=0,
+        )
+    reversal.refresh_from_db()
+    return reversal
 
 
 def payment_reversals_pending_settle(*, now: datetime | None = None) -> int:

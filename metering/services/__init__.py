@@ -2,6 +2,7 @@
 
 from metering.services.holds import hold_capture, hold_place, hold_release, holds_expire
 from metering.services.ledger import (
+    clawbacks_reverse,
     credits_adjust,
     credits_grant,
     credits_transfer,
@@ -23,6 +24,7 @@ from metering.services.usage import usage_record_create
 __all__ = [
     "Rates",
     "Usage",
+    "clawbacks_reverse",
     "credits_adjust",
     "credits_expire",
     "credits_for_usage",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -636,3 +636,31 @@ def lot_clawback(
         actor=actor,
         holds_placed_before=holds_placed_before,
     )
+
+
+@retry_on_deadlock
+def clawbacks_reverse(*, key: str, reason: str, actor=None) -> int:
+    """Give back what `lot_clawback` took under `key`, and under the keys that extend it.
+
+    A refund or dispute undone (a dispute the merchant won): each clawback
+    made under `key` or `key:...` (a later take of the same event, such as
+    credits taken back once running work settled) is reversed, so the credits
+    return to the very lots they were taken from, with their source, flags
+    and expiry, and the adjustments account nets back to zero; a lot that
+    expired meanwhile is swept as it would have been. Each clawback is
+    reversed at most once (transaction_reverse), so a repeat gives back
+    nothing more. Returns the micro-credits these clawbacks took, all given
+    back now or before.
+    """
+    require_key(key)
+    clawback = f"clawback:{key}"
+    with transaction.atomic():
+        taken = list(
+            JournalTransaction.objects.filter(
+                Q(idempotency_key=clawback) | Q(idempotency_key__startswith=f"{clawback}:")
+            ).order_by("pk")
+        )
+        for original in taken:
+            transaction_reverse(original=original, reason=reason, actor=actor)
+        moved = LotMovement.objects.filter(transaction__in=taken).aggregate(total=Sum("amount"))
+        return -(moved["total"] or 0)

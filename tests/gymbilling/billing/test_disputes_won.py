@@ -1,0 +1,146 @@
+"""A dispute the gym wins: Stripe reinstates the funds, so what the dispute took
+from a subscription payment comes back, once, whichever of its events comes first.
+
+Stripe is the local stand-in over HTTP; its events are processed as the webhook
+would (`deliver`), and every ledger invariant is checked after each test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gymbilling.models import BillingCustomer, PaymentReversal, StripeEvent
+from gymbilling.reconcile import stripe_reconcile
+from gymbilling.services import payment_reversals_pending_settle, stripe_event_process
+from metering.models import MICRO, CreditLot
+from metering.reconcile import ledger_reconcile
+from metering.selectors import organization_balance
+from metering.services import hold_capture, hold_place, hold_release
+from tests.helpers import ledger_rows, system_balance
+
+pytestmark = pytest.mark.django_db
+
+WON_EVENTS = ["charge.dispute.funds_reinstated", "charge.dispute.closed"]
+
+
+def spend(org, credits: int, key: str) -> None:
+    hold_place(organization=org, amount=credits, key=key)
+    hold_capture(key=key, amount=credits)
+
+
+def invoice_charge(sub, stripe_sdk) -> str:
+    """The charge that paid the subscription's first invoice."""
+    intent = stripe_sdk.v1.payment_intents.retrieve(sub.invoices.get().stripe_payment_intent_id)
+    charge = intent.latest_charge
+    return charge if isinstance(charge, str) else charge.id
+
+
+def taken_pending_lost_back(reversal: PaymentReversal) -> tuple[int, int, int, int]:
+    reversal.refresh_from_db()
+    return (
+        reversal.credits_clawed_back,
+        reversal.credits_pending,
+        reversal.credits_lost,
+        reversal.credits_reinstated,
+    )
+
+
+def test_a_won_dispute_gives_back_the_credits_it_took_back(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Basic (2,000 credits), 500 spent, then the charge disputed:
+    # 1,500 taken back, 500 lost, reselling frozen
+    sub = subscribed("basic")
+    org = customer.organization
+    spend(org, 500 * MICRO, key="job-1")
+    lot = CreditLot.objects.get(organization=org, source="subscription")
+    dispute = stripe_standin.dispute(invoice_charge(sub, stripe_sdk))
+    assert deliver() == ["processed"]
+    reversal = PaymentReversal.objects.get(kind="dispute")
+    assert taken_pending_lost_back(reversal) == (1_500 * MICRO, 0, 500 * MICRO, 0)
+    assert organization_balance(organization=org).available == 0
+
+    # when: the gym wins it, and Stripe's events of the win are processed
+    stripe_standin.close_dispute(dispute["id"], status="won")
+    assert deliver() == ["processed", "processed"]
+
+    # then: the 1,500 credits are back in the lot they were taken from, with
+    # its expiry and flags (no new lot), and the adjustments account nets to zero
+    assert organization_balance(organization=org).available == 1_500 * MICRO
+    assert list(
+        CreditLot.objects.filter(organization=org, source="subscription").values_list(
+            "pk", "remaining", "expires_at", "paid", "resellable"
+        )
+    ) == [(lot.pk, 1_500 * MICRO, lot.expires_at, True, True)]
+    assert system_balance("adjustments") == 0
+    # the reversal says it was undone: nothing lost any more, nothing pending
+    reversal.refresh_from_db()
+    assert reversal.reinstated_at is not None
+    assert taken_pending_lost_back(reversal) == (1_500 * MICRO, 0, 0, 1_500 * MICRO)
+    # reselling stays frozen until finance lifts it
+    assert BillingCustomer.objects.get(organization=org).resale_frozen_at is not None
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: the win's events are delivered again, and the dispute's first one too
+    rows, reinstated_at = ledger_rows(), reversal.reinstated_at
+    for event in StripeEvent.objects.filter(type__startswith="charge.dispute.").order_by("pk"):
+        assert stripe_event_process(event_pk=event.pk, force=True) == "processed"
+
+    # then: nothing more moved
+    assert ledger_rows() == rows
+    assert organization_balance(organization=org).available == 1_500 * MICRO
+    reversal.refresh_from_db()
+    assert reversal.reinstated_at == reinstated_at
+    assert taken_pending_lost_back(reversal) == (1_500 * MICRO, 0, 0, 1_500 * MICRO)
+
+
+def test_a_won_dispute_stops_taking_back_what_running_work_held(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Basic, 500 spent, and a job holding 300 when the charge is disputed:
+    # 1,200 taken back, 300 pending on the job, 500 lost
+    sub = subscribed("basic")
+    org = customer.organization
+    spend(org, 500 * MICRO, key="job-1")
+    hold_place(organization=org, amount=300 * MICRO, key="job-2")
+    dispute = stripe_standin.dispute(invoice_charge(sub, stripe_sdk))
+    deliver()
+    reversal = PaymentReversal.objects.get()
+    assert taken_pending_lost_back(reversal) == (1_200 * MICRO, 300 * MICRO, 500 * MICRO, 0)
+
+    # when: the dispute is won, then the job ends without using its credits
+    stripe_standin.close_dispute(dispute["id"], status="won")
+    deliver()
+    hold_release(key="job-2")
+
+    # then: the sweep takes nothing: all 1,500 unspent credits are the customer's
+    assert payment_reversals_pending_settle() == 0
+    assert organization_balance(organization=org).available == 1_500 * MICRO
+    assert taken_pending_lost_back(reversal) == (1_200 * MICRO, 0, 0, 1_200 * MICRO)
+
+
+def test_a_dispute_won_before_its_events_were_processed_moves_nothing(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Basic with a quarter of its charge refunded (taken back: 500 credits)
+    sub = subscribed("basic")
+    org = customer.organization
+    charge = invoice_charge(sub, stripe_sdk)
+    amount = stripe_sdk.v1.charges.retrieve(charge).amount
+    stripe_sdk.v1.refunds.create(params={"charge": charge, "amount": amount // 4})
+    deliver()
+    refund = PaymentReversal.objects.get(kind="refund")
+    assert refund.credits_clawed_back == 500 * MICRO
+    rows = ledger_rows()
+
+    # when: the rest is disputed and won at Stripe before any of the dispute's
+    # events was processed, then they all are
+    dispute = stripe_standin.dispute(charge, amount=amount - amount // 4)
+    stripe_standin.close_dispute(dispute["id"], status="won")
+    statuses = deliver()
+
+    # then: the dispute took nothing, so it gives nothing back; the refund stands
+    assert statuses == ["ignored", "ignored", "ignored"]
+    assert ledger_rows() == rows
+    assert list(PaymentReversal.objects.values_list("key", "reinstated_at")) == [(refund.key, None)]
+    assert organization_balance(organization=org).available == 1_500 * MICRO
