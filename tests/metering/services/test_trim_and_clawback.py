@@ -8,7 +8,14 @@ import pytest
 from accounts.errors import ApplicationError
 from metering.models import CreditLot
 from metering.selectors import organization_balance
-from metering.services import credits_trim, hold_capture, hold_place, hold_release, lot_clawback
+from metering.services import (
+    clawbacks_reverse,
+    credits_trim,
+    hold_capture,
+    hold_place,
+    hold_release,
+    lot_clawback,
+)
 from tests.helpers import credits, ledger_rows, system_balance
 
 pytestmark = pytest.mark.django_db
@@ -60,6 +67,29 @@ def test_clawback_takes_what_is_left_of_the_lot_and_nothing_else(org, grant):
     assert taken == credits(40)
     assert CreditLot.objects.get(pk=lot.pk).remaining == 0
     assert organization_balance(organization=org).available == credits(30)
+
+
+def test_clawbacks_reverse_gives_back_to_the_same_lots_once(org, grant):
+    # given: a 100-credit lot of which 30 were taken back, then 20 more under a
+    # follow-up key, and 10 under another event's key
+    lot = grant(org, credits(100))
+    lot_clawback(lot=lot, amount=credits(30), key="dispute:d1", memo="dispute")
+    lot_clawback(lot=lot, amount=credits(20), key="dispute:d1:pending:1", memo="dispute")
+    lot_clawback(lot=lot, amount=credits(10), key="dispute:d10", memo="another dispute")
+
+    # when: the first event is undone, twice
+    given_back = clawbacks_reverse(key="dispute:d1", reason="dispute won")
+    rows = ledger_rows()
+    again = clawbacks_reverse(key="dispute:d1", reason="dispute won")
+
+    # then: its 50 credits are back in the lot they came from, once; the other's 10 stay taken
+    assert (given_back, again) == (credits(50), credits(50))
+    assert ledger_rows() == rows
+    assert list(CreditLot.objects.filter(organization=org).values_list("pk", "remaining")) == [
+        (lot.pk, credits(90))
+    ]
+    assert organization_balance(organization=org).available == credits(90)
+    assert system_balance("adjustments") == credits(10)
 
 
 def test_a_clawback_takes_the_lot_a_pending_hold_will_not_burn(org, grant):
