@@ -250,6 +250,8 @@ class MarketReversalAdmin(ReadOnlyAdmin):
         "seller_reversed",
         "loss",
         "credits_lost",
+        "credits_reinstated",
+        "reinstated_at",
     ]
 
 

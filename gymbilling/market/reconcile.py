@@ -41,7 +41,7 @@ CHECKS = [
         SELECT a.id, a.kind, a.organization_id, a.currency, a.balance, COALESCE(f.owed, 0) AS owed
           FROM gymbilling_moneyaccount a
           LEFT JOIN (SELECT seller_id, currency, proceeds,
-                            SUM(gross - fee - seller_reversed) AS owed
+                            SUM(gross - fee - seller_reversed - earlier_payouts) AS owed
                        FROM gymbilling_marketfill
                       WHERE proceeds IN ('pending', 'available')
                       GROUP BY seller_id, currency, proceeds) f
@@ -49,14 +49,14 @@ CHECKS = [
            AND f.proceeds = CASE a.kind WHEN 'seller_pending' THEN 'pending' ELSE 'available' END
          WHERE a.organization_id IS NOT NULL AND a.balance <> COALESCE(f.owed, 0)
         UNION ALL
-        SELECT NULL, 'missing_account', f.seller_id, f.currency, 0, SUM(f.gross - f.fee - f.seller_reversed)
+        SELECT NULL, 'missing_account', f.seller_id, f.currency, 0, SUM(f.gross - f.fee - f.seller_reversed - f.earlier_payouts)
           FROM gymbilling_marketfill f
          WHERE f.proceeds IN ('pending', 'available')
            AND NOT EXISTS (SELECT 1 FROM gymbilling_moneyaccount a
                             WHERE a.organization_id = f.seller_id AND a.currency = f.currency
                               AND a.kind = 'seller_' || f.proceeds)
          GROUP BY f.seller_id, f.currency
-        HAVING SUM(f.gross - f.fee - f.seller_reversed) <> 0
+        HAVING SUM(f.gross - f.fee - f.seller_reversed - f.earlier_payouts) <> 0
         """,
     ),
     (

@@ -56,7 +56,7 @@ from gymbilling.models import (
     ProceedsState,
 )
 from metering.models import AccountKind, CreditLot, LotSource
-from metering.services import credits_trim, lot_clawback
+from metering.services import clawbacks_reverse, credits_trim, lot_clawback
 from metering.services.ledger import organization_account
 from metering.services.postings import accounts_lock, amount_display, retry_on_deadlock
 
@@ -954,8 +954,20 @@ def orders_expire(*, now: datetime | None = None) -> int:
 # --- payouts -----------------------------------------------------------------------------
 
 
+def _proceeds_account(fill: MarketFill, proceeds: str) -> MoneyAccount:
+    """The seller's account that holds a fill's unpaid share while it is `proceeds`
+    (pending or available)."""
+    return money_account(
+        kind=MoneyAccountKind.SELLER_PENDING
+        if proceeds == ProceedsState.PENDING
+        else MoneyAccountKind.SELLER_AVAILABLE,
+        currency=fill.currency,
+        organization=fill.seller,
+    )
+
+
 def _seller_share_left(fill: MarketFill) -> int:
-    return fill.gross - fill.fee - fill.seller_reversed
+    return fill.gross - fill.fee - fill.seller_reversed - fill.earlier_payouts
 
 
 @retry_on_deadlock
@@ -1088,15 +1100,34 @@ def payout_send(*, payout_id: int) -> str:
     return PayoutStatus.SENT
 
 
-def _losses_while_paying(payout: MarketPayout) -> dict[tuple[int, int], int]:
+def _losses_while_paying(
+    payout: MarketPayout, fills: list[MarketFill]
+) -> dict[tuple[int, int], int]:
     """Seller shares that refunds and disputes booked as losses against this payout's
-    fills while it was being paid, by (fill, reversal transaction)."""
-    entries = MoneyEntry.objects.filter(
-        transaction__payout=payout,
-        transaction__kind=MoneyTransactionKind.REVERSAL,
-        account__kind=MoneyAccountKind.LOSSES,
-    ).values_list("transaction__fill_id", "transaction_id", "amount")
-    return {(fill_id, txn_id): -amount for fill_id, txn_id, amount in entries}
+    fills while it was being paid, by (fill, reversal transaction).
+
+    At most what this payout was paying for each fill: of a fill a won
+    dispute reopened, an earlier payout paid the rest, and that stays lost.
+    """
+    # What each fill was owed when the payout was recorded: nothing changes a
+    # paid-out fill's shares while its payout is in flight.
+    paying = {fill.pk: _seller_share_left(fill) for fill in fills}
+    entries = (
+        MoneyEntry.objects.filter(
+            transaction__payout=payout,
+            transaction__kind=MoneyTransactionKind.REVERSAL,
+            account__kind=MoneyAccountKind.LOSSES,
+        )
+        .order_by("transaction_id")
+        .values_list("transaction__fill_id", "transaction_id", "amount")
+    )
+    losses = {}
+    for fill_id, txn_id, amount in entries:
+        recovered = min(-amount, paying.get(fill_id, 0))
+        paying[fill_id] = paying.get(fill_id, 0) - recovered
+        if recovered:
+            losses[(fill_id, txn_id)] = recovered
+    return losses
 
 
 def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
@@ -1130,7 +1161,7 @@ def _payout_fail(*, payout_id: int, error: str) -> None:
         if payout.status != PayoutStatus.PENDING:
             return
         fills = list(MarketFill.objects.select_for_update().filter(payout=payout).order_by("pk"))
-        losses = _losses_while_paying(payout)
+        losses = _losses_while_paying(payout, fills)
         recovered = sum(losses.values())
         money_post(
             kind=MoneyTransactionKind.PAYOUT_FAILED,
@@ -1291,13 +1322,7 @@ def _reversal_apply(
             seller_account = None
             if fill.proceeds in (ProceedsState.PENDING, ProceedsState.AVAILABLE):
                 reversible = min(seller_part, _seller_share_left(fill))
-                seller_account = money_account(
-                    kind=MoneyAccountKind.SELLER_PENDING
-                    if fill.proceeds == ProceedsState.PENDING
-                    else MoneyAccountKind.SELLER_AVAILABLE,
-                    currency=cur,
-                    organization=fill.seller,
-                )
+                seller_account = _proceeds_account(fill, fill.proceeds)
             loss = seller_part - reversible
             postings = [
                 (system[MoneyAccountKind.BUYER_CLEARING], r),
@@ -1350,3 +1375,141 @@ def _reversal_apply(
             # Not for our own refund of an undelivered part: the buyer did nothing.
             resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
         return new > 0
+
+
+# --- a dispute won ------------------------------------------------------------------------
+
+
+def market_reinstatement_handle(*, key: str) -> bool:
+    """A won dispute; True when `key` names a reversal of a marketplace payment.
+
+    Stripe gave the money back, so the reversal is undone, once (a replay
+    finds it reinstated): per fill, the fee share back to the platform's
+    fees, the seller's share back to their proceeds, a loss booked for a
+    share already paid out recovered; the buyer's credits taken back return
+    to their lots. The buyer's resale freeze stays: finance lifts it.
+    """
+    reversal = MarketReversal.objects.filter(key=key).first()
+    if reversal is None:
+        return False
+    _reinstatement_apply(reversal_id=reversal.pk)
+    return True
+
+
+@dataclass(frozen=True)
+class _ReversedPart:
+    """What one reversal took from one fill, as it stands now (minor units)."""
+
+    refunded: int  # went back to the buyer
+    fee: int  # out of the platform's fees
+    seller: int  # out of the seller's proceeds
+    loss: int  # a share already paid out, still booked as a loss
+
+
+def _reversed_part(*, key: str, fill: MarketFill) -> _ReversedPart | None:
+    """Read from the reversal's money transaction of the fill; None if it took nothing."""
+    txn = (
+        MoneyTransaction.objects.filter(idempotency_key=f"reversal:{key}:{fill.pk}")
+        .select_related("payout")
+        .first()
+    )
+    if txn is None:
+        return None
+    by_kind: dict[str, int] = {}
+    for kind, amount in txn.entries.values_list("account__kind", "amount"):
+        by_kind[kind] = by_kind.get(kind, 0) + amount
+    seller = -by_kind.get(MoneyAccountKind.SELLER_PENDING, 0) - by_kind.get(
+        MoneyAccountKind.SELLER_AVAILABLE, 0
+    )
+    loss = -by_kind.get(MoneyAccountKind.LOSSES, 0)
+    if loss and txn.payout is not None and txn.payout.status == PayoutStatus.FAILED:
+        # Stripe refused the payout that loss was booked against: _payout_fail
+        # recovered it from the seller's proceeds instead. All of it: a charge
+        # has one dispute, so no fill of it had been reopened by another won
+        # one, and a payout pays at least the losses later booked against it.
+        seller, loss = seller + loss, 0
+    return _ReversedPart(
+        refunded=by_kind.get(MoneyAccountKind.BUYER_CLEARING, 0),
+        fee=-by_kind.get(MoneyAccountKind.PLATFORM_FEES, 0),
+        seller=seller,
+        loss=loss,
+    )
+
+
+@retry_on_deadlock
+def _reinstatement_apply(*, reversal_id: int) -> None:
+    from gymbilling.services.events import EventWaits
+
+    with transaction.atomic():
+        # _reversal_apply's locks, in its order: the order, its fills, then the reversal.
+        order_id = MarketReversal.objects.values_list("order_id", flat=True).get(pk=reversal_id)
+        order = MarketOrder.objects.select_for_update().get(pk=order_id)
+        fills = list(
+            MarketFill.objects.select_for_update()
+            .filter(order=order)
+            .select_related("seller")
+            .order_by("pk")
+        )
+        reversal = MarketReversal.objects.select_for_update().get(pk=reversal_id)
+        if reversal.reinstated_at is not None:
+            return
+        parts = {fill.pk: _reversed_part(key=reversal.key, fill=fill) for fill in fills}
+        touched = [fill for fill in fills if parts[fill.pk] is not None]
+        in_flight = MarketPayout.objects.filter(
+            pk__in=[f.payout_id for f in touched if f.proceeds == ProceedsState.PAID_OUT],
+            status=PayoutStatus.PENDING,
+        )
+        if in_flight.exists():
+            # Sent or refused, a payout settles what its fills are owed (a
+            # refusal recovers losses booked against it): undoing the reversal
+            # before that would pay or recover the same share twice.
+            raise EventWaits(f"order {order.pk}: a payout of its fills is still being sent")
+        system = _system_accounts(order.currency)
+        for fill in touched:
+            _fill_reinstate(fill=fill, part=parts[fill.pk], key=reversal.key, system=system)
+        given_back = clawbacks_reverse(
+            key=f"market:{reversal.key}",
+            reason=f"{reversal.kind} of marketplace order {order.pk} won: funds reinstated",
+        )
+        MarketReversal.objects.filter(pk=reversal.pk).update(
+            reinstated_at=timezone.now(), credits_reinstated=given_back, loss=0, credits_lost=0
+        )
+
+
+def _fill_reinstate(
+    *, fill: MarketFill, part: _ReversedPart, key: str, system: dict[str, MoneyAccount]
+) -> None:
+    """Post the reversal of one fill back, and make the fill owe the seller their share again."""
+    proceeds = fill.proceeds
+    updates: dict = {
+        "refunded": fill.refunded - part.refunded,
+        "seller_reversed": fill.seller_reversed - part.seller,
+    }
+    if part.seller and proceeds == ProceedsState.PAID_OUT:
+        # Paid out since (its payout sent: final), without the share the
+        # dispute took: what was paid stays paid, the share comes back as
+        # available, and the next payout pays just that.
+        proceeds = ProceedsState.AVAILABLE
+        updates |= {
+            "proceeds": proceeds,
+            "earlier_payouts": fill.gross - fill.fee - fill.seller_reversed,
+        }
+    postings = [
+        (system[MoneyAccountKind.BUYER_CLEARING], -part.refunded),
+        (system[MoneyAccountKind.PLATFORM_FEES], part.fee),
+        (system[MoneyAccountKind.LOSSES], part.loss),
+    ]
+    if part.seller:
+        # Where the fill is now, not where the share was taken from: a fill
+        # that matured meanwhile is owed from the available proceeds.
+        postings.append((_proceeds_account(fill, proceeds), part.seller))
+    money_post(
+        kind=MoneyTransactionKind.REINSTATEMENT,
+        key=f"reinstatement:{key}:{fill.pk}",
+        currency=fill.currency,
+        organization=fill.seller,
+        fill=fill,
+        postings=postings,
+        memo=f"{key} won: funds reinstated",
+    )
+    MarketFill.objects.filter(pk=fill.pk).update(**updates)

@@ -178,6 +178,10 @@ class MarketFill(models.Model):
     fee = models.PositiveBigIntegerField(default=0)
     refunded = models.PositiveBigIntegerField(default=0)
     seller_reversed = models.PositiveBigIntegerField(default=0)
+    # Of the seller's share, what payouts sent before a won dispute gave a
+    # reversed part back, reopening the paid-out fill: the next payout pays
+    # only gross - fee - seller_reversed - earlier_payouts.
+    earlier_payouts = models.PositiveBigIntegerField(default=0)
     proceeds = models.CharField(max_length=16, choices=ProceedsState.choices, default="none")
     available_at = models.DateTimeField(null=True, blank=True)
     payout = models.ForeignKey(
@@ -217,7 +221,11 @@ class MarketFill(models.Model):
                 name="market_fill_money_range",
             ),
             models.CheckConstraint(
-                condition=Q(seller_reversed__lte=models.F("gross") - models.F("fee")),
+                condition=Q(
+                    seller_reversed__lte=models.F("gross")
+                    - models.F("fee")
+                    - models.F("earlier_payouts")
+                ),
                 name="market_fill_seller_reversed_le_net",
             ),
         ]
@@ -279,6 +287,12 @@ class MarketReversal(models.Model):
     already paid out) is a loss, posted to the losses account. Of the
     credits: `credits_clawed_back` were unspent and taken back from the buyer,
     `credits_lost` were already spent.
+
+    A dispute the gym wins is undone at `reinstated_at`: the money postings
+    are reversed (reinstatement:<key>:<fill>), `credits_reinstated` went back
+    to the buyer, and nothing is a loss any more (`loss`, `credits_lost` 0);
+    `fee_reversed`, `seller_reversed`, `credits_clawed_back` stay, the history
+    of what the dispute took.
     """
 
     # refund:<charge>:<cumulative refunded> or dispute:<dispute id> (events.py).
@@ -293,6 +307,8 @@ class MarketReversal(models.Model):
     loss = models.PositiveBigIntegerField(default=0)
     credits_clawed_back = models.PositiveBigIntegerField(default=0)
     credits_lost = models.PositiveBigIntegerField(default=0)
+    reinstated_at = models.DateTimeField(null=True, blank=True)
+    credits_reinstated = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -364,12 +380,14 @@ class MoneyTransactionKind(models.TextChoices):
     PAYOUT = "payout", "Payout"
     PAYOUT_FAILED = "payout_failed", "Payout refused, returned"
     REVERSAL = "reversal", "Refund or dispute"
+    REINSTATEMENT = "reinstatement", "Dispute won, its reversal undone"
 
 
 class MoneyTransaction(models.Model):
     kind = models.CharField(max_length=32, choices=MoneyTransactionKind.choices)
     # One per business event: sale:<fill>, fee:<fill>, release:<fill>,
-    # payout:<payout>, payout_failed:<payout>, reversal:<reversal key>:<fill>.
+    # payout:<payout>, payout_failed:<payout>, reversal:<reversal key>:<fill>,
+    # reinstatement:<reversal key>:<fill>.
     idempotency_key = models.CharField(max_length=255, unique=True)
     currency = models.CharField(max_length=3)
     organization = models.ForeignKey(

@@ -13,7 +13,8 @@ invoice or session id in the ledger.
 
 Stripe unreachable -> the event goes back to pending with the error and is
 retried (the task's retry, then the beat sweep); so does an event that needs
-another processed first (SubscriptionConflict), for WAIT_FOR_OTHER_EVENTS. Any
+another processed first (SubscriptionConflict), or other work of ours finished
+(EventWaits), for WAIT_FOR_OTHER_EVENTS. Any
 other failure marks it failed with the error, to be replayed from the admin
 once fixed.
 """
@@ -74,6 +75,11 @@ def reinstatement_handler_register(handler: ReversalHandler) -> None:
 
 class EventRetryLater(RuntimeError):
     """Stripe could not be reached, or the event waits for another; it stays pending."""
+
+
+class EventWaits(RuntimeError):
+    """Work of ours still in flight (a payout being sent) must end before the event can
+    be applied: it stays pending and is retried, as for a SubscriptionConflict."""
 
 
 # How long an event that waits for another (SubscriptionConflict) is retried
@@ -159,10 +165,11 @@ def stripe_event_process(*, event_pk: int, force: bool = False) -> str | None:
         # failover): nothing was applied, so this is a retry, not a failure.
         _finish(event, EventStatus.PENDING, f"database unavailable: {exc}")
         raise EventRetryLater(str(exc)) from exc
-    except SubscriptionConflict as exc:
+    except (SubscriptionConflict, EventWaits) as exc:
         if timezone.now() - event.received_at < WAIT_FOR_OTHER_EVENTS:
             # Events arrive out of order: the other subscription's deletion
             # is likely on its way. Until it is processed this one waits.
+            # So does one that waits for a payout Stripe has yet to take.
             _finish(event, EventStatus.PENDING, f"waiting: {exc}")
             raise EventRetryLater(str(exc)) from exc
         logger.error("stripe event %s still waits: %s", event.stripe_event_id, exc)

@@ -12,11 +12,13 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.db.models import Sum
 from django.utils import timezone
 
 from gymbilling import stripe_client
-from gymbilling.models import BillingCustomer, MarketOrder
+from gymbilling.models import BillingCustomer, MarketOrder, MoneyAccount, MoneyEntry
 from gymbilling.services import billing_customer_ensure
+from metering.models import MICRO
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
 from tests.helpers import credits
@@ -124,6 +126,27 @@ def buyer(db, market_stripe):
 
 def paid_session(stripe: MarketStripe, order: MarketOrder) -> dict:
     return stripe.pay(order.checkout.stripe_session_id)
+
+
+def sold(stripe: MarketStripe, seller, buyer, *, quantity=100 * MICRO, price=1234) -> MarketOrder:
+    """`quantity` of the seller's credits listed at `price`, bought by the buyer, paid."""
+    from gymbilling.market.services import listing_create, market_checkout_handle, order_create
+
+    listing_create(seller=seller, quantity=quantity, price_per_1k=price, currency="usd")
+    order = order_create(buyer=buyer, quantity=quantity, max_price_per_1k=price, currency="usd")
+    market_checkout_handle(order.checkout, paid_session(stripe, order))
+    order.refresh_from_db()
+    return order
+
+
+def money(kind, currency="usd", organization=None) -> int:
+    """The money account's balance, as the sum of its entries (0 before it exists)."""
+    account = MoneyAccount.objects.filter(
+        kind=kind, currency=currency, organization=organization
+    ).first()
+    if account is None:
+        return 0
+    return MoneyEntry.objects.filter(account=account).aggregate(s=Sum("amount"))["s"] or 0
 
 
 def charge_for(order: MarketOrder, *, amount_refunded=0) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -36,8 +35,6 @@ from gymbilling.models import (
     MarketOrder,
     MarketPayout,
     MarketReversal,
-    MoneyAccount,
-    MoneyEntry,
     OrderStatus,
     PayoutMethod,
     PayoutStatus,
@@ -54,21 +51,14 @@ from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
     charge_for,
     market_member,
+    money,
     paid_session,
+    sold,
     subscription_credits,
 )
 from tests.helpers import credits, ledger_rows, system_balance
 
 pytestmark = pytest.mark.django_db
-
-
-def money(kind, currency="usd", organization=None) -> int:
-    account = MoneyAccount.objects.filter(
-        kind=kind, currency=currency, organization=organization
-    ).first()
-    if account is None:
-        return 0
-    return MoneyEntry.objects.filter(account=account).aggregate(s=Sum("amount"))["s"] or 0
 
 
 # --- rules -----------------------------------------------------------------------------
@@ -605,19 +595,11 @@ def test_reserved_credits_that_expire_are_not_delivered_and_the_buyer_is_refunde
 # --- payouts, fees, reversals -----------------------------------------------------------------
 
 
-def _sold(market_stripe, seller, buyer, *, quantity=100 * MICRO, price=1234):
-    listing_create(seller=seller, quantity=quantity, price_per_1k=price, currency="usd")
-    order = order_create(buyer=buyer, quantity=quantity, max_price_per_1k=price, currency="usd")
-    market_checkout_handle(order.checkout, paid_session(market_stripe, order))
-    order.refresh_from_db()
-    return order
-
-
 def test_payout_after_the_holding_period_by_invoice_credit_or_connect_transfer(
     market_stripe, seller, buyer
 ):
     # given: 100 credits sold at 12.34 per 1,000 -> 124 (123.4 rounded up), fee 12 (12.4)
-    order = _sold(market_stripe, seller, buyer)
+    order = sold(market_stripe, seller, buyer)
     assert order.amount_total == 124
     fill = order.fills.get()
     assert (fill.gross, fill.fee) == (124, 12)
@@ -645,7 +627,7 @@ def test_payout_after_the_holding_period_by_invoice_credit_or_connect_transfer(
     # a seller with a Connect account is paid by transfer
     other = market_member(credits_amount=credits(100))
     account = market_stripe.connect_account(other)
-    _sold(market_stripe, other, buyer, price=500)
+    sold(market_stripe, other, buyer, price=500)
     payouts_run(now=timezone.now() + timedelta(days=8))
     assert [t["amount"] for t in market_stripe.transfers(account)] == [45]  # 50 - 5
 
@@ -658,7 +640,7 @@ def test_payout_refused_returns_the_proceeds_to_available_and_stripe_down_retrie
     BillingCustomer.objects.filter(organization=seller).update(
         stripe_connect_account_id="acct_gone"
     )
-    _sold(market_stripe, seller, buyer)
+    sold(market_stripe, seller, buyer)
     later = timezone.now() + timedelta(days=8)
     # Stripe down: the payout is recorded and waits
     market_stripe.down = True
@@ -700,7 +682,7 @@ def test_a_refund_while_a_payout_is_pending_then_refused_pays_the_seller_only_wh
     BillingCustomer.objects.filter(organization=seller).update(
         stripe_connect_account_id="acct_gone"
     )
-    order = _sold(market_stripe, seller, buyer)
+    order = sold(market_stripe, seller, buyer)
     later = timezone.now() + timedelta(days=8)
     market_stripe.down = True
     assert payouts_run(now=later) == 0
@@ -747,7 +729,7 @@ def assert_reversed_in_full(seller, buyer) -> None:
 
 
 def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, seller, buyer):
-    order = _sold(market_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
+    order = sold(market_stripe, seller, buyer)  # 124 paid, fee 12, seller 112
     # when: the whole charge is refunded
     assert _refund_in_full(order)
     # then: everything reversed, no loss, the buyer's credits taken back
@@ -787,7 +769,7 @@ def test_a_refunded_buyer_s_own_listings_end_with_the_resale_freeze(market_strip
     # given: a buyer who also sells credits of their own, with a listing open
     buyer = market_member(credits_amount=credits(500))
     own = listing_create(seller=buyer, quantity=200 * MICRO, price_per_1k=5000, currency="usd")
-    order = _sold(market_stripe, seller, buyer)
+    order = sold(market_stripe, seller, buyer)
 
     # when: the buyer's marketplace payment is refunded
     assert _refund_in_full(order)
@@ -801,7 +783,7 @@ def test_a_refunded_buyer_s_own_listings_end_with_the_resale_freeze(market_strip
 
 
 def test_partial_refund_then_dispute_after_payout_records_the_loss(market_stripe, seller, buyer):
-    order = _sold(market_stripe, seller, buyer)  # 124, fee 12, net 112
+    order = sold(market_stripe, seller, buyer)  # 124, fee 12, net 112
     # the buyer spends 30 credits
     from metering.services import credits_adjust
 
