@@ -1470,6 +1470,8 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
         given_back = clawbacks_reverse(
             key=f"market:{reversal.key}",
             reason=f"{reversal.kind} of marketplace order {order.pk} won: funds reinstated",
+            organization=order.buyer,
+            since=reversal.created_at,
         )
         MarketReversal.objects.filter(pk=reversal.pk).update(
             reinstated_at=timezone.now(), credits_reinstated=given_back, loss=0, credits_lost=0

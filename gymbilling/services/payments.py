@@ -209,7 +209,10 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
         if reversal.reinstated_at is not None:
             return reversal
         given_back = clawbacks_reverse(
-            key=key, reason=f"{reversal.kind} of {reversal.stripe_charge_id} won: funds reinstated"
+            key=key,
+            reason=f"{reversal.kind} of {reversal.stripe_charge_id} won: funds reinstated",
+            organization=reversal.organization,
+            since=reversal.created_at,
         )
         PaymentReversal.objects.filter(pk=reversal.pk).update(
             reinstated_at=timezone.now(),

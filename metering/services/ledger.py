@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
@@ -639,7 +639,9 @@ def lot_clawback(
 
 
 @retry_on_deadlock
-def clawbacks_reverse(*, key: str, reason: str, actor=None) -> int:
+def clawbacks_reverse(
+    *, key: str, reason: str, organization: Organization, since: datetime, actor=None
+) -> int:
     """Give back what `lot_clawback` took under `key`, and under the keys that extend it.
 
     A refund or dispute undone (a dispute the merchant won): each clawback
@@ -651,14 +653,23 @@ def clawbacks_reverse(*, key: str, reason: str, actor=None) -> int:
     reversed at most once (transaction_reverse), so a repeat gives back
     nothing more. Returns the micro-credits these clawbacks took, all given
     back now or before.
+
+    `organization` and `since` (no clawback of the event is older) bound the
+    search to the organization's journal since then, by its (organization,
+    created_at) index: the journal's keys have no index for a prefix.
     """
     require_key(key)
     clawback = f"clawback:{key}"
     with transaction.atomic():
         taken = list(
             JournalTransaction.objects.filter(
-                Q(idempotency_key=clawback) | Q(idempotency_key__startswith=f"{clawback}:")
-            ).order_by("pk")
+                # Minutes of margin: `since` and the journal's times come from
+                # different calls, maybe different machines' clocks.
+                organization=organization,
+                created_at__gte=since - timedelta(minutes=5),
+            )
+            .filter(Q(idempotency_key=clawback) | Q(idempotency_key__startswith=f"{clawback}:"))
+            .order_by("pk")
         )
         for original in taken:
             transaction_reverse(original=original, reason=reason, actor=actor)

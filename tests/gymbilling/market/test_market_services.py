@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
