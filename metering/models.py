@@ -24,6 +24,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 MICRO = 1_000_000  # micro-credits per credit
 
@@ -317,7 +318,9 @@ class Hold(models.Model):
         blank=True,
         related_name="settled_hold",
     )
-    created_at = models.DateTimeField(auto_now_add=True)
+    # When it was placed, as its placement saw the clock (hold_place passes its `now`): a
+    # capture burns lots that expired after it, never those that had expired before.
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
     settled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -27,6 +27,7 @@ from metering.services.ledger import transfer_post
 from metering.services.lots import account_expire_lots, lots_burn
 from metering.services.postings import (
     accounts_for,
+    accounts_lock,
     fingerprint,
     idempotent,
     post,
@@ -123,13 +124,23 @@ def credits_expire_early(
     """Expire `amount` of the unexpired lots `lots` selects in escrow now, soonest first.
 
     The rollover cap reaching listed credits: they go to the expiry account
-    as if they had expired. Once per key: a repeat takes nothing more and
-    returns 0 (as metering's `credits_trim` does), whatever its amount.
+    as if they had expired. At most what the lots still hold once the escrow
+    account is locked: the minute's expiry sweep, which takes that lock, may
+    have moved some of them since the caller counted. Once per key: a repeat
+    takes nothing more and returns 0 (as metering's `credits_trim` does),
+    whatever its amount.
     """
     txn_key = f"trim:{key}"
     fp = fingerprint(op="escrow_trim", account=account.pk, key=key)
 
     def work() -> int:
+        accounts_lock(account)
+        amount_left = min(amount, lots_remaining(lots=lots & Q(account=account), now=now))
+        if amount_left <= 0:
+            return 0
+        return _expire_early(amount_left)
+
+    def _expire_early(amount: int) -> int:
         _, system = accounts_for(organization, AccountKind.EXPIRY)
         txn = transaction_open(
             kind=TransactionKind.EXPIRY,

@@ -1,6 +1,6 @@
 """Marketplace writes: listings, orders, payment, release, expiry, payouts, reversals.
 
-Lock order, everywhere (STYLE.md 12): the seller's market lock (`_seller_lock`,
+Lock order, everywhere (STYLE.md 12): the seller's market lock (`seller_lock`,
 taken by what opens listings and what must see all of a seller's listings),
 then listing rows (primary-key order), then the order row, then ledger
 accounts (metering's `post`, primary-key order), then credit lots
@@ -135,13 +135,15 @@ def _listing_lots(listing: MarketListing) -> Q:
     return Q(market_listing_lot__listing=listing)
 
 
-def _seller_lock(seller: Organization) -> None:
+def seller_lock(seller: Organization) -> None:
     """Until the transaction ends, no other listing of this seller can be opened.
 
     Taken first by `listing_create` (which checks the resale freeze under
     it), and by whoever must see every listing of the seller (a freeze's
     withdrawal, the rollover cap): a listing is then either committed before
-    they look, or created after them, from what they left.
+    they look, or created after them, from what they left. First: a listing's
+    insert takes a key-share lock on the organization's row, so whoever locks
+    that row (a subscription's sync, before its rollover) takes this before.
     """
     transaction_lock(f"market-seller:{seller.pk}")
 
@@ -161,7 +163,7 @@ def listing_create(
     with transaction.atomic():
         # Serializes this seller's listings, so the daily limit below cannot
         # be raced past, and none is opened while the rollover counts them.
-        _seller_lock(seller)
+        seller_lock(seller)
         # Under the lock: a refund's freeze commits before it withdraws the
         # listings, and the withdrawal waits for this lock, so either this
         # sees the freeze or the withdrawal sees this listing.
@@ -299,7 +301,7 @@ def listings_withdraw_all(*, seller: Organization) -> int:
         # A listing_create that passed the freeze check holds the seller's
         # lock until its listing is committed: waiting for it here lets the
         # query see that listing; one that comes after sees the freeze.
-        _seller_lock(seller)
+        seller_lock(seller)
         open_ids = list(
             MarketListing.objects.filter(seller=seller, status=ListingStatus.OPEN).values_list(
                 "pk", flat=True
@@ -334,7 +336,7 @@ def credits_trim_with_listings(
     """
     now = now or timezone.now()
     with transaction.atomic():
-        _seller_lock(seller)
+        seller_lock(seller)
         listings = list(
             MarketListing.objects.select_for_update()
             .filter(seller=seller, status=ListingStatus.OPEN)
@@ -548,7 +550,18 @@ def _require_chargeable(amount: int, currency: str) -> None:
     currency, MARKET_MAX_ORDER_AMOUNT): outside them the payment fails after the
     reservation, which no retry fixes. A traded currency always has a minimum: the system
     check gymbilling.E001 refuses to start without one."""
-    low, high = settings.MARKET_MIN_ORDER_AMOUNTS[currency], settings.MARKET_MAX_ORDER_AMOUNT
+    low = settings.MARKET_MIN_ORDER_AMOUNTS.get(currency)
+    if low is None:
+        # Only a process started without `manage.py check` gets here (gunicorn
+        # and Celery do not run the checks): refuse, and say what to set.
+        logger.error("MARKET_MIN_ORDER_AMOUNTS has no minimum for %r (gymbilling.E001)", currency)
+        raise ApplicationError(
+            code="currency_not_configured",
+            message=f"Orders in {currency} are not configured on this deployment.",
+            status=503,
+            param="currency",
+        )
+    high = settings.MARKET_MAX_ORDER_AMOUNT
     if low <= amount <= high:
         return
     side = "at least" if amount < low else "at most"

@@ -28,7 +28,7 @@ from django.utils import timezone
 from accounts.models import Organization, Standing
 from accounts.services import organization_entitlements_set
 from accounts.services.organizations import ENTITLEMENT_FIELDS
-from gymbilling.market.services import credits_trim_with_listings
+from gymbilling.market.services import credits_trim_with_listings, seller_lock
 from gymbilling.models import PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
 
@@ -114,6 +114,9 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
     status = str(stripe_sub.get("status") or Status.INCOMPLETE)
     rolled_from = None  # (plan, seats, period start) of a period that just ended
     with transaction.atomic():
+        # Before the organization's row (entitlements below): the rollover's
+        # cap takes it, after a listing being created has (market lock order).
+        seller_lock(org)
         sub = (
             Subscription.objects.select_for_update()
             .select_related("plan")

@@ -131,6 +131,7 @@ def hold_place(
             amount=amount,
             expires_at=now + ttl,
             place_transaction=txn,
+            created_at=now,  # the moment its placement swept expired lots at
         )
 
     return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn.placed_hold)

@@ -1,10 +1,10 @@
 """Credit lots: where credits came from, which are spent first, and expiry.
 
 Burn order, fixed and documented (README "The credit ledger"):
-  1. for a hold's capture, lots that expired after the hold was placed (they
-     can only still hold credits that back a pending hold placed before they
-     expired; spending them first leaves no expired credit behind when the
-     hold settles);
+  1. for a hold's capture, lots that expired after the hold was placed,
+     soonest-expired first (they can only still hold credits that back a
+     pending hold placed before they expired; spending them first leaves no
+     expired credit behind when the hold settles);
   2. lower `priority` first;
   3. soonest `expires_at` first, lots that never expire last;
   4. free before paid (paid credits are the ones a member may resell or be
@@ -49,9 +49,22 @@ FAR_FUTURE_SORT_KEY = (1, 0.0)
 
 def burn_sort_key(lot: CreditLot, now: datetime, placed_at: datetime | None = None) -> tuple:
     """The lot's place in the burn order of a spend at `now`, or of the capture of a hold
-    placed at `placed_at`."""
+    placed at `placed_at`.
+
+    Lots that expired since the hold was placed go soonest-expired first: a lot that
+    expired earlier could back fewer holds (only those placed before it expired), so a
+    capture that takes it leaves the later ones to the later holds that may still use
+    them; `holds_backing`'s replay relies on it."""
+    rank = _expiry_rank(lot, now, placed_at or now)
+    expired_first = lot.expires_at.timestamp() if rank == 0 else 0.0
+    return (rank, expired_first, *_static_key(lot))
+
+
+def _static_key(lot: CreditLot) -> tuple:
+    """The burn order's terms that do not depend on the moment: priority, soonest expiry
+    (never-expiring last), free before paid, oldest."""
     expiry = (0, lot.expires_at.timestamp()) if lot.expires_at else FAR_FUTURE_SORT_KEY
-    return (_expiry_rank(lot, now, placed_at or now), lot.priority, expiry, lot.paid, lot.pk)
+    return (lot.priority, expiry, lot.paid, lot.pk)
 
 
 def _expiry_rank(lot: CreditLot, now: datetime, placed_at: datetime) -> int:
@@ -175,12 +188,19 @@ def holds_backing(
         pending = pending.filter(created_at__lte=placed_before)
     pending = pending.order_by("-created_at", "-pk").values_list("created_at", "amount")
     free = {lot.pk: lot.remaining for lot in lots}
+    # Sorted once: each hold's burn order is the expired lots it may use (those that
+    # expired after it was placed, soonest first), then the unexpired ones, both in
+    # these orders; lots expired before it was placed never backed it.
+    expired = sorted(
+        (lot for lot in lots if _expiry_rank(lot, now, now) == 2),
+        key=lambda lot: (lot.expires_at, *_static_key(lot)),
+    )
+    unexpired = sorted((lot for lot in lots if _expiry_rank(lot, now, now) == 1), key=_static_key)
     for placed_at, amount in pending:
-        for lot in sorted(lots, key=lambda lot: burn_sort_key(lot, now, placed_at)):
+        usable = [lot for lot in expired if lot.expires_at > placed_at]
+        for lot in (*usable, *unexpired):
             if amount == 0:
                 break
-            if _expiry_rank(lot, now, placed_at) == 2:
-                continue  # expired before this hold was placed: never backed it
             take = min(free[lot.pk], amount)
             free[lot.pk] -= take
             amount -= take

@@ -252,6 +252,31 @@ def test_the_minimum_order_is_the_one_of_the_orders_currency(
     assert (in_pounds.json()["amount_total"], in_pounds.json()["currency"]) == (30, "gbp")
 
 
+def test_an_order_in_a_currency_without_a_minimum_is_refused_not_a_server_error(
+    market_stripe, seller, buyer, settings
+):
+    # given a deployment that trades Chilean pesos but set no minimum for them
+    # (the system check that says so runs in manage.py, not in gunicorn)
+    settings.MARKET_CURRENCIES = ["usd", "clp"]
+    listing_create(seller=seller, quantity=credits(400), price_per_1k=300, currency="clp")
+    before = rows()
+
+    # when a buyer orders in pesos
+    r = client_for(buyer).post(
+        "/api/v1/market/orders",
+        {"quantity": credits(100), "max_price_per_1k": 300, "currency": "clp"},
+        content_type="application/json",
+    )
+
+    # then it is a 503 that names the currency, and nothing is reserved
+    assert r.status_code == 503, r.content
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (
+        "currency_not_configured",
+        "currency",
+    )
+    assert rows() == before
+
+
 def test_an_order_stripe_refuses_is_a_502_and_its_reservation_is_given_back(
     market_stripe, seller, buyer
 ):

@@ -90,7 +90,7 @@ def test_a_freeze_committed_before_a_listing_takes_its_lock_refuses_the_listing(
     # freezes reselling and withdraws the seller's listings, and commits
     seller = market_member(credits_amount=credits(1000))
     errors: list = []
-    real_lock = market_services._seller_lock
+    real_lock = market_services.seller_lock
     refunded = threading.Event()
 
     def refund_first(org):
@@ -101,7 +101,7 @@ def test_a_freeze_committed_before_a_listing_takes_its_lock_refuses_the_listing(
             refund.join()
         real_lock(org)
 
-    monkeypatch.setattr(market_services, "_seller_lock", refund_first)
+    monkeypatch.setattr(market_services, "seller_lock", refund_first)
 
     # when
     with pytest.raises(ApplicationError) as exc:

@@ -388,7 +388,11 @@ def test_expired_credits_are_not_kept_for_a_hold_placed_after_they_expired(org, 
     assert remaining(expiring, forever) == [0, credits(80)]
 
 
-def test_a_capture_burns_no_expired_credit_kept_for_an_earlier_hold(org, grant):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_a_capture_burns_no_expired_credit_kept_for_an_earlier_hold(
+    org, grant, settings, fast_path
+):
+    settings.METERING_FAST_PATH = fast_path  # the settlement function and the ORM agree
     # given: a hold on a lot that then expired, and a hold placed after that
     expiring, forever = expired_lot_kept_for_a_job(org, grant, job_after=credits(20))
 
@@ -403,7 +407,11 @@ def test_a_capture_burns_no_expired_credit_kept_for_an_earlier_hold(org, grant):
     assert organization_balance(organization=org).available == credits(80)
 
 
-def test_what_expires_under_a_pending_hold_is_what_its_capture_would_not_burn(org, grant):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_what_expires_under_a_pending_hold_is_what_its_capture_would_not_burn(
+    org, grant, settings, fast_path
+):
+    settings.METERING_FAST_PATH = fast_path  # the settlement function and the ORM agree
     # given: a plan's credits (burned first) and an overage allowance (burned
     # last) that expire together, and a job placed before they expired
     tomorrow = timezone.now() + timedelta(days=1)
@@ -425,6 +433,33 @@ def test_what_expires_under_a_pending_hold_is_what_its_capture_would_not_burn(or
     hold_capture(key="job-1", amount=credits(100))
     assert remaining(plan, allowance) == [credits(50), 0]
     assert credits_expire(now=timezone.now()) == credits(50)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_a_capture_leaves_a_later_hold_the_expired_lot_only_it_may_still_use(
+    org, grant, settings, fast_path
+):
+    settings.METERING_FAST_PATH = fast_path  # the settlement function and the ORM agree
+    # given: an allowance (burned last) that expires while job 1 runs, plan
+    # credits (burned first) that expire later, while jobs 1 and 2 both run,
+    # and credits that never expire
+    tomorrow = timezone.now() + timedelta(days=1)
+    allowance = grant(org, credits(10), expires_at=tomorrow, priority=1000)
+    plan = grant(org, credits(10), expires_at=tomorrow, priority=100)
+    forever = grant(org, credits(10), expires_at=None)
+    expire_just_after(hold_place(organization=org, amount=credits(10), key="job-1"), allowance)
+    assert credits_expire(now=timezone.now()) == 0  # the allowance waits for job 1
+    expire_just_after(hold_place(organization=org, amount=credits(20), key="job-2"), plan)
+
+    # when: job 1 ends, using all it holds
+    hold_capture(key="job-1", amount=credits(10))
+
+    # then: it burned the allowance, which job 2 (placed after it expired)
+    # may not use, and left job 2 the plan's credits; nothing is due to expire
+    assert remaining(allowance, plan, forever) == [0, credits(10), credits(10)]
+    assert credits_expire(now=timezone.now()) == 0
+    hold_capture(key="job-2", amount=credits(20))
+    assert remaining(allowance, plan, forever) == [0, 0, 0]
 
 
 def test_a_debit_does_not_take_expired_credits_kept_for_a_pending_hold(org, grant):
