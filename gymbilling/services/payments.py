@@ -228,7 +228,7 @@ def payment_reversals_pending_settle(*, now: datetime | None = None) -> int:
     """Take back what refunds and disputes found held by running work, as it settles.
 
     A reversal that came while jobs held the payment's credits could not take
-    them from under the jobs (their captures burn them). Every minute, each
+    them from under the jobs (their captures burn them). Every 10 seconds, each
     such reversal takes back what has come back to the wallet since (work
     started after the reversal shelters nothing); what the work spent, or
     what expired meanwhile, is a loss. Every hold ends within the hold TTL
