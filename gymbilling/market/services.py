@@ -1477,15 +1477,16 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
             # refusal recovers losses booked against it): undoing the reversal
             # before that would pay or recover the same share twice.
             raise EventWaits(f"order {order.pk}: a payout of its fills is still being sent")
-        system = _system_accounts(order.currency)
-        for fill in touched:
-            _fill_reinstate(fill=fill, part=parts[fill.pk], key=reversal.key, system=system)
+        # The buyer's credits first: credit-ledger accounts are locked before
+        # money accounts (the lock order above), as order_pay locks them.
         given_back = clawbacks_reverse(
             key=f"market:{reversal.key}",
             reason=f"{reversal.kind} of marketplace order {order.pk} won: funds reinstated",
             organization=order.buyer,
-            since=reversal.created_at,
         )
+        system = _system_accounts(order.currency)
+        for fill in touched:
+            _fill_reinstate(fill=fill, part=parts[fill.pk], key=reversal.key, system=system)
         MarketReversal.objects.filter(pk=reversal.pk).update(
             reinstated_at=timezone.now(), credits_reinstated=given_back, loss=0, credits_lost=0
         )

@@ -212,7 +212,6 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
             key=key,
             reason=f"{reversal.kind} of {reversal.stripe_charge_id} won: funds reinstated",
             organization=reversal.organization,
-            since=reversal.created_at,
         )
         PaymentReversal.objects.filter(pk=reversal.pk).update(
             reinstated_at=timezone.now(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
@@ -639,9 +639,7 @@ def lot_clawback(
 
 
 @retry_on_deadlock
-def clawbacks_reverse(
-    *, key: str, reason: str, organization: Organization, since: datetime, actor=None
-) -> int:
+def clawbacks_reverse(*, key: str, reason: str, organization: Organization, actor=None) -> int:
     """Give back what `lot_clawback` took under `key`, and under the keys that extend it.
 
     A refund or dispute undone (a dispute the merchant won): each clawback
@@ -652,22 +650,14 @@ def clawbacks_reverse(
     expired meanwhile is swept as it would have been. Each clawback is
     reversed at most once (transaction_reverse), so a repeat gives back
     nothing more. Returns the micro-credits these clawbacks took, all given
-    back now or before.
-
-    `organization` and `since` (no clawback of the event is older) bound the
-    search to the organization's journal since then, by its (organization,
-    created_at) index: the journal's keys have no index for a prefix.
+    back now or before. The keys are found by the journal's prefix index
+    (journal_key_prefix), among `organization`'s transactions.
     """
     require_key(key)
     clawback = f"clawback:{key}"
     with transaction.atomic():
         taken = list(
-            JournalTransaction.objects.filter(
-                # Minutes of margin: `since` and the journal's times come from
-                # different calls, maybe different machines' clocks.
-                organization=organization,
-                created_at__gte=since - timedelta(minutes=5),
-            )
+            JournalTransaction.objects.filter(organization=organization)
             .filter(Q(idempotency_key=clawback) | Q(idempotency_key__startswith=f"{clawback}:"))
             .order_by("pk")
         )

@@ -4,7 +4,6 @@ free to take, once per key."""
 from __future__ import annotations
 
 import pytest
-from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from metering.models import CreditLot
@@ -74,13 +73,12 @@ def test_clawbacks_reverse_gives_back_to_the_same_lots_once(org, grant):
     # given: a 100-credit lot of which 30 were taken back, then 20 more under a
     # follow-up key, and 10 under another event's key
     lot = grant(org, credits(100))
-    disputed_at = timezone.now()
     lot_clawback(lot=lot, amount=credits(30), key="dispute:d1", memo="dispute")
     lot_clawback(lot=lot, amount=credits(20), key="dispute:d1:pending:1", memo="dispute")
     lot_clawback(lot=lot, amount=credits(10), key="dispute:d10", memo="another dispute")
 
     # when: the first event is undone, twice
-    undo = {"key": "dispute:d1", "reason": "dispute won", "organization": org, "since": disputed_at}
+    undo = {"key": "dispute:d1", "reason": "dispute won", "organization": org}
     given_back = clawbacks_reverse(**undo)
     rows = ledger_rows()
     again = clawbacks_reverse(**undo)
