@@ -135,12 +135,9 @@ def credits_expire_early(
 
     def work() -> int:
         accounts_lock(account)
-        amount_left = min(amount, lots_remaining(lots=lots & Q(account=account), now=now))
-        if amount_left <= 0:
+        take = min(amount, lots_remaining(lots=lots & Q(account=account), now=now))
+        if take <= 0:
             return 0
-        return _expire_early(amount_left)
-
-    def _expire_early(amount: int) -> int:
         _, system = accounts_for(organization, AccountKind.EXPIRY)
         txn = transaction_open(
             kind=TransactionKind.EXPIRY,
@@ -149,8 +146,8 @@ def credits_expire_early(
             organization=organization,
             memo=memo,
         )
-        post(txn, [(account, -amount), (system[AccountKind.EXPIRY], amount)], now=now, spend=False)
-        lots_burn(txn=txn, account=account, amount=amount, now=now, only=lots & unexpired(now))
-        return amount
+        post(txn, [(account, -take), (system[AccountKind.EXPIRY], take)], now=now, spend=False)
+        lots_burn(txn=txn, account=account, amount=take, now=now, only=lots & unexpired(now))
+        return take
 
     return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: 0)

@@ -29,6 +29,7 @@ from metering.services.lots import (
     lot_create,
     lots_burn,
     lots_take,
+    take_in_order,
 )
 from metering.services.postings import (
     accounts_for,
@@ -568,13 +569,8 @@ def _first_in_burn_order(
     free: list[tuple[CreditLot, int]], amount: int, now: datetime
 ) -> list[tuple[CreditLot, int]]:
     """`amount` out of what each lot has free, taken from the lots in burn order."""
-    taken = []
-    for lot, available in sorted(free, key=lambda pair: burn_sort_key(pair[0], now)):
-        take = min(available, amount)
-        if take > 0:
-            taken.append((lot, take))
-            amount -= take
-    return taken
+    in_order = sorted(free, key=lambda pair: burn_sort_key(pair[0], now))
+    return take_in_order(in_order, amount)[0]
 
 
 @retry_on_deadlock

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 
 from django.db import transaction
@@ -144,20 +145,29 @@ def lots_burn(
         lots_qs.select_for_update().order_by("pk"),
         key=lambda lot: burn_sort_key(lot, now, placed_at),
     )
-    taken: list[tuple[CreditLot, int]] = []
-    left = amount
-    for lot in lots:
-        if left == 0:
-            break
-        take = min(lot.remaining, left)
-        left -= take
-        taken.append((lot, take))
+    taken, left = take_in_order(((lot, lot.remaining) for lot in lots), amount)
     if left:
         raise LedgerInconsistent(
             f"lots of account {account.pk} hold {amount - left} of the {amount} to burn"
         )
     lots_take(txn=txn, taken=taken)
     return taken
+
+
+def take_in_order(
+    available: Iterable[tuple[CreditLot, int]], amount: int
+) -> tuple[list[tuple[CreditLot, int]], int]:
+    """`amount` out of each (lot, what it has) in turn: the (lot, taken) pairs, and what
+    was left that they did not cover."""
+    taken = []
+    for lot, has in available:
+        if amount == 0:
+            break
+        take = min(has, amount)
+        if take > 0:
+            taken.append((lot, take))
+            amount -= take
+    return taken, amount
 
 
 def lots_take(*, txn: JournalTransaction, taken: list[tuple[CreditLot, int]]) -> None:
@@ -198,12 +208,9 @@ def holds_backing(
     unexpired = sorted((lot for lot in lots if _expiry_rank(lot, now, now) == 1), key=_static_key)
     for placed_at, amount in pending:
         usable = [lot for lot in expired if lot.expires_at > placed_at]
-        for lot in (*usable, *unexpired):
-            if amount == 0:
-                break
-            take = min(free[lot.pk], amount)
+        taken, _ = take_in_order(((lot, free[lot.pk]) for lot in (*usable, *unexpired)), amount)
+        for lot, take in taken:
             free[lot.pk] -= take
-            amount -= take
     return {lot.pk: lot.remaining - free[lot.pk] for lot in lots if free[lot.pk] < lot.remaining}
 
 
