@@ -12,6 +12,7 @@ from django.contrib.auth.models import AbstractUser, BaseUserManager
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Lower
 
 
 class UserManager(BaseUserManager["User"]):
@@ -47,6 +48,14 @@ class User(AbstractUser):
 
     objects = UserManager()
 
+    class Meta(AbstractUser.Meta):
+        constraints = [
+            # Every writer lower-cases the address (the manager, sign-up, the
+            # admin's forms); this index holds it for any that does not: Ann@x
+            # and ann@x are one person, and one account.
+            models.UniqueConstraint(Lower("email"), name="user_email_unique_any_case"),
+        ]
+
     def __str__(self) -> str:
         return self.email
 
@@ -68,6 +77,15 @@ class Standing(models.TextChoices):
     SUSPENDED = "suspended", "Suspended"
 
 
+class Priority(models.TextChoices):
+    """A job's priority. Here, not in inference, because an organization's
+    entitlement names one (max_priority), and accounts imports no other app."""
+
+    BATCH = "batch", "Batch"
+    STANDARD = "standard", "Standard"
+    PRIORITY = "priority", "Priority"
+
+
 class Organization(models.Model):
     """The tenant. Wallets, keys, subscriptions and jobs all belong to one.
 
@@ -84,7 +102,9 @@ class Organization(models.Model):
     standing = models.CharField(max_length=16, choices=Standing.choices, default=Standing.ACTIVE)
     seats = models.PositiveIntegerField(default=1)
     model_tiers = models.JSONField(default=list, blank=True)  # access tiers allowed, e.g. ["basic"]
-    max_priority = models.CharField(max_length=16, default="standard")
+    max_priority = models.CharField(
+        max_length=16, choices=Priority.choices, default=Priority.STANDARD
+    )
     requests_per_minute = models.PositiveIntegerField(default=60)
     tokens_per_minute = models.PositiveIntegerField(default=100_000)
     concurrent_jobs = models.PositiveIntegerField(default=4)
@@ -92,6 +112,14 @@ class Organization(models.Model):
 
     class Meta:
         ordering = ["pk"]
+        constraints = [
+            # Inference ranks the entitlement; an unknown value used to rank as
+            # "standard" silently (written by a script, a shell, a bad import).
+            models.CheckConstraint(
+                condition=Q(max_priority__in=Priority.values),
+                name="organization_max_priority_known",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.slug

@@ -34,7 +34,7 @@ from rest_framework.response import Response
 
 from accounts.api_base import ApiContentNegotiation, OrgApiView, StrictSerializer, acting_key
 from accounts.errors import ApplicationError
-from accounts.models import Scope
+from accounts.models import Priority, Scope
 from inference.callback_client import callback_url_validate
 from inference.chat_templates import chat_template_render
 from inference.models import JOB_ERROR_CODES, CatalogModel, Job, JobStatus, ModelStatus
@@ -43,7 +43,6 @@ from inference.relay import HEARTBEAT, relay_events
 from inference.selectors import catalog_models_for, organization_jobs
 from inference.services import job_cancel, job_submit
 from inference.services.jobs import SubmitParams, job_quote, job_run_limit
-from metering.models import Priority
 from metering.services.postings import amount_display
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,9 @@ from django.db import models
 from django.db.models import Q
 from django.template import TemplateDoesNotExist, TemplateSyntaxError
 
+from accounts.models import Priority
 from inference.chat_templates import chat_template_render
-from metering.models import Priority, unique_not_like_indexed
+from metering.models import unique_not_like_indexed
 
 # host:port, the host a name (letters, digits, '.', '-', '_'), an IPv4
 # address or a bracketed IPv6 one ([::1]:8001), the port 1-65535.

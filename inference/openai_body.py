@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metering.models import Priority
+from accounts.models import Priority
 
 _ROLES = frozenset({"system", "user", "assistant", "developer"})
 _PRIORITIES = frozenset(Priority.values)

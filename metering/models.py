@@ -26,6 +26,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from accounts.models import Priority
+
 MICRO = 1_000_000  # micro-credits per credit
 
 
@@ -352,12 +354,6 @@ class Hold(models.Model):
 
     def __str__(self) -> str:
         return f"hold {self.key} {self.status} {self.amount}"
-
-
-class Priority(models.TextChoices):
-    BATCH = "batch", "Batch"
-    STANDARD = "standard", "Standard"
-    PRIORITY = "priority", "Priority"
 
 
 class PriceBook(models.Model):

@@ -15,8 +15,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
-from accounts.models import model_tiers_problem
-from metering.models import Priority
+from accounts.models import Priority, model_tiers_problem
 
 # Stripe's form of an ISO 4217 code; prices and payments compare it as a string.
 _CURRENCY = re.compile(r"^[a-z]{3}$")
@@ -87,6 +86,10 @@ class Plan(models.Model):
         constraints = [
             models.CheckConstraint(
                 condition=Q(rollover_percent__lte=100), name="plan_rollover_percent_max_100"
+            ),
+            # Written onto the organization, whose column refuses any other.
+            models.CheckConstraint(
+                condition=Q(max_priority__in=Priority.values), name="plan_max_priority_known"
             ),
             models.CheckConstraint(
                 condition=Q(min_seats__gte=1) & Q(max_seats__gte=models.F("min_seats")),

@@ -28,7 +28,7 @@ from django.utils import timezone
 
 from accounts import sql
 from accounts.errors import ApplicationError
-from accounts.models import ApiKey, Organization, Standing
+from accounts.models import ApiKey, Organization, Priority, Standing
 from accounts.ratelimits import (
     Limit,
     RequestCount,
@@ -43,7 +43,7 @@ from gymbilling.broker import task_publish
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
 from inference.selectors import catalog_model_resolve, pools_for_job
 from inference.services.callbacks import job_callback_record
-from metering.models import Hold, HoldStatus, Priority
+from metering.models import Hold, HoldStatus
 from metering.selectors import model_price
 from metering.services import (
     Rates,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from django.forms.models import model_to_dict
 from django.test import Client
@@ -208,6 +209,39 @@ def test_staff_cannot_give_an_organization_tiers_that_are_not_a_list_of_names(st
     assert org.model_tiers == ["basic"]
 
 
+@pytest.mark.parametrize("priority", ["urgent", "Priority", ""])
+def test_staff_cannot_give_an_organization_a_priority_jobs_do_not_have(staff, priority):
+    # given an organization allowed standard jobs
+    org = OrganizationFactory(max_priority="standard")
+
+    # when staff save a priority no job has
+    response = staff.post(
+        f"/admin/accounts/organization/{org.pk}/change/",
+        organization_form(org, max_priority=priority),
+    )
+
+    # then the form names the field, the entitlement is as it was, and nothing is audited
+    assert response.status_code == 200
+    assert list(response.context["adminform"].form.errors) == ["max_priority"]
+    org.refresh_from_db()
+    assert org.max_priority == "standard"
+    assert not AuditEvent.objects.filter(
+        organization=org, action="organization.entitlements_changed"
+    )
+
+
+def test_the_database_refuses_a_priority_jobs_do_not_have():
+    # given an organization
+    org = OrganizationFactory()
+
+    # when anything that skips the forms (a script, a shell) writes an unknown priority
+    # then the database refuses it, and the entitlement is as it was
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Organization.objects.filter(pk=org.pk).update(max_priority="urgent")
+    org.refresh_from_db()
+    assert org.max_priority == "standard"
+
+
 # --- email addresses: lower-cased, one person per address whatever its case -----------------
 
 PASSWORD = "a long and unusual passphrase 7"
@@ -262,3 +296,15 @@ def test_staff_changing_an_address_store_it_lower_cased_and_never_anothers(staff
     assert list(taken.context["adminform"].form.errors) == ["email"]
     assert User.objects.get(pk=carol.pk).email == "carol.new@example.test"
     assert User.objects.get(pk=dave.pk).email == "dave@example.test"
+
+
+def test_the_database_keeps_one_user_per_address_whatever_its_case():
+    # given a user
+    UserFactory(email="erin@example.test")
+
+    # when anything that skips the lower-casing (a script, a shell) stores the address
+    # with capitals
+    # then the database refuses it: there is still one such user
+    with pytest.raises(IntegrityError), transaction.atomic():
+        User.objects.create(email="Erin@Example.test")
+    assert User.objects.filter(email__iexact="erin@example.test").count() == 1

@@ -11,7 +11,8 @@ from django.db.models import Max
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
-from metering.models import ModelPrice, PriceBook, Priority
+from accounts.models import Priority
+from metering.models import ModelPrice, PriceBook
 from metering.selectors import model_price
 from metering.services import (
     Rates,
