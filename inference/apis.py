@@ -27,8 +27,10 @@ from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
+    extend_schema_field,
     extend_schema_view,
 )
+from redis.exceptions import RedisError
 from rest_framework import serializers
 from rest_framework.response import Response
 
@@ -39,7 +41,7 @@ from inference.callback_client import callback_url_validate
 from inference.chat_templates import chat_template_render
 from inference.models import JOB_ERROR_CODES, CatalogModel, Job, JobStatus, ModelStatus
 from inference.openai_body import generation_body, text_storable
-from inference.relay import HEARTBEAT, relay_events
+from inference.relay import HEARTBEAT, relay_events, relay_progress
 from inference.selectors import catalog_models_for, organization_jobs
 from inference.services import job_cancel, job_submit
 from inference.services.jobs import SubmitParams, job_quote, job_run_limit
@@ -637,7 +639,18 @@ class CompletionsApi(_GenerationApi):
 # --- asynchronous jobs and quotes (/api/v1/) -------------------------------------------
 
 
+class JobProgress(serializers.Serializer):
+    output_chars = serializers.IntegerField(
+        help_text="characters of text generated so far (the tokens billed are counted when "
+        "the job ends)"
+    )
+    first_token_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField(help_text="when the worker last told it (every second)")
+
+
 class JobOutput(serializers.Serializer):
+    """A job; `progress` from the context's `progress` (jobs_progress), else null."""
+
     class Meta:
         ref_name = "Job"
 
@@ -667,6 +680,27 @@ class JobOutput(serializers.Serializer):
     started_at = serializers.DateTimeField(allow_null=True)
     first_token_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
+    progress = serializers.SerializerMethodField(
+        help_text="while the job runs and has generated text: how much, told every second; "
+        "null otherwise"
+    )
+
+    @extend_schema_field(JobProgress(allow_null=True))
+    def get_progress(self, job: Job) -> dict | None:
+        if job.status != JobStatus.RUNNING:
+            return None  # a stale report of a job that has ended since it was read
+        return self.context.get("progress", {}).get(job.public_id)
+
+
+def jobs_progress(jobs) -> dict[str, dict]:
+    """The running jobs' last progress reports, for JobOutput's context: one Redis read.
+    Advisory: with Redis failing, the jobs are shown without it."""
+    running = [job.public_id for job in jobs if job.status == JobStatus.RUNNING]
+    try:
+        return relay_progress(running)
+    except RedisError:
+        logger.warning("jobs' progress could not be read", exc_info=True)
+        return {}
 
 
 class JobListCreateApi(_GenerationApi):
@@ -738,7 +772,8 @@ class JobListCreateApi(_GenerationApi):
             organization=request.organization, status=data.get("status"), model=data.get("model")
         )
         page = paginator.paginate_queryset(jobs, request, view=self)
-        return paginator.get_paginated_response(JobOutput(page, many=True).data)
+        output = JobOutput(page, many=True, context={"progress": jobs_progress(page)})
+        return paginator.get_paginated_response(output.data)
 
     @extend_schema(request=Input, responses={202: JobOutput}, summary="Queue an inference job")
     def post(self, request):
@@ -753,7 +788,8 @@ class JobDetailApi(OrgApiView):
 
     @extend_schema(responses=JobOutput, summary="A job's status, usage and result")
     def get(self, request, job_id: str):
-        return Response(JobOutput(_organization_job(request, job_id)).data)
+        job = _organization_job(request, job_id)
+        return Response(JobOutput(job, context={"progress": jobs_progress([job])}).data)
 
 
 class JobCancelApi(OrgApiView):

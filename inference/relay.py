@@ -91,6 +91,29 @@ def relay_events(
                     return
 
 
+def _progress_key(job_id: str) -> str:
+    return f"jobprogress:{job_id}"
+
+
+def relay_progress_set(job_id: str, progress: dict) -> None:
+    """Say how far a running asynchronous job has come (GET /api/v1/jobs/{id} shows it).
+
+    Advisory: the job's usage is counted by the engine and written when it
+    settles; this is for the person polling a long job. It lives as long as
+    the job's token stream would (STREAM_TTL_SECONDS) and is read only while
+    the job runs.
+    """
+    get_redis().set(_progress_key(job_id), json.dumps(progress), ex=STREAM_TTL_SECONDS)
+
+
+def relay_progress(job_ids: list[str]) -> dict[str, dict]:
+    """The progress each of these jobs last reported (relay_progress_set), one MGET."""
+    if not job_ids:
+        return {}
+    values = get_redis().mget([_progress_key(job_id) for job_id in job_ids])
+    return {job_id: json.loads(v) for job_id, v in zip(job_ids, values, strict=True) if v}
+
+
 def relay_cancel(job_id: str) -> None:
     """Ask the job's worker to stop it, for as long as the job can still run.
 

@@ -39,7 +39,12 @@ from accounts.cache import cache_scope
 from accounts.redis import get_redis
 from inference import triton
 from inference.models import InputTokensSource, Job, JobStatus
-from inference.relay import relay_cancel_requested, relay_cancel_watch, relay_publish
+from inference.relay import (
+    relay_cancel_requested,
+    relay_cancel_watch,
+    relay_progress_set,
+    relay_publish,
+)
 from inference.selectors import catalog_model_by_id, pools_for_job
 from inference.services import concurrency_slots_sweep, job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
@@ -153,12 +158,15 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     first_token: list[datetime] = []
 
     relay_lost: list[RedisError] = []
+    progress = _Progress(job.public_id) if job.kind == "async" else None
 
     def on_delta(text: str) -> None:
         # An asynchronous job is streamed from the engine too (_engine_request):
-        # its first token is stamped, but nobody reads its deltas.
+        # its first token is stamped, and its progress told to whoever polls it.
         if not first_token:
             first_token.append(timezone.now())
+        if progress is not None:
+            progress.add(text, first_token[0])
         if job.stream and not relay_lost:
             try:
                 relay_publish(job.public_id, {"type": "delta", "text": text})
@@ -210,6 +218,46 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     finally:
         _send(pipe)
     return job.status
+
+
+# How often a running asynchronous job tells its progress (and at its first
+# token): one Redis write a second at most, from the engine's thread.
+PROGRESS_EVERY_S = 1.0
+
+
+class _Progress:
+    """What a running asynchronous job has generated so far, for GET /api/v1/jobs/{id}.
+
+    Characters, not tokens: the deltas the engine streams are exact text, and
+    the tokens billed are the engine's own count, known when the job ends. A
+    Redis failure here is logged once and ignored: progress is advisory, and
+    the job must not stop or go unbilled for it.
+    """
+
+    def __init__(self, public_id: str):
+        self.public_id = public_id
+        self.output_chars = 0
+        self.told_at: float | None = None
+        self.broken = False
+
+    def add(self, text: str, first_token_at: datetime) -> None:
+        self.output_chars += len(text)
+        now = time.monotonic()
+        if self.broken or (self.told_at is not None and now - self.told_at < PROGRESS_EVERY_S):
+            return
+        self.told_at = now
+        try:
+            relay_progress_set(
+                self.public_id,
+                {
+                    "output_chars": self.output_chars,
+                    "first_token_at": first_token_at.isoformat(),
+                    "updated_at": timezone.now().isoformat(),
+                },
+            )
+        except RedisError as exc:
+            self.broken = True
+            logger.warning("job %s: its progress cannot be told (%r)", self.public_id, exc)
 
 
 # The pauses between tries of a settlement the database failed under (a

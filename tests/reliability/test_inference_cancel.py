@@ -381,12 +381,15 @@ def test_cancelling_a_running_async_job_stops_it_and_bills_what_was_generated(
     queued = requests.post(jobs_url, headers=headers, json=_long_body(), timeout=30)
     assert queued.status_code == 202, queued.text
     job_id = queued.json()["id"]
-    _wait_for(
-        lambda: Job.objects.filter(public_id=job_id, status=JobStatus.RUNNING).exists(),
-        timeout=30,
-        what="the job to start",
-    )
-    time.sleep(0.3)  # a couple of hundred tokens in
+
+    def progress() -> dict | None:
+        return requests.get(f"{jobs_url}/{job_id}", headers=headers, timeout=30).json()["progress"]
+
+    # its progress shows it has generated text
+    told = _wait_for(progress, timeout=30, what="the job's first text")
+    assert told["output_chars"] > 0
+    [listed] = requests.get(jobs_url, headers=headers, timeout=30).json()["results"]
+    assert listed["status"] == "running" and listed["progress"]["output_chars"] > 0
 
     # when it is cancelled
     cancelled = requests.post(f"{jobs_url}/{job_id}/cancel", headers=headers, timeout=30)
@@ -401,6 +404,8 @@ def test_cancelling_a_running_async_job_stops_it_and_bills_what_was_generated(
     # and it kept, and was billed for, exactly what the engine had generated:
     # the start of the whole generation, at the engine's count of it
     assert read_back["output"] == job.output
+    assert read_back["progress"] is None  # it has ended
+    assert len(job.output) >= told["output_chars"]
     assert full.text.startswith(job.output)
     assert job.output_tokens == count_tokens(job.output)
     assert (read_back["input_tokens"], read_back["input_tokens_source"]) == (
