@@ -11,7 +11,7 @@ SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | sha256sum | cut -
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install services test lint format demo bench clean
+.PHONY: install services browser test lint format demo bench clean
 
 install: $(SYNCED)
 
@@ -29,6 +29,9 @@ $(SYNCED): uv.lock pyproject.toml | $(BIN)/uv
 services:
 	@scripts/ensure_services.sh
 
+browser:
+	@scripts/ensure_browser.sh
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -37,7 +40,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install services lint
+test: install services browser lint
 	DJANGO_SETTINGS_MODULE=gymbilling.settings.test $(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -31,6 +31,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "accounts",
     "metering",
     "inference",
@@ -39,6 +40,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # /static/: the admin's and the API docs' files (see STATIC_URL).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "gymbilling.middleware.ApiErrorMiddleware",
     "accounts.cache.CacheScopeMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -103,6 +106,11 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
+# The app serves its static files itself (WhiteNoise), found in the installed
+# apps as it starts: the only pages are the admin and the API docs, and with no
+# `collectstatic` step there is none for an operator to forget. A deployment
+# with a CDN or a web server in front may still collect them to STATIC_ROOT.
+WHITENOISE_USE_FINDERS = True
 
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -120,6 +128,11 @@ SPECTACULAR_SETTINGS = {
     # PATCH bodies are validated in full (a role change needs its role), so
     # document them as such rather than as all-optional "Patched" components.
     "COMPONENT_SPLIT_PATCH": False,
+    # Swagger UI from the app's own static files (drf-spectacular-sidecar), not
+    # a CDN: /api/docs/ works wherever the app is reachable.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {
         "MemberRoleEnum": ["owner", "admin", "billing", "member"],
         "MessageRoleEnum": ["system", "user", "assistant", "developer"],

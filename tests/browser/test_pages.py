@@ -1,0 +1,111 @@
+"""The pages people use, in a real browser, from the app as production serves it.
+
+Finance staff sign in to the admin and change an organization's entitlements;
+partners read the API documentation. Each test also asserts that nothing the
+page loaded failed (no 4xx/5xx, no blocked request, no script error): a page
+whose stylesheet or scripts did not load is a broken page even if its HTML is right.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from accounts.models import AuditEvent, Organization, User
+from metering.models import AccountKind, LedgerAccount
+from tests.factories import OrganizationFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+STAFF_EMAIL, STAFF_PASSWORD = "finance@gym.test", "a long and unusual passphrase 9"
+
+
+def _sign_in(visit, url: str) -> None:
+    """Through the admin's own login form, as a person does."""
+    User.objects.create_superuser(STAFF_EMAIL, STAFF_PASSWORD)
+    page = visit.page
+    page.goto(f"{url}/admin/")
+    page.fill("#id_username", STAFF_EMAIL)
+    page.fill("#id_password", STAFF_PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_selector("text=Site administration")
+
+
+def test_the_home_page_leads_to_api_docs_that_list_the_operations(app_server, visit):
+    # given the home page
+    page = visit.page
+    page.goto(f"{app_server}/")
+
+    # when a partner follows its link to the API documentation
+    page.click("text=API documentation")
+
+    # then Swagger UI renders the schema's operations, the OpenAI-compatible ones among them
+    page.wait_for_selector(".opblock-summary-path")
+    # (Swagger UI breaks long paths with zero-width spaces)
+    paths = {
+        path.replace("\u200b", "").strip()
+        for path in page.locator(".opblock-summary-path").all_inner_texts()
+    }
+    assert {"/v1/chat/completions", "/v1/models", "/api/v1/jobs"} <= paths
+    assert visit.failures == []
+
+
+def test_finance_staff_sign_in_to_a_styled_admin(app_server, visit):
+    # when finance staff sign in
+    _sign_in(visit, app_server)
+
+    # then the admin is drawn with its stylesheet (its header has its colour, not the
+    # browser's default transparent), and every file it asked for came
+    header = visit.page.evaluate(
+        "getComputedStyle(document.querySelector('#header')).backgroundColor"
+    )
+    assert header not in ("", "rgba(0, 0, 0, 0)", "transparent")
+    assert visit.failures == []
+
+
+def test_finance_staff_change_an_organizations_entitlements_in_the_browser(app_server, visit):
+    # given an organization on the default limits, and staff signed in
+    org = OrganizationFactory(requests_per_minute=60, max_priority="standard")
+    _sign_in(visit, app_server)
+    page = visit.page
+
+    # when they open it, raise its request limit and its priority, and save
+    page.goto(f"{app_server}/admin/accounts/organization/{org.pk}/change/")
+    offered = page.locator("#id_max_priority option").evaluate_all(
+        "options => options.map(o => o.value)"
+    )
+    page.fill("#id_requests_per_minute", "600")
+    page.select_option("#id_max_priority", "priority")
+    page.click("input[name=_save]")
+    page.wait_for_selector(".messagelist .success")
+
+    # then the choice was only among the job priorities, the organization has the new
+    # entitlements, and the audit log says who set them
+    assert offered == ["batch", "standard", "priority"]
+    org = Organization.objects.get(pk=org.pk)
+    assert (org.requests_per_minute, org.max_priority) == (600, "priority")
+    [event] = AuditEvent.objects.filter(
+        organization=org, action="organization.entitlements_changed"
+    )
+    assert event.data["after"] == {"requests_per_minute": 600, "max_priority": "priority"}
+    assert STAFF_EMAIL in event.target
+    assert visit.failures == []
+
+
+def test_finance_staff_see_a_system_accounts_balance_as_the_sum_of_its_entries(
+    app_server, visit, grant
+):
+    # given credits granted to an organization: issuance, a system account, is debited
+    org = OrganizationFactory()
+    grant(org, 7_000_000)
+    grant(org, 500_000)
+    issuance = LedgerAccount.objects.get(kind=AccountKind.ISSUANCE, organization=None)
+    _sign_in(visit, app_server)
+    page = visit.page
+
+    # when staff list the credit accounts
+    page.goto(f"{app_server}/admin/metering/ledgeraccount/")
+
+    # then issuance's row shows what was issued, not its (unkept) balance column
+    row = page.locator(f"#result_list tr:has(a[href$='/ledgeraccount/{issuance.pk}/change/'])")
+    assert row.locator("td.field-true_balance").inner_text().strip() == "-7500000"
+    assert visit.failures == []
