@@ -144,6 +144,7 @@ def rate_limit_consume(
     cost: int = 1,
     slot: Slot | None = None,
     request: RequestCount | None = None,
+    now: float | None = None,
 ) -> Usage:
     """Count `cost` against every limit, or raise `rate_limited` (429) and count nothing.
 
@@ -151,9 +152,12 @@ def rate_limit_consume(
     neither (`too_many_concurrent_jobs`, 429, when every slot is taken). The
     slot is idempotent per job id. With `request`, also count one request
     against its limits, first and in the same script (its usage is set on
-    it). The reported usage is the tightest scope's.
+    it). The reported usage is the tightest scope's. `now`: the time that
+    picks the window, for a caller that refunds into it later
+    (rate_limit_refund's `counted_at`).
     """
-    now = time.time()
+    if now is None:
+        now = time.time()
     counted = [("requests", lim, 1) for lim in request.limits] if request is not None else []
     counted += [(kind, lim, cost) for lim in limits]
     keys = [_window_key(k, lim.scope, now) for k, lim, _cost in counted]
@@ -207,15 +211,23 @@ def _usage(limits: list[Limit], remaining: list[int], ttls: list[int]) -> Usage:
     )
 
 
-def rate_limit_refund(*, kind: str, limits: list[Limit], amount: int, pipe=None) -> None:
+def rate_limit_refund(
+    *, kind: str, limits: list[Limit], amount: int, counted_at: float | None = None, pipe=None
+) -> None:
     """Give back counted units (a token reservation that was not used).
+
+    `counted_at`: the time they were counted at (rate_limit_consume's `now`).
+    They go back to that window only, while it lasts: refunded into a later
+    one (a job reserved in one minute and settled in the next), they would
+    cancel out units spent in it, and an organization whose jobs straddle
+    minutes could use up to twice its limit. Without it, the current window.
 
     With `pipe` (a Redis pipeline) the refund is queued on it, for the caller
     to send with its other commands.
     """
     if amount <= 0:
         return
-    now = time.time()
+    now = time.time() if counted_at is None else counted_at
     own = pipe is None
     if own:
         pipe = get_redis().pipeline()

@@ -401,6 +401,8 @@ def job_submit(
 
     # Redis reservations first: cheap to refuse, and undone if the hold fails.
     reserved_tokens = bound + max_tokens
+    # The minute they count in, which the unused ones go back to (_release_reservations).
+    reserved_at = time.time()
     # The tokens and a concurrency slot (and the request's own count) in one
     # script: all or nothing.
     rate_limit_consume(
@@ -411,6 +413,7 @@ def job_submit(
             scope=f"org:{organization.pk}", limit=organization.concurrent_jobs, job_id=public_id
         ),
         request=request_count,
+        now=reserved_at,
     )
     job = Job(
         public_id=public_id,
@@ -428,6 +431,7 @@ def job_submit(
             "seed": params.seed,
             "stop": list(params.stop),
             "reserved_tokens": reserved_tokens,
+            "reserved_at": reserved_at,
         },
         prompt=prompt if organization.store_prompts else "",
         callback_url=callback_url,
@@ -454,7 +458,12 @@ def job_submit(
         )
     except Exception:
         concurrency_release(scope=f"org:{organization.pk}", job_id=public_id)
-        rate_limit_refund(kind="tokens", limits=_limits(organization), amount=reserved_tokens)
+        rate_limit_refund(
+            kind="tokens",
+            limits=_limits(organization),
+            amount=reserved_tokens,
+            counted_at=reserved_at,
+        )
         raise
     # After commit: at once when no transaction is open, else when the
     # caller's commits.
@@ -972,11 +981,14 @@ def _release_reservations(*, job: Job, used_tokens: int, pipe=None) -> None:
     scope = f"org:{job.organization_id}"
     concurrency_release(scope=scope, job_id=job.public_id, pipe=pipe)
     reserved = int(job.params.get("reserved_tokens", 0))
-    # A refund reads only the scope of a limit, not its size.
+    # A refund reads only the scope of a limit, not its size; it goes back to
+    # the minute the tokens were reserved in (a job queued before reserved_at
+    # was recorded: the current one, as before).
     rate_limit_refund(
         kind="tokens",
         limits=[Limit(scope=scope, limit=0)],
         amount=max(0, reserved - used_tokens),
+        counted_at=job.params.get("reserved_at"),
         pipe=pipe,
     )
 

@@ -6,6 +6,7 @@ never committed, so the job's Celery task is never sent.
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -66,3 +67,49 @@ def test_the_first_settlement_claims_the_job_and_a_second_changes_nothing(runnin
     hold = Hold.objects.get(key=row.public_id)
     assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, row.credits_charged)
     assert UsageRecord.objects.filter(job_id=row.public_id).count() == 1
+
+
+class _Clock:
+    """The clock of the rate limits and of job_submit's reservation, set by the test: which
+    minute's window counts."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def test_unused_tokens_go_back_to_the_window_they_were_reserved_in(monkeypatch, grant):
+    # given a job that reserved its worst case in the last second of a minute
+    from accounts import ratelimits
+    from accounts.redis import get_redis
+    from inference.services import jobs
+
+    served_model(MODEL, access_tier="basic")
+    org = OrganizationFactory(tokens_per_minute=1_000_000, concurrent_jobs=10)
+    grant(org, credits(10))
+    minute = int(timezone.now().timestamp()) // 60
+    clock = _Clock(minute * 60 + 59.5)
+    monkeypatch.setattr(ratelimits, "time", clock)
+    monkeypatch.setattr(jobs, "time", clock)
+    first = job_start(job_pk=submit_job(org, MODEL, max_tokens=400).pk)
+    # and, the next minute, another job of the organization
+    clock.now = (minute + 1) * 60 + 1
+    second = submit_job(org, MODEL, max_tokens=400)
+    reserved_now = second.params["reserved_tokens"]
+
+    # when the first settles, in that next minute, for a few of the tokens it reserved
+    job_settle(
+        job=first,
+        outcome=Outcome(input_tokens=5, output_tokens=4, finish_reason="stop"),
+        status=JobStatus.SUCCEEDED,
+    )
+
+    # then the tokens it did not use are not given back to the next minute's window,
+    # where the organization did not spend them: that window still counts the second job
+    counted = get_redis().get(f"rl:tokens:org:{org.pk}:{minute + 1}")
+    assert int(counted) == reserved_now
