@@ -48,6 +48,7 @@ class ApplicationError(Exception):
         extra: dict[str, Any] | None = None,
         refuses_input: bool = False,
         took_effect: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -64,6 +65,9 @@ class ApplicationError(Exception):
         # 5xx, is stored under the Idempotency-Key and replayed, instead of
         # the key being freed for a retry that would run a second job.
         self.took_effect = took_effect
+        # Sent with the error, as an answer's would be (what a charged job
+        # cost: X-Gym-Credits-*); replayed with it under an Idempotency-Key.
+        self.headers = headers or {}
 
     def __repr__(self) -> str:
         return (
@@ -102,7 +106,7 @@ def _first_field_error(detail: Any, prefix: str = "") -> tuple[str | None, str]:
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApplicationError):
-        response = Response(exc.as_dict(), status=exc.status)
+        response = Response(exc.as_dict(), status=exc.status, headers=exc.headers)
         if "retry_after" in exc.extra:
             response["Retry-After"] = str(exc.extra["retry_after"])
         if exc.status == 401:

@@ -350,11 +350,8 @@ class _GenerationApi(OrgApiView):
         final = self.wait(job)
         if final["type"] == "error":
             raise self.engine_error(job, final)
-        response = Response(self.body(job, final))
+        response = Response(self.body(job, final), headers=self.cost_headers(job, final))
         _announce_sunset(response, job.model)
-        response["X-Gym-Job-Id"] = job.public_id
-        response["X-Gym-Credits-Charged"] = amount_display(final["credits_charged"])
-        response["X-Gym-Credits-Remaining"] = amount_display(final["credits_remaining"])
         return response
 
     @staticmethod
@@ -413,6 +410,7 @@ class _GenerationApi(OrgApiView):
             status=504,
             extra={"job_id": job.public_id},
             took_effect=final is None or final["credits_charged"] > 0,
+            headers=_GenerationApi.cost_headers(job, final),
         )
 
     @staticmethod
@@ -434,7 +432,18 @@ class _GenerationApi(OrgApiView):
             status=status,
             extra={"job_id": job.public_id},
             took_effect=final.get("credits_charged", 0) > 0,
+            headers=_GenerationApi.cost_headers(job, final),
         )
+
+    @staticmethod
+    def cost_headers(job: Job, final: dict | None) -> dict[str, str]:
+        """What an answer says of its job in its headers, an error's too: the job, and, once
+        it settled (`final`, its last event), what it was charged and what is left."""
+        headers = {"X-Gym-Job-Id": job.public_id}
+        if final is not None:
+            headers["X-Gym-Credits-Charged"] = amount_display(final["credits_charged"])
+            headers["X-Gym-Credits-Remaining"] = amount_display(final["credits_remaining"])
+        return headers
 
     @staticmethod
     def usage(final: dict) -> dict:

@@ -16,13 +16,14 @@ import json
 
 import pytest
 
-from accounts.errors import ApplicationError
+from accounts.errors import ApplicationError, exception_handler
 from inference import apis, tasks
 from inference.models import Job, JobStatus
 from inference.relay import relay_cancel_requested, relay_publish
 from inference.services import job_settle, job_start
 from inference.services.jobs import Outcome
 from inference.triton import DeadlineExceeded, GenerationResult
+from metering.selectors import organization_balance
 from metering.services.postings import amount_display
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, served_model, submit_job
@@ -175,3 +176,42 @@ def test_a_stream_stopped_at_its_run_limit_after_tokens_ends_saying_why(running_
     }
     assert last["gym"]["credits_charged"] == settled.credits_charged > 0
     assert lines[-1] == b"data: [DONE]\n\n"
+
+
+def test_a_charged_error_says_what_it_cost_in_its_headers_as_an_answer_does(running_job, settings):
+    # given a job its worker stopped at its run limit after 3 tokens, and
+    # settled for them (as the 504 above), whose end the request waits for
+    settings.INFERENCE_TIMEOUT_SECONDS = 5
+    delivered = GenerationResult("Squat low", 5, 0, 3, 300_000, "error", sent=True)
+    past = DeadlineExceeded("ran past its deadline", partial=delivered, sent=True)
+    outcome = tasks._past_deadline(running_job, "", past, tasks._failure_outcome(past), 300.0)
+    settled = job_settle(job=running_job, outcome=outcome, status=JobStatus.FAILED)
+    relay_publish(running_job.public_id, tasks._final_event(settled, outcome))
+
+    # when the waiting request answers with its error
+    final = apis._GenerationApi.wait(running_job)
+    response = exception_handler(apis._GenerationApi.engine_error(running_job, final), {})
+
+    # then the error carries the headers an answer carries: the job, what it
+    # was charged, what is left
+    left = organization_balance(organization=running_job.organization).available
+    assert response.status_code == 504
+    assert response["X-Gym-Job-Id"] == running_job.public_id
+    assert response["X-Gym-Credits-Charged"] == amount_display(settled.credits_charged)
+    assert settled.credits_charged > 0
+    assert response["X-Gym-Credits-Remaining"] == amount_display(left)
+
+
+def test_a_timeout_whose_charge_is_known_says_it_in_its_headers(running_job):
+    # given a job whose worker settles the cancel for the 3 tokens it served
+    sent = _settled_by_its_worker(running_job, JobStatus.CANCELED, output_tokens=3)
+
+    # when the API stops waiting and answers 504
+    with pytest.raises(ApplicationError) as timed_out:
+        apis._GenerationApi.wait(running_job)
+    response = exception_handler(timed_out.value, {})
+
+    # then
+    assert response.status_code == 504
+    assert response["X-Gym-Credits-Charged"] == amount_display(sent["credits_charged"])
+    assert response["X-Gym-Credits-Remaining"] == amount_display(sent["credits_remaining"])
