@@ -54,6 +54,12 @@ REFUSED = {
     "IPv6 link-local": "https://[fe80::1]/gym",
     "IPv6 unique local": "https://[fd00::1]/gym",
     "IPv4-mapped private": "https://[::ffff:10.0.0.1]/gym",
+    # IPv6 spellings of an IPv4 address that a NAT64 gateway (RFC 6052), a
+    # SIIT translator (RFC 6145) or an old stack sends on to that address
+    "NAT64 of a private address": "https://[64:ff9b::a00:1]/gym",
+    "NAT64 of the cloud metadata address": "https://[64:ff9b::a9fe:a9fe]/gym",
+    "IPv4-translated private": "https://[::ffff:0:a00:1]/gym",
+    "IPv4-compatible private": "https://[::10.0.0.1]/gym",
     "hex IPv4": "https://0x0a000001/gym",
     "decimal IPv4": "https://167772161/gym",
     "short IPv4": "https://10.1/gym",
@@ -116,6 +122,29 @@ def test_delivery_checks_again_and_never_connects_to_a_refused_address(loopback_
     # then
     assert answer.status_code is None
     assert answer.error.startswith("refused:")
+
+
+def test_delivery_never_connects_to_a_name_that_resolves_to_a_nat64_private_address(
+    monkeypatch, loopback_off
+):
+    import socket
+
+    from inference import callback_client
+
+    # given a public name whose AAAA record points at the metadata address
+    # through the NAT64 prefix (the lookup replaced at the one module that
+    # makes it: no DNS here)
+    def nat64(host, port, *args, **kwargs):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("64:ff9b::a9fe:a9fe", port, 0, 0))]
+
+    monkeypatch.setattr(callback_client.socket, "getaddrinfo", nat64)
+
+    # when a webhook is posted to it
+    answer = callback_post(url="https://hooks.example.com/gym", body=b"{}", headers={}, timeout=1)
+
+    # then no connection is made
+    assert answer.status_code is None
+    assert answer.error.startswith("refused:"), answer.error
 
 
 def test_a_name_the_resolver_never_answers_costs_the_attempt_its_deadline(monkeypatch):
@@ -231,6 +260,7 @@ def api(db, grant):
         REFUSED["credentials"],
         REFUSED["cloud metadata (link-local)"],
         REFUSED["IPv4-mapped private"],
+        REFUSED["NAT64 of a private address"],
         REFUSED["too long"],
         "http://127.0.0.1:8000/gym",  # loopback, with the setting off
     ],
