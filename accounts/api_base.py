@@ -237,11 +237,13 @@ class OrgApiView(APIView):
     required_scope: str | None = None
     # A signed-in user needs one of these roles in the organization.
     allowed_roles: tuple[str, ...] = ALL_ROLES
-    # The view counts the request against its requests-per-minute limits
-    # itself, with the other reservations its service takes in Redis (one
-    # round trip less): `request.request_count` (accounts.ratelimits.
+    # The view's POST counts the request against its requests-per-minute
+    # limits itself, with the other reservations its service takes in Redis
+    # (one round trip less): `request.request_count` (accounts.ratelimits.
     # RequestCount) goes to the service. Should the view fail before the
-    # count, it is taken on the way out (finalize_response).
+    # count, it is taken on the way out (finalize_response). Its other
+    # methods (a GET that lists) do no such work: they are counted, and
+    # refused over the limit, before they run, as every other view's are.
     counts_requests_with_work = False
 
     # --- who and for which organization ----------------------------------------
@@ -326,7 +328,7 @@ class OrgApiView(APIView):
                     scope=f"key:{key.pk}", limit=key.requests_per_minute or org.requests_per_minute
                 ),
             )
-        if self.counts_requests_with_work:
+        if self.counts_requests_with_work and request.method == "POST":
             request.request_count = RequestCount(limits)
             return
         request.ratelimit = rate_limit_consume(kind="requests", limits=limits)

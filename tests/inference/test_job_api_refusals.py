@@ -261,3 +261,17 @@ def test_an_output_limit_over_the_models_names_the_field_it_came_in(api, org, pa
     assert (error["code"], error["param"]) == ("invalid_request", field)
     assert error["message"].startswith(f"{field} may be at most")
     assert organization_balance(organization=org) == before
+
+
+def test_listing_jobs_counts_against_the_request_limit(api, org, fresh_window):
+    # given an organization allowed two requests a minute
+    org.requests_per_minute = 2
+    org.save()
+
+    # when it lists its jobs three times
+    answers = [api.get("/api/v1/jobs") for _ in range(3)]
+
+    # then the third is refused, as any other endpoint's would be
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    assert answers[2].json()["error"]["code"] == "rate_limited"
+    assert answers[1]["x-ratelimit-remaining-requests"] == "0"
