@@ -1,6 +1,7 @@
 """System checks of the inference settings (`python manage.py check`; migrate and runserver
 run them too): a run limit that would fail every job, or that is capped without saying so,
-and a broker that would hand a job back while it runs, or too late for it to start."""
+a broker that would hand a job back while it runs, or too late for it to start, and an
+answer that may outlast its Idempotency-Key's lock."""
 
 from __future__ import annotations
 
@@ -87,3 +88,29 @@ def broker_visibility_check(app_configs, **kwargs) -> list:
             )
         ]
     return []
+
+
+@register(Tags.compatibility)
+def idempotency_lock_check(app_configs, **kwargs) -> list:
+    """A request that is not streamed holds its Idempotency-Key while it waits for its job's
+    answer (INFERENCE_TIMEOUT_SECONDS, then the read after its cancel); a key held longer
+    than IDEMPOTENCY_LOCK_TIMEOUT is taken to be a dead request's, and a retry with it runs:
+    a second job, charged, beside the first, which is still answered."""
+    from inference.apis import FINAL_AFTER_CANCEL_WAIT_S
+
+    lock = settings.IDEMPOTENCY_LOCK_TIMEOUT.total_seconds()
+    # A minute's room for the rest of the request (the hold's lock, the database).
+    longest = settings.INFERENCE_TIMEOUT_SECONDS + FINAL_AFTER_CANCEL_WAIT_S + 60
+    if longest <= lock:
+        return []
+    return [
+        CheckWarning(
+            f"A request may wait about {longest:g} s for its answer "
+            f"(INFERENCE_TIMEOUT_SECONDS {settings.INFERENCE_TIMEOUT_SECONDS} and a minute), "
+            f"but IDEMPOTENCY_LOCK_TIMEOUT_SECONDS is {lock:g}: a retry with its "
+            "Idempotency-Key then runs, and charges, a second job beside the first.",
+            hint=f"Raise IDEMPOTENCY_LOCK_TIMEOUT_SECONDS to at least {math.ceil(longest)}, or "
+            "lower INFERENCE_TIMEOUT_SECONDS.",
+            id="inference.W004",
+        )
+    ]

@@ -124,3 +124,16 @@ def test_the_hold_life_a_warning_names_leaves_room_for_the_whole_margin(settings
     assert "at least 2401" in warnings["inference.W003"].hint
     settings.METERING_HOLD_TTL = timedelta(seconds=2401)
     assert _ids() == []
+
+
+def test_a_wait_for_an_answer_longer_than_the_idempotency_lock_is_a_warning(settings):
+    # given requests that wait up to 10 minutes for their answer, and an
+    # Idempotency-Key taken to be abandoned after 5
+    settings.INFERENCE_TIMEOUT_SECONDS = 600
+    settings.IDEMPOTENCY_LOCK_TIMEOUT = timedelta(minutes=5)
+
+    # then a retry with the key could run (and charge) a second job while the
+    # first is still answered: said
+    [warning] = [m for m in run_checks() if m.id == "inference.W004"]
+    assert not warning.is_serious()
+    assert "IDEMPOTENCY_LOCK_TIMEOUT_SECONDS" in warning.msg
