@@ -424,14 +424,18 @@ class _GenerationApi(OrgApiView):
             "job_deadline_exceeded": 504,
         }.get(code, 502)
         message = final.get("error_message") or "The model failed."
-        if code == "engine_error" and ("too long" in message or "exceeds" in message):
+        charged = final.get("credits_charged", 0) > 0
+        # The engine's own refusal of a prompt too long for it, as OpenAI answers
+        # one; only before anything was served: a 4xx says nothing happened.
+        too_long = "too long" in message or "exceeds" in message
+        if code == "engine_error" and too_long and not charged:
             code, status = "context_length_exceeded", 400
         return ApplicationError(
             code=code,
             message=message,
             status=status,
             extra={"job_id": job.public_id},
-            took_effect=final.get("credits_charged", 0) > 0,
+            took_effect=charged,
             headers=_GenerationApi.cost_headers(job, final),
         )
 

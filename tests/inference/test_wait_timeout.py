@@ -215,3 +215,27 @@ def test_a_timeout_whose_charge_is_known_says_it_in_its_headers(running_job):
     assert response.status_code == 504
     assert response["X-Gym-Credits-Charged"] == amount_display(sent["credits_charged"])
     assert response["X-Gym-Credits-Remaining"] == amount_display(sent["credits_remaining"])
+
+
+@pytest.mark.parametrize(
+    ("charged", "answer"),
+    [(0, (400, "context_length_exceeded")), (1_500, (502, "engine_error"))],
+)
+def test_an_engine_error_that_names_a_length_is_a_400_only_if_nothing_was_served(charged, answer):
+    # given a job the engine failed with a message about length, after serving tokens or not
+    job = Job(public_id="job_len")
+    final = {
+        "type": "error",
+        "error_code": "engine_error",
+        "error_message": "The sequence length exceeds the engine's maximum.",
+        "credits_charged": charged,
+        "credits_remaining": 10_000,
+    }
+
+    # when it is turned into the answer
+    error = apis._GenerationApi.engine_error(job, final)
+
+    # then a refusal of the request (4xx) only when it cost nothing; once tokens were
+    # served and charged, the engine's failure (5xx) that keeps its Idempotency-Key
+    assert (error.status, error.code) == answer
+    assert error.took_effect == (charged > 0)
