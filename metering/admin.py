@@ -4,10 +4,19 @@ The ledger is append-only, so these admins refuse add, change and delete;
 corrections go through the services (adjustments, reversals).
 """
 
-from django.contrib import admin
+import uuid
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Case, F, Model, OuterRef, Subquery, Sum, When
 from django.db.models.functions import Coalesce
+from django.http import Http404, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 
+from accounts.errors import ApplicationError
+from accounts.models import Organization
 from metering.models import (
     CreditLot,
     Hold,
@@ -17,6 +26,9 @@ from metering.models import (
     ModelPrice,
     PriceBook,
 )
+from metering.selectors import organization_balance
+from metering.services import credits_adjust
+from metering.services.postings import MAX_MOVEMENT, amount_display, credits_parse
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -79,6 +91,45 @@ class EntryInline(admin.TabularInline):
         return False
 
 
+class AdjustCreditsForm(forms.Form):
+    credits = forms.CharField(
+        max_length=40,
+        help_text="Credits to add, or to remove with a minus sign: 250, 0.5, -10 "
+        "(exact to a millionth).",
+    )
+    reason = forms.CharField(
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="Why, for whoever reads the ledger later (a ticket, an incident).",
+    )
+    expires_at = forms.DateTimeField(
+        required=False,
+        help_text="Added credits only: when they expire (YYYY-MM-DD HH:MM, UTC); blank: never.",
+    )
+    # Drawn with the form: submitting the same form twice (a double click, the
+    # browser's back and resend) adjusts once (credits_adjust is idempotent).
+    key = forms.CharField(widget=forms.HiddenInput, max_length=64)
+
+    def clean_credits(self) -> int:
+        try:
+            micro = credits_parse(self.cleaned_data["credits"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        if micro == 0:
+            raise forms.ValidationError("An adjustment moves some credits: not 0.")
+        if abs(micro) > MAX_MOVEMENT:
+            raise forms.ValidationError(
+                f"At most {amount_display(MAX_MOVEMENT)} credits in one adjustment."
+            )
+        return micro
+
+    def clean(self):
+        data = super().clean()
+        if data.get("expires_at") and data.get("credits", 0) < 0:
+            self.add_error("expires_at", "Removed credits have no expiry: leave it blank.")
+        return data
+
+
 @admin.register(LedgerAccount)
 class LedgerAccountAdmin(AccountBalanceAdmin):
     entry_model = LedgerEntry
@@ -86,6 +137,63 @@ class LedgerAccountAdmin(AccountBalanceAdmin):
     list_filter = ["kind"]
     search_fields = ["organization__slug"]
     list_select_related = ["organization"]
+    change_form_template = "admin/metering/ledgeraccount/change_form.html"
+
+    def get_urls(self):
+        # By organization, not by wallet: a new organization has no wallet until
+        # its first credits (accounts are opened then), and finance may give them.
+        adjust = path(
+            "adjust/<int:organization_id>/",
+            self.admin_site.admin_view(self.adjust_view),
+            name="metering_ledgeraccount_adjust",
+        )
+        return [adjust, *super().get_urls()]
+
+    def adjust_view(self, request, organization_id: int):
+        """Finance's correction of an organization's credits (DESIGN: "adjustments"):
+        credits_adjust, with the staff member as its actor and their reason as its memo.
+        Linked from the organization's page and its wallet's."""
+        if not request.user.has_perm("metering.adjust_credits"):
+            raise PermissionDenied
+        organization = Organization.objects.filter(pk=organization_id).first()
+        if organization is None:
+            raise Http404("No such organization.")
+        back = reverse("admin:accounts_organization_change", args=[organization.pk])
+        if request.method == "POST":
+            form = AdjustCreditsForm(request.POST)
+            if form.is_valid():
+                data = form.cleaned_data
+                try:
+                    txn = credits_adjust(
+                        organization=organization,
+                        amount=data["credits"],
+                        reason=data["reason"],
+                        key=f"admin:{data['key']}",
+                        actor=request.user,
+                        expires_at=data["expires_at"],
+                    )
+                except ApplicationError as exc:
+                    form.add_error(None, f"{exc.message} ({exc.code})")
+                else:
+                    self.message_user(
+                        request,
+                        f"{amount_display(data['credits'])} credits for {organization.slug}: "
+                        f"journal transaction {txn.pk}.",
+                        messages.SUCCESS,
+                    )
+                    return HttpResponseRedirect(back)
+        else:
+            form = AdjustCreditsForm(initial={"key": uuid.uuid4().hex})
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Adjust the credits of {organization.slug}",
+            "opts": self.model._meta,
+            "organization": organization,
+            "form": form,
+            "available": amount_display(organization_balance(organization=organization).available),
+            "back": back,
+        }
+        return TemplateResponse(request, "admin/metering/ledgeraccount/adjust.html", context)
 
 
 @admin.register(JournalTransaction)

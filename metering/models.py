@@ -84,6 +84,10 @@ class LedgerAccount(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        permissions = [
+            # The admin's "Adjust credits" (metering.admin): finance corrections.
+            ("adjust_credits", "Can add or remove an organization's credits, with a reason"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["organization", "kind"],

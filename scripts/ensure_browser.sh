@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The browser the page tests drive (tests/browser): Debian's Chromium, run by
+# The browser the page tests drive (tests/e2e): Debian's Chromium, run by
 # Playwright with executable_path. Playwright's own download (`playwright
 # install`) is not used: it comes from a CDN that CI machines may not reach,
 # while Debian's packages come from the distribution's mirror.

@@ -105,11 +105,12 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
 # The app serves its static files itself (WhiteNoise), found in the installed
 # apps as it starts: the only pages are the admin and the API docs, and with no
 # `collectstatic` step there is none for an operator to forget. A deployment
-# with a CDN or a web server in front may still collect them to STATIC_ROOT.
+# with a CDN or a web server in front may still collect them: STATIC_ROOT says
+# where (unset, WhiteNoise has no folder to serve besides the apps').
+STATIC_ROOT = env.str("STATIC_ROOT", default="") or None
 WHITENOISE_USE_FINDERS = True
 
 REST_FRAMEWORK = {

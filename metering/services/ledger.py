@@ -39,6 +39,7 @@ from metering.services.postings import (
     post,
     require_key,
     require_positive,
+    require_within_movement,
     retry_on_deadlock,
     transaction_open,
 )
@@ -201,6 +202,7 @@ def credits_adjust(
             message="amount must be a non-zero integer of micro-credits.",
             param="amount",
         )
+    require_within_movement(amount)
     if not isinstance(reason, str) or not reason.strip():
         raise ApplicationError(
             code="reason_required",

@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from django.db.models import Q
 from accounts.errors import ApplicationError
 from accounts.models import Organization
 from metering.models import (
+    MICRO,
     ORGANIZATION_KINDS,
     AccountKind,
     JournalTransaction,
@@ -45,6 +47,12 @@ def fingerprint(**params: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# The most micro-credits one movement may carry: a billion credits, far above
+# any real grant or charge, and far enough below BIGINT's 9.2e18 that no sum of
+# a ledger's movements reaches it (a larger amount was a 500 from PostgreSQL).
+MAX_MOVEMENT = 10**15
+
+
 def require_positive(amount: int, *, param: str = "amount") -> None:
     # bool is an int in Python; True is not one micro-credit.
     if not isinstance(amount, int) or isinstance(amount, bool):
@@ -57,6 +65,16 @@ def require_positive(amount: int, *, param: str = "amount") -> None:
         raise ApplicationError(
             code="invalid_amount",
             message=f"{param} must be a positive number of micro-credits; got {amount}.",
+            param=param,
+        )
+    require_within_movement(amount, param=param)
+
+
+def require_within_movement(amount: int, *, param: str = "amount") -> None:
+    if abs(amount) > MAX_MOVEMENT:
+        raise ApplicationError(
+            code="invalid_amount",
+            message=f"{param} moves at most {MAX_MOVEMENT} micro-credits at once; got {amount}.",
             param=param,
         )
 
@@ -308,6 +326,20 @@ def _apply(account: LedgerAccount, amount: int, *, now: datetime, spend: bool) -
 
 def _expiry_due(account: LedgerAccount, now: datetime) -> bool:
     return account.next_expiry_at is not None and account.next_expiry_at <= now
+
+
+def credits_parse(text: str) -> int:
+    """Credits written by a person ("250", "0.5", "-10") as micro-credits, exactly, or
+    ValueError saying why not. Decimal, never float: "0.1" is 100000 micro-credits."""
+    try:
+        micro = Decimal(text.strip()) * MICRO
+    except (InvalidOperation, AttributeError):
+        raise ValueError(f"{text!r} is not a number of credits.") from None
+    if not micro.is_finite():
+        raise ValueError(f"{text!r} is not a number of credits.")
+    if micro != micro.to_integral_value():
+        raise ValueError("Credits are exact to a millionth (6 decimal places).")
+    return int(micro)
 
 
 def amount_display(micro: int) -> str:

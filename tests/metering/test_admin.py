@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
+from datetime import timedelta
 
-from metering.models import AccountKind, LedgerAccount
-from tests.factories import OrganizationFactory
-from tests.helpers import changelist_column, credits, system_balance
+import pytest
+from django.contrib.auth.models import Permission
+from django.utils import timezone
+
+from metering.models import (
+    AccountKind,
+    CreditLot,
+    JournalTransaction,
+    LedgerAccount,
+    TransactionKind,
+)
+from metering.selectors import organization_balance
+from metering.services import credits_grant
+from tests.factories import OrganizationFactory, UserFactory
+from tests.helpers import changelist_column, credits, ledger_rows, system_balance
 
 pytestmark = pytest.mark.django_db
 
@@ -36,3 +48,155 @@ def test_the_account_list_shows_a_system_accounts_balance_as_the_sum_of_its_entr
     # and the account's own page shows the same figure, not the unused column's 0
     detail = admin_client.get(f"/admin/metering/ledgeraccount/{issuance.pk}/change/")
     assert f'<div class="readonly">{-credits(8)}</div>' in detail.content.decode()
+
+
+# --- finance's adjustments (the wallet's "Adjust credits") -------------------------------
+
+
+def credits_grant_for(org, amount: int) -> JournalTransaction:
+    lot = credits_grant(
+        organization=org,
+        amount=amount,
+        source="subscription",
+        paid=True,
+        resellable=True,
+        key=f"grant-{org.pk}",
+        expires_at=timezone.now() + timedelta(days=30),
+    )
+    return lot.created_by
+
+
+def _adjust_url(org) -> str:
+    return f"/admin/metering/ledgeraccount/adjust/{org.pk}/"
+
+
+def _form(**fields) -> dict:
+    return {"credits": "12.5", "reason": "Goodwill for ticket 42", "key": "k1", **fields}
+
+
+def test_finance_add_credits_with_a_reason_and_the_ledger_names_them(admin_client, admin_user):
+    # given an organization with 5 credits
+    org = OrganizationFactory()
+    grant = credits_grant_for(org, credits(5))
+    before = organization_balance(organization=org).available
+
+    # when finance add 12.5 credits with a reason, and the same form is sent twice
+    url = _adjust_url(org)
+    drawn = admin_client.get(url)
+    first = admin_client.post(url, _form())
+    again = admin_client.post(url, _form())
+
+    # then the form offered what is available, and the credits were added once: a
+    # free, non-resellable lot, in a journal transaction with the staff member and reason
+    assert drawn.status_code == 200 and b'id="available">5<' in drawn.content
+    assert first.status_code == again.status_code == 302
+    assert organization_balance(organization=org).available == before + 12_500_000
+    [txn] = JournalTransaction.objects.filter(kind=TransactionKind.ADJUSTMENT, organization=org)
+    assert (txn.actor_id, txn.memo) == (admin_user.pk, "Goodwill for ticket 42")
+    [lot] = CreditLot.objects.filter(created_by=txn)
+    assert (lot.amount, lot.paid, lot.resellable) == (12_500_000, False, False)
+    assert grant.pk != txn.pk
+
+
+def test_finance_remove_credits_but_never_more_than_are_free(admin_client):
+    # given an organization with 5 credits
+    org = OrganizationFactory()
+    credits_grant_for(org, credits(5))
+    url = _adjust_url(org)
+
+    # when finance remove 2, then try to remove 4 more
+    removed = admin_client.post(url, _form(credits="-2", key="k1", reason="Duplicate grant"))
+    rows = ledger_rows()
+    refused = admin_client.post(url, _form(credits="-4", key="k2", reason="Duplicate grant"))
+
+    # then 3 are left, and the second was refused on the form, writing nothing
+    assert removed.status_code == 302
+    assert refused.status_code == 200
+    assert "insufficient_credits" in " ".join(refused.context["form"].non_field_errors())
+    assert ledger_rows() == rows
+    assert organization_balance(organization=org).available == credits(3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"credits": "abc"}, "credits"),
+        ({"credits": "0"}, "credits"),
+        ({"credits": "0.0000001"}, "credits"),
+        ({"credits": "NaN"}, "credits"),
+        ({"credits": "1e400"}, "credits"),
+        ({"reason": "  "}, "reason"),
+        ({"credits": "-1", "expires_at": "2099-01-01 00:00"}, "expires_at"),
+        ({"key": ""}, "key"),
+    ],
+)
+def test_a_malformed_adjustment_is_refused_on_the_form_and_writes_nothing(
+    admin_client, fields, field
+):
+    # given an organization with credits
+    org = OrganizationFactory()
+    credits_grant_for(org, credits(5))
+    rows = ledger_rows()
+
+    # when finance send a malformed adjustment
+    response = admin_client.post(_adjust_url(org), _form(**fields))
+
+    # then the form names the field, and the ledger is as it was
+    assert response.status_code == 200
+    assert field in response.context["form"].errors
+    assert ledger_rows() == rows
+
+
+def test_credits_that_expire_in_the_past_are_refused_and_nothing_is_written(admin_client):
+    org = OrganizationFactory()
+    rows = ledger_rows()
+
+    response = admin_client.post(_adjust_url(org), _form(expires_at="2001-01-01 00:00"))
+
+    assert response.status_code == 200
+    assert "lot_expired" in " ".join(response.context["form"].non_field_errors())
+    assert ledger_rows() == rows
+
+
+def test_only_staff_allowed_to_adjust_may_and_they_are_offered_it(client, admin_client):
+    # given staff who may view the ledger and organizations but not adjust credits
+    org = OrganizationFactory()
+    credits_grant_for(org, credits(5))
+    viewer = UserFactory(is_staff=True)
+    for codename in ("view_ledgeraccount", "view_organization"):
+        viewer.user_permissions.add(Permission.objects.get(codename=codename))
+    client.force_login(viewer)
+    wallet = LedgerAccount.objects.get(kind=AccountKind.WALLET, organization=org)
+    pages = [
+        f"/admin/metering/ledgeraccount/{wallet.pk}/change/",
+        f"/admin/accounts/organization/{org.pk}/change/",
+    ]
+    rows = ledger_rows()
+
+    # when the viewer opens the form or posts it, and anyone adjusts a missing organization
+    opened = client.get(_adjust_url(org))
+    posted = client.post(_adjust_url(org), _form())
+    missing = admin_client.post("/admin/metering/ledgeraccount/adjust/999999/", _form())
+
+    # then each is refused and nothing is written; the wallet's and the organization's
+    # pages offer the adjustment to staff who may make it, and only to them
+    assert (opened.status_code, posted.status_code, missing.status_code) == (403, 403, 404)
+    assert ledger_rows() == rows
+    link = f'href="{_adjust_url(org)}"'.encode()
+    for page in pages:
+        viewed = client.get(page)
+        assert viewed.status_code == 200 and link not in viewed.content
+        assert link in admin_client.get(page).content
+
+
+def test_finance_give_credits_to_an_organization_that_never_had_any(admin_client):
+    # given a new organization: no ledger accounts yet
+    org = OrganizationFactory()
+    assert not LedgerAccount.objects.filter(organization=org).exists()
+
+    # when finance add credits to it
+    response = admin_client.post(_adjust_url(org), _form(credits="3"))
+
+    # then its wallet is opened with them
+    assert response.status_code == 302
+    assert organization_balance(organization=org).available == credits(3)

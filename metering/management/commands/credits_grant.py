@@ -1,7 +1,6 @@
 """Grant credits to an organization as a recorded adjustment with a reason."""
 
 import uuid
-from decimal import Decimal, InvalidOperation
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -9,7 +8,7 @@ from accounts.errors import ApplicationError
 from accounts.models import Organization, User
 from metering.selectors import organization_balance
 from metering.services import credits_adjust
-from metering.services.postings import amount_display
+from metering.services.postings import amount_display, credits_parse
 
 
 class Command(BaseCommand):
@@ -29,11 +28,9 @@ class Command(BaseCommand):
         if org is None:
             raise CommandError(f"No organization has the slug {org_slug!r}.")
         try:
-            micro = Decimal(credits) * 1_000_000
-        except InvalidOperation:
-            raise CommandError(f"{credits!r} is not a number of credits.") from None
-        if micro != micro.to_integral_value():
-            raise CommandError("Credits are exact to a millionth (6 decimal places).")
+            micro = credits_parse(credits)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         actor_user = None
         if actor:
             actor_user = User.objects.filter(email=actor.lower()).first()
@@ -42,7 +39,7 @@ class Command(BaseCommand):
         try:
             credits_adjust(
                 organization=org,
-                amount=int(micro),
+                amount=micro,
                 reason=reason,
                 key=key or f"cli:{uuid.uuid4()}",
                 actor=actor_user,

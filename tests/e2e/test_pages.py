@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from accounts.models import AuditEvent, Organization, User
-from metering.models import AccountKind, LedgerAccount
+from metering.models import JournalTransaction, TransactionKind
+from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -91,21 +92,46 @@ def test_finance_staff_change_an_organizations_entitlements_in_the_browser(app_s
     assert visit.failures == []
 
 
-def test_finance_staff_see_a_system_accounts_balance_as_the_sum_of_its_entries(
-    app_server, visit, grant
-):
-    # given credits granted to an organization: issuance, a system account, is debited
+def test_finance_staff_adjust_an_organizations_credits_from_its_page(app_server, visit, grant):
+    # given an organization with 5 credits, and staff signed in
     org = OrganizationFactory()
-    grant(org, 7_000_000)
-    grant(org, 500_000)
-    issuance = LedgerAccount.objects.get(kind=AccountKind.ISSUANCE, organization=None)
+    grant(org, 5_000_000)
     _sign_in(visit, app_server)
     page = visit.page
 
-    # when staff list the credit accounts
-    page.goto(f"{app_server}/admin/metering/ledgeraccount/")
+    # when they open the organization, follow "Adjust credits", and add 12.5 with a reason
+    page.goto(f"{app_server}/admin/accounts/organization/{org.pk}/change/")
+    page.click("text=Adjust credits")
+    shown_before = page.inner_text("#available")
+    page.fill("#id_credits", "12.5")
+    page.fill("#id_reason", "Goodwill for ticket 42")
+    page.click("input[name=_adjust]")
+    page.wait_for_selector(".messagelist .success")
 
-    # then issuance's row shows what was issued, not its (unkept) balance column
-    row = page.locator(f"#result_list tr:has(a[href$='/ledgeraccount/{issuance.pk}/change/'])")
-    assert row.locator("td.field-true_balance").inner_text().strip() == "-7500000"
+    # then the form had shown the 5 available, the wallet has 17.5, and the ledger
+    # names the staff member and the reason
+    assert shown_before == "5"
+    assert organization_balance(organization=org).available == 17_500_000
+    [txn] = JournalTransaction.objects.filter(kind=TransactionKind.ADJUSTMENT, organization=org)
+    assert (txn.actor.email, txn.memo) == (STAFF_EMAIL, "Goodwill for ticket 42")
     assert visit.failures == []
+
+
+def test_a_refused_adjustment_is_shown_on_the_form_and_writes_nothing(app_server, visit, grant):
+    # given an organization with 5 credits, and staff signed in
+    org = OrganizationFactory()
+    grant(org, 5_000_000)
+    _sign_in(visit, app_server)
+    page = visit.page
+    before = JournalTransaction.objects.count()
+
+    # when they try to remove 8
+    page.goto(f"{app_server}/admin/metering/ledgeraccount/adjust/{org.pk}/")
+    page.fill("#id_credits", "-8")
+    page.fill("#id_reason", "Duplicate grant")
+    page.click("input[name=_adjust]")
+
+    # then the form says why, and the ledger is as it was
+    assert "insufficient_credits" in page.inner_text(".errornote")
+    assert JournalTransaction.objects.count() == before
+    assert organization_balance(organization=org).available == 5_000_000
