@@ -178,6 +178,39 @@ def _limits(organization: Organization) -> list[Limit]:
     return [Limit(scope=f"org:{organization.pk}", limit=organization.tokens_per_minute)]
 
 
+def _tokens_to_reserve(
+    organization: Organization, model: CatalogModel, prompt: str, bound: int, max_tokens: int
+) -> int:
+    """The tokens a request counts against its tokens-per-minute limit: its prompt's
+    bound and max_tokens; or, when that is more than the whole limit, the prompt as the
+    model's tokenizer counts it (its bytes overstate it about fourfold in English).
+
+    A request that needs more than the limit even so can never be served: it is
+    refused with 429 `request_exceeds_rate_limit`, without a Retry-After, where a
+    `rate_limited` one would invite retries that all fail. Tokenizing (about 1 ms per
+    4 KB) happens only for such long requests.
+    """
+    limit = organization.tokens_per_minute
+    wanted = bound + max_tokens
+    if wanted <= limit:
+        return wanted
+    counted = prompt_tokens_count(model=model, prompt=prompt)
+    if counted is not None and counted + max_tokens <= limit:
+        return counted + max_tokens
+    prompt_tokens = bound if counted is None else counted
+    raise ApplicationError(
+        code="request_exceeds_rate_limit",
+        message=(
+            f"This request needs {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+            f"prompt{'' if counted is not None else ', at most'}, {max_tokens} for the "
+            f"completion), more than this organization's whole limit of {limit} tokens per "
+            "minute: no retry can succeed. Shorten the prompt or lower max_tokens."
+        ),
+        status=429,
+        extra={"limit": limit, "kind": "tokens", "requested": prompt_tokens + max_tokens},
+    )
+
+
 def job_quote(
     *,
     organization: Organization,
@@ -400,7 +433,7 @@ def job_submit(
     public_id = f"job_{secrets.token_urlsafe(18)}"
 
     # Redis reservations first: cheap to refuse, and undone if the hold fails.
-    reserved_tokens = bound + max_tokens
+    reserved_tokens = _tokens_to_reserve(organization, model, prompt, bound, max_tokens)
     # The minute they count in, which the unused ones go back to (_release_reservations).
     reserved_at = time.time()
     # The tokens and a concurrency slot (and the request's own count) in one

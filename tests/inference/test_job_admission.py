@@ -12,6 +12,7 @@ import pytest
 from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, concurrency_release, rate_limit_consume
 from inference.models import Job
+from inference.services.jobs import prompt_tokens_count
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, submit_job
@@ -81,3 +82,55 @@ def test_a_prompt_is_kept_only_for_an_organization_that_opted_in(grant, opted_in
     # then the job row holds the prompt only if the organization asked for it
     stored = Job.objects.get(pk=job.pk).prompt
     assert stored == ("My private training plan" if opted_in else "")
+
+
+TOKENIZER = "inference/engine/tokenizer.json"
+
+
+def test_a_long_prompt_is_counted_against_the_token_limit_by_its_tokens_not_its_bytes(
+    grant, fresh_window
+):
+    # given an organization allowed 1,000 tokens a minute, and a prompt of about 2,000
+    # bytes that the model's tokenizer counts at far fewer tokens
+    served_model(MODEL, tokenizer_file=TOKENIZER, context_limit=8192)
+    org = OrganizationFactory(tokens_per_minute=1_000)
+    grant(org, credits(10))
+    prompt = "Squats and deadlifts build strength. " * 54
+    assert len(prompt.encode()) > 1_000
+    tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
+
+    # when it is submitted with 16 tokens for the completion
+    job = submit_job(org, MODEL, prompt=prompt, max_tokens=16)
+
+    # then it is admitted, and reserved its counted tokens and max_tokens, not its bytes
+    counted = prompt_tokens_count(model=job.model, prompt=prompt)
+    assert counted + 16 < 1_000
+    assert job.params["reserved_tokens"] == counted + 16
+    left = rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining
+    assert left == 1_000 - counted - 16
+
+
+@pytest.mark.parametrize("tokenizer", [TOKENIZER, ""], ids=["counted", "no-tokenizer"])
+def test_a_request_larger_than_the_whole_token_limit_is_refused_as_one_no_retry_can_serve(
+    grant, fresh_window, tokenizer
+):
+    # given an organization allowed 100 tokens a minute, and nothing counted yet
+    served_model(MODEL, tokenizer_file=tokenizer, context_limit=8192)
+    org = OrganizationFactory(tokens_per_minute=100)
+    grant(org, credits(10))
+    tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
+    rows, balance = ledger_rows(), organization_balance(organization=org)
+
+    # when a request needs more than that however it is counted
+    with pytest.raises(ApplicationError) as refused:
+        submit_job(org, MODEL, prompt="Squats and deadlifts build strength. " * 20, max_tokens=64)
+
+    # then it is refused, not as a rate limit to wait out (no Retry-After), and took
+    # no tokens, no hold, no row
+    error = refused.value
+    assert (error.code, error.status) == ("request_exceeds_rate_limit", 429)
+    assert "retry_after" not in error.extra
+    assert error.extra["limit"] == 100 and error.extra["requested"] > 100
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 100
+    assert (ledger_rows(), organization_balance(organization=org)) == (rows, balance)
+    assert not Job.objects.filter(organization=org).exists()
