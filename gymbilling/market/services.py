@@ -1,10 +1,12 @@
 """Marketplace writes: listings, orders, payment, release, expiry, payouts, reversals.
 
 Lock order, everywhere (STYLE.md 12): the seller's market lock (`seller_lock`,
-taken by what opens listings and what must see all of a seller's listings),
-then listing rows (primary-key order), then the order row, then ledger
-accounts (metering's `post`, primary-key order), then credit lots
-(primary-key order), then fills (primary-key order) and money accounts. No Stripe call is made inside a transaction: an order is
+taken by what opens listings, what must see all of a seller's listings, and
+what gives reserved credits back to sellers; several sellers' in primary-key
+order), then listing rows (primary-key order), then the order row, then
+fills (primary-key order), then rollover carries (primary-key order), then
+ledger accounts (metering's `post`, primary-key order), then credit lots
+(primary-key order), then money accounts. No Stripe call is made inside a transaction: an order is
 reserved and committed, then Checkout is created, then recorded; if Stripe
 fails in between, the reservation is released by compensating transfers.
 """
@@ -32,6 +34,7 @@ from gymbilling.market.escrow import (
     lots_remaining,
 )
 from gymbilling.market.money import MoneyInsufficient, money_account, money_post
+from gymbilling.market.rollover import rollover_carry_open, rollover_release_trim
 from gymbilling.market.rules import fill_amount, platform_fee, share_ceil
 from gymbilling.models import (
     BillingCustomer,
@@ -145,7 +148,13 @@ def seller_lock(seller: Organization) -> None:
     insert takes a key-share lock on the organization's row, so whoever locks
     that row (a subscription's sync, before its rollover) takes this before.
     """
-    transaction_lock(f"market-seller:{seller.pk}")
+    sellers_lock([seller.pk])
+
+
+def sellers_lock(seller_ids) -> None:
+    """`seller_lock` of several sellers, in primary-key order (one order's sellers)."""
+    for pk in sorted(set(seller_ids)):
+        transaction_lock(f"market-seller:{pk}")
 
 
 # --- listings -------------------------------------------------------------------------
@@ -331,8 +340,11 @@ def credits_trim_with_listings(
     and a listing left with nothing ends. A listing keeps its lots and its
     price: its available quantity is what its lots still hold. Credits a
     buyer's pending order reserved are in the buyer's escrow, neither counted
-    nor taken: paid, they are sold; released, they come back to the listing.
-    Returns the micro-credits expired.
+    nor taken here: paid, they are sold; released, they come back to the
+    listing or the wallet, less what this cap would have taken of them had
+    they been counted (rollover.py records what it left for them, and
+    `order_release` trims them as they come back). So do credits a dispute
+    clawed back, if it is won. Returns the micro-credits expired.
     """
     now = now or timezone.now()
     with transaction.atomic():
@@ -366,6 +378,9 @@ def credits_trim_with_listings(
             )
             for listing in listings:
                 _listing_close_if_done(listing, now=now)
+        # Under the same locks: what it leaves of the cap for credits that
+        # were away (reserved by buyers, clawed back by disputes).
+        rollover_carry_open(organization=seller, key=key, keep=keep, memo=memo, now=now)
     return expired
 
 
@@ -704,10 +719,17 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
     """Give a pending order's reserved credits back; False when it was no longer pending.
 
     To the listing while it is open, else (canceled, ended) to the seller's
-    wallet. Reserved credits that expired meanwhile go to the expiry account.
+    wallet. Reserved credits that expired meanwhile go to the expiry account,
+    and so does what a rollover the reservation missed would have trimmed
+    (rollover.py).
     """
     now = now or timezone.now()
     with transaction.atomic():
+        # First, as the rollover does: it either counted these credits as
+        # the seller's (released before), or left a carry that this sees.
+        sellers_lock(
+            MarketFill.objects.filter(order_id=order_id).values_list("seller_id", flat=True)
+        )
         order, fills, listings = _order_locked(order_id)
         if order.status != OrderStatus.PENDING:
             return False
@@ -717,6 +739,8 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
                 continue
             reserved_lots = Q(created_by_id=fill.reserve_transaction_id)
             expired_sweep(account=buyer_escrow, lots=reserved_lots, now=now)
+            fill.order = order
+            rollover_release_trim(fill=fill, now=now)
             back = lots_remaining(lots=Q(account=buyer_escrow) & reserved_lots, now=now)
             txn = None
             if back:

@@ -13,6 +13,7 @@ from gymbilling.models.billing import (  # noqa: F401
     PaymentReversal,
     Plan,
     PriceKind,
+    RolloverCarry,
     StripeEvent,
     StripePrice,
     Subscription,

@@ -485,3 +485,38 @@ class PaymentReversal(models.Model):
             f"{self.key} -{self.credits_clawed_back} lost {self.credits_lost}"
             f" pending {self.credits_pending}"
         )
+
+
+class RolloverCarry(models.Model):
+    """What a period rollover's cap left unused, for plan credits that were away when it counted.
+
+    The cap counts the subscription credits the organization holds when the
+    period changes (its wallet and its listings). Credits a buyer's pending
+    order had reserved (`fills`) or a dispute had clawed back (`clawbacks`)
+    were not there to count. When they come back (the order released, the
+    dispute won) they fill `headroom`, the part of the cap the rollover left
+    unused, and the rest expires as it arrives: whatever order they come back
+    in, the organization keeps min(cap, counted + what came back), what it
+    would have kept had they been home. Reserved credits that are paid for
+    never come back, and use none of it.
+    """
+
+    # The rollover's trim key (rollover:<subscription>:<period start>): one per rollover.
+    key = models.CharField(max_length=200, unique=True)
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    headroom = models.PositiveBigIntegerField(
+        help_text="Micro-credits that may still come back past this rollover untrimmed."
+    )
+    memo = models.CharField(max_length=500, blank=True)
+    fills = models.ManyToManyField(
+        "gymbilling.MarketFill", related_name="rollovers_missed", blank=True
+    )
+    clawbacks = models.ManyToManyField(
+        "metering.JournalTransaction", related_name="rollovers_missed", blank=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.key} headroom {self.headroom}"

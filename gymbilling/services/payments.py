@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from gymbilling.locks import transaction_lock
@@ -198,20 +198,51 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
     is no loss any more: the money came back. The resale freeze stays until
     finance lifts it. Once per reversal: a replay returns the reinstated row;
     None when no reversal has this key (the dispute was never applied here).
+
+    Plan credits that were clawed back when the period rolled over missed its
+    rollover cap: what the cap would have taken of them expires as they come
+    back (gymbilling.market.rollover), so a won dispute never carries more
+    plan credits over than the cap. Pack credits have no cap.
     """
+    from gymbilling.market.rollover import (
+        rollover_carries_for_clawbacks,
+        rollover_reinstate_trim,
+    )
+    from gymbilling.market.services import seller_lock
+
     reversal = PaymentReversal.objects.filter(key=key).first()
     if reversal is None:
         return None
     with transaction.atomic():
+        # The rollover's lock first (it takes it before all else): a rollover
+        # either counted these credits back home, or recorded that it missed them.
+        seller_lock(reversal.organization)
         # payment_reversal_apply's lock, then the row the pending sweep locks.
         transaction_lock(f"stripe-charge:{reversal.stripe_charge_id}")
         reversal = PaymentReversal.objects.select_for_update().get(pk=reversal.pk)
         if reversal.reinstated_at is not None:
             return reversal
+        clawback_ids = list(
+            JournalTransaction.objects.filter(organization=reversal.organization)
+            .filter(
+                Q(idempotency_key=f"clawback:{key}")
+                | Q(idempotency_key__startswith=f"clawback:{key}:")
+            )
+            .values_list("pk", flat=True)
+        )
+        # Before the ledger's accounts, as the market's lock order has them.
+        carries = rollover_carries_for_clawbacks(clawback_ids)
         given_back = clawbacks_reverse(
             key=key,
             reason=f"{reversal.kind} of {reversal.stripe_charge_id} won: funds reinstated",
             organization=reversal.organization,
+        )
+        rollover_reinstate_trim(
+            organization=reversal.organization,
+            carries=carries,
+            clawback_ids=clawback_ids,
+            key=key,
+            now=timezone.now(),
         )
         PaymentReversal.objects.filter(pk=reversal.pk).update(
             reinstated_at=timezone.now(),

@@ -8,6 +8,7 @@ from metering.services.ledger import (
     credits_transfer,
     credits_trim,
     lot_clawback,
+    lots_trim,
     transaction_reverse,
 )
 from metering.services.lots import credits_expire
@@ -37,6 +38,7 @@ __all__ = [
     "hold_release",
     "holds_expire",
     "lot_clawback",
+    "lots_trim",
     "price_book_publish",
     "round_charge",
     "transaction_reverse",

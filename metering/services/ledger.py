@@ -599,6 +599,31 @@ def credits_trim(*, organization: Organization, source: str, keep: int, key: str
 
 
 @retry_on_deadlock
+def lots_trim(
+    *, organization: Organization, lot_ids: list[int], amount: int, key: str, memo: str
+) -> int:
+    """Expire up to `amount` of what is unspent in these wallet lots, in burn order.
+
+    A rollover cap owed on credits that came back after the rollover (a
+    dispute won): they go to the expiry account, as credits_trim's would
+    have. Credits that pending holds will burn stay, as credits_trim leaves
+    them. Once per key; returns the micro-credits expired.
+    """
+    require_positive(amount)
+    require_key(key)
+    return _wallet_withdraw(
+        organization=organization,
+        key=f"trim:{key}",
+        fp=fingerprint(op="lots_trim", org=organization.pk, lots=sorted(lot_ids), amount=amount),
+        kind=TransactionKind.EXPIRY,
+        system_kind=AccountKind.EXPIRY,
+        lots=Q(pk__in=lot_ids),
+        amount_for=lambda _in_lots, _balance: amount,
+        memo=memo,
+    )
+
+
+@retry_on_deadlock
 def lot_clawback(
     *,
     lot: CreditLot,

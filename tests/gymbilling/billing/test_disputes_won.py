@@ -144,3 +144,62 @@ def test_a_dispute_won_before_its_events_were_processed_moves_nothing(
     assert ledger_rows() == rows
     assert list(PaymentReversal.objects.values_list("key", "reinstated_at")) == [(refund.key, None)]
     assert organization_balance(organization=org).available == 1_500 * MICRO
+
+
+def plan_credits(org) -> int:
+    """Unexpired subscription credits in the wallet."""
+    from django.db.models import Sum
+    from django.utils import timezone
+
+    return (
+        CreditLot.objects.filter(
+            organization=org,
+            source="subscription",
+            account__kind="wallet",
+            remaining__gt=0,
+            expires_at__gt=timezone.now(),
+        ).aggregate(s=Sum("remaining"))["s"]
+        or 0
+    )
+
+
+def test_a_dispute_won_after_a_rollover_gives_back_no_more_than_its_cap(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Pro (12,000 credits a month; 25%, 3,000, roll over), its first charge
+    # disputed: all 12,000 taken back
+    sub = subscribed("pro")
+    org = customer.organization
+    [old_lot] = CreditLot.objects.filter(organization=org, source="subscription")
+    dispute = stripe_standin.dispute(invoice_charge(sub, stripe_sdk))
+    assert "failed" not in deliver()
+    assert plan_credits(org) == 0
+    # and the period renews while the dispute is open: the rollover finds nothing
+    # to trim, and the renewal brings a new month
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    assert plan_credits(org) == 12_000 * MICRO
+    expiry_before = system_balance("expiry")
+
+    # when: the gym wins the dispute
+    stripe_standin.close_dispute(dispute["id"], status="won")
+    assert "failed" not in deliver()
+
+    # then: of the 12,000 given back to their lot, the 3,000 the cap carries over
+    # stay and 9,000 expire, as if they had been home when the period ended
+    reversal = PaymentReversal.objects.get(kind="dispute")
+    assert reversal.reinstated_at is not None
+    assert plan_credits(org) == (12_000 + 3_000) * MICRO
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == 3_000 * MICRO
+    assert system_balance("expiry") - expiry_before == 9_000 * MICRO
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: the win's events are delivered again
+    rows = ledger_rows()
+    for event in StripeEvent.objects.filter(type__startswith="charge.dispute.").order_by("pk"):
+        assert stripe_event_process(event_pk=event.pk, force=True) == "processed"
+
+    # then: nothing more moved
+    assert ledger_rows() == rows
+    assert plan_credits(org) == (12_000 + 3_000) * MICRO

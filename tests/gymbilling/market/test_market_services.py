@@ -570,6 +570,82 @@ def test_the_rollover_shrinks_listings_but_not_what_a_pending_order_reserved(mar
     assert ledger_reconcile().ok
 
 
+def test_credits_reserved_at_the_rollover_and_released_after_it_are_capped(market_stripe, buyer):
+    # given: 900 of 1,000 listed, 500 of them reserved by a buyer's checkout when the
+    # period rolls over: the cap (100) is met by the wallet's and the listing's
+    org, stripe_sub, _ = rollover_member()
+    listing = listing_create(seller=org, quantity=credits(900), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(500), max_price_per_1k=300, currency="usd")
+    expiry_before = system_balance("expiry")
+    roll(stripe_sub)
+    assert subscription_credits_owned(org) == credits(100)
+
+    # when: the buyer abandons the checkout, and its expiry releases the reservation
+    session = market_stripe.expire(order.checkout.stripe_session_id)
+    market_checkout_handle(order.checkout, session)
+
+    # then: the 500 come back past a rollover that left nothing of its cap: all expire
+    # on their way, and the seller keeps the cap, no more
+    order.refresh_from_db()
+    assert order.status == OrderStatus.EXPIRED
+    assert subscription_credits_owned(org) == credits(100)
+    assert organization_listing(organization=org, listing_id=listing.pk).available == credits(100)
+    assert organization_balance(organization=buyer).escrowed == 0
+    assert system_balance("expiry") - expiry_before == credits(400 + 500)
+    assert ledger_reconcile().ok
+
+    # when: the expiry is processed again (a webhook twice)
+    rows = ledger_rows()
+    market_checkout_handle(order.checkout, session)
+
+    # then: nothing more moved
+    assert ledger_rows() == rows
+    assert subscription_credits_owned(org) == credits(100)
+
+
+def test_released_credits_fill_what_the_rollover_left_of_its_cap_and_no_more(market_stripe, buyer):
+    # given: 1,000 credits, 50 spent, 900 listed and all of it reserved by two orders
+    # (400 and 500): the rollover counts the wallet's 50, trims nothing, leaves 50 of
+    # its cap of 100 unused
+    from gymbilling.market.services import order_release
+    from gymbilling.models import RolloverCarry
+    from metering.services import credits_adjust
+
+    org, stripe_sub, _ = rollover_member()
+    credits_adjust(organization=org, amount=-credits(50), reason="spent", key=f"spend-{org.pk}")
+    listing = listing_create(seller=org, quantity=credits(900), price_per_1k=300, currency="usd")
+    first = order_create(buyer=buyer, quantity=credits(400), max_price_per_1k=300, currency="usd")
+    second = order_create(buyer=buyer, quantity=credits(500), max_price_per_1k=300, currency="usd")
+    expiry_before = system_balance("expiry")
+    roll(stripe_sub)
+    assert system_balance("expiry") == expiry_before
+    assert RolloverCarry.objects.get(organization=org).headroom == credits(50)
+    # and the seller ends the listing: what comes back now goes to the wallet
+    listing_cancel(seller=org, listing_id=listing.pk)
+
+    # when: the first order is paid, the second released
+    market_checkout_handle(first.checkout, paid_session(market_stripe, first))
+    assert order_release(order_id=second.pk, status=OrderStatus.EXPIRED, code="reservation_timeout")
+
+    # then: the sold 400 are the buyer's; of the 500 released, 50 fill the cap and 450
+    # expire: the seller holds 100, the cap, as if the 500 had been home at the rollover
+    assert organization_balance(organization=buyer).available == credits(400)
+    assert organization_balance(organization=org).available == credits(100)
+    assert subscription_credits_owned(org) == credits(100)
+    assert system_balance("expiry") - expiry_before == credits(450)
+    assert RolloverCarry.objects.get(organization=org).headroom == 0
+    assert ledger_reconcile().ok
+
+    # when: the release runs again
+    rows = ledger_rows()
+    assert not order_release(
+        order_id=second.pk, status=OrderStatus.EXPIRED, code="reservation_timeout"
+    )
+
+    # then: nothing more moved
+    assert ledger_rows() == rows
+
+
 def test_reserved_credits_that_expire_are_not_delivered_and_the_buyer_is_refunded(
     market_stripe, buyer, django_capture_on_commit_callbacks
 ):

@@ -1,0 +1,209 @@
+"""The rollover cap over plan credits that were away when a period ended.
+
+`credits_trim_with_listings` caps what a seller holds at the period change:
+their wallet's and their listings' subscription credits. Two kinds of
+subscription credits are elsewhere then, and come back later:
+- credits a buyer's pending order reserved (the buyer's escrow): if the
+  order is released, they go back to the listing or the wallet;
+- credits a dispute clawed back (the adjustments account): if the dispute is
+  won, they go back to the very lots they were taken from.
+Each rollover that missed some records a `RolloverCarry`: the part of the
+cap it left unused, and what was away. What comes back fills that headroom
+and the rest expires on its way in, so the cap stays exact whichever of them
+come back, and in whatever order.
+
+Locks: the seller's market lock (`seller_lock`) serializes these with the
+rollover, which holds it from before it counts until it has recorded what
+was away; the carries' rows are locked (primary-key order) before ledger
+accounts, as the market's lock order says.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+
+from accounts.models import Organization
+from gymbilling.market.escrow import credits_expire_early, lots_remaining
+from gymbilling.models import FillStatus, MarketFill, PaymentReversal, RolloverCarry
+from metering.models import AccountKind, JournalTransaction, LotMovement, LotSource
+from metering.services import lots_trim
+from metering.services.ledger import organization_account
+
+
+def _dispute_clawbacks_away(organization: Organization) -> list[JournalTransaction]:
+    """Clawbacks of disputes that may still be won, not reversed yet, that took plan credits.
+
+    A refund's clawback never comes back; a dispute's does when it is won
+    (`clawbacks_reverse` reverses the clawbacks keyed `clawback:<key>` and
+    `clawback:<key>:...`).
+    """
+    keys = PaymentReversal.objects.filter(
+        organization=organization, kind=PaymentReversal.Kind.DISPUTE, reinstated_at__isnull=True
+    ).values_list("key", flat=True)
+    by_key = Q()
+    for key in keys:
+        by_key |= Q(idempotency_key=f"clawback:{key}") | Q(
+            idempotency_key__startswith=f"clawback:{key}:"
+        )
+    if not by_key:
+        return []
+    return list(
+        JournalTransaction.objects.filter(organization=organization)
+        .filter(by_key)
+        .filter(reversed_by__isnull=True)
+        .filter(lot_movements__lot__source=LotSource.SUBSCRIPTION)
+        .distinct()
+        .order_by("pk")
+    )
+
+
+def rollover_carry_open(
+    *, organization: Organization, key: str, keep: int, memo: str, now: datetime
+) -> RolloverCarry | None:
+    """Record what the rollover `key` left of its cap `keep`, if some plan credits were away.
+
+    The caller is the rollover, after its trims, in their transaction: it
+    holds the seller's lock, the open listings and the wallet and escrow
+    accounts, so what it counts here is what it left. Once per rollover: a
+    repeat returns the first record (or None) and changes nothing.
+    """
+    reserved = [
+        fill
+        for fill in MarketFill.objects.filter(seller=organization, status=FillStatus.RESERVED)
+        .select_related("order__buyer")
+        .order_by("pk")
+        if lots_remaining(lots=_reserved_lots(fill), now=now) > 0
+    ]
+    clawbacks = _dispute_clawbacks_away(organization)
+    if not reserved and not clawbacks:
+        return None
+    escrow_listed = Q(
+        account__organization=organization,
+        account__kind=AccountKind.ESCROW,
+        market_listing_lot__listing__status="open",
+    )
+    wallet = Q(account__organization=organization, account__kind=AccountKind.WALLET)
+    held = lots_remaining(lots=(wallet | escrow_listed) & Q(source=LotSource.SUBSCRIPTION), now=now)
+    try:
+        with transaction.atomic():
+            carry = RolloverCarry.objects.create(
+                key=key, organization=organization, headroom=max(0, keep - held), memo=memo
+            )
+    except IntegrityError:
+        return RolloverCarry.objects.filter(key=key).first()
+    carry.fills.add(*reserved)
+    carry.clawbacks.add(*clawbacks)
+    return carry
+
+
+def _reserved_lots(fill: MarketFill) -> Q:
+    """The plan credits the fill's reservation holds in the buyer's escrow."""
+    return Q(
+        created_by_id=fill.reserve_transaction_id,
+        account__kind=AccountKind.ESCROW,
+        account__organization_id=fill.order.buyer_id,
+        source=LotSource.SUBSCRIPTION,
+    )
+
+
+def _through(carries: list[RolloverCarry], amount: int) -> int:
+    """How much of `amount` coming back the rollovers that missed it let through, oldest
+    first (what one lets through the next one counts); uses up their headroom."""
+    kept = amount
+    for carry in carries:
+        take = min(kept, carry.headroom)
+        if take:
+            RolloverCarry.objects.filter(pk=carry.pk).update(headroom=F("headroom") - take)
+            carry.headroom -= take
+        kept = take
+    return kept
+
+
+def _carries_locked(**missed) -> list[RolloverCarry]:
+    return list(RolloverCarry.objects.select_for_update().filter(**missed).order_by("pk"))
+
+
+def rollover_release_trim(*, fill: MarketFill, now: datetime) -> int:
+    """A reservation comes back to the seller: expire what the rollovers it missed would have.
+
+    Called by `order_release` under its locks (the seller's, the listing, the
+    order and the fill), before it moves the rest back, with the fill still
+    reserved: once per fill. Takes from the buyer's escrow, where the credits
+    still are. Returns the micro-credits expired.
+    """
+    carries = _carries_locked(fills=fill)
+    if not carries:
+        return 0
+    lots = _reserved_lots(fill)
+    back = lots_remaining(lots=lots, now=now)
+    over = back - _through(carries, back)
+    if over <= 0:
+        return 0
+    return credits_expire_early(
+        key=f"rollover-return:fill:{fill.pk}",
+        organization=fill.seller,
+        account=organization_account(fill.order.buyer, AccountKind.ESCROW),
+        amount=over,
+        lots=lots,
+        now=now,
+        memo=f"{carries[-1].memo}: reserved credits released after the rollover",
+    )
+
+
+def rollover_carries_for_clawbacks(clawback_ids: list[int]) -> list[RolloverCarry]:
+    """Lock the carries of the rollovers that missed these clawbacks (before ledger accounts)."""
+    if not clawback_ids:
+        return []
+    return _carries_locked(clawbacks__in=clawback_ids)
+
+
+def rollover_reinstate_trim(
+    *,
+    organization: Organization,
+    carries: list[RolloverCarry],
+    clawback_ids: list[int],
+    key: str,
+    now: datetime,
+) -> int:
+    """A won dispute gave its clawbacks back: expire what the rollovers they missed would have.
+
+    `carries` from `rollover_carries_for_clawbacks`, locked by the caller
+    before it reversed the clawbacks; once per reversal (the caller's
+    reinstated_at gate and the trim's key). Per clawback, what came back to
+    unexpired plan-credit lots passes through its rollovers' headroom; the
+    rest is taken from those lots, as the rollover's trim would have taken
+    it (credits that running work's holds will burn stay, as there).
+    Returns the micro-credits expired.
+    """
+    if not carries:
+        return 0
+    over = 0
+    lot_ids: set[int] = set()
+    for clawback_id in clawback_ids:
+        missed = [c for c in carries if c.clawbacks.filter(pk=clawback_id).exists()]
+        if not missed:
+            continue
+        returned = list(
+            LotMovement.objects.filter(
+                transaction__reverses_id=clawback_id,
+                amount__gt=0,
+                lot__source=LotSource.SUBSCRIPTION,
+            )
+            .filter(Q(lot__expires_at__isnull=True) | Q(lot__expires_at__gt=now))
+            .values_list("lot_id", "amount")
+        )
+        back = sum(amount for _, amount in returned)
+        over += back - _through(missed, back)
+        lot_ids.update(lot_id for lot_id, _ in returned)
+    if over <= 0:
+        return 0
+    return lots_trim(
+        organization=organization,
+        lot_ids=sorted(lot_ids),
+        amount=over,
+        key=f"rollover-return:{key}",
+        memo=f"{carries[-1].memo}: disputed credits reinstated after the rollover",
+    )
