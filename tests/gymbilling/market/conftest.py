@@ -9,16 +9,23 @@ what Stripe holds (sessions, refunds, transfers, balance credits).
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db.models import Sum
 from django.utils import timezone
 
 from gymbilling import stripe_client
-from gymbilling.models import BillingCustomer, MarketOrder, MoneyAccount, MoneyEntry
-from gymbilling.services import billing_customer_ensure
-from metering.models import MICRO
+from gymbilling.models import (
+    BillingCustomer,
+    MarketOrder,
+    MoneyAccount,
+    MoneyEntry,
+    Plan,
+    StripePrice,
+)
+from gymbilling.services import billing_customer_ensure, subscription_sync
+from metering.models import MICRO, CreditLot
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
 from tests.helpers import credits
@@ -158,3 +165,79 @@ def charge_for(order: MarketOrder, *, amount_refunded=0) -> dict:
         "amount_refunded": amount_refunded,
         "currency": order.currency,
     }
+
+
+# --- the rollover cap ---------------------------------------------------------------------------
+
+ROLL_PERIOD = timedelta(days=30)
+
+
+def rollover_member():
+    """A member of a plan of 1,000 credits a month that rolls 10% over, in its first period.
+
+    Returns the organization, its subscription as Stripe shows it, and the
+    period's lot as the paid invoice grants it: expiring a period after the
+    period ends, as a rollover plan's credits do (invoices.invoice_credits).
+    """
+    plan = Plan.objects.create(
+        code="roll-10",
+        name="Roll 10",
+        monthly_price=1_000,
+        monthly_credits=credits(1000),
+        rollover_percent=10,
+    )
+    price = StripePrice.objects.create(
+        stripe_price_id="price_roll_10",
+        kind="plan",
+        plan=plan,
+        unit_amount=1_000,
+        currency="usd",
+        lookup_key="roll-10",
+    )
+    org = market_member()
+    start = timezone.now() - timedelta(days=29)
+    stripe_sub = {
+        "id": f"sub_roll_{org.pk}",
+        "customer": BillingCustomer.objects.get(organization=org).stripe_customer_id,
+        "status": "active",
+        "items": {"data": [{"price": {"id": price.stripe_price_id}, "quantity": 1}]},
+    }
+    stripe_sub = stripe_period(stripe_sub, start)
+    subscription_sync(stripe_sub=stripe_sub)
+    # 29 days into a 30-day period: a period after it ends is 31 days from now.
+    lot = subscription_credits(org, credits(1000), days=31)
+    return org, stripe_sub, lot
+
+
+def stripe_period(stripe_sub: dict, start) -> dict:
+    """The subscription with its item in the period that begins at `start`."""
+    [item] = stripe_sub["items"]["data"]
+    item = item | {
+        "current_period_start": int(start.timestamp()),
+        "current_period_end": int((start + ROLL_PERIOD).timestamp()),
+    }
+    return stripe_sub | {"items": {"data": [item]}}
+
+
+def roll(stripe_sub: dict) -> None:
+    """The next period begins (Stripe's renewal, as the webhook's re-read shows it)."""
+    [item] = stripe_sub["items"]["data"]
+    subscription_sync(
+        stripe_sub=stripe_period(
+            stripe_sub, datetime.fromtimestamp(item["current_period_end"], tz=UTC)
+        )
+    )
+
+
+def subscription_credits_owned(org) -> int:
+    """Unexpired subscription credits the organization holds: in its wallet and its listings."""
+    return (
+        CreditLot.objects.filter(
+            organization=org,
+            source="subscription",
+            account__kind__in=["wallet", "escrow"],
+            remaining__gt=0,
+            expires_at__gt=timezone.now(),
+        ).aggregate(s=Sum("remaining"))["s"]
+        or 0
+    )

@@ -1,5 +1,6 @@
 """Races on real PostgreSQL connections: 20 buyers for a listing that can fill 5 of
-them; a resale freeze against a listing being created."""
+them; a resale freeze against a listing being created; a period rollover against
+a listing of the same seller."""
 
 from __future__ import annotations
 
@@ -10,13 +11,24 @@ from django.db import connection
 
 from accounts.errors import ApplicationError
 from gymbilling.market import services as market_services
-from gymbilling.market.services import listing_create, listings_withdraw_all, order_create
+from gymbilling.market.selectors import organization_listing
+from gymbilling.market.services import (
+    listing_create,
+    listings_withdraw_all,
+    order_create,
+)
 from gymbilling.models import ListingStatus, MarketFill, MarketListing, MarketOrder
 from gymbilling.services import resale_freeze
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
-from tests.gymbilling.market.conftest import market_member, subscription_credits
+from tests.gymbilling.market.conftest import (
+    market_member,
+    roll,
+    rollover_member,
+    subscription_credits,
+    subscription_credits_owned,
+)
 from tests.helpers import credits, wait_until
 
 
@@ -162,4 +174,109 @@ def test_a_freeze_while_a_listing_is_being_created_ends_that_listing(market_stri
     assert listing.status == ListingStatus.CANCELED
     balance = organization_balance(organization=seller)
     assert (balance.available, balance.escrowed) == (credits(1000), 0)
+    assert ledger_reconcile().ok
+
+
+# --- the period rollover against the seller's own listing and the expiry sweep ----------------
+#
+# As above, a hook on a call the code makes anyway only decides when the other
+# connection runs; the test then waits for a state PostgreSQL reports (a lock
+# waited for, a thread done), never for a length of time.
+
+
+def _lock_waiters() -> int:
+    """Connections to this database waiting for a lock (row, transaction or advisory)."""
+    with connection.cursor() as cursor:
+        # pg_stat_activity is read once per transaction unless told otherwise, and
+        # the caller may be inside one.
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE NOT l.granted AND a.datname = current_database()"
+        )
+        return cursor.fetchone()[0]
+
+
+class _Deadlocks:
+    """Records every deadlock PostgreSQL reports to a connection (40P01), whether or not
+    retry_on_deadlock then hides it by running the service again.
+
+    Use as `with connection.execute_wrapper(seen := _Deadlocks()): ...`.
+    """
+
+    def __init__(self, found: list) -> None:
+        self.found = found
+
+    def __call__(self, execute, sql, params, many, context):
+        try:
+            return execute(sql, params, many, context)
+        except Exception as exc:
+            if getattr(getattr(exc, "__cause__", None), "sqlstate", None) == "40P01":
+                self.found.append(sql)
+            raise
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_the_cap(
+    market_stripe, monkeypatch
+):
+    # given: a member whose 1,000 plan credits roll 100 over, listing 900 of them; the
+    # listing holds the seller's lock and is paused just before it writes its rows
+    org, stripe_sub, _ = rollover_member()
+    errors: list = []
+    deadlocks: list = []
+    real_accounts_lock = market_services.accounts_lock
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause_listing(*accounts):
+        real_accounts_lock(*accounts)
+        if threading.current_thread().name == "listing" and not paused.is_set():
+            paused.set()
+            resume.wait(timeout=60)
+
+    monkeypatch.setattr(market_services, "accounts_lock", pause_listing)
+
+    def on_own_connection(work) -> None:
+        try:
+            with connection.execute_wrapper(_Deadlocks(deadlocks)):
+                work()
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    listing = threading.Thread(
+        name="listing",
+        target=on_own_connection,
+        args=(
+            lambda: listing_create(
+                seller=org, quantity=credits(900), price_per_1k=300, currency="usd"
+            ),
+        ),
+    )
+    listing.start()
+    assert paused.wait(timeout=60)
+
+    # when: the period rolls over meanwhile (the subscription's sync, on its own connection)
+    rollover = threading.Thread(
+        name="rollover", target=on_own_connection, args=(lambda: roll(stripe_sub),)
+    )
+    rollover.start()
+    # it waits for the listing (or, in a wrong lock order, holds what the listing needs next)
+    wait_until(
+        lambda: not rollover.is_alive() or _lock_waiters() > 0,
+        what="the rollover to wait for the seller's listing",
+    )
+    resume.set()
+    listing.join(timeout=120)
+    rollover.join(timeout=120)
+
+    # then: both completed, with no deadlock (not even one retried away); the listing
+    # was committed first, so the rollover counted it: the cap is exact
+    assert not listing.is_alive() and not rollover.is_alive()
+    assert errors == [] and deadlocks == []
+    [created] = MarketListing.objects.filter(seller=org)
+    assert subscription_credits_owned(org) == credits(100)
+    assert organization_balance(organization=org).available == 0
+    assert organization_listing(organization=org, listing_id=created.pk).available == credits(100)
     assert ledger_reconcile().ok
