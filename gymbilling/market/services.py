@@ -354,6 +354,13 @@ def credits_trim_with_listings(
             .filter(seller=seller, status=ListingStatus.OPEN)
             .order_by("pk")
         )
+        wallet = organization_account(seller, AccountKind.WALLET)
+        escrow = organization_account(seller, AccountKind.ESCROW)
+        # Counted and trimmed under both accounts' locks, which the minute's
+        # expiry sweep takes: a lot it expired between this count and the
+        # trims would be expired by it and counted over the cap by these too,
+        # and the seller would end below the cap by that lot.
+        accounts_lock(wallet, escrow)
         listed_lots = Q(market_listing_lot__listing__in=listings, source=LotSource.SUBSCRIPTION)
         listed = lots_remaining(lots=listed_lots, now=now)
         expired = credits_trim(
@@ -363,14 +370,13 @@ def credits_trim_with_listings(
             key=key,
             memo=memo,
         )
-        wallet = organization_account(seller, AccountKind.WALLET)
         in_wallet = lots_remaining(lots=Q(account=wallet, source=LotSource.SUBSCRIPTION), now=now)
         over = min(listed, in_wallet + listed - keep)
         if over > 0:
             expired += credits_expire_early(
                 key=f"{key}:listed",
                 organization=seller,
-                account=organization_account(seller, AccountKind.ESCROW),
+                account=escrow,
                 amount=over,
                 lots=listed_lots,
                 now=now,

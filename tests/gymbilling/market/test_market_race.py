@@ -1,26 +1,33 @@
 """Races on real PostgreSQL connections: 20 buyers for a listing that can fill 5 of
 them; a resale freeze against a listing being created; a period rollover against
-a listing of the same seller."""
+a listing of the same seller, and against the minute's expiry sweep."""
 
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.db.models import Sum
+from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from gymbilling.market import services as market_services
 from gymbilling.market.selectors import organization_listing
 from gymbilling.market.services import (
+    credits_trim_with_listings,
     listing_create,
     listings_withdraw_all,
     order_create,
 )
 from gymbilling.models import ListingStatus, MarketFill, MarketListing, MarketOrder
 from gymbilling.services import resale_freeze
+from metering.models import AccountKind, CreditLot
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
+from metering.services import credits_expire, credits_grant
+from metering.services.postings import accounts_for
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
     market_member,
@@ -29,7 +36,7 @@ from tests.gymbilling.market.conftest import (
     subscription_credits,
     subscription_credits_owned,
 )
-from tests.helpers import credits, wait_until
+from tests.helpers import credits, system_balance, wait_until
 
 
 @pytest.mark.django_db(transaction=True)
@@ -280,3 +287,80 @@ def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_
     assert organization_balance(organization=org).available == 0
     assert organization_listing(organization=org, listing_id=created.pk).available == credits(100)
     assert ledger_reconcile().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_rollovers_listing_trim_and_the_expiry_sweep_never_take_the_same_credits(
+    market_stripe, monkeypatch
+):
+    # given: a seller whose cap keeps 100; 500 plan credits in the wallet and 500 listed:
+    # 450 of them from a lot that expires in ten minutes, 50 from one that lasts
+    seller = market_member()
+    soon = credits_grant(
+        organization=seller,
+        amount=credits(450),
+        source="subscription",
+        paid=True,
+        resellable=True,
+        key=f"soon-{seller.pk}",
+        expires_at=timezone.now() + timedelta(minutes=10),
+    )
+    subscription_credits(seller, credits(550))
+    listing = listing_create(seller=seller, quantity=credits(500), price_per_1k=300, currency="usd")
+    # The expiry account exists, as it does in production (not created inside the race).
+    accounts_for(seller, AccountKind.EXPIRY)
+    assert CreditLot.objects.get(parent=soon, remaining__gt=0).remaining == credits(450)
+    rollover_at = timezone.now()
+    sweep_at = rollover_at + timedelta(minutes=20)  # the minute's sweep, once the lot is due
+    errors: list = []
+    real_expire_early = market_services.credits_expire_early
+    swept = threading.Thread(
+        name="sweep",
+        target=lambda: _on_own_connection(lambda: credits_expire(now=sweep_at), errors),
+    )
+
+    def sweep_in_between(**kwargs):
+        # The rollover has counted the listed credits and is about to trim them:
+        # the sweep comes now, and either runs or waits for what the rollover holds.
+        swept.start()
+        wait_until(
+            lambda: not swept.is_alive() or _lock_waiters() > 0,
+            what="the sweep to run or wait for the rollover",
+        )
+        return real_expire_early(**kwargs)
+
+    monkeypatch.setattr(market_services, "credits_expire_early", sweep_in_between)
+    expiry_before = system_balance("expiry")
+
+    # when: the rollover's cap (keep 100) runs, with the sweep in the middle
+    trimmed = credits_trim_with_listings(
+        seller=seller,
+        keep=credits(100),
+        key=f"rollover:race:{seller.pk}",
+        memo="cap",
+        now=rollover_at,
+    )
+    swept.join(timeout=120)
+
+    # then: as if one ran before the other, never both on the same credits: the cap
+    # counted the soon-expiring lot as the seller's and trimmed it first (400 of its 450),
+    # so the sweep expired only its last 50 and the lasting lot keeps its 50; the seller
+    # never ends below what the cap left, less what then expired on its date
+    assert errors == []
+    assert trimmed == credits(500 + 400)
+    assert system_balance("expiry") - expiry_before == credits(500 + 450)
+    owned_later = CreditLot.objects.filter(
+        organization=seller, source="subscription", remaining__gt=0, expires_at__gt=sweep_at
+    ).aggregate(s=Sum("remaining"))["s"]
+    assert owned_later == credits(50)
+    assert organization_listing(organization=seller, listing_id=listing.pk).available == credits(50)
+    assert ledger_reconcile().ok
+
+
+def _on_own_connection(work, errors: list) -> None:
+    try:
+        work()
+    except Exception as exc:
+        errors.append(exc)
+    finally:
+        connection.close()
