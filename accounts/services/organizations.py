@@ -341,7 +341,12 @@ def organization_entitlements_set(*, organization: Organization, reason: str, **
     unknown = set(values) - set(ENTITLEMENT_FIELDS)
     if unknown:
         raise ValueError(f"not entitlement fields: {sorted(unknown)}")
-    locked = Organization.objects.select_for_update().get(pk=organization.pk)
+    # FOR NO KEY UPDATE: it serializes entitlement writers, yet lets rows that
+    # reference the organization be inserted meanwhile (a foreign key takes a
+    # key-share lock, at COMMIT for Django's deferred ones). With FOR UPDATE a
+    # subscription's sync, which holds this row through its rollover, and the
+    # expiry sweep of the same organization's accounts deadlocked.
+    locked = Organization.objects.select_for_update(no_key=True).get(pk=organization.pk)
     changed = {name: value for name, value in values.items() if getattr(locked, name) != value}
     if not changed:
         return False

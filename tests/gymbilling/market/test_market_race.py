@@ -22,11 +22,11 @@ from gymbilling.market.services import (
     order_create,
 )
 from gymbilling.models import ListingStatus, MarketFill, MarketListing, MarketOrder
-from gymbilling.services import resale_freeze
+from gymbilling.services import resale_freeze, subscriptions
 from metering.models import AccountKind, CreditLot
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import credits_expire, credits_grant
+from metering.services import credits_expire, credits_grant, postings
 from metering.services.postings import accounts_for
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
@@ -204,23 +204,10 @@ def _lock_waiters() -> int:
         return cursor.fetchone()[0]
 
 
-class _Deadlocks:
-    """Records every deadlock PostgreSQL reports to a connection (40P01), whether or not
-    retry_on_deadlock then hides it by running the service again.
-
-    Use as `with connection.execute_wrapper(seen := _Deadlocks()): ...`.
-    """
-
-    def __init__(self, found: list) -> None:
-        self.found = found
-
-    def __call__(self, execute, sql, params, many, context):
-        try:
-            return execute(sql, params, many, context)
-        except Exception as exc:
-            if getattr(getattr(exc, "__cause__", None), "sqlstate", None) == "40P01":
-                self.found.append(sql)
-            raise
+def _no_deadlock_retries(monkeypatch) -> None:
+    """A deadlock reaches its caller instead of being retried away (retry_on_deadlock):
+    one detected at COMMIT, where PostgreSQL checks Django's deferred foreign keys, too."""
+    monkeypatch.setattr(postings, "DEADLOCK_RETRIES", 0)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -231,7 +218,7 @@ def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_
     # listing holds the seller's lock and is paused just before it writes its rows
     org, stripe_sub, _ = rollover_member()
     errors: list = []
-    deadlocks: list = []
+    _no_deadlock_retries(monkeypatch)
     real_accounts_lock = market_services.accounts_lock
     paused, resume = threading.Event(), threading.Event()
 
@@ -245,8 +232,7 @@ def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_
 
     def on_own_connection(work) -> None:
         try:
-            with connection.execute_wrapper(_Deadlocks(deadlocks)):
-                work()
+            work()
         except Exception as exc:
             errors.append(exc)
         finally:
@@ -278,10 +264,10 @@ def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_
     listing.join(timeout=120)
     rollover.join(timeout=120)
 
-    # then: both completed, with no deadlock (not even one retried away); the listing
+    # then: both completed, with no deadlock (none is retried here); the listing
     # was committed first, so the rollover counted it: the cap is exact
     assert not listing.is_alive() and not rollover.is_alive()
-    assert errors == [] and deadlocks == []
+    assert errors == []
     [created] = MarketListing.objects.filter(seller=org)
     assert subscription_credits_owned(org) == credits(100)
     assert organization_balance(organization=org).available == 0
@@ -313,6 +299,7 @@ def test_the_rollovers_listing_trim_and_the_expiry_sweep_never_take_the_same_cre
     rollover_at = timezone.now()
     sweep_at = rollover_at + timedelta(minutes=20)  # the minute's sweep, once the lot is due
     errors: list = []
+    _no_deadlock_retries(monkeypatch)
     real_expire_early = market_services.credits_expire_early
     swept = threading.Thread(
         name="sweep",
@@ -364,3 +351,61 @@ def _on_own_connection(work, errors: list) -> None:
         errors.append(exc)
     finally:
         connection.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_subscriptions_rollover_and_the_expiry_sweep_of_its_escrow_do_not_deadlock(
+    market_stripe, monkeypatch
+):
+    # given: a member whose plan rolls 100 over, with 500 listed: 450 from a lot that
+    # expires in ten minutes; the subscription's sync of the new period holds the
+    # organization's row (its entitlements) when the minute's sweep comes for that lot
+    org, stripe_sub, _ = rollover_member()
+    credits_grant(
+        organization=org,
+        amount=credits(450),
+        source="subscription",
+        paid=True,
+        resellable=True,
+        key=f"soon-{org.pk}",
+        expires_at=timezone.now() + timedelta(minutes=10),
+    )
+    listing_create(seller=org, quantity=credits(500), price_per_1k=300, currency="usd")
+    accounts_for(org, AccountKind.EXPIRY)
+    sweep_at = timezone.now() + timedelta(minutes=20)
+    errors: list = []
+    _no_deadlock_retries(monkeypatch)
+    real_trim = subscriptions.credits_trim_with_listings
+    swept = threading.Thread(
+        name="sweep",
+        target=lambda: _on_own_connection(lambda: credits_expire(now=sweep_at), errors),
+    )
+
+    def sweep_first(**kwargs):
+        swept.start()
+        wait_until(
+            lambda: not swept.is_alive() or _lock_waiters() > 0,
+            what="the sweep to run or wait for the rollover",
+        )
+        return real_trim(**kwargs)
+
+    monkeypatch.setattr(subscriptions, "credits_trim_with_listings", sweep_first)
+
+    # when: the period rolls over (the sweep expires the escrow lot meanwhile: it locks the
+    # escrow, and its expiry's foreign key to the organization is checked at COMMIT)
+    try:
+        roll(stripe_sub)
+    except Exception as exc:
+        errors.append(exc)
+    swept.join(timeout=120)
+
+    # then: no deadlock: the sweep did its work (it logs and skips an account that fails),
+    # then the rollover capped what was left at 100
+    assert errors == []
+    assert not CreditLot.objects.filter(
+        organization=org, remaining__gt=0, expires_at__lte=sweep_at, account__kind="escrow"
+    ).exists()
+    assert CreditLot.objects.filter(
+        organization=org, source="subscription", remaining__gt=0, expires_at__gt=sweep_at
+    ).aggregate(s=Sum("remaining"))["s"] == credits(100)
+    assert ledger_reconcile().ok
