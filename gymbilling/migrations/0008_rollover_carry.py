@@ -8,7 +8,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0005_apikey_creator_protected'),
-        ('gymbilling', '0006_market_reinstatement'),
+        ('gymbilling', '0007_plan_max_priority_known'),
         ('metering', '0010_hold_placed_at_the_placements_clock'),
     ]
 
