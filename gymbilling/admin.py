@@ -10,6 +10,7 @@ from gymbilling.models import (
     OverageReport,
     PaymentReversal,
     Plan,
+    RolloverCarry,
     StripeEvent,
     StripePrice,
     Subscription,
@@ -160,6 +161,16 @@ class PaymentReversalAdmin(ReadOnlyAdmin):
         "reinstated_at",
     ]
     list_filter = ["kind", ("reinstated_at", admin.EmptyFieldListFilter)]
+
+
+@admin.register(RolloverCarry)
+class RolloverCarryAdmin(ReadOnlyAdmin):
+    """Why credits expired as they came back (a released order, a won dispute): the cap a
+    period's rollover left unused, and what was away when it counted."""
+
+    list_display = ["key", "organization", "headroom", "memo", "created_at"]
+    search_fields = ["key", "organization__slug"]
+    list_select_related = ["organization"]
 
 
 # --- the credit marketplace (read-only: every change goes through its services) --------
