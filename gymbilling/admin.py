@@ -1,10 +1,20 @@
 """Finance and staff: plans and packs are edited here; what Stripe told us is
 read-only; failed webhook events can be replayed."""
 
-from django.contrib import admin, messages
+import uuid
 
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+
+from accounts.errors import ApplicationError
+from gymbilling import stripe_client
 from gymbilling.models import (
     BillingCustomer,
+    CheckoutSession,
     CreditPack,
     Invoice,
     OverageReport,
@@ -16,6 +26,7 @@ from gymbilling.models import (
     Subscription,
 )
 from gymbilling.services import stripe_event_process
+from gymbilling.services.refunds import payment_refund
 from metering.admin import AccountBalanceAdmin, ReadOnlyAdmin
 
 
@@ -85,8 +96,117 @@ class SubscriptionAdmin(ReadOnlyAdmin):
     search_fields = ["stripe_subscription_id", "organization__slug"]
 
 
+class RefundForm(forms.Form):
+    amount = forms.IntegerField(
+        required=False,
+        min_value=1,
+        help_text="In the payment's minor units (cents for usd: 1200 is $12.00). Blank: all "
+        "that is left to refund.",
+    )
+    note = forms.CharField(
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="Why, for the ledger's readers and the customer's audit log.",
+    )
+    # Drawn with the form and kept when it comes back with an error: sending it again
+    # (a double click, a retry after Stripe did not answer) is the same refund at Stripe.
+    key = forms.CharField(widget=forms.HiddenInput, max_length=64)
+
+
+class RefundAdminMixin:
+    """A "Refund" page for rows that record a customer's payment (`stripe_payment_intent_id`):
+    finance refund at Stripe, and the refund's clawback is applied at once
+    (gymbilling.services.refunds). Staff need the permission gymbilling.refund_payment."""
+
+    change_form_template = "admin/gymbilling/refundable_change_form.html"
+
+    def get_urls(self):
+        opts = self.model._meta
+        refund = path(
+            "<int:object_id>/refund/",
+            self.admin_site.admin_view(self.refund_view),
+            name=f"{opts.app_label}_{opts.model_name}_refund",
+        )
+        return [refund, *super().get_urls()]
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        opts = self.model._meta
+        extra_context = {
+            **(extra_context or {}),
+            "refund_url_name": f"admin:{opts.app_label}_{opts.model_name}_refund",
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def refund_view(self, request, object_id: int):
+        if not request.user.has_perm("gymbilling.refund_payment"):
+            raise PermissionDenied
+        row = self.model.objects.select_related("organization").filter(pk=object_id).first()
+        if row is None or not row.stripe_payment_intent_id:
+            raise Http404("No payment to refund.")
+        opts = self.model._meta
+        back = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[row.pk])
+        form = RefundForm(request.POST or None, initial={"key": uuid.uuid4().hex})
+        if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
+            try:
+                refund = payment_refund(
+                    organization=row.organization,
+                    payment_intent_id=row.stripe_payment_intent_id,
+                    amount=data["amount"],
+                    note=data["note"],
+                    key=data["key"],
+                    actor=request.user,
+                )
+            except ApplicationError as exc:
+                form.add_error(None, f"{exc.message} ({exc.code})")
+            except stripe_client.StripeRequestRefused as exc:
+                form.add_error(None, f"Stripe refused the refund: {exc} ({exc.code})")
+            except stripe_client.StripeUnavailable:
+                form.add_error(
+                    None,
+                    "Stripe did not answer: the refund may or may not have been made. Send "
+                    "this form again; it is the same refund at Stripe, never a second one.",
+                )
+            else:
+                self.message_user(
+                    request,
+                    f"Refunded {refund.get('amount')} {refund.get('currency', '')} "
+                    f"({refund.get('id')}); the credits it bought are taken back.",
+                    messages.SUCCESS,
+                )
+                return HttpResponseRedirect(back)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Refund {row}",
+            "opts": opts,
+            "original": row,
+            "form": form,
+            "back": back,
+        }
+        return TemplateResponse(request, "admin/gymbilling/refund.html", context)
+
+
+@admin.register(CheckoutSession)
+class CheckoutSessionAdmin(RefundAdminMixin, ReadOnlyAdmin):
+    """Checkouts: subscriptions started, packs bought (refundable here)."""
+
+    list_display = [
+        "stripe_session_id",
+        "organization",
+        "kind",
+        "pack",
+        "status",
+        "amount_total",
+        "currency",
+        "created_at",
+    ]
+    list_filter = ["kind", "status"]
+    search_fields = ["stripe_session_id", "stripe_payment_intent_id", "organization__slug"]
+    list_select_related = ["organization", "pack"]
+
+
 @admin.register(Invoice)
-class InvoiceAdmin(ReadOnlyAdmin):
+class InvoiceAdmin(RefundAdminMixin, ReadOnlyAdmin):
     list_display = [
         "stripe_invoice_id",
         "organization",

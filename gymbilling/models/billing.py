@@ -471,6 +471,10 @@ class PaymentReversal(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [
+            # The admin's "Refund" (gymbilling.admin.RefundAdminMixin): money back at Stripe.
+            ("refund_payment", "Can refund a customer's payment at Stripe"),
+        ]
         indexes = [
             # The sweep's few rows among all reversals.
             models.Index(

@@ -1,0 +1,67 @@
+"""Refunds finance make (the admin's "Refund" on an invoice, a pack's or a market order's
+checkout): at Stripe, then applied here at once.
+
+The refund is Stripe's; what it does to credits is what any refund does
+(payment_reversal_apply, or the marketplace's handler): the unspent share
+clawed back, the spent share booked as a loss, reselling frozen. It is applied
+as soon as Stripe answers, through the same path and under the same key as its
+`charge.refunded` webhook, so whichever comes first applies it and the other
+finds it done.
+"""
+
+from __future__ import annotations
+
+from accounts.errors import ApplicationError
+from accounts.models import AuditEvent, Organization
+from accounts.services import audit_record
+from gymbilling import stripe_client
+from gymbilling.services.events import payment_reversals_refresh
+
+
+def payment_refund(
+    *,
+    organization: Organization,
+    payment_intent_id: str,
+    amount: int | None,
+    note: str,
+    key: str,
+    actor,
+) -> dict:
+    """Refund `amount` (minor units; None: all that is left) of a payment; returns Stripe's
+    refund. `key` makes it once: the same key again (a form sent twice, a retry after
+    Stripe did not answer) is the same refund at Stripe.
+
+    Raises StripeRequestRefused (nothing left to refund, more than is left) or
+    StripeUnavailable (nothing known to have happened: retry with the same key).
+    """
+    if not payment_intent_id:
+        raise ApplicationError(code="no_payment", message="This row has no payment to refund.")
+    if amount is not None and (isinstance(amount, bool) or amount <= 0):
+        raise ApplicationError(
+            code="invalid_amount", message="A refund is a positive amount.", param="amount"
+        )
+    if not note.strip():
+        raise ApplicationError(
+            code="reason_required", message="A refund needs a reason.", param="note"
+        )
+    params: dict = {
+        "payment_intent": payment_intent_id,
+        "reason": "requested_by_customer",
+        "metadata": {"gym_actor": getattr(actor, "email", ""), "gym_note": note[:500]},
+    }
+    if amount is not None:
+        params["amount"] = amount
+    refund = stripe_client.refund_create(key=f"gym-refund:{key}", **params)
+    recorded = AuditEvent.objects.filter(
+        organization=organization, action="payment.refunded", data__refund=refund.get("id")
+    )
+    if not recorded.exists():  # the same key again is the same refund: recorded once
+        audit_record(
+            organization=organization,
+            action="payment.refunded",
+            target=payment_intent_id,
+            actor_user=actor,
+            data={"refund": refund.get("id"), "amount": refund.get("amount"), "note": note[:500]},
+        )
+    payment_reversals_refresh(payment_intent_id=payment_intent_id)
+    return refund

@@ -1,0 +1,142 @@
+"""Finance refund a payment from the admin: at Stripe (the stand-in, over HTTP), and the
+credits it bought are taken back at once, before any webhook arrives."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client
+
+from accounts.models import AuditEvent
+from gymbilling import stripe_client
+from gymbilling.models import CheckoutSession, PaymentReversal
+from metering.models import MICRO
+from metering.selectors import organization_balance
+from metering.services import hold_capture, hold_place
+from tests.factories import UserFactory
+from tests.helpers import ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def bought_pack(customer, catalog, stripe_standin, deliver) -> CheckoutSession:
+    """A 1,000-credit pack ($12.00) bought through Checkout, 300 credits of it spent."""
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    deliver()
+    hold_place(organization=org, amount=300 * MICRO, key="job-1")
+    hold_capture(key="job-1", amount=300 * MICRO)
+    return CheckoutSession.objects.get(organization=org)
+
+
+def _key() -> str:
+    """A form's key, as the page draws it: unique (the stand-in outlives this test)."""
+    return uuid.uuid4().hex
+
+
+def _refund_url(checkout: CheckoutSession) -> str:
+    return f"/admin/gymbilling/checkoutsession/{checkout.pk}/refund/"
+
+
+def _refunded_at_stripe(checkout: CheckoutSession) -> int:
+    """What Stripe (the stand-in) has refunded of the checkout's payment, in cents."""
+    return stripe_client.payment_intent_charge(checkout.stripe_payment_intent_id)["amount_refunded"]
+
+
+def test_finance_refund_a_pack_and_its_unspent_credits_come_back_at_once(
+    admin_client, admin_user, bought_pack
+):
+    # when finance refund the whole payment from the checkout's page, and the form is
+    # sent a second time
+    org = bought_pack.organization
+    page = admin_client.get(f"/admin/gymbilling/checkoutsession/{bought_pack.pk}/change/")
+    form = {"note": "Customer asked within 14 days", "key": _key()}  # one form, sent twice
+    first = admin_client.post(_refund_url(bought_pack), form)
+    again = admin_client.post(_refund_url(bought_pack), form)
+
+    # then the page offered it, Stripe made one refund of $12.00, and without any webhook
+    # the 700 unspent credits are taken back, the 300 spent recorded as lost, and the
+    # customer's audit log says who refunded and why
+    assert _refund_url(bought_pack).encode() in page.content
+    assert first.status_code == again.status_code == 302
+    assert _refunded_at_stripe(bought_pack) == 1200
+    reversal = PaymentReversal.objects.get()
+    assert (reversal.kind, reversal.credits_clawed_back, reversal.credits_lost) == (
+        "refund",
+        700 * MICRO,
+        300 * MICRO,
+    )
+    assert organization_balance(organization=org).available == 0
+    [event] = AuditEvent.objects.filter(organization=org, action="payment.refunded")
+    assert event.actor_user == admin_user and event.data["note"] == "Customer asked within 14 days"
+
+
+def test_a_partial_refund_takes_back_its_share(admin_client, bought_pack):
+    # when finance refund $3.00 of the $12.00
+    response = admin_client.post(
+        _refund_url(bought_pack), {"amount": "300", "note": "Partial goodwill", "key": _key()}
+    )
+
+    # then a quarter of the 1,000 credits is taken back from the 700 unspent
+    assert response.status_code == 302, response.context["form"].errors
+    assert _refunded_at_stripe(bought_pack) == 300
+    reversal = PaymentReversal.objects.get()
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (250 * MICRO, 0)
+    assert organization_balance(organization=bought_pack.organization).available == 450 * MICRO
+
+
+def test_a_refund_stripe_refuses_is_shown_on_the_form_and_changes_nothing(
+    admin_client, bought_pack
+):
+    # given the ledger as it is
+    rows = ledger_rows()
+    balance = organization_balance(organization=bought_pack.organization)
+
+    # when finance ask for more than was paid
+    response = admin_client.post(
+        _refund_url(bought_pack), {"amount": "5000", "note": "Typo", "key": _key()}
+    )
+
+    # then the form says Stripe refused, and nothing was refunded or taken back
+    assert response.status_code == 200
+    assert "Stripe refused the refund" in " ".join(response.context["form"].non_field_errors())
+    assert _refunded_at_stripe(bought_pack) == 0
+    assert not PaymentReversal.objects.exists()
+    assert (ledger_rows(), organization_balance(organization=bought_pack.organization)) == (
+        rows,
+        balance,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [({"amount": "0"}, "amount"), ({"amount": "-5"}, "amount"), ({"note": " "}, "note")],
+)
+def test_a_malformed_refund_is_refused_on_the_form(admin_client, bought_pack, fields, field):
+    response = admin_client.post(_refund_url(bought_pack), {"note": "x", "key": _key(), **fields})
+
+    assert response.status_code == 200
+    assert field in response.context["form"].errors
+    assert _refunded_at_stripe(bought_pack) == 0
+
+
+def test_only_staff_allowed_to_refund_may(bought_pack):
+    # given staff who may view checkouts but not refund
+    viewer = UserFactory(is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_checkoutsession"))
+    client = Client()
+    client.force_login(viewer)
+
+    # when they open the refund page or post it
+    opened = client.get(_refund_url(bought_pack))
+    posted = client.post(_refund_url(bought_pack), {"note": "x", "key": _key()})
+    page = client.get(f"/admin/gymbilling/checkoutsession/{bought_pack.pk}/change/")
+
+    # then both are refused, the page offers no refund, and Stripe refunded nothing
+    assert (opened.status_code, posted.status_code) == (403, 403)
+    assert page.status_code == 200 and _refund_url(bought_pack).encode() not in page.content
+    assert _refunded_at_stripe(bought_pack) == 0
