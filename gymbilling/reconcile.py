@@ -1,5 +1,6 @@
 """Billing's reconciliation: each paid subscription invoice has exactly one grant,
-and each invoice grant a paid invoice.
+and each invoice grant a paid invoice; each wallet's claim is what its refunds and
+disputes have pending.
 
 `billing_ledger_checks` run inside `ledger_reconcile` (and after every test)
 over our own rows; `stripe_reconcile` asks Stripe itself.
@@ -49,6 +50,24 @@ def grants_without_paid_invoice() -> list[dict]:
     )
 
 
+def claims_not_pending() -> list[dict]:
+    """Wallets whose claim is not what the organization's refunds and disputes still wait
+    for (metering.services.ledger, "claims"): more locks up credits for nothing, less lets
+    new work spend refunded credits."""
+    return sql_rows(
+        """
+        SELECT w.organization_id, w.claimed, COALESCE(p.pending, 0) AS pending
+          FROM metering_ledgeraccount w
+          LEFT JOIN (SELECT organization_id, SUM(credits_pending) AS pending
+                       FROM gymbilling_paymentreversal
+                      WHERE credits_pending > 0
+                      GROUP BY organization_id) p
+            ON p.organization_id = w.organization_id
+         WHERE w.kind = 'wallet' AND w.claimed <> COALESCE(p.pending, 0)
+        """
+    )
+
+
 def billing_ledger_checks() -> None:
     register(
         "paid_invoice_granted",
@@ -58,6 +77,11 @@ def billing_ledger_checks() -> None:
     )
     register(
         "invoice_grant_paid", "every invoice grant has a paid invoice", grants_without_paid_invoice
+    )
+    register(
+        "wallet_claim_pending",
+        "each wallet's claim equals the credits its refunds and disputes still have pending",
+        claims_not_pending,
     )
 
 

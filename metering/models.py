@@ -81,6 +81,14 @@ class LedgerAccount(models.Model):
     # Never later than the truth (every new lot lowers it), so a hold placed
     # after it sweeps expired credits first and can never spend them.
     next_expiry_at = models.DateTimeField(null=True, blank=True)
+    # Wallets only: micro-credits that refunds and disputes still waiting on
+    # running work have set aside (metering.services.claims). Nothing the
+    # member starts may take them: a hold, a listing, a transfer needs
+    # `balance - claimed` (the hot path's placement checks it in the update
+    # it makes anyway). Equal to what those reversals have pending
+    # (reconcile); never negative. It may exceed the balance while the work
+    # still holds what it claims.
+    claimed = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -102,6 +110,10 @@ class LedgerAccount(models.Model):
             models.CheckConstraint(
                 condition=Q(non_negative=False) | Q(balance__gte=0),
                 name="ledger_account_non_negative_balance",
+            ),
+            models.CheckConstraint(
+                condition=Q(claimed=0) | Q(kind=AccountKind.WALLET, claimed__gt=0),
+                name="ledger_account_claim_on_wallets",
             ),
             models.CheckConstraint(
                 condition=(

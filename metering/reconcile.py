@@ -57,6 +57,15 @@ CHECKS: list[tuple[str, str, str]] = [
         """,
     ),
     (
+        "claims_on_wallets",
+        "only wallets carry a claim, and it is never negative",
+        """
+        SELECT id, kind, organization_id, claimed
+          FROM metering_ledgeraccount
+         WHERE claimed <> 0 AND (kind <> 'wallet' OR claimed < 0)
+        """,
+    ),
+    (
         "lot_movements",
         "each lot's remaining credits equal the sum of its movements, within 0..amount",
         """

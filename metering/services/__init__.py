@@ -2,8 +2,11 @@
 
 from metering.services.holds import hold_capture, hold_place, hold_release, holds_expire
 from metering.services.ledger import (
+    claim_drop,
+    claim_settle,
     clawbacks_reverse,
     credits_adjust,
+    credits_claim,
     credits_grant,
     credits_transfer,
     credits_trim,
@@ -25,8 +28,11 @@ from metering.services.usage import usage_record_create
 __all__ = [
     "Rates",
     "Usage",
+    "claim_drop",
+    "claim_settle",
     "clawbacks_reverse",
     "credits_adjust",
+    "credits_claim",
     "credits_expire",
     "credits_for_usage",
     "credits_grant",

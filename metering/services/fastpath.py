@@ -9,7 +9,7 @@ has none open, so no round trip happens while the wallet is locked.
 
 This is an optimisation of the common case only. Whenever anything is not
 ordinary (the organization's accounts are not open yet, the wallet is short
-or has lots due to expire, the key was used before, the hold is not
+(a pending refund's claim included) or has lots due to expire, the key was used before, the hold is not
 pending) the fast path writes nothing, or rolls back what it wrote, and
 returns None; the caller then runs the ORM path, which is the reference
 implementation and produces the right error, sweep or replay. The tests run
@@ -65,7 +65,9 @@ def _hold_from_row(row) -> Hold:
 
 # The placement: its common table expressions (the accounts, the journal
 # transaction, its entries), then the hold row. Every insert hangs off the
-# wallet's update, so a wallet that is short writes nothing.
+# wallet's update, so a wallet that is short writes nothing. Short means what
+# post() refuses: less than `amount` beyond what pending refunds and disputes
+# have claimed (`claimed`, read in the row this statement updates anyway).
 _PLACE_CTES = """
 WITH acct AS MATERIALIZED (
     SELECT max(id) FILTER (WHERE kind = 'wallet') AS wallet_id,
@@ -78,7 +80,7 @@ w AS (
        SET balance = a.balance - %(amount)s::bigint
       FROM acct
      WHERE a.id = acct.wallet_id
-       AND a.balance >= %(amount)s::bigint
+       AND a.balance - a.claimed >= %(amount)s::bigint
        AND (a.next_expiry_at IS NULL OR a.next_expiry_at > %(now)s::timestamptz)
     RETURNING a.id, a.balance
 ),

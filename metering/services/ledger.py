@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
@@ -688,3 +688,132 @@ def clawbacks_reverse(*, key: str, reason: str, organization: Organization, acto
             transaction_reverse(original=original, reason=reason, actor=actor)
         moved = LotMovement.objects.filter(transaction__in=taken).aggregate(total=Sum("amount"))
         return -(moved["total"] or 0)
+
+
+# --- claims: what pending reversals set aside --------------------------------------------
+#
+# A refund or dispute cannot take back credits that running work holds (its
+# capture burns them), so the reversal leaves them pending until that work
+# settles. When the work gives them back they land in the wallet, and the
+# reversal takes them from there a few seconds later (its beat task); a hold
+# placed in between would take them first, and the member would spend
+# refunded credits. So the reversal claims them on the wallet row as it
+# leaves them pending: every spend the member starts (a hold, on the fast
+# path too; a listing; a transfer) needs `balance - claimed`, while what
+# takes claimed credits back or expires them (spend=False) does not.
+#
+# The claim is conservative while the work runs: the pending credits are in
+# the holds account then, not in the wallet, yet the wallet's other credits
+# are short of the whole claim until the work settles and the next pending
+# settlement lowers it. Money first: a member with a refunded pack and a
+# running job on it may have to wait for that job (seconds, at most the hold
+# TTL) before spending other credits. A claim is only ever raised by what a
+# reversal records as pending and lowered by what it stops waiting for, in
+# the same transaction, so the wallet's claim is the sum of its reversals'
+# pending credits (gymbilling's reconcile checks it).
+#
+# What it does not do: the claim guards the wallet's balance, not which lots a
+# spend burns. Work the member starts on what the claim leaves them burns lots
+# in burn order, which may put the refunded lot first; what such work burns of
+# that lot before the settlement is booked as lost there, and the member keeps
+# as many of their own credits (README, refunds).
+
+_CLAIM_RAISE = """
+UPDATE metering_ledgeraccount SET claimed = claimed + %s WHERE id = %s AND kind = 'wallet'
+"""
+# GREATEST: a claim never goes below zero, even for a reversal recorded
+# pending before claims existed (reconcile names any such wallet).
+_CLAIM_LOWER = """
+UPDATE metering_ledgeraccount SET claimed = GREATEST(claimed - %s, 0)
+ WHERE id = %s AND kind = 'wallet'
+"""
+
+
+def _claim_update(sql: str, wallet: LedgerAccount, amount: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [amount, wallet.pk])
+
+
+def _wallet_unspent(*, wallet: LedgerAccount, lots: Q, now: datetime) -> int:
+    """Unexpired micro-credits left in the wallet's lots that `lots` selects (held ones too)."""
+    return (
+        CreditLot.objects.filter(lots, account=wallet, remaining__gt=0)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .aggregate(total=Sum("remaining"))["total"]
+        or 0
+    )
+
+
+def credits_claim(*, organization: Organization, lots: Q, amount: int) -> int:
+    """Set aside up to `amount` of what the wallet's `lots` still hold, for a reversal to wait on.
+
+    A refund or dispute calls it, in its transaction, right after its
+    clawback took all it could: what is left unspent in those lots is held
+    by running work. The claim is at most that, and is what the reversal
+    records as pending; returns it (0 claims nothing). Counted and claimed
+    under the wallet's row lock, which every settlement takes before it gives
+    credits back, so none can slip out between the two.
+    """
+    require_positive(amount)
+    now = timezone.now()
+    with transaction.atomic():
+        org_accounts, _ = accounts_for(organization)
+        wallet = org_accounts.wallet
+        accounts_lock(wallet)
+        claimed = min(amount, _wallet_unspent(wallet=wallet, lots=lots, now=now))
+        if claimed > 0:
+            _claim_update(_CLAIM_RAISE, wallet, claimed)
+        return claimed
+
+
+@retry_on_deadlock
+def claim_settle(
+    *,
+    organization: Organization,
+    lots: Q,
+    pending: int,
+    key: str,
+    memo: str,
+    placed_before: datetime,
+    now: datetime | None = None,
+) -> tuple[int, int]:
+    """Take back what a reversal left pending, as far as the work that held it has settled.
+
+    Takes up to `pending` from the wallet's `lots`, as `lot_clawback` does
+    under `clawback:<key>`, leaving what holds placed by `placed_before` (the
+    reversal's time) will burn: work started since shelters nothing (the
+    claim kept it off these credits). What is still unspent in the
+    lots after that is still held by that work and stays pending; the rest
+    (taken back, or spent or expired meanwhile: a loss for the caller) is no
+    longer claimed. One transaction with the caller's own record of it.
+    Returns (taken, still pending).
+    """
+    require_positive(pending, param="pending")
+    require_key(key)
+    now = now or timezone.now()
+    with transaction.atomic():
+        org_accounts, _ = accounts_for(organization)
+        wallet = org_accounts.wallet
+        taken = _wallet_withdraw(
+            organization=organization,
+            key=f"clawback:{key}",
+            fp=fingerprint(op="claim_settle", org=organization.pk, pending=pending),
+            kind=TransactionKind.ADJUSTMENT,
+            system_kind=AccountKind.ADJUSTMENTS,
+            lots=lots,
+            amount_for=lambda _in_lots, _balance: pending,
+            memo=memo,
+            holds_placed_before=placed_before,
+        )
+        # Under the wallet's row lock, which the withdrawal took.
+        still = min(pending - taken, _wallet_unspent(wallet=wallet, lots=lots, now=now))
+        if pending - still:
+            _claim_update(_CLAIM_LOWER, wallet, pending - still)
+        return taken, still
+
+
+def claim_drop(*, organization: Organization, amount: int) -> None:
+    """A reversal stops waiting for `amount` it left pending (a dispute won): unclaim it."""
+    require_positive(amount)
+    org_accounts, _ = accounts_for(organization)
+    _claim_update(_CLAIM_LOWER, org_accounts.wallet, amount)

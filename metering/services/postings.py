@@ -6,7 +6,8 @@ rules that keep money exact are enforced:
 - entries of one transaction sum to zero;
 - an organization account is updated with one conditional UPDATE
   (`... WHERE balance + delta >= 0`), so two racing debits can never overdraw
-  it, and never after reading a stale balance;
+  it, and never after reading a stale balance; a spend from a wallet also
+  leaves what pending reversals claimed (`>= claimed`, same statement);
 - accounts are locked in primary-key order, so two transactions touching the
   same accounts cannot deadlock each other through the accounts.
 """
@@ -236,11 +237,15 @@ def idempotent(
 
 # --- postings ------------------------------------------------------------------
 
+# The wallet's claim binds spends only (`claim_bound`): credits may always
+# arrive, and the sweeps and clawbacks (spend=False) are what takes claimed
+# credits or expires them. The fast path's placement checks the same
+# (fastpath._PLACE_CTES).
 _UPDATE_CHECKED = """
 UPDATE metering_ledgeraccount
    SET balance = balance + %s
  WHERE id = %s
-   AND balance + %s >= 0
+   AND balance + %s >= CASE WHEN %s THEN claimed ELSE 0 END
    AND (%s OR next_expiry_at IS NULL OR next_expiry_at > %s)
 RETURNING balance
 """
@@ -260,6 +265,9 @@ def post(
     would go negative; the caller's atomic block then undoes everything.
     A debit of a wallet whose lots are due to expire first sweeps them, so
     expired credits can never be spent; `spend=False` is for the sweep itself.
+    A spend from a wallet cannot take what pending refunds and disputes
+    claimed (`LedgerAccount.claimed`): `insufficient_credits` too;
+    `spend=False` is also for the clawbacks that take those credits back.
     """
     merged: dict[int, int] = {}
     accounts: dict[int, LedgerAccount] = {}
@@ -294,9 +302,12 @@ def _apply(account: LedgerAccount, amount: int, *, now: datetime, spend: bool) -
     expiry_free = not (
         spend and amount < 0 and account.kind in (AccountKind.WALLET, AccountKind.ESCROW)
     )
+    claim_bound = spend and amount < 0 and account.kind == AccountKind.WALLET
     for attempt in range(2):
         with connection.cursor() as cursor:
-            cursor.execute(_UPDATE_CHECKED, [amount, account.pk, amount, expiry_free, now])
+            cursor.execute(
+                _UPDATE_CHECKED, [amount, account.pk, amount, claim_bound, expiry_free, now]
+            )
             row = cursor.fetchone()
         if row is not None:
             account.balance = row[0]
@@ -312,15 +323,23 @@ def _apply(account: LedgerAccount, amount: int, *, now: datetime, spend: bool) -
             expiry_free = True
             continue
         break
+    claimed = locked.claimed if claim_bound else 0
+    available = max(0, locked.balance - claimed)
+    aside = (
+        f" A refunded or disputed payment has set {amount_display(claimed)} credits aside "
+        "until the work holding them ends."
+        if claimed
+        else ""
+    )
     raise ApplicationError(
         code="insufficient_credits",
         message=(
             f"Not enough credits: this needs {amount_display(-amount)} credits and "
-            f"{amount_display(locked.balance)} are available. Buy a credit pack or wait for "
+            f"{amount_display(available)} are available.{aside} Buy a credit pack or wait for "
             "pending work to finish."
         ),
         status=402,
-        extra={"required": -amount, "available": locked.balance},
+        extra={"required": -amount, "available": available},
     )
 
 

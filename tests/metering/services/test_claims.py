@@ -1,0 +1,205 @@
+"""A wallet's claim (credits_claim, claim_settle, claim_drop): what a pending refund or
+dispute set aside no spend the member starts may take, on either placement path, and
+the claim goes as the reversal settles.
+
+gymbilling's reversals are what claim in production (tests/gymbilling/billing and
+market); here the services are driven directly. Each test ends with nothing claimed:
+the reconcile run after it compares every claim with the reversals' pending credits.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.db.models import Q
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from metering.models import LedgerAccount
+from metering.reconcile import ledger_reconcile
+from metering.selectors import organization_balance
+from metering.services import (
+    claim_drop,
+    claim_settle,
+    credits_adjust,
+    credits_claim,
+    credits_transfer,
+    hold_capture,
+    hold_place,
+    hold_release,
+)
+from tests.helpers import credits, ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(params=[True, False], ids=["sql", "orm"])
+def fast_path(request, settings) -> bool:
+    settings.METERING_FAST_PATH = request.param  # the placement statement and post() agree
+    return request.param
+
+
+def wallet_claim(org) -> int:
+    return LedgerAccount.objects.get(organization=org, kind="wallet").claimed
+
+
+def claimed_under_a_running_job(org, grant, *, own_priority: int = 100):
+    """A 100-credit pack a running job holds all of, claimed by a refund; 30 credits of the
+    member's own that never expire (burned after the pack, unless `own_priority` says
+    before)."""
+    pack = grant(org, credits(100), source="pack", resellable=False)
+    hold_place(organization=org, amount=credits(100), key="job-old")
+    grant(
+        org,
+        credits(30),
+        source="promotion",
+        paid=False,
+        resellable=False,
+        expires_at=None,
+        priority=own_priority,
+    )
+    refunded_at = timezone.now()
+    assert credits_claim(organization=org, lots=Q(pk=pack.pk), amount=credits(100)) == credits(100)
+    return pack, refunded_at
+
+
+def refused(call) -> ApplicationError:
+    rows = ledger_rows()
+    with pytest.raises(ApplicationError) as exc:
+        call()
+    assert ledger_rows() == rows
+    assert (exc.value.code, exc.value.status) == ("insufficient_credits", 402)
+    return exc.value
+
+
+def test_no_hold_takes_claimed_credits_the_work_gave_back(org, grant, fast_path):
+    # given
+    pack, refunded_at = claimed_under_a_running_job(org, grant)
+    assert wallet_claim(org) == credits(100)
+
+    # then: while the job runs, the member's own 30 are short of the claim too
+    assert refused(
+        lambda: hold_place(organization=org, amount=credits(1), key="job-meanwhile")
+    ).extra == {"required": credits(1), "available": 0}
+
+    # when: the job gives all back
+    hold_release(key="job-old")
+
+    # then: 130 in the wallet, of which a hold may take the member's 30 only
+    assert organization_balance(organization=org).available == credits(130)
+    error = refused(lambda: hold_place(organization=org, amount=credits(31), key="job-new"))
+    assert error.extra == {"required": credits(31), "available": credits(30)}
+    assert "set 100 credits aside" in error.message
+
+    # when: the refund settles what is pending
+    taken, still = claim_settle(
+        organization=org,
+        lots=Q(pk=pack.pk),
+        pending=credits(100),
+        key="refund-1:pending",
+        memo="refund",
+        placed_before=refunded_at,
+    )
+
+    # then: all 100 came back, nothing is claimed, and the member's 30 can be held
+    assert (taken, still) == (credits(100), 0)
+    assert wallet_claim(org) == 0
+    hold_place(organization=org, amount=credits(30), key="job-own")
+    assert organization_balance(organization=org).held == credits(30)
+
+
+def test_transfers_and_adjustments_cannot_take_claimed_credits(org, other_org, grant):
+    # given: a claimed pack its job gave back, and the member's own 30, burned
+    # before the pack (the claim guards the balance, not which lots a spend
+    # burns: README, refunds)
+    pack, refunded_at = claimed_under_a_running_job(org, grant, own_priority=10)
+    hold_release(key="job-old")
+
+    # then: moving or removing more than the member's own 30 is refused too
+    refused(
+        lambda: credits_transfer(
+            source=org, destination=other_org, amount=credits(31), key="give-away"
+        )
+    )
+    refused(
+        lambda: credits_adjust(organization=org, amount=-credits(31), reason="fix", key="fix-1")
+    )
+    credits_transfer(source=org, destination=other_org, amount=credits(30), key="give-own")
+
+    # and the claim settles the same
+    assert claim_settle(
+        organization=org,
+        lots=Q(pk=pack.pk),
+        pending=credits(100),
+        key="refund-1:pending",
+        memo="refund",
+        placed_before=refunded_at,
+    ) == (credits(100), 0)
+    assert wallet_claim(org) == 0
+
+
+def test_the_claim_waits_for_running_work_and_lets_go_of_what_it_spent(org, grant, fast_path):
+    # given: a claimed pack a job still holds
+    pack, refunded_at = claimed_under_a_running_job(org, grant)
+
+    def settle(pending: int) -> tuple[int, int]:
+        return claim_settle(
+            organization=org,
+            lots=Q(pk=pack.pk),
+            pending=pending,
+            key=f"refund-1:pending:{pending}",
+            memo="refund",
+            placed_before=refunded_at,
+        )
+
+    # when: the refund settles while the job runs
+    # then: nothing comes back and all stays claimed
+    assert settle(credits(100)) == (0, credits(100))
+    assert wallet_claim(org) == credits(100)
+
+    # when: the job uses 40 and gives 60 back, and the refund settles again
+    hold_capture(key="job-old", amount=credits(40))
+    assert settle(credits(100)) == (credits(60), 0)
+
+    # then: the 60 came back; the 40 spent are no longer claimed either
+    assert wallet_claim(org) == 0
+    assert organization_balance(organization=org).available == credits(30)
+    assert ledger_reconcile().ok
+
+
+def test_a_claim_that_outlives_its_reversal_is_reported_and_can_be_dropped(org, grant):
+    # given: a claim no refund or dispute has pending (a claim made by hand)
+    claimed_under_a_running_job(org, grant)
+
+    # when
+    report = ledger_reconcile()
+
+    # then: reconcile names the wallet
+    flagged = [v for v in report.violations if v.check == "wallet_claim_pending"]
+    assert [
+        (r["organization_id"], r["claimed"], r["pending"]) for v in flagged for r in v.rows
+    ] == [(org.pk, credits(100), 0)]
+
+    # when: it is dropped, then dropped again (it never goes below zero)
+    claim_drop(organization=org, amount=credits(100))
+    claim_drop(organization=org, amount=credits(1))
+
+    # then
+    assert wallet_claim(org) == 0
+    assert ledger_reconcile().ok
+    hold_release(key="job-old")
+
+
+def test_a_claim_only_counts_what_the_lots_still_hold(org, grant):
+    # given: a 100-credit pack, 70 of it spent, 20 held by a running job
+    pack = grant(org, credits(100), source="pack", resellable=False)
+    hold_place(organization=org, amount=credits(70), key="job-spent")
+    hold_capture(key="job-spent", amount=credits(70))
+    hold_place(organization=org, amount=credits(20), key="job-running")
+
+    # when: a refund would claim all 100
+    claimed = credits_claim(organization=org, lots=Q(pk=pack.pk), amount=credits(100))
+
+    # then: only the 30 the lot still has are claimed
+    assert claimed == credits(30)
+    assert wallet_claim(org) == credits(30)
+    claim_drop(organization=org, amount=claimed)
