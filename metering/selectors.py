@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, QuerySet, Sum
 from django.db.models import F as models_F
 from django.db.models.functions import TruncDay
 from django.utils import timezone
@@ -91,23 +91,6 @@ def lot_family_ids(lot: CreditLot) -> list[int]:
     with connection.cursor() as cursor:
         cursor.execute(_LOT_FAMILY, [lot.pk])
         return [pk for (pk,) in cursor.fetchall()]
-
-
-def lot_family_unspent(*, lot: CreditLot, now: datetime | None = None) -> int:
-    """Micro-credits of the lot and its family still unspent and unexpired in its
-    organization's wallet (pending holds' included: lots count held credits)."""
-    now = now or timezone.now()
-    return (
-        CreditLot.objects.filter(
-            pk__in=lot_family_ids(lot),
-            account__organization=lot.organization_id,
-            account__kind=AccountKind.WALLET,
-            remaining__gt=0,
-        )
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-        .aggregate(total=Sum("remaining"))["total"]
-        or 0
-    )
 
 
 def organization_entries(*, organization: Organization) -> QuerySet:

@@ -27,8 +27,15 @@ from gymbilling.models import (
     PaymentReversal,
 )
 from metering.models import CreditLot, JournalTransaction, LotSource
-from metering.selectors import lot_family_unspent
-from metering.services import clawbacks_reverse, credits_grant, lot_clawback
+from metering.selectors import lot_family_ids
+from metering.services import (
+    claim_drop,
+    claim_settle,
+    clawbacks_reverse,
+    credits_claim,
+    credits_grant,
+    lot_clawback,
+)
 
 
 def checkout_session_mirror(*, session: dict) -> CheckoutSession | None:
@@ -169,8 +176,13 @@ def payment_reversal_apply(
                 lot_clawback(lot=lot, amount=due, key=key, memo=reason, family=True) if due else 0
             )
             # What is still unspent now is held by running work (a clawback
-            # takes all it may otherwise): it waits for that work to settle.
-            pending = min(due - clawed, lot_family_unspent(lot=lot)) if due > clawed else 0
+            # takes all it may otherwise): it waits for that work to settle,
+            # claimed on the wallet so that no new work takes it meanwhile.
+            pending = (
+                credits_claim(organization=organization, lots=_lot_family(lot), amount=due - clawed)
+                if due > clawed
+                else 0
+            )
             PaymentReversal.objects.filter(pk=reversal.pk).update(
                 credits_clawed_back=clawed,
                 credits_pending=pending,
@@ -180,6 +192,11 @@ def payment_reversal_apply(
         return PaymentReversal.objects.filter(key=key).first()
     reversal.refresh_from_db()
     return reversal
+
+
+def _lot_family(lot: CreditLot) -> Q:
+    """The lot a payment bought and those split from it (what went to escrow and came back)."""
+    return Q(pk__in=lot_family_ids(lot))
 
 
 def _credits_reversed(reversal: PaymentReversal) -> int:
@@ -194,7 +211,7 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
     The credits it took back return to the lots they were taken from (its
     clawbacks are reversed: same source, paid and resellable flags, expiry);
     what it left pending stops being pending (still in the wallet, the
-    customer's again); what it recorded as lost was spent and stays spent, but
+    customer's again, and no longer claimed); what it recorded as lost was spent and stays spent, but
     is no loss any more: the money came back. The resale freeze stays until
     finance lifts it. Once per reversal: a replay returns the reinstated row;
     None when no reversal has this key (the dispute was never applied here).
@@ -237,6 +254,8 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
             reason=f"{reversal.kind} of {reversal.stripe_charge_id} won: funds reinstated",
             organization=reversal.organization,
         )
+        if reversal.credits_pending:
+            claim_drop(organization=reversal.organization, amount=reversal.credits_pending)
         rollover_reinstate_trim(
             organization=reversal.organization,
             carries=carries,
@@ -260,10 +279,11 @@ def payment_reversals_pending_settle(*, now: datetime | None = None) -> int:
     A reversal that came while jobs held the payment's credits could not take
     them from under the jobs (their captures burn them). Every 10 seconds, each
     such reversal takes back what has come back to the wallet since (work
-    started after the reversal shelters nothing); what the work spent, or
-    what expired meanwhile, is a loss. Every hold ends within the hold TTL
-    (the sweep's), so each reversal is done within about that. Returns the
-    micro-credits taken back.
+    started after the reversal shelters nothing, and the reversal's claim on
+    the wallet kept it from holding them: metering's `claim_settle`); what the
+    work spent, or what expired meanwhile, is a loss. Every hold ends within
+    the hold TTL (the sweep's), so each reversal is done within about that.
+    Returns the micro-credits taken back.
     """
     now = now or timezone.now()
     taken = 0
@@ -277,22 +297,21 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
         reversal = PaymentReversal.objects.select_for_update().get(pk=reversal_id)
         if reversal.credits_pending <= 0:
             return 0
-        grant, _ = _grant_for_payment(reversal.stripe_payment_intent_id)
+        grant, organization = _grant_for_payment(reversal.stripe_payment_intent_id)
         lot = grant.created_lots.order_by("pk").first()
         pending = reversal.credits_pending
         # Keyed by what is pending: a take that moved credits changes it, and
         # one that moved nothing wrote nothing, so its key is free again.
-        taken = lot_clawback(
-            lot=lot,
-            amount=pending,
+        taken, still = claim_settle(
+            organization=organization,
+            lots=_lot_family(lot),
+            pending=pending,
             key=f"{reversal.key}:pending:{pending}",
             memo=f"{reversal.kind} of {reversal.stripe_charge_id}, once running work settled",
-            family=True,
             # Work started since cannot shelter them: it burns other lots.
-            holds_placed_before=reversal.created_at,
+            placed_before=reversal.created_at,
+            now=now,
         )
-        # Still unspent: held by work of that time, or a wallet all held.
-        still = min(pending - taken, lot_family_unspent(lot=lot, now=now))
         PaymentReversal.objects.filter(pk=reversal.pk).update(
             credits_clawed_back=F("credits_clawed_back") + taken,
             credits_lost=F("credits_lost") + (pending - taken - still),

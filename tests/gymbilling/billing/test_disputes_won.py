@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 
+from accounts.errors import ApplicationError
 from gymbilling.models import BillingCustomer, PaymentReversal, StripeEvent
 from gymbilling.reconcile import stripe_reconcile
 from gymbilling.services import payment_reversals_pending_settle, stripe_event_process
-from metering.models import MICRO, CreditLot
+from metering.models import MICRO, CreditLot, LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place, hold_release
@@ -33,6 +34,10 @@ def invoice_charge(sub, stripe_sdk) -> str:
     intent = stripe_sdk.v1.payment_intents.retrieve(sub.invoices.get().stripe_payment_intent_id)
     charge = intent.latest_charge
     return charge if isinstance(charge, str) else charge.id
+
+
+def wallet_claim(org) -> int:
+    return LedgerAccount.objects.get(organization=org, kind="wallet").claimed
 
 
 def taken_pending_lost_back(reversal: PaymentReversal) -> tuple[int, int, int, int]:
@@ -117,6 +122,43 @@ def test_a_won_dispute_stops_taking_back_what_running_work_held(
     assert payment_reversals_pending_settle() == 0
     assert organization_balance(organization=org).available == 1_500 * MICRO
     assert taken_pending_lost_back(reversal) == (1_200 * MICRO, 0, 0, 1_200 * MICRO)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_a_won_dispute_drops_the_claim_on_what_running_work_gave_back(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, settings, fast_path
+):
+    settings.METERING_FAST_PATH = fast_path  # the placement statement and post() agree
+    # given: Basic, 500 spent, and a job holding 300 when the charge is
+    # disputed: the 300 pending, claimed on the wallet; then the job ends
+    # without using them
+    sub = subscribed("basic")
+    org = customer.organization
+    spend(org, 500 * MICRO, key="job-1")
+    hold_place(organization=org, amount=300 * MICRO, key="job-2")
+    dispute = stripe_standin.dispute(invoice_charge(sub, stripe_sdk))
+    deliver()
+    hold_release(key="job-2")
+    assert wallet_claim(org) == 300 * MICRO
+    with pytest.raises(ApplicationError) as refused:
+        hold_place(organization=org, amount=300 * MICRO, key="job-3")
+    assert refused.value.code == "insufficient_credits"
+
+    # when: the gym wins the dispute
+    stripe_standin.close_dispute(dispute["id"], status="won")
+    deliver()
+
+    # then: nothing is claimed any more, and all 1,500 unspent credits can be held
+    assert wallet_claim(org) == 0
+    assert taken_pending_lost_back(PaymentReversal.objects.get()) == (
+        1_200 * MICRO,
+        0,
+        0,
+        1_200 * MICRO,
+    )
+    hold_place(organization=org, amount=1_500 * MICRO, key="job-4")
+    assert payment_reversals_pending_settle() == 0
+    assert ledger_reconcile().ok
 
 
 def test_a_dispute_won_before_its_events_were_processed_moves_nothing(

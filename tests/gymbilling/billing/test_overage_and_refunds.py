@@ -10,6 +10,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
+from accounts.errors import ApplicationError
 from gymbilling import stripe_client
 from gymbilling.models import (
     BillingCustomer,
@@ -27,10 +28,11 @@ from gymbilling.services import (
 )
 from gymbilling.services.invoices import invoice_payment_intent_id, invoice_sync
 from gymbilling.services.overage import meter_timestamp, overage_used_at
-from metering.models import MICRO, CreditLot, JournalTransaction
+from metering.models import MICRO, CreditLot, JournalTransaction, LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place, hold_release
+from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -409,12 +411,70 @@ def test_refunded_credits_a_job_held_come_back_as_it_settles(
     assert payment_reversals_pending_settle() == 0
 
 
-def test_work_started_after_a_refund_does_not_shelter_the_refunded_credits(
-    customer, catalog, stripe_standin, stripe_sdk, deliver
+def wallet_claim(org) -> int:
+    return LedgerAccount.objects.get(organization=org, kind="wallet").claimed
+
+
+def refused_hold(org, credits: int, key: str) -> ApplicationError:
+    """A hold the ledger must refuse; nothing of it written."""
+    rows = ledger_rows()
+    with pytest.raises(ApplicationError) as refused:
+        hold_place(organization=org, amount=credits, key=key)
+    assert ledger_rows() == rows
+    assert (refused.value.code, refused.value.status) == ("insufficient_credits", 402)
+    return refused.value
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_refunded_credits_a_job_gave_back_cannot_be_held_again_before_the_sweep_takes_them(
+    customer, catalog, stripe_standin, stripe_sdk, deliver, grant, settings, fast_path
 ):
-    # given: a refunded pack a running job held, and then, once that job gave
-    # all back, a new job holding half of it
-    org = refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+    settings.METERING_FAST_PATH = fast_path  # the placement statement and post() agree
+    # given: 200 credits of the member's own that never expire (burned after
+    # the pack), then a refunded pack whose every credit a running job holds
+    org = customer.organization
+    grant(org, 200 * MICRO, source="promotion", paid=False, resellable=False, expires_at=None)
+    refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+    reversal = PaymentReversal.objects.get()
+    assert taken_pending_lost(reversal) == (0, 1_000 * MICRO, 0)
+
+    # then: the wallet claims the 1,000 pending credits; while the job runs,
+    # the member's own 200 are short of that claim too (it is conservative)
+    assert wallet_claim(org) == 1_000 * MICRO
+    assert refused_hold(org, 1 * MICRO, key="job-meanwhile").extra["available"] == 0
+
+    # when: the job ends without using them: they are back in the wallet
+    hold_release(key="job-running")
+    assert organization_balance(organization=org).available == 1_200 * MICRO
+
+    # then: before the sweep runs, no new hold can take them, only the 200
+    assert refused_hold(org, 1_000 * MICRO, key="job-after").extra["available"] == 200 * MICRO
+    refused_hold(org, 201 * MICRO, key="job-after")
+    assert ledger_reconcile().ok
+
+    # when: the sweep runs
+    taken = payment_reversals_pending_settle()
+
+    # then: all 1,000 came back, none lost, the claim is gone, and the
+    # member's own 200 can be held and spent
+    reversal.refresh_from_db()
+    assert taken == 1_000 * MICRO
+    assert taken_pending_lost(reversal) == (1_000 * MICRO, 0, 0)
+    assert wallet_claim(org) == 0
+    spend(org, 200 * MICRO, key="job-own")
+    assert organization_balance(organization=org).total == 0
+    assert payment_reversals_pending_settle() == 0
+
+
+def test_work_started_after_a_refund_does_not_shelter_the_refunded_credits(
+    customer, catalog, stripe_standin, stripe_sdk, deliver, grant
+):
+    # given: a refunded pack a running job held, 500 of the member's own
+    # credits that never expire, and a job started after the refund, while the
+    # first still ran, holding those 500
+    org = customer.organization
+    refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+    grant(org, 500 * MICRO, source="promotion", paid=False, resellable=False, expires_at=None)
     hold_release(key="job-running")
     hold_place(organization=org, amount=500 * MICRO, key="job-after")
 
@@ -423,11 +483,13 @@ def test_work_started_after_a_refund_does_not_shelter_the_refunded_credits(
     hold_capture(key="job-after", amount=500 * MICRO)
     second = payment_reversals_pending_settle()
 
-    # then: the free half came back at once, the half the new job spent is lost
+    # then: the whole pack came back at once (the new job sheltered none of
+    # it: its capture burned the member's own credits), nothing lost
     reversal = PaymentReversal.objects.get()
-    assert (first, second) == (500 * MICRO, 0)
-    assert taken_pending_lost(reversal) == (500 * MICRO, 0, 500 * MICRO)
+    assert (first, second) == (1_000 * MICRO, 0)
+    assert taken_pending_lost(reversal) == (1_000 * MICRO, 0, 0)
     assert organization_balance(organization=org).total == 0
+    assert CreditLot.objects.get(organization=org, source="promotion").remaining == 0
 
 
 def test_a_dispute_inquiry_moves_nothing(customer, subscribed, stripe_standin, stripe_sdk):
