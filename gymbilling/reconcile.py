@@ -58,9 +58,15 @@ def claims_not_pending() -> list[dict]:
         """
         SELECT w.organization_id, w.claimed, COALESCE(p.pending, 0) AS pending
           FROM metering_ledgeraccount w
-          LEFT JOIN (SELECT organization_id, SUM(credits_pending) AS pending
-                       FROM gymbilling_paymentreversal
-                      WHERE credits_pending > 0
+          LEFT JOIN (SELECT organization_id, SUM(pending) AS pending
+                       FROM (SELECT organization_id, credits_pending AS pending
+                               FROM gymbilling_paymentreversal
+                              WHERE credits_pending > 0
+                             UNION ALL
+                             SELECT o.buyer_id, r.credits_pending
+                               FROM gymbilling_marketreversal r
+                               JOIN gymbilling_marketorder o ON o.id = r.order_id
+                              WHERE r.credits_pending > 0) reversals
                       GROUP BY organization_id) p
             ON p.organization_id = w.organization_id
          WHERE w.kind = 'wallet' AND w.claimed <> COALESCE(p.pending, 0)

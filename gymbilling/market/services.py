@@ -59,7 +59,14 @@ from gymbilling.models import (
     ProceedsState,
 )
 from metering.models import AccountKind, CreditLot, LotSource
-from metering.services import clawbacks_reverse, credits_trim, lot_clawback
+from metering.services import (
+    claim_drop,
+    claim_settle,
+    clawbacks_reverse,
+    credits_claim,
+    credits_trim,
+    lot_clawback,
+)
 from metering.services.ledger import organization_account
 from metering.services.postings import accounts_lock, amount_display, retry_on_deadlock
 
@@ -1283,7 +1290,9 @@ def market_reversal_handle(
     Per fill, in order: the platform's fee share comes back from fees, the
     seller's share from their proceeds while not yet paid out, and what was
     already paid out is posted as a loss. The buyer's unspent credits of
-    that share are clawed back; spent ones are recorded as lost credits.
+    that share are clawed back; spent ones are recorded as lost credits;
+    those the buyer's running work holds are pending, claimed on the
+    buyer's wallet until that work settles (market_reversals_pending_settle).
     """
     intent = charge.get("payment_intent")
     if isinstance(intent, dict):
@@ -1345,6 +1354,7 @@ def _reversal_apply(
             "loss": 0,
             "credits_clawed_back": 0,
             "credits_lost": 0,
+            "credits_pending": 0,
         }
         left = new
         cur = order.currency
@@ -1405,6 +1415,18 @@ def _reversal_apply(
                     key=f"market:{key}:{fill.pk}:{lot.pk}",
                     memo=f"{kind} of marketplace order {order.pk}",
                 )
+            # What is still unspent of them now, running work holds (a
+            # clawback takes all it may otherwise): it waits for that work,
+            # claimed on the wallet so that no new work takes it meanwhile.
+            pending = (
+                credits_claim(
+                    organization=order.buyer,
+                    lots=_fill_lots([fill.settle_transaction_id]),
+                    amount=credit_target - clawed,
+                )
+                if credit_target > clawed
+                else 0
+            )
             MarketFill.objects.filter(pk=fill.pk).update(
                 refunded=after, seller_reversed=fill.seller_reversed + reversible
             )
@@ -1412,12 +1434,63 @@ def _reversal_apply(
             totals["seller_reversed"] += reversible
             totals["loss"] += loss
             totals["credits_clawed_back"] += clawed
-            totals["credits_lost"] += credit_target - clawed
+            totals["credits_pending"] += pending
+            totals["credits_lost"] += credit_target - clawed - pending
         MarketReversal.objects.filter(pk=reversal.pk).update(**totals)
         if new > 0:
             # Not for our own refund of an undelivered part: the buyer did nothing.
             resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
         return new > 0
+
+
+def _fill_lots(settle_transaction_ids: list[int]) -> Q:
+    """The buyer's lots that fills delivered (by the transactions that delivered them)."""
+    return Q(created_by_id__in=settle_transaction_ids)
+
+
+def market_reversals_pending_settle(*, now: datetime | None = None) -> int:
+    """Take back what marketplace refunds and disputes found held by the buyer's running work.
+
+    As payment_reversals_pending_settle does for packs and subscriptions
+    (metering's `claim_settle`): every 10 seconds, each such reversal takes
+    back what that work has given back since, and what it spent is a loss.
+    Returns the micro-credits taken back.
+    """
+    now = now or timezone.now()
+    taken = 0
+    for pk in MarketReversal.objects.filter(credits_pending__gt=0).values_list("pk", flat=True):
+        taken += _reversal_pending_settle(reversal_id=pk, now=now)
+    return taken
+
+
+@retry_on_deadlock
+def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
+    with transaction.atomic():
+        # The row a won dispute locks before it drops what is pending.
+        reversal = MarketReversal.objects.select_for_update().get(pk=reversal_id)
+        pending = reversal.credits_pending
+        if pending <= 0:
+            return 0
+        order = MarketOrder.objects.select_related("buyer").get(pk=reversal.order_id)
+        delivered = MarketFill.objects.filter(order=order, status=FillStatus.DELIVERED)
+        # Keyed by what is pending, as a pack's: a take that moved credits
+        # changes it; one that moved nothing wrote nothing.
+        taken, still = claim_settle(
+            organization=order.buyer,
+            lots=_fill_lots(list(delivered.values_list("settle_transaction_id", flat=True))),
+            pending=pending,
+            key=f"market:{reversal.key}:pending:{pending}",
+            memo=f"{reversal.kind} of marketplace order {order.pk}, once running work settled",
+            # Work started since cannot shelter them.
+            placed_before=reversal.created_at,
+            now=now,
+        )
+        MarketReversal.objects.filter(pk=reversal.pk).update(
+            credits_clawed_back=F("credits_clawed_back") + taken,
+            credits_lost=F("credits_lost") + (pending - taken - still),
+            credits_pending=still,
+        )
+        return taken
 
 
 # --- a dispute won ------------------------------------------------------------------------
@@ -1430,7 +1503,8 @@ def market_reinstatement_handle(*, key: str) -> bool:
     finds it reinstated): per fill, the fee share back to the platform's
     fees, the seller's share back to their proceeds, a loss booked for a
     share already paid out recovered; the buyer's credits taken back return
-    to their lots. The buyer's resale freeze stays: finance lifts it.
+    to their lots, and those still pending are no longer claimed. The
+    buyer's resale freeze stays: finance lifts it.
     """
     reversal = MarketReversal.objects.filter(key=key).first()
     if reversal is None:
@@ -1514,11 +1588,17 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
             reason=f"{reversal.kind} of marketplace order {order.pk} won: funds reinstated",
             organization=order.buyer,
         )
+        if reversal.credits_pending:
+            claim_drop(organization=order.buyer, amount=reversal.credits_pending)
         system = _system_accounts(order.currency)
         for fill in touched:
             _fill_reinstate(fill=fill, part=parts[fill.pk], key=reversal.key, system=system)
         MarketReversal.objects.filter(pk=reversal.pk).update(
-            reinstated_at=timezone.now(), credits_reinstated=given_back, loss=0, credits_lost=0
+            reinstated_at=timezone.now(),
+            credits_reinstated=given_back,
+            loss=0,
+            credits_lost=0,
+            credits_pending=0,
         )
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from gymbilling.market.services import listings_expire, orders_expire, payouts_run
+from gymbilling.market.services import (
+    listings_expire,
+    market_reversals_pending_settle,
+    orders_expire,
+    payouts_run,
+)
 
 
 @shared_task
@@ -20,3 +25,8 @@ def market_listings_expire_task() -> int:
 @shared_task
 def market_payouts_run_task() -> int:
     return payouts_run()
+
+
+@shared_task
+def market_reversals_pending_settle_task() -> int:
+    return market_reversals_pending_settle()

@@ -286,11 +286,15 @@ class MarketReversal(models.Model):
     from the sellers' proceeds not yet paid out, and `loss` (sellers' shares
     already paid out) is a loss, posted to the losses account. Of the
     credits: `credits_clawed_back` were unspent and taken back from the buyer,
-    `credits_lost` were already spent.
+    `credits_lost` were already spent, `credits_pending` were unspent but held
+    by the buyer's running work: claimed on the buyer's wallet, taken back as
+    that work settles, or lost if it spends them
+    (market_reversals_pending_settle).
 
     A dispute the gym wins is undone at `reinstated_at`: the money postings
     are reversed (reinstatement:<key>:<fill>), `credits_reinstated` went back
-    to the buyer, and nothing is a loss any more (`loss`, `credits_lost` 0);
+    to the buyer, and nothing is a loss or pending any more (`loss`,
+    `credits_lost`, `credits_pending` 0);
     `fee_reversed`, `seller_reversed`, `credits_clawed_back` stay, the history
     of what the dispute took.
     """
@@ -307,9 +311,20 @@ class MarketReversal(models.Model):
     loss = models.PositiveBigIntegerField(default=0)
     credits_clawed_back = models.PositiveBigIntegerField(default=0)
     credits_lost = models.PositiveBigIntegerField(default=0)
+    credits_pending = models.PositiveBigIntegerField(default=0)
     reinstated_at = models.DateTimeField(null=True, blank=True)
     credits_reinstated = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            # The pending sweep's few rows among all reversals.
+            models.Index(
+                fields=["created_at"],
+                condition=Q(credits_pending__gt=0),
+                name="market_reversal_pending",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.key} {self.amount}{self.currency} loss {self.loss}"

@@ -334,9 +334,10 @@ CELERY_BEAT_SCHEDULE |= {
         "schedule": timedelta(minutes=BILLING_OVERAGE_REPORT_MINUTES),
     },
     # Refunded or disputed credits that running work held: taken back as it
-    # settles. Often: between a job's end and this run, new work may hold them
-    # again (README, refunds). Usually no row is pending, and the query reads
-    # a partial index of those.
+    # settles. Often: until this run, the credits the work gave back sit in
+    # the wallet, claimed (no new work may hold them), and the member's other
+    # credits are short of that claim (README, refunds). Usually no row is
+    # pending, and the query reads a partial index of those.
     "billing-reversals-pending": {
         "task": "gymbilling.tasks.payment_reversals_pending_settle_task",
         "schedule": timedelta(seconds=10),
@@ -404,5 +405,10 @@ CELERY_BEAT_SCHEDULE |= {
     "market-payouts-run": {
         "task": "gymbilling.market.tasks.market_payouts_run_task",
         "schedule": crontab(minute=23),
+    },
+    # As billing-reversals-pending, for refunded marketplace purchases.
+    "market-reversals-pending": {
+        "task": "gymbilling.market.tasks.market_reversals_pending_settle_task",
+        "schedule": timedelta(seconds=10),
     },
 }

@@ -14,7 +14,11 @@ import pytest
 from django.utils import timezone
 
 from gymbilling import stripe_client
-from gymbilling.market.services import market_reversal_handle, payouts_run
+from gymbilling.market.services import (
+    market_reversal_handle,
+    market_reversals_pending_settle,
+    payouts_run,
+)
 from gymbilling.models import (
     BillingCustomer,
     EventStatus,
@@ -27,9 +31,10 @@ from gymbilling.models import (
 )
 from gymbilling.services import stripe_event_process
 from gymbilling.services.events import EventRetryLater
+from metering.models import LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import credits_adjust
+from metering.services import credits_adjust, hold_place, hold_release
 from tests.gymbilling.market.conftest import charge_for, money, sold
 from tests.helpers import credits, ledger_rows
 
@@ -269,3 +274,40 @@ def test_a_dispute_won_before_its_events_were_processed_moves_nothing(
     assert (ledger_rows(), MoneyTransaction.objects.count()) == rows
     assert not MarketReversal.objects.exists()
     assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is None
+
+
+def test_a_won_dispute_drops_the_claim_on_bought_credits_running_work_held(
+    market_stripe, seller, buyer, deliver
+):
+    # given: 100 credits bought, 60 of them held by the buyer's running job
+    # when the payment is disputed: 40 taken back, 60 pending and claimed;
+    # then the job ends without using them
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    hold_place(organization=buyer, amount=credits(60), key="job-running")
+    dispute = dispute_at_stripe(market_stripe, order)
+    assert deliver() == ["processed"]
+    hold_release(key="job-running")
+    reversal = MarketReversal.objects.get()
+    assert (reversal.credits_clawed_back, reversal.credits_pending) == (credits(40), credits(60))
+    assert wallet_claim(buyer) == credits(60)
+
+    # when: the gym wins it
+    market_stripe.standin.close_dispute(dispute, status="won")
+    assert deliver() == ["processed", "processed"]
+
+    # then: the 40 are back, nothing is pending or claimed, and all 100 can be held
+    reversal.refresh_from_db()
+    assert (reversal.credits_reinstated, reversal.credits_pending, reversal.credits_lost) == (
+        credits(40),
+        0,
+        0,
+    )
+    assert wallet_claim(buyer) == 0
+    hold_place(organization=buyer, amount=credits(100), key="job-after")
+    assert market_reversals_pending_settle() == 0
+    assert ledger_reconcile().ok
+
+
+def wallet_claim(org) -> int:
+    return LedgerAccount.objects.get(organization=org, kind="wallet").claimed

@@ -23,6 +23,7 @@ from gymbilling.market.services import (
     listings_expire,
     market_checkout_handle,
     market_reversal_handle,
+    market_reversals_pending_settle,
     order_create,
     orders_expire,
     payouts_run,
@@ -40,10 +41,10 @@ from gymbilling.models import (
     PayoutStatus,
 )
 from gymbilling.services.events import charge_refund_refresh, checkout_session_refresh
-from metering.models import MICRO, CreditLot, LotSource
+from metering.models import MICRO, CreditLot, LedgerAccount, LotSource
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import credits_grant
+from metering.services import credits_grant, hold_capture, hold_place
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
     charge_for,
@@ -743,6 +744,65 @@ def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, s
     assert MarketReversal.objects.count() == 1
     # nothing left to pay out
     assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
+
+
+def wallet_claim(org) -> int:
+    return LedgerAccount.objects.get(organization=org, kind="wallet").claimed
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_a_refund_waits_for_the_bought_credits_the_buyer_s_running_job_holds(
+    market_stripe, seller, buyer, settings, fast_path
+):
+    settings.METERING_FAST_PATH = fast_path  # the placement statement and post() agree
+    # given: 100 credits bought, 60 of them held by the buyer's running job
+    order = sold(market_stripe, seller, buyer)
+    hold_place(organization=buyer, amount=credits(60), key="job-running")
+
+    # when: the whole charge is refunded
+    assert _refund_in_full(order)
+
+    # then: the 40 free credits came back, the job's 60 are pending, not lost,
+    # and claimed on the buyer's wallet
+    reversal = MarketReversal.objects.get()
+    assert (reversal.credits_clawed_back, reversal.credits_pending, reversal.credits_lost) == (
+        credits(40),
+        credits(60),
+        0,
+    )
+    assert wallet_claim(buyer) == credits(60)
+
+    # when: the job uses 20 and gives 40 back
+    hold_capture(key="job-running", amount=credits(20))
+
+    # then: before the sweep, no new hold (nor anything else the buyer
+    # starts) can take the 40, even with reselling allowed again
+    rows = ledger_rows()
+    with pytest.raises(ApplicationError) as refused:
+        hold_place(organization=buyer, amount=credits(40), key="job-after")
+    assert (refused.value.code, refused.value.status) == ("insufficient_credits", 402)
+    BillingCustomer.objects.filter(organization=buyer).update(resale_frozen_at=None)
+    subscription_credits(buyer, credits(10))
+    with pytest.raises(ApplicationError) as listed:
+        listing_create(seller=buyer, quantity=credits(10), price_per_1k=1000, currency="usd")
+    assert listed.value.code == "insufficient_credits"
+    assert ledger_rows()[:2] == (rows[0] + 1, rows[1] + 2)  # the 10 credits' grant only
+    assert ledger_reconcile().ok
+
+    # when: the sweep runs
+    taken = market_reversals_pending_settle()
+
+    # then: the 40 came back, the 20 the job used are lost, nothing is claimed
+    reversal.refresh_from_db()
+    assert taken == credits(40)
+    assert (reversal.credits_clawed_back, reversal.credits_pending, reversal.credits_lost) == (
+        credits(80),
+        0,
+        credits(20),
+    )
+    assert wallet_claim(buyer) == 0
+    assert organization_balance(organization=buyer).total == credits(10)
+    assert market_reversals_pending_settle() == 0
 
 
 def test_a_refund_processed_before_the_order_s_payment_reverses_the_sale(
