@@ -211,10 +211,11 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
     The credits it took back return to the lots they were taken from (its
     clawbacks are reversed: same source, paid and resellable flags, expiry);
     what it left pending stops being pending (still in the wallet, the
-    customer's again, and no longer claimed); what it recorded as lost was spent and stays spent, but
-    is no loss any more: the money came back. The resale freeze stays until
-    finance lifts it. Once per reversal: a replay returns the reinstated row;
-    None when no reversal has this key (the dispute was never applied here).
+    customer's again, and no longer claimed); what it recorded as lost was
+    spent and stays spent, but is no loss any more: the money came back. The
+    resale freeze stays until finance lifts it. Once per reversal: a replay
+    returns the reinstated row; None when no reversal has this key (the
+    dispute was never applied here).
 
     Plan credits that were clawed back when the period rolled over missed its
     rollover cap: what the cap would have taken of them expires as they come

@@ -8,12 +8,13 @@ server-side function, migrations 0005 and 0007), its own transaction when the ca
 has none open, so no round trip happens while the wallet is locked.
 
 This is an optimisation of the common case only. Whenever anything is not
-ordinary (the organization's accounts are not open yet, the wallet is short
-(a pending refund's claim included) or has lots due to expire, the key was used before, the hold is not
-pending) the fast path writes nothing, or rolls back what it wrote, and
-returns None; the caller then runs the ORM path, which is the reference
-implementation and produces the right error, sweep or replay. The tests run
-the whole ledger suite through both paths (METERING_FAST_PATH).
+ordinary (the organization's accounts are not open yet, the wallet is short,
+a pending refund's claim included, or has lots due to expire, the key was
+used before, the hold is not pending) the fast path writes nothing, or rolls
+back what it wrote, and returns None; the caller then runs the ORM path,
+which is the reference implementation and produces the right error, sweep or
+replay. The tests run the whole ledger suite through both paths
+(METERING_FAST_PATH).
 
 Locking is the same as the ORM path's, in the same order: the hold row,
 then the wallet, then the holds account (the wallet is opened first, so its
