@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('gymbilling', '0007_wallet_claim_pending'),
+        ('gymbilling', '0010_wallet_claim_pending'),
     ]
 
     operations = [

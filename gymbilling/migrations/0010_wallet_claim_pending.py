@@ -19,8 +19,8 @@ UPDATE metering_ledgeraccount w
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('gymbilling', '0006_market_reinstatement'),
-        ('metering', '0011_wallet_claim'),
+        ('gymbilling', '0009_refund_payment_permission'),
+        ('metering', '0012_wallet_claim'),
     ]
 
     operations = [

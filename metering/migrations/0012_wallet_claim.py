@@ -13,7 +13,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0005_apikey_creator_protected'),
-        ('metering', '0010_hold_placed_at_the_placements_clock'),
+        ('metering', '0011_ledger_account_adjust_permission'),
     ]
 
     operations = [
