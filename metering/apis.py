@@ -46,7 +46,13 @@ class BalanceApi(OrgApiView):
         available = serializers.IntegerField()
         held = serializers.IntegerField()
         escrowed = serializers.IntegerField()
-        total = serializers.IntegerField(help_text="available + held")
+        set_aside = serializers.IntegerField(
+            help_text="not available while a refunded or disputed payment waits for the work "
+            "that holds its credits to end (usually 0)"
+        )
+        total = serializers.IntegerField(
+            help_text="what the wallet's lots hold: the wallet (available and set aside) and held"
+        )
         lots = LotOutput(many=True)
 
     @extend_schema(responses=Output, summary="Credits available, held and escrowed, with lots")
@@ -60,6 +66,7 @@ class BalanceApi(OrgApiView):
                     "available": balance.available,
                     "held": balance.held,
                     "escrowed": balance.escrowed,
+                    "set_aside": balance.set_aside,
                     "total": balance.total,
                     "lots": lots,
                 }

@@ -28,29 +28,42 @@ from metering.models import (
 class Balance:
     """An organization's credits, in micro-credits.
 
-    available = what a new hold may take (the wallet account);
+    available = what a new hold may take: the wallet account, less what refunds
+                and disputes set aside while running work holds their credits
+                (the wallet's claim; never below 0);
     held      = reserved by pending holds (the holds account);
     escrowed  = listed on the marketplace (the escrow account);
-    total     = available + held, which the wallet's lots add up to.
+    set_aside = the wallet's claim, usually 0;
+    total     = the wallet account + held, which the wallet's lots add up to.
     """
 
-    available: int
+    wallet: int
     held: int
     escrowed: int
+    set_aside: int = 0
+
+    @property
+    def available(self) -> int:
+        return max(0, self.wallet - self.set_aside)
 
     @property
     def total(self) -> int:
-        return self.available + self.held
+        return self.wallet + self.held
 
 
 def organization_balance(*, organization: Organization) -> Balance:
-    rows = dict(
-        LedgerAccount.objects.filter(organization=organization).values_list("kind", "balance")
-    )
+    rows = {
+        kind: (balance, claimed)
+        for kind, balance, claimed in LedgerAccount.objects.filter(
+            organization=organization
+        ).values_list("kind", "balance", "claimed")
+    }
+    wallet, claimed = rows.get(AccountKind.WALLET, (0, 0))
     return Balance(
-        available=rows.get(AccountKind.WALLET, 0),
-        held=rows.get(AccountKind.HOLDS, 0),
-        escrowed=rows.get(AccountKind.ESCROW, 0),
+        wallet=wallet,
+        held=rows.get(AccountKind.HOLDS, (0, 0))[0],
+        escrowed=rows.get(AccountKind.ESCROW, (0, 0))[0],
+        set_aside=claimed,
     )
 
 

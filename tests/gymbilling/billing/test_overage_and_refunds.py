@@ -443,9 +443,11 @@ def test_refunded_credits_a_job_gave_back_cannot_be_held_again_before_the_sweep_
     assert wallet_claim(org) == 1_000 * MICRO
     assert refused_hold(org, 1 * MICRO, key="job-meanwhile").extra["available"] == 0
 
-    # when: the job ends without using them: they are back in the wallet
+    # when: the job ends without using them: they are back in the wallet, set aside
     hold_release(key="job-running")
-    assert organization_balance(organization=org).available == 1_200 * MICRO
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.set_aside) == (1_200 * MICRO, 1_000 * MICRO)
+    assert balance.available == 200 * MICRO
 
     # then: before the sweep runs, no new hold can take them, only the 200
     assert refused_hold(org, 1_000 * MICRO, key="job-after").extra["available"] == 200 * MICRO

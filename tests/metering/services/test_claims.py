@@ -84,8 +84,14 @@ def test_no_hold_takes_claimed_credits_the_work_gave_back(org, grant, fast_path)
     # when: the job gives all back
     hold_release(key="job-old")
 
-    # then: 130 in the wallet, of which a hold may take the member's 30 only
-    assert organization_balance(organization=org).available == credits(130)
+    # then: 130 in the wallet, of which a hold may take the member's 30 only, and the
+    # balance says so
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.set_aside, balance.available) == (
+        credits(130),
+        credits(100),
+        credits(30),
+    )
     error = refused(lambda: hold_place(organization=org, amount=credits(31), key="job-new"))
     assert error.extra == {"required": credits(31), "available": credits(30)}
     assert "set 100 credits aside" in error.message
