@@ -3,16 +3,19 @@
 from django.db import migrations
 
 # Refunds and disputes that were left pending before wallets had a claim
-# (metering/0011) claim now what they still wait for, so that the pending
-# sweep, which lowers the claim as it settles them, finds it there.
+# (metering/0012) claim now what they still wait for, so that the pending
+# sweep, which lowers the claim as it settles them, finds it there. Plain SQL
+# that SQLite runs too (`make demo` without DATABASE_URL): no UPDATE ... FROM alias.
 CLAIM_PENDING = """
-UPDATE metering_ledgeraccount w
-   SET claimed = p.pending
-  FROM (SELECT organization_id, SUM(credits_pending) AS pending
-          FROM gymbilling_paymentreversal
-         WHERE credits_pending > 0
-         GROUP BY organization_id) p
- WHERE w.organization_id = p.organization_id AND w.kind = 'wallet'
+UPDATE metering_ledgeraccount
+   SET claimed = (SELECT SUM(p.credits_pending)
+                    FROM gymbilling_paymentreversal p
+                   WHERE p.organization_id = metering_ledgeraccount.organization_id
+                     AND p.credits_pending > 0)
+ WHERE kind = 'wallet'
+   AND organization_id IN (SELECT organization_id
+                             FROM gymbilling_paymentreversal
+                            WHERE credits_pending > 0)
 """
 
 

@@ -7,6 +7,7 @@ the demo pool serving, with the load read from the metrics url the seed set.
 from __future__ import annotations
 
 import json
+import os
 from io import StringIO
 
 import pytest
@@ -15,6 +16,7 @@ from django.core.management import call_command
 from accounts.models import Organization
 from inference.models import CatalogModel, ServerPool
 from metering.selectors import organization_balance
+from tests.helpers import settings_in_a_fresh_process
 from tests.inference import conftest as engine_fixtures
 
 pytestmark = pytest.mark.django_db
@@ -51,3 +53,30 @@ def test_the_demo_catalog_is_served_by_the_dev_engine_and_a_rerun_changes_nothin
     [status] = json.loads(out.getvalue())["pools"]
     assert status["serving"] == 1
     assert status["servers"][0]["load"] is not None
+
+
+def test_the_demo_database_on_sqlite_migrates_and_seeds(tmp_path):
+    # given `make demo` with no DATABASE_URL: its local settings use SQLite, where raw
+    # SQL in a migration (an UPDATE ... FROM alias, a PostgreSQL function) can fail
+    database = tmp_path / "demo.sqlite3"
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DJANGO_SETTINGS_MODULE": "gymbilling.settings.local",
+        "STRIPE_SECRET_KEY": "",
+    }
+
+    # when every migration runs on a new file, then the demo seed
+    done = settings_in_a_fresh_process(
+        "from django.conf import settings\n"
+        f"settings.DATABASES['default']['NAME'] = {str(database)!r}\n"
+        "from django.core.management import call_command\n"
+        "call_command('migrate', verbosity=0)\n"
+        "call_command('demo_seed', '--triton-grpc', '127.0.0.1:1')\n"
+        "from accounts.models import Organization\n"
+        "print('organizations', Organization.objects.count())\n",
+        env=env,
+    )
+
+    # then both finish, and the demo's organizations are there
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "organizations 0" not in done.stdout and "organizations " in done.stdout
