@@ -11,11 +11,19 @@ from __future__ import annotations
 import pytest
 
 from accounts.models import AuditEvent, Organization, User
-from metering.models import JournalTransaction, TransactionKind
+from gymbilling.models import CheckoutSession, PaymentReversal
+from metering.models import MICRO, JournalTransaction, TransactionKind
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
+from tests.gymbilling import conftest as payment_fixtures
+from tests.gymbilling.billing import conftest as billing_fixtures
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+# The billing tests' fixtures, used here as they are: a customer with an API key, the
+# plans and packs synced to the Stripe stand-in, and webhook delivery.
+customer, catalog = billing_fixtures.customer, billing_fixtures.catalog
+deliver = payment_fixtures.deliver
 
 STAFF_EMAIL, STAFF_PASSWORD = "finance@gym.test", "a long and unusual passphrase 9"
 
@@ -135,3 +143,30 @@ def test_a_refused_adjustment_is_shown_on_the_form_and_writes_nothing(app_server
     assert "insufficient_credits" in page.inner_text(".errornote")
     assert JournalTransaction.objects.count() == before
     assert organization_balance(organization=org).available == 5_000_000
+
+
+def test_finance_refund_a_pack_from_its_checkout_page(
+    app_server, visit, customer, catalog, stripe_standin, deliver
+):
+    # given a 1,000-credit pack bought through Stripe Checkout, and staff signed in
+    org = customer.organization
+    bought = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    stripe_standin.pay_checkout(bought.json()["session_id"])
+    deliver()
+    checkout = CheckoutSession.objects.get(organization=org)
+    assert organization_balance(organization=org).available == 1_000 * MICRO
+    _sign_in(visit, app_server)
+    page = visit.page
+
+    # when they open the checkout, follow "Refund", give a reason and refund it all
+    page.goto(f"{app_server}/admin/gymbilling/checkoutsession/{checkout.pk}/change/")
+    page.click("text=Refund")
+    page.fill("#id_note", "Customer asked within 14 days")
+    page.click("input[name=_refund]")
+    page.wait_for_selector(".messagelist .success")
+
+    # then Stripe refunded it, and at once (no webhook delivered) the credits are gone
+    reversal = PaymentReversal.objects.get(organization=org)
+    assert (reversal.kind, reversal.credits_clawed_back) == ("refund", 1_000 * MICRO)
+    assert organization_balance(organization=org).available == 0
+    assert visit.failures == []
