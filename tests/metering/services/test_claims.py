@@ -209,3 +209,24 @@ def test_a_claim_only_counts_what_the_lots_still_hold(org, grant):
     assert claimed == credits(30)
     assert wallet_claim(org) == credits(30)
     claim_drop(organization=org, amount=claimed)
+
+
+def test_a_settlement_reports_what_is_left_less_the_claim(org, grant, fast_path):
+    # given a claim of 100 on a wallet whose old job gave everything back, and a job
+    # of the member's own that holds 10 of their 30 (burned before the pack)
+    claimed_under_a_running_job(org, grant, own_priority=10)
+    hold_release(key="job-old")
+    hold_place(organization=org, amount=credits(10), key="job-own")
+
+    # when it captures 4 of them (the settlement inference answers from)
+    captured = hold_capture(key="job-own", amount=credits(4))
+
+    # then what it says is left is what a new hold may take: 26 of the member's own,
+    # not the 126 in the wallet (the header X-Gym-Credits-Remaining; the ORM path
+    # reports nothing and the answer reads the balance instead)
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.available) == (credits(126), credits(26))
+    assert getattr(captured, "wallet_balance_after", None) in (
+        {credits(26)} if fast_path else {None}
+    )
+    claim_drop(organization=org, amount=credits(100))
