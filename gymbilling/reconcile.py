@@ -74,6 +74,21 @@ def claims_not_pending() -> list[dict]:
     )
 
 
+def market_pending_not_by_fill() -> list[dict]:
+    """Marketplace reversals whose pending credits are not the sum of their fills' (each
+    fill's are taken back from its own lots: gymbilling.market.services)."""
+    return sql_rows(
+        """
+        SELECT r.id, r.credits_pending,
+               (SELECT COALESCE(SUM(value::bigint), 0)
+                  FROM jsonb_each_text(r.pending_by_fill)) AS by_fill
+          FROM gymbilling_marketreversal r
+         WHERE r.credits_pending <> (SELECT COALESCE(SUM(value::bigint), 0)
+                                       FROM jsonb_each_text(r.pending_by_fill))
+        """
+    )
+
+
 def billing_ledger_checks() -> None:
     register(
         "paid_invoice_granted",
@@ -88,6 +103,11 @@ def billing_ledger_checks() -> None:
         "wallet_claim_pending",
         "each wallet's claim equals the credits its refunds and disputes still have pending",
         claims_not_pending,
+    )
+    register(
+        "market_pending_by_fill",
+        "a marketplace reversal's pending credits are the sum of its fills' pending credits",
+        market_pending_not_by_fill,
     )
 
 

@@ -1356,6 +1356,7 @@ def _reversal_apply(
             "credits_lost": 0,
             "credits_pending": 0,
         }
+        pending_by_fill: dict[str, int] = {}
         left = new
         cur = order.currency
         system = _system_accounts(cur)
@@ -1436,7 +1437,11 @@ def _reversal_apply(
             totals["credits_clawed_back"] += clawed
             totals["credits_pending"] += pending
             totals["credits_lost"] += credit_target - clawed - pending
-        MarketReversal.objects.filter(pk=reversal.pk).update(**totals)
+            if pending:
+                pending_by_fill[str(fill.pk)] = pending
+        MarketReversal.objects.filter(pk=reversal.pk).update(
+            **totals, pending_by_fill=pending_by_fill
+        )
         if new > 0:
             # Not for our own refund of an undelivered part: the buyer did nothing.
             resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
@@ -1472,25 +1477,39 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
         if pending <= 0:
             return 0
         order = MarketOrder.objects.select_related("buyer").get(pk=reversal.order_id)
-        delivered = MarketFill.objects.filter(order=order, status=FillStatus.DELIVERED)
-        # Keyed by what is pending, as a pack's: a take that moved credits
-        # changes it; one that moved nothing wrote nothing.
-        taken, still = claim_settle(
-            organization=order.buyer,
-            lots=_fill_lots(list(delivered.values_list("settle_transaction_id", flat=True))),
-            pending=pending,
-            key=f"market:{reversal.key}:pending:{pending}",
-            memo=f"{reversal.kind} of marketplace order {order.pk}, once running work settled",
-            # Work started since cannot shelter them.
-            placed_before=reversal.created_at,
-            now=now,
+        settled_by = dict(
+            MarketFill.objects.filter(
+                pk__in=[int(pk) for pk in reversal.pending_by_fill]
+            ).values_list("pk", "settle_transaction_id")
         )
+        taken_all = lost_all = 0
+        still_by_fill: dict[str, int] = {}
+        # Fill by fill, from that fill's lots only: the refund claimed each
+        # fill's share of what running work held of it, and nothing of others.
+        for fill_pk, fill_pending in sorted(reversal.pending_by_fill.items()):
+            # Keyed by what is pending, as a pack's: a take that moved credits
+            # changes it; one that moved nothing wrote nothing.
+            taken, still = claim_settle(
+                organization=order.buyer,
+                lots=_fill_lots([settled_by[int(fill_pk)]]),
+                pending=fill_pending,
+                key=f"market:{reversal.key}:{fill_pk}:pending:{fill_pending}",
+                memo=f"{reversal.kind} of marketplace order {order.pk}, once running work settled",
+                # Work started since cannot shelter them.
+                placed_before=reversal.created_at,
+                now=now,
+            )
+            taken_all += taken
+            lost_all += fill_pending - taken - still
+            if still:
+                still_by_fill[fill_pk] = still
         MarketReversal.objects.filter(pk=reversal.pk).update(
-            credits_clawed_back=F("credits_clawed_back") + taken,
-            credits_lost=F("credits_lost") + (pending - taken - still),
-            credits_pending=still,
+            credits_clawed_back=F("credits_clawed_back") + taken_all,
+            credits_lost=F("credits_lost") + lost_all,
+            credits_pending=sum(still_by_fill.values()),
+            pending_by_fill=still_by_fill,
         )
-        return taken
+        return taken_all
 
 
 # --- a dispute won ------------------------------------------------------------------------
@@ -1599,6 +1618,7 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
             loss=0,
             credits_lost=0,
             credits_pending=0,
+            pending_by_fill={},
         )
 
 

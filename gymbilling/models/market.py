@@ -312,6 +312,11 @@ class MarketReversal(models.Model):
     credits_clawed_back = models.PositiveBigIntegerField(default=0)
     credits_lost = models.PositiveBigIntegerField(default=0)
     credits_pending = models.PositiveBigIntegerField(default=0)
+    # credits_pending by fill ({fill id: micro-credits}): each fill's pending
+    # credits are taken back from that fill's lots only. Counted over the
+    # order's every fill, a partial refund's pending would take credits of a
+    # fill it never refunded once running work spent the refunded fill's.
+    pending_by_fill = models.JSONField(default=dict, blank=True)
     reinstated_at = models.DateTimeField(null=True, blank=True)
     credits_reinstated = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -32,6 +32,7 @@ from gymbilling.models import (
     BillingCustomer,
     FillStatus,
     ListingStatus,
+    MarketFill,
     MarketListing,
     MarketOrder,
     MarketPayout,
@@ -748,6 +749,46 @@ def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, s
 
 def wallet_claim(org) -> int:
     return LedgerAccount.objects.get(organization=org, kind="wallet").claimed
+
+
+def test_a_partial_refunds_pending_credits_are_taken_from_the_refunded_fill_only(
+    market_stripe, buyer
+):
+    # given: 200 credits bought from two sellers, 100 for $1.00 (expiring first) and
+    # 100 for $2.00, and a running job of the buyer holding 100 (found by the review
+    # of the pending marketplace reversals)
+    cheap, dear = market_member(), market_member()
+    subscription_credits(cheap, credits(100), days=10)
+    subscription_credits(dear, credits(100), days=30)
+    listing_create(seller=cheap, quantity=credits(100), price_per_1k=1000, currency="usd")
+    listing_create(seller=dear, quantity=credits(100), price_per_1k=2000, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(200), max_price_per_1k=2000, currency="usd")
+    market_checkout_handle(order.checkout, paid_session(market_stripe, order))
+    first, second = MarketFill.objects.filter(order=order).order_by("pk")
+    assert (first.gross, second.gross) == (100, 200)
+    hold_place(organization=buyer, amount=credits(100), key="job-running")
+
+    # when: $1.00 of the $3.00 is refunded (the first fill's), the job then spends its
+    # 100 (the first fill's credits, which expire first), and the sweep runs
+    assert market_reversal_handle(
+        kind="refund",
+        key=f"refund:ch_{order.pk}:100",
+        charge=charge_for(order, amount_refunded=100),
+        amount=100,
+        cumulative=True,
+    )
+    reversal = MarketReversal.objects.get()
+    assert reversal.credits_pending == credits(100)
+    hold_capture(key="job-running", amount=credits(100))
+    market_reversals_pending_settle()
+
+    # then: the first fill's credits were spent, a loss; the second fill's 100, paid
+    # for and never refunded, are the buyer's still
+    reversal.refresh_from_db()
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (0, credits(100))
+    assert (reversal.credits_pending, reversal.pending_by_fill) == (0, {})
+    assert organization_balance(organization=buyer).available == credits(100)
+    assert wallet_claim(buyer) == 0
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
