@@ -168,11 +168,18 @@ class RefundAdminMixin:
                     "this form again; it is the same refund at Stripe, never a second one.",
                 )
             else:
+                applied = refund["gym_applied"]
                 self.message_user(
                     request,
                     f"Refunded {refund.get('amount')} {refund.get('currency', '')} "
-                    f"({refund.get('id')}); the credits it bought are taken back.",
-                    messages.SUCCESS,
+                    f"({refund.get('id')}); "
+                    + (
+                        "the credits it bought are taken back."
+                        if applied
+                        else "taking back the credits it bought failed here (logged): Stripe's "
+                        "webhook for the refund will apply it. Do not refund again."
+                    ),
+                    messages.SUCCESS if applied else messages.WARNING,
                 )
                 return HttpResponseRedirect(back)
         context = {

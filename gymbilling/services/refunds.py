@@ -11,11 +11,15 @@ finds it done.
 
 from __future__ import annotations
 
+import logging
+
 from accounts.errors import ApplicationError
 from accounts.models import AuditEvent, Organization
 from accounts.services import audit_record
 from gymbilling import stripe_client
 from gymbilling.services.events import payment_reversals_refresh
+
+logger = logging.getLogger(__name__)
 
 
 def payment_refund(
@@ -28,7 +32,8 @@ def payment_refund(
     actor,
 ) -> dict:
     """Refund `amount` (minor units; None: all that is left) of a payment; returns Stripe's
-    refund. `key` makes it once: the same key again (a form sent twice, a retry after
+    refund, with `gym_applied`: whether its clawback was applied here at once (else its
+    webhook applies it; a failure to apply is logged, never raised, once Stripe refunded). `key` makes it once: the same key again (a form sent twice, a retry after
     Stripe did not answer) is the same refund at Stripe.
 
     Raises StripeRequestRefused (nothing left to refund, more than is left) or
@@ -63,5 +68,13 @@ def payment_refund(
             actor_user=actor,
             data={"refund": refund.get("id"), "amount": refund.get("amount"), "note": note[:500]},
         )
-    payment_reversals_refresh(payment_intent_id=payment_intent_id)
+    try:
+        payment_reversals_refresh(payment_intent_id=payment_intent_id)
+    except Exception:
+        # The refund is made: it must not look failed (a retry with a new form
+        # would refund again). Its webhook applies it (or the event's retry).
+        logger.exception("refund %s made; applying it now failed", refund.get("id"))
+        refund["gym_applied"] = False
+    else:
+        refund["gym_applied"] = True
     return refund
