@@ -50,10 +50,11 @@ def grants_without_paid_invoice() -> list[dict]:
     )
 
 
-def claims_not_pending() -> list[dict]:
+def claims_not_pending(organization_id: int | None = None) -> list[dict]:
     """Wallets whose claim is not what the organization's refunds and disputes still wait
     for (metering.services.ledger, "claims"): more locks up credits for nothing, less lets
-    new work spend refunded credits."""
+    new work spend refunded credits. All wallets, or the one of `organization_id`."""
+    only = "" if organization_id is None else f" AND w.organization_id = {int(organization_id)}"
     return sql_rows(
         """
         SELECT w.organization_id, w.claimed, COALESCE(p.pending, 0) AS pending
@@ -71,7 +72,40 @@ def claims_not_pending() -> list[dict]:
             ON p.organization_id = w.organization_id
          WHERE w.kind = 'wallet' AND w.claimed <> COALESCE(p.pending, 0)
         """
+        + only
     )
+
+
+def wallet_claims_repair() -> list[dict]:
+    """Set every wallet's claim to what its refunds and disputes still have pending, for a
+    wallet reconcile reports (`wallet_claim_pending`): after a deploy in which old code,
+    which kept no claims, ran beside the migration that filled them in (gymbilling/0010).
+    Each wallet under its row lock, which every change of a claim and of what is pending
+    takes too. Returns the wallets changed: organization, claim before, claim after."""
+    from django.db import transaction
+
+    from metering.models import LedgerAccount
+
+    repaired = []
+    for row in claims_not_pending():
+        with transaction.atomic():
+            wallet = LedgerAccount.objects.select_for_update().get(
+                organization_id=row["organization_id"], kind="wallet"
+            )
+            # Read again under the lock: a sweep may have settled meanwhile.
+            now_wrong = claims_not_pending(wallet.organization_id)
+            if not now_wrong:
+                continue
+            pending = int(now_wrong[0]["pending"])
+            LedgerAccount.objects.filter(pk=wallet.pk).update(claimed=pending)
+            repaired.append(
+                {
+                    "organization_id": wallet.organization_id,
+                    "before": wallet.claimed,
+                    "after": pending,
+                }
+            )
+    return repaired
 
 
 def market_pending_not_by_fill() -> list[dict]:

@@ -6,7 +6,7 @@ from django.db import migrations, models
 # constant default is added without rewriting the table (PostgreSQL 11+), and
 # the check reads the accounts table only (an organization's three rows, not
 # its entries): brief locks, unlike 0006 (docs/BENCHMARKS.md). Reversals
-# already pending when this is applied get their claim in gymbilling/0007.
+# already pending when this is applied get their claim in gymbilling/0010.
 
 
 class Migration(migrations.Migration):

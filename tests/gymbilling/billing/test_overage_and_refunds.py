@@ -567,3 +567,28 @@ def test_a_reversal_processed_before_the_payment_takes_back_what_it_bought(
     assert (reversal.kind, reversal.credits_clawed_back, reversal.credits_lost) == (kind, bought, 0)
     assert organization_balance(organization=org).available == 0
     assert BillingCustomer.objects.get(organization=org).resale_frozen_at is not None
+
+
+@pytest.mark.parametrize("wrong", [0, 1_500 * MICRO], ids=["missing", "stuck"])
+def test_claims_repair_sets_a_wallets_claim_to_what_is_pending(
+    customer, catalog, stripe_standin, stripe_sdk, deliver, wrong
+):
+    # given a refund waiting on a running job (1,000 pending, claimed), and then a claim
+    # that old code running beside the migration left wrong: none, or too much
+    org = refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+    wallet = LedgerAccount.objects.filter(organization=org, kind="wallet")
+    assert wallet.get().claimed == PaymentReversal.objects.get().credits_pending == 1_000 * MICRO
+    wallet.update(claimed=wrong)
+    assert [v.check for v in ledger_reconcile().violations] == ["wallet_claim_pending"]
+
+    # when finance run the repair
+    out = io.StringIO()
+    call_command("claims_repair", stdout=out)
+
+    # then the claim is what is pending again, and said so; a second run changes nothing
+    assert wallet.get().claimed == 1_000 * MICRO
+    assert f"organization {org.pk}: claim" in out.getvalue()
+    assert ledger_reconcile().ok
+    again = io.StringIO()
+    call_command("claims_repair", stdout=again)
+    assert again.getvalue().strip() == "0 wallets repaired"
