@@ -524,10 +524,14 @@ def test_a_client_that_stops_waiting_before_its_job_starts_cancels_it_unrun_and_
 
 
 def test_a_charged_504_is_replayed_under_its_idempotency_key_and_charges_once(
-    live_server, celery_worker_process, triton_server, grant, settings
+    live_server, celery_worker_process, paced_triton_server, grant, settings
 ):
     # given a model whose engine is busy (a request sent now waits, silent, in
-    # its queue) and a gateway that waits three seconds
+    # its queue) and a gateway that waits three seconds. The paced engine: each
+    # busy stream's 3,000 tokens take at least 3 s there, so the request waits at
+    # least two of them, past the gateway's wait, however quick this machine is
+    # (on the unpaced engine a quick machine served it within the 3 s)
+    triton_server = paced_triton_server
     prompt, org, raw = _asker([triton_server.grpc_url], grant, "timeout")
     headers = {"Authorization": f"Bearer {raw}", "Idempotency-Key": "timed-out-once"}
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8}
