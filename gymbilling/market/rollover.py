@@ -41,7 +41,10 @@ def _dispute_clawbacks_away(organization: Organization) -> list[JournalTransacti
     `clawback:<key>:...`).
     """
     keys = PaymentReversal.objects.filter(
-        organization=organization, kind=PaymentReversal.Kind.DISPUTE, reinstated_at__isnull=True
+        organization=organization,
+        kind=PaymentReversal.Kind.DISPUTE,
+        reinstated_at__isnull=True,
+        lost_at__isnull=True,  # lost for good: nothing comes back
     ).values_list("key", flat=True)
     by_key = Q()
     for key in keys:

@@ -467,6 +467,9 @@ class PaymentReversal(models.Model):
     credits_reinstated = models.BigIntegerField(
         default=0, help_text="Micro-credits a won dispute gave back (what it clawed back)."
     )
+    # A dispute Stripe closed as lost: final, its credits never come back (so no
+    # rollover waits for them: gymbilling.market.rollover).
+    lost_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -32,7 +32,13 @@ from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.locks import session_lock
-from gymbilling.models import CheckoutSession, EventStatus, StripeEvent, Subscription
+from gymbilling.models import (
+    CheckoutSession,
+    EventStatus,
+    PaymentReversal,
+    StripeEvent,
+    Subscription,
+)
 from gymbilling.services.invoices import invoice_subscription_id, invoice_sync
 from gymbilling.services.payments import (
     checkout_session_mirror,
@@ -272,6 +278,7 @@ def charge_refund_refresh(*, charge_id: str) -> bool:
 DISPUTE_FUNDS_WITHDRAWN = {"needs_response", "under_review", "lost"}
 # A dispute we won: Stripe reinstated the funds. Final, like lost.
 DISPUTE_WON = "won"
+DISPUTE_LOST = "lost"
 
 
 def dispute_refresh(*, dispute_id: str) -> bool:
@@ -300,7 +307,12 @@ def dispute_refresh(*, dispute_id: str) -> bool:
     }
     if any(handler(**params) for handler in _reversal_handlers):
         return True
-    return payment_reversal_apply(**params) is not None
+    applied = payment_reversal_apply(**params) is not None
+    if applied and dispute.get("status") == DISPUTE_LOST:
+        PaymentReversal.objects.filter(key=params["key"], lost_at__isnull=True).update(
+            lost_at=timezone.now()
+        )
+    return applied
 
 
 def dispute_reinstate(*, key: str) -> bool:

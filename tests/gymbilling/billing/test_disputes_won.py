@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from accounts.errors import ApplicationError
-from gymbilling.models import BillingCustomer, PaymentReversal, StripeEvent
+from gymbilling.models import BillingCustomer, PaymentReversal, RolloverCarry, StripeEvent
 from gymbilling.reconcile import stripe_reconcile
 from gymbilling.services import payment_reversals_pending_settle, stripe_event_process
 from metering.models import MICRO, CreditLot, LedgerAccount
@@ -245,3 +245,28 @@ def test_a_dispute_won_after_a_rollover_gives_back_no_more_than_its_cap(
     # then: nothing more moved
     assert ledger_rows() == rows
     assert plan_credits(org) == (12_000 + 3_000) * MICRO
+
+
+def test_a_lost_dispute_is_final_and_no_rollover_waits_for_its_credits(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Pro's first charge disputed, all 12,000 plan credits taken back
+    sub = subscribed("pro")
+    org = customer.organization
+    dispute = stripe_standin.dispute(invoice_charge(sub, stripe_sdk))
+    assert "failed" not in deliver()
+
+    # when: the gym loses the dispute, then the period renews
+    stripe_standin.close_dispute(dispute["id"], status="lost")
+    assert "failed" not in deliver()
+    reversal = PaymentReversal.objects.get(kind="dispute")
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+
+    # then: the reversal is marked lost (final, nothing given back), and the rollover
+    # recorded no carry waiting for credits that will never come back
+    reversal.refresh_from_db()
+    assert reversal.lost_at is not None and reversal.reinstated_at is None
+    assert reversal.credits_clawed_back == 12_000 * MICRO
+    assert not RolloverCarry.objects.filter(organization=org).exists()
+    assert ledger_reconcile().ok
