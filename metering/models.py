@@ -256,6 +256,11 @@ class CreditLot(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     amount = models.BigIntegerField()  # micro-credits the lot was created with
     remaining = models.BigIntegerField()  # cache of the sum of its movements
+    # When a pending refund or dispute claimed this lot's credits (its reversal's
+    # time; credits_claim): a hold placed after it burns the lot last, so new work
+    # spends the member's other credits, not the refunded ones the claim waits for.
+    # Cleared when the wallet's claim is all settled.
+    claimed_at = models.DateTimeField(null=True, blank=True)
     # The lot this one was split from (a transfer or a move into escrow).
     parent = models.ForeignKey(
         "self", on_delete=models.PROTECT, null=True, blank=True, related_name="children"

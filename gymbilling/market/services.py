@@ -1424,6 +1424,7 @@ def _reversal_apply(
                     organization=order.buyer,
                     lots=_fill_lots([fill.settle_transaction_id]),
                     amount=credit_target - clawed,
+                    at=reversal.created_at,
                 )
                 if credit_target > clawed
                 else 0

@@ -179,7 +179,12 @@ def payment_reversal_apply(
             # takes all it may otherwise): it waits for that work to settle,
             # claimed on the wallet so that no new work takes it meanwhile.
             pending = (
-                credits_claim(organization=organization, lots=_lot_family(lot), amount=due - clawed)
+                credits_claim(
+                    organization=organization,
+                    lots=_lot_family(lot),
+                    amount=due - clawed,
+                    at=reversal.created_at,
+                )
                 if due > clawed
                 else 0
             )

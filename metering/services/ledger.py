@@ -712,11 +712,12 @@ def clawbacks_reverse(*, key: str, reason: str, organization: Organization, acto
 # the same transaction, so the wallet's claim is the sum of its reversals'
 # pending credits (gymbilling's reconcile checks it).
 #
-# What it does not do: the claim guards the wallet's balance, not which lots a
-# spend burns. Work the member starts on what the claim leaves them burns lots
-# in burn order, which may put the refunded lot first; what such work burns of
-# that lot before the settlement is booked as lost there, and the member keeps
-# as many of their own credits (README, refunds).
+# The claim guards the wallet's balance; the lots it claimed are marked too
+# (CreditLot.claimed_at, the reversal's time), and a hold placed after that
+# burns them last (burn_sort_key, the settlement function since 0015), so work
+# the member starts on what the claim leaves them spends their own credits,
+# not the refunded ones the claim waits for. The marks go when the wallet's
+# claim is all settled.
 
 _CLAIM_RAISE = """
 UPDATE metering_ledgeraccount SET claimed = claimed + %s WHERE id = %s AND kind = 'wallet'
@@ -734,6 +735,15 @@ def _claim_update(sql: str, wallet: LedgerAccount, amount: int) -> None:
         cursor.execute(sql, [amount, wallet.pk])
 
 
+def _claim_lower(wallet: LedgerAccount, amount: int) -> None:
+    """Lower the wallet's claim; once nothing is claimed, its lots are no longer marked."""
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM_LOWER + " RETURNING claimed", [amount, wallet.pk])
+        row = cursor.fetchone()
+    if row is not None and row[0] == 0:
+        CreditLot.objects.filter(account=wallet, claimed_at__isnull=False).update(claimed_at=None)
+
+
 def _wallet_unspent(*, wallet: LedgerAccount, lots: Q, now: datetime) -> int:
     """Unexpired micro-credits left in the wallet's lots that `lots` selects (held ones too)."""
     return (
@@ -744,7 +754,9 @@ def _wallet_unspent(*, wallet: LedgerAccount, lots: Q, now: datetime) -> int:
     )
 
 
-def credits_claim(*, organization: Organization, lots: Q, amount: int) -> int:
+def credits_claim(
+    *, organization: Organization, lots: Q, amount: int, at: datetime | None = None
+) -> int:
     """Set aside up to `amount` of what the wallet's `lots` still hold, for a reversal to wait on.
 
     A refund or dispute calls it, in its transaction, right after its
@@ -753,6 +765,12 @@ def credits_claim(*, organization: Organization, lots: Q, amount: int) -> int:
     records as pending; returns it (0 claims nothing). Counted and claimed
     under the wallet's row lock, which every settlement takes before it gives
     credits back, so none can slip out between the two.
+
+    `at`: the reversal's time, the `placed_before` its claim_settle will use.
+    The lots are marked claimed then (CreditLot.claimed_at): holds placed after
+    it burn them last, so that new work the claim allows, on the member's other
+    credits, does not spend the refunded ones instead (the claim alone guards
+    the balance, not which lots a capture burns).
     """
     require_positive(amount)
     now = timezone.now()
@@ -763,6 +781,9 @@ def credits_claim(*, organization: Organization, lots: Q, amount: int) -> int:
         claimed = min(amount, _wallet_unspent(wallet=wallet, lots=lots, now=now))
         if claimed > 0:
             _claim_update(_CLAIM_RAISE, wallet, claimed)
+            CreditLot.objects.filter(
+                lots, account=wallet, remaining__gt=0, claimed_at__isnull=True
+            ).update(claimed_at=at or now)
         return claimed
 
 
@@ -808,7 +829,7 @@ def claim_settle(
         # Under the wallet's row lock, which the withdrawal took.
         still = min(pending - taken, _wallet_unspent(wallet=wallet, lots=lots, now=now))
         if pending - still:
-            _claim_update(_CLAIM_LOWER, wallet, pending - still)
+            _claim_lower(wallet, pending - still)
         return taken, still
 
 
@@ -816,4 +837,5 @@ def claim_drop(*, organization: Organization, amount: int) -> None:
     """A reversal stops waiting for `amount` it left pending (a dispute won): unclaim it."""
     require_positive(amount)
     org_accounts, _ = accounts_for(organization)
-    _claim_update(_CLAIM_LOWER, org_accounts.wallet, amount)
+    with transaction.atomic():
+        _claim_lower(org_accounts.wallet, amount)

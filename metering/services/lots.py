@@ -58,7 +58,14 @@ def burn_sort_key(lot: CreditLot, now: datetime, placed_at: datetime | None = No
     them; `holds_backing`'s replay relies on it."""
     rank = _expiry_rank(lot, now, placed_at or now)
     expired_first = lot.expires_at.timestamp() if rank == 0 else 0.0
-    return (rank, expired_first, *_static_key(lot))
+    return (rank, _claimed_before(lot, placed_at or now), expired_first, *_static_key(lot))
+
+
+def _claimed_before(lot: CreditLot, placed_at: datetime) -> int:
+    """1 when a pending refund claimed the lot before the hold was placed (or before a spend
+    at `placed_at`): burned after the lots of the same expiry rank, so that new work takes
+    the member's other credits and the claim finds its credits when the old work ends."""
+    return 1 if lot.claimed_at is not None and lot.claimed_at < placed_at else 0
 
 
 def _static_key(lot: CreditLot) -> tuple:
@@ -208,7 +215,16 @@ def holds_backing(
     unexpired = sorted((lot for lot in lots if _expiry_rank(lot, now, now) == 1), key=_static_key)
     for placed_at, amount in pending:
         usable = [lot for lot in expired if lot.expires_at > placed_at]
-        taken, _ = take_in_order(((lot, free[lot.pk]) for lot in (*usable, *unexpired)), amount)
+        # Each group with the lots a refund claimed before this hold last (stable: the
+        # rest of the order stands), as its capture takes them (burn_sort_key).
+        order = [
+            lot
+            for group in (usable, unexpired)
+            for claimed in (0, 1)
+            for lot in group
+            if _claimed_before(lot, placed_at) == claimed
+        ]
+        taken, _ = take_in_order(((lot, free[lot.pk]) for lot in order), amount)
         for lot, take in taken:
             free[lot.pk] -= take
     return {lot.pk: lot.remaining - free[lot.pk] for lot in lots if free[lot.pk] < lot.remaining}

@@ -58,7 +58,10 @@ def claimed_under_a_running_job(org, grant, *, own_priority: int = 100):
         priority=own_priority,
     )
     refunded_at = timezone.now()
-    assert credits_claim(organization=org, lots=Q(pk=pack.pk), amount=credits(100)) == credits(100)
+    claimed = credits_claim(
+        organization=org, lots=Q(pk=pack.pk), amount=credits(100), at=refunded_at
+    )
+    assert claimed == credits(100)
     return pack, refunded_at
 
 
@@ -230,3 +233,37 @@ def test_a_settlement_reports_what_is_left_less_the_claim(org, grant, fast_path)
         {credits(26)} if fast_path else {None}
     )
     claim_drop(organization=org, amount=credits(100))
+
+
+def test_new_work_burns_the_members_own_credits_not_the_claimed_ones(org, grant, fast_path):
+    # given a refunded pack that the claim waits for, which the burn order would
+    # otherwise take first (the member's own 30 burn after it)
+    pack, refunded_at = claimed_under_a_running_job(org, grant)
+    pack.refresh_from_db()
+    assert pack.claimed_at == refunded_at
+
+    # when the old job gives the pack back, and before the refund's sweep the member
+    # runs a job on 20 of their own (the claim allows that much) and it ends
+    hold_release(key="job-old")
+    hold_place(organization=org, amount=credits(20), key="job-new")
+    hold_capture(key="job-new", amount=credits(20))
+
+    # then it burned their own credits, not the pack's
+    pack.refresh_from_db()
+    assert pack.remaining == credits(100)
+
+    # and when the refund settles, all 100 come back: nothing lost, the member keeps
+    # 10 of their own, the lot no longer marked
+    taken, still = claim_settle(
+        organization=org,
+        lots=Q(pk=pack.pk),
+        pending=credits(100),
+        key="refund-1:pending",
+        memo="refund",
+        placed_before=refunded_at,
+    )
+    assert (taken, still) == (credits(100), 0)
+    assert organization_balance(organization=org).available == credits(10)
+    assert wallet_claim(org) == 0
+    pack.refresh_from_db()
+    assert pack.claimed_at is None
