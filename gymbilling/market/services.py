@@ -1472,7 +1472,10 @@ def market_reversals_pending_settle(*, now: datetime | None = None) -> int:
 @retry_on_deadlock
 def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
     with transaction.atomic():
-        # The row a won dispute locks before it drops what is pending.
+        # The row a won dispute locks before it drops what is pending. First here,
+        # though the lock order puts the order and its fills before it: this sweep
+        # locks neither, only the buyer's wallet and lots after it, as the won
+        # dispute does after the reversal.
         reversal = MarketReversal.objects.select_for_update().get(pk=reversal_id)
         pending = reversal.credits_pending
         if pending <= 0:
