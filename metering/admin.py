@@ -5,6 +5,7 @@ corrections go through the services (adjustments, reversals).
 """
 
 import uuid
+from datetime import UTC, datetime, time, timedelta
 
 from django import forms
 from django.contrib import admin, messages
@@ -14,6 +15,7 @@ from django.db.models.functions import Coalesce
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import Organization
@@ -25,8 +27,9 @@ from metering.models import (
     LedgerEntry,
     ModelPrice,
     PriceBook,
+    UsageRecord,
 )
-from metering.selectors import organization_balance
+from metering.selectors import SERVING_COST_GROUPINGS, organization_balance, serving_cost_report
 from metering.services import credits_adjust
 from metering.services.postings import MAX_MOVEMENT, amount_display, credits_parse
 
@@ -259,3 +262,80 @@ class ModelPriceInline(admin.TabularInline):
 class PriceBookAdmin(ReadOnlyAdmin):
     list_display = ["version", "effective_at", "notes"]
     inlines = [ModelPriceInline]
+
+
+class ServingCostForm(forms.Form):
+    start = forms.DateField(help_text="First day, UTC (YYYY-MM-DD).")
+    end = forms.DateField(help_text="Last day, UTC, included.")
+    group_by = forms.ChoiceField(choices=[(g, g) for g in SERVING_COST_GROUPINGS])
+
+    def clean(self):
+        data = super().clean()
+        start, end = data.get("start"), data.get("end")
+        if start and end and end < start:
+            self.add_error("end", "The last day comes after the first.")
+        return data
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(ReadOnlyAdmin):
+    """Every job's usage and serving cost; "Serving cost report" sums them for finance."""
+
+    list_display = [
+        "job_id",
+        "organization",
+        "model_name",
+        "input_tokens",
+        "cached_input_tokens",
+        "output_tokens",
+        "engine_busy_ms",
+        "credits",
+        "serving_cost",
+        "currency",
+        "created_at",
+    ]
+    list_filter = ["model_name", "priority"]
+    search_fields = ["job_id", "organization__slug"]
+    list_select_related = ["organization"]
+    change_list_template = "admin/metering/usagerecord/change_list.html"
+
+    def get_urls(self):
+        report = path(
+            "report/",
+            self.admin_site.admin_view(self.report_view),
+            name="metering_usagerecord_report",
+        )
+        return [report, *super().get_urls()]
+
+    def report_view(self, request):
+        """Usage and serving cost per model or organization over days (UTC) staff choose;
+        this month so far by default. Anyone who may view usage records may see it."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        today = timezone.now().date()
+        form = ServingCostForm(
+            request.GET or {"start": today.replace(day=1), "end": today, "group_by": "model"}
+        )
+        rows = []
+        if form.is_valid():
+            data = form.cleaned_data
+            start = datetime.combine(data["start"], time.min, tzinfo=UTC)
+            end = datetime.combine(data["end"] + timedelta(days=1), time.min, tzinfo=UTC)
+            column = SERVING_COST_GROUPINGS[data["group_by"]]
+            for row in serving_cost_report(start=start, end=end, group_by=data["group_by"]):
+                rows.append(
+                    {
+                        **row,
+                        "group": row[column],
+                        "credits_display": amount_display(row["credits"]),
+                        "engine_busy_hours": f"{row['engine_busy_ms'] / 3_600_000:.3f}",
+                    }
+                )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Serving cost report",
+            "opts": self.model._meta,
+            "form": form,
+            "rows": rows,
+        }
+        return TemplateResponse(request, "admin/metering/usagerecord/report.html", context)

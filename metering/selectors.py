@@ -177,3 +177,27 @@ def usage_aggregate(
         )
         .order_by("group")
     )
+
+
+SERVING_COST_GROUPINGS = {"model": "model_name", "organization": "organization__slug"}
+
+
+def serving_cost_report(*, start: datetime, end: datetime, group_by: str) -> list[dict]:
+    """Usage and what serving it cost over [start, end), per model or per organization
+    and currency, largest cost first: finance's view of what each costs to serve (the
+    serving cost is fixed at settlement from the catalog's GPU-hour price)."""
+    column = SERVING_COST_GROUPINGS[group_by]
+    return list(
+        UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
+        .values(column, "currency")
+        .annotate(
+            requests=Count("id"),
+            input_tokens=Sum("input_tokens"),
+            cached_input_tokens=Sum("cached_input_tokens"),
+            output_tokens=Sum("output_tokens"),
+            engine_busy_ms=Sum("engine_busy_ms"),
+            credits=Sum("credits"),
+            serving_cost=Sum("serving_cost"),
+        )
+        .order_by("-serving_cost", column, "currency")
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.utils import timezone
 
 from metering.models import (
     AccountKind,
@@ -13,6 +14,7 @@ from metering.models import (
     TransactionKind,
 )
 from metering.selectors import organization_balance
+from metering.services.usage import Usage, usage_record_create
 from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import changelist_column, credits, ledger_rows, system_balance
 
@@ -184,3 +186,74 @@ def test_finance_give_credits_to_an_organization_that_never_had_any(admin_client
     # then its wallet is opened with them
     assert response.status_code == 302
     assert organization_balance(organization=org).available == credits(3)
+
+
+# --- finance's serving cost report ------------------------------------------------------
+
+
+def _usage(org, job: str, model: str, *, credits_: int, cost: int, busy_ms: int, tokens=(10, 2, 5)):
+    return usage_record_create(
+        organization_id=org.pk,
+        job_id=job,
+        model_name=model,
+        priority="standard",
+        usage=Usage(input_tokens=tokens[0], cached_input_tokens=tokens[1], output_tokens=tokens[2]),
+        credits=credits_,
+        engine_busy_ms=busy_ms,
+        serving_cost=cost,
+    )
+
+
+def test_finance_see_what_serving_each_model_and_organization_cost(admin_client):
+    # given today's usage: two jobs on one model for one gym, one on another for another
+    first, second = OrganizationFactory(slug="gym-a"), OrganizationFactory(slug="gym-b")
+    _usage(first, "j1", "gym-tiny", credits_=1_500, cost=30, busy_ms=1_800_000)
+    _usage(first, "j2", "gym-tiny", credits_=500, cost=10, busy_ms=1_800_000)
+    _usage(second, "j3", "gym-large", credits_=7_000, cost=90, busy_ms=3_600_000, tokens=(4, 0, 1))
+    today = timezone.now().date().isoformat()
+    url = "/admin/metering/usagerecord/report/"
+
+    # when finance open the report by model, then by organization (and the default)
+    by_model = admin_client.get(url, {"start": today, "end": today, "group_by": "model"})
+    by_org = admin_client.get(url, {"start": today, "end": today, "group_by": "organization"})
+    default = admin_client.get(url)
+
+    # then each row sums its jobs, the costliest first
+    rows = [
+        (r["group"], r["requests"], r["input_tokens"], r["output_tokens"], r["credits"],
+         r["serving_cost"], r["engine_busy_hours"])
+        for r in by_model.context["rows"]
+    ]  # fmt: skip
+    assert rows == [
+        ("gym-large", 1, 4, 1, 7_000, 90, "1.000"),
+        ("gym-tiny", 2, 20, 10, 2_000, 40, "1.000"),
+    ]
+    assert [(r["group"], r["serving_cost"]) for r in by_org.context["rows"]] == [
+        ("gym-b", 90),
+        ("gym-a", 40),
+    ]
+    assert default.context["rows"] == by_model.context["rows"]  # this month, by model
+    assert b"Serving cost report" in admin_client.get("/admin/metering/usagerecord/").content
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"start": "2026-12-05", "end": "2026-12-01", "group_by": "model"},
+        {"start": "yesterday", "end": "2026-12-01", "group_by": "model"},
+        {"start": "2026-12-01", "end": "2026-12-05", "group_by": "plan"},
+    ],
+    ids=["end-before-start", "not-a-date", "unknown-grouping"],
+)
+def test_a_malformed_report_query_is_shown_on_the_form(admin_client, query):
+    response = admin_client.get("/admin/metering/usagerecord/report/", query)
+
+    assert response.status_code == 200
+    assert response.context["form"].errors and response.context["rows"] == []
+
+
+def test_only_staff_who_may_view_usage_see_the_report(client):
+    staff = UserFactory(is_staff=True)
+    client.force_login(staff)
+
+    assert client.get("/admin/metering/usagerecord/report/").status_code == 403
