@@ -166,17 +166,18 @@ def usage_aggregate(
         qs = qs.annotate(group=models_F("model_name"))
     else:
         qs = qs.annotate(group=models_F("api_key__public_id"))
-    return list(
-        qs.values("group")
-        .annotate(
-            requests=Count("id"),
-            input_tokens=Sum("input_tokens"),
-            cached_input_tokens=Sum("cached_input_tokens"),
-            output_tokens=Sum("output_tokens"),
-            credits=Sum("credits"),
-        )
-        .order_by("group")
-    )
+    return list(qs.values("group").annotate(**_usage_sums()).order_by("group"))
+
+
+def _usage_sums() -> dict:
+    """What a usage aggregate sums per group: the partner API's and finance's alike."""
+    return {
+        "requests": Count("id"),
+        "input_tokens": Sum("input_tokens"),
+        "cached_input_tokens": Sum("cached_input_tokens"),
+        "output_tokens": Sum("output_tokens"),
+        "credits": Sum("credits"),
+    }
 
 
 SERVING_COST_GROUPINGS = {"model": "model_name", "organization": "organization__slug"}
@@ -191,12 +192,8 @@ def serving_cost_report(*, start: datetime, end: datetime, group_by: str) -> lis
         UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
         .values(column, "currency")
         .annotate(
-            requests=Count("id"),
-            input_tokens=Sum("input_tokens"),
-            cached_input_tokens=Sum("cached_input_tokens"),
-            output_tokens=Sum("output_tokens"),
+            **_usage_sums(),
             engine_busy_ms=Sum("engine_busy_ms"),
-            credits=Sum("credits"),
             serving_cost=Sum("serving_cost"),
         )
         .order_by("-serving_cost", column, "currency")
