@@ -14,6 +14,7 @@ from accounts.models import AuditEvent, Organization, User
 from gymbilling.models import CheckoutSession, PaymentReversal
 from metering.models import MICRO, JournalTransaction, TransactionKind
 from metering.selectors import organization_balance
+from metering.services.usage import Usage, usage_record_create
 from tests.factories import OrganizationFactory
 from tests.gymbilling import conftest as payment_fixtures
 from tests.gymbilling.billing import conftest as billing_fixtures
@@ -169,4 +170,30 @@ def test_finance_refund_a_pack_from_its_checkout_page(
     reversal = PaymentReversal.objects.get(organization=org)
     assert (reversal.kind, reversal.credits_clawed_back) == ("refund", 1_000 * MICRO)
     assert organization_balance(organization=org).available == 0
+    assert visit.failures == []
+
+
+def test_finance_read_the_serving_cost_report(app_server, visit):
+    # given a job's usage today, and staff signed in
+    usage_record_create(
+        organization_id=OrganizationFactory().pk,
+        job_id="job-e2e",
+        model_name="gym-tiny",
+        priority="standard",
+        usage=Usage(input_tokens=10, cached_input_tokens=0, output_tokens=5),
+        credits=1_500,
+        engine_busy_ms=3_600_000,
+        serving_cost=42,
+    )
+    _sign_in(visit, app_server)
+    page = visit.page
+
+    # when they go from the usage records to the report
+    page.goto(f"{app_server}/admin/metering/usagerecord/")
+    page.click("text=Serving cost report")
+
+    # then this month's row for the model shows its cost and its engine hours
+    cells = page.locator("#report .report-row td").all_inner_texts()
+    assert cells[:3] == ["gym-tiny", "usd", "1"]
+    assert cells[-3:] == ["1.000", "0.0015", "42"]
     assert visit.failures == []
