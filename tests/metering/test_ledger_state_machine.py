@@ -120,6 +120,7 @@ class HoldModel:
     expires_at: datetime
     status: str = HoldStatus.PENDING
     captured: int = 0
+    placed_at: datetime | None = None  # the hold row's created_at
 
 
 @dataclass
@@ -230,19 +231,46 @@ class LedgerMachine(RuleBasedStateMachine):
             remaining=lot.amount,
         )
 
+    def backing(self, account: tuple[int, str], now: datetime) -> dict[int, int]:
+        """holds_backing: what of each lot the pending holds will burn, each hold replayed
+        over the lots in its capture's order, the most recently placed first. A capture
+        burns the lots that expired after its hold was placed first, soonest-expired
+        first, then the unexpired ones in spend order; never those expired before."""
+        if account[1] != WALLET:
+            return {}
+        lots = self.open_lots(account)
+        free = {lot.pk: lot.remaining for lot in lots}
+        pending = [h for h in self.holds if h.org == account[0] and h.status == HoldStatus.PENDING]
+        for hold in sorted(pending, key=lambda h: h.placed_at, reverse=True):
+            usable = sorted(
+                (
+                    lot
+                    for lot in lots
+                    if lot.expires_at is not None and hold.placed_at < lot.expires_at <= now
+                ),
+                key=lambda lot: (lot.expires_at, *spend_order(lot)),
+            )
+            unexpired = sorted(
+                (lot for lot in lots if lot.expires_at is None or lot.expires_at > now),
+                key=spend_order,
+            )
+            left = hold.amount
+            for lot in (*usable, *unexpired):
+                take = min(free[lot.pk], left)
+                free[lot.pk] -= take
+                left -= take
+        return {lot.pk: lot.remaining - free[lot.pk] for lot in lots}
+
     def expire_account(self, account: tuple[int, str], now: datetime) -> int:
-        """account_expire_lots: expired remainders go, less what backs pending holds."""
-        due_lots = [
-            lot
-            for lot in self.open_lots(account)
-            if lot.expires_at is not None and lot.expires_at <= now
-        ]
-        due = sum(lot.remaining for lot in due_lots)
-        held = self.bal[(account[0], HOLDS)] if account[1] == WALLET else 0
-        movable = max(0, due - held)
-        if movable:
-            self.burn(due_lots, movable)
-            self.bal[account] -= movable
+        """account_expire_lots: expired remainders go, less what pending holds will burn."""
+        backing = self.backing(account, now)
+        movable = 0
+        for lot in self.open_lots(account):
+            if lot.expires_at is not None and lot.expires_at <= now:
+                take = lot.remaining - backing.get(lot.pk, 0)
+                lot.remaining -= take
+                movable += take
+        self.bal[account] -= movable
         return movable
 
     def record_new_expiries(self) -> None:
@@ -320,7 +348,15 @@ class LedgerMachine(RuleBasedStateMachine):
         assert (hold.amount, hold.status, hold.captured) == (amount, HoldStatus.PENDING, 0)
         self.bal[(org, WALLET)] -= amount
         self.bal[(org, HOLDS)] += amount
-        self.holds.append(HoldModel(key=key, org=org, amount=amount, expires_at=hold.expires_at))
+        self.holds.append(
+            HoldModel(
+                key=key,
+                org=org,
+                amount=amount,
+                expires_at=hold.expires_at,
+                placed_at=hold.created_at,
+            )
+        )
         self.txns.append(TxnModel(pk=hold.place_transaction_id, kind=TransactionKind.HOLD_PLACE))
         if then != "leave_pending":
             self.settle(self.holds[-1], then, part)
