@@ -300,23 +300,11 @@ def test_the_rollovers_listing_trim_and_the_expiry_sweep_never_take_the_same_cre
     sweep_at = rollover_at + timedelta(minutes=20)  # the minute's sweep, once the lot is due
     errors: list = []
     _no_deadlock_retries(monkeypatch)
-    real_expire_early = market_services.credits_expire_early
-    swept = threading.Thread(
-        name="sweep",
-        target=lambda: _on_own_connection(lambda: credits_expire(now=sweep_at), errors),
+    # The rollover has counted the listed credits and is about to trim them: the
+    # sweep comes now, and either runs or waits for what the rollover holds.
+    swept = _sweep_when_called(
+        monkeypatch, market_services, "credits_expire_early", now=sweep_at, errors=errors
     )
-
-    def sweep_in_between(**kwargs):
-        # The rollover has counted the listed credits and is about to trim them:
-        # the sweep comes now, and either runs or waits for what the rollover holds.
-        swept.start()
-        wait_until(
-            lambda: not swept.is_alive() or _lock_waiters() > 0,
-            what="the sweep to run or wait for the rollover",
-        )
-        return real_expire_early(**kwargs)
-
-    monkeypatch.setattr(market_services, "credits_expire_early", sweep_in_between)
     expiry_before = system_balance("expiry")
 
     # when: the rollover's cap (keep 100) runs, with the sweep in the middle
@@ -342,6 +330,27 @@ def test_the_rollovers_listing_trim_and_the_expiry_sweep_never_take_the_same_cre
     assert owned_later == credits(50)
     assert organization_listing(organization=seller, listing_id=listing.pk).available == credits(50)
     assert ledger_reconcile().ok
+
+
+def _sweep_when_called(monkeypatch, module, name: str, *, now, errors: list) -> threading.Thread:
+    """Make `module.name`'s call start the minute's expiry sweep (at `now`) on a connection
+    of its own, and go on once the sweep has run or waits for a lock the caller holds;
+    returns the sweep's thread, for the test to join."""
+    real = getattr(module, name)
+    swept = threading.Thread(
+        name="sweep", target=lambda: _on_own_connection(lambda: credits_expire(now=now), errors)
+    )
+
+    def sweep_first(**kwargs):
+        swept.start()
+        wait_until(
+            lambda: not swept.is_alive() or _lock_waiters() > 0,
+            what="the sweep to run or wait for the rollover",
+        )
+        return real(**kwargs)
+
+    monkeypatch.setattr(module, name, sweep_first)
+    return swept
 
 
 def _on_own_connection(work, errors: list) -> None:
@@ -375,21 +384,9 @@ def test_the_subscriptions_rollover_and_the_expiry_sweep_of_its_escrow_do_not_de
     sweep_at = timezone.now() + timedelta(minutes=20)
     errors: list = []
     _no_deadlock_retries(monkeypatch)
-    real_trim = subscriptions.credits_trim_with_listings
-    swept = threading.Thread(
-        name="sweep",
-        target=lambda: _on_own_connection(lambda: credits_expire(now=sweep_at), errors),
+    swept = _sweep_when_called(
+        monkeypatch, subscriptions, "credits_trim_with_listings", now=sweep_at, errors=errors
     )
-
-    def sweep_first(**kwargs):
-        swept.start()
-        wait_until(
-            lambda: not swept.is_alive() or _lock_waiters() > 0,
-            what="the sweep to run or wait for the rollover",
-        )
-        return real_trim(**kwargs)
-
-    monkeypatch.setattr(subscriptions, "credits_trim_with_listings", sweep_first)
 
     # when: the period rolls over (the sweep expires the escrow lot meanwhile: it locks the
     # escrow, and its expiry's foreign key to the organization is checked at COMMIT)
