@@ -58,6 +58,7 @@ from gymbilling.models import (
     PayoutStatus,
     ProceedsState,
 )
+from gymbilling.sweeps import each_isolated
 from metering.models import AccountKind, CreditLot, LotSource
 from metering.services import (
     claim_drop,
@@ -1463,10 +1464,11 @@ def market_reversals_pending_settle(*, now: datetime | None = None) -> int:
     Returns the micro-credits taken back.
     """
     now = now or timezone.now()
-    taken = 0
-    for pk in MarketReversal.objects.filter(credits_pending__gt=0).values_list("pk", flat=True):
-        taken += _reversal_pending_settle(reversal_id=pk, now=now)
-    return taken
+    return each_isolated(
+        MarketReversal.objects.filter(credits_pending__gt=0).values_list("pk", flat=True),
+        lambda pk: _reversal_pending_settle(reversal_id=pk, now=now),
+        what="the pending settle of marketplace reversal",
+    )
 
 
 @retry_on_deadlock

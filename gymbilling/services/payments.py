@@ -26,6 +26,7 @@ from gymbilling.models import (
     Invoice,
     PaymentReversal,
 )
+from gymbilling.sweeps import each_isolated
 from metering.models import CreditLot, JournalTransaction, LotSource
 from metering.selectors import lot_family_ids
 from metering.services import (
@@ -292,10 +293,11 @@ def payment_reversals_pending_settle(*, now: datetime | None = None) -> int:
     Returns the micro-credits taken back.
     """
     now = now or timezone.now()
-    taken = 0
-    for pk in PaymentReversal.objects.filter(credits_pending__gt=0).values_list("pk", flat=True):
-        taken += _reversal_pending_settle(reversal_id=pk, now=now)
-    return taken
+    return each_isolated(
+        PaymentReversal.objects.filter(credits_pending__gt=0).values_list("pk", flat=True),
+        lambda pk: _reversal_pending_settle(reversal_id=pk, now=now),
+        what="the pending settle of payment reversal",
+    )
 
 
 def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:

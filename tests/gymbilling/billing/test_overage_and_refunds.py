@@ -32,6 +32,7 @@ from metering.models import MICRO, CreditLot, JournalTransaction, LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place, hold_release
+from tests.factories import OrganizationFactory
 from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -592,3 +593,32 @@ def test_claims_repair_sets_a_wallets_claim_to_what_is_pending(
     again = io.StringIO()
     call_command("claims_repair", stdout=again)
     assert again.getvalue().strip() == "0 wallets repaired"
+
+
+def test_one_reversal_the_sweep_cannot_settle_does_not_hold_back_the_others(
+    customer, catalog, stripe_standin, stripe_sdk, deliver, caplog
+):
+    # given: a refunded pack a job held and has given back, and a pending reversal whose
+    # payment bought nothing here (a broken row)
+    org = refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+    hold_release(key="job-running")
+    broken = PaymentReversal.objects.create(
+        key="refund:ch_broken:1",
+        kind="refund",
+        organization=OrganizationFactory(),
+        stripe_charge_id="ch_broken",
+        stripe_payment_intent_id="pi_nothing_here",
+        amount=100,
+        currency="usd",
+        credits_bought=MICRO,
+        credits_pending=MICRO,
+    )
+
+    # when: the sweep runs
+    taken = payment_reversals_pending_settle()
+
+    # then: the broken one is logged and left pending; the pack's 1,000 came back anyway
+    assert taken == 1_000 * MICRO
+    assert PaymentReversal.objects.get(pk=broken.pk).credits_pending == MICRO
+    assert f"payment reversal {broken.pk} failed" in caplog.text
+    assert organization_balance(organization=org).total == 0
