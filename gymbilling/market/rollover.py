@@ -185,8 +185,14 @@ def rollover_reinstate_trim(
         return 0
     over = 0
     lot_ids: set[int] = set()
+    # Which carries missed which clawback: one query, not one per pair.
+    missed_by: dict[int, set[int]] = {}
+    for carry_id, clawback_id in RolloverCarry.clawbacks.through.objects.filter(
+        rollovercarry__in=carries, journaltransaction__in=clawback_ids
+    ).values_list("rollovercarry_id", "journaltransaction_id"):
+        missed_by.setdefault(clawback_id, set()).add(carry_id)
     for clawback_id in clawback_ids:
-        missed = [c for c in carries if c.clawbacks.filter(pk=clawback_id).exists()]
+        missed = [c for c in carries if c.pk in missed_by.get(clawback_id, ())]
         if not missed:
             continue
         returned = list(
