@@ -54,7 +54,7 @@ def claims_not_pending(organization_id: int | None = None) -> list[dict]:
     """Wallets whose claim is not what the organization's refunds and disputes still wait
     for (metering.services.ledger, "claims"): more locks up credits for nothing, less lets
     new work spend refunded credits. All wallets, or the one of `organization_id`."""
-    only = "" if organization_id is None else f" AND w.organization_id = {int(organization_id)}"
+    only = "" if organization_id is None else " AND w.organization_id = %s"
     return sql_rows(
         """
         SELECT w.organization_id, w.claimed, COALESCE(p.pending, 0) AS pending
@@ -72,7 +72,8 @@ def claims_not_pending(organization_id: int | None = None) -> list[dict]:
             ON p.organization_id = w.organization_id
          WHERE w.kind = 'wallet' AND w.claimed <> COALESCE(p.pending, 0)
         """
-        + only
+        + only,
+        None if organization_id is None else [organization_id],
     )
 
 

@@ -173,10 +173,10 @@ def register(name: str, description: str, check: Callable[[], list[dict]]) -> No
         _EXTRA.append((name, description, check))
 
 
-def sql_rows(sql: str) -> list[dict]:
+def sql_rows(sql: str, params: list | None = None) -> list[dict]:
     """Run one check's SQL; other apps' checks use it too."""
     with connection.cursor() as cursor:
-        cursor.execute(sql)
+        cursor.execute(sql, params)
         columns = [c[0] for c in cursor.description]
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
