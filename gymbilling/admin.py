@@ -189,6 +189,8 @@ class RefundAdminMixin:
             "original": row,
             "form": form,
             "back": back,
+            "back_label": str(row),
+            "action": "Refund",
         }
         return TemplateResponse(request, "admin/gymbilling/refund.html", context)
 

@@ -192,6 +192,8 @@ class LedgerAccountAdmin(AccountBalanceAdmin):
             "title": f"Adjust the credits of {organization.slug}",
             "opts": self.model._meta,
             "organization": organization,
+            "back_label": organization.slug,
+            "action": "Adjust credits",
             "form": form,
             "available": amount_display(organization_balance(organization=organization).available),
             "back": back,
@@ -337,5 +339,6 @@ class UsageRecordAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
             "form": form,
             "rows": rows,
+            "action": "Serving cost report",
         }
         return TemplateResponse(request, "admin/metering/usagerecord/report.html", context)
