@@ -65,6 +65,18 @@ def claimed_under_a_running_job(org, grant, *, own_priority: int = 100):
     return pack, refunded_at
 
 
+def settle_the_refund(org, pack, refunded_at) -> tuple[int, int]:
+    """The refund's pending settlement of the whole pack (claimed_under_a_running_job's)."""
+    return claim_settle(
+        organization=org,
+        lots=Q(pk=pack.pk),
+        pending=credits(100),
+        key="refund-1:pending",
+        memo="refund",
+        placed_before=refunded_at,
+    )
+
+
 def refused(call) -> ApplicationError:
     rows = ledger_rows()
     with pytest.raises(ApplicationError) as exc:
@@ -100,14 +112,7 @@ def test_no_hold_takes_claimed_credits_the_work_gave_back(org, grant, fast_path)
     assert "set 100 credits aside" in error.message
 
     # when: the refund settles what is pending
-    taken, still = claim_settle(
-        organization=org,
-        lots=Q(pk=pack.pk),
-        pending=credits(100),
-        key="refund-1:pending",
-        memo="refund",
-        placed_before=refunded_at,
-    )
+    taken, still = settle_the_refund(org, pack, refunded_at)
 
     # then: all 100 came back, nothing is claimed, and the member's 30 can be held
     assert (taken, still) == (credits(100), 0)
@@ -135,14 +140,7 @@ def test_transfers_and_adjustments_cannot_take_claimed_credits(org, other_org, g
     credits_transfer(source=org, destination=other_org, amount=credits(30), key="give-own")
 
     # and the claim settles the same
-    assert claim_settle(
-        organization=org,
-        lots=Q(pk=pack.pk),
-        pending=credits(100),
-        key="refund-1:pending",
-        memo="refund",
-        placed_before=refunded_at,
-    ) == (credits(100), 0)
+    assert settle_the_refund(org, pack, refunded_at) == (credits(100), 0)
     assert wallet_claim(org) == 0
 
 
@@ -254,14 +252,7 @@ def test_new_work_burns_the_members_own_credits_not_the_claimed_ones(org, grant,
 
     # and when the refund settles, all 100 come back: nothing lost, the member keeps
     # 10 of their own, the lot no longer marked
-    taken, still = claim_settle(
-        organization=org,
-        lots=Q(pk=pack.pk),
-        pending=credits(100),
-        key="refund-1:pending",
-        memo="refund",
-        placed_before=refunded_at,
-    )
+    taken, still = settle_the_refund(org, pack, refunded_at)
     assert (taken, still) == (credits(100), 0)
     assert organization_balance(organization=org).available == credits(10)
     assert wallet_claim(org) == 0
