@@ -29,7 +29,7 @@ from accounts.models import Organization
 from gymbilling.market.escrow import credits_expire_early, lots_remaining
 from gymbilling.models import FillStatus, MarketFill, PaymentReversal, RolloverCarry
 from metering.models import AccountKind, JournalTransaction, LotMovement, LotSource
-from metering.services import lots_trim
+from metering.services import clawbacks_under, lots_trim
 from metering.services.ledger import organization_account
 
 
@@ -48,9 +48,7 @@ def _dispute_clawbacks_away(organization: Organization) -> list[JournalTransacti
     ).values_list("key", flat=True)
     by_key = Q()
     for key in keys:
-        by_key |= Q(idempotency_key=f"clawback:{key}") | Q(
-            idempotency_key__startswith=f"clawback:{key}:"
-        )
+        by_key |= clawbacks_under(key)
     if not by_key:
         return []
     return list(

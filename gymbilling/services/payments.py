@@ -33,6 +33,7 @@ from metering.services import (
     claim_drop,
     claim_settle,
     clawbacks_reverse,
+    clawbacks_under,
     credits_claim,
     credits_grant,
     lot_clawback,
@@ -248,10 +249,7 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
             return reversal
         clawback_ids = list(
             JournalTransaction.objects.filter(organization=reversal.organization)
-            .filter(
-                Q(idempotency_key=f"clawback:{key}")
-                | Q(idempotency_key__startswith=f"clawback:{key}:")
-            )
+            .filter(clawbacks_under(key))
             .values_list("pk", flat=True)
         )
         # Before the ledger's accounts, as the market's lock order has them.

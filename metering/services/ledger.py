@@ -661,6 +661,13 @@ def lot_clawback(
     )
 
 
+def clawbacks_under(key: str) -> Q:
+    """The journal transactions lot_clawback made under `key` and the keys that extend it
+    (`key:...`: a later take of the same event), for a filter of an organization's."""
+    clawback = f"clawback:{key}"
+    return Q(idempotency_key=clawback) | Q(idempotency_key__startswith=f"{clawback}:")
+
+
 @retry_on_deadlock
 def clawbacks_reverse(*, key: str, reason: str, organization: Organization, actor=None) -> int:
     """Give back what `lot_clawback` took under `key`, and under the keys that extend it.
@@ -677,11 +684,10 @@ def clawbacks_reverse(*, key: str, reason: str, organization: Organization, acto
     (journal_key_prefix), among `organization`'s transactions.
     """
     require_key(key)
-    clawback = f"clawback:{key}"
     with transaction.atomic():
         taken = list(
             JournalTransaction.objects.filter(organization=organization)
-            .filter(Q(idempotency_key=clawback) | Q(idempotency_key__startswith=f"{clawback}:"))
+            .filter(clawbacks_under(key))
             .order_by("pk")
         )
         for original in taken:
