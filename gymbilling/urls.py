@@ -1,15 +1,35 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from accounts.dashboard import OrganizationSwitchView
+from accounts.views import SignupView
 from gymbilling.apis import StripeWebhookView
-from gymbilling.views import HealthView, HomeView, PingView, api_not_found, server_error
+from gymbilling.views import (
+    HealthView,
+    HomeView,
+    OverviewPage,
+    PingView,
+    api_not_found,
+    server_error,
+)
 
 urlpatterns = [
     path("", HomeView.as_view(), name="home"),
     path("healthz", HealthView.as_view(), name="health"),
     path("ping", PingView.as_view(), name="ping"),
     path("admin/", admin.site.urls),
+    # The customer dashboard: each app's pages (its views.py) under /dashboard/.
+    path(
+        "login/",
+        auth_views.LoginView.as_view(extra_context={"title": "Sign in"}),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("signup/", SignupView.as_view(), name="signup"),
+    path("dashboard/", OverviewPage.as_view(), name="dashboard"),
+    path("dashboard/organization", OrganizationSwitchView.as_view(), name="organization-switch"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/v1/", include("accounts.urls")),

@@ -4,12 +4,31 @@ from django.views.defaults import page_not_found
 from django.views.defaults import server_error as html_server_error
 from django.views.generic import TemplateView, View
 
+from accounts.dashboard import MemberPage
 from accounts.errors import json_error_response
 from gymbilling.middleware import API_PREFIXES
+from metering.selectors import organization_balance, organization_lots
 
 
 class HomeView(TemplateView):
     template_name = "home.html"
+
+
+class OverviewPage(MemberPage):
+    """The dashboard's first page: the organization's credits, and the lots they are in."""
+
+    template_name = "dashboard/overview.html"
+    title = "Overview"
+    nav = "overview"
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        organization = self.request.organization
+        context.update(
+            balance=organization_balance(organization=organization),
+            lots=organization_lots(organization=organization)[:50],
+        )
+        return context
 
 
 class HealthView(View):

@@ -104,9 +104,13 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
 STATIC_URL = "static/"
 # The app serves its static files itself (WhiteNoise), found in the installed
-# apps as it starts: the only pages are the admin and the API docs, and with no
+# apps as it starts (the dashboard, the admin, the API docs), and with no
 # `collectstatic` step there is none for an operator to forget. A deployment
 # with a CDN or a web server in front may still collect them: STATIC_ROOT says
 # where (unset, WhiteNoise has no folder to serve besides the apps').

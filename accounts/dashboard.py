@@ -1,0 +1,137 @@
+"""What every page of the customer dashboard shares.
+
+A page acts for one organization of the signed-in user: the one they chose
+with the switcher (kept in their session), else their personal organization,
+else their first. Roles limit pages as they limit the API (`allowed_roles`).
+
+A refusal from a service (`ApplicationError`) is not a crash: the page is
+drawn again with the message, and answered with the error's own status (402,
+409, ...), its machine-readable code in the page (`data-error-code`), so a
+person sees what to do and a script sees what happened. Nothing the service
+refused took effect; services own their transactions.
+
+This lives in `accounts`, the lowest app, so each app's pages (`views.py`)
+build on it without breaking the import direction in DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.generic import TemplateView
+
+from accounts.api_base import ALL_ROLES
+from accounts.errors import ApplicationError
+from accounts.models import Membership
+from accounts.selectors import user_memberships
+
+SESSION_ORGANIZATION = "dashboard_organization"
+
+
+def chosen_membership(request: HttpRequest, memberships: list[Membership]) -> Membership | None:
+    slug = request.session.get(SESSION_ORGANIZATION)
+    for membership in memberships:
+        if membership.organization.slug == slug:
+            return membership
+    personal = [m for m in memberships if m.organization.personal]
+    return (personal or memberships or [None])[0]
+
+
+def safe_next(request: HttpRequest, default: str) -> str:
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    if url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return default
+
+
+class MemberPage(LoginRequiredMixin, TemplateView):
+    """A dashboard page: signed in, a member of the organization, in a role it allows.
+
+    Subclasses set `template_name`, `title` and `nav` (the menu entry to mark),
+    add to `get_context_data`, and handle POST in `post()`, calling a service and
+    returning `self.done(message)` on success; a refusal is drawn by `dispatch`.
+    """
+
+    title = ""
+    nav = ""
+    allowed_roles: tuple[str, ...] = ALL_ROLES
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not request.user.is_authenticated:
+            return self.handle_no_permission()  # to the login page, with ?next=
+        memberships = list(user_memberships(user=request.user).order_by("organization__name"))
+        membership = chosen_membership(request, memberships)
+        if membership is None:
+            return render(
+                request, "dashboard/no_organization.html", {"title": "No organization"}, status=403
+            )
+        request.membership = membership
+        request.organization = membership.organization
+        request.memberships = memberships
+        if membership.role not in self.allowed_roles:
+            return render(
+                request,
+                "dashboard/forbidden.html",
+                {
+                    "title": self.title,
+                    "organization": request.organization,
+                    "memberships": memberships,
+                    "membership": membership,
+                    "roles": ", ".join(self.allowed_roles),
+                },
+                status=403,
+            )
+        try:
+            return super().dispatch(request, *args, **kwargs)
+        except ApplicationError as error:
+            if request.method != "POST":
+                raise
+            return self.refused(error)
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        context.update(
+            title=self.title,
+            nav=self.nav,
+            organization=self.request.organization,
+            membership=self.request.membership,
+            memberships=self.request.memberships,
+        )
+        return context
+
+    def refused(self, error: ApplicationError, **context: Any) -> HttpResponse:
+        """The page again, with the refusal, answered with its status."""
+        response = self.render_to_response(self.get_context_data(refusal=error, **context))
+        response.status_code = error.status
+        return response
+
+    def done(self, message: str, *, to: str | None = None) -> HttpResponseRedirect:
+        """Post/redirect/get: a success is shown once, and a reload does not repeat it."""
+        messages.success(self.request, message)
+        return HttpResponseRedirect(to or self.request.path)
+
+
+class OrganizationSwitchView(LoginRequiredMixin, TemplateView):
+    """POST `organization` (a slug among the user's): later pages act for it."""
+
+    http_method_names = ["post"]
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        slug = request.POST.get("organization", "")
+        if not user_memberships(user=request.user).filter(organization__slug=slug).exists():
+            return render(
+                request,
+                "dashboard/no_organization.html",
+                {"title": "No such organization", "slug": slug},
+                status=404,
+            )
+        request.session[SESSION_ORGANIZATION] = slug
+        return HttpResponseRedirect(safe_next(request, reverse("dashboard")))

@@ -1,0 +1,125 @@
+"""Signing up and in, choosing the organization, roles, and the overview."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from accounts.models import Membership, Organization, Role, User
+from metering.models import MICRO
+from tests.factories import OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_visitor_is_sent_to_sign_in_and_back(client):
+    response = client.get("/dashboard/")
+
+    assert response.status_code == 302
+    assert response["Location"] == "/login/?next=/dashboard/"
+
+
+def test_signing_up_creates_the_account_its_organization_and_signs_in(client):
+    response = client.post(
+        "/signup/", {"email": "Ada@Example.test", "password": "a long and unusual passphrase 3"}
+    )
+
+    assert response.status_code == 302 and response["Location"] == reverse("dashboard")
+    user = User.objects.get(email="ada@example.test")
+    membership = Membership.objects.get(user=user)
+    assert membership.role == Role.OWNER and membership.organization.personal
+    page = client.get("/dashboard/")
+    assert page.status_code == 200
+    assert b"ada@example.test" in page.content
+
+
+@pytest.mark.parametrize(
+    ("email", "password", "field"),
+    [
+        ("not-an-email", "a long and unusual passphrase 3", b"invalid_email"),
+        ("bob@example.test", "short", b"invalid_password"),
+        ("bob@example.test", "12345678901", b"invalid_password"),
+    ],
+)
+def test_a_bad_signup_is_refused_and_creates_nothing(client, email, password, field):
+    response = client.post("/signup/", {"email": email, "password": password})
+
+    assert response.status_code == 400
+    assert field in response.content
+    assert not User.objects.exists() and not Organization.objects.exists()
+
+
+def test_signing_up_twice_with_one_email_is_a_conflict(client):
+    client.post("/signup/", {"email": "c@example.test", "password": "a long passphrase, 44"})
+    client.logout()
+
+    response = client.post("/signup/", {"email": "C@example.test", "password": "another one 55!"})
+
+    assert response.status_code == 409
+    assert b"already has an account" in response.content
+    assert User.objects.count() == 1 and Organization.objects.count() == 1
+
+
+def test_signing_in_through_the_form_reaches_the_page_asked_for(client):
+    client.post("/signup/", {"email": "d@example.test", "password": "a long passphrase, 44"})
+    client.logout()
+
+    wrong = client.post("/login/", {"username": "d@example.test", "password": "nope"})
+    right = client.post(
+        "/login/",
+        {"username": "d@example.test", "password": "a long passphrase, 44", "next": "/dashboard/"},
+    )
+
+    assert wrong.status_code == 200 and b"invalid_login" in wrong.content
+    assert right.status_code == 302 and right["Location"] == "/dashboard/"
+
+
+def test_the_overview_shows_the_chosen_organizations_credits_exactly(client, member, grant):
+    user, first = member(Role.MEMBER)
+    second = OrganizationFactory(name="Second gym")
+    Membership.objects.create(user=user, organization=second, role=Role.BILLING)
+    grant(first, 5 * MICRO)
+    grant(second, 1_234_567)
+
+    before = client.get("/dashboard/")
+    switched = client.post(
+        "/dashboard/organization", {"organization": second.slug, "next": "/dashboard/"}
+    )
+    after = client.get("/dashboard/")
+
+    assert b'data-figure="available">5<' in before.content
+    assert switched.status_code == 302 and switched["Location"] == "/dashboard/"
+    assert b'data-figure="available">1.234567<' in after.content
+    assert b"Second gym" in after.content
+
+
+def test_switching_to_someone_elses_organization_is_refused(client, member):
+    member(Role.OWNER)
+    stranger = OrganizationFactory()
+
+    response = client.post("/dashboard/organization", {"organization": stranger.slug})
+    page = client.get("/dashboard/")
+
+    assert response.status_code == 404
+    assert b'data-error-code="not_found"' in response.content
+    assert stranger.name.encode() not in page.content
+
+
+def test_the_switch_does_not_redirect_off_the_site(client, member):
+    _, org = member(Role.OWNER)
+
+    response = client.post(
+        "/dashboard/organization", {"organization": org.slug, "next": "https://evil.test/"}
+    )
+
+    assert response["Location"] == "/dashboard/"
+
+
+def test_a_user_in_no_organization_is_told_so(client):
+    user = User.objects.create_user("lonely@example.test", "a long passphrase, 44")
+    client.force_login(user)
+
+    response = client.get("/dashboard/")
+
+    assert response.status_code == 403
+    assert b'data-error-code="no_organization"' in response.content
