@@ -73,6 +73,7 @@ cat <<MSG
 GymBilling demo is running (logs in var/log/).
 
   Home             http://127.0.0.1:${PORT}/
+  Dashboard        http://127.0.0.1:${PORT}/dashboard/   (member@gym.local / gym-demo-member)
   Finance admin    http://127.0.0.1:${PORT}/admin/   (admin@gym.local / gym-demo-admin)
   API docs         http://127.0.0.1:${PORT}/api/docs/
 

@@ -13,7 +13,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
-from accounts.models import Organization
+from accounts.models import Membership, Organization
 from inference.models import CatalogModel, ServerPool
 from metering.selectors import organization_balance
 from tests.helpers import settings_in_a_fresh_process
@@ -46,6 +46,10 @@ def test_the_demo_catalog_is_served_by_the_dev_engine_and_a_rerun_changes_nothin
     # and the demo organization got its credits once: 1,000 + 100 welcome
     demo = Organization.objects.get(slug="demo-gym")
     assert organization_balance(organization=demo).available == 1_100_000_000
+    # and the demo customer owns it, and can sign in to the dashboard
+    member = Membership.objects.get(user__email="member@gym.local")
+    assert member.organization == demo and member.role == "owner"
+    assert member.user.check_password("gym-demo-member")
 
     # and the operators' check finds it serving, its load read
     out = StringIO()

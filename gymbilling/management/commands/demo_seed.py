@@ -1,4 +1,6 @@
-"""Seed the demo: an admin, an organization with credits, a price book. Safe to re-run."""
+"""Seed the demo: an admin, a customer, an organization with credits, a price book.
+
+Safe to re-run."""
 
 from datetime import timedelta
 from decimal import Decimal
@@ -7,8 +9,13 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.models import ApiKey, Organization, Scope, User
-from accounts.services import apikey_create, apikey_revoke, organization_create
+from accounts.models import ApiKey, Membership, Organization, Role, Scope, User
+from accounts.services import (
+    apikey_create,
+    apikey_revoke,
+    membership_add,
+    organization_create,
+)
 from gymbilling.services.catalog import catalog_seed_defaults
 from inference.models import CatalogModel, Precision, ServerPool
 from metering.models import PriceBook
@@ -18,12 +25,17 @@ from metering.services.postings import amount_display
 
 DEMO_ADMIN_EMAIL = "admin@gym.local"
 DEMO_ADMIN_PASSWORD = "gym-demo-admin"  # a local demo only
+DEMO_MEMBER_EMAIL = "member@gym.local"  # the customer dashboard's sign-in
+DEMO_MEMBER_PASSWORD = "gym-demo-member"  # a local demo only
 DEMO_ORG = "demo-gym"
 MICRO = 1_000_000
 
 
 class Command(BaseCommand):
-    help = "Create demo data: an admin user, the demo-gym organization with credits, prices."
+    help = (
+        "Create demo data: an admin user, a customer who owns the demo-gym organization "
+        "with credits, prices."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument(
@@ -46,9 +58,15 @@ class Command(BaseCommand):
             admin = User.objects.filter(email=DEMO_ADMIN_EMAIL).first()
             if admin is None:
                 User.objects.create_superuser(DEMO_ADMIN_EMAIL, DEMO_ADMIN_PASSWORD)
+            member = User.objects.filter(email=DEMO_MEMBER_EMAIL).first()
+            if member is None:
+                member = User.objects.create_user(DEMO_MEMBER_EMAIL, DEMO_MEMBER_PASSWORD)
             org = Organization.objects.filter(slug=DEMO_ORG).first() or organization_create(
-                slug=DEMO_ORG, name="Demo Gym"
+                slug=DEMO_ORG, name="Demo Gym", owner=member
             )
+            # A demo database from before the dashboard has the organization but no customer.
+            if not Membership.objects.filter(user=member, organization=org).exists():
+                membership_add(organization=org, user=member, role=Role.OWNER)
         plans, packs = catalog_seed_defaults()
         self.stdout.write(f"catalog: {plans} plans and {packs} credit packs added")
         if not PriceBook.objects.exists():
