@@ -30,6 +30,7 @@ urlpatterns = [
     path("signup/", SignupView.as_view(), name="signup"),
     path("dashboard/", OverviewPage.as_view(), name="dashboard"),
     path("dashboard/organization", OrganizationSwitchView.as_view(), name="organization-switch"),
+    path("dashboard/", include("inference.page_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/v1/", include("accounts.urls")),
