@@ -2,9 +2,11 @@
 
 Bodies, streaming (Server-Sent Events, `stream_options.include_usage`) and
 errors follow OpenAI's, so the official SDKs work unchanged with `base_url`
-pointed here. Every response also says what it cost: the headers
+pointed here. Every response also says what it cost: a `gym` object in the
+body (micro-credits), and, when the answer is not streamed, the headers
 `X-Gym-Credits-Charged` and `X-Gym-Credits-Remaining` (credits, as decimal
-strings) and a `gym` object in the body (micro-credits).
+strings). A stream's headers go out before its job settles, so its cost is in
+the final chunk's `gym` object only.
 """
 
 from __future__ import annotations
