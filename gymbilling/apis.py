@@ -21,11 +21,15 @@ from accounts.api_base import (
     StrictSerializer,
 )
 from accounts.apis import OrganizationOutput
-from accounts.errors import ApplicationError, json_error_response
+from accounts.errors import json_error_response
 from accounts.models import Role, Scope
 from gymbilling import stripe_client
-from gymbilling.models import CreditPack, Plan
-from gymbilling.selectors import organization_invoices, packs_offered, plans_offered
+from gymbilling.selectors import (
+    catalog_items,
+    organization_invoices,
+    packs_offered,
+    plans_offered,
+)
 from gymbilling.services import checkout_create, portal_create, stripe_event_record
 from gymbilling.services.subscriptions import live_subscription
 
@@ -124,19 +128,9 @@ class CheckoutApi(OrgApiView):
     def post(self, request):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
-        plan = pack = None
-        if "plan" in data.validated_data:
-            plan = Plan.objects.filter(code=data.validated_data["plan"]).first()
-            if plan is None:
-                raise ApplicationError(
-                    code="plan_not_found", message="No such plan.", status=404, param="plan"
-                )
-        else:
-            pack = CreditPack.objects.filter(code=data.validated_data["pack"]).first()
-            if pack is None:
-                raise ApplicationError(
-                    code="pack_not_found", message="No such pack.", status=404, param="pack"
-                )
+        plan, pack = catalog_items(
+            plan=data.validated_data.get("plan"), pack=data.validated_data.get("pack")
+        )
         result = checkout_create(
             organization=request.organization,
             plan=plan,
