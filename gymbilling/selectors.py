@@ -6,7 +6,15 @@ from django.db.models import QuerySet
 
 from accounts.errors import ApplicationError
 from accounts.models import Organization
-from gymbilling.models import CreditPack, Invoice, Plan
+from gymbilling.models import (
+    CheckoutKind,
+    CheckoutSession,
+    CheckoutStatus,
+    CreditPack,
+    Invoice,
+    PaymentReversal,
+    Plan,
+)
 
 
 def plans_offered() -> QuerySet[Plan]:
@@ -43,3 +51,20 @@ def catalog_items(
 
 def organization_invoices(*, organization: Organization) -> QuerySet[Invoice]:
     return Invoice.objects.filter(organization=organization)
+
+
+def organization_pack_purchases(*, organization: Organization) -> QuerySet[CheckoutSession]:
+    """The credit packs the organization paid for, newest first (their invoices are
+    Stripe's receipts, not Invoice rows: a pack is a one-time Checkout payment)."""
+    return (
+        CheckoutSession.objects.filter(
+            organization=organization, kind=CheckoutKind.PACK, status=CheckoutStatus.COMPLETE
+        )
+        .select_related("pack")
+        .order_by("-completed_at", "-pk")
+    )
+
+
+def organization_payment_reversals(*, organization: Organization) -> QuerySet[PaymentReversal]:
+    """Refunds and disputes of the organization's subscription and pack payments, newest first."""
+    return PaymentReversal.objects.filter(organization=organization).order_by("-created_at", "-pk")

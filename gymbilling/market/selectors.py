@@ -95,6 +95,11 @@ def organization_listing(*, organization: Organization, listing_id: int) -> Mark
     return listings_with_availability().filter(pk=listing_id, seller=organization).first()
 
 
+def organization_listings(*, organization: Organization) -> QuerySet[MarketListing]:
+    """The seller's listings, newest first, with their availability."""
+    return listings_with_availability().filter(seller=organization).order_by("-created_at", "-pk")
+
+
 def organization_order(*, organization: Organization, order_id: int) -> MarketOrder | None:
     return (
         MarketOrder.objects.filter(pk=order_id, buyer=organization)

@@ -1,0 +1,99 @@
+"""Plan and billing, and invoices: what `gymbilling.apis` offers, as pages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.core.paginator import Paginator
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+
+from accounts.dashboard import MemberPage
+from gymbilling.apis import BILLING_ROLES
+from gymbilling.pages import ActionPage, cleaned
+from gymbilling.selectors import (
+    catalog_items,
+    organization_invoices,
+    organization_pack_purchases,
+    organization_payment_reversals,
+    packs_offered,
+    plans_offered,
+)
+from gymbilling.services import checkout_create, portal_create
+from gymbilling.services.subscriptions import live_subscription
+
+# What a plan change with the card on file did (checkout_create's `kind`).
+_CHANGED = {
+    "subscription_updated": "Your plan is changed. The prorated difference is invoiced to the "
+    "card on file, and its credits arrive once it is paid.",
+    "change_scheduled": "Your plan changes at the end of the current period; until then you "
+    "keep what you paid for.",
+}
+
+
+class CheckoutForm(forms.Form):
+    plan = forms.SlugField(required=False)
+    pack = forms.SlugField(required=False)
+    seats = forms.IntegerField(required=False, min_value=1, max_value=10_000)
+
+
+class BillingPage(ActionPage):
+    """The subscription, the plans and packs on sale, Checkout and the billing portal."""
+
+    template_name = "dashboard/billing.html"
+    title = "Plan and billing"
+    nav = "billing"
+    allowed_roles = action_roles = BILLING_ROLES
+    actions = ("checkout", "portal")
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        subscription = live_subscription(self.request.organization)
+        if subscription is not None:
+            context.update(
+                period_credits=subscription.plan.credits_for(subscription.seats),
+                period_price=subscription.plan.amount_for(subscription.seats),
+            )
+        context.update(
+            subscription=subscription,
+            plans=plans_offered(),
+            packs=packs_offered(),
+            returned=self.request.GET.get("checkout"),
+        )
+        return context
+
+    def checkout(self, request: HttpRequest) -> HttpResponse:
+        """Subscribe or buy a pack on Stripe's page; a plan change happens here, with the card on file."""
+        data = cleaned(CheckoutForm(request.POST))
+        plan, pack = catalog_items(plan=data["plan"] or None, pack=data["pack"] or None)
+        result = checkout_create(
+            organization=request.organization, plan=plan, pack=pack, seats=data["seats"] or 1
+        )
+        if result.kind == "checkout":
+            return HttpResponseRedirect(result.url)
+        return self.done(_CHANGED[result.kind])
+
+    def portal(self, request: HttpRequest) -> HttpResponse:
+        """Stripe's billing portal: cards, cancelation."""
+        return HttpResponseRedirect(portal_create(organization=request.organization))
+
+
+class InvoicesPage(MemberPage):
+    """Subscription invoices (paginated, as the API lists them), packs bought, refunds."""
+
+    template_name = "dashboard/invoices.html"
+    title = "Invoices"
+    nav = "invoices"
+    allowed_roles = BILLING_ROLES
+    per_page = 25
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        organization = self.request.organization
+        invoices = Paginator(organization_invoices(organization=organization), self.per_page)
+        context.update(
+            invoices=invoices.get_page(self.request.GET.get("page")),
+            packs=organization_pack_purchases(organization=organization)[:50],
+            reversals=organization_payment_reversals(organization=organization)[:50],
+        )
+        return context

@@ -1,0 +1,350 @@
+"""Plan and billing, and invoices: the Django test client against the Stripe stand-in over HTTP.
+
+Checkout sends the browser to the stand-in's payment page; the tests pay there as
+a customer would (`pay_checkout`), and the stand-in's webhooks are applied as the
+worker would apply them (`deliver`), before the page is read again.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+import urllib.request
+
+import pytest
+from django.test import Client, override_settings
+
+from accounts.models import Role
+from gymbilling.models import BillingCustomer, CheckoutSession, Invoice, Plan, Subscription
+from gymbilling.services import billing_customer_ensure
+from gymbilling.services.invoices import invoice_sync
+from metering.models import MICRO
+from metering.selectors import organization_balance
+from tests.dashboard.pages import figure, refused, row, rows, text
+from tests.factories import OrganizationFactory
+from tests.gymbilling import conftest as payment_fixtures
+from tests.gymbilling.billing import conftest as billing_fixtures
+from tests.helpers import ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+# The billing tests' own: the default plans and packs synced to the stand-in, and
+# webhook delivery into this test's transaction.
+catalog, deliver = billing_fixtures.catalog, payment_fixtures.deliver
+
+BILLING = "/dashboard/billing"
+
+
+def billing_rows():
+    return (
+        BillingCustomer.objects.count(),
+        CheckoutSession.objects.count(),
+        Subscription.objects.count(),
+        ledger_rows(),
+    )
+
+
+def checkout(client, **fields):
+    return client.post(BILLING, {"action": "checkout", **fields})
+
+
+def test_the_page_shows_the_plans_and_packs_at_their_exact_prices(client, member, catalog):
+    member(Role.BILLING)
+
+    page = client.get(BILLING)
+
+    assert page.status_code == 200
+    assert figure(page, "no-subscription").startswith("No subscription yet")
+    assert rows(page, "data-plan") == ["basic", "pro", "team", "enterprise"]
+    assert row(page, "data-plan", "pro") == {"price": "99.00 USD", "credits": "12000"}
+    assert row(page, "data-plan", "team") == {
+        "price": "49.00 USD a seat",
+        "credits": "5000 a seat",
+    }
+    assert row(page, "data-pack", "boost-1k") == {"credits": "1000", "price": "12.00 USD"}
+    assert row(page, "data-pack", "boost-10k") == {"credits": "10000", "price": "100.00 USD"}
+
+
+def test_subscribing_goes_to_checkout_and_the_paid_subscription_shows(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given an owner with no subscription
+    _, org = member(Role.OWNER)
+
+    # when they subscribe to Pro on the page
+    response = checkout(client, plan="pro")
+
+    # then the browser is sent to Stripe's Checkout page, for the session just recorded
+    session = CheckoutSession.objects.get(organization=org)
+    assert response.status_code == 302
+    assert response["Location"] == session.url
+    assert session.url.startswith(f"{stripe_standin.api_base}/checkout/")
+    assert (session.kind, session.plan.code, session.seats, session.status) == (
+        "subscription",
+        "pro",
+        1,
+        "open",
+    )
+
+    # and once they paid there and Stripe's events arrived, the page shows the subscription
+    stripe_standin.pay_checkout(session.stripe_session_id)
+    assert "failed" not in deliver()
+    page = client.get(BILLING)
+    assert figure(page, "plan") == "Pro"
+    assert figure(page, "status") == "Active"
+    assert figure(page, "period-credits") == "12000"
+    assert figure(page, "period-price") == "99.00 USD"
+    assert 'data-figure="cancel-at-period-end"' not in text(page)
+    # (Pro also lends a 20,000-credit overage allowance, billed as it is used)
+    overview = text(client.get("/dashboard/"))
+    assert 'data-figure="available">32000<' in overview
+    assert "<td>Subscription period</td>" in overview and '<td class="num">12000</td>' in overview
+    # and its invoice is listed, paid, with what it granted
+    [invoice] = Invoice.objects.filter(organization=org)
+    invoices = client.get("/dashboard/invoices")
+    assert row(invoices, "data-invoice", invoice.stripe_invoice_id) == {
+        "amount": "99.00 USD",
+        "paid": "99.00 USD",
+        "status": "paid",
+        "credits": "12000",
+    }
+
+
+def test_a_team_subscription_changes_seats_with_the_card_on_file(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given a team subscription of 5 seats, paid through Checkout
+    _, org = member(Role.ADMIN)
+    checkout(client, plan="team", seats="5")
+    stripe_standin.pay_checkout(CheckoutSession.objects.get(organization=org).stripe_session_id)
+    deliver()
+    assert figure(client.get(BILLING), "seats") == "5"
+
+    # when they lower it to 2 seats
+    response = checkout(client, plan="team", seats="2")
+    deliver()
+
+    # then no second Checkout: the change is scheduled at Stripe for the period's end,
+    # and the page says so once
+    assert response.status_code == 302 and response["Location"] == BILLING
+    assert CheckoutSession.objects.filter(organization=org).count() == 1
+    page = client.get(BILLING)
+    assert "Your plan changes at the end of the current period" in text(page)
+    assert figure(page, "seats") == "5"
+    assert figure(page, "scheduled") == "From the next period: Team, 2 seats."
+    assert figure(page, "period-credits") == "25000"
+    assert figure(page, "period-price") == "245.00 USD"
+
+
+def test_buying_a_pack_goes_to_checkout_and_its_credits_show(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given
+    _, org = member(Role.BILLING)
+
+    # when
+    response = checkout(client, pack="boost-1k")
+
+    # then
+    session = CheckoutSession.objects.get(organization=org)
+    assert response.status_code == 302 and response["Location"] == session.url
+    assert (session.kind, session.pack.code, session.amount_total) == ("pack", "boost-1k", 1_200)
+    stripe_standin.pay_checkout(session.stripe_session_id)
+    deliver()
+    assert organization_balance(organization=org).available == 1_000 * MICRO
+    assert figure(client.get("/dashboard/"), "available") == "1000"
+    invoices = client.get("/dashboard/invoices")
+    assert row(invoices, "data-checkout", session.stripe_session_id) == {
+        "amount": "12.00 USD",
+        "credits": "1000",
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "code"),
+    [
+        ({"plan": "no-such-plan"}, 404, "plan_not_found"),
+        ({"pack": "no-such-pack"}, 404, "pack_not_found"),
+        ({"plan": "pro", "pack": "boost-1k"}, 400, "invalid_request"),
+        ({}, 400, "invalid_request"),
+        ({"plan": "team", "seats": "1"}, 400, "invalid_seats"),
+        ({"plan": "pro", "seats": "3"}, 400, "invalid_seats"),
+        ({"plan": "team", "seats": "two"}, 400, "invalid_request"),
+        ({"plan": "team", "seats": "0"}, 400, "invalid_request"),
+        ({"pack": "boost-1k", "seats": "5"}, 400, "invalid_seats"),
+        ({"action": "coupon", "plan": "pro"}, 400, "invalid_request"),
+    ],
+)
+def test_a_refused_checkout_is_drawn_with_its_code_and_changes_nothing(
+    client, member, catalog, fields, status, code
+):
+    member(Role.OWNER)
+    before = billing_rows()
+
+    response = client.post(BILLING, {"action": "checkout", **fields})
+
+    assert refused(response, status, code), (response.status_code, text(response)[-600:])
+    assert rows(response, "data-plan") == [
+        "basic",
+        "pro",
+        "team",
+        "enterprise",
+    ]  # the page, drawn again
+    assert billing_rows() == before
+
+
+def test_a_plan_no_longer_offered_cannot_be_bought_from_a_stale_page(client, member, catalog):
+    member(Role.OWNER)
+    page = client.get(BILLING)
+    Plan.objects.filter(code="basic").update(active=False)
+    before = billing_rows()
+
+    response = checkout(client, plan="basic")
+
+    assert "basic" in rows(page, "data-plan")
+    assert refused(response, 400, "plan_not_available")
+    assert billing_rows() == before
+
+
+def test_stripe_unreachable_is_a_503_on_the_page_and_writes_nothing(client, member, catalog):
+    member(Role.OWNER)
+    before = billing_rows()
+
+    with override_settings(STRIPE_API_BASE="http://127.0.0.1:9", STRIPE_MAX_NETWORK_RETRIES=0):
+        response = checkout(client, pack="boost-1k")
+
+    assert refused(response, 503, "payments_unavailable")
+    assert billing_rows() == before
+
+
+def test_canceling_in_the_billing_portal_shows_on_the_page(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given a paid Pro subscription
+    _, org = member(Role.OWNER)
+    checkout(client, plan="pro")
+    stripe_standin.pay_checkout(CheckoutSession.objects.get(organization=org).stripe_session_id)
+    deliver()
+    subscription = Subscription.objects.get(organization=org)
+
+    # when they open the billing portal from the page, and cancel there
+    response = client.post(BILLING, {"action": "portal"})
+    portal = response["Location"]
+    with urllib.request.urlopen(portal, timeout=10) as shown:
+        offered = shown.read().decode()
+    cancel = urllib.request.Request(
+        f"{portal}/cancel",
+        data=urllib.parse.urlencode({"subscription": subscription.stripe_subscription_id}).encode(),
+        method="POST",
+    )
+    urllib.request.urlopen(cancel, timeout=10).close()
+    deliver()
+
+    # then the portal was Stripe's, for this subscription, and the page shows it ending
+    assert response.status_code == 302 and portal.startswith(f"{stripe_standin.api_base}/")
+    assert subscription.stripe_subscription_id in offered
+    page = client.get(BILLING)
+    assert figure(page, "status") == "Active"
+    assert figure(page, "cancel-at-period-end").startswith("It ends then")
+
+
+@pytest.mark.parametrize("path", [BILLING, "/dashboard/invoices"])
+def test_a_member_without_a_billing_role_is_refused(client, member, catalog, path):
+    member(Role.MEMBER)
+    before = billing_rows()
+
+    page = client.get(path)
+    bought = client.post(path, {"action": "checkout", "pack": "boost-1k"})
+
+    assert refused(page, 403, "permission_denied")
+    assert bought.status_code == 403
+    assert billing_rows() == before
+
+
+def test_a_post_needs_its_csrf_token(member, catalog):
+    user, org = member(Role.OWNER)
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+
+    response = browser.post(BILLING, {"action": "checkout", "pack": "boost-1k"})
+
+    assert response.status_code == 403
+    assert not CheckoutSession.objects.filter(organization=org).exists()
+
+
+def _invoice(org, n: int) -> Invoice:
+    """An open (unpaid) subscription invoice, mirrored as a Stripe event would mirror it."""
+    customer = BillingCustomer.objects.get(organization=org).stripe_customer_id
+    return invoice_sync(
+        invoice={
+            "id": f"in_page_{org.pk}_{n}",
+            "customer": customer,
+            "status": "open",
+            "currency": "jpy",
+            "amount_due": 1_000 + n,
+            "amount_paid": 0,
+            "created": 1_700_000_000 + n,
+            "hosted_invoice_url": f"https://invoice.stripe.test/{n}",
+            "billing_reason": "subscription_cycle",
+        },
+        subscription=None,
+    )
+
+
+def test_invoices_are_the_organizations_own_newest_first_and_paginated(
+    client, member, stripe_standin
+):
+    # given 30 invoices of this organization (in yen: no decimals) and one of another
+    _, org = member(Role.BILLING)
+    other = OrganizationFactory()
+    for each in (org, other):
+        billing_customer_ensure(organization=each)
+    for n in range(30):
+        _invoice(org, n)
+    _invoice(other, 99)
+
+    # when the first and the second page are read
+    first = client.get("/dashboard/invoices")
+    second = client.get("/dashboard/invoices?page=2")
+
+    # then 25 then 5, newest first, exact amounts, each with its link; none of the other's
+    assert rows(first, "data-invoice") == [f"in_page_{org.pk}_{n}" for n in range(29, 4, -1)]
+    assert rows(second, "data-invoice") == [f"in_page_{org.pk}_{n}" for n in range(4, -1, -1)]
+    assert row(first, "data-invoice", f"in_page_{org.pk}_29") == {
+        "amount": "1029 JPY",
+        "paid": "0 JPY",
+        "status": "open",
+        "credits": "0",
+    }
+    assert 'href="https://invoice.stripe.test/29"' in text(first)
+    assert f"in_page_{other.pk}_99" not in text(first) + text(second)
+
+
+def test_the_invoice_page_reads_as_many_queries_for_many_rows_as_for_few(
+    client, member, stripe_standin
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    _, org = member(Role.BILLING)
+    billing_customer_ensure(organization=org)
+    _invoice(org, 0)
+    with CaptureQueriesContext(connection) as few:
+        client.get("/dashboard/invoices")
+    for n in range(1, 20):
+        _invoice(org, n)
+    with CaptureQueriesContext(connection) as many:
+        client.get("/dashboard/invoices")
+
+    assert len(many) == len(few)
+
+
+def test_stripe_sends_customers_back_to_these_pages(client, member):
+    member(Role.OWNER)
+
+    billing = client.get("/billing/?checkout=success")
+    market = client.get("/market/?order=7&checkout=canceled")
+
+    assert billing.status_code == 302 and billing["Location"] == f"{BILLING}?checkout=success"
+    assert market["Location"] == "/dashboard/market?order=7&checkout=canceled"
+    assert figure(client.get(billing["Location"]), "no-subscription")
+    assert 'data-checkout="success"' in text(client.get(billing["Location"]))

@@ -1,0 +1,362 @@
+"""The marketplace page: the Django test client on the real database, Stripe's stand-in over HTTP.
+
+Every refusal is drawn on the page with its status and code, and leaves the
+ledger, the marketplace's rows and every balance exactly as they were.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from accounts.models import Membership, Role
+from gymbilling.market.services import listing_create
+from gymbilling.models import CheckoutSession, MarketListing, MarketOrder
+from metering.selectors import organization_balance
+from tests.dashboard.pages import figure, refused, row, rows, text
+from tests.factories import UserFactory
+from tests.gymbilling import conftest as payment_fixtures
+from tests.gymbilling.market import conftest as market_fixtures
+from tests.gymbilling.market.conftest import market_member, subscription_credits
+from tests.helpers import credits, ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+# The marketplace tests' own: the stand-in as the marketplace's Stripe, a seller with
+# 1,000 credits of a paid subscription and a buyer (each a Stripe customer), and
+# webhook delivery into this test's transaction.
+market_stripe, seller, buyer = (
+    market_fixtures.market_stripe,
+    market_fixtures.seller,
+    market_fixtures.buyer,
+)
+deliver = payment_fixtures.deliver
+
+MARKET = "/dashboard/market"
+
+
+def signed_in(organization, role: str = Role.OWNER) -> Client:
+    """A browser of its own, signed in as a new member of `organization` in `role`."""
+    user = UserFactory()
+    Membership.objects.create(user=user, organization=organization, role=role)
+    browser = Client()
+    browser.force_login(user)
+    return browser
+
+
+def state(*organizations):
+    """Everything a marketplace action may change: rows, and each organization's credits."""
+    return (
+        ledger_rows(),
+        MarketListing.objects.count(),
+        MarketOrder.objects.count(),
+        CheckoutSession.objects.count(),
+        [
+            (balance.available, balance.held, balance.escrowed)
+            for balance in (organization_balance(organization=o) for o in organizations)
+        ],
+    )
+
+
+def sell(browser, quantity: str, price: str, currency: str = "usd"):
+    return browser.post(
+        MARKET, {"action": "sell", "quantity": quantity, "price": price, "currency": currency}
+    )
+
+
+def buy(browser, quantity: str, price: str, **more):
+    fields = {"action": "buy", "quantity": quantity, "price": price, "currency": "usd"}
+    return browser.post(MARKET, fields | more)
+
+
+def test_listing_credits_moves_them_into_escrow_and_shows_them_as_yours(seller):
+    # given a seller with 1,000 credits of a paid subscription
+    browser = signed_in(seller)
+    assert organization_balance(organization=seller).available == credits(1000)
+
+    # when they list 100 at 2.50 USD per 1,000 credits
+    response = sell(browser, "100", "2.50")
+
+    # then 100 credits moved from the wallet into escrow, for one listing at 250 cents
+    listing = MarketListing.objects.get(seller=seller)
+    assert response.status_code == 302 and response["Location"] == MARKET
+    assert (listing.quantity, listing.price_per_1k, listing.currency, listing.status) == (
+        credits(100),
+        250,
+        "usd",
+        "open",
+    )
+    balance = organization_balance(organization=seller)
+    assert (balance.available, balance.escrowed) == (credits(900), credits(100))
+    # and the page says so once, lists it under the seller's listings and in the book
+    page = browser.get(MARKET)
+    assert f"Listed 100 credits (listing #{listing.pk})" in text(page)
+    assert row(page, "data-own-listing", listing.pk) == {
+        "quantity": "100",
+        "sold": "0",
+        "available": "100",
+        "price": "2.50 USD",
+        "status": "Open",
+    }
+    assert row(page, "data-listing", listing.pk) == {"available": "100", "price": "2.50 USD"}
+    assert "Listed 100 credits" not in text(browser.get(MARKET))
+    overview = browser.get("/dashboard/")
+    assert (figure(overview, "available"), figure(overview, "escrowed")) == ("900", "100")
+
+
+@pytest.mark.parametrize(
+    ("quantity", "price", "currency", "status", "code"),
+    [
+        ("5000", "2.50", "usd", 402, "insufficient_resellable_credits"),
+        ("5", "2.50", "usd", 400, "quantity_below_minimum"),
+        ("0", "2.50", "usd", 400, "invalid_quantity"),
+        ("100", "0", "usd", 400, "price_out_of_bounds"),
+        ("100", "1000.01", "usd", 400, "price_out_of_bounds"),
+        ("100", "2.50", "eur", 400, "unsupported_currency"),
+        ("0.0000001", "2.50", "usd", 400, "invalid_request"),
+        ("1e99999999", "2.50", "usd", 400, "invalid_request"),
+        ("-100", "2.50", "usd", 400, "invalid_request"),
+        ("100", "2.505", "usd", 400, "invalid_request"),
+        ("100", "two", "usd", 400, "invalid_request"),
+    ],
+)
+def test_a_refused_listing_is_drawn_with_its_code_and_changes_nothing(
+    seller, quantity, price, currency, status, code
+):
+    browser = signed_in(seller)
+    before = state(seller)
+
+    response = sell(browser, quantity, price, currency)
+
+    assert refused(response, status, code), (response.status_code, text(response)[-800:])
+    assert 'aria-label="List credits"' in text(response)  # the page, drawn again
+    assert state(seller) == before
+
+
+def test_only_paid_subscription_credits_can_be_listed(market_stripe, grant):
+    # given an organization whose 500 credits are a credit pack's
+    org = market_member()
+    grant(org, credits(500), source="pack", resellable=False)
+    browser = signed_in(org)
+    before = state(org)
+
+    response = sell(browser, "100", "2.50")
+
+    assert refused(response, 402, "insufficient_resellable_credits")
+    assert state(org) == before
+
+
+def test_buying_a_listing_goes_to_checkout_and_the_paid_credits_show(
+    market_stripe, seller, buyer, deliver
+):
+    # given 100 credits on offer at 2.50 USD per 1,000, and a buyer on the page
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=250, currency="usd")
+    browser = signed_in(buyer, Role.BILLING)
+    page = browser.get(MARKET)
+    assert row(page, "data-listing", listing.pk) == {"available": "100", "price": "2.50 USD"}
+    assert seller.name not in text(page) and seller.slug not in text(page)
+
+    # when they buy 40 of them
+    response = buy(browser, "40", "2.50", listing_id=listing.pk)
+
+    # then the credits are reserved for them and the browser goes to Stripe's Checkout
+    order = MarketOrder.objects.get(buyer=buyer)
+    assert response.status_code == 302 and response["Location"] == order.checkout_url
+    assert order.checkout_url.startswith(f"{market_stripe.standin.api_base}/checkout/")
+    assert (order.quantity, order.amount_total, order.status) == (credits(40), 10, "pending")
+    assert order.checkout.kind == "market_order"
+    assert row(browser.get(MARKET), "data-listing", listing.pk)["available"] == "60"
+
+    # and once paid at Stripe, back on the page: the order is paid and the credits theirs
+    market_stripe.pay(order.checkout.stripe_session_id)
+    assert "failed" not in deliver()
+    back = browser.get(f"/market/?order={order.pk}&checkout=success", follow=True)
+    assert f'data-order="{order.pk}" data-order-status="paid"' in text(back)
+    assert f"Order #{order.pk}: 40 credits for 0.10 USD" in text(back)
+    assert figure(browser.get("/dashboard/"), "available") == "40"
+    # and the seller sees 40 sold, 60 still on offer
+    assert row(signed_in(seller).get(MARKET), "data-own-listing", listing.pk) == {
+        "quantity": "100",
+        "sold": "40",
+        "available": "60",
+        "price": "2.50 USD",
+        "status": "Open",
+    }
+
+
+def test_the_cheapest_offers_fill_an_order_across_listings(market_stripe, seller, buyer):
+    # given 100 credits at 2.00 USD and 100 at 3.00 USD per 1,000, of two sellers
+    other = market_member(credits_amount=credits(1000))
+    cheap = listing_create(seller=seller, quantity=credits(100), price_per_1k=200, currency="usd")
+    dear = listing_create(seller=other, quantity=credits(100), price_per_1k=300, currency="usd")
+    browser = signed_in(buyer)
+
+    # when the buyer asks for 150 credits at most 3.00 per 1,000
+    response = buy(browser, "150", "3")
+
+    # then all of the cheaper listing and 50 of the dearer are reserved: 20 + 15 cents
+    order = MarketOrder.objects.get(buyer=buyer)
+    assert response["Location"] == order.checkout_url
+    assert sorted((f.listing_id, f.quantity) for f in order.fills.all()) == [
+        (cheap.pk, credits(100)),
+        (dear.pk, credits(50)),
+    ]
+    assert order.amount_total == 35
+
+
+def test_a_refused_order_is_drawn_with_its_code_and_changes_nothing(
+    market_stripe, seller, buyer, settings
+):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    as_buyer, as_seller = signed_in(buyer), signed_in(seller)
+    before = state(seller, buyer)
+
+    for browser, fields, status, code in [
+        (as_seller, {"quantity": "10", "price": "3", "listing_id": listing.pk}, 400, "own_listing"),
+        (as_buyer, {"quantity": "101", "price": "3"}, 409, "insufficient_liquidity"),
+        (as_buyer, {"quantity": "10", "price": "2.99"}, 409, "insufficient_liquidity"),
+        (
+            as_buyer,
+            {"quantity": "10", "price": "3", "listing_id": 999_999},
+            404,
+            "listing_not_found",
+        ),
+        (as_buyer, {"quantity": "0", "price": "3"}, 400, "invalid_quantity"),
+        (as_buyer, {"quantity": "ten", "price": "3"}, 400, "invalid_request"),
+        (
+            as_buyer,
+            {"quantity": "10", "price": "3", "currency": "eur"},
+            400,
+            "unsupported_currency",
+        ),
+    ]:
+        response = buy(browser, **fields)
+        assert refused(response, status, code), (fields, response.status_code)
+    # (Stripe's card minimum, 50 cents, is more than 10 credits at 3.00 per 1,000)
+    settings.MARKET_MIN_ORDER_AMOUNTS = settings.STRIPE_MINIMUM_CHARGES
+    assert refused(buy(as_buyer, "10", "3"), 400, "amount_below_minimum")
+
+    assert state(seller, buyer) == before
+    assert listing.status == MarketListing.objects.get(pk=listing.pk).status == "open"
+
+
+def test_stripe_unreachable_gives_the_reserved_credits_back(market_stripe, seller, buyer):
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    browser = signed_in(buyer)
+    balances = state(seller, buyer)[-1]
+    market_stripe.down = True
+
+    response = buy(browser, "50", "3")
+
+    assert refused(response, 503, "payments_unavailable")
+    assert state(seller, buyer)[-1] == balances
+    assert MarketOrder.objects.get(buyer=buyer).status == "failed"
+
+
+def test_withdrawing_a_listing_gives_its_credits_back(seller):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    browser = signed_in(seller, Role.ADMIN)
+
+    response = browser.post(MARKET, {"action": "withdraw", "listing": listing.pk})
+    again = browser.post(MARKET, {"action": "withdraw", "listing": listing.pk})
+
+    assert response.status_code == 302 and response["Location"] == MARKET
+    balance = organization_balance(organization=seller)
+    assert (balance.available, balance.escrowed) == (credits(1000), 0)
+    page = browser.get(MARKET)
+    assert row(page, "data-own-listing", listing.pk)["status"] == "Canceled"
+    assert rows(page, "data-listing") == []  # off the book
+    assert refused(again, 409, "listing_not_open")
+
+
+def test_another_organizations_listing_cannot_be_withdrawn(seller, buyer):
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    browser = signed_in(buyer)
+    before = state(seller, buyer)
+
+    response = browser.post(MARKET, {"action": "withdraw", "listing": listing.pk})
+
+    assert refused(response, 404, "not_found")
+    assert state(seller, buyer) == before
+    assert MarketListing.objects.get(pk=listing.pk).status == "open"
+
+
+def test_a_member_sees_the_market_but_cannot_trade(market_stripe, seller, buyer):
+    # given a listing, and a plain member of each organization
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    as_seller, as_buyer = signed_in(seller, Role.MEMBER), signed_in(buyer, Role.MEMBER)
+    before = state(seller, buyer)
+
+    # when they read the page, and try to list, withdraw and buy
+    page = as_seller.get(MARKET)
+    listed = sell(as_seller, "100", "2.50")
+    withdrawn = as_seller.post(MARKET, {"action": "withdraw", "listing": listing.pk})
+    bought = buy(as_buyer, "10", "3", listing_id=listing.pk)
+
+    # then they see the book and the organization's listings, with no forms to act,
+    # and every action is refused as the API refuses it; nothing changed
+    assert page.status_code == 200
+    assert row(page, "data-own-listing", listing.pk)["status"] == "Open"
+    assert 'name="action"' not in text(page).split("<main>", 1)[1]
+    for response in (listed, withdrawn, bought):
+        assert refused(response, 403, "permission_denied")
+    assert state(seller, buyer) == before
+
+
+def test_a_marketplace_post_needs_its_csrf_token(seller):
+    user = UserFactory()
+    Membership.objects.create(user=user, organization=seller, role=Role.OWNER)
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    before = state(seller)
+
+    response = sell(browser, "100", "2.50")
+
+    assert response.status_code == 403
+    assert state(seller) == before
+
+
+def test_the_page_reads_as_many_queries_for_many_listings_as_for_one(seller, buyer):
+    # given one listing of the seller's and one of another's, then five more of each
+    browser = signed_in(seller)
+    others = market_member(credits_amount=credits(1000))
+
+    def list_one():
+        for org in (seller, others):
+            listing_create(seller=org, quantity=credits(10), price_per_1k=300, currency="usd")
+
+    list_one()
+    with CaptureQueriesContext(connection) as few:
+        browser.get(MARKET)
+    for _ in range(5):
+        list_one()
+    with CaptureQueriesContext(connection) as many:
+        page = browser.get(MARKET)
+
+    # then the page shows them all, at the same cost
+    assert len(rows(page, "data-listing")) == 12 and len(rows(page, "data-own-listing")) == 6
+    assert len(many) == len(few)
+
+
+def test_an_order_of_another_organization_is_not_shown(market_stripe, seller, buyer):
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    buy(signed_in(buyer), "50", "3")
+    order = MarketOrder.objects.get(buyer=buyer)
+
+    page = signed_in(seller).get(f"{MARKET}?order={order.pk}")
+    odd = signed_in(seller).get(f"{MARKET}?order=²")
+
+    assert page.status_code == 200 and "data-order=" not in text(page)
+    assert odd.status_code == 200 and "data-order=" not in text(odd)
+
+
+def test_subscription_credits_of_the_buyer_stay_where_they_are(market_stripe, seller, buyer):
+    # Buying never touches the buyer's own credits: they pay by card.
+    subscription_credits(buyer, credits(70))
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+
+    buy(signed_in(buyer), "50", "3")
+
+    assert organization_balance(organization=buyer).available == credits(70)

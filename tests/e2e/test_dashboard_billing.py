@@ -1,0 +1,111 @@
+"""The billing and marketplace pages in a real browser, served as production serves them.
+
+Each test also asserts that nothing the page loaded failed (tests/e2e/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from accounts.models import Membership
+from gymbilling.models import CheckoutSession, MarketListing
+from metering.models import MICRO
+from metering.selectors import organization_balance
+from tests.e2e.test_dashboard import EMAIL, sign_up
+from tests.gymbilling import conftest as payment_fixtures
+from tests.gymbilling.billing import conftest as billing_fixtures
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+# The plans and packs synced to the Stripe stand-in, and webhook delivery (tests/gymbilling).
+catalog, deliver = billing_fixtures.catalog, payment_fixtures.deliver
+
+
+def test_a_customer_lists_credits_and_sees_them_in_escrow(app_server, visit, grant):
+    # given a new customer with 500 credits of a paid subscription
+    sign_up(visit, app_server)
+    org = Membership.objects.get(user__email=EMAIL).organization
+    grant(org, 500 * MICRO)
+    page = visit.page
+
+    # when they list 120 of them at 3 USD per 1,000 credits, from the menu's Marketplace
+    page.click("nav.side >> text=Marketplace")
+    page.wait_for_url(f"{app_server}/dashboard/market")
+    page.fill("#sell-quantity", "120")
+    page.fill("#sell-price", "3")
+    page.click("text=List credits")
+    page.wait_for_selector(".message.success")
+
+    # then the listing is under "Your listings", open, at its exact price
+    listing = MarketListing.objects.get(seller=org)
+    mine = page.locator(f"tr[data-own-listing='{listing.pk}']")
+    assert mine.locator("[data-col=quantity]").inner_text() == "120"
+    assert mine.locator("[data-col=price]").inner_text() == "3.00 USD"
+    assert mine.locator("[data-col=status]").inner_text() == "Open"
+    assert (listing.quantity, listing.price_per_1k) == (120 * MICRO, 300)
+    # and the overview shows them in escrow, out of what is available
+    page.click("nav.side >> text=Overview")
+    assert page.locator("[data-figure=escrowed]").inner_text() == "120"
+    assert page.locator("[data-figure=available]").inner_text() == "380"
+    assert visit.failures == []
+
+
+def test_a_refused_listing_is_shown_on_the_page(app_server, visit, grant):
+    # given a customer whose only credits are 50 of a pack (not resellable)
+    sign_up(visit, app_server)
+    org = Membership.objects.get(user__email=EMAIL).organization
+    grant(org, 50 * MICRO, source="pack", resellable=False)
+    page = visit.page
+    page.goto(f"{app_server}/dashboard/market")
+
+    # when they try to list 20
+    page.fill("#sell-quantity", "20")
+    page.fill("#sell-price", "3")
+    with page.expect_response(f"{app_server}/dashboard/market") as answer:
+        page.click("text=List credits")
+
+    # then the page says why, with the code, and their credits stay theirs
+    assert answer.value.status == 402
+    alert = page.locator("[role=alert]")
+    assert alert.get_attribute("data-error-code") == "insufficient_resellable_credits"
+    assert page.locator("#sell-quantity").input_value() == "20"
+    assert organization_balance(organization=org).available == 50 * MICRO
+    assert not MarketListing.objects.exists()
+    visit.failures.remove(f"402 {app_server}/dashboard/market")  # the refusal itself
+    assert visit.failures == []
+
+
+def test_a_customer_buys_a_pack_through_stripe_checkout(
+    app_server, visit, catalog, stripe_standin, deliver
+):
+    # given a new customer on the billing page
+    sign_up(visit, app_server)
+    org = Membership.objects.get(user__email=EMAIL).organization
+    page = visit.page
+    page.click("nav.side >> text=Plan and billing")
+    assert page.locator("tr[data-pack=boost-1k] [data-col=price]").inner_text() == "12.00 USD"
+
+    # when they buy the 1,000-credit pack
+    page.click("tr[data-pack=boost-1k] >> text=Buy")
+
+    # then the browser is on Stripe's Checkout page (the stand-in's) for 12.00 USD
+    page.wait_for_url(f"{stripe_standin.api_base}/checkout/**")
+    session = CheckoutSession.objects.get(organization=org)
+    assert page.url == session.url
+    assert "12.00 USD" in page.inner_text("body")
+
+    # and once paid there, Stripe sends them back (the app's SITE_URL is not this
+    # server's, so the test pays as the page's form does and follows the return
+    # link itself), the credits are theirs, and the purchase is listed
+    stripe_standin.pay_checkout(session.stripe_session_id)
+    deliver()
+    page.goto(f"{app_server}/billing/?checkout=success")
+    assert page.url == f"{app_server}/dashboard/billing?checkout=success"
+    assert page.locator("[data-checkout=success]").is_visible()
+    page.click("nav.side >> text=Overview")
+    assert page.locator("[data-figure=available]").inner_text() == "1000"
+    page.click("nav.side >> text=Invoices")
+    bought = page.locator(f"tr[data-checkout='{session.stripe_session_id}']")
+    assert bought.locator("[data-col=amount]").inner_text() == "12.00 USD"
+    assert bought.locator("[data-col=credits]").inner_text() == "1000"
+    assert visit.failures == []
