@@ -19,13 +19,14 @@ from accounts.api_base import (
 )
 from accounts.authentication import KeyPrincipal
 from accounts.errors import ApplicationError
-from accounts.models import Membership, Organization, Role, Scope, User
+from accounts.models import Membership, Organization, Role, Scope
 from accounts.selectors import (
     invitation_by_token,
     organization_api_keys,
     organization_audit_events,
     organization_members,
     organization_open_invitations,
+    user_by_email,
 )
 from accounts.services import (
     apikey_create,
@@ -231,17 +232,9 @@ class MemberListAddApi(PathOrgApiView):
     def post(self, request, org_id: int):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
-        user = User.objects.filter(email=data.validated_data["email"].lower()).first()
-        if user is None:
-            raise ApplicationError(
-                code="user_not_found",
-                message="No user has that email; send an invitation instead.",
-                status=404,
-                param="email",
-            )
         membership = membership_add(
             organization=request.organization,
-            user=user,
+            user=user_by_email(email=data.validated_data["email"]),
             role=data.validated_data["role"],
             actor=acting_user(request),
             actor_key=acting_key(request),

@@ -6,7 +6,8 @@ import hashlib
 
 from django.db.models import QuerySet
 
-from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization
+from accounts.errors import ApplicationError
+from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization, User
 
 
 def organization_api_keys(*, organization: Organization) -> QuerySet[ApiKey]:
@@ -27,6 +28,19 @@ def organization_audit_events(*, organization: Organization) -> QuerySet[AuditEv
     return AuditEvent.objects.filter(organization=organization).select_related(
         "actor_user", "actor_key"
     )
+
+
+def user_by_email(*, email: str) -> User:
+    """The person with an account under `email` (any case), or `user_not_found`."""
+    user = User.objects.filter(email=email.lower()).first()
+    if user is None:
+        raise ApplicationError(
+            code="user_not_found",
+            message="No user has that email; send an invitation instead.",
+            status=404,
+            param="email",
+        )
+    return user
 
 
 def user_memberships(*, user) -> QuerySet[Membership]:
