@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.exceptions import NON_FIELD_ERRORS
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
@@ -112,6 +114,24 @@ class MemberPage(LoginRequiredMixin, TemplateView):
         response = self.render_to_response(self.get_context_data(refusal=error, **context))
         response.status_code = error.status
         return response
+
+    def invalid(self, form: forms.Form, *, name: str = "form", **context: Any) -> HttpResponse:
+        """A form the page cannot take, drawn again (as `name` in the context) with its
+        errors, answered 400.
+
+        The code names the first field in error, `invalid_<field>`: where a service
+        checks the same field its code is the same (`invalid_name`, `invalid_scopes`,
+        `invalid_role`), so a refusal reads alike whichever of the two caught it.
+        """
+        field, errors = next(iter(form.errors.items()))
+        if field == NON_FIELD_ERRORS:
+            error = ApplicationError(code="invalid_request", message=errors[0])
+        else:
+            label = form[field].label
+            error = ApplicationError(
+                code=f"invalid_{field}", message=f"{label}: {errors[0]}", param=field
+            )
+        return self.refused(error, **{name: form}, **context)
 
     def done(self, message: str, *, to: str | None = None) -> HttpResponseRedirect:
         """Post/redirect/get: a success is shown once, and a reload does not repeat it."""

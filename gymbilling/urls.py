@@ -31,6 +31,7 @@ urlpatterns = [
     path("signup/", SignupView.as_view(), name="signup"),
     path("dashboard/", OverviewPage.as_view(), name="dashboard"),
     path("dashboard/organization", OrganizationSwitchView.as_view(), name="organization-switch"),
+    path("dashboard/", include("metering.page_urls")),
     path("dashboard/", include("inference.page_urls")),
     path("dashboard/", include("gymbilling.page_urls")),
     # Where Stripe sends a customer back to after Checkout or the billing portal

@@ -157,9 +157,7 @@ def usage_aggregate(
             message=f"group_by must be one of {', '.join(sorted(USAGE_GROUPINGS))}.",
             param="group_by",
         )
-    qs = UsageRecord.objects.filter(
-        organization=organization, created_at__gte=start, created_at__lt=end
-    )
+    qs = _organization_usage(organization=organization, start=start, end=end)
     if group_by == "day":
         qs = qs.annotate(group=TruncDay("created_at"))
     elif group_by == "model":
@@ -167,6 +165,26 @@ def usage_aggregate(
     else:
         qs = qs.annotate(group=models_F("api_key__public_id"))
     return list(qs.values("group").annotate(**_usage_sums()).order_by("group"))
+
+
+def usage_by_day_and_model(
+    *, organization: Organization, start: datetime, end: datetime
+) -> list[dict]:
+    """Usage totals per day (midnight UTC, `day`) and model (`model_name`) over [start, end),
+    days first, then models: the dashboard's chart stacks each day's models in one bar."""
+    return list(
+        _organization_usage(organization=organization, start=start, end=end)
+        .annotate(day=TruncDay("created_at"))
+        .values("day", "model_name")
+        .annotate(**_usage_sums())
+        .order_by("day", "model_name")
+    )
+
+
+def _organization_usage(*, organization: Organization, start: datetime, end: datetime) -> QuerySet:
+    return UsageRecord.objects.filter(
+        organization=organization, created_at__gte=start, created_at__lt=end
+    )
 
 
 def _usage_sums() -> dict:

@@ -1,7 +1,8 @@
 """Dashboard pages through Django's test client, on the real database.
 
 `member` signs a user in as a member of an organization in a given role; the
-browser tests (tests/e2e) sign in through the login form instead.
+browser tests (tests/e2e) sign in through the login form instead. `assert_refused`
+checks a refusal as a script reads it: the status and the page's `data-error-code`.
 """
 
 from __future__ import annotations
@@ -24,3 +25,9 @@ def member(client):
         return user, organization
 
     return _member
+
+
+def assert_refused(response, status: int, code: str) -> None:
+    """A page's refusal: its status, and its machine-readable code on the page."""
+    assert response.status_code == status, response.content
+    assert f'data-error-code="{code}"'.encode() in response.content
