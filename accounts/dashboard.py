@@ -16,12 +16,14 @@ build on it without breaking the import direction in DESIGN.md.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import NON_FIELD_ERRORS
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
@@ -34,6 +36,8 @@ from accounts.models import Membership
 from accounts.selectors import user_memberships
 
 SESSION_ORGANIZATION = "dashboard_organization"
+
+M = TypeVar("M", bound=Model)
 
 
 def chosen_membership(request: HttpRequest, memberships: list[Membership]) -> Membership | None:
@@ -137,6 +141,31 @@ class MemberPage(LoginRequiredMixin, TemplateView):
         """Post/redirect/get: a success is shown once, and a reload does not repeat it."""
         messages.success(self.request, message)
         return HttpResponseRedirect(to or self.request.path)
+
+
+def owned_or_refused(queryset: QuerySet[M], pk: int, *, what: str) -> M:
+    """The row `pk` of a selector already limited to the page's organization.
+
+    Another organization's row answers exactly as a missing one does (404
+    `not_found`), as the API's do, so an id reveals nothing.
+    """
+    row = queryset.filter(pk=pk).first()
+    if row is None:
+        raise ApplicationError(
+            code="not_found", message=f"No such {what} in this organization.", status=404
+        )
+    return row
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """What a page asks before a POST that cannot be undone (dashboard/confirm.html):
+    the link that asks is a GET, which changes nothing; only the POST does."""
+
+    question: str
+    consequence: str
+    action: str  # the URL the confirming POST goes to
+    button: str
 
 
 class OrganizationSwitchView(LoginRequiredMixin, TemplateView):

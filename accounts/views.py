@@ -1,4 +1,4 @@
-"""The dashboard's pages for people: signing up, and which organization they act for.
+"""The dashboard's pages for people: signing up, API keys, members and invitations.
 
 Signing in and out are Django's own views (`gymbilling/urls.py`), drawn with
 `templates/registration/`.
@@ -6,16 +6,36 @@ Signing in and out are Django's own views (`gymbilling/urls.py`), drawn with
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 from django.contrib.auth import login, password_validation
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
+from django.utils import timezone
 from django.views import View
 
+from accounts.api_base import MANAGERS
+from accounts.dashboard import Confirmation, MemberPage, owned_or_refused
 from accounts.errors import ApplicationError
-from accounts.services import user_signup
+from accounts.models import ApiKey, Membership, Role, Scope
+from accounts.selectors import (
+    organization_api_keys,
+    organization_members,
+    organization_open_invitations,
+    user_by_email,
+)
+from accounts.services import (
+    apikey_create,
+    apikey_revoke,
+    invitation_create,
+    membership_add,
+    membership_remove,
+    membership_set_role,
+    user_signup,
+)
 
 
 class SignupForm(forms.Form):
@@ -55,3 +75,221 @@ class SignupView(View):
             )
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return HttpResponseRedirect(reverse("dashboard"))
+
+
+# --- API keys --------------------------------------------------------------------------
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    scopes = forms.MultipleChoiceField(choices=Scope.choices, widget=forms.CheckboxSelectMultiple)
+    expires_at = forms.DateTimeField(
+        required=False,
+        label="Expires (UTC)",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="Leave empty for a key that does not expire.",
+    )
+
+
+class PickQuery(forms.Form):
+    """`?<name>=<id>`: the row a page asks to confirm an action on (revoke, remove)."""
+
+    def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields[name] = forms.IntegerField(required=False, min_value=1)
+
+
+class ApiKeysPage(MemberPage):
+    """The organization's API keys; create one, revoke one.
+
+    Owners and admins only, as the keys API. A new key's secret is answered in the
+    response to the POST that made it, and nowhere else: not in the session, not in
+    a message (both are stored), so there is no later page that could show it again.
+    """
+
+    template_name = "dashboard/keys.html"
+    title = "API keys"
+    nav = "keys"
+    allowed_roles = MANAGERS
+    # The form a POST sent, drawn again with what was typed when a service refuses it.
+    submitted: forms.Form | None = None
+    # Older keys than these are listed by the keys API (paginated).
+    shown = 200
+
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        query = PickQuery("revoke", request.GET)
+        if not query.is_valid():
+            return self.invalid(query, name="query")
+        revoke = query.cleaned_data["revoke"]
+        return self.render_to_response(self.get_context_data(revoke=revoke))
+
+    def get_context_data(self, *, revoke: int | None = None, **kwargs: Any) -> dict[str, Any]:
+        kwargs.setdefault("form", self.submitted if self.submitted is not None else ApiKeyForm())
+        context = super().get_context_data(**kwargs)
+        keys = list(organization_api_keys(organization=self.request.organization)[: self.shown + 1])
+        context.update(
+            keys=keys[: self.shown],
+            more_keys=len(keys) > self.shown,
+            confirm=next(
+                (self.confirmation(k) for k in keys if k.pk == revoke and not k.revoked_at), None
+            ),
+            now=timezone.now(),
+        )
+        return context
+
+    @staticmethod
+    def confirmation(key: ApiKey) -> Confirmation:
+        return Confirmation(
+            question=f"Revoke “{key.name}” ({key.prefix})?",
+            consequence="Requests with this key fail from the next one on. This cannot be undone.",
+            action=reverse("dashboard-key-revoke", args=[key.pk]),
+            button="Revoke the key",
+        )
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        form = self.submitted = ApiKeyForm(request.POST)
+        if not form.is_valid():
+            return self.invalid(form)
+        key, secret = apikey_create(
+            organization=request.organization, actor=request.user, **form.cleaned_data
+        )
+        response = self.render_to_response(
+            self.get_context_data(created=key, secret=secret, form=ApiKeyForm()), status=201
+        )
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+class ApiKeyRevokePage(ApiKeysPage):
+    """POST: revoke the key at once (confirmed on /dashboard/keys?revoke=<id>)."""
+
+    http_method_names = ["post"]
+
+    def post(self, request: HttpRequest, key_id: int) -> HttpResponse:
+        key = owned_or_refused(
+            organization_api_keys(organization=request.organization), key_id, what="API key"
+        )
+        key = apikey_revoke(key=key, actor=request.user)
+        return self.done(
+            f"Revoked {key.name} ({key.prefix}): it no longer works.", to=reverse("dashboard-keys")
+        )
+
+
+# --- members and invitations -----------------------------------------------------------
+
+
+class MemberForm(forms.Form):
+    email = forms.EmailField(max_length=254)  # the column's
+    role = forms.ChoiceField(choices=Role.choices, initial=Role.MEMBER)
+
+
+class RoleForm(forms.Form):
+    role = forms.ChoiceField(choices=Role.choices)
+
+
+class MembersPage(MemberPage):
+    """Members and open invitations; invite by email or add a person who has an account
+    (POST here), change a role, remove someone.
+
+    Owners and admins, as the members API lets manage members; the services hold the
+    rest (only an owner makes or unmakes an owner, the last owner stays, the seats
+    bound the members), and their refusals are drawn on the page.
+    """
+
+    template_name = "dashboard/members.html"
+    title = "Members"
+    nav = "members"
+    allowed_roles = MANAGERS
+    # The form a POST sent, drawn again with what was typed when a service refuses it.
+    submitted: forms.Form | None = None
+
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        query = PickQuery("remove", request.GET)
+        if not query.is_valid():
+            return self.invalid(query, name="query")
+        return self.render_to_response(self.get_context_data(remove=query.cleaned_data["remove"]))
+
+    def get_context_data(self, *, remove: int | None = None, **kwargs: Any) -> dict[str, Any]:
+        kwargs.setdefault("form", self.submitted if self.submitted is not None else MemberForm())
+        context = super().get_context_data(**kwargs)
+        organization = self.request.organization
+        members = list(organization_members(organization=organization).order_by("pk"))
+        context.update(
+            members=members,
+            invitations=organization_open_invitations(organization=organization).order_by("pk"),
+            roles=Role.choices,
+            confirm=next((self.confirmation(m) for m in members if m.pk == remove), None),
+            now=timezone.now(),
+        )
+        return context
+
+    def confirmation(self, membership: Membership) -> Confirmation:
+        return Confirmation(
+            question=f"Remove {membership.user.email} from {self.request.organization.name}?",
+            consequence="They lose access to this organization at once; the API keys they "
+            "created keep working, except for managing the organization.",
+            action=reverse("dashboard-member-remove", args=[membership.pk]),
+            button="Remove",
+        )
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        """Invite `email`; or, with the form's `add` button, add the person who has an
+        account under it at once, as the members API does (and the seats allow)."""
+        form = self.submitted = MemberForm(request.POST)
+        if not form.is_valid():
+            return self.invalid(form)
+        email, role = form.cleaned_data["email"], form.cleaned_data["role"]
+        if "add" in request.POST:
+            membership = membership_add(
+                organization=request.organization,
+                user=user_by_email(email=email),
+                role=role,
+                actor=request.user,
+            )
+            return self.done(f"Added {membership.user.email} as {self.role_name(role)}.")
+        invitation_create(
+            organization=request.organization, email=email, role=role, actor=request.user
+        )
+        return self.done(
+            f"Invited {email.lower()} as {self.role_name(role)}; the invitation is valid for 7 days."
+        )
+
+    @staticmethod
+    def role_name(role: str) -> str:
+        return Role(role).label.lower()
+
+    def membership(self, member_id: int) -> Membership:
+        return owned_or_refused(
+            organization_members(organization=self.request.organization), member_id, what="member"
+        )
+
+
+class MemberRolePage(MembersPage):
+    """POST `role`: change a member's role."""
+
+    http_method_names = ["post"]
+
+    def post(self, request: HttpRequest, member_id: int) -> HttpResponse:
+        form = RoleForm(request.POST)
+        if not form.is_valid():
+            return self.invalid(form, name="role_form")
+        membership = membership_set_role(
+            membership=self.membership(member_id),
+            role=form.cleaned_data["role"],
+            actor=request.user,
+        )
+        return self.done(
+            f"{membership.user.email} is now {self.role_name(membership.role)}.",
+            to=reverse("dashboard-members"),
+        )
+
+
+class MemberRemovePage(MembersPage):
+    """POST: remove a member (confirmed on /dashboard/members?remove=<id>)."""
+
+    http_method_names = ["post"]
+
+    def post(self, request: HttpRequest, member_id: int) -> HttpResponse:
+        membership = self.membership(member_id)
+        membership_remove(membership=membership, actor=request.user)
+        return self.done(f"Removed {membership.user.email}.", to=reverse("dashboard-members"))

@@ -38,6 +38,7 @@ urlpatterns = [
     # (gymbilling.services.checkout, gymbilling.market.services): the pages above.
     path("billing/", RedirectView.as_view(pattern_name="dashboard-billing", query_string=True)),
     path("market/", RedirectView.as_view(pattern_name="dashboard-market", query_string=True)),
+    path("dashboard/", include("accounts.page_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/v1/", include("accounts.urls")),

@@ -1,0 +1,292 @@
+"""The members page: members and open invitations; invite, add, change a role, remove."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.core import mail
+from django.test import Client
+
+from accounts.models import Invitation, Membership, Role
+from accounts.services import invitation_create, membership_add
+from tests.dashboard.conftest import assert_refused
+from tests.factories import OrganizationFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def team(member):
+    """An owner signed in, with an admin and a member, in an organization of 5 seats."""
+    owner, org = member(Role.OWNER, organization=OrganizationFactory(seats=5))
+    admin, plain = UserFactory(), UserFactory()
+    membership_add(organization=org, user=admin, role=Role.ADMIN)
+    membership_add(organization=org, user=plain, role=Role.MEMBER)
+    return org, owner, admin, plain
+
+
+def membership(org, user) -> Membership:
+    return Membership.objects.get(organization=org, user=user)
+
+
+def roles(org) -> dict[str, str]:
+    return dict(Membership.objects.filter(organization=org).values_list("user__email", "role"))
+
+
+def test_the_page_lists_members_and_open_invitations_of_this_organization_only(client, team):
+    # given an open invitation, an accepted-or-revoked one, and another organization's people
+    org, owner, admin, plain = team
+    invitation_create(organization=org, email="new@example.test", role=Role.BILLING, actor=owner)
+    old, _ = invitation_create(organization=org, email="old@example.test", actor=owner)
+    Invitation.objects.filter(pk=old.pk).update(revoked_at=old.created_at)
+    other = OrganizationFactory(seats=5)
+    stranger = UserFactory()
+    membership_add(organization=other, user=stranger)
+    invitation_create(organization=other, email="theirs@example.test")
+
+    # when
+    response = client.get("/dashboard/members")
+
+    # then
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert re.findall(r'data-member="([^"]+)"', page) == [owner.email, admin.email, plain.email]
+    assert re.findall(r'data-invitation="([^"]+)"', page) == ["new@example.test"]
+    invited = re.search(r'data-invitation="new@example.test">(.*?)</tr>', page, re.S).group(1)
+    assert "Billing" in invited and owner.email in invited
+    assert "3 of 5 seats taken" in page
+    assert stranger.email not in page and "theirs@" not in page
+
+
+def test_inviting_by_email_creates_an_invitation_and_sends_it(
+    client, team, django_capture_on_commit_callbacks
+):
+    org, owner, *_ = team
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post("/dashboard/members", {"email": "Zoe@Example.test", "role": "admin"})
+
+    assert response.status_code == 302 and response["Location"] == "/dashboard/members"
+    invitation = Invitation.objects.get(organization=org)
+    assert (invitation.email, invitation.role, invitation.invited_by) == (
+        "zoe@example.test",
+        Role.ADMIN,
+        owner,
+    )
+    assert [m.to for m in mail.outbox] == [["zoe@example.test"]]
+    assert b"Invited zoe@example.test as admin" in client.get("/dashboard/members").content
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        ({"email": "not-an-email", "role": "member"}, 400, "invalid_email"),
+        ({"email": "a@example.test", "role": "king"}, 400, "invalid_role"),
+        ({"email": "dup@example.test", "role": "member"}, 409, "invitation_exists"),
+        ({"email": "{plain}", "role": "member"}, 409, "already_member"),
+    ],
+    ids=["bad-email", "unknown-role", "already-invited", "already-a-member"],
+)
+def test_a_refused_invitation_is_drawn_with_its_code_and_sends_nothing(
+    client, team, data, status, code, django_capture_on_commit_callbacks
+):
+    # given one open invitation already
+    org, owner, _admin, plain = team
+    invitation_create(organization=org, email="dup@example.test", actor=owner)
+
+    # when
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(
+            "/dashboard/members", {**data, "email": data["email"].format(plain=plain.email)}
+        )
+
+    # then the form keeps what was typed, and nothing was written or sent
+    assert_refused(response, status, code)
+    assert f'value="{data["email"].format(plain=plain.email)}"'.encode() in response.content
+    assert Invitation.objects.filter(organization=org).count() == 1
+    assert mail.outbox == []
+
+
+def test_only_an_owner_invites_an_owner(client, member):
+    # given an admin signed in
+    _, org = member(Role.ADMIN, organization=OrganizationFactory(seats=5))
+
+    # when
+    response = client.post("/dashboard/members", {"email": "boss@example.test", "role": "owner"})
+
+    # then
+    assert_refused(response, 403, "permission_denied")
+    assert not Invitation.objects.filter(organization=org).exists()
+
+
+def test_someone_with_an_account_is_added_while_a_seat_is_free(client, member):
+    # given two seats, one taken by the owner
+    _, org = member(Role.OWNER, organization=OrganizationFactory(seats=2))
+    first, second = UserFactory(), UserFactory()
+
+    # when the owner adds two people
+    added = client.post("/dashboard/members", {"email": first.email, "role": "billing", "add": "1"})
+    refused = client.post(
+        "/dashboard/members", {"email": second.email, "role": "member", "add": "1"}
+    )
+
+    # then the first takes the last seat, and the second is refused
+    assert added.status_code == 302
+    assert membership(org, first).role == Role.BILLING
+    assert_refused(refused, 409, "no_seats_left")
+    assert b"All 2 seats are taken" in refused.content
+    assert Membership.objects.filter(organization=org).count() == 2
+
+
+def test_adding_an_unknown_email_points_to_an_invitation(client, team):
+    org, *_ = team
+
+    response = client.post(
+        "/dashboard/members", {"email": "x@nowhere.test", "role": "member", "add": "1"}
+    )
+
+    assert_refused(response, 404, "user_not_found")
+    assert Membership.objects.filter(organization=org).count() == 3
+
+
+def test_changing_a_role(client, team):
+    org, _owner, _admin, plain = team
+
+    response = client.post(
+        f"/dashboard/members/{membership(org, plain).pk}/role", {"role": "admin"}
+    )
+
+    assert response.status_code == 302 and response["Location"] == "/dashboard/members"
+    assert membership(org, plain).role == Role.ADMIN
+    assert f"{plain.email} is now admin".encode() in client.get("/dashboard/members").content
+
+
+def test_the_last_owner_stays_an_owner(client, team):
+    # given the owner is the only one
+    org, owner, *_ = team
+    before = roles(org)
+
+    # when they try to step down, and to leave
+    demoted = client.post(f"/dashboard/members/{membership(org, owner).pk}/role", {"role": "admin"})
+    removed = client.post(f"/dashboard/members/{membership(org, owner).pk}/remove")
+
+    # then
+    assert_refused(demoted, 409, "last_owner")
+    assert_refused(removed, 409, "last_owner")
+    assert roles(org) == before
+
+
+def test_an_admin_cannot_make_an_owner_nor_change_one(client, member):
+    # given an admin signed in, an owner and a member
+    _, org = member(Role.ADMIN, organization=OrganizationFactory(seats=5))
+    owner, plain = UserFactory(), UserFactory()
+    membership_add(organization=org, user=owner, role=Role.OWNER)
+    membership_add(organization=org, user=plain, role=Role.MEMBER)
+    before = roles(org)
+
+    # when
+    promoted = client.post(
+        f"/dashboard/members/{membership(org, plain).pk}/role", {"role": "owner"}
+    )
+    removed = client.post(f"/dashboard/members/{membership(org, owner).pk}/remove")
+
+    # then
+    assert_refused(promoted, 403, "permission_denied")
+    assert_refused(removed, 403, "permission_denied")
+    assert roles(org) == before
+
+
+def test_an_unknown_role_is_refused(client, team):
+    org, _owner, _admin, plain = team
+
+    response = client.post(f"/dashboard/members/{membership(org, plain).pk}/role", {"role": "god"})
+
+    assert_refused(response, 400, "invalid_role")
+    assert membership(org, plain).role == Role.MEMBER
+
+
+def test_removing_asks_first_then_the_member_is_gone(client, team):
+    org, _owner, _admin, plain = team
+    target = membership(org, plain)
+
+    asked = client.get(f"/dashboard/members?remove={target.pk}")
+    removed = client.post(f"/dashboard/members/{target.pk}/remove")
+
+    assert f'action="/dashboard/members/{target.pk}/remove"'.encode() in asked.content
+    assert removed.status_code == 302
+    assert not Membership.objects.filter(pk=target.pk).exists()
+    assert f"Removed {plain.email}".encode() in client.get("/dashboard/members").content
+
+
+def test_another_organizations_member_is_not_found_and_stays(client, team):
+    # given a member of another organization
+    other = OrganizationFactory(seats=5)
+    stranger = UserFactory()
+    theirs = membership_add(organization=other, user=stranger, role=Role.MEMBER)
+
+    # when
+    promoted = client.post(f"/dashboard/members/{theirs.pk}/role", {"role": "admin"})
+    removed = client.post(f"/dashboard/members/{theirs.pk}/remove")
+
+    # then
+    assert_refused(promoted, 404, "not_found")
+    assert_refused(removed, 404, "not_found")
+    theirs.refresh_from_db()
+    assert theirs.role == Role.MEMBER
+
+
+@pytest.mark.parametrize("role", [Role.BILLING, Role.MEMBER])
+def test_other_roles_get_the_403_page_and_change_nothing(client, member, role):
+    # given
+    _, org = member(role, organization=OrganizationFactory(seats=5))
+    owner = UserFactory()
+    membership_add(organization=org, user=owner, role=Role.OWNER)
+    target = membership(org, owner)
+    before = roles(org)
+
+    # when
+    responses = [
+        client.get("/dashboard/members"),
+        client.post("/dashboard/members", {"email": "a@example.test", "role": "member"}),
+        client.post("/dashboard/members", {"email": owner.email, "role": "member", "add": "1"}),
+        client.post(f"/dashboard/members/{target.pk}/role", {"role": "member"}),
+        client.post(f"/dashboard/members/{target.pk}/remove"),
+    ]
+
+    # then
+    for response in responses:
+        assert_refused(response, 403, "permission_denied")
+    assert roles(org) == before
+    assert not Invitation.objects.exists()
+
+
+def test_changes_are_post_only_and_need_the_csrf_token(team):
+    org, owner, _admin, plain = team
+    target = membership(org, plain)
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(owner)
+
+    fetched = client.get(f"/dashboard/members/{target.pk}/remove")
+    forged = client.post(f"/dashboard/members/{target.pk}/remove")
+    invited = client.post("/dashboard/members", {"email": "a@example.test", "role": "member"})
+
+    assert fetched.status_code == 405
+    assert forged.status_code == 403 and invited.status_code == 403
+    assert Membership.objects.filter(pk=target.pk).exists()
+    assert not Invitation.objects.exists()
+
+
+def test_the_page_reads_the_same_queries_however_many_members(
+    client, member, django_assert_max_num_queries
+):
+    owner, org = member(Role.OWNER, organization=OrganizationFactory(seats=50))
+    for n in range(20):
+        membership_add(organization=org, user=UserFactory())
+        invitation_create(organization=org, email=f"i{n}@example.test", actor=owner)
+
+    with django_assert_max_num_queries(5):
+        response = client.get("/dashboard/members")
+
+    assert response.content.count(b"data-member=") == 21
+    assert response.content.count(b"data-invitation=") == 20
