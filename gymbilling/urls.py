@@ -31,14 +31,14 @@ urlpatterns = [
     path("signup/", SignupView.as_view(), name="signup"),
     path("dashboard/", OverviewPage.as_view(), name="dashboard"),
     path("dashboard/organization", OrganizationSwitchView.as_view(), name="organization-switch"),
+    path("dashboard/", include("accounts.page_urls")),
     path("dashboard/", include("metering.page_urls")),
-    path("dashboard/", include("inference.page_urls")),
     path("dashboard/", include("gymbilling.page_urls")),
+    path("dashboard/", include("inference.page_urls")),
     # Where Stripe sends a customer back to after Checkout or the billing portal
     # (gymbilling.services.checkout, gymbilling.market.services): the pages above.
     path("billing/", RedirectView.as_view(pattern_name="dashboard-billing", query_string=True)),
     path("market/", RedirectView.as_view(pattern_name="dashboard-market", query_string=True)),
-    path("dashboard/", include("accounts.page_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/v1/", include("accounts.urls")),
