@@ -121,26 +121,28 @@ class MemberPage(LoginRequiredMixin, TemplateView):
 
     def invalid(self, form: forms.Form, *, name: str = "form", **context: Any) -> HttpResponse:
         """A form the page cannot take, drawn again (as `name` in the context) with its
-        errors, answered 400.
-
-        The code names the first field in error, `invalid_<field>`: where a service
-        checks the same field its code is the same (`invalid_name`, `invalid_scopes`,
-        `invalid_role`), so a refusal reads alike whichever of the two caught it.
-        """
-        field, errors = next(iter(form.errors.items()))
-        if field == NON_FIELD_ERRORS:
-            error = ApplicationError(code="invalid_request", message=errors[0])
-        else:
-            label = form[field].label
-            error = ApplicationError(
-                code=f"invalid_{field}", message=f"{label}: {errors[0]}", param=field
-            )
-        return self.refused(error, **{name: form}, **context)
+        errors, answered 400 (`form_refusal`)."""
+        return self.refused(form_refusal(form), **{name: form}, **context)
 
     def done(self, message: str, *, to: str | None = None) -> HttpResponseRedirect:
         """Post/redirect/get: a success is shown once, and a reload does not repeat it."""
         messages.success(self.request, message)
         return HttpResponseRedirect(to or self.request.path)
+
+
+def form_refusal(form: forms.Form) -> ApplicationError:
+    """The refusal of a form a page cannot take: 400, its first error.
+
+    The code names the field in error, `invalid_<field>`: where a service checks
+    the same field its code is the same (`invalid_name`, `invalid_scopes`,
+    `invalid_seats`), so a refusal reads alike whichever of the two caught it.
+    An error of the form as a whole is `invalid_request`.
+    """
+    field, errors = next(iter(form.errors.items()))
+    if field == NON_FIELD_ERRORS or field not in form.fields:
+        return ApplicationError(code="invalid_request", message=" ".join(errors))
+    label = form[field].label
+    return ApplicationError(code=f"invalid_{field}", message=f"{label}: {errors[0]}", param=field)
 
 
 def owned_or_refused(queryset: QuerySet[M], pk: int, *, what: str) -> M:

@@ -17,7 +17,7 @@ from django import forms
 from django.http import HttpRequest, HttpResponse
 
 from accounts.api_base import ALL_ROLES
-from accounts.dashboard import MemberPage
+from accounts.dashboard import MemberPage, form_refusal
 from accounts.errors import ApplicationError
 from gymbilling.currency import money_parse
 from metering.services.postings import credits_parse
@@ -66,18 +66,10 @@ class PricedForm(forms.Form):
 
 
 def cleaned(form: forms.Form) -> dict[str, Any]:
-    """The form's values, or the refusal the API gives input it cannot read
-    (400 `invalid_request`, naming the field)."""
+    """The form's values, or its refusal (accounts.dashboard.form_refusal)."""
     if form.is_valid():
         return form.cleaned_data
-    field, errors = next(iter(form.errors.items()))
-    named = field in form.fields
-    label = (form.fields[field].label or field.replace("_", " ").capitalize()) if named else ""
-    raise ApplicationError(
-        code="invalid_request",
-        message=f"{label}: {' '.join(errors)}" if named else " ".join(errors),
-        param=field if named else None,
-    )
+    raise form_refusal(form)
 
 
 class ActionPage(MemberPage):

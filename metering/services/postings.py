@@ -351,11 +351,18 @@ def credits_parse(text: str) -> int:
     """Credits written by a person ("250", "0.5", "-10") as micro-credits, exactly, or
     ValueError saying why not. Decimal, never float: "0.1" is 100000 micro-credits."""
     try:
-        micro = Decimal(text.strip()) * MICRO
+        number = Decimal(text.strip())
     except (InvalidOperation, AttributeError):
         raise ValueError(f"{text!r} is not a number of credits.") from None
-    if not micro.is_finite():
+    if not number.is_finite():
         raise ValueError(f"{text!r} is not a number of credits.")
+    # Decimal reads "1e99999999", and making an int of it takes minutes: anything
+    # past the largest movement the ledger takes is refused before it is expanded.
+    if number and number.adjusted() > len(str(MAX_MOVEMENT)):
+        raise ValueError(f"{text!r} is more credits than any one movement may move.")
+    if number and number.adjusted() < -6:  # (and would round to 0 in the product below)
+        raise ValueError("Credits are exact to a millionth (6 decimal places).")
+    micro = number * MICRO
     if micro != micro.to_integral_value():
         raise ValueError("Credits are exact to a millionth (6 decimal places).")
     return int(micro)

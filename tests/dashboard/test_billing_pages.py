@@ -97,6 +97,8 @@ def test_subscribing_goes_to_checkout_and_the_paid_subscription_shows(
     # (Pro also lends a 20,000-credit overage allowance, billed as it is used)
     overview = text(client.get("/dashboard/"))
     assert 'data-figure="available">32000<' in overview
+    # ... which the overview says is not prepaid
+    assert 'data-figure="overage">Of what is available, 20000 is your plan' in overview
     assert "<td>Subscription period</td>" in overview and '<td class="num">12000</td>' in overview
     # and its invoice is listed, paid, with what it granted
     [invoice] = Invoice.objects.filter(organization=org)
@@ -168,8 +170,8 @@ def test_buying_a_pack_goes_to_checkout_and_its_credits_show(
         ({}, 400, "invalid_request"),
         ({"plan": "team", "seats": "1"}, 400, "invalid_seats"),
         ({"plan": "pro", "seats": "3"}, 400, "invalid_seats"),
-        ({"plan": "team", "seats": "two"}, 400, "invalid_request"),
-        ({"plan": "team", "seats": "0"}, 400, "invalid_request"),
+        ({"plan": "team", "seats": "two"}, 400, "invalid_seats"),
+        ({"plan": "team", "seats": "0"}, 400, "invalid_seats"),
         ({"pack": "boost-1k", "seats": "5"}, 400, "invalid_seats"),
         ({"action": "coupon", "plan": "pro"}, 400, "invalid_request"),
     ],

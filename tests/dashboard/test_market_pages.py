@@ -115,11 +115,11 @@ def test_listing_credits_moves_them_into_escrow_and_shows_them_as_yours(seller):
         ("100", "0", "usd", 400, "price_out_of_bounds"),
         ("100", "1000.01", "usd", 400, "price_out_of_bounds"),
         ("100", "2.50", "eur", 400, "unsupported_currency"),
-        ("0.0000001", "2.50", "usd", 400, "invalid_request"),
-        ("1e99999999", "2.50", "usd", 400, "invalid_request"),
-        ("-100", "2.50", "usd", 400, "invalid_request"),
-        ("100", "2.505", "usd", 400, "invalid_request"),
-        ("100", "two", "usd", 400, "invalid_request"),
+        ("0.0000001", "2.50", "usd", 400, "invalid_quantity"),
+        ("1e99999999", "2.50", "usd", 400, "invalid_quantity"),
+        ("-100", "2.50", "usd", 400, "invalid_quantity"),
+        ("100", "2.505", "usd", 400, "invalid_price"),
+        ("100", "two", "usd", 400, "invalid_price"),
     ],
 )
 def test_a_refused_listing_is_drawn_with_its_code_and_changes_nothing(
@@ -224,7 +224,7 @@ def test_a_refused_order_is_drawn_with_its_code_and_changes_nothing(
             "listing_not_found",
         ),
         (as_buyer, {"quantity": "0", "price": "3"}, 400, "invalid_quantity"),
-        (as_buyer, {"quantity": "ten", "price": "3"}, 400, "invalid_request"),
+        (as_buyer, {"quantity": "ten", "price": "3"}, 400, "invalid_quantity"),
         (
             as_buyer,
             {"quantity": "10", "price": "3", "currency": "eur"},

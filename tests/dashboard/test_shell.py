@@ -123,3 +123,15 @@ def test_a_user_in_no_organization_is_told_so(client):
 
     assert response.status_code == 403
     assert b'data-error-code="no_organization"' in response.content
+
+
+def test_the_switcher_on_a_refused_post_leads_back_to_a_page_not_to_the_post(client, member):
+    # given a refusal drawn in answer to a POST to an address that takes POSTs only
+    member(Role.OWNER)
+    refusal = client.post("/dashboard/keys/999999/revoke")
+    assert refusal.status_code == 404
+
+    # then its switcher sends the user to the dashboard, not back to that address
+    assert b'name="next" value=""' in refusal.content
+    page = client.get("/dashboard/keys")
+    assert b'name="next" value="/dashboard/keys"' in page.content
