@@ -63,6 +63,73 @@ def wait_until(condition, *, timeout: float = 60.0, what: str = "the condition")
         time.sleep(0.1)
 
 
+# --- races on real connections -------------------------------------------------------------
+#
+# A hook on a call the code makes anyway only decides when each connection runs
+# (nothing is mocked); a race test then waits for a state PostgreSQL reports (a lock
+# waited for, a thread done), never for a length of time.
+
+
+def lock_waiters() -> int:
+    """Connections to this database waiting for a lock (row, transaction or advisory)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        # pg_stat_activity is read once per transaction unless told otherwise, and
+        # the caller may be inside one.
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE NOT l.granted AND a.datname = current_database()"
+        )
+        return cursor.fetchone()[0]
+
+
+def on_own_connection(work, errors: list) -> None:
+    """A thread's body: `work()` on the thread's own database connection, closed after; what
+    it raises goes to `errors`, for the test to assert on."""
+    from django.db import connection
+
+    try:
+        work()
+    except Exception as exc:  # surfaced by the test's assertion
+        errors.append(exc)
+    finally:
+        connection.close()
+
+
+def pause_after(monkeypatch, module, name: str, *, thread: str | None = None):
+    """Make `module.name` pause its caller once it returns, the first time it is called (on
+    the thread named `thread`, if given), until the test sets `resume`: the caller's
+    transaction stays open, holding what it locked. Returns (paused, resume) events."""
+    import threading
+
+    real = getattr(module, name)
+    paused, resume = threading.Event(), threading.Event()
+
+    def call_then_pause(*args, **kwargs):
+        result = real(*args, **kwargs)
+        here = thread is None or threading.current_thread().name == thread
+        if here and not paused.is_set():
+            paused.set()
+            resume.wait(timeout=60)
+        return result
+
+    monkeypatch.setattr(module, name, call_then_pause)
+    return paused, resume
+
+
+def run_against_paused(thread, *, paused, resume, what: str) -> None:
+    """Start `thread` while the thread `paused` waits in pause_after's hook; once `thread` is
+    done or waits for a lock (`what`), let `paused` go on, and wait for both to end."""
+    thread.start()
+    wait_until(lambda: not thread.is_alive() or lock_waiters() > 0, what=what)
+    resume.set()
+    paused.join(timeout=120)
+    thread.join(timeout=120)
+    assert not paused.is_alive() and not thread.is_alive(), "a thread is stuck (a deadlock?)"
+
+
 def served_model(
     name: str,
     *,

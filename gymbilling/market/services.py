@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -1325,6 +1326,16 @@ def _reversal_apply(
         order = MarketOrder.objects.select_for_update().select_related("buyer").get(pk=order_id)
         if MarketReversal.objects.filter(key=key).exists():
             return False
+        # An earlier reversal of the order still waiting for the buyer's running
+        # work first takes back what that work gave back since (as its sweep
+        # would): the credits it claimed are its own, not this one's to take, and
+        # what it still has pending is then only what the work holds.
+        for pk in (
+            MarketReversal.objects.filter(order=order, credits_pending__gt=0)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        ):
+            _reversal_pending_settle(reversal_id=pk, now=timezone.now())
         fills = list(
             MarketFill.objects.select_for_update()
             .filter(order=order, status=FillStatus.DELIVERED, gross__gt=0)
@@ -1426,6 +1437,7 @@ def _reversal_apply(
                     lots=_fill_lots([fill.settle_transaction_id]),
                     amount=credit_target - clawed,
                     at=reversal.created_at,
+                    claimed_by_others=_fill_pending_besides(reversal, fill.pk),
                 )
                 if credit_target > clawed
                 else 0
@@ -1448,6 +1460,23 @@ def _reversal_apply(
             # Not for our own refund of an undelivered part: the buyer did nothing.
             resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
         return new > 0
+
+
+def _fill_pending_besides(reversal: MarketReversal, fill_pk: int) -> Callable[[], int]:
+    """What the order's other reversals still wait for of the fill's lots. For metering to read
+    under the buyer's wallet row lock (credits_claim, claim_settle)."""
+
+    def pending() -> int:
+        return sum(
+            int(by_fill.get(str(fill_pk), 0))
+            for by_fill in MarketReversal.objects.filter(
+                order_id=reversal.order_id, credits_pending__gt=0
+            )
+            .exclude(pk=reversal.pk)
+            .values_list("pending_by_fill", flat=True)
+        )
+
+    return pending
 
 
 def _fill_lots(settle_transaction_ids: list[int]) -> Q:
@@ -1504,6 +1533,7 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
                 # Work started since cannot shelter them.
                 placed_before=reversal.created_at,
                 now=now,
+                claimed_by_others=_fill_pending_besides(reversal, int(fill_pk)),
             )
             taken_all += taken
             lost_all += fill_pending - taken - still

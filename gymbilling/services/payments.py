@@ -10,10 +10,11 @@ back what it took (`payment_reversal_reinstate`); the freeze stays.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from gymbilling.locks import transaction_lock
@@ -165,6 +166,14 @@ def payment_reversal_apply(
             earlier = PaymentReversal.objects.filter(stripe_charge_id=charge["id"]).exclude(
                 pk=reversal.pk
             )
+            # An earlier reversal still waiting for running work first takes back
+            # what that work gave back since (as its sweep would): the credits it
+            # claimed are its own, not this one's to take, and what it still has
+            # pending is then only what the work holds.
+            for pk in (
+                earlier.filter(credits_pending__gt=0).order_by("pk").values_list("pk", flat=True)
+            ):
+                _reversal_pending_settle(reversal_id=pk, now=timezone.now())
             done = sum(_credits_reversed(r) for r in earlier)
             if cumulative:
                 # Stripe's amount_refunded is a running total of refunds; only
@@ -186,6 +195,7 @@ def payment_reversal_apply(
                     lots=_lot_family(lot),
                     amount=due - clawed,
                     at=reversal.created_at,
+                    claimed_by_others=_pending_besides(reversal),
                 )
                 if due > clawed
                 else 0
@@ -204,6 +214,23 @@ def payment_reversal_apply(
 def _lot_family(lot: CreditLot) -> Q:
     """The lot a payment bought and those split from it (what went to escrow and came back)."""
     return Q(pk__in=lot_family_ids(lot))
+
+
+def _pending_besides(reversal: PaymentReversal) -> Callable[[], int]:
+    """What the payment's other reversals still wait for: of the same lots (one payment, one
+    grant). For metering to read under the wallet's row lock (credits_claim, claim_settle)."""
+
+    def pending() -> int:
+        others = (
+            PaymentReversal.objects.filter(
+                stripe_payment_intent_id=reversal.stripe_payment_intent_id, credits_pending__gt=0
+            )
+            .exclude(pk=reversal.pk)
+            .aggregate(total=Sum("credits_pending"))
+        )
+        return others["total"] or 0
+
+    return pending
 
 
 def _credits_reversed(reversal: PaymentReversal) -> int:
@@ -317,6 +344,7 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
             # Work started since cannot shelter them: it burns other lots.
             placed_before=reversal.created_at,
             now=now,
+            claimed_by_others=_pending_besides(reversal),
         )
         PaymentReversal.objects.filter(pk=reversal.pk).update(
             credits_clawed_back=F("credits_clawed_back") + taken,

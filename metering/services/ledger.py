@@ -716,7 +716,11 @@ def clawbacks_reverse(*, key: str, reason: str, organization: Organization, acto
 # TTL) before spending other credits. A claim is only ever raised by what a
 # reversal records as pending and lowered by what it stops waiting for, in
 # the same transaction, so the wallet's claim is the sum of its reversals'
-# pending credits (gymbilling's reconcile checks it).
+# pending credits (gymbilling's reconcile checks it). Several reversals of the
+# same lots (a partial refund, then a dispute of one payment) share what those
+# lots hold: each claims, and keeps pending, only what the others do not
+# already wait for (`claimed_by_others`), so together they never claim more
+# than is at stake.
 #
 # The claim guards the wallet's balance; the lots it claimed are marked too
 # (CreditLot.claimed_at, the reversal's time), and a hold placed after that
@@ -761,7 +765,12 @@ def _wallet_unspent(*, wallet: LedgerAccount, lots: Q, now: datetime) -> int:
 
 
 def credits_claim(
-    *, organization: Organization, lots: Q, amount: int, at: datetime | None = None
+    *,
+    organization: Organization,
+    lots: Q,
+    amount: int,
+    at: datetime | None = None,
+    claimed_by_others: Callable[[], int] | None = None,
 ) -> int:
     """Set aside up to `amount` of what the wallet's `lots` still hold, for a reversal to wait on.
 
@@ -771,6 +780,15 @@ def credits_claim(
     records as pending; returns it (0 claims nothing). Counted and claimed
     under the wallet's row lock, which every settlement takes before it gives
     credits back, so none can slip out between the two.
+
+    `claimed_by_others`: what other reversals still have pending of these
+    same lots (a partial refund, then a dispute of the same payment). That much
+    of what the lots hold those reversals already wait for, so this one claims
+    at most the rest: two reversals never set aside more than the lots hold.
+    Called under the wallet's row lock, which every change of what a reversal
+    has pending takes too (a claim, a settlement, a drop, each in the
+    transaction that records it), so two reversals in flight at once cannot
+    both miss the other: the second waits for the first to commit.
 
     `at`: the reversal's time, the `placed_before` its claim_settle will use.
     The lots are marked claimed then (CreditLot.claimed_at): holds placed after
@@ -784,13 +802,24 @@ def credits_claim(
         org_accounts, _ = accounts_for(organization)
         wallet = org_accounts.wallet
         accounts_lock(wallet)
-        claimed = min(amount, _wallet_unspent(wallet=wallet, lots=lots, now=now))
+        claimed = min(amount, _lots_unclaimed(wallet, lots, now, claimed_by_others))
         if claimed > 0:
             _claim_update(_CLAIM_RAISE, wallet, claimed)
             CreditLot.objects.filter(
                 lots, account=wallet, remaining__gt=0, claimed_at__isnull=True
             ).update(claimed_at=at or now)
         return claimed
+
+
+def _lots_unclaimed(
+    wallet: LedgerAccount, lots: Q, now: datetime, claimed_by_others: Callable[[], int] | None
+) -> int:
+    """What the wallet's `lots` hold unspent beyond what other reversals wait for of them.
+
+    The caller holds the wallet's row lock."""
+    unspent = _wallet_unspent(wallet=wallet, lots=lots, now=now)
+    others = claimed_by_others() if claimed_by_others is not None else 0
+    return max(0, unspent - others)
 
 
 @retry_on_deadlock
@@ -803,6 +832,7 @@ def claim_settle(
     memo: str,
     placed_before: datetime,
     now: datetime | None = None,
+    claimed_by_others: Callable[[], int] | None = None,
 ) -> tuple[int, int]:
     """Take back what a reversal left pending, as far as the work that held it has settled.
 
@@ -812,8 +842,10 @@ def claim_settle(
     claim kept it off these credits). What is still unspent in the
     lots after that is still held by that work and stays pending; the rest
     (taken back, or spent or expired meanwhile: a loss for the caller) is no
-    longer claimed. One transaction with the caller's own record of it.
-    Returns (taken, still pending).
+    longer claimed. What other reversals still have pending of the same lots
+    (`claimed_by_others`, as for credits_claim) they wait for: this one keeps
+    pending only what the lots hold beyond it. One transaction with the
+    caller's own record of it. Returns (taken, still pending).
     """
     require_positive(pending, param="pending")
     require_key(key)
@@ -833,7 +865,7 @@ def claim_settle(
             holds_placed_before=placed_before,
         )
         # Under the wallet's row lock, which the withdrawal took.
-        still = min(pending - taken, _wallet_unspent(wallet=wallet, lots=lots, now=now))
+        still = min(pending - taken, _lots_unclaimed(wallet, lots, now, claimed_by_others))
         if pending - still:
             _claim_lower(wallet, pending - still)
         return taken, still

@@ -36,7 +36,15 @@ from tests.gymbilling.market.conftest import (
     subscription_credits,
     subscription_credits_owned,
 )
-from tests.helpers import credits, system_balance, wait_until
+from tests.helpers import (
+    credits,
+    lock_waiters,
+    on_own_connection,
+    pause_after,
+    run_against_paused,
+    system_balance,
+    wait_until,
+)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -140,26 +148,12 @@ def test_a_freeze_while_a_listing_is_being_created_ends_that_listing(market_stri
     # given: a seller's listing_create past its checks, holding its lock, paused
     seller = market_member(credits_amount=credits(1000))
     errors: list = []
-    real_accounts_lock = market_services.accounts_lock
-    paused, resume = threading.Event(), threading.Event()
-
-    def pause_once(*accounts):
-        real_accounts_lock(*accounts)
-        if not paused.is_set():
-            paused.set()
-            resume.wait(timeout=60)
-
-    monkeypatch.setattr(market_services, "accounts_lock", pause_once)
+    paused, resume = pause_after(monkeypatch, market_services, "accounts_lock")
 
     def create() -> None:
-        try:
-            listing_create(seller=seller, quantity=credits(900), price_per_1k=300, currency="usd")
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
+        listing_create(seller=seller, quantity=credits(900), price_per_1k=300, currency="usd")
 
-    creating = threading.Thread(target=create)
+    creating = threading.Thread(target=on_own_connection, args=(create, errors))
     creating.start()
     assert paused.wait(timeout=60)
 
@@ -191,19 +185,6 @@ def test_a_freeze_while_a_listing_is_being_created_ends_that_listing(market_stri
 # waited for, a thread done), never for a length of time.
 
 
-def _lock_waiters() -> int:
-    """Connections to this database waiting for a lock (row, transaction or advisory)."""
-    with connection.cursor() as cursor:
-        # pg_stat_activity is read once per transaction unless told otherwise, and
-        # the caller may be inside one.
-        cursor.execute("SELECT pg_stat_clear_snapshot()")
-        cursor.execute(
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE NOT l.granted AND a.datname = current_database()"
-        )
-        return cursor.fetchone()[0]
-
-
 def _no_deadlock_retries(monkeypatch) -> None:
     """A deadlock reaches its caller instead of being retried away (retry_on_deadlock):
     one detected at COMMIT, where PostgreSQL checks Django's deferred foreign keys, too."""
@@ -219,25 +200,7 @@ def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_
     org, stripe_sub, _ = rollover_member()
     errors: list = []
     _no_deadlock_retries(monkeypatch)
-    real_accounts_lock = market_services.accounts_lock
-    paused, resume = threading.Event(), threading.Event()
-
-    def pause_listing(*accounts):
-        real_accounts_lock(*accounts)
-        if threading.current_thread().name == "listing" and not paused.is_set():
-            paused.set()
-            resume.wait(timeout=60)
-
-    monkeypatch.setattr(market_services, "accounts_lock", pause_listing)
-
-    def on_own_connection(work) -> None:
-        try:
-            work()
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
+    paused, resume = pause_after(monkeypatch, market_services, "accounts_lock", thread="listing")
     listing = threading.Thread(
         name="listing",
         target=on_own_connection,
@@ -245,6 +208,7 @@ def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_
             lambda: listing_create(
                 seller=org, quantity=credits(900), price_per_1k=300, currency="usd"
             ),
+            errors,
         ),
     )
     listing.start()
@@ -252,21 +216,18 @@ def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_
 
     # when: the period rolls over meanwhile (the subscription's sync, on its own connection)
     rollover = threading.Thread(
-        name="rollover", target=on_own_connection, args=(lambda: roll(stripe_sub),)
+        name="rollover", target=on_own_connection, args=(lambda: roll(stripe_sub), errors)
     )
-    rollover.start()
     # it waits for the listing (or, in a wrong lock order, holds what the listing needs next)
-    wait_until(
-        lambda: not rollover.is_alive() or _lock_waiters() > 0,
+    run_against_paused(
+        rollover,
+        paused=listing,
+        resume=resume,
         what="the rollover to wait for the seller's listing",
     )
-    resume.set()
-    listing.join(timeout=120)
-    rollover.join(timeout=120)
 
     # then: both completed, with no deadlock (none is retried here); the listing
     # was committed first, so the rollover counted it: the cap is exact
-    assert not listing.is_alive() and not rollover.is_alive()
     assert errors == []
     [created] = MarketListing.objects.filter(seller=org)
     assert subscription_credits_owned(org) == credits(100)
@@ -338,28 +299,19 @@ def _sweep_when_called(monkeypatch, module, name: str, *, now, errors: list) -> 
     returns the sweep's thread, for the test to join."""
     real = getattr(module, name)
     swept = threading.Thread(
-        name="sweep", target=lambda: _on_own_connection(lambda: credits_expire(now=now), errors)
+        name="sweep", target=lambda: on_own_connection(lambda: credits_expire(now=now), errors)
     )
 
     def sweep_first(**kwargs):
         swept.start()
         wait_until(
-            lambda: not swept.is_alive() or _lock_waiters() > 0,
+            lambda: not swept.is_alive() or lock_waiters() > 0,
             what="the sweep to run or wait for the rollover",
         )
         return real(**kwargs)
 
     monkeypatch.setattr(module, name, sweep_first)
     return swept
-
-
-def _on_own_connection(work, errors: list) -> None:
-    try:
-        work()
-    except Exception as exc:
-        errors.append(exc)
-    finally:
-        connection.close()
 
 
 @pytest.mark.django_db(transaction=True)

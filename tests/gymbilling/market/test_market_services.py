@@ -846,6 +846,99 @@ def test_a_refund_waits_for_the_bought_credits_the_buyer_s_running_job_holds(
     assert market_reversals_pending_settle() == 0
 
 
+def _dispute_the_rest(order) -> bool:
+    """The 62 of `_sold`'s 124 that the first 62 refunded left, disputed (dp_1)."""
+    return market_reversal_handle(
+        kind="dispute",
+        key="dispute:dp_1",
+        charge=charge_for(order, amount_refunded=62),
+        amount=62,
+        cumulative=False,
+    )
+
+
+def taken_pending_lost(reversal: MarketReversal) -> tuple[int, int, int]:
+    reversal.refresh_from_db()
+    return (reversal.credits_clawed_back, reversal.credits_pending, reversal.credits_lost)
+
+
+def half_refunded_while_a_job_holds_the_rest(market_stripe, seller, buyer) -> MarketOrder:
+    """100 credits bought (124), 40 of them spent and the other 60 held by the buyer's
+    running job ("job-running"); then half the charge refunded: its 50 credits wait."""
+    from metering.services import credits_adjust
+
+    order = sold(market_stripe, seller, buyer)
+    credits_adjust(organization=buyer, amount=-credits(40), reason="spent", key="spend-40")
+    hold_place(organization=buyer, amount=credits(60), key="job-running")
+    _refund(order, 62)
+    assert taken_pending_lost(MarketReversal.objects.get()) == (0, credits(50), 0)
+    return order
+
+
+@pytest.mark.parametrize("second", ["refund", "dispute"])
+def test_two_reversals_of_an_order_claim_no_more_than_the_buyer_s_job_holds_of_it(
+    market_stripe, seller, buyer, second
+):
+    # given: half of a 100-credit purchase refunded while the buyer's job holds the 60
+    # left of it (40 spent): 50 pending, claimed; and 30 credits of the buyer's own
+    from metering.services import hold_release
+
+    order = half_refunded_while_a_job_holds_the_rest(market_stripe, seller, buyer)
+    first = MarketReversal.objects.get()
+    subscription_credits(buyer, credits(30))
+
+    # when: the other half is refunded too, or disputed, while the job still runs
+    if second == "refund":
+        _refund_in_full(order)
+    else:
+        _dispute_the_rest(order)
+
+    # then: of its 50, only the 10 the job holds beyond the first's 50 can come back,
+    # 40 are lost (the spent 40), and the buyer's wallet claims the job's 60, no more
+    later = MarketReversal.objects.exclude(pk=first.pk).get()
+    assert taken_pending_lost(later) == (0, credits(10), credits(40))
+    assert later.pending_by_fill == {str(order.fills.get().pk): credits(10)}
+    assert wallet_claim(buyer) == credits(60)
+    assert ledger_reconcile().ok
+
+    # when: the job ends without using them: the buyer's own 30 are available at once
+    hold_release(key="job-running")
+    balance = organization_balance(organization=buyer)
+    assert (balance.set_aside, balance.available) == (credits(60), credits(30))
+
+    # when: the sweep runs
+    assert market_reversals_pending_settle() == credits(60)
+
+    # then: the job's 60 came back, the spent 40 are lost, nothing is claimed
+    assert taken_pending_lost(first) == (credits(50), 0, 0)
+    assert taken_pending_lost(later) == (credits(10), 0, credits(40))
+    assert wallet_claim(buyer) == 0
+    assert organization_balance(organization=buyer).total == credits(30)
+
+
+def test_a_second_order_reversal_after_the_job_gave_back_does_not_leave_the_first_waiting(
+    market_stripe, seller, buyer
+):
+    # given: half of a 100-credit purchase refunded while the buyer's job held the 60
+    # left of it (50 pending, claimed); then the job gave all back, before the sweep ran
+    from metering.services import hold_release
+
+    order = half_refunded_while_a_job_holds_the_rest(market_stripe, seller, buyer)
+    hold_release(key="job-running")
+
+    # when: the rest is refunded
+    _refund_in_full(order)
+
+    # then: the first refund took its 50 back on the way, the second the last 10; the
+    # spent 40 are lost, nothing waits, nothing is claimed
+    first, later = MarketReversal.objects.order_by("pk")
+    assert taken_pending_lost(first) == (credits(50), 0, 0)
+    assert taken_pending_lost(later) == (credits(10), 0, credits(40))
+    assert wallet_claim(buyer) == 0
+    assert organization_balance(organization=buyer).total == 0
+    assert market_reversals_pending_settle() == 0
+
+
 def test_a_refund_processed_before_the_order_s_payment_reverses_the_sale(
     market_stripe, seller, buyer
 ):
@@ -901,13 +994,7 @@ def test_partial_refund_then_dispute_after_payout_records_the_loss(market_stripe
     payouts_run(now=timezone.now() + timedelta(days=8))
     assert MarketPayout.objects.get().amount == 56
     # when: the rest is disputed after payout
-    market_reversal_handle(
-        kind="dispute",
-        key="dispute:dp_1",
-        charge=charge_for(order, amount_refunded=62),
-        amount=62,
-        cumulative=False,
-    )
+    _dispute_the_rest(order)
     # then: the fee share comes back, the seller's paid-out share is a loss, credits: 20 left
     second = MarketReversal.objects.get(key="dispute:dp_1")
     assert (second.fee_reversed, second.seller_reversed, second.loss) == (6, 0, 56)

@@ -212,6 +212,65 @@ def test_a_claim_only_counts_what_the_lots_still_hold(org, grant):
     claim_drop(organization=org, amount=claimed)
 
 
+def test_two_claims_on_the_same_lots_never_set_aside_more_than_they_hold(org, grant):
+    # given: a 100-credit pack, 40 of it spent, the other 60 held by two running jobs
+    # (30 each); two reversals of the pack (a partial refund, then a dispute) each
+    # want 50 back. What each has pending is here a dict, as gymbilling's rows.
+    pack = grant(org, credits(100), source="pack", resellable=False)
+    credits_adjust(organization=org, amount=-credits(40), reason="spent", key="spent-40")
+    hold_place(organization=org, amount=credits(30), key="job-a")
+    hold_place(organization=org, amount=credits(30), key="job-b")
+    refunded_at = timezone.now()
+    pending = {"refund": 0, "dispute": 0}
+
+    def besides(name: str):
+        return lambda: sum(amount for other, amount in pending.items() if other != name)
+
+    def claim(name: str) -> int:
+        pending[name] = credits_claim(
+            organization=org,
+            lots=Q(pk=pack.pk),
+            amount=credits(50),
+            at=refunded_at,
+            claimed_by_others=besides(name),
+        )
+        return pending[name]
+
+    def settle(name: str) -> tuple[int, int]:
+        taken, pending[name] = claim_settle(
+            organization=org,
+            lots=Q(pk=pack.pk),
+            pending=pending[name],
+            key=f"{name}:pending:{pending[name]}",
+            memo=name,
+            placed_before=refunded_at,
+            claimed_by_others=besides(name),
+        )
+        return taken, pending[name]
+
+    # when: both claim while the jobs run
+    # then: the second claims only what the lots hold beyond the first's 50
+    assert (claim("refund"), claim("dispute")) == (credits(50), credits(10))
+    assert wallet_claim(org) == credits(60)
+
+    # when: one job spends its 30, and both settle
+    hold_capture(key="job-a", amount=credits(30))
+
+    # then: together they wait for the other job's 30, no more
+    assert settle("refund") == (0, credits(20))
+    assert settle("dispute") == (0, credits(10))
+    assert wallet_claim(org) == credits(30)
+
+    # when: the other job gives its 30 back, and both settle
+    hold_release(key="job-b")
+
+    # then: the 30 came back between them, and nothing is claimed
+    assert settle("refund") == (credits(20), 0)
+    assert settle("dispute") == (credits(10), 0)
+    assert wallet_claim(org) == 0
+    assert organization_balance(organization=org).total == 0
+
+
 def test_a_settlement_reports_what_is_left_less_the_claim(org, grant, fast_path):
     # given a claim of 100 on a wallet whose old job gave everything back, and a job
     # of the member's own that holds 10 of their 30 (burned before the pack)
