@@ -81,11 +81,18 @@ def wallet_claims_repair() -> list[dict]:
     """Set every wallet's claim to what its refunds and disputes still have pending, for a
     wallet reconcile reports (`wallet_claim_pending`): after a deploy in which old code,
     which kept no claims, ran beside the migration that filled them in (gymbilling/0010).
-    Each wallet under its row lock, which every change of a claim and of what is pending
-    takes too. Returns the wallets changed: organization, claim before, claim after."""
+    The lots those reversals wait on are marked claimed as their own claims mark them
+    (metering's claim_reset), so work placed from now on burns them last; a claim set
+    to nothing leaves no lot marked. Each wallet under its row lock, which every change
+    of a claim and of what is pending takes too. Returns the wallets changed:
+    organization, claim before, claim after."""
     from django.db import transaction
 
+    from accounts.models import Organization
+    from gymbilling.market.services import market_reversals_claimed
+    from gymbilling.services.payments import payment_reversals_claimed
     from metering.models import LedgerAccount
+    from metering.services import claim_reset
 
     repaired = []
     for row in claims_not_pending():
@@ -97,14 +104,16 @@ def wallet_claims_repair() -> list[dict]:
             now_wrong = claims_not_pending(wallet.organization_id)
             if not now_wrong:
                 continue
+            organization = Organization.objects.get(pk=wallet.organization_id)
             pending = int(now_wrong[0]["pending"])
-            LedgerAccount.objects.filter(pk=wallet.pk).update(claimed=pending)
+            before = claim_reset(
+                organization=organization,
+                amount=pending,
+                covers=payment_reversals_claimed(organization=organization)
+                + market_reversals_claimed(organization=organization),
+            )
             repaired.append(
-                {
-                    "organization_id": wallet.organization_id,
-                    "before": wallet.claimed,
-                    "after": pending,
-                }
+                {"organization_id": organization.pk, "before": before, "after": pending}
             )
     return repaired
 

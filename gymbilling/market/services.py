@@ -1479,6 +1479,26 @@ def _fill_pending_besides(reversal: MarketReversal, fill_pk: int) -> Callable[[]
     return pending
 
 
+def _pending_fill_lots(reversal: MarketReversal) -> dict[str, Q]:
+    """The lots of each fill the reversal still waits on (its pending_by_fill's keys)."""
+    settled_by = MarketFill.objects.filter(
+        pk__in=[int(pk) for pk in reversal.pending_by_fill]
+    ).values_list("pk", "settle_transaction_id")
+    return {str(pk): _fill_lots([settled]) for pk, settled in settled_by}
+
+
+def market_reversals_claimed(*, organization: Organization) -> list[tuple[Q, datetime]]:
+    """What the buyer's pending marketplace refunds and disputes claimed: each fill's lots
+    a reversal waits on, with its time (for claims_repair to mark them as the claim did)."""
+    return [
+        (lots, reversal.created_at)
+        for reversal in MarketReversal.objects.filter(
+            order__buyer=organization, credits_pending__gt=0
+        ).order_by("pk")
+        for lots in _pending_fill_lots(reversal).values()
+    ]
+
+
 def _fill_lots(settle_transaction_ids: list[int]) -> Q:
     """The buyer's lots that fills delivered (by the transactions that delivered them)."""
     return Q(created_by_id__in=settle_transaction_ids)
@@ -1512,11 +1532,7 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
         if pending <= 0:
             return 0
         order = MarketOrder.objects.select_related("buyer").get(pk=reversal.order_id)
-        settled_by = dict(
-            MarketFill.objects.filter(
-                pk__in=[int(pk) for pk in reversal.pending_by_fill]
-            ).values_list("pk", "settle_transaction_id")
-        )
+        lots_of = _pending_fill_lots(reversal)
         taken_all = lost_all = 0
         still_by_fill: dict[str, int] = {}
         # Fill by fill, from that fill's lots only: the refund claimed each
@@ -1526,7 +1542,7 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
             # changes it; one that moved nothing wrote nothing.
             taken, still = claim_settle(
                 organization=order.buyer,
-                lots=_fill_lots([settled_by[int(fill_pk)]]),
+                lots=lots_of[fill_pk],
                 pending=fill_pending,
                 key=f"market:{reversal.key}:{fill_pk}:pending:{fill_pending}",
                 memo=f"{reversal.kind} of marketplace order {order.pk}, once running work settled",

@@ -211,6 +211,28 @@ def payment_reversal_apply(
     return reversal
 
 
+def _reversal_lots(reversal: PaymentReversal) -> Q | None:
+    """The lots a reversal takes back from: the family of the lot its payment bought (None
+    when it bought nothing here: a broken row, which the sweep reports)."""
+    grant, _ = _grant_for_payment(reversal.stripe_payment_intent_id)
+    if grant is None:
+        return None
+    return _lot_family(grant.created_lots.order_by("pk").first())
+
+
+def payment_reversals_claimed(*, organization) -> list[tuple[Q, datetime]]:
+    """What the organization's pending refunds and disputes claimed: the lots each waits on,
+    with its time (for claims_repair to mark them as the claim did)."""
+    claimed = []
+    for reversal in PaymentReversal.objects.filter(
+        organization=organization, credits_pending__gt=0
+    ).order_by("pk"):
+        lots = _reversal_lots(reversal)
+        if lots is not None:
+            claimed.append((lots, reversal.created_at))
+    return claimed
+
+
 def _lot_family(lot: CreditLot) -> Q:
     """The lot a payment bought and those split from it (what went to escrow and came back)."""
     return Q(pk__in=lot_family_ids(lot))
@@ -330,14 +352,17 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
         reversal = PaymentReversal.objects.select_for_update().get(pk=reversal_id)
         if reversal.credits_pending <= 0:
             return 0
-        grant, organization = _grant_for_payment(reversal.stripe_payment_intent_id)
-        lot = grant.created_lots.order_by("pk").first()
+        lots = _reversal_lots(reversal)
+        if lots is None:
+            raise LookupError(
+                f"payment {reversal.stripe_payment_intent_id!r} bought no credits here"
+            )
         pending = reversal.credits_pending
         # Keyed by what is pending: a take that moved credits changes it, and
         # one that moved nothing wrote nothing, so its key is free again.
         taken, still = claim_settle(
-            organization=organization,
-            lots=_lot_family(lot),
+            organization=reversal.organization,
+            lots=lots,
             pending=pending,
             key=f"{reversal.key}:pending:{pending}",
             memo=f"{reversal.kind} of {reversal.stripe_charge_id}, once running work settled",

@@ -3,6 +3,7 @@
 from metering.services.holds import hold_capture, hold_place, hold_release, holds_expire
 from metering.services.ledger import (
     claim_drop,
+    claim_reset,
     claim_settle,
     clawbacks_reverse,
     clawbacks_under,
@@ -30,6 +31,7 @@ __all__ = [
     "Rates",
     "Usage",
     "claim_drop",
+    "claim_reset",
     "claim_settle",
     "clawbacks_reverse",
     "clawbacks_under",

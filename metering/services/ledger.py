@@ -751,7 +751,20 @@ def _claim_lower(wallet: LedgerAccount, amount: int) -> None:
         cursor.execute(_CLAIM_LOWER + " RETURNING claimed", [amount, wallet.pk])
         row = cursor.fetchone()
     if row is not None and row[0] == 0:
-        CreditLot.objects.filter(account=wallet, claimed_at__isnull=False).update(claimed_at=None)
+        _lots_unmark(wallet)
+
+
+def _lots_mark(wallet: LedgerAccount, lots: Q, at: datetime) -> None:
+    """Mark the wallet's `lots` a claim covers as claimed at `at` (the reversal's time; a lot
+    marked before keeps its first time): holds placed after it burn them last."""
+    CreditLot.objects.filter(lots, account=wallet, remaining__gt=0, claimed_at__isnull=True).update(
+        claimed_at=at
+    )
+
+
+def _lots_unmark(wallet: LedgerAccount) -> None:
+    """Nothing is claimed any more: no lot of the wallet is burned last for a claim."""
+    CreditLot.objects.filter(account=wallet, claimed_at__isnull=False).update(claimed_at=None)
 
 
 def _wallet_unspent(*, wallet: LedgerAccount, lots: Q, now: datetime) -> int:
@@ -805,9 +818,7 @@ def credits_claim(
         claimed = min(amount, _lots_unclaimed(wallet, lots, now, claimed_by_others))
         if claimed > 0:
             _claim_update(_CLAIM_RAISE, wallet, claimed)
-            CreditLot.objects.filter(
-                lots, account=wallet, remaining__gt=0, claimed_at__isnull=True
-            ).update(claimed_at=at or now)
+            _lots_mark(wallet, lots, at or now)
         return claimed
 
 
@@ -869,6 +880,33 @@ def claim_settle(
         if pending - still:
             _claim_lower(wallet, pending - still)
         return taken, still
+
+
+def claim_reset(
+    *, organization: Organization, amount: int, covers: list[tuple[Q, datetime]]
+) -> int:
+    """Set the wallet's claim to `amount`, what its reversals have pending, after old code
+    left it apart (gymbilling's claims_repair); returns the claim it had.
+
+    `covers`: the lots each pending reversal waits on, with that reversal's time. They are
+    marked as credits_claim marks them, so that work placed from now on burns them last;
+    with nothing claimed, no lot stays marked, as when a claim settles in full. Under the
+    wallet's row lock, which the caller may hold already (to compare the claim with what
+    is pending).
+    """
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+        raise ApplicationError(code="invalid_amount", message="A claim is >= 0.", param="amount")
+    with transaction.atomic():
+        org_accounts, _ = accounts_for(organization)
+        wallet = org_accounts.wallet
+        accounts_lock(wallet)
+        before = LedgerAccount.objects.values_list("claimed", flat=True).get(pk=wallet.pk)
+        LedgerAccount.objects.filter(pk=wallet.pk).update(claimed=amount)
+        if amount == 0:
+            _lots_unmark(wallet)
+        for lots, at in covers if amount else []:
+            _lots_mark(wallet, lots, at)
+        return before
 
 
 def claim_drop(*, organization: Organization, amount: int) -> None:

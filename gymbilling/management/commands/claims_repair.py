@@ -1,6 +1,7 @@
 """Set each wallet's claim to what its refunds and disputes still have pending, where
-`ledger_reconcile` reports them apart (check `wallet_claim_pending`). For a deploy in which
-old workers ran beside the migration that filled claims in; prints each wallet changed."""
+`ledger_reconcile` reports them apart (check `wallet_claim_pending`), and mark the lots they
+wait on as their claims do (new work burns them last). For a deploy in which old workers
+ran beside the migration that filled claims in; prints each wallet changed."""
 
 from django.core.management.base import BaseCommand
 

@@ -595,6 +595,64 @@ def test_claims_repair_sets_a_wallets_claim_to_what_is_pending(
     assert again.getvalue().strip() == "0 wallets repaired"
 
 
+def test_claims_repair_marks_the_lots_its_claim_covers_so_new_work_burns_them_last(
+    customer, catalog, stripe_standin, stripe_sdk, deliver, grant
+):
+    # given: 200 credits of the member's own that never expire (burned after the pack),
+    # and a refund waiting on a running job that holds the whole pack; then, as old code
+    # beside the migration left it, neither the claim nor the lot's mark
+    org = customer.organization
+    grant(org, 200 * MICRO, source="promotion", paid=False, resellable=False, expires_at=None)
+    refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+    reversal = PaymentReversal.objects.get()
+    pack = CreditLot.objects.filter(organization=org, source="pack")
+    LedgerAccount.objects.filter(organization=org, kind="wallet").update(claimed=0)
+    pack.update(claimed_at=None)
+
+    # when finance run the repair
+    call_command("claims_repair", stdout=io.StringIO())
+
+    # then the claim is back and the pack's lot is marked with the refund's time, as
+    # the refund's own claim marked it
+    assert wallet_claim(org) == 1_000 * MICRO
+    assert pack.get().claimed_at == reversal.created_at
+
+    # when: the job gives the pack back and, before the sweep, the member runs a job on
+    # their own 200 (what the claim leaves them)
+    hold_release(key="job-running")
+    spend(org, 200 * MICRO, key="job-own")
+
+    # then: it burned the member's own credits, not the pack's, and the sweep takes the
+    # whole pack back: nothing lost, nothing claimed, no lot marked
+    assert pack.get().remaining == 1_000 * MICRO
+    assert payment_reversals_pending_settle() == 1_000 * MICRO
+    reversal.refresh_from_db()
+    assert taken_pending_lost(reversal) == (1_000 * MICRO, 0, 0)
+    assert wallet_claim(org) == 0
+    assert pack.get().claimed_at is None
+    assert organization_balance(organization=org).total == 0
+
+
+def test_claims_repair_of_a_claim_nothing_waits_for_unmarks_the_lots(
+    customer, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given: a refund that waited on a running job and has settled, with a claim and a
+    # lot mark that old code left behind (nothing is pending any more)
+    org = refunded_pack_while_a_job_holds_it(customer, stripe_standin, stripe_sdk, deliver)
+    hold_release(key="job-running")
+    assert payment_reversals_pending_settle() == 1_000 * MICRO
+    pack = CreditLot.objects.filter(organization=org, source="pack")
+    LedgerAccount.objects.filter(organization=org, kind="wallet").update(claimed=300 * MICRO)
+    pack.update(claimed_at=PaymentReversal.objects.get().created_at)
+
+    # when finance run the repair
+    call_command("claims_repair", stdout=io.StringIO())
+
+    # then: nothing is claimed and no lot is marked, as when a claim settles in full
+    assert wallet_claim(org) == 0
+    assert pack.get().claimed_at is None
+
+
 def test_one_reversal_the_sweep_cannot_settle_does_not_hold_back_the_others(
     customer, catalog, stripe_standin, stripe_sdk, deliver, caplog
 ):

@@ -939,6 +939,31 @@ def test_a_second_order_reversal_after_the_job_gave_back_does_not_leave_the_firs
     assert market_reversals_pending_settle() == 0
 
 
+def test_claims_repair_marks_the_bought_lots_a_marketplace_refund_waits_on(
+    market_stripe, seller, buyer
+):
+    # given: half of a 100-credit purchase refunded while the buyer's job holds the 60
+    # left of it (50 pending); then, as old code left it, no claim and no lot marked
+    from gymbilling.reconcile import wallet_claims_repair
+
+    order = half_refunded_while_a_job_holds_the_rest(market_stripe, seller, buyer)
+    reversal = MarketReversal.objects.get()
+    bought = CreditLot.objects.filter(
+        created_by_id=order.fills.get().settle_transaction_id, account__kind="wallet"
+    )
+    LedgerAccount.objects.filter(organization=buyer, kind="wallet").update(claimed=0)
+    bought.update(claimed_at=None)
+
+    # when: the repair runs
+    repaired = wallet_claims_repair()
+
+    # then: the claim is the reversal's 50 again, and the bought lot is marked with the
+    # refund's time, as the refund's own claim marked it
+    assert repaired == [{"organization_id": buyer.pk, "before": 0, "after": credits(50)}]
+    assert wallet_claim(buyer) == credits(50)
+    assert [lot.claimed_at for lot in bought] == [reversal.created_at]
+
+
 def test_a_refund_processed_before_the_order_s_payment_reverses_the_sale(
     market_stripe, seller, buyer
 ):
