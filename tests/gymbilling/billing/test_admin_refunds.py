@@ -1,22 +1,28 @@
 """Finance refund a payment from the admin: at Stripe (the stand-in, over HTTP), and the
-credits it bought are taken back at once, before any webhook arrives."""
+credits it bought are taken back at once, before any webhook arrives; where that fails
+here once Stripe refunded, the refund's webhook takes them back, once."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
+from django.contrib import messages
 from django.contrib.auth.models import Permission
+from django.db import connection, transaction
 from django.test import Client
 
 from accounts.models import AuditEvent
 from gymbilling import stripe_client
-from gymbilling.models import CheckoutSession, PaymentReversal
+from gymbilling.locks import transaction_lock
+from gymbilling.models import CheckoutSession, PaymentReversal, StripeEvent
+from gymbilling.services import stripe_event_process
 from metering.models import MICRO
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place
 from tests.factories import UserFactory
-from tests.helpers import ledger_rows
+from tests.helpers import ledger_rows, on_own_connection
 
 pytestmark = pytest.mark.django_db
 
@@ -140,3 +146,71 @@ def test_only_staff_allowed_to_refund_may(bought_pack):
     assert (opened.status_code, posted.status_code) == (403, 403)
     assert page.status_code == 200 and _refund_url(bought_pack).encode() not in page.content
     assert _refunded_at_stripe(bought_pack) == 0
+
+
+def test_a_refund_stripe_made_that_cannot_be_applied_here_is_applied_once_by_its_webhook(
+    admin_client, bought_pack, deliver, caplog
+):
+    # given: another worker applying a reversal of the same charge holds the charge's
+    # lock (gymbilling.locks, on a connection of its own) for as long as the test needs,
+    # and the web process gives up on a lock after 100 ms (PostgreSQL's lock_timeout, as
+    # ops set it for web roles): the refund's local apply will fail, for real, after
+    # Stripe made the refund
+    org = bought_pack.organization
+    charge = stripe_client.payment_intent_charge(bought_pack.stripe_payment_intent_id)["id"]
+    held, release, errors = threading.Event(), threading.Event(), []
+
+    def hold_the_charge_lock() -> None:
+        with transaction.atomic():
+            transaction_lock(f"stripe-charge:{charge}")
+            held.set()
+            release.wait(timeout=60)
+
+    worker = threading.Thread(target=on_own_connection, args=(hold_the_charge_lock, errors))
+    worker.start()
+    assert held.wait(timeout=60)
+    before = organization_balance(organization=org)
+
+    # when: finance refund the whole payment from the checkout's page
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL lock_timeout = '100ms'")
+    try:
+        response = admin_client.post(
+            _refund_url(bought_pack), {"note": "Charged twice", "key": _key()}, follow=True
+        )
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL lock_timeout = 0")
+        release.set()
+        worker.join(timeout=60)
+
+    # then: Stripe refunded $12.00, and finance are told so, and that the webhook will
+    # take the credits back (not to refund again); the failure is logged, nothing of it
+    # was applied here, and the audit log has the refund
+    assert errors == []
+    assert _refunded_at_stripe(bought_pack) == 1200
+    [message] = list(response.context["messages"])
+    assert message.level == messages.WARNING
+    assert str(message).startswith("Refunded 1200 usd (re_")
+    assert "Stripe's webhook for the refund will apply it. Do not refund again." in str(message)
+    assert "applying it now failed" in caplog.text
+    assert not PaymentReversal.objects.exists()
+    assert organization_balance(organization=org) == before
+    assert AuditEvent.objects.filter(organization=org, action="payment.refunded").count() == 1
+
+    # when: Stripe's webhook for the refund is delivered, and then again
+    assert "failed" not in deliver()
+    refunded = StripeEvent.objects.get(type="charge.refunded")
+    assert stripe_event_process(event_pk=refunded.pk, force=True) == "processed"
+
+    # then: the refund is applied once: the 700 unspent credits taken back, the 300
+    # spent recorded as lost, one reversal
+    [reversal] = PaymentReversal.objects.all()
+    assert (reversal.kind, reversal.amount) == ("refund", 1200)
+    assert (reversal.credits_clawed_back, reversal.credits_pending, reversal.credits_lost) == (
+        700 * MICRO,
+        0,
+        300 * MICRO,
+    )
+    balance = organization_balance(organization=org)
+    assert (balance.total, balance.available) == (0, 0)
