@@ -219,14 +219,13 @@ def stripe_period(stripe_sub: dict, start) -> dict:
     return stripe_sub | {"items": {"data": [item]}}
 
 
-def roll(stripe_sub: dict) -> None:
-    """The next period begins (Stripe's renewal, as the webhook's re-read shows it)."""
+def roll(stripe_sub: dict) -> dict:
+    """The next period begins (Stripe's renewal, as the webhook's re-read shows it); returns
+    the subscription in its new period, for the next roll."""
     [item] = stripe_sub["items"]["data"]
-    subscription_sync(
-        stripe_sub=stripe_period(
-            stripe_sub, datetime.fromtimestamp(item["current_period_end"], tz=UTC)
-        )
-    )
+    renewed = stripe_period(stripe_sub, datetime.fromtimestamp(item["current_period_end"], tz=UTC))
+    subscription_sync(stripe_sub=renewed)
+    return renewed
 
 
 def subscription_credits_owned(org) -> int:

@@ -574,6 +574,98 @@ def test_released_credits_fill_what_the_rollover_left_of_its_cap_and_no_more(mar
     assert ledger_rows() == rows
 
 
+def test_a_reservation_pending_through_three_rollovers_comes_back_capped_by_each(
+    market_stripe, buyer
+):
+    # given: a member of a plan of 1,000 credits a month that rolls 100 over; 600 of the
+    # first period's spent and the other 400 listed, all reserved by a buyer's checkout,
+    # which stays pending through the next three period changes
+    from gymbilling.market.services import order_release
+    from gymbilling.models import RolloverCarry
+    from metering.services import credits_adjust
+
+    org, stripe_sub, _ = rollover_member()
+    expiry_before = system_balance("expiry")
+
+    def spend(amount: int, period: int) -> None:
+        credits_adjust(organization=org, amount=-amount, reason="used", key=f"spend-{period}")
+
+    def next_period(stripe_sub: dict, *, period: int, spent: int) -> dict:
+        """The period rolls over into `period`, whose invoice grants 1,000 credits (expiring
+        a period after it ends); the member then spends `spent` in it."""
+        renewed = roll(stripe_sub)
+        subscription_credits(org, credits(1000), days=31 + 30 * (period - 1))
+        spend(credits(spent), period)
+        return renewed
+
+    def carried() -> list[int]:
+        return list(
+            RolloverCarry.objects.filter(organization=org)
+            .order_by("pk")
+            .values_list("headroom", flat=True)
+        )
+
+    spend(credits(600), 1)
+    listing = listing_create(seller=org, quantity=credits(400), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(400), max_price_per_1k=300, currency="usd")
+    [fill] = order.fills.all()
+
+    # when: the first period ends, the member holding none of its credits (then they
+    # spend 970 of the second's 1,000)
+    stripe_sub = next_period(stripe_sub, period=2, spent=970)
+
+    # then: nothing to trim; the rollover leaves all its cap (100) to what was away
+    assert carried() == [credits(100)]
+    assert system_balance("expiry") == expiry_before
+    assert ledger_reconcile().ok
+
+    # when: the second period ends, the member holding 30 (then they spend 950 more, the
+    # second period's 30 first, as they expire soonest: 80 of the third's are left)
+    stripe_sub = next_period(stripe_sub, period=3, spent=950)
+
+    # then: still nothing to trim; this rollover leaves 70 of its cap
+    assert carried() == [credits(100), credits(70)]
+    assert system_balance("expiry") == expiry_before
+    assert ledger_reconcile().ok
+
+    # when: the third period ends, the member holding 80 (then they spend the fourth's
+    # 1,000 worth: 80 are left)
+    next_period(stripe_sub, period=4, spent=1000)
+
+    # then: this one leaves 20 of its cap; each missed the same reservation, still pending
+    assert carried() == [credits(100), credits(70), credits(20)]
+    assert set(RolloverCarry.objects.filter(fills=fill).values_list("headroom", flat=True)) == {
+        credits(100),
+        credits(70),
+        credits(20),
+    }
+    assert organization_balance(organization=buyer).escrowed == credits(400)
+    assert system_balance("expiry") == expiry_before
+    assert subscription_credits_owned(org) == credits(80)
+    assert ledger_reconcile().ok
+
+    # when: the buyer's checkout is abandoned and the reservation released
+    assert order_release(order_id=order.pk, status=OrderStatus.EXPIRED, code="checkout_expired")
+
+    # then: of the 400, what passes every cap it missed comes back: 100 past the first,
+    # 70 of those past the second, 20 of those past the third; 380 expire on the way
+    # and the member holds the cap (their 80 and the 20 back on the listing), no more
+    assert carried() == [0, 0, 0]
+    assert system_balance("expiry") - expiry_before == credits(380)
+    assert organization_listing(organization=org, listing_id=listing.pk).available == credits(20)
+    assert subscription_credits_owned(org) == credits(100)
+    assert organization_balance(organization=buyer).escrowed == 0
+    assert ledger_reconcile().ok
+
+    # when: the release runs again
+    rows = ledger_rows()
+    assert not order_release(order_id=order.pk, status=OrderStatus.EXPIRED, code="again")
+
+    # then: nothing more moved
+    assert ledger_rows() == rows
+    assert carried() == [0, 0, 0]
+
+
 def test_reserved_credits_that_expire_are_not_delivered_and_the_buyer_is_refunded(
     market_stripe, buyer, django_capture_on_commit_callbacks
 ):
