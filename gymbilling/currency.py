@@ -9,7 +9,7 @@ integer and its decimal text, with Decimal, never float.
 
 from __future__ import annotations
 
-from decimal import Decimal, DecimalException
+from decimal import ROUND_DOWN, Decimal, DecimalException
 
 # https://docs.stripe.com/currencies#zero-decimal and #three-decimal
 ZERO_DECIMAL = frozenset(
@@ -40,15 +40,17 @@ def money_display(amount: int, currency: str, *, code: bool = True) -> str:
 def money_parse(text: str, currency: str) -> int:
     """A person's "12.5" in `currency` as minor units (1250 for usd), exactly, or
     ValueError saying why not: nothing finer than the minor unit is rounded away."""
+    places = currency_exponent(currency)
     try:
-        amount = Decimal(str(text).strip()) * 10 ** currency_exponent(currency)
+        number = Decimal(str(text).strip())
     except DecimalException:
         raise ValueError(f"{text!r} is not an amount of money.") from None
-    if not amount.is_finite():
+    if not number.is_finite():
         raise ValueError(f"{text!r} is not an amount of money.")
-    if abs(amount) >= _TOO_LARGE:  # before int(): "1e99999999" would take minutes to expand
+    # Bounded before anything is expanded ("1e99999999" would take minutes as an int)
+    # or quantized (which then fits Decimal's 28 digits, so nothing below is rounded).
+    if number.adjusted() >= 18 or abs(number).scaleb(places) >= _TOO_LARGE:
         raise ValueError(f"{text!r} is too large an amount.")
-    if amount != amount.to_integral_value():
-        places = currency_exponent(currency)
+    if number != number.quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN):
         raise ValueError(f"{currency.upper()} amounts have at most {places} decimal places.")
-    return int(amount)
+    return int(number.scaleb(places))

@@ -14,9 +14,10 @@ from accounts.api_base import MANAGERS, OrgApiView, StrictSerializer
 from accounts.errors import ApplicationError
 from accounts.models import Role, Scope
 from gymbilling.market import selectors, services
+from metering.services.postings import MAX_MOVEMENT
 
 TRADER_ROLES = (*MANAGERS, Role.BILLING)
-MAX_QUANTITY = 10**15  # micro-credits; far above any real listing, below BIGINT's reach
+MAX_QUANTITY = MAX_MOVEMENT  # micro-credits, as the services check (market.services)
 MAX_PRICE = 10**12
 
 ERRORS = {

@@ -70,7 +70,12 @@ from metering.services import (
     lot_clawback,
 )
 from metering.services.ledger import organization_account
-from metering.services.postings import accounts_lock, amount_display, retry_on_deadlock
+from metering.services.postings import (
+    MAX_MOVEMENT,
+    accounts_lock,
+    amount_display,
+    retry_on_deadlock,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +101,12 @@ def _require_quantity(quantity: int, *, minimum: int, param: str = "quantity") -
         raise ApplicationError(
             code="invalid_quantity",
             message=f"{param} must be a positive number of micro-credits; got {quantity}.",
+            param=param,
+        )
+    if quantity > MAX_MOVEMENT:  # the ledger's bound; past it a quantity outgrows BIGINT
+        raise ApplicationError(
+            code="invalid_quantity",
+            message=f"{param} may be at most {MAX_MOVEMENT} micro-credits; got {quantity}.",
             param=param,
         )
     if quantity < minimum:

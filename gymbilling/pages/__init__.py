@@ -22,8 +22,8 @@ from accounts.errors import ApplicationError
 from gymbilling.currency import money_parse
 from metering.services.postings import credits_parse
 
-# What a person writes for credits or money: digits, maybe a decimal part. Checked before
-# parsing: Decimal reads "1e99999999" too, and expanding it to an int takes minutes.
+# What a person writes for credits or money here: digits, maybe a decimal part (no sign,
+# no exponent); the parsers then refuse what is too large or too fine.
 _PLAIN_NUMBER = re.compile(r"\d{1,30}(\.\d{1,30})?")
 
 

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -349,23 +349,26 @@ def _expiry_due(account: LedgerAccount, now: datetime) -> bool:
 
 def credits_parse(text: str) -> int:
     """Credits written by a person ("250", "0.5", "-10") as micro-credits, exactly, or
-    ValueError saying why not. Decimal, never float: "0.1" is 100000 micro-credits."""
+    ValueError saying why not. Decimal, never float: "0.1" is 100000 micro-credits.
+
+    Nothing is rounded: a digit past the millionth is refused, and so is anything over
+    the most one movement of the ledger may move (MAX_MOVEMENT), before it is expanded
+    ("1e99999999" would otherwise take minutes to become an int).
+    """
     try:
         number = Decimal(text.strip())
     except (InvalidOperation, AttributeError):
         raise ValueError(f"{text!r} is not a number of credits.") from None
     if not number.is_finite():
         raise ValueError(f"{text!r} is not a number of credits.")
-    # Decimal reads "1e99999999", and making an int of it takes minutes: anything
-    # past the largest movement the ledger takes is refused before it is expanded.
-    if number and number.adjusted() > len(str(MAX_MOVEMENT)):
-        raise ValueError(f"{text!r} is more credits than any one movement may move.")
-    if number and number.adjusted() < -6:  # (and would round to 0 in the product below)
+    if number.adjusted() >= len(str(MAX_MOVEMENT)) or abs(number) * MICRO > MAX_MOVEMENT:
+        raise ValueError(
+            f"{text!r} is more credits than one movement may move ({amount_display(MAX_MOVEMENT)})."
+        )
+    # (Bounded now, so the quantize below fits Decimal's 28 digits.)
+    if number != number.quantize(Decimal("0.000001"), rounding=ROUND_DOWN):
         raise ValueError("Credits are exact to a millionth (6 decimal places).")
-    micro = number * MICRO
-    if micro != micro.to_integral_value():
-        raise ValueError("Credits are exact to a millionth (6 decimal places).")
-    return int(micro)
+    return int(number.scaleb(6))
 
 
 def amount_display(micro: int) -> str:

@@ -225,6 +225,14 @@ def test_a_refused_order_is_drawn_with_its_code_and_changes_nothing(
         ),
         (as_buyer, {"quantity": "0", "price": "3"}, 400, "invalid_quantity"),
         (as_buyer, {"quantity": "ten", "price": "3"}, 400, "invalid_quantity"),
+        # more than the ledger moves at once, with whatever is offered accepted: it was a
+        # 500 (a BIGINT overflow) before the services checked the bound the API checks
+        (
+            as_buyer,
+            {"quantity": "1000000000.000001", "price": "3", "allow_partial": "on"},
+            400,
+            "invalid_quantity",
+        ),
         (
             as_buyer,
             {"quantity": "10", "price": "3", "currency": "eur"},

@@ -39,8 +39,11 @@ def test_the_template_filters_show_an_amount_with_and_without_its_code():
         ("two", "usd", "is not an amount of money"),
         ("", "usd", "is not an amount of money"),
         ("NaN", "usd", "is not an amount of money"),
-        ("1e99999999", "usd", "is not an amount of money"),
+        ("1e99999999", "usd", "too large"),
         ("1e999990", "usd", "too large"),
+        ("1e-99999999", "usd", "at most 2 decimal places"),
+        # a digit past the 28 Decimal keeps in a product: refused, not rounded to 2.50
+        ("2.5000000000000000000000000001", "usd", "at most 2 decimal places"),
     ],
 )
 def test_what_is_not_an_exact_amount_is_refused_never_rounded(text, currency, why):

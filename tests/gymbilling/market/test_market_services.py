@@ -46,6 +46,7 @@ from metering.models import MICRO, CreditLot, LedgerAccount, LotSource
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import credits_grant, hold_capture, hold_place
+from metering.services.postings import MAX_MOVEMENT
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
     charge_for,
@@ -245,6 +246,34 @@ def test_not_enough_liquidity_is_refused_and_changes_nothing(market_stripe, sell
         buyer=buyer, quantity=credits(150), max_price_per_1k=300, currency="usd", allow_partial=True
     )
     assert order.quantity == credits(100) and order.quantity_requested == credits(150)
+
+
+@pytest.mark.parametrize("service", ["order", "listing"])
+def test_a_quantity_past_what_the_ledger_moves_is_refused_by_the_service(
+    market_stripe, seller, buyer, service
+):
+    # given an open listing (an order taking what is offered would have reached the database)
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    before = ledger_rows(), MarketOrder.objects.count(), MarketListing.objects.count()
+
+    # when a caller other than the API (a page, a task) asks past the ledger's bound
+    with pytest.raises(ApplicationError) as exc:
+        if service == "order":
+            order_create(
+                buyer=buyer,
+                quantity=MAX_MOVEMENT + 1,
+                max_price_per_1k=300,
+                currency="usd",
+                allow_partial=True,
+            )
+        else:
+            listing_create(
+                seller=seller, quantity=MAX_MOVEMENT + 1, price_per_1k=300, currency="usd"
+            )
+
+    # then the service refuses it (it was a BIGINT overflow, a 500), and nothing changed
+    assert (exc.value.code, exc.value.status) == ("invalid_quantity", 400)
+    assert (ledger_rows(), MarketOrder.objects.count(), MarketListing.objects.count()) == before
 
 
 def test_buying_your_own_listing_is_refused(market_stripe, seller):
