@@ -1,5 +1,4 @@
 from django.db import connection
-from django.db.models import Sum
 from django.http import HttpResponse, JsonResponse
 from django.views.defaults import page_not_found
 from django.views.defaults import server_error as html_server_error
@@ -8,8 +7,11 @@ from django.views.generic import TemplateView, View
 from accounts.dashboard import MemberPage
 from accounts.errors import json_error_response
 from gymbilling.middleware import API_PREFIXES
-from metering.models import LotSource
-from metering.selectors import organization_balance, organization_lots
+from metering.selectors import (
+    organization_balance,
+    organization_lots,
+    overage_allowance_available,
+)
 
 
 class HomeView(TemplateView):
@@ -26,14 +28,15 @@ class OverviewPage(MemberPage):
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
         organization = self.request.organization
-        lots = organization_lots(organization=organization)
+        balance = organization_balance(organization=organization)
         context.update(
-            balance=organization_balance(organization=organization),
-            lots=lots[:50],
-            # Counted in `available` (work may spend it), but not prepaid: what is spent
-            # of it is invoiced at the plan's overage price. Shown apart so a customer
-            # does not read it as credits already bought.
-            overage=lots.filter(source=LotSource.OVERAGE).aggregate(left=Sum("remaining"))["left"],
+            balance=balance,
+            lots=organization_lots(organization=organization)[:50],
+            # Counted in `available` (work may spend it) but not prepaid: shown apart
+            # so that a customer does not read it as credits already bought.
+            overage=overage_allowance_available(
+                organization=organization, available=balance.available
+            ),
         )
         return context
 

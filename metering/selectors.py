@@ -19,6 +19,7 @@ from metering.models import (
     CreditLot,
     LedgerAccount,
     LedgerEntry,
+    LotSource,
     ModelPrice,
     UsageRecord,
 )
@@ -78,6 +79,23 @@ def account_balance(*, account: LedgerAccount) -> int:
     if not account.is_system:
         return account.balance
     return LedgerEntry.objects.filter(account=account).aggregate(s=Sum("amount"))["s"] or 0
+
+
+def overage_allowance_available(*, organization: Organization, available: int) -> int:
+    """How much of the `available` credits is a plan's overage allowance: lent, not
+    prepaid, invoiced as it is spent.
+
+    Overage lots are burned after every other (their priority), so the credits that
+    pending work holds come out of the others first, and the allowance is what is left
+    of the overage lots up to `available`.
+    """
+    left = (
+        CreditLot.objects.filter(
+            organization=organization, account__kind=AccountKind.WALLET, source=LotSource.OVERAGE
+        ).aggregate(left=Sum("remaining"))["left"]
+        or 0
+    )
+    return min(left, available)
 
 
 def organization_lots(*, organization: Organization, include_spent: bool = False) -> QuerySet:

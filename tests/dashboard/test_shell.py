@@ -6,7 +6,9 @@ import pytest
 from django.urls import reverse
 
 from accounts.models import Membership, Organization, Role, User
+from gymbilling.market.services import listing_create
 from metering.models import MICRO
+from metering.services import hold_place
 from tests.factories import OrganizationFactory
 
 pytestmark = pytest.mark.django_db
@@ -135,3 +137,34 @@ def test_the_switcher_on_a_refused_post_leads_back_to_a_page_not_to_the_post(cli
     assert b'name="next" value=""' in refusal.content
     page = client.get("/dashboard/keys")
     assert b'name="next" value="/dashboard/keys"' in page.content
+
+
+def test_the_overage_allowance_shown_is_what_of_it_is_available(client, member, grant):
+    # given 5 prepaid credits and a 10-credit overage allowance (burned last), and a
+    # running job holding 13 of the 15: the 5 prepaid and 8 of the allowance
+    _, org = member(Role.OWNER)
+    grant(org, 5 * MICRO)
+    grant(org, 10 * MICRO, source="overage", paid=False, resellable=False, priority=1000)
+    hold_place(organization=org, amount=13 * MICRO, key="job-overview")
+
+    page = client.get("/dashboard/").content.decode()
+
+    # then 2 are available, and all 2 are the allowance (not the lot's 10 left)
+    assert 'data-figure="available">2<' in page
+    assert "Of what is available, 2 is your plan" in page
+
+
+def test_credits_in_escrow_are_marked_so_in_the_lots(client, member, grant):
+    # given 100 credits of which 40 are listed on the marketplace
+    _, org = member(Role.OWNER)
+    grant(org, 100 * MICRO)
+    listing_create(seller=org, quantity=40 * MICRO, price_per_1k=300, currency="usd")
+
+    page = client.get("/dashboard/").content.decode()
+
+    assert 'data-figure="available">60<' in page and 'data-figure="escrowed">40<' in page
+    rows = [row for row in page.split("<tr>") if "Subscription period" in row]
+    assert sorted(("in escrow" in row, ">40<" in row) for row in rows) == [
+        (False, False),
+        (True, True),
+    ]
