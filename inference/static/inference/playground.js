@@ -191,7 +191,10 @@
     const text = await response.text();
     try {
       const body = parseJson(text).error;
-      if (body && body.code) return body;
+      if (body && body.code) {
+        body.retryAfter = Number(response.headers.get("Retry-After")) || 0;
+        return body;
+      }
     } catch (_) {
       // not the API's JSON (a proxy's page): said by its status below
     }
@@ -263,11 +266,19 @@
   async function billOfStopped(jobId) {
     status.textContent = "Stopped. Waiting for what the job was charged…";
     const url = `${form.dataset.jobs}/${encodeURIComponent(jobId)}`;
-    const deadline = Date.now() + 30000;
+    // Each read counts against the organization's request limit, which its API keys
+    // share: back off (0.5, 1, 2, 4, 8, 8 s: seven reads in about 24 s), and wait as
+    // long as a 429's Retry-After asks.
     let job = await getJson(url);
-    while (!TERMINAL.has(job.status) && Date.now() < deadline) {
-      await new Promise((resolve) => setTimeout(resolve, 500));
-      job = await getJson(url);
+    for (let wait = 500, reads = 1; !TERMINAL.has(job.status) && reads < 7; reads++) {
+      await new Promise((resolve) => setTimeout(resolve, wait));
+      wait = Math.min(wait * 2, 8000);
+      try {
+        job = await getJson(url);
+      } catch (refused) {
+        if (refused.code !== "rate_limited" || !refused.retryAfter) throw refused;
+        wait = Math.max(wait, refused.retryAfter * 1000);
+      }
     }
     if (!TERMINAL.has(job.status)) {
       status.textContent = `Stopped. The job ${jobId} is still ${job.status}; see GET /api/v1/jobs/${jobId}.`;
