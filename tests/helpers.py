@@ -190,6 +190,47 @@ def submit_job(
     )
 
 
+def usage_draft(
+    organization,
+    job_id: str,
+    charged: int,
+    *,
+    model_name: str = "gym-tiny",
+    engine_busy_ms: int = 0,
+    serving_cost: int = 0,
+    currency: str = "usd",
+):
+    """The usage record a settlement writes with its capture (metering's UsageDraft)."""
+    from metering.services import Usage
+    from metering.services.usage import UsageDraft
+
+    return UsageDraft(
+        organization_id=organization.pk,
+        job_id=job_id,
+        model_name=model_name,
+        priority="standard",
+        usage=Usage(input_tokens=40, cached_input_tokens=8, output_tokens=12),
+        credits=charged,
+        engine_busy_ms=engine_busy_ms,
+        serving_cost=serving_cost,
+        currency=currency,
+    )
+
+
+def job_settled(organization, charged: int, *, job_id: str | None = None, **usage):
+    """A job of `charged` micro-credits as inference settles one: held for exactly that,
+    then captured with its usage record (`usage`: usage_draft's options). Returns the hold."""
+    import uuid
+
+    from metering.services import hold_capture, hold_place
+
+    job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
+    hold_place(organization=organization, amount=charged, key=job_id)
+    return hold_capture(
+        key=job_id, amount=charged, usage=usage_draft(organization, job_id, charged, **usage)
+    )
+
+
 class StatementLog:
     """Every statement sent through Django's connection, the prepared ones (accounts.sql) too.
 

@@ -18,25 +18,17 @@ from metering.models import (
     UsageRecord,
 )
 from metering.selectors import organization_balance
-from metering.services import Usage, credits_grant, hold_capture, hold_place, hold_release
+from metering.services import credits_grant, hold_capture, hold_place, hold_release
 from metering.services.usage import UsageDraft
 from tests.factories import OrganizationFactory
-from tests.helpers import credits
+from tests.helpers import credits, usage_draft
 
 pytestmark = pytest.mark.django_db
 
 
 def _draft(org, job_id: str, charged: int) -> UsageDraft:
-    return UsageDraft(
-        organization_id=org.pk,
-        job_id=job_id,
-        model_name="llama-test",
-        priority="standard",
-        usage=Usage(input_tokens=40, cached_input_tokens=8, output_tokens=12),
-        credits=charged,
-        engine_busy_ms=17,
-        serving_cost=3,
-        currency="usd",
+    return usage_draft(
+        org, job_id, charged, model_name="llama-test", engine_busy_ms=17, serving_cost=3
     )
 
 
