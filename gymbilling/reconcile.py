@@ -193,7 +193,7 @@ def stripe_reconcile() -> StripeReport:
                 f"paid invoice {invoice['id']}: subscription {sub_id} unknown here"
             )
             continue
-        expected, _ = invoice_credits(invoice=invoice, subscription=subscription)
+        expected = invoice_credits(invoice=invoice, subscription=subscription).credits
         if expected > 0 and granted != 1:
             report.mismatches.append(
                 f"paid invoice {invoice['id']} ({invoice.get('billing_reason')}): {granted} grants, expected 1"

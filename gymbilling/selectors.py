@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from datetime import datetime
+
+from django.db.models import Q, QuerySet, Sum
 
 from accounts.errors import ApplicationError
 from accounts.models import Organization
@@ -12,9 +14,11 @@ from gymbilling.models import (
     CheckoutStatus,
     CreditPack,
     Invoice,
+    MarketReversal,
     PaymentReversal,
     Plan,
 )
+from metering.selectors import rows_summed
 
 
 def plans_offered() -> QuerySet[Plan]:
@@ -68,3 +72,68 @@ def organization_pack_purchases(*, organization: Organization) -> QuerySet[Check
 def organization_payment_reversals(*, organization: Organization) -> QuerySet[PaymentReversal]:
     """Refunds and disputes of the organization's subscription and pack payments, newest first."""
     return PaymentReversal.objects.filter(organization=organization).order_by("-created_at", "-pk")
+
+
+REVERSAL_SUMS = (
+    "refunded",
+    "disputed",
+    "disputes_won",
+    "credits_clawed_back",
+    "credits_used",
+    "market_reversed",
+    "market_fees_reversed",
+    "market_losses",
+)
+
+
+def reversals_by_customer(*, start: datetime, end: datetime) -> list[dict]:
+    """Money refunded and disputed over [start, end), per organization and currency, in
+    minor units (credits in micro-credits), for finance's revenue report.
+
+    Payments that bought credits (PaymentReversal): refunded, disputed (of which the
+    disputes since won: their money came back), the credits taken back unspent and
+    those found already used (their revenue was recognized as they were burned).
+    Marketplace payments of the customer as buyer (MarketReversal): what was returned,
+    of it the platform's fees (the gym's own marketplace income) and the losses (the
+    sellers' shares already paid out).
+    """
+
+    def summed(field: str, **only) -> Sum:
+        return Sum(field, filter=Q(**only) if only else None, default=0)
+
+    in_days = {"created_at__gte": start, "created_at__lt": end}
+    parts = []
+
+    payments = (
+        PaymentReversal.objects.filter(**in_days)
+        .values("organization__slug", "currency")
+        .annotate(
+            refunded=summed("amount", kind=PaymentReversal.Kind.REFUND),
+            disputed=summed("amount", kind=PaymentReversal.Kind.DISPUTE),
+            disputes_won=summed(
+                "amount", kind=PaymentReversal.Kind.DISPUTE, reinstated_at__isnull=False
+            ),
+            credits_clawed_back=summed("credits_clawed_back"),
+            credits_used=summed("credits_lost"),
+        )
+        .order_by()
+    )
+    parts += [{"customer": row.pop("organization__slug"), **row} for row in payments]
+    market = (
+        MarketReversal.objects.filter(**in_days)
+        .values("order__buyer__slug", "currency")
+        .annotate(
+            market_reversed=summed("amount"),
+            market_fees_reversed=summed("fee_reversed"),
+            market_losses=summed("loss"),
+        )
+        .order_by()
+    )
+    parts += [{"customer": row.pop("order__buyer__slug"), **row} for row in market]
+    rows = rows_summed(
+        [dict.fromkeys(REVERSAL_SUMS, 0) | part for part in parts],
+        keys=("customer", "currency"),
+        sums=REVERSAL_SUMS,
+        label={},
+    )
+    return sorted(rows, key=lambda row: (row["customer"], row["currency"]))

@@ -4,18 +4,23 @@ The ledger is append-only, so these admins refuse add, change and delete;
 corrections go through the services (adjustments, reversals).
 """
 
+import csv
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Case, F, Model, OuterRef, Subquery, Sum, When
 from django.db.models.functions import Coalesce
-from django.http import Http404, HttpResponseRedirect
+from django.http import Http404, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.http import urlencode
 
 from accounts.errors import ApplicationError
 from accounts.models import Organization
@@ -29,7 +34,12 @@ from metering.models import (
     PriceBook,
     UsageRecord,
 )
-from metering.selectors import SERVING_COST_GROUPINGS, organization_balance, serving_cost_report
+from metering.selectors import (
+    REPORT_GROUPINGS,
+    organization_balance,
+    report_totals,
+    usage_margin_report,
+)
 from metering.services import credits_adjust
 from metering.services.postings import MAX_MOVEMENT, amount_display, credits_parse
 
@@ -266,10 +276,17 @@ class PriceBookAdmin(ReadOnlyAdmin):
     inlines = [ModelPriceInline]
 
 
-class ServingCostForm(forms.Form):
+REPORT_GROUPING_LABELS = {"model": "model", "plan": "plan", "organization": "customer"}
+
+
+class UsageMarginForm(forms.Form):
     start = forms.DateField(help_text="First day, UTC (YYYY-MM-DD).")
     end = forms.DateField(help_text="Last day, UTC, included.")
-    group_by = forms.ChoiceField(choices=[(g, g) for g in SERVING_COST_GROUPINGS])
+    group_by = forms.ChoiceField(
+        choices=[(g, REPORT_GROUPING_LABELS[g]) for g in REPORT_GROUPINGS],
+        help_text="A job that burned credits of two plans counts in both, each with its "
+        "share of the job's cost.",
+    )
 
     def clean(self):
         data = super().clean()
@@ -279,9 +296,111 @@ class ServingCostForm(forms.Form):
         return data
 
 
+@dataclass(frozen=True)
+class ReportTable:
+    """One table of the report page, drawn and exported to CSV from the same cells: each
+    row is a dict of figures with its display `cells`, in the order of `columns`."""
+
+    key: str  # its CSV export's name (?export=<key>)
+    title: str
+    columns: list[str]
+    rows: list[dict]
+    totals: list[dict]
+    empty: str = "Nothing in these days."
+
+
+def report_cells(table_rows: list[dict], columns: list[tuple[str, Callable]]) -> None:
+    """Give each row its `cells`: each column's display function applied to the row."""
+    for row in table_rows:
+        row["cells"] = [show(row) for _, show in columns]
+
+
+def credits_cell(name: str) -> Callable[[dict], str]:
+    return lambda row: amount_display(row[name])
+
+
+def number_cell(name: str) -> Callable[[dict], str]:
+    return lambda row: str(row[name])
+
+
+def _margin_percent(row: dict) -> str:
+    """Margin over revenue, for display only (the figures are the integers beside it)."""
+    if row["margin"] is None or row["revenue"] == 0:
+        return NOT_APPLICABLE
+    percent = Decimal(row["margin"] * 100) / Decimal(row["revenue"])
+    return f"{percent.quantize(Decimal('0.1'), rounding=ROUND_HALF_UP)}%"
+
+
+def _engine_busy_hours(row: dict) -> str:
+    return str((Decimal(row["engine_busy_ms"]) / 3_600_000).quantize(Decimal("0.001")))
+
+
+NOT_APPLICABLE = "n/a"
+_USAGE_COLUMNS = [
+    ("requests", number_cell("requests")),
+    ("input tokens", number_cell("input_tokens")),
+    ("cached input tokens", number_cell("cached_input_tokens")),
+    ("output tokens", number_cell("output_tokens")),
+    ("engine busy hours", _engine_busy_hours),
+]
+_MARGIN_COLUMNS = [
+    ("credits consumed", credits_cell("credits")),
+    ("of which free", credits_cell("free_credits")),
+    ("of which without a known price", credits_cell("unpriced_credits")),
+    ("revenue (minor units)", number_cell("revenue")),
+    ("serving cost (minor units)", number_cell("serving_cost")),
+    (
+        "margin (minor units)",
+        lambda row: NOT_APPLICABLE if row["margin"] is None else str(row["margin"]),
+    ),
+    ("margin %", _margin_percent),
+]
+
+
+def usage_margin_table(*, start: datetime, end: datetime, group_by: str) -> ReportTable:
+    """The report's main table: usage_margin_report's rows, and their totals per currency."""
+    label = REPORT_GROUPING_LABELS[group_by]
+    columns = [
+        (label, lambda row: row["group"]),
+        ("currency", lambda row: row["currency"]),
+        ("cost currency", lambda row: row["cost_currency"]),
+        *(_USAGE_COLUMNS if group_by != "plan" else []),
+        *_MARGIN_COLUMNS,
+    ]
+    rows = usage_margin_report(start=start, end=end, group_by=group_by)
+    totals = report_totals(rows)
+    for row in rows:  # for those who read the rows (tests, a later API)
+        row["credits_display"] = amount_display(row["credits"])
+        row["engine_busy_hours"] = _engine_busy_hours(row)
+    report_cells(rows, columns)
+    report_cells(totals, columns)
+    return ReportTable(
+        key=group_by,
+        title=f"Usage, revenue and margin per {label}",
+        columns=[name for name, _ in columns],
+        rows=rows,
+        totals=totals,
+        empty="No usage in these days.",
+    )
+
+
+def report_csv(table: ReportTable, *, start, end) -> HttpResponse:
+    """The table as the page shows it, its totals last: the same cells, comma-separated."""
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = (
+        f'attachment; filename="{table.key}-{start.isoformat()}-{end.isoformat()}.csv"'
+    )
+    writer = csv.writer(response)
+    writer.writerow(table.columns)
+    for row in [*table.rows, *table.totals]:
+        writer.writerow(row["cells"])
+    return response
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdmin):
-    """Every job's usage and serving cost; "Serving cost report" sums them for finance."""
+    """Every job's usage and serving cost; the "Revenue and cost report" sums them for
+    finance, with what the credits they burned were sold for."""
 
     list_display = [
         "job_id",
@@ -309,36 +428,47 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         )
         return [report, *super().get_urls()]
 
+    def report_tables(self, *, start: datetime, end: datetime, group_by: str) -> list[ReportTable]:
+        """The page's tables over [start, end): usage, revenue and margin per `group_by`.
+        gymbilling's admin adds what only it knows (refunds and disputes per customer):
+        metering knows nothing of payments."""
+        return [usage_margin_table(start=start, end=end, group_by=group_by)]
+
     def report_view(self, request):
-        """Usage and serving cost per model or organization over days (UTC) staff choose;
-        this month so far by default. Anyone who may view usage records may see it."""
+        """Usage, revenue, serving cost and margin per model, plan or organization over
+        days (UTC) staff choose, this month so far by default; each table also as CSV
+        (?export=<table>). Anyone who may view usage records may see it."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         today = timezone.now().date()
-        form = ServingCostForm(
-            request.GET or {"start": today.replace(day=1), "end": today, "group_by": "model"}
+        query = request.GET.copy()
+        export = query.pop("export", [None])[-1]
+        form = UsageMarginForm(
+            query or {"start": today.replace(day=1), "end": today, "group_by": "model"}
         )
-        rows = []
+        tables: list[ReportTable] = []
+        shown = ""
         if form.is_valid():
             data = form.cleaned_data
-            start = datetime.combine(data["start"], time.min, tzinfo=UTC)
-            end = datetime.combine(data["end"] + timedelta(days=1), time.min, tzinfo=UTC)
-            column = SERVING_COST_GROUPINGS[data["group_by"]]
-            for row in serving_cost_report(start=start, end=end, group_by=data["group_by"]):
-                rows.append(
-                    {
-                        **row,
-                        "group": row[column],
-                        "credits_display": amount_display(row["credits"]),
-                        "engine_busy_hours": f"{row['engine_busy_ms'] / 3_600_000:.3f}",
-                    }
-                )
+            shown = urlencode({name: data[name] for name in ("start", "end", "group_by")})
+            tables = self.report_tables(
+                start=datetime.combine(data["start"], time.min, tzinfo=UTC),
+                end=datetime.combine(data["end"] + timedelta(days=1), time.min, tzinfo=UTC),
+                group_by=data["group_by"],
+            )
+            for table in tables:
+                if table.key == export:
+                    return report_csv(table, start=data["start"], end=data["end"])
+            if export is not None:
+                raise Http404(f"No table {export!r} in this report.")
         context = {
             **self.admin_site.each_context(request),
-            "title": "Serving cost report",
+            "title": "Revenue and cost report",
             "opts": self.model._meta,
             "form": form,
-            "rows": rows,
-            "action": "Serving cost report",
+            "tables": tables,
+            "rows": tables[0].rows if tables else [],
+            "shown": shown,  # the query of the tables shown, for their CSV links
+            "action": "Revenue and cost report",
         }
         return TemplateResponse(request, "admin/metering/usagerecord/report.html", context)

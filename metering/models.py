@@ -265,6 +265,23 @@ class CreditLot(models.Model):
     parent = models.ForeignKey(
         "self", on_delete=models.PROTECT, null=True, blank=True, related_name="children"
     )
+    # The granted lot at the top of this one's parents (null: this lot is one), whose
+    # payment is what its credits were sold for, however many times they moved since
+    # (marketplace, escrow, transfers). Not indexed: only finance's report looks lots up
+    # by it, with one scan, while an index would be written on every burn of a split lot.
+    root = models.ForeignKey(
+        "self", models.PROTECT, null=True, blank=True, related_name="+", db_index=False
+    )
+    # What was paid for this granted lot's `amount` credits, in minor units of
+    # `revenue_currency` (before tax): finance's revenue as the credits are burned
+    # (metering.selectors.usage_margin_report). 0 for free credits; null where nobody
+    # said (a split lot, whose root's counts; a paid grant without a known price).
+    # Written once at the grant, by whoever sold them; never read by the hot path.
+    revenue = models.BigIntegerField(null=True, blank=True)
+    revenue_currency = models.CharField(max_length=3, blank=True, default="", db_default="")
+    # What sold the credits, as the seller labels it (gymbilling: the plan's code,
+    # "pack"); opaque here. Blank: free credits, or not said.
+    origin = models.CharField(max_length=64, blank=True, default="", db_default="")
     created_by = models.ForeignKey(
         JournalTransaction, on_delete=models.PROTECT, related_name="created_lots"
     )

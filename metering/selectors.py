@@ -206,7 +206,8 @@ def _organization_usage(*, organization: Organization, start: datetime, end: dat
 
 
 def _usage_sums() -> dict:
-    """What a usage aggregate sums per group: the partner API's and finance's alike."""
+    """What a usage aggregate sums per group, for the partner API and the dashboard
+    (finance's report sums the same columns per job in SQL: usage_margin_report)."""
     return {
         "requests": Count("id"),
         "input_tokens": Sum("input_tokens"),
@@ -216,21 +217,251 @@ def _usage_sums() -> dict:
     }
 
 
-SERVING_COST_GROUPINGS = {"model": "model_name", "organization": "organization__slug"}
+# What finance's report groups by: a column of the report's pieces (_usage_margin_sql).
+REPORT_GROUPINGS = {"model": "u.model_name", "plan": "piece.plan", "organization": "o.slug"}
+
+# The report's plan of credits that no lot paid for: a job that charged nothing (its
+# serving cost only), or usage recorded without a hold.
+NO_LOT = "(no lot)"
+# Of paid credits whose grant said nothing of what they were sold for (a root lot's
+# revenue is null): counted as credits without a known price, at no revenue.
+PRICE_UNKNOWN = "(price unknown)"
+FREE = "free"
 
 
-def serving_cost_report(*, start: datetime, end: datetime, group_by: str) -> list[dict]:
-    """Usage and what serving it cost over [start, end), per model or per organization
-    and currency, largest cost first: finance's view of what each costs to serve (the
-    serving cost is fixed at settlement from the catalog's GPU-hour price)."""
-    column = SERVING_COST_GROUPINGS[group_by]
-    return list(
-        UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
-        .values(column, "currency")
-        .annotate(
-            **_usage_sums(),
-            engine_busy_ms=Sum("engine_busy_ms"),
-            serving_cost=Sum("serving_cost"),
+def _floor_share(whole: str, part: str, of: str, vendor: str) -> str:
+    """SQL for floor(whole * part / of), exactly, for non-negative operands.
+
+    The one rounding of the report. A share of a lot's payment (or of a job's serving
+    cost) goes to each burn as the difference between this share of everything burned
+    up to and including it and of everything before it: so the shares of any run of
+    burns add up to the floor of the run's share, each is within a minor unit of its
+    exact share, and once all of a lot is burned they add up to all of its payment,
+    never a minor unit more or less (the last burn takes the remainder). Rounded down,
+    so no prefix of a lot's burns is ever shown as having earned more than was paid
+    for it. On PostgreSQL in numeric, as products of money and micro-credits pass
+    bigint; elsewhere (SQLite, `make demo`) in its 64-bit integers.
+    """
+    if vendor == "postgresql":
+        return f"CAST(div(CAST({whole} AS numeric) * ({part}), {of}) AS bigint)"
+    return f"(({whole}) * ({part}) / ({of}))"
+
+
+def _usage_margin_sql(group: str, vendor: str) -> str:
+    """The report's query: the usage of [start, end) cut into pieces, one per lot each
+    job's capture burned (and one per lot a reversed capture of these days gave credits
+    back to), plus one for what no lot paid for; each piece with its share of the job's
+    serving cost and of its root lot's payment (_floor_share); summed by `group` and by
+    the currency of the revenue and that of the cost, which are never added together.
+
+    A root lot's share is counted over every credit its family (the lots split from
+    it) ever gave to usage, in the ledger's order (the movements' ids), not only over
+    these days': so a lot burned across months earns exactly its payment in all.
+    """
+
+    def share(whole: str, part: str, of: str) -> str:
+        return _floor_share(whole, part, of, vendor)
+
+    # The families' movements first, then their transactions by key: never a scan of
+    # the journal, the ledger's largest table, to find the few that are captures.
+    materialized = "MATERIALIZED " if vendor == "postgresql" else ""
+
+    return f"""
+WITH usage AS (
+    SELECT u.id, u.credits, u.serving_cost, u.currency, h.settle_transaction_id AS capture_id
+      FROM metering_usagerecord u
+      LEFT JOIN metering_hold h ON h.id = u.hold_id
+     WHERE u.created_at >= %(start)s AND u.created_at < %(end)s
+),
+burn AS (
+    SELECT usage.id AS usage_id, m.id AS movement_id, m.lot_id, -m.amount AS credits,
+           SUM(-m.amount) OVER (PARTITION BY usage.id ORDER BY m.id) AS job_through,
+           ROW_NUMBER() OVER (PARTITION BY usage.id ORDER BY m.id) AS nth
+      FROM usage
+      JOIN metering_lotmovement m ON m.transaction_id = usage.capture_id
+     WHERE m.amount < 0
+),
+returned AS (
+    SELECT u.id AS usage_id, m.id AS movement_id, m.lot_id, -m.amount AS credits
+      FROM metering_journaltransaction r
+      JOIN metering_hold h ON h.settle_transaction_id = r.reverses_id
+      JOIN metering_usagerecord u ON u.hold_id = h.id
+      JOIN metering_lotmovement m ON m.transaction_id = r.id
+     WHERE r.kind = 'reversal' AND m.amount > 0
+       AND r.created_at >= %(start)s AND r.created_at < %(end)s
+),
+moved AS (
+    SELECT usage_id, movement_id, lot_id, credits, job_through, nth FROM burn
+    UNION ALL
+    SELECT usage_id, movement_id, lot_id, credits, NULL, NULL FROM returned
+),
+rooted AS (
+    SELECT moved.*, COALESCE(l.root_id, l.id) AS root_id
+      FROM moved JOIN metering_creditlot l ON l.id = moved.lot_id
+),
+family AS (
+    SELECT l.id, COALESCE(l.root_id, l.id) AS root_id
+      FROM metering_creditlot l
+     WHERE COALESCE(l.root_id, l.id) IN (SELECT root_id FROM rooted)
+),
+family_moved AS {materialized}(
+    SELECT m.id, m.amount, m.transaction_id, family.root_id
+      FROM family JOIN metering_lotmovement m ON m.lot_id = family.id
+),
+consumed AS (
+    SELECT m.id AS movement_id,
+           SUM(-m.amount) OVER (PARTITION BY m.root_id ORDER BY m.id) AS root_through
+      FROM family_moved m
+      JOIN metering_journaltransaction t ON t.id = m.transaction_id
+      LEFT JOIN metering_journaltransaction o ON o.id = t.reverses_id
+     WHERE t.kind = 'hold_capture' OR (t.kind = 'reversal' AND o.kind = 'hold_capture')
+),
+burned AS (
+    SELECT usage_id, SUM(credits) AS total FROM burn GROUP BY usage_id
+),
+piece AS (
+    SELECT rooted.usage_id,
+           CASE WHEN root.origin <> '' THEN root.origin
+                WHEN root.paid THEN '{PRICE_UNKNOWN}' ELSE '{FREE}' END AS plan,
+           CASE WHEN root.revenue > 0 THEN root.revenue_currency ELSE u.currency END
+               AS currency,
+           u.currency AS cost_currency,
+           CASE WHEN rooted.nth = 1 THEN 1 ELSE 0 END AS is_first,
+           rooted.credits,
+           CASE WHEN root.revenue = 0 THEN rooted.credits ELSE 0 END AS free_credits,
+           CASE WHEN root.revenue IS NULL THEN rooted.credits ELSE 0 END AS unpriced_credits,
+           COALESCE({share("root.revenue", "consumed.root_through", "root.amount")}
+                    - {share("root.revenue", "consumed.root_through - rooted.credits", "root.amount")},
+                    0) AS revenue,
+           CASE WHEN rooted.nth IS NULL THEN 0
+                ELSE {share("u.serving_cost", "rooted.job_through", "u.credits")}
+                     - {share("u.serving_cost", "rooted.job_through - rooted.credits", "u.credits")}
+           END AS cost
+      FROM rooted
+      JOIN consumed ON consumed.movement_id = rooted.movement_id
+      JOIN metering_creditlot root ON root.id = rooted.root_id
+      JOIN metering_usagerecord u ON u.id = rooted.usage_id
+    UNION ALL
+    SELECT usage.id, '{NO_LOT}', usage.currency, usage.currency,
+           CASE WHEN burned.total IS NULL THEN 1 ELSE 0 END,
+           usage.credits - COALESCE(burned.total, 0),
+           0,
+           usage.credits - COALESCE(burned.total, 0),
+           0,
+           usage.serving_cost
+           - CASE WHEN burned.total IS NULL OR usage.credits = 0 THEN 0
+                  ELSE {share("usage.serving_cost", "burned.total", "usage.credits")} END
+      FROM usage LEFT JOIN burned ON burned.usage_id = usage.id
+     WHERE burned.total IS NULL OR burned.total <> usage.credits
+)
+SELECT {group} AS grp, piece.currency, piece.cost_currency,
+       SUM(piece.is_first) AS requests,
+       SUM(piece.is_first * u.input_tokens) AS input_tokens,
+       SUM(piece.is_first * u.cached_input_tokens) AS cached_input_tokens,
+       SUM(piece.is_first * u.output_tokens) AS output_tokens,
+       SUM(piece.is_first * u.engine_busy_ms) AS engine_busy_ms,
+       SUM(piece.credits) AS credits,
+       SUM(piece.free_credits) AS free_credits,
+       SUM(piece.unpriced_credits) AS unpriced_credits,
+       SUM(piece.revenue) AS revenue,
+       SUM(piece.cost) AS serving_cost
+  FROM piece
+  JOIN metering_usagerecord u ON u.id = piece.usage_id
+  JOIN accounts_organization o ON o.id = u.organization_id
+ GROUP BY {group}, piece.currency, piece.cost_currency
+ ORDER BY serving_cost DESC, grp, piece.currency, piece.cost_currency
+"""
+
+
+REPORT_SUMS = (
+    "requests",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "engine_busy_ms",
+    "credits",
+    "free_credits",
+    "unpriced_credits",
+    "revenue",
+    "serving_cost",
+)
+
+
+def usage_margin_report(*, start: datetime, end: datetime, group_by: str) -> list[dict]:
+    """Finance's usage, revenue, serving cost and margin over [start, end), per model,
+    plan or organization (REPORT_GROUPINGS), the costliest first.
+
+    Each row: `group`, `currency` (the revenue's) and `cost_currency` (the serving
+    cost's: the catalog's GPU-hour price's), the sums of REPORT_SUMS, and `margin`
+    (revenue - serving cost, in minor units; None when the two currencies differ, as
+    nothing here converts one into the other). Money in minor units, credits in
+    micro-credits, all integers: rows with the same currencies add up exactly, and to
+    the same totals in every grouping.
+
+    Credits are the usage's (a reversed capture's credits back, in the days it was
+    reversed, at what they had earned); revenue is recognized as credits are burned,
+    at what their root lot was sold for (CreditLot.revenue: a marketplace purchase
+    earns what the seller's plan was paid, the gym's marketplace fee being money of
+    its own); free credits earn 0 and are counted apart, as are paid credits with no
+    known price. A job's plan is that of the lots it burned, so one job may count in
+    two plans; its requests and tokens count once, with the first lot it burned.
+
+    A lot's running count follows the ledger's order (movement ids), which is commit
+    order but for settlements committing at the same moment: read while such a burn is
+    still committing, the days' last burns may be shown a minor unit apart from a later
+    reading, never their lot's total. Reads every lot once (the families of the lots
+    burned in these days: CreditLot.root is not indexed, see there).
+    """
+    vendor = connection.vendor
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _usage_margin_sql(REPORT_GROUPINGS[group_by], vendor),
+            {
+                "start": connection.ops.adapt_datetimefield_value(start),
+                "end": connection.ops.adapt_datetimefield_value(end),
+            },
         )
-        .order_by("-serving_cost", column, "currency")
+        columns = [column[0] for column in cursor.description]
+        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+    report = []
+    for row in rows:
+        sums = {name: int(row[name] or 0) for name in REPORT_SUMS}
+        same = row["currency"] == row["cost_currency"]
+        report.append(
+            {
+                "group": row["grp"],
+                "currency": row["currency"],
+                "cost_currency": row["cost_currency"],
+                **sums,
+                "margin": sums["revenue"] - sums["serving_cost"] if same else None,
+            }
+        )
+    return report
+
+
+def rows_summed(
+    rows: list[dict], *, keys: tuple[str, ...], sums: tuple[str, ...], label: dict
+) -> list[dict]:
+    """The rows' `sums` added up per value of their `keys` (a currency, or a pair of them:
+    amounts are never added across currencies), in the order the rows first show each;
+    each total also carries `label` (what its group column says)."""
+    totals: dict[tuple, dict] = {}
+    for row in rows:
+        key = tuple(row[name] for name in keys)
+        total = totals.setdefault(
+            key, label | dict(zip(keys, key, strict=True)) | dict.fromkeys(sums, 0)
+        )
+        for name in sums:
+            total[name] += row[name]
+    return list(totals.values())
+
+
+def report_totals(rows: list[dict]) -> list[dict]:
+    """usage_margin_report's rows summed per pair of currencies, with their margins."""
+    totals = rows_summed(
+        rows, keys=("currency", "cost_currency"), sums=REPORT_SUMS, label={"group": "total"}
     )
+    for total in totals:
+        same = total["currency"] == total["cost_currency"]
+        total["margin"] = total["revenue"] - total["serving_cost"] if same else None
+    return totals

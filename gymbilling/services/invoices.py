@@ -19,15 +19,16 @@ enforced at the period change: subscriptions.period_rollover).
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from django.db import transaction
 from django.utils import timezone
 
-from gymbilling.models import Invoice, PriceKind, StripePrice, Subscription
+from gymbilling.models import Invoice, Plan, PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
 from gymbilling.services.subscriptions import ts
-from metering.models import JournalTransaction, LotSource
-from metering.services import credits_grant
+from metering.models import MICRO, JournalTransaction, LotSource
+from metering.services import LotSale, credits_grant
 
 OVERAGE_LOT_PRIORITY = 1000  # burned after every other lot: overage is the last resort
 
@@ -56,8 +57,28 @@ def _line_price_id(line: dict) -> str | None:
     return price
 
 
-def invoice_credits(*, invoice: dict, subscription: Subscription) -> tuple[int, datetime | None]:
-    """The micro-credits this invoice buys, and when they expire."""
+class InvoiceCredits(NamedTuple):
+    """What a subscription invoice buys: `credits` (micro-credits), valid until `expires_at`,
+    for `amount` (minor units of the invoice's currency, what its lines that buy credits
+    charge less their discounts, before tax: the credits' revenue, CreditLot.revenue)."""
+
+    credits: int
+    expires_at: datetime | None
+    amount: int
+
+
+def _line_amount(line: dict) -> int:
+    """What the line charges, less the discounts applied to it (tax is not in it)."""
+    discounts = sum(int(d.get("amount") or 0) for d in line.get("discount_amounts") or [])
+    return int(line.get("amount") or 0) - discounts
+
+
+def invoice_credits(*, invoice: dict, subscription: Subscription) -> InvoiceCredits:
+    """The micro-credits this invoice buys, when they expire, and what it charges for them.
+
+    The amount is that of the same lines that buy the credits: a proration's
+    unused-time line takes off as it takes credits off; metered overage lines
+    (billed in arrears, for credits of the period before) are not in it."""
     lines = (invoice.get("lines") or {}).get("data") or []
     price_ids = [_line_price_id(line) for line in lines]
     prices = {
@@ -71,11 +92,13 @@ def invoice_credits(*, invoice: dict, subscription: Subscription) -> tuple[int, 
         int((subscription.current_period_end - subscription.current_period_start).total_seconds()),
     )
     total = 0
+    amount = 0
     expires_at: datetime | None = None
     for line in lines:
         price = prices.get(_line_price_id(line))
         if price is None:
             continue
+        amount += _line_amount(line)
         plan = price.plan
         quantity = int(line.get("quantity") or 1)
         period = line.get("period") or {}
@@ -94,7 +117,7 @@ def invoice_credits(*, invoice: dict, subscription: Subscription) -> tuple[int, 
             if plan.rollover_percent:
                 lot_end = end + (end - start if start else timedelta(days=31))
             expires_at = max(expires_at, lot_end) if expires_at else lot_end
-    return total, expires_at
+    return InvoiceCredits(credits=total, expires_at=expires_at, amount=max(0, amount))
 
 
 def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice | None:
@@ -116,9 +139,9 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
             ts((line.get("period") or {}).get("start")) or period_start for line in lines
         )
         period_end = max(line_ends)
-    credits, expires_at = (0, None)
+    bought = InvoiceCredits(credits=0, expires_at=None, amount=0)
     if paid and subscription is not None:
-        credits, expires_at = invoice_credits(invoice=invoice, subscription=subscription)
+        bought = invoice_credits(invoice=invoice, subscription=subscription)
     row, _ = Invoice.objects.update_or_create(
         stripe_invoice_id=invoice["id"],
         defaults={
@@ -144,10 +167,13 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
     # replay after the period changed must not compute a second, different
     # grant (the ledger's key would refuse it as a conflict). The key is the
     # gate; this read only spares the replay that refusal.
-    if credits > 0 and not already:
-        expires_at = _late_payment_expiry(expires_at, paid_at=row.paid_at)
+    if bought.credits > 0 and not already:
         subscription_period_grant(
-            invoice=row, subscription=subscription, credits=credits, expires_at=expires_at
+            invoice=row,
+            subscription=subscription,
+            bought=bought._replace(
+                expires_at=_late_payment_expiry(bought.expires_at, paid_at=row.paid_at)
+            ),
         )
     return row
 
@@ -172,24 +198,26 @@ def _late_payment_expiry(
 
 @transaction.atomic
 def subscription_period_grant(
-    *, invoice: Invoice, subscription: Subscription, credits: int, expires_at: datetime | None
+    *, invoice: Invoice, subscription: Subscription, bought: InvoiceCredits
 ) -> None:
     """Grant what a paid invoice bought (and the plan's overage allowance), once.
 
     One transaction: the month's credits and its overage allowance appear together.
+    Each lot says what it was sold for and by which plan, for finance's revenue.
     """
     plan = subscription.plan
     credits_grant(
         organization=invoice.organization,
-        amount=credits,
+        amount=bought.credits,
         source=LotSource.SUBSCRIPTION,
         paid=True,
         resellable=True,
         key=f"invoice:{invoice.stripe_invoice_id}",
-        expires_at=expires_at,
+        expires_at=bought.expires_at,
         memo=f"{plan.code} x{subscription.seats}, invoice {invoice.stripe_invoice_id}",
+        sale=LotSale(revenue=bought.amount, currency=invoice.currency, origin=plan.code),
     )
-    Invoice.objects.filter(pk=invoice.pk).update(credits_granted=credits)
+    Invoice.objects.filter(pk=invoice.pk).update(credits_granted=bought.credits)
     allowance_until = invoice.period_end or subscription.current_period_end
     if (
         plan.overage_allowed
@@ -197,9 +225,10 @@ def subscription_period_grant(
         # Paid after its period: no overage to allow any more.
         and allowance_until > timezone.now()
     ):
+        allowance = plan.overage_ceiling_for(subscription.seats)
         credits_grant(
             organization=invoice.organization,
-            amount=plan.overage_ceiling_for(subscription.seats),
+            amount=allowance,
             source=LotSource.OVERAGE,
             paid=False,
             resellable=False,
@@ -207,4 +236,17 @@ def subscription_period_grant(
             key=f"overage:{invoice.stripe_invoice_id}",
             expires_at=allowance_until,
             memo=f"overage allowance of {plan.code}, invoiced by the usage meter",
+            # Sold at the plan's overage price as it is used (the meter invoices it
+            # in arrears): the whole allowance's price, floored to a minor unit.
+            sale=LotSale(
+                revenue=overage_revenue(plan=plan, credits=allowance),
+                currency=plan.currency,
+                origin=plan.code,
+            ),
         )
+
+
+def overage_revenue(*, plan: Plan, credits: int) -> int:
+    """Minor units `credits` micro-credits of overage cost at the plan's price per 1,000
+    credits, rounded down: never more than the meter invoices for them."""
+    return plan.overage_price_per_1k * credits // (1_000 * MICRO)

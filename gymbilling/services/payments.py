@@ -31,6 +31,7 @@ from gymbilling.sweeps import each_isolated
 from metering.models import CreditLot, JournalTransaction, LotSource
 from metering.selectors import lot_family_ids
 from metering.services import (
+    LotSale,
     claim_drop,
     claim_settle,
     clawbacks_reverse,
@@ -72,8 +73,13 @@ def checkout_session_mirror(*, session: dict) -> CheckoutSession | None:
     return row
 
 
+# The origin of every pack's credits (CreditLot.origin): finance's report lists packs as one.
+PACK_ORIGIN = "pack"
+
+
 def pack_purchase_grant(*, checkout: CheckoutSession) -> CreditLot | None:
-    """A paid pack checkout grants the pack's credits, valid `validity_days`, once."""
+    """A paid pack checkout grants the pack's credits, valid `validity_days`, once, sold
+    for what the checkout charged (its total: discounts off; no tax is collected here)."""
     if checkout.kind != CheckoutKind.PACK or checkout.completed_at is None:
         return None
     pack = checkout.pack
@@ -86,6 +92,7 @@ def pack_purchase_grant(*, checkout: CheckoutSession) -> CreditLot | None:
         key=f"pack:{checkout.stripe_session_id}",
         expires_at=checkout.completed_at + timedelta(days=pack.validity_days),
         memo=f"credit pack {pack.code}",
+        sale=LotSale(revenue=checkout.amount_total, currency=checkout.currency, origin=PACK_ORIGIN),
     )
 
 

@@ -16,7 +16,7 @@ from metering.services.ledger import (
     lots_trim,
     transaction_reverse,
 )
-from metering.services.lots import credits_expire
+from metering.services.lots import LotSale, credits_expire
 from metering.services.pricing import (
     Rates,
     Usage,
@@ -28,6 +28,7 @@ from metering.services.pricing import (
 from metering.services.usage import usage_record_create
 
 __all__ = [
+    "LotSale",
     "Rates",
     "Usage",
     "claim_drop",

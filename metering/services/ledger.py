@@ -23,6 +23,7 @@ from metering.models import (
 from metering.selectors import lot_family_ids
 from metering.services.lots import (
     LedgerInconsistent,
+    LotSale,
     account_lower_next_expiry,
     burn_sort_key,
     holds_backing,
@@ -86,14 +87,20 @@ def credits_grant(
     priority: int = DEFAULT_LOT_PRIORITY,
     memo: str = "",
     actor=None,
+    sale: LotSale | None = None,
 ) -> CreditLot:
     """Issue new credits to the organization's wallet as one lot.
 
     `key` names the business event (an invoice id, a promotion code and the
     organization...); granting twice under one key grants once.
+    `sale`: what the credits were sold for, for finance's revenue (LotSale); left
+    out, free credits were sold for nothing and paid ones for an unknown price.
+    It is not part of the grant's fingerprint: a replay returns the first lot.
     """
     require_positive(amount)
     require_key(key)
+    if sale is not None:
+        sale.validate()
     now = timezone.now()
     _require_future(expires_at, now)
     if source not in LotSource.values:
@@ -131,6 +138,7 @@ def credits_grant(
         txn_key=txn_key,
         fp=fp,
         now=now,
+        sale=sale,
     )
 
 
@@ -149,6 +157,7 @@ def _lot_issue(
     txn_key: str,
     fp: str,
     now: datetime,
+    sale: LotSale | None = None,
 ) -> CreditLot:
     """New credits into the wallet as one lot, once per `txn_key`."""
     counter = AccountKind.ADJUSTMENTS if source == LotSource.ADJUSTMENT else AccountKind.ISSUANCE
@@ -174,6 +183,7 @@ def _lot_issue(
             resellable=resellable,
             priority=priority,
             expires_at=expires_at,
+            sale=sale,
         )
 
     return idempotent(

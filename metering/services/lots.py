@@ -23,13 +23,16 @@ takes only what no pending hold will burn.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import transaction
 from django.db.models import F, Min, Q
 
+from accounts.errors import ApplicationError
 from accounts.models import Organization
 from metering.models import (
     AccountKind,
@@ -96,7 +99,14 @@ def lot_create(
     priority: int,
     expires_at: datetime | None,
     parent: CreditLot | None = None,
+    sale: LotSale | None = None,
 ) -> CreditLot:
+    """A new lot of the account's: granted (`sale`: what it was sold for, if known) or
+    split from `parent` (its credits keep the sale of the parent's root)."""
+    if parent is not None:
+        sale = None  # the root's sale stands for every lot split from it
+    elif sale is None:
+        sale = LotSale.unknown(paid=paid)
     lot = CreditLot.objects.create(
         account=account,
         organization=organization,
@@ -108,11 +118,59 @@ def lot_create(
         amount=amount,
         remaining=amount,
         parent=parent,
+        root_id=(parent.root_id or parent.pk) if parent is not None else None,
+        revenue=sale.revenue if sale is not None else None,
+        revenue_currency=sale.currency if sale is not None else "",
+        origin=sale.origin if sale is not None else "",
         created_by=txn,
     )
     LotMovement.objects.create(lot=lot, transaction=txn, amount=amount)
     account_lower_next_expiry(account_id=account.pk, expires_at=expires_at)
     return lot
+
+
+@dataclass(frozen=True)
+class LotSale:
+    """What a granted lot's credits were sold for (CreditLot.revenue, revenue_currency,
+    origin): `revenue` minor units of `currency` for all of them, sold by `origin` (the
+    seller's label: a plan's code, "pack"). The seller of the credits says it at the
+    grant; metering only keeps it for finance's report."""
+
+    revenue: int | None
+    currency: str = ""
+    origin: str = ""
+
+    @classmethod
+    def unknown(cls, *, paid: bool) -> LotSale:
+        """Nobody said: free credits (promotions, adjustments) were sold for nothing;
+        paid ones for a price not known here."""
+        return cls(revenue=None if paid else 0)
+
+    def validate(self) -> None:
+        if self.revenue is not None and (
+            not isinstance(self.revenue, int) or isinstance(self.revenue, bool) or self.revenue < 0
+        ):
+            raise ApplicationError(
+                code="invalid_revenue",
+                message="revenue must be a non-negative integer of minor units, or None.",
+                param="revenue",
+            )
+        if self.revenue and not _CURRENCY.match(self.currency):
+            raise ApplicationError(
+                code="invalid_currency",
+                message='Revenue needs its lower-case ISO 4217 currency, e.g. "usd".',
+                param="revenue_currency",
+            )
+        if len(self.origin) > ORIGIN_MAX_LENGTH:
+            raise ApplicationError(
+                code="invalid_origin",
+                message=f"origin is at most {ORIGIN_MAX_LENGTH} characters.",
+                param="origin",
+            )
+
+
+_CURRENCY = re.compile(r"^[a-z]{3}$")
+ORIGIN_MAX_LENGTH = CreditLot._meta.get_field("origin").max_length
 
 
 def account_lower_next_expiry(*, account_id: int, expires_at: datetime | None) -> None:

@@ -173,7 +173,7 @@ def test_finance_refund_a_pack_from_its_checkout_page(
     assert visit.failures == []
 
 
-def test_finance_read_the_serving_cost_report(app_server, visit):
+def test_finance_read_the_revenue_and_cost_report(app_server, visit):
     # given a job's usage today, and staff signed in
     usage_record_create(
         organization_id=OrganizationFactory().pk,
@@ -190,10 +190,13 @@ def test_finance_read_the_serving_cost_report(app_server, visit):
 
     # when they go from the usage records to the report
     page.goto(f"{app_server}/admin/metering/usagerecord/")
-    page.click("text=Serving cost report")
+    page.click("text=Revenue and cost report")
 
-    # then this month's row for the model shows its cost and its engine hours
-    cells = page.locator("#report .report-row td").all_inner_texts()
-    assert cells[:3] == ["gym-tiny", "usd", "1"]
-    assert cells[-3:] == ["1.000", "0.0015", "42"]
+    # then this month's row for the model shows its engine hours and its cost (and, as
+    # no lot paid for its credits, no revenue)
+    header = page.locator("#report thead th").all_text_contents()  # as written, not as styled
+    cells = dict(zip(header, page.locator("#report .report-row td").all_inner_texts(), strict=True))
+    assert [cells["model"], cells["currency"], cells["requests"]] == ["gym-tiny", "usd", "1"]
+    assert cells["engine busy hours"] == "1.000" and cells["credits consumed"] == "0.0015"
+    assert cells["serving cost (minor units)"] == "42" and cells["margin (minor units)"] == "-42"
     assert visit.failures == []

@@ -233,7 +233,7 @@ def test_finance_see_what_serving_each_model_and_organization_cost(admin_client)
         ("gym-a", 40),
     ]
     assert default.context["rows"] == by_model.context["rows"]  # this month, by model
-    assert b"Serving cost report" in admin_client.get("/admin/metering/usagerecord/").content
+    assert b"Revenue and cost report" in admin_client.get("/admin/metering/usagerecord/").content
 
 
 @pytest.mark.parametrize(
@@ -241,7 +241,7 @@ def test_finance_see_what_serving_each_model_and_organization_cost(admin_client)
     [
         {"start": "2026-12-05", "end": "2026-12-01", "group_by": "model"},
         {"start": "yesterday", "end": "2026-12-01", "group_by": "model"},
-        {"start": "2026-12-01", "end": "2026-12-05", "group_by": "plan"},
+        {"start": "2026-12-01", "end": "2026-12-05", "group_by": "day"},
     ],
     ids=["end-before-start", "not-a-date", "unknown-grouping"],
 )

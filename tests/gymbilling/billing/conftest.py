@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 import stripe
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.models import Organization, Scope
@@ -23,6 +25,8 @@ from gymbilling.stripe_client import API_VERSION
 from gymbilling.stripe_standin.webhooks import sign
 from tests.conftest import STRIPE_TEST_SECRET_KEY, STRIPE_TEST_WEBHOOK_SECRET
 from tests.factories import UserFactory
+from tests.gymbilling.market.conftest import market_stripe  # noqa: F401 (resales, in billing tests)
+from tests.helpers import credits
 
 
 @dataclass
@@ -140,3 +144,52 @@ def subscribed(customer, catalog, stripe_standin, deliver):
         return Subscription.objects.get(organization=customer.organization)
 
     return _subscribe
+
+
+@pytest.fixture
+def buy(catalog, stripe_standin, deliver):
+    """Buy for an organization as the dashboard does: Checkout for a plan or a pack (by
+    code), paid at the stand-in, its webhooks applied."""
+    from gymbilling.models import CreditPack, Plan
+    from gymbilling.services import checkout_create
+
+    def _buy(organization: Organization, *, plan: str = "", pack: str = "") -> None:
+        result = checkout_create(
+            organization=organization,
+            plan=Plan.objects.get(code=plan) if plan else None,
+            pack=CreditPack.objects.get(code=pack) if pack else None,
+        )
+        stripe_standin.pay_checkout(result.session_id)
+        assert "failed" not in deliver()
+
+    return _buy
+
+
+@pytest.fixture
+def free_credits(grant):
+    """Give an organization free credits: a 10-credit welcome promotion, a 5-credit goodwill
+    adjustment."""
+    from metering.services import credits_adjust
+
+    def _give(organization: Organization) -> None:
+        grant(organization, credits(10), source="promotion", paid=False, resellable=False)
+        credits_adjust(
+            organization=organization,
+            amount=credits(5),
+            reason="Goodwill",
+            key=f"t:{organization.pk}",
+        )
+
+    return _give
+
+
+def report_rows(group_by: str) -> dict[tuple[str, str, str], dict]:
+    """Finance's report of today (a day either side: no test runs across a period's edge),
+    by group and currencies."""
+    from metering.selectors import usage_margin_report
+
+    now = timezone.now()
+    rows = usage_margin_report(
+        start=now - timedelta(days=1), end=now + timedelta(days=1), group_by=group_by
+    )
+    return {(row["group"], row["currency"], row["cost_currency"]): row for row in rows}

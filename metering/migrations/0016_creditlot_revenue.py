@@ -1,0 +1,162 @@
+"""What each lot's credits were sold for, for finance's revenue and margin report.
+
+Four nullable or defaulted columns on credit lots: `root` (the granted lot a
+split lot came from), `revenue` and `revenue_currency` (what the grant's
+payment paid for all its credits), `origin` (an opaque label of the seller's:
+gymbilling writes a plan's code or "pack"). The settlement function
+(metering_hold_settle, 0005 to 0015) names the columns it reads and writes,
+so it needs no change; no index is added, so a burn writes what it did.
+
+Safe on a populated, live ledger (docs/BENCHMARKS.md, "Migrations on a
+populated ledger"): not atomic, so each step holds its lock only for itself.
+- The columns are added without rewriting the table (nullable, or a constant
+  default that stays the column's default in the database, so that code not
+  deployed yet, which inserts lots without them, still can).
+- The foreign key is added NOT VALID (a brief lock, no scan), then validated
+  under a lock that lets reads and writes go on.
+- The backfill updates a thousand lots per transaction: lots split from
+  another get their root (parents always have the lower id, so each batch
+  finds its parents' roots already written), and free granted lots (neither
+  paid nor an overage allowance, which gymbilling prices) a revenue of 0.
+  Paid lots get theirs from gymbilling's invoices and checkouts
+  (gymbilling/0014).
+On SQLite (`make demo`) the foreign key is Django's ordinary one.
+"""
+
+from django.db import migrations, models, transaction
+
+BATCH = 1_000
+
+
+class AddForeignKeyNotValidOnPostgres(migrations.AddField):
+    """A nullable foreign key column, its constraint added NOT VALID on PostgreSQL (the
+    next operation validates it without blocking writes); Django's AddField elsewhere."""
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return super().database_forwards(app_label, schema_editor, from_state, to_state)
+        model = to_state.apps.get_model(app_label, self.model_name)
+        field = model._meta.get_field(self.name)
+        table = schema_editor.quote_name(model._meta.db_table)
+        column = schema_editor.quote_name(field.column)
+        target = field.target_field
+        schema_editor.execute(
+            f"ALTER TABLE {table} ADD COLUMN {column} {field.db_type(schema_editor.connection)} NULL"
+        )
+        schema_editor.execute(
+            f"ALTER TABLE {table} ADD CONSTRAINT {_fk_name(schema_editor, model, field)} "
+            f"FOREIGN KEY ({column}) REFERENCES "
+            f"{schema_editor.quote_name(target.model._meta.db_table)} "
+            f"({schema_editor.quote_name(target.column)}) DEFERRABLE INITIALLY DEFERRED NOT VALID"
+        )
+
+
+class ValidateForeignKeyOnPostgres(migrations.operations.base.Operation):
+    """VALIDATE CONSTRAINT: a scan under SHARE UPDATE EXCLUSIVE, which lets lots be burned."""
+
+    reduces_to_sql = True
+    reversible = True
+
+    def __init__(self, model_name: str, name: str) -> None:
+        self.model_name, self.name = model_name, name
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        model = to_state.apps.get_model(app_label, self.model_name)
+        field = model._meta.get_field(self.name)
+        schema_editor.execute(
+            f"ALTER TABLE {schema_editor.quote_name(model._meta.db_table)} "
+            f"VALIDATE CONSTRAINT {_fk_name(schema_editor, model, field)}"
+        )
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        pass
+
+    def describe(self) -> str:
+        return f"Validate the foreign key of {self.model_name}.{self.name}"
+
+
+def _fk_name(schema_editor, model, field) -> str:
+    """The name Django gives the constraint, so that later schema changes find it."""
+    return str(schema_editor._fk_constraint_name(model, field, "_fk_%(to_table)s_%(to_column)s"))
+
+
+def _in_batches(queryset, apply) -> None:
+    """`apply(ids)` to the rows of `queryset` a batch at a time, each batch its own
+    transaction, in id order."""
+    last = 0
+    while True:
+        with transaction.atomic(using=queryset.db):
+            ids = list(
+                queryset.filter(pk__gt=last).order_by("pk").values_list("pk", flat=True)[:BATCH]
+            )
+            if not ids:
+                return
+            apply(ids)
+        last = ids[-1]
+
+
+def backfill(apps, schema_editor):
+    CreditLot = apps.get_model("metering", "CreditLot")
+    lots = CreditLot.objects.using(schema_editor.connection.alias)
+
+    def roots(ids: list[int]) -> None:
+        parents = dict(lots.filter(pk__in=ids).values_list("pk", "parent_id"))
+        found: dict[int, int] = {}
+        for pk in ids:
+            found[pk] = _root_of(lots, parents[pk], found)
+        by_root: dict[int, list[int]] = {}
+        for pk, root in found.items():
+            by_root.setdefault(root, []).append(pk)
+        for root, pks in by_root.items():
+            lots.filter(pk__in=pks).update(root_id=root)
+
+    _in_batches(lots.filter(parent__isnull=False, root__isnull=True), roots)
+    _in_batches(
+        lots.filter(parent__isnull=True, paid=False, revenue__isnull=True).exclude(
+            source="overage"
+        ),
+        lambda ids: lots.filter(pk__in=ids).update(revenue=0),
+    )
+
+
+def _root_of(lots, parent: int, found: dict[int, int]) -> int:
+    """The root of a lot split from `parent`: the parent's, found in this batch or
+    written by an earlier one, else walked up to."""
+    while True:
+        if parent in found:
+            return found[parent]
+        up, root = lots.filter(pk=parent).values_list("parent_id", "root_id").get()
+        if up is None:
+            return parent
+        if root is not None:
+            return root
+        parent = up
+
+
+# The columns as metering.models.CreditLot declares them (frozen here).
+ORIGIN = models.CharField(max_length=64, blank=True, default="", db_default="")
+REVENUE = models.BigIntegerField(null=True, blank=True)
+REVENUE_CURRENCY = models.CharField(max_length=3, blank=True, default="", db_default="")
+ROOT = models.ForeignKey(
+    "metering.creditlot", models.PROTECT, null=True, blank=True, related_name="+", db_index=False
+)
+
+
+class Migration(migrations.Migration):
+    atomic = False
+
+    dependencies = [("metering", "0015_capture_burns_claimed_lots_last")]
+
+    operations = [
+        migrations.AddField("creditlot", "origin", ORIGIN),
+        migrations.AddField("creditlot", "revenue", REVENUE),
+        migrations.AddField("creditlot", "revenue_currency", REVENUE_CURRENCY),
+        AddForeignKeyNotValidOnPostgres("creditlot", "root", ROOT),
+        ValidateForeignKeyOnPostgres(model_name="creditlot", name="root"),
+        migrations.RunPython(backfill, migrations.RunPython.noop),
+    ]

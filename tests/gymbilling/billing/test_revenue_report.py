@@ -1,0 +1,362 @@
+"""Finance's revenue, cost and margin per model, plan and customer.
+
+Credits are bought for real (Checkout at the Stripe stand-in, its webhooks applied as
+the worker applies them) and spent through real holds and captures; the report is
+read through its selector and through the admin page staff open.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from html.parser import HTMLParser
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client
+from django.utils import timezone
+
+from gymbilling.models import CreditPack, PaymentReversal
+from gymbilling.services import catalog_sync
+from gymbilling.services.refunds import payment_refund
+from metering.models import CreditLot, UsageRecord
+from metering.selectors import report_totals, usage_margin_report
+from tests.factories import OrganizationFactory, UserFactory
+from tests.gymbilling.billing.conftest import report_rows
+from tests.gymbilling.market.conftest import market_member, sold
+from tests.helpers import credits, job_settled
+
+pytestmark = pytest.mark.django_db
+
+
+def _money(row: dict) -> tuple[int, int, int | None]:
+    return row["revenue"], row["serving_cost"], row["margin"]
+
+
+def test_a_member_on_a_plan_and_a_pack_earns_exactly_what_they_paid_for_what_they_burned(buy):
+    # given a member on Pro ($99.00 for 12,000 credits) who also bought a Boost 1k pack
+    # ($12.00 for 1,000 credits): the plan's credits expire first, so they burn first
+    org = OrganizationFactory(slug="lifter")
+    buy(org, plan="pro")
+    buy(org, pack="boost-1k")
+    plan_lot = CreditLot.objects.get(organization=org, source="subscription")
+    pack_lot = CreditLot.objects.get(organization=org, source="pack")
+    assert (plan_lot.revenue, plan_lot.revenue_currency, plan_lot.origin) == (9_900, "usd", "pro")
+    assert (pack_lot.revenue, pack_lot.revenue_currency, pack_lot.origin) == (1_200, "usd", "pack")
+
+    # when three jobs run: the second burns the plan's last 6,999.5 credits and the pack's
+    # first 0.5, the third 333.333333 more of the pack
+    job_settled(org, credits("5000.5"), model_name="gym-tiny", serving_cost=300)
+    job_settled(org, credits(7_000), model_name="gym-large", serving_cost=700)
+    job_settled(org, credits("333.333333"), model_name="gym-tiny", serving_cost=50)
+
+    # then by plan: Pro's 12,000 credits, burned to the end, earned exactly its $99.00;
+    # the pack's 333.833333 credits earned floor(1200 x 333.833333 / 1000) = 400; the
+    # second job's $7.00 of cost is shared 6,999.5 : 0.5, rounded down on the first part
+    # (699) and the rest to the last (1)
+    by_plan = report_rows("plan")
+    assert set(by_plan) == {("pro", "usd", "usd"), ("pack", "usd", "usd")}
+    pro, pack = by_plan["pro", "usd", "usd"], by_plan["pack", "usd", "usd"]
+    assert (pro["credits"], pack["credits"]) == (credits(12_000), credits("333.833333"))
+    assert _money(pro) == (9_900, 300 + 699, 9_900 - 999)
+    assert _money(pack) == (400, 1 + 50, 400 - 51)
+    assert pro["free_credits"] == pack["free_credits"] == 0
+    # by model: the first job's plan credits earned floor(9900 x 5000.5 / 12000) = 4125,
+    # the second's the plan's remaining 5775 and nothing yet of the pack's 0.5 (0.6 of
+    # a cent, rounded down), the third the pack's 400
+    by_model = report_rows("model")
+    assert _money(by_model["gym-tiny", "usd", "usd"]) == (4_125 + 400, 350, 4_525 - 350)
+    assert _money(by_model["gym-large", "usd", "usd"]) == (5_775, 700, 5_775 - 700)
+    assert [by_model[m, "usd", "usd"]["requests"] for m in ("gym-tiny", "gym-large")] == [2, 1]
+    # by customer: all of it; and every grouping adds up to the very same totals (a job
+    # counts its requests once, with the first lot it burned)
+    [customer] = report_rows("organization").values()
+    assert (customer["group"], *_money(customer)) == ("lifter", 10_300, 1_050, 9_250)
+    totals = [
+        report_totals(list(report_rows(g).values())) for g in ("model", "plan", "organization")
+    ]
+    assert totals[0] == totals[1] == totals[2]
+    assert (totals[0][0]["requests"], *_money(totals[0][0])) == (3, 10_300, 1_050, 9_250)
+
+
+def test_a_lot_burned_to_the_end_earns_exactly_its_payment_across_months(buy):
+    # given a pack of 3 credits sold for $10.00: 1,000 cents do not divide into 3,000,000
+    # micro-credits, so most burns earn a fraction of a cent
+    CreditPack.objects.create(code="trial-3", name="Trial 3", credits=credits(3), price=1_000)
+    catalog_sync()
+    org = OrganizationFactory()
+    buy(org, pack="trial-3")
+
+    # when it is burned by seven jobs of uneven sizes, each on a model of its own, the
+    # first three last month
+    sizes = ["0.333333", "0.333333", "0.333334", "1", "0.5", "0.25", "0.25"]
+    for n, size in enumerate(sizes):
+        job_settled(org, credits(size), model_name=f"model-{n}", serving_cost=1)
+    last_month = timezone.now() - timedelta(days=40)
+    UsageRecord.objects.filter(model_name__in=["model-0", "model-1", "model-2"]).update(
+        created_at=last_month
+    )
+
+    # then each job earned its share within a cent: what the lot has earned after each
+    # burn is its payment's share of all it has burned, rounded down; so this month's four
+    # and last month's three jobs add up to exactly $10.00
+    earlier = usage_margin_report(
+        start=last_month - timedelta(days=1), end=last_month + timedelta(days=1), group_by="model"
+    )
+    this_month = list(report_rows("model").values())
+    assert (len(earlier), len(this_month)) == (3, 4)
+    earned = {row["group"]: row["revenue"] for row in earlier + this_month}
+    so_far, burned = 0, Decimal(0)
+    for n, size in enumerate(sizes):
+        so_far, burned = so_far + earned[f"model-{n}"], burned + Decimal(size)
+        assert abs(earned[f"model-{n}"] - Decimal(1_000) * Decimal(size) / 3) < 1
+        assert so_far == int(1_000 * burned // 3)
+    assert sum(earned.values()) == 1_000
+
+
+def test_overage_earns_the_plan_s_overage_price(buy):
+    # given a Pro member: 12,000 credits a month for $99.00, and overage beyond them at
+    # $9.00 per 1,000 credits (its allowance lot: 20,000 credits, priced $180.00 in all)
+    org = OrganizationFactory()
+    buy(org, plan="pro")
+    allowance = CreditLot.objects.get(organization=org, source="overage")
+    assert (allowance.paid, allowance.revenue, allowance.origin) == (False, 18_000, "pro")
+
+    # when one job uses the month's credits and 1,000 more
+    job_settled(org, credits(13_000), model_name="gym-large", serving_cost=1_300)
+
+    # then the plan earned its $99.00 and the overage's $9.00 (which the meter invoices
+    # later): no free credits
+    [row] = report_rows("plan").values()
+    assert (row["group"], row["credits"], row["free_credits"]) == ("pro", credits(13_000), 0)
+    assert _money(row) == (9_900 + 900, 1_300, 10_800 - 1_300)
+
+
+def test_credits_bought_on_the_marketplace_earn_the_original_sale_s_price(
+    buy,
+    market_stripe,
+):
+    # given a Pro member ($99.00 for 12,000 credits) who resells 1,200 of them at $5.00
+    # per 1,000 credits ($6.00 in all) to another member
+    seller = OrganizationFactory(slug="seller")
+    buy(seller, plan="pro")
+    buyer = market_member()
+    order = sold(market_stripe, seller, buyer, quantity=credits(1_200), price=500)
+    assert order.amount_total == 600
+    bought = CreditLot.objects.get(organization=buyer, source="marketplace", account__kind="wallet")
+    assert bought.root == CreditLot.objects.get(
+        organization=seller, source="subscription", parent=None
+    )
+
+    # when the buyer burns them all
+    job_settled(buyer, credits(1_200), model_name="gym-tiny", serving_cost=25)
+
+    # then they earned a tenth of the seller's $99.00 (not the resale's $6.00: the
+    # gym's income there is its fee), under the seller's plan, for the buyer
+    [row] = report_rows("organization").values()
+    assert (row["group"], row["credits"], *_money(row)) == (
+        buyer.slug,
+        credits(1_200),
+        990,
+        25,
+        965,
+    )
+    assert list(report_rows("plan")) == [("pro", "usd", "usd")]
+
+
+def test_free_credits_earn_nothing_and_are_shown_as_free(free_credits):
+    # given a member with a 10-credit promotion and a 5-credit goodwill adjustment
+    org = OrganizationFactory()
+    free_credits(org)
+
+    # when a job burns all 15 credits
+    job_settled(org, credits(15), model_name="gym-tiny", serving_cost=40)
+
+    # then they earned nothing: free credits consumed, at the serving cost's loss
+    [row] = report_rows("plan").values()
+    assert (row["group"], row["credits"], row["free_credits"]) == ("free", credits(15), credits(15))
+    assert _money(row) == (0, 40, -40)
+
+
+def test_two_currencies_are_never_added_together(buy):
+    # given a member who bought a dollar pack and one who bought a euro pack (1,000
+    # credits for 11.00 euros), and two models whose GPU hours cost dollars and euros
+    CreditPack.objects.create(
+        code="boost-1k-eur", name="Boost 1k", credits=credits(1_000), price=1_100, currency="eur"
+    )
+    catalog_sync()
+    dollars, euros = OrganizationFactory(slug="dollars"), OrganizationFactory(slug="euros")
+    buy(dollars, pack="boost-1k")
+    buy(euros, pack="boost-1k-eur")
+
+    # when each burns 500 credits on the euro model, and the euro member 100 more on the
+    # dollar model
+    job_settled(dollars, credits(500), model_name="gym-eu", serving_cost=30, currency="eur")
+    job_settled(euros, credits(500), model_name="gym-eu", serving_cost=30, currency="eur")
+    job_settled(euros, credits(100), model_name="gym-us", serving_cost=9, currency="usd")
+
+    # then each row keeps its revenue's and its cost's currencies: a margin only where
+    # they are the same, and totals per pair of currencies, never across
+    by_customer = report_rows("organization")
+    assert _money(by_customer["dollars", "usd", "eur"]) == (600, 30, None)
+    assert _money(by_customer["euros", "eur", "eur"]) == (550, 30, 520)
+    assert _money(by_customer["euros", "eur", "usd"]) == (110, 9, None)
+    totals = {
+        (t["currency"], t["cost_currency"]): _money(t)
+        for t in report_totals(list(by_customer.values()))
+    }
+    assert totals == {
+        ("usd", "eur"): (600, 30, None),
+        ("eur", "eur"): (550, 30, 520),
+        ("eur", "usd"): (110, 9, None),
+    }
+
+
+# --- the page -----------------------------------------------------------------------------
+
+
+class _Tables(HTMLParser):
+    """The cells of the page's report tables, by table id: what a reader sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and "report-table" in (attrs.get("class") or ""):
+            self._table = attrs["id"]
+            self.tables[self._table] = []
+        elif self._table and tag == "tr":
+            self.tables[self._table].append([])
+        elif self._table and tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        elif tag in ("td", "th") and self._cell is not None:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _tables(page: bytes) -> dict[str, list[list[str]]]:
+    parser = _Tables()
+    parser.feed(page.decode())
+    return parser.tables
+
+
+def _finance_client() -> Client:
+    """Staff who may view usage records, and nothing else: the report's permission."""
+    staff = UserFactory(is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_usagerecord"))
+    client = Client()
+    client.force_login(staff)
+    return client
+
+
+def test_finance_read_revenue_and_refunds_on_the_page_and_export_each_table(buy):
+    # given a member who bought a Boost 1k pack ($12.00), burned 300 credits of it on
+    # one job, then was refunded $3.00
+    org = OrganizationFactory(slug="refunded")
+    buy(org, pack="boost-1k")
+    job_settled(org, credits(300), model_name="gym-tiny", serving_cost=80)
+    checkout = org.checkout_sessions.get()
+    payment_refund(
+        organization=org,
+        payment_intent_id=checkout.stripe_payment_intent_id,
+        amount=300,
+        note="Goodwill",
+        key=uuid.uuid4().hex,
+        actor=None,
+    )
+    assert PaymentReversal.objects.get(organization=org).amount == 300
+    client = _finance_client()
+    today = timezone.now().date()
+    query = {
+        "start": (today - timedelta(days=1)).isoformat(),
+        "end": (today + timedelta(days=1)).isoformat(),
+        "group_by": "organization",
+    }
+    url = "/admin/metering/usagerecord/report/"
+
+    # when finance open the report per customer, and export each of its tables
+    page = client.get(url, query)
+    exported = {
+        key: client.get(url, {**query, "export": key}) for key in ("organization", "reversals")
+    }
+
+    # then the page shows the customer's revenue, its cost and margin (the refund does not
+    # lower the revenue recognized), the refund in its own table, and says how they relate
+    assert page.status_code == 200
+    tables = _tables(page.content)
+    header, row, total = tables["report"]
+    assert header[:3] == ["customer", "currency", "cost currency"]
+    shown = dict(zip(header, row, strict=True))
+    assert (shown["customer"], shown["credits consumed"]) == ("refunded", "300")
+    assert (shown["revenue (minor units)"], shown["serving cost (minor units)"]) == ("360", "80")
+    assert (shown["margin (minor units)"], shown["margin %"]) == ("280", "77.8%")
+    assert total[:3] == ["total", "usd", "usd"] and total[-4:] == row[-4:]
+    reversal_header, reversal_row, _ = tables["reversals"]
+    refunds = dict(zip(reversal_header, reversal_row, strict=True))
+    assert (refunds["customer"], refunds["refunded (minor units)"]) == ("refunded", "300")
+    assert refunds["credits taken back unspent"] == "250"
+    assert "do not lower the recognized revenue" in page.content.decode()
+    # and each CSV holds the very cells of its table, header and totals included
+    for key, table_id in (("organization", "report"), ("reversals", "reversals")):
+        assert exported[key].status_code == 200
+        assert exported[key]["Content-Type"].startswith("text/csv")
+        rows = list(csv.reader(io.StringIO(exported[key].content.decode())))
+        assert rows == tables[table_id]
+
+
+@pytest.mark.parametrize("group_by", ["model", "plan", "organization"])
+def test_each_grouping_renders_with_its_figures(buy, group_by):
+    # given a Pro member who ran one job
+    org = OrganizationFactory(slug="pro-member")
+    buy(org, plan="pro")
+    job_settled(org, credits(1_200), model_name="gym-large", serving_cost=99)
+    today = timezone.now().date()
+
+    # when finance open the report in each grouping
+    page = _finance_client().get(
+        "/admin/metering/usagerecord/report/",
+        {
+            "start": (today - timedelta(days=1)).isoformat(),
+            "end": (today + timedelta(days=1)).isoformat(),
+            "group_by": group_by,
+        },
+    )
+
+    # then its row names the model, plan or customer with the job's revenue (a tenth of
+    # $99.00) and cost
+    assert page.status_code == 200
+    _, row, _ = _tables(page.content)["report"]
+    assert row[0] == {"model": "gym-large", "plan": "pro", "organization": "pro-member"}[group_by]
+    assert row[-4:-1] == ["990", "99", "891"]
+
+
+def test_staff_without_the_permission_cannot_open_or_export_thereport_rows(client):
+    staff = UserFactory(is_staff=True)
+    client.force_login(staff)
+
+    assert client.get("/admin/metering/usagerecord/report/").status_code == 403
+    assert client.get("/admin/metering/usagerecord/report/?export=model").status_code == 403
+
+
+def test_the_page_links_each_table_s_export():
+    page = _finance_client().get("/admin/metering/usagerecord/report/")
+
+    assert page.status_code == 200
+    links = re.findall(r'class="report-export" href="([^"]+)"', page.content.decode())
+    assert [link.rsplit("export=", 1)[1] for link in links] == ["model", "reversals"]

@@ -1,0 +1,151 @@
+"""Finance's usage, revenue and margin report over the ledger alone (metering's selector).
+
+Lots say what they were sold for at their grant (LotSale), as gymbilling's grants do
+(tests/gymbilling/billing/test_revenue_report.py drives those through Stripe); the
+usage comes from real holds and captures.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from metering.models import CreditLot
+from metering.selectors import usage_margin_report
+from metering.services import (
+    LotSale,
+    Usage,
+    credits_transfer,
+    hold_place,
+    hold_release,
+    transaction_reverse,
+    usage_record_create,
+)
+from tests.factories import OrganizationFactory
+from tests.helpers import credits, job_settled, usage_draft
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def sold(grant):
+    """Credits granted as sold: `revenue` cents for all of them, by `origin`."""
+
+    def _sold(org, amount: int, revenue: int, origin: str = "pro") -> CreditLot:
+        return grant(org, amount, sale=LotSale(revenue=revenue, currency="usd", origin=origin))
+
+    return _sold
+
+
+def _report(group_by: str = "plan") -> list[dict]:
+    now = timezone.now()
+    return usage_margin_report(
+        start=now - timedelta(days=1), end=now + timedelta(days=1), group_by=group_by
+    )
+
+
+def _figures(rows: list[dict]) -> list[tuple]:
+    return [
+        (r["group"], r["requests"], r["credits"], r["revenue"], r["serving_cost"], r["margin"])
+        for r in rows
+    ]
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["settlement-function", "orm"])
+def test_a_reversed_capture_gives_its_revenue_back_and_the_lot_still_earns_its_payment(
+    settings, sold, fast_path
+):
+    settings.METERING_FAST_PATH = fast_path  # both settle with the same rows
+    # given 10 credits sold for $7.00, and a job that burned 4 of them, whose capture
+    # was then reversed (bad output: the credits went back to the lot)
+    org = OrganizationFactory()
+    sold(org, credits(10), 700)
+    refunded = job_settled(org, credits(4), serving_cost=20)
+    transaction_reverse(original=refunded.settle_transaction, reason="bad output")
+
+    # when the member then burns all ten
+    job_settled(org, credits(10), serving_cost=50)
+
+    # then the refunded job counts no credits and no revenue (its cost stays: the GPU
+    # worked), and the lot earned exactly its $7.00 once
+    assert _figures(_report()) == [("pro", 2, credits(10), 700, 70, 630)]
+
+
+def test_credits_moved_to_another_organization_earn_their_first_sale_s_price(sold):
+    # given 30 credits sold for $9.99 to one team, 12 of which it moved to another
+    first, second = OrganizationFactory(slug="first"), OrganizationFactory(slug="second")
+    lot = sold(first, credits(30), 999)
+    credits_transfer(source=first, destination=second, amount=credits(12), key="move-1")
+    moved = CreditLot.objects.get(organization=second)
+    assert (moved.root_id, moved.revenue) == (lot.pk, None)
+
+    # when both teams burn all they hold, the second first
+    job_settled(second, credits(12), serving_cost=1)
+    job_settled(first, credits(18), serving_cost=1)
+
+    # then each earned its share of the one payment, which they add up to exactly
+    by_team = {r["group"]: r["revenue"] for r in _report("organization")}
+    assert by_team == {"second": 999 * 12 // 30, "first": 999 - 999 * 12 // 30}
+
+
+def test_a_job_that_charged_nothing_and_usage_without_a_hold_cost_under_no_lot(sold):
+    # given a job released before any token (its usage recorded, nothing charged), and
+    # usage recorded without a hold (no lot paid for its credits)
+    org = OrganizationFactory()
+    sold(org, credits(5), 100)
+    hold_place(organization=org, amount=credits(1), key="canceled")
+    hold_release(key="canceled", usage=usage_draft(org, "canceled", 0, serving_cost=7))
+    usage_record_create(
+        organization_id=org.pk,
+        job_id="unheld",
+        model_name="gym-tiny",
+        priority="standard",
+        usage=Usage(input_tokens=1, cached_input_tokens=0, output_tokens=1),
+        credits=credits(2),
+        serving_cost=3,
+    )
+
+    # then both are costs under "(no lot)", the unheld credits without a known price
+    [row] = _report()
+    assert _figures([row]) == [("(no lot)", 2, credits(2), 0, 10, -10)]
+    assert row["unpriced_credits"] == credits(2)
+
+
+def test_paid_credits_granted_without_a_price_show_as_such(grant):
+    # given paid credits granted with no word of their price (credits_grant's command)
+    org = OrganizationFactory()
+    grant(org, credits(3), source="pack", resellable=False)
+
+    # when they are burned
+    job_settled(org, credits(3), serving_cost=4)
+
+    # then they earned nothing known, and say so
+    [row] = _report()
+    assert (row["group"], row["unpriced_credits"], row["free_credits"], row["revenue"]) == (
+        "(price unknown)",
+        credits(3),
+        0,
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("sale", "code"),
+    [
+        (LotSale(revenue=-1, currency="usd"), "invalid_revenue"),
+        (LotSale(revenue=100), "invalid_currency"),
+        (LotSale(revenue=100, currency="USD"), "invalid_currency"),
+        (LotSale(revenue=0, origin="x" * 65), "invalid_origin"),
+    ],
+)
+def test_a_grant_with_a_malformed_sale_is_refused(grant, sale, code):
+    org = OrganizationFactory()
+
+    with pytest.raises(ApplicationError) as refused:
+        grant(org, credits(1), sale=sale)
+
+    assert refused.value.code == code
+    assert not CreditLot.objects.filter(organization=org).exists()
