@@ -240,6 +240,9 @@ class CreditLotAdmin(ReadOnlyAdmin):
         "amount",
         "remaining",
         "expires_at",
+        "origin",
+        "revenue",
+        "revenue_currency",
     ]
     list_filter = ["source", "paid", "resellable"]
     search_fields = ["organization__slug"]
