@@ -168,6 +168,7 @@ class Confirmation:
     consequence: str
     action: str  # the URL the confirming POST goes to
     button: str
+    fields: tuple[tuple[str, str], ...] = ()  # (name, value) the confirming POST sends
 
 
 class OrganizationSwitchView(LoginRequiredMixin, TemplateView):

@@ -8,8 +8,9 @@ from django import forms
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
-from accounts.dashboard import MemberPage
+from accounts.dashboard import Confirmation, MemberPage
 from gymbilling.apis import BILLING_ROLES
+from gymbilling.currency import money_display
 from gymbilling.pages import ActionPage, cleaned
 from gymbilling.selectors import (
     catalog_items,
@@ -35,6 +36,27 @@ class CheckoutForm(forms.Form):
     plan = forms.SlugField(required=False)
     pack = forms.SlugField(required=False)
     seats = forms.IntegerField(required=False, min_value=1, max_value=10_000)
+
+
+def _change_confirmation(request: HttpRequest, plan, seats: int) -> Confirmation:
+    """What the page asks before a change of plan or seats with the card on file."""
+    price = money_display(plan.amount_for(seats), plan.currency)
+    what = f"{plan.name}, {seats} seat{'s' if seats != 1 else ''}" if plan.seat_based else plan.name
+    return Confirmation(
+        question=f"Change your subscription to {what}?",
+        consequence=(
+            f"It costs {price} a period. A larger plan starts now: the prorated difference "
+            "is charged at once to the card on file. A smaller one starts with the next period."
+        ),
+        action=request.path,
+        button="Change my subscription",
+        fields=(
+            ("action", "checkout"),
+            ("plan", plan.code),
+            ("seats", str(seats)),
+            ("confirmed", "yes"),
+        ),
+    )
 
 
 class BillingPage(ActionPage):
@@ -63,11 +85,18 @@ class BillingPage(ActionPage):
         return context
 
     def checkout(self, request: HttpRequest) -> HttpResponse:
-        """Subscribe or buy a pack on Stripe's page; a plan change happens here, with the card on file."""
+        """Subscribe or buy a pack on Stripe's page; a plan change happens here, with the
+        card on file, once the page has asked (a switch up is charged at once)."""
         data = cleaned(CheckoutForm(request.POST))
         plan, pack = catalog_items(plan=data["plan"] or None, pack=data["pack"] or None)
+        seats = data["seats"] or 1
+        subscription = live_subscription(request.organization)
+        if plan is not None and subscription is not None and request.POST.get("confirmed") != "yes":
+            return self.render_to_response(
+                self.get_context_data(confirm=_change_confirmation(request, plan, seats))
+            )
         result = checkout_create(
-            organization=request.organization, plan=plan, pack=pack, seats=data["seats"] or 1
+            organization=request.organization, plan=plan, pack=pack, seats=seats
         )
         if result.kind == "checkout":
             return HttpResponseRedirect(result.url)

@@ -121,8 +121,16 @@ def test_a_team_subscription_changes_seats_with_the_card_on_file(
     deliver()
     assert figure(client.get(BILLING), "seats") == "5"
 
-    # when they lower it to 2 seats
-    response = checkout(client, plan="team", seats="2")
+    # when they ask to lower it to 2 seats, the page asks first, and nothing changes yet
+    asked = checkout(client, plan="team", seats="2")
+    assert asked.status_code == 200
+    assert "Change your subscription to Team, 2 seats?" in text(asked)
+    assert "It costs 98.00 USD a period." in text(asked)
+    assert 'name="confirmed" value="yes"' in text(asked)
+    deliver()
+    assert 'data-figure="scheduled"' not in text(client.get(BILLING))
+    # and when they confirm
+    response = checkout(client, plan="team", seats="2", confirmed="yes")
     deliver()
 
     # then no second Checkout: the change is scheduled at Stripe for the period's end,
