@@ -117,7 +117,7 @@ class MemberPage(LoginRequiredMixin, TemplateView):
         """The page again, with the refusal, answered with its status."""
         response = self.render_to_response(self.get_context_data(refusal=error, **context))
         response.status_code = error.status
-        return response
+        return with_retry_after(response, error)
 
     def invalid(self, form: forms.Form, *, name: str = "form", **context: Any) -> HttpResponse:
         """A form the page cannot take, drawn again (as `name` in the context) with its
@@ -128,6 +128,22 @@ class MemberPage(LoginRequiredMixin, TemplateView):
         """Post/redirect/get: a success is shown once, and a reload does not repeat it."""
         messages.success(self.request, message)
         return HttpResponseRedirect(to or self.request.path)
+
+
+def with_retry_after(response: HttpResponse, error: ApplicationError) -> HttpResponse:
+    """A limit's refusal (429) says when to try again, as the API's do."""
+    if "retry_after" in error.extra:
+        response["Retry-After"] = str(error.extra["retry_after"])
+    return response
+
+
+def refusal_page(
+    request: HttpRequest, template_name: str, context: dict[str, Any], error: ApplicationError
+) -> HttpResponse:
+    """A page outside MemberPage (signing in and up, the emailed links) drawn with a
+    refusal as MemberPage draws one: the refusal's status, and its code in the page."""
+    response = render(request, template_name, {**context, "refusal": error}, status=error.status)
+    return with_retry_after(response, error)
 
 
 def form_refusal(form: forms.Form) -> ApplicationError:

@@ -42,6 +42,18 @@ class User(AbstractUser):
 
     username = None
     email = models.EmailField("email address", unique=True)
+    # Whether the person proved they read mail at `email`. Only self-service sign-up
+    # (user_signup) makes an unverified account, until its owner follows the emailed link
+    # or accepts an invitation sent to the address; anyone may sign up under any address,
+    # so nothing may trust an unverified one (user_by_email does not find it). Every other
+    # way a user is made (the admin, createsuperuser, the manager, operator commands) is
+    # an operator's, and verified.
+    email_verified = models.BooleanField(
+        "email verified",
+        default=True,
+        help_text="False for an account made by signing up, until its owner follows the "
+        "link emailed to the address or accepts an invitation sent to it.",
+    )
 
     USERNAME_FIELD = "email"
     REQUIRED_FIELDS: list[str] = []

@@ -1,4 +1,5 @@
-"""The dashboard's pages for people: signing up, API keys, members and invitations.
+"""The dashboard's pages for people: signing up, proving an email address, API keys,
+members and invitations.
 
 Signing in and out are Django's own views (`gymbilling/urls.py`), drawn with
 `templates/registration/`.
@@ -9,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.contrib import messages
 from django.contrib.auth import login, password_validation
+from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
@@ -18,7 +21,13 @@ from django.utils import timezone
 from django.views import View
 
 from accounts.api_base import MANAGERS
-from accounts.dashboard import Confirmation, MemberPage, owned_or_refused
+from accounts.dashboard import (
+    Confirmation,
+    MemberPage,
+    owned_or_refused,
+    refusal_page,
+    safe_next,
+)
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Membership, Role, Scope
 from accounts.selectors import (
@@ -34,6 +43,8 @@ from accounts.services import (
     membership_add,
     membership_remove,
     membership_set_role,
+    user_email_verification_send,
+    user_email_verify,
     user_signup,
 )
 
@@ -75,6 +86,39 @@ class SignupView(View):
             )
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return HttpResponseRedirect(reverse("dashboard"))
+
+
+# --- proving an email address ------------------------------------------------------------
+
+
+class EmailVerifyView(View):
+    """GET `token`: the link emailed at sign-up. It works signed in or not, in any browser
+    (the token names the account), and followed again it says the same."""
+
+    template_name = "registration/verify_email.html"
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        context = {"title": "Verify your email address"}
+        try:
+            user = user_email_verify(token=request.GET.get("token", ""))
+        except ApplicationError as error:
+            return refusal_page(request, self.template_name, context, error)
+        return render(request, self.template_name, {**context, "verified": user.email})
+
+
+class EmailVerificationSendView(LoginRequiredMixin, View):
+    """POST: email the signed-in user a new link (the overview's banner offers it)."""
+
+    http_method_names = ["post"]
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        user = request.user
+        if user.email_verified:
+            messages.info(request, f"{user.email} is already verified.")
+        else:
+            user_email_verification_send(user=user)
+            messages.success(request, f"We sent a new link to {user.email}.")
+        return HttpResponseRedirect(safe_next(request, reverse("dashboard")))
 
 
 # --- API keys --------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts.dashboard import OrganizationSwitchView
-from accounts.views import SignupView
+from accounts.views import EmailVerificationSendView, EmailVerifyView, SignupView
 from gymbilling.apis import StripeWebhookView
 from gymbilling.views import (
     HealthView,
@@ -29,6 +29,8 @@ urlpatterns = [
     ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("signup/", SignupView.as_view(), name="signup"),
+    path("verify-email", EmailVerifyView.as_view(), name="verify-email"),
+    path("verify-email/send", EmailVerificationSendView.as_view(), name="verify-email-send"),
     path("dashboard/", OverviewPage.as_view(), name="dashboard"),
     path("dashboard/organization", OrganizationSwitchView.as_view(), name="organization-switch"),
     path("dashboard/", include("accounts.page_urls")),

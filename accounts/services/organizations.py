@@ -16,6 +16,10 @@ from accounts.models import Invitation, Membership, Organization, Role, User
 from accounts.selectors import invitation_token_hash
 from accounts.services.api_keys import KEYS
 from accounts.services.audit import audit_record
+from accounts.services.email_verification import (
+    user_email_mark_verified,
+    user_email_verification_send,
+)
 
 INVITATION_TTL = timedelta(days=7)
 
@@ -53,11 +57,15 @@ def organization_create(
 
 @transaction.atomic
 def user_signup(*, email: str, password: str | None) -> User:
-    """A new user and their personal organization, which they own."""
+    """A new user and their personal organization, which they own.
+
+    Anyone may sign up under any address, so the account starts unverified, and is
+    emailed the link that proves the address (user_email_verify).
+    """
     email = User.objects.normalize_email(email).lower()
     try:
         with transaction.atomic():
-            user = User.objects.create_user(email, password)
+            user = User.objects.create_user(email, password, email_verified=False)
     except IntegrityError:
         raise ApplicationError(
             code="email_taken", message="That email address already has an account.", status=409
@@ -66,6 +74,7 @@ def user_signup(*, email: str, password: str | None) -> User:
     organization_create(
         slug=f"{base}-{secrets.token_hex(3)}", name=email, owner=user, personal=True
     )
+    user_email_verification_send(user=user)
     return user
 
 
@@ -315,6 +324,8 @@ def invitation_accept(*, token: str, user: User) -> Membership:
         data={"role": invitation.role},
     )
     Invitation.objects.filter(pk=invitation.pk).update(accepted_at=now)
+    # The token was sent to the address: whoever used it reads mail there.
+    user_email_mark_verified(user=user, email=invitation.email)
     return membership
 
 

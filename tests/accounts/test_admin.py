@@ -56,6 +56,7 @@ def user_form(user: User, **changes) -> dict:
     return posted(
         {
             "email": user.email,
+            "email_verified": user.email_verified,
             "first_name": user.first_name,
             "last_name": user.last_name,
             "is_active": user.is_active,

@@ -297,6 +297,33 @@ def test_an_unknown_email_is_told_to_use_an_invitation(team):
     assert error["param"] == "email"
 
 
+def test_an_unverified_account_answers_as_no_account_until_its_address_is_proven(
+    team, django_capture_on_commit_callbacks
+):
+    # given someone who signed up under an address they have not proven (anyone could)
+    org = team["org"]
+    with django_capture_on_commit_callbacks(execute=True):
+        squatter = user_signup(email="cfo@victim.test", password="a long passphrase, 44")
+    owner = signed_in(team[Role.OWNER])
+    path = f"/api/v1/orgs/{org.pk}/members"
+
+    # when a manager adds that address, and an address with no account
+    unverified = send(owner, "post", path, {"email": "CFO@victim.test"})
+    unknown = send(owner, "post", path, {"email": "nobody@victim.test"})
+
+    # then both answer alike, revealing nothing, and nobody joined
+    assert_error(unverified, 404, "user_not_found")
+    assert unverified.json() == unknown.json()
+    assert not Membership.objects.filter(organization=org, user=squatter).exists()
+
+    # when the address is proven by the emailed link, the same request adds them
+    verified = Client().get(re.search(r"/verify-email\?token=\S+", mail.outbox[-1].body)[0])
+    assert verified.status_code == 200
+    added = send(owner, "post", path, {"email": "cfo@victim.test"})
+    assert added.status_code == 201
+    assert membership(org, squatter).role == Role.MEMBER
+
+
 def test_adding_someone_twice_is_a_conflict(team):
     # when
     response = send(
@@ -590,6 +617,20 @@ def test_the_invited_person_accepts_and_becomes_a_member(team, invited):
     assert added.data == {"role": "admin"}
     open_invitations = signed_in(team[Role.OWNER]).get(f"/api/v1/orgs/{org.pk}/invitations")
     assert open_invitations.json()["results"] == []
+
+
+def test_accepting_an_invitation_proves_the_address_it_was_sent_to(team, invited):
+    # given an unverified account (signed up) invited by its address
+    person, token = invited
+    assert person.email_verified is False
+
+    # when it accepts: the token came to that mailbox
+    response = send(signed_in(person), "post", "/api/v1/invitations/accept", {"token": token})
+
+    # then the address is verified
+    assert response.status_code == 201
+    person.refresh_from_db()
+    assert person.email_verified is True
 
 
 def test_an_email_longer_than_the_column_is_refused_not_a_server_error(team):

@@ -9,7 +9,7 @@ from django.core import mail
 from django.test import Client
 
 from accounts.models import Invitation, Membership, Role
-from accounts.services import invitation_create, membership_add
+from accounts.services import invitation_create, membership_add, user_signup
 from tests.dashboard.conftest import assert_refused
 from tests.factories import OrganizationFactory, UserFactory
 
@@ -148,6 +148,22 @@ def test_adding_an_unknown_email_points_to_an_invitation(client, team):
 
     assert_refused(response, 404, "user_not_found")
     assert Membership.objects.filter(organization=org).count() == 3
+
+
+def test_adding_an_unverified_account_answers_as_adding_an_unknown_email(client, team):
+    # given someone who signed up under an address without proving it
+    org, *_ = team
+    squatter = user_signup(email="cfo@example.test", password=None)
+
+    # when a manager adds that address at once
+    response = client.post(
+        "/dashboard/members", {"email": "cfo@example.test", "role": "member", "add": "1"}
+    )
+
+    # then the page says what it says of an address with no account, and nobody joined
+    assert_refused(response, 404, "user_not_found")
+    assert b"No user has that email; send an invitation instead." in response.content
+    assert not Membership.objects.filter(organization=org, user=squatter).exists()
 
 
 def test_changing_a_role(client, team):

@@ -1,0 +1,85 @@
+"""Proving an email address: the link emailed to an account made by signing up.
+
+The link carries a token signed with the secret key (django.core.signing) over the
+account's id and address, and dated: no table holds it. It works for as long as
+EMAIL_VERIFICATION_TTL, and only while the account still has that address; following
+it twice verifies twice, harmlessly.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.core import signing
+from django.core.mail import send_mail
+from django.db import transaction
+
+from accounts.errors import ApplicationError
+from accounts.models import User
+
+EMAIL_VERIFICATION_TTL = timedelta(days=3)
+# Binds a token to this purpose: nothing else the app signs reads as one.
+EMAIL_VERIFICATION_SALT = "accounts.email-verification"
+
+
+def email_verification_token(*, user: User) -> str:
+    return signing.TimestampSigner(salt=EMAIL_VERIFICATION_SALT).sign_object(
+        {"user": user.pk, "email": user.email}
+    )
+
+
+def user_email_verification_send(*, user: User) -> None:
+    """Email `user` a link that proves their address, once the caller's transaction commits."""
+    token = email_verification_token(user=user)
+    link = f"{settings.SITE_URL.rstrip('/')}/verify-email?{urlencode({'token': token})}"
+    days = EMAIL_VERIFICATION_TTL.days
+    transaction.on_commit(
+        lambda: send_mail(
+            subject="Verify your email address for GymBilling",
+            message=(
+                f"Follow this link to verify {user.email}: {link}\n"
+                f"It works for {days} days. Until then, nobody can add your account to "
+                "an organization by its address (an invitation still reaches you).\n"
+                "If you did not sign up, ignore this email."
+            ),
+            from_email=None,
+            recipient_list=[user.email],
+        )
+    )
+
+
+def _refused(code: str, message: str) -> ApplicationError:
+    return ApplicationError(code=code, message=message, status=400, param="token")
+
+
+def user_email_verify(*, token: str) -> User:
+    """Mark the address the link was sent to verified, and return its account."""
+    signer = signing.TimestampSigner(salt=EMAIL_VERIFICATION_SALT)
+    try:
+        claim = signer.unsign_object(token, max_age=EMAIL_VERIFICATION_TTL)
+    except signing.SignatureExpired:
+        raise _refused(
+            "verification_expired",
+            "This link has expired. Sign in, and ask for a new one on the overview.",
+        ) from None
+    except signing.BadSignature:
+        raise _refused(
+            "verification_invalid", "This link is not one we sent; use the one in the email."
+        ) from None
+    user = User.objects.filter(pk=claim.get("user"), email=claim.get("email")).first()
+    if user is None:
+        raise _refused(
+            "verification_invalid",
+            "This link is for an address the account no longer has; ask for a new one.",
+        )
+    user_email_mark_verified(user=user, email=user.email)
+    return user
+
+
+def user_email_mark_verified(*, user: User, email: str) -> None:
+    """`email` is proven to be `user`'s (a link or an invitation sent to it was used):
+    verified, unless the account has another address by now."""
+    if User.objects.filter(pk=user.pk, email=email).update(email_verified=True):
+        user.email_verified = True

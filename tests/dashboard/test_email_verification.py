@@ -1,0 +1,196 @@
+"""Email verification: a self-service account proves its address by the emailed link.
+
+An account made by signing up is unverified until then, and nobody can add it to an
+organization by its address (tests/accounts/test_members.py); every other way a user
+is made (an operator's) is verified.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from io import StringIO
+from urllib.parse import urlsplit
+
+import pytest
+from django.core import mail, signing
+from django.core.management import call_command
+from django.test import Client
+
+from accounts.models import User
+from accounts.services.email_verification import EMAIL_VERIFICATION_SALT, EMAIL_VERIFICATION_TTL
+from tests.dashboard.conftest import assert_refused
+
+pytestmark = pytest.mark.django_db
+
+PASSWORD = "a long and unusual passphrase 3"
+
+
+def link_in(message) -> str:
+    """The path and query of the verification link in an email."""
+    found = re.search(r"https?://\S+/verify-email\?token=\S+", message.body)
+    assert found, message.body
+    parts = urlsplit(found[0])
+    return f"{parts.path}?{parts.query}"
+
+
+@pytest.fixture
+def signed_up(client, django_capture_on_commit_callbacks):
+    """Someone who signed up through the form (and is signed in): the user, their link."""
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post("/signup/", {"email": "Ada@Example.test", "password": PASSWORD})
+    assert response.status_code == 302, response.content
+    [message] = mail.outbox
+    return User.objects.get(email="ada@example.test"), link_in(message)
+
+
+def test_signing_up_makes_an_unverified_account_and_emails_it_a_link(signed_up):
+    user, link = signed_up
+
+    assert user.email_verified is False
+    [message] = mail.outbox
+    assert message.to == ["ada@example.test"]
+    assert "verify" in message.subject.lower()
+    assert link.startswith("/verify-email?token=")
+
+
+def test_the_link_verifies_the_address_when_signed_out_and_again_harmlessly(signed_up):
+    # given someone who follows the link in another browser, not signed in
+    user, link = signed_up
+    elsewhere = Client()
+
+    # when they follow it, and follow it again
+    first = elsewhere.get(link)
+    second = elsewhere.get(link)
+
+    # then the address is verified, and the second time says so as well
+    for response in (first, second):
+        assert response.status_code == 200
+        assert b"ada@example.test" in response.content
+        assert b'data-verified="ada@example.test"' in response.content
+    user.refresh_from_db()
+    assert user.email_verified is True
+
+
+class IssuedLongAgo(signing.TimestampSigner):
+    """Signs as the service does, but dated longer ago than a link lasts."""
+
+    def timestamp(self) -> str:
+        return signing.b62_encode(int(time.time() - EMAIL_VERIFICATION_TTL.total_seconds() - 60))
+
+
+def forged(user: User, how: str) -> str:
+    claim = {"user": user.pk, "email": user.email}
+    if how == "expired":
+        return IssuedLongAgo(salt=EMAIL_VERIFICATION_SALT).sign_object(claim)
+    if how == "another-key":
+        return signing.TimestampSigner(key="not ours", salt=EMAIL_VERIFICATION_SALT).sign_object(
+            claim
+        )
+    if how == "another-salt":  # a value the app signs for another purpose
+        return signing.TimestampSigner(salt="another.purpose").sign_object(claim)
+    return "" if how == "empty" else "not-a-token"
+
+
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [
+        ("expired", "verification_expired"),
+        ("another-key", "verification_invalid"),
+        ("another-salt", "verification_invalid"),
+        ("garbage", "verification_invalid"),
+        ("empty", "verification_invalid"),
+    ],
+)
+def test_a_bad_or_expired_link_is_a_400_and_verifies_nothing(signed_up, how, code):
+    # given
+    user, _link = signed_up
+
+    # when
+    response = Client().get("/verify-email", {"token": forged(user, how)})
+
+    # then
+    assert_refused(response, 400, code)
+    user.refresh_from_db()
+    assert user.email_verified is False
+
+
+def test_a_link_for_an_address_the_account_no_longer_has_verifies_nothing(signed_up):
+    # given the account's address changed after the link was sent (staff, in the admin)
+    user, link = signed_up
+    User.objects.filter(pk=user.pk).update(email="ada.new@example.test")
+
+    # when
+    response = Client().get(link)
+
+    # then
+    assert_refused(response, 400, "verification_invalid")
+    user.refresh_from_db()
+    assert user.email_verified is False
+
+
+def test_the_overview_asks_an_unverified_account_to_verify_and_resends_the_link(
+    client, signed_up, django_capture_on_commit_callbacks
+):
+    # given
+    user, _link = signed_up
+
+    # when the overview is drawn, and its button asks for the link again
+    overview = client.get("/dashboard/")
+    with django_capture_on_commit_callbacks(execute=True):
+        resent = client.post("/verify-email/send")
+
+    # then the banner offers it, and a second email carries a link that works
+    assert b'data-banner="verify-email"' in overview.content
+    assert b'action="/verify-email/send"' in overview.content
+    assert resent.status_code == 302 and resent["Location"] == "/dashboard/"
+    assert len(mail.outbox) == 2 and mail.outbox[1].to == ["ada@example.test"]
+    assert Client().get(link_in(mail.outbox[1])).status_code == 200
+    user.refresh_from_db()
+    assert user.email_verified is True
+    assert b'data-banner="verify-email"' not in client.get("/dashboard/").content
+
+
+def test_a_verified_account_sees_no_banner_and_is_sent_nothing(
+    client, member, django_capture_on_commit_callbacks
+):
+    member()
+
+    overview = client.get("/dashboard/")
+    with django_capture_on_commit_callbacks(execute=True):
+        resent = client.post("/verify-email/send")
+
+    assert b'data-banner="verify-email"' not in overview.content
+    assert resent.status_code == 302
+    assert mail.outbox == []
+
+
+def test_asking_for_the_link_needs_a_signed_in_user():
+    response = Client().post("/verify-email/send")
+
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+    assert mail.outbox == []
+
+
+def test_users_an_operator_makes_are_verified(admin_user):
+    # given users made every way but signing up
+    staff = Client()
+    staff.force_login(admin_user)
+    password = "a long and unusual passphrase 8"
+    made = staff.post(
+        "/admin/accounts/user/add/",
+        {"email": "by.admin@example.test", "password1": password, "password2": password},
+    )
+    assert made.status_code == 302, made.content
+    call_command("org_create", "ops-gym", owner="by.command@example.test", stdout=StringIO())
+    User.objects.create_user("by.manager@example.test", password)
+    User.objects.create_superuser("by.super@example.test", password)
+
+    # then every one of them is verified
+    assert dict(User.objects.values_list("email", "email_verified")) == {
+        admin_user.email: True,
+        "by.admin@example.test": True,
+        "by.command@example.test": True,
+        "by.manager@example.test": True,
+        "by.super@example.test": True,
+    }
