@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization, User
@@ -63,3 +64,35 @@ def invitation_by_token(*, token: str) -> Invitation | None:
         .filter(token_hash=invitation_token_hash(token))
         .first()
     )
+
+
+def invitation_to_accept(*, token: str, user=None, for_update: bool = False) -> Invitation:
+    """The open invitation `token` names, which `user` (when given) may accept now; else
+    why not: unknown, revoked or expired (404 `invitation_invalid`), accepted already (409
+    `invitation_used`), sent to another address (403 `invitation_email_mismatch`).
+
+    The rules invitation_accept applies, under its lock (`for_update`), and the page shows
+    before anyone presses accept. Seats are counted by membership_add, as it adds.
+    """
+    invitations = Invitation.objects.select_related("organization")
+    if for_update:
+        invitations = invitations.select_for_update()
+    invitation = invitations.filter(token_hash=invitation_token_hash(token or "")).first()
+    if invitation is None or invitation.revoked_at or invitation.expires_at <= timezone.now():
+        raise ApplicationError(
+            code="invitation_invalid",
+            message="This invitation is unknown, revoked or expired; ask for a new one.",
+            status=404,
+            param="token",
+        )
+    if invitation.accepted_at:
+        raise ApplicationError(
+            code="invitation_used", message="This invitation was already accepted.", status=409
+        )
+    if user is not None and invitation.email != user.email:
+        raise ApplicationError(
+            code="invitation_email_mismatch",
+            message="This invitation was sent to another email address.",
+            status=403,
+        )
+    return invitation

@@ -8,11 +8,13 @@ Signing in and out are Django's own views (`gymbilling/urls.py`), drawn with
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth import login, password_validation
 from django.contrib.auth.mixins import LoginRequiredMixin
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
@@ -22,6 +24,7 @@ from django.views import View
 
 from accounts.api_base import MANAGERS
 from accounts.dashboard import (
+    SESSION_ORGANIZATION,
     Confirmation,
     MemberPage,
     owned_or_refused,
@@ -31,6 +34,7 @@ from accounts.dashboard import (
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Membership, Role, Scope
 from accounts.selectors import (
+    invitation_to_accept,
     organization_api_keys,
     organization_members,
     organization_open_invitations,
@@ -39,6 +43,7 @@ from accounts.selectors import (
 from accounts.services import (
     apikey_create,
     apikey_revoke,
+    invitation_accept,
     invitation_create,
     membership_add,
     membership_remove,
@@ -66,26 +71,32 @@ class SignupView(View):
 
     def get(self, request: HttpRequest) -> HttpResponse:
         if request.user.is_authenticated:
-            return HttpResponseRedirect(reverse("dashboard"))
-        return render(request, self.template_name, {"form": SignupForm(), "title": "Sign up"})
+            return HttpResponseRedirect(self.next(request))
+        return self.draw(request, SignupForm())
 
     def post(self, request: HttpRequest) -> HttpResponse:
         form = SignupForm(request.POST)
         if not form.is_valid():
-            return render(
-                request, self.template_name, {"form": form, "title": "Sign up"}, status=400
-            )
+            return self.draw(request, form, status=400)
         try:
             user = user_signup(
                 email=form.cleaned_data["email"], password=form.cleaned_data["password"]
             )
         except ApplicationError as error:
             form.add_error("email", ValidationError(error.message, code=error.code))
-            return render(
-                request, self.template_name, {"form": form, "title": "Sign up"}, status=error.status
-            )
+            return self.draw(request, form, status=error.status)
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return HttpResponseRedirect(reverse("dashboard"))
+        return HttpResponseRedirect(self.next(request))
+
+    @staticmethod
+    def next(request: HttpRequest) -> str:
+        """Where the visitor was going (`next`, as the sign-in page takes it: an invitation's
+        page), on this site only; else the dashboard."""
+        return safe_next(request, reverse("dashboard"))
+
+    def draw(self, request: HttpRequest, form: SignupForm, *, status: int = 200) -> HttpResponse:
+        context = {"form": form, "title": "Sign up", "next": safe_next(request, "")}
+        return render(request, self.template_name, context, status=status)
 
 
 # --- proving an email address ------------------------------------------------------------
@@ -119,6 +130,55 @@ class EmailVerificationSendView(LoginRequiredMixin, View):
             user_email_verification_send(user=user)
             messages.success(request, f"We sent a new link to {user.email}.")
         return HttpResponseRedirect(safe_next(request, reverse("dashboard")))
+
+
+# --- invitations ------------------------------------------------------------------------
+
+
+class InvitationAcceptPage(View):
+    """The invitation email's link: GET `token` shows what it invites to; POST accepts it.
+
+    Signed out, the page leads to signing in or up and back here (`next`). Signed in, its
+    POST accepts through invitation_accept, as the API does (the token is the permission;
+    the address must be the one invited), and the dashboard switches to the organization.
+    A refusal (unknown, expired, revoked, used, another address, no seat left) is this
+    page with the refusal's status and code.
+    """
+
+    template_name = "registration/invitation.html"
+    title = "Invitation"
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        token = request.GET.get("token", "")
+        person = request.user if request.user.is_authenticated else None
+        try:
+            invitation = invitation_to_accept(token=token, user=person)
+        except ApplicationError as error:
+            return self.refused(request, error)
+        context = {"invitation": invitation, "token": token, "here": self.here(token)}
+        return render(request, self.template_name, {"title": self.title, **context})
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        token = request.POST.get("token", "")
+        if not request.user.is_authenticated:
+            return redirect_to_login(self.here(token))
+        try:
+            membership = invitation_accept(token=token, user=request.user)
+        except ApplicationError as error:
+            return self.refused(request, error)
+        organization = membership.organization
+        request.session[SESSION_ORGANIZATION] = organization.slug
+        messages.success(
+            request, f"You joined {organization.name} as {Role(membership.role).label.lower()}."
+        )
+        return HttpResponseRedirect(reverse("dashboard"))
+
+    @staticmethod
+    def here(token: str) -> str:
+        return f"{reverse('invitation-page')}?{urlencode({'token': token})}"
+
+    def refused(self, request: HttpRequest, error: ApplicationError) -> HttpResponse:
+        return refusal_page(request, self.template_name, {"title": self.title}, error)
 
 
 # --- API keys --------------------------------------------------------------------------

@@ -5,7 +5,12 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts.dashboard import OrganizationSwitchView
-from accounts.views import EmailVerificationSendView, EmailVerifyView, SignupView
+from accounts.views import (
+    EmailVerificationSendView,
+    EmailVerifyView,
+    InvitationAcceptPage,
+    SignupView,
+)
 from gymbilling.apis import StripeWebhookView
 from gymbilling.views import (
     HealthView,
@@ -31,6 +36,8 @@ urlpatterns = [
     path("signup/", SignupView.as_view(), name="signup"),
     path("verify-email", EmailVerifyView.as_view(), name="verify-email"),
     path("verify-email/send", EmailVerificationSendView.as_view(), name="verify-email-send"),
+    # The link in the invitation email (accounts.services.invitation_create).
+    path("invitations/accept", InvitationAcceptPage.as_view(), name="invitation-page"),
     path("dashboard/", OverviewPage.as_view(), name="dashboard"),
     path("dashboard/organization", OrganizationSwitchView.as_view(), name="organization-switch"),
     path("dashboard/", include("accounts.page_urls")),

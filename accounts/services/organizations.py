@@ -13,7 +13,7 @@ from django.utils.text import slugify
 
 from accounts.errors import ApplicationError
 from accounts.models import Invitation, Membership, Organization, Role, User
-from accounts.selectors import invitation_token_hash
+from accounts.selectors import invitation_to_accept, invitation_token_hash
 from accounts.services.api_keys import KEYS
 from accounts.services.audit import audit_record
 from accounts.services.email_verification import (
@@ -287,30 +287,7 @@ def invitation_create(
 
 @transaction.atomic
 def invitation_accept(*, token: str, user: User) -> Membership:
-    invitation = (
-        Invitation.objects.select_for_update()
-        .select_related("organization")
-        .filter(token_hash=invitation_token_hash(token or ""))
-        .first()
-    )
-    now = timezone.now()
-    if invitation is None or invitation.revoked_at or invitation.expires_at <= now:
-        raise ApplicationError(
-            code="invitation_invalid",
-            message="This invitation is unknown, revoked or expired; ask for a new one.",
-            status=404,
-            param="token",
-        )
-    if invitation.accepted_at:
-        raise ApplicationError(
-            code="invitation_used", message="This invitation was already accepted.", status=409
-        )
-    if invitation.email != user.email:
-        raise ApplicationError(
-            code="invitation_email_mismatch",
-            message="This invitation was sent to another email address.",
-            status=403,
-        )
+    invitation = invitation_to_accept(token=token, user=user, for_update=True)
     # The invitation is the permission: no manager check, but the audit log
     # names the person who accepted.
     membership = membership_add(
@@ -323,7 +300,7 @@ def invitation_accept(*, token: str, user: User) -> Membership:
         actor_user=user,
         data={"role": invitation.role},
     )
-    Invitation.objects.filter(pk=invitation.pk).update(accepted_at=now)
+    Invitation.objects.filter(pk=invitation.pk).update(accepted_at=timezone.now())
     # The token was sent to the address: whoever used it reads mail there.
     user_email_mark_verified(user=user, email=invitation.email)
     return membership

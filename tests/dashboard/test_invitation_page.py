@@ -1,0 +1,186 @@
+"""The invitation email's link, /invitations/accept?token=: a page to join the organization.
+
+Signed out, it says what the invitation is for and leads to signing in or up and back;
+signed in, it shows the organization and role, and its POST accepts through
+invitation_accept, as the API does, and switches the dashboard to the organization.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from urllib.parse import parse_qs, quote, urlsplit
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from accounts.dashboard import SESSION_ORGANIZATION
+from accounts.models import Invitation, Membership, Role, User
+from accounts.services import invitation_create, membership_add, user_signup
+from tests.dashboard.conftest import assert_refused
+from tests.factories import OrganizationFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+PASSWORD = "a long and unusual passphrase 3"
+
+
+@pytest.fixture
+def invitation():
+    """An invitation to Acme (3 seats, its owner in one) for zoe@example.test, as admin."""
+    org = OrganizationFactory(name="Acme Compute", seats=3)
+    owner = UserFactory()
+    membership_add(organization=org, user=owner, role=Role.OWNER)
+    row, token = invitation_create(
+        organization=org, email="zoe@example.test", role=Role.ADMIN, actor=owner
+    )
+    return row, token
+
+
+def page(token: str) -> str:
+    return f"/invitations/accept?token={quote(token)}"
+
+
+def test_signed_out_the_page_says_what_it_is_for_and_leads_to_signing_in_or_up_and_back(
+    client, invitation
+):
+    _row, token = invitation
+
+    response = client.get(page(token))
+
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert "Acme Compute" in body and "admin" in body.lower() and "zoe@example.test" in body
+    back = quote(page(token), safe="")
+    assert f'href="/login/?next={back}"' in body
+    assert f'href="/signup/?next={back}"' in body
+    assert "<form" not in body.split("<main>", 1)[1]  # nothing to accept before signing in
+
+
+def test_signed_out_a_post_leads_to_signing_in_and_accepts_nothing(client, invitation):
+    row, token = invitation
+
+    response = client.post("/invitations/accept", {"token": token})
+
+    assert response.status_code == 302
+    location = urlsplit(response["Location"])
+    assert location.path == "/login/" and parse_qs(location.query) == {"next": [page(token)]}
+    assert Invitation.objects.get(pk=row.pk).accepted_at is None
+
+
+def test_signing_up_from_the_invitation_comes_back_to_it_and_accepting_joins(client, invitation):
+    # given a newcomer who follows the link, then its sign-up link
+    row, token = invitation
+    org = row.organization
+
+    # when they sign up with the address invited, and accept
+    signed_up = client.post(
+        "/signup/", {"email": "Zoe@Example.test", "password": PASSWORD, "next": page(token)}
+    )
+    shown = client.get(signed_up["Location"])
+    accepted = client.post("/invitations/accept", {"token": token})
+    overview = client.get(accepted["Location"])
+
+    # then they are back on the invitation, join as admin, and the dashboard acts for Acme
+    assert signed_up.status_code == 302 and signed_up["Location"] == page(token)
+    assert shown.status_code == 200
+    assert b"Acme Compute" in shown.content
+    assert b'action="/invitations/accept"' in shown.content
+    assert accepted.status_code == 302 and accepted["Location"] == "/dashboard/"
+    zoe = User.objects.get(email="zoe@example.test")
+    assert Membership.objects.get(organization=org, user=zoe).role == Role.ADMIN
+    assert Invitation.objects.get(pk=row.pk).accepted_at is not None
+    assert client.session[SESSION_ORGANIZATION] == org.slug
+    assert re.search(rf'<option value="{org.slug}" selected>', overview.content.decode())
+    assert b"You joined Acme Compute as admin." in overview.content
+    zoe.refresh_from_db()
+    assert zoe.email_verified is True  # the invitation came to that mailbox
+
+
+def test_signing_in_from_the_invitation_comes_back_to_it(client, invitation):
+    _row, token = invitation
+    user_signup(email="zoe@example.test", password=PASSWORD)
+
+    response = client.post(
+        "/login/", {"username": "zoe@example.test", "password": PASSWORD, "next": page(token)}
+    )
+
+    assert response.status_code == 302 and response["Location"] == page(token)
+
+
+def expire(row: Invitation) -> None:
+    Invitation.objects.filter(pk=row.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+
+def revoke(row: Invitation) -> None:
+    Invitation.objects.filter(pk=row.pk).update(revoked_at=timezone.now())
+
+
+def use(row: Invitation) -> None:
+    Invitation.objects.filter(pk=row.pk).update(accepted_at=timezone.now())
+
+
+@pytest.mark.parametrize(
+    ("spoil", "who", "status", "code"),
+    [
+        (expire, "zoe@example.test", 404, "invitation_invalid"),
+        (revoke, "zoe@example.test", 404, "invitation_invalid"),
+        (use, "zoe@example.test", 409, "invitation_used"),
+        (None, "intruder@example.test", 403, "invitation_email_mismatch"),
+    ],
+    ids=["expired", "revoked", "used", "another-address"],
+)
+def test_an_invitation_that_cannot_be_accepted_is_refused_on_the_page_and_its_post(
+    client, invitation, spoil, who, status, code
+):
+    # given
+    row, token = invitation
+    if spoil:
+        spoil(row)
+    client.force_login(UserFactory(email=who))
+    before = Membership.objects.count()
+
+    # when
+    shown = client.get(page(token))
+    posted = client.post("/invitations/accept", {"token": token})
+
+    # then both are the page with the refusal, and nobody joined
+    assert_refused(shown, status, code)
+    assert_refused(posted, status, code)
+    assert Membership.objects.count() == before
+
+
+def test_an_unknown_token_is_not_found_signed_in_or_not(client, invitation):
+    signed_out = Client().get(page("not-a-token"))
+    client.force_login(UserFactory(email="zoe@example.test"))
+    signed_in = client.post("/invitations/accept", {"token": "not-a-token"})
+
+    assert_refused(signed_out, 404, "invitation_invalid")
+    assert_refused(signed_in, 404, "invitation_invalid")
+
+
+def test_accepting_when_the_seats_are_full_is_refused_on_the_page(client, invitation):
+    # given the invitation's seat taken by someone added meanwhile
+    row, token = invitation
+    membership_add(organization=row.organization, user=UserFactory())
+    membership_add(organization=row.organization, user=UserFactory())
+    client.force_login(UserFactory(email="zoe@example.test"))
+
+    # when
+    response = client.post("/invitations/accept", {"token": token})
+
+    # then
+    assert_refused(response, 409, "no_seats_left")
+    assert Invitation.objects.get(pk=row.pk).accepted_at is None
+
+
+def test_accepting_needs_the_csrf_token(invitation):
+    row, token = invitation
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(UserFactory(email="zoe@example.test"))
+
+    response = client.post("/invitations/accept", {"token": token})
+
+    assert response.status_code == 403
+    assert Invitation.objects.get(pk=row.pk).accepted_at is None
