@@ -33,7 +33,7 @@ from accounts.idempotency import (
     replayed_headers,
 )
 from accounts.models import Membership, Organization, Role, Scope
-from accounts.ratelimits import Limit, RequestCount, rate_limit_consume
+from accounts.ratelimits import Limit, RequestCount, rate_limit_consume, requests_limit
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class OrgApiView(APIView):
 
     def _rate_limit(self, request: Request) -> None:
         org = request.organization
-        limits = [Limit(scope=f"org:{org.pk}", limit=org.requests_per_minute)]
+        limits = [requests_limit(org)]
         if isinstance(request.user, KeyPrincipal):
             key = request.auth
             limits.insert(

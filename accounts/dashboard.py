@@ -33,6 +33,7 @@ from django.views.generic import TemplateView
 from accounts.api_base import ALL_ROLES
 from accounts.errors import ApplicationError
 from accounts.models import Membership
+from accounts.ratelimits import rate_limit_consume, requests_limit
 from accounts.selectors import user_memberships
 
 SESSION_ORGANIZATION = "dashboard_organization"
@@ -96,6 +97,11 @@ class MemberPage(LoginRequiredMixin, TemplateView):
                 status=403,
             )
         try:
+            if request.method == "POST":
+                # A change counts as the API's requests do, against the organization's
+                # requests per minute (OrgApiView._rate_limit): the dashboard is no way
+                # around that limit.
+                rate_limit_consume(kind="requests", limits=[requests_limit(request.organization)])
             return super().dispatch(request, *args, **kwargs)
         except ApplicationError as error:
             if request.method != "POST":

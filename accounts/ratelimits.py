@@ -93,8 +93,26 @@ def _script(source: str):
 
 @dataclass(frozen=True)
 class Limit:
-    scope: str  # "key:<id>" or "org:<id>"
+    # "key:<id>" or "org:<id>"; for people's own actions (sign-in, sign-up),
+    # "ip:<address>", "email:<hash>" or "user:<id>".
+    scope: str
     limit: int
+
+
+def requests_limit(organization) -> Limit:
+    """The organization's requests per minute: what its API keys, its people's API calls and
+    their dashboard POSTs all count against, so no way in has a limit of its own."""
+    return Limit(scope=f"org:{organization.pk}", limit=organization.requests_per_minute)
+
+
+# What a limit's scope is called in a refusal's message, by the scope's prefix.
+_SCOPE_NAMES = {
+    "key": "API key",
+    "org": "organization",
+    "ip": "network address",
+    "email": "email address",
+    "user": "account",
+}
 
 
 @dataclass(frozen=True)
@@ -106,8 +124,16 @@ class Usage:
     reset_seconds: int
 
 
-def _window_key(kind: str, scope: str, now: float) -> str:
-    return f"rl:{kind}:{scope}:{int(now // WINDOW_SECONDS)}"
+def _window_key(kind: str, scope: str, now: float, window: int = WINDOW_SECONDS) -> str:
+    return f"rl:{kind}:{scope}:{int(now // window)}"
+
+
+def _per(window: int) -> str:
+    if window == WINDOW_SECONDS:
+        return "minute"
+    if window % 60 == 0:
+        return f"{window // 60} minutes"
+    return f"{window} seconds"
 
 
 @dataclass(frozen=True)
@@ -145,6 +171,7 @@ def rate_limit_consume(
     slot: Slot | None = None,
     request: RequestCount | None = None,
     now: float | None = None,
+    window: int = WINDOW_SECONDS,
 ) -> Usage:
     """Count `cost` against every limit, or raise `rate_limited` (429) and count nothing.
 
@@ -154,14 +181,18 @@ def rate_limit_consume(
     against its limits, first and in the same script (its usage is set on
     it). The reported usage is the tightest scope's. `now`: the time that
     picks the window, for a caller that refunds into it later
-    (rate_limit_refund's `counted_at`).
+    (rate_limit_refund's `counted_at`). `window`: the length of the fixed windows
+    counted in, in seconds (a minute, as every limit of the API; a kind keeps one
+    length, its windows' keys do not name it); a `request` is counted per minute.
     """
     if now is None:
         now = time.time()
     counted = [("requests", lim, 1) for lim in request.limits] if request is not None else []
     counted += [(kind, lim, cost) for lim in limits]
-    keys = [_window_key(k, lim.scope, now) for k, lim, _cost in counted]
-    args = [WINDOW_SECONDS, "", 0, 0, 0, 0]
+    if request is not None and window != WINDOW_SECONDS:
+        raise ValueError("a request is counted per minute, with work counted per minute")
+    keys = [_window_key(k, lim.scope, now, window) for k, lim, _cost in counted]
+    args = [window, "", 0, 0, 0, 0]
     if slot is not None:
         keys.append(f"conc:{slot.scope}")
         lease = slot_lease_seconds()
@@ -184,8 +215,8 @@ def rate_limit_consume(
         raise ApplicationError(
             code="rate_limited",
             message=(
-                f"Rate limit reached: {full.limit} {full_kind} per minute for this "
-                f"{'API key' if full.scope.startswith('key:') else 'organization'}. "
+                f"Rate limit reached: {full.limit} {full_kind} per {_per(window)} for this "
+                f"{_SCOPE_NAMES.get(full.scope.split(':', 1)[0], 'client')}. "
                 f"Retry after {retry_after} s."
             ),
             status=429,

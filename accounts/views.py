@@ -1,20 +1,23 @@
-"""The dashboard's pages for people: signing up, proving an email address, API keys,
-members and invitations.
+"""The dashboard's pages for people: signing in and up, proving an email address, API
+keys, members and invitations.
 
-Signing in and out are Django's own views (`gymbilling/urls.py`), drawn with
-`templates/registration/`.
+Signing in is Django's view, limited (SignInView); signing out is Django's own
+(`gymbilling/urls.py`); both are drawn with `templates/registration/`.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login, password_validation
 from django.contrib.auth.mixins import LoginRequiredMixin
-from django.contrib.auth.views import redirect_to_login
+from django.contrib.auth.views import LoginView, redirect_to_login
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
@@ -30,9 +33,11 @@ from accounts.dashboard import (
     owned_or_refused,
     refusal_page,
     safe_next,
+    with_retry_after,
 )
 from accounts.errors import ApplicationError
-from accounts.models import ApiKey, Membership, Role, Scope
+from accounts.models import ApiKey, Membership, Role, Scope, User
+from accounts.ratelimits import Limit, rate_limit_consume
 from accounts.selectors import (
     invitation_to_accept,
     organization_api_keys,
@@ -52,6 +57,82 @@ from accounts.services import (
     user_email_verify,
     user_signup,
 )
+
+# --- limits on people's own attempts ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """A kind of attempt, at most the setting `limit_setting`'s value in each fixed window
+    of `window` seconds, per scope (a network address, an account)."""
+
+    kind: str
+    limit_setting: str
+    window: int
+
+    def count(self, *, scope: str) -> None:
+        """Count one attempt by `scope`; over the limit, `rate_limited` (429), not counted."""
+        limit = Limit(scope=scope, limit=getattr(settings, self.limit_setting))
+        rate_limit_consume(kind=self.kind, limits=[limit], window=self.window)
+
+
+SIGN_UPS = Attempts("sign-ups", "RATELIMIT_SIGNUP_PER_IP", window=600)
+# Each sends an email from us to an address anyone may have typed at sign-up.
+VERIFICATION_EMAILS = Attempts(
+    "verification emails", "RATELIMIT_VERIFICATION_EMAILS_PER_USER", window=3600
+)
+
+
+def client_address(request: HttpRequest) -> str:
+    """The network address a request came from, as its connection says (REMOTE_ADDR).
+
+    Never X-Forwarded-For as sent: a client writes what it likes there, and would pick
+    its own limit. Behind a proxy or load balancer REMOTE_ADDR is the proxy's, and every
+    client shares one limit: the deployment puts the client's address in REMOTE_ADDR,
+    from the header its proxy sets and for connections from that proxy only (README,
+    "The customer dashboard").
+    """
+    return request.META.get("REMOTE_ADDR") or "unknown"
+
+
+def _email_scope(email: str) -> str:
+    """An address tried at sign-in as a limit's scope: in the form sign-up stores it, so
+    that its cases count as one, and hashed, so that Redis holds no addresses."""
+    canonical = User.objects.normalize_email(email).lower()
+    return f"email:{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"
+
+
+class SignInView(LoginView):
+    """Django's sign-in, counted per network address and per address tried.
+
+    Over either limit, the attempt is refused (429, Retry-After) before the password is
+    checked: a guess over the limit learns nothing, right or wrong.
+    """
+
+    extra_context = {"title": "Sign in"}
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        username = request.POST.get("username", "")
+        try:
+            rate_limit_consume(
+                kind="sign-ins",
+                limits=[
+                    Limit(
+                        scope=f"ip:{client_address(request)}",
+                        limit=settings.RATELIMIT_SIGNIN_PER_IP,
+                    ),
+                    Limit(scope=_email_scope(username), limit=settings.RATELIMIT_SIGNIN_PER_EMAIL),
+                ],
+            )
+        except ApplicationError as error:
+            # A form not bound to the POST: drawing a bound one's errors would check the
+            # password after all.
+            form = self.get_form_class()(request, initial={"username": username})
+            response = self.render_to_response(
+                self.get_context_data(form=form, refusal=error), status=error.status
+            )
+            return with_retry_after(response, error)
+        return super().post(request, *args, **kwargs)
 
 
 class SignupForm(forms.Form):
@@ -75,6 +156,11 @@ class SignupView(View):
         return self.draw(request, SignupForm())
 
     def post(self, request: HttpRequest) -> HttpResponse:
+        try:
+            SIGN_UPS.count(scope=f"ip:{client_address(request)}")
+        except ApplicationError as error:
+            form = SignupForm(initial={"email": request.POST.get("email", "")})
+            return with_retry_after(self.draw(request, form, error.status, refusal=error), error)
         form = SignupForm(request.POST)
         if not form.is_valid():
             return self.draw(request, form, status=400)
@@ -94,8 +180,8 @@ class SignupView(View):
         page), on this site only; else the dashboard."""
         return safe_next(request, reverse("dashboard"))
 
-    def draw(self, request: HttpRequest, form: SignupForm, *, status: int = 200) -> HttpResponse:
-        context = {"form": form, "title": "Sign up", "next": safe_next(request, "")}
+    def draw(self, request: HttpRequest, form: forms.Form, status=200, **context) -> HttpResponse:
+        context.update(form=form, title="Sign up", next=safe_next(request, ""))
         return render(request, self.template_name, context, status=status)
 
 
@@ -126,9 +212,14 @@ class EmailVerificationSendView(LoginRequiredMixin, View):
         user = request.user
         if user.email_verified:
             messages.info(request, f"{user.email} is already verified.")
-        else:
-            user_email_verification_send(user=user)
-            messages.success(request, f"We sent a new link to {user.email}.")
+            return HttpResponseRedirect(safe_next(request, reverse("dashboard")))
+        try:
+            VERIFICATION_EMAILS.count(scope=f"user:{user.pk}")
+        except ApplicationError as error:
+            context = {"title": "Verify your email address"}
+            return refusal_page(request, EmailVerifyView.template_name, context, error)
+        user_email_verification_send(user=user)
+        messages.success(request, f"We sent a new link to {user.email}.")
         return HttpResponseRedirect(safe_next(request, reverse("dashboard")))
 
 

@@ -9,6 +9,7 @@ from accounts.views import (
     EmailVerificationSendView,
     EmailVerifyView,
     InvitationAcceptPage,
+    SignInView,
     SignupView,
 )
 from gymbilling.apis import StripeWebhookView
@@ -27,11 +28,7 @@ urlpatterns = [
     path("ping", PingView.as_view(), name="ping"),
     path("admin/", admin.site.urls),
     # The customer dashboard: each app's pages (its views.py) under /dashboard/.
-    path(
-        "login/",
-        auth_views.LoginView.as_view(extra_context={"title": "Sign in"}),
-        name="login",
-    ),
+    path("login/", SignInView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("signup/", SignupView.as_view(), name="signup"),
     path("verify-email", EmailVerifyView.as_view(), name="verify-email"),

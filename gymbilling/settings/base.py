@@ -290,6 +290,18 @@ REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/1")
 # 5 minutes (inference's concurrency_slots_sweep).
 RATELIMIT_SLOT_LEASE_SECONDS = int(METERING_HOLD_TTL.total_seconds()) + 300
 
+# Limits on people's own attempts through the pages (accounts.views), counted in
+# Redis per network address (REMOTE_ADDR: behind a proxy, see README "The customer
+# dashboard") or per account: sign-ins a minute per address and per email address
+# tried, sign-ups per 10 minutes per address, verification links an hour per
+# account. Over a limit: a 429 page with Retry-After.
+RATELIMIT_SIGNIN_PER_IP = env.int("RATELIMIT_SIGNIN_PER_IP", default=30)
+RATELIMIT_SIGNIN_PER_EMAIL = env.int("RATELIMIT_SIGNIN_PER_EMAIL", default=10)
+RATELIMIT_SIGNUP_PER_IP = env.int("RATELIMIT_SIGNUP_PER_IP", default=5)
+RATELIMIT_VERIFICATION_EMAILS_PER_USER = env.int(
+    "RATELIMIT_VERIFICATION_EMAILS_PER_USER", default=3
+)
+
 # --- API ---------------------------------------------------------------------
 # Idempotency-Key responses are replayed for this long.
 IDEMPOTENCY_TTL = timedelta(hours=24)

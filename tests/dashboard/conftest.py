@@ -10,9 +10,17 @@ from __future__ import annotations
 import pytest
 
 from accounts.models import Membership, Role
+from accounts.redis import get_redis
 from tests.factories import OrganizationFactory, UserFactory
 
 PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def _clean_rate_limits():
+    """Each test starts with no rate-limit counters: pages count sign-ins per network address
+    (every test client's is 127.0.0.1) and POSTs per organization, as the API counts."""
+    get_redis().flushdb()
 
 
 @pytest.fixture

@@ -1,0 +1,140 @@
+"""Limits on what people do through pages: signing in and up, asking for links, and the
+dashboard's POSTs, counted in Redis (the real one) as the API's limits are.
+
+The limits are set low here (the test settings set them high, for the other tests that
+sign up and in from one address); each test runs inside one rate-limit window.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.core import mail
+from django.test import Client
+
+from accounts.models import Invitation, Role, User
+from accounts.services import user_signup
+from tests.dashboard.conftest import assert_refused
+from tests.factories import OrganizationFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_window")]
+
+PASSWORD = "a long and unusual passphrase 3"
+
+
+def assert_rate_limited(response, *, window: int) -> None:
+    assert_refused(response, 429, "rate_limited")
+    assert 1 <= int(response["Retry-After"]) <= window
+
+
+def sign_in(client: Client, email: str, password: str, **extra):
+    return client.post("/login/", {"username": email, "password": password}, **extra)
+
+
+def signed_in(client: Client) -> bool:
+    return "_auth_user_id" in client.session
+
+
+def test_sign_ins_to_one_address_are_limited_whatever_its_case(client, settings):
+    # given a limit of 3 sign-ins a minute per address
+    settings.RATELIMIT_SIGNIN_PER_EMAIL = 3
+    UserFactory(email="ada@example.test", password=PASSWORD)
+    UserFactory(email="bob@example.test", password=PASSWORD)
+
+    # when someone guesses three times, in any case, then tries the right password
+    guesses = [
+        sign_in(client, email, "guess")
+        for email in ("ada@example.test", "ADA@example.test", "Ada@Example.TEST")
+    ]
+    right = sign_in(client, "ada@example.test", PASSWORD)
+
+    # then the guesses are refused as wrong, and the fourth attempt is not even tried
+    assert [r.status_code for r in guesses] == [200, 200, 200]
+    assert_rate_limited(right, window=60)
+    assert not signed_in(client)
+    # while another address signs in from the same place
+    assert sign_in(Client(), "bob@example.test", PASSWORD).status_code == 302
+
+
+def test_sign_ins_from_one_network_address_are_limited_and_forwarded_for_is_not_believed(
+    settings,
+):
+    # given a limit of 3 sign-ins a minute per network address
+    settings.RATELIMIT_SIGNIN_PER_IP = 3
+    UserFactory(email="ada@example.test", password=PASSWORD)
+    here = {"REMOTE_ADDR": "203.0.113.7"}
+
+    # when one address tries three accounts, claiming a new origin each time, then a fourth
+    tries = [
+        sign_in(
+            Client(),
+            f"user{n}@example.test",
+            "guess",
+            HTTP_X_FORWARDED_FOR=f"198.51.100.{n}",
+            **here,
+        )
+        for n in range(3)
+    ]
+    fourth = sign_in(Client(), "ada@example.test", PASSWORD, **here)
+    elsewhere = sign_in(Client(), "ada@example.test", PASSWORD, REMOTE_ADDR="203.0.113.8")
+
+    # then the fourth is refused, and another address is not
+    assert [r.status_code for r in tries] == [200, 200, 200]
+    assert_rate_limited(fourth, window=60)
+    assert elsewhere.status_code == 302
+
+
+def test_sign_ups_from_one_network_address_are_limited(client, settings):
+    # given a limit of 2 sign-ups per 10 minutes per network address
+    settings.RATELIMIT_SIGNUP_PER_IP = 2
+
+    # when three accounts are made from one address
+    made = [
+        Client().post("/signup/", {"email": f"new{n}@example.test", "password": PASSWORD})
+        for n in range(3)
+    ]
+
+    # then the third is refused and not made
+    assert [r.status_code for r in made[:2]] == [302, 302]
+    assert_rate_limited(made[2], window=600)
+    assert b'name="email"' in made[2].content  # the form, to try again later
+    assert not User.objects.filter(email="new2@example.test").exists()
+
+
+def test_asking_for_the_verification_link_again_is_limited(
+    client, settings, django_capture_on_commit_callbacks
+):
+    # given an unverified account allowed one more link an hour
+    settings.RATELIMIT_VERIFICATION_EMAILS_PER_USER = 1
+    user = user_signup(email="ada@example.test", password=PASSWORD)
+    client.force_login(user)
+
+    # when it asks twice
+    with django_capture_on_commit_callbacks(execute=True):
+        first = client.post("/verify-email/send")
+        second = client.post("/verify-email/send")
+
+    # then one link was sent, and the second ask is refused
+    assert first.status_code == 302
+    assert_rate_limited(second, window=3600)
+    assert len(mail.outbox) == 1
+
+
+def test_dashboard_posts_count_against_the_organizations_requests_per_minute(client, member):
+    # given an organization allowed 2 requests a minute, and one of them made through the API
+    _owner, org = member(
+        Role.OWNER, organization=OrganizationFactory(requests_per_minute=2, seats=5)
+    )
+    assert client.get("/api/v1/me").status_code == 200
+
+    # when the dashboard invites twice
+    first = client.post("/dashboard/members", {"email": "a@example.test", "role": "member"})
+    second = client.post("/dashboard/members", {"email": "b@example.test", "role": "member"})
+
+    # then the second is over the organization's limit: refused, and nothing is written
+    assert first.status_code == 302
+    assert_rate_limited(second, window=60)
+    assert list(Invitation.objects.filter(organization=org).values_list("email", flat=True)) == [
+        "a@example.test"
+    ]
+    # and the API answers the same organization alike
+    assert client.get("/api/v1/me").status_code == 429
