@@ -4,6 +4,7 @@ from django.contrib.auth.forms import AdminUserCreationForm
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
 from django.core.exceptions import ValidationError
 
+from accounts.forms import AdminEmailAuthenticationForm
 from accounts.models import Organization, User
 from accounts.services import organization_entitlements_set
 from accounts.services.organizations import ENTITLEMENT_FIELDS
@@ -15,7 +16,7 @@ class _LowerCaseEmail:
     whatever its case: Ann@x and ann@x are one person."""
 
     def clean_email(self):
-        email = User.objects.normalize_email(self.cleaned_data["email"]).lower()
+        email = User.objects.canonical_email(self.cleaned_data["email"])
         if User.objects.filter(email__iexact=email).exclude(pk=self.instance.pk).exists():
             raise ValidationError("A user with that email address already exists.", code="unique")
         return email
@@ -27,6 +28,10 @@ class UserCreationForm(_LowerCaseEmail, AdminUserCreationForm):
 
 class UserChangeForm(_LowerCaseEmail, BaseUserChangeForm):
     pass
+
+
+# Staff sign in with their address in any case, as on the dashboard.
+admin.site.login_form = AdminEmailAuthenticationForm
 
 
 @admin.register(User)

@@ -18,10 +18,17 @@ from django.db.models.functions import Lower
 class UserManager(BaseUserManager["User"]):
     use_in_migrations = True
 
+    @classmethod
+    def canonical_email(cls, email: str | None) -> str:
+        """An address in the one form it is stored and compared in: normalized and
+        lower-cased, so that Ann@X and ann@x are one person (sign-up, sign-in, the admin,
+        invitations)."""
+        return cls.normalize_email(email).lower()
+
     def _create_user(self, email: str, password: str | None, **extra) -> User:
         if not email:
             raise ValueError("An email address is required.")
-        user = self.model(email=self.normalize_email(email).lower(), **extra)
+        user = self.model(email=self.canonical_email(email), **extra)
         user.set_password(password)
         user.save(using=self._db)
         return user

@@ -36,6 +36,7 @@ from accounts.dashboard import (
     with_retry_after,
 )
 from accounts.errors import ApplicationError
+from accounts.forms import EmailAuthenticationForm
 from accounts.models import ApiKey, Membership, Role, Scope, User
 from accounts.ratelimits import Limit, rate_limit_consume
 from accounts.selectors import (
@@ -98,17 +99,19 @@ def client_address(request: HttpRequest) -> str:
 def _email_scope(email: str) -> str:
     """An address tried at sign-in as a limit's scope: in the form sign-up stores it, so
     that its cases count as one, and hashed, so that Redis holds no addresses."""
-    canonical = User.objects.normalize_email(email).lower()
+    canonical = User.objects.canonical_email(email)
     return f"email:{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"
 
 
 class SignInView(LoginView):
-    """Django's sign-in, counted per network address and per address tried.
+    """Django's sign-in, matching the address in any case (EmailAuthenticationForm), and
+    counted per network address and per address tried.
 
     Over either limit, the attempt is refused (429, Retry-After) before the password is
     checked: a guess over the limit learns nothing, right or wrong.
     """
 
+    authentication_form = EmailAuthenticationForm
     extra_context = {"title": "Sign in"}
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:

@@ -62,7 +62,7 @@ def user_signup(*, email: str, password: str | None) -> User:
     Anyone may sign up under any address, so the account starts unverified, and is
     emailed the link that proves the address (user_email_verify).
     """
-    email = User.objects.normalize_email(email).lower()
+    email = User.objects.canonical_email(email)
     try:
         with transaction.atomic():
             user = User.objects.create_user(email, password, email_verified=False)
@@ -238,7 +238,7 @@ def invitation_create(
     _require_role(role)
     _require_manager(organization, actor)
     _require_owner_for(organization, actor, role, actor_key=actor_key)
-    email = User.objects.normalize_email(email).lower()
+    email = User.objects.canonical_email(email)
     if Membership.objects.filter(organization=organization, user__email=email).exists():
         raise ApplicationError(
             code="already_member", message=f"{email} is already a member.", status=409

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 from django.urls import reverse
 
 from accounts.models import Membership, Organization, Role, User
@@ -74,6 +75,31 @@ def test_signing_in_through_the_form_reaches_the_page_asked_for(client):
 
     assert wrong.status_code == 200 and b"invalid_login" in wrong.content
     assert right.status_code == 302 and right["Location"] == "/dashboard/"
+
+
+def test_signing_in_matches_the_address_in_any_case_as_signing_up_stores_it(client):
+    # given someone who signed up with capitals in their address
+    password = "a long passphrase, 44"
+    client.post("/signup/", {"email": "Ada@Example.test", "password": password})
+
+    # when they sign in with the address exactly as they typed it, or otherwise
+    typed = Client().post("/login/", {"username": "Ada@Example.test", "password": password})
+    other = Client().post("/login/", {"username": " ADA@example.TEST", "password": password})
+
+    # then both sign in
+    assert typed.status_code == 302 and typed["Location"] == reverse("dashboard")
+    assert other.status_code == 302
+
+
+def test_staff_sign_in_to_the_admin_in_any_case():
+    User.objects.create_superuser("ops@example.test", "a long passphrase, 44")
+
+    response = Client().post(
+        "/admin/login/?next=/admin/",
+        {"username": "Ops@Example.TEST", "password": "a long passphrase, 44", "next": "/admin/"},
+    )
+
+    assert response.status_code == 302 and response["Location"] == "/admin/"
 
 
 def test_the_overview_shows_the_chosen_organizations_credits_exactly(client, member, grant):
