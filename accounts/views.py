@@ -144,7 +144,10 @@ class SignupForm(forms.Form):
 
     def clean_password(self) -> str:
         password = self.cleaned_data["password"]
-        password_validation.validate_password(password)
+        # The user to be, so that the validators that compare the password with the
+        # account (UserAttributeSimilarityValidator: the address) have one to compare.
+        person = User(email=User.objects.canonical_email(self.cleaned_data.get("email")))
+        password_validation.validate_password(password, user=person)
         return password
 
 
@@ -159,6 +162,9 @@ class SignupView(View):
         return self.draw(request, SignupForm())
 
     def post(self, request: HttpRequest) -> HttpResponse:
+        if request.user.is_authenticated:
+            # As the GET: no second account, and no switching the session to it.
+            return HttpResponseRedirect(self.next(request))
         try:
             SIGN_UPS.count(scope=f"ip:{client_address(request)}")
         except ApplicationError as error:

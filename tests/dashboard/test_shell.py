@@ -52,6 +52,35 @@ def test_a_bad_signup_is_refused_and_creates_nothing(client, email, password, fi
     assert not User.objects.exists() and not Organization.objects.exists()
 
 
+def test_a_password_like_the_address_is_refused_at_sign_up(client):
+    # when someone signs up with their address's name as the password
+    response = client.post(
+        "/signup/", {"email": "marguerite.duchamp@example.test", "password": "marguerite.duchamp"}
+    )
+
+    # then the password validators compare it with the address, as they would with a user
+    assert response.status_code == 400
+    assert b'data-error-code="invalid_password"' in response.content
+    assert b"too similar to the email address" in response.content
+    assert not User.objects.exists()
+
+
+def test_a_signed_in_user_posting_the_sign_up_form_stays_who_they_are(client, member):
+    # given someone signed in
+    user, _org = member(Role.OWNER)
+    users_before = User.objects.count()
+
+    # when the sign-up form is posted from their browser
+    response = client.post(
+        "/signup/", {"email": "second@example.test", "password": "a long passphrase, 44"}
+    )
+
+    # then they are sent to the dashboard, as the form's GET sends them, and nothing changed
+    assert response.status_code == 302 and response["Location"] == reverse("dashboard")
+    assert User.objects.count() == users_before
+    assert client.session["_auth_user_id"] == str(user.pk)
+
+
 def test_signing_up_twice_with_one_email_is_a_conflict(client):
     client.post("/signup/", {"email": "c@example.test", "password": "a long passphrase, 44"})
     client.logout()
