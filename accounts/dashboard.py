@@ -27,6 +27,7 @@ from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
+from django.utils.cache import add_never_cache_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.generic import TemplateView
 
@@ -72,6 +73,13 @@ class MemberPage(LoginRequiredMixin, TemplateView):
     allowed_roles: tuple[str, ...] = ALL_ROLES
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response = self._dispatch(request, *args, **kwargs)
+        # An organization's figures, keys and people: no browser or proxy keeps a copy,
+        # so Back after signing out shows nothing.
+        add_never_cache_headers(response)
+        return response
+
+    def _dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if not request.user.is_authenticated:
             return self.handle_no_permission()  # to the login page, with ?next=
         memberships = list(user_memberships(user=request.user).order_by("organization__name"))

@@ -23,7 +23,9 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.decorators import method_decorator
 from django.views import View
+from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 
 from accounts.api_base import MANAGERS
 from accounts.dashboard import (
@@ -151,6 +153,7 @@ class SignupForm(forms.Form):
         return password
 
 
+@method_decorator(sensitive_post_parameters("password"), name="dispatch")
 class SignupView(View):
     """A new account and its personal organization, then signed in to the dashboard."""
 
@@ -350,6 +353,8 @@ class ApiKeysPage(MemberPage):
             button="Revoke the key",
         )
 
+    # The new key in full: an error report of this frame shows it masked.
+    @method_decorator(sensitive_variables("secret"))
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         form = self.submitted = ApiKeyForm(request.POST)
         if not form.is_valid():
@@ -406,6 +411,8 @@ class MembersPage(MemberPage):
     allowed_roles = MANAGERS
     # The form a POST sent, drawn again with what was typed when a service refuses it.
     submitted: forms.Form | None = None
+    # Older open invitations than these are listed by the invitations API (paginated).
+    shown_invitations = 200
 
     def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         query = PickQuery("remove", request.GET)
@@ -418,9 +425,13 @@ class MembersPage(MemberPage):
         context = super().get_context_data(**kwargs)
         organization = self.request.organization
         members = list(organization_members(organization=organization).order_by("pk"))
+        shown = self.shown_invitations
+        invitations = organization_open_invitations(organization=organization).order_by("-pk")
+        invitations = list(invitations[: shown + 1])
         context.update(
             members=members,
-            invitations=organization_open_invitations(organization=organization).order_by("pk"),
+            invitations=invitations[:shown],
+            more_invitations=len(invitations) > shown,
             roles=Role.choices,
             confirm=next((self.confirmation(m) for m in members if m.pk == remove), None),
             now=timezone.now(),

@@ -7,9 +7,11 @@ import re
 import pytest
 from django.core import mail
 from django.test import Client
+from django.utils import timezone
 
 from accounts.models import Invitation, Membership, Role
 from accounts.services import invitation_create, membership_add, user_signup
+from accounts.views import MembersPage
 from tests.dashboard.conftest import assert_refused
 from tests.factories import OrganizationFactory, UserFactory
 
@@ -57,6 +59,37 @@ def test_the_page_lists_members_and_open_invitations_of_this_organization_only(c
     assert "Billing" in invited and owner.email in invited
     assert "3 of 5 seats taken" in page
     assert stranger.email not in page and "theirs@" not in page
+
+
+def invitation_rows(response) -> dict[str, str]:
+    """The invitations a page lists, in its order, each with the text of its row."""
+    found = re.findall(r'<tr data-invitation="([^"]+)">(.*?)</tr>', response.content.decode(), re.S)
+    return dict(found)
+
+
+def test_the_page_lists_the_newest_open_invitations_and_marks_the_expired(
+    client, team, monkeypatch
+):
+    # given three open invitations, the oldest expired
+    org, owner, *_ = team
+    for name in ("old", "mid", "new"):
+        invitation_create(organization=org, email=f"{name}@example.test", actor=owner)
+    Invitation.objects.filter(email="old@example.test").update(expires_at=timezone.now())
+
+    # when the page lists one, then three
+    monkeypatch.setattr(MembersPage, "shown_invitations", 1)
+    one = client.get("/dashboard/members")
+    monkeypatch.setattr(MembersPage, "shown_invitations", 3)
+    three = client.get("/dashboard/members")
+
+    # then the newest come first, the older are left to the API, and the expired say so
+    assert list(invitation_rows(one)) == ["new@example.test"]
+    assert b"the invitations API lists them all" in one.content
+    rows = invitation_rows(three)
+    assert list(rows) == ["new@example.test", "mid@example.test", "old@example.test"]
+    assert "(expired)" in rows["old@example.test"]
+    assert "(expired)" not in rows["mid@example.test"]
+    assert b"the invitations API lists them all" not in three.content
 
 
 def test_inviting_by_email_creates_an_invitation_and_sends_it(

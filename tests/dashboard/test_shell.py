@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 from django.urls import reverse
+from django.views.debug import SafeExceptionReporterFilter
 
 from accounts.models import Membership, Organization, Role, User
 from gymbilling.market.services import listing_create
@@ -223,3 +224,39 @@ def test_credits_in_escrow_are_marked_so_in_the_lots(client, member, grant):
         (False, False),
         (True, True),
     ]
+
+
+@pytest.mark.parametrize(
+    ("role", "path"),
+    [
+        (Role.OWNER, "/dashboard/"),
+        (Role.OWNER, "/dashboard/members"),
+        (Role.MEMBER, "/dashboard/members"),  # the 403 page
+        (Role.OWNER, "/dashboard/members?remove=abc"),  # a refusal
+    ],
+)
+def test_no_dashboard_page_is_kept_by_a_browser_or_proxy(client, member, role, path):
+    # given a signed-in member
+    member(role)
+
+    # when a page is drawn (a page, a refusal, a 403)
+    response = client.get(path)
+
+    # then the browser keeps no copy: after signing out, Back shows nothing
+    cache_control = {part.strip() for part in response["Cache-Control"].split(",")}
+    assert {"no-store", "no-cache", "must-revalidate", "private"} <= cache_control
+    assert "Expires" in response
+
+
+@pytest.mark.parametrize("path", ["/signup/", "/login/"])
+def test_an_error_report_of_signing_up_or_in_hides_the_password(client, path):
+    # when a password is posted
+    response = client.post(
+        path,
+        {"email": "ada@example.test", "username": "ada@example.test", "password": "hunter2hunter2"},
+    )
+
+    # then what an error report would show of that request (Django's filter) hides it
+    shown = SafeExceptionReporterFilter().get_post_parameters(response.wsgi_request)
+    assert shown["password"] == SafeExceptionReporterFilter.cleansed_substitute
+    assert "hunter2hunter2" not in repr(dict(shown))
