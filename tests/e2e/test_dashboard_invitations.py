@@ -1,0 +1,100 @@
+"""An invitation in a real browser, from the manager's form to the newcomer's first page,
+following the links the emails carry, as people do.
+
+The app server writes its emails to files (TEST_EMAIL_FILE_PATH, gymbilling/settings/
+test.py); the test reads the links from them. Each test also asserts that nothing the
+pages loaded failed (tests/e2e/conftest.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from accounts.models import Membership, Role, User
+from accounts.services import organization_entitlements_set
+from tests.e2e.test_dashboard import EMAIL, PASSWORD, sign_up
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+NEWCOMER = "newcomer@gym.test"
+
+
+@pytest.fixture
+def mailbox(tmp_path, monkeypatch) -> Path:
+    """The folder the app server writes its emails to."""
+    folder = tmp_path / "mail"
+    monkeypatch.setenv("TEST_EMAIL_FILE_PATH", str(folder))
+    return folder
+
+
+@pytest.fixture
+def site(mailbox, request) -> str:
+    """The app server, started once `mailbox` is set, so that it writes its emails there."""
+    return request.getfixturevalue("app_server")
+
+
+def link(mailbox: Path, site: str, *, to: str, path: str) -> str:
+    """The link to `path` in the emails sent to `to`, on the app server under test (the
+    emails name SITE_URL)."""
+    found = []
+    for sent in sorted(mailbox.iterdir()):
+        for message in sent.read_text().split("-" * 79):
+            if re.search(rf"^To: {re.escape(to)}$", message, re.M):
+                found += re.findall(rf"https?://\S+{re.escape(path)}\?token=\S+", message)
+    assert len(found) == 1, f"{len(found)} links to {path} in the emails to {to}"
+    parts = urlsplit(found[0])
+    return f"{site}{parts.path}?{parts.query}"
+
+
+def test_an_invited_newcomer_signs_up_verifies_accepts_and_lands_in_the_organization(
+    site, mailbox, visit
+):
+    # given a manager whose organization has a seat free
+    sign_up(visit, site)
+    page = visit.page
+    org = Membership.objects.get(user__email=EMAIL).organization
+    organization_entitlements_set(organization=org, reason="test: a team plan", seats=3)
+
+    # when they invite a newcomer as admin, and sign out
+    page.click("nav.side >> text=Members")
+    page.fill("#invite-email", NEWCOMER)
+    page.select_option("#invite-role", "admin")
+    page.click("text=Send invitation")
+    page.wait_for_selector(f"tr[data-invitation='{NEWCOMER}']")
+    page.click("text=Sign out")
+    page.wait_for_url("**/login/")
+
+    # and the newcomer follows the emailed link, and signs up from it
+    invitation = link(mailbox, site, to=NEWCOMER, path="/invitations/accept")
+    page.goto(invitation)
+    assert org.name in page.locator("main").inner_text()
+    page.click("text=create an account")
+    page.fill("#id_email", NEWCOMER)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+
+    # then sign-up brings them back to the invitation
+    page.wait_for_url(invitation)
+
+    # when they verify their address with the link emailed at sign-up
+    page.goto(link(mailbox, site, to=NEWCOMER, path="/verify-email"))
+    assert page.locator(f"[data-verified='{NEWCOMER}']").count() == 1
+
+    # and accept the invitation
+    page.goto(invitation)
+    page.click("form[action='/invitations/accept'] button[type=submit]")
+    page.wait_for_url(f"{site}/dashboard/")
+
+    # then they are an admin of the organization, and the dashboard acts for it
+    newcomer = User.objects.get(email=NEWCOMER)
+    assert newcomer.email_verified is True
+    assert Membership.objects.get(organization=org, user=newcomer).role == Role.ADMIN
+    switcher = page.locator("#organization-switch")
+    assert switcher.input_value() == org.slug
+    assert f"You joined {org.name} as admin." in page.locator(".messages").inner_text()
+    assert page.locator("[data-banner='verify-email']").count() == 0
+    assert visit.failures == []
