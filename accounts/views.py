@@ -25,6 +25,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.views import View
+from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 
 from accounts.api_base import MANAGERS
@@ -238,6 +239,8 @@ class EmailVerificationSendView(LoginRequiredMixin, View):
 # --- invitations ------------------------------------------------------------------------
 
 
+# The page holds the invitation's token (in its form): no browser or proxy keeps it.
+@method_decorator(never_cache, name="dispatch")
 class InvitationAcceptPage(View):
     """The invitation email's link: GET `token` shows what it invites to; POST accepts it.
 

@@ -56,6 +56,7 @@ def test_signed_out_the_page_says_what_it_is_for_and_leads_to_signing_in_or_up_a
     assert f'href="/login/?next={back}"' in body
     assert f'href="/signup/?next={back}"' in body
     assert "<form" not in body.split("<main>", 1)[1]  # nothing to accept before signing in
+    assert "no-store" in response["Cache-Control"]  # it holds the token
 
 
 def test_signed_out_a_post_leads_to_signing_in_and_accepts_nothing(client, invitation):
