@@ -375,6 +375,7 @@ class ApiKeysPage(MemberPage):
 class ApiKeyRevokePage(ApiKeysPage):
     """POST: revoke the key at once (confirmed on /dashboard/keys?revoke=<id>)."""
 
+    never_rate_limited = True
     http_method_names = ["post"]
 
     def post(self, request: HttpRequest, key_id: int) -> HttpResponse:
@@ -505,6 +506,7 @@ class MemberRolePage(MembersPage):
 class MemberRemovePage(MembersPage):
     """POST: remove a member (confirmed on /dashboard/members?remove=<id>)."""
 
+    never_rate_limited = True
     http_method_names = ["post"]
 
     def post(self, request: HttpRequest, member_id: int) -> HttpResponse:

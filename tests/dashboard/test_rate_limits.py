@@ -12,7 +12,7 @@ from django.core import mail
 from django.test import Client
 
 from accounts.models import Invitation, Role, User
-from accounts.services import user_signup
+from accounts.services import apikey_create, user_signup
 from tests.dashboard.conftest import assert_refused
 from tests.factories import OrganizationFactory, UserFactory
 
@@ -138,3 +138,21 @@ def test_dashboard_posts_count_against_the_organizations_requests_per_minute(cli
     ]
     # and the API answers the same organization alike
     assert client.get("/api/v1/me").status_code == 429
+
+
+def test_revoking_a_key_is_never_held_back_by_the_limit_a_leaked_key_used_up(client, member):
+    # given an organization whose requests per minute a leaked key has used up
+    _owner, org = member(Role.OWNER, organization=OrganizationFactory(requests_per_minute=1))
+    leaked, secret = apikey_create(organization=org, name="leaked", scopes=["billing:read"])
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+    assert client.get("/api/v1/credits/balance", **auth).status_code == 200
+    assert client.get("/api/v1/credits/balance", **auth).status_code == 429
+
+    # when the owner revokes it on the dashboard
+    response = client.post(f"/dashboard/keys/{leaked.pk}/revoke")
+
+    # then it is revoked at once, and the key stops working
+    assert response.status_code == 302
+    leaked.refresh_from_db()
+    assert leaked.revoked_at is not None
+    assert client.get("/api/v1/credits/balance", **auth).status_code == 401
