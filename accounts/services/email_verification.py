@@ -13,11 +13,10 @@ from urllib.parse import urlencode
 
 from django.conf import settings
 from django.core import signing
-from django.core.mail import send_mail
-from django.db import transaction
 
 from accounts.errors import ApplicationError
 from accounts.models import User
+from accounts.services.mail import email_send_on_commit
 
 EMAIL_VERIFICATION_TTL = timedelta(days=3)
 # Binds a token to this purpose: nothing else the app signs reads as one.
@@ -35,18 +34,15 @@ def user_email_verification_send(*, user: User) -> None:
     token = email_verification_token(user=user)
     link = f"{settings.SITE_URL.rstrip('/')}/verify-email?{urlencode({'token': token})}"
     days = EMAIL_VERIFICATION_TTL.days
-    transaction.on_commit(
-        lambda: send_mail(
-            subject="Verify your email address for GymBilling",
-            message=(
-                f"Follow this link to verify {user.email}: {link}\n"
-                f"It works for {days} days. Until then, nobody can add your account to "
-                "an organization by its address (an invitation still reaches you).\n"
-                "If you did not sign up, ignore this email."
-            ),
-            from_email=None,
-            recipient_list=[user.email],
-        )
+    email_send_on_commit(
+        to=user.email,
+        subject="Verify your email address for GymBilling",
+        body=(
+            f"Follow this link to verify {user.email}: {link}\n"
+            f"It works for {days} days. Until then, nobody can add your account to "
+            "an organization by its address (an invitation still reaches you).\n"
+            "If you did not sign up, ignore this email."
+        ),
     )
 
 

@@ -6,7 +6,6 @@ import secrets
 from datetime import timedelta
 
 from django.conf import settings
-from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
@@ -20,6 +19,7 @@ from accounts.services.email_verification import (
     user_email_mark_verified,
     user_email_verification_send,
 )
+from accounts.services.mail import email_send_on_commit
 
 INVITATION_TTL = timedelta(days=7)
 
@@ -270,17 +270,14 @@ def invitation_create(
         data={"role": role},
     )
     base_url = getattr(settings, "SITE_URL", "http://127.0.0.1:8000")
-    transaction.on_commit(
-        lambda: send_mail(
-            subject=f"You are invited to {organization.name} on GymBilling",
-            message=(
-                f"Accept the invitation: {base_url}/invitations/accept?token={token}\n"
-                f'Or POST {{"token": "{token}"}} to {base_url}/api/v1/invitations/accept '
-                "while signed in. It expires in 7 days."
-            ),
-            from_email=None,
-            recipient_list=[email],
-        )
+    email_send_on_commit(
+        to=email,
+        subject=f"You are invited to {organization.name} on GymBilling",
+        body=(
+            f"Accept the invitation: {base_url}/invitations/accept?token={token}\n"
+            f'Or POST {{"token": "{token}"}} to {base_url}/api/v1/invitations/accept '
+            "while signed in. It expires in 7 days."
+        ),
     )
     return invitation, token
 

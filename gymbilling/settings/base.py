@@ -104,6 +104,13 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# Outgoing email (invitations, verification links): EMAIL_URL, e.g.
+# smtp+tls://user:password@smtp.example.com:587 (django-environ's email URL).
+# Unset, each email is written to the process's output instead of being sent to
+# an SMTP server that is not there.
+vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="GymBilling <no-reply@localhost>")
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"

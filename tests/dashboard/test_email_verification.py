@@ -8,6 +8,7 @@ is made (an operator's) is verified.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from io import StringIO
 from urllib.parse import urlsplit
@@ -194,3 +195,27 @@ def test_users_an_operator_makes_are_verified(admin_user):
         "by.manager@example.test": True,
         "by.super@example.test": True,
     }
+
+
+def test_a_mail_server_that_is_down_does_not_undo_or_break_the_sign_up(
+    client, settings, django_capture_on_commit_callbacks, caplog
+):
+    # given outgoing mail through an SMTP server where nothing listens
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", port, 2
+
+    # when someone signs up
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post("/signup/", {"email": "bo@example.test", "password": PASSWORD})
+
+    # then they are signed up and signed in (the overview offers to send the link again),
+    # and the operator's log says which email was not sent
+    assert response.status_code == 302
+    assert not User.objects.get(email="bo@example.test").email_verified
+    assert "Send the link again" in client.get("/dashboard/").content.decode()
+    assert "could not send 'Verify your email address for GymBilling' to bo@example.test" in (
+        caplog.text
+    )
