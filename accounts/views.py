@@ -61,6 +61,7 @@ from accounts.services import (
     user_email_verify,
     user_signup,
 )
+from accounts.services.email_verification import email_verification_account
 
 # --- limits on people's own attempts ----------------------------------------------------
 
@@ -201,19 +202,41 @@ class SignupView(View):
 # --- proving an email address ------------------------------------------------------------
 
 
-class EmailVerifyView(View):
-    """GET `token`: the link emailed at sign-up. It works signed in or not, in any browser
-    (the token names the account), and followed again it says the same."""
+@method_decorator(never_cache, name="dispatch")
+class EmailVerifyView(LoginRequiredMixin, View):
+    """The link emailed at sign-up: GET `token` asks, POST verifies.
+
+    Only the account the link names, signed in (the sign-in page brings the visitor
+    back here): a verified address lets managers add the account by it, so it takes
+    the mailbox and the password. The GET changes nothing, so a mail scanner that
+    opens every link verifies nothing.
+    """
 
     template_name = "registration/verify_email.html"
+    title = {"title": "Verify your email address"}
 
     def get(self, request: HttpRequest) -> HttpResponse:
-        context = {"title": "Verify your email address"}
+        token = request.GET.get("token", "")
         try:
-            user = user_email_verify(token=request.GET.get("token", ""))
+            user = email_verification_account(token=token, user=request.user)
         except ApplicationError as error:
-            return refusal_page(request, self.template_name, context, error)
-        return render(request, self.template_name, {**context, "verified": user.email})
+            return refusal_page(request, self.template_name, self.title, error)
+        return render(
+            request,
+            self.template_name,
+            {**self.title, "token": token, "asked": user.email, "verified": user.email_verified},
+        )
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        try:
+            user = user_email_verify(token=request.POST.get("token", ""), user=request.user)
+        except ApplicationError as error:
+            return refusal_page(request, self.template_name, self.title, error)
+        messages.success(
+            request,
+            f"{user.email} is verified: your organizations' owners can now add you by it.",
+        )
+        return HttpResponseRedirect(reverse("dashboard"))
 
 
 class EmailVerificationSendView(LoginRequiredMixin, View):
@@ -229,8 +252,9 @@ class EmailVerificationSendView(LoginRequiredMixin, View):
         try:
             VERIFICATION_EMAILS.count(scope=f"user:{user.pk}")
         except ApplicationError as error:
-            context = {"title": "Verify your email address"}
-            return refusal_page(request, EmailVerifyView.template_name, context, error)
+            return refusal_page(
+                request, EmailVerifyView.template_name, EmailVerifyView.title, error
+            )
         user_email_verification_send(user=user)
         messages.success(request, f"We sent a new link to {user.email}.")
         return HttpResponseRedirect(safe_next(request, reverse("dashboard")))

@@ -50,26 +50,44 @@ def _refused(code: str, message: str) -> ApplicationError:
     return ApplicationError(code=code, message=message, status=400, param="token")
 
 
-def user_email_verify(*, token: str) -> User:
-    """Mark the address the link was sent to verified, and return its account."""
+def email_verification_account(*, token: str, user: User) -> User:
+    """The account the link's `token` proves an address of, which must be `user`'s, or the
+    refusal that says why not; changes nothing (the page's GET shows it, to ask)."""
     signer = signing.TimestampSigner(salt=EMAIL_VERIFICATION_SALT)
     try:
         claim = signer.unsign_object(token, max_age=EMAIL_VERIFICATION_TTL)
     except signing.SignatureExpired:
         raise _refused(
             "verification_expired",
-            "This link has expired. Sign in, and ask for a new one on the overview.",
+            "This link has expired. Ask for a new one on the overview.",
         ) from None
     except signing.BadSignature:
         raise _refused(
             "verification_invalid", "This link is not one we sent; use the one in the email."
         ) from None
-    user = User.objects.filter(pk=claim.get("user"), email=claim.get("email")).first()
-    if user is None:
+    # Signed in as the account the link names, no one else: proving an address takes its
+    # mailbox (the link) and the account's password. A link alone verified when a mail
+    # scanner, or the address's real owner, opened it, and a squatter who had signed up
+    # with someone else's address was then trusted with it.
+    if claim.get("user") != user.pk:
+        raise ApplicationError(
+            code="verification_wrong_account",
+            message="This link is for another account. Sign out, and sign in as the account "
+            "that asked for it; if you did not sign up with this address, ignore the email.",
+            status=403,
+            param="token",
+        )
+    if claim.get("email") != user.email:
         raise _refused(
             "verification_invalid",
             "This link is for an address the account no longer has; ask for a new one.",
         )
+    return user
+
+
+def user_email_verify(*, token: str, user: User) -> User:
+    """Mark the address the link was sent to verified, for the signed-in `user` it names."""
+    user = email_verification_account(token=token, user=user)
     user_email_mark_verified(user=user, email=user.email)
     return user
 

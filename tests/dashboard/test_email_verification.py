@@ -11,7 +11,7 @@ import re
 import socket
 import time
 from io import StringIO
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from django.core import mail, signing
@@ -55,22 +55,62 @@ def test_signing_up_makes_an_unverified_account_and_emails_it_a_link(signed_up):
     assert link.startswith("/verify-email?token=")
 
 
-def test_the_link_verifies_the_address_when_signed_out_and_again_harmlessly(signed_up):
-    # given someone who follows the link in another browser, not signed in
+def token_of(link: str) -> str:
+    return parse_qs(urlsplit(link).query)["token"][0]
+
+
+def test_the_link_asks_then_verifies_for_the_account_signed_in_and_again_harmlessly(
+    client, signed_up
+):
+    # given the account that signed up, signed in, following its link
     user, link = signed_up
-    elsewhere = Client()
 
-    # when they follow it, and follow it again
-    first = elsewhere.get(link)
-    second = elsewhere.get(link)
+    # when the link's page is opened, the account is not verified yet: it asks
+    asked = client.get(link)
+    user.refresh_from_db()
+    assert asked.status_code == 200 and user.email_verified is False
+    assert b"Verify <strong>ada@example.test</strong>" in asked.content
 
-    # then the address is verified, and the second time says so as well
-    for response in (first, second):
-        assert response.status_code == 200
-        assert b"ada@example.test" in response.content
-        assert b'data-verified="ada@example.test"' in response.content
+    # and when they confirm (twice: a second confirmation is harmless)
+    first = client.post("/verify-email", {"token": token_of(link)})
+    second = client.post("/verify-email", {"token": token_of(link)})
+
+    # then the address is verified, and the page says so if opened again
+    assert first.status_code == second.status_code == 302
     user.refresh_from_db()
     assert user.email_verified is True
+    assert b'data-verified="ada@example.test"' in client.get(link).content
+
+
+def test_a_mail_scanner_opening_the_link_verifies_nothing(signed_up):
+    # given a link, opened by software that fetches every link in incoming mail
+    user, link = signed_up
+
+    # when it is fetched, signed out
+    fetched = Client().get(link)
+
+    # then it is led to the sign-in page (back to the link after), and nothing is verified
+    assert fetched.status_code == 302 and fetched["Location"].startswith("/login/?next=")
+    user.refresh_from_db()
+    assert user.email_verified is False
+
+
+def test_a_link_verifies_only_for_the_account_it_names(signed_up):
+    # given a squatter who signed up with someone else's address (their link went to the
+    # address's real owner), and that owner, signed in to an account of their own
+    user, link = signed_up
+    owner = Client()
+    owner.force_login(User.objects.create_user("real.owner@example.test", PASSWORD))
+
+    # when the owner follows the link and confirms it
+    opened = owner.get(link)
+    confirmed = owner.post("/verify-email", {"token": token_of(link)})
+
+    # then neither verifies the squatter's account
+    assert_refused(opened, 403, "verification_wrong_account")
+    assert_refused(confirmed, 403, "verification_wrong_account")
+    user.refresh_from_db()
+    assert user.email_verified is False
 
 
 class IssuedLongAgo(signing.TimestampSigner):
@@ -103,26 +143,28 @@ def forged(user: User, how: str) -> str:
         ("empty", "verification_invalid"),
     ],
 )
-def test_a_bad_or_expired_link_is_a_400_and_verifies_nothing(signed_up, how, code):
+def test_a_bad_or_expired_link_is_a_400_and_verifies_nothing(client, signed_up, how, code):
     # given
     user, _link = signed_up
 
-    # when
-    response = Client().get("/verify-email", {"token": forged(user, how)})
+    # when it is opened, and confirmed
+    opened = client.get("/verify-email", {"token": forged(user, how)})
+    confirmed = client.post("/verify-email", {"token": forged(user, how)})
 
     # then
-    assert_refused(response, 400, code)
+    assert_refused(opened, 400, code)
+    assert_refused(confirmed, 400, code)
     user.refresh_from_db()
     assert user.email_verified is False
 
 
-def test_a_link_for_an_address_the_account_no_longer_has_verifies_nothing(signed_up):
+def test_a_link_for_an_address_the_account_no_longer_has_verifies_nothing(client, signed_up):
     # given the account's address changed after the link was sent (staff, in the admin)
     user, link = signed_up
     User.objects.filter(pk=user.pk).update(email="ada.new@example.test")
 
     # when
-    response = Client().get(link)
+    response = client.post("/verify-email", {"token": token_of(link)})
 
     # then
     assert_refused(response, 400, "verification_invalid")
@@ -146,7 +188,10 @@ def test_the_overview_asks_an_unverified_account_to_verify_and_resends_the_link(
     assert b'action="/verify-email/send"' in overview.content
     assert resent.status_code == 302 and resent["Location"] == "/dashboard/"
     assert len(mail.outbox) == 2 and mail.outbox[1].to == ["ada@example.test"]
-    assert Client().get(link_in(mail.outbox[1])).status_code == 200
+    assert (
+        client.post("/verify-email", {"token": token_of(link_in(mail.outbox[1]))}).status_code
+        == 302
+    )
     user.refresh_from_db()
     assert user.email_verified is True
     assert b'data-banner="verify-email"' not in client.get("/dashboard/").content
