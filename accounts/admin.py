@@ -3,11 +3,15 @@ from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
 from django.core.exceptions import ValidationError
+from django.shortcuts import render
 
+from accounts.dashboard import with_retry_after
+from accounts.errors import ApplicationError
 from accounts.forms import AdminEmailAuthenticationForm
 from accounts.models import Organization, User
 from accounts.services import organization_entitlements_set
 from accounts.services.organizations import ENTITLEMENT_FIELDS
+from accounts.views import sign_in_count
 
 
 class _LowerCaseEmail:
@@ -30,8 +34,31 @@ class UserChangeForm(_LowerCaseEmail, BaseUserChangeForm):
     pass
 
 
-# Staff sign in with their address in any case, as on the dashboard.
+# Staff sign in with their address in any case, as on the dashboard, and their attempts
+# are limited as the dashboard's are (the same counts: one password store).
 admin.site.login_form = AdminEmailAuthenticationForm
+_admin_login = admin.site.login
+
+
+def _admin_login_counted(request, extra_context=None):
+    if request.method == "POST":
+        try:
+            sign_in_count(request)
+        except ApplicationError as error:
+            context = {
+                **admin.site.each_context(request),
+                "title": "Log in",
+                "app_path": request.get_full_path(),
+                "form": AdminEmailAuthenticationForm(request),  # unbound: no password check
+                "username": request.POST.get("username", ""),
+                "refusal": error,
+            }
+            response = render(request, "admin/login_refused.html", context, status=error.status)
+            return with_retry_after(response, error)
+    return _admin_login(request, extra_context)
+
+
+admin.site.login = _admin_login_counted
 
 
 @admin.register(User)

@@ -58,7 +58,10 @@ class User(AbstractUser):
     email_verified = models.BooleanField(
         "email verified",
         default=True,
-        help_text="False for an account made by signing up, until its owner follows the "
+        # Also the database's default: a process not yet upgraded inserts users without
+        # the column during a rolling deploy, and gets what this code would give them.
+        db_default=True,
+        help_text="False for an account made by signing up, until its owner confirms the "
         "link emailed to the address or accepts an invitation sent to it.",
     )
 

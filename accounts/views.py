@@ -8,6 +8,7 @@ Signing in is Django's view, limited (SignInView); signing out is Django's own
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -103,8 +104,26 @@ def client_address(request: HttpRequest) -> str:
 def _email_scope(email: str) -> str:
     """An address tried at sign-in as a limit's scope: in the form sign-up stores it, so
     that its cases count as one, and hashed, so that Redis holds no addresses."""
-    canonical = User.objects.canonical_email(email)
+    # NFKC first, as the sign-in form's username field reads it: "\uff41da@" (a fullwidth
+    # letter) signs in as "ada@", so it must count as "ada@" too.
+    canonical = User.objects.canonical_email(unicodedata.normalize("NFKC", email))
     return f"email:{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"
+
+
+def sign_in_count(request: HttpRequest) -> None:
+    """Count a sign-in attempt (the dashboard's, the admin's) per network address and per
+    address tried, or refuse it (429, `rate_limited`) before its password is checked:
+    a guess over the limit learns nothing, right or wrong."""
+    rate_limit_consume(
+        kind="sign-ins",
+        limits=[
+            Limit(scope=f"ip:{client_address(request)}", limit=settings.RATELIMIT_SIGNIN_PER_IP),
+            Limit(
+                scope=_email_scope(request.POST.get("username", "")),
+                limit=settings.RATELIMIT_SIGNIN_PER_EMAIL,
+            ),
+        ],
+    )
 
 
 class SignInView(LoginView):
@@ -121,16 +140,7 @@ class SignInView(LoginView):
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         username = request.POST.get("username", "")
         try:
-            rate_limit_consume(
-                kind="sign-ins",
-                limits=[
-                    Limit(
-                        scope=f"ip:{client_address(request)}",
-                        limit=settings.RATELIMIT_SIGNIN_PER_IP,
-                    ),
-                    Limit(scope=_email_scope(username), limit=settings.RATELIMIT_SIGNIN_PER_EMAIL),
-                ],
-            )
+            sign_in_count(request)
         except ApplicationError as error:
             # A form not bound to the POST: drawing a bound one's errors would check the
             # password after all.

@@ -16,6 +16,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='user',
             name='email_verified',
-            field=models.BooleanField(default=True, help_text='False for an account made by signing up, until its owner follows the link emailed to the address or accepts an invitation sent to it.', verbose_name='email verified'),
+            # db_default too: processes not yet upgraded insert users without the column.
+            field=models.BooleanField(db_default=True, default=True, help_text='False for an account made by signing up, until its owner confirms the link emailed to the address or accepts an invitation sent to it.', verbose_name='email verified'),
         ),
     ]

@@ -73,6 +73,19 @@ def test_org_create_reuses_an_existing_user_as_owner():
     assert User.objects.filter(email="existing@example.test").count() == 1
 
 
+def test_org_create_will_not_make_an_account_that_has_not_proven_its_address_the_owner():
+    # given an account someone signed up with under the customer's address, unverified
+    squatter = UserFactory(email="cfo@customer.test", email_verified=False)
+
+    # when the operator makes the customer's organization with that address as its owner
+    with pytest.raises(CommandError, match="has not verified the address"):
+        run("org_create", "customer", "--owner", "CFO@customer.test")
+
+    # then nothing is made, and the squatter owns nothing
+    assert not Organization.objects.filter(slug="customer").exists()
+    assert not Membership.objects.filter(user=squatter).exists()
+
+
 def test_org_create_without_an_owner():
     # when
     run("org_create", "solo")

@@ -43,7 +43,8 @@ def test_sign_ins_to_one_address_are_limited_whatever_its_case(client, settings)
     # when someone guesses three times, in any case, then tries the right password
     guesses = [
         sign_in(client, email, "guess")
-        for email in ("ada@example.test", "ADA@example.test", "Ada@Example.TEST")
+        # (the last with a fullwidth "a", which signs in as "ada@" once NFKC-normalized)
+        for email in ("ada@example.test", "ADA@example.test", " \uff41da@Example.TEST")
     ]
     right = sign_in(client, "ada@example.test", PASSWORD)
 
@@ -156,3 +157,25 @@ def test_revoking_a_key_is_never_held_back_by_the_limit_a_leaked_key_used_up(cli
     leaked.refresh_from_db()
     assert leaked.revoked_at is not None
     assert client.get("/api/v1/credits/balance", **auth).status_code == 401
+
+
+def test_the_admins_sign_in_is_limited_as_the_dashboards(client, settings):
+    # given a limit of 2 sign-ins a minute per address, and a member of finance staff
+    settings.RATELIMIT_SIGNIN_PER_EMAIL = 2
+    User.objects.create_superuser("finance@example.test", PASSWORD)
+
+    def admin_sign_in(password: str):
+        return client.post(
+            "/admin/login/?next=/admin/",
+            {"username": "finance@example.test", "password": password},
+        )
+
+    # when two guesses at the admin's sign-in are followed by the right password
+    guesses = [admin_sign_in("guess") for _ in range(2)]
+    right = admin_sign_in(PASSWORD)
+
+    # then the guesses are refused as wrong, and the third is not tried
+    assert [r.status_code for r in guesses] == [200, 200]
+    assert_refused(right, 429, "rate_limited")
+    assert right["Retry-After"]
+    assert "_auth_user_id" not in client.session

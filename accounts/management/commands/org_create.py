@@ -18,9 +18,17 @@ class Command(BaseCommand):
     def handle(self, *args, slug, owner, name, **options):
         owner_user = None
         if owner:
-            owner_user = User.objects.filter(email=owner.lower()).first()
+            owner_user = User.objects.filter(email=User.objects.canonical_email(owner)).first()
             if owner_user is None:
                 owner_user = User.objects.create_user(owner, None)  # sets no usable password
+            elif not owner_user.email_verified:
+                # Anyone may sign up under any address: an account that has not proven
+                # this one may be a squatter's, not the person the operator means.
+                raise CommandError(
+                    f"{owner_user.email} signed up but has not verified the address; it "
+                    "cannot be made an owner by it. Have them verify it first (the link "
+                    "emailed at sign-up, or another from the dashboard's overview)."
+                )
         try:
             org = organization_create(slug=slug, name=name, owner=owner_user)
         except ApplicationError as exc:
