@@ -233,6 +233,8 @@ class Server:
             "DJANGO_SETTINGS_MODULE": "gymbilling.settings.production",
             "DJANGO_SECRET_KEY": secrets.token_urlsafe(32),
             "DJANGO_ALLOWED_HOSTS": HOST,
+            "SITE_URL": "http://127.0.0.1",
+            "EMAIL_URL": "consolemail://",
             "DJANGO_SECURE_COOKIES": "false",
             "DATABASE_URL": _with_query(url, conn_max_age=config.conn_max_age),
             "REDIS_URL": REDIS_URL,

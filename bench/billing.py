@@ -148,6 +148,8 @@ def _worker(url: str, standin_base: str) -> subprocess.Popen:
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "gymbilling.settings.production",
         "DJANGO_SECRET_KEY": "bench",
+        "SITE_URL": "http://127.0.0.1",
+        "EMAIL_URL": "consolemail://",
         "DATABASE_URL": url + "?conn_max_age=60",
         "REDIS_URL": REDIS_URL,
         "CELERY_BROKER_URL": REDIS_URL,
