@@ -18,7 +18,12 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login, password_validation
 from django.contrib.auth.mixins import LoginRequiredMixin
-from django.contrib.auth.views import LoginView, redirect_to_login
+from django.contrib.auth.views import (
+    LoginView,
+    PasswordResetConfirmView,
+    PasswordResetView,
+    redirect_to_login,
+)
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
@@ -40,7 +45,7 @@ from accounts.dashboard import (
     with_retry_after,
 )
 from accounts.errors import ApplicationError
-from accounts.forms import EmailAuthenticationForm
+from accounts.forms import EmailAuthenticationForm, PasswordResetRequestForm
 from accounts.models import ApiKey, Membership, Role, Scope, User
 from accounts.ratelimits import Limit, rate_limit_consume
 from accounts.selectors import (
@@ -62,7 +67,10 @@ from accounts.services import (
     user_email_verify,
     user_signup,
 )
-from accounts.services.email_verification import email_verification_account
+from accounts.services.email_verification import (
+    email_verification_account,
+    user_password_reset_done,
+)
 
 # --- limits on people's own attempts ----------------------------------------------------
 
@@ -83,6 +91,8 @@ class Attempts:
 
 
 SIGN_UPS = Attempts("sign-ups", "RATELIMIT_SIGNUP_PER_IP", window=600)
+# Each sends an email from us to an address anyone may type; counted as sign-ups are.
+PASSWORD_RESETS = Attempts("password resets", "RATELIMIT_SIGNUP_PER_IP", window=600)
 # Each sends an email from us to an address anyone may have typed at sign-up.
 VERIFICATION_EMAILS = Attempts(
     "verification emails", "RATELIMIT_VERIFICATION_EMAILS_PER_USER", window=3600
@@ -268,6 +278,48 @@ class EmailVerificationSendView(LoginRequiredMixin, View):
         user_email_verification_send(user=user)
         messages.success(request, f"We sent a new link to {user.email}.")
         return HttpResponseRedirect(safe_next(request, reverse("dashboard")))
+
+
+# --- a forgotten password ----------------------------------------------------------------
+
+
+@method_decorator(sensitive_post_parameters("email"), name="dispatch")
+class PasswordResetRequestView(PasswordResetView):
+    """`/password-reset/`: the address gets a link to set a new password, if it has an
+    account; the answer is the same either way (it reveals no accounts). Counted per
+    network address, as sign-ups are."""
+
+    form_class = PasswordResetRequestForm
+    template_name = "registration/password_reset_form.html"
+    email_template_name = "registration/password_reset_email.txt"
+    subject_template_name = "registration/password_reset_subject.txt"
+    extra_context = {"title": "Forgotten password"}
+
+    def get_extra_email_context(self) -> dict[str, str]:
+        return {"site_url": settings.SITE_URL.rstrip("/")}
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            PASSWORD_RESETS.count(scope=f"ip:{client_address(request)}")
+        except ApplicationError as error:
+            context = {"title": "Forgotten password", "form": self.form_class()}
+            return refusal_page(request, self.template_name, context, error)
+        self.extra_email_context = self.get_extra_email_context()
+        return super().post(request, *args, **kwargs)
+
+
+class PasswordResetSetView(PasswordResetConfirmView):
+    """The emailed link: set a new password. It proves the mailbox: the address is
+    verified, and an account someone else had signed up with it is its owner's
+    (user_password_reset_done)."""
+
+    template_name = "registration/password_reset_confirm.html"
+    extra_context = {"title": "Set a new password"}
+
+    def form_valid(self, form):
+        response = super().form_valid(form)
+        user_password_reset_done(user=form.user)
+        return response
 
 
 # --- invitations ------------------------------------------------------------------------

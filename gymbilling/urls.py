@@ -9,6 +9,8 @@ from accounts.views import (
     EmailVerificationSendView,
     EmailVerifyView,
     InvitationAcceptPage,
+    PasswordResetRequestView,
+    PasswordResetSetView,
     SignInView,
     SignupView,
 )
@@ -30,6 +32,23 @@ urlpatterns = [
     # The customer dashboard: each app's pages (its views.py) under /dashboard/.
     path("login/", SignInView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # A forgotten password: Django's views, with our form, emails and pages.
+    path("password-reset/", PasswordResetRequestView.as_view(), name="password_reset"),
+    path(
+        "password-reset/sent/",
+        auth_views.PasswordResetDoneView.as_view(extra_context={"title": "Check your email"}),
+        name="password_reset_done",
+    ),
+    path(
+        "password-reset/<uidb64>/<token>/",
+        PasswordResetSetView.as_view(),
+        name="password_reset_confirm",
+    ),
+    path(
+        "password-reset/done/",
+        auth_views.PasswordResetCompleteView.as_view(extra_context={"title": "Password set"}),
+        name="password_reset_complete",
+    ),
     path("signup/", SignupView.as_view(), name="signup"),
     path("verify-email", EmailVerifyView.as_view(), name="verify-email"),
     path("verify-email/send", EmailVerificationSendView.as_view(), name="verify-email-send"),

@@ -13,9 +13,11 @@ from urllib.parse import urlencode
 
 from django.conf import settings
 from django.core import signing
+from django.db import transaction
 
 from accounts.errors import ApplicationError
-from accounts.models import User
+from accounts.models import ApiKey, User
+from accounts.services.api_keys import apikey_revoke
 from accounts.services.mail import email_send_on_commit
 
 EMAIL_VERIFICATION_TTL = timedelta(days=3)
@@ -97,3 +99,21 @@ def user_email_mark_verified(*, user: User, email: str) -> None:
     verified, unless the account has another address by now."""
     if User.objects.filter(pk=user.pk, email=email).update(email_verified=True):
         user.email_verified = True
+
+
+def user_password_reset_done(*, user: User) -> None:
+    """A new password was set through the link emailed to the account's address: the
+    mailbox is proven, so the address is verified.
+
+    If it had not been, whoever held the account before may not have been the
+    address's owner (anyone can sign up under any address): the sessions they had end
+    with the password change (Django's session hash), and the API keys they made are
+    revoked here, so that nothing of theirs outlasts the owner reclaiming the account.
+    """
+    with transaction.atomic():
+        row = User.objects.select_for_update().get(pk=user.pk)
+        reclaimed = not row.email_verified
+        user_email_mark_verified(user=user, email=row.email)
+        if reclaimed:
+            for key in ApiKey.objects.filter(created_by=user, revoked_at__isnull=True):
+                apikey_revoke(key=key, actor=user)

@@ -1,0 +1,153 @@
+"""A forgotten password: a link emailed to the address, which sets a new one.
+
+The link proves the mailbox, as the verification link does: the address is verified,
+and an account someone else had signed up with the address becomes its owner's.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+import pytest
+from django.core import mail
+from django.test import Client
+
+from accounts.models import Membership, User
+from accounts.services import apikey_create, user_signup
+from tests.dashboard.conftest import assert_refused
+
+pytestmark = pytest.mark.django_db
+
+OLD, NEW = "a long and unusual passphrase 3", "another long passphrase, 77"
+
+
+def ask(client: Client, email: str, capture, **extra):
+    with capture(execute=True):
+        return client.post("/password-reset/", {"email": email}, **extra)
+
+
+def link_in(message) -> str:
+    found = re.search(r"https?://\S+/password-reset/\S+/\S+/", message.body)
+    assert found, message.body
+    return found[0]
+
+
+def set_password(client: Client, link: str, password: str):
+    """Follow the link (Django swaps its token for one in the session), then set it."""
+    opened = client.get(urlsplit(link).path)
+    assert opened.status_code == 302, opened.content
+    form = opened["Location"]
+    assert b"New password" in client.get(form).content
+    return client.post(form, {"new_password1": password, "new_password2": password})
+
+
+def test_a_forgotten_password_is_set_anew_through_the_emailed_link(
+    client, django_capture_on_commit_callbacks, settings
+):
+    # given an account, whose owner forgot its password
+    User.objects.create_user("ada@example.test", OLD)
+
+    # when they ask (in any case) and follow the link emailed to the address
+    asked = ask(client, "ADA@example.test", django_capture_on_commit_callbacks)
+    [message] = mail.outbox
+    done = set_password(client, link_in(message), NEW)
+
+    # then the new password signs in and the old one does not
+    assert asked.status_code == 302 and asked["Location"] == "/password-reset/sent/"
+    assert message.to == ["ada@example.test"]
+    assert link_in(message).startswith(f"{settings.SITE_URL}/password-reset/")
+    assert done.status_code == 302 and done["Location"] == "/password-reset/done/"
+    assert Client().login(username="ada@example.test", password=NEW)
+    assert not Client().login(username="ada@example.test", password=OLD)
+
+
+def test_an_address_with_no_account_is_answered_alike_and_sent_nothing(
+    client, django_capture_on_commit_callbacks
+):
+    asked = ask(client, "nobody@example.test", django_capture_on_commit_callbacks)
+
+    assert asked.status_code == 302 and asked["Location"] == "/password-reset/sent/"
+    assert mail.outbox == []
+
+
+def test_the_link_names_the_site_not_the_host_the_request_came_with(
+    client, django_capture_on_commit_callbacks, settings
+):
+    # given a request whose Host header an attacker chose (and which the hosts allow)
+    settings.ALLOWED_HOSTS = ["*"]
+    User.objects.create_user("ada@example.test", OLD)
+
+    ask(client, "ada@example.test", django_capture_on_commit_callbacks, HTTP_HOST="evil.test")
+
+    [message] = mail.outbox
+    assert link_in(message).startswith(f"{settings.SITE_URL}/password-reset/")
+    assert "evil.test" not in message.body
+
+
+def test_an_owner_an_operator_made_without_a_password_sets_one(
+    client, django_capture_on_commit_callbacks
+):
+    # given an owner made by `org_create --owner`, with no usable password
+    owner = User.objects.create_user("boss@example.test", None)
+
+    ask(client, "boss@example.test", django_capture_on_commit_callbacks)
+    set_password(client, link_in(mail.outbox[0]), NEW)
+
+    owner.refresh_from_db()
+    assert owner.check_password(NEW)
+
+
+def test_the_addresss_owner_reclaims_an_account_a_squatter_signed_up_with_it(
+    client, django_capture_on_commit_callbacks
+):
+    # given a squatter who signed up with someone else's address, is signed in, and made
+    # an API key in the account's organization
+    squatter_browser = Client()
+    with django_capture_on_commit_callbacks(execute=True):
+        account = user_signup(email="cfo@victim.test", password=OLD)
+    squatter_browser.force_login(account)
+    organization = Membership.objects.get(user=account).organization
+    _key, secret = apikey_create(
+        organization=organization, name="theirs", scopes=["billing:read"], actor=account
+    )
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+    assert Client().get("/api/v1/credits/balance", **auth).status_code == 200
+    assert squatter_browser.get("/dashboard/").status_code == 200
+
+    # when the address's owner asks for a new password, and sets it through the link
+    ask(client, "cfo@victim.test", django_capture_on_commit_callbacks)
+    set_password(client, link_in(mail.outbox[-1]), NEW)
+
+    # then the address is verified, the squatter's session is over, and their key too
+    account.refresh_from_db()
+    assert account.email_verified is True
+    assert squatter_browser.get("/dashboard/").status_code == 302
+    assert Client().get("/api/v1/credits/balance", **auth).status_code == 401
+
+
+def test_a_used_link_does_not_work_again(client, django_capture_on_commit_callbacks):
+    User.objects.create_user("ada@example.test", OLD)
+    ask(client, "ada@example.test", django_capture_on_commit_callbacks)
+    link = link_in(mail.outbox[0])
+    set_password(client, link, NEW)
+
+    again = Client().get(urlsplit(link).path, follow=True)
+
+    assert b'data-error-code="reset_link_invalid"' in again.content
+    assert Client().login(username="ada@example.test", password=NEW)
+
+
+def test_asking_is_limited_per_network_address(
+    client, settings, django_capture_on_commit_callbacks
+):
+    settings.RATELIMIT_SIGNUP_PER_IP = 1
+    User.objects.create_user("ada@example.test", OLD)
+
+    first = ask(client, "ada@example.test", django_capture_on_commit_callbacks)
+    second = ask(client, "ada@example.test", django_capture_on_commit_callbacks)
+
+    assert first.status_code == 302
+    assert_refused(second, 429, "rate_limited")
+    assert second["Retry-After"]
+    assert len(mail.outbox) == 1
