@@ -35,7 +35,6 @@ from metering.models import (
     UsageRecord,
 )
 from metering.selectors import (
-    REPORT_GROUPINGS,
     organization_balance,
     report_totals,
     usage_margin_report,
@@ -286,7 +285,7 @@ class UsageMarginForm(forms.Form):
     start = forms.DateField(help_text="First day, UTC (YYYY-MM-DD).")
     end = forms.DateField(help_text="Last day, UTC, included.")
     group_by = forms.ChoiceField(
-        choices=[(g, REPORT_GROUPING_LABELS[g]) for g in REPORT_GROUPINGS],
+        choices=list(REPORT_GROUPING_LABELS.items()),
         help_text="A job that burned credits of two plans counts in both, each with its "
         "share of the job's cost.",
     )
@@ -327,10 +326,12 @@ def number_cell(name: str) -> Callable[[dict], str]:
 
 
 def _margin_percent(row: dict) -> str:
-    """Margin over revenue, for display only (the figures are the integers beside it)."""
-    if row["margin"] is None or row["revenue"] == 0:
+    """Margin over what the gym earned (revenue and breakage), for display only (the
+    figures are the integers beside it)."""
+    earned = row["revenue"] + row["breakage"]
+    if row["margin"] is None or earned == 0:
         return NOT_APPLICABLE
-    percent = Decimal(row["margin"] * 100) / Decimal(row["revenue"])
+    percent = Decimal(row["margin"] * 100) / Decimal(earned)
     return f"{percent.quantize(Decimal('0.1'), rounding=ROUND_HALF_UP)}%"
 
 
@@ -351,6 +352,8 @@ _MARGIN_COLUMNS = [
     ("of which free", credits_cell("free_credits")),
     ("of which without a known price", credits_cell("unpriced_credits")),
     ("revenue (minor units)", number_cell("revenue")),
+    ("breakage (minor units)", number_cell("breakage")),
+    ("taken back by refunds (minor units)", number_cell("taken_back")),
     ("serving cost (minor units)", number_cell("serving_cost")),
     (
         "margin (minor units)",

@@ -218,7 +218,14 @@ def _usage_sums() -> dict:
 
 
 # What finance's report groups by: a column of the report's pieces (_usage_margin_sql).
-REPORT_GROUPINGS = {"model": "u.model_name", "plan": "piece.plan", "organization": "o.slug"}
+# "lot" (the root lot's id) is not offered on the admin page: it is the grouping in which
+# each lot's parts add up to its payment (revenue + breakage + taken_back), for checks.
+REPORT_GROUPINGS = {
+    "model": "COALESCE(u.model_name, piece.label)",
+    "plan": "piece.plan",
+    "organization": "o.slug",
+    "lot": "piece.root_id",
+}
 
 # The report's plan of credits that no lot paid for: a job that charged nothing (its
 # serving cost only), or usage recorded without a hold.
@@ -227,20 +234,43 @@ NO_LOT = "(no lot)"
 # revenue is null): counted as credits without a known price, at no revenue.
 PRICE_UNKNOWN = "(price unknown)"
 FREE = "free"
+# The model grouping's rows for what left lots without a job: credits that expired
+# (the sweep, a rollover cap's trim: breakage), and credits a refund, a dispute or a
+# reversed grant took back (their share of the payment went back to the customer).
+EXPIRED = "(expired)"
+TAKEN_BACK = "(taken back)"
+
+# Which movements of a lot's family count in its running total (what has left the
+# family for good, or come back to it), as SQL over the movement m, its transaction t and
+# the transaction t reverses, o (NULL if none). Each kind's share of the payment goes to
+# one column: usage (captures, and captures reversed) to revenue; expiry (the sweep,
+# credits_trim, lots_trim, the marketplace's credits_expire_early: every move into the
+# expiry account is an 'expiry' transaction) to breakage; what went back to the customer
+# (a clawback or a negative adjustment, a reversed grant or adjustment, a reversed
+# clawback) to taken_back. Transfers (escrow, the marketplace, between teams) move
+# credits inside the family and never count; nor does a lot's own creation (a grant's,
+# an adjustment's: positive, so not a taking).
+_USAGE_MOVE = "t.kind = 'hold_capture' OR (t.kind = 'reversal' AND o.kind = 'hold_capture')"
+_EXPIRY_MOVE = "t.kind = 'expiry' OR (t.kind = 'reversal' AND o.kind = 'expiry')"
+_TAKEN_BACK_MOVE = (
+    "(t.kind = 'adjustment' AND m.amount < 0)"
+    " OR (t.kind = 'reversal' AND o.kind IN ('adjustment', 'grant'))"
+)
 
 
 def _floor_share(whole: str, part: str, of: str, vendor: str) -> str:
     """SQL for floor(whole * part / of), exactly, for non-negative operands.
 
     The one rounding of the report. A share of a lot's payment (or of a job's serving
-    cost) goes to each burn as the difference between this share of everything burned
-    up to and including it and of everything before it: so the shares of any run of
-    burns add up to the floor of the run's share, each is within a minor unit of its
-    exact share, and once all of a lot is burned they add up to all of its payment,
-    never a minor unit more or less (the last burn takes the remainder). Rounded down,
-    so no prefix of a lot's burns is ever shown as having earned more than was paid
-    for it. On PostgreSQL in numeric, as products of money and micro-credits pass
-    bigint; elsewhere (SQLite, `make demo`) in its 64-bit integers.
+    cost) goes to each burn, expiry or taking-back as the difference between this share
+    of everything consumed up to and including it and of everything before it: so the
+    shares of any run of them add up to the floor of the run's share, each is within one
+    minor unit of its exact share, and once all of a lot is consumed (by any mix of
+    usage, expiry and refunds) they add up to all of its payment, never a minor unit more
+    or less (the last takes the remainder). Rounded down, so no prefix of a lot's history
+    is ever shown as having earned more than was paid for it. On PostgreSQL in numeric,
+    as products of money and micro-credits pass bigint; elsewhere (SQLite, `make demo`)
+    in its 64-bit integers.
     """
     if vendor == "postgresql":
         return f"CAST(div(CAST({whole} AS numeric) * ({part}), {of}) AS bigint)"
@@ -250,13 +280,16 @@ def _floor_share(whole: str, part: str, of: str, vendor: str) -> str:
 def _usage_margin_sql(group: str, vendor: str) -> str:
     """The report's query: the usage of [start, end) cut into pieces, one per lot each
     job's capture burned (and one per lot a reversed capture of these days gave credits
-    back to), plus one for what no lot paid for; each piece with its share of the job's
-    serving cost and of its root lot's payment (_floor_share); summed by `group` and by
-    the currency of the revenue and that of the cost, which are never added together.
+    back to), plus one for what no lot paid for, plus one per lot movement of these days
+    that expired credits or gave them back to the customer (priced lots only: the others
+    have no money to share); each piece with its share of the job's serving cost and of
+    its root lot's payment (_floor_share); summed by `group` and by the currency of the
+    revenue and that of the cost, which are never added together.
 
     A root lot's share is counted over every credit its family (the lots split from
-    it) ever gave to usage, in the ledger's order (the movements' ids), not only over
-    these days': so a lot burned across months earns exactly its payment in all.
+    it) ever consumed (used, expired, taken back: _USAGE_MOVE, _EXPIRY_MOVE,
+    _TAKEN_BACK_MOVE), in the ledger's order (the movements' ids), not only over these
+    days': so a lot consumed across months earns exactly its payment in all.
     """
 
     def share(whole: str, part: str, of: str) -> str:
@@ -268,7 +301,8 @@ def _usage_margin_sql(group: str, vendor: str) -> str:
 
     return f"""
 WITH usage AS (
-    SELECT u.id, u.credits, u.serving_cost, u.currency, h.settle_transaction_id AS capture_id
+    SELECT u.id, u.credits, u.serving_cost, u.currency, u.organization_id,
+           h.settle_transaction_id AS capture_id
       FROM metering_usagerecord u
       LEFT JOIN metering_hold h ON h.id = u.hold_id
      WHERE u.created_at >= %(start)s AND u.created_at < %(end)s
@@ -290,13 +324,25 @@ returned AS (
      WHERE r.kind = 'reversal' AND m.amount > 0
        AND r.created_at >= %(start)s AND r.created_at < %(end)s
 ),
+lapsed AS (
+    SELECT m.id AS movement_id, m.lot_id, -m.amount AS credits,
+           CASE WHEN {_EXPIRY_MOVE} THEN '{EXPIRED}' ELSE '{TAKEN_BACK}' END AS label
+      FROM metering_journaltransaction t
+      JOIN metering_lotmovement m ON m.transaction_id = t.id
+      LEFT JOIN metering_journaltransaction o ON o.id = t.reverses_id
+     WHERE t.kind IN ('expiry', 'adjustment', 'reversal')
+       AND t.created_at >= %(start)s AND t.created_at < %(end)s
+       AND ({_EXPIRY_MOVE} OR {_TAKEN_BACK_MOVE})
+),
 moved AS (
-    SELECT usage_id, movement_id, lot_id, credits, job_through, nth FROM burn
+    SELECT usage_id, movement_id, lot_id, credits, job_through, nth, NULL AS label FROM burn
     UNION ALL
-    SELECT usage_id, movement_id, lot_id, credits, NULL, NULL FROM returned
+    SELECT usage_id, movement_id, lot_id, credits, NULL, NULL, NULL FROM returned
+    UNION ALL
+    SELECT NULL, movement_id, lot_id, credits, NULL, NULL, label FROM lapsed
 ),
 rooted AS (
-    SELECT moved.*, COALESCE(l.root_id, l.id) AS root_id
+    SELECT moved.*, COALESCE(l.root_id, l.id) AS root_id, l.organization_id
       FROM moved JOIN metering_creditlot l ON l.id = moved.lot_id
 ),
 family AS (
@@ -314,39 +360,61 @@ consumed AS (
       FROM family_moved m
       JOIN metering_journaltransaction t ON t.id = m.transaction_id
       LEFT JOIN metering_journaltransaction o ON o.id = t.reverses_id
-     WHERE t.kind = 'hold_capture' OR (t.kind = 'reversal' AND o.kind = 'hold_capture')
+     WHERE {_USAGE_MOVE} OR {_EXPIRY_MOVE} OR {_TAKEN_BACK_MOVE}
 ),
 burned AS (
     SELECT usage_id, SUM(credits) AS total FROM burn GROUP BY usage_id
 ),
-piece AS (
-    SELECT rooted.usage_id,
-           CASE WHEN root.origin <> '' THEN root.origin
-                WHEN root.paid THEN '{PRICE_UNKNOWN}' ELSE '{FREE}' END AS plan,
-           CASE WHEN root.revenue > 0 THEN root.revenue_currency ELSE u.currency END
-               AS currency,
-           u.currency AS cost_currency,
-           CASE WHEN rooted.nth = 1 THEN 1 ELSE 0 END AS is_first,
-           rooted.credits,
-           CASE WHEN root.revenue = 0 THEN rooted.credits ELSE 0 END AS free_credits,
-           CASE WHEN root.revenue IS NULL THEN rooted.credits ELSE 0 END AS unpriced_credits,
+shared AS (
+    SELECT rooted.*, root.origin, root.paid, root.revenue AS paid_for, root.amount AS lot_amount,
+           root.revenue_currency,
            COALESCE({share("root.revenue", "consumed.root_through", "root.amount")}
                     - {share("root.revenue", "consumed.root_through - rooted.credits", "root.amount")},
-                    0) AS revenue,
-           CASE WHEN rooted.nth IS NULL THEN 0
-                ELSE {share("u.serving_cost", "rooted.job_through", "u.credits")}
-                     - {share("u.serving_cost", "rooted.job_through - rooted.credits", "u.credits")}
-           END AS cost
+                    0) AS earned
       FROM rooted
       JOIN consumed ON consumed.movement_id = rooted.movement_id
       JOIN metering_creditlot root ON root.id = rooted.root_id
-      JOIN metering_usagerecord u ON u.id = rooted.usage_id
+),
+piece AS (
+    SELECT shared.usage_id, shared.root_id, u.organization_id, NULL AS label,
+           CASE WHEN shared.origin <> '' THEN shared.origin
+                WHEN shared.paid THEN '{PRICE_UNKNOWN}' ELSE '{FREE}' END AS plan,
+           CASE WHEN shared.paid_for > 0 THEN shared.revenue_currency ELSE u.currency END
+               AS currency,
+           u.currency AS cost_currency,
+           CASE WHEN shared.nth = 1 THEN 1 ELSE 0 END AS is_first,
+           shared.credits,
+           CASE WHEN shared.paid_for = 0 THEN shared.credits ELSE 0 END AS free_credits,
+           CASE WHEN shared.paid_for IS NULL THEN shared.credits ELSE 0 END AS unpriced_credits,
+           shared.earned AS revenue,
+           0 AS breakage,
+           0 AS taken_back,
+           CASE WHEN shared.nth IS NULL THEN 0
+                ELSE {share("u.serving_cost", "shared.job_through", "u.credits")}
+                     - {share("u.serving_cost", "shared.job_through - shared.credits", "u.credits")}
+           END AS cost
+      FROM shared
+      JOIN metering_usagerecord u ON u.id = shared.usage_id
     UNION ALL
-    SELECT usage.id, '{NO_LOT}', usage.currency, usage.currency,
+    SELECT NULL, shared.root_id, shared.organization_id, shared.label,
+           CASE WHEN shared.origin <> '' THEN shared.origin ELSE '{PRICE_UNKNOWN}' END,
+           shared.revenue_currency, shared.revenue_currency,
+           0, 0, 0, 0,
+           0,
+           CASE WHEN shared.label = '{EXPIRED}' THEN shared.earned ELSE 0 END,
+           CASE WHEN shared.label = '{TAKEN_BACK}' THEN shared.earned ELSE 0 END,
+           0
+      FROM shared
+     WHERE shared.usage_id IS NULL AND shared.paid_for > 0
+    UNION ALL
+    SELECT usage.id, NULL, usage.organization_id, NULL, '{NO_LOT}', usage.currency,
+           usage.currency,
            CASE WHEN burned.total IS NULL THEN 1 ELSE 0 END,
            usage.credits - COALESCE(burned.total, 0),
            0,
            usage.credits - COALESCE(burned.total, 0),
+           0,
+           0,
            0,
            usage.serving_cost
            - CASE WHEN burned.total IS NULL OR usage.credits = 0 THEN 0
@@ -364,10 +432,12 @@ SELECT {group} AS grp, piece.currency, piece.cost_currency,
        SUM(piece.free_credits) AS free_credits,
        SUM(piece.unpriced_credits) AS unpriced_credits,
        SUM(piece.revenue) AS revenue,
+       SUM(piece.breakage) AS breakage,
+       SUM(piece.taken_back) AS taken_back,
        SUM(piece.cost) AS serving_cost
   FROM piece
-  JOIN metering_usagerecord u ON u.id = piece.usage_id
-  JOIN accounts_organization o ON o.id = u.organization_id
+  LEFT JOIN metering_usagerecord u ON u.id = piece.usage_id
+  JOIN accounts_organization o ON o.id = piece.organization_id
  GROUP BY {group}, piece.currency, piece.cost_currency
  ORDER BY serving_cost DESC, grp, piece.currency, piece.cost_currency
 """
@@ -383,6 +453,8 @@ REPORT_SUMS = (
     "free_credits",
     "unpriced_credits",
     "revenue",
+    "breakage",
+    "taken_back",
     "serving_cost",
 )
 
@@ -403,7 +475,11 @@ def usage_margin_report(*, start: datetime, end: datetime, group_by: str) -> lis
     at what their root lot was sold for (CreditLot.revenue: a marketplace purchase
     earns what the seller's plan was paid, the gym's marketplace fee being money of
     its own); free credits earn 0 and are counted apart, as are paid credits with no
-    known price. A job's plan is that of the lots it burned, so one job may count in
+    known price. Credits that expired in these days (sweep or rollover trim) earn their
+    share as `breakage`; the share of those a refund, dispute or reversed grant took back
+    is `taken_back`, in neither (grouped by model, on the rows EXPIRED and TAKEN_BACK). So
+    per root lot (group_by="lot"), revenue + breakage + taken_back over all time is its
+    payment once it is consumed, and `margin` is revenue + breakage - serving cost. A job's plan is that of the lots it burned, so one job may count in
     two plans; its requests and tokens count once, with the first lot it burned.
 
     A lot's running count follows the ledger's order (movement ids), which is commit
@@ -433,10 +509,16 @@ def usage_margin_report(*, start: datetime, end: datetime, group_by: str) -> lis
                 "currency": row["currency"],
                 "cost_currency": row["cost_currency"],
                 **sums,
-                "margin": sums["revenue"] - sums["serving_cost"] if same else None,
+                "margin": margin(sums) if same else None,
             }
         )
     return report
+
+
+def margin(row: dict) -> int:
+    """What the gym kept: usage revenue and breakage, less serving cost (what refunds
+    took back was never the gym's)."""
+    return row["revenue"] + row["breakage"] - row["serving_cost"]
 
 
 def rows_summed(
@@ -463,5 +545,5 @@ def report_totals(rows: list[dict]) -> list[dict]:
     )
     for total in totals:
         same = total["currency"] == total["cost_currency"]
-        total["margin"] = total["revenue"] - total["serving_cost"] if same else None
+        total["margin"] = margin(total) if same else None
     return totals

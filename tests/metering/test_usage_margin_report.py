@@ -18,9 +18,13 @@ from metering.selectors import usage_margin_report
 from metering.services import (
     LotSale,
     Usage,
+    credits_expire,
     credits_transfer,
+    credits_trim,
     hold_place,
     hold_release,
+    lot_clawback,
+    lots_trim,
     transaction_reverse,
     usage_record_create,
 )
@@ -89,6 +93,111 @@ def test_credits_moved_to_another_organization_earn_their_first_sale_s_price(sol
     # then each earned its share of the one payment, which they add up to exactly
     by_team = {r["group"]: r["revenue"] for r in _report("organization")}
     assert by_team == {"second": 999 * 12 // 30, "first": 999 - 999 * 12 // 30}
+
+
+def _per_lot() -> dict[int, dict]:
+    """The report over all time, per root lot (the grouping the per-lot identity reads)."""
+    now = timezone.now()
+    rows = usage_margin_report(
+        start=now - timedelta(days=400), end=now + timedelta(days=400), group_by="lot"
+    )
+    return {row["group"]: row for row in rows}
+
+
+def _assert_each_lot_accounts_for_its_payment(*lots: CreditLot) -> None:
+    """usage revenue + breakage + what refunds took back = the lot's payment, exactly."""
+    per_lot = _per_lot()
+    for lot in lots:
+        row = per_lot[lot.pk]
+        assert row["revenue"] + row["breakage"] + row["taken_back"] == lot.revenue, row
+
+
+def _expire_all() -> None:
+    credits_expire(now=timezone.now() + timedelta(days=31))  # `grant` expires in 30 days
+
+
+def test_expired_credits_are_breakage_and_the_lot_earns_its_whole_payment(sold):
+    # given 10 credits sold for $7.00, 4 of them used
+    org = OrganizationFactory(slug="gym")
+    lot = sold(org, credits(10), 700)
+    job_settled(org, credits(4), serving_cost=30)
+
+    # when the other 6 expire
+    _expire_all()
+
+    # then the 4 earned $2.80 as revenue, the 6 expired $4.20 as breakage, in every
+    # grouping (the model grouping shows it on its own "(expired)" row), and the margin
+    # counts both
+    [plan] = _report("plan")
+    assert (plan["group"], plan["revenue"], plan["breakage"], plan["margin"]) == (
+        "pro",
+        280,
+        420,
+        700 - 30,
+    )
+    [team] = _report("organization")
+    assert (team["group"], team["revenue"], team["breakage"]) == ("gym", 280, 420)
+    by_model = {r["group"]: (r["credits"], r["revenue"], r["breakage"]) for r in _report("model")}
+    assert by_model == {"gym-tiny": (credits(4), 280, 0), "(expired)": (0, 0, 420)}
+    _assert_each_lot_accounts_for_its_payment(lot)
+
+
+def test_a_rollover_trim_is_breakage_and_a_lot_burned_after_it_still_sums_to_its_payment(
+    sold,
+):
+    # given 3 credits sold for $1.00 (a share that does not divide), 1 used
+    org = OrganizationFactory()
+    lot = sold(org, credits(3), 100, origin="basic")
+    job_settled(org, credits(1), serving_cost=1)
+
+    # when the rollover cap trims one, and the last is then used
+    assert credits_trim(
+        organization=org, source="subscription", keep=credits(1), key="cap-1", memo="cap"
+    ) == credits(1)
+    job_settled(org, credits(1), serving_cost=1)
+
+    # then the burns and the trim took floor-of-cumulative shares: 33 + 33 + 34
+    [row] = _report()
+    assert (row["revenue"], row["breakage"], row["taken_back"]) == (33 + 34, 33, 0)
+    _assert_each_lot_accounts_for_its_payment(lot)
+
+
+def test_a_clawback_is_taken_back_never_revenue_nor_breakage(sold):
+    # given 10 credits sold for $7.00, 5 used
+    org = OrganizationFactory()
+    lot = sold(org, credits(10), 700)
+    job_settled(org, credits(5), serving_cost=10)
+
+    # when a refund takes the other 5 back
+    assert lot_clawback(lot=lot, amount=credits(5), key="refund-1", memo="refund") == credits(5)
+
+    # then the usage earned $3.50, the refund took back the other $3.50's credits
+    [row] = _report()
+    assert (row["revenue"], row["breakage"], row["taken_back"]) == (350, 0, 350)
+    _assert_each_lot_accounts_for_its_payment(lot)
+
+
+def test_usage_trims_expiry_clawbacks_and_a_marketplace_move_mixed_sum_to_each_payment(sold):
+    # given two lots with awkward shares, one moved in part to another team
+    first, second = OrganizationFactory(slug="first"), OrganizationFactory(slug="second")
+    a = sold(first, credits(7), 1000)
+    b = sold(first, credits(11), 999, origin="basic")
+    credits_transfer(source=first, destination=second, amount=credits(3), key="move-mixed")
+
+    # when usage, a clawback, a trim of named lots and expiry consume everything
+    job_settled(second, credits(2), serving_cost=1)
+    job_settled(first, credits(5), serving_cost=1)
+    lot_clawback(lot=b, amount=credits(2), key="refund-mixed", memo="refund", family=True)
+    lots_trim(organization=first, lot_ids=[b.pk], amount=credits(3), key="trim-b", memo="cap")
+    job_settled(first, credits(1), serving_cost=1)
+    _expire_all()
+
+    # then every credit was consumed, and each lot's parts add up to its payment
+    assert sum(CreditLot.objects.values_list("remaining", flat=True)) == 0
+    _assert_each_lot_accounts_for_its_payment(a, b)
+    per_lot = _per_lot()
+    assert all(per_lot[lot.pk]["breakage"] > 0 for lot in (a, b))
+    assert per_lot[b.pk]["taken_back"] > 0
 
 
 def test_a_job_that_charged_nothing_and_usage_without_a_hold_cost_under_no_lot(sold):
