@@ -21,11 +21,47 @@ populated ledger"): not atomic, so each step holds its lock only for itself.
   Paid lots get theirs from gymbilling's invoices and checkouts
   (gymbilling/0014).
 On SQLite (`make demo`) the foreign key is Django's ordinary one.
+
+Re-runnable on PostgreSQL: a run that stopped partway (a crash, or a lock it waited for
+too long) has committed the steps before, so each step does only what is missing (ADD
+COLUMN IF NOT EXISTS, the constraint only if pg_constraint lacks it; VALIDATE and the
+backfill are idempotent), and `migrate` again finishes the rest. Each ALTER waits at
+most LOCK_TIMEOUT for its lock: queued behind a long reader, it would hold every
+settlement's lot writes behind its ACCESS EXCLUSIVE request; it fails instead, and the
+migration can be run again at a quieter moment. SQLite runs Django's own operations.
 """
 
 from django.db import migrations, models, transaction
 
 BATCH = 1_000
+# How long each ALTER may wait for its lock before the migration fails (re-runnable).
+LOCK_TIMEOUT = "5s"
+
+
+def _alter(schema_editor, sql: str, params=()) -> None:
+    """One ALTER in its own transaction, waiting at most LOCK_TIMEOUT for its lock (SET
+    LOCAL: the setting ends with the transaction, never outliving it on the connection)."""
+    with transaction.atomic(using=schema_editor.connection.alias):
+        schema_editor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        schema_editor.execute(sql, params or None)
+
+
+class AddFieldIfAbsentOnPostgres(migrations.AddField):
+    """Django's AddField, but on PostgreSQL a column already there (a run that stopped
+    after adding it) is left as it is, and the ALTER waits at most LOCK_TIMEOUT."""
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return super().database_forwards(app_label, schema_editor, from_state, to_state)
+        model = to_state.apps.get_model(app_label, self.model_name)
+        field = model._meta.get_field(self.name)
+        definition, params = schema_editor.column_sql(model, field, include_default=False)
+        _alter(
+            schema_editor,
+            f"ALTER TABLE {schema_editor.quote_name(model._meta.db_table)} ADD COLUMN IF NOT "
+            f"EXISTS {schema_editor.quote_name(field.column)} {definition}",
+            params,
+        )
 
 
 class AddForeignKeyNotValidOnPostgres(migrations.AddField):
@@ -40,15 +76,31 @@ class AddForeignKeyNotValidOnPostgres(migrations.AddField):
         table = schema_editor.quote_name(model._meta.db_table)
         column = schema_editor.quote_name(field.column)
         target = field.target_field
-        schema_editor.execute(
-            f"ALTER TABLE {table} ADD COLUMN {column} {field.db_type(schema_editor.connection)} NULL"
+        name = _fk_name(schema_editor, model, field)
+        _alter(
+            schema_editor,
+            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} "
+            f"{field.db_type(schema_editor.connection)} NULL",
         )
-        schema_editor.execute(
-            f"ALTER TABLE {table} ADD CONSTRAINT {_fk_name(schema_editor, model, field)} "
+        if _constraint_exists(schema_editor, model._meta.db_table, name):
+            return
+        _alter(
+            schema_editor,
+            f"ALTER TABLE {table} ADD CONSTRAINT {name} "
             f"FOREIGN KEY ({column}) REFERENCES "
             f"{schema_editor.quote_name(target.model._meta.db_table)} "
-            f"({schema_editor.quote_name(target.column)}) DEFERRABLE INITIALLY DEFERRED NOT VALID"
+            f"({schema_editor.quote_name(target.column)}) DEFERRABLE INITIALLY DEFERRED NOT VALID",
         )
+
+
+def _constraint_exists(schema_editor, table: str, name: str) -> bool:
+    """Whether `table` has a constraint `name` (an earlier run that stopped added it)."""
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
+            [table, name.strip('"')],  # _fk_name's is quoted for SQL
+        )
+        return cursor.fetchone() is not None
 
 
 class ValidateForeignKeyOnPostgres(migrations.operations.base.Operation):
@@ -68,9 +120,11 @@ class ValidateForeignKeyOnPostgres(migrations.operations.base.Operation):
             return
         model = to_state.apps.get_model(app_label, self.model_name)
         field = model._meta.get_field(self.name)
-        schema_editor.execute(
+        # Validating a constraint already valid (an earlier run got this far) does nothing.
+        _alter(
+            schema_editor,
             f"ALTER TABLE {schema_editor.quote_name(model._meta.db_table)} "
-            f"VALIDATE CONSTRAINT {_fk_name(schema_editor, model, field)}"
+            f"VALIDATE CONSTRAINT {_fk_name(schema_editor, model, field)}",
         )
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
@@ -153,9 +207,9 @@ class Migration(migrations.Migration):
     dependencies = [("metering", "0015_capture_burns_claimed_lots_last")]
 
     operations = [
-        migrations.AddField("creditlot", "origin", ORIGIN),
-        migrations.AddField("creditlot", "revenue", REVENUE),
-        migrations.AddField("creditlot", "revenue_currency", REVENUE_CURRENCY),
+        AddFieldIfAbsentOnPostgres("creditlot", "origin", ORIGIN),
+        AddFieldIfAbsentOnPostgres("creditlot", "revenue", REVENUE),
+        AddFieldIfAbsentOnPostgres("creditlot", "revenue_currency", REVENUE_CURRENCY),
         AddForeignKeyNotValidOnPostgres("creditlot", "root", ROOT),
         ValidateForeignKeyOnPostgres(model_name="creditlot", name="root"),
         migrations.RunPython(backfill, migrations.RunPython.noop),
