@@ -118,7 +118,7 @@ def lot_create(
         amount=amount,
         remaining=amount,
         parent=parent,
-        root_id=(parent.root_id or parent.pk) if parent is not None else None,
+        root_id=lot_root_id(parent) if parent is not None else None,
         revenue=sale.revenue if sale is not None else None,
         revenue_currency=sale.currency if sale is not None else "",
         origin=sale.origin if sale is not None else "",
@@ -127,6 +127,19 @@ def lot_create(
     LotMovement.objects.create(lot=lot, transaction=txn, amount=amount)
     account_lower_next_expiry(account_id=account.pk, expires_at=expires_at)
     return lot
+
+
+def lot_root_id(lot: CreditLot) -> int:
+    """The granted lot `lot` was split from (itself if it was granted).
+
+    Walks up `parent` while a lot's root is not written: a process still running the
+    code before lots had roots (a rolling deploy) inserts split lots without theirs,
+    and a lot split from such a one must still find the grant whose sale it earns at.
+    Not on the settlement path (only splits: escrow, the marketplace, transfers); the
+    `lots_backfill_sale` command writes the missing roots themselves."""
+    while lot.root_id is None and lot.parent_id is not None:
+        lot = CreditLot.objects.only("pk", "root_id", "parent_id").get(pk=lot.parent_id)
+    return lot.root_id or lot.pk
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ lots alone, what the grants had written.
 from __future__ import annotations
 
 import importlib
+import io
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
@@ -40,6 +42,20 @@ def _migrate(targets) -> None:
     executor.migrate(targets)
 
 
+def _lots_of_every_sale(buy, market_stripe, free_credits) -> tuple:
+    """A Pro member (its period's credits, its overage allowance, a pack) who resold 1,200
+    credits on the marketplace (split three lots deep, down to the buyer's), and another
+    team with free credits (a promotion, an adjustment): (member, buyer, other)."""
+    member = OrganizationFactory(slug="member")
+    buy(member, plan="pro")
+    buy(member, pack="boost-1k")
+    buyer = market_member()
+    sold(market_stripe, member, buyer, quantity=credits(1_200), price=500)
+    other = OrganizationFactory()
+    free_credits(other)
+    return member, buyer, other
+
+
 @pytest.fixture
 def migrated_back_and_forth():
     """Migrate back to BEFORE, then forward to the latest; forward again whatever happens,
@@ -65,13 +81,7 @@ def test_the_migrations_backfill_what_each_lot_was_sold_for(
     # overage allowance) who resold 1,200 credits on the marketplace (split three lots
     # deep, down to the buyer's), a pack, a promotion, an adjustment, paid credits of
     # unknown price; some of it burned
-    member = OrganizationFactory(slug="member")
-    buy(member, plan="pro")
-    buy(member, pack="boost-1k")
-    buyer = market_member()
-    sold(market_stripe, member, buyer, quantity=credits(1_200), price=500)
-    other = OrganizationFactory()
-    free_credits(other)
+    member, buyer, other = _lots_of_every_sale(buy, market_stripe, free_credits)
     credits_grant(
         organization=other, amount=credits(2), source="pack", paid=True, resellable=False, key="c"
     )
@@ -141,3 +151,23 @@ def test_the_backfill_leaves_what_a_grant_wrote_alone(
     # then the lot keeps what its grant said
     lot.refresh_from_db()
     assert (lot.revenue, lot.revenue_currency, lot.origin) == (5, "eur", "x")
+
+
+def test_lots_backfill_sale_roots_and_prices_what_old_processes_wrote_after_0016(
+    transactional_db, buy, market_stripe, free_credits
+):
+    # given, after 0016 ran, lots that processes still running the code before it
+    # wrote during a rolling deploy: a pack's and a plan's grants with no sale, a free
+    # grant without its 0, and a marketplace purchase three splits deep with no roots
+    _lots_of_every_sale(buy, market_stripe, free_credits)
+    granted = _sales()
+    CreditLot.objects.update(root=None, revenue=None, revenue_currency="", origin="")
+
+    # when the operator runs the command, twice (it is safe to run again)
+    out = io.StringIO()
+    call_command("lots_backfill_sale", stdout=out)
+    call_command("lots_backfill_sale", stdout=io.StringIO())
+
+    # then every lot says what its grant would have written, and the command said so
+    assert _sales() == granted
+    assert "0 split lots without a root, 0 granted lots without a price" in out.getvalue()
