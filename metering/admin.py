@@ -457,11 +457,14 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         if form.is_valid():
             data = form.cleaned_data
             shown = urlencode({name: data[name] for name in ("start", "end", "group_by")})
-            tables = self.report_tables(
-                start=datetime.combine(data["start"], time.min, tzinfo=UTC),
-                end=datetime.combine(data["end"] + timedelta(days=1), time.min, tzinfo=UTC),
-                group_by=data["group_by"],
-            )
+            try:
+                tables = self.report_tables(
+                    start=datetime.combine(data["start"], time.min, tzinfo=UTC),
+                    end=datetime.combine(data["end"] + timedelta(days=1), time.min, tzinfo=UTC),
+                    group_by=data["group_by"],
+                )
+            except ApplicationError as exc:  # figures SQLite cannot hold (report_sums)
+                form.add_error(None, f"{exc.message} ({exc.code})")
             for table in tables:
                 if table.key == export:
                     return report_csv(table, start=data["start"], end=data["end"])

@@ -501,7 +501,7 @@ def usage_margin_report(*, start: datetime, end: datetime, group_by: str) -> lis
         rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
     report = []
     for row in rows:
-        sums = {name: int(row[name] or 0) for name in REPORT_SUMS}
+        sums = report_sums({name: row[name] for name in REPORT_SUMS})
         same = row["currency"] == row["cost_currency"]
         report.append(
             {
@@ -513,6 +513,23 @@ def usage_margin_report(*, start: datetime, end: datetime, group_by: str) -> lis
             }
         )
     return report
+
+
+def report_sums(sums: dict) -> dict[str, int]:
+    """The report's figures as integers, or refused if any is not one.
+
+    PostgreSQL computes them exactly (numeric). SQLite (`make demo`) has only 64-bit
+    integers and turns a product that passes them (a payment of $1,000,000.00 times a
+    lot of 100 million credits, in micro-credits) into a float without a word: such a
+    figure would be shown rounded, so the report refuses it and names the fix."""
+    if any(isinstance(value, float) for value in sums.values()):
+        raise ApplicationError(
+            code="report_needs_postgresql",
+            message="These figures pass SQLite's 64-bit integers; run the report on "
+            "PostgreSQL, which computes them exactly.",
+            status=409,
+        )
+    return {name: int(value or 0) for name, value in sums.items()}
 
 
 def margin(row: dict) -> int:

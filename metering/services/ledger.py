@@ -100,7 +100,7 @@ def credits_grant(
     require_positive(amount)
     require_key(key)
     if sale is not None:
-        sale.validate()
+        sale = sale.normalized(paid=paid)
     now = timezone.now()
     _require_future(expires_at, now)
     if source not in LotSource.values:

@@ -32,7 +32,6 @@ from datetime import datetime
 from django.db import transaction
 from django.db.models import F, Min, Q
 
-from accounts.errors import ApplicationError
 from accounts.models import Organization
 from metering.models import (
     AccountKind,
@@ -159,27 +158,29 @@ class LotSale:
         paid ones for a price not known here."""
         return cls(revenue=None if paid else 0)
 
-    def validate(self) -> None:
-        if self.revenue is not None and (
-            not isinstance(self.revenue, int) or isinstance(self.revenue, bool) or self.revenue < 0
-        ):
-            raise ApplicationError(
-                code="invalid_revenue",
-                message="revenue must be a non-negative integer of minor units, or None.",
-                param="revenue",
-            )
-        if self.revenue and not _CURRENCY.match(self.currency):
-            raise ApplicationError(
-                code="invalid_currency",
-                message='Revenue needs its lower-case ISO 4217 currency, e.g. "usd".',
-                param="revenue_currency",
-            )
-        if len(self.origin) > ORIGIN_MAX_LENGTH:
-            raise ApplicationError(
-                code="invalid_origin",
-                message=f"origin is at most {ORIGIN_MAX_LENGTH} characters.",
-                param="origin",
-            )
+    def normalized(self, *, paid: bool) -> LotSale:
+        """The sale as the lot keeps it: its currency lower-cased (invoices say "USD").
+
+        A sale that is still malformed (no ISO currency for a revenue, a revenue that is
+        not a non-negative integer) is report metadata gone wrong, never a reason to
+        refuse a paying customer's credits: the lot is granted at a price not known
+        (LotSale.unknown, the report shows it so), and the log says what was wrong."""
+        currency = (self.currency or "").strip().lower()
+        origin = self.origin[:ORIGIN_MAX_LENGTH]
+        revenue_ok = self.revenue is None or (
+            isinstance(self.revenue, int)
+            and not isinstance(self.revenue, bool)
+            and self.revenue >= 0
+        )
+        if revenue_ok and (not self.revenue or _CURRENCY.match(currency)) and origin == self.origin:
+            return LotSale(revenue=self.revenue, currency=currency, origin=origin)
+        logger.warning(
+            "credit grant: malformed sale %r (revenue a non-negative integer, its lower-case "
+            "ISO 4217 currency, origin at most %s characters); granted at a price unknown",
+            self,
+            ORIGIN_MAX_LENGTH,
+        )
+        return LotSale(revenue=LotSale.unknown(paid=paid).revenue, origin=origin)
 
 
 _CURRENCY = re.compile(r"^[a-z]{3}$")

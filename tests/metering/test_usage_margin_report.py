@@ -7,6 +7,7 @@ usage comes from real holds and captures.
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import timedelta
 
 import pytest
@@ -14,7 +15,7 @@ from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from metering.models import CreditLot
-from metering.selectors import usage_margin_report
+from metering.selectors import _floor_share, report_sums, usage_margin_report
 from metering.services import (
     LotSale,
     Usage,
@@ -241,20 +242,55 @@ def test_paid_credits_granted_without_a_price_show_as_such(grant):
     )
 
 
-@pytest.mark.parametrize(
-    ("sale", "code"),
-    [
-        (LotSale(revenue=-1, currency="usd"), "invalid_revenue"),
-        (LotSale(revenue=100), "invalid_currency"),
-        (LotSale(revenue=100, currency="USD"), "invalid_currency"),
-        (LotSale(revenue=0, origin="x" * 65), "invalid_origin"),
-    ],
-)
-def test_a_grant_with_a_malformed_sale_is_refused(grant, sale, code):
+def test_a_sale_currency_in_upper_case_or_padded_is_normalized(grant):
+    # given an invoice that says its currency in upper case, with a space
     org = OrganizationFactory()
 
-    with pytest.raises(ApplicationError) as refused:
-        grant(org, credits(1), sale=sale)
+    # when its credits are granted
+    lot = grant(org, credits(1), sale=LotSale(revenue=100, currency=" USD", origin="pro"))
 
-    assert refused.value.code == code
-    assert not CreditLot.objects.filter(organization=org).exists()
+    # then the lot keeps the sale, its currency as ISO 4217's lower-case code
+    assert (lot.revenue, lot.revenue_currency, lot.origin) == (100, "usd", "pro")
+
+
+@pytest.mark.parametrize(
+    "sale",
+    [
+        LotSale(revenue=-1, currency="usd"),
+        LotSale(revenue=100),
+        LotSale(revenue=100, currency="dollars"),
+        LotSale(revenue=0, origin="x" * 65),
+    ],
+    ids=["negative", "no-currency", "not-a-currency", "origin-too-long"],
+)
+def test_a_malformed_sale_never_refuses_the_grant_its_price_is_unknown(grant, caplog, sale):
+    # given a paying customer whose grant's sale (report metadata) is malformed
+    org = OrganizationFactory()
+
+    # when the credits are granted
+    lot = grant(org, credits(1), sale=sale)
+
+    # then the customer has the credits, at a price the report shows as unknown, and the
+    # log says why
+    assert (lot.amount, lot.revenue, lot.revenue_currency) == (credits(1), None, "")
+    assert len(lot.origin) <= 64
+    assert "sale" in caplog.text and "unknown" in caplog.text
+
+
+def test_on_sqlite_a_share_past_64_bits_is_refused_never_shown_rounded():
+    # given a share whose product passes SQLite's 64-bit integers ($1,000,000.00 of a
+    # lot of 100 million credits, all burned), computed as the report's SQL does there
+    whole, part = 100_000_000, credits(100_000_000)
+    with sqlite3.connect(":memory:") as demo:
+        [(figure,)] = demo.execute(
+            f"SELECT {_floor_share(str(whole), str(part), str(part), 'sqlite')}"
+        ).fetchall()
+
+    # when the report reads it
+    with pytest.raises(ApplicationError) as refused:
+        report_sums({"revenue": figure})
+
+    # then it is refused (SQLite made it a float), and says to use PostgreSQL
+    assert isinstance(figure, float)
+    assert refused.value.code == "report_needs_postgresql"
+    assert report_sums({"revenue": whole}) == {"revenue": whole}
