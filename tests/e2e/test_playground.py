@@ -249,6 +249,9 @@ def test_stop_cancels_the_job_which_is_billed_for_what_it_produced(
     page = visit.page
     fill(page, message=LONG_MESSAGE, max_tokens="3000", temperature="2", seed="4792")
 
+    posts: list[str] = []
+    page.on("request", lambda r: r.method == "POST" and posts.append(r.url))
+
     # when they send it, and press Stop once the answer has begun
     page.click("#pg-send")
     page.wait_for_function("document.getElementById('pg-answer').textContent.length > 0")
@@ -263,6 +266,10 @@ def test_stop_cancels_the_job_which_is_billed_for_what_it_produced(
     assert page.inner_text("#pg-status") == (
         "Stopped: the job ended canceled, charged for what it produced."
     )
+
+    # and the page asked for the cancel itself, as well as closing the stream (a proxy
+    # that buffers the stream could hide the close from the server)
+    assert f"{app_server}/api/v1/jobs/{job.public_id}/cancel" in posts
 
     # and what the page read is the start of what the worker relayed, which was billed
     final = relayed(job)

@@ -261,6 +261,21 @@
     return parseJson(await response.text());
   }
 
+  // The server cancels a job whose client went away, but only if it sees the
+  // connection close: a proxy that buffers the stream may hide that, and leave the
+  // job running to its limit. So Stop also asks for the cancel; a job already
+  // ended answers 409, which is fine.
+  async function cancelStopped(jobId) {
+    const url = `${form.dataset.jobs}/${encodeURIComponent(jobId)}/cancel`;
+    const response = await fetch(url, {
+      method: "POST",
+      headers: headers(),
+      body: "{}",
+      credentials: "same-origin",
+    });
+    if (!response.ok && response.status !== 409) throw await refusal(response);
+  }
+
   // A stopped stream carries no usage: the job's own record says what it was
   // charged once its worker has settled it (within a second or two).
   async function billOfStopped(jobId) {
@@ -329,6 +344,7 @@
       if (failure && failure.name === "AbortError") {
         if (jobId) {
           try {
+            await cancelStopped(jobId);
             await billOfStopped(jobId);
           } catch (refused) {
             showError(refused.code || "error", refused.message || String(refused));
