@@ -244,15 +244,26 @@ def invitation_create(
             code="already_member", message=f"{email} is already a member.", status=409
         )
     token = secrets.token_urlsafe(32)
+    now = timezone.now()
     try:
         with transaction.atomic():
+            # An expired invitation admits nobody, but the uniqueness of open ones still
+            # counted it, so the address could never be invited again: it is closed
+            # (revoked) for the new one to take its place.
+            Invitation.objects.filter(
+                organization=organization,
+                email=email,
+                accepted_at__isnull=True,
+                revoked_at__isnull=True,
+                expires_at__lte=now,
+            ).update(revoked_at=now)
             invitation = Invitation.objects.create(
                 organization=organization,
                 email=email,
                 role=role,
                 token_hash=invitation_token_hash(token),
                 invited_by=actor if getattr(actor, "pk", None) else None,
-                expires_at=timezone.now() + INVITATION_TTL,
+                expires_at=now + INVITATION_TTL,
             )
     except IntegrityError:
         raise ApplicationError(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from urllib.parse import unquote
 
 import pytest
 from django.conf import settings
 from django.core import mail
 from django.test import Client
+from django.utils import timezone
 
 from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization, Role, Scope
 from accounts.services import membership_add, organization_create, user_signup
@@ -592,6 +594,25 @@ def test_inviting_the_same_email_twice_is_a_conflict(team, django_capture_on_com
     assert_error(response, 409, "invitation_exists")
     assert Invitation.objects.count() == 1
     assert len(mail.outbox) == 1
+
+
+def test_an_expired_invitation_gives_way_to_a_new_one(team, django_capture_on_commit_callbacks):
+    # given an invitation that expired unused
+    client = signed_in(team[Role.OWNER])
+    with django_capture_on_commit_callbacks(execute=True):
+        invite(client, team["org"], "x@example.test")
+    Invitation.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    # when the address is invited again
+    with django_capture_on_commit_callbacks(execute=True):
+        response = invite(client, team["org"], "x@example.test")
+
+    # then a new invitation is made and emailed, and the expired one is closed
+    assert response.status_code == 201
+    old, new = Invitation.objects.order_by("pk")
+    assert old.revoked_at is not None and new.revoked_at is None
+    assert new.expires_at > timezone.now()
+    assert len(mail.outbox) == 2
 
 
 @pytest.fixture
