@@ -11,7 +11,6 @@ import hashlib
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
 
 from django import forms
 from django.conf import settings
@@ -330,44 +329,49 @@ class PasswordResetSetView(PasswordResetConfirmView):
 class InvitationAcceptPage(View):
     """The invitation email's link: GET `token` shows what it invites to; POST accepts it.
 
-    Signed out, the page leads to signing in or up and back here (`next`). Signed in, its
-    POST accepts through invitation_accept, as the API does (the token is the permission;
-    the address must be the one invited), and the dashboard switches to the organization.
-    A refusal (unknown, expired, revoked, used, another address, no seat left) is this
-    page with the refusal's status and code.
+    The token leaves the address at once: the link's GET keeps it in the session and
+    answers with a redirect to the page without it, so that access logs, the history
+    and the `next` of signing in or up never hold it. Signed out, the page leads to
+    signing in or up and back here (the session keeps the token through both). Signed
+    in, its POST accepts through invitation_accept, as the API does (the token is the
+    permission; the address must be the one invited), and the dashboard switches to
+    the organization. A refusal (unknown, expired, revoked, used, another address, no
+    seat left) is this page with the refusal's status and code.
     """
 
     template_name = "registration/invitation.html"
     title = "Invitation"
+    session_key = "invitation_token"
 
     def get(self, request: HttpRequest) -> HttpResponse:
-        token = request.GET.get("token", "")
+        if "token" in request.GET:
+            request.session[self.session_key] = request.GET["token"]
+            return HttpResponseRedirect(reverse("invitation-page"))
+        token = request.session.get(self.session_key, "")
         person = request.user if request.user.is_authenticated else None
         try:
             invitation = invitation_to_accept(token=token, user=person)
         except ApplicationError as error:
             return self.refused(request, error)
-        context = {"invitation": invitation, "token": token, "here": self.here(token)}
+        context = {"invitation": invitation, "here": reverse("invitation-page")}
         return render(request, self.template_name, {"title": self.title, **context})
 
     def post(self, request: HttpRequest) -> HttpResponse:
-        token = request.POST.get("token", "")
+        # The API's way (a token in the body) or the page's (the one the link left).
+        token = request.POST.get("token") or request.session.get(self.session_key, "")
         if not request.user.is_authenticated:
-            return redirect_to_login(self.here(token))
+            return redirect_to_login(reverse("invitation-page"))
         try:
             membership = invitation_accept(token=token, user=request.user)
         except ApplicationError as error:
             return self.refused(request, error)
+        request.session.pop(self.session_key, None)
         organization = membership.organization
         request.session[SESSION_ORGANIZATION] = organization.slug
         messages.success(
             request, f"You joined {organization.name} as {Role(membership.role).label.lower()}."
         )
         return HttpResponseRedirect(reverse("dashboard"))
-
-    @staticmethod
-    def here(token: str) -> str:
-        return f"{reverse('invitation-page')}?{urlencode({'token': token})}"
 
     def refused(self, request: HttpRequest, error: ApplicationError) -> HttpResponse:
         return refusal_page(request, self.template_name, {"title": self.title}, error)

@@ -38,8 +38,27 @@ def invitation():
     return row, token
 
 
+PAGE = "/invitations/accept"
+
+
 def page(token: str) -> str:
-    return f"/invitations/accept?token={quote(token)}"
+    """The link in the invitation email."""
+    return f"{PAGE}?token={quote(token)}"
+
+
+def test_the_link_keeps_its_token_out_of_every_address_after_its_own(client, invitation):
+    # given the link in the email
+    _row, token = invitation
+
+    # when it is followed
+    followed = client.get(page(token), follow=True)
+
+    # then it is answered with a redirect to the page without the token (which the
+    # session keeps), and nothing the page shows or links to carries the token
+    assert followed.redirect_chain == [(PAGE, 302)]
+    assert followed.status_code == 200 and b"Acme Compute" in followed.content
+    assert token not in followed.content.decode()
+    assert quote(token, safe="") not in followed.content.decode()
 
 
 def test_signed_out_the_page_says_what_it_is_for_and_leads_to_signing_in_or_up_and_back(
@@ -47,12 +66,12 @@ def test_signed_out_the_page_says_what_it_is_for_and_leads_to_signing_in_or_up_a
 ):
     _row, token = invitation
 
-    response = client.get(page(token))
+    response = client.get(page(token), follow=True)
 
     assert response.status_code == 200
     body = response.content.decode()
     assert "Acme Compute" in body and "admin" in body.lower() and "zoe@example.test" in body
-    back = quote(page(token), safe="")
+    back = quote(PAGE, safe="")
     assert f'href="/login/?next={back}"' in body
     assert f'href="/signup/?next={back}"' in body
     assert "<form" not in body.split("<main>", 1)[1]  # nothing to accept before signing in
@@ -66,7 +85,7 @@ def test_signed_out_a_post_leads_to_signing_in_and_accepts_nothing(client, invit
 
     assert response.status_code == 302
     location = urlsplit(response["Location"])
-    assert location.path == "/login/" and parse_qs(location.query) == {"next": [page(token)]}
+    assert location.path == "/login/" and parse_qs(location.query) == {"next": [PAGE]}
     assert Invitation.objects.get(pk=row.pk).accepted_at is None
 
 
@@ -75,16 +94,17 @@ def test_signing_up_from_the_invitation_comes_back_to_it_and_accepting_joins(cli
     row, token = invitation
     org = row.organization
 
-    # when they sign up with the address invited, and accept
+    # when they sign up with the address invited, and accept on the page
+    client.get(page(token))
     signed_up = client.post(
-        "/signup/", {"email": "Zoe@Example.test", "password": PASSWORD, "next": page(token)}
+        "/signup/", {"email": "Zoe@Example.test", "password": PASSWORD, "next": PAGE}
     )
     shown = client.get(signed_up["Location"])
-    accepted = client.post("/invitations/accept", {"token": token})
+    accepted = client.post(PAGE)
     overview = client.get(accepted["Location"])
 
     # then they are back on the invitation, join as admin, and the dashboard acts for Acme
-    assert signed_up.status_code == 302 and signed_up["Location"] == page(token)
+    assert signed_up.status_code == 302 and signed_up["Location"] == PAGE
     assert shown.status_code == 200
     assert b"Acme Compute" in shown.content
     assert b'action="/invitations/accept"' in shown.content
@@ -97,17 +117,21 @@ def test_signing_up_from_the_invitation_comes_back_to_it_and_accepting_joins(cli
     assert b"You joined Acme Compute as admin." in overview.content
     zoe.refresh_from_db()
     assert zoe.email_verified is True  # the invitation came to that mailbox
+    assert "invitation_token" not in client.session  # used: no longer kept
 
 
 def test_signing_in_from_the_invitation_comes_back_to_it(client, invitation):
     _row, token = invitation
     user_signup(email="zoe@example.test", password=PASSWORD)
+    client.get(page(token))
 
     response = client.post(
-        "/login/", {"username": "zoe@example.test", "password": PASSWORD, "next": page(token)}
+        "/login/", {"username": "zoe@example.test", "password": PASSWORD, "next": PAGE}
     )
+    shown = client.get(response["Location"])
 
-    assert response.status_code == 302 and response["Location"] == page(token)
+    assert response.status_code == 302 and response["Location"] == PAGE
+    assert b"Join Acme Compute" in shown.content  # the session kept the token through it
 
 
 def expire(row: Invitation) -> None:
@@ -143,7 +167,7 @@ def test_an_invitation_that_cannot_be_accepted_is_refused_on_the_page_and_its_po
     before = Membership.objects.count()
 
     # when
-    shown = client.get(page(token))
+    shown = client.get(page(token), follow=True)
     posted = client.post("/invitations/accept", {"token": token})
 
     # then both are the page with the refusal, and nobody joined
@@ -153,7 +177,7 @@ def test_an_invitation_that_cannot_be_accepted_is_refused_on_the_page_and_its_po
 
 
 def test_an_unknown_token_is_not_found_signed_in_or_not(client, invitation):
-    signed_out = Client().get(page("not-a-token"))
+    signed_out = Client().get(page("not-a-token"), follow=True)
     client.force_login(UserFactory(email="zoe@example.test"))
     signed_in = client.post("/invitations/accept", {"token": "not-a-token"})
 
