@@ -12,6 +12,14 @@ cap it left unused, and what was away. What comes back fills that headroom
 and the rest expires on its way in, so the cap stays exact whichever of them
 come back, and in whatever order.
 
+A third kind is home but out of the trim's reach: credits over the cap that
+running jobs' holds will burn (the trim leaves them, so that each hold can
+settle). The carry records that excess (`held_over`) and the lots it is in;
+once the jobs have all settled, what they gave back of it expires
+(`rollover_holds_settle`, in the market's pending sweep, not on the
+settlement path), so the member ends with the cap, or less if the jobs
+spent into it.
+
 Locks: the seller's market lock (`seller_lock`) serializes these with the
 rollover, which holds it from before it counts until it has recorded what
 was away; the carries' rows are locked (primary-key order) before ledger
@@ -23,12 +31,21 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Sum
 
 from accounts.models import Organization
 from gymbilling.market.escrow import credits_expire_early, lots_remaining
 from gymbilling.models import FillStatus, MarketFill, PaymentReversal, RolloverCarry
-from metering.models import AccountKind, JournalTransaction, LotMovement, LotSource
+from gymbilling.sweeps import each_isolated
+from metering.models import (
+    AccountKind,
+    CreditLot,
+    Hold,
+    HoldStatus,
+    JournalTransaction,
+    LotMovement,
+    LotSource,
+)
 from metering.services import clawbacks_under, lots_trim
 from metering.services.ledger import organization_account
 
@@ -79,19 +96,36 @@ def rollover_carry_open(
         if lots_remaining(lots=_reserved_lots(fill), now=now) > 0
     ]
     clawbacks = _dispute_clawbacks_away(organization)
-    if not reserved and not clawbacks:
-        return None
     escrow_listed = Q(
         account__organization=organization,
         account__kind=AccountKind.ESCROW,
         market_listing_lot__listing__status="open",
     )
     wallet = Q(account__organization=organization, account__kind=AccountKind.WALLET)
-    held = lots_remaining(lots=(wallet | escrow_listed) & Q(source=LotSource.SUBSCRIPTION), now=now)
+    plan = Q(source=LotSource.SUBSCRIPTION)
+    held = lots_remaining(lots=(wallet | escrow_listed) & plan, now=now)
+    # What the trims left over the cap is what running jobs' holds will burn.
+    held_over = max(0, held - keep)
+    if not reserved and not clawbacks and not held_over:
+        return None
+    held_lots = (
+        sorted(
+            CreditLot.objects.filter(wallet & plan, remaining__gt=0)
+            .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+            .values_list("pk", flat=True)
+        )
+        if held_over
+        else []
+    )
     try:
         with transaction.atomic():
             carry = RolloverCarry.objects.create(
-                key=key, organization=organization, headroom=max(0, keep - held), memo=memo
+                key=key,
+                organization=organization,
+                headroom=max(0, keep - held),
+                memo=memo,
+                held_over=held_over,
+                held_lots=held_lots,
             )
     except IntegrityError:
         return RolloverCarry.objects.filter(key=key).first()
@@ -214,3 +248,67 @@ def rollover_reinstate_trim(
         key=f"rollover-return:{key}",
         memo=f"{carries[-1].memo}: disputed credits reinstated after the rollover",
     )
+
+
+def rollover_holds_settle(*, now: datetime) -> int:
+    """Expire what running jobs gave back of the plan credits they kept from a rollover's cap.
+
+    The rollover's trim leaves what pending holds will burn (their settlement
+    must find it), so the member held more than the cap while the jobs ran
+    (`RolloverCarry.held_over`). Once every hold placed by the rollover has
+    settled, what they burned of those lots was spent; the rest of the excess
+    came back, and expires now, as the rollover would have taken it had it been
+    free. Credits that later work holds meanwhile wait for the next sweep. Not
+    on the settlement path: the market's periodic sweep calls it. Each carry in
+    its own transaction; returns the micro-credits expired.
+    """
+    return each_isolated(
+        RolloverCarry.objects.filter(held_over__gt=0).order_by("pk").values_list("pk", flat=True),
+        lambda pk: _carry_holds_settle(carry_id=pk, now=now),
+        what="the held-credits trim of rollover carry",
+    )
+
+
+def _carry_holds_settle(*, carry_id: int, now: datetime) -> int:
+    from gymbilling.market.services import seller_lock
+
+    with transaction.atomic():
+        organization = RolloverCarry.objects.get(pk=carry_id).organization
+        # The rollover's lock first, as everything that trims for a carry takes it.
+        seller_lock(organization)
+        carry = RolloverCarry.objects.select_for_update().get(pk=carry_id)
+        if carry.held_over <= 0:
+            return 0
+        running_then = Hold.objects.filter(
+            organization=organization, created_at__lte=carry.created_at
+        )
+        if running_then.filter(status=HoldStatus.PENDING).exists():
+            return 0  # their captures may still burn these credits
+        # What those jobs burned of the lots was spent, not given back.
+        burned = -(
+            LotMovement.objects.filter(
+                lot_id__in=carry.held_lots,
+                transaction__in=running_then.filter(settled_at__gt=carry.created_at).values(
+                    "settle_transaction_id"
+                ),
+            ).aggregate(total=Sum("amount"))["total"]
+            or 0
+        )
+        due = carry.held_over - burned
+        expired = 0
+        if due > 0:
+            # Keyed by what is due: a trim that took less leaves the rest for a later key.
+            expired = lots_trim(
+                organization=organization,
+                lot_ids=carry.held_lots,
+                amount=due,
+                key=f"rollover-return:{carry.key}:held:{due}",
+                memo=f"{carry.memo}: held credits given back after the rollover",
+            )
+        left = due - expired
+        if left > 0 and lots_remaining(lots=Q(pk__in=carry.held_lots), now=now) > 0:
+            # Later work holds the rest: taken as that work gives it back.
+            RolloverCarry.objects.filter(pk=carry.pk).update(held_over=F("held_over") - expired)
+        else:
+            RolloverCarry.objects.filter(pk=carry.pk).update(held_over=0)
+        return expired

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.utils import timezone
 
+from gymbilling.market.rollover import rollover_holds_settle
 from gymbilling.market.services import (
     listings_expire,
     market_reversals_pending_settle,
@@ -29,4 +31,7 @@ def market_payouts_run_task() -> int:
 
 @shared_task
 def market_reversals_pending_settle_task() -> int:
-    return market_reversals_pending_settle()
+    """What running jobs gave back: of refunded purchases (taken back), and of plan credits
+    they kept from a rollover's cap (expired)."""
+    taken = market_reversals_pending_settle()
+    return taken + rollover_holds_settle(now=timezone.now())

@@ -505,7 +505,9 @@ class RolloverCarry(models.Model):
     unused, and the rest expires as it arrives: whatever order they come back
     in, the organization keeps min(cap, counted + what came back), what it
     would have kept had they been home. Reserved credits that are paid for
-    never come back, and use none of it.
+    never come back, and use none of it. Credits over the cap that running
+    jobs held (`held_over`) were home but left for the jobs to burn; what the
+    jobs give back of them expires once they have settled.
     """
 
     # The rollover's trim key (rollover:<subscription>:<period start>): one per rollover.
@@ -523,6 +525,13 @@ class RolloverCarry(models.Model):
     clawbacks = models.ManyToManyField(
         "metering.JournalTransaction", related_name="rollovers_missed", blank=True
     )
+    # Plan credits over the cap that the rollover's trim left because jobs running
+    # then held them (their settlement must be able to burn them): what those
+    # jobs give back of them expires when they have all settled
+    # (rollover.rollover_holds_settle, each sweep), up to this; 0 once done.
+    held_over = models.PositiveBigIntegerField(default=0)
+    # The wallet lots they are in (ids), where they come back to.
+    held_lots = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

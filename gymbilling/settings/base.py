@@ -429,7 +429,8 @@ CELERY_BEAT_SCHEDULE |= {
         "task": "gymbilling.market.tasks.market_payouts_run_task",
         "schedule": crontab(minute=23),
     },
-    # As billing-reversals-pending, for refunded marketplace purchases.
+    # As billing-reversals-pending, for refunded marketplace purchases; and the plan
+    # credits running jobs kept from a rollover's cap, as the jobs give them back.
     "market-reversals-pending": {
         "task": "gymbilling.market.tasks.market_reversals_pending_settle_task",
         "schedule": timedelta(seconds=10),
