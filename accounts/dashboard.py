@@ -205,6 +205,27 @@ class Confirmation:
     fields: tuple[tuple[str, str], ...] = ()  # (name, value) the confirming POST sends
 
 
+class PickQuery(forms.Form):
+    """`?<name>=<id>`: the row a page asks to confirm an action on (revoke, remove)."""
+
+    def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields[name] = forms.IntegerField(required=False, min_value=1)
+
+
+class PickPage(MemberPage):
+    """A page that asks before an action on one of its rows: `?<pick>=<id>` draws it with
+    that row's Confirmation; `get_context_data` takes the id as `picked` (None: none)."""
+
+    pick = ""
+
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        query = PickQuery(self.pick, request.GET)
+        if not query.is_valid():
+            return self.invalid(query, name="query")
+        return self.render_to_response(self.get_context_data(picked=query.cleaned_data[self.pick]))
+
+
 class OrganizationSwitchView(LoginRequiredMixin, TemplateView):
     """POST `organization` (a slug among the user's): later pages act for it."""
 

@@ -2,18 +2,20 @@
 
 from django.urls import path
 
-from accounts import views
+from accounts.views import keys, members
 
 urlpatterns = [
-    path("keys", views.ApiKeysPage.as_view(), name="dashboard-keys"),
-    path("keys/<int:key_id>/revoke", views.ApiKeyRevokePage.as_view(), name="dashboard-key-revoke"),
-    path("members", views.MembersPage.as_view(), name="dashboard-members"),
+    path("keys", keys.ApiKeysPage.as_view(), name="dashboard-keys"),
+    path("keys/<int:key_id>/revoke", keys.ApiKeyRevokePage.as_view(), name="dashboard-key-revoke"),
+    path("members", members.MembersPage.as_view(), name="dashboard-members"),
     path(
-        "members/<int:member_id>/role", views.MemberRolePage.as_view(), name="dashboard-member-role"
+        "members/<int:member_id>/role",
+        members.MemberRolePage.as_view(),
+        name="dashboard-member-role",
     ),
     path(
         "members/<int:member_id>/remove",
-        views.MemberRemovePage.as_view(),
+        members.MemberRemovePage.as_view(),
         name="dashboard-member-remove",
     ),
 ]

@@ -8,12 +8,12 @@ from accounts.dashboard import OrganizationSwitchView
 from accounts.views import (
     EmailVerificationSendView,
     EmailVerifyView,
-    InvitationAcceptPage,
     PasswordResetRequestView,
     PasswordResetSetView,
     SignInView,
     SignupView,
 )
+from accounts.views.members import InvitationAcceptPage
 from gymbilling.apis import StripeWebhookView
 from gymbilling.views import (
     HealthView,

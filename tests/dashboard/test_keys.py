@@ -12,7 +12,7 @@ from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
 
 from accounts.models import ApiKey, AuditEvent, Role, Scope
 from accounts.services import apikey_create
-from accounts.views import ApiKeysPage
+from accounts.views.keys import ApiKeysPage
 from tests.dashboard.conftest import assert_refused
 from tests.factories import OrganizationFactory
 
@@ -238,7 +238,9 @@ def test_an_error_report_of_creating_a_key_hides_its_secret(client, member, monk
 
     # then the frame that held the secret shows it masked
     [post] = [
-        f for f in frames if f["function"] == "post" and f["filename"].endswith("accounts/views.py")
+        f
+        for f in frames
+        if f["function"] == "post" and f["filename"].endswith("accounts/views/keys.py")
     ]
     variables = dict(post["vars"])
     assert variables["secret"] == SafeExceptionReporterFilter.cleansed_substitute

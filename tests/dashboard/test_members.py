@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from accounts.models import Invitation, Membership, Role
 from accounts.services import invitation_create, membership_add, user_signup
-from accounts.views import MembersPage
+from accounts.views.members import MembersPage
 from tests.dashboard.conftest import assert_refused
 from tests.factories import OrganizationFactory, UserFactory
 
