@@ -23,6 +23,7 @@ from django.contrib.auth.views import (
     PasswordResetView,
 )
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
@@ -295,6 +296,9 @@ class PasswordResetSetView(PasswordResetConfirmView):
     extra_context = {"title": "Set a new password"}
 
     def form_valid(self, form):
-        response = super().form_valid(form)
-        user_password_reset_done(user=form.user)
+        # One transaction: the new password stands only with the address verified and a
+        # squatter's keys revoked, never one without the other.
+        with transaction.atomic():
+            response = super().form_valid(form)
+            user_password_reset_done(user=form.user)
         return response
