@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 
 from accounts.errors import ApplicationError
 from accounts.models import Organization
@@ -15,6 +15,9 @@ from gymbilling.models import (
     CreditPack,
     Invoice,
     MarketReversal,
+    MoneyAccountKind,
+    MoneyEntry,
+    MoneyTransactionKind,
     PaymentReversal,
     Plan,
 )
@@ -137,3 +140,62 @@ def reversals_by_customer(*, start: datetime, end: datetime) -> list[dict]:
         label={},
     )
     return sorted(rows, key=lambda row: (row["customer"], row["currency"]))
+
+
+MARKET_FEE_SUMS = (
+    "fills",
+    "volume",
+    "fees_earned",
+    "fees_returned",
+    "fees_reinstated",
+    "fee_income",
+)
+
+
+def market_fee_income(*, start: datetime, end: datetime) -> list[dict]:
+    """The gym's own marketplace income over [start, end), per currency, in minor units,
+    for finance's revenue report (which recognizes resold credits at their original sale,
+    so this is the only place the marketplace's fees appear).
+
+    Read from the money ledger's postings in these days, not from the fills' figures, so it
+    is what the books say (`ledger_reconcile` checks the fills against them):
+    - `fills`, `volume`: fills delivered (each books one sale) and what their buyers paid;
+    - `fees_earned`: the fees booked on them (`fee:<fill>`, into platform fees);
+    - `fees_returned`: the fee share refunds and disputes in these days took out of
+      platform fees, whenever the fill was sold (in proportion, rounded down: services);
+    - `fees_reinstated`: the fee share disputes won in these days gave back;
+    - `fee_income`: every movement of the platform fees account in these days, which is
+      earned - returned + reinstated (the only postings to it), and its balance at `end`
+      less its balance at `start`.
+    One row per currency with any of these; nothing is added across currencies.
+    """
+    fees = Q(account__kind=MoneyAccountKind.PLATFORM_FEES)
+    sales = Q(
+        account__kind=MoneyAccountKind.BUYER_CLEARING,
+        transaction__kind=MoneyTransactionKind.SALE,
+    )
+
+    def summed(only: Q) -> Sum:
+        return Sum("amount", filter=only, default=0)
+
+    rows = (
+        # System accounts only: platform fees and buyer clearing are one per currency.
+        MoneyEntry.objects.filter(
+            fees | sales,
+            account__organization__isnull=True,
+            transaction__created_at__gte=start,
+            transaction__created_at__lt=end,
+        )
+        .values("transaction__currency")
+        .annotate(
+            fills=Count("transaction", filter=sales, distinct=True),
+            # A sale posts -gross to buyer clearing (the buyer's money, on its way).
+            volume=-summed(sales),
+            fees_earned=summed(fees & Q(transaction__kind=MoneyTransactionKind.FEE)),
+            fees_returned=-summed(fees & Q(transaction__kind=MoneyTransactionKind.REVERSAL)),
+            fees_reinstated=summed(fees & Q(transaction__kind=MoneyTransactionKind.REINSTATEMENT)),
+            fee_income=summed(fees),
+        )
+        .order_by("transaction__currency")
+    )
+    return [{"currency": row.pop("transaction__currency"), **row} for row in rows]

@@ -20,14 +20,17 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
-from gymbilling.models import CreditPack, PaymentReversal
+from gymbilling import stripe_client
+from gymbilling.models import CreditPack, MarketReversal, PaymentReversal
+from gymbilling.selectors import market_fee_income, reversals_by_customer
 from gymbilling.services import catalog_sync
 from gymbilling.services.refunds import payment_refund
 from metering.models import CreditLot, UsageRecord
+from metering.reconcile import ledger_reconcile
 from metering.selectors import report_totals, usage_margin_report
 from tests.factories import OrganizationFactory, UserFactory
 from tests.gymbilling.billing.conftest import report_rows
-from tests.gymbilling.market.conftest import market_member, sold
+from tests.gymbilling.market.conftest import market_member, money, sold
 from tests.helpers import credits, job_settled
 
 pytestmark = pytest.mark.django_db
@@ -214,6 +217,151 @@ def test_two_currencies_are_never_added_together(buy):
         ("eur", "eur"): (550, 30, 520),
         ("eur", "usd"): (110, 9, None),
     }
+
+
+# --- the marketplace's fee income ---------------------------------------------------------
+#
+# Money ledger rows are append-only (their timestamps cannot be moved), so each test takes
+# its periods' edges as real instants between what it does.
+
+
+def _fees(start, end) -> dict[str, dict]:
+    return {row["currency"]: row for row in market_fee_income(start=start, end=end)}
+
+
+def _fee_figures(row: dict) -> tuple[int, ...]:
+    """fills, volume, fees earned, returned, reinstated, fee income."""
+    return (
+        row["fills"],
+        row["volume"],
+        row["fees_earned"],
+        row["fees_returned"],
+        row["fees_reinstated"],
+        row["fee_income"],
+    )
+
+
+def _refund(order, amount: int) -> None:
+    """Finance refund part of a marketplace payment, at Stripe, applied at once."""
+    refund = payment_refund(
+        organization=order.buyer,
+        payment_intent_id=order.stripe_payment_intent_id,
+        amount=amount,
+        note="Not what they expected",
+        key=uuid.uuid4().hex,
+        actor=None,
+    )
+    assert refund["gym_applied"]
+
+
+def test_a_delivered_fill_s_fee_is_income_in_its_currency_and_its_days(market_stripe):
+    # given a member who sells 100 credits at $12.34 per 1,000 credits
+    seller = market_member(credits_amount=credits(1_000))
+    buyer = market_member()
+    before = timezone.now()
+
+    # when another member buys them: $1.24 paid, of which the gym's 10% fee is $0.12
+    order = sold(market_stripe, seller, buyer, quantity=credits(100), price=1_234)
+    after = timezone.now()
+
+    # then the fee is the gym's income in dollars, in the days of the sale, and nowhere else
+    assert (order.amount_total, order.fills.get().fee) == (124, 12)
+    assert {c: _fee_figures(row) for c, row in _fees(before, after).items()} == {
+        "usd": (1, 124, 12, 0, 0, 12)
+    }
+    assert _fees(before - timedelta(days=1), before) == {}
+    assert _fees(after, after + timedelta(days=1)) == {}
+
+
+def test_a_refund_lowers_fee_income_in_its_own_days_as_the_platform_fee_account_moves(
+    market_stripe,
+):
+    # given a sale in an earlier period: $1.24 for 100 credits, fee $0.12
+    seller = market_member(credits_amount=credits(1_000))
+    first_buyer, second_buyer = market_member(), market_member()
+    start = timezone.now()
+    first = sold(market_stripe, seller, first_buyer, quantity=credits(100), price=1_234)
+    edge, fees_at_edge = timezone.now(), money("platform_fees")
+
+    # when, in the next period, another sale ($2.00, fee $0.20) and a refund of half of
+    # the first ($0.62: its fee share comes back, 12 x 62 / 124 = 6)
+    sold(market_stripe, seller, second_buyer, quantity=credits(200), price=1_000)
+    _refund(first, 62)
+    end, fees_at_end = timezone.now(), money("platform_fees")
+
+    # then the earlier period keeps its fee; the later one has its own sale's fee less
+    # the refund's share (the first fill, sold before, is not counted in it again)
+    earlier, later = _fees(start, edge)["usd"], _fees(edge, end)["usd"]
+    assert _fee_figures(earlier) == (1, 124, 12, 0, 0, 12)
+    assert _fee_figures(later) == (1, 200, 20, 6, 0, 14)
+    assert MarketReversal.objects.get().fee_reversed == 6
+    # and each period's income is what the platform fees account moved in it, as the
+    # books have it (its balance at each edge)
+    assert (fees_at_edge, fees_at_end) == (12, 26)
+    assert earlier["fee_income"] == fees_at_edge - 0
+    assert later["fee_income"] == fees_at_end - fees_at_edge
+    # and the refunds table of the same days says the same fee share came back
+    [refunds] = reversals_by_customer(start=edge, end=end)
+    assert (refunds["customer"], refunds["market_fees_reversed"]) == (first_buyer.slug, 6)
+    assert ledger_reconcile().ok
+
+
+def test_a_dispute_takes_the_fee_back_and_a_won_one_returns_it_in_their_days(
+    market_stripe, deliver
+):
+    # given a sale: $1.24, fee $0.12
+    seller = market_member(credits_amount=credits(1_000))
+    order = sold(market_stripe, seller, market_member(), quantity=credits(100), price=1_234)
+    deliver()
+    disputed_from = timezone.now()
+
+    # when the buyer disputes the payment in full, and later the gym wins the dispute
+    charge = stripe_client.payment_intent_charge(order.stripe_payment_intent_id)["id"]
+    dispute = market_stripe.standin.dispute(charge)["id"]
+    assert deliver() == ["processed"]
+    won_from, fees_after_dispute = timezone.now(), money("platform_fees")
+    market_stripe.standin.close_dispute(dispute, status="won")
+    assert deliver() == ["processed", "processed"]
+    won_until = timezone.now()
+
+    # then the dispute's days lose the whole fee, the win's days get it back: each the
+    # movement of the platform fees account in those days
+    assert fees_after_dispute == 0
+    assert _fee_figures(_fees(disputed_from, won_from)["usd"]) == (0, 0, 0, 12, 0, -12)
+    assert _fee_figures(_fees(won_from, won_until)["usd"]) == (0, 0, 0, 0, 12, 12)
+    assert money("platform_fees") == 12
+    assert _fee_figures(_fees(disputed_from - timedelta(days=1), won_until)["usd"]) == (
+        1,
+        124,
+        12,
+        12,
+        12,
+        12,
+    )
+
+
+def test_fee_income_in_two_currencies_is_never_added_together(market_stripe, settings):
+    # given a marketplace that trades in dollars and euros
+    settings.MARKET_CURRENCIES = ["usd", "eur"]
+    seller = market_member(credits_amount=credits(1_000))
+    start = timezone.now()
+
+    # when 100 credits sell for dollars ($1.24, fee 12 cents) and 300 for euros at 5.00
+    # euros per 1,000 credits (1.50 euros, fee 15 cents), and the euro sale is refunded
+    # in full
+    sold(market_stripe, seller, market_member(), quantity=credits(100), price=1_234)
+    in_euros = sold(
+        market_stripe, seller, market_member(), quantity=credits(300), price=500, currency="eur"
+    )
+    _refund(in_euros, 150)
+    end = timezone.now()
+
+    # then each currency has its own row: the euro fee came back in full, the dollar one stays
+    assert {c: _fee_figures(row) for c, row in _fees(start, end).items()} == {
+        "eur": (1, 150, 15, 15, 0, 0),
+        "usd": (1, 124, 12, 0, 0, 12),
+    }
+    assert (money("platform_fees", "usd"), money("platform_fees", "eur")) == (12, 0)
 
 
 # --- the page -----------------------------------------------------------------------------

@@ -135,12 +135,14 @@ def paid_session(stripe: MarketStripe, order: MarketOrder) -> dict:
     return stripe.pay(order.checkout.stripe_session_id)
 
 
-def sold(stripe: MarketStripe, seller, buyer, *, quantity=100 * MICRO, price=1234) -> MarketOrder:
+def sold(
+    stripe: MarketStripe, seller, buyer, *, quantity=100 * MICRO, price=1234, currency="usd"
+) -> MarketOrder:
     """`quantity` of the seller's credits listed at `price`, bought by the buyer, paid."""
     from gymbilling.market.services import listing_create, market_checkout_handle, order_create
 
-    listing_create(seller=seller, quantity=quantity, price_per_1k=price, currency="usd")
-    order = order_create(buyer=buyer, quantity=quantity, max_price_per_1k=price, currency="usd")
+    listing_create(seller=seller, quantity=quantity, price_per_1k=price, currency=currency)
+    order = order_create(buyer=buyer, quantity=quantity, max_price_per_1k=price, currency=currency)
     market_checkout_handle(order.checkout, paid_session(stripe, order))
     order.refresh_from_db()
     return order
