@@ -25,7 +25,7 @@ from gymbilling.models import (
     StripePrice,
     Subscription,
 )
-from gymbilling.selectors import REVERSAL_SUMS, reversals_by_customer
+from gymbilling.selectors import REVERSAL_SUMS, market_fee_income, reversals_by_customer
 from gymbilling.services import stripe_event_process
 from gymbilling.services.refunds import payment_refund
 from metering.admin import (
@@ -451,9 +451,36 @@ def reversals_table(*, start, end) -> ReportTable:
     )
 
 
-# The usage records' admin, whose revenue report gains the refunds and disputes that only
-# billing knows (metering knows nothing of payments; DESIGN: gymbilling keeps the finance
-# reports). Registered again here, after metering's admin registered it.
+_MARKET_FEE_COLUMNS = [
+    ("currency", lambda row: row["currency"]),
+    ("fills delivered", number_cell("fills")),
+    ("marketplace volume (minor units)", number_cell("volume")),
+    ("fees earned (minor units)", number_cell("fees_earned")),
+    ("fees returned by refunds and disputes (minor units)", number_cell("fees_returned")),
+    ("fees reinstated by disputes won (minor units)", number_cell("fees_reinstated")),
+    ("fee income (minor units)", number_cell("fee_income")),
+]
+
+
+def market_fees_table(*, start, end) -> ReportTable:
+    """The revenue report's marketplace fee income, one row per currency (each row is that
+    currency's total: nothing to add up across them)."""
+    rows = market_fee_income(start=start, end=end)
+    report_cells(rows, _MARKET_FEE_COLUMNS)
+    return ReportTable(
+        key="marketplace_fees",
+        title="Marketplace fee income",
+        columns=[name for name, _ in _MARKET_FEE_COLUMNS],
+        rows=rows,
+        totals=[],
+        empty="No marketplace sale, refund or dispute in these days.",
+    )
+
+
+# The usage records' admin, whose revenue report gains the refunds and disputes and the
+# marketplace's fees that only billing knows (metering knows nothing of payments; DESIGN:
+# gymbilling keeps the finance reports). Registered again here, after metering's admin
+# registered it.
 admin.site.unregister(UsageRecord)
 
 
@@ -463,4 +490,5 @@ class BilledUsageRecordAdmin(UsageRecordAdmin):
         return [
             *super().report_tables(start=start, end=end, group_by=group_by),
             reversals_table(start=start, end=end),
+            market_fees_table(start=start, end=end),
         ]

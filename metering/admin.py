@@ -436,8 +436,8 @@ class UsageRecordAdmin(ReadOnlyAdmin):
 
     def report_tables(self, *, start: datetime, end: datetime, group_by: str) -> list[ReportTable]:
         """The page's tables over [start, end): usage, revenue and margin per `group_by`.
-        gymbilling's admin adds what only it knows (refunds and disputes per customer):
-        metering knows nothing of payments."""
+        gymbilling's admin adds what only it knows (refunds and disputes per customer, the
+        marketplace's fee income): metering knows nothing of payments."""
         return [usage_margin_table(start=start, end=end, group_by=group_by)]
 
     def report_view(self, request):

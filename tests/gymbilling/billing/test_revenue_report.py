@@ -413,6 +413,16 @@ def _finance_client() -> Client:
     return client
 
 
+def _today_query(group_by: str) -> dict[str, str]:
+    """The report's form for today, a day either side (no test runs across a day's edge)."""
+    today = timezone.now().date()
+    return {
+        "start": (today - timedelta(days=1)).isoformat(),
+        "end": (today + timedelta(days=1)).isoformat(),
+        "group_by": group_by,
+    }
+
+
 def test_finance_read_revenue_and_refunds_on_the_page_and_export_each_table(buy):
     # given a member who bought a Boost 1k pack ($12.00), burned 300 credits of it on
     # one job, then was refunded $3.00
@@ -430,12 +440,7 @@ def test_finance_read_revenue_and_refunds_on_the_page_and_export_each_table(buy)
     )
     assert PaymentReversal.objects.get(organization=org).amount == 300
     client = _finance_client()
-    today = timezone.now().date()
-    query = {
-        "start": (today - timedelta(days=1)).isoformat(),
-        "end": (today + timedelta(days=1)).isoformat(),
-        "group_by": "organization",
-    }
+    query = _today_query("organization")
     url = "/admin/metering/usagerecord/report/"
 
     # when finance open the report per customer, and export each of its tables
@@ -474,17 +479,9 @@ def test_each_grouping_renders_with_its_figures(buy, group_by):
     org = OrganizationFactory(slug="pro-member")
     buy(org, plan="pro")
     job_settled(org, credits(1_200), model_name="gym-large", serving_cost=99)
-    today = timezone.now().date()
 
     # when finance open the report in each grouping
-    page = _finance_client().get(
-        "/admin/metering/usagerecord/report/",
-        {
-            "start": (today - timedelta(days=1)).isoformat(),
-            "end": (today + timedelta(days=1)).isoformat(),
-            "group_by": group_by,
-        },
-    )
+    page = _finance_client().get("/admin/metering/usagerecord/report/", _today_query(group_by))
 
     # then its row names the model, plan or customer with the job's revenue (a tenth of
     # $99.00) and cost
@@ -509,4 +506,53 @@ def test_the_page_links_each_table_s_export():
 
     assert page.status_code == 200
     links = re.findall(r'class="report-export" href="([^"]+)"', page.content.decode())
-    assert [link.rsplit("export=", 1)[1] for link in links] == ["model", "reversals"]
+    assert [link.rsplit("export=", 1)[1] for link in links] == [
+        "model",
+        "reversals",
+        "marketplace_fees",
+    ]
+
+
+def test_finance_read_the_marketplace_fee_income_on_the_page_and_in_its_csv(market_stripe):
+    # given today a marketplace sale ($1.24, fee $0.12) refunded in part ($0.62: fee $0.06
+    # back)
+    seller = market_member(credits_amount=credits(1_000))
+    order = sold(market_stripe, seller, market_member(), quantity=credits(100), price=1_234)
+    _refund(order, 62)
+    client = _finance_client()
+    query = _today_query("model")
+    url = "/admin/metering/usagerecord/report/"
+
+    # when finance open the report and export its marketplace fee table
+    page = client.get(url, query)
+    exported = client.get(url, {**query, "export": "marketplace_fees"})
+
+    # then the page shows the fee income per currency in a table of its own, and says what
+    # it is
+    assert page.status_code == 200
+    assert "<h2>Marketplace fee income</h2>" in page.content.decode()
+    header, row = _tables(page.content)["marketplace_fees"]
+    assert dict(zip(header, row, strict=True)) == {
+        "currency": "usd",
+        "fills delivered": "1",
+        "marketplace volume (minor units)": "124",
+        "fees earned (minor units)": "12",
+        "fees returned by refunds and disputes (minor units)": "6",
+        "fees reinstated by disputes won (minor units)": "0",
+        "fee income (minor units)": "6",
+    }
+    assert "movement of the" in page.content.decode()
+    # and its CSV holds the very cells of the table, header first
+    assert exported.status_code == 200
+    assert exported["Content-Type"].startswith("text/csv")
+    assert "marketplace_fees-" in exported["Content-Disposition"]
+    assert list(csv.reader(io.StringIO(exported.content.decode()))) == [header, row]
+
+
+def test_days_without_marketplace_activity_say_so():
+    page = _finance_client().get("/admin/metering/usagerecord/report/")
+
+    assert page.status_code == 200
+    assert _tables(page.content)["marketplace_fees"][1:] == [
+        ["No marketplace sale, refund or dispute in these days."]
+    ]
