@@ -35,7 +35,7 @@ from metering.admin import (
     UsageRecordAdmin,
     credits_cell,
     number_cell,
-    report_cells,
+    report_table,
 )
 from metering.models import UsageRecord
 from metering.selectors import rows_summed
@@ -439,12 +439,10 @@ def reversals_table(*, start, end) -> ReportTable:
     """The revenue report's refunds and disputes per customer, with totals per currency."""
     rows = reversals_by_customer(start=start, end=end)
     totals = rows_summed(rows, keys=("currency",), sums=REVERSAL_SUMS, label={"customer": "total"})
-    report_cells(rows, _REVERSAL_COLUMNS)
-    report_cells(totals, _REVERSAL_COLUMNS)
-    return ReportTable(
+    return report_table(
         key="reversals",
         title="Refunds and disputes per customer",
-        columns=[name for name, _ in _REVERSAL_COLUMNS],
+        columns=_REVERSAL_COLUMNS,
         rows=rows,
         totals=totals,
         empty="No refund or dispute in these days.",
@@ -465,13 +463,11 @@ _MARKET_FEE_COLUMNS = [
 def market_fees_table(*, start, end) -> ReportTable:
     """The revenue report's marketplace fee income, one row per currency (each row is that
     currency's total: nothing to add up across them)."""
-    rows = market_fee_income(start=start, end=end)
-    report_cells(rows, _MARKET_FEE_COLUMNS)
-    return ReportTable(
+    return report_table(
         key="marketplace_fees",
         title="Marketplace fee income",
-        columns=[name for name, _ in _MARKET_FEE_COLUMNS],
-        rows=rows,
+        columns=_MARKET_FEE_COLUMNS,
+        rows=market_fee_income(start=start, end=end),
         totals=[],
         empty="No marketplace sale, refund or dispute in these days.",
     )

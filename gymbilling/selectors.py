@@ -142,16 +142,6 @@ def reversals_by_customer(*, start: datetime, end: datetime) -> list[dict]:
     return sorted(rows, key=lambda row: (row["customer"], row["currency"]))
 
 
-MARKET_FEE_SUMS = (
-    "fills",
-    "volume",
-    "fees_earned",
-    "fees_returned",
-    "fees_reinstated",
-    "fee_income",
-)
-
-
 def market_fee_income(*, start: datetime, end: datetime) -> list[dict]:
     """The gym's own marketplace income over [start, end), per currency, in minor units,
     for finance's revenue report (which recognizes resold credits at their original sale,

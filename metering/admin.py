@@ -311,10 +311,27 @@ class ReportTable:
     empty: str = "Nothing in these days."
 
 
-def report_cells(table_rows: list[dict], columns: list[tuple[str, Callable]]) -> None:
-    """Give each row its `cells`: each column's display function applied to the row."""
-    for row in table_rows:
+def report_table(
+    *,
+    key: str,
+    title: str,
+    columns: list[tuple[str, Callable[[dict], str]]],
+    rows: list[dict],
+    totals: list[dict],
+    empty: str,
+) -> ReportTable:
+    """The table of these rows and totals, each given its `cells`: each column's display
+    function (`columns`: name and function) applied to it."""
+    for row in [*rows, *totals]:
         row["cells"] = [show(row) for _, show in columns]
+    return ReportTable(
+        key=key,
+        title=title,
+        columns=[name for name, _ in columns],
+        rows=rows,
+        totals=totals,
+        empty=empty,
+    )
 
 
 def credits_cell(name: str) -> Callable[[dict], str]:
@@ -378,12 +395,10 @@ def usage_margin_table(*, start: datetime, end: datetime, group_by: str) -> Repo
     for row in rows:  # for those who read the rows (tests, a later API)
         row["credits_display"] = amount_display(row["credits"])
         row["engine_busy_hours"] = _engine_busy_hours(row)
-    report_cells(rows, columns)
-    report_cells(totals, columns)
-    return ReportTable(
+    return report_table(
         key=group_by,
         title=f"Usage, revenue and margin per {label}",
-        columns=[name for name, _ in columns],
+        columns=columns,
         rows=rows,
         totals=totals,
         empty="No usage in these days.",
