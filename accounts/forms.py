@@ -3,6 +3,8 @@
 Sign-up, the admin and the manager store an address lower-cased
 (User.objects.canonical_email); Django's sign-in forms look the typed username up as
 typed, so "Ada@Example.test", the very address someone signed up with, matched nobody.
+An account whose address is unverified does not sign in with its password alone
+(_EmailSignIn).
 """
 
 from __future__ import annotations
@@ -15,16 +17,38 @@ from accounts.models import User
 from accounts.services.mail import email_send_on_commit
 
 
-class _CanonicalUsername:
+class _EmailSignIn:
+    """The address matched in the form it is stored in; an unverified address refused.
+
+    An account whose address is unverified (made by signing up, or whose address staff
+    changed) signs in only through the link emailed to the address, with its password
+    (accounts.views.EmailVerifyView): signing in with the password alone would let
+    whoever signed up under someone else's address use the account, and would tell them
+    that the address had no account before (the sign-up page answers alike either way).
+    The refusal is the wrong password's, word for word, after the same password check.
+    """
+
     def clean_username(self) -> str:
         return User.objects.canonical_email(self.cleaned_data.get("username"))
 
+    def confirm_login_allowed(self, user) -> None:
+        super().confirm_login_allowed(user)
+        if not user.email_verified:
+            raise self.get_invalid_login_error()
 
-class EmailAuthenticationForm(_CanonicalUsername, AuthenticationForm):
+
+class EmailAuthenticationForm(_EmailSignIn, AuthenticationForm):
     """The dashboard's sign-in (accounts.views.SignInView)."""
 
+    error_messages = {
+        **AuthenticationForm.error_messages,
+        "invalid_login": "Wrong %(username)s or password. If you have just signed up, or "
+        "your address was changed, follow the link we emailed you first: it verifies the "
+        "address and signs you in.",
+    }
 
-class AdminEmailAuthenticationForm(_CanonicalUsername, AdminAuthenticationForm):
+
+class AdminEmailAuthenticationForm(_EmailSignIn, AdminAuthenticationForm):
     """The admin's sign-in: staff only, as Django's."""
 
 

@@ -11,6 +11,7 @@ from accounts.views import (
     PasswordResetRequestView,
     PasswordResetSetView,
     SignInView,
+    SignupDoneView,
     SignupView,
 )
 from accounts.views.members import InvitationAcceptPage
@@ -50,6 +51,7 @@ urlpatterns = [
         name="password_reset_complete",
     ),
     path("signup/", SignupView.as_view(), name="signup"),
+    path("signup/done", SignupDoneView.as_view(), name="signup-done"),
     path("verify-email", EmailVerifyView.as_view(), name="verify-email"),
     path("verify-email/send", EmailVerificationSendView.as_view(), name="verify-email-send"),
     # The link in the invitation email (accounts.services.invitation_create).

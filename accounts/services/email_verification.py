@@ -31,18 +31,25 @@ def email_verification_token(*, user: User) -> str:
     )
 
 
+def email_verification_link(*, user: User) -> str:
+    """The link that proves `user`'s current address (the verification page's URL, signed)."""
+    token = email_verification_token(user=user)
+    return f"{settings.SITE_URL.rstrip('/')}/verify-email?{urlencode({'token': token})}"
+
+
 def user_email_verification_send(*, user: User) -> None:
     """Email `user` a link that proves their address, once the caller's transaction commits."""
-    token = email_verification_token(user=user)
-    link = f"{settings.SITE_URL.rstrip('/')}/verify-email?{urlencode({'token': token})}"
+    link = email_verification_link(user=user)
     days = EMAIL_VERIFICATION_TTL.days
     email_send_on_commit(
         to=user.email,
         subject="Verify your email address for GymBilling",
         body=(
             f"Follow this link to verify {user.email}: {link}\n"
-            f"It works for {days} days. Until then, nobody can add your account to "
-            "an organization by its address (an invitation still reaches you).\n"
+            f"It asks for the account's password, verifies the address and signs you in; "
+            f"it works for {days} days. Until then, the account cannot sign in, and nobody "
+            "can add it to an organization by its address (an invitation still reaches "
+            "you).\n"
             "If you did not sign up, ignore this email."
         ),
     )
@@ -52,16 +59,21 @@ def _refused(code: str, message: str) -> ApplicationError:
     return ApplicationError(code=code, message=message, status=400, param="token")
 
 
-def email_verification_account(*, token: str, user: User) -> User:
-    """The account the link's `token` proves an address of, which must be `user`'s, or the
-    refusal that says why not; changes nothing (the page's GET shows it, to ask)."""
+def email_verification_account(*, token: str, user: User | None) -> User:
+    """The account the link's `token` proves an address of, or the refusal that says why
+    not; changes nothing (the page's GET shows it, to ask).
+
+    `user`: the account signed in, which must be the one the link names; None: nobody is
+    signed in, and the page asks for the named account's password instead.
+    """
     signer = signing.TimestampSigner(salt=EMAIL_VERIFICATION_SALT)
     try:
         claim = signer.unsign_object(token, max_age=EMAIL_VERIFICATION_TTL)
     except signing.SignatureExpired:
         raise _refused(
             "verification_expired",
-            "This link has expired. Ask for a new one on the overview.",
+            "This link has expired. Signed in, ask for a new one on the overview; signed "
+            "out, sign up again with the address: the email it sends carries a new one.",
         ) from None
     except signing.BadSignature:
         raise _refused(
@@ -71,7 +83,7 @@ def email_verification_account(*, token: str, user: User) -> User:
     # mailbox (the link) and the account's password. A link alone verified when a mail
     # scanner, or the address's real owner, opened it, and a squatter who had signed up
     # with someone else's address was then trusted with it.
-    if claim.get("user") != user.pk:
+    if user is not None and claim.get("user") != user.pk:
         raise ApplicationError(
             code="verification_wrong_account",
             message="This link is for another account. Sign out, and sign in as the account "
@@ -79,7 +91,9 @@ def email_verification_account(*, token: str, user: User) -> User:
             status=403,
             param="token",
         )
-    if claim.get("email") != user.email:
+    if user is None:
+        user = User.objects.filter(pk=claim.get("user"), is_active=True).first()
+    if user is None or claim.get("email") != user.email:
         raise _refused(
             "verification_invalid",
             "This link is for an address the account no longer has; ask for a new one.",

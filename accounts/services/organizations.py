@@ -16,6 +16,8 @@ from accounts.selectors import invitation_to_accept, invitation_token_hash
 from accounts.services.api_keys import KEYS
 from accounts.services.audit import audit_record
 from accounts.services.email_verification import (
+    EMAIL_VERIFICATION_TTL,
+    email_verification_link,
     user_email_mark_verified,
     user_email_verification_send,
 )
@@ -56,26 +58,61 @@ def organization_create(
 
 
 @transaction.atomic
-def user_signup(*, email: str, password: str | None) -> User:
-    """A new user and their personal organization, which they own.
+def user_signup(*, email: str, password: str | None) -> User | None:
+    """A new user and their personal organization, which they own; or, when the address
+    already has an account, None, and that account's owner is told by email.
 
-    Anyone may sign up under any address, so the account starts unverified, and is
-    emailed the link that proves the address (user_email_verify).
+    Anyone may sign up under any address, so the new account starts unverified, and is
+    emailed the link that proves the address (user_email_verify); it cannot sign in
+    before (accounts.forms). A taken address changes nothing about its account and
+    makes none: its owner is emailed that someone tried, with the ways in (sign-in, a
+    new password). Either way one email goes out and the password is hashed, so that
+    the caller can answer both alike, in about the same time: the answer to sign-up
+    must not say which addresses have accounts (SignupView).
     """
     email = User.objects.canonical_email(email)
     try:
         with transaction.atomic():
+            # The password is hashed before the insert is tried, on both branches.
             user = User.objects.create_user(email, password, email_verified=False)
     except IntegrityError:
-        raise ApplicationError(
-            code="email_taken", message="That email address already has an account.", status=409
-        ) from None
+        existing = User.objects.filter(email__iexact=email).first()
+        if existing is not None:
+            _signup_attempt_notify(user=existing)
+        return None
     base = slugify(email.split("@")[0])[:40] or "user"
     organization_create(
         slug=f"{base}-{secrets.token_hex(3)}", name=email, owner=user, personal=True
     )
     user_email_verification_send(user=user)
     return user
+
+
+def _signup_attempt_notify(*, user: User) -> None:
+    """Tell the owner of `user`'s address that someone tried to sign up with it: how to
+    sign in, how to set a new password, and, while the address is unverified, the link
+    that verifies it (the account cannot sign in without it)."""
+    site = settings.SITE_URL.rstrip("/")
+    lines = [
+        f"Someone, perhaps you, tried to create a GymBilling account with {user.email}. "
+        "The address already has one: no account was made, and nothing about yours "
+        "changed.",
+        f"To sign in: {site}/login/",
+        f"Forgotten your password? Set a new one: {site}/password-reset/",
+    ]
+    if not user.email_verified:
+        link = email_verification_link(user=user)
+        lines.append(
+            f"Your address is not verified yet; this link verifies it and signs you in "
+            f"(it asks for your password, and works for {EMAIL_VERIFICATION_TTL.days} "
+            f"days): {link}"
+        )
+    lines.append("If it was not you, you need do nothing.")
+    email_send_on_commit(
+        to=user.email,
+        subject="Someone tried to sign up to GymBilling with your address",
+        body="\n".join(lines) + "\n",
+    )
 
 
 def _refused(message: str) -> ApplicationError:

@@ -7,15 +7,17 @@ Signing in is Django's view, limited (SignInView); signing out is Django's own
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from django import forms
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth import login, password_validation
+from django.contrib.auth import authenticate, login, password_validation
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.contrib.auth.views import (
     LoginView,
@@ -50,6 +52,7 @@ from accounts.services.email_verification import (
     email_verification_account,
     user_password_reset_done,
 )
+from accounts.views.members import InvitationAcceptPage
 
 # --- limits on people's own attempts ----------------------------------------------------
 
@@ -99,16 +102,19 @@ def _email_scope(email: str) -> str:
     return f"email:{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"
 
 
-def sign_in_count(request: HttpRequest) -> None:
-    """Count a sign-in attempt (the dashboard's, the admin's) per network address and per
-    address tried, or refuse it (429, `rate_limited`) before its password is checked:
-    a guess over the limit learns nothing, right or wrong."""
+def sign_in_count(request: HttpRequest, *, email: str | None = None) -> None:
+    """Count a sign-in attempt (the dashboard's, the admin's, a verification link's) per
+    network address and per address tried (`email`; else the form's `username`), or
+    refuse it (429, `rate_limited`) before its password is checked: a guess over the
+    limit learns nothing, right or wrong."""
+    if email is None:
+        email = request.POST.get("username", "")
     rate_limit_consume(
         kind="sign-ins",
         limits=[
             Limit(scope=f"ip:{client_address(request)}", limit=settings.RATELIMIT_SIGNIN_PER_IP),
             Limit(
-                scope=_email_scope(request.POST.get("username", "")),
+                scope=_email_scope(email),
                 limit=settings.RATELIMIT_SIGNIN_PER_EMAIL,
             ),
         ],
@@ -156,7 +162,14 @@ class SignupForm(forms.Form):
 
 @method_decorator(sensitive_post_parameters("password"), name="dispatch")
 class SignupView(View):
-    """A new account and its personal organization, then signed in to the dashboard."""
+    """A new account and its personal organization, unverified until the emailed link.
+
+    The answer says nothing of whether the address already had an account: a valid form
+    is answered with the same redirect to "check your email" (SignupDoneView) either way,
+    signing nobody in, and either way one email goes to the address (user_signup: the
+    new account's verification link, or a note to the existing account's owner). Only
+    the mailbox learns which; the link then signs the new account in, with its password.
+    """
 
     template_name = "registration/signup.html"
 
@@ -170,6 +183,7 @@ class SignupView(View):
             # As the GET: no second account, and no switching the session to it.
             return HttpResponseRedirect(self.next(request))
         try:
+            # Before the form is read: a taken address counts as a new one does.
             SIGN_UPS.count(scope=f"ip:{client_address(request)}")
         except ApplicationError as error:
             form = SignupForm(initial={"email": request.POST.get("email", "")})
@@ -178,14 +192,14 @@ class SignupView(View):
         if not form.is_valid():
             return self.draw(request, form, status=400)
         try:
-            user = user_signup(
-                email=form.cleaned_data["email"], password=form.cleaned_data["password"]
-            )
+            # A User, or None when the address had one: answered alike.
+            user_signup(email=form.cleaned_data["email"], password=form.cleaned_data["password"])
         except ApplicationError as error:
             form.add_error("email", ValidationError(error.message, code=error.code))
             return self.draw(request, form, status=error.status)
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return HttpResponseRedirect(self.next(request))
+        done = reverse("signup-done")
+        back = safe_next(request, "")
+        return HttpResponseRedirect(f"{done}?{urlencode({'next': back})}" if back else done)
 
     @staticmethod
     def next(request: HttpRequest) -> str:
@@ -198,17 +212,28 @@ class SignupView(View):
         return render(request, self.template_name, context, status=status)
 
 
+class SignupDoneView(View):
+    """`/signup/done`: "check your email", where every valid sign-up lands (SignupView)."""
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        context = {"title": "Check your email", "next": safe_next(request, "")}
+        return render(request, "registration/signup_done.html", context)
+
+
 # --- proving an email address ------------------------------------------------------------
 
 
 @method_decorator(never_cache, name="dispatch")
-class EmailVerifyView(LoginRequiredMixin, View):
-    """The link emailed at sign-up: GET `token` asks, POST verifies.
+@method_decorator(sensitive_post_parameters("password"), name="dispatch")
+class EmailVerifyView(View):
+    """The link emailed at sign-up (and when staff change an address): GET `token` asks,
+    POST verifies.
 
-    Only the account the link names, signed in (the sign-in page brings the visitor
-    back here): a verified address lets managers add the account by it, so it takes
-    the mailbox and the password. The GET changes nothing, so a mail scanner that
-    opens every link verifies nothing.
+    Only for the account the link names: signed in as it, the POST verifies; signed
+    out, the POST carries the account's password, and verifies and signs in (the only
+    way an unverified account signs in, accounts.forms). A verified address lets
+    managers add the account by it, so it takes the mailbox and the password. The GET
+    changes nothing, so a mail scanner that opens every link verifies nothing.
     """
 
     template_name = "registration/verify_email.html"
@@ -217,25 +242,75 @@ class EmailVerifyView(LoginRequiredMixin, View):
     def get(self, request: HttpRequest) -> HttpResponse:
         token = request.GET.get("token", "")
         try:
-            user = email_verification_account(token=token, user=request.user)
+            user = email_verification_account(token=token, user=self.signed_in(request))
         except ApplicationError as error:
             return refusal_page(request, self.template_name, self.title, error)
-        return render(
-            request,
-            self.template_name,
-            {**self.title, "token": token, "asked": user.email, "verified": user.email_verified},
-        )
+        return render(request, self.template_name, self.asking(request, token, user))
 
     def post(self, request: HttpRequest) -> HttpResponse:
+        token = request.POST.get("token", "")
+        signed_in = self.signed_in(request)
         try:
-            user = user_email_verify(token=request.POST.get("token", ""), user=request.user)
+            if signed_in is None:
+                user = self.sign_in(request, token)
+            else:
+                user = user_email_verify(token=token, user=signed_in)
         except ApplicationError as error:
-            return refusal_page(request, self.template_name, self.title, error)
+            return self.refused(request, token, error)
         messages.success(
             request,
             f"{user.email} is verified: your organizations' owners can now add you by it.",
         )
+        # A newcomer who signed up from an invitation's page (which keeps its token in the
+        # session, kept through signing in) goes back to it, to accept.
+        if request.session.get(InvitationAcceptPage.session_key):
+            return HttpResponseRedirect(reverse("invitation-page"))
         return HttpResponseRedirect(reverse("dashboard"))
+
+    @staticmethod
+    def signed_in(request: HttpRequest) -> User | None:
+        return request.user if request.user.is_authenticated else None
+
+    def asking(self, request: HttpRequest, token: str, user: User) -> dict[str, Any]:
+        return {
+            **self.title,
+            "token": token,
+            "asked": user.email,
+            "verified": user.email_verified,
+            "password_asked": self.signed_in(request) is None,
+        }
+
+    def refused(self, request: HttpRequest, token: str, error: ApplicationError) -> HttpResponse:
+        """The page again with the refusal; with the password form while the link still
+        names an account (a wrong password, a limit)."""
+        context = dict(self.title)
+        with contextlib.suppress(ApplicationError):  # the link itself is what was refused
+            context = self.asking(
+                request,
+                token,
+                email_verification_account(token=token, user=self.signed_in(request)),
+            )
+        return refusal_page(request, self.template_name, context, error)
+
+    @staticmethod
+    def sign_in(request: HttpRequest, token: str) -> User:
+        """Signed out: the link's account, with its password, is verified and signed in;
+        counted as a sign-in (SignInView), and a wrong password refused as there."""
+        account = email_verification_account(token=token, user=None)
+        sign_in_count(request, email=account.email)
+        user = authenticate(
+            request, username=account.email, password=request.POST.get("password", "")
+        )
+        if user is None or user.pk != account.pk:
+            raise ApplicationError(
+                code="invalid_login",
+                message=f"That is not the password of the account {account.email}. Forgotten "
+                "it? Set a new one with the sign-in page's link: that verifies the address too.",
+                param="password",
+            )
+        user = user_email_verify(token=token, user=user)
+        login(request, user)
+        return user
 
 
 class EmailVerificationSendView(LoginRequiredMixin, View):

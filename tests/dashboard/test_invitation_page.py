@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
+from django.core import mail
 from django.test import Client
 from django.utils import timezone
 
 from accounts.dashboard import SESSION_ORGANIZATION
 from accounts.models import Invitation, Membership, Role, User
-from accounts.services import invitation_create, membership_add, user_signup
+from accounts.services import invitation_create, membership_add
 from tests.dashboard.conftest import assert_refused
 from tests.factories import OrganizationFactory, UserFactory
 
@@ -89,22 +90,32 @@ def test_signed_out_a_post_leads_to_signing_in_and_accepts_nothing(client, invit
     assert Invitation.objects.get(pk=row.pk).accepted_at is None
 
 
-def test_signing_up_from_the_invitation_comes_back_to_it_and_accepting_joins(client, invitation):
+def test_signing_up_from_the_invitation_comes_back_to_it_and_accepting_joins(
+    client, invitation, django_capture_on_commit_callbacks
+):
     # given a newcomer who follows the link, then its sign-up link
     row, token = invitation
     org = row.organization
 
-    # when they sign up with the address invited, and accept on the page
+    # when they sign up with the address invited, follow the link emailed (with their
+    # password), and accept on the page
     client.get(page(token))
-    signed_up = client.post(
-        "/signup/", {"email": "Zoe@Example.test", "password": PASSWORD, "next": PAGE}
-    )
-    shown = client.get(signed_up["Location"])
+    with django_capture_on_commit_callbacks(execute=True):
+        signed_up = client.post(
+            "/signup/", {"email": "Zoe@Example.test", "password": PASSWORD, "next": PAGE}
+        )
+    [verification] = [m for m in mail.outbox if "verify" in m.subject.lower()]
+    link = re.search(r"token=(\S+)", verification.body)[1]
+    verified = client.post("/verify-email", {"token": unquote(link), "password": PASSWORD})
+    shown = client.get(verified["Location"])
     accepted = client.post(PAGE)
     overview = client.get(accepted["Location"])
 
-    # then they are back on the invitation, join as admin, and the dashboard acts for Acme
-    assert signed_up.status_code == 302 and signed_up["Location"] == PAGE
+    # then the link brings them back to the invitation, they join as admin, and the
+    # dashboard acts for Acme
+    assert signed_up.status_code == 302
+    assert signed_up["Location"] == f"/signup/done?next={quote(PAGE, safe='')}"
+    assert verified.status_code == 302 and verified["Location"] == PAGE
     assert shown.status_code == 200
     assert b"Acme Compute" in shown.content
     assert b'action="/invitations/accept"' in shown.content
@@ -122,7 +133,7 @@ def test_signing_up_from_the_invitation_comes_back_to_it_and_accepting_joins(cli
 
 def test_signing_in_from_the_invitation_comes_back_to_it(client, invitation):
     _row, token = invitation
-    user_signup(email="zoe@example.test", password=PASSWORD)
+    UserFactory(email="zoe@example.test", password=PASSWORD)
     client.get(page(token))
 
     response = client.post(

@@ -101,6 +101,23 @@ def test_sign_ups_from_one_network_address_are_limited(client, settings):
     assert not User.objects.filter(email="new2@example.test").exists()
 
 
+def test_sign_ups_with_a_taken_address_count_as_new_ones_do(settings):
+    # given a limit of 2 sign-ups per 10 minutes per network address, and an account
+    settings.RATELIMIT_SIGNUP_PER_IP = 2
+    UserFactory(email="ada@example.test", password=PASSWORD)
+
+    # when the taken address is tried twice from one network address, then a new one
+    tries = [
+        Client().post("/signup/", {"email": email, "password": PASSWORD})
+        for email in ("ada@example.test", "ADA@example.test", "new@example.test")
+    ]
+
+    # then the taken address's tries used the limit up as new ones do: the new one is refused
+    assert [r.status_code for r in tries[:2]] == [302, 302]
+    assert_rate_limited(tries[2], window=600)
+    assert not User.objects.filter(email="new@example.test").exists()
+
+
 def test_asking_for_the_verification_link_again_is_limited(
     client, settings, django_capture_on_commit_callbacks
 ):

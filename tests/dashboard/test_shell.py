@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
+from django.core import mail
 from django.test import Client
 from django.urls import reverse
 from django.views.debug import SafeExceptionReporterFilter
@@ -11,7 +15,7 @@ from accounts.models import Membership, Organization, Role, User
 from gymbilling.market.services import listing_create
 from metering.models import MICRO
 from metering.services import hold_place
-from tests.factories import OrganizationFactory
+from tests.factories import OrganizationFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -23,18 +27,111 @@ def test_a_visitor_is_sent_to_sign_in_and_back(client):
     assert response["Location"] == "/login/?next=/dashboard/"
 
 
-def test_signing_up_creates_the_account_its_organization_and_signs_in(client):
+def test_signing_up_creates_the_account_and_its_organization_unverified_and_signs_in_nobody(
+    client,
+):
     response = client.post(
         "/signup/", {"email": "Ada@Example.test", "password": "a long and unusual passphrase 3"}
     )
 
-    assert response.status_code == 302 and response["Location"] == reverse("dashboard")
+    # then the answer is "check your email", and the account waits for its link
+    assert response.status_code == 302 and response["Location"] == reverse("signup-done")
     user = User.objects.get(email="ada@example.test")
+    assert user.email_verified is False
     membership = Membership.objects.get(user=user)
     assert membership.role == Role.OWNER and membership.organization.personal
-    page = client.get("/dashboard/")
-    assert page.status_code == 200
-    assert b"ada@example.test" in page.content
+    assert "_auth_user_id" not in client.session
+    page = client.get(response["Location"])
+    assert page.status_code == 200 and b'data-signup="sent"' in page.content
+
+
+def sign_up_answer(email: str, password: str, **extra) -> tuple:
+    """What a client sees of a sign-up: the answer, its cookies, the page it leads to."""
+    visitor = Client()
+    visitor.get("/signup/")  # the form, and its CSRF cookie, as a browser has them
+    before = {name: morsel.value for name, morsel in visitor.cookies.items()}
+    started = time.perf_counter()
+    answer = visitor.post("/signup/", {"email": email, "password": password, **extra})
+    took = time.perf_counter() - started
+    after = {name: morsel.value for name, morsel in visitor.cookies.items()}
+    landing = visitor.get(answer["Location"])
+    return (
+        (answer.status_code, answer["Location"], answer.content, after == before),
+        (landing.status_code, landing.content),
+        "_auth_user_id" in visitor.session,
+        took,
+    )
+
+
+def test_signing_up_with_a_taken_address_answers_as_a_new_one_and_tells_its_owner(
+    django_capture_on_commit_callbacks,
+):
+    # given an account, verified, with a password of its own
+    owner = UserFactory(email="cleo@example.test", password="the owner's own passphrase 9")
+    organizations = Organization.objects.count()
+
+    # when someone signs up with that address (in other capitals), and with a new one
+    with django_capture_on_commit_callbacks(execute=True):
+        taken = sign_up_answer("Cleo@Example.test", "someone else's passphrase 77")
+    with django_capture_on_commit_callbacks(execute=True):
+        new = sign_up_answer("dora@example.test", "someone else's passphrase 77")
+
+    # then the two answers are the same to the client, and neither signs anyone in
+    assert taken[:3] == new[:3]
+    assert taken[2] is False
+    # and the taken address's account is as it was, and no account or organization is made
+    owner.refresh_from_db()
+    assert owner.check_password("the owner's own passphrase 9") and owner.email_verified
+    assert User.objects.filter(email__iexact="cleo@example.test").count() == 1
+    assert Organization.objects.count() == organizations + 1  # dora's only
+    # and each address got one email: the owner, how to sign in or set a new password
+    [to_owner, to_dora] = mail.outbox
+    assert to_owner.to == ["cleo@example.test"] and to_dora.to == ["dora@example.test"]
+    assert "tried to sign up" in to_owner.subject
+    assert "http://127.0.0.1:8000/login/" in to_owner.body
+    assert "http://127.0.0.1:8000/password-reset/" in to_owner.body
+    assert "/verify-email?token=" not in to_owner.body  # verified: nothing to verify
+    assert "/verify-email?token=" in to_dora.body
+
+
+def test_a_taken_addresss_answer_takes_as_long_as_a_new_ones(settings):
+    # given the production password hasher (the test settings' MD5 takes no time), and an
+    # account
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.PBKDF2PasswordHasher"]
+    UserFactory(email="cleo@example.test")
+
+    # when the taken address and new ones are signed up, in turn
+    taken, new = [], []
+    for n in range(3):
+        taken.append(sign_up_answer("cleo@example.test", "someone else's passphrase 77")[3])
+        new.append(sign_up_answer(f"new{n}@example.test", "someone else's passphrase 77")[3])
+
+    # then both hash the password: neither answer is much faster (a skipped hash would be
+    # a whole hash faster, some 100 times the rest of the request here)
+    assert min(taken) > 0.5 * min(new) and min(new) > 0.5 * min(taken)
+
+
+def test_signing_up_with_a_taken_unverified_address_mails_its_owner_the_link(
+    django_capture_on_commit_callbacks,
+):
+    # given an account made by signing up, not verified yet
+    with django_capture_on_commit_callbacks(execute=True):
+        Client().post("/signup/", {"email": "eve@example.test", "password": "first passphrase 1"})
+    mail.outbox.clear()
+
+    # when the address signs up again
+    with django_capture_on_commit_callbacks(execute=True):
+        again = Client().post(
+            "/signup/", {"email": "eve@example.test", "password": "second passphrase 2"}
+        )
+
+    # then the answer is the usual one, and the owner's email carries a link that verifies
+    assert again.status_code == 302 and again["Location"] == reverse("signup-done")
+    [message] = mail.outbox
+    assert "tried to sign up" in message.subject
+    assert "/verify-email?token=" in message.body
+    user = User.objects.get(email="eve@example.test")
+    assert user.check_password("first passphrase 1") and not user.email_verified
 
 
 @pytest.mark.parametrize(
@@ -82,20 +179,26 @@ def test_a_signed_in_user_posting_the_sign_up_form_stays_who_they_are(client, me
     assert client.session["_auth_user_id"] == str(user.pk)
 
 
-def test_signing_up_twice_with_one_email_is_a_conflict(client):
-    client.post("/signup/", {"email": "c@example.test", "password": "a long passphrase, 44"})
-    client.logout()
+def test_an_unverified_account_is_refused_sign_in_as_a_wrong_password_is():
+    # given an account made by signing up, its address not verified yet
+    Client().post("/signup/", {"email": "c@example.test", "password": "a long passphrase, 44"})
 
-    response = client.post("/signup/", {"email": "C@example.test", "password": "another one 55!"})
+    # when it signs in with its password, and someone with a wrong one
+    right = Client().post(
+        "/login/", {"username": "c@example.test", "password": "a long passphrase, 44"}
+    )
+    wrong = Client().post("/login/", {"username": "c@example.test", "password": "nope"})
 
-    assert response.status_code == 409
-    assert b"already has an account" in response.content
-    assert User.objects.count() == 1 and Organization.objects.count() == 1
+    # then both are refused alike (the emailed link signs it in), and nobody is signed in
+    assert right.status_code == wrong.status_code == 200
+    refusal = re.compile(rb'data-error-code="invalid_login">[^<]*<')
+    assert refusal.search(right.content)[0] == refusal.search(wrong.content)[0]
+    assert b"follow the link we emailed you first" in right.content
+    assert "_auth_user_id" not in right.wsgi_request.session
 
 
 def test_signing_in_through_the_form_reaches_the_page_asked_for(client):
-    client.post("/signup/", {"email": "d@example.test", "password": "a long passphrase, 44"})
-    client.logout()
+    UserFactory(email="d@example.test", password="a long passphrase, 44")
 
     wrong = client.post("/login/", {"username": "d@example.test", "password": "nope"})
     right = client.post(
@@ -108,9 +211,10 @@ def test_signing_in_through_the_form_reaches_the_page_asked_for(client):
 
 
 def test_signing_in_matches_the_address_in_any_case_as_signing_up_stores_it(client):
-    # given someone who signed up with capitals in their address
+    # given someone who signed up with capitals in their address, and verified it
     password = "a long passphrase, 44"
     client.post("/signup/", {"email": "Ada@Example.test", "password": password})
+    User.objects.filter(email="ada@example.test").update(email_verified=True)
 
     # when they sign in with the address exactly as they typed it, or otherwise
     typed = Client().post("/login/", {"username": "Ada@Example.test", "password": password})

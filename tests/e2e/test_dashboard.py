@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from accounts.models import Membership, User
+from accounts.services.email_verification import user_email_mark_verified
 from metering.models import MICRO
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -16,12 +17,25 @@ EMAIL, PASSWORD = "member@gym.test", "a long and unusual passphrase 7"
 
 
 def sign_up(visit, url: str, email: str = EMAIL) -> None:
-    """Through the sign-up form, as a customer does; lands on the overview."""
+    """Through the sign-up form, as a customer does, then signed in through the sign-in
+    form once the address is verified; lands on the overview.
+
+    The address is verified here as the emailed link verifies it (user_email_mark_verified):
+    following the link itself, from the app server's mail, is
+    test_dashboard_invitations's.
+    """
     page = visit.page
     page.goto(f"{url}/dashboard/")
     page.wait_for_url("**/login/?next=/dashboard/")
     page.click("text=Create an account")
     page.fill("#id_email", email)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{url}/signup/done?next=%2Fdashboard%2F")
+    user = User.objects.get(email=email)
+    user_email_mark_verified(user=user, email=user.email)
+    page.click("main a[href^='/login/']")
+    page.fill("#id_username", email)
     page.fill("#id_password", PASSWORD)
     page.click("button[type=submit]")
     page.wait_for_url(f"{url}/dashboard/")

@@ -77,18 +77,21 @@ def test_an_invited_newcomer_signs_up_verifies_accepts_and_lands_in_the_organiza
     page.fill("#id_password", PASSWORD)
     page.click("button[type=submit]")
 
-    # then sign-up brings them back to the invitation (its page, without the token)
-    page.wait_for_url(f"{site}/invitations/accept")
+    # then sign-up asks them to check their email (no address holds the token)
+    page.wait_for_url(f"{site}/signup/done**")
     assert "token" not in page.url
+    assert page.locator("[data-signup=sent]").count() == 1
 
-    # when they verify their address with the link emailed at sign-up
+    # when they verify their address with the link emailed at sign-up, and their password
     page.goto(link(mailbox, site, to=NEWCOMER, path="/verify-email"))
+    page.fill("#id_password", PASSWORD)
     page.click("form[action='/verify-email'] button[type=submit]")
-    page.wait_for_url(f"{site}/dashboard/")
+
+    # then they are signed in, back on the invitation (its page, without the token)
+    page.wait_for_url(f"{site}/invitations/accept")
     assert f"{NEWCOMER} is verified" in page.locator(".messages").inner_text()
 
     # and accept the invitation
-    page.goto(invitation)
     page.click("form[action='/invitations/accept'] button[type=submit]")
     page.wait_for_url(f"{site}/dashboard/")
 
