@@ -1,3 +1,4 @@
+from django import forms
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm
@@ -9,7 +10,7 @@ from accounts.dashboard import with_retry_after
 from accounts.errors import ApplicationError
 from accounts.forms import AdminEmailAuthenticationForm
 from accounts.models import Organization, User
-from accounts.services import organization_entitlements_set
+from accounts.services import organization_entitlements_set, user_email_change
 from accounts.services.organizations import ENTITLEMENT_FIELDS
 from accounts.views import sign_in_count
 
@@ -31,7 +32,17 @@ class UserCreationForm(_LowerCaseEmail, AdminUserCreationForm):
 
 
 class UserChangeForm(_LowerCaseEmail, BaseUserChangeForm):
-    pass
+    # Changing the address unverifies it (user_email_change) unless staff say here that
+    # they checked the new one: "email verified", ticked already for the old address,
+    # cannot say so.
+    new_email_verified = forms.BooleanField(
+        required=False,
+        label="New address checked",
+        help_text="Only with a new email address: tick if you have checked that the person "
+        "reads mail at it, and it stays verified. Otherwise the new address is unverified "
+        "and emailed a verification link; until it is followed, the account cannot sign in "
+        "with its password, and managers cannot add it by the address.",
+    )
 
 
 # Staff sign in with their address in any case, as on the dashboard, and their attempts
@@ -70,12 +81,25 @@ class UserAdmin(BaseUserAdmin):
     list_filter = ["email_verified", "is_staff", "is_superuser", "is_active", "groups"]
     search_fields = ["email", "first_name", "last_name"]
     fieldsets = (
-        (None, {"fields": ("email", "email_verified", "password")}),
+        (None, {"fields": ("email", "email_verified", "new_email_verified", "password")}),
         ("Personal info", {"fields": ("first_name", "last_name")}),
         ("Permissions", {"fields": ("is_active", "is_staff", "is_superuser", "groups")}),
         ("Important dates", {"fields": ("last_login", "date_joined")}),
     )
     add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "password1", "password2")}),)
+
+    def save_model(self, request, obj, form, change):
+        """A new address goes through user_email_change: unverified and emailed the link,
+        unless staff ticked "New address checked" (UserChangeForm)."""
+        if not (change and "email" in form.changed_data):
+            super().save_model(request, obj, form, change)
+            return
+        email = obj.email
+        obj.email = form.initial["email"]  # the rest saved first, under the old address
+        super().save_model(request, obj, form, change)
+        user_email_change(
+            user=obj, email=email, verified=form.cleaned_data.get("new_email_verified", False)
+        )
 
     def has_delete_permission(self, request, obj=None):
         # Staff deactivate a person (is_active) instead: a deleted user's audit trail

@@ -50,8 +50,9 @@ class User(AbstractUser):
     username = None
     email = models.EmailField("email address", unique=True)
     # Whether the person proved they read mail at `email`. Only self-service sign-up
-    # (user_signup) makes an unverified account, until its owner follows the emailed link
-    # or accepts an invitation sent to the address; anyone may sign up under any address,
+    # (user_signup) makes an unverified account, and staff changing an address unverify
+    # it (user_email_change), until its owner follows the emailed link or accepts an
+    # invitation sent to the address; anyone may sign up under any address,
     # so nothing may trust an unverified one (user_by_email does not find it). Every other
     # way a user is made (the admin, createsuperuser, the manager, operator commands) is
     # an operator's, and verified.

@@ -2,7 +2,11 @@
 
 from accounts.services.api_keys import apikey_authenticate, apikey_create, apikey_revoke
 from accounts.services.audit import audit_record
-from accounts.services.email_verification import user_email_verification_send, user_email_verify
+from accounts.services.email_verification import (
+    user_email_change,
+    user_email_verification_send,
+    user_email_verify,
+)
 from accounts.services.organizations import (
     invitation_accept,
     invitation_create,
@@ -31,6 +35,7 @@ __all__ = [
     "membership_set_role",
     "organization_create",
     "organization_entitlements_set",
+    "user_email_change",
     "user_email_verification_send",
     "user_email_verify",
     "user_signup",

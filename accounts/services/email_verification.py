@@ -1,4 +1,5 @@
-"""Proving an email address: the link emailed to an account made by signing up.
+"""Proving an email address: the link emailed to an account made by signing up, or
+whose address staff changed (user_email_change).
 
 The link carries a token signed with the secret key (django.core.signing) over the
 account's id and address, and dated: no table holds it. It works for as long as
@@ -113,6 +114,26 @@ def user_email_mark_verified(*, user: User, email: str) -> None:
     verified, unless the account has another address by now."""
     if User.objects.filter(pk=user.pk, email=email).update(email_verified=True):
         user.email_verified = True
+
+
+@transaction.atomic
+def user_email_change(*, user: User, email: str, verified: bool = False) -> None:
+    """Give `user` the address `email`: unverified, and emailed the link that proves it,
+    unless the caller has checked it (`verified`: staff who vouch for it).
+
+    An address is what managers add a person by, and where their password is reset: a
+    verified one that was changed stayed verified, so a typing mistake or a wrong
+    request to staff handed the account to whoever reads mail at the new address, and
+    let managers add the account by an address nobody had proven. The link works for
+    the new address only (email_verification_account compares it); one sent to the old
+    address stops working, as a password reset link sent there does (Django's token
+    covers the address).
+    """
+    email = User.objects.canonical_email(email)
+    User.objects.filter(pk=user.pk).update(email=email, email_verified=verified)
+    user.email, user.email_verified = email, verified
+    if not verified:
+        user_email_verification_send(user=user)
 
 
 def user_password_reset_done(*, user: User) -> None:

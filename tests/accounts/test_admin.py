@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from django.core import mail
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from django.forms.models import model_to_dict
@@ -309,3 +312,80 @@ def test_the_database_keeps_one_user_per_address_whatever_its_case():
     with pytest.raises(IntegrityError), transaction.atomic():
         User.objects.create(email="Erin@Example.test")
     assert User.objects.filter(email__iexact="erin@example.test").count() == 1
+
+
+# --- changing an address: unverified until proven -------------------------------------------
+
+
+def test_staff_changing_a_verified_address_unverify_it_and_email_the_new_one_a_link(
+    staff, django_capture_on_commit_callbacks
+):
+    # given a verified user with a session of their own
+    fay = UserFactory(email="fay@example.test", password="fay's own passphrase 1")
+    assert fay.email_verified
+    change = f"/admin/accounts/user/{fay.pk}/change/"
+
+    # when staff give them a new address, leaving "email verified" ticked as it was
+    with django_capture_on_commit_callbacks(execute=True):
+        saved = staff.post(change, user_form(fay, email="Fay.New@Example.test", first_name="Fay"))
+
+    # then the new address is unverified (the rest of the form saved), and only it is
+    # emailed a link, which names it
+    assert saved.status_code == 302, saved.content
+    fay.refresh_from_db()
+    assert (fay.email, fay.email_verified, fay.first_name) == ("fay.new@example.test", False, "Fay")
+    [message] = mail.outbox
+    assert message.to == ["fay.new@example.test"]
+    assert "/verify-email?token=" in message.body
+    # and the password alone no longer signs in; the link, with the password, does
+    refused = Client().post(
+        "/login/", {"username": "fay.new@example.test", "password": "fay's own passphrase 1"}
+    )
+    assert refused.status_code == 200 and b"invalid_login" in refused.content
+    token = parse_qs(urlsplit(re.search(r"https?://\S+", message.body)[0]).query)["token"][0]
+    person = Client()
+    verified = person.post("/verify-email", {"token": token, "password": "fay's own passphrase 1"})
+    assert verified.status_code == 302
+    assert User.objects.get(pk=fay.pk).email_verified
+
+
+def test_staff_who_checked_the_new_address_keep_it_verified_and_email_nothing(
+    staff, django_capture_on_commit_callbacks
+):
+    # given a verified user
+    gus = UserFactory(email="gus@example.test")
+
+    # when staff give them a new address and tick "New address checked"
+    with django_capture_on_commit_callbacks(execute=True):
+        saved = staff.post(
+            f"/admin/accounts/user/{gus.pk}/change/",
+            user_form(gus, email="gus.new@example.test", new_email_verified=True),
+        )
+
+    # then it is verified, and no link is sent
+    assert saved.status_code == 302, saved.content
+    gus.refresh_from_db()
+    assert (gus.email, gus.email_verified) == ("gus.new@example.test", True)
+    assert mail.outbox == []
+
+
+def test_staff_saving_a_user_without_changing_the_address_leave_its_verification_alone(
+    staff, django_capture_on_commit_callbacks
+):
+    # given a verified user and an unverified one
+    hal = UserFactory(email="hal@example.test")
+    ivy = UserFactory(email="ivy@example.test", email_verified=False)
+
+    # when staff change their names only
+    with django_capture_on_commit_callbacks(execute=True):
+        for user in (hal, ivy):
+            saved = staff.post(
+                f"/admin/accounts/user/{user.pk}/change/", user_form(user, last_name="Smith")
+            )
+            assert saved.status_code == 302, saved.content
+
+    # then each keeps what it had, and nothing is emailed
+    assert dict(
+        User.objects.filter(pk__in=[hal.pk, ivy.pk]).values_list("email", "email_verified")
+    ) == {"hal@example.test": True, "ivy@example.test": False}
+    assert mail.outbox == []
