@@ -34,7 +34,7 @@ from django.views.generic import TemplateView
 from accounts.api_base import ALL_ROLES
 from accounts.errors import ApplicationError
 from accounts.models import Membership
-from accounts.ratelimits import rate_limit_consume, requests_limit
+from accounts.ratelimits import dashboard_limit, rate_limit_consume
 from accounts.selectors import user_memberships
 
 SESSION_ORGANIZATION = "dashboard_organization"
@@ -72,8 +72,8 @@ class MemberPage(LoginRequiredMixin, TemplateView):
     nav = ""
     allowed_roles: tuple[str, ...] = ALL_ROLES
     # What a manager does to stop harm (revoke a leaked key, remove a member) is not
-    # counted: a leaked key flooding the API would otherwise hold the owner's revoke
-    # back with the same 429. Only managers reach those pages.
+    # counted: whatever fills a limit (a script clicking as the owner, a stolen session)
+    # must not hold the revoke back with a 429. Only managers reach those pages.
     never_rate_limited = False
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
@@ -110,10 +110,9 @@ class MemberPage(LoginRequiredMixin, TemplateView):
             )
         try:
             if request.method == "POST" and not self.never_rate_limited:
-                # A change counts as the API's requests do, against the organization's
-                # requests per minute (OrgApiView._rate_limit): the dashboard is no way
-                # around that limit.
-                rate_limit_consume(kind="requests", limits=[requests_limit(request.organization)])
+                # A change counts against its person's own dashboard limit, not the
+                # organization's API requests (dashboard_limit says why).
+                rate_limit_consume(kind="dashboard changes", limits=[dashboard_limit(request.user)])
             return super().dispatch(request, *args, **kwargs)
         except ApplicationError as error:
             if request.method != "POST":

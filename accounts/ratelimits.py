@@ -100,9 +100,18 @@ class Limit:
 
 
 def requests_limit(organization) -> Limit:
-    """The organization's requests per minute: what its API keys, its people's API calls and
-    their dashboard POSTs all count against, so no way in has a limit of its own."""
+    """The organization's requests per minute: what its API keys and its people's API calls
+    (the playground's among them) all count against, so no way into the API has a limit of
+    its own."""
     return Limit(scope=f"org:{organization.pk}", limit=organization.requests_per_minute)
+
+
+def dashboard_limit(user) -> Limit:
+    """A person's changes through the dashboard's pages a minute
+    (RATELIMIT_DASHBOARD_PER_USER), whatever organization they act for: a bucket of their
+    own, not the organization's requests per minute, so that a partner app using the API
+    up does not lock its people out of the dashboard, and their clicks spend none of it."""
+    return Limit(scope=f"user:{user.pk}", limit=settings.RATELIMIT_DASHBOARD_PER_USER)
 
 
 # What a limit's scope is called in a refusal's message, by the scope's prefix.

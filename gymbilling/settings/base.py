@@ -301,13 +301,15 @@ RATELIMIT_SLOT_LEASE_SECONDS = int(METERING_HOLD_TTL.total_seconds()) + 300
 # Redis per network address (REMOTE_ADDR: behind a proxy, see README "The customer
 # dashboard") or per account: sign-ins a minute per address and per email address
 # tried, sign-ups per 10 minutes per address, verification links an hour per
-# account. Over a limit: a 429 page with Retry-After.
+# account, changes through the dashboard's pages (its POSTs) a minute per account.
+# Over a limit: a 429 page with Retry-After.
 RATELIMIT_SIGNIN_PER_IP = env.int("RATELIMIT_SIGNIN_PER_IP", default=30)
 RATELIMIT_SIGNIN_PER_EMAIL = env.int("RATELIMIT_SIGNIN_PER_EMAIL", default=10)
 RATELIMIT_SIGNUP_PER_IP = env.int("RATELIMIT_SIGNUP_PER_IP", default=5)
 RATELIMIT_VERIFICATION_EMAILS_PER_USER = env.int(
     "RATELIMIT_VERIFICATION_EMAILS_PER_USER", default=3
 )
+RATELIMIT_DASHBOARD_PER_USER = env.int("RATELIMIT_DASHBOARD_PER_USER", default=60)
 
 # --- API ---------------------------------------------------------------------
 # Idempotency-Key responses are replayed for this long.

@@ -28,6 +28,7 @@ RATELIMIT_SIGNUP_PER_IP = env.int("RATELIMIT_SIGNUP_PER_IP", default=100_000)
 RATELIMIT_VERIFICATION_EMAILS_PER_USER = env.int(
     "RATELIMIT_VERIFICATION_EMAILS_PER_USER", default=100_000
 )
+RATELIMIT_DASHBOARD_PER_USER = env.int("RATELIMIT_DASHBOARD_PER_USER", default=100_000)
 # Job callbacks go to receivers the tests run on 127.0.0.1, which answer at once.
 INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = True
 # The marketplace tests trade a few credits for a few cents, under Stripe's

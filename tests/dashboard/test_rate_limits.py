@@ -11,7 +11,7 @@ import pytest
 from django.core import mail
 from django.test import Client
 
-from accounts.models import Invitation, Role, User
+from accounts.models import Invitation, Membership, Role, User
 from accounts.services import apikey_create, user_signup
 from tests.dashboard.conftest import assert_refused
 from tests.factories import OrganizationFactory, UserFactory
@@ -137,34 +137,77 @@ def test_asking_for_the_verification_link_again_is_limited(
     assert len(mail.outbox) == 1
 
 
-def test_dashboard_posts_count_against_the_organizations_requests_per_minute(client, member):
-    # given an organization allowed 2 requests a minute, and one of them made through the API
-    _owner, org = member(
-        Role.OWNER, organization=OrganizationFactory(requests_per_minute=2, seats=5)
-    )
-    assert client.get("/api/v1/me").status_code == 200
+def test_dashboard_posts_count_against_each_persons_own_limit(client, member, settings):
+    # given a limit of 2 dashboard changes a minute per person, and two owners of one team
+    settings.RATELIMIT_DASHBOARD_PER_USER = 2
+    _owner, org = member(Role.OWNER, organization=OrganizationFactory(seats=9))
+    second = UserFactory()
+    Membership.objects.create(user=second, organization=org, role=Role.OWNER)
+    other = Client()
+    other.force_login(second)
 
-    # when the dashboard invites twice
-    first = client.post("/dashboard/members", {"email": "a@example.test", "role": "member"})
-    second = client.post("/dashboard/members", {"email": "b@example.test", "role": "member"})
-
-    # then the second is over the organization's limit: refused, and nothing is written
-    assert first.status_code == 302
-    assert_rate_limited(second, window=60)
-    assert list(Invitation.objects.filter(organization=org).values_list("email", flat=True)) == [
-        "a@example.test"
+    # when the first invites three times, and the second once
+    tries = [
+        client.post("/dashboard/members", {"email": f"{n}@example.test", "role": "member"})
+        for n in "abc"
     ]
-    # and the API answers the same organization alike
-    assert client.get("/api/v1/me").status_code == 429
+    others = other.post("/dashboard/members", {"email": "d@example.test", "role": "member"})
+
+    # then the first's third is over their limit: refused with the page's 429, and not
+    # written; the second's is theirs to make
+    assert [r.status_code for r in tries[:2]] == [302, 302]
+    assert_rate_limited(tries[2], window=60)
+    assert b'name="email"' in tries[2].content  # the members page, to try again later
+    assert others.status_code == 302
+    assert sorted(Invitation.objects.filter(organization=org).values_list("email", flat=True)) == [
+        "a@example.test",
+        "b@example.test",
+        "d@example.test",
+    ]
 
 
-def test_revoking_a_key_is_never_held_back_by_the_limit_a_leaked_key_used_up(client, member):
-    # given an organization whose requests per minute a leaked key has used up
-    _owner, org = member(Role.OWNER, organization=OrganizationFactory(requests_per_minute=1))
+def test_an_api_used_up_holds_no_dashboard_back_and_the_dashboard_spends_none_of_it(client, member):
+    # given an organization allowed 2 API requests a minute, a partner app's key having
+    # used one
+    _owner, org = member(
+        Role.OWNER, organization=OrganizationFactory(requests_per_minute=2, seats=9)
+    )
+    _key, secret = apikey_create(organization=org, name="partner", scopes=["billing:read"])
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+    assert client.get("/api/v1/credits/balance", **auth).status_code == 200
+
+    # when its people make three changes on the dashboard
+    changes = [
+        client.post("/dashboard/members", {"email": f"{n}@example.test", "role": "member"})
+        for n in "abc"
+    ]
+
+    # then they are all made, and the API still has its second request of the minute
+    assert [r.status_code for r in changes] == [302, 302, 302]
+    assert client.get("/api/v1/credits/balance", **auth).status_code == 200
+    # and once the app has used the API up, the dashboard still works
+    assert client.get("/api/v1/credits/balance", **auth).status_code == 429
+    later = client.post("/dashboard/members", {"email": "d@example.test", "role": "member"})
+    assert later.status_code == 302
+    assert Invitation.objects.filter(organization=org).count() == 4
+
+
+def test_revoking_a_key_is_never_held_back_by_a_limit_used_up(client, member, settings):
+    # given an organization whose requests per minute a leaked key has used up, and an
+    # owner who has used their dashboard changes up too
+    settings.RATELIMIT_DASHBOARD_PER_USER = 1
+    _owner, org = member(
+        Role.OWNER, organization=OrganizationFactory(requests_per_minute=1, seats=9)
+    )
     leaked, secret = apikey_create(organization=org, name="leaked", scopes=["billing:read"])
     auth = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
     assert client.get("/api/v1/credits/balance", **auth).status_code == 200
     assert client.get("/api/v1/credits/balance", **auth).status_code == 429
+    invites = [
+        client.post("/dashboard/members", {"email": f"{n}@example.test", "role": "member"})
+        for n in "ab"
+    ]
+    assert [r.status_code for r in invites] == [302, 429]
 
     # when the owner revokes it on the dashboard
     response = client.post(f"/dashboard/keys/{leaked.pk}/revoke")
