@@ -356,6 +356,8 @@ def test_staff_who_checked_the_new_address_keep_it_verified_and_email_nothing(
     gus = UserFactory(email="gus@example.test")
 
     # when staff give them a new address and tick "New address checked"
+    page = staff.get(f"/admin/accounts/user/{gus.pk}/change/")
+    assert page.status_code == 200 and b'name="new_email_verified"' in page.content
     with django_capture_on_commit_callbacks(execute=True):
         saved = staff.post(
             f"/admin/accounts/user/{gus.pk}/change/",

@@ -25,9 +25,11 @@ class Command(BaseCommand):
                 # Anyone may sign up under any address: an account that has not proven
                 # this one may be a squatter's, not the person the operator means.
                 raise CommandError(
-                    f"{owner_user.email} signed up but has not verified the address; it "
-                    "cannot be made an owner by it. Have them verify it first (the link "
-                    "emailed at sign-up, or another from the dashboard's overview)."
+                    f"{owner_user.email} has an account that has not verified the address; "
+                    "it cannot be made an owner by it. Have them verify it first (the link "
+                    "emailed to the address; signing up again with it mails a new one, and "
+                    "setting a new password through 'Forgotten your password?' verifies it "
+                    "too)."
                 )
         try:
             org = organization_create(slug=slug, name=name, owner=owner_user)
