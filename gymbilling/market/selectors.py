@@ -1,17 +1,46 @@
-"""Marketplace reads: the order book, a quote, the caller's listings and orders."""
+"""Marketplace reads: the order book, a quote, the caller's listings and orders, and a
+seller's sales, earnings and payouts.
+
+Every read here of an organization's rows is scoped to it. Money is integers
+of minor units, per currency, never added across currencies.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import IntegerField, Min, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import (
+    Case,
+    Count,
+    ExpressionWrapper,
+    F,
+    IntegerField,
+    Min,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.models import Organization
 from gymbilling.market.rules import fill_amount
-from gymbilling.models import ListingStatus, MarketListing, MarketOrder
+from gymbilling.models import (
+    FillStatus,
+    ListingStatus,
+    MarketFill,
+    MarketListing,
+    MarketOrder,
+    MarketPayout,
+    PayoutStatus,
+    ProceedsState,
+)
 from metering.models import CreditLot
 
 
@@ -100,9 +129,147 @@ def organization_listings(*, organization: Organization) -> QuerySet[MarketListi
     return listings_with_availability().filter(seller=organization).order_by("-created_at", "-pk")
 
 
+def organization_orders(
+    *, organization: Organization, status: str | None = None
+) -> QuerySet[MarketOrder]:
+    """The buyer's orders, newest first (of one status, if given), with their fills."""
+    orders = MarketOrder.objects.filter(buyer=organization)
+    if status is not None:
+        orders = orders.filter(status=status)
+    return orders.prefetch_related(
+        Prefetch("fills", queryset=MarketFill.objects.order_by("pk"))
+    ).order_by("-pk")
+
+
 def organization_order(*, organization: Organization, order_id: int) -> MarketOrder | None:
-    return (
-        MarketOrder.objects.filter(pk=order_id, buyer=organization)
-        .prefetch_related("fills")
-        .first()
+    return organization_orders(organization=organization).filter(pk=order_id).first()
+
+
+# --- a seller's side: sales, earnings, payouts ------------------------------------------
+
+# What the seller has earned of a fill: the buyer's payment less the platform's
+# fee and what refunds and disputes took back of the seller's share before it was
+# paid out (one taken after payout is the platform's loss: the seller keeps it).
+_EARNED = F("gross") - F("fee") - F("seller_reversed")
+# Of that, what is not paid out yet, while the fill is pending or available: the
+# balance the money ledger holds for it in the seller's pending or available
+# account (services._seller_share_left; market_proceeds_match_fills checks it).
+# A won dispute's share of a fill paid out before it is owed again, less what
+# those payouts sent (`earlier_payouts`).
+_UNPAID = _EARNED - F("earlier_payouts")
+
+
+def _sales(organization: Organization) -> QuerySet[MarketFill]:
+    # A fill is a sale once credits were delivered and paid for: not while reserved,
+    # nor one released, nor one whose credits all expired while reserved (gross 0).
+    return MarketFill.objects.filter(seller=organization, status=FillStatus.DELIVERED, gross__gt=0)
+
+
+def organization_sales(
+    *, organization: Organization, proceeds: str | None = None
+) -> QuerySet[MarketFill]:
+    """The seller's sales (fills of their listings, delivered), newest first, each with
+    `earned` (gross - fee - seller_reversed) and `unpaid` (of it, what waits for payout).
+
+    Of one proceeds state (pending, available, paid_out), if given.
+    """
+    sales = _sales(organization)
+    if proceeds is not None:
+        sales = sales.filter(proceeds=proceeds)
+    return sales.annotate(
+        earned=ExpressionWrapper(_EARNED, output_field=IntegerField()),
+        unpaid=Case(
+            When(
+                proceeds__in=(ProceedsState.PENDING, ProceedsState.AVAILABLE),
+                then=ExpressionWrapper(_UNPAID, output_field=IntegerField()),
+            ),
+            default=Value(0),
+            output_field=IntegerField(),
+        ),
+    ).order_by("-pk")
+
+
+@dataclass(frozen=True)
+class Earnings:
+    """A seller's marketplace money in one currency, minor units.
+
+    earned = gross - fees - reversed = pending + available + in_transit + paid_out.
+    """
+
+    currency: str
+    sales: int  # fills sold
+    sold_quantity: int  # micro-credits delivered
+    gross: int  # what buyers paid
+    fees: int  # the platform's fee on it
+    reversed: int  # taken back by refunds and disputes before payout
+    pending: int  # in the holding period
+    available: int  # past it, waiting for the next payout
+    in_transit: int  # in a payout recorded, not yet sent to Stripe
+    paid_out: int  # in payouts Stripe took
+    next_available_at: datetime | None  # when the soonest pending sale becomes available
+
+    @property
+    def earned(self) -> int:
+        return self.gross - self.fees - self.reversed
+
+
+_PENDING = Q(proceeds=ProceedsState.PENDING)
+# Each figure of Earnings, as an aggregate of the seller's sales in one currency.
+_SALES_FIGURES = {
+    "sales": Count("pk"),
+    "sold_quantity": Sum("delivered_quantity"),
+    "gross": Sum("gross"),
+    "fees": Sum("fee"),
+    "reversed": Sum("seller_reversed"),
+    "pending": Sum(_UNPAID, filter=_PENDING),
+    "available": Sum(_UNPAID, filter=Q(proceeds=ProceedsState.AVAILABLE)),
+}
+# And of the payouts: a refused one (failed) paid nothing, its proceeds back to available.
+_PAYOUT_FIGURES = {
+    "in_transit": Sum("amount", filter=Q(status=PayoutStatus.PENDING)),
+    "paid_out": Sum("amount", filter=Q(status=PayoutStatus.SENT)),
+}
+
+
+def _by_currency(rows: QuerySet, figures: dict) -> dict[str, dict]:
+    """`figures` aggregated per currency. Their aliases are prefixed: an alias named as a
+    column ("gross") would be what a later aggregate's F("gross") reads."""
+    totals = (
+        rows.order_by()
+        .values("currency")
+        .annotate(**{f"total_{name}": aggregate for name, aggregate in figures.items()})
     )
+    return {row["currency"]: {name: row[f"total_{name}"] for name in figures} for row in totals}
+
+
+def organization_earnings(*, organization: Organization) -> list[Earnings]:
+    """The seller's earnings per currency (those they sold or were paid in), by currency.
+
+    Two queries, whatever the number of sales: one over the fills, one over the payouts.
+    """
+    sales = _by_currency(
+        _sales(organization),
+        _SALES_FIGURES | {"next_available_at": Min("available_at", filter=_PENDING)},
+    )
+    payouts = _by_currency(MarketPayout.objects.filter(seller=organization), _PAYOUT_FIGURES)
+    earnings = []
+    for currency in sorted(sales.keys() | payouts.keys()):
+        figures = sales.get(currency, {}) | payouts.get(currency, {})
+        earnings.append(
+            Earnings(
+                currency=currency,
+                # Integers (PostgreSQL's SUM of bigint is numeric), 0 where none.
+                **{
+                    name: int(figures.get(name) or 0)
+                    for name in (*_SALES_FIGURES, *_PAYOUT_FIGURES)
+                },
+                next_available_at=figures.get("next_available_at"),
+            )
+        )
+    return earnings
+
+
+def organization_payouts(*, organization: Organization) -> QuerySet[MarketPayout]:
+    """The seller's payouts, newest first: sent, being sent (pending), or refused (failed,
+    their proceeds back to available)."""
+    return MarketPayout.objects.filter(seller=organization).order_by("-pk")

@@ -169,6 +169,42 @@ def charge_for(order: MarketOrder, *, amount_refunded=0) -> dict:
     }
 
 
+def dispute_at_stripe(
+    market_stripe: MarketStripe, order: MarketOrder, amount: int | None = None
+) -> str:
+    """A dispute of the order's charge opened at the stand-in (its events to `deliver`)."""
+    charge = stripe_client.payment_intent_charge(order.stripe_payment_intent_id)["id"]
+    return market_stripe.standin.dispute(charge, amount=amount)["id"]
+
+
+def half_disputed_then_paid_out(market_stripe: MarketStripe, seller, buyer, deliver):
+    """A sale (124 paid: fee 12, the seller's 112) half disputed in its holding period
+    (fee 6 and the seller's 56 taken back), then the other 56 paid out as an invoice
+    credit; returns the order and the dispute's id."""
+    from gymbilling.market.services import payouts_run
+
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    dispute = dispute_at_stripe(market_stripe, order, amount=62)
+    deliver()
+    assert payouts_run(now=timezone.now() + timedelta(days=8)) == 1
+    return order, dispute
+
+
+def refund(order: MarketOrder, amount: int) -> bool:
+    """Stripe's refunds of a sold order's charge, `amount` in all so far, as its webhook
+    hands them on."""
+    from gymbilling.market.services import market_reversal_handle
+
+    return market_reversal_handle(
+        kind="refund",
+        key=f"refund:ch_{order.pk}:{amount}",
+        charge=charge_for(order, amount_refunded=amount),
+        amount=amount,
+        cumulative=True,
+    )
+
+
 # --- the rollover cap ---------------------------------------------------------------------------
 
 ROLL_PERIOD = timedelta(days=30)

@@ -13,7 +13,6 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from gymbilling import stripe_client
 from gymbilling.market.services import (
     market_reversal_handle,
     market_reversals_pending_settle,
@@ -35,7 +34,13 @@ from metering.models import LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import credits_adjust, hold_place, hold_release
-from tests.gymbilling.market.conftest import charge_for, money, sold
+from tests.gymbilling.market.conftest import (
+    charge_for,
+    dispute_at_stripe,
+    half_disputed_then_paid_out,
+    money,
+    sold,
+)
 from tests.helpers import credits, ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -54,11 +59,6 @@ def books(seller, buyer) -> dict[str, int]:
         "payouts": money("payouts"),
         "buyer_credits": organization_balance(organization=buyer).available,
     }
-
-
-def dispute_at_stripe(market_stripe, order, amount: int | None = None) -> str:
-    charge = stripe_client.payment_intent_charge(order.stripe_payment_intent_id)["id"]
-    return market_stripe.standin.dispute(charge, amount=amount)["id"]
 
 
 def test_a_won_dispute_puts_the_books_back_as_they_were_before_it(
@@ -128,11 +128,7 @@ def test_a_share_a_dispute_took_before_the_payout_is_paid_when_the_dispute_is_wo
 ):
     # given: half of a sale disputed in its holding period (fee 6, the seller's 56
     # taken back), then the other 56 paid out as an invoice credit
-    order = sold(market_stripe, seller, buyer)
-    deliver()
-    dispute = dispute_at_stripe(market_stripe, order, amount=62)
-    deliver()
-    assert payouts_run(now=timezone.now() + LATER) == 1
+    order, dispute = half_disputed_then_paid_out(market_stripe, seller, buyer, deliver)
     fill = order.fills.get()
     assert (fill.proceeds, fill.seller_reversed) == (ProceedsState.PAID_OUT, 56)
 

@@ -53,6 +53,7 @@ from tests.gymbilling.market.conftest import (
     market_member,
     money,
     paid_session,
+    refund,
     roll,
     rollover_member,
     sold,
@@ -783,20 +784,9 @@ def test_payout_refused_returns_the_proceeds_to_available_and_stripe_down_retrie
     assert money("payouts") == 112
 
 
-def _refund(order, amount: int) -> bool:
-    """Stripe's refunds of `_sold`'s order, `amount` in all so far, as its webhook hands them on."""
-    return market_reversal_handle(
-        kind="refund",
-        key=f"refund:ch_{order.pk}:{amount}",
-        charge=charge_for(order, amount_refunded=amount),
-        amount=amount,
-        cumulative=True,
-    )
-
-
 def _refund_in_full(order) -> bool:
     """The whole 124 charge of `_sold`'s order refunded."""
-    return _refund(order, 124)
+    return refund(order, 124)
 
 
 def test_a_refund_while_a_payout_is_pending_then_refused_pays_the_seller_only_what_is_left(
@@ -816,7 +806,7 @@ def test_a_refund_while_a_payout_is_pending_then_refused_pays_the_seller_only_wh
     # and half the charge is refunded meanwhile: fee share 6, seller share 56,
     # booked as a loss since the fill is being paid out
     market_stripe.down = False
-    _refund(order, 62)
+    refund(order, 62)
     assert money("losses") == -56
 
     # when: Stripe refuses the transfer, then the seller's account is fixed and payouts run again
@@ -991,7 +981,7 @@ def half_refunded_while_a_job_holds_the_rest(market_stripe, seller, buyer) -> Ma
     order = sold(market_stripe, seller, buyer)
     credits_adjust(organization=buyer, amount=-credits(40), reason="spent", key="spend-40")
     hold_place(organization=buyer, amount=credits(60), key="job-running")
-    _refund(order, 62)
+    refund(order, 62)
     assert taken_pending_lost(MarketReversal.objects.get()) == (0, credits(50), 0)
     return order
 
@@ -1132,7 +1122,7 @@ def test_partial_refund_then_dispute_after_payout_records_the_loss(market_stripe
 
     credits_adjust(organization=buyer, amount=-credits(30), reason="spent", key="spend-30")
     # given: a partial refund of 62 before payout
-    _refund(order, 62)
+    refund(order, 62)
     first = MarketReversal.objects.get()
     assert (first.fee_reversed, first.seller_reversed, first.loss) == (6, 56, 0)
     assert first.credits_clawed_back == credits(50)
