@@ -160,6 +160,23 @@ class IdCursorPagination(CursorPagination):
         return cursor
 
 
+class PageQuery(StrictSerializer):
+    """The query of a list view: its filters (a subclass's fields), and the pagination's own
+    `cursor` and `limit`, checked by IdCursorPagination (blank: the first page, the default
+    size). Any other parameter is a 400 naming it."""
+
+    cursor = serializers.CharField(required=False, allow_blank=True)
+    limit = serializers.CharField(required=False, allow_blank=True)
+
+    def filters(self) -> dict[str, Any]:
+        """The validated filters, without the pagination's own parameters."""
+        return {
+            name: value
+            for name, value in self.validated_data.items()
+            if name not in ("cursor", "limit")
+        }
+
+
 def _invalid_cursor() -> ApplicationError:
     return ApplicationError(
         code="invalid_cursor",

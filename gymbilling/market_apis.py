@@ -1,4 +1,5 @@
-"""The marketplace API: the order book, listings, orders.
+"""The marketplace API: the order book, listings, orders; a seller's sales, earnings and
+payouts.
 
 Quantities are micro-credits, prices minor units per 1,000 credits, amounts
 minor units, as everywhere in the API.
@@ -10,15 +11,19 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from accounts.api_base import MANAGERS, OrgApiView, StrictSerializer
+from accounts.api_base import MANAGERS, OrgApiView, PageQuery, StrictSerializer
+from accounts.apis import paginate
 from accounts.errors import ApplicationError
 from accounts.models import Role, Scope
 from gymbilling.market import selectors, services
+from gymbilling.models import OrderStatus, PayoutMethod, PayoutStatus, ProceedsState
 from metering.services.postings import MAX_MOVEMENT
 
 TRADER_ROLES = (*MANAGERS, Role.BILLING)
 MAX_QUANTITY = MAX_MOVEMENT  # micro-credits, as the services check (market.services)
 MAX_PRICE = 10**12
+# A sale's proceeds: `none` is only a fill's that sold nothing, never a sale's.
+SALE_PROCEEDS = [state for state in ProceedsState.values if state != ProceedsState.NONE]
 
 ERRORS = {
     402: OpenApiResponse(
@@ -46,6 +51,19 @@ class _MarketApi(OrgApiView):
                 message=f"Trading needs one of the roles: {', '.join(self.write_roles)}.",
                 status=403,
             )
+
+
+class _MarketListApi(_MarketApi):
+    """A GET that lists the caller's own rows, newest first, a page at a time: its `Query`
+    names the filters the selector takes."""
+
+    Query = PageQuery
+
+    def page(self, request, selector, output_class):
+        query = self.Query(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)
+        rows = selector(organization=request.organization, **query.filters())
+        return paginate(self, rows, output_class)
 
 
 class ListingOutput(serializers.Serializer):
@@ -203,7 +221,7 @@ class OrderOutput(serializers.Serializer):
     fills = FillOutput(many=True)
 
 
-class OrdersApi(_MarketApi):
+class OrdersApi(_MarketListApi):
     class Input(StrictSerializer):
         class Meta:
             ref_name = "MarketOrderInput"
@@ -223,6 +241,24 @@ class OrdersApi(_MarketApi):
         allow_partial = serializers.BooleanField(
             default=False, help_text="Reserve what is offered when less than quantity is."
         )
+
+    class Query(PageQuery):
+        class Meta:
+            ref_name = "MarketOrderListQuery"
+
+        status = serializers.ChoiceField(choices=OrderStatus.values, required=False)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "status", str, enum=OrderStatus.values, description="only orders in it"
+            )
+        ],
+        responses=OrderOutput(many=True),
+        summary="List your marketplace orders, newest first",
+    )
+    def get(self, request):
+        return self.page(request, selectors.organization_orders, OrderOutput)
 
     @extend_schema(
         request=Input,
@@ -249,3 +285,116 @@ class OrderDetailApi(_MarketApi):
                 code="not_found", message="No such order among yours.", status=404, param="order_id"
             )
         return Response(OrderOutput(order).data)
+
+
+# --- a seller's side ----------------------------------------------------------------------
+
+
+class SaleOutput(serializers.Serializer):
+    id = serializers.IntegerField(help_text="The fill: one listing's part of a buyer's order.")
+    listing = serializers.IntegerField(source="listing_id")
+    currency = serializers.CharField()
+    price_per_1k = serializers.IntegerField(help_text="Minor units per 1,000 credits.")
+    quantity = serializers.IntegerField(
+        source="delivered_quantity", help_text="Micro-credits delivered to the buyer."
+    )
+    gross = serializers.IntegerField(help_text="Minor units the buyer paid.")
+    fee = serializers.IntegerField(help_text="The platform's fee on it, minor units.")
+    net = serializers.IntegerField(help_text="gross - fee: your share of the sale.")
+    refunded = serializers.IntegerField(help_text="Of gross, refunded or disputed by the buyer.")
+    seller_reversed = serializers.IntegerField(
+        help_text="Of net, taken back by refunds and disputes before it was paid out."
+    )
+    earned = serializers.IntegerField(help_text="net - seller_reversed: yours.")
+    unpaid = serializers.IntegerField(
+        help_text="Of earned, not paid out yet (pending or available); 0 once paid out."
+    )
+    proceeds = serializers.ChoiceField(
+        choices=SALE_PROCEEDS,
+        help_text="pending (holding period), available (next payout), paid_out.",
+    )
+    available_at = serializers.DateTimeField(help_text="When the holding period ends.")
+    payout = serializers.IntegerField(
+        source="payout_id", allow_null=True, help_text="The payout that paid it."
+    )
+    sold_at = serializers.DateTimeField(source="settled_at")
+
+
+class SalesApi(_MarketListApi):
+    class Query(PageQuery):
+        class Meta:
+            ref_name = "MarketSaleListQuery"
+
+        proceeds = serializers.ChoiceField(choices=SALE_PROCEEDS, required=False)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "proceeds",
+                str,
+                enum=SALE_PROCEEDS,
+                description="only sales whose proceeds are in this state",
+            )
+        ],
+        responses=SaleOutput(many=True),
+        summary="List your sales (credits of your listings bought and paid for), newest first",
+    )
+    def get(self, request):
+        return self.page(request, selectors.organization_sales, SaleOutput)
+
+
+class EarningsOutput(serializers.Serializer):
+    currency = serializers.CharField()
+    sales = serializers.IntegerField(help_text="Sales made.")
+    sold_quantity = serializers.IntegerField(help_text="Micro-credits sold.")
+    gross = serializers.IntegerField(help_text="Minor units buyers paid.")
+    fees = serializers.IntegerField(help_text="The platform's fees on it.")
+    reversed = serializers.IntegerField(
+        help_text="Taken back by refunds and disputes before payout."
+    )
+    earned = serializers.IntegerField(
+        help_text="gross - fees - reversed = pending + available + in_transit + paid_out."
+    )
+    pending = serializers.IntegerField(help_text="In the holding period.")
+    available = serializers.IntegerField(help_text="Past it, for the next payout.")
+    in_transit = serializers.IntegerField(help_text="In payouts being sent.")
+    paid_out = serializers.IntegerField(help_text="In payouts sent.")
+    next_available_at = serializers.DateTimeField(
+        allow_null=True, help_text="When the soonest pending proceeds become available."
+    )
+
+
+class EarningsSummaryOutput(serializers.Serializer):
+    earnings = EarningsOutput(many=True, help_text="One per currency, by currency.")
+
+
+class EarningsApi(_MarketApi):
+    @extend_schema(
+        responses=EarningsSummaryOutput,
+        summary="Your marketplace earnings per currency: pending, available, paid out",
+    )
+    def get(self, request):
+        earnings = selectors.organization_earnings(organization=request.organization)
+        return Response(EarningsSummaryOutput({"earnings": earnings}).data)
+
+
+class PayoutOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    currency = serializers.CharField()
+    amount = serializers.IntegerField(help_text="Minor units.")
+    method = serializers.ChoiceField(
+        choices=PayoutMethod.values,
+        help_text="transfer (Stripe Connect) or invoice_credit (off your next invoice).",
+    )
+    status = serializers.ChoiceField(
+        choices=PayoutStatus.values,
+        help_text="pending (being sent), sent, or failed (refused: back to available).",
+    )
+    created_at = serializers.DateTimeField()
+    sent_at = serializers.DateTimeField(allow_null=True)
+
+
+class PayoutsApi(_MarketListApi):
+    @extend_schema(responses=PayoutOutput(many=True), summary="List your payouts, newest first")
+    def get(self, request):
+        return self.page(request, selectors.organization_payouts, PayoutOutput)

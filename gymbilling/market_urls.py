@@ -11,4 +11,7 @@ urlpatterns = [
     ),
     path("market/orders", market_apis.OrdersApi.as_view(), name="market-orders"),
     path("market/orders/<int:order_id>", market_apis.OrderDetailApi.as_view(), name="market-order"),
+    path("market/sales", market_apis.SalesApi.as_view(), name="market-sales"),
+    path("market/earnings", market_apis.EarningsApi.as_view(), name="market-earnings"),
+    path("market/payouts", market_apis.PayoutsApi.as_view(), name="market-payouts"),
 ]

@@ -36,7 +36,13 @@ from redis.exceptions import RedisError
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from accounts.api_base import ApiContentNegotiation, OrgApiView, StrictSerializer, acting_key
+from accounts.api_base import (
+    ApiContentNegotiation,
+    OrgApiView,
+    PageQuery,
+    StrictSerializer,
+    acting_key,
+)
 from accounts.errors import ApplicationError
 from accounts.models import Priority, Scope
 from inference.callback_client import callback_url_validate
@@ -759,16 +765,12 @@ class JobListCreateApi(_GenerationApi):
     def prompt(self, data, model):
         return render_chat(model, data["messages"]) if "messages" in data else data["prompt"]
 
-    class Query(StrictSerializer):
+    class Query(PageQuery):
         class Meta:
             ref_name = "JobListQuery"
 
         status = serializers.ChoiceField(choices=JobStatus.values, required=False)
         model = serializers.CharField(max_length=128, required=False)  # CatalogModel.name's
-        # The pagination's own, checked by it (accounts.api_base.IdCursorPagination;
-        # blank: the first page, the default size).
-        cursor = serializers.CharField(required=False, allow_blank=True)
-        limit = serializers.CharField(required=False, allow_blank=True)
 
     @extend_schema(
         parameters=[

@@ -13,8 +13,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db.models import Sum
+from django.test import Client
 from django.utils import timezone
 
+from accounts.models import Scope
+from accounts.services import apikey_create
 from gymbilling import stripe_client
 from gymbilling.models import (
     BillingCustomer,
@@ -129,6 +132,12 @@ def seller(db, market_stripe):
 @pytest.fixture
 def buyer(db, market_stripe):
     return market_member()
+
+
+def client_for(org, scopes=(Scope.MARKETPLACE,)) -> Client:
+    """An API client with a new key of the organization's, of `scopes`."""
+    _, raw = apikey_create(organization=org, name="market", scopes=list(scopes))
+    return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
 
 
 def paid_session(stripe: MarketStripe, order: MarketOrder) -> dict:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from django.test import Client
 
 from accounts.models import Scope
-from accounts.services import apikey_create
 from gymbilling.market.services import listing_create
 from gymbilling.models import MarketListing, MarketOrder, MoneyEntry
-from tests.gymbilling.market.conftest import paid_session
+from tests.gymbilling.market.conftest import client_for, paid_session
 from tests.helpers import credits, ledger_rows
 
 pytestmark = pytest.mark.django_db
-
-
-def client_for(org, scopes=(Scope.MARKETPLACE,)) -> Client:
-    _, raw = apikey_create(organization=org, name="market", scopes=list(scopes))
-    return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
 
 
 def rows():
