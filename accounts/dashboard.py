@@ -178,6 +178,21 @@ def form_refusal(form: forms.Form) -> ApplicationError:
     return ApplicationError(code=f"invalid_{field}", message=f"{label}: {errors[0]}", param=field)
 
 
+def page_before(
+    queryset: QuerySet[M], *, before: int | None, size: int
+) -> tuple[list[M], int | None]:
+    """A page of `queryset`, newest first by id, of the rows below id `before` (None: the
+    newest), and the `before` of the next, older page (None: this is the last).
+
+    Cut by id, not by offset: rows are only added, so a page never repeats or skips
+    one while new rows arrive.
+    """
+    if before is not None:
+        queryset = queryset.filter(pk__lt=before)
+    rows = list(queryset.order_by("-pk")[: size + 1])
+    return rows[:size], (rows[size - 1].pk if len(rows) > size else None)
+
+
 def owned_or_refused(queryset: QuerySet[M], pk: int, *, what: str) -> M:
     """The row `pk` of a selector already limited to the page's organization.
 

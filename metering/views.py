@@ -15,7 +15,7 @@ from django import forms
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
-from accounts.dashboard import MemberPage
+from accounts.dashboard import MemberPage, page_before
 from metering.selectors import organization_entries, usage_by_day_and_model
 
 DAY_CHOICES = (7, 30, 90)
@@ -180,10 +180,10 @@ class ActivityPage(MemberPage):
 
     def get_context_data(self, *, before: int | None = None, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
-        entries = organization_entries(organization=self.request.organization)
-        if before is not None:
-            entries = entries.filter(pk__lt=before)
-        page = list(entries[: self.page_size + 1])
-        older = page[self.page_size - 1].pk if len(page) > self.page_size else None
-        context.update(entries=page[: self.page_size], older=older, first_page=before is None)
+        entries, older = page_before(
+            organization_entries(organization=self.request.organization),
+            before=before,
+            size=self.page_size,
+        )
+        context.update(entries=entries, older=older, first_page=before is None)
         return context

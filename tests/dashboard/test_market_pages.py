@@ -6,20 +6,26 @@ ledger, the marketplace's rows and every balance exactly as they were.
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
+from html import unescape
+
 import pytest
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from accounts.models import Membership, Role
-from gymbilling.market.services import listing_create
+from gymbilling.market.services import listing_create, order_reserve, payouts_run
 from gymbilling.models import CheckoutSession, MarketListing, MarketOrder
+from gymbilling.pages.market import MarketPage
 from metering.selectors import organization_balance
 from tests.dashboard.pages import figure, refused, row, rows, text
 from tests.factories import UserFactory
 from tests.gymbilling import conftest as payment_fixtures
 from tests.gymbilling.market import conftest as market_fixtures
-from tests.gymbilling.market.conftest import market_member, subscription_credits
+from tests.gymbilling.market.conftest import market_member, refund, sold, subscription_credits
 from tests.helpers import credits, ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -58,6 +64,13 @@ def state(*organizations):
             for balance in (organization_balance(organization=o) for o in organizations)
         ],
     )
+
+
+def older_link(page, what: str) -> str:
+    """The query string of the page's link to the older `what` (orders, sales)."""
+    found = re.search(rf'href="\?([^"]*)" rel="next" data-older="{what}"', text(page))
+    assert found, f"no link to older {what}"
+    return unescape(found[1])
 
 
 def sell(browser, quantity: str, price: str, currency: str = "usd"):
@@ -368,3 +381,151 @@ def test_subscription_credits_of_the_buyer_stay_where_they_are(market_stripe, se
     buy(signed_in(buyer), "50", "3")
 
     assert organization_balance(organization=buyer).available == credits(70)
+
+
+# --- the organization's orders, sales, earnings and payouts ---------------------------------
+
+
+def test_the_buyer_s_orders_show_newest_first_a_page_at_a_time(
+    market_stripe, seller, buyer, monkeypatch
+):
+    # given: pages of two orders, and three orders of the buyer's (the first paid),
+    # and one of another buyer's
+    monkeypatch.setattr(MarketPage, "orders_per_page", 2)
+    paid = sold(market_stripe, seller, buyer, price=250)
+    listing_create(seller=seller, quantity=credits(500), price_per_1k=300, currency="usd")
+    pending = [
+        order_reserve(buyer=buyer, quantity=credits(q), max_price_per_1k=300, currency="usd")
+        for q in (100, 200)
+    ]
+    other = order_reserve(
+        buyer=market_member(), quantity=credits(50), max_price_per_1k=300, currency="usd"
+    )
+    browser = signed_in(buyer, Role.MEMBER)
+
+    # when: the buyer reads the page, then its older orders
+    page = browser.get(MARKET)
+    older = browser.get(f"{MARKET}?{older_link(page, 'orders')}")
+
+    # then: newest first, two a page, none of the other buyer's
+    assert rows(page, "data-own-order") == [str(pending[1].pk), str(pending[0].pk)]
+    assert rows(older, "data-own-order") == [str(paid.pk)]
+    assert str(other.pk) not in rows(page, "data-own-order") + rows(older, "data-own-order")
+    assert row(page, "data-own-order", pending[1].pk) == {
+        "quantity": "200",
+        "amount": "0.60 USD",
+        "status": "Reserved, awaiting payment",
+        "note": "",
+    }
+    assert row(older, "data-own-order", paid.pk) == {
+        "quantity": "100",
+        "amount": "0.25 USD",
+        "status": "Paid and delivered",
+        "note": "",
+    }
+    assert 'data-older="orders"' not in text(older)
+
+
+def test_the_seller_sees_earnings_sales_and_payouts(market_stripe, seller, buyer, monkeypatch):
+    # given: a sale paid out (1.24 USD, fee 0.12), half refunded afterwards (the
+    # seller keeps it), then a sale in its holding period (0.50 USD, fee 0.05),
+    # on pages of one sale
+    monkeypatch.setattr(MarketPage, "sales_per_page", 1)
+    first = sold(market_stripe, seller, buyer)
+    assert payouts_run(now=timezone.now() + timedelta(days=8)) == 1
+    refund(first, 62)
+    second = sold(market_stripe, seller, buyer, price=500)
+    browser = signed_in(seller, Role.MEMBER)
+
+    # when
+    page = browser.get(MARKET)
+    older = browser.get(f"{MARKET}?{older_link(page, 'sales')}")
+
+    # then: the summary of the currency, in its money
+    assert row(page, "data-earnings", "usd") == {
+        "sales": "2",
+        "gross": "1.74 USD",
+        "fees": "0.17 USD",
+        "reversed": "0.00 USD",
+        "earned": "1.57 USD",
+        "pending": "0.45 USD",
+        "available": "0.00 USD",
+        "in_transit": "0.00 USD",
+        "paid_out": "1.12 USD",
+    }
+    # the sales, a page at a time, newest first
+    [newest], [oldest] = second.fills.all(), first.fills.all()
+    assert rows(page, "data-sale") == [str(newest.pk)]
+    assert row(page, "data-sale", newest.pk) == {
+        "quantity": "100",
+        "gross": "0.50 USD",
+        "fee": "0.05 USD",
+        "refunded": "0.00 USD",
+        "earned": "0.45 USD",
+        "proceeds": "In the holding period",
+    }
+    assert rows(older, "data-sale") == [str(oldest.pk)]
+    assert row(older, "data-sale", oldest.pk) == {
+        "quantity": "100",
+        "gross": "1.24 USD",
+        "fee": "0.12 USD",
+        "refunded": "0.62 USD",
+        "earned": "1.12 USD",
+        "proceeds": "Paid out",
+    }
+    # (the summary stays on every page of sales)
+    assert row(older, "data-earnings", "usd")["earned"] == "1.57 USD"
+    # and the payout
+    oldest.refresh_from_db()
+    assert row(page, "data-payout", oldest.payout_id) == {
+        "amount": "1.12 USD",
+        "method": "Credit on the next invoice",
+        "status": "Sent",
+    }
+    # the buyer sold nothing and sees none of it
+    theirs = signed_in(buyer).get(MARKET)
+    assert rows(theirs, "data-sale") == rows(theirs, "data-payout") == []
+    assert 'data-earnings="none"' in text(theirs)
+    assert rows(page, "data-own-order") == []
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("orders_before=abc", "invalid_orders_before"),
+        ("orders_before=0", "invalid_orders_before"),
+        ("sales_before=-1", "invalid_sales_before"),
+        ("sales_before=99999999999999999999", "invalid_sales_before"),
+    ],
+)
+def test_a_page_cursor_that_is_not_an_id_is_a_400_with_its_code(seller, query, code):
+    response = signed_in(seller).get(f"{MARKET}?{query}")
+
+    assert refused(response, 400, code), (response.status_code, text(response)[-500:])
+
+
+def test_the_page_reads_as_many_queries_for_many_sales_and_orders_as_for_one(
+    market_stripe, seller, buyer
+):
+    # given: an organization that sold and bought once, then four times more
+    trader = market_member(credits_amount=credits(1000))
+    browser = signed_in(trader)
+
+    def trade():
+        sold(market_stripe, trader, buyer, price=500)
+        sold(market_stripe, seller, trader, price=500)
+
+    trade()
+    payouts_run(now=timezone.now() + timedelta(days=8))
+    with CaptureQueriesContext(connection) as few:
+        browser.get(MARKET)
+    for _ in range(4):
+        trade()
+    payouts_run(now=timezone.now() + timedelta(days=8))
+    with CaptureQueriesContext(connection) as many:
+        page = browser.get(MARKET)
+
+    # then: the page shows them all, at the same cost
+    assert len(rows(page, "data-sale")) == len(rows(page, "data-own-order")) == 5
+    assert len(rows(page, "data-payout")) == 2
+    assert len(many) == len(few)
