@@ -4,5 +4,6 @@
 - `escrow`: credit movements between wallets and escrow, lot by lot.
 - `money`: the double-entry ledger of sellers' proceeds.
 - `services`: listings, orders, payment, release, expiry, payouts, reversals.
-- `selectors`: the order book and the caller's own listings and orders.
+- `selectors`: the order book, the caller's own listings and orders, and a seller's
+  sales, earnings and payouts.
 """

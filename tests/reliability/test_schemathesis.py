@@ -47,7 +47,7 @@ from schemathesis.specs.openapi.checks import (
 
 from accounts.models import Role, Scope
 from accounts.services import apikey_create, invitation_create, membership_add
-from gymbilling.services import catalog_sync
+from gymbilling.services import billing_customer_ensure, catalog_sync
 from gymbilling.services.catalog import catalog_seed_defaults
 from gymbilling.wsgi import application
 from inference.models import CatalogModel, ServerPool
@@ -180,7 +180,9 @@ def caller(stripe_standin) -> Caller:
         params=SubmitParams(max_tokens=4),
         kind="async",
     )
-    from gymbilling.market.services import listing_create, order_reserve
+    from django.conf import settings as django_settings
+
+    from gymbilling.market.services import listing_create, order_pay, order_reserve, payouts_run
 
     seller = OrganizationFactory()
     credits_grant(
@@ -192,6 +194,12 @@ def caller(stripe_standin) -> Caller:
     listing = listing_create(seller=org, quantity=credits(10), price_per_1k=300, currency="usd")
     order = order_reserve(buyer=org, quantity=credits(1), max_price_per_1k=400, currency="usd",
                           listing_id=offer.pk)  # fmt: skip
+    # A sale of the caller's, paid, and paid out: its sales, earnings and payouts have rows.
+    billing_customer_ensure(organization=org)
+    sale = order_reserve(buyer=seller, quantity=credits(5), max_price_per_1k=300, currency="usd",
+                         listing_id=listing.pk)  # fmt: skip
+    order_pay(order_id=sale.pk, payment_intent_id=f"pi_schemathesis_{sale.pk}")
+    payouts_run(now=timezone.now() + django_settings.MARKET_PAYOUT_HOLDING + timedelta(days=1))
     return Caller(
         headers={"Authorization": f"Bearer {raw}"},
         own_ids={
