@@ -529,3 +529,21 @@ def test_the_page_reads_as_many_queries_for_many_sales_and_orders_as_for_one(
     assert len(rows(page, "data-sale")) == len(rows(page, "data-own-order")) == 5
     assert len(rows(page, "data-payout")) == 2
     assert len(many) == len(few)
+
+
+def test_a_trader_can_pay_a_pending_order_from_the_list_and_a_member_cannot(
+    market_stripe, seller, buyer
+):
+    # given: an order the buyer reserved and has not paid yet
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    buy(signed_in(buyer, Role.BILLING), "50", "3")
+    order = MarketOrder.objects.get(buyer=buyer)
+
+    # when: a billing member and a plain member read the page
+    as_trader = signed_in(buyer, Role.BILLING).get(MARKET)
+    as_member = signed_in(buyer, Role.MEMBER).get(MARKET)
+
+    # then: the trader has the link to Stripe's page, the member only the order
+    assert f'<a href="{order.checkout_url}"' in text(as_trader)
+    assert row(as_member, "data-own-order", order.pk)["status"] == "Reserved, awaiting payment"
+    assert order.checkout_url not in text(as_member)
