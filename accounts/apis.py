@@ -62,6 +62,16 @@ class OrganizationOutput(serializers.Serializer):
     concurrent_jobs = serializers.IntegerField()
 
 
+class UserOutput(serializers.Serializer):
+    """A person, wherever the API names one (who is calling, who sent a job)."""
+
+    class Meta:
+        ref_name = "User"
+
+    id = serializers.IntegerField()
+    email = serializers.EmailField()
+
+
 # --- me ----------------------------------------------------------------------------
 
 
@@ -71,11 +81,7 @@ class MeApi(OrgApiView):
             ref_name = "MeOutput"
 
         organization = OrganizationOutput()
-        user = inline_serializer(
-            "MeUser",
-            {"id": serializers.IntegerField(), "email": serializers.EmailField()},
-            allow_null=True,
-        )
+        user = UserOutput(allow_null=True)
         role = serializers.CharField(allow_null=True)
         api_key = inline_serializer(
             "MeKey",

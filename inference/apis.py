@@ -42,6 +42,7 @@ from accounts.api_base import (
     PageQuery,
     StrictSerializer,
     acting_key,
+    acting_user,
 )
 from accounts.errors import ApplicationError
 from accounts.models import Priority, Scope
@@ -261,6 +262,8 @@ class _GenerationApi(OrgApiView):
         return job_submit(
             organization=request.organization,
             api_key=acting_key(request),
+            # A signed-in member's (the dashboard's playground): the job names them.
+            user=acting_user(request),
             model_name=data["model"],
             # Rendered with the model job_submit resolves (and checks), so the
             # catalog is read once per request.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import date
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
@@ -260,6 +261,19 @@ class Job(models.Model):
     )
     api_key = models.ForeignKey(
         "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    # Who sent it when no key did: the member signed in to the dashboard (its
+    # playground sends /v1/chat/completions with the session). Null for a key's
+    # request. PROTECT, as ApiKey.created_by: people leave by deactivation, and
+    # a job must keep naming who spent its credits. No index: nothing looks jobs
+    # up by person across organizations, and every job's insert would pay for it.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        db_index=False,
     )
     model = models.ForeignKey(CatalogModel, on_delete=models.PROTECT, related_name="jobs")
     model_price = models.ForeignKey(

@@ -174,14 +174,18 @@ def submit_job(
     prompt: str = "Plan my week.",
     max_tokens=16,
     priority: str = "standard",
+    api_key=None,
+    user=None,
 ):
-    """An asynchronous job through the real job_submit (hold, limits, row; its task on commit)."""
+    """An asynchronous job through the real job_submit (hold, limits, row; its task on commit),
+    sent by `api_key` or by `user` (a member signed in to the dashboard), or by neither."""
     from inference.services import job_submit
     from inference.services.jobs import SubmitParams
 
     return job_submit(
         organization=organization,
-        api_key=None,
+        api_key=api_key,
+        user=user,
         model_name=model_name,
         prompt=prompt,
         params=SubmitParams(max_tokens=max_tokens),

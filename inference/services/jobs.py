@@ -28,7 +28,7 @@ from django.utils import timezone
 
 from accounts import sql
 from accounts.errors import ApplicationError
-from accounts.models import ApiKey, Organization, Priority, Standing
+from accounts.models import ApiKey, Organization, Priority, Standing, User
 from accounts.ratelimits import (
     Limit,
     RequestCount,
@@ -392,6 +392,7 @@ def job_submit(
     model_name: str,
     prompt: str | Callable[[CatalogModel], str],
     params: SubmitParams,
+    user: User | None = None,
     priority: str = Priority.STANDARD,
     kind: str = "chat",
     stream: bool = False,
@@ -404,6 +405,8 @@ def job_submit(
 
     `prompt` is the text, or a function that renders it for the resolved
     model (a chat template), called once the model has passed every check.
+    `api_key` or `user`: who sent it, recorded on the job (a key's request, or
+    a member's through the dashboard's session; see Job.user).
     `request_count`: the API request's own count against its requests-per-
     minute limits, taken in the same Redis script as the job's tokens and
     slot (accounts.ratelimits).
@@ -452,6 +455,7 @@ def job_submit(
         public_id=public_id,
         organization=organization,
         api_key=api_key,
+        user=user,
         model=model,
         model_price=price,
         priority=priority,

@@ -17,15 +17,17 @@ import redis
 from django.db import connection
 
 from accounts.errors import ApplicationError
+from accounts.models import Membership, Role, Scope
 from accounts.ratelimits import Limit, rate_limit_consume
 from accounts.redis import get_redis
+from accounts.services import apikey_create
 from inference.models import Job, JobStatus
 from inference.relay import relay_cancel_requested
 from inference.services import jobs
 from metering.models import Hold, HoldStatus
 from metering.selectors import model_price, organization_balance
 from metering.services import fastpath, hold_place
-from tests.factories import OrganizationFactory
+from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import StatementLog, credits, ledger_rows, served_model, submit_job
 
 pytestmark = pytest.mark.django_db
@@ -68,6 +70,46 @@ def test_an_admitted_job_is_stored_with_its_hold(path, grant):
         writes = [s for s in statements.sql if "INSERT" in s or "UPDATE" in s]
         assert len(writes) == 1
         assert "INSERT INTO metering_hold" in writes[0] and '"inference_job"' in writes[0]
+
+
+@pytest.mark.parametrize(
+    ("fast", "prepared"),
+    [(True, True), (False, True), (False, False)],
+    ids=["fast", "orm", "orm-unprepared"],
+)
+def test_the_job_row_names_the_member_or_the_key_that_sent_it(fast, prepared, settings, grant):
+    # given an organization with credits, a member of it and an API key of it;
+    # on the fast path, or the ORM path with or without prepared statements (an
+    # old PgBouncer's setting: the row is then saved by the ORM itself)
+    settings.METERING_FAST_PATH, settings.DATABASE_PREPARED_STATEMENTS = fast, prepared
+    served_model(MODEL)
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    member = UserFactory()
+    Membership.objects.create(user=member, organization=org, role=Role.MEMBER)
+    key, _raw = apikey_create(organization=org, name="app", scopes=[Scope.INFERENCE])
+
+    # when the member sends a job through the dashboard's session, and the key one
+    statements = StatementLog()
+    with connection.execute_wrapper(statements):
+        by_member = submit_job(org, MODEL, user=member)
+    by_key = submit_job(org, MODEL, api_key=key)
+
+    # then each row names who sent it, and only that
+    stored = {job.public_id: job for job in Job.objects.filter(organization=org)}
+    assert (stored[by_member.public_id].user_id, stored[by_member.public_id].api_key_id) == (
+        member.pk,
+        None,
+    )
+    assert (stored[by_key.public_id].user_id, stored[by_key.public_id].api_key_id) == (
+        None,
+        key.pk,
+    )
+    # and on the fast path the member's row still went with its hold, in one statement
+    if fast:
+        writes = [s for s in statements.sql if "INSERT" in s or "UPDATE" in s]
+        assert len(writes) == 1
+        assert "INSERT INTO metering_hold" in writes[0] and '"user_id"' in writes[0]
 
 
 def test_a_refused_hold_stores_no_job_and_gives_the_tokens_back(path, grant):
