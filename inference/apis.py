@@ -44,6 +44,7 @@ from accounts.api_base import (
     acting_key,
     acting_user,
 )
+from accounts.apis import UserOutput
 from accounts.errors import ApplicationError
 from accounts.models import Priority, Scope
 from inference.callback_client import callback_url_validate
@@ -695,6 +696,11 @@ class JobOutput(serializers.Serializer):
     )
     credits_held = serializers.IntegerField(source="hold_amount")
     credits_charged = serializers.IntegerField()
+    user = UserOutput(
+        allow_null=True,
+        help_text="the member who sent it signed in to the dashboard (its playground); "
+        "null when an API key sent it",
+    )
     error_code = serializers.CharField(
         help_text="why a failed or expired job ended, blank otherwise: "
         + ", ".join(f"{code} ({meaning})" for code, meaning in JOB_ERROR_CODES.items())

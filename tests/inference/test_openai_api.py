@@ -20,7 +20,7 @@ from django.test import Client
 from django.utils import timezone
 from django.utils.http import http_date
 
-from accounts.models import Scope, Standing
+from accounts.models import Membership, Role, Scope, Standing
 from accounts.redis import get_redis
 from accounts.services import apikey_create, organization_entitlements_set
 from inference import apis
@@ -29,7 +29,7 @@ from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ModelStatus
 from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import organization_balance
 from metering.services import Rates, Usage, credits_for_usage, price_book_publish
-from tests.factories import OrganizationFactory
+from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import StatementLog, credits, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -421,6 +421,64 @@ def test_usage_by_model_and_by_key_adds_up_what_was_served(gym):
     assert by_model["group"] == MODEL
     assert {k: by_model[k] for k in expected} == expected
     assert {k: by_key[k] for k in expected} == expected
+
+
+def _playground(gym, member, settings) -> tuple[Client, dict]:
+    """`member`'s browser on the dashboard's playground, and the headers its script sends
+    with the session: the CSRF token the page gave it, and the organization it acts for."""
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(member)
+    browser.get("/dashboard/playground")  # the page sets the CSRF cookie, as in a browser
+    token = browser.cookies[settings.CSRF_COOKIE_NAME].value
+    return browser, {"HTTP_X_CSRFTOKEN": token, "HTTP_X_ORGANIZATION": gym["org"].slug}
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_a_playground_request_names_the_member_who_sent_it_and_a_keys_request_no_one(
+    gym, settings, fast_path
+):
+    # given a member of the organization, signed in to the dashboard, and a
+    # partner app with the organization's key; the job's row written with its
+    # hold by the one statement, or by the ORM path
+    settings.METERING_FAST_PATH = fast_path
+    org = gym["org"]
+    member = UserFactory()
+    Membership.objects.create(user=member, organization=org, role=Role.MEMBER)
+    browser, session = _playground(gym, member, settings)
+
+    # when the member's playground sends a chat completion with the session,
+    # and the partner app one with its key
+    by_member = browser.post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "Plan my week."}],
+         "max_tokens": 4},
+        content_type="application/json",
+        **session,
+    )  # fmt: skip
+    gym["client"].chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Plan my week."}], max_tokens=4
+    )
+
+    # then both were served and billed, the member's job naming the member and
+    # no key, the key's naming its key and no one
+    assert by_member.status_code == 200, by_member.content
+    member_job = Job.objects.get(organization=org, user=member)
+    key_job = Job.objects.get(organization=org, user=None)
+    assert member_job.api_key_id is None and key_job.api_key_id is not None
+    assert member_job.status == key_job.status == JobStatus.SUCCEEDED
+    assert member_job.credits_charged > 0
+
+    # and the jobs API says so, to the member and to the key alike
+    named = {"id": member.pk, "email": member.email}
+    listed = browser.get("/api/v1/jobs", **session).json()["results"]
+    assert {job["id"]: job["user"] for job in listed} == {
+        member_job.public_id: named,
+        key_job.public_id: None,
+    }
+    headers = {"Authorization": f"Bearer {gym['raw']}"}
+    url = f"{gym['url']}/api/v1/jobs"
+    assert requests.get(f"{url}/{member_job.public_id}", headers=headers).json()["user"] == named
+    assert requests.get(f"{url}/{key_job.public_id}", headers=headers).json()["user"] is None
 
 
 def test_the_job_list_pages_with_a_cursor_newest_first(gym):
