@@ -15,6 +15,18 @@ from accounts.services.organizations import ENTITLEMENT_FIELDS
 from accounts.views import sign_in_count
 
 
+@admin.display(description="sent by")
+def sent_by(row) -> str:
+    """A list column for rows that name who sent them (a job, a usage record): the API
+    key's prefix, or the member signed in to the dashboard (its playground); "-" for
+    neither (an operator's). Its admin selects `api_key` and `user` with the rows."""
+    if row.user_id is not None:
+        return f"dashboard ({row.user.email})"
+    if row.api_key_id is not None:
+        return row.api_key.prefix
+    return "-"
+
+
 class _LowerCaseEmail:
     """An address is stored lower-cased, as the manager and sign-up store it and as
     invitations compare it: one kept with capitals matches no invitation. And unique

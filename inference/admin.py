@@ -2,6 +2,7 @@
 
 from django.contrib import admin, messages
 
+from accounts.admin import sent_by
 from inference.models import (
     JOB_ERROR_CODES,
     CatalogModel,
@@ -85,21 +86,12 @@ class JobAdmin(admin.ModelAdmin):
         "input_tokens",
         "output_tokens",
         "credits_charged",
-        "sent_by",
+        sent_by,
         "queued_at",
     ]
     list_filter = ["status", "priority", _ErrorCodeFilter, "model", "input_tokens_source"]
     search_fields = ["public_id", "organization__slug", "user__email"]
     list_select_related = ["organization", "model", "api_key", "user"]
-
-    @admin.display(description="sent by")
-    def sent_by(self, job: Job) -> str:
-        """Who spent its credits: the API key, or the member signed in to the dashboard."""
-        if job.user_id is not None:
-            return f"dashboard ({job.user.email})"
-        if job.api_key_id is not None:
-            return job.api_key.prefix
-        return "-"  # an operator's (a job submitted by code, or a key since deleted)
 
     def has_add_permission(self, request, obj=None):
         return False

@@ -22,6 +22,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.http import urlencode
 
+from accounts.admin import sent_by
 from accounts.errors import ApplicationError
 from accounts.models import Organization
 from metering.models import (
@@ -434,11 +435,12 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "credits",
         "serving_cost",
         "currency",
+        sent_by,
         "created_at",
     ]
     list_filter = ["model_name", "priority"]
-    search_fields = ["job_id", "organization__slug"]
-    list_select_related = ["organization"]
+    search_fields = ["job_id", "organization__slug", "user__email"]
+    list_select_related = ["organization", "api_key", "user"]
     change_list_template = "admin/metering/usagerecord/change_list.html"
 
     def get_urls(self):

@@ -472,6 +472,18 @@ class UsageRecord(models.Model):
     api_key = models.ForeignKey(
         "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
+    # Who spent it when no key did: the member signed in to the dashboard (its
+    # playground); null for a key's. PROTECT, as ApiKey.created_by: people are
+    # deactivated, never deleted. No index: every settlement's insert would pay
+    # for it, and usage is read by organization and time, never by person alone.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        db_index=False,
+    )
     job_id = models.CharField(max_length=64)  # unique (UNIQUE_NOT_LIKE_INDEXED below)
     hold = models.OneToOneField(
         Hold, on_delete=models.PROTECT, null=True, blank=True, related_name="usage_record"

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Case, CharField, Count, QuerySet, Sum, Value, When
 from django.db.models import F as models_F
-from django.db.models.functions import TruncDay
+from django.db.models.functions import Coalesce, Concat, TruncDay
 from django.utils import timezone
 
 from accounts.cache import SharedCache
@@ -168,7 +168,11 @@ USAGE_GROUPINGS = {"day", "model", "key"}
 def usage_aggregate(
     *, organization: Organization, start: datetime, end: datetime, group_by: str
 ) -> list[dict]:
-    """Usage totals per day, model or API key over [start, end)."""
+    """Usage totals per day, model or API key over [start, end).
+
+    By key, what a member sent with the dashboard's session (its playground),
+    which no key sent, is grouped per member: "dashboard (their email)".
+    """
     if group_by not in USAGE_GROUPINGS:
         raise ApplicationError(
             code="invalid_request",
@@ -181,8 +185,18 @@ def usage_aggregate(
     elif group_by == "model":
         qs = qs.annotate(group=models_F("model_name"))
     else:
-        qs = qs.annotate(group=models_F("api_key__public_id"))
+        qs = qs.annotate(group=Coalesce(models_F("api_key__public_id"), _DASHBOARD_MEMBER))
     return list(qs.values("group").annotate(**_usage_sums()).order_by("group"))
+
+
+# A usage record's member, for one sent with a dashboard session; null without one.
+_DASHBOARD_MEMBER = Case(
+    When(
+        user__isnull=False,
+        then=Concat(Value("dashboard ("), models_F("user__email"), Value(")")),
+    ),
+    output_field=CharField(),
+)
 
 
 def usage_by_day_and_model(

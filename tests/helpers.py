@@ -203,6 +203,7 @@ def usage_draft(
     engine_busy_ms: int = 0,
     serving_cost: int = 0,
     currency: str = "usd",
+    user_id: int | None = None,
 ):
     """The usage record a settlement writes with its capture (metering's UsageDraft)."""
     from metering.services import Usage
@@ -218,6 +219,7 @@ def usage_draft(
         engine_busy_ms=engine_busy_ms,
         serving_cost=serving_cost,
         currency=currency,
+        user_id=user_id,
     )
 
 

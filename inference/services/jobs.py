@@ -857,6 +857,7 @@ def job_settle(
         ),
         credits=charge,
         api_key_id=job.api_key_id,
+        user_id=job.user_id,
         model_price=job.model_price,
         engine_busy_ms=outcome.engine_ms,
         serving_cost=cost,

@@ -205,7 +205,8 @@ def hold_place_fast(
     return hold
 
 
-# The settlement runs server-side (migrations 0005 and 0007, `metering_hold_settle`):
+# The settlement runs server-side (`metering_hold_settle`: migrations 0005 and 0007,
+# and 0017's, which takes the record's user, the one called here):
 # the accounts statement, then the lots statement with a fresh snapshot, in
 # one round trip and with the function's EXCEPTION block as its savepoint,
 # so the wallet's row lock is never held while this process waits for a CPU.
@@ -218,7 +219,7 @@ SETTLE_ARGS = """%(key)s::text, %(captured)s::bigint, %(status)s::text, %(txn_ki
            %(u_record)s::boolean, %(u_org)s::bigint, %(u_key)s::bigint, %(u_job)s::text,
            %(u_model)s::text, %(u_priority)s::text, %(u_in)s::integer, %(u_cached)s::integer,
            %(u_out)s::integer, %(u_ms)s::integer, %(u_credits)s::bigint, %(u_price)s::bigint,
-           %(u_cost)s::bigint, %(u_currency)s::text"""
+           %(u_cost)s::bigint, %(u_currency)s::text, %(u_user)s::bigint"""
 HOLD_RESULT = "s.o_wallet_balance, " + ", ".join(f"(s.o_hold).{c}" for c in HOLD_COLUMNS)
 _SETTLE = f"""
 SELECT {HOLD_RESULT}
@@ -313,6 +314,7 @@ def _usage_params(usage: UsageDraft | None) -> dict:
         "u_price": usage.model_price.pk if usage.model_price is not None else None,
         "u_cost": usage.serving_cost,
         "u_currency": usage.currency,
+        "u_user": usage.user_id,
     }
 
 
@@ -330,4 +332,5 @@ _USAGE_PARAMS = (
     "u_price",
     "u_cost",
     "u_currency",
+    "u_user",
 )

@@ -31,6 +31,8 @@ class UsageDraft:
     engine_busy_ms: int = 0
     serving_cost: int = 0
     currency: str = "usd"
+    # The member who spent it when no key did (a dashboard session's request).
+    user_id: int | None = None
 
     def validate(self) -> None:
         if self.credits < 0 or self.serving_cost < 0 or self.engine_busy_ms < 0:
@@ -58,6 +60,7 @@ def usage_record_create(
     engine_busy_ms: int = 0,
     serving_cost: int = 0,
     currency: str = "usd",
+    user_id: int | None = None,
 ) -> UsageRecord:
     """Record a job's usage once; a repeat for the same job returns the first record."""
     if credits < 0 or serving_cost < 0 or engine_busy_ms < 0:
@@ -65,6 +68,7 @@ def usage_record_create(
     values = {
         "organization_id": organization_id,
         "api_key_id": api_key_id,
+        "user_id": user_id,
         "job_id": job_id,
         "hold": hold,
         "model_name": model_name,

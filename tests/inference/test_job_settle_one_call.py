@@ -13,10 +13,11 @@ hold are written directly, so no Celery task is sent.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -27,7 +28,7 @@ from metering.models import AccountKind, Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price, organization_balance
 from metering.services import hold_place, hold_release
 from metering.services.postings import accounts_for
-from tests.factories import OrganizationFactory
+from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import StatementLog, credits, ledger_rows, served_model
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -70,6 +71,34 @@ def _served() -> Outcome:
         first_token_at=timezone.now() - timedelta(milliseconds=20),
         input_tokens_source=InputTokensSource.ENGINE,
     )
+
+
+@pytest.mark.parametrize("way", ["one call", "in a transaction", "orm"])
+def test_a_members_job_settles_with_a_usage_record_that_names_them(running_job, settings, way):
+    # given a job a member sent with their dashboard session (no key), settled
+    # by the worker in one statement, inside a transaction (the ledger's
+    # function through hold_capture, as a job with a webhook settles), or
+    # through the ORM path
+    member = UserFactory()
+    Job.objects.filter(pk=running_job.pk).update(user=member)
+    running_job.user_id = member.pk
+    settings.METERING_FAST_PATH = way != "orm"
+
+    # when it settles
+    statements = StatementLog()
+    opened = transaction.atomic() if way == "in a transaction" else nullcontext()
+    with connection.execute_wrapper(statements), opened:
+        job_settle(job=running_job, outcome=_served(), status=JobStatus.SUCCEEDED)
+
+    # then its usage record names the member, and no key, as the job does
+    record = UsageRecord.objects.get(job_id=running_job.public_id)
+    assert (record.user_id, record.api_key_id) == (member.pk, None)
+    assert record.credits == Job.objects.get(pk=running_job.pk).credits_charged > 0
+    # with no statement more than any job's settlement
+    if way == "one call":
+        assert len(statements.sql) == 1 and "inference_job_settle(" in statements.sql[0]
+    if way == "in a transaction":
+        assert sum("metering_hold_settle(" in s for s in statements.sql) == 1
 
 
 def test_a_worker_settles_its_job_in_one_statement_once(running_job):

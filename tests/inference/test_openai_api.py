@@ -460,7 +460,7 @@ def test_a_playground_request_names_the_member_who_sent_it_and_a_keys_request_no
     )
 
     # then both were served and billed, the member's job naming the member and
-    # no key, the key's naming its key and no one
+    # no key, the key's naming its key and no one (settled by the worker)
     assert by_member.status_code == 200, by_member.content
     member_job = Job.objects.get(organization=org, user=member)
     key_job = Job.objects.get(organization=org, user=None)
@@ -479,6 +479,17 @@ def test_a_playground_request_names_the_member_who_sent_it_and_a_keys_request_no
     url = f"{gym['url']}/api/v1/jobs"
     assert requests.get(f"{url}/{member_job.public_id}", headers=headers).json()["user"] == named
     assert requests.get(f"{url}/{key_job.public_id}", headers=headers).json()["user"] is None
+
+    # and so do their usage records: usage by key has the member's row apart
+    assert UsageRecord.objects.get(job_id=member_job.public_id).user_id == member.pk
+    assert UsageRecord.objects.get(job_id=key_job.public_id).user_id is None
+    by_key = requests.get(
+        f"{gym['url']}/api/v1/usage", headers=headers, params={"group_by": "key"}
+    ).json()["data"]
+    assert {row["group"]: row["credits"] for row in by_key} == {
+        f"dashboard ({member.email})": member_job.credits_charged,
+        key_job.api_key.public_id: key_job.credits_charged,
+    }
 
 
 def test_the_job_list_pages_with_a_cursor_newest_first(gym):

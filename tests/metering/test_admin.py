@@ -6,6 +6,8 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.utils import timezone
 
+from accounts.models import Scope
+from accounts.services import apikey_create
 from metering.models import (
     AccountKind,
     CreditLot,
@@ -234,6 +236,32 @@ def test_finance_see_what_serving_each_model_and_organization_cost(admin_client)
     ]
     assert default.context["rows"] == by_model.context["rows"]  # this month, by model
     assert b"Revenue and cost report" in admin_client.get("/admin/metering/usagerecord/").content
+
+
+def test_finance_see_who_spent_each_usage_record_and_find_a_members(admin_client):
+    # given a job's usage a member sent with their dashboard session, and a key's
+    org = OrganizationFactory()
+    member = UserFactory(email="ana@example.test")
+    key, _raw = apikey_create(organization=org, name="app", scopes=[Scope.INFERENCE])
+    for job, sender in (("job-ana", {"user_id": member.pk}), ("job-app", {"api_key_id": key.pk})):
+        usage_record_create(
+            organization_id=org.pk,
+            job_id=job,
+            model_name="gym-tiny",
+            priority="standard",
+            usage=Usage(input_tokens=10, output_tokens=5),
+            credits=100,
+            **sender,
+        )
+
+    # when finance list the usage records, then search them by the member's address
+    url = "/admin/metering/usagerecord/"
+    listed = admin_client.get(url).content.decode()
+    found = admin_client.get(url, {"q": "ana@example.test"}).content.decode()
+
+    # then each says who sent it, and the search finds the member's only
+    assert "dashboard (ana@example.test)" in listed and key.prefix in listed
+    assert "job-ana" in found and "job-app" not in found
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from accounts.services import apikey_create
 from metering.models import AccountKind, LedgerEntry, LotSource, UsageRecord
 from metering.services import credits_transfer, hold_place, usage_record_create
 from metering.services.pricing import Usage
-from tests.factories import OrganizationFactory
+from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import credits
 
 pytestmark = pytest.mark.django_db
@@ -183,7 +183,9 @@ DAY_2 = datetime(2025, 3, 2, 23, 59, tzinfo=UTC)
 OUTSIDE = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)
 
 
-def record(org, *, at: datetime, model: str, key=None, tokens=(100, 10, 50), charged=1_000):
+def record(
+    org, *, at: datetime, model: str, key=None, user=None, tokens=(100, 10, 50), charged=1_000
+):
     input_tokens, cached, output_tokens = tokens
     row = usage_record_create(
         organization_id=org.pk,
@@ -195,6 +197,7 @@ def record(org, *, at: datetime, model: str, key=None, tokens=(100, 10, 50), cha
         ),
         credits=charged,
         api_key_id=key.pk if key else None,
+        user_id=user.pk if user else None,
     )
     # Records are stamped when written; move this one to the day it stands for.
     UsageRecord.objects.filter(pk=row.pk).update(created_at=at)
@@ -267,6 +270,30 @@ def test_usage_by_key(org, usage):
     assert by_key == {
         key_a.public_id: (2, 400, 3_000),
         key_b.public_id: (1, 200, 5_000),
+        None: (1, 1, 7),
+    }
+
+
+def test_usage_by_key_shows_what_members_sent_from_the_dashboard_per_member(org, usage):
+    # given, beside the keys' usage, what two members sent with their dashboard
+    # session (the playground), which no key sent
+    key_a, key_b = usage
+    ana, ben = UserFactory(email="ana@example.test"), UserFactory(email="ben@example.test")
+    record(org, at=DAY_1, model="llama-8b", user=ana, tokens=(10, 0, 5), charged=300)
+    record(org, at=DAY_2, model="llama-8b", user=ana, tokens=(20, 0, 5), charged=400)
+    record(org, at=DAY_2, model="llama-70b", user=ben, tokens=(30, 0, 5), charged=500)
+
+    # when
+    body = client_for(org).get("/api/v1/usage", {**RANGE, "group_by": "key"}).json()
+
+    # then each member has a row of their own, named for the dashboard, and
+    # what neither a key nor a member sent (an operator's) stays apart
+    by_key = {r["group"]: (r["requests"], r["input_tokens"], r["credits"]) for r in body["data"]}
+    assert by_key == {
+        key_a.public_id: (2, 400, 3_000),
+        key_b.public_id: (1, 200, 5_000),
+        "dashboard (ana@example.test)": (2, 30, 700),
+        "dashboard (ben@example.test)": (1, 30, 500),
         None: (1, 1, 7),
     }
 

@@ -20,15 +20,21 @@ from metering.models import (
 from metering.selectors import organization_balance
 from metering.services import credits_grant, hold_capture, hold_place, hold_release
 from metering.services.usage import UsageDraft
-from tests.factories import OrganizationFactory
+from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import credits, usage_draft
 
 pytestmark = pytest.mark.django_db
 
 
-def _draft(org, job_id: str, charged: int) -> UsageDraft:
+def _draft(org, job_id: str, charged: int, *, user_id: int | None = None) -> UsageDraft:
     return usage_draft(
-        org, job_id, charged, model_name="llama-test", engine_busy_ms=17, serving_cost=3
+        org,
+        job_id,
+        charged,
+        model_name="llama-test",
+        engine_busy_ms=17,
+        serving_cost=3,
+        user_id=user_id,
     )
 
 
@@ -47,8 +53,14 @@ def run_scenario(tag: str) -> dict:
     hold_place(organization=org, amount=credits(8), key=f"{tag}-a")
     hold_place(organization=org, amount=credits(3), key=f"{tag}-b")
     hold_place(organization=org, amount=credits(2), key=f"{tag}-c")
-    # burns the promotion first, then paid; its usage record written with it
-    hold_capture(key=f"{tag}-a", amount=credits(7), usage=_draft(org, f"{tag}-a", credits(7)))
+    # burns the promotion first, then paid; its usage record written with it,
+    # naming the member who sent it with their dashboard session
+    member = UserFactory(email=f"member-{tag}@example.test")
+    hold_capture(
+        key=f"{tag}-a",
+        amount=credits(7),
+        usage=_draft(org, f"{tag}-a", credits(7), user_id=member.pk),
+    )
     hold_capture(key=f"{tag}-b", amount=credits(3))  # a full capture: nothing goes back
     hold_release(key=f"{tag}-c", usage=_draft(org, f"{tag}-c", 0))
 
@@ -92,8 +104,9 @@ def run_scenario(tag: str) -> dict:
             u.serving_cost,
             u.currency,
             u.api_key_id,
+            u.user.email.replace(tag, "T") if u.user_id else None,
         )
-        for u in UsageRecord.objects.filter(organization=org).select_related("hold")
+        for u in UsageRecord.objects.filter(organization=org).select_related("hold", "user")
     )
     return {
         "usage": usage,
@@ -116,6 +129,7 @@ def test_the_fast_path_and_the_orm_path_write_the_same_rows(settings):
     # then every row matches, and the scenario did what it says
     assert fast == orm
     assert [(u[0], u[1], u[8]) for u in fast["usage"]] == [("a", "a", credits(7)), ("c", "c", 0)]
+    assert [u[-1] for u in fast["usage"]] == ["member-T@example.test", None]
     assert fast["balance"].available == credits(25) - credits(10)
     assert fast["lots"] == [
         ("promotion", credits(5), 0),
