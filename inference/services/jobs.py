@@ -801,7 +801,7 @@ def job_settle(
     commit together or not at all, so a worker that dies here is simply run
     again, and the hold (keyed by the job id) still settles exactly once.
     From a worker (no transaction open) on the ledger's fast path, that
-    transaction is one statement (migration 0004, `inference_job_settle`).
+    transaction is one statement (migrations 0004 and 0010, `inference_job_settle`).
     With `only_from`, a job whose status (under the lock) is not one of those
     is left alone and returned as it is. The token and concurrency
     reservations are released after the commit, on `pipe` (a Redis pipeline

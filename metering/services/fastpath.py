@@ -25,8 +25,8 @@ took that lock: its snapshot sees every committed lot.
 
 Inference writes its own row in the same statements: a new job's row with
 its hold's placement (hold_place's `row`), and its job's claim with the
-settlement (`SETTLE_ARGS`, called from migration inference/0004), so that a
-request's ledger writes are two statements, each its own transaction.
+settlement (`SETTLE_ARGS`, called from migrations inference/0004 and 0010), so
+that a request's ledger writes are two statements, each its own transaction.
 """
 
 from __future__ import annotations
