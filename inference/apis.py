@@ -44,7 +44,6 @@ from accounts.api_base import (
     acting_key,
     acting_user,
 )
-from accounts.apis import UserOutput
 from accounts.errors import ApplicationError
 from accounts.models import Priority, Scope
 from inference.callback_client import callback_url_validate
@@ -696,10 +695,14 @@ class JobOutput(serializers.Serializer):
     )
     credits_held = serializers.IntegerField(source="hold_amount")
     credits_charged = serializers.IntegerField()
-    user = UserOutput(
+    # Named `member_id`, not `user`: the request's `user` is OpenAI's end-user string.
+    # An id, not the address: a key reads people's addresses only with the admin scope
+    # (GET /api/v1/members), and an inference key reads jobs.
+    member_id = serializers.IntegerField(
+        source="user_id",
         allow_null=True,
-        help_text="the member who sent it signed in to the dashboard (its playground); "
-        "null when an API key sent it",
+        help_text="the member who sent it signed in to the dashboard (its playground), as "
+        "GET /api/v1/members names them; null when an API key sent it",
     )
     error_code = serializers.CharField(
         help_text="why a failed or expired job ended, blank otherwise: "

@@ -101,4 +101,4 @@ def organization_jobs(
         jobs = jobs.filter(status=status)
     if model is not None:
         jobs = jobs.filter(model__name=model)
-    return jobs.select_related("model", "user")
+    return jobs.select_related("model")

@@ -8,7 +8,7 @@ from datetime import datetime
 from django.db import connection
 from django.db.models import Case, CharField, Count, QuerySet, Sum, Value, When
 from django.db.models import F as models_F
-from django.db.models.functions import Coalesce, Concat, TruncDay
+from django.db.models.functions import Cast, Coalesce, Concat, TruncDay
 from django.utils import timezone
 
 from accounts.cache import SharedCache
@@ -171,7 +171,9 @@ def usage_aggregate(
     """Usage totals per day, model or API key over [start, end).
 
     By key, what a member sent with the dashboard's session (its playground),
-    which no key sent, is grouped per member: "dashboard (their email)".
+    which no key sent, is grouped per member: "user:<their id>", the id GET
+    /api/v1/members names them by (their address is not shown: a key reads
+    addresses only with the admin scope).
     """
     if group_by not in USAGE_GROUPINGS:
         raise ApplicationError(
@@ -193,7 +195,7 @@ def usage_aggregate(
 _DASHBOARD_MEMBER = Case(
     When(
         user__isnull=False,
-        then=Concat(Value("dashboard ("), models_F("user__email"), Value(")")),
+        then=Concat(Value("user:"), Cast(models_F("user_id"), CharField())),
     ),
     output_field=CharField(),
 )

@@ -469,16 +469,18 @@ def test_a_playground_request_names_the_member_who_sent_it_and_a_keys_request_no
     assert member_job.credits_charged > 0
 
     # and the jobs API says so, to the member and to the key alike
-    named = {"id": member.pk, "email": member.email}
     listed = browser.get("/api/v1/jobs", **session).json()["results"]
-    assert {job["id"]: job["user"] for job in listed} == {
-        member_job.public_id: named,
+    assert {job["id"]: job["member_id"] for job in listed} == {
+        member_job.public_id: member.pk,
         key_job.public_id: None,
     }
     headers = {"Authorization": f"Bearer {gym['raw']}"}
     url = f"{gym['url']}/api/v1/jobs"
-    assert requests.get(f"{url}/{member_job.public_id}", headers=headers).json()["user"] == named
-    assert requests.get(f"{url}/{key_job.public_id}", headers=headers).json()["user"] is None
+    assert (
+        requests.get(f"{url}/{member_job.public_id}", headers=headers).json()["member_id"]
+        == member.pk
+    )
+    assert requests.get(f"{url}/{key_job.public_id}", headers=headers).json()["member_id"] is None
 
     # and so do their usage records: usage by key has the member's row apart
     assert UsageRecord.objects.get(job_id=member_job.public_id).user_id == member.pk
@@ -487,7 +489,7 @@ def test_a_playground_request_names_the_member_who_sent_it_and_a_keys_request_no
         f"{gym['url']}/api/v1/usage", headers=headers, params={"group_by": "key"}
     ).json()["data"]
     assert {row["group"]: row["credits"] for row in by_key} == {
-        f"dashboard ({member.email})": member_job.credits_charged,
+        f"user:{member.pk}": member_job.credits_charged,
         key_job.api_key.public_id: key_job.credits_charged,
     }
 

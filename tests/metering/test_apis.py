@@ -286,14 +286,15 @@ def test_usage_by_key_shows_what_members_sent_from_the_dashboard_per_member(org,
     # when
     body = client_for(org).get("/api/v1/usage", {**RANGE, "group_by": "key"}).json()
 
-    # then each member has a row of their own, named for the dashboard, and
+    # then each member has a row of their own, named by their id (not their
+    # address: a key reads addresses only with the admin scope), and
     # what neither a key nor a member sent (an operator's) stays apart
     by_key = {r["group"]: (r["requests"], r["input_tokens"], r["credits"]) for r in body["data"]}
     assert by_key == {
         key_a.public_id: (2, 400, 3_000),
         key_b.public_id: (1, 200, 5_000),
-        "dashboard (ana@example.test)": (2, 30, 700),
-        "dashboard (ben@example.test)": (1, 30, 500),
+        f"user:{ana.pk}": (2, 30, 700),
+        f"user:{ben.pk}": (1, 30, 500),
         None: (1, 1, 7),
     }
 
