@@ -281,6 +281,10 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
             key=f"change:{subscription.stripe_subscription_id}:{plan.code}:{seats}:{uuid.uuid4()}",
             items=[{"id": item["id"], "price": price.stripe_price_id, "quantity": seats}],
             proration_behavior="always_invoice" if upgrade else "none",
+            # An upgrade is charged now: a card that declines must leave the
+            # subscription as it was (Stripe's default, allow_incomplete, would
+            # apply the upgrade unpaid and put the whole subscription past due).
+            **({"payment_behavior": "error_if_incomplete"} if upgrade else {}),
             cancel_at_period_end=False,
             metadata={"plan": plan.code},
         )

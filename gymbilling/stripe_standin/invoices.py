@@ -275,6 +275,12 @@ def _invoice_lines(*, id: str, limit: Any = None, starting_after: Any = None, **
     )
 
 
+def invoice_void(invoice: Invoice) -> None:
+    invoice.status = "void"
+    invoice.status_transitions["voided_at"] = now()
+    emit("invoice.voided", invoice)
+
+
 def _invoice_void(*, id: str, **_ignored: Any) -> Invoice:
     invoice = invoice_retrieve(id)
     if invoice.status not in ("draft", "open"):
@@ -283,9 +289,7 @@ def _invoice_void(*, id: str, **_ignored: Any) -> Invoice:
             f"You can only void a draft or open invoice; this one is {invoice.status}.",
             code="invoice_not_editable",
         )
-    invoice.status = "void"
-    invoice.status_transitions["voided_at"] = now()
-    emit("invoice.voided", invoice)
+    invoice_void(invoice)
     return invoice
 
 

@@ -10,7 +10,9 @@ Lifecycle emulated:
   (`subscription_create`) charged at once; paid → `active`.
 - update: items (price, quantity), metadata, `cancel_at_period_end`, with
   `proration_behavior` `create_prorations` (lines wait for the next invoice),
-  `always_invoice` (a `subscription_update` invoice, charged now) or `none`.
+  `always_invoice` (a `subscription_update` invoice, charged now) or `none`;
+  with `payment_behavior=error_if_incomplete` a declined invoice is voided and
+  the update is not applied (402), as Stripe does.
 - advance: period end → cancel if `cancel_at_period_end`, else a
   `subscription_cycle` invoice (items for the new period, metered usage for the
   period that ended, pending prorations), charged off-session: paid → `active`,
@@ -47,6 +49,7 @@ from gymbilling.stripe_standin.invoices import (
     invoice_create,
     invoice_finalize,
     invoice_retrieve,
+    invoice_void,
     line_build,
 )
 from gymbilling.stripe_standin.meters import meter_usage_take
@@ -397,6 +400,35 @@ def _proration_lines_for_removal(
     return lines
 
 
+def _state_of(subscription: Subscription) -> dict[str, Any]:
+    """What an update may change, to put back when Stripe refuses it."""
+    return {
+        "fields": {
+            name: getattr(subscription, name)
+            for name in (
+                "metadata",
+                "cancel_at_period_end",
+                "cancel_at",
+                "default_payment_method",
+                "status",
+                "latest_invoice",
+            )
+        },
+        "items": list(subscription.items._list),
+        "item_fields": [
+            (item, item.price, item.quantity, item.metadata) for item in subscription.items._list
+        ],
+    }
+
+
+def _state_restore(subscription: Subscription, state: dict[str, Any]) -> None:
+    for name, value in state["fields"].items():
+        setattr(subscription, name, value)
+    subscription.items._list[:] = state["items"]
+    for item, price, quantity, metadata in state["item_fields"]:
+        item.price, item.quantity, item.metadata = price, quantity, metadata
+
+
 def subscription_update(
     *,
     id: str,
@@ -423,6 +455,7 @@ def subscription_update(
         "status": subscription.status,
         "cancel_at_period_end": subscription.cancel_at_period_end,
     }
+    before = _state_of(subscription)
     if metadata is not None:
         subscription.metadata = merge_metadata(subscription.metadata, metadata)
     if cancel_at_period_end is not None:
@@ -433,8 +466,7 @@ def subscription_update(
     if default_payment_method:
         subscription.default_payment_method = default_payment_method
     lines = _items_apply(subscription, _item_params(items))
-    updated = emit("customer.subscription.updated", subscription)
-    updated.data["previous_attributes"] = previous
+    invoice = None
     if lines and proration_behavior == "always_invoice":
         invoice = _invoice_issue(
             subscription,
@@ -443,9 +475,16 @@ def subscription_update(
             period=(lines[0].period["start"], lines[0].period["end"]),
         )
         paid = invoice_collect(invoice, payment_method_id=subscription.default_payment_method)
-        _status_set(subscription, "active" if paid else "past_due")
         if not paid and payment_behavior == "error_if_incomplete":
+            # Stripe applies none of an update whose invoice cannot be paid
+            # (its 402 says so): the subscription stays as it was.
+            _state_restore(subscription, before)
+            invoice_void(invoice)
             raise declined_error(_intent_of(invoice))
+    updated = emit("customer.subscription.updated", subscription)
+    updated.data["previous_attributes"] = previous
+    if invoice is not None:
+        _status_set(subscription, "active" if paid else "past_due")
     elif lines and proration_behavior == "create_prorations":
         subscription._pending_lines.extend(lines)
     # `none`: the new price simply applies from the next period's invoice.

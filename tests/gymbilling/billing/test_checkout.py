@@ -226,3 +226,31 @@ def test_one_open_subscription_checkout_per_organization(customer, catalog, stri
     assert other["session_id"] != first["session_id"]
     assert stripe_sdk.v1.checkout.sessions.retrieve(first["session_id"]).status == "expired"
     assert CheckoutSession.objects.get(stripe_session_id=first["session_id"]).status == "expired"
+
+
+def test_an_upgrade_the_card_declines_is_a_402_and_changes_nothing(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Basic, paid, and a card that now declines every charge made off-session
+    sub = subscribed("basic")
+    stripe_standin.set_card(BillingCustomer.objects.get().stripe_customer_id, "4000000000000341")
+    before = ledger_rows()
+
+    # when: an upgrade to Pro is asked for, and whatever Stripe sent is applied
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    deliver()
+
+    # then: refused as declined; at Stripe the subscription is still Basic and active
+    assert response.status_code == 402, response.content
+    assert response.json()["error"]["code"] == "card_declined"
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    basic = Plan.objects.get(code="basic")
+    assert at_stripe.status == "active"
+    assert at_stripe["items"].data[0].price.id in {p.stripe_price_id for p in basic.prices.all()}
+    # and here: still Basic, in good standing, with Basic's entitlements, nothing granted
+    sub.refresh_from_db()
+    customer.organization.refresh_from_db()
+    assert (sub.plan_id, sub.status, sub.grace_until) == (basic.pk, "active", None)
+    assert customer.organization.standing == "active"
+    assert customer.organization.model_tiers == basic.model_tiers
+    assert ledger_rows() == before
