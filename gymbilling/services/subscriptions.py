@@ -163,7 +163,10 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
                 f"organization {org.pk} already has a live subscription; "
                 f"{stripe_sub['id']} needs a human"
             ) from None
-        entitlements_write(subscription=sub, now=now)
+        if sub.live or live_subscription(org) is None:
+            # An ended subscription's late event (Stripe's order is not guaranteed)
+            # must not take away what the organization's live one entitles it to.
+            entitlements_write(subscription=sub, now=now)
         if rolled_from is not None:
             # In the same transaction as the new period: a crash in between
             # would otherwise save the period and never trim its rollover.

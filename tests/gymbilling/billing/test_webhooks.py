@@ -10,7 +10,14 @@ import pytest
 import requests
 from django.test import override_settings
 
-from gymbilling.models import EventStatus, Invoice, StripeEvent, StripePrice, Subscription
+from gymbilling.models import (
+    EventStatus,
+    Invoice,
+    Plan,
+    StripeEvent,
+    StripePrice,
+    Subscription,
+)
 from gymbilling.services import stripe_event_process, stripe_event_record
 from gymbilling.services.events import EventRetryLater
 from gymbilling.stripe_client import WebhookEvent
@@ -258,15 +265,7 @@ def test_a_resubscription_s_invoice_before_the_old_subscription_s_end_waits_for_
     old = subscribed("basic")
     stripe_sdk.v1.subscriptions.cancel(old.stripe_subscription_id)
     deleted = stripe_sdk.v1.subscriptions.retrieve(old.stripe_subscription_id)
-    price = StripePrice.objects.get(plan__code="basic", kind="plan", current=True)
-    new = stripe_sdk.v1.subscriptions.create(
-        params={
-            "customer": old.organization.billing_customer.stripe_customer_id,
-            "items": [{"price": price.stripe_price_id}],
-        }
-    )
-    invoice = stripe_sdk.v1.invoices.retrieve(new.latest_invoice)
-    assert invoice.status == "paid"
+    new, invoice = subscribe_at_stripe(stripe_sdk, old.organization, "basic")
 
     # when: the new invoice's invoice.paid is processed before the old subscription's deletion
     paid = record(event_for(invoice, "invoice.paid"))
@@ -288,6 +287,52 @@ def test_a_resubscription_s_invoice_before_the_old_subscription_s_end_waits_for_
     row = Invoice.objects.get(stripe_invoice_id=invoice.id)
     assert row.subscription.stripe_subscription_id == new.id
     assert grant.get().entries.get(account__kind="wallet").amount == 2_000 * MICRO
+
+
+def test_a_late_event_of_an_ended_subscription_leaves_the_new_one_s_entitlements(
+    stripe_standin, catalog, customer, stripe_sdk, subscribed
+):
+    # given: Basic, canceled at Stripe and here, then Pro subscribed and applied here
+    old = subscribed("basic")
+    old_invoice = stripe_sdk.v1.invoices.retrieve(old.invoices.get().stripe_invoice_id)
+    stripe_sdk.v1.subscriptions.cancel(old.stripe_subscription_id)
+    deleted = stripe_sdk.v1.subscriptions.retrieve(old.stripe_subscription_id)
+    assert stripe_event_process(
+        event_pk=record(event_for(deleted, "customer.subscription.deleted")).pk
+    ) == (EventStatus.PROCESSED)
+    new, invoice = subscribe_at_stripe(stripe_sdk, old.organization, "pro")
+    assert stripe_event_process(event_pk=record(event_for(invoice, "invoice.paid")).pk) == (
+        EventStatus.PROCESSED
+    )
+    org = customer.organization
+    org.refresh_from_db()
+    pro_entitlements = (org.model_tiers, org.max_priority, org.requests_per_minute)
+    assert org.model_tiers == Plan.objects.get(code="pro").model_tiers
+
+    # when: a late event of the old subscription arrives (Stripe's order is not
+    # guaranteed): its paid invoice's payment_succeeded
+    late = record(event_for(old_invoice, "invoice.payment_succeeded"))
+    assert stripe_event_process(event_pk=late.pk) == EventStatus.PROCESSED
+
+    # then: the organization keeps what its live Pro subscription entitles it to
+    org.refresh_from_db()
+    assert (org.model_tiers, org.max_priority, org.requests_per_minute) == pro_entitlements
+    assert Subscription.objects.get(stripe_subscription_id=new.id).status == "active"
+
+
+def subscribe_at_stripe(stripe_sdk, organization, plan: str):
+    """A subscription made at Stripe directly (none of its events applied), paid; returns
+    it and its first invoice."""
+    price = StripePrice.objects.get(plan__code=plan, kind="plan", current=True)
+    subscription = stripe_sdk.v1.subscriptions.create(
+        params={
+            "customer": organization.billing_customer.stripe_customer_id,
+            "items": [{"price": price.stripe_price_id}],
+        }
+    )
+    invoice = stripe_sdk.v1.invoices.retrieve(subscription.latest_invoice)
+    assert invoice.status == "paid"
+    return subscription, invoice
 
 
 def record(payload: dict) -> StripeEvent:
