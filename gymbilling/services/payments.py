@@ -160,6 +160,16 @@ def payment_reversal_apply(
             # One reversal of a charge at a time: a refund and a dispute of the
             # same charge may arrive together, under different locks upstream.
             transaction_lock(f"stripe-charge:{charge['id']}")
+            if cumulative:
+                # Each row records the money its own event returned (finance's report
+                # adds them up): the running total less what earlier rows recorded.
+                amount = max(
+                    0,
+                    amount
+                    - PaymentReversal.objects.filter(
+                        stripe_charge_id=charge["id"], kind=kind
+                    ).aggregate(total=Sum("amount", default=0))["total"],
+                )
             reversal = PaymentReversal.objects.create(
                 key=key,
                 kind=kind,

@@ -21,6 +21,7 @@ from gymbilling.models import (
     StripeEvent,
 )
 from gymbilling.reconcile import stripe_reconcile
+from gymbilling.selectors import reversals_by_customer
 from gymbilling.services import (
     overage_report,
     payment_reversals_pending_settle,
@@ -205,6 +206,28 @@ def test_a_partial_refund_takes_back_its_share_once(
     assert PaymentReversal.objects.get().credits_clawed_back == 250 * MICRO
     assert organization_balance(organization=org).available == 750 * MICRO
     assert BillingCustomer.objects.get(organization=org).resale_frozen_at is None
+
+
+def test_two_partial_refunds_record_what_each_returned(customer, buy, stripe_sdk, deliver):
+    # given: a pack bought for $12.00
+    org = customer.organization
+    buy(org, pack="boost-1k")
+    checkout = CheckoutSession.objects.get()
+
+    # when: $3.00 is refunded, then $3.00 more, each applied as its webhook arrives
+    for _ in range(2):
+        stripe_sdk.v1.refunds.create(
+            params={"payment_intent": checkout.stripe_payment_intent_id, "amount": 300}
+        )
+        deliver()
+
+    # then: half the credits are back, and the reversals say $6.00 was refunded, not $9.00
+    assert organization_balance(organization=org).available == 500 * MICRO
+    reversals = PaymentReversal.objects.order_by("pk")
+    assert [r.amount for r in reversals] == [300, 300]
+    now = timezone.now()
+    (row,) = reversals_by_customer(start=now - timedelta(days=1), end=now + timedelta(days=1))
+    assert (row["refunded"], row["credits_clawed_back"]) == (600, 500 * MICRO)
 
 
 def test_a_disputed_subscription_payment_claws_back_and_freezes_resale(
