@@ -114,9 +114,10 @@ class CheckoutApi(OrgApiView):
 
         url = serializers.URLField(help_text="Open it to pay (or, for a change, where to look).")
         kind = serializers.ChoiceField(
-            choices=["checkout", "subscription_updated", "change_scheduled"],
+            choices=["checkout", "subscription_updated", "change_scheduled", "change_canceled"],
             help_text="checkout: pay on the page; subscription_updated: upgraded now with the "
-            "card on file; change_scheduled: a downgrade taking effect at period end.",
+            "card on file; change_scheduled: a downgrade taking effect at period end; "
+            "change_canceled: the scheduled downgrade taken back, nothing charged.",
         )
         session_id = serializers.CharField(allow_blank=True)
 

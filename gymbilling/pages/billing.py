@@ -29,6 +29,8 @@ _CHANGED = {
     "card on file, and its credits arrive once it is paid.",
     "change_scheduled": "Your plan changes at the end of the current period; until then you "
     "keep what you paid for.",
+    "change_canceled": "The scheduled change is canceled: your plan stays as it is, and "
+    "nothing more is charged.",
 }
 
 

@@ -38,7 +38,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CheckoutResult:
     url: str
-    kind: str  # "checkout" (pay on the page), "subscription_updated", "change_scheduled"
+    # "checkout" (pay on the page), "subscription_updated", "change_scheduled",
+    # "change_canceled" (a scheduled change taken back)
+    kind: str
     session_id: str = ""
 
 
@@ -271,7 +273,11 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
             message="A subscription cannot change currency; cancel it and subscribe again.",
             param="plan",
         )
-    upgrade = plan_change_is_upgrade(subscription, plan, seats)
+    # Taking back a scheduled change: this period is paid at the current plan and
+    # seats already, so Stripe's item only goes back to them, charging nothing (an
+    # always_invoice would prorate from the scheduled price and charge it twice).
+    restore = (plan.pk, seats) == (subscription.plan_id, subscription.seats)
+    upgrade = not restore and plan_change_is_upgrade(subscription, plan, seats)
     price = _current_price(kind=PriceKind.PLAN, plan=plan)
     try:
         stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
@@ -299,6 +305,8 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
     except stripe_client.StripeRequestRefused as exc:
         raise provider_refused(exc) from exc
     success_url, _ = _urls()
+    if restore:
+        return CheckoutResult(url=success_url, kind="change_canceled")
     return CheckoutResult(
         url=success_url, kind="subscription_updated" if upgrade else "change_scheduled"
     )

@@ -197,6 +197,35 @@ def test_a_downgrade_waits_for_the_period_end(customer, subscribed, stripe_stand
     assert sub.invoices.order_by("created_at", "pk").last().credits_granted == 2 * 5_000 * MICRO
 
 
+def test_taking_back_a_scheduled_downgrade_charges_nothing_more(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Pro, paid for this period, with a downgrade to Basic scheduled
+    sub = subscribed("pro")
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    assert response.json()["kind"] == "change_scheduled"
+    deliver()
+    before = ledger_rows()
+
+    # when: the member changes their mind and asks for Pro again
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["kind"] == "change_canceled"
+    deliver()
+
+    # then: nothing is charged again for a period already paid at Pro's price, nor
+    # granted again; the downgrade is gone, and the next period is Pro's
+    invoices = stripe_sdk.v1.invoices.list(params={"subscription": sub.stripe_subscription_id})
+    assert [invoice.billing_reason for invoice in invoices.data] == ["subscription_create"]
+    assert ledger_rows() == before
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan) == ("pro", None)
+    stripe_standin.advance(sub.stripe_subscription_id)
+    deliver()
+    renewal = sub.invoices.get(billing_reason="subscription_cycle")
+    assert renewal.amount_paid == Plan.objects.get(code="pro").monthly_price
+
+
 def test_the_portal_link_opens(customer, catalog):
     response = customer.client.post("/api/v1/billing/portal")
     assert response.status_code == 200
