@@ -222,6 +222,8 @@ def subscription_period_grant(
     if (
         plan.overage_allowed
         and invoice.billing_reason in ("subscription_create", "subscription_cycle")
+        # Ended (its deletion processed first): no meter invoices overage any more.
+        and subscription.live
         # Paid after its period: no overage to allow any more.
         and allowance_until > timezone.now()
     ):

@@ -31,6 +31,8 @@ from accounts.services.organizations import ENTITLEMENT_FIELDS
 from gymbilling.market.services import credits_trim_with_listings, seller_lock
 from gymbilling.models import PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
+from metering.models import LotSource
+from metering.services import credits_trim
 
 # What an organization without a live subscription may do: the field defaults
 # of every entitlement (its standing is written on its own).
@@ -167,11 +169,30 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             # An ended subscription's late event (Stripe's order is not guaranteed)
             # must not take away what the organization's live one entitles it to.
             entitlements_write(subscription=sub, now=now)
+            if not sub.live:
+                overage_allowance_end(subscription=sub)
         if rolled_from is not None:
             # In the same transaction as the new period: a crash in between
             # would otherwise save the period and never trim its rollover.
             period_rollover(subscription=sub, previous=rolled_from)
     return sub
+
+
+def overage_allowance_end(*, subscription: Subscription) -> int:
+    """Expire what is left of the overage allowance when the subscription ends (once).
+
+    Overage is invoiced by the subscription's meter: an ended subscription
+    invoices none, so an allowance left to the end of its period (a
+    cancellation mid-period) would be credits for nothing. What running work
+    holds of it stays for that work (the trim leaves it).
+    """
+    return credits_trim(
+        organization=subscription.organization,
+        source=LotSource.OVERAGE,
+        keep=0,
+        key=f"overage-end:{subscription.stripe_subscription_id}",
+        memo=f"overage allowance of {subscription.stripe_subscription_id}, which ended",
+    )
 
 
 def period_rollover(*, subscription: Subscription, previous: tuple) -> int:

@@ -18,6 +18,7 @@ from gymbilling.models import (
     Invoice,
     OverageReport,
     PaymentReversal,
+    Plan,
     StripeEvent,
 )
 from gymbilling.reconcile import stripe_reconcile
@@ -27,6 +28,7 @@ from gymbilling.services import (
     payment_reversals_pending_settle,
     stripe_event_process,
 )
+from gymbilling.services.events import invoice_refresh, subscription_refresh
 from gymbilling.services.invoices import invoice_payment_intent_id, invoice_sync
 from gymbilling.services.overage import meter_timestamp, overage_used_at
 from metering.models import MICRO, CreditLot, JournalTransaction, LedgerAccount
@@ -153,6 +155,40 @@ def test_a_report_stripe_refuses_waits_and_does_not_hold_back_the_others(
     assert [int(e["value"]) for e in stripe_standin.meter_events(cus)] == [4]
     stuck.refresh_from_db()
     assert stuck.sent_at is None
+
+
+@pytest.mark.parametrize("end_first", [False, True], ids=["paid, then ended", "end first"])
+def test_a_subscription_ended_mid_period_ends_its_overage_allowance(
+    customer, catalog, stripe_standin, stripe_sdk, deliver, end_first
+):
+    # given: Pro (overage allowed), paid: its month's credits and its overage allowance
+    org = customer.organization
+    pro = Plan.objects.get(code="pro")
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    session = stripe_standin.pay_checkout(response.json()["session_id"])
+    if not end_first:
+        deliver()
+        assert organization_balance(organization=org).available == (
+            pro.monthly_credits + pro.fair_use_ceiling
+        )
+
+    # when: the subscription is canceled now, mid-period (Stripe invoices no usage after
+    # it), its deletion applied after its payment, or before it (events come in any
+    # order), then invoice.paid alone (an endpoint may listen to nothing more)
+    ended = stripe_sdk.v1.subscriptions.cancel(session["subscription"])
+    if end_first:
+        subscription_refresh(subscription_id=ended.id)
+        invoice_refresh(invoice_id=ended.latest_invoice)
+    else:
+        deliver()
+
+    # then: the credits paid for stay; the allowance, which only a live subscription's
+    # meter would invoice, is gone, so no work can run on it unbilled
+    assert organization_balance(organization=org).available == pro.monthly_credits
+    with pytest.raises(ApplicationError) as refused:
+        hold_place(organization=org, amount=pro.monthly_credits + 1, key="job-after-the-end")
+    assert refused.value.code == "insufficient_credits"
+    assert ledger_reconcile().ok
 
 
 def test_a_refunded_pack_takes_back_what_is_unspent_and_records_the_loss(
