@@ -421,7 +421,9 @@ piece AS (
            CASE WHEN shared.label = '{TAKEN_BACK}' THEN shared.earned ELSE 0 END,
            0
       FROM shared
-     WHERE shared.usage_id IS NULL AND shared.paid_for > 0
+     -- Only a paid lot's expiry is breakage: an unpaid one with a price (a plan's
+     -- overage allowance) is lent, invoiced in arrears for what is used alone.
+     WHERE shared.usage_id IS NULL AND shared.paid_for > 0 AND shared.paid
     UNION ALL
     SELECT usage.id, NULL, usage.organization_id, NULL, '{NO_LOT}', usage.currency,
            usage.currency,
@@ -491,8 +493,9 @@ def usage_margin_report(*, start: datetime, end: datetime, group_by: str) -> lis
     at what their root lot was sold for (CreditLot.revenue: a marketplace purchase
     earns what the seller's plan was paid, the gym's marketplace fee being money of
     its own); free credits earn 0 and are counted apart, as are paid credits with no
-    known price. Credits that expired in these days (sweep or rollover trim) earn their
-    share as `breakage`; the share of those a refund, dispute or reversed grant took back
+    known price. Credits of paid lots that expired in these days (sweep or rollover
+    trim) earn their share as `breakage` (an unpaid lot with a price, a plan's overage
+    allowance, earns what is used alone: nothing invoices what expires); the share of those a refund, dispute or reversed grant took back
     is `taken_back`, in neither (grouped by model, on the rows EXPIRED and TAKEN_BACK). So
     per root lot (group_by="lot"), revenue + breakage + taken_back over all time is its
     payment once it is consumed, and `margin` is revenue + breakage - serving cost. A job's plan is that of the lots it burned, so one job may count in

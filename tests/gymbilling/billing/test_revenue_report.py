@@ -28,6 +28,7 @@ from gymbilling.services.refunds import payment_refund
 from metering.models import CreditLot, UsageRecord
 from metering.reconcile import ledger_reconcile
 from metering.selectors import report_totals, usage_margin_report
+from metering.services import credits_expire
 from tests.factories import OrganizationFactory, UserFactory
 from tests.gymbilling.billing.conftest import report_rows
 from tests.gymbilling.market.conftest import market_member, money, sold
@@ -137,6 +138,25 @@ def test_overage_earns_the_plan_s_overage_price(buy):
     [row] = report_rows("plan").values()
     assert (row["group"], row["credits"], row["free_credits"]) == ("pro", credits(13_000), 0)
     assert _money(row) == (9_900 + 900, 1_300, 10_800 - 1_300)
+
+
+def test_an_overage_allowance_left_unused_earns_nothing(buy):
+    # given a Pro member ($99.00 for 12,000 credits, and a 20,000-credit overage allowance
+    # priced $180.00 should all of it be used) who uses 1,000 credits of overage
+    org = OrganizationFactory()
+    buy(org, plan="pro")
+    job_settled(org, credits(13_000), model_name="gym-large", serving_cost=1_300)
+
+    # when the period ends and the sweep expires the 19,000 credits of overage not used
+    allowance = CreditLot.objects.get(organization=org, source="overage")
+    credits_expire(now=allowance.expires_at + timedelta(seconds=1))
+    allowance.refresh_from_db()
+    assert allowance.remaining == 0
+
+    # then the plan earned $99.00 and the overage used $9.00, what the meter invoices: the
+    # allowance unused was never sold, so it is no breakage
+    [row] = report_rows("plan").values()
+    assert (row["revenue"], row["breakage"]) == (9_900 + 900, 0)
 
 
 def test_credits_bought_on_the_marketplace_earn_the_original_sale_s_price(
