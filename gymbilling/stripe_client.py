@@ -347,17 +347,18 @@ def webhook_event_construct(payload: bytes, signature: str | None) -> WebhookEve
     """Verify the Stripe-Signature header (HMAC and a 5-minute tolerance) and parse."""
     if not settings.STRIPE_WEBHOOK_SECRET:
         raise StripeNotConfigured("Set STRIPE_WEBHOOK_SECRET to accept webhooks.")
+    secret, tolerance = settings.STRIPE_WEBHOOK_SECRET, settings.STRIPE_WEBHOOK_TOLERANCE_SECONDS
     try:
-        event = stripe.Webhook.construct_event(
-            payload,
-            signature,
-            settings.STRIPE_WEBHOOK_SECRET,
-            tolerance=settings.STRIPE_WEBHOOK_TOLERANCE_SECONDS,
-        )
+        stripe.WebhookSignature.verify_header(payload, signature, secret, tolerance=tolerance)
+        data = json.loads(payload)
     except stripe.SignatureVerificationError as exc:
         raise WebhookSignatureInvalid(str(exc)) from exc
     except ValueError as exc:
         raise WebhookSignatureInvalid(f"The body is not a Stripe event: {exc}") from exc
+    if not isinstance(data, dict):
+        # The SDK reads any JSON as an object (an AttributeError, a 500, otherwise).
+        raise WebhookEventInvalid("The event is not a JSON object.")
+    event = stripe.Webhook.construct_event(payload, signature, secret, tolerance=tolerance)
     body = _plain(event)
     if not isinstance(body.get("id"), str) or not isinstance(body.get("type"), str):
         raise WebhookSignatureInvalid("The event has no id or type.")

@@ -106,6 +106,15 @@ class TestSignature:
         assert response.json()["error"]["code"] == "invalid_event"
         assert StripeEvent.objects.count() == 0
 
+    @pytest.mark.parametrize("body", [b"[]", b'"evt_1"', b"42", b"null"])
+    def test_a_signed_body_that_is_no_json_object_is_refused(self, client, stripe_standin, body):
+        # given JSON that is not an object, signed with the webhook secret
+        # when, then: a 400 that says so (it was a 500), nothing stored
+        response = post_event(client, *signed(body))
+        assert response.status_code == 400, response.content
+        assert response.json()["error"]["code"] == "invalid_event"
+        assert StripeEvent.objects.count() == 0
+
     def test_a_literal_backslash_u0000_in_text_is_not_a_nul(self, client, stripe_standin):
         event = event_for({"id": "in_1", "object": "invoice", "memo": "\\u0000"}, "invoice.paid")
         response = post_event(client, *signed(event))
