@@ -279,21 +279,49 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
     restore = (plan.pk, seats) == (subscription.plan_id, subscription.seats)
     upgrade = not restore and plan_change_is_upgrade(subscription, plan, seats)
     price = _current_price(kind=PriceKind.PLAN, plan=plan)
+    # A scheduled downgrade already set Stripe's item to its cheaper price: an upgrade
+    # would be prorated from that, charging again for the part of this period already
+    # paid at the current plan. The item goes back to the current plan first.
+    paid_price = (
+        _current_price(kind=PriceKind.PLAN, plan=subscription.plan)
+        if upgrade and subscription.scheduled_plan_id
+        else None
+    )
+    key = f"change:{subscription.stripe_subscription_id}:{plan.code}:{seats}:{uuid.uuid4()}"
     try:
         stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
         item = _plan_item(stripe_sub)
-        stripe_client.subscription_update(
-            subscription.stripe_subscription_id,
-            key=f"change:{subscription.stripe_subscription_id}:{plan.code}:{seats}:{uuid.uuid4()}",
-            items=[{"id": item["id"], "price": price.stripe_price_id, "quantity": seats}],
-            proration_behavior="always_invoice" if upgrade else "none",
-            # An upgrade is charged now: a card that declines must leave the
-            # subscription as it was (Stripe's default, allow_incomplete, would
-            # apply the upgrade unpaid and put the whole subscription past due).
-            **({"payment_behavior": "error_if_incomplete"} if upgrade else {}),
-            cancel_at_period_end=False,
-            metadata={"plan": plan.code},
-        )
+        if paid_price is not None:
+            _item_set(
+                subscription,
+                item,
+                price_id=paid_price.stripe_price_id,
+                seats=subscription.seats,
+                key=f"{key}:paid",
+            )
+        try:
+            stripe_client.subscription_update(
+                subscription.stripe_subscription_id,
+                key=key,
+                items=[{"id": item["id"], "price": price.stripe_price_id, "quantity": seats}],
+                proration_behavior="always_invoice" if upgrade else "none",
+                # An upgrade is charged now: a card that declines must leave the
+                # subscription as it was (Stripe's default, allow_incomplete, would
+                # apply the upgrade unpaid and put the whole subscription past due).
+                **({"payment_behavior": "error_if_incomplete"} if upgrade else {}),
+                cancel_at_period_end=False,
+                metadata={"plan": plan.code},
+            )
+        except stripe_client.StripeCardDeclined:
+            if paid_price is not None:  # the scheduled downgrade stays, as it was
+                _item_set(
+                    subscription,
+                    item,
+                    price_id=item["price"]["id"],
+                    seats=int(item.get("quantity") or 1),
+                    key=f"{key}:scheduled",
+                )
+            raise
     except stripe_client.StripeUnavailable as exc:
         raise _unavailable(exc) from exc
     except stripe_client.StripeCardDeclined as exc:
@@ -309,6 +337,16 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
         return CheckoutResult(url=success_url, kind="change_canceled")
     return CheckoutResult(
         url=success_url, kind="subscription_updated" if upgrade else "change_scheduled"
+    )
+
+
+def _item_set(subscription: Subscription, item: dict, *, price_id: str, seats: int, key: str):
+    """Put the plan item at this price and seats, charging nothing now."""
+    stripe_client.subscription_update(
+        subscription.stripe_subscription_id,
+        key=key,
+        items=[{"id": item["id"], "price": price_id, "quantity": seats}],
+        proration_behavior="none",
     )
 
 

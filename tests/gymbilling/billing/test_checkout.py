@@ -9,7 +9,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import Role
 from accounts.services import membership_add
-from gymbilling.models import BillingCustomer, CheckoutSession, Plan, Subscription
+from gymbilling.models import BillingCustomer, CheckoutSession, Plan, StripePrice, Subscription
 from gymbilling.stripe_standin.process import StandInError
 from metering.models import MICRO, CreditLot
 from tests.factories import UserFactory
@@ -224,6 +224,72 @@ def test_taking_back_a_scheduled_downgrade_charges_nothing_more(
     deliver()
     renewal = sub.invoices.get(billing_reason="subscription_cycle")
     assert renewal.amount_paid == Plan.objects.get(code="pro").monthly_price
+
+
+def test_an_upgrade_while_a_downgrade_is_scheduled_charges_from_the_plan_paid_for(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Pro, paid for this period, with a downgrade to Basic scheduled
+    sub = subscribed("pro")
+    customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    deliver()
+
+    # when: the member asks for Enterprise instead
+    response = customer.client.post(
+        "/api/v1/billing/checkout", {"plan": "enterprise"}, format="json"
+    )
+    assert response.json()["kind"] == "subscription_updated", response.content
+    deliver()
+
+    # then: the prorated difference is from Pro, which this period was paid at, not from
+    # Basic (which would charge Pro's part of the period again), and so are its credits
+    invoices = stripe_sdk.v1.invoices.list(params={"subscription": sub.stripe_subscription_id})
+    update = next(i for i in invoices.data if i.billing_reason == "subscription_update")
+    unused, remaining = update.lines.data
+    prices = {
+        code: StripePrice.objects.get(plan__code=code, kind="plan", current=True).stripe_price_id
+        for code in ("pro", "enterprise")
+    }
+    assert unused.amount < 0 and unused.pricing.price_details.price == prices["pro"]
+    assert remaining.pricing.price_details.price == prices["enterprise"]
+    sub.refresh_from_db()
+    period = int((sub.current_period_end - sub.current_period_start).total_seconds())
+    covered = unused.period.end - unused.period.start
+    pro, enterprise = Plan.objects.get(code="pro"), Plan.objects.get(code="enterprise")
+    granted = sub.invoices.get(stripe_invoice_id=update.id).credits_granted
+    assert granted == (
+        enterprise.monthly_credits * covered // period - pro.monthly_credits * covered // period
+    )
+    assert (sub.plan, sub.scheduled_plan) == (enterprise, None)
+
+
+def test_an_upgrade_declined_while_a_downgrade_is_scheduled_leaves_the_downgrade(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Pro with a downgrade to Basic scheduled, and a card that now declines
+    sub = subscribed("pro")
+    customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    deliver()
+    stripe_standin.set_card(BillingCustomer.objects.get().stripe_customer_id, "4000000000000341")
+    before = ledger_rows()
+
+    # when: Enterprise is asked for
+    response = customer.client.post(
+        "/api/v1/billing/checkout", {"plan": "enterprise"}, format="json"
+    )
+    deliver()
+
+    # then: declined, and the subscription is as it was: Pro now, Basic from the next period
+    assert response.status_code == 402, response.content
+    basic = StripePrice.objects.get(plan__code="basic", kind="plan", current=True)
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert (at_stripe.status, at_stripe["items"].data[0].price.id) == (
+        "active",
+        basic.stripe_price_id,
+    )
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan.code, sub.status) == ("pro", "basic", "active")
+    assert ledger_rows() == before
 
 
 def test_the_portal_link_opens(customer, catalog):
