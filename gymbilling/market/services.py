@@ -9,6 +9,10 @@ ledger accounts (metering's `post`, primary-key order), then credit lots
 (primary-key order), then money accounts. No Stripe call is made inside a transaction: an order is
 reserved and committed, then Checkout is created, then recorded; if Stripe
 fails in between, the reservation is released by compensating transfers.
+Organization rows are never locked here (`select_for_update(of=("self",))`
+where a query joins them): every row that references an organization takes a
+KEY SHARE lock on it at COMMIT, so locking a buyer's or seller's row would
+hold up, and deadlock with, their metering (holds, settlements, grants).
 """
 
 from __future__ import annotations
@@ -279,7 +283,7 @@ def listing_cancel(
     now = now or timezone.now()
     with transaction.atomic():
         listing = (
-            MarketListing.objects.select_for_update()
+            MarketListing.objects.select_for_update(of=("self",))
             .filter(pk=listing_id, seller=seller)
             .select_related("seller")
             .first()
@@ -432,7 +436,9 @@ def listings_expire(*, now: datetime | None = None) -> int:
 def _listing_expire_one(*, listing_id: int, now: datetime) -> int:
     with transaction.atomic():
         listing = (
-            MarketListing.objects.select_for_update().select_related("seller").get(pk=listing_id)
+            MarketListing.objects.select_for_update(of=("self",))
+            .select_related("seller")
+            .get(pk=listing_id)
         )
         if listing.status != ListingStatus.OPEN:
             return 0
@@ -528,7 +534,7 @@ def order_reserve(
                 .values_list("pk", flat=True)[: settings.MARKET_ORDER_MAX_LISTINGS]
             )
         locked = list(
-            MarketListing.objects.select_for_update()
+            MarketListing.objects.select_for_update(of=("self",))
             .filter(pk__in=candidate_ids, status=ListingStatus.OPEN)
             .select_related("seller")
             .order_by("pk")
@@ -728,12 +734,14 @@ def _order_locked(order_id: int) -> tuple[MarketOrder, list[MarketFill], dict[in
     )
     listings = {
         each.pk: each
-        for each in MarketListing.objects.select_for_update()
+        for each in MarketListing.objects.select_for_update(of=("self",))
         .filter(pk__in=listing_ids)
         .select_related("seller")
         .order_by("pk")
     }
-    order = MarketOrder.objects.select_for_update().select_related("buyer").get(pk=order_id)
+    order = (
+        MarketOrder.objects.select_for_update(of=("self",)).select_related("buyer").get(pk=order_id)
+    )
     fills = list(MarketFill.objects.select_for_update().filter(order=order).order_by("pk"))
     for fill in fills:
         fill.listing = listings[fill.listing_id]
@@ -1036,7 +1044,11 @@ def _seller_share_left(fill: MarketFill) -> int:
 @retry_on_deadlock
 def _fill_mature(*, fill_id: int, now: datetime) -> bool:
     with transaction.atomic():
-        fill = MarketFill.objects.select_for_update().select_related("seller").get(pk=fill_id)
+        fill = (
+            MarketFill.objects.select_for_update(of=("self",))
+            .select_related("seller")
+            .get(pk=fill_id)
+        )
         if fill.proceeds != ProceedsState.PENDING or fill.available_at > now:
             return False
         amount = _seller_share_left(fill)
@@ -1220,7 +1232,11 @@ def _payout_fail(*, payout_id: int, error: str) -> None:
     taken from the seller's proceeds, as it would have been before the payout.
     """
     with transaction.atomic():
-        payout = MarketPayout.objects.select_for_update().select_related("seller").get(pk=payout_id)
+        payout = (
+            MarketPayout.objects.select_for_update(of=("self",))
+            .select_related("seller")
+            .get(pk=payout_id)
+        )
         if payout.status != PayoutStatus.PENDING:
             return
         fills = list(MarketFill.objects.select_for_update().filter(payout=payout).order_by("pk"))
@@ -1334,7 +1350,11 @@ def _reversal_apply(
     from gymbilling.services import resale_freeze
 
     with transaction.atomic():
-        order = MarketOrder.objects.select_for_update().select_related("buyer").get(pk=order_id)
+        order = (
+            MarketOrder.objects.select_for_update(of=("self",))
+            .select_related("buyer")
+            .get(pk=order_id)
+        )
         if MarketReversal.objects.filter(key=key).exists():
             return False
         # An earlier reversal of the order still waiting for the buyer's running
@@ -1348,7 +1368,7 @@ def _reversal_apply(
         ):
             _reversal_pending_settle(reversal_id=pk, now=timezone.now())
         fills = list(
-            MarketFill.objects.select_for_update()
+            MarketFill.objects.select_for_update(of=("self",))
             .filter(order=order, status=FillStatus.DELIVERED, gross__gt=0)
             .select_related("seller")
             .order_by("pk")
@@ -1644,7 +1664,7 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
         order_id = MarketReversal.objects.values_list("order_id", flat=True).get(pk=reversal_id)
         order = MarketOrder.objects.select_for_update().get(pk=order_id)
         fills = list(
-            MarketFill.objects.select_for_update()
+            MarketFill.objects.select_for_update(of=("self",))
             .filter(order=order)
             .select_related("seller")
             .order_by("pk")

@@ -21,12 +21,12 @@ from gymbilling.market.services import (
     listings_withdraw_all,
     order_create,
 )
-from gymbilling.models import ListingStatus, MarketFill, MarketListing, MarketOrder
+from gymbilling.models import ListingStatus, MarketFill, MarketListing, MarketOrder, OrderStatus
 from gymbilling.services import resale_freeze, subscriptions
 from metering.models import AccountKind, CreditLot
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import credits_expire, credits_grant, postings
+from metering.services import credits_expire, credits_grant, hold_place, postings
 from metering.services.postings import accounts_for
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
@@ -357,4 +357,59 @@ def test_the_subscriptions_rollover_and_the_expiry_sweep_of_its_escrow_do_not_de
     assert CreditLot.objects.filter(
         organization=org, source="subscription", remaining__gt=0, expires_at__gt=sweep_at
     ).aggregate(s=Sum("remaining"))["s"] == credits(100)
+    assert ledger_reconcile().ok
+
+
+# --- the marketplace against the member's own metering ---------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_paying_an_order_neither_blocks_nor_deadlocks_with_the_buyer_s_inference(
+    market_stripe, monkeypatch
+):
+    # given: an order reserved for a buyer who also runs inference; its payment has
+    # locked the order's rows (listings, order, fills) and is paused there
+    seller = market_member(credits_amount=credits(1000))
+    buyer = market_member(credits_amount=credits(50))
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
+    errors: list = []
+    _no_deadlock_retries(monkeypatch)
+    paused, resume = pause_after(monkeypatch, market_services, "_order_locked", thread="pay")
+    paying = threading.Thread(
+        name="pay",
+        target=on_own_connection,
+        args=(
+            lambda: market_services.order_pay(order_id=order.pk, payment_intent_id="pi_race"),
+            errors,
+        ),
+    )
+    paying.start()
+    assert paused.wait(timeout=60)
+
+    # when: the buyer's job places its hold meanwhile (it locks the buyer's wallet; its
+    # rows' foreign keys to the organization are checked at COMMIT)
+    job = threading.Thread(
+        name="job",
+        target=on_own_connection,
+        args=(lambda: hold_place(organization=buyer, amount=credits(5), key="job-race"), errors),
+    )
+    job.start()
+    wait_until(
+        lambda: not job.is_alive() or lock_waiters() > 0,
+        what="the hold to be placed or to wait for the payment",
+    )
+    waited = job.is_alive()
+    resume.set()
+    paying.join(timeout=120)
+    job.join(timeout=120)
+
+    # then: the hold never waited for the marketplace (the payment locks its own rows,
+    # not the organizations'), and both went through, without a deadlock
+    assert errors == []
+    assert not waited
+    order.refresh_from_db()
+    assert order.status == OrderStatus.PAID
+    balance = organization_balance(organization=buyer)
+    assert (balance.available, balance.held) == (credits(145), credits(5))
     assert ledger_reconcile().ok
