@@ -986,40 +986,51 @@ def orders_expire(*, now: datetime | None = None) -> int:
     second). A session that turns out to be paid is delivered instead.
     Also retries shortfall refunds Stripe did not take.
     """
-    from gymbilling.services.payments import checkout_session_mirror
-
     now = now or timezone.now()
-    released = 0
-    due = MarketOrder.objects.filter(
-        status=OrderStatus.PENDING, expires_at__lte=now
-    ).select_related("checkout")
-    for order in due.order_by("expires_at")[:500]:
-        if order.checkout is None:
-            released += order_release(
-                order_id=order.pk, status=OrderStatus.EXPIRED, code="reservation_timeout", now=now
-            )
-            continue
-        try:
-            try:
-                session = stripe_client.checkout_session_expire(order.checkout.stripe_session_id)
-            except stripe_client.StripeRequestRefused:
-                # Not open any more: completed (paid) or already expired.
-                session = stripe_client.checkout_session_retrieve(order.checkout.stripe_session_id)
-        except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
-            logger.warning("market order %s: cannot expire its checkout yet: %s", order.pk, exc)
-            continue
-        checkout_session_mirror(session=session)
-        if session.get("status") == "complete" and session.get("payment_status") == "paid":
-            market_checkout_handle(order.checkout, session)
-        elif session.get("status") in ("expired", None) or session.get("status") != "complete":
-            released += order_release(
-                order_id=order.pk, status=OrderStatus.EXPIRED, code="reservation_timeout", now=now
-            )
+    due = MarketOrder.objects.filter(status=OrderStatus.PENDING, expires_at__lte=now)
+    # Each order on its own: one that fails (Stripe refusing to read its checkout,
+    # a bug) is logged and tried again next run, and never holds back the others'
+    # releases, nor the shortfall refunds below.
+    released = each_isolated(
+        due.order_by("expires_at").values_list("pk", flat=True)[:500],
+        lambda pk: _order_expire(order_id=pk, now=now),
+        what="the expiry of market order",
+    )
     for pk in MarketOrder.objects.filter(
         shortfall_amount__gt=0, shortfall_refunded_at__isnull=True
     ).values_list("pk", flat=True)[:100]:
         order_shortfall_refund(order_id=pk)
     return released
+
+
+def _order_expire(*, order_id: int, now: datetime) -> int:
+    """One due order: its checkout expired at Stripe, then released (1), or delivered if
+    it turns out paid, or left for the next run while Stripe cannot be reached (0)."""
+    from gymbilling.services.payments import checkout_session_mirror
+
+    order = MarketOrder.objects.select_related("checkout").get(pk=order_id)
+    if order.checkout is None:
+        return order_release(
+            order_id=order.pk, status=OrderStatus.EXPIRED, code="reservation_timeout", now=now
+        )
+    try:
+        try:
+            session = stripe_client.checkout_session_expire(order.checkout.stripe_session_id)
+        except stripe_client.StripeRequestRefused:
+            # Not open any more: completed (paid) or already expired.
+            session = stripe_client.checkout_session_retrieve(order.checkout.stripe_session_id)
+    except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
+        logger.warning("market order %s: cannot expire its checkout yet: %s", order.pk, exc)
+        return 0
+    checkout_session_mirror(session=session)
+    if session.get("status") == "complete" and session.get("payment_status") == "paid":
+        market_checkout_handle(order.checkout, session)
+        return 0
+    if session.get("status") in ("expired", None) or session.get("status") != "complete":
+        return order_release(
+            order_id=order.pk, status=OrderStatus.EXPIRED, code="reservation_timeout", now=now
+        )
+    return 0
 
 
 # --- payouts -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from gymbilling.market.services import (
 )
 from gymbilling.models import (
     BillingCustomer,
+    CheckoutSession,
     FillStatus,
     ListingStatus,
     MarketFill,
@@ -330,6 +331,33 @@ def test_reservation_timeout_expires_the_checkout_and_releases(market_stripe, se
     assert order.status == OrderStatus.EXPIRED and order.failure_code == "reservation_timeout"
     assert market_stripe.session(order.checkout.stripe_session_id)["status"] == "expired"
     assert organization_balance(organization=seller).escrowed == credits(100)
+
+
+def test_an_order_whose_checkout_stripe_cannot_find_does_not_hold_back_the_others(
+    market_stripe, seller, buyer
+):
+    # given: two reservations past their hold time; Stripe knows nothing of the first's
+    # checkout (it answers 404 to expiring and to reading it)
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    lost = order_create(buyer=buyer, quantity=credits(40), max_price_per_1k=300, currency="usd")
+    CheckoutSession.objects.filter(pk=lost.checkout_id).update(stripe_session_id="cs_unknown")
+    other_buyer = market_member()
+    other = order_create(
+        buyer=other_buyer, quantity=credits(60), max_price_per_1k=300, currency="usd"
+    )
+
+    # when: the sweep runs
+    released = orders_expire(now=timezone.now() + timedelta(minutes=16))
+
+    # then: the other order is released, its credits back on the listing; the first
+    # stays reserved (logged) for the next run and for finance
+    assert released == 1
+    other.refresh_from_db()
+    assert other.status == OrderStatus.EXPIRED
+    assert MarketOrder.objects.get(pk=lost.pk).status == OrderStatus.PENDING
+    assert organization_balance(organization=other_buyer).escrowed == 0
+    assert organization_balance(organization=buyer).escrowed == credits(40)
+    assert organization_balance(organization=seller).escrowed == credits(60)
 
 
 def test_a_session_paid_at_the_last_moment_is_delivered_not_released(market_stripe, seller, buyer):
