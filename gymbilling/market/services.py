@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q, Sum
+from django.db.models import Exists, F, OuterRef, Q, Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -37,6 +37,7 @@ from gymbilling.market.escrow import (
     credits_move,
     expired_sweep,
     lots_remaining,
+    unexpired,
 )
 from gymbilling.market.money import MoneyInsufficient, money_account, money_post
 from gymbilling.market.rollover import rollover_carry_open, rollover_release_trim
@@ -525,10 +526,17 @@ def order_reserve(
                 )
             candidate_ids = [listing.pk] if listing.price_per_1k <= max_price_per_1k else []
         else:
+            # Only listings with credits on offer now: one reserved to its last credit
+            # (or all expired) would take a place among the first few and hide
+            # the offers behind it.
+            on_offer = CreditLot.objects.filter(
+                _listing_lots(OuterRef("pk")), remaining__gt=0
+            ).filter(unexpired(now))
             candidate_ids = list(
                 MarketListing.objects.filter(
                     status=ListingStatus.OPEN, currency=currency, price_per_1k__lte=max_price_per_1k
                 )
+                .filter(Exists(on_offer))
                 .exclude(seller=buyer)
                 .order_by("price_per_1k", "pk")
                 .values_list("pk", flat=True)[: settings.MARKET_ORDER_MAX_LISTINGS]

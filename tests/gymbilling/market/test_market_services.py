@@ -250,6 +250,31 @@ def test_not_enough_liquidity_is_refused_and_changes_nothing(market_stripe, sell
     assert order.quantity == credits(100) and order.quantity_requested == credits(150)
 
 
+def test_listings_reserved_to_the_last_credit_do_not_hide_the_offers_behind_them(
+    market_stripe, buyer, settings
+):
+    # given: an order takes from at most 2 listings; the two cheapest are wholly
+    # reserved by another buyer's pending order, a third offers 100 credits
+    settings.MARKET_ORDER_MAX_LISTINGS = 2
+    sellers = [market_member(credits_amount=credits(1000)) for _ in range(3)]
+    for org, price in zip(sellers, (100, 200, 300), strict=True):
+        listing_create(seller=org, quantity=credits(100), price_per_1k=price, currency="usd")
+    first = order_create(
+        buyer=market_member(), quantity=credits(200), max_price_per_1k=200, currency="usd"
+    )
+    assert first.quantity == credits(200)
+    third = MarketListing.objects.get(seller=sellers[2])
+
+    # when: the buyer orders 100 at up to 300
+    order = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
+
+    # then: filled from the third listing, the one with credits on offer
+    assert order.quantity == credits(100) and order.amount_total == 30
+    assert [fill.listing_id for fill in order.fills.all()] == [third.pk]
+    assert organization_balance(organization=buyer).escrowed == credits(100)
+    assert organization_balance(organization=sellers[2]).escrowed == 0
+
+
 @pytest.mark.parametrize("service", ["order", "listing"])
 def test_a_quantity_past_what_the_ledger_moves_is_refused_by_the_service(
     market_stripe, seller, buyer, service
