@@ -4,7 +4,8 @@ Lock order, everywhere (STYLE.md 12): the seller's market lock (`seller_lock`,
 taken by what opens listings, what must see all of a seller's listings, and
 what gives reserved credits back to sellers; several sellers' in primary-key
 order), then listing rows (primary-key order), then the order row, then
-fills (primary-key order), then rollover carries (primary-key order), then
+fills (primary-key order), then the sellers' payment reversals (billing's
+refunds and disputes, primary-key order), then rollover carries (primary-key order), then
 ledger accounts (metering's `post`, primary-key order), then credit lots
 (primary-key order), then money accounts. No Stripe call is made inside a transaction: an order is
 reserved and committed, then Checkout is created, then recorded; if Stripe
@@ -765,6 +766,11 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
     and so does what a rollover the reservation missed would have trimmed
     (rollover.py).
     """
+    from gymbilling.services.payments import (
+        payment_reversals_lost_locked,
+        payment_reversals_reclaim,
+    )
+
     now = now or timezone.now()
     with transaction.atomic():
         # First, as the rollover does: it either counted these credits as
@@ -775,6 +781,9 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
         order, fills, listings = _order_locked(order_id)
         if order.status != OrderStatus.PENDING:
             return False
+        # Refunds of the sellers' payments that counted these reserved credits
+        # lost: they take back what comes home to a wallet (before its lock).
+        lost = payment_reversals_lost_locked(organizations=[fill.seller_id for fill in fills])
         buyer_escrow = organization_account(order.buyer, AccountKind.ESCROW)
         for fill in fills:
             if fill.status != FillStatus.RESERVED:
@@ -805,6 +814,8 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
                     ListingLot.objects.bulk_create(
                         ListingLot(listing=listing, lot=lot) for lot in lots
                     )
+                elif lost:
+                    payment_reversals_reclaim(reversals=lost, lots=lots, key=f"fill:{fill.pk}")
             MarketFill.objects.filter(pk=fill.pk).update(
                 status=FillStatus.RELEASED, settle_transaction=txn, settled_at=now
             )

@@ -228,6 +228,65 @@ def payment_reversal_apply(
     return reversal
 
 
+def payment_reversals_lost_locked(*, organizations: list[int]) -> list[PaymentReversal]:
+    """The organizations' refunds and disputes that recorded credits as lost (and are not
+    undone), locked in primary-key order, for `payment_reversals_reclaim`: before the
+    ledger's accounts, as the pending sweep locks them."""
+    return list(
+        PaymentReversal.objects.select_for_update()
+        .filter(organization_id__in=organizations, credits_lost__gt=0, reinstated_at__isnull=True)
+        .order_by("pk")
+    )
+
+
+def payment_reversals_reclaim(
+    *, reversals: list[PaymentReversal], lots: list[CreditLot], key: str
+) -> int:
+    """Take back credits a refund or dispute could not reach, now that they are home.
+
+    Credits a buyer's pending marketplace order reserved are neither in the seller's
+    wallet nor spent: a refund of the payment that bought them counts them lost. When
+    that order is released, they come back to the wallet (`lots`, new lots of the
+    refunded lot's family); each reversal takes back what it counted lost of its own
+    family, as its clawback would have had they been there, under its key (a won
+    dispute gives them back with the rest). The caller holds the reversals' rows
+    (`payment_reversals_lost_locked`) and runs inside its transaction. Returns the
+    micro-credits taken back.
+    """
+    taken_all = 0
+    for reversal in reversals:
+        family = _reversal_lots(reversal)
+        if family is None or reversal.credits_lost <= 0:
+            continue
+        ours = set(
+            CreditLot.objects.filter(family, pk__in=[lot.pk for lot in lots]).values_list(
+                "pk", flat=True
+            )
+        )
+        taken = 0
+        for lot in lots:
+            left = reversal.credits_lost - taken
+            if left <= 0:
+                break
+            if lot.pk not in ours:
+                continue
+            taken += lot_clawback(
+                lot=lot,
+                amount=min(left, lot.amount),
+                key=f"{reversal.key}:released:{key}:{lot.pk}",
+                memo=f"{reversal.kind} of {reversal.stripe_charge_id}: reserved credits came back",
+            )
+        if taken:
+            PaymentReversal.objects.filter(pk=reversal.pk).update(
+                credits_clawed_back=F("credits_clawed_back") + taken,
+                credits_lost=F("credits_lost") - taken,
+            )
+            reversal.credits_lost -= taken
+            reversal.credits_clawed_back += taken
+            taken_all += taken
+    return taken_all
+
+
 def _reversal_lots(reversal: PaymentReversal) -> Q | None:
     """The lots a reversal takes back from: the family of the lot its payment bought (None
     when it bought nothing here: a broken row, which the sweep reports)."""

@@ -739,3 +739,37 @@ def test_one_reversal_the_sweep_cannot_settle_does_not_hold_back_the_others(
     assert PaymentReversal.objects.get(pk=broken.pk).credits_pending == MICRO
     assert f"payment reversal {broken.pk} failed" in caplog.text
     assert organization_balance(organization=org).total == 0
+
+
+def test_a_refund_takes_back_credits_a_pending_marketplace_order_held_once_it_is_released(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    """Credits a buyer's pending order reserved are neither in the wallet nor spent when the
+    payment that bought them is refunded: released, they come home, and go back."""
+    from gymbilling.market.services import listing_create, order_release, order_reserve
+
+    # given: Basic (2,000 credits), 1,500 listed, 1,000 of them reserved by a buyer's
+    # order not paid yet; the payment is refunded in full: the refund takes the 1,000
+    # at home and counts the reserved 1,000 lost
+    sub = subscribed("basic")
+    org = customer.organization
+    listing_create(seller=org, quantity=1_500 * MICRO, price_per_1k=500, currency="usd")
+    order = order_reserve(
+        buyer=OrganizationFactory(), quantity=1_000 * MICRO, max_price_per_1k=500, currency="usd"
+    )
+    invoice = sub.invoices.get()
+    stripe_sdk.v1.refunds.create(params={"payment_intent": invoice.stripe_payment_intent_id})
+    deliver()
+    reversal = PaymentReversal.objects.get()
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (1_000 * MICRO, 1_000 * MICRO)
+
+    # when: the buyer never pays, and the reservation runs out
+    assert order_release(order_id=order.pk, status="expired", code="reservation_timeout")
+
+    # then: the 1,000 that came home went back too: the member keeps none of the
+    # refunded credits, and none was lost
+    reversal.refresh_from_db()
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (2_000 * MICRO, 0)
+    assert organization_balance(organization=org).available == 0
+    assert organization_balance(organization=org).escrowed == 0
+    assert ledger_reconcile().ok
