@@ -1364,10 +1364,14 @@ def market_reversal_handle(
     froze = _reversal_apply(
         order_id=order.pk, kind=kind, key=key, charge=charge, amount=amount, cumulative=cumulative
     )
-    if froze:
+    frozen = BillingCustomer.objects.filter(
+        organization=order.buyer, resale_frozen_at__isnull=False
+    ).exists()
+    if froze or frozen:
         # As for a refunded subscription payment: a frozen organization's open
         # listings end too (outside the order's transaction: listings are
-        # locked before orders).
+        # locked before orders). Also on a replay while the buyer is still
+        # frozen: the delivery that froze them may have died before this.
         listings_withdraw_all(seller=order.buyer)
     return True
 

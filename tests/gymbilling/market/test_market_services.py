@@ -1168,6 +1168,37 @@ def test_a_refunded_buyer_s_own_listings_end_with_the_resale_freeze(market_strip
     assert organization_balance(organization=buyer).available == credits(500)
 
 
+def test_a_refund_delivered_again_after_a_crash_still_ends_the_frozen_buyer_s_listings(
+    market_stripe, seller
+):
+    # given: a buyer with a listing of their own open; the refund of their payment was
+    # applied (the reversal booked, reselling frozen, committed), then the worker died
+    # before it ended the buyer's listings
+    from gymbilling.market.services import _reversal_apply
+
+    buyer = market_member(credits_amount=credits(500))
+    own = listing_create(seller=buyer, quantity=200 * MICRO, price_per_1k=5000, currency="usd")
+    order = sold(market_stripe, seller, buyer)
+    assert _reversal_apply(
+        order_id=order.pk,
+        kind="refund",
+        key=f"refund:ch_{order.pk}:124",
+        charge=charge_for(order, amount_refunded=124),
+        amount=124,
+        cumulative=True,
+    )
+    assert MarketListing.objects.get(pk=own.pk).status == ListingStatus.OPEN
+
+    # when: Stripe delivers the event again
+    assert _refund_in_full(order)
+
+    # then: applied once, and the frozen buyer's listing ended, its credits home
+    assert MarketReversal.objects.count() == 1
+    assert MarketListing.objects.get(pk=own.pk).status == ListingStatus.CANCELED
+    assert organization_balance(organization=buyer).escrowed == 0
+    assert organization_balance(organization=buyer).available == credits(500)
+
+
 def test_partial_refund_then_dispute_after_payout_records_the_loss(market_stripe, seller, buyer):
     order = sold(market_stripe, seller, buyer)  # 124, fee 12, net 112
     # the buyer spends 30 credits
