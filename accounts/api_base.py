@@ -34,6 +34,7 @@ from accounts.idempotency import (
 )
 from accounts.models import Membership, Organization, Role, Scope
 from accounts.ratelimits import Limit, RequestCount, rate_limit_consume, requests_limit
+from accounts.selectors import user_membership_by_slug, user_memberships
 
 logger = logging.getLogger(__name__)
 
@@ -273,12 +274,15 @@ class OrgApiView(APIView):
         """
         if isinstance(request.user, KeyPrincipal):
             return request.user.organization
-        memberships = Membership.objects.filter(user=request.user).select_related("organization")
         slug = request.headers.get("X-Organization")
         if slug:
-            membership = memberships.filter(organization__slug=slug).first()
+            membership = user_membership_by_slug(user=request.user, slug=slug)
         else:
-            membership = memberships.order_by("-organization__personal", "pk").first()
+            membership = (
+                user_memberships(user=request.user)
+                .order_by("-organization__personal", "pk")
+                .first()
+            )
         if membership is None:
             raise ApplicationError(
                 code="not_found",

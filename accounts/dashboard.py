@@ -35,7 +35,7 @@ from accounts.api_base import ALL_ROLES
 from accounts.errors import ApplicationError
 from accounts.models import Membership
 from accounts.ratelimits import dashboard_limit, rate_limit_consume
-from accounts.selectors import user_memberships
+from accounts.selectors import user_membership_by_slug, user_memberships
 
 SESSION_ORGANIZATION = "dashboard_organization"
 
@@ -247,7 +247,7 @@ class OrganizationSwitchView(LoginRequiredMixin, TemplateView):
 
     def post(self, request: HttpRequest) -> HttpResponse:
         slug = request.POST.get("organization", "")
-        if not user_memberships(user=request.user).filter(organization__slug=slug).exists():
+        if user_membership_by_slug(user=request.user, slug=slug) is None:
             return render(
                 request,
                 "dashboard/no_organization.html",

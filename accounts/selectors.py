@@ -54,6 +54,15 @@ def user_memberships(*, user) -> QuerySet[Membership]:
     return Membership.objects.filter(user=user).select_related("organization")
 
 
+def user_membership_by_slug(*, user, slug: str) -> Membership | None:
+    """The user's membership of the organization `slug` names (a header or a form field,
+    as sent), or None. A slug holding NUL names none (slugs are letters, digits and
+    hyphens), and is not sent to PostgreSQL, which refuses to compare such text."""
+    if "\x00" in slug:
+        return None
+    return user_memberships(user=user).filter(organization__slug=slug).first()
+
+
 def invitation_token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

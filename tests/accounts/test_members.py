@@ -122,6 +122,19 @@ def test_a_session_read_needs_no_csrf_token(team):
     assert response.json()["user"]["email"] == team[Role.MEMBER].email
 
 
+def test_an_x_organization_with_a_nul_character_is_no_such_organization(team):
+    # given: PostgreSQL refuses to compare text holding NUL (it was a 500)
+    client = signed_in(team[Role.OWNER])
+    client.raise_request_exception = False
+
+    # when
+    response = client.get("/api/v1/me", HTTP_X_ORGANIZATION=f"{team['org'].slug}\x00")
+
+    # then
+    error = assert_error(response, 404, "not_found")
+    assert error["param"] == "X-Organization"
+
+
 def test_an_api_key_needs_no_csrf_token(team, make_key):
     # given
     org = team["org"]

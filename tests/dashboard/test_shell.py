@@ -267,6 +267,23 @@ def test_switching_to_someone_elses_organization_is_refused(client, member):
     assert stranger.name.encode() not in page.content
 
 
+def test_switching_to_a_slug_with_a_nul_character_is_refused_as_no_such_organization(
+    client, member
+):
+    # given: PostgreSQL refuses to compare text holding NUL (it was a 500)
+    _, org = member(Role.OWNER)
+    client.raise_request_exception = False
+
+    # when
+    response = client.post("/dashboard/organization", {"organization": f"{org.slug}\x00"})
+    page = client.get("/dashboard/")
+
+    # then
+    assert response.status_code == 404
+    assert b'data-error-code="not_found"' in response.content
+    assert page.status_code == 200 and org.name.encode() in page.content
+
+
 def test_the_switch_does_not_redirect_off_the_site(client, member):
     _, org = member(Role.OWNER)
 
