@@ -122,6 +122,37 @@ class StrictSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
+def query_data(request: Request) -> dict[str, str]:
+    """The request's query parameters, each once, for a view's `Query` serializer to check.
+
+    A parameter given twice is refused, naming it: read as the last of its values
+    (`QueryDict.dict()`), `?status=queued&status=running` listed only the running
+    jobs, and `?limit=1&limit=200` a page of 200, without a word. No parameter of
+    this API takes a list.
+    """
+    params = request.query_params
+    for name, values in params.lists():
+        if len(values) > 1:
+            raise _given_twice(name)
+    return params.dict()
+
+
+def _single_query_param(request: Request, name: str) -> str | None:
+    """The one value of the query parameter `name` (None: absent), or its refusal."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise _given_twice(name)
+    return values[0] if values else None
+
+
+def _given_twice(name: str) -> ApplicationError:
+    return ApplicationError(
+        code="invalid_request",
+        message=f"The query parameter {name!r} is given more than once; give it once.",
+        param=name,
+    )
+
+
 class IdCursorPagination(CursorPagination):
     """Opaque cursors over a stable order: pages never skip or repeat rows."""
 
@@ -134,7 +165,7 @@ class IdCursorPagination(CursorPagination):
         # DRF falls back to the default page size for a limit it cannot read
         # (`abc`, -5, 0) and caps a larger one silently: the client would not
         # learn that its page is not the size it asked for.
-        raw = request.query_params.get(self.page_size_query_param)
+        raw = _single_query_param(request, self.page_size_query_param)
         if raw is None or raw == "":
             return self.page_size
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= self.max_page_size:
@@ -146,6 +177,7 @@ class IdCursorPagination(CursorPagination):
         return int(raw)
 
     def decode_cursor(self, request):
+        _single_query_param(request, self.cursor_query_param)
         try:
             cursor = super().decode_cursor(request)
         except drf_exceptions.NotFound:

@@ -11,7 +11,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from accounts.api_base import MANAGERS, OrgApiView, PageQuery, StrictSerializer
+from accounts.api_base import MANAGERS, OrgApiView, PageQuery, StrictSerializer, query_data
 from accounts.apis import paginate
 from accounts.errors import ApplicationError
 from accounts.models import Role, Scope
@@ -60,7 +60,7 @@ class _MarketListApi(_MarketApi):
     Query = PageQuery
 
     def page(self, request, selector, output_class):
-        query = self.Query(data=request.query_params.dict())
+        query = self.Query(data=query_data(request))
         query.is_valid(raise_exception=True)
         rows = selector(organization=request.organization, **query.filters())
         return paginate(self, rows, output_class)
@@ -137,7 +137,7 @@ class ListingsApi(_MarketApi):
         summary="The order book: open offers, cheapest first, and a quote for a quantity",
     )
     def get(self, request):
-        query = self.Query(data=request.query_params.dict())
+        query = self.Query(data=query_data(request))
         query.is_valid(raise_exception=True)
         data = query.validated_data
         currency = data["currency"].lower()

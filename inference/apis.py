@@ -43,6 +43,7 @@ from accounts.api_base import (
     StrictSerializer,
     acting_key,
     acting_user,
+    query_data,
 )
 from accounts.errors import ApplicationError
 from accounts.models import Priority, Scope
@@ -793,7 +794,7 @@ class JobListCreateApi(_GenerationApi):
         summary="List jobs, newest first",
     )
     def get(self, request):
-        query = self.Query(data=request.query_params.dict())
+        query = self.Query(data=query_data(request))
         query.is_valid(raise_exception=True)
         paginator = self.pagination_class()
         data = query.validated_data

@@ -9,7 +9,7 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from accounts.api_base import IdCursorPagination, OrgApiView, StrictSerializer
+from accounts.api_base import IdCursorPagination, OrgApiView, StrictSerializer, query_data
 from accounts.errors import ApplicationError
 from accounts.models import Scope
 from metering.selectors import (
@@ -139,7 +139,7 @@ class UsageApi(OrgApiView):
         summary="Usage totals by day, model or key",
     )
     def get(self, request):
-        query = self.Query(data=request.query_params.dict())
+        query = self.Query(data=query_data(request))
         query.is_valid(raise_exception=True)
         end = query.validated_data.get("end") or timezone.now()
         try:

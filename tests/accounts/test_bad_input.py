@@ -14,7 +14,15 @@ import pytest
 from django.conf import settings
 from django.test import Client
 
-from accounts.models import ApiKey, AuditEvent, IdempotencyRecord, Invitation, Membership, Role
+from accounts.models import (
+    ApiKey,
+    AuditEvent,
+    IdempotencyRecord,
+    Invitation,
+    Membership,
+    Role,
+    Scope,
+)
 from metering.models import JournalTransaction
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory
@@ -260,6 +268,32 @@ def test_an_unknown_url_under_the_api_answers_a_json_404(path):
 
     # then
     assert_error_shape(response, 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/api/v1/keys?limit=1&limit=200", "limit"),
+        ("/api/v1/credits/ledger?cursor=&cursor=", "cursor"),
+        ("/api/v1/usage?group_by=key&group_by=day", "group_by"),
+        ("/api/v1/jobs?status=queued&status=running", "status"),
+        ("/api/v1/market/listings?currency=usd&currency=eur", "currency"),
+        ("/api/v1/market/orders?status=paid&status=pending", "status"),
+        ("/api/v1/market/sales?proceeds=pending&proceeds=paid_out", "proceeds"),
+    ],
+)
+def test_a_query_parameter_given_twice_is_refused_naming_it(org, make_key, path, param):
+    # given a key with every scope: each list reads its parameters
+    _key, raw = make_key(org, scopes=Scope.values)
+
+    # when a parameter comes twice (it was read as the last of them: `?limit=1&limit=200`
+    # a page of 200, `?status=queued&status=running` only the running jobs, silently)
+    response = key_client(raw).get(path)
+
+    # then
+    error = assert_error_shape(response, 400, "invalid_request")
+    assert error["param"] == param
+    assert "more than once" in error["message"]
 
 
 def test_a_bad_member_role_change_writes_nothing(org, admin_client, member_of):
