@@ -1,15 +1,33 @@
-"""API requests get the one error shape even where no DRF view answers.
+"""Requests too large to read, and API requests no DRF view answers, get the one error shape.
 
-Oversized bodies are refused before they are read; a URL that matches no
-route answers a JSON 404 (Django's own page is HTML, and in DEBUG a list of
-every route).
+A body over `API_MAX_BODY_BYTES` is refused before it is read, on every path:
+an API request with the API's error, a page with a page's refusal (its code in
+`data-error-code`). Pages take no files, and Django's own limit on a form
+(DATA_UPLOAD_MAX_MEMORY_SIZE) leaves file parts out: it spools them to a
+temporary file whatever their size, so without this any anonymous form (signing
+in, signing up) could be sent gigabytes to write to disk. A URL under the API
+that matches no route answers a JSON 404 (Django's own page is HTML, and in
+DEBUG a list of every route).
 """
 
 from django.conf import settings
+from django.http import HttpResponse
 
 from accounts.errors import json_error_response
 
 API_PREFIXES = ("/api/", "/v1/", "/stripe/")
+
+
+def _refusal(request, *, code: str, message: str, status: int) -> HttpResponse:
+    if request.path.startswith(API_PREFIXES):
+        return json_error_response(code=code, message=message, status=status)
+    # No template: the request is refused before sessions or anything else a page uses.
+    return HttpResponse(
+        f'<!doctype html>\n<title>{message}</title>\n<p class="refusal" role="alert" '
+        f'data-error-code="{code}">{message}</p>\n',
+        status=status,
+        content_type="text/html; charset=utf-8",
+    )
 
 
 class ApiErrorMiddleware:
@@ -17,19 +35,22 @@ class ApiErrorMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        if request.path.startswith(API_PREFIXES):
-            try:
-                length = int(request.META.get("CONTENT_LENGTH") or 0)
-            except ValueError:
-                return json_error_response(
-                    code="invalid_request", message="Content-Length is not a number.", status=400
-                )
-            if length > settings.API_MAX_BODY_BYTES:
-                return json_error_response(
-                    code="request_too_large",
-                    message=f"The request body is over the limit of {settings.API_MAX_BODY_BYTES} bytes.",
-                    status=413,
-                )
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return _refusal(
+                request,
+                code="invalid_request",
+                message="Content-Length is not a number.",
+                status=400,
+            )
+        if length > settings.API_MAX_BODY_BYTES:
+            return _refusal(
+                request,
+                code="request_too_large",
+                message=f"The request body is over the limit of {settings.API_MAX_BODY_BYTES} bytes.",
+                status=413,
+            )
         response = self.get_response(request)
         if (
             response.status_code == 404

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from django.core import mail
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 from django.views.debug import SafeExceptionReporterFilter
@@ -292,6 +293,23 @@ def test_the_switch_does_not_redirect_off_the_site(client, member):
     )
 
     assert response["Location"] == "/dashboard/"
+
+
+def test_a_page_refuses_a_body_over_the_limit_before_reading_it(client, settings):
+    # given a valid sign-up padded with a file part: pages take no files, and Django keeps
+    # what it reads of one in memory, then in a temporary file, with no limit of its own
+    # (DATA_UPLOAD_MAX_MEMORY_SIZE leaves file parts out), so any anonymous form could fill
+    # the disk
+    padding = SimpleUploadedFile("padding.bin", b"x" * (settings.API_MAX_BODY_BYTES + 1))
+    form = {"email": "padded@example.test", "password": "a long and unusual passphrase 3"}
+
+    # when
+    response = client.post("/signup/", {**form, "padding": padding})
+
+    # then
+    assert response.status_code == 413
+    assert b'data-error-code="request_too_large"' in response.content
+    assert not User.objects.filter(email="padded@example.test").exists()
 
 
 def test_a_user_in_no_organization_is_told_so(client):
