@@ -359,8 +359,10 @@ class OrgApiView(APIView):
         self._rate_limit(request)
         self._idempotency_record = None
         if request.method == "POST" and "Idempotency-Key" in request.headers:
+            key = acting_key(request)
             outcome = idempotency_begin(
                 organization=request.organization,
+                caller=f"key:{key.pk}" if key is not None else f"user:{request.user.pk}",
                 key=request.headers["Idempotency-Key"],
                 method=request.method,
                 path=request.get_full_path(),

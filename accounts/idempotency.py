@@ -64,24 +64,31 @@ class StoredResponse:
     headers: dict[str, str]
 
 
-def request_hash(*, method: str, path: str, body: bytes) -> str:
+def request_hash(*, caller: str, method: str, path: str, body: bytes) -> str:
     digest = hashlib.sha256()
-    for part in (method.encode(), b"\0", path.encode(), b"\0", body):
+    for part in (caller.encode(), b"\0", method.encode(), b"\0", path.encode(), b"\0", body):
         digest.update(part)
     return digest.hexdigest()
 
 
 def idempotency_begin(
-    *, organization: Organization, key: str, method: str, path: str, body: bytes
+    *, organization: Organization, caller: str, key: str, method: str, path: str, body: bytes
 ) -> IdempotencyRecord | StoredResponse:
-    """Claim the key for this request, or return the stored response to replay."""
+    """Claim the key for this request, or return the stored response to replay.
+
+    `caller` (an API key's or a person's id) is part of the request: a key stays
+    unique in its organization, but another caller sending the same key and body
+    is refused as a different request (422), never handed the first caller's
+    answer, which may hold a secret shown once (a new API key, made for its
+    creator, with the creator's role).
+    """
     if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
         raise ApplicationError(
             code="invalid_idempotency_key",
             message=f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters.",
             param="Idempotency-Key",
         )
-    digest = request_hash(method=method, path=path, body=body)
+    digest = request_hash(caller=caller, method=method, path=path, body=body)
     now = timezone.now()
     for _attempt in range(2):
         try:

@@ -7,9 +7,10 @@ import threading
 
 import pytest
 import requests
+from django.test import Client
 
 from accounts.idempotency import idempotency_begin
-from accounts.models import ApiKey, AuditEvent, IdempotencyRecord, Scope
+from accounts.models import ApiKey, AuditEvent, IdempotencyRecord, Role, Scope
 from accounts.services import apikey_create
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory
@@ -76,10 +77,17 @@ def test_the_same_key_with_another_body_is_refused(org, admin_client):
 
 
 @pytest.mark.django_db
-def test_a_retry_while_the_first_request_runs_gets_409(org, admin_client):
+def test_a_retry_while_the_first_request_runs_gets_409(org, admin_key, admin_client):
     # given: the first request has claimed the key and not finished
     body = key_body()
-    running = idempotency_begin(organization=org, key="slow", method="POST", path=KEYS, body=body)
+    running = idempotency_begin(
+        organization=org,
+        caller=f"key:{admin_key[0].pk}",
+        key="slow",
+        method="POST",
+        path=KEYS,
+        body=body,
+    )
     assert isinstance(running, IdempotencyRecord) and running.status_code is None
 
     # when
@@ -114,6 +122,40 @@ def test_keys_are_per_organization(make_key):
     assert created_keys(org_a) == 1
     assert created_keys(org_b) == 1
     assert IdempotencyRecord.objects.filter(key="shared-key").count() == 2
+
+
+@pytest.mark.django_db
+def test_another_caller_with_the_same_key_and_body_gets_no_replay(org, member_of):
+    # given: an owner made an admin key through the API, under an Idempotency-Key
+    org.seats = 2
+    org.save(update_fields=["seats"])
+    owner, admin = member_of(org, Role.OWNER), member_of(org, Role.ADMIN)
+    body = json.dumps({"name": "ci", "scopes": ["admin"]}).encode()
+    owners = Client()
+    owners.force_login(owner)
+    first = post(owners, body, "make-admin-key")
+    assert first.status_code == 201
+    owners_key = ApiKey.objects.get(pk=first.json()["id"])
+    assert owners_key.created_by == owner
+
+    # when: an admin sends the same key and body (what one deploy script sends, say)
+    admins = Client()
+    admins.force_login(admin)
+    response = post(admins, body, "make-admin-key")
+
+    # then: not the owner's answer, which holds the owner's new key in full: with it the
+    # admin would act with the owner's role (an admin key acts for its creator) and could
+    # make themselves an owner
+    assert response.status_code == 422, response.content
+    assert response.json()["error"]["code"] == "idempotency_key_reused"
+    assert first.json()["key"].encode() not in response.content
+    assert created_keys(org) == 1
+    # and an API key is another caller too
+    _admin_key, raw = apikey_create(organization=org, name="admin's", scopes=[Scope.ADMIN])
+    assert post(key_client(raw), body, "make-admin-key").status_code == 422
+    # while the owner's own retry is still replayed
+    replay = post(owners, body, "make-admin-key")
+    assert replay.content == first.content and replay["Idempotent-Replayed"] == "true"
 
 
 @pytest.mark.django_db
