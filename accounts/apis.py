@@ -347,9 +347,11 @@ class InvitationAcceptApi(OrgApiView):
         if Membership.objects.filter(user=request.user).exists():
             return super().resolve_organization(request)
         # Someone with no organization yet: the invitation's organization
-        # scopes the rate limit and the Idempotency-Key.
-        token = request.data.get("token") if isinstance(request.data, dict) else None
-        invitation = invitation_by_token(token=token) if isinstance(token, str) else None
+        # scopes the rate limit and the Idempotency-Key. Its token is read once
+        # the body is valid: a lone surrogate could not even be hashed.
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        invitation = invitation_by_token(token=data.validated_data["token"])
         if invitation is None:
             raise ApplicationError(
                 code="invitation_invalid",

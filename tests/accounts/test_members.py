@@ -13,7 +13,16 @@ from django.core import mail
 from django.test import Client
 from django.utils import timezone
 
-from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization, Role, Scope
+from accounts.models import (
+    ApiKey,
+    AuditEvent,
+    Invitation,
+    Membership,
+    Organization,
+    Role,
+    Scope,
+    User,
+)
 from accounts.services import membership_add, organization_create, user_signup
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory, UserFactory
@@ -733,6 +742,27 @@ def test_an_unknown_token_is_refused(team, invited):
     error = assert_error(response, 404, "invitation_invalid")
     assert error["param"] == "token"
     assert not Membership.objects.filter(organization=team["org"], user=person).exists()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"token": "\\ud800"}', b'["token"]', b'{"token": "x", "role": "owner"}'],
+    ids=["lone surrogate", "array", "unknown field"],
+)
+def test_a_bad_body_from_someone_in_no_organization_is_a_400(team, body):
+    # given someone in no organization yet (an invitation is how they join one): their
+    # body was read for its token before it was validated, and a lone surrogate in it
+    # failed to hash (a 500); the rest were "unknown invitation" (404), not bad input
+    loner = User.objects.create_user("loner@example.test", "a long passphrase, 44")
+    client = signed_in(loner)
+    client.raise_request_exception = False
+
+    # when
+    response = client.post("/api/v1/invitations/accept", body, content_type="application/json")
+
+    # then
+    assert_error(response, 400, "invalid_request")
+    assert not Membership.objects.filter(user=loner).exists()
 
 
 def test_an_api_key_cannot_accept_an_invitation(team, invited, make_key):
