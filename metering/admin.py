@@ -8,7 +8,7 @@ import csv
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from django import forms
@@ -296,6 +296,9 @@ class UsageMarginForm(forms.Form):
         start, end = data.get("start"), data.get("end")
         if start and end and end < start:
             self.add_error("end", "The last day comes after the first.")
+        elif end == date.max:
+            # The report runs to the midnight after its last day, which this one has not.
+            self.add_error("end", f"The last day must be before {date.max.isoformat()}.")
         return data
 
 

@@ -270,8 +270,11 @@ def test_finance_see_who_spent_each_usage_record_and_find_a_members(admin_client
         {"start": "2026-12-05", "end": "2026-12-01", "group_by": "model"},
         {"start": "yesterday", "end": "2026-12-01", "group_by": "model"},
         {"start": "2026-12-01", "end": "2026-12-05", "group_by": "day"},
+        # The day after the last day is where the report ends: past the calendar's end
+        # it was an OverflowError (a 500).
+        {"start": "9999-12-01", "end": "9999-12-31", "group_by": "model"},
     ],
-    ids=["end-before-start", "not-a-date", "unknown-grouping"],
+    ids=["end-before-start", "not-a-date", "unknown-grouping", "end-on-the-calendars-last-day"],
 )
 def test_a_malformed_report_query_is_shown_on_the_form(admin_client, query):
     response = admin_client.get("/admin/metering/usagerecord/report/", query)
