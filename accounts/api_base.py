@@ -153,6 +153,17 @@ def _given_twice(name: str) -> ApplicationError:
     )
 
 
+class _NoInput(StrictSerializer):
+    """The body of a POST that takes none: no body, or an empty object."""
+
+
+def require_no_input(request: Request) -> None:
+    """Refuse a body a POST does not take, as its own serializer would refuse a field it does
+    not know (400 naming it): ignored, a field the client believed used (a portal's return
+    URL, a cancel's reason) changed nothing, and it was not told."""
+    _NoInput(data=request.data).is_valid(raise_exception=True)
+
+
 class IdCursorPagination(CursorPagination):
     """Opaque cursors over a stable order: pages never skip or repeat rows."""
 

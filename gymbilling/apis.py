@@ -19,6 +19,7 @@ from accounts.api_base import (
     IdCursorPagination,
     OrgApiView,
     StrictSerializer,
+    require_no_input,
 )
 from accounts.apis import OrganizationOutput
 from accounts.errors import json_error_response
@@ -157,6 +158,7 @@ class PortalApi(OrgApiView):
         summary="A Stripe customer-portal link: cards, cancel",
     )
     def post(self, request):
+        require_no_input(request)
         return Response({"url": portal_create(organization=request.organization)})
 
 

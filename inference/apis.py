@@ -44,6 +44,7 @@ from accounts.api_base import (
     acting_key,
     acting_user,
     query_data,
+    require_no_input,
 )
 from accounts.errors import ApplicationError
 from accounts.models import Priority, Scope
@@ -827,6 +828,7 @@ class JobCancelApi(OrgApiView):
 
     @extend_schema(request=None, responses=JobOutput, summary="Cancel a job")
     def post(self, request, job_id: str):
+        require_no_input(request)
         job = _organization_job(request, job_id)
         return Response(JobOutput(job_cancel(job=job)).data)
 

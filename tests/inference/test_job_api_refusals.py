@@ -236,6 +236,29 @@ def test_a_format_query_parameter_is_not_a_renderer_choice(api, org):
     assert (error["code"], error["param"]) == ("invalid_request", "format")
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"reason": "too slow"}, "reason"), (["now"], None)],
+    ids=["unknown field", "not an object"],
+)
+def test_a_cancel_takes_no_body_and_a_refused_one_cancels_nothing(api, org, body, param):
+    # given a queued job (its body was ignored: a client that sent a field the cancel does
+    # not take, believing it used, got its job cancelled all the same)
+    job_id = api.post("/api/v1/jobs", {**CHAT, "max_tokens": 4}, format="json").json()["id"]
+    held = organization_balance(organization=org).held
+
+    # when
+    response = api.post(f"/api/v1/jobs/{job_id}/cancel", body, format="json")
+
+    # then
+    error = _error(response, 400)
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert Job.objects.get(public_id=job_id).status == "queued"
+    assert organization_balance(organization=org).held == held > 0
+    # while an empty body, or none, is a cancel
+    assert api.post(f"/api/v1/jobs/{job_id}/cancel", {}, format="json").status_code == 200
+
+
 def test_a_401_for_a_bad_key_names_the_scheme(org):
     from django.test import Client
 

@@ -298,6 +298,23 @@ def test_the_portal_link_opens(customer, catalog):
     assert requests.get(response.json()["url"], timeout=10).status_code == 200
 
 
+def test_the_portal_takes_no_fields(customer, catalog):
+    # given a field the portal does not take (it was ignored: the client believed its
+    # return_url was used, and got a link that goes back elsewhere)
+    before = (billing_rows(), ledger_rows())
+
+    # when
+    response = customer.client.post(
+        "/api/v1/billing/portal", {"return_url": "https://example.test/"}, format="json"
+    )
+
+    # then
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", "return_url")
+    assert (billing_rows(), ledger_rows()) == before
+
+
 def test_plans_are_public(client, catalog):
     response = client.get("/api/v1/plans")
     assert response.status_code == 200
