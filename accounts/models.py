@@ -7,6 +7,8 @@ entitlements, never plans.
 
 from __future__ import annotations
 
+import unicodedata
+
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser, BaseUserManager
 from django.core.exceptions import ValidationError
@@ -20,10 +22,15 @@ class UserManager(BaseUserManager["User"]):
 
     @classmethod
     def canonical_email(cls, email: str | None) -> str:
-        """An address in the one form it is stored and compared in: normalized and
+        """An address in the one form it is stored and compared in: NFKC-normalized and
         lower-cased, so that Ann@X and ann@x are one person (sign-up, sign-in, the admin,
-        invitations)."""
-        return cls.normalize_email(email).lower()
+        invitations).
+
+        NFKC as Django's sign-in form normalizes what is typed (UsernameField): without
+        it, sign-up stored "ada@\uff45xample.test" (a fullwidth e) beside
+        "ada@example.test" as a second account, which no sign-in could then reach.
+        """
+        return unicodedata.normalize("NFKC", cls.normalize_email(email or "")).lower()
 
     def _create_user(self, email: str, password: str | None, **extra) -> User:
         if not email:
