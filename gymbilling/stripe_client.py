@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,18 @@ def _call(fn, *args, key: str | None = None, **params) -> dict:
 def _list(fn, *args, **params) -> list[dict]:
     page = _call(fn, *args, **params)
     return list(page.get("data", []))
+
+
+def _pages(fn, *args, **params) -> Iterator[dict]:
+    """Every object of a list, page after page (Stripe's order: newest first)."""
+    params.setdefault("limit", 100)
+    while True:
+        page = _call(fn, *args, **params)
+        data = page.get("data", [])
+        yield from data
+        if not page.get("has_more") or not data:
+            return
+        params["starting_after"] = data[-1]["id"]
 
 
 # --- catalog -------------------------------------------------------------------
@@ -320,8 +333,32 @@ def transfer_create(*, key: str, **params) -> dict:
     return _call(_client().v1.transfers.create, key=key, **params)
 
 
+def transfers_list(*, transfer_group: str, destination: str | None = None) -> list[dict]:
+    """Every transfer of `transfer_group` (to `destination`, when given), newest first.
+
+    Stripe filters transfers by `transfer_group`, `destination` and `created`
+    only (not by metadata): a caller that must know a transfer again gives it
+    a transfer group of its own when it creates it.
+    """
+    params: dict[str, Any] = {"transfer_group": transfer_group}
+    if destination:
+        params["destination"] = destination
+    return list(_pages(_client().v1.transfers.list, **params))
+
+
 def customer_balance_credit(*, key: str, customer: str, **params) -> dict:
     return _call(_client().v1.customers.balance_transactions.create, customer, key=key, **params)
+
+
+def customer_balance_transactions_since(customer: str, *, created_gte: int) -> list[dict]:
+    """The customer's balance transactions created at or after `created_gte` (Unix time),
+    newest first. Paged until an older one: the list is newest first."""
+    found = []
+    for txn in _pages(_client().v1.customers.balance_transactions.list, customer):
+        if int(txn.get("created") or 0) < created_gte:
+            break
+        found.append(txn)
+    return found
 
 
 def refund_create(*, key: str, **params) -> dict:

@@ -1165,33 +1165,122 @@ def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
         return payout
 
 
+# Stripe keeps an idempotency key about 24 hours: a payout still pending after
+# that (a long outage, a worker down) would be sent again under a key Stripe no
+# longer knows, and paid again. So every send first looks for what an earlier
+# send made of it (always: a payout run is not latency-critical, and a pending
+# payout's age says nothing of whether its first send reached Stripe).
+# Balance transactions are looked for from this long before the payout was
+# recorded (the clocks of Stripe and ours may differ).
+_PAYOUT_CLOCK_SKEW = timedelta(hours=1)
+
+
+def _payout_transfer_group(payout: MarketPayout) -> str:
+    return f"market-payout-{payout.pk}"
+
+
+def _payout_create_at_stripe(payout: MarketPayout) -> dict:
+    """The Stripe call that pays a recorded payout: a transfer in a group of its own, or a
+    balance credit, both with the payout's id in their metadata (what `_payout_made_at_stripe`
+    finds them by)."""
+    key = f"market-payout:{payout.pk}"
+    metadata = {"market_payout": str(payout.pk), "organization_id": str(payout.seller_id)}
+    if payout.method == PayoutMethod.TRANSFER:
+        return stripe_client.transfer_create(
+            key=key,
+            amount=payout.amount,
+            currency=payout.currency,
+            destination=payout.destination,
+            transfer_group=_payout_transfer_group(payout),
+            metadata=metadata,
+        )
+    return stripe_client.customer_balance_credit(
+        key=key,
+        customer=payout.destination,
+        amount=-payout.amount,
+        currency=payout.currency,
+        description=f"Marketplace proceeds (payout {payout.pk})",
+        metadata=metadata,
+    )
+
+
+class _PayoutUnsure(Exception):
+    """Sending the payout could pay it twice: Stripe holds an object made for it that does
+    not pay what it says, or would not say what it holds."""
+
+
+def _payout_made_at_stripe(payout: MarketPayout) -> dict | None:
+    """The transfer or balance credit an earlier send of this payout made, or None.
+
+    Raises `_PayoutUnsure` when what Stripe holds for the payout is not
+    what it pays (another amount, currency or destination): never resent,
+    finance must look.
+    """
+    if payout.method == PayoutMethod.TRANSFER:
+        found = stripe_client.transfers_list(
+            transfer_group=_payout_transfer_group(payout), destination=payout.destination
+        )
+        expected = {
+            "amount": payout.amount,
+            "currency": payout.currency,
+            "destination": payout.destination,
+        }
+    else:
+        found = stripe_client.customer_balance_transactions_since(
+            payout.destination,
+            created_gte=int((payout.created_at - _PAYOUT_CLOCK_SKEW).timestamp()),
+        )
+        expected = {
+            "amount": -payout.amount,
+            "currency": payout.currency,
+            "customer": payout.destination,
+        }
+    mine = [
+        obj
+        for obj in found
+        if str((obj.get("metadata") or {}).get("market_payout") or "") == str(payout.pk)
+    ]
+    if not mine:
+        return None
+    made = mine[-1]  # the oldest: Stripe lists newest first
+    got = {field: made.get(field) for field in expected}
+    if len(mine) > 1 or got != expected:
+        raise _PayoutUnsure(
+            f"Stripe holds {', '.join(str(obj.get('id')) for obj in mine)} for payout "
+            f"{payout.pk} ({got}); it pays {expected}"
+        )
+    return made
+
+
 def payout_send(*, payout_id: int) -> str:
-    """Call Stripe for a recorded payout; its key makes a resend pay once."""
+    """Call Stripe for a recorded payout, once, however long it has been pending.
+
+    Its key makes a resend within Stripe's 24 hours pay once; past them, only
+    looking first does: a transfer or credit found for the payout is recorded
+    instead of making another.
+    """
     payout = MarketPayout.objects.get(pk=payout_id)
     if payout.status != PayoutStatus.PENDING:
         return payout.status
-    key = f"market-payout:{payout.pk}"
-    metadata = {"market_payout": str(payout.pk), "organization_id": str(payout.seller_id)}
     try:
-        if payout.method == PayoutMethod.TRANSFER:
-            result = stripe_client.transfer_create(
-                key=key,
-                amount=payout.amount,
-                currency=payout.currency,
-                destination=payout.destination,
-                transfer_group=f"market-payout-{payout.pk}",
-                metadata=metadata,
-            )
-        else:
-            result = stripe_client.customer_balance_credit(
-                key=key,
-                customer=payout.destination,
-                amount=-payout.amount,
-                currency=payout.currency,
-                description=f"Marketplace proceeds (payout {payout.pk})",
-                metadata=metadata,
-            )
+        try:
+            result = _payout_made_at_stripe(payout)
+        except stripe_client.StripeRequestRefused as exc:
+            if exc.code != "resource_missing":
+                raise _PayoutUnsure(
+                    f"Stripe refused the look-up of payout {payout.pk}: {exc}"
+                ) from exc
+            # The destination is gone, so nothing reached it: the send below is
+            # refused for the same reason, and the payout fails as it should.
+            result = None
+        if result is None:
+            result = _payout_create_at_stripe(payout)
     except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
+        MarketPayout.objects.filter(pk=payout.pk).update(last_error=str(exc)[:500])
+        return PayoutStatus.PENDING
+    except _PayoutUnsure as exc:
+        # Left pending, never sent again: resending could pay twice.
+        logger.error("market payout %s: not sent: %s", payout.pk, exc)
         MarketPayout.objects.filter(pk=payout.pk).update(last_error=str(exc)[:500])
         return PayoutStatus.PENDING
     except stripe_client.StripeRequestRefused as exc:

@@ -254,7 +254,10 @@ class MarketPayout(models.Model):
     """One payment of a seller's available proceeds, recorded before Stripe is called.
 
     The Stripe call's idempotency key is derived from this row, so a crash or
-    an outage between the two resends the same request: paid once.
+    an outage between the two resends the same request: paid once. Stripe
+    forgets a key after about 24 hours, so every send first looks for the
+    transfer (its `transfer_group` is market-payout-<id>) or balance credit
+    (metadata `market_payout`) an earlier send made, and records that one.
     """
 
     seller = models.ForeignKey(

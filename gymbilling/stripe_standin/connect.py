@@ -9,6 +9,7 @@ the destination's existence. Customer balance transactions change
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -210,15 +211,44 @@ def _transfer_get(*, id: str, **_ignored: Any) -> Transfer:
     return stored("transfer", id)
 
 
+_CREATED_BOUNDS = {
+    "gt": lambda at, bound: at > bound,
+    "gte": lambda at, bound: at >= bound,
+    "lt": lambda at, bound: at < bound,
+    "lte": lambda at, bound: at <= bound,
+}
+
+
+def _created_within(created: Any) -> Callable[[Any], bool]:
+    """Stripe's `created` filter of a list: a Unix time, or a hash of gt/gte/lt/lte."""
+    if created in (None, ""):
+        return lambda obj: True
+    if not isinstance(created, dict):
+        at = to_int(created, "created")
+        return lambda obj: obj.created == at
+    bounds = []
+    for name, value in created.items():
+        if name not in _CREATED_BOUNDS:
+            raise stripe_error(
+                400, f"Received unknown parameter: created[{name}]", param=f"created[{name}]"
+            )
+        bounds.append((_CREATED_BOUNDS[name], to_int(value, f"created[{name}]")))
+    return lambda obj: all(test(obj.created, bound) for test, bound in bounds)
+
+
 def _transfer_list(
     *,
+    created: Any = None,
     destination: str | None = None,
     transfer_group: str | None = None,
     limit: Any = None,
     starting_after: Any = None,
     **_ignored: Any,
 ):
-    transfers = newest_first(objects_of("transfer"))
+    """Stripe's filters of `GET /v1/transfers`: `created`, `destination`, `transfer_group`
+    (exact matches; not metadata), newest first."""
+    within = _created_within(created)
+    transfers = [t for t in newest_first(objects_of("transfer")) if within(t)]
     if destination:
         transfers = [t for t in transfers if t.destination == destination]
     if transfer_group:

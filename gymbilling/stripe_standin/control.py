@@ -2,6 +2,8 @@
 
     GET    /_config/health                        {"ok": true}
     DELETE /_config/data                          forget everything (store, events, idempotency keys)
+    POST   /_config/idempotency_keys/expire       forget the idempotency keys only, as Stripe does
+                                                  after 24 h: a request sent again runs again
     POST   /_config/webhooks/<id>                 {"url", "secret", "events"?: [...]} add/replace a target
     POST   /_config/webhooks/hold                 queue events without sending them
     POST   /_config/webhooks/release              send what was held, in order
@@ -42,6 +44,11 @@ async def health(request: web.Request) -> web.Response:
 async def data_forget(request: web.Request) -> web.Response:
     store.clear()
     webhooks.forget_events()
+    idempotency.forget()
+    return json_response({"ok": True})
+
+
+async def idempotency_keys_expire(request: web.Request) -> web.Response:
     idempotency.forget()
     return json_response({"ok": True})
 
@@ -108,6 +115,7 @@ async def dispute_end(request: web.Request) -> web.Response:
 routes = [
     ("GET", "/_config/health", health),
     ("DELETE", "/_config/data", data_forget),
+    ("POST", "/_config/idempotency_keys/expire", idempotency_keys_expire),
     # hold/release before `{id}`: aiohttp matches routes in the order they are added.
     ("POST", "/_config/webhooks/hold", webhooks_hold),
     ("POST", "/_config/webhooks/release", webhooks_release),

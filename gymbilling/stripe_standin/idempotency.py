@@ -1,4 +1,8 @@
-"""Idempotency-Key replay for `POST /v1/...`, as Stripe does (in memory, not 24 h).
+"""Idempotency-Key replay for `POST /v1/...`, as Stripe does (in memory, until told).
+
+Stripe keeps a key about 24 hours; here a key is kept until a test expires
+them all (`POST /_config/idempotency_keys/expire`), as a day's wait would: a
+request sent again after that runs again, as it would at Stripe.
 
 The same key on the same path returns the first response byte for byte, with
 `Idempotent-Replayed: true`. The same key with different parameters is refused
@@ -28,6 +32,7 @@ _saved: dict[tuple[str, str, str], Saved] = {}
 
 
 def forget() -> None:
+    """Every saved key gone: what 24 hours do at Stripe (and a data reset here)."""
     _saved.clear()
 
 

@@ -157,6 +157,10 @@ class StripeStandIn:
     def reset(self) -> None:
         self.config("DELETE", "/_config/data")
 
+    def expire_idempotency_keys(self) -> None:
+        """Forget every idempotency key, as Stripe does after about 24 hours."""
+        self.config("POST", "/_config/idempotency_keys/expire")
+
     def advance(self, subscription_id: str) -> dict[str, Any]:
         """End the subscription's current period (renew, or cancel at period end)."""
         return self.config("POST", f"/_config/subscriptions/{subscription_id}/advance")

@@ -346,6 +346,46 @@ def test_transfer_with_the_same_idempotency_key_is_created_once(stripe_client, w
     )
 
 
+def test_an_idempotency_key_expired_as_after_24_hours_runs_the_request_again(
+    stripe_client, stripe_standin
+):
+    # given a transfer sent with an idempotency key, in a group of its own
+    account = stripe_client.v1.accounts.create(params={"type": "express"})
+    group = _unique("group")
+    params = {"amount": 700, "currency": "usd", "destination": account.id, "transfer_group": group}
+    key = _unique("payout")
+    first = stripe_client.v1.transfers.create(params=params, options={"idempotency_key": key})
+    other = stripe_client.v1.transfers.create(
+        params=params | {"transfer_group": _unique("group")},
+        options={"idempotency_key": _unique("k")},
+    )
+
+    # when Stripe has forgotten the key (a day later) and the same request comes again
+    stripe_standin.expire_idempotency_keys()
+    again = stripe_client.v1.transfers.create(params=params, options={"idempotency_key": key})
+
+    # then it is a second transfer, as at Stripe; listing by transfer_group finds exactly
+    # that group's transfers (newest first), and by destination all of the account's
+    assert again.id != first.id
+    by_group = stripe_client.v1.transfers.list(params={"transfer_group": group}).data
+    assert [t.id for t in by_group] == [again.id, first.id]
+    both = stripe_client.v1.transfers.list(
+        params={"transfer_group": group, "destination": account.id}
+    ).data
+    assert [t.id for t in both] == [again.id, first.id]
+    by_account = stripe_client.v1.transfers.list(params={"destination": account.id}).data
+    assert {t.id for t in by_account} == {first.id, again.id, other.id}
+    # and by created, a hash of bounds as Stripe takes it
+    later = stripe_client.v1.transfers.list(
+        params={"destination": account.id, "created": {"gt": again.created}}
+    ).data
+    assert later == []
+    since = stripe_client.v1.transfers.list(
+        params={"transfer_group": group, "created": {"gte": first.created, "lte": again.created}}
+    ).data
+    assert [t.id for t in since] == [again.id, first.id]
+
+
 def _one_time_payment(client, standin):
     product = client.v1.products.create(params={"name": "Credit pack"})
     price = client.v1.prices.create(
