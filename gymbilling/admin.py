@@ -343,6 +343,34 @@ class MarketListingAdmin(ReadOnlyAdmin):
     search_fields = ["seller__slug"]
 
 
+class ShortfallRefundFilter(admin.SimpleListFilter):
+    """Orders paid for and not all delivered, by where their refund of the difference is."""
+
+    title = "shortfall refund"
+    parameter_name = "shortfall_refund"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("refused", "Refused by Stripe (finance)"),
+            ("waiting", "Waiting to be sent"),
+            ("refunded", "Refunded"),
+        ]
+
+    def queryset(self, request, queryset):
+        owed = queryset.filter(shortfall_amount__gt=0)
+        if self.value() == "refused":
+            return owed.filter(
+                shortfall_refunded_at__isnull=True, shortfall_refund_refused_at__isnull=False
+            )
+        if self.value() == "waiting":
+            return owed.filter(
+                shortfall_refunded_at__isnull=True, shortfall_refund_refused_at__isnull=True
+            )
+        if self.value() == "refunded":
+            return owed.filter(shortfall_refunded_at__isnull=False)
+        return queryset
+
+
 @admin.register(MarketOrder)
 class MarketOrderAdmin(ReadOnlyAdmin):
     list_display = [
@@ -353,10 +381,49 @@ class MarketOrderAdmin(ReadOnlyAdmin):
         "currency",
         "status",
         "shortfall_amount",
+        "shortfall_refunded_at",
+        "shortfall_refund_error",
         "created_at",
     ]
-    list_filter = ["status", "currency"]
+    list_filter = ["status", "currency", ShortfallRefundFilter]
     search_fields = ["buyer__slug", "stripe_payment_intent_id"]
+    actions = ["retry_shortfall_refund"]
+
+    def has_retry_permission(self, request) -> bool:
+        """Sending money back to a buyer: the change permission, though the order stays
+        read-only here (its services change it)."""
+        return request.user.has_perm("gymbilling.change_marketorder")
+
+    @admin.action(
+        description="Retry the shortfall refund Stripe refused (once its cause is fixed)",
+        permissions=["retry"],
+    )
+    def retry_shortfall_refund(self, request, queryset):
+        from gymbilling.market.services import order_shortfall_refund_retry
+
+        refused = queryset.filter(
+            shortfall_refunded_at__isnull=True, shortfall_refund_refused_at__isnull=False
+        )
+        results = {}
+        for order_id in refused.order_by("pk").values_list("pk", flat=True):
+            order_shortfall_refund_retry(order_id=order_id)
+            order = MarketOrder.objects.get(pk=order_id)
+            results[order_id] = (
+                "refunded"
+                if order.shortfall_refunded_at
+                else order.shortfall_refund_error
+                if order.shortfall_refund_refused_at
+                else "waiting for Stripe"
+            )
+        if not results:
+            self.message_user(request, "No refused shortfall refund selected.", messages.WARNING)
+            return
+        level = (
+            messages.SUCCESS
+            if all(result == "refunded" for result in results.values())
+            else messages.WARNING
+        )
+        self.message_user(request, ", ".join(f"order {k}: {v}" for k, v in results.items()), level)
 
 
 @admin.register(MarketFill)

@@ -948,12 +948,32 @@ def _book_sale(*, fill: MarketFill, gross: int, fee: int, system: dict[str, Mone
         )
 
 
+def stripe_refusal_is_final(exc: stripe_client.StripeRequestRefused) -> bool:
+    """Whether Stripe will refuse the same request again, whenever it is sent.
+
+    A refusal of the request itself (400, 402, 404: `charge_already_refunded`,
+    `amount_too_large`, a currency or destination Stripe will not take) is
+    final until someone changes something: sending it again every run only
+    hides it. 401 and 403 are our credentials or the account's permissions,
+    not the request: fixed once for every request, so they are retried.
+    """
+    return exc.status not in (401, 403)
+
+
 def order_shortfall_refund(*, order_id: int) -> bool:
-    """Refund what an order paid for and did not get; retried by `orders_expire` until done."""
+    """Refund what an order paid for and did not get; retried by `orders_expire` until done.
+
+    Stripe unreachable: retried. Stripe refusing it for good (the charge
+    already refunded by hand, less left to refund than asked): recorded on
+    the order (`shortfall_refund_refused_at`, `_error`) and logged, for
+    finance, and no longer retried; `order_shortfall_refund_retry` (the
+    admin's action) sends it again once the cause is fixed.
+    """
     order = MarketOrder.objects.get(pk=order_id)
     if (
         not order.shortfall_amount
         or order.shortfall_refunded_at
+        or order.shortfall_refund_refused_at
         or not order.stripe_payment_intent_id
     ):
         return False
@@ -968,14 +988,38 @@ def order_shortfall_refund(*, order_id: int) -> bool:
         logger.warning("market order %s: shortfall refund later: %s", order.pk, exc)
         return False
     except stripe_client.StripeRequestRefused as exc:
-        # Stripe said no (already refunded by hand, a dispute open...): finance
-        # must look; the sweep keeps trying and logging meanwhile.
-        logger.error("market order %s: shortfall refund refused: %s", order.pk, exc)
+        final = stripe_refusal_is_final(exc)
+        logger.error(
+            "market order %s: shortfall refund of %s %s refused by Stripe (%s, request %s)%s: %s",
+            order.pk,
+            order.shortfall_amount,
+            order.currency,
+            exc.code or exc.status,
+            exc.request_id,
+            "; not retried until finance does" if final else "; retried next run",
+            exc,
+        )
+        if final:
+            MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
+                shortfall_refund_refused_at=timezone.now(),
+                shortfall_refund_error=f"{exc.code or exc.status}: {exc}"[:500],
+            )
         return False
     MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
-        shortfall_refunded_at=timezone.now()
+        shortfall_refunded_at=timezone.now(), shortfall_refund_error=""
     )
     return True
+
+
+def order_shortfall_refund_retry(*, order_id: int) -> bool:
+    """Finance fixed what made Stripe refuse an order's shortfall refund: send it again now.
+
+    True when Stripe took it; refused again, it is recorded again.
+    """
+    MarketOrder.objects.filter(
+        pk=order_id, shortfall_refunded_at__isnull=True, shortfall_refund_refused_at__isnull=False
+    ).update(shortfall_refund_refused_at=None)
+    return order_shortfall_refund(order_id=order_id)
 
 
 def market_checkout_handle(checkout: CheckoutSession, session: dict) -> None:
@@ -1003,7 +1047,8 @@ def orders_expire(*, now: datetime | None = None) -> int:
     Stripe unreachable: the order stays reserved and the next run tries
     again (releasing first could sell credits a buyer is paying for this
     second). A session that turns out to be paid is delivered instead.
-    Also retries shortfall refunds Stripe did not take.
+    Also retries shortfall refunds Stripe could not be asked for (not those
+    it refused for good: finance's, see order_shortfall_refund).
     """
     now = now or timezone.now()
     due = MarketOrder.objects.filter(status=OrderStatus.PENDING, expires_at__lte=now)
@@ -1016,7 +1061,9 @@ def orders_expire(*, now: datetime | None = None) -> int:
         what="the expiry of market order",
     )
     for pk in MarketOrder.objects.filter(
-        shortfall_amount__gt=0, shortfall_refunded_at__isnull=True
+        shortfall_amount__gt=0,
+        shortfall_refunded_at__isnull=True,
+        shortfall_refund_refused_at__isnull=True,  # finance's, until they retry it
     ).values_list("pk", flat=True)[:100]:
         order_shortfall_refund(order_id=pk)
     return released

@@ -1,0 +1,136 @@
+"""The refund of what a paid order could not deliver (its shortfall), when Stripe will not
+take it: retried while Stripe is unreachable, left to finance once Stripe refuses it.
+
+Stripe is the stand-in over HTTP; "finance refunded it in the dashboard" is a
+refund made at the stand-in under a key of the test's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from gymbilling import stripe_client
+from gymbilling.market.services import listing_create, order_create, order_pay, orders_expire
+from gymbilling.models import MarketOrder
+from tests.factories import OrganizationFactory
+from tests.gymbilling.market.conftest import subscription_credits
+from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
+from tests.helpers import credits
+
+CHANGELIST = "/admin/gymbilling/marketorder/"
+
+
+@pytest.fixture
+def unrefunded_shortfall(market_stripe, buyer, django_capture_on_commit_callbacks):
+    """An order of 30 paid after its reserved credits expired (nothing delivered, 30 owed
+    back) whose shortfall refund could not reach Stripe; returns (order, payment intent)."""
+    short = OrganizationFactory()
+    subscription_credits(short, credits(100), days=2)
+    listing_create(seller=short, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
+    intent = market_stripe.pay(order.checkout.stripe_session_id)["payment_intent"]
+    market_stripe.down = True
+    with django_capture_on_commit_callbacks(execute=True):
+        order_pay(
+            order_id=order.pk, payment_intent_id=intent, now=timezone.now() + timedelta(days=3)
+        )
+    market_stripe.down = False
+    order.refresh_from_db()
+    assert (order.shortfall_amount, order.shortfall_refunded_at) == (30, None)
+    assert market_stripe.refunded(intent) == 0
+    return order, intent
+
+
+def _refused_logs(caplog, order: MarketOrder) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and f"market order {order.pk}: shortfall refund" in r.message
+    ]
+
+
+def test_a_shortfall_refund_stripe_refuses_is_left_to_finance_not_retried_every_minute(
+    market_stripe, unrefunded_shortfall, caplog
+):
+    # given: finance refunded the whole charge in Stripe's dashboard meanwhile
+    order, intent = unrefunded_shortfall
+    stripe_client.refund_create(key=f"dashboard:{order.pk}", payment_intent=intent)
+    assert market_stripe.refunded(intent) == 30
+
+    # when: the sweep tries the shortfall refund, and runs again a minute later
+    caplog.set_level(logging.ERROR, logger="gymbilling.market.services")
+    orders_expire()
+    order.refresh_from_db()
+    refused_at = order.shortfall_refund_refused_at
+    orders_expire(now=timezone.now() + timedelta(minutes=1))
+
+    # then: Stripe's refusal is recorded on the order for finance, logged once with the
+    # order's id, and not sent again; nothing more was refunded
+    order.refresh_from_db()
+    assert refused_at is not None and order.shortfall_refund_refused_at == refused_at
+    assert order.shortfall_refunded_at is None
+    assert order.shortfall_refund_error.startswith("charge_already_refunded:")
+    [logged] = _refused_logs(caplog, order)
+    assert "charge_already_refunded" in logged
+    assert market_stripe.refunded(intent) == 30
+    # and finance finds it in the admin's list of refused shortfall refunds
+    assert list(
+        MarketOrder.objects.filter(
+            shortfall_refund_refused_at__isnull=False, shortfall_refunded_at__isnull=True
+        )
+    ) == [order]
+
+
+def test_a_shortfall_refund_stripe_cannot_be_reached_for_is_retried_until_taken(
+    market_stripe, unrefunded_shortfall
+):
+    order, intent = unrefunded_shortfall
+    # when: Stripe is still down at the next run, then back
+    market_stripe.down = True
+    orders_expire()
+    order.refresh_from_db()
+    assert (order.shortfall_refunded_at, order.shortfall_refund_refused_at) == (None, None)
+    market_stripe.down = False
+    orders_expire()
+
+    # then: refunded once it could be
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    assert order.shortfall_refund_refused_at is None
+    assert market_stripe.refunded(intent) == 30
+
+
+def test_finance_retries_a_refused_shortfall_refund_from_the_admin(
+    market_stripe, unrefunded_shortfall, admin_client
+):
+    # given: a shortfall refund Stripe refused (more than is left to refund: finance
+    # refunded 20 of the 30 by hand), no longer retried by the sweep
+    order, intent = unrefunded_shortfall
+    stripe_client.refund_create(key=f"dashboard:{order.pk}", payment_intent=intent, amount=20)
+    orders_expire()
+    order.refresh_from_db()
+    assert order.shortfall_refund_error.startswith("amount_too_large:")
+    listed = admin_client.get(CHANGELIST, {"shortfall_refund": "refused"})
+    assert [o.pk for o in listed.context["cl"].result_list] == [order.pk]
+    # staff who may only view orders are not offered the retry
+    assert "retry_shortfall_refund" not in offered_actions(
+        staff_with("view_marketorder"), CHANGELIST
+    )
+
+    # when: finance retries it from the admin as it is
+    response = run_action(admin_client, CHANGELIST, "retry_shortfall_refund", order.pk)
+
+    # then: it was sent again and Stripe refused it again: recorded anew, still in the
+    # admin's list, and nothing refunded beyond the 20
+    assert response.status_code == 302
+    again = MarketOrder.objects.get(pk=order.pk)
+    assert again.shortfall_refund_refused_at > order.shortfall_refund_refused_at
+    assert again.shortfall_refunded_at is None
+    assert again.shortfall_refund_error.startswith("amount_too_large:")
+    listed = admin_client.get(CHANGELIST, {"shortfall_refund": "refused"})
+    assert [o.pk for o in listed.context["cl"].result_list] == [order.pk]
+    assert market_stripe.refunded(intent) == 20
