@@ -324,6 +324,7 @@ from gymbilling.models import (  # noqa: E402
     MoneyAccount,
     MoneyEntry,
     MoneyTransaction,
+    PayoutStatus,
 )
 
 
@@ -443,6 +444,24 @@ class MarketFillAdmin(ReadOnlyAdmin):
     list_filter = ["status", "proceeds"]
 
 
+class PayoutHoldingFilter(admin.SimpleListFilter):
+    """Refused payouts that hold their seller's payouts (in that currency, to that
+    destination) until finance retries them."""
+
+    title = "holding the seller's payouts"
+    parameter_name = "holding"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Yes: refused, waiting for finance"), ("retried", "Retried by finance")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(status=PayoutStatus.FAILED, retry_allowed_at__isnull=True)
+        if self.value() == "retried":
+            return queryset.filter(status=PayoutStatus.FAILED, retry_allowed_at__isnull=False)
+        return queryset
+
+
 @admin.register(MarketPayout)
 class MarketPayoutAdmin(ReadOnlyAdmin):
     list_display = [
@@ -451,11 +470,40 @@ class MarketPayoutAdmin(ReadOnlyAdmin):
         "amount",
         "currency",
         "method",
+        "destination",
         "status",
         "stripe_object_id",
+        "last_error",
+        "retry_allowed_at",
         "created_at",
     ]
-    list_filter = ["status", "method"]
+    list_filter = ["status", "method", PayoutHoldingFilter]
+    search_fields = ["seller__slug", "destination", "stripe_object_id"]
+    actions = ["retry_payouts"]
+
+    def has_retry_permission(self, request) -> bool:
+        """Paying a seller: the change permission, though payouts stay read-only here."""
+        return request.user.has_perm("gymbilling.change_marketpayout")
+
+    @admin.action(
+        description="Retry: the cause is fixed, pay the seller's available proceeds now",
+        permissions=["retry"],
+    )
+    def retry_payouts(self, request, queryset):
+        from gymbilling.market.services import payouts_retry
+
+        results = payouts_retry(payout_ids=list(queryset.values_list("pk", flat=True)))
+        if not results:
+            self.message_user(
+                request, "No refused payout waiting for finance selected.", messages.WARNING
+            )
+            return
+        level = (
+            messages.SUCCESS
+            if all(r == PayoutStatus.SENT for r in results.values())
+            else messages.WARNING
+        )
+        self.message_user(request, ", ".join(f"payout {k}: {v}" for k, v in results.items()), level)
 
 
 @admin.register(MarketReversal)

@@ -1157,6 +1157,29 @@ def _fill_mature(*, fill_id: int, now: datetime) -> bool:
         return True
 
 
+def _payouts_held(*, seller_id: int, currency: str, destination: str) -> MarketPayout | None:
+    """The refused payout that holds the seller's payouts in `currency` to `destination`.
+
+    Stripe refused it for good (its `last_error` says why: a currency the
+    account does not take, an account that cannot receive transfers): every
+    payout there would be refused for the same cause, so none is recorded
+    until finance marks it fixed (`payouts_retry`). Another destination (the
+    seller connected a new account) is another cause: not held.
+    """
+    return _holding(seller_id=seller_id, currency=currency, destination=destination).first()
+
+
+def _holding(*, seller_id: int, currency: str, destination: str):
+    """The refused payouts there that finance has not retried, oldest first."""
+    return MarketPayout.objects.filter(
+        seller_id=seller_id,
+        currency=currency,
+        destination=destination,
+        status=PayoutStatus.FAILED,
+        retry_allowed_at__isnull=True,
+    ).order_by("pk")
+
+
 @retry_on_deadlock
 def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
     """One payout of everything available to the seller in `currency`, in the ledger."""
@@ -1180,6 +1203,8 @@ def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
                 method, destination = PayoutMethod.TRANSFER, customer.stripe_connect_account_id
             else:
                 method, destination = PayoutMethod.INVOICE_CREDIT, customer.stripe_customer_id
+            if _payouts_held(seller_id=seller_id, currency=currency, destination=destination):
+                return None  # the proceeds stay available: finance retries once fixed
             payout = MarketPayout.objects.create(
                 seller=seller,
                 currency=currency,
@@ -1331,7 +1356,22 @@ def payout_send(*, payout_id: int) -> str:
         MarketPayout.objects.filter(pk=payout.pk).update(last_error=str(exc)[:500])
         return PayoutStatus.PENDING
     except stripe_client.StripeRequestRefused as exc:
-        _payout_fail(payout_id=payout.pk, error=str(exc))
+        error = f"{exc.code or exc.status}: {exc}"
+        if not stripe_refusal_is_final(exc):  # our credentials: sent again next run
+            logger.error("market payout %s: Stripe refused our request: %s", payout.pk, error)
+            MarketPayout.objects.filter(pk=payout.pk).update(last_error=error[:500])
+            return PayoutStatus.PENDING
+        logger.error(
+            "market payout %s of %s %s to %s refused by Stripe (request %s); the seller's "
+            "payouts there wait until finance retries it: %s",
+            payout.pk,
+            payout.amount,
+            payout.currency,
+            payout.destination,
+            exc.request_id,
+            error,
+        )
+        _payout_fail(payout_id=payout.pk, error=error)
         return PayoutStatus.FAILED
     MarketPayout.objects.filter(pk=payout.pk, status=PayoutStatus.PENDING).update(
         status=PayoutStatus.SENT,
@@ -1390,7 +1430,8 @@ def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
 
 @retry_on_deadlock
 def _payout_fail(*, payout_id: int, error: str) -> None:
-    """Stripe refused the payout: its proceeds go back to available, for the next run.
+    """Stripe refused the payout: its proceeds go back to available, where they wait
+    until finance retries (`_payouts_held`) or the seller's destination changes.
 
     Not all of them: a refund or dispute that came while the payout was
     pending found its fills paid out and booked their seller share as a loss.
@@ -1470,6 +1511,45 @@ def payouts_run(*, now: datetime | None = None) -> int:
     for pk in MarketPayout.objects.filter(status=PayoutStatus.PENDING).values_list("pk", flat=True):
         sent += payout_send(payout_id=pk) == PayoutStatus.SENT
     return sent
+
+
+def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
+    """Finance fixed what made Stripe refuse these payouts: their sellers are paid again.
+
+    Every refused payout to the same seller, currency and destination stops
+    holding, and what the seller has available there is recorded and sent at
+    once (not for a seller frozen by a refund or dispute: the payout run pays
+    them once finance lifts the freeze). Returns, by refused payout, what
+    became of it: the new payout's status, "frozen", or "nothing available".
+    Refused again, the new payout holds them again.
+    """
+    held = list(
+        MarketPayout.objects.filter(
+            pk__in=payout_ids, status=PayoutStatus.FAILED, retry_allowed_at__isnull=True
+        )
+        .order_by("pk")
+        .values_list("pk", "seller_id", "currency", "destination")
+    )
+    results: dict[int, str] = {}
+    done: dict[tuple[int, str, str], int] = {}
+    for pk, seller_id, currency, destination in held:
+        if (seller_id, currency, destination) in done:  # retried with an earlier one
+            results[pk] = results[done[seller_id, currency, destination]]
+            continue
+        done[seller_id, currency, destination] = pk
+        _holding(seller_id=seller_id, currency=currency, destination=destination).update(
+            retry_allowed_at=timezone.now()
+        )
+        if BillingCustomer.objects.filter(
+            organization_id=seller_id, resale_frozen_at__isnull=False
+        ).exists():
+            results[pk] = "frozen"
+            continue
+        payout = _payout_record(seller_id=seller_id, currency=currency)
+        results[pk] = (
+            payout_send(payout_id=payout.pk) if payout is not None else "nothing available"
+        )
+    return results
 
 
 # --- refunds and disputes ---------------------------------------------------------------

@@ -253,6 +253,7 @@ class PayoutStatus(models.TextChoices):
     PENDING = "pending", "Recorded, not yet sent to Stripe"
     SENT = "sent", "Sent"
     FAILED = "failed", "Refused by Stripe, proceeds returned to available"
+    # (and, until finance retries, the seller's later payouts there held)
 
 
 class MarketPayout(models.Model):
@@ -277,10 +278,24 @@ class MarketPayout(models.Model):
     last_error = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True)
+    # A failed payout holds the seller's payouts in its currency to its
+    # destination (Stripe would refuse them for the same cause: a currency the
+    # account does not take, an account that cannot receive transfers) until
+    # finance marks the cause fixed (the admin's retry, `payouts_retry`). A new
+    # destination (a new Connect account) is not held.
+    retry_allowed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
             models.CheckConstraint(condition=Q(amount__gt=0), name="market_payout_positive"),
+        ]
+        indexes = [
+            # The payout run's look for holds, among all payouts.
+            models.Index(
+                fields=["seller", "currency", "destination"],
+                condition=Q(status="failed", retry_allowed_at__isnull=True),
+                name="market_payout_holding",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -1,9 +1,11 @@
 """Connect for the marketplace: Express accounts, onboarding links, transfers,
 reversals; plus customer balance transactions.
 
-Accounts are created ready (`charges_enabled` and `payouts_enabled` true); the
-onboarding page only links back. Transfers move no balance and check nothing but
-the destination's existence. Customer balance transactions change
+Accounts are created ready (`charges_enabled` and `payouts_enabled` true, the
+`transfers` capability active); the onboarding page only links back; a test
+turns a capability off with `/_config/accounts/<id>/capabilities`. Transfers
+move no balance and check nothing but the destination: it exists, and can
+receive transfers (else Stripe's 400 `insufficient_capabilities_for_transfer`). Customer balance transactions change
 `customer.balance` (negative = credit) but are not applied to invoices.
 """
 
@@ -113,6 +115,17 @@ def _account_update(
     return account
 
 
+def account_capabilities_set(*, id: str, **capabilities: Any) -> Account:
+    """A capability turned on or off ("active" / "inactive"), as Stripe's review does."""
+    account = stored("account", id, param="account")
+    for name, status in capabilities.items():
+        if status not in ("active", "inactive", "pending"):
+            raise stripe_error(400, f"Unknown capability status: {status!r}", param=name)
+        account.capabilities = {**account.capabilities, name: status}
+    emit("account.updated", account)
+    return account
+
+
 def _account_get(*, id: str, **_ignored: Any) -> Account:
     return stored("account", id, param="account")
 
@@ -166,7 +179,14 @@ def transfer_create(
             400, "Missing required param: currency.", code="parameter_missing", param="currency"
         )
     amount_int = to_int(amount, "amount", minimum=1)
-    stored("account", destination, param="destination")
+    account = stored("account", destination, param="destination")
+    if account.capabilities.get("transfers") != "active":
+        raise stripe_error(
+            400,
+            f"Your destination account ({account.id}) needs to have the transfers capability enabled.",
+            code="insufficient_capabilities_for_transfer",
+            param="destination",
+        )
     transfer = Transfer(
         amount=amount_int,
         amount_reversed=0,

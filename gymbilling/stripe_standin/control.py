@@ -10,6 +10,8 @@
     GET    /_config/events[?type=...]             {"data": [{"id", "type", "object", "object_id",
                                                     "created", "deliveries": {<webhook id>: "pending|delivered|failed|canceled"}}]}
     POST   /_config/subscriptions/<id>/advance    end the current period → the subscription
+    POST   /_config/accounts/<id>/capabilities    {"transfers": "active"|"inactive"} → the account
+                                                  (inactive: transfers to it are refused)
     POST   /_config/customers/<id>/card           {"card": "4242424242424242"} new default card → the payment method
     POST   /_config/charges/<id>/dispute          {"amount"?, "reason"?, "status"?} → the dispute
                                                   (status "warning_needs_response": an inquiry)
@@ -28,6 +30,7 @@ from localstripe.resources import Customer, store
 
 from gymbilling.stripe_standin import idempotency, webhooks
 from gymbilling.stripe_standin.common import json_response, read_params, stripe_error
+from gymbilling.stripe_standin.connect import account_capabilities_set
 from gymbilling.stripe_standin.payments import (
     card_create,
     customer_card_replace,
@@ -84,6 +87,12 @@ async def subscription_advance_handler(request: web.Request) -> web.Response:
     return json_response(subscription_advance(request.match_info["id"])._export())
 
 
+async def account_capabilities(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    account_id = params.pop("id")
+    return json_response(account_capabilities_set(id=account_id, **params)._export())
+
+
 async def customer_card(request: web.Request) -> web.Response:
     params = await read_params(request)
     customer = Customer._api_retrieve(request.match_info["id"])
@@ -122,6 +131,7 @@ routes = [
     ("POST", "/_config/webhooks/{id}", webhook_register),
     ("GET", "/_config/events", events_list),
     ("POST", "/_config/subscriptions/{id}/advance", subscription_advance_handler),
+    ("POST", "/_config/accounts/{id}/capabilities", account_capabilities),
     ("POST", "/_config/customers/{id}/card", customer_card),
     ("POST", "/_config/charges/{id}/dispute", charge_dispute),
     ("POST", "/_config/disputes/{id}/close", dispute_end),

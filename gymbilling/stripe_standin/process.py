@@ -165,6 +165,10 @@ class StripeStandIn:
         """End the subscription's current period (renew, or cancel at period end)."""
         return self.config("POST", f"/_config/subscriptions/{subscription_id}/advance")
 
+    def set_capabilities(self, account_id: str, **capabilities: str) -> dict[str, Any]:
+        """Turn a Connect account's capabilities on or off: `transfers="inactive"`."""
+        return self.config("POST", f"/_config/accounts/{account_id}/capabilities", capabilities)
+
     def set_card(self, customer_id: str, card: str) -> dict[str, Any]:
         """Replace the customer's default payment method with a test card number."""
         return self.config("POST", f"/_config/customers/{customer_id}/card", {"card": card})

@@ -11,9 +11,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from gymbilling.market.services import _payout_create_at_stripe, payouts_run
+from gymbilling.market.services import _payout_create_at_stripe, payouts_retry, payouts_run
 from gymbilling.models import MarketPayout, PayoutMethod, PayoutStatus
 from tests.gymbilling.market.conftest import money, sold
+from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
 
 LATER = timedelta(days=8)
 
@@ -76,3 +77,89 @@ def test_a_pending_payout_never_sent_is_sent_after_the_look_up(market_stripe, se
     [transfer] = market_stripe.transfers(account)
     assert (transfer["amount"], transfer["transfer_group"]) == (112, f"market-payout-{payout.pk}")
     assert MarketPayout.objects.get().stripe_object_id == transfer["id"]
+
+
+# --- payouts Stripe refuses ---------------------------------------------------------------------
+
+CHANGELIST = "/admin/gymbilling/marketpayout/"
+
+
+def test_a_payout_stripe_refuses_holds_the_seller_s_payouts_until_finance_retries_it(
+    market_stripe, seller, buyer, admin_client
+):
+    # given: a seller whose Connect account cannot receive transfers (Stripe turned its
+    # transfers capability off), with a sale's 112 available
+    account = market_stripe.connect_account(seller)
+    market_stripe.standin.set_capabilities(account, transfers="inactive")
+    sold(market_stripe, seller, buyer)
+
+    # when: the payout run sends it, and runs again, after another sale's 112 matured
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    sold(market_stripe, seller, buyer)
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+    # then: refused once, and not recorded nor sent again: the proceeds wait, available
+    [refused] = MarketPayout.objects.all()
+    assert refused.status == PayoutStatus.FAILED and refused.retry_allowed_at is None
+    assert refused.last_error.startswith("insufficient_capabilities_for_transfer:")
+    assert money("seller_available", organization=seller) == 224
+    assert money("payouts") == 0
+    assert market_stripe.transfers(account) == []
+    # and finance finds it among the refused payouts holding a seller's payouts
+    listed = admin_client.get(CHANGELIST, {"holding": "yes"})
+    assert [p.pk for p in listed.context["cl"].result_list] == [refused.pk]
+
+    # when: the account can receive transfers again; the payout run alone still waits
+    market_stripe.standin.set_capabilities(account, transfers="active")
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    # and finance retries it from the admin
+    response = run_action(admin_client, CHANGELIST, "retry_payouts", refused.pk)
+
+    # then: the seller is paid all that is available, once, at once
+    assert response.status_code == 302
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [224]
+    paid = MarketPayout.objects.exclude(pk=refused.pk).get()
+    assert (paid.amount, paid.status) == (224, PayoutStatus.SENT)
+    assert money("seller_available", organization=seller) == 0
+    assert money("payouts") == 224
+    assert not admin_client.get(CHANGELIST, {"holding": "yes"}).context["cl"].result_list
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+
+def test_a_payout_refused_again_after_a_retry_holds_again(market_stripe, seller, buyer):
+    # given: a refused payout (an account that cannot receive transfers), retried by
+    # finance before the account was fixed
+    account = market_stripe.connect_account(seller)
+    market_stripe.standin.set_capabilities(account, transfers="inactive")
+    sold(market_stripe, seller, buyer)
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    first = MarketPayout.objects.get()
+
+    # when
+    results = payouts_retry(payout_ids=[first.pk])
+
+    # then: sent again and refused again: that one holds now, the proceeds still available
+    second = MarketPayout.objects.exclude(pk=first.pk).get()
+    assert results == {first.pk: PayoutStatus.FAILED}
+    assert second.status == PayoutStatus.FAILED and second.retry_allowed_at is None
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert MarketPayout.objects.count() == 2
+    assert money("seller_available", organization=seller) == 112
+
+
+def test_staff_who_may_only_view_payouts_cannot_retry_them(market_stripe, seller, buyer):
+    account = market_stripe.connect_account(seller)
+    market_stripe.standin.set_capabilities(account, transfers="inactive")
+    sold(market_stripe, seller, buyer)
+    payouts_run(now=timezone.now() + LATER)
+    refused = MarketPayout.objects.get()
+    viewer = staff_with("view_marketpayout")
+
+    # when they post the retry
+    run_action(viewer, CHANGELIST, "retry_payouts", refused.pk)
+
+    # then nothing was sent; the action is not offered to them
+    assert "retry_payouts" not in offered_actions(viewer, CHANGELIST)
+    assert MarketPayout.objects.count() == 1
+    assert market_stripe.transfers(account) == []

@@ -386,6 +386,28 @@ def test_an_idempotency_key_expired_as_after_24_hours_runs_the_request_again(
     assert [t.id for t in since] == [again.id, first.id]
 
 
+def test_a_transfer_to_an_account_that_cannot_receive_transfers_is_refused(
+    stripe_client, stripe_standin
+):
+    # given an account whose transfers capability Stripe turned off
+    account = stripe_client.v1.accounts.create(params={"type": "express"})
+    stripe_standin.set_capabilities(account.id, transfers="inactive")
+    params = {"amount": 700, "currency": "usd", "destination": account.id}
+
+    # when a transfer is sent to it
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        stripe_client.v1.transfers.create(params=params)
+
+    # then Stripe's 400, and no transfer; turned on again, the transfer is made
+    assert (refused.value.http_status, refused.value.code) == (
+        400,
+        "insufficient_capabilities_for_transfer",
+    )
+    assert not stripe_client.v1.transfers.list(params={"destination": account.id}).data
+    stripe_standin.set_capabilities(account.id, transfers="active")
+    assert stripe_client.v1.transfers.create(params=params).amount == 700
+
+
 def _one_time_payment(client, standin):
     product = client.v1.products.create(params={"name": "Credit pack"})
     price = client.v1.prices.create(
