@@ -18,6 +18,7 @@ enforced at the period change: subscriptions.period_rollover).
 
 from __future__ import annotations
 
+import calendar
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -87,10 +88,6 @@ def invoice_credits(*, invoice: dict, subscription: Subscription) -> InvoiceCred
             stripe_price_id__in=[p for p in price_ids if p], kind=PriceKind.PLAN
         ).select_related("plan")
     }
-    period_seconds = max(
-        1,
-        int((subscription.current_period_end - subscription.current_period_start).total_seconds()),
-    )
     total = 0
     amount = 0
     expires_at: datetime | None = None
@@ -108,6 +105,7 @@ def invoice_credits(*, invoice: dict, subscription: Subscription) -> InvoiceCred
             (line.get("parent") or {}).get("subscription_item_details") or {}
         ).get("proration"):
             covered = max(0, int((end - start).total_seconds())) if start and end else 0
+            period_seconds = _period_seconds(subscription, ends_at=end)
             share = month_credits * min(covered, period_seconds) // period_seconds
             total += share if int(line.get("amount") or 0) >= 0 else -share
         else:
@@ -118,6 +116,38 @@ def invoice_credits(*, invoice: dict, subscription: Subscription) -> InvoiceCred
                 lot_end = end + (end - start if start else timedelta(days=31))
             expires_at = max(expires_at, lot_end) if expires_at else lot_end
     return InvoiceCredits(credits=total, expires_at=expires_at, amount=max(0, amount))
+
+
+def _month_before(moment: datetime) -> datetime:
+    """The same time a month earlier, on the month's last day when it is shorter (as
+    Stripe steps a monthly period back from its end)."""
+    year, month = (moment.year, moment.month - 1) if moment.month > 1 else (moment.year - 1, 12)
+    return moment.replace(
+        year=year, month=month, day=min(moment.day, calendar.monthrange(year, month)[1])
+    )
+
+
+def _period_seconds(subscription: Subscription, *, ends_at: datetime | None) -> int:
+    """The length of the subscription's period that ends at `ends_at` (a proration line's
+    end), which a proration is a share of.
+
+    Not always the subscription's period now: an upgrade's invoice processed after a
+    renewal (a late webhook) prorated the period before, of another length (28 days to
+    31). That period starts a calendar month before its end, or later where the invoice
+    that bought it says so (a period after the 31st: Jan 31 to Feb 28); not earlier, as
+    that invoice's period also spans proration lines of the period before it, if any.
+    """
+    start = subscription.current_period_start
+    if ends_at is not None and ends_at != subscription.current_period_end:
+        bought_from = Invoice.objects.filter(
+            subscription=subscription,
+            period_end=ends_at,
+            billing_reason__in=("subscription_create", "subscription_cycle"),
+            period_start__lt=ends_at,
+        ).values_list("period_start", flat=True)
+        start = max([_month_before(ends_at), *bought_from])
+    end = ends_at or subscription.current_period_end
+    return max(1, int((end - start).total_seconds()))
 
 
 def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice | None:

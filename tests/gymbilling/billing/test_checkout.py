@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 from django.test import override_settings
@@ -366,3 +368,42 @@ def test_an_upgrade_the_card_declines_is_a_402_and_changes_nothing(
     assert customer.organization.standing == "active"
     assert customer.organization.model_tiers == basic.model_tiers
     assert ledger_rows() == before
+
+
+def test_an_upgrade_processed_after_a_renewal_is_shared_over_its_own_period(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    """The upgrade's credits are the share of the period it was made in, however late its
+    invoice is processed: not of the subscription's period when it is (a shorter one)."""
+    # given: Basic, a second into its first period (so the proration is a part of it)
+    sub = subscribed("basic")
+    first_start, first_end = sub.current_period_start, sub.current_period_end
+    time.sleep(1.1)
+
+    # when: the member upgrades to Pro, and its invoice is processed only after two
+    # renewals, in a period of another length (its webhook late)
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    assert response.json()["kind"] == "subscription_updated", response.content
+    for _ in range(2):
+        stripe_standin.advance(sub.stripe_subscription_id)
+    deliver()
+
+    # then: the grant is the share of the first period the proration covers
+    sub.refresh_from_db()
+    assert sub.current_period_end - sub.current_period_start != first_end - first_start
+    invoices = stripe_sdk.v1.invoices.list(params={"subscription": sub.stripe_subscription_id})
+    update = next(i for i in invoices.data if i.billing_reason == "subscription_update")
+    unused, remaining = update.lines.data
+    assert (unused.period.start, unused.period.end) == (
+        remaining.period.start,
+        remaining.period.end,
+    )
+    assert remaining.period.end == int(first_end.timestamp())
+    period = int((first_end - first_start).total_seconds())
+    covered = remaining.period.end - remaining.period.start
+    assert 0 < covered < period
+    basic, pro = Plan.objects.get(code="basic"), Plan.objects.get(code="pro")
+    granted = sub.invoices.get(stripe_invoice_id=update.id).credits_granted
+    assert granted == pro.monthly_credits * covered // period - (
+        basic.monthly_credits * covered // period
+    )
