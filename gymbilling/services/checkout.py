@@ -19,6 +19,7 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from accounts.models import Organization
 from gymbilling import stripe_client
+from gymbilling.locks import session_lock
 from gymbilling.models import (
     CheckoutKind,
     CheckoutSession,
@@ -197,10 +198,22 @@ def _open_subscription_checkout(*, organization, plan, seats) -> CheckoutResult 
 
 
 def _session_create(*, organization, plan, pack, seats) -> CheckoutResult:
-    if plan is not None:
+    if plan is None:
+        return _session_open(organization=organization, plan=plan, pack=pack, seats=seats)
+    # The one-open-session rule is a read, Stripe calls, then a write: two requests at
+    # once (two tabs, two plans) would both find none open and both open one, each
+    # payable, each a subscription charged monthly. One request of the organization at a
+    # time, in every process: a lock held across the Stripe calls, with no transaction
+    # open (the calls are not rolled back with one). The later request then finds the
+    # earlier's session, as it would one request after the other.
+    with session_lock(f"subscription-checkout:{organization.pk}"):
         reused = _open_subscription_checkout(organization=organization, plan=plan, seats=seats)
         if reused is not None:
             return reused
+        return _session_open(organization=organization, plan=plan, pack=pack, seats=seats)
+
+
+def _session_open(*, organization, plan, pack, seats) -> CheckoutResult:
     customer = billing_customer_ensure(organization=organization)
     success_url, cancel_url = _urls()
     metadata = {"organization_id": str(organization.pk)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import pytest
@@ -407,3 +409,63 @@ def test_an_upgrade_processed_after_a_renewal_is_shared_over_its_own_period(
     assert granted == pro.monthly_credits * covered // period - (
         basic.monthly_credits * covered // period
     )
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("first", "second"), [("pro", "pro"), ("pro", "basic")], ids=["same plan", "two plans"]
+)
+def test_two_subscription_checkouts_at_once_leave_one_open_session(
+    live_server, stripe_standin, catalog, customer, stripe_sdk, monkeypatch, first, second
+):
+    """Two tabs at once get what two tabs one after the other get: one open session."""
+    # given: Stripe answers the session's creation only once both requests reach it,
+    # or after 2 seconds (when one of them waits for the other, as it must)
+    from gymbilling import stripe_client
+
+    both_there = threading.Barrier(2)
+    real_create = stripe_client.checkout_session_create
+
+    def create_when_both_there(**params):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_there.wait(timeout=2)
+        return real_create(**params)
+
+    monkeypatch.setattr(stripe_client, "checkout_session_create", create_when_both_there)
+
+    # when: two subscription checkouts of the organization are asked for at once
+    url = f"{live_server.url}/api/v1/billing/checkout"
+    answers: dict[str, requests.Response] = {}
+
+    def ask(tab: str, plan: str) -> None:
+        answers[tab] = requests.post(
+            url,
+            json={"plan": plan},
+            headers={"Authorization": f"Bearer {customer.key}"},
+            timeout=30,
+        )
+
+    tabs = [
+        threading.Thread(target=ask, args=(tab, plan))
+        for tab, plan in (("first", first), ("second", second))
+    ]
+    for tab in tabs:
+        tab.start()
+    for tab in tabs:
+        tab.join()
+
+    # then: both are answered a checkout, and one session of the organization can be
+    # paid, here and at Stripe (the same plan: both tabs have it; another: the later
+    # choice replaced the earlier)
+    assert [answers[tab].status_code for tab in ("first", "second")] == [200, 200]
+    returned = {answers[tab].json()["session_id"] for tab in ("first", "second")}
+    open_here = CheckoutSession.objects.filter(organization=customer.organization, status="open")
+    assert open_here.count() == 1
+    open_at_stripe = [
+        session
+        for session in CheckoutSession.objects.filter(organization=customer.organization)
+        if stripe_sdk.v1.checkout.sessions.retrieve(session.stripe_session_id).status == "open"
+    ]
+    assert open_at_stripe == [open_here.get()]
+    if first == second:
+        assert returned == {open_here.get().stripe_session_id}
