@@ -109,6 +109,8 @@ def reversals_by_customer(*, start: datetime, end: datetime) -> list[dict]:
 
     payments = (
         PaymentReversal.objects.filter(**in_days)
+        # A refund that failed returned no money and took back no credits in the end.
+        .exclude(kind=PaymentReversal.Kind.REFUND, reinstated_at__isnull=False)
         .values("organization__slug", "currency")
         .annotate(
             refunded=summed("amount", kind=PaymentReversal.Kind.REFUND),

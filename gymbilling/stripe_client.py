@@ -297,6 +297,17 @@ def payment_intent_charge(payment_intent_id: str) -> dict | None:
     return charge or None
 
 
+def refund_retrieve(refund_id: str) -> dict:
+    return _call(_client().v1.refunds.retrieve, refund_id)
+
+
+def refunds_list(*, charge: str) -> list[dict]:
+    """The refunds of a charge, oldest first (the order they were made in), whatever their
+    status: a failed or canceled one is the merchant's money again."""
+    # Stripe lists newest first, in a stable order: reversed, the order they were made in.
+    return list(reversed(_list(_client().v1.refunds.list, charge=charge, limit=100)))
+
+
 def disputes_list(*, payment_intent: str) -> list[dict]:
     """The disputes of a payment (a charge has at most one; a PaymentIntent one per charge)."""
     return _list(_client().v1.disputes.list, payment_intent=payment_intent, limit=100)

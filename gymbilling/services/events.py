@@ -198,10 +198,14 @@ def _dispatch(event: StripeEvent) -> bool:
         return subscription_refresh(subscription_id=object_id) is not None
     if kind.startswith("invoice."):
         return invoice_refresh(invoice_id=object_id)
-    if kind in ("charge.refunded", "charge.refund.updated"):
-        obj = (event.payload.get("data") or {}).get("object") or {}
-        charge_id = object_id if kind == "charge.refunded" else str(obj.get("charge") or "")
-        return charge_refund_refresh(charge_id=charge_id)
+    if kind == "charge.refunded":
+        return charge_refund_refresh(charge_id=object_id)
+    if kind in ("charge.refund.updated", "refund.updated", "refund.failed"):
+        # A refund's own events (one that failed, above all): its charge, as Stripe has it.
+        charge_id = stripe_client.refund_retrieve(object_id).get("charge")
+        if isinstance(charge_id, dict):
+            charge_id = charge_id.get("id")
+        return charge_refund_refresh(charge_id=str(charge_id or "")) if charge_id else False
     if kind.startswith("charge.dispute."):
         return dispute_refresh(dispute_id=object_id)
     return False
@@ -257,21 +261,81 @@ def checkout_session_refresh(*, session_id: str) -> bool:
     return True
 
 
+# A refund that failed or was canceled gave the money back to us.
+REFUND_UNDONE = ("failed", "canceled")
+
+
 def charge_refund_refresh(*, charge_id: str) -> bool:
+    """Apply a charge's refunds as Stripe has them now, whichever event this is.
+
+    Each refund of a payment that bought credits is applied once, in the order they
+    were made, under `refund:<charge>:<all refunded up to it, failed ones too>` (the
+    running total of the refunds made, which only grows: a refund made after one
+    failed never takes the failed one's key); a refund that then failed (`refund.failed`,
+    `charge.refund.updated`) gives back what it took, once, as a won dispute does. A
+    refund that failed before it was applied here takes nothing and gives nothing back.
+
+    One reading of a charge's refunds applied at a time: a refund's own events are not
+    about a customer (stripe_event_process's lock), and a reading taken before a refund
+    failed, applied after the failure was, would take its credits back again.
+    """
+    with session_lock(f"stripe-charge-refunds:{charge_id}"):
+        return _charge_refunds_apply(charge_id=charge_id)
+
+
+def _charge_refunds_apply(*, charge_id: str) -> bool:
     charge = stripe_client.charge_retrieve(charge_id)
     refunded = int(charge.get("amount_refunded") or 0)
-    if refunded <= 0:
-        return False
-    params = {
+    legacy = {
         "kind": "refund",
         "key": f"refund:{charge_id}:{refunded}",
         "charge": charge,
         "amount": refunded,
         "cumulative": True,
     }
-    if any(handler(**params) for handler in _reversal_handlers):
+    # The marketplace's payments keep their single running total (failed refunds of
+    # them are not handled there).
+    if refunded > 0 and any(handler(**legacy) for handler in _reversal_handlers):
         return True
-    return payment_reversal_apply(**params) is not None
+    made = net = 0
+    handled = False
+    for refund in stripe_client.refunds_list(charge=charge_id):
+        made += int(refund.get("amount") or 0)
+        key = f"refund:{charge_id}:{made}"
+        if refund.get("status") in REFUND_UNDONE:
+            if payment_reversal_reinstate(key=key) is not None:
+                handled = True
+            elif _refund_applied_before(charge_id=charge_id, key=key, made=made):
+                # Applied together with a later refund, under one row: what it alone
+                # took is not known here. Finance gives it back (an adjustment).
+                logger.error(
+                    "refund %s of %s failed, but was applied with later refunds: "
+                    "its credits are not given back automatically",
+                    refund.get("id"),
+                    charge_id,
+                )
+            continue
+        net += int(refund.get("amount") or 0)
+        if _refund_applied_before(charge_id=charge_id, key=key, made=made):
+            continue
+        params = {**legacy, "key": key, "amount": net}
+        handled |= payment_reversal_apply(**params) is not None
+    return handled
+
+
+def _refund_applied_before(*, charge_id: str, key: str, made: int) -> bool:
+    """A refund applied here together with later ones, under one later key (one event
+    for both, before refunds were applied one by one): done already."""
+    if PaymentReversal.objects.filter(key=key).exists():
+        return False  # applied on its own: payment_reversal_apply finds it
+    # A row covers the refunds made from its key's total less the money it recorded up
+    # to that total (one refund's own row: just that refund).
+    return any(
+        int(other.rsplit(":", 1)[1]) - amount < made < int(other.rsplit(":", 1)[1])
+        for other, amount in PaymentReversal.objects.filter(
+            stripe_charge_id=charge_id, kind=PaymentReversal.Kind.REFUND
+        ).values_list("key", "amount")
+    )
 
 
 # Disputes whose funds were taken from us. Inquiries (warning_*) move no money.

@@ -167,7 +167,10 @@ def payment_reversal_apply(
                     0,
                     amount
                     - PaymentReversal.objects.filter(
-                        stripe_charge_id=charge["id"], kind=kind
+                        # A refund that failed since returned nothing.
+                        stripe_charge_id=charge["id"],
+                        kind=kind,
+                        reinstated_at__isnull=True,
                     ).aggregate(total=Sum("amount", default=0))["total"],
                 )
             reversal = PaymentReversal.objects.create(
@@ -338,7 +341,8 @@ def _credits_reversed(reversal: PaymentReversal) -> int:
 
 
 def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
-    """Undo a dispute's reversal: Stripe gave the money back (the dispute was won).
+    """Undo a reversal: Stripe gave the money back (the dispute was won, or the refund
+    failed and its money came back to our balance).
 
     The credits it took back return to the lots they were taken from (its
     clawbacks are reversed: same source, paid and resellable flags, expiry);
@@ -381,7 +385,12 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
         carries = rollover_carries_for_clawbacks(clawback_ids)
         given_back = clawbacks_reverse(
             key=key,
-            reason=f"{reversal.kind} of {reversal.stripe_charge_id} won: funds reinstated",
+            reason=f"{reversal.kind} of {reversal.stripe_charge_id} "
+            + (
+                "failed: the money came back"
+                if reversal.kind == PaymentReversal.Kind.REFUND
+                else "won: funds reinstated"
+            ),
             organization=reversal.organization,
         )
         if reversal.credits_pending:

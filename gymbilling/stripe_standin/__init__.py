@@ -15,7 +15,8 @@ adds, in the new API shape that the `stripe` SDK's pinned version reads
   `proration_behavior`, past_due and recovery through `invoices.pay`.
 - Checkout Sessions with a local payment page, the billing portal page,
   billing meters and meter events, Connect accounts and transfers, customer
-  balance transactions, disputes, refund events.
+  balance transactions, disputes, refund events, refunds that fail later (the
+  charge stops counting them).
 - Idempotency-Key replay on every `POST /v1/...`, Stripe-shaped errors.
 - Signed webhooks delivered in creation order, retried with backoff.
 - A test clock of sorts: `POST /_config/subscriptions/<id>/advance` ends the

@@ -17,6 +17,8 @@
                                                   (status "warning_needs_response": an inquiry)
     POST   /_config/disputes/<id>/close           {"status": "won"|"lost"|"warning_closed"} → the dispute
                                                   (won: charge.dispute.funds_reinstated, then .closed)
+    POST   /_config/refunds/<id>/fail             {"reason"?} a refund fails later → the refund
+                                                  (charge.refund.updated, refund.updated, refund.failed)
     GET    /_config/meter_events?customer=cus_…   {"data": [...accepted events], "total_value": "…"}  (meters.py)
 
 `/_config/webhooks/<id>` with id `hold`/`release` is taken by the hold/release
@@ -36,6 +38,7 @@ from gymbilling.stripe_standin.payments import (
     customer_card_replace,
     dispute_close,
     dispute_open,
+    refund_fail,
 )
 from gymbilling.stripe_standin.subscriptions import subscription_advance
 
@@ -121,6 +124,15 @@ async def dispute_end(request: web.Request) -> web.Response:
     return json_response(dispute._export())
 
 
+async def refund_failed(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    refund = refund_fail(
+        refund_id=request.match_info["id"],
+        reason=params.get("reason") or "expired_or_canceled_card",
+    )
+    return json_response(refund._export())
+
+
 routes = [
     ("GET", "/_config/health", health),
     ("DELETE", "/_config/data", data_forget),
@@ -135,4 +147,5 @@ routes = [
     ("POST", "/_config/customers/{id}/card", customer_card),
     ("POST", "/_config/charges/{id}/dispute", charge_dispute),
     ("POST", "/_config/disputes/{id}/close", dispute_end),
+    ("POST", "/_config/refunds/{id}/fail", refund_failed),
 ]

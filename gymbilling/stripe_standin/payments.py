@@ -169,6 +169,65 @@ def refund_create(
     return refund
 
 
+# A refund that failed (the card was closed, the bank refused it) or was canceled gives
+# the money back to the merchant: Stripe no longer counts it in the charge's refunded
+# total, and the charge may be refunded again. localstripe counts every refund.
+REFUND_UNDONE = ("failed", "canceled")
+
+
+def _amount_refunded(charge: Charge) -> int:
+    return sum(
+        refund.amount
+        for refund in charge.refunds._list
+        if getattr(refund, "status", "succeeded") not in REFUND_UNDONE
+    )
+
+
+Charge.amount_refunded = property(_amount_refunded)
+
+
+def refund_fail(*, refund_id: str, reason: str = "expired_or_canceled_card") -> Refund:
+    """A refund that went through fails later, with the events Stripe sends: the money
+    is back in the merchant's balance (`charge.refund.updated`, `refund.updated`,
+    `refund.failed`)."""
+    refund = stored("refund", refund_id)
+    if refund.status not in ("succeeded", "pending"):
+        raise stripe_error(
+            400, f"A refund with status {refund.status!r} cannot fail.", param="status"
+        )
+    refund.status = "failed"
+    refund.failure_reason = reason
+    for event_type in ("charge.refund.updated", "refund.updated", "refund.failed"):
+        emit(event_type, refund)
+    return refund
+
+
+def _refund_get(*, id: str, **_ignored: Any) -> Refund:
+    return stored("refund", id)
+
+
+def _of_a_payment(object_name: str):
+    """`GET /v1/<object_name>s`: newest first, of a charge or a PaymentIntent."""
+
+    def listed(
+        *,
+        charge: str | None = None,
+        payment_intent: str | None = None,
+        limit: Any = None,
+        starting_after: Any = None,
+        **_ignored: Any,
+    ):
+        found = newest_first(objects_of(object_name))
+        if charge:
+            found = [o for o in found if o.charge == charge]
+        if payment_intent:
+            found = [o for o in found if o.payment_intent == payment_intent]
+        return list_of(f"/v1/{object_name}s", found, limit=limit, starting_after=starting_after)
+
+    listed.__name__ = f"_{object_name}_list"
+    return listed
+
+
 class Dispute(StripeObject):
     object = "dispute"
     _id_prefix = "du_"
@@ -254,24 +313,10 @@ def _dispute_get(*, id: str, **_ignored: Any) -> Dispute:
     return stored("dispute", id)
 
 
-def _dispute_list(
-    *,
-    charge: str | None = None,
-    payment_intent: str | None = None,
-    limit: Any = None,
-    starting_after: Any = None,
-    **_ignored: Any,
-):
-    disputes = newest_first(objects_of("dispute"))
-    if charge:
-        disputes = [d for d in disputes if d.charge == charge]
-    if payment_intent:
-        disputes = [d for d in disputes if d.payment_intent == payment_intent]
-    return list_of("/v1/disputes", disputes, limit=limit, starting_after=starting_after)
-
-
 routes = [
     ("POST", "/v1/refunds", api(refund_create)),
-    ("GET", "/v1/disputes", api(_dispute_list)),
+    ("GET", "/v1/refunds", api(_of_a_payment("refund"))),
+    ("GET", "/v1/refunds/{id}", api(_refund_get)),
+    ("GET", "/v1/disputes", api(_of_a_payment("dispute"))),
     ("GET", "/v1/disputes/{id}", api(_dispute_get)),
 ]

@@ -189,6 +189,11 @@ class StripeStandIn:
         """End a dispute: "won" (Stripe reinstates the funds), "lost", or "warning_closed"."""
         return self.config("POST", f"/_config/disputes/{dispute_id}/close", {"status": status})
 
+    def fail_refund(self, refund_id: str, *, reason: str = "expired_or_canceled_card") -> dict:
+        """A refund fails after it was made (the card closed): the money is the merchant's
+        again, with Stripe's `charge.refund.updated` and `refund.failed` events."""
+        return self.config("POST", f"/_config/refunds/{refund_id}/fail", {"reason": reason})
+
     def pay_checkout(self, session_id: str, card: str = "4242424242424242") -> dict[str, Any]:
         """Pay a Checkout Session as the page's form would; returns the session (raises if declined)."""
         request = urllib.request.Request(

@@ -358,3 +358,30 @@ def test_stripe_sends_customers_back_to_these_pages(client, member):
     assert market["Location"] == "/dashboard/market?order=7&checkout=canceled"
     assert figure(client.get(billing["Location"]), "no-subscription")
     assert 'data-checkout="success"' in text(client.get(billing["Location"]))
+
+
+def test_a_refund_that_failed_shows_its_credits_given_back(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given a pack bought for $12.00, half of it refunded, then the refund failed
+    from gymbilling import stripe_client
+
+    _, org = member(Role.BILLING)
+    checkout(client, pack="boost-1k")
+    session = CheckoutSession.objects.get(organization=org)
+    stripe_standin.pay_checkout(session.stripe_session_id)
+    deliver()
+    session.refresh_from_db()
+    refund = stripe_client.refund_create(
+        key=f"t-{session.pk}", payment_intent=session.stripe_payment_intent_id, amount=600
+    )
+    deliver()
+    stripe_standin.fail_refund(refund["id"])
+    deliver()
+
+    # when the member opens the invoices page
+    invoices = client.get("/dashboard/invoices")
+
+    # then the refund is shown as failed, its credits given back, not as a won dispute
+    assert organization_balance(organization=org).available == 1_000 * MICRO
+    assert "refund failed, the money stayed with us: 500 credits given back" in text(invoices)

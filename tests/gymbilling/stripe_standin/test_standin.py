@@ -447,6 +447,32 @@ def test_refund_sends_charge_refunded(stripe_client, stripe_standin, webhook_rec
     webhook_receiver.wait_for("refund.created", refund.id)
 
 
+def test_a_failed_refund_sends_its_events_and_gives_the_money_back(
+    stripe_client, stripe_standin, webhook_receiver
+):
+    # given a payment, part of it refunded
+    intent = _one_time_payment(stripe_client, stripe_standin)
+    refund = stripe_client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 2000})
+
+    # when the refund fails (the card was closed)
+    failed = stripe_standin.fail_refund(refund.id)
+
+    # then Stripe's events of a failed refund are sent, reading it says failed, and the
+    # charge no longer counts it: it can be refunded again
+    assert (failed["status"], failed["failure_reason"]) == ("failed", "expired_or_canceled_card")
+    for event_type in ("charge.refund.updated", "refund.updated", "refund.failed"):
+        event = webhook_receiver.wait_for(event_type, refund.id)
+        assert (event.data.object.status, event.data.object.charge) == ("failed", refund.charge)
+    assert stripe_client.v1.refunds.retrieve(refund.id).status == "failed"
+    assert stripe_client.v1.charges.retrieve(refund.charge).amount_refunded == 0
+    listed = stripe_client.v1.refunds.list(params={"charge": refund.charge}).data
+    assert [(r.id, r.status) for r in listed] == [(refund.id, "failed")]
+    # and a failed refund does not fail again
+    with pytest.raises(StandInError) as again:
+        stripe_standin.fail_refund(refund.id)
+    assert again.value.status == 400
+
+
 def test_dispute_sends_charge_dispute_created(stripe_client, stripe_standin, webhook_receiver):
     # given a paid one-time payment
     intent = _one_time_payment(stripe_client, stripe_standin)
