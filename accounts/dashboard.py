@@ -4,6 +4,15 @@ A page acts for one organization of the signed-in user: the one they chose
 with the switcher (kept in their session), else their personal organization,
 else their first. Roles limit pages as they limit the API (`allowed_roles`).
 
+A form acts for the organization it was drawn for, not for the one the session
+names when it is sent: every form of a page carries that organization's slug
+(`acting_for`, put there by `{% form_tokens %}`), and a POST whose `acting_for`
+is not the organization acting now is refused (409 `organization_changed`)
+before anything is done. Without it, a form drawn for one organization and
+sent after a switch in another tab (or after its member was removed, which
+falls back to their personal organization) would buy, list, pay or invite for
+the other one, with its card.
+
 A refusal from a service (`ApplicationError`) is not a crash: the page is
 drawn again with the message, and answered with the error's own status (402,
 409, ...), its machine-readable code in the page (`data-error-code`), so a
@@ -38,6 +47,8 @@ from accounts.ratelimits import dashboard_limit, rate_limit_consume
 from accounts.selectors import user_membership_by_slug, user_memberships
 
 SESSION_ORGANIZATION = "dashboard_organization"
+# The form field naming the organization (its slug) a form was drawn for.
+ACTING_FOR = "acting_for"
 
 M = TypeVar("M", bound=Model)
 
@@ -75,6 +86,10 @@ class MemberPage(LoginRequiredMixin, TemplateView):
     # counted: whatever fills a limit (a script clicking as the owner, a stolen session)
     # must not hold the revoke back with a 429. Only managers reach those pages.
     never_rate_limited = False
+    # The page whose forms POST here, by URL name, for an address that takes POSTs only
+    # (a revoke, a removal): the page to reload when a form sent here was drawn for
+    # another organization (organization_changed). Empty: this address.
+    form_page = ""
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         response = self._dispatch(request, *args, **kwargs)
@@ -95,6 +110,12 @@ class MemberPage(LoginRequiredMixin, TemplateView):
         request.membership = membership
         request.organization = membership.organization
         request.memberships = memberships
+        if request.method == "POST":
+            # Before the role check (the role may be another organization's) and before
+            # the rate limit: nothing is done, and the person only needs to reload.
+            sent = request.POST.get(ACTING_FOR)
+            if sent != membership.organization.slug:
+                return self.organization_changed(sent)
         if membership.role not in self.allowed_roles:
             return render(
                 request,
@@ -129,6 +150,25 @@ class MemberPage(LoginRequiredMixin, TemplateView):
             memberships=self.request.memberships,
         )
         return context
+
+    def organization_changed(self, sent: str | None) -> HttpResponse:
+        """A form drawn for another organization than the one acting now (or one that
+        names none): 409 `organization_changed`, saying which is which, with the page to
+        reload for the organization acting now and a way back to the form's."""
+        request = self.request
+        drawn_for = next(
+            (m for m in request.memberships if sent and m.organization.slug == sent), None
+        )
+        context = {
+            "title": "The organization changed",
+            "organization": request.organization,
+            "membership": request.membership,
+            "memberships": request.memberships,
+            "sent": sent,
+            "drawn_for": drawn_for,
+            "reload": reverse(self.form_page) if self.form_page else request.path,
+        }
+        return render(request, "dashboard/organization_changed.html", context, status=409)
 
     def refused(self, error: ApplicationError, **context: Any) -> HttpResponse:
         """The page again, with the refusal, answered with its status."""

@@ -102,6 +102,7 @@ class ApiKeyRevokePage(ApiKeysPage):
 
     never_rate_limited = True
     http_method_names = ["post"]
+    form_page = "dashboard-keys"
 
     def post(self, request: HttpRequest, key_id: int) -> HttpResponse:
         key = owned_or_refused(

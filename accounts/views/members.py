@@ -191,6 +191,7 @@ class MemberRolePage(MembersPage):
     """POST `role`: change a member's role."""
 
     http_method_names = ["post"]
+    form_page = "dashboard-members"
 
     def post(self, request: HttpRequest, member_id: int) -> HttpResponse:
         form = RoleForm(request.POST)
@@ -212,6 +213,7 @@ class MemberRemovePage(MembersPage):
 
     never_rate_limited = True
     http_method_names = ["post"]
+    form_page = "dashboard-members"
 
     def post(self, request: HttpRequest, member_id: int) -> HttpResponse:
         membership = self.membership(member_id)

@@ -3,17 +3,62 @@
 `member` signs a user in as a member of an organization in a given role; the
 browser tests (tests/e2e) sign in through the login form instead. `assert_refused`
 checks a refusal as a script reads it: the status and the page's `data-error-code`.
+`client` is a DashboardClient: its POSTs to pages carry `acting_for` as the page's
+forms do.
 """
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
+import pytest
+from django.contrib.auth import SESSION_KEY
+from django.http import HttpRequest
+from django.test import Client
+
+from accounts.dashboard import ACTING_FOR, chosen_membership
 from accounts.models import Membership, Role
 from accounts.redis import get_redis
+from accounts.selectors import user_memberships
 from tests.factories import OrganizationFactory, UserFactory
 
 PASSWORD = "correct horse battery staple"
+SWITCHER = "/dashboard/organization"
+# `acting_for` left to DashboardClient.post: the organization the session acts for now.
+NOW = object()
+
+
+class DashboardClient(Client):
+    """Django's test client, whose POSTs to the dashboard's pages send `acting_for` as a
+    form drawn just before sends it: the slug of the organization the session acts for
+    now. `acting_for="slug"` sends that one instead (a form drawn before a switch), and
+    `acting_for=None` none (a form from before forms carried it). The switcher's own
+    form, and every other address, are posted as they are."""
+
+    def post(self, path: str, data: Any = None, *args: Any, acting_for: Any = NOW, **kwargs: Any):
+        page = path.startswith("/dashboard/") and path.split("?")[0] != SWITCHER
+        if page and "content_type" not in kwargs and (data is None or isinstance(data, dict)):
+            data = dict(data or {})
+            slug = self.acting_slug() if acting_for is NOW else acting_for
+            if slug is not None:
+                data.setdefault(ACTING_FOR, slug)
+        return super().post(path, data, *args, **kwargs)
+
+    def acting_slug(self) -> str | None:
+        """The organization a page drawn now acts for (MemberPage's choice), or None."""
+        user_id = self.session.get(SESSION_KEY)
+        if user_id is None:
+            return None
+        request = HttpRequest()
+        request.session = self.session
+        memberships = list(user_memberships(user=user_id).order_by("organization__name"))
+        membership = chosen_membership(request, memberships)
+        return membership.organization.slug if membership else None
+
+
+@pytest.fixture
+def client() -> DashboardClient:
+    return DashboardClient()
 
 
 @pytest.fixture(autouse=True)

@@ -33,3 +33,36 @@ def rows(response, attribute: str) -> list[str]:
 def refused(response, status: int, code: str) -> bool:
     """The page drawn again with the refusal: its status, and its code for scripts."""
     return response.status_code == status and f'data-error-code="{code}"' in text(response)
+
+
+def post_forms(response) -> list[tuple[str, dict[str, str]]]:
+    """Each POST form of the page: its action ("" for the page's own address) and its
+    hidden fields, by name."""
+    forms = re.findall(r"<form\b([^>]*)>(.*?)</form>", text(response), re.S)
+    found = []
+    for attributes, body in forms:
+        if 'method="post"' not in attributes:
+            continue
+        action = re.search(r'action="([^"]*)"', attributes)
+        hidden = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', body)
+        found.append((unescape(action[1]) if action else "", dict(hidden)))
+    return found
+
+
+def drawn_for(response) -> str:
+    """The organization (its slug) the page's forms act for: each form that POSTs to a
+    dashboard page sends it as `acting_for`, the same for all."""
+    slugs = {
+        fields.get("acting_for") for action, fields in post_forms(response) if posts_to_page(action)
+    }
+    assert len(slugs) == 1, f"the page's forms act for {slugs}"
+    return slugs.pop()
+
+
+# Where the dashboard's pages' forms POST that is no page of an organization: the
+# switcher (which changes the acting organization), signing out, the verification email.
+NOT_PAGES = ("/dashboard/organization", "/logout/", "/verify-email/send")
+
+
+def posts_to_page(action: str) -> bool:
+    return action not in NOT_PAGES

@@ -21,6 +21,7 @@ from gymbilling.market.services import listing_create, order_reserve, payouts_ru
 from gymbilling.models import CheckoutSession, MarketListing, MarketOrder
 from gymbilling.pages.market import MarketPage
 from metering.selectors import organization_balance
+from tests.dashboard.conftest import DashboardClient
 from tests.dashboard.pages import figure, refused, row, rows, text
 from tests.factories import UserFactory
 from tests.gymbilling import conftest as payment_fixtures
@@ -43,11 +44,11 @@ deliver = payment_fixtures.deliver
 MARKET = "/dashboard/market"
 
 
-def signed_in(organization, role: str = Role.OWNER) -> Client:
+def signed_in(organization, role: str = Role.OWNER) -> DashboardClient:
     """A browser of its own, signed in as a new member of `organization` in `role`."""
     user = UserFactory()
     Membership.objects.create(user=user, organization=organization, role=role)
-    browser = Client()
+    browser = DashboardClient()
     browser.force_login(user)
     return browser
 

@@ -13,7 +13,7 @@ from django.test import Client
 
 from accounts.models import Invitation, Membership, Role, User
 from accounts.services import apikey_create, user_signup
-from tests.dashboard.conftest import assert_refused
+from tests.dashboard.conftest import DashboardClient, assert_refused
 from tests.factories import OrganizationFactory, UserFactory
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_window")]
@@ -143,7 +143,7 @@ def test_dashboard_posts_count_against_each_persons_own_limit(client, member, se
     _owner, org = member(Role.OWNER, organization=OrganizationFactory(seats=9))
     second = UserFactory()
     Membership.objects.create(user=second, organization=org, role=Role.OWNER)
-    other = Client()
+    other = DashboardClient()
     other.force_login(second)
 
     # when the first invites three times, and the second once
