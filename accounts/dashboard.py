@@ -281,7 +281,10 @@ class PickPage(MemberPage):
 
 
 class OrganizationSwitchView(LoginRequiredMixin, TemplateView):
-    """POST `organization` (a slug among the user's): later pages act for it."""
+    """POST `organization` (a slug among the user's): later pages act for it.
+
+    No MemberPage: its form names the organization it switches to, so it sends no
+    `acting_for` (a switch is what makes the other tabs' forms stale)."""
 
     http_method_names = ["post"]
 
