@@ -21,6 +21,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import JSONParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
+from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, KeyPrincipal
@@ -221,6 +222,24 @@ class PageQuery(StrictSerializer):
         }
 
 
+# For an OrgApiView whose GET lists the organization's own rows a page at a time: its
+# `Query` names the filters the selector takes besides `cursor` and `limit`, and any other
+# query parameter, or one given twice, is a 400 naming it. Ignored, a typo (`?limt=5`) or a
+# filter the list does not have (`?status=`) answered the default page as if it were the one
+# asked for. (A comment, not a docstring: drf-spectacular would publish a docstring as the
+# description of every operation of the views that mix it in.)
+class PagedListMixin:
+    Query: type[PageQuery] = PageQuery
+
+    def page(self, request: Request, selector, output_class) -> Response:
+        query = self.Query(data=query_data(request))
+        query.is_valid(raise_exception=True)
+        rows = selector(organization=request.organization, **query.filters())
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(rows, request, view=self)
+        return paginator.get_paginated_response(output_class(page, many=True).data)
+
+
 def _invalid_cursor() -> ApplicationError:
     return ApplicationError(
         code="invalid_cursor",
@@ -255,8 +274,8 @@ class ApiContentNegotiation(DefaultContentNegotiation):
 
     With it, `?format=xml` (a renderer these views do not have) was a 404
     `not_found`, read as "no such job"; without it, `format` is a query
-    parameter like any other: refused by a view that checks its query
-    parameters (the job list), ignored by one that takes none.
+    parameter like any other: refused by a view that takes query parameters
+    (every list), ignored by one that takes none.
     """
 
     settings = _NegotiationSettings
@@ -290,7 +309,7 @@ class OrgApiView(APIView):
     permission_classes = [IsAuthenticated]
     parser_classes = [JsonParser]
     content_negotiation_class = ApiContentNegotiation
-    # List views page with it (accounts.apis.paginate); drf-spectacular reads it
+    # List views page with it (PagedListMixin); drf-spectacular reads it
     # to document the {next, previous, results} envelope and the cursor and
     # limit parameters of every operation whose response is a list.
     pagination_class = IdCursorPagination

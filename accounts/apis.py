@@ -11,8 +11,8 @@ from rest_framework.response import Response
 
 from accounts.api_base import (
     MANAGERS,
-    IdCursorPagination,
     OrgApiView,
+    PagedListMixin,
     StrictSerializer,
     acting_key,
     acting_user,
@@ -40,12 +40,6 @@ from accounts.services import (
     webhook_secret_rotate,
 )
 from accounts.services.api_keys import MAX_REQUESTS_PER_MINUTE
-
-
-def paginate(view: OrgApiView, queryset, serializer_class) -> Response:
-    paginator = IdCursorPagination()
-    page = paginator.paginate_queryset(queryset, view.request, view=view)
-    return paginator.get_paginated_response(serializer_class(page, many=True).data)
 
 
 class OrganizationOutput(serializers.Serializer):
@@ -121,7 +115,7 @@ class ApiKeyOutput(serializers.Serializer):
     last_used_at = serializers.DateTimeField(allow_null=True)
 
 
-class ApiKeyListCreateApi(OrgApiView):
+class ApiKeyListCreateApi(PagedListMixin, OrgApiView):
     required_scope = Scope.ADMIN
     allowed_roles = MANAGERS
 
@@ -150,9 +144,7 @@ class ApiKeyListCreateApi(OrgApiView):
 
     @extend_schema(responses=ApiKeyOutput(many=True), summary="List the organization's API keys")
     def get(self, request):
-        return paginate(
-            self, organization_api_keys(organization=request.organization), ApiKeyOutput
-        )
+        return self.page(request, organization_api_keys, ApiKeyOutput)
 
     @extend_schema(request=Input, responses={201: CreatedOutput}, summary="Create an API key")
     def post(self, request):
@@ -220,7 +212,7 @@ class MemberOutput(serializers.Serializer):
     created_at = serializers.DateTimeField()
 
 
-class MemberListAddApi(PathOrgApiView):
+class MemberListAddApi(PagedListMixin, PathOrgApiView):
     required_scope = Scope.ADMIN
 
     class Input(StrictSerializer):
@@ -232,7 +224,7 @@ class MemberListAddApi(PathOrgApiView):
 
     @extend_schema(responses=MemberOutput(many=True), summary="List members")
     def get(self, request, org_id: int):
-        return paginate(self, organization_members(organization=request.organization), MemberOutput)
+        return self.page(request, organization_members, MemberOutput)
 
     @extend_schema(request=Input, responses={201: MemberOutput}, summary="Add an existing user")
     def post(self, request, org_id: int):
@@ -298,7 +290,7 @@ class InvitationOutput(serializers.Serializer):
     created_at = serializers.DateTimeField()
 
 
-class InvitationListCreateApi(PathOrgApiView):
+class InvitationListCreateApi(PagedListMixin, PathOrgApiView):
     required_scope = Scope.ADMIN
     allowed_roles = MANAGERS
 
@@ -311,9 +303,7 @@ class InvitationListCreateApi(PathOrgApiView):
 
     @extend_schema(responses=InvitationOutput(many=True), summary="List open invitations")
     def get(self, request, org_id: int):
-        return paginate(
-            self, organization_open_invitations(organization=request.organization), InvitationOutput
-        )
+        return self.page(request, organization_open_invitations, InvitationOutput)
 
     @extend_schema(request=Input, responses={201: InvitationOutput}, summary="Invite by email")
     def post(self, request, org_id: int):
@@ -392,15 +382,13 @@ class AuditEventOutput(serializers.Serializer):
         return None
 
 
-class AuditEventListApi(OrgApiView):
+class AuditEventListApi(PagedListMixin, OrgApiView):
     required_scope = Scope.ADMIN
     allowed_roles = MANAGERS
 
     @extend_schema(responses=AuditEventOutput(many=True), summary="Security audit log")
     def get(self, request):
-        return paginate(
-            self, organization_audit_events(organization=request.organization), AuditEventOutput
-        )
+        return self.page(request, organization_audit_events, AuditEventOutput)
 
 
 # --- webhook signing secret ------------------------------------------------------------

@@ -16,8 +16,8 @@ from rest_framework.views import APIView
 from accounts.api_base import (
     MANAGERS,
     ApiContentNegotiation,
-    IdCursorPagination,
     OrgApiView,
+    PagedListMixin,
     StrictSerializer,
     require_no_input,
 )
@@ -210,18 +210,14 @@ class InvoiceOutput(serializers.Serializer):
     paid_at = serializers.DateTimeField(allow_null=True)
 
 
-class InvoiceListApi(OrgApiView):
+class InvoiceListApi(PagedListMixin, OrgApiView):
     required_scope = Scope.BILLING_READ
 
     @extend_schema(
         responses=InvoiceOutput(many=True), summary="The organization's invoices, newest first"
     )
     def get(self, request):
-        paginator = IdCursorPagination()
-        page = paginator.paginate_queryset(
-            organization_invoices(organization=request.organization), request, view=self
-        )
-        return paginator.get_paginated_response(InvoiceOutput(page, many=True).data)
+        return self.page(request, organization_invoices, InvoiceOutput)
 
 
 @method_decorator(csrf_exempt, name="dispatch")

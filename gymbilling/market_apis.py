@@ -11,8 +11,14 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from accounts.api_base import MANAGERS, OrgApiView, PageQuery, StrictSerializer, query_data
-from accounts.apis import paginate
+from accounts.api_base import (
+    MANAGERS,
+    OrgApiView,
+    PagedListMixin,
+    PageQuery,
+    StrictSerializer,
+    query_data,
+)
 from accounts.errors import ApplicationError
 from accounts.models import Role, Scope
 from gymbilling.market import selectors, services
@@ -53,17 +59,9 @@ class _MarketApi(OrgApiView):
             )
 
 
-class _MarketListApi(_MarketApi):
+class _MarketListApi(PagedListMixin, _MarketApi):
     """A GET that lists the caller's own rows, newest first, a page at a time: its `Query`
     names the filters the selector takes."""
-
-    Query = PageQuery
-
-    def page(self, request, selector, output_class):
-        query = self.Query(data=query_data(request))
-        query.is_valid(raise_exception=True)
-        rows = selector(organization=request.organization, **query.filters())
-        return paginate(self, rows, output_class)
 
 
 class ListingOutput(serializers.Serializer):

@@ -9,7 +9,7 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from accounts.api_base import IdCursorPagination, OrgApiView, StrictSerializer, query_data
+from accounts.api_base import OrgApiView, PagedListMixin, StrictSerializer, query_data
 from accounts.errors import ApplicationError
 from accounts.models import Scope
 from metering.selectors import (
@@ -85,16 +85,12 @@ class EntryOutput(serializers.Serializer):
     created_at = serializers.DateTimeField()
 
 
-class LedgerApi(OrgApiView):
+class LedgerApi(PagedListMixin, OrgApiView):
     required_scope = Scope.BILLING_READ
 
     @extend_schema(responses=EntryOutput(many=True), summary="The organization's ledger entries")
     def get(self, request):
-        paginator = IdCursorPagination()
-        page = paginator.paginate_queryset(
-            organization_entries(organization=request.organization), request, view=self
-        )
-        return paginator.get_paginated_response(EntryOutput(page, many=True).data)
+        return self.page(request, organization_entries, EntryOutput)
 
 
 class UsageApi(OrgApiView):

@@ -23,9 +23,13 @@ from accounts.models import (
     Role,
     Scope,
 )
+from accounts.services import apikey_create, invitation_create, membership_add
+from gymbilling.services import billing_customer_ensure
+from gymbilling.services.invoices import invoice_sync
 from metering.models import JournalTransaction
 from tests.accounts.conftest import key_client
-from tests.factories import OrganizationFactory
+from tests.factories import OrganizationFactory, UserFactory
+from tests.helpers import credits
 
 pytestmark = pytest.mark.django_db
 
@@ -294,6 +298,98 @@ def test_a_query_parameter_given_twice_is_refused_naming_it(org, make_key, path,
     error = assert_error_shape(response, 400, "invalid_request")
     assert error["param"] == param
     assert "more than once" in error["message"]
+
+
+def _another_key(org, request) -> None:
+    apikey_create(organization=org, name="spare", scopes=[Scope.INFERENCE])
+
+
+def _two_members(org, request) -> None:
+    for _ in range(2):
+        membership_add(organization=org, user=UserFactory())
+
+
+def _two_invitations(org, request) -> None:
+    for n in range(2):
+        invitation_create(organization=org, email=f"invitee{n}@example.test")
+
+
+def _two_grants(org, request) -> None:
+    grant = request.getfixturevalue("grant")
+    for _ in range(2):
+        grant(org, credits(1))
+
+
+def _two_invoices(org, request) -> None:
+    request.getfixturevalue("stripe_standin")  # the customer is made at Stripe
+    customer = billing_customer_ensure(organization=org).stripe_customer_id
+    for n in range(2):
+        invoice_sync(
+            invoice={
+                "id": f"in_list_{org.pk}_{n}",
+                "customer": customer,
+                "status": "open",
+                "currency": "usd",
+                "amount_due": 100,
+                "amount_paid": 0,
+                "created": 1_700_000_000 + n,
+                "hosted_invoice_url": f"https://invoice.stripe.test/{n}",
+                "billing_reason": "subscription_cycle",
+            },
+            subscription=None,
+        )
+
+
+# The lists that take only `cursor` and `limit`, and how to give each two rows or more
+# (making the caller's key writes one key, and its audit event).
+PAGE_ONLY_LISTS = {
+    "keys": ("/api/v1/keys", _another_key),
+    "audit": ("/api/v1/audit", _another_key),
+    "members": ("/api/v1/orgs/{org}/members", _two_members),
+    "invitations": ("/api/v1/orgs/{org}/invitations", _two_invitations),
+    "ledger": ("/api/v1/credits/ledger", _two_grants),
+    "invoices": ("/api/v1/billing/invoices", _two_invoices),
+}
+
+
+@pytest.mark.parametrize(("path", "seed"), PAGE_ONLY_LISTS.values(), ids=PAGE_ONLY_LISTS.keys())
+def test_a_list_refuses_a_query_parameter_it_does_not_take_naming_it(
+    org, make_key, request, path, seed
+):
+    # given a list of two rows or more, read with a key of every scope
+    org.seats = 5
+    org.save(update_fields=["seats"])
+    _key, raw = make_key(org, scopes=Scope.values)
+    seed(org, request)
+    client = key_client(raw)
+    path = path.format(org=org.pk)
+
+    # when a parameter is misspelt, is a filter the list does not have, or comes twice
+    # (the first two were ignored: the client got the default page, and took it for
+    # the one it asked for)
+    refused = {
+        "limt": client.get(path, {"limt": "1"}),
+        "status": client.get(path, {"status": "open"}),
+        "limit": client.get(f"{path}?limit=1&limit=200"),
+    }
+
+    # then each is a 400 naming it
+    for param, response in refused.items():
+        error = assert_error_shape(response, 400, "invalid_request")
+        assert error["param"] == param
+    # while `limit` and `cursor` page through the list as before, each row once
+    everything = client.get(path, {"cursor": "", "limit": ""})
+    assert everything.status_code == 200, everything.content
+    expected = [row["id"] for row in everything.json()["results"]]
+    assert len(expected) >= 2
+    paged, url = [], f"{path}?limit=1"
+    while url:
+        page = client.get(url)
+        assert page.status_code == 200, page.content
+        assert len(page.json()["results"]) == 1
+        paged += [row["id"] for row in page.json()["results"]]
+        url = page.json()["next"]
+    assert paged == expected
 
 
 def test_a_bad_member_role_change_writes_nothing(org, admin_client, member_of):
