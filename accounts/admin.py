@@ -103,7 +103,9 @@ class UserAdmin(BaseUserAdmin):
     def save_model(self, request, obj, form, change):
         """A new address goes through user_email_change: unverified and emailed the link,
         unless staff ticked "New address checked" (UserChangeForm)."""
-        if not (change and "email" in form.changed_data):
+        # Compared as stored (UserChangeForm.clean_email canonicalizes it): the form counts
+        # "Ann@X" typed over "ann@x" as changed, but it is the same, proven, address.
+        if not (change and "email" in form.changed_data and obj.email != form.initial["email"]):
             super().save_model(request, obj, form, change)
             return
         email = obj.email

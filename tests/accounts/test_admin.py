@@ -391,3 +391,28 @@ def test_staff_saving_a_user_without_changing_the_address_leave_its_verification
         User.objects.filter(pk__in=[hal.pk, ivy.pk]).values_list("email", "email_verified")
     ) == {"hal@example.test": True, "ivy@example.test": False}
     assert mail.outbox == []
+
+
+def test_staff_retyping_the_same_address_in_another_case_leave_its_verification_alone(
+    staff, django_capture_on_commit_callbacks
+):
+    # given a verified user
+    joy = UserFactory(email="joy@example.test", password="joy's own passphrase 1")
+
+    # when staff save the user with the address typed in capitals: the same address,
+    # as it is stored and compared (User.objects.canonical_email)
+    with django_capture_on_commit_callbacks(execute=True):
+        saved = staff.post(
+            f"/admin/accounts/user/{joy.pk}/change/",
+            user_form(joy, email="Joy@Example.TEST", last_name="Smith"),
+        )
+
+    # then it stays verified, nothing is emailed, and its password still signs in
+    assert saved.status_code == 302, saved.content
+    joy.refresh_from_db()
+    assert (joy.email, joy.email_verified, joy.last_name) == ("joy@example.test", True, "Smith")
+    assert mail.outbox == []
+    signed_in = Client().post(
+        "/login/", {"username": "joy@example.test", "password": "joy's own passphrase 1"}
+    )
+    assert signed_in.status_code == 302
