@@ -960,35 +960,47 @@ def stripe_refusal_is_final(exc: stripe_client.StripeRequestRefused) -> bool:
     return exc.status not in (401, 403)
 
 
-def order_shortfall_refund(*, order_id: int) -> bool:
+def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
     """Refund what an order paid for and did not get; retried by `orders_expire` until done.
 
     Stripe unreachable: retried. Stripe refusing it for good (the charge
     already refunded by hand, less left to refund than asked): recorded on
     the order (`shortfall_refund_refused_at`, `_error`) and logged, for
     finance, and no longer retried; `order_shortfall_refund_retry` (the
-    admin's action) sends it again once the cause is fixed.
+    admin's action, `retrying`) sends it again once the cause is fixed.
     """
     order = MarketOrder.objects.get(pk=order_id)
+    refused_at = order.shortfall_refund_refused_at
     if (
         not order.shortfall_amount
         or order.shortfall_refunded_at
-        or order.shortfall_refund_refused_at
+        or (refused_at is not None) != retrying
         or not order.stripe_payment_intent_id
     ):
         return False
+    key = f"market-shortfall:{order.pk}"
+    if refused_at is not None:
+        # Stripe keeps a refused request's answer under its key for about a day: the
+        # same key would only replay the refusal. A refusal refunded nothing, so the
+        # retry is a new request, keyed by the refusal it follows; until Stripe answers
+        # it the order stays refused, and a retry after a timeout sends the same key.
+        key = f"{key}:after:{refused_at.isoformat()}"
     try:
         stripe_client.refund_create(
-            key=f"market-shortfall:{order.pk}",
+            key=key,
             payment_intent=order.stripe_payment_intent_id,
             amount=order.shortfall_amount,
             metadata={"market_order": str(order.pk), "reason": "not_delivered"},
         )
     except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
         logger.warning("market order %s: shortfall refund later: %s", order.pk, exc)
+        if retrying:
+            MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
+                shortfall_refund_error=f"not sent, retry it: {exc}"[:500]
+            )
         return False
     except stripe_client.StripeRequestRefused as exc:
-        final = stripe_refusal_is_final(exc)
+        final = stripe_refusal_is_final(exc) or retrying
         logger.error(
             "market order %s: shortfall refund of %s %s refused by Stripe (%s, request %s)%s: %s",
             order.pk,
@@ -1006,7 +1018,9 @@ def order_shortfall_refund(*, order_id: int) -> bool:
             )
         return False
     MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
-        shortfall_refunded_at=timezone.now(), shortfall_refund_error=""
+        shortfall_refunded_at=timezone.now(),
+        shortfall_refund_refused_at=None,
+        shortfall_refund_error="",
     )
     return True
 
@@ -1014,12 +1028,10 @@ def order_shortfall_refund(*, order_id: int) -> bool:
 def order_shortfall_refund_retry(*, order_id: int) -> bool:
     """Finance fixed what made Stripe refuse an order's shortfall refund: send it again now.
 
-    True when Stripe took it; refused again, it is recorded again.
+    True when Stripe took it; refused again, it is recorded again (and the next retry is
+    a new request again); Stripe unreachable, it stays finance's, to retry again.
     """
-    MarketOrder.objects.filter(
-        pk=order_id, shortfall_refunded_at__isnull=True, shortfall_refund_refused_at__isnull=False
-    ).update(shortfall_refund_refused_at=None)
-    return order_shortfall_refund(order_id=order_id)
+    return order_shortfall_refund(order_id=order_id, retrying=True)
 
 
 def market_checkout_handle(checkout: CheckoutSession, session: dict) -> None:

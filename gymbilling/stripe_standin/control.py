@@ -10,6 +10,8 @@
     GET    /_config/events[?type=...]             {"data": [{"id", "type", "object", "object_id",
                                                     "created", "deliveries": {<webhook id>: "pending|delivered|failed|canceled"}}]}
     POST   /_config/subscriptions/<id>/advance    end the current period → the subscription
+    POST   /_config/refunds/refuse                {"code": "balance_insufficient"|null} refuse every
+                                                  refund with that code, or take them again
     POST   /_config/accounts/<id>/capabilities    {"transfers": "active"|"inactive"} → the account
                                                   (inactive: transfers to it are refused)
     POST   /_config/customers/<id>/card           {"card": "4242424242424242"} new default card → the payment method
@@ -39,6 +41,7 @@ from gymbilling.stripe_standin.payments import (
     dispute_close,
     dispute_open,
     refund_fail,
+    refunds_refuse,
 )
 from gymbilling.stripe_standin.subscriptions import subscription_advance
 
@@ -51,6 +54,7 @@ async def data_forget(request: web.Request) -> web.Response:
     store.clear()
     webhooks.forget_events()
     idempotency.forget()
+    refunds_refuse(None)
     return json_response({"ok": True})
 
 
@@ -88,6 +92,12 @@ async def events_list(request: web.Request) -> web.Response:
 
 async def subscription_advance_handler(request: web.Request) -> web.Response:
     return json_response(subscription_advance(request.match_info["id"])._export())
+
+
+async def refunds_refused(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    refunds_refuse(params.get("code"))
+    return json_response({"ok": True})
 
 
 async def account_capabilities(request: web.Request) -> web.Response:
@@ -144,6 +154,7 @@ routes = [
     ("GET", "/_config/events", events_list),
     ("POST", "/_config/subscriptions/{id}/advance", subscription_advance_handler),
     ("POST", "/_config/accounts/{id}/capabilities", account_capabilities),
+    ("POST", "/_config/refunds/refuse", refunds_refused),
     ("POST", "/_config/customers/{id}/card", customer_card),
     ("POST", "/_config/charges/{id}/dispute", charge_dispute),
     ("POST", "/_config/disputes/{id}/close", dispute_end),

@@ -142,6 +142,17 @@ def _charge_for(charge: Any, payment_intent: Any) -> Charge:
     )
 
 
+# While set (`refunds_refuse`): every new refund is refused with this code, as Stripe
+# refuses them while the platform's balance cannot cover them (`balance_insufficient`).
+_refunds_refused: str | None = None
+
+
+def refunds_refuse(code: str | None) -> None:
+    """Refuse every refund with `code` from now on; None: take them again."""
+    global _refunds_refused
+    _refunds_refused = code or None
+
+
 def refund_create(
     *,
     charge: str | None = None,
@@ -152,6 +163,10 @@ def refund_create(
     **_ignored: Any,
 ) -> Refund:
     charge_obj = _charge_for(charge, payment_intent)
+    if _refunds_refused:
+        raise stripe_error(
+            400, "Refunds are refused for now; fix the cause and try again.", code=_refunds_refused
+        )
     refundable = charge_obj.amount - charge_obj.amount_refunded
     amount_int = refundable if amount is None else to_int(amount, "amount", minimum=1)
     if amount_int > refundable:

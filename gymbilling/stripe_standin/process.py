@@ -169,6 +169,10 @@ class StripeStandIn:
         """Turn a Connect account's capabilities on or off: `transfers="inactive"`."""
         return self.config("POST", f"/_config/accounts/{account_id}/capabilities", capabilities)
 
+    def refuse_refunds(self, code: str | None) -> None:
+        """Refuse every refund with `code` (`balance_insufficient`), or, None, take them."""
+        self.config("POST", "/_config/refunds/refuse", {"code": code})
+
     def set_card(self, customer_id: str, card: str) -> dict[str, Any]:
         """Replace the customer's default payment method with a test card number."""
         return self.config("POST", f"/_config/customers/{customer_id}/card", {"card": card})

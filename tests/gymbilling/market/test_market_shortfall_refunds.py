@@ -134,3 +134,33 @@ def test_finance_retries_a_refused_shortfall_refund_from_the_admin(
     listed = admin_client.get(CHANGELIST, {"shortfall_refund": "refused"})
     assert [o.pk for o in listed.context["cl"].result_list] == [order.pk]
     assert market_stripe.refunded(intent) == 20
+
+
+def test_a_refused_shortfall_refund_finance_retries_once_its_cause_is_fixed_is_refunded(
+    market_stripe, unrefunded_shortfall, admin_client
+):
+    # given: Stripe refused the shortfall refund for a cause finance can fix (the
+    # platform's balance could not cover it), so the sweep left it to finance
+    order, intent = unrefunded_shortfall
+    market_stripe.standin.refuse_refunds("balance_insufficient")
+    try:
+        orders_expire()
+    finally:
+        market_stripe.standin.refuse_refunds(None)
+    order.refresh_from_db()
+    assert order.shortfall_refund_error.startswith("balance_insufficient:")
+
+    # when: finance fixed the cause (refunds are taken again), and retries it from the
+    # admin the same day (Stripe still keeps the refused request's idempotency key)
+    response = run_action(admin_client, CHANGELIST, "retry_shortfall_refund", order.pk)
+
+    # then: it is refunded, not the first refusal replayed
+    assert response.status_code == 302
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    assert order.shortfall_refund_refused_at is None
+    assert market_stripe.refunded(intent) == 30
+    # and nothing refunds it again
+    orders_expire()
+    run_action(admin_client, CHANGELIST, "retry_shortfall_refund", order.pk)
+    assert market_stripe.refunded(intent) == 30
