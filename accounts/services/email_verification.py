@@ -10,16 +10,14 @@ it twice verifies twice, harmlessly.
 from __future__ import annotations
 
 from datetime import timedelta
-from urllib.parse import urlencode
 
-from django.conf import settings
 from django.core import signing
 from django.db import transaction
 
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, User
 from accounts.services.api_keys import apikey_revoke
-from accounts.services.mail import email_send_on_commit
+from accounts.services.mail import email_send_on_commit, site_link
 
 EMAIL_VERIFICATION_TTL = timedelta(days=3)
 # Binds a token to this purpose: nothing else the app signs reads as one.
@@ -35,7 +33,7 @@ def email_verification_token(*, user: User) -> str:
 def email_verification_link(*, user: User) -> str:
     """The link that proves `user`'s current address (the verification page's URL, signed)."""
     token = email_verification_token(user=user)
-    return f"{settings.SITE_URL.rstrip('/')}/verify-email?{urlencode({'token': token})}"
+    return site_link("verify-email", token=token)
 
 
 def user_email_verification_send(*, user: User) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
@@ -21,7 +20,7 @@ from accounts.services.email_verification import (
     user_email_mark_verified,
     user_email_verification_send,
 )
-from accounts.services.mail import email_send_on_commit
+from accounts.services.mail import email_send_on_commit, site_link
 
 INVITATION_TTL = timedelta(days=7)
 
@@ -92,13 +91,12 @@ def _signup_attempt_notify(*, user: User) -> None:
     """Tell the owner of `user`'s address that someone tried to sign up with it: how to
     sign in, how to set a new password, and, while the address is unverified, the link
     that verifies it (the account cannot sign in without it)."""
-    site = settings.SITE_URL.rstrip("/")
     lines = [
         f"Someone, perhaps you, tried to create a GymBilling account with {user.email}. "
         "The address already has one: no account was made, and nothing about yours "
         "changed.",
-        f"To sign in: {site}/login/",
-        f"Forgotten your password? Set a new one: {site}/password-reset/",
+        f"To sign in: {site_link('login')}",
+        f"Forgotten your password? Set a new one: {site_link('password_reset')}",
     ]
     if not user.email_verified:
         link = email_verification_link(user=user)
@@ -317,13 +315,12 @@ def invitation_create(
         actor_key=actor_key,
         data={"role": role},
     )
-    base_url = getattr(settings, "SITE_URL", "http://127.0.0.1:8000")
     email_send_on_commit(
         to=email,
         subject=f"You are invited to {organization.name} on GymBilling",
         body=(
-            f"Accept the invitation: {base_url}/invitations/accept?token={token}\n"
-            f'Or POST {{"token": "{token}"}} to {base_url}/api/v1/invitations/accept '
+            f"Accept the invitation: {site_link('invitation-page', token=token)}\n"
+            f'Or POST {{"token": "{token}"}} to {site_link("invitation-accept")} '
             "while signed in. It expires in 7 days."
         ),
     )
