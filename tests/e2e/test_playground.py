@@ -252,11 +252,28 @@ def test_stop_cancels_the_job_which_is_billed_for_what_it_produced(
     posts: list[str] = []
     page.on("request", lambda r: r.method == "POST" and posts.append(r.url))
 
-    # when they send it, and press Stop once the answer has begun
+    # when they send it, and press Stop once the answer has begun. The press is
+    # made in the page, by an observer of the answer, the moment its first text
+    # shows: pressed from here (a wait for the text, then a click, each a round
+    # trip to the browser) it raced the generation's 1.8 s on a loaded 2-CPU host,
+    # and a stream that ends first leaves nothing to stop.
+    page.evaluate(
+        """() => {
+          const answer = document.getElementById("pg-answer");
+          const stop = document.getElementById("pg-stop");
+          const observer = new MutationObserver(() => {
+            if (answer.textContent.length > 0) {
+              observer.disconnect();
+              window.stoppedAtLength = answer.textContent.length;
+              stop.click();
+            }
+          });
+          observer.observe(answer, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
     page.click("#pg-send")
-    page.wait_for_function("document.getElementById('pg-answer').textContent.length > 0")
-    page.click("#pg-stop")
     page.wait_for_selector("#pg-usage:not([hidden])", timeout=60_000)
+    assert page.evaluate("window.stoppedAtLength") > 0
 
     # then the job ended canceled, long before the engine's end
     job = Job.objects.get(organization=org)
