@@ -64,11 +64,35 @@ class StoredResponse:
     headers: dict[str, str]
 
 
-def request_hash(*, caller: str, method: str, path: str, body: bytes) -> str:
+def request_hash(*, caller: str | None, method: str, path: str, body: bytes) -> str:
+    """The request's fingerprint; `caller=None` is the form records had before the
+    caller was part of it (accepted only for records with no `caller`)."""
     digest = hashlib.sha256()
-    for part in (caller.encode(), b"\0", method.encode(), b"\0", path.encode(), b"\0", body):
+    if caller is not None:
+        digest.update(caller.encode() + b"\0")
+    for part in (method.encode(), b"\0", path.encode(), b"\0", body):
         digest.update(part)
     return digest.hexdigest()
+
+
+def _same_request(record: IdempotencyRecord, *, caller: str, digest: str, **request) -> bool:
+    """Whether `record` was claimed by this request from this caller.
+
+    A record that names its caller is only ever this caller's. One that does
+    not was written by an earlier release, during its 24 hours after a deploy:
+    - before the caller was hashed, its hash has no caller in it. Nothing on
+      the row says who sent it, so the organization's retry of the same request
+      replays it, as that release promised; refusing it instead (422) made
+      clients retry with a fresh key and buy twice.
+    - after the caller was hashed, but before this column, its hash has the
+      caller in it, so only that caller matches, as now.
+    New records keep the caller in the hash as well as in the column: a
+    process of the previous release, still running during a rolling deploy,
+    matches them by hash alone and must keep replaying them to their caller.
+    """
+    if record.caller:
+        return record.caller == caller and record.request_hash == digest
+    return record.request_hash in (digest, request_hash(caller=None, **request))
 
 
 def idempotency_begin(
@@ -99,6 +123,7 @@ def idempotency_begin(
                     method=method,
                     path=path[:500],
                     request_hash=digest,
+                    caller=caller,
                     expires_at=now + settings.IDEMPOTENCY_TTL,
                 )
         except IntegrityError:
@@ -110,7 +135,9 @@ def idempotency_begin(
             # Past its 24 hours: the key is free again.
             IdempotencyRecord.objects.filter(pk=existing.pk, expires_at__lte=now).delete()
             continue
-        if existing.request_hash != digest:
+        if not _same_request(
+            existing, caller=caller, digest=digest, method=method, path=path, body=body
+        ):
             raise ApplicationError(
                 code="idempotency_key_reused",
                 message=(

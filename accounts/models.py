@@ -301,6 +301,12 @@ class IdempotencyRecord(models.Model):
     method = models.CharField(max_length=8)
     path = models.CharField(max_length=500)
     request_hash = models.CharField(max_length=64)
+    # Who sent the first request ("key:<id>" or "user:<id>"); only they get its
+    # replay. Empty on records written before the column existed, and on those
+    # a process not yet upgraded writes (db_default: its inserts leave the
+    # column out); accounts.idempotency._same_request says how those match.
+    # They expire with their 24 hours.
+    caller = models.CharField(max_length=64, blank=True, db_default="")
     # Null while the first request is still running: a retry then gets 409.
     status_code = models.PositiveSmallIntegerField(null=True, blank=True)
     content_type = models.CharField(max_length=200, blank=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 
@@ -156,6 +157,78 @@ def test_another_caller_with_the_same_key_and_body_gets_no_replay(org, member_of
     # while the owner's own retry is still replayed
     replay = post(owners, body, "make-admin-key")
     assert replay.content == first.content and replay["Idempotent-Replayed"] == "true"
+    assert IdempotencyRecord.objects.get(key="make-admin-key").caller == f"user:{owner.pk}"
+
+
+def as_written_before_the_caller_column(
+    record_key: str, body: bytes, *, hashed_caller: str | None
+) -> None:
+    """Rewrite a stored record as an earlier release wrote it: no `caller` column, and a
+    hash of method, path and body, with the caller in front of them (the release that
+    hashed the caller) or without (the releases before it)."""
+    record = IdempotencyRecord.objects.get(key=record_key)
+    parts = [record.method.encode(), record.path.encode(), body]
+    if hashed_caller is not None:
+        parts.insert(0, hashed_caller.encode())
+    IdempotencyRecord.objects.filter(pk=record.pk).update(
+        caller="", request_hash=hashlib.sha256(b"\0".join(parts)).hexdigest()
+    )
+
+
+@pytest.mark.django_db
+def test_a_record_from_before_the_caller_was_hashed_still_replays_in_its_organization(
+    org, member_of
+):
+    # given: an answer stored by the release before callers were hashed (its 24 hours
+    # run past the deploy)
+    org.seats = 2
+    org.save(update_fields=["seats"])
+    owner, admin = member_of(org, Role.OWNER), member_of(org, Role.ADMIN)
+    owners, admins = Client(), Client()
+    owners.force_login(owner)
+    admins.force_login(admin)
+    body = key_body()
+    first = post(owners, body, "old")
+    assert first.status_code == 201
+    as_written_before_the_caller_column("old", body, hashed_caller=None)
+
+    # when: the client retries it
+    replay = post(owners, body, "old")
+
+    # then: the first answer again, not a 422 that a client answers with a fresh key
+    # (and a second purchase); nothing on the row says who sent it, so the
+    # organization's retry is replayed, as that release promised
+    assert replay.status_code == 201, replay.content
+    assert replay.content == first.content and replay["Idempotent-Replayed"] == "true"
+    assert post(admins, body, "old").content == first.content
+    assert created_keys(org) == 1
+    # but another request under its key is still refused
+    refused = post(owners, key_body("ci-other"), "old")
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "idempotency_key_reused"
+    assert created_keys(org) == 1
+
+
+@pytest.mark.django_db
+def test_a_record_hashed_with_its_caller_before_the_column_replays_to_that_caller_only(
+    org, admin_key, admin_client, make_key
+):
+    # given: an answer stored by the release that hashed the caller but had no column
+    body = key_body()
+    first = post(admin_client, body, "hashed")
+    assert first.status_code == 201
+    as_written_before_the_caller_column("hashed", body, hashed_caller=f"key:{admin_key[0].pk}")
+
+    # when
+    replay = post(admin_client, body, "hashed")
+    other = post(key_client(make_key(org, name="other")[1]), body, "hashed")
+
+    # then
+    assert replay.content == first.content and replay["Idempotent-Replayed"] == "true"
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert first.json()["key"].encode() not in other.content
+    assert created_keys(org) == 1
 
 
 @pytest.mark.django_db
