@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from django.http import HttpResponse
@@ -120,6 +121,30 @@ class StrictSerializer(serializers.Serializer):
                 raise serializers.ValidationError(
                     {unknown[0]: [f"Unknown field {unknown[0]!r}."]}, code="unknown_field"
                 )
+        return super().to_internal_value(data)
+
+
+_WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A whole number as JSON writes one (`10`), or as a query string does (`"10"`): for
+    every amount of money or credits the API takes.
+
+    DRF's IntegerField reads `10.0`, `"10.00"` and full-width digits as 10.
+    An integer amount sent as a float means the client computed it in floating point,
+    where 10.0 is as likely 9.999999 a step earlier; and "12.00" was most likely meant
+    as 12.00 of a currency, not 12 of its minor unit. Both are refused (400) rather
+    than guessed at.
+    """
+
+    default_error_messages = {
+        "invalid": "A whole number is required, such as 10: no decimal point or exponent.",
+    }
+
+    def to_internal_value(self, data):
+        if type(data) is not int and not (type(data) is str and _WHOLE_NUMBER.fullmatch(data)):
+            self.fail("invalid")  # bool (an int subclass) too: `true` is not 1
         return super().to_internal_value(data)
 
 

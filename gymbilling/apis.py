@@ -18,6 +18,7 @@ from accounts.api_base import (
     ApiContentNegotiation,
     OrgApiView,
     PagedListMixin,
+    StrictIntegerField,
     StrictSerializer,
     require_no_input,
 )
@@ -102,7 +103,8 @@ class CheckoutApi(OrgApiView):
 
         plan = serializers.SlugField(required=False, help_text="A plan code from /api/v1/plans.")
         pack = serializers.SlugField(required=False, help_text="A pack code from /api/v1/plans.")
-        seats = serializers.IntegerField(required=False, default=1, min_value=1, max_value=10_000)
+        # Each seat is charged for: an amount of money.
+        seats = StrictIntegerField(required=False, default=1, min_value=1, max_value=10_000)
 
         def validate(self, attrs):
             if ("plan" in attrs) == ("pack" in attrs):

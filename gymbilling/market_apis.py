@@ -16,6 +16,7 @@ from accounts.api_base import (
     OrgApiView,
     PagedListMixin,
     PageQuery,
+    StrictIntegerField,
     StrictSerializer,
     query_data,
 )
@@ -101,10 +102,8 @@ class ListingsApi(_MarketApi):
             ref_name = "MarketBookQuery"
 
         currency = serializers.CharField(required=False, default="usd", max_length=3)
-        quantity = serializers.IntegerField(required=False, min_value=1, max_value=MAX_QUANTITY)
-        max_price_per_1k = serializers.IntegerField(
-            required=False, min_value=0, max_value=MAX_PRICE
-        )
+        quantity = StrictIntegerField(required=False, min_value=1, max_value=MAX_QUANTITY)
+        max_price_per_1k = StrictIntegerField(required=False, min_value=0, max_value=MAX_PRICE)
         limit = serializers.IntegerField(required=False, default=50, min_value=1, max_value=200)
 
     class BookOutput(serializers.Serializer):
@@ -116,10 +115,10 @@ class ListingsApi(_MarketApi):
         class Meta:
             ref_name = "MarketListingInput"
 
-        quantity = serializers.IntegerField(
+        quantity = StrictIntegerField(
             min_value=1, max_value=MAX_QUANTITY, help_text="Micro-credits to list."
         )
-        price_per_1k = serializers.IntegerField(
+        price_per_1k = StrictIntegerField(
             min_value=1, max_value=MAX_PRICE, help_text="Minor units per 1,000 credits."
         )
         currency = serializers.CharField(max_length=3, default="usd")
@@ -224,10 +223,10 @@ class OrdersApi(_MarketListApi):
         class Meta:
             ref_name = "MarketOrderInput"
 
-        quantity = serializers.IntegerField(
+        quantity = StrictIntegerField(
             min_value=1, max_value=MAX_QUANTITY, help_text="Micro-credits to buy."
         )
-        max_price_per_1k = serializers.IntegerField(
+        max_price_per_1k = StrictIntegerField(
             min_value=1,
             max_value=MAX_PRICE,
             help_text="Highest price per 1,000 credits, minor units.",

@@ -40,6 +40,8 @@ def billing_rows() -> tuple[int, int, int]:
         ({"plan": "pro", "seats": 3}, 400, "invalid_seats"),
         ({"plan": "team", "seats": 1}, 400, "invalid_seats"),
         ({"plan": "team", "seats": 0}, 400, "invalid_request"),
+        # a float, even a whole one, is not a count of seats (each one charged for)
+        ({"plan": "team", "seats": 3.0}, 400, "invalid_request"),
         ({"plan": "pro", "coupon": "FREE"}, 400, "invalid_request"),
         ({"plan": ["pro"]}, 400, "invalid_request"),
         ({"pack": "boost-1k", "seats": 5}, 400, "invalid_seats"),

@@ -135,6 +135,48 @@ def test_bad_orders_are_refused_with_a_code_and_change_nothing(market_stripe, se
     assert rows() == before
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("listings", {"quantity": float(credits(100)), "price_per_1k": 250}, "quantity"),
+        ("listings", {"quantity": credits(100), "price_per_1k": 250.0}, "price_per_1k"),
+        ("listings", {"quantity": "100000000.0", "price_per_1k": 250}, "quantity"),
+        ("listings", {"quantity": credits(100), "price_per_1k": True}, "price_per_1k"),
+        ("orders", {"quantity": float(credits(10)), "max_price_per_1k": 300}, "quantity"),
+        ("orders", {"quantity": credits(10), "max_price_per_1k": 3e2}, "max_price_per_1k"),
+    ],
+)
+def test_a_whole_number_written_as_a_float_is_refused_and_changes_nothing(
+    market_stripe, seller, buyer, path, body, param
+):
+    # given: credits on offer, so a valid order would be reserved
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    api = client_for(seller if path == "listings" else buyer)
+    before = rows()
+
+    # when
+    r = api.post(f"/api/v1/market/{path}", body, content_type="application/json")
+
+    # then: refused as malformed, naming the field, not read as the integer it rounds to
+    assert r.status_code == 400, r.content
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert rows() == before
+
+
+@pytest.mark.parametrize("quantity", ["40000000.0", "4e7"])
+def test_the_book_refuses_a_quote_for_a_quantity_with_a_decimal_point(seller, buyer, quantity):
+    # when
+    r = client_for(buyer).get("/api/v1/market/listings", {"quantity": quantity})
+
+    # then
+    assert r.status_code == 400, r.content
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (
+        "invalid_request",
+        "quantity",
+    )
+
+
 def test_another_organizations_listing_and_order_answer_404(market_stripe, seller, buyer):
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     api_buyer = client_for(buyer)
