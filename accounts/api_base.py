@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Any
 
-from django.http import HttpResponse
+from django.http import HttpResponse, QueryDict
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
@@ -156,11 +156,19 @@ def query_data(request: Request) -> dict[str, str]:
     jobs, and `?limit=1&limit=200` a page of 200, without a word. No parameter of
     this API takes a list.
     """
-    params = request.query_params
+    require_single_query_params(request.query_params)
+    return request.query_params.dict()
+
+
+def require_single_query_params(params: QueryDict) -> None:
+    """Refuse (400 invalid_request, naming it) a query parameter given more than once.
+
+    For the API's lists and the dashboard's pages alike: none takes a list, and Django
+    reads a repeated one as its last value, without a word.
+    """
     for name, values in params.lists():
         if len(values) > 1:
             raise _given_twice(name)
-    return params.dict()
 
 
 def _single_query_param(request: Request, name: str) -> str | None:

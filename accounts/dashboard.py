@@ -40,7 +40,7 @@ from django.utils.cache import add_never_cache_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.generic import TemplateView
 
-from accounts.api_base import ALL_ROLES
+from accounts.api_base import ALL_ROLES, require_single_query_params
 from accounts.errors import ApplicationError
 from accounts.models import Membership
 from accounts.ratelimits import dashboard_limit, rate_limit_consume
@@ -71,7 +71,39 @@ def safe_next(request: HttpRequest, default: str) -> str:
     return default
 
 
-class MemberPage(LoginRequiredMixin, TemplateView):
+class SingleQueryParams:
+    """A page's GET refuses a query parameter given more than once (400), as the API's
+    lists do (require_single_query_params): read as its last value, `?days=7&days=90`
+    drew 90 days without a word, and a link that meant the first got another page.
+    No page takes a list."""
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method in ("GET", "HEAD"):
+            try:
+                require_single_query_params(request.GET)
+            except ApplicationError as error:
+                return query_refused(request, error)
+        return super().dispatch(request, *args, **kwargs)
+
+
+def query_refused(request: HttpRequest, error: ApplicationError) -> HttpResponse:
+    """The page for a query it cannot read: the refusal (its code in `data-error-code`)
+    and a link to the page without the query; in the dashboard's frame when a member
+    page refused it (request.organization is set)."""
+    context = {
+        "title": "This address cannot be read",
+        "refusal": error,
+        "without_query": request.path,
+        **{
+            name: getattr(request, name)
+            for name in ("organization", "membership", "memberships")
+            if hasattr(request, name)
+        },
+    }
+    return render(request, "dashboard/query_refused.html", context, status=error.status)
+
+
+class MemberPage(LoginRequiredMixin, SingleQueryParams, TemplateView):
     """A dashboard page: signed in, a member of the organization, in a role it allows.
 
     Subclasses set `template_name`, `title` and `nav` (the menu entry to mark),

@@ -35,6 +35,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters
 
 from accounts.dashboard import (
+    SingleQueryParams,
     refusal_page,
     safe_next,
     with_retry_after,
@@ -121,7 +122,7 @@ def sign_in_count(request: HttpRequest, *, email: str | None = None) -> None:
     )
 
 
-class SignInView(LoginView):
+class SignInView(SingleQueryParams, LoginView):
     """Django's sign-in, matching the address in any case (EmailAuthenticationForm), and
     counted per network address and per address tried.
 
@@ -161,7 +162,7 @@ class SignupForm(forms.Form):
 
 
 @method_decorator(sensitive_post_parameters("password"), name="dispatch")
-class SignupView(View):
+class SignupView(SingleQueryParams, View):
     """A new account and its personal organization, unverified until the emailed link.
 
     The answer says nothing of whether the address already had an account: a valid form
@@ -212,7 +213,7 @@ class SignupView(View):
         return render(request, self.template_name, context, status=status)
 
 
-class SignupDoneView(View):
+class SignupDoneView(SingleQueryParams, View):
     """`/signup/done`: "check your email", where every valid sign-up lands (SignupView)."""
 
     def get(self, request: HttpRequest) -> HttpResponse:
@@ -225,7 +226,7 @@ class SignupDoneView(View):
 
 @method_decorator(never_cache, name="dispatch")
 @method_decorator(sensitive_post_parameters("password"), name="dispatch")
-class EmailVerifyView(View):
+class EmailVerifyView(SingleQueryParams, View):
     """The link emailed at sign-up (and when staff change an address): GET `token` asks,
     POST verifies.
 

@@ -22,6 +22,7 @@ from accounts.dashboard import (
     SESSION_ORGANIZATION,
     Confirmation,
     PickPage,
+    SingleQueryParams,
     owned_or_refused,
     refusal_page,
 )
@@ -46,7 +47,7 @@ from accounts.services import (
 
 # The page holds the invitation's token (in its form): no browser or proxy keeps it.
 @method_decorator(never_cache, name="dispatch")
-class InvitationAcceptPage(View):
+class InvitationAcceptPage(SingleQueryParams, View):
     """The invitation email's link: GET `token` shows what it invites to; POST accepts it.
 
     The token leaves the address at once: the link's GET keeps it in the session and

@@ -433,3 +433,54 @@ def test_an_error_report_of_signing_up_or_in_hides_the_password(client, path):
     shown = SafeExceptionReporterFilter().get_post_parameters(response.wsgi_request)
     assert shown["password"] == SafeExceptionReporterFilter.cleansed_substitute
     assert "hunter2hunter2" not in repr(dict(shown))
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/dashboard/usage?days=7&days=90", "days"),
+        ("/dashboard/market?currency=usd&currency=eur", "currency"),
+        ("/dashboard/invoices?page=1&page=2", "page"),
+        ("/dashboard/keys?revoke=1&revoke=2", "revoke"),
+        ("/dashboard/activity?before=5&kind=x&before=9", "before"),
+    ],
+)
+def test_a_dashboard_page_refuses_a_query_parameter_given_twice(client, member, path, param):
+    # given a signed-in owner
+    _user, organization = member(Role.OWNER)
+
+    # when a page is asked for with a parameter twice (a link built by appending)
+    response = client.get(path)
+
+    # then: 400, saying which, in the dashboard's frame, not the page for the last value
+    assert response.status_code == 400, response.content
+    page = response.content.decode()
+    assert 'data-error-code="invalid_request"' in page
+    assert f"The query parameter &#x27;{param}&#x27; is given more than once" in page
+    assert f'href="{path.split("?")[0]}"' in page  # the way on: the page without its query
+    assert organization.name in page
+    # while the parameter once draws the page
+    once = path.split("&")[0]
+    assert client.get(once).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/login/?next=/dashboard/&next=/dashboard/keys", "next"),
+        ("/signup/?next=/a&next=/b", "next"),
+        ("/signup/done?next=/a&next=/b", "next"),
+        ("/verify-email?token=a&token=b", "token"),
+        ("/invitations/accept?token=a&token=b", "token"),
+    ],
+)
+def test_a_page_for_people_signed_out_refuses_a_query_parameter_given_twice(client, path, param):
+    # when
+    response = client.get(path)
+
+    # then: 400 naming it; the invitation's token is not kept in the session either
+    assert response.status_code == 400, response.content
+    page = response.content.decode()
+    assert 'data-error-code="invalid_request"' in page
+    assert f"&#x27;{param}&#x27;" in page
+    assert "invitation_token" not in client.session
