@@ -102,7 +102,8 @@ class UserAdmin(BaseUserAdmin):
 
     def save_model(self, request, obj, form, change):
         """A new address goes through user_email_change: unverified and emailed the link,
-        unless staff ticked "New address checked" (UserChangeForm)."""
+        unless staff ticked "New address checked" (UserChangeForm); the old address is
+        told who changed it."""
         # Compared as stored (UserChangeForm.clean_email canonicalizes it): the form counts
         # "Ann@X" typed over "ann@x" as changed, but it is the same, proven, address.
         if not (change and "email" in form.changed_data and obj.email != form.initial["email"]):
@@ -112,7 +113,10 @@ class UserAdmin(BaseUserAdmin):
         obj.email = form.initial["email"]  # the rest saved first, under the old address
         super().save_model(request, obj, form, change)
         user_email_change(
-            user=obj, email=email, verified=form.cleaned_data.get("new_email_verified", False)
+            user=obj,
+            email=email,
+            changed_by=request.user,
+            verified=form.cleaned_data.get("new_email_verified", False),
         )
 
     def has_delete_permission(self, request, obj=None):

@@ -9,10 +9,11 @@ it twice verifies twice, harmlessly.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from django.core import signing
 from django.db import transaction
+from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, User
@@ -115,9 +116,10 @@ def user_email_mark_verified(*, user: User, email: str) -> None:
 
 
 @transaction.atomic
-def user_email_change(*, user: User, email: str, verified: bool = False) -> None:
+def user_email_change(*, user: User, email: str, changed_by: User, verified: bool = False) -> None:
     """Give `user` the address `email`: unverified, and emailed the link that proves it,
-    unless the caller has checked it (`verified`: staff who vouch for it).
+    unless the caller has checked it (`verified`: staff who vouch for it). The old
+    address is told (_email_changed_notify).
 
     An address is what managers add a person by, and where their password is reset: a
     verified one that was changed stayed verified, so a typing mistake or a wrong
@@ -128,10 +130,38 @@ def user_email_change(*, user: User, email: str, verified: bool = False) -> None
     covers the address).
     """
     email = User.objects.canonical_email(email)
+    old_email = user.email
     User.objects.filter(pk=user.pk).update(email=email, email_verified=verified)
     user.email, user.email_verified = email, verified
     if not verified:
         user_email_verification_send(user=user)
+    if old_email != email:
+        _email_changed_notify(old_email=old_email, changed_by=changed_by)
+
+
+def _email_changed_notify(*, old_email: str, changed_by: User) -> None:
+    """Tell the account's old address that staff moved the account to another one: who
+    and when, so that its owner can object if they did not ask for it (a request to
+    staff in their name is how an account is taken). Without it, the only mail went to
+    the new address, and the owner learned of it when signing in failed.
+
+    No link that acts (the old address proves nothing any more), and not the new
+    address: a workplace address may now be read by someone the person left.
+    """
+    who = changed_by.get_full_name() or changed_by.email
+    when = timezone.now().astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    email_send_on_commit(
+        to=old_email,
+        subject="The email address of your GymBilling account was changed",
+        body=(
+            f"The GymBilling account ({site_link('home')}) that used {old_email} was moved "
+            f"to another email address by {who}, of GymBilling's staff, on {when}.\n"
+            f"{old_email} no longer signs in to it, and the account's email now goes to "
+            "the new address.\n"
+            "If you did not ask for this, tell GymBilling's staff at once, from this "
+            "address.\n"
+        ),
+    )
 
 
 def user_password_reset_done(*, user: User) -> None:

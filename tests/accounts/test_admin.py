@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -12,6 +13,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from django.forms.models import model_to_dict
 from django.test import Client
+from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import (
@@ -334,9 +336,12 @@ def test_staff_changing_a_verified_address_unverify_it_and_email_the_new_one_a_l
     assert saved.status_code == 302, saved.content
     fay.refresh_from_db()
     assert (fay.email, fay.email_verified, fay.first_name) == ("fay.new@example.test", False, "Fay")
-    [message] = mail.outbox
-    assert message.to == ["fay.new@example.test"]
+    [message] = [each for each in mail.outbox if each.to == ["fay.new@example.test"]]
     assert "/verify-email?token=" in message.body
+    # and the old address is told, without a link that acts
+    [notice] = [each for each in mail.outbox if each.to == ["fay@example.test"]]
+    assert "token" not in notice.body
+    assert len(mail.outbox) == 2
     # and the password alone no longer signs in; the link, with the password, does
     refused = Client().post(
         "/login/", {"username": "fay.new@example.test", "password": "fay's own passphrase 1"}
@@ -349,7 +354,7 @@ def test_staff_changing_a_verified_address_unverify_it_and_email_the_new_one_a_l
     assert User.objects.get(pk=fay.pk).email_verified
 
 
-def test_staff_who_checked_the_new_address_keep_it_verified_and_email_nothing(
+def test_staff_who_checked_the_new_address_keep_it_verified_and_email_it_nothing(
     staff, django_capture_on_commit_callbacks
 ):
     # given a verified user
@@ -364,11 +369,41 @@ def test_staff_who_checked_the_new_address_keep_it_verified_and_email_nothing(
             user_form(gus, email="gus.new@example.test", new_email_verified=True),
         )
 
-    # then it is verified, and no link is sent
+    # then it is verified, and no link is sent; only the old address hears of it
     assert saved.status_code == 302, saved.content
     gus.refresh_from_db()
     assert (gus.email, gus.email_verified) == ("gus.new@example.test", True)
-    assert mail.outbox == []
+    assert [message.to for message in mail.outbox] == [["gus@example.test"]]
+    assert "token" not in mail.outbox[0].body
+
+
+def test_staff_changing_an_address_tell_the_old_one_who_changed_it_and_when(
+    staff, admin_user, django_capture_on_commit_callbacks, settings
+):
+    # given a user whose address staff change (a request in their name, say)
+    settings.SITE_URL = "https://gym.example.test"
+    kit = UserFactory(email="kit@example.test")
+    admin_user.first_name, admin_user.last_name = "Sam", "Staff"
+    admin_user.save(update_fields=["first_name", "last_name"])
+
+    # when
+    with django_capture_on_commit_callbacks(execute=True):
+        saved = staff.post(
+            f"/admin/accounts/user/{kit.pk}/change/", user_form(kit, email="kit@elsewhere.test")
+        )
+
+    # then the old address gets a notice: who, when, and where; no link that acts, and
+    # not the new address
+    assert saved.status_code == 302, saved.content
+    [notice] = [each for each in mail.outbox if each.to == ["kit@example.test"]]
+    assert "changed" in notice.subject
+    assert "by Sam Staff, of GymBilling's staff" in notice.body
+    when = re.search(r"on (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", notice.body)
+    assert when, notice.body
+    sent_at = datetime.strptime(when[1], "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+    assert abs(sent_at - timezone.now()) < timedelta(minutes=2)
+    assert re.findall(r"https?://[^\s)]+", notice.body) == ["https://gym.example.test/"]
+    assert "kit@elsewhere.test" not in notice.body
 
 
 def test_staff_saving_a_user_without_changing_the_address_leave_its_verification_alone(
