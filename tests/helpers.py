@@ -98,9 +98,10 @@ def on_own_connection(work, errors: list) -> None:
         connection.close()
 
 
-def pause_after(monkeypatch, module, name: str, *, thread: str | None = None):
+def pause_after(monkeypatch, module, name: str, *, thread: str | None = None, when=None):
     """Make `module.name` pause its caller once it returns, the first time it is called (on
-    the thread named `thread`, if given), until the test sets `resume`: the caller's
+    the thread named `thread`, if given, and with arguments for which `when(*args,
+    **kwargs)` is true, if given), until the test sets `resume`: the caller's
     transaction stays open, holding what it locked. Returns (paused, resume) events."""
     import threading
 
@@ -110,13 +111,21 @@ def pause_after(monkeypatch, module, name: str, *, thread: str | None = None):
     def call_then_pause(*args, **kwargs):
         result = real(*args, **kwargs)
         here = thread is None or threading.current_thread().name == thread
-        if here and not paused.is_set():
+        if here and (when is None or when(*args, **kwargs)) and not paused.is_set():
             paused.set()
             resume.wait(timeout=60)
         return result
 
     monkeypatch.setattr(module, name, call_then_pause)
     return paused, resume
+
+
+def no_deadlock_retries(monkeypatch) -> None:
+    """A deadlock reaches its caller instead of being retried away (retry_on_deadlock):
+    one detected at COMMIT, where PostgreSQL checks Django's deferred foreign keys, too."""
+    from metering.services import postings
+
+    monkeypatch.setattr(postings, "DEADLOCK_RETRIES", 0)
 
 
 def run_against_paused(thread, *, paused, resume, what: str) -> None:

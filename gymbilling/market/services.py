@@ -3,11 +3,17 @@
 Lock order, everywhere (STYLE.md 12): the seller's market lock (`seller_lock`,
 taken by what opens listings, what must see all of a seller's listings, and
 what gives reserved credits back to sellers; several sellers' in primary-key
-order), then listing rows (primary-key order), then the order row, then
+order), then a charge's reversal lock (billing's `stripe-charge:<id>`), then
+listing rows (primary-key order), then the order row, then
 fills (primary-key order), then the sellers' payment reversals (billing's
 refunds and disputes, primary-key order), then rollover carries (primary-key order), then
 ledger accounts (metering's `post`, primary-key order), then credit lots
-(primary-key order), then money accounts. No Stripe call is made inside a transaction: an order is
+(primary-key order), then money accounts. Billing's refunds and disputes keep it
+too (gymbilling.services.payments): `payment_reversal_apply` and
+`payment_reversal_reinstate` take the seller's lock, then the charge's, then lock
+every reversal row they will touch before any ledger account; the pending sweep
+locks one reversal row, then ledger accounts. A reversal row is never locked
+while a ledger account is held. No Stripe call is made inside a transaction: an order is
 reserved and committed, then Checkout is created, then recorded; if Stripe
 fails in between, the reservation is released by compensating transfers.
 Organization rows are never locked here (`select_for_update(of=("self",))`

@@ -135,6 +135,8 @@ def payment_reversal_apply(
     charge's total refunded so far (Stripe's `amount_refunded`), and only the
     part not yet reversed by an earlier event is applied now.
     """
+    from gymbilling.market.services import seller_lock
+
     intent = charge.get("payment_intent")
     if isinstance(intent, dict):
         intent = intent.get("id")
@@ -157,9 +159,23 @@ def payment_reversal_apply(
     _listings_withdraw(organization=organization)
     try:
         with transaction.atomic():
+            # The lock order of everything that touches reversals and the ledger
+            # (gymbilling.market.services): the seller's market lock, then the charge's,
+            # then the reversals' rows (primary-key order), then ledger accounts.
+            # The seller's lock first, as order_release takes it: a release then either
+            # committed the reserved credits home before this counts them (the clawback
+            # takes them) or sees this reversal, committed, among those that counted
+            # them lost (it takes them back as they come home).
+            seller_lock(organization)
             # One reversal of a charge at a time: a refund and a dispute of the
             # same charge may arrive together, under different locks upstream.
             transaction_lock(f"stripe-charge:{charge['id']}")
+            earlier = PaymentReversal.objects.filter(stripe_charge_id=charge["id"])
+            # Every earlier reversal of the charge locked now, before any ledger
+            # account: settling one below takes the wallet's lock, and locking the next
+            # one only then would wait, holding the wallet, for an order_release or a
+            # pending sweep that holds that row and waits for the wallet (a deadlock).
+            list(earlier.select_for_update().order_by("pk").values_list("pk", flat=True))
             if cumulative:
                 # Each row records the money its own event returned (finance's report
                 # adds them up): the running total less what earlier rows recorded.
@@ -183,9 +199,7 @@ def payment_reversal_apply(
                 currency=str(charge.get("currency") or ""),
                 credits_bought=lot.amount,
             )
-            earlier = PaymentReversal.objects.filter(stripe_charge_id=charge["id"]).exclude(
-                pk=reversal.pk
-            )
+            earlier = earlier.exclude(pk=reversal.pk)
             # An earlier reversal still waiting for running work first takes back
             # what that work gave back since (as its sweep would): the credits it
             # claimed are its own, not this one's to take, and what it still has

@@ -26,7 +26,7 @@ from gymbilling.services import resale_freeze, subscriptions
 from metering.models import AccountKind, CreditLot
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import credits_expire, credits_grant, hold_place, postings
+from metering.services import credits_expire, credits_grant, hold_place
 from metering.services.postings import accounts_for
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
@@ -39,6 +39,7 @@ from tests.gymbilling.market.conftest import (
 from tests.helpers import (
     credits,
     lock_waiters,
+    no_deadlock_retries,
     on_own_connection,
     pause_after,
     run_against_paused,
@@ -185,12 +186,6 @@ def test_a_freeze_while_a_listing_is_being_created_ends_that_listing(market_stri
 # waited for, a thread done), never for a length of time.
 
 
-def _no_deadlock_retries(monkeypatch) -> None:
-    """A deadlock reaches its caller instead of being retried away (retry_on_deadlock):
-    one detected at COMMIT, where PostgreSQL checks Django's deferred foreign keys, too."""
-    monkeypatch.setattr(postings, "DEADLOCK_RETRIES", 0)
-
-
 @pytest.mark.django_db(transaction=True)
 def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_the_cap(
     market_stripe, monkeypatch
@@ -199,7 +194,7 @@ def test_a_rollover_and_a_listing_of_the_same_seller_neither_deadlock_nor_dodge_
     # listing holds the seller's lock and is paused just before it writes its rows
     org, stripe_sub, _ = rollover_member()
     errors: list = []
-    _no_deadlock_retries(monkeypatch)
+    no_deadlock_retries(monkeypatch)
     paused, resume = pause_after(monkeypatch, market_services, "accounts_lock", thread="listing")
     listing = threading.Thread(
         name="listing",
@@ -260,7 +255,7 @@ def test_the_rollovers_listing_trim_and_the_expiry_sweep_never_take_the_same_cre
     rollover_at = timezone.now()
     sweep_at = rollover_at + timedelta(minutes=20)  # the minute's sweep, once the lot is due
     errors: list = []
-    _no_deadlock_retries(monkeypatch)
+    no_deadlock_retries(monkeypatch)
     # The rollover has counted the listed credits and is about to trim them: the
     # sweep comes now, and either runs or waits for what the rollover holds.
     swept = _sweep_when_called(
@@ -335,7 +330,7 @@ def test_the_subscriptions_rollover_and_the_expiry_sweep_of_its_escrow_do_not_de
     accounts_for(org, AccountKind.EXPIRY)
     sweep_at = timezone.now() + timedelta(minutes=20)
     errors: list = []
-    _no_deadlock_retries(monkeypatch)
+    no_deadlock_retries(monkeypatch)
     swept = _sweep_when_called(
         monkeypatch, subscriptions, "credits_trim_with_listings", now=sweep_at, errors=errors
     )
@@ -374,7 +369,7 @@ def test_paying_an_order_neither_blocks_nor_deadlocks_with_the_buyer_s_inference
     listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     order = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
     errors: list = []
-    _no_deadlock_retries(monkeypatch)
+    no_deadlock_retries(monkeypatch)
     paused, resume = pause_after(monkeypatch, market_services, "_order_locked", thread="pay")
     paying = threading.Thread(
         name="pay",
