@@ -38,3 +38,53 @@ def platform_fee(*, gross: int, fee_bps: int) -> int:
 def share_ceil(total: int, part: int, whole: int) -> int:
     """`total * part / whole`, rounded up (a refund of any part takes back at least that share)."""
     return -(-total * part // whole) if whole > 0 else total
+
+
+def split_pro_rata(amount: int, weights: list[int]) -> list[int]:
+    """`amount` split over `weights` in proportion, in integers adding up to exactly `amount`.
+
+    Largest remainder (Hamilton's method): each part is its exact share rounded
+    down, and the units that leaves go one each to the parts with the largest
+    fractional remainders, ties to the earlier part (the caller's order, fills
+    by primary key: deterministic, whatever the database returns). So every
+    part is its exact share rounded down or up, never further: where no exact
+    share is over its weight (`amount` at most the sum), no part is either.
+    """
+    total = sum(weights)
+    if amount < 0 or amount > total or any(weight < 0 for weight in weights):
+        raise ValueError(f"cannot split {amount} over {weights}")
+    if amount == 0:
+        return [0] * len(weights)
+    parts = [amount * weight // total for weight in weights]
+    left = amount - sum(parts)  # fewer than the parts with a remainder
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(amount * weights[i] % total), i))
+    for i in by_remainder[:left]:
+        parts[i] += 1
+    return parts
+
+
+def refund_split(*, amount: int, fills: list[tuple[int, int]]) -> list[int]:
+    """A refund of `amount` over an order's fills, each `(gross, refunded so far)`, pro rata
+    to their gross: every seller bears their share, not the first seller all of it.
+
+    Counted over the order's refunds so far, not this one alone: each fill's
+    weight is how far it is behind its exact share of everything refunded
+    once this one is applied, so after any sequence of partial refunds each
+    fill has given back its exact share of their sum, rounded up or down (less
+    than a minor unit off), and a refund of all the rest takes exactly what
+    each fill has left. Exact integers, adding up to the
+    refund (`split_pro_rata`), never more than what a fill has left to refund;
+    more than the order has left is not applied.
+    """
+    gross = sum(g for g, _ in fills)
+    refunded = sum(r for _, r in fills)
+    amount = max(0, min(amount, gross - refunded))
+    if amount == 0:
+        return [0] * len(fills)
+    # Scaled by `gross`, to stay in integers: fill i's exact share of all refunded
+    # is (refunded + amount) * g_i / gross. These add up to at least amount * gross
+    # (exactly, when no earlier rounding put a fill ahead of its share), so each part's
+    # exact share of `amount` is at most its weight / gross <= g_i - r_i.
+    total = refunded + amount
+    weights = [max(0, total * g - r * gross) for g, r in fills]
+    return split_pro_rata(amount, weights)

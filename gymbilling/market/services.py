@@ -48,7 +48,7 @@ from gymbilling.market.escrow import (
 )
 from gymbilling.market.money import MoneyInsufficient, money_account, money_post
 from gymbilling.market.rollover import rollover_carry_open, rollover_release_trim
-from gymbilling.market.rules import fill_amount, platform_fee, share_ceil
+from gymbilling.market.rules import fill_amount, platform_fee, refund_split, share_ceil
 from gymbilling.models import (
     BillingCustomer,
     CheckoutKind,
@@ -1580,7 +1580,9 @@ def market_reversal_handle(
 
     `amount` with `cumulative` is Stripe's `amount_refunded` so far: only the
     part not yet applied (and not our own shortfall refund) is applied now.
-    Per fill, in order: the platform's fee share comes back from fees, the
+    It is split over the order's fills pro rata to their gross (rules.refund_split),
+    so each seller of a multi-seller order bears their share of a partial
+    refund. Per fill: the platform's fee share comes back from fees, the
     seller's share from their proceeds while not yet paid out, and what was
     already paid out is posted as a loss. The buyer's unspent credits of
     that share are clawed back; spent ones are recorded as lost credits;
@@ -1668,16 +1670,14 @@ def _reversal_apply(
             "credits_pending": 0,
         }
         pending_by_fill: dict[str, int] = {}
-        left = new
         cur = order.currency
         system = _system_accounts(cur)
-        for fill in fills:
-            if left == 0:
-                break
-            r = min(left, fill.gross - fill.refunded)
+        # Pro rata to the fills' gross, not fill by fill: taken in order, a partial
+        # refund of a multi-seller order would come all out of the first seller.
+        parts = refund_split(amount=new, fills=[(fill.gross, fill.refunded) for fill in fills])
+        for fill, r in zip(fills, parts, strict=True):
             if r <= 0:
                 continue
-            left -= r
             before, after = fill.refunded, fill.refunded + r
             # The fee comes back in proportion, rounded down (the platform keeps
             # a fraction of a cent until the last refund returns all of it).

@@ -15,8 +15,12 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from accounts.models import Standing
 from gymbilling import stripe_client
-from gymbilling.market.rules import fill_amount, platform_fee
-from gymbilling.market.selectors import organization_listing
+from gymbilling.market.rules import fill_amount, platform_fee, refund_split, split_pro_rata
+from gymbilling.market.selectors import (
+    organization_earnings,
+    organization_listing,
+    organization_sales,
+)
 from gymbilling.market.services import (
     listing_cancel,
     listing_create,
@@ -83,6 +87,27 @@ def test_platform_fee_rounds_half_up():
     assert platform_fee(gross=4, fee_bps=1000) == 0  # 0.4 -> 0
     assert platform_fee(gross=15, fee_bps=1000) == 2  # 1.5 -> 2
     assert platform_fee(gross=14, fee_bps=1000) == 1  # 1.4 -> 1
+
+
+def test_split_pro_rata_gives_the_units_left_to_the_largest_remainders_and_adds_up():
+    # 100 over 100:150:200 is 22.2, 33.3 and 44.4: the cent left goes to .44
+    assert split_pro_rata(100, [100, 150, 200]) == [22, 33, 45]
+    # equal remainders: the earlier part first
+    assert split_pro_rata(2, [1, 1, 1]) == [1, 1, 0]
+    assert split_pro_rata(0, [5, 7]) == [0, 0]
+    with pytest.raises(ValueError):
+        split_pro_rata(13, [5, 7])  # more than there is to split
+
+
+def test_refund_split_counts_earlier_refunds_and_never_takes_more_than_a_fill_has_left():
+    # given: fills of 100, 150 and 200, of which a first refund of 100 took 22, 33 and 45
+    fills = [(100, 22), (150, 33), (200, 45)]
+    # when: 100 more is refunded (200 in all: 44.4, 66.7 and 88.9 exactly)
+    # then: each ends at its exact share of the 200, rounded: 44, 67 and 89
+    assert refund_split(amount=100, fills=fills) == [22, 34, 44]
+    # and the rest, or more than the rest, takes exactly what each has left
+    assert refund_split(amount=350, fills=fills) == [78, 117, 155]
+    assert refund_split(amount=999, fills=fills) == [78, 117, 155]
 
 
 # --- listing ---------------------------------------------------------------------------
@@ -911,11 +936,76 @@ def test_refund_before_payout_reverses_proceeds_fee_and_credits(market_stripe, s
     assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
 
 
+def test_a_partial_refund_of_a_three_seller_order_is_split_pro_rata_to_each_fill_s_gross(
+    market_stripe, buyer
+):
+    # given: 300 credits bought from three sellers, 100 from each at $1.00, $1.50 and
+    # $2.00: fills of 100, 150 and 200 (fees 10, 15 and 20), $4.50 in all
+    sellers = [market_member(credits_amount=credits(100)) for _ in range(3)]
+    for seller, price in zip(sellers, (1000, 1500, 2000), strict=True):
+        listing_create(seller=seller, quantity=credits(100), price_per_1k=price, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(300), max_price_per_1k=2000, currency="usd")
+    market_checkout_handle(order.checkout, paid_session(market_stripe, order))
+    fills = list(MarketFill.objects.filter(order=order).order_by("pk"))
+    assert [(f.seller_id, f.gross, f.fee) for f in fills] == [
+        (sellers[0].pk, 100, 10),
+        (sellers[1].pk, 150, 15),
+        (sellers[2].pk, 200, 20),
+    ]
+
+    # when: $1.00 of the $4.50 is refunded (22.2, 33.3 and 44.4 of it exactly)
+    assert refund(order, 100)
+
+    # then: each fill gives back its share, rounded by largest remainder (22, 33, 45:
+    # the cent left goes to the largest remainder, .44), adding up to the refund; of
+    # each, the platform's fee share (rounded down) and the seller's unpaid proceeds
+    parts = [(f.refunded, f.refunded - f.seller_reversed, f.seller_reversed) for f in _fresh(fills)]
+    assert parts == [(22, 2, 20), (33, 3, 30), (45, 4, 41)]
+    reversal = MarketReversal.objects.get()
+    assert (reversal.amount, reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (
+        100,
+        9,
+        91,
+        0,
+    )
+    # the money ledger books the same, seller by seller, and the sellers read it so
+    assert money("buyer_clearing") == -(450 - 100)
+    assert money("platform_fees") == 45 - 9
+    for seller, refunded, reversed_, earned in zip(
+        sellers, (22, 33, 45), (20, 30, 41), (90 - 20, 135 - 30, 180 - 41), strict=True
+    ):
+        assert money("seller_pending", organization=seller) == earned
+        [earnings] = organization_earnings(organization=seller)
+        assert (earnings.reversed, earnings.earned, earnings.pending) == (reversed_, earned, earned)
+        [sale] = organization_sales(organization=seller)
+        assert (sale.refunded, sale.seller_reversed, sale.earned) == (refunded, reversed_, earned)
+    # and the buyer's credits of each share come back: 22, 22 and 22.5 of each 100
+    assert organization_balance(organization=buyer).available == credits(300) - (
+        credits(22) + credits(22) + credits(22) + credits(1) // 2
+    )
+
+    # when: the rest is refunded
+    assert refund(order, 450)
+
+    # then: every fill is refunded whole, whatever the first refund's rounding
+    assert [(f.refunded, f.seller_reversed) for f in _fresh(fills)] == [
+        (100, 90),
+        (150, 135),
+        (200, 180),
+    ]
+    assert money("platform_fees") == 0 and money("buyer_clearing") == 0
+    assert organization_balance(organization=buyer).total == 0
+
+
+def _fresh(fills: list[MarketFill]) -> list[MarketFill]:
+    return [MarketFill.objects.get(pk=f.pk) for f in fills]
+
+
 def wallet_claim(org) -> int:
     return LedgerAccount.objects.get(organization=org, kind="wallet").claimed
 
 
-def test_a_partial_refunds_pending_credits_are_taken_from_the_refunded_fill_only(
+def test_a_partial_refunds_pending_credits_are_taken_from_each_fill_s_own_lots_only(
     market_stripe, buyer
 ):
     # given: 200 credits bought from two sellers, 100 for $1.00 (expiring first) and
@@ -932,8 +1022,9 @@ def test_a_partial_refunds_pending_credits_are_taken_from_the_refunded_fill_only
     assert (first.gross, second.gross) == (100, 200)
     hold_place(organization=buyer, amount=credits(100), key="job-running")
 
-    # when: $1.00 of the $3.00 is refunded (the first fill's), the job then spends its
-    # 100 (the first fill's credits, which expire first), and the sweep runs
+    # when: $1.00 of the $3.00 is refunded (pro rata: 33 of the first fill, 67 of the
+    # second, so 33 and 33.5 of their credits), the job then spends its 100 (the first
+    # fill's credits, which expire first), and the sweep runs
     assert market_reversal_handle(
         kind="refund",
         key=f"refund:ch_{order.pk}:100",
@@ -942,16 +1033,23 @@ def test_a_partial_refunds_pending_credits_are_taken_from_the_refunded_fill_only
         cumulative=True,
     )
     reversal = MarketReversal.objects.get()
-    assert reversal.credits_pending == credits(100)
+    # the second fill's share came back at once; the first's waits for the job
+    assert (reversal.credits_clawed_back, reversal.pending_by_fill) == (
+        credits(33) + credits(1) // 2,
+        {str(first.pk): credits(33)},
+    )
     hold_capture(key="job-running", amount=credits(100))
     market_reversals_pending_settle()
 
-    # then: the first fill's credits were spent, a loss; the second fill's 100, paid
-    # for and never refunded, are the buyer's still
+    # then: the first fill's share was spent, a loss, not made up from the second
+    # fill's credits: of those, the 66.5 paid for and never refunded are the buyer's
     reversal.refresh_from_db()
-    assert (reversal.credits_clawed_back, reversal.credits_lost) == (0, credits(100))
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (
+        credits(33) + credits(1) // 2,
+        credits(33),
+    )
     assert (reversal.credits_pending, reversal.pending_by_fill) == (0, {})
-    assert organization_balance(organization=buyer).available == credits(100)
+    assert organization_balance(organization=buyer).available == credits(66) + credits(1) // 2
     assert wallet_claim(buyer) == 0
 
 
