@@ -9,6 +9,7 @@ from gymbilling.services import (
     payment_reversals_pending_settle,
     stripe_event_process,
     stripe_events_retry,
+    subscriptions_last_period_cap,
     subscriptions_suspend_overdue,
 )
 from gymbilling.services.events import EventRetryLater
@@ -34,6 +35,11 @@ def stripe_events_retry_task() -> int:
 @shared_task
 def subscriptions_suspend_overdue_task() -> int:
     return subscriptions_suspend_overdue()
+
+
+@shared_task
+def subscriptions_last_period_cap_task() -> int:
+    return subscriptions_last_period_cap()
 
 
 @shared_task

@@ -262,11 +262,23 @@ class Subscription(models.Model):
     canceled_at = models.DateTimeField(null=True, blank=True)
     # A failed payment starts the grace period; past it, inference is suspended.
     grace_until = models.DateTimeField(null=True, blank=True)
+    # When the rollover cap was applied to the last period of this subscription,
+    # once it ended (canceled) and that period was over: no renewal comes to apply
+    # it (subscriptions.subscription_last_period_cap). Null while live or not yet due.
+    last_period_capped_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     synced_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [
+            # The minute's sweep of ended subscriptions whose last period's cap is due.
+            models.Index(
+                fields=["current_period_end"],
+                condition=Q(status="canceled", last_period_capped_at__isnull=True),
+                name="subscription_last_cap_due",
+            ),
+        ]
         constraints = [
             # One live subscription per organization; canceled ones stay as history.
             models.UniqueConstraint(

@@ -18,7 +18,11 @@ from gymbilling.services.payments import (
     payment_reversals_pending_settle,
     resale_freeze,
 )
-from gymbilling.services.subscriptions import subscription_sync, subscriptions_suspend_overdue
+from gymbilling.services.subscriptions import (
+    subscription_sync,
+    subscriptions_last_period_cap,
+    subscriptions_suspend_overdue,
+)
 
 __all__ = [
     "billing_customer_ensure",
@@ -38,5 +42,6 @@ __all__ = [
     "stripe_events_retry",
     "subscription_change",
     "subscription_sync",
+    "subscriptions_last_period_cap",
     "subscriptions_suspend_overdue",
 ]

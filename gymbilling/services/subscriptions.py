@@ -13,7 +13,9 @@ match it:
 - `past_due` starts the grace period; past it inference is suspended
   (`subscriptions_suspend_overdue`, every minute from beat); a paid invoice
   makes the subscription active and the organization active again;
-- a canceled subscription returns the organization to the defaults.
+- a canceled subscription returns the organization to the defaults, and its
+  last period's credits are capped as a renewal would have capped them, once
+  that period is over (`subscription_last_period_cap`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from django.utils import timezone
 from accounts.models import Organization, Standing
 from accounts.services import organization_entitlements_set
 from accounts.services.organizations import ENTITLEMENT_FIELDS
-from gymbilling.market.services import credits_trim_with_listings, seller_lock
+from gymbilling.market.services import credits_trim_with_listings, seller_lock, sellers_lock
 from gymbilling.models import PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
+from gymbilling.sweeps import each_isolated
 from metering.models import LotSource
 from metering.services import credits_trim
 
@@ -175,6 +178,11 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             # In the same transaction as the new period: a crash in between
             # would otherwise save the period and never trim its rollover.
             period_rollover(subscription=sub, previous=rolled_from)
+        if sub.status == Status.CANCELED:
+            # Canceled at period end, Stripe's deletion comes as the period ends: the
+            # cap applies now. Canceled at once, mid-period, the sweep applies it at
+            # the period's end (subscriptions_last_period_cap).
+            subscription_last_period_cap(subscription_id=sub.pk, now=now)
     return sub
 
 
@@ -208,6 +216,69 @@ def period_rollover(*, subscription: Subscription, previous: tuple) -> int:
         keep=plan.rollover_cap_for(seats),
         key=f"rollover:{subscription.stripe_subscription_id}:{int(period_start.timestamp())}",
         memo=f"rollover cap of {plan.code}: {plan.rollover_percent}% of a month",
+    )
+
+
+def subscription_last_period_cap(*, subscription_id: int, now: datetime | None = None) -> int:
+    """Expire what exceeds the rollover cap of a canceled subscription's last period, once
+    that period is over (once per subscription). Returns the micro-credits expired.
+
+    A renewal caps the period that ended (`period_rollover`); the last period
+    of a canceled subscription has no renewal, so without this its credits,
+    which a rollover plan grants until a period after the period's end
+    (invoices.invoice_credits), would all carry over, uncapped. The plan
+    promises to roll over its cap, not more and not less, whether or not the
+    member renews (DESIGN.md: "period end expires what is left beyond the
+    rollover cap"); cancelling only stops the grants. So the member keeps up to
+    the cap until those credits expire, as a member who renewed would. Not
+    before the period is over: a member who cancels at once keeps the period
+    they paid for, as a plan without rollover keeps its credits to the period's
+    end.
+
+    Not when the organization has a live subscription again (a re-subscription):
+    its credits are subscription credits too, and its own renewal caps them all.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        organization_id = Subscription.objects.values_list("organization_id", flat=True).get(
+            pk=subscription_id
+        )
+        # subscription_sync's lock order: the seller's market lock, then the subscription.
+        sellers_lock([organization_id])
+        sub = (
+            Subscription.objects.select_for_update(of=("self",))
+            .select_related("plan", "organization")
+            .get(pk=subscription_id)
+        )
+        if (
+            sub.status != Status.CANCELED
+            or sub.last_period_capped_at is not None
+            or sub.current_period_end > now
+        ):
+            return 0
+        expired = 0
+        if live_subscription(sub.organization) is None:
+            # The renewal's key for this period: whichever came, it trims once.
+            expired = period_rollover(
+                subscription=sub, previous=(sub.plan, sub.seats, sub.current_period_start)
+            )
+        Subscription.objects.filter(pk=sub.pk).update(last_period_capped_at=now)
+        return expired
+
+
+def subscriptions_last_period_cap(*, now: datetime | None = None) -> int:
+    """The minute's sweep: the rollover cap of every canceled subscription whose last period
+    has ended since (subscription_last_period_cap), each in its own transaction. Returns the
+    micro-credits expired."""
+    now = now or timezone.now()
+    return each_isolated(
+        Subscription.objects.filter(
+            status=Status.CANCELED, last_period_capped_at__isnull=True, current_period_end__lte=now
+        )
+        .order_by("pk")
+        .values_list("pk", flat=True),
+        lambda pk: subscription_last_period_cap(subscription_id=pk, now=now),
+        what="the last period's rollover cap of subscription",
     )
 
 

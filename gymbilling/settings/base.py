@@ -354,6 +354,11 @@ CELERY_BEAT_SCHEDULE |= {
         "task": "gymbilling.tasks.subscriptions_suspend_overdue_task",
         "schedule": crontab(minute="*"),
     },
+    # The rollover cap of canceled subscriptions' last periods, as they end.
+    "billing-last-period-cap": {
+        "task": "gymbilling.tasks.subscriptions_last_period_cap_task",
+        "schedule": crontab(minute="*"),
+    },
     "billing-overage-report": {
         "task": "gymbilling.tasks.overage_report_task",
         "schedule": timedelta(minutes=BILLING_OVERAGE_REPORT_MINUTES),
