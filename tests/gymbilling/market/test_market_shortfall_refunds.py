@@ -10,39 +10,14 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-import pytest
 from django.utils import timezone
 
 from gymbilling import stripe_client
-from gymbilling.market.services import listing_create, order_create, order_pay, orders_expire
+from gymbilling.market.services import orders_expire
 from gymbilling.models import MarketOrder
-from tests.factories import OrganizationFactory
-from tests.gymbilling.market.conftest import subscription_credits
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
-from tests.helpers import credits
 
 CHANGELIST = "/admin/gymbilling/marketorder/"
-
-
-@pytest.fixture
-def unrefunded_shortfall(market_stripe, buyer, django_capture_on_commit_callbacks):
-    """An order of 30 paid after its reserved credits expired (nothing delivered, 30 owed
-    back) whose shortfall refund could not reach Stripe; returns (order, payment intent)."""
-    short = OrganizationFactory()
-    subscription_credits(short, credits(100), days=2)
-    listing_create(seller=short, quantity=credits(100), price_per_1k=300, currency="usd")
-    order = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
-    intent = market_stripe.pay(order.checkout.stripe_session_id)["payment_intent"]
-    market_stripe.down = True
-    with django_capture_on_commit_callbacks(execute=True):
-        order_pay(
-            order_id=order.pk, payment_intent_id=intent, now=timezone.now() + timedelta(days=3)
-        )
-    market_stripe.down = False
-    order.refresh_from_db()
-    assert (order.shortfall_amount, order.shortfall_refunded_at) == (30, None)
-    assert market_stripe.refunded(intent) == 0
-    return order, intent
 
 
 def _refused_logs(caplog, order: MarketOrder) -> list[str]:
