@@ -570,7 +570,10 @@ _MARKET_FEE_COLUMNS = [
     ("marketplace volume (minor units)", number_cell("volume")),
     ("fees earned (minor units)", number_cell("fees_earned")),
     ("fees returned by refunds and disputes (minor units)", number_cell("fees_returned")),
-    ("fees reinstated by disputes won (minor units)", number_cell("fees_reinstated")),
+    (
+        "fees reinstated by disputes won and refunds failed (minor units)",
+        number_cell("fees_reinstated"),
+    ),
     ("fee income (minor units)", number_cell("fee_income")),
 ]
 

@@ -98,7 +98,7 @@ def reversals_by_customer(*, start: datetime, end: datetime) -> list[dict]:
     those found already used (their revenue was recognized as they were burned).
     Marketplace payments of the customer as buyer (MarketReversal): what was returned,
     of it the platform's fees (the gym's own marketplace income) and the losses (the
-    sellers' shares already paid out).
+    sellers' shares already paid out). Refunds that failed since are left out of both.
     """
 
     def summed(field: str, **only) -> Sum:
@@ -126,6 +126,8 @@ def reversals_by_customer(*, start: datetime, end: datetime) -> list[dict]:
     parts += [{"customer": row.pop("organization__slug"), **row} for row in payments]
     market = (
         MarketReversal.objects.filter(**in_days)
+        # A refund that failed returned no money: its fee and losses are undone too.
+        .exclude(kind="refund", reinstated_at__isnull=False)
         .values("order__buyer__slug", "currency")
         .annotate(
             market_reversed=summed("amount"),
@@ -155,7 +157,9 @@ def market_fee_income(*, start: datetime, end: datetime) -> list[dict]:
     - `fees_earned`: the fees booked on them (`fee:<fill>`, into platform fees);
     - `fees_returned`: the fee share refunds and disputes in these days took out of
       platform fees, whenever the fill was sold (in proportion, rounded down: services);
-    - `fees_reinstated`: the fee share disputes won in these days gave back;
+    - `fees_reinstated`: the fee share disputes won, and refunds failed, in these days
+      gave back (a refund that fails later returned nothing: its fee share is the
+      platform's again, whenever the refund was made);
     - `fee_income`: every movement of the platform fees account in these days, which is
       earned - returned + reinstated (the only postings to it), and its balance at `end`
       less its balance at `start`.

@@ -966,6 +966,19 @@ def stripe_refusal_is_final(exc: stripe_client.StripeRequestRefused) -> bool:
     return exc.status not in (401, 403)
 
 
+# The metadata `reason` of an order's shortfall refund: how a refund of the order's charge
+# is told apart from one of what was delivered (market_reversal_handle).
+SHORTFALL_REASON = "not_delivered"
+
+
+def _is_shortfall_refund(refund: dict, order_id: int) -> bool:
+    metadata = refund.get("metadata") or {}
+    return (
+        str(metadata.get("market_order") or "") == str(order_id)
+        and metadata.get("reason") == SHORTFALL_REASON
+    )
+
+
 def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
     """Refund what an order paid for and did not get; retried by `orders_expire` until done.
 
@@ -996,7 +1009,7 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
             key=key,
             payment_intent=order.stripe_payment_intent_id,
             amount=order.shortfall_amount,
-            metadata={"market_order": str(order.pk), "reason": "not_delivered"},
+            metadata={"market_order": str(order.pk), "reason": SHORTFALL_REASON},
         )
     except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
         logger.warning("market order %s: shortfall refund later: %s", order.pk, exc)
@@ -1574,12 +1587,21 @@ def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
 
 
 def market_reversal_handle(
-    *, kind: str, key: str, charge: dict, amount: int, cumulative: bool
+    *,
+    kind: str,
+    key: str,
+    charge: dict,
+    amount: int,
+    cumulative: bool,
+    refund: dict | None = None,
 ) -> bool:
     """A refund or dispute of a charge; True when the charge paid a marketplace order.
 
-    `amount` with `cumulative` is Stripe's `amount_refunded` so far: only the
-    part not yet applied (and not our own shortfall refund) is applied now.
+    A refund comes one at a time (`refund`: Stripe's, `amount` its own): the
+    order's shortfall refund (what it paid for and did not get, refunded by
+    order_shortfall_refund) takes nothing back. `amount` with `cumulative` is
+    a running total of refunds instead: only the part not yet applied (and
+    not our own shortfall refund) is applied now.
     It is split over the order's fills pro rata to their gross (rules.refund_split),
     so each seller of a multi-seller order bears their share of a partial
     refund. Per fill: the platform's fee share comes back from fees, the
@@ -1597,6 +1619,8 @@ def market_reversal_handle(
     order = MarketOrder.objects.filter(stripe_payment_intent_id=str(intent)).first()
     if order is None:
         return False
+    if refund is not None and _is_shortfall_refund(refund, order.pk):
+        return True  # money for credits never delivered: nothing of the sale to take back
     froze = _reversal_apply(
         order_id=order.pk, kind=kind, key=key, charge=charge, amount=amount, cumulative=cumulative
     )
@@ -1645,9 +1669,12 @@ def _reversal_apply(
         )
         if cumulative:
             earlier = (
-                MarketReversal.objects.filter(order=order, kind=kind).aggregate(s=Sum("amount"))[
-                    "s"
-                ]
+                MarketReversal.objects.filter(
+                    # A refund that failed since returned nothing.
+                    order=order,
+                    kind=kind,
+                    reinstated_at__isnull=True,
+                ).aggregate(s=Sum("amount"))["s"]
                 or 0
             )
             new = max(0, amount - order.shortfall_amount - earlier)
@@ -1752,6 +1779,11 @@ def _reversal_apply(
             totals["credits_lost"] += credit_target - clawed - pending
             if pending:
                 pending_by_fill[str(fill.pk)] = pending
+        if kind == "refund" and not cumulative:
+            # A refund made by hand may return money for credits never delivered
+            # too (the order's shortfall, its own refund then refused): no sale of
+            # it to take back, and no part of the marketplace's refunds.
+            totals["amount"] = new = new - left
         MarketReversal.objects.filter(pk=reversal.pk).update(
             **totals, pending_by_fill=pending_by_fill
         )
@@ -1866,17 +1898,33 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
 # --- a dispute won ------------------------------------------------------------------------
 
 
-def market_reinstatement_handle(*, key: str) -> bool:
-    """A won dispute; True when `key` names a reversal of a marketplace payment.
+def market_reinstatement_handle(*, key: str, refund: dict | None = None) -> bool:
+    """A won dispute, or a refund that failed (`refund`); True when `key` names a reversal
+    of a marketplace payment.
 
-    Stripe gave the money back, so the reversal is undone, once (a replay
-    finds it reinstated): per fill, the fee share back to the platform's
-    fees, the seller's share back to their proceeds, a loss booked for a
-    share already paid out recovered; the buyer's credits taken back return
-    to their lots, and those still pending are no longer claimed. The
-    buyer's resale freeze stays: finance lifts it.
+    Stripe gave the money back (a refund that failed returned nothing to the
+    buyer), so the reversal is undone, once (a replay finds it reinstated):
+    per fill, the fee share back to the platform's fees, the seller's share
+    back to their proceeds, a loss booked for a share already paid out
+    recovered; the buyer's credits taken back return to their lots, and those
+    still pending are no longer claimed. The buyer's resale freeze stays:
+    finance lifts it.
+
+    An order's shortfall refund that failed took nothing back here, and the
+    buyer is owed that money still: logged at ERROR for finance.
     """
     reversal = MarketReversal.objects.filter(key=key).first()
+    if refund is not None:
+        order_id = str((refund.get("metadata") or {}).get("market_order") or "")
+        if order_id.isdigit() and _is_shortfall_refund(refund, int(order_id)):
+            logger.error(
+                "market order %s: its shortfall refund %s failed (%s): the buyer has not "
+                "had the money back; refund it again once the cause is fixed",
+                order_id,
+                refund.get("id"),
+                refund.get("failure_reason") or refund.get("status"),
+            )
+            return True
     if reversal is None:
         return False
     _reinstatement_apply(reversal_id=reversal.pk)
@@ -1955,14 +2003,16 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
         # money accounts (the lock order above), as order_pay locks them.
         given_back = clawbacks_reverse(
             key=f"market:{reversal.key}",
-            reason=f"{reversal.kind} of marketplace order {order.pk} won: funds reinstated",
+            reason=f"{reversal.kind} of marketplace order {order.pk} {_undone(reversal.kind)}",
             organization=order.buyer,
         )
         if reversal.credits_pending:
             claim_drop(organization=order.buyer, amount=reversal.credits_pending)
         system = _system_accounts(order.currency)
         for fill in touched:
-            _fill_reinstate(fill=fill, part=parts[fill.pk], key=reversal.key, system=system)
+            _fill_reinstate(
+                fill=fill, part=parts[fill.pk], key=reversal.key, kind=reversal.kind, system=system
+            )
         MarketReversal.objects.filter(pk=reversal.pk).update(
             reinstated_at=timezone.now(),
             credits_reinstated=given_back,
@@ -1973,8 +2023,17 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
         )
 
 
+def _undone(kind: str) -> str:
+    return "failed: the money came back" if kind == "refund" else "won: funds reinstated"
+
+
 def _fill_reinstate(
-    *, fill: MarketFill, part: _ReversedPart, key: str, system: dict[str, MoneyAccount]
+    *,
+    fill: MarketFill,
+    part: _ReversedPart,
+    key: str,
+    kind: str,
+    system: dict[str, MoneyAccount],
 ) -> None:
     """Post the reversal of one fill back, and make the fill owe the seller their share again."""
     proceeds = fill.proceeds
@@ -2007,6 +2066,6 @@ def _fill_reinstate(
         organization=fill.seller,
         fill=fill,
         postings=postings,
-        memo=f"{key} won: funds reinstated",
+        memo=f"{key} {_undone(kind)}",
     )
     MarketFill.objects.filter(pk=fill.pk).update(**updates)

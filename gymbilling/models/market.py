@@ -314,15 +314,17 @@ class MarketReversal(models.Model):
     that work settles, or lost if it spends them
     (market_reversals_pending_settle).
 
-    A dispute the gym wins is undone at `reinstated_at`: the money postings
+    A dispute the gym wins, or a refund Stripe fails later (the money came
+    back to the gym), is undone at `reinstated_at`: the money postings
     are reversed (reinstatement:<key>:<fill>), `credits_reinstated` went back
     to the buyer, and nothing is a loss or pending any more (`loss`,
     `credits_lost`, `credits_pending` 0);
     `fee_reversed`, `seller_reversed`, `credits_clawed_back` stay, the history
-    of what the dispute took.
+    of what the dispute or refund took.
     """
 
-    # refund:<charge>:<cumulative refunded> or dispute:<dispute id> (events.py).
+    # refund:<charge>:<total of the charge's refunds made up to this one, failed ones
+    # too> or dispute:<dispute id> (events.py).
     key = models.CharField(max_length=255, unique=True)
     kind = models.CharField(max_length=16)
     order = models.ForeignKey(MarketOrder, on_delete=models.PROTECT, related_name="reversals")

@@ -35,6 +35,7 @@ from gymbilling.locks import session_lock
 from gymbilling.models import (
     CheckoutSession,
     EventStatus,
+    MarketReversal,
     PaymentReversal,
     StripeEvent,
     Subscription,
@@ -68,13 +69,16 @@ def checkout_handler_register(kind: str, handler: CheckoutHandler) -> None:
 
 
 def reversal_handler_register(handler: ReversalHandler) -> None:
-    """`handler(kind=, key=, charge=, amount=, cumulative=) -> bool` (True: it was its payment)."""
+    """`handler(kind=, key=, charge=, amount=, cumulative=, refund=) -> bool` (True: it was
+    its payment). A refund comes one at a time: `amount` is that refund's, `refund` is
+    Stripe's refund; a dispute's has no `refund`."""
     if handler not in _reversal_handlers:
         _reversal_handlers.append(handler)
 
 
 def reinstatement_handler_register(handler: ReversalHandler) -> None:
-    """`handler(key=) -> bool` (True: the reversal under `key` was of its payment)."""
+    """`handler(key=, refund=) -> bool` (True: the reversal under `key` was of its payment;
+    `refund`: the failed refund, None for a won dispute)."""
     if handler not in _reinstatement_handlers:
         _reinstatement_handlers.append(handler)
 
@@ -268,12 +272,14 @@ REFUND_UNDONE = ("failed", "canceled")
 def charge_refund_refresh(*, charge_id: str) -> bool:
     """Apply a charge's refunds as Stripe has them now, whichever event this is.
 
-    Each refund of a payment that bought credits is applied once, in the order they
-    were made, under `refund:<charge>:<all refunded up to it, failed ones too>` (the
-    running total of the refunds made, which only grows: a refund made after one
-    failed never takes the failed one's key); a refund that then failed (`refund.failed`,
-    `charge.refund.updated`) gives back what it took, once, as a won dispute does. A
-    refund that failed before it was applied here takes nothing and gives nothing back.
+    Each refund of a payment that bought credits, or paid for a marketplace order, is
+    applied once, in the order they were made, under `refund:<charge>:<all refunded up
+    to it, failed ones too>` (the running total of the refunds made, which only grows: a
+    refund made after one failed never takes the failed one's key); a refund that then
+    failed (`refund.failed`, `charge.refund.updated`) gives back what it took, once, as
+    a won dispute does (a marketplace order's: the fee, the sellers' shares or the loss
+    booked for shares already paid out, and the buyer's credits). A refund that failed
+    before it was applied here takes nothing and gives nothing back.
 
     One reading of a charge's refunds applied at a time: a refund's own events are not
     about a customer (stripe_event_process's lock), and a reading taken before a refund
@@ -285,25 +291,14 @@ def charge_refund_refresh(*, charge_id: str) -> bool:
 
 def _charge_refunds_apply(*, charge_id: str) -> bool:
     charge = stripe_client.charge_retrieve(charge_id)
-    refunded = int(charge.get("amount_refunded") or 0)
-    legacy = {
-        "kind": "refund",
-        "key": f"refund:{charge_id}:{refunded}",
-        "charge": charge,
-        "amount": refunded,
-        "cumulative": True,
-    }
-    # The marketplace's payments keep their single running total (failed refunds of
-    # them are not handled there).
-    if refunded > 0 and any(handler(**legacy) for handler in _reversal_handlers):
-        return True
     made = net = 0
     handled = False
     for refund in stripe_client.refunds_list(charge=charge_id):
-        made += int(refund.get("amount") or 0)
+        amount = int(refund.get("amount") or 0)
+        made += amount
         key = f"refund:{charge_id}:{made}"
         if refund.get("status") in REFUND_UNDONE:
-            if payment_reversal_reinstate(key=key) is not None:
+            if reversal_reinstate(key=key, refund=refund):
                 handled = True
             elif _refund_applied_before(charge_id=charge_id, key=key, made=made):
                 # Applied together with a later refund, under one row: what it alone
@@ -315,26 +310,52 @@ def _charge_refunds_apply(*, charge_id: str) -> bool:
                     charge_id,
                 )
             continue
-        net += int(refund.get("amount") or 0)
+        net += amount
         if _refund_applied_before(charge_id=charge_id, key=key, made=made):
             continue
-        params = {**legacy, "key": key, "amount": net}
-        handled |= payment_reversal_apply(**params) is not None
+        # A marketplace payment's: this refund alone (its money is taken back fill by
+        # fill, and the marketplace knows its own refund of what it did not deliver).
+        this_refund = {
+            "kind": "refund",
+            "key": key,
+            "charge": charge,
+            "amount": amount,
+            "cumulative": False,
+            "refund": refund,
+        }
+        if any(handler(**this_refund) for handler in _reversal_handlers):
+            handled = True
+            continue
+        # A payment that bought credits: the refunds still standing up to this one, of
+        # which payment_reversal_apply applies what earlier rows did not.
+        handled |= (
+            payment_reversal_apply(
+                kind="refund", key=key, charge=charge, amount=net, cumulative=True
+            )
+            is not None
+        )
     return handled
 
 
 def _refund_applied_before(*, charge_id: str, key: str, made: int) -> bool:
     """A refund applied here together with later ones, under one later key (one event
     for both, before refunds were applied one by one): done already."""
-    if PaymentReversal.objects.filter(key=key).exists():
-        return False  # applied on its own: payment_reversal_apply finds it
+    rows = [
+        (PaymentReversal, {"kind": PaymentReversal.Kind.REFUND}),
+        # The marketplace's rows record the money taken back of what was delivered:
+        # a row of an order with a shortfall covers less than its span, never more.
+        (MarketReversal, {"kind": "refund"}),
+    ]
+    if any(model.objects.filter(key=key).exists() for model, _ in rows):
+        return False  # applied on its own: payment_reversal_apply (or the market) finds it
     # A row covers the refunds made from its key's total less the money it recorded up
     # to that total (one refund's own row: just that refund).
     return any(
         int(other.rsplit(":", 1)[1]) - amount < made < int(other.rsplit(":", 1)[1])
-        for other, amount in PaymentReversal.objects.filter(
-            stripe_charge_id=charge_id, kind=PaymentReversal.Kind.REFUND
-        ).values_list("key", "amount")
+        for model, only in rows
+        for other, amount in model.objects.filter(stripe_charge_id=charge_id, **only).values_list(
+            "key", "amount"
+        )
     )
 
 
@@ -355,7 +376,7 @@ def dispute_refresh(*, dispute_id: str) -> bool:
     """
     dispute = stripe_client.dispute_retrieve(dispute_id)
     if dispute.get("status") == DISPUTE_WON:
-        return dispute_reinstate(key=f"dispute:{dispute_id}")
+        return reversal_reinstate(key=f"dispute:{dispute_id}")
     if dispute.get("status") not in DISPUTE_FUNDS_WITHDRAWN:
         return False
     charge_id = dispute.get("charge")
@@ -379,9 +400,10 @@ def dispute_refresh(*, dispute_id: str) -> bool:
     return applied
 
 
-def dispute_reinstate(*, key: str) -> bool:
-    """A won dispute gives back what its reversal took; False when none was applied."""
-    if any(handler(key=key) for handler in _reinstatement_handlers):
+def reversal_reinstate(*, key: str, refund: dict | None = None) -> bool:
+    """A won dispute, or a refund that failed (`refund`: Stripe's refund), gives back
+    what its reversal took; False when none was applied."""
+    if any(handler(key=key, refund=refund) for handler in _reinstatement_handlers):
         return True
     return payment_reversal_reinstate(key=key) is not None
 

@@ -558,7 +558,7 @@ def test_finance_read_the_marketplace_fee_income_on_the_page_and_in_its_csv(mark
         "marketplace volume (minor units)": "124",
         "fees earned (minor units)": "12",
         "fees returned by refunds and disputes (minor units)": "6",
-        "fees reinstated by disputes won (minor units)": "0",
+        "fees reinstated by disputes won and refunds failed (minor units)": "0",
         "fee income (minor units)": "6",
     }
     assert "movement of the" in page.content.decode()

@@ -1,0 +1,418 @@
+"""A refund of a marketplace purchase that Stripe fails after making it (the buyer's card
+was closed): the money came back to the gym, so what that refund took back goes back
+where it was, once: the fee to the platform, the seller's share to their proceeds (or
+the loss booked for a share already paid out recovered), the buyer's credits to their
+lots; finance's figures stop counting it.
+
+Stripe is the local stand-in over HTTP: refunds are made there as finance would in the
+dashboard and failed there (`fail_refund`); their events are processed as the webhook
+would (`deliver`), reading the refunds back from the stand-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from gymbilling import stripe_client
+from gymbilling.market.selectors import organization_earnings
+from gymbilling.market.services import payouts_run
+from gymbilling.models import (
+    BillingCustomer,
+    MarketPayout,
+    MarketReversal,
+    MoneyTransaction,
+    ProceedsState,
+    StripeEvent,
+)
+from gymbilling.selectors import market_fee_income, reversals_by_customer
+from gymbilling.services import stripe_event_process
+from metering.reconcile import ledger_reconcile
+from metering.selectors import organization_balance
+from tests.gymbilling.market.conftest import money, sold
+from tests.helpers import credits, ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+LATER = timedelta(days=8)  # past the holding period
+FAILURE_EVENTS = ["charge.refund.updated", "refund.updated", "refund.failed"]
+
+
+def refund_at_stripe(order, amount: int) -> dict:
+    """`amount` of the order's payment refunded at the stand-in (its events to `deliver`)."""
+    return stripe_client.refund_create(
+        key=f"dashboard:{uuid.uuid4()}",
+        payment_intent=order.stripe_payment_intent_id,
+        amount=amount,
+    )
+
+
+def books(seller, buyer) -> dict[str, int]:
+    """Every balance a refund of `sold`'s order moves, in both ledgers."""
+    return {
+        "seller_pending": money("seller_pending", organization=seller),
+        "seller_available": money("seller_available", organization=seller),
+        "platform_fees": money("platform_fees"),
+        "buyer_clearing": money("buyer_clearing"),
+        "losses": money("losses"),
+        "payouts": money("payouts"),
+        "buyer_credits": organization_balance(organization=buyer).available,
+    }
+
+
+def report(buyer) -> dict[str, int]:
+    """Finance's figures for today: the buyer's marketplace reversals, and fee income."""
+    start, end = timezone.now() - timedelta(days=1), timezone.now() + timedelta(days=1)
+    rows = [row for row in reversals_by_customer(start=start, end=end) if row["customer"]]
+    [buyer_row] = [row for row in rows if row["customer"] == buyer.slug] or [
+        {"market_reversed": 0, "market_fees_reversed": 0, "market_losses": 0}
+    ]
+    [income] = market_fee_income(start=start, end=end) or [
+        {"fees_returned": 0, "fees_reinstated": 0, "fee_income": 0}
+    ]
+    return {
+        "reversed": buyer_row["market_reversed"],
+        "fees_reversed": buyer_row["market_fees_reversed"],
+        "losses": buyer_row["market_losses"],
+        "fees_returned": income["fees_returned"],
+        "fees_reinstated": income["fees_reinstated"],
+        "fee_income": income["fee_income"],
+    }
+
+
+def earnings(seller) -> dict[str, int]:
+    [figures] = organization_earnings(organization=seller)
+    return {
+        "reversed": figures.reversed,
+        "earned": figures.earned,
+        "pending": figures.pending,
+        "available": figures.available,
+        "paid_out": figures.paid_out,
+    }
+
+
+def redeliver(*types: str) -> None:
+    for event in StripeEvent.objects.filter(type__in=types).order_by("pk"):
+        stripe_event_process(event_pk=event.pk, force=True)
+
+
+def test_a_partial_refund_that_fails_puts_both_ledgers_back_once(
+    market_stripe, seller, buyer, deliver
+):
+    # given: 100 credits sold for 124 (fee 12, the seller's 112 pending); 62 refunded:
+    # fee 6 and the seller's 56 taken back, and 50 of the buyer's credits
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    before = books(seller, buyer)
+    refund = refund_at_stripe(order, 62)
+    assert deliver() == ["processed", "ignored"]  # charge.refunded, refund.created
+    reversal = MarketReversal.objects.get()
+    assert (reversal.amount, reversal.fee_reversed, reversal.seller_reversed) == (62, 6, 56)
+    assert books(seller, buyer) == before | {
+        "seller_pending": 56,
+        "platform_fees": 6,
+        "buyer_clearing": -62,
+        "buyer_credits": credits(50),
+    }
+    assert report(buyer)["reversed"] == 62
+
+    # when: Stripe fails the refund, and its events are processed
+    assert market_stripe.standin.fail_refund(refund["id"])["status"] == "failed"
+    assert deliver() == ["processed", "processed", "processed"]
+
+    # then: every balance is what it was before the refund, the fill owes the seller
+    # all 112 again, and the refund says it was undone
+    assert books(seller, buyer) == before
+    fill = order.fills.get()
+    assert (fill.refunded, fill.seller_reversed, fill.proceeds) == (0, 0, ProceedsState.PENDING)
+    reversal.refresh_from_db()
+    assert reversal.reinstated_at is not None
+    assert reversal.credits_reinstated == credits(50)
+    # finance: no refund of the buyer's counts; the fee came back, so no income was lost
+    assert report(buyer) == {
+        "reversed": 0,
+        "fees_reversed": 0,
+        "losses": 0,
+        "fees_returned": 6,
+        "fees_reinstated": 6,
+        "fee_income": 12,
+    }
+    assert earnings(seller) == {
+        "reversed": 0,
+        "earned": 112,
+        "pending": 112,
+        "available": 0,
+        "paid_out": 0,
+    }
+    assert ledger_reconcile().ok
+
+    # and: the seller is paid their 112, once, after the holding period
+    assert payouts_run(now=timezone.now() + LATER) == 1
+    assert MarketPayout.objects.get().amount == 112
+
+
+def test_of_two_partial_refunds_only_the_one_that_failed_is_given_back(
+    market_stripe, seller, buyer, deliver
+):
+    # given: 100 credits sold for 124; 31 refunded, then 31 more, each applied as its
+    # webhook arrived: fee 3 and the seller's 28 each, 25 credits each
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    first = refund_at_stripe(order, 31)
+    deliver()
+    refund_at_stripe(order, 31)
+    deliver()
+    assert books(seller, buyer) == {
+        "seller_pending": 112 - 56,
+        "seller_available": 0,
+        "platform_fees": 6,
+        "buyer_clearing": -62,
+        "losses": 0,
+        "payouts": 0,
+        "buyer_credits": credits(50),
+    }
+
+    # when: the first one fails
+    market_stripe.standin.fail_refund(first["id"])
+    deliver()
+
+    # then: only its share is back: the second refund still stands
+    assert books(seller, buyer) == {
+        "seller_pending": 112 - 28,
+        "seller_available": 0,
+        "platform_fees": 9,
+        "buyer_clearing": -93,
+        "losses": 0,
+        "payouts": 0,
+        "buyer_credits": credits(75),
+    }
+    failed, standing = MarketReversal.objects.order_by("pk")
+    assert failed.reinstated_at is not None and standing.reinstated_at is None
+    assert order.fills.get().refunded == 31
+    assert report(buyer) | {"fees_returned": None} == {
+        "reversed": 31,
+        "fees_reversed": 3,
+        "losses": 0,
+        "fees_returned": None,
+        "fees_reinstated": 3,
+        "fee_income": 9,
+    }
+    assert earnings(seller)["reversed"] == 28
+
+    # when: 31 is refunded again (for real this time), then 31 more
+    refund_at_stripe(order, 31)
+    deliver()
+    refund_at_stripe(order, 31)
+    deliver()
+
+    # then: each is applied, neither mistaken for the failed one: 93 of the 124 back
+    # to the buyer (three refunds of 31), 75 credits taken back, the seller's 28 and
+    # fee 3 of the last 31 left
+    assert books(seller, buyer) == {
+        "seller_pending": 28,
+        "seller_available": 0,
+        "platform_fees": 3,
+        "buyer_clearing": -31,
+        "losses": 0,
+        "payouts": 0,
+        "buyer_credits": credits(25),
+    }
+    assert market_stripe.refunded(order.stripe_payment_intent_id) == 93
+    assert (report(buyer)["reversed"], report(buyer)["fees_reversed"]) == (93, 9)
+    assert earnings(seller)["reversed"] == 84
+    assert ledger_reconcile().ok
+
+
+def test_a_failed_refund_s_events_delivered_again_or_first_give_back_nothing_more(
+    market_stripe, seller, buyer, deliver
+):
+    # given: half a sale refunded and applied, then the refund failed and given back
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    before = books(seller, buyer)
+    refund = refund_at_stripe(order, 62)
+    deliver()
+    market_stripe.standin.fail_refund(refund["id"])
+    # its failure's events first, in reverse, before the refund's own are processed again
+    deliver(first=("refund.failed", "refund.updated"))
+    assert books(seller, buyer) == before
+    rows = (ledger_rows(), MoneyTransaction.objects.count())
+
+    # when: every event of the refund is delivered again, in any order
+    redeliver(*reversed(FAILURE_EVENTS))
+    redeliver("charge.refunded", *FAILURE_EVENTS)
+
+    # then: nothing more moved, and nothing was taken back again
+    assert (ledger_rows(), MoneyTransaction.objects.count()) == rows
+    assert books(seller, buyer) == before
+    assert MarketReversal.objects.get().credits_reinstated == credits(50)
+    assert report(buyer)["fee_income"] == 12
+    assert ledger_reconcile().ok
+
+
+def test_a_refund_that_failed_before_its_events_were_processed_moves_nothing(
+    market_stripe, seller, buyer, deliver
+):
+    # given: a sale, half refunded, and the refund failed before any of its events came
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    before, rows = books(seller, buyer), (ledger_rows(), MoneyTransaction.objects.count())
+    refund = refund_at_stripe(order, 62)
+    market_stripe.standin.fail_refund(refund["id"])
+
+    # when: they come
+    deliver()
+
+    # then: nothing was taken, nothing given back, nobody frozen
+    assert books(seller, buyer) == before
+    assert (ledger_rows(), MoneyTransaction.objects.count()) == rows
+    assert not MarketReversal.objects.exists()
+    assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is None
+
+
+def test_a_refund_that_fails_after_the_rest_was_paid_out_has_its_share_paid_next(
+    market_stripe, seller, buyer, deliver
+):
+    # given: half a sale refunded in its holding period (fee 6, the seller's 56 taken
+    # back), then the other 56 paid out as an invoice credit
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    refund = refund_at_stripe(order, 62)
+    deliver()
+    assert payouts_run(now=timezone.now() + LATER) == 1
+    fill = order.fills.get()
+    assert (fill.proceeds, fill.seller_reversed) == (ProceedsState.PAID_OUT, 56)
+
+    # when: the refund fails
+    market_stripe.standin.fail_refund(refund["id"])
+    deliver()
+
+    # then: the 56 it took are available again, the fee is the platform's, the buyer
+    # has all 100 credits; the next payout pays the 56, once
+    assert books(seller, buyer) == {
+        "seller_pending": 0,
+        "seller_available": 56,
+        "platform_fees": 12,
+        "buyer_clearing": -124,
+        "losses": 0,
+        "payouts": 56,
+        "buyer_credits": credits(100),
+    }
+    assert earnings(seller) == {
+        "reversed": 0,
+        "earned": 112,
+        "pending": 0,
+        "available": 56,
+        "paid_out": 56,
+    }
+    assert payouts_run(now=timezone.now() + LATER) == 1
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert [c["amount"] for c in market_stripe.balance_credits(seller)] == [-56, -56]
+    assert (earnings(seller)["paid_out"], earnings(seller)["available"]) == (112, 0)
+    assert report(buyer) | {"fees_returned": None} == {
+        "reversed": 0,
+        "fees_reversed": 0,
+        "losses": 0,
+        "fees_returned": None,
+        "fees_reinstated": 6,
+        "fee_income": 12,
+    }
+    assert ledger_reconcile().ok
+
+
+def test_a_refund_after_payout_that_fails_recovers_its_loss(market_stripe, seller, buyer, deliver):
+    # given: a sale whose 112 were paid out, then all of it refunded: the fee back, the
+    # seller's 112 a loss (the seller keeps what was paid), the 100 credits taken back
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    assert payouts_run(now=timezone.now() + LATER) == 1
+    refund = refund_at_stripe(order, 124)
+    deliver()
+    assert (money("losses"), money("platform_fees"), money("buyer_clearing")) == (-112, 0, 0)
+    assert report(buyer)["losses"] == 112
+
+    # when: the refund fails
+    market_stripe.standin.fail_refund(refund["id"])
+    deliver()
+
+    # then: no loss, the fee is the platform's again, the credits are the buyer's
+    # again, and the seller is not paid twice
+    assert books(seller, buyer) == {
+        "seller_pending": 0,
+        "seller_available": 0,
+        "platform_fees": 12,
+        "buyer_clearing": -124,
+        "losses": 0,
+        "payouts": 112,
+        "buyer_credits": credits(100),
+    }
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert report(buyer) | {"fees_returned": None} == {
+        "reversed": 0,
+        "fees_reversed": 0,
+        "losses": 0,
+        "fees_returned": None,
+        "fees_reinstated": 12,
+        "fee_income": 12,
+    }
+    assert earnings(seller) == {
+        "reversed": 0,
+        "earned": 112,
+        "pending": 0,
+        "available": 0,
+        "paid_out": 112,
+    }
+    assert ledger_reconcile().ok
+
+
+def test_a_shortfall_refund_that_fails_is_logged_for_finance_and_takes_nothing(
+    market_stripe, seller, buyer, deliver, caplog
+):
+    # given: a sale, and a refund that says it is the order's shortfall refund (what it
+    # paid for and did not get), made and failed at Stripe
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    before = books(seller, buyer)
+    refund = stripe_client.refund_create(
+        key=f"market-shortfall:{order.pk}",
+        payment_intent=order.stripe_payment_intent_id,
+        amount=24,
+        metadata={"market_order": str(order.pk), "reason": "not_delivered"},
+    )
+    deliver()
+    assert books(seller, buyer) == before  # it takes nothing of the sale
+    caplog.set_level(logging.ERROR, logger="gymbilling.market.services")
+
+    # when: it fails
+    market_stripe.standin.fail_refund(refund["id"])
+    deliver()
+
+    # then: nothing moves, and finance is told the buyer was not refunded
+    assert books(seller, buyer) == before
+    assert any(
+        f"market order {order.pk}: its shortfall refund {refund['id']} failed" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR
+    )
+
+
+def test_a_refund_by_hand_of_credits_never_delivered_takes_nothing_back(
+    market_stripe, unrefunded_shortfall, buyer, deliver
+):
+    # given: an order paid after its credits expired (nothing delivered, 30 owed back)
+    # whose shortfall refund has not reached Stripe yet
+    order, intent = unrefunded_shortfall
+
+    # when: finance refunds the 30 by hand in Stripe's dashboard, and its event comes
+    stripe_client.refund_create(key=f"dashboard:{order.pk}", payment_intent=intent)
+    deliver()
+
+    # then: it is no refund of a sale: nothing reversed, the buyer not frozen
+    assert market_stripe.refunded(intent) == 30
+    assert [r.amount for r in MarketReversal.objects.all()] == [0]
+    assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is None
+    assert report(buyer)["reversed"] == 0
