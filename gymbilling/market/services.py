@@ -1702,6 +1702,7 @@ def _reversal_apply(
         # Pro rata to the fills' gross, not fill by fill: taken in order, a partial
         # refund of a multi-seller order would come all out of the first seller.
         parts = refund_split(amount=new, fills=[(fill.gross, fill.refunded) for fill in fills])
+        left = new - sum(parts)  # more than the fills have left to refund: not applied
         for fill, r in zip(fills, parts, strict=True):
             if r <= 0:
                 continue
