@@ -31,7 +31,12 @@ from gymbilling.models import (
     Subscription,
 )
 from gymbilling.services.customers import billing_customer_ensure
-from gymbilling.services.subscriptions import live_subscription, plan_change_is_upgrade
+from gymbilling.services.subscriptions import (
+    SubscriptionUnknown,
+    live_subscription,
+    plan_change_is_upgrade,
+    subscription_sync,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,16 +202,27 @@ def _open_subscription_checkout(*, organization, plan, seats) -> CheckoutResult 
     return None
 
 
+def _purchase_lock(organization: Organization):
+    """One subscription purchase of the organization at a time, in every process: a new
+    subscription's checkout or a change of its live one.
+
+    Each is a read (our rows, Stripe's subscription), a decision, then Stripe calls: two
+    at once (two tabs, the API and the dashboard) would decide from the same state and
+    both act on it, as if the other had not happened. A session lock, held across the
+    Stripe calls with no transaction open (the calls are not rolled back with one), so
+    the later request decides from what the earlier one did, as one after the other.
+    """
+    return session_lock(f"subscription-checkout:{organization.pk}")
+
+
 def _session_create(*, organization, plan, pack, seats) -> CheckoutResult:
     if plan is None:
         return _session_open(organization=organization, plan=plan, pack=pack, seats=seats)
     # The one-open-session rule is a read, Stripe calls, then a write: two requests at
     # once (two tabs, two plans) would both find none open and both open one, each
-    # payable, each a subscription charged monthly. One request of the organization at a
-    # time, in every process: a lock held across the Stripe calls, with no transaction
-    # open (the calls are not rolled back with one). The later request then finds the
-    # earlier's session, as it would one request after the other.
-    with session_lock(f"subscription-checkout:{organization.pk}"):
+    # payable, each a subscription charged monthly. Under the lock the later request
+    # finds the earlier's session, as it would one request after the other.
+    with _purchase_lock(organization):
         reused = _open_subscription_checkout(organization=organization, plan=plan, seats=seats)
         if reused is not None:
             return reused
@@ -271,6 +287,42 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
     grants the prorated credits); a downgrade changes the price from the next
     period, and the organization keeps what it paid for until then.
     """
+    with _purchase_lock(subscription.organization):
+        try:
+            return _change(subscription=subscription, plan=plan, seats=seats)
+        except stripe_client.StripeUnavailable as exc:
+            raise _unavailable(exc) from exc
+        except stripe_client.StripeCardDeclined as exc:
+            raise ApplicationError(
+                code="card_declined",
+                message=f"The card on file was declined ({exc}); update it in the billing portal.",
+                status=402,
+            ) from exc
+        except stripe_client.StripeRequestRefused as exc:
+            raise provider_refused(exc) from exc
+
+
+def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutResult:
+    # The decision is made from our row, made current inside the lock:
+    # - Stripe's object alone cannot say what this period was paid at: a scheduled
+    #   downgrade is Stripe's item already at the cheaper price (proration "none"), so
+    #   an item at Basic may be Basic paid for, or Pro paid for with Basic from the next
+    #   period. Our row keeps the plan paid for (`plan`) apart from the scheduled one,
+    #   as long as it has seen each state of the item, in order.
+    # - Webhooks bring those states, late: a change made before the previous change's
+    #   webhook decided from the plan before it (A->B then B->C computed as A->C). So
+    #   Stripe's subscription is read and synced first, as its webhook would be (the
+    #   previous change, a renewal, a cancellation, a change in the portal), and each
+    #   change's own answer is synced before the lock is released (the entitlements
+    #   follow at once). The webhooks' later syncs of the same objects change nothing.
+    stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
+    subscription = _mirror(stripe_sub)
+    if not subscription.live:
+        raise ApplicationError(
+            code="subscription_ended",
+            message="The subscription has ended; subscribe again to choose a plan.",
+            status=409,
+        )
     if (plan.pk, seats) == (
         subscription.plan_id,
         subscription.seats,
@@ -301,56 +353,57 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
         else None
     )
     key = f"change:{subscription.stripe_subscription_id}:{plan.code}:{seats}:{uuid.uuid4()}"
+    item = _plan_item(stripe_sub)
+    if paid_price is not None:
+        _item_set(
+            subscription,
+            item,
+            price_id=paid_price.stripe_price_id,
+            seats=subscription.seats,
+            key=f"{key}:paid",
+        )
     try:
-        stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
-        item = _plan_item(stripe_sub)
-        if paid_price is not None:
+        changed = stripe_client.subscription_update(
+            subscription.stripe_subscription_id,
+            key=key,
+            items=[{"id": item["id"], "price": price.stripe_price_id, "quantity": seats}],
+            proration_behavior="always_invoice" if upgrade else "none",
+            # An upgrade is charged now: a card that declines must leave the
+            # subscription as it was (Stripe's default, allow_incomplete, would
+            # apply the upgrade unpaid and put the whole subscription past due).
+            **({"payment_behavior": "error_if_incomplete"} if upgrade else {}),
+            cancel_at_period_end=False,
+            metadata={"plan": plan.code},
+        )
+    except stripe_client.StripeCardDeclined:
+        if paid_price is not None:  # the scheduled downgrade stays, as it was
             _item_set(
                 subscription,
                 item,
-                price_id=paid_price.stripe_price_id,
-                seats=subscription.seats,
-                key=f"{key}:paid",
+                price_id=item["price"]["id"],
+                seats=int(item.get("quantity") or 1),
+                key=f"{key}:scheduled",
             )
-        try:
-            stripe_client.subscription_update(
-                subscription.stripe_subscription_id,
-                key=key,
-                items=[{"id": item["id"], "price": price.stripe_price_id, "quantity": seats}],
-                proration_behavior="always_invoice" if upgrade else "none",
-                # An upgrade is charged now: a card that declines must leave the
-                # subscription as it was (Stripe's default, allow_incomplete, would
-                # apply the upgrade unpaid and put the whole subscription past due).
-                **({"payment_behavior": "error_if_incomplete"} if upgrade else {}),
-                cancel_at_period_end=False,
-                metadata={"plan": plan.code},
-            )
-        except stripe_client.StripeCardDeclined:
-            if paid_price is not None:  # the scheduled downgrade stays, as it was
-                _item_set(
-                    subscription,
-                    item,
-                    price_id=item["price"]["id"],
-                    seats=int(item.get("quantity") or 1),
-                    key=f"{key}:scheduled",
-                )
-            raise
-    except stripe_client.StripeUnavailable as exc:
-        raise _unavailable(exc) from exc
-    except stripe_client.StripeCardDeclined as exc:
-        raise ApplicationError(
-            code="card_declined",
-            message=f"The card on file was declined ({exc}); update it in the billing portal.",
-            status=402,
-        ) from exc
-    except stripe_client.StripeRequestRefused as exc:
-        raise provider_refused(exc) from exc
+        raise
+    _mirror(changed)
     success_url, _ = _urls()
     if restore:
         return CheckoutResult(url=success_url, kind="change_canceled")
     return CheckoutResult(
         url=success_url, kind="subscription_updated" if upgrade else "change_scheduled"
     )
+
+
+def _mirror(stripe_sub: dict) -> Subscription:
+    try:
+        return subscription_sync(stripe_sub=stripe_sub)
+    except SubscriptionUnknown as exc:
+        raise ApplicationError(
+            code="subscription_unknown",
+            message="The subscription is not one this organization can change here; "
+            "contact support.",
+            status=409,
+        ) from exc
 
 
 def _item_set(subscription: Subscription, item: dict, *, price_id: str, seats: int, key: str):

@@ -1,0 +1,124 @@
+"""Changes of a live subscription's plan: one at a time per organization, each decided
+from what the previous one did at Stripe (not from a row its webhook has yet to
+update)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+
+from gymbilling import stripe_client
+from gymbilling.models import StripePrice
+
+pytestmark = pytest.mark.django_db
+
+
+def _price(code: str) -> str:
+    return StripePrice.objects.get(plan__code=code, kind="plan", current=True).stripe_price_id
+
+
+def _change(customer, plan: str) -> dict:
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": plan}, format="json")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def _update_invoices(stripe_sdk, sub) -> list:
+    invoices = stripe_sdk.v1.invoices.list(params={"subscription": sub.stripe_subscription_id})
+    return [i for i in invoices.data if i.billing_reason == "subscription_update"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_upgrades_at_once_while_a_downgrade_is_scheduled_charge_once(
+    live_server, customer, subscribed, stripe_sdk, deliver, monkeypatch
+):
+    """A double click (two tabs, the API and the dashboard) gets what two requests one
+    after the other get: one upgrade, charged once, and `no_change` for the other."""
+    # given: Pro, paid for this period, with a downgrade to Basic scheduled
+    sub = subscribed("pro")
+    assert _change(customer, "basic")["kind"] == "change_scheduled"
+    deliver()
+    # and Stripe's answer to each request's read of the subscription comes once both
+    # requests have read it (or after 2 seconds, when one waits for the other, as it
+    # must); the later of the two a second after the earlier, so that the earlier's
+    # Stripe calls are all done first (two requests that read at once, one slower)
+    both_there = threading.Barrier(2)
+    real_retrieve = stripe_client.subscription_retrieve
+
+    def retrieve_when_both_there(subscription_id):
+        answer = real_retrieve(subscription_id)
+        try:
+            later = both_there.wait(timeout=2) == 1
+        except threading.BrokenBarrierError:
+            later = False
+        if later:
+            time.sleep(1)
+        return answer
+
+    monkeypatch.setattr(stripe_client, "subscription_retrieve", retrieve_when_both_there)
+
+    # when: Enterprise is asked for twice at once
+    answers: list[requests.Response] = []
+
+    def ask() -> None:
+        answers.append(
+            requests.post(
+                f"{live_server.url}/api/v1/billing/checkout",
+                json={"plan": "enterprise"},
+                headers={"Authorization": f"Bearer {customer.key}"},
+                timeout=30,
+            )
+        )
+
+    tabs = [threading.Thread(target=ask) for _ in range(2)]
+    for tab in tabs:
+        tab.start()
+    for tab in tabs:
+        tab.join()
+    monkeypatch.undo()
+    deliver()
+
+    # then: one upgrade, and the other finds it made
+    outcomes = sorted(
+        (a.status_code, a.json().get("kind") or a.json()["error"]["code"]) for a in answers
+    )
+    assert outcomes == [(200, "subscription_updated"), (409, "no_change")]
+    # charged once, from Pro (paid for), not again (the later request's Stripe calls
+    # put the item back to Pro and prorated Pro to Enterprise a second time)
+    [update] = _update_invoices(stripe_sdk, sub)
+    assert update.amount_paid > 0
+    assert update.lines.data[0].pricing.price_details.price == _price("pro")
+    # and Stripe and here agree: Enterprise, nothing scheduled, credits granted once
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == _price("enterprise")
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan) == ("enterprise", None)
+    assert sub.invoices.filter(billing_reason="subscription_update").count() == 1
+
+
+def test_changes_made_before_the_previous_one_s_webhook_decide_from_what_it_did(
+    customer, subscribed, stripe_sdk, deliver
+):
+    # given: Basic, paid
+    sub = subscribed("basic")
+
+    # when: up to Enterprise, then down to Basic, then Pro, one after the other, before
+    # any of their webhooks is applied (our row still says Basic throughout)
+    kinds = [_change(customer, plan)["kind"] for plan in ("enterprise", "basic", "pro")]
+
+    # then: Enterprise is an upgrade, charged now; Basic and then Pro are downgrades from
+    # Enterprise, which this period is paid at: scheduled, and nothing charged for them
+    # (from Basic, Pro would have been an upgrade, prorated from a period paid at Basic)
+    assert kinds == ["subscription_updated", "change_scheduled", "change_scheduled"]
+    [update] = _update_invoices(stripe_sdk, sub)
+    assert update.lines.data[-1].pricing.price_details.price == _price("enterprise")
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == _price("pro")
+    # and here, once the webhooks arrive: Enterprise now, Pro from the next period
+    deliver()
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan.code) == ("enterprise", "pro")
+    assert sub.invoices.filter(billing_reason="subscription_update").count() == 1
