@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from gymbilling import stripe_client
 from gymbilling.services import (
     overage_report,
     payment_reversals_pending_settle,
     stripe_event_process,
     stripe_events_retry,
+    subscription_downgrade_restore,
     subscriptions_last_period_cap,
     subscriptions_suspend_overdue,
 )
@@ -50,3 +52,16 @@ def overage_report_task() -> int:
 @shared_task
 def payment_reversals_pending_settle_task() -> int:
     return payment_reversals_pending_settle()
+
+
+@shared_task(
+    bind=True,
+    autoretry_for=(stripe_client.StripeUnavailable,),
+    retry_backoff=5,
+    retry_backoff_max=300,
+    max_retries=10,
+)
+def subscription_downgrade_restore_task(self, subscription_pk: int) -> bool:
+    """Put back a scheduled downgrade an interrupted upgrade lifted; Stripe unreachable ->
+    retried with backoff (past that, the subscription's next change puts it back)."""
+    return subscription_downgrade_restore(subscription_pk=subscription_pk)

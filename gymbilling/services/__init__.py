@@ -1,7 +1,12 @@
 """Every write of billing. Import services from here."""
 
 from gymbilling.services.catalog import catalog_sync
-from gymbilling.services.checkout import checkout_create, portal_create, subscription_change
+from gymbilling.services.checkout import (
+    checkout_create,
+    portal_create,
+    subscription_change,
+    subscription_downgrade_restore,
+)
 from gymbilling.services.customers import billing_customer_ensure
 from gymbilling.services.events import (
     checkout_handler_register,
@@ -41,6 +46,7 @@ __all__ = [
     "stripe_event_record",
     "stripe_events_retry",
     "subscription_change",
+    "subscription_downgrade_restore",
     "subscription_sync",
     "subscriptions_last_period_cap",
     "subscriptions_suspend_overdue",

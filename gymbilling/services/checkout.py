@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -35,6 +36,7 @@ from gymbilling.services.subscriptions import (
     SubscriptionUnknown,
     live_subscription,
     plan_change_is_upgrade,
+    stripe_items,
     subscription_sync,
 )
 
@@ -316,6 +318,7 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     #   change's own answer is synced before the lock is released (the entitlements
     #   follow at once). The webhooks' later syncs of the same objects change nothing.
     stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
+    stripe_sub = _lift_undo(stripe_sub=stripe_sub)
     subscription = _mirror(stripe_sub)
     if not subscription.live:
         raise ApplicationError(
@@ -354,13 +357,14 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     )
     key = f"change:{subscription.stripe_subscription_id}:{plan.code}:{seats}:{uuid.uuid4()}"
     item = _plan_item(stripe_sub)
+    lifted = None
     if paid_price is not None:
-        _item_set(
-            subscription,
-            item,
+        lifted = _lift(
+            stripe_sub=stripe_sub,
+            item=item,
             price_id=paid_price.stripe_price_id,
             seats=subscription.seats,
-            key=f"{key}:paid",
+            key=key,
         )
     try:
         changed = stripe_client.subscription_update(
@@ -373,17 +377,28 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             # apply the upgrade unpaid and put the whole subscription past due).
             **({"payment_behavior": "error_if_incomplete"} if upgrade else {}),
             cancel_at_period_end=False,
-            metadata={"plan": plan.code},
+            # Whatever this change did, no lifted downgrade is left to put back.
+            metadata={"plan": plan.code, LIFTED: ""},
         )
-    except stripe_client.StripeCardDeclined:
-        if paid_price is not None:  # the scheduled downgrade stays, as it was
-            _item_set(
-                subscription,
-                item,
-                price_id=item["price"]["id"],
-                seats=int(item.get("quantity") or 1),
-                key=f"{key}:scheduled",
-            )
+    except stripe_client.StripeUnavailable:
+        if lifted is not None:
+            # Unknown whether the upgrade was made (Stripe may have applied it and
+            # the answer been lost): putting the downgrade back now could undo a paid
+            # upgrade. The upgrade clears the marker in the same request, so a marker
+            # still there later says it was not made, and the downgrade goes back then
+            # (by a task, or by this subscription's next change, whichever is first).
+            _lift_undo_later(subscription, countdown=_LIFT_UNDO_DELAY_S)
+            raise _unavailable_lifted(plan=subscription.scheduled_plan) from None
+        raise
+    except stripe_client.StripeRequestRefused:
+        # Refused or declined: Stripe applied none of it; the scheduled downgrade goes
+        # back as it was.
+        if lifted is not None:
+            try:
+                _lift_undo(stripe_sub=lifted)
+            except stripe_client.StripeUnavailable:
+                _lift_undo_later(subscription, countdown=0)
+                raise _unavailable_lifted(plan=subscription.scheduled_plan) from None
         raise
     _mirror(changed)
     success_url, _ = _urls()
@@ -406,14 +421,100 @@ def _mirror(stripe_sub: dict) -> Subscription:
         ) from exc
 
 
-def _item_set(subscription: Subscription, item: dict, *, price_id: str, seats: int, key: str):
-    """Put the plan item at this price and seats, charging nothing now."""
-    stripe_client.subscription_update(
-        subscription.stripe_subscription_id,
-        key=key,
+# The subscription's metadata key at Stripe while an upgrade has put the plan paid for
+# back on the item (lifting the scheduled downgrade, see _change) and not finished: what
+# to put back. At Stripe, not in our row: it is written in the same request as the lift,
+# and cleared in the same request as the upgrade, so it is there exactly while the
+# downgrade is lifted, whatever was lost between.
+LIFTED = "gym_lifted_downgrade"
+# How long after an upgrade Stripe did not answer its lifted downgrade is put back: a
+# request whose answer was lost may still be applied at Stripe meanwhile.
+_LIFT_UNDO_DELAY_S = 60
+
+
+def _lift(*, stripe_sub: dict, item: dict, price_id: str, seats: int, key: str) -> dict:
+    """Put the plan item back at the price and seats paid for, charging nothing now, and
+    mark what was scheduled; returns Stripe's subscription after."""
+    start = int(stripe_items(stripe_sub).period_start.timestamp())
+    scheduled = f"{item['price']['id']} {int(item.get('quantity') or 1)}"
+    return stripe_client.subscription_update(
+        stripe_sub["id"],
+        key=f"{key}:paid",
         items=[{"id": item["id"], "price": price_id, "quantity": seats}],
         proration_behavior="none",
+        metadata={LIFTED: f"{key} {start} {price_id} {seats} {scheduled}"},
     )
+
+
+def _lift_undo(*, stripe_sub: dict) -> dict:
+    """Put back the scheduled downgrade an unfinished upgrade lifted, if the item is still
+    as the lift left it, in the same period; returns Stripe's subscription after.
+
+    Safe to run twice, and from the task and a change alike: one idempotency key per lift.
+    """
+    marker = str((stripe_sub.get("metadata") or {}).get(LIFTED) or "")
+    parts = marker.split(" ")
+    if len(parts) != 6:
+        return stripe_sub
+    key, start, lifted_price, lifted_seats, scheduled_price, scheduled_seats = parts
+    item = _plan_item(stripe_sub)
+    now = (
+        item["price"]["id"],
+        str(int(item.get("quantity") or 1)),
+        str(int(stripe_items(stripe_sub).period_start.timestamp())),
+    )
+    if now != (lifted_price, lifted_seats, start):
+        # Renewed since, or changed elsewhere (the portal): the downgrade was for a
+        # period that is over, or someone chose again. The next change clears the marker.
+        return stripe_sub
+    return stripe_client.subscription_update(
+        stripe_sub["id"],
+        key=f"{key}:scheduled",
+        items=[{"id": item["id"], "price": scheduled_price, "quantity": int(scheduled_seats)}],
+        proration_behavior="none",
+        metadata={LIFTED: ""},
+    )
+
+
+def _lift_undo_later(subscription: Subscription, *, countdown: int) -> None:
+    from gymbilling.tasks import subscription_downgrade_restore_task
+
+    pk = subscription.pk
+    # robust: a broker that cannot take it must not turn the member's 503 into a 500;
+    # the marker stays at Stripe, and the subscription's next change puts it back.
+    transaction.on_commit(
+        lambda: subscription_downgrade_restore_task.apply_async(args=[pk], countdown=countdown),
+        robust=True,
+    )
+
+
+def _unavailable_lifted(*, plan: Plan | None) -> ApplicationError:
+    scheduled = f" to {plan.name}" if plan is not None else ""
+    return ApplicationError(
+        code="payments_unavailable",
+        message="The payment provider stopped answering during the change. Unless the "
+        f"upgrade went through, your scheduled change{scheduled} is kept (it is put back at "
+        "the payment provider as soon as it answers); reload the subscription in a minute "
+        "to see which, then try again.",
+        status=503,
+    )
+
+
+def subscription_downgrade_restore(*, subscription_pk: int) -> bool:
+    """Put back a scheduled downgrade that an interrupted upgrade lifted (its task retries
+    while Stripe is unreachable); False when there is none to put back."""
+    subscription = (
+        Subscription.objects.select_related("organization").filter(pk=subscription_pk).first()
+    )
+    if subscription is None:
+        return False
+    with _purchase_lock(subscription.organization):
+        stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
+        restored = _lift_undo(stripe_sub=stripe_sub)
+        if restored is stripe_sub:
+            return False
+        _mirror(restored)
+        return True
 
 
 def _plan_item(stripe_sub: dict) -> dict:

@@ -1,6 +1,7 @@
 """Changes of a live subscription's plan: one at a time per organization, each decided
 from what the previous one did at Stripe (not from a row its webhook has yet to
-update)."""
+update), and an upgrade interrupted between its two Stripe calls keeps the scheduled
+downgrade it lifted."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import requests
 
 from gymbilling import stripe_client
+from gymbilling.celery import app as celery_app
 from gymbilling.models import StripePrice
+from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -122,3 +125,67 @@ def test_changes_made_before_the_previous_one_s_webhook_decide_from_what_it_did(
     sub.refresh_from_db()
     assert (sub.plan.code, sub.scheduled_plan.code) == ("enterprise", "pro")
     assert sub.invoices.filter(billing_reason="subscription_update").count() == 1
+
+
+def test_an_upgrade_stripe_stops_answering_during_keeps_the_scheduled_downgrade(
+    customer,
+    subscribed,
+    stripe_sdk,
+    market_stripe,
+    deliver,
+    monkeypatch,
+    django_capture_on_commit_callbacks,
+):
+    # given: Pro, paid for this period, with a downgrade to Basic scheduled
+    sub = subscribed("pro")
+    _change(customer, "basic")
+    deliver()
+    before = ledger_rows()
+    # and Stripe stops answering after the first of the upgrade's two calls (the one that
+    # puts the item back at Pro, so that the upgrade is prorated from what was paid)
+    real_update = stripe_client.subscription_update
+
+    def update_then_down(*args, **params):
+        answer = real_update(*args, **params)
+        market_stripe.down = True
+        return answer
+
+    monkeypatch.setattr(stripe_client, "subscription_update", update_then_down)
+
+    # when: Enterprise is asked for
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        response = customer.client.post(
+            "/api/v1/billing/checkout", {"plan": "enterprise"}, format="json"
+        )
+    monkeypatch.undo()
+
+    # then: a 503 that says the downgrade is kept
+    assert response.status_code == 503, response.content
+    error = response.json()["error"]
+    assert error["code"] == "payments_unavailable"
+    assert "your scheduled change to Basic is kept" in error["message"]
+    assert not _update_invoices(stripe_sdk, sub)
+
+    # when: Stripe answers again, and what the change left queued runs (in this process,
+    # at once: a worker runs it a minute later, or retries until Stripe answers)
+    market_stripe.down = False
+    monkeypatch.setitem(celery_app.conf, "task_always_eager", True)
+    for callback in queued:
+        callback()
+
+    # then: the downgrade is back at Stripe, nothing was charged or granted, and here it
+    # is Pro now, Basic from the next period, as before the upgrade was asked for
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == _price("basic")
+    deliver()
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan.code) == ("pro", "basic")
+    assert not _update_invoices(stripe_sdk, sub)
+    assert ledger_rows() == before
+
+    # and the member trying again is charged once, from Pro
+    assert _change(customer, "enterprise")["kind"] == "subscription_updated"
+    [update] = _update_invoices(stripe_sdk, sub)
+    assert update.lines.data[0].pricing.price_details.price == _price("pro")
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == _price("enterprise")
