@@ -5,15 +5,20 @@ taken by what opens listings, what must see all of a seller's listings, and
 what gives reserved credits back to sellers; several sellers' in primary-key
 order), then a charge's reversal lock (billing's `stripe-charge:<id>`), then
 listing rows (primary-key order), then the order row, then
-fills (primary-key order), then the sellers' payment reversals (billing's
+fills (primary-key order), then the order's marketplace reversals (primary-key
+order), then the sellers' payment reversals (billing's
 refunds and disputes, primary-key order), then rollover carries (primary-key order), then
 ledger accounts (metering's `post`, primary-key order), then credit lots
 (primary-key order), then money accounts. Billing's refunds and disputes keep it
 too (gymbilling.services.payments): `payment_reversal_apply` and
 `payment_reversal_reinstate` take the seller's lock, then the charge's, then lock
 every reversal row they will touch before any ledger account; the pending sweep
-locks one reversal row, then ledger accounts. A reversal row is never locked
-while a ledger account is held. No Stripe call is made inside a transaction: an order is
+locks one reversal row, then ledger accounts. The marketplace's own refunds and
+disputes likewise: `_reversal_apply` and `_reinstatement_apply` lock the order,
+its fills, then every reversal of the order they will touch, before any ledger
+account; their pending sweep (`_reversal_pending_settle`) locks one reversal
+row, then ledger accounts. A reversal row is never locked while a ledger
+account is held. No Stripe call is made inside a transaction: an order is
 reserved and committed, then Checkout is created, then recorded; if Stripe
 fails in between, the reservation is released by compensating transfers.
 Organization rows are never locked here (`select_for_update(of=("self",))`
@@ -1651,22 +1656,32 @@ def _reversal_apply(
         )
         if MarketReversal.objects.filter(key=key).exists():
             return False
-        # An earlier reversal of the order still waiting for the buyer's running
-        # work first takes back what that work gave back since (as its sweep
-        # would): the credits it claimed are its own, not this one's to take, and
-        # what it still has pending is then only what the work holds.
-        for pk in (
-            MarketReversal.objects.filter(order=order, credits_pending__gt=0)
-            .order_by("pk")
-            .values_list("pk", flat=True)
-        ):
-            _reversal_pending_settle(reversal_id=pk, now=timezone.now())
+        # The lock order (above): the order, its fills, then its reversals, then
+        # ledger accounts; _reinstatement_apply takes the same.
         fills = list(
             MarketFill.objects.select_for_update(of=("self",))
             .filter(order=order, status=FillStatus.DELIVERED, gross__gt=0)
             .select_related("seller")
             .order_by("pk")
         )
+        # Every earlier reversal still waiting is locked now, in primary-key order,
+        # before any ledger account: settling one below takes the buyer's wallet,
+        # and locking the next one only then would wait, holding the wallet, for the
+        # pending sweep, which holds that row and waits for the wallet (a deadlock).
+        # No reversal of the order becomes pending meanwhile (they are made under
+        # the order's lock, held here); one the sweep settles first settles to 0.
+        waiting = list(
+            MarketReversal.objects.filter(order=order, credits_pending__gt=0)
+            .select_for_update()
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        # An earlier reversal of the order still waiting for the buyer's running
+        # work first takes back what that work gave back since (as its sweep
+        # would): the credits it claimed are its own, not this one's to take, and
+        # what it still has pending is then only what the work holds.
+        for pk in waiting:
+            _reversal_pending_settle(reversal_id=pk, now=timezone.now())
         if cumulative:
             earlier = (
                 MarketReversal.objects.filter(
