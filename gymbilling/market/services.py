@@ -991,7 +991,10 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
     already refunded by hand, less left to refund than asked): recorded on
     the order (`shortfall_refund_refused_at`, `_error`) and logged, for
     finance, and no longer retried; `order_shortfall_refund_retry` (the
-    admin's action, `retrying`) sends it again once the cause is fixed.
+    admin's action, `retrying`) sends it again once the cause is fixed. A
+    refund Stripe took and fails later (the buyer's card closed) goes back to
+    finance the same way (_shortfall_refund_failed): Stripe's id of the refund
+    taken is kept on the order for that.
     """
     order = MarketOrder.objects.get(pk=order_id)
     refused_at = order.shortfall_refund_refused_at
@@ -1010,7 +1013,7 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
         # it the order stays refused, and a retry after a timeout sends the same key.
         key = f"{key}:after:{refused_at.isoformat()}"
     try:
-        stripe_client.refund_create(
+        made = stripe_client.refund_create(
             key=key,
             payment_intent=order.stripe_payment_intent_id,
             amount=order.shortfall_amount,
@@ -1045,6 +1048,7 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
         shortfall_refunded_at=timezone.now(),
         shortfall_refund_refused_at=None,
         shortfall_refund_error="",
+        shortfall_refund_id=str(made.get("id") or ""),
     )
     return True
 
@@ -1927,24 +1931,82 @@ def market_reinstatement_handle(*, key: str, refund: dict | None = None) -> bool
     finance lifts it.
 
     An order's shortfall refund that failed took nothing back here, and the
-    buyer is owed that money still: logged at ERROR for finance.
+    buyer is owed that money still: the order goes back to finance
+    (_shortfall_refund_failed).
     """
     reversal = MarketReversal.objects.filter(key=key).first()
     if refund is not None:
         order_id = str((refund.get("metadata") or {}).get("market_order") or "")
         if order_id.isdigit() and _is_shortfall_refund(refund, int(order_id)):
-            logger.error(
-                "market order %s: its shortfall refund %s failed (%s): the buyer has not "
-                "had the money back; refund it again once the cause is fixed",
-                order_id,
-                refund.get("id"),
-                refund.get("failure_reason") or refund.get("status"),
-            )
+            _shortfall_refund_failed(order_id=int(order_id), refund=refund)
             return True
     if reversal is None:
         return False
     _reinstatement_apply(reversal_id=reversal.pk)
     return True
+
+
+def _shortfall_refund_failed(*, order_id: int, refund: dict) -> None:
+    """Stripe failed an order's shortfall refund after taking it (the buyer's card closed):
+    the money came back to us, and the buyer is still owed it.
+
+    The order goes back to refused, once: out of "Refunded" into finance's
+    "Refused by Stripe" list, with why, where the admin's retry sends a new refund
+    (keyed by this refusal's time: not a replay of the failed one). Only for the
+    refund the order records as taken: every later event of the charge reads this
+    failed refund again, and a failure of an older one (finance's retry went
+    through since) or a redelivery (the order refused already) changes nothing.
+    """
+    from gymbilling.services.events import EventWaits
+
+    refund_id = str(refund.get("id") or "")
+    why = refund.get("failure_reason") or refund.get("status")
+    now = timezone.now()
+    reopened = MarketOrder.objects.filter(
+        # An empty id: taken before ids were kept, when an order had only the one.
+        Q(shortfall_refund_id=refund_id) | Q(shortfall_refund_id=""),
+        pk=order_id,
+        shortfall_refunded_at__isnull=False,
+    ).update(
+        shortfall_refunded_at=None,
+        shortfall_refund_refused_at=now,
+        shortfall_refund_error=(
+            f"refund {refund_id} failed at Stripe ({why}): the buyer has not had the money "
+            "back; retry once the cause is fixed"
+        )[:500],
+        shortfall_refund_id=refund_id,
+    )
+    if reopened:
+        logger.error(
+            "market order %s: its shortfall refund %s failed (%s): the buyer has not had the "
+            "money back; back with finance to refund again once the cause is fixed",
+            order_id,
+            refund_id,
+            why,
+        )
+        return
+    order = MarketOrder.objects.filter(pk=order_id).first()
+    if order is not None and (order.shortfall_refunded_at or order.shortfall_refund_refused_at):
+        # Another refund of the shortfall stands, or finance has it already.
+        logger.info(
+            "market order %s: its shortfall refund %s failed (%s): refunded again since, "
+            "or with finance already",
+            order_id,
+            refund_id,
+            why,
+        )
+        return
+    if order is not None and order.shortfall_amount:
+        # Taken by Stripe, but not recorded here yet (the answer lost: the sweep's next
+        # request replays it under its key and records it): this waits for that.
+        raise EventWaits(f"order {order_id}: its shortfall refund {refund_id} is not recorded yet")
+    logger.error(
+        "market order %s: its shortfall refund %s failed (%s): the buyer has not had the "
+        "money back; refund it again once the cause is fixed",
+        order_id,
+        refund_id,
+        why,
+    )
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,11 @@ class MarketOrder(models.Model):
     # retried by the sweep; finance looks, and retries from the admin once fixed.
     shortfall_refund_refused_at = models.DateTimeField(null=True, blank=True)
     shortfall_refund_error = models.CharField(max_length=500, blank=True)
+    # Stripe's id of the last shortfall refund Stripe took: a refund that fails later
+    # (refund.failed) puts the order back with finance only if it is this one, so an
+    # old one failing after finance's retry went through undoes nothing. Empty for
+    # refunds taken before it was kept (each order had at most one then).
+    shortfall_refund_id = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     closed_at = models.DateTimeField(null=True, blank=True)
 

@@ -20,9 +20,10 @@ from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.market.selectors import organization_earnings
-from gymbilling.market.services import payouts_run
+from gymbilling.market.services import orders_expire, payouts_run
 from gymbilling.models import (
     BillingCustomer,
+    EventStatus,
     MarketPayout,
     MarketReversal,
     MoneyTransaction,
@@ -31,15 +32,18 @@ from gymbilling.models import (
 )
 from gymbilling.selectors import market_fee_income, reversals_by_customer
 from gymbilling.services import stripe_event_process
+from gymbilling.services.events import EventRetryLater
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from tests.gymbilling.market.conftest import money, sold
+from tests.gymbilling.test_admin import run_action
 from tests.helpers import credits, ledger_rows
 
 pytestmark = pytest.mark.django_db
 
 LATER = timedelta(days=8)  # past the holding period
 FAILURE_EVENTS = ["charge.refund.updated", "refund.updated", "refund.failed"]
+CHANGELIST = "/admin/gymbilling/marketorder/"
 
 
 def refund_at_stripe(order, amount: int) -> dict:
@@ -416,3 +420,106 @@ def test_a_refund_by_hand_of_credits_never_delivered_takes_nothing_back(
     assert [r.amount for r in MarketReversal.objects.all()] == [0]
     assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is None
     assert report(buyer)["reversed"] == 0
+
+
+def test_a_shortfall_refund_stripe_fails_goes_back_to_finance_once_and_their_retry_stands(
+    market_stripe, unrefunded_shortfall, admin_client, deliver
+):
+    # given: an order that delivered nothing of the 30 it was paid; its shortfall refund
+    # sent by the sweep and taken by Stripe: the order shows it refunded
+    order, intent = unrefunded_shortfall
+    orders_expire()
+    deliver()
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    first = order.shortfall_refund_id
+    assert market_stripe.refunded(intent) == 30
+
+    # when: Stripe fails it (the buyer's card was closed), its events delivered twice
+    market_stripe.standin.fail_refund(first)
+    deliver()
+    order.refresh_from_db()
+    refused_at = order.shortfall_refund_refused_at
+    redeliver(*FAILURE_EVENTS)
+
+    # then: the order is back with finance, once, saying which refund failed and why;
+    # the buyer still has nothing back, and the sweep leaves it to finance
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is None
+    assert refused_at is not None and order.shortfall_refund_refused_at == refused_at
+    assert order.shortfall_refund_error.startswith(
+        f"refund {first} failed at Stripe (expired_or_canceled_card)"
+    )
+    assert market_stripe.refunded(intent) == 0
+    assert refused_orders(admin_client) == [order.pk]
+    orders_expire()
+    assert market_stripe.refunded(intent) == 0
+
+    # when: finance retries it from the admin once the buyer has a card again
+    response = run_action(admin_client, CHANGELIST, "retry_shortfall_refund", order.pk)
+    deliver()
+
+    # then: a new refund, not the failed one replayed; the order is refunded by it
+    assert response.status_code == 302
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    second = order.shortfall_refund_id
+    assert second not in ("", first)
+    assert market_stripe.refunded(intent) == 30
+    assert refused_orders(admin_client) == []
+
+    # when: the first refund's failure is delivered again after that
+    redeliver(*FAILURE_EVENTS)
+
+    # then: the retry that went through stands; nothing of the sale was taken back
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    assert (order.shortfall_refund_id, order.shortfall_refund_refused_at) == (second, None)
+    assert refused_orders(admin_client) == []
+    assert MarketReversal.objects.filter(amount__gt=0).count() == 0
+    assert ledger_reconcile().ok
+
+
+def test_a_shortfall_refund_that_fails_before_it_is_recorded_waits_for_the_record(
+    market_stripe, unrefunded_shortfall, deliver
+):
+    # given: the sweep's shortfall refund taken by Stripe under its key, the answer lost
+    # on the way back (the order still waits for it), then failed at Stripe
+    order, intent = unrefunded_shortfall
+    refund = stripe_client.refund_create(
+        key=f"market-shortfall:{order.pk}",
+        payment_intent=intent,
+        amount=30,
+        metadata={"market_order": str(order.pk), "reason": "not_delivered"},
+    )
+    market_stripe.standin.fail_refund(refund["id"])
+
+    # when: its events come before the sweep sends the refund again
+    with pytest.raises(EventRetryLater):
+        deliver()
+
+    # then: the event waits; the order still waits for its refund
+    [waiting] = StripeEvent.objects.all()
+    assert waiting.status == EventStatus.PENDING
+    order.refresh_from_db()
+    assert (order.shortfall_refunded_at, order.shortfall_refund_refused_at) == (None, None)
+
+    # when: the sweep's next request replays the refund Stripe made, and the event is
+    # retried, then the rest come
+    orders_expire()
+    assert stripe_event_process(event_pk=waiting.pk) == "processed"
+    deliver()
+
+    # then: the refund that failed is not counted as the buyer's refund: finance has it
+    order.refresh_from_db()
+    assert order.shortfall_refund_id == refund["id"]
+    assert order.shortfall_refunded_at is None
+    assert order.shortfall_refund_refused_at is not None
+    assert order.shortfall_refund_error.startswith(f"refund {refund['id']} failed at Stripe")
+    assert market_stripe.refunded(intent) == 0
+
+
+def refused_orders(admin_client) -> list[int]:
+    """The orders in finance's admin list of shortfall refunds Stripe refused."""
+    listed = admin_client.get(CHANGELIST, {"shortfall_refund": "refused"})
+    return [o.pk for o in listed.context["cl"].result_list]
