@@ -130,6 +130,44 @@ def test_a_malformed_refund_is_refused_on_the_form(admin_client, bought_pack, fi
     assert _refunded_at_stripe(bought_pack) == 0
 
 
+@pytest.mark.parametrize(
+    "typed",
+    # Dollars with a point, a sign, full-width and Arabic-Indic digits, a digit
+    # separator, an exponent: Django's IntegerField read the first seven as cents.
+    [
+        "12.00",
+        "12.0",
+        " 12.00 ",
+        "+1200",
+        "\uff11\uff12\uff10\uff10",
+        "\u0661\u0662\u0660\u0660",
+        "1_200",
+        "1.2e3",
+        "12,00",
+    ],
+)
+def test_an_amount_not_in_plain_cents_is_refused_on_the_form(admin_client, bought_pack, typed):
+    # given the ledger as it is
+    rows = ledger_rows()
+    balance = organization_balance(organization=bought_pack.organization)
+
+    # when finance type the amount other than as a whole number of cents
+    response = admin_client.post(
+        _refund_url(bought_pack), {"amount": typed, "note": "Refund $12", "key": _key()}
+    )
+
+    # then the form says how to write it, and nothing was refunded or taken back
+    assert response.status_code == 200
+    [error] = response.context["form"].errors["amount"]
+    assert "in cents: 1200 is $12.00" in error
+    assert _refunded_at_stripe(bought_pack) == 0
+    assert not PaymentReversal.objects.exists()
+    assert (ledger_rows(), organization_balance(organization=bought_pack.organization)) == (
+        rows,
+        balance,
+    )
+
+
 def test_only_staff_allowed_to_refund_may(bought_pack):
     # given staff who may view checkouts but not refund
     viewer = UserFactory(is_staff=True)
