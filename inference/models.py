@@ -17,12 +17,14 @@ from inference.chat_templates import chat_template_render
 from metering.models import unique_not_like_indexed
 
 # host:port, the host a name (letters, digits, '.', '-', '_'), an IPv4
-# address or a bracketed IPv6 one ([::1]:8001), the port 1-65535.
-_GRPC_ADDRESS = re.compile(r"^(?:[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
+# address or a bracketed IPv6 one ([::1]:8001), the port 1-65535 in ASCII digits (`\d`
+# takes any script's, which int() reads but no gRPC client does). fullmatch: `$` would let
+# a trailing newline through.
+_GRPC_ADDRESS = re.compile(r"(?:[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
 def _grpc_address_ok(url) -> bool:
-    match = isinstance(url, str) and _GRPC_ADDRESS.match(url)
+    match = isinstance(url, str) and _GRPC_ADDRESS.fullmatch(url)
     return bool(match) and 1 <= int(match[1]) <= 65535
 
 

@@ -23,8 +23,10 @@ from gymbilling.currency import money_parse
 from metering.services.postings import credits_parse
 
 # What a person writes for credits or money here: digits, maybe a decimal part (no sign,
-# no exponent); the parsers then refuse what is too large or too fine.
-_PLAIN_NUMBER = re.compile(r"\d{1,30}(\.\d{1,30})?")
+# no exponent); the parsers then refuse what is too large or too fine. ASCII digits only:
+# `\d` takes any script's digits, and Decimal reads "٣" (Arabic-Indic three) as 3, so a
+# field a person sees as text would trade credits.
+_PLAIN_NUMBER = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
 
 
 class CreditsField(forms.CharField):

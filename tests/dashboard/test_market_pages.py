@@ -132,6 +132,9 @@ def test_listing_credits_moves_them_into_escrow_and_shows_them_as_yours(seller):
         ("0.0000001", "2.50", "usd", 400, "invalid_quantity"),
         ("1e99999999", "2.50", "usd", 400, "invalid_quantity"),
         ("-100", "2.50", "usd", 400, "invalid_quantity"),
+        # digits of other scripts, which Decimal would read as 100 and 2.50
+        ("\u0661\u0660\u0660", "2.50", "usd", 400, "invalid_quantity"),
+        ("100", "\u0968.\u096b\u0966", "usd", 400, "invalid_price"),
         ("100", "2.505", "usd", 400, "invalid_price"),
         ("100", "two", "usd", 400, "invalid_price"),
     ],
@@ -239,6 +242,7 @@ def test_a_refused_order_is_drawn_with_its_code_and_changes_nothing(
         ),
         (as_buyer, {"quantity": "0", "price": "3"}, 400, "invalid_quantity"),
         (as_buyer, {"quantity": "ten", "price": "3"}, 400, "invalid_quantity"),
+        (as_buyer, {"quantity": "\u0661\u0660", "price": "3"}, 400, "invalid_quantity"),
         # more than the ledger moves at once, with whatever is offered accepted: it was a
         # 500 (a BIGINT overflow) before the services checked the bound the API checks
         (

@@ -30,6 +30,8 @@ pytestmark = pytest.mark.django_db
         (["::1:8001"], [], "grpc_urls"),
         (["[::1]:99999"], [], "grpc_urls"),
         (["triton-0:0"], [], "grpc_urls"),
+        (["triton-0:\u0668\u0660\u0660\u0661"], [], "grpc_urls"),  # 8001 in Arabic-Indic digits
+        (["triton-0:8001\n"], [], "grpc_urls"),
         (["triton-0:8001", "triton-1:8001"], ["http://triton-0:8002/metrics"], "metrics_urls"),
         (["triton-0:8001"], ["triton-0:8002/metrics"], "metrics_urls"),
         (["triton-0:8001"], "http://triton-0:8002/metrics", "metrics_urls"),
