@@ -214,6 +214,10 @@ class InvoiceOutput(serializers.Serializer):
 
 class InvoiceListApi(PagedListMixin, OrgApiView):
     required_scope = Scope.BILLING_READ
+    # As the invoices page (gymbilling.pages.billing.InvoicesPage): an invoice's amounts
+    # and its hosted_invoice_url (which opens Stripe's page for it, with the customer's
+    # billing details, to anyone holding it) are for those who manage billing.
+    allowed_roles = BILLING_ROLES
 
     @extend_schema(
         responses=InvoiceOutput(many=True), summary="The organization's invoices, newest first"

@@ -329,6 +329,31 @@ def test_invoices_are_the_organizations_own_newest_first_and_paginated(
     assert f"in_page_{other.pk}_99" not in text(first) + text(second)
 
 
+@pytest.mark.parametrize(
+    ("role", "status"),
+    [(Role.OWNER, 200), (Role.ADMIN, 200), (Role.BILLING, 200), (Role.MEMBER, 403)],
+)
+def test_the_invoices_api_is_open_to_the_roles_the_invoices_page_is(
+    client, member, stripe_standin, role, status
+):
+    # given an invoice, whose hosted link opens Stripe's page for it to whoever holds it
+    _, org = member(role)
+    billing_customer_ensure(organization=org)
+    _invoice(org, 1)
+
+    # when a person in `role` opens the invoices page, and asks the API for the same list
+    page = client.get("/dashboard/invoices")
+    api = client.get("/api/v1/billing/invoices", headers={"x-organization": org.slug})
+
+    # then both answer alike: a plain member gets neither the list nor the link
+    assert (page.status_code, api.status_code) == (status, status)
+    if status == 200:
+        assert [each["id"] for each in api.json()["results"]] == [f"in_page_{org.pk}_1"]
+    else:
+        assert api.json()["error"]["code"] == "permission_denied"
+        assert "invoice.stripe.test" not in api.content.decode()
+
+
 def test_the_invoice_page_reads_as_many_queries_for_many_rows_as_for_few(
     client, member, stripe_standin
 ):

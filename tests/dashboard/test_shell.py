@@ -290,6 +290,31 @@ def test_the_overview_shows_the_chosen_organizations_credits_exactly(client, mem
     assert b"Second gym" in after.content
 
 
+def _side_nav_links(page) -> list[str]:
+    side = re.search(r'<nav class="side".*?</nav>', page.content.decode(), re.S)
+    assert side, "no side navigation on the page"
+    return re.findall(r'href="([^"]+)"', side[0])
+
+
+@pytest.mark.parametrize("role", Role.values)
+def test_the_side_navigation_links_exactly_the_pages_the_role_may_open(client, member, role):
+    # given every page of the side navigation (an owner is shown them all), and a person
+    # in `role` of another organization
+    member(Role.OWNER)
+    pages = _side_nav_links(client.get("/dashboard/"))
+    member(role)
+
+    # when they are shown the navigation, and open every page
+    linked = _side_nav_links(client.get("/dashboard/"))
+    opened = {path: client.get(path).status_code for path in pages}
+
+    # then what is linked opens, and what is not is refused: no link leads to a 403
+    assert {path for path, status in opened.items() if status == 200} == set(linked), opened
+    assert {status for path, status in opened.items() if path not in linked} <= {403}
+    assert ("/dashboard/invoices" in linked) == (role != Role.MEMBER)
+    assert ("/dashboard/billing" in linked) == (role != Role.MEMBER)
+
+
 def test_switching_to_someone_elses_organization_is_refused(client, member):
     member(Role.OWNER)
     stranger = OrganizationFactory()
