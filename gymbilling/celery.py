@@ -1,11 +1,18 @@
-"""The Celery application. Workers start with `celery -A gymbilling worker`."""
+"""The Celery application. Workers start with `celery -A gymbilling worker`.
+
+Without DJANGO_SETTINGS_MODULE a worker or beat loads the production settings, as
+wsgi.py and asgi.py do: a worker deployed without it must not run on the development
+settings (DEBUG, an insecure SECRET_KEY, email printed to the console with its
+tokens). `make demo` and the tests and benchmarks that start workers name their
+settings module.
+"""
 
 import os
 
 from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gymbilling.settings.local")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gymbilling.settings.production")
 
 app = Celery("gymbilling")
 # Every CELERY_* Django setting configures the app (see settings/base.py).

@@ -7,8 +7,11 @@ read the environment as the process starts.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
+from django.conf import settings
 
 from tests.helpers import settings_in_a_fresh_process
 
@@ -48,3 +51,34 @@ def test_production_will_not_start_without_them(missing):
 
     assert done.returncode != 0
     assert f"Set the {missing} environment variable" in done.stderr
+
+
+def test_a_celery_worker_without_a_settings_module_runs_on_the_production_settings():
+    # given the environment of a deployed worker that names no DJANGO_SETTINGS_MODULE
+    env = {name: value for name, value in BASE.items() if name != "DJANGO_SETTINGS_MODULE"}
+    script = (
+        "import environ\n"
+        "environ.Env.read_env = lambda *a, **k: None\n"  # a developer's .env is not read
+        "from gymbilling.celery import app\n"
+        "app.loader.import_default_modules()\n"  # as `celery worker` does on starting
+        "from django.conf import settings\n"
+        "print(settings.SETTINGS_MODULE, settings.DEBUG, settings.EMAIL_BACKEND)\n"
+    )
+
+    # when the Celery app loads, as `celery -A gymbilling worker` loads it
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    # then the settings are production's, as the web app's (wsgi.py, asgi.py) are
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "gymbilling.settings.production",
+        "False",
+        "django.core.mail.backends.smtp.EmailBackend",
+    ]
