@@ -236,6 +236,8 @@ class Server:
             "SITE_URL": "http://127.0.0.1",
             "EMAIL_URL": "consolemail://",
             "DJANGO_SECURE_COOKIES": "false",
+            # The clients speak plain HTTP to 127.0.0.1, with no TLS terminator between.
+            "DJANGO_SECURE_SSL_REDIRECT": "false",
             "DATABASE_URL": _with_query(url, conn_max_age=config.conn_max_age),
             "REDIS_URL": REDIS_URL,
         }

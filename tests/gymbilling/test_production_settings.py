@@ -82,3 +82,55 @@ def test_a_celery_worker_without_a_settings_module_runs_on_the_production_settin
         "False",
         "django.core.mail.backends.smtp.EmailBackend",
     ]
+
+
+def test_the_deploy_checks_find_https_enforced_and_hsts_sent():
+    # given production's settings as deployed, and the same with the redirect turned off
+    check = "from django.core.management import call_command\ncall_command('check', deploy=True)\n"
+    off = BASE | {"DJANGO_SECURE_SSL_REDIRECT": "false", "DJANGO_SECURE_HSTS_SECONDS": "0"}
+
+    # when Django's deployment checks run on each
+    deployed = settings_in_a_fresh_process(check, env=BASE)
+    turned_off = settings_in_a_fresh_process(check, env=off)
+
+    # then neither HSTS (W004) nor the HTTPS redirect (W008) is missing, unless turned off
+    assert deployed.returncode == 0, deployed.stderr
+    assert "security.W004" not in deployed.stderr and "security.W008" not in deployed.stderr
+    assert "security.W004" in turned_off.stderr and "security.W008" in turned_off.stderr
+
+
+def test_plain_http_is_redirected_to_https_except_the_load_balancers_probes():
+    # given production's settings, behind a TLS terminator that sets X-Forwarded-Proto
+    db = settings.DATABASES["default"]
+    user = f"{db['USER']}:{db.get('PASSWORD') or ''}"
+    env = BASE | {
+        "DJANGO_ALLOWED_HOSTS": "gym.example.com",
+        "DATABASE_URL": f"postgres://{user}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+    }
+    script = (
+        "from django.test import Client\n"
+        "client = Client(HTTP_HOST='gym.example.com')\n"
+        "def show(path, **headers):\n"
+        "    answer = client.get(path, headers=headers)\n"
+        "    print(path, answer.status_code, answer.get('Location', '-'),\n"
+        "          answer.get('Strict-Transport-Security', '-'))\n"
+        "show('/api/v1/plans')\n"
+        "show('/dashboard/?page=2')\n"
+        "show('/ping')\n"
+        "show('/healthz')\n"
+        "show('/ping', x_forwarded_proto='https')\n"
+    )
+
+    # when pages and the probes are asked for over plain HTTP, and over HTTPS
+    done = settings_in_a_fresh_process(script, env=env)
+
+    # then HTTP is sent to the same address on HTTPS; the probes answer on HTTP; HTTPS
+    # answers carry HSTS for a year
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "/api/v1/plans 301 https://gym.example.com/api/v1/plans -",
+        "/dashboard/?page=2 301 https://gym.example.com/dashboard/?page=2 -",
+        "/ping 200 - -",
+        "/healthz 200 - -",
+        "/ping 200 - max-age=31536000",
+    ]
