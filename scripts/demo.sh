@@ -55,7 +55,7 @@ python manage.py triton_dev --http-port $TRITON_HTTP --grpc-port $TRITON_GRPC \
   --metrics-port $TRITON_METRICS > var/log/triton.log 2>&1 &
 pids+=($!)
 celery -A gymbilling worker -l INFO --concurrency 2 \
-  -Q celery,inference.priority,inference.standard,inference.batch > var/log/worker.log 2>&1 &
+  -Q celery,email,inference.priority,inference.standard,inference.batch > var/log/worker.log 2>&1 &
 pids+=($!)
 celery -A gymbilling beat -l INFO -s var/celerybeat-schedule > var/log/beat.log 2>&1 &
 pids+=($!)
@@ -70,7 +70,8 @@ done
 
 cat <<MSG
 
-GymBilling demo is running (logs in var/log/).
+GymBilling demo is running (logs in var/log/; the emails it sends, such as sign-up
+links, are printed in var/log/worker.log).
 
   Home             http://127.0.0.1:${PORT}/
   Dashboard        http://127.0.0.1:${PORT}/dashboard/   (member@gym.local / gym-demo-member)

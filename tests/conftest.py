@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -204,12 +205,80 @@ def app_server(transactional_db, stripe_standin):
         stop_process(proc)
 
 
+class EmailWorker:
+    """The `email` queue's worker, in the test's own process (see `email_worker`)."""
+
+    def take_messages(self) -> list[tuple[dict, dict]]:
+        """Every email queued on the broker, taken off it in order: each message's
+        headers and the task's kwargs (to, subject, body), as the message carries them."""
+        from kombu import Queue
+
+        from accounts.tasks import EMAIL_QUEUE, email_send_task
+        from gymbilling.celery import app
+
+        taken = []
+        with app.connection_for_read() as connection:
+            queue = Queue(EMAIL_QUEUE)(connection.default_channel)
+            while (message := queue.get(no_ack=True, accept=["json"])) is not None:
+                assert message.headers["task"] == email_send_task.name, message.headers
+                _args, kwargs, _embed = message.decode()
+                taken.append((message.headers, kwargs))
+        return taken
+
+    def take(self) -> list[dict]:
+        """The kwargs of every email queued, taken off the queue."""
+        return [kwargs for _headers, kwargs in self.take_messages()]
+
+    def work(self) -> list[dict]:
+        """Send every email queued, as a worker would (the task, its retries included);
+        the emails land in django.core.mail.outbox. Returns what it took."""
+        from accounts.tasks import email_send_task
+
+        taken = self.take()
+        for kwargs in taken:
+            # (Run eagerly, a retry runs at once, without its wait.)
+            result = email_send_task.apply(kwargs=kwargs)
+            if result.failed():
+                raise result.result
+        return taken
+
+
+@pytest.fixture
+def email_worker() -> EmailWorker:
+    """Email is sent by a Celery task on the `email` queue (accounts.services.mail). Here
+    the test's own process takes the messages off the real broker and runs them, so
+    that the emails reach the test's outbox (django.core.mail.outbox); the session's
+    worker process (`celery_worker_process`) does not consume that queue, and could only
+    send them into an outbox of its own. What an earlier test left queued is dropped
+    first."""
+    worker = EmailWorker()
+    worker.take()
+    return worker
+
+
+@pytest.fixture
+def commit_then_mail(django_capture_on_commit_callbacks, email_worker):
+    """`with commit_then_mail(): ...`: the block's on_commit callbacks run as its commit
+    would run them (the test's own transaction never commits), then the email worker:
+    the emails the block queued are in django.core.mail.outbox after it, and none before
+    its end."""
+
+    @contextlib.contextmanager
+    def _block():
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            yield callbacks
+        email_worker.work()
+
+    return _block
+
+
 @pytest.fixture(scope="session")
 def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
     """A real `celery -A gymbilling worker` process on the test database and Redis.
 
     Not eager mode: tasks cross Redis to another process, as in production.
     Tests using it need `transactional_db` so the worker sees committed rows.
+    Every queue but `email`, which `email_worker` works in the test's process.
     """
     env = process_env()
     node = f"test-{uuid.uuid4().hex[:8]}"

@@ -197,7 +197,11 @@ CELERY_RESULT_EXPIRES = timedelta(hours=1)
 CELERY_TIMEZONE = "UTC"
 # Inference jobs go to the queue of their priority; run workers per queue to
 # keep batch work from delaying priority work.
-CELERY_TASK_ROUTES = {"inference.tasks.job_run": {"queue": "inference.standard"}}
+CELERY_TASK_ROUTES = {
+    "inference.tasks.job_run": {"queue": "inference.standard"},
+    # Email on a queue of its own (accounts.tasks.EMAIL_QUEUE), which a worker must consume.
+    "accounts.tasks.email_send_task": {"queue": "email"},
+}
 CELERY_TASK_DEFAULT_QUEUE = "celery"
 CELERY_BEAT_SCHEDULE = {
     "metering-credits-expire": {

@@ -7,14 +7,6 @@ DEBUG = False
 SECRET_KEY = "test-secret-key"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-# A process a test starts (the app server of the browser tests) cannot hand its
-# outbox to the test: with TEST_EMAIL_FILE_PATH it writes each email to a file in
-# that folder instead (Django's file backend), where the test reads the links a
-# person would follow. A name of its own: EMAIL_BACKEND in a developer's .env must
-# never make the tests send mail.
-if env.str("TEST_EMAIL_FILE_PATH", default=""):
-    EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
-    EMAIL_FILE_PATH = env.str("TEST_EMAIL_FILE_PATH")
 # Tests use their own Redis database so a developer's demo worker is untouched.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/15")
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=CELERY_BROKER_URL)

@@ -320,7 +320,7 @@ def test_the_database_keeps_one_user_per_address_whatever_its_case():
 
 
 def test_staff_changing_a_verified_address_unverify_it_and_email_the_new_one_a_link(
-    staff, django_capture_on_commit_callbacks
+    staff, commit_then_mail
 ):
     # given a verified user with a session of their own
     fay = UserFactory(email="fay@example.test", password="fay's own passphrase 1")
@@ -328,7 +328,7 @@ def test_staff_changing_a_verified_address_unverify_it_and_email_the_new_one_a_l
     change = f"/admin/accounts/user/{fay.pk}/change/"
 
     # when staff give them a new address, leaving "email verified" ticked as it was
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         saved = staff.post(change, user_form(fay, email="Fay.New@Example.test", first_name="Fay"))
 
     # then the new address is unverified (the rest of the form saved), and only it is
@@ -355,7 +355,7 @@ def test_staff_changing_a_verified_address_unverify_it_and_email_the_new_one_a_l
 
 
 def test_staff_who_checked_the_new_address_keep_it_verified_and_email_it_nothing(
-    staff, django_capture_on_commit_callbacks
+    staff, commit_then_mail
 ):
     # given a verified user
     gus = UserFactory(email="gus@example.test")
@@ -363,7 +363,7 @@ def test_staff_who_checked_the_new_address_keep_it_verified_and_email_it_nothing
     # when staff give them a new address and tick "New address checked"
     page = staff.get(f"/admin/accounts/user/{gus.pk}/change/")
     assert page.status_code == 200 and b'name="new_email_verified"' in page.content
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         saved = staff.post(
             f"/admin/accounts/user/{gus.pk}/change/",
             user_form(gus, email="gus.new@example.test", new_email_verified=True),
@@ -378,7 +378,7 @@ def test_staff_who_checked_the_new_address_keep_it_verified_and_email_it_nothing
 
 
 def test_staff_changing_an_address_tell_the_old_one_who_changed_it_and_when(
-    staff, admin_user, django_capture_on_commit_callbacks, settings
+    staff, admin_user, commit_then_mail, settings
 ):
     # given a user whose address staff change (a request in their name, say)
     settings.SITE_URL = "https://gym.example.test"
@@ -387,7 +387,7 @@ def test_staff_changing_an_address_tell_the_old_one_who_changed_it_and_when(
     admin_user.save(update_fields=["first_name", "last_name"])
 
     # when
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         saved = staff.post(
             f"/admin/accounts/user/{kit.pk}/change/", user_form(kit, email="kit@elsewhere.test")
         )
@@ -407,14 +407,14 @@ def test_staff_changing_an_address_tell_the_old_one_who_changed_it_and_when(
 
 
 def test_staff_saving_a_user_without_changing_the_address_leave_its_verification_alone(
-    staff, django_capture_on_commit_callbacks
+    staff, commit_then_mail
 ):
     # given a verified user and an unverified one
     hal = UserFactory(email="hal@example.test")
     ivy = UserFactory(email="ivy@example.test", email_verified=False)
 
     # when staff change their names only
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         for user in (hal, ivy):
             saved = staff.post(
                 f"/admin/accounts/user/{user.pk}/change/", user_form(user, last_name="Smith")
@@ -429,14 +429,14 @@ def test_staff_saving_a_user_without_changing_the_address_leave_its_verification
 
 
 def test_staff_retyping_the_same_address_in_another_case_leave_its_verification_alone(
-    staff, django_capture_on_commit_callbacks
+    staff, commit_then_mail
 ):
     # given a verified user
     joy = UserFactory(email="joy@example.test", password="joy's own passphrase 1")
 
     # when staff save the user with the address typed in capitals: the same address,
     # as it is stored and compared (User.objects.canonical_email)
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         saved = staff.post(
             f"/admin/accounts/user/{joy.pk}/change/",
             user_form(joy, email="Joy@Example.TEST", last_name="Smith"),

@@ -323,11 +323,11 @@ def test_an_unknown_email_is_told_to_use_an_invitation(team):
 
 
 def test_an_unverified_account_answers_as_no_account_until_its_address_is_proven(
-    team, django_capture_on_commit_callbacks
+    team, commit_then_mail
 ):
     # given someone who signed up under an address they have not proven (anyone could)
     org = team["org"]
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         squatter = user_signup(email="cfo@victim.test", password="a long passphrase, 44")
     owner = signed_in(team[Role.OWNER])
     path = f"/api/v1/orgs/{org.pk}/members"
@@ -564,12 +564,12 @@ def token_from(message) -> str:
     return match[1]
 
 
-def test_an_invitation_is_created_and_emailed(team, django_capture_on_commit_callbacks):
+def test_an_invitation_is_created_and_emailed(team, commit_then_mail):
     # given
     org = team["org"]
 
     # when
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = invite(signed_in(team[Role.ADMIN]), org, "New.Person@Example.TEST", "billing")
 
     # then
@@ -591,9 +591,9 @@ def test_an_invitation_is_created_and_emailed(team, django_capture_on_commit_cal
     assert [row["email"] for row in listing.json()["results"]] == ["new.person@example.test"]
 
 
-def test_a_member_cannot_invite(team, django_capture_on_commit_callbacks):
+def test_a_member_cannot_invite(team, commit_then_mail):
     # when
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = invite(signed_in(team[Role.MEMBER]), team["org"], "x@example.test")
 
     # then
@@ -602,14 +602,14 @@ def test_a_member_cannot_invite(team, django_capture_on_commit_callbacks):
     assert mail.outbox == []
 
 
-def test_inviting_the_same_email_twice_is_a_conflict(team, django_capture_on_commit_callbacks):
+def test_inviting_the_same_email_twice_is_a_conflict(team, commit_then_mail):
     # given
     client = signed_in(team[Role.OWNER])
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         invite(client, team["org"], "x@example.test")
 
     # when
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = invite(client, team["org"], "x@example.test")
 
     # then
@@ -618,15 +618,15 @@ def test_inviting_the_same_email_twice_is_a_conflict(team, django_capture_on_com
     assert len(mail.outbox) == 1
 
 
-def test_an_expired_invitation_gives_way_to_a_new_one(team, django_capture_on_commit_callbacks):
+def test_an_expired_invitation_gives_way_to_a_new_one(team, commit_then_mail):
     # given an invitation that expired unused
     client = signed_in(team[Role.OWNER])
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         invite(client, team["org"], "x@example.test")
     Invitation.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
 
     # when the address is invited again
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = invite(client, team["org"], "x@example.test")
 
     # then a new invitation is made and emailed, and the expired one is closed
@@ -638,10 +638,10 @@ def test_an_expired_invitation_gives_way_to_a_new_one(team, django_capture_on_co
 
 
 @pytest.fixture
-def invited(team, django_capture_on_commit_callbacks):
+def invited(team, commit_then_mail):
     """An invitation to a person who signed up (and so owns a personal organization)."""
     person = user_signup(email="invitee@example.test", password=None)
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = invite(signed_in(team[Role.OWNER]), team["org"], person.email, "admin")
     assert response.status_code == 201
     return person, token_from(mail.outbox[-1])
@@ -778,14 +778,12 @@ def test_an_api_key_cannot_accept_an_invitation(team, invited, make_key):
     assert Invitation.objects.get(organization=team["org"]).accepted_at is None
 
 
-def test_accepting_when_the_seats_are_full_is_refused(
-    member_of, django_capture_on_commit_callbacks
-):
+def test_accepting_when_the_seats_are_full_is_refused(member_of, commit_then_mail):
     # given: an invitation sent while a seat was free, which someone else then took
     org = OrganizationFactory(seats=2)
     owner = member_of(org, Role.OWNER)
     person = user_signup(email="late@example.test", password=None)
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         invite(signed_in(owner), org, person.email)
     membership_add(organization=org, user=UserFactory(), role=Role.MEMBER, actor=owner)
 

@@ -36,10 +36,10 @@ def link_in(message) -> str:
 
 
 @pytest.fixture
-def signed_up(client, django_capture_on_commit_callbacks):
+def signed_up(client, commit_then_mail):
     """Someone who signed up through the form (signed in as nobody yet): the user, their
     link."""
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = client.post("/signup/", {"email": "Ada@Example.test", "password": PASSWORD})
     assert response.status_code == 302, response.content
     [message] = mail.outbox
@@ -225,7 +225,7 @@ def test_a_link_for_an_address_the_account_no_longer_has_verifies_nothing(client
 
 
 def test_the_overview_asks_an_unverified_account_to_verify_and_resends_the_link(
-    client, signed_up, django_capture_on_commit_callbacks
+    client, signed_up, commit_then_mail
 ):
     # given an unverified account signed in (a session from before sign-in needed the link)
     user, _link = signed_up
@@ -233,7 +233,7 @@ def test_the_overview_asks_an_unverified_account_to_verify_and_resends_the_link(
 
     # when the overview is drawn, and its button asks for the link again
     overview = client.get("/dashboard/")
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         resent = client.post("/verify-email/send")
 
     # then the banner offers it, and a second email carries a link that works
@@ -250,13 +250,11 @@ def test_the_overview_asks_an_unverified_account_to_verify_and_resends_the_link(
     assert b'data-banner="verify-email"' not in client.get("/dashboard/").content
 
 
-def test_a_verified_account_sees_no_banner_and_is_sent_nothing(
-    client, member, django_capture_on_commit_callbacks
-):
+def test_a_verified_account_sees_no_banner_and_is_sent_nothing(client, member, commit_then_mail):
     member()
 
     overview = client.get("/dashboard/")
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         resent = client.post("/verify-email/send")
 
     assert b'data-banner="verify-email"' not in overview.content
@@ -296,7 +294,7 @@ def test_users_an_operator_makes_are_verified(admin_user):
 
 
 def test_a_mail_server_that_is_down_does_not_undo_or_break_the_sign_up(
-    client, settings, django_capture_on_commit_callbacks, caplog
+    client, settings, commit_then_mail, caplog
 ):
     # given outgoing mail through an SMTP server where nothing listens
     with socket.socket() as probe:
@@ -306,7 +304,7 @@ def test_a_mail_server_that_is_down_does_not_undo_or_break_the_sign_up(
     settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", port, 2
 
     # when someone signs up
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = client.post("/signup/", {"email": "bo@example.test", "password": PASSWORD})
 
     # then they are signed up (signing up again with the address mails the link anew,

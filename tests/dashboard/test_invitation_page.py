@@ -91,7 +91,7 @@ def test_signed_out_a_post_leads_to_signing_in_and_accepts_nothing(client, invit
 
 
 def test_signing_up_from_the_invitation_comes_back_to_it_and_accepting_joins(
-    client, invitation, django_capture_on_commit_callbacks
+    client, invitation, commit_then_mail
 ):
     # given a newcomer who follows the link, then its sign-up link
     row, token = invitation
@@ -100,7 +100,7 @@ def test_signing_up_from_the_invitation_comes_back_to_it_and_accepting_joins(
     # when they sign up with the address invited, follow the link emailed (with their
     # password), and accept on the page
     client.get(page(token))
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         signed_up = client.post(
             "/signup/", {"email": "Zoe@Example.test", "password": PASSWORD, "next": PAGE}
         )

@@ -92,12 +92,10 @@ def test_the_page_lists_the_newest_open_invitations_and_marks_the_expired(
     assert b"the invitations API lists them all" not in three.content
 
 
-def test_inviting_by_email_creates_an_invitation_and_sends_it(
-    client, team, django_capture_on_commit_callbacks
-):
+def test_inviting_by_email_creates_an_invitation_and_sends_it(client, team, commit_then_mail):
     org, owner, *_ = team
 
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = client.post("/dashboard/members", {"email": "Zoe@Example.test", "role": "admin"})
 
     assert response.status_code == 302 and response["Location"] == "/dashboard/members"
@@ -122,14 +120,14 @@ def test_inviting_by_email_creates_an_invitation_and_sends_it(
     ids=["bad-email", "unknown-role", "already-invited", "already-a-member"],
 )
 def test_a_refused_invitation_is_drawn_with_its_code_and_sends_nothing(
-    client, team, data, status, code, django_capture_on_commit_callbacks
+    client, team, data, status, code, commit_then_mail
 ):
     # given one open invitation already
     org, owner, _admin, plain = team
     invitation_create(organization=org, email="dup@example.test", actor=owner)
 
     # when
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         response = client.post(
             "/dashboard/members", {**data, "email": data["email"].format(plain=plain.email)}
         )

@@ -118,16 +118,14 @@ def test_sign_ups_with_a_taken_address_count_as_new_ones_do(settings):
     assert not User.objects.filter(email="new@example.test").exists()
 
 
-def test_asking_for_the_verification_link_again_is_limited(
-    client, settings, django_capture_on_commit_callbacks
-):
+def test_asking_for_the_verification_link_again_is_limited(client, settings, commit_then_mail):
     # given an unverified account allowed one more link an hour
     settings.RATELIMIT_VERIFICATION_EMAILS_PER_USER = 1
     user = user_signup(email="ada@example.test", password=PASSWORD)
     client.force_login(user)
 
     # when it asks twice
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         first = client.post("/verify-email/send")
         second = client.post("/verify-email/send")
 

@@ -62,16 +62,16 @@ def sign_up_answer(email: str, password: str, **extra) -> tuple:
 
 
 def test_signing_up_with_a_taken_address_answers_as_a_new_one_and_tells_its_owner(
-    django_capture_on_commit_callbacks,
+    commit_then_mail,
 ):
     # given an account, verified, with a password of its own
     owner = UserFactory(email="cleo@example.test", password="the owner's own passphrase 9")
     organizations = Organization.objects.count()
 
     # when someone signs up with that address (in other capitals), and with a new one
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         taken = sign_up_answer("Cleo@Example.test", "someone else's passphrase 77")
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         new = sign_up_answer("dora@example.test", "someone else's passphrase 77")
 
     # then the two answers are the same to the client, and neither signs anyone in
@@ -123,16 +123,16 @@ def test_a_taken_address_hashes_the_password_as_a_new_one_does(settings):
 
 
 def test_an_address_in_other_unicode_forms_is_the_same_address(
-    django_capture_on_commit_callbacks,
+    commit_then_mail,
 ):
     # given an account
     UserFactory(email="ada@example.test")
 
     # when someone signs up with its address written with a fullwidth letter, which the
     # sign-in form would read as the same address (NFKC), and a new address so written
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         taken = sign_up_answer("ada@\uff45xample.test", "someone else's passphrase 77")
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         new = sign_up_answer("bob@\uff45xample.test", "bob's own passphrase 12")
 
     # then the first is the taken address: no second account, its owner told
@@ -147,15 +147,15 @@ def test_an_address_in_other_unicode_forms_is_the_same_address(
 
 
 def test_signing_up_with_a_taken_unverified_address_mails_its_owner_the_link(
-    django_capture_on_commit_callbacks,
+    commit_then_mail,
 ):
     # given an account made by signing up, not verified yet
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         Client().post("/signup/", {"email": "eve@example.test", "password": "first passphrase 1"})
     mail.outbox.clear()
 
     # when the address signs up again
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         again = Client().post(
             "/signup/", {"email": "eve@example.test", "password": "second passphrase 2"}
         )

@@ -1,18 +1,18 @@
 """An invitation in a real browser, from the manager's form to the newcomer's first page,
 following the links the emails carry, as people do.
 
-The app server writes its emails to files (TEST_EMAIL_FILE_PATH, gymbilling/settings/
-test.py); the test reads the links from them. Each test also asserts that nothing the
-pages loaded failed (tests/e2e/conftest.py).
+The app server queues its emails on the broker (accounts.services.mail); the test's
+`email_worker` sends them into this process's outbox, where the test reads the links.
+Each test also asserts that nothing the pages loaded failed (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from django.core import mail
 
 from accounts.models import Membership, Role, User
 from accounts.services import organization_entitlements_set
@@ -24,34 +24,25 @@ NEWCOMER = "newcomer@gym.test"
 
 
 @pytest.fixture
-def mailbox(tmp_path, monkeypatch) -> Path:
-    """The folder the app server writes its emails to."""
-    folder = tmp_path / "mail"
-    monkeypatch.setenv("TEST_EMAIL_FILE_PATH", str(folder))
-    return folder
+def site(app_server) -> str:
+    return app_server
 
 
-@pytest.fixture
-def site(mailbox, request) -> str:
-    """The app server, started once `mailbox` is set, so that it writes its emails there."""
-    return request.getfixturevalue("app_server")
-
-
-def link(mailbox: Path, site: str, *, to: str, path: str) -> str:
-    """The link to `path` in the emails sent to `to`, on the app server under test (the
-    emails name SITE_URL)."""
+def link(email_worker, site: str, *, to: str, path: str) -> str:
+    """The link to `path` in the emails sent to `to`, once the emails the app server
+    queued are sent, on the app server under test (the emails name SITE_URL)."""
+    email_worker.work()
     found = []
-    for sent in sorted(mailbox.iterdir()):
-        for message in sent.read_text().split("-" * 79):
-            if re.search(rf"^To: {re.escape(to)}$", message, re.M):
-                found += re.findall(rf"https?://\S+{re.escape(path)}\?token=\S+", message)
+    for message in mail.outbox:
+        if message.to == [to]:
+            found += re.findall(rf"https?://\S+{re.escape(path)}\?token=\S+", message.body)
     assert len(found) == 1, f"{len(found)} links to {path} in the emails to {to}"
     parts = urlsplit(found[0])
     return f"{site}{parts.path}?{parts.query}"
 
 
 def test_an_invited_newcomer_signs_up_verifies_accepts_and_lands_in_the_organization(
-    site, mailbox, visit
+    site, email_worker, visit
 ):
     # given a manager whose organization has a seat free
     sign_up(visit, site)
@@ -69,7 +60,7 @@ def test_an_invited_newcomer_signs_up_verifies_accepts_and_lands_in_the_organiza
     page.wait_for_url("**/login/")
 
     # and the newcomer follows the emailed link, and signs up from it
-    invitation = link(mailbox, site, to=NEWCOMER, path="/invitations/accept")
+    invitation = link(email_worker, site, to=NEWCOMER, path="/invitations/accept")
     page.goto(invitation)
     assert org.name in page.locator("main").inner_text()
     page.click("text=create an account")
@@ -83,7 +74,7 @@ def test_an_invited_newcomer_signs_up_verifies_accepts_and_lands_in_the_organiza
     assert page.locator("[data-signup=sent]").count() == 1
 
     # when they verify their address with the link emailed at sign-up, and their password
-    page.goto(link(mailbox, site, to=NEWCOMER, path="/verify-email"))
+    page.goto(link(email_worker, site, to=NEWCOMER, path="/verify-email"))
     page.fill("#id_password", PASSWORD)
     page.click("form[action='/verify-email'] button[type=submit]")
 
