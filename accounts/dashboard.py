@@ -25,10 +25,14 @@ build on it without breaking the import direction in DESIGN.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import NON_FIELD_ERRORS
@@ -42,13 +46,24 @@ from django.views.generic import TemplateView
 
 from accounts.api_base import ALL_ROLES, require_single_query_params
 from accounts.errors import ApplicationError
-from accounts.models import Membership
+from accounts.idempotency import (
+    StoredResponse,
+    idempotency_begin,
+    idempotency_complete,
+    idempotency_release,
+)
+from accounts.models import IdempotencyRecord, Membership
 from accounts.ratelimits import dashboard_limit, rate_limit_consume
 from accounts.selectors import user_membership_by_slug, user_memberships
 
 SESSION_ORGANIZATION = "dashboard_organization"
 # The form field naming the organization (its slug) a form was drawn for.
 ACTING_FOR = "acting_for"
+# The form field carrying the one-time token of a drawn form (`{% form_tokens %}`).
+FORM_TOKEN = "form_token"
+# What a form's token is kept under among the organization's Idempotency-Keys: apart
+# from the keys API clients choose.
+_FORM_KEY_PREFIX = "form:"
 
 M = TypeVar("M", bound=Model)
 
@@ -69,6 +84,28 @@ def safe_next(request: HttpRequest, default: str) -> str:
     ):
         return target
     return default
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How a form sent again is answered: a redirect to `location`, with `message` shown
+    (none: nothing to say, as when `location` is Stripe's page)."""
+
+    location: str
+    message: str = ""
+
+
+def _form_body(request: HttpRequest) -> bytes:
+    """The form's fields, as the request fingerprint: the same drawn form sent again is
+    the same request; one whose values were changed is another (422). Without the CSRF
+    token: it says nothing of what the form asks for."""
+    fields = sorted(
+        (name, value)
+        for name, values in request.POST.lists()
+        if name != "csrfmiddlewaretoken"
+        for value in values
+    )
+    return urlencode(fields).encode()
 
 
 class SingleQueryParams:
@@ -162,15 +199,124 @@ class MemberPage(LoginRequiredMixin, SingleQueryParams, TemplateView):
                 status=403,
             )
         try:
-            if request.method == "POST" and not self.never_rate_limited:
+            if request.method != "POST":
+                return super().dispatch(request, *args, **kwargs)
+            token = request.POST.get(FORM_TOKEN)
+            if not token:
+                # Before the rate limit, as organization_changed: nothing is done.
+                raise ApplicationError(
+                    code="form_outdated",
+                    message="This form was drawn by an earlier version of the page and "
+                    "could be acted on twice. Nothing was done: reload the page and send "
+                    "it again.",
+                    status=409,
+                    param=FORM_TOKEN,
+                )
+            if not self.never_rate_limited:
                 # A change counts against its person's own dashboard limit, not the
                 # organization's API requests (dashboard_limit says why).
                 rate_limit_consume(kind="dashboard changes", limits=[dashboard_limit(request.user)])
-            return super().dispatch(request, *args, **kwargs)
+            claim = self._form_claim(request, token)
+            if isinstance(claim, HttpResponse):
+                return claim
+            try:
+                response = super().dispatch(request, *args, **kwargs)
+            except ApplicationError as error:
+                if error.took_effect:
+                    self._form_keep(claim, Replay(request.path, self.replayed_message))
+                else:
+                    idempotency_release(record=claim)  # nothing was done: may be sent again
+                raise
+            except BaseException:
+                # A server error: as the API, the key is freed for a retry.
+                idempotency_release(record=claim)
+                raise
+            self._form_complete(claim, response)
+            return response
         except ApplicationError as error:
             if request.method != "POST":
                 raise
             return self.refused(error)
+
+    # --- a form is acted on once ---------------------------------------------------------
+
+    # Set by a handler: how its form sent again is answered (done() sets it). None: a
+    # redirect to where the first answer went, else this page saying it was done once.
+    replay: Replay | None = None
+    # Set by a handler whose answer did nothing (a question before the action): the
+    # form may be sent again, and is acted on then.
+    did_nothing = False
+    replayed_message = "This form was already sent, and was acted on once."
+
+    def _form_claim(self, request: HttpRequest, token: str) -> IdempotencyRecord | HttpResponse:
+        """Claim the form's token for this request, or the first outcome's replay.
+
+        A second send while the first runs (a double click: the browser drops the first
+        answer and shows the second's) waits for the first to finish, so it can show
+        where the first went, rather than a page saying "still running"."""
+        deadline = time.monotonic() + settings.DASHBOARD_FORM_WAIT_SECONDS
+        key = _FORM_KEY_PREFIX + token
+        while True:
+            try:
+                outcome = idempotency_begin(
+                    organization=request.organization,
+                    caller=f"user:{request.user.pk}",
+                    key=key,
+                    method="POST",
+                    path=request.get_full_path(),
+                    body=_form_body(request),
+                )
+            except ApplicationError as error:
+                if error.code == "idempotency_in_progress" and time.monotonic() < deadline:
+                    self._await_first(request, key, deadline)
+                    continue
+                raise _form_refusal(error) from None
+            if isinstance(outcome, StoredResponse):
+                return self._replayed(outcome)
+            return outcome
+
+    @staticmethod
+    def _await_first(request: HttpRequest, key: str, deadline: float) -> None:
+        """Until the first send of the form has its outcome (or `deadline`): one read a
+        tenth of a second, not one insert that fails."""
+        running = IdempotencyRecord.objects.filter(
+            organization=request.organization, key=key, status_code__isnull=True
+        )
+        while time.monotonic() < deadline and running.exists():
+            time.sleep(0.1)
+
+    def _replayed(self, stored: StoredResponse) -> HttpResponse:
+        replay = Replay(**json.loads(stored.body))
+        if replay.message:
+            messages.info(self.request, replay.message)
+        response = HttpResponseRedirect(replay.location)
+        response.status_code = stored.status_code
+        response["Idempotent-Replayed"] = "true"
+        return response
+
+    def _form_complete(self, record: IdempotencyRecord, response: HttpResponse) -> None:
+        if response.status_code >= 400 or self.did_nothing:
+            idempotency_release(record=record)  # a form drawn again, or a question: nothing done
+            return
+        replay = self.replay
+        if replay is None:
+            is_redirect = 300 <= response.status_code < 400 and response.has_header("Location")
+            replay = (
+                Replay(response["Location"])
+                if is_redirect
+                else Replay(self.request.path, self.replayed_message)
+            )
+        self._form_keep(record, replay)
+
+    @staticmethod
+    def _form_keep(record: IdempotencyRecord, replay: Replay) -> None:
+        # Only the Replay is kept, never the first answer: it may hold a secret shown once.
+        idempotency_complete(
+            record=record,
+            status_code=302,
+            content_type="application/json",
+            body=json.dumps(asdict(replay)).encode(),
+        )
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
@@ -214,9 +360,30 @@ class MemberPage(LoginRequiredMixin, SingleQueryParams, TemplateView):
         return self.refused(form_refusal(form), **{name: form}, **context)
 
     def done(self, message: str, *, to: str | None = None) -> HttpResponseRedirect:
-        """Post/redirect/get: a success is shown once, and a reload does not repeat it."""
+        """Post/redirect/get: a success is shown once, and a reload does not repeat it.
+        The form sent again goes to the same place, with the message again (the browser
+        may have dropped the first answer, and its message with it)."""
         messages.success(self.request, message)
-        return HttpResponseRedirect(to or self.request.path)
+        location = to or self.request.path
+        self.replay = Replay(location, f"{self.replayed_message} {message}")
+        return HttpResponseRedirect(location)
+
+
+def _form_refusal(error: ApplicationError) -> ApplicationError:
+    """The Idempotency-Key machinery's refusal, said of a form (its code kept)."""
+    said = {
+        "idempotency_key_reused": "This form was already sent with other values. Nothing "
+        "more was done: reload the page to send a new one.",
+        "idempotency_in_progress": "This form was already sent and is still being acted on. "
+        "Open the page again in a moment to see what was done.",
+    }
+    return ApplicationError(
+        code=error.code,
+        message=said.get(error.code, error.message),
+        status=error.status,
+        param=FORM_TOKEN,
+        extra=error.extra,
+    )
 
 
 def with_retry_after(response: HttpResponse, error: ApplicationError) -> HttpResponse:

@@ -15,6 +15,7 @@ from accounts.api_base import MANAGERS
 from accounts.dashboard import (
     Confirmation,
     PickPage,
+    Replay,
     owned_or_refused,
 )
 from accounts.models import ApiKey, Scope
@@ -89,6 +90,14 @@ class ApiKeysPage(PickPage):
             return self.invalid(form)
         key, secret = apikey_create(
             organization=request.organization, actor=request.user, **form.cleaned_data
+        )
+        # Sent again, the form answers with the keys list saying the key was made, and
+        # never with its secret: the secret is in this answer only.
+        self.replay = Replay(
+            reverse("dashboard-keys"),
+            f"The key “{key.name}” ({key.prefix}) was created when this form was first sent, "
+            "and its secret was shown then, once: it cannot be shown again. If it was not "
+            "copied, revoke the key and create another.",
         )
         response = self.render_to_response(
             self.get_context_data(created=key, secret=secret, form=ApiKeyForm()), status=201

@@ -94,6 +94,8 @@ class BillingPage(ActionPage):
         seats = data["seats"] or 1
         subscription = live_subscription(request.organization)
         if plan is not None and subscription is not None and request.POST.get("confirmed") != "yes":
+            # Only asked: the question's own form (a token of its own) is the one acted on.
+            self.did_nothing = True
             return self.render_to_response(
                 self.get_context_data(confirm=_change_confirmation(request, plan, seats))
             )

@@ -314,6 +314,11 @@ RATELIMIT_VERIFICATION_EMAILS_PER_USER = env.int(
     "RATELIMIT_VERIFICATION_EMAILS_PER_USER", default=3
 )
 RATELIMIT_DASHBOARD_PER_USER = env.int("RATELIMIT_DASHBOARD_PER_USER", default=60)
+# A dashboard form sent again while its first send still runs (a double click) waits
+# this long for the first's outcome, to show it, before answering 409
+# `idempotency_in_progress` (accounts.dashboard.MemberPage). Longer than a Stripe call
+# with its retries takes, short of the web server's worker timeout.
+DASHBOARD_FORM_WAIT_SECONDS = env.int("DASHBOARD_FORM_WAIT_SECONDS", default=15)
 
 # --- API ---------------------------------------------------------------------
 # Idempotency-Key responses are replayed for this long.
