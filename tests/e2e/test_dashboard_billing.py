@@ -8,12 +8,14 @@ from __future__ import annotations
 import pytest
 
 from accounts.models import Membership
-from gymbilling.models import CheckoutSession, MarketListing
+from gymbilling.market.services import listing_create
+from gymbilling.models import CheckoutSession, MarketListing, MarketOrder
 from metering.models import MICRO
 from metering.selectors import organization_balance
 from tests.e2e.test_dashboard import EMAIL, sign_up
 from tests.gymbilling import conftest as payment_fixtures
 from tests.gymbilling.billing import conftest as billing_fixtures
+from tests.gymbilling.market.conftest import market_member
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -73,6 +75,48 @@ def test_a_refused_listing_is_shown_on_the_page(app_server, visit, grant):
     assert not MarketListing.objects.exists()
     visit.failures.remove(f"402 {app_server}/dashboard/market")  # the refusal itself
     assert visit.failures == []
+
+
+def test_a_double_click_on_buy_makes_one_order_and_lands_on_its_checkout(
+    app_server, visit, stripe_standin
+):
+    # given another organization offering 100 credits at 2.50 USD per 1,000, and a new
+    # customer on the marketplace page, asking for 40 of them
+    offer = listing_create(
+        seller=market_member(credits_amount=500 * MICRO),
+        quantity=100 * MICRO,
+        price_per_1k=250,
+        currency="usd",
+    )
+    sign_up(visit, app_server)
+    org = Membership.objects.get(user__email=EMAIL).organization
+    page = visit.page
+    page.goto(f"{app_server}/dashboard/market")
+    page.fill(f"tr[data-listing='{offer.pk}'] input[name=quantity]", "40")
+    sent = []
+    page.on("request", lambda r: r.method == "POST" and sent.append(r.url))
+
+    # when they press the offer's Buy twice, a person's double click apart (Playwright's
+    # own dblclick is too quick: the second click cancels the first before it is sent)
+    page.locator(f"tr[data-listing='{offer.pk}'] >> text=Buy").evaluate(
+        "button => { button.click(); setTimeout(() => button.click(), 40); }"
+    )
+
+    # then one order reserves 40 credits, and the browser is on its Checkout
+    checkout = f"{stripe_standin.api_base}/checkout/"
+    for _ in range(150):  # wait_for_url fails on the first navigation, which was dropped
+        if page.url.startswith(checkout):
+            break
+        page.wait_for_timeout(100)
+    page.wait_for_load_state()
+    assert sent == [f"{app_server}/dashboard/market"] * 2  # the form was sent twice
+    order = MarketOrder.objects.get(buyer=org)
+    assert order.quantity == 40 * MICRO
+    assert page.url == order.checkout_url
+    assert "0.10 USD" in page.inner_text("body")
+    assert CheckoutSession.objects.count() == 1
+    # and nothing failed but the first send, which the browser dropped for the second
+    assert visit.failures == [f"failed {app_server}/dashboard/market"]
 
 
 def test_a_customer_buys_a_pack_through_stripe_checkout(
