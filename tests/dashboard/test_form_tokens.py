@@ -245,16 +245,14 @@ def test_revoking_sent_twice_answers_as_the_first_did(client, member):
 # --- members --------------------------------------------------------------------------------
 
 
-def test_an_invitation_sent_twice_is_made_and_emailed_once(
-    client, member, django_capture_on_commit_callbacks
-):
+def test_an_invitation_sent_twice_is_made_and_emailed_once(client, member, commit_then_mail):
     # given an owner on the members page
     _, org = member(Role.OWNER)
     page = client.get("/dashboard/members")
     form = drawn(page, "/dashboard/members") | {"email": "zoe@example.test", "role": "admin"}
 
     # when the invitation's form is sent twice
-    with django_capture_on_commit_callbacks(execute=True):
+    with commit_then_mail():
         first, second = sent_twice(client, "/dashboard/members", form)
 
     # then one invitation, one email, and the second answer is the first's (not a 409
