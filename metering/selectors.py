@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection
-from django.db.models import Case, CharField, Count, QuerySet, Sum, Value, When
+from django.db.models import Case, CharField, Count, Q, QuerySet, Sum, Value, When
 from django.db.models import F as models_F
 from django.db.models.functions import Cast, Coalesce, Concat, TruncDay
 from django.utils import timezone
@@ -29,13 +29,17 @@ from metering.models import (
 class Balance:
     """An organization's credits, in micro-credits.
 
-    available = what a new hold may take: the wallet account, less what refunds
+    available = what a new hold may take: the wallet, less what refunds
                 and disputes set aside while running work holds their credits
                 (the wallet's claim; never below 0);
     held      = reserved by pending holds (the holds account);
     escrowed  = listed on the marketplace (the escrow account);
     set_aside = the wallet's claim, usually 0;
-    total     = the wallet account + held, which the wallet's lots add up to.
+    total     = the wallet + held, which the wallet's lots add up to.
+
+    `wallet` is the wallet account as the expiry sweep leaves it: credits of lots
+    past their expiry that the sweep has not moved yet are not in it, as a new hold
+    sweeps them first and can never take them.
     """
 
     wallet: int
@@ -52,20 +56,41 @@ class Balance:
         return self.wallet + self.held
 
 
-def organization_balance(*, organization: Organization) -> Balance:
-    rows = {
-        kind: (balance, claimed)
-        for kind, balance, claimed in LedgerAccount.objects.filter(
-            organization=organization
-        ).values_list("kind", "balance", "claimed")
+def organization_balance(*, organization: Organization, now: datetime | None = None) -> Balance:
+    now = now or timezone.now()
+    accounts = {
+        account.kind: account
+        for account in LedgerAccount.objects.filter(organization=organization).only(
+            "kind", "balance", "claimed", "next_expiry_at"
+        )
     }
-    wallet, claimed = rows.get(AccountKind.WALLET, (0, 0))
+    wallet = accounts.get(AccountKind.WALLET)
+    holds = accounts.get(AccountKind.HOLDS)
+    escrow = accounts.get(AccountKind.ESCROW)
     return Balance(
-        wallet=wallet,
-        held=rows.get(AccountKind.HOLDS, (0, 0))[0],
-        escrowed=rows.get(AccountKind.ESCROW, (0, 0))[0],
-        set_aside=claimed,
+        wallet=wallet.balance - _wallet_expirable(wallet, organization, now) if wallet else 0,
+        held=holds.balance if holds else 0,
+        escrowed=escrow.balance if escrow else 0,
+        set_aside=wallet.claimed if wallet else 0,
     )
+
+
+def _wallet_expirable(wallet: LedgerAccount, organization: Organization, now: datetime) -> int:
+    """What the wallet's expiry sweep would move now: the credits of lots past their expiry
+    that no pending hold backs (the sweep's own reckoning, metering.services.lots).
+
+    Only for a wallet whose next expiry has come (`next_expiry_at` is never later than the
+    truth): the balance is read after every inference settlement, and this costs no query
+    there until a lot is due. Not locked: a read, as of its statements; never more than
+    the wallet, which a settlement committing in between might otherwise make it.
+    """
+    if wallet.next_expiry_at is None or wallet.next_expiry_at > now:
+        return 0
+    # Here, not at the top: metering.services imports this module.
+    from metering.services.lots import lots_expirable
+
+    taken, _ = lots_expirable(account=wallet, organization=organization, now=now, lock=False)
+    return min(wallet.balance, sum(take for _, take in taken))
 
 
 def model_price_by_id(pk: int) -> ModelPrice:
@@ -81,17 +106,25 @@ def account_balance(*, account: LedgerAccount) -> int:
     return LedgerEntry.objects.filter(account=account).aggregate(s=Sum("amount"))["s"] or 0
 
 
-def overage_allowance_available(*, organization: Organization, available: int) -> int:
+def overage_allowance_available(
+    *, organization: Organization, available: int, now: datetime | None = None
+) -> int:
     """How much of the `available` credits is a plan's overage allowance: lent, not
     prepaid, invoiced as it is spent.
 
     Overage lots are burned after every other (their priority), so the credits that
     pending work holds come out of the others first, and the allowance is what is left
-    of the overage lots up to `available`.
+    of the overage lots up to `available`. Not those past their expiry (an allowance
+    whose period or subscription has ended): what is left of them backs running work
+    or is the sweep's, never available.
     """
+    now = now or timezone.now()
     left = (
         CreditLot.objects.filter(
-            organization=organization, account__kind=AccountKind.WALLET, source=LotSource.OVERAGE
+            Q(expires_at__isnull=True) | Q(expires_at__gt=now),
+            organization=organization,
+            account__kind=AccountKind.WALLET,
+            source=LotSource.OVERAGE,
         ).aggregate(left=Sum("remaining"))["left"]
         or 0
     )

@@ -306,6 +306,46 @@ class LedgerInconsistent(RuntimeError):
     """Lots and balances disagree: a bug or a manual edit; reconcile will say where."""
 
 
+def lots_expirable(
+    *, account: LedgerAccount, organization: Organization | None, now: datetime, lock: bool
+) -> tuple[list[tuple[CreditLot, int]], int]:
+    """What of the account's lots past their expiry at `now` may move to the expiry account:
+    (lot, credits) pairs, and what those lots hold in all (the difference backs pending
+    holds placed before the lots expired, and waits for their captures).
+
+    `lock`: lock the lots; the sweep, which holds the account's row lock. Without it, a
+    read (the balance selector) sees what the sweep would take, as of its statements.
+    """
+    expired_qs = CreditLot.objects.filter(account=account, remaining__gt=0, expires_at__lte=now)
+    if lock:
+        expired_qs = expired_qs.select_for_update()
+    expired_lots = list(expired_qs.order_by("pk"))
+    due = sum(lot.remaining for lot in expired_lots)
+    backing: dict[int, int] = {}
+    if account.kind == AccountKind.WALLET and expired_lots:
+        # What pending holds placed before these lots expired will burn of
+        # them must wait for the holds' captures; the rest expires now. Every
+        # writer of the holds locks the wallet first, and the sweep holds that lock.
+        # Unexpired lots count too: a hold burns lots it may use in burn order.
+        backing = holds_backing(
+            organization=organization,
+            lots=expired_lots
+            + list(
+                CreditLot.objects.filter(account=account, remaining__gt=0, expires_at__gt=now)
+                | CreditLot.objects.filter(
+                    account=account, remaining__gt=0, expires_at__isnull=True
+                )
+            ),
+            now=now,
+        )
+    taken = [
+        (lot, lot.remaining - backing.get(lot.pk, 0))
+        for lot in expired_lots
+        if lot.remaining > backing.get(lot.pk, 0)
+    ]
+    return taken, due
+
+
 def account_expire_lots(*, account: LedgerAccount, now: datetime) -> int:
     """Move the unspent remainder of the account's expired lots to the expiry account.
 
@@ -316,32 +356,7 @@ def account_expire_lots(*, account: LedgerAccount, now: datetime) -> int:
     """
     locked = LedgerAccount.objects.select_for_update().get(pk=account.pk)
     org = locked.organization
-    expired_lots = list(
-        CreditLot.objects.filter(account=locked, remaining__gt=0, expires_at__lte=now)
-        .select_for_update()
-        .order_by("pk")
-    )
-    due = sum(lot.remaining for lot in expired_lots)
-    backing: dict[int, int] = {}
-    if locked.kind == AccountKind.WALLET and expired_lots:
-        # What pending holds placed before these lots expired will burn of
-        # them must wait for the holds' captures; the rest expires now. Every
-        # writer of the holds locks the wallet first, and we hold that lock.
-        # Unexpired lots count too: a hold burns lots it may use in burn order.
-        backing = holds_backing(
-            organization=org,
-            lots=expired_lots
-            + list(
-                CreditLot.objects.filter(account=locked, remaining__gt=0, expires_at__gt=now)
-                | CreditLot.objects.filter(account=locked, remaining__gt=0, expires_at__isnull=True)
-            ),
-            now=now,
-        )
-    taken = [
-        (lot, lot.remaining - backing.get(lot.pk, 0))
-        for lot in expired_lots
-        if lot.remaining > backing.get(lot.pk, 0)
-    ]
+    taken, due = lots_expirable(account=locked, organization=org, now=now, lock=True)
     movable = sum(take for _, take in taken)
     expired = 0
     if movable > 0:

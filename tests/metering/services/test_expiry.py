@@ -24,7 +24,11 @@ from metering.models import (
     LedgerAccount,
     TransactionKind,
 )
-from metering.selectors import account_balance, organization_balance
+from metering.selectors import (
+    account_balance,
+    organization_balance,
+    overage_allowance_available,
+)
 from metering.services import (
     credits_adjust,
     credits_expire,
@@ -508,3 +512,85 @@ def test_expired_credits_in_escrow_cannot_be_sold_to_a_buyer(org, other_org, gra
     assert ledger_rows() == rows
     assert organization_balance(organization=other_org).available == 0
     assert organization_balance(organization=org).escrowed == credits(10)
+
+
+# --- what the balance shows before the sweep runs ---------------------------------
+
+
+def expire_now(*lots: CreditLot) -> None:
+    """The lots are past their expiry (a minute ago), as the passing of time would have them,
+    and their wallet is told, as a grant tells it; the sweep has not run yet."""
+    expired_at = timezone.now() - timedelta(minutes=1)
+    CreditLot.objects.filter(pk__in=[lot.pk for lot in lots]).update(expires_at=expired_at)
+    LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
+
+
+def test_the_balance_does_not_count_credits_past_their_expiry_before_the_sweep(org, grant):
+    # given: 10 credits past their expiry (not swept yet), 5 unexpired, 3 of which are
+    # an overage allowance
+    expiring = grant(org, credits(10), expires_at=timezone.now() + timedelta(days=1))
+    grant(org, credits(2), expires_at=None)
+    grant(
+        org,
+        credits(3),
+        source="overage",
+        paid=False,
+        resellable=False,
+        priority=1000,
+        expires_at=timezone.now() + timedelta(days=1),
+    )
+    expire_now(expiring)
+
+    # when
+    balance = organization_balance(organization=org)
+
+    # then: only what a hold may take is shown, as a hold finds it
+    assert (balance.available, balance.held, balance.total) == (credits(5), 0, credits(5))
+    assert overage_allowance_available(organization=org, available=balance.available) == (
+        credits(3)
+    )
+    with pytest.raises(ApplicationError) as refused:
+        hold_place(organization=org, amount=credits(5) + 1, key="job-1")
+    assert refused.value.code == "insufficient_credits"
+
+
+def test_an_expired_overage_allowance_is_not_shown_available(org, grant):
+    # given: an allowance past its expiry, not swept yet
+    allowance = grant(
+        org,
+        credits(3),
+        source="overage",
+        paid=False,
+        resellable=False,
+        priority=1000,
+        expires_at=timezone.now() + timedelta(days=1),
+    )
+    expire_now(allowance)
+
+    # then: even with a larger `available` said by the caller, none of it is allowance
+    assert overage_allowance_available(organization=org, available=credits(3)) == 0
+    assert organization_balance(organization=org).available == 0
+
+
+def test_the_balance_counts_expired_credits_a_running_job_holds_as_held_until_it_ends(org, grant):
+    # given: a job placed while 10 credits were valid, which then expired; 100 never expire
+    expiring, _ = expired_lot_kept_for_a_job(org, grant, key="job-running")
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held) == (credits(100), credits(10))
+
+    # when: the job ends without using them, before any sweep
+    hold_release(key="job-running")
+
+    # then: what it gave back is not available
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held, balance.total) == (credits(100), 0, credits(100))
+    assert remaining(expiring) == [credits(10)]  # the sweep's to move
+
+
+def test_the_balance_costs_one_query_while_nothing_is_due(org, grant, django_assert_num_queries):
+    # given: credits expiring in the future (inference reads the balance after every job)
+    grant(org, credits(10), expires_at=timezone.now() + timedelta(days=1))
+
+    # then
+    with django_assert_num_queries(1):
+        assert organization_balance(organization=org).available == credits(10)
