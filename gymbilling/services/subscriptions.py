@@ -35,7 +35,7 @@ from gymbilling.models import PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
 from gymbilling.sweeps import each_isolated
 from metering.models import LotSource
-from metering.services import credits_trim
+from metering.services import lots_expire_now
 
 # What an organization without a live subscription may do: the field defaults
 # of every entitlement (its standing is written on its own).
@@ -187,20 +187,20 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
 
 
 def overage_allowance_end(*, subscription: Subscription) -> int:
-    """Expire what is left of the overage allowance when the subscription ends (once).
+    """End the overage allowance when the subscription ends: it expires now.
 
     Overage is invoiced by the subscription's meter: an ended subscription
     invoices none, so an allowance left to the end of its period (a
-    cancellation mid-period) would be credits for nothing. What running work
-    holds of it stays for that work (the trim leaves it).
+    cancellation mid-period) would be credits for nothing. Not a trim: what
+    running work holds of the allowance must stay for that work, and a trim
+    would leave it an ordinary lot, so that what the work gave back (it used
+    less than its worst case, or failed) could be spent, unbilled, until the
+    period's end. Expired now, the allowance is burned by that work's capture
+    (reported to the meter, stamped before the end: overage.overage_used_at),
+    and whatever the work gives back is expired by the next spend or sweep.
+    Idempotent: a repeat finds the allowance already ended.
     """
-    return credits_trim(
-        organization=subscription.organization,
-        source=LotSource.OVERAGE,
-        keep=0,
-        key=f"overage-end:{subscription.stripe_subscription_id}",
-        memo=f"overage allowance of {subscription.stripe_subscription_id}, which ended",
-    )
+    return lots_expire_now(organization=subscription.organization, source=LotSource.OVERAGE)
 
 
 def period_rollover(*, subscription: Subscription, previous: tuple) -> int:

@@ -13,6 +13,7 @@ from metering.services.ledger import (
     credits_transfer,
     credits_trim,
     lot_clawback,
+    lots_expire_now,
     lots_trim,
     transaction_reverse,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "hold_release",
     "holds_expire",
     "lot_clawback",
+    "lots_expire_now",
     "lots_trim",
     "price_book_publish",
     "round_charge",

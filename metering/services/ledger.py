@@ -24,6 +24,7 @@ from metering.selectors import lot_family_ids
 from metering.services.lots import (
     LedgerInconsistent,
     LotSale,
+    account_expire_lots,
     account_lower_next_expiry,
     burn_sort_key,
     holds_backing,
@@ -606,6 +607,33 @@ def credits_trim(*, organization: Organization, source: str, keep: int, key: str
         amount_for=lambda in_lots, _balance: in_lots - keep,
         memo=memo,
     )
+
+
+@retry_on_deadlock
+def lots_expire_now(*, organization: Organization, source: str) -> int:
+    """End the wallet's unexpired lots of `source` now, as if this were their expiry.
+
+    Unlike a trim, which takes only what no pending hold will burn and leaves the
+    rest an ordinary lot, this moves the lots' expiry itself: work already running
+    keeps what it holds of them (a hold placed before a lot expired burns it first:
+    the burn order, metering.services.lots), what that work gives back is expired by the next spend or sweep
+    (the wallet stays due while they hold it), and no hold placed from now on can
+    take them. What nothing holds goes to the expiry account at once. Returns the
+    micro-credits expired now; a repeat finds nothing left to end.
+
+    `now` is read under the wallet's row lock, which every placement takes: a hold
+    placed before it was placed while the lots were unexpired and is backed by them,
+    one placed after it sweeps them first.
+    """
+    with transaction.atomic():
+        wallet = accounts_for(organization)[0].wallet
+        accounts_lock(wallet)
+        now = timezone.now()
+        CreditLot.objects.filter(account=wallet, source=source).filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+        ).update(expires_at=now)
+        account_lower_next_expiry(account_id=wallet.pk, expires_at=now)
+        return account_expire_lots(account=wallet, now=now)
 
 
 @retry_on_deadlock

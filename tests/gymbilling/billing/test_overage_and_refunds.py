@@ -30,11 +30,11 @@ from gymbilling.services import (
 )
 from gymbilling.services.events import invoice_refresh, subscription_refresh
 from gymbilling.services.invoices import invoice_payment_intent_id, invoice_sync
-from gymbilling.services.overage import meter_timestamp, overage_used_at
-from metering.models import MICRO, CreditLot, JournalTransaction, LedgerAccount
+from gymbilling.services.overage import meter_timestamp, overage_used, overage_used_at
+from metering.models import MICRO, CreditLot, Hold, JournalTransaction, LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import hold_capture, hold_place, hold_release
+from metering.services import credits_expire, hold_capture, hold_place, hold_release
 from tests.factories import OrganizationFactory
 from tests.helpers import ledger_rows
 
@@ -188,6 +188,47 @@ def test_a_subscription_ended_mid_period_ends_its_overage_allowance(
     with pytest.raises(ApplicationError) as refused:
         hold_place(organization=org, amount=pro.monthly_credits + 1, key="job-after-the-end")
     assert refused.value.code == "insufficient_credits"
+    assert ledger_reconcile().ok
+
+
+@pytest.mark.parametrize("used", [0, 30], ids=["job released", "job used less than it held"])
+def test_allowance_running_work_held_at_the_end_is_not_spendable_after_it(
+    customer, catalog, stripe_standin, stripe_sdk, deliver, used
+):
+    # given: Pro paid (month's credits + overage allowance), the month's credits spent, and a
+    # job running on the allowance (its worst case held: a big max_tokens)
+    org = customer.organization
+    pro = Plan.objects.get(code="pro")
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    session = stripe_standin.pay_checkout(response.json()["session_id"])
+    deliver()
+    spend(org, pro.monthly_credits, key="spent")
+    hold_place(organization=org, amount=100 * MICRO, key="running")
+
+    # when: the subscription is canceled at once, mid-period; then the job ends early,
+    # having used `used` credits of the 100 it held
+    stripe_sdk.v1.subscriptions.cancel(session["subscription"])
+    deliver()
+    if used:
+        hold_capture(key="running", amount=used * MICRO)
+    else:
+        hold_release(key="running")
+
+    # then: what the job gave back is not available, and no new work can run on it unbilled
+    assert organization_balance(organization=org).available == 0
+    with pytest.raises(ApplicationError) as refused:
+        hold_place(organization=org, amount=1 * MICRO, key="after-the-end")
+    assert refused.value.code == "insufficient_credits"
+    # and what the job used is the allowance's overage, reported to the meter; the
+    # minute's sweep expires the rest of the allowance
+    credits_expire(now=timezone.now())
+    allowance = CreditLot.objects.get(organization=org, source="overage")
+    assert (allowance.remaining, overage_used(allowance)) == (0, used * MICRO)
+    assert overage_report() == used
+    if used:
+        # burned after the allowance ended, stamped before its end
+        assert Hold.objects.get(key="running").settled_at > allowance.expires_at
+        assert overage_used_at(allowance) < allowance.expires_at
     assert ledger_reconcile().ok
 
 
