@@ -209,21 +209,30 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
 
 
 # An invoice paid after the period it bought (a failed renewal paid late)
-# still gets usable credits: they last this long from the payment.
+# still gets usable credits: they last this long from the payment, or from
+# when its grant is made, whichever is later.
 LATE_PAYMENT_VALIDITY = timedelta(days=7)
 
 
 def _late_payment_expiry(
-    expires_at: datetime | None, *, paid_at: datetime | None
+    expires_at: datetime | None, *, paid_at: datetime | None, now: datetime | None = None
 ) -> datetime | None:
+    """When a paid invoice's credits expire: at the end of what it bought, unless that has
+    passed by the time the grant is made.
+
+    Then they last LATE_PAYMENT_VALIDITY from the payment, and never less than that from
+    now: the grant may be made long after the payment (its event failed for days, a bug
+    fixed later, a replay from the admin), and a grant expiring in the past is refused
+    (`lot_expired`), which would leave a paid invoice without its credits for ever,
+    named by reconcile every day. The member paid, so each paid invoice is granted once,
+    whenever it is processed; a week to use them is what a late payment gets anyway."""
     if expires_at is None:
         return None
-    paid = paid_at or timezone.now()
-    return (
-        max(expires_at, paid + LATE_PAYMENT_VALIDITY)
-        if expires_at <= timezone.now()
-        else expires_at
-    )
+    now = now or timezone.now()
+    if expires_at > now:
+        return expires_at
+    paid = paid_at or now
+    return max(expires_at, paid + LATE_PAYMENT_VALIDITY, now + LATE_PAYMENT_VALIDITY)
 
 
 @transaction.atomic
