@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 from django.db import connection
 
+# The expiry sweep runs every minute (beat); a lot past its expiry by more than a few
+# runs, with credits no pending hold may burn, is one it has not done.
+EXPIRY_SWEEP_GRACE_MINUTES = 10
+
 CHECKS: list[tuple[str, str, str]] = [
     (
         "transaction_balanced",
@@ -103,6 +107,46 @@ CHECKS: list[tuple[str, str, str]] = [
                        FROM metering_creditlot GROUP BY account_id) l
             ON l.account_id = a.id
          WHERE a.kind = 'escrow' AND a.balance <> COALESCE(l.remaining, 0)
+        """,
+    ),
+    (
+        "lot_organization",
+        "every lot belongs to the organization of the account it is in",
+        """
+        SELECT l.id, l.account_id, l.organization_id, a.organization_id AS account_organization_id
+          FROM metering_creditlot l
+          JOIN metering_ledgeraccount a ON a.id = l.account_id
+         WHERE a.organization_id IS DISTINCT FROM l.organization_id
+        """,
+    ),
+    (
+        "expired_lots_swept",
+        "credits of lots expired more than "
+        f"{EXPIRY_SWEEP_GRACE_MINUTES} minutes ago are no more than what pending holds "
+        "placed before they expired may still burn (the expiry sweep runs)",
+        # Per account: what its lots expired before the grace still hold, against every
+        # pending hold of a wallet placed before the latest of those expiries (an
+        # upper bound of what holds may still burn of them: a hold burns only lots that
+        # expired after it was placed). More is a sweep that has stalled or fails on the
+        # account: expired credits that stay on the books, or worse, spendable.
+        f"""
+        SELECT a.id AS account_id, a.kind, a.organization_id, x.expired, x.latest_expiry,
+               COALESCE(p.pending, 0) AS pending_holds
+          FROM metering_ledgeraccount a
+          JOIN (SELECT account_id, SUM(remaining) AS expired, MAX(expires_at) AS latest_expiry
+                  FROM metering_creditlot
+                 WHERE remaining > 0
+                   AND expires_at <= now() - interval '{EXPIRY_SWEEP_GRACE_MINUTES} minutes'
+                 GROUP BY account_id) x
+            ON x.account_id = a.id
+          LEFT JOIN LATERAL (SELECT SUM(h.amount) AS pending
+                               FROM metering_hold h
+                              WHERE a.kind = 'wallet'
+                                AND h.organization_id = a.organization_id
+                                AND h.status = 'pending'
+                                AND h.created_at < x.latest_expiry) p
+            ON true
+         WHERE x.expired > COALESCE(p.pending, 0)
         """,
     ),
     (

@@ -196,3 +196,99 @@ def test_a_negative_cached_balance_is_refused_by_the_database(busy_ledger):
     with pytest.raises(IntegrityError), transaction.atomic():
         execute("UPDATE metering_ledgeraccount SET balance = -1 WHERE id = %s", [escrow.pk])
     assert ledger_reconcile().ok
+
+
+def test_expired_credits_the_sweep_left_behind_are_found(busy_ledger):
+    # given: the wallet's and the escrow's lots expired an hour ago, and no sweep since
+    # (beat stopped, or the sweep fails on these accounts); the wallet's pending hold was
+    # placed after they expired, so none of it may burn them
+    accounts = {
+        a.kind: a
+        for a in LedgerAccount.objects.filter(
+            organization=busy_ledger, kind__in=[AccountKind.WALLET, AccountKind.ESCROW]
+        )
+    }
+    lots = {
+        kind: sum(account.lots.values_list("remaining", flat=True))
+        for kind, account in accounts.items()
+    }
+
+    with pytest.raises(Rollback), transaction.atomic():
+        execute(
+            "UPDATE metering_creditlot SET expires_at = now() - interval '1 hour'"
+            " WHERE organization_id = %s AND remaining > 0",
+            [busy_ledger.pk],
+        )
+
+        # when
+        report = ledger_reconcile()
+
+        # then: both accounts are named, with what their expired lots still hold
+        violations = {v.check: v for v in report.violations}
+        assert set(violations) == {"expired_lots_swept"}
+        assert {
+            (row["account_id"], row["expired"], row["pending_holds"])
+            for row in violations["expired_lots_swept"].rows
+        } == {
+            (accounts[AccountKind.WALLET].pk, lots[AccountKind.WALLET], 0),
+            (accounts[AccountKind.ESCROW].pk, lots[AccountKind.ESCROW], 0),
+        }
+        raise Rollback
+
+
+def test_expired_credits_a_pending_hold_may_burn_or_the_sweep_has_yet_to_reach_reconcile(
+    org, grant
+):
+    # given: 10 credits a job held two hours ago, expired an hour ago (the job runs on,
+    # and keeps them), and 5 credits that expired a minute ago (the next sweep's)
+    held = grant(org, credits(10))
+    hold_place(organization=org, amount=credits(10), key="job-long")
+    due = grant(org, credits(5))
+
+    with pytest.raises(Rollback), transaction.atomic():
+        execute(
+            "UPDATE metering_hold SET created_at = now() - interval '2 hours' WHERE key = %s",
+            ["job-long"],
+        )
+        execute(
+            "UPDATE metering_creditlot SET expires_at = now() - interval '1 hour' WHERE id = %s",
+            [held.pk],
+        )
+        execute(
+            "UPDATE metering_creditlot SET expires_at = now() - interval '1 minute' WHERE id = %s",
+            [due.pk],
+        )
+
+        # when
+        report = ledger_reconcile()
+
+        # then
+        assert report.ok, report.violations
+        raise Rollback
+
+
+def test_a_lot_of_another_organization_s_account_is_found(busy_ledger, other_org):
+    # given: a lot whose organization is not its account's
+    lot = busy_ledger.credit_lots.filter(remaining__gt=0).order_by("pk").first()
+
+    with pytest.raises(Rollback), transaction.atomic():
+        execute(
+            "UPDATE metering_creditlot SET organization_id = %s WHERE id = %s",
+            [other_org.pk, lot.pk],
+        )
+
+        # when
+        report = ledger_reconcile()
+
+        # then
+        violations = {v.check: v for v in report.violations}
+        assert set(violations) == {"lot_organization"}
+        assert violations["lot_organization"].rows == [
+            {
+                "id": lot.pk,
+                "account_id": lot.account_id,
+                "organization_id": other_org.pk,
+                "account_organization_id": busy_ledger.pk,
+            }
+        ]
+        raise Rollback
