@@ -248,6 +248,10 @@ JOB_ERROR_CODES = {
         "tokens delivered"
     ),
     "job_expired": "it did not settle before its hold expired; nothing charged",
+    "worker_lost": (
+        "its worker died after streaming part of the answer, which cannot be streamed again; "
+        "nothing charged"
+    ),
 }
 
 

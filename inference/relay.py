@@ -91,6 +91,21 @@ def relay_events(
                     return
 
 
+def relay_relayed_text(job_id: str) -> str | None:
+    """The text the job's stream holds (its delta events, in order), or None if it holds none.
+
+    Read only for a streamed job whose task came back after its worker died
+    (inference.tasks): its client may be reading what the dead run relayed.
+    One XRANGE of the whole stream (at most max_tokens deltas).
+    """
+    entries = get_redis().xrange(_stream(job_id))
+    deltas = [json.loads(fields[b"e"]) for _entry_id, fields in entries]
+    deltas = [event for event in deltas if event.get("type") == "delta"]
+    if not deltas:
+        return None
+    return "".join(event["text"] for event in deltas)
+
+
 def _progress_key(job_id: str) -> str:
     return f"jobprogress:{job_id}"
 

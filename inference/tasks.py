@@ -4,7 +4,9 @@ Queues: inference.priority, inference.standard, inference.batch. A worker
 that dies mid-job hands the task back (acks late, reject on worker lost);
 the redelivered task runs the generation again and the job settles once,
 because its hold is keyed by the job id and the settlement checks the job's
-status under its row lock.
+status under its row lock. Not a streamed job whose dead run had relayed
+some of its text: its client is reading that stream, so it ends failed,
+`worker_lost`, unbilled (_relayed_before).
 
 A job is mostly waiting (on Triton, PostgreSQL, Redis), so an inference worker
 may run many at once in threads (`--pool threads --concurrency 16`, as
@@ -44,6 +46,7 @@ from inference.relay import (
     relay_cancel_watch,
     relay_progress_set,
     relay_publish,
+    relay_relayed_text,
 )
 from inference.selectors import catalog_model_by_id, pools_for_job
 from inference.services import concurrency_slots_sweep, job_settle, job_start
@@ -100,6 +103,9 @@ class _Start:
         self.job_pk, self.public_id = job_pk, public_id
         self.job: Job | None = None
         self.ended = False  # the job had ended before it could be started
+        # A streamed job whose dead worker had relayed some of its text: the
+        # job, and that text. It is not run again (_relayed_before).
+        self.relayed: tuple[Job, str] | None = None
 
     def __call__(self) -> bool:
         job = job_start(job_pk=self.job_pk, public_id=self.public_id)
@@ -111,6 +117,13 @@ class _Start:
         # loaded: its id is all they need.
         job.model = catalog_model_by_id(job.model_id)
         job.model_price = model_price_by_id(job.model_price_id)
+        if job.restarted and job.stream:
+            # Only a task that came back after its worker died reads the relay
+            # here (one Redis read): a job's first run pays nothing for it.
+            relayed = _relayed_text(job)
+            if relayed is not None:
+                self.relayed = (job, relayed)
+                return False
         self.job = job
         return True
 
@@ -149,6 +162,8 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
         pools = pools_for_job(job=job)
         urls = [pool.grpc_urls for pool in pools]
         metrics = [pool.metrics_urls for pool in pools]
+    elif start.relayed is not None:
+        return _relayed_before(*start.relayed)
     else:
         return start.status()
     engines = [
@@ -196,7 +211,11 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     if engine_first:
         # Started while the engine worked; or never sent (no server took it,
         # or the job had ended: its request was abandoned): start it now.
-        if start.ended or (start.job is None and not start()):
+        if start.job is None and not start.ended and start.relayed is None:
+            start()
+        if start.relayed is not None:  # its request was abandoned before any response
+            return _relayed_before(*start.relayed)
+        if start.job is None:
             return start.status()
         job = start.job
     if isinstance(result, triton.TritonError):
@@ -209,6 +228,11 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
         status = JobStatus.CANCELED if cancelled else JobStatus.SUCCEEDED
     if first_token:
         outcome = replace(outcome, first_token_at=first_token[0])
+    return _finish(job, outcome, status)
+
+
+def _finish(job: Job, outcome: Outcome, status: str) -> str:
+    """Settle the job and relay its final event; the job's status."""
     # The reservations' release and the final event go to Redis together;
     # the release is sent even if building the final event fails.
     pipe = get_redis().pipeline(transaction=False)
@@ -218,6 +242,47 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     finally:
         _send(pipe)
     return job.status
+
+
+def _relayed_text(job: Job) -> str | None:
+    """What the relay holds of a restarted streamed job's text (None: nothing yet)."""
+    try:
+        return relay_relayed_text(job.public_id)
+    except RedisError as exc:
+        # Not knowing what its client was sent, the job must not stream into
+        # it again: it ends as if some was (and Redis failing, its run could
+        # not have relayed anything anyway).
+        logger.warning("job %s: its relay cannot be read (%r); not running it again", job, exc)
+        return ""
+
+
+def _relayed_before(job: Job, relayed: str) -> str:
+    """End a streamed job whose worker died after relaying part of its text: not run again.
+
+    A second run would generate from the start into the stream its client is
+    still reading, which would get the text twice (the part, then all of
+    it). It ends failed (`worker_lost`), its final event an error the API
+    ends the client's stream with, after the text already relayed.
+
+    Billed nothing: the tokens the dead run delivered are not known. The
+    engine's counts rode on its responses, which died with the worker; the
+    relay carries text, not counts (counts on every token of every stream
+    would cost every job for a rare crash); and a count made by tokenizing
+    the text is not the engine's, and may state more than it generated.
+    The answer was cut short by our failure, which a member must not pay
+    for in doubt.
+    """
+    outcome = Outcome(
+        text=relayed,
+        finish_reason="error",
+        error_code="worker_lost",
+        error_message=(
+            "The worker running this job stopped after streaming part of the answer, which "
+            "cannot be streamed again; nothing was charged. Send the request again."
+        ),
+    )
+    logger.warning("job %s: its worker died after relaying its first tokens; ending it", job)
+    return _finish(job, outcome, JobStatus.FAILED)
 
 
 # How often a running asynchronous job tells its progress (and at its first

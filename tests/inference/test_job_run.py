@@ -302,6 +302,83 @@ def test_a_streamed_job_whose_relay_fails_is_stopped_and_billed_for_what_it_prod
     assert record.output_tokens == job.output_tokens
 
 
+class WorkerKilled(BaseException):
+    """Stands for the SIGKILL of the worker's pool process after its run relayed the job's
+    tokens, before its settlement: nothing after it in the run happens (a BaseException,
+    which the task's own handlers do not catch). tests/reliability kills a real one."""
+
+
+def _killed_before_settling(job: Job, spec: dict, monkeypatch) -> None:
+    """The job's first run, relaying what it streams, killed before it settles."""
+
+    def killed(**_kwargs):
+        raise WorkerKilled
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tasks, "_settle", killed)
+        with pytest.raises(WorkerKilled):
+            tasks._job_run(job.pk, PROMPT, spec)
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_streamed_job_whose_worker_died_after_relaying_is_not_streamed_twice(
+    queued_job, engine, monkeypatch, message
+):
+    # given a streamed job whose worker relayed its tokens and died before
+    # settling (the task comes back: reject_on_worker_lost), its message fresh
+    # (the engine first) or late (the job started first)
+    Job.objects.filter(pk=queued_job.pk).update(
+        stream=True, params=queued_job.params | {"max_tokens": 8}
+    )
+    queued_job.refresh_from_db()
+    org = queued_job.organization
+    spec = _spec(queued_job, age_s=0 if message == "fresh" else 60)
+    _killed_before_settling(queued_job, spec, monkeypatch)
+    before = organization_balance(organization=org)
+    served = _served_when_idle(engine)
+
+    # when the task runs again
+    status = _run(queued_job, spec)
+
+    # then what the client reads is the first run's text once, ended by an
+    # error that says why: the job failed, worker_lost, nothing charged
+    *deltas, final = relay_events(queued_job.public_id, timeout_s=10)
+    relayed = "".join(event["text"] for event in deltas)
+    assert {event["type"] for event in deltas} == {"delta"} and relayed != ""
+    assert final["type"] == "error" and final["error_code"] == "worker_lost"
+    assert final["text"] == relayed
+    assert (final["output_tokens"], final["credits_charged"]) == (0, 0)
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.FAILED and job.error_code == "worker_lost"
+    assert (job.credits_charged, job.output_tokens) == (0, 0)
+    # its hold released once, the held credits back
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    after = organization_balance(organization=org)
+    assert (after.available, after.held) == (before.available + before.held, 0)
+    # and a late message never reached the engine again (a fresh one was sent
+    # before the job's start, and abandoned before its first response)
+    if message == "late":
+        assert _served_when_idle(engine) == served
+
+
+def test_a_streamed_job_whose_worker_died_before_relaying_runs_again(queued_job):
+    # given a streamed job started by a run that died before its first token
+    Job.objects.filter(pk=queued_job.pk).update(stream=True)
+    queued_job.refresh_from_db()
+    assert tasks.job_start(job_pk=queued_job.pk, public_id=queued_job.public_id)
+
+    # when its task runs again
+    status = _run(queued_job, _spec(queued_job, age_s=60))
+
+    # then it runs as a first run would: its text relayed once, billed for it
+    *deltas, final = relay_events(queued_job.public_id, timeout_s=10)
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.SUCCEEDED
+    assert final["type"] == "done" and final["output_tokens"] == job.output_tokens == 4
+    assert "".join(event["text"] for event in deltas) == final["text"] != ""
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=_expected_charge(job))
+
+
 def _settled_for_its_charge(job: Job, org, before) -> None:
     """The job's hold captured its charge once (_settled_once), the rest released."""
     _settled_once(job, status=HoldStatus.CAPTURED, captured=job.credits_charged)

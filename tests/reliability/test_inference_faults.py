@@ -34,6 +34,7 @@ from gymbilling.celery import app as celery_app
 from inference import apis, triton
 from inference.apis import render_chat
 from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ServerPool
+from inference.relay import relay_events
 from inference.services import job_submit
 from inference.services.jobs import SubmitParams, prompt_token_bound
 from metering.models import Hold, HoldStatus, JournalTransaction, UsageRecord
@@ -472,4 +473,54 @@ def test_a_worker_killed_mid_job_hands_the_task_back_and_it_settles_once(
     after = organization_balance(organization=org)
     assert before.available - after.available == charge
     assert after.held == 0
+    _reconciles()
+
+
+def test_a_worker_killed_mid_stream_ends_the_stream_with_its_text_once(
+    live_server, private_triton_server, own_worker, grant
+):
+    # given a streamed chat completion running on the test's own worker
+    proc, log = own_worker
+    _model([private_triton_server.grpc_url], max_output_tokens=3000)
+    org = _organization(grant, credits(100))
+    client = _client(live_server, org)
+    before = organization_balance(organization=org)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=LONG_MESSAGES,
+        max_tokens=3000,
+        temperature=LONG_TEMPERATURE,
+        seed=LONG_SEED,
+        stream=True,
+        extra_body={"priority": "batch"},
+    )
+
+    # when the pool process running it is SIGKILLed after its first tokens,
+    # and its task comes back (reject on worker lost)
+    deltas = []
+    with pytest.raises(openai.APIError) as ended:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                deltas.append(chunk.choices[0].delta.content)
+                if len(deltas) == 3:
+                    (child,) = _children(proc.pid)
+                    os.kill(child, signal.SIGKILL)
+
+    # then the client's stream ends with an error that says why, after the
+    # text the first run relayed, once: the task did not stream it again
+    assert ended.value.code == "worker_lost", ended.value.body
+    job = Job.objects.get(organization=org)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "worker_lost")
+    assert 3 <= len(deltas) < LONG_TOKENS
+    final = list(relay_events(job.public_id, timeout_s=10))[-1]
+    assert final["text"] == "".join(deltas)
+    deliveries = re.findall(r"inference\.tasks\.job_run\[([0-9a-f-]+)\] received", log.read_text())
+    assert len(deliveries) == 2 and len(set(deliveries)) == 1, log.read_text()
+
+    # and nothing was charged (what the dead run delivered is not known), its
+    # hold released once
+    assert job.credits_charged == 0
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    after = organization_balance(organization=org)
+    assert (after.available, after.held) == (before.available, 0)
     _reconciles()
