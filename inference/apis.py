@@ -50,7 +50,14 @@ from accounts.errors import ApplicationError
 from accounts.models import Priority, Scope
 from inference.callback_client import callback_url_validate
 from inference.chat_templates import chat_template_render
-from inference.models import JOB_ERROR_CODES, CatalogModel, Job, JobStatus, ModelStatus
+from inference.models import (
+    JOB_ERROR_CODES,
+    NON_TERMINAL,
+    CatalogModel,
+    Job,
+    JobStatus,
+    ModelStatus,
+)
 from inference.openai_body import generation_body, text_storable
 from inference.relay import HEARTBEAT, relay_events, relay_progress
 from inference.selectors import catalog_models_for, organization_jobs
@@ -227,7 +234,7 @@ def _announce_sunset(response, model: CatalogModel) -> None:
         response["X-Gym-Model-Successor"] = model.successor.name
 
 
-def _cancel_abandoned(job: Job) -> None:
+def _cancel_abandoned(job: Job) -> bool:
     """The job of a client that went away or stopped waiting: cancelled, not run for no one.
 
     Still queued (a backlog), it settles at once as canceled, nothing billed,
@@ -236,12 +243,15 @@ def _cancel_abandoned(job: Job) -> None:
     billed for what the engine delivered until then (and its prompt, once
     sent). Called while answering or closing the response: a failure here is
     logged, never raised (the job then runs on, and its hold bounds what it
-    can cost, as before).
+    can cost, as before). Whether it was cancelled: ended, or its worker asked
+    to stop.
     """
     try:
-        job_cancel(job=job)
+        cancelled = job_cancel(job=job)
     except Exception:
         logger.exception("could not cancel job %s, whose client went away", job.public_id)
+        return False
+    return cancelled.status not in NON_TERMINAL or cancelled.stop_requested
 
 
 class _GenerationApi(OrgApiView):
@@ -311,11 +321,13 @@ class _GenerationApi(OrgApiView):
             # cancelled, and the answer is a 502 that names it and keeps the
             # Idempotency-Key (took_effect), so a retry does not run a second.
             logger.exception("job %s: its answer failed", job.public_id)
-            _cancel_abandoned(job)
+            cancelled = (
+                "it was cancelled" if _cancel_abandoned(job) else "it could not be cancelled"
+            )
             raise ApplicationError(
                 code="engine_error",
                 message=(
-                    "The answer failed after the job was queued; it was cancelled: see "
+                    f"The answer failed after the job was queued; {cancelled}: see "
                     f"GET /api/v1/jobs/{job.public_id} for what it served and was charged."
                 ),
                 status=502,
@@ -829,8 +841,17 @@ class JobCancelApi(OrgApiView):
     @extend_schema(request=None, responses=JobOutput, summary="Cancel a job")
     def post(self, request, job_id: str):
         require_no_input(request)
-        job = _organization_job(request, job_id)
-        return Response(JobOutput(job_cancel(job=job)).data)
+        job = job_cancel(job=_organization_job(request, job_id))
+        if job.status in NON_TERMINAL and not job.stop_requested:
+            # Redis failed: its worker was not told, and the job runs on.
+            raise ApplicationError(
+                code="cancel_unavailable",
+                message="The job's worker could not be asked to stop; it runs on and is charged "
+                "for what it serves. Try again shortly.",
+                status=503,
+                extra={"job_id": job.public_id},
+            )
+        return Response(JobOutput(job).data)
 
 
 def _organization_job(request, job_id: str) -> Job:

@@ -25,6 +25,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from accounts import sql
 from accounts.errors import ApplicationError
@@ -557,10 +558,21 @@ def _job_publish(job: Job, prompt: str, spec: dict) -> None:
         )
         if unqueued:
             message = "The job could not be queued; nothing was charged. Retry shortly."
-        else:
+        elif cancelled is not None and (
+            cancelled.status == JobStatus.CANCELED
+            or (cancelled.status in NON_TERMINAL and cancelled.stop_requested)
+        ):
             message = (
                 f"The job could not be confirmed as queued, and was cancelled; if a worker had "
                 f"started it, it is charged only for what it served: see GET /api/v1/jobs/"
+                f"{job.public_id} before you retry."
+            )
+        else:
+            # Neither ended cancelled nor its worker told to stop: saying
+            # "cancelled" would be untrue of a job that may still run and bill.
+            message = (
+                f"The job could not be confirmed as queued, and could not be cancelled: a worker "
+                f"may run it and charge for what it serves: see GET /api/v1/jobs/"
                 f"{job.public_id} before you retry."
             )
         raise ApplicationError(
@@ -1114,22 +1126,45 @@ def job_expire_for_hold(*, key: str) -> Job | None:
 
 
 def job_cancel(*, job: Job) -> Job:
-    """Ask the worker to stop; a job not started yet is released at once.
+    """Release a job not started yet at once; ask the worker of a started one to stop.
 
     A running job is stopped by its worker (it polls for the cancellation, see
     inference.relay) within a fraction of a second, and settles for what the
-    engine delivered until then; the job returned here may still be running.
-    A job that already ended is returned as it ended: a cancel that lost the
-    race with its end changes nothing, and leaves no cancellation behind.
-    """
-    from inference.relay import relay_cancel
+    engine delivered until then; the job returned here may still be running,
+    and says whether its worker was asked (`stop_requested`: False when Redis
+    failed). A job that already ended is returned as it ended: a cancel that
+    lost the race with its end changes nothing, and leaves no cancellation
+    behind.
 
+    The database first: a queued job is settled there whatever Redis does
+    (Redis failing, the job would stay queued, holding its credits and its
+    concurrency slot until its hold expired, and a worker could still run it
+    for nobody and bill it). Then the cancel key, for a worker that started
+    it meanwhile (or that the job's message reached though the broker's
+    answer was lost); a Redis failure there is logged, not raised, so that
+    the release stands.
+    """
     if job.status not in NON_TERMINAL:
         return job
-    relay_cancel(job.public_id)
-    if job.status == JobStatus.QUEUED:
-        job = _cancel_if_queued(job)
+    try:
+        if job.status == JobStatus.QUEUED:
+            job = _cancel_if_queued(job)
+    finally:
+        # Even when the database failed: a worker may have started the job.
+        job.stop_requested = _stop_request(job)
     return job
+
+
+def _stop_request(job: Job) -> bool:
+    """Ask the job's worker to stop (relay_cancel); whether it could be asked."""
+    from inference.relay import relay_cancel
+
+    try:
+        relay_cancel(job.public_id)
+    except RedisError:
+        logger.exception("job %s: its worker could not be asked to stop", job.public_id)
+        return False
+    return True
 
 
 def _cancel_if_queued(job: Job) -> Job:

@@ -9,13 +9,18 @@ tests/reliability/test_inference_cancel.py.
 from __future__ import annotations
 
 import pytest
+import redis
 
+from accounts.models import Scope
 from accounts.redis import get_redis
+from accounts.services import apikey_create
+from inference import apis, relay
 from inference.models import InputTokensSource, Job, JobStatus
 from inference.services import job_cancel, job_settle, job_start
 from inference.services.jobs import Outcome
 from metering.models import Hold, HoldStatus
 from metering.selectors import organization_balance
+from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, served_model, submit_job
 
@@ -90,3 +95,75 @@ def test_cancelling_a_job_that_ended_changes_nothing(queued_job):
     assert Hold.objects.get(key=job.public_id).status == HoldStatus.CAPTURED
     assert organization_balance(organization=job.organization) == balance
     assert not _cancel_requested(job)
+
+
+def _relay_down(_job_id):
+    # Stood in at the relay's one call that asks a worker to stop (relay_cancel):
+    # Redis cannot be made to fail for one call here, and a real outage would
+    # stop every other test's relay and broker.
+    raise redis.ConnectionError("redis is down")
+
+
+def test_a_queued_job_is_cancelled_even_when_redis_fails(queued_job, monkeypatch):
+    # given Redis failing under the request to stop a worker
+    monkeypatch.setattr(relay, "relay_cancel", _relay_down)
+
+    # when a queued job is cancelled
+    job = job_cancel(job=queued_job)
+
+    # then it is over all the same, nothing billed, its hold released
+    assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED
+    assert organization_balance(organization=job.organization).held == 0
+
+
+def test_a_running_job_whose_worker_cannot_be_told_is_a_503_not_a_cancel(queued_job, monkeypatch):
+    # given a running job, an inference key of its organization, and Redis
+    # failing under the request to stop its worker
+    assert job_start(job_pk=queued_job.pk)
+    _key, raw = apikey_create(
+        organization=queued_job.organization, name="cancel", scopes=[Scope.INFERENCE]
+    )
+    monkeypatch.setattr(relay, "relay_cancel", _relay_down)
+
+    # when it is cancelled
+    response = key_client(raw).post(f"/api/v1/jobs/{queued_job.public_id}/cancel")
+
+    # then the client is told that it runs on, and the job does
+    assert response.status_code == 503, response.content
+    error = response.json()["error"]
+    assert error["code"] == "cancel_unavailable"
+    assert Job.objects.get(pk=queued_job.pk).status == JobStatus.RUNNING
+    assert Hold.objects.get(key=queued_job.public_id).status == HoldStatus.PENDING
+
+
+def test_a_job_whose_answer_failed_is_cancelled_even_when_redis_fails(grant, monkeypatch):
+    # given a chat request whose answer fails after its job was queued (the
+    # relay it waits on failing), and Redis failing under the request to stop
+    # a worker too; both stood in as above
+    served_model(MODEL, access_tier="basic")
+    org = OrganizationFactory(tokens_per_minute=1_000_000, concurrent_jobs=10)
+    grant(org, credits(10))
+    before = organization_balance(organization=org)
+    _key, raw = apikey_create(organization=org, name="answer", scopes=[Scope.INFERENCE])
+
+    def relay_failing(*_args, **_kwargs):
+        raise redis.ConnectionError("redis is down")
+
+    monkeypatch.setattr(apis, "relay_events", relay_failing)
+    monkeypatch.setattr(relay, "relay_cancel", _relay_down)
+
+    # when
+    response = key_client(raw).post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        content_type="application/json",
+    )
+
+    # then the 502 says it was cancelled, and it was: nothing held or charged
+    assert response.status_code == 502, response.content
+    assert "it was cancelled" in response.json()["error"]["message"]
+    job = Job.objects.get(organization=org)
+    assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED
+    assert organization_balance(organization=org) == before

@@ -21,6 +21,7 @@ from accounts.models import Membership, Role, Scope
 from accounts.ratelimits import Limit, rate_limit_consume
 from accounts.redis import get_redis
 from accounts.services import apikey_create
+from inference import relay
 from inference.models import Job, JobStatus
 from inference.relay import relay_cancel_requested
 from inference.services import jobs
@@ -277,3 +278,70 @@ def test_a_job_a_worker_started_although_the_brokers_answer_was_lost_is_cancelle
     assert job.status == JobStatus.RUNNING
     assert relay_cancel_requested(job.public_id)
     assert Hold.objects.get(key=job.public_id).status == HoldStatus.PENDING
+
+
+def _relay_down(_job_id):
+    # Stood in at the relay's one call that asks a worker to stop (relay_cancel):
+    # Redis cannot be made to fail for one call here, and a real outage would
+    # stop every other test's relay and broker.
+    raise redis.ConnectionError("redis is down")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_whose_message_was_not_sent_is_cancelled_even_when_redis_fails(grant, monkeypatch):
+    # given a broker that refuses the job's message, and Redis failing under
+    # the request to stop its worker too
+    org = OrganizationFactory(tokens_per_minute=100_000)
+    served_model(MODEL)
+    grant(org, credits(10))
+    before = organization_balance(organization=org)
+
+    def refused(*_args, **_kwargs):
+        raise redis.ConnectionError("the broker is down")
+
+    monkeypatch.setattr(jobs, "task_publish", refused)
+    monkeypatch.setattr(relay, "relay_cancel", _relay_down)
+
+    # when a job is submitted
+    with pytest.raises(ApplicationError) as failed:
+        submit_job(org, MODEL)
+
+    # then the queued job is cancelled in the database all the same: its hold
+    # released, its slot given back, nothing charged, and the client told so
+    [job] = Job.objects.filter(organization=org)
+    assert (failed.value.code, failed.value.status) == ("engine_unavailable", 503)
+    assert "nothing was charged" in failed.value.message
+    assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED
+    assert organization_balance(organization=org) == before
+    assert get_redis().zscore(f"conc:org:{org.pk}", job.public_id) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_started_job_whose_worker_cannot_be_told_is_not_said_to_be_cancelled(grant, monkeypatch):
+    # given a broker that took the job's message but whose answer was lost,
+    # a worker that started the job, and Redis failing under the request to
+    # stop it (both stood in as above)
+    org = OrganizationFactory()
+    served_model(MODEL)
+    grant(org, credits(10))
+
+    def pushed_but_unanswered(_task, *, args, **_kwargs):
+        jobs.job_start(job_pk=args[0])
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(jobs, "task_publish", pushed_but_unanswered)
+    monkeypatch.setattr(relay, "relay_cancel", _relay_down)
+
+    # when a job is submitted
+    with pytest.raises(ApplicationError) as failed:
+        submit_job(org, MODEL)
+
+    # then the answer does not claim a cancellation that did not happen: the
+    # job runs on, and the answer names it
+    [job] = Job.objects.filter(organization=org)
+    assert job.status == JobStatus.RUNNING
+    assert "was cancelled" not in failed.value.message
+    assert "could not be cancelled" in failed.value.message
+    assert f"GET /api/v1/jobs/{job.public_id}" in failed.value.message
+    assert failed.value.took_effect
