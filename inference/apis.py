@@ -133,7 +133,9 @@ class ModelsApi(OrgApiView):
         return Response({"object": "list", "data": data})
 
 
-class _Message(serializers.Serializer):
+class _Message(StrictSerializer):
+    # Strict: OpenAI's `name`, `tool_call_id` or `tool_calls` change what its
+    # model sees; dropped silently, the answer would be to another prompt.
     role = serializers.ChoiceField(choices=["system", "user", "assistant", "developer"])
     content = serializers.CharField(allow_blank=True, max_length=200_000, trim_whitespace=False)
 

@@ -8,8 +8,8 @@ field), several percent of the API process's CPU per inference request
 JSON types, values in range) and returns exactly what the serializer's
 `validated_data` would be. Anything else, every error included, returns None
 and the caller validates with the serializer, which stays the one reference:
-its errors, its coercions ("16" as an integer, extra keys in a message) and
-its OpenAPI schema. tests/inference/test_openai_body.py checks both agree.
+its errors (a message's keys other than role and content included), its
+coercions ("16" as an integer) and its OpenAPI schema. tests/inference/test_openai_body.py checks both agree.
 """
 
 from __future__ import annotations

@@ -298,3 +298,34 @@ def test_listing_jobs_counts_against_the_request_limit(api, org, fresh_window):
     assert [answer.status_code for answer in answers] == [200, 200, 429]
     assert answers[2].json()["error"]["code"] == "rate_limited"
     assert answers[1]["x-ratelimit-remaining-requests"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "user", "content": "Who am I?", "name": "alice"}, "messages.1.name"),
+        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages.1.tool_call_id"),
+        ({"role": "assistant", "content": "", "tool_calls": []}, "messages.1.tool_calls"),
+        ({"role": "tool", "content": "42"}, "messages.1.role"),
+        ({"role": "user", "content": [{"type": "text", "text": "hi"}]}, "messages.1.content"),
+    ],
+    ids=["name", "tool_call_id", "tool_calls", "tool role", "content parts"],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/jobs"])
+def test_a_message_the_model_would_read_otherwise_is_refused_naming_it(
+    api, org, path, message, param
+):
+    # given a valid first message and, second, one with a field OpenAI's model
+    # reads (dropped, the answer would be to another prompt) or a value not taken
+    before = organization_balance(organization=org)
+    body = {"model": MODEL, "messages": [{"role": "system", "content": "Be brief."}, message]}
+
+    # when
+    response = api.post(path, json.dumps(body), content_type="application/json")
+
+    # then it is refused, naming the message and its field, and nothing is held or queued
+    error = _error(response, 400)
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert error["message"] != "{}"
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()

@@ -97,6 +97,14 @@ REFUSED = [
             "stream_options": {"include_usage": "true"},
         },
     ),
+    # A message's fields beyond role and content (OpenAI's name, tool_call_id and
+    # tool_calls change what its model sees): refused, never dropped.
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x", "name": "alice"}]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}),
+    (
+        "chat",
+        {"model": "m", "messages": [{"role": "assistant", "content": "", "tool_calls": []}]},
+    ),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "a\x00b"}]}),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "\ud800"}]}),
     ("chat", {"model": "", "messages": [{"role": "user", "content": "x"}]}),
