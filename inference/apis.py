@@ -97,6 +97,27 @@ class _JsonWhateverAccepted(ApiContentNegotiation):
         return renderers[0], renderers[0].media_type
 
 
+def _model_object(m: CatalogModel) -> dict:
+    """A model as OpenAI's API shows one (`id`, `object`, `created`, `owned_by`), and the gym's."""
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": int(m.created_at.timestamp()),
+        "owned_by": "gymbilling",
+        "gym": {
+            "precision": m.precision,
+            "context_limit": m.context_limit,
+            "max_output_tokens": m.max_output_tokens,
+            "status": m.status,
+            "tier": m.access_tier,
+            # A deprecated model: the day it stops being served, and
+            # what to move to.
+            "deprecation_date": m.deprecation_date,
+            "successor": m.successor.name if m.successor else None,
+        },
+    }
+
+
 class ModelsApi(OrgApiView):
     required_scope = Scope.INFERENCE
     content_negotiation_class = _JsonWhateverAccepted
@@ -110,27 +131,44 @@ class ModelsApi(OrgApiView):
 
     @extend_schema(responses=Output, summary="The models this organization may call")
     def get(self, request):
-        data = [
-            {
-                "id": m.name,
-                "object": "model",
-                "created": int(m.created_at.timestamp()),
-                "owned_by": "gymbilling",
-                "gym": {
-                    "precision": m.precision,
-                    "context_limit": m.context_limit,
-                    "max_output_tokens": m.max_output_tokens,
-                    "status": m.status,
-                    "tier": m.access_tier,
-                    # A deprecated model: the day it stops being served, and
-                    # what to move to.
-                    "deprecation_date": m.deprecation_date,
-                    "successor": m.successor.name if m.successor else None,
-                },
-            }
-            for m in catalog_models_for(organization=request.organization)
-        ]
+        data = [_model_object(m) for m in catalog_models_for(organization=request.organization)]
         return Response({"object": "list", "data": data})
+
+
+class ModelDetailApi(OrgApiView):
+    """OpenAI's `GET /v1/models/{model}`: one entry of the list, under the list's rules."""
+
+    required_scope = Scope.INFERENCE
+    content_negotiation_class = _JsonWhateverAccepted
+
+    class Output(serializers.Serializer):
+        class Meta:
+            ref_name = "Model"
+
+        id = serializers.CharField()
+        object = serializers.CharField()
+        created = serializers.IntegerField()
+        owned_by = serializers.CharField()
+        gym = serializers.DictField()
+
+    @extend_schema(responses=Output, summary="A model this organization may call")
+    def get(self, request, model_id: str):
+        # Only what GET /v1/models lists: a model of another tier, retired, or
+        # unknown is not found alike (the list does not show them either).
+        # No stored name has a NUL, which PostgreSQL refuses to compare.
+        model = None
+        if "\x00" not in model_id:
+            model = (
+                catalog_models_for(organization=request.organization).filter(name=model_id).first()
+            )
+        if model is None:
+            raise ApplicationError(
+                code="model_not_found",
+                message=f"The model {model_id!r} does not exist; GET /v1/models lists yours.",
+                status=404,
+                param="model",
+            )
+        return Response(_model_object(model))
 
 
 class _Message(StrictSerializer):

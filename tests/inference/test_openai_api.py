@@ -259,6 +259,35 @@ def test_models_lists_what_the_plan_allows(gym):
     assert "gym-large" not in names
 
 
+def test_a_model_is_retrieved_as_the_list_shows_it_and_only_if_listed(gym):
+    # given a basic model the plan allows, a pro one it does not, and a retired one
+    client = gym["client"]
+    pool = ServerPool.objects.get(name="test-cpu")
+    CatalogModel.objects.create(
+        name="gym-old", pool=pool, access_tier="basic", status=ModelStatus.RETIRED
+    )
+    [listed] = [m for m in client.models.list().data if m.id == MODEL]
+
+    # when each is retrieved
+    model = client.models.retrieve(MODEL)
+    refused = {}
+    for name in ("gym-large", "gym-old", "gym-nothing"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve(name)
+        refused[name] = missing.value.body
+
+    # then the allowed one is the list's entry, and the others are not found
+    # alike, in OpenAI's error shape
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "gymbilling")
+    assert model.model_dump() == listed.model_dump()
+    for name, error in refused.items():
+        assert (error["code"], error["param"]) == ("model_not_found", "model"), error
+        assert error["type"] and repr(name) in error["message"]
+    # and, as the list, it needs a valid key
+    anonymous = requests.get(f"{gym['url']}/v1/models/{MODEL}", timeout=10)
+    assert anonymous.status_code == 401
+
+
 @pytest.mark.parametrize("accept", ["text/html", "application/xml", "application/json; indent=4"])
 def test_the_openai_endpoints_answer_json_whatever_accept_says(gym, accept):
     # as OpenAI's API does (the rest of this API negotiates: 406 for text/html)
