@@ -400,7 +400,7 @@ class _GenerationApi(OrgApiView):
             try:
                 first = self.first_event(events)
             except TimeoutError:
-                raise self.timed_out(job, self.final_after_cancel(job)) from None
+                raise self.timed_out(job, *self.final_after_cancel(job)) from None
             if first is not HEARTBEAT and first["type"] == "error" and not first["output_tokens"]:
                 raise self.engine_error(job, first)
             response = StreamingHttpResponse(
@@ -436,10 +436,10 @@ class _GenerationApi(OrgApiView):
                 if event["type"] in ("done", "error"):
                     return event
         except TimeoutError:
-            final = _GenerationApi.final_after_cancel(job)
+            final, cancelled = _GenerationApi.final_after_cancel(job)
             if final is not None and final["status"] == JobStatus.SUCCEEDED:
                 return final  # it finished as the wait ended: answered, as it was billed
-            raise _GenerationApi.timed_out(job, final) from None
+            raise _GenerationApi.timed_out(job, final, cancelled) from None
         raise ApplicationError(
             code="engine_error",
             message=f"The job ended without a result: see GET /api/v1/jobs/{job.public_id}.",
@@ -449,29 +449,41 @@ class _GenerationApi(OrgApiView):
         )
 
     @staticmethod
-    def final_after_cancel(job: Job) -> dict | None:
+    def final_after_cancel(job: Job) -> tuple[dict | None, bool]:
         """The gateway stopped waiting: the job is cancelled (_cancel_abandoned), and its last
         event read once more, for up to FINAL_AFTER_CANCEL_WAIT_S, so that what it was billed
-        is known (it may even have finished as the wait ended); None if it did not come."""
-        _cancel_abandoned(job)
+        is known (it may even have finished as the wait ended): (that event, None if it did
+        not come; whether the cancel took: ended, or its worker told to stop)."""
+        cancelled = _cancel_abandoned(job)
         try:
             for event in relay_events(job.public_id, timeout_s=FINAL_AFTER_CANCEL_WAIT_S):
                 if event["type"] in ("done", "error"):
-                    return event
+                    return event, cancelled
         except Exception:  # TimeoutError, or Redis failing: the answer is a 504 either way
-            return None
-        return None
+            return None, cancelled
+        return None, cancelled
 
     @staticmethod
-    def timed_out(job: Job, final: dict | None) -> ApplicationError:
-        """The 504 of a job the gateway stopped waiting for, with its charge when known."""
+    def timed_out(job: Job, final: dict | None, cancelled: bool = True) -> ApplicationError:
+        """The 504 of a job the gateway stopped waiting for, with its charge when known.
+
+        `cancelled` False: neither ended nor its worker told to stop (Redis failing), so
+        it runs on, to its limit, and is charged for what it serves: said so, not "was
+        cancelled" (a client told that would not look for the charge)."""
         if final is None:
             charged = f"it is charged only for what it served: see GET /api/v1/jobs/{job.public_id}"
         else:
             charged = f"it was charged {amount_display(final['credits_charged'])} credits for what it served"
+        if final is None and not cancelled:
+            outcome = (
+                "the job could not be cancelled and runs on; it is charged for what it "
+                f"serves: see GET /api/v1/jobs/{job.public_id}"
+            )
+        else:
+            outcome = f"the job was cancelled, and {charged}"
         return ApplicationError(
             code="engine_timeout",
-            message=f"The model did not answer in time; the job was cancelled, and {charged}.",
+            message=f"The model did not answer in time; {outcome}.",
             status=504,
             extra={"job_id": job.public_id},
             took_effect=final is None or final["credits_charged"] > 0,
@@ -567,9 +579,9 @@ class _GenerationApi(OrgApiView):
                 # was billed (the text not relayed yet first); else the error says
                 # what it was charged, or names it, as a 504 does.
                 finished = True
-                final = self.final_after_cancel(job)
+                final, cancelled = self.final_after_cancel(job)
                 if final is None or final["status"] != JobStatus.SUCCEEDED:
-                    yield _sse_line(self.timed_out(job, final).as_dict())
+                    yield _sse_line(self.timed_out(job, final, cancelled).as_dict())
                     yield _sse_line("[DONE]")
                     return
                 rest = final["text"][relayed:]

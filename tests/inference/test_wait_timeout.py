@@ -15,9 +15,10 @@ import copy
 import json
 
 import pytest
+import redis
 
 from accounts.errors import ApplicationError, exception_handler
-from inference import apis, tasks
+from inference import apis, relay, tasks
 from inference.models import Job, JobStatus
 from inference.relay import relay_cancel_requested, relay_publish
 from inference.services import job_settle, job_start
@@ -92,6 +93,29 @@ def test_a_job_that_says_nothing_after_the_cancel_is_a_504_that_names_it(running
     assert f"see GET /api/v1/jobs/{running_job.public_id}" in timed_out.value.message
     assert relay_cancel_requested(running_job.public_id)
     assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING  # its worker settles it
+
+
+def test_a_job_whose_cancel_did_not_take_is_a_504_that_says_it_runs_on(running_job, monkeypatch):
+    # given Redis failing under the request to stop the job's worker (stood in at the
+    # relay's one call for it: Redis cannot be made to fail for one call here, and a real
+    # outage would stop every other test's relay and broker)
+    def relay_down(_job_id):
+        raise redis.ConnectionError("redis is down")
+
+    monkeypatch.setattr(relay, "relay_cancel", relay_down)
+
+    # when the API stops waiting for the running job
+    with pytest.raises(ApplicationError) as timed_out:
+        apis._GenerationApi.wait(running_job)
+
+    # then the 504 does not say it was cancelled: it runs on, and is charged for it
+    message = timed_out.value.message
+    assert timed_out.value.status == 504
+    assert "was cancelled" not in message
+    assert "could not be cancelled and runs on" in message
+    assert f"see GET /api/v1/jobs/{running_job.public_id}" in message
+    assert not relay_cancel_requested(running_job.public_id)
+    assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING
 
 
 def test_a_job_stopped_at_its_run_limit_is_answered_504_and_keeps_its_key(grant):
