@@ -9,7 +9,9 @@ integer and its decimal text, with Decimal, never float.
 
 from __future__ import annotations
 
-from decimal import ROUND_DOWN, Decimal, DecimalException
+from decimal import ROUND_DOWN, Decimal
+
+from metering.services.postings import decimal_text_parse
 
 # https://docs.stripe.com/currencies#zero-decimal and #three-decimal
 ZERO_DECIMAL = frozenset(
@@ -39,16 +41,19 @@ def money_display(amount: int, currency: str, *, code: bool = True) -> str:
 
 def money_parse(text: str, currency: str) -> int:
     """A person's "12.5" in `currency` as minor units (1250 for usd), exactly, or
-    ValueError saying why not: nothing finer than the minor unit is rounded away."""
+    ValueError saying why not: nothing finer than the minor unit is rounded away. Only
+    plain decimal text is read (decimal_text_parse): no exponent, no other script's digits.
+    """
     places = currency_exponent(currency)
-    try:
-        number = Decimal(str(text).strip())
-    except DecimalException:
-        raise ValueError(f"{text!r} is not an amount of money.") from None
-    if not number.is_finite():
-        raise ValueError(f"{text!r} is not an amount of money.")
-    # Bounded before anything is expanded ("1e99999999" would take minutes as an int)
-    # or quantized (which then fits Decimal's 28 digits, so nothing below is rounded).
+    number = decimal_text_parse(str(text))
+    if number is None:
+        example = money_display(1250, currency, code=False)
+        shape = f"at most {places} decimal places after a '.'" if places else "no decimal places"
+        raise ValueError(
+            f"{text!r} is not an amount of money: write ASCII digits, {shape}, such as {example}."
+        )
+    # Bounded on its count of digits before anything is multiplied out or quantized (which
+    # then fits Decimal's 28 digits, so nothing below is rounded).
     if number.adjusted() >= 18 or abs(number).scaleb(places) >= _TOO_LARGE:
         raise ValueError(f"{text!r} is too large an amount.")
     if number != number.quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN):

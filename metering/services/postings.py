@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -347,20 +348,41 @@ def _expiry_due(account: LedgerAccount, now: datetime) -> bool:
     return account.next_expiry_at is not None and account.next_expiry_at <= now
 
 
+# An amount as a person writes it: an optional sign, ASCII digits, at most one '.'.
+# Decimal() alone reads far more: any script's digits ("٣", Arabic-Indic three, is 3),
+# underscores ("1_000"), exponents ("1e3"), "NaN" and "Infinity". None of it is what finance
+# means to type, and what one screen shows as text must not move credits or money (the
+# dashboard's own forms check the same, without a sign: gymbilling.pages._PLAIN_NUMBER).
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def decimal_text_parse(text: object) -> Decimal | None:
+    """`text` as a Decimal when it is a plain decimal number (_DECIMAL_TEXT) between
+    optional whitespace, else None. Shared by credits_parse and gymbilling's money_parse,
+    which bound and check places themselves."""
+    if not isinstance(text, str):
+        return None
+    text = text.strip()
+    if not _DECIMAL_TEXT.fullmatch(text):
+        return None
+    return Decimal(text)
+
+
 def credits_parse(text: str) -> int:
     """Credits written by a person ("250", "0.5", "-10") as micro-credits, exactly, or
     ValueError saying why not. Decimal, never float: "0.1" is 100000 micro-credits.
 
-    Nothing is rounded: a digit past the millionth is refused, and so is anything over
-    the most one movement of the ledger may move (MAX_MOVEMENT), before it is expanded
-    ("1e99999999" would otherwise take minutes to become an int).
+    Only plain decimal text is read (decimal_text_parse): no exponent, no other script's
+    digits. Nothing is rounded: a digit past the millionth is refused, and so is anything
+    over the most one movement of the ledger may move (MAX_MOVEMENT), on its count of
+    digits before it is multiplied out (a 100,000-digit argument is refused at once).
     """
-    try:
-        number = Decimal(text.strip())
-    except (InvalidOperation, AttributeError):
-        raise ValueError(f"{text!r} is not a number of credits.") from None
-    if not number.is_finite():
-        raise ValueError(f"{text!r} is not a number of credits.")
+    number = decimal_text_parse(text)
+    if number is None:
+        raise ValueError(
+            f"{text!r} is not a number of credits: write ASCII digits with at most one '.', "
+            "and a minus sign to take credits away, such as 250, 0.5 or -10."
+        )
     if number.adjusted() >= len(str(MAX_MOVEMENT)) or abs(number) * MICRO > MAX_MOVEMENT:
         raise ValueError(
             f"{text!r} is more credits than one movement may move ({amount_display(MAX_MOVEMENT)})."

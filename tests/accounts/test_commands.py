@@ -272,6 +272,12 @@ def test_credits_grant_takes_credits_away_with_a_negative_amount(org, grant):
         (["{org}", "5"], "--reason"),
         (["{org}", "5", "--reason", "x", "--actor", "ghost@example.test"], "ghost"),
         (["{org}", "-1", "--reason", "more than there is"], "insufficient"),
+        # Decimal() alone reads these as 3, 250, 1000 and 1000 credits
+        (["{org}", "\u0663", "--reason", "x"], "not a number of credits: write ASCII digits"),
+        (["{org}", "\uff12\uff15\uff10", "--reason", "x"], "write ASCII digits"),
+        (["{org}", "1_000", "--reason", "x"], "write ASCII digits"),
+        (["{org}", "1e3", "--reason", "x"], "write ASCII digits"),
+        (["{org}", "1 000", "--reason", "x"], "write ASCII digits"),
     ],
     ids=[
         "unknown-org",
@@ -282,6 +288,11 @@ def test_credits_grant_takes_credits_away_with_a_negative_amount(org, grant):
         "no-reason",
         "unknown-actor",
         "overdraw",
+        "arabic-indic-digit",
+        "fullwidth-digits",
+        "underscore",
+        "exponent",
+        "space-inside",
     ],
 )
 def test_credits_grant_refuses_bad_input_and_writes_nothing(org, args, message):
@@ -291,9 +302,10 @@ def test_credits_grant_refuses_bad_input_and_writes_nothing(org, args, message):
     balance = organization_balance(organization=org)
 
     # when
-    with pytest.raises(CommandError, match=message):
+    with pytest.raises(CommandError, match=message) as refused:
         run("credits_grant", *[a.format(org=org.slug) for a in args])
 
-    # then
+    # then it exits with a failure status (what manage.py returns), and nothing is written
+    assert refused.value.returncode == 1
     assert ledger_rows() == before
     assert organization_balance(organization=org) == balance

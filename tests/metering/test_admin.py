@@ -135,6 +135,31 @@ def test_a_malformed_adjustment_is_refused_on_the_form_and_writes_nothing(
     assert ledger_rows() == rows
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["\u0663\u0660", "\uff12\uff15\uff10", "1_000", "1e3", "1 000", "\u22125"],
+    ids=["arabic-indic-30", "fullwidth-250", "underscore", "exponent", "space", "unicode-minus"],
+)
+def test_credits_in_anything_but_ascii_digits_are_refused_and_nothing_is_written(
+    admin_client, grant, text
+):
+    # given an organization with 5 credits
+    org = OrganizationFactory()
+    grant(org, credits(5))
+    rows = ledger_rows()
+    before = organization_balance(organization=org)
+
+    # when finance type credits Decimal() alone would read (30, 250, 1000, 1000)
+    response = admin_client.post(_adjust_url(org), _form(credits=text))
+
+    # then the form says what to write, and the ledger and balance are as they were
+    assert response.status_code == 200
+    [error] = response.context["form"].errors["credits"]
+    assert "is not a number of credits: write ASCII digits" in error
+    assert ledger_rows() == rows
+    assert organization_balance(organization=org) == before
+
+
 def test_credits_that_expire_in_the_past_are_refused_and_nothing_is_written(admin_client):
     org = OrganizationFactory()
     rows = ledger_rows()
