@@ -301,11 +301,15 @@ def refund_retrieve(refund_id: str) -> dict:
     return _call(_client().v1.refunds.retrieve, refund_id)
 
 
-def refunds_list(*, charge: str) -> list[dict]:
-    """The refunds of a charge, oldest first (the order they were made in), whatever their
-    status: a failed or canceled one is the merchant's money again."""
+def refunds_list(*, charge: str | None = None, payment_intent: str | None = None) -> list[dict]:
+    """The refunds of a charge, or of a PaymentIntent, oldest first (the order they were
+    made in), whatever their status: a failed or canceled one is the merchant's money
+    again."""
+    if (charge is None) == (payment_intent is None):
+        raise ValueError("refunds_list takes a charge or a payment_intent")
+    of = {"charge": charge} if charge is not None else {"payment_intent": payment_intent}
     # Stripe lists newest first, in a stable order: reversed, the order they were made in.
-    return list(reversed(_list(_client().v1.refunds.list, charge=charge, limit=100)))
+    return list(reversed(_list(_client().v1.refunds.list, **of, limit=100)))
 
 
 def disputes_list(*, payment_intent: str) -> list[dict]:

@@ -984,6 +984,18 @@ def _is_shortfall_refund(refund: dict, order_id: int) -> bool:
     )
 
 
+def _shortfall_refund_made_at_stripe(order: MarketOrder) -> dict | None:
+    """The oldest refund of the order's payment that Stripe holds for its shortfall and has
+    not failed or canceled, or None. A failed one (_shortfall_refund_failed) gave the money
+    back to us: the buyer is owed it again, and a retry makes a new refund."""
+    from gymbilling.services.events import REFUND_UNDONE
+
+    for refund in stripe_client.refunds_list(payment_intent=order.stripe_payment_intent_id):
+        if _is_shortfall_refund(refund, order.pk) and refund.get("status") not in REFUND_UNDONE:
+            return refund
+    return None
+
+
 def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
     """Refund what an order paid for and did not get; retried by `orders_expire` until done.
 
@@ -1013,7 +1025,12 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
         # it the order stays refused, and a retry after a timeout sends the same key.
         key = f"{key}:after:{refused_at.isoformat()}"
     try:
-        made = stripe_client.refund_create(
+        # An earlier send may have reached Stripe with its answer lost (a timeout): its
+        # key protects a resend only while Stripe keeps it (about a day), and a retry
+        # can come later than that (Stripe down for long, finance's retry next week). So
+        # Stripe is asked first, as payouts are (_payout_made_at_stripe), and a refund it
+        # holds for this shortfall is recorded instead of a second one made.
+        made = _shortfall_refund_made_at_stripe(order) or stripe_client.refund_create(
             key=key,
             payment_intent=order.stripe_payment_intent_id,
             amount=order.shortfall_amount,

@@ -13,7 +13,7 @@ from datetime import timedelta
 from django.utils import timezone
 
 from gymbilling import stripe_client
-from gymbilling.market.services import orders_expire
+from gymbilling.market.services import SHORTFALL_REASON, orders_expire
 from gymbilling.models import MarketOrder
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
 
@@ -139,3 +139,29 @@ def test_a_refused_shortfall_refund_finance_retries_once_its_cause_is_fixed_is_r
     orders_expire()
     run_action(admin_client, CHANGELIST, "retry_shortfall_refund", order.pk)
     assert market_stripe.refunded(intent) == 30
+
+
+def test_a_shortfall_refund_stripe_made_but_whose_answer_was_lost_is_recorded_not_made_again(
+    market_stripe, unrefunded_shortfall
+):
+    # given: an earlier send of the shortfall refund reached Stripe and made it, but its
+    # answer was lost, and its idempotency key is long forgotten at Stripe (a day on):
+    # the refund is made at the stand-in directly, with the metadata our send carries
+    order, intent = unrefunded_shortfall
+    lost = stripe_client.refund_create(
+        key=f"lost-answer:{order.pk}",
+        payment_intent=intent,
+        amount=30,
+        metadata={"market_order": str(order.pk), "reason": SHORTFALL_REASON},
+    )
+
+    # when: the retry runs
+    orders_expire()
+
+    # then: the refund Stripe holds is recorded as the order's, and no other is made
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    assert order.shortfall_refund_id == lost["id"]
+    assert (order.shortfall_refund_refused_at, order.shortfall_refund_error) == (None, "")
+    assert market_stripe.refunded(intent) == 30
+    assert [r["id"] for r in stripe_client.refunds_list(payment_intent=intent)] == [lost["id"]]
