@@ -53,9 +53,29 @@ class CheckoutResult:
 
 
 def _unavailable(exc: Exception) -> ApplicationError:
+    """Stripe unreachable before any request that charges was sent (a checkout session not
+    yet created, a subscription not yet changed, the portal): nothing was charged. A change
+    whose own request went unanswered is _unavailable_change's."""
     return ApplicationError(
         code="payments_unavailable",
         message="The payment provider cannot be reached right now; nothing was charged. Try again in a minute.",
+        status=503,
+    )
+
+
+def _unavailable_change(*, upgrade: bool) -> ApplicationError:
+    """Stripe did not answer the change itself: the request may have reached it and been
+    applied (an answer lost on the way back), an upgrade charged with it. Saying "nothing
+    was charged" would send the member to try again and pay twice, so it says what may
+    have happened and how to see which."""
+    if upgrade:
+        happened = "if it went through, it was charged and will show here within a minute"
+    else:
+        happened = "if it went through, it applies from the next period and nothing is charged now"
+    return ApplicationError(
+        code="payments_unavailable",
+        message="The payment provider stopped answering, so we could not confirm the change; "
+        f"{happened}. Reload the subscription before trying again.",
         status=503,
     )
 
@@ -389,7 +409,7 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             # (by a task, or by this subscription's next change, whichever is first).
             _lift_undo_later(subscription, countdown=_LIFT_UNDO_DELAY_S)
             raise _unavailable_lifted(plan=subscription.scheduled_plan) from None
-        raise
+        raise _unavailable_change(upgrade=upgrade) from None
     except stripe_client.StripeRequestRefused:
         # Refused or declined: Stripe applied none of it; the scheduled downgrade goes
         # back as it was.
@@ -493,9 +513,9 @@ def _unavailable_lifted(*, plan: Plan | None) -> ApplicationError:
     return ApplicationError(
         code="payments_unavailable",
         message="The payment provider stopped answering during the change. Unless the "
-        f"upgrade went through, your scheduled change{scheduled} is kept (it is put back at "
-        "the payment provider as soon as it answers); reload the subscription in a minute "
-        "to see which, then try again.",
+        f"upgrade went through (charged, then), your scheduled change{scheduled} is kept "
+        "(it is put back at the payment provider as soon as it answers); reload the "
+        "subscription in a minute to see which, then try again.",
         status=503,
     )
 

@@ -189,3 +189,50 @@ def test_an_upgrade_stripe_stops_answering_during_keeps_the_scheduled_downgrade(
     assert update.lines.data[0].pricing.price_details.price == _price("pro")
     at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
     assert at_stripe["items"].data[0].price.id == _price("enterprise")
+
+
+def test_an_upgrade_whose_answer_stripe_lost_does_not_say_nothing_was_charged(
+    customer, subscribed, stripe_sdk, monkeypatch
+):
+    # given: Basic, paid for this period
+    sub = subscribed("basic")
+    # and Stripe applies the upgrade (and charges it) but its answer never comes back: a
+    # timeout after the request reached Stripe. The stand-in cannot lose an answer by
+    # itself, so the client module, where the timeout surfaces, raises after the call.
+    real_update = stripe_client.subscription_update
+
+    def applied_then_lost(*args, **params):
+        real_update(*args, **params)
+        raise stripe_client.StripeUnavailable("Request timed out")
+
+    monkeypatch.setattr(stripe_client, "subscription_update", applied_then_lost)
+
+    # when: Pro is asked for
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: a 503 that says the change may have gone through and been charged, and to
+    # reload before trying again, not that nothing was charged
+    assert response.status_code == 503, response.content
+    error = response.json()["error"]
+    assert error["code"] == "payments_unavailable"
+    assert "nothing was charged" not in error["message"]
+    assert "could not confirm the change" in error["message"]
+    assert "if it went through, it was charged" in error["message"]
+    assert "Reload the subscription before trying again" in error["message"]
+    # and Stripe did charge it: the message was true
+    assert len(_update_invoices(stripe_sdk, sub)) == 1
+
+
+def test_a_stripe_outage_before_the_change_is_sent_still_says_nothing_was_charged(
+    customer, subscribed, market_stripe
+):
+    # given: a live subscription, and Stripe down before anything of the change is sent
+    subscribed("basic")
+    market_stripe.down = True
+
+    # when: Pro is asked for
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: nothing could have been charged, and the member is told so
+    assert response.status_code == 503, response.content
+    assert "nothing was charged" in response.json()["error"]["message"]
