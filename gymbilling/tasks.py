@@ -11,6 +11,7 @@ from gymbilling.services import (
     stripe_event_process,
     stripe_events_retry,
     subscription_downgrade_restore,
+    subscriptions_downgrade_restore,
     subscriptions_last_period_cap,
     subscriptions_suspend_overdue,
 )
@@ -63,5 +64,11 @@ def payment_reversals_pending_settle_task() -> int:
 )
 def subscription_downgrade_restore_task(self, subscription_pk: int) -> bool:
     """Put back a scheduled downgrade an interrupted upgrade lifted; Stripe unreachable ->
-    retried with backoff (past that, the subscription's next change puts it back)."""
+    retried with backoff (past that, subscriptions_downgrade_restore_task's sweep, or the
+    subscription's next change, puts it back)."""
     return subscription_downgrade_restore(subscription_pk=subscription_pk)
+
+
+@shared_task
+def subscriptions_downgrade_restore_task() -> int:
+    return subscriptions_downgrade_restore()

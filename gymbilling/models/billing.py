@@ -266,6 +266,10 @@ class Subscription(models.Model):
     # once it ended (canceled) and that period was over: no renewal comes to apply
     # it (subscriptions.subscription_last_period_cap). Null while live or not yet due.
     last_period_capped_at = models.DateTimeField(null=True, blank=True)
+    # When a scheduled downgrade that an interrupted upgrade lifted at Stripe is to be put
+    # back (services.checkout._lift_undo_later); null when none is. Kept here, not only
+    # in a task's retries, so the sweep puts it back however long Stripe was down.
+    downgrade_restore_due_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     synced_at = models.DateTimeField(auto_now=True)
 
@@ -277,6 +281,12 @@ class Subscription(models.Model):
                 fields=["current_period_end"],
                 condition=Q(status="canceled", last_period_capped_at__isnull=True),
                 name="subscription_last_cap_due",
+            ),
+            # The sweep of lifted downgrades still to put back: almost always none.
+            models.Index(
+                fields=["downgrade_restore_due_at"],
+                condition=Q(downgrade_restore_due_at__isnull=False),
+                name="subscription_restore_due",
             ),
         ]
         constraints = [

@@ -6,6 +6,7 @@ from gymbilling.services.checkout import (
     portal_create,
     subscription_change,
     subscription_downgrade_restore,
+    subscriptions_downgrade_restore,
 )
 from gymbilling.services.customers import billing_customer_ensure
 from gymbilling.services.events import (
@@ -48,6 +49,7 @@ __all__ = [
     "subscription_change",
     "subscription_downgrade_restore",
     "subscription_sync",
+    "subscriptions_downgrade_restore",
     "subscriptions_last_period_cap",
     "subscriptions_suspend_overdue",
 ]

@@ -39,6 +39,7 @@ from gymbilling.services.subscriptions import (
     stripe_items,
     subscription_sync,
 )
+from gymbilling.sweeps import each_isolated
 
 logger = logging.getLogger(__name__)
 
@@ -379,13 +380,19 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     item = _plan_item(stripe_sub)
     lifted = None
     if paid_price is not None:
-        lifted = _lift(
-            stripe_sub=stripe_sub,
-            item=item,
-            price_id=paid_price.stripe_price_id,
-            seats=subscription.seats,
-            key=key,
-        )
+        try:
+            lifted = _lift(
+                stripe_sub=stripe_sub,
+                item=item,
+                price_id=paid_price.stripe_price_id,
+                seats=subscription.seats,
+                key=key,
+            )
+        except stripe_client.StripeUnavailable:
+            # The lift's answer may be lost with the lift made (and its marker set): nothing
+            # is charged by it, and nothing upgraded, but the downgrade must go back.
+            _lift_undo_later(subscription, countdown=_LIFT_UNDO_DELAY_S)
+            raise
     try:
         changed = stripe_client.subscription_update(
             subscription.stripe_subscription_id,
@@ -500,6 +507,14 @@ def _lift_undo_later(subscription: Subscription, *, countdown: int) -> None:
     from gymbilling.tasks import subscription_downgrade_restore_task
 
     pk = subscription.pk
+    # Recorded on our row first: the task gives up after its retries (Stripe down for half
+    # an hour), or never reaches a broker, and with no later change of this subscription
+    # the marker would stay at Stripe and the scheduled downgrade be lost at renewal. The
+    # sweep (subscriptions_downgrade_restore) takes up what is still due. Under the
+    # purchase lock, as the restore that clears it.
+    Subscription.objects.filter(pk=pk).update(
+        downgrade_restore_due_at=timezone.now() + timedelta(seconds=countdown)
+    )
     # robust: a broker that cannot take it must not turn the member's 503 into a 500;
     # the marker stays at Stripe, and the subscription's next change puts it back.
     transaction.on_commit(
@@ -529,12 +544,48 @@ def subscription_downgrade_restore(*, subscription_pk: int) -> bool:
     if subscription is None:
         return False
     with _purchase_lock(subscription.organization):
-        stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
-        restored = _lift_undo(stripe_sub=stripe_sub)
+        try:
+            stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
+            restored = _lift_undo(stripe_sub=stripe_sub)
+        except stripe_client.StripeRequestRefused as exc:
+            if exc.status in (401, 403):  # our credentials, not this request: retried
+                raise
+            # The subscription is gone at Stripe, or Stripe will not take the item back:
+            # sending it again will not help. Logged for support, no longer retried.
+            logger.error(
+                "subscription %s: its lifted downgrade cannot be put back (%s): %s",
+                subscription.stripe_subscription_id,
+                exc.code or exc.status,
+                exc,
+            )
+            _downgrade_restore_done(subscription)
+            return False
+        # Unreachable (StripeUnavailable): raised, the row still due, for a retry.
+        _downgrade_restore_done(subscription)
         if restored is stripe_sub:
             return False
         _mirror(restored)
         return True
+
+
+def _downgrade_restore_done(subscription: Subscription) -> None:
+    Subscription.objects.filter(pk=subscription.pk).update(downgrade_restore_due_at=None)
+
+
+def subscriptions_downgrade_restore(*, now=None) -> int:
+    """The sweep behind subscription_downgrade_restore_task: every live subscription whose
+    lifted downgrade is due to go back (the task gave up while Stripe was down, or was
+    never queued), put back now; each on its own, one failing leaves the others. Returns
+    how many were put back."""
+    now = now or timezone.now()
+    return each_isolated(
+        Subscription.objects.filter(downgrade_restore_due_at__lte=now)
+        .exclude(status__in=[Subscription.Status.CANCELED, Subscription.Status.INCOMPLETE_EXPIRED])
+        .order_by("pk")
+        .values_list("pk", flat=True),
+        lambda pk: int(subscription_downgrade_restore(subscription_pk=pk)),
+        what="putting back the lifted downgrade of subscription",
+    )
 
 
 def _plan_item(stripe_sub: dict) -> dict:

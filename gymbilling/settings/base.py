@@ -368,6 +368,12 @@ CELERY_BEAT_SCHEDULE |= {
         "task": "gymbilling.tasks.subscriptions_last_period_cap_task",
         "schedule": crontab(minute="*"),
     },
+    # Lifted downgrades whose restore task gave up while Stripe was down (or was never
+    # queued): put back before the period renews without them (checkout._lift_undo_later).
+    "billing-downgrades-restore": {
+        "task": "gymbilling.tasks.subscriptions_downgrade_restore_task",
+        "schedule": timedelta(minutes=10),
+    },
     "billing-overage-report": {
         "task": "gymbilling.tasks.overage_report_task",
         "schedule": timedelta(minutes=BILLING_OVERAGE_REPORT_MINUTES),

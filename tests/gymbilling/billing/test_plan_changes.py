@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 import requests
+from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.celery import app as celery_app
-from gymbilling.models import StripePrice
+from gymbilling.models import StripePrice, Subscription
+from gymbilling.services import subscriptions_downgrade_restore
+from gymbilling.services.checkout import LIFTED
 from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -236,3 +240,64 @@ def test_a_stripe_outage_before_the_change_is_sent_still_says_nothing_was_charge
     # then: nothing could have been charged, and the member is told so
     assert response.status_code == 503, response.content
     assert "nothing was charged" in response.json()["error"]["message"]
+
+
+def test_a_lifted_downgrade_whose_task_gave_up_is_put_back_by_the_sweep(
+    customer,
+    subscribed,
+    stripe_sdk,
+    market_stripe,
+    deliver,
+    monkeypatch,
+    django_capture_on_commit_callbacks,
+):
+    # given: Pro, paid for this period, with a downgrade to Basic scheduled
+    sub = subscribed("pro")
+    _change(customer, "basic")
+    deliver()
+    # and an upgrade to Enterprise Stripe stopped answering after its lift (the item back
+    # at Pro, the marker set), whose restore task never put it back (it gave up while
+    # Stripe stayed down: here it is simply never run)
+    real_update = stripe_client.subscription_update
+
+    def update_then_down(*args, **params):
+        answer = real_update(*args, **params)
+        market_stripe.down = True
+        return answer
+
+    monkeypatch.setattr(stripe_client, "subscription_update", update_then_down)
+    with django_capture_on_commit_callbacks(execute=False):
+        response = customer.client.post(
+            "/api/v1/billing/checkout", {"plan": "enterprise"}, format="json"
+        )
+    monkeypatch.undo()
+    assert response.status_code == 503, response.content
+    later = timezone.now() + timedelta(minutes=2)
+
+    # when: the sweep runs while Stripe is still down
+    assert subscriptions_downgrade_restore(now=later) == 0
+    # then: it is still due, for the next run
+    assert Subscription.objects.get(pk=sub.pk).downgrade_restore_due_at is not None
+
+    # when: Stripe answers again, and the sweep runs before the lift's delay is over
+    market_stripe.down = False
+    assert subscriptions_downgrade_restore() == 0
+    # then: nothing is put back yet (the upgrade's lost request may still be applied)
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == _price("pro")
+
+    # when: the sweep runs once it is due
+    assert subscriptions_downgrade_restore(now=later) == 1
+
+    # then: the downgrade is back at Stripe, its marker cleared, and here it is Pro now,
+    # Basic from the next period, with nothing left due and nothing charged
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == _price("basic")
+    assert not at_stripe.metadata.to_dict().get(LIFTED)
+    deliver()
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan.code) == ("pro", "basic")
+    assert sub.downgrade_restore_due_at is None
+    assert not _update_invoices(stripe_sdk, sub)
+    # and the next run has nothing to do
+    assert subscriptions_downgrade_restore(now=later) == 0
