@@ -9,6 +9,7 @@ here; they follow the webhook of the paid invoice or session.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -339,6 +340,7 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     #   change's own answer is synced before the lock is released (the entitlements
     #   follow at once). The webhooks' later syncs of the same objects change nothing.
     stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
+    _refuse_while_unconfirmed(subscription, stripe_sub)
     stripe_sub = _lift_undo(stripe_sub=stripe_sub)
     subscription = _mirror(stripe_sub)
     if not subscription.live:
@@ -501,6 +503,36 @@ def _lift_undo(*, stripe_sub: dict) -> dict:
         proration_behavior="none",
         metadata={LIFTED: ""},
     )
+
+
+def _refuse_while_unconfirmed(subscription: Subscription, stripe_sub: dict) -> None:
+    """Refuse (409 `change_pending`, nothing done) a change while an earlier upgrade that
+    Stripe did not answer may still land there (its lifted downgrade not put back yet,
+    and not due to be: _LIFT_UNDO_DELAY_S).
+
+    Putting the downgrade back inline then, as a later change otherwise does, races
+    that upgrade: the retry reads the item lifted, puts the cheaper price back, the
+    lost upgrade lands and is charged from the cheaper price, and the retry lifts and
+    upgrades again, charging it a second time. The 503 freed its form token and
+    Idempotency-Key (nothing was confirmed done), so a resend comes at once.
+    """
+    if not (stripe_sub.get("metadata") or {}).get(LIFTED):
+        return
+    due = (
+        Subscription.objects.filter(pk=subscription.pk)
+        .values_list("downgrade_restore_due_at", flat=True)
+        .first()
+    )
+    now = timezone.now()
+    if due is not None and due > now:
+        wait = max(1, math.ceil((due - now).total_seconds()))
+        raise ApplicationError(
+            code="change_pending",
+            message="The previous plan change is still being confirmed with the payment "
+            f"provider. Nothing was done: try again in {wait} seconds.",
+            status=409,
+            extra={"retry_after": wait},
+        )
 
 
 def _lift_undo_later(subscription: Subscription, *, countdown: int) -> None:

@@ -195,6 +195,55 @@ def test_an_upgrade_stripe_stops_answering_during_keeps_the_scheduled_downgrade(
     assert at_stripe["items"].data[0].price.id == _price("enterprise")
 
 
+def test_a_change_resent_while_an_interrupted_upgrade_may_still_land_is_refused(
+    customer, subscribed, stripe_sdk, market_stripe, deliver, monkeypatch
+):
+    # given: Pro, paid for this period, with a downgrade to Basic scheduled, and an
+    # upgrade to Enterprise that Stripe stopped answering after its first call (the
+    # item lifted back to Pro, the marker set); the upgrade itself may still land
+    sub = subscribed("pro")
+    _change(customer, "basic")
+    deliver()
+    real_update = stripe_client.subscription_update
+
+    def update_then_down(*args, **params):
+        answer = real_update(*args, **params)
+        market_stripe.down = True
+        return answer
+
+    monkeypatch.setattr(stripe_client, "subscription_update", update_then_down)
+    first = customer.client.post("/api/v1/billing/checkout", {"plan": "enterprise"}, format="json")
+    monkeypatch.undo()
+    assert first.status_code == 503, first.content
+    market_stripe.down = False
+
+    # when: the member sends it again at once (the 503 freed its key)
+    again = customer.client.post("/api/v1/billing/checkout", {"plan": "enterprise"}, format="json")
+
+    # then: refused, nothing done: the item is still as the lift left it, the marker
+    # still there, nothing charged (putting Basic back now would race the lost upgrade)
+    assert again.status_code == 409, again.content
+    assert again.json()["error"]["code"] == "change_pending"
+    assert 1 <= int(again["Retry-After"]) <= 60
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == _price("pro")
+    assert at_stripe.metadata[LIFTED]
+    assert not _update_invoices(stripe_sdk, sub)
+
+    # when: its minute has passed (the lost upgrade would have landed by now)
+    Subscription.objects.filter(pk=sub.pk).update(
+        downgrade_restore_due_at=timezone.now() - timedelta(seconds=1)
+    )
+
+    # then: the change runs, the downgrade put back first, and is charged once, from Pro
+    assert _change(customer, "enterprise")["kind"] == "subscription_updated"
+    [update] = _update_invoices(stripe_sdk, sub)
+    assert update.lines.data[0].pricing.price_details.price == _price("pro")
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == _price("enterprise")
+    assert not at_stripe.metadata.to_dict().get(LIFTED)
+
+
 def test_an_upgrade_whose_answer_stripe_lost_does_not_say_nothing_was_charged(
     customer, subscribed, stripe_sdk, monkeypatch
 ):
