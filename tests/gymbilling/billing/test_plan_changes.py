@@ -38,6 +38,20 @@ def _update_invoices(stripe_sdk, sub) -> list:
     return [i for i in invoices.data if i.billing_reason == "subscription_update"]
 
 
+def stripe_down_after_next_update(monkeypatch, market_stripe) -> None:
+    """Stripe stops answering right after the next subscription update it applies (the
+    stand-in cannot fail between two calls by itself: its client module's call is wrapped,
+    and calls through). `monkeypatch.undo()` ends the wrapping."""
+    real_update = stripe_client.subscription_update
+
+    def update_then_down(*args, **params):
+        answer = real_update(*args, **params)
+        market_stripe.down = True
+        return answer
+
+    monkeypatch.setattr(stripe_client, "subscription_update", update_then_down)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_upgrades_at_once_while_a_downgrade_is_scheduled_charge_once(
     live_server, customer, subscribed, stripe_sdk, deliver, monkeypatch
@@ -147,14 +161,7 @@ def test_an_upgrade_stripe_stops_answering_during_keeps_the_scheduled_downgrade(
     before = ledger_rows()
     # and Stripe stops answering after the first of the upgrade's two calls (the one that
     # puts the item back at Pro, so that the upgrade is prorated from what was paid)
-    real_update = stripe_client.subscription_update
-
-    def update_then_down(*args, **params):
-        answer = real_update(*args, **params)
-        market_stripe.down = True
-        return answer
-
-    monkeypatch.setattr(stripe_client, "subscription_update", update_then_down)
+    stripe_down_after_next_update(monkeypatch, market_stripe)
 
     # when: Enterprise is asked for
     with django_capture_on_commit_callbacks(execute=False) as queued:
@@ -204,14 +211,7 @@ def test_a_change_resent_while_an_interrupted_upgrade_may_still_land_is_refused(
     sub = subscribed("pro")
     _change(customer, "basic")
     deliver()
-    real_update = stripe_client.subscription_update
-
-    def update_then_down(*args, **params):
-        answer = real_update(*args, **params)
-        market_stripe.down = True
-        return answer
-
-    monkeypatch.setattr(stripe_client, "subscription_update", update_then_down)
+    stripe_down_after_next_update(monkeypatch, market_stripe)
     first = customer.client.post("/api/v1/billing/checkout", {"plan": "enterprise"}, format="json")
     monkeypatch.undo()
     assert first.status_code == 503, first.content
@@ -307,14 +307,7 @@ def test_a_lifted_downgrade_whose_task_gave_up_is_put_back_by_the_sweep(
     # and an upgrade to Enterprise Stripe stopped answering after its lift (the item back
     # at Pro, the marker set), whose restore task never put it back (it gave up while
     # Stripe stayed down: here it is simply never run)
-    real_update = stripe_client.subscription_update
-
-    def update_then_down(*args, **params):
-        answer = real_update(*args, **params)
-        market_stripe.down = True
-        return answer
-
-    monkeypatch.setattr(stripe_client, "subscription_update", update_then_down)
+    stripe_down_after_next_update(monkeypatch, market_stripe)
     with django_capture_on_commit_callbacks(execute=False):
         response = customer.client.post(
             "/api/v1/billing/checkout", {"plan": "enterprise"}, format="json"
