@@ -22,10 +22,10 @@ from accounts.errors import ApplicationError
 from gymbilling.currency import money_parse
 from metering.services.postings import credits_parse
 
-# What a person writes for credits or money here: digits, maybe a decimal part (no sign,
-# no exponent); the parsers then refuse what is too large or too fine. ASCII digits only:
-# `\d` takes any script's digits, and Decimal reads "٣" (Arabic-Indic three) as 3, so a
-# field a person sees as text would trade credits.
+# What a person writes for credits or money here: digits, maybe a decimal part; the
+# parsers then refuse what is too large or too fine. They read only ASCII digits too
+# (metering.services.postings.decimal_text_parse), but take a sign, for staff's
+# adjustments: no amount a member buys, sells or pays here has one.
 _PLAIN_NUMBER = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
 
 

@@ -94,6 +94,19 @@ def _organization(grant, amount: int):
     return org
 
 
+def _long_stream(client: openai.OpenAI, **options):
+    """The long generation (LONG_TOKENS tokens, seconds on the engine), streamed."""
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=LONG_MESSAGES,
+        max_tokens=3000,
+        temperature=LONG_TEMPERATURE,
+        seed=LONG_SEED,
+        stream=True,
+        **options,
+    )
+
+
 def _client(live_server, org) -> openai.OpenAI:
     _key, raw = apikey_create(organization=org, name="faults", scopes=[Scope.INFERENCE])
     return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=raw, max_retries=0, timeout=120)
@@ -205,15 +218,7 @@ def test_an_engine_killed_mid_stream_charges_exactly_the_tokens_delivered(
     before = organization_balance(organization=org)
 
     # when the server is SIGKILLed after the first few streamed tokens
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=LONG_MESSAGES,
-        max_tokens=3000,
-        temperature=LONG_TEMPERATURE,
-        seed=LONG_SEED,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
+    stream = _long_stream(client, stream_options={"include_usage": True})
     chunks, deltas = [], []
     for chunk in stream:
         chunks.append(chunk)
@@ -485,15 +490,7 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_its_text_once(
     org = _organization(grant, credits(100))
     client = _client(live_server, org)
     before = organization_balance(organization=org)
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=LONG_MESSAGES,
-        max_tokens=3000,
-        temperature=LONG_TEMPERATURE,
-        seed=LONG_SEED,
-        stream=True,
-        extra_body={"priority": "batch"},
-    )
+    stream = _long_stream(client, extra_body={"priority": "batch"})
 
     # when the pool process running it is SIGKILLed after its first tokens,
     # and its task comes back (reject on worker lost)

@@ -33,6 +33,14 @@ def _change(customer, plan: str) -> dict:
     return response.json()
 
 
+def _pro_with_basic_scheduled(customer, subscribed, deliver):
+    """A subscription to Pro, paid for this period, with a downgrade to Basic scheduled."""
+    sub = subscribed("pro")
+    _change(customer, "basic")
+    deliver()
+    return sub
+
+
 def _update_invoices(stripe_sdk, sub) -> list:
     invoices = stripe_sdk.v1.invoices.list(params={"subscription": sub.stripe_subscription_id})
     return [i for i in invoices.data if i.billing_reason == "subscription_update"]
@@ -155,9 +163,7 @@ def test_an_upgrade_stripe_stops_answering_during_keeps_the_scheduled_downgrade(
     django_capture_on_commit_callbacks,
 ):
     # given: Pro, paid for this period, with a downgrade to Basic scheduled
-    sub = subscribed("pro")
-    _change(customer, "basic")
-    deliver()
+    sub = _pro_with_basic_scheduled(customer, subscribed, deliver)
     before = ledger_rows()
     # and Stripe stops answering after the first of the upgrade's two calls (the one that
     # puts the item back at Pro, so that the upgrade is prorated from what was paid)
@@ -208,9 +214,7 @@ def test_a_change_resent_while_an_interrupted_upgrade_may_still_land_is_refused(
     # given: Pro, paid for this period, with a downgrade to Basic scheduled, and an
     # upgrade to Enterprise that Stripe stopped answering after its first call (the
     # item lifted back to Pro, the marker set); the upgrade itself may still land
-    sub = subscribed("pro")
-    _change(customer, "basic")
-    deliver()
+    sub = _pro_with_basic_scheduled(customer, subscribed, deliver)
     stripe_down_after_next_update(monkeypatch, market_stripe)
     first = customer.client.post("/api/v1/billing/checkout", {"plan": "enterprise"}, format="json")
     monkeypatch.undo()
@@ -301,9 +305,7 @@ def test_a_lifted_downgrade_whose_task_gave_up_is_put_back_by_the_sweep(
     django_capture_on_commit_callbacks,
 ):
     # given: Pro, paid for this period, with a downgrade to Basic scheduled
-    sub = subscribed("pro")
-    _change(customer, "basic")
-    deliver()
+    sub = _pro_with_basic_scheduled(customer, subscribed, deliver)
     # and an upgrade to Enterprise Stripe stopped answering after its lift (the item back
     # at Pro, the marker set), whose restore task never put it back (it gave up while
     # Stripe stayed down: here it is simply never run)

@@ -525,20 +525,26 @@ def expire_now(*lots: CreditLot) -> None:
     LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
 
 
-def test_the_balance_does_not_count_credits_past_their_expiry_before_the_sweep(org, grant):
-    # given: 10 credits past their expiry (not swept yet), 5 unexpired, 3 of which are
-    # an overage allowance
-    expiring = grant(org, credits(10), expires_at=timezone.now() + timedelta(days=1))
-    grant(org, credits(2), expires_at=None)
-    grant(
+def _overage_allowance(grant, org, amount: int):
+    """A plan's overage allowance, as subscriptions grant it: lent, not resellable, burned
+    last, until tomorrow."""
+    return grant(
         org,
-        credits(3),
+        amount,
         source="overage",
         paid=False,
         resellable=False,
         priority=1000,
         expires_at=timezone.now() + timedelta(days=1),
     )
+
+
+def test_the_balance_does_not_count_credits_past_their_expiry_before_the_sweep(org, grant):
+    # given: 10 credits past their expiry (not swept yet), 5 unexpired, 3 of which are
+    # an overage allowance
+    expiring = grant(org, credits(10), expires_at=timezone.now() + timedelta(days=1))
+    grant(org, credits(2), expires_at=None)
+    _overage_allowance(grant, org, credits(3))
     expire_now(expiring)
 
     # when
@@ -556,15 +562,7 @@ def test_the_balance_does_not_count_credits_past_their_expiry_before_the_sweep(o
 
 def test_an_expired_overage_allowance_is_not_shown_available(org, grant):
     # given: an allowance past its expiry, not swept yet
-    allowance = grant(
-        org,
-        credits(3),
-        source="overage",
-        paid=False,
-        resellable=False,
-        priority=1000,
-        expires_at=timezone.now() + timedelta(days=1),
-    )
+    allowance = _overage_allowance(grant, org, credits(3))
     expire_now(allowance)
 
     # then: even with a larger `available` said by the caller, none of it is allowance
