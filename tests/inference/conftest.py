@@ -243,9 +243,12 @@ class BusyEngine:
     The streams go to `gym_engine` itself, not `ensemble`, so that stopping
     them really stops them (the ensemble does not pass a cancellation on).
     Meanwhile a request answers ready but waits, silent, for a free engine
-    worker. A stream of 3000 tokens lasts a second or two here, less on a
-    quicker machine; replacing each as it ends keeps the engine busy for as
-    long as the test needs, however fast it is. As many streams again wait
+    worker. A stream of 3000 tokens lasts about a second here, less on a
+    quicker machine (the engine takes no more than 4,096 tokens a sequence);
+    replacing each as it ends keeps the engine busy for as long as the test
+    needs, however fast it is. How long a request waits silent is a stream or
+    two, so a test that needs it silent for a set time (past a gateway's wait
+    or a run limit) uses the paced server, whose streams last at least 3 s. As many streams again wait
     queued behind the running ones: the engine takes its queue in order, so
     when a running stream ends, a request a test sent meanwhile still waits
     behind one of those (a replacement is queued behind it, and alone it let

@@ -61,6 +61,14 @@ def engine(private_triton_server):
     triton.close_pools()
 
 
+@pytest.fixture
+def paced_engine(paced_triton_server):
+    """The paced server (a millisecond a streamed token): a busy stream of 3,000 tokens
+    holds its engine worker at least 3 s on any machine, unpaced about one here."""
+    yield paced_triton_server
+    triton.close_pools()
+
+
 @pytest.fixture(autouse=True)
 def fresh_means_within_ten_seconds(monkeypatch):
     """A fresh message stays fresh however slowly this machine runs the test (the 0.25 s
@@ -447,11 +455,13 @@ def test_a_job_running_past_its_limit_is_stopped_failed_and_billed_for_what_it_p
 
 
 def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_it_sent(
-    engine, grant, settings
+    paced_engine, grant, settings
 ):
     # given a model with a tokenizer whose engine is busy (a request sent now
-    # waits, silent, in its queue), and a run limit of a second and a half:
-    # time enough, on a slow machine, to start the job and send it
+    # waits, silent, in its queue, past its limit on any machine: the paced
+    # engine), and a run limit of a second and a half: time enough, on a slow
+    # machine, to start the job and send it
+    engine = paced_engine
     settings.INFERENCE_JOB_DEADLINE_SECONDS = 1.5
     model = served_model(
         "gym-run-busy",

@@ -257,10 +257,12 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_job_and_pays_for_what_was
 
 @pytest.mark.parametrize("tokenizer_file", [TOKENIZER, ""], ids=["tokenizer", "no tokenizer"])
 def test_a_stream_cancelled_before_the_first_token_bills_the_prompt_the_engine_took(
-    live_server, celery_worker_process, triton_server, grant, tokenizer_file
+    live_server, celery_worker_process, paced_triton_server, grant, tokenizer_file
 ):
     # given a model whose engine is busy: a request sent now waits, silent, in
-    # the engine's queue
+    # the engine's queue. The paced engine, so that it waits at least one busy
+    # stream's 3 s on any machine, past the moment the client hangs up
+    triton_server = paced_triton_server
     prompt, org, raw = _asker(
         [triton_server.grpc_url], grant, "cancel", tokenizer_file=tokenizer_file
     )
@@ -603,12 +605,16 @@ def test_a_stream_that_keeps_sending_outlasts_the_gateways_wait(
 
 
 def test_a_stream_that_hears_nothing_for_a_whole_wait_ends_with_its_jobs_charge(
-    live_server, celery_worker_process, triton_server, grant, settings, monkeypatch
+    live_server, celery_worker_process, paced_triton_server, grant, settings, monkeypatch
 ):
     # given a model whose engine is busy (a request sent now waits, silent, in
     # its queue), a gateway that waits three seconds for each event (time for
     # the worker to send the prompt), and that, once it cancels, waits for the
-    # job's end long enough to learn its charge on any machine
+    # job's end long enough to learn its charge on any machine. The paced
+    # engine, as in the 504 test above: the request waits at least two busy
+    # streams of 3 s each, past the gateway's wait (on the unpaced engine a
+    # quick CI machine began answering it within the 3 s: a failed CI run)
+    triton_server = paced_triton_server
     prompt, org, raw = _asker([triton_server.grpc_url], grant, "quiet")
     before = organization_balance(organization=org)
     settings.INFERENCE_TIMEOUT_SECONDS = 3
