@@ -203,6 +203,17 @@ def private_triton_server(tmp_path):
         yield server
 
 
+@pytest.fixture
+def paced_private_triton_server(tmp_path):
+    """private_triton_server paced as paced_triton_server is (PACE_MS a streamed token): for
+    a test that must kill it, or act on its own, while a stream runs or a request waits
+    behind BusyEngine's streams, on any machine. It costs what the unpaced one does."""
+    with TritonDevServer(
+        log_path=tmp_path / "tritonserver.log", stream_token_interval_ms=PACE_MS
+    ) as server:
+        yield server
+
+
 def _engine_output_tokens(metrics_url: str) -> float:
     with urllib.request.urlopen(metrics_url, timeout=5) as response:
         for line in response.read().decode().splitlines():
@@ -212,13 +223,15 @@ def _engine_output_tokens(metrics_url: str) -> float:
 
 
 @pytest.fixture
-def busy_engine(triton_server):
-    """Every engine worker held by a 3000-token stream; a request sent meanwhile waits, silent.
+def busy_engine(paced_triton_server):
+    """Every engine worker of the paced server held by a 3000-token stream; a request sent
+    meanwhile waits, silent, at least one such stream (3 s) on any machine.
 
     The streams go to `gym_engine` itself, not `ensemble`, so that cancelling
     them at teardown really stops them (the ensemble does not pass a
     cancellation on). Yields the number of workers held.
     """
+    triton_server = paced_triton_server
     before = _engine_output_tokens(triton_server.metrics_url)
     client, workers = occupy_engine_workers(triton_server.grpc_url)
     try:

@@ -241,9 +241,14 @@ def test_after_send_raising_ends_the_request_and_propagates(pool):
     assert pool.generate(GenerationRequest(PROMPT, 4, seed=1)).output_tokens == 4
 
 
-def test_cancelling_from_another_thread_releases_the_caller_promptly(pool):
-    # given: the cancel comes from elsewhere (the API process), after the first delta
-    full = pool.generate(_long_request(), on_delta=lambda text: None)
+def test_cancelling_from_another_thread_releases_the_caller_promptly(paced_triton_server):
+    # given: the cancel comes from elsewhere (the API process), after the first delta,
+    # on the paced engine: its 544 tokens take over half a second on any machine, where
+    # unpaced they took 0.2 s here (0.1 s on a machine twice as quick), all a stall of
+    # the cancelling thread would have needed to let the stream end first. (The whole
+    # text counted unstreamed, which is not paced: the same tokens.)
+    pool = ServerPool([paced_triton_server.grpc_url])
+    full = pool.generate(GenerationRequest(PROMPT, 3000, **LONG))
     cancel = threading.Event()
     first_delta = threading.Event()
     deltas: list[str] = []
@@ -258,10 +263,13 @@ def test_cancelling_from_another_thread_releases_the_caller_promptly(pool):
         return time.monotonic()
 
     # when
-    with ThreadPoolExecutor(1) as executor:
-        cancelled_at = executor.submit(cancel_after_first_delta)
-        result = pool.generate(_long_request(), on_delta=on_delta, cancel=cancel)
-        returned_at = time.monotonic()
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            cancelled_at = executor.submit(cancel_after_first_delta)
+            result = pool.generate(_long_request(), on_delta=on_delta, cancel=cancel)
+            returned_at = time.monotonic()
+    finally:
+        pool.close()
 
     # then: it returned as cancelled before the engine's stream was done (the
     # token counts say so, whatever the machine's load did to the clock)
@@ -273,10 +281,13 @@ def test_cancelling_from_another_thread_releases_the_caller_promptly(pool):
 
 @pytest.mark.parametrize("outcome", ["cancelled", "timeout", "deadline"])
 def test_a_request_waiting_silently_is_cancelled_or_timed_out_by_the_watchdog(
-    triton_server, busy_engine, outcome
+    paced_triton_server, busy_engine, outcome
 ):
     # given: every engine worker busy for thousands of tokens, so a new request
-    # waits in the engine's queue and nothing at all arrives for it
+    # waits in the engine's queue and nothing at all arrives for it: on the paced
+    # engine (busy_engine), at least one busy stream's 3 s, where unpaced a quick
+    # machine's stream lasted not much longer than the 0.3 s this test waits
+    triton_server = paced_triton_server
     waiting = ServerPool([triton_server.grpc_url], timeout_s=0.3 if outcome == "timeout" else 60)
     # its server's readiness known, so that the request's first step is not
     # a check run on its time (which, slow, would end a deadline unsent)
@@ -690,10 +701,13 @@ def test_pool_for_shares_one_pool_per_urls_model_and_options(triton_server):
 
 
 def test_a_server_killed_mid_stream_fails_with_the_partial_and_later_requests_retry(
-    triton_server, private_triton_server
+    triton_server, paced_private_triton_server
 ):
     # given: a pool that believes both servers ready for a minute, and a stream
-    # running on the server about to die
+    # running on the server about to die. Paced, so that its 544 tokens last over
+    # half a second on any machine: unpaced they took 0.2 s, and a client stalled
+    # that long before its third token would have read the whole answer, not a failure
+    private_triton_server = paced_private_triton_server
     doomed, live = private_triton_server.grpc_url, triton_server.grpc_url
     both = ServerPool([doomed, live], ready_ttl_s=60)
     only_doomed = ServerPool([doomed])
@@ -848,10 +862,14 @@ def test_routing_counts_the_requests_other_clients_have_on_each_server(
     assert while_busy == [free_url] * 6
 
 
-def test_the_pools_own_requests_are_not_counted_as_other_clients(private_triton_server):
+def test_the_pools_own_requests_are_not_counted_as_other_clients(paced_private_triton_server):
     # given a server every worker of which another client holds, as many of
     # its requests queued, and a pool that names it twice (so that routing,
-    # whatever it reads, sends the pool's request there), with the metrics url
+    # whatever it reads, sends the pool's request there), with the metrics url.
+    # Paced, so that the pool's request waits at least one busy stream (3 s) on any
+    # machine, through the engine's count and the pool's two readings below (about
+    # half a second); unpaced a quick machine's busy stream is not much longer.
+    private_triton_server = paced_private_triton_server
     url, metrics = private_triton_server.grpc_url, private_triton_server.metrics_url
     busy, workers = occupy_engine_workers(url)
     pool = ServerPool([url, url], metrics_urls=[metrics, metrics], load_ttl_s=0.1)
