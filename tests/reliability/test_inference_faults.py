@@ -56,13 +56,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 # The engine fixtures of tests/inference, used here as they are.
 triton_server = engine_fixtures.triton_server
 private_triton_server = engine_fixtures.private_triton_server
+paced_private_triton_server = engine_fixtures.paced_private_triton_server
 dead_grpc_url = engine_fixtures.dead_grpc_url
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gym-fault"
 # With the development engine, this prompt at temperature 2 and seed 1200
-# generates 1345 tokens (about 0.9 s streamed): long enough to kill the server
-# well before the end.
+# generates 1345 tokens: over 1.3 s streamed on a paced server (a millisecond a
+# token, tests.inference.conftest), long enough to kill the server or the worker
+# once the client has read its first tokens on any machine. Unpaced it took about
+# half a second here, less on a quicker machine, and the client reads its tokens
+# through the worker, Redis and the API, behind the engine.
 LONG_MESSAGES = [{"role": "user", "content": "Write a very long training guide."}]
 LONG_SEED, LONG_TEMPERATURE, LONG_TOKENS = 1200, 2.0, 1345
 
@@ -209,9 +213,10 @@ def test_an_unreachable_engine_is_503_and_gives_the_hold_back(
 
 
 def test_an_engine_killed_mid_stream_charges_exactly_the_tokens_delivered(
-    live_server, celery_worker_process, private_triton_server, grant
+    live_server, celery_worker_process, paced_private_triton_server, grant
 ):
-    # given a model served by a Triton server of this test's own
+    # given a model served by a Triton server of this test's own (paced: see LONG_SEED)
+    private_triton_server = paced_private_triton_server
     _model([private_triton_server.grpc_url], max_output_tokens=3000)
     org = _organization(grant, credits(100))
     client = _client(live_server, org)
@@ -482,11 +487,12 @@ def test_a_worker_killed_mid_job_hands_the_task_back_and_it_settles_once(
 
 
 def test_a_worker_killed_mid_stream_ends_the_stream_with_its_text_once(
-    live_server, private_triton_server, own_worker, grant
+    live_server, paced_private_triton_server, own_worker, grant
 ):
-    # given a streamed chat completion running on the test's own worker
+    # given a streamed chat completion running on the test's own worker (on a
+    # paced server: see LONG_SEED)
     proc, log = own_worker
-    _model([private_triton_server.grpc_url], max_output_tokens=3000)
+    _model([paced_private_triton_server.grpc_url], max_output_tokens=3000)
     org = _organization(grant, credits(100))
     client = _client(live_server, org)
     before = organization_balance(organization=org)
