@@ -84,10 +84,11 @@ def test_signed_out_the_link_asks_for_the_password_then_verifies_and_signs_in(cl
 
 
 def test_a_link_with_a_wrong_password_verifies_nothing_and_signs_in_nobody(
-    client, signed_up, settings
+    client, signed_up, settings, fresh_window
 ):
     # given the link, in the hands of the address's owner who did not choose the password
-    # (a squatter signed up with it), and a limit of 2 sign-ins a minute per address
+    # (a squatter signed up with it), and a limit of 2 sign-ins a minute per address (the
+    # guesses inside one minute's window: fresh_window)
     user, link = signed_up
     settings.RATELIMIT_SIGNIN_PER_EMAIL = 2
 
