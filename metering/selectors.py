@@ -33,13 +33,15 @@ class Balance:
                 and disputes set aside while running work holds their credits
                 (the wallet's claim; never below 0);
     held      = reserved by pending holds (the holds account);
-    escrowed  = listed on the marketplace (the escrow account);
+    escrowed  = listed on the marketplace, or bought and awaiting payment (the
+                escrow account);
     set_aside = the wallet's claim, usually 0;
     total     = the wallet + held, which the wallet's lots add up to.
 
-    `wallet` is the wallet account as the expiry sweep leaves it: credits of lots
-    past their expiry that the sweep has not moved yet are not in it, as a new hold
-    sweeps them first and can never take them.
+    `wallet` and `escrowed` are the accounts as the expiry sweep leaves them: credits
+    of lots past their expiry that the sweep has not moved yet are not in them, as a
+    new hold sweeps the wallet's first and can never take them, and a buyer can never
+    be sold the escrow's (a listing ends when its credits expire).
     """
 
     wallet: int
@@ -68,29 +70,31 @@ def organization_balance(*, organization: Organization, now: datetime | None = N
     holds = accounts.get(AccountKind.HOLDS)
     escrow = accounts.get(AccountKind.ESCROW)
     return Balance(
-        wallet=wallet.balance - _wallet_expirable(wallet, organization, now) if wallet else 0,
+        wallet=wallet.balance - _expirable(wallet, organization, now) if wallet else 0,
         held=holds.balance if holds else 0,
-        escrowed=escrow.balance if escrow else 0,
+        escrowed=escrow.balance - _expirable(escrow, organization, now) if escrow else 0,
         set_aside=wallet.claimed if wallet else 0,
     )
 
 
-def _wallet_expirable(wallet: LedgerAccount, organization: Organization, now: datetime) -> int:
-    """What the wallet's expiry sweep would move now: the credits of lots past their expiry
-    that no pending hold backs (the sweep's own reckoning, metering.services.lots).
+def _expirable(account: LedgerAccount, organization: Organization, now: datetime) -> int:
+    """What the account's expiry sweep would move now: the credits of its lots past their
+    expiry, less, in a wallet, what pending holds back (the sweep's own reckoning,
+    metering.services.lots); in escrow nothing backs them, and all of them go.
 
-    Only for a wallet whose next expiry has come (`next_expiry_at` is never later than the
-    truth): the balance is read after every inference settlement, and this costs no query
-    there until a lot is due. Not locked: a read, as of its statements; never more than
-    the wallet, which a settlement committing in between might otherwise make it.
+    Only for an account whose next expiry has come (`next_expiry_at` is never later than
+    the truth): inference answers and every dashboard page read the balance, and this
+    costs no query until a lot is due. Not locked: a read, as of its statements; never
+    more than the account, which a settlement or fill committing in between might
+    otherwise make it.
     """
-    if wallet.next_expiry_at is None or wallet.next_expiry_at > now:
+    if account.next_expiry_at is None or account.next_expiry_at > now:
         return 0
     # Here, not at the top: metering.services imports this module.
     from metering.services.lots import lots_expirable
 
-    taken, _ = lots_expirable(account=wallet, organization=organization, now=now, lock=False)
-    return min(wallet.balance, sum(take for _, take in taken))
+    taken, _ = lots_expirable(account=account, organization=organization, now=now, lock=False)
+    return min(account.balance, sum(take for _, take in taken))
 
 
 def model_price_by_id(pk: int) -> ModelPrice:

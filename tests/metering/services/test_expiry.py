@@ -75,6 +75,19 @@ def expire_just_after(hold: Hold, *lots: CreditLot) -> None:
     LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
 
 
+def listed(org, amount: int, key: str = "listing-1") -> None:
+    """`amount` of the organization's resellable credits listed: moved to its escrow,
+    keeping their expiry."""
+    credits_transfer(
+        source=org,
+        destination=org,
+        amount=amount,
+        key=key,
+        destination_kind=AccountKind.ESCROW,
+        only_resellable=True,
+    )
+
+
 def expired_lot_kept_for_a_job(org, grant, *, key="job-before", job_after: int = 0):
     """10 credits that expire while a job placed before (`key`) holds them, 100 that never
     expire, and, with `job_after`, a second job placed after the expiry.
@@ -183,14 +196,7 @@ def test_sweeper_covers_every_organization_and_escrow(org, other_org, grant):
     expires_at = timezone.now() + timedelta(days=7)
     grant(org, credits(10), expires_at=expires_at)
     grant(other_org, credits(5), expires_at=expires_at)
-    credits_transfer(
-        source=org,
-        destination=org,
-        amount=credits(4),
-        key="list-1",
-        destination_kind=AccountKind.ESCROW,
-        only_resellable=True,
-    )
+    listed(org, credits(4), key="list-1")
     before = expired_total()
 
     # when
@@ -484,14 +490,7 @@ def test_expired_credits_in_escrow_cannot_be_sold_to_a_buyer(org, other_org, gra
     # given: credits listed on the marketplace, then past their expiry before a fill
     expires_at = soon()
     grant(org, credits(10), paid=True, resellable=True, expires_at=expires_at)
-    credits_transfer(
-        source=org,
-        destination=org,
-        amount=credits(10),
-        key="listing-1",
-        destination_kind=AccountKind.ESCROW,
-        only_resellable=True,
-    )
+    listed(org, credits(10))
     sleep_past(expires_at)
     rows = ledger_rows()
 
@@ -507,11 +506,12 @@ def test_expired_credits_in_escrow_cannot_be_sold_to_a_buyer(org, other_org, gra
             resellable=False,
         )
 
-    # then: expired credits are never spent, sold or transferred
+    # then: expired credits are never spent, sold or transferred; the seller's escrow
+    # keeps them for the sweep, and shows none of them
     assert exc.value.code == "insufficient_credits"
     assert ledger_rows() == rows
     assert organization_balance(organization=other_org).available == 0
-    assert organization_balance(organization=org).escrowed == credits(10)
+    assert organization_balance(organization=org).escrowed == 0
 
 
 # --- what the balance shows before the sweep runs ---------------------------------
@@ -586,9 +586,28 @@ def test_the_balance_counts_expired_credits_a_running_job_holds_as_held_until_it
 
 
 def test_the_balance_costs_one_query_while_nothing_is_due(org, grant, django_assert_num_queries):
-    # given: credits expiring in the future (inference reads the balance after every job)
+    # given: credits expiring in the future, 4 of them listed (the dashboard reads the
+    # balance on every page, inference after a job the settlement did not answer for)
     grant(org, credits(10), expires_at=timezone.now() + timedelta(days=1))
+    listed(org, credits(4))
 
     # then
     with django_assert_num_queries(1):
-        assert organization_balance(organization=org).available == credits(10)
+        balance = organization_balance(organization=org)
+    assert (balance.available, balance.escrowed) == (credits(6), credits(4))
+
+
+def test_the_balance_does_not_count_listed_credits_past_their_expiry_before_the_sweep(org, grant):
+    # given: 10 listed credits past their expiry (not swept yet), and 5 listed that are not
+    expiring = grant(org, credits(10), expires_at=timezone.now() + timedelta(days=1))
+    grant(org, credits(5), expires_at=timezone.now() + timedelta(days=2))
+    listed(org, credits(15))
+    expire_now(CreditLot.objects.get(parent=expiring))
+
+    # when
+    balance = organization_balance(organization=org)
+
+    # then: escrow shows only the 5 a buyer may still be sold, as the sweep leaves it
+    assert (balance.available, balance.escrowed) == (0, credits(5))
+    assert credits_expire(now=timezone.now()) == credits(10)
+    assert organization_balance(organization=org).escrowed == credits(5)
