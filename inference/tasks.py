@@ -495,7 +495,9 @@ def _failure_outcome(exc: triton.TritonError) -> Outcome:
 def _final_event(job: Job, outcome: Outcome) -> dict:
     """The relay's last event for this job: what the waiting API process answers with."""
     remaining = getattr(job, "wallet_balance_after", None)
-    if remaining is None:  # the settlement did not say (ORM path, or settled earlier)
+    # The settlement did not say: the ORM path, settled earlier, or a lot of the
+    # wallet due to expire (metering/0018: the selector leaves the sweep's out).
+    if remaining is None:
         remaining = organization_balance(organization=job.organization).available
     return {
         # An expired job (its hold expired while it ran) gives nothing away.

@@ -35,6 +35,18 @@ def system_balance(kind: str) -> int:
     return account_balance(account=account) if account else 0
 
 
+def expire_just_after(hold, *lots) -> None:
+    """The lots expire a microsecond after the hold was placed, as the passing of time
+    would have them, and their account is told, as a grant tells it; no sweep runs."""
+    from datetime import timedelta
+
+    from metering.models import CreditLot, LedgerAccount
+
+    expired_at = hold.created_at + timedelta(microseconds=1)
+    CreditLot.objects.filter(pk__in=[lot.pk for lot in lots]).update(expires_at=expired_at)
+    LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
+
+
 def changelist_column(page: str, field: str) -> dict[str, str]:
     """An admin changelist's `field` column as rendered, by each row's id (its first column)."""
     import re

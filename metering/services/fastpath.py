@@ -206,7 +206,7 @@ def hold_place_fast(
 
 
 # The settlement runs server-side (`metering_hold_settle`: migrations 0005 and 0007,
-# and 0017's, which takes the record's user, the one called here):
+# and 0017's, which takes the record's user, the one called here, as 0018 left it):
 # the accounts statement, then the lots statement with a fresh snapshot, in
 # one round trip and with the function's EXCEPTION block as its savepoint,
 # so the wallet's row lock is never held while this process waits for a CPU.
@@ -290,7 +290,9 @@ def hold_from_result(row) -> Hold:
     wallet_balance, *hold_row = row
     hold = _hold_from_row(hold_row)
     # What the organization may spend just after this settlement: inference
-    # answers with it (X-Gym-Credits-Remaining) without reading it again.
+    # answers with it (X-Gym-Credits-Remaining) without reading it again. None
+    # while the wallet has a lot due to expire (migration 0018): what the sweep
+    # would move then is the balance selector's to reckon, and the caller asks it.
     hold.wallet_balance_after = wallet_balance
     return hold
 

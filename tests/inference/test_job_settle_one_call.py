@@ -21,15 +21,16 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
+from inference import tasks
 from inference.models import InputTokensSource, Job, JobStatus
 from inference.services import job_settle, job_start
 from inference.services.jobs import Outcome
-from metering.models import AccountKind, Hold, HoldStatus, UsageRecord
+from metering.models import AccountKind, CreditLot, Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price, organization_balance
 from metering.services import hold_place, hold_release
 from metering.services.postings import accounts_for
 from tests.factories import OrganizationFactory, UserFactory
-from tests.helpers import StatementLog, credits, ledger_rows, served_model
+from tests.helpers import StatementLog, credits, expire_just_after, ledger_rows, served_model
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -99,6 +100,37 @@ def test_a_members_job_settles_with_a_usage_record_that_names_them(running_job, 
         assert len(statements.sql) == 1 and "inference_job_settle(" in statements.sql[0]
     if way == "in a transaction":
         assert sum("metering_hold_settle(" in s for s in statements.sql) == 1
+
+
+@pytest.mark.parametrize("way", ["one call", "in a transaction", "orm"])
+def test_a_job_that_ran_past_its_credits_expiry_says_what_remains_without_them(
+    running_job, grant, settings, way
+):
+    # given a job placed while its organization's 10 credits were valid, which then
+    # expired as it ran (the minute's sweep has not moved them yet), and 5 credits
+    # that never expire; settled as in the test above
+    org = running_job.organization
+    grant(org, credits(5), expires_at=None)
+    expire_just_after(
+        Hold.objects.get(key=running_job.public_id),
+        CreditLot.objects.get(organization=org, expires_at__isnull=False),
+    )
+    settings.METERING_FAST_PATH = way != "orm"
+
+    # when it settles, and its worker tells the waiting request
+    statements = StatementLog()
+    opened = transaction.atomic() if way == "in a transaction" else nullcontext()
+    with connection.execute_wrapper(statements), opened:
+        settled = job_settle(job=running_job, outcome=_served(), status=JobStatus.SUCCEEDED)
+    end = tasks._final_event(settled, _served())
+
+    # then what it says remains (X-Gym-Credits-Remaining) is the 5 a new job may take,
+    # as the balance says, not the expired credits the job did not use
+    if way == "one call":
+        assert len(statements.sql) == 1 and "inference_job_settle(" in statements.sql[0]
+    assert settled.credits_charged > 0
+    assert end["credits_remaining"] == organization_balance(organization=org).available
+    assert end["credits_remaining"] == credits(5)
 
 
 def test_a_worker_settles_its_job_in_one_statement_once(running_job):

@@ -7,6 +7,7 @@ database, a real Celery worker process, the real CPU Triton server, Redis.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from datetime import time as dt_time
 from decimal import Decimal
@@ -26,11 +27,13 @@ from accounts.services import apikey_create, organization_entitlements_set
 from inference import apis
 from inference.engine.tokenizer import count_tokens
 from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ModelStatus, ServerPool
-from metering.models import Hold, HoldStatus, UsageRecord
+from metering.models import AccountKind, CreditLot, Hold, HoldStatus, UsageRecord
 from metering.selectors import organization_balance
 from metering.services import Rates, Usage, credits_for_usage, price_book_publish
+from metering.services.postings import accounts_for, amount_display
 from tests.factories import OrganizationFactory, UserFactory
-from tests.helpers import StatementLog, credits, wait_until
+from tests.helpers import StatementLog, credits, expire_just_after, served_model, wait_until
+from tests.inference.conftest import occupy_engine_workers
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -186,6 +189,48 @@ def test_a_streamed_answer_without_usage_still_says_what_it_cost(gym):
     assert cost["job_id"] == job.public_id
     assert cost["credits_charged"] == job.credits_charged == expected_charge(job) > 0
     assert cost["credits_remaining"] == organization_balance(organization=org).available
+
+
+def test_an_answer_leaves_out_of_what_remains_the_credits_that_expired_while_it_ran(
+    gym, paced_triton_server, grant
+):
+    # given the organization's 100 credits, which expire while its request waits for a
+    # busy engine (the paced one: it waits at least a busy stream's 3 s on any machine),
+    # and 5 that never expire; the consumption account open, so that the worker settles
+    # in its one statement
+    org = gym["org"]
+    served_model("gym-paced", grpc_urls=[paced_triton_server.grpc_url], access_tier="basic")
+    grant(org, credits(5), expires_at=None)
+    accounts_for(org, AccountKind.CONSUMPTION)
+    busy, _workers = occupy_engine_workers(paced_triton_server.grpc_url)
+    with ThreadPoolExecutor(max_workers=1) as sender:
+        try:
+            answer = sender.submit(
+                requests.post,
+                f"{gym['url']}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {gym['raw']}"},
+                json={"model": "gym-paced", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 4},
+                timeout=120,
+            )  # fmt: skip
+            hold = wait_until(
+                lambda: Hold.objects.filter(organization=org).first(), what="the job's hold"
+            )
+            expire_just_after(
+                hold, CreditLot.objects.get(organization=org, expires_at__isnull=False)
+            )
+        finally:
+            # when the engine is free: the job runs, and its worker settles it
+            busy.stop()
+        response = answer.result()
+
+    # then the answer says the 5 a new request may take remain, as the balance does, not
+    # the expired credits the job did not use, which the sweep will move
+    assert response.status_code == 200, response.content
+    left = organization_balance(organization=org).available
+    assert left == credits(5)
+    assert response.headers["X-Gym-Credits-Remaining"] == amount_display(left)
+    assert Job.objects.get(organization=org).credits_charged > 0
 
 
 def test_a_deprecated_model_is_served_with_its_sunset_until_its_date_then_refused(gym, monkeypatch):

@@ -16,6 +16,7 @@ import json
 
 import pytest
 import redis
+from django.db import connection
 
 from accounts.errors import ApplicationError, exception_handler
 from inference import apis, relay, tasks
@@ -24,10 +25,11 @@ from inference.relay import relay_cancel_requested, relay_publish
 from inference.services import job_settle, job_start
 from inference.services.jobs import Outcome
 from inference.triton import DeadlineExceeded, GenerationResult
+from metering.models import AccountKind, CreditLot, Hold
 from metering.selectors import organization_balance
-from metering.services.postings import amount_display
+from metering.services.postings import accounts_for, amount_display
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, served_model, submit_job
+from tests.helpers import StatementLog, credits, expire_just_after, served_model, submit_job
 
 pytestmark = pytest.mark.django_db
 
@@ -224,6 +226,38 @@ def test_a_charged_error_says_what_it_cost_in_its_headers_as_an_answer_does(runn
     assert response["X-Gym-Credits-Charged"] == amount_display(settled.credits_charged)
     assert settled.credits_charged > 0
     assert response["X-Gym-Credits-Remaining"] == amount_display(left)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_an_answer_leaves_out_of_what_remains_the_credits_that_expired_while_it_ran(
+    running_job, grant, settings, fast_path
+):
+    # given a job placed while its organization's 10 credits were valid, which then
+    # expired as it ran (the minute's sweep has not moved them yet), and 5 credits that
+    # never expire; the consumption account open, so that on the fast path the
+    # settlement is the function's
+    settings.METERING_FAST_PATH = fast_path  # the settlement function and the ORM agree
+    org = running_job.organization
+    grant(org, credits(5), expires_at=None)
+    expire_just_after(
+        Hold.objects.get(key=running_job.public_id),
+        CreditLot.objects.get(organization=org, expires_at__isnull=False),
+    )
+    accounts_for(org, AccountKind.CONSUMPTION)
+
+    # when its worker settles it, and the waiting request answers
+    with connection.execute_wrapper(statements := StatementLog()):
+        _settled_by_its_worker(running_job, JobStatus.SUCCEEDED, output_tokens=8)
+    final = apis._GenerationApi.wait(running_job)
+
+    # then what it says remains is the 5 a new request may take, as the balance says,
+    # not the expired credits the job did not use, which the sweep will move
+    assert any("metering_hold_settle(" in sql for sql in statements.sql) == fast_path
+    left = organization_balance(organization=org).available
+    assert left == credits(5)
+    headers = apis._GenerationApi.cost_headers(running_job, final)
+    assert headers["X-Gym-Credits-Remaining"] == amount_display(left)
+    assert apis._GenerationApi.gym(running_job, final)["credits_remaining"] == left
 
 
 def test_a_timeout_whose_charge_is_known_says_it_in_its_headers(running_job):

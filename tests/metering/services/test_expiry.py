@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -37,7 +38,8 @@ from metering.services import (
     hold_place,
     hold_release,
 )
-from tests.helpers import credits, ledger_rows
+from metering.services.postings import accounts_for
+from tests.helpers import StatementLog, credits, expire_just_after, ledger_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -65,14 +67,6 @@ def soon() -> datetime:
 
 def sleep_past(moment: datetime) -> None:
     time.sleep(max(0.0, (moment - timezone.now()).total_seconds()) + 0.05)
-
-
-def expire_just_after(hold: Hold, *lots: CreditLot) -> None:
-    """The lots expire a microsecond after the hold was placed, as the passing of time
-    would have them, and their wallet is told, as a grant tells it."""
-    expired_at = hold.created_at + timedelta(microseconds=1)
-    CreditLot.objects.filter(pk__in=[lot.pk for lot in lots]).update(expires_at=expired_at)
-    LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
 
 
 def listed(org, amount: int, key: str = "listing-1") -> None:
@@ -611,3 +605,29 @@ def test_the_balance_does_not_count_listed_credits_past_their_expiry_before_the_
     assert (balance.available, balance.escrowed) == (0, credits(5))
     assert credits_expire(now=timezone.now()) == credits(10)
     assert organization_balance(organization=org).escrowed == credits(5)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+def test_a_settlement_does_not_report_credits_that_expired_while_its_job_ran(
+    org, grant, settings, fast_path
+):
+    settings.METERING_FAST_PATH = fast_path  # the settlement function and the ORM agree
+    # given: a job placed while 10 credits were valid, which then expired (not swept
+    # yet), and 100 that never expire; the consumption account open, so that the
+    # settlement is the function's on the fast path
+    expiring, _ = expired_lot_kept_for_a_job(org, grant, key="job-running")
+    accounts_for(org, AccountKind.CONSUMPTION)
+
+    # when: the job ends having used 4 of them (the settlement inference answers from)
+    with connection.execute_wrapper(statements := StatementLog()):
+        settled = hold_capture(key="job-running", amount=credits(4))
+
+    # then: it does not say the 106 in the wallet are left, 6 of which the sweep will
+    # move: it says nothing, and the answer asks the balance, which says 100 (the header
+    # X-Gym-Credits-Remaining, tests/inference/test_wait_timeout.py)
+    assert any("metering_hold_settle(" in sql for sql in statements.sql) == fast_path
+    assert getattr(settled, "wallet_balance_after", None) is None
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held) == (credits(100), 0)
+    assert remaining(expiring) == [credits(6)]
+    assert wallet(org).balance == credits(106)
