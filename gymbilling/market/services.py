@@ -17,7 +17,9 @@ locks one reversal row, then ledger accounts. The marketplace's own refunds and
 disputes likewise: `_reversal_apply` and `_reinstatement_apply` lock the order,
 its fills, then every reversal of the order they will touch, before any ledger
 account; their pending sweep (`_reversal_pending_settle`) locks one reversal
-row, then ledger accounts. A reversal row is never locked while a ledger
+row, then ledger accounts. A payout Stripe refused (`_payout_fail`) locks the
+payout, its fills, then the reversals whose losses it recovers, before the
+seller's money account. A reversal row is never locked while a ledger or money
 account is held. No Stripe call is made inside a transaction: an order is
 reserved and committed, then Checkout is created, then recorded; if Stripe
 fails in between, the reservation is released by compensating transfers.
@@ -1470,17 +1472,27 @@ def _losses_while_paying(
 
 def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
     """What was booked as lost comes back from the seller's share instead: on the
-    fills (so what is left to pay excludes it) and on their reversals' records."""
-    keys = dict(
-        MoneyTransaction.objects.filter(pk__in=[txn for _, txn in losses]).values_list(
-            "pk", "idempotency_key"
-        )
+    fills (so what is left to pay excludes it) and on their reversals' records.
+
+    Called with the fills locked and before any money account is (the lock order
+    above): it locks the reversals it updates first, in primary-key order.
+    """
+    # The transaction is reversal:<reversal key>:<fill>.
+    reversal_keys = {
+        pk: key.removeprefix("reversal:").rpartition(":")[0]
+        for pk, key in MoneyTransaction.objects.filter(
+            pk__in=[txn for _, txn in losses]
+        ).values_list("pk", "idempotency_key")
+    }
+    list(
+        MarketReversal.objects.select_for_update()
+        .filter(key__in=set(reversal_keys.values()))
+        .order_by("pk")
+        .values_list("pk", flat=True)
     )
     for (fill_id, txn_id), amount in losses.items():
         MarketFill.objects.filter(pk=fill_id).update(seller_reversed=F("seller_reversed") + amount)
-        # The transaction is reversal:<reversal key>:<fill>.
-        reversal_key = keys[txn_id].removeprefix("reversal:").rpartition(":")[0]
-        MarketReversal.objects.filter(key=reversal_key).update(
+        MarketReversal.objects.filter(key=reversal_keys[txn_id]).update(
             loss=F("loss") - amount, seller_reversed=F("seller_reversed") + amount
         )
 
@@ -1506,6 +1518,8 @@ def _payout_fail(*, payout_id: int, error: str) -> None:
         fills = list(MarketFill.objects.select_for_update().filter(payout=payout).order_by("pk"))
         losses = _losses_while_paying(payout, fills)
         recovered = sum(losses.values())
+        # Before the money posting: its seller account is locked after the reversals.
+        _losses_recover(losses)
         money_post(
             kind=MoneyTransactionKind.PAYOUT_FAILED,
             key=f"payout_failed:{payout.pk}",
@@ -1535,7 +1549,6 @@ def _payout_fail(*, payout_id: int, error: str) -> None:
         MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
             proceeds=ProceedsState.AVAILABLE, payout=None
         )
-        _losses_recover(losses)
         MarketPayout.objects.filter(pk=payout.pk).update(
             status=PayoutStatus.FAILED, last_error=error[:500]
         )

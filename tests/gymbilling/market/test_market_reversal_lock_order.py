@@ -3,28 +3,41 @@ gymbilling.market.services): a reversal being applied, which settles the order's
 reversals still waiting for the buyer's running work first, meets the pending sweep, each
 on a connection of its own, where the reversal used to hold the buyer's wallet and wait
 for a reversal row that the sweep held while waiting for the wallet. Both go through, and
-the ledger is right."""
+the ledger is right. And a payout Stripe refuses locks the reversals whose losses it
+recovers before the seller's money account, as that order says."""
 
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
+from django.db import OperationalError, transaction
+from django.utils import timezone
 
 from gymbilling.market import services as market_services
-from gymbilling.market.services import market_reversals_pending_settle
-from gymbilling.models import MarketReversal
+from gymbilling.market.services import market_reversals_pending_settle, payout_send, payouts_run
+from gymbilling.models import (
+    BillingCustomer,
+    MarketPayout,
+    MarketReversal,
+    MoneyAccount,
+    MoneyAccountKind,
+    PayoutStatus,
+)
 from metering.models import LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import hold_place, hold_release
-from tests.gymbilling.market.conftest import market_member, refund, sold
+from tests.gymbilling.market.conftest import market_member, money, refund, sold
 from tests.helpers import (
     credits,
+    lock_waiters,
     no_deadlock_retries,
     on_own_connection,
     pause_after,
     run_against_paused,
+    wait_until,
 )
 
 
@@ -99,4 +112,86 @@ def test_a_market_refund_and_the_pending_sweep_do_not_deadlock(market_stripe, mo
         assert taken_pending_lost(reversal) == (credits(25), 0, 0)
     assert wallet_claim(buyer) == 0
     assert organization_balance(organization=buyer).total == credits(25)
+    assert ledger_reconcile().ok
+
+
+def locked_elsewhere(reversal: MarketReversal) -> bool:
+    """Whether another connection holds the reversal's row lock now (asked without waiting)."""
+    try:
+        with transaction.atomic():
+            list(MarketReversal.objects.select_for_update(nowait=True).filter(pk=reversal.pk))
+    except OperationalError:
+        return True
+    return False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_payout_locks_the_reversals_it_recovers_before_the_seller_s_money(
+    market_stripe,
+):
+    # No deadlock to show here: nothing today holds a money account and then waits for a
+    # reversal row, so the order the module documents is what this test asserts.
+    # given: a sale (124: fee 12, the seller's 112) whose payout was recorded while Stripe
+    # was down, to a Connect account Stripe no longer has; half the charge refunded
+    # meanwhile: the seller's 56 of it booked as a loss, the fill being paid out
+    seller = market_member(credits_amount=credits(1000))
+    buyer = market_member()
+    BillingCustomer.objects.filter(organization=seller).update(
+        stripe_connect_account_id="acct_gone"
+    )
+    order = sold(market_stripe, seller, buyer)
+    market_stripe.down = True
+    assert payouts_run(now=timezone.now() + timedelta(days=8)) == 0
+    market_stripe.down = False
+    payout = MarketPayout.objects.get(status=PayoutStatus.PENDING)
+    refund(order, 62)
+    reversal = MarketReversal.objects.get()
+    assert reversal.loss == 56
+    # and the seller's available proceeds account held by a connection of its own
+    held, release = threading.Event(), threading.Event()
+
+    def hold_seller_money() -> None:
+        with transaction.atomic():
+            MoneyAccount.objects.select_for_update().get(
+                kind=MoneyAccountKind.SELLER_AVAILABLE, organization=seller
+            )
+            held.set()
+            release.wait(timeout=60)
+
+    errors: list = []
+    holding = threading.Thread(target=on_own_connection, args=(hold_seller_money, errors))
+    sending = threading.Thread(
+        target=on_own_connection, args=(lambda: payout_send(payout_id=payout.pk), errors)
+    )
+    holding.start()
+    try:
+        assert held.wait(timeout=60)
+
+        # when: Stripe refuses the payout, sent on a connection of its own, which
+        # waits for the seller's account to recover the loss
+        sending.start()
+        wait_until(
+            lambda: not sending.is_alive() or lock_waiters() > 0,
+            what="the refused payout to wait for the seller's money account",
+        )
+
+        # then: while it waits for that account, it holds the reversal it recovers
+        assert sending.is_alive()
+        assert locked_elsewhere(reversal)
+    finally:
+        release.set()
+        holding.join(timeout=120)
+        if sending.ident is not None:
+            sending.join(timeout=120)
+
+    # and once it has the account: the payout failed, the loss is recovered from the
+    # seller's share, and the seller has the other 56 available
+    assert errors == []
+    assert not sending.is_alive()
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.FAILED
+    reversal.refresh_from_db()
+    assert (reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (6, 56, 0)
+    assert money("losses") == 0
+    assert money("seller_available", organization=seller) == 56
     assert ledger_reconcile().ok
