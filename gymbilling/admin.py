@@ -536,6 +536,7 @@ class MarketReversalAdmin(ReadOnlyAdmin):
         "key",
         "order",
         "amount",
+        "unapplied",
         "fee_reversed",
         "seller_reversed",
         "loss",
@@ -571,6 +572,10 @@ _REVERSAL_COLUMNS = [
     ("marketplace refunded or disputed (minor units)", number_cell("market_reversed")),
     ("of which platform fees", number_cell("market_fees_reversed")),
     ("of which losses (sellers already paid)", number_cell("market_losses")),
+    (
+        "marketplace refunded or disputed beyond what was sold (minor units)",
+        number_cell("market_unapplied"),
+    ),
 ]
 
 

@@ -86,6 +86,7 @@ REVERSAL_SUMS = (
     "market_reversed",
     "market_fees_reversed",
     "market_losses",
+    "market_unapplied",
 )
 
 
@@ -96,9 +97,11 @@ def reversals_by_customer(*, start: datetime, end: datetime) -> list[dict]:
     Payments that bought credits (PaymentReversal): refunded, disputed (of which the
     disputes since won: their money came back), the credits taken back unspent and
     those found already used (their revenue was recognized as they were burned).
-    Marketplace payments of the customer as buyer (MarketReversal): what was returned,
-    of it the platform's fees (the gym's own marketplace income) and the losses (the
-    sellers' shares already paid out). Refunds that failed since are left out of both.
+    Marketplace payments of the customer as buyer (MarketReversal): what was returned
+    of what was sold, of it the platform's fees (the gym's own marketplace income) and
+    the losses (the sellers' shares already paid out), and what was returned beyond it
+    (unapplied: the order's shortfall refunded by hand, money refunded twice). Refunds
+    that failed since are left out of both.
     """
 
     def summed(field: str, **only) -> Sum:
@@ -133,6 +136,7 @@ def reversals_by_customer(*, start: datetime, end: datetime) -> list[dict]:
             market_reversed=summed("amount"),
             market_fees_reversed=summed("fee_reversed"),
             market_losses=summed("loss"),
+            market_unapplied=summed("unapplied"),
         )
         .order_by()
     )

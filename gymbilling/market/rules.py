@@ -74,7 +74,8 @@ def refund_split(*, amount: int, fills: list[tuple[int, int]]) -> list[int]:
     than a minor unit off), and a refund of all the rest takes exactly what
     each fill has left. Exact integers, adding up to the
     refund (`split_pro_rata`), never more than what a fill has left to refund;
-    more than the order has left is not applied.
+    more than the order has left is not applied: the parts then add up to less
+    than `amount`, and the caller records the rest (MarketReversal.unapplied).
     """
     gross = sum(g for g, _ in fills)
     refunded = sum(r for _, r in fills)

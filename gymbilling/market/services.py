@@ -1643,9 +1643,10 @@ def market_reversal_handle(
     not our own shortfall refund) is applied now.
     It is split over the order's fills pro rata to their gross (rules.refund_split),
     so each seller of a multi-seller order bears their share of a partial
-    refund. Per fill: the platform's fee share comes back from fees, the
-    seller's share from their proceeds while not yet paid out, and what was
-    already paid out is posted as a loss. The buyer's unspent credits of
+    refund; more than they have left to give back is recorded as `unapplied`,
+    for finance, and moves nothing. Per fill: the platform's fee share comes
+    back from fees, the seller's share from their proceeds while not yet paid
+    out, and what was already paid out is posted as a loss. The buyer's unspent credits of
     that share are clawed back; spent ones are recorded as lost credits;
     those the buyer's running work holds are pending, claimed on the
     buyer's wallet until that work settles (market_reversals_pending_settle).
@@ -1723,7 +1724,7 @@ def _reversal_apply(
                     order=order,
                     kind=kind,
                     reinstated_at__isnull=True,
-                ).aggregate(s=Sum("amount"))["s"]
+                ).aggregate(s=Sum(F("amount") + F("unapplied")))["s"]
                 or 0
             )
             new = max(0, amount - order.shortfall_amount - earlier)
@@ -1751,7 +1752,10 @@ def _reversal_apply(
         # Pro rata to the fills' gross, not fill by fill: taken in order, a partial
         # refund of a multi-seller order would come all out of the first seller.
         parts = refund_split(amount=new, fills=[(fill.gross, fill.refunded) for fill in fills])
-        left = new - sum(parts)  # more than the fills have left to refund: not applied
+        # More than the fills have left to refund: no sale of it to take back (a refund
+        # made by hand of the order's shortfall too, its own refund then refused; a
+        # dispute of money refunded already). Recorded beside what was applied, not in it.
+        unapplied = new - sum(parts)
         for fill, r in zip(fills, parts, strict=True):
             if r <= 0:
                 continue
@@ -1829,18 +1833,27 @@ def _reversal_apply(
             totals["credits_lost"] += credit_target - clawed - pending
             if pending:
                 pending_by_fill[str(fill.pk)] = pending
-        if kind == "refund" and not cumulative:
-            # A refund made by hand may return money for credits never delivered
-            # too (the order's shortfall, its own refund then refused): no sale of
-            # it to take back, and no part of the marketplace's refunds.
-            totals["amount"] = new = new - left
+        applied = new - unapplied
+        if unapplied:
+            logger.error(
+                "market order %s: %s %s of %s %s returned %s more than its fills had left to "
+                "give back; not applied to the sale, recorded on the reversal for finance",
+                order.pk,
+                kind,
+                key,
+                new,
+                cur,
+                unapplied,
+            )
         MarketReversal.objects.filter(pk=reversal.pk).update(
-            **totals, pending_by_fill=pending_by_fill
+            **totals, amount=applied, unapplied=unapplied, pending_by_fill=pending_by_fill
         )
-        if new > 0:
-            # Not for our own refund of an undelivered part: the buyer did nothing.
+        # A refund freezes for what it took of the sale only: a refund of an undelivered
+        # part is ours, the buyer did nothing. A dispute is the buyer's, whatever it took.
+        freezes = (applied if kind == "refund" else new) > 0
+        if freezes:
             resale_freeze(organization=order.buyer, reason=f"{kind} of {charge.get('id')}")
-        return new > 0
+        return freezes
 
 
 def _fill_pending_besides(reversal: MarketReversal, fill_pk: int) -> Callable[[], int]:

@@ -310,9 +310,14 @@ class MarketPayout(models.Model):
 class MarketReversal(models.Model):
     """A refund or dispute of a marketplace payment, and how it was absorbed.
 
-    Of `amount`: `fee_reversed` came back from platform fees, `seller_reversed`
-    from the sellers' proceeds not yet paid out, and `loss` (sellers' shares
-    already paid out) is a loss, posted to the losses account. Of the
+    `amount` is what it took back of the sale, as the money ledger has it
+    (reversal:<key>:<fill>). Of it: `fee_reversed` came back from platform fees,
+    `seller_reversed` from the sellers' proceeds not yet paid out, and `loss`
+    (sellers' shares already paid out) is a loss, posted to the losses account.
+    `unapplied` is what the refund or dispute returned beyond what the order's
+    fills had left to give back (the order's shortfall refunded by hand, a
+    dispute of money already refunded): no sale of it to take back, so it is
+    in no account, and finance's to look into. Of the
     credits: `credits_clawed_back` were unspent and taken back from the buyer,
     `credits_lost` were already spent, `credits_pending` were unspent but held
     by the buyer's running work: claimed on the buyer's wallet, taken back as
@@ -336,6 +341,7 @@ class MarketReversal(models.Model):
     stripe_charge_id = models.CharField(max_length=255)
     currency = models.CharField(max_length=3)
     amount = models.PositiveBigIntegerField()
+    unapplied = models.PositiveBigIntegerField(default=0)
     fee_reversed = models.PositiveBigIntegerField(default=0)
     seller_reversed = models.PositiveBigIntegerField(default=0)
     loss = models.PositiveBigIntegerField(default=0)

@@ -139,9 +139,11 @@ def test_refunds_recorded_as_running_totals_get_their_own_amounts(
     expected = {"three": (1_000, 0), "disputed": (600, 500), "failed": (500, 0), "once": (700, 0)}
     assert report() == expected
 
-    # when: it runs again (back is a no-op: the rows keep their own amounts)
+    # when: it runs again (back is a no-op: the rows keep their own amounts; read as rows,
+    # not through the report, whose later columns the schema before 0018 lacks)
     _migrate(BEFORE)
-    assert report() == expected
+    assert amounts(three) == [("refund", 300), ("refund", 300), ("refund", 400)]
+    assert amounts(disputed) == [("refund", 300), ("dispute", 500), ("refund", 300)]
     _migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
 
     # then: nothing changes

@@ -7,6 +7,7 @@ ledger invariant (credits, escrow attribution, proceeds) after each test.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pytest
@@ -46,6 +47,7 @@ from gymbilling.models import (
     PayoutMethod,
     PayoutStatus,
 )
+from gymbilling.selectors import reversals_by_customer
 from gymbilling.services.events import charge_refund_refresh, checkout_session_refresh
 from metering.models import MICRO, CreditLot, LedgerAccount, LotSource
 from metering.reconcile import ledger_reconcile
@@ -55,6 +57,7 @@ from metering.services.postings import MAX_MOVEMENT
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
     charge_for,
+    dispute_at_stripe,
     market_member,
     money,
     paid_session,
@@ -1321,3 +1324,64 @@ def test_partial_refund_then_dispute_after_payout_records_the_loss(market_stripe
     assert money("buyer_clearing") == 0  # all 124 went back to the buyer
     assert money("platform_fees") == 0
     assert money("payouts") == 56
+
+
+def _market_reversals_today(buyer) -> dict:
+    """Finance's revenue report row of the buyer's marketplace refunds and disputes today."""
+    start, end = timezone.now() - timedelta(days=1), timezone.now() + timedelta(days=1)
+    [row] = [r for r in reversals_by_customer(start=start, end=end) if r["customer"] == buyer.slug]
+    return {key: row[key] for key in ("market_reversed", "market_unapplied")}
+
+
+def test_a_dispute_of_money_already_refunded_records_what_it_took_of_the_sale_and_the_rest(
+    market_stripe, seller, buyer, deliver, caplog
+):
+    # given: a sale (124: fee 12, the seller's 112), half refunded at Stripe (62: the
+    # fee's 6 and the seller's 56 taken back)
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    stripe_client.refund_create(
+        key=f"half:{order.pk}", payment_intent=order.stripe_payment_intent_id, amount=62
+    )
+    deliver()
+
+    # when: the buyer disputes the whole charge, the half refunded included
+    caplog.set_level(logging.ERROR, logger="gymbilling.market.services")
+    dispute_at_stripe(market_stripe, order)
+    deliver()
+
+    # then: the dispute records the 62 it took of the sale, as the ledger moved them;
+    # the other 62 (refunded before) beside them, moved nowhere, and logged for finance
+    dispute = MarketReversal.objects.get(kind="dispute")
+    assert (dispute.amount, dispute.unapplied) == (62, 62)
+    assert (dispute.fee_reversed, dispute.seller_reversed, dispute.loss) == (6, 56, 0)
+    assert (money("buyer_clearing"), money("platform_fees"), money("losses")) == (0, 0, 0)
+    assert money("seller_pending", organization=seller) == 0
+    assert any(
+        f"market order {order.pk}: dispute" in r.getMessage() and "returned 62 more" in r.message
+        for r in caplog.records
+    )
+    # and finance's report: the 124 the sale gave back, and the 62 beyond it
+    assert _market_reversals_today(buyer) == {"market_reversed": 124, "market_unapplied": 62}
+
+
+def test_a_refund_by_hand_of_an_unrefunded_shortfall_is_recorded_beyond_the_sale(
+    market_stripe, unrefunded_shortfall, buyer, deliver
+):
+    # given: an order that delivered nothing of the 30 paid, its shortfall refund not made
+    order, intent = unrefunded_shortfall
+
+    # when: finance refunds the whole charge by hand, in Stripe's dashboard
+    stripe_client.refund_create(key=f"dashboard:{order.pk}", payment_intent=intent)
+    deliver()
+
+    # then: no sale to take back and none taken; the 30 returned are on the record,
+    # beyond the sale, and the buyer (who did nothing) may still resell
+    reversal = MarketReversal.objects.get()
+    assert (reversal.amount, reversal.unapplied) == (0, 30)
+    assert (reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (0, 0, 0)
+    assert money("buyer_clearing") == 0
+    assert not BillingCustomer.objects.filter(
+        organization=buyer, resale_frozen_at__isnull=False
+    ).exists()
+    assert _market_reversals_today(buyer) == {"market_reversed": 0, "market_unapplied": 30}
