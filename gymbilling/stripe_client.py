@@ -302,14 +302,16 @@ def refund_retrieve(refund_id: str) -> dict:
 
 
 def refunds_list(*, charge: str | None = None, payment_intent: str | None = None) -> list[dict]:
-    """The refunds of a charge, or of a PaymentIntent, oldest first (the order they were
-    made in), whatever their status: a failed or canceled one is the merchant's money
-    again."""
+    """Every refund of a charge, or of a PaymentIntent (all pages), oldest first (the order
+    they were made in), whatever their status: a failed or canceled one is the merchant's
+    money again."""
     if (charge is None) == (payment_intent is None):
         raise ValueError("refunds_list takes a charge or a payment_intent")
     of = {"charge": charge} if charge is not None else {"payment_intent": payment_intent}
-    # Stripe lists newest first, in a stable order: reversed, the order they were made in.
-    return list(reversed(_list(_client().v1.refunds.list, **of, limit=100)))
+    # Stripe lists newest first, in a stable order, at most 100 a page. Every page: the
+    # first alone misses the oldest, where a charge's running total of refunds starts
+    # and an order's shortfall refund stands. Reversed, the order they were made in.
+    return list(reversed(list(_pages(_client().v1.refunds.list, **of))))
 
 
 def disputes_list(*, payment_intent: str) -> list[dict]:

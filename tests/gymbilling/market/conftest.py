@@ -138,15 +138,25 @@ def buyer(db, market_stripe):
 def unrefunded_shortfall(market_stripe, buyer, django_capture_on_commit_callbacks):
     """An order of 30 paid after its reserved credits expired (nothing delivered, 30 owed
     back) whose shortfall refund could not reach Stripe; returns (order, payment intent)."""
+    return shortfall_unrefunded(market_stripe, buyer, django_capture_on_commit_callbacks)
+
+
+def shortfall_unrefunded(market_stripe, buyer, capture_on_commit, *, seller=None):
+    """`unrefunded_shortfall`'s order; with `seller`, 100 credits more in it, listed by
+    `seller` at 1234 and delivered (paid 154: 124 delivered, the 30 short)."""
     from gymbilling.market.services import listing_create, order_create, order_pay
 
     short = OrganizationFactory()
     subscription_credits(short, credits(100), days=2)
     listing_create(seller=short, quantity=credits(100), price_per_1k=300, currency="usd")
-    order = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
+    price, quantity = 300, credits(100)
+    if seller is not None:
+        listing_create(seller=seller, quantity=credits(100), price_per_1k=1234, currency="usd")
+        price, quantity = 1234, credits(200)
+    order = order_create(buyer=buyer, quantity=quantity, max_price_per_1k=price, currency="usd")
     intent = market_stripe.pay(order.checkout.stripe_session_id)["payment_intent"]
     market_stripe.down = True
-    with django_capture_on_commit_callbacks(execute=True):
+    with capture_on_commit(execute=True):
         order_pay(
             order_id=order.pk, payment_intent_id=intent, now=timezone.now() + timedelta(days=3)
         )

@@ -15,6 +15,7 @@ from django.utils import timezone
 from gymbilling import stripe_client
 from gymbilling.market.services import SHORTFALL_REASON, orders_expire
 from gymbilling.models import MarketOrder
+from tests.gymbilling.market.conftest import shortfall_unrefunded
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
 
 CHANGELIST = "/admin/gymbilling/marketorder/"
@@ -26,6 +27,26 @@ def _refused_logs(caplog, order: MarketOrder) -> list[str]:
         for r in caplog.records
         if r.levelno == logging.ERROR and f"market order {order.pk}: shortfall refund" in r.message
     ]
+
+
+def made_with_answer_lost(order: MarketOrder, intent: str, *, amount: int) -> dict:
+    """A refund of `amount` marked as the order's shortfall refund, as a send of ours whose
+    answer was lost made it, its key long forgotten at Stripe (a day on): made at the
+    stand-in directly, with the metadata our send carries."""
+    return stripe_client.refund_create(
+        key=f"lost-answer:{order.pk}",
+        payment_intent=intent,
+        amount=amount,
+        metadata={"market_order": str(order.pk), "reason": SHORTFALL_REASON},
+    )
+
+
+def assert_recorded(order: MarketOrder, refund: dict) -> None:
+    """The order's shortfall is refunded, by `refund`, and nothing of it is left to finance."""
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    assert order.shortfall_refund_id == refund["id"]
+    assert (order.shortfall_refund_refused_at, order.shortfall_refund_error) == (None, "")
 
 
 def test_a_shortfall_refund_stripe_refuses_is_left_to_finance_not_retried_every_minute(
@@ -145,23 +166,39 @@ def test_a_shortfall_refund_stripe_made_but_whose_answer_was_lost_is_recorded_no
     market_stripe, unrefunded_shortfall
 ):
     # given: an earlier send of the shortfall refund reached Stripe and made it, but its
-    # answer was lost, and its idempotency key is long forgotten at Stripe (a day on):
-    # the refund is made at the stand-in directly, with the metadata our send carries
+    # answer was lost, and its idempotency key is long forgotten at Stripe (a day on)
     order, intent = unrefunded_shortfall
-    lost = stripe_client.refund_create(
-        key=f"lost-answer:{order.pk}",
-        payment_intent=intent,
-        amount=30,
-        metadata={"market_order": str(order.pk), "reason": SHORTFALL_REASON},
-    )
+    lost = made_with_answer_lost(order, intent, amount=30)
 
     # when: the retry runs
     orders_expire()
 
     # then: the refund Stripe holds is recorded as the order's, and no other is made
-    order.refresh_from_db()
-    assert order.shortfall_refunded_at is not None
-    assert order.shortfall_refund_id == lost["id"]
-    assert (order.shortfall_refund_refused_at, order.shortfall_refund_error) == (None, "")
+    assert_recorded(order, lost)
     assert market_stripe.refunded(intent) == 30
     assert [r["id"] for r in stripe_client.refunds_list(payment_intent=intent)] == [lost["id"]]
+
+
+def test_a_shortfall_refund_stripe_lists_past_its_first_page_is_found_not_made_again(
+    market_stripe, seller, buyer, django_capture_on_commit_callbacks
+):
+    # given: an order paid 154 that delivered 124 and not the other 30; its shortfall
+    # refund made at Stripe, the answer lost; then 100 refunds more of the charge (1 each,
+    # by hand): Stripe lists refunds newest first, 100 a page, the shortfall's on the second
+    order, intent = shortfall_unrefunded(
+        market_stripe, buyer, django_capture_on_commit_callbacks, seller=seller
+    )
+    assert order.amount_total == 154
+    lost = made_with_answer_lost(order, intent, amount=30)
+    for n in range(100):
+        stripe_client.refund_create(key=f"by-hand:{order.pk}:{n}", payment_intent=intent, amount=1)
+
+    # when: the retry runs
+    orders_expire()
+
+    # then: it found the shortfall's refund and recorded it; none other was made
+    assert_recorded(order, lost)
+    assert market_stripe.refunded(intent) == 130
+    # and the client lists every refund, oldest first
+    refunds = stripe_client.refunds_list(payment_intent=intent)
+    assert (len(refunds), refunds[0]["id"]) == (101, lost["id"])
