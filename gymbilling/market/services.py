@@ -1005,7 +1005,8 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
     already refunded by hand, less left to refund than asked): recorded on
     the order (`shortfall_refund_refused_at`, `_error`) and logged, for
     finance, and no longer retried; `order_shortfall_refund_retry` (the
-    admin's action, `retrying`) sends it again once the cause is fixed. A
+    admin's action, `retrying`) sends it again once the cause is fixed; so
+    does a refund Stripe holds for the shortfall but of another amount. A
     refund Stripe took and fails later (the buyer's card closed) goes back to
     finance the same way (_shortfall_refund_failed): Stripe's id of the refund
     taken is kept on the order for that.
@@ -1058,10 +1059,23 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
             exc,
         )
         if final:
-            MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
-                shortfall_refund_refused_at=timezone.now(),
-                shortfall_refund_error=f"{exc.code or exc.status}: {exc}"[:500],
-            )
+            _shortfall_refund_to_finance(order, error=f"{exc.code or exc.status}: {exc}")
+        return False
+    if int(made.get("amount") or 0) != order.shortfall_amount:
+        # Marked as this order's shortfall refund, but not of its shortfall: made by hand
+        # with our metadata, or by another deployment whose orders share our ids. Taken as
+        # the order's, it would leave the buyer owed what it did not refund, or say the
+        # shortfall came back when something else did; nor is another refund made while it
+        # stands, for it may be this order's after all.
+        error = (
+            f"refund {made.get('id')} at Stripe is marked as this shortfall's refund, but of "
+            f"{made.get('amount')} {order.currency}, not the shortfall's "
+            f"{order.shortfall_amount}: not recorded. Refund by hand what the buyer is "
+            "still owed, if anything; if that refund is not this order's, clear its "
+            "metadata at Stripe and retry"
+        )
+        logger.error("market order %s: shortfall refund not recorded: %s", order.pk, error)
+        _shortfall_refund_to_finance(order, error=error)
         return False
     MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
         shortfall_refunded_at=timezone.now(),
@@ -1070,6 +1084,13 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
         shortfall_refund_id=str(made.get("id") or ""),
     )
     return True
+
+
+def _shortfall_refund_to_finance(order: MarketOrder, *, error: str) -> None:
+    """Into finance's list of refused shortfall refunds, with why; no longer retried."""
+    MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
+        shortfall_refund_refused_at=timezone.now(), shortfall_refund_error=error[:500]
+    )
 
 
 def order_shortfall_refund_retry(*, order_id: int) -> bool:

@@ -202,3 +202,39 @@ def test_a_shortfall_refund_stripe_lists_past_its_first_page_is_found_not_made_a
     # and the client lists every refund, oldest first
     refunds = stripe_client.refunds_list(payment_intent=intent)
     assert (len(refunds), refunds[0]["id"]) == (101, lost["id"])
+
+
+def test_a_shortfall_refund_found_at_stripe_for_another_amount_goes_to_finance_not_recorded(
+    market_stripe, unrefunded_shortfall, caplog, admin_client
+):
+    # given: a refund of 20 at Stripe marked as the order's shortfall refund (made by hand
+    # with our metadata), where the order is owed 30
+    order, intent = unrefunded_shortfall
+    other = made_with_answer_lost(order, intent, amount=20)
+
+    # when: the retry runs
+    caplog.set_level(logging.ERROR, logger="gymbilling.market.services")
+    orders_expire()
+
+    # then: not recorded as the shortfall's refund, and none other made: the order is in
+    # finance's list of refused shortfall refunds, saying which refund and why, and logged
+    order.refresh_from_db()
+    assert (order.shortfall_refunded_at, order.shortfall_refund_id) == (None, "")
+    assert order.shortfall_refund_refused_at is not None
+    assert order.shortfall_refund_error.startswith(
+        f"refund {other['id']} at Stripe is marked as this shortfall's refund, but of 20 usd, "
+        "not the shortfall's 30"
+    )
+    assert any(
+        f"market order {order.pk}: shortfall refund not recorded" in r.getMessage()
+        for r in caplog.records
+    )
+    assert market_stripe.refunded(intent) == 20
+    listed = admin_client.get(CHANGELIST, {"shortfall_refund": "refused"})
+    assert [o.pk for o in listed.context["cl"].result_list] == [order.pk]
+
+    # and a retry from the admin, while that refund stands, refunds nothing more
+    run_action(admin_client, CHANGELIST, "retry_shortfall_refund", order.pk)
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is None
+    assert market_stripe.refunded(intent) == 20
