@@ -12,7 +12,7 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -430,6 +430,11 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
                 raise _unavailable_lifted(plan=subscription.scheduled_plan) from None
         raise
     _mirror(changed)
+    # This change's request cleared the marker at Stripe (LIFTED: "" above), whatever an
+    # earlier interrupted upgrade had lifted: nothing is left to put back, so nothing is
+    # due. Left set, the sweep would read Stripe for nothing, and the earlier upgrade's
+    # task would still run on a later lift's marker (subscription_downgrade_restore).
+    _downgrade_restore_done(subscription)
     success_url, _ = _urls()
     if restore:
         return CheckoutResult(url=success_url, kind="change_canceled")
@@ -567,15 +572,31 @@ def _unavailable_lifted(*, plan: Plan | None) -> ApplicationError:
     )
 
 
-def subscription_downgrade_restore(*, subscription_pk: int) -> bool:
+def subscription_downgrade_restore(*, subscription_pk: int, now: datetime | None = None) -> bool:
     """Put back a scheduled downgrade that an interrupted upgrade lifted (its task retries
-    while Stripe is unreachable); False when there is none to put back."""
+    while Stripe is unreachable); False when there is none to put back, or none due yet.
+
+    Only once our row says it is due, read under the purchase lock: a later change that
+    went through cleared it (its request cleared the marker), and a later interrupted
+    upgrade set it again, to its own delay. An earlier upgrade's task (or a sweep that
+    listed the row before that change) acting then would put back the later lift's
+    downgrade while that upgrade's lost request may still land at Stripe, charged from
+    the cheaper price (_refuse_while_unconfirmed's race). That lift's own task, or the
+    sweep, puts it back once due.
+    """
     subscription = (
         Subscription.objects.select_related("organization").filter(pk=subscription_pk).first()
     )
     if subscription is None:
         return False
     with _purchase_lock(subscription.organization):
+        due = (
+            Subscription.objects.filter(pk=subscription.pk)
+            .values_list("downgrade_restore_due_at", flat=True)
+            .first()
+        )
+        if due is None or due > (now or timezone.now()):
+            return False
         try:
             stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
             restored = _lift_undo(stripe_sub=stripe_sub)
@@ -615,7 +636,7 @@ def subscriptions_downgrade_restore(*, now=None) -> int:
         .exclude(status__in=[Subscription.Status.CANCELED, Subscription.Status.INCOMPLETE_EXPIRED])
         .order_by("pk")
         .values_list("pk", flat=True),
-        lambda pk: int(subscription_downgrade_restore(subscription_pk=pk)),
+        lambda pk: int(subscription_downgrade_restore(subscription_pk=pk, now=now)),
         what="putting back the lifted downgrade of subscription",
     )
 

@@ -46,6 +46,21 @@ def _update_invoices(stripe_sdk, sub) -> list:
     return [i for i in invoices.data if i.billing_reason == "subscription_update"]
 
 
+def _minute_passed(sub) -> None:
+    """The delay after an interrupted upgrade before its lifted downgrade is put back has
+    passed (the lost upgrade would have landed by now)."""
+    Subscription.objects.filter(pk=sub.pk).update(
+        downgrade_restore_due_at=timezone.now() - timedelta(seconds=1)
+    )
+
+
+def _run(queued, monkeypatch) -> None:
+    """Run what a change left queued on commit, its tasks in this process."""
+    monkeypatch.setitem(celery_app.conf, "task_always_eager", True)
+    for callback in queued:
+        callback()
+
+
 def stripe_down_after_next_update(monkeypatch, market_stripe) -> None:
     """Stripe stops answering right after the next subscription update it applies (the
     stand-in cannot fail between two calls by itself: its client module's call is wrapped,
@@ -184,11 +199,10 @@ def test_an_upgrade_stripe_stops_answering_during_keeps_the_scheduled_downgrade(
     assert not _update_invoices(stripe_sdk, sub)
 
     # when: Stripe answers again, and what the change left queued runs (in this process,
-    # at once: a worker runs it a minute later, or retries until Stripe answers)
+    # once its minute has passed: a worker runs it then, or retries until Stripe answers)
     market_stripe.down = False
-    monkeypatch.setitem(celery_app.conf, "task_always_eager", True)
-    for callback in queued:
-        callback()
+    _minute_passed(sub)
+    _run(queued, monkeypatch)
 
     # then: the downgrade is back at Stripe, nothing was charged or granted, and here it
     # is Pro now, Basic from the next period, as before the upgrade was asked for
@@ -235,9 +249,7 @@ def test_a_change_resent_while_an_interrupted_upgrade_may_still_land_is_refused(
     assert not _update_invoices(stripe_sdk, sub)
 
     # when: its minute has passed (the lost upgrade would have landed by now)
-    Subscription.objects.filter(pk=sub.pk).update(
-        downgrade_restore_due_at=timezone.now() - timedelta(seconds=1)
-    )
+    _minute_passed(sub)
 
     # then: the change runs, the downgrade put back first, and is charged once, from Pro
     assert _change(customer, "enterprise")["kind"] == "subscription_updated"
@@ -345,3 +357,87 @@ def test_a_lifted_downgrade_whose_task_gave_up_is_put_back_by_the_sweep(
     assert not _update_invoices(stripe_sdk, sub)
     # and the next run has nothing to do
     assert subscriptions_downgrade_restore(now=later) == 0
+
+
+@pytest.fixture
+def interrupted_upgrade(customer, market_stripe, monkeypatch, django_capture_on_commit_callbacks):
+    """Ask for Enterprise while Stripe stops answering after the upgrade's lift (the item
+    back at Pro, the marker set); returns what the change left queued, not run."""
+
+    def _ask() -> list:
+        stripe_down_after_next_update(monkeypatch, market_stripe)
+        with django_capture_on_commit_callbacks(execute=False) as queued:
+            response = customer.client.post(
+                "/api/v1/billing/checkout", {"plan": "enterprise"}, format="json"
+            )
+        monkeypatch.undo()
+        market_stripe.down = False
+        assert response.status_code == 503, response.content
+        return queued
+
+    return _ask
+
+
+def _at_stripe(stripe_sdk, sub) -> tuple[str, str]:
+    """The plan price of Stripe's item, and the lifted-downgrade marker ("" when none)."""
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    return at_stripe["items"].data[0].price.id, at_stripe.metadata.to_dict().get(LIFTED) or ""
+
+
+def test_a_change_that_goes_through_leaves_nothing_due_and_the_lifted_downgrade_gone(
+    customer, subscribed, stripe_sdk, deliver, monkeypatch, interrupted_upgrade
+):
+    # given: Pro with Basic scheduled, an upgrade to Enterprise interrupted after its lift
+    # (its task queued, not run yet), and its minute passed
+    sub = _pro_with_basic_scheduled(customer, subscribed, deliver)
+    queued = interrupted_upgrade()
+    _minute_passed(sub)
+
+    # when: the member takes the scheduled downgrade back, and it goes through
+    assert _change(customer, "pro")["kind"] == "change_canceled"
+
+    # then: nothing is left due, so the sweep has nothing to read Stripe for
+    assert Subscription.objects.get(pk=sub.pk).downgrade_restore_due_at is None
+    assert subscriptions_downgrade_restore(now=timezone.now() + timedelta(minutes=2)) == 0
+
+    # when: the interrupted upgrade's task runs after all
+    _run(queued, monkeypatch)
+
+    # then: it put nothing back: Pro at Stripe and here, nothing scheduled, no marker
+    assert _at_stripe(stripe_sdk, sub) == (_price("pro"), "")
+    deliver()
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan, sub.downgrade_restore_due_at) == ("pro", None, None)
+    assert not _update_invoices(stripe_sdk, sub)
+
+
+def test_an_earlier_upgrade_s_task_leaves_a_later_lift_to_its_own_delay(
+    customer, subscribed, stripe_sdk, deliver, monkeypatch, interrupted_upgrade
+):
+    # given: Pro with Basic scheduled, and an upgrade to Enterprise interrupted after its
+    # lift whose task has not run yet (a worker behind); past its minute the sweep put
+    # Basic back
+    sub = _pro_with_basic_scheduled(customer, subscribed, deliver)
+    first = interrupted_upgrade()
+    assert subscriptions_downgrade_restore(now=timezone.now() + timedelta(minutes=2)) == 1
+    # and the member asks again, interrupted in the same way: lifted again, and this
+    # upgrade's lost request may still land at Stripe for a minute
+    second = interrupted_upgrade()
+
+    # when: the first upgrade's task runs now
+    _run(first, monkeypatch)
+
+    # then: it leaves the second lift as it is, not due yet: Basic put back now would be
+    # what the lost upgrade is prorated from, if it lands
+    price, marker = _at_stripe(stripe_sdk, sub)
+    assert (price, bool(marker)) == (_price("pro"), True)
+    assert Subscription.objects.get(pk=sub.pk).downgrade_restore_due_at > timezone.now()
+
+    # when: the second one's minute has passed, and its own task runs
+    _minute_passed(sub)
+    _run(second, monkeypatch)
+
+    # then: Basic is back, nothing left due, nothing charged
+    assert _at_stripe(stripe_sdk, sub) == (_price("basic"), "")
+    assert Subscription.objects.get(pk=sub.pk).downgrade_restore_due_at is None
+    assert not _update_invoices(stripe_sdk, sub)
