@@ -19,6 +19,7 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from accounts.models import Priority
 from metering.models import ModelPrice, PriceBook
+from metering.services.postings import decimal_text_parse
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,41 @@ def credits_worst_case(*, rates: Rates, prompt_tokens: int, max_output_tokens: i
     )
 
 
+def _price_book_number(value: object, *, model: type, field: str, what: str) -> Decimal:
+    """A rate or multiplier given to price_book_publish, exactly as its column stores it, or
+    `invalid_price_book`.
+
+    Text is read by decimal_text_parse only (ASCII digits, at most one '.'): bare Decimal()
+    also takes "1e3", "1_000" and other scripts' digits ("٣" is 3), and a price book is
+    immutable, so a rate published from a typo would price every request until the next
+    version. A Decimal (or int) is taken as the number it is, if finite; a float is not a
+    price (rates are never floats). Nothing is rounded: more places than the column keeps would be
+    rounded by PostgreSQL without a word, and more digits would fail the insert.
+    """
+    column = model._meta.get_field(field)
+    if isinstance(value, Decimal):
+        value = format(value, "f")  # NaN and Infinity stay words, refused below
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    number = decimal_text_parse(value)
+    if number is None:
+        raise ApplicationError(
+            code="invalid_price_book",
+            message=f"{what} is {value!r}, not a number: write ASCII digits with at most one "
+            "'.', such as 0.15.",
+        )
+    places = column.decimal_places
+    if number.adjusted() >= column.max_digits - places or number != number.quantize(
+        Decimal(1).scaleb(-places)
+    ):
+        raise ApplicationError(
+            code="invalid_price_book",
+            message=f"{what} is {value!r}: it takes at most {column.max_digits - places} "
+            f"digits before the '.' and {places} after.",
+        )
+    return number
+
+
 def price_book_publish(
     *,
     prices: list[dict],
@@ -134,19 +170,32 @@ def price_book_publish(
         raise ApplicationError(
             code="invalid_price_book", message="Each model may appear once in a price book."
         )
-    for multiplier in (batch_multiplier, standard_multiplier, priority_multiplier):
-        if Decimal(multiplier) <= 0:
-            raise ApplicationError(
-                code="invalid_price_book", message="Priority multipliers must be positive."
-            )
+    multipliers = {
+        field: _price_book_number(value, model=PriceBook, field=field, what=f"The {field}")
+        for field, value in (
+            ("batch_multiplier", batch_multiplier),
+            ("standard_multiplier", standard_multiplier),
+            ("priority_multiplier", priority_multiplier),
+        )
+    }
+    if any(multiplier <= 0 for multiplier in multipliers.values()):
+        raise ApplicationError(
+            code="invalid_price_book", message="Priority multipliers must be positive."
+        )
     rows = []
     for p in prices:
-        try:
-            rates = [Decimal(str(p[k])) for k in ("input_rate", "cached_input_rate", "output_rate")]
-        except (ArithmeticError, KeyError) as exc:
+        missing = [k for k in ("input_rate", "cached_input_rate", "output_rate") if k not in p]
+        if missing:
             raise ApplicationError(
-                code="invalid_price_book", message=f"Bad rate for {p.get('model_name')!r}: {exc}."
-            ) from None
+                code="invalid_price_book",
+                message=f"Bad rate for {p.get('model_name')!r}: {', '.join(missing)} missing.",
+            )
+        rates = [
+            _price_book_number(
+                p[k], model=ModelPrice, field=k, what=f"The {k} of {p['model_name']!r}"
+            )
+            for k in ("input_rate", "cached_input_rate", "output_rate")
+        ]
         minimum = p.get("minimum_charge", 0)
         if any(r < 0 for r in rates) or not isinstance(minimum, int) or minimum < 0:
             raise ApplicationError(
@@ -162,9 +211,7 @@ def price_book_publish(
                 book = PriceBook.objects.create(
                     version=latest + 1,
                     effective_at=effective_at or timezone.now(),
-                    batch_multiplier=batch_multiplier,
-                    standard_multiplier=standard_multiplier,
-                    priority_multiplier=priority_multiplier,
+                    **multipliers,
                     notes=notes,
                 )
                 ModelPrice.objects.bulk_create(

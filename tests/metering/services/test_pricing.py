@@ -336,6 +336,19 @@ def test_publishing_without_effective_at_takes_effect_now():
         ({}, [price("pricing-x", minimum_charge=-1)]),
         ({}, [price("pricing-x", minimum_charge=1.5)]),
         ({}, [{"model_name": "pricing-x", "input_rate": "1", "output_rate": "1"}]),
+        # What bare Decimal() reads and a person did not mean: an exponent, another
+        # script's digits (Arabic-Indic three), a digit separator, words
+        ({}, [price("pricing-x", input_rate="1e3")]),
+        ({}, [price("pricing-x", output_rate="٣")]),
+        ({}, [price("pricing-x", cached_input_rate="1_000")]),
+        ({}, [price("pricing-x", input_rate="NaN")]),
+        ({}, [price("pricing-x", output_rate=Decimal("Infinity"))]),
+        ({}, [price("pricing-x", input_rate=0.15)]),
+        ({"priority_multiplier": "1e1"}, [price("pricing-x")]),
+        # More than the column keeps: rounded, or refused by the database, unsaid
+        ({}, [price("pricing-x", input_rate="0.0000001")]),
+        ({}, [price("pricing-x", output_rate="1000000000000")]),
+        ({"batch_multiplier": Decimal("0.12345")}, [price("pricing-x")]),
     ],
     ids=[
         "empty",
@@ -347,6 +360,16 @@ def test_publishing_without_effective_at_takes_effect_now():
         "negative-minimum",
         "float-minimum",
         "missing-rate",
+        "exponent",
+        "other-script-digits",
+        "digit-separator",
+        "nan",
+        "infinity",
+        "float-rate",
+        "exponent-multiplier",
+        "too-many-places",
+        "too-many-digits",
+        "multiplier-too-many-places",
     ],
 )
 def test_a_bad_price_book_is_refused_and_nothing_is_published(kwargs, prices):
