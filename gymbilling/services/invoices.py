@@ -13,7 +13,8 @@ each line's price:
 
 Subscription credits expire at the end of the period they were bought for,
 or a period later when the plan rolls over some of them (the rollover cap is
-enforced at the period change: subscriptions.period_rollover).
+enforced at the period change: subscriptions.period_rollover). Credits granted
+after that cap of their period ran roll nothing over (_grant_expiry).
 """
 
 from __future__ import annotations
@@ -202,10 +203,52 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
             invoice=row,
             subscription=subscription,
             bought=bought._replace(
-                expires_at=_late_payment_expiry(bought.expires_at, paid_at=row.paid_at)
+                expires_at=_grant_expiry(bought, invoice=row, subscription=subscription)
             ),
         )
     return row
+
+
+def _grant_expiry(
+    bought: InvoiceCredits, *, invoice: Invoice, subscription: Subscription
+) -> datetime | None:
+    """When the credits a paid invoice bought expire, granted now.
+
+    A rollover plan's credits last a period past the one they bought, for what the
+    rollover cap lets over: the cap is applied once, as that period ends, to what the
+    organization holds then (period_rollover under the renewal's key, or
+    subscription_last_period_cap for an ended subscription's last period). An invoice
+    granted after that (its payment late, its event failed for days) was not there to be
+    capped, and the key is spent: granted to the end of the rollover period, all of it
+    would carry over, uncapped, as long as that lasts.
+
+    So such a grant is treated as what it is, a late payment: its credits last to the end
+    of the period they bought, or LATE_PAYMENT_VALIDITY from the payment or from now when
+    that is over (as a plan without rollover grants them), and none of them rolls over.
+    Not capped at grant time instead: a cap is what is left of a period's credits when it
+    ends, and these could not be used in it at all; capping them now would leave a plan
+    without rollover (cap 0) nothing of what was paid for, and one with rollover at most
+    the cap, never the week every late payment gets. The cap that ran stands as it was:
+    the organization keeps no more than it let over, past this grant's week.
+    """
+    expires_at = bought.expires_at
+    if (
+        expires_at is not None
+        and invoice.period_end is not None
+        and _period_capped(subscription, period_end=invoice.period_end)
+    ):
+        expires_at = min(expires_at, invoice.period_end)
+    return _late_payment_expiry(expires_at, paid_at=invoice.paid_at)
+
+
+def _period_capped(subscription: Subscription, *, period_end: datetime) -> bool:
+    """Whether the rollover cap of the period ending at `period_end` has been applied: the
+    subscription has moved past it (renewed: period_rollover ran in the same transaction
+    as the move, subscription_sync), or it ended and its last period was capped."""
+    return (
+        subscription.last_period_capped_at is not None
+        or period_end <= subscription.current_period_start
+    )
 
 
 # An invoice paid after the period it bought (a failed renewal paid late)

@@ -20,10 +20,16 @@ def deliver(stripe_standin):
 
     seen = {event["id"] for event in stripe_standin.events()}
 
-    def _deliver(*, first: tuple[str, ...] = ()) -> list[str]:
-        """`first`: event types to process before the others, as a late webhook leaves them."""
+    def _deliver(*, first: tuple[str, ...] = (), later: tuple[str, ...] = ()) -> list[str]:
+        """`first`: event types to process before the others, as a late webhook leaves them;
+        `later`: event types (or their start, "invoice.") left for a later call, as events
+        whose processing failed until then."""
         statuses = []
-        events = [event for event in stripe_standin.events() if event["id"] not in seen]
+        events = [
+            event
+            for event in stripe_standin.events()
+            if event["id"] not in seen and not (later and event["type"].startswith(later))
+        ]
         events.sort(key=lambda event: event["type"] not in first)  # stable: Stripe's order else
         for event in events:
             seen.add(event["id"])
