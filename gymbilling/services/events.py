@@ -279,7 +279,9 @@ def charge_refund_refresh(*, charge_id: str) -> bool:
     failed (`refund.failed`, `charge.refund.updated`) gives back what it took, once, as
     a won dispute does (a marketplace order's: the fee, the sellers' shares or the loss
     booked for shares already paid out, and the buyer's credits). A refund that failed
-    before it was applied here takes nothing and gives nothing back.
+    before it was applied here takes nothing and gives nothing back. Refunds that rows of
+    the old running-total keys account for already are left as they are
+    (_old_running_totals_reach).
 
     One reading of a charge's refunds applied at a time: a refund's own events are not
     about a customer (stripe_event_process's lock), and a reading taken before a refund
@@ -291,13 +293,22 @@ def charge_refund_refresh(*, charge_id: str) -> bool:
 
 def _charge_refunds_apply(*, charge_id: str) -> bool:
     charge = stripe_client.charge_retrieve(charge_id)
+    refunds = list(stripe_client.refunds_list(charge=charge_id))
+    old_reach = _old_running_totals_reach(charge_id=charge_id, refunds=refunds)
     made = net = 0
     handled = False
-    for refund in stripe_client.refunds_list(charge=charge_id):
+    for position, refund in enumerate(refunds, start=1):
         amount = int(refund.get("amount") or 0)
         made += amount
         key = f"refund:{charge_id}:{made}"
-        if refund.get("status") in REFUND_UNDONE:
+        undone = refund.get("status") in REFUND_UNDONE
+        if not undone:
+            net += amount
+        if position <= old_reach:
+            # Applied by a running total of the old keys, or, failed, left out of it
+            # (and made up for by it): nothing to take, nothing to give back.
+            continue
+        if undone:
             if reversal_reinstate(key=key, refund=refund):
                 handled = True
             elif _refund_applied_before(charge_id=charge_id, key=key, made=made):
@@ -310,7 +321,6 @@ def _charge_refunds_apply(*, charge_id: str) -> bool:
                     charge_id,
                 )
             continue
-        net += amount
         if _refund_applied_before(charge_id=charge_id, key=key, made=made):
             continue
         # A marketplace payment's: this refund alone (its money is taken back fill by
@@ -337,26 +347,81 @@ def _charge_refunds_apply(*, charge_id: str) -> bool:
     return handled
 
 
+# The rows a charge's refunds are applied under: those of a payment that bought credits,
+# and of a marketplace order. The marketplace's record the money taken back of what was
+# delivered: a row of an order with a shortfall covers less than its span, never more.
+_REFUND_ROWS = [
+    (PaymentReversal, {"kind": PaymentReversal.Kind.REFUND}),
+    (MarketReversal, {"kind": "refund"}),
+]
+
+
+def _key_total(key: str) -> int:
+    """The running total a refund's key ends with, `refund:<charge>:<total>`."""
+    return int(key.rsplit(":", 1)[1])
+
+
 def _refund_applied_before(*, charge_id: str, key: str, made: int) -> bool:
     """A refund applied here together with later ones, under one later key (one event
-    for both, before refunds were applied one by one): done already."""
-    rows = [
-        (PaymentReversal, {"kind": PaymentReversal.Kind.REFUND}),
-        # The marketplace's rows record the money taken back of what was delivered:
-        # a row of an order with a shortfall covers less than its span, never more.
-        (MarketReversal, {"kind": "refund"}),
-    ]
-    if any(model.objects.filter(key=key).exists() for model, _ in rows):
+    for both, before refunds were applied one by one): done already. (Rows of the old
+    keys after a failed refund: _old_running_totals_reach, read first.)"""
+    if any(model.objects.filter(key=key).exists() for model, _ in _REFUND_ROWS):
         return False  # applied on its own: payment_reversal_apply (or the market) finds it
     # A row covers the refunds made from its key's total less the money it recorded up
     # to that total (one refund's own row: just that refund).
     return any(
-        int(other.rsplit(":", 1)[1]) - amount < made < int(other.rsplit(":", 1)[1])
-        for model, only in rows
+        _key_total(other) - amount < made < _key_total(other)
+        for model, only in _REFUND_ROWS
         for other, amount in model.objects.filter(stripe_charge_id=charge_id, **only).values_list(
             "key", "amount"
         )
     )
+
+
+def _old_running_totals_reach(*, charge_id: str, refunds: list[dict]) -> int:
+    """How many of the charge's refunds, in the order made, rows of the old running-total
+    keys account for already (0: none).
+
+    Before refunds were applied one by one (until 123e974; a marketplace order's until
+    5e00b59), a reading applied all of a charge's refunds at once, under
+    `refund:<charge>:<Stripe's amount_refunded>`, topping the charge's rows up to that
+    total. A refund that had failed by then was not in it: its row (if it was applied
+    before it failed) stayed, and the top-up took that much less for the later refunds.
+    Read one by one, under the new keys, such a row is no refund's: the later refund was
+    applied again, and the failed one's row given back, although the top-up had made up
+    for it already.
+
+    Told apart from the new keys' rows by its total alone: a new key's total is the
+    running total of the refunds made up to one of them, failed ones too, so a row whose
+    total is none of those is never one. Only those rows are read here. An old row whose
+    total is also a new key's (every old row of a charge with no failed refund before
+    it) is left to the new keys' reading, as it has been: the same key, applied once.
+    Such a row accounts for the refunds up to the one at which the running total of the
+    refunds still standing now equals its total: the standing ones applied, the failed
+    ones left out. Not when none does (a refund in its total failed after it was
+    written), nor when it topped up nothing (amount 0: the rows before it held more than
+    its total, after a failure they never saw); those are left to the new keys' reading,
+    which gives back what each refund's own row took.
+    """
+    made = standing = 0
+    new_totals: set[int] = set()
+    standing_at: dict[int, int] = {}  # the standing refunds' running total -> position
+    for position, refund in enumerate(refunds, start=1):
+        amount = int(refund.get("amount") or 0)
+        made += amount
+        new_totals.add(made)
+        if refund.get("status") not in REFUND_UNDONE:
+            standing += amount
+            standing_at[standing] = position
+    reach = 0
+    for model, only in _REFUND_ROWS:
+        for key in model.objects.filter(
+            stripe_charge_id=charge_id, amount__gt=0, reinstated_at__isnull=True, **only
+        ).values_list("key", flat=True):
+            total = _key_total(key)
+            if total not in new_totals and total in standing_at:
+                reach = max(reach, standing_at[total])
+    return reach
 
 
 # Disputes whose funds were taken from us. Inquiries (warning_*) move no money.

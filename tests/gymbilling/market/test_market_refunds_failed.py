@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.market.selectors import organization_earnings
-from gymbilling.market.services import orders_expire, payouts_run
+from gymbilling.market.services import market_reversal_handle, orders_expire, payouts_run
 from gymbilling.models import (
     BillingCustomer,
     EventStatus,
@@ -53,6 +53,19 @@ def refund_at_stripe(order, amount: int) -> dict:
         payment_intent=order.stripe_payment_intent_id,
         amount=amount,
     )
+
+
+# `books` of `sold`'s order with 62 of its 124 refunded: fee 6 and the seller's 56 taken
+# back, and 50 of the buyer's 100 credits.
+REFUNDED_62 = {
+    "seller_pending": 112 - 56,
+    "seller_available": 0,
+    "platform_fees": 6,
+    "buyer_clearing": -62,
+    "losses": 0,
+    "payouts": 0,
+    "buyer_credits": credits(50),
+}
 
 
 def books(seller, buyer) -> dict[str, int]:
@@ -170,15 +183,7 @@ def test_of_two_partial_refunds_only_the_one_that_failed_is_given_back(
     deliver()
     refund_at_stripe(order, 31)
     deliver()
-    assert books(seller, buyer) == {
-        "seller_pending": 112 - 56,
-        "seller_available": 0,
-        "platform_fees": 6,
-        "buyer_clearing": -62,
-        "losses": 0,
-        "payouts": 0,
-        "buyer_credits": credits(50),
-    }
+    assert books(seller, buyer) == REFUNDED_62
 
     # when: the first one fails
     market_stripe.standin.fail_refund(first["id"])
@@ -523,3 +528,55 @@ def refused_orders(admin_client) -> list[int]:
     """The orders in finance's admin list of shortfall refunds Stripe refused."""
     listed = admin_client.get(CHANGELIST, {"shortfall_refund": "refused"})
     return [o.pk for o in listed.context["cl"].result_list]
+
+
+def read_as_before_per_refund_keys(order) -> None:
+    """Apply the order's charge as a refund event did before refunds were applied one by
+    one (5e00b59): all its refunds at once, under Stripe's running `amount_refunded`, the
+    rows topped up to it (the cumulative path). What a database from before then holds."""
+    intent = stripe_client.payment_intent_retrieve(order.stripe_payment_intent_id)
+    charge_id = intent["latest_charge"]
+    charge = stripe_client.charge_retrieve(
+        charge_id["id"] if isinstance(charge_id, dict) else charge_id
+    )
+    refunded = int(charge["amount_refunded"])
+    # The call of those events (events.py's `legacy` until 5e00b59).
+    legacy = {"key": f"refund:{charge['id']}:{refunded}", "amount": refunded}
+    assert market_reversal_handle(kind="refund", charge=charge, cumulative=True, **legacy)
+
+
+def test_refunds_applied_under_the_old_running_totals_are_not_applied_again(
+    market_stripe, seller, buyer, deliver
+):
+    # given: 100 credits sold for 124; 31 refunded, then failed, then 62 refunded, each
+    # applied when it was made under the old keys: refund:<charge>:31, then
+    # refund:<charge>:62 (the failed 31 left out of Stripe's running total, and the
+    # top-up taking 31 for the 62, as 31 were taken already): the 62 alone stands
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    first = refund_at_stripe(order, 31)
+    read_as_before_per_refund_keys(order)
+    market_stripe.standin.fail_refund(first["id"])
+    refund_at_stripe(order, 62)
+    read_as_before_per_refund_keys(order)
+    charge = MarketReversal.objects.get(amount=31, key__endswith=":31").stripe_charge_id
+    assert sorted(MarketReversal.objects.values_list("key", "amount")) == [
+        (f"refund:{charge}:31", 31),
+        (f"refund:{charge}:62", 31),
+    ]
+    assert books(seller, buyer) == REFUNDED_62
+    rows = (ledger_rows(), MoneyTransaction.objects.count())
+
+    # when: the charge's events are processed by today's reading, refund by refund under
+    # the new keys (31, then 93: the failed one counted)
+    deliver()
+
+    # then: the ledger moved once for the 62, under its old key: not again for the 62
+    # (the new key 93 is not an old row's), and not back for the failed 31 (the 62's
+    # top-up made up for it)
+    assert books(seller, buyer) == REFUNDED_62
+    assert (ledger_rows(), MoneyTransaction.objects.count()) == rows
+    assert not MarketReversal.objects.filter(reinstated_at__isnull=False).exists()
+    assert MarketReversal.objects.count() == 2
+    assert order.fills.get().refunded == 62
+    assert ledger_reconcile().ok
