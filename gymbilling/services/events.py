@@ -293,7 +293,7 @@ def charge_refund_refresh(*, charge_id: str) -> bool:
 
 def _charge_refunds_apply(*, charge_id: str) -> bool:
     charge = stripe_client.charge_retrieve(charge_id)
-    refunds = list(stripe_client.refunds_list(charge=charge_id))
+    refunds = stripe_client.refunds_list(charge=charge_id)
     old_reach = _old_running_totals_reach(charge_id=charge_id, refunds=refunds)
     made = net = 0
     handled = False
