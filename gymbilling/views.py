@@ -1,5 +1,6 @@
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
+from django.utils import timezone
 from django.views.defaults import page_not_found
 from django.views.defaults import server_error as html_server_error
 from django.views.generic import TemplateView, View
@@ -28,14 +29,17 @@ class OverviewPage(MemberPage):
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
         organization = self.request.organization
-        balance = organization_balance(organization=organization)
+        # One moment for the figures and the lots: both leave out what the expiry sweep
+        # is about to move, and must agree on which lots that is.
+        now = timezone.now()
+        balance = organization_balance(organization=organization, now=now)
         context.update(
             balance=balance,
-            lots=organization_lots(organization=organization)[:50],
+            lots=organization_lots(organization=organization, now=now, limit=50),
             # Counted in `available` (work may spend it) but not prepaid: shown apart
             # so that a customer does not read it as credits already bought.
             overage=overage_allowance_available(
-                organization=organization, available=balance.available
+                organization=organization, available=balance.available, now=now
             ),
         )
         return context

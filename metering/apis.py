@@ -27,8 +27,18 @@ class LotOutput(serializers.Serializer):
     resellable = serializers.BooleanField()
     priority = serializers.IntegerField()
     amount = serializers.IntegerField(help_text="micro-credits granted")
-    remaining = serializers.IntegerField(help_text="micro-credits left")
+    remaining = serializers.IntegerField(
+        source="left",
+        help_text="micro-credits left, as the expiry sweep leaves them: of an expired lot, "
+        "only what running jobs placed before it expired hold of it",
+    )
     expires_at = serializers.DateTimeField(allow_null=True)
+    expired = serializers.BooleanField(
+        source="past_expiry",
+        help_text="past its expiry: what is left is held by running jobs placed before it "
+        "expired, and what they do not use expires when they end (an expired lot that no "
+        "job holds is not listed)",
+    )
     in_escrow = serializers.SerializerMethodField()
 
     def get_in_escrow(self, lot) -> bool:
@@ -51,14 +61,18 @@ class BalanceApi(OrgApiView):
             "that holds its credits to end (usually 0)"
         )
         total = serializers.IntegerField(
-            help_text="what the wallet's lots hold: the wallet (available and set aside) and held"
+            help_text="what the wallet's lots hold: the wallet (available and set aside) and "
+            "held, which the `remaining` of the lots not in escrow add up to"
         )
         lots = LotOutput(many=True)
 
     @extend_schema(responses=Output, summary="Credits available, held and escrowed, with lots")
     def get(self, request):
-        balance = organization_balance(organization=request.organization)
-        lots = organization_lots(organization=request.organization)
+        # One moment for both, so that a lot expiring between the two reads is left out
+        # of the figures and the lots alike.
+        now = timezone.now()
+        balance = organization_balance(organization=request.organization, now=now)
+        lots = organization_lots(organization=request.organization, now=now)
         return Response(
             self.Output(
                 {

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection
-from django.db.models import Case, CharField, Count, Q, QuerySet, Sum, Value, When
+from django.db.models import BooleanField, Case, CharField, Count, Q, QuerySet, Sum, Value, When
 from django.db.models import F as models_F
 from django.db.models.functions import Cast, Coalesce, Concat, TruncDay
 from django.utils import timezone
@@ -36,12 +36,15 @@ class Balance:
     escrowed  = listed on the marketplace, or bought and awaiting payment (the
                 escrow account);
     set_aside = the wallet's claim, usually 0;
-    total     = the wallet + held, which the wallet's lots add up to.
+    total     = the wallet + held, which the wallet's lots add up to as the expiry
+                sweep leaves them (`organization_lots`' `left`; their `remaining`
+                adds up to the wallet account + held, expired credits included).
 
     `wallet` and `escrowed` are the accounts as the expiry sweep leaves them: credits
     of lots past their expiry that the sweep has not moved yet are not in them, as a
     new hold sweeps the wallet's first and can never take them, and a buyer can never
-    be sold the escrow's (a listing ends when its credits expire).
+    be sold the escrow's (a listing ends when its credits expire). So none of these
+    figures counts credits that are about to expire, before the sweep as after it.
     """
 
     wallet: int
@@ -90,11 +93,17 @@ def _expirable(account: LedgerAccount, organization: Organization, now: datetime
     """
     if account.next_expiry_at is None or account.next_expiry_at > now:
         return 0
+    return min(account.balance, sum(_swept(account, organization, now).values()))
+
+
+def _swept(account: LedgerAccount, organization: Organization, now: datetime) -> dict[int, int]:
+    """What the account's expiry sweep would move now, by lot id (lots_expirable, not
+    locked: as of its statements)."""
     # Here, not at the top: metering.services imports this module.
     from metering.services.lots import lots_expirable
 
     taken, _ = lots_expirable(account=account, organization=organization, now=now, lock=False)
-    return min(account.balance, sum(take for _, take in taken))
+    return {lot.pk: take for lot, take in taken}
 
 
 def model_price_by_id(pk: int) -> ModelPrice:
@@ -135,11 +144,50 @@ def overage_allowance_available(
     return min(left, available)
 
 
-def organization_lots(*, organization: Organization, include_spent: bool = False) -> QuerySet:
-    qs = CreditLot.objects.filter(organization=organization).select_related("account")
-    if not include_spent:
-        qs = qs.filter(remaining__gt=0)
-    return qs.order_by("expires_at", "pk")
+def organization_lots(
+    *, organization: Organization, now: datetime | None = None, limit: int | None = None
+) -> list[CreditLot]:
+    """The organization's lots with credits left (wallet and escrow), soonest expiry first,
+    never-expiring last; `limit`: the first that many.
+
+    As the expiry sweep leaves them, as `organization_balance` shows the accounts: each
+    lot's `left` is its `remaining` less what the sweep would move now. So a lot past its
+    expiry that the sweep has not moved yet keeps only what pending holds placed before
+    it expired will burn (held by running work, which may still use it; a customer sees
+    it as `past_expiry`), and one with nothing of that is not listed, as it will not be a
+    minute later. The wallet's lots' `left` then add up to Balance.total and the escrow's
+    to Balance.escrowed, before the sweep as after it.
+
+    One query until a lot past its expiry is among the first listed (they sort first);
+    then the sweep's reckoning for each account holding one.
+    """
+    now = now or timezone.now()
+    lots = (
+        CreditLot.objects.filter(organization=organization, remaining__gt=0)
+        .select_related("account")
+        .annotate(
+            left=models_F("remaining"),
+            past_expiry=Case(
+                When(expires_at__lte=now, then=Value(True)),
+                default=Value(False),
+                output_field=BooleanField(),
+            ),
+        )
+        .order_by(models_F("expires_at").asc(nulls_last=True), "pk")
+    )
+    listed = list(lots[:limit])
+    if not listed or not listed[0].past_expiry:
+        return listed
+    expired = list(lots.filter(expires_at__lte=now))
+    swept: dict[int, int] = {}
+    for account in {lot.account_id: lot.account for lot in expired}.values():
+        swept |= _swept(account, organization, now)
+    for lot in expired:
+        lot.left -= swept.get(lot.pk, 0)
+    kept = [lot for lot in expired if lot.left > 0]
+    # The unexpired lots fill the rest of the page that the sweep's lots would have taken.
+    rest = None if limit is None else max(0, limit - len(kept))
+    return (kept + list(lots.exclude(expires_at__lte=now)[:rest]))[:limit]
 
 
 _LOT_FAMILY = """

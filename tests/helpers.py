@@ -47,6 +47,57 @@ def expire_just_after(hold, *lots) -> None:
     LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
 
 
+def expire_now(*lots) -> None:
+    """The lots are past their expiry (a minute ago), as the passing of time would have them,
+    and their account is told, as a grant tells it; the sweep has not run yet."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from metering.models import CreditLot, LedgerAccount
+
+    expired_at = timezone.now() - timedelta(minutes=1)
+    CreditLot.objects.filter(pk__in=[lot.pk for lot in lots]).update(expires_at=expired_at)
+    LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
+
+
+def listed(org, amount: int, key: str = "listing-1") -> None:
+    """`amount` of the organization's resellable credits listed: moved to its escrow,
+    keeping their expiry."""
+    from metering.models import AccountKind
+    from metering.services import credits_transfer
+
+    credits_transfer(
+        source=org,
+        destination=org,
+        amount=amount,
+        key=key,
+        destination_kind=AccountKind.ESCROW,
+        only_resellable=True,
+    )
+
+
+def lots_due_while_a_job_runs(org, grant) -> tuple:
+    """Lots of the wallet past their expiry that the sweep has not moved yet, beside 100
+    credits that never expire: `held`, 10 of which a job placed before they expired holds
+    4 (key "job-running"), and `gone`, 10 that expired before the job was placed. Returns
+    (held, gone, forever). The wallet shows 100 and the job holds 4: the sweep moves the
+    other 16, and leaves `held` its 4 for the job."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from metering.services import hold_place
+
+    tomorrow = timezone.now() + timedelta(days=1)
+    held = grant(org, credits(10), expires_at=tomorrow)
+    gone = grant(org, credits(10), expires_at=tomorrow)
+    forever = grant(org, credits(100), expires_at=None)
+    expire_just_after(hold_place(organization=org, amount=credits(4), key="job-running"), held)
+    expire_now(gone)
+    return held, gone, forever
+
+
 def changelist_column(page: str, field: str) -> dict[str, str]:
     """An admin changelist's `field` column as rendered, by each row's id (its first column)."""
     import re

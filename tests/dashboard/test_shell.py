@@ -17,6 +17,7 @@ from gymbilling.market.services import listing_create
 from metering.models import MICRO
 from metering.services import hold_place
 from tests.factories import OrganizationFactory, UserFactory
+from tests.helpers import lots_due_while_a_job_runs
 
 pytestmark = pytest.mark.django_db
 
@@ -417,11 +418,36 @@ def test_credits_in_escrow_are_marked_so_in_the_lots(client, member, grant):
     page = client.get("/dashboard/").content.decode()
 
     assert 'data-figure="available">60<' in page and 'data-figure="escrowed">40<' in page
-    rows = [row for row in page.split("<tr>") if "Subscription period" in row]
+    rows = lot_rows(page).values()
     assert sorted(("in escrow" in row, ">40<" in row) for row in rows) == [
         (False, False),
         (True, True),
     ]
+
+
+def test_the_lots_leave_out_what_the_expiry_sweep_will_move(client, member, grant):
+    # given lots past their expiry that the sweep has not moved yet: 10 a running job
+    # holds 4 of, 10 nothing holds; and 100 that never expire
+    _, org = member(Role.OWNER)
+    held, _gone, forever = lots_due_while_a_job_runs(org, grant)
+
+    page = client.get("/dashboard/").content.decode()
+
+    # then 100 are available and 4 held, and the lots say the same: the job's 4 of the
+    # expired lot, marked expired, and the 100
+    assert 'data-figure="available">100<' in page and 'data-figure="held">4<' in page
+    rows = lot_rows(page)
+    assert set(rows) == {held.pk, forever.pk}
+    assert '<td class="num">10</td><td class="num">4</td>' in rows[held.pk]
+    assert "data-lot-expired" in rows[held.pk]
+    assert '<td class="num">100</td><td class="num">100</td>' in rows[forever.pk]
+    assert "data-lot-expired" not in rows[forever.pk]
+
+
+def lot_rows(page: str) -> dict[int, str]:
+    """The overview's table of lots: each row's cells, by the lot's id."""
+    rows = re.findall(r'<tr data-lot="(\d+)">(.*?)</tr>', page, re.S)
+    return {int(pk): re.sub(r">\s+<", "><", cells) for pk, cells in rows}
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,15 @@ from rest_framework.test import APIClient
 from accounts.models import Scope
 from accounts.redis import get_redis
 from accounts.services import apikey_create
-from metering.models import AccountKind, LedgerEntry, LotSource, UsageRecord
-from metering.services import credits_transfer, hold_place, usage_record_create
+from metering.models import CreditLot, LedgerEntry, LotSource, UsageRecord
+from metering.services import (
+    credits_expire,
+    hold_place,
+    usage_record_create,
+)
 from metering.services.pricing import Usage
 from tests.factories import OrganizationFactory, UserFactory
-from tests.helpers import credits
+from tests.helpers import credits, expire_now, listed, lots_due_while_a_job_runs
 
 pytestmark = pytest.mark.django_db
 
@@ -53,14 +57,7 @@ def test_balance_shows_available_held_escrowed_and_the_lots(org, grant):
         org, credits(50), source=LotSource.PROMOTION, paid=False, resellable=False, expires_at=None
     )
     hold_place(organization=org, amount=credits(30), key=f"job-{uuid.uuid4()}")
-    credits_transfer(
-        source=org,
-        destination=org,
-        amount=credits(20),
-        key=f"listing-{uuid.uuid4()}",
-        destination_kind=AccountKind.ESCROW,
-        only_resellable=True,
-    )
+    listed(org, credits(20))
     grant(OrganizationFactory(), credits(999))  # another organization's credits
 
     # when
@@ -93,6 +90,34 @@ def test_balance_shows_available_held_escrowed_and_the_lots(org, grant):
     # The wallet's lots back what is available and what is held.
     wallet_lots = sum(lot["remaining"] for lot in body["lots"] if not lot["in_escrow"])
     assert wallet_lots == body["total"]
+
+
+def test_the_lots_are_shown_as_the_sweep_leaves_them_and_add_up_to_the_figures(org, grant):
+    # given: 5 listed credits past their expiry, and in the wallet, past theirs too (the
+    # sweep has not run): 10 a running job holds 4 of, 10 nothing holds; 100 never expire
+    pack = grant(org, credits(5), source=LotSource.PACK)
+    listed(org, credits(5))
+    expire_now(CreditLot.objects.get(parent=pack))
+    held, _gone, forever = lots_due_while_a_job_runs(org, grant)
+    client = client_for(org)
+
+    # when: read before the sweep, and after it
+    before = client.get("/api/v1/credits/balance").json()
+    credits_expire(now=timezone.now())
+    after = client.get("/api/v1/credits/balance").json()
+
+    # then: only what the job holds of the expired lots is listed, marked expired; the
+    # rest is the sweep's, in no figure and no lot, before the sweep as after it
+    assert (before["available"], before["held"], before["escrowed"], before["total"]) == (
+        credits(100),
+        credits(4),
+        0,
+        credits(104),
+    )
+    lots = {lot["id"]: (lot["remaining"], lot["expired"]) for lot in before["lots"]}
+    assert lots == {held.pk: (credits(4), True), forever.pk: (credits(100), False)}
+    assert sum(remaining for remaining, _ in lots.values()) == before["total"]
+    assert after == before
 
 
 def test_a_new_organization_has_an_empty_balance(org):

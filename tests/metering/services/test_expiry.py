@@ -28,6 +28,7 @@ from metering.models import (
 from metering.selectors import (
     account_balance,
     organization_balance,
+    organization_lots,
     overage_allowance_available,
 )
 from metering.services import (
@@ -39,7 +40,15 @@ from metering.services import (
     hold_release,
 )
 from metering.services.postings import accounts_for
-from tests.helpers import StatementLog, credits, expire_just_after, ledger_rows
+from tests.helpers import (
+    StatementLog,
+    credits,
+    expire_just_after,
+    expire_now,
+    ledger_rows,
+    listed,
+    lots_due_while_a_job_runs,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -67,19 +76,6 @@ def soon() -> datetime:
 
 def sleep_past(moment: datetime) -> None:
     time.sleep(max(0.0, (moment - timezone.now()).total_seconds()) + 0.05)
-
-
-def listed(org, amount: int, key: str = "listing-1") -> None:
-    """`amount` of the organization's resellable credits listed: moved to its escrow,
-    keeping their expiry."""
-    credits_transfer(
-        source=org,
-        destination=org,
-        amount=amount,
-        key=key,
-        destination_kind=AccountKind.ESCROW,
-        only_resellable=True,
-    )
 
 
 def expired_lot_kept_for_a_job(org, grant, *, key="job-before", job_after: int = 0):
@@ -511,14 +507,6 @@ def test_expired_credits_in_escrow_cannot_be_sold_to_a_buyer(org, other_org, gra
 # --- what the balance shows before the sweep runs ---------------------------------
 
 
-def expire_now(*lots: CreditLot) -> None:
-    """The lots are past their expiry (a minute ago), as the passing of time would have them,
-    and their wallet is told, as a grant tells it; the sweep has not run yet."""
-    expired_at = timezone.now() - timedelta(minutes=1)
-    CreditLot.objects.filter(pk__in=[lot.pk for lot in lots]).update(expires_at=expired_at)
-    LedgerAccount.objects.filter(pk=lots[0].account_id).update(next_expiry_at=expired_at)
-
-
 def _overage_allowance(grant, org, amount: int):
     """A plan's overage allowance, as subscriptions grant it: lent, not resellable, burned
     last, until tomorrow."""
@@ -585,10 +573,37 @@ def test_the_balance_costs_one_query_while_nothing_is_due(org, grant, django_ass
     grant(org, credits(10), expires_at=timezone.now() + timedelta(days=1))
     listed(org, credits(4))
 
-    # then
+    # then: one query for the balance, and one for its lots
     with django_assert_num_queries(1):
         balance = organization_balance(organization=org)
     assert (balance.available, balance.escrowed) == (credits(6), credits(4))
+    with django_assert_num_queries(1):
+        lots = organization_lots(organization=org)
+    assert sorted(lot.left for lot in lots) == [credits(4), credits(6)]
+
+
+def test_the_lots_listed_are_as_the_sweep_leaves_them_and_fill_their_page(org, grant):
+    # given: 10 credits a running job holds 4 of, past their expiry, 10 nothing holds
+    # that expired before it, 100 that never expire, and 1 that expires later
+    held, _gone, _forever = lots_due_while_a_job_runs(org, grant)
+    later = grant(org, credits(1), expires_at=timezone.now() + timedelta(days=2))
+
+    # when: two lots, soonest expiry first
+    lots = organization_lots(organization=org, limit=2)
+
+    # then: `gone` is the sweep's, so the page takes the next lot in its place; `held`
+    # shows only what the job holds of it, and says it is past its expiry
+    assert [(lot.pk, lot.left, lot.past_expiry) for lot in lots] == [
+        (held.pk, credits(4), True),
+        (later.pk, credits(1), False),
+    ]
+    balance = organization_balance(organization=org)
+    assert (balance.available, balance.held, balance.total) == (
+        credits(101),
+        credits(4),
+        credits(105),
+    )
+    assert sum(lot.left for lot in organization_lots(organization=org)) == balance.total
 
 
 def test_the_balance_does_not_count_listed_credits_past_their_expiry_before_the_sweep(org, grant):
