@@ -21,7 +21,7 @@ from django.utils import timezone
 from metering.reconcile import ledger_reconcile
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
-from tests.helpers import RUNNING_WORKERS, process_env, stop_process
+from tests.helpers import RUNNING_WORKERS, migrate, migrate_to_latest, process_env, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,6 +94,20 @@ def _ledger_reconciles(request):
     yield
     report = ledger_reconcile()
     assert report.ok, f"ledger invariants broken after {request.node.nodeid}: {report.violations}"
+
+
+@pytest.fixture
+def migrated_back_and_forth():
+    """`run(before)`: migrate back to `before` ((app, migration) pairs), then forward to
+    the latest; forward again at the end whatever happens, so the next test finds the
+    schema it expects. For a data migration's test (transactional_db)."""
+
+    def _run(before) -> None:
+        migrate(before)
+        migrate_to_latest()
+
+    yield _run
+    migrate_to_latest()
 
 
 @pytest.fixture

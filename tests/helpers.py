@@ -13,6 +13,22 @@ def credits(n: int | str) -> int:
     return int(value)
 
 
+def migrate(targets) -> None:
+    """Migrate the test database to `targets`: (app, migration) pairs, back or forward."""
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    MigrationExecutor(connection).migrate(targets)
+
+
+def migrate_to_latest() -> None:
+    """Migrate the test database forward to every app's latest migration."""
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+
+
 def ledger_rows() -> tuple[int, int, int, int, int]:
     """Row counts of every ledger table: a refused call must leave them all as they were."""
     from metering.models import CreditLot, Hold, JournalTransaction, LedgerEntry, LotMovement

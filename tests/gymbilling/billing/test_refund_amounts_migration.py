@@ -14,33 +14,15 @@ import importlib
 from datetime import timedelta
 
 import pytest
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.models import CheckoutSession, PaymentReversal
 from gymbilling.selectors import reversals_by_customer
 from tests.factories import OrganizationFactory
+from tests.helpers import migrate, migrate_to_latest
 
 BEFORE = [("gymbilling", "0017_marketpayout_retry_allowed_at")]
-
-
-def _migrate(targets) -> None:
-    MigrationExecutor(connection).migrate(targets)
-
-
-@pytest.fixture
-def migrated_back_and_forth():
-    """Migrate back to BEFORE, then forward to the latest; forward again whatever happens,
-    so the next test finds the schema it expects."""
-
-    def _run() -> None:
-        _migrate(BEFORE)
-        _migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
-
-    yield _run
-    _migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
 
 
 @pytest.fixture
@@ -128,7 +110,7 @@ def test_refunds_recorded_as_running_totals_get_their_own_amounts(
         "BATCH",
         2,
     )
-    migrated_back_and_forth()
+    migrated_back_and_forth(BEFORE)
 
     # then: each refund holds what it returned; the rows that did already, and the
     # dispute, are as they were; the report says what was refunded
@@ -141,10 +123,10 @@ def test_refunds_recorded_as_running_totals_get_their_own_amounts(
 
     # when: it runs again (back is a no-op: the rows keep their own amounts; read as rows,
     # not through the report, whose later columns the schema before 0018 lacks)
-    _migrate(BEFORE)
+    migrate(BEFORE)
     assert amounts(three) == [("refund", 300), ("refund", 300), ("refund", 400)]
     assert amounts(disputed) == [("refund", 300), ("dispute", 500), ("refund", 300)]
-    _migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+    migrate_to_latest()
 
     # then: nothing changes
     assert amounts(three) == [("refund", 300), ("refund", 300), ("refund", 400)]

@@ -12,17 +12,14 @@ from __future__ import annotations
 import importlib
 import io
 
-import pytest
 from django.core.management import call_command
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 
 from metering.models import CreditLot
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
 from tests.gymbilling.billing.conftest import report_rows
 from tests.gymbilling.market.conftest import market_member, sold
-from tests.helpers import credits, job_settled
+from tests.helpers import credits, job_settled, migrate, migrate_to_latest
 
 BEFORE = [
     ("metering", "0015_capture_burns_claimed_lots_last"),
@@ -37,11 +34,6 @@ def _sales() -> dict[int, tuple]:
     }
 
 
-def _migrate(targets) -> None:
-    executor = MigrationExecutor(connection)
-    executor.migrate(targets)
-
-
 def _lots_of_every_sale(buy, market_stripe, free_credits) -> tuple:
     """A Pro member (its period's credits, its overage allowance, a pack) who resold 1,200
     credits on the marketplace (split three lots deep, down to the buyer's), and another
@@ -54,19 +46,6 @@ def _lots_of_every_sale(buy, market_stripe, free_credits) -> tuple:
     other = OrganizationFactory()
     free_credits(other)
     return member, buyer, other
-
-
-@pytest.fixture
-def migrated_back_and_forth():
-    """Migrate back to BEFORE, then forward to the latest; forward again whatever happens,
-    so the next test finds the schema it expects."""
-
-    def _run() -> None:
-        _migrate(BEFORE)
-        _migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
-
-    yield _run
-    _migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
 
 
 def test_the_migrations_backfill_what_each_lot_was_sold_for(
@@ -94,7 +73,7 @@ def test_the_migrations_backfill_what_each_lot_was_sold_for(
     # batch (so that parents and their roots are in earlier batches)
     for name in ("metering.migrations.0016_creditlot_revenue", "gymbilling.migrations.0014_creditlot_sale_backfill"):  # fmt: skip
         monkeypatch.setattr(importlib.import_module(name), "BATCH", 2)
-    migrated_back_and_forth()
+    migrated_back_and_forth(BEFORE)
 
     # then every lot says again what its grant said: roots of split lots, a pack's
     # checkout total, the invoice's plan and amount, the overage allowance at the plan's
@@ -127,7 +106,7 @@ def test_a_renewal_that_also_billed_overage_counts_only_the_plan_s_price(
     type(invoice).objects.filter(pk=invoice.pk).update(amount_paid=9_900 + 450)
 
     # when the backfill prices its credits
-    migrated_back_and_forth()
+    migrated_back_and_forth(BEFORE)
 
     # then they are sold at the plan's price, not with the overage, which the overage
     # allowance's own revenue counts
@@ -145,8 +124,8 @@ def test_the_backfill_leaves_what_a_grant_wrote_alone(
     CreditLot.objects.filter(pk=lot.pk).update(revenue=5, revenue_currency="eur", origin="x")
 
     # when the backfill runs again (gymbilling's migration alone, back and forward)
-    _migrate([("gymbilling", "0013_payment_reversal_lost_at")])
-    _migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+    migrate([("gymbilling", "0013_payment_reversal_lost_at")])
+    migrate_to_latest()
 
     # then the lot keeps what its grant said
     lot.refresh_from_db()
