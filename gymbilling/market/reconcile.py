@@ -137,6 +137,30 @@ CHECKS = [
         HAVING o.amount_total <> SUM(f.amount) OR o.quantity <> SUM(f.quantity)
         """,
     ),
+    (
+        "market_reversal_amount",
+        "a refund or dispute's amount is what the money ledger took back under it",
+        # Its own transactions, reversal:<key>:<fill> of its order's fills: their
+        # buyer-clearing postings are what went back to the buyer (the fee, the seller's
+        # share and the loss add up to them). A won dispute or failed refund leaves them:
+        # its reinstatement:<key>:<fill> transactions undo the money apart. What was
+        # returned beyond the sale is `unapplied`, in no account. Rows written before
+        # gymbilling/0022 held both in amount until gymbilling/0023.
+        """
+        SELECT r.id, r.key, r.amount, r.unapplied, COALESCE(m.moved, 0) AS moved
+          FROM gymbilling_marketreversal r
+          LEFT JOIN (SELECT r2.id, SUM(e.amount) AS moved
+                       FROM gymbilling_marketreversal r2
+                       JOIN gymbilling_marketfill f ON f.order_id = r2.order_id
+                       JOIN gymbilling_moneytransaction t
+                         ON t.idempotency_key = 'reversal:' || r2.key || ':' || f.id::text
+                       JOIN gymbilling_moneyentry e ON e.transaction_id = t.id
+                       JOIN gymbilling_moneyaccount a ON a.id = e.account_id
+                      WHERE t.kind = 'reversal' AND a.kind = 'buyer_clearing'
+                      GROUP BY r2.id) m ON m.id = r.id
+         WHERE r.amount <> COALESCE(m.moved, 0)
+        """,
+    ),
 ]
 
 

@@ -233,6 +233,35 @@ def half_disputed_then_paid_out(market_stripe: MarketStripe, seller, buyer, deli
     return order, dispute
 
 
+def refunded_then_disputed(
+    market_stripe: MarketStripe, seller, buyer, deliver, *, paid_out=False, won=False
+) -> MarketOrder:
+    """A sale (124 paid: fee 12, the seller's 112) half refunded at Stripe (fee 6 and the
+    seller's 56 taken back), then disputed whole: the dispute takes the 62 the sale had
+    left (fee 6 and the seller's 56; a loss when the rest was `paid_out` first) and
+    returns 62 beyond it (`unapplied`). `won`: the gym then wins the dispute, which
+    zeroes its loss. Returns the order."""
+    from gymbilling.market.services import payouts_run
+    from gymbilling.models import MarketReversal
+
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    stripe_client.refund_create(
+        key=f"half:{order.pk}", payment_intent=order.stripe_payment_intent_id, amount=62
+    )
+    deliver()
+    if paid_out:
+        payouts_run(now=timezone.now() + timedelta(days=8))
+    dispute = dispute_at_stripe(market_stripe, order)
+    deliver()
+    taken = MarketReversal.objects.get(key=f"dispute:{dispute}")
+    assert (taken.amount, taken.unapplied, taken.loss) == (62, 62, 56 if paid_out else 0)
+    if won:
+        market_stripe.standin.close_dispute(dispute, status="won")
+        deliver()
+    return order
+
+
 def refund(order: MarketOrder, amount: int) -> bool:
     """Stripe's refunds of a sold order's charge, `amount` in all so far, as its webhook
     hands them on."""
