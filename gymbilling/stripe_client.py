@@ -193,9 +193,13 @@ def price_deactivate(price_id: str) -> dict:
 
 
 def meter_ensure(*, event_name: str, display_name: str) -> dict:
-    """The billing meter overage is reported to, created once."""
+    """The billing meter overage is reported to, created once.
+
+    Looked for among every meter, page after page: its creation's idempotency key lasts
+    a day at Stripe, so a meter missed past the first page would be made a second time
+    for the same events (or refused as a duplicate event name)."""
     v1 = _client().v1
-    for meter in _list(v1.billing.meters.list, limit=100):
+    for meter in _pages(v1.billing.meters.list):
         if meter.get("event_name") == event_name:
             return meter
     return _call(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import uuid
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
+from gymbilling import stripe_client
 from gymbilling.models import Plan, StripePrice
 from gymbilling.services import catalog_sync
 from gymbilling.services.catalog import catalog_seed_defaults
@@ -73,3 +75,36 @@ def test_the_command_says_what_is_missing():
         catalog_seed_defaults()
         with pytest.raises(CommandError, match="unreachable"):
             call_command("stripe_sync_catalog")
+
+
+def test_the_overage_meter_past_stripes_first_page_is_found_not_made_again(
+    stripe_standin, stripe_sdk
+):
+    # given: the overage meter, made more than a day ago (Stripe has forgotten the
+    # idempotency key it was made under), then 100 meters more on the account: Stripe lists
+    # meters newest first, 100 a page, so the overage meter is on the second page
+    event_name = f"gym_overage_{uuid.uuid4().hex[:10]}"
+    made = stripe_client.meter_ensure(event_name=event_name, display_name="Overage credits")
+    for n in range(100):
+        stripe_sdk.v1.billing.meters.create(
+            params={
+                "display_name": f"Other {n}",
+                "event_name": f"other_{uuid.uuid4().hex[:10]}",
+                "default_aggregation": {"formula": "sum"},
+            }
+        )
+    stripe_standin.expire_idempotency_keys()
+    first_page = stripe_sdk.v1.billing.meters.list(params={"limit": 100})
+    assert first_page.has_more and made["id"] not in {m.id for m in first_page.data}
+
+    # when: the catalog sync ensures the meter again
+    found = stripe_client.meter_ensure(event_name=event_name, display_name="Overage credits")
+
+    # then: the meter already there is returned, and no second one was made for its events
+    assert found["id"] == made["id"]
+    same_events = [
+        m.id
+        for m in stripe_sdk.v1.billing.meters.list(params={"limit": 100}).auto_paging_iter()
+        if m.event_name == event_name
+    ]
+    assert same_events == [made["id"]]
