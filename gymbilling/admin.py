@@ -6,6 +6,7 @@ import uuid
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -368,6 +369,15 @@ class MarketListingAdmin(ReadOnlyAdmin):
     search_fields = ["seller__slug"]
 
 
+def results_message(model_admin, request, results: dict, *, row: str, done: str) -> None:
+    """An action's outcome for each row it acted on, in one message: a success only when
+    every row came out `done`, else a warning, so that one left undone is not missed."""
+    level = messages.SUCCESS if all(r == done for r in results.values()) else messages.WARNING
+    model_admin.message_user(
+        request, ", ".join(f"{row} {k}: {v}" for k, v in sorted(results.items())), level
+    )
+
+
 class ShortfallRefundFilter(admin.SimpleListFilter):
     """Orders paid for and not all delivered, by where their refund of the difference is."""
 
@@ -379,21 +389,33 @@ class ShortfallRefundFilter(admin.SimpleListFilter):
             ("refused", "Refused by Stripe (finance)"),
             ("waiting", "Waiting to be sent"),
             ("refunded", "Refunded"),
+            ("resolved", "Refunded by hand (finance)"),
         ]
 
     def queryset(self, request, queryset):
+        from gymbilling.market.services import SHORTFALL_REFUND_REFUSED
+
         owed = queryset.filter(shortfall_amount__gt=0)
         if self.value() == "refused":
-            return owed.filter(
-                shortfall_refunded_at__isnull=True, shortfall_refund_refused_at__isnull=False
-            )
+            return queryset.filter(SHORTFALL_REFUND_REFUSED)
         if self.value() == "waiting":
             return owed.filter(
                 shortfall_refunded_at__isnull=True, shortfall_refund_refused_at__isnull=True
             )
         if self.value() == "refunded":
             return owed.filter(shortfall_refunded_at__isnull=False)
+        if self.value() == "resolved":
+            return owed.filter(shortfall_refund_resolved_at__isnull=False)
         return queryset
+
+
+class ShortfallResolveForm(forms.Form):
+    note = forms.CharField(
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="How the buyer was refunded (the Stripe refund's id, the bank transfer's "
+        "reference): kept on the order and in the buyer's audit log.",
+    )
 
 
 @admin.register(MarketOrder)
@@ -408,28 +430,59 @@ class MarketOrderAdmin(ReadOnlyAdmin):
         "shortfall_amount",
         "shortfall_refunded_at",
         "shortfall_refund_error",
+        "shortfall_refund_resolved_at",
         "created_at",
     ]
     list_filter = ["status", "currency", ShortfallRefundFilter]
     search_fields = ["buyer__slug", "stripe_payment_intent_id"]
-    actions = ["retry_shortfall_refund"]
+    # Who resolved the shortfall refund by hand, when and why, read as one line.
+    exclude = [
+        "shortfall_refund_resolved_at",
+        "shortfall_refund_resolved_by",
+        "shortfall_refund_resolved_note",
+    ]
+    readonly_fields = ["shortfall_refund_resolution"]
+    actions = ["retry_shortfall_refund", "resolve_shortfall_refund"]
 
     def has_retry_permission(self, request) -> bool:
         """Sending money back to a buyer: the change permission, though the order stays
         read-only here (its services change it)."""
         return request.user.has_perm("gymbilling.change_marketorder")
 
+    def has_resolve_permission(self, request) -> bool:
+        """Saying a buyer was refunded by hand, so that nothing here refunds them again: a
+        refund of finance's (gymbilling.refund_payment, as the Refund page) on the order
+        (the change permission, as the retry)."""
+        return request.user.has_perms(
+            ["gymbilling.refund_payment", "gymbilling.change_marketorder"]
+        )
+
+    @admin.display(description="shortfall refund resolved")
+    def shortfall_refund_resolution(self, order) -> str:
+        from gymbilling.market.services import shortfall_refund_resolution
+
+        return shortfall_refund_resolution(order) or "-"
+
     @admin.action(
         description="Retry the shortfall refund Stripe refused (once its cause is fixed)",
         permissions=["retry"],
     )
     def retry_shortfall_refund(self, request, queryset):
-        from gymbilling.market.services import order_shortfall_refund_retry
-
-        refused = queryset.filter(
-            shortfall_refunded_at__isnull=True, shortfall_refund_refused_at__isnull=False
+        from gymbilling.market.services import (
+            SHORTFALL_REFUND_REFUSED,
+            order_shortfall_refund_retry,
+            shortfall_refund_resolution,
         )
+
         results = {}
+        # Refunded by hand: sending it again would refund the buyer twice.
+        for order in (
+            queryset.filter(shortfall_refund_resolved_at__isnull=False)
+            .select_related("shortfall_refund_resolved_by")
+            .order_by("pk")
+        ):
+            results[order.pk] = f"not sent, {shortfall_refund_resolution(order)}"
+        refused = queryset.filter(SHORTFALL_REFUND_REFUSED)
         for order_id in refused.order_by("pk").values_list("pk", flat=True):
             order_shortfall_refund_retry(order_id=order_id)
             order = MarketOrder.objects.get(pk=order_id)
@@ -443,12 +496,46 @@ class MarketOrderAdmin(ReadOnlyAdmin):
         if not results:
             self.message_user(request, "No refused shortfall refund selected.", messages.WARNING)
             return
-        level = (
-            messages.SUCCESS
-            if all(result == "refunded" for result in results.values())
-            else messages.WARNING
+        results_message(self, request, results, row="order", done="refunded")
+
+    @admin.action(description="Mark resolved (refunded by hand)", permissions=["resolve"])
+    def resolve_shortfall_refund(self, request, queryset):
+        """A page asking for the note first (Django's intermediate action page, as "delete
+        selected"), then order_shortfall_refund_resolve for each order."""
+        from gymbilling.market.services import (
+            SHORTFALL_REFUND_REFUSED,
+            order_shortfall_refund_resolve,
         )
-        self.message_user(request, ", ".join(f"order {k}: {v}" for k, v in results.items()), level)
+
+        refused = queryset.filter(SHORTFALL_REFUND_REFUSED).select_related("buyer").order_by("pk")
+        form = ShortfallResolveForm(request.POST if "_resolve" in request.POST else None)
+        if form.is_valid():
+            results = {}
+            for order_id in queryset.order_by("pk").values_list("pk", flat=True):
+                try:
+                    order_shortfall_refund_resolve(
+                        order_id=order_id, note=form.cleaned_data["note"], actor=request.user
+                    )
+                except ApplicationError as exc:
+                    results[order_id] = f"{exc.message} ({exc.code})"
+                else:
+                    results[order_id] = "resolved"
+            results_message(self, request, results, row="order", done="resolved")
+            return None  # back to the list
+        if not refused:
+            self.message_user(request, "No refused shortfall refund selected.", messages.WARNING)
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Mark refused shortfall refunds resolved (refunded by hand)",
+            "opts": self.model._meta,
+            "action": "Mark resolved (refunded by hand)",
+            "action_name": "resolve_shortfall_refund",
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "orders": refused,
+            "form": form,
+        }
+        return TemplateResponse(request, "admin/gymbilling/shortfall_resolve.html", context)
 
 
 @admin.register(MarketFill)
@@ -522,12 +609,7 @@ class MarketPayoutAdmin(ReadOnlyAdmin):
                 request, "No refused payout waiting for finance selected.", messages.WARNING
             )
             return
-        level = (
-            messages.SUCCESS
-            if all(r == PayoutStatus.SENT for r in results.values())
-            else messages.WARNING
-        )
-        self.message_user(request, ", ".join(f"payout {k}: {v}" for k, v in results.items()), level)
+        results_message(self, request, results, row="payout", done=PayoutStatus.SENT)
 
 
 @admin.register(MarketReversal)

@@ -44,6 +44,7 @@ from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import Organization, Standing
+from accounts.services import audit_record
 from gymbilling import stripe_client
 from gymbilling.locks import transaction_lock
 from gymbilling.market.escrow import (
@@ -1016,6 +1017,9 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
     if (
         not order.shortfall_amount
         or order.shortfall_refunded_at
+        # Finance refunded it by hand (order_shortfall_refund_resolve): sent again, the
+        # buyer would have it twice. Every send, the sweep's and the admin's, comes here.
+        or order.shortfall_refund_resolved_at
         or (refused_at is not None) != retrying
         or not order.stripe_payment_intent_id
     ):
@@ -1100,6 +1104,101 @@ def order_shortfall_refund_retry(*, order_id: int) -> bool:
     a new request again); Stripe unreachable, it stays finance's, to retry again.
     """
     return order_shortfall_refund(order_id=order_id, retrying=True)
+
+
+# Which of finance's refused shortfall refunds may be marked resolved: owed, not refunded
+# by Stripe, refused by it, not resolved yet (the admin's "refused" list).
+SHORTFALL_REFUND_REFUSED = Q(
+    shortfall_amount__gt=0,
+    shortfall_refunded_at__isnull=True,
+    shortfall_refund_refused_at__isnull=False,
+    shortfall_refund_resolved_at__isnull=True,
+)
+
+
+@transaction.atomic
+def order_shortfall_refund_resolve(*, order_id: int, note: str, actor) -> MarketOrder:
+    """Finance refunded a refused shortfall by hand (in Stripe's dashboard, by bank
+    transfer): the order leaves their list of refused shortfall refunds, and nothing sends
+    that refund from here again (order_shortfall_refund refuses it, whoever asks).
+
+    Who, when and `note` (required: what was refunded, how) are kept on the order and in
+    the buyer's audit log (`market.shortfall_refund_resolved`), as finance's refunds are.
+    Only a refund Stripe refused: one waiting is sent by the sweep, one refunded is done.
+    """
+    note = note.strip()
+    if not note:
+        raise ApplicationError(
+            code="reason_required",
+            message="Say how the shortfall was refunded (a Stripe refund's id, a transfer).",
+            param="note",
+        )
+    # One conditional UPDATE: of two finance resolving at once, or a resolution racing
+    # the retry that refunds it, one wins and the other is told why below.
+    resolved = MarketOrder.objects.filter(SHORTFALL_REFUND_REFUSED, pk=order_id).update(
+        shortfall_refund_resolved_at=timezone.now(),
+        shortfall_refund_resolved_by=actor,
+        shortfall_refund_resolved_note=note[:500],
+    )
+    order = MarketOrder.objects.select_related("shortfall_refund_resolved_by").get(pk=order_id)
+    if not resolved:
+        raise _not_resolvable(order)
+    audit_record(
+        organization=order.buyer,
+        action="market.shortfall_refund_resolved",
+        target=f"market order {order.pk}",
+        actor_user=actor,
+        data={
+            "order": order.pk,
+            "amount": order.shortfall_amount,
+            "currency": order.currency,
+            "note": order.shortfall_refund_resolved_note,
+        },
+    )
+    logger.info(
+        "market order %s: shortfall refund of %s %s resolved by hand by %s: %s",
+        order.pk,
+        order.shortfall_amount,
+        order.currency,
+        getattr(actor, "email", actor),
+        order.shortfall_refund_resolved_note,
+    )
+    return order
+
+
+def shortfall_refund_resolution(order: MarketOrder) -> str:
+    """Who resolved the order's refused shortfall refund by hand, when, and why; "" if
+    nobody did. The order's `shortfall_refund_resolved_by` selected with it."""
+    if order.shortfall_refund_resolved_at is None:
+        return ""
+    who = order.shortfall_refund_resolved_by
+    return (
+        f"resolved by hand by {who.email if who else 'a deleted user'} at "
+        f"{order.shortfall_refund_resolved_at.isoformat(timespec='seconds')}: "
+        f"{order.shortfall_refund_resolved_note}"
+    )
+
+
+def _not_resolvable(order: MarketOrder) -> ApplicationError:
+    if order.shortfall_refund_resolved_at is not None:
+        return ApplicationError(
+            code="shortfall_refund_resolved",
+            message=f"Already {shortfall_refund_resolution(order)}.",
+            status=409,
+        )
+    state = (
+        "has no shortfall"
+        if not order.shortfall_amount
+        else "is refunded by Stripe"
+        if order.shortfall_refunded_at
+        else "is waiting to be sent, not refused"
+    )
+    return ApplicationError(
+        code="shortfall_refund_not_refused",
+        message=f"Only a shortfall refund Stripe refused can be resolved by hand: this order "
+        f"{state}.",
+        status=409,
+    )
 
 
 def market_checkout_handle(checkout: CheckoutSession, session: dict) -> None:

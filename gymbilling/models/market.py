@@ -21,6 +21,7 @@ taken in, losses the negative mirror of all money lost).
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
@@ -125,7 +126,8 @@ class MarketOrder(models.Model):
     shortfall_refunded_at = models.DateTimeField(null=True, blank=True)
     # Stripe refused that refund for good (the charge already refunded, by
     # finance in the dashboard; more than is left to refund...): no longer
-    # retried by the sweep; finance looks, and retries from the admin once fixed.
+    # retried by the sweep; finance looks, and retries from the admin once fixed
+    # (or, having refunded the buyer by hand, marks it resolved: below).
     shortfall_refund_refused_at = models.DateTimeField(null=True, blank=True)
     shortfall_refund_error = models.CharField(max_length=500, blank=True)
     # Stripe's id of the last shortfall refund Stripe took: a refund that fails later
@@ -133,6 +135,18 @@ class MarketOrder(models.Model):
     # old one failing after finance's retry went through undoes nothing. Empty for
     # refunds taken before it was kept (each order had at most one then).
     shortfall_refund_id = models.CharField(max_length=255, blank=True)
+    # Finance refunded a refused shortfall by hand (Stripe's dashboard, a bank transfer)
+    # and said so in the admin: off their refused list, and never sent from here again
+    # (order_shortfall_refund_resolve). Who, when and why; the buyer's audit log has it too.
+    shortfall_refund_resolved_at = models.DateTimeField(null=True, blank=True)
+    shortfall_refund_resolved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    shortfall_refund_resolved_note = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     closed_at = models.DateTimeField(null=True, blank=True)
 
@@ -150,6 +164,12 @@ class MarketOrder(models.Model):
             models.CheckConstraint(
                 condition=Q(shortfall_amount__lte=models.F("amount_total")),
                 name="market_order_shortfall_le_total",
+            ),
+            # A resolution always says why.
+            models.CheckConstraint(
+                condition=Q(shortfall_refund_resolved_at__isnull=True)
+                | ~Q(shortfall_refund_resolved_note=""),
+                name="market_order_shortfall_resolved_note",
             ),
         ]
 

@@ -17,7 +17,12 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.models import Membership, Role
-from gymbilling.market.services import listing_create, order_reserve, payouts_run
+from gymbilling.market.services import (
+    listing_create,
+    order_reserve,
+    order_shortfall_refund_resolve,
+    payouts_run,
+)
 from gymbilling.models import CheckoutSession, MarketListing, MarketOrder
 from gymbilling.pages.market import MarketPage
 from metering.selectors import organization_balance
@@ -26,7 +31,14 @@ from tests.dashboard.pages import figure, refused, row, rows, text
 from tests.factories import UserFactory
 from tests.gymbilling import conftest as payment_fixtures
 from tests.gymbilling.market import conftest as market_fixtures
-from tests.gymbilling.market.conftest import market_member, refund, sold, subscription_credits
+from tests.gymbilling.market.conftest import (
+    market_member,
+    refund,
+    refused_for_a_cause_finance_can_fix,
+    shortfall_unrefunded,
+    sold,
+    subscription_credits,
+)
 from tests.helpers import credits, ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -552,3 +564,24 @@ def test_a_trader_can_pay_a_pending_order_from_the_list_and_a_member_cannot(
     assert f'<a href="{order.checkout_url}"' in text(as_trader)
     assert row(as_member, "data-own-order", order.pk)["status"] == "Reserved, awaiting payment"
     assert order.checkout_url not in text(as_member)
+
+
+def test_a_shortfall_finance_refunded_by_hand_shows_refunded_to_the_buyer(
+    market_stripe, buyer, django_capture_on_commit_callbacks
+):
+    # given: an order of the buyer's paid after its credits expired, whose refund of the
+    # 0.30 USD not delivered Stripe refused, so it waits for finance
+    order, _ = shortfall_unrefunded(market_stripe, buyer, django_capture_on_commit_callbacks)
+    refused_for_a_cause_finance_can_fix(market_stripe, order)
+    browser = signed_in(buyer, Role.MEMBER)
+    waiting = row(browser.get(MARKET), "data-own-order", order.pk)["note"]
+    assert waiting == "0.30 USD not delivered, being refunded"
+
+    # when: finance refunds it by bank transfer and marks it resolved in the admin
+    order_shortfall_refund_resolve(
+        order_id=order.pk, note="Bank transfer BT-7", actor=UserFactory(is_staff=True)
+    )
+
+    # then: the buyer reads that it is refunded
+    resolved = row(browser.get(MARKET), "data-own-order", order.pk)["note"]
+    assert resolved == "0.30 USD not delivered, refunded"

@@ -167,6 +167,21 @@ def shortfall_unrefunded(market_stripe, buyer, capture_on_commit, *, seller=None
     return order, intent
 
 
+def refused_for_a_cause_finance_can_fix(market_stripe, order: MarketOrder) -> None:
+    """`order`'s shortfall refund refused by Stripe (the platform's balance could not cover
+    it: the sweep leaves it to finance), Stripe taking refunds again now: a retry goes
+    through."""
+    from gymbilling.market.services import orders_expire
+
+    market_stripe.standin.refuse_refunds("balance_insufficient")
+    try:
+        orders_expire()
+    finally:
+        market_stripe.standin.refuse_refunds(None)
+    order.refresh_from_db()
+    assert order.shortfall_refund_error.startswith("balance_insufficient:")
+
+
 def client_for(org, scopes=(Scope.MARKETPLACE,)) -> Client:
     """An API client with a new key of the organization's, of `scopes`."""
     _, raw = apikey_create(organization=org, name="market", scopes=list(scopes))

@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from html import escape
 
+import pytest
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.utils import timezone
 
+from accounts.errors import ApplicationError
+from accounts.models import AuditEvent, User
 from gymbilling import stripe_client
-from gymbilling.market.services import SHORTFALL_REASON, orders_expire
+from gymbilling.market.services import (
+    SHORTFALL_REASON,
+    order_shortfall_refund_resolve,
+    order_shortfall_refund_retry,
+    orders_expire,
+)
 from gymbilling.models import MarketOrder
-from tests.gymbilling.market.conftest import shortfall_unrefunded
+from tests.gymbilling.market.conftest import (
+    refused_for_a_cause_finance_can_fix,
+    shortfall_unrefunded,
+)
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
 
 CHANGELIST = "/admin/gymbilling/marketorder/"
@@ -138,13 +151,7 @@ def test_a_refused_shortfall_refund_finance_retries_once_its_cause_is_fixed_is_r
     # given: Stripe refused the shortfall refund for a cause finance can fix (the
     # platform's balance could not cover it), so the sweep left it to finance
     order, intent = unrefunded_shortfall
-    market_stripe.standin.refuse_refunds("balance_insufficient")
-    try:
-        orders_expire()
-    finally:
-        market_stripe.standin.refuse_refunds(None)
-    order.refresh_from_db()
-    assert order.shortfall_refund_error.startswith("balance_insufficient:")
+    refused_for_a_cause_finance_can_fix(market_stripe, order)
 
     # when: finance fixed the cause (refunds are taken again), and retries it from the
     # admin the same day (Stripe still keeps the refused request's idempotency key)
@@ -238,3 +245,182 @@ def test_a_shortfall_refund_found_at_stripe_for_another_amount_goes_to_finance_n
     order.refresh_from_db()
     assert order.shortfall_refunded_at is None
     assert market_stripe.refunded(intent) == 20
+
+
+# --- finance's refund by hand: "Mark resolved (refunded by hand)" ------------------------
+
+RESOLVE = "resolve_shortfall_refund"
+FINANCE = ("view_marketorder", "change_marketorder", "refund_payment")
+
+
+def refused_listed(client) -> list[int]:
+    listed = client.get(CHANGELIST, {"shortfall_refund": "refused"})
+    return [o.pk for o in listed.context["cl"].result_list]
+
+
+def note_sent(client, order: MarketOrder, note: str):
+    """The action's page sent with `note`: the list page it comes back to (its messages),
+    or the note's page again."""
+    return client.post(
+        CHANGELIST,
+        {"action": RESOLVE, ACTION_CHECKBOX_NAME: [order.pk], "note": note, "_resolve": "1"},
+        follow=True,
+    )
+
+
+def resolve(client, order: MarketOrder, note: str):
+    """Finance's two steps: the action's page asking for a note, then the note sent."""
+    asked = run_action(client, CHANGELIST, RESOLVE, order.pk)
+    assert asked.status_code == 200 and f"<td>{order.pk}</td>" in asked.content.decode()
+    return note_sent(client, order, note)
+
+
+def shown(response) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+@pytest.fixture
+def refused_shortfall(market_stripe, unrefunded_shortfall):
+    """`unrefunded_shortfall`, its refund refused by Stripe for a cause fixed since: on
+    finance's refused list, and a retry would refund it."""
+    order, intent = unrefunded_shortfall
+    refused_for_a_cause_finance_can_fix(market_stripe, order)
+    return order, intent
+
+
+def test_finance_marks_a_shortfall_refund_they_refunded_by_hand_resolved(
+    market_stripe, unrefunded_shortfall
+):
+    # given: finance refunded the whole charge in Stripe's dashboard, then the sweep's
+    # shortfall refund was refused for it, and the order went on the refused list
+    order, intent = unrefunded_shortfall
+    stripe_client.refund_create(key=f"dashboard:{order.pk}", payment_intent=intent)
+    orders_expire()
+    finance = staff_with(*FINANCE)
+    assert refused_listed(finance) == [order.pk]
+
+    # when: finance marks it resolved, saying how it was refunded
+    note = "Refunded in full in Stripe's dashboard, ticket 42"
+    response = resolve(finance, order, f"  {note} ")
+
+    # then: off the refused list, on the resolved one, with who, when and the note
+    assert shown(response) == [f"order {order.pk}: resolved"]
+    assert refused_listed(finance) == []
+    resolved = finance.get(CHANGELIST, {"shortfall_refund": "resolved"})
+    assert [o.pk for o in resolved.context["cl"].result_list] == [order.pk]
+    order.refresh_from_db()
+    user = User.objects.get(pk=finance.session["_auth_user_id"])
+    assert order.shortfall_refund_resolved_by == user
+    assert order.shortfall_refund_resolved_at is not None
+    assert order.shortfall_refund_resolved_note == note  # its spaces trimmed
+    # and the buyer's audit log records it, as finance's refunds are
+    [event] = AuditEvent.objects.filter(
+        organization=order.buyer, action="market.shortfall_refund_resolved"
+    )
+    assert (event.actor_user, event.target) == (user, f"market order {order.pk}")
+    assert event.data == {"order": order.pk, "amount": 30, "currency": "usd", "note": note}
+    # and the order's page shows the resolution
+    page = finance.get(f"{CHANGELIST}{order.pk}/change/").content.decode()
+    at = order.shortfall_refund_resolved_at.isoformat(timespec="seconds")
+    assert f"resolved by hand by {user.email} at {at}: {escape(note)}" in page
+    # and nothing more was refunded at Stripe than finance's own refund
+    assert market_stripe.refunded(intent) == 30
+    assert order.shortfall_refunded_at is None
+
+
+def test_a_shortfall_refund_resolved_by_hand_is_never_sent_again(market_stripe, refused_shortfall):
+    # given: a refused shortfall refund that Stripe would take now, which finance refunded
+    # by bank transfer and marked resolved
+    order, intent = refused_shortfall
+    finance = staff_with(*FINANCE)
+    resolve(finance, order, "Refunded by bank transfer, ref BT-7")
+
+    # when: the sweep runs, a retry comes through the service, and finance retries it
+    orders_expire(now=timezone.now() + timedelta(minutes=1))
+    order_shortfall_refund_retry(order_id=order.pk)
+    response = run_action(finance, CHANGELIST, "retry_shortfall_refund", order.pk)
+
+    # then: nothing is refunded at Stripe, and the retry says why it sent nothing
+    assert market_stripe.refunded(intent) == 0
+    [message] = shown(finance.get(response.url))
+    assert message.startswith(f"order {order.pk}: not sent, resolved by hand by ")
+    assert message.endswith(": Refunded by bank transfer, ref BT-7")
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is None
+    assert refused_listed(finance) == []
+
+
+@pytest.mark.parametrize(
+    "codenames",
+    [
+        ("view_marketorder", "change_marketorder"),  # may retry, may not refund
+        ("view_marketorder", "refund_payment"),  # may refund, may not change orders
+    ],
+)
+def test_only_staff_who_may_refund_and_change_orders_may_mark_one_resolved(
+    refused_shortfall, codenames
+):
+    # given: a refused shortfall refund, and staff without one of the two permissions
+    order, _ = refused_shortfall
+    staff = staff_with(*codenames)
+
+    # when: they look for the action, and post it with a note all the same
+    offered = offered_actions(staff, CHANGELIST)
+    note_sent(staff, order, "by hand")
+
+    # then: not offered, and nothing changed: still on the refused list, nothing recorded
+    assert RESOLVE not in offered
+    order.refresh_from_db()
+    assert (order.shortfall_refund_resolved_at, order.shortfall_refund_resolved_note) == (None, "")
+    assert refused_listed(staff) == [order.pk]
+    assert not AuditEvent.objects.filter(action="market.shortfall_refund_resolved").exists()
+
+
+def test_marking_resolved_needs_a_note_and_a_refund_stripe_refused(
+    market_stripe, refused_shortfall
+):
+    # given: a refused shortfall refund
+    order, intent = refused_shortfall
+    finance = staff_with(*FINANCE)
+    user = User.objects.get(pk=finance.session["_auth_user_id"])
+
+    # when: finance sends the note blank
+    response = resolve(finance, order, "   ")
+
+    # then: the page asks again, and nothing changed
+    assert response.status_code == 200 and "This field is required." in response.content.decode()
+    assert refused_listed(finance) == [order.pk]
+    with pytest.raises(ApplicationError) as blank:
+        order_shortfall_refund_resolve(order_id=order.pk, note=" ", actor=user)
+    assert blank.value.code == "reason_required"
+
+    # and once refunded by Stripe (finance's retry went through), it cannot be resolved
+    order_shortfall_refund_retry(order_id=order.pk)
+    assert market_stripe.refunded(intent) == 30
+    with pytest.raises(ApplicationError) as refunded:
+        order_shortfall_refund_resolve(order_id=order.pk, note="by hand", actor=user)
+    assert (refunded.value.code, refunded.value.status) == ("shortfall_refund_not_refused", 409)
+    order.refresh_from_db()
+    assert order.shortfall_refund_resolved_at is None
+    assert not AuditEvent.objects.filter(action="market.shortfall_refund_resolved").exists()
+
+
+def test_a_shortfall_refund_resolved_twice_keeps_the_first_resolution(refused_shortfall):
+    # given: a refused shortfall refund finance marked resolved
+    order, _ = refused_shortfall
+    resolve(staff_with(*FINANCE), order, "Refunded by bank transfer, ref BT-7")
+    order.refresh_from_db()
+
+    # when: a colleague marks it resolved again (the form sent twice, an old page)
+    response = note_sent(staff_with(*FINANCE), order, "again")
+
+    # then: told it was resolved already, by whom; the first resolution stands, once
+    [message] = shown(response)
+    assert message.startswith(f"order {order.pk}: Already resolved by hand by ")
+    assert message.endswith("(shortfall_refund_resolved)")
+    again = MarketOrder.objects.get(pk=order.pk)
+    assert (again.shortfall_refund_resolved_at, again.shortfall_refund_resolved_note) == (
+        order.shortfall_refund_resolved_at,
+        "Refunded by bank transfer, ref BT-7",
+    )
+    assert AuditEvent.objects.filter(action="market.shortfall_refund_resolved").count() == 1
