@@ -38,7 +38,9 @@ ERROR_RESPONSES: dict[int, str] = {
     ),
     409: (
         "A conflict with the current state (a duplicate, the last owner, no seats "
-        "left), or a request with the same Idempotency-Key is still running."
+        "left), or a request with the same Idempotency-Key is still running, or a "
+        "previous plan change is still being confirmed (`change_pending`); where "
+        "waiting helps, Retry-After says for how many seconds."
     ),
     413: "The request body is over the size limit.",
     415: "The request body is not application/json.",

@@ -339,8 +339,8 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     #   previous change, a renewal, a cancellation, a change in the portal), and each
     #   change's own answer is synced before the lock is released (the entitlements
     #   follow at once). The webhooks' later syncs of the same objects change nothing.
+    _refuse_while_unconfirmed(subscription)
     stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
-    _refuse_while_unconfirmed(subscription, stripe_sub)
     stripe_sub = _lift_undo(stripe_sub=stripe_sub)
     subscription = _mirror(stripe_sub)
     if not subscription.live:
@@ -391,8 +391,10 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
                 key=key,
             )
         except stripe_client.StripeUnavailable:
-            # The lift's answer may be lost with the lift made (and its marker set): nothing
-            # is charged by it, and nothing upgraded, but the downgrade must go back.
+            # The lift's answer may be lost with the lift made (and its marker set), or the
+            # lift still on its way, to land later: nothing is charged by it, and nothing
+            # upgraded, but the downgrade must go back, and no change may run before the
+            # lift could land (_refuse_while_unconfirmed), or it would override that change.
             _lift_undo_later(subscription, countdown=_LIFT_UNDO_DELAY_S)
             raise
     try:
@@ -410,13 +412,17 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             metadata={"plan": plan.code, LIFTED: ""},
         )
     except stripe_client.StripeUnavailable:
-        if lifted is not None:
-            # Unknown whether the upgrade was made (Stripe may have applied it and
-            # the answer been lost): putting the downgrade back now could undo a paid
-            # upgrade. The upgrade clears the marker in the same request, so a marker
-            # still there later says it was not made, and the downgrade goes back then
-            # (by a task, or by this subscription's next change, whichever is first).
+        if upgrade:
+            # Unknown whether the upgrade was made (Stripe may have applied it and the
+            # answer been lost, or apply it late): a change run before it could land would
+            # be overridden by it, charged from what that change left (refused until then:
+            # _refuse_while_unconfirmed). After a lift, putting the downgrade back now could
+            # undo a paid upgrade. The upgrade clears the marker in the same request, so a
+            # marker still there later says it was not made, and the downgrade goes back
+            # then (by a task, or by this subscription's next change, whichever is first);
+            # with no lift, the task finds no marker and only ends the wait.
             _lift_undo_later(subscription, countdown=_LIFT_UNDO_DELAY_S)
+        if lifted is not None:
             raise _unavailable_lifted(plan=subscription.scheduled_plan) from None
         raise _unavailable_change(upgrade=upgrade) from None
     except stripe_client.StripeRequestRefused:
@@ -510,19 +516,20 @@ def _lift_undo(*, stripe_sub: dict) -> dict:
     )
 
 
-def _refuse_while_unconfirmed(subscription: Subscription, stripe_sub: dict) -> None:
-    """Refuse (409 `change_pending`, nothing done) a change while an earlier upgrade that
-    Stripe did not answer may still land there (its lifted downgrade not put back yet,
-    and not due to be: _LIFT_UNDO_DELAY_S).
+def _refuse_while_unconfirmed(subscription: Subscription) -> None:
+    """Refuse (409 `change_pending`, nothing sent to Stripe, nothing written) every change
+    while an earlier upgrade's request, or its lift, that Stripe did not answer may still
+    land there: until our row's due time (_lift_undo_later, _LIFT_UNDO_DELAY_S).
 
-    Putting the downgrade back inline then, as a later change otherwise does, races
-    that upgrade: the retry reads the item lifted, puts the cheaper price back, the
-    lost upgrade lands and is charged from the cheaper price, and the retry lifts and
-    upgrades again, charging it a second time. The 503 freed its form token and
-    Idempotency-Key (nothing was confirmed done), so a resend comes at once.
+    Whatever Stripe shows now: a request whose answer was lost may be applied late, after
+    a change read Stripe without it. A lift landing then takes the item back to the plan
+    paid for and marks it, and the restore puts the old downgrade back, over what the
+    member chose meanwhile; an upgrade landing then is prorated from that choice. And
+    with the lift shown (its marker), putting the downgrade back inline, as a later change
+    otherwise does, races the upgrade: it lands, charged from the cheaper price, and the
+    retry lifts and upgrades again, charging it a second time. The 503 freed its form
+    token and Idempotency-Key (nothing was confirmed done), so a resend comes at once.
     """
-    if not (stripe_sub.get("metadata") or {}).get(LIFTED):
-        return
     due = (
         Subscription.objects.filter(pk=subscription.pk)
         .values_list("downgrade_restore_due_at", flat=True)
@@ -544,11 +551,12 @@ def _lift_undo_later(subscription: Subscription, *, countdown: int) -> None:
     from gymbilling.tasks import subscription_downgrade_restore_task
 
     pk = subscription.pk
-    # Recorded on our row first: the task gives up after its retries (Stripe down for half
-    # an hour), or never reaches a broker, and with no later change of this subscription
-    # the marker would stay at Stripe and the scheduled downgrade be lost at renewal. The
-    # sweep (subscriptions_downgrade_restore) takes up what is still due. Under the
-    # purchase lock, as the restore that clears it.
+    # Recorded on our row first: until it is due no change runs (_refuse_while_unconfirmed).
+    # And the task gives up after its retries (Stripe down for half an hour), or never
+    # reaches a broker, and with no later change of this subscription the marker would
+    # stay at Stripe and the scheduled downgrade be lost at renewal. The sweep
+    # (subscriptions_downgrade_restore) takes up what is still due. Under the purchase
+    # lock, as the restore that clears it.
     Subscription.objects.filter(pk=pk).update(
         downgrade_restore_due_at=timezone.now() + timedelta(seconds=countdown)
     )

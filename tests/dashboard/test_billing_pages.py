@@ -30,6 +30,7 @@ pytestmark = pytest.mark.django_db
 # The billing tests' own: the default plans and packs synced to the stand-in, and
 # webhook delivery into this test's transaction.
 catalog, deliver = billing_fixtures.catalog, payment_fixtures.deliver
+stripe_sdk = billing_fixtures.stripe_sdk
 
 BILLING = "/dashboard/billing"
 
@@ -143,6 +144,44 @@ def test_a_team_subscription_changes_seats_with_the_card_on_file(
     assert figure(page, "scheduled") == "From the next period: Team, 2 seats."
     assert figure(page, "period-credits") == "25000"
     assert figure(page, "period-price") == "245.00 USD"
+
+
+def test_a_change_while_an_upgrade_is_unconfirmed_is_refused_saying_when_to_try_again(
+    client,
+    member,
+    catalog,
+    stripe_standin,
+    stripe_sdk,
+    deliver,
+    monkeypatch,
+    django_capture_on_commit_callbacks,
+):
+    # given Pro, paid through Checkout, with a downgrade to Basic scheduled
+    _, org = member(Role.BILLING)
+    checkout(client, plan="pro")
+    stripe_standin.pay_checkout(CheckoutSession.objects.get(organization=org).stripe_session_id)
+    deliver()
+    assert checkout(client, plan="basic", confirmed="yes").status_code == 302
+    deliver()
+    sub = Subscription.objects.get(organization=org)
+    # and an upgrade to Enterprise whose first request Stripe did not answer (it may
+    # still land there for a minute)
+    billing_fixtures.stripe_holds_next_update(monkeypatch)
+    with django_capture_on_commit_callbacks(execute=False):
+        interrupted = checkout(client, plan="enterprise", confirmed="yes")
+    assert refused(interrupted, 503, "payments_unavailable")
+    before = (billing_fixtures.subscription_state(stripe_sdk, sub), billing_rows())
+
+    # when the member confirms it again within the minute
+    response = checkout(client, plan="enterprise", confirmed="yes")
+
+    # then the page again, saying in how many seconds to try, with a Retry-After as the
+    # API's; nothing sent to Stripe or written here
+    assert refused(response, 409, "change_pending"), (response.status_code, text(response)[-600:])
+    wait = int(response["Retry-After"])
+    assert 1 <= wait <= 60
+    assert f"Nothing was done: try again in {wait} seconds." in text(response)
+    assert (billing_fixtures.subscription_state(stripe_sdk, sub), billing_rows()) == before
 
 
 def test_buying_a_pack_goes_to_checkout_and_its_credits_show(

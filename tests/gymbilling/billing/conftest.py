@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +21,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import Organization, Scope
 from accounts.services import apikey_create, organization_create
+from gymbilling import stripe_client
 from gymbilling.services.catalog import catalog_seed_defaults, catalog_sync
 from gymbilling.stripe_client import API_VERSION
 from gymbilling.stripe_standin.webhooks import sign
@@ -193,3 +195,36 @@ def report_rows(group_by: str) -> dict[tuple[str, str, str], dict]:
         start=now - timedelta(days=1), end=now + timedelta(days=1), group_by=group_by
     )
     return {(row["group"], row["currency"], row["cost_currency"]): row for row in rows}
+
+
+def stripe_holds_next_update(monkeypatch) -> Callable[[], dict]:
+    """The next subscription update gets no answer (a timeout) and is not applied yet: it
+    may still land at Stripe, late. Returns what lands it, as Stripe would on its own (the
+    stand-in cannot hold a request by itself: its client module's call is wrapped, and the
+    held call is sent through later, with its own idempotency key)."""
+    real_update = stripe_client.subscription_update
+    held: list[tuple[tuple, dict]] = []
+
+    def held_then_lost(*args, **params):
+        if held:
+            return real_update(*args, **params)
+        held.append((args, params))
+        raise stripe_client.StripeUnavailable("Request timed out")
+
+    monkeypatch.setattr(stripe_client, "subscription_update", held_then_lost)
+
+    def land() -> dict:
+        [(args, params)] = held
+        return real_update(*args, **params)
+
+    return land
+
+
+def subscription_state(stripe_sdk, sub) -> tuple:
+    """Stripe's subscription and our row, whole, and the ledger: what a refused change
+    leaves as it found them."""
+    from gymbilling.models import Subscription
+    from tests.helpers import ledger_rows
+
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id).to_dict()
+    return at_stripe, Subscription.objects.filter(pk=sub.pk).values().get(), ledger_rows()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import requests
@@ -16,8 +16,9 @@ from django.utils import timezone
 from gymbilling import stripe_client
 from gymbilling.celery import app as celery_app
 from gymbilling.models import StripePrice, Subscription
-from gymbilling.services import subscriptions_downgrade_restore
+from gymbilling.services import subscription_downgrade_restore, subscriptions_downgrade_restore
 from gymbilling.services.checkout import LIFTED
+from tests.gymbilling.billing.conftest import stripe_holds_next_update, subscription_state
 from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -441,3 +442,90 @@ def test_an_earlier_upgrade_s_task_leaves_a_later_lift_to_its_own_delay(
     assert _at_stripe(stripe_sdk, sub) == (_price("basic"), "")
     assert Subscription.objects.get(pk=sub.pk).downgrade_restore_due_at is None
     assert not _update_invoices(stripe_sdk, sub)
+
+
+def _due_passed() -> datetime:
+    """A time past the minute after an unconfirmed change (the restore's `now`)."""
+    return timezone.now() + timedelta(minutes=2)
+
+
+def test_a_change_within_the_minute_after_a_lift_stripe_did_not_answer_is_refused(
+    customer, subscribed, stripe_sdk, deliver, monkeypatch, django_capture_on_commit_callbacks
+):
+    # given: Pro, paid for this period, with a downgrade to Basic scheduled, and an upgrade
+    # to Enterprise whose first request (the lift back to Pro) got no answer: nothing of it
+    # shows at Stripe yet (no marker), but it may still land there
+    sub = _pro_with_basic_scheduled(customer, subscribed, deliver)
+    land_lift = stripe_holds_next_update(monkeypatch)
+    with django_capture_on_commit_callbacks(execute=False):
+        first = customer.client.post(
+            "/api/v1/billing/checkout", {"plan": "enterprise"}, format="json"
+        )
+    assert first.status_code == 503, first.content
+    assert _at_stripe(stripe_sdk, sub) == (_price("basic"), "")
+    before = subscription_state(stripe_sdk, sub)
+
+    # when: the member sends a change within the minute (taking the downgrade back)
+    again = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: refused, saying when to try again, and nothing sent to Stripe or written here
+    # (run, it would be overridden by the lift landing late: Pro, marked, then Basic put
+    # back by the restore, the member's choice lost)
+    assert again.status_code == 409, again.content
+    error = again.json()["error"]
+    assert error["code"] == "change_pending"
+    assert 1 <= int(again["Retry-After"]) <= 60
+    assert f"try again in {again['Retry-After']} seconds" in error["message"]
+    assert subscription_state(stripe_sdk, sub) == before
+
+    # when: the lift lands at Stripe late, within its minute, and the restore runs once due
+    land_lift()
+    assert subscription_downgrade_restore(subscription_pk=sub.pk, now=_due_passed())
+
+    # then: Basic is back at Stripe, nothing due, nothing charged
+    assert _at_stripe(stripe_sdk, sub) == (_price("basic"), "")
+    assert Subscription.objects.get(pk=sub.pk).downgrade_restore_due_at is None
+    assert not _update_invoices(stripe_sdk, sub)
+
+    # and the same change goes through: the downgrade taken back, nothing charged
+    assert _change(customer, "pro")["kind"] == "change_canceled"
+    assert _at_stripe(stripe_sdk, sub) == (_price("pro"), "")
+    deliver()
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan) == ("pro", None)
+    assert not _update_invoices(stripe_sdk, sub)
+
+
+def test_a_change_within_the_minute_after_an_upgrade_stripe_did_not_answer_is_refused(
+    customer, subscribed, stripe_sdk, monkeypatch, django_capture_on_commit_callbacks
+):
+    # given: Basic, paid for this period, and an upgrade to Pro (nothing scheduled: one
+    # request) that got no answer and has not landed at Stripe yet
+    sub = subscribed("basic")
+    land_upgrade = stripe_holds_next_update(monkeypatch)
+    with django_capture_on_commit_callbacks(execute=False):
+        first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    assert first.status_code == 503, first.content
+    before = subscription_state(stripe_sdk, sub)
+
+    # when: the member asks for Enterprise within the minute
+    again = customer.client.post("/api/v1/billing/checkout", {"plan": "enterprise"}, format="json")
+
+    # then: refused, nothing sent or written (run, it would charge from Basic, and the lost
+    # upgrade landing after it would take Enterprise back to Pro)
+    assert again.status_code == 409, again.content
+    assert again.json()["error"]["code"] == "change_pending"
+    assert subscription_state(stripe_sdk, sub) == before
+
+    # when: the upgrade lands late, and the restore runs once due (nothing to put back)
+    land_upgrade()
+    assert not subscription_downgrade_restore(subscription_pk=sub.pk, now=_due_passed())
+
+    # then: Enterprise goes through, charged from Pro, the plan that landed
+    assert _change(customer, "enterprise")["kind"] == "subscription_updated"
+    # (each update invoice's first line is the unused time of the price it left)
+    charged_from = sorted(
+        i.lines.data[0].pricing.price_details.price for i in _update_invoices(stripe_sdk, sub)
+    )
+    assert charged_from == sorted([_price("basic"), _price("pro")])
+    assert _at_stripe(stripe_sdk, sub) == (_price("enterprise"), "")
