@@ -160,10 +160,11 @@ def test_listing_credits_drawn_for_one_organization_lists_nothing_of_the_other(s
 
 
 def test_a_key_drawn_for_one_organization_is_not_made_in_the_other_nor_counted(
-    client, member, settings
+    client, member, settings, fresh_window
 ):
     # given an owner of one organization and a member of another, on the first's keys page,
-    # with one dashboard change a minute
+    # with one dashboard change a minute (every POST below inside one window: fresh_window,
+    # or a refusal counted in one minute would not be seen in the next)
     settings.RATELIMIT_DASHBOARD_PER_USER = 1
     user, first = member(Role.OWNER)
     second = OrganizationFactory()
@@ -197,6 +198,11 @@ def test_a_key_drawn_for_one_organization_is_not_made_in_the_other_nor_counted(
     made = client.post("/dashboard/keys", form, acting_for=again)
     assert made.status_code == 201, made.content
     assert ApiKey.objects.get().organization == first
+    # and that key was the minute's one change: one more is refused, so the limit of one
+    # was in force all along, and it was the key, not the refusal, that spent it
+    over = client.post("/dashboard/keys", {**form, "name": "second"}, acting_for=again)
+    assert_refused(over, 429, "rate_limited")
+    assert list(ApiKey.objects.values_list("name", flat=True)) == ["ci"]
 
 
 def test_a_plan_change_confirmed_after_a_switch_changes_no_subscription(
