@@ -127,13 +127,14 @@ def _served(engine) -> float:
     return triton.scrape_metrics(engine.metrics_url).get("nv_inference_request_success", 0)
 
 
-def _served_when_idle(engine) -> float:
-    """The count once it has stopped moving for a second: everything sent was answered."""
-    served, still_since = _served(engine), time.monotonic()
+def _served_when_idle(engine, count=_served) -> float:
+    """`count` (the requests the engine's models answered, by default) once it has stopped
+    moving for a second: everything sent was answered."""
+    served, still_since = count(engine), time.monotonic()
     deadline = still_since + 15
     while time.monotonic() - still_since < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-        now = _served(engine)
+        now = count(engine)
         if now != served:
             served, still_since = now, time.monotonic()
     return served
@@ -735,7 +736,7 @@ def test_a_job_whose_dedicated_pool_takes_nothing_is_served_by_the_shared_pool(
 
 
 def test_a_job_whose_dedicated_server_dies_after_taking_it_is_served_by_the_shared_pool(
-    engine, shared_model, grant, monkeypatch
+    engine, triton_server, shared_model, grant, monkeypatch
 ):
     # given an organization whose dedicated server dies as soon as it has
     # taken the job's request (killed from the job's start, which runs once
@@ -751,13 +752,16 @@ def test_a_job_whose_dedicated_server_dies_after_taking_it_is_served_by_the_shar
         return start(self)
 
     monkeypatch.setattr(tasks._Start, "__call__", kill_then_start)
+    shared_served = _served_when_idle(triton_server, _ensemble_served)
 
     # when its fresh message runs
     status = _run(job, _spec(job))
 
     # then the request was out at the dedicated server when the job started,
-    # once; the shared pool served it all; it was billed once
+    # once; the shared pool's server answered it (its ensemble one request more,
+    # which the dedicated server answering instead would not move); it was billed once
     assert starts == [1]
+    assert _served_when_idle(triton_server, _ensemble_served) == shared_served + 1
     job = Job.objects.get(pk=job.pk)
     assert status == job.status == JobStatus.SUCCEEDED
     assert job.output_tokens == 544 and job.started_at is not None
