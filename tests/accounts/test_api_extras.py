@@ -21,13 +21,27 @@ def test_a_key_created_with_its_own_limit_is_held_to_it(org, admin_client, fresh
     assert created.status_code == 201, created.content
     assert created.json()["requests_per_minute"] == 2
     client = key_client(created.json()["key"])
+    org_limit = org.requests_per_minute
 
     # when it makes three requests
-    statuses = [client.get("/api/v1/credits/balance").status_code for _ in range(3)]
+    responses = [client.get("/api/v1/credits/balance") for _ in range(3)]
 
-    # then the third is refused while the organization's limit is untouched
-    assert statuses == [200, 200, 429]
+    # then the third is refused by the key's own ceiling
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    error = responses[2].json()["error"]
+    assert (error["code"], error["limit"]) == ("rate_limited", 2)
+    assert "API key" in error["message"]
     assert ApiKey.objects.get(pk=created.json()["id"]).requests_per_minute == 2
+    # while the organization's limit is untouched: its ceiling as it was, and its window
+    # holding only what was served (the key's creation and the two), not the refusal
+    org.refresh_from_db()
+    assert org.requests_per_minute == org_limit
+    other = admin_client.get("/api/v1/keys")
+    assert other.status_code == 200
+    assert (other["x-ratelimit-limit-requests"], other["x-ratelimit-remaining-requests"]) == (
+        str(org_limit),
+        str(org_limit - 4),  # the creation, the two, and this one
+    )
 
 
 def test_a_zero_key_limit_is_refused_and_creates_nothing(org, admin_client):
