@@ -11,6 +11,7 @@ import pytest
 
 from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, concurrency_release, rate_limit_consume
+from accounts.redis import get_redis
 from inference.models import Job
 from inference.services.jobs import prompt_tokens_count
 from metering.selectors import organization_balance
@@ -47,19 +48,22 @@ def test_a_job_past_the_concurrency_limit_takes_no_tokens_and_no_credits(grant, 
     assert submit_job(org, MODEL).status == "queued"
 
 
-def test_a_priority_above_the_plans_is_refused_and_takes_nothing(grant):
+def test_a_priority_above_the_plans_is_refused_and_takes_nothing(grant, fresh_window):
     # given an organization whose plan allows up to standard priority
     served_model(MODEL)
-    org = OrganizationFactory(max_priority="standard")
+    org = OrganizationFactory(max_priority="standard", tokens_per_minute=1_000)
     grant(org, credits(10))
+    tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
     rows, balance = ledger_rows(), organization_balance(organization=org)
 
     # when a job asks for priority
     with pytest.raises(ApplicationError) as refused:
         submit_job(org, MODEL, priority="priority")
 
-    # then it is refused, and nothing was held or written
+    # then it is refused, and took nothing: no tokens, no slot, no hold, no row
     assert (refused.value.code, refused.value.status) == ("priority_not_in_plan", 403)
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 1_000
+    assert get_redis().zcard(f"conc:org:{org.pk}") == 0
     assert (ledger_rows(), organization_balance(organization=org)) == (rows, balance)
     assert not Job.objects.filter(organization=org).exists()
     # while batch and standard are admitted, each on its own priority
