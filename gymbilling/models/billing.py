@@ -269,8 +269,9 @@ class Subscription(models.Model):
     # When a scheduled downgrade that an interrupted upgrade lifted at Stripe is to be put
     # back (services.checkout._lift_undo_later); null when none is. Kept here, not only
     # in a task's retries, so the sweep puts it back however long Stripe was down. Set
-    # after any upgrade (or its lift) Stripe did not answer: until it is due, the lost
-    # request may still land there, and every plan change is refused (change_pending).
+    # after any plan change (or an upgrade's lift) Stripe did not answer: until it is due,
+    # the lost request may still land there, and every plan change is refused
+    # (change_pending).
     downgrade_restore_due_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     synced_at = models.DateTimeField(auto_now=True)

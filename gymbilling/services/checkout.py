@@ -412,16 +412,17 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             metadata={"plan": plan.code, LIFTED: ""},
         )
     except stripe_client.StripeUnavailable:
-        if upgrade:
-            # Unknown whether the upgrade was made (Stripe may have applied it and the
-            # answer been lost, or apply it late): a change run before it could land would
-            # be overridden by it, charged from what that change left (refused until then:
-            # _refuse_while_unconfirmed). After a lift, putting the downgrade back now could
-            # undo a paid upgrade. The upgrade clears the marker in the same request, so a
-            # marker still there later says it was not made, and the downgrade goes back
-            # then (by a task, or by this subscription's next change, whichever is first);
-            # with no lift, the task finds no marker and only ends the wait.
-            _lift_undo_later(subscription, countdown=_LIFT_UNDO_DELAY_S)
+        # Unknown whether the change was made (Stripe may have applied it and the answer
+        # been lost, or apply it late): a change run before it could land would be
+        # overridden by it (refused until then: _refuse_while_unconfirmed). An upgrade
+        # landing late is charged from what that change left; a downgrade landing late
+        # sets the item back to the cheaper price after an upgrade paid for the period.
+        # After a lift, putting the downgrade back now could undo a paid upgrade. The
+        # change clears the marker in the same request, so a marker still there later
+        # says it was not made, and the downgrade goes back then (by a task, or by this
+        # subscription's next change, whichever is first); with no lift, the task finds
+        # no marker and only ends the wait.
+        _lift_undo_later(subscription, countdown=_LIFT_UNDO_DELAY_S)
         if lifted is not None:
             raise _unavailable_lifted(plan=subscription.scheduled_plan) from None
         raise _unavailable_change(upgrade=upgrade) from None

@@ -529,3 +529,39 @@ def test_a_change_within_the_minute_after_an_upgrade_stripe_did_not_answer_is_re
     )
     assert charged_from == sorted([_price("basic"), _price("pro")])
     assert _at_stripe(stripe_sdk, sub) == (_price("enterprise"), "")
+
+
+def test_a_change_within_the_minute_after_a_downgrade_stripe_did_not_answer_is_refused(
+    customer, subscribed, stripe_sdk, monkeypatch, django_capture_on_commit_callbacks
+):
+    # given: Pro, paid for this period, and a downgrade to Basic that got no answer and
+    # has not landed at Stripe yet
+    sub = subscribed("pro")
+    land_downgrade = stripe_holds_next_update(monkeypatch)
+    with django_capture_on_commit_callbacks(execute=False):
+        first = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    assert first.status_code == 503, first.content
+    before = subscription_state(stripe_sdk, sub)
+
+    # when: the member asks for Enterprise within the minute
+    again = customer.client.post("/api/v1/billing/checkout", {"plan": "enterprise"}, format="json")
+
+    # then: refused, nothing sent or written (run, it would charge the upgrade from Pro,
+    # and the lost downgrade landing after it would set the paid-for Enterprise item back
+    # to Basic's price)
+    assert again.status_code == 409, again.content
+    assert again.json()["error"]["code"] == "change_pending"
+    assert subscription_state(stripe_sdk, sub) == before
+
+    # when: the downgrade lands late, and the restore runs once due (nothing to put back)
+    land_downgrade()
+    assert not subscription_downgrade_restore(subscription_pk=sub.pk, now=_due_passed())
+
+    # then: Enterprise goes through, charged from Pro, the plan paid for this period (the
+    # downgrade that landed is lifted first), and the item is Enterprise's
+    assert _change(customer, "enterprise")["kind"] == "subscription_updated"
+    charged_from = [
+        i.lines.data[0].pricing.price_details.price for i in _update_invoices(stripe_sdk, sub)
+    ]
+    assert charged_from == [_price("pro")]
+    assert _at_stripe(stripe_sdk, sub) == (_price("enterprise"), "")
