@@ -496,72 +496,55 @@ def test_a_change_within_the_minute_after_a_lift_stripe_did_not_answer_is_refuse
     assert not _update_invoices(stripe_sdk, sub)
 
 
-def test_a_change_within_the_minute_after_an_upgrade_stripe_did_not_answer_is_refused(
-    customer, subscribed, stripe_sdk, monkeypatch, django_capture_on_commit_callbacks
+@pytest.mark.parametrize(
+    "paid, lost, charged_from",
+    [
+        # An upgrade to Pro (nothing scheduled: one request): run before it landed,
+        # Enterprise would be charged from Basic, and the upgrade landing after it would
+        # take Enterprise back to Pro. Landed, each is charged from the plan it left.
+        ("basic", "pro", ["basic", "pro"]),
+        # A downgrade to Basic: landing after Enterprise, it would set the item paid for
+        # the period back to Basic's price. Landed, it is lifted first: Enterprise is
+        # charged from Pro, the plan paid for this period.
+        ("pro", "basic", ["pro"]),
+    ],
+)
+def test_a_change_within_the_minute_after_a_change_stripe_did_not_answer_is_refused(
+    customer,
+    subscribed,
+    stripe_sdk,
+    monkeypatch,
+    django_capture_on_commit_callbacks,
+    paid,
+    lost,
+    charged_from,
 ):
-    # given: Basic, paid for this period, and an upgrade to Pro (nothing scheduled: one
-    # request) that got no answer and has not landed at Stripe yet
-    sub = subscribed("basic")
-    land_upgrade = stripe_holds_next_update(monkeypatch)
-    with django_capture_on_commit_callbacks(execute=False):
-        first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
-    assert first.status_code == 503, first.content
-    before = subscription_state(stripe_sdk, sub)
-
-    # when: the member asks for Enterprise within the minute
-    again = customer.client.post("/api/v1/billing/checkout", {"plan": "enterprise"}, format="json")
-
-    # then: refused, nothing sent or written (run, it would charge from Basic, and the lost
-    # upgrade landing after it would take Enterprise back to Pro)
-    assert again.status_code == 409, again.content
-    assert again.json()["error"]["code"] == "change_pending"
-    assert subscription_state(stripe_sdk, sub) == before
-
-    # when: the upgrade lands late, and the restore runs once due (nothing to put back)
-    land_upgrade()
-    assert not subscription_downgrade_restore(subscription_pk=sub.pk, now=_due_passed())
-
-    # then: Enterprise goes through, charged from Pro, the plan that landed
-    assert _change(customer, "enterprise")["kind"] == "subscription_updated"
-    # (each update invoice's first line is the unused time of the price it left)
-    charged_from = sorted(
-        i.lines.data[0].pricing.price_details.price for i in _update_invoices(stripe_sdk, sub)
-    )
-    assert charged_from == sorted([_price("basic"), _price("pro")])
-    assert _at_stripe(stripe_sdk, sub) == (_price("enterprise"), "")
-
-
-def test_a_change_within_the_minute_after_a_downgrade_stripe_did_not_answer_is_refused(
-    customer, subscribed, stripe_sdk, monkeypatch, django_capture_on_commit_callbacks
-):
-    # given: Pro, paid for this period, and a downgrade to Basic that got no answer and
+    # given: a plan paid for this period, and a change to another that got no answer and
     # has not landed at Stripe yet
-    sub = subscribed("pro")
-    land_downgrade = stripe_holds_next_update(monkeypatch)
+    sub = subscribed(paid)
+    land = stripe_holds_next_update(monkeypatch)
     with django_capture_on_commit_callbacks(execute=False):
-        first = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+        first = customer.client.post("/api/v1/billing/checkout", {"plan": lost}, format="json")
     assert first.status_code == 503, first.content
     before = subscription_state(stripe_sdk, sub)
 
     # when: the member asks for Enterprise within the minute
     again = customer.client.post("/api/v1/billing/checkout", {"plan": "enterprise"}, format="json")
 
-    # then: refused, nothing sent or written (run, it would charge the upgrade from Pro,
-    # and the lost downgrade landing after it would set the paid-for Enterprise item back
-    # to Basic's price)
+    # then: refused, nothing sent or written
     assert again.status_code == 409, again.content
     assert again.json()["error"]["code"] == "change_pending"
     assert subscription_state(stripe_sdk, sub) == before
 
-    # when: the downgrade lands late, and the restore runs once due (nothing to put back)
-    land_downgrade()
+    # when: the lost change lands late, and the restore runs once due (nothing to put back)
+    land()
     assert not subscription_downgrade_restore(subscription_pk=sub.pk, now=_due_passed())
 
-    # then: Enterprise goes through, charged from Pro, the plan paid for this period (the
-    # downgrade that landed is lifted first), and the item is Enterprise's
+    # then: Enterprise goes through, charged as the parameters say, and the item is
+    # Enterprise's (each update invoice's first line is the unused time of the price it
+    # left)
     assert _change(customer, "enterprise")["kind"] == "subscription_updated"
-    charged_from = [
+    assert sorted(
         i.lines.data[0].pricing.price_details.price for i in _update_invoices(stripe_sdk, sub)
-    ]
-    assert charged_from == [_price("pro")]
+    ) == sorted(_price(plan) for plan in charged_from)
     assert _at_stripe(stripe_sdk, sub) == (_price("enterprise"), "")
