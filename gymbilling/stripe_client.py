@@ -197,11 +197,22 @@ def meter_ensure(*, event_name: str, display_name: str) -> dict:
 
     Looked for among every meter, page after page: its creation's idempotency key lasts
     a day at Stripe, so a meter missed past the first page would be made a second time
-    for the same events (or refused as a duplicate event name)."""
+    for the same events (or refused as a duplicate event name).
+
+    Only an active meter takes events. One deactivated (by hand, in the dashboard) is
+    reactivated rather than replaced: the metered prices already name it, so events
+    counted on a new meter would be billed on none of them."""
     v1 = _client().v1
+    inactive = None
     for meter in _pages(v1.billing.meters.list):
-        if meter.get("event_name") == event_name:
+        if meter.get("event_name") != event_name:
+            continue
+        if meter.get("status") == "active":
             return meter
+        # Newest first: of several deactivated meters for the name, the latest is taken.
+        inactive = inactive or meter
+    if inactive is not None:
+        return _meter_reactivate(inactive)
     return _call(
         v1.billing.meters.create,
         key=f"meter:{event_name}",
@@ -211,6 +222,13 @@ def meter_ensure(*, event_name: str, display_name: str) -> dict:
         customer_mapping={"event_payload_key": "stripe_customer_id", "type": "by_id"},
         value_settings={"event_payload_key": "value"},
     )
+
+
+def _meter_reactivate(meter: dict) -> dict:
+    # No key of ours, as for price_deactivate: setting a status is safe to send twice, and
+    # a fixed key would replay (Stripe keeps keys a day) the answer of an earlier
+    # reactivation, leaving a meter deactivated again since then inactive.
+    return _call(_client().v1.billing.meters.reactivate, meter["id"])
 
 
 # --- customers, checkout, portal ------------------------------------------------

@@ -224,6 +224,28 @@ def _meter_deactivate(*, id: str, **_ignored: Any) -> Meter:
     meter = stored("billing.meter", id)
     meter.status = "inactive"
     meter.status_transitions["deactivated_at"] = now()
+    meter.updated = now()
+    return meter
+
+
+def _meter_reactivate(*, id: str, **_ignored: Any) -> Meter:
+    """Stripe's reactivate: events are accepted again and `deactivated_at` is cleared. An
+    event name has at most one active meter, so reactivating one whose name another active
+    meter has taken since is refused, as creating it would be."""
+    meter = stored("billing.meter", id)
+    if any(
+        m.id != meter.id and m.event_name == meter.event_name and m.status == "active"
+        for m in objects_of("billing.meter")
+    ):
+        raise stripe_error(
+            400,
+            f"An active meter already uses event_name '{meter.event_name}'.",
+            code="resource_already_exists",
+            param="event_name",
+        )
+    meter.status = "active"
+    meter.status_transitions["deactivated_at"] = None
+    meter.updated = now()
     return meter
 
 
@@ -232,6 +254,7 @@ routes = [
     ("GET", "/v1/billing/meters", api(_meter_list)),
     ("GET", "/v1/billing/meters/{id}", api(_meter_get)),
     ("POST", "/v1/billing/meters/{id}/deactivate", api(_meter_deactivate)),
+    ("POST", "/v1/billing/meters/{id}/reactivate", api(_meter_reactivate)),
     ("POST", "/v1/billing/meter_events", api(meter_event_create)),
     ("GET", "/_config/meter_events", config_meter_events),
 ]

@@ -108,3 +108,66 @@ def test_the_overage_meter_past_stripes_first_page_is_found_not_made_again(
         if m.event_name == event_name
     ]
     assert same_events == [made["id"]]
+
+
+def _meter_params(event_name: str) -> dict:
+    return {
+        "display_name": "Overage credits",
+        "event_name": event_name,
+        "default_aggregation": {"formula": "sum"},
+    }
+
+
+def _meters_for(stripe_sdk, event_name: str) -> dict[str, str]:
+    return {
+        m.id: m.status
+        for m in stripe_sdk.v1.billing.meters.list(params={"limit": 100}).auto_paging_iter()
+        if m.event_name == event_name
+    }
+
+
+def test_the_active_overage_meter_is_taken_over_a_newer_deactivated_one(stripe_sdk):
+    # given: a meter for the overage events that was deactivated, then the active one made
+    # since, then a newer meter for the same events made and deactivated too (Stripe lists
+    # newest first, so a deactivated meter comes first)
+    event_name = f"gym_overage_{uuid.uuid4().hex[:10]}"
+    active = stripe_sdk.v1.billing.meters.create(params=_meter_params(event_name))
+    stripe_sdk.v1.billing.meters.deactivate(active.id)
+    newer = stripe_sdk.v1.billing.meters.create(params=_meter_params(event_name))
+    stripe_sdk.v1.billing.meters.deactivate(newer.id)
+    stripe_sdk.v1.billing.meters.reactivate(active.id)
+
+    # when: the catalog sync ensures the meter
+    found = stripe_client.meter_ensure(event_name=event_name, display_name="Overage credits")
+
+    # then: the active meter is the one overage is reported to; the other stays deactivated
+    assert found["id"] == active.id and found["status"] == "active"
+    assert _meters_for(stripe_sdk, event_name) == {active.id: "active", newer.id: "inactive"}
+
+
+def test_a_deactivated_overage_meter_is_reactivated_not_made_again(stripe_standin, stripe_sdk):
+    # given: the overage meter, deactivated by hand in the dashboard more than a day after
+    # it was made (Stripe has forgotten its creation's idempotency key)
+    event_name = f"gym_overage_{uuid.uuid4().hex[:10]}"
+    made = stripe_client.meter_ensure(event_name=event_name, display_name="Overage credits")
+    stripe_sdk.v1.billing.meters.deactivate(made["id"])
+    stripe_standin.expire_idempotency_keys()
+
+    # when: the catalog sync ensures the meter again
+    found = stripe_client.meter_ensure(event_name=event_name, display_name="Overage credits")
+
+    # then: the same meter is active again, no second one was made, and it takes events
+    assert found["id"] == made["id"] and found["status"] == "active"
+    assert found["status_transitions"]["deactivated_at"] is None
+    assert _meters_for(stripe_sdk, event_name) == {made["id"]: "active"}
+    buyer = stripe_sdk.v1.customers.create(params={"name": "Lifting Club"})
+    stripe_client.meter_event_create(
+        event_name=event_name,
+        customer=buyer.id,
+        value=5,
+        identifier=f"overage-{uuid.uuid4().hex}",
+        timestamp=made["created"],
+    )
+    assert [(e["meter"], e["value"]) for e in stripe_standin.meter_events(buyer.id)] == [
+        (made["id"], "5")
+    ]

@@ -256,6 +256,51 @@ def test_cancel_at_period_end_cancels_on_advance(stripe_client, stripe_standin, 
     webhook_receiver.wait_for("customer.subscription.deleted", subscription.id)
 
 
+def test_a_deactivated_meter_refuses_events_until_reactivated_unless_its_name_is_taken(
+    stripe_client, stripe_standin
+):
+    # given a meter for an event name, deactivated, and a customer to report usage for
+    event_name = _unique("tokens")
+    meter_params = {
+        "display_name": "Tokens",
+        "event_name": event_name,
+        "default_aggregation": {"formula": "sum"},
+    }
+    meter = stripe_client.v1.billing.meters.create(params=meter_params)
+    customer = stripe_client.v1.customers.create(params={"name": "Lifting Club"}).id
+    stripe_client.v1.billing.meters.deactivate(meter.id)
+
+    def report(identifier: str) -> None:
+        stripe_client.v1.billing.meter_events.create(
+            params={
+                "event_name": event_name,
+                "identifier": identifier,
+                "payload": {"stripe_customer_id": customer, "value": "7"},
+            }
+        )
+
+    # when usage is reported to it, then it is refused: no active meter has the name
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        report("while-inactive")
+    assert refused.value.code == "resource_missing"
+
+    # when it is reactivated, then it takes events again, and says it is no longer deactivated
+    reactivated = stripe_client.v1.billing.meters.reactivate(meter.id)
+    assert reactivated.status == "active"
+    assert reactivated.status_transitions.deactivated_at is None
+    report("after-reactivation")
+    assert [e["meter"] for e in stripe_standin.meter_events(customer)] == [meter.id]
+
+    # when it is deactivated, a second meter takes its name, and the first is reactivated,
+    # then that is refused as creating a second active meter for the name would be
+    stripe_client.v1.billing.meters.deactivate(meter.id)
+    stripe_client.v1.billing.meters.create(params=meter_params)
+    with pytest.raises(stripe.InvalidRequestError) as taken:
+        stripe_client.v1.billing.meters.reactivate(meter.id)
+    assert taken.value.code == "resource_already_exists"
+    assert stripe_client.v1.billing.meters.retrieve(meter.id).status == "inactive"
+
+
 def test_meter_events_refuse_duplicates_and_bill_usage_on_the_next_cycle(
     stripe_client, stripe_standin
 ):
