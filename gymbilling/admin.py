@@ -390,10 +390,11 @@ class ShortfallRefundFilter(admin.SimpleListFilter):
             ("waiting", "Waiting to be sent"),
             ("refunded", "Refunded"),
             ("resolved", "Refunded by hand (finance)"),
+            ("twice", "Refunded twice: by Stripe and by hand (finance)"),
         ]
 
     def queryset(self, request, queryset):
-        from gymbilling.market.services import SHORTFALL_REFUND_REFUSED
+        from gymbilling.market.services import SHORTFALL_REFUND_REFUSED, SHORTFALL_REFUNDED_TWICE
 
         owed = queryset.filter(shortfall_amount__gt=0)
         if self.value() == "refused":
@@ -406,6 +407,8 @@ class ShortfallRefundFilter(admin.SimpleListFilter):
             return owed.filter(shortfall_refunded_at__isnull=False)
         if self.value() == "resolved":
             return owed.filter(shortfall_refund_resolved_at__isnull=False)
+        if self.value() == "twice":
+            return queryset.filter(SHORTFALL_REFUNDED_TWICE)
         return queryset
 
 

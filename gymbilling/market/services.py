@@ -1024,6 +1024,44 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
         or not order.stripe_payment_intent_id
     ):
         return False
+    claimed = _shortfall_refund_claim(order)
+    if claimed is None:
+        return False
+    try:
+        return _shortfall_refund_send(order, retrying=retrying)
+    finally:
+        _shortfall_refund_unclaim(order, claimed)
+
+
+def _shortfall_refund_claim(order: MarketOrder) -> datetime | None:
+    """Mark the order's refund as being sent, if it is still as read (not refunded, not
+    resolved by hand, refused or not as it was): the time of the claim, or None.
+
+    A conditional UPDATE, committed before Stripe is called (no lock is held over the
+    call): finance's resolution (order_shortfall_refund_resolve) is refused while it
+    stands, so a send Stripe takes cannot land on an order finance has just refunded by
+    hand. A claim older than this one (its process died mid-call) is taken over: the
+    send below asks Stripe first, and its key is the one the dead send used."""
+    claimed_at = timezone.now()
+    claimed = MarketOrder.objects.filter(
+        pk=order.pk,
+        shortfall_refunded_at__isnull=True,
+        shortfall_refund_resolved_at__isnull=True,
+        shortfall_refund_refused_at=order.shortfall_refund_refused_at,
+    ).update(shortfall_refund_sending_at=claimed_at)
+    return claimed_at if claimed else None
+
+
+def _shortfall_refund_unclaim(order: MarketOrder, claimed_at: datetime) -> None:
+    # Only this send's claim: another send that took it over is still talking to Stripe.
+    MarketOrder.objects.filter(pk=order.pk, shortfall_refund_sending_at=claimed_at).update(
+        shortfall_refund_sending_at=None
+    )
+
+
+def _shortfall_refund_send(order: MarketOrder, *, retrying: bool) -> bool:
+    """order_shortfall_refund's call to Stripe, and what its answer leaves on the order."""
+    refused_at = order.shortfall_refund_refused_at
     key = f"market-shortfall:{order.pk}"
     if refused_at is not None:
         # Stripe keeps a refused request's answer under its key for about a day: the
@@ -1087,7 +1125,36 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
         shortfall_refund_error="",
         shortfall_refund_id=str(made.get("id") or ""),
     )
+    _shortfall_refunded_twice_report(order.pk)
     return True
+
+
+# Orders whose shortfall Stripe refunded and finance also refunded by hand: the buyer has
+# it twice (the admin's "refunded twice" list). The claim of a send
+# (_shortfall_refund_claim) keeps it from happening but for two sends of one order at
+# once, one of which finishes while the other is still at Stripe.
+SHORTFALL_REFUNDED_TWICE = Q(
+    shortfall_amount__gt=0,
+    shortfall_refunded_at__isnull=False,
+    shortfall_refund_resolved_at__isnull=False,
+)
+
+
+def _shortfall_refunded_twice_report(order_id: int) -> None:
+    order = (
+        MarketOrder.objects.filter(SHORTFALL_REFUNDED_TWICE, pk=order_id)
+        .select_related("shortfall_refund_resolved_by")
+        .first()
+    )
+    if order is not None:
+        logger.error(
+            "market order %s: shortfall of %s %s refunded twice: by Stripe (refund %s) and %s",
+            order.pk,
+            order.shortfall_amount,
+            order.currency,
+            order.shortfall_refund_id,
+            shortfall_refund_resolution(order),
+        )
 
 
 def _shortfall_refund_to_finance(order: MarketOrder, *, error: str) -> None:
@@ -1135,7 +1202,10 @@ def order_shortfall_refund_resolve(*, order_id: int, note: str, actor) -> Market
         )
     # One conditional UPDATE: of two finance resolving at once, or a resolution racing
     # the retry that refunds it, one wins and the other is told why below.
-    resolved = MarketOrder.objects.filter(SHORTFALL_REFUND_REFUSED, pk=order_id).update(
+    # Not while a send is at Stripe (_shortfall_refund_claim): it may yet refund the buyer.
+    resolved = MarketOrder.objects.filter(
+        SHORTFALL_REFUND_REFUSED, pk=order_id, shortfall_refund_sending_at__isnull=True
+    ).update(
         shortfall_refund_resolved_at=timezone.now(),
         shortfall_refund_resolved_by=actor,
         shortfall_refund_resolved_note=note[:500],
@@ -1184,6 +1254,15 @@ def _not_resolvable(order: MarketOrder) -> ApplicationError:
         return ApplicationError(
             code="shortfall_refund_resolved",
             message=f"Already {shortfall_refund_resolution(order)}.",
+            status=409,
+        )
+    if order.shortfall_refund_sending_at is not None and not order.shortfall_refunded_at:
+        return ApplicationError(
+            code="shortfall_refund_sending",
+            message="A retry has been sending this shortfall refund to Stripe since "
+            f"{order.shortfall_refund_sending_at.isoformat(timespec='seconds')}: Stripe may "
+            "yet refund the buyer. Look again once it is done; if it stopped (an error), "
+            "retry it: it records a refund Stripe took rather than making another.",
             status=409,
         )
     state = (

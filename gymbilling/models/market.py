@@ -147,6 +147,12 @@ class MarketOrder(models.Model):
         related_name="+",
     )
     shortfall_refund_resolved_note = models.CharField(max_length=500, blank=True)
+    # A send of the shortfall refund (the sweep's, finance's retry) is talking to Stripe
+    # since then: claimed before the call, cleared after it, whatever Stripe said. Finance
+    # cannot mark the order resolved meanwhile (Stripe may yet take the refund, and the
+    # buyer would have it twice). Left set by a process that died mid-call: the next
+    # send, which finds a refund Stripe took rather than making another, clears it.
+    shortfall_refund_sending_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     closed_at = models.DateTimeField(null=True, blank=True)
 

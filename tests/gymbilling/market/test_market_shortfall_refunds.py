@@ -8,6 +8,7 @@ refund made at the stand-in under a key of the test's own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from html import escape
 
@@ -20,6 +21,7 @@ from accounts.models import AuditEvent, User
 from gymbilling import stripe_client
 from gymbilling.market.services import (
     SHORTFALL_REASON,
+    _shortfall_refund_claim,
     order_shortfall_refund_resolve,
     order_shortfall_refund_retry,
     orders_expire,
@@ -424,3 +426,128 @@ def test_a_shortfall_refund_resolved_twice_keeps_the_first_resolution(refused_sh
         "Refunded by bank transfer, ref BT-7",
     )
     assert AuditEvent.objects.filter(action="market.shortfall_refund_resolved").count() == 1
+
+
+# --- a resolution racing finance's retry of the same refund ------------------------------
+
+
+def at_stripe_meanwhile(monkeypatch, during: Callable[[], object]) -> list:
+    """While the next shortfall refund is at Stripe (sent, not yet answered), `during` runs;
+    then Stripe takes the refund. The stand-in cannot hold a request by itself: the client
+    module's call is wrapped, the held one sent through afterwards as it was. Returns what
+    `during` returned or raised (once it has run)."""
+    real_refund_create = stripe_client.refund_create
+    outcome: list = []
+
+    def held(**params):
+        if outcome:  # `during`'s own sends go straight through
+            return real_refund_create(**params)
+        try:
+            outcome.append(during())
+        except ApplicationError as exc:
+            outcome.append(exc)
+        return real_refund_create(**params)
+
+    monkeypatch.setattr(stripe_client, "refund_create", held)
+    return outcome
+
+
+def test_a_refund_being_retried_cannot_be_marked_resolved_until_stripe_answers(
+    monkeypatch, market_stripe, refused_shortfall
+):
+    # given: a refused shortfall refund, and finance marking it resolved (refunded by hand)
+    # while a colleague's retry of it is at Stripe, which takes it
+    order, intent = refused_shortfall
+    finance = staff_with(*FINANCE)
+    meanwhile = at_stripe_meanwhile(
+        monkeypatch, lambda: note_sent(finance, order, "Refunded by bank transfer")
+    )
+
+    # when: the retry runs
+    refunded = order_shortfall_refund_retry(order_id=order.pk)
+
+    # then: the resolution was refused, saying a retry was at Stripe; the buyer has the
+    # shortfall back once, by Stripe, and nothing says it was refunded by hand
+    assert refunded
+    [message] = shown(meanwhile[0])
+    assert message.startswith(f"order {order.pk}: A retry has been sending this shortfall")
+    assert message.endswith("(shortfall_refund_sending)")
+    assert market_stripe.refunded(intent) == 30
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None and order.shortfall_refund_sending_at is None
+    assert (order.shortfall_refund_resolved_at, order.shortfall_refund_resolved_note) == (None, "")
+    assert not AuditEvent.objects.filter(action="market.shortfall_refund_resolved").exists()
+    # and resolving it now is refused as refunded by Stripe
+    user = User.objects.get(pk=finance.session["_auth_user_id"])
+    with pytest.raises(ApplicationError) as late:
+        order_shortfall_refund_resolve(order_id=order.pk, note="by hand", actor=user)
+    assert late.value.code == "shortfall_refund_not_refused"
+
+
+def test_a_retry_that_died_at_stripe_holds_off_resolution_until_retried(
+    market_stripe, refused_shortfall
+):
+    # given: a retry of a refused shortfall refund claimed the order and reached Stripe,
+    # which took it, and its process died before the answer came back
+    order, intent = refused_shortfall
+    assert _shortfall_refund_claim(order) is not None
+    taken = made_with_answer_lost(order, intent, amount=30)
+    user = User.objects.get(pk=staff_with(*FINANCE).session["_auth_user_id"])
+
+    # when: finance marks it resolved, then, told to, retries it
+    with pytest.raises(ApplicationError) as sending:
+        order_shortfall_refund_resolve(order_id=order.pk, note="by hand", actor=user)
+    order_shortfall_refund_retry(order_id=order.pk)
+
+    # then: the resolution was refused (409); the retry recorded the refund Stripe took,
+    # made no other, and left no claim behind
+    assert (sending.value.code, sending.value.status) == ("shortfall_refund_sending", 409)
+    assert_recorded(order, taken)
+    assert order.shortfall_refund_sending_at is None and order.shortfall_refund_resolved_at is None
+    assert market_stripe.refunded(intent) == 30
+
+
+def test_a_shortfall_refunded_by_stripe_after_finance_resolved_it_is_flagged_refunded_twice(
+    monkeypatch, caplog, market_stripe, refused_shortfall, buyer, django_capture_on_commit_callbacks
+):
+    # given: two retries of one refused shortfall refund at once: the second fails to
+    # reach Stripe while the first is at Stripe, and finance then marks it resolved; and
+    # another order's shortfall refunded by Stripe alone
+    order, intent = refused_shortfall
+    other, _ = shortfall_unrefunded(market_stripe, buyer, django_capture_on_commit_callbacks)
+    orders_expire()
+    assert MarketOrder.objects.get(pk=other.pk).shortfall_refunded_at is not None
+    finance = staff_with(*FINANCE)
+
+    def second_retry_then_resolution():
+        market_stripe.down = True
+        order_shortfall_refund_retry(order_id=order.pk)
+        market_stripe.down = False
+        return note_sent(finance, order, "Refunded by bank transfer, ref BT-9")
+
+    meanwhile = at_stripe_meanwhile(monkeypatch, second_retry_then_resolution)
+
+    # when: Stripe takes the first retry's refund
+    with caplog.at_level(logging.ERROR):
+        order_shortfall_refund_retry(order_id=order.pk)
+
+    # then: the buyer had it twice, and finance is told: the error log names both refunds,
+    # the admin lists the order as refunded twice, and its page shows both
+    assert shown(meanwhile[0]) == [f"order {order.pk}: resolved"]
+    assert market_stripe.refunded(intent) == 30
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None and order.shortfall_refund_resolved_at
+    [logged] = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and "twice" in r.message
+    ]
+    assert logged.startswith(
+        f"market order {order.pk}: shortfall of 30 usd refunded twice: by Stripe "
+        f"(refund {order.shortfall_refund_id}) and resolved by hand by "
+    )
+    assert logged.endswith(": Refunded by bank transfer, ref BT-9")
+    twice = finance.get(CHANGELIST, {"shortfall_refund": "twice"})
+    assert [o.pk for o in twice.context["cl"].result_list] == [order.pk]  # not `other`
+    page = finance.get(f"{CHANGELIST}{order.pk}/change/").content.decode()
+    assert order.shortfall_refund_id in page and "Refunded by bank transfer, ref BT-9" in page
