@@ -325,6 +325,21 @@ def job_settled(organization, charged: int, *, job_id: str | None = None, **usag
     )
 
 
+def job_state(job) -> tuple:
+    """A job's row and its hold's, whole, the ledger's row counts and its organization's
+    balance: what a message or a sweep that must leave the job alone leaves as it was."""
+    from inference.models import Job
+    from metering.models import Hold
+    from metering.selectors import organization_balance
+
+    return (
+        Job.objects.filter(pk=job.pk).values().get(),
+        Hold.objects.filter(key=job.public_id).values().get(),
+        ledger_rows(),
+        organization_balance(organization=job.organization),
+    )
+
+
 class StatementLog:
     """Every statement sent through Django's connection, the prepared ones (accounts.sql) too.
 

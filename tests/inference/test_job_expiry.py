@@ -26,7 +26,7 @@ from metering.services import hold_place, holds_expire
 from metering.services.holds import HOLD_EXPIRY_FORCED_AFTER
 from metering.signals import hold_expired
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, ledger_rows, served_model, wait_until
+from tests.helpers import credits, job_state, ledger_rows, served_model, wait_until
 from tests.inference import test_callbacks as callback_fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -139,12 +139,14 @@ def test_a_settled_job_is_left_alone_by_the_sweep(open_job):
         outcome=Outcome(text="ok", input_tokens=7, output_tokens=5, finish_reason="stop"),
         status=JobStatus.SUCCEEDED,
     )
+    settled = job_state(job)
+    assert settled[0]["status"] == JobStatus.SUCCEEDED
 
     # when the sweep runs
     assert _expire_holds() == 0
 
-    # then it stays as it was
-    assert Job.objects.get(pk=job.pk).status == JobStatus.SUCCEEDED
+    # then it stays as it was: its row and its hold's whole, the ledger, the balance
+    assert job_state(job) == settled
 
 
 def test_a_job_the_sweep_could_not_end_keeps_its_hold_until_a_later_sweep_ends_both(open_job):

@@ -19,7 +19,7 @@ from metering.models import Hold
 from metering.selectors import model_price
 from metering.services import hold_place, hold_release
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, served_model
+from tests.helpers import credits, job_state, served_model
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -101,12 +101,16 @@ def test_a_message_for_another_job_under_the_same_key_starts_nothing(job):
     # given a job whose primary key a lost job once had (a hold placed without
     # waiting for the disk, lost in a database crash, its key given again),
     # and that lost job's message, which names it by its public id too
+    queued = job_state(job)
+    assert queued[0]["status"] == JobStatus.QUEUED
+
     # when the message is run
     started = job_start(job_pk=job.pk, public_id="job_lost_in_a_crash")
 
-    # then nothing is started, and the job of that key is left as it was
+    # then nothing is started, and the job of that key is left as it was: its row and its
+    # hold's whole, the ledger, the balance
     assert started is None
-    assert Job.objects.get(pk=job.pk).status == JobStatus.QUEUED
+    assert job_state(job) == queued
     # while its own message starts it
     assert job_start(job_pk=job.pk, public_id=job.public_id).status == JobStatus.RUNNING
 

@@ -598,14 +598,26 @@ def test_work_started_after_a_refund_does_not_shelter_the_refunded_credits(
 def test_a_dispute_inquiry_moves_nothing(customer, subscribed, stripe_standin, stripe_sdk):
     from gymbilling.services.events import dispute_refresh
 
+    # given: a paid Basic subscription, its credits granted, and an inquiry opened on its
+    # charge (a question from the card's bank: no funds withdrawn)
     sub = subscribed("basic")
+    org = customer.organization
     intent = stripe_sdk.v1.payment_intents.retrieve(sub.invoices.get().stripe_payment_intent_id)
     charge = (
         intent.latest_charge if isinstance(intent.latest_charge, str) else intent.latest_charge.id
     )
     dispute = stripe_standin.dispute(charge, status="warning_needs_response")
-    assert dispute_refresh(dispute_id=dispute["id"]) is False
+    rows, balance = ledger_rows(), organization_balance(organization=org)
+    assert balance.available == Plan.objects.get(code="basic").monthly_credits
+
+    # when: the dispute is applied
+    applied = dispute_refresh(dispute_id=dispute["id"])
+
+    # then: nothing is taken back: no reversal, no ledger row, the balance as it was
+    assert applied is False
     assert not PaymentReversal.objects.exists()
+    assert ledger_rows() == rows
+    assert organization_balance(organization=org) == balance
 
 
 # --- a refund or dispute processed before the payment that bought the credits -------------
