@@ -1085,7 +1085,10 @@ def _shortfall_refund_send(order: MarketOrder, *, retrying: bool) -> bool:
         logger.warning("market order %s: shortfall refund later: %s", order.pk, exc)
         if retrying:
             MarketOrder.objects.filter(pk=order.pk, shortfall_refunded_at__isnull=True).update(
-                shortfall_refund_error=f"not sent, retry it: {exc}"[:500]
+                # The request may have reached Stripe with its answer lost: a retry asks
+                # Stripe first, and so does marking it resolved by hand.
+                shortfall_refund_error=f"no answer from Stripe (it may have taken it), "
+                f"retry it: {exc}"[:500]
             )
         return False
     except stripe_client.StripeRequestRefused as exc:
@@ -1183,7 +1186,6 @@ SHORTFALL_REFUND_REFUSED = Q(
 )
 
 
-@transaction.atomic
 def order_shortfall_refund_resolve(*, order_id: int, note: str, actor) -> MarketOrder:
     """Finance refunded a refused shortfall by hand (in Stripe's dashboard, by bank
     transfer): the order leaves their list of refused shortfall refunds, and nothing sends
@@ -1192,6 +1194,10 @@ def order_shortfall_refund_resolve(*, order_id: int, note: str, actor) -> Market
     Who, when and `note` (required: what was refunded, how) are kept on the order and in
     the buyer's audit log (`market.shortfall_refund_resolved`), as finance's refunds are.
     Only a refund Stripe refused: one waiting is sent by the sweep, one refunded is done.
+    Nor one Stripe holds after all: a retry whose answer was lost (a timeout) may have
+    made it, and the buyer would have it twice; 409 `shortfall_refund_at_stripe`, and
+    finance's Retry records it (it asks Stripe first). Stripe is asked before any row is
+    written, outside a transaction; unreachable, nothing is resolved (503).
     """
     note = note.strip()
     if not note:
@@ -1200,6 +1206,37 @@ def order_shortfall_refund_resolve(*, order_id: int, note: str, actor) -> Market
             message="Say how the shortfall was refunded (a Stripe refund's id, a transfer).",
             param="note",
         )
+    order = MarketOrder.objects.filter(
+        SHORTFALL_REFUND_REFUSED, pk=order_id, shortfall_refund_sending_at__isnull=True
+    ).first()
+    if order is not None and order.stripe_payment_intent_id:
+        _refuse_if_refunded_at_stripe(order)
+    return _shortfall_refund_resolved(order_id=order_id, note=note, actor=actor)
+
+
+def _refuse_if_refunded_at_stripe(order: MarketOrder) -> None:
+    try:
+        made = _shortfall_refund_made_at_stripe(order)
+    except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
+        raise ApplicationError(
+            code="payments_unavailable",
+            message="Stripe could not be asked whether it holds this shortfall's refund "
+            f"(a retry's answer may have been lost): nothing was resolved; try again. {exc}",
+            status=503,
+        ) from None
+    if made is not None:
+        raise ApplicationError(
+            code="shortfall_refund_at_stripe",
+            message=f"Stripe holds refund {made.get('id')} of {made.get('amount')} "
+            f"{order.currency} for this shortfall (a send whose answer was lost made it): "
+            "nothing was resolved. Retry the shortfall refund to record it; if you also "
+            "refunded the buyer by hand, the buyer has it twice.",
+            status=409,
+        )
+
+
+@transaction.atomic
+def _shortfall_refund_resolved(*, order_id: int, note: str, actor) -> MarketOrder:
     # One conditional UPDATE: of two finance resolving at once, or a resolution racing
     # the retry that refunds it, one wins and the other is told why below.
     # Not while a send is at Stripe (_shortfall_refund_claim): it may yet refund the buyer.

@@ -145,6 +145,8 @@ class MarketOrder(models.Model):
         null=True,
         blank=True,
         related_name="+",
+        # Never looked up by; no index to build over every order when it is added.
+        db_index=False,
     )
     shortfall_refund_resolved_note = models.CharField(max_length=500, blank=True)
     # A send of the shortfall refund (the sweep's, finance's retry) is talking to Stripe

@@ -273,7 +273,10 @@ def note_sent(client, order: MarketOrder, note: str):
 def resolve(client, order: MarketOrder, note: str):
     """Finance's two steps: the action's page asking for a note, then the note sent."""
     asked = run_action(client, CHANGELIST, RESOLVE, order.pk)
-    assert asked.status_code == 200 and f"<td>{order.pk}</td>" in asked.content.decode()
+    page = asked.content.decode()
+    assert asked.status_code == 200 and f"<td>{order.pk}</td>" in page
+    # and it tells finance what a refund made in Stripe's dashboard must carry
+    assert "<code>market_order</code>" in page and "<code>not_delivered</code>" in page
     return note_sent(client, order, note)
 
 
@@ -551,3 +554,63 @@ def test_a_shortfall_refunded_by_stripe_after_finance_resolved_it_is_flagged_ref
     assert [o.pk for o in twice.context["cl"].result_list] == [order.pk]  # not `other`
     page = finance.get(f"{CHANGELIST}{order.pk}/change/").content.decode()
     assert order.shortfall_refund_id in page and "Refunded by bank transfer, ref BT-9" in page
+
+
+def test_a_retry_whose_answer_was_lost_cannot_be_marked_resolved_but_is_recorded(
+    monkeypatch, market_stripe, refused_shortfall
+):
+    # given: finance's retry of a refused shortfall refund reached Stripe, which took it,
+    # and its answer was lost (a timeout): the order is still on the refused list
+    order, intent = refused_shortfall
+    real_refund_create = stripe_client.refund_create
+
+    def answer_lost(**params):
+        real_refund_create(**params)
+        raise stripe_client.StripeUnavailable("Request timed out")
+
+    monkeypatch.setattr(stripe_client, "refund_create", answer_lost)
+    assert not order_shortfall_refund_retry(order_id=order.pk)
+    monkeypatch.setattr(stripe_client, "refund_create", real_refund_create)
+    finance = staff_with(*FINANCE)
+    assert refused_listed(finance) == [order.pk]
+    order.refresh_from_db()
+    assert order.shortfall_refund_error.startswith("no answer from Stripe (it may have taken it)")
+
+    # when: finance, reading it as not sent, refunds the buyer by hand and marks it resolved
+    response = resolve(finance, order, "Refunded by bank transfer, ref BT-7")
+
+    # then: refused, naming the refund Stripe holds; nothing resolved, nothing audited
+    [refund] = stripe_client.refunds_list(payment_intent=intent)
+    [message] = shown(response)
+    assert message.startswith(f"order {order.pk}: Stripe holds refund {refund['id']} of 30 usd")
+    assert message.endswith("(shortfall_refund_at_stripe)")
+    order.refresh_from_db()
+    assert (order.shortfall_refund_resolved_at, order.shortfall_refund_resolved_note) == (None, "")
+    assert not AuditEvent.objects.filter(action="market.shortfall_refund_resolved").exists()
+
+    # when: finance retries it instead, as told
+    assert order_shortfall_refund_retry(order_id=order.pk)
+
+    # then: the refund Stripe took is recorded, no other made: the buyer has it once
+    assert_recorded(order, refund)
+    assert market_stripe.refunded(intent) == 30
+    assert refused_listed(finance) == []
+
+
+def test_marking_resolved_while_stripe_cannot_be_asked_resolves_nothing(
+    market_stripe, refused_shortfall
+):
+    # given: a refused shortfall refund, and Stripe unreachable
+    order, _ = refused_shortfall
+    user = User.objects.get(pk=staff_with(*FINANCE).session["_auth_user_id"])
+    market_stripe.down = True
+
+    # when: finance marks it resolved
+    with pytest.raises(ApplicationError) as refused:
+        order_shortfall_refund_resolve(order_id=order.pk, note="by hand", actor=user)
+
+    # then: 503, and the order is still finance's refused one, unresolved
+    assert (refused.value.code, refused.value.status) == ("payments_unavailable", 503)
+    order.refresh_from_db()
+    assert order.shortfall_refund_resolved_at is None
+    assert order.shortfall_refund_refused_at is not None
