@@ -189,7 +189,11 @@ def checkout_create(
         raise provider_refused(exc) from exc
 
 
-# Stripe keeps a Checkout session open for 24 hours.
+# How long a subscription Checkout session can be paid: Stripe is told to expire it then
+# (`expires_at`; its default, 24 hours, is also its maximum, which a clock a little behind
+# Stripe's would overstep), and an open session younger than this is reused or expired
+# here. The two must agree: a session still payable at Stripe but older than what is
+# looked at here would be paid beside the next one, a second subscription charged monthly.
 _SESSION_REUSE = timedelta(hours=23)
 
 
@@ -270,6 +274,7 @@ def _session_open(*, organization, plan, pack, seats) -> CheckoutResult:
             "mode": "subscription",
             "line_items": items,
             "subscription_data": {"metadata": metadata},
+            "expires_at": int((timezone.now() + _SESSION_REUSE).timestamp()),
         }
         kind = CheckoutKind.SUBSCRIPTION
     else:

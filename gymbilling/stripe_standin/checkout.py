@@ -8,6 +8,12 @@ payment (mode=payment), completes the session and redirects to `success_url`.
 A declined card leaves the session open and shows the error.
 
 Scripts that want JSON instead of a redirect send `Accept: application/json`.
+
+A session is open until its `expires_at` (24 hours unless the request says otherwise,
+between 30 minutes and 24 hours ahead, as at Stripe). Stripe expires it then on its
+own; here it is expired when it is next read, listed or paid, with the same
+`checkout.session.expired` event. `/_config/checkout/sessions/<id>/age` makes a
+session older, so tests reach its expiry without waiting.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from gymbilling.stripe_standin.subscriptions import subscription_start
 from gymbilling.stripe_standin.webhooks import emit
 
 SESSION_LIFETIME_S = 24 * 3600
+SESSION_LIFETIME_MIN_S = 30 * 60
 
 
 class CheckoutSession(StripeObject):
@@ -91,6 +98,27 @@ def _amount_of(line_items: list[dict[str, Any]]) -> int:
     )
 
 
+def _expires_at(expires_at: Any) -> int:
+    """Stripe's bounds: at least 30 minutes and at most 24 hours from the session's creation."""
+    created = now()
+    if not expires_at:
+        return created + SESSION_LIFETIME_S
+    when = to_int(expires_at, "expires_at")
+    if when < created + SESSION_LIFETIME_MIN_S:
+        raise stripe_error(
+            400,
+            "The `expires_at` timestamp must be at least 30 minutes from Checkout Session creation.",
+            param="expires_at",
+        )
+    if when > created + SESSION_LIFETIME_S:
+        raise stripe_error(
+            400,
+            "The `expires_at` timestamp must be less than 24 hours from Checkout Session creation.",
+            param="expires_at",
+        )
+    return when
+
+
 def checkout_session_create(
     request_base: str,
     *,
@@ -130,7 +158,7 @@ def checkout_session_create(
         currency=first_price.currency,
         amount_subtotal=amount,
         amount_total=amount,
-        expires_at=to_int(expires_at, "expires_at") if expires_at else now() + SESSION_LIFETIME_S,
+        expires_at=_expires_at(expires_at),
         subscription=None,
         payment_intent=None,
         invoice=None,
@@ -195,6 +223,20 @@ def checkout_session_pay(session: CheckoutSession, card: str) -> CheckoutSession
     return session
 
 
+def _expire_if_due(session: CheckoutSession) -> CheckoutSession:
+    """An open session past its `expires_at` is expired, as Stripe does on its own then."""
+    if session.status == "open" and now() >= session.expires_at:
+        _close_expired(session)
+    return session
+
+
+def checkout_session_age(session: CheckoutSession, seconds: int) -> CheckoutSession:
+    """The session as if created `seconds` earlier (its expiry as much earlier)."""
+    session.created -= seconds
+    session.expires_at -= seconds
+    return _expire_if_due(session)
+
+
 def checkout_session_expire(session: CheckoutSession) -> CheckoutSession:
     if session.status != "open":
         raise stripe_error(
@@ -202,6 +244,10 @@ def checkout_session_expire(session: CheckoutSession) -> CheckoutSession:
             f"Only an open Checkout Session can be expired; this one is {session.status}.",
             param="session",
         )
+    return _close_expired(session)
+
+
+def _close_expired(session: CheckoutSession) -> CheckoutSession:
     session.status = "expired"
     session.url = None
     emit("checkout.session.expired", session)
@@ -209,7 +255,7 @@ def checkout_session_expire(session: CheckoutSession) -> CheckoutSession:
 
 
 def session_retrieve(session_id: str) -> CheckoutSession:
-    return stored("checkout.session", session_id, param="session")
+    return _expire_if_due(stored("checkout.session", session_id, param="session"))
 
 
 # --- API handlers -------------------------------------------------------------------
@@ -240,7 +286,7 @@ def _list(
     starting_after: Any = None,
     **_ignored: Any,
 ):
-    sessions = newest_first(objects_of("checkout.session"))
+    sessions = [_expire_if_due(s) for s in newest_first(objects_of("checkout.session"))]
     for field, value in (
         ("customer", customer),
         ("payment_intent", payment_intent),

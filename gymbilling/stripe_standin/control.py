@@ -10,6 +10,8 @@
     GET    /_config/events[?type=...]             {"data": [{"id", "type", "object", "object_id",
                                                     "created", "deliveries": {<webhook id>: "pending|delivered|failed|canceled"}}]}
     POST   /_config/subscriptions/<id>/advance    end the current period → the subscription
+    POST   /_config/checkout/sessions/<id>/age    {"seconds": N} as if created N seconds earlier
+                                                  → the session (expired if past its expires_at)
     POST   /_config/refunds/refuse                {"code": "balance_insufficient"|null} refuse every
                                                   refund with that code, or take them again
     POST   /_config/accounts/<id>/capabilities    {"transfers": "active"|"inactive"} → the account
@@ -33,7 +35,8 @@ from aiohttp import web
 from localstripe.resources import Customer, store
 
 from gymbilling.stripe_standin import idempotency, webhooks
-from gymbilling.stripe_standin.common import json_response, read_params, stripe_error
+from gymbilling.stripe_standin.checkout import checkout_session_age, session_retrieve
+from gymbilling.stripe_standin.common import json_response, read_params, stripe_error, to_int
 from gymbilling.stripe_standin.connect import account_capabilities_set
 from gymbilling.stripe_standin.payments import (
     card_create,
@@ -92,6 +95,13 @@ async def events_list(request: web.Request) -> web.Response:
 
 async def subscription_advance_handler(request: web.Request) -> web.Response:
     return json_response(subscription_advance(request.match_info["id"])._export())
+
+
+async def checkout_session_aged(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    seconds = to_int(params.get("seconds"), "seconds", minimum=0)
+    session = checkout_session_age(session_retrieve(request.match_info["id"]), seconds)
+    return json_response(session._export())
 
 
 async def refunds_refused(request: web.Request) -> web.Response:
@@ -153,6 +163,7 @@ routes = [
     ("POST", "/_config/webhooks/{id}", webhook_register),
     ("GET", "/_config/events", events_list),
     ("POST", "/_config/subscriptions/{id}/advance", subscription_advance_handler),
+    ("POST", "/_config/checkout/sessions/{id}/age", checkout_session_aged),
     ("POST", "/_config/accounts/{id}/capabilities", account_capabilities),
     ("POST", "/_config/refunds/refuse", refunds_refused),
     ("POST", "/_config/customers/{id}/card", customer_card),

@@ -165,6 +165,12 @@ class StripeStandIn:
         """End the subscription's current period (renew, or cancel at period end)."""
         return self.config("POST", f"/_config/subscriptions/{subscription_id}/advance")
 
+    def age_checkout(self, session_id: str, seconds: int) -> dict[str, Any]:
+        """Make a Checkout Session `seconds` older: past its `expires_at`, it is expired."""
+        return self.config(
+            "POST", f"/_config/checkout/sessions/{session_id}/age", {"seconds": seconds}
+        )
+
     def set_capabilities(self, account_id: str, **capabilities: str) -> dict[str, Any]:
         """Turn a Connect account's capabilities on or off: `transfers="inactive"`."""
         return self.config("POST", f"/_config/accounts/{account_id}/capabilities", capabilities)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 import requests
+from django.db.models import F
 from django.test import override_settings
 from rest_framework.test import APIClient
 
@@ -344,6 +346,32 @@ def test_one_open_subscription_checkout_per_organization(customer, catalog, stri
     assert other["session_id"] != first["session_id"]
     assert stripe_sdk.v1.checkout.sessions.retrieve(first["session_id"]).status == "expired"
     assert CheckoutSession.objects.get(stripe_session_id=first["session_id"]).status == "expired"
+
+
+def test_a_subscription_checkout_too_old_to_be_reused_cannot_be_paid_at_stripe(
+    customer, catalog, stripe_standin, stripe_sdk
+):
+    """A session older than the reuse window is not looked at here: Stripe must have
+    expired it, or the member could pay it beside the next one (two subscriptions)."""
+    # given: a subscription checkout opened 23.5 hours ago (here and at Stripe), not paid
+    first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json").json()
+    age = timedelta(hours=23, minutes=30)
+    CheckoutSession.objects.filter(stripe_session_id=first["session_id"]).update(
+        created_at=F("created_at") - age
+    )
+    stripe_standin.age_checkout(first["session_id"], int(age.total_seconds()))
+
+    # when: the member asks again
+    again = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: a new session, and the old one can no longer be paid
+    assert again.status_code == 200, again.content
+    assert again.json()["session_id"] != first["session_id"]
+    assert stripe_sdk.v1.checkout.sessions.retrieve(first["session_id"]).status == "expired"
+    with pytest.raises(StandInError) as refused:
+        stripe_standin.pay_checkout(first["session_id"])
+    assert refused.value.status == 400
+    assert Subscription.objects.count() == 0
 
 
 def test_an_upgrade_the_card_declines_is_a_402_and_changes_nothing(

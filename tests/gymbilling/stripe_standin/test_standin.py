@@ -7,6 +7,7 @@ and a webhook receiver that verifies every signature.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 import uuid
 
@@ -152,6 +153,63 @@ def test_declined_card_leaves_checkout_session_open(stripe_client, stripe_standi
     assert (session.status, session.subscription) == ("open", None)
     page = urllib.request.urlopen(session.url).read().decode()
     assert "card" in page
+
+
+@pytest.mark.parametrize(
+    ("ahead", "accepted"),
+    [(29 * 60, False), (30 * 60, True), (24 * 3600, True), (24 * 3600 + 60, False)],
+)
+def test_checkout_expires_at_must_be_30_minutes_to_24_hours_ahead(
+    stripe_client, stripe_standin, ahead, accepted
+):
+    # given a price, and the stand-in's clock (this machine's)
+    price = _monthly_price(stripe_client)
+    params = {
+        "mode": "subscription",
+        "customer_email": "expiry@example.com",
+        "line_items": [{"price": price.id, "quantity": 1}],
+        "success_url": "http://127.0.0.1/done",
+        "expires_at": int(time.time()) + ahead,
+    }
+
+    # when a session is asked to expire that far ahead
+    if not accepted:
+        with pytest.raises(stripe.InvalidRequestError) as refused:
+            stripe_client.v1.checkout.sessions.create(params=params)
+        # then Stripe's bounds refuse it, naming the parameter
+        assert refused.value.param == "expires_at"
+        return
+    session = stripe_client.v1.checkout.sessions.create(params=params)
+
+    # then it is open until then
+    assert (session.status, session.expires_at) == ("open", params["expires_at"])
+
+
+def test_a_checkout_session_past_its_expires_at_is_expired_and_cannot_be_paid(
+    stripe_client, stripe_standin, webhook_receiver
+):
+    # given an open session that expires in an hour
+    price = _monthly_price(stripe_client)
+    session = stripe_client.v1.checkout.sessions.create(
+        params={
+            "mode": "subscription",
+            "customer_email": "late@example.com",
+            "line_items": [{"price": price.id, "quantity": 1}],
+            "success_url": "http://127.0.0.1/done",
+            "expires_at": int(time.time()) + 3600,
+        }
+    )
+
+    # when it is an hour older
+    stripe_standin.age_checkout(session.id, 3600)
+
+    # then it is expired, said so by a webhook, and paying it is refused
+    assert stripe_client.v1.checkout.sessions.retrieve(session.id).status == "expired"
+    webhook_receiver.wait_for("checkout.session.expired", session.id)
+    with pytest.raises(StandInError) as refused:
+        stripe_standin.pay_checkout(session.id, CARD_OK)
+    assert refused.value.status == 400
+    assert stripe_client.v1.checkout.sessions.retrieve(session.id).subscription is None
 
 
 def test_advance_renews_with_a_paid_cycle_invoice(stripe_client, stripe_standin, webhook_receiver):
