@@ -102,6 +102,9 @@ def invoice_credits(*, invoice: dict, subscription: Subscription) -> InvoiceCred
         period = line.get("period") or {}
         start, end = ts(period.get("start")), ts(period.get("end"))
         month_credits = plan.credits_for(quantity)
+        # The length of the period the line buys credits in: what rolled-over credits last
+        # past its end, as a whole period's do.
+        period_length = end - start if start and end else timedelta(days=31)
         if line.get("proration") or (
             (line.get("parent") or {}).get("subscription_item_details") or {}
         ).get("proration"):
@@ -109,12 +112,15 @@ def invoice_credits(*, invoice: dict, subscription: Subscription) -> InvoiceCred
             period_seconds = _period_seconds(subscription, ends_at=end)
             share = month_credits * min(covered, period_seconds) // period_seconds
             total += share if int(line.get("amount") or 0) >= 0 else -share
+            # A proration line starts at the change, not at the period's start: an upgrade
+            # on day 28 of 30 would roll its credits over for 2 days, not a period.
+            period_length = timedelta(seconds=period_seconds)
         else:
             total += month_credits
         if end is not None:
             lot_end = end
             if plan.rollover_percent:
-                lot_end = end + (end - start if start else timedelta(days=31))
+                lot_end = end + period_length
             expires_at = max(expires_at, lot_end) if expires_at else lot_end
     return InvoiceCredits(credits=total, expires_at=expires_at, amount=max(0, amount))
 

@@ -1,0 +1,93 @@
+"""What a paid subscription invoice's lines buy, and until when (invoices.invoice_credits).
+
+Invoices here are Stripe's documented object (the `invoice.paid` event's, API version
+2025-03-31 and later), built by hand: the stand-in starts every period at the wall
+clock, so it cannot make a change late in a period.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from gymbilling.models import BillingCustomer, Plan, StripePrice, Subscription
+from gymbilling.services.invoices import invoice_sync
+from metering.models import MICRO, CreditLot
+from tests.factories import OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _plan(code: str, *, monthly_price: int, rollover_percent: int) -> StripePrice:
+    plan = Plan.objects.create(
+        code=code,
+        name=code.title(),
+        monthly_price=monthly_price,
+        monthly_credits=monthly_price * MICRO,
+        rollover_percent=rollover_percent,
+    )
+    return StripePrice.objects.create(
+        stripe_price_id=f"price_{code}",
+        kind="plan",
+        plan=plan,
+        unit_amount=monthly_price,
+        currency="usd",
+        lookup_key=code,
+    )
+
+
+def _proration(price: StripePrice, *, amount: int, start, end) -> dict:
+    return {
+        "amount": amount,
+        "quantity": 1,
+        "period": {"start": int(start.timestamp()), "end": int(end.timestamp())},
+        "pricing": {"price_details": {"price": price.stripe_price_id}},
+        "parent": {"subscription_item_details": {"proration": True}},
+    }
+
+
+def test_an_upgrade_late_in_the_period_rolls_over_for_a_full_period():
+    # given: a member on Small (no rollover) on day 28 of a 30-day period, upgrading to
+    # Large, which rolls a quarter of a month over
+    small = _plan("small", monthly_price=1_000, rollover_percent=0)
+    large = _plan("large", monthly_price=3_000, rollover_percent=25)
+    org = OrganizationFactory()
+    BillingCustomer.objects.create(organization=org, stripe_customer_id=f"cus_up_{org.pk}")
+    now = timezone.now().replace(microsecond=0)
+    period_start, period_end = now - timedelta(days=28), now + timedelta(days=2)
+    sub = Subscription.objects.create(
+        organization=org,
+        stripe_subscription_id=f"sub_up_{org.pk}",
+        plan=large.plan,
+        seats=1,
+        status="active",
+        current_period_start=period_start,
+        current_period_end=period_end,
+    )
+    upgrade = {
+        "id": f"in_up_{org.pk}",
+        "customer": f"cus_up_{org.pk}",
+        "status": "paid",
+        "currency": "usd",
+        "billing_reason": "subscription_update",
+        "amount_paid": 133,
+        "created": int(now.timestamp()),
+        "status_transitions": {"paid_at": int(now.timestamp())},
+        "lines": {
+            "data": [
+                _proration(small, amount=-67, start=now, end=period_end),
+                _proration(large, amount=200, start=now, end=period_end),
+            ]
+        },
+    }
+
+    # when: its paid invoice is processed
+    invoice_sync(invoice=upgrade, subscription=sub)
+
+    # then: the prorated difference, lasting a whole period past this one, as the
+    # period's own credits do (not the 2 days the proration covers)
+    lot = CreditLot.objects.get(organization=org, source="subscription")
+    assert lot.amount == 3_000 * MICRO * 2 // 30 - 1_000 * MICRO * 2 // 30
+    assert lot.expires_at == period_end + (period_end - period_start)
