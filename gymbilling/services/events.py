@@ -194,8 +194,18 @@ def stripe_event_process(*, event_pk: int, force: bool = False) -> str | None:
     return status
 
 
+# Events about an object Stripe has not made yet, so it has no id to read it back by: the
+# invoice a renewal will issue (`invoice.upcoming`, sent to a webhook subscribed to
+# `invoice.*`). Nothing to apply: once issued, the invoice has an id and its own events.
+# Ignored, not failed: failed would put one in finance's replay list at every renewal.
+# Any other event without an id is unexpected and still fails, to be looked at.
+EVENTS_WITHOUT_OBJECT_ID = frozenset({"invoice.upcoming"})
+
+
 def _dispatch(event: StripeEvent) -> bool:
     kind, object_id = event.type, event.object_id
+    if not object_id and kind in EVENTS_WITHOUT_OBJECT_ID:
+        return False
     if kind.startswith("checkout.session."):
         return checkout_session_refresh(session_id=object_id)
     if kind.startswith("customer.subscription."):

@@ -151,6 +151,42 @@ class TestSignature:
         assert StripeEvent.objects.filter(stripe_event_id="evt_once").count() == 1
 
 
+@pytest.mark.django_db
+def test_an_upcoming_invoice_without_an_id_is_ignored_not_failed(
+    client, stripe_standin, django_capture_on_commit_callbacks
+):
+    """`invoice.upcoming` (a webhook subscribed to `invoice.*` gets it before each renewal)
+    is about an invoice Stripe has not made: it has no id to read it back by."""
+    # given: Stripe's upcoming-invoice event, signed
+    upcoming = {
+        "object": "invoice",
+        "customer": "cus_upcoming",
+        "status": "draft",
+        "billing_reason": "upcoming",
+        "currency": "usd",
+        "amount_due": 9_900,
+        "parent": {
+            "type": "subscription_details",
+            "subscription_details": {"subscription": "sub_upcoming"},
+        },
+        "lines": {"object": "list", "data": []},
+    }
+    event = event_for(upcoming, "invoice.upcoming", event_id="evt_upcoming")
+    before = (ledger_rows(), Invoice.objects.count())
+
+    # when: it is delivered, and its task runs
+    with django_capture_on_commit_callbacks(execute=False):
+        response = post_event(client, *signed(event))
+    assert response.status_code == 200, response.content
+    status = stripe_event_process(event_pk=StripeEvent.objects.get().pk)
+
+    # then: ignored, with nothing applied and nothing to replay
+    row = StripeEvent.objects.get()
+    assert (status, row.status, row.object_id, row.last_error) == ("ignored", "ignored", "", "")
+    assert row.processed_at is not None
+    assert (ledger_rows(), Invoice.objects.count()) == before
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_same_paid_invoice_ten_times_at_once_grants_once(
     live_server, celery_worker_process, stripe_standin, catalog, customer, stripe_sdk
