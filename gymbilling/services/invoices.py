@@ -42,9 +42,15 @@ def invoice_subscription_id(invoice: dict) -> str | None:
 
 
 def invoice_payment_intent_id(invoice: dict) -> str:
+    """The PaymentIntent that paid the invoice, which its refunds and disputes name.
+
+    An invoice may list several payments (an attempt canceled, then another that paid):
+    the paid one comes first, else the first listed, as Stripe lists them."""
     if invoice.get("payment_intent"):
         return str(invoice["payment_intent"])
-    for payment in (invoice.get("payments") or {}).get("data") or []:
+    payments = (invoice.get("payments") or {}).get("data") or []
+    # A stable sort: paid first, each group in Stripe's order.
+    for payment in sorted(payments, key=lambda payment: payment.get("status") != "paid"):
         intent = (payment.get("payment") or {}).get("payment_intent")
         if intent:
             return str(intent)

@@ -1,8 +1,10 @@
-"""What a paid subscription invoice's lines buy, and until when (invoices.invoice_credits).
+"""What a paid subscription invoice's lines buy, and until when (invoices.invoice_credits),
+and which of its payments paid it (invoices.invoice_payment_intent_id).
 
 Invoices here are Stripe's documented object (the `invoice.paid` event's, API version
 2025-03-31 and later), built by hand: the stand-in starts every period at the wall
-clock, so it cannot make a change late in a period.
+clock, so it cannot make a change late in a period, and pays an invoice with one
+PaymentIntent, so it cannot list a canceled payment before the one that paid.
 """
 
 from __future__ import annotations
@@ -91,3 +93,44 @@ def test_an_upgrade_late_in_the_period_rolls_over_for_a_full_period():
     lot = CreditLot.objects.get(organization=org, source="subscription")
     assert lot.amount == 3_000 * MICRO * 2 // 30 - 1_000 * MICRO * 2 // 30
     assert lot.expires_at == period_end + (period_end - period_start)
+
+
+def _payment(intent: str, status: str) -> dict:
+    return {
+        "id": f"inpay_{intent}",
+        "object": "invoice_payment",
+        "amount_paid": 9_900 if status == "paid" else 0,
+        "amount_requested": 9_900,
+        "currency": "usd",
+        "is_default": status == "paid",
+        "status": status,
+        "payment": {"type": "payment_intent", "payment_intent": intent},
+    }
+
+
+def test_an_invoice_is_traced_to_the_payment_that_paid_it_not_the_first_listed():
+    # given: a paid invoice whose payments list a canceled attempt before the paid one
+    org = OrganizationFactory()
+    BillingCustomer.objects.create(organization=org, stripe_customer_id=f"cus_pay_{org.pk}")
+    now = int(timezone.now().timestamp())
+    invoice = {
+        "id": f"in_pay_{org.pk}",
+        "customer": f"cus_pay_{org.pk}",
+        "status": "paid",
+        "currency": "usd",
+        "billing_reason": "manual",
+        "amount_paid": 9_900,
+        "created": now,
+        "status_transitions": {"paid_at": now},
+        "lines": {"data": []},
+        "payments": {
+            "object": "list",
+            "data": [_payment("pi_canceled", "canceled"), _payment("pi_paid", "paid")],
+        },
+    }
+
+    # when: it is mirrored
+    row = invoice_sync(invoice=invoice, subscription=None)
+
+    # then: it names the PaymentIntent that paid it, which its refunds will name
+    assert row.stripe_payment_intent_id == "pi_paid"
