@@ -18,7 +18,7 @@ import secrets
 import string
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
@@ -125,6 +125,29 @@ def _validate_scopes(scopes: list[str]) -> list[str]:
     return sorted(set(scopes))
 
 
+def _valid_expiry(expires_at: datetime) -> datetime:
+    """`expires_at` in UTC, or `invalid_expiry`: it must be in the future and readable back.
+
+    The dashboard's form keeps the offset it was typed with; 9999-12-31T23:59:59-14:00
+    is in year 10000 UTC, which PostgreSQL stores but Python cannot read back: every
+    page and request that loads the key (listing, revoking, authenticating with it)
+    would then fail. Converting here, before anything is written, refuses it instead.
+    """
+    try:
+        expires_at = expires_at.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ApplicationError(
+            code="invalid_expiry",
+            message="expires_at is too far in the future; give a date before the year 10000 (UTC).",
+            param="expires_at",
+        ) from None
+    if expires_at <= timezone.now():
+        raise ApplicationError(
+            code="invalid_expiry", message="expires_at must be in the future.", param="expires_at"
+        )
+    return expires_at
+
+
 @transaction.atomic
 def apikey_create(
     *,
@@ -142,10 +165,8 @@ def apikey_create(
             code="invalid_name", message="A key needs a name of 1 to 100 characters.", param="name"
         )
     scopes = _validate_scopes(scopes)
-    if expires_at is not None and expires_at <= timezone.now():
-        raise ApplicationError(
-            code="invalid_expiry", message="expires_at must be in the future.", param="expires_at"
-        )
+    if expires_at is not None:
+        expires_at = _valid_expiry(expires_at)
     if requests_per_minute is not None and (
         not isinstance(requests_per_minute, int)
         or not 1 <= requests_per_minute <= MAX_REQUESTS_PER_MINUTE

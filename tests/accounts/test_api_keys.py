@@ -6,13 +6,16 @@ import hashlib
 import re
 import string
 import zlib
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 
 import pytest
 from django.test import Client
 from django.utils import timezone
 
+from accounts.errors import ApplicationError
 from accounts.models import ApiKey, AuditEvent, Role, Scope
+from accounts.services import apikey_create
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory
 
@@ -242,6 +245,36 @@ def test_a_key_cannot_be_created_already_expired(org, admin_client):
     error = assert_error(response, 400, "invalid_expiry")
     assert error["param"] == "expires_at"
     assert ApiKey.objects.count() == before
+
+
+def test_an_expiry_past_year_9999_in_utc_is_refused_and_writes_nothing(org):
+    # given an expiry whose offset puts it in year 10000 UTC: PostgreSQL would store
+    # it, and every later read of the key (list, revoke, authenticate) would fail
+    expires_at = datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt_timezone(timedelta(hours=-14)))
+
+    # when
+    with pytest.raises(ApplicationError) as refused:
+        apikey_create(organization=org, name="far", scopes=["inference"], expires_at=expires_at)
+
+    # then
+    assert (refused.value.code, refused.value.status) == ("invalid_expiry", 400)
+    assert refused.value.param == "expires_at"
+    assert not ApiKey.objects.filter(organization=org).exists()
+    assert not AuditEvent.objects.filter(organization=org).exists()
+
+
+def test_an_expiry_with_an_offset_is_stored_in_utc(org):
+    # given the latest instant of year 9999 as typed east of UTC
+    expires_at = datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt_timezone(timedelta(hours=14)))
+
+    # when
+    key, _ = apikey_create(
+        organization=org, name="far", scopes=["inference"], expires_at=expires_at
+    )
+
+    # then it reads back, as the same instant in UTC
+    key.refresh_from_db()
+    assert key.expires_at.isoformat() == "9999-12-31T09:59:59+00:00"
 
 
 def test_a_key_created_with_an_expiry_reports_it(org, admin_client):

@@ -98,8 +98,18 @@ def test_a_key_may_expire(client, member):
         ({"name": "   "}, "invalid_name"),
         ({"expires_at": "tomorrow"}, "invalid_expires_at"),
         ({"expires_at": "2001-01-01T00:00"}, "invalid_expiry"),
+        # In year 10000 UTC: stored, no page or request could read the key back.
+        ({"expires_at": "9999-12-31T23:59:59-14:00"}, "invalid_expiry"),
     ],
-    ids=["unknown-scope", "no-scope", "long-name", "blank-name", "bad-date", "past-expiry"],
+    ids=[
+        "unknown-scope",
+        "no-scope",
+        "long-name",
+        "blank-name",
+        "bad-date",
+        "past-expiry",
+        "expiry-past-year-9999-utc",
+    ],
 )
 def test_a_refused_key_is_400_with_its_code_and_creates_nothing(client, member, fields, code):
     # given
