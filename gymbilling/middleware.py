@@ -7,13 +7,16 @@ an API request with the API's error, a page with a page's refusal (its code in
 temporary file whatever their size, so without this any anonymous form (signing
 in, signing up) could be sent gigabytes to write to disk. A URL under the API
 that matches no route answers a JSON 404 (Django's own page is HTML, and in
-DEBUG a list of every route).
+DEBUG a list of every route). A charset that is not a text encoding (base64,
+zlib, or one Python does not know) is refused with a 415 before anything decodes
+the body or the query string with it (see gymbilling.handlers).
 """
 
 from django.conf import settings
 from django.http import HttpResponse
 
 from accounts.errors import json_error_response
+from gymbilling.handlers import is_text_charset
 
 API_PREFIXES = ("/api/", "/v1/", "/stripe/")
 
@@ -50,6 +53,15 @@ class ApiErrorMiddleware:
                 code="request_too_large",
                 message=f"The request body is over the limit of {settings.API_MAX_BODY_BYTES} bytes.",
                 status=413,
+            )
+        charset = request.content_params.get("charset")
+        if charset is not None and not is_text_charset(charset):
+            return _refusal(
+                request,
+                code="unsupported_media_type",
+                # Not echoed: the page's refusal is HTML, and the charset is the sender's.
+                message="The Content-Type's charset is not a text encoding; send UTF-8.",
+                status=415,
             )
         response = self.get_response(request)
         if (

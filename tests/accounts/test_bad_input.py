@@ -233,6 +233,24 @@ def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(org, admin_
     assert row_counts() == before
 
 
+@pytest.mark.parametrize("charset", ["base64", "hex", "zlib", "rot13", "no-such-charset"])
+def test_a_body_whose_charset_is_not_text_is_refused_with_415(org, admin_client, charset):
+    # given
+    before = row_counts()
+
+    # when
+    response = admin_client.post(
+        "/api/v1/keys",
+        data=j(VALID),
+        content_type=f"application/json; charset={charset}",
+        HTTP_IDEMPOTENCY_KEY=f"charset-{charset}",
+    )
+
+    # then
+    assert_error_shape(response, 415, "unsupported_media_type")
+    assert row_counts() == before
+
+
 def test_a_non_numeric_content_length_is_refused(org, admin_client):
     # given
     before = row_counts()
