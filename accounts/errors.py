@@ -96,9 +96,10 @@ def _first_field_error(detail: Any, prefix: str = "") -> tuple[str | None, str]:
     """Flatten DRF's nested validation detail to (param, message) of the first problem."""
     if isinstance(detail, dict):
         for key, value in detail.items():
-            name = key if key != "non_field_errors" else None
-            param = f"{prefix}.{name}" if prefix and name else (name or prefix or None)
-            return _first_field_error(value, param or "")
+            # A list's errors are keyed by index, and index 0 is falsy: keep it as text.
+            if key == "non_field_errors":
+                return _first_field_error(value, prefix)
+            return _first_field_error(value, f"{prefix}.{key}" if prefix else str(key))
     if isinstance(detail, list) and detail:
         return _first_field_error(detail[0], prefix)
     return (prefix or None, str(detail))

@@ -329,3 +329,29 @@ def test_a_message_the_model_would_read_otherwise_is_refused_naming_it(
     assert error["message"] != "{}"
     assert organization_balance(organization=org) == before
     assert not Job.objects.filter(organization=org).exists()
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([{"role": "wizard", "content": "Plan my week."}], "messages.0.role"),
+        (
+            [{"role": "user", "content": "Plan my week."}, {"role": "wizard", "content": "Hi"}],
+            "messages.1.role",
+        ),
+    ],
+    ids=["first", "second"],
+)
+def test_a_bad_message_is_named_by_its_index_the_first_too(api, org, messages, param):
+    # given
+    before = organization_balance(organization=org)
+
+    # when
+    body = {"model": MODEL, "messages": messages}
+    response = api.post("/v1/chat/completions", body, content_type="application/json")
+
+    # then the path keeps index 0, which is falsy
+    error = _error(response, 400)
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
