@@ -418,8 +418,11 @@ class OrgApiView(APIView):
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # authentication and IsAuthenticated
         request.organization = self.resolve_organization(request)
-        self.check_access(request, request.organization)
+        # Counted before access is checked: a refused request (403) counts as any
+        # other 4xx does (README), and a key that may not act here cannot send
+        # requests, each costing a check, without a limit.
         self._rate_limit(request)
+        self.check_access(request, request.organization)
         self._idempotency_record = None
         if request.method == "POST" and "Idempotency-Key" in request.headers:
             key = acting_key(request)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 
-from accounts.models import ApiKey, Role, Scope
+from accounts.models import ApiKey, Membership, Role, Scope
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory
 
@@ -314,3 +314,35 @@ def test_a_concurrency_slot_is_leased_for_the_configured_time(settings):
     assert dict(concurrency_slots_taken(before=taken - 1)).get(scope) is None
     assert dict(concurrency_slots_taken(before=time.time() + 1))[scope] == ["job_long"]
     get_redis().delete(f"conc:{scope}")
+
+
+def test_a_key_refused_for_its_scope_is_counted_until_429(org, make_key):
+    # given an inference key allowed three requests a minute
+    key, raw = make_key(org, scopes=[Scope.INFERENCE])
+    limit_key(key, 3)
+    client = key_client(raw)
+
+    # when it keeps asking for what its scope does not allow
+    answers = [client.get("/api/v1/keys") for _ in range(4)]
+
+    # then each refusal counts, as any 4xx does, and the fourth is over the limit
+    assert [r.status_code for r in answers] == [403, 403, 403, 429]
+    assert answers[0].json()["error"]["code"] == "permission_denied"
+    assert [r["x-ratelimit-remaining-requests"] for r in answers[:3]] == ["2", "1", "0"]
+    assert_rate_limited(answers[3])
+
+
+def test_a_disarmed_admin_key_is_counted_until_429(org, make_key, member_of):
+    # given an admin's key, disarmed when its creator stopped being an admin
+    creator = member_of(org, Role.ADMIN)
+    key, raw = make_key(org, scopes=[Scope.ADMIN], actor=creator)
+    limit_key(key, 2)
+    Membership.objects.filter(organization=org, user=creator).update(role=Role.MEMBER)
+    client = key_client(raw)
+
+    # when it keeps listing keys
+    answers = [client.get("/api/v1/keys") for _ in range(3)]
+
+    # then its refusals count against its limit too
+    assert [r.status_code for r in answers] == [403, 403, 429]
+    assert_rate_limited(answers[2])
