@@ -1,13 +1,12 @@
 """Finance and staff: plans and packs are edited here; what Stripe told us is
 read-only; failed webhook events can be replayed."""
 
-import re
 import uuid
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -27,6 +26,7 @@ from gymbilling.models import (
     StripePrice,
     Subscription,
 )
+from gymbilling.pages import DigitsIntegerField
 from gymbilling.selectors import REVERSAL_SUMS, market_fee_income, reversals_by_customer
 from gymbilling.services import stripe_event_process
 from gymbilling.services.refunds import payment_refund
@@ -109,27 +109,17 @@ class SubscriptionAdmin(ReadOnlyAdmin):
     search_fields = ["stripe_subscription_id", "organization__slug"]
 
 
-class MinorUnitsField(forms.IntegerField):
+class MinorUnitsField(DigitsIntegerField):
     """An amount of money in its currency's minor unit, typed as ASCII digits only.
 
-    Django's IntegerField drops a zero fraction ("12.00" is 12) and takes "+12",
-    full-width digits and "1_200": finance typing $12.00 would refund 12 cents. Any
-    input that is not plain digits is refused, not guessed at (as the API's
-    StrictIntegerField does).
+    Django's IntegerField drops a zero fraction ("12.00" is 12): finance typing
+    $12.00 would refund 12 cents. Any input that is not plain digits is refused.
     """
 
     default_error_messages = {
         "invalid": "Enter the amount in the payment's minor units, digits only, with no "
         "point, sign or exponent: in cents: 1200 is $12.00.",
     }
-
-    def to_python(self, value):
-        if value in self.empty_values:
-            return None
-        # [0-9], not \d or str.isdigit(): those take every script's digits.
-        if not re.fullmatch(r"[0-9]+", str(value).strip()):
-            raise ValidationError(self.error_messages["invalid"], code="invalid")
-        return super().to_python(value)
 
 
 class RefundForm(forms.Form):

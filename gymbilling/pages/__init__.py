@@ -29,6 +29,25 @@ from metering.services.postings import credits_parse
 _PLAIN_NUMBER = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
 
 
+class DigitsIntegerField(forms.IntegerField):
+    """A whole number typed as ASCII digits only, as the API's StrictIntegerField reads it.
+
+    Django's IntegerField drops a zero fraction ("2.0" is 2) and takes "+2", "1_200"
+    and every script's digits (Arabic-Indic, full-width): a page would accept what
+    the API refuses. Anything but plain digits is refused, not guessed at.
+    """
+
+    default_error_messages = {"invalid": "Enter a whole number in digits 0-9, such as 3."}
+
+    def to_python(self, value):
+        if value in self.empty_values:
+            return None
+        # [0-9], not \d or str.isdigit(): those take every script's digits.
+        if not re.fullmatch(r"[0-9]+", str(value).strip()):
+            raise forms.ValidationError(self.error_messages["invalid"], code="invalid")
+        return super().to_python(value)
+
+
 class CreditsField(forms.CharField):
     """Credits as a person writes them ("250", "0.5"): micro-credits, exactly."""
 

@@ -11,7 +11,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from accounts.dashboard import Confirmation, MemberPage
 from gymbilling.apis import BILLING_ROLES
 from gymbilling.currency import money_display
-from gymbilling.pages import ActionPage, cleaned
+from gymbilling.pages import ActionPage, DigitsIntegerField, cleaned
 from gymbilling.selectors import (
     catalog_items,
     organization_invoices,
@@ -37,7 +37,7 @@ _CHANGED = {
 class CheckoutForm(forms.Form):
     plan = forms.SlugField(required=False)
     pack = forms.SlugField(required=False)
-    seats = forms.IntegerField(required=False, min_value=1, max_value=10_000)
+    seats = DigitsIntegerField(required=False, min_value=1, max_value=10_000)
 
 
 def _change_confirmation(request: HttpRequest, plan, seats: int) -> Confirmation:

@@ -219,6 +219,11 @@ def test_buying_a_pack_goes_to_checkout_and_its_credits_show(
         ({"plan": "pro", "seats": "3"}, 400, "invalid_seats"),
         ({"plan": "team", "seats": "two"}, 400, "invalid_seats"),
         ({"plan": "team", "seats": "0"}, 400, "invalid_seats"),
+        # What the API refuses, the page refuses too (not read as 2 seats).
+        ({"plan": "team", "seats": "2.0"}, 400, "invalid_seats"),
+        ({"plan": "team", "seats": "\N{ARABIC-INDIC DIGIT TWO}"}, 400, "invalid_seats"),
+        ({"plan": "team", "seats": "\N{FULLWIDTH DIGIT TWO}"}, 400, "invalid_seats"),
+        ({"plan": "team", "seats": "+2"}, 400, "invalid_seats"),
         ({"pack": "boost-1k", "seats": "5"}, 400, "invalid_seats"),
         ({"action": "coupon", "plan": "pro"}, 400, "invalid_request"),
     ],
