@@ -8,6 +8,7 @@ validate, call a service or selector, serialize.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -19,10 +20,11 @@ from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.pagination import CursorPagination
-from rest_framework.parsers import JSONParser
+from rest_framework.parsers import JSONParser, get_encoding
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils import json as drf_json
 from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, KeyPrincipal
@@ -89,8 +91,22 @@ def _json_depth_exceeds(data, limit: int) -> bool:
     return False
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object's members as a dict, refusing a key given twice (json's
+    object_pairs_hook): `json` keeps the last silently, so
+    `{"max_price_per_1k": 50, "max_price_per_1k": 5000}` bought at 5000 while the body
+    read as 50 to anyone checking the first, as a repeated query parameter did."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"key {repeated!r} given more than once")
+    return data
+
+
 class JsonParser(JSONParser):
-    """DRF's JSON parser, refusing JSON nested deeper than MAX_JSON_DEPTH as bad JSON.
+    """DRF's JSON parser, refusing JSON nested deeper than MAX_JSON_DEPTH, and an
+    object that gives a key twice, as bad JSON.
 
     Past about a thousand levels `json` raises RecursionError, not ValueError,
     which DRF's parser lets through as a 500; and a body just shallow enough
@@ -100,7 +116,7 @@ class JsonParser(JSONParser):
 
     def parse(self, stream, media_type=None, parser_context=None):
         try:
-            data = super().parse(stream, media_type, parser_context)
+            data = self._load(stream, parser_context or {})
         except RecursionError:
             data = None
         else:
@@ -109,6 +125,15 @@ class JsonParser(JSONParser):
         raise drf_exceptions.ParseError(
             f"JSON parse error - nested more than {MAX_JSON_DEPTH} levels deep."
         )
+
+    def _load(self, stream, parser_context: dict):
+        # DRF's JSONParser.parse, with the duplicate-key hook.
+        decoded = codecs.getreader(get_encoding(parser_context))(stream)
+        parse_constant = drf_json.strict_constant if self.strict else None
+        try:
+            return json.load(decoded, parse_constant=parse_constant, object_pairs_hook=_unique_keys)
+        except ValueError as exc:
+            raise drf_exceptions.ParseError(f"JSON parse error - {exc}") from None
 
 
 class StrictSerializer(serializers.Serializer):

@@ -93,6 +93,9 @@ BAD_KEY_REQUESTS = {
     "malformed-json": Bad("/api/v1/keys", b'{"name": "x", "scopes": ["admin"', 400, "invalid_json"),
     "trailing-garbage": Bad("/api/v1/keys", j(VALID) + b"}", 400, "invalid_json"),
     "nan": Bad("/api/v1/keys", b'{"name": NaN, "scopes": ["admin"]}', 400, "invalid_json"),
+    "duplicate-key": Bad(
+        "/api/v1/keys", b'{"name": "x", "scopes": ["inference"], "name": "y"}', 400, "invalid_json"
+    ),
     "deeply-nested": Bad("/api/v1/keys", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
     "non-utf8": Bad(
         "/api/v1/keys", b'{"name": "\xff\xfe\xc3", "scopes": ["admin"]}', 400, "invalid_json"

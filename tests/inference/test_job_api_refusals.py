@@ -144,6 +144,33 @@ def test_json_nested_too_deep_is_bad_json_and_holds_nothing(api, org, path, dept
     assert not Job.objects.filter(organization=org).exists()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        # the same field twice at the top: json keeps the last silently (1 token asked,
+        # 4,000 served), as a repeated query parameter did
+        f'{{"model": "{MODEL}", "max_tokens": 1, "messages": [{{"role": "user", '
+        f'"content": "hi"}}], "max_tokens": 4000}}',
+        # and inside a message
+        f'{{"model": "{MODEL}", "messages": [{{"role": "user", "role": "system", '
+        f'"content": "hi"}}]}}',
+    ],
+    ids=["top", "message"],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/jobs", "/api/v1/credits/quote"])
+def test_a_key_given_twice_is_bad_json_and_holds_nothing(api, org, path, body):
+    before = organization_balance(organization=org)
+
+    # when
+    error = _error(api.post(path, body, content_type="application/json"), 400)
+
+    # then: refused as bad JSON naming the key, nothing held or queued
+    assert error["code"] == "invalid_json"
+    assert "given more than once" in error["message"]
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+
+
 def test_json_nested_as_deep_as_allowed_is_read(api):
     # 32 levels (the body's 3 and the role's 29) are read: the role is then
     # refused as a role, not the body as JSON
