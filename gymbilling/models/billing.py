@@ -255,6 +255,14 @@ class Subscription(models.Model):
         Plan, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
     scheduled_seats = models.PositiveIntegerField(null=True, blank=True)
+    # The metered overage price Stripe's subscription carries, as last read there (null:
+    # none of ours). Only a price on the subscription reads the meter: a period's overage
+    # allowance is granted only while this is its plan's current overage price
+    # (services.invoices.subscription_period_grant), or the overage used would never be
+    # invoiced.
+    overage_price = models.ForeignKey(
+        StripePrice, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
     status = models.CharField(max_length=24, choices=Status.choices)
     current_period_start = models.DateTimeField()
     current_period_end = models.DateTimeField()

@@ -35,6 +35,7 @@ from gymbilling.models import (
 from gymbilling.services.customers import billing_customer_ensure
 from gymbilling.services.subscriptions import (
     SubscriptionUnknown,
+    current_overage_price,
     live_subscription,
     plan_change_is_upgrade,
     stripe_items,
@@ -265,9 +266,7 @@ def _session_open(*, organization, plan, pack, seats) -> CheckoutResult:
         price = _current_price(kind=PriceKind.PLAN, plan=plan)
         items = [{"price": price.stripe_price_id, "quantity": seats}]
         metadata["plan"] = plan.code
-        overage = StripePrice.objects.filter(
-            kind=PriceKind.OVERAGE, plan=plan, current=True
-        ).first()
+        overage = current_overage_price(plan)
         if overage is not None:
             items.append({"price": overage.stripe_price_id})
         params = {

@@ -20,6 +20,7 @@ after that cap of their period ran roll nothing over (_grant_expiry).
 from __future__ import annotations
 
 import calendar
+import logging
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -28,9 +29,11 @@ from django.utils import timezone
 
 from gymbilling.models import Invoice, Plan, PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
-from gymbilling.services.subscriptions import ts
+from gymbilling.services.subscriptions import current_overage_price, ts
 from metering.models import MICRO, JournalTransaction, LotSource
 from metering.services import LotSale, credits_grant
+
+logger = logging.getLogger(__name__)
 
 OVERAGE_LOT_PRIORITY = 1000  # burned after every other lot: overage is the last resort
 
@@ -320,6 +323,7 @@ def subscription_period_grant(
         and subscription.live
         # Paid after its period: no overage to allow any more.
         and allowance_until > timezone.now()
+        and _overage_invoiced(subscription)
     ):
         allowance = plan.overage_ceiling_for(subscription.seats)
         credits_grant(
@@ -340,6 +344,26 @@ def subscription_period_grant(
                 origin=plan.code,
             ),
         )
+
+
+def _overage_invoiced(subscription: Subscription) -> bool:
+    """Whether Stripe's subscription, as read just before this grant (invoice_refresh
+    syncs it first), carries its plan's current overage price: only a price on the
+    subscription reads the meter, so an allowance without it would be served on credit
+    that is never invoiced (a plan change that left the item behind, an item removed by
+    hand). Without it the allowance is not granted, and a human is told."""
+    expected = current_overage_price(subscription.plan)
+    if expected is not None and subscription.overage_price_id == expected.pk:
+        return True
+    logger.error(
+        "subscription %s: no overage allowance granted, its Stripe items do not carry "
+        "the current overage price of %s (%s; they carry %s)",
+        subscription.stripe_subscription_id,
+        subscription.plan.code,
+        expected.stripe_price_id if expected is not None else "none synced",
+        subscription.overage_price.stripe_price_id if subscription.overage_price else "none",
+    )
+    return False
 
 
 def overage_revenue(*, plan: Plan, credits: int) -> int:

@@ -70,6 +70,8 @@ class StripeItems:
     seats: int
     period_start: datetime
     period_end: datetime
+    # The metered price that invoices the overage meter, if one of ours is on it.
+    overage_price: StripePrice | None = None
 
 
 def stripe_items(stripe_sub: dict) -> StripeItems:
@@ -78,12 +80,13 @@ def stripe_items(stripe_sub: dict) -> StripeItems:
     prices = {
         p.stripe_price_id: p
         for p in StripePrice.objects.filter(
-            stripe_price_id__in=price_ids, kind=PriceKind.PLAN
+            stripe_price_id__in=price_ids, kind__in=[PriceKind.PLAN, PriceKind.OVERAGE]
         ).select_related("plan")
     }
+    overage_prices = [p for p in prices.values() if p.kind == PriceKind.OVERAGE]
     for item in items:
         price = prices.get((item.get("price") or {}).get("id"))
-        if price is None:
+        if price is None or price.kind != PriceKind.PLAN:
             continue
         # Since API version 2025-03-31 the period lives on each item.
         start = item.get("current_period_start") or stripe_sub.get("current_period_start")
@@ -93,8 +96,17 @@ def stripe_items(stripe_sub: dict) -> StripeItems:
             seats=int(item.get("quantity") or 1),
             period_start=ts(start),
             period_end=ts(end),
+            overage_price=overage_prices[0] if overage_prices else None,
         )
     raise SubscriptionUnknown(f"subscription {stripe_sub.get('id')} has no price of ours")
+
+
+def current_overage_price(plan) -> StripePrice | None:
+    """The metered price that invoices `plan`'s overage now: the one a subscription to it
+    must carry for its overage allowance to be granted; None when the plan has none."""
+    if not plan.overage_allowed:
+        return None
+    return StripePrice.objects.filter(kind=PriceKind.OVERAGE, plan=plan, current=True).first()
 
 
 def _organization_of(stripe_sub: dict) -> Organization:
@@ -151,6 +163,7 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             sub.scheduled_plan = sub.scheduled_seats = None
         sub.current_period_start = max(sub.current_period_start, items.period_start)
         sub.current_period_end = max(sub.current_period_end, items.period_end)
+        sub.overage_price = items.overage_price
         sub.status = status
         sub.cancel_at_period_end = bool(stripe_sub.get("cancel_at_period_end"))
         sub.canceled_at = ts(stripe_sub.get("canceled_at") or stripe_sub.get("ended_at"))
