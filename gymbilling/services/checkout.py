@@ -405,7 +405,14 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
         changed = stripe_client.subscription_update(
             subscription.stripe_subscription_id,
             key=key,
-            items=[{"id": item["id"], "price": price.stripe_price_id, "quantity": seats}],
+            items=[
+                {"id": item["id"], "price": price.stripe_price_id, "quantity": seats},
+                # An upgrade's entitlements, the overage allowance among them, apply now:
+                # so does the price that invoices that overage, in the same request. A
+                # downgrade leaves it: this period's overage is the dearer plan's, billed
+                # at its price by the renewal invoice (subscription_overage_align after it).
+                *(overage_item_changes(stripe_sub, plan=plan) if upgrade else []),
+            ],
             proration_behavior="always_invoice" if upgrade else "none",
             # An upgrade is charged now: a card that declines must leave the
             # subscription as it was (Stripe's default, allow_incomplete, would
@@ -666,6 +673,34 @@ def _plan_item(stripe_sub: dict) -> dict:
         message="The subscription has no plan item we know; contact support.",
         status=409,
     )
+
+
+def overage_item_changes(stripe_sub: dict, *, plan: Plan) -> list[dict]:
+    """The item changes that leave Stripe's subscription with `plan`'s current overage
+    price, and no other of ours: the existing overage item's price swapped, one added, or
+    the item deleted when the plan has no overage; none when it is so already.
+
+    Metered, so none of them is prorated or charged now: the meter's usage is invoiced at
+    the period's end at the price on the item then."""
+    target = current_overage_price(plan)
+    overage_prices = set(
+        StripePrice.objects.filter(kind=PriceKind.OVERAGE).values_list("stripe_price_id", flat=True)
+    )
+    items = [
+        item
+        for item in (stripe_sub.get("items") or {}).get("data") or []
+        if (item.get("price") or {}).get("id") in overage_prices
+    ]
+    changes: list[dict] = []
+    if target is not None and not items:
+        changes.append({"price": target.stripe_price_id})
+    for index, item in enumerate(items):
+        if index == 0 and target is not None:
+            if item["price"]["id"] != target.stripe_price_id:
+                changes.append({"id": item["id"], "price": target.stripe_price_id})
+        else:
+            changes.append({"id": item["id"], "deleted": True})
+    return changes
 
 
 def portal_create(*, organization: Organization) -> str:

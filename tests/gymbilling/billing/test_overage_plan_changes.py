@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from gymbilling import stripe_client
-from gymbilling.models import StripePrice, Subscription
+from gymbilling.models import Plan, StripePrice, Subscription
 from gymbilling.services import overage_report
 from gymbilling.services.events import subscription_refresh
 from gymbilling.services.invoices import invoice_sync
@@ -104,3 +104,49 @@ def test_no_overage_allowance_when_stripe_s_subscription_lacks_the_overage_price
     [logged] = [r for r in caplog.records if r.name == "gymbilling.services.invoices"]
     assert sub.stripe_subscription_id in logged.getMessage()
     assert overage in logged.getMessage()
+
+
+def test_an_upgrade_to_a_plan_with_overage_bills_its_overage_at_its_price(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Basic (no overage), upgraded to Pro mid-period
+    sub = subscribed("basic")
+    assert _overage_price("pro") not in _stripe_prices(stripe_sdk, sub)
+    assert _change(customer, "pro") == "subscription_updated"
+    assert "failed" not in deliver()
+
+    # then: Stripe's subscription carries Pro's overage price with the plan
+    assert _overage_price("pro") in _stripe_prices(stripe_sdk, sub)
+
+    # when: the period renews, paid: Pro's overage allowance is granted
+    renewal = _latest_invoice(stripe_standin, sub)
+    assert "failed" not in deliver()
+    pro = Plan.objects.get(code="pro")
+    allowance = CreditLot.objects.get(created_by__idempotency_key=f"grant:overage:{renewal}")
+    assert allowance.amount == pro.fair_use_ceiling
+    # and 1,000 credits of it are used and reported, then the next period begins
+    _overage_used(customer, 1_000)
+    next_invoice = _latest_invoice(stripe_standin, sub)
+
+    # then: the next invoice bills them at Pro's price (9.00 per 1,000 credits)
+    assert _usage_billed(next_invoice) == {_overage_price("pro"): (1_000, 900)}
+
+
+def test_overage_used_before_an_upgrade_is_billed_at_the_new_plan_s_price(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: Pro, with 1,000 credits of overage used and reported this period
+    sub = subscribed("pro")
+    _overage_used(customer, 1_000)
+
+    # when: it upgrades to Enterprise mid-period, then the period ends
+    assert _change(customer, "enterprise") == "subscription_updated"
+    assert "failed" not in deliver()
+    assert _stripe_prices(stripe_sdk, sub) >= {_overage_price("enterprise")}
+    assert _overage_price("pro") not in _stripe_prices(stripe_sdk, sub)
+    renewal = _latest_invoice(stripe_standin, sub)
+
+    # then: the renewal invoice bills the period's overage at Enterprise's price (6.00
+    # per 1,000 credits), the price on the subscription when the period ended, as Stripe
+    # bills a meter
+    assert _usage_billed(renewal) == {_overage_price("enterprise"): (1_000, 600)}
