@@ -40,6 +40,7 @@ from gymbilling.services.subscriptions import (
     plan_change_is_upgrade,
     stripe_items,
     subscription_sync,
+    ts,
 )
 from gymbilling.sweeps import each_isolated
 
@@ -701,6 +702,70 @@ def overage_item_changes(stripe_sub: dict, *, plan: Plan) -> list[dict]:
         else:
             changes.append({"id": item["id"], "deleted": True})
     return changes
+
+
+def subscription_overage_align(*, subscription: Subscription, invoice: dict) -> Subscription:
+    """Once the paid invoice that bought the subscription's current period (a renewal, or
+    the first) is processed, and before its grant, put the current overage price of the
+    plan of that period on Stripe's subscription; returns our row, synced after.
+
+    A downgrade left the overage item at the dearer plan's price (_change): the period
+    it was paid for was that plan's, and so was its overage, which the renewal invoice
+    bills at the price on the item then. That invoice is finalized (paid) by now, so the
+    item moves to the new plan's price (or goes, if it has no overage) for the period
+    starting, whose allowance is granted next: in this order, or the grant would withhold
+    it (invoices._overage_invoiced). It also puts back an item removed by hand, and moves
+    an overage price changed in the catalog onto the subscription from its next period.
+
+    Outside any transaction, under the purchase lock (a plan change at the same moment
+    decides from Stripe's subscription, as this does), safe to run twice: a repeat finds
+    the item in place; the Stripe key is the invoice's and the price's. Stripe refusing
+    is logged and the grant then withholds the allowance; Stripe unreachable is raised,
+    and the event retried, its grant with it.
+    """
+    if not (subscription.live and _bought_current_period(invoice, subscription)):
+        return subscription
+    target = current_overage_price(subscription.plan)
+    if subscription.overage_price_id == (target.pk if target else None):
+        return subscription  # as read by this event's sync, moments ago
+    with _purchase_lock(subscription.organization):
+        stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
+        subscription = subscription_sync(stripe_sub=stripe_sub)
+        target = current_overage_price(subscription.plan)
+        changes = overage_item_changes(stripe_sub, plan=subscription.plan)
+        if not changes:
+            return subscription
+        try:
+            aligned = stripe_client.subscription_update(
+                subscription.stripe_subscription_id,
+                key=f"overage:{invoice['id']}:{target.stripe_price_id if target else 'none'}",
+                items=changes,
+                proration_behavior="none",
+            )
+        except stripe_client.StripeRequestRefused as exc:
+            logger.error(
+                "subscription %s: its overage item could not be set to %s's overage price (%s): %s",
+                subscription.stripe_subscription_id,
+                subscription.plan.code,
+                exc.code or exc.status,
+                exc,
+            )
+            return subscription
+        return subscription_sync(stripe_sub=aligned)
+
+
+def _bought_current_period(invoice: dict, subscription: Subscription) -> bool:
+    """Whether `invoice` is paid and bought the subscription's current period: its lines
+    for the plan end with it (a renewal's metered lines are the period before's)."""
+    if invoice.get("status") != "paid" or invoice.get("billing_reason") not in (
+        "subscription_create",
+        "subscription_cycle",
+    ):
+        return False
+    lines = (invoice.get("lines") or {}).get("data") or []
+    return subscription.current_period_end in [
+        ts((line.get("period") or {}).get("end")) for line in lines
+    ]
 
 
 def portal_create(*, organization: Organization) -> str:

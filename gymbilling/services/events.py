@@ -40,6 +40,7 @@ from gymbilling.models import (
     StripeEvent,
     Subscription,
 )
+from gymbilling.services.checkout import subscription_overage_align
 from gymbilling.services.invoices import invoice_subscription_id, invoice_sync
 from gymbilling.services.payments import (
     checkout_session_mirror,
@@ -251,6 +252,10 @@ def invoice_refresh(*, invoice_id: str) -> bool:
             # the retry, once the conflict is gone, grants it.
             invoice_sync(invoice=invoice, subscription=None)
             raise
+    if subscription is not None:
+        # Before the grant, which checks the overage price this may put on Stripe's
+        # subscription (a renewal after a downgrade).
+        subscription = subscription_overage_align(subscription=subscription, invoice=invoice)
     row = invoice_sync(invoice=invoice, subscription=subscription)
     if row is None:
         return False
