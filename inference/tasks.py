@@ -33,6 +33,7 @@ from datetime import datetime
 
 from celery import shared_task
 from celery.signals import worker_process_shutdown
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -167,7 +168,12 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     else:
         return start.status()
     engines = [
-        triton.pool_for(tuple(grpc), model, metrics_urls=metrics_urls)
+        triton.pool_for(
+            tuple(grpc),
+            model,
+            metrics_urls=metrics_urls,
+            timeout_s=settings.INFERENCE_ENGINE_TIMEOUT_SECONDS,
+        )
         for grpc, metrics_urls in zip(urls, metrics, strict=True)
     ]
     first_token: list[datetime] = []

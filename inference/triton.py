@@ -19,7 +19,8 @@ token counts. What must stay true, and why it is built the way it is:
   per token); one watchdog thread per process ends a stream whose caller asked
   to cancel, that stayed silent past `timeout_s`, or that ran past the
   caller's `deadline` (a job's run limit: Triton's own timeouts count silence
-  only), and closes idle streams.
+  only), and closes idle streams. A request that is not streamed is silent
+  until its generation ends: with a deadline, only the deadline ends it.
 - We drive gRPC through tritonclient's generated stubs (`service_pb2`,
   `service_pb2_grpc`) rather than `InferenceServerClient`: that class holds one
   stream per client, and `stop_stream(cancel_requests=True)` leaves gRPC's
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import codecs
 import http.client
+import inspect
 import itertools
 import logging
 import math
@@ -119,7 +121,8 @@ class EngineUnavailable(TritonError):
 
 
 class EngineTimeout(TritonError):
-    """The engine sent nothing for `timeout_s` (before the first response or between two)."""
+    """The engine sent nothing for `timeout_s` (before the first response or between two;
+    a request not streamed with a deadline waits for its one response until then)."""
 
     code = "engine_timeout"
 
@@ -402,9 +405,9 @@ class _Watchdog:
             self._pools.discard(pool)
 
     def register(
-        self, stream: _Stream, cancel: threading.Event | None, timeout_s: float, ends_by: float
+        self, stream: _Stream, cancel: threading.Event | None, heard_by: float, ends_by: float
     ) -> _Flight:
-        flight = _Flight(stream, cancel, time.monotonic() + timeout_s, ends_by)
+        flight = _Flight(stream, cancel, heard_by, ends_by)
         with self._lock:
             self._flights.add(flight)
             self._ensure_running()
@@ -502,7 +505,9 @@ class ServerPool:
     without metrics. A connection error before anything was
     delivered is retried, up to `retries` times, on another ready server (the
     same one if it is the only one and answers ready again). `timeout_s` bounds
-    the silence before the first response and between two responses.
+    the silence before the first response and between two responses; of a
+    request not streamed (one response, when its generation ends) the
+    caller's `deadline`, when given, bounds it instead (_first_heard_by).
     """
 
     def __init__(
@@ -576,7 +581,8 @@ class ServerPool:
         it runs responses queue up unread, so for a request that finished
         meanwhile `engine_ms` includes the rest of its run. A request still
         running at `deadline` (time.monotonic(), retries included) is ended
-        there: DeadlineExceeded, with what was delivered.
+        there: DeadlineExceeded, with what was delivered. A request not streamed
+        with a deadline is not timed out for its silence before its one response.
         Raises EngineUnavailable, EngineTimeout (DeadlineExceeded) or EngineError.
         """
         if self._closed:
@@ -833,6 +839,20 @@ class ServerPool:
 
     # -- one attempt on one server ---------------------------------------------
 
+    def _first_heard_by(self, request: GenerationRequest, ends_by: float) -> float:
+        """When the first response is due (time.monotonic()).
+
+        A request that is not streamed has one response, sent when its
+        generation ends: silence until then says nothing of the engine, and
+        `timeout_s` would cut every generation longer than it (the caller
+        fails it, billing nothing, while the engine runs on to its end). Its
+        caller's deadline bounds it instead; without one, `timeout_s` does, as
+        nothing else would.
+        """
+        if not request.stream and ends_by != math.inf:
+            return ends_by
+        return time.monotonic() + self.timeout_s
+
     def _attempt(
         self, server, message, request, on_delta, cancel, hook, ends_by: float
     ) -> GenerationResult:
@@ -843,7 +863,7 @@ class ServerPool:
                 server.inflight -= 1
             raise
         acc = _Accumulator(request, server.url)
-        flight = _watchdog.register(stream, cancel, self.timeout_s, ends_by)
+        flight = _watchdog.register(stream, cancel, self._first_heard_by(request, ends_by), ends_by)
         reusable = False
         try:
             acc.started = time.perf_counter()
@@ -942,6 +962,13 @@ _pools: dict[tuple, ServerPool] = {}
 _pools_lock = threading.Lock()
 
 
+_POOL_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(ServerPool).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+
+
 def pool_for(urls: Sequence[str], model_name: str = "ensemble", **options) -> ServerPool:
     """The process's ServerPool for these urls, model and options (built once, then shared).
 
@@ -962,6 +989,9 @@ def pool_for(urls: Sequence[str], model_name: str = "ensemble", **options) -> Se
                 list(urls),
             )
     # One server, or none given: the same pool as without (nothing to read).
+    # Likewise an option at ServerPool's default (the gateway passes its
+    # settings, which are the defaults unless set): one pool, not two.
+    options = {name: value for name, value in options.items() if _POOL_DEFAULTS.get(name) != value}
     key = (tuple(urls), model_name, tuple(sorted(options.items())))
     pool = _pools.get(key)
     if pool is None:

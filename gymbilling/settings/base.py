@@ -257,6 +257,12 @@ INFERENCE_TIMEOUT_SECONDS = env.int("INFERENCE_TIMEOUT_SECONDS", default=120)
 # event, not for the whole) and jobs whose client is gone; a request that is
 # not streamed gives up first (INFERENCE_TIMEOUT_SECONDS).
 INFERENCE_JOB_DEADLINE_SECONDS = env.float("INFERENCE_JOB_DEADLINE_SECONDS", default=300.0)
+# How long a worker waits for the engine's next response (a stream's first or
+# next token) before failing its job `engine_timeout`, billed only what was
+# delivered. A request that is not streamed has one response, when its
+# generation ends: it waits for it until the job's run limit instead
+# (inference.triton, ServerPool.generate).
+INFERENCE_ENGINE_TIMEOUT_SECONDS = env.float("INFERENCE_ENGINE_TIMEOUT_SECONDS", default=60.0)
 # Job callbacks (inference.services.callbacks): a signed webhook when an
 # asynchronous job ends. Each attempt may take this long in all.
 INFERENCE_CALLBACK_TIMEOUT_SECONDS = env.float("INFERENCE_CALLBACK_TIMEOUT_SECONDS", default=10.0)

@@ -502,6 +502,44 @@ def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_
     _settled_for_its_charge(job, org, before)
 
 
+def test_a_job_not_streamed_outlasting_the_engine_timeout_succeeds_and_is_billed(
+    paced_engine, grant, settings
+):
+    # given an engine timeout of half a second, and a job not streamed whose
+    # engine is busy: its one response comes when its generation ends, after
+    # it waited in the engine's queue behind a busy stream (3 s on the paced
+    # engine): that long silent, as a long generation is. Its run limit (5
+    # minutes) is far off.
+    engine = paced_engine
+    settings.INFERENCE_ENGINE_TIMEOUT_SECONDS = 0.5
+    model = served_model("gym-run-quiet", grpc_urls=[engine.grpc_url], access_tier="basic")
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = _queued(org, model)
+    assert not job.stream
+    before = organization_balance(organization=org)
+    # the worker's pool for it has used its server, then every engine worker is taken
+    triton.pool_for([engine.grpc_url], "ensemble", timeout_s=0.5).generate(
+        triton.GenerationRequest(PROMPT, 1)
+    )
+    busy, _workers = occupy_engine_workers(engine.grpc_url)
+    try:
+        # when it runs
+        status = _run(job, _spec(job, age_s=60))
+    finally:
+        busy.stop()
+
+    # then it waited for its answer, silent past the engine timeout, and succeeded
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.SUCCEEDED, job.error_message
+    assert job.engine_ms > 500
+    # billed once for what the engine served and counted
+    assert job.output_tokens == 4
+    assert job.input_tokens > 0 and job.input_tokens_source == InputTokensSource.ENGINE
+    assert job.credits_charged == _expected_charge(job) > 0
+    _settled_for_its_charge(job, org, before)
+
+
 def test_a_job_cancelled_before_its_fresh_message_arrived_is_abandoned_not_settled_again(
     queued_job, engine
 ):
