@@ -1028,19 +1028,45 @@ def _claim(*, pk: int, written: dict, first_token_at: datetime | None, only: lis
 
 
 def _release_reservations(*, job: Job, used_tokens: int, pipe=None) -> None:
+    """Free the settled job's concurrency slot and refund its unused token reservation.
+
+    Queued on `pipe` when given (a worker sends them with the final event).
+    Without it (a queued job's cancel) they are sent now, each best effort:
+    the settlement has committed, and a Redis failure raised from here would
+    make a cancel that took effect look failed (POST /api/v1/jobs/{id}/cancel
+    a 500; a job whose message was not sent, a 503 that says a worker may
+    still run it). A slot left taken is freed by concurrency_slots_sweep (its
+    job is no longer open); a refund lost leaves the tokens counted until
+    their minute ends.
+    """
     scope = f"org:{job.organization_id}"
-    concurrency_release(scope=scope, job_id=job.public_id, pipe=pipe)
     reserved = int(job.params.get("reserved_tokens", 0))
-    # A refund reads only the scope of a limit, not its size; it goes back to
-    # the minute the tokens were reserved in (a job queued before reserved_at
-    # was recorded: the current one, as before).
-    rate_limit_refund(
-        kind="tokens",
-        limits=[Limit(scope=scope, limit=0)],
-        amount=max(0, reserved - used_tokens),
-        counted_at=job.params.get("reserved_at"),
-        pipe=pipe,
+    releases = (
+        functools.partial(concurrency_release, scope=scope, job_id=job.public_id),
+        # A refund reads only the scope of a limit, not its size; it goes back
+        # to the minute the tokens were reserved in (a job queued before
+        # reserved_at was recorded: the current one, as before).
+        functools.partial(
+            rate_limit_refund,
+            kind="tokens",
+            limits=[Limit(scope=scope, limit=0)],
+            amount=max(0, reserved - used_tokens),
+            counted_at=job.params.get("reserved_at"),
+        ),
     )
+    for release in releases:
+        if pipe is not None:
+            release(pipe=pipe)
+            continue
+        try:
+            release()
+        except RedisError as exc:
+            logger.warning(
+                "job %s: settled, but its reservations could not be released (%r); "
+                "concurrency_slots_sweep frees its slot",
+                job.public_id,
+                exc,
+            )
 
 
 # A slot whose job has no open row this long after it was taken lost its job:

@@ -16,7 +16,7 @@ from accounts.redis import get_redis
 from accounts.services import apikey_create
 from inference import apis, relay
 from inference.models import InputTokensSource, Job, JobStatus
-from inference.services import job_cancel, job_settle, job_start
+from inference.services import job_cancel, job_settle, job_start, jobs
 from inference.services.jobs import Outcome
 from metering.models import Hold, HoldStatus
 from metering.selectors import organization_balance
@@ -135,6 +135,48 @@ def test_a_running_job_whose_worker_cannot_be_told_is_a_503_not_a_cancel(queued_
     assert error["code"] == "cancel_unavailable"
     assert Job.objects.get(pk=queued_job.pk).status == JobStatus.RUNNING
     assert Hold.objects.get(key=queued_job.public_id).status == HoldStatus.PENDING
+
+
+def _reservations_redis_down(**kwargs):
+    # Stood in at the two accounts.ratelimits calls that free a job's
+    # reservations (its concurrency slot, its unused tokens), as the jobs
+    # service imports them: Redis cannot be made to fail for one call here,
+    # and a real outage would stop the request's own rate limit, every other
+    # test's relay and the broker. With a pipeline they only queue a command,
+    # which cannot fail; without one they talk to Redis.
+    if kwargs.get("pipe") is None:
+        raise redis.ConnectionError("redis is down")
+
+
+def test_a_queued_job_cancelled_while_redis_fails_under_its_release_is_answered_canceled(
+    queued_job, monkeypatch
+):
+    # given a queued job, an inference key of its organization, and Redis
+    # failing under the release of the job's reservations once it settled
+    _key, raw = apikey_create(
+        organization=queued_job.organization, name="cancel", scopes=[Scope.INFERENCE]
+    )
+    monkeypatch.setattr(jobs, "concurrency_release", _reservations_redis_down)
+    monkeypatch.setattr(jobs, "rate_limit_refund", _reservations_redis_down)
+
+    # when it is cancelled
+    response = key_client(raw).post(f"/api/v1/jobs/{queued_job.public_id}/cancel")
+
+    # then the cancel, which committed, is answered as such: canceled, nothing
+    # charged (its slot is freed later by concurrency_slots_sweep)
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["id"], body["status"], body["credits_charged"]) == (
+        queued_job.public_id,
+        JobStatus.CANCELED,
+        0,
+    )
+    job = Job.objects.get(pk=queued_job.pk)
+    assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
+    # and the ledger released the whole hold
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED
+    balance = organization_balance(organization=job.organization)
+    assert (balance.held, balance.available) == (0, credits(10))
 
 
 def test_a_job_whose_answer_failed_is_cancelled_even_when_redis_fails(grant, monkeypatch):
