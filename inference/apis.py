@@ -60,7 +60,7 @@ from inference.models import (
 )
 from inference.openai_body import generation_body, text_storable
 from inference.relay import HEARTBEAT, relay_events, relay_progress
-from inference.selectors import catalog_models_for, organization_jobs
+from inference.selectors import catalog_models_for, job_ended_final_event, organization_jobs
 from inference.services import job_cancel, job_submit
 from inference.services.jobs import SubmitParams, job_quote, job_run_limit
 from metering.services.postings import amount_display
@@ -438,6 +438,8 @@ class _GenerationApi(OrgApiView):
         except TimeoutError:
             final, cancelled = _GenerationApi.final_after_cancel(job)
             if final is not None and final["status"] == JobStatus.SUCCEEDED:
+                if final["text"] is None:  # from its row, its final event lost
+                    raise _GenerationApi.answer_lost(job, final) from None
                 return final  # it finished as the wait ended: answered, as it was billed
             raise _GenerationApi.timed_out(job, final, cancelled) from None
         raise ApplicationError(
@@ -453,15 +455,21 @@ class _GenerationApi(OrgApiView):
         """The gateway stopped waiting: the job is cancelled (_cancel_abandoned), and its last
         event read once more, for up to FINAL_AFTER_CANCEL_WAIT_S, so that what it was billed
         is known (it may even have finished as the wait ended): (that event, None if it did
-        not come; whether the cancel took: ended, or its worker told to stop)."""
+        not come; whether the cancel took: ended, or its worker told to stop).
+
+        A job that ended without one (its worker died between its settlement's
+        commit and publishing it, or Redis failed under it; or this cancel
+        ended it while queued) is answered from its row (job_ended_final_event):
+        else a job that succeeded and was charged in full would be a 504 saying
+        it was cancelled, with no charge."""
         cancelled = _cancel_abandoned(job)
         try:
             for event in relay_events(job.public_id, timeout_s=FINAL_AFTER_CANCEL_WAIT_S):
                 if event["type"] in ("done", "error"):
                     return event, cancelled
-        except Exception:  # TimeoutError, or Redis failing: the answer is a 504 either way
-            return None, cancelled
-        return None, cancelled
+        except Exception:  # TimeoutError, or Redis failing: the row says the rest
+            pass
+        return job_ended_final_event(job_pk=job.pk), cancelled
 
     @staticmethod
     def timed_out(job: Job, final: dict | None, cancelled: bool = True) -> ApplicationError:
@@ -487,6 +495,25 @@ class _GenerationApi(OrgApiView):
             status=504,
             extra={"job_id": job.public_id},
             took_effect=final is None or final["credits_charged"] > 0,
+            headers=_GenerationApi.cost_headers(job, final),
+        )
+
+    @staticmethod
+    def answer_lost(job: Job, final: dict) -> ApplicationError:
+        """A job that succeeded, known from its row: its text, which only its final event
+        carried, was lost. A 502 with its charge, keeping the Idempotency-Key: a retry
+        would run and charge it again."""
+        charged = amount_display(final["credits_charged"])
+        return ApplicationError(
+            code="answer_lost",
+            message=(
+                f"The job finished and was charged {charged} credits, but its answer was lost "
+                f"on its way here (its worker stopped, or Redis failed, as it ended): see "
+                f"GET /api/v1/jobs/{job.public_id}."
+            ),
+            status=502,
+            extra={"job_id": job.public_id},
+            took_effect=True,
             headers=_GenerationApi.cost_headers(job, final),
         )
 
@@ -584,7 +611,8 @@ class _GenerationApi(OrgApiView):
                     yield _sse_line(self.timed_out(job, final, cancelled).as_dict())
                     yield _sse_line("[DONE]")
                     return
-                rest = final["text"][relayed:]
+                # A final event from the job's row has no text: a stream's was relayed.
+                rest = (final["text"] or "")[relayed:]
                 if rest:
                     yield _sse_line(self.chunk(job, delta_text=rest, finish_reason=None))
             if final is None:

@@ -8,7 +8,16 @@ from django.utils import timezone
 from accounts.cache import SharedCache
 from accounts.errors import ApplicationError
 from accounts.models import Organization
-from inference.models import CatalogModel, DedicatedCapacity, Job, ModelStatus, ServerPool
+from inference.models import (
+    NON_TERMINAL,
+    CatalogModel,
+    DedicatedCapacity,
+    Job,
+    JobStatus,
+    ModelStatus,
+    ServerPool,
+)
+from metering.selectors import organization_balance
 
 # Until billing grants tiers, every organization may use the basic tier.
 DEFAULT_TIERS = ("basic",)
@@ -102,3 +111,47 @@ def organization_jobs(
     if model is not None:
         jobs = jobs.filter(model__name=model)
     return jobs.select_related("model")
+
+
+def job_final_event(job: Job, *, text: str | None, finish_reason: str) -> dict:
+    """The relay's last event for a settled job: what the waiting API process answers with.
+
+    `text` None: not known (job_ended_final_event).
+    """
+    remaining = getattr(job, "wallet_balance_after", None)
+    # The settlement did not say: the ORM path, settled earlier, or a lot of the
+    # wallet due to expire (metering/0018: the selector leaves the sweep's out).
+    if remaining is None:
+        remaining = organization_balance(organization=job.organization).available
+    return {
+        # An expired job (its hold expired while it ran) gives nothing away.
+        "type": "error" if job.status in (JobStatus.FAILED, JobStatus.EXPIRED) else "done",
+        "status": job.status,
+        "text": text,
+        "finish_reason": finish_reason,
+        "input_tokens": job.input_tokens,
+        "cached_input_tokens": job.cached_input_tokens,
+        "output_tokens": job.output_tokens,
+        "input_tokens_source": job.input_tokens_source,
+        "credits_charged": job.credits_charged,
+        "credits_remaining": remaining,
+        "error_code": job.error_code,
+        "error_message": job.error_message,
+    }
+
+
+def job_ended_final_event(*, job_pk: int) -> dict | None:
+    """The final event of a job that has ended, built from its row; None while it runs.
+
+    For a waiting answer that never got the relay's: its worker died between
+    the settlement's commit and publishing it, or Redis failed under it (or a
+    cancel ended the job while queued, which publishes none). Its text is
+    None where the row does not keep it: it keeps only an asynchronous job's
+    that is not streamed (job_settle), and a stream's was relayed token by
+    token already.
+    """
+    job = Job.objects.select_related("organization").filter(pk=job_pk).first()
+    if job is None or job.status in NON_TERMINAL:
+        return None
+    text = job.output if job.kind == "async" and not job.stream else None
+    return job_final_event(job, text=text, finish_reason=job.finish_reason)

@@ -49,7 +49,7 @@ from inference.relay import (
     relay_publish,
     relay_relayed_text,
 )
-from inference.selectors import catalog_model_by_id, pools_for_job
+from inference.selectors import catalog_model_by_id, job_final_event, pools_for_job
 from inference.services import concurrency_slots_sweep, job_settle, job_start
 from inference.services.callbacks import job_callback_deliver, job_callbacks_sweep
 from inference.services.jobs import (
@@ -61,7 +61,7 @@ from inference.services.jobs import (
     job_start_refusal,
     prompt_tokens_count,
 )
-from metering.selectors import model_price_by_id, organization_balance
+from metering.selectors import model_price_by_id
 
 logger = logging.getLogger(__name__)
 
@@ -500,26 +500,7 @@ def _failure_outcome(exc: triton.TritonError) -> Outcome:
 
 def _final_event(job: Job, outcome: Outcome) -> dict:
     """The relay's last event for this job: what the waiting API process answers with."""
-    remaining = getattr(job, "wallet_balance_after", None)
-    # The settlement did not say: the ORM path, settled earlier, or a lot of the
-    # wallet due to expire (metering/0018: the selector leaves the sweep's out).
-    if remaining is None:
-        remaining = organization_balance(organization=job.organization).available
-    return {
-        # An expired job (its hold expired while it ran) gives nothing away.
-        "type": "error" if job.status in (JobStatus.FAILED, JobStatus.EXPIRED) else "done",
-        "status": job.status,
-        "text": outcome.text,
-        "finish_reason": outcome.finish_reason,
-        "input_tokens": job.input_tokens,
-        "cached_input_tokens": job.cached_input_tokens,
-        "output_tokens": job.output_tokens,
-        "input_tokens_source": job.input_tokens_source,
-        "credits_charged": job.credits_charged,
-        "credits_remaining": remaining,
-        "error_code": job.error_code,
-        "error_message": job.error_message,
-    }
+    return job_final_event(job, text=outcome.text, finish_reason=outcome.finish_reason)
 
 
 @worker_process_shutdown.connect

@@ -149,22 +149,30 @@ def test_a_job_stopped_at_its_run_limit_is_answered_504_and_keeps_its_key(grant)
     assert settled.credits_charged > 0 and answer.took_effect
 
 
+def _stream_timed_out_after(job: Job, text: str) -> tuple[list[bytes], list[dict]]:
+    """The job's stream (with usage) as written when its first delta, `text`, came and then
+    nothing within the wait: its lines, and the JSON of its data lines."""
+
+    def events():
+        yield {"type": "delta", "text": text}
+        raise TimeoutError(job.public_id)
+
+    lines = list(apis.ChatCompletionsApi().sse(job, events(), include_usage=True))
+    payloads = [json.loads(line[len(b"data: ") :]) for line in lines if line.startswith(b"data: {")]
+    return lines, payloads
+
+
 def test_a_stream_whose_job_finished_as_its_wait_ended_is_answered_in_full(running_job):
     # given a streamed job whose first token was sent, and whose worker
     # settled it and sent its end just as the stream's wait for the next
     # event ran out
     sent = _settled_by_its_worker(running_job, JobStatus.SUCCEEDED, output_tokens=8)
 
-    def events():
-        yield {"type": "delta", "text": "Squat"}
-        raise TimeoutError(running_job.public_id)
-
     # when the stream is written
-    lines = list(apis.ChatCompletionsApi().sse(running_job, events(), include_usage=True))
+    lines, payloads = _stream_timed_out_after(running_job, "Squat")
 
     # then it is the whole answer, as it was billed, not a timeout error: the
     # text not relayed yet, then the usage, then [DONE]
-    payloads = [json.loads(line[len(b"data: ") :]) for line in lines if line.startswith(b"data: {")]
     assert not [payload for payload in payloads if "error" in payload]
     text = "".join(
         payload["choices"][0]["delta"].get("content") or ""
@@ -297,3 +305,58 @@ def test_an_engine_error_that_names_a_length_is_a_400_only_if_nothing_was_served
     # served and charged, the engine's failure (5xx) that keeps its Idempotency-Key
     assert (error.status, error.code) == answer
     assert error.took_effect == (charged > 0)
+
+
+def _settled_and_its_end_lost(job: Job, *, stream: bool = False) -> Job:
+    """The chat job (whose row keeps no text, unlike an asynchronous one's) settled in full
+    by its worker, which died before publishing its final event (or Redis failed under it):
+    the row says it succeeded and was charged, the relay nothing."""
+    Job.objects.filter(pk=job.pk).update(kind="chat", stream=stream)
+    job.kind, job.stream = "chat", stream
+    outcome = Outcome(text="Squat low.", input_tokens=5, output_tokens=8, finish_reason="length")
+    settled = job_settle(job=copy.copy(job), outcome=outcome, status=JobStatus.SUCCEEDED)
+    assert settled.credits_charged > 0
+    return settled
+
+
+def test_a_job_whose_final_event_was_lost_is_answered_as_it_ended_not_as_cancelled(running_job):
+    # given a job that succeeded and was charged in full, whose final event was lost
+    settled = _settled_and_its_end_lost(running_job)
+
+    # when the API stops waiting for it
+    with pytest.raises(ApplicationError) as lost:
+        apis._GenerationApi.wait(running_job)
+    response = exception_handler(lost.value, {})
+
+    # then the answer says it finished and what it cost, not that it was
+    # cancelled; its text is not known here, so it is an error that keeps the
+    # Idempotency-Key (a retry would be charged again) and names the job
+    charged = amount_display(settled.credits_charged)
+    assert (lost.value.code, lost.value.status) == ("answer_lost", 502)
+    assert "cancelled" not in lost.value.message
+    assert f"finished and was charged {charged} credits" in lost.value.message
+    assert lost.value.took_effect
+    assert lost.value.extra == {"job_id": running_job.public_id}
+    assert response["X-Gym-Credits-Charged"] == charged
+    left = organization_balance(organization=running_job.organization).available
+    assert response["X-Gym-Credits-Remaining"] == amount_display(left)
+    # and the job is as its worker settled it
+    job = Job.objects.get(pk=running_job.pk)
+    assert (job.status, job.credits_charged) == (JobStatus.SUCCEEDED, settled.credits_charged)
+
+
+def test_a_stream_whose_final_event_was_lost_ends_as_its_job_ended(running_job):
+    # given a streamed job whose tokens were relayed, then settled in full, its
+    # final event lost
+    settled = _settled_and_its_end_lost(running_job, stream=True)
+
+    # when the stream is written
+    lines, payloads = _stream_timed_out_after(running_job, "Squat low.")
+
+    # then it ends as the job ended, with what it was charged, not with a timeout error
+    assert not [payload for payload in payloads if "error" in payload]
+    finish = [p["choices"][0]["finish_reason"] for p in payloads if p["choices"]]
+    assert finish[-1] == "length"
+    assert payloads[-1]["usage"]["completion_tokens"] == 8
+    assert payloads[-1]["gym"]["credits_charged"] == settled.credits_charged
+    assert lines[-1] == b"data: [DONE]\n\n"
