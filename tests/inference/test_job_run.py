@@ -455,6 +455,20 @@ def test_a_job_running_past_its_limit_is_stopped_failed_and_billed_for_what_it_p
     _settled_for_its_charge(job, org, before)
 
 
+def _run_behind_busy_engine(job: Job, engine, **pool_options) -> str:
+    """Run the job (a late message) while every worker of its engine is taken: it waits,
+    silent, in the engine's queue. The worker's pool for it (`pool_options` as the worker
+    builds it) has used its server first: no readiness check on the job's time."""
+    triton.pool_for([engine.grpc_url], "ensemble", **pool_options).generate(
+        triton.GenerationRequest(PROMPT, 1)
+    )
+    busy, _workers = occupy_engine_workers(engine.grpc_url)
+    try:
+        return _run(job, _spec(job, age_s=60))
+    finally:
+        busy.stop()
+
+
 def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_it_sent(
     paced_engine, grant, settings
 ):
@@ -474,15 +488,9 @@ def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_
     grant(org, credits(10))
     job = _queued(org, model)
     before = organization_balance(organization=org)
-    # the worker's pool for it has used its server (no readiness check on the
-    # job's time), then every engine worker is taken
-    triton.pool_for([engine.grpc_url], "ensemble").generate(triton.GenerationRequest(PROMPT, 1))
-    busy, _workers = occupy_engine_workers(engine.grpc_url)
-    try:
-        # when it runs
-        status = _run(job, _spec(job, age_s=60))
-    finally:
-        busy.stop()
+
+    # when it runs
+    status = _run_behind_busy_engine(job, engine)
 
     # then it was stopped and failed with nothing generated, and billed the
     # prompt the engine took (as a cancelled job is), counted by the model's
@@ -506,10 +514,10 @@ def test_a_job_not_streamed_outlasting_the_engine_timeout_succeeds_and_is_billed
     paced_engine, grant, settings
 ):
     # given an engine timeout of half a second, and a job not streamed whose
-    # engine is busy: its one response comes when its generation ends, after
-    # it waited in the engine's queue behind a busy stream (3 s on the paced
-    # engine): that long silent, as a long generation is. Its run limit (5
-    # minutes) is far off.
+    # engine is busy (below): its one response comes when its generation ends,
+    # after it waited in the engine's queue behind a busy stream (3 s on the
+    # paced engine): that long silent, as a long generation is. Its run limit
+    # (5 minutes) is far off.
     engine = paced_engine
     settings.INFERENCE_ENGINE_TIMEOUT_SECONDS = 0.5
     model = served_model("gym-run-quiet", grpc_urls=[engine.grpc_url], access_tier="basic")
@@ -518,16 +526,9 @@ def test_a_job_not_streamed_outlasting_the_engine_timeout_succeeds_and_is_billed
     job = _queued(org, model)
     assert not job.stream
     before = organization_balance(organization=org)
-    # the worker's pool for it has used its server, then every engine worker is taken
-    triton.pool_for([engine.grpc_url], "ensemble", timeout_s=0.5).generate(
-        triton.GenerationRequest(PROMPT, 1)
-    )
-    busy, _workers = occupy_engine_workers(engine.grpc_url)
-    try:
-        # when it runs
-        status = _run(job, _spec(job, age_s=60))
-    finally:
-        busy.stop()
+
+    # when it runs
+    status = _run_behind_busy_engine(job, engine, timeout_s=0.5)
 
     # then it waited for its answer, silent past the engine timeout, and succeeded
     job = Job.objects.get(pk=job.pk)
