@@ -17,12 +17,27 @@ import django
 from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
 from django.utils.http import parse_header_parameters
 
+# Printable ASCII, and the escapes an escape-decoding codec would rewrite. A query string
+# is ASCII by the URL's rules, and Django decodes it with the request's charset: a charset
+# must read this unchanged to be taken. Some codecs Python calls text do not: `undefined`
+# raises on anything, `idna` and `punycode` refuse it, `utf-16` misreads it, and
+# `unicode_escape` / `raw_unicode_escape` rewrite backslashes (in the body too).
+_ASCII_PROBE = bytes(range(0x20, 0x7F)) + rb"\n\x41\u0041"
+
 
 def is_text_charset(charset: str) -> bool:
-    """Whether `charset` names a codec that decodes bytes to text (not base64, zlib...)."""
+    """Whether `charset` names a codec that reads ASCII as ASCII (not base64, zlib, idna...)."""
     try:
-        return codecs.lookup(charset)._is_text_encoding
-    except (LookupError, ValueError):  # unknown, or a name codecs cannot normalize
+        codec = codecs.lookup(charset)
+        ascii_text = _ASCII_PROBE.decode("ascii")
+        # Both ways: `idna` reads the probe but not every ASCII query (its labels),
+        # and fails to write it back.
+        return (
+            codec._is_text_encoding
+            and _ASCII_PROBE.decode(codec.name) == ascii_text
+            and ascii_text.encode(codec.name) == _ASCII_PROBE
+        )
+    except (LookupError, ValueError):  # unknown, a name codecs cannot normalize, or refusing
         return False
 
 

@@ -16,6 +16,16 @@ import pytest
 from gymbilling.wsgi import application
 
 BINARY_CHARSETS = ["base64", "hex", "zlib", "rot13", "no-such-charset"]
+# Codecs Python calls text that do not read ASCII as ASCII: each raised or misread the
+# query string while Django built the request (a plain-text 500), or rewrote backslashes.
+ASCII_MISREADING_CHARSETS = [
+    "undefined",
+    "idna",
+    "punycode",
+    "utf-16",
+    "unicode_escape",
+    "raw_unicode_escape",
+]
 
 
 def call(path: str, query: str, content_type: str) -> tuple[str, dict[str, str], bytes]:
@@ -39,10 +49,12 @@ def call(path: str, query: str, content_type: str) -> tuple[str, dict[str, str],
     return started["status"], started["headers"], body
 
 
-@pytest.mark.parametrize("charset", BINARY_CHARSETS)
+@pytest.mark.parametrize("charset", BINARY_CHARSETS + ASCII_MISREADING_CHARSETS)
 def test_an_api_request_whose_charset_is_not_text_is_a_json_415(charset):
-    # when
-    status, headers, body = call("/api/v1/keys", "x=1", f"application/json; charset={charset}")
+    # when (a percent-escape in the query: idna read it as too many fields, a 500)
+    status, headers, body = call(
+        "/api/v1/keys", "x=1&a=%41b", f"application/json; charset={charset}"
+    )
 
     # then
     assert status.startswith("415 ")
