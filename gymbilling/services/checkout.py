@@ -197,23 +197,30 @@ def checkout_create(
 # here. The two must agree: a session still payable at Stripe but older than what is
 # looked at here would be paid beside the next one, a second subscription charged monthly.
 _SESSION_REUSE = timedelta(hours=23)
+# A session handed out again has at least this long left to be paid in; an older one is
+# expired at Stripe and a new one opened (a URL dead a minute after it was given is no use).
+_SESSION_REUSE_LEFT = timedelta(minutes=30)
 
 
 def _open_subscription_checkout(*, organization, plan, seats) -> CheckoutResult | None:
     """One open subscription checkout per organization.
 
     Two tabs paying two sessions would make two Stripe subscriptions, each
-    charged monthly. The same plan and seats reuse the open session; another
-    choice expires it at Stripe first.
+    charged monthly. The same plan and seats reuse the open session while it has
+    half an hour left to be paid in; another choice, or an older one, expires it
+    at Stripe first.
     """
-    since = timezone.now() - _SESSION_REUSE
+    now = timezone.now()
+    reusable_since = now - _SESSION_REUSE + _SESSION_REUSE_LEFT
     for session in CheckoutSession.objects.filter(
         organization=organization,
         kind=CheckoutKind.SUBSCRIPTION,
         status=CheckoutStatus.OPEN,
-        created_at__gte=since,
+        created_at__gte=now - _SESSION_REUSE,
     ):
-        if (session.plan_id, session.seats) == (plan.pk, seats):
+        if (session.plan_id, session.seats) == (plan.pk, seats) and (
+            session.created_at >= reusable_since
+        ):
             return CheckoutResult(
                 url=session.url, kind="checkout", session_id=session.stripe_session_id
             )

@@ -15,7 +15,14 @@ from rest_framework.test import APIClient
 
 from accounts.models import Role
 from accounts.services import membership_add
-from gymbilling.models import BillingCustomer, CheckoutSession, Plan, StripePrice, Subscription
+from gymbilling.models import (
+    BillingCustomer,
+    CheckoutSession,
+    CheckoutStatus,
+    Plan,
+    StripePrice,
+    Subscription,
+)
 from gymbilling.stripe_standin.process import StandInError
 from metering.models import MICRO, CreditLot
 from tests.factories import UserFactory
@@ -372,6 +379,31 @@ def test_a_subscription_checkout_too_old_to_be_reused_cannot_be_paid_at_stripe(
         stripe_standin.pay_checkout(first["session_id"])
     assert refused.value.status == 400
     assert Subscription.objects.count() == 0
+
+
+def test_a_subscription_checkout_about_to_expire_is_not_handed_out_again(
+    customer, catalog, stripe_standin, stripe_sdk
+):
+    # given: a subscription checkout opened 22 h 45 min ago, a quarter of an hour before
+    # Stripe expires it, not paid
+    first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json").json()
+    age = timedelta(hours=22, minutes=45)
+    CheckoutSession.objects.filter(stripe_session_id=first["session_id"]).update(
+        created_at=F("created_at") - age
+    )
+    stripe_standin.age_checkout(first["session_id"], int(age.total_seconds()))
+
+    # when: the member asks for the same plan again
+    again = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: a new session, not the one about to expire, which is expired at Stripe (so
+    # only one can be paid)
+    assert again.status_code == 200, again.content
+    assert again.json()["session_id"] != first["session_id"]
+    assert stripe_sdk.v1.checkout.sessions.retrieve(first["session_id"]).status == "expired"
+    assert CheckoutSession.objects.get(stripe_session_id=first["session_id"]).status == (
+        CheckoutStatus.EXPIRED
+    )
 
 
 def test_an_upgrade_the_card_declines_is_a_402_and_changes_nothing(
