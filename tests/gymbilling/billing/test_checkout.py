@@ -355,18 +355,23 @@ def test_one_open_subscription_checkout_per_organization(customer, catalog, stri
     assert CheckoutSession.objects.get(stripe_session_id=first["session_id"]).status == "expired"
 
 
+def _pro_checkout_aged(customer, stripe_standin, age: timedelta) -> dict:
+    """A subscription checkout for Pro, opened `age` ago here and at Stripe, not paid."""
+    first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json").json()
+    CheckoutSession.objects.filter(stripe_session_id=first["session_id"]).update(
+        created_at=F("created_at") - age
+    )
+    stripe_standin.age_checkout(first["session_id"], int(age.total_seconds()))
+    return first
+
+
 def test_a_subscription_checkout_too_old_to_be_reused_cannot_be_paid_at_stripe(
     customer, catalog, stripe_standin, stripe_sdk
 ):
     """A session older than the reuse window is not looked at here: Stripe must have
     expired it, or the member could pay it beside the next one (two subscriptions)."""
     # given: a subscription checkout opened 23.5 hours ago (here and at Stripe), not paid
-    first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json").json()
-    age = timedelta(hours=23, minutes=30)
-    CheckoutSession.objects.filter(stripe_session_id=first["session_id"]).update(
-        created_at=F("created_at") - age
-    )
-    stripe_standin.age_checkout(first["session_id"], int(age.total_seconds()))
+    first = _pro_checkout_aged(customer, stripe_standin, timedelta(hours=23, minutes=30))
 
     # when: the member asks again
     again = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
@@ -386,12 +391,7 @@ def test_a_subscription_checkout_about_to_expire_is_not_handed_out_again(
 ):
     # given: a subscription checkout opened 22 h 45 min ago, a quarter of an hour before
     # Stripe expires it, not paid
-    first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json").json()
-    age = timedelta(hours=22, minutes=45)
-    CheckoutSession.objects.filter(stripe_session_id=first["session_id"]).update(
-        created_at=F("created_at") - age
-    )
-    stripe_standin.age_checkout(first["session_id"], int(age.total_seconds()))
+    first = _pro_checkout_aged(customer, stripe_standin, timedelta(hours=22, minutes=45))
 
     # when: the member asks for the same plan again
     again = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
