@@ -12,6 +12,7 @@ decode their query string without the charset, so ASGI needs only the middleware
 from __future__ import annotations
 
 import codecs
+import functools
 
 import django
 from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
@@ -25,6 +26,10 @@ from django.utils.http import parse_header_parameters
 _ASCII_PROBE = bytes(range(0x20, 0x7F)) + rb"\n\x41\u0041"
 
 
+# Asked twice per request that names a charset (building the request, then the
+# middleware), with a handful of names in practice; bounded, as the names are the
+# sender's.
+@functools.lru_cache(maxsize=64)
 def is_text_charset(charset: str) -> bool:
     """Whether `charset` names a codec that reads ASCII as ASCII (not base64, zlib, idna...)."""
     try:
