@@ -441,6 +441,10 @@ class _GenerationApi(OrgApiView):
                 if final["text"] is None:  # from its row, its final event lost
                     raise _GenerationApi.answer_lost(job, final) from None
                 return final  # it finished as the wait ended: answered, as it was billed
+            if final is not None and final["status"] in (JobStatus.FAILED, JobStatus.EXPIRED):
+                # It ended on its own (the engine failed it, its hold expired), not by
+                # this cancel: answered with its own error, as if its event had come.
+                raise _GenerationApi.engine_error(job, final) from None
             raise _GenerationApi.timed_out(job, final, cancelled) from None
         raise ApplicationError(
             code="engine_error",

@@ -345,6 +345,33 @@ def test_a_job_whose_final_event_was_lost_is_answered_as_it_ended_not_as_cancell
     assert (job.status, job.credits_charged) == (JobStatus.SUCCEEDED, settled.credits_charged)
 
 
+def test_a_job_that_failed_and_whose_final_event_was_lost_is_answered_with_its_error(
+    running_job,
+):
+    # given a job its worker stopped at its run limit after 3 tokens and settled
+    # for them, its final event lost (the worker died before publishing it)
+    delivered = GenerationResult("Squat low", 5, 0, 3, 300_000, "error", sent=True)
+    past = DeadlineExceeded("ran past its deadline", partial=delivered, sent=True)
+    outcome = tasks._past_deadline(running_job, "", past, tasks._failure_outcome(past), 300.0)
+    settled = job_settle(job=copy.copy(running_job), outcome=outcome, status=JobStatus.FAILED)
+
+    # when the API stops waiting for it
+    with pytest.raises(ApplicationError) as failed:
+        apis._GenerationApi.wait(running_job)
+    response = exception_handler(failed.value, {})
+
+    # then the answer is the job's own failure, as its event would have said,
+    # not a timeout that says this request cancelled it; charged, it keeps its
+    # Idempotency-Key and says what it cost
+    assert (failed.value.code, failed.value.status) == ("job_deadline_exceeded", 504)
+    assert failed.value.message == outcome.error_message
+    assert "cancelled" not in failed.value.message
+    assert failed.value.took_effect
+    assert response["X-Gym-Credits-Charged"] == amount_display(settled.credits_charged)
+    assert settled.credits_charged > 0
+    assert Job.objects.get(pk=running_job.pk).status == JobStatus.FAILED
+
+
 def test_a_stream_whose_final_event_was_lost_ends_as_its_job_ended(running_job):
     # given a streamed job whose tokens were relayed, then settled in full, its
     # final event lost
