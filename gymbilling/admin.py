@@ -482,6 +482,11 @@ class MarketOrderAdmin(ReadOnlyAdmin):
             results[order_id] = (
                 "refunded"
                 if order.shortfall_refunded_at
+                else "not sent: another retry has been sending it to Stripe since "
+                f"{order.shortfall_refund_sending_at.isoformat(timespec='seconds')}; "
+                "look again once it is done"
+                # This retry's own claim is cleared when it is done: one left is another's.
+                if order.shortfall_refund_sending_at
                 else order.shortfall_refund_error
                 if order.shortfall_refund_refused_at
                 else "waiting for Stripe"

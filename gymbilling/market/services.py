@@ -1033,6 +1033,13 @@ def order_shortfall_refund(*, order_id: int, retrying: bool = False) -> bool:
         _shortfall_refund_unclaim(order, claimed)
 
 
+# Longer than any one send lasts: its calls to Stripe (the payment's refunds listed, then
+# the refund) each end within STRIPE_TIMEOUT_SECONDS a try, tried 1 +
+# STRIPE_MAX_NETWORK_RETRIES times (30 s by default). A claim this old was left by a
+# process that died.
+SHORTFALL_SEND_CLAIM_LASTS = timedelta(minutes=10)
+
+
 def _shortfall_refund_claim(order: MarketOrder) -> datetime | None:
     """Mark the order's refund as being sent, if it is still as read (not refunded, not
     resolved by hand, refused or not as it was): the time of the claim, or None.
@@ -1040,10 +1047,15 @@ def _shortfall_refund_claim(order: MarketOrder) -> datetime | None:
     A conditional UPDATE, committed before Stripe is called (no lock is held over the
     call): finance's resolution (order_shortfall_refund_resolve) is refused while it
     stands, so a send Stripe takes cannot land on an order finance has just refunded by
-    hand. A claim older than this one (its process died mid-call) is taken over: the
-    send below asks Stripe first, and its key is the one the dead send used."""
+    hand. Another send's claim is not taken over while that send may still be at Stripe
+    (two Retries at once: the second, taking over, would clear the claim when done and
+    let a resolution in while the first was still at Stripe); one older than any send
+    lasts (its process died mid-call) is: the send below asks Stripe first, and its key
+    is the one the dead send used."""
     claimed_at = timezone.now()
     claimed = MarketOrder.objects.filter(
+        Q(shortfall_refund_sending_at__isnull=True)
+        | Q(shortfall_refund_sending_at__lt=claimed_at - SHORTFALL_SEND_CLAIM_LASTS),
         pk=order.pk,
         shortfall_refunded_at__isnull=True,
         shortfall_refund_resolved_at__isnull=True,
@@ -1294,12 +1306,15 @@ def _not_resolvable(order: MarketOrder) -> ApplicationError:
             status=409,
         )
     if order.shortfall_refund_sending_at is not None and not order.shortfall_refunded_at:
+        claim_lapses = order.shortfall_refund_sending_at + SHORTFALL_SEND_CLAIM_LASTS
         return ApplicationError(
             code="shortfall_refund_sending",
             message="A retry has been sending this shortfall refund to Stripe since "
             f"{order.shortfall_refund_sending_at.isoformat(timespec='seconds')}: Stripe may "
-            "yet refund the buyer. Look again once it is done; if it stopped (an error), "
-            "retry it: it records a refund Stripe took rather than making another.",
+            "yet refund the buyer. Look again once it is done; if its process stopped, "
+            "retry it from "
+            f"{claim_lapses.isoformat(timespec='seconds')}: it records a refund Stripe "
+            "took rather than making another.",
             status=409,
         )
     state = (

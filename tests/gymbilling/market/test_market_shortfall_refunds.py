@@ -21,6 +21,7 @@ from accounts.models import AuditEvent, User
 from gymbilling import stripe_client
 from gymbilling.market.services import (
     SHORTFALL_REASON,
+    SHORTFALL_SEND_CLAIM_LASTS,
     _shortfall_refund_claim,
     order_shortfall_refund_resolve,
     order_shortfall_refund_retry,
@@ -497,25 +498,74 @@ def test_a_retry_that_died_at_stripe_holds_off_resolution_until_retried(
     taken = made_with_answer_lost(order, intent, amount=30)
     user = User.objects.get(pk=staff_with(*FINANCE).session["_auth_user_id"])
 
-    # when: finance marks it resolved, then, told to, retries it
+    # when: finance marks it resolved, and, told to, retries it at once
     with pytest.raises(ApplicationError) as sending:
         order_shortfall_refund_resolve(order_id=order.pk, note="by hand", actor=user)
+    assert not order_shortfall_refund_retry(order_id=order.pk)
+
+    # then: the resolution was refused (409), saying from when a retry may take over; the
+    # retry sent nothing while the claim might still be a send at Stripe
+    claimed_at = MarketOrder.objects.get(pk=order.pk).shortfall_refund_sending_at
+    lapses = (claimed_at + SHORTFALL_SEND_CLAIM_LASTS).isoformat(timespec="seconds")
+    assert (sending.value.code, sending.value.status) == ("shortfall_refund_sending", 409)
+    assert f"retry it from {lapses}" in sending.value.message
+    assert market_stripe.refunded(intent) == 30
+    assert MarketOrder.objects.get(pk=order.pk).shortfall_refunded_at is None
+
+    # when: it is retried once the claim has outlived any send
+    MarketOrder.objects.filter(pk=order.pk).update(
+        shortfall_refund_sending_at=claimed_at - SHORTFALL_SEND_CLAIM_LASTS
+    )
     order_shortfall_refund_retry(order_id=order.pk)
 
-    # then: the resolution was refused (409); the retry recorded the refund Stripe took,
-    # made no other, and left no claim behind
-    assert (sending.value.code, sending.value.status) == ("shortfall_refund_sending", 409)
+    # then: the retry recorded the refund Stripe took, made no other, and left no claim
     assert_recorded(order, taken)
     assert order.shortfall_refund_sending_at is None and order.shortfall_refund_resolved_at is None
     assert market_stripe.refunded(intent) == 30
 
 
+def test_a_second_retry_while_one_is_at_stripe_sends_nothing_and_lets_no_resolution_in(
+    monkeypatch, market_stripe, refused_shortfall
+):
+    # given: two finance staff retry one refused shortfall refund at once: the second
+    # retries, then marks it resolved, while the first is at Stripe, which takes it
+    order, intent = refused_shortfall
+    finance = staff_with(*FINANCE)
+
+    def second_retry_then_resolution():
+        retried = finance.post(
+            CHANGELIST,
+            {"action": "retry_shortfall_refund", ACTION_CHECKBOX_NAME: [order.pk]},
+            follow=True,
+        )
+        return shown(retried) + shown(note_sent(finance, order, "Refunded by bank transfer"))
+
+    meanwhile = at_stripe_meanwhile(monkeypatch, second_retry_then_resolution)
+
+    # when: Stripe takes the first retry's refund
+    assert order_shortfall_refund_retry(order_id=order.pk)
+
+    # then: the second retry sent nothing, saying another is at Stripe; the resolution
+    # was refused; the buyer has the shortfall back once, by Stripe
+    retry_said, resolve_said = meanwhile[0]
+    assert retry_said.startswith(
+        f"order {order.pk}: not sent: another retry has been sending it to Stripe since "
+    )
+    assert resolve_said.endswith("(shortfall_refund_sending)")
+    assert market_stripe.refunded(intent) == 30
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None and order.shortfall_refund_sending_at is None
+    assert (order.shortfall_refund_resolved_at, order.shortfall_refund_resolved_note) == (None, "")
+    assert len(stripe_client.refunds_list(payment_intent=intent)) == 1
+
+
 def test_a_shortfall_refunded_by_stripe_after_finance_resolved_it_is_flagged_refunded_twice(
     monkeypatch, caplog, market_stripe, refused_shortfall, buyer, django_capture_on_commit_callbacks
 ):
-    # given: two retries of one refused shortfall refund at once: the second fails to
-    # reach Stripe while the first is at Stripe, and finance then marks it resolved; and
-    # another order's shortfall refunded by Stripe alone
+    # given: a retry of one refused shortfall refund at Stripe for longer than any send
+    # lasts (so its claim reads as a dead process's), a second retry taking it over and
+    # failing to reach Stripe, and finance then marking it resolved; and another order's
+    # shortfall refunded by Stripe alone
     order, intent = refused_shortfall
     other, _ = shortfall_unrefunded(market_stripe, buyer, django_capture_on_commit_callbacks)
     orders_expire()
@@ -523,6 +573,9 @@ def test_a_shortfall_refunded_by_stripe_after_finance_resolved_it_is_flagged_ref
     finance = staff_with(*FINANCE)
 
     def second_retry_then_resolution():
+        MarketOrder.objects.filter(pk=order.pk).update(
+            shortfall_refund_sending_at=timezone.now() - SHORTFALL_SEND_CLAIM_LASTS
+        )
         market_stripe.down = True
         order_shortfall_refund_retry(order_id=order.pk)
         market_stripe.down = False
