@@ -8,7 +8,8 @@
 # the models are decoupled; exclude_input_in_output defaults to true (the
 # gateway also sends it per request); KV-cache reuse is on for prefix caching.
 #
-# NOT RUN in this repository (no GPU there): check on a GPU before trusting it.
+# CI runs it against stand-in templates and fill_template.py (tests/deploy; no
+# GPU there): check it with the real container on a GPU before trusting it.
 set -euo pipefail
 
 usage() {
@@ -43,9 +44,9 @@ REPO=$1
 
 die() { echo "fill_repository.sh: $*" >&2; exit 1; }
 
-: "${TRTLLM_DIR:?set TRTLLM_DIR to a TensorRT-LLM checkout}"
-: "${ENGINE_DIR:?set ENGINE_DIR to the engine directory}"
-: "${TOKENIZER_DIR:?set TOKENIZER_DIR to the tokenizer directory}"
+[[ -n ${TRTLLM_DIR:-} ]] || die "set TRTLLM_DIR to a TensorRT-LLM checkout"
+[[ -n ${ENGINE_DIR:-} ]] || die "set ENGINE_DIR to the engine directory"
+[[ -n ${TOKENIZER_DIR:-} ]] || die "set TOKENIZER_DIR to the tokenizer directory"
 MAX_BATCH_SIZE=${MAX_BATCH_SIZE:-64}
 TP=${TP:-1}
 KV_CACHE_FREE_GPU_MEM_FRACTION=${KV_CACHE_FREE_GPU_MEM_FRACTION:-0.9}
@@ -58,7 +59,12 @@ PYTHON=${PYTHON:-python3}
 # Since 2025 the backend lives in the TensorRT-LLM repository.
 TEMPLATES=$TRTLLM_DIR/triton_backend/all_models/inflight_batcher_llm
 FILL_TEMPLATE=$TRTLLM_DIR/triton_backend/tools/fill_template.py
+MODELS=(ensemble preprocessing tensorrt_llm postprocessing tensorrt_llm_bls)
 [[ -d $TEMPLATES ]] || die "no templates at $TEMPLATES"
+# All checked before OUTPUT_REPO exists: a half-made one would refuse the rerun.
+for model in "${MODELS[@]}"; do
+  [[ -f $TEMPLATES/$model/config.pbtxt ]] || die "template $model missing from $TEMPLATES"
+done
 [[ -f $FILL_TEMPLATE ]] || die "no fill_template.py at $FILL_TEMPLATE"
 [[ ! -e $REPO ]] || die "$REPO already exists; fill_template.py edits in place, so start from a fresh copy"
 [[ $MAX_BATCH_SIZE =~ ^[1-9][0-9]*$ ]] || die "MAX_BATCH_SIZE must be a positive integer"
@@ -67,14 +73,17 @@ FILL_TEMPLATE=$TRTLLM_DIR/triton_backend/tools/fill_template.py
 [[ -f $ENGINE_DIR/config.json ]] || echo "warning: no $ENGINE_DIR/config.json here (fine only if the server mounts it elsewhere)" >&2
 
 mkdir -p "$REPO"
-for model in ensemble preprocessing tensorrt_llm postprocessing tensorrt_llm_bls; do
-  [[ -d $TEMPLATES/$model ]] || die "template $model missing from $TEMPLATES"
+for model in "${MODELS[@]}"; do
   cp -R "$TEMPLATES/$model" "$REPO/"
 done
 
 # fill MODEL key:value... -- fill_template.py asserts every key is in the file,
 # and template keys differ between TensorRT-LLM versions, so keys the file
-# lacks are skipped (with a note). ',' and ':' in values are escaped.
+# lacks are skipped (with a note). fill_template.py splits twice, each split
+# taking one level of backslash escapes: the list on ',', then each pair on
+# ':'. So in a value '\' becomes '\\\\', ':' becomes '\\\:' (one backslash
+# still there for the second split) and ',' becomes '\,'; a path with a ':'
+# escaped once made fill_template.py fail.
 fill() {
   local model=$1 pair key value subs=()
   local config=$REPO/$model/config.pbtxt
@@ -83,13 +92,16 @@ fill() {
     key=${pair%%:*}
     value=${pair#*:}
     if grep -qF "\${$key}" "$config"; then
+      value=${value//\\/\\\\\\\\}
+      value=${value//:/\\\\\\:}
       value=${value//,/\\,}
-      value=${value//:/\\:}
       subs+=("$key:$value")
     else
       echo "note: $model has no \${$key}; skipped" >&2
     fi
   done
+  # With nothing to fill, fill_template.py would fail on the empty list.
+  ((${#subs[@]})) || return 0
   (IFS=,; "$PYTHON" "$FILL_TEMPLATE" -i "$config" "${subs[*]}")
 }
 
