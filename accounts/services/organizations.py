@@ -208,13 +208,37 @@ def membership_add(
     return membership
 
 
+def _membership_locked(membership: Membership) -> Membership:
+    """`membership` as it is now, read with its organization's row locked: what may change
+    it (its role, whether it is the last owner) is checked against this, not against the
+    row the caller loaded.
+
+    Every change to an organization's owners takes this lock first (FOR NO KEY UPDATE, as
+    organization_entitlements_set does: it serializes them, and membership_add's FOR
+    UPDATE, yet lets rows that reference the organization be inserted meanwhile). Locking
+    the owners' rows instead did nothing: Django drops FOR UPDATE from a count(), so two
+    owners who removed or demoted each other at once both saw the other still an owner,
+    and the organization was left with none. And a role read before the lock was stale:
+    an admin's removal of a member who an owner promoted meanwhile removed an owner.
+    """
+    Organization.objects.select_for_update(no_key=True).get(pk=membership.organization_id)
+    current = (
+        Membership.objects.select_related("user", "organization").filter(pk=membership.pk).first()
+    )
+    if current is None:
+        raise ApplicationError(
+            code="not_found", message="No such member in this organization.", status=404
+        )
+    return current
+
+
 @transaction.atomic
 def membership_set_role(
     *, membership: Membership, role: str, actor=None, actor_key=None
 ) -> Membership:
     _require_role(role)
+    membership = _membership_locked(membership)
     _require_manager(membership.organization, actor)
-    membership = Membership.objects.select_for_update().get(pk=membership.pk)
     _require_owner_for(membership.organization, actor, role, membership.role, actor_key=actor_key)
     if membership.role == Role.OWNER and role != Role.OWNER:
         _require_another_owner(membership)
@@ -233,10 +257,9 @@ def membership_set_role(
 
 
 def _require_another_owner(membership: Membership) -> None:
-    owners = Membership.objects.select_for_update().filter(
-        organization_id=membership.organization_id, role=Role.OWNER
-    )
-    if owners.exclude(pk=membership.pk).count() == 0:
+    """Only under _membership_locked's lock: it is what keeps the count true until commit."""
+    owners = Membership.objects.filter(organization_id=membership.organization_id, role=Role.OWNER)
+    if not owners.exclude(pk=membership.pk).exists():
         raise ApplicationError(
             code="last_owner",
             message="An organization needs an owner: make someone else owner first.",
@@ -246,6 +269,7 @@ def _require_another_owner(membership: Membership) -> None:
 
 @transaction.atomic
 def membership_remove(*, membership: Membership, actor=None, actor_key=None) -> None:
+    membership = _membership_locked(membership)
     _require_manager(membership.organization, actor)
     _require_owner_for(membership.organization, actor, membership.role, actor_key=actor_key)
     if membership.role == Role.OWNER:

@@ -1,0 +1,158 @@
+"""Races on an organization's owners, on real PostgreSQL connections: two owners who
+remove or demote each other (or themselves) at once, and a removal that was decided on
+a role changed meanwhile.
+
+As in tests/gymbilling/market/test_market_race.py, a hook on a call the service makes
+anyway (its audit record, written after its checks and before its commit) only decides
+when each connection runs; the test then waits for a state PostgreSQL reports (a lock
+waited for, a thread done), never for a length of time.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.test import Client
+
+from accounts import apis
+from accounts.models import Membership, Role
+from accounts.services import membership_add, membership_set_role
+from accounts.services import organizations as organization_services
+from tests.dashboard.conftest import DashboardClient
+from tests.factories import OrganizationFactory, UserFactory
+from tests.helpers import on_own_connection, pause_after, run_against_paused
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def two_owners():
+    """An organization of 5 seats whose only owners are Alice and Bob, and a member Dave."""
+    org = OrganizationFactory(seats=5)
+    alice, bob, dave = UserFactory(), UserFactory(), UserFactory()
+    membership_add(organization=org, user=alice, role=Role.OWNER)
+    membership_add(organization=org, user=bob, role=Role.OWNER)
+    membership_add(organization=org, user=dave, role=Role.MEMBER)
+    return org, alice, bob, dave
+
+
+def membership(org, user) -> Membership:
+    return Membership.objects.get(organization=org, user=user)
+
+
+def owners(org) -> set[str]:
+    return set(
+        Membership.objects.filter(organization=org, role=Role.OWNER).values_list(
+            "user__email", flat=True
+        )
+    )
+
+
+def signed_in(user, client_class=Client) -> Client:
+    client = client_class()
+    client.force_login(user)
+    return client
+
+
+def race(monkeypatch, first, second) -> None:
+    """`first()` on the thread "first", paused once past its checks (its audit record
+    written, its transaction open); then `second()` on its own connection, until it is
+    done or waits for a lock; then `first` goes on. Each calls the real page or API."""
+    errors: list = []
+    paused, resume = pause_after(monkeypatch, organization_services, "audit_record", thread="first")
+    first_thread = threading.Thread(name="first", target=on_own_connection, args=(first, errors))
+    first_thread.start()
+    assert paused.wait(timeout=60)
+    second_thread = threading.Thread(target=on_own_connection, args=(second, errors))
+    run_against_paused(
+        second_thread,
+        paused=first_thread,
+        resume=resume,
+        what="the second change to finish or wait for the organization",
+    )
+    assert errors == []
+
+
+def test_two_owners_removing_each_other_at_once_leave_one_owner(two_owners, monkeypatch):
+    # given: Alice and Bob, the only owners, each on the API
+    org, alice, bob, _ = two_owners
+    alice_client, bob_client = signed_in(alice), signed_in(bob)
+    alice_row, bob_row = membership(org, alice), membership(org, bob)
+    answers: dict[str, object] = {}
+
+    def alice_removes_bob() -> None:
+        answers["alice"] = alice_client.delete(f"/api/v1/orgs/{org.pk}/members/{bob_row.pk}")
+
+    def bob_removes_alice() -> None:
+        answers["bob"] = bob_client.delete(f"/api/v1/orgs/{org.pk}/members/{alice_row.pk}")
+
+    # when: each removes the other at the same moment
+    race(monkeypatch, alice_removes_bob, bob_removes_alice)
+
+    # then: Alice's removal went through; Bob's was decided after it, when he was no
+    # longer a member, and refused: the organization keeps its owner
+    assert owners(org) == {alice.email}
+    assert answers["alice"].status_code == 204, answers["alice"].content
+    assert answers["bob"].status_code == 403, answers["bob"].content
+    assert answers["bob"].json()["error"]["code"] == "permission_denied"
+
+
+def test_two_owners_stepping_down_at_once_leave_one_owner(two_owners, monkeypatch):
+    # given: Alice and Bob, the only owners, each on the dashboard's members page
+    org, alice, bob, _ = two_owners
+    alice_client = signed_in(alice, DashboardClient)
+    bob_client = signed_in(bob, DashboardClient)
+    alice_row, bob_row = membership(org, alice), membership(org, bob)
+    answers: dict[str, object] = {}
+
+    def step_down(name: str, client: Client, row: Membership):
+        def post() -> None:
+            answers[name] = client.post(f"/dashboard/members/{row.pk}/role", {"role": "admin"})
+
+        return post
+
+    # when: each makes themselves an admin at the same moment, counting on the other
+    race(
+        monkeypatch,
+        step_down("alice", alice_client, alice_row),
+        step_down("bob", bob_client, bob_row),
+    )
+
+    # then: Alice stepped down; Bob, by then the last owner, is told so and stays one
+    assert owners(org) == {bob.email}
+    assert answers["alice"].status_code == 302, answers["alice"].content
+    assert answers["bob"].status_code == 409, answers["bob"].content
+    assert b'data-error-code="last_owner"' in answers["bob"].content
+    assert membership(org, alice).role == Role.ADMIN
+
+
+def test_an_admin_does_not_remove_a_member_promoted_to_owner_meanwhile(two_owners, monkeypatch):
+    # given: an admin's removal of Dave, a member, paused once the API has loaded his
+    # membership, before the service runs
+    org, alice, _, dave = two_owners
+    admin = UserFactory()
+    membership_add(organization=org, user=admin, role=Role.ADMIN)
+    admin_client = signed_in(admin)
+    dave_row = membership(org, dave)
+    answers: dict[str, object] = {}
+    errors: list = []
+    paused, resume = pause_after(monkeypatch, apis, "get_object_or_404", thread="removal")
+
+    def remove_dave() -> None:
+        answers["admin"] = admin_client.delete(f"/api/v1/orgs/{org.pk}/members/{dave_row.pk}")
+
+    removal = threading.Thread(name="removal", target=on_own_connection, args=(remove_dave, errors))
+    removal.start()
+    assert paused.wait(timeout=60)
+
+    # when: Alice makes Dave an owner meanwhile, and the removal goes on
+    membership_set_role(membership=dave_row, role=Role.OWNER, actor=alice)
+    resume.set()
+    removal.join(timeout=120)
+
+    # then: an admin may not remove an owner, and Dave, an owner now, stays
+    assert not removal.is_alive() and errors == []
+    assert membership(org, dave).role == Role.OWNER
+    assert answers["admin"].status_code == 403, answers["admin"].content
+    assert answers["admin"].json()["error"]["code"] == "permission_denied"
