@@ -72,6 +72,20 @@ class User(AbstractUser):
         help_text="False for an account made by signing up, until its owner confirms the "
         "link emailed to the address or accepts an invitation sent to it.",
     )
+    # Whether an address of this account was proven before staff changed it (to one not
+    # yet proven: user_email_change). A password reset reclaims an account whose address
+    # nobody ever proved from whoever signed up with it, revoking the keys they made
+    # (user_password_reset_done); an account that had proven an earlier address was its
+    # owner's, and a reset after staff moved it to a new address must leave its keys be.
+    # Written only by user_email_change; while `email_verified`, it says nothing.
+    email_previously_verified = models.BooleanField(
+        "email previously verified",
+        default=False,
+        # A process not yet upgraded that inserts a user has not changed its address.
+        db_default=False,
+        help_text="True once staff changed the address of an account whose address had been "
+        "verified: a password reset then does not treat it as reclaimed from a squatter.",
+    )
 
     USERNAME_FIELD = "email"
     REQUIRED_FIELDS: list[str] = []

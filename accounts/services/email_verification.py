@@ -131,7 +131,14 @@ def user_email_change(*, user: User, email: str, changed_by: User, verified: boo
     """
     email = User.objects.canonical_email(email)
     old_email = user.email
-    User.objects.filter(pk=user.pk).update(email=email, email_verified=verified)
+    row = User.objects.select_for_update().get(pk=user.pk)
+    # Once proven, the account is its owner's: a password reset through the new address
+    # must not take it as reclaimed from a squatter (user_password_reset_done).
+    previously = row.email_verified or row.email_previously_verified
+    User.objects.filter(pk=user.pk).update(
+        email=email, email_verified=verified, email_previously_verified=previously
+    )
+    user.email_previously_verified = previously
     user.email, user.email_verified = email, verified
     if not verified:
         user_email_verification_send(user=user)
@@ -168,14 +175,17 @@ def user_password_reset_done(*, user: User) -> None:
     """A new password was set through the link emailed to the account's address: the
     mailbox is proven, so the address is verified.
 
-    If it had not been, whoever held the account before may not have been the
-    address's owner (anyone can sign up under any address): the sessions they had end
-    with the password change (Django's session hash), and the API keys they made are
-    revoked here, so that nothing of theirs outlasts the owner reclaiming the account.
+    If no address of the account had ever been, whoever held it before may not have been
+    the address's owner (anyone can sign up under any address): the sessions they had
+    end with the password change (Django's session hash), and the API keys they made
+    are revoked here, so that nothing of theirs outlasts the owner reclaiming the
+    account. An account whose address staff changed (user_email_change) after it had
+    been proven is not reclaimed: it was its owner's, who now resets the password; their
+    keys, which run their integrations in every organization, stay.
     """
     with transaction.atomic():
         row = User.objects.select_for_update().get(pk=user.pk)
-        reclaimed = not row.email_verified
+        reclaimed = not row.email_verified and not row.email_previously_verified
         user_email_mark_verified(user=user, email=row.email)
         if reclaimed:
             for key in ApiKey.objects.filter(created_by=user, revoked_at__isnull=True):

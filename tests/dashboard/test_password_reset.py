@@ -14,7 +14,12 @@ from django.core import mail
 from django.test import Client
 
 from accounts.models import Membership, User
-from accounts.services import apikey_create, user_signup
+from accounts.services import (
+    apikey_create,
+    organization_create,
+    user_email_change,
+    user_signup,
+)
 from tests.dashboard.conftest import assert_refused
 
 pytestmark = pytest.mark.django_db
@@ -94,32 +99,93 @@ def test_an_owner_an_operator_made_without_a_password_sets_one(client, commit_th
     assert owner.check_password(NEW)
 
 
+def reset_password(client: Client, email: str, capture) -> None:
+    """Ask for a new password for `email`, and set NEW through the link emailed to it."""
+    ask(client, email, capture)
+    set_password(client, link_in(mail.outbox[-1]), NEW)
+
+
+def squatted_account(capture) -> tuple[User, Client]:
+    """An account a squatter signed up with someone else's address, and their browser,
+    signed in to it."""
+    browser = Client()
+    with capture():
+        account = user_signup(email="cfo@victim.test", password=OLD)
+    browser.force_login(account)
+    return account, browser
+
+
+def key_made_by(user: User) -> dict[str, str]:
+    """The headers that send an API key `user` made in their first organization."""
+    organization = Membership.objects.filter(user=user).earliest("pk").organization
+    _key, secret = apikey_create(
+        organization=organization, name="theirs", scopes=["billing:read"], actor=user
+    )
+    return {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+
+
+def balance_status(auth: dict[str, str]) -> int:
+    return Client().get("/api/v1/credits/balance", **auth).status_code
+
+
+def staff_move(user: User, email: str, capture) -> None:
+    """Staff change `user`'s address in the admin, without ticking "New address checked"."""
+    staff = User.objects.create_superuser("support@gym.test", "staff passphrase 1234")
+    with capture():
+        user_email_change(user=user, email=email, changed_by=staff)
+
+
 def test_the_addresss_owner_reclaims_an_account_a_squatter_signed_up_with_it(
     client, commit_then_mail
 ):
     # given a squatter who signed up with someone else's address, is signed in, and made
     # an API key in the account's organization
-    squatter_browser = Client()
-    with commit_then_mail():
-        account = user_signup(email="cfo@victim.test", password=OLD)
-    squatter_browser.force_login(account)
-    organization = Membership.objects.get(user=account).organization
-    _key, secret = apikey_create(
-        organization=organization, name="theirs", scopes=["billing:read"], actor=account
-    )
-    auth = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
-    assert Client().get("/api/v1/credits/balance", **auth).status_code == 200
+    account, squatter_browser = squatted_account(commit_then_mail)
+    auth = key_made_by(account)
+    assert balance_status(auth) == 200
     assert squatter_browser.get("/dashboard/").status_code == 200
 
     # when the address's owner asks for a new password, and sets it through the link
-    ask(client, "cfo@victim.test", commit_then_mail)
-    set_password(client, link_in(mail.outbox[-1]), NEW)
+    reset_password(client, "cfo@victim.test", commit_then_mail)
 
     # then the address is verified, the squatter's session is over, and their key too
     account.refresh_from_db()
     assert account.email_verified is True
     assert squatter_browser.get("/dashboard/").status_code == 302
-    assert Client().get("/api/v1/credits/balance", **auth).status_code == 401
+    assert balance_status(auth) == 401
+
+
+def test_a_reset_after_staff_changed_the_address_keeps_the_owners_keys(client, commit_then_mail):
+    # given Alice, whose address was proven, with an API key in her organization; staff
+    # moved her to a new address without checking it, and she forgot her password
+    alice = User.objects.create_user("alice@old.test", OLD)
+    organization_create(slug="alice-co", owner=alice)
+    auth = key_made_by(alice)
+    staff_move(alice, "alice@new.test", commit_then_mail)
+
+    # when she asks for a new password at the new address, and sets it through the link
+    reset_password(client, "alice@new.test", commit_then_mail)
+
+    # then the new address is verified, and her key still works: the account was hers
+    alice.refresh_from_db()
+    assert alice.email_verified is True
+    assert balance_status(auth) == 200
+
+
+def test_a_squatters_account_staff_moved_is_still_reclaimed_by_a_reset(client, commit_then_mail):
+    # given a squatter's account, never verified, whose address staff then changed
+    # (unchecked), and a key the squatter made
+    account, _ = squatted_account(commit_then_mail)
+    auth = key_made_by(account)
+    staff_move(account, "cfo@victim-corp.test", commit_then_mail)
+
+    # when the new address's owner sets a new password through the emailed link
+    reset_password(client, "cfo@victim-corp.test", commit_then_mail)
+
+    # then no address of the account was ever proven before: the squatter's key is revoked
+    account.refresh_from_db()
+    assert account.email_verified is True
+    assert balance_status(auth) == 401
 
 
 def test_a_used_link_does_not_work_again(client, commit_then_mail):
