@@ -79,7 +79,10 @@ def user_signup(*, email: str, password: str | None) -> User | None:
         if existing is not None:
             _signup_attempt_notify(user=existing)
         return None
-    base = slugify(email.split("@")[0])[:40] or "user"
+    # Cut, the local part may end in a hyphen ("first-name-..." at its 40th character):
+    # joined to the suffix by another, the slug had "--", which organization_create
+    # refuses (slugify collapses it), and the address could never sign up.
+    base = slugify(email.split("@")[0])[:40].strip("-_") or "user"
     organization_create(
         slug=f"{base}-{secrets.token_hex(3)}", name=email, owner=user, personal=True
     )

@@ -47,6 +47,21 @@ def test_signing_up_creates_the_account_and_its_organization_unverified_and_sign
     assert page.status_code == 200 and b'data-signup="sent"' in page.content
 
 
+def test_an_address_whose_local_part_cut_ends_in_a_hyphen_signs_up(client):
+    # given an address whose local part, cut to 40 characters for the personal
+    # organization's slug, ends in a hyphen ("...-oppenheimer-")
+    email = "marie-christine.van-der-berg-oppenheimer-smith@example.test"
+
+    # when it signs up
+    response = client.post("/signup/", {"email": email, "password": "a long and unusual pass 3"})
+
+    # then the account and its personal organization are made, with a valid slug
+    assert response.status_code == 302 and response["Location"] == reverse("signup-done")
+    organization = Membership.objects.get(user__email=email).organization
+    assert organization.personal
+    assert re.fullmatch(r"marie-christinevan-der-berg-oppenheimer-[0-9a-f]{6}", organization.slug)
+
+
 def sign_up_answer(email: str, password: str, **extra) -> tuple:
     """What a client sees of a sign-up: the answer, its cookies, the page it leads to."""
     visitor = Client()
