@@ -206,7 +206,12 @@ class PathOrgApiView(OrgApiView):
 
 
 class MemberOutput(serializers.Serializer):
-    id = serializers.IntegerField()
+    id = serializers.IntegerField(help_text="the membership's id, which the member paths take")
+    # Usage by key ("user:<id>") and jobs (member_id) name a member by their user's id,
+    # which outlives the membership: without it here, nothing told whose they were.
+    user_id = serializers.IntegerField(
+        help_text="the person's id, as usage by key (user:<id>) and jobs (member_id) name them"
+    )
     email = serializers.EmailField(source="user.email")
     role = serializers.CharField()
     created_at = serializers.DateTimeField()

@@ -795,12 +795,12 @@ class JobOutput(serializers.Serializer):
     credits_charged = serializers.IntegerField()
     # Named `member_id`, not `user`: the request's `user` is OpenAI's end-user string.
     # An id, not the address: a key reads people's addresses only with the admin scope
-    # (GET /api/v1/members), and an inference key reads jobs.
+    # (GET /api/v1/orgs/{id}/members, whose user_id this is), and an inference key reads jobs.
     member_id = serializers.IntegerField(
         source="user_id",
         allow_null=True,
-        help_text="the member who sent it signed in to the dashboard (its playground), as "
-        "GET /api/v1/members names them; null when an API key sent it",
+        help_text="the member who sent it signed in to the dashboard (its playground), by the "
+        "user_id GET /api/v1/orgs/{id}/members gives them; null when an API key sent it",
     )
     error_code = serializers.CharField(
         help_text="why a failed or expired job ended, blank otherwise: "

@@ -256,9 +256,9 @@ def usage_aggregate(
     """Usage totals per day, model or API key over [start, end).
 
     By key, what a member sent with the dashboard's session (its playground),
-    which no key sent, is grouped per member: "user:<their id>", the id GET
-    /api/v1/members names them by (their address is not shown: a key reads
-    addresses only with the admin scope).
+    which no key sent, is grouped per member: "user:<their id>", the `user_id` GET
+    /api/v1/orgs/{id}/members names them by (their address is not shown: a key
+    reads addresses only with the admin scope).
     """
     if group_by not in USAGE_GROUPINGS:
         raise ApplicationError(

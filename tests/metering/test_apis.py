@@ -9,9 +9,9 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from accounts.models import Scope
+from accounts.models import Role, Scope
 from accounts.redis import get_redis
-from accounts.services import apikey_create
+from accounts.services import apikey_create, membership_add
 from metering.models import CreditLot, LedgerEntry, LotSource, UsageRecord
 from metering.services import (
     credits_expire,
@@ -322,6 +322,24 @@ def test_usage_by_key_shows_what_members_sent_from_the_dashboard_per_member(org,
         f"user:{ben.pk}": (1, 30, 500),
         None: (1, 1, 7),
     }
+
+
+def test_a_member_named_in_usage_by_key_is_found_in_the_members_list(org, usage):
+    # given people who are no members here (so that user and membership ids differ),
+    # then a member who used the playground
+    UserFactory.create_batch(3)
+    ana = UserFactory(email="ana@example.test")
+    membership_add(organization=org, user=ana, role=Role.BILLING)
+    record(org, at=DAY_1, model="llama-8b", user=ana, tokens=(10, 0, 5), charged=300)
+
+    # when finance reads usage by key, and an admin key the members list
+    by_key = client_for(org).get("/api/v1/usage", {**RANGE, "group_by": "key"}).json()
+    members = client_for(org, scopes=[Scope.ADMIN]).get(f"/api/v1/orgs/{org.pk}/members").json()
+
+    # then the member's row names an id the members list gives her, with her address
+    [member_group] = [r["group"] for r in by_key["data"] if (r["group"] or "").startswith("user:")]
+    named = {f"user:{m['user_id']}": m["email"] for m in members["results"]}
+    assert named[member_group] == "ana@example.test"
 
 
 def test_usage_range_start_is_inclusive_and_end_exclusive(org, usage):
