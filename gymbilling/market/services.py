@@ -1735,16 +1735,22 @@ def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
             pk__in=[txn for _, txn in losses]
         ).values_list("pk", "idempotency_key")
     }
-    list(
+    recovered = dict(
         MarketReversal.objects.select_for_update()
         .filter(key__in=set(reversal_keys.values()))
         .order_by("pk")
-        .values_list("pk", flat=True)
+        .values_list("key", "recovered_by_fill")
     )
     for (fill_id, txn_id), amount in losses.items():
+        key = reversal_keys[txn_id]
+        # Once per fill and reversal: its loss was booked against this payout
+        # only, and a payout fails once. Undoing the reversal reads it.
+        recovered[key][str(fill_id)] = amount
         MarketFill.objects.filter(pk=fill_id).update(seller_reversed=F("seller_reversed") + amount)
-        MarketReversal.objects.filter(key=reversal_keys[txn_id]).update(
-            loss=F("loss") - amount, seller_reversed=F("seller_reversed") + amount
+        MarketReversal.objects.filter(key=key).update(
+            loss=F("loss") - amount,
+            seller_reversed=F("seller_reversed") + amount,
+            recovered_by_fill=recovered[key],
         )
 
 
@@ -2313,13 +2319,11 @@ class _ReversedPart:
     loss: int  # a share already paid out, still booked as a loss
 
 
-def _reversed_part(*, key: str, fill: MarketFill) -> _ReversedPart | None:
+def _reversed_part(*, reversal: MarketReversal, fill: MarketFill) -> _ReversedPart | None:
     """Read from the reversal's money transaction of the fill; None if it took nothing."""
-    txn = (
-        MoneyTransaction.objects.filter(idempotency_key=f"reversal:{key}:{fill.pk}")
-        .select_related("payout")
-        .first()
-    )
+    txn = MoneyTransaction.objects.filter(
+        idempotency_key=f"reversal:{reversal.key}:{fill.pk}"
+    ).first()
     if txn is None:
         return None
     by_kind: dict[str, int] = {}
@@ -2328,13 +2332,15 @@ def _reversed_part(*, key: str, fill: MarketFill) -> _ReversedPart | None:
     seller = -by_kind.get(MoneyAccountKind.SELLER_PENDING, 0) - by_kind.get(
         MoneyAccountKind.SELLER_AVAILABLE, 0
     )
-    loss = -by_kind.get(MoneyAccountKind.LOSSES, 0)
-    if loss and txn.payout is not None and txn.payout.status == PayoutStatus.FAILED:
-        # Stripe refused the payout that loss was booked against: _payout_fail
-        # recovered it from the seller's proceeds instead. All of it: a charge
-        # has one dispute, so no fill of it had been reopened by another won
-        # one, and a payout pays at least the losses later booked against it.
-        seller, loss = seller + loss, 0
+    # Stripe refused the payout the loss was booked against: _payout_fail
+    # recovered from the seller's proceeds what that payout was paying of the
+    # fill. Not always all the loss: of a fill reopened since an earlier payout
+    # (a won dispute, a failed refund), that payout paid the rest, which stayed
+    # lost. Counting it as the seller's would give the seller more than was
+    # taken from them (the fill's seller_reversed below 0).
+    recovered = reversal.recovered_by_fill.get(str(fill.pk), 0)
+    seller += recovered
+    loss = -by_kind.get(MoneyAccountKind.LOSSES, 0) - recovered
     return _ReversedPart(
         refunded=by_kind.get(MoneyAccountKind.BUYER_CLEARING, 0),
         fee=-by_kind.get(MoneyAccountKind.PLATFORM_FEES, 0),
@@ -2360,7 +2366,7 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
         reversal = MarketReversal.objects.select_for_update().get(pk=reversal_id)
         if reversal.reinstated_at is not None:
             return
-        parts = {fill.pk: _reversed_part(key=reversal.key, fill=fill) for fill in fills}
+        parts = {fill.pk: _reversed_part(reversal=reversal, fill=fill) for fill in fills}
         touched = [fill for fill in fills if parts[fill.pk] is not None]
         in_flight = MarketPayout.objects.filter(
             pk__in=[f.payout_id for f in touched if f.proceeds == ProceedsState.PAID_OUT],

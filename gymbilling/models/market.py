@@ -381,6 +381,13 @@ class MarketReversal(models.Model):
     # order's every fill, a partial refund's pending would take credits of a
     # fill it never refunded once running work spent the refunded fill's.
     pending_by_fill = models.JSONField(default=dict, blank=True)
+    # Of the loss booked against a payout Stripe then refused, what that refusal
+    # recovered from the seller's share instead, by fill ({fill id: minor units};
+    # _payout_fail): undoing the reversal gives that back to the seller's proceeds
+    # and the rest to the losses. Not all of it where the fill had been reopened: the
+    # refused payout paid only what was left, an earlier one the rest, and that
+    # stayed lost (gymbilling/0028 filled it in for rows recovered before).
+    recovered_by_fill = models.JSONField(default=dict, blank=True)
     reinstated_at = models.DateTimeField(null=True, blank=True)
     credits_reinstated = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -248,6 +248,32 @@ def half_disputed_then_paid_out(market_stripe: MarketStripe, seller, buyer, deli
     return order, dispute
 
 
+def reopened_then_paying_again(market_stripe: MarketStripe, seller, buyer, deliver):
+    """A sale (124 paid: fee 12, the seller's 112) half disputed in its holding period,
+    the other 56 paid by transfer, then the dispute won: the fill reopened with the 56
+    it took (earlier payouts 56). Then its second payout, of those 56, recorded while
+    Stripe was down, to an account Stripe has closed since (Stripe refuses it when it is
+    sent). Returns the order and the account the first payout went to."""
+    from gymbilling.market.services import payouts_run
+
+    later = timezone.now() + timedelta(days=8)
+    account = market_stripe.connect_account(seller)
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    dispute = dispute_at_stripe(market_stripe, order, amount=62)
+    deliver()
+    assert payouts_run(now=later) == 1
+    market_stripe.standin.close_dispute(dispute, status="won")
+    deliver()
+    BillingCustomer.objects.filter(organization=seller).update(
+        stripe_connect_account_id="acct_gone"
+    )
+    market_stripe.down = True
+    assert payouts_run(now=later) == 0
+    market_stripe.down = False
+    return order, account
+
+
 def refunded_then_disputed(
     market_stripe: MarketStripe, seller, buyer, deliver, *, paid_out=False, won=False
 ) -> MarketOrder:

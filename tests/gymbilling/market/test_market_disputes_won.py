@@ -39,6 +39,7 @@ from tests.gymbilling.market.conftest import (
     dispute_at_stripe,
     half_disputed_then_paid_out,
     money,
+    reopened_then_paying_again,
     sold,
 )
 from tests.helpers import credits, ledger_rows
@@ -156,22 +157,9 @@ def test_a_refund_while_a_reopened_fill_s_payout_is_refused_keeps_the_first_payo
     market_stripe, seller, buyer, deliver
 ):
     # given: half a sale disputed in its holding period, the other 56 paid by transfer,
-    # then the dispute won: the fill reopened with the 56 it took
-    account = market_stripe.connect_account(seller)
-    order = sold(market_stripe, seller, buyer)
-    deliver()
-    dispute = dispute_at_stripe(market_stripe, order, amount=62)
-    deliver()
-    assert payouts_run(now=timezone.now() + LATER) == 1
-    market_stripe.standin.close_dispute(dispute, status="won")
-    deliver()
-    # and the second payout recorded while Stripe is down, to an account Stripe has closed
-    BillingCustomer.objects.filter(organization=seller).update(
-        stripe_connect_account_id="acct_gone"
-    )
-    market_stripe.down = True
-    assert payouts_run(now=timezone.now() + LATER) == 0
-    market_stripe.down = False
+    # then the dispute won: the fill reopened with the 56 it took; and the second
+    # payout recorded while Stripe is down, to an account Stripe has closed
+    order, account = reopened_then_paying_again(market_stripe, seller, buyer, deliver)
 
     # when: the whole charge is refunded while that payout waits (all 112 of the
     # seller's share a loss, the fill being paid out), then Stripe refuses the payout

@@ -35,7 +35,7 @@ from gymbilling.services import stripe_event_process
 from gymbilling.services.events import EventRetryLater
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from tests.gymbilling.market.conftest import money, sold
+from tests.gymbilling.market.conftest import money, reopened_then_paying_again, sold
 from tests.gymbilling.test_admin import run_action
 from tests.helpers import credits, ledger_rows
 
@@ -65,6 +65,27 @@ REFUNDED_62 = {
     "losses": 0,
     "payouts": 0,
     "buyer_credits": credits(50),
+}
+
+
+# `books` of `sold`'s order once a refund that failed is undone, 56 of the seller's 112
+# paid out before it: the fee the platform's, the buyer's 100 credits back, the seller
+# owed the other 56; and the seller's `earnings` then.
+HALF_PAID_OUT = {
+    "seller_pending": 0,
+    "seller_available": 56,
+    "platform_fees": 12,
+    "buyer_clearing": -124,
+    "losses": 0,
+    "payouts": 56,
+    "buyer_credits": credits(100),
+}
+HALF_PAID_OUT_EARNINGS = {
+    "reversed": 0,
+    "earned": 112,
+    "pending": 0,
+    "available": 56,
+    "paid_out": 56,
 }
 
 
@@ -302,22 +323,8 @@ def test_a_refund_that_fails_after_the_rest_was_paid_out_has_its_share_paid_next
 
     # then: the 56 it took are available again, the fee is the platform's, the buyer
     # has all 100 credits; the next payout pays the 56, once
-    assert books(seller, buyer) == {
-        "seller_pending": 0,
-        "seller_available": 56,
-        "platform_fees": 12,
-        "buyer_clearing": -124,
-        "losses": 0,
-        "payouts": 56,
-        "buyer_credits": credits(100),
-    }
-    assert earnings(seller) == {
-        "reversed": 0,
-        "earned": 112,
-        "pending": 0,
-        "available": 56,
-        "paid_out": 56,
-    }
+    assert books(seller, buyer) == HALF_PAID_OUT
+    assert earnings(seller) == HALF_PAID_OUT_EARNINGS
     assert payouts_run(now=timezone.now() + LATER) == 1
     assert payouts_run(now=timezone.now() + LATER) == 0
     assert [c["amount"] for c in market_stripe.balance_credits(seller)] == [-56, -56]
@@ -375,6 +382,56 @@ def test_a_refund_after_payout_that_fails_recovers_its_loss(market_stripe, selle
         "available": 0,
         "paid_out": 112,
     }
+    assert ledger_reconcile().ok
+
+
+def test_a_refund_that_fails_after_a_reopened_fill_s_payout_was_refused_gives_back_what_it_took(
+    market_stripe, seller, buyer, deliver
+):
+    # given: half a sale disputed, the other 56 paid out, the dispute won: the fill
+    # reopened (56 paid earlier), its second payout, of the other 56, waiting to be
+    # sent to an account Stripe has closed
+    order, account = reopened_then_paying_again(market_stripe, seller, buyer, deliver)
+    # and the whole charge refunded while it waits: the seller's 112 a loss
+    refund = refund_at_stripe(order, 124)
+    assert deliver() == ["processed", "ignored"]
+    assert money("losses") == -112
+    # then Stripe refuses that payout: only the 56 it was paying are recovered from
+    # the loss (the 56 the first payout paid stay lost)
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert (money("losses"), order.fills.get().seller_reversed) == (-56, 56)
+
+    # when: the refund fails, and its events are processed
+    market_stripe.standin.fail_refund(refund["id"])
+    assert deliver() == ["processed", "processed", "processed"]
+
+    # then: the refund is undone: no loss, the fee the platform's, the buyer's 100
+    # credits back; the seller keeps the 56 paid and is owed the 56 the refused
+    # payout did not pay
+    assert books(seller, buyer) == HALF_PAID_OUT
+    fill = order.fills.get()
+    assert (fill.proceeds, fill.refunded, fill.seller_reversed, fill.earlier_payouts) == (
+        ProceedsState.AVAILABLE,
+        0,
+        0,
+        56,
+    )
+    reversal = MarketReversal.objects.get(kind="refund")
+    assert reversal.reinstated_at is not None
+    assert (reversal.loss, reversal.credits_reinstated) == (0, credits(100))
+    assert earnings(seller) == HALF_PAID_OUT_EARNINGS
+    assert report(buyer)["losses"] == 0
+    assert ledger_reconcile().ok
+
+    # when: the seller connects an account Stripe takes, and payouts run
+    second = market_stripe.connect_account(seller)
+    assert payouts_run(now=timezone.now() + LATER) == 1
+
+    # then: the 56 are paid there, once: the seller was paid the 112 of the sale in all
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [56]
+    assert [t["amount"] for t in market_stripe.transfers(second)] == [56]
+    assert (money("payouts"), money("seller_available", organization=seller)) == (112, 0)
     assert ledger_reconcile().ok
 
 
