@@ -1381,7 +1381,8 @@ def orders_expire(*, now: datetime | None = None) -> int:
 
 def _order_expire(*, order_id: int, now: datetime) -> int:
     """One due order: its checkout expired at Stripe, then released (1), or delivered if
-    it turns out paid, or left for the next run while Stripe cannot be reached (0)."""
+    it turns out paid, or left for the next run while Stripe cannot be reached (0).
+    Released too when Stripe has no such checkout (1)."""
     from gymbilling.services.payments import checkout_session_mirror
 
     order = MarketOrder.objects.select_related("checkout").get(pk=order_id)
@@ -1389,15 +1390,35 @@ def _order_expire(*, order_id: int, now: datetime) -> int:
         return order_release(
             order_id=order.pk, status=OrderStatus.EXPIRED, code="reservation_timeout", now=now
         )
+    session_id = order.checkout.stripe_session_id
     try:
         try:
-            session = stripe_client.checkout_session_expire(order.checkout.stripe_session_id)
+            session = stripe_client.checkout_session_expire(session_id)
         except stripe_client.StripeRequestRefused:
             # Not open any more: completed (paid) or already expired.
-            session = stripe_client.checkout_session_retrieve(order.checkout.stripe_session_id)
+            session = stripe_client.checkout_session_retrieve(session_id)
     except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
         logger.warning("market order %s: cannot expire its checkout yet: %s", order.pk, exc)
         return 0
+    except stripe_client.StripeRequestRefused as exc:
+        if exc.code != "resource_missing":
+            raise  # our credentials, say: logged, and tried again next run
+        # Stripe answers that the session does not exist (a 404, not an outage: the
+        # Stripe account or its key changed since the order was made). Nobody can
+        # pay it, so the reservation is released as an unpaid one is; held, the
+        # seller's credits would be unsellable until they expired in the buyer's
+        # escrow, and the order would come first in every sweep. Should it be paid
+        # after all (the old key back), order_pay delivers nothing of a released
+        # order and refunds the payment, as it does of any paid too late.
+        logger.warning(
+            "market order %s: Stripe has no checkout session %s (%s): released unpaid",
+            order.pk,
+            session_id,
+            exc,
+        )
+        return order_release(
+            order_id=order.pk, status=OrderStatus.EXPIRED, code="checkout_not_found", now=now
+        )
     checkout_session_mirror(session=session)
     if session.get("status") == "complete" and session.get("payment_status") == "paid":
         market_checkout_handle(order.checkout, session)

@@ -386,31 +386,81 @@ def test_reservation_timeout_expires_the_checkout_and_releases(market_stripe, se
     assert organization_balance(organization=seller).escrowed == credits(100)
 
 
-def test_an_order_whose_checkout_stripe_cannot_find_does_not_hold_back_the_others(
-    market_stripe, seller, buyer
+def test_an_order_whose_checkout_stripe_cannot_find_is_released_with_the_others(
+    market_stripe, seller, buyer, caplog
 ):
     # given: two reservations past their hold time; Stripe knows nothing of the first's
-    # checkout (it answers 404 to expiring and to reading it)
-    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    # checkout (it answers 404 to expiring and to reading it: the Stripe account or its
+    # key changed since the order was made)
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     lost = order_create(buyer=buyer, quantity=credits(40), max_price_per_1k=300, currency="usd")
     CheckoutSession.objects.filter(pk=lost.checkout_id).update(stripe_session_id="cs_unknown")
     other_buyer = market_member()
     other = order_create(
         buyer=other_buyer, quantity=credits(60), max_price_per_1k=300, currency="usd"
     )
+    assert organization_balance(organization=seller).escrowed == 0
+    caplog.set_level(logging.WARNING, logger="gymbilling.market.services")
 
     # when: the sweep runs
     released = orders_expire(now=timezone.now() + timedelta(minutes=16))
 
-    # then: the other order is released, its credits back on the listing; the first
-    # stays reserved (logged) for the next run and for finance
-    assert released == 1
+    # then: both are released, the first as a checkout Stripe cannot find (logged, naming
+    # it): nobody can pay it, so its credits are on the listing again, the seller's
+    assert released == 2
+    lost.refresh_from_db()
     other.refresh_from_db()
-    assert other.status == OrderStatus.EXPIRED
-    assert MarketOrder.objects.get(pk=lost.pk).status == OrderStatus.PENDING
+    assert (lost.status, lost.failure_code) == (OrderStatus.EXPIRED, "checkout_not_found")
+    assert (other.status, other.failure_code) == (OrderStatus.EXPIRED, "reservation_timeout")
+    assert {f.status for f in lost.fills.all()} == {FillStatus.RELEASED}
+    assert organization_listing(organization=seller, listing_id=listing.pk).available == credits(
+        100
+    )
+    assert organization_balance(organization=seller).escrowed == credits(100)
+    assert organization_balance(organization=seller).available == credits(900)
+    assert organization_balance(organization=buyer).escrowed == 0
     assert organization_balance(organization=other_buyer).escrowed == 0
-    assert organization_balance(organization=buyer).escrowed == credits(40)
-    assert organization_balance(organization=seller).escrowed == credits(60)
+    assert any(
+        f"market order {lost.pk}: Stripe has no checkout session cs_unknown" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
+    # and the next sweep has nothing left to do; the credits sell again
+    assert orders_expire(now=timezone.now() + timedelta(minutes=32)) == 0
+    again = order_create(buyer=buyer, quantity=credits(100), max_price_per_1k=300, currency="usd")
+    assert again.fills.get().listing_id == listing.pk
+
+
+def test_a_checkout_stripe_could_not_find_paid_after_all_is_refunded_not_delivered(
+    market_stripe, seller, buyer, deliver
+):
+    # given: a reservation whose checkout Stripe could not find when it was due (the
+    # Stripe key changed): released, its credits back on the listing
+    listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    order = order_create(buyer=buyer, quantity=credits(40), max_price_per_1k=300, currency="usd")
+    session_id = order.checkout.stripe_session_id
+    CheckoutSession.objects.filter(pk=order.checkout_id).update(stripe_session_id="cs_unknown")
+    assert orders_expire(now=timezone.now() + timedelta(minutes=16)) == 1
+
+    # when: the session turns up after all (the old key back), paid, and its webhook is
+    # processed; then the sweep runs
+    CheckoutSession.objects.filter(pk=order.checkout_id).update(stripe_session_id=session_id)
+    intent = market_stripe.pay(session_id)["payment_intent"]
+    deliver()
+    orders_expire()
+
+    # then: as any payment of a released order: nothing delivered, no sale booked, the
+    # buyer refunded all 12 they paid; the listing still offers all 100
+    order.refresh_from_db()
+    assert (order.status, order.failure_code) == (OrderStatus.EXPIRED, "checkout_not_found")
+    assert (order.amount_total, order.shortfall_amount) == (12, 12)
+    assert order.shortfall_refunded_at is not None
+    assert market_stripe.refunded(intent) == 12
+    assert organization_balance(organization=buyer).available == 0
+    assert money("seller_pending", organization=seller) == 0
+    assert organization_listing(organization=seller, listing_id=listing.pk).available == credits(
+        100
+    )
 
 
 def test_a_session_paid_at_the_last_moment_is_delivered_not_released(market_stripe, seller, buyer):
