@@ -13,6 +13,8 @@ from django.urls import path, reverse
 
 from accounts.errors import ApplicationError
 from gymbilling import stripe_client
+from gymbilling.market.selectors import payment_market_order, shortfall_refund_owed
+from gymbilling.market.services import order_shortfall_refund_request
 from gymbilling.models import (
     BillingCustomer,
     CheckoutSession,
@@ -138,6 +140,39 @@ class RefundForm(forms.Form):
     # (a double click, a retry after Stripe did not answer) is the same refund at Stripe.
     key = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
+    SHORTFALL, SALE = "shortfall", "sale"
+
+    def __init__(self, *args, shortfall_order=None, **kwargs):
+        """`shortfall_order`: the marketplace order the payment paid for, when it still owes
+        the buyer what it did not deliver. A plain refund of such a payment is read as one
+        of the delivered sale (its credits and the sellers' shares taken back), so finance
+        must say which they refund; nothing is chosen for them."""
+        super().__init__(*args, **kwargs)
+        if shortfall_order is None:
+            return
+        order = shortfall_order
+        self.fields["part"] = forms.ChoiceField(
+            label="What is refunded",
+            widget=forms.RadioSelect,
+            choices=[
+                (
+                    self.SHORTFALL,
+                    f"The undelivered shortfall of market order {order.pk} "
+                    f"({order.shortfall_amount} {order.currency}): what the buyer paid for and "
+                    "did not get. The credits delivered stay the buyer's; the sellers keep "
+                    "their proceeds.",
+                ),
+                (
+                    self.SALE,
+                    "The delivered sale: the credits delivered are taken back in proportion, "
+                    "the sellers' shares and the fee too, and the buyer's reselling is frozen.",
+                ),
+            ],
+            help_text="The shortfall is refunded whole, as the order's own shortfall refund "
+            "(leave the amount blank or give exactly the shortfall).",
+        )
+        self.order_fields(["part"])
+
 
 class RefundAdminMixin:
     """A "Refund" page for rows that record a customer's payment (`stripe_payment_intent_id`):
@@ -171,9 +206,28 @@ class RefundAdminMixin:
             raise Http404("No payment to refund.")
         opts = self.model._meta
         back = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[row.pk])
-        form = RefundForm(request.POST or None, initial={"key": uuid.uuid4().hex})
+        order = payment_market_order(payment_intent_id=row.stripe_payment_intent_id)
+        # Offered while the order owes its shortfall; and to a form that chose it, drawn
+        # while it was owed: refunded since (the sweep, another of finance), it is refused
+        # as such (shortfall_refund_not_owed), never refunded as the sale instead.
+        shortfall_order = (
+            order
+            if order is not None
+            and order.shortfall_amount
+            and (shortfall_refund_owed(order) or "part" in request.POST)
+            else None
+        )
+        form = RefundForm(
+            request.POST or None,
+            initial={"key": uuid.uuid4().hex},
+            shortfall_order=shortfall_order,
+        )
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
+            if data.get("part") == RefundForm.SHORTFALL:
+                return self._refund_shortfall(request, form, shortfall_order, back=back) or (
+                    self._refund_page(request, row, form, back=back)
+                )
             try:
                 refund = payment_refund(
                     organization=row.organization,
@@ -208,6 +262,32 @@ class RefundAdminMixin:
                     messages.SUCCESS if applied else messages.WARNING,
                 )
                 return HttpResponseRedirect(back)
+        return self._refund_page(request, row, form, back=back)
+
+    def _refund_shortfall(self, request, form, order, *, back: str):
+        """The order's own shortfall refund, sent now; a redirect once Stripe took it, else
+        None with why on the form."""
+        try:
+            order = order_shortfall_refund_request(
+                order_id=order.pk,
+                amount=form.cleaned_data["amount"],
+                note=form.cleaned_data["note"],
+                actor=request.user,
+            )
+        except ApplicationError as exc:
+            form.add_error(None, f"{exc.message} ({exc.code})")
+            return None
+        self.message_user(
+            request,
+            f"Refunded the undelivered shortfall of market order {order.pk}: "
+            f"{order.shortfall_amount} {order.currency} ({order.shortfall_refund_id}); the "
+            "credits delivered stay the buyer's.",
+            messages.SUCCESS,
+        )
+        return HttpResponseRedirect(back)
+
+    def _refund_page(self, request, row, form, *, back: str):
+        opts = self.model._meta
         context = {
             **self.admin_site.each_context(request),
             "title": f"Refund {row}",
@@ -407,7 +487,10 @@ class ShortfallResolveForm(forms.Form):
         max_length=500,
         widget=forms.Textarea(attrs={"rows": 3}),
         help_text="How the buyer was refunded (the Stripe refund's id, the bank transfer's "
-        "reference): kept on the order and in the buyer's audit log.",
+        "reference): kept on the order and in the buyer's audit log. Refund it at Stripe "
+        "from the order's checkout's Refund page, choosing the undelivered shortfall, or "
+        "with Retry: a plain refund of the payment is taken as a refund of the delivered "
+        "sale.",
     )
 
 

@@ -269,6 +269,23 @@ def organization_earnings(*, organization: Organization) -> list[Earnings]:
     return earnings
 
 
+def shortfall_refund_owed(order: MarketOrder) -> bool:
+    """Whether the order owes the buyer its undelivered shortfall: not refunded by Stripe
+    nor by hand, waiting to be sent or refused."""
+    return bool(
+        order.shortfall_amount
+        and order.shortfall_refunded_at is None
+        and order.shortfall_refund_resolved_at is None
+    )
+
+
+def payment_market_order(*, payment_intent_id: str) -> MarketOrder | None:
+    """The marketplace order a payment paid for, if any."""
+    if not payment_intent_id:
+        return None
+    return MarketOrder.objects.filter(stripe_payment_intent_id=payment_intent_id).first()
+
+
 def organization_payouts(*, organization: Organization) -> QuerySet[MarketPayout]:
     """The seller's payouts, newest first: sent, being sent (pending), or refused (failed,
     their proceeds back to available)."""

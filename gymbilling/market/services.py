@@ -57,6 +57,7 @@ from gymbilling.market.escrow import (
 from gymbilling.market.money import MoneyInsufficient, money_account, money_post
 from gymbilling.market.rollover import rollover_carry_open, rollover_release_trim
 from gymbilling.market.rules import fill_amount, platform_fee, refund_split, share_ceil
+from gymbilling.market.selectors import shortfall_refund_owed
 from gymbilling.models import (
     BillingCustomer,
     CheckoutKind,
@@ -1188,6 +1189,112 @@ def order_shortfall_refund_retry(*, order_id: int) -> bool:
     return order_shortfall_refund(order_id=order_id, retrying=True)
 
 
+def order_shortfall_refund_request(
+    *, order_id: int, amount: int | None, note: str, actor
+) -> MarketOrder:
+    """Finance refund an order's undelivered shortfall from its payment's Refund page.
+
+    A plain refund of the payment carries none of the shortfall refund's metadata: its
+    webhook reads it as a refund of the delivered sale (the delivered credits clawed back,
+    the sellers' shares and the fee taken back, reselling frozen), though the money was
+    for credits never delivered. So this sends the order's own shortfall refund
+    (order_shortfall_refund: the sweep's request while waiting, Retry's once Stripe
+    refused it), with its metadata and key: its webhook takes nothing back, and the order
+    records its shortfall refunded. Through the same claim as every send, asking Stripe
+    first: never a second refund of the shortfall, whoever else sends it meanwhile.
+
+    The whole shortfall, `amount` None or exactly it (400 `shortfall_amount_mismatch`);
+    `note` required. Who and why go to the buyer's audit log
+    (`market.shortfall_refunded`). Nothing sent: 409 `shortfall_refund_not_owed`
+    (refunded already, resolved by hand, none) or `shortfall_refund_sending` (another
+    send is at Stripe); 502 `shortfall_refund_refused` (Stripe's refusal, left on the
+    order for finance as a refused sweep's is); 503 `payments_unavailable` (no answer:
+    it may have been made; sending again records it rather than making another).
+    """
+    note = note.strip()
+    if not note:
+        raise ApplicationError(
+            code="reason_required", message="A refund needs a reason.", param="note"
+        )
+    order = MarketOrder.objects.get(pk=order_id)
+    if not shortfall_refund_owed(order):
+        raise _shortfall_not_owed(order)
+    if amount is not None and amount != order.shortfall_amount:
+        raise ApplicationError(
+            code="shortfall_amount_mismatch",
+            message=f"The shortfall is refunded whole: {order.shortfall_amount} "
+            f"{order.currency}. Leave the amount blank or give exactly that; to refund part "
+            "of what was delivered, refund the delivered sale instead.",
+            param="amount",
+        )
+    refused_at = order.shortfall_refund_refused_at
+    if order_shortfall_refund(order_id=order_id, retrying=refused_at is not None):
+        order = MarketOrder.objects.get(pk=order_id)
+        _shortfall_audit(
+            order,
+            action="market.shortfall_refunded",
+            actor=actor,
+            refund=order.shortfall_refund_id,
+            note=note[:500],
+        )
+        return order
+    raise _shortfall_not_sent(MarketOrder.objects.get(pk=order_id), refused_at=refused_at)
+
+
+def _shortfall_audit(order: MarketOrder, *, action: str, actor, **data) -> None:
+    """What finance did about the order's shortfall, in the buyer's audit log."""
+    audit_record(
+        organization=order.buyer,
+        action=action,
+        target=f"market order {order.pk}",
+        actor_user=actor,
+        data={
+            "order": order.pk,
+            "amount": order.shortfall_amount,
+            "currency": order.currency,
+            **data,
+        },
+    )
+
+
+def _shortfall_not_owed(order: MarketOrder) -> ApplicationError:
+    state = (
+        "has no shortfall"
+        if not order.shortfall_amount
+        else f"had its shortfall refunded by Stripe (refund {order.shortfall_refund_id})"
+        if order.shortfall_refunded_at
+        else f"is {shortfall_refund_resolution(order)}"
+    )
+    return ApplicationError(
+        code="shortfall_refund_not_owed",
+        message=f"Nothing of this order's shortfall is owed: it {state}.",
+        status=409,
+    )
+
+
+def _shortfall_not_sent(order: MarketOrder, *, refused_at: datetime | None) -> ApplicationError:
+    """Why order_shortfall_refund_request's send refunded nothing, read from the order."""
+    if order.shortfall_refunded_at or order.shortfall_refund_resolved_at:
+        return _shortfall_not_owed(order)  # another send, or finance, came first
+    if order.shortfall_refund_sending_at is not None:
+        # This send's own claim is cleared when it is done: one left is another's.
+        return _not_resolvable(order)
+    if order.shortfall_refund_refused_at not in (None, refused_at):
+        return ApplicationError(
+            code="shortfall_refund_refused",
+            message=f"Stripe refused the shortfall refund: {order.shortfall_refund_error}. "
+            "It is in the market orders' list of refused shortfall refunds; retry it there "
+            "once the cause is fixed.",
+            status=502,
+        )
+    return ApplicationError(
+        code="payments_unavailable",
+        message="Stripe did not answer: the shortfall refund may or may not have been made. "
+        "Send this form again: it records a refund Stripe made rather than making another.",
+        status=503,
+    )
+
+
 # Which of finance's refused shortfall refunds may be marked resolved: owed, not refunded
 # by Stripe, refused by it, not resolved yet (the admin's "refused" list).
 SHORTFALL_REFUND_REFUSED = Q(
@@ -1262,17 +1369,11 @@ def _shortfall_refund_resolved(*, order_id: int, note: str, actor) -> MarketOrde
     order = MarketOrder.objects.select_related("shortfall_refund_resolved_by").get(pk=order_id)
     if not resolved:
         raise _not_resolvable(order)
-    audit_record(
-        organization=order.buyer,
+    _shortfall_audit(
+        order,
         action="market.shortfall_refund_resolved",
-        target=f"market order {order.pk}",
-        actor_user=actor,
-        data={
-            "order": order.pk,
-            "amount": order.shortfall_amount,
-            "currency": order.currency,
-            "note": order.shortfall_refund_resolved_note,
-        },
+        actor=actor,
+        note=order.shortfall_refund_resolved_note,
     )
     logger.info(
         "market order %s: shortfall refund of %s %s resolved by hand by %s: %s",

@@ -6,7 +6,9 @@ The refund is Stripe's; what it does to credits is what any refund does
 clawed back, the spent share booked as a loss, reselling frozen. It is applied
 as soon as Stripe answers, through the same path and under the same key as its
 `charge.refunded` webhook, so whichever comes first applies it and the other
-finds it done.
+finds it done. Not a marketplace order's undelivered shortfall: a refund made here is
+one of the delivered sale; the admin's Refund page sends the shortfall as the order's
+own shortfall refund instead (market.services.order_shortfall_refund_request).
 """
 
 from __future__ import annotations

@@ -1,0 +1,238 @@
+"""Finance refund a marketplace order's payment from its checkout's Refund page in the admin.
+
+An order of 154 that delivered 124 (one seller's fill: fee 12, the seller's 112) and not
+the other 30 (credits that expired while reserved) owes the buyer that shortfall. A plain
+refund of the payment carries none of the shortfall refund's metadata, so its webhook
+would read it as a refund of the delivered sale. The page makes finance say which they
+refund; the shortfall goes as the order's own shortfall refund. Stripe is the stand-in
+over HTTP; its webhooks are applied as the worker would (`deliver`).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from accounts.models import AuditEvent
+from gymbilling import stripe_client
+from gymbilling.market.services import (
+    SHORTFALL_REASON,
+    _shortfall_refund_claim,
+    order_shortfall_refund_retry,
+    orders_expire,
+)
+from gymbilling.models import (
+    BillingCustomer,
+    MarketFill,
+    MarketOrder,
+    MarketReversal,
+    MoneyAccountKind,
+)
+from metering.reconcile import ledger_reconcile
+from metering.selectors import organization_balance
+from tests.gymbilling.market.conftest import (
+    money,
+    refused_for_a_cause_finance_can_fix,
+    shortfall_unrefunded,
+    sold,
+)
+from tests.helpers import credits, ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+NOTE = "Buyer asked for the undelivered part back"
+
+
+def _refund_url(order: MarketOrder) -> str:
+    return f"/admin/gymbilling/checkoutsession/{order.checkout_id}/refund/"
+
+
+@pytest.fixture
+def short_order(market_stripe, seller, buyer, django_capture_on_commit_callbacks, deliver):
+    """Makes the order of 154 delivering 124 and owing 30 back, its shortfall refund
+    refused by Stripe (in finance's list) or still waiting to be sent; its checkout shows
+    its payment. Returns (order, payment intent)."""
+
+    def make(*, refused: bool):
+        order, intent = shortfall_unrefunded(
+            market_stripe, buyer, django_capture_on_commit_callbacks, seller=seller
+        )
+        deliver()  # the checkout's own events: the payment recorded on the checkout
+        if refused:
+            refused_for_a_cause_finance_can_fix(market_stripe, order)
+        order.checkout.refresh_from_db()
+        assert order.checkout.stripe_payment_intent_id == intent
+        return order, intent
+
+    return make
+
+
+def _sale_and_credits(seller, buyer) -> tuple:
+    """What a refund of the sale would take back: the buyer's credits, the seller's
+    proceeds, the platform's fees."""
+    return (
+        organization_balance(organization=buyer).available,
+        money(MoneyAccountKind.SELLER_PENDING, organization=seller),
+        money(MoneyAccountKind.PLATFORM_FEES),
+    )
+
+
+def _post(admin_client, order, **fields):
+    return admin_client.post(_refund_url(order), {"note": NOTE, "key": uuid.uuid4().hex} | fields)
+
+
+def _form_errors(response) -> str:
+    form = response.context["form"]
+    return " ".join([*form.non_field_errors(), *(e for es in form.errors.values() for e in es)])
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "waiting"])
+def test_finance_refund_the_undelivered_shortfall_from_the_refund_page_and_the_sale_stands(
+    market_stripe, seller, buyer, short_order, deliver, admin_client, admin_user, refused
+):
+    # given: the order owes its 30 back (refused by Stripe, or waiting to be sent)
+    order, intent = short_order(refused=refused)
+    sale = _sale_and_credits(seller, buyer)
+    assert sale[1:] == (112, 12)
+
+    # when: finance open the payment's Refund page, choose the undelivered shortfall, and
+    # Stripe's webhooks for the refund arrive
+    page = admin_client.get(_refund_url(order))
+    response = _post(admin_client, order, part="shortfall", amount="30")
+    deliver()
+
+    # then: the page offered the choice with nothing chosen for them
+    assert b'value="shortfall"' in page.content and b'value="sale"' in page.content
+    assert b"checked" not in page.content
+    assert response.status_code == 302, _form_errors(response)
+    # Stripe refunded the 30, once, as the order's own shortfall refund
+    [made] = stripe_client.refunds_list(payment_intent=intent)
+    assert made["amount"] == 30
+    assert made["metadata"] == {"market_order": str(order.pk), "reason": SHORTFALL_REASON}
+    assert market_stripe.refunded(intent) == 30
+    # the order records its shortfall refunded, out of finance's list
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    assert order.shortfall_refund_id == made["id"]
+    assert (order.shortfall_refund_refused_at, order.shortfall_refund_error) == (None, "")
+    # the delivered sale is untouched: the buyer's credits, the seller's proceeds, the fee;
+    # nothing applied to the fill, the buyer not frozen
+    assert _sale_and_credits(seller, buyer) == sale
+    assert organization_balance(organization=buyer).available == credits(100)
+    assert list(MarketFill.objects.filter(order=order, gross__gt=0).values_list("refunded")) == [
+        (0,)
+    ]
+    assert not MarketReversal.objects.filter(order=order).exists()
+    assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is None
+    # who and why in the buyer's audit log
+    [event] = AuditEvent.objects.filter(organization=buyer, action="market.shortfall_refunded")
+    assert event.actor_user == admin_user
+    assert (event.data["amount"], event.data["refund"], event.data["note"]) == (
+        30,
+        made["id"],
+        NOTE,
+    )
+    assert ledger_reconcile().ok
+    # and nothing refunds it again: the sweep, finance's retry, the page once more
+    orders_expire()
+    order_shortfall_refund_retry(order_id=order.pk)
+    again = _post(admin_client, order, part="shortfall")
+    assert "shortfall_refund_not_owed" in _form_errors(again)
+    assert market_stripe.refunded(intent) == 30
+
+
+def test_finance_must_say_whether_they_refund_the_shortfall_or_the_sale(
+    market_stripe, short_order, admin_client
+):
+    order, intent = short_order(refused=True)
+    before = ledger_rows()
+
+    # when: the form is sent without a choice, or the shortfall with another amount
+    unchosen = _post(admin_client, order, amount="30")
+    mismatched = _post(admin_client, order, part="shortfall", amount="20")
+
+    # then: refused on the form, nothing refunded or taken back
+    assert unchosen.status_code == 200 and "part" in unchosen.context["form"].errors
+    assert mismatched.status_code == 200
+    assert "shortfall_amount_mismatch" in _form_errors(mismatched)
+    assert market_stripe.refunded(intent) == 0
+    assert ledger_rows() == before
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is None and order.shortfall_refund_refused_at is not None
+
+
+def test_a_shortfall_refund_another_send_is_making_is_not_made_again_from_the_page(
+    market_stripe, short_order, admin_client
+):
+    # given: a send of the shortfall refund (finance's retry) is at Stripe right now
+    order, intent = short_order(refused=True)
+    assert _shortfall_refund_claim(order) is not None
+
+    # when: finance also refund the shortfall from the Refund page
+    response = _post(admin_client, order, part="shortfall")
+
+    # then: told another send is at Stripe; nothing refunded from here
+    assert response.status_code == 200
+    assert "shortfall_refund_sending" in _form_errors(response)
+    assert market_stripe.refunded(intent) == 0
+
+
+def test_a_form_drawn_while_the_shortfall_was_owed_is_not_refunded_as_the_sale_once_it_is_not(
+    market_stripe, seller, buyer, short_order, deliver, admin_client
+):
+    # given: finance drew the page while the shortfall was owed; the sweep refunded it since
+    order, intent = short_order(refused=False)
+    assert b'value="shortfall"' in admin_client.get(_refund_url(order)).content
+    orders_expire()
+    deliver()
+    assert market_stripe.refunded(intent) == 30
+    sale = _sale_and_credits(seller, buyer)
+
+    # when: they send it, the shortfall chosen
+    response = _post(admin_client, order, part="shortfall", amount="30")
+
+    # then: refused as refunded already; no refund of the sale instead
+    assert "shortfall_refund_not_owed" in _form_errors(response)
+    assert market_stripe.refunded(intent) == 30
+    assert _sale_and_credits(seller, buyer) == sale
+
+
+def test_a_refund_of_the_delivered_sale_still_takes_its_share_back(
+    market_stripe, seller, buyer, short_order, deliver, admin_client
+):
+    # given: the order owes its shortfall; finance refund half of the delivered sale
+    order, intent = short_order(refused=True)
+
+    # when
+    response = _post(admin_client, order, part="sale", amount="62")
+    deliver()
+
+    # then: as any refund of a sale: half the delivered credits, the fee's and the
+    # seller's halves taken back, the buyer frozen; the shortfall is still owed
+    assert response.status_code == 302, _form_errors(response)
+    assert market_stripe.refunded(intent) == 62
+    assert _sale_and_credits(seller, buyer) == (credits(50), 56, 6)
+    assert BillingCustomer.objects.get(organization=buyer).resale_frozen_at is not None
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is None
+
+
+def test_a_sale_without_a_shortfall_is_refunded_as_before_with_no_choice_to_make(
+    market_stripe, seller, buyer, deliver, admin_client
+):
+    # given: an order of 124 delivered whole
+    order = sold(market_stripe, seller, buyer)
+    deliver()
+    order.checkout.refresh_from_db()
+
+    # when: finance refund half of it from its Refund page
+    page = admin_client.get(_refund_url(order))
+    response = _post(admin_client, order, amount="62")
+    deliver()
+
+    # then: no choice was offered, and half of the sale is taken back
+    assert b'name="part"' not in page.content
+    assert response.status_code == 302, _form_errors(response)
+    assert _sale_and_credits(seller, buyer) == (credits(50), 56, 6)
+    assert order.shortfall_amount == 0
