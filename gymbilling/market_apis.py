@@ -39,6 +39,11 @@ ERRORS = {
     409: OpenApiResponse(
         description="A conflict: `insufficient_liquidity`, `listing_not_open`, an Idempotency-Key in use."
     ),
+    429: OpenApiResponse(
+        description="An abuse limit reached, nothing changed: `listing_limit_reached` "
+        "(MARKET_LISTINGS_PER_DAY), `pending_order_limit_reached` "
+        "(MARKET_PENDING_ORDERS_PER_BUYER orders awaiting payment)."
+    ),
     503: OpenApiResponse(
         description="`payments_unavailable` or `billing_not_configured`; nothing changed."
     ),

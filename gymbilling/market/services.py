@@ -198,6 +198,13 @@ def sellers_lock(seller_ids) -> None:
         transaction_lock(f"market-seller:{pk}")
 
 
+def buyer_lock(buyer: Organization) -> None:
+    """Until the transaction ends, no other order of this buyer can be reserved: taken first
+    by `order_reserve`, so that its count of the buyer's pending orders stays exact (two
+    orders racing for the last slot cannot both take it). Taken by nothing else."""
+    transaction_lock(f"market-buyer:{buyer.pk}")
+
+
 # --- listings -------------------------------------------------------------------------
 
 
@@ -519,6 +526,18 @@ def order_reserve(
         )
     now = now or timezone.now()
     with transaction.atomic():
+        # Each pending order keeps its credits off the market until paid or released
+        # (MARKET_RESERVATION_TTL): without a cap, a buyer who never pays could hold the
+        # whole book, order after order. Counted under the buyer's lock, first.
+        buyer_lock(buyer)
+        cap = settings.MARKET_PENDING_ORDERS_PER_BUYER
+        if MarketOrder.objects.filter(buyer=buyer, status=OrderStatus.PENDING).count() >= cap:
+            raise ApplicationError(
+                code="pending_order_limit_reached",
+                message=f"At most {cap} of your orders may await payment at once. Pay for one, or "
+                "wait until one's reservation runs out, then order again.",
+                status=429,
+            )
         if listing_id is not None:
             listing = MarketListing.objects.filter(pk=listing_id, status=ListingStatus.OPEN).first()
             if listing is None:

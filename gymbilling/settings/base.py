@@ -405,6 +405,9 @@ MARKET_PAYOUT_HOLDING = timedelta(days=env.int("MARKET_PAYOUT_HOLDING_DAYS", def
 # Abuse limits: listings per seller per 24 hours, price bounds (minor units per
 # 1,000 credits), the smallest listing (micro-credits), and the currencies traded.
 MARKET_LISTINGS_PER_DAY = env.int("MARKET_LISTINGS_PER_DAY", default=20)
+# Orders a buyer organization may have awaiting payment at once: each keeps the credits it
+# reserved off the market for MARKET_RESERVATION_SECONDS.
+MARKET_PENDING_ORDERS_PER_BUYER = env.int("MARKET_PENDING_ORDERS_PER_BUYER", default=3)
 MARKET_PRICE_FLOOR = env.int("MARKET_PRICE_FLOOR", default=1)
 MARKET_PRICE_CEILING = env.int("MARKET_PRICE_CEILING", default=100_000)
 MARKET_MIN_LISTING_QUANTITY = env.int("MARKET_MIN_LISTING_QUANTITY", default=10_000_000)

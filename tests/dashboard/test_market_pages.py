@@ -280,6 +280,25 @@ def test_a_refused_order_is_drawn_with_its_code_and_changes_nothing(
     assert listing.status == MarketListing.objects.get(pk=listing.pk).status == "open"
 
 
+def test_an_order_over_the_buyer_s_pending_orders_cap_is_drawn_with_its_code(
+    market_stripe, seller, buyer, settings
+):
+    # given: a buyer with as many orders awaiting payment as the cap allows
+    settings.MARKET_PENDING_ORDERS_PER_BUYER = 1
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    browser = signed_in(buyer)
+    assert buy(browser, "10", "3").status_code == 302
+    before = state(seller, buyer)
+
+    # when: they order again on the page
+    response = buy(browser, "10", "3")
+
+    # then: the page says why, with the code, and nothing was reserved
+    assert refused(response, 429, "pending_order_limit_reached")
+    assert "At most 1 of your orders may await payment at once" in text(response)
+    assert state(seller, buyer) == before
+
+
 def test_stripe_unreachable_gives_the_reserved_credits_back(market_stripe, seller, buyer):
     listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
     browser = signed_in(buyer)
