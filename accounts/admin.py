@@ -1,18 +1,33 @@
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
 from django.core.exceptions import ValidationError
 from django.shortcuts import render
+from django.utils import timezone
 
 from accounts.dashboard import with_retry_after
 from accounts.errors import ApplicationError
 from accounts.forms import AdminEmailAuthenticationForm
-from accounts.models import Organization, User
-from accounts.services import organization_entitlements_set, user_email_change
+from accounts.models import Invitation, Organization, User
+from accounts.services import invitation_revoke, organization_entitlements_set, user_email_change
 from accounts.services.organizations import ENTITLEMENT_FIELDS
 from accounts.views import sign_in_count
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows that only services write (the ledger, what Stripe said, invitations): staff read
+    them here and act through actions that call the services."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 @admin.display(description="sent by")
@@ -152,3 +167,85 @@ class OrganizationAdmin(admin.ModelAdmin):
             organization_entitlements_set(
                 organization=obj, reason=f"admin: set by {request.user}", **entitlements
             )
+
+
+class InvitationStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("open", "Open"),
+            ("expired", "Expired"),
+            ("accepted", "Accepted"),
+            ("revoked", "Revoked"),
+        ]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        unused = queryset.filter(accepted_at__isnull=True, revoked_at__isnull=True)
+        if self.value() == "open":
+            return unused.filter(expires_at__gt=now)
+        if self.value() == "expired":
+            return unused.filter(expires_at__lte=now)
+        if self.value() == "accepted":
+            return queryset.filter(accepted_at__isnull=False)
+        if self.value() == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        return queryset
+
+
+@admin.register(Invitation)
+class InvitationAdmin(ReadOnlyAdmin):
+    """Invitations, read-only: staff see who invited whom to what, and revoke an open one
+    (a leaked link, a sender who should not have sent it) through invitation_revoke, audited
+    in the organization's log with their name. Made through the API and the dashboard
+    only: the token is mailed when one is made, and never stored."""
+
+    list_display = [
+        "email",
+        "organization",
+        "role",
+        "status",
+        "invited_by",
+        "invited_by_key",
+        "expires_at",
+        "created_at",
+    ]
+    list_filter = [
+        InvitationStatusFilter,
+        "role",
+        ("organization", admin.RelatedOnlyFieldListFilter),
+    ]
+    list_select_related = ["organization", "invited_by", "invited_by_key"]
+    search_fields = ["email", "organization__slug"]
+    exclude = ["token_hash"]
+    actions = ["revoke"]
+    # Revoked, never deleted (ReadOnlyAdmin): the row is the record that the address was
+    # invited, by whom.
+
+    def has_revoke_permission(self, request) -> bool:
+        """Revoking changes an invitation, though it stays read-only here."""
+        return request.user.has_perm("accounts.change_invitation")
+
+    @admin.display(description="status")
+    def status(self, invitation) -> str:
+        if invitation.accepted_at:
+            return "accepted"
+        if invitation.revoked_at:
+            return "revoked"
+        return "expired" if invitation.expires_at <= timezone.now() else "open"
+
+    @admin.action(description="Revoke: the link admits nobody from now on", permissions=["revoke"])
+    def revoke(self, request, queryset):
+        said, all_revoked = [], True
+        for invitation in queryset.select_related("organization").order_by("pk"):
+            try:
+                invitation_revoke(invitation=invitation, actor=request.user)
+            except ApplicationError as error:
+                all_revoked = False
+                said.append(f"invitation to {invitation.email}: {error.message} ({error.code})")
+            else:
+                said.append(f"invitation to {invitation.email}: revoked")
+        level = messages.SUCCESS if all_revoked else messages.WARNING
+        self.message_user(request, "; ".join(said), level)

@@ -24,6 +24,7 @@ from accounts.selectors import (
     invitation_by_token,
     organization_api_keys,
     organization_audit_events,
+    organization_invitations,
     organization_members,
     organization_open_invitations,
     user_by_email,
@@ -33,6 +34,7 @@ from accounts.services import (
     apikey_revoke,
     invitation_accept,
     invitation_create,
+    invitation_revoke,
     membership_add,
     membership_remove,
     membership_set_role,
@@ -293,6 +295,9 @@ class InvitationOutput(serializers.Serializer):
     role = serializers.CharField()
     expires_at = serializers.DateTimeField()
     created_at = serializers.DateTimeField()
+    revoked_at = serializers.DateTimeField(
+        allow_null=True, help_text="When it was withdrawn; null while it is open."
+    )
 
 
 class InvitationListCreateApi(PagedListMixin, PathOrgApiView):
@@ -321,6 +326,31 @@ class InvitationListCreateApi(PagedListMixin, PathOrgApiView):
             **data.validated_data,
         )
         return Response(InvitationOutput(invitation).data, status=status.HTTP_201_CREATED)
+
+
+class InvitationRevokeApi(PathOrgApiView):
+    """Withdraw an open invitation: its link admits nobody from now on, and the address may
+    be invited again. Whoever may invite to its role may revoke it (an invitation to be
+    owner: only an owner). One already accepted (409 `invitation_used`), revoked (409
+    `invitation_revoked`) or expired (409 `invitation_expired`) is left as it is; another
+    organization's invitation is 404, as one that does not exist."""
+
+    required_scope = Scope.ADMIN
+    allowed_roles = MANAGERS
+
+    # Answers 200 with the revoked invitation, as revoking a key does.
+    @extend_schema(
+        responses={200: InvitationOutput},
+        summary="Revoke an open invitation: its link admits nobody from now on",
+    )
+    def delete(self, request, org_id: int, invitation_id: int):
+        invitation = get_object_or_404(
+            organization_invitations(organization=request.organization), pk=invitation_id
+        )
+        invitation = invitation_revoke(
+            invitation=invitation, actor=acting_user(request), actor_key=acting_key(request)
+        )
+        return Response(InvitationOutput(invitation).data)
 
 
 class InvitationAcceptApi(OrgApiView):

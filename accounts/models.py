@@ -186,6 +186,19 @@ class Role(models.TextChoices):
     MEMBER = "member", "Member"
 
 
+def roles_grantable_by(role: str | None) -> frozenset[str]:
+    """The roles someone holding `role` in an organization may give there (invite to, add,
+    set): an owner any, an admin any but owner, anyone else (or no one: None) none. What
+    the membership services require of a person acting (_require_manager and
+    _require_owner_for in accounts.services.organizations), as a set: what an invitation
+    they sent may still grant when it is accepted, or when they are demoted."""
+    if role == Role.OWNER:
+        return frozenset(Role.values)
+    if role == Role.ADMIN:
+        return frozenset(Role.values) - {Role.OWNER}
+    return frozenset()
+
+
 class Membership(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
@@ -216,6 +229,14 @@ class Invitation(models.Model):
     token_hash = models.CharField(max_length=64, unique=True)
     invited_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    # The API key that sent it, when one did (invited_by is then empty): an admin key acts
+    # for its creator, so the invitation stands only while the creator may still grant its
+    # role (accounts.selectors.invitation_to_accept), and goes when they are removed or
+    # demoted. RESTRICT: a key is never deleted on its own, only with its organization,
+    # whose invitations go with it.
+    invited_by_key = models.ForeignKey(
+        "ApiKey", on_delete=models.RESTRICT, null=True, blank=True, related_name="+"
     )
     expires_at = models.DateTimeField()
     accepted_at = models.DateTimeField(null=True, blank=True)

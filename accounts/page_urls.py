@@ -18,4 +18,9 @@ urlpatterns = [
         members.MemberRemovePage.as_view(),
         name="dashboard-member-remove",
     ),
+    path(
+        "invitations/<int:invitation_id>/revoke",
+        members.InvitationRevokePage.as_view(),
+        name="dashboard-invitation-revoke",
+    ),
 ]

@@ -8,7 +8,16 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
-from accounts.models import ApiKey, AuditEvent, Invitation, Membership, Organization, User
+from accounts.models import (
+    ApiKey,
+    AuditEvent,
+    Invitation,
+    Membership,
+    Organization,
+    Role,
+    User,
+    roles_grantable_by,
+)
 
 
 def organization_api_keys(*, organization: Organization) -> QuerySet[ApiKey]:
@@ -19,10 +28,17 @@ def organization_members(*, organization: Organization) -> QuerySet[Membership]:
     return Membership.objects.filter(organization=organization).select_related("user")
 
 
+def organization_invitations(*, organization: Organization) -> QuerySet[Invitation]:
+    """Every invitation of the organization, open or not (accepted, revoked, expired)."""
+    return Invitation.objects.filter(organization=organization).select_related(
+        "invited_by", "invited_by_key"
+    )
+
+
 def organization_open_invitations(*, organization: Organization) -> QuerySet[Invitation]:
-    return Invitation.objects.filter(
-        organization=organization, accepted_at__isnull=True, revoked_at__isnull=True
-    ).select_related("invited_by")
+    return organization_invitations(organization=organization).filter(
+        accepted_at__isnull=True, revoked_at__isnull=True
+    )
 
 
 def organization_audit_events(*, organization: Organization) -> QuerySet[AuditEvent]:
@@ -78,7 +94,8 @@ def invitation_by_token(*, token: str) -> Invitation | None:
 def invitation_to_accept(*, token: str, user=None, for_update: bool = False) -> Invitation:
     """The open invitation `token` names, which `user` (when given) may accept now; else
     why not: unknown, revoked or expired (404 `invitation_invalid`), accepted already (409
-    `invitation_used`), sent to another address (403 `invitation_email_mismatch`).
+    `invitation_used`), sent to another address (403 `invitation_email_mismatch`), sent by
+    someone who may no longer grant its role there (403 `invitation_sender_not_allowed`).
 
     The rules invitation_accept applies, under its lock (`for_update`), and the page shows
     before anyone presses accept. Seats are counted by membership_add, as it adds.
@@ -104,4 +121,45 @@ def invitation_to_accept(*, token: str, user=None, for_update: bool = False) -> 
             message="This invitation was sent to another email address.",
             status=403,
         )
+    if not invitation_sender_may_grant(invitation):
+        raise ApplicationError(
+            code="invitation_sender_not_allowed",
+            message="Whoever sent this invitation can no longer give its role in this "
+            "organization (they were removed, or their role changed); ask one of its owners "
+            "or admins for a new invitation.",
+            status=403,
+        )
     return invitation
+
+
+def invitation_sender_may_grant(invitation: Invitation) -> bool:
+    """Whether the person behind `invitation` may still give its role: an active member
+    whose role grants it (roles_grantable_by), or an active staff member (they manage any
+    organization). Sent with an API key, its creator is that person; a key without a
+    creator (an operator's, `manage.py apikey_create`) acts on its scope alone, and may
+    give any role but owner, as when it invited. Nobody named (sent by the system, or
+    by a person since deleted): the invitation alone decides, as before senders were
+    checked.
+
+    Removing or demoting a member revokes what they sent that they could no longer send
+    (invitations_sent_revoke); this holds for the rest: invitations sent before that
+    existed, and senders deactivated rather than removed.
+    """
+    person = invitation.invited_by_id
+    if person is None and invitation.invited_by_key_id is not None:
+        person = invitation.invited_by_key.created_by_id
+        if person is None:
+            return invitation.role in roles_grantable_by(Role.ADMIN)
+    if person is None:
+        return True
+    sender = User.objects.filter(pk=person).values("is_active", "is_staff").first()
+    if sender is None or not sender["is_active"]:
+        return False
+    if sender["is_staff"]:
+        return True
+    role = (
+        Membership.objects.filter(organization_id=invitation.organization_id, user_id=person)
+        .values_list("role", flat=True)
+        .first()
+    )
+    return invitation.role in roles_grantable_by(role)

@@ -17,6 +17,11 @@ urlpatterns = [
         apis.InvitationListCreateApi.as_view(),
         name="invitations",
     ),
+    path(
+        "orgs/<int:org_id>/invitations/<int:invitation_id>",
+        apis.InvitationRevokeApi.as_view(),
+        name="invitation-revoke",
+    ),
     path("invitations/accept", apis.InvitationAcceptApi.as_view(), name="invitation-accept"),
     path("audit", apis.AuditEventListApi.as_view(), name="audit"),
     path("webhooks/secret", apis.WebhookSecretApi.as_view(), name="webhook-secret"),

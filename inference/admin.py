@@ -2,7 +2,7 @@
 
 from django.contrib import admin, messages
 
-from accounts.admin import sent_by
+from accounts.admin import ReadOnlyAdmin, sent_by
 from inference.models import (
     JOB_ERROR_CODES,
     CatalogModel,
@@ -76,7 +76,7 @@ class _ErrorCodeFilter(admin.SimpleListFilter):
 
 
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
+class JobAdmin(ReadOnlyAdmin):
     list_display = [
         "public_id",
         "organization",
@@ -93,18 +93,9 @@ class JobAdmin(admin.ModelAdmin):
     search_fields = ["public_id", "organization__slug", "user__email"]
     list_select_related = ["organization", "model", "api_key", "user"]
 
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
 
 @admin.register(JobCallback)
-class JobCallbackAdmin(admin.ModelAdmin):
+class JobCallbackAdmin(ReadOnlyAdmin):
     list_display = [
         "event_id",
         "organization",
@@ -120,12 +111,3 @@ class JobCallbackAdmin(admin.ModelAdmin):
     list_select_related = ["organization"]
     # The body is the event as sent; the URL may carry the customer's own tokens.
     exclude = ["body"]
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -22,7 +22,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.http import urlencode
 
-from accounts.admin import sent_by
+from accounts.admin import ReadOnlyAdmin, sent_by
 from accounts.errors import ApplicationError
 from accounts.models import Organization
 from metering.models import (
@@ -42,17 +42,6 @@ from metering.selectors import (
 )
 from metering.services import credits_adjust
 from metering.services.postings import MAX_MOVEMENT, amount_display, credits_parse
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class AccountBalanceAdmin(ReadOnlyAdmin):

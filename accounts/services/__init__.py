@@ -10,6 +10,7 @@ from accounts.services.email_verification import (
 from accounts.services.organizations import (
     invitation_accept,
     invitation_create,
+    invitation_revoke,
     membership_add,
     membership_remove,
     membership_set_role,
@@ -30,6 +31,7 @@ __all__ = [
     "audit_record",
     "invitation_accept",
     "invitation_create",
+    "invitation_revoke",
     "membership_add",
     "membership_remove",
     "membership_set_role",

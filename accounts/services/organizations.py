@@ -6,12 +6,21 @@ import secrets
 from datetime import timedelta
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
 from accounts.errors import ApplicationError
-from accounts.models import Invitation, Membership, Organization, Role, User
-from accounts.selectors import invitation_to_accept, invitation_token_hash
+from accounts.models import (
+    ApiKey,
+    Invitation,
+    Membership,
+    Organization,
+    Role,
+    User,
+    roles_grantable_by,
+)
+from accounts.selectors import invitation_by_token, invitation_to_accept, invitation_token_hash
 from accounts.services.api_keys import KEYS
 from accounts.services.audit import audit_record
 from accounts.services.email_verification import (
@@ -256,6 +265,7 @@ def membership_set_role(
         actor_key=actor_key,
         data={"from": old, "to": role},
     )
+    invitations_sent_revoke(membership=membership, actor=actor, actor_key=actor_key)
     return membership
 
 
@@ -285,6 +295,7 @@ def membership_remove(*, membership: Membership, actor=None, actor_key=None) -> 
         actor_key=actor_key,
     )
     membership.delete()
+    invitations_sent_revoke(membership=membership, removed=True, actor=actor, actor_key=actor_key)
 
 
 @transaction.atomic
@@ -325,6 +336,7 @@ def invitation_create(
                 role=role,
                 token_hash=invitation_token_hash(token),
                 invited_by=actor if getattr(actor, "pk", None) else None,
+                invited_by_key=actor_key,
                 expires_at=now + INVITATION_TTL,
             )
     except IntegrityError:
@@ -356,6 +368,18 @@ def invitation_create(
 
 @transaction.atomic
 def invitation_accept(*, token: str, user: User) -> Membership:
+    """Join the organization `token` invites to, in its role, as `user` (the address
+    invited). invitation_to_accept says what refuses it, its sender's standing included:
+    an invitation stands only while whoever sent it may still give its role."""
+    # The organization is locked first, then the invitation (membership_add locks the
+    # organization again, already held): the order a removal or change of role takes
+    # them in when it locks the organization and then revokes what its member sent
+    # (invitations_sent_revoke). The other order could deadlock against it; in this
+    # one the second waits, and reads what the first did: a sender removed or demoted
+    # meanwhile, or the invitation revoked, refuses the accept.
+    found = invitation_by_token(token=token or "")
+    if found is not None:
+        Organization.objects.select_for_update().filter(pk=found.organization_id).first()
     invitation = invitation_to_accept(token=token, user=user, for_update=True)
     # The invitation is the permission: no manager check, but the audit log
     # names the person who accepted.
@@ -373,6 +397,99 @@ def invitation_accept(*, token: str, user: User) -> Membership:
     # The token was sent to the address: whoever used it reads mail there.
     user_email_mark_verified(user=user, email=invitation.email)
     return membership
+
+
+def _require_open(invitation: Invitation) -> None:
+    """An invitation still to withdraw: not accepted, revoked or expired (409 saying which)."""
+    if invitation.accepted_at:
+        raise ApplicationError(
+            code="invitation_used",
+            message=f"The invitation to {invitation.email} was already accepted: remove the "
+            "member instead.",
+            status=409,
+        )
+    if invitation.revoked_at:
+        raise ApplicationError(
+            code="invitation_revoked",
+            message=f"The invitation to {invitation.email} was already revoked.",
+            status=409,
+        )
+    if invitation.expires_at <= timezone.now():
+        raise ApplicationError(
+            code="invitation_expired",
+            message=f"The invitation to {invitation.email} has expired and admits nobody; "
+            "inviting the address again replaces it.",
+            status=409,
+        )
+
+
+@transaction.atomic
+def invitation_revoke(*, invitation: Invitation, actor=None, actor_key=None) -> Invitation:
+    """Withdraw an open invitation: its link admits nobody from now on, and the address may
+    be invited again. Whoever may invite to its role may revoke it (an invitation to be
+    owner: only an owner, or an API key while its creator is one). An invitation accepted,
+    revoked already or expired is a 409 saying which: there is nothing left to withdraw.
+    """
+    organization = invitation.organization
+    _require_manager(organization, actor)
+    _require_owner_for(organization, actor, invitation.role, actor_key=actor_key)
+    # Under its lock: an accept that got there first has made a member (409 above).
+    invitation = Invitation.objects.select_for_update().get(pk=invitation.pk)
+    _require_open(invitation)
+    now = timezone.now()
+    Invitation.objects.filter(pk=invitation.pk).update(revoked_at=now)
+    invitation.revoked_at = now
+    audit_record(
+        organization=organization,
+        action="invitation.revoked",
+        target=invitation.email,
+        actor_user=actor,
+        actor_key=actor_key,
+        data={"role": invitation.role},
+    )
+    return invitation
+
+
+def invitations_sent_revoke(
+    *, membership: Membership, removed: bool = False, actor=None, actor_key=None
+) -> int:
+    """Revoke the open invitations that `membership`'s person sent to its organization
+    (signed in, or with an API key they created) and could no longer send: all of them
+    once `removed`; after a change of role, those to a role it does not give
+    (roles_grantable_by). Each is audited as revoked, with why. Returns how many.
+
+    Without it, an admin who invited another address of theirs was admin again, through
+    that invitation, after an owner removed them. Called by membership_remove and
+    membership_set_role, in their transaction, after the change: both happen, or
+    neither. (invitation_to_accept checks the sender again when one is accepted.)
+    """
+    now = timezone.now()
+    person = membership.user_id
+    keys = ApiKey.objects.filter(organization_id=membership.organization_id, created_by_id=person)
+    sent = Invitation.objects.filter(
+        Q(invited_by_id=person) | Q(invited_by_key__in=keys.values("pk")),
+        organization_id=membership.organization_id,
+        accepted_at__isnull=True,
+        revoked_at__isnull=True,
+        expires_at__gt=now,  # an expired one admits nobody already
+    )
+    if not removed:
+        sent = sent.exclude(role__in=roles_grantable_by(membership.role))
+    revoked = list(sent.select_for_update().order_by("pk").values_list("pk", "email", "role"))
+    if not revoked:
+        return 0
+    Invitation.objects.filter(pk__in=[pk for pk, _email, _role in revoked]).update(revoked_at=now)
+    reason = "sender_removed" if removed else "sender_role_changed"
+    for _pk, email, role in revoked:
+        audit_record(
+            organization=membership.organization,
+            action="invitation.revoked",
+            target=email,
+            actor_user=actor,
+            actor_key=actor_key,
+            data={"role": role, "reason": reason},
+        )
+    return len(revoked)
 
 
 # The fields billing owns (DESIGN.md: entitlements live on the organization,

@@ -30,6 +30,7 @@ from accounts.errors import ApplicationError
 from accounts.models import Membership, Role
 from accounts.selectors import (
     invitation_to_accept,
+    organization_invitations,
     organization_members,
     organization_open_invitations,
     user_by_email,
@@ -37,6 +38,7 @@ from accounts.selectors import (
 from accounts.services import (
     invitation_accept,
     invitation_create,
+    invitation_revoke,
     membership_add,
     membership_remove,
     membership_set_role,
@@ -112,7 +114,7 @@ class RoleForm(forms.Form):
 
 class MembersPage(PickPage):
     """Members and open invitations; invite by email or add a person who has an account
-    (POST here), change a role, remove someone.
+    (POST here), change a role, remove someone, revoke an invitation.
 
     Owners and admins, as the members API lets manage members; the services hold the
     rest (only an owner makes or unmakes an owner, the last owner stays, the seats
@@ -220,3 +222,24 @@ class MemberRemovePage(MembersPage):
         membership = self.membership(member_id)
         membership_remove(membership=membership, actor=request.user)
         return self.done(f"Removed {membership.user.email}.", to=reverse("dashboard-members"))
+
+
+class InvitationRevokePage(MembersPage):
+    """POST: revoke an open invitation (its row's button; inviting the address again
+    undoes it, so nothing is asked first)."""
+
+    never_rate_limited = True
+    http_method_names = ["post"]
+    form_page = "dashboard-members"
+
+    def post(self, request: HttpRequest, invitation_id: int) -> HttpResponse:
+        invitation = owned_or_refused(
+            organization_invitations(organization=request.organization),
+            invitation_id,
+            what="invitation",
+        )
+        invitation = invitation_revoke(invitation=invitation, actor=request.user)
+        return self.done(
+            f"Revoked the invitation to {invitation.email}: its link no longer works.",
+            to=reverse("dashboard-members"),
+        )

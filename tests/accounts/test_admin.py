@@ -451,3 +451,43 @@ def test_staff_retyping_the_same_address_in_another_case_leave_its_verification_
         "/login/", {"username": "joy@example.test", "password": "joy's own passphrase 1"}
     )
     assert signed_in.status_code == 302
+
+
+# --- invitations: read here, revoked through their service ---------------------------------
+
+
+def test_staff_list_invitations_by_status_and_revoke_the_open_ones(staff, admin_user):
+    # given an open invitation, an accepted one and another organization's open one
+    org = OrganizationFactory(seats=5)
+    owner = UserFactory()
+    Membership.objects.create(organization=org, user=owner, role=Role.OWNER)
+    leaked, _ = invitation_create(organization=org, email="leaked@example.test", actor=owner)
+    used, token = invitation_create(organization=org, email="used@example.test", actor=owner)
+    invitation_accept(token=token, user=UserFactory(email="used@example.test"))
+    elsewhere, _ = invitation_create(organization=OrganizationFactory(), email="else@example.test")
+
+    # when staff list the open ones, and revoke the leaked one and the used one
+    listed = staff.get("/admin/accounts/invitation/", {"status": "open"})
+    revoked = staff.post(
+        "/admin/accounts/invitation/",
+        {"action": "revoke", "_selected_action": [leaked.pk, used.pk]},
+        follow=True,
+    )
+
+    # then the list showed the open ones only; the leaked one is revoked, audited with the
+    # staff member's name, and the used one is said to be accepted and left as it was
+    assert listed.status_code == 200
+    shown = listed.content.decode()
+    assert "leaked@example.test" in shown and "else@example.test" in shown
+    assert "used@example.test" not in shown
+    assert revoked.status_code == 200
+    said = revoked.content.decode()
+    assert "nvitation to leaked@example.test: revoked" in said
+    assert "invitation to used@example.test: The invitation" in said and "(invitation_used)" in said
+    for row in (leaked, used, elsewhere):
+        row.refresh_from_db()
+    assert leaked.revoked_at is not None
+    assert used.revoked_at is None and elsewhere.revoked_at is None
+    [event] = AuditEvent.objects.filter(organization=org, action="invitation.revoked")
+    assert (event.target, event.actor_user) == ("leaked@example.test", admin_user)
+    assert staff.get(f"/admin/accounts/invitation/{leaked.pk}/delete/").status_code == 403

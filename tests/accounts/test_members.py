@@ -23,7 +23,13 @@ from accounts.models import (
     Scope,
     User,
 )
-from accounts.services import membership_add, organization_create, user_signup
+from accounts.services import (
+    invitation_create,
+    membership_add,
+    organization_create,
+    organization_entitlements_set,
+    user_signup,
+)
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory, UserFactory
 
@@ -799,6 +805,302 @@ def test_accepting_when_the_seats_are_full_is_refused(member_of, commit_then_mai
     assert_error(response, 409, "no_seats_left")
     assert not Membership.objects.filter(organization=org, user=person).exists()
     assert Invitation.objects.get(organization=org).accepted_at is None
+
+
+# --- revoking invitations ------------------------------------------------------------------------
+
+
+def accept(person, token: str):
+    return send(signed_in(person), "post", "/api/v1/invitations/accept", {"token": token})
+
+
+def revoke(client, org: Organization, invitation_id: int):
+    return client.delete(f"/api/v1/orgs/{org.pk}/invitations/{invitation_id}")
+
+
+def invited_as(commit_then_mail, client, org: Organization, email: str, role: str):
+    """An invitation sent through the API by `client`, and the token its email carried."""
+    with commit_then_mail():
+        response = invite(client, org, email, role)
+    assert response.status_code == 201, response.content
+    return Invitation.objects.get(pk=response.json()["id"]), token_from(mail.outbox[-1])
+
+
+@pytest.mark.parametrize("by", ["admin session", "owner's api key"])
+def test_a_manager_revokes_an_invitation_and_its_link_admits_nobody(team, commit_then_mail, by):
+    # given an open invitation to an address that has an account
+    org = team["org"]
+    person = user_signup(email="invitee@example.test", password=None)
+    invitation, token = invited_as(
+        commit_then_mail, signed_in(team[Role.OWNER]), org, person.email, "member"
+    )
+    client = (
+        signed_in(team[Role.ADMIN])
+        if by == "admin session"
+        else key_client(_admin_key_of(team[Role.OWNER], org))
+    )
+
+    # when it is revoked
+    response = revoke(client, org, invitation.pk)
+
+    # then it answers with the invitation, closed; the audit log says who; the list no
+    # longer shows it; its token admits nobody; and the address may be invited again
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["id"], body["email"], body["role"]) == (invitation.pk, person.email, "member")
+    invitation.refresh_from_db()
+    assert invitation.revoked_at is not None and body["revoked_at"] is not None
+    [event] = audit(org, "invitation.revoked")
+    assert (event.target, event.data) == (person.email, {"role": "member"})
+    if by == "admin session":
+        assert event.actor_user == team[Role.ADMIN]
+    else:
+        assert event.actor_key is not None and event.actor_user is None
+    listing = signed_in(team[Role.OWNER]).get(f"/api/v1/orgs/{org.pk}/invitations")
+    assert listing.json()["results"] == []
+    assert_error(accept(person, token), 404, "invitation_invalid")
+    assert not Membership.objects.filter(organization=org, user=person).exists()
+    with commit_then_mail():
+        again = invite(signed_in(team[Role.OWNER]), org, person.email)
+    assert again.status_code == 201, again.content
+
+
+def test_another_organizations_invitation_is_not_found_and_stays_open(team, member_of):
+    # given an invitation of another organization
+    other = OrganizationFactory(seats=5)
+    member_of(other, Role.OWNER)
+    theirs, _token = invitation_create(organization=other, email="theirs@example.test")
+    client = signed_in(team[Role.OWNER])
+
+    # when the owner of this one names it, through their organization or the other's
+    via_own_org = revoke(client, team["org"], theirs.pk)
+    via_their_org = revoke(client, other, theirs.pk)
+
+    # then both are 404, as an id that does not exist, and it is still open
+    assert_error(via_own_org, 404, "not_found")
+    assert_error(via_their_org, 404, "not_found")
+    theirs.refresh_from_db()
+    assert theirs.revoked_at is None
+    assert audit(other, "invitation.revoked") == []
+
+
+@pytest.mark.parametrize(
+    ("revoker", "role"),
+    [(Role.MEMBER, "member"), (Role.BILLING, "member"), (Role.ADMIN, "owner")],
+    ids=["member", "billing", "admin-revokes-an-owner-invitation"],
+)
+def test_who_may_not_invite_to_the_role_may_not_revoke(team, commit_then_mail, revoker, role):
+    # given an owner's open invitation
+    org = team["org"]
+    invitation, _token = invited_as(
+        commit_then_mail, signed_in(team[Role.OWNER]), org, "x@example.test", role
+    )
+
+    # when someone who could not have sent it revokes it
+    response = revoke(signed_in(team[revoker]), org, invitation.pk)
+
+    # then it is refused and stays open
+    assert_error(response, 403, "permission_denied")
+    invitation.refresh_from_db()
+    assert invitation.revoked_at is None
+    assert audit(org, "invitation.revoked") == []
+
+
+@pytest.mark.parametrize(
+    ("state", "code"),
+    [
+        ("accepted", "invitation_used"),
+        ("revoked", "invitation_revoked"),
+        ("expired", "invitation_expired"),
+    ],
+)
+def test_an_invitation_no_longer_open_is_a_conflict_and_stays_as_it_was(team, invited, state, code):
+    # given an invitation accepted, revoked or expired
+    org = team["org"]
+    person, token = invited
+    invitation = Invitation.objects.get(organization=org)
+    owner = signed_in(team[Role.OWNER])
+    if state == "accepted":
+        assert accept(person, token).status_code == 201
+    elif state == "revoked":
+        assert revoke(owner, org, invitation.pk).status_code == 200
+    else:
+        Invitation.objects.filter(pk=invitation.pk).update(expires_at=timezone.now())
+    before = Invitation.objects.values("accepted_at", "revoked_at").get(pk=invitation.pk)
+    events = len(audit(org, "invitation.revoked"))
+
+    # when it is revoked
+    response = revoke(owner, org, invitation.pk)
+
+    # then the answer says why not, with a code, and nothing changed
+    assert_error(response, 409, code)
+    assert Invitation.objects.values("accepted_at", "revoked_at").get(pk=invitation.pk) == before
+    assert len(audit(org, "invitation.revoked")) == events
+    if state == "accepted":
+        assert membership(org, person).role == Role.ADMIN
+
+
+# A removed or demoted sender: what they sent goes with their power to send it.
+
+
+def test_a_removed_admin_cannot_come_back_through_an_invitation_they_sent(team, commit_then_mail):
+    # given admin Mallory invites another address of hers as admin, and another admin
+    # invites someone else
+    org = team["org"]
+    mallory = team[Role.ADMIN]
+    hers, token = invited_as(
+        commit_then_mail, signed_in(mallory), org, "mallory.alt@example.test", "admin"
+    )
+    colleague = UserFactory()
+    membership_add(organization=org, user=colleague, role=Role.ADMIN)
+    kept, _ = invited_as(commit_then_mail, signed_in(colleague), org, "kept@example.test", "member")
+
+    # when an owner removes Mallory
+    removed = signed_in(team[Role.OWNER]).delete(
+        f"/api/v1/orgs/{org.pk}/members/{membership(org, mallory).pk}"
+    )
+
+    # then her invitation is revoked with her, audited with why; the colleague's stays
+    assert removed.status_code == 204, removed.content
+    hers.refresh_from_db()
+    kept.refresh_from_db()
+    assert hers.revoked_at is not None and kept.revoked_at is None
+    [event] = audit(org, "invitation.revoked")
+    assert event.target == "mallory.alt@example.test"
+    assert event.data == {"role": "admin", "reason": "sender_removed"}
+    assert event.actor_user == team[Role.OWNER]
+    # and when she signs up with the other address and accepts, she is refused
+    alt = user_signup(email="mallory.alt@example.test", password=None)
+    assert_error(accept(alt, token), 404, "invitation_invalid")
+    assert not Membership.objects.filter(organization=org, user=alt).exists()
+
+
+def test_removing_an_admin_revokes_what_they_sent_with_their_api_key(team, commit_then_mail):
+    # given an invitation sent with an admin's admin key
+    org = team["org"]
+    api = key_client(_admin_key_of(team[Role.ADMIN], org))
+    invitation, token = invited_as(commit_then_mail, api, org, "by-key@example.test", "admin")
+    assert invitation.invited_by is None and invitation.invited_by_key is not None
+
+    # when the admin is removed
+    membership_remove_response = signed_in(team[Role.OWNER]).delete(
+        f"/api/v1/orgs/{org.pk}/members/{membership(org, team[Role.ADMIN]).pk}"
+    )
+
+    # then the invitation is revoked, and its token admits nobody
+    assert membership_remove_response.status_code == 204
+    invitation.refresh_from_db()
+    assert invitation.revoked_at is not None
+    person = user_signup(email="by-key@example.test", password=None)
+    assert_error(accept(person, token), 404, "invitation_invalid")
+
+
+@pytest.mark.parametrize(
+    ("new_role", "revoked"),
+    [(Role.ADMIN, {"owner"}), (Role.MEMBER, {"owner", "admin", "member"})],
+)
+def test_a_demoted_owner_loses_the_invitations_to_roles_they_can_no_longer_give(
+    team, commit_then_mail, new_role, revoked
+):
+    # given a second owner who invited an owner, an admin and a member
+    org = team["org"]
+    second = UserFactory()
+    membership_add(organization=org, user=second, role=Role.OWNER)
+    for role in ("owner", "admin", "member"):
+        invited_as(commit_then_mail, signed_in(second), org, f"{role}@example.test", role)
+
+    # when the first owner demotes them
+    response = send(
+        signed_in(team[Role.OWNER]),
+        "patch",
+        f"/api/v1/orgs/{org.pk}/members/{membership(org, second).pk}",
+        {"role": new_role},
+    )
+
+    # then the invitations to roles their new role does not give are revoked, and only those
+    assert response.status_code == 200, response.content
+    closed = set(
+        Invitation.objects.filter(organization=org, revoked_at__isnull=False).values_list(
+            "role", flat=True
+        )
+    )
+    assert closed == revoked
+    assert {e.data["role"] for e in audit(org, "invitation.revoked")} == revoked
+    assert {e.data["reason"] for e in audit(org, "invitation.revoked")} == {"sender_role_changed"}
+
+
+# Invitations sent before removal revoked them (or by someone deactivated rather than
+# removed): accepting one checks its sender again.
+
+
+def test_an_owner_invitation_from_an_owner_since_demoted_is_refused_at_accept(
+    team, commit_then_mail
+):
+    # given a second owner's invitations to be owner and to be member, and the second
+    # owner then made admin without their invitations being touched (as before demotion
+    # revoked them)
+    org = team["org"]
+    organization_entitlements_set(organization=org, reason="test: seats for both", seats=10)
+    second = UserFactory()
+    membership_add(organization=org, user=second, role=Role.OWNER)
+    owner_invitee = user_signup(email="would-be-owner@example.test", password=None)
+    member_invitee = user_signup(email="plain-member@example.test", password=None)
+    _, owner_token = invited_as(
+        commit_then_mail, signed_in(second), org, owner_invitee.email, "owner"
+    )
+    _, member_token = invited_as(
+        commit_then_mail, signed_in(second), org, member_invitee.email, "member"
+    )
+    Membership.objects.filter(organization=org, user=second).update(role=Role.ADMIN)
+
+    # when both are accepted
+    as_owner = accept(owner_invitee, owner_token)
+    as_member = accept(member_invitee, member_token)
+
+    # then the owner invitation is refused, saying why, and the member one, which an
+    # admin may still give, stands
+    error = assert_error(as_owner, 403, "invitation_sender_not_allowed")
+    assert "new invitation" in error["message"]
+    assert not Membership.objects.filter(organization=org, user=owner_invitee).exists()
+    assert Invitation.objects.get(email=owner_invitee.email).accepted_at is None
+    assert as_member.status_code == 201, as_member.content
+    assert membership(org, member_invitee).role == Role.MEMBER
+
+
+@pytest.mark.parametrize("how", ["removed", "deactivated"])
+def test_an_invitation_from_a_sender_who_left_is_refused_at_accept(team, commit_then_mail, how):
+    # given an admin's invitation, and the admin gone without it being revoked (removed
+    # before removal revoked invitations, or deactivated by staff)
+    org = team["org"]
+    admin = team[Role.ADMIN]
+    person = user_signup(email="late@example.test", password=None)
+    _, token = invited_as(commit_then_mail, signed_in(admin), org, person.email, "member")
+    if how == "removed":
+        Membership.objects.filter(organization=org, user=admin).delete()
+    else:
+        User.objects.filter(pk=admin.pk).update(is_active=False)
+
+    # when it is accepted
+    response = accept(person, token)
+
+    # then it is refused
+    assert_error(response, 403, "invitation_sender_not_allowed")
+    assert not Membership.objects.filter(organization=org, user=person).exists()
+
+
+def test_an_operators_key_invitation_is_accepted(team, make_key, commit_then_mail):
+    # given an invitation sent with a key made by `manage.py apikey_create` (no creator)
+    org = team["org"]
+    _key, raw = make_key(org, scopes=[Scope.ADMIN])
+    person = user_signup(email="ops-invited@example.test", password=None)
+    _, token = invited_as(commit_then_mail, key_client(raw), org, person.email, "admin")
+
+    # when it is accepted
+    response = accept(person, token)
+
+    # then the key's scope was its power, as when it invited: the person joins
+    assert response.status_code == 201, response.content
+    assert membership(org, person).role == Role.ADMIN
 
 
 # --- the audit log over the dashboard -------------------------------------------------------------

@@ -157,6 +157,13 @@ def use(row: Invitation) -> None:
     Invitation.objects.filter(pk=row.pk).update(accepted_at=timezone.now())
 
 
+def demote_sender(row: Invitation) -> None:
+    """Its sender (an owner) made billing, as before demoting revoked what they sent."""
+    Membership.objects.filter(organization=row.organization, user=row.invited_by).update(
+        role=Role.BILLING
+    )
+
+
 @pytest.mark.parametrize(
     ("spoil", "who", "status", "code"),
     [
@@ -164,8 +171,9 @@ def use(row: Invitation) -> None:
         (revoke, "zoe@example.test", 404, "invitation_invalid"),
         (use, "zoe@example.test", 409, "invitation_used"),
         (None, "intruder@example.test", 403, "invitation_email_mismatch"),
+        (demote_sender, "zoe@example.test", 403, "invitation_sender_not_allowed"),
     ],
-    ids=["expired", "revoked", "used", "another-address"],
+    ids=["expired", "revoked", "used", "another-address", "sender-demoted"],
 )
 def test_an_invitation_that_cannot_be_accepted_is_refused_on_the_page_and_its_post(
     client, invitation, spoil, who, status, code

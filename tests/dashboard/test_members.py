@@ -283,6 +283,61 @@ def test_another_organizations_member_is_not_found_and_stays(client, team):
     assert theirs.role == Role.MEMBER
 
 
+def test_revoking_an_invitation_from_its_row(client, team, commit_then_mail):
+    # given an open invitation, and an expired one
+    org, owner, *_ = team
+    with commit_then_mail():
+        client.post("/dashboard/members", {"email": "zoe@example.test", "role": "admin"})
+    token = re.search(r"token=([A-Za-z0-9_\-]+)", mail.outbox[-1].body)[1]
+    invitation = Invitation.objects.get(email="zoe@example.test")
+    expired, _ = invitation_create(organization=org, email="old@example.test", actor=owner)
+    Invitation.objects.filter(pk=expired.pk).update(expires_at=timezone.now())
+
+    # when the owner presses the open one's Revoke
+    shown = client.get("/dashboard/members")
+    response = client.post(f"/dashboard/invitations/{invitation.pk}/revoke")
+
+    # then the open one had the button (the expired one, which admits nobody, none); it
+    # is revoked, said so, and gone from the list; and its link admits nobody
+    rows = invitation_rows(shown)
+    assert f'action="/dashboard/invitations/{invitation.pk}/revoke"' in rows["zoe@example.test"]
+    assert "Revoke" not in rows["old@example.test"]
+    assert response.status_code == 302 and response["Location"] == "/dashboard/members"
+    invitation.refresh_from_db()
+    assert invitation.revoked_at is not None
+    after = client.get("/dashboard/members")
+    assert b"Revoked the invitation to zoe@example.test" in after.content
+    assert list(invitation_rows(after)) == ["old@example.test"]
+    newcomer = UserFactory(email="zoe@example.test")
+    client.force_login(newcomer)
+    accepted = client.post("/invitations/accept", {"token": token})
+    assert_refused(accepted, 404, "invitation_invalid")
+    assert not Membership.objects.filter(organization=org, user=newcomer).exists()
+
+
+def test_revoking_is_refused_for_another_organizations_invitation_and_an_admin_for_an_owner(
+    client, member
+):
+    # given an admin signed in, an owner's invitation to be owner, and another
+    # organization's invitation
+    _admin, org = member(Role.ADMIN, organization=OrganizationFactory(seats=5))
+    owner = UserFactory()
+    membership_add(organization=org, user=owner, role=Role.OWNER)
+    to_owner, _ = invitation_create(
+        organization=org, email="boss@example.test", role=Role.OWNER, actor=owner
+    )
+    theirs, _ = invitation_create(organization=OrganizationFactory(), email="t@example.test")
+
+    # when the admin revokes each
+    not_theirs = client.post(f"/dashboard/invitations/{theirs.pk}/revoke")
+    not_allowed = client.post(f"/dashboard/invitations/{to_owner.pk}/revoke")
+
+    # then neither is revoked
+    assert_refused(not_theirs, 404, "not_found")
+    assert_refused(not_allowed, 403, "permission_denied")
+    assert not Invitation.objects.filter(revoked_at__isnull=False).exists()
+
+
 @pytest.mark.parametrize("role", [Role.BILLING, Role.MEMBER])
 def test_other_roles_get_the_403_page_and_change_nothing(client, member, role):
     # given

@@ -95,3 +95,28 @@ def test_an_invited_newcomer_signs_up_verifies_accepts_and_lands_in_the_organiza
     assert f"You joined {org.name} as admin." in page.locator(".messages").inner_text()
     assert page.locator("[data-banner='verify-email']").count() == 0
     assert visit.failures == []
+
+
+def test_a_manager_revokes_an_invitation_and_its_link_then_admits_nobody(site, email_worker, visit):
+    # given a manager who invited a newcomer
+    sign_up(visit, site)
+    page = visit.page
+    page.click("nav.side >> text=Members")
+    page.fill("#invite-email", NEWCOMER)
+    page.click("text=Send invitation")
+    row = page.locator(f"tr[data-invitation='{NEWCOMER}']")
+    row.wait_for()
+
+    # when they press Revoke on its row
+    row.locator("button", has_text="Revoke").click()
+
+    # then the page says so and no longer lists it
+    page.wait_for_selector(".messages")
+    assert f"Revoked the invitation to {NEWCOMER}" in page.locator(".messages").inner_text()
+    assert row.count() == 0
+    # and the emailed link is refused, saying so to the newcomer
+    page.click("text=Sign out")
+    page.wait_for_url("**/login/")
+    page.goto(link(email_worker, site, to=NEWCOMER, path="/invitations/accept"))
+    assert page.locator("[data-error-code='invitation_invalid']").count() == 1
+    assert visit.failures == [f"404 {site}/invitations/accept"]

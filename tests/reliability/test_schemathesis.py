@@ -131,7 +131,9 @@ def caller(stripe_standin) -> Caller:
     owner = UserFactory()
     membership_add(organization=org, user=owner, role=Role.OWNER)
     member = membership_add(organization=org, user=UserFactory(), role=Role.MEMBER)
-    invitation_create(organization=org, email=f"invitee-{uuid.uuid4().hex}@example.test")
+    invitation, _token = invitation_create(
+        organization=org, email=f"invitee-{uuid.uuid4().hex}@example.test"
+    )
     key, raw = apikey_create(organization=org, name="schemathesis", scopes=Scope.values)
     # Revoking this one, not the caller's own, keeps the caller signed in.
     spare, _ = apikey_create(organization=org, name="spare", scopes=[Scope.INFERENCE])
@@ -208,6 +210,7 @@ def caller(stripe_standin) -> Caller:
             "org_id": org.pk,
             "key_id": spare.pk,
             "member_id": member.pk,
+            "invitation_id": invitation.pk,
             "job_id": job.public_id,
         },
     )

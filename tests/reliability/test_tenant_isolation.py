@@ -186,6 +186,7 @@ def tenant_a() -> Tenant:
             "org_id": org.pk,
             "key_id": key.pk,
             "member_id": member.pk,
+            "invitation_id": invitation.pk,
             "job_id": job.public_id,
             "listing_id": listing_id,
             "order_id": order_id,
@@ -212,6 +213,9 @@ def tenant_b() -> Tenant:
     owner = UserFactory(email="owner@tenant-b.test")
     owner_membership = membership_add(organization=org, user=owner, role=Role.OWNER)
     key, raw_key = apikey_create(organization=org, name="b-walker", scopes=Scope.values)
+    invitation, _token = invitation_create(
+        organization=org, email="invitee@tenant-b.test", actor=owner
+    )
     credits_grant(
         organization=org, amount=A_GRANT // 7, source="pack", paid=True, resellable=False,
         key=f"tenant-b-grant-{uuid.uuid4()}",
@@ -228,6 +232,7 @@ def tenant_b() -> Tenant:
             "org_id": org.pk,
             "key_id": key.pk,
             "member_id": owner_membership.pk,
+            "invitation_id": invitation.pk,
             "job_id": job.public_id,
             "listing_id": listing_id,
             "order_id": order_id,
