@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('accounts', '0008_idempotency_record_caller'),
+        ('accounts', '0009_user_email_previously_verified'),
     ]
 
     operations = [
