@@ -13,6 +13,9 @@ so it is a server-side request forgery risk. Three lines of defence:
    answer differently. TLS still verifies the certificate for the host name.
 3. Redirects are never followed (a 3xx is a failed attempt, as at Stripe),
    the whole attempt has a deadline, and at most a little of the answer is read.
+   The deadline is a hard one (`_Watchdog`): a receiver that trickles its TLS
+   handshake, status line or headers a byte at a time is cut off at it, so no
+   receiver can hold a worker's thread longer than the attempt's timeout.
 
 Loopback (127.0.0.0/8, ::1, `localhost`), over http or https, is allowed only
 when settings.DEBUG or INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK is on: for
@@ -21,6 +24,7 @@ development and the tests' local receivers.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import logging
@@ -153,15 +157,74 @@ class Answer:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+class _Watchdog:
+    """Cuts the attempt's connection at its deadline, whatever the attempt is waiting on.
+
+    A socket's timeout bounds each read, not their sum: a receiver that sends
+    its status line and headers a byte every few seconds starts it afresh with
+    every byte (http.client reads them with no deadline of its own), and would
+    hold the worker's thread for as long as it likes; the sweep queues the next
+    attempt when the lease ends, which it holds too. (The TLS handshake takes
+    the timeout as its whole, but from its own start, not the attempt's.) The
+    callback tasks share their workers, so a few such receivers would stop
+    every tenant's callbacks. At the deadline this shuts the socket down both
+    ways: whatever read or write waits on it returns at once, and the attempt
+    fails as a timeout (`expired`).
+
+    One timer thread per attempt, as `_resolve`'s lookup: a shared one would be
+    one more thing a slow receiver could hold up.
+    """
+
+    def __init__(self, deadline: float):
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.expired = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._timer.name = "callback-deadline"
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Cut `sock` at the deadline (at once if it has passed): the attempt's socket now."""
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                self._cut(sock)
+
+    def stop(self) -> None:
+        """The attempt is over: cut nothing. Before the socket is closed, so that the
+        timer never shuts down a descriptor the process has since given to another."""
+        self._timer.cancel()
+        with self._lock:
+            self._sock = None
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                self._cut(self._sock)
+
+    @staticmethod
+    def _cut(sock: socket.socket) -> None:
+        # Not connected yet, or already closed (a closed socket has no descriptor): nothing
+        # to cut. The plain socket's shutdown, on an SSLSocket too: SSLSocket.shutdown
+        # would also drop its TLS state under the thread that is using it.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """Connects to the address that was vetted, whatever DNS says a moment later."""
 
-    def __init__(self, host: str, port: int, *, address: str, timeout: float):
+    def __init__(self, host: str, port: int, *, address: str, timeout: float, watchdog: _Watchdog):
         super().__init__(host, port, timeout=timeout)
         self._address = address
+        self._watchdog = watchdog
 
     def connect(self) -> None:
+        # The connect itself is one wait, which the timeout bounds.
         self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self._watchdog.watch(self.sock)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -172,7 +235,14 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
         super().connect()
         context = ssl.create_default_context()
         # The certificate is checked against the host name the customer gave.
-        self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
+        # The handshake waits until the watchdog watches the TLS socket: the
+        # plain one gives its descriptor up to it, and cutting that would not
+        # end a handshake still under way at the attempt's deadline.
+        self.sock = context.wrap_socket(
+            self.sock, server_hostname=self.host, do_handshake_on_connect=False
+        )
+        self._watchdog.watch(self.sock)
+        self.sock.do_handshake()
 
 
 class ResolveTimeout(OSError):
@@ -243,6 +313,8 @@ def callback_post(*, url: str, body: bytes, headers: dict[str, str], timeout: fl
     """POST `body` to `url` once, within `timeout` seconds in all. Never raises."""
     deadline = time.monotonic() + timeout
     connection = None
+    watchdog = None
+    timed_out = Answer(status_code=None, error=f"no answer within {timeout:g} s")
     try:
         callback_url_validate(url)  # the rules may have tightened since the job was submitted
         parts = urlsplit(url)
@@ -250,9 +322,15 @@ def callback_post(*, url: str, body: bytes, headers: dict[str, str], timeout: fl
         port = parts.port or (443 if parts.scheme == "https" else 80)
         address = _vetted_address(host, port, deadline)
         cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        # What is left of the deadline once the name is resolved.
+        watchdog = _Watchdog(deadline)
+        # What is left of the deadline once the name is resolved: each wait's bound;
+        # the watchdog bounds their sum.
         connection = cls(
-            host, port, address=address, timeout=max(0.001, deadline - time.monotonic())
+            host,
+            port,
+            address=address,
+            timeout=max(0.001, deadline - time.monotonic()),
+            watchdog=watchdog,
         )
         path = parts.path or "/"
         if parts.query:
@@ -281,12 +359,18 @@ def callback_post(*, url: str, body: bytes, headers: dict[str, str], timeout: fl
     except ResolveTimeout as exc:
         return Answer(status_code=None, error=f"{exc} (within {timeout:g} s)")
     except TimeoutError:
-        return Answer(status_code=None, error=f"no answer within {timeout:g} s")
+        return timed_out
     except (OSError, http.client.HTTPException) as exc:
+        if watchdog is not None and watchdog.expired:
+            return timed_out  # cut at the deadline: what the cut broke is no error of its own
         return Answer(status_code=None, error=f"{type(exc).__name__}: {exc}"[:500])
     except Exception as exc:  # a bug here must not leave the callback claimed until its lease ends
+        if watchdog is not None and watchdog.expired:
+            return timed_out
         logger.exception("callback POST to %s failed unexpectedly", url)
         return Answer(status_code=None, error=f"internal error: {type(exc).__name__}"[:500])
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if connection is not None:
             connection.close()

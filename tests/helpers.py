@@ -255,6 +255,39 @@ def served_model(
     return CatalogModel.objects.create(name=name, pool=pool, **model_fields)
 
 
+def pending_callback(*, name: str, url: str, due_at=None):
+    """A pending callback, due at `due_at` (now by default), of a job that has already
+    ended (asking for it at `url`): both written directly, so no Celery message is sent
+    for it. `name` names its model, job and event."""
+    from django.utils import timezone
+
+    from inference.models import Job, JobCallback, JobStatus
+    from metering.selectors import model_price
+    from tests.factories import OrganizationFactory
+
+    model = served_model(f"gym-{name}", access_tier="basic")
+    job = Job.objects.create(
+        public_id=f"job_{name}_test",
+        organization=OrganizationFactory(),
+        model=model,
+        model_price=model_price(model_name=model.name),
+        status=JobStatus.SUCCEEDED,
+        params={"max_tokens": 4},
+        hold_amount=0,
+        finished_at=timezone.now(),
+        callback_url=url,
+    )
+    return JobCallback.objects.create(
+        job=job,
+        organization=job.organization,
+        event_id=f"evt_{name}",
+        event_type="job.succeeded",
+        url=url,
+        body=f'{{"id":"evt_{name}"}}',
+        next_attempt_at=due_at or timezone.now(),
+    )
+
+
 def submit_job(
     organization,
     model_name: str,

@@ -55,7 +55,8 @@ def max_attempts() -> int:
 
 
 def _lease() -> timedelta:
-    # Longer than any attempt can take: until then no other task may take the row.
+    # Longer than any attempt can take (callback_post cuts an attempt at its timeout,
+    # however its receiver trickles): until then no other task may take the row.
     return timedelta(seconds=settings.INFERENCE_CALLBACK_TIMEOUT_SECONDS + 30)
 
 
