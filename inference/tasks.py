@@ -511,6 +511,15 @@ def _close_triton_streams(**_kwargs) -> None:
 
 
 # --- job callbacks (inference.services.callbacks) ----------------------------------
+# Deliveries go through a queue of their own (CELERY_TASK_ROUTES), which a worker
+# must consume (README, "Running the parts yourself"): an attempt waits on the
+# customer's receiver for up to INFERENCE_CALLBACK_TIMEOUT_SECONDS, and receivers
+# that are slow on purpose must hold up only other callbacks, not every tenant's
+# inference jobs, Stripe events and hold expiry on the default queue. The sweep
+# stays on the default queue: it only queues deliveries.
+CALLBACK_QUEUE = "callbacks"
+
+
 # Safe to run twice: a delivery claims its row at the attempt count it was
 # queued with, so a duplicate finds it moved on. Retries live in the row
 # (next_attempt_at), not in Celery.

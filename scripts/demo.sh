@@ -55,7 +55,8 @@ python manage.py triton_dev --http-port $TRITON_HTTP --grpc-port $TRITON_GRPC \
   --metrics-port $TRITON_METRICS > var/log/triton.log 2>&1 &
 pids+=($!)
 celery -A gymbilling worker -l INFO --concurrency 2 \
-  -Q celery,email,inference.priority,inference.standard,inference.batch > var/log/worker.log 2>&1 &
+  -Q celery,email,callbacks,inference.priority,inference.standard,inference.batch \
+  > var/log/worker.log 2>&1 &
 pids+=($!)
 celery -A gymbilling beat -l INFO -s var/celerybeat-schedule > var/log/beat.log 2>&1 &
 pids+=($!)

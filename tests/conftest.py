@@ -21,7 +21,14 @@ from django.utils import timezone
 from metering.reconcile import ledger_reconcile
 from metering.services import credits_grant
 from tests.factories import OrganizationFactory
-from tests.helpers import RUNNING_WORKERS, migrate, migrate_to_latest, process_env, stop_process
+from tests.helpers import (
+    RUNNING_WORKERS,
+    migrate,
+    migrate_to_latest,
+    process_env,
+    stop_process,
+    take_queued,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,18 +232,12 @@ class EmailWorker:
     def take_messages(self) -> list[tuple[dict, dict]]:
         """Every email queued on the broker, taken off it in order: each message's
         headers and the task's kwargs (to, subject, body), as the message carries them."""
-        from kombu import Queue
-
         from accounts.tasks import EMAIL_QUEUE, email_send_task
-        from gymbilling.celery import app
 
         taken = []
-        with app.connection_for_read() as connection:
-            queue = Queue(EMAIL_QUEUE)(connection.default_channel)
-            while (message := queue.get(no_ack=True, accept=["json"])) is not None:
-                assert message.headers["task"] == email_send_task.name, message.headers
-                _args, kwargs, _embed = message.decode()
-                taken.append((message.headers, kwargs))
+        for headers, _args, kwargs in take_queued(EMAIL_QUEUE):
+            assert headers["task"] == email_send_task.name, headers
+            taken.append((headers, kwargs))
         return taken
 
     def take(self) -> list[dict]:
@@ -292,7 +293,8 @@ def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
 
     Not eager mode: tasks cross Redis to another process, as in production.
     Tests using it need `transactional_db` so the worker sees committed rows.
-    Every queue but `email`, which `email_worker` works in the test's process.
+    Every queue but `email`, which `email_worker` works in the test's process
+    (`callbacks` included: the job-callback tests expect it to make the first delivery).
     """
     env = process_env()
     node = f"test-{uuid.uuid4().hex[:8]}"
@@ -305,7 +307,7 @@ def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
                 sys.executable, "-m", "celery", "-A", "gymbilling", "worker",
                 "--pool=prefork", "--concurrency=2", "--loglevel=INFO",
                 "-n", f"{node}@%h",
-                "-Q", "celery,inference.priority,inference.standard,inference.batch",
+                "-Q", "celery,callbacks,inference.priority,inference.standard,inference.batch",
             ],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -445,6 +445,22 @@ def settings_in_a_fresh_process(script: str, *, env: dict[str, str]):
     )
 
 
+def take_queued(queue_name: str) -> list[tuple[dict, list, dict]]:
+    """Every message waiting on the broker's `queue_name`, taken off it in order: each
+    one's headers (the task's name under "task"), and the task's args and kwargs."""
+    from kombu import Queue
+
+    from gymbilling.celery import app
+
+    taken = []
+    with app.connection_for_read() as connection:
+        queue = Queue(queue_name)(connection.default_channel)
+        while (message := queue.get(no_ack=True, accept=["json"])) is not None:
+            args, kwargs, _embed = message.decode()
+            taken.append((message.headers, args, kwargs))
+    return taken
+
+
 # The Celery worker processes the tests run now ("name@host"), which
 # paused_consumers pauses: tests.conftest's session worker registers itself.
 RUNNING_WORKERS: set[str] = set()

@@ -201,6 +201,10 @@ CELERY_TASK_ROUTES = {
     "inference.tasks.job_run": {"queue": "inference.standard"},
     # Email on a queue of its own (accounts.tasks.EMAIL_QUEUE), which a worker must consume.
     "accounts.tasks.email_send_task": {"queue": "email"},
+    # Job callbacks too (inference.tasks.CALLBACK_QUEUE): each attempt may wait on a
+    # customer's server for up to INFERENCE_CALLBACK_TIMEOUT_SECONDS, and only other
+    # callbacks may wait behind it, never inference jobs or billing.
+    "inference.tasks.job_callback_deliver_task": {"queue": "callbacks"},
 }
 CELERY_TASK_DEFAULT_QUEUE = "celery"
 CELERY_BEAT_SCHEDULE = {

@@ -1,13 +1,15 @@
-"""The beat sweep queues a due callback once, not again every run while its message waits.
+"""The beat sweep queues a due callback once, not again every run while its message waits;
+and every delivery goes through the `callbacks` queue, never the default one.
 
 The sweep test runs inside one uncommitted test transaction: the messages the
 sweep sends find no row a worker could see, so what is asserted is what the
 sweep itself claims.
 
-The callback's job is written directly, already ended (as a job with a
-callback is): submitting one would send its Celery task on commit in the
-transactional test, and the session's worker, shared with other modules, would
-run it while the test's teardown empties the tables.
+The callback's job is written directly, already ended, as a job with a
+callback is (tests.helpers.pending_callback): submitting one would send its
+Celery task on commit in the transactional test, and the session's worker,
+shared with other modules, would run it while the test's teardown empties
+the tables.
 """
 
 from __future__ import annotations
@@ -17,36 +19,25 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from inference.models import CallbackStatus, Job, JobCallback, JobStatus
-from inference.services.callbacks import _lease, job_callback_deliver, job_callbacks_sweep
-from metering.selectors import model_price
-from tests.factories import OrganizationFactory
-from tests.helpers import served_model
+from inference.models import CallbackStatus, JobCallback, JobStatus
+from inference.services.callbacks import (
+    _lease,
+    job_callback_deliver,
+    job_callback_record,
+    job_callbacks_sweep,
+)
+from inference.tasks import CALLBACK_QUEUE, job_callback_deliver_task
+from tests.helpers import paused_consumers, pending_callback, take_queued
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def due_callback():
-    model = served_model("gym-sweep", access_tier="basic")
-    job = Job.objects.create(
-        public_id="job_sweep_test",
-        organization=OrganizationFactory(),
-        model=model,
-        model_price=model_price(model_name="gym-sweep"),
-        status=JobStatus.SUCCEEDED,
-        params={"max_tokens": 4},
-        hold_amount=0,
-        finished_at=timezone.now(),
-    )
-    return JobCallback.objects.create(
-        job=job,
-        organization=job.organization,
-        event_id="evt_sweep",
-        event_type="job.succeeded",
+    return pending_callback(
+        name="sweep",
         url="https://hooks.example.com/x",
-        body="{}",
-        next_attempt_at=timezone.now() - timedelta(seconds=1),
+        due_at=timezone.now() - timedelta(seconds=1),
     )
 
 
@@ -79,3 +70,44 @@ def test_a_duplicate_delivery_message_finds_the_attempt_already_made(due_callbac
     assert result is None
     due_callback.refresh_from_db()
     assert due_callback.attempts == 1
+
+
+@pytest.fixture
+def callbacks_queue():
+    """The `callbacks` queue with no consumer and nothing left on it: what a test puts
+    there stays there for it to take (the session's worker, if running, is paused)."""
+    with paused_consumers(CALLBACK_QUEUE):
+        take_queued(CALLBACK_QUEUE)
+        yield
+
+
+def deliveries_queued() -> list[list]:
+    """The arguments of each delivery waiting on the `callbacks` queue, taken off it."""
+    taken = take_queued(CALLBACK_QUEUE)
+    assert all(headers["task"] == job_callback_deliver_task.name for headers, _, _ in taken)
+    return [args for _headers, args, _kwargs in taken]
+
+
+# A slow receiver holds the worker's thread for the attempt's whole deadline: on the
+# default queue, a few of them would hold up every tenant's inference jobs and billing.
+def test_the_sweep_queues_deliveries_on_the_callbacks_queue(due_callback, callbacks_queue):
+    # when the sweep queues the due callback
+    assert job_callbacks_sweep() == 1
+
+    # then its delivery waits on the callbacks queue
+    assert deliveries_queued() == [[due_callback.pk, 0]]
+
+
+def test_a_jobs_first_delivery_is_queued_on_the_callbacks_queue(
+    due_callback, callbacks_queue, django_capture_on_commit_callbacks
+):
+    # given a job that asked for a callback (its row made afresh below)
+    job = due_callback.job
+    JobCallback.objects.filter(pk=due_callback.pk).delete()
+
+    # when its end is recorded and committed
+    with django_capture_on_commit_callbacks(execute=True):
+        callback = job_callback_record(job=job, status=JobStatus.SUCCEEDED)
+
+    # then its first delivery waits on the callbacks queue
+    assert deliveries_queued() == [[callback.pk, 0]]
