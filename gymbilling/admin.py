@@ -2,6 +2,7 @@
 read-only; failed webhook events can be replayed."""
 
 import uuid
+from datetime import datetime
 
 from django import forms
 from django.contrib import admin, messages
@@ -30,7 +31,11 @@ from gymbilling.models import (
 )
 from gymbilling.pages import DigitsIntegerField
 from gymbilling.selectors import REVERSAL_SUMS, market_fee_income, reversals_by_customer
-from gymbilling.services import stripe_event_process
+from gymbilling.services import (
+    billing_customer_connect_account_set,
+    resale_unfreeze,
+    stripe_event_process,
+)
 from gymbilling.services.refunds import payment_refund
 from metering.admin import (
     AccountBalanceAdmin,
@@ -73,12 +78,40 @@ class StripePriceAdmin(ReadOnlyAdmin):
     list_filter = ["kind", "current"]
 
 
+class ResaleUnfreezeForm(forms.Form):
+    note = forms.CharField(
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="Why reselling may start again (the refund or dispute resolved, how): kept "
+        "in the organization's audit log.",
+    )
+
+
 @admin.register(BillingCustomer)
 class BillingCustomerAdmin(admin.ModelAdmin):
-    list_display = ["organization", "stripe_customer_id", "email", "resale_frozen_at"]
+    list_display = [
+        "organization",
+        "stripe_customer_id",
+        "email",
+        "resale_frozen_at",
+        "resale_frozen_reason",
+    ]
     search_fields = ["stripe_customer_id", "organization__slug", "email"]
-    readonly_fields = ["organization", "stripe_customer_id", "created_at"]
+    # The freeze is set by refunds and disputes and lifted by the action below only: a field
+    # of the form would write what the page showed back over a freeze set since it was drawn.
+    readonly_fields = [
+        "organization",
+        "stripe_customer_id",
+        "created_at",
+        "resale_frozen_at",
+        "resale_frozen_reason",
+    ]
     actions = ["unfreeze_resale"]
+
+    def has_add_permission(self, request):
+        # Made by billing_customer_ensure, with the customer Stripe made: the organization
+        # cannot even be chosen here (read-only).
+        return False
 
     def has_delete_permission(self, request, obj=None):
         # Every later invoice.paid finds its organization through this row: without it
@@ -86,14 +119,70 @@ class BillingCustomerAdmin(admin.ModelAdmin):
         # "delete selected" action both go with this permission.
         return False
 
+    def save_model(self, request, obj, form, change):
+        """Only the fields staff changed are written (a plain save writes every column, over
+        what billing set since the page was drawn); the Connect account, where the seller's
+        payouts go, through billing_customer_connect_account_set, in the audit log."""
+        others = [name for name in form.changed_data if name != "stripe_connect_account_id"]
+        if others:
+            obj.save(update_fields=others)
+        if "stripe_connect_account_id" in form.changed_data:
+            billing_customer_connect_account_set(
+                customer_id=obj.pk, account_id=obj.stripe_connect_account_id, actor=request.user
+            )
+
     # Without `permissions` Django offers an action to anyone who may view the list.
     @admin.action(
         description="Allow reselling again (after a refund or dispute is resolved)",
         permissions=["change"],
     )
     def unfreeze_resale(self, request, queryset):
-        count = queryset.update(resale_frozen_at=None, resale_frozen_reason="")
-        self.message_user(request, f"Reselling allowed again for {count} organizations.")
+        """A page showing each selected freeze, its causes and since when, and asking for a
+        note (Django's intermediate action page, as "delete selected"); then resale_unfreeze
+        of the freeze the page showed (its `resale_frozen_at`, sent back with the note): a
+        refund or dispute that froze the customer again since is not lifted unseen."""
+        if "_unfreeze" in request.POST:
+            form = ResaleUnfreezeForm(request.POST)
+            if form.is_valid():
+                results = {}
+                for pk in queryset.order_by("pk").values_list("pk", flat=True):
+                    results[pk] = self._unfreeze_one(request, pk, form.cleaned_data["note"])
+                results_message(
+                    self, request, results, row="customer", done="reselling allowed again"
+                )
+                return None  # back to the list
+        else:
+            form = ResaleUnfreezeForm()
+        frozen = (
+            queryset.filter(resale_frozen_at__isnull=False)
+            .select_related("organization")
+            .order_by("pk")
+        )
+        if not frozen:
+            self.message_user(request, "No frozen customer selected.", messages.WARNING)
+            return None
+        return action_page(
+            self,
+            request,
+            "admin/gymbilling/resale_unfreeze.html",
+            title="Allow reselling again",
+            action="Allow reselling again",
+            action_name="unfreeze_resale",
+            customers=frozen,
+            form=form,
+        )
+
+    @staticmethod
+    def _unfreeze_one(request, pk: int, note: str) -> str:
+        try:
+            frozen_at = datetime.fromisoformat(request.POST.get(f"frozen_at_{pk}", ""))
+        except ValueError:
+            return "not lifted: it was not frozen when the page was drawn"
+        try:
+            resale_unfreeze(customer_id=pk, frozen_at=frozen_at, note=note, actor=request.user)
+        except ApplicationError as exc:
+            return f"not lifted: {exc.message} ({exc.code})"
+        return "reselling allowed again"
 
 
 @admin.register(Subscription)
@@ -439,6 +528,26 @@ class MarketListingAdmin(ReadOnlyAdmin):
     search_fields = ["seller__slug"]
 
 
+def action_page(
+    model_admin, request, template: str, *, title: str, action: str, action_name: str, **context
+) -> TemplateResponse:
+    """An action's own page before it acts (Django's intermediate page, as "delete
+    selected"): its form posts the action `action_name` again, with the rows selected."""
+    return TemplateResponse(
+        request,
+        template,
+        {
+            **model_admin.admin_site.each_context(request),
+            "title": title,
+            "opts": model_admin.model._meta,
+            "action": action,
+            "action_name": action_name,
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            **context,
+        },
+    )
+
+
 def results_message(model_admin, request, results: dict, *, row: str, done: str) -> None:
     """An action's outcome for each row it acted on, in one message: a success only when
     every row came out `done`, else a warning, so that one left undone is not missed."""
@@ -606,17 +715,16 @@ class MarketOrderAdmin(ReadOnlyAdmin):
         if not refused:
             self.message_user(request, "No refused shortfall refund selected.", messages.WARNING)
             return None
-        context = {
-            **self.admin_site.each_context(request),
-            "title": "Mark refused shortfall refunds resolved (refunded by hand)",
-            "opts": self.model._meta,
-            "action": "Mark resolved (refunded by hand)",
-            "action_name": "resolve_shortfall_refund",
-            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
-            "orders": refused,
-            "form": form,
-        }
-        return TemplateResponse(request, "admin/gymbilling/shortfall_resolve.html", context)
+        return action_page(
+            self,
+            request,
+            "admin/gymbilling/shortfall_resolve.html",
+            title="Mark refused shortfall refunds resolved (refunded by hand)",
+            action="Mark resolved (refunded by hand)",
+            action_name="resolve_shortfall_refund",
+            orders=refused,
+            form=form,
+        )
 
 
 @admin.register(MarketFill)

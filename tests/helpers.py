@@ -123,6 +123,52 @@ def changelist_column(page: str, field: str) -> dict[str, str]:
     return {pk: match[1] for pk, rest in rows if (match := cell.search(rest))}
 
 
+def drawn_form(page: str, form_id: str) -> dict[str, str]:
+    """What a browser sends of the page's form `form_id` as drawn (no submit button): its
+    inputs' values, ticked boxes only, textareas, and each select's selected option."""
+    from html.parser import HTMLParser
+
+    class _Form(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.inside, self.fields, self._text, self._select = False, {}, None, None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "form":
+                self.inside = a.get("id") == form_id
+            elif tag == "option" and self._select and "selected" in a:
+                self.fields[self._select] = a.get("value") or ""
+            elif not self.inside or not a.get("name"):
+                return
+            elif tag == "input" and a.get("type") not in ("submit", "button", "image"):
+                if a.get("type") not in ("checkbox", "radio") or "checked" in a:
+                    self.fields[a["name"]] = a.get("value") or ""
+            elif tag == "textarea":
+                self._text = a["name"]
+                self.fields[self._text] = ""
+            elif tag == "select":
+                self._select = a["name"]
+
+        def handle_endtag(self, tag):
+            if tag == "form":
+                self.inside = False
+            elif tag == "textarea" and self._text:
+                # A browser drops the one line break that opens a textarea's text.
+                self.fields[self._text] = self.fields[self._text].removeprefix("\n")
+                self._text = None
+            elif tag == "select":
+                self._select = None
+
+        def handle_data(self, data):
+            if self._text:
+                self.fields[self._text] += data
+
+    parser = _Form()
+    parser.feed(page)
+    return parser.fields
+
+
 def wait_until(condition, *, timeout: float = 60.0, what: str = "the condition"):
     """Poll `condition` until it returns something truthy, and return that.
 

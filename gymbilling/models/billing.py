@@ -217,6 +217,9 @@ class BillingCustomer(models.Model):
     stripe_customer_id = models.CharField(max_length=255, unique=True)
     email = models.EmailField(blank=True)
     # Set by a refund or dispute: the marketplace refuses this organization's listings.
+    # Each further cause while frozen is added to the reason and moves the time to it
+    # (resale_freeze): finance lift the freeze they were shown, by this time
+    # (resale_unfreeze). Neither is edited in the admin.
     resale_frozen_at = models.DateTimeField(null=True, blank=True)
     resale_frozen_reason = models.CharField(max_length=200, blank=True)
     # Stripe Connect account for marketplace payouts, when the seller has one.

@@ -8,7 +8,10 @@ from gymbilling.services.checkout import (
     subscription_downgrade_restore,
     subscriptions_downgrade_restore,
 )
-from gymbilling.services.customers import billing_customer_ensure
+from gymbilling.services.customers import (
+    billing_customer_connect_account_set,
+    billing_customer_ensure,
+)
 from gymbilling.services.events import (
     checkout_handler_register,
     reinstatement_handler_register,
@@ -23,6 +26,7 @@ from gymbilling.services.payments import (
     payment_reversal_reinstate,
     payment_reversals_pending_settle,
     resale_freeze,
+    resale_unfreeze,
 )
 from gymbilling.services.subscriptions import (
     subscription_sync,
@@ -31,6 +35,7 @@ from gymbilling.services.subscriptions import (
 )
 
 __all__ = [
+    "billing_customer_connect_account_set",
     "billing_customer_ensure",
     "catalog_sync",
     "checkout_create",
@@ -42,6 +47,7 @@ __all__ = [
     "portal_create",
     "reinstatement_handler_register",
     "resale_freeze",
+    "resale_unfreeze",
     "reversal_handler_register",
     "stripe_event_process",
     "stripe_event_record",

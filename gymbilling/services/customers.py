@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import IntegrityError, transaction
 
 from accounts.models import Membership, Organization, Role
+from accounts.services import audit_record
 from gymbilling import stripe_client
 from gymbilling.models import BillingCustomer
 
@@ -53,3 +54,31 @@ def organization_for_customer(stripe_customer_id: str) -> Organization | None:
         .first()
     )
     return row.organization if row else None
+
+
+@transaction.atomic
+def billing_customer_connect_account_set(
+    *, customer_id: int, account_id: str, actor
+) -> BillingCustomer:
+    """Set the Stripe Connect account the organization's marketplace proceeds are paid to
+    (blank: none). Recorded in its audit log, with the account it replaced: whoever
+    changes where a seller's money goes is on record."""
+    account_id = account_id.strip()
+    customer = (
+        BillingCustomer.objects.select_for_update()
+        .select_related("organization")
+        .get(pk=customer_id)
+    )
+    before = customer.stripe_connect_account_id
+    if account_id == before:
+        return customer
+    BillingCustomer.objects.filter(pk=customer.pk).update(stripe_connect_account_id=account_id)
+    audit_record(
+        organization=customer.organization,
+        action="billing.connect_account_changed",
+        target=customer.stripe_customer_id,
+        actor_user=actor,
+        data={"from": before, "to": account_id},
+    )
+    customer.stripe_connect_account_id = account_id
+    return customer

@@ -17,6 +17,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
+from accounts.errors import ApplicationError
+from accounts.services import audit_record
 from gymbilling.locks import transaction_lock
 from gymbilling.market.rules import share_ceil
 from gymbilling.models import (
@@ -120,10 +122,87 @@ def _listings_withdraw(*, organization) -> None:
     listings_withdraw_all(seller=organization)
 
 
+# BillingCustomer.resale_frozen_reason's length.
+_FREEZE_REASON_MAX = 200
+
+
 def resale_freeze(*, organization, reason: str) -> None:
-    BillingCustomer.objects.filter(organization=organization, resale_frozen_at__isnull=True).update(
-        resale_frozen_at=timezone.now(), resale_frozen_reason=reason[:200]
+    """Stop the organization reselling for a refund or dispute (`reason`: "dispute of ch_1").
+
+    Already frozen, the new cause is added to the reason and `resale_frozen_at` becomes
+    now: finance lift a freeze only as they were shown it (resale_unfreeze compares
+    `resale_frozen_at`), so lifting it for the refund they looked into cannot also lift a
+    dispute that came after they looked.
+    """
+    with transaction.atomic():
+        # The row lock an UPDATE of the row takes anyway, taken here to read the reason.
+        customer = (
+            BillingCustomer.objects.select_for_update().filter(organization=organization).first()
+        )
+        if customer is None:
+            return
+        causes = customer.resale_frozen_reason if customer.resale_frozen_at else ""
+        if reason not in causes.split("; "):
+            causes = f"{causes}; {reason}" if causes else reason
+        if len(causes) > _FREEZE_REASON_MAX:
+            # Every refund and dispute is listed in full in Payment reversals (and the
+            # marketplace's reversals); this says there are more than fit.
+            causes = causes[: _FREEZE_REASON_MAX - 1] + "…"
+        BillingCustomer.objects.filter(pk=customer.pk).update(
+            resale_frozen_at=timezone.now(), resale_frozen_reason=causes
+        )
+
+
+@transaction.atomic
+def resale_unfreeze(*, customer_id: int, frozen_at: datetime, note: str, actor) -> BillingCustomer:
+    """Finance allow the customer's organization to resell again, having looked into the
+    freeze they were shown: the one set at `frozen_at`. Recorded in its audit log.
+
+    Refused (409 `resale_freeze_changed`) when the freeze is not that one any more: a
+    refund or dispute froze it again since (resale_freeze moves `resale_frozen_at`), or
+    it was lifted meanwhile. Finance look at it again and lift what they then see.
+    """
+    note = note.strip()
+    if not note:
+        raise ApplicationError(
+            code="reason_required",
+            message="Say why reselling may start again (for the audit log).",
+            param="note",
+        )
+    customer = (
+        BillingCustomer.objects.select_for_update()
+        .select_related("organization")
+        .get(pk=customer_id)
     )
+    if customer.resale_frozen_at != frozen_at:
+        now = (
+            f"frozen since {customer.resale_frozen_at.isoformat()} "
+            f"({customer.resale_frozen_reason})"
+            if customer.resale_frozen_at
+            else "not frozen any more"
+        )
+        raise ApplicationError(
+            code="resale_freeze_changed",
+            message=f"The freeze changed since you looked: it is {now}. Nothing was lifted; "
+            "look at it again.",
+            status=409,
+        )
+    BillingCustomer.objects.filter(pk=customer.pk).update(
+        resale_frozen_at=None, resale_frozen_reason=""
+    )
+    audit_record(
+        organization=customer.organization,
+        action="billing.resale_unfrozen",
+        target=customer.stripe_customer_id,
+        actor_user=actor,
+        data={
+            "frozen_at": frozen_at.isoformat(),
+            "reason": customer.resale_frozen_reason,
+            "note": note[:500],
+        },
+    )
+    customer.resale_frozen_at, customer.resale_frozen_reason = None, ""
+    return customer
 
 
 def payment_reversal_apply(
