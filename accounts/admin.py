@@ -3,7 +3,9 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
+from django.contrib.auth.models import Permission
 from django.core.exceptions import ValidationError
+from django.db.models import Q
 from django.shortcuts import render
 from django.utils import timezone
 
@@ -99,6 +101,17 @@ def _admin_login_counted(request, extra_context=None):
 admin.site.login = _admin_login_counted
 
 
+def _permissions_of(user) -> set[str]:
+    """The permissions the user holds, directly and through groups, whether active or not
+    (ModelBackend counts none for an inactive account, which staff can reactivate)."""
+    return {
+        f"{app}.{codename}"
+        for app, codename in Permission.objects.filter(Q(user=user) | Q(group__user=user))
+        .values_list("content_type__app_label", "codename")
+        .distinct()
+    }
+
+
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
     add_form = UserCreationForm
@@ -133,6 +146,27 @@ class UserAdmin(BaseUserAdmin):
             changed_by=request.user,
             verified=form.cleaned_data.get("new_email_verified", False),
         )
+
+    # Who may do what in this admin: only superusers give it (a staff member with
+    # change_user could otherwise make themselves a superuser).
+    PRIVILEGE_FIELDS = ("is_superuser", "is_staff", "groups", "user_permissions")
+
+    def get_readonly_fields(self, request, obj=None):
+        readonly = list(super().get_readonly_fields(request, obj))
+        if not request.user.is_superuser:
+            readonly += [name for name in self.PRIVILEGE_FIELDS if name not in readonly]
+        return readonly
+
+    def has_change_permission(self, request, obj=None):
+        """Not on an account that may do more than the staff member (a superuser, or one
+        with a permission they lack), unless they are a superuser: setting its password or
+        address would be signing in as it. They may still view it. Django's password page
+        asks this too, and answers 403."""
+        if not super().has_change_permission(request, obj):
+            return False
+        if obj is None or request.user.is_superuser or obj.pk == request.user.pk:
+            return True
+        return not obj.is_superuser and _permissions_of(obj) <= _permissions_of(request.user)
 
     def has_delete_permission(self, request, obj=None):
         # Staff deactivate a person (is_active) instead: a deleted user's audit trail
