@@ -9,11 +9,15 @@ in, signing up) could be sent gigabytes to write to disk. A URL under the API
 that matches no route answers a JSON 404 (Django's own page is HTML, and in
 DEBUG a list of every route). A charset that is not a text encoding (base64,
 zlib, or one Python does not know) is refused with a 415 before anything decodes
-the body or the query string with it (see gymbilling.handlers).
+the body or the query string with it (see gymbilling.handlers). A NUL in an admin
+request's path, query or form is refused with a 400 (`_holds_nul`).
 """
+
+import functools
 
 from django.conf import settings
 from django.http import HttpResponse
+from django.urls import get_script_prefix, reverse
 
 from accounts.errors import json_error_response
 from gymbilling.handlers import is_text_charset
@@ -30,6 +34,34 @@ def _refusal(request, *, code: str, message: str, status: int) -> HttpResponse:
         f'data-error-code="{code}">{message}</p>\n',
         status=status,
         content_type="text/html; charset=utf-8",
+    )
+
+
+@functools.cache
+def _admin_path() -> str:
+    """Where the admin is, as `request.path_info` names it (under the script prefix)."""
+    return reverse("admin:index").removeprefix(get_script_prefix().rstrip("/"))
+
+
+def _holds_nul(request) -> bool:
+    """Whether an admin request carries a NUL in its path, a query or form field's name or
+    value. PostgreSQL refuses text holding one (a DataError), and the admin sends what it is
+    given to it: a search (?q=), a filter's value, an object's id. A list counts its rows
+    outside Django's handling of a malformed filter, so each list with a search or a filter
+    of free values was a 500. Refused here, once, for every admin page, those to come
+    included: no stored text holds a NUL to be found with one."""
+    if "\x00" in request.path:
+        return True
+    fields = [request.GET]
+    if request.method == "POST" and request.content_type in (
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ):
+        fields.append(request.POST)
+    return any(
+        "\x00" in name or any("\x00" in value for value in values)
+        for query in fields
+        for name, values in query.lists()
     )
 
 
@@ -62,6 +94,14 @@ class ApiErrorMiddleware:
                 # Not echoed: the page's refusal is HTML, and the charset is the sender's.
                 message="The Content-Type's charset is not a text encoding; send UTF-8.",
                 status=415,
+            )
+        if request.path_info.startswith(_admin_path()) and _holds_nul(request):
+            return _refusal(
+                request,
+                code="invalid_request",
+                message="The request holds a NUL character (\\x00): no text here has one. "
+                "Remove it from the search, filter or form.",
+                status=400,
             )
         response = self.get_response(request)
         if (
