@@ -411,6 +411,23 @@ def report_csv(table: ReportTable, *, start, end) -> HttpResponse:
     return response
 
 
+class _ModelNameFilter(admin.SimpleListFilter):
+    """The models usage is recorded for, listed from the price book rather than by a
+    DISTINCT over the whole usage table (Django's default for a field without choices, run
+    on every load of the list). Every job is priced before it runs (model_not_priced), and
+    books are never edited, so every model a record names is in one."""
+
+    title = "model name"
+    parameter_name = "model_name"
+
+    def lookups(self, request, model_admin):
+        names = ModelPrice.objects.order_by("model_name").values_list("model_name", flat=True)
+        return [(name, name) for name in names.distinct()]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(model_name=self.value()) if self.value() else queryset
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdmin):
     """Every job's usage and serving cost; the "Revenue and cost report" sums them for
@@ -430,7 +447,7 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         sent_by,
         "created_at",
     ]
-    list_filter = ["model_name", "priority"]
+    list_filter = [_ModelNameFilter, "priority"]
     search_fields = ["job_id", "organization__slug", "user__email"]
     list_select_related = ["organization", "api_key", "user"]
     change_list_template = "admin/metering/usagerecord/change_list.html"

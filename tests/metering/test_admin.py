@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.models import Scope
@@ -16,6 +18,7 @@ from metering.models import (
     TransactionKind,
 )
 from metering.selectors import organization_balance
+from metering.services import price_book_publish
 from metering.services.usage import Usage, usage_record_create
 from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import changelist_column, credits, ledger_rows, system_balance
@@ -287,6 +290,52 @@ def test_finance_see_who_spent_each_usage_record_and_find_a_members(admin_client
     # then each says who sent it, and the search finds the member's only
     assert "dashboard (ana@example.test)" in listed and key.prefix in listed
     assert "job-ana" in found and "job-app" not in found
+
+
+def test_finance_filter_usage_by_a_model_of_the_price_book_without_reading_every_record(
+    admin_client,
+):
+    # given usage of two models, in books that also price a model never used (the newest
+    # book prices one of them only: earlier books are kept)
+    rates = {"input_rate": "1", "cached_input_rate": "1", "output_rate": "1", "minimum_charge": 0}
+    price_book_publish(prices=[{**rates, "model_name": n} for n in ("gym-b", "gym-a")])
+    price_book_publish(prices=[{**rates, "model_name": "gym-unused"}])
+    org = OrganizationFactory()
+    for job, model in (("job-a", "gym-a"), ("job-b", "gym-b")):
+        usage_record_create(
+            organization_id=org.pk,
+            job_id=job,
+            model_name=model,
+            priority="standard",
+            usage=Usage(input_tokens=10, output_tokens=5),
+            credits=100,
+        )
+    url = "/admin/metering/usagerecord/"
+
+    # when finance open the usage list, then filter it by one model
+    with CaptureQueriesContext(connection) as opened:
+        listed = admin_client.get(url)
+    # Read now: the next request empties the log these are read from.
+    distinct_usage = [
+        q["sql"]
+        for q in opened.captured_queries
+        if "DISTINCT" in q["sql"] and "metering_usagerecord" in q["sql"]
+    ]
+    assert opened.captured_queries, "the page's statements were logged"
+    filtered = admin_client.get(url, {"model_name": "gym-a"})
+
+    # then the filter offers the price book's models, and finds that model's usage only
+    cl = listed.context["cl"]
+    [models] = [spec for spec in cl.filter_specs if spec.title == "model name"]
+    assert [choice["display"] for choice in models.choices(cl)] == [
+        "All",
+        "gym-a",
+        "gym-b",
+        "gym-unused",
+    ]
+    assert [r.job_id for r in filtered.context["cl"].result_list] == ["job-a"]
+    # and opening the list read no DISTINCT of the usage table (a scan of every record)
+    assert distinct_usage == []
 
 
 @pytest.mark.parametrize(
