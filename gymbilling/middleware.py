@@ -49,7 +49,10 @@ def _holds_nul(request) -> bool:
     given to it: a search (?q=), a filter's value, an object's id. A list counts its rows
     outside Django's handling of a malformed filter, so each list with a search or a filter
     of free values was a 500. Refused here, once, for every admin page, those to come
-    included: no stored text holds a NUL to be found with one."""
+    included: no stored text holds a NUL to be found with one.
+
+    A form's JSON field (a plan's model tiers, a pool's addresses) decodes the escape
+    `\\u0000` into one, which PostgreSQL's jsonb refuses just the same: refused too."""
     if "\x00" in request.path:
         return True
     fields = [request.GET]
@@ -59,7 +62,7 @@ def _holds_nul(request) -> bool:
     ):
         fields.append(request.POST)
     return any(
-        "\x00" in name or any("\x00" in value for value in values)
+        "\x00" in name or any("\x00" in value or "\\u0000" in value for value in values)
         for query in fields
         for name, values in query.lists()
     )

@@ -7,7 +7,9 @@ import pytest
 from django.contrib import admin
 from django.urls import reverse
 
+from gymbilling.models import Plan
 from tests.factories import OrganizationFactory
+from tests.gymbilling.test_admin import PLAN_FORM
 from tests.helpers import credits
 
 pytestmark = pytest.mark.django_db
@@ -77,6 +79,18 @@ def test_a_nul_in_an_admin_form_is_a_400_and_saves_nothing(admin_client):
     assert response.status_code == 400
     org.refresh_from_db()
     assert org.name == "Acme"
+
+
+def test_a_nul_escaped_in_an_admin_json_field_is_a_400_and_saves_nothing(admin_client):
+    # when staff add a plan whose model tiers (a JSON field) hold the escape of a NUL,
+    # which the field decodes into one
+    response = admin_client.post(
+        "/admin/gymbilling/plan/add/", {**PLAN_FORM, "model_tiers": '["ba\\u0000sic"]'}
+    )
+
+    # then it is refused, and nothing was saved
+    assert response.status_code == 400
+    assert not Plan.objects.filter(code=PLAN_FORM["code"]).exists()
 
 
 def test_a_nul_in_an_admin_path_is_a_400(admin_client):
