@@ -361,6 +361,20 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             message="The subscription has ended; subscribe again to choose a plan.",
             status=409,
         )
+    if subscription.cancel_at_period_end:
+        # The member's cancellation stands until they take it back: a change would
+        # either undo it without saying so (renewing, and charging, a subscription they
+        # cancelled) or charge an upgrade for a subscription about to end.
+        raise ApplicationError(
+            code="subscription_canceling",
+            message=(
+                "The subscription is cancelled: it ends with its period, on "
+                f"{subscription.current_period_end.date().isoformat()}. Renew it in the "
+                "billing portal (POST /api/v1/billing/portal) first to change its plan or "
+                "seats."
+            ),
+            status=409,
+        )
     if (plan.pk, seats) == (
         subscription.plan_id,
         subscription.seats,
@@ -426,7 +440,6 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             # subscription as it was (Stripe's default, allow_incomplete, would
             # apply the upgrade unpaid and put the whole subscription past due).
             **({"payment_behavior": "error_if_incomplete"} if upgrade else {}),
-            cancel_at_period_end=False,
             # Whatever this change did, no lifted downgrade is left to put back.
             metadata={"plan": plan.code, LIFTED: ""},
         )

@@ -212,6 +212,60 @@ def test_a_downgrade_waits_for_the_period_end(customer, subscribed, stripe_stand
     assert sub.invoices.order_by("created_at", "pk").last().credits_granted == 2 * 5_000 * MICRO
 
 
+def test_a_cancelled_subscription_s_plan_is_not_changed_until_it_is_renewed(
+    customer, subscribed, stripe_sdk, stripe_standin, deliver
+):
+    # given: Team with 5 seats, cancelled at period end in the portal
+    sub = subscribed("team", seats=5)
+    stripe_sdk.v1.subscriptions.update(
+        sub.stripe_subscription_id, params={"cancel_at_period_end": True}
+    )
+    deliver()
+    invoices = len(stripe_sdk.v1.invoices.list(params={"subscription": sub.stripe_subscription_id}))
+
+    # when: the member takes seats away, then adds one (an upgrade, charged at once)
+    seats = customer.client.post(
+        "/api/v1/billing/checkout", {"plan": "team", "seats": 2}, format="json"
+    )
+    upgrade = customer.client.post(
+        "/api/v1/billing/checkout", {"plan": "team", "seats": 6}, format="json"
+    )
+
+    # then: both refused, saying when it ends and how to renew it; the cancellation
+    # stands at Stripe and here, nothing was invoiced, and nothing changed
+    sub.refresh_from_db()
+    ends = sub.current_period_end.date().isoformat()
+    for response in (seats, upgrade):
+        assert response.status_code == 409, response.content
+        error = response.json()["error"]
+        assert error["code"] == "subscription_canceling"
+        assert f"ends with its period, on {ends}" in error["message"]
+        assert "POST /api/v1/billing/portal" in error["message"]
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe.cancel_at_period_end
+    listed = stripe_sdk.v1.invoices.list(params={"subscription": sub.stripe_subscription_id})
+    assert len(listed) == invoices
+    assert sub.cancel_at_period_end
+    assert (sub.plan.code, sub.seats, sub.scheduled_plan_id, sub.scheduled_seats) == (
+        "team",
+        5,
+        None,
+        None,
+    )
+
+    # when: renewed in the portal, then the seats changed
+    stripe_sdk.v1.subscriptions.update(
+        sub.stripe_subscription_id, params={"cancel_at_period_end": False}
+    )
+    deliver()
+    again = customer.client.post(
+        "/api/v1/billing/checkout", {"plan": "team", "seats": 2}, format="json"
+    )
+
+    # then: the change is scheduled as any downgrade is
+    assert again.json()["kind"] == "change_scheduled", again.content
+
+
 def test_taking_back_a_scheduled_downgrade_charges_nothing_more(
     customer, subscribed, stripe_standin, stripe_sdk, deliver
 ):
