@@ -1,6 +1,7 @@
 """Billing's reconciliation: each paid subscription invoice has exactly one grant,
 and each invoice grant a paid invoice; each wallet's claim is what its refunds and
-disputes have pending.
+disputes have pending, and its rollovers claimed of the credits running jobs held over
+their cap.
 
 `billing_ledger_checks` run inside `ledger_reconcile` (and after every test)
 over our own rows; `stripe_reconcile` asks Stripe itself.
@@ -52,8 +53,10 @@ def grants_without_paid_invoice() -> list[dict]:
 
 def claims_not_pending(organization_id: int | None = None) -> list[dict]:
     """Wallets whose claim is not what the organization's refunds and disputes still wait
-    for (metering.services.ledger, "claims"): more locks up credits for nothing, less lets
-    new work spend refunded credits. All wallets, or the one of `organization_id`."""
+    for (metering.services.ledger, "claims"), and its rollovers for the credits running jobs
+    held over the cap (gymbilling.market.rollover): more locks up credits for nothing, less
+    lets new work spend refunded credits, or the old period's over its cap. All wallets,
+    or the one of `organization_id`."""
     only = "" if organization_id is None else " AND w.organization_id = %s"
     return sql_rows(
         """
@@ -67,7 +70,11 @@ def claims_not_pending(organization_id: int | None = None) -> list[dict]:
                              SELECT o.buyer_id, r.credits_pending
                                FROM gymbilling_marketreversal r
                                JOIN gymbilling_marketorder o ON o.id = r.order_id
-                              WHERE r.credits_pending > 0) reversals
+                              WHERE r.credits_pending > 0
+                             UNION ALL
+                             SELECT organization_id, held_claimed
+                               FROM gymbilling_rollovercarry
+                              WHERE held_claimed > 0) reversals
                       GROUP BY organization_id) p
             ON p.organization_id = w.organization_id
          WHERE w.kind = 'wallet' AND w.claimed <> COALESCE(p.pending, 0)
@@ -78,9 +85,10 @@ def claims_not_pending(organization_id: int | None = None) -> list[dict]:
 
 
 def wallet_claims_repair() -> list[dict]:
-    """Set every wallet's claim to what its refunds and disputes still have pending, for a
-    wallet reconcile reports (`wallet_claim_pending`): after a deploy in which old code,
-    which kept no claims, ran beside the migration that filled them in (gymbilling/0010).
+    """Set every wallet's claim to what its refunds and disputes still have pending (and its
+    rollovers claimed), for a wallet reconcile reports (`wallet_claim_pending`): after a
+    deploy in which old code, which kept no claims, ran beside the migration that filled
+    them in (gymbilling/0010).
     The lots those reversals wait on are marked claimed as their own claims mark them
     (metering's claim_reset), so work placed from now on burns them last; a claim set
     to nothing leaves no lot marked. Each wallet under its row lock, which every change
@@ -89,6 +97,7 @@ def wallet_claims_repair() -> list[dict]:
     from django.db import transaction
 
     from accounts.models import Organization
+    from gymbilling.market.rollover import rollover_carries_claimed
     from gymbilling.market.services import market_reversals_claimed
     from gymbilling.services.payments import payment_reversals_claimed
     from metering.models import LedgerAccount
@@ -110,7 +119,8 @@ def wallet_claims_repair() -> list[dict]:
                 organization=organization,
                 amount=pending,
                 covers=payment_reversals_claimed(organization=organization)
-                + market_reversals_claimed(organization=organization),
+                + market_reversals_claimed(organization=organization)
+                + rollover_carries_claimed(organization=organization),
             )
             repaired.append(
                 {"organization_id": organization.pk, "before": before, "after": pending}
@@ -145,7 +155,8 @@ def billing_ledger_checks() -> None:
     )
     register(
         "wallet_claim_pending",
-        "each wallet's claim equals the credits its refunds and disputes still have pending",
+        "each wallet's claim equals the credits its refunds and disputes still have pending "
+        "and its rollovers claimed of what running jobs held over the cap",
         claims_not_pending,
     )
     register(

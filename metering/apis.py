@@ -57,8 +57,8 @@ class BalanceApi(OrgApiView):
         held = serializers.IntegerField()
         escrowed = serializers.IntegerField()
         set_aside = serializers.IntegerField(
-            help_text="not available while a refunded or disputed payment waits for the work "
-            "that holds its credits to end (usually 0)"
+            help_text="not available while a refunded or disputed payment, or a period's "
+            "rollover cap, waits for the work that holds its credits to end (usually 0)"
         )
         total = serializers.IntegerField(
             help_text="what the wallet's lots hold: the wallet (available and set aside) and "

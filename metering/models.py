@@ -82,11 +82,12 @@ class LedgerAccount(models.Model):
     # after it sweeps expired credits first and can never spend them.
     next_expiry_at = models.DateTimeField(null=True, blank=True)
     # Wallets only: micro-credits that refunds and disputes still waiting on
-    # running work have set aside (metering.services.claims). Nothing the
+    # running work have set aside (metering.services.ledger, "claims"), and
+    # rollovers, of what running jobs held over the cap. Nothing the
     # member starts may take them: a hold, a listing, a transfer needs
     # `balance - claimed` (the hot path's placement checks it in the update
-    # it makes anyway). Equal to what those reversals have pending
-    # (reconcile); never negative. It may exceed the balance while the work
+    # it makes anyway). Equal to what those reversals have pending and those
+    # rollovers claimed (reconcile); never negative. It may exceed the balance while the work
     # still holds what it claims.
     claimed = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -30,8 +30,9 @@ class Balance:
     """An organization's credits, in micro-credits.
 
     available = what a new hold may take: the wallet, less what refunds
-                and disputes set aside while running work holds their credits
-                (the wallet's claim; never below 0);
+                and disputes set aside while running work holds their credits,
+                and rollovers of what running work held over the cap (the
+                wallet's claim; never below 0);
     held      = reserved by pending holds (the holds account);
     escrowed  = listed on the marketplace, or bought and awaiting payment (the
                 escrow account);

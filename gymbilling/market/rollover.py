@@ -18,7 +18,15 @@ settle). The carry records that excess (`held_over`) and the lots it is in;
 once the jobs have all settled, what they gave back of it expires
 (`rollover_holds_settle`, in the market's pending sweep, not on the
 settlement path), so the member ends with the cap, or less if the jobs
-spent into it.
+spent into it. Until then the excess is claimed on the wallet
+(`held_claimed`, metering's credits_claim, as a refund claims what running
+work holds of its credits): what the jobs give back lands in the wallet, and
+without the claim work started since (a job that failed gives back, a new
+one holds and captures before the sweep; or new work on a pack, whose
+capture burns the plan lots first) would spend the old period's excess in
+place of the expiry. With it, every spend the member starts needs the
+wallet less the claim, on the fast path too, and work placed after the
+rollover burns the claimed lots last, so the sweep finds the excess there.
 
 Locks: the seller's market lock (`seller_lock`) serializes these with the
 rollover, which holds it from before it counts until it has recorded what
@@ -46,7 +54,7 @@ from metering.models import (
     LotMovement,
     LotSource,
 )
-from metering.services import clawbacks_under, lots_trim
+from metering.services import claim_drop, clawbacks_under, credits_claim, lots_trim
 from metering.services.ledger import organization_account
 
 
@@ -131,6 +139,16 @@ def rollover_carry_open(
         return RolloverCarry.objects.filter(key=key).first()
     carry.fills.add(*reserved)
     carry.clawbacks.add(*clawbacks)
+    if held_over:
+        # Once, with the record (a repeat returned above): no work started from now on
+        # may spend the excess the jobs give back before the sweep expires it.
+        carry.held_claimed = credits_claim(
+            organization=organization,
+            lots=Q(pk__in=held_lots),
+            amount=held_over,
+            at=carry.created_at,
+        )
+        RolloverCarry.objects.filter(pk=carry.pk).update(held_claimed=carry.held_claimed)
     return carry
 
 
@@ -255,18 +273,34 @@ def rollover_holds_settle(*, now: datetime) -> int:
 
     The rollover's trim leaves what pending holds will burn (their settlement
     must find it), so the member held more than the cap while the jobs ran
-    (`RolloverCarry.held_over`). Once every hold placed by the rollover has
-    settled, what they burned of those lots was spent; the rest of the excess
-    came back, and expires now, as the rollover would have taken it had it been
-    free. Credits that later work holds meanwhile wait for the next sweep. Not
-    on the settlement path: the market's periodic sweep calls it. Each carry in
-    its own transaction; returns the micro-credits expired.
+    (`RolloverCarry.held_over`), claimed on the wallet so that no later work
+    spends it. Once every hold placed by the rollover has settled, what they
+    burned of those lots was spent; the rest of the excess came back, and
+    expires now, as the rollover would have taken it had it been free, and the
+    claim goes. Not on the settlement path: the market's periodic sweep calls
+    it. Each carry in its own transaction; returns the micro-credits expired.
     """
     return each_isolated(
-        RolloverCarry.objects.filter(held_over__gt=0).order_by("pk").values_list("pk", flat=True),
+        RolloverCarry.objects.filter(Q(held_over__gt=0) | Q(held_claimed__gt=0))
+        .order_by("pk")
+        .values_list("pk", flat=True),
         lambda pk: _carry_holds_settle(carry_id=pk, now=now),
         what="the held-credits trim of rollover carry",
     )
+
+
+def rollover_carries_claimed(*, organization: Organization) -> list[tuple[Q, datetime]]:
+    """What the organization's rollovers claimed of the credits running jobs held over their
+    cap: the lots each waits on, with its time (for claims_repair to mark them as the claim
+    did)."""
+    return [
+        (Q(pk__in=held_lots), created_at)
+        for held_lots, created_at in RolloverCarry.objects.filter(
+            organization=organization, held_claimed__gt=0
+        )
+        .order_by("pk")
+        .values_list("held_lots", "created_at")
+    ]
 
 
 def _carry_holds_settle(*, carry_id: int, now: datetime) -> int:
@@ -277,14 +311,15 @@ def _carry_holds_settle(*, carry_id: int, now: datetime) -> int:
         # The rollover's lock first, as everything that trims for a carry takes it.
         seller_lock(organization)
         carry = RolloverCarry.objects.select_for_update().get(pk=carry_id)
-        if carry.held_over <= 0:
+        if carry.held_over <= 0 and carry.held_claimed <= 0:
             return 0
         running_then = Hold.objects.filter(
             organization=organization, created_at__lte=carry.created_at
         )
         if running_then.filter(status=HoldStatus.PENDING).exists():
             return 0  # their captures may still burn these credits
-        # What those jobs burned of the lots was spent, not given back.
+        # What those jobs burned of the lots was spent, not given back. Nothing else
+        # burned the excess: the claim kept later work to the member's other credits.
         burned = -(
             LotMovement.objects.filter(
                 lot_id__in=carry.held_lots,
@@ -307,8 +342,14 @@ def _carry_holds_settle(*, carry_id: int, now: datetime) -> int:
             )
         left = due - expired
         if left > 0 and lots_remaining(lots=Q(pk__in=carry.held_lots), now=now) > 0:
-            # Later work holds the rest: taken as that work gives it back.
+            # Later work holds the rest. The claim keeps later work to the cap's share of
+            # these lots, so only something else taking part of the excess meanwhile (a
+            # refund's clawback of the period's payment) leads here: what that work gives
+            # back is taken by a later run, the claim kept till then.
             RolloverCarry.objects.filter(pk=carry.pk).update(held_over=F("held_over") - expired)
-        else:
-            RolloverCarry.objects.filter(pk=carry.pk).update(held_over=0)
+            return expired
+        # Done: in the same transaction as the trim, the claim goes with what it waited for.
+        if carry.held_claimed:
+            claim_drop(organization=organization, amount=carry.held_claimed)
+        RolloverCarry.objects.filter(pk=carry.pk).update(held_over=0, held_claimed=0)
         return expired

@@ -543,7 +543,8 @@ class RolloverCarry(models.Model):
     would have kept had they been home. Reserved credits that are paid for
     never come back, and use none of it. Credits over the cap that running
     jobs held (`held_over`) were home but left for the jobs to burn; what the
-    jobs give back of them expires once they have settled.
+    jobs give back of them expires once they have settled, and until then they
+    are claimed on the wallet (`held_claimed`): no later work may spend them.
     """
 
     # The rollover's trim key (rollover:<subscription>:<period start>): one per rollover.
@@ -568,6 +569,11 @@ class RolloverCarry(models.Model):
     held_over = models.PositiveBigIntegerField(default=0)
     # The wallet lots they are in (ids), where they come back to.
     held_lots = models.JSONField(default=list, blank=True)
+    # What the rollover claimed of them on the wallet (LedgerAccount.claimed), so that no
+    # work started after it may hold them while the jobs run or before the sweep expires
+    # what the jobs gave back; the sweep drops it as it settles. 0: nothing claimed
+    # (none over the cap, or a carry opened before rollovers claimed).
+    held_claimed = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -760,6 +760,11 @@ def clawbacks_reverse(*, key: str, reason: str, organization: Organization, acto
 # already wait for (`claimed_by_others`), so together they never claim more
 # than is at stake.
 #
+# A period's rollover claims the same way what running jobs held over its cap
+# (gymbilling.market.rollover): those credits come back to the wallet as the
+# jobs end, to be expired by the next sweep, and no new work may spend them
+# in between.
+#
 # The claim guards the wallet's balance; the lots it claimed are marked too
 # (CreditLot.claimed_at, the reversal's time), and a hold placed after that
 # burns them last (burn_sort_key, the settlement function since 0015), so work

@@ -327,8 +327,8 @@ def _apply(account: LedgerAccount, amount: int, *, now: datetime, spend: bool) -
     claimed = locked.claimed if claim_bound else 0
     available = max(0, locked.balance - claimed)
     aside = (
-        f" A refunded or disputed payment has set {amount_display(claimed)} credits aside "
-        "until the work holding them ends."
+        f" A refunded or disputed payment, or a period's rollover cap, has set "
+        f"{amount_display(claimed)} credits aside until the work holding them ends."
         if claimed
         else ""
     )
