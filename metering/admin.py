@@ -36,7 +36,7 @@ from metering.models import (
     UsageRecord,
 )
 from metering.selectors import (
-    organization_balance,
+    credits_removable,
     report_totals,
     usage_margin_report,
 )
@@ -194,7 +194,9 @@ class LedgerAccountAdmin(AccountBalanceAdmin):
             "back_label": organization.slug,
             "action": "Adjust credits",
             "form": form,
-            "available": amount_display(organization_balance(organization=organization).available),
+            # What a debit may take, which is what finance need to know here: not the
+            # member's available credits, which count a plan's overage allowance.
+            "available": amount_display(credits_removable(organization=organization)),
             "back": back,
         }
         return TemplateResponse(request, "admin/metering/ledgeraccount/adjust.html", context)

@@ -145,6 +145,21 @@ def overage_allowance_available(
     return min(left, available)
 
 
+def credits_removable(*, organization: Organization, now: datetime | None = None) -> int:
+    """What a finance debit (credits_adjust) may take now: the wallet's credits less a plan's
+    overage allowance, what running work holds and what pending refunds and rollovers set
+    aside (metering.services.lots.debit_room, as the debit itself reckons it, not locked)."""
+    # Here, not at the top: metering.services imports this module.
+    from metering.services.lots import debit_room
+
+    wallet = LedgerAccount.objects.filter(
+        organization=organization, kind=AccountKind.WALLET
+    ).first()
+    if wallet is None:
+        return 0
+    return debit_room(organization=organization, wallet=wallet, now=now or timezone.now())[1]
+
+
 def organization_lots(
     *, organization: Organization, now: datetime | None = None, limit: int | None = None
 ) -> list[CreditLot]:

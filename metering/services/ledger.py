@@ -27,15 +27,17 @@ from metering.services.lots import (
     account_expire_lots,
     account_lower_next_expiry,
     burn_sort_key,
-    holds_backing,
+    debit_room,
     lot_create,
     lots_burn,
     lots_take,
+    lots_unheld,
     take_in_order,
 )
 from metering.services.postings import (
     accounts_for,
     accounts_lock,
+    amount_display,
     fingerprint,
     idempotent,
     post,
@@ -205,7 +207,11 @@ def credits_adjust(
     """A finance correction: add (positive) or remove (negative) credits, with a reason.
 
     Added credits are a free, non-resellable lot; removed credits burn the
-    wallet's lots in burn order and cannot take credits held for running work.
+    wallet's lots in burn order and cannot take credits held for running work,
+    nor what pending refunds and rollovers set aside, nor a plan's overage
+    allowance (lent, and invoiced as overage when burned: `debit_room`).
+    Refused with `insufficient_credits` (402), writing nothing, when the rest
+    does not cover it.
     """
     if not isinstance(amount, int) or isinstance(amount, bool) or amount == 0:
         raise ApplicationError(
@@ -255,12 +261,29 @@ def credits_adjust(
             memo=reason,
             actor=actor,
         )
+        # Locks the wallet and sweeps what expired first, as every spend does.
         post(
             txn,
             [(org_accounts.wallet, amount), (system[AccountKind.ADJUSTMENTS], -amount)],
             now=now,
         )
-        lots_burn(txn=txn, account=org_accounts.wallet, amount=-amount, now=now)
+        wallet = LedgerAccount.objects.get(pk=org_accounts.wallet.pk)
+        free, room = debit_room(organization=organization, wallet=wallet, now=now, lock=True)
+        if -amount > room:
+            # The atomic block of `idempotent` undoes the posting.
+            raise ApplicationError(
+                code="insufficient_credits",
+                message=(
+                    f"Not enough credits to remove: this removes {amount_display(-amount)} "
+                    f"credits and {amount_display(room)} can be removed. A plan's overage "
+                    "allowance, credits held by running work and credits set aside for a "
+                    "pending refund or rollover are never removed."
+                ),
+                status=402,
+                param="amount",
+                extra={"required": -amount, "available": room},
+            )
+        lots_take(txn=txn, taken=_first_in_burn_order(free, -amount, now))
         return txn
 
     return idempotent(key=txn_key, fingerprint=fp, work=work, replay=lambda txn: txn)
@@ -525,26 +548,20 @@ def _wallet_withdraw(
             org_accounts, system = accounts_for(organization, system_kind)
             accounts_lock(org_accounts.wallet)
             wallet = LedgerAccount.objects.get(pk=org_accounts.wallet.pk)
-            # Expired lots are the sweep's business, not ours.
-            unexpired = Q(expires_at__isnull=True) | Q(expires_at__gt=now)
-            chosen = list(
-                CreditLot.objects.filter(account=wallet, remaining__gt=0)
-                .filter(unexpired & lots)
-                .select_for_update()
-                .order_by("pk")
-            )
-            in_lots = sum(lot.remaining for lot in chosen)
-            # Credits of these lots that pending holds will burn (lots count
-            # held credits, the wallet balance does not) stay: otherwise a
-            # capture would burn other lots (a paid pack) in their place. Only
-            # those: a hold burns other lots first where the burn order says so.
-            backing = holds_backing(
+            # Expired lots are the sweep's business, not ours. Credits of these
+            # lots that pending holds will burn (lots count held credits, the
+            # wallet balance does not) stay: otherwise a capture would burn
+            # other lots (a paid pack) in their place. Only those: a hold burns
+            # other lots first where the burn order says so.
+            free = lots_unheld(
                 organization=organization,
-                lots=list(CreditLot.objects.filter(account=wallet, remaining__gt=0)),
+                wallet=wallet,
+                lots=lots,
                 now=now,
                 placed_before=holds_placed_before,
+                lock=True,
             )
-            free = [(lot, lot.remaining - backing.get(lot.pk, 0)) for lot in chosen]
+            in_lots = sum(lot.remaining for lot, _ in free)
             amount = min(
                 amount_for(in_lots, wallet.balance), wallet.balance, sum(f for _, f in free)
             )

@@ -41,6 +41,7 @@ from metering.models import (
     JournalTransaction,
     LedgerAccount,
     LotMovement,
+    LotSource,
     TransactionKind,
 )
 from metering.services.postings import accounts_for, post, retry_on_deadlock
@@ -300,6 +301,59 @@ def holds_backing(
         for lot, take in taken:
             free[lot.pk] -= take
     return {lot.pk: lot.remaining - free[lot.pk] for lot in lots if free[lot.pk] < lot.remaining}
+
+
+def lots_unheld(
+    *,
+    organization: Organization,
+    wallet: LedgerAccount,
+    lots: Q,
+    now: datetime,
+    placed_before: datetime | None = None,
+    lock: bool = False,
+) -> list[tuple[CreditLot, int]]:
+    """The wallet's unexpired lots that `lots` selects, each with what pending holds will not
+    burn of it (`holds_backing`; `placed_before`: only the holds placed by then).
+
+    `lock`: lock those lots, for a writer that holds the wallet's row lock and takes from
+    them; without it, a read as of its statements."""
+    chosen = CreditLot.objects.filter(account=wallet, remaining__gt=0).filter(
+        lots & (Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+    )
+    if lock:
+        chosen = chosen.select_for_update()
+    chosen = list(chosen.order_by("pk"))
+    # Every lot of the wallet: a hold burns those it may use in burn order, so what it
+    # backs of the chosen depends on the others too.
+    backing = holds_backing(
+        organization=organization,
+        lots=list(CreditLot.objects.filter(account=wallet, remaining__gt=0)),
+        now=now,
+        placed_before=placed_before,
+    )
+    return [(lot, lot.remaining - backing.get(lot.pk, 0)) for lot in chosen]
+
+
+# What a finance debit (credits_adjust) may take: never a plan's overage allowance. It is
+# lent, not the member's, and every credit burned from it is usage that the overage report
+# invoices (gymbilling.services.overage): a ledger correction drawn on it would be billed
+# to the customer as overage.
+DEBITABLE_LOTS = ~Q(source=LotSource.OVERAGE)
+
+
+def debit_room(
+    *, organization: Organization, wallet: LedgerAccount, now: datetime, lock: bool = False
+) -> tuple[list[tuple[CreditLot, int]], int]:
+    """What a finance debit may take of the wallet: its debitable lots with what pending
+    holds leave of each, and in all that less the wallet's claim (what pending refunds and
+    rollovers wait for is the member's own credits, never the allowance, and is held back
+    as every spend holds it back; conservative while the work they wait for runs).
+
+    `wallet` as read under its row lock by a writer (`lock`), or just now by a read."""
+    free = lots_unheld(
+        organization=organization, wallet=wallet, lots=DEBITABLE_LOTS, now=now, lock=lock
+    )
+    return free, max(0, sum(take for _, take in free) - wallet.claimed)
 
 
 class LedgerInconsistent(RuntimeError):

@@ -577,11 +577,27 @@ class LedgerMachine(RuleBasedStateMachine):
                 organization=self.orgs[org], amount=-amount, reason="duplicate grant", key=key
             )
 
-        if amount > self.bal[wallet]:
+        # A debit takes what pending holds leave of each lot, never a plan's overage
+        # allowance (lent credits, invoiced as overage when burned).
+        now = timezone.now()
+        backing = self.backing(wallet, now)
+        free = [
+            (lot, lot.remaining - backing.get(lot.pk, 0))
+            for lot in self.open_lots(wallet)
+            if lot.source != LotSource.OVERAGE and (lot.expires_at is None or lot.expires_at > now)
+        ]
+        if amount > sum(has for _, has in free):
             self.refused("insufficient_credits", call)
             return
         txn = call()
-        burned = self.burn(self.open_lots(wallet), amount)
+        burned = []
+        left = amount
+        for lot, has in sorted(free, key=lambda pair: spend_order(pair[0])):
+            take = min(has, left)
+            if take:
+                lot.remaining -= take
+                left -= take
+                burned.append((lot.pk, take))
         self.bal[wallet] -= amount
         self.txns.append(
             TxnModel(

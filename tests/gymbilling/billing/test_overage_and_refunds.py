@@ -66,6 +66,89 @@ def test_overage_is_reported_to_the_meter_once(customer, subscribed, stripe_stan
     assert sum(int(e["value"]) for e in stripe_standin.meter_events(cus)) == 501
 
 
+def _adjust(admin_client, org, amount: str, key: str):
+    return admin_client.post(
+        f"/admin/metering/ledgeraccount/adjust/{org.pk}/",
+        {"credits": amount, "reason": "Duplicate grant, ticket 7", "key": key},
+    )
+
+
+@pytest.mark.parametrize("plan_credits", ["spent", "held by a running job"])
+def test_a_finance_debit_never_draws_on_the_overage_allowance(
+    customer, subscribed, stripe_standin, admin_client, plan_credits
+):
+    # given: Pro (12,000 credits a month, overage allowed) with its 12,000 spent, or held
+    # by a job still running: only the overage allowance is left in the wallet
+    subscribed("pro")
+    org = customer.organization
+    if plan_credits == "spent":
+        spend(org, 12_000 * MICRO, key="job-1")
+    else:
+        hold_place(organization=org, amount=12_000 * MICRO, key="job-1")
+    allowance = CreditLot.objects.get(organization=org, source="overage")
+    assert organization_balance(organization=org).available == allowance.amount
+    rows = ledger_rows()
+
+    # when: finance open the adjustment form, and remove 50 credits
+    form = admin_client.get(f"/admin/metering/ledgeraccount/adjust/{org.pk}/")
+    response = _adjust(admin_client, org, "-50", key="k1")
+
+    # then: the form says nothing can be removed, and the debit is refused on the form,
+    # moving nothing: the allowance is lent, not the member's
+    assert b'id="available">0<' in form.content
+    assert response.status_code == 200
+    assert "insufficient_credits" in " ".join(response.context["form"].non_field_errors())
+    assert ledger_rows() == rows
+    allowance.refresh_from_db()
+    assert allowance.remaining == allowance.amount
+
+    # and: once the job ends (all it held used), the meter is told of no overage
+    if plan_credits != "spent":
+        hold_capture(key="job-1", amount=12_000 * MICRO)
+    assert overage_report() == 0
+    cus = BillingCustomer.objects.get(organization=org).stripe_customer_id
+    assert stripe_standin.meter_events(cus) == []
+    assert ledger_reconcile().ok
+
+
+def test_a_finance_debit_burns_plan_credits_and_overage_counts_only_usage(
+    customer, subscribed, stripe_standin, admin_client
+):
+    # given: Pro with 11,950 of its 12,000 credits spent: 50 plan credits left
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 11_950 * MICRO, key="job-1")
+    allowance = CreditLot.objects.get(organization=org, source="overage")
+    form = admin_client.get(f"/admin/metering/ledgeraccount/adjust/{org.pk}/")
+
+    # when: finance remove those 50 credits, then 1 more
+    removed = _adjust(admin_client, org, "-50", key="k1")
+    rows = ledger_rows()
+    refused = _adjust(admin_client, org, "-1", key="k2")
+
+    # then: the form offered the 50; the debit took them from the plan's lot, not the
+    # allowance; the second was refused and moved nothing
+    assert b'id="available">50<' in form.content
+    assert removed.status_code == 302
+    assert refused.status_code == 200
+    assert "insufficient_credits" in " ".join(refused.context["form"].non_field_errors())
+    assert ledger_rows() == rows
+    plan_lot = CreditLot.objects.get(organization=org, source="subscription")
+    allowance.refresh_from_db()
+    assert (plan_lot.remaining, allowance.remaining) == (0, allowance.amount)
+
+    # when: the overage report runs, then a job uses 7 credits and it runs again
+    first = overage_report()
+    spend(org, 7 * MICRO, key="job-2")
+    second = overage_report()
+
+    # then: the debit was not overage; the job's 7 credits are, reported once
+    cus = BillingCustomer.objects.get(organization=org).stripe_customer_id
+    assert (first, second) == (0, 7)
+    assert [int(e["value"]) for e in stripe_standin.meter_events(cus)] == [7]
+    assert ledger_reconcile().ok
+
+
 def test_overage_is_stamped_with_when_it_was_used_not_when_it_was_reported(
     customer, subscribed, stripe_standin
 ):

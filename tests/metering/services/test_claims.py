@@ -16,7 +16,7 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from metering.models import LedgerAccount
 from metering.reconcile import ledger_reconcile
-from metering.selectors import organization_balance
+from metering.selectors import credits_removable, organization_balance
 from metering.services import (
     claim_drop,
     claim_settle,
@@ -138,6 +138,41 @@ def test_transfers_and_adjustments_cannot_take_claimed_credits(org, other_org, g
         lambda: credits_adjust(organization=org, amount=-credits(31), reason="fix", key="fix-1")
     )
     credits_transfer(source=org, destination=other_org, amount=credits(30), key="give-own")
+
+    # and the claim settles the same
+    assert settle_the_refund(org, pack, refunded_at) == (credits(100), 0)
+    assert wallet_claim(org) == 0
+
+
+def test_a_finance_debit_leaves_claimed_credits_and_the_overage_allowance(org, grant):
+    # given: the claimed pack its job gave back and the member's own 30, beside a plan's
+    # overage allowance of 1,000 (lent, burned after everything else)
+    pack, refunded_at = claimed_under_a_running_job(org, grant)
+    hold_release(key="job-old")
+    allowance = grant(
+        org,
+        credits(1000),
+        source="overage",
+        paid=False,
+        resellable=False,
+        priority=1000,
+    )
+    assert organization_balance(organization=org).available == credits(1030)
+    assert credits_removable(organization=org) == credits(30)
+
+    # when: finance remove 31 credits, then 30
+    error = refused(
+        lambda: credits_adjust(organization=org, amount=-credits(31), reason="fix", key="fix-1")
+    )
+    credits_adjust(organization=org, amount=-credits(30), reason="fix", key="fix-2")
+
+    # then: the first was refused, saying what can be removed; the second took the
+    # member's own 30, not the refunded pack nor the allowance
+    assert error.extra == {"required": credits(31), "available": credits(30)}
+    pack.refresh_from_db()
+    allowance.refresh_from_db()
+    assert (pack.remaining, allowance.remaining) == (credits(100), credits(1000))
+    assert credits_removable(organization=org) == 0
 
     # and the claim settles the same
     assert settle_the_refund(org, pack, refunded_at) == (credits(100), 0)
