@@ -10,7 +10,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('gymbilling', '0026_subscription_overage_price'),
+        ('gymbilling', '0028_marketreversal_recovered_by_fill_backfill'),
     ]
 
     operations = [
