@@ -4,20 +4,26 @@ Tokens travel in a stream, not pub/sub: the worker may publish before the API
 process starts reading, and a stream keeps every event until it is read (or
 expires). A cancellation is a key (`relay_cancel`) that the worker's process
 polls for every job it runs (`relay_cancel_watch`), whether the job is
-waiting for the engine, streaming, or not streaming at all.
+waiting for the engine, streaming, or not streaming at all. A job's run holds
+a lease (`relay_run_lease`) that the same poller keeps alive, so that a
+second message for a job whose first run is alive is told from one handed
+back after its worker died.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
 
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from accounts.redis import get_redis
 
@@ -42,6 +48,34 @@ def _stream(job_id: str) -> str:
 
 def _cancel_key(job_id: str) -> str:
     return f"jobcancel:{job_id}"
+
+
+def _run_lease_key(job_pk: int) -> str:
+    # By the primary key: the one thing every task message names (one from an
+    # API of an earlier release carries no public id).
+    return f"jobrun:{job_pk}"
+
+
+# A job's run lease (relay_run_lease) lives this long unless its worker's
+# process renews it, which it does every RUN_LEASE_RENEW_S while the run
+# lasts: five renewals may be missed (a stalled process, a slow Redis) before
+# a live run's lease lapses, and a message handed back after its worker died
+# waits at most this long before it runs.
+RUN_LEASE_S = 5.0
+RUN_LEASE_RENEW_S = 1.0
+
+# Renews the leases whose token is still theirs: one whose run stalled past
+# its life may have been taken by a run after it, whose lease is not ours.
+_RENEW = """
+for i, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[i + 1] then redis.call('pexpire', key, ARGV[1]) end
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 def relay_publish(job_id: str, event: dict, pipe=None) -> None:
@@ -147,13 +181,14 @@ def relay_cancel_requested(job_id: str) -> bool:
 
 
 class _CancelWatcher:
-    """One daemon thread per process, polling Redis for the cancel keys of the jobs it runs.
+    """One daemon thread per process, polling Redis for the cancel keys of the jobs it runs,
+    and renewing their run leases (relay_run_lease).
 
-    It asks Redis only while a job is watched. It is started once and then
-    kept, rather than started per job: starting a thread makes the job's own
-    thread wait for it to be scheduled. Before it, the worker asked Redis
-    between streamed tokens (a round trip per token), so a job that was not
-    streamed, or still waited for its first token, could not be cancelled.
+    It asks Redis only while a job is watched or leased. It is started once
+    and then kept, rather than started per job: starting a thread makes the
+    job's own thread wait for it to be scheduled. Before it, the worker asked
+    Redis between streamed tokens (a round trip per token), so a job that was
+    not streamed, or still waited for its first token, could not be cancelled.
     """
 
     def __init__(self):
@@ -161,26 +196,62 @@ class _CancelWatcher:
         # Keyed by the event: the same job may run twice in a process (a
         # redelivered task), and each run stops on its own.
         self._watched: dict[threading.Event, str] = {}
+        # Run leases, by their token: key.
+        self._leases: dict[str, str] = {}
+        self._renewed_at = 0.0
         self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        # Under self._lock.
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="relay-cancel-watcher", daemon=True
+            )
+            self._thread.start()
 
     def watch(self, job_id: str) -> threading.Event:
         event = threading.Event()
         with self._lock:
             self._watched[event] = job_id
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="relay-cancel-watcher", daemon=True
-                )
-                self._thread.start()
+            self._start()
         return event
 
     def unwatch(self, event: threading.Event) -> None:
         with self._lock:
             self._watched.pop(event, None)
 
+    def lease(self, token: str, key: str) -> None:
+        with self._lock:
+            self._leases[token] = key
+            self._start()
+
+    def unlease(self, token: str) -> None:
+        with self._lock:
+            self._leases.pop(token, None)
+
+    def _renew(self) -> None:
+        now = time.monotonic()
+        if now - self._renewed_at < RUN_LEASE_RENEW_S:
+            return
+        with self._lock:
+            leases = list(self._leases.items())
+        if not leases:
+            return
+        self._renewed_at = now
+        try:
+            _script(_RENEW)(
+                keys=[key for _token, key in leases],
+                args=[int(RUN_LEASE_S * 1000), *(token for token, _key in leases)],
+            )
+        except Exception:
+            # As for the cancel keys: the runs go on; a lease that lapses
+            # meanwhile only lets a duplicate message run, as it did before.
+            logger.warning("could not renew the run leases of running jobs", exc_info=True)
+
     def _run(self) -> None:
         while True:
             time.sleep(CANCEL_POLL_S)
+            self._renew()
             with self._lock:
                 watched = list(self._watched.items())
             if not watched:
@@ -198,6 +269,82 @@ class _CancelWatcher:
 
 
 _watcher = _CancelWatcher()
+
+
+@functools.cache
+def _script(source: str):
+    # Run by its SHA (EVALSHA), as accounts.ratelimits runs its own.
+    return get_redis().register_script(source)
+
+
+@contextlib.contextmanager
+def relay_run_lease(job_pk: int) -> Iterator[bool]:
+    """Hold the job's run lease while the body runs; yields False, holding nothing, when
+    another run of the job holds it and is alive: this message is a duplicate.
+
+    A job's task message can reach two workers: the broker's push sent twice
+    (gymbilling.broker), a publish retried after its answer was lost. The
+    second must not run the job again, nor take it for a dead worker's
+    (tasks._relayed_before would end a live stream unbilled). A message
+    handed back after its worker died must run it again. The lease tells
+    them apart: a live run's process renews it every RUN_LEASE_RENEW_S, a
+    dead one's lapses within RUN_LEASE_S. A message that finds it held
+    watches it: renewed, its run is alive (about a second, at most
+    RUN_LEASE_S); lapsed, it takes it and runs (at most RUN_LEASE_S late).
+
+    Redis failing, the run goes on unleased, as before leases (a Redis
+    outage stops its relay anyway): a duplicate is rare, a job left unrun
+    is not.
+    """
+    key, token = _run_lease_key(job_pk), secrets.token_hex(8)
+    try:
+        taken = _run_lease_take(key, token)
+    except RedisError as exc:
+        logger.warning(
+            "job %s: its run lease cannot be taken (%r); running it unleased", job_pk, exc
+        )
+        yield True
+        return
+    if not taken:
+        yield False
+        return
+    _watcher.lease(token, key)
+    try:
+        yield True
+    finally:
+        _watcher.unlease(token)
+        with contextlib.suppress(RedisError):  # else it lapses within RUN_LEASE_S
+            _script(_RELEASE)(keys=[key], args=[token])
+
+
+def _run_lease_take(key: str, token: str) -> bool:
+    """Take the lease: at once if free; once it lapses if its holder no longer renews it.
+    False when its holder renews it (it is alive)."""
+    redis_client = get_redis()
+    ttl_ms = int(RUN_LEASE_S * 1000)
+    first_end = None
+    # A lease not renewed lapses within RUN_LEASE_S; one still there after
+    # that was renewed, which the loop would have seen: the bound is a guard.
+    deadline = time.monotonic() + RUN_LEASE_S + 2 * RUN_LEASE_RENEW_S
+    while True:
+        if redis_client.set(key, token, nx=True, px=ttl_ms):
+            return True
+        left_ms = redis_client.pttl(key)
+        if left_ms == -2:
+            continue  # it lapsed (or was let go) since the SET: take it now
+        now = time.monotonic()
+        if left_ms >= 0:
+            # When it ends, on this clock: an unrenewed lease's end stays put
+            # (give or take a round trip); each renewal moves it on by about
+            # RUN_LEASE_RENEW_S.
+            ends_at = now + left_ms / 1000
+            if first_end is None:
+                first_end = ends_at
+            elif ends_at - first_end > RUN_LEASE_RENEW_S / 2:
+                return False
+        if now > deadline:
+            return False
+        time.sleep(RUN_LEASE_RENEW_S / 4)
 
 
 @contextlib.contextmanager

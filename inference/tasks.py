@@ -4,7 +4,10 @@ Queues: inference.priority, inference.standard, inference.batch. A worker
 that dies mid-job hands the task back (acks late, reject on worker lost);
 the redelivered task runs the generation again and the job settles once,
 because its hold is keyed by the job id and the settlement checks the job's
-status under its row lock. Not a streamed job whose dead run had relayed
+status under its row lock. A run holds a lease its process renews
+(relay_run_lease): a message handed back runs once its dead worker's lease
+lapses (within 5 s), while a second copy of a message whose run is alive
+(a push sent twice, a retried publish) is dropped, the job left to that run. Not a streamed job whose dead run had relayed
 some of its text: its client is reading that stream, so it ends failed,
 `worker_lost`, unbilled (_relayed_before).
 
@@ -48,6 +51,7 @@ from inference.relay import (
     relay_progress_set,
     relay_publish,
     relay_relayed_text,
+    relay_run_lease,
 )
 from inference.selectors import catalog_model_by_id, job_final_event, pools_for_job
 from inference.services import concurrency_slots_sweep, job_settle, job_start
@@ -92,9 +96,23 @@ ENGINE_FIRST_WITHIN_S = 0.25
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def job_run(self, job_pk: int, prompt: str) -> str:
     spec = self.request.get(ENGINE_SPEC_HEADER)
-    # One Redis read of the catalog and price caches' tokens for the whole job.
-    with cache_scope():
-        return _job_run(job_pk, prompt, spec)
+    # Before anything is sent or started: a second message for a job whose
+    # first run is alive leaves the job to it (relay_run_lease).
+    with relay_run_lease(job_pk) as leased:
+        if not leased:
+            logger.warning(
+                "job %s: a second message for it came while its run is alive; dropped",
+                spec["id"] if spec is not None else f"pk={job_pk}",
+            )
+            return DUPLICATE
+        # One Redis read of the catalog and price caches' tokens for the whole job.
+        with cache_scope():
+            return _job_run(job_pk, prompt, spec)
+
+
+# What job_run returns for a message it dropped as a duplicate (its result is
+# ignored; it shows in the worker's log).
+DUPLICATE = "duplicate"
 
 
 class _Start:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from datetime import timedelta
 
@@ -45,7 +46,14 @@ from metering.models import Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price, organization_balance
 from metering.services import hold_place, holds_expire
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, ledger_rows, served_model, wait_until
+from tests.helpers import (
+    credits,
+    ledger_rows,
+    on_own_connection,
+    pause_after,
+    served_model,
+    wait_until,
+)
 from tests.inference.conftest import occupy_engine_workers
 from tests.reliability.test_inference_faults import _expected_charge, _settled_once
 
@@ -385,6 +393,69 @@ def test_a_streamed_job_whose_worker_died_before_relaying_runs_again(queued_job)
     assert status == job.status == JobStatus.SUCCEEDED
     assert final["type"] == "done" and final["output_tokens"] == job.output_tokens == 4
     assert "".join(event["text"] for event in deltas) == final["text"] != ""
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=_expected_charge(job))
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_second_message_while_the_first_run_is_alive_leaves_the_job_to_it(
+    queued_job, monkeypatch, message
+):
+    # given a streamed job whose first run relayed its whole text and is about
+    # to settle (held there, alive: its process renews its run lease)
+    Job.objects.filter(pk=queued_job.pk).update(
+        stream=True, params=queued_job.params | {"max_tokens": 8}
+    )
+    queued_job.refresh_from_db()
+    spec = _spec(queued_job, age_s=0 if message == "fresh" else 60)
+    generated, settle = pause_after(monkeypatch, tasks, "_generate", thread="first-run")
+    first_status, errors = [], []
+    first = threading.Thread(
+        target=on_own_connection,
+        args=(lambda: first_status.append(_run(queued_job, spec)), errors),
+        name="first-run",
+    )
+    first.start()
+    assert generated.wait(timeout=30), "the first run did not generate"
+
+    # when a second copy of its message arrives (a push sent twice)
+    second = _run(queued_job, spec)
+
+    # then it is dropped: the job still runs under the first run, its hold
+    # held, nothing settled, and its client's stream holds only the text
+    assert second == tasks.DUPLICATE
+    job = Job.objects.get(pk=queued_job.pk)
+    assert (job.status, job.error_code) == (JobStatus.RUNNING, "")
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.PENDING
+    assert not UsageRecord.objects.filter(job_id=job.public_id).exists()
+    stream = get_redis().xrange(f"jobstream:{job.public_id}")
+    assert stream and all(b'"delta"' in fields[b"e"] for _id, fields in stream)
+
+    # and once the first run settles, it is billed as any run is, its stream
+    # ended once, with its text
+    settle.set()
+    first.join(timeout=60)
+    assert not errors and first_status == [JobStatus.SUCCEEDED]
+    *deltas, final = relay_events(job.public_id, timeout_s=10)
+    assert {event["type"] for event in deltas} == {"delta"}
+    assert final["type"] == "done" and final["text"] == "".join(e["text"] for e in deltas)
+    job = Job.objects.get(pk=queued_job.pk)
+    assert (job.status, job.output_tokens) == (JobStatus.SUCCEEDED, 8)
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=_expected_charge(job))
+    assert job.credits_charged == _expected_charge(job) > 0
+
+
+def test_a_message_whose_runs_lease_lapsed_runs_the_job_again(queued_job):
+    # given a job whose run died (its process killed): its lease, no longer
+    # renewed, lapses within a second and a half
+    assert tasks.job_start(job_pk=queued_job.pk, public_id=queued_job.public_id)
+    get_redis().set(f"jobrun:{queued_job.pk}", "dead-run", px=1500)
+
+    # when its message comes back
+    status = _run(queued_job, _spec(queued_job, age_s=60))
+
+    # then it runs the job once the lease lapsed, billed once
+    job = Job.objects.get(pk=queued_job.pk)
+    assert status == job.status == JobStatus.SUCCEEDED and job.output_tokens == 4
     _settled_once(job, status=HoldStatus.CAPTURED, captured=_expected_charge(job))
 
 
