@@ -244,6 +244,19 @@ def _encode(model_name: str, request: GenerationRequest, request_id: str):
     return message
 
 
+def engine_text(text: str) -> str:
+    """The engine's text with each NUL (U+0000) made U+FFFD, as the decoder makes bytes that
+    are no UTF-8.
+
+    A byte-fallback tokenizer can decode a token to a NUL, which JSON carries
+    but PostgreSQL's text cannot: an asynchronous job's output that held one
+    could never be stored, and its job never settled. Replaced here, where
+    the text enters, a streamed delta, an answer and a stored output say the
+    same, character for character (a job's progress counts characters).
+    """
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 class _Accumulator:
     """Everything one request delivered so far, whichever response carried it."""
 
@@ -251,7 +264,8 @@ class _Accumulator:
         self.request = request
         self.server_url = server_url
         # A token may end inside a multi-byte character; the decoder holds the
-        # bytes until the character is complete.
+        # bytes until the character is complete. Bytes that are no UTF-8 come
+        # out as U+FFFD, and so does a NUL (engine_text).
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.parts: list[str] = []
         self.input_tokens = 0
@@ -269,7 +283,7 @@ class _Accumulator:
             if name == "text_output":
                 if len(raw) >= 4:
                     (length,) = struct.unpack_from("<I", raw)
-                    delta = self._decoder.decode(raw[4 : 4 + length])
+                    delta = engine_text(self._decoder.decode(raw[4 : 4 + length]))
                     if delta:
                         self.parts.append(delta)
             elif name in ("num_output_tokens", "num_input_tokens", "num_cached_tokens"):

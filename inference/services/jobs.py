@@ -851,8 +851,8 @@ def job_settle(
         "serving_cost": cost,
         "finish_reason": outcome.finish_reason,
         "error_code": outcome.error_code,
-        "error_message": outcome.error_message[:500],
-        "output": outcome.text if not job.stream and job.kind == "async" else "",
+        "error_message": _storable(outcome.error_message[:500]),
+        "output": _storable(outcome.text) if not job.stream and job.kind == "async" else "",
     }
     claimable = NON_TERMINAL if only_from is None else [s for s in only_from if s in NON_TERMINAL]
     # The usage record is written with the settlement (on the fast path in
@@ -900,6 +900,24 @@ def job_settle(
     if outcome.first_token_at is not None and job.first_token_at is None:
         job.first_token_at = outcome.first_token_at
     return job
+
+
+def _storable(text: str) -> str:
+    """`text` as PostgreSQL's text stores it: a NUL, or a lone surrogate, made U+FFFD.
+
+    The engine's text comes without NULs (triton.engine_text, which the web
+    processes do not import: it brings gRPC), but an error's message may
+    quote anything; one PostgreSQL refused (DataError, which the worker does
+    not try again) would leave its job unsettled, its hold locked, its
+    tokens unbilled until the hold expired.
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
 
 
 def _settles_in_one_call(job: Job) -> bool:

@@ -133,6 +133,45 @@ def test_a_job_that_ran_past_its_credits_expiry_says_what_remains_without_them(
     assert end["credits_remaining"] == credits(5)
 
 
+@pytest.mark.parametrize("way", ["one call", "in a transaction", "orm"])
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED])
+def test_a_nul_in_what_the_engine_said_is_stored_as_u_fffd_and_the_job_settles(
+    running_job, settings, way, status
+):
+    # given an asynchronous job (its output is stored) whose engine text, or
+    # error message, holds a NUL, which PostgreSQL's text refuses (a
+    # byte-fallback tokenizer decodes a token to one)
+    Job.objects.filter(pk=running_job.pk).update(kind="async")
+    running_job.kind = "async"
+    settings.METERING_FAST_PATH = way != "orm"
+    outcome = Outcome(
+        text="Squat,\x00 then rest.",
+        input_tokens=7,
+        output_tokens=5,
+        engine_ms=9,
+        finish_reason="stop" if status == JobStatus.SUCCEEDED else "error",
+        error_code="" if status == JobStatus.SUCCEEDED else "engine_error",
+        error_message="" if status == JobStatus.SUCCEEDED else "the engine said \x00",
+        input_tokens_source=InputTokensSource.ENGINE,
+    )
+
+    # when it settles
+    opened = transaction.atomic() if way == "in a transaction" else nullcontext()
+    with opened:
+        settled = job_settle(job=running_job, outcome=outcome, status=status)
+
+    # then it settled as any job does, charged for what was served, its output
+    # (and message) stored with U+FFFD where the NUL was
+    row = Job.objects.get(pk=running_job.pk)
+    assert row.status == settled.status == status
+    assert row.output == "Squat,\ufffd then rest."
+    assert row.error_message == ("" if status == JobStatus.SUCCEEDED else "the engine said \ufffd")
+    assert 0 < row.credits_charged == settled.credits_charged
+    hold = Hold.objects.get(key=row.public_id)
+    assert (hold.status, hold.captured) == (HoldStatus.CAPTURED, row.credits_charged)
+    assert UsageRecord.objects.get(job_id=row.public_id).credits == row.credits_charged
+
+
 def test_a_worker_settles_its_job_in_one_statement_once(running_job):
     org = running_job.organization
     before = organization_balance(organization=org)

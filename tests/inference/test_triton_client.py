@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from tritonclient.grpc import service_pb2
 
 from inference import triton as triton_module
 from inference.engine.server import TritonDevServer
@@ -609,6 +611,30 @@ def test_an_engine_refusal_is_an_engine_error_with_the_engines_message(pool, req
     assert refused.value.partial is None
     # and the next request on the same pool is served
     assert pool.generate(GenerationRequest(PROMPT, 4, seed=2)).output_tokens == 4
+
+
+def test_a_nul_the_engine_sends_reaches_the_caller_as_u_fffd():
+    # given the engine's responses as they come off the wire (tritonclient's
+    # own message; the development engine's vocabulary has no NUL to sample):
+    # a token that decodes to a NUL (a byte-fallback tokenizer's <0x00>),
+    # then one whose character ends in the next response
+    def response(text_bytes: bytes):
+        message = service_pb2.ModelInferResponse()
+        message.outputs.add(name="text_output", datatype="BYTES", shape=[1, 1])
+        message.raw_output_contents.append(struct.pack("<I", len(text_bytes)) + text_bytes)
+        return message
+
+    accumulator = triton_module._Accumulator(GenerationRequest(PROMPT, 4, stream=True), "url")
+
+    # when they are read
+    deltas = [
+        accumulator.add(response(raw)) for raw in (b"a\x00b", "é".encode()[:1], "é".encode()[1:])
+    ]
+
+    # then the NUL is U+FFFD in the delta and in the whole text, which
+    # PostgreSQL can store, and which say the same
+    assert deltas == ["a\ufffdb", "", "é"]
+    assert accumulator.result().text == "a\ufffdbé" == "".join(deltas)
 
 
 def test_a_value_the_wire_cannot_carry_is_refused_before_sending(pool):
