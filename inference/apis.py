@@ -403,6 +403,8 @@ class _GenerationApi(OrgApiView):
                 raise self.timed_out(job, *self.final_after_cancel(job)) from None
             if first is not HEARTBEAT and first["type"] == "error" and not first["output_tokens"]:
                 raise self.engine_error(job, first)
+            if first is not HEARTBEAT and self.cancelled_unanswered(first):
+                raise self.cancelled(job, first)
             response = StreamingHttpResponse(
                 self.sse(job, itertools.chain([first], events), include_usage=include_usage),
                 content_type="text/event-stream",
@@ -415,6 +417,8 @@ class _GenerationApi(OrgApiView):
         final = self.wait(job)
         if final["type"] == "error":
             raise self.engine_error(job, final)
+        if self.cancelled_unanswered(final):
+            raise self.cancelled(job, final)
         response = Response(self.body(job, final), headers=self.cost_headers(job, final))
         _announce_sunset(response, job.model)
         return response
@@ -544,6 +548,36 @@ class _GenerationApi(OrgApiView):
             status=status,
             extra={"job_id": job.public_id},
             took_effect=charged,
+            headers=_GenerationApi.cost_headers(job, final),
+        )
+
+    @staticmethod
+    def cancelled_unanswered(final: dict) -> bool:
+        """Whether the job's last event is that of a job cancelled before it generated
+        anything: by POST /api/v1/jobs/{id}/cancel while it waited (the gateway's own
+        cancels answer with their own errors)."""
+        return final.get("status") == JobStatus.CANCELED and not final.get("output_tokens")
+
+    @staticmethod
+    def cancelled(job: Job, final: dict) -> ApplicationError:
+        """The answer of a request whose job was cancelled before it generated anything: a
+        409 that says so, not an empty completion a client could take for the model's
+        answer. Charged (a prompt the engine took), it keeps its Idempotency-Key."""
+        charged = final["credits_charged"]
+        cost = (
+            f"it was charged {amount_display(charged)} credits for the prompt the engine took"
+            if charged
+            else "nothing was charged"
+        )
+        return ApplicationError(
+            code="job_cancelled",
+            message=(
+                f"The job was cancelled (POST /api/v1/jobs/{job.public_id}/cancel) before it "
+                f"generated anything; {cost}."
+            ),
+            status=409,
+            extra={"job_id": job.public_id},
+            took_effect=charged > 0,
             headers=_GenerationApi.cost_headers(job, final),
         )
 

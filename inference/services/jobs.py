@@ -42,7 +42,7 @@ from accounts.ratelimits import (
 from accounts.redis import get_redis
 from gymbilling.broker import task_publish
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
-from inference.selectors import catalog_model_resolve, pools_for_job
+from inference.selectors import catalog_model_resolve, job_final_event, pools_for_job
 from inference.services.callbacks import job_callback_record
 from metering.models import Hold, HoldStatus
 from metering.selectors import model_price
@@ -1213,10 +1213,32 @@ def _stop_request(job: Job) -> bool:
 
 def _cancel_if_queued(job: Job) -> Job:
     """Settle the job as cancelled, nothing billed, if it is still queued under the lock: a
-    worker that started it meanwhile owns the settlement, and bills what the engine took."""
-    return job_settle(
-        job=job,
-        outcome=Outcome(finish_reason="cancelled"),
-        status=JobStatus.CANCELED,
-        only_from=(JobStatus.QUEUED,),
+    worker that started it meanwhile owns the settlement, and bills what the engine took.
+
+    Its final event is then sent as its worker would have sent it: a request
+    waiting for the job's answer (POST /v1/chat/completions) answers at once,
+    where it waited for its whole timeout and then said the model did not
+    answer in time.
+    """
+    outcome = Outcome(finish_reason="cancelled")
+    job = job_settle(
+        job=job, outcome=outcome, status=JobStatus.CANCELED, only_from=(JobStatus.QUEUED,)
     )
+    if job.status == JobStatus.CANCELED and job.started_at is None:  # ended while queued
+        _final_event_send(job, outcome)
+    return job
+
+
+def _final_event_send(job: Job, outcome: Outcome) -> None:
+    """Relay the settled job's final event, best effort: the settlement has committed, and a
+    failure raised from here would make a cancel that took effect look failed. A waiting
+    request that misses it reads the job's end from its row once its wait ends."""
+    from inference.relay import relay_publish
+
+    try:
+        relay_publish(
+            job.public_id,
+            job_final_event(job, text=outcome.text, finish_reason=outcome.finish_reason),
+        )
+    except (RedisError, DatabaseError) as exc:
+        logger.warning("job %s: ended, but its final event could not be sent (%r)", job, exc)

@@ -8,9 +8,13 @@ tests/reliability/test_inference_cancel.py.
 
 from __future__ import annotations
 
+import json
+import threading
+
 import pytest
 import redis
 
+from accounts.errors import ApplicationError
 from accounts.models import Scope
 from accounts.redis import get_redis
 from accounts.services import apikey_create
@@ -209,3 +213,96 @@ def test_a_job_whose_answer_failed_is_cancelled_even_when_redis_fails(grant, mon
     assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
     assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED
     assert organization_balance(organization=org) == before
+
+
+def _waiting_request(job: Job, *, stream: bool) -> tuple[threading.Thread, list]:
+    """A chat completion's request waiting for `job`'s answer (its view's answer, which reads
+    only the relay until it ends) on a thread of its own; what it answers, or raises, goes
+    to the list."""
+    Job.objects.filter(pk=job.pk).update(kind="chat", stream=stream)
+    job.kind, job.stream = "chat", stream
+    answers: list = []
+
+    def wait() -> None:
+        try:
+            answers.append(apis.ChatCompletionsApi().answer(job, {"stream": stream}))
+        except ApplicationError as exc:
+            answers.append(exc)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread, answers
+
+
+def test_a_request_waiting_for_a_job_cancelled_while_queued_is_answered_at_once(
+    queued_job, settings
+):
+    # given a chat completion waiting for its queued job's answer, for up to 30 s
+    settings.INFERENCE_TIMEOUT_SECONDS = 30
+    waiting, answers = _waiting_request(queued_job, stream=False)
+
+    # when the job is cancelled (POST /api/v1/jobs/{id}/cancel)
+    job_cancel(job=Job.objects.get(pk=queued_job.pk))
+
+    # then the request answers at once (the bound only guards against a hang),
+    # with a 409 that says it was cancelled and cost nothing, not a 504
+    # saying the model did not answer in time
+    waiting.join(timeout=10)
+    assert not waiting.is_alive(), "the request still waits for the cancelled job"
+    [error] = answers
+    assert isinstance(error, ApplicationError)
+    assert (error.code, error.status) == ("job_cancelled", 409)
+    assert error.message == (
+        f"The job was cancelled (POST /api/v1/jobs/{queued_job.public_id}/cancel) before it "
+        "generated anything; nothing was charged."
+    )
+    assert not error.took_effect and error.headers["X-Gym-Credits-Charged"] == "0"
+    # and the job is cancelled, its whole hold released
+    job = Job.objects.get(pk=queued_job.pk)
+    assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED
+
+
+def test_a_stream_whose_queued_job_is_cancelled_ends_at_once_saying_so(
+    queued_job, settings, monkeypatch
+):
+    # given a streamed chat completion whose 200 went out while its job was
+    # queued (nothing came within the first event's wait), each event waited
+    # for up to 30 s
+    settings.INFERENCE_TIMEOUT_SECONDS = 30
+    monkeypatch.setattr(apis, "STREAM_FIRST_EVENT_WAIT_S", 0)
+    waiting, answers = _waiting_request(queued_job, stream=True)
+    waiting.join(timeout=10)
+    [response] = answers
+    assert response.status_code == 200
+    lines: list[bytes] = []
+    reading = threading.Thread(target=lambda: lines.extend(response.streaming_content))
+    reading.daemon = True
+    reading.start()
+
+    # when the job is cancelled
+    job_cancel(job=Job.objects.get(pk=queued_job.pk))
+
+    # then the stream ends at once, as a cancelled job's does: finish_reason
+    # "cancelled", nothing charged, [DONE]
+    reading.join(timeout=10)
+    assert not reading.is_alive(), "the stream still waits for the cancelled job"
+    last = json.loads(lines[-2][len(b"data: ") :])
+    assert last["choices"][0]["finish_reason"] == "cancelled"
+    assert last["gym"]["credits_charged"] == 0
+    assert lines[-1] == b"data: [DONE]\n\n"
+
+
+def test_a_queued_job_is_cancelled_though_its_final_event_cannot_be_sent(queued_job, monkeypatch):
+    # given Redis failing under the relay's publish (stood in there, as above)
+    def publish_down(*_args, **_kwargs):
+        raise redis.ConnectionError("redis is down")
+
+    monkeypatch.setattr(relay, "relay_publish", publish_down)
+
+    # when the queued job is cancelled
+    job = job_cancel(job=queued_job)
+
+    # then the cancel stands: cancelled, nothing charged, its hold released
+    assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED

@@ -387,3 +387,25 @@ def test_a_stream_whose_final_event_was_lost_ends_as_its_job_ended(running_job):
     assert payloads[-1]["usage"]["completion_tokens"] == 8
     assert payloads[-1]["gym"]["credits_charged"] == settled.credits_charged
     assert lines[-1] == b"data: [DONE]\n\n"
+
+
+def test_a_running_job_cancelled_before_it_generated_anything_is_a_409_with_its_charge(
+    running_job, settings
+):
+    # given a job not streamed, cancelled (POST /api/v1/jobs/{id}/cancel) as it
+    # ran, whose worker settled it for the prompt the engine took and sent its end
+    settings.INFERENCE_TIMEOUT_SECONDS = 5
+    sent = _settled_by_its_worker(running_job, JobStatus.CANCELED, output_tokens=0)
+
+    # when the waiting request answers
+    with pytest.raises(ApplicationError) as cancelled:
+        apis.ChatCompletionsApi().answer(running_job, {"stream": False})
+    response = exception_handler(cancelled.value, {})
+
+    # then it says the job was cancelled and what it cost, not an empty
+    # completion; charged, it keeps its Idempotency-Key
+    charged = amount_display(sent["credits_charged"])
+    assert (cancelled.value.code, response.status_code) == ("job_cancelled", 409)
+    assert f"charged {charged} credits for the prompt the engine took" in cancelled.value.message
+    assert cancelled.value.took_effect and sent["credits_charged"] > 0
+    assert response["X-Gym-Credits-Charged"] == charged
