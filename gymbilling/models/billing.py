@@ -573,7 +573,7 @@ class RolloverCarry(models.Model):
     # work started after it may hold them while the jobs run or before the sweep expires
     # what the jobs gave back; the sweep drops it as it settles. 0: nothing claimed
     # (none over the cap, or a carry opened before rollovers claimed).
-    held_claimed = models.PositiveBigIntegerField(default=0)
+    held_claimed = models.PositiveBigIntegerField(default=0, db_default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -387,7 +387,7 @@ class MarketReversal(models.Model):
     # and the rest to the losses. Not all of it where the fill had been reopened: the
     # refused payout paid only what was left, an earlier one the rest, and that
     # stayed lost (gymbilling/0028 filled it in for rows recovered before).
-    recovered_by_fill = models.JSONField(default=dict, blank=True)
+    recovered_by_fill = models.JSONField(default=dict, blank=True, db_default={})
     reinstated_at = models.DateTimeField(null=True, blank=True)
     credits_reinstated = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
