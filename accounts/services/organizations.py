@@ -220,6 +220,17 @@ def membership_add(
     return membership
 
 
+def _organization_lock(organization_id: int) -> None:
+    """Lock the organization's row FOR NO KEY UPDATE: what changes its members or its
+    invitations takes it first, before any row of theirs.
+
+    The accept of an invitation locks it (FOR UPDATE) before the invitation's row; a
+    change that locked the invitation first and the organization only at COMMIT (its
+    audit row's deferred foreign key takes a key-share lock there) deadlocked against it.
+    """
+    Organization.objects.select_for_update(no_key=True).get(pk=organization_id)
+
+
 def _membership_locked(membership: Membership) -> Membership:
     """`membership` as it is now, read with its organization's row locked: what may change
     it (its role, whether it is the last owner) is checked against this, not against the
@@ -233,7 +244,7 @@ def _membership_locked(membership: Membership) -> Membership:
     and the organization was left with none. And a role read before the lock was stale:
     an admin's removal of a member who an owner promoted meanwhile removed an owner.
     """
-    Organization.objects.select_for_update(no_key=True).get(pk=membership.organization_id)
+    _organization_lock(membership.organization_id)
     current = (
         Membership.objects.select_related("user", "organization").filter(pk=membership.pk).first()
     )
@@ -320,6 +331,8 @@ def invitation_create(
     now = timezone.now()
     try:
         with transaction.atomic():
+            # Before the expired invitation's row, as an accept of it takes them.
+            _organization_lock(organization.pk)
             # An expired invitation admits nobody, but the uniqueness of open ones still
             # counted it, so the address could never be invited again: it is closed
             # (revoked) for the new one to take its place.
@@ -433,6 +446,7 @@ def invitation_revoke(*, invitation: Invitation, actor=None, actor_key=None) -> 
     organization = invitation.organization
     _require_manager(organization, actor)
     _require_owner_for(organization, actor, invitation.role, actor_key=actor_key)
+    _organization_lock(organization.pk)  # before the invitation's: as an accept takes them
     # Under its lock: an accept that got there first has made a member (409 above).
     invitation = Invitation.objects.select_for_update().get(pk=invitation.pk)
     _require_open(invitation)

@@ -156,3 +156,37 @@ def test_an_admin_does_not_remove_a_member_promoted_to_owner_meanwhile(two_owner
     assert membership(org, dave).role == Role.OWNER
     assert answers["admin"].status_code == 403, answers["admin"].content
     assert answers["admin"].json()["error"]["code"] == "permission_denied"
+
+
+def test_an_invitation_revoked_as_it_is_accepted_is_one_or_the_other_never_a_500(
+    two_owners, monkeypatch
+):
+    # given: Alice, an owner, invited Carol; Carol has signed up with that address
+    org, alice, _, _ = two_owners
+    carol = UserFactory()
+    invitation, token = organization_services.invitation_create(
+        organization=org, email=carol.email, role=Role.MEMBER, actor=alice
+    )
+    alice_client, carol_client = signed_in(alice), signed_in(carol)
+    answers: dict[str, object] = {}
+
+    def alice_revokes() -> None:
+        answers["revoke"] = alice_client.delete(
+            f"/api/v1/orgs/{org.pk}/invitations/{invitation.pk}"
+        )
+
+    def carol_accepts() -> None:
+        answers["accept"] = carol_client.post(
+            "/api/v1/invitations/accept", {"token": token}, content_type="application/json"
+        )
+
+    # when: Alice revokes it while Carol accepts it
+    race(monkeypatch, alice_revokes, carol_accepts)
+
+    # then: the revocation went through and the accept, decided after it, was refused
+    # with its reason (it waited for the organization, not a deadlock aborted either);
+    # Carol is no member
+    assert answers["revoke"].status_code == 200, answers["revoke"].content
+    assert answers["accept"].status_code == 404, answers["accept"].content
+    assert answers["accept"].json()["error"]["code"] == "invitation_invalid"
+    assert not Membership.objects.filter(organization=org, user=carol).exists()
