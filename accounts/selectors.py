@@ -137,9 +137,9 @@ def invitation_sender_may_grant(invitation: Invitation) -> bool:
     whose role grants it (roles_grantable_by), or an active staff member (they manage any
     organization). Sent with an API key, its creator is that person; a key without a
     creator (an operator's, `manage.py apikey_create`) acts on its scope alone, and may
-    give any role but owner, as when it invited. Nobody named (sent by the system, or
-    by a person since deleted): the invitation alone decides, as before senders were
-    checked.
+    give any role but owner, as when it invited; a key revoked since may give none. Nobody
+    named (sent by the system, or by a person since deleted): the invitation alone
+    decides, as before senders were checked.
 
     Removing or demoting a member revokes what they sent that they could no longer send
     (invitations_sent_revoke); this holds for the rest: invitations sent before that
@@ -147,6 +147,10 @@ def invitation_sender_may_grant(invitation: Invitation) -> bool:
     """
     person = invitation.invited_by_id
     if person is None and invitation.invited_by_key_id is not None:
+        if invitation.invited_by_key.revoked_at is not None:
+            # A key revoked (leaked, or withdrawn) vouches for nothing it did: its
+            # invitations would otherwise outlive it, as its creator's standing does.
+            return False
         person = invitation.invited_by_key.created_by_id
         if person is None:
             return invitation.role in roles_grantable_by(Role.ADMIN)

@@ -24,6 +24,7 @@ from accounts.models import (
     User,
 )
 from accounts.services import (
+    apikey_revoke,
     invitation_create,
     membership_add,
     organization_create,
@@ -1101,6 +1102,27 @@ def test_an_operators_key_invitation_is_accepted(team, make_key, commit_then_mai
     # then the key's scope was its power, as when it invited: the person joins
     assert response.status_code == 201, response.content
     assert membership(org, person).role == Role.ADMIN
+
+
+@pytest.mark.parametrize("creator", ["admin", "operator"])
+def test_an_invitation_sent_with_a_key_revoked_since_is_refused(
+    team, make_key, commit_then_mail, creator
+):
+    # given an invitation sent with an admin key (an admin's, or an operator's without a
+    # creator), then that key revoked: it leaked, and was used to invite an outsider
+    org = team["org"]
+    made_by = team[Role.ADMIN] if creator == "admin" else None
+    key, raw = make_key(org, scopes=[Scope.ADMIN], actor=made_by)
+    person = user_signup(email=f"leaked-{creator}@example.test", password=None)
+    _, token = invited_as(commit_then_mail, key_client(raw), org, person.email, "admin")
+    apikey_revoke(key=key, actor=team[Role.OWNER])
+
+    # when the invitation is accepted
+    response = accept(person, token)
+
+    # then it is refused: the revoked key vouches for nothing it did
+    assert_error(response, 403, "invitation_sender_not_allowed")
+    assert not Membership.objects.filter(organization=org, user=person).exists()
 
 
 # --- the audit log over the dashboard -------------------------------------------------------------
