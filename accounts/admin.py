@@ -1,9 +1,10 @@
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.admin import GroupAdmin as BaseGroupAdmin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import Group, Permission
 from django.core.exceptions import ValidationError
 from django.db.models import Q
 from django.shortcuts import render
@@ -173,6 +174,26 @@ class UserAdmin(BaseUserAdmin):
         # loses its actor, and the API keys they made must keep naming their creator
         # (ApiKey.created_by is PROTECT; a deactivated creator's admin keys are refused).
         return False
+
+
+admin.site.unregister(Group)
+
+
+@admin.register(Group)
+class GroupAdmin(BaseGroupAdmin):
+    """Groups are privileges: only superusers make, change or delete them. Staff with
+    `auth.change_group` could otherwise add any permission (refunds, credit adjustments,
+    changing users) to a group they belong to, and so to themselves, around UserAdmin's
+    rule that only superusers give privileges. Others may view them."""
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
 
 
 @admin.register(Organization)

@@ -138,3 +138,44 @@ def test_a_superuser_gives_privileges_and_sets_a_superusers_password(
     assert privileges(people_staff) == (True, True, ["finance"])
     other.refresh_from_db()
     assert other.check_password(NEW_PASSWORD)
+
+
+def test_staff_who_may_change_groups_cannot_give_their_group_more_permissions(powerful_group):
+    # given: a staff member in a small group, who may view and change groups
+    small = Group.objects.create(name="support")
+    small.permissions.add(*Permission.objects.filter(codename__in=["view_group", "change_group"]))
+    staff = UserFactory(is_staff=True)
+    staff.groups.add(small)
+    refunds = Permission.objects.get(codename="refund_payment")
+    client = signed_in(staff)
+
+    # when: they save their group's page with the refund permission added, and add a group
+    change = client.post(
+        f"/admin/auth/group/{small.pk}/change/",
+        {
+            "name": "support",
+            "permissions": [*small.permissions.values_list("pk", flat=True), refunds.pk],
+        },
+    )
+    add = client.post("/admin/auth/group/add/", {"name": "mine", "permissions": [refunds.pk]})
+
+    # then: refused; the group holds what it held, no group was made, and they may still
+    # view the groups
+    assert (change.status_code, add.status_code) == (403, 403)
+    assert not small.permissions.filter(pk=refunds.pk).exists()
+    assert not Group.objects.filter(name="mine").exists()
+    assert client.get(f"/admin/auth/group/{small.pk}/change/").status_code == 200
+    assert not staff.has_perm("gymbilling.refund_payment")
+
+
+def test_a_superuser_still_changes_groups():
+    group = Group.objects.create(name="support")
+    refunds = Permission.objects.get(codename="refund_payment")
+    superuser = signed_in(UserFactory(is_staff=True, is_superuser=True))
+
+    response = superuser.post(
+        f"/admin/auth/group/{group.pk}/change/", {"name": "support", "permissions": [refunds.pk]}
+    )
+
+    assert response.status_code == 302
+    assert group.permissions.filter(pk=refunds.pk).exists()
