@@ -20,6 +20,7 @@ from gymbilling.models import (
     BillingCustomer,
     CheckoutSession,
     CreditPack,
+    FormerStripeCustomer,
     Invoice,
     OverageReport,
     PaymentReversal,
@@ -467,7 +468,28 @@ class StripeEventAdmin(ReadOnlyAdmin):
 
 @admin.register(OverageReport)
 class OverageReportAdmin(ReadOnlyAdmin):
-    list_display = ["identifier", "organization", "credits", "used_at", "sent_at", "created_at"]
+    """Overage batches sent to the Stripe meter; a failed one (its customer deleted at
+    Stripe) was never invoiced: its error says what finance should do."""
+
+    list_display = [
+        "identifier",
+        "organization",
+        "credits",
+        "used_at",
+        "sent_at",
+        "failed_at",
+        "error",
+        "created_at",
+    ]
+    list_filter = [("failed_at", admin.EmptyFieldListFilter)]
+
+
+@admin.register(FormerStripeCustomer)
+class FormerStripeCustomerAdmin(ReadOnlyAdmin):
+    """Stripe customers deleted at Stripe and replaced by a new one for the organization."""
+
+    list_display = ["stripe_customer_id", "organization", "replaced_by", "replaced_at"]
+    search_fields = ["stripe_customer_id", "replaced_by", "organization__slug"]
 
 
 @admin.register(PaymentReversal)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gymbilling import stripe_client
-from gymbilling.models import BillingCustomer, Subscription
+from gymbilling.models import BillingCustomer, FormerStripeCustomer, Subscription
 from gymbilling.services.invoices import invoice_credits, invoice_subscription_id
 from metering.models import JournalTransaction
 from metering.reconcile import register, sql_rows
@@ -179,7 +179,10 @@ class StripeReport:
 def stripe_reconcile() -> StripeReport:
     """Compare Stripe's paid subscription invoices with the ledger's grants, both ways."""
     report = StripeReport()
-    ours = set(BillingCustomer.objects.values_list("stripe_customer_id", flat=True))
+    # Customers replaced after Stripe deleted them too: their paid invoices granted credits.
+    ours = set(BillingCustomer.objects.values_list("stripe_customer_id", flat=True)) | set(
+        FormerStripeCustomer.objects.values_list("stripe_customer_id", flat=True)
+    )
     subscriptions = {
         s.stripe_subscription_id: s for s in Subscription.objects.select_related("plan")
     }

@@ -240,6 +240,24 @@ def customer_create(*, key: str, email: str, name: str, metadata: dict) -> dict:
     )
 
 
+def customer_retrieve(customer_id: str) -> dict:
+    """The customer; one deleted at Stripe is answered `{"id", "object", "deleted": true}`
+    (a 200, not a 404), which `customer_gone` reads as gone."""
+    return _call(_client().v1.customers.retrieve, customer_id)
+
+
+def customer_gone(customer_id: str) -> bool:
+    """Whether Stripe says, for certain, that it has no such customer: deleted
+    (`deleted: true`), or never known to it (404 `resource_missing`). False while it has
+    the customer; another refusal, or Stripe unreachable, is raised, as not knowing."""
+    try:
+        return bool(customer_retrieve(customer_id).get("deleted"))
+    except StripeRequestRefused as exc:
+        if exc.status == 404 and exc.code == "resource_missing":
+            return True
+        raise
+
+
 def checkout_session_create(*, key: str, **params) -> dict:
     # Cards only: an asynchronous method (a bank debit) can complete a session
     # unpaid and fail days later, after the credits were reserved or granted.

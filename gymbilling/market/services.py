@@ -694,7 +694,7 @@ def order_create(
             message="Billing is not enabled on this deployment (STRIPE_SECRET_KEY is not set).",
             status=503,
         )
-    from gymbilling.services import billing_customer_ensure
+    from gymbilling.services import billing_customer_call
     from gymbilling.services.checkout import provider_refused
 
     order = order_reserve(
@@ -707,10 +707,13 @@ def order_create(
     )
     base = settings.SITE_URL.rstrip("/")
     metadata = {"market_order": str(order.pk), "organization_id": str(buyer.pk)}
-    try:
-        customer = billing_customer_ensure(organization=buyer)
-        session = stripe_client.checkout_session_create(
-            key=f"market-order:{order.pk}",
+
+    def checkout_open(customer) -> dict:
+        return stripe_client.checkout_session_create(
+            # The customer in the key: opened again for a customer that replaced one
+            # deleted at Stripe (billing_customer_call), the first request's key would be
+            # refused for its different parameters.
+            key=f"market-order:{order.pk}:{customer.stripe_customer_id}",
             mode="payment",
             customer=customer.stripe_customer_id,
             line_items=[
@@ -733,6 +736,9 @@ def order_create(
             success_url=f"{base}/market/?order={order.pk}&checkout=success",
             cancel_url=f"{base}/market/?order={order.pk}&checkout=canceled",
         )
+
+    try:
+        session = billing_customer_call(organization=buyer, call=checkout_open)
         _order_checkout_record(order=order, buyer=buyer, session=session)
     except stripe_client.StripeUnavailable as exc:
         logger.warning("market order %s: checkout failed: %s", order.pk, exc)

@@ -8,6 +8,7 @@ from gymbilling.models.billing import (  # noqa: F401
     CheckoutStatus,
     CreditPack,
     EventStatus,
+    FormerStripeCustomer,
     Invoice,
     OverageReport,
     PaymentReversal,

@@ -230,6 +230,25 @@ class BillingCustomer(models.Model):
         return f"{self.organization_id}:{self.stripe_customer_id}"
 
 
+class FormerStripeCustomer(models.Model):
+    """A Stripe customer the organization had before: deleted at Stripe, and replaced by a
+    new one (services.customers.billing_customer_replace).
+
+    Kept so that what Stripe still sends about it (its subscriptions' deletion, their
+    invoices, late) is still known as the organization's, and reconcile still checks it.
+    """
+
+    organization = models.ForeignKey(
+        "accounts.Organization", on_delete=models.PROTECT, related_name="former_stripe_customers"
+    )
+    stripe_customer_id = models.CharField(max_length=255, unique=True)
+    replaced_by = models.CharField(max_length=255)
+    replaced_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.stripe_customer_id} -> {self.replaced_by}"
+
+
 class Subscription(models.Model):
     """Our mirror of one Stripe subscription.
 
@@ -252,6 +271,10 @@ class Subscription(models.Model):
         "accounts.Organization", on_delete=models.PROTECT, related_name="subscriptions"
     )
     stripe_subscription_id = models.CharField(max_length=255, unique=True)
+    # The Stripe customer it belongs to, as last read there: the organization's customer
+    # may since have been replaced (deleted at Stripe), and this subscription's overage is
+    # invoiced to this one or to none.
+    stripe_customer_id = models.CharField(max_length=255, blank=True)
     plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="subscriptions")
     seats = models.PositiveIntegerField(default=1)
     scheduled_plan = models.ForeignKey(
@@ -448,6 +471,10 @@ class OverageReport(models.Model):
         "the meter event's timestamp, so Stripe bills it in that period.",
     )
     sent_at = models.DateTimeField(null=True, blank=True)
+    # Set when it can never be sent (its Stripe customer was deleted): no longer tried;
+    # `error` says why, for finance to invoice it another way or write it off.
+    failed_at = models.DateTimeField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

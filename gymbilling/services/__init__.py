@@ -9,6 +9,7 @@ from gymbilling.services.checkout import (
     subscriptions_downgrade_restore,
 )
 from gymbilling.services.customers import (
+    billing_customer_call,
     billing_customer_connect_account_set,
     billing_customer_ensure,
 )
@@ -35,6 +36,7 @@ from gymbilling.services.subscriptions import (
 )
 
 __all__ = [
+    "billing_customer_call",
     "billing_customer_connect_account_set",
     "billing_customer_ensure",
     "catalog_sync",

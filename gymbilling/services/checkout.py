@@ -23,6 +23,7 @@ from accounts.models import Organization
 from gymbilling import stripe_client
 from gymbilling.locks import session_lock
 from gymbilling.models import (
+    BillingCustomer,
     CheckoutKind,
     CheckoutSession,
     CheckoutStatus,
@@ -32,7 +33,7 @@ from gymbilling.models import (
     StripePrice,
     Subscription,
 )
-from gymbilling.services.customers import billing_customer_ensure
+from gymbilling.services.customers import billing_customer_call
 from gymbilling.services.subscriptions import (
     SubscriptionUnknown,
     current_overage_price,
@@ -254,7 +255,12 @@ def _purchase_lock(organization: Organization):
 
 def _session_create(*, organization, plan, pack, seats) -> CheckoutResult:
     if plan is None:
-        return _session_open(organization=organization, plan=plan, pack=pack, seats=seats)
+        return billing_customer_call(
+            organization=organization,
+            call=lambda customer: _session_open(
+                customer=customer, organization=organization, plan=None, pack=pack, seats=1
+            ),
+        )
     # The one-open-session rule is a read, Stripe calls, then a write: two requests at
     # once (two tabs, two plans) would both find none open and both open one, each
     # payable, each a subscription charged monthly. Under the lock the later request
@@ -263,11 +269,15 @@ def _session_create(*, organization, plan, pack, seats) -> CheckoutResult:
         reused = _open_subscription_checkout(organization=organization, plan=plan, seats=seats)
         if reused is not None:
             return reused
-        return _session_open(organization=organization, plan=plan, pack=pack, seats=seats)
+        return billing_customer_call(
+            organization=organization,
+            call=lambda customer: _session_open(
+                customer=customer, organization=organization, plan=plan, pack=None, seats=seats
+            ),
+        )
 
 
-def _session_open(*, organization, plan, pack, seats) -> CheckoutResult:
-    customer = billing_customer_ensure(organization=organization)
+def _session_open(*, customer: BillingCustomer, organization, plan, pack, seats) -> CheckoutResult:
     success_url, cancel_url = _urls()
     metadata = {"organization_id": str(organization.pk)}
     if plan is not None:
@@ -792,10 +802,12 @@ def portal_create(*, organization: Organization) -> str:
     """A Stripe customer-portal URL, to manage cards and cancel."""
     _require_configured()
     try:
-        customer = billing_customer_ensure(organization=organization)
-        session = stripe_client.portal_session_create(
-            customer=customer.stripe_customer_id,
-            return_url=f"{settings.SITE_URL.rstrip('/')}/billing/",
+        session = billing_customer_call(
+            organization=organization,
+            call=lambda customer: stripe_client.portal_session_create(
+                customer=customer.stripe_customer_id,
+                return_url=f"{settings.SITE_URL.rstrip('/')}/billing/",
+            ),
         )
     except stripe_client.StripeUnavailable as exc:
         raise _unavailable(exc) from exc

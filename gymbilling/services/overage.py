@@ -131,23 +131,53 @@ def overage_report(*, now=None) -> int:
                     )
         except IntegrityError:
             pass  # another run wrote this batch; it is sent below
-    for report in OverageReport.objects.filter(sent_at__isnull=True).select_related(
-        "organization__billing_customer"
-    ):
+    gone: dict[str, bool] = {}  # customer -> deleted at Stripe, asked once a run
+    for report in OverageReport.objects.filter(
+        sent_at__isnull=True, failed_at__isnull=True
+    ).select_related("organization__billing_customer", "subscription"):
+        # The subscription's own customer: the organization's may since have replaced it
+        # (deleted at Stripe), and the usage is invoiced on that subscription or on none.
+        customer = (
+            report.subscription.stripe_customer_id
+            or report.organization.billing_customer.stripe_customer_id
+        )
         try:
             stripe_client.meter_event_create(
                 event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
-                customer=report.organization.billing_customer.stripe_customer_id,
+                customer=customer,
                 value=report.credits,
                 identifier=report.identifier,
                 timestamp=meter_timestamp(used_at=report.used_at or report.created_at, now=now),
             )
-        except stripe_client.StripeRequestRefused:
-            # This report alone (say, a customer deleted at Stripe): it stays
-            # unsent and is tried again next run; the others go on. Stripe
-            # being unreachable still ends the run (StripeUnavailable).
+        except stripe_client.StripeRequestRefused as exc:
+            if exc.code == "resource_missing" and customer not in gone:
+                try:
+                    gone[customer] = stripe_client.customer_gone(customer)
+                except stripe_client.StripeRequestRefused:
+                    gone[customer] = False  # not known to be gone: tried again next run
+            if gone.get(customer):
+                _overage_report_fail(report=report, customer=customer, now=now)
+                continue
+            # This report alone: it stays unsent and is tried again next run; the others
+            # go on. Stripe being unreachable still ends the run (StripeUnavailable).
             logger.exception("overage report %s refused by Stripe", report.identifier)
             continue
         OverageReport.objects.filter(pk=report.pk).update(sent_at=now)
         reported += report.credits
     return reported
+
+
+def _overage_report_fail(*, report: OverageReport, customer: str, now: datetime) -> None:
+    """Give up on a report whose Stripe customer was deleted: no meter can invoice it, so
+    sending it again every run would only log an error every run, for good. Marked
+    failed with why, for finance (admin: Overage reports) to invoice it another way or
+    write it off."""
+    error = (
+        f"Stripe customer {customer} was deleted at Stripe: these {report.credits} credits "
+        "of overage cannot be invoiced through the meter; invoice them by hand or write "
+        "them off."
+    )
+    OverageReport.objects.filter(pk=report.pk, sent_at__isnull=True).update(
+        failed_at=now, error=error
+    )
+    logger.warning("overage report %s failed for good: %s", report.identifier, error)

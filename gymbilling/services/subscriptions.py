@@ -164,6 +164,7 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
         sub.current_period_start = max(sub.current_period_start, items.period_start)
         sub.current_period_end = max(sub.current_period_end, items.period_end)
         sub.overage_price = items.overage_price
+        sub.stripe_customer_id = str(stripe_sub.get("customer") or "")
         sub.status = status
         sub.cancel_at_period_end = bool(stripe_sub.get("cancel_at_period_end"))
         sub.canceled_at = ts(stripe_sub.get("canceled_at") or stripe_sub.get("ended_at"))

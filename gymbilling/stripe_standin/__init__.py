@@ -16,7 +16,8 @@ adds, in the new API shape that the `stripe` SDK's pinned version reads
 - Checkout Sessions with a local payment page, the billing portal page,
   billing meters and meter events, Connect accounts and transfers, customer
   balance transactions, disputes, refund events, refunds that fail later (the
-  charge stops counting them).
+  charge stops counting them), customers deleted as Stripe deletes them
+  (their subscriptions ended; retrieved, `deleted: true`).
 - Idempotency-Key replay on every `POST /v1/...`, Stripe-shaped errors.
 - Signed webhooks delivered in creation order, retried with backoff.
 - A test clock of sorts: `POST /_config/subscriptions/<id>/advance` ends the

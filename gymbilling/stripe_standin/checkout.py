@@ -27,6 +27,7 @@ from localstripe.resources import Customer, StripeObject
 from gymbilling.stripe_standin.common import (
     ApiDict,
     api,
+    customer_referenced,
     json_response,
     list_of,
     merge_metadata,
@@ -140,7 +141,7 @@ def checkout_session_create(
             400, "mode must be payment or subscription (setup is not emulated).", param="mode"
         )
     if customer:
-        Customer._api_retrieve(customer)
+        customer_referenced(customer)
     items = _line_items(line_items, mode)
     first_price: Price = price_retrieve(items[0]["price"])
     amount = _amount_of(items)

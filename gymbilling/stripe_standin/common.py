@@ -178,3 +178,17 @@ class ApiDict:
 
     def _export(self, expand: Any = None) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def customer_referenced(customer_id: Any, *, param: str = "customer") -> Any:
+    """The customer a request names as a parameter, or Stripe's answer when it has none
+    (never had, or deleted): 400 `resource_missing` naming the parameter (a 404 is for
+    the object a request's path names)."""
+    from localstripe.resources import store
+
+    obj = store.get(f"customer:{customer_id}") if isinstance(customer_id, str) else None
+    if obj is None:
+        raise stripe_error(
+            400, f"No such customer: '{customer_id}'", code="resource_missing", param=param
+        )
+    return obj

@@ -14,6 +14,7 @@ from localstripe.errors import UserError
 from localstripe.resources import Customer, StripeObject
 
 from gymbilling.stripe_standin.common import (
+    customer_referenced,
     json_response,
     objects_of,
     read_params,
@@ -41,7 +42,7 @@ async def _create(request: web.Request) -> web.Response:
         raise stripe_error(
             400, "Missing required param: customer.", code="parameter_missing", param="customer"
         )
-    Customer._api_retrieve(customer)
+    customer_referenced(customer)
     session = PortalSession(
         customer=customer,
         return_url=params.get("return_url"),

@@ -20,6 +20,7 @@ from gymbilling.models import (
     PaymentReversal,
     Plan,
     StripeEvent,
+    Subscription,
 )
 from gymbilling.reconcile import stripe_reconcile
 from gymbilling.selectors import reversals_by_customer
@@ -211,20 +212,30 @@ def test_an_overage_batch_lost_in_a_crash_is_resent_with_the_same_identifier(
     assert OverageReport.objects.get().sent_at is not None
 
 
-def test_a_report_stripe_refuses_waits_and_does_not_hold_back_the_others(
+def test_a_report_for_a_customer_stripe_does_not_have_fails_without_holding_back_the_others(
     customer, subscribed, stripe_standin
 ):
-    # given: a batch for a customer Stripe no longer knows, written before a good one
+    # given: a batch of a subscription whose customer Stripe does not have, written before
+    # a good one
     from tests.factories import OrganizationFactory
 
     subscribed("pro")
     org = customer.organization
     gone = OrganizationFactory()
     BillingCustomer.objects.create(organization=gone, stripe_customer_id="cus_deleted_at_stripe")
+    now = timezone.now()
     stuck = OverageReport.objects.create(
         identifier="ovg_gone_1",
         organization=gone,
-        subscription=org.subscriptions.get(),
+        subscription=Subscription.objects.create(
+            organization=gone,
+            stripe_subscription_id="sub_of_the_deleted_customer",
+            stripe_customer_id="cus_deleted_at_stripe",
+            plan=Plan.objects.get(code="pro"),
+            status="canceled",
+            current_period_start=now - timedelta(days=30),
+            current_period_end=now,
+        ),
         lot_id=0,
         credits=3,
     )
@@ -233,11 +244,12 @@ def test_a_report_stripe_refuses_waits_and_does_not_hold_back_the_others(
     # when: the report runs
     assert overage_report() == 4
 
-    # then: the good batch reached the meter; the refused one waits, unsent
+    # then: the good batch reached the meter; the other failed for good, saying why
     cus = BillingCustomer.objects.get(organization=org).stripe_customer_id
     assert [int(e["value"]) for e in stripe_standin.meter_events(cus)] == [4]
     stuck.refresh_from_db()
-    assert stuck.sent_at is None
+    assert stuck.sent_at is None and stuck.failed_at is not None
+    assert "cus_deleted_at_stripe" in stuck.error
 
 
 @pytest.mark.parametrize("end_first", [False, True], ids=["paid, then ended", "end first"])

@@ -75,6 +75,16 @@ class MarketStripe:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())["data"]
 
+    def delete_customer(self, customer_id: str) -> None:
+        """Delete the customer at Stripe, as from its dashboard."""
+        import stripe
+
+        stripe.StripeClient(
+            self._settings.STRIPE_SECRET_KEY,
+            stripe_version=stripe_client.API_VERSION,
+            base_addresses={"api": self.standin.api_base},
+        ).v1.customers.delete(customer_id)
+
     def refunded(self, payment_intent: str) -> int:
         """Minor units Stripe has refunded of the payment's charge."""
         charge = stripe_client.payment_intent_retrieve(payment_intent)["latest_charge"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from accounts.models import Scope
+from gymbilling import stripe_client
 from gymbilling.market.services import listing_create
 from gymbilling.models import MarketListing, MarketOrder, MoneyEntry
 from tests.gymbilling.market.conftest import client_for, paid_session
@@ -313,15 +314,18 @@ def test_an_order_in_a_currency_without_a_minimum_is_refused_not_a_server_error(
 
 
 def test_an_order_stripe_refuses_is_a_502_and_its_reservation_is_given_back(
-    market_stripe, seller, buyer
+    market_stripe, seller, buyer, monkeypatch
 ):
-    # given a buyer whose Stripe customer was deleted at Stripe
-    from gymbilling.models import BillingCustomer
-    from gymbilling.services import billing_customer_ensure
-
+    # given Stripe refusing the order's checkout (a parameter it will not take; the
+    # stand-in takes every valid one, so the client module's call is replaced)
     listing = listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
-    billing_customer_ensure(organization=buyer)
-    BillingCustomer.objects.filter(organization=buyer).update(stripe_customer_id="cus_gone")
+
+    def refuse(**_params):
+        raise stripe_client.StripeRequestRefused(
+            "Invalid currency", code="parameter_invalid", status=400, request_id="req_test"
+        )
+
+    monkeypatch.setattr(stripe_client, "checkout_session_create", refuse)
 
     # when it orders
     r = client_for(buyer).post(
@@ -344,3 +348,33 @@ def test_an_order_stripe_refuses_is_a_502_and_its_reservation_is_given_back(
         content_type="application/json",
     )
     assert reorder.json()["error"]["code"] == "payment_provider_refused"  # all 100 were free again
+
+
+def test_an_order_of_a_buyer_whose_customer_was_deleted_at_stripe_goes_through(
+    market_stripe, seller, buyer
+):
+    # given a buyer whose Stripe customer was deleted at Stripe
+    from gymbilling.market.services import market_checkout_handle
+    from gymbilling.models import BillingCustomer, FormerStripeCustomer
+
+    listing_create(seller=seller, quantity=credits(100), price_per_1k=300, currency="usd")
+    old = BillingCustomer.objects.get(organization=buyer).stripe_customer_id
+    market_stripe.delete_customer(old)
+
+    # when it orders
+    r = client_for(buyer).post(
+        "/api/v1/market/orders",
+        {"quantity": credits(10), "max_price_per_1k": 300},
+        content_type="application/json",
+    )
+
+    # then the order is opened for a new customer, and, paid, delivers its credits
+    assert r.status_code == 201, r.content
+    new = BillingCustomer.objects.get(organization=buyer).stripe_customer_id
+    assert new != old
+    assert FormerStripeCustomer.objects.get(stripe_customer_id=old).replaced_by == new
+    order = MarketOrder.objects.get(pk=r.json()["id"])
+    assert market_stripe.session(order.checkout.stripe_session_id)["customer"] == new
+    market_checkout_handle(order.checkout, paid_session(market_stripe, order))
+    order.refresh_from_db()
+    assert order.status == "paid"

@@ -633,6 +633,36 @@ def test_portal_session_page_lists_the_subscription(stripe_client, stripe_standi
     assert "http://127.0.0.1/account" in page
 
 
+def test_a_deleted_customer_is_answered_deleted_and_its_subscriptions_end(
+    stripe_client, stripe_standin, webhook_receiver
+):
+    # given a subscribed customer
+    session, subscription = _subscribe(stripe_client, stripe_standin, _monthly_price(stripe_client))
+
+    # when it is deleted
+    deleted = stripe_client.v1.customers.delete(session.customer)
+
+    # then Stripe's answer, and retrieving it, say deleted (a 200, as Stripe answers)
+    assert (deleted.id, deleted.deleted) == (session.customer, True)
+    again = stripe_client.v1.customers.retrieve(session.customer)
+    assert (again.id, again.to_dict().get("deleted")) == (session.customer, True)
+    # and its subscription was canceled at once, with its event
+    assert stripe_client.v1.subscriptions.retrieve(subscription.id).status == "canceled"
+    webhook_receiver.wait_for("customer.subscription.deleted", subscription.id)
+    webhook_receiver.wait_for("customer.deleted", session.customer)
+    # and a request naming it is refused as Stripe refuses it: 400, resource_missing
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        stripe_client.v1.billing_portal.sessions.create(
+            params={"customer": session.customer, "return_url": "http://127.0.0.1/account"}
+        )
+    assert (refused.value.http_status, refused.value.code) == (400, "resource_missing")
+    assert json.loads(refused.value.http_body)["error"]["param"] == "customer"
+    # and one never made is a 404
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        stripe_client.v1.customers.retrieve("cus_never_made")
+    assert (missing.value.http_status, missing.value.code) == (404, "resource_missing")
+
+
 def test_errors_have_stripes_shape(stripe_client):
     # when a missing object is asked for
     with pytest.raises(stripe.InvalidRequestError) as missing:
