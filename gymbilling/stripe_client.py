@@ -286,6 +286,12 @@ def subscription_retrieve(subscription_id: str) -> dict:
     return _call(_client().v1.subscriptions.retrieve, subscription_id)
 
 
+def subscriptions_list(*, customer: str) -> list[dict]:
+    """Every subscription of the customer that has not ended (Stripe's default filter:
+    not canceled), all pages, newest first."""
+    return list(_pages(_client().v1.subscriptions.list, customer=customer))
+
+
 def subscription_update(subscription_id: str, *, key: str, **params) -> dict:
     return _call(_client().v1.subscriptions.update, subscription_id, key=key, **params)
 

@@ -269,12 +269,54 @@ def _session_create(*, organization, plan, pack, seats) -> CheckoutResult:
         reused = _open_subscription_checkout(organization=organization, plan=plan, seats=seats)
         if reused is not None:
             return reused
-        return billing_customer_call(
-            organization=organization,
-            call=lambda customer: _session_open(
+
+        def subscribe(customer: BillingCustomer) -> CheckoutResult:
+            _refuse_if_subscribed_at_stripe(customer)
+            return _session_open(
                 customer=customer, organization=organization, plan=plan, pack=None, seats=seats
-            ),
-        )
+            )
+
+        return billing_customer_call(organization=organization, call=subscribe)
+
+
+# Stripe's subscription statuses that charge, now or once paid.
+_CHARGING = frozenset({"active", "trialing", "past_due", "incomplete", "unpaid"})
+
+
+def _refuse_if_subscribed_at_stripe(customer: BillingCustomer) -> None:
+    """Refuse (409 `subscription_exists`, nothing opened) a new subscription's checkout while
+    the customer has one at Stripe, and mirror it here.
+
+    Our mirror shows none, but it is only as current as the webhooks processed: a
+    checkout paid in its last minutes, whose events are late (Stripe's retries after an
+    outage of ours, a worker backlog, or our row marked complete before Stripe could be
+    read for its subscription), is no longer looked at here (_open_subscription_checkout:
+    23 hours), and a second session paid beside it would be a second subscription charged
+    monthly, whose events then fail as a conflict and grant nothing. Stripe is asked,
+    under the purchase lock, before any session is opened; what it has is synced now, as
+    its webhook would (the member's next request sees the subscription, and changes it).
+    """
+    found = [
+        stripe_sub
+        for stripe_sub in stripe_client.subscriptions_list(customer=customer.stripe_customer_id)
+        if stripe_sub.get("status") in _CHARGING
+    ]
+    if not found:
+        return
+    for stripe_sub in found:
+        try:
+            subscription_sync(stripe_sub=stripe_sub)
+        except SubscriptionUnknown as exc:
+            # Not one we can mirror (made by hand at Stripe, a price not ours): it still
+            # charges, so a second one is refused all the same; support sorts it out.
+            logger.warning("subscription %s not mirrored: %s", stripe_sub.get("id"), exc)
+    raise ApplicationError(
+        code="subscription_exists",
+        message="This organization already has a subscription at the payment provider "
+        "(a checkout paid recently, still being set up here). Nothing new was opened or "
+        "charged: reload the billing page in a minute to see it, and change it from there.",
+        status=409,
+    )
 
 
 def _session_open(*, customer: BillingCustomer, organization, plan, pack, seats) -> CheckoutResult:

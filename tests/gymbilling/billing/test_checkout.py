@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import Role
 from accounts.services import membership_add
+from gymbilling import stripe_client
 from gymbilling.models import (
     BillingCustomer,
     CheckoutSession,
@@ -454,6 +455,110 @@ def test_a_subscription_checkout_about_to_expire_is_not_handed_out_again(
     assert CheckoutSession.objects.get(stripe_session_id=first["session_id"]).status == (
         CheckoutStatus.EXPIRED
     )
+
+
+def _paid_checkout_whose_events_wait(customer, stripe_standin, *, row: str) -> str:
+    """A Pro checkout opened 23.5 hours ago and paid at Stripe in its last minutes, whose
+    events are not processed yet; our row `open` (no event yet) or `complete` (an event
+    marked it, then Stripe could not be read for its subscription). Returns the Stripe
+    subscription it made."""
+    first = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    assert first.status_code == 200, first.content
+    session_id = first.json()["session_id"]
+    paid = stripe_standin.pay_checkout(session_id)
+    age = timedelta(hours=23, minutes=30)
+    CheckoutSession.objects.filter(stripe_session_id=session_id).update(
+        created_at=F("created_at") - age, status=row
+    )
+    stripe_standin.age_checkout(session_id, int(age.total_seconds()))
+    assert not Subscription.objects.exists()  # our mirror knows nothing of it yet
+    return paid["subscription"]
+
+
+def _at_stripe(stripe_sdk) -> tuple[list[str], list[str]]:
+    """Every Checkout session and every subscription not ended, at Stripe."""
+    sessions = stripe_sdk.v1.checkout.sessions.list(params={"limit": 100}).data
+    subscriptions = stripe_sdk.v1.subscriptions.list(params={"limit": 100}).data
+    return sorted(s.id for s in sessions), sorted(s.id for s in subscriptions)
+
+
+@pytest.mark.parametrize("row", [CheckoutStatus.OPEN, CheckoutStatus.COMPLETE])
+def test_a_late_paid_checkout_whose_events_wait_is_not_subscribed_to_twice(
+    customer, catalog, stripe_standin, stripe_sdk, deliver, row
+):
+    # given: a subscription paid at Stripe that our mirror does not know yet
+    stripe_sub = _paid_checkout_whose_events_wait(customer, stripe_standin, row=row)
+    at_stripe = _at_stripe(stripe_sdk)
+    rows = CheckoutSession.objects.count()
+
+    # when: a billing member clicks Subscribe again
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: refused, nothing opened or charged at Stripe, and the subscription mirrored
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "subscription_exists"
+    assert _at_stripe(stripe_sdk) == at_stripe
+    assert CheckoutSession.objects.count() == rows
+    mirrored = Subscription.objects.get(organization=customer.organization)
+    assert (mirrored.stripe_subscription_id, mirrored.plan.code, mirrored.status) == (
+        stripe_sub,
+        "pro",
+        "active",
+    )
+    # and the next ask is a plan change of it, not a checkout
+    again = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "no_change")
+    # and its late events apply, granting the month's credits once
+    assert "failed" not in deliver()
+    assert (
+        CreditLot.objects.filter(organization=customer.organization, source="subscription")
+        .values_list("amount", flat=True)
+        .get()
+        == 12_000 * MICRO
+    )
+
+
+def test_stripe_unreachable_when_asked_for_its_subscriptions_is_a_503_and_opens_nothing(
+    customer, catalog, stripe_standin, stripe_sdk, monkeypatch
+):
+    # given: a subscription paid at Stripe that our mirror does not know yet, and Stripe
+    # not answering the question whether the customer has one (the stand-in cannot fail
+    # one request alone: the client module's call is replaced, the rest reach it)
+    _paid_checkout_whose_events_wait(customer, stripe_standin, row=CheckoutStatus.OPEN)
+    at_stripe, before = _at_stripe(stripe_sdk), (billing_rows(), ledger_rows())
+
+    def unreachable(**_params):
+        raise stripe_client.StripeUnavailable("Request timed out")
+
+    monkeypatch.setattr(stripe_client, "subscriptions_list", unreachable)
+
+    # when: Subscribe again
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: the checkout path's 503, and nothing opened here or at Stripe
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "payments_unavailable"
+    assert (_at_stripe(stripe_sdk), (billing_rows(), ledger_rows())) == (at_stripe, before)
+
+
+def test_a_customer_whose_subscriptions_ended_or_who_bought_only_packs_may_subscribe(
+    customer, subscribed, buy, stripe_sdk, deliver
+):
+    # given: a customer at Stripe with a pack bought and a subscription canceled since
+    buy(customer.organization, pack="boost-1k")
+    sub = subscribed("basic")
+    stripe_sdk.v1.subscriptions.cancel(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+
+    # when: it subscribes again
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: a Checkout page to pay
+    assert response.status_code == 200, response.content
+    assert response.json()["kind"] == "checkout"
+    assert CheckoutSession.objects.filter(
+        stripe_session_id=response.json()["session_id"], plan__code="pro", status="open"
+    ).exists()
 
 
 def test_an_upgrade_the_card_declines_is_a_402_and_changes_nothing(
