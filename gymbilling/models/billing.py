@@ -274,7 +274,7 @@ class Subscription(models.Model):
     # The Stripe customer it belongs to, as last read there: the organization's customer
     # may since have been replaced (deleted at Stripe), and this subscription's overage is
     # invoiced to this one or to none.
-    stripe_customer_id = models.CharField(max_length=255, blank=True)
+    stripe_customer_id = models.CharField(max_length=255, blank=True, db_default="")
     plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="subscriptions")
     seats = models.PositiveIntegerField(default=1)
     scheduled_plan = models.ForeignKey(
@@ -474,7 +474,7 @@ class OverageReport(models.Model):
     # Set when it can never be sent (its Stripe customer was deleted): no longer tried;
     # `error` says why, for finance to invoice it another way or write it off.
     failed_at = models.DateTimeField(null=True, blank=True)
-    error = models.CharField(max_length=500, blank=True)
+    error = models.CharField(max_length=500, blank=True, db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -3,8 +3,10 @@ the old id); each subscription says which customer it belongs to; an overage rep
 can never be sent (its customer deleted) is marked failed rather than retried for good.
 
 Every subscription here so far belongs to its organization's one customer (none was ever
-replaced): that is what the backfill writes. Backwards, the new field simply goes. The ORM
-only: `make demo` migrates a SQLite file.
+replaced): that is what the backfill writes; a subscription written meanwhile by a process
+of the previous release gets "" (db_default: its inserts stay valid), read as the
+organization's customer. Backwards, the new field simply goes. The ORM only: `make demo`
+migrates a SQLite file.
 """
 
 import django.db.models.deletion
@@ -29,14 +31,14 @@ def backfill(apps, schema_editor):
 class Migration(migrations.Migration):
     dependencies = [
         ("accounts", "0010_invitation_invited_by_key"),
-        ("gymbilling", "0028_marketreversal_recovered_by_fill_backfill"),
+        ("gymbilling", "0029_rollovercarry_held_claimed"),
     ]
 
     operations = [
         migrations.AddField(
             model_name="overagereport",
             name="error",
-            field=models.CharField(blank=True, max_length=500),
+            field=models.CharField(blank=True, db_default="", max_length=500),
         ),
         migrations.AddField(
             model_name="overagereport",
@@ -46,7 +48,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="subscription",
             name="stripe_customer_id",
-            field=models.CharField(blank=True, max_length=255),
+            field=models.CharField(blank=True, db_default="", max_length=255),
         ),
         migrations.CreateModel(
             name="FormerStripeCustomer",
