@@ -17,14 +17,15 @@ adds, in the new API shape that the `stripe` SDK's pinned version reads
   billing meters and meter events, Connect accounts and transfers, customer
   balance transactions, disputes, refund events, refunds that fail later (the
   charge stops counting them), customers deleted as Stripe deletes them
-  (their subscriptions ended; retrieved, `deleted: true`).
+  (their subscriptions ended; retrieved, `deleted: true`), the customer balance
+  applied to invoices as they are finalized.
 - Idempotency-Key replay on every `POST /v1/...`, Stripe-shaped errors.
 - Signed webhooks delivered in creation order, retried with backoff.
 - A test clock of sorts: `POST /_config/subscriptions/<id>/advance` ends the
   current period (see `control.py` for every `/_config` endpoint).
 
 What it is not: tax, coupons and discounts, trials, 3-D Secure, multiple
-currencies per customer, customer balance applied to invoices, Connect fees,
+currencies per customer, Connect fees,
 payouts, real test clocks, `Customer.search`, rate limits, API versions other than
 the pinned one. Amounts are integers in minor units throughout.
 """

@@ -6,7 +6,7 @@ Accounts are created ready (`charges_enabled` and `payouts_enabled` true, the
 turns a capability off with `/_config/accounts/<id>/capabilities`. Transfers
 move no balance and check nothing but the destination: it exists, and can
 receive transfers (else Stripe's 400 `insufficient_capabilities_for_transfer`). Customer balance transactions change
-`customer.balance` (negative = credit) but are not applied to invoices.
+`customer.balance` (negative = credit), which the next invoice finalized uses (invoices.py).
 """
 
 from __future__ import annotations

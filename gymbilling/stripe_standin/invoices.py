@@ -56,8 +56,9 @@ class Invoice(StripeObject):
     @property
     def amount_due(self) -> int:
         # A negative total (a downgrade's credit) is not charged; Stripe would
-        # move it to the customer balance, which is not emulated.
-        return max(0, self.total)
+        # move it to the customer balance, which is not emulated. What the customer
+        # balance paid at finalization (`_balance_apply`) is not due; a debit is.
+        return max(0, self.total) + self.starting_balance - self.ending_balance
 
     @property
     def amount_remaining(self) -> int:
@@ -166,6 +167,9 @@ def invoice_create(
         payment_intent=None,
         charge=None,
         amount_paid=0,
+        # The customer balance before and after finalization applied it (negative = credit).
+        starting_balance=0,
+        ending_balance=0,
         attempt_count=0,
         attempted=False,
         auto_advance=True,
@@ -188,7 +192,37 @@ def invoice_create(
     return invoice
 
 
+def _balance_apply(invoice: Invoice) -> None:
+    """Apply the customer's balance as Stripe does when it finalizes an invoice: a credit
+    (negative balance: marketplace proceeds paid as a credit, say) pays what it covers of
+    the total, a debit is added to what is due. Recorded as Stripe records it: the
+    invoice's `starting_balance` and `ending_balance`, and an `applied_to_invoice` balance
+    transaction. (A voided invoice does not give the balance back here, as Stripe would.)"""
+    from gymbilling.stripe_standin.connect import CustomerBalanceTransaction
+
+    customer = Customer._api_retrieve(invoice.customer)
+    starting = getattr(customer, "balance", 0)
+    applied = starting if starting > 0 else -min(-starting, max(0, invoice.total))
+    if not applied:
+        return
+    customer.balance = starting - applied
+    invoice.starting_balance, invoice.ending_balance = starting, customer.balance
+    CustomerBalanceTransaction(
+        amount=-applied,
+        currency=invoice.currency,
+        customer=customer.id,
+        description=None,
+        metadata={},
+        ending_balance=customer.balance,
+        type="applied_to_invoice",
+        invoice=invoice.id,
+        credit_note=None,
+    )
+    emit("customer.updated", customer)
+
+
 def invoice_finalize(invoice: Invoice) -> None:
+    _balance_apply(invoice)
     invoice.status = "open"
     invoice.number = f"STANDIN-{len(objects_of('invoice')):05d}"
     invoice.status_transitions["finalized_at"] = now()

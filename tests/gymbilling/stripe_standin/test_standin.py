@@ -233,6 +233,48 @@ def test_advance_renews_with_a_paid_cycle_invoice(stripe_client, stripe_standin,
     webhook_receiver.wait_for("invoice.paid", invoice.id)
 
 
+@pytest.mark.parametrize(
+    ("credit", "charged", "left"), [(600, 1400, 0), (2500, None, -500)], ids=["part", "all"]
+)
+def test_a_customer_balance_credit_pays_what_it_covers_of_the_next_invoice(
+    stripe_client, stripe_standin, credit, charged, left
+):
+    # given an active $20.00 subscription, and a credit on the customer's balance (as
+    # marketplace proceeds are paid)
+    _, subscription = _subscribe(stripe_client, stripe_standin, _monthly_price(stripe_client))
+    stripe_client.v1.customers.balance_transactions.create(
+        subscription.customer, params={"amount": -credit, "currency": "usd"}
+    )
+
+    # when its period ends
+    stripe_standin.advance(subscription.id)
+
+    # then the renewal's total is the same; the balance paid what it covers, the card the
+    # rest (no charge at all where the balance covered it), as Stripe records it
+    subscription = stripe_client.v1.subscriptions.retrieve(subscription.id)
+    invoice = stripe_client.v1.invoices.retrieve(subscription.latest_invoice)
+    assert (invoice.status, invoice.total, invoice.starting_balance, invoice.ending_balance) == (
+        "paid",
+        2000,
+        -credit,
+        left,
+    )
+    assert invoice.amount_due == invoice.amount_paid == (charged or 0)
+    if charged:
+        intent = stripe_client.v1.payment_intents.retrieve(invoice.payment_intent)
+        assert intent.amount == charged
+    else:
+        assert invoice.payment_intent is None
+    customer = stripe_client.v1.customers.retrieve(subscription.customer)
+    assert customer.balance == left
+    applied = stripe_client.v1.customers.balance_transactions.list(subscription.customer).data[0]
+    assert (applied.type, applied.amount, applied.invoice) == (
+        "applied_to_invoice",
+        min(credit, 2000),
+        invoice.id,
+    )
+
+
 def test_failing_card_makes_renewal_past_due_until_the_invoice_is_paid(
     stripe_client, stripe_standin, webhook_receiver
 ):
