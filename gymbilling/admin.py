@@ -219,7 +219,8 @@ class RefundForm(forms.Form):
         required=False,
         min_value=1,
         help_text="In the payment's minor units (cents for usd: 1200 is $12.00). Blank: all "
-        "that is left to refund.",
+        "that is left to refund. Of an invoice, what the payment paid besides the credits "
+        "(overage, tax) is refunded first: refunding just that takes no credits back.",
     )
     note = forms.CharField(
         max_length=500,

@@ -358,6 +358,11 @@ class Invoice(models.Model):
     currency = models.CharField(max_length=3)
     amount_due = models.BigIntegerField()
     amount_paid = models.BigIntegerField()
+    # What the invoice came to (its lines less discounts, plus tax) before the customer
+    # balance or credit notes paid part of it: with amount_paid, what else paid it, which
+    # a refund's clawback needs (payments.reversal_credits). Null: mirrored before it was
+    # recorded (nothing else is then known to have paid it).
+    total = models.BigIntegerField(null=True, blank=True)
     period_start = models.DateTimeField(null=True, blank=True)
     period_end = models.DateTimeField(null=True, blank=True)
     hosted_invoice_url = models.URLField(max_length=1000, blank=True)

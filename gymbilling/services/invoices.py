@@ -198,6 +198,7 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
             "currency": str(invoice.get("currency") or ""),
             "amount_due": int(invoice.get("amount_due") or 0),
             "amount_paid": int(invoice.get("amount_paid") or 0),
+            "total": int(invoice["total"]) if invoice.get("total") is not None else None,
             "period_start": period_start,
             "period_end": period_end,
             "hosted_invoice_url": str(invoice.get("hosted_invoice_url") or ""),

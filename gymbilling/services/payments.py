@@ -1,17 +1,19 @@
 """One-time payments (credit packs) and the reversal of any payment that bought credits.
 
-A refund or dispute claws back the credits the payment bought that are still
-unspent in the buyer's wallet, in proportion to the money returned (rounded
-up: a refund of any part of a payment takes back at least that share), and
-records what was already spent as a loss. Either also freezes reselling for
+A refund or dispute claws back the credits the money it returned paid for
+(`reversal_credits`) that are still unspent in the buyer's wallet, and records
+what was already spent as a loss. Either also freezes reselling for
 the organization until finance lifts it. A dispute the gym then wins gives
 back what it took (`payment_reversal_reinstate`); the freeze stays.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
+from typing import NamedTuple
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
@@ -20,7 +22,6 @@ from django.utils import timezone
 from accounts.errors import ApplicationError
 from accounts.services import audit_record
 from gymbilling.locks import transaction_lock
-from gymbilling.market.rules import share_ceil
 from gymbilling.models import (
     BillingCustomer,
     CheckoutKind,
@@ -42,6 +43,8 @@ from metering.services import (
     credits_grant,
     lot_clawback,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def checkout_session_mirror(*, session: dict) -> CheckoutSession | None:
@@ -98,21 +101,84 @@ def pack_purchase_grant(*, checkout: CheckoutSession) -> CreditLot | None:
     )
 
 
-def _grant_for_payment(payment_intent_id: str) -> tuple[JournalTransaction | None, object]:
+class _PaymentGrant(NamedTuple):
+    """The grant a payment bought, whose organization, what the invoice or pack checkout
+    came to in all (`total`: None where not recorded) and what the payment paid of it."""
+
+    grant: JournalTransaction | None
+    organization: object
+    total: int | None
+    charged: int = 0
+
+
+def _grant_for_payment(payment_intent_id: str) -> _PaymentGrant:
     """The grant a payment bought: a subscription invoice's or a pack's."""
     if not payment_intent_id:
-        return None, None
+        return _PaymentGrant(None, None, None)
     invoice = Invoice.objects.filter(stripe_payment_intent_id=payment_intent_id).first()
     if invoice is not None:
         key = f"grant:invoice:{invoice.stripe_invoice_id}"
-        return JournalTransaction.objects.filter(idempotency_key=key).first(), invoice.organization
+        return _PaymentGrant(
+            JournalTransaction.objects.filter(idempotency_key=key).first(),
+            invoice.organization,
+            invoice.total,
+            invoice.amount_paid,
+        )
     checkout = CheckoutSession.objects.filter(
         stripe_payment_intent_id=payment_intent_id, kind=CheckoutKind.PACK
     ).first()
     if checkout is not None:
         key = f"grant:pack:{checkout.stripe_session_id}"
-        return JournalTransaction.objects.filter(idempotency_key=key).first(), checkout.organization
-    return None, None
+        return _PaymentGrant(
+            JournalTransaction.objects.filter(idempotency_key=key).first(),
+            checkout.organization,
+            checkout.amount_total,
+            checkout.amount_total,
+        )
+    return _PaymentGrant(None, None, None)
+
+
+def _credits_paid_by(*, lot: CreditLot, total: int | None, charge: int) -> Callable[..., int]:
+    """`reversal_credits` of the lot a payment bought, for the money returned (`returned=`).
+
+    Lots granted before revenue was recorded, or a total mirrored before it was: as
+    then, the credits are read as all the charge paid for, and nothing else paid it."""
+    return partial(
+        reversal_credits,
+        credits=lot.amount,
+        price=charge if lot.revenue is None else lot.revenue,
+        charge=charge,
+        total=charge if total is None else total,
+    )
+
+
+def reversal_credits(*, credits: int, price: int, charge: int, total: int, returned: int) -> int:
+    """The micro-credits that `returned` minor units, refunded or disputed of a charge in
+    all, paid for: what a payment's refunds and disputes take back together.
+
+    `credits` were bought for `price` (the lot's revenue: the invoice's lines that buy
+    credits, less their discounts; a pack's total), on an invoice or checkout of `total`
+    of which the charge paid `charge`. The rule, in the README's one sentence: what else
+    paid the invoice (the customer balance, marketplace proceeds paid as a credit among
+    it, and credit notes: `total - charge`) is counted as paying the credits first, and
+    the money returned as returning first what the charge paid for anything else (metered
+    overage, tax, a debt carried in); only the rest takes credits, in proportion to their
+    price. So a reversal never takes more credits than the money it returned can have
+    paid for, however the charge is read: a refund of an invoice's overage takes none,
+    a dispute of a charge the balance helped pay leaves what the balance paid for, and
+    a full refund of a payment nothing else paid takes them all, exactly.
+
+    Rounded down (to the micro-credit): never more than that money paid for. Applied to
+    the running total returned, never event by event, so that the order and the split
+    of the refunds and disputes change nothing (a refund of the overage first, then of
+    the rest, takes what a refund of the whole takes).
+    """
+    other = max(0, total - charge)  # what paid the invoice besides the charge
+    paid = min(charge, max(0, price - other))  # the charge's money that paid the credits
+    back = min(returned, charge) - (charge - paid)  # beyond what it paid for anything else
+    if back <= 0 or paid <= 0:
+        return 0
+    return credits * back // price
 
 
 def _listings_withdraw(*, organization) -> None:
@@ -219,12 +285,11 @@ def payment_reversal_apply(
     intent = charge.get("payment_intent")
     if isinstance(intent, dict):
         intent = intent.get("id")
-    grant, organization = _grant_for_payment(str(intent or ""))
+    grant, organization, total, _ = _grant_for_payment(str(intent or ""))
     if grant is None:
         return None  # not a payment that bought credits here (or the marketplace's)
     lot = grant.created_lots.order_by("pk").first()
-    charge_amount = int(charge.get("amount") or 0)
-    target = min(lot.amount, share_ceil(lot.amount, amount, charge_amount))
+    credits_paid_by = _credits_paid_by(lot=lot, total=total, charge=int(charge.get("amount") or 0))
     reason = f"{kind} of {charge['id']}"
     applied = PaymentReversal.objects.filter(key=key).first()
     if applied is not None:
@@ -288,14 +353,15 @@ def payment_reversal_apply(
             ):
                 _reversal_pending_settle(reversal_id=pk, now=timezone.now())
             done = sum(_credits_reversed(r) for r in earlier)
-            if cumulative:
-                # Stripe's amount_refunded is a running total of refunds; only
-                # the part no earlier event applied is due now.
-                due = max(0, target - sum(_credits_reversed(r) for r in earlier if r.kind == kind))
-            else:
-                due = target
+            # What the charge's refunds and disputes still standing (a won dispute, a
+            # failed refund gave its money back) returned in all, this one's with them:
+            # its credits less what the earlier ones took is this one's due. Not this
+            # event's money alone: the first money returned takes no credits (it returned
+            # what the charge paid for anything else), so each event's own share would
+            # leave a payment refunded in parts with credits a refund of the whole takes.
+            returned = amount + sum(r.amount for r in earlier if r.reinstated_at is None)
             # Never more than the payment bought, whatever mix of events.
-            due = max(0, min(due, lot.amount - done))
+            due = max(0, min(credits_paid_by(returned=returned), lot.amount) - done)
             clawed = (
                 lot_clawback(lot=lot, amount=due, key=key, memo=reason, family=True) if due else 0
             )
@@ -386,7 +452,7 @@ def payment_reversals_reclaim(
 def _reversal_lots(reversal: PaymentReversal) -> Q | None:
     """The lots a reversal takes back from: the family of the lot its payment bought (None
     when it bought nothing here: a broken row, which the sweep reports)."""
-    grant, _ = _grant_for_payment(reversal.stripe_payment_intent_id)
+    grant = _grant_for_payment(reversal.stripe_payment_intent_id).grant
     if grant is None:
         return None
     return _lot_family(grant.created_lots.order_by("pk").first())
@@ -502,7 +568,43 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
             credits_lost=0,
         )
     reversal.refresh_from_db()
+    _standing_overreach_report(reversal)
     return reversal
+
+
+def _standing_overreach_report(reinstated: PaymentReversal) -> None:
+    """Tell finance when a reversal given back leaves the charge's others holding more credits
+    than their money paid for.
+
+    Each reversal takes the credits of the money the charge's reversals returned so far,
+    less what the earlier ones took (`reversal_credits` on the running total), and the
+    first money returned takes none. So when an earlier one is given back (a refund that
+    failed) after a later one was applied, the later one took its credits counting the
+    earlier one's money as returned. Not undone here (it would take apart the later one's
+    clawback): logged at ERROR, for finance to give back the excess (an adjustment).
+    """
+    payment = _grant_for_payment(reinstated.stripe_payment_intent_id)
+    if payment.grant is None or payment.charged <= 0:
+        return  # nothing known of what the payment paid: nothing to compare
+    standing = list(
+        PaymentReversal.objects.filter(
+            stripe_charge_id=reinstated.stripe_charge_id, reinstated_at__isnull=True
+        )
+    )
+    lot = payment.grant.created_lots.order_by("pk").first()
+    paid_for = _credits_paid_by(lot=lot, total=payment.total, charge=payment.charged)(
+        returned=sum(r.amount for r in standing)
+    )
+    took = sum(_credits_reversed(r) for r in standing)
+    if took > paid_for:
+        logger.error(
+            "%s of %s given back after later reversals of the charge: they took %d "
+            "micro-credits, %d more than their money paid for; give those back",
+            reinstated.kind,
+            reinstated.stripe_charge_id,
+            took,
+            took - paid_for,
+        )
 
 
 def payment_reversals_pending_settle(*, now: datetime | None = None) -> int:

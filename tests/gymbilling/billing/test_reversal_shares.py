@@ -1,0 +1,189 @@
+"""A refund or dispute takes back the credits the money it returned paid for, not its share
+of the charge: a Pro renewal of $99 (12,000 credits) and $45 of overage (5,000 credits at
+$9 per 1,000), paid in part by the customer balance (marketplace proceeds paid as a
+credit) or all by card; refunded or disputed in parts or whole, through the stand-in."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from gymbilling import stripe_client
+from gymbilling.models import BillingCustomer, Invoice, PaymentReversal
+from gymbilling.reconcile import stripe_reconcile
+from gymbilling.services import overage_report
+from gymbilling.services.payments import reversal_credits
+from metering.models import MICRO, CreditLot
+from metering.services import hold_capture, hold_place
+
+pytestmark = pytest.mark.django_db
+
+PLAN_CREDITS = 12_000 * MICRO
+PLAN_PRICE = 9_900
+OVERAGE = 4_500  # 5,000 credits at $9.00 per 1,000
+
+
+def _renewed_with_overage(customer, subscribed, stripe_standin, deliver, *, balance: int = 0):
+    """Pro, its 12,000 credits and 5,000 of overage spent (reported to the meter), `balance`
+    cents of proceeds credited to the customer's balance, then renewed: the renewal's
+    invoice row, and the lot of 12,000 credits it bought."""
+    sub = subscribed("pro")
+    org = customer.organization
+    hold_place(organization=org, amount=17_000 * MICRO, key="job-1")
+    hold_capture(key="job-1", amount=17_000 * MICRO)
+    assert overage_report() == 5_000
+    if balance:
+        # As the marketplace pays proceeds to a member without a Connect account.
+        stripe_client.customer_balance_credit(
+            key=f"proceeds-{uuid.uuid4()}",
+            customer=BillingCustomer.objects.get(organization=org).stripe_customer_id,
+            amount=-balance,
+            currency="usd",
+            description="Marketplace proceeds",
+        )
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    invoice = Invoice.objects.get(subscription=sub, billing_reason="subscription_cycle")
+    lot = CreditLot.objects.get(
+        organization=org, source="subscription", amount=PLAN_CREDITS, remaining=PLAN_CREDITS
+    )
+    return invoice, lot
+
+
+def _charge(invoice: Invoice) -> dict:
+    return stripe_client.payment_intent_charge(invoice.stripe_payment_intent_id)
+
+
+def _reversed(reversal: PaymentReversal) -> int:
+    return reversal.credits_clawed_back + reversal.credits_pending + reversal.credits_lost
+
+
+@pytest.mark.parametrize("kind", ["dispute", "refund"])
+def test_a_reversal_of_a_renewal_the_balance_helped_pay_leaves_what_the_balance_paid_for(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, kind
+):
+    # given: the renewal ($99 plan + $45 overage = $144), $60 of it paid by the balance,
+    # the card charged $84
+    invoice, lot = _renewed_with_overage(
+        customer, subscribed, stripe_standin, deliver, balance=6_000
+    )
+    charge = _charge(invoice)
+    assert (invoice.total, invoice.amount_paid, charge["amount"]) == (14_400, 8_400, 8_400)
+    assert lot.revenue == PLAN_PRICE
+
+    # when: the member disputes the whole card charge, or finance refund all of it
+    if kind == "dispute":
+        stripe_standin.dispute(charge["id"])
+    else:
+        stripe_sdk.v1.refunds.create(params={"payment_intent": invoice.stripe_payment_intent_id})
+    assert "failed" not in deliver()
+
+    # then: the $84 returned the overage ($45) and $39 of the plan; the $60 the balance
+    # paid of the plan keeps its credits: 39/99 of 12,000 taken, rounded down
+    reversal = PaymentReversal.objects.get()
+    assert (reversal.kind, reversal.amount) == (kind, 8_400)
+    taken = PLAN_CREDITS * 3_900 // PLAN_PRICE
+    assert (reversal.credits_clawed_back, reversal.credits_lost) == (taken, 0)
+    lot.refresh_from_db()
+    assert lot.remaining == PLAN_CREDITS - taken == 7_272_727_273
+    assert stripe_reconcile().ok
+
+
+@pytest.mark.parametrize("rest", ["refund", "dispute"])
+def test_a_refund_of_the_overage_takes_no_plan_credits_and_the_rest_takes_them_all(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, admin_client, rest
+):
+    # given: the renewal, all $144 paid by card
+    invoice, lot = _renewed_with_overage(customer, subscribed, stripe_standin, deliver)
+    assert (invoice.total, _charge(invoice)["amount"]) == (14_400, 14_400)
+
+    # when: finance refund the $45 of overage from the invoice's admin page
+    response = admin_client.post(
+        f"/admin/gymbilling/invoice/{invoice.pk}/refund/",
+        {"amount": OVERAGE, "note": "Overage billed in error", "key": uuid.uuid4().hex},
+    )
+    assert response.status_code == 302
+
+    # then: the plan was paid in full all the same: none of its credits are taken (the
+    # refund is recorded, and freezes reselling as any refund does)
+    refund = PaymentReversal.objects.get()
+    assert (refund.amount, _reversed(refund)) == (OVERAGE, 0)
+    lot.refresh_from_db()
+    assert lot.remaining == PLAN_CREDITS
+    assert BillingCustomer.objects.get(organization=invoice.organization).resale_frozen_at
+
+    # when: the rest ($99, what paid the plan) is refunded, or disputed
+    if rest == "refund":
+        stripe_sdk.v1.refunds.create(params={"payment_intent": invoice.stripe_payment_intent_id})
+    else:
+        stripe_standin.dispute(_charge(invoice)["id"], amount=PLAN_PRICE)
+    assert "failed" not in deliver()
+
+    # then: it takes all 12,000, as a refund of the whole takes them
+    later = PaymentReversal.objects.exclude(pk=refund.pk).get()
+    assert (later.kind, later.amount, later.credits_clawed_back) == (rest, PLAN_PRICE, PLAN_CREDITS)
+    lot.refresh_from_db()
+    assert lot.remaining == 0
+    assert stripe_reconcile().ok
+
+
+def test_an_overage_refund_that_fails_after_the_rest_was_refunded_is_reported_to_finance(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, caplog
+):
+    # given: the renewal all by card; its $45 of overage refunded (no credits taken), then
+    # the $99 left (all 12,000 taken: the $144 is back)
+    invoice, lot = _renewed_with_overage(customer, subscribed, stripe_standin, deliver)
+    intent = invoice.stripe_payment_intent_id
+    overage = stripe_sdk.v1.refunds.create(params={"payment_intent": intent, "amount": OVERAGE})
+    deliver()
+    stripe_sdk.v1.refunds.create(params={"payment_intent": intent})
+    deliver()
+    assert [_reversed(r) for r in PaymentReversal.objects.order_by("pk")] == [0, PLAN_CREDITS]
+
+    # when: the overage's refund fails (its $45 is the gym's again)
+    stripe_standin.fail_refund(overage.id)
+    with caplog.at_level("ERROR", logger="gymbilling.services.payments"):
+        assert "failed" not in deliver()
+
+    # then: it gave back what it took (nothing); the $99 refund keeps the 12,000 it took,
+    # though $99 alone paid for 54/99 of them: finance is told to give the excess back
+    first = PaymentReversal.objects.order_by("pk").first()
+    assert (first.reinstated_at is not None, first.credits_reinstated) == (True, 0)
+    lot.refresh_from_db()
+    assert lot.remaining == 0
+    excess = PLAN_CREDITS - PLAN_CREDITS * 5_400 // PLAN_PRICE
+    [record] = [r for r in caplog.records if r.name == "gymbilling.services.payments"]
+    assert f"{excess} more than their money paid for" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("price", "charge", "total", "returned", "taken"),
+    [
+        # a pack ($12.00, 1,000 credits): a quarter back, then all
+        (1_200, 1_200, 1_200, 300, 250 * MICRO),
+        (1_200, 1_200, 1_200, 1_200, 1_000 * MICRO),
+        # Pro all by card: the overage first, then the plan
+        (9_900, 14_400, 14_400, 4_500, 0),
+        (9_900, 14_400, 14_400, 4_600, 1_000 * MICRO * 100 // 9_900),
+        (9_900, 14_400, 14_400, 14_400, 1_000 * MICRO),
+        # Pro, $60 by the balance: the card's $84 paid $39 of the plan
+        (9_900, 8_400, 14_400, 8_400, 1_000 * MICRO * 3_900 // 9_900),
+        # the balance paid the whole plan: the card only the overage
+        (9_900, 4_000, 14_400, 4_000, 0),
+        # a debt of $5.00 carried in: the card paid it too, first given back
+        (9_900, 10_400, 9_900, 500, 0),
+        (9_900, 10_400, 9_900, 10_400, 1_000 * MICRO),
+        # more than the charge (a refund and a dispute overlapping): no more than it paid
+        (9_900, 9_900, 9_900, 20_000, 1_000 * MICRO),
+    ],
+)
+def test_the_credits_taken_back_are_those_the_money_returned_paid_for(
+    price, charge, total, returned, taken
+):
+    assert (
+        reversal_credits(
+            credits=1_000 * MICRO, price=price, charge=charge, total=total, returned=returned
+        )
+        == taken
+    )
