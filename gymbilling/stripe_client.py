@@ -269,6 +269,11 @@ def checkout_session_retrieve(session_id: str) -> dict:
     return _call(_client().v1.checkout.sessions.retrieve, session_id)
 
 
+def checkout_session_line_items(session_id: str) -> list[dict]:
+    """What a Checkout session sells: its line items, each with the price it was opened at."""
+    return list(_pages(_client().v1.checkout.sessions.line_items.list, session_id))
+
+
 def checkout_session_expire(session_id: str) -> dict:
     return _call(_client().v1.checkout.sessions.expire, session_id)
 

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('gymbilling', '0028_marketreversal_recovered_by_fill_backfill'),
+        ('gymbilling', '0030_stripe_customer_replaced'),
     ]
 
     operations = [

@@ -188,6 +188,12 @@ class StripePrice(models.Model):
     )
     unit_amount = models.PositiveBigIntegerField()
     currency = models.CharField(max_length=3)
+    # Micro-credits one unit of this price buys (a month of a plan, per seat where the plan
+    # is seat-based; a pack), fixed when the price was made: a plan or pack whose credits
+    # change gets a new price, so what was bought at this one stays what it buys. Null: an
+    # overage price (it buys none), or a row made by hand without them (the plan's or
+    # pack's credits now are read instead).
+    credits = models.BigIntegerField(null=True, blank=True)
     lookup_key = models.CharField(max_length=200)
     current = models.BooleanField(default=True, help_text="The price new purchases use.")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -206,6 +212,12 @@ class StripePrice(models.Model):
 
     def __str__(self) -> str:
         return f"{self.lookup_key} ({self.stripe_price_id})"
+
+    def plan_credits_for(self, quantity: int) -> int:
+        """Micro-credits a month a plan price buys for `quantity` (seats, where the plan is
+        seat-based): what the price was made for, whatever the plan says now."""
+        per_unit = self.plan.monthly_credits if self.credits is None else self.credits
+        return per_unit * (quantity if self.plan.seat_based else 1)
 
 
 class BillingCustomer(models.Model):
@@ -412,6 +424,10 @@ class CheckoutSession(models.Model):
     stripe_payment_intent_id = models.CharField(max_length=255, blank=True)
     amount_total = models.BigIntegerField(default=0)
     currency = models.CharField(max_length=3, default="usd")
+    # A pack's: the micro-credits the price it was paid at buys (StripePrice.credits),
+    # recorded when its payment is granted, and granted from then on (a replay grants the
+    # same, whatever the pack says by then). Null until then.
+    credits = models.BigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     completed_at = models.DateTimeField(null=True, blank=True)
 

@@ -3,10 +3,14 @@
 Idempotent: products use our own ids (`gym_plan_<code>`, `gym_pack_<code>`);
 each price has a lookup key (`gym_plan_<code>`, `gym_plan_<code>_overage`,
 `gym_pack_<code>`) and is created only when no current price with that key
-has the right amount and currency. Stripe prices are immutable, so a changed
-amount makes a new price that takes over the lookup key; the old one is
+has the right amount, currency and credits. Stripe prices are immutable, so a
+changed amount makes a new price that takes over the lookup key; the old one is
 deactivated but stays in StripePrice, because subscriptions on it still name
-their plan through it.
+their plan through it. A price also fixes the credits it buys
+(StripePrice.credits, and the price's `credits` metadata at Stripe): changed
+credits make a new price too, so members still on the old price (a subscription
+renewing at it, a checkout opened before the change) get what it was sold for,
+and new purchases what the plan or pack says now.
 """
 
 from __future__ import annotations
@@ -51,11 +55,22 @@ def _price_ensure(
     currency: str,
     product: str,
     params: dict,
+    credits: int | None = None,
 ) -> StripePrice:
+    """The current price of `lookup_key`: kept when it has this amount, currency and
+    credits (None: an overage price, which buys none), else a new one that takes over."""
     current = StripePrice.objects.filter(lookup_key=lookup_key, current=True).first()
-    if current and current.unit_amount == unit_amount and current.currency == currency:
+    if (
+        current
+        and current.unit_amount == unit_amount
+        and current.currency == currency
+        and current.credits == credits
+    ):
         report.unchanged.append(lookup_key)
         return current
+    metadata = {"kind": kind, **{k: str(v.pk) for k, v in owner.items()}}
+    if credits is not None:
+        metadata["credits"] = str(credits)
     # Metered overage is priced per credit in fractions of a minor unit
     # (Stripe keeps up to 12 decimals); everything else in whole minor units.
     per_credit = params.pop("per_1k_credits", False)
@@ -66,7 +81,11 @@ def _price_ensure(
     )
     # Another run may have created it at Stripe and crashed before our row.
     for price in stripe_client.prices_by_lookup_key([lookup_key]):
-        if _same_amount(price, amount) and price.get("currency") == currency:
+        if (
+            _same_amount(price, amount)
+            and price.get("currency") == currency
+            and (price.get("metadata") or {}).get("credits") == metadata.get("credits")
+        ):
             created = price
             break
     else:
@@ -76,7 +95,7 @@ def _price_ensure(
             **amount,
             "lookup_key": lookup_key,
             "transfer_lookup_key": True,
-            "metadata": {"kind": kind, **{k: str(v.pk) for k, v in owner.items()}},
+            "metadata": metadata,
             **params,
         }
         # The key names this exact request: a retry replays it, a changed
@@ -99,6 +118,7 @@ def _price_ensure(
                 "kind": kind,
                 "unit_amount": unit_amount,
                 "currency": currency,
+                "credits": credits,
                 "lookup_key": lookup_key,
                 "current": True,
                 **owner,
@@ -129,6 +149,7 @@ def _plan_sync(plan: Plan, report: SyncReport, meter_id: str | None) -> None:
         currency=plan.currency,
         product=product_id,
         params={"recurring": {"interval": "month", "usage_type": "licensed"}},
+        credits=plan.monthly_credits,
     )
     if plan.overage_allowed and meter_id:
         # The meter counts whole credits; the plan's price is per 1,000 of them.
@@ -166,6 +187,7 @@ def _pack_sync(pack: CreditPack, report: SyncReport) -> None:
         currency=pack.currency,
         product=product_id,
         params={},
+        credits=pack.credits,
     )
 
 

@@ -1,12 +1,13 @@
 """Paid subscription invoices grant credits: once per invoice, keyed by its id.
 
-The credits an invoice buys are read from its lines, priced by the plan of
-each line's price:
+The credits an invoice buys are read from its lines, by the credits each
+line's price was made for (StripePrice.credits: a member renewing at an old
+price gets what it was sold for, not what the plan gives now):
 - a regular line (billing_reason subscription_create/cycle) buys a month of
-  the plan's credits for its quantity;
+  the price's credits for its quantity;
 - proration lines (an upgrade, billing_reason subscription_update) buy the
   fraction of a month their period covers, and an unused-time line (negative
-  amount) gives the same fraction of the old plan back: the grant is the
+  amount) gives the same fraction of the old price's back: the grant is the
   difference, floored to a micro-credit (never in the customer's favour by
   more than the rounding of one line);
 - metered overage lines buy nothing (the credits were already used).
@@ -110,7 +111,7 @@ def invoice_credits(*, invoice: dict, subscription: Subscription) -> InvoiceCred
         quantity = int(line.get("quantity") or 1)
         period = line.get("period") or {}
         start, end = ts(period.get("start")), ts(period.get("end"))
-        month_credits = plan.credits_for(quantity)
+        month_credits = price.plan_credits_for(quantity)
         # The length of the period the line buys credits in: what rolled-over credits last
         # past its end, as a whole period's do.
         period_length = end - start if start and end else timedelta(days=31)

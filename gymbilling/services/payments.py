@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.services import audit_record
+from gymbilling import stripe_client
 from gymbilling.locks import transaction_lock
 from gymbilling.models import (
     BillingCustomer,
@@ -29,6 +30,8 @@ from gymbilling.models import (
     CheckoutStatus,
     Invoice,
     PaymentReversal,
+    PriceKind,
+    StripePrice,
 )
 from gymbilling.sweeps import each_isolated
 from metering.models import CreditLot, JournalTransaction, LotSource
@@ -82,15 +85,44 @@ def checkout_session_mirror(*, session: dict) -> CheckoutSession | None:
 PACK_ORIGIN = "pack"
 
 
+def _pack_checkout_credits(checkout: CheckoutSession) -> int:
+    """The micro-credits a pack checkout bought: those of the price it was opened at (its
+    line item at Stripe), recorded on the row the first time (CheckoutSession.credits).
+
+    Not the pack's credits now: a checkout opened before finance changed the pack's
+    price and credits is paid at the old price, and buys what that price was sold for.
+    Recorded once, so a replay of its event grants the same. The pack's credits now only
+    where the price is none of ours, or was made before prices recorded their credits.
+    """
+    if checkout.credits is not None:
+        return checkout.credits
+    credits = None
+    for item in stripe_client.checkout_session_line_items(checkout.stripe_session_id):
+        price_id = (item.get("price") or {}).get("id")
+        credits = (
+            StripePrice.objects.filter(stripe_price_id=price_id, kind=PriceKind.PACK)
+            .values_list("credits", flat=True)
+            .first()
+        )
+        break  # a pack checkout sells one line: the pack
+    if credits is None:
+        credits = checkout.pack.credits
+    # First writer wins: two deliveries of its event record, and grant, the same.
+    CheckoutSession.objects.filter(pk=checkout.pk, credits__isnull=True).update(credits=credits)
+    checkout.refresh_from_db(fields=["credits"])
+    return checkout.credits
+
+
 def pack_purchase_grant(*, checkout: CheckoutSession) -> CreditLot | None:
-    """A paid pack checkout grants the pack's credits, valid `validity_days`, once, sold
-    for what the checkout charged (its total: discounts off; no tax is collected here)."""
+    """A paid pack checkout grants the credits its price bought (`_pack_checkout_credits`),
+    valid the pack's `validity_days`, once, sold for what the checkout charged (its total:
+    discounts off; no tax is collected here)."""
     if checkout.kind != CheckoutKind.PACK or checkout.completed_at is None:
         return None
     pack = checkout.pack
     return credits_grant(
         organization=checkout.organization,
-        amount=pack.credits,
+        amount=_pack_checkout_credits(checkout),
         source=LotSource.PACK,
         paid=True,
         resellable=False,

@@ -1,0 +1,123 @@
+"""A price buys the credits it was made for: finance changing a plan or pack (its price and
+its credits) and syncing the catalog leaves what was bought at the old price as it was sold,
+through the stand-in."""
+
+from __future__ import annotations
+
+import pytest
+
+from gymbilling.models import (
+    CheckoutSession,
+    CreditPack,
+    Invoice,
+    Plan,
+    StripeEvent,
+    StripePrice,
+    Subscription,
+)
+from gymbilling.services import catalog_sync, stripe_event_process
+from gymbilling.services.catalog import catalog_seed_defaults
+from metering.models import MICRO, CreditLot
+from tests.factories import OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_plan_s_new_price_and_credits_leave_its_old_subscribers_what_they_bought(
+    customer, subscribed, stripe_standin, deliver, buy
+):
+    # given: a member on Pro at $99 for 12,000 credits a month; then finance make Pro
+    # $129 for 15,000 and sync the catalog
+    sub = subscribed("pro")
+    Plan.objects.filter(code="pro").update(monthly_price=12_900, monthly_credits=15_000 * MICRO)
+    report = catalog_sync()
+    assert "gym_plan_pro" in report.created
+    old, new = StripePrice.objects.filter(lookup_key="gym_plan_pro").order_by("pk")
+    assert (old.current, old.unit_amount, old.credits) == (False, 9_900, 12_000 * MICRO)
+    assert (new.current, new.unit_amount, new.credits) == (True, 12_900, 15_000 * MICRO)
+
+    # when: the member renews, still at the $99 price
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+
+    # then: they paid $99 and got the 12,000 that price was sold for
+    renewal = Invoice.objects.get(subscription=sub, billing_reason="subscription_cycle")
+    assert (renewal.amount_paid, renewal.credits_granted) == (9_900, 12_000 * MICRO)
+
+    # when: another organization subscribes now
+    newcomer = OrganizationFactory()
+    buy(newcomer, plan="pro")
+
+    # then: it paid $129 for 15,000
+    first = Invoice.objects.get(subscription=Subscription.objects.get(organization=newcomer))
+    assert (first.amount_paid, first.credits_granted) == (12_900, 15_000 * MICRO)
+
+
+def test_changed_credits_alone_make_a_new_price(stripe_standin):
+    # given: the catalog synced; then Pro gives 15,000 credits a month for the same $99
+    catalog_seed_defaults()
+    catalog_sync()
+    old = StripePrice.objects.get(lookup_key="gym_plan_pro", current=True)
+    Plan.objects.filter(code="pro").update(monthly_credits=15_000 * MICRO)
+
+    # when
+    report = catalog_sync()
+
+    # then: a new $99 price sells the 15,000; members at the old one keep its 12,000
+    assert report.created == ["gym_plan_pro"] and report.deactivated == [old.stripe_price_id]
+    new = StripePrice.objects.get(lookup_key="gym_plan_pro", current=True)
+    assert (new.unit_amount, new.credits) == (9_900, 15_000 * MICRO)
+    old.refresh_from_db()
+    assert (old.current, old.credits) == (False, 12_000 * MICRO)
+    # and a sync with nothing changed makes nothing
+    assert catalog_sync().created == []
+
+
+def test_a_pack_checkout_opened_before_a_change_is_granted_what_its_price_bought(
+    customer, catalog, stripe_standin, deliver
+):
+    # given: a checkout opened for Boost 1k ($12.00, 1,000 credits); then finance make it
+    # $15.00 for 1,500 and sync the catalog
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    assert response.status_code == 200, response.content
+    CreditPack.objects.filter(code="boost-1k").update(price=1_500, credits=1_500 * MICRO)
+    catalog_sync()
+
+    # when: the checkout is paid, at the price it was opened at
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    assert "failed" not in deliver()
+
+    # then: $12.00 bought the 1,000 credits it was sold for
+    [lot] = CreditLot.objects.filter(organization=org, source="pack")
+    assert (lot.amount, lot.revenue) == (1_000 * MICRO, 1_200)
+    assert CheckoutSession.objects.get(organization=org).credits == 1_000 * MICRO
+
+    # when: the pack changes again, and the payment's event is replayed
+    CreditPack.objects.filter(code="boost-1k").update(credits=2_000 * MICRO)
+    completed = StripeEvent.objects.get(type="checkout.session.completed")
+    assert stripe_event_process(event_pk=completed.pk, force=True) == "processed"
+
+    # then: the same grant, once
+    assert list(CreditLot.objects.filter(organization=org, source="pack")) == [lot]
+
+
+def test_prices_made_before_credits_were_recorded_read_their_plan_s_and_pack_s(
+    transactional_db, stripe_standin, migrated_back_and_forth
+):
+    # given: the catalog synced
+    catalog_seed_defaults()
+    catalog_sync()
+
+    # when: it is migrated back to before them, and forward again
+    migrated_back_and_forth([("gymbilling", "0031_invoice_total")])
+
+    # then: plan and pack prices buy their plan's and pack's credits; overage prices none
+    for price in StripePrice.objects.select_related("plan", "pack"):
+        expected = {
+            "plan": price.plan and price.plan.monthly_credits,
+            "pack": price.pack and price.pack.credits,
+            "overage": None,
+        }[price.kind]
+        assert price.credits == expected, price.lookup_key
+    assert StripePrice.objects.filter(credits__isnull=False).count() == 6
