@@ -247,14 +247,18 @@ def customer_retrieve(customer_id: str) -> dict:
 
 
 def customer_gone(customer_id: str) -> bool:
-    """Whether Stripe says, for certain, that it has no such customer: deleted
-    (`deleted: true`), or never known to it (404 `resource_missing`). False while it has
-    the customer; another refusal, or Stripe unreachable, is raised, as not knowing."""
+    """Whether Stripe says, for certain, that the customer was deleted: a retrieve answers
+    it with `deleted: true` (a 200). False while it has the customer, and for a 404: an
+    id this account never knew is a key of another account or mode (a key rotated
+    wrongly), where replacing every organization's customer, and giving up their
+    unsent overage, would be a mass repair once the key is fixed; the refusal reaches
+    the caller instead. Another refusal, or Stripe unreachable, is raised, as not
+    knowing."""
     try:
         return bool(customer_retrieve(customer_id).get("deleted"))
     except StripeRequestRefused as exc:
         if exc.status == 404 and exc.code == "resource_missing":
-            return True
+            return False
         raise
 
 

@@ -77,6 +77,25 @@ def test_a_purchase_after_the_customer_was_deleted_at_stripe_makes_a_new_custome
         assert CreditLot.objects.filter(organization=org, source="subscription").exists()
 
 
+def test_a_customer_stripe_never_knew_is_not_replaced(customer, catalog):
+    # given: an organization whose customer id Stripe does not know (404), as when the
+    # key is another account's or mode's after a rotation gone wrong
+    org = customer.organization
+    assert customer.client.post("/api/v1/billing/portal").status_code == 200
+    BillingCustomer.objects.filter(organization=org).update(stripe_customer_id="cus_elsewhere")
+
+    # when: it buys a pack
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+
+    # then: Stripe's refusal is answered, and nothing is replaced: fixing the key must
+    # find every organization's customer as it was
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "payment_provider_refused"
+    assert customer_id(org) == "cus_elsewhere"
+    assert not FormerStripeCustomer.objects.exists()
+    assert not AuditEvent.objects.filter(action="billing.customer_replaced").exists()
+
+
 def test_a_second_deletion_is_replaced_again(customer, catalog, stripe_standin, stripe_sdk):
     """The replacement's Stripe key names the customer it replaces: the same key again
     would be answered, for a day, with the customer deleted the second time."""
