@@ -21,6 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from django.conf import settings
 from redis.exceptions import RedisError
@@ -309,12 +310,41 @@ def relay_run_lease(job_pk: int) -> Iterator[bool]:
         yield False
         return
     _watcher.lease(token, key)
+    _held.lease = held = _HeldLease(key, token)
     try:
         yield True
     finally:
+        _held.lease = None
         _watcher.unlease(token)
-        with contextlib.suppress(RedisError):  # else it lapses within RUN_LEASE_S
-            _script(_RELEASE)(keys=[key], args=[token])
+        if not held.released:
+            with contextlib.suppress(RedisError):  # else it lapses within RUN_LEASE_S
+                _script(_RELEASE)(keys=[key], args=[token])
+
+
+@dataclass
+class _HeldLease:
+    key: str
+    token: str
+    released: bool = False  # queued on the run's last pipeline (relay_run_lease_release)
+
+
+# The lease this thread's run holds (a run is one task, on one thread).
+_held = threading.local()
+
+
+def relay_run_lease_release(pipe) -> None:
+    """Queue the release of this thread's run lease on `pipe`, the pipeline that sends the
+    job's final event: one round trip to Redis less per job than releasing it on its own.
+    A pipeline that fails leaves the lease to lapse within RUN_LEASE_S, as a dead
+    worker's does."""
+    held = getattr(_held, "lease", None)
+    if held is None or held.released:
+        return
+    # EVAL, not a registered script: a pipeline holding one asks Redis first whether it
+    # has it (SCRIPT EXISTS), the round trip this saves (the token refund beside it is
+    # an EVAL too).
+    pipe.eval(_RELEASE, 1, held.key, held.token)
+    held.released = True
 
 
 def _run_lease_take(key: str, token: str) -> bool:

@@ -52,6 +52,7 @@ from inference.relay import (
     relay_publish,
     relay_relayed_text,
     relay_run_lease,
+    relay_run_lease_release,
 )
 from inference.selectors import catalog_model_by_id, job_final_event, pools_for_job
 from inference.services import concurrency_slots_sweep, job_settle, job_start
@@ -263,6 +264,8 @@ def _finish(job: Job, outcome: Outcome, status: str) -> str:
     try:
         job = _settle(job=job, outcome=outcome, status=status, pipe=pipe)
         relay_publish(job.public_id, _final_event(job, outcome), pipe=pipe)
+        # Settled and answered: the run's lease goes in the same round trip.
+        relay_run_lease_release(pipe)
     finally:
         _send(pipe)
     return job.status

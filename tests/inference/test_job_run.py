@@ -36,7 +36,7 @@ from kombu.message import Message
 from kombu.serialization import dumps
 
 from accounts.redis import get_redis
-from inference import tasks, triton
+from inference import relay, tasks, triton
 from inference.engine.tokenizer import count_tokens
 from inference.models import DedicatedCapacity, InputTokensSource, Job, JobStatus, ServerPool
 from inference.relay import relay_cancel, relay_events, relay_publish
@@ -457,6 +457,30 @@ def test_a_message_whose_runs_lease_lapsed_runs_the_job_again(queued_job):
     job = Job.objects.get(pk=queued_job.pk)
     assert status == job.status == JobStatus.SUCCEEDED and job.output_tokens == 4
     _settled_once(job, status=HoldStatus.CAPTURED, captured=_expected_charge(job))
+
+
+def test_a_run_lets_its_lease_go_with_its_final_event(queued_job, monkeypatch):
+    # given a job's run, its run lease's own release (a round trip of its own) counted
+    released_alone = []
+    real_script = relay._script
+
+    def script(source: str):
+        if source == relay._RELEASE:
+            released_alone.append(source)
+        return real_script(source)
+
+    monkeypatch.setattr(relay, "_script", script)
+
+    # when it runs to its end
+    status = _run(queued_job, _spec(queued_job))
+
+    # then its lease is gone, let go in the pipeline that sent its final event,
+    # not on its own: a duplicate message now finds nothing to wait for
+    assert status == JobStatus.SUCCEEDED
+    assert not get_redis().exists(f"jobrun:{queued_job.pk}")
+    assert released_alone == []
+    final = [e for e in relay_events(queued_job.public_id, timeout_s=10) if e["type"] == "done"]
+    assert len(final) == 1
 
 
 def _settled_for_its_charge(job: Job, org, before) -> None:
