@@ -212,17 +212,17 @@ def test_an_overage_batch_lost_in_a_crash_is_resent_with_the_same_identifier(
     assert OverageReport.objects.get().sent_at is not None
 
 
-def test_a_report_for_a_customer_stripe_does_not_have_fails_without_holding_back_the_others(
+def test_a_report_for_a_customer_stripe_never_knew_waits_without_holding_back_the_others(
     customer, subscribed, stripe_standin
 ):
-    # given: a batch of a subscription whose customer Stripe does not have, written before
-    # a good one
+    # given: a batch of a subscription whose customer Stripe never knew (404: a key of
+    # another account or mode, say), written before a good one
     from tests.factories import OrganizationFactory
 
     subscribed("pro")
     org = customer.organization
     gone = OrganizationFactory()
-    BillingCustomer.objects.create(organization=gone, stripe_customer_id="cus_deleted_at_stripe")
+    BillingCustomer.objects.create(organization=gone, stripe_customer_id="cus_unknown_to_stripe")
     now = timezone.now()
     stuck = OverageReport.objects.create(
         identifier="ovg_gone_1",
@@ -230,7 +230,7 @@ def test_a_report_for_a_customer_stripe_does_not_have_fails_without_holding_back
         subscription=Subscription.objects.create(
             organization=gone,
             stripe_subscription_id="sub_of_the_deleted_customer",
-            stripe_customer_id="cus_deleted_at_stripe",
+            stripe_customer_id="cus_unknown_to_stripe",
             plan=Plan.objects.get(code="pro"),
             status="canceled",
             current_period_start=now - timedelta(days=30),
@@ -244,12 +244,16 @@ def test_a_report_for_a_customer_stripe_does_not_have_fails_without_holding_back
     # when: the report runs
     assert overage_report() == 4
 
-    # then: the good batch reached the meter; the other failed for good, saying why
+    # then: the good batch reached the meter; the other waits, unsent and not failed, to
+    # be sent once the key is put right (only a customer Stripe deleted fails a batch for
+    # good: tests/gymbilling/billing/test_customer_deleted.py), and waits again next run
     cus = BillingCustomer.objects.get(organization=org).stripe_customer_id
     assert [int(e["value"]) for e in stripe_standin.meter_events(cus)] == [4]
     stuck.refresh_from_db()
-    assert stuck.sent_at is None and stuck.failed_at is not None
-    assert "cus_deleted_at_stripe" in stuck.error
+    assert (stuck.sent_at, stuck.failed_at, stuck.error) == (None, None, "")
+    assert overage_report() == 0
+    stuck.refresh_from_db()
+    assert (stuck.sent_at, stuck.failed_at) == (None, None)
 
 
 @pytest.mark.parametrize("end_first", [False, True], ids=["paid, then ended", "end first"])
