@@ -58,10 +58,19 @@ def _pytriton_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def _free_ports(host: str, count: int) -> list[int]:
+    """`count` ports free on `host`, all different: each is bound while the next is
+    picked. Picked one at a time, each socket closed before the next bind, the system
+    could hand the same port out twice (a server then refused to listen for gRPC and
+    metrics on one port, and a test failed at its setup)."""
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _die_with_parent() -> None:
@@ -232,7 +241,12 @@ class TritonDevServer:
 
     def _pick_ports(self) -> None:
         requested = self._requested_ports
-        picked = [port or _free_port(self.host) for port in requested]
+        free = iter(
+            port
+            for port in _free_ports(self.host, 2 * len(requested))
+            if port not in requested  # nor one the caller chose for another
+        )
+        picked = [port or next(free) for port in requested]
         self.http_port, self.grpc_port, self.metrics_port = picked
 
     def _environment(self) -> dict[str, str]:
