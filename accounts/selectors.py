@@ -142,8 +142,9 @@ def invitation_sender_may_grant(invitation: Invitation) -> bool:
     decides, as before senders were checked.
 
     Removing or demoting a member revokes what they sent that they could no longer send
-    (invitations_sent_revoke); this holds for the rest: invitations sent before that
-    existed, and senders deactivated rather than removed.
+    (invitations_sent_revoke), and revoking a key what it sent
+    (invitations_sent_with_key_revoke); this holds for the rest: invitations sent before
+    those existed, and senders deactivated rather than removed.
     """
     person = invitation.invited_by_id
     if person is None and invitation.invited_by_key_id is not None:

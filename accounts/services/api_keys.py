@@ -209,7 +209,20 @@ def apikey_create(
 
 @transaction.atomic
 def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -> ApiKey:
-    """Revoke at once: the next request with it fails. Revoking twice is harmless."""
+    """Revoke at once: the next request with it fails, and the open invitations it sent
+    are revoked with it (invitations_sent_with_key_revoke). Revoking twice is harmless,
+    and closes what a key revoked before that existed had left open."""
+    # Imported here: organizations imports this module (KEYS).
+    from accounts.services.organizations import (
+        _organization_lock,
+        invitations_sent_with_key_revoke,
+    )
+
+    # The organization's row first, as everything that changes its invitations takes
+    # it: an accept of one of the key's invitations either went first (a member) or
+    # waits and reads it revoked; an invitation_create with the key either went first
+    # (revoked below) or waits and reads the key revoked.
+    _organization_lock(key.organization_id)
     updated = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(
         revoked_at=timezone.now()
     )
@@ -223,6 +236,7 @@ def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -
             actor_user=actor,
             actor_key=actor_key,
         )
+    invitations_sent_with_key_revoke(key=key, actor=actor, actor_key=actor_key)
     return key
 
 

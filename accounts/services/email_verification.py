@@ -188,5 +188,7 @@ def user_password_reset_done(*, user: User) -> None:
         reclaimed = not row.email_verified and not row.email_previously_verified
         user_email_mark_verified(user=user, email=row.email)
         if reclaimed:
-            for key in ApiKey.objects.filter(created_by=user, revoked_at__isnull=True):
+            # In a fixed order: apikey_revoke locks each key's organization.
+            keys = ApiKey.objects.filter(created_by=user, revoked_at__isnull=True)
+            for key in keys.order_by("organization_id", "pk"):
                 apikey_revoke(key=key, actor=user)

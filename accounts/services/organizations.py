@@ -333,6 +333,16 @@ def invitation_create(
         with transaction.atomic():
             # Before the expired invitation's row, as an accept of it takes them.
             _organization_lock(organization.pk)
+            # Under the lock apikey_revoke takes too: a key revoked while this request,
+            # authenticated before, waited for it must not send an invitation that no
+            # accept could use and that its revocation no longer closes.
+            if (
+                actor_key is not None
+                and ApiKey.objects.filter(pk=actor_key.pk, revoked_at__isnull=False).exists()
+            ):
+                raise ApplicationError(
+                    code="api_key_revoked", message="This API key was revoked.", status=401
+                )
             # An expired invitation admits nobody, but the uniqueness of open ones still
             # counted it, so the address could never be invited again: it is closed
             # (revoked) for the new one to take its place.
@@ -477,26 +487,59 @@ def invitations_sent_revoke(
     membership_set_role, in their transaction, after the change: both happen, or
     neither. (invitation_to_accept checks the sender again when one is accepted.)
     """
-    now = timezone.now()
     person = membership.user_id
     keys = ApiKey.objects.filter(organization_id=membership.organization_id, created_by_id=person)
     sent = Invitation.objects.filter(
         Q(invited_by_id=person) | Q(invited_by_key__in=keys.values("pk")),
         organization_id=membership.organization_id,
+    )
+    if not removed:
+        sent = sent.exclude(role__in=roles_grantable_by(membership.role))
+    return _invitations_revoke(
+        organization=membership.organization,
+        sent=sent,
+        reason="sender_removed" if removed else "sender_role_changed",
+        actor=actor,
+        actor_key=actor_key,
+    )
+
+
+def invitations_sent_with_key_revoke(*, key: ApiKey, actor=None, actor_key=None) -> int:
+    """Revoke the open invitations sent with `key`, which apikey_revoke has just revoked,
+    in its transaction; audited as revoked, reason `sender_key_revoked`. Returns how many.
+
+    A revoked key vouches for nothing it did (invitation_sender_may_grant): left open,
+    its invitations were listed as pending though no accept could succeed, and held the
+    address, which could not be invited again.
+    """
+    return _invitations_revoke(
+        organization=key.organization,
+        sent=Invitation.objects.filter(organization_id=key.organization_id, invited_by_key=key),
+        reason="sender_key_revoked",
+        actor=actor,
+        actor_key=actor_key,
+    )
+
+
+def _invitations_revoke(
+    *, organization: Organization, sent, reason: str, actor=None, actor_key=None
+) -> int:
+    """Revoke those of the invitations `sent` that are still open, each audited with
+    `reason`; returns how many. Only under the organization's lock (_organization_lock),
+    taken before the invitations' rows as an accept takes them."""
+    now = timezone.now()
+    open_ = sent.filter(
         accepted_at__isnull=True,
         revoked_at__isnull=True,
         expires_at__gt=now,  # an expired one admits nobody already
     )
-    if not removed:
-        sent = sent.exclude(role__in=roles_grantable_by(membership.role))
-    revoked = list(sent.select_for_update().order_by("pk").values_list("pk", "email", "role"))
+    revoked = list(open_.select_for_update().order_by("pk").values_list("pk", "email", "role"))
     if not revoked:
         return 0
     Invitation.objects.filter(pk__in=[pk for pk, _email, _role in revoked]).update(revoked_at=now)
-    reason = "sender_removed" if removed else "sender_role_changed"
     for _pk, email, role in revoked:
         audit_record(
-            organization=membership.organization,
+            organization=organization,
             action="invitation.revoked",
             target=email,
             actor_user=actor,

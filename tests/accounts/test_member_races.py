@@ -16,9 +16,11 @@ import pytest
 from django.test import Client
 
 from accounts import apis
-from accounts.models import Membership, Role
-from accounts.services import membership_add, membership_set_role
+from accounts.models import Invitation, Membership, Role, Scope
+from accounts.services import api_keys as api_key_services
+from accounts.services import apikey_create, membership_add, membership_set_role
 from accounts.services import organizations as organization_services
+from tests.accounts.conftest import key_client
 from tests.dashboard.conftest import DashboardClient
 from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import on_own_connection, pause_after, run_against_paused
@@ -55,12 +57,13 @@ def signed_in(user, client_class=Client) -> Client:
     return client
 
 
-def race(monkeypatch, first, second) -> None:
-    """`first()` on the thread "first", paused once past its checks (its audit record
-    written, its transaction open); then `second()` on its own connection, until it is
-    done or waits for a lock; then `first` goes on. Each calls the real page or API."""
+def race(monkeypatch, first, second, *, services=organization_services) -> None:
+    """`first()` on the thread "first", paused once past its checks (its first audit record,
+    by `services`, written, its transaction open); then `second()` on its own connection,
+    until it is done or waits for a lock; then `first` goes on. Each calls the real page
+    or API."""
     errors: list = []
-    paused, resume = pause_after(monkeypatch, organization_services, "audit_record", thread="first")
+    paused, resume = pause_after(monkeypatch, services, "audit_record", thread="first")
     first_thread = threading.Thread(name="first", target=on_own_connection, args=(first, errors))
     first_thread.start()
     assert paused.wait(timeout=60)
@@ -190,3 +193,32 @@ def test_an_invitation_revoked_as_it_is_accepted_is_one_or_the_other_never_a_500
     assert answers["accept"].status_code == 404, answers["accept"].content
     assert answers["accept"].json()["error"]["code"] == "invitation_invalid"
     assert not Membership.objects.filter(organization=org, user=carol).exists()
+
+
+def test_a_key_revoked_as_it_invites_leaves_no_open_invitation(two_owners, monkeypatch):
+    # given: Alice, an owner, made an admin key, which a partner app invites with
+    org, alice, _, _ = two_owners
+    key, raw = apikey_create(organization=org, name="app", scopes=[Scope.ADMIN], actor=alice)
+    alice_client, app = signed_in(alice), key_client(raw)
+    answers: dict[str, object] = {}
+
+    def alice_revokes() -> None:
+        answers["revoke"] = alice_client.delete(f"/api/v1/keys/{key.pk}")
+
+    def app_invites() -> None:
+        answers["invite"] = app.post(
+            f"/api/v1/orgs/{org.pk}/invitations",
+            {"email": "carol@example.test", "role": "member"},
+            format="json",
+        )
+
+    # when: Alice revokes the key while the app, authenticated before the revocation
+    # committed, invites Carol with it
+    race(monkeypatch, alice_revokes, app_invites, services=api_key_services)
+
+    # then: the revocation went through, and the invitation, decided after it, was
+    # refused: no invitation is left open that no accept could use
+    assert answers["revoke"].status_code == 200, answers["revoke"].content
+    assert answers["invite"].status_code == 401, answers["invite"].content
+    assert answers["invite"].json()["error"]["code"] == "api_key_revoked"
+    assert not Invitation.objects.filter(organization=org, revoked_at__isnull=True).exists()

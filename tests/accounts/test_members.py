@@ -24,7 +24,6 @@ from accounts.models import (
     User,
 )
 from accounts.services import (
-    apikey_revoke,
     invitation_create,
     membership_add,
     organization_create,
@@ -1105,17 +1104,55 @@ def test_an_operators_key_invitation_is_accepted(team, make_key, commit_then_mai
 
 
 @pytest.mark.parametrize("creator", ["admin", "operator"])
-def test_an_invitation_sent_with_a_key_revoked_since_is_refused(
+def test_revoking_a_key_revokes_the_open_invitations_it_sent(
     team, make_key, commit_then_mail, creator
 ):
     # given an invitation sent with an admin key (an admin's, or an operator's without a
-    # creator), then that key revoked: it leaked, and was used to invite an outsider
+    # creator), and another sent by an admin signed in
     org = team["org"]
     made_by = team[Role.ADMIN] if creator == "admin" else None
     key, raw = make_key(org, scopes=[Scope.ADMIN], actor=made_by)
     person = user_signup(email=f"leaked-{creator}@example.test", password=None)
-    _, token = invited_as(commit_then_mail, key_client(raw), org, person.email, "admin")
-    apikey_revoke(key=key, actor=team[Role.OWNER])
+    sent, token = invited_as(commit_then_mail, key_client(raw), org, person.email, "admin")
+    kept, _ = invited_as(
+        commit_then_mail, signed_in(team[Role.ADMIN]), org, "kept@example.test", "member"
+    )
+
+    # when an owner revokes the key: it leaked, and was used to invite an outsider
+    owner = signed_in(team[Role.OWNER])
+    response = owner.delete(f"/api/v1/keys/{key.pk}")
+
+    # then its invitation is revoked with it, audited with why; the list shows only the
+    # other; the token admits nobody; and the address may be invited again
+    assert response.status_code == 200, response.content
+    sent.refresh_from_db()
+    kept.refresh_from_db()
+    assert sent.revoked_at is not None and kept.revoked_at is None
+    [event] = audit(org, "invitation.revoked")
+    assert (event.target, event.data) == (
+        person.email,
+        {"role": "admin", "reason": "sender_key_revoked"},
+    )
+    assert event.actor_user == team[Role.OWNER]
+    listing = owner.get(f"/api/v1/orgs/{org.pk}/invitations")
+    assert [row["email"] for row in listing.json()["results"]] == ["kept@example.test"]
+    assert_error(accept(person, token), 404, "invitation_invalid")
+    assert not Membership.objects.filter(organization=org, user=person).exists()
+    with commit_then_mail():
+        again = invite(owner, org, person.email, "admin")
+    assert again.status_code == 201, again.content
+
+
+def test_an_invitation_sent_with_a_key_revoked_before_it_closed_them_is_refused(
+    team, make_key, commit_then_mail
+):
+    # given an invitation sent with an admin's key, then the key revoked without its
+    # invitations being touched (as before revoking a key revoked them)
+    org = team["org"]
+    key, raw = make_key(org, scopes=[Scope.ADMIN], actor=team[Role.ADMIN])
+    person = user_signup(email="leaked@example.test", password=None)
+    sent, token = invited_as(commit_then_mail, key_client(raw), org, person.email, "admin")
+    ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
 
     # when the invitation is accepted
     response = accept(person, token)
@@ -1123,6 +1160,13 @@ def test_an_invitation_sent_with_a_key_revoked_since_is_refused(
     # then it is refused: the revoked key vouches for nothing it did
     assert_error(response, 403, "invitation_sender_not_allowed")
     assert not Membership.objects.filter(organization=org, user=person).exists()
+    # and revoking the key again closes it, so that it is no longer listed as open
+    again = signed_in(team[Role.OWNER]).delete(f"/api/v1/keys/{key.pk}")
+    assert again.status_code == 200, again.content
+    sent.refresh_from_db()
+    assert sent.revoked_at is not None
+    listing = signed_in(team[Role.OWNER]).get(f"/api/v1/orgs/{org.pk}/invitations")
+    assert listing.json()["results"] == []
 
 
 # --- the audit log over the dashboard -------------------------------------------------------------
