@@ -818,7 +818,10 @@ def job_settle(
     is left alone and returned as it is. The token and concurrency
     reservations are released after the commit, on `pipe` (a Redis pipeline
     the caller sends) when given. The job returned carries
-    `wallet_balance_after` when the settlement learnt it (else None).
+    `wallet_balance_after` when the settlement learnt it (else None), and
+    `settled_here`: whether this call's conditional UPDATE ended it (False:
+    another settlement did, or it was not in `only_from`), for what must follow
+    the one settlement only once.
     """
     served = outcome.input_tokens or outcome.output_tokens
     rates = Rates.of(job.model_price, job.priority)
@@ -888,11 +891,14 @@ def job_settle(
         settled = _settle_in_transaction(claim, status=status)
     claimed, hold = settled
     if not claimed:
-        return Job.objects.get(pk=job.pk)
+        current = Job.objects.get(pk=job.pk)
+        current.settled_here = False
+        return current
     _release_reservations(
         job=job, used_tokens=outcome.input_tokens + outcome.output_tokens, pipe=pipe
     )
     job.wallet_balance_after = getattr(hold, "wallet_balance_after", None)
+    job.settled_here = True
     # The row now holds exactly what was written: set it on the object rather
     # than read it back, which would also drop the related rows loaded with it.
     for name, value in written.items():
@@ -1218,13 +1224,15 @@ def _cancel_if_queued(job: Job) -> Job:
     Its final event is then sent as its worker would have sent it: a request
     waiting for the job's answer (POST /v1/chat/completions) answers at once,
     where it waited for its whole timeout and then said the model did not
-    answer in time.
+    answer in time. Only by the cancel whose claim ended the job: two cancels
+    that both read it queued each get here, and the one that found it
+    cancelled already sends nothing, so the stream holds one final event.
     """
     outcome = Outcome(finish_reason="cancelled")
     job = job_settle(
         job=job, outcome=outcome, status=JobStatus.CANCELED, only_from=(JobStatus.QUEUED,)
     )
-    if job.status == JobStatus.CANCELED and job.started_at is None:  # ended while queued
+    if job.settled_here:
         _final_event_send(job, outcome)
     return job
 

@@ -306,3 +306,30 @@ def test_a_queued_job_is_cancelled_though_its_final_event_cannot_be_sent(queued_
     # then the cancel stands: cancelled, nothing charged, its hold released
     assert (job.status, job.credits_charged) == (JobStatus.CANCELED, 0)
     assert Hold.objects.get(key=job.public_id).status == HoldStatus.RELEASED
+
+
+def _final_events(job: Job) -> list[dict]:
+    """The events of the job's relay stream (inference.relay) that end it."""
+    entries = get_redis().xrange(f"jobstream:{job.public_id}")
+    events = [json.loads(fields[b"e"]) for _id, fields in entries]
+    return [event for event in events if event["type"] in ("done", "error")]
+
+
+def test_two_cancels_of_a_queued_job_send_its_final_event_once(queued_job):
+    # given two cancel requests (POST /api/v1/jobs/{id}/cancel) that both read the job
+    # while it was queued
+    first_read = Job.objects.get(pk=queued_job.pk)
+    second_read = Job.objects.get(pk=queued_job.pk)
+
+    # when both cancel it, one after the other
+    first = job_cancel(job=first_read)
+    second = job_cancel(job=second_read)
+
+    # then both answer it cancelled, nothing charged, and its stream holds one final
+    # event: the one of the cancel that ended it
+    assert (first.status, first.credits_charged) == (JobStatus.CANCELED, 0)
+    assert (second.status, second.credits_charged) == (JobStatus.CANCELED, 0)
+    [final] = _final_events(queued_job)
+    assert (final["status"], final["finish_reason"]) == (JobStatus.CANCELED, "cancelled")
+    assert get_redis().xlen(f"jobstream:{queued_job.public_id}") == 1
+    assert Hold.objects.get(key=queued_job.public_id).status == HoldStatus.RELEASED
