@@ -19,8 +19,11 @@ if [ -z "${STRIPE_SECRET_KEY:-}" ]; then
   STANDIN=1
 fi
 
-scripts/ensure_services.sh || {
-  echo "make demo needs Redis on 127.0.0.1:6379 (the Celery broker and the rate limiter)." >&2
+# Redis only: the demo's database is SQLite (settings.local, unless DATABASE_URL
+# is set), so PostgreSQL is no requirement of it.
+scripts/ensure_services.sh redis || {
+  echo "make demo needs Redis on 127.0.0.1:6379 (the Celery broker, the rate limiter and" \
+       "the token relay); its database is SQLite (var/demo.sqlite3), so PostgreSQL is not needed." >&2
   exit 1
 }
 

@@ -2,7 +2,21 @@
 # Make sure PostgreSQL and Redis answer on 127.0.0.1 before tests or benchmarks.
 # Where one is installed but stopped, start it with the documented command
 # (../shared/NOTES.md); where one is missing, say so and fail.
+#
+# Usage: ensure_services.sh [postgresql] [redis]; no argument checks both. The
+# demo names only redis: its database is SQLite, and a machine without
+# PostgreSQL must not stop it with a message about PostgreSQL.
 set -u
+
+want_pg=0 want_redis=0
+[ $# -eq 0 ] && set -- postgresql redis
+for service in "$@"; do
+  case $service in
+    postgresql) want_pg=1 ;;
+    redis) want_redis=1 ;;
+    *) echo "ensure_services: unknown service '$service' (postgresql, redis)" >&2; exit 2 ;;
+  esac
+done
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
@@ -14,7 +28,7 @@ wait_for() {  # wait_for NAME CHECK
 }
 
 status=0
-if ! pg_up; then
+if ((want_pg)) && ! pg_up; then
   if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
     echo "ensure_services: PostgreSQL is not answering; starting it" >&2
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
@@ -25,7 +39,7 @@ if ! pg_up; then
     status=1
   fi
 fi
-if ! redis_up; then
+if ((want_redis)) && ! redis_up; then
   if command -v redis-server >/dev/null; then
     echo "ensure_services: Redis is not answering; starting it" >&2
     mkdir -p /var/lib/redis /var/log/redis
