@@ -973,6 +973,38 @@ def test_a_model_brought_back_elsewhere_is_served_at_once(gym):
     assert Job.objects.filter(status=JobStatus.SUCCEEDED).count() == 1
 
 
+def test_a_streamed_answer_retried_under_its_key_is_a_409_naming_its_job(gym):
+    # given a streamed chat completion sent with an Idempotency-Key, read to its end
+    org = gym["org"]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {gym['raw']}", "Idempotency-Key": "streamed-once"}
+    first = requests.post(
+        f"{gym['url']}/v1/chat/completions", json=body, headers=headers, timeout=30
+    )
+    assert first.status_code == 200, first.text
+    job = Job.objects.get(organization=org)
+    balance = organization_balance(organization=org)
+
+    # when it is sent again with the same key
+    again = requests.post(
+        f"{gym['url']}/v1/chat/completions", json=body, headers=headers, timeout=30
+    )
+
+    # then a stream cannot be replayed (README, "The partner API"): the retry is a 409
+    # that names the first request's job, and runs and charges nothing
+    assert (again.status_code, again.headers.get("Idempotent-Replayed")) == (409, "true")
+    error = again.json()["error"]
+    assert error["code"] == "idempotent_stream"
+    assert job.public_id in error["message"]
+    assert Job.objects.filter(organization=org).count() == 1
+    assert organization_balance(organization=org) == balance
+
+
 def test_an_answer_that_fails_after_its_job_was_queued_is_a_502_kept_under_its_key(
     gym, monkeypatch
 ):
