@@ -424,9 +424,15 @@ class CheckoutSession(models.Model):
     stripe_payment_intent_id = models.CharField(max_length=255, blank=True)
     amount_total = models.BigIntegerField(default=0)
     currency = models.CharField(max_length=3, default="usd")
-    # A pack's: the micro-credits the price it was paid at buys (StripePrice.credits),
-    # recorded when its payment is granted, and granted from then on (a replay grants the
-    # same, whatever the pack says by then). Null until then.
+    # The price it was opened at (a market order's: none, it is priced inline).
+    price = models.ForeignKey(
+        StripePrice, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    # A pack's: the micro-credits its price buys (StripePrice.credits), recorded when the
+    # checkout is opened and granted when it is paid, however often its events come and
+    # whatever the pack or price says by then. Null on a pack checkout opened before
+    # gymbilling/0033 (old code, during a deploy too) until its grant records them from
+    # Stripe's line item (payments._pack_checkout_credits); null on other kinds.
     credits = models.BigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     completed_at = models.DateTimeField(null=True, blank=True)

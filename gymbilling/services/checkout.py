@@ -336,6 +336,7 @@ def _session_open(*, customer: BillingCustomer, organization, plan, pack, seats)
             "expires_at": int((timezone.now() + _SESSION_REUSE).timestamp()),
         }
         kind = CheckoutKind.SUBSCRIPTION
+        credits = None  # a subscription's are granted by its invoices, at their lines' prices
     else:
         price = _current_price(kind=PriceKind.PACK, pack=pack)
         metadata["pack"] = pack.code
@@ -345,6 +346,9 @@ def _session_open(*, customer: BillingCustomer, organization, plan, pack, seats)
             "payment_intent_data": {"metadata": metadata},
         }
         kind = CheckoutKind.PACK
+        # What this price sells, fixed now: the grant gives these, whatever finance change
+        # before it is paid. A price made by hand without them sells the pack's now.
+        credits = pack.credits if price.credits is None else price.credits
     session = stripe_client.checkout_session_create(
         key=f"checkout:{organization.pk}:{uuid.uuid4()}",
         customer=customer.stripe_customer_id,
@@ -361,6 +365,8 @@ def _session_open(*, customer: BillingCustomer, organization, plan, pack, seats)
         plan=plan,
         pack=pack,
         seats=seats,
+        price=price,
+        credits=credits,
         url=session["url"],
         amount_total=int(session.get("amount_total") or 0),
         currency=str(session.get("currency") or price.currency),

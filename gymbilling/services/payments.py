@@ -86,30 +86,28 @@ PACK_ORIGIN = "pack"
 
 
 def _pack_checkout_credits(checkout: CheckoutSession) -> int:
-    """The micro-credits a pack checkout bought: those of the price it was opened at (its
-    line item at Stripe), recorded on the row the first time (CheckoutSession.credits).
+    """The micro-credits a pack checkout bought: those of the price it was opened at,
+    recorded on the row when it was opened (CheckoutSession.credits).
 
-    Not the pack's credits now: a checkout opened before finance changed the pack's
-    price and credits is paid at the old price, and buys what that price was sold for.
-    Recorded once, so a replay of its event grants the same. The pack's credits now only
-    where the price is none of ours, or was made before prices recorded their credits.
+    Not the pack's or price's credits now: a checkout opened before finance changed them
+    is paid at the old price, and buys what that price was sold for. A row opened before
+    they were recorded at opening (gymbilling/0033; old processes still open some during
+    the deploy) reads its price from Stripe's line item once, here, and records it, first
+    writer wins: every delivery of its events grants the same. The pack's credits now only
+    where that price is none of ours, or was made before prices recorded their credits.
     """
     if checkout.credits is not None:
         return checkout.credits
-    credits = None
+    price = None
     for item in stripe_client.checkout_session_line_items(checkout.stripe_session_id):
         price_id = (item.get("price") or {}).get("id")
-        credits = (
-            StripePrice.objects.filter(stripe_price_id=price_id, kind=PriceKind.PACK)
-            .values_list("credits", flat=True)
-            .first()
-        )
+        price = StripePrice.objects.filter(stripe_price_id=price_id, kind=PriceKind.PACK).first()
         break  # a pack checkout sells one line: the pack
-    if credits is None:
-        credits = checkout.pack.credits
-    # First writer wins: two deliveries of its event record, and grant, the same.
-    CheckoutSession.objects.filter(pk=checkout.pk, credits__isnull=True).update(credits=credits)
-    checkout.refresh_from_db(fields=["credits"])
+    credits = checkout.pack.credits if price is None or price.credits is None else price.credits
+    CheckoutSession.objects.filter(pk=checkout.pk, credits__isnull=True).update(
+        credits=credits, price=price
+    )
+    checkout.refresh_from_db(fields=["credits", "price"])
     return checkout.credits
 
 

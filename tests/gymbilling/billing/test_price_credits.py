@@ -15,9 +15,11 @@ from gymbilling.models import (
     StripePrice,
     Subscription,
 )
-from gymbilling.services import catalog_sync, stripe_event_process
+from gymbilling.services import catalog_sync, stripe_event_process, stripe_event_record
 from gymbilling.services.catalog import catalog_seed_defaults
+from gymbilling.stripe_client import API_VERSION, WebhookEvent
 from metering.models import MICRO, CreditLot
+from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
 
 pytestmark = pytest.mark.django_db
@@ -100,6 +102,101 @@ def test_a_pack_checkout_opened_before_a_change_is_granted_what_its_price_bought
 
     # then: the same grant, once
     assert list(CreditLot.objects.filter(organization=org, source="pack")) == [lot]
+
+
+def _open_pack_checkout(customer, pack: str = "boost-1k") -> CheckoutSession:
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": pack}, format="json")
+    assert response.status_code == 200, response.content
+    return CheckoutSession.objects.get(stripe_session_id=response.json()["session_id"])
+
+
+def _deliver_again(checkout: CheckoutSession) -> list[str]:
+    """The session's completion again, as Stripe sends it: the same event twice (stored
+    once), then processed again (a retry), and another event of the same session."""
+    completed = StripeEvent.objects.get(
+        type="checkout.session.completed", object_id=checkout.stripe_session_id
+    )
+    again, created = stripe_event_record(
+        event=WebhookEvent(
+            id=completed.stripe_event_id,
+            type=completed.type,
+            created=int(completed.stripe_created_at.timestamp()),
+            livemode=False,
+            api_version=API_VERSION,
+            object_type="checkout.session",
+            object_id=checkout.stripe_session_id,
+            payload=completed.payload,
+        )
+    )
+    assert (again.pk, created) == (completed.pk, False)
+    other, _ = stripe_event_record(
+        event=WebhookEvent(
+            id=f"{completed.stripe_event_id}_other",
+            type="checkout.session.async_payment_succeeded",
+            created=int(completed.stripe_created_at.timestamp()),
+            livemode=False,
+            api_version=API_VERSION,
+            object_type="checkout.session",
+            object_id=checkout.stripe_session_id,
+            payload={**completed.payload, "id": f"{completed.stripe_event_id}_other"},
+        )
+    )
+    return [
+        stripe_event_process(event_pk=completed.pk, force=True),
+        stripe_event_process(event_pk=other.pk),
+    ]
+
+
+def test_a_pack_checkout_is_granted_the_credits_recorded_when_it_was_opened(
+    customer, catalog, stripe_standin, deliver
+):
+    # given: a checkout opened for Boost 1k ($12.00 for 1,000 credits)
+    org = customer.organization
+    checkout = _open_pack_checkout(customer)
+    price = StripePrice.objects.get(lookup_key="gym_pack_boost-1k", current=True)
+    assert (checkout.price, checkout.credits) == (price, 1_000 * MICRO)
+
+    # when: staff change what that very price and the pack give before it is paid
+    StripePrice.objects.filter(pk=price.pk).update(credits=1_500 * MICRO)
+    CreditPack.objects.filter(code="boost-1k").update(credits=2_000 * MICRO)
+    stripe_standin.pay_checkout(checkout.stripe_session_id)
+    assert "failed" not in deliver()
+
+    # then: it is granted the 1,000 credits it was opened at
+    [lot] = CreditLot.objects.filter(organization=org, source="pack")
+    assert (lot.amount, lot.revenue) == (1_000 * MICRO, 1_200)
+
+    # when: its completion comes again, twice stored once, retried, and by another event
+    assert _deliver_again(checkout) == ["processed", "processed"]
+
+    # then: the same grant, once
+    assert list(CreditLot.objects.filter(organization=org, source="pack")) == [lot]
+    assert organization_balance(organization=org).available == 1_000 * MICRO
+
+
+def test_a_pack_checkout_opened_before_credits_were_recorded_reads_its_price_at_stripe(
+    customer, catalog, stripe_standin, deliver
+):
+    # given: a checkout for Boost 1k left as code before this release opened it (no price,
+    # no credits on the row); then finance make the pack $15.00 for 1,500 and sync
+    org = customer.organization
+    checkout = _open_pack_checkout(customer)
+    opened_at = checkout.price
+    CheckoutSession.objects.filter(pk=checkout.pk).update(price=None, credits=None)
+    CreditPack.objects.filter(code="boost-1k").update(price=1_500, credits=1_500 * MICRO)
+    catalog_sync()
+
+    # when: it is paid, and its completion comes again
+    stripe_standin.pay_checkout(checkout.stripe_session_id)
+    assert "failed" not in deliver()
+    assert _deliver_again(checkout) == ["processed", "processed"]
+
+    # then: granted once the 1,000 credits of the price its line item names at Stripe,
+    # which the row now records
+    [lot] = CreditLot.objects.filter(organization=org, source="pack")
+    assert (lot.amount, lot.revenue) == (1_000 * MICRO, 1_200)
+    checkout.refresh_from_db()
+    assert (checkout.price, checkout.credits) == (opened_at, 1_000 * MICRO)
 
 
 def test_prices_made_before_credits_were_recorded_read_their_plan_s_and_pack_s(
