@@ -14,8 +14,15 @@ import pytest
 from django.test import Client, override_settings
 
 from accounts.models import Role
-from gymbilling.models import BillingCustomer, CheckoutSession, Invoice, Plan, Subscription
-from gymbilling.services import billing_customer_ensure
+from gymbilling.models import (
+    BillingCustomer,
+    CheckoutSession,
+    CreditPack,
+    Invoice,
+    Plan,
+    Subscription,
+)
+from gymbilling.services import billing_customer_ensure, catalog_sync
 from gymbilling.services.invoices import invoice_sync
 from metering.models import MICRO
 from metering.selectors import organization_balance
@@ -46,6 +53,16 @@ def billing_rows():
 
 def checkout(client, **fields):
     return client.post(BILLING, {"action": "checkout", **fields})
+
+
+def pack_bought(client, org, stripe_standin, deliver) -> CheckoutSession:
+    """Boost 1k bought from the page by `org`'s member (`client`), paid, its events applied."""
+    checkout(client, pack="boost-1k")
+    session = CheckoutSession.objects.get(organization=org)
+    stripe_standin.pay_checkout(session.stripe_session_id)
+    assert "failed" not in deliver()
+    session.refresh_from_db()
+    return session
 
 
 def test_the_page_shows_the_plans_and_packs_at_their_exact_prices(client, member, catalog):
@@ -202,6 +219,26 @@ def test_buying_a_pack_goes_to_checkout_and_its_credits_show(
     assert organization_balance(organization=org).available == 1_000 * MICRO
     assert figure(client.get("/dashboard/"), "available") == "1000"
     invoices = client.get("/dashboard/invoices")
+    assert row(invoices, "data-checkout", session.stripe_session_id) == {
+        "amount": "12.00 USD",
+        "credits": "1000",
+    }
+
+
+def test_packs_bought_show_the_credits_they_bought_after_the_pack_changed(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given: Boost 1k bought for $12.00 (1,000 credits); then finance make it $15.00 for
+    # 1,500 and sync the catalog
+    _, org = member(Role.BILLING)
+    session = pack_bought(client, org, stripe_standin, deliver)
+    CreditPack.objects.filter(code="boost-1k").update(price=1_500, credits=1_500 * MICRO)
+    catalog_sync()
+
+    # when
+    invoices = client.get("/dashboard/invoices")
+
+    # then: the purchase shows what it bought, not what the pack gives now
     assert row(invoices, "data-checkout", session.stripe_session_id) == {
         "amount": "12.00 USD",
         "credits": "1000",
@@ -436,11 +473,7 @@ def test_a_refund_that_failed_shows_its_credits_given_back(
     from gymbilling import stripe_client
 
     _, org = member(Role.BILLING)
-    checkout(client, pack="boost-1k")
-    session = CheckoutSession.objects.get(organization=org)
-    stripe_standin.pay_checkout(session.stripe_session_id)
-    deliver()
-    session.refresh_from_db()
+    session = pack_bought(client, org, stripe_standin, deliver)
     refund = stripe_client.refund_create(
         key=f"t-{session.pk}", payment_intent=session.stripe_payment_intent_id, amount=600
     )
