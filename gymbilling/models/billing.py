@@ -124,9 +124,12 @@ class Plan(models.Model):
         """Micro-credits per month for this many seats."""
         return self.monthly_credits * (seats if self.seat_based else 1)
 
-    def rollover_cap_for(self, seats: int) -> int:
+    def rollover_cap_of(self, period_credits: int) -> int:
+        """What rolls over of a period that granted `period_credits` (Subscription.
+        period_credits: its price's, not this plan's now). The percent is the plan's now:
+        a price fixes its amount and credits, not the rollover."""
         # Floor: a cap never rounds in the customer's favour past the percent.
-        return self.credits_for(seats) * self.rollover_percent // 100
+        return period_credits * self.rollover_percent // 100
 
     def overage_ceiling_for(self, seats: int) -> int:
         return self.fair_use_ceiling * (seats if self.seat_based else 1)
@@ -293,6 +296,13 @@ class Subscription(models.Model):
         Plan, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
     scheduled_seats = models.PositiveIntegerField(null=True, blank=True)
+    # The plan price the current period is paid at, which its grant read its credits from
+    # (StripePrice.credits): it follows `plan` (a scheduled downgrade's cheaper price is on
+    # Stripe's item at once, and in force from the next period). Null: synced before this
+    # was recorded, and not yet known (period_credits reads the plan's credits now).
+    price = models.ForeignKey(
+        StripePrice, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
     # The metered overage price Stripe's subscription carries, as last read there (null:
     # none of ours). Only a price on the subscription reads the meter: a period's overage
     # allowance is granted only while this is its plan's current overage price
@@ -353,6 +363,14 @@ class Subscription(models.Model):
     @property
     def live(self) -> bool:
         return self.status not in (self.Status.CANCELED, self.Status.INCOMPLETE_EXPIRED)
+
+    def period_credits(self) -> int:
+        """Micro-credits a period of this subscription grants: what its price was made to
+        sell for its seats, as the invoice grant reads them (invoices.invoice_credits), not
+        what the plan gives now. The rollover cap is a share of these."""
+        if self.price is None:
+            return self.plan.credits_for(self.seats)
+        return self.price.plan_credits_for(self.seats)
 
 
 class Invoice(models.Model):

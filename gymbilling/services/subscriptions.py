@@ -9,7 +9,8 @@ match it:
   proration invoice, once paid, grants the prorated difference (invoices.py);
 - a downgrade is scheduled for the period end: the organization keeps what it
   paid for until then;
-- a new period expires last period's credits beyond the plan's rollover cap;
+- a new period expires last period's credits beyond its rollover cap (the plan's
+  percent of the credits that period's price sold: `Subscription.price`);
 - `past_due` starts the grace period; past it inference is suspended
   (`subscriptions_suspend_overdue`, every minute from beat); a paid invoice
   makes the subscription active and the organization active again;
@@ -129,7 +130,7 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
     org = _organization_of(stripe_sub)
     items = stripe_items(stripe_sub)
     status = str(stripe_sub.get("status") or Status.INCOMPLETE)
-    rolled_from = None  # (plan, seats, period start) of a period that just ended
+    rolled_from = None  # (plan, its credits, its start) of a period that just ended
     with transaction.atomic():
         # Before the organization's row (entitlements below): the rollover's
         # cap takes it, after a listing being created has (market lock order).
@@ -140,22 +141,29 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             .filter(stripe_subscription_id=stripe_sub["id"])
             .first()
         )
+        if sub is not None and sub.price_id is None and items.plan_price.plan_id == sub.plan_id:
+            # A row synced before the price was recorded: Stripe's item at the plan paid for
+            # is the price that period was paid at (a member stays on their price until a
+            # plan change moves them), as near as can be known now.
+            sub.price = items.plan_price
         if sub is None:
             sub = Subscription(
                 organization=org,
                 stripe_subscription_id=stripe_sub["id"],
                 plan=items.plan_price.plan,
+                price=items.plan_price,
                 seats=items.seats,
                 current_period_start=items.period_start,
                 current_period_end=items.period_end,
             )
         elif items.period_start > sub.current_period_start:
-            rolled_from = (sub.plan, sub.seats, sub.current_period_start)
-            sub.plan, sub.seats = items.plan_price.plan, items.seats
+            rolled_from = (sub.plan, sub.period_credits(), sub.current_period_start)
+            sub.plan, sub.price, sub.seats = items.plan_price.plan, items.plan_price, items.seats
             sub.scheduled_plan = sub.scheduled_seats = None
         elif (items.plan_price.plan_id, items.seats) != (sub.plan_id, sub.seats):
             if plan_change_is_upgrade(sub, items.plan_price.plan, items.seats):
-                sub.plan, sub.seats = items.plan_price.plan, items.seats
+                sub.plan, sub.price = items.plan_price.plan, items.plan_price
+                sub.seats = items.seats
                 sub.scheduled_plan = sub.scheduled_seats = None
             else:
                 sub.scheduled_plan, sub.scheduled_seats = items.plan_price.plan, items.seats
@@ -220,14 +228,18 @@ def overage_allowance_end(*, subscription: Subscription) -> int:
 def period_rollover(*, subscription: Subscription, previous: tuple) -> int:
     """Expire what exceeds the ended period's rollover cap (once per period).
 
+    `previous` is the ended period's (plan, credits, start): its credits are those its
+    price sold (Subscription.period_credits), which its grant gave, so a member on an
+    old price keeps a share of what they were sold, whatever the plan gives now.
+
     The cap counts the credits the organization has listed on the
     marketplace too: otherwise listing them before the period ends and
     taking them back after would carry them all over.
     """
-    plan, seats, period_start = previous
+    plan, period_credits, period_start = previous
     return credits_trim_with_listings(
         seller=subscription.organization,
-        keep=plan.rollover_cap_for(seats),
+        keep=plan.rollover_cap_of(period_credits),
         key=f"rollover:{subscription.stripe_subscription_id}:{int(period_start.timestamp())}",
         memo=f"rollover cap of {plan.code}: {plan.rollover_percent}% of a month",
     )
@@ -261,7 +273,7 @@ def subscription_last_period_cap(*, subscription_id: int, now: datetime | None =
         sellers_lock([organization_id])
         sub = (
             Subscription.objects.select_for_update(of=("self",))
-            .select_related("plan", "organization")
+            .select_related("plan", "price__plan", "organization")
             .get(pk=subscription_id)
         )
         if (
@@ -274,7 +286,8 @@ def subscription_last_period_cap(*, subscription_id: int, now: datetime | None =
         if live_subscription(sub.organization) is None:
             # The renewal's key for this period: whichever came, it trims once.
             expired = period_rollover(
-                subscription=sub, previous=(sub.plan, sub.seats, sub.current_period_start)
+                subscription=sub,
+                previous=(sub.plan, sub.period_credits(), sub.current_period_start),
             )
         Subscription.objects.filter(pk=sub.pk).update(last_period_capped_at=now)
         return expired
@@ -352,6 +365,6 @@ def live_subscription(organization: Organization) -> Subscription | None:
     return (
         Subscription.objects.filter(organization=organization)
         .exclude(status__in=[Status.CANCELED, Status.INCOMPLETE_EXPIRED])
-        .select_related("plan", "scheduled_plan")
+        .select_related("plan", "price__plan", "scheduled_plan")
         .first()
     )

@@ -21,6 +21,8 @@ from gymbilling.stripe_client import API_VERSION, WebhookEvent
 from metering.models import MICRO, CreditLot
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
+from tests.gymbilling.market.conftest import roll, rollover_member
+from tests.helpers import credits, system_balance
 
 pytestmark = pytest.mark.django_db
 
@@ -53,6 +55,84 @@ def test_a_plan_s_new_price_and_credits_leave_its_old_subscribers_what_they_boug
     # then: it paid $129 for 15,000
     first = Invoice.objects.get(subscription=Subscription.objects.get(organization=newcomer))
     assert (first.amount_paid, first.credits_granted) == (12_900, 15_000 * MICRO)
+
+
+def subscription_credits_left(org) -> int:
+    """Subscription credits still in the wallet (lots hold the truth)."""
+    lots = CreditLot.objects.filter(
+        organization=org, source="subscription", account__kind="wallet", remaining__gt=0
+    )
+    return sum(lot.remaining for lot in lots)
+
+
+@pytest.mark.parametrize("now_credits", [15_000 * MICRO, 8_000 * MICRO], ids=["raised", "lowered"])
+def test_an_old_price_s_rollover_cap_is_a_share_of_its_own_credits(
+    customer, subscribed, stripe_standin, deliver, now_credits
+):
+    # given: a member on Pro at $99 for 12,000 credits a month, 25% rolling over (a cap of
+    # 3,000), all 12,000 unspent; then finance change Pro's credits and sync the catalog
+    sub = subscribed("pro")
+    org = customer.organization
+    assert subscription_credits_left(org) == 12_000 * MICRO
+    Plan.objects.filter(code="pro").update(monthly_credits=now_credits)
+    assert "gym_plan_pro" in catalog_sync().created
+    expired_before = system_balance("expiry")
+
+    # when: the member renews, still at the old price
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+
+    # then: the cap is 25% of the 12,000 their price sells, not of what Pro gives now:
+    # 3,000 roll over, 9,000 expire, and the renewal grants 12,000
+    assert system_balance("expiry") - expired_before == 9_000 * MICRO
+    assert subscription_credits_left(org) == 3_000 * MICRO + 12_000 * MICRO
+
+
+def test_a_downgrade_s_last_period_is_capped_at_the_old_price_s_credits(
+    customer, subscribed, stripe_standin, deliver
+):
+    # given: a member on Pro at $99 for 12,000 credits a month (25% rolls over), all
+    # unspent; finance make Pro give 15,000, and the member moves to Basic (2,000 a month,
+    # no rollover) from the next period: Stripe's item is at Basic's price already
+    sub = subscribed("pro")
+    org = customer.organization
+    Plan.objects.filter(code="pro").update(monthly_credits=15_000 * MICRO)
+    catalog_sync()
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    assert response.json()["kind"] == "change_scheduled", response.content
+    assert "failed" not in deliver()
+    expired_before = system_balance("expiry")
+
+    # when: the period renews, at Basic
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+
+    # then: the Pro period that ended rolls over 25% of the 12,000 its price sold (3,000),
+    # and Basic's first month adds its 2,000
+    assert system_balance("expiry") - expired_before == 9_000 * MICRO
+    assert subscription_credits_left(org) == 3_000 * MICRO + 2_000 * MICRO
+    assert Subscription.objects.get(pk=sub.pk).price.lookup_key == "gym_plan_basic"
+
+
+def test_a_subscription_synced_before_its_price_was_recorded_is_capped_at_its_item_s(
+    market_stripe,
+):
+    # given: a member of a plan of 1,000 credits a month rolling 10% over, all unspent,
+    # whose row was synced before subscriptions recorded their price; then the plan gives
+    # 2,000 (a new price, for new purchases), the member's item staying at the old one
+    org, stripe_sub, _ = rollover_member()
+    StripePrice.objects.filter(stripe_price_id="price_roll_10").update(credits=credits(1000))
+    Subscription.objects.filter(organization=org).update(price=None)
+    Plan.objects.filter(code="roll-10").update(monthly_credits=credits(2000))
+
+    # when: the period renews
+    roll(stripe_sub)
+
+    # then: the cap is 10% of the 1,000 the item's price sold (100 left, 900 expired), and
+    # the row now names that price
+    assert organization_balance(organization=org).available == credits(100)
+    sub = Subscription.objects.select_related("price").get(organization=org)
+    assert sub.price.stripe_price_id == "price_roll_10"
 
 
 def test_changed_credits_alone_make_a_new_price(stripe_standin):

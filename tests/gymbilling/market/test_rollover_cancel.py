@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from gymbilling.models import Subscription
+from gymbilling.models import Plan, StripePrice, Subscription
 from gymbilling.services import subscription_sync, subscriptions_last_period_cap
 from metering.models import CreditLot
 from metering.selectors import organization_balance
@@ -65,6 +65,22 @@ def test_a_subscription_canceled_at_period_end_keeps_only_the_rollover_cap(marke
     assert left.expires_at == lot.expires_at
     credits_expire(now=lot.expires_at + SECOND)
     assert organization_balance(organization=org).total == 0
+
+
+def test_the_last_period_s_cap_is_a_share_of_the_credits_its_price_sold(market_stripe):
+    # given: the same member, whose price sold 1,000 credits a month; then finance make the
+    # plan give 2,000 (a new price, for new purchases), and the member cancels at once
+    org, stripe_sub, _ = rollover_member()
+    StripePrice.objects.filter(stripe_price_id="price_roll_10").update(credits=credits(1000))
+    Plan.objects.filter(code="roll-10").update(monthly_credits=credits(2000))
+    subscription_sync(stripe_sub=canceled(stripe_sub, at=timezone.now()))
+
+    # when: the period boundary's sweep runs once the period has ended
+    expired = subscriptions_last_period_cap(now=period_end(stripe_sub) + SECOND)
+
+    # then: the cap is 10% of the 1,000 their price sold, not of the plan's 2,000 now
+    assert expired == credits(900)
+    assert organization_balance(organization=org).available == credits(100)
 
 
 def test_a_subscription_canceled_at_once_is_capped_when_its_period_ends(market_stripe):
