@@ -222,6 +222,10 @@ class StripePrice(models.Model):
         per_unit = self.plan.monthly_credits if self.credits is None else self.credits
         return per_unit * (quantity if self.plan.seat_based else 1)
 
+    def plan_amount_for(self, quantity: int) -> int:
+        """Minor units a month a plan price charges for `quantity` (as plan_credits_for)."""
+        return self.unit_amount * (quantity if self.plan.seat_based else 1)
+
 
 class BillingCustomer(models.Model):
     """The organization's Stripe customer, and whether it may resell credits."""
@@ -371,6 +375,13 @@ class Subscription(models.Model):
         if self.price is None:
             return self.plan.credits_for(self.seats)
         return self.price.plan_credits_for(self.seats)
+
+    def period_amount(self) -> tuple[int, str]:
+        """What a period of this subscription costs at its price, in minor units of the
+        price's currency: what its renewal charges, not what the plan sells for now."""
+        if self.price is None:
+            return self.plan.amount_for(self.seats), self.plan.currency
+        return self.price.plan_amount_for(self.seats), self.price.currency
 
 
 class Invoice(models.Model):

@@ -74,9 +74,13 @@ class BillingPage(ActionPage):
         context = super().get_context_data(**kwargs)
         subscription = live_subscription(self.request.organization)
         if subscription is not None:
+            # The price the member pays, not the plan's now: a member left on an old price
+            # is granted and charged what it was made for (StripePrice).
+            period_price, period_currency = subscription.period_amount()
             context.update(
-                period_credits=subscription.plan.credits_for(subscription.seats),
-                period_price=subscription.plan.amount_for(subscription.seats),
+                period_credits=subscription.period_credits(),
+                period_price=period_price,
+                period_currency=period_currency,
             )
         context.update(
             subscription=subscription,

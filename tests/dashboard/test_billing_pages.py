@@ -129,6 +129,28 @@ def test_subscribing_goes_to_checkout_and_the_paid_subscription_shows(
     }
 
 
+def test_an_old_price_s_member_sees_what_their_price_gives_and_costs(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given an owner subscribed to Pro at $99 for 12,000 credits a month; then finance make
+    # Pro $129 for 15,000 and sync the catalog (members on the old price keep it)
+    _, org = member(Role.OWNER)
+    checkout(client, plan="pro")
+    stripe_standin.pay_checkout(CheckoutSession.objects.get(organization=org).stripe_session_id)
+    assert "failed" not in deliver()
+    Plan.objects.filter(code="pro").update(monthly_price=12_900, monthly_credits=15_000 * MICRO)
+    catalog_sync()
+
+    # when they read the page
+    page = client.get(BILLING)
+
+    # then it shows their own price's credits and amount, which their renewals grant and cost
+    assert figure(page, "period-credits") == "12000"
+    assert figure(page, "period-price") == "99.00 USD"
+    # while the plans on sale show Pro as it is sold now
+    assert row(page, "data-plan", "pro") == {"price": "129.00 USD", "credits": "15000"}
+
+
 def test_a_team_subscription_changes_seats_with_the_card_on_file(
     client, member, catalog, stripe_standin, deliver
 ):
