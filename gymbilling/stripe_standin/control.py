@@ -24,6 +24,9 @@
     POST   /_config/refunds/<id>/fail             {"reason"?} a refund fails later → the refund
                                                   (charge.refund.updated, refund.updated, refund.failed)
     GET    /_config/meter_events?customer=cus_…   {"data": [...accepted events], "total_value": "…"}  (meters.py)
+    POST   /_config/meter_events/validation       {"later": true|false} an event for a customer the
+                                                  stand-in has not got: taken, then reported in a
+                                                  thin error report event (true), or 404 (meters.py)
 
 `/_config/webhooks/<id>` with id `hold`/`release` is taken by the hold/release
 endpoints, so those two names cannot be used as webhook ids.
@@ -38,6 +41,7 @@ from gymbilling.stripe_standin import idempotency, webhooks
 from gymbilling.stripe_standin.checkout import checkout_session_age, session_retrieve
 from gymbilling.stripe_standin.common import json_response, read_params, stripe_error, to_int
 from gymbilling.stripe_standin.connect import account_capabilities_set
+from gymbilling.stripe_standin.meters import meter_validation_set
 from gymbilling.stripe_standin.payments import (
     card_create,
     customer_card_replace,
@@ -58,6 +62,7 @@ async def data_forget(request: web.Request) -> web.Response:
     webhooks.forget_events()
     idempotency.forget()
     refunds_refuse(None)
+    meter_validation_set(later=False)
     return json_response({"ok": True})
 
 

@@ -5,6 +5,12 @@ they are checked at once (unknown `event_name` → 400, a repeated `identifier` 
 400 `resource_already_exists`) so a test sees the outcome immediately. Only the
 `sum` aggregation and `by_id` customer mapping are emulated. Usage is billed
 when a subscription's period ends (`/_config/subscriptions/<id>/advance`).
+
+A customer it has not got (deleted, or never made) is a 404 as well, unless
+`POST /_config/meter_events/validation {"later": true}`: then, as at Stripe, the
+event is taken (200) and never counted, and a `v1.billing.meter.error_report_triggered`
+thin event reports it (`meter_event_customer_not_found`, naming its identifier).
+Its identifier stays taken, as a counted one's does.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+from localstripe.errors import UserError
 from localstripe.resources import Customer, StripeObject, store
 
+from gymbilling.stripe_standin import webhooks
 from gymbilling.stripe_standin.common import (
     api,
     json_response,
@@ -22,14 +30,28 @@ from gymbilling.stripe_standin.common import (
     newest_first,
     now,
     objects_of,
+    read_params,
     stored,
     stripe_error,
+    to_bool,
     to_decimal,
     to_int,
 )
 
-# Accepted events live in the store (so they survive a restart) under one key.
+# Accepted events live in the store (so they survive a restart) under one key; those
+# taken but dropped (`validate_later`) too, marked `dropped` with Stripe's error code.
 EVENTS_KEY = "standin:meter_events"
+CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
+# Stripe validates meter events in windows and reports each window's errors at once.
+VALIDATION_WINDOW_S = 10
+_validate_later = False
+
+
+def meter_validation_set(*, later: bool) -> None:
+    """Report an event for a customer it has not got later, as Stripe does (True), or
+    refuse it at once with a 404 (False, the default)."""
+    global _validate_later
+    _validate_later = later
 
 
 class Meter(StripeObject):
@@ -139,7 +161,7 @@ def meter_event_create(
             code="parameter_missing",
             param=f"payload[{meter.customer_mapping['event_payload_key']}]",
         )
-    Customer._api_retrieve(customer_id)  # 404 for an unknown customer
+    dropped = _customer_missing(customer_id)
     value = to_decimal(
         payload.get(meter.value_settings["event_payload_key"], "1"), "payload[value]"
     )
@@ -162,8 +184,11 @@ def meter_event_create(
         "timestamp": to_int(timestamp, "timestamp") if timestamp is not None else now(),
         "created": now(),
         "billed_on_invoice": None,
+        "dropped": CUSTOMER_NOT_FOUND if dropped else None,
     }
     events.append(event)
+    if dropped:
+        _error_report_emit(meter=meter, event=event, message=dropped)
     return MeterEvent(
         event_name=event_name,
         identifier=identifier,
@@ -171,6 +196,54 @@ def meter_event_create(
         timestamp=event["timestamp"],
         created=event["created"],
         livemode=False,
+    )
+
+
+def _customer_missing(customer_id: str) -> str | None:
+    """Stripe's message when the event's customer is not there, for a report later; None
+    when it is. Refused at once (404) unless validation is later."""
+    try:
+        Customer._api_retrieve(customer_id)
+        return None
+    except UserError as error:
+        if not _validate_later or error.code != 404:
+            raise
+        return f"No customer found for stripe_customer_id {customer_id}."
+
+
+def _error_report_emit(*, meter: Meter, event: dict[str, Any], message: str) -> None:
+    """The meter's error report of the window the event was validated in: one event, named
+    by its identifier (the request's, as Stripe's `sample_errors` give it)."""
+    start = event["created"] - event["created"] % VALIDATION_WINDOW_S
+    webhooks.publish_thin(
+        webhooks.ThinEvent(
+            "v1.billing.meter.error_report_triggered",
+            related_object={
+                "id": meter.id,
+                "type": "billing.meter",
+                "url": f"/v1/billing/meters/{meter.id}",
+            },
+            data={
+                "developer_message_summary": "There is 1 invalid event",
+                "reason": {
+                    "error_count": 1,
+                    "error_types": [
+                        {
+                            "code": event["dropped"],
+                            "error_count": 1,
+                            "sample_errors": [
+                                {
+                                    "error_message": message,
+                                    "request": {"identifier": event["identifier"]},
+                                }
+                            ],
+                        }
+                    ],
+                },
+                "validation_start": webhooks.iso_time(start),
+                "validation_end": webhooks.iso_time(start + VALIDATION_WINDOW_S),
+            },
+        )
     )
 
 
@@ -182,6 +255,7 @@ def meter_usage_take(*, customer_id: str, meter_id: str, invoice_id: str) -> Dec
             event["customer"] == customer_id
             and event["meter"] == meter_id
             and event["billed_on_invoice"] is None
+            and not event.get("dropped")
         ):
             total += Decimal(event["value"])
             event["billed_on_invoice"] = invoice_id
@@ -189,7 +263,8 @@ def meter_usage_take(*, customer_id: str, meter_id: str, invoice_id: str) -> Dec
 
 
 async def config_meter_events(request):
-    """`GET /_config/meter_events?customer=cus_...[&event_name=...]`: accepted events, in order."""
+    """`GET /_config/meter_events?customer=cus_...[&event_name=...]`: accepted events, in
+    order (those counted: not those taken, then dropped)."""
     customer = request.query.get("customer")
     event_name = request.query.get("event_name")
     events = [
@@ -197,6 +272,7 @@ async def config_meter_events(request):
         for e in _accepted_events()
         if (customer is None or e["customer"] == customer)
         and (event_name is None or e["event_name"] == event_name)
+        and not e.get("dropped")
     ]
     return json_response(
         {
@@ -249,7 +325,15 @@ def _meter_reactivate(*, id: str, **_ignored: Any) -> Meter:
     return meter
 
 
+async def config_meter_validation(request):
+    """`POST /_config/meter_events/validation {"later": true|false}`."""
+    params = await read_params(request)
+    meter_validation_set(later=to_bool(params.get("later")))
+    return json_response({"later": _validate_later})
+
+
 routes = [
+    ("POST", "/_config/meter_events/validation", config_meter_validation),
     ("POST", "/v1/billing/meters", api(meter_create)),
     ("GET", "/v1/billing/meters", api(_meter_list)),
     ("GET", "/v1/billing/meters/{id}", api(_meter_get)),

@@ -228,6 +228,12 @@ class StripeStandIn:
             "GET", "/_config/meter_events", query={"customer": customer_id} if customer_id else None
         )["data"]
 
+    def validate_meter_events_later(self, later: bool = True) -> None:
+        """An event for a customer the stand-in has not got: taken and reported dropped in
+        a thin `v1.billing.meter.error_report_triggered` event, as Stripe does (True), or
+        refused at once with a 404 (False, the default)."""
+        self.config("POST", "/_config/meter_events/validation", {"later": later})
+
     def hold_webhooks(self) -> None:
         self.config("POST", "/_config/webhooks/hold")
 

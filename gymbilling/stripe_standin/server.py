@@ -188,6 +188,7 @@ def create_app(
         payments,
         invoices,
         subscriptions,
+        webhooks,
     ):
         for method, path, handler in module.routes:
             app.router.add_route(method, path, handler)

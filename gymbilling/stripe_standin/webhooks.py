@@ -7,6 +7,11 @@ in the order they were created, retrying a failed delivery (non-2xx or connectio
 error) like Stripe does, only faster. The signature is Stripe's
 (`Stripe-Signature: t=<unix>,v1=<hmac-sha256>`), so
 `stripe.Webhook.construct_event` verifies it.
+
+Thin events (`ThinEvent`, Stripe's v2 events such as the billing meter's error
+reports) carry no data: an endpoint gets them only when its `events` name them,
+as a Stripe event destination with the thin payload style selects them, and
+`GET /v2/core/events/<id>` answers one whole, with its `data`.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import localstripe.resources
 import localstripe.webhooks
-from localstripe.resources import Event
+from localstripe.resources import Event, store
 
-from gymbilling.stripe_standin.common import API_VERSION
+from gymbilling.stripe_standin.common import API_VERSION, api, now, stored
 
 logger = logging.getLogger("stripe_standin.webhooks")
 
@@ -77,6 +84,77 @@ def publish(event: Event) -> Event:
             record["deliveries"][endpoint_id] = "pending"
             endpoint.queue.put_nowait((time.monotonic(), event, record))
     return event
+
+
+# Where thin events are kept whole (the store: they survive a restart, and a data reset
+# clears them), for `GET /v2/core/events/<id>`.
+THIN_EVENT = "v2.core.event"
+
+
+class ThinEvent:
+    """A v2 event: delivered thin (id, type, related object), read back whole."""
+
+    def __init__(self, event_type: str, *, related_object: dict | None, data: dict) -> None:
+        self.id = f"evt_test_{secrets.token_hex(16)}"
+        self.type = event_type
+        self.created = now()
+        self.related_object = related_object
+        self.data = data
+
+    def _export(self, expand: Any = None) -> dict[str, Any]:
+        """The thin payload, as Stripe posts it: the data is read with the event's id."""
+        return {
+            "id": self.id,
+            "object": THIN_EVENT,
+            "type": self.type,
+            "created": iso_time(self.created),
+            "livemode": False,
+            "context": None,
+            "reason": None,
+            "related_object": self.related_object,
+        }
+
+
+def iso_time(unix: int) -> str:
+    """A v2 API time: ISO 8601 in UTC, to the millisecond, as Stripe writes it."""
+    return (
+        datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def publish_thin(event: ThinEvent) -> ThinEvent:
+    """Keep a thin event for reading back, and queue it for the endpoints that name it."""
+    store[f"{THIN_EVENT}:{event.id}"] = {**event._export(), "data": event.data}
+    related = event.related_object or {}
+    record = {
+        "id": event.id,
+        "type": event.type,
+        "created": event.created,
+        "object": related.get("type"),
+        "object_id": related.get("id"),
+        "deliveries": {},
+    }
+    _log.append(record)
+    for endpoint_id, endpoint in _endpoints.items():
+        if endpoint.events is not None and event.type in endpoint.events:
+            record["deliveries"][endpoint_id] = "pending"
+            endpoint.queue.put_nowait((time.monotonic(), event, record))
+    return event
+
+
+class _StoredThinEvent:
+    def __init__(self, body: dict) -> None:
+        self.body = body
+
+    def _export(self, expand: Any = None) -> dict[str, Any]:
+        return self.body
+
+
+def _thin_event_get(*, id: str, **_ignored: Any) -> _StoredThinEvent:
+    return _StoredThinEvent(stored(THIN_EVENT, id))
+
+
+routes = [("GET", "/v2/core/events/{id}", api(_thin_event_get))]
 
 
 def register(endpoint_id: str, url: str, secret: str, events: list[str] | None = None) -> None:

@@ -401,6 +401,48 @@ def test_a_deactivated_meter_refuses_events_until_reactivated_unless_its_name_is
     assert stripe_client.v1.billing.meters.retrieve(meter.id).status == "inactive"
 
 
+def test_a_meter_event_it_cannot_attribute_is_taken_then_reported_in_a_thin_event(
+    stripe_client, stripe_standin
+):
+    # given a meter, a customer deleted, and validation later, as at Stripe
+    event_name = _unique("tokens")
+    meter = stripe_client.v1.billing.meters.create(
+        params={"display_name": "Tokens", "event_name": event_name}
+    )
+    customer = stripe_client.v1.customers.create(params={"name": "Lifting Club"}).id
+    stripe_client.v1.customers.delete(customer)
+    usage = {
+        "event_name": event_name,
+        "identifier": f"{customer}-u-1",
+        "payload": {"stripe_customer_id": customer, "value": "7"},
+    }
+    stripe_standin.validate_meter_events_later()
+    try:
+        # when usage is reported for it, then again under its identifier
+        taken = stripe_client.v1.billing.meter_events.create(params=usage)
+        with pytest.raises(stripe.InvalidRequestError) as duplicate:
+            stripe_client.v1.billing.meter_events.create(params=usage)
+    finally:
+        stripe_standin.validate_meter_events_later(False)
+
+    # then it is taken (200) and never counted; its identifier stays taken
+    assert taken.identifier == f"{customer}-u-1"
+    assert stripe_standin.meter_events(customer) == []
+    assert duplicate.value.code == "resource_already_exists"
+    # and a thin error report about the meter names it, whole when read back by its id
+    [record] = [
+        e
+        for e in stripe_standin.events("v1.billing.meter.error_report_triggered")
+        if e["object_id"] == meter.id
+    ]
+    event = stripe_client.v2.core.events.retrieve(record["id"]).to_dict()
+    assert event["related_object"]["id"] == meter.id
+    [error_type] = event["data"]["reason"]["error_types"]
+    assert (error_type["code"], error_type["error_count"]) == ("meter_event_customer_not_found", 1)
+    assert error_type["sample_errors"][0]["request"] == {"identifier": f"{customer}-u-1"}
+    assert event["data"]["validation_start"] < event["data"]["validation_end"]
+
+
 def test_meter_events_refuse_duplicates_and_bill_usage_on_the_next_cycle(
     stripe_client, stripe_standin
 ):
