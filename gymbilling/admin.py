@@ -470,7 +470,10 @@ class StripeEventAdmin(ReadOnlyAdmin):
 @admin.register(OverageReport)
 class OverageReportAdmin(ReadOnlyAdmin):
     """Overage batches sent to the Stripe meter; a failed one (its customer deleted at
-    Stripe) was never invoiced: its error says what finance should do."""
+    Stripe) was never invoiced: its error says what finance should do. "Stripe meter
+    error": dropped (Stripe reported it failed: sent again under a new identifier, or
+    failed) or maybe dropped (sent while Stripe dropped events it did not name: check it
+    at Stripe; it is never re-sent by itself)."""
 
     list_display = [
         "identifier",
@@ -479,10 +482,13 @@ class OverageReportAdmin(ReadOnlyAdmin):
         "used_at",
         "sent_at",
         "failed_at",
+        "meter_error",
+        "stripe_error_code",
         "error",
         "created_at",
     ]
-    list_filter = [("failed_at", admin.EmptyFieldListFilter)]
+    list_filter = [("failed_at", admin.EmptyFieldListFilter), "meter_error"]
+    search_fields = ["identifier", "organization__slug"]
 
 
 @admin.register(FormerStripeCustomer)

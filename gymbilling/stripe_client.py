@@ -24,6 +24,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import stripe
@@ -224,6 +225,10 @@ def meter_ensure(*, event_name: str, display_name: str) -> dict:
     )
 
 
+def meter_retrieve(meter_id: str) -> dict:
+    return _call(_client().v1.billing.meters.retrieve, meter_id)
+
+
 def _meter_reactivate(meter: dict) -> dict:
     # No key of ours, as for price_deactivate: setting a status is safe to send twice, and
     # a fixed key would replay (Stripe keeps keys a day) the answer of an earlier
@@ -380,7 +385,11 @@ def disputes_list(*, payment_intent: str) -> list[dict]:
 def meter_event_create(
     *, event_name: str, customer: str, value: int, identifier: str, timestamp: int
 ) -> dict | None:
-    """Report usage; None when Stripe already has an event with this identifier."""
+    """Report usage; None when Stripe already has an event with this identifier.
+
+    No idempotency key of ours: the identifier is what Stripe refuses twice, and a key
+    would refuse the batch sent again with other parameters (its timestamp moved up to
+    Stripe's 35 days, the event name put right) for a day."""
     try:
         return _call(
             _client().v1.billing.meter_events.create,
@@ -437,6 +446,12 @@ def refund_create(*, key: str, **params) -> dict:
     return _call(_client().v1.refunds.create, key=key, **params)
 
 
+def thin_event_retrieve(event_id: str) -> dict:
+    """A v2 event (`/v2/core/events/<id>`) whole: a thin event's webhook carries only its
+    id, type and related object; its `data` is read here."""
+    return _call(_client().v2.core.events.retrieve, event_id)
+
+
 # --- webhooks -------------------------------------------------------------------------
 
 
@@ -452,13 +467,35 @@ class WebhookEvent:
     payload: dict
 
 
+# A thin event (an event destination's "thin" payload style, the only one Stripe sends
+# `v1.billing.meter.*` events in): its id, type and related object, no data.
+THIN_EVENT_OBJECT = "v2.core.event"
+
+
+def _verified_secret(payload: bytes, signature: str | None) -> str:
+    """The signing secret the Stripe-Signature verifies with: the webhook endpoint's, or
+    the thin event destination's (Stripe gives each destination its own secret)."""
+    secrets = [
+        s for s in (settings.STRIPE_WEBHOOK_SECRET, settings.STRIPE_THIN_WEBHOOK_SECRET) if s
+    ]
+    tolerance = settings.STRIPE_WEBHOOK_TOLERANCE_SECONDS
+    for secret in secrets[:-1]:
+        try:
+            stripe.WebhookSignature.verify_header(payload, signature, secret, tolerance=tolerance)
+            return secret
+        except stripe.SignatureVerificationError:
+            continue
+    stripe.WebhookSignature.verify_header(payload, signature, secrets[-1], tolerance=tolerance)
+    return secrets[-1]
+
+
 def webhook_event_construct(payload: bytes, signature: str | None) -> WebhookEvent:
     """Verify the Stripe-Signature header (HMAC and a 5-minute tolerance) and parse."""
     if not settings.STRIPE_WEBHOOK_SECRET:
         raise StripeNotConfigured("Set STRIPE_WEBHOOK_SECRET to accept webhooks.")
-    secret, tolerance = settings.STRIPE_WEBHOOK_SECRET, settings.STRIPE_WEBHOOK_TOLERANCE_SECONDS
+    tolerance = settings.STRIPE_WEBHOOK_TOLERANCE_SECONDS
     try:
-        stripe.WebhookSignature.verify_header(payload, signature, secret, tolerance=tolerance)
+        secret = _verified_secret(payload, signature)
         data = json.loads(payload)
     except stripe.SignatureVerificationError as exc:
         raise WebhookSignatureInvalid(str(exc)) from exc
@@ -467,6 +504,8 @@ def webhook_event_construct(payload: bytes, signature: str | None) -> WebhookEve
     if not isinstance(data, dict):
         # The SDK reads any JSON as an object (an AttributeError, a 500, otherwise).
         raise WebhookEventInvalid("The event is not a JSON object.")
+    if data.get("object") == THIN_EVENT_OBJECT:
+        return _thin_event(data)
     event = stripe.Webhook.construct_event(payload, signature, secret, tolerance=tolerance)
     body = _plain(event)
     if not isinstance(body.get("id"), str) or not isinstance(body.get("type"), str):
@@ -485,14 +524,41 @@ def webhook_event_construct(payload: bytes, signature: str | None) -> WebhookEve
     )
 
 
-def _require_storable(body: dict) -> None:
+def _thin_event(body: dict) -> WebhookEvent:
+    """A verified thin event: stored as it came; its data is read from Stripe when it is
+    processed (thin_event_retrieve). Its `created` is an ISO 8601 time, not a Unix one."""
+    if not isinstance(body.get("id"), str) or not isinstance(body.get("type"), str):
+        raise WebhookSignatureInvalid("The event has no id or type.")
+    related = body.get("related_object") or {}
+    if not isinstance(related, dict):
+        raise WebhookEventInvalid("The event's related_object is not an object.")
+    try:
+        created = datetime.fromisoformat(str(body.get("created"))).timestamp()
+    except ValueError as exc:
+        raise WebhookEventInvalid("The event's created is not an ISO 8601 time.") from exc
+    _require_storable(body, created=int(created))
+    return WebhookEvent(
+        id=body["id"],
+        type=body["type"],
+        created=int(created),
+        livemode=bool(body.get("livemode")),
+        api_version="",
+        object_type=str(related.get("type") or "")[:64],
+        object_id=str(related.get("id") or "")[:255],
+        payload=body,
+    )
+
+
+def _require_storable(body: dict, *, created: int | None = None) -> None:
     """Refuse, as WebhookEventInvalid, a signed event whose shape would fail as it is
     stored or read (a 500 otherwise): Stripe's own events always pass. Only a holder of
-    the signing secret can send one that does not."""
-    data = body.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
-        raise WebhookEventInvalid("The event has no data.object.")
-    created = body.get("created", 0)
+    the signing secret can send one that does not. `created`: a thin event's, read from
+    its ISO time; a snapshot event must have data.object and a Unix `created`."""
+    if created is None:
+        data = body.get("data")
+        if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+            raise WebhookEventInvalid("The event has no data.object.")
+        created = body.get("created", 0)
     if type(created) is not int or not 0 <= created < _CREATED_MAX:
         raise WebhookEventInvalid("The event's created is not a Unix time.")
     for field, limit in _EVENT_TEXT_LIMITS.items():

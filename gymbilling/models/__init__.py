@@ -10,6 +10,7 @@ from gymbilling.models.billing import (  # noqa: F401
     EventStatus,
     FormerStripeCustomer,
     Invoice,
+    MeterError,
     OverageReport,
     PaymentReversal,
     Plan,

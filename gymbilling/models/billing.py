@@ -504,11 +504,26 @@ class StripeEvent(models.Model):
         return f"{self.stripe_event_id} {self.type} {self.status}"
 
 
+class MeterError(models.TextChoices):
+    """What Stripe's asynchronous meter error reports said of an overage batch."""
+
+    NONE = "", "None reported"
+    # Stripe named the batch's meter event as failed: it was never counted, so the batch
+    # was re-queued under a new identifier, or failed when no re-send can bill it.
+    DROPPED = "dropped", "Dropped by Stripe"
+    # Stripe reported more failures than it named, in a window the batch was sent in: it
+    # may have been dropped. Never re-sent automatically (that could bill it twice).
+    IN_DOUBT = "in_doubt", "Maybe dropped"
+
+
 class OverageReport(models.Model):
     """One batch of overage sent to the Stripe billing meter.
 
     Written before the call, so a crash between the two resends the same
-    `identifier`, which Stripe refuses as a duplicate: invoiced once.
+    `identifier`, which Stripe refuses as a duplicate: invoiced once. Stripe
+    validates a meter event after accepting it; one it then drops is reported by
+    a `v1.billing.meter.error_report_triggered` event (`meter_error`,
+    `stripe_error_code`; services/overage.py says what is re-sent and why).
     """
 
     identifier = models.CharField(max_length=100, unique=True)
@@ -531,6 +546,17 @@ class OverageReport(models.Model):
     # `error` says why, for finance to invoice it another way or write it off.
     failed_at = models.DateTimeField(null=True, blank=True)
     error = models.CharField(max_length=500, blank=True, db_default="")
+    # db_default: processes of the previous release still write batches during a deploy.
+    meter_error = models.CharField(
+        max_length=16, choices=MeterError.choices, blank=True, db_default=MeterError.NONE
+    )
+    stripe_error_code = models.CharField(
+        max_length=64,
+        blank=True,
+        db_default="",
+        help_text="Stripe's code from the last meter error report about this batch, "
+        "e.g. meter_event_customer_not_found.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -42,6 +42,7 @@ from gymbilling.models import (
 )
 from gymbilling.services.checkout import subscription_overage_align
 from gymbilling.services.invoices import invoice_subscription_id, invoice_sync
+from gymbilling.services.overage import meter_error_report_read, overage_meter_errors_apply
 from gymbilling.services.payments import (
     checkout_session_mirror,
     pack_purchase_grant,
@@ -203,8 +204,17 @@ def stripe_event_process(*, event_pk: int, force: bool = False) -> str | None:
 EVENTS_WITHOUT_OBJECT_ID = frozenset({"invoice.upcoming"})
 
 
+# Thin events (v2) of the billing meter: meter events Stripe took, then dropped. The
+# second is about events whose name has no meter, so it names no meter itself.
+METER_ERROR_EVENTS = frozenset(
+    {"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"}
+)
+
+
 def _dispatch(event: StripeEvent) -> bool:
     kind, object_id = event.type, event.object_id
+    if kind in METER_ERROR_EVENTS:
+        return meter_error_report_refresh(event_id=event.stripe_event_id, meter_id=object_id)
     if not object_id and kind in EVENTS_WITHOUT_OBJECT_ID:
         return False
     if kind.startswith("checkout.session."):
@@ -227,6 +237,22 @@ def _dispatch(event: StripeEvent) -> bool:
 
 
 # --- handlers: read the current object, then apply it -----------------------------------
+
+
+def meter_error_report_refresh(*, event_id: str, meter_id: str) -> bool:
+    """Apply a billing meter error report, read whole from Stripe (its webhook is thin).
+
+    Its window counts only for the overage meter (services/overage.py): another meter's
+    unnamed failures are not our batches'."""
+    data = stripe_client.thin_event_retrieve(event_id).get("data") or {}
+    our_meter = False
+    if meter_id:
+        try:
+            meter = stripe_client.meter_retrieve(meter_id)
+            our_meter = meter.get("event_name") == settings.STRIPE_OVERAGE_EVENT_NAME
+        except stripe_client.StripeRequestRefused:
+            pass  # a meter this account no longer has: not the one overage is sent to
+    return overage_meter_errors_apply(report=meter_error_report_read(data), our_meter=our_meter) > 0
 
 
 def subscription_refresh(*, subscription_id: str) -> Subscription | None:

@@ -18,11 +18,23 @@ usage of a period's last minutes, reported after its end (within Stripe's
 hour of invoice finalization grace), is billed with that period, and so is
 that of a subscription ending then. A batch never spans two periods: an
 allowance is one period's, and a batch is one allowance's.
+
+Stripe takes a meter event (200) before it validates it; one it then drops (a
+customer it cannot find, a bad payload, no meter for the name) is reported later
+in a `v1.billing.meter.error_report_triggered` (or `.no_meter_found`) event, which
+names some of the dropped events by identifier (`sample_errors`) and counts the
+rest (overage_meter_errors_apply). The rule that keeps a batch billed once: a
+batch gets a new identifier, and is sent again, only when Stripe named its
+identifier as failed, since a failed event is never counted. A batch Stripe may
+have dropped but did not name is only flagged for finance: re-sending one that
+was counted, under a new identifier, would bill it twice.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -30,8 +42,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Max, Q, Sum
 from django.utils import timezone
 
+from accounts.services.audit import audit_record
 from gymbilling import stripe_client
-from gymbilling.models import Invoice, OverageReport, Subscription
+from gymbilling.models import Invoice, MeterError, OverageReport, Subscription
 from metering.models import MICRO, CreditLot, LotMovement, LotSource, TransactionKind
 
 logger = logging.getLogger(__name__)
@@ -135,12 +148,7 @@ def overage_report(*, now=None) -> int:
     for report in OverageReport.objects.filter(
         sent_at__isnull=True, failed_at__isnull=True
     ).select_related("organization__billing_customer", "subscription"):
-        # The subscription's own customer: the organization's may since have replaced it
-        # (deleted at Stripe), and the usage is invoiced on that subscription or on none.
-        customer = (
-            report.subscription.stripe_customer_id
-            or report.organization.billing_customer.stripe_customer_id
-        )
+        customer = _report_customer(report)
         try:
             stripe_client.meter_event_create(
                 event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
@@ -162,22 +170,299 @@ def overage_report(*, now=None) -> int:
             # go on. Stripe being unreachable still ends the run (StripeUnavailable).
             logger.exception("overage report %s refused by Stripe", report.identifier)
             continue
-        OverageReport.objects.filter(pk=report.pk).update(sent_at=now)
+        # Under the identifier sent: one Stripe reported dropped meanwhile was renamed to
+        # be sent again (overage_meter_errors_apply), and is not sent yet.
+        OverageReport.objects.filter(pk=report.pk, identifier=report.identifier).update(sent_at=now)
         reported += report.credits
     return reported
 
 
-def _overage_report_fail(*, report: OverageReport, customer: str, now: datetime) -> None:
+def _report_customer(report: OverageReport) -> str:
+    """The Stripe customer a batch is sent to: its subscription's own (the organization's
+    may since have replaced it, deleted at Stripe), as the usage is invoiced on that
+    subscription or on none."""
+    return (
+        report.subscription.stripe_customer_id
+        or report.organization.billing_customer.stripe_customer_id
+    )
+
+
+def _overage_report_fail(
+    *, report: OverageReport, customer: str, now: datetime, dropped: DroppedEvent | None = None
+) -> bool:
     """Give up on a report whose Stripe customer was deleted: no meter can invoice it, so
     sending it again every run would only log an error every run, for good. Marked
     failed with why, for finance (admin: Overage reports) to invoice it another way or
-    write it off."""
+    write it off. `dropped`: Stripe took the event, then reported it dropped; otherwise
+    it refused it, and only a batch no run has sent meanwhile is failed."""
     error = (
         f"Stripe customer {customer} was deleted at Stripe: these {report.credits} credits "
         "of overage cannot be invoiced through the meter; invoice them by hand or write "
         "them off."
     )
-    OverageReport.objects.filter(pk=report.pk, sent_at__isnull=True).update(
-        failed_at=now, error=error
+    rows = OverageReport.objects.filter(
+        pk=report.pk, identifier=report.identifier, failed_at__isnull=True
     )
-    logger.warning("overage report %s failed for good: %s", report.identifier, error)
+    if dropped is None:
+        rows.filter(sent_at__isnull=True).update(failed_at=now, error=error)
+        logger.warning("overage report %s failed for good: %s", report.identifier, error)
+        return True
+    return _overage_report_drop(
+        rows, report=report, dropped=dropped, outcome="failed", error=error, failed_at=now
+    )
+
+
+# --- Stripe's meter error reports ---------------------------------------------------
+
+CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
+# Stripe validates an event after taking it, and a run stamps each batch it sends with
+# the run's start: a batch validated in a report's window was sent at most this long
+# before the window (a run's length and Stripe's delay, with a wide margin).
+SENT_BEFORE_VALIDATION = timedelta(hours=1)
+# A re-sent batch's identifier: the first one's, `_r<n>` for the n-th re-send.
+_RESENT = re.compile(r"^(?P<first>.+?)(?:_r(?P<n>\d+))?$")
+
+
+@dataclass(frozen=True)
+class DroppedEvent:
+    """A meter event a report names as failed: its identifier, Stripe's code and message."""
+
+    identifier: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class MeterErrorReport:
+    """A meter error report's data, read: the events it names, how many failed unnamed
+    (Stripe names a sample of each kind of error), and its validation window."""
+
+    named: list[DroppedEvent]
+    unnamed: int
+    codes: list[str]
+    start: datetime | None
+    end: datetime | None
+
+
+def meter_error_report_read(data: dict) -> MeterErrorReport:
+    """Read a `v1.billing.meter.error_report_triggered` / `.no_meter_found` event's data:
+    `reason.error_types[]` of `{code, error_count, sample_errors[{error_message,
+    request: {identifier}}]}` and `validation_start` / `validation_end` (ISO times)."""
+    named: list[DroppedEvent] = []
+    unnamed = 0
+    codes: list[str] = []
+    for error_type in (data.get("reason") or {}).get("error_types") or []:
+        code = str(error_type.get("code") or "")
+        codes.append(code)
+        samples = error_type.get("sample_errors") or []
+        for sample in samples:
+            request = sample.get("request") or {}
+            # `identifier` in the SDK's types; `idempotency_key` in an older example of
+            # Stripe's docs. One that is no batch's is counted as unnamed (below).
+            identifier = request.get("identifier") or request.get("idempotency_key")
+            if identifier:
+                message = str(sample.get("error_message") or "")
+                named.append(DroppedEvent(str(identifier), code, message))
+            else:
+                unnamed += 1
+        unnamed += max(0, int(error_type.get("error_count") or 0) - len(samples))
+    return MeterErrorReport(
+        named=named,
+        unnamed=unnamed,
+        codes=codes,
+        start=_iso_time(data.get("validation_start")),
+        end=_iso_time(data.get("validation_end")),
+    )
+
+
+def _iso_time(value) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+def overage_meter_errors_apply(
+    *, report: MeterErrorReport, our_meter: bool, now: datetime | None = None
+) -> int:
+    """Apply a meter error report to the batches it concerns; returns how many it marked.
+
+    A batch Stripe named was never counted: it is sent again under a new identifier at
+    the next run (the cause fixed by then, or reported again), unless its customer was
+    deleted at Stripe, where no re-send can bill it (failed, as when Stripe refuses it at
+    once). `our_meter`: the report is about the overage meter, so the batches sent in its
+    window may be the events it did not name: flagged in doubt, never re-sent.
+
+    Safe to apply twice: a named batch is found by the identifier Stripe named, which it
+    no longer has once re-queued or failed; flagging in doubt is the same update again.
+    """
+    now = now or timezone.now()
+    batches, handled, unknown = _named_batches(report.named)
+    # Asked before anything is written: Stripe unreachable retries the whole event.
+    gone = {
+        customer: stripe_client.customer_gone(customer)
+        for customer in {
+            _report_customer(batches[event.identifier])
+            for event in report.named
+            if event.code == CUSTOMER_NOT_FOUND and event.identifier in batches
+        }
+    }
+    marked = 0
+    for event in report.named:
+        batch = batches.pop(event.identifier, None)
+        if batch is None:
+            continue  # handled by an earlier reading of the report, or no batch's
+        customer = _report_customer(batch)
+        if event.code == CUSTOMER_NOT_FOUND and gone.get(customer):
+            done = _overage_report_fail(report=batch, customer=customer, now=now, dropped=event)
+        else:
+            done = _overage_report_requeue(report=batch, dropped=event)
+        marked += done
+    # A name that is no batch's, not even one re-sent since, may still have been one of
+    # ours (the meter is overage's alone): as good as unnamed.
+    unnamed = report.unnamed + unknown
+    if unnamed and our_meter and report.start and report.end:
+        marked += _overage_reports_doubt(report=report, unnamed=unnamed, named=handled)
+    return marked
+
+
+def _named_batches(named: list[DroppedEvent]) -> tuple[dict[str, OverageReport], set[str], int]:
+    """The batches a report names and still to mark (sent under that identifier, not
+    failed), every identifier it names that a batch had, and how many it names that no
+    batch ever had: a batch re-queued under a later `_r<n>`, or failed, was marked by an
+    earlier reading of the report."""
+    firsts = {_RESENT.match(event.identifier)["first"] for event in named}
+    lineage = Q()
+    for first in firsts:
+        lineage |= Q(identifier__startswith=first)
+    rows = list(
+        OverageReport.objects.filter(lineage).select_related(
+            "organization__billing_customer", "subscription"
+        )
+        if firsts
+        else []
+    )
+    to_mark, handled, unknown = {}, set(), 0
+    for event in named:
+        same, later = _lineage_of(event.identifier, rows)
+        if same is not None and same.failed_at is None:
+            to_mark[event.identifier] = same
+        if same is not None or later:
+            handled.add(event.identifier)
+        else:
+            unknown += 1
+    return to_mark, handled, unknown
+
+
+def _lineage_of(identifier: str, rows: list[OverageReport]) -> tuple[OverageReport | None, bool]:
+    """The batch sent under `identifier`, and whether one of its later re-sends is there."""
+    match = _RESENT.match(identifier)
+    sent = int(match["n"] or 0)
+    same, later = None, False
+    for row in rows:
+        other = _RESENT.match(row.identifier)
+        if other["first"] != match["first"]:
+            continue
+        if row.identifier == identifier:
+            same = row
+        elif int(other["n"] or 0) > sent:
+            later = True
+    return same, later
+
+
+def _overage_report_requeue(*, report: OverageReport, dropped: DroppedEvent) -> bool:
+    """Send a batch Stripe dropped again, under a new identifier (Stripe may refuse the
+    old one as a duplicate for a day or more, counted or not)."""
+    match = _RESENT.match(report.identifier)
+    resend = f"{match['first']}_r{int(match['n'] or 0) + 1}"
+    error = (
+        f"Stripe dropped meter event {report.identifier} ({dropped.code}: {dropped.message}); "
+        f"sent again as {resend} at the next overage run."
+    )
+    rows = OverageReport.objects.filter(
+        pk=report.pk, identifier=report.identifier, failed_at__isnull=True
+    )
+    return _overage_report_drop(
+        rows, report=report, dropped=dropped, outcome="resent", error=error, identifier=resend
+    )
+
+
+def _overage_report_drop(
+    rows, *, report: OverageReport, dropped: DroppedEvent, outcome: str, error: str, **changes
+) -> bool:
+    """Mark a batch Stripe dropped (re-queued or failed: `changes`); False when another
+    reading of the report did it first."""
+    return _overage_report_mark(
+        rows,
+        report=report,
+        action="billing.overage_dropped",
+        why="dropped by Stripe",
+        data={
+            "code": dropped.code,
+            "message": dropped.message,
+            "outcome": outcome,
+            "resent_as": changes.get("identifier", ""),
+        },
+        sent_at=None,
+        meter_error=MeterError.DROPPED,
+        stripe_error_code=dropped.code[:64],
+        error=error[:500],
+        **changes,
+    )
+
+
+def _overage_report_mark(
+    rows, *, report: OverageReport, action: str, why: str, data: dict, **changes
+) -> bool:
+    """Update a batch (`rows`: it, as it was read) with what Stripe's report said of it,
+    with an audit record and an ERROR for finance; False when it was no longer as read."""
+    with transaction.atomic():
+        changed = rows.update(**changes)
+        if changed:
+            audit_record(
+                organization=report.organization,
+                action=action,
+                target=report.identifier,
+                data={"identifier": report.identifier, "credits": report.credits, **data},
+            )
+    if changed:
+        logger.error("overage report %s %s: %s", report.identifier, why, changes["error"])
+    return bool(changed)
+
+
+def _overage_reports_doubt(*, report: MeterErrorReport, unnamed: int, named: set[str]) -> int:
+    """Flag the batches sent in the window of failures Stripe did not name: any may be one.
+    Not re-sent: those Stripe counted would be billed twice. Finance checks them against
+    the meter's events at Stripe."""
+    error = (
+        f"Stripe reported {unnamed} more failed meter events "
+        f"({', '.join(report.codes)}) validated {report.start.isoformat()} to "
+        f"{report.end.isoformat()} without naming them: this batch, sent then, may not have "
+        "been counted. Check it at Stripe; re-sending a counted batch bills it twice."
+    )
+    doubtful = (
+        OverageReport.objects.filter(
+            sent_at__gte=report.start - SENT_BEFORE_VALIDATION,
+            sent_at__lte=report.end,
+            failed_at__isnull=True,
+        )
+        .exclude(identifier__in=named)
+        .exclude(meter_error=MeterError.IN_DOUBT)
+        .select_related("organization")
+    )
+    return sum(
+        _overage_report_mark(
+            # Still as read: one re-queued or failed meanwhile is no longer in doubt.
+            OverageReport.objects.filter(
+                pk=batch.pk, identifier=batch.identifier, sent_at=batch.sent_at
+            ),
+            report=batch,
+            action="billing.overage_in_doubt",
+            why="may have been dropped by Stripe",
+            data={"codes": report.codes},
+            meter_error=MeterError.IN_DOUBT,
+            stripe_error_code=",".join(report.codes)[:64],
+            error=error[:500],
+        )
+        for batch in list(doubtful)
+    )

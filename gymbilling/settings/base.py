@@ -349,6 +349,9 @@ SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")
 # empty means api.stripe.com.
 STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default="")
 STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
+# The signing secret of the event destination that sends thin events (the billing
+# meter's error reports) to the same URL; empty: they must verify with the one above.
+STRIPE_THIN_WEBHOOK_SECRET = env.str("STRIPE_THIN_WEBHOOK_SECRET", default="")
 STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
 STRIPE_TIMEOUT_SECONDS = env.float("STRIPE_TIMEOUT_SECONDS", default=10.0)
 STRIPE_MAX_NETWORK_RETRIES = env.int("STRIPE_MAX_NETWORK_RETRIES", default=2)

@@ -121,6 +121,61 @@ class TestSignature:
         assert response.status_code == 200, response.content
         assert StripeEvent.objects.get().payload["data"]["object"]["memo"] == "\\u0000"
 
+    def test_a_thin_event_is_taken_with_its_destinations_own_secret(self, client, stripe_standin):
+        # given: a thin meter error report, as an event destination signs it with its own
+        # secret, and the same one signed by nobody we know
+        thin = {
+            "id": "evt_test_thin_1",
+            "object": "v2.core.event",
+            "type": "v1.billing.meter.error_report_triggered",
+            "created": "2026-08-28T20:54:12.051Z",
+            "livemode": False,
+            "context": None,
+            "reason": None,
+            "related_object": {
+                "id": "mtr_1",
+                "type": "billing.meter",
+                "url": "/v1/billing/meters/mtr_1",
+            },
+        }
+        body, signature = signed(thin, secret="whsec_thin")
+        _, foreign = signed(thin, secret="whsec_someone_else")
+
+        # when: posted
+        with override_settings(STRIPE_THIN_WEBHOOK_SECRET="whsec_thin"):
+            refused = post_event(client, body, foreign)
+            taken = post_event(client, body, signature)
+
+        # then: the one signed by the destination is stored, about its meter, at its time
+        assert refused.status_code == 400
+        assert taken.status_code == 200, taken.content
+        row = StripeEvent.objects.get()
+        assert (row.type, row.object_type, row.object_id) == (
+            "v1.billing.meter.error_report_triggered",
+            "billing.meter",
+            "mtr_1",
+        )
+        assert row.stripe_created_at.isoformat() == "2026-08-28T20:54:12+00:00"
+
+    @pytest.mark.parametrize(
+        "change",
+        [{"created": 1_700_000_000}, {"created": "yesterday"}, {"related_object": "mtr_1"}],
+        ids=["created a Unix time", "created a word", "related object a string"],
+    )
+    def test_a_signed_thin_body_that_is_no_storable_event_is_refused(
+        self, client, stripe_standin, change
+    ):
+        thin = {
+            "id": "evt_test_thin_1",
+            "object": "v2.core.event",
+            "type": "v1.billing.meter.no_meter_found",
+            "created": "2026-08-28T20:54:12.051Z",
+        } | change
+        response = post_event(client, *signed(thin))
+        assert response.status_code == 400, response.content
+        assert response.json()["error"]["code"] == "invalid_event"
+        assert StripeEvent.objects.count() == 0
+
     def test_any_method_but_post_is_a_json_405(self, client):
         for method in ("get", "put", "delete"):
             response = getattr(client, method)("/stripe/webhook/")

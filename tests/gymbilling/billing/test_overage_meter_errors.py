@@ -1,0 +1,274 @@
+"""Overage Stripe took, then dropped: its meter error report (a thin
+`v1.billing.meter.error_report_triggered` event) re-queues a batch Stripe named under a
+new identifier, fails one whose customer was deleted, and flags for finance the batches
+it may have dropped without naming them; nothing is billed twice."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from accounts.models import AuditEvent
+from gymbilling.models import (
+    BillingCustomer,
+    EventStatus,
+    MeterError,
+    OverageReport,
+    StripeEvent,
+    Subscription,
+)
+from gymbilling.services import overage_report, stripe_event_process
+from gymbilling.services.events import METER_ERROR_EVENTS
+from gymbilling.services.overage import meter_error_report_read, overage_meter_errors_apply
+from metering.models import MICRO, CreditLot
+from tests.gymbilling.billing.test_overage_and_refunds import spend
+from tests.helpers import wait_until
+
+THIN_SECRET = "whsec_gymbilling_thin_tests"
+ERROR_REPORT = "v1.billing.meter.error_report_triggered"
+
+
+def customer_id(org) -> str:
+    return BillingCustomer.objects.get(organization=org).stripe_customer_id
+
+
+@pytest.fixture
+def meter_errors_later(stripe_standin):
+    """The stand-in takes meter events for a customer it has not got and reports them
+    dropped later, as Stripe does."""
+    stripe_standin.validate_meter_events_later()
+    yield
+    stripe_standin.validate_meter_events_later(False)
+
+
+@pytest.fixture
+def meter_errors_live(billing_live, stripe_standin, settings, meter_errors_later):
+    """The meter's thin events go to the live app from an event destination of their own,
+    signed with its own secret, as Stripe sends them."""
+    settings.STRIPE_THIN_WEBHOOK_SECRET = THIN_SECRET
+    url = f"{billing_live.url}/stripe/webhook/"
+    events = sorted(METER_ERROR_EVENTS)
+    stripe_standin.register_webhook(url, THIN_SECRET, webhook_id="app-thin", events=events)
+    yield billing_live
+    stripe_standin.register_webhook(
+        "http://127.0.0.1:9/unused", THIN_SECRET, webhook_id="app-thin", events=["none"]
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_overage_stripe_drops_for_a_deleted_customer_is_failed_for_finance_over_http(
+    meter_errors_live, customer, stripe_standin, stripe_sdk
+):
+    # given: Pro, paid (its webhooks applied by the worker), 10 credits of overage used,
+    # then the customer deleted at Stripe (which ends the subscription)
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+    assert response.status_code == 200, response.content
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    wait_until(
+        lambda: CreditLot.objects.filter(organization=org, source="overage").exists(),
+        what="the paid period's overage allowance",
+    )
+    spend(org, 12_010 * MICRO, key="job-1")
+    deleted = customer_id(org)
+    stripe_sdk.v1.customers.delete(deleted)
+    wait_until(
+        lambda: Subscription.objects.filter(organization=org, status="canceled").exists(),
+        what="the subscription ended with its customer",
+    )
+
+    # when: the report runs: Stripe takes the meter event (200), then reports it dropped
+    assert overage_report() == 10
+    wait_until(
+        lambda: StripeEvent.objects.filter(
+            type=ERROR_REPORT, status__in=[EventStatus.PROCESSED, EventStatus.IGNORED]
+        ).exists(),
+        what="Stripe's meter error report, applied by the worker",
+    )
+
+    # then: the batch is failed for finance, not sent, with Stripe's code and what to do
+    batch = OverageReport.objects.get(organization=org)
+    assert batch.failed_at is not None
+    assert (batch.sent_at, batch.meter_error, batch.stripe_error_code) == (
+        None,
+        MeterError.DROPPED,
+        "meter_event_customer_not_found",
+    )
+    assert deleted in batch.error and "10 credits" in batch.error
+    assert stripe_standin.meter_events(deleted) == []
+    event = StripeEvent.objects.get(type=ERROR_REPORT)
+    assert event.status == EventStatus.PROCESSED
+    audit = AuditEvent.objects.get(organization=org, action="billing.overage_dropped")
+    assert (audit.target, audit.data["outcome"], audit.data["credits"]) == (
+        batch.identifier,
+        "failed",
+        10,
+    )
+    # and the next run leaves it alone
+    assert overage_report() == 0
+
+
+@pytest.mark.django_db
+def test_a_batch_stripe_names_as_dropped_is_sent_again_under_a_new_identifier_once(
+    customer, subscribed, stripe_standin, deliver, meter_errors_later, caplog
+):
+    # given: Pro with 10 credits of overage used, its subscription naming a customer id
+    # Stripe has not got (a wrong id, put right later), and the report run: Stripe took
+    # the event, then reported it dropped
+    sub = subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id="cus_not_at_stripe")
+    assert overage_report() == 10
+    [first] = OverageReport.objects.filter(organization=org)
+    assert first.sent_at is not None
+
+    # when: the report is processed, twice (Stripe sends an event again; a replay)
+    with caplog.at_level(logging.ERROR, logger="gymbilling.services.overage"):
+        assert deliver() == [EventStatus.PROCESSED]
+    [event] = StripeEvent.objects.filter(type=ERROR_REPORT)
+    assert stripe_event_process(event_pk=event.pk, force=True) == EventStatus.IGNORED
+
+    # then: the batch is re-queued once, under a new identifier, with Stripe's code
+    batch = OverageReport.objects.get(pk=first.pk)
+    assert batch.identifier == f"{first.identifier}_r1"
+    assert (batch.sent_at, batch.failed_at) == (None, None)
+    assert (batch.meter_error, batch.stripe_error_code) == (
+        MeterError.DROPPED,
+        "meter_event_customer_not_found",
+    )
+    errors = [r for r in caplog.records if r.name == "gymbilling.services.overage"]
+    assert [(r.levelno, r.getMessage()) for r in errors] == [
+        (logging.ERROR, f"overage report {first.identifier} dropped by Stripe: {batch.error}")
+    ]
+    assert AuditEvent.objects.get(action="billing.overage_dropped").data["resent_as"] == (
+        batch.identifier
+    )
+    # when: the customer id is put right and the report runs again
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id=customer_id(org))
+    assert overage_report() == 10
+    assert overage_report() == 0
+
+    # then: Stripe counts the 10 credits once, under the new identifier
+    counted = stripe_standin.meter_events(customer_id(org))
+    assert [(e["identifier"], int(e["value"])) for e in counted] == [(batch.identifier, 10)]
+
+
+def _error_report(*, start, end, named: list[str], error_count: int) -> dict:
+    """A meter error report's data, in Stripe's documented shape."""
+    return {
+        "developer_message_summary": f"There are {error_count} invalid events",
+        "reason": {
+            "error_count": error_count,
+            "error_types": [
+                {
+                    "code": "meter_event_invalid_value",
+                    "error_count": error_count,
+                    "sample_errors": [
+                        {"error_message": "Value is not a number.", "request": {"identifier": i}}
+                        for i in named
+                    ],
+                }
+            ],
+        },
+        "validation_start": start.isoformat().replace("+00:00", "Z"),
+        "validation_end": end.isoformat().replace("+00:00", "Z"),
+    }
+
+
+@pytest.mark.django_db
+def test_batches_stripe_may_have_dropped_unnamed_are_flagged_in_doubt_not_sent_again(
+    customer, subscribed, stripe_standin
+):
+    # given: two organizations' batches sent in one run, and an older one
+    sub = subscribed("pro")
+    org = customer.organization
+    now = timezone.now()
+
+    def batch(identifier: str, sent_at) -> OverageReport:
+        return OverageReport.objects.create(
+            identifier=identifier,
+            organization=org,
+            subscription=sub,
+            lot_id=0,
+            credits=5,
+            used_at=sent_at,
+            sent_at=sent_at,
+        )
+
+    named, unnamed, older = (
+        batch("ovg_0_5", now),
+        batch("ovg_0_10", now),
+        batch("ovg_0_15", now - timedelta(hours=3)),
+    )
+
+    # when: Stripe reports 2 failures in the window after the run, naming one
+    report = _error_report(
+        start=now + timedelta(seconds=10),
+        end=now + timedelta(seconds=20),
+        named=[named.identifier],
+        error_count=2,
+    )
+    assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 2
+    # and again (a replay): nothing more is marked
+    assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 0
+
+    # then: the named one is re-queued; the other one sent then is flagged in doubt and
+    # stays sent (never re-sent by itself); the older one is left alone
+    named.refresh_from_db()
+    unnamed.refresh_from_db()
+    older.refresh_from_db()
+    assert (named.identifier, named.sent_at, named.meter_error) == (
+        "ovg_0_5_r1",
+        None,
+        MeterError.DROPPED,
+    )
+    assert (unnamed.identifier, unnamed.sent_at, unnamed.meter_error) == (
+        "ovg_0_10",
+        now,
+        MeterError.IN_DOUBT,
+    )
+    assert "bills it twice" in unnamed.error
+    assert (older.meter_error, older.error) == (MeterError.NONE, "")
+    assert overage_report() == 5  # the re-queued one alone
+    # and another meter's unnamed failures flag nothing
+    other = _error_report(start=now - timedelta(hours=4), end=now, named=[], error_count=3)
+    assert overage_meter_errors_apply(report=meter_error_report_read(other), our_meter=False) == 0
+    older.refresh_from_db()
+    assert older.meter_error == MeterError.NONE
+
+
+@pytest.mark.django_db
+def test_a_name_that_is_no_batchs_counts_as_unnamed_on_the_overage_meter(
+    customer, subscribed, stripe_standin
+):
+    """Stripe's sample may name a failed request by a key of the SDK's, not the batch's
+    identifier: on the overage meter (ours alone) that failure is still one of ours."""
+    # given: a batch sent just now
+    sub = subscribed("pro")
+    now = timezone.now()
+    sent = OverageReport.objects.create(
+        identifier="ovg_0_7",
+        organization=customer.organization,
+        subscription=sub,
+        lot_id=0,
+        credits=7,
+        used_at=now,
+        sent_at=now,
+    )
+
+    # when: Stripe reports one failure in the window after, named by something else
+    report = _error_report(
+        start=now + timedelta(seconds=10),
+        end=now + timedelta(seconds=20),
+        named=["8d6c2a1e-5f0b-4a52-9d1e-3c1b2a7f9e10"],
+        error_count=1,
+    )
+    assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 1
+
+    # then: the batch is flagged in doubt, still sent (never re-sent by itself)
+    sent.refresh_from_db()
+    assert (sent.identifier, sent.sent_at, sent.meter_error) == ("ovg_0_7", now, "in_doubt")
