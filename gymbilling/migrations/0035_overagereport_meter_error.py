@@ -7,7 +7,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("gymbilling", "0032_stripeprice_credits"),
+        ("gymbilling", "0034_subscription_price"),
     ]
 
     operations = [
