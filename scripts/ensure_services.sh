@@ -35,7 +35,7 @@ if ((want_pg)) && ! pg_up; then
     wait_for PostgreSQL pg_up || status=1
   else
     echo "ensure_services: PostgreSQL is not running on 127.0.0.1:5432 and is not installed" \
-         "(apt-get install postgresql), or set DATABASE_URL to one that is." >&2
+         "(apt-get install postgresql); the tests and benchmarks expect it there." >&2
     status=1
   fi
 fi
