@@ -260,7 +260,8 @@ class RefundForm(forms.Form):
                 ),
             ],
             help_text="The shortfall is refunded whole, as the order's own shortfall refund "
-            "(leave the amount blank or give exactly the shortfall).",
+            "(leave the amount blank or give exactly the shortfall). The delivered sale: at "
+            "most what it has left, never the shortfall owed; blank is all it has left.",
         )
         self.order_fields(["part"])
 

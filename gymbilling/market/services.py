@@ -1266,6 +1266,37 @@ def order_shortfall_refund_request(
     raise _shortfall_not_sent(MarketOrder.objects.get(pk=order_id), refused_at=refused_at)
 
 
+def order_sale_refundable(*, order_id: int, charge: dict, refunds: list[dict]) -> int:
+    """What a refund of the order's delivered sale may take of its payment now (minor units,
+    0 or more), from Stripe's `charge` and `refunds` of it, read just before.
+
+    What Stripe has left to refund of the charge, less the undelivered shortfall the buyer
+    is still owed: refunded as the sale, that money would be `unapplied` (no sale of it
+    to take back), and the order's own shortfall refund then refused, nothing being left
+    to refund. A shortfall refund Stripe already holds (a send whose answer was lost) is
+    in the charge's refunded amount already: not taken off twice. And never more than
+    the delivered fills have left to give back: past it a refund returns money of no sale
+    (a shortfall finance refunded by bank transfer and marked resolved, say).
+    """
+    from gymbilling.services.events import REFUND_UNDONE
+
+    order = MarketOrder.objects.get(pk=order_id)
+    owed = order.shortfall_amount if shortfall_refund_owed(order) else 0
+    if any(
+        _is_shortfall_refund(refund, order.pk) and refund.get("status") not in REFUND_UNDONE
+        for refund in refunds
+    ):
+        owed = 0
+    left = int(charge.get("amount") or 0) - int(charge.get("amount_refunded") or 0)
+    sale_left = (
+        MarketFill.objects.filter(order=order, status=FillStatus.DELIVERED, gross__gt=0).aggregate(
+            s=Sum(F("gross") - F("refunded"))
+        )["s"]
+        or 0
+    )
+    return max(0, min(left - owed, sale_left))
+
+
 def _shortfall_audit(order: MarketOrder, *, action: str, actor, **data) -> None:
     """What finance did about the order's shortfall, in the buyer's audit log."""
     audit_record(

@@ -8,7 +8,8 @@ as soon as Stripe answers, through the same path and under the same key as its
 `charge.refunded` webhook, so whichever comes first applies it and the other
 finds it done. Not a marketplace order's undelivered shortfall: a refund made here is
 one of the delivered sale; the admin's Refund page sends the shortfall as the order's
-own shortfall refund instead (market.services.order_shortfall_refund_request).
+own shortfall refund instead (market.services.order_shortfall_refund_request), and a
+refund made here never takes the money of a shortfall still owed (_market_sale_refund).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from accounts.errors import ApplicationError
 from accounts.models import AuditEvent, Organization
 from accounts.services import audit_record
 from gymbilling import stripe_client
+from gymbilling.locks import session_lock
+from gymbilling.market.selectors import payment_market_order
+from gymbilling.market.services import order_sale_refundable
 from gymbilling.services.events import payment_reversals_refresh
 
 logger = logging.getLogger(__name__)
@@ -35,8 +39,14 @@ def payment_refund(
 ) -> dict:
     """Refund `amount` (minor units; None: all that is left) of a payment; returns Stripe's
     refund, with `gym_applied`: whether its clawback was applied here at once (else its
-    webhook applies it; a failure to apply is logged, never raised, once Stripe refunded). `key` makes it once: the same key again (a form sent twice, a retry after
-    Stripe did not answer) is the same refund at Stripe.
+    webhook applies it; a failure to apply is logged, never raised, once Stripe refunded).
+    `key` makes it once: the same key again (a form sent twice, a retry after Stripe did
+    not answer) is the same refund at Stripe.
+
+    Of a marketplace order that had an undelivered shortfall, this refunds the delivered
+    sale only (_market_sale_refund): None is all the sale has left, never the shortfall
+    the buyer is still owed; more than the sale has left is 400 `refund_exceeds_sale`,
+    None with nothing left 409 `sale_fully_refunded`.
 
     Raises StripeRequestRefused (nothing left to refund, more than is left) or
     StripeUnavailable (nothing known to have happened: retry with the same key).
@@ -54,11 +64,20 @@ def payment_refund(
     params: dict = {
         "payment_intent": payment_intent_id,
         "reason": "requested_by_customer",
-        "metadata": {"gym_actor": getattr(actor, "email", ""), "gym_note": note[:500]},
+        "metadata": {
+            "gym_actor": getattr(actor, "email", ""),
+            "gym_note": note[:500],
+            # What _market_sale_refund finds a send of this form by, once Stripe took it.
+            "gym_refund": key,
+        },
     }
-    if amount is not None:
-        params["amount"] = amount
-    refund = stripe_client.refund_create(key=f"gym-refund:{key}", **params)
+    order = payment_market_order(payment_intent_id=payment_intent_id)
+    if order is not None and order.shortfall_amount:
+        refund = _market_sale_refund(order_id=order.pk, amount=amount, key=key, params=params)
+    else:
+        if amount is not None:
+            params["amount"] = amount
+        refund = stripe_client.refund_create(key=f"gym-refund:{key}", **params)
     recorded = AuditEvent.objects.filter(
         organization=organization, action="payment.refunded", data__refund=refund.get("id")
     )
@@ -80,3 +99,54 @@ def payment_refund(
     else:
         refund["gym_applied"] = True
     return refund
+
+
+def _market_sale_refund(*, order_id: int, amount: int | None, key: str, params: dict) -> dict:
+    """A refund of a marketplace order's delivered sale, where the order had a shortfall.
+
+    Stripe's "all that is left" of the charge would take the shortfall the buyer is still
+    owed too: the webhook finds no sale of it to take back (`unapplied`), and the order's
+    own shortfall refund is then refused, nothing being left to refund. So the amount is
+    always given: blank is what the sale has left (order_sale_refundable), as finance
+    choosing "the delivered sale" expect; more than that is refused before Stripe is
+    called. The shortfall goes as the order's own refund, whenever it is sent.
+
+    That amount is read from Stripe, so it changes once a send was taken: the same form
+    sent again after Stripe did not answer would ask for another amount under the same
+    key (refused by Stripe, or past its 24 hours a second refund). A refund Stripe holds
+    for this form (metadata `gym_refund`) is returned instead of making one. Two refunds
+    of the sale at once are one after the other (the lock), each reading what the other
+    left; one racing the shortfall's own refund takes no more than the sale's share.
+    """
+    payment_intent_id = params["payment_intent"]
+    with session_lock(f"market-sale-refund:{payment_intent_id}"):
+        refunds = stripe_client.refunds_list(payment_intent=payment_intent_id)
+        for made in refunds:
+            if (made.get("metadata") or {}).get("gym_refund") == params["metadata"]["gym_refund"]:
+                return made
+        charge = stripe_client.payment_intent_charge(payment_intent_id)
+        if charge is None:
+            raise ApplicationError(code="no_payment", message="This payment has no charge.")
+        left = order_sale_refundable(order_id=order_id, charge=charge, refunds=refunds)
+        currency = charge.get("currency", "")
+        if amount is None and left == 0:
+            raise ApplicationError(
+                code="sale_fully_refunded",
+                message="Nothing of the delivered sale is left to refund. What is left of the "
+                "payment, if anything, is the undelivered shortfall the buyer is owed: refund "
+                "it as the shortfall.",
+                status=409,
+            )
+        if amount is not None and amount > left:
+            raise ApplicationError(
+                code="refund_exceeds_sale",
+                message=f"At most {left} {currency} of the delivered sale is left to refund; "
+                "the rest of the payment is the undelivered shortfall the buyer is owed (or "
+                "was refunded already). Refund at most that, and the shortfall as the "
+                "shortfall.",
+                param="amount",
+                extra={"refundable": left},
+            )
+        return stripe_client.refund_create(
+            key=f"gym-refund:{key}", **params, amount=left if amount is None else amount
+        )

@@ -236,3 +236,100 @@ def test_a_sale_without_a_shortfall_is_refunded_as_before_with_no_choice_to_make
     assert response.status_code == 302, _form_errors(response)
     assert _sale_and_credits(seller, buyer) == (credits(50), 56, 6)
     assert order.shortfall_amount == 0
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "waiting"])
+def test_a_blank_amount_on_the_delivered_sale_refunds_the_sale_and_leaves_the_shortfall_owed(
+    market_stripe, seller, buyer, short_order, deliver, admin_client, refused
+):
+    # given: the order of 154 delivered 124 and owes its 30 back (refused by Stripe and in
+    # finance's list, or waiting to be sent)
+    order, intent = short_order(refused=refused)
+
+    # when: finance refund the delivered sale, the amount left blank ("all that is left"),
+    # and Stripe's webhooks for the refund arrive
+    response = _post(admin_client, order, part="sale")
+    deliver()
+
+    # then: Stripe refunded the sale's 124 alone: the 30 the buyer is owed stays refundable
+    assert response.status_code == 302, _form_errors(response)
+    [made] = stripe_client.refunds_list(payment_intent=intent)
+    assert made["amount"] == 124
+    assert market_stripe.refunded(intent) == 124
+    # the whole sale is taken back (the buyer's delivered credits, the seller's 112, the
+    # fee's 12), none of it unapplied
+    assert _sale_and_credits(seller, buyer) == (0, 0, 0)
+    [reversal] = MarketReversal.objects.filter(order=order)
+    assert (reversal.amount, reversal.unapplied) == (124, 0)
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is None
+
+    # when: the shortfall refund is sent (finance's retry, or the sweep)
+    if refused:
+        assert order_shortfall_refund_retry(order_id=order.pk)
+    else:
+        orders_expire()
+    deliver()
+
+    # then: it goes through, and the buyer has had all 154 back, once
+    order.refresh_from_db()
+    assert order.shortfall_refunded_at is not None
+    assert order.shortfall_refund_refused_at is None
+    assert market_stripe.refunded(intent) == 154
+    assert MarketReversal.objects.get(order=order).unapplied == 0
+    assert ledger_reconcile().ok
+
+
+def test_a_refund_of_the_delivered_sale_never_takes_the_shortfall_owed(
+    market_stripe, seller, buyer, short_order, deliver, admin_client
+):
+    # given: the order owes its 30 back; finance refunded 100 of the delivered sale
+    order, intent = short_order(refused=True)
+    assert _post(admin_client, order, part="sale", amount="100").status_code == 302
+    deliver()
+    before = ledger_rows()
+
+    # when: they refund 25 more of the sale (24 is what it has left), then the sale with
+    # the amount blank twice, the second once nothing of it is left
+    over = _post(admin_client, order, part="sale", amount="25")
+    rest = _post(admin_client, order, part="sale")
+    deliver()
+    after_rest = ledger_rows()
+    nothing = _post(admin_client, order, part="sale")
+
+    # then: the 25 refused before Stripe was called, saying what is left; the blank one
+    # refunded the sale's last 24; the second blank one refused: nothing of the sale left
+    assert over.status_code == 200 and "refund_exceeds_sale" in _form_errors(over)
+    assert "At most 24 usd" in _form_errors(over)
+    assert rest.status_code == 302, _form_errors(rest)
+    assert after_rest != before
+    assert "sale_fully_refunded" in _form_errors(nothing)
+    assert ledger_rows() == after_rest
+    assert [r["amount"] for r in stripe_client.refunds_list(payment_intent=intent)] == [100, 24]
+    # and the 30 owed is still the buyer's to have: the shortfall refund goes through
+    assert order_shortfall_refund_retry(order_id=order.pk)
+    assert market_stripe.refunded(intent) == 154
+    assert sum(r.unapplied for r in MarketReversal.objects.filter(order=order)) == 0
+
+
+def test_the_delivered_sale_s_refund_sent_twice_from_one_form_is_made_once(
+    market_stripe, seller, buyer, short_order, deliver, admin_client, admin_user
+):
+    # given: the order owes its 30 back; finance refund the delivered sale, amount blank
+    order, intent = short_order(refused=False)
+    form = {"note": NOTE, "key": uuid.uuid4().hex, "part": "sale"}
+    first = admin_client.post(_refund_url(order), form)
+    deliver()
+
+    # when: the same form is sent again (a double click; a retry after Stripe's answer
+    # was lost), now that what the sale has left reads 0 at Stripe
+    again = admin_client.post(_refund_url(order), form)
+    deliver()
+
+    # then: both answered with the one refund of the sale's 124, recorded once
+    assert (first.status_code, again.status_code) == (302, 302), _form_errors(again)
+    [made] = stripe_client.refunds_list(payment_intent=intent)
+    assert made["amount"] == 124
+    [event] = AuditEvent.objects.filter(organization=buyer, action="payment.refunded")
+    assert event.data["refund"] == made["id"]
+    assert _sale_and_credits(seller, buyer) == (0, 0, 0)
