@@ -8,6 +8,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
+from django.db.models import Exists, OuterRef
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -782,13 +783,30 @@ class PayoutHoldingFilter(admin.SimpleListFilter):
     parameter_name = "holding"
 
     def lookups(self, request, model_admin):
-        return [("yes", "Yes: refused, waiting for finance"), ("retried", "Retried by finance")]
+        return [
+            ("yes", "Yes: refused, waiting for finance"),
+            ("retried", "Retried by finance"),
+            ("customer", "Yes: customer deleted at Stripe, waiting for its replacement"),
+        ]
 
     def queryset(self, request, queryset):
         if self.value() == "yes":
             return queryset.filter(status=PayoutStatus.FAILED, retry_allowed_at__isnull=True)
         if self.value() == "retried":
             return queryset.filter(status=PayoutStatus.FAILED, retry_allowed_at__isnull=False)
+        if self.value() == "customer":
+            # Still waiting: the organization still has that (deleted) customer and no
+            # Connect account. Once it has another, the next payout run pays there.
+            return queryset.filter(
+                Exists(
+                    BillingCustomer.objects.filter(
+                        organization=OuterRef("seller"),
+                        stripe_customer_id=OuterRef("destination"),
+                        stripe_connect_account_id="",
+                    )
+                ),
+                status=PayoutStatus.CUSTOMER_DELETED,
+            )
         return queryset
 
 
@@ -801,6 +819,7 @@ class MarketPayoutAdmin(ReadOnlyAdmin):
         "currency",
         "method",
         "destination",
+        "deleted_destination",
         "status",
         "stripe_object_id",
         "last_error",

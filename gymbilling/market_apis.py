@@ -390,7 +390,9 @@ class PayoutOutput(serializers.Serializer):
     )
     status = serializers.ChoiceField(
         choices=PayoutStatus.values,
-        help_text="pending (being sent), sent, or failed (refused: back to available).",
+        help_text="pending (being sent), sent, failed (refused: back to available), or "
+        "customer_deleted (not sent: your Stripe customer was deleted; back to available, "
+        "paid to your new customer once you have one).",
     )
     created_at = serializers.DateTimeField()
     sent_at = serializers.DateTimeField(allow_null=True)

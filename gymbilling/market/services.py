@@ -1693,6 +1693,12 @@ def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
                 method, destination = PayoutMethod.INVOICE_CREDIT, customer.stripe_customer_id
             if _payouts_held(seller_id=seller_id, currency=currency, destination=destination):
                 return None  # the proceeds stay available: finance retries once fixed
+            if MarketPayout.objects.filter(
+                seller_id=seller_id, destination=destination, status=PayoutStatus.CUSTOMER_DELETED
+            ).exists():
+                # Deleted at Stripe, for good: the proceeds stay available until the
+                # organization has a new customer (or a Connect account), paid there.
+                return None
             payout = MarketPayout.objects.create(
                 seller=seller,
                 currency=currency,
@@ -1744,6 +1750,11 @@ def _payout_create_at_stripe(payout: MarketPayout) -> dict:
     balance credit, both with the payout's id in their metadata (what `_payout_made_at_stripe`
     finds them by)."""
     key = f"market-payout:{payout.pk}"
+    if payout.deleted_destination:
+        # Moved to the organization's new customer: a request of its own. Under the first
+        # key Stripe would answer, for a day, the deleted customer's refusal (or refuse
+        # other parameters under it).
+        key = f"{key}:to:{payout.destination}"
     metadata = {"market_payout": str(payout.pk), "organization_id": str(payout.seller_id)}
     if payout.method == PayoutMethod.TRANSFER:
         return stripe_client.transfer_create(
@@ -1845,6 +1856,10 @@ def payout_send(*, payout_id: int) -> str:
         return PayoutStatus.PENDING
     except stripe_client.StripeRequestRefused as exc:
         error = f"{exc.code or exc.status}: {exc}"
+        if exc.code == "resource_missing" and payout.method == PayoutMethod.INVOICE_CREDIT:
+            outcome = _payout_customer_deleted(payout, error=error)
+            if outcome is not None:
+                return outcome
         if not stripe_refusal_is_final(exc):  # our credentials: sent again next run
             logger.error("market payout %s: Stripe refused our request: %s", payout.pk, error)
             MarketPayout.objects.filter(pk=payout.pk).update(last_error=error[:500])
@@ -1867,6 +1882,75 @@ def payout_send(*, payout_id: int) -> str:
         sent_at=timezone.now(),
     )
     return PayoutStatus.SENT
+
+
+def _payout_customer_deleted(payout: MarketPayout, *, error: str) -> str | None:
+    """A balance credit Stripe refused as `resource_missing`: where its customer was deleted
+    at Stripe, the payout's status; None when it was not (refused as any refusal is).
+
+    Deleted is what the customer's replacement reads it as (stripe_client.customer_gone:
+    retrieving it answers `deleted: true`); a 404, an id Stripe never knew, is a key of
+    another account or mode, not a deleted customer, and stays finance's. A deleted
+    customer is deleted for good: retrying the credit never pays. So the payout goes to
+    the organization's new customer (billing_customer_replace made it), recorded as the
+    same payout and said in the seller's audit log (`market.payout_redirected`); with
+    none yet, nothing is paid and the payout is `customer_deleted`: its proceeds back to
+    available, where refunds still reach them (a payout left in flight for months would
+    hold up every won dispute of its fills), and paid to the new customer by the first
+    payout run once there is one.
+    """
+    try:
+        gone = stripe_client.customer_gone(payout.destination)
+    except (stripe_client.StripeUnavailable, stripe_client.StripeNotConfigured) as exc:
+        # Not known either way: left pending, sent (and asked) again next run.
+        MarketPayout.objects.filter(pk=payout.pk).update(
+            last_error=f"{error}; whether the customer was deleted: no answer: {exc}"[:500]
+        )
+        return PayoutStatus.PENDING
+    except stripe_client.StripeRequestRefused:
+        return None  # not known to be deleted: the credit's own refusal is what counts
+    if not gone:
+        return None
+    current = (
+        BillingCustomer.objects.filter(organization_id=payout.seller_id)
+        .values_list("stripe_customer_id", flat=True)
+        .first()
+    )
+    if current and current != payout.destination:
+        moved = MarketPayout.objects.filter(
+            pk=payout.pk, status=PayoutStatus.PENDING, destination=payout.destination
+        ).update(destination=current, deleted_destination=payout.destination)
+        if moved:
+            audit_record(
+                organization=payout.seller,
+                action="market.payout_redirected",
+                target=f"market payout {payout.pk}",
+                data={
+                    "payout": payout.pk,
+                    "from": payout.destination,
+                    "to": current,
+                    "why": "deleted at Stripe",
+                },
+            )
+            logger.warning(
+                "market payout %s: customer %s deleted at Stripe; sent to the organization's "
+                "new customer %s",
+                payout.pk,
+                payout.destination,
+                current,
+            )
+        # Sent there now, asking Stripe first as every send does (or, moved by another
+        # send meanwhile, the state that one left).
+        return payout_send(payout_id=payout.pk)
+    reason = (
+        f"customer {payout.destination} was deleted at Stripe ({error[:200]}): nothing paid. "
+        "The proceeds are back to available and are paid to the organization's new "
+        "customer (made on its next checkout, portal link or marketplace order) or "
+        "Connect account by the first payout run once it has one."
+    )
+    logger.warning("market payout %s of seller %s: %s", payout.pk, payout.seller_id, reason)
+    _payout_fail(payout_id=payout.pk, error=reason, status=PayoutStatus.CUSTOMER_DELETED)
+    return PayoutStatus.CUSTOMER_DELETED
 
 
 def _losses_while_paying(
@@ -1933,9 +2017,10 @@ def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
 
 
 @retry_on_deadlock
-def _payout_fail(*, payout_id: int, error: str) -> None:
+def _payout_fail(*, payout_id: int, error: str, status: str = PayoutStatus.FAILED) -> None:
     """Stripe refused the payout: its proceeds go back to available, where they wait
-    until finance retries (`_payouts_held`) or the seller's destination changes.
+    until finance retries (`_payouts_held`) or the seller's destination changes
+    (`status` customer_deleted: until it changes; _payout_customer_deleted).
 
     Not all of them: a refund or dispute that came while the payout was
     pending found its fills paid out and booked their seller share as a loss.
@@ -1984,9 +2069,7 @@ def _payout_fail(*, payout_id: int, error: str) -> None:
         MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
             proceeds=ProceedsState.AVAILABLE, payout=None
         )
-        MarketPayout.objects.filter(pk=payout.pk).update(
-            status=PayoutStatus.FAILED, last_error=error[:500]
-        )
+        MarketPayout.objects.filter(pk=payout.pk).update(status=status, last_error=error[:500])
 
 
 def payouts_run(*, now: datetime | None = None) -> int:

@@ -287,6 +287,16 @@ class PayoutStatus(models.TextChoices):
     SENT = "sent", "Sent"
     FAILED = "failed", "Refused by Stripe, proceeds returned to available"
     # (and, until finance retries, the seller's later payouts there held)
+    CUSTOMER_DELETED = (
+        "customer_deleted",
+        "Not sent: the Stripe customer was deleted; proceeds wait for its replacement",
+    )
+    # A balance credit Stripe refused because the seller's customer was deleted there,
+    # with no replacement yet (payout_send): nothing was paid, the proceeds are back to
+    # available, and the seller's payouts wait, not for finance (nothing they can retry
+    # fixes a deleted customer) but for the organization's new customer (made on its
+    # next checkout, portal link or marketplace order) or a Connect account: the next
+    # payout run pays there.
 
 
 class MarketPayout(models.Model):
@@ -306,6 +316,10 @@ class MarketPayout(models.Model):
     amount = models.PositiveBigIntegerField()
     method = models.CharField(max_length=16, choices=PayoutMethod.choices)
     destination = models.CharField(max_length=255, help_text="Connect account or customer id.")
+    # The seller's Stripe customer a balance credit was first for, deleted at Stripe by the
+    # time it was sent: the payout went to the organization's new customer (`destination`)
+    # instead (payout_send). Empty for every other payout.
+    deleted_destination = models.CharField(max_length=255, blank=True, db_default="")
     status = models.CharField(max_length=16, choices=PayoutStatus.choices, default="pending")
     stripe_object_id = models.CharField(max_length=255, blank=True)
     last_error = models.CharField(max_length=500, blank=True)

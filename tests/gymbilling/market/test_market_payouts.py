@@ -11,8 +11,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from accounts.models import AuditEvent
 from gymbilling.market.services import _payout_create_at_stripe, payouts_retry, payouts_run
-from gymbilling.models import MarketPayout, PayoutMethod, PayoutStatus
+from gymbilling.models import BillingCustomer, MarketPayout, PayoutMethod, PayoutStatus
+from gymbilling.services.customers import billing_customer_replace
 from tests.gymbilling.market.conftest import money, sold
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
 
@@ -163,3 +165,125 @@ def test_staff_who_may_only_view_payouts_cannot_retry_them(market_stripe, seller
     assert "retry_payouts" not in offered_actions(viewer, CHANGELIST)
     assert MarketPayout.objects.count() == 1
     assert market_stripe.transfers(account) == []
+
+
+# --- a seller's Stripe customer deleted at Stripe ------------------------------------------------
+
+
+def _seller_customer(seller) -> BillingCustomer:
+    return BillingCustomer.objects.get(organization=seller)
+
+
+def test_a_balance_credit_to_a_deleted_customer_goes_to_its_replacement(
+    market_stripe, seller, buyer
+):
+    # given: a seller paid by balance credits (no Connect account) whose payout of 112 was
+    # recorded for their Stripe customer; the customer was then deleted at Stripe and
+    # replaced (the organization's next checkout did it) before the payout was sent
+    sold(market_stripe, seller, buyer)
+    payout = _recorded_while_stripe_is_down(market_stripe)
+    gone = _seller_customer(seller)
+    market_stripe.delete_customer(gone.stripe_customer_id)
+    replacement = billing_customer_replace(customer=gone).stripe_customer_id
+    assert replacement != gone.stripe_customer_id
+
+    # when: the payout run sends it
+    assert payouts_run(now=timezone.now() + LATER) == 1
+
+    # then: the 112 went to the replacement customer's balance, once, by the same payout
+    payout.refresh_from_db()
+    assert (payout.status, payout.destination, payout.deleted_destination) == (
+        PayoutStatus.SENT,
+        replacement,
+        gone.stripe_customer_id,
+    )
+    [credit] = market_stripe.balance_credits(seller)
+    assert (credit["amount"], credit["customer"], credit["id"]) == (
+        -112,
+        replacement,
+        payout.stripe_object_id,
+    )
+    assert money("payouts") == 112
+    assert money("seller_available", organization=seller) == 0
+    # and the seller's audit log says where it went instead, and why
+    [event] = AuditEvent.objects.filter(organization=seller, action="market.payout_redirected")
+    assert event.data == {
+        "payout": payout.pk,
+        "from": gone.stripe_customer_id,
+        "to": replacement,
+        "why": "deleted at Stripe",
+    }
+    # and nothing is paid twice: a later run, and the payout sent again after Stripe
+    # forgot its key, find the credit made
+    market_stripe.standin.expire_idempotency_keys()
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert len(market_stripe.balance_credits(seller)) == 1
+
+
+def test_a_balance_credit_to_a_deleted_customer_not_replaced_yet_waits_for_its_replacement(
+    market_stripe, seller, buyer, admin_client
+):
+    # given: a seller paid by balance credits whose Stripe customer was deleted at Stripe,
+    # with a sale's 112 available
+    sold(market_stripe, seller, buyer)
+    gone = _seller_customer(seller)
+    market_stripe.delete_customer(gone.stripe_customer_id)
+
+    # when: the payout run sends it, then runs again after another sale's 112 matured
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    sold(market_stripe, seller, buyer)
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+    # then: not paid and not failed for finance: waiting for the seller's new customer,
+    # saying so; the proceeds wait available (refunds still reach them), and no payout
+    # is recorded for the deleted customer again
+    [waiting] = MarketPayout.objects.all()
+    assert waiting.status == PayoutStatus.CUSTOMER_DELETED
+    assert f"customer {gone.stripe_customer_id} was deleted at Stripe" in waiting.last_error
+    assert money("seller_available", organization=seller) == 224
+    assert money("payouts") == 0
+    # finance see it waiting for the seller's new customer, not among refused payouts
+    # they must fix and retry; Retry does nothing to it
+    listed = admin_client.get(CHANGELIST, {"holding": "customer"})
+    assert [p.pk for p in listed.context["cl"].result_list] == [waiting.pk]
+    assert b"was deleted at Stripe" in listed.content
+    assert not admin_client.get(CHANGELIST, {"holding": "yes"}).context["cl"].result_list
+    assert payouts_retry(payout_ids=[waiting.pk]) == {}
+
+    # when: the organization's next checkout replaces the customer, and the payout run
+    # comes
+    replacement = billing_customer_replace(customer=gone).stripe_customer_id
+    assert payouts_run(now=timezone.now() + LATER) == 1
+
+    # then: all 224 go to the replacement, once; nothing waits any more
+    assert [(c["amount"], c["customer"]) for c in market_stripe.balance_credits(seller)] == [
+        (-224, replacement)
+    ]
+    assert money("seller_available", organization=seller) == 0
+    assert money("payouts") == 224
+    assert not admin_client.get(CHANGELIST, {"holding": "customer"}).context["cl"].result_list
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+
+def test_a_balance_credit_to_a_customer_stripe_never_knew_is_refused_for_finance(
+    market_stripe, seller, buyer
+):
+    # given: a seller's customer id Stripe answers 404 for (a key of another account or
+    # mode): not known to be deleted
+    sold(market_stripe, seller, buyer)
+    BillingCustomer.objects.filter(organization=seller).update(stripe_customer_id="cus_unknown")
+
+    # when
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+    # then: refused, holding the seller's payouts there until finance retries, as before;
+    # nothing moved anywhere else
+    [refused] = MarketPayout.objects.all()
+    assert (refused.status, refused.destination, refused.deleted_destination) == (
+        PayoutStatus.FAILED,
+        "cus_unknown",
+        "",
+    )
+    assert refused.last_error.startswith("resource_missing:")
+    assert refused.retry_allowed_at is None
+    assert money("seller_available", organization=seller) == 112
