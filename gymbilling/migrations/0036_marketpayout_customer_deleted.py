@@ -12,7 +12,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("gymbilling", "0033_checkoutsession_price"),
+        ("gymbilling", "0035_overagereport_meter_error"),
     ]
 
     operations = [
