@@ -193,6 +193,12 @@ def price_deactivate(price_id: str) -> dict:
     return _call(_client().v1.prices.update, price_id, active=False)
 
 
+def price_reactivate(price_id: str) -> dict:
+    """Make an archived price usable again: Stripe refuses to put a subscription item on an
+    inactive price (services.checkout: an old-price member's item put back at their price)."""
+    return _call(_client().v1.prices.update, price_id, active=True)
+
+
 def meter_ensure(*, event_name: str, display_name: str) -> dict:
     """The billing meter overage is reported to, created once.
 

@@ -379,7 +379,9 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
 
     An upgrade is invoiced at once for the prorated difference (and, paid,
     grants the prorated credits); a downgrade changes the price from the next
-    period, and the organization keeps what it paid for until then.
+    period, and the organization keeps what it paid for until then. Its own plan
+    stays at the price the member pays, another plan is at its price now
+    (plan_change_price).
     """
     with _purchase_lock(subscription.organization):
         try:
@@ -449,29 +451,42 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             param="plan",
         )
     # Taking back a scheduled change: this period is paid at the current plan and
-    # seats already, so Stripe's item only goes back to them, charging nothing (an
-    # always_invoice would prorate from the scheduled price and charge it twice).
+    # seats already, so Stripe's item only goes back to them, at the price paid,
+    # charging nothing (an always_invoice would prorate from the scheduled price and
+    # charge it twice).
     restore = (plan.pk, seats) == (subscription.plan_id, subscription.seats)
-    upgrade = not restore and plan_change_is_upgrade(subscription, plan, seats)
-    price = _current_price(kind=PriceKind.PLAN, plan=plan)
+    price = plan_change_price(subscription=subscription, plan=plan)
+    upgrade = not restore and plan_change_is_upgrade(subscription, price, seats)
     # A scheduled downgrade already set Stripe's item to its cheaper price: an upgrade
     # would be prorated from that, charging again for the part of this period already
-    # paid at the current plan. The item goes back to the current plan first.
+    # paid at the current plan. The item goes back to the price paid first.
     paid_price = (
-        _current_price(kind=PriceKind.PLAN, plan=subscription.plan)
+        plan_change_price(subscription=subscription, plan=subscription.plan)
         if upgrade and subscription.scheduled_plan_id
         else None
     )
     key = f"change:{subscription.stripe_subscription_id}:{plan.code}:{seats}:{uuid.uuid4()}"
     item = _plan_item(stripe_sub)
+    # Made usable at Stripe before anything changes there: one failing leaves all as it was.
+    lift_to = (
+        _item_change(item, at=item["price"]["id"], price=paid_price, seats=subscription.seats)
+        if paid_price is not None
+        else None
+    )
+    change_to = _item_change(
+        item,
+        at=paid_price.stripe_price_id if paid_price else item["price"]["id"],
+        price=price,
+        seats=seats,
+    )
     lifted = None
     if paid_price is not None:
         try:
             lifted = _lift(
                 stripe_sub=stripe_sub,
                 item=item,
+                change=lift_to,
                 price_id=paid_price.stripe_price_id,
-                seats=subscription.seats,
                 key=key,
             )
         except stripe_client.StripeUnavailable:
@@ -486,7 +501,7 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             subscription.stripe_subscription_id,
             key=key,
             items=[
-                {"id": item["id"], "price": price.stripe_price_id, "quantity": seats},
+                change_to,
                 # An upgrade's entitlements, the overage allowance among them, apply now:
                 # so does the price that invoices that overage, in the same request. A
                 # downgrade leaves it: this period's overage is the dearer plan's, billed
@@ -540,6 +555,39 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     )
 
 
+def plan_change_price(*, subscription: Subscription, plan: Plan) -> StripePrice:
+    """The price a change of `subscription` to `plan`, at any seats, is made at.
+
+    Its own plan stays at the price the member pays (`Subscription.price`), whatever the
+    plan sells for now: taking back a scheduled change, the item put back before an upgrade
+    is prorated, and a change of seats alike (the same plan at the same unit price; a
+    price is per seat where the plan is). Another plan is a new purchase, at its price now.
+    A row synced before prices were recorded (null) reads its plan's price now, as before.
+    """
+    paid = subscription.price
+    if paid is not None and paid.plan_id == plan.pk:
+        return paid
+    return _current_price(kind=PriceKind.PLAN, plan=plan)
+
+
+def _item_change(item: dict, *, at: str, price: StripePrice, seats: int) -> dict:
+    """Stripe's item change that puts the plan item, its price then `at` (a price id), at
+    `price` x `seats`.
+
+    The price is sent only when it changes. A price the catalog has retired since (a
+    member's old price: StripePrice.current false) is archived at Stripe, which refuses
+    to put an item on it: it is made active again first, and left so, as another member
+    on it may need it next (the catalog's sync only archives the price it replaces, and
+    new purchases only ever use a current one). Called before the change is sent, so a
+    Stripe that cannot be reached fails it with nothing changed there."""
+    change = {"id": item["id"], "quantity": seats}
+    if price.stripe_price_id != at:
+        if not price.current:
+            stripe_client.price_reactivate(price.stripe_price_id)
+        change["price"] = price.stripe_price_id
+    return change
+
+
 def _mirror(stripe_sub: dict) -> Subscription:
     try:
         return subscription_sync(stripe_sub=stripe_sub)
@@ -563,17 +611,17 @@ LIFTED = "gym_lifted_downgrade"
 _LIFT_UNDO_DELAY_S = 60
 
 
-def _lift(*, stripe_sub: dict, item: dict, price_id: str, seats: int, key: str) -> dict:
-    """Put the plan item back at the price and seats paid for, charging nothing now, and
-    mark what was scheduled; returns Stripe's subscription after."""
+def _lift(*, stripe_sub: dict, item: dict, change: dict, price_id: str, key: str) -> dict:
+    """Put the plan item back at the price and seats paid for (`change`, to `price_id`),
+    charging nothing now, and mark what was scheduled; returns Stripe's subscription after."""
     start = int(stripe_items(stripe_sub).period_start.timestamp())
     scheduled = f"{item['price']['id']} {int(item.get('quantity') or 1)}"
     return stripe_client.subscription_update(
         stripe_sub["id"],
         key=f"{key}:paid",
-        items=[{"id": item["id"], "price": price_id, "quantity": seats}],
+        items=[change],
         proration_behavior="none",
-        metadata={LIFTED: f"{key} {start} {price_id} {seats} {scheduled}"},
+        metadata={LIFTED: f"{key} {start} {price_id} {change['quantity']} {scheduled}"},
     )
 
 

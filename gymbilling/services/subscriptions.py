@@ -5,8 +5,9 @@ webhook payload: events arrive late, twice and out of order, so the handler
 re-reads the object) and makes our row and the organization's entitlements
 match it:
 
-- an upgrade (more per month: plan or seats) applies at once; Stripe's
-  proration invoice, once paid, grants the prorated difference (invoices.py);
+- an upgrade (as much or more per month than the price paid now: plan or
+  seats) applies at once; Stripe's proration invoice, once paid, grants the
+  prorated difference (invoices.py);
 - a downgrade is scheduled for the period end: the organization keeps what it
   paid for until then;
 - a new period expires last period's credits beyond its rollover cap (the plan's
@@ -117,11 +118,15 @@ def _organization_of(stripe_sub: dict) -> Organization:
     return org
 
 
-def plan_change_is_upgrade(sub: Subscription, plan, seats: int) -> bool:
-    """Whether moving `sub` to `plan` x `seats` costs at least as much: an upgrade is
-    applied (and prorated) now, a downgrade from the next period. Checkout and the
-    webhook's sync must agree on it."""
-    return plan.amount_for(seats) >= sub.plan.amount_for(sub.seats)
+def plan_change_is_upgrade(sub: Subscription, price: StripePrice, seats: int) -> bool:
+    """Whether moving `sub` to `price` x `seats` costs at least what the member pays now:
+    an upgrade is applied (and prorated) now, a downgrade from the next period. Checkout
+    and the webhook's sync must agree on it: both compare the price Stripe's item is put
+    at with the price the period is paid at (`Subscription.period_amount`), not what the
+    plans cost now. A member left on an old price pays that price, and Stripe prorates
+    from it; by the plans now, a move between them would be charged as an upgrade that
+    lowers the bill, or scheduled while it raises it."""
+    return price.plan_amount_for(seats) >= sub.period_amount()[0]
 
 
 def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subscription:
@@ -161,7 +166,7 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             sub.plan, sub.price, sub.seats = items.plan_price.plan, items.plan_price, items.seats
             sub.scheduled_plan = sub.scheduled_seats = None
         elif (items.plan_price.plan_id, items.seats) != (sub.plan_id, sub.seats):
-            if plan_change_is_upgrade(sub, items.plan_price.plan, items.seats):
+            if plan_change_is_upgrade(sub, items.plan_price, items.seats):
                 sub.plan, sub.price = items.plan_price.plan, items.plan_price
                 sub.seats = items.seats
                 sub.scheduled_plan = sub.scheduled_seats = None
