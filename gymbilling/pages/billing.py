@@ -21,6 +21,7 @@ from gymbilling.selectors import (
     plans_offered,
 )
 from gymbilling.services import checkout_create, portal_create
+from gymbilling.services.checkout import plan_change_price
 from gymbilling.services.subscriptions import live_subscription
 
 # What a plan change with the card on file did (checkout_create's `kind`).
@@ -40,9 +41,12 @@ class CheckoutForm(forms.Form):
     seats = DigitsIntegerField(required=False, min_value=1, max_value=10_000)
 
 
-def _change_confirmation(request: HttpRequest, plan, seats: int) -> Confirmation:
+def _change_confirmation(request: HttpRequest, subscription, plan, seats: int) -> Confirmation:
     """What the page asks before a change of plan or seats with the card on file."""
-    price = money_display(plan.amount_for(seats), plan.currency)
+    # At the price the change is made at: a member on an old price keeps it for their own
+    # plan (seats changed), whatever the plan sells for now.
+    at = plan_change_price(subscription=subscription, plan=plan)
+    price = money_display(at.plan_amount_for(seats), at.currency)
     what = f"{plan.name}, {seats} seat{'s' if seats != 1 else ''}" if plan.seat_based else plan.name
     return Confirmation(
         question=f"Change your subscription to {what}?",
@@ -101,7 +105,9 @@ class BillingPage(ActionPage):
             # Only asked: the question's own form (a token of its own) is the one acted on.
             self.did_nothing = True
             return self.render_to_response(
-                self.get_context_data(confirm=_change_confirmation(request, plan, seats))
+                self.get_context_data(
+                    confirm=_change_confirmation(request, subscription, plan, seats)
+                )
             )
         result = checkout_create(
             organization=request.organization, plan=plan, pack=pack, seats=seats

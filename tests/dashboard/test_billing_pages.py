@@ -185,6 +185,35 @@ def test_a_team_subscription_changes_seats_with_the_card_on_file(
     assert figure(page, "period-price") == "245.00 USD"
 
 
+def test_an_old_price_s_team_is_asked_its_own_unit_price_for_more_seats(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given a team of 2 seats at $49 a seat; then finance make Team $59 a seat
+    _, org = member(Role.ADMIN)
+    checkout(client, plan="team", seats="2")
+    stripe_standin.pay_checkout(CheckoutSession.objects.get(organization=org).stripe_session_id)
+    assert "failed" not in deliver()
+    Plan.objects.filter(code="team").update(monthly_price=5_900)
+    catalog_sync()
+
+    # when they ask for 3 seats
+    asked = checkout(client, plan="team", seats="3")
+
+    # then the page asks at their $49 a seat, which the change is made at
+    assert "It costs 147.00 USD a period." in text(asked)
+    checkout(client, plan="team", seats="3", confirmed="yes")
+    assert "failed" not in deliver()
+    sub = Subscription.objects.get(organization=org)
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    item = at_stripe["items"].data[0]
+    assert (item.price.id, item.quantity, item.price.unit_amount) == (
+        sub.price.stripe_price_id,
+        3,
+        4_900,
+    )
+    assert figure(client.get(BILLING), "period-price") == "147.00 USD"
+
+
 def test_a_change_while_an_upgrade_is_unconfirmed_is_refused_saying_when_to_try_again(
     client,
     member,
