@@ -389,16 +389,20 @@ def disputes_list(*, payment_intent: str) -> list[dict]:
 
 
 def meter_event_create(
-    *, event_name: str, customer: str, value: int, identifier: str, timestamp: int
+    *, event_name: str, customer: str, value: int, identifier: str, timestamp: int, key: str
 ) -> dict | None:
     """Report usage; None when Stripe already has an event with this identifier.
 
-    No idempotency key of ours: the identifier is what Stripe refuses twice, and a key
-    would refuse the batch sent again with other parameters (its timestamp moved up to
-    Stripe's 35 days, the event name put right) for a day."""
+    `key`, the idempotency key, is what Stripe's meter error report names a dropped
+    event by (`sample_errors[].request.identifier`), so it names the batch; it names the
+    attempt too, or a batch Stripe refused at once (a customer it cannot find) and sent
+    again at the next run would be answered Stripe's saved refusal for a day. A resend
+    of an event Stripe took is kept from counting twice by its `identifier`, which Stripe
+    refuses twice whatever the key."""
     try:
         return _call(
             _client().v1.billing.meter_events.create,
+            key=key,
             event_name=event_name,
             payload={"stripe_customer_id": customer, "value": str(value)},
             identifier=identifier,

@@ -563,6 +563,13 @@ class OverageReport(models.Model):
         ordering = ["pk"]
         constraints = [
             models.CheckConstraint(condition=Q(credits__gt=0), name="overage_report_positive"),
+            # A batch is sent with `<identifier>:<attempt>` as its idempotency key, and
+            # Stripe's meter error report names it by that key: the batch is what comes
+            # before the first ':' (services/overage.py, meter_event_key).
+            models.CheckConstraint(
+                condition=~Q(identifier__contains=":"),
+                name="overage_report_identifier_no_key_separator",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -243,7 +243,8 @@ def meter_error_report_refresh(*, event_id: str, meter_id: str) -> bool:
     """Apply a billing meter error report, read whole from Stripe (its webhook is thin).
 
     Its window counts only for the overage meter (services/overage.py): another meter's
-    unnamed failures are not our batches'."""
+    unnamed failures are not our batches'. A `no_meter_found` report names no meter (and
+    no event name): it counts for ours when it names one of our batches."""
     data = stripe_client.thin_event_retrieve(event_id).get("data") or {}
     our_meter = False
     if meter_id:

@@ -28,6 +28,12 @@ batch gets a new identifier, and is sent again, only when Stripe named its
 identifier as failed, since a failed event is never counted. A batch Stripe may
 have dropped but did not name is only flagged for finance: re-sending one that
 was counted, under a new identifier, would bill it twice.
+
+Stripe's report names a dropped event by its request's idempotency key, so each batch
+is sent with a key of its own: `<identifier>:<attempt>` (meter_event_key).
+
+A run and the reading of a report take the same lock (OVERAGE_LOCK), so a report never
+re-queues or flags a batch while a run is sending it.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -44,6 +50,7 @@ from django.utils import timezone
 
 from accounts.services.audit import audit_record
 from gymbilling import stripe_client
+from gymbilling.locks import session_lock
 from gymbilling.models import Invoice, MeterError, OverageReport, Subscription
 from metering.models import MICRO, CreditLot, LotMovement, LotSource, TransactionKind
 
@@ -93,6 +100,27 @@ def meter_timestamp(*, used_at: datetime, now: datetime) -> int:
     return int(max(used_at, now - METER_EVENT_MAX_AGE).timestamp())
 
 
+# Held by a run across its Stripe calls (no transaction is: a session's advisory lock),
+# and by the reading of a meter error report: one run at a time, and no report applied
+# while a run is between sending a batch and marking it sent.
+OVERAGE_LOCK = "overage-report"
+# Joins a batch's identifier and the attempt in the idempotency key it is sent with.
+# No identifier holds it (the overage_report_identifier_no_key_separator constraint), so
+# the key read back from Stripe's report names the batch.
+KEY_SEPARATOR = ":"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def meter_event_key(*, identifier: str, sent_at: datetime) -> str:
+    """The idempotency key a batch is sent with: its identifier, which Stripe's report
+    names it by, and the attempt (when it was sent, to the microsecond), so that a
+    batch Stripe refused at once is tried afresh at the next run, not answered Stripe's
+    saved refusal for a day. Its meter event `identifier` is the same at every attempt,
+    and that is what keeps a resend of an event Stripe took from counting twice."""
+    attempt = (sent_at - _EPOCH) // timedelta(microseconds=1)
+    return f"{identifier}{KEY_SEPARATOR}{attempt}"
+
+
 def _invoice_id(lot: CreditLot) -> str:
     return lot.created_by.idempotency_key.removeprefix("grant:overage:")  # grant:overage:<invoice>
 
@@ -100,7 +128,13 @@ def _invoice_id(lot: CreditLot) -> str:
 def overage_report(*, now=None) -> int:
     """Report new overage to Stripe; returns the whole credits reported in this run."""
     now = now or timezone.now()
-    reported = 0
+    with session_lock(OVERAGE_LOCK):
+        _overage_batches_write(now=now)
+        return _overage_batches_send(now=now)
+
+
+def _overage_batches_write(*, now: datetime) -> None:
+    """A batch of each allowance's whole credits burned since its last batch."""
     # Only allowances something was burned from, and not long expired.
     lots = list(
         CreditLot.objects.filter(
@@ -144,11 +178,19 @@ def overage_report(*, now=None) -> int:
                     )
         except IntegrityError:
             pass  # another run wrote this batch; it is sent below
+
+
+def _overage_batches_send(*, now: datetime) -> int:
+    """Send every batch not sent yet; returns the whole credits sent."""
+    reported = 0
     gone: dict[str, bool] = {}  # customer -> deleted at Stripe, asked once a run
     for report in OverageReport.objects.filter(
         sent_at__isnull=True, failed_at__isnull=True
     ).select_related("organization__billing_customer", "subscription"):
         customer = _report_customer(report)
+        # When this batch was sent, not the run's start: Stripe's report of what it
+        # dropped says when it validated them, and a long run sends its last batches late.
+        sent_at = timezone.now()
         try:
             stripe_client.meter_event_create(
                 event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
@@ -156,6 +198,7 @@ def overage_report(*, now=None) -> int:
                 value=report.credits,
                 identifier=report.identifier,
                 timestamp=meter_timestamp(used_at=report.used_at or report.created_at, now=now),
+                key=meter_event_key(identifier=report.identifier, sent_at=sent_at),
             )
         except stripe_client.StripeRequestRefused as exc:
             if exc.code == "resource_missing" and customer not in gone:
@@ -170,9 +213,11 @@ def overage_report(*, now=None) -> int:
             # go on. Stripe being unreachable still ends the run (StripeUnavailable).
             logger.exception("overage report %s refused by Stripe", report.identifier)
             continue
-        # Under the identifier sent: one Stripe reported dropped meanwhile was renamed to
-        # be sent again (overage_meter_errors_apply), and is not sent yet.
-        OverageReport.objects.filter(pk=report.pk, identifier=report.identifier).update(sent_at=now)
+        # Under the identifier sent: where there is no lock (the demo's SQLite), a report
+        # applied meanwhile may have renamed it to be sent again, and it is not sent yet.
+        OverageReport.objects.filter(pk=report.pk, identifier=report.identifier).update(
+            sent_at=sent_at
+        )
         reported += report.credits
     return reported
 
@@ -215,9 +260,9 @@ def _overage_report_fail(
 # --- Stripe's meter error reports ---------------------------------------------------
 
 CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
-# Stripe validates an event after taking it, and a run stamps each batch it sends with
-# the run's start: a batch validated in a report's window was sent at most this long
-# before the window (a run's length and Stripe's delay, with a wide margin).
+# Stripe validates an event after taking it, and a run stamps each batch with when it
+# sent it: a batch validated in a report's window was sent at most this long before the
+# window (Stripe's delay, with a wide margin).
 SENT_BEFORE_VALIDATION = timedelta(hours=1)
 # A re-sent batch's identifier: the first one's, `_r<n>` for the n-th re-send.
 _RESENT = re.compile(r"^(?P<first>.+?)(?:_r(?P<n>\d+))?$")
@@ -225,7 +270,8 @@ _RESENT = re.compile(r"^(?P<first>.+?)(?:_r(?P<n>\d+))?$")
 
 @dataclass(frozen=True)
 class DroppedEvent:
-    """A meter event a report names as failed: its identifier, Stripe's code and message."""
+    """A meter event a report names as failed: its batch's identifier (read from the
+    request's idempotency key), Stripe's code and message."""
 
     identifier: str
     code: str
@@ -247,7 +293,11 @@ class MeterErrorReport:
 def meter_error_report_read(data: dict) -> MeterErrorReport:
     """Read a `v1.billing.meter.error_report_triggered` / `.no_meter_found` event's data:
     `reason.error_types[]` of `{code, error_count, sample_errors[{error_message,
-    request: {identifier}}]}` and `validation_start` / `validation_end` (ISO times)."""
+    request: {identifier}}]}` and `validation_start` / `validation_end` (ISO times).
+
+    A sample's `request.identifier` is the request's idempotency key (Stripe's types say
+    so), `<identifier>:<attempt>` for a batch (meter_event_key): the batch is what comes
+    before the separator. A bare identifier is taken as it is."""
     named: list[DroppedEvent] = []
     unnamed = 0
     codes: list[str] = []
@@ -259,10 +309,11 @@ def meter_error_report_read(data: dict) -> MeterErrorReport:
             request = sample.get("request") or {}
             # `identifier` in the SDK's types; `idempotency_key` in an older example of
             # Stripe's docs. One that is no batch's is counted as unnamed (below).
-            identifier = request.get("identifier") or request.get("idempotency_key")
+            key = str(request.get("identifier") or request.get("idempotency_key") or "")
+            identifier = key.partition(KEY_SEPARATOR)[0]
             if identifier:
                 message = str(sample.get("error_message") or "")
-                named.append(DroppedEvent(str(identifier), code, message))
+                named.append(DroppedEvent(identifier, code, message))
             else:
                 unnamed += 1
         unnamed += max(0, int(error_type.get("error_count") or 0) - len(samples))
@@ -291,12 +342,22 @@ def overage_meter_errors_apply(
     the next run (the cause fixed by then, or reported again), unless its customer was
     deleted at Stripe, where no re-send can bill it (failed, as when Stripe refuses it at
     once). `our_meter`: the report is about the overage meter, so the batches sent in its
-    window may be the events it did not name: flagged in doubt, never re-sent.
+    window may be the events it did not name: flagged in doubt, never re-sent. So is a
+    report that names one of our batches: a `no_meter_found` report names no meter, and
+    one naming ours is about the overage event name.
 
     Safe to apply twice: a named batch is found by the identifier Stripe named, which it
     no longer has once re-queued or failed; flagging in doubt is the same update again.
+    Waits for a run sending batches to end (OVERAGE_LOCK): a batch it has sent is then
+    marked sent, in the window a report flags, and one it was sending is not re-queued
+    under the run.
     """
     now = now or timezone.now()
+    with session_lock(OVERAGE_LOCK):
+        return _overage_meter_errors_apply(report=report, our_meter=our_meter, now=now)
+
+
+def _overage_meter_errors_apply(*, report: MeterErrorReport, our_meter: bool, now: datetime) -> int:
     batches, handled, unknown = _named_batches(report.named)
     # Asked before anything is written: Stripe unreachable retries the whole event.
     gone = {
@@ -321,7 +382,7 @@ def overage_meter_errors_apply(
     # A name that is no batch's, not even one re-sent since, may still have been one of
     # ours (the meter is overage's alone): as good as unnamed.
     unnamed = report.unnamed + unknown
-    if unnamed and our_meter and report.start and report.end:
+    if unnamed and (our_meter or handled) and report.start and report.end:
         marked += _overage_reports_doubt(report=report, unnamed=unnamed, named=handled)
     return marked
 

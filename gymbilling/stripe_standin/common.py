@@ -121,11 +121,16 @@ async def read_params(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def api(func: Callable[..., Any]) -> Callable[[web.Request], Any]:
-    """Wrap `func(**params) -> StripeObject` as an aiohttp handler."""
+def api(
+    func: Callable[..., Any], *, headers: dict[str, str] | None = None
+) -> Callable[[web.Request], Any]:
+    """Wrap `func(**params) -> StripeObject` as an aiohttp handler. `headers`: request
+    headers `func` is given too, as the keyword each maps to (None when not sent)."""
 
     async def handler(request: web.Request) -> web.Response:
         params = await read_params(request)
+        for header, keyword in (headers or {}).items():
+            params[keyword] = request.headers.get(header)
         expand = params.pop("expand", None)
         if isinstance(expand, str):
             expand = [expand]

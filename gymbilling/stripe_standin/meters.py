@@ -9,8 +9,11 @@ when a subscription's period ends (`/_config/subscriptions/<id>/advance`).
 A customer it has not got (deleted, or never made) is a 404 as well, unless
 `POST /_config/meter_events/validation {"later": true}`: then, as at Stripe, the
 event is taken (200) and never counted, and a `v1.billing.meter.error_report_triggered`
-thin event reports it (`meter_event_customer_not_found`, naming its identifier).
-Its identifier stays taken, as a counted one's does.
+thin event reports it (`meter_event_customer_not_found`), naming it as Stripe does: by
+its request's Idempotency-Key, in `sample_errors[].request.identifier`, not by the
+event's identifier. Its identifier stays taken, as a counted one's does: an event sent
+again under the same identifier is refused whatever its Idempotency-Key, as Stripe
+refuses an identifier twice within a day (here, for good).
 """
 
 from __future__ import annotations
@@ -145,8 +148,11 @@ def meter_event_create(
     payload: Any = None,
     identifier: str | None = None,
     timestamp: Any = None,
+    request_key: str | None = None,
     **_ignored: Any,
 ) -> MeterEvent:
+    """`request_key`: the request's Idempotency-Key; an SDK always sends one (a random one
+    when the caller gives none), and one is made up like it where none came."""
     if not event_name:
         raise stripe_error(
             400, "Missing required param: event_name.", code="parameter_missing", param="event_name"
@@ -185,6 +191,7 @@ def meter_event_create(
         "created": now(),
         "billed_on_invoice": None,
         "dropped": CUSTOMER_NOT_FOUND if dropped else None,
+        "request_key": request_key or str(uuid.uuid4()),
     }
     events.append(event)
     if dropped:
@@ -213,7 +220,7 @@ def _customer_missing(customer_id: str) -> str | None:
 
 def _error_report_emit(*, meter: Meter, event: dict[str, Any], message: str) -> None:
     """The meter's error report of the window the event was validated in: one event, named
-    by its identifier (the request's, as Stripe's `sample_errors` give it)."""
+    by its request's idempotency key, as Stripe's `sample_errors` name it."""
     start = event["created"] - event["created"] % VALIDATION_WINDOW_S
     webhooks.publish_thin(
         webhooks.ThinEvent(
@@ -234,7 +241,7 @@ def _error_report_emit(*, meter: Meter, event: dict[str, Any], message: str) -> 
                             "sample_errors": [
                                 {
                                     "error_message": message,
-                                    "request": {"identifier": event["identifier"]},
+                                    "request": {"identifier": event["request_key"]},
                                 }
                             ],
                         }
@@ -339,6 +346,10 @@ routes = [
     ("GET", "/v1/billing/meters/{id}", api(_meter_get)),
     ("POST", "/v1/billing/meters/{id}/deactivate", api(_meter_deactivate)),
     ("POST", "/v1/billing/meters/{id}/reactivate", api(_meter_reactivate)),
-    ("POST", "/v1/billing/meter_events", api(meter_event_create)),
+    (
+        "POST",
+        "/v1/billing/meter_events",
+        api(meter_event_create, headers={"Idempotency-Key": "request_key"}),
+    ),
     ("GET", "/_config/meter_events", config_meter_events),
 ]

@@ -161,12 +161,14 @@ def test_a_deactivated_overage_meter_is_reactivated_not_made_again(stripe_standi
     assert found["status_transitions"]["deactivated_at"] is None
     assert _meters_for(stripe_sdk, event_name) == {made["id"]: "active"}
     buyer = stripe_sdk.v1.customers.create(params={"name": "Lifting Club"})
+    identifier = f"overage-{uuid.uuid4().hex}"
     stripe_client.meter_event_create(
         event_name=event_name,
         customer=buyer.id,
         value=5,
-        identifier=f"overage-{uuid.uuid4().hex}",
+        identifier=identifier,
         timestamp=made["created"],
+        key=f"{identifier}:1",
     )
     assert [(e["meter"], e["value"]) for e in stripe_standin.meter_events(buyer.id)] == [
         (made["id"], "5")

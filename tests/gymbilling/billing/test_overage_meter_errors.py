@@ -6,12 +6,14 @@ it may have dropped without naming them; nothing is billed twice."""
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from accounts.models import AuditEvent
+from gymbilling import stripe_client
 from gymbilling.models import (
     BillingCustomer,
     EventStatus,
@@ -22,10 +24,14 @@ from gymbilling.models import (
 )
 from gymbilling.services import overage_report, stripe_event_process
 from gymbilling.services.events import METER_ERROR_EVENTS
-from gymbilling.services.overage import meter_error_report_read, overage_meter_errors_apply
+from gymbilling.services.overage import (
+    meter_error_report_read,
+    meter_event_key,
+    overage_meter_errors_apply,
+)
 from metering.models import MICRO, CreditLot
 from tests.gymbilling.billing.test_overage_and_refunds import spend
-from tests.helpers import wait_until
+from tests.helpers import on_own_connection, pause_after, run_against_paused, wait_until
 
 THIN_SECRET = "whsec_gymbilling_thin_tests"
 ERROR_REPORT = "v1.billing.meter.error_report_triggered"
@@ -157,15 +163,18 @@ def test_a_batch_stripe_names_as_dropped_is_sent_again_under_a_new_identifier_on
     assert [(e["identifier"], int(e["value"])) for e in counted] == [(batch.identifier, 10)]
 
 
-def _error_report(*, start, end, named: list[str], error_count: int) -> dict:
-    """A meter error report's data, in Stripe's documented shape."""
+def _error_report(
+    *, start, end, named: list[str], error_count: int, code: str = "meter_event_invalid_value"
+) -> dict:
+    """A meter error report's data, in Stripe's documented shape: `named`, the requests'
+    idempotency keys (a sample's `request.identifier`)."""
     return {
         "developer_message_summary": f"There are {error_count} invalid events",
         "reason": {
             "error_count": error_count,
             "error_types": [
                 {
-                    "code": "meter_event_invalid_value",
+                    "code": code,
                     "error_count": error_count,
                     "sample_errors": [
                         {"error_message": "Value is not a number.", "request": {"identifier": i}}
@@ -179,30 +188,36 @@ def _error_report(*, start, end, named: list[str], error_count: int) -> dict:
     }
 
 
+def marked(batch: OverageReport) -> tuple:
+    """The batch as it is now: its identifier, when it was sent, and what Stripe said."""
+    batch.refresh_from_db()
+    return (batch.identifier, batch.sent_at, batch.meter_error)
+
+
+def sent_batch(sub, identifier: str, sent_at, credits: int = 5) -> OverageReport:
+    """A batch of the subscription's organization, sent at `sent_at`."""
+    return OverageReport.objects.create(
+        identifier=identifier,
+        organization=sub.organization,
+        subscription=sub,
+        lot_id=0,
+        credits=credits,
+        used_at=sent_at,
+        sent_at=sent_at,
+    )
+
+
 @pytest.mark.django_db
 def test_batches_stripe_may_have_dropped_unnamed_are_flagged_in_doubt_not_sent_again(
     customer, subscribed, stripe_standin
 ):
     # given: two organizations' batches sent in one run, and an older one
     sub = subscribed("pro")
-    org = customer.organization
     now = timezone.now()
-
-    def batch(identifier: str, sent_at) -> OverageReport:
-        return OverageReport.objects.create(
-            identifier=identifier,
-            organization=org,
-            subscription=sub,
-            lot_id=0,
-            credits=5,
-            used_at=sent_at,
-            sent_at=sent_at,
-        )
-
     named, unnamed, older = (
-        batch("ovg_0_5", now),
-        batch("ovg_0_10", now),
-        batch("ovg_0_15", now - timedelta(hours=3)),
+        sent_batch(sub, "ovg_0_5", now),
+        sent_batch(sub, "ovg_0_10", now),
+        sent_batch(sub, "ovg_0_15", now - timedelta(hours=3)),
     )
 
     # when: Stripe reports 2 failures in the window after the run, naming one
@@ -218,20 +233,10 @@ def test_batches_stripe_may_have_dropped_unnamed_are_flagged_in_doubt_not_sent_a
 
     # then: the named one is re-queued; the other one sent then is flagged in doubt and
     # stays sent (never re-sent by itself); the older one is left alone
-    named.refresh_from_db()
-    unnamed.refresh_from_db()
-    older.refresh_from_db()
-    assert (named.identifier, named.sent_at, named.meter_error) == (
-        "ovg_0_5_r1",
-        None,
-        MeterError.DROPPED,
-    )
-    assert (unnamed.identifier, unnamed.sent_at, unnamed.meter_error) == (
-        "ovg_0_10",
-        now,
-        MeterError.IN_DOUBT,
-    )
+    assert marked(named) == ("ovg_0_5_r1", None, MeterError.DROPPED)
+    assert marked(unnamed) == ("ovg_0_10", now, MeterError.IN_DOUBT)
     assert "bills it twice" in unnamed.error
+    older.refresh_from_db()
     assert (older.meter_error, older.error) == (MeterError.NONE, "")
     assert overage_report() == 5  # the re-queued one alone
     # and another meter's unnamed failures flag nothing
@@ -250,15 +255,7 @@ def test_a_name_that_is_no_batchs_counts_as_unnamed_on_the_overage_meter(
     # given: a batch sent just now
     sub = subscribed("pro")
     now = timezone.now()
-    sent = OverageReport.objects.create(
-        identifier="ovg_0_7",
-        organization=customer.organization,
-        subscription=sub,
-        lot_id=0,
-        credits=7,
-        used_at=now,
-        sent_at=now,
-    )
+    sent = sent_batch(sub, "ovg_0_7", now, credits=7)
 
     # when: Stripe reports one failure in the window after, named by something else
     report = _error_report(
@@ -270,5 +267,121 @@ def test_a_name_that_is_no_batchs_counts_as_unnamed_on_the_overage_meter(
     assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 1
 
     # then: the batch is flagged in doubt, still sent (never re-sent by itself)
-    sent.refresh_from_db()
-    assert (sent.identifier, sent.sent_at, sent.meter_error) == ("ovg_0_7", now, "in_doubt")
+    assert marked(sent) == ("ovg_0_7", now, MeterError.IN_DOUBT)
+
+
+@pytest.mark.django_db
+def test_a_batch_stripe_refused_at_once_is_sent_afresh_at_the_next_run(
+    customer, subscribed, stripe_standin
+):
+    """Each attempt has an idempotency key of its own: a key naming the batch alone would
+    be answered Stripe's saved refusal (or refused for other parameters) for a day."""
+    # given: Pro with 10 credits of overage used, its subscription naming a customer id
+    # Stripe has not got: Stripe refuses the batch at once (404), and it waits
+    sub = subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id="cus_not_at_stripe")
+    assert overage_report() == 0
+
+    # when: the customer id is put right and the report runs again
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id=customer_id(org))
+    assert overage_report() == 10
+
+    # then: the batch is sent and counted once
+    [batch] = OverageReport.objects.filter(organization=org)
+    assert (batch.sent_at is not None, batch.failed_at) == (True, None)
+    counted = stripe_standin.meter_events(customer_id(org))
+    assert [(e["identifier"], int(e["value"])) for e in counted] == [(batch.identifier, 10)]
+
+
+@pytest.mark.django_db
+def test_a_no_meter_found_report_naming_one_of_ours_flags_those_sent_with_it(
+    customer, subscribed, stripe_standin
+):
+    """`v1.billing.meter.no_meter_found` names no meter: one naming a batch of ours is
+    about the overage event name, and what it counts unnamed may be ours too."""
+    # given: two batches sent just now
+    sub = subscribed("pro")
+    now = timezone.now()
+    named, other = sent_batch(sub, "ovg_0_5", now), sent_batch(sub, "ovg_0_10", now)
+
+    # when: Stripe reports 2 events with no meter for their name, naming one by its
+    # request's idempotency key
+    report = _error_report(
+        start=now + timedelta(seconds=10),
+        end=now + timedelta(seconds=20),
+        named=[meter_event_key(identifier=named.identifier, sent_at=now)],
+        error_count=2,
+        code="meter_event_no_meter_found",
+    )
+    assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=False) == 2
+
+    # then: the named one is re-queued, the other one sent then is flagged in doubt
+    assert marked(named) == ("ovg_0_5_r1", None, MeterError.DROPPED)
+    assert marked(other) == ("ovg_0_10", now, MeterError.IN_DOUBT)
+
+
+@pytest.mark.django_db
+def test_a_batch_is_stamped_sent_when_it_was_sent_not_when_its_run_began(
+    customer, subscribed, stripe_standin
+):
+    # given: 10 credits of overage used, sent by a run that began two hours before (a
+    # long run sends its last batches late)
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    before = timezone.now()
+    assert overage_report(now=before - timedelta(hours=2)) == 10
+
+    # when: Stripe reports a failure it does not name, validated just after it was sent
+    report = _error_report(
+        start=before, end=timezone.now() + timedelta(seconds=10), named=[], error_count=1
+    )
+    assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 1
+
+    # then: the batch, sent in that window, is flagged in doubt
+    batch = OverageReport.objects.get(organization=org)
+    assert batch.sent_at >= before
+    assert batch.meter_error == MeterError.IN_DOUBT
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_report_read_while_a_run_sends_waits_for_the_run(
+    customer, subscribed, stripe_standin, monkeypatch
+):
+    """The run and the report's reading are on connections of their own; Stripe's answer
+    to the run's meter event is held (at the client module, stripe_client) until the
+    report is applied or waits for the run."""
+    # given: Pro with 10 credits of overage used, and a run that has sent its batch and
+    # is paused before it marks it sent
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    before = timezone.now()
+    paused, resume = pause_after(monkeypatch, stripe_client, "meter_event_create", thread="run")
+    errors: list = []
+    running = threading.Thread(name="run", target=on_own_connection, args=(overage_report, errors))
+    running.start()
+    assert paused.wait(timeout=60)
+
+    # when: Stripe reports a failure it does not name, in the window the batch was sent in
+    report = meter_error_report_read(
+        _error_report(
+            start=before, end=timezone.now() + timedelta(minutes=5), named=[], error_count=1
+        )
+    )
+    reading = threading.Thread(
+        name="report",
+        target=on_own_connection,
+        args=(lambda: overage_meter_errors_apply(report=report, our_meter=True), errors),
+    )
+    run_against_paused(
+        reading, paused=running, resume=resume, what="the report to wait for the run"
+    )
+
+    # then: the report waited for the run: the batch it sent is flagged in doubt
+    assert errors == []
+    batch = OverageReport.objects.get(organization=org)
+    assert batch.sent_at is not None
+    assert batch.meter_error == MeterError.IN_DOUBT

@@ -418,10 +418,14 @@ def test_a_meter_event_it_cannot_attribute_is_taken_then_reported_in_a_thin_even
     }
     stripe_standin.validate_meter_events_later()
     try:
-        # when usage is reported for it, then again under its identifier
-        taken = stripe_client.v1.billing.meter_events.create(params=usage)
+        # when usage is reported for it, then again under its identifier (another request)
+        taken = stripe_client.v1.billing.meter_events.create(
+            params=usage, options={"idempotency_key": "usage-1:attempt-1"}
+        )
         with pytest.raises(stripe.InvalidRequestError) as duplicate:
-            stripe_client.v1.billing.meter_events.create(params=usage)
+            stripe_client.v1.billing.meter_events.create(
+                params=usage, options={"idempotency_key": "usage-1:attempt-2"}
+            )
     finally:
         stripe_standin.validate_meter_events_later(False)
 
@@ -429,7 +433,8 @@ def test_a_meter_event_it_cannot_attribute_is_taken_then_reported_in_a_thin_even
     assert taken.identifier == f"{customer}-u-1"
     assert stripe_standin.meter_events(customer) == []
     assert duplicate.value.code == "resource_already_exists"
-    # and a thin error report about the meter names it, whole when read back by its id
+    # and a thin error report about the meter names it, whole when read back by its id,
+    # by its request's idempotency key (as Stripe's does), not the event's identifier
     [record] = [
         e
         for e in stripe_standin.events("v1.billing.meter.error_report_triggered")
@@ -439,7 +444,7 @@ def test_a_meter_event_it_cannot_attribute_is_taken_then_reported_in_a_thin_even
     assert event["related_object"]["id"] == meter.id
     [error_type] = event["data"]["reason"]["error_types"]
     assert (error_type["code"], error_type["error_count"]) == ("meter_event_customer_not_found", 1)
-    assert error_type["sample_errors"][0]["request"] == {"identifier": f"{customer}-u-1"}
+    assert error_type["sample_errors"][0]["request"] == {"identifier": "usage-1:attempt-1"}
     assert event["data"]["validation_start"] < event["data"]["validation_end"]
 
 
@@ -470,13 +475,17 @@ def test_meter_events_refuse_duplicates_and_bill_usage_on_the_next_cycle(
                 "payload": {"stripe_customer_id": customer, "value": value},
             }
         )
+    # (sent again under another idempotency key, after Stripe forgot the first request's:
+    # the identifier alone is refused twice)
+    stripe_standin.expire_idempotency_keys()
     with pytest.raises(stripe.InvalidRequestError) as duplicate:
         stripe_client.v1.billing.meter_events.create(
             params={
                 "event_name": event_name,
                 "identifier": f"{customer}-u-1",
                 "payload": {"stripe_customer_id": customer, "value": "5"},
-            }
+            },
+            options={"idempotency_key": f"{customer}-u-1:a-second-attempt"},
         )
     with pytest.raises(stripe.InvalidRequestError):
         stripe_client.v1.billing.meter_events.create(
