@@ -1275,8 +1275,18 @@ def order_sale_refundable(*, order_id: int, charge: dict, refunds: list[dict]) -
     to take back), and the order's own shortfall refund then refused, nothing being left
     to refund. A shortfall refund Stripe already holds (a send whose answer was lost) is
     in the charge's refunded amount already: not taken off twice. And never more than
-    the delivered fills have left to give back: past it a refund returns money of no sale
+    the delivered sale has left to give back: past it a refund returns money of no sale
     (a shortfall finance refunded by bank transfer and marked resolved, say).
+
+    What the sale has left is read twice, and the smaller taken: from the fills here
+    (`refunded`), and from Stripe's `refunds` (the delivered gross less every refund that
+    is not the shortfall's own and has not failed: each is applied to the sale, as
+    market_reversal_handle will). The fills move only once a refund is applied (its
+    webhook, payment_reversals_refresh after the refund page's send): a refund made in
+    Stripe's dashboard, or another of finance's not applied yet, is in Stripe's list
+    alone. Read from the fills only, a blank refund would then take the money Stripe has
+    left, which is the shortfall's, once it is no longer counted owed (resolved by hand,
+    its refund failed): the buyer would have it twice.
     """
     from gymbilling.services.events import REFUND_UNDONE
 
@@ -1288,12 +1298,15 @@ def order_sale_refundable(*, order_id: int, charge: dict, refunds: list[dict]) -
     ):
         owed = 0
     left = int(charge.get("amount") or 0) - int(charge.get("amount_refunded") or 0)
-    sale_left = (
-        MarketFill.objects.filter(order=order, status=FillStatus.DELIVERED, gross__gt=0).aggregate(
-            s=Sum(F("gross") - F("refunded"))
-        )["s"]
-        or 0
+    sale = MarketFill.objects.filter(
+        order=order, status=FillStatus.DELIVERED, gross__gt=0
+    ).aggregate(delivered=Sum("gross"), left=Sum(F("gross") - F("refunded")))
+    refunded_at_stripe = sum(
+        int(refund.get("amount") or 0)
+        for refund in refunds
+        if not _is_shortfall_refund(refund, order.pk) and refund.get("status") not in REFUND_UNDONE
     )
+    sale_left = min(sale["left"] or 0, (sale["delivered"] or 0) - refunded_at_stripe)
     return max(0, min(left - owed, sale_left))
 
 

@@ -19,6 +19,7 @@ from gymbilling import stripe_client
 from gymbilling.market.services import (
     SHORTFALL_REASON,
     _shortfall_refund_claim,
+    order_shortfall_refund_resolve,
     order_shortfall_refund_retry,
     orders_expire,
 )
@@ -333,3 +334,34 @@ def test_the_delivered_sale_s_refund_sent_twice_from_one_form_is_made_once(
     [event] = AuditEvent.objects.filter(organization=buyer, action="payment.refunded")
     assert event.data["refund"] == made["id"]
     assert _sale_and_credits(seller, buyer) == (0, 0, 0)
+
+
+def test_a_blank_sale_refund_counts_a_refund_stripe_made_that_is_not_applied_here_yet(
+    market_stripe, seller, buyer, short_order, deliver, admin_client, admin_user
+):
+    # given: the order of 154 (124 delivered, 30 short); its shortfall refund refused and
+    # the buyer paid the 30 back by bank transfer, marked resolved by hand: nothing owed
+    order, intent = short_order(refused=True)
+    order_shortfall_refund_resolve(order_id=order.pk, note="bank transfer", actor=admin_user)
+    # and the whole sale's 124 refunded in Stripe's dashboard (or by another of finance),
+    # its webhook not processed yet: the fills here still say 124 of the sale left
+    made = stripe_client.refund_create(key=uuid.uuid4().hex, payment_intent=intent, amount=124)
+    assert MarketFill.objects.get(order=order, gross__gt=0).refunded == 0
+
+    # when: finance refund the delivered sale, the amount blank, then 30 of it
+    blank = _post(admin_client, order, part="sale")
+    thirty = _post(admin_client, order, part="sale", amount="30")
+    deliver()
+
+    # then: both refused before Stripe was called: the sale was refunded whole already, and
+    # the 30 Stripe has left is the shortfall's money, which the buyer already has
+    assert (blank.status_code, thirty.status_code) == (200, 200)
+    assert "sale_fully_refunded" in _form_errors(blank)
+    assert "refund_exceeds_sale" in _form_errors(thirty)
+    assert [r["id"] for r in stripe_client.refunds_list(payment_intent=intent)] == [made["id"]]
+    assert market_stripe.refunded(intent) == 124
+    # the one refund is applied once its webhook comes: the whole sale, none unapplied
+    [reversal] = MarketReversal.objects.filter(order=order)
+    assert (reversal.amount, reversal.unapplied) == (124, 0)
+    assert ledger_reconcile().ok
+
