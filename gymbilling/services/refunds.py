@@ -23,7 +23,7 @@ from gymbilling import stripe_client
 from gymbilling.locks import session_lock
 from gymbilling.market.selectors import payment_market_order
 from gymbilling.market.services import order_sale_refundable
-from gymbilling.services.events import payment_reversals_refresh
+from gymbilling.services.events import REFUND_UNDONE, payment_reversals_refresh
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def payment_refund(
     Of a marketplace order that had an undelivered shortfall, this refunds the delivered
     sale only (_market_sale_refund): None is all the sale has left, never the shortfall
     the buyer is still owed; more than the sale has left is 400 `refund_exceeds_sale`,
-    None with nothing left 409 `sale_fully_refunded`.
+    None with nothing left 409 `sale_fully_refunded`; the same form again once its refund
+    failed or was canceled at Stripe, 409 `refund_failed` (a fresh form refunds again).
 
     Raises StripeRequestRefused (nothing left to refund, more than is left) or
     StripeUnavailable (nothing known to have happened: retry with the same key).
@@ -114,16 +115,23 @@ def _market_sale_refund(*, order_id: int, amount: int | None, key: str, params: 
     That amount is read from Stripe, so it changes once a send was taken: the same form
     sent again after Stripe did not answer would ask for another amount under the same
     key (refused by Stripe, or past its 24 hours a second refund). A refund Stripe holds
-    for this form (metadata `gym_refund`) is returned instead of making one. Two refunds
+    for this form (metadata `gym_refund`) is returned instead of making one; one that
+    failed or was canceled since is 409 `refund_failed` (_form_refund_undone). Two refunds
     of the sale at once are one after the other (the lock), each reading what the other
     left; one racing the shortfall's own refund takes no more than the sale's share.
     """
     payment_intent_id = params["payment_intent"]
     with session_lock(f"market-sale-refund:{payment_intent_id}"):
         refunds = stripe_client.refunds_list(payment_intent=payment_intent_id)
+        undone = None
         for made in refunds:
-            if (made.get("metadata") or {}).get("gym_refund") == params["metadata"]["gym_refund"]:
+            if (made.get("metadata") or {}).get("gym_refund") != params["metadata"]["gym_refund"]:
+                continue
+            if made.get("status") not in REFUND_UNDONE:
                 return made
+            undone = made
+        if undone is not None:
+            raise _form_refund_undone(undone)
         charge = stripe_client.payment_intent_charge(payment_intent_id)
         if charge is None:
             raise ApplicationError(code="no_payment", message="This payment has no charge.")
@@ -150,3 +158,26 @@ def _market_sale_refund(*, order_id: int, amount: int | None, key: str, params: 
         return stripe_client.refund_create(
             key=f"gym-refund:{key}", **params, amount=left if amount is None else amount
         )
+
+
+def _form_refund_undone(refund: dict) -> ApplicationError:
+    """The refund a Refund page's form made failed or was canceled at Stripe since: the money
+    is the gym's again, the buyer has not had it.
+
+    Not reported as refunded, which is what returning it would say; nor sent again under
+    the form's key: within Stripe's 24 hours the same key answers with that refund as it
+    was made (not failed yet), so the page would say "refunded" once more, and past them
+    an old form, sent again by a back button, would refund without finance meaning to.
+    A new refund is a new decision: a fresh form, a key of its own.
+    """
+    reason = refund.get("failure_reason") or ""
+    return ApplicationError(
+        code="refund_failed",
+        message=f"This form's refund {refund.get('id')} of {refund.get('amount')} "
+        f"{refund.get('currency', '')} {refund.get('status')} at Stripe"
+        + (f" ({reason})" if reason else "")
+        + ": the money went back to the gym, not to the buyer, and nothing was refunded "
+        "now. Sending this form again cannot refund it (Stripe answers its key with that "
+        "refund); to refund the buyer, open the Refund page afresh and send a fresh form.",
+        status=409,
+    )

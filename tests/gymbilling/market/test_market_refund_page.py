@@ -365,3 +365,32 @@ def test_a_blank_sale_refund_counts_a_refund_stripe_made_that_is_not_applied_her
     assert (reversal.amount, reversal.unapplied) == (124, 0)
     assert ledger_reconcile().ok
 
+
+def test_a_form_whose_sale_refund_failed_at_stripe_says_so_and_asks_for_a_fresh_form(
+    market_stripe, seller, buyer, short_order, deliver, admin_client
+):
+    # given: finance refunded the delivered sale (124) from a form; the refund then failed
+    # at Stripe (the buyer's card closed): the money is the gym's again
+    order, intent = short_order(refused=False)
+    form = {"note": NOTE, "key": uuid.uuid4().hex, "part": "sale"}
+    assert admin_client.post(_refund_url(order), form).status_code == 302
+    deliver()
+    [made] = stripe_client.refunds_list(payment_intent=intent)
+    assert market_stripe.standin.fail_refund(made["id"])["status"] == "failed"
+    deliver()
+
+    # when: the same form is sent again (the browser's back button, a retry)
+    again = admin_client.post(_refund_url(order), form)
+
+    # then: not reported as refunded: the page says the form's refund failed and that a
+    # new refund takes a fresh form; nothing more refunded at Stripe
+    assert again.status_code == 200
+    errors = _form_errors(again)
+    assert "refund_failed" in errors and made["id"] in errors
+    assert "fresh" in errors
+    assert [r["id"] for r in stripe_client.refunds_list(payment_intent=intent)] == [made["id"]]
+    assert market_stripe.refunded(intent) == 0
+
+    # and a fresh form refunds the sale again
+    assert _post(admin_client, order, part="sale").status_code == 302
+    assert market_stripe.refunded(intent) == 124
