@@ -19,10 +19,12 @@ its fills, then every reversal of the order they will touch, before any ledger
 account; their pending sweep (`_reversal_pending_settle`) locks one reversal
 row, then ledger accounts. A payout Stripe refused (`_payout_fail`) locks the
 payout, its fills, then the reversals whose losses it recovers, before the
-seller's money account. A reversal row is never locked while a ledger or money
-account is held. No Stripe call is made inside a transaction: an order is
-reserved and committed, then Checkout is created, then recorded; if Stripe
-fails in between, the reservation is released by compensating transfers.
+seller's money account. A payout's send lock (`payout_send`: a session lock held
+across its Stripe calls) is taken with no transaction open, before any row. A
+reversal row is never locked while a ledger or money account is held. No Stripe
+call is made inside a transaction: an order is reserved and committed, then
+Checkout is created, then recorded; if Stripe fails in between, the reservation
+is released by compensating transfers.
 Organization rows are never locked here (`select_for_update(of=("self",))`
 where a query joins them): every row that references an organization takes a
 KEY SHARE lock on it at COMMIT, so locking a buyer's or seller's row would
@@ -46,7 +48,7 @@ from accounts.errors import ApplicationError
 from accounts.models import Organization, Standing
 from accounts.services import audit_record
 from gymbilling import stripe_client
-from gymbilling.locks import transaction_lock
+from gymbilling.locks import session_lock, transaction_lock
 from gymbilling.market.escrow import (
     credits_expire_early,
     credits_move,
@@ -1842,7 +1844,25 @@ def payout_send(*, payout_id: int) -> str:
     Its key makes a resend within Stripe's 24 hours pay once; past them, only
     looking first does: a transfer or credit found for the payout is recorded
     instead of making another.
+
+    One send of a payout at a time, in every process: a session lock named after it,
+    taken before Stripe is called and held across the calls with no transaction open
+    (as the sale refund's, gymbilling.services.refunds). Two sends at once (finance's
+    Retry overlapping a payout run, a run that overran into the next) would each decide
+    from the same pending payout: around a customer's replacement one could give the
+    proceeds back to available (customer_deleted) while the other credited the new
+    customer, whose "sent" then matched nothing: paid at Stripe, unpaid in the ledger,
+    and paid again by a later run. The later send waits, then finds what the first left.
+    A lock rather than a claim with a takeover (the shortfall refund's): nothing else
+    needs to see that a send is under way, and a process that dies lets it go with its
+    connection, at once.
     """
+    with session_lock(f"market-payout:{payout_id}"):
+        return _payout_send(payout_id=payout_id)
+
+
+def _payout_send(*, payout_id: int) -> str:
+    """payout_send's calls to Stripe and what their answers leave, under its lock."""
     payout = MarketPayout.objects.get(pk=payout_id)
     if payout.status != PayoutStatus.PENDING:
         return payout.status
@@ -1887,8 +1907,7 @@ def payout_send(*, payout_id: int) -> str:
             exc.request_id,
             error,
         )
-        _payout_fail(payout_id=payout.pk, error=error)
-        return PayoutStatus.FAILED
+        return _payout_fail(payout_id=payout.pk, destination=payout.destination, error=error)
     MarketPayout.objects.filter(pk=payout.pk, status=PayoutStatus.PENDING).update(
         status=PayoutStatus.SENT,
         stripe_object_id=str(result.get("id") or ""),
@@ -1930,6 +1949,7 @@ def _payout_customer_deleted(payout: MarketPayout, *, error: str) -> str | None:
         .first()
     )
     if current and current != payout.destination:
+        # Only while the payout is still for the customer that refused it.
         moved = MarketPayout.objects.filter(
             pk=payout.pk, status=PayoutStatus.PENDING, destination=payout.destination
         ).update(destination=current, deleted_destination=payout.destination)
@@ -1952,9 +1972,9 @@ def _payout_customer_deleted(payout: MarketPayout, *, error: str) -> str | None:
                 payout.destination,
                 current,
             )
-        # Sent there now, asking Stripe first as every send does (or, moved by another
-        # send meanwhile, the state that one left).
-        return payout_send(payout_id=payout.pk)
+        # Sent there now, asking Stripe first as every send does (still under this send's
+        # lock), or, not moved, the state the payout is in.
+        return _payout_send(payout_id=payout.pk)
     reason = (
         f"customer {payout.destination} was deleted at Stripe ({error[:200]}): nothing paid. "
         "The proceeds are back to available and are paid to the organization's new "
@@ -1962,8 +1982,12 @@ def _payout_customer_deleted(payout: MarketPayout, *, error: str) -> str | None:
         "Connect account by the first payout run once it has one."
     )
     logger.warning("market payout %s of seller %s: %s", payout.pk, payout.seller_id, reason)
-    _payout_fail(payout_id=payout.pk, error=reason, status=PayoutStatus.CUSTOMER_DELETED)
-    return PayoutStatus.CUSTOMER_DELETED
+    return _payout_fail(
+        payout_id=payout.pk,
+        destination=payout.destination,
+        error=reason,
+        status=PayoutStatus.CUSTOMER_DELETED,
+    )
 
 
 def _losses_while_paying(
@@ -2030,10 +2054,20 @@ def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
 
 
 @retry_on_deadlock
-def _payout_fail(*, payout_id: int, error: str, status: str = PayoutStatus.FAILED) -> None:
-    """Stripe refused the payout: its proceeds go back to available, where they wait
-    until finance retries (`_payouts_held`) or the seller's destination changes
-    (`status` customer_deleted: until it changes; _payout_customer_deleted).
+def _payout_fail(
+    *,
+    payout_id: int,
+    destination: str,
+    error: str,
+    status: str = PayoutStatus.FAILED,
+) -> str:
+    """Stripe refused the payout to `destination`: its proceeds go back to available,
+    where they wait until finance retries (`_payouts_held`) or the seller's destination
+    changes (`status` customer_deleted: until it changes; _payout_customer_deleted).
+    Returns the payout's status after.
+
+    Only while it is pending to `destination`, the one that refused it: sent elsewhere
+    meanwhile (a redirect to a new customer), the refusal says nothing of it.
 
     Not all of them: a refund or dispute that came while the payout was
     pending found its fills paid out and booked their seller share as a loss.
@@ -2046,8 +2080,8 @@ def _payout_fail(*, payout_id: int, error: str, status: str = PayoutStatus.FAILE
             .select_related("seller")
             .get(pk=payout_id)
         )
-        if payout.status != PayoutStatus.PENDING:
-            return
+        if payout.status != PayoutStatus.PENDING or payout.destination != destination:
+            return payout.status
         fills = list(MarketFill.objects.select_for_update().filter(payout=payout).order_by("pk"))
         losses = _losses_while_paying(payout, fills)
         recovered = sum(losses.values())
@@ -2083,6 +2117,7 @@ def _payout_fail(*, payout_id: int, error: str, status: str = PayoutStatus.FAILE
             proceeds=ProceedsState.AVAILABLE, payout=None
         )
         MarketPayout.objects.filter(pk=payout.pk).update(status=status, last_error=error[:500])
+        return status
 
 
 def payouts_run(*, now: datetime | None = None) -> int:

@@ -6,17 +6,29 @@ Stripe is the stand-in over HTTP. "Stripe forgot the key" is the stand-in's
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from accounts.models import AuditEvent
-from gymbilling.market.services import _payout_create_at_stripe, payouts_retry, payouts_run
-from gymbilling.models import BillingCustomer, MarketPayout, PayoutMethod, PayoutStatus
+from gymbilling import stripe_client
+from gymbilling.market import services as market_services
+from gymbilling.market.services import (
+    _fill_mature,
+    _payout_create_at_stripe,
+    _payout_record,
+    payout_send,
+    payouts_retry,
+    payouts_run,
+)
+from gymbilling.models import BillingCustomer, MarketFill, MarketPayout, PayoutMethod, PayoutStatus
 from gymbilling.services.customers import billing_customer_replace
-from tests.gymbilling.market.conftest import money, sold
+from metering.reconcile import ledger_reconcile
+from tests.gymbilling.market.conftest import market_member, money, sold
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
+from tests.helpers import credits, lock_waiters, on_own_connection, pause_after, wait_until
 
 LATER = timedelta(days=8)
 
@@ -27,6 +39,17 @@ def _recorded_while_stripe_is_down(market_stripe) -> MarketPayout:
     market_stripe.down = False
     payout = MarketPayout.objects.get()
     assert payout.status == PayoutStatus.PENDING
+    return payout
+
+
+def _recorded_not_sent(seller) -> MarketPayout:
+    """The seller's proceeds matured and recorded as a payout that no send has reached
+    Stripe with yet (the run that recorded it ended before sending it)."""
+    later = timezone.now() + LATER
+    for pk in MarketFill.objects.filter(seller=seller).values_list("pk", flat=True):
+        _fill_mature(fill_id=pk, now=later)
+    payout = _payout_record(seller_id=seller.pk, currency="usd")
+    assert (payout.status, payout.last_error) == (PayoutStatus.PENDING, "")
     return payout
 
 
@@ -181,7 +204,7 @@ def test_a_balance_credit_to_a_deleted_customer_goes_to_its_replacement(
     # recorded for their Stripe customer; the customer was then deleted at Stripe and
     # replaced (the organization's next checkout did it) before the payout was sent
     sold(market_stripe, seller, buyer)
-    payout = _recorded_while_stripe_is_down(market_stripe)
+    payout = _recorded_not_sent(seller)
     gone = _seller_customer(seller)
     market_stripe.delete_customer(gone.stripe_customer_id)
     replacement = billing_customer_replace(customer=gone).stripe_customer_id
@@ -287,3 +310,63 @@ def test_a_balance_credit_to_a_customer_stripe_never_knew_is_refused_for_finance
     assert refused.last_error.startswith("resource_missing:")
     assert refused.retry_allowed_at is None
     assert money("seller_available", organization=seller) == 112
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_sends_of_a_payout_around_its_customer_s_replacement_pay_it_once(
+    market_stripe, monkeypatch
+):
+    # given: a seller paid by balance credits, a payout of 112 recorded for their customer
+    # and not sent yet; the customer then deleted at Stripe
+    seller = market_member(credits_amount=credits(1000))
+    buyer = market_member()
+    sold(market_stripe, seller, buyer)
+    payout = _recorded_not_sent(seller)
+    gone = _seller_customer(seller)
+    market_stripe.delete_customer(gone.stripe_customer_id)
+    # A (the payout run) sends it: Stripe refuses the credit, the customer is deleted and
+    # not replaced yet; A pauses once it has decided the payout waits for a replacement
+    a_paused, resume_a = pause_after(
+        monkeypatch,
+        market_services.logger,
+        "warning",
+        thread="A",
+        when=lambda message, *args: message.startswith("market payout %s of seller"),
+    )
+    # B (finance's Retry, a run that overran) would pause once Stripe credited a customer
+    b_paused, resume_b = pause_after(
+        monkeypatch, stripe_client, "customer_balance_credit", thread="B"
+    )
+    errors: list = []
+    send = lambda: payout_send(payout_id=payout.pk)  # noqa: E731
+    a = threading.Thread(name="A", target=on_own_connection, args=(send, errors))
+    b = threading.Thread(name="B", target=on_own_connection, args=(send, errors))
+    a.start()
+    assert a_paused.wait(timeout=60)
+
+    # when: the organization gets its new customer, and B sends the same payout meanwhile;
+    # then A goes on, then B
+    replacement = billing_customer_replace(customer=gone).stripe_customer_id
+    b.start()
+    wait_until(
+        lambda: b_paused.is_set() or not b.is_alive() or lock_waiters() > 0,
+        what="the second send to credit the new customer, end, or wait for the first",
+    )
+    resume_a.set()
+    a.join(timeout=120)
+    resume_b.set()
+    b.join(timeout=120)
+    assert not a.is_alive() and not b.is_alive() and errors == []
+    # and the next payout run comes
+    payouts_run(now=timezone.now() + LATER)
+
+    # then: the new customer was credited the 112 once, and the ledger says so: paid out,
+    # nothing left available to pay again
+    assert [(c["amount"], c["customer"]) for c in market_stripe.balance_credits(seller)] == [
+        (-112, replacement)
+    ]
+    assert money("payouts") == 112
+    assert money("seller_available", organization=seller) == 0
+    [paid] = MarketPayout.objects.filter(status=PayoutStatus.SENT)
+    assert paid.destination == replacement
+    assert ledger_reconcile().ok
