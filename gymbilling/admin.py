@@ -777,7 +777,8 @@ class MarketFillAdmin(ReadOnlyAdmin):
 
 class PayoutHoldingFilter(admin.SimpleListFilter):
     """Refused payouts that hold their seller's payouts (in that currency, to that
-    destination) until finance retries them."""
+    destination; one that may have paid a customer deleted since, `may_have_paid`,
+    wherever they would go) until finance retries them."""
 
     title = "holding the seller's payouts"
     parameter_name = "holding"
@@ -823,6 +824,8 @@ class MarketPayoutAdmin(ReadOnlyAdmin):
         "status",
         "stripe_object_id",
         "last_error",
+        "may_have_paid",
+        "send_attempts",
         "retry_allowed_at",
         "created_at",
     ]

@@ -1667,17 +1667,24 @@ def _payouts_held(*, seller_id: int, currency: str, destination: str) -> MarketP
     account does not take, an account that cannot receive transfers): every
     payout there would be refused for the same cause, so none is recorded
     until finance marks it fixed (`payouts_retry`). Another destination (the
-    seller connected a new account) is another cause: not held.
+    seller connected a new account) is another cause: not held. But one that may
+    have paid the seller already (`may_have_paid`: _payout_customer_deleted) holds
+    them wherever they would go: paid anywhere before finance has looked, the seller
+    could have the same proceeds twice.
     """
-    return _holding(seller_id=seller_id, currency=currency, destination=destination).first()
+    return (
+        _holding(seller_id=seller_id, currency=currency)
+        .filter(Q(destination=destination) | Q(may_have_paid=True))
+        .first()
+    )
 
 
-def _holding(*, seller_id: int, currency: str, destination: str):
-    """The refused payouts there that finance has not retried, oldest first."""
+def _holding(*, seller_id: int, currency: str):
+    """The seller's refused payouts in `currency` that finance has not retried, oldest
+    first."""
     return MarketPayout.objects.filter(
         seller_id=seller_id,
         currency=currency,
-        destination=destination,
         status=PayoutStatus.FAILED,
         retry_allowed_at__isnull=True,
     ).order_by("pk")
@@ -1866,6 +1873,11 @@ def _payout_send(*, payout_id: int) -> str:
     payout = MarketPayout.objects.get(pk=payout_id)
     if payout.status != PayoutStatus.PENDING:
         return payout.status
+    # Whether an earlier send may have reached Stripe with its answer lost: it counted
+    # itself here before calling Stripe (a send that died mid-call did too), or left
+    # its error (payouts recorded before sends were counted). Counted before any call.
+    sent_before = payout.send_attempts > 0 or bool(payout.last_error)
+    MarketPayout.objects.filter(pk=payout.pk).update(send_attempts=F("send_attempts") + 1)
     try:
         try:
             result = _payout_made_at_stripe(payout)
@@ -1890,7 +1902,7 @@ def _payout_send(*, payout_id: int) -> str:
     except stripe_client.StripeRequestRefused as exc:
         error = f"{exc.code or exc.status}: {exc}"
         if exc.code == "resource_missing" and payout.method == PayoutMethod.INVOICE_CREDIT:
-            outcome = _payout_customer_deleted(payout, error=error)
+            outcome = _payout_customer_deleted(payout, error=error, sent_before=sent_before)
             if outcome is not None:
                 return outcome
         if not stripe_refusal_is_final(exc):  # our credentials: sent again next run
@@ -1916,7 +1928,7 @@ def _payout_send(*, payout_id: int) -> str:
     return PayoutStatus.SENT
 
 
-def _payout_customer_deleted(payout: MarketPayout, *, error: str) -> str | None:
+def _payout_customer_deleted(payout: MarketPayout, *, error: str, sent_before: bool) -> str | None:
     """A balance credit Stripe refused as `resource_missing`: where its customer was deleted
     at Stripe, the payout's status; None when it was not (refused as any refusal is).
 
@@ -1930,6 +1942,14 @@ def _payout_customer_deleted(payout: MarketPayout, *, error: str) -> str | None:
     available, where refunds still reach them (a payout left in flight for months would
     hold up every won dispute of its fills), and paid to the new customer by the first
     payout run once there is one.
+
+    Only a payout no earlier send may have reached Stripe with (`sent_before`): one whose
+    answer was lost may have credited the customer before it was deleted, and the
+    seller may have spent that credit; Stripe answers the look-up of a deleted
+    customer's balance with `resource_missing`, so nothing here can tell. Paid to the new
+    customer, at once or by a later run, the seller could have it twice. It fails for
+    finance instead (`may_have_paid`), holding the seller's payouts in its currency
+    wherever they would go (_payouts_held) until finance has looked and retries it.
     """
     try:
         gone = stripe_client.customer_gone(payout.destination)
@@ -1943,6 +1963,20 @@ def _payout_customer_deleted(payout: MarketPayout, *, error: str) -> str | None:
         return None  # not known to be deleted: the credit's own refusal is what counts
     if not gone:
         return None
+    if sent_before:
+        reason = (
+            f"customer {payout.destination} was deleted at Stripe ({error[:80]}), and an "
+            "earlier send of this payout, its answer lost, may have credited it first (Stripe "
+            "no longer shows a deleted customer's balance): not paid elsewhere, the seller "
+            "may have used that credit. Proceeds back to available; the seller's payouts "
+            "in this currency wait until finance has looked (the customer's balance "
+            f"transactions in Stripe's dashboard, metadata market_payout={payout.pk}). Not "
+            "credited: Retry pays the organization's customer or Connect account now."
+        )
+        logger.error("market payout %s of seller %s: %s", payout.pk, payout.seller_id, reason)
+        return _payout_fail(
+            payout_id=payout.pk, destination=payout.destination, error=reason, may_have_paid=True
+        )
     current = (
         BillingCustomer.objects.filter(organization_id=payout.seller_id)
         .values_list("stripe_customer_id", flat=True)
@@ -2060,11 +2094,12 @@ def _payout_fail(
     destination: str,
     error: str,
     status: str = PayoutStatus.FAILED,
+    may_have_paid: bool = False,
 ) -> str:
     """Stripe refused the payout to `destination`: its proceeds go back to available,
-    where they wait until finance retries (`_payouts_held`) or the seller's destination
-    changes (`status` customer_deleted: until it changes; _payout_customer_deleted).
-    Returns the payout's status after.
+    where they wait until finance retries (`_payouts_held`; `may_have_paid`: wherever they
+    would go) or the seller's destination changes (`status` customer_deleted: until it
+    changes; _payout_customer_deleted). Returns the payout's status after.
 
     Only while it is pending to `destination`, the one that refused it: sent elsewhere
     meanwhile (a redirect to a new customer), the refusal says nothing of it.
@@ -2116,7 +2151,9 @@ def _payout_fail(
         MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
             proceeds=ProceedsState.AVAILABLE, payout=None
         )
-        MarketPayout.objects.filter(pk=payout.pk).update(status=status, last_error=error[:500])
+        MarketPayout.objects.filter(pk=payout.pk).update(
+            status=status, last_error=error[:500], may_have_paid=may_have_paid
+        )
         return status
 
 
@@ -2173,7 +2210,7 @@ def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
             results[pk] = results[done[seller_id, currency, destination]]
             continue
         done[seller_id, currency, destination] = pk
-        _holding(seller_id=seller_id, currency=currency, destination=destination).update(
+        _holding(seller_id=seller_id, currency=currency).filter(destination=destination).update(
             retry_allowed_at=timezone.now()
         )
         if BillingCustomer.objects.filter(

@@ -331,6 +331,14 @@ class MarketPayout(models.Model):
     # finance marks the cause fixed (the admin's retry, `payouts_retry`). A new
     # destination (a new Connect account) is not held.
     retry_allowed_at = models.DateTimeField(null=True, blank=True)
+    # Sends that called Stripe for it (payout_send counts one before its first call): a
+    # later send knows an earlier one may have reached Stripe with its answer lost.
+    send_attempts = models.PositiveIntegerField(default=0, db_default=0)
+    # Failed for finance because an earlier send may have paid it: a balance credit to a
+    # customer deleted at Stripe since, whose balance Stripe no longer shows
+    # (_payout_customer_deleted). Until finance retries it, it holds the seller's payouts
+    # in its currency wherever they would go (_payouts_held), not only to its destination.
+    may_have_paid = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         constraints = [

@@ -312,6 +312,63 @@ def test_a_balance_credit_to_a_customer_stripe_never_knew_is_refused_for_finance
     assert money("seller_available", organization=seller) == 112
 
 
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not_replaced_yet"])
+def test_a_balance_credit_an_earlier_send_may_have_made_to_a_customer_deleted_since_waits_for_finance(
+    market_stripe, seller, buyer, admin_client, replaced
+):
+    # given: a payout of 112 to the seller's customer, sent once and credited there, its
+    # answer lost (a timeout); Stripe has forgotten the send's key since
+    sold(market_stripe, seller, buyer)
+    payout = _recorded_while_stripe_is_down(market_stripe)
+    gone = _seller_customer(seller)
+    [credit] = [_payout_create_at_stripe(payout)]
+    assert credit["customer"] == gone.stripe_customer_id
+    market_stripe.standin.expire_idempotency_keys()
+    # and the customer was deleted at Stripe (the seller may have used the credit first);
+    # the organization has a new customer already, or gets one after the next run
+    market_stripe.delete_customer(gone.stripe_customer_id)
+    if replaced:
+        billing_customer_replace(customer=gone)
+
+    # when: the payout run sends the payout again
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+    # then: not paid to the new customer, nor left waiting to be paid there: failed, for
+    # finance, saying why; the proceeds back to available
+    payout.refresh_from_db()
+    assert (payout.status, payout.destination) == (PayoutStatus.FAILED, gone.stripe_customer_id)
+    assert payout.may_have_paid
+    assert "may have credited it" in payout.last_error
+    assert money("payouts") == 0
+    assert money("seller_available", organization=seller) == 112
+    assert not AuditEvent.objects.filter(action="market.payout_redirected").exists()
+    listed = admin_client.get(CHANGELIST, {"holding": "yes"})
+    assert [p.pk for p in listed.context["cl"].result_list] == [payout.pk]
+
+    # when: the organization has its new customer, and payout runs come
+    if not replaced:
+        billing_customer_replace(customer=gone)
+    replacement = _seller_customer(seller).stripe_customer_id
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+    # then: nothing is paid to it, nor recorded, until finance has looked
+    assert market_stripe.balance_credits(seller) == []
+    assert MarketPayout.objects.count() == 1
+    assert money("seller_available", organization=seller) == 112
+
+    # when: finance found the deleted customer never used the credit, and retry it
+    assert payouts_retry(payout_ids=[payout.pk]) == {payout.pk: PayoutStatus.SENT}
+
+    # then: the 112 go to the new customer, once
+    assert [(c["amount"], c["customer"]) for c in market_stripe.balance_credits(seller)] == [
+        (-112, replacement)
+    ]
+    assert money("payouts") == 112
+    assert money("seller_available", organization=seller) == 0
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_sends_of_a_payout_around_its_customer_s_replacement_pay_it_once(
     market_stripe, monkeypatch
