@@ -15,7 +15,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("gymbilling", "0036_marketpayout_customer_deleted"),
+        ("gymbilling", "0037_overagereport_identifier_no_key_separator"),
     ]
 
     operations = [
