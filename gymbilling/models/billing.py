@@ -303,7 +303,8 @@ class Subscription(models.Model):
     # The plan price the current period is paid at, which its grant read its credits from
     # (StripePrice.credits): it follows `plan` (a scheduled downgrade's cheaper price is on
     # Stripe's item at once, and in force from the next period). Null: synced before this
-    # was recorded, and not yet known (period_credits reads the plan's credits now).
+    # was recorded, and not yet known (period_credits reads the plan's credits now); a
+    # price of another plan is read as null (known_price).
     price = models.ForeignKey(
         StripePrice, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
@@ -368,20 +369,36 @@ class Subscription(models.Model):
     def live(self) -> bool:
         return self.status not in (self.Status.CANCELED, self.Status.INCOMPLETE_EXPIRED)
 
+    def known_price(self) -> StripePrice | None:
+        """`price` when it is a price of `plan`; None when it is unknown or stale.
+
+        Stale: a price of another plan, left by whatever moved `plan` without it (a worker
+        of the release before the column, whose save() does not write it, during a
+        deploy). Its credits and amount are another plan's, per seat or not as that plan
+        is: the plan's own now are nearer what this period was paid for. The next sync
+        repairs the row from Stripe's item where it can (subscription_sync).
+        """
+        price = self.price
+        if price is None or price.kind != PriceKind.PLAN or price.plan_id != self.plan_id:
+            return None
+        return price
+
     def period_credits(self) -> int:
         """Micro-credits a period of this subscription grants: what its price was made to
         sell for its seats, as the invoice grant reads them (invoices.invoice_credits), not
         what the plan gives now. The rollover cap is a share of these."""
-        if self.price is None:
+        price = self.known_price()
+        if price is None:
             return self.plan.credits_for(self.seats)
-        return self.price.plan_credits_for(self.seats)
+        return price.plan_credits_for(self.seats)
 
     def period_amount(self) -> tuple[int, str]:
         """What a period of this subscription costs at its price, in minor units of the
         price's currency: what its renewal charges, not what the plan sells for now."""
-        if self.price is None:
+        price = self.known_price()
+        if price is None:
             return self.plan.amount_for(self.seats), self.plan.currency
-        return self.price.plan_amount_for(self.seats), self.price.currency
+        return price.plan_amount_for(self.seats), price.currency
 
 
 class Invoice(models.Model):

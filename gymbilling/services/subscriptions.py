@@ -146,10 +146,16 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             .filter(stripe_subscription_id=stripe_sub["id"])
             .first()
         )
-        if sub is not None and sub.price_id is None and items.plan_price.plan_id == sub.plan_id:
-            # A row synced before the price was recorded: Stripe's item at the plan paid for
-            # is the price that period was paid at (a member stays on their price until a
-            # plan change moves them), as near as can be known now.
+        if (
+            sub is not None
+            and items.plan_price.plan_id == sub.plan_id
+            and sub.known_price() is None
+        ):
+            # A row synced before the price was recorded, or whose plan was moved without
+            # it (a worker of the release before it, during the deploy): Stripe's item at
+            # the plan paid for is the price that period was paid at (a member stays on
+            # their price until a plan change moves them), as near as can be known now.
+            # Before the renewal below reads the ended period's credits from it.
             sub.price = items.plan_price
         if sub is None:
             sub = Subscription(

@@ -20,6 +20,7 @@ from gymbilling.models import (
     CreditPack,
     Invoice,
     Plan,
+    StripePrice,
     Subscription,
 )
 from gymbilling.services import billing_customer_ensure, catalog_sync
@@ -53,6 +54,13 @@ def billing_rows():
 
 def checkout(client, **fields):
     return client.post(BILLING, {"action": "checkout", **fields})
+
+
+def subscribed(client, org, stripe_standin, deliver, **fields) -> None:
+    """`org` subscribed from the page by its member (`client`), paid, its events applied."""
+    checkout(client, **fields)
+    stripe_standin.pay_checkout(CheckoutSession.objects.get(organization=org).stripe_session_id)
+    assert "failed" not in deliver()
 
 
 def pack_bought(client, org, stripe_standin, deliver) -> CheckoutSession:
@@ -135,9 +143,7 @@ def test_an_old_price_s_member_sees_what_their_price_gives_and_costs(
     # given an owner subscribed to Pro at $99 for 12,000 credits a month; then finance make
     # Pro $129 for 15,000 and sync the catalog (members on the old price keep it)
     _, org = member(Role.OWNER)
-    checkout(client, plan="pro")
-    stripe_standin.pay_checkout(CheckoutSession.objects.get(organization=org).stripe_session_id)
-    assert "failed" not in deliver()
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
     Plan.objects.filter(code="pro").update(monthly_price=12_900, monthly_credits=15_000 * MICRO)
     catalog_sync()
 
@@ -149,6 +155,26 @@ def test_an_old_price_s_member_sees_what_their_price_gives_and_costs(
     assert figure(page, "period-price") == "99.00 USD"
     # while the plans on sale show Pro as it is sold now
     assert row(page, "data-plan", "pro") == {"price": "129.00 USD", "credits": "15000"}
+
+
+def test_a_member_whose_row_names_another_plan_s_price_sees_their_plan_s(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given an owner subscribed to Pro ($99 for 12,000 credits a month) whose row names
+    # Basic's price: a worker of the release before Subscription.price moved its plan
+    # and left the price of the plan it had
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    basic = StripePrice.objects.get(lookup_key="gym_plan_basic", current=True)
+    Subscription.objects.filter(organization=org).update(price=basic)
+
+    # when they read the page
+    page = client.get(BILLING)
+
+    # then it shows what Pro gives and costs, not Basic's
+    assert figure(page, "plan") == "Pro"
+    assert figure(page, "period-credits") == "12000"
+    assert figure(page, "period-price") == "99.00 USD"
 
 
 def test_a_team_subscription_changes_seats_with_the_card_on_file(

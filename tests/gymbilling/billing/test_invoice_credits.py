@@ -14,29 +14,21 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from gymbilling.models import BillingCustomer, Plan, StripePrice, Subscription
+from gymbilling.models import BillingCustomer, StripePrice, Subscription
 from gymbilling.services.invoices import invoice_sync
 from metering.models import MICRO, CreditLot
 from tests.factories import OrganizationFactory
+from tests.gymbilling.market.conftest import plan_priced
 
 pytestmark = pytest.mark.django_db
 
 
 def _plan(code: str, *, monthly_price: int, rollover_percent: int) -> StripePrice:
-    plan = Plan.objects.create(
-        code=code,
-        name=code.title(),
-        monthly_price=monthly_price,
-        monthly_credits=monthly_price * MICRO,
+    return plan_priced(
+        code,
+        amount=monthly_price,
+        credits_=monthly_price * MICRO,
         rollover_percent=rollover_percent,
-    )
-    return StripePrice.objects.create(
-        stripe_price_id=f"price_{code}",
-        kind="plan",
-        plan=plan,
-        unit_amount=monthly_price,
-        currency="usd",
-        lookup_key=code,
     )
 
 

@@ -17,11 +17,12 @@ from gymbilling.models import (
 )
 from gymbilling.services import catalog_sync, stripe_event_process, stripe_event_record
 from gymbilling.services.catalog import catalog_seed_defaults
+from gymbilling.services.subscriptions import subscription_sync
 from gymbilling.stripe_client import API_VERSION, WebhookEvent
 from metering.models import MICRO, CreditLot
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
-from tests.gymbilling.market.conftest import roll, rollover_member
+from tests.gymbilling.market.conftest import plan_priced, roll, rollover_member
 from tests.helpers import credits, system_balance
 
 pytestmark = pytest.mark.django_db
@@ -133,6 +134,57 @@ def test_a_subscription_synced_before_its_price_was_recorded_is_capped_at_its_it
     assert organization_balance(organization=org).available == credits(100)
     sub = Subscription.objects.select_related("price").get(organization=org)
     assert sub.price.stripe_price_id == "price_roll_10"
+
+
+def mini_plan_price() -> StripePrice:
+    """The price of Mini, a plan of 200 credits a month for $5 that rolls nothing over."""
+    return plan_priced("mini", amount=500, credits_=credits(200), credits=credits(200))
+
+
+def moved_up_from_mini_by_an_old_worker() -> tuple:
+    """A member of Roll 10 (1,000 credits a month for $10, 10% rolling over), all unspent,
+    whose row still names Mini's price: a worker of the release before Subscription.price
+    moved the member up from Mini and saved the plan without it (its save() does not know
+    the column). Returns the organization, its subscription at Stripe, and Mini's price."""
+    org, stripe_sub, _ = rollover_member()
+    mini = mini_plan_price()
+    Subscription.objects.filter(organization=org).update(price=mini)
+    return org, stripe_sub, mini
+
+
+def test_a_price_of_another_plan_is_repaired_by_the_next_sync(market_stripe):
+    # given: a member of Roll 10 whose row names Mini's price
+    org, stripe_sub, _ = moved_up_from_mini_by_an_old_worker()
+
+    # when: Stripe's subscription, its item at Roll 10's price, is synced again (any event)
+    subscription_sync(stripe_sub=stripe_sub)
+
+    # then: the row names the price its plan is paid at, as Stripe's item says
+    sub = Subscription.objects.select_related("price").get(organization=org)
+    assert (sub.plan.code, sub.price.stripe_price_id) == ("roll-10", "price_roll_10")
+
+
+@pytest.mark.parametrize("renewed_at", ["price_roll_10", "price_mini"], ids=["same", "downgrade"])
+def test_a_price_of_another_plan_does_not_make_the_rollover_cap(market_stripe, renewed_at):
+    # given: a member of Roll 10 (a cap of 10% of 1,000), all 1,000 unspent, whose row names
+    # Mini's price (200 credits: a cap of 20 of them); for "downgrade", they then moved
+    # down to Mini from the next period, so Stripe's item is at Mini's price already and
+    # no sync can tell Roll 10's price from it
+    org, stripe_sub, mini = moved_up_from_mini_by_an_old_worker()
+    if renewed_at == "price_mini":
+        [item] = stripe_sub["items"]["data"]
+        stripe_sub = stripe_sub | {"items": {"data": [item | {"price": {"id": "price_mini"}}]}}
+        subscription_sync(stripe_sub=stripe_sub)
+        sub = Subscription.objects.get(organization=org)
+        assert (sub.plan.code, sub.scheduled_plan, sub.price) == ("roll-10", mini.plan, mini)
+
+    # when: the period renews
+    roll(stripe_sub)
+
+    # then: the period that ended is capped at 10% of Roll 10's 1,000 credits, which it
+    # was paid for (100 left, 900 expired), not of Mini's 200 (20 left)
+    assert organization_balance(organization=org).available == credits(100)
+    assert Subscription.objects.get(organization=org).price.stripe_price_id == renewed_at
 
 
 def test_changed_credits_alone_make_a_new_price(stripe_standin):

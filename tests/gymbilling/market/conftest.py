@@ -332,6 +332,29 @@ def refund(order: MarketOrder, amount: int) -> bool:
 ROLL_PERIOD = timedelta(days=30)
 
 
+def plan_priced(
+    code: str, *, amount: int, credits_: int, rollover_percent: int = 0, **price_fields
+) -> StripePrice:
+    """A plan of `amount` cents and `credits_` a month, and its Stripe price
+    ("price_<code>", with - as _)."""
+    plan = Plan.objects.create(
+        code=code,
+        name=code.replace("-", " ").title(),
+        monthly_price=amount,
+        monthly_credits=credits_,
+        rollover_percent=rollover_percent,
+    )
+    return StripePrice.objects.create(
+        stripe_price_id=f"price_{code.replace('-', '_')}",
+        kind="plan",
+        plan=plan,
+        unit_amount=amount,
+        currency="usd",
+        lookup_key=code,
+        **price_fields,
+    )
+
+
 def rollover_member():
     """A member of a plan of 1,000 credits a month that rolls 10% over, in its first period.
 
@@ -339,21 +362,7 @@ def rollover_member():
     period's lot as the paid invoice grants it: expiring a period after the
     period ends, as a rollover plan's credits do (invoices.invoice_credits).
     """
-    plan = Plan.objects.create(
-        code="roll-10",
-        name="Roll 10",
-        monthly_price=1_000,
-        monthly_credits=credits(1000),
-        rollover_percent=10,
-    )
-    price = StripePrice.objects.create(
-        stripe_price_id="price_roll_10",
-        kind="plan",
-        plan=plan,
-        unit_amount=1_000,
-        currency="usd",
-        lookup_key="roll-10",
-    )
+    price = plan_priced("roll-10", amount=1_000, credits_=credits(1000), rollover_percent=10)
     org = market_member()
     start = timezone.now() - timedelta(days=29)
     stripe_sub = {
