@@ -172,8 +172,9 @@ def _email_changed_notify(*, old_email: str, changed_by: User) -> None:
 
 
 def user_password_reset_done(*, user: User) -> None:
-    """A new password was set through the link emailed to the account's address: the
-    mailbox is proven, so the address is verified.
+    """A new password is being set through the link emailed to the account's address: the
+    mailbox is proven, so the address is verified. Called in the transaction that saves
+    the password, before it saves it (PasswordResetSetView): it takes the locks first.
 
     If no address of the account had ever been, whoever held it before may not have been
     the address's owner (anyone can sign up under any address): the sessions they had
@@ -183,12 +184,28 @@ def user_password_reset_done(*, user: User) -> None:
     been proven is not reclaimed: it was its owner's, who now resets the password; their
     keys, which run their integrations in every organization, stay.
     """
+    # Imported here: organizations imports this module.
+    from accounts.services.organizations import _organization_lock
+
     with transaction.atomic():
-        row = User.objects.select_for_update().get(pk=user.pk)
+        keys = ApiKey.objects.filter(created_by=user, revoked_at__isnull=True)
+        # The organizations of the keys a reclaim revokes are locked before the account's
+        # row, in a fixed order, as an invitation's accept takes them (the organization,
+        # then the account's row, which it updates as verified): the other order
+        # deadlocked against it. Whether the account is reclaimed is only known under its
+        # row's lock, so they are locked either way (staff may unverify an address
+        # meanwhile); apikey_revoke below takes each again, held already. (A key the
+        # account makes in another organization while this runs is still revoked, its
+        # organization locked after the row.)
+        for organization_id in sorted(set(keys.values_list("organization_id", flat=True))):
+            _organization_lock(organization_id)
+        # FOR NO KEY UPDATE: nothing here deletes the account or changes its key, and FOR
+        # UPDATE would make every transaction that inserts a row referencing it (a
+        # membership, an audit row: its foreign key takes a key-share lock, at COMMIT)
+        # wait for this one, holding whatever it had locked.
+        row = User.objects.select_for_update(no_key=True).get(pk=user.pk)
         reclaimed = not row.email_verified and not row.email_previously_verified
         user_email_mark_verified(user=user, email=row.email)
         if reclaimed:
-            # In a fixed order: apikey_revoke locks each key's organization.
-            keys = ApiKey.objects.filter(created_by=user, revoked_at__isnull=True)
             for key in keys.order_by("organization_id", "pk"):
                 apikey_revoke(key=key, actor=user)

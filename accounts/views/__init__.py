@@ -373,8 +373,9 @@ class PasswordResetSetView(PasswordResetConfirmView):
 
     def form_valid(self, form):
         # One transaction: the new password stands only with the address verified and a
-        # squatter's keys revoked, never one without the other.
+        # squatter's keys revoked, never one without the other. Those first: saving the
+        # password locks the account's row, which must come after the organizations'
+        # locks that revoking the keys takes (user_password_reset_done).
         with transaction.atomic():
-            response = super().form_valid(form)
             user_password_reset_done(user=form.user)
-        return response
+            return super().form_valid(form)

@@ -1,6 +1,7 @@
 """Races on an organization's owners, on real PostgreSQL connections: two owners who
-remove or demote each other (or themselves) at once, and a removal that was decided on
-a role changed meanwhile.
+remove or demote each other (or themselves) at once, a removal that was decided on a
+role changed meanwhile, and a password reset that revokes an account's keys as it joins
+an organization.
 
 As in tests/gymbilling/market/test_market_race.py, a hook on a call the service makes
 anyway (its audit record, written after its checks and before its commit) only decides
@@ -13,7 +14,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from django.contrib.auth.tokens import default_token_generator
 from django.test import Client
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
 
 from accounts import apis
 from accounts.models import Invitation, Membership, Role, Scope
@@ -26,6 +30,8 @@ from tests.factories import OrganizationFactory, UserFactory
 from tests.helpers import on_own_connection, pause_after, run_against_paused
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+NEW = "a new long passphrase, 4711"
 
 
 @pytest.fixture
@@ -222,3 +228,68 @@ def test_a_key_revoked_as_it_invites_leaves_no_open_invitation(two_owners, monke
     assert answers["invite"].status_code == 401, answers["invite"].content
     assert answers["invite"].json()["error"]["code"] == "api_key_revoked"
     assert not Invitation.objects.filter(organization=org, revoked_at__isnull=True).exists()
+
+
+def reset_form(user) -> tuple[Client, str]:
+    """A browser that has followed the password-reset link emailed to `user` (Django swaps
+    its token for one in the session), and the form that sets the new password."""
+    browser = Client()
+    uid = urlsafe_base64_encode(force_bytes(user.pk))
+    token = default_token_generator.make_token(user)
+    opened = browser.get(f"/password-reset/{uid}/{token}/")
+    assert opened.status_code == 302, opened.content
+    return browser, opened["Location"]
+
+
+@pytest.mark.parametrize("joins", ["added", "accepts"])
+def test_a_password_reset_as_the_account_joins_an_organization_is_no_deadlock(
+    two_owners, monkeypatch, joins
+):
+    # given: an account a squatter signed up with Carol's address (never verified), which
+    # was a member of Alice's organization, made a key there, and was removed (its key
+    # stays: a removal revokes invitations, not keys); Alice invited it back
+    org, alice, _, _ = two_owners
+    carol = UserFactory(email_verified=False, email_previously_verified=False)
+    membership = membership_add(organization=org, user=carol, role=Role.ADMIN, actor=alice)
+    key, _raw = apikey_create(
+        organization=org, name="theirs", scopes=[Scope.BILLING_READ], actor=carol
+    )
+    organization_services.membership_remove(membership=membership, actor=alice)
+    _invitation, token = organization_services.invitation_create(
+        organization=org, email=carol.email, role=Role.MEMBER, actor=alice
+    )
+    carol_client = signed_in(carol)  # before the link: signing in makes an older link stale
+    browser, form = reset_form(carol)
+    answers: dict[str, object] = {}
+
+    def carol_joins() -> None:
+        # With the organization's row locked, a Membership referencing the account is
+        # inserted (its foreign key takes a key-share lock on the account's row at
+        # COMMIT); an accept also updates that row (its address proven)
+        if joins == "added":
+            membership_add(organization=org, user=carol, role=Role.MEMBER, actor=alice)
+        else:
+            answers["accept"] = carol_client.post(
+                "/api/v1/invitations/accept", {"token": token}, content_type="application/json"
+            )
+
+    def owner_resets() -> None:
+        answers["reset"] = browser.post(form, {"new_password1": NEW, "new_password2": NEW})
+
+    # when: the address's owner sets a new password through the link (which revokes the
+    # squatter's keys, each under its organization's lock) as the account joins
+    race(monkeypatch, carol_joins, owner_resets)
+
+    # then: both went through, neither aborted as a deadlock: the account is a member,
+    # its address verified and its new password set. Added back by Alice, the account was
+    # still a squatter's when the reset read it: their key is revoked. Accepting, it used
+    # the invitation sent to the address, which proved the address first: the reset
+    # found the account its owner's, and its key stays
+    assert answers["reset"].status_code == 302, answers["reset"].content
+    if joins == "accepts":
+        assert answers["accept"].status_code == 201, answers["accept"].content
+    carol.refresh_from_db()
+    key.refresh_from_db()
+    assert Membership.objects.filter(organization=org, user=carol).exists()
+    assert carol.email_verified and carol.check_password(NEW)
+    assert (key.revoked_at is not None) == (joins == "added")
