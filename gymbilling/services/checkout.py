@@ -564,7 +564,9 @@ def plan_change_price(*, subscription: Subscription, plan: Plan) -> StripePrice:
     price is per seat where the plan is). Another plan is a new purchase, at its price now.
     A row synced before prices were recorded (null) reads its plan's price now, as before.
     """
-    paid = subscription.price
+    # known_price: a stale price of another plan (a worker of the release before the
+    # column moved the plan without it) is not what the member pays for any plan.
+    paid = subscription.known_price()
     if paid is not None and paid.plan_id == plan.pk:
         return paid
     return _current_price(kind=PriceKind.PLAN, plan=plan)
@@ -574,18 +576,25 @@ def _item_change(item: dict, *, at: str, price: StripePrice, seats: int) -> dict
     """Stripe's item change that puts the plan item, its price then `at` (a price id), at
     `price` x `seats`.
 
-    The price is sent only when it changes. A price the catalog has retired since (a
-    member's old price: StripePrice.current false) is archived at Stripe, which refuses
-    to put an item on it: it is made active again first, and left so, as another member
-    on it may need it next (the catalog's sync only archives the price it replaces, and
-    new purchases only ever use a current one). Called before the change is sent, so a
-    Stripe that cannot be reached fails it with nothing changed there."""
+    The price is sent only when it changes, made usable first (_price_usable). Called
+    before the change is sent, so a Stripe that cannot be reached fails it with nothing
+    changed there."""
     change = {"id": item["id"], "quantity": seats}
     if price.stripe_price_id != at:
-        if not price.current:
-            stripe_client.price_reactivate(price.stripe_price_id)
+        _price_usable(price.stripe_price_id)
         change["price"] = price.stripe_price_id
     return change
+
+
+def _price_usable(price_id: str) -> None:
+    """Make `price_id` one Stripe will put an item on. A price the catalog has retired
+    since (a member's old price, or the one a scheduled downgrade was made at:
+    StripePrice.current false) is archived at Stripe, which refuses to put an item on it:
+    it is made active again, and left so, as another member on it may need it next (the
+    catalog's sync only archives the price it replaces, and new purchases only ever use a
+    current one). A price we do not know is sent as it is, as before."""
+    if StripePrice.objects.filter(stripe_price_id=price_id, current=False).exists():
+        stripe_client.price_reactivate(price_id)
 
 
 def _mirror(stripe_sub: dict) -> Subscription:
@@ -646,6 +655,10 @@ def _lift_undo(*, stripe_sub: dict) -> dict:
         # Renewed since, or changed elsewhere (the portal): the downgrade was for a
         # period that is over, or someone chose again. The next change clears the marker.
         return stripe_sub
+    # The catalog may have retired the downgrade's price since it was scheduled: refused
+    # by Stripe, the marker would stay, every later change fail, and the renewal charge
+    # the dearer plan.
+    _price_usable(scheduled_price)
     return stripe_client.subscription_update(
         stripe_sub["id"],
         key=f"{key}:scheduled",

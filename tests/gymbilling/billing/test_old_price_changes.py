@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pytest
 
-from gymbilling.models import Invoice, Plan, StripePrice
+from gymbilling.models import BillingCustomer, Invoice, Plan, StripePrice, Subscription
 from gymbilling.services import catalog_sync
+from gymbilling.services.checkout import LIFTED, plan_change_price
 from gymbilling.stripe_standin.subscriptions import prorated
 from metering.models import MICRO
 
@@ -235,3 +236,51 @@ def test_an_old_price_member_s_change_is_an_upgrade_by_what_they_pay(
             4_900 * team_seats,
             5_000 * MICRO * team_seats,
         )
+
+
+def test_an_upgrade_declined_after_the_scheduled_price_was_retired_puts_the_downgrade_back(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a member on Pro with a downgrade to Basic at $20 scheduled (Stripe's item at
+    # that price now); then finance make Basic $25, retiring (archiving) the $20 price; and
+    # a card that now declines
+    sub = subscribed("pro")
+    assert _change(customer, "basic") == "change_scheduled"
+    assert "failed" not in deliver()
+    old_basic = _repriced("basic", monthly_price=2_500, monthly_credits=2_000 * MICRO)
+    stripe_standin.set_card(BillingCustomer.objects.get().stripe_customer_id, "4000000000000341")
+
+    # when: they ask for Enterprise, which the card declines
+    response = customer.client.post(
+        "/api/v1/billing/checkout", {"plan": "enterprise"}, format="json"
+    )
+    assert "failed" not in deliver()
+
+    # then: declined (not a provider error), and the downgrade is back on the $20 price
+    # (made usable again at Stripe), the lift's marker gone: Pro now, Basic from the next
+    # period, which costs the $20 chosen, not Pro's $99
+    assert response.status_code == 402, response.content
+    assert response.json()["error"]["code"] == "card_declined"
+    assert _item(stripe_sdk, sub) == (old_basic.stripe_price_id, 1)
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert not at_stripe.metadata.to_dict().get(LIFTED)
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan.code) == ("pro", "basic")
+    stripe_standin.set_card(BillingCustomer.objects.get().stripe_customer_id, "4242424242424242")
+    assert _renewal(stripe_standin, deliver, sub)[0] == 2_000
+
+
+def test_a_change_to_the_plan_of_a_stale_price_is_at_that_plan_s_price_now(subscribed):
+    # given: a member on Pro whose row still carries an old Basic price (left by a worker of
+    # the release before the price column moving the plan without it); Basic's price since
+    # replaced
+    sub = subscribed("pro")
+    old_basic = _repriced("basic", monthly_price=2_500, monthly_credits=2_500 * MICRO)
+    Subscription.objects.filter(pk=sub.pk).update(price=old_basic)
+    sub.refresh_from_db()
+
+    # when: the price a change to Basic is made at is asked for
+    price = plan_change_price(subscription=sub, plan=Plan.objects.get(code="basic"))
+
+    # then: Basic's price now, a new purchase, not the stale one
+    assert price.stripe_price_id == _current("basic")
