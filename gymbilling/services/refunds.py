@@ -15,6 +15,7 @@ refund made here never takes the money of a shortfall still owed (_market_sale_r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from accounts.errors import ApplicationError
 from accounts.models import AuditEvent, Organization
@@ -68,17 +69,27 @@ def payment_refund(
         "metadata": {
             "gym_actor": getattr(actor, "email", ""),
             "gym_note": note[:500],
-            # What _market_sale_refund finds a send of this form by, once Stripe took it.
+            # What _form_refund finds a send of this form by, once Stripe took it.
             "gym_refund": key,
         },
     }
     order = payment_market_order(payment_intent_id=payment_intent_id)
     if order is not None and order.shortfall_amount:
-        refund = _market_sale_refund(order_id=order.pk, amount=amount, key=key, params=params)
+        refund = _form_refund(
+            key=key,
+            params=params,
+            make=lambda refunds: _market_sale_refund(
+                order_id=order.pk, amount=amount, key=key, params=params, refunds=refunds
+            ),
+        )
     else:
         if amount is not None:
             params["amount"] = amount
-        refund = stripe_client.refund_create(key=f"gym-refund:{key}", **params)
+        refund = _form_refund(
+            key=key,
+            params=params,
+            make=lambda refunds: stripe_client.refund_create(key=f"gym-refund:{key}", **params),
+        )
     recorded = AuditEvent.objects.filter(
         organization=organization, action="payment.refunded", data__refund=refund.get("id")
     )
@@ -102,8 +113,37 @@ def payment_refund(
     return refund
 
 
-def _market_sale_refund(*, order_id: int, amount: int | None, key: str, params: dict) -> dict:
-    """A refund of a marketplace order's delivered sale, where the order had a shortfall.
+def _form_refund(*, key: str, params: dict, make: Callable[[list[dict]], dict]) -> dict:
+    """The refund a Refund page's form (`key`) made at Stripe, else the one `make` makes
+    now, given the payment's refunds at Stripe.
+
+    Stripe forgets an idempotency key after 24 hours: an old form sent again (a back
+    button, a retry the next day) would otherwise refund a second time. So a refund Stripe
+    holds for this form (metadata `gym_refund`) is returned instead of making one; one
+    that failed or was canceled since is 409 `refund_failed` (_form_refund_undone). Two
+    refunds of one payment at once are one after the other (the lock), each reading what
+    the other made.
+    """
+    payment_intent_id = params["payment_intent"]
+    with session_lock(f"payment-refund:{payment_intent_id}"):
+        refunds = stripe_client.refunds_list(payment_intent=payment_intent_id)
+        undone = None
+        for made in refunds:
+            if (made.get("metadata") or {}).get("gym_refund") != key:
+                continue
+            if made.get("status") not in REFUND_UNDONE:
+                return made
+            undone = made
+        if undone is not None:
+            raise _form_refund_undone(undone)
+        return make(refunds)
+
+
+def _market_sale_refund(
+    *, order_id: int, amount: int | None, key: str, params: dict, refunds: list[dict]
+) -> dict:
+    """A refund of a marketplace order's delivered sale, where the order had a shortfall;
+    made under _form_refund, given the payment's `refunds` at Stripe.
 
     Stripe's "all that is left" of the charge would take the shortfall the buyer is still
     owed too: the webhook finds no sale of it to take back (`unapplied`), and the order's
@@ -114,50 +154,37 @@ def _market_sale_refund(*, order_id: int, amount: int | None, key: str, params: 
 
     That amount is read from Stripe, so it changes once a send was taken: the same form
     sent again after Stripe did not answer would ask for another amount under the same
-    key (refused by Stripe, or past its 24 hours a second refund). A refund Stripe holds
-    for this form (metadata `gym_refund`) is returned instead of making one; one that
-    failed or was canceled since is 409 `refund_failed` (_form_refund_undone). Two refunds
-    of the sale at once are one after the other (the lock), each reading what the other
-    left; one racing the shortfall's own refund takes no more than the sale's share.
+    key; _form_refund returns the refund Stripe made for it instead. Two refunds of the
+    sale at once are one after the other (_form_refund's lock), each reading what the
+    other left; one racing the shortfall's own refund takes no more than the sale's share.
     """
     payment_intent_id = params["payment_intent"]
-    with session_lock(f"market-sale-refund:{payment_intent_id}"):
-        refunds = stripe_client.refunds_list(payment_intent=payment_intent_id)
-        undone = None
-        for made in refunds:
-            if (made.get("metadata") or {}).get("gym_refund") != params["metadata"]["gym_refund"]:
-                continue
-            if made.get("status") not in REFUND_UNDONE:
-                return made
-            undone = made
-        if undone is not None:
-            raise _form_refund_undone(undone)
-        charge = stripe_client.payment_intent_charge(payment_intent_id)
-        if charge is None:
-            raise ApplicationError(code="no_payment", message="This payment has no charge.")
-        left = order_sale_refundable(order_id=order_id, charge=charge, refunds=refunds)
-        currency = charge.get("currency", "")
-        if amount is None and left == 0:
-            raise ApplicationError(
-                code="sale_fully_refunded",
-                message="Nothing of the delivered sale is left to refund. What is left of the "
-                "payment, if anything, is the undelivered shortfall the buyer is owed: refund "
-                "it as the shortfall.",
-                status=409,
-            )
-        if amount is not None and amount > left:
-            raise ApplicationError(
-                code="refund_exceeds_sale",
-                message=f"At most {left} {currency} of the delivered sale is left to refund; "
-                "the rest of the payment is the undelivered shortfall the buyer is owed (or "
-                "was refunded already). Refund at most that, and the shortfall as the "
-                "shortfall.",
-                param="amount",
-                extra={"refundable": left},
-            )
-        return stripe_client.refund_create(
-            key=f"gym-refund:{key}", **params, amount=left if amount is None else amount
+    charge = stripe_client.payment_intent_charge(payment_intent_id)
+    if charge is None:
+        raise ApplicationError(code="no_payment", message="This payment has no charge.")
+    left = order_sale_refundable(order_id=order_id, charge=charge, refunds=refunds)
+    currency = charge.get("currency", "")
+    if amount is None and left == 0:
+        raise ApplicationError(
+            code="sale_fully_refunded",
+            message="Nothing of the delivered sale is left to refund. What is left of the "
+            "payment, if anything, is the undelivered shortfall the buyer is owed: refund "
+            "it as the shortfall.",
+            status=409,
         )
+    if amount is not None and amount > left:
+        raise ApplicationError(
+            code="refund_exceeds_sale",
+            message=f"At most {left} {currency} of the delivered sale is left to refund; "
+            "the rest of the payment is the undelivered shortfall the buyer is owed (or "
+            "was refunded already). Refund at most that, and the shortfall as the "
+            "shortfall.",
+            param="amount",
+            extra={"refundable": left},
+        )
+    return stripe_client.refund_create(
+        key=f"gym-refund:{key}", **params, amount=left if amount is None else amount
+    )
 
 
 def _form_refund_undone(refund: dict) -> ApplicationError:

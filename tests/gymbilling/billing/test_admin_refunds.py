@@ -252,3 +252,61 @@ def test_a_refund_stripe_made_that_cannot_be_applied_here_is_applied_once_by_its
     )
     balance = organization_balance(organization=org)
     assert (balance.total, balance.available) == (0, 0)
+
+
+def test_an_old_form_sent_again_after_stripe_forgot_its_key_refunds_nothing_more(
+    admin_client, bought_pack, stripe_standin
+):
+    # given: finance refunded $3.00 of the pack from a form
+    org = bought_pack.organization
+    form = {"amount": "300", "note": "Partial goodwill", "key": _key()}
+    first = admin_client.post(_refund_url(bought_pack), form, follow=True)
+    [refund_id] = [
+        r["id"]
+        for r in stripe_client.refunds_list(payment_intent=bought_pack.stripe_payment_intent_id)
+    ]
+    reversal = PaymentReversal.objects.get()
+    balance = organization_balance(organization=org)
+
+    # when: more than a day later Stripe has forgotten the form's idempotency key, and the
+    # same form is sent again (the browser's back button)
+    stripe_standin.expire_idempotency_keys()
+    again = admin_client.post(_refund_url(bought_pack), form, follow=True)
+
+    # then: no second refund: Stripe still holds the one $3.00 refund, the page names that
+    # refund, and nothing more is taken back or audited
+    [said] = [str(m) for m in again.context["messages"]]
+    assert [str(m) for m in first.context["messages"]] == [said]
+    assert f"({refund_id})" in said
+    assert [
+        r["id"]
+        for r in stripe_client.refunds_list(payment_intent=bought_pack.stripe_payment_intent_id)
+    ] == [refund_id]
+    assert _refunded_at_stripe(bought_pack) == 300
+    assert list(PaymentReversal.objects.all()) == [reversal]
+    assert organization_balance(organization=org) == balance
+    assert AuditEvent.objects.filter(organization=org, action="payment.refunded").count() == 1
+
+
+def test_an_old_form_whose_refund_failed_is_refused_and_refunds_nothing(
+    admin_client, bought_pack, stripe_standin, deliver
+):
+    # given: finance refunded $3.00 of the pack from a form; the refund then failed at
+    # Stripe (the customer's card closed), and Stripe has since forgotten the form's key
+    form = {"amount": "300", "note": "Partial goodwill", "key": _key()}
+    assert admin_client.post(_refund_url(bought_pack), form).status_code == 302
+    intent = bought_pack.stripe_payment_intent_id
+    [made] = stripe_client.refunds_list(payment_intent=intent)
+    assert stripe_standin.fail_refund(made["id"])["status"] == "failed"
+    deliver()
+    stripe_standin.expire_idempotency_keys()
+
+    # when: the same form is sent again
+    again = admin_client.post(_refund_url(bought_pack), form)
+
+    # then: refused on the form as the failed refund it made; nothing refunded again
+    assert again.status_code == 200
+    errors = " ".join(again.context["form"].non_field_errors())
+    assert "refund_failed" in errors and made["id"] in errors
+    assert [r["id"] for r in stripe_client.refunds_list(payment_intent=intent)] == [made["id"]]
+    assert _refunded_at_stripe(bought_pack) == 0
