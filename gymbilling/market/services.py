@@ -1875,7 +1875,8 @@ def _payout_send(*, payout_id: int) -> str:
         return payout.status
     # Whether an earlier send may have reached Stripe with its answer lost: it counted
     # itself here before calling Stripe (a send that died mid-call did too), or left
-    # its error (payouts recorded before sends were counted). Counted before any call.
+    # its error (payouts recorded before sends were counted; those still pending at the
+    # deploy count as sent once: gymbilling/0039). Counted before any call.
     sent_before = payout.send_attempts > 0 or bool(payout.last_error)
     MarketPayout.objects.filter(pk=payout.pk).update(send_attempts=F("send_attempts") + 1)
     try:
