@@ -811,6 +811,35 @@ class PayoutHoldingFilter(admin.SimpleListFilter):
         return queryset
 
 
+class PayoutMarkPaidForm(forms.Form):
+    evidence = forms.CharField(
+        label="Stripe balance transaction",
+        max_length=255,
+        help_text="The id (cbtxn_...) of the credit this payout made, in the deleted "
+        "customer's balance transactions in Stripe's dashboard (metadata market_payout = "
+        "the payout's id).",
+    )
+    note = forms.CharField(
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="What you found at Stripe and how (the seller used the credit, who "
+        "checked): kept in the seller's audit log.",
+    )
+
+    def clean_evidence(self) -> str:
+        import re
+
+        from gymbilling.market.services import BALANCE_TRANSACTION_ID
+
+        evidence = self.cleaned_data["evidence"].strip()
+        if not re.fullmatch(BALANCE_TRANSACTION_ID, evidence):
+            raise forms.ValidationError(
+                "A customer balance transaction's id starts with cbtxn_ (letters and "
+                "digits follow)."
+            )
+        return evidence
+
+
 @admin.register(MarketPayout)
 class MarketPayoutAdmin(ReadOnlyAdmin):
     list_display = [
@@ -831,11 +860,70 @@ class MarketPayoutAdmin(ReadOnlyAdmin):
     ]
     list_filter = ["status", "method", PayoutHoldingFilter]
     search_fields = ["seller__slug", "destination", "stripe_object_id"]
-    actions = ["retry_payouts"]
+    actions = ["retry_payouts", "mark_paid_at_stripe"]
 
     def has_retry_permission(self, request) -> bool:
-        """Paying a seller: the change permission, though payouts stay read-only here."""
+        """Paying a seller (or saying they were paid): the change permission, though payouts
+        stay read-only here."""
         return request.user.has_perm("gymbilling.change_marketpayout")
+
+    @admin.action(
+        description="Mark paid at Stripe (an earlier send did credit the deleted customer)",
+        permissions=["retry"],
+    )
+    def mark_paid_at_stripe(self, request, queryset):
+        """A page showing the payout and asking for the balance transaction and a note
+        (Django's intermediate action page, as "delete selected"); then payout_mark_paid.
+        One payout at a time: each has a balance transaction of its own."""
+        from gymbilling.market.services import (
+            PAYOUT_MARKABLE,
+            payout_mark_paid,
+            payout_not_markable,
+        )
+
+        if len(queryset) != 1:
+            self.message_user(
+                request,
+                "Select one payout: each is marked paid with its own balance transaction.",
+                messages.WARNING,
+            )
+            return None
+        markable = queryset.filter(PAYOUT_MARKABLE).select_related("seller")
+        if not markable:
+            refused = payout_not_markable(queryset.get())
+            self.message_user(request, f"{refused.message} ({refused.code})", messages.ERROR)
+            return None
+        form = PayoutMarkPaidForm(request.POST if "_mark_paid" in request.POST else None)
+        if form.is_valid():
+            payout = markable.get()
+            try:
+                payout_mark_paid(
+                    payout_id=payout.pk,
+                    note=form.cleaned_data["note"],
+                    evidence=form.cleaned_data["evidence"],
+                    actor=request.user,
+                )
+            except ApplicationError as exc:
+                self.message_user(request, f"{exc.message} ({exc.code})", messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    f"Payout {payout.pk} recorded as paid at Stripe "
+                    f"({form.cleaned_data['evidence']}); the seller's payouts are no longer "
+                    "held.",
+                    messages.SUCCESS,
+                )
+            return None  # back to the list
+        return action_page(
+            self,
+            request,
+            "admin/gymbilling/payout_mark_paid.html",
+            title="Mark a refused payout paid at Stripe",
+            action="Mark paid at Stripe",
+            action_name="mark_paid_at_stripe",
+            payouts=markable,
+            form=form,
+        )
 
     @admin.action(
         description="Retry: the cause is fixed, pay the seller's available proceeds now",

@@ -19,9 +19,11 @@ its fills, then every reversal of the order they will touch, before any ledger
 account; their pending sweep (`_reversal_pending_settle`) locks one reversal
 row, then ledger accounts. A payout Stripe refused (`_payout_fail`) locks the
 payout, its fills, then the reversals whose losses it recovers, before the
-seller's money account. A payout's send lock (`payout_send`: a session lock held
-across its Stripe calls) is taken with no transaction open, before any row. A
-reversal row is never locked while a ledger or money account is held. No Stripe
+seller's money account; finance marking one paid at Stripe after all
+(`payout_mark_paid`) locks the payout, then its fills, then money accounts. A payout's
+send lock (`payout_send`: a session lock held across its Stripe calls; finance's Retry
+and mark-paid take the refused payout's) is taken with no transaction open, before any
+row. A reversal row is never locked while a ledger or money account is held. No Stripe
 call is made inside a transaction: an order is reserved and committed, then
 Checkout is created, then recorded; if Stripe fails in between, the reservation
 is released by compensating transfers.
@@ -34,6 +36,7 @@ hold up, and deadlock with, their metering (holds, settlements, grants).
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1702,55 +1705,78 @@ def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
         amount = sum(_seller_share_left(fill) for fill in fills)
         if not fills:
             return None
+        if amount <= 0:
+            # Refunds and disputes took all of them: paid out, by no payout.
+            MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
+                proceeds=ProceedsState.PAID_OUT, payout=None
+            )
+            return None
         seller = Organization.objects.get(pk=seller_id)
-        payout = None
-        if amount > 0:
-            customer = BillingCustomer.objects.filter(organization=seller).first()
-            if customer is None:
-                logger.warning("seller %s has proceeds but no Stripe customer", seller_id)
-                return None
-            if customer.stripe_connect_account_id:
-                method, destination = PayoutMethod.TRANSFER, customer.stripe_connect_account_id
-            else:
-                method, destination = PayoutMethod.INVOICE_CREDIT, customer.stripe_customer_id
-            if _payouts_held(seller_id=seller_id, currency=currency, destination=destination):
-                return None  # the proceeds stay available: finance retries once fixed
-            if MarketPayout.objects.filter(
-                seller_id=seller_id, destination=destination, status=PayoutStatus.CUSTOMER_DELETED
-            ).exists():
-                # Deleted at Stripe, for good: the proceeds stay available until the
-                # organization has a new customer (or a Connect account), paid there.
-                return None
-            payout = MarketPayout.objects.create(
-                seller=seller,
-                currency=currency,
-                amount=amount,
-                method=method,
-                destination=destination,
-            )
-            money_post(
-                kind=MoneyTransactionKind.PAYOUT,
-                key=f"payout:{payout.pk}",
-                currency=currency,
-                organization=seller,
-                payout=payout,
-                postings=[
-                    (
-                        money_account(
-                            kind=MoneyAccountKind.SELLER_AVAILABLE,
-                            currency=currency,
-                            organization=seller,
-                        ),
-                        -amount,
-                    ),
-                    (money_account(kind=MoneyAccountKind.PAYOUTS, currency=currency), amount),
-                ],
-                memo=f"{method} to {destination}",
-            )
-        MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
-            proceeds=ProceedsState.PAID_OUT, payout=payout
+        customer = BillingCustomer.objects.filter(organization=seller).first()
+        if customer is None:
+            logger.warning("seller %s has proceeds but no Stripe customer", seller_id)
+            return None
+        if customer.stripe_connect_account_id:
+            method, destination = PayoutMethod.TRANSFER, customer.stripe_connect_account_id
+        else:
+            method, destination = PayoutMethod.INVOICE_CREDIT, customer.stripe_customer_id
+        if _payouts_held(seller_id=seller_id, currency=currency, destination=destination):
+            return None  # the proceeds stay available: finance retries once fixed
+        if MarketPayout.objects.filter(
+            seller_id=seller_id, destination=destination, status=PayoutStatus.CUSTOMER_DELETED
+        ).exists():
+            # Deleted at Stripe, for good: the proceeds stay available until the
+            # organization has a new customer (or a Connect account), paid there.
+            return None
+        payout = MarketPayout.objects.create(
+            seller=seller,
+            currency=currency,
+            amount=amount,
+            method=method,
+            destination=destination,
         )
+        _payout_book(payout, fills=fills, key=f"payout:{payout.pk}")
         return payout
+
+
+def _payout_book(payout: MarketPayout, *, fills: list[MarketFill], key: str) -> None:
+    """What a payout does to the ledger, in the caller's transaction with `fills` locked:
+    its amount from the seller's available proceeds to payouts, and its fills paid out
+    by it. When it is recorded (before Stripe is called; a refusal undoes it,
+    _payout_fail), and when finance finds one Stripe refused paid after all
+    (payout_mark_paid): each under a key of its own."""
+    money_post(
+        kind=MoneyTransactionKind.PAYOUT,
+        key=key,
+        currency=payout.currency,
+        organization=payout.seller,
+        payout=payout,
+        postings=[
+            (
+                money_account(
+                    kind=MoneyAccountKind.SELLER_AVAILABLE,
+                    currency=payout.currency,
+                    organization=payout.seller,
+                ),
+                -payout.amount,
+            ),
+            (money_account(kind=MoneyAccountKind.PAYOUTS, currency=payout.currency), payout.amount),
+        ],
+        memo=f"{payout.method} to {payout.destination}",
+    )
+    MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
+        proceeds=ProceedsState.PAID_OUT, payout=payout
+    )
+
+
+def _payout_sent(payout_id: int, *, stripe_object_id: str, was: str = PayoutStatus.PENDING) -> bool:
+    """Stripe took the payout (made `stripe_object_id`): sent. Only while it is still `was`
+    (pending, for a send; refused, for finance's payout_mark_paid)."""
+    return bool(
+        MarketPayout.objects.filter(pk=payout_id, status=was).update(
+            status=PayoutStatus.SENT, stripe_object_id=stripe_object_id, sent_at=timezone.now()
+        )
+    )
 
 
 # Stripe keeps an idempotency key about 24 hours: a payout still pending after
@@ -1921,11 +1947,7 @@ def _payout_send(*, payout_id: int) -> str:
             error,
         )
         return _payout_fail(payout_id=payout.pk, destination=payout.destination, error=error)
-    MarketPayout.objects.filter(pk=payout.pk, status=PayoutStatus.PENDING).update(
-        status=PayoutStatus.SENT,
-        stripe_object_id=str(result.get("id") or ""),
-        sent_at=timezone.now(),
-    )
+    _payout_sent(payout.pk, stripe_object_id=str(result.get("id") or ""))
     return PayoutStatus.SENT
 
 
@@ -2150,7 +2172,7 @@ def _payout_fail(
             memo=error,
         )
         MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
-            proceeds=ProceedsState.AVAILABLE, payout=None
+            proceeds=ProceedsState.AVAILABLE, payout=None, refused_payout=payout
         )
         MarketPayout.objects.filter(pk=payout.pk).update(
             status=status, last_error=error[:500], may_have_paid=may_have_paid
@@ -2211,19 +2233,169 @@ def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
             results[pk] = results[done[seller_id, currency, destination]]
             continue
         done[seller_id, currency, destination] = pk
-        _holding(seller_id=seller_id, currency=currency).filter(destination=destination).update(
-            retry_allowed_at=timezone.now()
-        )
-        if BillingCustomer.objects.filter(
-            organization_id=seller_id, resale_frozen_at__isnull=False
-        ).exists():
-            results[pk] = "frozen"
-            continue
-        payout = _payout_record(seller_id=seller_id, currency=currency)
-        results[pk] = (
-            payout_send(payout_id=payout.pk) if payout is not None else "nothing available"
-        )
+        # Under the refused payout's send lock, as finance's payout_mark_paid: of the two
+        # at once, the later finds what the first did (marked paid: not retried, which
+        # would pay the seller again; retried: not marked paid).
+        with session_lock(f"market-payout:{pk}"):
+            results[pk] = _payout_retry(
+                payout_id=pk, seller_id=seller_id, currency=currency, destination=destination
+            )
     return results
+
+
+def _payout_retry(*, payout_id: int, seller_id: int, currency: str, destination: str) -> str:
+    """payouts_retry of one refused payout, under its lock."""
+    holding = _holding(seller_id=seller_id, currency=currency)
+    if not holding.filter(pk=payout_id).exists():  # under the lock: it stays so
+        status = MarketPayout.objects.values_list("status", flat=True).get(pk=payout_id)
+        return f"not retried: it is {status} now"
+    holding.filter(destination=destination).update(retry_allowed_at=timezone.now())
+    if BillingCustomer.objects.filter(
+        organization_id=seller_id, resale_frozen_at__isnull=False
+    ).exists():
+        return "frozen"
+    payout = _payout_record(seller_id=seller_id, currency=currency)
+    return payout_send(payout_id=payout.pk) if payout is not None else "nothing available"
+
+
+# Which payouts finance may mark paid at Stripe (payout_mark_paid): refused, an earlier
+# send of which may have paid the seller, not retried (the admin's action offers these).
+PAYOUT_MARKABLE = Q(status=PayoutStatus.FAILED, may_have_paid=True, retry_allowed_at__isnull=True)
+# The shape of a Stripe customer balance transaction's id: finance's evidence that a
+# payout's balance credit was made (payout_mark_paid).
+BALANCE_TRANSACTION_ID = r"^cbtxn_[A-Za-z0-9]+$"
+
+
+def payout_mark_paid(*, payout_id: int, note: str, evidence: str, actor) -> MarketPayout:
+    """Finance found at Stripe that a payout failed with `may_have_paid` did pay the seller:
+    an earlier send, its answer lost, credited the customer before it was deleted (the
+    balance transaction `evidence`, in the deleted customer's balance in Stripe's
+    dashboard). Retrying it would pay the seller again.
+
+    Recorded as the send that made it would have: the payout's amount from the seller's
+    available proceeds to payouts and its fills paid out by it (_payout_book, as when it
+    was recorded, before its refusal gave them back), and the payout sent to the
+    destination it was sent to (_payout_sent), `evidence` as Stripe's object. No longer
+    failed, it holds the seller's payouts no more: the next run pays what else they have
+    available. Who, `note` and `evidence` go to the seller's audit log
+    (`market.payout_marked_paid`).
+
+    Only such a payout, not retried: 409 `payout_not_markable` otherwise. Under its send
+    lock, as payouts_retry takes it. Only exactly as its refusal left it: should a refund,
+    dispute or payout have touched its sales since, or should the refusal have recovered
+    losses booked against it while it was being sent, putting it back would take the
+    wrong amounts; 409 `payout_sales_changed`, and nothing is recorded.
+    """
+    note = note.strip()
+    evidence = evidence.strip()
+    if not note:
+        raise ApplicationError(
+            code="reason_required",
+            message="Say what you found at Stripe (where the credit was, who checked).",
+            param="note",
+        )
+    if not re.fullmatch(BALANCE_TRANSACTION_ID, evidence):
+        raise ApplicationError(
+            code="invalid_evidence",
+            message="Give the id of the customer balance transaction that credited the "
+            "seller (cbtxn_..., in the deleted customer's balance in Stripe's dashboard).",
+            param="evidence",
+        )
+    with session_lock(f"market-payout:{payout_id}"):
+        return _payout_marked_paid(payout_id=payout_id, note=note, evidence=evidence, actor=actor)
+
+
+@retry_on_deadlock
+def _payout_marked_paid(*, payout_id: int, note: str, evidence: str, actor) -> MarketPayout:
+    with transaction.atomic():
+        # _payout_fail's lock order: the payout, its fills, then money accounts.
+        payout = (
+            MarketPayout.objects.select_for_update(of=("self",))
+            .select_related("seller")
+            .get(pk=payout_id)
+        )
+        if not MarketPayout.objects.filter(PAYOUT_MARKABLE, pk=payout.pk).exists():
+            raise payout_not_markable(payout)
+        fills = list(
+            MarketFill.objects.select_for_update().filter(refused_payout=payout).order_by("pk")
+        )
+        _refuse_if_changed_since_refused(payout, fills)
+        _payout_book(payout, fills=fills, key=f"payout_marked_paid:{payout.pk}")
+        _payout_sent(payout.pk, stripe_object_id=evidence, was=PayoutStatus.FAILED)
+        audit_record(
+            organization=payout.seller,
+            action="market.payout_marked_paid",
+            target=f"market payout {payout.pk}",
+            actor_user=actor,
+            data={
+                "payout": payout.pk,
+                "amount": payout.amount,
+                "currency": payout.currency,
+                "destination": payout.destination,
+                "evidence": evidence,
+                "note": note[:500],
+            },
+        )
+    logger.warning(
+        "market payout %s of %s %s to %s marked paid at Stripe (%s) by %s: %s",
+        payout.pk,
+        payout.amount,
+        payout.currency,
+        payout.destination,
+        evidence,
+        getattr(actor, "email", actor),
+        note,
+    )
+    payout.refresh_from_db()
+    return payout
+
+
+def payout_not_markable(payout: MarketPayout) -> ApplicationError:
+    """Why payout_mark_paid refuses a payout that is not PAYOUT_MARKABLE."""
+    state = (
+        f"was retried by finance at {payout.retry_allowed_at.isoformat(timespec='seconds')}: "
+        "its proceeds were paid (or are paid) again since"
+        if payout.status == PayoutStatus.FAILED and payout.retry_allowed_at is not None
+        else "was refused by Stripe before it reached the seller: nothing was paid; Retry it "
+        "once the cause is fixed"
+        if payout.status == PayoutStatus.FAILED
+        else f"is {payout.get_status_display().lower()}"
+    )
+    return ApplicationError(
+        code="payout_not_markable",
+        message="Only a refused payout that an earlier send may have paid (may have paid: "
+        f"yes), not retried, can be marked paid at Stripe: payout {payout.pk} {state}.",
+        status=409,
+    )
+
+
+def _refuse_if_changed_since_refused(payout: MarketPayout, fills: list[MarketFill]) -> None:
+    """payout_mark_paid's check that the ledger is as the payout's refusal left it (fills
+    locked): its fills available, nothing posted on them since, and what they have left
+    to pay the payout's amount (a refusal that recovered losses leaves less)."""
+    refused = MoneyTransaction.objects.filter(idempotency_key=f"payout_failed:{payout.pk}").first()
+    why = ""
+    if not fills or refused is None:
+        why = "which sales it paid was not recorded when Stripe refused it (before gymbilling/0039)"
+    elif any(f.proceeds != ProceedsState.AVAILABLE or f.payout_id for f in fills) or (
+        # Every posting on a fill is made with the fill locked, as the refusal's was: one
+        # made after it has a later id.
+        MoneyTransaction.objects.filter(fill__in=fills, pk__gt=refused.pk).exists()
+    ):
+        why = "a refund, dispute or payout touched its sales since Stripe refused it"
+    elif sum(_seller_share_left(f) for f in fills) != payout.amount:
+        why = (
+            "its refusal took back from the seller refunds and disputes booked as losses "
+            "while it was being sent"
+        )
+    if why:
+        raise ApplicationError(
+            code="payout_sales_changed",
+            message=f"Payout {payout.pk} cannot be marked paid here: {why}, so putting it "
+            "back as paid would move the wrong amounts. Nothing was recorded; the seller's "
+            "payouts stay held; ask engineering to correct the seller's proceeds.",
+            status=409,
+        )
 
 
 # --- refunds and disputes ---------------------------------------------------------------

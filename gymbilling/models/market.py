@@ -229,6 +229,16 @@ class MarketFill(models.Model):
         blank=True,
         related_name="fills",
     )
+    # The payout that last paid it and that Stripe refused (its proceeds back to
+    # available, `payout` cleared): what finance marks paid after all, should an earlier
+    # send of it have reached the seller (payout_mark_paid). History; nothing else reads it.
+    refused_payout = models.ForeignKey(
+        "gymbilling.MarketPayout",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="refused_fills",
+    )
     reserve_transaction = models.OneToOneField(
         "metering.JournalTransaction", on_delete=models.PROTECT, related_name="market_fill_reserved"
     )
@@ -499,7 +509,8 @@ class MoneyTransactionKind(models.TextChoices):
 class MoneyTransaction(models.Model):
     kind = models.CharField(max_length=32, choices=MoneyTransactionKind.choices)
     # One per business event: sale:<fill>, fee:<fill>, release:<fill>,
-    # payout:<payout>, payout_failed:<payout>, reversal:<reversal key>:<fill>,
+    # payout:<payout>, payout_failed:<payout>, payout_marked_paid:<payout> (finance found
+    # a refused one paid at Stripe after all), reversal:<reversal key>:<fill>,
     # reinstatement:<reversal key>:<fill>.
     idempotency_key = models.CharField(max_length=255, unique=True)
     currency = models.CharField(max_length=3)

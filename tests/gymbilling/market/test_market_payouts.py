@@ -10,6 +10,8 @@ import threading
 from datetime import timedelta
 
 import pytest
+from django.contrib.admin import helpers
+from django.test import Client
 from django.utils import timezone
 
 from accounts.models import AuditEvent
@@ -19,16 +21,31 @@ from gymbilling.market.services import (
     _fill_mature,
     _payout_create_at_stripe,
     _payout_record,
+    payout_mark_paid,
     payout_send,
     payouts_retry,
     payouts_run,
 )
-from gymbilling.models import BillingCustomer, MarketFill, MarketPayout, PayoutMethod, PayoutStatus
+from gymbilling.models import (
+    BillingCustomer,
+    MarketFill,
+    MarketPayout,
+    PayoutMethod,
+    PayoutStatus,
+    ProceedsState,
+)
 from gymbilling.services.customers import billing_customer_replace
 from metering.reconcile import ledger_reconcile
-from tests.gymbilling.market.conftest import market_member, money, sold
+from tests.gymbilling.market.conftest import market_member, money, refund, sold
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
-from tests.helpers import credits, lock_waiters, on_own_connection, pause_after, wait_until
+from tests.helpers import (
+    credits,
+    lock_waiters,
+    on_own_connection,
+    pause_after,
+    run_against_paused,
+    wait_until,
+)
 
 LATER = timedelta(days=8)
 
@@ -312,23 +329,32 @@ def test_a_balance_credit_to_a_customer_stripe_never_knew_is_refused_for_finance
     assert money("seller_available", organization=seller) == 112
 
 
+def _credited_then_deleted(market_stripe, seller, buyer, *, replaced: bool):
+    """A payout of 112 to the seller's customer, sent once and credited there, its answer
+    lost (a timeout); Stripe has forgotten the send's key since; then the customer deleted
+    at Stripe (the seller may have used the credit first), and replaced by the
+    organization's new customer if `replaced`. Returns the payout (pending), the credit
+    Stripe made, and the deleted customer."""
+    sold(market_stripe, seller, buyer)
+    payout = _recorded_while_stripe_is_down(market_stripe)
+    gone = _seller_customer(seller)
+    credit = _payout_create_at_stripe(payout)
+    assert credit["customer"] == gone.stripe_customer_id
+    market_stripe.standin.expire_idempotency_keys()
+    market_stripe.delete_customer(gone.stripe_customer_id)
+    if replaced:
+        billing_customer_replace(customer=gone)
+    return payout, credit, gone
+
+
 @pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not_replaced_yet"])
 def test_a_balance_credit_an_earlier_send_may_have_made_to_a_customer_deleted_since_waits_for_finance(
     market_stripe, seller, buyer, admin_client, replaced
 ):
     # given: a payout of 112 to the seller's customer, sent once and credited there, its
-    # answer lost (a timeout); Stripe has forgotten the send's key since
-    sold(market_stripe, seller, buyer)
-    payout = _recorded_while_stripe_is_down(market_stripe)
-    gone = _seller_customer(seller)
-    [credit] = [_payout_create_at_stripe(payout)]
-    assert credit["customer"] == gone.stripe_customer_id
-    market_stripe.standin.expire_idempotency_keys()
-    # and the customer was deleted at Stripe (the seller may have used the credit first);
-    # the organization has a new customer already, or gets one after the next run
-    market_stripe.delete_customer(gone.stripe_customer_id)
-    if replaced:
-        billing_customer_replace(customer=gone)
+    # answer lost; the customer deleted at Stripe since; the organization has a new
+    # customer already, or gets one after the next run
+    payout, _credit, gone = _credited_then_deleted(market_stripe, seller, buyer, replaced=replaced)
 
     # when: the payout run sends the payout again
     assert payouts_run(now=timezone.now() + LATER) == 0
@@ -367,6 +393,223 @@ def test_a_balance_credit_an_earlier_send_may_have_made_to_a_customer_deleted_si
     assert money("payouts") == 112
     assert money("seller_available", organization=seller) == 0
     assert payouts_run(now=timezone.now() + LATER) == 0
+
+
+# --- finance finds at Stripe that a payout that may have paid did -------------------------------
+
+
+def _may_have_paid(market_stripe, seller, buyer, *, before_the_run=lambda: None):
+    """`_credited_then_deleted`, replaced, and the payout run that failed it for finance
+    (`before_the_run` done before it): returns the payout (failed, may_have_paid) and the
+    credit Stripe made."""
+    payout, credit, _gone = _credited_then_deleted(market_stripe, seller, buyer, replaced=True)
+    before_the_run()
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    payout.refresh_from_db()
+    assert (payout.status, payout.may_have_paid) == (PayoutStatus.FAILED, True)
+    return payout, credit
+
+
+def _finance() -> Client:
+    return staff_with("view_marketpayout", "change_marketpayout")
+
+
+def _mark_paid(client: Client, payout_pk: int, **form):
+    """The admin's "Mark paid at Stripe" on the payout: chosen on the list, or with `form`,
+    its page's form sent; redirects followed."""
+    sent = {"_mark_paid": "Mark paid at Stripe", **form} if form else {}
+    return client.post(
+        CHANGELIST,
+        {"action": "mark_paid_at_stripe", helpers.ACTION_CHECKBOX_NAME: [payout_pk], **sent},
+        follow=True,
+    )
+
+
+def _shown(response) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+def test_finance_marks_a_payout_paid_at_stripe_once_they_found_its_credit(
+    market_stripe, seller, buyer
+):
+    # given: a payout of 112 failed for finance: an earlier send may have credited the
+    # seller's customer, deleted at Stripe since; finance found that credit in Stripe's
+    # dashboard
+    payout, credit = _may_have_paid(market_stripe, seller, buyer)
+    finance = _finance()
+    assert money("seller_available", organization=seller) == 112
+
+    # when: they choose "Mark paid at Stripe" on it: a page asks for the balance
+    # transaction and a note
+    page = _mark_paid(finance, payout.pk)
+    assert page.status_code == 200
+    assert b'id="mark-paid-form"' in page.content and payout.destination.encode() in page.content
+    # and they send it
+    response = _mark_paid(
+        finance, payout.pk, evidence=credit["id"], note="Credit found; the seller used it."
+    )
+
+    # then: the payout is sent, to the deleted customer, Stripe's credit as its object
+    assert f"Payout {payout.pk} recorded as paid at Stripe" in " ".join(_shown(response))
+    payout.refresh_from_db()
+    assert (payout.status, payout.destination, payout.stripe_object_id) == (
+        PayoutStatus.SENT,
+        credit["customer"],
+        credit["id"],
+    )
+    # and the ledger says the 112 were paid out, its sale paid by it: nothing left to pay
+    assert money("payouts") == 112
+    assert money("seller_available", organization=seller) == 0
+    [fill] = MarketFill.objects.filter(seller=seller)
+    assert (fill.proceeds, fill.payout_id) == (ProceedsState.PAID_OUT, payout.pk)
+    # and the seller's audit log says who, why, and what Stripe showed
+    [event] = AuditEvent.objects.filter(organization=seller, action="market.payout_marked_paid")
+    assert event.actor_user.has_perm("gymbilling.change_marketpayout")
+    assert event.data == {
+        "payout": payout.pk,
+        "amount": 112,
+        "currency": "usd",
+        "destination": credit["customer"],
+        "evidence": credit["id"],
+        "note": "Credit found; the seller used it.",
+    }
+    # and the seller's payouts are held no more: the next sale is paid to the new
+    # customer, and nothing of the first is paid again
+    assert not finance.get(CHANGELIST, {"holding": "yes"}).context["cl"].result_list
+    assert payouts_retry(payout_ids=[payout.pk]) == {}
+    sold(market_stripe, seller, buyer)
+    assert payouts_run(now=timezone.now() + LATER) == 1
+    assert [-c["amount"] for c in market_stripe.balance_credits(seller)] == [112]
+    assert money("payouts") == 224
+    assert money("seller_available", organization=seller) == 0
+
+
+def test_mark_paid_at_stripe_is_refused_for_a_payout_no_send_may_have_paid(
+    market_stripe, seller, buyer
+):
+    # given: a payout Stripe refused at once (a customer id it never knew): nothing of it
+    # reached the seller
+    sold(market_stripe, seller, buyer)
+    BillingCustomer.objects.filter(organization=seller).update(stripe_customer_id="cus_unknown")
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    [refused] = MarketPayout.objects.all()
+    finance = _finance()
+
+    # when: finance chooses "Mark paid at Stripe" on it, and sends a form for it anyway
+    chosen = _mark_paid(finance, refused.pk)
+    sent = _mark_paid(finance, refused.pk, evidence="cbtxn_123", note="paid")
+
+    # then: refused, back on the list, saying why; nothing changed
+    for response in (chosen, sent):
+        assert response.redirect_chain == [(CHANGELIST, 302)]
+        [shown] = _shown(response)
+        assert "payout_not_markable" in shown and "Retry it" in shown, shown
+    refused.refresh_from_db()
+    assert (refused.status, refused.stripe_object_id) == (PayoutStatus.FAILED, "")
+    assert money("payouts") == 0
+    assert money("seller_available", organization=seller) == 112
+    assert not AuditEvent.objects.filter(action="market.payout_marked_paid").exists()
+
+
+@pytest.mark.parametrize("refunded", ["while_it_was_sent", "since_it_was_refused"])
+def test_mark_paid_at_stripe_is_refused_once_a_refund_took_from_its_sale(
+    market_stripe, seller, buyer, refunded
+):
+    """Put back as paid, the payout would move its whole amount out of proceeds a refund has
+    taken from: refused, for a correction by hand, rather than booked wrong."""
+
+    def half_refunded():
+        refund(MarketFill.objects.get(seller=seller).order, 62)  # the seller's 56 of it
+
+    # given: a payout of 112 that may have paid the seller, half its sale refunded while it
+    # was being sent (booked as a loss, which its refusal took back from the seller), or
+    # since it was refused (taken from the seller's available proceeds)
+    if refunded == "while_it_was_sent":
+        payout, credit = _may_have_paid(market_stripe, seller, buyer, before_the_run=half_refunded)
+    else:
+        payout, credit = _may_have_paid(market_stripe, seller, buyer)
+        half_refunded()
+    assert money("seller_available", organization=seller) == 56
+
+    # when: finance marks it paid at Stripe
+    response = _mark_paid(_finance(), payout.pk, evidence=credit["id"], note="credit found")
+
+    # then: refused, saying why; nothing changed, the seller's payouts still held
+    [shown] = _shown(response)
+    assert "payout_sales_changed" in shown and "Nothing was recorded" in shown, shown
+    why = {
+        "while_it_was_sent": "booked as losses while it was being sent",
+        "since_it_was_refused": "touched its sales since Stripe refused it",
+    }
+    assert why[refunded] in shown
+    payout.refresh_from_db()
+    assert (payout.status, payout.stripe_object_id) == (PayoutStatus.FAILED, "")
+    assert money("payouts") == 0
+    assert money("seller_available", organization=seller) == 56
+    assert not AuditEvent.objects.filter(action="market.payout_marked_paid").exists()
+    assert payouts_run(now=timezone.now() + LATER) == 0
+
+
+def test_mark_paid_at_stripe_needs_a_balance_transaction_and_a_note(market_stripe, seller, buyer):
+    # given: a payout that may have paid the seller
+    payout, credit = _may_have_paid(market_stripe, seller, buyer)
+    finance = _finance()
+
+    # when: finance sends the form with something else than a balance transaction's id,
+    # then with no note
+    wrong = _mark_paid(finance, payout.pk, evidence="ch_3PaidByCard", note="found it")
+    bare = _mark_paid(finance, payout.pk, evidence=credit["id"], note="  ")
+
+    # then: the page is drawn again with what is wrong; nothing changed
+    assert b"starts with cbtxn_" in wrong.content
+    assert wrong.context["form"].errors.keys() == {"evidence"}
+    assert bare.context["form"].errors.keys() == {"note"}
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.FAILED
+    assert money("seller_available", organization=seller) == 112
+    assert not AuditEvent.objects.filter(action="market.payout_marked_paid").exists()
+    # and staff who may only view payouts are not offered it
+    assert "mark_paid_at_stripe" not in offered_actions(staff_with("view_marketpayout"), CHANGELIST)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_sent_while_finance_marks_the_payout_paid_waits_and_pays_nothing_again(
+    market_stripe, monkeypatch
+):
+    # given: a payout that may have paid the seller (its credit found at Stripe); finance
+    # marks it paid, paused once the ledger has it paid, before it commits
+    seller = market_member(credits_amount=credits(1000))
+    buyer = market_member()
+    payout, credit = _may_have_paid(market_stripe, seller, buyer)
+    paused, resume = pause_after(monkeypatch, market_services, "_payout_book", thread="mark")
+    errors: list = []
+
+    def mark():
+        payout_mark_paid(
+            payout_id=payout.pk, note="credit found", evidence=credit["id"], actor=None
+        )
+
+    marking = threading.Thread(name="mark", target=on_own_connection, args=(mark, errors))
+    marking.start()
+    assert paused.wait(timeout=60)
+
+    # when: another of finance retries it meanwhile
+    retried: dict = {}
+    retry = threading.Thread(
+        name="retry",
+        target=on_own_connection,
+        args=(lambda: retried.update(payouts_retry(payout_ids=[payout.pk])), errors),
+    )
+    run_against_paused(retry, paused=marking, resume=resume, what="the retry to wait")
+
+    # then: the retry waited, and found it paid: nothing was paid again
+    assert errors == []
+    assert retried == {payout.pk: f"not retried: it is {PayoutStatus.SENT} now"}
+    assert market_stripe.balance_credits(seller) == []  # the new customer got nothing
+    assert MarketPayout.objects.get().status == PayoutStatus.SENT
+    assert money("payouts") == 112
+    assert money("seller_available", organization=seller) == 0
+    assert ledger_reconcile().ok
 
 
 @pytest.mark.django_db(transaction=True)
