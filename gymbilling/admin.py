@@ -23,6 +23,7 @@ from gymbilling.models import (
     CreditPack,
     FormerStripeCustomer,
     Invoice,
+    MeterError,
     OverageReport,
     PaymentReversal,
     Plan,
@@ -469,13 +470,24 @@ class StripeEventAdmin(ReadOnlyAdmin):
         self.message_user(request, ", ".join(f"{k}: {v}" for k, v in results.items()), level)
 
 
+class OverageCheckedForm(forms.Form):
+    note = forms.CharField(
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="What you found among the meter's events at Stripe (the event, its "
+        "identifier and value, or that none is there) and how: kept in the organization's "
+        "audit log.",
+    )
+
+
 @admin.register(OverageReport)
 class OverageReportAdmin(ReadOnlyAdmin):
     """Overage batches sent to the Stripe meter; a failed one (its customer deleted at
     Stripe) was never invoiced: its error says what finance should do. "Stripe meter
     error": dropped (Stripe reported it failed: sent again under a new identifier, or
     failed) or maybe dropped (sent while Stripe dropped events it did not name: check it
-    at Stripe; it is never re-sent by itself)."""
+    at Stripe; it is never re-sent by itself). Finance, once they have looked, say which:
+    "Counted at Stripe" (the flag cleared) or "Not counted" (sent again)."""
 
     list_display = [
         "identifier",
@@ -491,6 +503,75 @@ class OverageReportAdmin(ReadOnlyAdmin):
     ]
     list_filter = [("failed_at", admin.EmptyFieldListFilter), "meter_error"]
     search_fields = ["identifier", "organization__slug"]
+    actions = ["counted_at_stripe", "not_counted_send_again"]
+
+    def has_check_permission(self, request) -> bool:
+        """Saying whether Stripe billed a batch: the change permission, though batches stay
+        read-only here (their services change them)."""
+        return request.user.has_perm("gymbilling.change_overagereport")
+
+    @admin.action(description="Counted at Stripe — clear the flag", permissions=["check"])
+    def counted_at_stripe(self, request, queryset):
+        from gymbilling.services.overage import overage_report_counted
+
+        return self._checked_at_stripe(
+            request,
+            queryset,
+            act=overage_report_counted,
+            done="counted at Stripe, flag cleared",
+            action="Counted at Stripe — clear the flag",
+            action_name="counted_at_stripe",
+        )
+
+    @admin.action(description="Not counted — send again", permissions=["check"])
+    def not_counted_send_again(self, request, queryset):
+        from gymbilling.services.overage import overage_report_resend
+
+        return self._checked_at_stripe(
+            request,
+            queryset,
+            act=overage_report_resend,
+            done="re-queued under a new identifier",
+            action="Not counted — send again",
+            action_name="not_counted_send_again",
+        )
+
+    def _checked_at_stripe(self, request, queryset, *, act, done: str, action: str, action_name):
+        """A page showing the batches flagged maybe dropped among those selected and asking
+        for a note (Django's intermediate action page, as "delete selected"); then `act`
+        on each selected batch, refused for one not flagged."""
+        form = OverageCheckedForm(request.POST if "_checked" in request.POST else None)
+        if form.is_valid():
+            results = {}
+            for report in queryset.order_by("pk"):
+                try:
+                    act(report_id=report.pk, note=form.cleaned_data["note"], actor=request.user)
+                except ApplicationError as exc:
+                    results[report.identifier] = f"{exc.message} ({exc.code})"
+                else:
+                    results[report.identifier] = done
+            results_message(self, request, results, row="batch", done=done)
+            return None  # back to the list
+        flagged = queryset.filter(meter_error=MeterError.IN_DOUBT).select_related("organization")
+        if not flagged:
+            self.message_user(
+                request,
+                "No batch flagged maybe dropped selected: only those can be checked at Stripe "
+                "here.",
+                messages.WARNING,
+            )
+            return None
+        return action_page(
+            self,
+            request,
+            "admin/gymbilling/overage_checked.html",
+            title=f"{action}: overage batches Stripe may have dropped",
+            action=action,
+            action_name=action_name,
+            batches=flagged,
+            resend=action_name == "not_counted_send_again",
+            form=form,
+        )
 
 
 @admin.register(FormerStripeCustomer)

@@ -531,6 +531,9 @@ class MeterError(models.TextChoices):
     # Stripe reported more failures than it named, in a window the batch was sent in: it
     # may have been dropped. Never re-sent automatically (that could bill it twice).
     IN_DOUBT = "in_doubt", "Maybe dropped"
+    # Maybe dropped, and finance found it counted among the meter's events at Stripe: the
+    # flag cleared, for good (a report flags it no more; overage_report_counted).
+    COUNTED = "counted", "Counted at Stripe (checked by finance)"
 
 
 class OverageReport(models.Model):

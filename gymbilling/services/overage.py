@@ -48,6 +48,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Max, Q, Sum
 from django.utils import timezone
 
+from accounts.errors import ApplicationError
 from accounts.services.audit import audit_record
 from gymbilling import stripe_client
 from gymbilling.locks import session_lock
@@ -431,9 +432,12 @@ def _lineage_of(identifier: str, rows: list[OverageReport]) -> tuple[OverageRepo
     return same, later
 
 
-def _overage_report_requeue(*, report: OverageReport, dropped: DroppedEvent) -> bool:
+def _overage_report_requeue(
+    *, report: OverageReport, dropped: DroppedEvent, finance: FinanceCheck | None = None
+) -> bool:
     """Send a batch Stripe dropped again, under a new identifier (Stripe may refuse the
-    old one as a duplicate for a day or more, counted or not)."""
+    old one as a duplicate for a day or more, counted or not). `finance`: Stripe did not
+    name it, finance found it not counted (overage_report_resend)."""
     match = _RESENT.match(report.identifier)
     resend = f"{match['first']}_r{int(match['n'] or 0) + 1}"
     error = (
@@ -444,12 +448,25 @@ def _overage_report_requeue(*, report: OverageReport, dropped: DroppedEvent) -> 
         pk=report.pk, identifier=report.identifier, failed_at__isnull=True
     )
     return _overage_report_drop(
-        rows, report=report, dropped=dropped, outcome="resent", error=error, identifier=resend
+        rows,
+        report=report,
+        dropped=dropped,
+        outcome="resent",
+        error=error,
+        finance=finance,
+        identifier=resend,
     )
 
 
 def _overage_report_drop(
-    rows, *, report: OverageReport, dropped: DroppedEvent, outcome: str, error: str, **changes
+    rows,
+    *,
+    report: OverageReport,
+    dropped: DroppedEvent,
+    outcome: str,
+    error: str,
+    finance: FinanceCheck | None = None,
+    **changes,
 ) -> bool:
     """Mark a batch Stripe dropped (re-queued or failed: `changes`); False when another
     reading of the report did it first."""
@@ -464,6 +481,7 @@ def _overage_report_drop(
             "outcome": outcome,
             "resent_as": changes.get("identifier", ""),
         },
+        finance=finance,
         sent_at=None,
         meter_error=MeterError.DROPPED,
         stripe_error_code=dropped.code[:64],
@@ -473,10 +491,19 @@ def _overage_report_drop(
 
 
 def _overage_report_mark(
-    rows, *, report: OverageReport, action: str, why: str, data: dict, **changes
+    rows,
+    *,
+    report: OverageReport,
+    action: str,
+    why: str,
+    data: dict,
+    finance: FinanceCheck | None = None,
+    **changes,
 ) -> bool:
     """Update a batch (`rows`: it, as it was read) with what Stripe's report said of it,
-    with an audit record and an ERROR for finance; False when it was no longer as read."""
+    with an audit record and an ERROR for finance; False when it was no longer as read.
+    `finance`: what finance found at Stripe instead, by whom: in the audit record, and
+    logged at INFO (nothing left for finance to do)."""
     with transaction.atomic():
         changed = rows.update(**changes)
         if changed:
@@ -484,11 +511,123 @@ def _overage_report_mark(
                 organization=report.organization,
                 action=action,
                 target=report.identifier,
-                data={"identifier": report.identifier, "credits": report.credits, **data},
+                actor_user=finance.actor if finance else None,
+                data={
+                    "identifier": report.identifier,
+                    "credits": report.credits,
+                    **data,
+                    **({"note": finance.note} if finance else {}),
+                },
             )
     if changed:
-        logger.error("overage report %s %s: %s", report.identifier, why, changes["error"])
+        logger.log(
+            logging.INFO if finance else logging.ERROR,
+            "overage report %s %s: %s",
+            report.identifier,
+            why,
+            changes["error"],
+        )
     return bool(changed)
+
+
+# --- finance's word on a batch flagged maybe dropped ----------------------------------
+
+
+@dataclass(frozen=True)
+class FinanceCheck:
+    """What finance found of a batch at Stripe: who looked, and their note."""
+
+    actor: object
+    note: str
+
+
+def overage_report_counted(*, report_id: int, note: str, actor) -> OverageReport:
+    """Finance found a batch flagged maybe dropped among the meter's events at Stripe: it
+    was counted, so it is billed. The flag is cleared for good (`counted`: a later report
+    that counts failures in its window flags it no more) and the batch stays sent, never
+    re-sent. Audited (`billing.overage_counted`: who, `note`).
+
+    Only a batch flagged maybe dropped (409 `overage_not_in_doubt`); under the lock runs
+    and reports take (OVERAGE_LOCK), so no run or report changes it meanwhile."""
+    finance = FinanceCheck(actor=actor, note=_finance_note(note))
+    with session_lock(OVERAGE_LOCK):
+        batch = _in_doubt(report_id)
+        _overage_report_mark(
+            _as_read(batch),
+            report=batch,
+            action="billing.overage_counted",
+            why="counted at Stripe, checked by finance",
+            data={},
+            finance=finance,
+            meter_error=MeterError.COUNTED,
+            error=f"Counted at Stripe, checked by finance: {finance.note}"[:500],
+        )
+    batch.refresh_from_db()
+    return batch
+
+
+def overage_report_resend(*, report_id: int, note: str, actor) -> OverageReport:
+    """Finance found a batch flagged maybe dropped missing from the meter's events at
+    Stripe: never counted, so it is re-queued under a new identifier and sent at the next
+    run, as a batch Stripe named as dropped is (_overage_report_requeue), its audit
+    record (`billing.overage_dropped`, outcome `resent`) with who and `note`.
+
+    Only a batch flagged maybe dropped (409 `overage_not_in_doubt`); under OVERAGE_LOCK,
+    as overage_report_counted."""
+    finance = FinanceCheck(actor=actor, note=_finance_note(note))
+    with session_lock(OVERAGE_LOCK):
+        batch = _in_doubt(report_id)
+        _overage_report_requeue(
+            report=batch,
+            dropped=DroppedEvent(
+                identifier=batch.identifier,
+                code=batch.stripe_error_code,
+                message=f"not counted at Stripe, checked by finance: {finance.note}",
+            ),
+            finance=finance,
+        )
+    batch.refresh_from_db()
+    return batch
+
+
+def _finance_note(note: str) -> str:
+    note = note.strip()
+    if not note:
+        raise ApplicationError(
+            code="reason_required",
+            message="Say what you found among the meter's events at Stripe, and how.",
+            param="note",
+        )
+    return note
+
+
+def _in_doubt(report_id: int) -> OverageReport:
+    """The batch, flagged maybe dropped and still sent; read under OVERAGE_LOCK."""
+    batch = OverageReport.objects.select_related("organization").get(pk=report_id)
+    if batch.meter_error != MeterError.IN_DOUBT or batch.sent_at is None or batch.failed_at:
+        raise ApplicationError(
+            code="overage_not_in_doubt",
+            message=f"Only a batch flagged maybe dropped can be checked at Stripe here: "
+            f"{batch.identifier} is {_batch_state(batch)}.",
+            status=409,
+        )
+    return batch
+
+
+def _batch_state(batch: OverageReport) -> str:
+    if batch.failed_at:
+        return "failed (its customer was deleted at Stripe)"
+    if batch.meter_error == MeterError.COUNTED:
+        return "already checked: counted at Stripe"
+    if batch.meter_error == MeterError.DROPPED:
+        return "dropped by Stripe, which named it, and re-queued"
+    return "not sent yet" if batch.sent_at is None else "not flagged: no meter error reported"
+
+
+def _as_read(batch: OverageReport):
+    return OverageReport.objects.filter(
+        pk=batch.pk, identifier=batch.identifier, sent_at=batch.sent_at
+    )
 
 
 def _overage_reports_doubt(*, report: MeterErrorReport, unnamed: int, named: set[str]) -> int:
@@ -508,15 +647,14 @@ def _overage_reports_doubt(*, report: MeterErrorReport, unnamed: int, named: set
             failed_at__isnull=True,
         )
         .exclude(identifier__in=named)
-        .exclude(meter_error=MeterError.IN_DOUBT)
+        # Flagged already, or found counted at Stripe by finance since.
+        .exclude(meter_error__in=(MeterError.IN_DOUBT, MeterError.COUNTED))
         .select_related("organization")
     )
     return sum(
         _overage_report_mark(
             # Still as read: one re-queued or failed meanwhile is no longer in doubt.
-            OverageReport.objects.filter(
-                pk=batch.pk, identifier=batch.identifier, sent_at=batch.sent_at
-            ),
+            _as_read(batch),
             report=batch,
             action="billing.overage_in_doubt",
             why="may have been dropped by Stripe",

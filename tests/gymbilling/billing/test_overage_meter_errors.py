@@ -10,6 +10,8 @@ import threading
 from datetime import timedelta
 
 import pytest
+from django.contrib.admin import helpers
+from django.test import Client
 from django.utils import timezone
 
 from accounts.models import AuditEvent
@@ -31,7 +33,14 @@ from gymbilling.services.overage import (
 )
 from metering.models import MICRO, CreditLot
 from tests.gymbilling.billing.test_overage_and_refunds import spend
-from tests.helpers import on_own_connection, pause_after, run_against_paused, wait_until
+from tests.gymbilling.test_admin import offered_actions, staff_with
+from tests.helpers import (
+    lock_waiters,
+    on_own_connection,
+    pause_after,
+    run_against_paused,
+    wait_until,
+)
 
 THIN_SECRET = "whsec_gymbilling_thin_tests"
 ERROR_REPORT = "v1.billing.meter.error_report_triggered"
@@ -385,3 +394,193 @@ def test_a_report_read_while_a_run_sends_waits_for_the_run(
     batch = OverageReport.objects.get(organization=org)
     assert batch.sent_at is not None
     assert batch.meter_error == MeterError.IN_DOUBT
+
+
+# --- finance's word on a batch flagged maybe dropped, in the admin --------------------------------
+
+CHANGELIST = "/admin/gymbilling/overagereport/"
+
+
+def _in_doubt(sub, identifier: str = "ovg_0_10", credits: int = 10) -> OverageReport:
+    """A batch of the subscription's organization sent just now, then flagged maybe dropped
+    by Stripe's report of a failure it did not name, in the window it was sent in."""
+    now = timezone.now()
+    batch = sent_batch(sub, identifier, now, credits=credits)
+    report = _error_report(
+        start=now + timedelta(seconds=10), end=now + timedelta(seconds=20), named=[], error_count=1
+    )
+    assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 1
+    assert marked(batch) == (identifier, now, MeterError.IN_DOUBT)
+    return batch, report
+
+
+def _finance() -> Client:
+    return staff_with("view_overagereport", "change_overagereport")
+
+
+def _checked(client: Client, action: str, *pks: int, **form):
+    """The admin's action on the batches: chosen on the list, or with `form`, its page's
+    form sent; redirects followed."""
+    sent = {"_checked": "go", **form} if form else {}
+    return client.post(
+        CHANGELIST,
+        {"action": action, helpers.ACTION_CHECKBOX_NAME: list(pks), **sent},
+        follow=True,
+    )
+
+
+def _shown(response) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+@pytest.mark.django_db
+def test_finance_clears_the_flag_of_a_batch_they_found_counted_at_stripe(
+    customer, subscribed, stripe_standin
+):
+    # given: a batch of 10 credits flagged maybe dropped
+    sub = subscribed("pro")
+    batch, report = _in_doubt(sub)
+    sent_at = batch.sent_at
+    finance = _finance()
+
+    # when: finance, having found it among the meter's events, chooses "Counted at Stripe":
+    # a page asks for a note; and they send it
+    page = _checked(finance, "counted_at_stripe", batch.pk)
+    assert b'id="checked-form"' in page.content and b"ovg_0_10" in page.content
+    response = _checked(finance, "counted_at_stripe", batch.pk, note="evt 10 credits found")
+
+    # then: the flag is cleared, the batch still sent as it was, never sent again
+    assert _shown(response) == ["batch ovg_0_10: counted at Stripe, flag cleared"]
+    assert marked(batch) == ("ovg_0_10", sent_at, MeterError.COUNTED)
+    assert "evt 10 credits found" in batch.error
+    assert overage_report() == 0
+    # and the organization's audit log says who and why
+    [audit] = AuditEvent.objects.filter(action="billing.overage_counted")
+    assert audit.organization == sub.organization
+    assert audit.actor_user.has_perm("gymbilling.change_overagereport")
+    assert audit.data == {"identifier": "ovg_0_10", "credits": 10, "note": "evt 10 credits found"}
+    # and Stripe's report read again (a replay) flags it no more
+    assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 0
+    assert marked(batch) == ("ovg_0_10", sent_at, MeterError.COUNTED)
+
+
+@pytest.mark.django_db
+def test_finance_sends_again_a_batch_they_found_not_counted_at_stripe(
+    customer, subscribed, stripe_standin
+):
+    # given: a batch of 10 credits flagged maybe dropped, not among the meter's events
+    sub = subscribed("pro")
+    batch, _report = _in_doubt(sub)
+    finance = _finance()
+
+    # when: finance chooses "Not counted — send again" on it, with a note
+    page = _checked(finance, "not_counted_send_again", batch.pk)
+    assert b"Send again only a batch you did not find there" in page.content
+    response = _checked(finance, "not_counted_send_again", batch.pk, note="no event for it")
+
+    # then: re-queued under a new identifier, as a batch Stripe named as dropped is
+    assert _shown(response) == ["batch ovg_0_10: re-queued under a new identifier"]
+    assert marked(batch) == ("ovg_0_10_r1", None, MeterError.DROPPED)
+    assert "no event for it" in batch.error
+    [audit] = AuditEvent.objects.filter(action="billing.overage_dropped")
+    assert audit.actor_user.has_perm("gymbilling.change_overagereport")
+    assert (audit.target, audit.data["outcome"], audit.data["resent_as"]) == (
+        "ovg_0_10",
+        "resent",
+        "ovg_0_10_r1",
+    )
+    assert audit.data["note"] == "no event for it"
+    # and the next run sends it, and Stripe counts it, once
+    assert overage_report() == 10
+    assert overage_report() == 0
+    counted = stripe_standin.meter_events(customer_id(sub.organization))
+    assert [(e["identifier"], int(e["value"])) for e in counted] == [("ovg_0_10_r1", 10)]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", ["counted_at_stripe", "not_counted_send_again"])
+def test_finance_s_word_is_refused_for_a_batch_not_flagged_maybe_dropped(
+    customer, subscribed, stripe_standin, action
+):
+    # given: a batch sent with no meter error (hours ago), and one Stripe named as dropped
+    # (re-queued)
+    sub = subscribed("pro")
+    now = timezone.now()
+    plain = sent_batch(sub, "ovg_0_5", now - timedelta(hours=3))
+    named = sent_batch(sub, "ovg_0_10", now)
+    report = _error_report(
+        start=now + timedelta(seconds=10),
+        end=now + timedelta(seconds=20),
+        named=["ovg_0_10"],
+        error_count=1,
+    )
+    assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 1
+    finance = _finance()
+    before = [marked(plain), marked(named)]
+
+    # when: finance chooses the action on them, and sends its form for them anyway
+    chosen = _checked(finance, action, plain.pk, named.pk)
+    sent = _checked(finance, action, plain.pk, named.pk, note="looked")
+
+    # then: refused, saying why; nothing changed, nothing audited
+    assert _shown(chosen) == [
+        "No batch flagged maybe dropped selected: only those can be checked at Stripe here."
+    ]
+    [shown] = _shown(sent)
+    assert "batch ovg_0_10_r1: Only a batch flagged maybe dropped" in shown
+    assert "ovg_0_10_r1 is dropped by Stripe, which named it" in shown
+    assert "ovg_0_5 is not flagged" in shown and "(overage_not_in_doubt)" in shown
+    assert [marked(plain), marked(named)] == before
+    assert (
+        not AuditEvent.objects.filter(
+            action__in=["billing.overage_counted", "billing.overage_dropped"]
+        )
+        .exclude(target="ovg_0_10")
+        .exists()
+    )
+    # and a note is required; staff who may only view batches are not offered the action
+    flagged, _ = _in_doubt(sub, "ovg_0_20")
+    bare = _checked(finance, action, flagged.pk, note="  ")
+    assert bare.context["form"].errors.keys() == {"note"}
+    assert marked(flagged)[2] == MeterError.IN_DOUBT
+    assert action not in offered_actions(staff_with("view_overagereport"), CHANGELIST)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_finance_s_word_waits_for_a_run_sending_batches(
+    customer, subscribed, stripe_standin, monkeypatch
+):
+    # given: a batch flagged maybe dropped, and a run paused sending another batch
+    sub = subscribed("pro")
+    batch, _report = _in_doubt(sub)
+    spend(sub.organization, 12_010 * MICRO, key="job-1")
+    paused, resume = pause_after(monkeypatch, stripe_client, "meter_event_create", thread="run")
+    errors: list = []
+    running = threading.Thread(name="run", target=on_own_connection, args=(overage_report, errors))
+    running.start()
+    assert paused.wait(timeout=60)
+
+    # when: finance says the flagged batch was counted
+    actor = _finance()
+    checking = threading.Thread(
+        name="finance",
+        target=on_own_connection,
+        args=(
+            lambda: _checked(actor, "counted_at_stripe", batch.pk, note="found it"),
+            errors,
+        ),
+    )
+    checking.start()
+    wait_until(
+        lambda: lock_waiters() > 0 or not checking.is_alive(),
+        what="finance's action to wait for the run",
+    )
+
+    # then: it waits for the run, then clears the flag
+    assert checking.is_alive(), "finance's action did not wait for the run's lock"
+    assert marked(batch)[2] == MeterError.IN_DOUBT
+    resume.set()
+    running.join(timeout=120)
+    checking.join(timeout=120)
+    assert errors == []
+    assert marked(batch)[2] == MeterError.COUNTED
