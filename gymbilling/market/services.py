@@ -2376,7 +2376,7 @@ def _refuse_if_changed_since_refused(payout: MarketPayout, fills: list[MarketFil
     refused = MoneyTransaction.objects.filter(idempotency_key=f"payout_failed:{payout.pk}").first()
     why = ""
     if not fills or refused is None:
-        why = "which sales it paid was not recorded when Stripe refused it (before gymbilling/0039)"
+        why = "which sales it paid was not recorded when Stripe refused it (before gymbilling/0040)"
     elif any(f.proceeds != ProceedsState.AVAILABLE or f.payout_id for f in fills) or (
         # Every posting on a fill is made with the fill locked, as the refusal's was: one
         # made after it has a later id.

@@ -15,7 +15,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("gymbilling", "0038_marketpayout_send_attempts"),
+        ("gymbilling", "0039_payout_pending_sent_once"),
     ]
 
     operations = [

@@ -8,7 +8,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("gymbilling", "0039_marketfill_refused_payout"),
+        ("gymbilling", "0040_marketfill_refused_payout"),
     ]
 
     operations = [
