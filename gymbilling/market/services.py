@@ -2212,50 +2212,71 @@ def payouts_run(*, now: datetime | None = None) -> int:
 def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
     """Finance fixed what made Stripe refuse these payouts: their sellers are paid again.
 
-    Every refused payout to the same seller, currency and destination stops
-    holding, and what the seller has available there is recorded and sent at
-    once (not for a seller frozen by a refund or dispute: the payout run pays
-    them once finance lifts the freeze). Returns, by refused payout, what
-    became of it: the new payout's status, "frozen", or "nothing available".
-    Refused again, the new payout holds them again.
+    The refused payout stops holding, and with it every other refused payout to the same
+    seller, currency and destination but one that may have paid the seller
+    (`may_have_paid`): finance looks at each of those at Stripe, and retries it or marks
+    it paid on its own (payout_mark_paid), under its own lock. Released with another, it
+    could no longer be marked paid, and its sales would be paid again. Then what the
+    seller has available is recorded and sent at once. Returns, by refused payout, what
+    became of it: the new payout's status, "nothing available", "held by payout <id>"
+    (another that may have paid the seller still holds their payouts: nothing is paid
+    until it is retried or marked paid too; the payout run pays them then), or "frozen"
+    (a seller frozen by a refund or dispute: nothing changed; retry it once finance
+    lifts the freeze). Refused again, the new payout holds them again.
     """
     held = list(
         MarketPayout.objects.filter(
             pk__in=payout_ids, status=PayoutStatus.FAILED, retry_allowed_at__isnull=True
         )
         .order_by("pk")
-        .values_list("pk", "seller_id", "currency", "destination")
+        .values_list("pk", "seller_id", "currency", "destination", "may_have_paid")
     )
     results: dict[int, str] = {}
-    done: dict[tuple[int, str, str], int] = {}
-    for pk, seller_id, currency, destination in held:
-        if (seller_id, currency, destination) in done:  # retried with an earlier one
-            results[pk] = results[done[seller_id, currency, destination]]
+    released: dict[tuple[int, str, str], int] = {}
+    for pk, seller_id, currency, destination, may_have_paid in held:
+        group = (seller_id, currency, destination)
+        if not may_have_paid and group in released:
+            # Released by an earlier one's retry (one that may have paid never is: it is
+            # retried on its own).
+            results[pk] = results[released[group]]
             continue
-        done[seller_id, currency, destination] = pk
         # Under the refused payout's send lock, as finance's payout_mark_paid: of the two
-        # at once, the later finds what the first did (marked paid: not retried, which
-        # would pay the seller again; retried: not marked paid).
+        # at once, the later finds what the first did to this payout (marked paid: not
+        # retried, which would pay the seller again; retried: not marked paid).
         with session_lock(f"market-payout:{pk}"):
-            results[pk] = _payout_retry(
+            results[pk], was_released = _payout_retry(
                 payout_id=pk, seller_id=seller_id, currency=currency, destination=destination
             )
+        if was_released:
+            released.setdefault(group, pk)
     return results
 
 
-def _payout_retry(*, payout_id: int, seller_id: int, currency: str, destination: str) -> str:
-    """payouts_retry of one refused payout, under its lock."""
+def _payout_retry(
+    *, payout_id: int, seller_id: int, currency: str, destination: str
+) -> tuple[str, bool]:
+    """payouts_retry of one refused payout, under its lock: what became of it, and whether
+    it and the others it releases were released."""
     holding = _holding(seller_id=seller_id, currency=currency)
     if not holding.filter(pk=payout_id).exists():  # under the lock: it stays so
         status = MarketPayout.objects.values_list("status", flat=True).get(pk=payout_id)
-        return f"not retried: it is {status} now"
-    holding.filter(destination=destination).update(retry_allowed_at=timezone.now())
+        return f"not retried: it is {status} now", False
+    # Before anything is released: a frozen seller's payout left as it was can still be
+    # marked paid, and is not paid again by the first run after the freeze is lifted.
     if BillingCustomer.objects.filter(
         organization_id=seller_id, resale_frozen_at__isnull=False
     ).exists():
-        return "frozen"
+        return "frozen", False
+    # Not the others that may have paid: this payout's lock does not cover them (a
+    # payout_mark_paid of one may be running), and finance has looked at this one only.
+    holding.filter(destination=destination).filter(Q(pk=payout_id) | Q(may_have_paid=False)).update(
+        retry_allowed_at=timezone.now()
+    )
+    still = holding.filter(may_have_paid=True).values_list("pk", flat=True).first()
+    if still is not None:
+        return f"held by payout {still}", True
     payout = _payout_record(seller_id=seller_id, currency=currency)
-    return payout_send(payout_id=payout.pk) if payout is not None else "nothing available"
+    return (payout_send(payout_id=payout.pk) if payout is not None else "nothing available"), True
 
 
 # Which payouts finance may mark paid at Stripe (payout_mark_paid): refused, an earlier

@@ -35,6 +35,7 @@ from gymbilling.models import (
     ProceedsState,
 )
 from gymbilling.services.customers import billing_customer_replace
+from gymbilling.services.payments import resale_freeze
 from metering.reconcile import ledger_reconcile
 from tests.gymbilling.market.conftest import market_member, money, refund, sold
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
@@ -570,6 +571,81 @@ def test_mark_paid_at_stripe_needs_a_balance_transaction_and_a_note(market_strip
     assert not AuditEvent.objects.filter(action="market.payout_marked_paid").exists()
     # and staff who may only view payouts are not offered it
     assert "mark_paid_at_stripe" not in offered_actions(staff_with("view_marketpayout"), CHANGELIST)
+
+
+def test_a_retry_of_one_payout_that_may_have_paid_leaves_another_held_and_markable(
+    market_stripe, seller, buyer
+):
+    # given: two payouts of 112 (two sales) to the seller's customer, each sent once and
+    # credited there, their answers lost; the customer deleted at Stripe since and
+    # replaced; the payout run failed both for finance
+    for _ in range(2):
+        sold(market_stripe, seller, buyer)
+        market_stripe.down = True
+        assert payouts_run(now=timezone.now() + LATER) == 0
+        market_stripe.down = False
+    first, second = MarketPayout.objects.order_by("pk")
+    gone = _seller_customer(seller)
+    _payout_create_at_stripe(first)
+    credit = _payout_create_at_stripe(second)
+    market_stripe.standin.expire_idempotency_keys()
+    market_stripe.delete_customer(gone.stripe_customer_id)
+    replacement = billing_customer_replace(customer=gone).stripe_customer_id
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert set(MarketPayout.objects.values_list("status", "may_have_paid")) == {
+        (PayoutStatus.FAILED, True)
+    }
+    assert money("seller_available", organization=seller) == 224
+
+    # when: finance found the first's credit unused, and retry it
+    results = payouts_retry(payout_ids=[first.pk])
+
+    # then: the second still holds the seller's payouts: nothing is paid yet
+    assert results == {first.pk: f"held by payout {second.pk}"}
+    second.refresh_from_db()
+    assert (second.status, second.retry_allowed_at) == (PayoutStatus.FAILED, None)
+    assert market_stripe.balance_credits(seller) == []
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert money("seller_available", organization=seller) == 224
+
+    # when: finance found the second's credit used, and mark it paid; the payout run comes
+    payout_mark_paid(payout_id=second.pk, note="credit used", evidence=credit["id"], actor=None)
+    assert payouts_run(now=timezone.now() + LATER) == 1
+
+    # then: each sale paid once: the second's by its credit to the deleted customer, the
+    # first's to the new customer
+    second.refresh_from_db()
+    assert (second.status, second.stripe_object_id) == (PayoutStatus.SENT, credit["id"])
+    assert [(c["amount"], c["customer"]) for c in market_stripe.balance_credits(seller)] == [
+        (-112, replacement)
+    ]
+    assert money("payouts") == 224
+    assert money("seller_available", organization=seller) == 0
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert ledger_reconcile().ok
+
+
+def test_a_retry_for_a_frozen_seller_leaves_the_payout_as_it_was(market_stripe, seller, buyer):
+    # given: a payout that may have paid the seller, who is frozen by a dispute
+    payout, credit = _may_have_paid(market_stripe, seller, buyer)
+    resale_freeze(organization=seller, reason="dispute du_1")
+
+    # when: finance retries it
+    results = payouts_retry(payout_ids=[payout.pk])
+
+    # then: frozen, and nothing changed: it still holds, and can still be marked paid
+    assert results == {payout.pk: "frozen"}
+    payout.refresh_from_db()
+    assert (payout.status, payout.retry_allowed_at) == (PayoutStatus.FAILED, None)
+    payout_mark_paid(payout_id=payout.pk, note="credit used", evidence=credit["id"], actor=None)
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.SENT
+    # and once the freeze is lifted, the run pays nothing of that sale again
+    BillingCustomer.objects.filter(organization=seller).update(resale_frozen_at=None)
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert market_stripe.balance_credits(seller) == []
+    assert money("payouts") == 112
+    assert money("seller_available", organization=seller) == 0
 
 
 @pytest.mark.django_db(transaction=True)
