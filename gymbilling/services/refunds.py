@@ -125,7 +125,11 @@ def _form_refund(*, key: str, params: dict, make: Callable[[list[dict]], dict]) 
     the other made.
     """
     payment_intent_id = params["payment_intent"]
-    with session_lock(f"payment-refund:{payment_intent_id}"):
+    # The name the market sale refund's lock had before this lock covered every form
+    # refund: during a rolling deploy an old process refunding a market sale and a new
+    # one take the same lock, and so exclude each other. One name for every payment, so
+    # that new processes never disagree on it whatever the payment turns out to be.
+    with session_lock(f"market-sale-refund:{payment_intent_id}"):
         refunds = stripe_client.refunds_list(payment_intent=payment_intent_id)
         undone = None
         for made in refunds:

@@ -10,12 +10,14 @@ over HTTP; its webhooks are applied as the worker would (`deliver`).
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
 
 from accounts.models import AuditEvent
 from gymbilling import stripe_client
+from gymbilling.locks import session_lock
 from gymbilling.market.services import (
     SHORTFALL_REASON,
     _shortfall_refund_claim,
@@ -38,7 +40,7 @@ from tests.gymbilling.market.conftest import (
     shortfall_unrefunded,
     sold,
 )
-from tests.helpers import credits, ledger_rows
+from tests.helpers import credits, ledger_rows, lock_waiters, on_own_connection, wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -334,6 +336,52 @@ def test_the_delivered_sale_s_refund_sent_twice_from_one_form_is_made_once(
     [event] = AuditEvent.objects.filter(organization=buyer, action="payment.refunded")
     assert event.data["refund"] == made["id"]
     assert _sale_and_credits(seller, buyer) == (0, 0, 0)
+
+
+def test_a_sale_refund_waits_for_one_an_older_process_is_making(
+    market_stripe, seller, buyer, short_order, deliver, admin_client, admin_user
+):
+    """During a rolling deploy a process of the release before takes the sale refund's
+    lock by its old name, `market-sale-refund:<payment intent>`: this one must wait for it."""
+    # given: the order owes its 30 back; an older process holds the lock, refunding the sale
+    order, intent = short_order(refused=False)
+    held, release = threading.Event(), threading.Event()
+    errors: list = []
+
+    def older_process():
+        with session_lock(f"market-sale-refund:{intent}"):
+            held.set()
+            release.wait(timeout=60)
+
+    refunds_seen_while_waiting: list = []
+
+    def watch():
+        # Once this process waits for the lock (or has finished without waiting), let the
+        # older one go on.
+        wait_until(lambda: lock_waiters() > 0 or release.is_set(), what="the refund to wait")
+        if not release.is_set():
+            refunds_seen_while_waiting.append(stripe_client.refunds_list(payment_intent=intent))
+        release.set()
+
+    older = threading.Thread(target=on_own_connection, args=(older_process, errors))
+    older.start()
+    assert held.wait(timeout=60)
+    watcher = threading.Thread(target=on_own_connection, args=(watch, errors))
+    watcher.start()
+
+    # when: finance refund the delivered sale from the page meanwhile
+    response = _post(admin_client, order, part="sale", amount="24")
+    release.set()
+    older.join(timeout=60)
+    watcher.join(timeout=60)
+    deliver()
+
+    # then: it waited for the older process, Stripe refunding nothing meanwhile; then made
+    assert errors == [] and not older.is_alive() and not watcher.is_alive()
+    assert refunds_seen_while_waiting == [[]]
+    assert response.status_code == 302, _form_errors(response)
+    [made] = stripe_client.refunds_list(payment_intent=intent)
+    assert made["amount"] == 24
 
 
 def test_a_blank_sale_refund_counts_a_refund_stripe_made_that_is_not_applied_here_yet(
