@@ -921,6 +921,16 @@ class PayoutMarkPaidForm(forms.Form):
         return evidence
 
 
+class PayoutRetryForm(forms.Form):
+    note = forms.CharField(
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="What you found at Stripe (no credit of this payout in the deleted "
+        "customer's balance transactions, or a credit the seller never used; who checked): "
+        "kept in the seller's audit log.",
+    )
+
+
 @admin.register(MarketPayout)
 class MarketPayoutAdmin(ReadOnlyAdmin):
     list_display = [
@@ -1011,9 +1021,31 @@ class MarketPayoutAdmin(ReadOnlyAdmin):
         permissions=["retry"],
     )
     def retry_payouts(self, request, queryset):
-        from gymbilling.market.services import payouts_retry
+        """Retried at once; but a selection with a payout an earlier send may have paid
+        (which a retry pays again) first shows a page asking for a note, as "Mark paid at
+        Stripe" does, kept in the seller's audit log."""
+        from gymbilling.market.services import PAYOUT_MARKABLE, payouts_retry
 
-        results = payouts_retry(payout_ids=list(queryset.values_list("pk", flat=True)))
+        note = ""
+        may_have_paid = queryset.filter(PAYOUT_MARKABLE).select_related("seller")
+        if may_have_paid:
+            form = PayoutRetryForm(request.POST if "_retry" in request.POST else None)
+            if not form.is_valid():
+                return action_page(
+                    self,
+                    request,
+                    "admin/gymbilling/payout_retry.html",
+                    title="Retry refused payouts that may have paid the seller",
+                    action="Retry",
+                    action_name="retry_payouts",
+                    payouts=may_have_paid,
+                    selected=list(queryset.values_list("pk", flat=True)),
+                    form=form,
+                )
+            note = form.cleaned_data["note"]
+        results = payouts_retry(
+            payout_ids=list(queryset.values_list("pk", flat=True)), note=note, actor=request.user
+        )
         if not results:
             self.message_user(
                 request, "No refused payout waiting for finance selected.", messages.WARNING

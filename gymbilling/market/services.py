@@ -2209,7 +2209,7 @@ def payouts_run(*, now: datetime | None = None) -> int:
     return sent
 
 
-def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
+def payouts_retry(*, payout_ids: list[int], note: str = "", actor=None) -> dict[int, str]:
     """Finance fixed what made Stripe refuse these payouts: their sellers are paid again.
 
     The refused payout stops holding, and with it every other refused payout to the same
@@ -2223,6 +2223,11 @@ def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
     until it is retried or marked paid too; the payout run pays them then), or "frozen"
     (a seller frozen by a refund or dispute: nothing changed; retry it once finance
     lifts the freeze). Refused again, the new payout holds them again.
+
+    A payout that may have paid the seller pays them again once retried, so finance say
+    what they found at Stripe: retried only with a `note`, which goes with who
+    (`actor`) to the seller's audit log (`market.payout_retried`); without one, "not
+    retried: ..." and nothing changed.
     """
     held = list(
         MarketPayout.objects.filter(
@@ -2245,7 +2250,12 @@ def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
         # retried, which would pay the seller again; retried: not marked paid).
         with session_lock(f"market-payout:{pk}"):
             results[pk], was_released = _payout_retry(
-                payout_id=pk, seller_id=seller_id, currency=currency, destination=destination
+                payout_id=pk,
+                seller_id=seller_id,
+                currency=currency,
+                destination=destination,
+                note=note.strip(),
+                actor=actor,
             )
         if was_released:
             released.setdefault(group, pk)
@@ -2253,7 +2263,7 @@ def payouts_retry(*, payout_ids: list[int]) -> dict[int, str]:
 
 
 def _payout_retry(
-    *, payout_id: int, seller_id: int, currency: str, destination: str
+    *, payout_id: int, seller_id: int, currency: str, destination: str, note: str, actor
 ) -> tuple[str, bool]:
     """payouts_retry of one refused payout, under its lock: what became of it, and whether
     it and the others it releases were released."""
@@ -2267,16 +2277,44 @@ def _payout_retry(
         organization_id=seller_id, resale_frozen_at__isnull=False
     ).exists():
         return "frozen", False
-    # Not the others that may have paid: this payout's lock does not cover them (a
-    # payout_mark_paid of one may be running), and finance has looked at this one only.
-    holding.filter(destination=destination).filter(Q(pk=payout_id) | Q(may_have_paid=False)).update(
-        retry_allowed_at=timezone.now()
-    )
+    payout = MarketPayout.objects.select_related("seller").get(pk=payout_id)
+    if payout.may_have_paid and not note:
+        return (
+            "not retried: an earlier send may have paid the seller; say what you found "
+            "at Stripe (a note)"
+        ), False
+    with transaction.atomic():
+        # Not the others that may have paid: this payout's lock does not cover them (a
+        # payout_mark_paid of one may be running), and finance has looked at this one only.
+        holding.filter(destination=destination).filter(
+            Q(pk=payout_id) | Q(may_have_paid=False)
+        ).update(retry_allowed_at=timezone.now())
+        if payout.may_have_paid:
+            _payout_audit(payout, "market.payout_retried", actor=actor, note=note)
     still = holding.filter(may_have_paid=True).values_list("pk", flat=True).first()
     if still is not None:
         return f"held by payout {still}", True
-    payout = _payout_record(seller_id=seller_id, currency=currency)
-    return (payout_send(payout_id=payout.pk) if payout is not None else "nothing available"), True
+    new = _payout_record(seller_id=seller_id, currency=currency)
+    return (payout_send(payout_id=new.pk) if new is not None else "nothing available"), True
+
+
+def _payout_audit(payout: MarketPayout, action: str, *, actor, note: str, **data) -> None:
+    """What finance did to a refused payout that may have paid the seller (retried it,
+    marked it paid), in the seller's audit log: who, the payout, their note."""
+    audit_record(
+        organization=payout.seller,
+        action=action,
+        target=f"market payout {payout.pk}",
+        actor_user=actor,
+        data={
+            "payout": payout.pk,
+            "amount": payout.amount,
+            "currency": payout.currency,
+            "destination": payout.destination,
+            **data,
+            "note": note[:500],
+        },
+    )
 
 
 # Which payouts finance may mark paid at Stripe (payout_mark_paid): refused, an earlier
@@ -2343,19 +2381,8 @@ def _payout_marked_paid(*, payout_id: int, note: str, evidence: str, actor) -> M
         _refuse_if_changed_since_refused(payout, fills)
         _payout_book(payout, fills=fills, key=f"payout_marked_paid:{payout.pk}")
         _payout_sent(payout.pk, stripe_object_id=evidence, was=PayoutStatus.FAILED)
-        audit_record(
-            organization=payout.seller,
-            action="market.payout_marked_paid",
-            target=f"market payout {payout.pk}",
-            actor_user=actor,
-            data={
-                "payout": payout.pk,
-                "amount": payout.amount,
-                "currency": payout.currency,
-                "destination": payout.destination,
-                "evidence": evidence,
-                "note": note[:500],
-            },
+        _payout_audit(
+            payout, "market.payout_marked_paid", actor=actor, note=note, evidence=evidence
         )
     logger.warning(
         "market payout %s of %s %s to %s marked paid at Stripe (%s) by %s: %s",

@@ -385,7 +385,9 @@ def test_a_balance_credit_an_earlier_send_may_have_made_to_a_customer_deleted_si
     assert money("seller_available", organization=seller) == 112
 
     # when: finance found the deleted customer never used the credit, and retry it
-    assert payouts_retry(payout_ids=[payout.pk]) == {payout.pk: PayoutStatus.SENT}
+    assert payouts_retry(payout_ids=[payout.pk], note="no credit found") == {
+        payout.pk: PayoutStatus.SENT
+    }
 
     # then: the 112 go to the new customer, once
     assert [(c["amount"], c["customer"]) for c in market_stripe.balance_credits(seller)] == [
@@ -598,7 +600,7 @@ def test_a_retry_of_one_payout_that_may_have_paid_leaves_another_held_and_markab
     assert money("seller_available", organization=seller) == 224
 
     # when: finance found the first's credit unused, and retry it
-    results = payouts_retry(payout_ids=[first.pk])
+    results = payouts_retry(payout_ids=[first.pk], note="its credit was never used")
 
     # then: the second still holds the seller's payouts: nothing is paid yet
     assert results == {first.pk: f"held by payout {second.pk}"}
@@ -631,7 +633,7 @@ def test_a_retry_for_a_frozen_seller_leaves_the_payout_as_it_was(market_stripe, 
     resale_freeze(organization=seller, reason="dispute du_1")
 
     # when: finance retries it
-    results = payouts_retry(payout_ids=[payout.pk])
+    results = payouts_retry(payout_ids=[payout.pk], note="no credit found")
 
     # then: frozen, and nothing changed: it still holds, and can still be marked paid
     assert results == {payout.pk: "frozen"}
@@ -646,6 +648,60 @@ def test_a_retry_for_a_frozen_seller_leaves_the_payout_as_it_was(market_stripe, 
     assert market_stripe.balance_credits(seller) == []
     assert money("payouts") == 112
     assert money("seller_available", organization=seller) == 0
+
+
+def _retry(client: Client, *payout_pks: int, **form):
+    """The admin's "Retry" on the payouts: chosen on the list, or with `form`, its page's
+    form sent; redirects followed."""
+    sent = {"_retry": "Retry", **form} if form else {}
+    return client.post(
+        CHANGELIST,
+        {"action": "retry_payouts", helpers.ACTION_CHECKBOX_NAME: list(payout_pks), **sent},
+        follow=True,
+    )
+
+
+def test_a_retry_of_a_payout_that_may_have_paid_asks_for_a_note_first(market_stripe, seller, buyer):
+    # given: a payout of 112 failed for finance: an earlier send may have credited the
+    # seller's customer, deleted at Stripe since
+    payout, _credit = _may_have_paid(market_stripe, seller, buyer)
+    replacement = _seller_customer(seller).stripe_customer_id
+    finance = _finance()
+
+    # when: finance choose Retry on it, then send its page's form with no note
+    page = _retry(finance, payout.pk)
+    bare = _retry(finance, payout.pk, note="  ")
+
+    # then: a page asks for the note, shown again while it is blank; nothing is paid
+    assert page.status_code == 200 and b'id="retry-form"' in page.content
+    assert payout.destination.encode() in page.content
+    assert bare.context["form"].errors.keys() == {"note"}
+    payout.refresh_from_db()
+    assert (payout.status, payout.retry_allowed_at) == (PayoutStatus.FAILED, None)
+    assert market_stripe.balance_credits(seller) == []
+    assert money("seller_available", organization=seller) == 112
+    # and the service retries none without a note either
+    [refused] = payouts_retry(payout_ids=[payout.pk]).values()
+    assert refused.startswith("not retried: an earlier send may have paid the seller")
+
+    # when: they send it with a note
+    response = _retry(finance, payout.pk, note="No credit of it at Stripe; checked by Ann.")
+
+    # then: the seller is paid to the new customer, once, and the audit log says who and why
+    assert f"payout {payout.pk}: {PayoutStatus.SENT}" in " ".join(_shown(response))
+    assert [(c["amount"], c["customer"]) for c in market_stripe.balance_credits(seller)] == [
+        (-112, replacement)
+    ]
+    assert money("seller_available", organization=seller) == 0
+    [event] = AuditEvent.objects.filter(organization=seller, action="market.payout_retried")
+    assert event.actor_user.has_perm("gymbilling.change_marketpayout")
+    assert event.data == {
+        "payout": payout.pk,
+        "amount": 112,
+        "currency": "usd",
+        "destination": payout.destination,
+        "note": "No credit of it at Stripe; checked by Ann.",
+    }
 
 
 @pytest.mark.django_db(transaction=True)
@@ -674,7 +730,10 @@ def test_a_retry_sent_while_finance_marks_the_payout_paid_waits_and_pays_nothing
     retry = threading.Thread(
         name="retry",
         target=on_own_connection,
-        args=(lambda: retried.update(payouts_retry(payout_ids=[payout.pk])), errors),
+        args=(
+            lambda: retried.update(payouts_retry(payout_ids=[payout.pk], note="unused")),
+            errors,
+        ),
     )
     run_against_paused(retry, paused=marking, resume=resume, what="the retry to wait")
 
