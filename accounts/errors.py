@@ -80,13 +80,31 @@ class ApplicationError(Exception):
         )
 
 
+def _encodable(text: str | None) -> str | None:
+    """`text` as UTF-8 can carry it: a lone surrogate written as its escape (`\\ud800`).
+
+    JSON may escape a lone surrogate ("\\ud800"), and a message or param repeats what
+    the client sent (a ChoiceField's "is not a valid choice", an unknown key), but
+    DRF's JSON renderer writes it raw and then fails to encode it: every such
+    error was a 500.
+    """
+    if not isinstance(text, str) or text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def error_body(*, code: str, message: str, status: int, param: str | None = None, **extra: Any):
+    """The error shape; every error body is built here, so every one is encodable."""
     return {
         "error": {
             "type": _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error"),
             "code": code,
-            "message": message,
-            "param": param,
+            "message": _encodable(message),
+            "param": _encodable(param),
             **extra,
         }
     }

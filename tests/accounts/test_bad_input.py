@@ -155,6 +155,18 @@ BAD_KEY_REQUESTS = {
         "invalid_request",
         "requests_per_minute",
     ),
+    # A lone surrogate (sent escaped, as JSON allows) in a key the serializer does not
+    # know: echoed in the error, the renderer could not encode it (a 500).
+    "unknown-field-surrogate": Bad(
+        "/api/v1/keys", j({**VALID, "\ud800": 1}), 400, "invalid_request", "\\ud800"
+    ),
+    "invitation-role-surrogate": Bad(
+        "/api/v1/orgs/{org}/invitations",
+        j({"email": "a@example.test", "role": "\ud800"}),
+        400,
+        "invalid_request",
+        "role",
+    ),
     "typo-field": Bad(
         "/api/v1/keys", j({"nmae": "ok", "scopes": ["admin"]}), 400, "invalid_request"
     ),

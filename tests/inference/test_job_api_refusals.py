@@ -382,3 +382,34 @@ def test_a_bad_message_is_named_by_its_index_the_first_too(api, org, messages, p
     assert (error["code"], error["param"]) == ("invalid_request", param)
     assert organization_balance(organization=org) == before
     assert not Job.objects.filter(organization=org).exists()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_lone_surrogate_echoed_in_an_error_is_escaped_not_a_500(api, org, path, stream):
+    # given a body whose error repeats what was sent: a role that is no choice (chat), a
+    # field that is not known (completions), each a lone surrogate, which the JSON
+    # renderer could not encode (a 500 on every endpoint)
+    before = organization_balance(organization=org)
+    if path == "/v1/chat/completions":
+        body = {"model": MODEL, "messages": [{"role": "\ud800", "content": "hi"}]}
+        param = "messages.0.role"
+    else:
+        body = {"model": MODEL, "prompt": "hi", "\ud800": 1}
+        param = "\\ud800"
+
+    # when (sent as JSON text: "\ud800" travels escaped, as a client's JSON encoder sends it)
+    response = api.post(
+        path,
+        json.dumps({**body, "stream": stream}),
+        content_type="application/json",
+        HTTP_IDEMPOTENCY_KEY=f"surrogate-{stream}",
+    )
+
+    # then a 400 naming the field, the surrogate written as its escape
+    error = _error(response, 400)
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert "\\ud800" in error["message"]
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+    assert not org.idempotency_records.exists()
