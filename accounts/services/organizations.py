@@ -8,7 +8,7 @@ from datetime import timedelta
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
-from django.utils.text import slugify
+from django.utils.text import Truncator, slugify
 
 from accounts.errors import ApplicationError
 from accounts.models import (
@@ -92,9 +92,12 @@ def user_signup(*, email: str, password: str | None) -> User | None:
     # joined to the suffix by another, the slug had "--", which organization_create
     # refuses (slugify collapses it), and the address could never sign up.
     base = slugify(email.split("@")[0])[:40].strip("-_") or "user"
-    organization_create(
-        slug=f"{base}-{secrets.token_hex(3)}", name=email, owner=user, personal=True
-    )
+    # Named by the address, cut to what a name holds (an ellipsis at its end) where the
+    # address is longer: the name is a label (the organization switcher, the Stripe
+    # customer), the address itself is the user's, and a name column as long as an
+    # address would let every other organization's name grow past what pages show.
+    name = Truncator(email).chars(Organization._meta.get_field("name").max_length)
+    organization_create(slug=f"{base}-{secrets.token_hex(3)}", name=name, owner=user, personal=True)
     user_email_verification_send(user=user)
     return user
 

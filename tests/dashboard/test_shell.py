@@ -62,6 +62,21 @@ def test_an_address_whose_local_part_cut_ends_in_a_hyphen_signs_up(client):
     assert re.fullmatch(r"marie-christinevan-der-berg-oppenheimer-[0-9a-f]{6}", organization.slug)
 
 
+def test_an_address_longer_than_an_organization_name_signs_up(client):
+    # given a valid address of 213 characters: the personal organization is named by it,
+    # and a name holds 200
+    email = "a" * 200 + "@example.test"
+
+    # when it signs up
+    response = client.post("/signup/", {"email": email, "password": "a long and unusual pass 3"})
+
+    # then the account and its one personal organization are made, named by the address cut
+    assert response.status_code == 302 and response["Location"] == reverse("signup-done")
+    [organization] = Organization.objects.filter(memberships__user__email=email)
+    assert organization.personal
+    assert organization.name == "a" * 199 + "\u2026"
+
+
 def sign_up_answer(email: str, password: str, **extra) -> tuple:
     """What a client sees of a sign-up: the answer, its cookies, the page it leads to."""
     visitor = Client()
