@@ -48,14 +48,18 @@ def organization_audit_events(*, organization: Organization) -> QuerySet[AuditEv
 
 
 def user_by_email(*, email: str) -> User:
-    """The person with an account under `email` (any case), or `user_not_found`.
+    """The person with an account under `email` (any case or Unicode compatibility form),
+    or `user_not_found`.
 
     Only an address its owner proved (`email_verified`): anyone may sign up under any
     address, and a manager adding "cfo@their-company" must not add whoever did. An
     unverified account answers exactly as no account does, so that this reveals nothing;
     an invitation reaches it (its token proves the mailbox).
     """
-    user = User.objects.filter(email=email.lower(), email_verified=True).first()
+    # As it is stored (canonical_email): "ada@\uff45xample.test" (a fullwidth e) is the
+    # address that signs in, and that an invitation reaches, as ada@example.test.
+    email = User.objects.canonical_email(email)
+    user = User.objects.filter(email=email, email_verified=True).first()
     if user is None:
         raise ApplicationError(
             code="user_not_found",

@@ -703,6 +703,27 @@ def test_an_email_longer_than_the_column_is_refused_not_a_server_error(team):
     assert not Invitation.objects.filter(organization=team["org"]).exists()
 
 
+def test_a_member_is_added_by_any_form_of_their_verified_address(team, member_of):
+    # given a verified account under ada@example.test
+    org = team["org"]
+    ada = UserFactory(email="ada@example.test")
+    assert ada.email_verified
+
+    # when a manager adds "ada@\uff45xample.test" (a fullwidth e), the address that signs
+    # in, and that an invitation reaches, as ada@example.test
+    response = send(
+        signed_in(team[Role.OWNER]),
+        "post",
+        f"/api/v1/orgs/{org.pk}/members",
+        {"email": "ada@\uff45xample.test"},
+    )
+
+    # then Ada is the member added
+    assert response.status_code == 201, response.content
+    assert response.json()["email"] == "ada@example.test"
+    assert membership(org, ada).role == Role.MEMBER
+
+
 def test_someone_else_cannot_accept_the_invitation(team, invited):
     # given
     org = team["org"]
