@@ -16,6 +16,8 @@ from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Lower
 
+from accounts.errors import ApplicationError
+
 
 class UserManager(BaseUserManager["User"]):
     use_in_migrations = True
@@ -31,6 +33,32 @@ class UserManager(BaseUserManager["User"]):
         "ada@example.test" as a second account, which no sign-in could then reach.
         """
         return unicodedata.normalize("NFKC", cls.normalize_email(email or "")).lower()
+
+    @classmethod
+    def storable_email(cls, email: str | None) -> str:
+        """`email` in its canonical form, checked again as the column takes it: a valid
+        address of at most 254 characters; else 400 `invalid_email` naming `email`.
+
+        Forms and serializers check the address as typed, but NFKC may stretch it: each
+        U+FDFA is 18 characters, spaces among them, each U+FB03 the three letters "ffi".
+        Stored unchecked, such an address was a 500 (the column's limit) or one that no
+        mail reaches. Every service that stores a typed address takes it from here.
+        """
+        canonical = cls.canonical_email(email)
+        try:
+            User._meta.get_field("email").clean(canonical, None)
+        except ValidationError:
+            raise ApplicationError(
+                code="invalid_email",
+                message="Enter a valid email address of at most 254 characters, in plain "
+                "letters: in the form it is stored in (Unicode NFKC, lower case) this one is "
+                "not valid, or is longer.",
+                param="email",
+                # Checked before anything is written: a corrected retry may reuse the
+                # Idempotency-Key (accounts.api_base._REFUSED_BEFORE_WORK).
+                refuses_input=True,
+            ) from None
+        return canonical
 
     def _create_user(self, email: str, password: str | None, **extra) -> User:
         if not email:

@@ -129,7 +129,7 @@ def user_email_change(*, user: User, email: str, changed_by: User, verified: boo
     address stops working, as a password reset link sent there does (Django's token
     covers the address).
     """
-    email = User.objects.canonical_email(email)
+    email = User.objects.storable_email(email)
     old_email = user.email
     row = User.objects.select_for_update().get(pk=user.pk)
     # Once proven, the account is its owner's: a password reset through the new address

@@ -78,7 +78,7 @@ def user_signup(*, email: str, password: str | None) -> User | None:
     the caller can answer both alike, in about the same time: the answer to sign-up
     must not say which addresses have accounts (SignupView).
     """
-    email = User.objects.canonical_email(email)
+    email = User.objects.storable_email(email)
     try:
         with transaction.atomic():
             # The password is hashed before the insert is tried, on both branches.
@@ -325,7 +325,7 @@ def invitation_create(
     _require_role(role)
     _require_manager(organization, actor)
     _require_owner_for(organization, actor, role, actor_key=actor_key)
-    email = User.objects.canonical_email(email)
+    email = User.objects.storable_email(email)
     if Membership.objects.filter(organization=organization, user__email=email).exists():
         raise ApplicationError(
             code="already_member", message=f"{email} is already a member.", status=409

@@ -152,6 +152,14 @@ class SignupForm(forms.Form):
     email = forms.EmailField(max_length=254)
     password = forms.CharField(widget=forms.PasswordInput, max_length=128, strip=False)
 
+    def clean_email(self) -> str:
+        # As user_signup stores it: an address that NFKC stretches past the column, or
+        # out of shape, is refused here, drawn as the field's error (invalid_email).
+        try:
+            return User.objects.storable_email(self.cleaned_data["email"])
+        except ApplicationError as error:
+            raise ValidationError(error.message, code=error.code) from None
+
     def clean_password(self) -> str:
         password = self.cleaned_data["password"]
         # The user to be, so that the validators that compare the password with the

@@ -703,6 +703,42 @@ def test_an_email_longer_than_the_column_is_refused_not_a_server_error(team):
     assert not Invitation.objects.filter(organization=team["org"]).exists()
 
 
+# Each is a valid address as typed (checked as sent, 254 characters at most) that
+# canonical_email (NFKC) makes longer than the column: U+FDFA is 18 characters with spaces
+# among them (no address then), U+FB03 the three letters "ffi" (an address, of 262).
+NFKC_EXPANDS = {
+    "no-address": "a@" + "\ufdfa" * 14 + ".test",
+    "past-the-column": "a@" + ".".join(["\ufb03" * 21] * 4) + ".test",
+}
+
+
+@pytest.mark.parametrize("email", NFKC_EXPANDS.values(), ids=NFKC_EXPANDS.keys())
+def test_an_address_that_normalizes_past_the_column_is_refused_not_a_server_error(
+    team, make_key, commit_then_mail, email
+):
+    # given an admin key, and an address that NFKC stretches
+    org = team["org"]
+    _key, raw = make_key(org, scopes=[Scope.ADMIN])
+    assert len(email) <= 254 < len(User.objects.canonical_email(email))
+
+    # when it is invited, under an Idempotency-Key
+    with commit_then_mail():
+        response = send(
+            key_client(raw),
+            "post",
+            f"/api/v1/orgs/{org.pk}/invitations",
+            {"email": email},
+            HTTP_IDEMPOTENCY_KEY="stretched",
+        )
+
+    # then it is refused naming the field, and nothing is written, kept or sent
+    assert assert_error(response, 400, "invalid_email")["param"] == "email"
+    assert not Invitation.objects.filter(organization=org).exists()
+    assert audit(org, "member.invited") == []
+    assert not org.idempotency_records.exists()
+    assert mail.outbox == []
+
+
 def test_a_member_is_added_by_any_form_of_their_verified_address(team, member_of):
     # given a verified account under ada@example.test
     org = team["org"]

@@ -116,8 +116,10 @@ def test_inviting_by_email_creates_an_invitation_and_sends_it(client, team, comm
         ({"email": "a@example.test", "role": "king"}, 400, "invalid_role"),
         ({"email": "dup@example.test", "role": "member"}, 409, "invitation_exists"),
         ({"email": "{plain}", "role": "member"}, 409, "already_member"),
+        # NFKC makes each U+FDFA 18 characters, spaces among them: no address, past the column
+        ({"email": "a@" + "\ufdfa" * 14 + ".test", "role": "member"}, 400, "invalid_email"),
     ],
-    ids=["bad-email", "unknown-role", "already-invited", "already-a-member"],
+    ids=["bad-email", "unknown-role", "already-invited", "already-a-member", "nfkc-expands"],
 )
 def test_a_refused_invitation_is_drawn_with_its_code_and_sends_nothing(
     client, team, data, status, code, commit_then_mail

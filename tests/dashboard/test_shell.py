@@ -77,6 +77,26 @@ def test_an_address_longer_than_an_organization_name_signs_up(client):
     assert organization.name == "a" * 199 + "\u2026"
 
 
+@pytest.mark.parametrize(
+    "email",
+    [
+        # NFKC makes each U+FDFA 18 characters, spaces among them: no address, of 259
+        "a@" + "\ufdfa" * 14 + ".test",
+        # and each U+FB03 "ffi": an address, of 262, past the column's 254
+        "a@" + ".".join(["\ufb03" * 21] * 4) + ".test",
+    ],
+    ids=["no-address", "past-the-column"],
+)
+def test_an_address_that_normalizes_past_the_column_is_refused_at_sign_up(client, email):
+    # when an address, valid as typed, that the stored form (NFKC) stretches signs up
+    response = client.post("/signup/", {"email": email, "password": "a long and unusual pass 3"})
+
+    # then the form is drawn again, its address refused, and nothing is made
+    assert response.status_code == 400
+    assert b'data-error-code="invalid_email"' in response.content
+    assert not User.objects.exists() and not Organization.objects.exists()
+
+
 def sign_up_answer(email: str, password: str, **extra) -> tuple:
     """What a client sees of a sign-up: the answer, its cookies, the page it leads to."""
     visitor = Client()
