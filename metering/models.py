@@ -127,6 +127,16 @@ class LedgerAccount(models.Model):
                 name="ledger_account_org_kinds_have_org",
             ),
         ]
+        indexes = [
+            # The minute's sweep finds accounts due with nothing left to expire by it
+            # (metering.services.lots.credits_expire). Only the sweep and new lots
+            # write the column: a settlement's update of the balance stays HOT.
+            models.Index(
+                fields=["next_expiry_at"],
+                condition=Q(next_expiry_at__isnull=False),
+                name="ledger_account_next_expiry",
+            ),
+        ]
 
     def __str__(self) -> str:
         owner = self.organization.slug if self.organization_id else "system"

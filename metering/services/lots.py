@@ -440,20 +440,31 @@ def account_expire_lots(*, account: LedgerAccount, now: datetime) -> int:
 
 
 def credits_expire(*, now: datetime) -> int:
-    """Sweep every account with a lot due; the beat task and `credits_expire` call this.
+    """Sweep every account with a lot due, or whose next expiry has come though none is;
+    the beat task and `credits_expire` call this.
+
+    The second kind is an account left due with nothing left to expire: a sweep that
+    kept an expired lot's credits for a pending hold (`account_expire_lots`) whose
+    capture then burned all of them, or a lot spent before its expiry. Nothing but a
+    spend's sweep would move its `next_expiry_at` on, and until then every settlement
+    on it says no balance (metering/0018) and every balance read reckons the sweep's
+    work (selectors._expirable): its sweep moves nothing and sets the next real expiry.
 
     Each account is swept in its own transaction, so one busy wallet never
     holds the others' locks, and one that fails (a ledger that disagrees with
     itself, which reconcile names) is logged and left for the next run
     without stopping the others. Safe to run concurrently and repeatedly.
     """
-    account_ids = (
+    account_ids = set(
         CreditLot.objects.filter(remaining__gt=0, expires_at__lte=now)
         .values_list("account_id", flat=True)
         .distinct()
     )
+    account_ids.update(
+        LedgerAccount.objects.filter(next_expiry_at__lte=now).values_list("pk", flat=True)
+    )
     expired = 0
-    for pk in sorted(set(account_ids)):
+    for pk in sorted(account_ids):
         try:
             expired += _account_sweep(account_id=pk, now=now)
         except Exception:

@@ -7,8 +7,9 @@ check that the ones kept for a query are the ones that query uses.
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
-from metering.models import JournalTransaction
+from metering.models import JournalTransaction, LedgerAccount
 
 pytestmark = pytest.mark.django_db
 
@@ -27,3 +28,9 @@ def test_the_reconciliation_prefix_query_uses_the_prefix_index():
     # the Stripe reconciliation reads every invoice grant by its key's prefix
     grants = JournalTransaction.objects.filter(idempotency_key__startswith="grant:invoice:")
     assert "journal_key_prefix" in _plan(grants.values_list("idempotency_key", flat=True))
+
+
+def test_the_sweep_finds_accounts_whose_next_expiry_has_come_by_the_index():
+    # the minute's sweep (credits_expire) reads the accounts due, not every account
+    due = LedgerAccount.objects.filter(next_expiry_at__lte=timezone.now())
+    assert "ledger_account_next_expiry" in _plan(due.values_list("pk", flat=True))

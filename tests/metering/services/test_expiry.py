@@ -646,3 +646,59 @@ def test_a_settlement_does_not_report_credits_that_expired_while_its_job_ran(
     assert (balance.available, balance.held) == (credits(100), 0)
     assert remaining(expiring) == [credits(6)]
     assert wallet(org).balance == credits(106)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["sql", "orm"])
+@pytest.mark.parametrize(
+    "used", [credits(4), credits(10)], ids=["leaving-some-of-it", "burning-all-of-it"]
+)
+def test_a_wallet_is_due_only_while_a_job_holds_part_of_an_expired_lot(
+    org, grant, settings, fast_path, used
+):
+    settings.METERING_FAST_PATH = fast_path  # the settlement function and the ORM agree
+    # given: a job placed while 10 credits were valid, which then expired, 100 credits that
+    # expire in a month, and a second job placed after the expiry (its placement swept: the
+    # 10 wait for the first job); the consumption account open, so that a settlement is
+    # the function's on the fast path
+    in_a_month = timezone.now() + timedelta(days=30)
+    expiring, forever = expired_lot_kept_for_a_job(org, grant, key="job-1")
+    later = grant(org, credits(100), expires_at=in_a_month)
+    hold_place(organization=org, amount=credits(20), key="job-2")
+    accounts_for(org, AccountKind.CONSUMPTION)
+    # the minute's sweep while the first job runs: the wallet stays due (transient)
+    assert credits_expire(now=timezone.now()) == 0
+    assert wallet(org).next_expiry_at <= timezone.now()
+
+    # when: the first job ends using `used` of the expired 10 (the settlement says nothing
+    # of the balance while the wallet is due), and the minute's sweep runs after it
+    assert getattr(hold_capture(key="job-1", amount=used), "wallet_balance_after", None) is None
+    credits_expire(now=timezone.now())
+
+    # then: the wallet is due again only when the month's lot expires, whether the job
+    # burned all it held of the expired lot or the sweep moved what it left
+    assert remaining(expiring) == [0]
+    assert wallet(org).next_expiry_at == in_a_month
+    # and the next settlement on the fast path says what remains (the ORM's never says):
+    # the 100 that never expire and the month's 100, less the 20 the second job burned
+    settled = hold_capture(key="job-2", amount=credits(20))
+    assert getattr(settled, "wallet_balance_after", None) == (credits(180) if fast_path else None)
+    assert organization_balance(organization=org).available == credits(180)
+    assert remaining(later, forever) == [credits(80), credits(100)]
+
+
+def test_the_sweep_moves_the_next_expiry_on_past_a_lot_spent_before_it_expired(org, grant):
+    # given: a lot spent in full before its expiry, and a lot that expires a month later
+    tomorrow = timezone.now() + timedelta(days=1)
+    in_a_month = tomorrow + timedelta(days=29)
+    spent = grant(org, credits(10), expires_at=tomorrow, priority=1)
+    grant(org, credits(100), expires_at=in_a_month)
+    hold_place(organization=org, amount=credits(10), key="job-1")
+    hold_capture(key="job-1", amount=credits(10))
+    assert (remaining(spent), wallet(org).next_expiry_at) == ([0], tomorrow)
+
+    # when: the sweep runs once the spent lot's expiry has come
+    expired = credits_expire(now=tomorrow + timedelta(seconds=1))
+
+    # then: nothing expired, and the wallet is due again only when the month's lot is
+    assert expired == 0
+    assert wallet(org).next_expiry_at == in_a_month
