@@ -206,7 +206,8 @@ def hold_place_fast(
 
 
 # The settlement runs server-side (`metering_hold_settle`: migrations 0005 and 0007,
-# and 0017's, which takes the record's user, the one called here, as 0018 left it):
+# and 0017's, which takes the record's user, as 0018 left it: the only one since
+# 0020 dropped the one without it, so a call with other arguments fails):
 # the accounts statement, then the lots statement with a fresh snapshot, in
 # one round trip and with the function's EXCEPTION block as its savepoint,
 # so the wallet's row lock is never held while this process waits for a CPU.
