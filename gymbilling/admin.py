@@ -485,8 +485,10 @@ class OverageReportAdmin(ReadOnlyAdmin):
     """Overage batches sent to the Stripe meter; a failed one (its customer deleted at
     Stripe) was never invoiced: its error says what finance should do. "Stripe meter
     error": dropped (Stripe reported it failed: sent again under a new identifier, or
-    failed) or maybe dropped (sent while Stripe dropped events it did not name: check it
-    at Stripe; it is never re-sent by itself). Finance, once they have looked, say which:
+    failed) or maybe dropped (sent while Stripe dropped events it did not name, or named
+    an attempt of it that may not be the one counted, or dropped it again after
+    BILLING_OVERAGE_MAX_RESENDS re-sends: check it at Stripe; it is never re-sent by
+    itself). Finance, once they have looked, say which:
     "Counted at Stripe" (the flag cleared) or "Not counted" (sent again)."""
 
     list_display = [

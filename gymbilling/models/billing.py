@@ -528,8 +528,11 @@ class MeterError(models.TextChoices):
     # Stripe named the batch's meter event as failed: it was never counted, so the batch
     # was re-queued under a new identifier, or failed when no re-send can bill it.
     DROPPED = "dropped", "Dropped by Stripe"
-    # Stripe reported more failures than it named, in a window the batch was sent in: it
-    # may have been dropped. Never re-sent automatically (that could bill it twice).
+    # For finance to check at Stripe, never re-sent automatically (that could bill it
+    # twice): Stripe reported more failures than it named, in a window the batch was sent
+    # in; or it named an attempt of the batch without Stripe's answers saying whether
+    # another attempt counted; or it kept dropping the batch past the re-send cap
+    # (BILLING_OVERAGE_MAX_RESENDS). `error` says which.
     IN_DOUBT = "in_doubt", "Maybe dropped"
     # Maybe dropped, and finance found it counted among the meter's events at Stripe: the
     # flag cleared, for good (a report flags it no more; overage_report_counted).
@@ -562,6 +565,11 @@ class OverageReport(models.Model):
         "the meter event's timestamp, so Stripe bills it in that period.",
     )
     sent_at = models.DateTimeField(null=True, blank=True)
+    # The batch's last attempt Stripe may have taken (its idempotency key names it): written
+    # before the call, put back when Stripe refused it. Equal to `sent_at` when Stripe
+    # answered that attempt 200. Only a report naming this attempt re-sends the batch
+    # (services/overage.py says why). Null: none yet, or sent by an older release.
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
     # Set when it can never be sent (its Stripe customer was deleted): no longer tried;
     # `error` says why, for finance to invoice it another way or write it off.
     failed_at = models.DateTimeField(null=True, blank=True)

@@ -22,15 +22,41 @@ allowance is one period's, and a batch is one allowance's.
 Stripe takes a meter event (200) before it validates it; one it then drops (a
 customer it cannot find, a bad payload, no meter for the name) is reported later
 in a `v1.billing.meter.error_report_triggered` (or `.no_meter_found`) event, which
-names some of the dropped events by identifier (`sample_errors`) and counts the
-rest (overage_meter_errors_apply). The rule that keeps a batch billed once: a
-batch gets a new identifier, and is sent again, only when Stripe named its
-identifier as failed, since a failed event is never counted. A batch Stripe may
-have dropped but did not name is only flagged for finance: re-sending one that
-was counted, under a new identifier, would bill it twice.
+names some of the dropped events (`sample_errors`) and counts the rest
+(overage_meter_errors_apply). The rule that keeps a batch billed once: a batch gets a
+new identifier, and is sent again, only when Stripe named its LAST attempt as failed;
+anything less is flagged for finance or left alone, never re-sent, because re-sending
+one Stripe counted, under a new identifier, bills it twice.
 
-Stripe's report names a dropped event by its request's idempotency key, so each batch
-is sent with a key of its own: `<identifier>:<attempt>` (meter_event_key).
+Stripe's report names a dropped event by its request's idempotency key, so each attempt
+at a batch is sent with a key of its own: `<identifier>:<attempt>` (meter_event_key).
+A batch is tried again under the same identifier when an attempt got no answer (or
+Stripe refused it), and Stripe enforces an identifier's uniqueness for at least a day:
+a second attempt while it holds one is refused (`resource_already_exists`). So at most
+one attempt of a batch counts, and it is the last one Stripe took. `last_attempt_at` is
+that attempt, as far as we know: written before the call (an attempt whose answer is
+lost, or whose run died, may have been taken), put back when Stripe refused it (a 4xx,
+or the identifier already had: it took nothing); `sent_at` equals it when Stripe
+answered that attempt 200. Stripe's report naming an attempt of a batch then means:
+
+- its last attempt (no later attempt answered since): Stripe took it and dropped it, so
+  it never counted; nor did an earlier one, or Stripe would have refused the last as a
+  duplicate instead of taking it. Re-queued under a new identifier (failed when its
+  customer was deleted at Stripe; left to finance after BILLING_OVERAGE_MAX_RESENDS
+  re-sends, as a cause that persists, say an archived meter, would have it re-sent and
+  logged at ERROR every run for good).
+- an earlier attempt, where Stripe answered the last one 200: that one counts, unless
+  Stripe reports it dropped too (then by its own key, the last). Ignored, logged.
+- otherwise Stripe's answers do not say whether another attempt counted: the last one
+  got no answer (whether the batch waits for its next attempt, or a later one was
+  refused as a duplicate, or was sent by a process of the previous release, which
+  records no attempt), or the report names the batch without an attempt. Flagged
+  maybe dropped, for finance to check at Stripe (its last attempt stands as its
+  sending): re-sending could bill it twice, and waiting for the next attempt could
+  bill it never, should Stripe keep a dropped event's identifier.
+
+A batch finance found counted at Stripe (admin: "Counted at Stripe") is left so by
+every report, named or not: finance looked at the meter's events themselves.
 
 A run and the reading of a report take the same lock (OVERAGE_LOCK), so a report never
 re-queues or flags a batch while a run is sending it.
@@ -38,6 +64,7 @@ re-queues or flags a batch while a run is sending it.
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from dataclasses import dataclass
@@ -192,8 +219,14 @@ def _overage_batches_send(*, now: datetime) -> int:
         # When this batch was sent, not the run's start: Stripe's report of what it
         # dropped says when it validated them, and a long run sends its last batches late.
         sent_at = timezone.now()
+        # Under the identifier sent: where there is no lock (the demo's SQLite), a report
+        # applied meanwhile may have renamed it to be sent again, and it is not sent yet.
+        attempt = OverageReport.objects.filter(pk=report.pk, identifier=report.identifier)
+        # Before the call: Stripe may take an attempt whose answer is lost, and a report
+        # acts only on the last attempt Stripe may have taken (the module's docstring).
+        attempt.update(last_attempt_at=sent_at)
         try:
-            stripe_client.meter_event_create(
+            taken = stripe_client.meter_event_create(
                 event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
                 customer=customer,
                 value=report.credits,
@@ -202,6 +235,7 @@ def _overage_batches_send(*, now: datetime) -> int:
                 key=meter_event_key(identifier=report.identifier, sent_at=sent_at),
             )
         except stripe_client.StripeRequestRefused as exc:
+            attempt.update(last_attempt_at=report.last_attempt_at)  # Stripe took nothing
             if exc.code == "resource_missing" and customer not in gone:
                 try:
                     gone[customer] = stripe_client.customer_gone(customer)
@@ -214,11 +248,13 @@ def _overage_batches_send(*, now: datetime) -> int:
             # go on. Stripe being unreachable still ends the run (StripeUnavailable).
             logger.exception("overage report %s refused by Stripe", report.identifier)
             continue
-        # Under the identifier sent: where there is no lock (the demo's SQLite), a report
-        # applied meanwhile may have renamed it to be sent again, and it is not sent yet.
-        OverageReport.objects.filter(pk=report.pk, identifier=report.identifier).update(
-            sent_at=sent_at
-        )
+        if taken is None:
+            # Stripe has the identifier already, from an earlier attempt whose answer was
+            # lost, and took nothing now: that attempt stays the last, and no 200 vouches
+            # for it (sent_at differs from it).
+            attempt.update(sent_at=sent_at, last_attempt_at=report.last_attempt_at)
+        else:
+            attempt.update(sent_at=sent_at)
         reported += report.credits
     return reported
 
@@ -246,9 +282,7 @@ def _overage_report_fail(
         "of overage cannot be invoiced through the meter; invoice them by hand or write "
         "them off."
     )
-    rows = OverageReport.objects.filter(
-        pk=report.pk, identifier=report.identifier, failed_at__isnull=True
-    )
+    rows = _unfailed(report)
     if dropped is None:
         rows.filter(sent_at__isnull=True).update(failed_at=now, error=error)
         logger.warning("overage report %s failed for good: %s", report.identifier, error)
@@ -271,12 +305,21 @@ _RESENT = re.compile(r"^(?P<first>.+?)(?:_r(?P<n>\d+))?$")
 
 @dataclass(frozen=True)
 class DroppedEvent:
-    """A meter event a report names as failed: its batch's identifier (read from the
-    request's idempotency key), Stripe's code and message."""
+    """A meter event a report names as failed: its batch's identifier and the attempt
+    (when it was sent; None where the report does not say), read from the request's
+    idempotency key; Stripe's code and message."""
 
     identifier: str
     code: str
     message: str
+    attempt: datetime | None = None
+
+    @property
+    def key(self) -> str:
+        """How Stripe named it: the attempt's idempotency key, or the identifier alone."""
+        if self.attempt is None:
+            return self.identifier
+        return meter_event_key(identifier=self.identifier, sent_at=self.attempt)
 
 
 @dataclass(frozen=True)
@@ -298,7 +341,8 @@ def meter_error_report_read(data: dict) -> MeterErrorReport:
 
     A sample's `request.identifier` is the request's idempotency key (Stripe's types say
     so), `<identifier>:<attempt>` for a batch (meter_event_key): the batch is what comes
-    before the separator. A bare identifier is taken as it is."""
+    before the separator, the attempt what follows. A bare identifier names the batch but
+    no attempt."""
     named: list[DroppedEvent] = []
     unnamed = 0
     codes: list[str] = []
@@ -311,10 +355,10 @@ def meter_error_report_read(data: dict) -> MeterErrorReport:
             # `identifier` in the SDK's types; `idempotency_key` in an older example of
             # Stripe's docs. One that is no batch's is counted as unnamed (below).
             key = str(request.get("identifier") or request.get("idempotency_key") or "")
-            identifier = key.partition(KEY_SEPARATOR)[0]
+            identifier, _, attempt = key.partition(KEY_SEPARATOR)
             if identifier:
                 message = str(sample.get("error_message") or "")
-                named.append(DroppedEvent(identifier, code, message))
+                named.append(DroppedEvent(identifier, code, message, _attempt_time(attempt)))
             else:
                 unnamed += 1
         unnamed += max(0, int(error_type.get("error_count") or 0) - len(samples))
@@ -325,6 +369,16 @@ def meter_error_report_read(data: dict) -> MeterErrorReport:
         start=_iso_time(data.get("validation_start")),
         end=_iso_time(data.get("validation_end")),
     )
+
+
+def _attempt_time(attempt: str) -> datetime | None:
+    """When the attempt a key names was sent (meter_event_key); None for none, or not ours."""
+    if not (attempt.isascii() and attempt.isdigit()):
+        return None
+    try:
+        return _EPOCH + timedelta(microseconds=int(attempt))
+    except OverflowError:
+        return None
 
 
 def _iso_time(value) -> datetime | None:
@@ -339,53 +393,131 @@ def overage_meter_errors_apply(
 ) -> int:
     """Apply a meter error report to the batches it concerns; returns how many it marked.
 
-    A batch Stripe named was never counted: it is sent again under a new identifier at
-    the next run (the cause fixed by then, or reported again), unless its customer was
-    deleted at Stripe, where no re-send can bill it (failed, as when Stripe refuses it at
-    once). `our_meter`: the report is about the overage meter, so the batches sent in its
-    window may be the events it did not name: flagged in doubt, never re-sent. So is a
-    report that names one of our batches: a `no_meter_found` report names no meter, and
-    one naming ours is about the overage event name.
+    A batch Stripe named by its last attempt was never counted: it is sent again under a
+    new identifier at the next run (the cause fixed by then, or reported again), unless
+    its customer was deleted at Stripe, where no re-send can bill it (failed, as when
+    Stripe refuses it at once), or it was re-sent BILLING_OVERAGE_MAX_RESENDS times
+    already (left to finance). One named by an earlier attempt, or by none, is ignored or
+    flagged for finance (the module's docstring says which, and why). `our_meter`: the
+    report is about the overage meter, so the batches sent in its window may be the
+    events it did not name: flagged in doubt, never re-sent. So is a report that names
+    one of our batches: a `no_meter_found` report names no meter, and one naming ours is
+    about the overage event name. A batch finance found counted is never marked again.
 
     Safe to apply twice: a named batch is found by the identifier Stripe named, which it
-    no longer has once re-queued or failed; flagging in doubt is the same update again.
-    Waits for a run sending batches to end (OVERAGE_LOCK): a batch it has sent is then
-    marked sent, in the window a report flags, and one it was sending is not re-queued
-    under the run.
+    no longer has once re-queued or failed; flagging in doubt, or leaving to finance, is
+    the same update again, which changes nothing. Waits for a run sending batches to end
+    (OVERAGE_LOCK): a batch it has sent is then marked sent, in the window a report
+    flags, and one it was sending is not re-queued under the run.
     """
     now = now or timezone.now()
     with session_lock(OVERAGE_LOCK):
         return _overage_meter_errors_apply(report=report, our_meter=our_meter, now=now)
 
 
+class Named(enum.Enum):
+    """Which attempt of a batch a report names, as far as Stripe's answers tell."""
+
+    LAST = "last"  # the last Stripe may have taken: dropped, so none counted
+    EARLIER = "earlier"  # an earlier one, and Stripe answered the last 200: that one counts
+    UNSURE = "unsure"  # the answers do not say whether another attempt counted
+
+
+def _attempt_named(batch: OverageReport, event: DroppedEvent) -> Named:
+    """Which attempt of `batch` (as read under OVERAGE_LOCK) the report names."""
+    attempt, last, sent = event.attempt, batch.last_attempt_at, batch.sent_at
+    if attempt is None:
+        return Named.UNSURE  # the batch alone
+    if sent is not None and sent != last:
+        # Marked sent by an attempt not recorded as its last: one Stripe refused as the
+        # identifier it had (so the last it took got no answer), never named, as Stripe
+        # took nothing; or one of a process of the previous release, which records no
+        # attempt: then that one was its last, and answered (read as a 200: should it have
+        # been a refusal, ignoring an earlier attempt can bill the batch never, not twice).
+        if attempt == sent:
+            return Named.LAST
+        return Named.EARLIER if last is None and attempt < sent else Named.UNSURE
+    if last is None:
+        return Named.UNSURE  # not sent, no attempt recorded: nothing known of this one
+    if attempt == last:
+        return Named.LAST
+    if attempt < last and sent == last:
+        return Named.EARLIER
+    return Named.UNSURE
+
+
 def _overage_meter_errors_apply(*, report: MeterErrorReport, our_meter: bool, now: datetime) -> int:
     batches, handled, unknown = _named_batches(report.named)
+    # Per batch, what the report names of it: its last attempt where one of its samples
+    # does (Stripe may name several attempts of a batch), else the first it names.
+    named: dict[str, tuple[OverageReport, DroppedEvent, Named]] = {}
+    for event in report.named:
+        batch = batches.get(event.identifier)
+        if batch is None:
+            continue  # handled by an earlier reading of the report, or no batch's
+        which = _attempt_named(batch, event)
+        if event.identifier not in named or which is Named.LAST:
+            named[event.identifier] = (batch, event, which)
     # Asked before anything is written: Stripe unreachable retries the whole event.
     gone = {
         customer: stripe_client.customer_gone(customer)
         for customer in {
-            _report_customer(batches[event.identifier])
-            for event in report.named
-            if event.code == CUSTOMER_NOT_FOUND and event.identifier in batches
+            _report_customer(batch)
+            for batch, event, which in named.values()
+            if which is Named.LAST and event.code == CUSTOMER_NOT_FOUND
         }
     }
-    marked = 0
-    for event in report.named:
-        batch = batches.pop(event.identifier, None)
-        if batch is None:
-            continue  # handled by an earlier reading of the report, or no batch's
-        customer = _report_customer(batch)
-        if event.code == CUSTOMER_NOT_FOUND and gone.get(customer):
-            done = _overage_report_fail(report=batch, customer=customer, now=now, dropped=event)
-        else:
-            done = _overage_report_requeue(report=batch, dropped=event)
-        marked += done
+    marked = sum(
+        _overage_report_named(batch=batch, event=event, which=which, gone=gone, now=now)
+        for batch, event, which in named.values()
+    )
     # A name that is no batch's, not even one re-sent since, may still have been one of
     # ours (the meter is overage's alone): as good as unnamed.
     unnamed = report.unnamed + unknown
     if unnamed and (our_meter or handled) and report.start and report.end:
         marked += _overage_reports_doubt(report=report, unnamed=unnamed, named=handled)
     return marked
+
+
+def _overage_report_named(
+    *,
+    batch: OverageReport,
+    event: DroppedEvent,
+    which: Named,
+    gone: dict[str, bool],
+    now: datetime,
+) -> bool:
+    """Do what Stripe naming `event` as dropped calls for (the module's docstring)."""
+    if batch.meter_error == MeterError.COUNTED:
+        # Finance saw it among the meter's events at Stripe: a report naming it is late,
+        # or about another attempt. Re-sending it would bill it twice.
+        logger.warning(
+            "overage report %s: Stripe reported %s dropped (%s), but finance found the "
+            "batch counted at Stripe: left counted, not sent again.",
+            batch.identifier,
+            event.key,
+            event.code,
+        )
+        return False
+    if which is Named.EARLIER:
+        logger.warning(
+            "overage report %s: Stripe reported an earlier attempt, %s, dropped (%s); "
+            "ignored: Stripe answered the attempt sent at %s, which counts unless Stripe "
+            "reports that one dropped.",
+            batch.identifier,
+            event.key,
+            event.code,
+            batch.sent_at.isoformat(),
+        )
+        return False
+    if which is Named.UNSURE:
+        return _overage_report_unsure(report=batch, dropped=event)
+    customer = _report_customer(batch)
+    if event.code == CUSTOMER_NOT_FOUND and gone.get(customer):
+        return _overage_report_fail(report=batch, customer=customer, now=now, dropped=event)
+    if _resends(batch.identifier) >= settings.BILLING_OVERAGE_MAX_RESENDS:
+        return _overage_report_to_finance(report=batch, dropped=event)
+    return _overage_report_requeue(report=batch, dropped=event)
 
 
 def _named_batches(named: list[DroppedEvent]) -> tuple[dict[str, OverageReport], set[str], int]:
@@ -439,22 +571,96 @@ def _overage_report_requeue(
     old one as a duplicate for a day or more, counted or not). `finance`: Stripe did not
     name it, finance found it not counted (overage_report_resend)."""
     match = _RESENT.match(report.identifier)
-    resend = f"{match['first']}_r{int(match['n'] or 0) + 1}"
+    resend = f"{match['first']}_r{_resends(report.identifier) + 1}"
     error = (
         f"Stripe dropped meter event {report.identifier} ({dropped.code}: {dropped.message}); "
         f"sent again as {resend} at the next overage run."
     )
-    rows = OverageReport.objects.filter(
-        pk=report.pk, identifier=report.identifier, failed_at__isnull=True
-    )
     return _overage_report_drop(
-        rows,
+        _unfailed(report),
         report=report,
         dropped=dropped,
         outcome="resent",
         error=error,
         finance=finance,
         identifier=resend,
+        last_attempt_at=None,  # attempts are the new identifier's from now on
+    )
+
+
+def _resends(identifier: str) -> int:
+    """How often the batch was re-sent: n in its identifier's `_r<n>`."""
+    return int(_RESENT.match(identifier)["n"] or 0)
+
+
+def _unfailed(report: OverageReport):
+    return OverageReport.objects.filter(
+        pk=report.pk, identifier=report.identifier, failed_at__isnull=True
+    )
+
+
+def _overage_report_to_finance(*, report: OverageReport, dropped: DroppedEvent) -> bool:
+    """Leave a batch Stripe named as dropped again, after BILLING_OVERAGE_MAX_RESENDS
+    re-sends, to finance: a cause that persists (an archived meter, a wrong customer id)
+    would have it re-sent, and logged at ERROR, at every run for good. Flagged maybe
+    dropped and sent at the attempt Stripe dropped, so that no run sends it and finance's
+    "Not counted — send again" (once the cause is put right) applies to it. Logged once:
+    the same report read again makes the same update, which changes nothing."""
+    error = (
+        f"Stripe dropped meter event {report.identifier} ({dropped.code}: {dropped.message}) "
+        f"after it was re-sent {_resends(report.identifier)} times "
+        "(BILLING_OVERAGE_MAX_RESENDS): not sent again by itself. Put the cause right at "
+        "Stripe (the meter, the customer), then choose 'Not counted — send again'."
+    )[:500]
+    return _overage_report_drop(
+        _unfailed(report).exclude(meter_error=MeterError.IN_DOUBT, error=error),
+        report=report,
+        dropped=dropped,
+        outcome="finance",
+        why="left to finance",
+        error=error,
+        sent_at=dropped.attempt,
+        meter_error=MeterError.IN_DOUBT,
+    )
+
+
+def _overage_report_unsure(*, report: OverageReport, dropped: DroppedEvent) -> bool:
+    """Flag a batch maybe dropped where Stripe named an attempt of it (or it alone) and its
+    answers do not say whether another attempt counted: finance checks at Stripe. One
+    not marked sent is marked sent at its last attempt, which Stripe may have counted, so
+    that no run sends it again and finance's actions apply to it. Where no attempt of it
+    is known at all, there is nothing to check: logged only."""
+    sent_at = report.sent_at or report.last_attempt_at or dropped.attempt
+    what = (
+        f"meter event {report.identifier}, naming no attempt,"
+        if dropped.attempt is None
+        else f"attempt {dropped.key}"
+    )
+    if sent_at is None:
+        logger.warning(
+            "overage report %s: Stripe reported %s dropped (%s), and no attempt of it is "
+            "known: ignored, left to its next attempt.",
+            report.identifier,
+            what,
+            dropped.code,
+        )
+        return False
+    error = (
+        f"Stripe reported {what} dropped ({dropped.code}: {dropped.message}), and its answers "
+        "do not say whether another attempt of this batch counted (the last got no answer, "
+        "or is not the one named). Check it at Stripe; re-sending a counted batch bills it "
+        "twice."
+    )
+    return _overage_report_mark(
+        _unfailed(report).exclude(meter_error__in=(MeterError.IN_DOUBT, MeterError.COUNTED)),
+        report=report,
+        action="billing.overage_in_doubt",
+        why="may have been dropped by Stripe",
+        data={"codes": [dropped.code], "named": dropped.key},
+        meter_error=MeterError.IN_DOUBT,
+        stripe_error_code=dropped.code[:64],
+        error=error[:500],
+        sent_at=sent_at,
     )
 
 
@@ -466,15 +672,17 @@ def _overage_report_drop(
     outcome: str,
     error: str,
     finance: FinanceCheck | None = None,
+    why: str = "dropped by Stripe",
     **changes,
 ) -> bool:
-    """Mark a batch Stripe dropped (re-queued or failed: `changes`); False when another
+    """Mark a batch Stripe dropped (re-queued, failed or left to finance: `changes`; unless
+    they say otherwise, no longer sent, its meter error `dropped`); False when another
     reading of the report did it first."""
     return _overage_report_mark(
         rows,
         report=report,
         action="billing.overage_dropped",
-        why="dropped by Stripe",
+        why=why,
         data={
             "code": dropped.code,
             "message": dropped.message,
@@ -482,11 +690,9 @@ def _overage_report_drop(
             "resent_as": changes.get("identifier", ""),
         },
         finance=finance,
-        sent_at=None,
-        meter_error=MeterError.DROPPED,
         stripe_error_code=dropped.code[:64],
         error=error[:500],
-        **changes,
+        **{"sent_at": None, "meter_error": MeterError.DROPPED, **changes},
     )
 
 

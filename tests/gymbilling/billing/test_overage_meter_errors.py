@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.admin import helpers
@@ -48,6 +48,12 @@ ERROR_REPORT = "v1.billing.meter.error_report_triggered"
 
 def customer_id(org) -> str:
     return BillingCustomer.objects.get(organization=org).stripe_customer_id
+
+
+def counted(stripe_standin, org) -> list[tuple[str, int]]:
+    """The meter events Stripe counted for the organization: identifier and credits."""
+    events = stripe_standin.meter_events(customer_id(org))
+    return [(e["identifier"], int(e["value"])) for e in events]
 
 
 @pytest.fixture
@@ -168,8 +174,7 @@ def test_a_batch_stripe_names_as_dropped_is_sent_again_under_a_new_identifier_on
     assert overage_report() == 0
 
     # then: Stripe counts the 10 credits once, under the new identifier
-    counted = stripe_standin.meter_events(customer_id(org))
-    assert [(e["identifier"], int(e["value"])) for e in counted] == [(batch.identifier, 10)]
+    assert counted(stripe_standin, org) == [(batch.identifier, 10)]
 
 
 def _error_report(
@@ -233,7 +238,7 @@ def test_batches_stripe_may_have_dropped_unnamed_are_flagged_in_doubt_not_sent_a
     report = _error_report(
         start=now + timedelta(seconds=10),
         end=now + timedelta(seconds=20),
-        named=[named.identifier],
+        named=[meter_event_key(identifier=named.identifier, sent_at=now)],
         error_count=2,
     )
     assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 2
@@ -300,8 +305,7 @@ def test_a_batch_stripe_refused_at_once_is_sent_afresh_at_the_next_run(
     # then: the batch is sent and counted once
     [batch] = OverageReport.objects.filter(organization=org)
     assert (batch.sent_at is not None, batch.failed_at) == (True, None)
-    counted = stripe_standin.meter_events(customer_id(org))
-    assert [(e["identifier"], int(e["value"])) for e in counted] == [(batch.identifier, 10)]
+    assert counted(stripe_standin, org) == [(batch.identifier, 10)]
 
 
 @pytest.mark.django_db
@@ -493,8 +497,7 @@ def test_finance_sends_again_a_batch_they_found_not_counted_at_stripe(
     # and the next run sends it, and Stripe counts it, once
     assert overage_report() == 10
     assert overage_report() == 0
-    counted = stripe_standin.meter_events(customer_id(sub.organization))
-    assert [(e["identifier"], int(e["value"])) for e in counted] == [("ovg_0_10_r1", 10)]
+    assert counted(stripe_standin, sub.organization) == [("ovg_0_10_r1", 10)]
 
 
 @pytest.mark.django_db
@@ -511,7 +514,7 @@ def test_finance_s_word_is_refused_for_a_batch_not_flagged_maybe_dropped(
     report = _error_report(
         start=now + timedelta(seconds=10),
         end=now + timedelta(seconds=20),
-        named=["ovg_0_10"],
+        named=[meter_event_key(identifier="ovg_0_10", sent_at=now)],
         error_count=1,
     )
     assert overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True) == 1
@@ -584,3 +587,277 @@ def test_finance_s_word_waits_for_a_run_sending_batches(
     checking.join(timeout=120)
     assert errors == []
     assert marked(batch)[2] == MeterError.COUNTED
+
+
+# --- which attempt Stripe's report names ---------------------------------------------------
+
+
+def lose_answers(monkeypatch, *, landed: list[bool]) -> list[str]:
+    """The next meter events get no answer (a timeout), one per item of `landed`, which says
+    whether Stripe got that one all the same; then they are answered again. Returns the
+    idempotency key of every attempt, in order. At the client module (stripe_client): the
+    stand-in cannot lose an answer by itself, so a landed call is sent through to it and its
+    answer dropped, as stripe_holds_next_update does."""
+    real = stripe_client.meter_event_create
+    keys: list[str] = []
+    plan = list(landed)
+
+    def answer_lost(**params):
+        keys.append(params["key"])
+        if not plan:
+            return real(**params)
+        if plan.pop(0):
+            real(**params)
+        raise stripe_client.StripeUnavailable("Request timed out")
+
+    monkeypatch.setattr(stripe_client, "meter_event_create", answer_lost)
+    return keys
+
+
+def _attempt_at(key: str):
+    """When the attempt an idempotency key names was sent (meter_event_key)."""
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(key.partition(":")[2]))
+
+
+def _named_dropped(*keys: str) -> int:
+    """Stripe's report of the events these keys were sent with, dropped (all named)."""
+    now = timezone.now()
+    report = _error_report(
+        start=now - timedelta(minutes=5), end=now, named=list(keys), error_count=len(keys)
+    )
+    return overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True)
+
+
+def _logged(caplog) -> list[tuple[int, str]]:
+    """What the overage service logged at WARNING and above."""
+    return [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name == "gymbilling.services.overage" and r.levelno >= logging.WARNING
+    ]
+
+
+@pytest.mark.django_db
+def test_a_report_naming_an_earlier_attempt_of_a_batch_stripe_took_later_bills_it_once(
+    customer, subscribed, stripe_standin, monkeypatch, caplog
+):
+    """Only one attempt of a batch can count (Stripe refuses its identifier twice), and the
+    one Stripe answered 200 is it, unless Stripe reports that one dropped."""
+    # given: Pro with 10 credits of overage used; the batch's first attempt got no answer
+    # (it never reached the meter, though nothing here can know it), and the next run's
+    # attempt was taken (200) and counted
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    keys = lose_answers(monkeypatch, landed=[False])
+    with pytest.raises(stripe_client.StripeUnavailable):
+        overage_report()
+    assert overage_report() == 10
+    first, taken = keys
+    [batch] = OverageReport.objects.filter(organization=org)
+    before = marked(batch)
+
+    # when: Stripe reports the first attempt dropped, naming its key
+    with caplog.at_level(logging.WARNING, logger="gymbilling.services.overage"):
+        assert _named_dropped(first) == 0
+
+    # then: the batch is left as it was, sent with the attempt Stripe took, never re-sent
+    assert marked(batch) == before == (batch.identifier, _attempt_at(taken), MeterError.NONE)
+    assert overage_report() == 0
+    assert counted(stripe_standin, org) == [(batch.identifier, 10)]
+    # and the report's word on the earlier attempt is logged, not acted on
+    [(level, message)] = _logged(caplog)
+    assert level == logging.WARNING and first in message and "ignored" in message
+    assert not AuditEvent.objects.filter(action__startswith="billing.overage_").exists()
+
+
+@pytest.mark.django_db
+def test_a_report_naming_an_earlier_attempt_while_a_later_one_went_unanswered_bills_it_once(
+    customer, subscribed, stripe_standin, monkeypatch
+):
+    # given: 10 credits of overage whose batch was tried twice with no answer: the first
+    # attempt never reached the meter, the second was taken and counted
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    keys = lose_answers(monkeypatch, landed=[False, True])
+    for _ in range(2):
+        with pytest.raises(stripe_client.StripeUnavailable):
+            overage_report()
+    first, taken = keys
+    [batch] = OverageReport.objects.filter(organization=org)
+    assert batch.sent_at is None
+
+    # when: Stripe reports the first attempt dropped
+    assert _named_dropped(first) == 1
+
+    # then: nothing says whether the second counted: the batch is not re-queued but
+    # flagged maybe dropped for finance, sent with that attempt, and not sent again
+    assert marked(batch) == (batch.identifier, _attempt_at(taken), MeterError.IN_DOUBT)
+    assert first in batch.error and "bills it twice" in batch.error
+    assert overage_report() == 0
+    assert counted(stripe_standin, org) == [(batch.identifier, 10)]
+    # and finance, finding it counted, says so
+    _checked(_finance(), "counted_at_stripe", batch.pk, note="found, 10 credits")
+    assert marked(batch) == (batch.identifier, _attempt_at(taken), MeterError.COUNTED)
+
+
+@pytest.mark.django_db
+def test_a_report_naming_the_last_attempt_re_queues_the_batch_whatever_came_before(
+    customer, subscribed, stripe_standin, deliver, meter_errors_later, monkeypatch
+):
+    # given: a batch whose first attempt got no answer, then sent to a customer id Stripe
+    # has not got: taken (200), then reported dropped, naming that last attempt
+    sub = subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    keys = lose_answers(monkeypatch, landed=[False])
+    with pytest.raises(stripe_client.StripeUnavailable):
+        overage_report()
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id="cus_not_at_stripe")
+    assert overage_report() == 10
+    [batch] = OverageReport.objects.filter(organization=org)
+    first_identifier = batch.identifier
+
+    # when: the report is processed
+    assert deliver() == [EventStatus.PROCESSED]
+
+    # then: the batch is re-queued, and once the customer id is put right, counted once
+    assert marked(batch) == (f"{first_identifier}_r1", None, MeterError.DROPPED)
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id=customer_id(org))
+    assert overage_report() == 10
+    assert counted(stripe_standin, org) == [(batch.identifier, 10)]
+    assert len(keys) == 3
+
+
+@pytest.mark.django_db
+def test_a_batch_whose_dropped_attempt_went_unanswered_and_was_refused_again_goes_to_finance(
+    customer, subscribed, stripe_standin, deliver, meter_errors_later, monkeypatch
+):
+    """Stripe refused the next attempt as the identifier it had: no answer says whether
+    the attempt it had is the one it reports dropped, or one it counted."""
+    # given: a batch sent to a customer id Stripe has not got: taken, dropped later, its
+    # answer lost; the id put right, the next attempt refused as the identifier Stripe has
+    sub = subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id="cus_not_at_stripe")
+    keys = lose_answers(monkeypatch, landed=[True])
+    with pytest.raises(stripe_client.StripeUnavailable):
+        overage_report()
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id=customer_id(org))
+    assert overage_report() == 10
+    dropped, refused = keys
+    [batch] = OverageReport.objects.filter(organization=org)
+
+    # when: Stripe's report of the first attempt is processed
+    assert deliver() == [EventStatus.PROCESSED]
+
+    # then: flagged maybe dropped for finance, not re-sent by itself
+    assert marked(batch) == (batch.identifier, _attempt_at(refused), MeterError.IN_DOUBT)
+    assert dropped in batch.error
+    assert overage_report() == 0
+    # and finance, finding nothing counted, sends it again: counted once
+    _checked(_finance(), "not_counted_send_again", batch.pk, note="no event at Stripe")
+    assert overage_report() == 10
+    assert counted(stripe_standin, org) == [(batch.identifier + "_r1", 10)]
+
+
+@pytest.mark.django_db
+def test_a_batch_named_by_its_identifier_alone_is_flagged_in_doubt_not_re_sent(
+    customer, subscribed, stripe_standin
+):
+    """A sample naming the batch without the attempt does not say which attempt Stripe
+    dropped: one Stripe counted may be another, so it is finance's to check."""
+    # given: a batch sent just now
+    sub = subscribed("pro")
+    now = timezone.now()
+    batch = sent_batch(sub, "ovg_0_10", now, credits=10)
+
+    # when: Stripe's report names its identifier, bare
+    assert _named_dropped("ovg_0_10") == 1
+
+    # then: flagged maybe dropped, still sent, never re-sent by itself
+    assert marked(batch) == ("ovg_0_10", now, MeterError.IN_DOUBT)
+    assert overage_report() == 0
+
+
+# --- a batch Stripe keeps dropping ----------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_batch_stripe_keeps_dropping_goes_to_finance_after_the_re_send_cap(
+    customer, subscribed, stripe_standin, deliver, meter_errors_later, settings, caplog
+):
+    # given: at most 2 re-sends; 10 credits of overage, its subscription naming a customer
+    # id Stripe has not got, and not put right
+    settings.BILLING_OVERAGE_MAX_RESENDS = 2
+    sub = subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id="cus_not_at_stripe")
+
+    # when: runs and Stripe's reports follow each other: sent, dropped, three times
+    with caplog.at_level(logging.ERROR, logger="gymbilling.services.overage"):
+        assert overage_report() == 10
+        [batch] = OverageReport.objects.filter(organization=org)
+        first = batch.identifier
+        assert deliver() == [EventStatus.PROCESSED]
+        for _ in range(2):
+            assert overage_report() == 10
+            assert deliver() == [EventStatus.PROCESSED]
+        # and the last report again (a replay)
+        last = StripeEvent.objects.filter(type=ERROR_REPORT).order_by("-pk").first()
+        assert stripe_event_process(event_pk=last.pk, force=True) == EventStatus.IGNORED
+
+    # then: re-sent twice, then left to finance: flagged, still sent, not sent again
+    batch.refresh_from_db()
+    assert batch.identifier == f"{first}_r2"
+    assert (batch.sent_at is not None, batch.failed_at) == (True, None)
+    assert (batch.meter_error, batch.stripe_error_code) == (
+        MeterError.IN_DOUBT,
+        "meter_event_customer_not_found",
+    )
+    assert "re-sent 2 times" in batch.error
+    assert overage_report() == 0
+    # and logged once each: two re-queues, then the one for finance
+    logged = _logged(caplog)
+    assert [level for level, _ in logged] == [logging.ERROR] * 3
+    assert logged[-1][1] == f"overage report {batch.identifier} left to finance: {batch.error}"
+    audit = AuditEvent.objects.filter(action="billing.overage_dropped").order_by("pk").last()
+    assert (audit.target, audit.data["outcome"]) == (batch.identifier, "finance")
+
+    # when: finance puts the customer id right and says it was not counted
+    Subscription.objects.filter(pk=sub.pk).update(stripe_customer_id=customer_id(org))
+    _checked(_finance(), "not_counted_send_again", batch.pk, note="customer id put right")
+
+    # then: sent again once, and counted once
+    assert overage_report() == 10
+    assert counted(stripe_standin, org) == [(f"{first}_r3", 10)]
+
+
+# --- finance's word stands -----------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_no_report_re_flags_or_re_sends_a_batch_finance_found_counted(
+    customer, subscribed, stripe_standin, caplog
+):
+    # given: a batch flagged maybe dropped that finance found counted at Stripe
+    sub = subscribed("pro")
+    batch, unnamed = _in_doubt(sub)
+    sent_at = batch.sent_at
+    _checked(_finance(), "counted_at_stripe", batch.pk, note="evt 10 credits found")
+
+    # when: a report names its attempt as dropped (late, or read again), and another counts
+    # failures it does not name in the window it was sent in
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gymbilling.services.overage"):
+        assert _named_dropped(meter_event_key(identifier=batch.identifier, sent_at=sent_at)) == 0
+    assert overage_meter_errors_apply(report=meter_error_report_read(unnamed), our_meter=True) == 0
+
+    # then: it stays counted and sent, and is never sent again
+    assert marked(batch) == ("ovg_0_10", sent_at, MeterError.COUNTED)
+    assert overage_report() == 0
+    [(level, message)] = _logged(caplog)
+    assert level == logging.WARNING and "counted at Stripe" in message
