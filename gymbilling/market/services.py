@@ -20,7 +20,8 @@ account; their pending sweep (`_reversal_pending_settle`) locks one reversal
 row, then ledger accounts. A payout Stripe refused (`_payout_fail`) locks the
 payout, its fills, then the reversals whose losses it recovers, before the
 seller's money account; finance marking one paid at Stripe after all
-(`payout_mark_paid`) locks the payout, then its fills, then money accounts. A payout's
+(`payout_mark_paid`) locks the payout, its fills, then the reversals whose seller
+shares it books as losses again, before money accounts. A payout's
 send lock (`payout_send`: a session lock held across its Stripe calls; finance's Retry
 and mark-paid take the refused payout's) is taken with no transaction open, before any
 row. A reversal row is never locked while a ledger or money account is held. No Stripe
@@ -64,6 +65,7 @@ from gymbilling.market.rollover import rollover_carry_open, rollover_release_tri
 from gymbilling.market.rules import fill_amount, platform_fee, refund_split, share_ceil
 from gymbilling.market.selectors import shortfall_refund_owed
 from gymbilling.models import (
+    SELLER_KINDS,
     BillingCustomer,
     CheckoutKind,
     CheckoutSession,
@@ -1739,29 +1741,36 @@ def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
         return payout
 
 
-def _payout_book(payout: MarketPayout, *, fills: list[MarketFill], key: str) -> None:
+def _payout_book(payout: MarketPayout, *, fills: list[MarketFill], key: str, lost: int = 0) -> None:
     """What a payout does to the ledger, in the caller's transaction with `fills` locked:
     its amount from the seller's available proceeds to payouts, and its fills paid out
     by it. When it is recorded (before Stripe is called; a refusal undoes it,
     _payout_fail), and when finance finds one Stripe refused paid after all
-    (payout_mark_paid): each under a key of its own."""
+    (payout_mark_paid): each under a key of its own.
+
+    `lost` (payout_mark_paid): of its amount, what refunds and disputes took back from its
+    sales after it was recorded. Paid to the seller and given back to the buyer, it is a
+    loss, as for any sale refunded after its payout; the seller's proceeds no longer hold
+    it."""
+    cur = payout.currency
+    postings = [
+        (
+            money_account(
+                kind=MoneyAccountKind.SELLER_AVAILABLE, currency=cur, organization=payout.seller
+            ),
+            lost - payout.amount,
+        ),
+        (money_account(kind=MoneyAccountKind.PAYOUTS, currency=cur), payout.amount),
+    ]
+    if lost:
+        postings.append((money_account(kind=MoneyAccountKind.LOSSES, currency=cur), -lost))
     money_post(
         kind=MoneyTransactionKind.PAYOUT,
         key=key,
-        currency=payout.currency,
+        currency=cur,
         organization=payout.seller,
         payout=payout,
-        postings=[
-            (
-                money_account(
-                    kind=MoneyAccountKind.SELLER_AVAILABLE,
-                    currency=payout.currency,
-                    organization=payout.seller,
-                ),
-                -payout.amount,
-            ),
-            (money_account(kind=MoneyAccountKind.PAYOUTS, currency=payout.currency), payout.amount),
-        ],
+        postings=postings,
         memo=f"{payout.method} to {payout.destination}",
     )
     MarketFill.objects.filter(pk__in=[f.pk for f in fills]).update(
@@ -2081,6 +2090,10 @@ def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
     """What was booked as lost comes back from the seller's share instead: on the
     fills (so what is left to pay excludes it) and on their reversals' records.
 
+    By (fill, reversal transaction). A negative amount goes the other way: a share the
+    seller bore becomes a loss (payout_mark_paid: the payout paid it after all). Undoing
+    the reversal reads the sum from `recovered_by_fill` (_reversed_part).
+
     Called with the fills locked and before any money account is (the lock order
     above): it locks the reversals it updates first, in primary-key order.
     """
@@ -2099,9 +2112,13 @@ def _losses_recover(losses: dict[tuple[int, int], int]) -> None:
     )
     for (fill_id, txn_id), amount in losses.items():
         key = reversal_keys[txn_id]
-        # Once per fill and reversal: its loss was booked against this payout
-        # only, and a payout fails once. Undoing the reversal reads it.
-        recovered[key][str(fill_id)] = amount
+        # A loss booked against a payout is recovered once (a payout fails once), and
+        # booked again at most once (finance marks a failed payout paid once).
+        moved = recovered[key].get(str(fill_id), 0) + amount
+        if moved:
+            recovered[key][str(fill_id)] = moved
+        else:
+            recovered[key].pop(str(fill_id), None)
         MarketFill.objects.filter(pk=fill_id).update(seller_reversed=F("seller_reversed") + amount)
         MarketReversal.objects.filter(key=key).update(
             loss=F("loss") - amount,
@@ -2331,19 +2348,28 @@ def payout_mark_paid(*, payout_id: int, note: str, evidence: str, actor) -> Mark
     balance transaction `evidence`, in the deleted customer's balance in Stripe's
     dashboard). Retrying it would pay the seller again.
 
-    Recorded as the send that made it would have: the payout's amount from the seller's
-    available proceeds to payouts and its fills paid out by it (_payout_book, as when it
-    was recorded, before its refusal gave them back), and the payout sent to the
-    destination it was sent to (_payout_sent), `evidence` as Stripe's object. No longer
-    failed, it holds the seller's payouts no more: the next run pays what else they have
-    available. Who, `note` and `evidence` go to the seller's audit log
-    (`market.payout_marked_paid`).
+    Recorded as the send that made it would have been, had its answer come: the payout's
+    amount paid out of the seller's proceeds and its fills paid out by it (_payout_book, as
+    when it was recorded, before its refusal gave them back), and the payout sent to the
+    destination it was sent to (_payout_sent), `evidence` as Stripe's object. Refunds and
+    disputes that took from its sales after it was recorded are then booked as they are for
+    a sale refunded after its payout: the seller's share a loss (_reversal_apply), not
+    taken from the seller's proceeds. Taken while it was being sent, they were a loss, which
+    its refusal recovered from the seller; taken since it was refused, they came out of the
+    seller's available proceeds: either way that share goes back to the losses
+    (_shares_taken_since_paid), and the rest of the payout's amount out of the proceeds. A
+    dispute won later then gives the loss back to the platform, not to the seller, whom
+    the payout paid. No longer failed, it holds the seller's payouts no more: the next run
+    pays what else they have available. Who, `note`, `evidence` and what was booked as
+    lost go to the seller's audit log (`market.payout_marked_paid`).
 
     Only such a payout, not retried: 409 `payout_not_markable` otherwise. Under its send
-    lock, as payouts_retry takes it. Only exactly as its refusal left it: should a refund,
-    dispute or payout have touched its sales since, or should the refusal have recovered
-    losses booked against it while it was being sent, putting it back would take the
-    wrong amounts; 409 `payout_sales_changed`, and nothing is recorded.
+    lock, as payouts_retry takes it. 409, nothing recorded, where the ledger cannot say
+    exactly what the payout paid: `payout_sales_unrecorded` for one refused before
+    gymbilling/0040 (which sales it paid was not kept), `payout_sales_changed` where a
+    refund or dispute from before it was recorded was undone since (paid, the payout would
+    have left its sale reopened for that share, which is not booked here); both messages
+    tell finance what to do.
     """
     note = note.strip()
     evidence = evidence.strip()
@@ -2367,7 +2393,8 @@ def payout_mark_paid(*, payout_id: int, note: str, evidence: str, actor) -> Mark
 @retry_on_deadlock
 def _payout_marked_paid(*, payout_id: int, note: str, evidence: str, actor) -> MarketPayout:
     with transaction.atomic():
-        # _payout_fail's lock order: the payout, its fills, then money accounts.
+        # _payout_fail's lock order: the payout, its fills, the reversals whose shares move
+        # (_shares_taken_since_paid, _losses_recover), then money accounts.
         payout = (
             MarketPayout.objects.select_for_update(of=("self",))
             .select_related("seller")
@@ -2378,20 +2405,30 @@ def _payout_marked_paid(*, payout_id: int, note: str, evidence: str, actor) -> M
         fills = list(
             MarketFill.objects.select_for_update().filter(refused_payout=payout).order_by("pk")
         )
-        _refuse_if_changed_since_refused(payout, fills)
-        _payout_book(payout, fills=fills, key=f"payout_marked_paid:{payout.pk}")
+        taken = _shares_taken_since_paid(payout, fills, evidence=evidence)
+        lost = sum(taken.values())
+        # Before the money posting: its seller account is locked after the reversals.
+        _losses_recover({part: -amount for part, amount in taken.items()})
+        _payout_book(payout, fills=fills, key=f"payout_marked_paid:{payout.pk}", lost=lost)
         _payout_sent(payout.pk, stripe_object_id=evidence, was=PayoutStatus.FAILED)
         _payout_audit(
-            payout, "market.payout_marked_paid", actor=actor, note=note, evidence=evidence
+            payout,
+            "market.payout_marked_paid",
+            actor=actor,
+            note=note,
+            evidence=evidence,
+            lost=lost,
         )
     logger.warning(
-        "market payout %s of %s %s to %s marked paid at Stripe (%s) by %s: %s",
+        "market payout %s of %s %s to %s marked paid at Stripe (%s) by %s, %s of it lost to "
+        "refunds and disputes since: %s",
         payout.pk,
         payout.amount,
         payout.currency,
         payout.destination,
         evidence,
         getattr(actor, "email", actor),
+        lost,
         note,
     )
     payout.refresh_from_db()
@@ -2417,33 +2454,131 @@ def payout_not_markable(payout: MarketPayout) -> ApplicationError:
     )
 
 
-def _refuse_if_changed_since_refused(payout: MarketPayout, fills: list[MarketFill]) -> None:
-    """payout_mark_paid's check that the ledger is as the payout's refusal left it (fills
-    locked): its fills available, nothing posted on them since, and what they have left
-    to pay the payout's amount (a refusal that recovered losses leaves less)."""
-    refused = MoneyTransaction.objects.filter(idempotency_key=f"payout_failed:{payout.pk}").first()
-    why = ""
-    if not fills or refused is None:
-        why = "which sales it paid was not recorded when Stripe refused it (before gymbilling/0040)"
-    elif any(f.proceeds != ProceedsState.AVAILABLE or f.payout_id for f in fills) or (
-        # Every posting on a fill is made with the fill locked, as the refusal's was: one
-        # made after it has a later id.
-        MoneyTransaction.objects.filter(fill__in=fills, pk__gt=refused.pk).exists()
+def _shares_taken_since_paid(
+    payout: MarketPayout, fills: list[MarketFill], *, evidence: str
+) -> dict[tuple[int, int], int]:
+    """payout_mark_paid's reading of the ledger (fills locked; the reversals it reads are
+    locked here, before any money account): what refunds and disputes took from the seller's
+    share of the payout's sales after it was recorded, by (fill, reversal transaction).
+
+    Taken while it was being sent, the share was booked a loss against the payout, and
+    recovered from the seller by its refusal (recovered_by_fill); taken since, it came out
+    of the seller's available proceeds. Either way it is what the reversal's part of the
+    fill says the seller bore (_reversed_part). A refund or dispute undone since (a dispute
+    won, a refund failed) bears nothing in the end, whichever way it took: left as it is.
+    What the payout paid is then what its sales still owe the seller plus what was taken:
+    checked against its amount.
+
+    Raises 409 where that cannot be booked exactly (nothing recorded; the message says what
+    to do): `payout_sales_unrecorded` when the refusal did not record the payout's sales
+    (before gymbilling/0040: the payout was booked as one amount, with no posting per sale,
+    so nothing says which of the seller's available sales it paid); `payout_sales_changed`
+    when a refund or dispute from before the payout was recorded was undone since, giving
+    the seller's share back to their proceeds (paid, the payout would have left that sale
+    reopened for the share, earlier payouts set, and later refunds of it taken from it as
+    available: not booked here), or when the ledger is out of step with the sales.
+    """
+    recorded = MoneyTransaction.objects.filter(idempotency_key=f"payout:{payout.pk}").first()
+    refused = MoneyTransaction.objects.filter(idempotency_key=f"payout_failed:{payout.pk}")
+    if not fills or recorded is None or not refused.exists():
+        raise _not_booked_here(
+            payout,
+            evidence,
+            code="payout_sales_unrecorded",
+            why="Stripe refused it before gymbilling/0040, when a refused payout's sales were "
+            f"not recorded; its {payout.amount} {payout.currency} were booked as one amount, "
+            "so the ledger cannot say which of the seller's available sales it paid",
+        )
+    for fill in fills:
+        # Paid out by no payout: a refund or dispute took all it had left (_payout_record).
+        swept = fill.proceeds == ProceedsState.PAID_OUT and not _seller_share_left(fill)
+        if fill.payout_id is not None or not (fill.proceeds == ProceedsState.AVAILABLE or swept):
+            raise _not_booked_here(
+                payout,
+                evidence,
+                code="payout_sales_changed",
+                why=f"its sale {fill.pk} is no longer as its refusal left it ({fill.proceeds}, "
+                f"payout {fill.payout_id})",
+            )
+    # Every posting on a fill is made with the fill locked, as the payout's recording was:
+    # one made after it has a later id. A released fill is touched by nothing but refunds,
+    # disputes and their undoing.
+    reversed_since: dict[tuple[str, int], int] = {}  # (reversal key, fill): its transaction
+    undone_since: list[tuple[str, int, int]] = []  # (reversal key, fill, transaction)
+    for pk, kind, key, fill_id in (
+        MoneyTransaction.objects.filter(fill__in=fills, pk__gt=recorded.pk)
+        .order_by("pk")
+        .values_list("pk", "kind", "idempotency_key", "fill_id")
     ):
-        why = "a refund, dispute or payout touched its sales since Stripe refused it"
-    elif sum(_seller_share_left(f) for f in fills) != payout.amount:
-        why = (
-            "its refusal took back from the seller refunds and disputes booked as losses "
-            "while it was being sent"
-        )
-    if why:
-        raise ApplicationError(
+        if kind == MoneyTransactionKind.REVERSAL:
+            reversed_since[(key.removeprefix("reversal:").rpartition(":")[0], fill_id)] = pk
+        elif kind == MoneyTransactionKind.REINSTATEMENT:
+            undone_since.append(
+                (key.removeprefix("reinstatement:").rpartition(":")[0], fill_id, pk)
+            )
+        else:
+            raise _not_booked_here(
+                payout,
+                evidence,
+                code="payout_sales_changed",
+                why=f"its sale {fill_id} has a {kind} ({key}) since it was recorded",
+            )
+    gave_back = set(
+        MoneyEntry.objects.filter(
+            transaction_id__in=[pk for _, _, pk in undone_since], account__kind__in=SELLER_KINDS
+        ).values_list("transaction_id", flat=True)
+    )
+    for key, fill_id, pk in undone_since:
+        if pk in gave_back and (key, fill_id) not in reversed_since:
+            raise _not_booked_here(
+                payout,
+                evidence,
+                code="payout_sales_changed",
+                why=f"{key}, which took from its sale {fill_id} before it was recorded, was "
+                "undone since Stripe refused it (a dispute won, a refund failed), giving that "
+                "share back to the seller's proceeds; paid, the payout would have left the "
+                "sale reopened for it, which cannot be booked here",
+            )
+    reversals = {
+        reversal.key: reversal
+        for reversal in MarketReversal.objects.select_for_update()
+        .filter(key__in={key for key, _ in reversed_since})
+        .order_by("pk")
+    }
+    by_pk = {fill.pk: fill for fill in fills}
+    taken: dict[tuple[int, int], int] = {}
+    for (key, fill_id), txn in reversed_since.items():
+        if reversals[key].reinstated_at is not None:
+            continue
+        part = _reversed_part(reversal=reversals[key], fill=by_pk[fill_id])
+        if part is not None and part.seller:
+            taken[(fill_id, txn)] = part.seller
+    owed = sum(_seller_share_left(fill) for fill in fills)
+    if owed + sum(taken.values()) != payout.amount:
+        raise _not_booked_here(
+            payout,
+            evidence,
             code="payout_sales_changed",
-            message=f"Payout {payout.pk} cannot be marked paid here: {why}, so putting it "
-            "back as paid would move the wrong amounts. Nothing was recorded; the seller's "
-            "payouts stay held; ask engineering to correct the seller's proceeds.",
-            status=409,
+            why=f"its sales owe the seller {owed} and refunds and disputes took "
+            f"{sum(taken.values())} of them since it was recorded, not its "
+            f"{payout.amount} {payout.currency}: the ledger is out of step",
         )
+    return taken
+
+
+def _not_booked_here(
+    payout: MarketPayout, evidence: str, *, code: str, why: str
+) -> ApplicationError:
+    """payout_mark_paid's refusal of a payout it cannot book exactly, and what finance do."""
+    return ApplicationError(
+        code=code,
+        message=f"Payout {payout.pk} cannot be marked paid here: {why}. Nothing was recorded. "
+        f"Do not Retry it: that would pay the seller its {payout.amount} {payout.currency} "
+        f"again. It stays held, and with it the seller's payouts in {payout.currency}: send "
+        f"engineering the payout's id and the balance transaction {evidence}, to record it "
+        "by hand.",
+        status=409,
+    )
 
 
 # --- refunds and disputes ---------------------------------------------------------------
@@ -2904,7 +3039,10 @@ def _reversed_part(*, reversal: MarketReversal, fill: MarketFill) -> _ReversedPa
     # fill. Not always all the loss: of a fill reopened since an earlier payout
     # (a won dispute, a failed refund), that payout paid the rest, which stayed
     # lost. Counting it as the seller's would give the seller more than was
-    # taken from them (the fill's seller_reversed below 0).
+    # taken from them (the fill's seller_reversed below 0). Finance marking that payout
+    # paid after all (payout_mark_paid) takes the recovery back, and books lost a share a
+    # reversal made since its refusal took from the seller's proceeds (a negative entry):
+    # the payout paid the fill, so the seller bore none of it.
     recovered = reversal.recovered_by_fill.get(str(fill.pk), 0)
     seller += recovered
     loss = -by_kind.get(MoneyAccountKind.LOSSES, 0) - recovered

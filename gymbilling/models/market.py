@@ -418,7 +418,12 @@ class MarketReversal(models.Model):
     # _payout_fail): undoing the reversal gives that back to the seller's proceeds
     # and the rest to the losses. Not all of it where the fill had been reopened: the
     # refused payout paid only what was left, an earlier one the rest, and that
-    # stayed lost (gymbilling/0028 filled it in for rows recovered before).
+    # stayed lost (gymbilling/0028 filled it in for rows recovered before). Finance
+    # marking that payout paid after all books it lost again (payout_mark_paid), which
+    # drops the fill's entry; a reversal made after the payout was refused took from the
+    # seller's available proceeds instead, and marking the payout paid books that share
+    # lost too: its entry is then negative, minus that share. What the seller bore of a
+    # fill is the reversal's seller postings plus this entry (_reversed_part).
     recovered_by_fill = models.JSONField(default=dict, blank=True, db_default={})
     reinstated_at = models.DateTimeField(null=True, blank=True)
     credits_reinstated = models.PositiveBigIntegerField(default=0)

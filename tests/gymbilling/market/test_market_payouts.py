@@ -30,6 +30,7 @@ from gymbilling.models import (
     BillingCustomer,
     MarketFill,
     MarketPayout,
+    MarketReversal,
     PayoutMethod,
     PayoutStatus,
     ProceedsState,
@@ -37,7 +38,16 @@ from gymbilling.models import (
 from gymbilling.services.customers import billing_customer_replace
 from gymbilling.services.payments import resale_freeze
 from metering.reconcile import ledger_reconcile
-from tests.gymbilling.market.conftest import market_member, money, refund, sold
+from tests.gymbilling.market.conftest import (
+    dispute_at_stripe,
+    market_member,
+    money,
+    refund,
+    sold,
+)
+from tests.gymbilling.market.test_market_reversal_lock_order import (
+    reversal_held_while_waiting_for_seller_money,
+)
 from tests.gymbilling.test_admin import offered_actions, run_action, staff_with
 from tests.helpers import (
     credits,
@@ -330,13 +340,16 @@ def test_a_balance_credit_to_a_customer_stripe_never_knew_is_refused_for_finance
     assert money("seller_available", organization=seller) == 112
 
 
-def _credited_then_deleted(market_stripe, seller, buyer, *, replaced: bool):
-    """A payout of 112 to the seller's customer, sent once and credited there, its answer
-    lost (a timeout); Stripe has forgotten the send's key since; then the customer deleted
-    at Stripe (the seller may have used the credit first), and replaced by the
-    organization's new customer if `replaced`. Returns the payout (pending), the credit
-    Stripe made, and the deleted customer."""
-    sold(market_stripe, seller, buyer)
+def _credited_then_deleted(
+    market_stripe, seller, buyer, *, replaced: bool, after_the_sale=lambda order: None
+):
+    """A payout of a sale (112; less what `after_the_sale`, done to it first, took) to the
+    seller's customer, sent once and credited there, its answer lost (a timeout); Stripe has
+    forgotten the send's key since; then the customer deleted at Stripe (the seller may
+    have used the credit first), and replaced by the organization's new customer if
+    `replaced`. Returns the payout (pending), the credit Stripe made, and the deleted
+    customer."""
+    after_the_sale(sold(market_stripe, seller, buyer))
     payout = _recorded_while_stripe_is_down(market_stripe)
     gone = _seller_customer(seller)
     credit = _payout_create_at_stripe(payout)
@@ -401,11 +414,15 @@ def test_a_balance_credit_an_earlier_send_may_have_made_to_a_customer_deleted_si
 # --- finance finds at Stripe that a payout that may have paid did -------------------------------
 
 
-def _may_have_paid(market_stripe, seller, buyer, *, before_the_run=lambda: None):
+def _may_have_paid(
+    market_stripe, seller, buyer, *, before_the_run=lambda: None, after_the_sale=lambda order: None
+):
     """`_credited_then_deleted`, replaced, and the payout run that failed it for finance
     (`before_the_run` done before it): returns the payout (failed, may_have_paid) and the
     credit Stripe made."""
-    payout, credit, _gone = _credited_then_deleted(market_stripe, seller, buyer, replaced=True)
+    payout, credit, _gone = _credited_then_deleted(
+        market_stripe, seller, buyer, replaced=True, after_the_sale=after_the_sale
+    )
     before_the_run()
     assert payouts_run(now=timezone.now() + LATER) == 0
     payout.refresh_from_db()
@@ -474,6 +491,7 @@ def test_finance_marks_a_payout_paid_at_stripe_once_they_found_its_credit(
         "currency": "usd",
         "destination": credit["customer"],
         "evidence": credit["id"],
+        "lost": 0,
         "note": "Credit found; the seller used it.",
     }
     # and the seller's payouts are held no more: the next sale is paid to the new
@@ -514,43 +532,206 @@ def test_mark_paid_at_stripe_is_refused_for_a_payout_no_send_may_have_paid(
     assert not AuditEvent.objects.filter(action="market.payout_marked_paid").exists()
 
 
-@pytest.mark.parametrize("refunded", ["while_it_was_sent", "since_it_was_refused"])
-def test_mark_paid_at_stripe_is_refused_once_a_refund_took_from_its_sale(
-    market_stripe, seller, buyer, refunded
+# --- marked paid after refunds and disputes reached its sale -------------------------------
+#
+# The sale of 124 (fee 12, the seller's 112) that the payout of 112 paid; half of it (62:
+# fee 6, the seller's 56) refunded or disputed while the payout was being sent or since
+# Stripe refused it. Marked paid, the ledger must say what it would had the send that
+# credited the seller been answered: the 112 paid out, the sale paid out by the payout,
+# and the seller's 56 that the refund or dispute gave back to the buyer a loss, as for any
+# sale refunded after its payout.
+
+
+def _marked_paid(payout, credit) -> str:
+    """Finance marks the payout paid at Stripe with its credit, on the admin's page; what
+    the list then says."""
+    response = _mark_paid(_finance(), payout.pk, evidence=credit["id"], note="credit found")
+    return " ".join(_shown(response))
+
+
+def _paid_as_if_answered(payout, credit, seller, *, lost: int) -> MarketFill:
+    """The payout sent with its credit, its 112 paid out of the seller's proceeds, `lost` of
+    them a loss, its sale paid out by it, the ledger reconciled; returns the sale's fill."""
+    payout.refresh_from_db()
+    assert (payout.status, payout.stripe_object_id) == (PayoutStatus.SENT, credit["id"])
+    assert money("payouts") == 112
+    assert money("seller_available", organization=seller) == 0
+    assert money("losses") == -lost
+    [fill] = MarketFill.objects.filter(seller=seller)
+    assert (fill.proceeds, fill.payout_id, fill.seller_reversed) == (
+        ProceedsState.PAID_OUT,
+        payout.pk,
+        0,
+    )
+    [event] = AuditEvent.objects.filter(organization=seller, action="market.payout_marked_paid")
+    assert (event.data["evidence"], event.data["lost"]) == (credit["id"], lost)
+    report = ledger_reconcile()
+    assert report.ok, report.violations
+    return fill
+
+
+def _nothing_paid_again(market_stripe, seller) -> None:
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert market_stripe.balance_credits(seller) == []
+    assert MarketPayout.objects.count() == 1
+    assert money("payouts") == 112
+
+
+@pytest.mark.parametrize(("refunded", "fee_back", "seller_share"), [(62, 6, 56), (124, 12, 112)])
+def test_mark_paid_at_stripe_of_a_payout_whose_sale_was_refunded_since_books_the_refund_a_loss(
+    market_stripe, seller, buyer, refunded, fee_back, seller_share
 ):
-    """Put back as paid, the payout would move its whole amount out of proceeds a refund has
-    taken from: refused, for a correction by hand, rather than booked wrong."""
+    # given: a payout of 112 that may have paid the seller; since Stripe refused it, half or
+    # all of its sale refunded, the seller's share of it taken from their available
+    # proceeds (all of it: the payout run finds the sale owes nothing, and closes it)
+    payout, credit = _may_have_paid(market_stripe, seller, buyer)
+    order = MarketFill.objects.get(seller=seller).order
+    refund(order, refunded)
+    assert payouts_run(now=timezone.now() + LATER) == 0
+    assert money("seller_available", organization=seller) == 112 - seller_share
+    assert money("losses") == 0
+    closed = MarketFill.objects.filter(seller=seller, proceeds=ProceedsState.PAID_OUT)
+    assert list(closed.values_list("payout", flat=True)) == ([None] if refunded == 124 else [])
 
-    def half_refunded():
-        refund(MarketFill.objects.get(seller=seller).order, 62)  # the seller's 56 of it
+    # when: finance marks it paid at Stripe
+    shown = _marked_paid(payout, credit)
 
-    # given: a payout of 112 that may have paid the seller, half its sale refunded while it
-    # was being sent (booked as a loss, which its refusal took back from the seller), or
-    # since it was refused (taken from the seller's available proceeds)
-    if refunded == "while_it_was_sent":
-        payout, credit = _may_have_paid(market_stripe, seller, buyer, before_the_run=half_refunded)
-    else:
-        payout, credit = _may_have_paid(market_stripe, seller, buyer)
-        half_refunded()
+    # then: the 112 paid out, the refund's share of the seller's a loss (refunded after the
+    # payout), and the seller's available proceeds 0, not below
+    assert f"Payout {payout.pk} recorded as paid at Stripe" in shown, shown
+    _paid_as_if_answered(payout, credit, seller, lost=seller_share)
+    [reversal] = MarketReversal.objects.filter(order=order)
+    assert (reversal.amount, reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (
+        refunded,
+        fee_back,
+        0,
+        seller_share,
+    )
+    # and nothing of the sale is paid again
+    _nothing_paid_again(market_stripe, seller)
+
+
+def test_mark_paid_at_stripe_of_a_payout_whose_sale_was_disputed_since_books_the_dispute_a_loss(
+    market_stripe, seller, buyer, deliver
+):
+    # given: a payout of 112 that may have paid the seller; since Stripe refused it, half its
+    # sale disputed, the seller's 56 of it taken from their available proceeds
+    payout, credit = _may_have_paid(market_stripe, seller, buyer)
+    order = MarketFill.objects.get(seller=seller).order
+    dispute = dispute_at_stripe(market_stripe, order, amount=62)
+    deliver()
     assert money("seller_available", organization=seller) == 56
 
     # when: finance marks it paid at Stripe
-    response = _mark_paid(_finance(), payout.pk, evidence=credit["id"], note="credit found")
+    shown = _marked_paid(payout, credit)
 
-    # then: refused, saying why; nothing changed, the seller's payouts still held
-    [shown] = _shown(response)
-    assert "payout_sales_changed" in shown and "Nothing was recorded" in shown, shown
-    why = {
-        "while_it_was_sent": "booked as losses while it was being sent",
-        "since_it_was_refused": "touched its sales since Stripe refused it",
-    }
-    assert why[refunded] in shown
+    # then: as if the dispute had come after the payout: the seller's 56 a loss
+    assert f"Payout {payout.pk} recorded as paid at Stripe" in shown, shown
+    _paid_as_if_answered(payout, credit, seller, lost=56)
+    reversal = MarketReversal.objects.get(key=f"dispute:{dispute}")
+    assert (reversal.seller_reversed, reversal.loss) == (0, 56)
+
+    # when: the gym wins the dispute
+    market_stripe.standin.close_dispute(dispute, status="won")
+    deliver()
+
+    # then: the loss comes back to the platform, not to the seller's proceeds (the payout
+    # paid them all): the sale stays paid out by it, and nothing is paid again
+    assert money("losses") == 0
+    assert money("seller_available", organization=seller) == 0
+    fill = MarketFill.objects.get(seller=seller)
+    assert (fill.proceeds, fill.payout_id, fill.seller_reversed, fill.refunded) == (
+        ProceedsState.PAID_OUT,
+        payout.pk,
+        0,
+        0,
+    )
+    _nothing_paid_again(market_stripe, seller)
+    assert ledger_reconcile().ok
+
+
+def test_mark_paid_at_stripe_of_a_payout_whose_refusal_recovered_a_loss_books_it_lost_again(
+    market_stripe, seller, buyer
+):
+    # given: a payout of 112 that may have paid the seller, half its sale refunded while it
+    # was being sent (booked as a loss), which its refusal took back from the seller's
+    # proceeds
+    def half_refunded():
+        refund(MarketFill.objects.get(seller=seller).order, 62)
+        assert money("losses") == -56
+
+    payout, credit = _may_have_paid(market_stripe, seller, buyer, before_the_run=half_refunded)
+    [fill] = MarketFill.objects.filter(seller=seller)
+    [reversal] = MarketReversal.objects.filter(order=fill.order)
+    assert reversal.recovered_by_fill == {str(fill.pk): 56}
+    assert (money("seller_available", organization=seller), money("losses")) == (56, 0)
+
+    # when: finance marks it paid at Stripe
+    shown = _marked_paid(payout, credit)
+
+    # then: the refund's 56 a loss again, as it was booked while the payout was sent, and
+    # nothing recovered from the seller
+    assert f"Payout {payout.pk} recorded as paid at Stripe" in shown, shown
+    _paid_as_if_answered(payout, credit, seller, lost=56)
+    reversal.refresh_from_db()
+    assert (reversal.seller_reversed, reversal.loss, reversal.recovered_by_fill) == (0, 56, {})
+    _nothing_paid_again(market_stripe, seller)
+
+
+def test_mark_paid_at_stripe_of_a_payout_refused_before_its_sales_were_recorded_says_what_to_do(
+    market_stripe, seller, buyer
+):
+    # given: a payout that may have paid the seller, refused by the release before
+    # gymbilling/0040: its sale does not say the payout paid it
+    payout, credit = _may_have_paid(market_stripe, seller, buyer)
+    MarketFill.objects.filter(refused_payout=payout).update(refused_payout=None)
+
+    # when: finance marks it paid at Stripe
+    shown = _marked_paid(payout, credit)
+
+    # then: refused, saying why and what to do instead; nothing changed, still held
+    assert "payout_sales_unrecorded" in shown, shown
+    assert "before gymbilling/0040" in shown and "Do not Retry it" in shown, shown
+    assert credit["id"] in shown and "send engineering" in shown, shown
     payout.refresh_from_db()
     assert (payout.status, payout.stripe_object_id) == (PayoutStatus.FAILED, "")
-    assert money("payouts") == 0
-    assert money("seller_available", organization=seller) == 56
+    assert (money("payouts"), money("seller_available", organization=seller)) == (0, 112)
     assert not AuditEvent.objects.filter(action="market.payout_marked_paid").exists()
     assert payouts_run(now=timezone.now() + LATER) == 0
+    assert ledger_reconcile().ok
+
+
+def test_mark_paid_at_stripe_is_refused_once_a_dispute_from_before_the_payout_was_won_since(
+    market_stripe, seller, buyer, deliver
+):
+    """Paid, the payout would have left the sale paid out; the dispute won then reopens it
+    for the share the dispute had taken before the payout (earlier payouts), which a later
+    refund would take from differently: not booked here."""
+    # given: a sale half disputed in its holding period (the seller's 56 taken back), its
+    # other 56 in a payout that may have paid the seller; since Stripe refused it, the gym
+    # won the dispute: the seller's 56 back to their available proceeds
+    disputed = []
+
+    def half_disputed(order):
+        disputed.append(dispute_at_stripe(market_stripe, order, amount=62))
+        deliver()
+
+    payout, credit = _may_have_paid(market_stripe, seller, buyer, after_the_sale=half_disputed)
+    assert payout.amount == 56
+    market_stripe.standin.close_dispute(disputed[0], status="won")
+    deliver()
+    assert money("seller_available", organization=seller) == 112
+
+    # when: finance marks it paid at Stripe
+    shown = _marked_paid(payout, credit)
+
+    # then: refused, saying why and what to do; nothing changed
+    assert "payout_sales_changed" in shown and "was undone since" in shown, shown
+    assert "Do not Retry it" in shown, shown
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.FAILED
+    assert (money("payouts"), money("seller_available", organization=seller)) == (0, 112)
+    assert not AuditEvent.objects.filter(action="market.payout_marked_paid").exists()
 
 
 def test_mark_paid_at_stripe_needs_a_balance_transaction_and_a_note(market_stripe, seller, buyer):
@@ -743,6 +924,41 @@ def test_a_retry_sent_while_finance_marks_the_payout_paid_waits_and_pays_nothing
     assert market_stripe.balance_credits(seller) == []  # the new customer got nothing
     assert MarketPayout.objects.get().status == PayoutStatus.SENT
     assert money("payouts") == 112
+    assert money("seller_available", organization=seller) == 0
+    assert ledger_reconcile().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_marking_a_payout_paid_locks_the_reversals_it_books_lost_before_the_seller_s_money(
+    market_stripe,
+):
+    # As the refusal does (test_market_reversal_lock_order): nothing today holds a money
+    # account and then waits for a reversal row, so the documented order is what is asserted.
+    # given: a payout of 112 that may have paid the seller, half its sale refunded since
+    # Stripe refused it
+    seller = market_member(credits_amount=credits(1000))
+    buyer = market_member()
+    payout, credit = _may_have_paid(market_stripe, seller, buyer)
+    refund(MarketFill.objects.get(seller=seller).order, 62)
+    reversal = MarketReversal.objects.get()
+
+    # when: finance marks it paid, on a connection of its own while another holds the
+    # seller's available proceeds account
+    # then: while it waits for that account, it holds the reversal it books lost
+    assert reversal_held_while_waiting_for_seller_money(
+        seller,
+        reversal,
+        lambda: payout_mark_paid(
+            payout_id=payout.pk, note="credit found", evidence=credit["id"], actor=None
+        ),
+        what="marking the payout paid to wait for the seller's money account",
+    )
+
+    # and once it has the account: paid, the refund's 56 of the seller's a loss
+    assert MarketPayout.objects.get().status == PayoutStatus.SENT
+    reversal.refresh_from_db()
+    assert (reversal.seller_reversed, reversal.loss) == (0, 56)
+    assert (money("payouts"), money("losses")) == (112, -56)
     assert money("seller_available", organization=seller) == 0
     assert ledger_reconcile().ok
 

@@ -9,6 +9,7 @@ recovers before the seller's money account, as that order says."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -147,7 +148,34 @@ def test_a_refused_payout_locks_the_reversals_it_recovers_before_the_seller_s_mo
     refund(order, 62)
     reversal = MarketReversal.objects.get()
     assert reversal.loss == 56
-    # and the seller's available proceeds account held by a connection of its own
+
+    # when: Stripe refuses the payout, sent on a connection of its own while another holds
+    # the seller's available proceeds account, which it waits for to recover the loss
+    # then: while it waits for that account, it holds the reversal it recovers
+    assert reversal_held_while_waiting_for_seller_money(
+        seller,
+        reversal,
+        lambda: payout_send(payout_id=payout.pk),
+        what="the refused payout to wait for the seller's money account",
+    )
+
+    # and once it has the account: the payout failed, the loss is recovered from the
+    # seller's share, and the seller has the other 56 available
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.FAILED
+    reversal.refresh_from_db()
+    assert (reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (6, 56, 0)
+    assert money("losses") == 0
+    assert money("seller_available", organization=seller) == 56
+    assert ledger_reconcile().ok
+
+
+def reversal_held_while_waiting_for_seller_money(
+    seller, reversal: MarketReversal, work: Callable[[], object], *, what: str
+) -> bool:
+    """Run `work` on a connection of its own while another connection holds the seller's
+    available proceeds account; once `work` waits for a lock (`what`), whether it holds the
+    reversal's row. Returns when `work` is done, the account let go, without errors."""
     held, release = threading.Event(), threading.Event()
 
     def hold_seller_money() -> None:
@@ -160,38 +188,18 @@ def test_a_refused_payout_locks_the_reversals_it_recovers_before_the_seller_s_mo
 
     errors: list = []
     holding = threading.Thread(target=on_own_connection, args=(hold_seller_money, errors))
-    sending = threading.Thread(
-        target=on_own_connection, args=(lambda: payout_send(payout_id=payout.pk), errors)
-    )
+    working = threading.Thread(target=on_own_connection, args=(work, errors))
     holding.start()
     try:
         assert held.wait(timeout=60)
-
-        # when: Stripe refuses the payout, sent on a connection of its own, which
-        # waits for the seller's account to recover the loss
-        sending.start()
-        wait_until(
-            lambda: not sending.is_alive() or lock_waiters() > 0,
-            what="the refused payout to wait for the seller's money account",
-        )
-
-        # then: while it waits for that account, it holds the reversal it recovers
-        assert sending.is_alive()
-        assert locked_elsewhere(reversal)
+        working.start()
+        wait_until(lambda: not working.is_alive() or lock_waiters() > 0, what=what)
+        reversal_held = working.is_alive() and locked_elsewhere(reversal)
     finally:
         release.set()
         holding.join(timeout=120)
-        if sending.ident is not None:
-            sending.join(timeout=120)
-
-    # and once it has the account: the payout failed, the loss is recovered from the
-    # seller's share, and the seller has the other 56 available
+        if working.ident is not None:
+            working.join(timeout=120)
     assert errors == []
-    assert not sending.is_alive()
-    payout.refresh_from_db()
-    assert payout.status == PayoutStatus.FAILED
-    reversal.refresh_from_db()
-    assert (reversal.fee_reversed, reversal.seller_reversed, reversal.loss) == (6, 56, 0)
-    assert money("losses") == 0
-    assert money("seller_available", organization=seller) == 56
-    assert ledger_reconcile().ok
+    assert not working.is_alive()
+    return reversal_held
