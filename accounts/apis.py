@@ -127,15 +127,23 @@ class ApiKeyListCreateApi(PagedListMixin, OrgApiView):
 
         name = serializers.CharField(max_length=100)
         scopes = serializers.ListField(
-            child=serializers.ChoiceField(choices=Scope.values), min_length=1, max_length=10
+            child=serializers.ChoiceField(choices=Scope.values),
+            min_length=1,
+            max_length=10,
+            help_text="Made with an API key: only scopes that key has.",
         )
-        expires_at = serializers.DateTimeField(required=False, allow_null=True)
+        expires_at = serializers.DateTimeField(
+            required=False,
+            allow_null=True,
+            help_text="Made with an API key that expires: required, and no later than it.",
+        )
         requests_per_minute = serializers.IntegerField(
             required=False,
             allow_null=True,
             min_value=1,
             max_value=MAX_REQUESTS_PER_MINUTE,
-            help_text="A ceiling for this key under the organization's limit; null for none.",
+            help_text="A ceiling for this key under the organization's limit; null for none. "
+            "Made with an API key that has one: required, and no higher.",
         )
 
     class CreatedOutput(ApiKeyOutput):

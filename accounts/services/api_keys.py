@@ -148,6 +148,49 @@ def _valid_expiry(expires_at: datetime) -> datetime:
     return expires_at
 
 
+def _require_within_parent(
+    *,
+    parent: ApiKey,
+    scopes: list[str],
+    expires_at: datetime | None,
+    requests_per_minute: int | None,
+) -> None:
+    """Refuse (400 `key_exceeds_parent`, `param` naming the field) a key made with the key
+    `parent` that could do more than it: a scope it lacks, a later expiry (or none while it
+    has one), a higher requests-per-minute ceiling (or none while it has one).
+
+    Otherwise a leaked key with a week to live, or a narrow admin key, mints a key that
+    never expires, or one with every scope, and the limits put on it mean nothing. Its
+    role cannot grow: the new key has the same creator (apikey_create), whose role every
+    admin key acts with. A person in the dashboard or the API makes keys unbounded by
+    this: they are not a key.
+    """
+    beyond = sorted(set(scopes) - set(parent.scopes))
+    if beyond:
+        raise ApplicationError(
+            code="key_exceeds_parent",
+            message="This API key may only make keys with scopes it has "
+            f"({', '.join(parent.scopes)}); it lacks {', '.join(beyond)}.",
+            param="scopes",
+        )
+    if parent.expires_at is not None and (expires_at is None or expires_at > parent.expires_at):
+        raise ApplicationError(
+            code="key_exceeds_parent",
+            message="This API key expires at "
+            f"{parent.expires_at.isoformat()}: a key it makes needs an expires_at no later.",
+            param="expires_at",
+        )
+    if parent.requests_per_minute is not None and (
+        requests_per_minute is None or requests_per_minute > parent.requests_per_minute
+    ):
+        raise ApplicationError(
+            code="key_exceeds_parent",
+            message=f"This API key is limited to {parent.requests_per_minute} requests per "
+            "minute: a key it makes needs a requests_per_minute no higher.",
+            param="requests_per_minute",
+        )
+
+
 @transaction.atomic
 def apikey_create(
     *,
@@ -178,6 +221,13 @@ def apikey_create(
                 "(or null for the organization's limit)."
             ),
             param="requests_per_minute",
+        )
+    if actor_key is not None:
+        _require_within_parent(
+            parent=actor_key,
+            scopes=scopes,
+            expires_at=expires_at,
+            requests_per_minute=requests_per_minute,
         )
     public_id = _random(PUBLIC_ID_LENGTH)
     body = f"{PREFIX}{public_id}_{_random(SECRET_LENGTH)}"

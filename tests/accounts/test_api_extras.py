@@ -11,8 +11,10 @@ from tests.factories import UserFactory
 pytestmark = pytest.mark.django_db
 
 
-def test_a_key_created_with_its_own_limit_is_held_to_it(org, admin_client, fresh_window):
-    # given a key created through the API with a ceiling of 2 requests a minute
+def test_a_key_created_with_its_own_limit_is_held_to_it(org, make_key, fresh_window):
+    # given a key created through the API with a ceiling of 2 requests a minute, by a key
+    # that has the scope it is given (a key makes keys within its own scopes)
+    admin_client = key_client(make_key(org, scopes=[Scope.ADMIN, Scope.BILLING_READ])[1])
     created = admin_client.post(
         "/api/v1/keys",
         {"name": "slow", "scopes": [Scope.BILLING_READ], "requests_per_minute": 2},

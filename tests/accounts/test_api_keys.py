@@ -284,7 +284,7 @@ def test_a_key_created_with_an_expiry_reports_it(org, admin_client):
     # when
     response = admin_client.post(
         "/api/v1/keys",
-        {"name": "week", "scopes": ["inference"], "expires_at": expires_at.isoformat()},
+        {"name": "week", "scopes": ["admin"], "expires_at": expires_at.isoformat()},
         format="json",
     )
 
@@ -315,9 +315,12 @@ def test_a_billing_read_key_cannot_create_keys(org, make_key):
     assert not AuditEvent.objects.filter(action="api_key.created", data__name="escalate").exists()
 
 
-def test_an_admin_key_creates_a_key_with_the_scopes_asked_for(org, admin_client):
+def test_an_admin_key_creates_a_key_with_the_scopes_asked_for(org, make_key):
+    # given: a key with the admin scope and those it gives
+    _parent, raw = make_key(org, scopes=[Scope.ADMIN, Scope.BILLING_READ, Scope.INFERENCE])
+
     # when
-    response = admin_client.post(
+    response = key_client(raw).post(
         "/api/v1/keys",
         {"name": "reporting", "scopes": ["billing:read", "inference"]},
         format="json",
@@ -378,9 +381,7 @@ def test_unknown_scopes_are_refused(org, admin_client):
 
 def test_the_created_key_is_shown_once_and_never_listed(org, admin_client):
     # given
-    created = admin_client.post(
-        "/api/v1/keys", {"name": "ci", "scopes": ["inference"]}, format="json"
-    )
+    created = admin_client.post("/api/v1/keys", {"name": "ci", "scopes": ["admin"]}, format="json")
     assert created.status_code == 201
     raw = created.json()["key"]
     secret = KEY_SHAPE.fullmatch(raw)["secret"]
@@ -427,6 +428,116 @@ def test_an_owner_signed_in_creates_keys_and_a_member_cannot(org, member_of):
     assert ApiKey.objects.filter(organization=org).count() == 1
 
 
+# --- a key makes keys within its own reach ------------------------------------------------
+
+
+def _in(days: int) -> datetime:
+    return (timezone.now() + timedelta(days=days)).replace(microsecond=0)
+
+
+@pytest.mark.parametrize(
+    ("parent", "asked", "param"),
+    [
+        ({"scopes": [Scope.ADMIN]}, {"scopes": ["admin", "inference"]}, "scopes"),
+        (
+            {"scopes": [Scope.ADMIN], "expires_at": _in(1)},
+            {"scopes": ["admin"], "expires_at": _in(2).isoformat()},
+            "expires_at",
+        ),
+        ({"scopes": [Scope.ADMIN], "expires_at": _in(1)}, {"scopes": ["admin"]}, "expires_at"),
+        (
+            {"scopes": [Scope.ADMIN], "requests_per_minute": 10},
+            {"scopes": ["admin"], "requests_per_minute": 11},
+            "requests_per_minute",
+        ),
+        (
+            {"scopes": [Scope.ADMIN], "requests_per_minute": 10},
+            {"scopes": ["admin"], "requests_per_minute": None},
+            "requests_per_minute",
+        ),
+    ],
+    ids=["broader-scopes", "later-expiry", "no-expiry", "higher-limit", "no-limit"],
+)
+def test_a_key_cannot_make_a_key_that_exceeds_it(org, make_key, parent, asked, param):
+    # given: a key with the admin scope, and bounds of its own
+    _key, raw = make_key(org, name="parent", **parent)
+    before = ApiKey.objects.count()
+
+    # when: it asks for a key beyond them
+    response = key_client(raw).post("/api/v1/keys", {"name": "child", **asked}, format="json")
+
+    # then: refused, naming the field, and nothing made or audited
+    error = assert_error(response, 400, "key_exceeds_parent")
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert ApiKey.objects.count() == before
+    assert not AuditEvent.objects.filter(action="api_key.created", data__name="child").exists()
+
+
+def test_a_key_makes_a_key_up_to_its_own_bounds(org, make_key):
+    # given
+    expires_at = _in(2)
+    _key, raw = make_key(
+        org,
+        scopes=[Scope.ADMIN, Scope.INFERENCE],
+        expires_at=expires_at,
+        requests_per_minute=10,
+    )
+
+    # when: a narrower key, and one exactly as far as it goes
+    narrower = key_client(raw).post(
+        "/api/v1/keys",
+        {
+            "name": "narrower",
+            "scopes": ["inference"],
+            "expires_at": _in(1).isoformat(),
+            "requests_per_minute": 3,
+        },
+        format="json",
+    )
+    equal = key_client(raw).post(
+        "/api/v1/keys",
+        {
+            "name": "equal",
+            "scopes": ["admin", "inference"],
+            "expires_at": expires_at.isoformat(),
+            "requests_per_minute": 10,
+        },
+        format="json",
+    )
+
+    # then
+    assert (narrower.status_code, equal.status_code) == (201, 201), equal.content
+    made = ApiKey.objects.get(pk=equal.json()["id"])
+    assert (made.scopes, made.expires_at, made.requests_per_minute) == (
+        ["admin", "inference"],
+        expires_at,
+        10,
+    )
+    assert ApiKey.objects.get(pk=narrower.json()["id"]).scopes == ["inference"]
+
+
+def test_a_person_makes_keys_beyond_the_key_they_could_have_used(org, member_of, make_key):
+    # given: an owner signed in, who also has a narrow, short-lived admin key
+    owner = member_of(org, Role.OWNER)
+    make_key(org, scopes=[Scope.ADMIN], expires_at=_in(1), requests_per_minute=1, actor=owner)
+    client = Client()
+    client.force_login(owner)
+
+    # when: signed in, they make a key with every scope, no expiry and no limit of its own
+    response = client.post(
+        "/api/v1/keys",
+        {"name": "full", "scopes": list(Scope.values)},
+        content_type="application/json",
+    )
+
+    # then: a person is not bounded by a key
+    assert response.status_code == 201, response.content
+    made = ApiKey.objects.get(pk=response.json()["id"])
+    assert (made.expires_at, made.requests_per_minute) == (None, None)
+    assert sorted(made.scopes) == sorted(Scope.values)
+
+
 # --- audit -----------------------------------------------------------------------------
 
 
@@ -436,7 +547,7 @@ def test_creating_and_revoking_keys_is_audited_with_the_acting_key(org, admin_ke
 
     # when
     created = admin_client.post(
-        "/api/v1/keys", {"name": "worker", "scopes": ["inference"]}, format="json"
+        "/api/v1/keys", {"name": "worker", "scopes": ["admin"]}, format="json"
     ).json()
     admin_client.delete(f"/api/v1/keys/{created['id']}")
 
@@ -444,14 +555,14 @@ def test_creating_and_revoking_keys_is_audited_with_the_acting_key(org, admin_ke
     events = AuditEvent.objects.filter(organization=org, target=created["prefix"]).order_by("pk")
     assert [e.action for e in events] == ["api_key.created", "api_key.revoked"]
     assert all(e.actor_key_id == admin.pk and e.actor_user_id is None for e in events)
-    assert events[0].data == {"name": "worker", "scopes": ["inference"]}
+    assert events[0].data == {"name": "worker", "scopes": ["admin"]}
 
 
 def test_the_audit_log_lists_the_organizations_events_only(org, admin_key, admin_client, make_key):
     # given: events here and in another organization
     admin, _raw = admin_key
     created = admin_client.post(
-        "/api/v1/keys", {"name": "worker", "scopes": ["inference"]}, format="json"
+        "/api/v1/keys", {"name": "worker", "scopes": ["admin"]}, format="json"
     ).json()
     admin_client.delete(f"/api/v1/keys/{created['id']}")
     make_key(OrganizationFactory(), name="elsewhere")

@@ -20,7 +20,8 @@ KEYS = "/api/v1/keys"
 
 
 def key_body(name: str = "ci") -> bytes:
-    return json.dumps({"name": name, "scopes": ["inference"]}).encode()
+    # The acting keys have the admin scope alone, and a key makes keys within its own.
+    return json.dumps({"name": name, "scopes": ["admin"]}).encode()
 
 
 def post(client, body: bytes, idempotency_key: str):
@@ -234,7 +235,7 @@ def test_a_record_hashed_with_its_caller_before_the_column_replays_to_that_calle
 @pytest.mark.django_db
 def test_a_request_refused_for_its_body_frees_the_key_for_the_corrected_retry(org, admin_client):
     # given: a first attempt with a typo in a field name
-    bad = json.dumps({"nmae": "ci", "scopes": ["inference"]}).encode()
+    bad = json.dumps({"nmae": "ci", "scopes": ["admin"]}).encode()
     refused = post(admin_client, bad, "fix-and-retry")
     assert refused.status_code == 400
 
@@ -251,7 +252,7 @@ def test_a_request_refused_for_its_body_frees_the_key_for_the_corrected_retry(or
 def test_a_refusal_by_the_service_is_stored_and_replayed(org, admin_client):
     # given: a request the endpoint ran and refused (an expiry in the past)
     body = json.dumps(
-        {"name": "ci", "scopes": ["inference"], "expires_at": "2001-01-01T00:00:00Z"}
+        {"name": "ci", "scopes": ["admin"], "expires_at": "2001-01-01T00:00:00Z"}
     ).encode()
     first = post(admin_client, body, "past")
     assert first.status_code == 400
