@@ -13,7 +13,7 @@ from django.utils import timezone
 from accounts.dashboard import with_retry_after
 from accounts.errors import ApplicationError
 from accounts.forms import AdminEmailAuthenticationForm
-from accounts.models import Invitation, Organization, User
+from accounts.models import INVITATION_REVOKED_WITH_ITS_KEY, Invitation, Organization, User
 from accounts.services import invitation_revoke, organization_entitlements_set, user_email_change
 from accounts.services.organizations import ENTITLEMENT_FIELDS
 from accounts.views import sign_in_count
@@ -237,8 +237,11 @@ class InvitationStatusFilter(admin.SimpleListFilter):
         ]
 
     def queryset(self, request, queryset):
+        # As Invitation.status reads each row.
         now = timezone.now()
-        unused = queryset.filter(accepted_at__isnull=True, revoked_at__isnull=True)
+        unused = queryset.filter(accepted_at__isnull=True, revoked_at__isnull=True).exclude(
+            INVITATION_REVOKED_WITH_ITS_KEY
+        )
         if self.value() == "open":
             return unused.filter(expires_at__gt=now)
         if self.value() == "expired":
@@ -246,7 +249,9 @@ class InvitationStatusFilter(admin.SimpleListFilter):
         if self.value() == "accepted":
             return queryset.filter(accepted_at__isnull=False)
         if self.value() == "revoked":
-            return queryset.filter(revoked_at__isnull=False)
+            return queryset.filter(accepted_at__isnull=True).filter(
+                Q(revoked_at__isnull=False) | INVITATION_REVOKED_WITH_ITS_KEY
+            )
         return queryset
 
 
@@ -285,11 +290,7 @@ class InvitationAdmin(ReadOnlyAdmin):
 
     @admin.display(description="status")
     def status(self, invitation) -> str:
-        if invitation.accepted_at:
-            return "accepted"
-        if invitation.revoked_at:
-            return "revoked"
-        return "expired" if invitation.expires_at <= timezone.now() else "open"
+        return invitation.status
 
     @admin.action(description="Revoke: the link admits nobody from now on", permissions=["revoke"])
     def revoke(self, request, queryset):

@@ -13,8 +13,9 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractUser, BaseUserManager
 from django.core.exceptions import ValidationError
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.db.models.functions import Lower
+from django.utils import timezone
 
 from accounts.errors import ApplicationError
 
@@ -246,6 +247,16 @@ class Membership(models.Model):
         return f"{self.user_id}@{self.organization_id}:{self.role}"
 
 
+# An invitation sent with an API key that was revoked while the invitation was still open:
+# withdrawn with the key (a revoked key vouches for nothing it did), whatever its own
+# `revoked_at` says. apikey_revoke closes such invitations as it revokes the key, and the
+# migration accounts 0011 those of keys revoked before it did; neither touches one that has
+# expired by then, so an invitation of a key revoked before that change, which expired
+# before 0011 ran, kept an empty `revoked_at` and read as merely expired. One whose key was
+# revoked after it expired did expire: it is not this.
+INVITATION_REVOKED_WITH_ITS_KEY = Q(invited_by_key__revoked_at__lt=F("expires_at"))
+
+
 class Invitation(models.Model):
     """An email invitation to join an organization; the token is stored hashed."""
 
@@ -282,6 +293,18 @@ class Invitation(models.Model):
 
     def __str__(self) -> str:
         return f"invitation {self.email} -> {self.organization_id}"
+
+    @property
+    def status(self) -> str:
+        """accepted, revoked (by hand, with its sender, or with its key: see
+        INVITATION_REVOKED_WITH_ITS_KEY), expired or open. Reads `invited_by_key`: select it
+        with the invitation where many are listed."""
+        if self.accepted_at:
+            return "accepted"
+        key = self.invited_by_key if self.invited_by_key_id else None
+        if self.revoked_at or (key and key.revoked_at and key.revoked_at < self.expires_at):
+            return "revoked"
+        return "expired" if self.expires_at <= timezone.now() else "open"
 
 
 class Scope(models.TextChoices):

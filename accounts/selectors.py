@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import (
+    INVITATION_REVOKED_WITH_ITS_KEY,
     ApiKey,
     AuditEvent,
     Invitation,
@@ -36,8 +37,12 @@ def organization_invitations(*, organization: Organization) -> QuerySet[Invitati
 
 
 def organization_open_invitations(*, organization: Organization) -> QuerySet[Invitation]:
-    return organization_invitations(organization=organization).filter(
-        accepted_at__isnull=True, revoked_at__isnull=True
+    """Those neither accepted nor revoked (expired ones included: the dashboard marks them),
+    one revoked with the key that sent it too (INVITATION_REVOKED_WITH_ITS_KEY)."""
+    return (
+        organization_invitations(organization=organization)
+        .filter(accepted_at__isnull=True, revoked_at__isnull=True)
+        .exclude(INVITATION_REVOKED_WITH_ITS_KEY)
     )
 
 

@@ -426,21 +426,23 @@ def invitation_accept(*, token: str, user: User) -> Membership:
 
 
 def _require_open(invitation: Invitation) -> None:
-    """An invitation still to withdraw: not accepted, revoked or expired (409 saying which)."""
-    if invitation.accepted_at:
+    """An invitation still to withdraw: not accepted, revoked or expired (409 saying which;
+    revoked with the key that sent it too, as Invitation.status reads it)."""
+    status = invitation.status
+    if status == "accepted":
         raise ApplicationError(
             code="invitation_used",
             message=f"The invitation to {invitation.email} was already accepted: remove the "
             "member instead.",
             status=409,
         )
-    if invitation.revoked_at:
+    if status == "revoked":
         raise ApplicationError(
             code="invitation_revoked",
             message=f"The invitation to {invitation.email} was already revoked.",
             status=409,
         )
-    if invitation.expires_at <= timezone.now():
+    if status == "expired":
         raise ApplicationError(
             code="invitation_expired",
             message=f"The invitation to {invitation.email} has expired and admits nobody; "

@@ -19,6 +19,7 @@ from accounts.errors import ApplicationError
 from accounts.models import (
     ApiKey,
     AuditEvent,
+    Invitation,
     Membership,
     Organization,
     Role,
@@ -491,3 +492,30 @@ def test_staff_list_invitations_by_status_and_revoke_the_open_ones(staff, admin_
     [event] = AuditEvent.objects.filter(organization=org, action="invitation.revoked")
     assert (event.target, event.actor_user) == ("leaked@example.test", admin_user)
     assert staff.get(f"/admin/accounts/invitation/{leaked.pk}/delete/").status_code == 403
+
+
+def test_staff_see_an_invitation_revoked_with_its_key_as_revoked_though_it_expired_since(staff):
+    # given two expired invitations sent with keys: one key revoked while its invitation
+    # was open (before revoking a key closed them: the row itself says nothing), the other
+    # only after its invitation had expired
+    org = OrganizationFactory(seats=5)
+    expired_at = timezone.now() - timedelta(days=1)
+    for name, revoked_at in (
+        ("leaked", expired_at - timedelta(days=1)),
+        ("late", expired_at + timedelta(hours=1)),
+    ):
+        key, _raw = apikey_create(organization=org, name=name, scopes=[Scope.ADMIN])
+        invitation_create(organization=org, email=f"{name}@example.test", actor_key=key)
+        ApiKey.objects.filter(pk=key.pk).update(revoked_at=revoked_at)
+    Invitation.objects.filter(organization=org).update(expires_at=expired_at)
+
+    # when staff list the revoked and the expired ones, and all of them
+    revoked = staff.get("/admin/accounts/invitation/", {"status": "revoked"}).content.decode()
+    expired = staff.get("/admin/accounts/invitation/", {"status": "expired"}).content.decode()
+    every = staff.get("/admin/accounts/invitation/").content.decode()
+
+    # then the first is revoked, the second expired, in the filters and the status column
+    assert "leaked@example.test" in revoked and "late@example.test" not in revoked
+    assert "late@example.test" in expired and "leaked@example.test" not in expired
+    statuses = dict(re.findall(r'>([a-z]+@example\.test)<.*?field-status">([a-z]+)<', every, re.S))
+    assert statuses == {"leaked@example.test": "revoked", "late@example.test": "expired"}

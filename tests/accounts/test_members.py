@@ -1226,6 +1226,48 @@ def test_an_invitation_sent_with_a_key_revoked_before_it_closed_them_is_refused(
     assert listing.json()["results"] == []
 
 
+def test_an_invitation_expired_after_its_key_was_revoked_is_listed_as_revoked_not_expired(
+    team, make_key, commit_then_mail
+):
+    # given three invitations, all past their expiry and none revoked by its own row: one
+    # sent with a key revoked while it was open, before revoking a key closed its
+    # invitations (it expired before the migration that closed those left open ran), one
+    # sent with a key revoked only after it had expired, and one an admin sent signed in
+    org = team["org"]
+    owner = signed_in(team[Role.OWNER])
+    (leaked_key, leaked_raw), (late_key, late_raw) = (
+        make_key(org, scopes=[Scope.ADMIN], actor=team[Role.ADMIN], name=name)
+        for name in ("leaked", "late")
+    )
+    leaked, _ = invited_as(
+        commit_then_mail, key_client(leaked_raw), org, "leaked@example.test", "member"
+    )
+    late, _ = invited_as(commit_then_mail, key_client(late_raw), org, "late@example.test", "member")
+    mine, _ = invited_as(
+        commit_then_mail, signed_in(team[Role.ADMIN]), org, "mine@example.test", "member"
+    )
+    expired_at = timezone.now() - timedelta(days=1)
+    Invitation.objects.filter(pk__in=[leaked.pk, late.pk, mine.pk]).update(expires_at=expired_at)
+    ApiKey.objects.filter(pk=leaked_key.pk).update(revoked_at=expired_at - timedelta(days=2))
+    ApiKey.objects.filter(pk=late_key.pk).update(revoked_at=expired_at + timedelta(hours=1))
+
+    # when the open invitations are listed, and the one revoked with its key withdrawn
+    listing = owner.get(f"/api/v1/orgs/{org.pk}/invitations")
+    withdrawn = owner.delete(f"/api/v1/orgs/{org.pk}/invitations/{leaked.pk}")
+
+    # then the list leaves it out, as it leaves out every revoked invitation, and keeps the
+    # two that did expire; withdrawing it says it is revoked, not expired
+    assert listing.status_code == 200, listing.content
+    assert {row["email"] for row in listing.json()["results"]} == {
+        "late@example.test",
+        "mine@example.test",
+    }
+    assert_error(withdrawn, 409, "invitation_revoked")
+    for row in (leaked, late, mine):
+        row.refresh_from_db()
+    assert [row.status for row in (leaked, late, mine)] == ["revoked", "expired", "expired"]
+
+
 # --- the audit log over the dashboard -------------------------------------------------------------
 
 

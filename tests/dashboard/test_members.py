@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 import pytest
 from django.core import mail
 from django.test import Client
 from django.utils import timezone
 
-from accounts.models import Invitation, Membership, Role
-from accounts.services import invitation_create, membership_add, user_signup
+from accounts.models import ApiKey, Invitation, Membership, Role, Scope
+from accounts.services import apikey_create, invitation_create, membership_add, user_signup
 from accounts.views.members import MembersPage
 from tests.dashboard.conftest import assert_refused
 from tests.factories import OrganizationFactory, UserFactory
@@ -90,6 +91,31 @@ def test_the_page_lists_the_newest_open_invitations_and_marks_the_expired(
     assert "(expired)" in rows["old@example.test"]
     assert "(expired)" not in rows["mid@example.test"]
     assert b"the invitations API lists them all" not in three.content
+
+
+def test_an_expired_invitation_whose_key_was_revoked_while_it_was_open_is_not_listed(client, team):
+    # given two expired invitations sent with admin keys: one key revoked while its
+    # invitation was open (before revoking a key closed them, so its own row says nothing),
+    # the other only after its invitation had expired
+    org, _owner, admin, _plain = team
+    keys = {}
+    for name in ("leaked", "late"):
+        keys[name], _raw = apikey_create(
+            organization=org, name=name, scopes=[Scope.ADMIN], actor=admin
+        )
+        invitation_create(organization=org, email=f"{name}@example.test", actor_key=keys[name])
+    expired_at = timezone.now() - timedelta(days=1)
+    Invitation.objects.filter(organization=org).update(expires_at=expired_at)
+    ApiKey.objects.filter(pk=keys["leaked"].pk).update(revoked_at=expired_at - timedelta(days=1))
+    ApiKey.objects.filter(pk=keys["late"].pk).update(revoked_at=expired_at + timedelta(hours=1))
+
+    # when
+    response = client.get("/dashboard/members")
+
+    # then the one revoked with its key is gone, as revoked ones are; the other is expired
+    rows = invitation_rows(response)
+    assert list(rows) == ["late@example.test"]
+    assert "(expired)" in rows["late@example.test"]
 
 
 def test_inviting_by_email_creates_an_invitation_and_sends_it(client, team, commit_then_mail):
