@@ -1,4 +1,4 @@
-"""The partner REST API for credits: balance, ledger entries, usage."""
+"""The partner REST API for credits: balance, lots, ledger entries, usage."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from accounts.api_base import OrgApiView, PagedListMixin, StrictSerializer, query_data
+from accounts.api_base import (
+    IdCursorPagination,
+    OrgApiView,
+    PagedListMixin,
+    StrictSerializer,
+    query_data,
+)
 from accounts.errors import ApplicationError
 from accounts.models import Scope
 from metering.selectors import (
     organization_balance,
     organization_entries,
     organization_lots,
+    organization_lots_left,
     usage_aggregate,
 )
 
@@ -45,6 +52,11 @@ class LotOutput(serializers.Serializer):
         return lot.account.kind == "escrow"
 
 
+# The balance shows the lots that expire soonest, a page's worth: an organization may
+# hold thousands. Every lot: LotListApi, a page at a time.
+BALANCE_LOTS = IdCursorPagination.page_size
+
+
 class BalanceApi(OrgApiView):
     required_scope = Scope.BILLING_READ
 
@@ -62,9 +74,18 @@ class BalanceApi(OrgApiView):
         )
         total = serializers.IntegerField(
             help_text="what the wallet's lots hold: the wallet (available and set aside) and "
-            "held, which the `remaining` of the lots not in escrow add up to"
+            "held, which the `remaining` of the lots not in escrow add up to (all of them: "
+            "GET /api/v1/credits/lots)"
         )
-        lots = LotOutput(many=True)
+        lots = LotOutput(
+            many=True,
+            help_text=f"the {BALANCE_LOTS} lots that expire soonest (never-expiring last); "
+            "GET /api/v1/credits/lots lists every lot",
+        )
+        more_lots = serializers.BooleanField(
+            help_text="the organization has more lots than `lots` shows: "
+            "GET /api/v1/credits/lots lists them all, a page at a time"
+        )
 
     @extend_schema(responses=Output, summary="Credits available, held and escrowed, with lots")
     def get(self, request):
@@ -72,7 +93,7 @@ class BalanceApi(OrgApiView):
         # of the figures and the lots alike.
         now = timezone.now()
         balance = organization_balance(organization=request.organization, now=now)
-        lots = organization_lots(organization=request.organization, now=now)
+        lots = organization_lots(organization=request.organization, now=now, limit=BALANCE_LOTS + 1)
         return Response(
             self.Output(
                 {
@@ -82,10 +103,22 @@ class BalanceApi(OrgApiView):
                     "escrowed": balance.escrowed,
                     "set_aside": balance.set_aside,
                     "total": balance.total,
-                    "lots": lots,
+                    "lots": lots[:BALANCE_LOTS],
+                    "more_lots": len(lots) > BALANCE_LOTS,
                 }
             ).data
         )
+
+
+class LotListApi(PagedListMixin, OrgApiView):
+    required_scope = Scope.BILLING_READ
+
+    @extend_schema(
+        responses=LotOutput(many=True),
+        summary="Every lot with credits left, newest first, as the balance's lots are shown",
+    )
+    def get(self, request):
+        return self.page(request, organization_lots_left, LotOutput)
 
 
 class EntryOutput(serializers.Serializer):

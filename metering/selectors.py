@@ -6,7 +6,18 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection
-from django.db.models import BooleanField, Case, CharField, Count, Q, QuerySet, Sum, Value, When
+from django.db.models import (
+    BigIntegerField,
+    BooleanField,
+    Case,
+    CharField,
+    Count,
+    Q,
+    QuerySet,
+    Sum,
+    Value,
+    When,
+)
 from django.db.models import F as models_F
 from django.db.models.functions import Cast, Coalesce, Concat, TruncDay
 from django.utils import timezone
@@ -175,35 +186,67 @@ def organization_lots(
     to Balance.escrowed, before the sweep as after it.
 
     One query until a lot past its expiry is among the first listed (they sort first);
-    then the sweep's reckoning for each account holding one.
+    then organization_lots_left's.
     """
     now = now or timezone.now()
-    lots = (
+    lots = _lots_with_credits(organization, now).annotate(left=models_F("remaining"))
+    listed = list(_lots_by_expiry(lots)[:limit])
+    if not listed or not listed[0].past_expiry:
+        return listed
+    return list(_lots_by_expiry(organization_lots_left(organization=organization, now=now))[:limit])
+
+
+def organization_lots_left(
+    *, organization: Organization, now: datetime | None = None
+) -> QuerySet[CreditLot]:
+    """organization_lots as a queryset, in no order, for a list to page through (the API's
+    lots, by id): the lots a sweep would empty left out, and each lot's `left` as the
+    sweep leaves it, annotated in SQL.
+
+    Lots past their expiry keep credits only until the sweep runs, or while running work
+    holds them: few. They are read and reckoned first (the sweep's reckoning for each
+    account holding one), and what is left of each goes into the query.
+    """
+    now = now or timezone.now()
+    lots = _lots_with_credits(organization, now)
+    expired = list(lots.filter(expires_at__lte=now))
+    swept: dict[int, int] = {}
+    for account in {lot.account_id: lot.account for lot in expired}.values():
+        swept |= _swept(account, organization, now)
+    kept = {
+        lot.pk: lot.remaining - swept.get(lot.pk, 0)
+        for lot in expired
+        if lot.remaining > swept.get(lot.pk, 0)
+    }
+    if len(kept) < len(expired):
+        unexpired = Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+        lots = lots.filter(unexpired | Q(pk__in=list(kept)))
+    return lots.annotate(
+        left=Case(
+            *(When(pk=pk, then=Value(left)) for pk, left in kept.items()),
+            default=models_F("remaining"),
+            output_field=BigIntegerField(),
+        )
+    )
+
+
+def _lots_with_credits(organization: Organization, now: datetime) -> QuerySet[CreditLot]:
+    """The organization's lots with `remaining` credits, and whether each is `past_expiry`."""
+    return (
         CreditLot.objects.filter(organization=organization, remaining__gt=0)
         .select_related("account")
         .annotate(
-            left=models_F("remaining"),
             past_expiry=Case(
                 When(expires_at__lte=now, then=Value(True)),
                 default=Value(False),
                 output_field=BooleanField(),
             ),
         )
-        .order_by(models_F("expires_at").asc(nulls_last=True), "pk")
     )
-    listed = list(lots[:limit])
-    if not listed or not listed[0].past_expiry:
-        return listed
-    expired = list(lots.filter(expires_at__lte=now))
-    swept: dict[int, int] = {}
-    for account in {lot.account_id: lot.account for lot in expired}.values():
-        swept |= _swept(account, organization, now)
-    for lot in expired:
-        lot.left -= swept.get(lot.pk, 0)
-    kept = [lot for lot in expired if lot.left > 0]
-    # The unexpired lots fill the rest of the page that the sweep's lots would have taken.
-    rest = None if limit is None else max(0, limit - len(kept))
-    return (kept + list(lots.exclude(expires_at__lte=now)[:rest]))[:limit]
+
+
+def _lots_by_expiry(lots: QuerySet[CreditLot]) -> QuerySet[CreditLot]:
+    return lots.order_by(models_F("expires_at").asc(nulls_last=True), "pk")
 
 
 _LOT_FAMILY = """

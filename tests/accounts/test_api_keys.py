@@ -341,6 +341,8 @@ def test_an_admin_key_creates_a_key_with_the_scopes_asked_for(org, make_key):
         ([Scope.BILLING_READ], "/api/v1/credits/balance", True),
         ([Scope.INFERENCE], "/api/v1/credits/balance", False),
         ([Scope.BILLING_READ], "/api/v1/credits/ledger", True),
+        ([Scope.BILLING_READ], "/api/v1/credits/lots", True),
+        ([Scope.INFERENCE], "/api/v1/credits/lots", False),
         ([Scope.MARKETPLACE], "/api/v1/usage", False),
         ([Scope.BILLING_READ], "/api/v1/keys", False),
         ([Scope.ADMIN], "/api/v1/keys", True),

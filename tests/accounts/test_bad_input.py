@@ -382,6 +382,7 @@ PAGE_ONLY_LISTS = {
     "members": ("/api/v1/orgs/{org}/members", _two_members),
     "invitations": ("/api/v1/orgs/{org}/invitations", _two_invitations),
     "ledger": ("/api/v1/credits/ledger", _two_grants),
+    "lots": ("/api/v1/credits/lots", _two_grants),
     "invoices": ("/api/v1/billing/invoices", _two_invoices),
 }
 

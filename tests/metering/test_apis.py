@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 from accounts.models import Role, Scope
 from accounts.redis import get_redis
 from accounts.services import apikey_create, membership_add
+from metering.apis import BALANCE_LOTS
 from metering.models import CreditLot, LedgerEntry, LotSource, UsageRecord
 from metering.services import (
     credits_expire,
@@ -120,6 +121,77 @@ def test_the_lots_are_shown_as_the_sweep_leaves_them_and_add_up_to_the_figures(o
     assert after == before
 
 
+def read_every_page(client, path: str, limit: int) -> list[list[dict]]:
+    """The pages of a list, following `next` from the first."""
+    pages, response = [], client.get(path, {"limit": limit})
+    while True:
+        assert response.status_code == 200, response.content
+        pages.append(response.json()["results"])
+        if response.json()["next"] is None:
+            return pages
+        response = client.get(response.json()["next"])
+
+
+def test_the_balance_shows_a_page_of_lots_and_the_lots_list_pages_through_them_all(org, grant):
+    # given: more lots than a page, expiring one day after another, and one that never does
+    now = timezone.now()
+    dated = [
+        grant(org, credits(1 + day), expires_at=now + timedelta(days=1 + day))
+        for day in range(BALANCE_LOTS + 4)
+    ]
+    forever = grant(org, credits(7), expires_at=None)
+    client = client_for(org)
+
+    # when
+    balance = client.get("/api/v1/credits/balance")
+    pages = read_every_page(client, "/api/v1/credits/lots", limit=20)
+
+    # then: the figures count every lot, the balance lists the soonest to expire, a page's
+    # worth, and says there are more
+    assert balance.status_code == 200, balance.content
+    body = balance.json()
+    total = sum(credits(1 + day) for day in range(BALANCE_LOTS + 4)) + credits(7)
+    assert (body["available"], body["held"], body["escrowed"], body["total"]) == (
+        total,
+        0,
+        0,
+        total,
+    )
+    assert [lot["id"] for lot in body["lots"]] == [lot.pk for lot in dated[:BALANCE_LOTS]]
+    assert body["more_lots"] is True
+    # and the list holds each lot once, newest first, in pages of the size asked for,
+    # and they add up to the total
+    assert [len(page) for page in pages] == [20, 20, 15]
+    listed_lots = [lot for page in pages for lot in page]
+    assert [lot["id"] for lot in listed_lots] == [
+        lot.pk for lot in sorted([*dated, forever], key=lambda lot: -lot.pk)
+    ]
+    assert sum(lot["remaining"] for lot in listed_lots) == body["total"]
+
+
+def test_the_lots_list_shows_them_as_the_sweep_leaves_them(org, grant):
+    # given: lots past their expiry the sweep has not moved: 10 a running job holds 4 of,
+    # and 10 nothing holds; and 100 that never expire
+    held, _gone, forever = lots_due_while_a_job_runs(org, grant)
+    client = client_for(org)
+
+    # when
+    lots = client.get("/api/v1/credits/lots")
+    balance = client.get("/api/v1/credits/balance").json()
+
+    # then: as the balance shows them, and adding up to its total
+    assert lots.status_code == 200, lots.content
+    rows = {lot["id"]: (lot["remaining"], lot["expired"]) for lot in lots.json()["results"]}
+    assert rows == {held.pk: (credits(4), True), forever.pk: (credits(100), False)}
+    assert sum(remaining for remaining, _ in rows.values()) == balance["total"]
+    assert balance["more_lots"] is False
+    assert_error(
+        client_for(org, scopes=[Scope.INFERENCE]).get("/api/v1/credits/lots"),
+        403,
+        "permission_denied",
+    )
+
+
 def test_a_new_organization_has_an_empty_balance(org):
     # when
     body = client_for(org).get("/api/v1/credits/balance").json()
@@ -127,6 +199,7 @@ def test_a_new_organization_has_an_empty_balance(org):
     # then
     assert (body["available"], body["held"], body["escrowed"], body["total"]) == (0, 0, 0, 0)
     assert body["lots"] == []
+    assert body["more_lots"] is False
 
 
 def test_balance_needs_the_billing_read_scope(org):
