@@ -2,7 +2,7 @@
 read-only; failed webhook events can be replayed."""
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django import forms
 from django.contrib import admin, messages
@@ -342,21 +342,38 @@ class RefundAdminMixin:
                     "this form again; it is the same refund at Stripe, never a second one.",
                 )
             else:
-                applied = refund["gym_applied"]
-                self.message_user(
-                    request,
-                    f"Refunded {refund.get('amount')} {refund.get('currency', '')} "
-                    f"({refund.get('id')}); "
-                    + (
-                        "the credits it bought are taken back."
-                        if applied
-                        else "taking back the credits it bought failed here (logged): Stripe's "
-                        "webhook for the refund will apply it. Do not refund again."
-                    ),
-                    messages.SUCCESS if applied else messages.WARNING,
-                )
+                self._refund_done(request, refund)
                 return HttpResponseRedirect(back)
         return self._refund_page(request, row, form, back=back)
+
+    def _refund_done(self, request, refund: dict) -> None:
+        """Say what the form's send did: refunded now, or found the refund an earlier send
+        of the same form made (a double click, the back button, a retry after Stripe did not
+        answer), which it must not report as made now: finance reading "Refunded" twice
+        would think the customer was refunded twice, or refund again to undo one."""
+        applied = refund["gym_applied"]
+        what = f"{refund.get('amount')} {refund.get('currency', '')}"
+        credits = (
+            "the credits it bought are taken back."
+            if applied
+            else "taking back the credits it bought failed here (logged): Stripe's webhook for "
+            "the refund will apply it. Do not refund again."
+        )
+        if refund.get("gym_already_made"):
+            made_at = datetime.fromtimestamp(int(refund.get("created") or 0), tz=UTC)
+            self.message_user(
+                request,
+                f"Already refunded: this form's refund {refund.get('id')} of {what} was made "
+                f"at {made_at:%Y-%m-%d %H:%M:%S} UTC; nothing more was refunded now, and "
+                + credits,
+                messages.INFO if applied else messages.WARNING,
+            )
+            return
+        self.message_user(
+            request,
+            f"Refunded {what} ({refund.get('id')}); " + credits,
+            messages.SUCCESS if applied else messages.WARNING,
+        )
 
     def _refund_shortfall(self, request, form, order, *, back: str):
         """The order's own shortfall refund, sent now; a redirect once Stripe took it, else

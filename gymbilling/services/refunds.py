@@ -40,9 +40,10 @@ def payment_refund(
 ) -> dict:
     """Refund `amount` (minor units; None: all that is left) of a payment; returns Stripe's
     refund, with `gym_applied`: whether its clawback was applied here at once (else its
-    webhook applies it; a failure to apply is logged, never raised, once Stripe refunded).
-    `key` makes it once: the same key again (a form sent twice, a retry after Stripe did
-    not answer) is the same refund at Stripe.
+    webhook applies it; a failure to apply is logged, never raised, once Stripe refunded),
+    and `gym_already_made`: whether it is the refund an earlier send of `key` made, nothing
+    being refunded now. `key` makes it once: the same key again (a form sent twice, a retry
+    after Stripe did not answer) is the same refund at Stripe.
 
     Of a marketplace order that had an undelivered shortfall, this refunds the delivered
     sale only (_market_sale_refund): None is all the sale has left, never the shortfall
@@ -115,7 +116,7 @@ def payment_refund(
 
 def _form_refund(*, key: str, params: dict, make: Callable[[list[dict]], dict]) -> dict:
     """The refund a Refund page's form (`key`) made at Stripe, else the one `make` makes
-    now, given the payment's refunds at Stripe.
+    now, given the payment's refunds at Stripe; `gym_already_made` says which.
 
     Stripe forgets an idempotency key after 24 hours: an old form sent again (a back
     button, a retry the next day) would otherwise refund a second time. So a refund Stripe
@@ -136,11 +137,12 @@ def _form_refund(*, key: str, params: dict, make: Callable[[list[dict]], dict]) 
             if (made.get("metadata") or {}).get("gym_refund") != key:
                 continue
             if made.get("status") not in REFUND_UNDONE:
-                return made
+                # Made by an earlier send: the caller must not say it refunded now.
+                return {**made, "gym_already_made": True}
             undone = made
         if undone is not None:
             raise _form_refund_undone(undone)
-        return make(refunds)
+        return {**make(refunds), "gym_already_made": False}
 
 
 def _market_sale_refund(
