@@ -101,7 +101,12 @@ class CheckoutApi(OrgApiView):
         class Meta:
             ref_name = "CheckoutInput"
 
-        plan = serializers.SlugField(required=False, help_text="A plan code from /api/v1/plans.")
+        plan = serializers.SlugField(
+            required=False,
+            help_text="A plan code from /api/v1/plans. The subscription's own plan and seats, "
+            "while it is on an old price of the plan and nothing is scheduled: a move to the "
+            "plan's current price.",
+        )
         pack = serializers.SlugField(required=False, help_text="A pack code from /api/v1/plans.")
         # Each seat is charged for: an amount of money.
         seats = StrictIntegerField(required=False, default=1, min_value=1, max_value=10_000)
@@ -120,7 +125,9 @@ class CheckoutApi(OrgApiView):
             choices=["checkout", "subscription_updated", "change_scheduled", "change_canceled"],
             help_text="checkout: pay on the page; subscription_updated: upgraded now with the "
             "card on file; change_scheduled: a downgrade taking effect at period end; "
-            "change_canceled: the scheduled downgrade taken back, nothing charged.",
+            "change_canceled: the scheduled downgrade taken back, nothing charged. A move to "
+            "the plan's current price is an upgrade or a downgrade by what it costs against "
+            "what the subscription pays now.",
         )
         session_id = serializers.CharField(allow_blank=True)
 

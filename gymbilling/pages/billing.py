@@ -21,8 +21,9 @@ from gymbilling.selectors import (
     plans_offered,
 )
 from gymbilling.services import checkout_create, portal_create
-from gymbilling.services.checkout import plan_change_price
-from gymbilling.services.subscriptions import live_subscription
+from gymbilling.services.checkout import plan_change_price, plan_price_move
+from gymbilling.services.subscriptions import live_subscription, plan_change_is_upgrade
+from metering.services.postings import amount_display
 
 # What a plan change with the card on file did (checkout_create's `kind`).
 _CHANGED = {
@@ -43,19 +44,47 @@ class CheckoutForm(forms.Form):
 
 def _change_confirmation(request: HttpRequest, subscription, plan, seats: int) -> Confirmation:
     """What the page asks before a change of plan or seats with the card on file."""
-    # At the price the change is made at: a member on an old price keeps it for their own
-    # plan (seats changed), whatever the plan sells for now.
-    at = plan_change_price(subscription=subscription, plan=plan)
-    price = money_display(at.plan_amount_for(seats), at.currency)
-    what = f"{plan.name}, {seats} seat{'s' if seats != 1 else ''}" if plan.seat_based else plan.name
-    return Confirmation(
-        question=f"Change your subscription to {what}?",
-        consequence=(
+    move = plan_price_move(subscription=subscription, plan=plan, seats=seats)
+    if move is not None:
+        # Their own plan and seats, asked for on an old price: the move to the price now,
+        # charged now or from the next period as checkout decides it (by what they pay).
+        paid, currency = subscription.period_amount()
+        question = f"Move your subscription to {plan.name}'s current price?"
+        consequence = (
+            f"It costs {money_display(move.plan_amount_for(seats), move.currency)} a period "
+            f"for {amount_display(move.plan_credits_for(seats))} credits, instead of the "
+            f"{money_display(paid, currency)} for "
+            f"{amount_display(subscription.period_credits())} you pay now. "
+            + (
+                "Costing more, it starts now: the prorated difference is charged at once to "
+                "the card on file."
+                if plan_change_is_upgrade(subscription, move, seats)
+                else "Costing less, it starts with the next period; until then you keep what "
+                "you paid for."
+            )
+        )
+        button = "Move to the current price"
+    else:
+        # At the price the change is made at: a member on an old price keeps it for their
+        # own plan (seats changed), whatever the plan sells for now.
+        at = plan_change_price(subscription=subscription, plan=plan)
+        price = money_display(at.plan_amount_for(seats), at.currency)
+        what = (
+            f"{plan.name}, {seats} seat{'s' if seats != 1 else ''}"
+            if plan.seat_based
+            else plan.name
+        )
+        question = f"Change your subscription to {what}?"
+        consequence = (
             f"It costs {price} a period. A larger plan starts now: the prorated difference "
             "is charged at once to the card on file. A smaller one starts with the next period."
-        ),
+        )
+        button = "Change my subscription"
+    return Confirmation(
+        question=question,
+        consequence=consequence,
         action=request.path,
-        button="Change my subscription",
+        button=button,
         fields=(
             ("action", "checkout"),
             ("plan", plan.code),
@@ -81,10 +110,18 @@ class BillingPage(ActionPage):
             # The price the member pays, not the plan's now: a member left on an old price
             # is granted and charged what it was made for (StripePrice).
             period_price, period_currency = subscription.period_amount()
+            # Offered to a member on an old price of their plan, nothing scheduled (with a
+            # change scheduled, the same request would take it back).
+            move = plan_price_move(
+                subscription=subscription, plan=subscription.plan, seats=subscription.seats
+            )
             context.update(
                 period_credits=subscription.period_credits(),
                 period_price=period_price,
                 period_currency=period_currency,
+                price_move=move,
+                price_move_amount=move.plan_amount_for(subscription.seats) if move else None,
+                price_move_credits=move.plan_credits_for(subscription.seats) if move else None,
             )
         context.update(
             subscription=subscription,

@@ -381,7 +381,9 @@ def subscription_change(*, subscription: Subscription, plan: Plan, seats: int) -
     grants the prorated credits); a downgrade changes the price from the next
     period, and the organization keeps what it paid for until then. Its own plan
     stays at the price the member pays, another plan is at its price now
-    (plan_change_price).
+    (plan_change_price); its own plan and seats as they are, asked for by a member on an
+    old price of it, move it to the plan's price now, an upgrade or a downgrade by what
+    the member pays (plan_price_move).
     """
     with _purchase_lock(subscription.organization):
         try:
@@ -435,16 +437,24 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
             ),
             status=409,
         )
-    if (plan.pk, seats) == (
-        subscription.plan_id,
-        subscription.seats,
-    ) and not subscription.scheduled_plan_id:
+    # The member's own plan and seats, asked for while they pay an old price of it and
+    # nothing is scheduled: a move to the plan's price now, an upgrade or a downgrade by
+    # what they pay as any other change (plan_price_move).
+    moving = plan_price_move(subscription=subscription, plan=plan, seats=seats)
+    if (
+        (plan.pk, seats) == (subscription.plan_id, subscription.seats)
+        and not subscription.scheduled_plan_id
+        and moving is None
+    ):
         raise ApplicationError(
             code="no_change",
-            message="The subscription already has this plan and seats.",
+            message="The subscription already has this plan and seats, at the plan's "
+            "current price.",
             status=409,
         )
-    if subscription.plan.currency != plan.currency:
+    if subscription.plan.currency != plan.currency or (
+        moving is not None and moving.currency != subscription.known_price().currency
+    ):
         raise ApplicationError(
             code="currency_mismatch",
             message="A subscription cannot change currency; cancel it and subscribe again.",
@@ -454,8 +464,8 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     # seats already, so Stripe's item only goes back to them, at the price paid,
     # charging nothing (an always_invoice would prorate from the scheduled price and
     # charge it twice).
-    restore = (plan.pk, seats) == (subscription.plan_id, subscription.seats)
-    price = plan_change_price(subscription=subscription, plan=plan)
+    restore = moving is None and (plan.pk, seats) == (subscription.plan_id, subscription.seats)
+    price = moving or plan_change_price(subscription=subscription, plan=plan)
     upgrade = not restore and plan_change_is_upgrade(subscription, price, seats)
     # A scheduled downgrade already set Stripe's item to its cheaper price: an upgrade
     # would be prorated from that, charging again for the part of this period already
@@ -570,6 +580,29 @@ def plan_change_price(*, subscription: Subscription, plan: Plan) -> StripePrice:
     if paid is not None and paid.plan_id == plan.pk:
         return paid
     return _current_price(kind=PriceKind.PLAN, plan=plan)
+
+
+def plan_price_move(*, subscription: Subscription, plan: Plan, seats: int) -> StripePrice | None:
+    """The price now of the member's own plan, when a change to `plan` x `seats` is a move
+    to it; None when it is not.
+
+    A member left on an old price of their plan (finance changed it since) keeps that price
+    through every change that stays on the plan (plan_change_price), so asking for their
+    plan and seats as they are is what moves them to the price the plan sells at now. Only
+    while nothing is scheduled: with a change scheduled, the same request takes it back
+    (a scheduled move to the price now among them). None too when they pay the current
+    price already, or their price is unknown (no_change, as before), or the plan has no
+    current price.
+    """
+    if (plan.pk, seats) != (subscription.plan_id, subscription.seats):
+        return None
+    if subscription.scheduled_plan_id:
+        return None
+    paid = subscription.known_price()
+    current = StripePrice.objects.filter(kind=PriceKind.PLAN, plan=plan, current=True).first()
+    if paid is None or current is None or current.pk == paid.pk:
+        return None
+    return current
 
 
 def _item_change(item: dict, *, at: str, price: StripePrice, seats: int) -> dict:

@@ -10,6 +10,8 @@ match it:
   prorated difference (invoices.py);
 - a downgrade is scheduled for the period end: the organization keeps what it
   paid for until then;
+- a move of a member on an old price of their plan to the plan's price now is one or
+  the other, by what they pay (the same plan and seats are then scheduled);
 - a new period expires last period's credits beyond its rollover cap (the plan's
   percent of the credits that period's price sold: `Subscription.price`);
 - `past_due` starts the grace period; past it inference is suspended
@@ -171,7 +173,12 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             rolled_from = (sub.plan, sub.period_credits(), sub.current_period_start)
             sub.plan, sub.price, sub.seats = items.plan_price.plan, items.plan_price, items.seats
             sub.scheduled_plan = sub.scheduled_seats = None
-        elif (items.plan_price.plan_id, items.seats) != (sub.plan_id, sub.seats):
+        elif (items.plan_price.plan_id, items.seats) != (sub.plan_id, sub.seats) or (
+            # The same plan and seats at another price than the period's (known by now,
+            # above): a member on an old price moved to the plan's price now
+            # (checkout.plan_price_move), an upgrade or a downgrade as any change.
+            items.plan_price.pk != sub.price_id
+        ):
             if plan_change_is_upgrade(sub, items.plan_price, items.seats):
                 sub.plan, sub.price = items.plan_price.plan, items.plan_price
                 sub.seats = items.seats

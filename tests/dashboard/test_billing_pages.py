@@ -157,6 +157,98 @@ def test_an_old_price_s_member_sees_what_their_price_gives_and_costs(
     assert row(page, "data-plan", "pro") == {"price": "129.00 USD", "credits": "15000"}
 
 
+@pytest.mark.parametrize(
+    ("pro_now", "credits_now", "consequence", "kind_said", "figures"),
+    [
+        (
+            12_900,
+            15_000,
+            "Costing more, it starts now: the prorated difference is charged at once to "
+            "the card on file.",
+            "Your plan is changed.",
+            ("15000", "129.00 USD", None),
+        ),
+        (
+            7_900,
+            10_000,
+            "Costing less, it starts with the next period; until then you keep what you paid for.",
+            "Your plan changes at the end of the current period",
+            ("12000", "99.00 USD", "From the next period: Pro, at its current price."),
+        ),
+    ],
+    ids=["dearer", "cheaper"],
+)
+def test_an_old_price_s_member_moves_to_the_plan_s_current_price_from_the_page(
+    client,
+    member,
+    catalog,
+    stripe_standin,
+    stripe_sdk,
+    deliver,
+    pro_now,
+    credits_now,
+    consequence,
+    kind_said,
+    figures,
+):
+    # given an owner on Pro at $99 for 12,000 credits a month; then finance change Pro's
+    # price and credits, and sync the catalog
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    Plan.objects.filter(code="pro").update(
+        monthly_price=pro_now, monthly_credits=credits_now * MICRO
+    )
+    catalog_sync()
+    current = StripePrice.objects.get(lookup_key="gym_plan_pro", current=True)
+
+    # when they read the page, it offers the move to Pro's current price, saying both prices
+    page = client.get(BILLING)
+    now = f"{pro_now // 100}.00 USD"
+    assert figure(page, "price-move") == (
+        f"Pro sells at {now} a period for {credits_now} credits now; you pay 99.00 USD for 12000."
+    )
+    assert "Move to the current price" in text(page)
+    # and when they press it, the page asks first, at the current price
+    asked = checkout(client, plan="pro", seats="1")
+    assert "Move your subscription to Pro&#x27;s current price?" in text(asked)
+    assert f"It costs {now} a period for {credits_now} credits" in text(asked)
+    assert consequence in text(asked)
+    # and when they confirm
+    response = checkout(client, plan="pro", seats="1", confirmed="yes")
+    assert "failed" not in deliver()
+
+    # then Stripe's item is at the current price, and the page says what happened and shows
+    # what the period gives, costs and what comes next
+    assert response.status_code == 302 and response["Location"] == BILLING
+    sub = Subscription.objects.get(organization=org)
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == current.stripe_price_id
+    page = client.get(BILLING)
+    assert kind_said in text(page)
+    credits_shown, price_shown, scheduled = figures
+    assert figure(page, "period-credits") == credits_shown
+    assert figure(page, "period-price") == price_shown
+    if scheduled is None:
+        assert 'data-figure="scheduled"' not in text(page)
+    else:
+        assert figure(page, "scheduled") == scheduled
+    # and no move is offered any more (done, or scheduled: asking again would take it back)
+    assert _no_move_offered(page)
+
+
+def _no_move_offered(page) -> bool:
+    return 'data-figure="price-move"' not in text(page) and "Move to the current" not in text(page)
+
+
+def test_a_member_on_the_current_price_is_offered_no_move(
+    client, member, catalog, stripe_standin, deliver
+):
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+
+    assert _no_move_offered(client.get(BILLING))
+
+
 def test_a_member_whose_row_names_another_plan_s_price_sees_their_plan_s(
     client, member, catalog, stripe_standin, deliver
 ):

@@ -9,7 +9,15 @@ import pytest
 
 from accounts.models import Membership
 from gymbilling.market.services import listing_create
-from gymbilling.models import CheckoutSession, MarketListing, MarketOrder
+from gymbilling.models import (
+    CheckoutSession,
+    MarketListing,
+    MarketOrder,
+    Plan,
+    StripePrice,
+    Subscription,
+)
+from gymbilling.services import catalog_sync
 from metering.models import MICRO
 from metering.selectors import organization_balance
 from tests.e2e.test_dashboard import EMAIL, sign_up
@@ -21,6 +29,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 # The plans and packs synced to the Stripe stand-in, and webhook delivery (tests/gymbilling).
 catalog, deliver = billing_fixtures.catalog, payment_fixtures.deliver
+buy = billing_fixtures.buy
 
 
 def test_a_customer_lists_credits_and_sees_them_in_escrow(app_server, visit, grant):
@@ -152,4 +161,42 @@ def test_a_customer_buys_a_pack_through_stripe_checkout(
     bought = page.locator(f"tr[data-checkout='{session.stripe_session_id}']")
     assert bought.locator("[data-col=amount]").inner_text() == "12.00 USD"
     assert bought.locator("[data-col=credits]").inner_text() == "1000"
+    assert visit.failures == []
+
+
+def test_an_old_price_s_member_moves_to_the_plan_s_current_price(
+    app_server, visit, catalog, stripe_standin, deliver, buy
+):
+    # given a customer on Pro at $99 for 12,000 credits a month; then finance make Pro $129
+    # for 15,000 and sync the catalog (members on the $99 price keep it)
+    sign_up(visit, app_server)
+    org = Membership.objects.get(user__email=EMAIL).organization
+    buy(org, plan="pro")
+    Plan.objects.filter(code="pro").update(monthly_price=12_900, monthly_credits=15_000 * MICRO)
+    catalog_sync()
+    page = visit.page
+    page.click("nav.side >> text=Plan and billing")
+    assert page.locator("[data-figure=price-move]").inner_text() == (
+        "Pro sells at 129.00 USD a period for 15000 credits now; you pay 99.00 USD for 12000."
+    )
+
+    # when they press "Move to the current price", and confirm on the question it asks
+    page.click("[data-form=price-move] >> text=Move to the current price")
+    question = page.locator("section.confirm")
+    assert question.locator("h2").inner_text() == "Move your subscription to Pro's current price?"
+    assert "It costs 129.00 USD a period for 15000 credits, instead of the 99.00 USD for 12000" in (
+        question.inner_text()
+    )
+    question.locator("text=Move to the current price").click()
+    page.wait_for_selector(".message.success")
+    assert "failed" not in deliver()
+
+    # then, charged the prorated difference now, the page shows the current price's credits
+    # and amount, and offers no move any more
+    page.reload()
+    assert page.locator("[data-figure=period-credits]").inner_text() == "15000"
+    assert page.locator("[data-figure=period-price]").inner_text() == "129.00 USD"
+    assert page.locator("[data-figure=price-move]").count() == 0
+    sub = Subscription.objects.get(organization=org)
+    assert sub.price == StripePrice.objects.get(lookup_key="gym_plan_pro", current=True)
     assert visit.failures == []

@@ -11,13 +11,25 @@ plan costs now.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
-from gymbilling.models import BillingCustomer, Invoice, Plan, StripePrice, Subscription
-from gymbilling.services import catalog_sync
+from gymbilling.models import (
+    BillingCustomer,
+    Invoice,
+    Plan,
+    StripeEvent,
+    StripePrice,
+    Subscription,
+)
+from gymbilling.services import catalog_sync, stripe_event_process
 from gymbilling.services.checkout import LIFTED, plan_change_price
 from gymbilling.stripe_standin.subscriptions import prorated
-from metering.models import MICRO
+from metering.models import MICRO, CreditLot, LotSource
+from metering.selectors import organization_balance
+from tests.gymbilling.billing.conftest import subscription_state
+from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -77,6 +89,40 @@ def _proration_of(update, sub) -> tuple[int, int]:
     )
 
 
+@dataclass(frozen=True)
+class _Upgrade:
+    """An upgrade's proration invoice: what Stripe charged, our row of it, and what it
+    must charge; `share` is a period's credits' share for the time it covers."""
+
+    stripe_paid: int
+    invoice: Invoice
+    charged: int
+    covered: int
+    period: int
+
+    def share(self, credits: int) -> int:
+        return credits * self.covered // self.period
+
+
+def _upgrade(stripe_sdk, sub, *, paid: tuple[str, int], to: tuple[str, int]) -> _Upgrade:
+    """The one proration invoice of an upgrade from the price `paid` to the price `to`
+    (each a Stripe price id, and what it charges a period for its seats): its unused-time
+    line at the one, its remaining-time line at the other, and the prorated difference."""
+    [update] = _update_invoices(stripe_sdk, sub)
+    assert [line.pricing.price_details.price for line in update.lines.data] == [paid[0], to[0]]
+    covered, period = _proration_of(update, sub)
+    charged = prorated(to[1], remaining_s=covered, period_s=period) - prorated(
+        paid[1], remaining_s=covered, period_s=period
+    )
+    return _Upgrade(
+        stripe_paid=update.amount_paid,
+        invoice=Invoice.objects.get(stripe_invoice_id=update.id),
+        charged=charged,
+        covered=covered,
+        period=period,
+    )
+
+
 def _old_pro_with_basic_scheduled(customer, subscribed, deliver) -> tuple:
     """A member on Pro at $99 for 12,000 credits a month, then Pro made $129 for 15,000,
     then a downgrade to Basic scheduled; returns the subscription and the $99 price."""
@@ -121,19 +167,13 @@ def test_an_upgrade_over_a_scheduled_downgrade_is_prorated_from_the_old_price(
 
     # then: the item was put back at the $99 they paid for this period before the upgrade,
     # so the unused time credited is the $99 price's, not $129's, and so are its credits
-    [update] = _update_invoices(stripe_sdk, sub)
-    unused, remaining = update.lines.data
-    covered, period = _proration_of(update, sub)
-    assert unused.pricing.price_details.price == old.stripe_price_id
-    assert remaining.pricing.price_details.price == _current("enterprise")
-    charged = prorated(99_900, remaining_s=covered, period_s=period) - prorated(
-        9_900, remaining_s=covered, period_s=period
+    up = _upgrade(
+        stripe_sdk, sub, paid=(old.stripe_price_id, 9_900), to=(_current("enterprise"), 99_900)
     )
-    assert update.amount_paid == charged
-    invoice = Invoice.objects.get(stripe_invoice_id=update.id)
-    assert (invoice.amount_paid, invoice.credits_granted) == (
-        charged,
-        150_000 * MICRO * covered // period - 12_000 * MICRO * covered // period,
+    assert up.stripe_paid == up.charged
+    assert (up.invoice.amount_paid, up.invoice.credits_granted) == (
+        up.charged,
+        up.share(150_000 * MICRO) - up.share(12_000 * MICRO),
     )
     assert _item(stripe_sdk, sub) == (_current("enterprise"), 1)
 
@@ -158,19 +198,15 @@ def test_a_seat_change_on_the_same_plan_keeps_the_old_unit_price(
     updates = _update_invoices(stripe_sdk, sub)
     if to > seats:
         # charged the prorated difference at $49 a seat, granted 5,000 a seat's share of it
-        [update] = updates
-        covered, period = _proration_of(update, sub)
-        assert [line.pricing.price_details.price for line in update.lines.data] == [
-            old.stripe_price_id,
-            old.stripe_price_id,
-        ]
-        charged = prorated(4_900 * to, remaining_s=covered, period_s=period) - prorated(
-            4_900 * seats, remaining_s=covered, period_s=period
+        up = _upgrade(
+            stripe_sdk,
+            sub,
+            paid=(old.stripe_price_id, 4_900 * seats),
+            to=(old.stripe_price_id, 4_900 * to),
         )
-        invoice = Invoice.objects.get(stripe_invoice_id=update.id)
-        assert (update.amount_paid, invoice.amount_paid) == (charged, charged)
-        assert invoice.credits_granted == (
-            5_000 * MICRO * to * covered // period - 5_000 * MICRO * seats * covered // period
+        assert (up.stripe_paid, up.invoice.amount_paid) == (up.charged, up.charged)
+        assert up.invoice.credits_granted == (
+            up.share(5_000 * MICRO * to) - up.share(5_000 * MICRO * seats)
         )
     else:
         assert not updates
@@ -208,19 +244,16 @@ def test_an_old_price_member_s_change_is_an_upgrade_by_what_they_pay(
     sub.refresh_from_db()
     if charged:
         # the prorated difference from the $99 paid, and Team's credits from now
-        [update] = _update_invoices(stripe_sdk, sub)
-        unused, remaining = update.lines.data
-        covered, period = _proration_of(update, sub)
-        assert unused.pricing.price_details.price == old.stripe_price_id
-        assert remaining.pricing.price_details.price == _current("team")
-        expected = prorated(4_900 * team_seats, remaining_s=covered, period_s=period) - prorated(
-            9_900, remaining_s=covered, period_s=period
+        up = _upgrade(
+            stripe_sdk,
+            sub,
+            paid=(old.stripe_price_id, 9_900),
+            to=(_current("team"), 4_900 * team_seats),
         )
-        assert expected > 0
-        invoice = Invoice.objects.get(stripe_invoice_id=update.id)
-        assert (update.amount_paid, invoice.amount_paid) == (expected, expected)
-        assert invoice.credits_granted == (
-            5_000 * MICRO * team_seats * covered // period - 12_000 * MICRO * covered // period
+        assert up.charged > 0
+        assert (up.stripe_paid, up.invoice.amount_paid) == (up.charged, up.charged)
+        assert up.invoice.credits_granted == (
+            up.share(5_000 * MICRO * team_seats) - up.share(12_000 * MICRO)
         )
         assert (sub.plan.code, sub.seats, sub.scheduled_plan) == ("team", team_seats, None)
     else:
@@ -284,3 +317,173 @@ def test_a_change_to_the_plan_of_a_stale_price_is_at_that_plan_s_price_now(subsc
 
     # then: Basic's price now, a new purchase, not the stale one
     assert price.stripe_price_id == _current("basic")
+
+
+def _subscription_lots(org) -> list[int]:
+    """The amounts of the organization's subscription lots (grants), oldest first."""
+    return list(
+        CreditLot.objects.filter(organization=org, source=LotSource.SUBSCRIPTION, parent=None)
+        .order_by("pk")
+        .values_list("amount", flat=True)
+    )
+
+
+def test_a_move_to_the_plan_s_current_price_costing_more_is_charged_now_and_granted_once(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a member on Pro at $99 for 12,000 credits a month; finance make Pro $129 for
+    # 15,000 (the $99 price retired)
+    sub = subscribed("pro")
+    org = customer.organization
+    old = _repriced("pro", monthly_price=12_900, monthly_credits=15_000 * MICRO)
+
+    # when: they ask for their own plan, Pro, again
+    assert _change(customer, "pro") == "subscription_updated"
+    assert "failed" not in deliver()
+
+    # then: an upgrade, as any change costing more: Stripe's item is at Pro's price now,
+    # and the prorated difference from the $99 they paid is charged at once
+    assert _item(stripe_sdk, sub) == (_current("pro"), 1)
+    up = _upgrade(stripe_sdk, sub, paid=(old.stripe_price_id, 9_900), to=(_current("pro"), 12_900))
+    assert up.charged > 0 and up.stripe_paid == up.charged
+    # and its credits, the prorated difference of 15,000 and 12,000, granted once
+    extra = up.share(15_000 * MICRO) - up.share(12_000 * MICRO)
+    assert (up.invoice.amount_paid, up.invoice.credits_granted) == (up.charged, extra)
+    assert _subscription_lots(org) == [12_000 * MICRO, extra]
+    granted = (ledger_rows(), organization_balance(organization=org))
+    # however often the paid invoice's events are applied again
+    for event in StripeEvent.objects.filter(type__startswith="invoice."):
+        stripe_event_process(event_pk=event.pk, force=True)
+    assert (ledger_rows(), organization_balance(organization=org)) == granted
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.price.stripe_price_id, sub.scheduled_plan) == (
+        "pro",
+        _current("pro"),
+        None,
+    )
+    # and the next period costs $129 and grants 15,000
+    assert _renewal(stripe_standin, deliver, sub) == (12_900, 15_000 * MICRO)
+
+
+def test_a_move_to_the_plan_s_current_price_costing_less_is_from_the_next_period(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a member on Pro at $99 for 12,000 credits a month; finance make Pro $79 for
+    # 10,000
+    sub = subscribed("pro")
+    org = customer.organization
+    old = _repriced("pro", monthly_price=7_900, monthly_credits=10_000 * MICRO)
+    before = (_subscription_lots(org), organization_balance(organization=org))
+
+    # when: they ask for their own plan, Pro, again
+    assert _change(customer, "pro") == "change_scheduled"
+    assert "failed" not in deliver()
+
+    # then: a downgrade, as any change costing less: Stripe's item is at $79 from the next
+    # period, nothing is charged or granted now, and the $99 period stands
+    assert _item(stripe_sdk, sub) == (_current("pro"), 1)
+    assert not _update_invoices(stripe_sdk, sub)
+    assert (_subscription_lots(org), organization_balance(organization=org)) == before
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.price, sub.scheduled_plan.code, sub.scheduled_seats) == (
+        "pro",
+        old,
+        "pro",
+        1,
+    )
+    state = customer.client.get("/api/v1/billing/subscription").json()["subscription"]
+    assert (state["plan"], state["scheduled_plan"], state["scheduled_seats"]) == ("pro", "pro", 1)
+
+    # and the next period costs $79 and grants 10,000, once, at the price now recorded
+    assert _renewal(stripe_standin, deliver, sub) == (7_900, 10_000 * MICRO)
+    assert _subscription_lots(org) == [12_000 * MICRO, 10_000 * MICRO]
+    sub.refresh_from_db()
+    assert (sub.price.stripe_price_id, sub.scheduled_plan) == (_current("pro"), None)
+
+
+def test_a_scheduled_move_to_the_current_price_is_taken_back_by_asking_again(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a $99 Pro member with a move to Pro's $79 price scheduled
+    sub = subscribed("pro")
+    old = _repriced("pro", monthly_price=7_900, monthly_credits=10_000 * MICRO)
+    assert _change(customer, "pro") == "change_scheduled"
+    assert "failed" not in deliver()
+
+    # when: they ask for Pro again, as for any scheduled change
+    assert _change(customer, "pro") == "change_canceled"
+    assert "failed" not in deliver()
+
+    # then: the move is taken back: Stripe's item at the $99 price, nothing charged, and
+    # the next period costs $99 and grants 12,000
+    assert _item(stripe_sdk, sub) == (old.stripe_price_id, 1)
+    assert not _update_invoices(stripe_sdk, sub)
+    sub.refresh_from_db()
+    assert (sub.price, sub.scheduled_plan) == (old, None)
+    assert _renewal(stripe_standin, deliver, sub) == (9_900, 12_000 * MICRO)
+
+
+def test_a_team_moves_to_its_plan_s_current_price_for_its_seats(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a team of 3 seats at $49 for 5,000 credits a seat; finance make Team $59 for
+    # 6,000 a seat
+    sub = subscribed("team", seats=3)
+    old = _repriced("team", monthly_price=5_900, monthly_credits=6_000 * MICRO)
+
+    # when: they ask for Team at their 3 seats
+    assert _change(customer, "team", seats=3) == "subscription_updated"
+    assert "failed" not in deliver()
+
+    # then: charged the prorated difference of 3 seats at $59 from 3 at $49, and granted
+    # the matching share of 3 x 6,000 less 3 x 5,000
+    assert _item(stripe_sdk, sub) == (_current("team"), 3)
+    up = _upgrade(
+        stripe_sdk, sub, paid=(old.stripe_price_id, 3 * 4_900), to=(_current("team"), 3 * 5_900)
+    )
+    assert (up.stripe_paid, up.invoice.amount_paid) == (up.charged, up.charged)
+    assert up.invoice.credits_granted == up.share(3 * 6_000 * MICRO) - up.share(3 * 5_000 * MICRO)
+    assert _renewal(stripe_standin, deliver, sub) == (3 * 5_900, 3 * 6_000 * MICRO)
+
+
+def test_asking_for_one_s_own_plan_at_its_current_price_is_still_no_change(
+    customer, subscribed, stripe_sdk, deliver
+):
+    # given: a member on Pro at its current price
+    sub = subscribed("pro")
+    before = _unchanged(stripe_sdk, sub)
+
+    # when: they ask for Pro
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: refused as before; nothing changed at Stripe, here or in the ledger
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "no_change"
+    assert _unchanged(stripe_sdk, sub) == before
+
+
+def _unchanged(stripe_sdk, sub) -> tuple:
+    """subscription_state but the row's time of its last sync (a change syncs the row from
+    Stripe before it decides)."""
+    at_stripe, row, ledger = subscription_state(stripe_sdk, sub)
+    row.pop("synced_at")
+    return at_stripe, row, ledger
+
+
+def test_a_move_to_a_current_price_in_another_currency_is_refused(
+    customer, subscribed, stripe_sdk, deliver
+):
+    # given: a member on Pro at $99; then finance sell Pro in euros (a new current price)
+    sub = subscribed("pro")
+    Plan.objects.filter(code="pro").update(currency="eur")
+    assert "gym_plan_pro" in catalog_sync().created
+    before = _unchanged(stripe_sdk, sub)
+
+    # when: they ask for Pro
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
+
+    # then: refused, as any change of currency; nothing changed at Stripe, here or in the
+    # ledger
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "currency_mismatch"
+    assert _unchanged(stripe_sdk, sub) == before
