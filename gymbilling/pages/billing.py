@@ -115,6 +115,9 @@ class BillingPage(ActionPage):
             move = plan_price_move(
                 subscription=subscription, plan=subscription.plan, seats=subscription.seats
             )
+            if move is not None and move.currency != period_currency:
+                # Refused (currency_mismatch): Stripe keeps a customer in one currency.
+                move = None
             context.update(
                 period_credits=subscription.period_credits(),
                 period_price=period_price,

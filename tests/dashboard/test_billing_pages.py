@@ -249,6 +249,21 @@ def test_a_member_on_the_current_price_is_offered_no_move(
     assert _no_move_offered(client.get(BILLING))
 
 
+def test_a_move_to_a_current_price_in_another_currency_is_not_offered(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given an owner on Pro at $99; then finance sell Pro in euros (a new current price),
+    # which the checkout refuses them (currency_mismatch)
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    Plan.objects.filter(code="pro").update(currency="eur")
+    catalog_sync()
+    assert StripePrice.objects.get(lookup_key="gym_plan_pro", current=True).currency == "eur"
+
+    # then the page offers no move it would refuse
+    assert _no_move_offered(client.get(BILLING))
+
+
 def test_a_member_whose_row_names_another_plan_s_price_sees_their_plan_s(
     client, member, catalog, stripe_standin, deliver
 ):
