@@ -878,7 +878,8 @@ class MarketFillAdmin(ReadOnlyAdmin):
 class PayoutHoldingFilter(admin.SimpleListFilter):
     """Refused payouts that hold their seller's payouts (in that currency, to that
     destination; one that may have paid a customer deleted since, `may_have_paid`,
-    wherever they would go) until finance retries them."""
+    wherever they would go) until finance retries them; and pending payouts not sent
+    while their seller's reselling is frozen (sent by the first run once it is lifted)."""
 
     title = "holding the seller's payouts"
     parameter_name = "holding"
@@ -888,6 +889,7 @@ class PayoutHoldingFilter(admin.SimpleListFilter):
             ("yes", "Yes: refused, waiting for finance"),
             ("retried", "Retried by finance"),
             ("customer", "Yes: customer deleted at Stripe, waiting for its replacement"),
+            ("frozen", "Pending: the seller's reselling is frozen, sent once it is lifted"),
         ]
 
     def queryset(self, request, queryset):
@@ -907,6 +909,17 @@ class PayoutHoldingFilter(admin.SimpleListFilter):
                     )
                 ),
                 status=PayoutStatus.CUSTOMER_DELETED,
+            )
+        if self.value() == "frozen":
+            # The freeze as it is now, not the payout's note (which says what the last
+            # send found): lifted, the next payout run sends them.
+            return queryset.filter(
+                Exists(
+                    BillingCustomer.objects.filter(
+                        organization=OuterRef("seller"), resale_frozen_at__isnull=False
+                    )
+                ),
+                status=PayoutStatus.PENDING,
             )
         return queryset
 

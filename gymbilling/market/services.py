@@ -24,8 +24,14 @@ seller's money account; finance marking one paid at Stripe after all
 shares it books as losses again, before money accounts. A payout's
 send lock (`payout_send`: a session lock held across its Stripe calls; finance's Retry
 and mark-paid take the refused payout's) is taken with no transaction open, before any
-row. A reversal row is never locked while a ledger or money account is held. No Stripe
-call is made inside a transaction: an order is reserved and committed, then
+row. A payout's record (`_payout_record`) locks the seller's available fills, then their
+billing customer row (the row `resale_freeze` locks), then money accounts; finance's Retry
+locks that row before the refused payouts it releases. `_reversal_apply` freezes the buyer
+last, holding the order's fills and its sellers' money accounts: never the buyer's own
+fills or money account (nobody buys their own listing), which are all a record of the
+buyer's payout holds or waits for around that row. A reversal row is never locked
+while a ledger or money account is held. No Stripe call is made inside a transaction:
+an order is reserved and committed, then
 Checkout is created, then recorded; if Stripe fails in between, the reservation
 is released by compensating transfers.
 Organization rows are never locked here (`select_for_update(of=("self",))`
@@ -1714,9 +1720,15 @@ def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
             )
             return None
         seller = Organization.objects.get(pk=seller_id)
-        customer = BillingCustomer.objects.filter(organization=seller).first()
+        customer = _seller_customer_locked(seller_id)
         if customer is None:
             logger.warning("seller %s has proceeds but no Stripe customer", seller_id)
+            return None
+        if customer.resale_frozen_at is not None:
+            # Frozen by a refund or dispute: not paid until finance lifts it. The proceeds
+            # stay available, where a reversal can still reach them. Read under the row
+            # lock resale_freeze takes: a freeze is committed before this reads it, or waits
+            # for this payout, which its send then holds (_payout_send).
             return None
         if customer.stripe_connect_account_id:
             method, destination = PayoutMethod.TRANSFER, customer.stripe_connect_account_id
@@ -1739,6 +1751,61 @@ def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
         )
         _payout_book(payout, fills=fills, key=f"payout:{payout.pk}")
         return payout
+
+
+def _seller_customer_locked(seller_id: int) -> BillingCustomer | None:
+    """The seller's billing customer, its row locked until the transaction ends against
+    `resale_freeze` (FOR UPDATE of that row) and every other writer of it: whether the
+    seller is frozen, and where they are paid, stay as read until then."""
+    return (
+        BillingCustomer.objects.select_for_update(no_key=True)
+        .filter(organization_id=seller_id)
+        .first()
+    )
+
+
+# A pending payout not sent because its seller is frozen says so in its `last_error`, which
+# starts with this (a send reads any other error as a sign that an earlier send may have
+# reached Stripe; this one says no send was made: _payout_sent_before).
+_FROZEN_HOLD = "held: the seller's reselling is frozen"
+
+
+def _payout_held_frozen(payout: MarketPayout) -> bool:
+    """Whether the payout's seller is frozen by a refund or dispute: if so, it is left
+    pending, not sent, with why in its `last_error` (the admin's market payouts list it
+    under "holding the seller's payouts: Pending: the seller's reselling is frozen"), and
+    the first send once finance lifts the freeze sends it. Read under the payout's send lock, before any Stripe call."""
+    frozen = (
+        BillingCustomer.objects.filter(
+            organization_id=payout.seller_id, resale_frozen_at__isnull=False
+        )
+        .values_list("resale_frozen_at", "resale_frozen_reason")
+        .first()
+    )
+    if frozen is None:
+        return False
+    frozen_at, reason = frozen
+    note = (
+        f"{_FROZEN_HOLD} ({reason or 'a refund or dispute'}) since {frozen_at.isoformat()}: "
+        "not sent. Sent by the first payout run once finance lifts the freeze (Billing "
+        'customers, "Allow reselling again").'
+    )
+    # An earlier send's error this note replaces is kept as a counted send.
+    MarketPayout.objects.filter(pk=payout.pk).update(
+        last_error=note[:500],
+        send_attempts=max(payout.send_attempts, int(_payout_sent_before(payout))),
+    )
+    logger.warning("market payout %s of seller %s: %s", payout.pk, payout.seller_id, note)
+    return True
+
+
+def _payout_sent_before(payout: MarketPayout) -> bool:
+    """Whether an earlier send of the payout may have reached Stripe with its answer lost:
+    it counted itself before calling Stripe (a send that died mid-call did too), or left
+    its error (payouts recorded before sends were counted; those still pending at the
+    deploy count as sent once: gymbilling/0039). A freeze's hold is no send."""
+    error = payout.last_error
+    return payout.send_attempts > 0 or bool(error and not error.startswith(_FROZEN_HOLD))
 
 
 def _payout_book(payout: MarketPayout, *, fills: list[MarketFill], key: str, lost: int = 0) -> None:
@@ -1908,12 +1975,18 @@ def _payout_send(*, payout_id: int) -> str:
     payout = MarketPayout.objects.get(pk=payout_id)
     if payout.status != PayoutStatus.PENDING:
         return payout.status
-    # Whether an earlier send may have reached Stripe with its answer lost: it counted
-    # itself here before calling Stripe (a send that died mid-call did too), or left
-    # its error (payouts recorded before sends were counted; those still pending at the
-    # deploy count as sent once: gymbilling/0039). Counted before any call.
-    sent_before = payout.send_attempts > 0 or bool(payout.last_error)
-    MarketPayout.objects.filter(pk=payout.pk).update(send_attempts=F("send_attempts") + 1)
+    # A seller frozen since the payout was recorded (an earlier run's, Stripe down then; or
+    # this run's, the freeze landing during its Stripe calls) is not paid: looked at
+    # under this lock, right before Stripe is called. A freeze committed while Stripe is
+    # being called meets money already leaving; the next send of any payout sees it.
+    if _payout_held_frozen(payout):
+        return PayoutStatus.PENDING
+    sent_before = _payout_sent_before(payout)
+    # Counted before any call; a freeze's hold, over now, is no error any more.
+    MarketPayout.objects.filter(pk=payout.pk).update(
+        send_attempts=F("send_attempts") + 1,
+        **({"last_error": ""} if payout.last_error.startswith(_FROZEN_HOLD) else {}),
+    )
     try:
         try:
             result = _payout_made_at_stripe(payout)
@@ -2209,16 +2282,10 @@ def payouts_run(*, now: datetime | None = None) -> int:
         .values_list("seller_id", "currency")
         .distinct()
     )
-    # A seller frozen by a refund or dispute is not paid until finance lifts
-    # it: their proceeds stay available, where a reversal can still reach them.
-    frozen = set(
-        BillingCustomer.objects.filter(resale_frozen_at__isnull=False).values_list(
-            "organization_id", flat=True
-        )
-    )
+    # A seller frozen by a refund or dispute is not paid until finance lifts it: no
+    # payout is recorded for them (_payout_record), and one recorded before the freeze
+    # is not sent (_payout_send), each read under its lock.
     for seller_id, currency in sorted(set(sellers)):
-        if seller_id in frozen:
-            continue
         _payout_record(seller_id=seller_id, currency=currency)
     sent = 0
     for pk in MarketPayout.objects.filter(status=PayoutStatus.PENDING).values_list("pk", flat=True):
@@ -2237,9 +2304,12 @@ def payouts_retry(*, payout_ids: list[int], note: str = "", actor=None) -> dict[
     seller has available is recorded and sent at once. Returns, by refused payout, what
     became of it: the new payout's status, "nothing available", "held by payout <id>"
     (another that may have paid the seller still holds their payouts: nothing is paid
-    until it is retried or marked paid too; the payout run pays them then), or "frozen"
+    until it is retried or marked paid too; the payout run pays them then), "frozen"
     (a seller frozen by a refund or dispute: nothing changed; retry it once finance
-    lifts the freeze). Refused again, the new payout holds them again.
+    lifts the freeze), or "released; the seller is frozen: ..." (frozen once released:
+    nothing recorded, the payout run pays them once the freeze is lifted; frozen once
+    recorded, the new payout is left pending, "pending"). Refused again, the new payout
+    holds them again.
 
     A payout that may have paid the seller pays them again once retried, so finance say
     what they found at Stripe: retried only with a `note`, which goes with who
@@ -2288,19 +2358,20 @@ def _payout_retry(
     if not holding.filter(pk=payout_id).exists():  # under the lock: it stays so
         status = MarketPayout.objects.values_list("status", flat=True).get(pk=payout_id)
         return f"not retried: it is {status} now", False
-    # Before anything is released: a frozen seller's payout left as it was can still be
-    # marked paid, and is not paid again by the first run after the freeze is lifted.
-    if BillingCustomer.objects.filter(
-        organization_id=seller_id, resale_frozen_at__isnull=False
-    ).exists():
-        return "frozen", False
-    payout = MarketPayout.objects.select_related("seller").get(pk=payout_id)
-    if payout.may_have_paid and not note:
-        return (
-            "not retried: an earlier send may have paid the seller; say what you found "
-            "at Stripe (a note)"
-        ), False
     with transaction.atomic():
+        # Before anything is released, under the row lock resale_freeze takes (a freeze is
+        # committed before this reads it, or waits until the release is): a frozen
+        # seller's payout left as it was can still be marked paid, and is not paid again
+        # by the first run after the freeze is lifted.
+        customer = _seller_customer_locked(seller_id)
+        if customer is not None and customer.resale_frozen_at is not None:
+            return "frozen", False
+        payout = MarketPayout.objects.select_related("seller").get(pk=payout_id)
+        if payout.may_have_paid and not note:
+            return (
+                "not retried: an earlier send may have paid the seller; say what you found "
+                "at Stripe (a note)"
+            ), False
         # Not the others that may have paid: this payout's lock does not cover them (a
         # payout_mark_paid of one may be running), and finance has looked at this one only.
         holding.filter(destination=destination).filter(
@@ -2311,8 +2382,16 @@ def _payout_retry(
     still = holding.filter(may_have_paid=True).values_list("pk", flat=True).first()
     if still is not None:
         return f"held by payout {still}", True
+    # A freeze since the release: nothing is recorded (_payout_record), or what is, is not
+    # sent (payout_send: pending); the payout run pays the seller once it is lifted.
     new = _payout_record(seller_id=seller_id, currency=currency)
-    return (payout_send(payout_id=new.pk) if new is not None else "nothing available"), True
+    if new is not None:
+        return payout_send(payout_id=new.pk), True
+    if BillingCustomer.objects.filter(
+        organization_id=seller_id, resale_frozen_at__isnull=False
+    ).exists():
+        return "released; the seller is frozen: paid once it is lifted", True
+    return "nothing available", True
 
 
 def _payout_audit(payout: MarketPayout, action: str, *, actor, note: str, **data) -> None:

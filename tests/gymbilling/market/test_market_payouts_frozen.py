@@ -1,0 +1,317 @@
+"""A seller whose reselling a refund or dispute froze is not paid until finance lifts it.
+
+Stripe is the stand-in over HTTP. The freeze is billing's own (`resale_freeze`), taken
+by a dispute delivered from the stand-in, or called as its webhook does; where a test
+needs it to land at one point of a payout in flight, a wrapper around a service only
+decides when it runs (nothing is mocked).
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from gymbilling.market import services as market_services
+from gymbilling.market.services import (
+    _fill_mature,
+    _payout_record,
+    payouts_retry,
+    payouts_run,
+)
+from gymbilling.models import BillingCustomer, MarketFill, MarketPayout, PayoutStatus
+from gymbilling.services.customers import billing_customer_replace
+from gymbilling.services.payments import resale_freeze, resale_unfreeze
+from metering.reconcile import ledger_reconcile
+from tests.gymbilling.market.conftest import dispute_at_stripe, market_member, money, sold
+from tests.helpers import credits, on_own_connection, run_against_paused
+
+LATER = timedelta(days=8)
+CHANGELIST = "/admin/gymbilling/marketpayout/"
+
+
+def _later():
+    return timezone.now() + LATER
+
+
+def _lift(seller) -> None:
+    """Finance lift the freeze they were shown (admin: Billing customers)."""
+    customer = BillingCustomer.objects.get(organization=seller)
+    resale_unfreeze(
+        customer_id=customer.pk, frozen_at=customer.resale_frozen_at, note="looked", actor=None
+    )
+
+
+def _matured(seller) -> None:
+    for pk in MarketFill.objects.filter(seller=seller).values_list("pk", flat=True):
+        _fill_mature(fill_id=pk, now=_later())
+
+
+def _refused(market_stripe, seller, buyer) -> tuple[MarketPayout, str]:
+    """A sale's 112 whose transfer Stripe refused (the seller's Connect account could not
+    receive transfers, fixed since): the payout holds the seller's payouts until finance
+    retries it. Returns it and the account."""
+    account = market_stripe.connect_account(seller)
+    market_stripe.standin.set_capabilities(account, transfers="inactive")
+    sold(market_stripe, seller, buyer)
+    assert payouts_run(now=_later()) == 0
+    market_stripe.standin.set_capabilities(account, transfers="active")
+    refused = MarketPayout.objects.get()
+    assert (refused.status, refused.retry_allowed_at) == (PayoutStatus.FAILED, None)
+    return refused, account
+
+
+def _disputed_at_the_record(monkeypatch, seller, reason: str, *, before: bool = False) -> None:
+    """A dispute freezes the seller (`reason`) when a payout of theirs is recorded: once it
+    is recorded (committed), or `before` it is."""
+    real_record = market_services._payout_record
+
+    def record(**kwargs):
+        if before:
+            resale_freeze(organization=seller, reason=reason)
+        payout = real_record(**kwargs)
+        if not before:
+            resale_freeze(organization=seller, reason=reason)
+        return payout
+
+    monkeypatch.setattr(market_services, "_payout_record", record)
+
+
+def _paid_once_when_lifted(market_stripe, monkeypatch, seller, account) -> None:
+    """Finance lift the freeze (no dispute comes again): the payout run pays the seller's
+    112, once."""
+    monkeypatch.undo()
+    _lift(seller)
+    assert payouts_run(now=_later()) == 1
+    assert payouts_run(now=_later()) == 0
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [112]
+
+
+def test_a_pending_payout_of_a_seller_frozen_since_it_was_recorded_waits_for_the_freeze(
+    market_stripe, seller, buyer, deliver, admin_client
+):
+    # given: a payout of the seller's 112 recorded while Stripe was down (still pending)
+    account = market_stripe.connect_account(seller)
+    sold(market_stripe, seller, buyer)
+    market_stripe.down = True
+    assert payouts_run(now=_later()) == 0
+    market_stripe.down = False
+    payout = MarketPayout.objects.get(seller=seller)
+    assert payout.status == PayoutStatus.PENDING
+    # and then the seller, buying credits on the marketplace, disputes that payment
+    other = market_member(credits_amount=credits(1000))
+    bought = sold(market_stripe, other, seller)
+    dispute_at_stripe(market_stripe, bought)
+    deliver()
+    assert BillingCustomer.objects.get(organization=seller).resale_frozen_at is not None
+
+    # when: the next payout runs come, Stripe up
+    payouts_run(now=_later())
+    payouts_run(now=_later())
+
+    # then: the payout is still pending, nothing reached the seller's account, and why is
+    # on the payout; finance finds it under the payouts held by a freeze
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.PENDING
+    assert payout.last_error.startswith("held: the seller's reselling is frozen (dispute of ")
+    assert market_stripe.transfers(account) == []
+    assert money("payouts") == 112  # recorded, not sent
+    listed = admin_client.get(CHANGELIST, {"holding": "frozen"})
+    assert [p.pk for p in listed.context["cl"].result_list] == [payout.pk]
+
+    # when: finance lifts the freeze, and the payout runs come again
+    _lift(seller)
+    payouts_run(now=_later())
+    payouts_run(now=_later())
+
+    # then: the seller is paid the 112, once, and the hold's note is gone
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [112]
+    payout.refresh_from_db()
+    assert (payout.status, payout.last_error) == (PayoutStatus.SENT, "")
+    assert MarketPayout.objects.filter(seller=seller).count() == 1
+    assert money("seller_available", organization=seller) == 0
+    assert not admin_client.get(CHANGELIST, {"holding": "frozen"}).context["cl"].result_list
+    assert ledger_reconcile().ok
+
+
+def test_a_seller_frozen_between_the_record_and_the_send_of_one_run_is_not_paid(
+    market_stripe, seller, buyer, monkeypatch
+):
+    # given: a sale's 112, and a dispute that freezes the seller while the payout run is
+    # calling Stripe for other payouts: after it recorded the seller's payout, before it
+    # sends it
+    account = market_stripe.connect_account(seller)
+    sold(market_stripe, seller, buyer)
+    _disputed_at_the_record(monkeypatch, seller, "dispute of ch_mid_run")
+
+    # when: the payout run goes on to send it
+    assert payouts_run(now=_later()) == 0
+
+    # then: recorded, not sent: pending, nothing at Stripe
+    payout = MarketPayout.objects.get()
+    assert payout.status == PayoutStatus.PENDING
+    assert "dispute of ch_mid_run" in payout.last_error
+    assert market_stripe.transfers(account) == []
+    # and once the freeze is lifted, the next run pays it, once
+    _paid_once_when_lifted(market_stripe, monkeypatch, seller, account)
+
+
+def test_no_payout_is_recorded_for_a_frozen_seller(market_stripe, seller, buyer):
+    # given: a seller with a sale's 112 available, frozen by a dispute
+    sold(market_stripe, seller, buyer)
+    _matured(seller)
+    resale_freeze(organization=seller, reason="dispute of ch_1")
+
+    # when: a payout of their proceeds is recorded (as the payout run and Retry do)
+    payout = _payout_record(seller_id=seller.pk, currency="usd")
+
+    # then: none: the 112 stays available, where a refund or dispute can still reach it
+    assert payout is None
+    assert not MarketPayout.objects.exists()
+    assert money("seller_available", organization=seller) == 112
+    assert money("payouts") == 0
+
+
+def _while_a_freeze_commits(seller, work) -> None:
+    """`work()` on a connection of its own while a dispute's freeze of the seller, on
+    another, has locked what it locks and not committed yet; once `work` waits for a lock
+    (or ends), the freeze commits. What either raises fails the test."""
+    errors: list = []
+    resume, frozen = threading.Event(), threading.Event()
+
+    def freeze_then_wait():
+        with transaction.atomic():
+            resale_freeze(organization=seller, reason="dispute of ch_race")
+            frozen.set()
+            resume.wait(timeout=60)
+
+    freeze = threading.Thread(target=on_own_connection, args=(freeze_then_wait, errors))
+    freeze.start()
+    assert frozen.wait(timeout=60)
+    working = threading.Thread(target=on_own_connection, args=(work, errors))
+    run_against_paused(working, paused=freeze, resume=resume, what="the work to wait")
+    assert errors == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_payout_recorded_while_a_freeze_commits_waits_for_it_and_records_nothing(
+    market_stripe,
+):
+    # given: a seller with a sale's 112 available, and a dispute freezing them, not
+    # committed yet
+    seller = market_member(credits_amount=credits(1000))
+    sold(market_stripe, seller, market_member())
+    _matured(seller)
+
+    # when: a payout of the seller's proceeds is recorded meanwhile
+    recorded: list = []
+    _while_a_freeze_commits(
+        seller, lambda: recorded.append(_payout_record(seller_id=seller.pk, currency="usd"))
+    )
+
+    # then: it waited for the freeze and recorded nothing: the 112 is still available
+    assert recorded == [None]
+    assert not MarketPayout.objects.exists()
+    assert money("seller_available", organization=seller) == 112
+    assert ledger_reconcile().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_while_a_freeze_commits_waits_for_it_and_releases_nothing(market_stripe):
+    # given: a refused payout of the seller's 112 (the cause fixed since), and a dispute
+    # freezing the seller, not committed yet
+    seller = market_member(credits_amount=credits(1000))
+    refused, account = _refused(market_stripe, seller, market_member())
+
+    # when: finance retries the payout meanwhile
+    retried: dict = {}
+    _while_a_freeze_commits(seller, lambda: retried.update(payouts_retry(payout_ids=[refused.pk])))
+
+    # then: it waited, found the seller frozen, and changed nothing: nothing paid, the
+    # refused payout still holds the seller's payouts
+    assert retried == {refused.pk: "frozen"}
+    refused.refresh_from_db()
+    assert (refused.status, refused.retry_allowed_at) == (PayoutStatus.FAILED, None)
+    assert MarketPayout.objects.count() == 1
+    assert market_stripe.transfers(account) == []
+    assert money("seller_available", organization=seller) == 112
+
+
+def test_a_retry_whose_seller_is_frozen_once_released_records_and_sends_nothing(
+    market_stripe, seller, buyer, monkeypatch
+):
+    # given: a refused payout of the seller's 112 (the cause fixed since); finance
+    # retries it, and a dispute freezes the seller once the retry released it, before it
+    # records the seller's new payout
+    refused, account = _refused(market_stripe, seller, buyer)
+    _disputed_at_the_record(monkeypatch, seller, "dispute of ch_in_retry", before=True)
+
+    # when
+    results = payouts_retry(payout_ids=[refused.pk])
+
+    # then: nothing recorded nor paid, and finance is told why
+    assert results == {refused.pk: "released; the seller is frozen: paid once it is lifted"}
+    assert MarketPayout.objects.count() == 1
+    assert market_stripe.transfers(account) == []
+    assert money("seller_available", organization=seller) == 112
+    # and once the freeze is lifted, the payout run pays the 112, once
+    _paid_once_when_lifted(market_stripe, monkeypatch, seller, account)
+
+
+def test_a_retry_whose_seller_is_frozen_once_recorded_leaves_the_payout_pending(
+    market_stripe, seller, buyer, monkeypatch
+):
+    # given: a refused payout of the seller's 112 (the cause fixed since); finance
+    # retries it, and a dispute freezes the seller once the retry recorded the new
+    # payout, before it sends it
+    refused, account = _refused(market_stripe, seller, buyer)
+    _disputed_at_the_record(monkeypatch, seller, "dispute of ch_in_retry")
+
+    # when
+    results = payouts_retry(payout_ids=[refused.pk])
+
+    # then: the new payout is pending, not sent
+    new = MarketPayout.objects.exclude(pk=refused.pk).get()
+    assert results == {refused.pk: PayoutStatus.PENDING}
+    assert new.status == PayoutStatus.PENDING
+    assert market_stripe.transfers(account) == []
+    # and once the freeze is lifted, the payout run sends it, once
+    _paid_once_when_lifted(market_stripe, monkeypatch, seller, account)
+
+
+def test_a_payout_held_for_a_freeze_counts_as_never_sent_once_it_is_lifted(
+    market_stripe, seller, buyer
+):
+    # given: a seller paid by balance credits, whose payout of 112 was recorded and never
+    # sent (the run that recorded it ended first); a dispute froze them, and a payout run
+    # held it for the freeze (no Stripe call)
+    sold(market_stripe, seller, buyer)
+    _matured(seller)
+    payout = _payout_record(seller_id=seller.pk, currency="usd")
+    resale_freeze(organization=seller, reason="dispute of ch_1")
+    assert payouts_run(now=_later()) == 0
+    payout.refresh_from_db()
+    assert (payout.status, payout.send_attempts) == (PayoutStatus.PENDING, 0)
+    # and, the freeze lifted, the seller's Stripe customer was deleted and replaced
+    _lift(seller)
+    gone = BillingCustomer.objects.get(organization=seller)
+    market_stripe.delete_customer(gone.stripe_customer_id)
+    replacement = billing_customer_replace(customer=gone).stripe_customer_id
+
+    # when: the payout run sends it
+    assert payouts_run(now=_later()) == 1
+
+    # then: the hold was no send that may have credited the deleted customer: the 112 went
+    # to the replacement, once, not to finance as a payout that may have paid
+    payout.refresh_from_db()
+    assert (payout.status, payout.may_have_paid, payout.destination) == (
+        PayoutStatus.SENT,
+        False,
+        replacement,
+    )
+    assert [(c["amount"], c["customer"]) for c in market_stripe.balance_credits(seller)] == [
+        (-112, replacement)
+    ]
