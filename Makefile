@@ -11,7 +11,7 @@ SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | sha256sum | cut -
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install services browser test lint format demo bench clean
+.PHONY: install services browser pgbouncer test lint format demo bench clean
 
 install: $(SYNCED)
 
@@ -32,6 +32,9 @@ services:
 browser:
 	@scripts/ensure_browser.sh
 
+pgbouncer:
+	@scripts/ensure_pgbouncer.sh
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -40,7 +43,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install services browser lint
+test: install services browser pgbouncer lint
 	DJANGO_SETTINGS_MODULE=gymbilling.settings.test $(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest $(PYTEST_ARGS)
 
