@@ -82,7 +82,10 @@ if DATABASES["default"]["ENGINE"].endswith("postgresql"):
     # runs (accounts/sql.py: the ledger's fast path, the job row) bind on the
     # server and prepare, which halves their cost in PostgreSQL. Behind a
     # transaction-pooling PgBouncer older than 1.21, set
-    # DATABASE_PREPARED_STATEMENTS=false.
+    # DATABASE_PREPARED_STATEMENTS=false. The advisory locks held across Stripe
+    # calls need nothing there: each lives in a transaction of its own
+    # (gymbilling/locks.py session_lock; README, "Behind a transaction-pooling
+    # PgBouncer", for the pool's size).
     # Do not turn on OPTIONS["server_side_binding"] for Django's queries as they
     # are: tried on 2026-12-01, a prepared `remaining - $1` took a later
     # 12,500,000,000 as a 32-bit integer and wrapped (a lot's remaining rose
