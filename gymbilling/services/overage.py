@@ -46,7 +46,9 @@ answered that attempt 200. Stripe's report naming an attempt of a batch then mea
   re-sends, as a cause that persists, say an archived meter, would have it re-sent and
   logged at ERROR every run for good).
 - an earlier attempt, where Stripe answered the last one 200: that one counts, unless
-  Stripe reports it dropped too (then by its own key, the last). Ignored, logged.
+  Stripe reports it dropped too: by its own key (the last), or among the failures the
+  report counts without naming them, when it was sent in the report's window (flagged
+  maybe dropped, as any batch sent then). Otherwise ignored, logged.
 - otherwise Stripe's answers do not say whether another attempt counted: the last one
   got no answer (whether the batch waits for its next attempt, or a later one was
   refused as a duplicate, or was sent by a process of the previous release, which
@@ -475,7 +477,12 @@ def _overage_meter_errors_apply(*, report: MeterErrorReport, our_meter: bool, no
     # ours (the meter is overage's alone): as good as unnamed.
     unnamed = report.unnamed + unknown
     if unnamed and (our_meter or handled) and report.start and report.end:
-        marked += _overage_reports_doubt(report=report, unnamed=unnamed, named=handled)
+        # A batch named by an earlier attempt alone is judged as any batch sent in the
+        # window: the attempt Stripe answered may be one of the failures it did not name
+        # (samples are capped, and a cause that dropped one attempt, an archived meter,
+        # drops the next). Every other name the report acted on, or an earlier reading did.
+        earlier = {i for i, (_, _, which) in named.items() if which is Named.EARLIER}
+        marked += _overage_reports_doubt(report=report, unnamed=unnamed, named=handled - earlier)
     return marked
 
 
@@ -503,7 +510,7 @@ def _overage_report_named(
         logger.warning(
             "overage report %s: Stripe reported an earlier attempt, %s, dropped (%s); "
             "ignored: Stripe answered the attempt sent at %s, which counts unless Stripe "
-            "reports that one dropped.",
+            "reports that one dropped (by name, or among failures it does not name).",
             batch.identifier,
             event.key,
             event.code,

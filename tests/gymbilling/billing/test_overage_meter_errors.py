@@ -671,6 +671,61 @@ def test_a_report_naming_an_earlier_attempt_of_a_batch_stripe_took_later_bills_i
     assert not AuditEvent.objects.filter(action__startswith="billing.overage_").exists()
 
 
+def _earlier_named_with(count: int, sent: OverageReport, earlier) -> int:
+    """Stripe's report of `count` failures validated just after `sent` was sent, its
+    sample naming only the batch's `earlier` attempt."""
+    report = _error_report(
+        start=sent.sent_at + timedelta(seconds=10),
+        end=sent.sent_at + timedelta(seconds=20),
+        named=[meter_event_key(identifier=sent.identifier, sent_at=earlier)],
+        error_count=count,
+    )
+    return overage_meter_errors_apply(report=meter_error_report_read(report), our_meter=True)
+
+
+@pytest.mark.django_db
+def test_a_batch_named_by_an_earlier_attempt_is_flagged_when_its_window_has_unnamed_failures(
+    customer, subscribed, stripe_standin
+):
+    """Stripe's samples are capped: a cause that drops the attempt a report names (an
+    archived meter) may have dropped the batch's answered attempt too, uncounted among the
+    failures it does not name. Naming an earlier attempt says nothing of that one."""
+    # given: a batch whose first attempt's answer was lost, sent again and answered 200
+    sub = subscribed("pro")
+    taken = timezone.now()
+    first = taken - timedelta(minutes=30)
+    batch = sent_batch(sub, "ovg_0_10", taken, credits=10)
+    OverageReport.objects.filter(pk=batch.pk).update(last_attempt_at=taken)
+
+    # when: Stripe reports 2 failures in the window the answered attempt was validated in,
+    # naming only the first attempt
+    assert _earlier_named_with(2, batch, first) == 1
+
+    # then: the unnamed failure may be its answered attempt: flagged maybe dropped for
+    # finance, still sent with that attempt, never re-sent by itself
+    assert marked(batch) == ("ovg_0_10", taken, MeterError.IN_DOUBT)
+    assert "bills it twice" in batch.error
+    assert overage_report() == 0
+
+
+@pytest.mark.django_db
+def test_a_batch_named_by_an_earlier_attempt_is_left_alone_when_every_failure_is_named(
+    customer, subscribed, stripe_standin
+):
+    # given: a batch sent again and answered 200 after an attempt whose answer was lost
+    sub = subscribed("pro")
+    taken = timezone.now()
+    batch = sent_batch(sub, "ovg_0_10", taken, credits=10)
+    OverageReport.objects.filter(pk=batch.pk).update(last_attempt_at=taken)
+
+    # when: Stripe reports 1 failure in its window, naming that earlier attempt
+    assert _earlier_named_with(1, batch, taken - timedelta(minutes=30)) == 0
+
+    # then: the answered attempt counts: the batch is left as it was
+    assert marked(batch) == ("ovg_0_10", taken, MeterError.NONE)
+    assert not AuditEvent.objects.filter(action__startswith="billing.overage_").exists()
+
+
 @pytest.mark.django_db
 def test_a_report_naming_an_earlier_attempt_while_a_later_one_went_unanswered_bills_it_once(
     customer, subscribed, stripe_standin, monkeypatch
