@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from accounts.dashboard import with_retry_after
 from accounts.errors import ApplicationError
-from accounts.forms import AdminEmailAuthenticationForm
+from accounts.forms import AdminEmailAuthenticationForm, storable_email_cleaned
 from accounts.models import INVITATION_REVOKED_WITH_ITS_KEY, Invitation, Organization, User
 from accounts.services import invitation_revoke, organization_entitlements_set, user_email_change
 from accounts.services.organizations import ENTITLEMENT_FIELDS
@@ -48,10 +48,12 @@ def sent_by(row) -> str:
 class _LowerCaseEmail:
     """An address is stored lower-cased, as the manager and sign-up store it and as
     invitations compare it: one kept with capitals matches no invitation. And unique
-    whatever its case: Ann@x and ann@x are one person."""
+    whatever its case: Ann@x and ann@x are one person. Checked as stored, as every
+    service checks it (user_email_change, which a change goes through): one that NFKC
+    stretches out of shape is the field's `invalid_email`, saying why."""
 
     def clean_email(self):
-        email = User.objects.canonical_email(self.cleaned_data["email"])
+        email = storable_email_cleaned(self.cleaned_data["email"])
         if User.objects.filter(email__iexact=email).exclude(pk=self.instance.pk).exists():
             raise ValidationError("A user with that email address already exists.", code="unique")
         return email

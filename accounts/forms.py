@@ -11,10 +11,22 @@ from __future__ import annotations
 
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
+from django.core.exceptions import ValidationError
 from django.template.loader import render_to_string
 
+from accounts.errors import ApplicationError
 from accounts.models import User
 from accounts.services.mail import email_send_on_commit
+
+
+def storable_email_cleaned(email: str | None) -> str:
+    """A form's typed address as it is stored (User.objects.storable_email), or the
+    field's error: one that NFKC stretches past the column, or out of shape, is refused
+    with `invalid_email`'s message, which says why an address valid as typed is not."""
+    try:
+        return User.objects.storable_email(email)
+    except ApplicationError as error:
+        raise ValidationError(error.message, code=error.code) from None
 
 
 class _EmailSignIn:

@@ -41,7 +41,11 @@ from accounts.dashboard import (
     with_retry_after,
 )
 from accounts.errors import ApplicationError
-from accounts.forms import EmailAuthenticationForm, PasswordResetRequestForm
+from accounts.forms import (
+    EmailAuthenticationForm,
+    PasswordResetRequestForm,
+    storable_email_cleaned,
+)
 from accounts.models import User
 from accounts.ratelimits import Limit, rate_limit_consume
 from accounts.services import (
@@ -155,10 +159,7 @@ class SignupForm(forms.Form):
     def clean_email(self) -> str:
         # As user_signup stores it: an address that NFKC stretches past the column, or
         # out of shape, is refused here, drawn as the field's error (invalid_email).
-        try:
-            return User.objects.storable_email(self.cleaned_data["email"])
-        except ApplicationError as error:
-            raise ValidationError(error.message, code=error.code) from None
+        return storable_email_cleaned(self.cleaned_data["email"])
 
     def clean_password(self) -> str:
         password = self.cleaned_data["password"]

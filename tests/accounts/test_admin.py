@@ -305,6 +305,48 @@ def test_staff_changing_an_address_store_it_lower_cased_and_never_anothers(staff
     assert User.objects.get(pk=dave.pk).email == "dave@example.test"
 
 
+# Valid as typed, 17 characters; NFKC stretches each U+FDFA to 18, spaces among them.
+STRETCHED = "a@" + "\ufdfa" * 10 + ".test"
+
+
+def _refused_as_stored(response) -> bool:
+    """The admin form refused the address alone, as every service refuses it
+    (User.objects.storable_email: invalid_email), saying what NFKC does to it."""
+    errors = response.context["adminform"].form.errors.as_data()
+    if list(errors) != ["email"]:
+        return False
+    [error] = errors["email"]
+    return error.code == "invalid_email" and "Unicode NFKC" in error.message
+
+
+def test_staff_cannot_add_a_user_whose_address_is_invalid_as_stored(staff):
+    # when staff add a person with an address that is valid only as typed
+    response = staff.post(
+        "/admin/accounts/user/add/",
+        {"email": STRETCHED, "password1": PASSWORD, "password2": PASSWORD},
+    )
+
+    # then the form names the address, saying why it is refused, and no user is made
+    assert response.status_code == 200
+    assert _refused_as_stored(response)
+    assert not User.objects.exclude(is_superuser=True).exists()
+
+
+def test_staff_changing_an_address_to_one_invalid_as_stored_get_the_field_refused(staff):
+    # given a verified user
+    gus = UserFactory(email="gus@example.test")
+
+    # when staff give them an address that is valid only as typed
+    response = staff.post(f"/admin/accounts/user/{gus.pk}/change/", user_form(gus, email=STRETCHED))
+
+    # then the form names the address, saying why it is refused, and the user keeps
+    # theirs, verified
+    assert response.status_code == 200
+    assert _refused_as_stored(response)
+    gus.refresh_from_db()
+    assert (gus.email, gus.email_verified) == ("gus@example.test", True)
+
+
 def test_the_database_keeps_one_user_per_address_whatever_its_case():
     # given a user
     UserFactory(email="erin@example.test")
