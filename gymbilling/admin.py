@@ -8,7 +8,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -878,8 +878,10 @@ class MarketFillAdmin(ReadOnlyAdmin):
 class PayoutHoldingFilter(admin.SimpleListFilter):
     """Refused payouts that hold their seller's payouts (in that currency, to that
     destination; one that may have paid a customer deleted since, `may_have_paid`,
-    wherever they would go) until finance retries them; and pending payouts not sent
-    while their seller's reselling is frozen (sent by the first run once it is lifted)."""
+    wherever they would go) until finance retries them; and the payouts a freeze of their
+    seller's reselling keeps from being paid: closed unsent (seller_frozen, their proceeds
+    back to available), or pending where an earlier send may have reached Stripe (sent by
+    the first run once it is lifted)."""
 
     title = "holding the seller's payouts"
     parameter_name = "holding"
@@ -889,7 +891,11 @@ class PayoutHoldingFilter(admin.SimpleListFilter):
             ("yes", "Yes: refused, waiting for finance"),
             ("retried", "Retried by finance"),
             ("customer", "Yes: customer deleted at Stripe, waiting for its replacement"),
-            ("frozen", "Pending: the seller's reselling is frozen, sent once it is lifted"),
+            (
+                "frozen",
+                "Frozen seller: not sent (closed, back to available; or pending, maybe sent "
+                "before), paid once the freeze is lifted",
+            ),
         ]
 
     def queryset(self, request, queryset):
@@ -912,14 +918,25 @@ class PayoutHoldingFilter(admin.SimpleListFilter):
             )
         if self.value() == "frozen":
             # The freeze as it is now, not the payout's note (which says what the last
-            # send found): lifted, the next payout run sends them.
+            # send found): lifted, the next payout run sends the pending ones and pays
+            # the closed ones' proceeds in a new payout. A closed one that a later payout
+            # of the seller's (in its currency) came after waits for nothing: that one
+            # paid, or holds, what it had.
             return queryset.filter(
                 Exists(
                     BillingCustomer.objects.filter(
                         organization=OuterRef("seller"), resale_frozen_at__isnull=False
                     )
                 ),
-                status=PayoutStatus.PENDING,
+                Q(status=PayoutStatus.PENDING)
+                | Q(status=PayoutStatus.SELLER_FROZEN)
+                & ~Exists(
+                    MarketPayout.objects.filter(
+                        seller=OuterRef("seller"),
+                        currency=OuterRef("currency"),
+                        pk__gt=OuterRef("pk"),
+                    )
+                ),
             )
         return queryset
 

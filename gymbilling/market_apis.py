@@ -390,9 +390,11 @@ class PayoutOutput(serializers.Serializer):
     )
     status = serializers.ChoiceField(
         choices=PayoutStatus.values,
-        help_text="pending (being sent), sent, failed (refused: back to available), or "
+        help_text="pending (being sent), sent, failed (refused: back to available), "
         "customer_deleted (not sent: your Stripe customer was deleted; back to available, "
-        "paid to your new customer once you have one).",
+        "paid to your new customer once you have one), or seller_frozen (not sent: your "
+        "reselling was frozen by a refund or dispute; back to available, paid once it is "
+        "lifted).",
     )
     created_at = serializers.DateTimeField()
     sent_at = serializers.DateTimeField(allow_null=True)

@@ -1728,7 +1728,7 @@ def _payout_record(*, seller_id: int, currency: str) -> MarketPayout | None:
             # Frozen by a refund or dispute: not paid until finance lifts it. The proceeds
             # stay available, where a reversal can still reach them. Read under the row
             # lock resale_freeze takes: a freeze is committed before this reads it, or waits
-            # for this payout, which its send then holds (_payout_send).
+            # for this payout, which its send then closes unsent (_payout_frozen).
             return None
         if customer.stripe_connect_account_id:
             method, destination = PayoutMethod.TRANSFER, customer.stripe_connect_account_id
@@ -1770,11 +1770,31 @@ def _seller_customer_locked(seller_id: int) -> BillingCustomer | None:
 _FROZEN_HOLD = "held: the seller's reselling is frozen"
 
 
-def _payout_held_frozen(payout: MarketPayout) -> bool:
-    """Whether the payout's seller is frozen by a refund or dispute: if so, it is left
-    pending, not sent, with why in its `last_error` (the admin's market payouts list it
-    under "holding the seller's payouts: Pending: the seller's reselling is frozen"), and
-    the first send once finance lifts the freeze sends it. Read under the payout's send lock, before any Stripe call."""
+def _payout_frozen(payout: MarketPayout) -> str | None:
+    """What became of a payout whose seller a refund or dispute froze since it was
+    recorded: not paid. None when the seller is not frozen (send it). Read under the
+    payout's send lock, before any Stripe call.
+
+    Never sent (`_payout_sent_before`: no Stripe call can have paid it), it is closed
+    `seller_frozen`, undone as a refused payout is (_payout_fail): its amount back to the
+    seller's available proceeds, its fills available again, and what refunds and disputes
+    of its sales booked as lost against it meanwhile taken from the seller's share instead.
+    Left pending for the weeks a freeze can last, every refund and dispute of its sales
+    would be the platform's loss (its fills paid out), and the payout would still pay the
+    seller all of it once the freeze is lifted: the seller finance froze as a risk would
+    be the one who does not bear them. Closed, they come out of the seller's proceeds as
+    for any unpaid sale, no payout is recorded while the freeze lasts (_payout_record),
+    and the first payout run once finance lifts it records a new payout of what is left
+    (a freeze lifted while this closes it only delays the seller's pay to that run).
+
+    One an earlier send may have reached Stripe with, its answer lost (a timeout, a crash,
+    Stripe down), cannot be undone so: Stripe may have paid it, or may still, under its
+    key, and its proceeds paid again by a new payout would pay the seller twice. It is
+    left pending, not sent, with why in its `last_error` (the admin's market payouts list
+    it under "holding the seller's payouts: Frozen seller"); the first send once finance lifts
+    the freeze looks at Stripe first, as every send does, and pays it once. Refunds and
+    disputes of its sales meanwhile stay the platform's losses, as for any payout in
+    flight."""
     frozen = (
         BillingCustomer.objects.filter(
             organization_id=payout.seller_id, resale_frozen_at__isnull=False
@@ -1783,20 +1803,33 @@ def _payout_held_frozen(payout: MarketPayout) -> bool:
         .first()
     )
     if frozen is None:
-        return False
+        return None
     frozen_at, reason = frozen
+    why = f"({reason or 'a refund or dispute'}) since {frozen_at.isoformat()}"
+    lift = 'finance lifts the freeze (Billing customers, "Allow reselling again")'
+    if not _payout_sent_before(payout):
+        note = (
+            f"not sent: the seller's reselling is frozen {why}. Proceeds back to available, "
+            "where refunds and disputes of its sales come out of the seller's share; the "
+            f"first payout run once {lift} pays what is left."
+        )
+        logger.warning("market payout %s of seller %s: %s", payout.pk, payout.seller_id, note)
+        return _payout_fail(
+            payout_id=payout.pk,
+            destination=payout.destination,
+            error=note,
+            status=PayoutStatus.SELLER_FROZEN,
+        )
     note = (
-        f"{_FROZEN_HOLD} ({reason or 'a refund or dispute'}) since {frozen_at.isoformat()}: "
-        "not sent. Sent by the first payout run once finance lifts the freeze (Billing "
-        'customers, "Allow reselling again").'
+        f"{_FROZEN_HOLD} {why}: not sent, and not undone: an earlier send may have reached "
+        f"Stripe. Sent by the first payout run once {lift}."
     )
     # An earlier send's error this note replaces is kept as a counted send.
     MarketPayout.objects.filter(pk=payout.pk).update(
-        last_error=note[:500],
-        send_attempts=max(payout.send_attempts, int(_payout_sent_before(payout))),
+        last_error=note[:500], send_attempts=max(payout.send_attempts, 1)
     )
     logger.warning("market payout %s of seller %s: %s", payout.pk, payout.seller_id, note)
-    return True
+    return PayoutStatus.PENDING
 
 
 def _payout_sent_before(payout: MarketPayout) -> bool:
@@ -1979,8 +2012,9 @@ def _payout_send(*, payout_id: int) -> str:
     # this run's, the freeze landing during its Stripe calls) is not paid: looked at
     # under this lock, right before Stripe is called. A freeze committed while Stripe is
     # being called meets money already leaving; the next send of any payout sees it.
-    if _payout_held_frozen(payout):
-        return PayoutStatus.PENDING
+    frozen = _payout_frozen(payout)
+    if frozen is not None:
+        return frozen
     sent_before = _payout_sent_before(payout)
     # Counted before any call; a freeze's hold, over now, is no error any more.
     MarketPayout.objects.filter(pk=payout.pk).update(
@@ -2212,7 +2246,9 @@ def _payout_fail(
     """Stripe refused the payout to `destination`: its proceeds go back to available,
     where they wait until finance retries (`_payouts_held`; `may_have_paid`: wherever they
     would go) or the seller's destination changes (`status` customer_deleted: until it
-    changes; _payout_customer_deleted). Returns the payout's status after.
+    changes; _payout_customer_deleted). Also what closes a payout never sent whose seller
+    was frozen since it was recorded (`status` seller_frozen: nothing held, paid by a new
+    payout once the freeze is lifted; _payout_frozen). Returns the payout's status after.
 
     Only while it is pending to `destination`, the one that refused it: sent elsewhere
     meanwhile (a redirect to a new customer), the refusal says nothing of it.
@@ -2284,7 +2320,8 @@ def payouts_run(*, now: datetime | None = None) -> int:
     )
     # A seller frozen by a refund or dispute is not paid until finance lifts it: no
     # payout is recorded for them (_payout_record), and one recorded before the freeze
-    # is not sent (_payout_send), each read under its lock.
+    # is not sent (_payout_send: closed, its proceeds back to available, or held if an
+    # earlier send may have reached Stripe; _payout_frozen), each read under its lock.
     for seller_id, currency in sorted(set(sellers)):
         _payout_record(seller_id=seller_id, currency=currency)
     sent = 0
@@ -2307,9 +2344,8 @@ def payouts_retry(*, payout_ids: list[int], note: str = "", actor=None) -> dict[
     until it is retried or marked paid too; the payout run pays them then), "frozen"
     (a seller frozen by a refund or dispute: nothing changed; retry it once finance
     lifts the freeze), or "released; the seller is frozen: ..." (frozen once released:
-    nothing recorded, the payout run pays them once the freeze is lifted; frozen once
-    recorded, the new payout is left pending, "pending"). Refused again, the new payout
-    holds them again.
+    nothing recorded, or the new payout closed unsent, seller_frozen; the payout run pays
+    them once the freeze is lifted). Refused again, the new payout holds them again.
 
     A payout that may have paid the seller pays them again once retried, so finance say
     what they found at Stripe: retried only with a `note`, which goes with who
@@ -2382,16 +2418,19 @@ def _payout_retry(
     still = holding.filter(may_have_paid=True).values_list("pk", flat=True).first()
     if still is not None:
         return f"held by payout {still}", True
-    # A freeze since the release: nothing is recorded (_payout_record), or what is, is not
-    # sent (payout_send: pending); the payout run pays the seller once it is lifted.
+    # A freeze since the release: nothing is recorded (_payout_record), or what is, is
+    # closed unsent (payout_send: seller_frozen); the payout run pays the seller once it
+    # is lifted.
     new = _payout_record(seller_id=seller_id, currency=currency)
     if new is not None:
-        return payout_send(payout_id=new.pk), True
-    if BillingCustomer.objects.filter(
+        status = payout_send(payout_id=new.pk)
+        if status != PayoutStatus.SELLER_FROZEN:
+            return status, True
+    elif not BillingCustomer.objects.filter(
         organization_id=seller_id, resale_frozen_at__isnull=False
     ).exists():
-        return "released; the seller is frozen: paid once it is lifted", True
-    return "nothing available", True
+        return "nothing available", True
+    return "released; the seller is frozen: paid once it is lifted", True
 
 
 def _payout_audit(payout: MarketPayout, action: str, *, actor, note: str, **data) -> None:

@@ -229,8 +229,9 @@ class MarketFill(models.Model):
         blank=True,
         related_name="fills",
     )
-    # The payout that last paid it and that Stripe refused (its proceeds back to
-    # available, `payout` cleared): what finance marks paid after all, should an earlier
+    # The payout that last paid it and that was undone (Stripe refused it, its customer
+    # was deleted, its seller frozen before it was sent; its proceeds back to available,
+    # `payout` cleared): what finance marks paid after all, should an earlier
     # send of it have reached the seller (payout_mark_paid). History; nothing else reads it.
     refused_payout = models.ForeignKey(
         "gymbilling.MarketPayout",
@@ -307,6 +308,16 @@ class PayoutStatus(models.TextChoices):
     # fixes a deleted customer) but for the organization's new customer (made on its
     # next checkout, portal link or marketplace order) or a Connect account: the next
     # payout run pays there.
+    SELLER_FROZEN = (
+        "seller_frozen",
+        "Not sent: the seller's reselling is frozen; proceeds returned to available",
+    )
+    # A payout no send had called Stripe for, whose seller a refund or dispute froze since
+    # it was recorded (payout_send): closed unpaid, the proceeds back to available, where
+    # the refunds and disputes of its sales come out of the seller's share (left in flight
+    # for the weeks a freeze lasts, they would be the platform's losses, and the payout
+    # would still pay it all). The first payout run once finance lifts the freeze records
+    # a new payout of what is still available. Holds nothing.
 
 
 class MarketPayout(models.Model):

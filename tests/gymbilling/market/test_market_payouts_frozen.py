@@ -22,11 +22,24 @@ from gymbilling.market.services import (
     payouts_retry,
     payouts_run,
 )
-from gymbilling.models import BillingCustomer, MarketFill, MarketPayout, PayoutStatus
+from gymbilling.models import (
+    BillingCustomer,
+    MarketFill,
+    MarketPayout,
+    MarketReversal,
+    PayoutStatus,
+    ProceedsState,
+)
 from gymbilling.services.customers import billing_customer_replace
 from gymbilling.services.payments import resale_freeze, resale_unfreeze
 from metering.reconcile import ledger_reconcile
-from tests.gymbilling.market.conftest import dispute_at_stripe, market_member, money, sold
+from tests.gymbilling.market.conftest import (
+    dispute_at_stripe,
+    market_member,
+    money,
+    refund,
+    sold,
+)
 from tests.helpers import credits, on_own_connection, run_against_paused
 
 LATER = timedelta(days=8)
@@ -80,27 +93,138 @@ def _disputed_at_the_record(monkeypatch, seller, reason: str, *, before: bool = 
     monkeypatch.setattr(market_services, "_payout_record", record)
 
 
-def _paid_once_when_lifted(market_stripe, monkeypatch, seller, account) -> None:
+def _paid_once_when_lifted(market_stripe, monkeypatch, seller, account, amount=112) -> None:
     """Finance lift the freeze (no dispute comes again): the payout run pays the seller's
-    112, once."""
+    `amount`, once."""
     monkeypatch.undo()
     _lift(seller)
     assert payouts_run(now=_later()) == 1
     assert payouts_run(now=_later()) == 0
-    assert [t["amount"] for t in market_stripe.transfers(account)] == [112]
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [amount]
+    assert money("seller_available", organization=seller) == 0
+    assert ledger_reconcile().ok
 
 
-def test_a_pending_payout_of_a_seller_frozen_since_it_was_recorded_waits_for_the_freeze(
+def _recorded_then_frozen(market_stripe, seller, buyer):
+    """A sale's 112 (the buyer paid 124, fee 12), its payout recorded and not sent yet (the
+    run that recorded it ended first: no send has called Stripe for it), then the seller
+    frozen by a dispute. Returns the order, the payout and the seller's Connect account."""
+    account = market_stripe.connect_account(seller)
+    order = sold(market_stripe, seller, buyer)
+    _matured(seller)
+    payout = _payout_record(seller_id=seller.pk, currency="usd")
+    assert (payout.status, payout.send_attempts, payout.last_error) == (
+        PayoutStatus.PENDING,
+        0,
+        "",
+    )
+    resale_freeze(organization=seller, reason="dispute of ch_1")
+    return order, payout, account
+
+
+def _frozen_listed(admin_client) -> list[int]:
+    """The payouts the admin lists under "holding the seller's payouts: frozen seller"."""
+    listed = admin_client.get(CHANGELIST, {"holding": "frozen"})
+    return [p.pk for p in listed.context["cl"].result_list]
+
+
+def test_a_never_sent_payout_of_a_seller_frozen_since_is_closed_and_their_refunds_are_theirs(
+    market_stripe, seller, buyer, admin_client
+):
+    # given: a payout of the seller's 112, recorded, never sent; then the seller frozen
+    order, payout, account = _recorded_then_frozen(market_stripe, seller, buyer)
+
+    # when: the payout run comes
+    assert payouts_run(now=_later()) == 0
+
+    # then: closed unsent, why on it; the 112 back in the seller's available proceeds, its
+    # sale unpaid again, nothing at Stripe; finance find it under the frozen sellers'
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.SELLER_FROZEN
+    assert payout.last_error.startswith(
+        "not sent: the seller's reselling is frozen (dispute of ch_1)"
+    )
+    assert market_stripe.transfers(account) == []
+    assert money("seller_available", organization=seller) == 112
+    assert money("payouts") == 0
+    assert MarketFill.objects.get(seller=seller).proceeds == ProceedsState.AVAILABLE
+    assert _frozen_listed(admin_client) == [payout.pk]
+    assert ledger_reconcile().ok
+
+    # when: the buyer is refunded half the sale (62: fee 6, the seller's 56) while the
+    # seller is frozen, and the payout run comes again
+    refund(order, 62)
+    assert payouts_run(now=_later()) == 0
+
+    # then: the seller's 56 came out of their proceeds, none of it the platform's loss,
+    # and nothing was recorded for the frozen seller
+    assert money("seller_available", organization=seller) == 56
+    assert money("losses") == 0
+    [reversal] = MarketReversal.objects.filter(order=order)
+    assert (reversal.seller_reversed, reversal.loss) == (56, 0)
+    assert list(MarketPayout.objects.filter(seller=seller)) == [payout]
+    assert ledger_reconcile().ok
+
+    # when: finance lifts the freeze, and the payout runs come
+    _lift(seller)
+    assert payouts_run(now=_later()) == 1
+    assert payouts_run(now=_later()) == 0
+
+    # then: one new payout of the 56 left, paid once; the closed one waits for nothing
+    new = MarketPayout.objects.exclude(pk=payout.pk).get(seller=seller)
+    assert (new.status, new.amount) == (PayoutStatus.SENT, 56)
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [56]
+    assert money("seller_available", organization=seller) == 0
+    assert money("payouts") == 56
+    assert _frozen_listed(admin_client) == []
+    assert ledger_reconcile().ok
+    # and a later freeze does not list the closed one again: the new payout paid it
+    resale_freeze(organization=seller, reason="dispute of ch_2")
+    assert _frozen_listed(admin_client) == []
+
+
+def test_a_refund_booked_as_a_loss_against_a_payout_closed_for_a_freeze_is_the_seller_s(
+    market_stripe, seller, buyer
+):
+    # given: a payout of the seller's 112, recorded, never sent, the seller frozen; and half
+    # its sale refunded before any send came: its fill paid out, the seller's 56 of it
+    # booked as the platform's loss, as for any payout in flight
+    order, payout, account = _recorded_then_frozen(market_stripe, seller, buyer)
+    refund(order, 62)
+    assert money("losses") == -56  # the losses account: debits negative
+
+    # when: the payout run comes
+    assert payouts_run(now=_later()) == 0
+
+    # then: closed unsent, and the loss taken from the seller's share instead: 56 left
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.SELLER_FROZEN
+    assert money("losses") == 0
+    assert money("seller_available", organization=seller) == 56
+    [reversal] = MarketReversal.objects.filter(order=order)
+    assert (reversal.seller_reversed, reversal.loss) == (56, 0)
+    assert market_stripe.transfers(account) == []
+    assert ledger_reconcile().ok
+    # and once the freeze is lifted, the next run pays the 56 left, once
+    _lift(seller)
+    assert payouts_run(now=_later()) == 1
+    assert payouts_run(now=_later()) == 0
+    assert [t["amount"] for t in market_stripe.transfers(account)] == [56]
+    assert ledger_reconcile().ok
+
+
+def test_a_pending_payout_an_earlier_send_may_have_sent_waits_for_the_freeze(
     market_stripe, seller, buyer, deliver, admin_client
 ):
-    # given: a payout of the seller's 112 recorded while Stripe was down (still pending)
+    # given: a payout of the seller's 112 recorded while Stripe was down (still pending; its
+    # send called Stripe, which may have paid it)
     account = market_stripe.connect_account(seller)
     sold(market_stripe, seller, buyer)
     market_stripe.down = True
     assert payouts_run(now=_later()) == 0
     market_stripe.down = False
     payout = MarketPayout.objects.get(seller=seller)
-    assert payout.status == PayoutStatus.PENDING
+    assert (payout.status, payout.send_attempts) == (PayoutStatus.PENDING, 1)
     # and then the seller, buying credits on the marketplace, disputes that payment
     other = market_member(credits_amount=credits(1000))
     bought = sold(market_stripe, other, seller)
@@ -112,15 +236,17 @@ def test_a_pending_payout_of_a_seller_frozen_since_it_was_recorded_waits_for_the
     payouts_run(now=_later())
     payouts_run(now=_later())
 
-    # then: the payout is still pending, nothing reached the seller's account, and why is
-    # on the payout; finance finds it under the payouts held by a freeze
+    # then: not undone (Stripe may have paid it): still pending, nothing reached the
+    # seller's account, and why is on the payout; finance finds it under the frozen
+    # sellers' payouts
     payout.refresh_from_db()
     assert payout.status == PayoutStatus.PENDING
     assert payout.last_error.startswith("held: the seller's reselling is frozen (dispute of ")
+    assert "an earlier send may have reached Stripe" in payout.last_error
     assert market_stripe.transfers(account) == []
     assert money("payouts") == 112  # recorded, not sent
-    listed = admin_client.get(CHANGELIST, {"holding": "frozen"})
-    assert [p.pk for p in listed.context["cl"].result_list] == [payout.pk]
+    assert _frozen_listed(admin_client) == [payout.pk]
+    assert ledger_reconcile().ok
 
     # when: finance lifts the freeze, and the payout runs come again
     _lift(seller)
@@ -133,7 +259,7 @@ def test_a_pending_payout_of_a_seller_frozen_since_it_was_recorded_waits_for_the
     assert (payout.status, payout.last_error) == (PayoutStatus.SENT, "")
     assert MarketPayout.objects.filter(seller=seller).count() == 1
     assert money("seller_available", organization=seller) == 0
-    assert not admin_client.get(CHANGELIST, {"holding": "frozen"}).context["cl"].result_list
+    assert _frozen_listed(admin_client) == []
     assert ledger_reconcile().ok
 
 
@@ -150,13 +276,18 @@ def test_a_seller_frozen_between_the_record_and_the_send_of_one_run_is_not_paid(
     # when: the payout run goes on to send it
     assert payouts_run(now=_later()) == 0
 
-    # then: recorded, not sent: pending, nothing at Stripe
+    # then: recorded, never sent, so closed unsent: the 112 back to available, nothing at
+    # Stripe
     payout = MarketPayout.objects.get()
-    assert payout.status == PayoutStatus.PENDING
+    assert payout.status == PayoutStatus.SELLER_FROZEN
     assert "dispute of ch_mid_run" in payout.last_error
     assert market_stripe.transfers(account) == []
-    # and once the freeze is lifted, the next run pays it, once
+    assert money("seller_available", organization=seller) == 112
+    assert money("payouts") == 0
+    assert ledger_reconcile().ok
+    # and once the freeze is lifted, the next run pays it in a new payout, once
     _paid_once_when_lifted(market_stripe, monkeypatch, seller, account)
+    assert MarketPayout.objects.exclude(pk=payout.pk).get().status == PayoutStatus.SENT
 
 
 def test_no_payout_is_recorded_for_a_frozen_seller(market_stripe, seller, buyer):
@@ -261,7 +392,7 @@ def test_a_retry_whose_seller_is_frozen_once_released_records_and_sends_nothing(
     _paid_once_when_lifted(market_stripe, monkeypatch, seller, account)
 
 
-def test_a_retry_whose_seller_is_frozen_once_recorded_leaves_the_payout_pending(
+def test_a_retry_whose_seller_is_frozen_once_recorded_closes_the_new_payout_unsent(
     market_stripe, seller, buyer, monkeypatch
 ):
     # given: a refused payout of the seller's 112 (the cause fixed since); finance
@@ -273,26 +404,34 @@ def test_a_retry_whose_seller_is_frozen_once_recorded_leaves_the_payout_pending(
     # when
     results = payouts_retry(payout_ids=[refused.pk])
 
-    # then: the new payout is pending, not sent
+    # then: the new payout, never sent, is closed unsent, its 112 back to available, and
+    # finance is told why
     new = MarketPayout.objects.exclude(pk=refused.pk).get()
-    assert results == {refused.pk: PayoutStatus.PENDING}
-    assert new.status == PayoutStatus.PENDING
+    assert results == {refused.pk: "released; the seller is frozen: paid once it is lifted"}
+    assert new.status == PayoutStatus.SELLER_FROZEN
     assert market_stripe.transfers(account) == []
-    # and once the freeze is lifted, the payout run sends it, once
+    assert money("seller_available", organization=seller) == 112
+    assert ledger_reconcile().ok
+    # and once the freeze is lifted, the payout run pays the 112, once
     _paid_once_when_lifted(market_stripe, monkeypatch, seller, account)
 
 
-def test_a_payout_held_for_a_freeze_counts_as_never_sent_once_it_is_lifted(
+def test_a_payout_the_previous_release_held_for_a_freeze_counts_as_never_sent_once_lifted(
     market_stripe, seller, buyer
 ):
     # given: a seller paid by balance credits, whose payout of 112 was recorded and never
     # sent (the run that recorded it ended first); a dispute froze them, and a payout run
-    # held it for the freeze (no Stripe call)
+    # of the previous release held it for the freeze, pending (no Stripe call, none
+    # counted; this release closes such a payout instead)
     sold(market_stripe, seller, buyer)
     _matured(seller)
     payout = _payout_record(seller_id=seller.pk, currency="usd")
     resale_freeze(organization=seller, reason="dispute of ch_1")
-    assert payouts_run(now=_later()) == 0
+    MarketPayout.objects.filter(pk=payout.pk).update(
+        last_error="held: the seller's reselling is frozen (dispute of ch_1) since "
+        "2026-12-01T00:00:00+00:00: not sent. Sent by the first payout run once finance "
+        'lifts the freeze (Billing customers, "Allow reselling again").'
+    )
     payout.refresh_from_db()
     assert (payout.status, payout.send_attempts) == (PayoutStatus.PENDING, 0)
     # and, the freeze lifted, the seller's Stripe customer was deleted and replaced
@@ -315,3 +454,26 @@ def test_a_payout_held_for_a_freeze_counts_as_never_sent_once_it_is_lifted(
     assert [(c["amount"], c["customer"]) for c in market_stripe.balance_credits(seller)] == [
         (-112, replacement)
     ]
+
+
+def test_a_payout_the_previous_release_held_for_a_freeze_still_on_is_closed_unsent(
+    market_stripe, seller, buyer
+):
+    # given: a payout of the seller's 112, recorded, never sent, the seller frozen, and
+    # held pending by a payout run of the previous release (its note, no send counted)
+    _, payout, account = _recorded_then_frozen(market_stripe, seller, buyer)
+    MarketPayout.objects.filter(pk=payout.pk).update(
+        last_error="held: the seller's reselling is frozen (dispute of ch_1) since "
+        "2026-12-01T00:00:00+00:00: not sent."
+    )
+
+    # when: the payout run comes, the seller still frozen
+    assert payouts_run(now=_later()) == 0
+
+    # then: the hold was no send: closed unsent, the 112 back to available
+    payout.refresh_from_db()
+    assert payout.status == PayoutStatus.SELLER_FROZEN
+    assert money("seller_available", organization=seller) == 112
+    assert money("payouts") == 0
+    assert market_stripe.transfers(account) == []
+    assert ledger_reconcile().ok
