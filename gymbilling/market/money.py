@@ -3,8 +3,12 @@
 `money_post` is the only writer of `MoneyEntry`. A seller account is updated
 with one conditional UPDATE (`... WHERE balance + delta >= 0`) in primary-key
 order, as metering's `post` does for credits, so two writers can neither
-overdraw it nor deadlock on it. Each transaction's idempotency key is unique
-in the database: posting one business event twice posts it once.
+overdraw it nor deadlock on it. That order holds within one posting only: a
+caller that posts several (one per fill of an order) first takes every seller
+account it will post to with `money_accounts_lock`, in one statement, so the
+whole transaction locks them in primary-key order. Each transaction's
+idempotency key is unique in the database: posting one business event twice
+posts it once.
 """
 
 from __future__ import annotations
@@ -42,6 +46,27 @@ def money_account(
             return MoneyAccount.objects.create(kind=kind, currency=currency, organization=org)
     except IntegrityError:
         return MoneyAccount.objects.get(kind=kind, currency=currency, organization=org)
+
+
+def money_accounts_lock(accounts: Iterable[MoneyAccount]) -> None:
+    """Take the seller accounts' row locks in primary-key order, in one statement.
+
+    For a transaction that posts several times (`money_post` orders only the
+    accounts of one posting): taken before the first posting, the locks follow
+    primary-key order across the whole transaction, whichever order its
+    postings come in. The platform's accounts are never updated, so never
+    locked. NO KEY UPDATE is the lock the posting's UPDATE takes anyway: taken
+    early, it holds up no writer the posting would not have.
+    """
+    pks = sorted({a.pk for a in accounts if a.organization_id is not None})
+    if not pks:
+        return
+    list(
+        MoneyAccount.objects.select_for_update(no_key=True)
+        .filter(pk__in=pks)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
 
 
 class MoneyInsufficient(Exception):

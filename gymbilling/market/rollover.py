@@ -179,6 +179,15 @@ def _carries_locked(**missed) -> list[RolloverCarry]:
     return list(RolloverCarry.objects.select_for_update().filter(**missed).order_by("pk"))
 
 
+def rollover_carries_for_fills(fills: list[MarketFill]) -> list[RolloverCarry]:
+    """Lock the carries of the rollovers that missed these fills' reservations: `order_release`
+    takes them all before its first posting (carries before ledger accounts, across every
+    fill), then `rollover_release_trim` finds them held."""
+    if not fills:
+        return []
+    return _carries_locked(fills__in=fills)
+
+
 def rollover_release_trim(*, fill: MarketFill, now: datetime) -> int:
     """A reservation comes back to the seller: expire what the rollovers it missed would have.
 

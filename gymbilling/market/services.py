@@ -8,8 +8,15 @@ listing rows (primary-key order), then the order row, then
 fills (primary-key order), then the order's marketplace reversals (primary-key
 order), then the sellers' payment reversals (billing's
 refunds and disputes, primary-key order), then rollover carries (primary-key order), then
-ledger accounts (metering's `post`, primary-key order), then credit lots
-(primary-key order), then money accounts. Billing's refunds and disputes keep it
+ledger accounts (primary-key order), then credit lots (primary-key order), then money
+accounts (primary-key order). Primary-key order across the whole transaction, not one
+posting: metering's `post` and `money_post` order the accounts of the posting they make,
+and a service that posts fill by fill (fills come in price or fill order, not in their
+sellers' account order) would otherwise lock one order's sellers in the opposite order
+of another's, and deadlock with it. So a service that posts more than once first locks
+every ledger account it may post to in one statement (`accounts_lock`), and before its
+first money posting every seller money account (`money_accounts_lock`); its money
+postings come after all its credit work. Billing's refunds and disputes keep it
 too (gymbilling.services.payments): `payment_reversal_apply` and
 `payment_reversal_reinstate` take the seller's lock, then the charge's, then lock
 every reversal row they will touch before any ledger account; the pending sweep
@@ -66,8 +73,17 @@ from gymbilling.market.escrow import (
     lots_remaining,
     unexpired,
 )
-from gymbilling.market.money import MoneyInsufficient, money_account, money_post
-from gymbilling.market.rollover import rollover_carry_open, rollover_release_trim
+from gymbilling.market.money import (
+    MoneyInsufficient,
+    money_account,
+    money_accounts_lock,
+    money_post,
+)
+from gymbilling.market.rollover import (
+    rollover_carries_for_fills,
+    rollover_carry_open,
+    rollover_release_trim,
+)
 from gymbilling.market.rules import fill_amount, platform_fee, refund_split, share_ceil
 from gymbilling.market.selectors import shortfall_refund_owed
 from gymbilling.models import (
@@ -339,6 +355,10 @@ def listing_cancel(
                 status=409,
             )
         escrow = organization_account(seller, AccountKind.ESCROW)
+        wallet = organization_account(seller, AccountKind.WALLET)
+        # Both now, in primary-key order (the lock order above): the sweep would take
+        # the escrow alone, before the move takes the wallet with it.
+        accounts_lock(escrow, wallet)
         # Expired credits go to the expiry account, never back to the seller.
         expired_sweep(account=escrow, lots=_listing_lots(listing), now=now)
         back = lots_remaining(lots=_listing_lots(listing), now=now)
@@ -347,7 +367,7 @@ def listing_cancel(
                 key=f"market:cancel:{listing.pk}",
                 organization=seller,
                 from_account=escrow,
-                to_account=organization_account(seller, AccountKind.WALLET),
+                to_account=wallet,
                 to_organization=seller,
                 amount=back,
                 lots=_listing_lots(listing),
@@ -623,11 +643,20 @@ def order_reserve(
             expires_at=now + settings.MARKET_RESERVATION_TTL,
         )
         buyer_escrow = organization_account(buyer, AccountKind.ESCROW)
+        seller_escrows = {
+            seller.pk: organization_account(seller, AccountKind.ESCROW)
+            for seller in sorted({t.listing.seller for t in takes}, key=lambda org: org.pk)
+        }
+        # All of them now, in primary-key order (the lock order above): each transfer
+        # orders only its own two accounts, and the takes come in price order, so fill
+        # by fill two orders (or this and a release) of the same sellers would take
+        # their escrow accounts in opposite orders, and deadlock.
+        accounts_lock(buyer_escrow, *seller_escrows.values())
         for t in takes:
             txn, _ = credits_move(
                 key=f"market:reserve:{order.pk}:{t.listing.pk}",
                 organization=t.listing.seller,
-                from_account=organization_account(t.listing.seller, AccountKind.ESCROW),
+                from_account=seller_escrows[t.listing.seller_id],
                 to_account=buyer_escrow,
                 to_organization=buyer,
                 amount=t.quantity,
@@ -837,10 +866,23 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
         # Refunds of the sellers' payments that counted these reserved credits
         # lost: they take back what comes home to a wallet (before its lock).
         lost = payment_reversals_lost_locked(organizations=[fill.seller_id for fill in fills])
+        reserved = [fill for fill in fills if fill.status == FillStatus.RESERVED]
+        rollover_carries_for_fills(reserved)
         buyer_escrow = organization_account(order.buyer, AccountKind.ESCROW)
-        for fill in fills:
-            if fill.status != FillStatus.RESERVED:
-                continue
+        # Where each listing's credits go back to: the listing while it is open, else the
+        # seller's wallet. With the buyer's escrow, every account the releases below post
+        # to, locked now in primary-key order (the lock order above): fill by fill, this
+        # and an order reserving from the same sellers in another order would take their
+        # accounts in opposite orders, and deadlock.
+        homes = {
+            listing.pk: organization_account(
+                listing.seller,
+                AccountKind.ESCROW if listing.status == ListingStatus.OPEN else AccountKind.WALLET,
+            )
+            for listing in listings.values()
+        }
+        accounts_lock(buyer_escrow, *homes.values())
+        for fill in reserved:
             reserved_lots = Q(created_by_id=fill.reserve_transaction_id)
             expired_sweep(account=buyer_escrow, lots=reserved_lots, now=now)
             fill.order = order
@@ -854,9 +896,7 @@ def order_release(*, order_id: int, status: str, code: str, now: datetime | None
                     key=f"market:release:{fill.pk}",
                     organization=order.buyer,
                     from_account=buyer_escrow,
-                    to_account=organization_account(
-                        listing.seller, AccountKind.ESCROW if to_listing else AccountKind.WALLET
-                    ),
+                    to_account=homes[listing.pk],
                     to_organization=listing.seller,
                     amount=back,
                     lots=reserved_lots,
@@ -897,11 +937,24 @@ def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = N
         buyer_escrow = organization_account(buyer, AccountKind.ESCROW)
         buyer_wallet = organization_account(buyer, AccountKind.WALLET)
         holding = settings.MARKET_PAYOUT_HOLDING
-        system = _system_accounts(order.currency)  # a fill's currency is its order's
+        reserved = [fill for fill in fills if fill.status == FillStatus.RESERVED]
+        if reserved:
+            # Every ledger account this may post to, before the first posting, in
+            # primary-key order (the lock order above): the buyer's escrow (an expiry
+            # sweep of it comes first) and wallet, and the escrow of each open listing's
+            # seller, which closing a listing sweeps.
+            accounts_lock(
+                buyer_escrow,
+                buyer_wallet,
+                *(
+                    organization_account(listing.seller, AccountKind.ESCROW)
+                    for listing in listings.values()
+                    if listing.status == ListingStatus.OPEN
+                ),
+            )
         delivered_total = 0
-        for fill in fills:
-            if fill.status != FillStatus.RESERVED:
-                continue
+        sales: list[tuple[MarketFill, int, int]] = []
+        for fill in reserved:
             reserved_lots = Q(created_by_id=fill.reserve_transaction_id)
             expired_sweep(account=buyer_escrow, lots=reserved_lots, now=now)
             deliver = lots_remaining(lots=Q(account=buyer_escrow) & reserved_lots, now=now)
@@ -925,7 +978,7 @@ def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = N
                     fill.amount, fill_amount(quantity=deliver, price_per_1k=fill.price_per_1k)
                 )
                 fee = platform_fee(gross=gross, fee_bps=settings.MARKET_FEE_BPS)
-                _book_sale(fill=fill, gross=gross, fee=fee, system=system)
+                sales.append((fill, gross, fee))
                 MarketListing.objects.filter(pk=fill.listing_id).update(
                     sold=fill.listing.sold + deliver
                 )
@@ -941,6 +994,9 @@ def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = N
                 settle_transaction=txn,
                 settled_at=now,
             )
+        for listing in listings.values():
+            _listing_close_if_done(listing, now=now)
+        _sales_book(sales, currency=order.currency)
         updates = {
             "stripe_payment_intent_id": payment_intent_id,
             "shortfall_amount": order.amount_total - delivered_total,
@@ -948,8 +1004,6 @@ def order_pay(*, order_id: int, payment_intent_id: str, now: datetime | None = N
         if order.status == OrderStatus.PENDING:
             updates |= {"status": OrderStatus.PAID, "closed_at": now}
         MarketOrder.objects.filter(pk=order.pk).update(**updates)
-        for listing in listings.values():
-            _listing_close_if_done(listing, now=now)
         if updates["shortfall_amount"]:
             transaction.on_commit(lambda: order_shortfall_refund(order_id=order.pk))
     order.refresh_from_db()
@@ -968,12 +1022,37 @@ def _system_accounts(currency: str) -> dict[str, MoneyAccount]:
     }
 
 
-def _book_sale(*, fill: MarketFill, gross: int, fee: int, system: dict[str, MoneyAccount]) -> None:
+def _sales_book(sales: list[tuple[MarketFill, int, int]], *, currency: str) -> None:
+    """Book each (fill, gross, fee) of an order once its credits are delivered: money after
+    the credit ledger (the lock order above), every seller's pending proceeds account locked
+    first, in primary-key order (the fills' order is the price's, so fill by fill two orders
+    of the same sellers would lock them in opposite orders, and deadlock)."""
+    if not sales:
+        return
+    system = _system_accounts(currency)  # a fill's currency is its order's
+    # Opened (on a first sale) in the sellers' order too: two orders opening the same
+    # accounts wait for each other's inserts in that order.
+    pending = {
+        fill.seller_id: money_account(
+            kind=MoneyAccountKind.SELLER_PENDING, currency=currency, organization=fill.seller
+        )
+        for fill, _, _ in sorted(sales, key=lambda sale: sale[0].seller_id)
+    }
+    money_accounts_lock(pending.values())
+    for fill, gross, fee in sales:
+        _book_sale(fill=fill, gross=gross, fee=fee, pending=pending[fill.seller_id], system=system)
+
+
+def _book_sale(
+    *,
+    fill: MarketFill,
+    gross: int,
+    fee: int,
+    pending: MoneyAccount,
+    system: dict[str, MoneyAccount],
+) -> None:
     """The buyer's money for one fill into the seller's pending proceeds, less the fee."""
     cur = fill.currency
-    pending = money_account(
-        kind=MoneyAccountKind.SELLER_PENDING, currency=cur, organization=fill.seller
-    )
     money_post(
         kind=MoneyTransactionKind.SALE,
         key=f"sale:{fill.pk}",
@@ -2833,6 +2912,9 @@ def _reversal_apply(
         # made by hand of the order's shortfall too, its own refund then refused; a
         # dispute of money refunded already). Recorded beside what was applied, not in it.
         unapplied = new - sum(parts)
+        # Posted once the credits are done: money accounts after the credit ledger's
+        # (the lock order above).
+        money_postings: list[tuple[MarketFill, list[tuple[MoneyAccount, int]]]] = []
         for fill, r in zip(fills, parts, strict=True):
             if r <= 0:
                 continue
@@ -2854,21 +2936,7 @@ def _reversal_apply(
             ]
             if seller_account is not None:
                 postings.append((seller_account, -reversible))
-            try:
-                money_post(
-                    kind=MoneyTransactionKind.REVERSAL,
-                    key=f"reversal:{key}:{fill.pk}",
-                    currency=cur,
-                    organization=fill.seller,
-                    fill=fill,
-                    # A loss while the fill's payout is in flight: should Stripe
-                    # refuse that payout, the loss is recovered (_payout_fail).
-                    payout=fill.payout if fill.proceeds == ProceedsState.PAID_OUT else None,
-                    postings=postings,
-                    memo=f"{kind} of {charge.get('id')}",
-                )
-            except MoneyInsufficient as exc:  # reconcile guarantees it cannot happen
-                raise AssertionError(f"proceeds of fill {fill.pk} out of step: {exc}") from exc
+            money_postings.append((fill, postings))
             # Credits: the refunded share of what was delivered, from what is unspent.
             credit_target = share_ceil(fill.delivered_quantity, after, fill.gross) - share_ceil(
                 fill.delivered_quantity, before, fill.gross
@@ -2910,6 +2978,26 @@ def _reversal_apply(
             totals["credits_lost"] += credit_target - clawed - pending
             if pending:
                 pending_by_fill[str(fill.pk)] = pending
+        # Every seller's account first, in primary-key order: fill by fill, two reversals
+        # (or a reversal and a payment) of the same sellers would lock them in opposite
+        # orders, and deadlock.
+        money_accounts_lock(account for _, entries in money_postings for account, _ in entries)
+        for fill, postings in money_postings:
+            try:
+                money_post(
+                    kind=MoneyTransactionKind.REVERSAL,
+                    key=f"reversal:{key}:{fill.pk}",
+                    currency=cur,
+                    organization=fill.seller,
+                    fill=fill,
+                    # A loss while the fill's payout is in flight: should Stripe
+                    # refuse that payout, the loss is recovered (_payout_fail).
+                    payout=fill.payout if fill.proceeds == ProceedsState.PAID_OUT else None,
+                    postings=postings,
+                    memo=f"{kind} of {charge.get('id')}",
+                )
+            except MoneyInsufficient as exc:  # reconcile guarantees it cannot happen
+                raise AssertionError(f"proceeds of fill {fill.pk} out of step: {exc}") from exc
         applied = new - unapplied
         if unapplied:
             logger.error(
@@ -3210,6 +3298,14 @@ def _reinstatement_apply(*, reversal_id: int) -> None:
         if reversal.credits_pending:
             claim_drop(organization=order.buyer, amount=reversal.credits_pending)
         system = _system_accounts(order.currency)
+        # Every seller's account the postings below go to, in primary-key order: fill by
+        # fill, this and another order's reversal (or payment) of the same sellers would
+        # lock them in opposite orders, and deadlock.
+        money_accounts_lock(
+            _proceeds_account(fill, _reinstated_proceeds(fill, parts[fill.pk]))
+            for fill in touched
+            if parts[fill.pk].seller
+        )
         for fill in touched:
             _fill_reinstate(
                 fill=fill, part=parts[fill.pk], key=reversal.key, kind=reversal.kind, system=system
@@ -3228,6 +3324,15 @@ def _undone(kind: str) -> str:
     return "failed: the money came back" if kind == "refund" else "won: funds reinstated"
 
 
+def _reinstated_proceeds(fill: MarketFill, part: _ReversedPart) -> str:
+    """Where the fill's unpaid share is once the reversal is undone. Paid out since (its
+    payout sent: final), without the share the dispute took: what was paid stays paid,
+    the share comes back as available, and the next payout pays just that."""
+    if part.seller and fill.proceeds == ProceedsState.PAID_OUT:
+        return ProceedsState.AVAILABLE
+    return fill.proceeds
+
+
 def _fill_reinstate(
     *,
     fill: MarketFill,
@@ -3237,16 +3342,12 @@ def _fill_reinstate(
     system: dict[str, MoneyAccount],
 ) -> None:
     """Post the reversal of one fill back, and make the fill owe the seller their share again."""
-    proceeds = fill.proceeds
+    proceeds = _reinstated_proceeds(fill, part)
     updates: dict = {
         "refunded": fill.refunded - part.refunded,
         "seller_reversed": fill.seller_reversed - part.seller,
     }
-    if part.seller and proceeds == ProceedsState.PAID_OUT:
-        # Paid out since (its payout sent: final), without the share the
-        # dispute took: what was paid stays paid, the share comes back as
-        # available, and the next payout pays just that.
-        proceeds = ProceedsState.AVAILABLE
+    if proceeds != fill.proceeds:
         updates |= {
             "proceeds": proceeds,
             "earlier_payouts": fill.gross - fill.fee - fill.seller_reversed,

@@ -1,6 +1,7 @@
 """Races on real PostgreSQL connections: 20 buyers for a listing that can fill 5 of
 them; a resale freeze against a listing being created; a period rollover against
-a listing of the same seller, and against the minute's expiry sweep."""
+a listing of the same seller, and against the minute's expiry sweep; orders of the
+same two sellers, filled in opposite orders, reserved, released and paid at once."""
 
 from __future__ import annotations
 
@@ -14,14 +15,26 @@ from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from gymbilling.market import services as market_services
+from gymbilling.market.money import money_account
 from gymbilling.market.selectors import organization_listing
 from gymbilling.market.services import (
     credits_trim_with_listings,
     listing_create,
     listings_withdraw_all,
     order_create,
+    order_pay,
+    order_release,
+    order_reserve,
 )
-from gymbilling.models import ListingStatus, MarketFill, MarketListing, MarketOrder, OrderStatus
+from gymbilling.models import (
+    SELLER_KINDS,
+    ListingStatus,
+    MarketFill,
+    MarketListing,
+    MarketOrder,
+    MoneyAccountKind,
+    OrderStatus,
+)
 from gymbilling.services import resale_freeze, subscriptions
 from metering.models import AccountKind, CreditLot
 from metering.reconcile import ledger_reconcile
@@ -31,6 +44,7 @@ from metering.services.postings import accounts_for
 from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import (
     market_member,
+    money,
     roll,
     rollover_member,
     subscription_credits,
@@ -407,4 +421,135 @@ def test_paying_an_order_neither_blocks_nor_deadlocks_with_the_buyer_s_inference
     assert order.status == OrderStatus.PAID
     balance = organization_balance(organization=buyer)
     assert (balance.available, balance.held) == (credits(145), credits(5))
+    assert ledger_reconcile().ok
+
+
+# --- orders of the same sellers, filled in opposite orders ---------------------------------
+#
+# Fills come in price order, so one order can take seller 1 then seller 2 and another
+# seller 2 then seller 1. Each posting locks its own accounts in primary-key order; a
+# transaction posting fill by fill used to lock the sellers' accounts in fill order, and
+# two such transactions deadlocked (each waits a second for PostgreSQL to notice, and is
+# retried; five in a row were a 500).
+
+
+def reserve(buyer, *, max_price: int) -> MarketOrder:
+    return order_reserve(
+        buyer=buyer, quantity=credits(200), max_price_per_1k=max_price, currency="usd"
+    )
+
+
+def fill_sellers(order: MarketOrder) -> list[int]:
+    return list(
+        MarketFill.objects.filter(order=order).order_by("pk").values_list("seller_id", flat=True)
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reservation_and_a_release_taking_two_sellers_in_opposite_orders_do_not_deadlock(
+    monkeypatch,
+):
+    # given: one order reserved seller 1's 100 at 300, then seller 2's 100 at 400; then
+    # seller 2 lists 100 at 200 and seller 1 100 at 350
+    s1, s2 = OrganizationFactory(), OrganizationFactory()
+    for seller in (s1, s2):
+        subscription_credits(seller, credits(1000))
+    listing_create(seller=s1, quantity=credits(100), price_per_1k=300, currency="usd")
+    listing_create(seller=s2, quantity=credits(100), price_per_1k=400, currency="usd")
+    first = reserve(OrganizationFactory(), max_price=400)
+    assert fill_sellers(first) == [s1.pk, s2.pk]
+    listing_create(seller=s2, quantity=credits(100), price_per_1k=200, currency="usd")
+    listing_create(seller=s1, quantity=credits(100), price_per_1k=350, currency="usd")
+    buyer = OrganizationFactory()
+    errors: list = []
+    no_deadlock_retries(monkeypatch)
+
+    # when: another buyer reserves 200 up to 350 (seller 2's, then seller 1's), paused
+    # once it has moved its first fill's credits
+    paused, resume = pause_after(monkeypatch, market_services, "credits_move", thread="reserve")
+    reserving = threading.Thread(
+        name="reserve",
+        target=on_own_connection,
+        args=(lambda: reserve(buyer, max_price=350), errors),
+    )
+    reserving.start()
+    assert paused.wait(timeout=60)
+    # and the first order is released meanwhile, on its own connection
+    releasing = threading.Thread(
+        name="release",
+        target=on_own_connection,
+        args=(
+            lambda: order_release(order_id=first.pk, status=OrderStatus.FAILED, code="test"),
+            errors,
+        ),
+    )
+    run_against_paused(
+        releasing, paused=reserving, resume=resume, what="the release to wait for the reservation"
+    )
+
+    # then: both went through, without a deadlock (none is retried here)
+    assert errors == []
+    first.refresh_from_db()
+    assert first.status == OrderStatus.FAILED
+    [second] = MarketOrder.objects.filter(buyer=buyer)
+    assert fill_sellers(second) == [s2.pk, s1.pk]
+    assert organization_balance(organization=buyer).escrowed == credits(200)
+    # the first order's 200 back on its two listings
+    assert organization_balance(organization=s1).escrowed == credits(100)
+    assert organization_balance(organization=s2).escrowed == credits(100)
+    assert ledger_reconcile().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_payments_of_orders_filled_by_two_sellers_in_opposite_orders_do_not_deadlock(
+    monkeypatch,
+):
+    # given: one order of seller 1's 100 at 300 and seller 2's 100 at 400, another of
+    # seller 2's 100 at 200 and seller 1's 100 at 350, both reserved; the money accounts
+    # open (earlier sales), so that neither payment waits for the other's insert of one
+    s1, s2 = OrganizationFactory(), OrganizationFactory()
+    for kind in MoneyAccountKind:
+        if kind not in SELLER_KINDS:
+            money_account(kind=kind, currency="usd")
+    for seller in (s1, s2):
+        subscription_credits(seller, credits(1000))
+        money_account(kind=MoneyAccountKind.SELLER_PENDING, currency="usd", organization=seller)
+    listing_create(seller=s1, quantity=credits(100), price_per_1k=300, currency="usd")
+    listing_create(seller=s2, quantity=credits(100), price_per_1k=400, currency="usd")
+    first = reserve(OrganizationFactory(), max_price=400)
+    listing_create(seller=s2, quantity=credits(100), price_per_1k=200, currency="usd")
+    listing_create(seller=s1, quantity=credits(100), price_per_1k=350, currency="usd")
+    second = reserve(OrganizationFactory(), max_price=350)
+    assert (fill_sellers(first), fill_sellers(second)) == ([s1.pk, s2.pk], [s2.pk, s1.pk])
+    errors: list = []
+    no_deadlock_retries(monkeypatch)
+
+    # when: the first is paid, paused once it has booked its first sale
+    paused, resume = pause_after(monkeypatch, market_services, "money_post", thread="first")
+    paying = threading.Thread(
+        name="first",
+        target=on_own_connection,
+        args=(lambda: order_pay(order_id=first.pk, payment_intent_id="pi_first"), errors),
+    )
+    paying.start()
+    assert paused.wait(timeout=60)
+    # and the second is paid meanwhile, on its own connection
+    other = threading.Thread(
+        name="second",
+        target=on_own_connection,
+        args=(lambda: order_pay(order_id=second.pk, payment_intent_id="pi_second"), errors),
+    )
+    run_against_paused(
+        other, paused=paying, resume=resume, what="the second payment to wait for the first"
+    )
+
+    # then: both went through, without a deadlock (none is retried here); each seller's
+    # pending proceeds hold both sales, less the 10% fee, rounded half up (30 + 35, 40 + 20)
+    assert errors == []
+    for order in (first, second):
+        order.refresh_from_db()
+        assert order.status == OrderStatus.PAID
+        assert organization_balance(organization=order.buyer).total == credits(200)
+    assert money("seller_pending", organization=s1) == 27 + 31
+    assert money("seller_pending", organization=s2) == 36 + 18
     assert ledger_reconcile().ok
