@@ -23,9 +23,10 @@ ERROR_RESPONSES: dict[int, str] = {
     400: "The request is malformed or a field is invalid; `error.param` names it.",
     401: "No credentials, or an API key that is malformed, invalid, revoked or expired.",
     402: (
-        "Only where the operation spends or reserves credits: not enough of them "
+        "Where the operation spends or reserves credits: not enough of them "
         "(`insufficient_credits`), or inference suspended until an overdue invoice is "
-        "paid (`subscription_past_due`)."
+        "paid (`subscription_past_due`). Where it charges a card (a checkout): the card "
+        "was declined (`card_declined`)."
     ),
     403: (
         "The API key lacks the scope, or the user the role, that this operation needs; "
