@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,12 +44,15 @@ def _lock_id(name: str) -> int:
 
 class _ThreadLocks(threading.local):
     """This thread's lock connection (a Django connection of its own, not registered in
-    `connections`), the process it was opened in, and how many session_lock blocks of
-    this thread are open on it."""
+    `connections`), the process it was opened in, how many session_lock blocks of this
+    thread are open on it, and the keys they hold (how many blocks hold each)."""
 
     conn = None
     pid = 0
     depth = 0
+
+    def __init__(self) -> None:  # run in each thread: a dict of its own
+        self.keys: Counter[int] = Counter()
 
 
 _held = _ThreadLocks()
@@ -105,9 +109,13 @@ def session_lock(name: str) -> Iterator[None]:
             _release(conn, savepoint, name=name)
             raise
     _held.depth = depth + 1
+    _held.keys[lock_id] += 1
     try:
         yield
     finally:
+        _held.keys[lock_id] -= 1
+        if not _held.keys[lock_id]:
+            del _held.keys[lock_id]
         _held.depth = depth
         _release(conn, f"session_lock_{depth}" if depth else None, name=name)
 
@@ -188,8 +196,34 @@ def _broken(conn) -> bool:
 
 
 def transaction_lock(name: str) -> None:
-    """Held until the current transaction ends."""
+    """Held until the current transaction ends.
+
+    Taken on the default connection, unless a session_lock block of this thread holds the
+    same key (another name with the same crc32: the prefixes of the two kinds' names
+    differ) on its lock connection. The thread has the key already, so the lock is not
+    taken twice: on the default connection it would wait for the lock connection, held
+    by this same thread, idle in its transaction until the thread goes on, which it never
+    would (PostgreSQL sees two sessions, not a deadlock, and the lock connection's idle
+    timeouts are off). The key stays held to the transaction's end: session_lock is
+    entered with no transaction open, so a transaction begun in its block ends before
+    the block does. So it was when both ran on one session (its locks are re-entrant).
+
+    Accepted, given its odds: two threads (or processes), one holding session_lock on a
+    key and then waiting for rows the other's transaction has locked, the other then
+    taking transaction_lock on the same key (a crc32 collision of two names). Each waits
+    for the other, through a connection PostgreSQL does not see waiting, until the
+    session lock's block is ended from outside (pg_terminate_backend on either). Taking
+    transaction locks in a key space of their own (the two-int form of the lock) would
+    end it, but a process of this release and one of the release before, side by side in
+    a rolling deploy, would then not exclude each other on one name (module docstring).
+    """
     if connection.vendor != "postgresql":
         return
+    lock_id = _lock_id(name)
+    if _held.keys[lock_id] and _held.pid == os.getpid() and _held.conn.connection is not None:
+        # Held by this thread's session_lock, on its lock connection, still open (closed,
+        # after a failed release, its locks went with it). Not in a process forked inside
+        # the block: the parent holds it there.
+        return
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_id(name)])
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id])

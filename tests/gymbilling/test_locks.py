@@ -202,6 +202,40 @@ def test_a_process_of_the_release_before_and_this_one_exclude_each_other():
     first.end()
 
 
+def test_a_transaction_lock_on_a_key_the_thread_holds_by_session_lock_goes_on(monkeypatch):
+    """Two names whose crc32 is the same are one lock. Taken by one thread, session_lock's
+    on its lock connection and then transaction_lock's on its Django connection, the second
+    would wait for the first, held by the same thread, idle in its transaction: a wait no
+    one ends (PostgreSQL sees two sessions, not a deadlock). The thread holds the key
+    already, so it goes on, as it did when both ran on one session."""
+    # given: every name maps to one key
+    monkeypatch.setattr(locks, "_lock_id", lambda name: 42)
+    pids, errors, done = [], [], threading.Event()
+
+    def work():
+        with session_lock("a"), transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                pids.append(cursor.fetchone()[0])
+            # when: the thread takes a transaction lock on the key it holds
+            locks.transaction_lock("b")
+            done.set()
+
+    thread = threading.Thread(target=on_own_connection, args=(work, errors))
+    thread.start()
+    thread.join(timeout=5)
+    if thread.is_alive():
+        # stuck waiting for itself: its waiting connection ended, so that the suite goes on
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pids[0]])
+        thread.join(timeout=60)
+
+    # then: it got through, with the key held by no one once the block ended
+    assert done.is_set(), "transaction_lock waited for its own thread's session_lock"
+    assert not thread.is_alive() and errors == []
+    assert not held("anything")
+
+
 def test_a_lock_outlives_the_servers_idle_in_transaction_timeout(monkeypatch):
     # given: the role (or the server) ends sessions idle in a transaction after 100 ms
     settings_dict = connections["default"].settings_dict
