@@ -11,6 +11,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from accounts.dashboard import Confirmation, MemberPage
 from gymbilling.apis import BILLING_ROLES
 from gymbilling.currency import money_display
+from gymbilling.models import StripePrice
 from gymbilling.pages import ActionPage, DigitsIntegerField, cleaned
 from gymbilling.selectors import (
     catalog_items,
@@ -42,9 +43,19 @@ class CheckoutForm(forms.Form):
     seats = DigitsIntegerField(required=False, min_value=1, max_value=10_000)
 
 
+def _price_move(subscription, plan, seats: int) -> StripePrice | None:
+    """The move to the plan's price now that the page may offer (plan_price_move): none to
+    a price in another currency than the member pays, which checkout_create refuses
+    (currency_mismatch: Stripe keeps a customer in one currency)."""
+    move = plan_price_move(subscription=subscription, plan=plan, seats=seats)
+    if move is None or move.currency != subscription.known_price().currency:
+        return None
+    return move
+
+
 def _change_confirmation(request: HttpRequest, subscription, plan, seats: int) -> Confirmation:
     """What the page asks before a change of plan or seats with the card on file."""
-    move = plan_price_move(subscription=subscription, plan=plan, seats=seats)
+    move = _price_move(subscription, plan, seats)
     if move is not None:
         # Their own plan and seats, asked for on an old price: the move to the price now,
         # charged now or from the next period as checkout decides it (by what they pay).
@@ -112,12 +123,7 @@ class BillingPage(ActionPage):
             period_price, period_currency = subscription.period_amount()
             # Offered to a member on an old price of their plan, nothing scheduled (with a
             # change scheduled, the same request would take it back).
-            move = plan_price_move(
-                subscription=subscription, plan=subscription.plan, seats=subscription.seats
-            )
-            if move is not None and move.currency != period_currency:
-                # Refused (currency_mismatch): Stripe keeps a customer in one currency.
-                move = None
+            move = _price_move(subscription, subscription.plan, subscription.seats)
             context.update(
                 period_credits=subscription.period_credits(),
                 period_price=period_price,

@@ -264,6 +264,27 @@ def test_a_move_to_a_current_price_in_another_currency_is_not_offered(
     assert _no_move_offered(client.get(BILLING))
 
 
+def test_a_team_pressing_change_seats_unchanged_is_offered_no_move_to_another_currency(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given a team of 2 seats at $49 a seat; then finance sell Team in euros (a new current
+    # price), which the checkout refuses them (currency_mismatch)
+    _, org = member(Role.ADMIN)
+    subscribed(client, org, stripe_standin, deliver, plan="team", seats="2")
+    Plan.objects.filter(code="team").update(currency="eur")
+    catalog_sync()
+    assert StripePrice.objects.get(lookup_key="gym_plan_team", current=True).currency == "eur"
+
+    # when they press "Change seats" with the number left at 2
+    asked = checkout(client, plan="team", seats="2")
+
+    # then the question asked offers no move it would refuse
+    assert asked.status_code == 200
+    assert 'name="confirmed" value="yes"' in text(asked)
+    assert "current price" not in text(asked)
+    assert _no_move_offered(asked)
+
+
 def test_a_member_whose_row_names_another_plan_s_price_sees_their_plan_s(
     client, member, catalog, stripe_standin, deliver
 ):
