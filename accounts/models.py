@@ -340,6 +340,23 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    # The key that made this one (POST /api/v1/keys with a key); null when a person or an
+    # operator made it, and on every key made before migration 0012, which recorded none.
+    # apikey_revoke revokes a key's descendants with it, so a leaked key's children die
+    # with it. RESTRICT, not SET_NULL: a parent deleted would free its children from the
+    # revocation and the limit they owe it; nothing deletes keys (they are revoked), and
+    # unlike PROTECT, deleting their organization still deletes the whole line at once.
+    parent = models.ForeignKey(
+        "self", on_delete=models.RESTRICT, null=True, blank=True, related_name="children"
+    )
+    # The first key of this key's line: its parent's limit_root, or its parent; null when
+    # it has no parent. A key made with a key also counts its requests in the root's
+    # per-key bucket (accounts.api_base), so minting keys does not multiply the root's
+    # requests per minute. Stored rather than walked up: the request path reads it with
+    # the key, in the same query (api_keys._key_lookup). Never changes once set.
+    limit_root = models.ForeignKey(
+        "self", on_delete=models.RESTRICT, null=True, blank=True, related_name="+"
+    )
 
     class Meta:
         ordering = ["-pk"]

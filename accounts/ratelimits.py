@@ -97,6 +97,9 @@ class Limit:
     # "ip:<address>", "email:<hash>" or "user:<id>".
     scope: str
     limit: int
+    # What a refusal's message calls it ("... for this <name>"); by default its scope's
+    # kind (_SCOPE_NAMES).
+    name: str | None = None
 
 
 def requests_limit(organization) -> Limit:
@@ -225,7 +228,7 @@ def rate_limit_consume(
             code="rate_limited",
             message=(
                 f"Rate limit reached: {full.limit} {full_kind} per {_per(window)} for this "
-                f"{_SCOPE_NAMES.get(full.scope.split(':', 1)[0], 'client')}. "
+                f"{full.name or _SCOPE_NAMES.get(full.scope.split(':', 1)[0], 'client')}. "
                 f"Retry after {retry_after} s."
             ),
             status=429,

@@ -51,9 +51,15 @@ KEYS = SharedCache("api-keys", max_age_s=5.0)
 
 
 def _key_lookup(public_id: str) -> ApiKey | None:
+    # limit_root joined in the same query: every request with a key made with a key counts
+    # against its root's requests per minute (accounts.api_base), which must cost no query.
     cached = KEYS.get(
         public_id,
-        lambda: ApiKey.objects.select_related("organization").filter(public_id=public_id).first(),
+        lambda: (
+            ApiKey.objects.select_related("organization", "limit_root")
+            .filter(public_id=public_id)
+            .first()
+        ),
     )
     if cached is None:
         return None
@@ -202,7 +208,11 @@ def apikey_create(
     actor=None,
     actor_key: ApiKey | None = None,
 ) -> tuple[ApiKey, str]:
-    """Create a key. Returns the row and the full key, which is never shown again."""
+    """Create a key. Returns the row and the full key, which is never shown again.
+
+    Made with `actor_key` (a key's request): bounded by it (_require_within_parent), and
+    recorded as made by it (`parent`, `limit_root`), so that revoking it revokes this key
+    and this key's requests count against the limit of the first key of its line."""
     if not name or not name.strip() or len(name) > 100:
         raise ApplicationError(
             code="invalid_name", message="A key needs a name of 1 to 100 characters.", param="name"
@@ -229,6 +239,13 @@ def apikey_create(
             expires_at=expires_at,
             requests_per_minute=requests_per_minute,
         )
+        # Imported here: organizations imports this module (KEYS).
+        from accounts.services.organizations import _organization_lock
+
+        # Under the lock apikey_revoke takes first: a revocation of the parent either went
+        # first (refused here) or finds this key among the parent's children and revokes it.
+        _organization_lock(organization.pk)
+        apikey_require_unrevoked(actor_key)
     public_id = _random(PUBLIC_ID_LENGTH)
     body = f"{PREFIX}{public_id}_{_random(SECRET_LENGTH)}"
     raw = body + _checksum(body)
@@ -245,6 +262,8 @@ def apikey_create(
         created_by=actor
         if getattr(actor, "pk", None)
         else (actor_key.created_by if actor_key is not None else None),
+        parent=actor_key,
+        limit_root_id=(actor_key.limit_root_id or actor_key.pk) if actor_key is not None else None,
     )
     audit_record(
         organization=organization,
@@ -257,11 +276,43 @@ def apikey_create(
     return key, raw
 
 
+def apikey_require_unrevoked(key: ApiKey) -> None:
+    """401 `api_key_revoked` when `key`'s row is revoked now, whatever the caller loaded.
+
+    For a write made with a key authenticated before it waited for its organization's lock
+    (_organization_lock), which apikey_revoke takes first: read under that lock, a
+    revocation either went first and is seen here, or comes after the write and undoes it
+    (an invitation sent, a key made with it).
+    """
+    if ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=False).exists():
+        raise ApplicationError(
+            code="api_key_revoked", message="This API key was revoked.", status=401
+        )
+
+
+def _descendants(key: ApiKey) -> list[int]:
+    """The ids of every key made with `key`, or with one of those, down the line (revoked
+    ones too: one revoked alone still leads to what it made). A generation per query;
+    lines are a few keys deep, and a key is always made after its parent, so they end."""
+    found: list[int] = []
+    generation = [key.pk]
+    while generation:
+        generation = list(
+            ApiKey.objects.filter(parent_id__in=generation).values_list("pk", flat=True)
+        )
+        found += generation
+    return found
+
+
 @transaction.atomic
 def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -> ApiKey:
-    """Revoke at once: the next request with it fails, and the open invitations it sent
-    are revoked with it (invitations_sent_with_key_revoke). Revoking twice is harmless,
-    and closes what a key revoked before that existed had left open."""
+    """Revoke at once: the next request with it fails, and with any key made with it, or
+    with one of those (its descendants: a leaked key's children die with it); the open
+    invitations any of them sent are revoked too (invitations_sent_with_key_revoke). One
+    `api_key.revoked` audit row per key; a descendant's says `reason` `ancestor_revoked`
+    and which key's revocation took it. Revoking twice is harmless, and closes what a key
+    revoked before that existed had left open. Keys made before migration 0012 recorded no
+    parent: they are not revoked with the key that made them."""
     # Imported here: organizations imports this module (KEYS).
     from accounts.services.organizations import (
         _organization_lock,
@@ -271,11 +322,19 @@ def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -
     # The organization's row first, as everything that changes its invitations takes
     # it: an accept of one of the key's invitations either went first (a member) or
     # waits and reads it revoked; an invitation_create with the key either went first
-    # (revoked below) or waits and reads the key revoked.
+    # (revoked below) or waits and reads the key revoked. So does apikey_create with a
+    # key: a key made with a descendant either went first (found below) or is refused.
     _organization_lock(key.organization_id)
-    updated = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(
-        revoked_at=timezone.now()
+    now = timezone.now()
+    updated = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now)
+    descendants = _descendants(key)
+    taken = list(
+        ApiKey.objects.filter(pk__in=descendants, revoked_at__isnull=True)
+        .select_for_update()
+        .order_by("pk")
+        .only("pk", "public_id")
     )
+    ApiKey.objects.filter(pk__in=[taken_key.pk for taken_key in taken]).update(revoked_at=now)
     KEYS.invalidate()
     key.refresh_from_db()
     if updated:
@@ -286,7 +345,18 @@ def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -
             actor_user=actor,
             actor_key=actor_key,
         )
-    invitations_sent_with_key_revoke(key=key, actor=actor, actor_key=actor_key)
+    for taken_key in taken:
+        audit_record(
+            organization=key.organization,
+            action="api_key.revoked",
+            target=taken_key.prefix,
+            actor_user=actor,
+            actor_key=actor_key,
+            data={"reason": "ancestor_revoked", "ancestor": key.prefix},
+        )
+    invitations_sent_with_key_revoke(
+        key=key, descendants=descendants, actor=actor, actor_key=actor_key
+    )
     return key
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from datetime import timedelta
 
 from django.db import IntegrityError, transaction
@@ -21,7 +22,7 @@ from accounts.models import (
     roles_grantable_by,
 )
 from accounts.selectors import invitation_by_token, invitation_to_accept, invitation_token_hash
-from accounts.services.api_keys import KEYS
+from accounts.services.api_keys import KEYS, apikey_require_unrevoked
 from accounts.services.audit import audit_record
 from accounts.services.email_verification import (
     EMAIL_VERIFICATION_TTL,
@@ -339,13 +340,8 @@ def invitation_create(
             # Under the lock apikey_revoke takes too: a key revoked while this request,
             # authenticated before, waited for it must not send an invitation that no
             # accept could use and that its revocation no longer closes.
-            if (
-                actor_key is not None
-                and ApiKey.objects.filter(pk=actor_key.pk, revoked_at__isnull=False).exists()
-            ):
-                raise ApplicationError(
-                    code="api_key_revoked", message="This API key was revoked.", status=401
-                )
+            if actor_key is not None:
+                apikey_require_unrevoked(actor_key)
             # An expired invitation admits nobody, but the uniqueness of open ones still
             # counted it, so the address could never be invited again: it is closed
             # (revoked) for the new one to take its place.
@@ -509,9 +505,12 @@ def invitations_sent_revoke(
     )
 
 
-def invitations_sent_with_key_revoke(*, key: ApiKey, actor=None, actor_key=None) -> int:
-    """Revoke the open invitations sent with `key`, which apikey_revoke has just revoked,
-    in its transaction; audited as revoked, reason `sender_key_revoked`. Returns how many.
+def invitations_sent_with_key_revoke(
+    *, key: ApiKey, descendants: Collection[int] = (), actor=None, actor_key=None
+) -> int:
+    """Revoke the open invitations sent with `key`, or with the keys `descendants` (ids of
+    those made from it), which apikey_revoke has just revoked, in its transaction; audited
+    as revoked, reason `sender_key_revoked`. Returns how many.
 
     A revoked key vouches for nothing it did (invitation_sender_may_grant): left open,
     its invitations were listed as pending though no accept could succeed, and held the
@@ -519,7 +518,9 @@ def invitations_sent_with_key_revoke(*, key: ApiKey, actor=None, actor_key=None)
     """
     return _invitations_revoke(
         organization=key.organization,
-        sent=Invitation.objects.filter(organization_id=key.organization_id, invited_by_key=key),
+        sent=Invitation.objects.filter(
+            organization_id=key.organization_id, invited_by_key__in=[key.pk, *descendants]
+        ),
         reason="sender_key_revoked",
         actor=actor,
         actor_key=actor_key,

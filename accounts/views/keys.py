@@ -77,7 +77,8 @@ class ApiKeysPage(PickPage):
     def confirmation(key: ApiKey) -> Confirmation:
         return Confirmation(
             question=f"Revoke “{key.name}” ({key.prefix})?",
-            consequence="Requests with this key fail from the next one on. This cannot be undone.",
+            consequence="Requests with this key, and with every key made with it, fail from "
+            "the next one on. This cannot be undone.",
             action=reverse("dashboard-key-revoke", args=[key.pk]),
             button="Revoke the key",
         )

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, AuditEvent, Role, Scope
-from accounts.services import apikey_create
+from accounts.services import apikey_create, apikey_revoke
 from tests.accounts.conftest import key_client
 from tests.factories import OrganizationFactory
 
@@ -538,6 +538,131 @@ def test_a_person_makes_keys_beyond_the_key_they_could_have_used(org, member_of,
     made = ApiKey.objects.get(pk=response.json()["id"])
     assert (made.expires_at, made.requests_per_minute) == (None, None)
     assert sorted(made.scopes) == sorted(Scope.values)
+
+
+# --- a key's line: the keys made with it, and with those -------------------------------
+
+
+def _mint(raw: str, name: str, **fields) -> dict:
+    """A key made with the key `raw` over the API; its body (the full key under "key")."""
+    response = key_client(raw).post(
+        "/api/v1/keys", {"name": name, "scopes": ["admin"], **fields}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+@pytest.fixture
+def line(org, make_key, member_of):
+    """K1 (made by an owner), K2 made with K1, K3 made with K2; the owner, signed in."""
+    owner = member_of(org, Role.OWNER)
+    k1, raw1 = make_key(org, scopes=[Scope.ADMIN], name="k1", actor=owner)
+    k2 = _mint(raw1, "k2")
+    k3 = _mint(k2["key"], "k3")
+    client = Client()
+    client.force_login(owner)
+    client.user = owner
+    return {"k1": (k1.pk, raw1), "k2": (k2["id"], k2["key"]), "k3": (k3["id"], k3["key"])}, client
+
+
+def test_a_key_made_with_a_key_records_its_parent_and_the_first_of_its_line(line):
+    # given
+    keys, owner = line
+    (k1, _), (k2, _), (k3, _) = keys["k1"], keys["k2"], keys["k3"]
+
+    # when
+    listed = {row["id"]: row for row in owner.get("/api/v1/keys").json()["results"]}
+
+    # then: the API shows each key's parent; the root of the line is K1 for both
+    assert (listed[k1]["parent"], listed[k2]["parent"], listed[k3]["parent"]) == (None, k1, k2)
+    rows = {k.pk: k for k in ApiKey.objects.filter(pk__in=[k1, k2, k3])}
+    assert (rows[k1].parent_id, rows[k2].parent_id, rows[k3].parent_id) == (None, k1, k2)
+    assert (rows[k1].limit_root_id, rows[k2].limit_root_id, rows[k3].limit_root_id) == (
+        None,
+        k1,
+        k1,
+    )
+
+
+def test_revoking_a_key_revokes_every_key_made_from_it(org, line):
+    # given: K1 made K2, which made K3; all work
+    keys, owner = line
+    (k1, raw1), (k2, raw2), (k3, raw3) = keys["k1"], keys["k2"], keys["k3"]
+    assert all(key_client(raw).get("/api/v1/me").status_code == 200 for raw in (raw2, raw3))
+
+    # when: the owner revokes K1
+    response = owner.delete(f"/api/v1/keys/{k1}")
+
+    # then: K2 and K3 are refused from the next request on, as K1 is
+    assert response.status_code == 200
+    for raw in (raw1, raw2, raw3):
+        error = assert_error(key_client(raw).get("/api/v1/me"), 401, "api_key_revoked")
+        assert error["type"] == "authentication_error"
+    assert not ApiKey.objects.filter(pk__in=[k1, k2, k3], revoked_at__isnull=True).exists()
+    # one audit row per key, by the owner; the descendants' say which revocation took them
+    prefixes = {pk: key.prefix for pk, key in ApiKey.objects.in_bulk([k1, k2, k3]).items()}
+    k1_prefix = prefixes[k1]
+    events = {
+        e.target: e for e in AuditEvent.objects.filter(organization=org, action="api_key.revoked")
+    }
+    assert set(events) == set(prefixes.values())
+    assert events[k1_prefix].data == {}
+    for pk in (k2, k3):
+        assert events[prefixes[pk]].data == {"reason": "ancestor_revoked", "ancestor": k1_prefix}
+    assert {(e.actor_user_id, e.actor_key_id) for e in events.values()} == {(owner.user.pk, None)}
+
+
+def test_revoking_a_key_made_with_a_key_leaves_its_parent_working(line):
+    # given
+    keys, _owner = line
+    (_k1, raw1), (k2, raw2), (k3, raw3) = keys["k1"], keys["k2"], keys["k3"]
+
+    # when: K2 alone is revoked (with K1 itself, as its maker may)
+    response = key_client(raw1).delete(f"/api/v1/keys/{k2}")
+
+    # then: K1 works; K2 and what K2 made do not
+    assert response.status_code == 200
+    assert key_client(raw1).get("/api/v1/me").status_code == 200
+    assert_error(key_client(raw2).get("/api/v1/me"), 401, "api_key_revoked")
+    assert_error(key_client(raw3).get("/api/v1/me"), 401, "api_key_revoked")
+    assert ApiKey.objects.get(pk=k3).revoked_at is not None
+
+
+def test_a_key_revoked_while_its_request_waited_makes_no_key(org, make_key):
+    # given: a key authenticated, then revoked before its request reaches the service
+    parent, _raw = make_key(org, scopes=[Scope.ADMIN], name="parent")
+    stale = ApiKey.objects.get(pk=parent.pk)
+    apikey_revoke(key=parent)
+    before = ApiKey.objects.count()
+
+    # when: its request to make a key goes on
+    with pytest.raises(ApplicationError) as refused:
+        apikey_create(organization=org, name="late", scopes=[Scope.ADMIN], actor_key=stale)
+
+    # then: refused as the revoked key it is; no key escapes the revocation
+    assert (refused.value.code, refused.value.status) == ("api_key_revoked", 401)
+    assert ApiKey.objects.count() == before
+
+
+def test_a_key_made_by_a_person_has_no_parent(org, member_of, make_key):
+    # given: an owner signed in, who has a key too
+    owner = member_of(org, Role.OWNER)
+    own_key, _raw = make_key(org, scopes=[Scope.ADMIN], actor=owner)
+    client = Client()
+    client.force_login(owner)
+
+    # when: they make a key signed in, then revoke their other key
+    made = client.post(
+        "/api/v1/keys",
+        {"name": "signed in", "scopes": ["inference"]},
+        content_type="application/json",
+    ).json()
+    client.delete(f"/api/v1/keys/{own_key.pk}")
+
+    # then: the new key belongs to no line, and was not revoked with the other key
+    assert made["parent"] is None
+    row = ApiKey.objects.get(pk=made["id"])
+    assert (row.parent_id, row.limit_root_id, row.revoked_at) == (None, None, None)
 
 
 # --- audit -----------------------------------------------------------------------------

@@ -102,3 +102,48 @@ def test_a_wrong_secret_for_a_cached_key_is_still_refused(key):
     with pytest.raises(ApplicationError) as refused:
         apikey_authenticate(raw=forged)
     assert refused.value.code == "authentication_failed"
+
+
+def test_a_child_keys_root_limit_is_read_without_a_query(key):
+    # given a key made with a limited key, used once
+    parent, _raw = key
+    root, _root_raw = apikey_create(
+        organization=parent.organization,
+        name="limited",
+        scopes=[Scope.INFERENCE],
+        requests_per_minute=7,
+    )
+    _child, raw = apikey_create(
+        organization=root.organization,
+        name="child",
+        scopes=[Scope.INFERENCE],
+        requests_per_minute=7,
+        actor_key=root,
+    )
+    apikey_authenticate(raw=raw)
+
+    # when it is used again, and its rate limit reads the first key of its line
+    with CaptureQueriesContext(connection) as queries:
+        again = apikey_authenticate(raw=raw)
+        root_limit = (again.limit_root.pk, again.limit_root.requests_per_minute)
+
+    # then no query was needed for either
+    assert len(queries) == 0
+    assert root_limit == (root.pk, 7)
+
+
+def test_revoking_a_key_fails_its_childs_very_next_request(key):
+    # given a key made with a key, in use
+    parent, _raw = key
+    _child, raw = apikey_create(
+        organization=parent.organization, name="child", scopes=[Scope.INFERENCE], actor_key=parent
+    )
+    apikey_authenticate(raw=raw)
+
+    # when the parent is revoked
+    apikey_revoke(key=parent)
+
+    # then the child's next request fails, though its own row was written with update()
+    with pytest.raises(ApplicationError) as refused:
+        apikey_authenticate(raw=raw)
+    assert refused.value.code == "api_key_revoked"

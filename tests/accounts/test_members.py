@@ -1200,6 +1200,36 @@ def test_revoking_a_key_revokes_the_open_invitations_it_sent(
     assert again.status_code == 201, again.content
 
 
+def test_revoking_a_key_revokes_the_invitations_sent_with_keys_made_from_it(
+    team, make_key, commit_then_mail
+):
+    # given an admin's key, a key made with it, and an invitation sent with that child
+    org = team["org"]
+    parent, parent_raw = make_key(org, scopes=[Scope.ADMIN], actor=team[Role.ADMIN])
+    child = key_client(parent_raw).post(
+        "/api/v1/keys", {"name": "child", "scopes": ["admin"]}, format="json"
+    )
+    assert child.status_code == 201, child.content
+    person = user_signup(email="child-invited@example.test", password=None)
+    sent, token = invited_as(
+        commit_then_mail, key_client(child.json()["key"]), org, person.email, "member"
+    )
+
+    # when an owner revokes the parent
+    response = signed_in(team[Role.OWNER]).delete(f"/api/v1/keys/{parent.pk}")
+
+    # then the child's invitation dies with it, audited with why
+    assert response.status_code == 200, response.content
+    sent.refresh_from_db()
+    assert sent.revoked_at is not None
+    [event] = audit(org, "invitation.revoked")
+    assert (event.target, event.data) == (
+        person.email,
+        {"role": "member", "reason": "sender_key_revoked"},
+    )
+    assert_error(accept(person, token), 404, "invitation_invalid")
+
+
 def test_an_invitation_sent_with_a_key_revoked_before_it_closed_them_is_refused(
     team, make_key, commit_then_mail
 ):

@@ -346,3 +346,112 @@ def test_a_disarmed_admin_key_is_counted_until_429(org, make_key, member_of):
     # then its refusals count against its limit too
     assert [r.status_code for r in answers] == [403, 403, 429]
     assert_rate_limited(answers[2])
+
+
+# --- keys made with keys share the first key's limit -------------------------------------
+
+
+def test_keys_made_with_a_key_share_its_requests_per_minute(org, make_key):
+    # given: K1 allowed 2 requests a minute, and two keys it made, each allowed 2 too
+    from accounts.services import apikey_create
+
+    k1, raw1 = make_key(org, scopes=[Scope.INFERENCE], name="k1", requests_per_minute=2)
+    children = [
+        apikey_create(
+            organization=org,
+            name=f"child {i}",
+            scopes=[Scope.INFERENCE],
+            requests_per_minute=2,
+            actor_key=k1,
+        )[1]
+        for i in range(2)
+    ]
+    first, second = key_client(children[0]), key_client(children[1])
+
+    # when: one request from each child, then a third from either, and one from K1
+    served = [first.get("/api/v1/me"), second.get("/api/v1/me")]
+    refused = [first.get("/api/v1/me"), key_client(raw1).get("/api/v1/me")]
+
+    # then: the third request across them is over K1's 2, whichever key sends it
+    assert [r.status_code for r in served] == [200, 200]
+    # the tightest of the child's limits is reported: K1's, which the second used up
+    assert [r["x-ratelimit-remaining-requests"] for r in served] == ["1", "0"]
+    for response in refused:
+        error = assert_rate_limited(response)
+        assert error["limit"] == 2
+        assert "API key" in error["message"]
+
+
+def test_a_grandchild_counts_against_the_first_key_of_its_line(org, make_key):
+    # given: K1 (2 a minute) made K2, which made K3; both at 2
+    from accounts.services import apikey_create
+
+    k1, raw1 = make_key(org, scopes=[Scope.INFERENCE], name="k1", requests_per_minute=2)
+    k2, _raw2 = apikey_create(
+        organization=org, name="k2", scopes=[Scope.INFERENCE], requests_per_minute=2, actor_key=k1
+    )
+    _k3, raw3 = apikey_create(
+        organization=org, name="k3", scopes=[Scope.INFERENCE], requests_per_minute=2, actor_key=k2
+    )
+
+    # when
+    answers = [key_client(raw3).get("/api/v1/me"), key_client(raw1).get("/api/v1/me")]
+    third = key_client(raw3).get("/api/v1/me")
+
+    # then
+    assert [r.status_code for r in answers] == [200, 200]
+    assert_rate_limited(third)
+
+
+def test_a_key_made_by_a_person_counts_in_its_own_bucket_only(org, make_key, member_of):
+    # given: an owner's key at 2 a minute, used up, and a key the owner made signed in
+    owner = member_of(org, Role.OWNER)
+    _own, own_raw = make_key(org, scopes=[Scope.ADMIN], actor=owner, requests_per_minute=2)
+    for _ in range(2):
+        assert key_client(own_raw).get("/api/v1/me").status_code == 200
+    client = Client()
+    client.force_login(owner)
+    made = client.post(
+        "/api/v1/keys",
+        {"name": "signed in", "scopes": ["inference"], "requests_per_minute": 2},
+        content_type="application/json",
+    ).json()
+
+    # when
+    answers = [key_client(made["key"]).get("/api/v1/me") for _ in range(3)]
+
+    # then: its own 2, untouched by the other key's
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    assert made["parent"] is None
+
+
+def test_chat_completions_of_a_child_key_count_against_its_root_in_one_script(org, make_key):
+    # given: a model, K1 allowed 2 requests a minute with one used, and a key K1 made
+    from accounts.services import apikey_create
+    from tests.helpers import served_model
+
+    served_model("gym-rl-line", access_tier="basic")
+    k1, raw1 = make_key(org, scopes=[Scope.INFERENCE], name="k1", requests_per_minute=2)
+    _child, child_raw = apikey_create(
+        organization=org,
+        name="child",
+        scopes=[Scope.INFERENCE],
+        requests_per_minute=2,
+        actor_key=k1,
+    )
+    assert key_client(raw1).get("/api/v1/me").status_code == 200
+    child = key_client(child_raw)
+    body = {"model": "gym-rl-line", "messages": [{"role": "user", "content": "hi"}]}
+
+    # when: the child asks twice (the organization has no credits: 402 once counted)
+    scripts_before = _scripts_run()
+    unpaid = _chat(child, body)
+    scripts_run = _scripts_run() - scripts_before
+    refused = _chat(child, body)
+
+    # then: the first counted in K1's bucket too, in the one script; the second is over it
+    assert unpaid.status_code == 402, unpaid.content
+    assert unpaid["x-ratelimit-remaining-requests"] == "0"
+    assert scripts_run == 1
+    error = assert_rate_limited(refused)
+    assert error["limit"] == 2
