@@ -486,7 +486,7 @@ class OrgApiView(APIView):
                     Limit(
                         scope=f"key:{root.pk}",
                         limit=root.requests_per_minute,
-                        name=f"API key's line (the keys made from {root.prefix})",
+                        name=f"API key's line ({root.prefix} and the keys made from it)",
                     ),
                 )
         if self.counts_requests_with_work and request.method == "POST":

@@ -20,7 +20,7 @@ from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 
 from accounts import apis
-from accounts.models import Invitation, Membership, Role, Scope
+from accounts.models import ApiKey, Invitation, Membership, Role, Scope
 from accounts.services import api_keys as api_key_services
 from accounts.services import apikey_create, membership_add, membership_set_role
 from accounts.services import organizations as organization_services
@@ -228,6 +228,34 @@ def test_a_key_revoked_as_it_invites_leaves_no_open_invitation(two_owners, monke
     assert answers["invite"].status_code == 401, answers["invite"].content
     assert answers["invite"].json()["error"]["code"] == "api_key_revoked"
     assert not Invitation.objects.filter(organization=org, revoked_at__isnull=True).exists()
+
+
+def test_a_key_revoked_as_a_key_it_made_mints_one_leaves_no_live_key(two_owners, monkeypatch):
+    # given: Alice made an admin key K1, with which a partner app made K2
+    org, alice, _, _ = two_owners
+    k1, raw1 = apikey_create(organization=org, name="k1", scopes=[Scope.ADMIN], actor=alice)
+    made = key_client(raw1).post("/api/v1/keys", {"name": "k2", "scopes": ["admin"]}, format="json")
+    assert made.status_code == 201, made.content
+    alice_client, app = signed_in(alice), key_client(made.json()["key"])
+    answers: dict[str, object] = {}
+
+    def alice_revokes() -> None:
+        answers["revoke"] = alice_client.delete(f"/api/v1/keys/{k1.pk}")
+
+    def app_mints() -> None:
+        answers["mint"] = app.post(
+            "/api/v1/keys", {"name": "k3", "scopes": ["admin"]}, format="json"
+        )
+
+    # when: Alice revokes K1 while the app, authenticated with K2 before the revocation
+    # committed, makes K3 with it
+    race(monkeypatch, alice_revokes, app_mints, services=api_key_services)
+
+    # then: K1 and K2 are revoked, and K3 was refused: no key of the line outlives it
+    assert answers["revoke"].status_code == 200, answers["revoke"].content
+    assert answers["mint"].status_code == 401, answers["mint"].content
+    assert answers["mint"].json()["error"]["code"] == "api_key_revoked"
+    assert not ApiKey.objects.filter(organization=org, revoked_at__isnull=True).exists()
 
 
 def reset_form(user) -> tuple[Client, str]:

@@ -376,10 +376,11 @@ def test_keys_made_with_a_key_share_its_requests_per_minute(org, make_key):
     assert [r.status_code for r in served] == [200, 200]
     # the tightest of the child's limits is reported: K1's, which the second used up
     assert [r["x-ratelimit-remaining-requests"] for r in served] == ["1", "0"]
-    for response in refused:
-        error = assert_rate_limited(response)
-        assert error["limit"] == 2
-        assert "API key" in error["message"]
+    errors = [assert_rate_limited(response) for response in refused]
+    assert [error["limit"] for error in errors] == [2, 2]
+    # the child is told it is the line's limit, K1 its own
+    assert f"API key's line ({k1.prefix} and the keys made from it)" in errors[0]["message"]
+    assert "for this API key." in errors[1]["message"]
 
 
 def test_a_grandchild_counts_against_the_first_key_of_its_line(org, make_key):
