@@ -5,18 +5,26 @@ for), else `customer_deleted`, waiting for one, rather than failed and held for 
 `deleted_destination` has a database default: workers of the previous release still
 record payouts during the deploy, without it. The status is a CharField whose choices
 live in Python only: no change to the table for them.
+
+The column is added as 0035 added its, each ALTER waiting at most a lock_timeout.
 """
+
+import importlib
 
 from django.db import migrations, models
 
+_0016 = importlib.import_module("metering.migrations.0016_creditlot_revenue")
+
 
 class Migration(migrations.Migration):
+    atomic = False
+
     dependencies = [
         ("gymbilling", "0035_overagereport_meter_error"),
     ]
 
     operations = [
-        migrations.AddField(
+        _0016.AddFieldIfAbsentOnPostgres(
             model_name="marketpayout",
             name="deleted_destination",
             field=models.CharField(blank=True, db_default="", max_length=255),

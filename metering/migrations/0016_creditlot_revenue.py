@@ -31,7 +31,11 @@ settlement's lot writes behind its ACCESS EXCLUSIVE request; it fails instead, a
 migration can be run again at a quieter moment. SQLite runs Django's own operations.
 """
 
-from django.db import migrations, models, transaction
+import importlib
+
+from django.db import NotSupportedError, migrations, models, transaction
+
+_0008 = importlib.import_module("metering.migrations.0008_hold_pending_by_organization")
 
 BATCH = 1_000
 # How long each ALTER may wait for its lock before the migration fails (re-runnable).
@@ -48,13 +52,22 @@ def _alter(schema_editor, sql: str, params=()) -> None:
 
 class AddFieldIfAbsentOnPostgres(migrations.AddField):
     """Django's AddField, but on PostgreSQL a column already there (a run that stopped
-    after adding it) is left as it is, and the ALTER waits at most LOCK_TIMEOUT."""
+    after adding it) is left as it is, and each ALTER waits at most LOCK_TIMEOUT.
+
+    The CHECK a field's type brings (a PositiveIntegerField's `>= 0`), which Django writes
+    into the ADD COLUMN (a scan of the table under its ACCESS EXCLUSIVE lock), is added
+    NOT VALID under the name PostgreSQL gives that one; ValidateFieldCheckOnPostgres
+    validates it. Not for a field with an index (AddFieldIndexConcurrentlyOnPostgres
+    builds it) or a foreign key (AddForeignKeyNotValidOnPostgres). Backwards drops the
+    column, waiting at most LOCK_TIMEOUT too."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
             return super().database_forwards(app_label, schema_editor, from_state, to_state)
         model = to_state.apps.get_model(app_label, self.model_name)
         field = model._meta.get_field(self.name)
+        if field.remote_field or field.unique:
+            raise ValueError(f"{self.name}: a foreign key or a unique column, not added here")
         definition, params = schema_editor.column_sql(model, field, include_default=False)
         _alter(
             schema_editor,
@@ -62,35 +75,100 @@ class AddFieldIfAbsentOnPostgres(migrations.AddField):
             f"EXISTS {schema_editor.quote_name(field.column)} {definition}",
             params,
         )
+        check = field.db_parameters(connection=schema_editor.connection)["check"]
+        if check:
+            _constraint_add_not_valid(
+                schema_editor,
+                model,
+                _field_check_name(schema_editor, model, field),
+                f"CHECK ({check})",
+            )
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return super().database_backwards(app_label, schema_editor, from_state, to_state)
+        model = from_state.apps.get_model(app_label, self.model_name)
+        field = model._meta.get_field(self.name)
+        # CASCADE, as Django's RemoveField: its constraints and indexes go with it.
+        _alter(
+            schema_editor,
+            f"ALTER TABLE {schema_editor.quote_name(model._meta.db_table)} DROP COLUMN IF "
+            f"EXISTS {schema_editor.quote_name(field.column)} CASCADE",
+        )
 
 
-class AddForeignKeyNotValidOnPostgres(migrations.AddField):
+class AddForeignKeyNotValidOnPostgres(AddFieldIfAbsentOnPostgres):
     """A nullable foreign key column, its constraint added NOT VALID on PostgreSQL (the
-    next operation validates it without blocking writes); Django's AddField elsewhere."""
+    next operation validates it without blocking writes); Django's AddField elsewhere.
+    The index of a field with db_index (a ForeignKey's default) is not built here:
+    AddFieldIndexConcurrentlyOnPostgres builds it, as the state says it exists."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
-            return super().database_forwards(app_label, schema_editor, from_state, to_state)
+            return migrations.AddField.database_forwards(
+                self, app_label, schema_editor, from_state, to_state
+            )
         model = to_state.apps.get_model(app_label, self.model_name)
         field = model._meta.get_field(self.name)
         table = schema_editor.quote_name(model._meta.db_table)
         column = schema_editor.quote_name(field.column)
         target = field.target_field
-        name = _fk_name(schema_editor, model, field)
         _alter(
             schema_editor,
             f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} "
             f"{field.db_type(schema_editor.connection)} NULL",
         )
-        if _constraint_exists(schema_editor, model._meta.db_table, name):
-            return
-        _alter(
+        _constraint_add_not_valid(
             schema_editor,
-            f"ALTER TABLE {table} ADD CONSTRAINT {name} "
+            model,
+            _fk_name(schema_editor, model, field),
             f"FOREIGN KEY ({column}) REFERENCES "
             f"{schema_editor.quote_name(target.model._meta.db_table)} "
-            f"({schema_editor.quote_name(target.column)}) DEFERRABLE INITIALLY DEFERRED NOT VALID",
+            f"({schema_editor.quote_name(target.column)}) DEFERRABLE INITIALLY DEFERRED",
         )
+
+
+class AddCheckNotValidOnPostgres(migrations.AddConstraint):
+    """Django's AddConstraint of a CheckConstraint, but on PostgreSQL added NOT VALID (a
+    brief lock, no scan) under LOCK_TIMEOUT, if not there yet; ValidateConstraintOnPostgres
+    validates it. Backwards drops it under LOCK_TIMEOUT."""
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return super().database_forwards(app_label, schema_editor, from_state, to_state)
+        if not isinstance(self.constraint, models.CheckConstraint):
+            raise ValueError(f"{self.constraint.name}: only a CHECK is added NOT VALID")
+        model = to_state.apps.get_model(app_label, self.model_name)
+        _constraint_add_not_valid(
+            schema_editor,
+            model,
+            schema_editor.quote_name(self.constraint.name),
+            f"CHECK ({self.constraint._get_check_sql(model, schema_editor)})",
+        )
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return super().database_backwards(app_label, schema_editor, from_state, to_state)
+        model = to_state.apps.get_model(app_label, self.model_name)
+        _alter(
+            schema_editor,
+            f"ALTER TABLE {schema_editor.quote_name(model._meta.db_table)} DROP CONSTRAINT IF "
+            f"EXISTS {schema_editor.quote_name(self.constraint.name)}",
+        )
+
+
+def _constraint_add_not_valid(schema_editor, model, name: str, definition: str) -> None:
+    """ADD CONSTRAINT `name` (quoted) `definition` NOT VALID: the table's ACCESS EXCLUSIVE
+    lock for a moment, no scan. Nothing if an earlier run added it (`sqlmigrate` shows
+    it all the same: what a first run sends)."""
+    table = model._meta.db_table
+    if not schema_editor.collect_sql and _constraint_exists(schema_editor, table, name):
+        return
+    _alter(
+        schema_editor,
+        f"ALTER TABLE {schema_editor.quote_name(table)} ADD CONSTRAINT {name} {definition} "
+        "NOT VALID",
+    )
 
 
 def _constraint_exists(schema_editor, table: str, name: str) -> bool:
@@ -98,16 +176,85 @@ def _constraint_exists(schema_editor, table: str, name: str) -> bool:
     with schema_editor.connection.cursor() as cursor:
         cursor.execute(
             "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
-            [table, name.strip('"')],  # _fk_name's is quoted for SQL
+            [table, name.strip('"')],  # quoted for SQL
         )
         return cursor.fetchone() is not None
 
 
-class ValidateForeignKeyOnPostgres(migrations.operations.base.Operation):
-    """VALIDATE CONSTRAINT: a scan under SHARE UPDATE EXCLUSIVE, which lets lots be burned."""
+class ValidateConstraintOnPostgres(migrations.operations.base.Operation):
+    """VALIDATE CONSTRAINT `constraint` (one added NOT VALID): a scan under SHARE UPDATE
+    EXCLUSIVE, which lets the table be read and written meanwhile. In a migration that is
+    not atomic, so that the ADD's ACCESS EXCLUSIVE lock is not held through the scan."""
 
     reduces_to_sql = True
     reversible = True
+
+    def __init__(self, model_name: str, constraint: str) -> None:
+        self.model_name, self.constraint = model_name, constraint
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        model = to_state.apps.get_model(app_label, self.model_name)
+        # Validating a constraint already valid (an earlier run got this far) does nothing.
+        _alter(
+            schema_editor,
+            f"ALTER TABLE {schema_editor.quote_name(model._meta.db_table)} "
+            f"VALIDATE CONSTRAINT {self._name(schema_editor, model)}",
+        )
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        pass
+
+    def _name(self, schema_editor, model) -> str:
+        return schema_editor.quote_name(self.constraint)
+
+    def describe(self) -> str:
+        return f"Validate the constraint {self.constraint} of {self.model_name}"
+
+
+class ValidateForeignKeyOnPostgres(ValidateConstraintOnPostgres):
+    """VALIDATE CONSTRAINT of the foreign key of the field `name`: a scan under SHARE
+    UPDATE EXCLUSIVE, which lets lots be burned."""
+
+    def __init__(self, model_name: str, name: str) -> None:
+        self.model_name, self.name = model_name, name
+
+    def _name(self, schema_editor, model) -> str:
+        return _fk_name(schema_editor, model, model._meta.get_field(self.name))
+
+    def describe(self) -> str:
+        return f"Validate the foreign key of {self.model_name}.{self.name}"
+
+
+class ValidateFieldCheckOnPostgres(ValidateConstraintOnPostgres):
+    """VALIDATE CONSTRAINT of the CHECK that AddFieldIfAbsentOnPostgres added for the field
+    `name` (its type's: a PositiveIntegerField's `>= 0`)."""
+
+    def __init__(self, model_name: str, name: str) -> None:
+        self.model_name, self.name = model_name, name
+
+    def _name(self, schema_editor, model) -> str:
+        return _field_check_name(schema_editor, model, model._meta.get_field(self.name))
+
+    def describe(self) -> str:
+        return f"Validate the check of {self.model_name}.{self.name}"
+
+
+class AddFieldIndexConcurrentlyOnPostgres(migrations.operations.base.Operation):
+    """The index that db_index gives the field `name`, added just before (by
+    AddForeignKeyNotValidOnPostgres, whose state says the field has it), built
+    concurrently on PostgreSQL: Django's names and columns, so the database is what
+    Django's AddField makes and later schema changes find it. Re-runnable (metering/0008's
+    index_build_concurrently). Elsewhere AddField built it. Backwards nothing: the
+    column's removal drops it."""
+
+    reduces_to_sql = True
+    reversible = True
+    atomic = False
 
     def __init__(self, model_name: str, name: str) -> None:
         self.model_name, self.name = model_name, name
@@ -118,25 +265,34 @@ class ValidateForeignKeyOnPostgres(migrations.operations.base.Operation):
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
             return
+        if schema_editor.connection.in_atomic_block:
+            raise NotSupportedError(f"{self.describe()}: set atomic = False on the migration")
         model = to_state.apps.get_model(app_label, self.model_name)
-        field = model._meta.get_field(self.name)
-        # Validating a constraint already valid (an earlier run got this far) does nothing.
-        _alter(
-            schema_editor,
-            f"ALTER TABLE {schema_editor.quote_name(model._meta.db_table)} "
-            f"VALIDATE CONSTRAINT {_fk_name(schema_editor, model, field)}",
-        )
+        statements = schema_editor._field_indexes_sql(model, model._meta.get_field(self.name))
+        if not statements:
+            raise ValueError(f"{self.model_name}.{self.name} has no index to build")
+        for statement in statements:
+            _0008.index_build_concurrently(schema_editor, statement)
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         pass
 
     def describe(self) -> str:
-        return f"Validate the foreign key of {self.model_name}.{self.name}"
+        return f"Concurrently build the index of {self.model_name}.{self.name}"
 
 
 def _fk_name(schema_editor, model, field) -> str:
     """The name Django gives the constraint, so that later schema changes find it."""
     return str(schema_editor._fk_constraint_name(model, field, "_fk_%(to_table)s_%(to_column)s"))
+
+
+def _field_check_name(schema_editor, model, field) -> str:
+    """The name PostgreSQL gives the CHECK that Django's AddField writes into the ADD
+    COLUMN (`<table>_<column>_check`), so that the database is the same whichever added
+    it; quoted. PostgreSQL shortens a name over 63 bytes: none is."""
+    name = f"{model._meta.db_table}_{field.column}_check"
+    assert len(name.encode()) <= 63, name
+    return schema_editor.quote_name(name)
 
 
 def _in_batches(queryset, apply) -> None:
