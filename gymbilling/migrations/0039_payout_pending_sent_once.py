@@ -10,15 +10,21 @@ before it goes to the replacement, never one paid twice.
 
 One UPDATE: pending payouts are few (each is sent, or fails, by the next run). Rows a
 worker of the previous release records during the deploy, after this ran, are not
-covered. Reverse: nothing to undo (a count of sends is not lowered).
+covered here: the `payouts_pending_sent_once` command runs this again once no such
+worker is left. Reverse: nothing to undo (a count of sends is not lowered).
 """
 
 from django.db import migrations
 
 
-def pending_sent_once(apps, schema_editor):
+def pending_sent_once(apps, schema_editor) -> int:
+    """Counts every pending payout with no send counted as sent once; returns how many."""
     MarketPayout = apps.get_model("gymbilling", "MarketPayout")
-    MarketPayout.objects.filter(status="pending", send_attempts=0).update(send_attempts=1)
+    return (
+        MarketPayout.objects.using(schema_editor.connection.alias)
+        .filter(status="pending", send_attempts=0)
+        .update(send_attempts=1)
+    )
 
 
 class Migration(migrations.Migration):
