@@ -328,9 +328,12 @@ def apikey_revoke(*, key: ApiKey, actor=None, actor_key: ApiKey | None = None) -
     now = timezone.now()
     updated = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now)
     descendants = _descendants(key)
+    # Not locked FOR UPDATE: the organization's lock already orders every revoke and
+    # create of its keys, and a row lock would make a job being written for one of these
+    # keys (its foreign key is checked at commit) wait for this whole transaction while
+    # holding the wallet's row. The UPDATE's own lock does not conflict with that check.
     taken = list(
         ApiKey.objects.filter(pk__in=descendants, revoked_at__isnull=True)
-        .select_for_update()
         .order_by("pk")
         .only("pk", "public_id")
     )

@@ -8,8 +8,10 @@ new code would then take a customer deleted since for one never paid, and pay th
 replacement customer too. Counted as sent once, such a payout is left to finance instead
 (may_have_paid).
 
-Run it once no worker of that release is left, so no such payout can appear after it;
-again whenever: it changes only payouts still at 0. A payout this release recorded and
+Run it once no worker of that release is left, so no such payout can appear after it, and
+before any worker of this release starts (a payout run it makes could otherwise redirect
+one first: README, the deploy order, step 2); again whenever: it changes only payouts
+still at 0. A payout this release recorded and
 has not sent yet is counted too; the worst that does is what 0039's does: finance looks
 at it before it goes to a replacement customer, never a payout paid twice.
 """
