@@ -254,8 +254,28 @@ def _usage(limits: list[Limit], remaining: list[int], ttls: list[int]) -> Usage:
     )
 
 
+# Gives ARGV[1] units back to the window KEYS[1], only while it exists (never
+# a negative window); with ARGV[2] (an id), only the first time for that id:
+# KEYS[2], the window's set of the ids refunded, lives as long as the window.
+_REFUND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] ~= '' then
+  if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then return 0 end
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) else redis.call('EXPIRE', KEYS[2], 120) end
+end
+return redis.call('DECRBY', KEYS[1], ARGV[1])
+"""
+
+
 def rate_limit_refund(
-    *, kind: str, limits: list[Limit], amount: int, counted_at: float | None = None, pipe=None
+    *,
+    kind: str,
+    limits: list[Limit],
+    amount: int,
+    counted_at: float | None = None,
+    once_for: str = "",
+    pipe=None,
 ) -> None:
     """Give back counted units (a token reservation that was not used).
 
@@ -264,6 +284,10 @@ def rate_limit_refund(
     one (a job reserved in one minute and settled in the next), they would
     cancel out units spent in it, and an organization whose jobs straddle
     minutes could use up to twice its limit. Without it, the current window.
+
+    `once_for`: what they were reserved for (a job's id): given back once for
+    it, however often this is called (a job's settlement tried again after
+    its commit's answer was lost releases its reservations again).
 
     With `pipe` (a Redis pipeline) the refund is queued on it, for the caller
     to send with its other commands.
@@ -276,13 +300,9 @@ def rate_limit_refund(
         pipe = get_redis().pipeline()
     for lim in limits:
         key = _window_key(kind, lim.scope, now)
-        # Only if the window still exists: never create a negative window.
-        pipe.eval(
-            "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECRBY', KEYS[1], ARGV[1]) end return 0",
-            1,
-            key,
-            amount,
-        )
+        # Not under the window's own prefix: a window's keys hold counts.
+        refunded = f"rlrefunded:{key.removeprefix('rl:')}"
+        pipe.eval(_REFUND, 2, key, refunded, amount, once_for)
     if own:
         pipe.execute()
 

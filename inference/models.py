@@ -252,6 +252,10 @@ JOB_ERROR_CODES = {
         "its worker died after streaming part of the answer, which cannot be streamed again; "
         "nothing charged"
     ),
+    "worker_error": (
+        "its worker failed after starting it (the database or Redis failing under it); billed "
+        "only for what the engine delivered"
+    ),
 }
 
 

@@ -9,7 +9,11 @@ status under its row lock. A run holds a lease its process renews
 lapses (within 5 s), while a second copy of a message whose run is alive
 (a push sent twice, a retried publish) is dropped, the job left to that run. Not a streamed job whose dead run had relayed
 some of its text: its client is reading that stream, so it ends failed,
-`worker_lost`, unbilled (_relayed_before).
+`worker_lost`, unbilled (_relayed_before). A run that fails once its job has
+started (the database or Redis failing under it, or a bug) ends the job
+failed, `worker_error`, billed for what the engine delivered (_job_run): a
+task that raised is not run again, and the job would stay running until its
+hold expired.
 
 A job is mostly waiting (on Triton, PostgreSQL, Redis), so an inference worker
 may run many at once in threads (`--pool threads --concurrency 16`, as
@@ -122,6 +126,9 @@ class _Start:
     def __init__(self, job_pk: int, public_id: str | None):
         self.job_pk, self.public_id = job_pk, public_id
         self.job: Job | None = None
+        # The job's row once its start committed, before anything else is read
+        # for it: a run that fails from then on settles it (_job_run).
+        self.started: Job | None = None
         self.ended = False  # the job had ended before it could be started
         # A streamed job whose dead worker had relayed some of its text: the
         # job, and that text. It is not run again (_relayed_before).
@@ -132,6 +139,7 @@ class _Start:
         if job is None:  # cancelled while queued, or settled by a redelivery
             self.ended = True
             return False
+        self.started = job
         # Everything the settlement reads but the job's row: its catalog model
         # and price, from this process's caches. The organization is never
         # loaded: its id is all they need.
@@ -169,11 +177,38 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     # The message's job by its primary key and, when the message says it, its
     # public id (job_start: a key may name another job after a crash).
     start = _Start(job_pk, spec["id"] if spec is not None else None)
+    delivered: list[triton.GenerationResult | triton.TritonError] = []
+    try:
+        ended = _job_end(start, prompt, spec, delivered)
+    except Exception:
+        if start.started is None:
+            # Nothing committed: the job is still queued (or running, as a dead
+            # worker's left it), and ends as before this run (a cancel, or its
+            # hold's expiry).
+            raise
+        # Started, it must not be left running: nothing else would end it
+        # before its hold's expiry (a task that raised is not run again:
+        # acks_late hands back only a dead worker's), its hold and concurrency
+        # slot taken all that time, a cancel unable to end it, and the request
+        # waiting for it answered, at its timeout, that it was cancelled.
+        job = start.started
+        logger.exception("job %s: its run failed after it started; it ends failed", job)
+        ended = job, _worker_failure(delivered[0] if delivered else None), JobStatus.FAILED
+    if ended is None:
+        return start.status()
+    return _finish(*ended)
+
+
+def _job_end(
+    start: _Start, prompt: str, spec: dict | None, delivered: list
+) -> tuple[Job, Outcome, str] | None:
+    """Run the job: how it ended (the job, what to bill, its status), or None if it could
+    not be started. What the engine answered goes in `delivered` as soon as it has."""
     limit_s = job_run_limit()
     deadline = time.monotonic() + limit_s
     engine_first = spec is not None and 0 <= time.time() - spec["sent_at"] < ENGINE_FIRST_WITHIN_S
     if engine_first:
-        job = job_from_engine_spec(job_pk, spec)
+        job = job_from_engine_spec(start.job_pk, spec)
         model, urls = spec["triton_model"], spec["pools"]
         metrics = spec.get("metrics") or [()] * len(urls)
     elif start():
@@ -185,7 +220,7 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     elif start.relayed is not None:
         return _relayed_before(*start.relayed)
     else:
-        return start.status()
+        return None
     engines = [
         triton.pool_for(
             tuple(grpc),
@@ -233,6 +268,7 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
             start=start if engine_first else None,
             deadline=deadline,
         )
+    delivered.append(result)
     if engine_first:
         # Started while the engine worked; or never sent (no server took it,
         # or the job had ended: its request was abandoned): start it now.
@@ -241,7 +277,7 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
         if start.relayed is not None:  # its request was abandoned before any response
             return _relayed_before(*start.relayed)
         if start.job is None:
-            return start.status()
+            return None
         job = start.job
     if isinstance(result, triton.TritonError):
         outcome, status = _failure_outcome(result), JobStatus.FAILED
@@ -253,7 +289,7 @@ def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
         status = JobStatus.CANCELED if cancelled else JobStatus.SUCCEEDED
     if first_token:
         outcome = replace(outcome, first_token_at=first_token[0])
-    return _finish(job, outcome, status)
+    return job, outcome, status
 
 
 def _finish(job: Job, outcome: Outcome, status: str) -> str:
@@ -283,7 +319,7 @@ def _relayed_text(job: Job) -> str | None:
         return ""
 
 
-def _relayed_before(job: Job, relayed: str) -> str:
+def _relayed_before(job: Job, relayed: str) -> tuple[Job, Outcome, str]:
     """End a streamed job whose worker died after relaying part of its text: not run again.
 
     A second run would generate from the start into the stream its client is
@@ -309,7 +345,7 @@ def _relayed_before(job: Job, relayed: str) -> str:
         ),
     )
     logger.warning("job %s: its worker died after relaying its first tokens; ending it", job)
-    return _finish(job, outcome, JobStatus.FAILED)
+    return job, outcome, JobStatus.FAILED
 
 
 # How often a running asynchronous job tells its progress (and at its first
@@ -363,12 +399,22 @@ SETTLE_RETRY_PAUSES_S = (0.2, 1.0, 4.0, 10.0)
 
 def _settle(*, job: Job, outcome: Outcome, status: str, pipe) -> Job:
     """job_settle, tried again while the database fails; it settles a job once however often
-    it is called (a try whose commit went through and whose answer was lost is claimed)."""
+    it is called (a try whose commit went through and whose answer was lost is claimed, and
+    the job's reservations released all the same: job_settle's `retried`).
+
+    The job's catalog model and price are read here if its run could not read
+    them (it failed as it read them, after the job started: _job_run)."""
     pauses = iter(SETTLE_RETRY_PAUSES_S)
+    retried = False
     while True:
         try:
-            return job_settle(job=job, outcome=outcome, status=status, pipe=pipe)
+            if not Job.model.is_cached(job):
+                job.model = catalog_model_by_id(job.model_id)
+            if not Job.model_price.is_cached(job):
+                job.model_price = model_price_by_id(job.model_price_id)
+            return job_settle(job=job, outcome=outcome, status=status, pipe=pipe, retried=retried)
         except (OperationalError, InterfaceError):
+            retried = True
             pause = next(pauses, None)
             if pause is None:
                 raise
@@ -503,18 +549,46 @@ def _failure_outcome(exc: triton.TritonError) -> Outcome:
     may have taken: the client gets only an error, and the failure is ours
     (unreachable, silent, crashed or refusing engine).
     """
-    partial = exc.partial
+    return _failed(exc.partial, code=exc.code, message=str(exc))
+
+
+def _worker_failure(result: triton.GenerationResult | triton.TritonError | None) -> Outcome:
+    """What a job whose run failed after it started is billed (`worker_error`): what the
+    engine delivered (`result`, None if it answered nothing), as a failed request is.
+
+    The run failed on our side (the database or Redis under the worker, or a
+    bug) before it could tell what the engine delivered its own way: its
+    engine's own counts, never a prompt counted by the tokenizer, which is
+    where such a run may have failed.
+    """
+    delivered = result.partial if isinstance(result, triton.TritonError) else result
+    if delivered is None or not (delivered.input_tokens or delivered.output_tokens):
+        charged = "nothing was charged"
+    else:
+        charged = (
+            f"it was charged for what the engine delivered: {delivered.input_tokens} prompt "
+            f"and {delivered.output_tokens} output tokens"
+        )
+    return _failed(
+        delivered,
+        code="worker_error",
+        message=f"The job failed on our side after it started; {charged}. Send the request again.",
+    )
+
+
+def _failed(delivered: triton.GenerationResult | None, *, code: str, message: str) -> Outcome:
+    """A failed job's outcome, billed for what the engine `delivered` (None: nothing)."""
     return Outcome(
-        text=partial.text if partial else "",
-        input_tokens=partial.input_tokens if partial else 0,
-        cached_input_tokens=partial.cached_input_tokens if partial else 0,
-        output_tokens=partial.output_tokens if partial else 0,
-        engine_ms=partial.engine_ms if partial else 0,
+        text=delivered.text if delivered else "",
+        input_tokens=delivered.input_tokens if delivered else 0,
+        cached_input_tokens=delivered.cached_input_tokens if delivered else 0,
+        output_tokens=delivered.output_tokens if delivered else 0,
+        engine_ms=delivered.engine_ms if delivered else 0,
         finish_reason="error",
-        error_code=exc.code,
-        error_message=str(exc),
+        error_code=code,
+        error_message=message,
         input_tokens_source=InputTokensSource.ENGINE
-        if partial and partial.input_tokens
+        if delivered and delivered.input_tokens
         else InputTokensSource.NONE,
     )
 

@@ -806,6 +806,7 @@ def job_settle(
     status: str,
     only_from: tuple[str, ...] | None = None,
     pipe=None,
+    retried: bool = False,
 ) -> Job:
     """Capture the credits for the tokens really served, once; release the rest.
 
@@ -822,6 +823,14 @@ def job_settle(
     `settled_here`: whether this call's conditional UPDATE ended it (False:
     another settlement did, or it was not in `only_from`), for what must follow
     the one settlement only once.
+
+    `retried`: an earlier call for this job raised (the database failed under
+    it), so it may have committed and lost only its answer, with nothing
+    released. A call that then finds the job ended releases its reservations
+    all the same, for the tokens its row says were used: else its slot stayed
+    taken until concurrency_slots_sweep (5 minutes) and its refund was lost.
+    Twice is harmless: a slot is freed by its job id, and a job's refund is
+    given once (_release_reservations).
     """
     served = outcome.input_tokens or outcome.output_tokens
     rates = Rates.of(job.model_price, job.priority)
@@ -893,6 +902,12 @@ def job_settle(
     if not claimed:
         current = Job.objects.get(pk=job.pk)
         current.settled_here = False
+        if retried and current.status not in NON_TERMINAL:
+            _release_reservations(
+                job=current,
+                used_tokens=current.input_tokens + current.output_tokens,
+                pipe=pipe,
+            )
         return current
     _release_reservations(
         job=job, used_tokens=outcome.input_tokens + outcome.output_tokens, pipe=pipe
@@ -1069,13 +1084,15 @@ def _release_reservations(*, job: Job, used_tokens: int, pipe=None) -> None:
         functools.partial(concurrency_release, scope=scope, job_id=job.public_id),
         # A refund reads only the scope of a limit, not its size; it goes back
         # to the minute the tokens were reserved in (a job queued before
-        # reserved_at was recorded: the current one, as before).
+        # reserved_at was recorded: the current one, as before), once for the
+        # job however often its reservations are released (job_settle's `retried`).
         functools.partial(
             rate_limit_refund,
             kind="tokens",
             limits=[Limit(scope=scope, limit=0)],
             amount=max(0, reserved - used_tokens),
             counted_at=job.params.get("reserved_at"),
+            once_for=job.public_id,
         ),
     )
     for release in releases:

@@ -205,6 +205,28 @@ def test_limits_still_count_after_redis_lost_its_scripts():
     concurrency_release(scope="org:scripts-test", job_id="a")
 
 
+def test_a_refund_given_once_for_a_job_is_not_given_twice():
+    # A settlement tried again after its commit's answer was lost releases the
+    # job's reservations again (inference.services.jobs.job_settle's `retried`):
+    # the tokens it did not use must go back once, not twice.
+    import time
+
+    from accounts.ratelimits import Limit, rate_limit_consume, rate_limit_refund
+
+    # given 40 tokens reserved in a window by two jobs
+    limits = [Limit(scope="org:refund-once", limit=100)]
+    now = time.time()
+    rate_limit_consume(kind="tokens", limits=limits, cost=40, now=now)
+
+    # when one job's unused 30 are given back twice, and the other's 5 once
+    for _ in range(2):
+        rate_limit_refund(kind="tokens", limits=limits, amount=30, counted_at=now, once_for="a")
+    rate_limit_refund(kind="tokens", limits=limits, amount=5, counted_at=now, once_for="b")
+
+    # then the window counts 40 - 30 - 5 tokens
+    assert rate_limit_consume(kind="tokens", limits=limits, cost=0, now=now).remaining == 95
+
+
 # --- a request counted with the work it asks for (an inference job) ------------------
 
 

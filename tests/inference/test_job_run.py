@@ -30,21 +30,24 @@ import redis
 from celery import uuid
 from celery.worker.request import Request
 from django.conf import settings
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 from kombu.message import Message
 from kombu.serialization import dumps
 
+from accounts.errors import ApplicationError, exception_handler
+from accounts.ratelimits import Limit, Slot, rate_limit_consume
 from accounts.redis import get_redis
-from inference import relay, tasks, triton
+from inference import apis, relay, tasks, triton
 from inference.engine.tokenizer import count_tokens
 from inference.models import DedicatedCapacity, InputTokensSource, Job, JobStatus, ServerPool
 from inference.relay import relay_cancel, relay_events, relay_publish
 from inference.services import job_settle
 from inference.services.jobs import ENGINE_SPEC_HEADER, JOB_START_MARGIN, Outcome, job_engine_spec
-from metering.models import Hold, HoldStatus, UsageRecord
+from metering.models import AccountKind, Hold, HoldStatus, UsageRecord
 from metering.selectors import model_price, organization_balance
 from metering.services import hold_place, holds_expire
+from metering.services.postings import accounts_for, amount_display
 from tests.factories import OrganizationFactory
 from tests.helpers import (
     credits,
@@ -795,6 +798,175 @@ def _admin_connection() -> psycopg.Connection:
         port=db["PORT"] or 5432,
         autocommit=True,
     )
+
+
+# -- a worker that fails after the job started: the job settles failed, not left running ----
+
+RESERVED_TOKENS = 500
+
+
+def _with_reservations(job: Job) -> Job:
+    """The job's token reservation and concurrency slot, taken as job_submit takes them (the
+    job here is written directly, so that no Celery message is sent)."""
+    scope = f"org:{job.organization_id}"
+    reserved_at = time.time()
+    rate_limit_consume(
+        kind="tokens",
+        limits=[Limit(scope=scope, limit=job.organization.tokens_per_minute)],
+        cost=RESERVED_TOKENS,
+        slot=Slot(scope=scope, limit=job.organization.concurrent_jobs, job_id=job.public_id),
+        now=reserved_at,
+    )
+    params = job.params | {"reserved_tokens": RESERVED_TOKENS, "reserved_at": reserved_at}
+    Job.objects.filter(pk=job.pk).update(params=params)
+    job.refresh_from_db()
+    return job
+
+
+def _tokens_counted(job: Job) -> int:
+    """What the job's organization's tokens-per-minute window (the one it reserved in) counts."""
+    minute = int(job.params["reserved_at"] // 60)
+    return int(get_redis().get(f"rl:tokens:org:{job.organization_id}:{minute}") or 0)
+
+
+def _slots_taken(job: Job) -> int:
+    return get_redis().zcard(f"conc:org:{job.organization_id}")
+
+
+@contextlib.contextmanager
+def _connection_dropped_before(table: str, dropped: list[str]):
+    """The worker's database connection ended by the server (a restart, a failover) just
+    before its first statement that reads `table` runs: that statement raises
+    OperationalError, as in a database blip."""
+
+    def drop(execute, sql, params, many, context):
+        if not dropped and f'FROM "{table}"' in sql:
+            dropped.append(sql)
+            pid = context["connection"].connection.info.backend_pid
+            with _admin_connection() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(drop):
+        yield
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_job_whose_worker_fails_after_starting_it_settles_failed_unbilled(
+    queued_job, monkeypatch, settings, message
+):
+    # given a job with its token reservation and concurrency slot, whose
+    # worker's database connection drops as it reads the job's price, after
+    # the job was marked running (a fresh message: while the engine works; a
+    # late one: before it is sent)
+    monkeypatch.setattr(tasks, "SETTLE_RETRY_PAUSES_S", (0.05, 0.05))
+    settings.INFERENCE_TIMEOUT_SECONDS = 5
+    job = _with_reservations(queued_job)
+    org = job.organization
+    before = organization_balance(organization=org)
+    assert (_slots_taken(job), _tokens_counted(job)) == (1, RESERVED_TOKENS)
+    dropped: list[str] = []
+
+    # when its task runs
+    with _connection_dropped_before("metering_modelprice", dropped):
+        status = _run(job, _spec(job, age_s=0 if message == "fresh" else 60))
+
+    # then the job is not left running: it failed on our side, and says so
+    assert dropped, "the price was never read from the database"
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.FAILED
+    assert job.error_code == "worker_error" and "nothing was charged" in job.error_message
+    assert job.started_at is not None and job.finished_at is not None
+    # nothing billed: its whole hold released once, the organization's balance as before
+    assert (job.credits_charged, job.input_tokens, job.output_tokens) == (0, 0, 0)
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    after = organization_balance(organization=org)
+    assert (after.available, after.held) == (before.available + before.held, 0)
+    # its concurrency slot freed and its whole token reservation given back
+    assert (_slots_taken(job), _tokens_counted(job)) == (0, 0)
+    # and the request waiting for it answers with that error at once, in OpenAI's
+    # shape, a 5xx that frees its Idempotency-Key (nothing was charged), not a
+    # 504 saying the job was cancelled
+    started = time.monotonic()
+    with pytest.raises(ApplicationError) as failed:
+        apis.ChatCompletionsApi().answer(job, {"stream": False})
+    assert time.monotonic() - started < 2
+    response = exception_handler(failed.value, {})
+    assert response.status_code == 502 and not failed.value.took_effect
+    assert response.data["error"]["code"] == "worker_error"
+    assert response.data["error"]["message"] == job.error_message
+    assert response["X-Gym-Credits-Charged"] == amount_display(0)
+
+
+def test_a_job_whose_worker_fails_after_the_engine_answered_is_billed_what_it_delivered(
+    queued_job, monkeypatch
+):
+    # given a job whose worker fails after the engine's answer came back,
+    # before it is made into what the job is billed (stood in at the
+    # function that does so: nothing real in it fails on demand)
+    job = _with_reservations(queued_job)
+
+    def fails(*_args, **_kwargs):
+        raise RuntimeError("a bug after the answer")
+
+    monkeypatch.setattr(tasks, "_result_outcome", fails)
+
+    # when its task runs
+    status = _run(job, _spec(job))
+
+    # then it failed on our side, billed once for the tokens the engine delivered
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.FAILED and job.error_code == "worker_error"
+    assert job.output_tokens == 4 and job.input_tokens > 0
+    assert job.credits_charged == _expected_charge(job) > 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=job.credits_charged)
+    # its slot freed, and the tokens it did not use given back
+    assert (_slots_taken(job), _tokens_counted(job)) == (0, job.input_tokens + job.output_tokens)
+
+
+def test_a_settlement_whose_commit_answer_was_lost_still_frees_the_jobs_reservations(
+    queued_job, monkeypatch
+):
+    # given a job the engine served, with its token reservation and slot, on
+    # the ledger's fast path (one statement settles it), and a database
+    # connection that drops after that statement committed, before its answer
+    # came back (stood in by raising once it ran)
+    monkeypatch.setattr(tasks, "SETTLE_RETRY_PAUSES_S", (0.05, 0.05))
+    accounts_for(queued_job.organization, AccountKind.CONSUMPTION)
+    job = tasks.job_start(job_pk=_with_reservations(queued_job).pk, public_id=queued_job.public_id)
+    job.model, job.model_price = queued_job.model, queued_job.model_price
+    outcome = Outcome(
+        text="Squat.", input_tokens=3, output_tokens=4, finish_reason="length", engine_ms=2
+    )
+    committed: list[str] = []
+
+    def answer_lost(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if not committed and "inference_job_settle(" in sql:
+            committed.append(sql)
+            raise OperationalError("server closed the connection unexpectedly")
+        return result
+
+    # when it settles, tried again on a new connection
+    pipe = get_redis().pipeline(transaction=False)
+    with connection.execute_wrapper(answer_lost):
+        settled = tasks._settle(job=job, outcome=outcome, status=JobStatus.SUCCEEDED, pipe=pipe)
+    pipe.execute()
+
+    # then it settled once, billed for what was served
+    assert committed, "the settlement did not run in one statement"
+    assert settled.status == Job.objects.get(pk=job.pk).status == JobStatus.SUCCEEDED
+    _settled_once(settled, status=HoldStatus.CAPTURED, captured=settled.credits_charged)
+    assert settled.credits_charged > 0
+    # and its slot is free, its unused tokens given back: the window counts the 7 used
+    assert (_slots_taken(job), _tokens_counted(job)) == (0, 7)
+
+    # and a settlement tried once more gives nothing back twice
+    pipe = get_redis().pipeline(transaction=False)
+    tasks._settle(job=job, outcome=outcome, status=JobStatus.SUCCEEDED, pipe=pipe)
+    job_settle(job=job, outcome=outcome, status=JobStatus.SUCCEEDED, pipe=pipe, retried=True)
+    pipe.execute()
+    assert (_slots_taken(job), _tokens_counted(job)) == (0, 7)
 
 
 # -- dedicated capacity: an organization's jobs go to its own pool first -------------------
