@@ -5,8 +5,8 @@ so it is a server-side request forgery risk. Three lines of defence:
 
 1. At submit, `callback_url_validate` refuses anything but an https URL of a
    public host name or public IP literal: no credentials in the URL, no
-   private, loopback, link-local, shared or reserved addresses, however they
-   are spelled (`127.1`, `0x7f000001`, `[::ffff:10.0.0.1]`, `[64:ff9b::a00:1]`).
+   private, loopback, link-local, site-local, shared or reserved addresses,
+   however they are spelled (`127.1`, `0x7f000001`, `[::ffff:10.0.0.1]`, `[64:ff9b::a00:1]`).
 2. At delivery, the host name is resolved and every address must be public
    too (a public name may point inside), and the connection goes to the
    address that was checked, not to a second lookup that DNS rebinding could
@@ -66,8 +66,15 @@ def address_allowed(address: IPAddress) -> bool:
     # as global (NAT64's 64:ff9b::/96, SIIT's ::ffff:0:0:0/96, the old
     # IPv4-compatible ::/96, all in the reserved ::/8), and a NAT64 gateway or
     # translator sends them on to that IPv4 address, a private one included.
-    # Public unicast (2000::/3) is never reserved.
-    return address.is_global and not address.is_multicast and not address.is_reserved
+    # Public unicast (2000::/3) is never reserved. Nor site-local: fec0::/10
+    # was deprecated (RFC 3879) but networks that still route it route it
+    # inside, and Python (3.11 here) counts it global and not reserved.
+    return (
+        address.is_global
+        and not address.is_multicast
+        and not address.is_reserved
+        and not (isinstance(address, ipaddress.IPv6Address) and address.is_site_local)
+    )
 
 
 def _ip_literal(host: str) -> IPAddress | None:
@@ -128,7 +135,7 @@ def callback_url_validate(url: str) -> str:
         if not address_allowed(address):
             raise _refuse(
                 f"callback_url must be a public address; {address} is private, "
-                "link-local or reserved."
+                "link-local, site-local or reserved."
             )
     else:
         labels = host.split(".")

@@ -53,6 +53,11 @@ REFUSED = {
     "multicast": "https://224.0.0.1/gym",
     "IPv6 link-local": "https://[fe80::1]/gym",
     "IPv6 unique local": "https://[fd00::1]/gym",
+    # fec0::/10, deprecated by RFC 3879 but still routed inside some networks;
+    # Python 3.11 counts it global and not reserved
+    "IPv6 site-local": "https://[fec0::1]/gym",
+    "IPv6 site-local, top of the range": "https://[feff:ffff::1]/gym",
+    "IPv6 site-local embedding a private IPv4": "https://[fec0::ffff:a00:1]/gym",
     "IPv4-mapped private": "https://[::ffff:10.0.0.1]/gym",
     # IPv6 spellings of an IPv4 address that a NAT64 gateway (RFC 6052), a
     # SIIT translator (RFC 6145) or an old stack sends on to that address
@@ -60,6 +65,8 @@ REFUSED = {
     "NAT64 of the cloud metadata address": "https://[64:ff9b::a9fe:a9fe]/gym",
     "IPv4-translated private": "https://[::ffff:0:a00:1]/gym",
     "IPv4-compatible private": "https://[::10.0.0.1]/gym",
+    "6to4 of a private address": "https://[2002:a00:1::1]/gym",
+    "Teredo": "https://[2001::a00:1]/gym",
     "hex IPv4": "https://0x0a000001/gym",
     "decimal IPv4": "https://167772161/gym",
     "short IPv4": "https://10.1/gym",
@@ -138,6 +145,28 @@ def test_delivery_never_connects_to_a_name_that_resolves_to_a_nat64_private_addr
         return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("64:ff9b::a9fe:a9fe", port, 0, 0))]
 
     monkeypatch.setattr(callback_client.socket, "getaddrinfo", nat64)
+
+    # when a webhook is posted to it
+    answer = callback_post(url="https://hooks.example.com/gym", body=b"{}", headers={}, timeout=1)
+
+    # then no connection is made
+    assert answer.status_code is None
+    assert answer.error.startswith("refused:"), answer.error
+
+
+def test_delivery_never_connects_to_a_name_that_resolves_to_a_site_local_address(
+    monkeypatch, loopback_off
+):
+    import socket
+
+    from inference import callback_client
+
+    # given a public name whose AAAA record is a deprecated site-local address
+    # (the lookup replaced at the one module that makes it: no DNS here)
+    def site_local(host, port, *args, **kwargs):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fec0::1", port, 0, 0))]
+
+    monkeypatch.setattr(callback_client.socket, "getaddrinfo", site_local)
 
     # when a webhook is posted to it
     answer = callback_post(url="https://hooks.example.com/gym", body=b"{}", headers={}, timeout=1)
@@ -261,6 +290,8 @@ def api(db, grant):
         REFUSED["cloud metadata (link-local)"],
         REFUSED["IPv4-mapped private"],
         REFUSED["NAT64 of a private address"],
+        REFUSED["IPv6 site-local"],
+        REFUSED["6to4 of a private address"],
         REFUSED["too long"],
         "http://127.0.0.1:8000/gym",  # loopback, with the setting off
     ],
