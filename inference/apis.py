@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -79,6 +80,21 @@ STREAM_FIRST_EVENT_WAIT_S = 0.5
 # event once it asked the worker to cancel it: the cancel reaches the worker
 # within its poll (0.1 s), and the settlement follows the engine's end.
 FINAL_AFTER_CANCEL_WAIT_S = 2.0
+
+# The engine's own refusals of a prompt too long for it, the only engine
+# failures that are the request's fault: the development engine's ("Prompt
+# length (N) exceeds the maximum input length (M)", and "... plus max_tokens
+# (K) exceeds the maximum sequence length (S)") and TensorRT-LLM's
+# (LlmRequest::validate: "Prompt length (N) exceeds maximum input length (M)",
+# "Encoder length (N) exceeds maximum encoder input length (M)"; a prompt plus
+# max_tokens over its sequence length it serves, with fewer tokens). Nothing
+# looser: an engine failure taken for the client's is answered 400 and kept
+# under its Idempotency-Key for good, where a 502 may be retried.
+_PROMPT_TOO_LONG = re.compile(
+    r"\b(?:prompt|encoder) length \(\d+\)(?: plus max_tokens \(\d+\))? exceeds (?:the )?"
+    r"maximum (?:encoder )?(?:input|sequence) length \(\d+\)",
+    re.IGNORECASE,
+)
 
 
 def render_chat(model: CatalogModel, messages: list[dict]) -> str:
@@ -539,7 +555,7 @@ class _GenerationApi(OrgApiView):
         charged = final.get("credits_charged", 0) > 0
         # The engine's own refusal of a prompt too long for it, as OpenAI answers
         # one; only before anything was served: a 4xx says nothing happened.
-        too_long = "too long" in message or "exceeds" in message
+        too_long = _PROMPT_TOO_LONG.search(message) is not None
         if code == "engine_error" and too_long and not charged:
             code, status = "context_length_exceeded", 400
         return ApplicationError(

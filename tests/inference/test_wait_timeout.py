@@ -293,7 +293,9 @@ def test_an_engine_error_that_names_a_length_is_a_400_only_if_nothing_was_served
     final = {
         "type": "error",
         "error_code": "engine_error",
-        "error_message": "The sequence length exceeds the engine's maximum.",
+        "error_message": (
+            "Prompt length (9000) exceeds the maximum input length (8192); shorten the prompt."
+        ),
         "credits_charged": charged,
         "credits_remaining": 10_000,
     }
@@ -305,6 +307,67 @@ def test_an_engine_error_that_names_a_length_is_a_400_only_if_nothing_was_served
     # served and charged, the engine's failure (5xx) that keeps its Idempotency-Key
     assert (error.status, error.code) == answer
     assert error.took_effect == (charged > 0)
+
+
+PROMPT_TOO_LONG = {
+    "the development engine's input limit": (
+        "Prompt length (9000) exceeds the maximum input length (8192); shorten the prompt."
+    ),
+    "the development engine's sequence limit": (
+        "Prompt length (12) plus max_tokens (4096) exceeds the maximum sequence length (4096); "
+        "lower max_tokens."
+    ),
+    # TensorRT-LLM's LlmRequest::validate, as Triton's TensorRT-LLM backend passes it on
+    "TensorRT-LLM's input limit": (
+        "[TensorRT-LLM][ERROR] Assertion failed: Prompt length (9000) exceeds maximum input "
+        "length (8192). Set log level to info and check TRTGptModel logs for how maximum input "
+        "length is set"
+    ),
+    "TensorRT-LLM's encoder input limit": (
+        "Encoder length (3000) exceeds maximum encoder input length (2048)."
+    ),
+}
+
+NOT_THE_CLIENTS_FAULT = {
+    "a full request queue": "request queue size exceeds capacity",
+    "out of KV cache": "Requested KV cache blocks exceeds the free blocks in the pool",
+    "a batch too big": "Batch size (300) exceeds maximum batch size (256)",
+    "a draft too long": "Draft tokens length (9) exceeds maximum draft tokens length (4).",
+    "memory": "CUDA out of memory: the allocation exceeds what is free; too long a wait",
+}
+
+
+@pytest.mark.parametrize("message", PROMPT_TOO_LONG.values(), ids=PROMPT_TOO_LONG.keys())
+def test_the_engines_own_refusal_of_a_prompt_too_long_is_a_400(message):
+    # given a job the engine refused for its prompt's length, before serving anything
+    job = Job(public_id="job_len")
+    final = {"type": "error", "error_code": "engine_error", "error_message": message}
+    final |= {"credits_charged": 0, "credits_remaining": 10_000}
+
+    # when it is turned into the answer
+    error = apis._GenerationApi.engine_error(job, final)
+
+    # then it is the request's fault, as OpenAI says it
+    assert (error.status, error.code, error.message) == (400, "context_length_exceeded", message)
+
+
+@pytest.mark.parametrize(
+    "message", NOT_THE_CLIENTS_FAULT.values(), ids=NOT_THE_CLIENTS_FAULT.keys()
+)
+def test_an_engine_failure_that_merely_says_exceeds_stays_the_engines_fault(message):
+    # given a job the engine failed, before serving anything, for a reason of its own
+    # whose message happens to say "exceeds" (or "too long")
+    job = Job(public_id="job_busy")
+    final = {"type": "error", "error_code": "engine_error", "error_message": message}
+    final |= {"credits_charged": 0, "credits_remaining": 10_000}
+
+    # when it is turned into the answer
+    error = apis._GenerationApi.engine_error(job, final)
+
+    # then a 502 the client may retry under the same Idempotency-Key, not a 400 that
+    # would be kept under it for good
+    assert (error.status, error.code, error.message) == (502, "engine_error", message)
+    assert error.took_effect is False
 
 
 def _settled_and_its_end_lost(job: Job, *, stream: bool = False) -> Job:
