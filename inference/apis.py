@@ -401,11 +401,15 @@ class _GenerationApi(OrgApiView):
             # chunk says why: gym.error). The whole is bounded all the same: a
             # wait in the queue, the run, a wait for its settlement.
             quiet_s = settings.INFERENCE_TIMEOUT_SECONDS
+            # As reader: its worker cancels the job once this process stops
+            # reading it, should it die where the generator's `finally` (sse)
+            # never runs.
             events = relay_events(
                 job.public_id,
                 timeout_s=2 * quiet_s + job_run_limit(),
                 quiet_s=quiet_s,
                 heartbeat=True,
+                reader=True,
             )
             # The first event, waited for up to STREAM_FIRST_EVENT_WAIT_S: a
             # job that failed before its first token (no engine would take

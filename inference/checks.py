@@ -43,6 +43,24 @@ def job_run_limit_check(app_configs, **kwargs) -> list:
     return []
 
 
+@register(Tags.compatibility)
+def stream_reader_ttl_check(app_configs, **kwargs) -> list:
+    """A streamed job's reader marker (inference.relay) must outlive the reads that renew it:
+    else every stream's worker cancels its job as it finds the marker gone."""
+    ttl = settings.INFERENCE_STREAM_READER_TTL_SECONDS
+    if ttl >= 1:
+        return []
+    return [
+        Error(
+            f"INFERENCE_STREAM_READER_TTL_SECONDS is {ttl:g}: streams whose client still reads "
+            "them would be cancelled (a web process under load renews the marker less often).",
+            hint="Set it to a few seconds (default 5): how long a stream nobody reads any more "
+            "may run on, and be billed, before its worker cancels it.",
+            id="inference.E002",
+        )
+    ]
+
+
 # Brokers served by kombu's Redis transport, whose visibility timeout hands back
 # the messages of a worker that vanished.
 REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")

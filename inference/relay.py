@@ -8,6 +8,12 @@ waiting for the engine, streaming, or not streaming at all. A job's run holds
 a lease (`relay_run_lease`) that the same poller keeps alive, so that a
 second message for a job whose first run is alive is told from one handed
 back after its worker died.
+
+A streamed job's reader (the API process serving its SSE response) keeps a
+marker alive while it reads (`relay_events(reader=True)`), and the same
+poller cancels a streamed job whose marker lapsed: the cancel a client that
+hangs up sends comes from the API process, which may die (killed after its
+graceful timeout, out of memory) with nobody left to send it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -49,6 +56,17 @@ def _stream(job_id: str) -> str:
 
 def _cancel_key(job_id: str) -> str:
     return f"jobcancel:{job_id}"
+
+
+def _reader_key(job_id: str) -> str:
+    return f"jobreader:{job_id}"
+
+
+def reader_ttl_s() -> float:
+    """How long a streamed job's reader marker lives unless its reader renews it, and how
+    long a worker waits for it to appear: INFERENCE_STREAM_READER_TTL_SECONDS. The web
+    processes and the workers must agree on it."""
+    return settings.INFERENCE_STREAM_READER_TTL_SECONDS
 
 
 def _run_lease_key(job_pk: int) -> str:
@@ -97,22 +115,43 @@ def relay_events(
     poll_ms: int = 500,
     heartbeat: bool = False,
     quiet_s: float | None = None,
+    reader: bool = False,
 ) -> Iterator[dict]:
     """Yield the job's events in order until a final one, or raise TimeoutError: after
     `timeout_s` in all, or, with `quiet_s`, once that long passed without an event.
 
     With `heartbeat`, HEARTBEAT is yielded after every `poll_ms` without an event.
+    With `reader` (a streamed job's SSE response), the job's reader marker is kept
+    alive while the events are read (see _CancelWatcher): renewed every quarter of
+    its life, in the same round trip as a read, so a stream costs no round trip more.
+    A generator left unread (its process died, or stalls writing to its client) lets
+    it lapse, and the job's worker cancels the job.
     """
     redis_client = get_redis()
     last = "0-0"
     deadline = time.monotonic() + timeout_s
     heard_by = deadline if quiet_s is None else time.monotonic() + quiet_s
+    renew_every_s = reader_ttl_s() / 4 if reader else math.inf
+    # A read blocks no longer than a renewal's interval: while the events are
+    # read (and passed on without stalling), a marker is never left unrenewed
+    # for more than two of them, half its life.
+    poll_ms = min(poll_ms, max(int(renew_every_s * 1000), 1)) if reader else poll_ms
+    renew_at = time.monotonic() if reader else math.inf
     while True:
-        left_ms = int((min(deadline, heard_by) - time.monotonic()) * 1000)
+        now = time.monotonic()
+        left_ms = int((min(deadline, heard_by) - now) * 1000)
         if left_ms <= 0:
             raise TimeoutError(job_id)
         # Block in slices, so the Redis client's socket timeout is never reached.
-        reply = redis_client.xread({_stream(job_id): last}, block=min(poll_ms, left_ms), count=256)
+        block = min(poll_ms, left_ms)
+        if now >= renew_at:
+            renew_at = now + renew_every_s
+            pipe = redis_client.pipeline(transaction=False)
+            pipe.set(_reader_key(job_id), b"1", px=max(int(reader_ttl_s() * 1000), 1))
+            pipe.xread({_stream(job_id): last}, block=block, count=256)
+            _renewed, reply = pipe.execute()
+        else:
+            reply = redis_client.xread({_stream(job_id): last}, block=block, count=256)
         if not reply and heartbeat:
             yield HEARTBEAT
         if reply and quiet_s is not None:
@@ -181,6 +220,14 @@ def relay_cancel_requested(job_id: str) -> bool:
     return bool(get_redis().exists(_cancel_key(job_id)))
 
 
+@dataclass
+class _Watch:
+    job_id: str
+    # A streamed job's: when (time.monotonic()) its reader's marker is first
+    # required; None once it was found missing, or for a job not streamed.
+    reader_due: float | None = None
+
+
 class _CancelWatcher:
     """One daemon thread per process, polling Redis for the cancel keys of the jobs it runs,
     and renewing their run leases (relay_run_lease).
@@ -190,13 +237,23 @@ class _CancelWatcher:
     job's own thread wait for it to be scheduled. Before it, the worker asked
     Redis between streamed tokens (a round trip per token), so a job that was
     not streamed, or still waited for its first token, could not be cancelled.
+
+    A streamed job is cancelled too when its reader's marker (relay_events
+    with `reader`) is missing once the job has been watched for the marker's
+    life (reader_ttl_s): its reader had that long to show itself (it reads
+    from the moment the job is queued, so it has, unless its process died),
+    and a marker lapses that long after its reader stops renewing it. The
+    marker rides in the same MGET as the cancel keys. Its life bounds what
+    a stream nobody reads can cost: tokens generated for that long. A job
+    not streamed has no reader to lose: its client waits for the whole
+    answer, and pays for it once it was made.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         # Keyed by the event: the same job may run twice in a process (a
         # redelivered task), and each run stops on its own.
-        self._watched: dict[threading.Event, str] = {}
+        self._watched: dict[threading.Event, _Watch] = {}
         # Run leases, by their token: key.
         self._leases: dict[str, str] = {}
         self._renewed_at = 0.0
@@ -210,10 +267,11 @@ class _CancelWatcher:
             )
             self._thread.start()
 
-    def watch(self, job_id: str) -> threading.Event:
+    def watch(self, job_id: str, *, reader: bool = False) -> threading.Event:
         event = threading.Event()
+        due = time.monotonic() + reader_ttl_s() if reader else None
         with self._lock:
-            self._watched[event] = job_id
+            self._watched[event] = _Watch(job_id, reader_due=due)
             self._start()
         return event
 
@@ -257,15 +315,33 @@ class _CancelWatcher:
                 watched = list(self._watched.items())
             if not watched:
                 continue
+            now = time.monotonic()
+            read = [
+                (event, w)
+                for event, w in watched
+                if w.reader_due is not None and now >= w.reader_due
+            ]
             try:
-                flags = get_redis().mget([_cancel_key(job_id) for _event, job_id in watched])
+                flags = get_redis().mget(
+                    [_cancel_key(w.job_id) for _event, w in watched]
+                    + [_reader_key(w.job_id) for _event, w in read]
+                )
             except Exception:
                 # Redis is down (or anything else): the thread must outlive it;
                 # jobs run on, and a cancellation is seen once Redis is back.
                 logger.warning("could not poll job cancellations", exc_info=True)
                 continue
-            for (event, _job_id), flag in zip(watched, flags, strict=True):
+            for (event, _w), flag in zip(watched, flags[: len(watched)], strict=True):
                 if flag is not None:
+                    event.set()
+            for (event, w), marker in zip(read, flags[len(watched) :], strict=True):
+                if marker is None:
+                    logger.warning(
+                        "job %s: nobody reads its stream any more (its reader's marker "
+                        "lapsed); cancelling it",
+                        w.job_id,
+                    )
+                    w.reader_due = None
                     event.set()
 
 
@@ -378,9 +454,10 @@ def _run_lease_take(key: str, token: str) -> bool:
 
 
 @contextlib.contextmanager
-def relay_cancel_watch(job_id: str) -> Iterator[threading.Event]:
-    """An Event that is set once `relay_cancel(job_id)` was called (from any process)."""
-    event = _watcher.watch(job_id)
+def relay_cancel_watch(job_id: str, *, reader: bool = False) -> Iterator[threading.Event]:
+    """An Event that is set once `relay_cancel(job_id)` was called (from any process); with
+    `reader` (a streamed job), also once its reader's marker lapsed (_CancelWatcher)."""
+    event = _watcher.watch(job_id, reader=reader)
     try:
         yield event
     finally:

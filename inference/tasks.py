@@ -254,8 +254,11 @@ def _job_end(
                 cancel.set()
 
     # Set by POST /api/v1/jobs/{id}/cancel, or by the API process when a
-    # streaming client goes away or a waiting one times out.
-    with relay_cancel_watch(job.public_id) as cancel:
+    # streaming client goes away or a waiting one times out; for a streamed
+    # job, also when its API process stopped reading it (died), if that
+    # process renews its reader marker (job_engine_spec's `reader`).
+    reader = job.stream and spec is not None and spec.get("reader", False)
+    with relay_cancel_watch(job.public_id, reader=reader) as cancel:
         if getattr(job, "restarted", False) and relay_cancel_requested(job.public_id):
             # A job cancelled while running whose task came back (its worker
             # died): the watcher would see it only after the prompt was sent.

@@ -600,6 +600,10 @@ def job_engine_spec(job: Job) -> dict:
     `metrics` each pool's metrics urls (for routing by load; a message
     without them routes by the worker's own counts); inference.tasks uses
     them only for a message delivered within ENGINE_FIRST_WITHIN_S.
+    `reader`: the sender's SSE response renews the job's reader marker
+    (inference.relay), so its worker may cancel the job once it lapses; a
+    message from a web process of a release before it says nothing, and its
+    stream is never cancelled for want of a marker that process never writes.
     """
     pools = pools_for_job(job=job)
     return {
@@ -609,6 +613,7 @@ def job_engine_spec(job: Job) -> dict:
         "id": job.public_id,
         "kind": job.kind,
         "stream": job.stream,
+        "reader": job.stream,
         "params": job.params,
     }
 

@@ -26,6 +26,15 @@ def test_a_run_limit_that_would_stop_every_job_is_an_error(settings):
     assert error.is_serious() and "every job would be stopped" in error.msg
 
 
+def test_a_stream_reader_marker_too_short_to_outlive_its_renewals_is_an_error(settings):
+    # given a marker that lapses between two renewals of a reader that is alive
+    settings.INFERENCE_STREAM_READER_TTL_SECONDS = 0.5
+
+    # when / then
+    [error] = [m for m in run_checks() if m.id == "inference.E002"]
+    assert error.is_serious() and "would be cancelled" in error.msg
+
+
 def test_a_run_limit_above_what_holds_allow_is_a_warning_that_names_the_cap(settings):
     # given holds of 10 minutes: jobs run at most a quarter of it, 150 s
     settings.METERING_HOLD_TTL = timedelta(minutes=10)

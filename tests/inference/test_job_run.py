@@ -504,14 +504,9 @@ LONG_PROMPT = "Tokens are the unit of work, and the cluster"
 LONG_PARAMS = {"max_tokens": 3000, "seed": 282, "temperature": 2.0}
 
 
-@pytest.mark.parametrize("message", ["fresh", "late"])
-def test_a_job_running_past_its_limit_is_stopped_failed_and_billed_for_what_it_produced(
-    paced_triton_server, grant, settings, message
-):
-    # given a streamed job that runs over a second when nothing stops it, and
-    # a run limit of 0.8 s (the job's start and its first token take a small
-    # part of it on a slow machine)
-    settings.INFERENCE_JOB_DEADLINE_SECONDS = 0.8
+def _long_streamed_job(paced_triton_server, grant) -> tuple[Job, triton.GenerationResult]:
+    """A queued streamed job of LONG_PROMPT on the paced engine, which runs over a second
+    when nothing stops it, of an organization with credits; and its whole generation."""
     model = served_model(
         "gym-run-long", grpc_urls=[paced_triton_server.grpc_url], access_tier="basic"
     )
@@ -524,6 +519,19 @@ def test_a_job_running_past_its_limit_is_stopped_failed_and_billed_for_what_it_p
     job = _queued(org, model, **LONG_PARAMS)
     Job.objects.filter(pk=job.pk).update(stream=True)
     job.refresh_from_db()
+    return job, full
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_job_running_past_its_limit_is_stopped_failed_and_billed_for_what_it_produced(
+    paced_triton_server, grant, settings, message
+):
+    # given a streamed job that runs over a second when nothing stops it, and
+    # a run limit of 0.8 s (the job's start and its first token take a small
+    # part of it on a slow machine)
+    settings.INFERENCE_JOB_DEADLINE_SECONDS = 0.8
+    job, full = _long_streamed_job(paced_triton_server, grant)
+    org = job.organization
     before = organization_balance(organization=org)
 
     # when it runs
@@ -550,6 +558,47 @@ def test_a_job_running_past_its_limit_is_stopped_failed_and_billed_for_what_it_p
     # and it was billed for exactly that, once
     assert job.credits_charged == _expected_charge(job) > 0
     assert final["credits_charged"] == job.credits_charged
+    _settled_for_its_charge(job, org, before)
+
+
+@pytest.mark.parametrize(
+    "sender", ["renews its reader marker", "of an earlier release"], ids=["reader", "earlier"]
+)
+def test_a_stream_nobody_reads_is_cancelled_by_its_worker_and_billed_for_what_it_produced(
+    paced_triton_server, grant, settings, sender
+):
+    # given a streamed job that runs over a second when nothing stops it, whose
+    # reader's marker lives 0.3 s, and which nobody reads: its web process died
+    # as it was queued. Its message from a web process that renews the marker,
+    # or from one of an earlier release, which never writes one.
+    settings.INFERENCE_STREAM_READER_TTL_SECONDS = 0.3
+    job, full = _long_streamed_job(paced_triton_server, grant)
+    org = job.organization
+    spec = _spec(job)
+    assert spec["reader"] is True
+    if sender == "of an earlier release":
+        del spec["reader"]
+    before = organization_balance(organization=org)
+
+    # when it runs
+    status = _run(job, spec, prompt=LONG_PROMPT)
+    *deltas, final = relay_events(job.public_id, timeout_s=10)
+
+    job = Job.objects.get(pk=job.pk)
+    if sender == "of an earlier release":
+        # then, from a web process that never renews a marker, it runs to its end
+        assert status == job.status == JobStatus.SUCCEEDED
+        assert job.output_tokens == full.output_tokens
+    else:
+        # then its worker cancelled it once the marker was due and missing, and it
+        # was billed, once, for what the engine had produced: the start of its text
+        assert status == job.status == JobStatus.CANCELED
+        assert job.finish_reason == "cancelled"
+        assert 0 < job.output_tokens < full.output_tokens
+        relayed = "".join(event["text"] for event in deltas)
+        assert final["text"] == relayed and full.text.startswith(relayed)
+        assert final["output_tokens"] == job.output_tokens == count_tokens(relayed)
+    assert job.credits_charged == _expected_charge(job) > 0
     _settled_for_its_charge(job, org, before)
 
 

@@ -32,6 +32,7 @@ import pytest
 import redis
 import requests
 from django.conf import settings
+from rest_framework.test import APIClient
 
 from accounts.models import Scope
 from accounts.redis import get_redis
@@ -53,6 +54,7 @@ from tests.reliability.test_inference_faults import (
     _client,
     _expected_charge,
     _organization,
+    _own_worker,
     _settled_once,
     _wait_for,
 )
@@ -234,22 +236,93 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_job_and_pays_for_what_was
 
     # and it was billed for exactly what the engine delivered to the worker
     # until it cancelled: the text relayed is the start of the engine's own
-    # generation, and the billed count is the engine's count of that text
-    relayed_text, final = _relayed(job)
-    assert relayed_text == final["text"]
-    assert "".join(read) == relayed_text[: len("".join(read))]
-    assert full.text.startswith(relayed_text)
-    assert job.output_tokens == count_tokens(relayed_text) == final["output_tokens"]
+    # generation, and the billed count is the engine's count of that text;
+    # and the hold settled once, for that, the rest released
+    _billed_once_for_the_relayed_start(job, read=read, full=full, org=org, before=before)
     assert job.input_tokens == count_tokens(prompt)
     assert job.input_tokens_source == InputTokensSource.ENGINE
 
-    # and the hold settled once, for that, the rest released
+
+def _billed_once_for_the_relayed_start(job: Job, *, read: list[str], full, org, before) -> None:
+    """The cancelled stream's job was billed for exactly what the engine delivered to its
+    worker until the cancel: the text relayed, which starts with what its client `read`
+    and is the start of the engine's whole generation (`full`), at the engine's count of
+    it; its hold settled once, for that, the rest released (from the balance `before`)."""
+    relayed_text, final = _relayed(job)
+    assert relayed_text == final["text"]
+    assert relayed_text.startswith("".join(read))
+    assert full.text.startswith(relayed_text)
+    assert job.output_tokens == count_tokens(relayed_text) == final["output_tokens"]
     charge = _expected_charge(job)
     assert job.credits_charged == charge > 0
     _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
     after = organization_balance(organization=org)
     assert before.available - after.available == charge
     assert after.held == 0
+
+
+# The life of a streamed job's reader marker in this test's web side and in its
+# worker (INFERENCE_STREAM_READER_TTL_SECONDS): a second, not five, so that the
+# worker's cancel lands well inside the paced long generation (2.7 s here).
+READER_TTL_S = 1.0
+
+
+@pytest.fixture
+def short_reader_worker(tmp_path, settings):
+    """A worker of the test's own on inference.standard, whose streamed jobs' readers'
+    markers live READER_TTL_S, as they do in this (web) process."""
+    settings.INFERENCE_STREAM_READER_TTL_SECONDS = READER_TTL_S
+    with _own_worker(
+        tmp_path / "celery-worker.log",
+        queue_name="inference.standard",
+        pool="prefork",
+        concurrency=1,
+        env={"INFERENCE_STREAM_READER_TTL_SECONDS": str(READER_TTL_S)},
+    ) as worker:
+        yield worker
+
+
+def test_a_stream_whose_web_process_died_is_cancelled_and_pays_for_what_was_generated(
+    short_reader_worker, paced_triton_server, grant
+):
+    # given a long streamed generation, served by the app in this process
+    model = _model([paced_triton_server.grpc_url])
+    full = _full_generation(paced_triton_server.grpc_url, render_chat(model, LONG_MESSAGES))
+    assert full.output_tokens > 1000
+    org = _organization(grant, credits(100))
+    _key, raw = apikey_create(organization=org, name="died", scopes=[Scope.INFERENCE])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    before = organization_balance(organization=org)
+    response = client.post("/v1/chat/completions", _long_body(stream=True), format="json")
+    assert response.status_code == 200
+    try:
+        # when its client reads the first three tokens, and then the web process
+        # serving it dies: its response is never read on nor closed (no
+        # `finally` runs, so no cancel is sent), and the marker it renewed while
+        # it read lapses, as it does READER_TTL_S after its last renewal
+        chunks = iter(response.streaming_content)
+        read = []
+        while len(read) < 3:
+            line = next(chunks)
+            if line.startswith(b"data: {"):
+                delta = json.loads(line[len(b"data: ") :])["choices"][0]["delta"]
+                if delta.get("content"):
+                    read.append(delta["content"])
+        job = Job.objects.get(organization=org)
+        assert get_redis().delete(f"jobreader:{job.public_id}") == 1
+
+        # then its worker cancels the job, well before the engine's end
+        job = _finished(job.pk)
+        assert (job.status, job.finish_reason) == (JobStatus.CANCELED, "cancelled")
+        assert len(read) <= job.output_tokens < full.output_tokens
+
+        # and it was billed for what the engine generated until then, the
+        # start of the whole generation, at the engine's count; its hold
+        # settled once, for that, the rest released
+        _billed_once_for_the_relayed_start(job, read=read, full=full, org=org, before=before)
+    finally:
+        response.close()
 
 
 # -- 2. ended after the engine took the prompt, before its first response -----------------

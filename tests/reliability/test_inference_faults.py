@@ -356,18 +356,34 @@ def _children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def _own_worker(log: Path, *, queue_name: str, pool: str, concurrency: int, conn_max_age: int = 0):
-    """A `celery worker` of the test's own on one queue; yields (process, log).
+def _own_worker(
+    log: Path,
+    *,
+    queue_name: str,
+    pool: str,
+    concurrency: int,
+    conn_max_age: int = 0,
+    env: dict[str, str] | None = None,
+):
+    """A `celery worker` of the test's own on one queue; yields (process, log). `env`: more
+    environment for it (its settings).
 
     Any other worker on the broker (the session's) stops consuming the queue
     while it runs, so that its jobs go to this one; it is given back afterwards.
     """
     with paused_consumers(queue_name):
-        yield from _started_worker(log, queue_name, pool, concurrency, conn_max_age)
+        yield from _started_worker(log, queue_name, pool, concurrency, conn_max_age, env)
 
 
-def _started_worker(log: Path, queue_name: str, pool: str, concurrency: int, conn_max_age: int):
-    env = process_env(conn_max_age=conn_max_age)
+def _started_worker(
+    log: Path,
+    queue_name: str,
+    pool: str,
+    concurrency: int,
+    conn_max_age: int,
+    extra_env: dict[str, str] | None = None,
+):
+    env = process_env(conn_max_age=conn_max_age) | (extra_env or {})
     node = f"fault-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
     with open(log, "w") as out:
         proc = subprocess.Popen(
