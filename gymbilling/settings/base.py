@@ -275,7 +275,7 @@ INFERENCE_ENGINE_TIMEOUT_SECONDS = env.float("INFERENCE_ENGINE_TIMEOUT_SECONDS",
 # the marker lapses, this long after the last renewal: the API process died,
 # or its writes to the client stalled that long. It bounds the tokens
 # generated for a stream nobody reads. Web processes and workers must agree.
-INFERENCE_STREAM_READER_TTL_SECONDS = env.float("INFERENCE_STREAM_READER_TTL_SECONDS", default=5.0)
+INFERENCE_STREAM_READER_TTL_SECONDS = env.float("INFERENCE_STREAM_READER_TTL_SECONDS", default=15.0)
 # Job callbacks (inference.services.callbacks): a signed webhook when an
 # asynchronous job ends. Each attempt may take this long in all.
 INFERENCE_CALLBACK_TIMEOUT_SECONDS = env.float("INFERENCE_CALLBACK_TIMEOUT_SECONDS", default=10.0)
