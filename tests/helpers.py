@@ -507,6 +507,55 @@ def take_queued(queue_name: str) -> list[tuple[dict, list, dict]]:
     return taken
 
 
+@contextlib.contextmanager
+def celery_worker_started(
+    log,
+    *,
+    queues: list[str],
+    pool: str,
+    concurrency: int,
+    conn_max_age: int = 0,
+    env: dict[str, str] | None = None,
+    node_prefix: str = "own",
+):
+    """A `celery -A gymbilling worker` process of the test's own on `queues` (its -Q, in
+    that order), answering pings; yields (process, log). `log`: the file its output goes
+    to; `env`: more environment for it (its settings). Stopped when the block ends.
+
+    Other workers (the session's) still consume the same queues: pause them first
+    (paused_consumers) where a test needs the messages to go to this one.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from django.conf import settings
+
+    from gymbilling.celery import app
+
+    node = f"{node_prefix}-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "gymbilling", "worker",
+                f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
+                "-n", node, "-Q", ",".join(queues), "--without-gossip", "--without-mingle",
+            ],
+            cwd=settings.BASE_DIR, env=process_env(conn_max_age=conn_max_age) | (env or {}),
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(destination=[node], timeout=1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the test's celery worker did not start:\n{log.read_text()}")
+        yield proc, log
+    finally:
+        stop_process(proc)
+
+
 # The Celery worker processes the tests run now ("name@host"), which
 # paused_consumers pauses: tests.conftest's session worker registers itself.
 RUNNING_WORKERS: set[str] = set()

@@ -15,8 +15,6 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,7 +28,6 @@ import pytest
 
 from accounts.models import Scope
 from accounts.services import apikey_create
-from gymbilling.celery import app as celery_app
 from inference import apis, triton
 from inference.apis import render_chat
 from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ServerPool
@@ -48,7 +45,7 @@ from metering.services import (
     price_book_publish,
 )
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, paused_consumers, process_env, stop_process
+from tests.helpers import celery_worker_started, credits, paused_consumers
 from tests.inference import conftest as engine_fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -371,37 +368,11 @@ def _own_worker(
     Any other worker on the broker (the session's) stops consuming the queue
     while it runs, so that its jobs go to this one; it is given back afterwards.
     """
-    with paused_consumers(queue_name):
-        yield from _started_worker(log, queue_name, pool, concurrency, conn_max_age, env)
-
-
-def _started_worker(
-    log: Path,
-    queue_name: str,
-    pool: str,
-    concurrency: int,
-    conn_max_age: int,
-    extra_env: dict[str, str] | None = None,
-):
-    env = process_env(conn_max_age=conn_max_age) | (extra_env or {})
-    node = f"fault-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "celery", "-A", "gymbilling", "worker",
-                f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
-                "-n", node, "-Q", queue_name, "--without-gossip", "--without-mingle",
-            ],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not celery_app.control.ping(destination=[node], timeout=1):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the test's celery worker did not start:\n{log.read_text()}")
-        yield proc, log
-    finally:
-        stop_process(proc)
+    with paused_consumers(queue_name), celery_worker_started(
+        log, queues=[queue_name], pool=pool, concurrency=concurrency,
+        conn_max_age=conn_max_age, env=env, node_prefix="fault",
+    ) as worker:  # fmt: skip
+        yield worker
 
 
 @pytest.fixture
