@@ -57,6 +57,9 @@ KEY=$(cat var/demo-key)
 python manage.py triton_dev --http-port $TRITON_HTTP --grpc-port $TRITON_GRPC \
   --metrics-port $TRITON_METRICS > var/log/triton.log 2>&1 &
 pids+=($!)
+# One worker on every queue, taking them in this order (the broker's
+# queue_order_strategy, settings): the sweeps, billing and email first (few
+# and short), callbacks of jobs already run, then inference by priority.
 celery -A gymbilling worker -l INFO --concurrency 2 \
   -Q celery,email,callbacks,inference.priority,inference.standard,inference.batch \
   > var/log/worker.log 2>&1 &

@@ -294,7 +294,9 @@ def celery_worker_process(django_db_setup, django_db_blocker, stripe_standin):
     Not eager mode: tasks cross Redis to another process, as in production.
     Tests using it need `transactional_db` so the worker sees committed rows.
     Every queue but `email`, which `email_worker` works in the test's process
-    (`callbacks` included: the job-callback tests expect it to make the first delivery).
+    (`callbacks` included: the job-callback tests expect it to make the first delivery),
+    in the precedence order README's worker command gives them (settings:
+    queue_order_strategy).
     """
     env = process_env()
     node = f"test-{uuid.uuid4().hex[:8]}"

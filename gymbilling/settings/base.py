@@ -179,6 +179,16 @@ if CELERY_BROKER_URL.split("://", 1)[0].lower() in ("redis", "rediss"):
 # hands it back: delivery is at least once, so every task is idempotent.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A worker holds at most as many messages as it runs (its concurrency times
+# this): with late acknowledgement a message counts against the prefetch
+# until its task has ended, so at 1 a worker takes its next message only
+# when a slot is free, and takes it then by queue precedence (the broker's
+# queue_order_strategy, below). Above 1 it would take batch jobs ahead into
+# its own buffer, where a priority job that arrives next waits behind them
+# (and a dead worker's buffer waits out the visibility timeout). Taking one
+# message when a slot frees costs a BRPOP round trip to Redis, well under a
+# millisecond, against jobs that run for tenths of seconds to minutes: no
+# throughput is lost by not buffering.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # A message a worker took but never acknowledged (the whole worker died, not
 # only the child that ran it: reject_on_worker_lost hands that back at once)
@@ -188,18 +198,33 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # hold's life (METERING_HOLD_TTL_SECONDS), so that the job it carries is
 # still run: a job whose hold expires within the start margin is never
 # started, and ends expired, unbilled. By default 30 minutes, or three runs.
+#
+# A worker on several queues takes the first of them, in its -Q order, that
+# has a message: kombu's Redis transport asks for them in one BRPOP, which
+# answers from the first non-empty list named. By default kombu rotates the
+# queue it just took from to the end of that list (round robin), so a batch
+# backlog took every other slot from a stream of priority jobs that pay more
+# to go first; "priority" keeps the order fixed (kombu.utils.scheduling:
+# priority_cycle). Celery adds the queues in -Q order, so the worker's -Q
+# is the precedence (README: celery, email and callbacks, then
+# inference.priority, inference.standard, inference.batch). A queue added
+# at run time (`celery control add_consumer`) comes last. Redis brokers
+# only (gymbilling.broker.Transport is kombu's); on any other broker, give
+# each queue workers of its own.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": env.int(
         "CELERY_VISIBILITY_TIMEOUT_SECONDS", default=max(1800, math.ceil(3 * _JOB_RUN_S))
-    )
+    ),
+    "queue_order_strategy": "priority",
 }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_RESULT_EXPIRES = timedelta(hours=1)
 CELERY_TIMEZONE = "UTC"
-# Inference jobs go to the queue of their priority; run workers per queue to
-# keep batch work from delaying priority work.
+# Inference jobs go to the queue of their priority; a worker on several of
+# them takes them in its -Q order (queue_order_strategy, above), and workers
+# per queue isolate them completely.
 CELERY_TASK_ROUTES = {
     "inference.tasks.job_run": {"queue": "inference.standard"},
     # Email on a queue of its own (accounts.tasks.EMAIL_QUEUE), which a worker must consume.
