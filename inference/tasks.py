@@ -1,6 +1,8 @@
 """The Celery side of a job: call Triton, relay tokens, settle exactly once.
 
-Queues: inference.priority, inference.standard, inference.batch. A worker
+Queues: inference.priority, inference.standard, inference.batch, which a
+worker on several takes in that order, its -Q order (settings:
+queue_order_strategy). A worker
 that dies mid-job hands the task back (acks late, reject on worker lost);
 the redelivered task runs the generation again and the job settles once,
 because its hold is keyed by the job id and the settlement checks the job's
