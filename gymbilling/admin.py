@@ -504,8 +504,9 @@ class OverageReportAdmin(ReadOnlyAdmin):
     error": dropped (Stripe reported it failed: sent again under a new identifier, or
     failed) or maybe dropped (sent while Stripe dropped events it did not name, or named
     an attempt of it that may not be the one counted, or dropped it again after
-    BILLING_OVERAGE_MAX_RESENDS re-sends: check it at Stripe; it is never re-sent by
-    itself). Finance, once they have looked, say which:
+    BILLING_OVERAGE_MAX_RESENDS re-sends, or refused it at once again after as many,
+    "refusals" counting those: check it at Stripe; it is never re-sent by itself).
+    Finance, once they have looked, say which:
     "Counted at Stripe" (the flag cleared) or "Not counted" (sent again)."""
 
     list_display = [
@@ -517,6 +518,7 @@ class OverageReportAdmin(ReadOnlyAdmin):
         "failed_at",
         "meter_error",
         "stripe_error_code",
+        "refusals",
         "error",
         "created_at",
     ]

@@ -532,7 +532,8 @@ class MeterError(models.TextChoices):
     # twice): Stripe reported more failures than it named, in a window the batch was sent
     # in; or it named an attempt of the batch without Stripe's answers saying whether
     # another attempt counted; or it kept dropping the batch past the re-send cap
-    # (BILLING_OVERAGE_MAX_RESENDS). `error` says which.
+    # (BILLING_OVERAGE_MAX_RESENDS), or kept refusing it at once past that cap
+    # (OverageReport.refusals). `error` says which.
     IN_DOUBT = "in_doubt", "Maybe dropped"
     # Maybe dropped, and finance found it counted among the meter's events at Stripe: the
     # flag cleared, for good (a report flags it no more; overage_report_counted).
@@ -574,6 +575,11 @@ class OverageReport(models.Model):
     # `error` says why, for finance to invoice it another way or write it off.
     failed_at = models.DateTimeField(null=True, blank=True)
     error = models.CharField(max_length=500, blank=True, db_default="")
+    # How often Stripe refused an attempt of it at once (a 4xx, its customer not gone):
+    # each is a re-send toward BILLING_OVERAGE_MAX_RESENDS, as each `_r<n>` after Stripe
+    # dropped it is; past the cap it is left to finance. Retries after no answer, a 429 or
+    # a 5xx count toward nothing. db_default: the previous release writes batches too.
+    refusals = models.PositiveIntegerField(default=0, db_default=0)
     # db_default: processes of the previous release still write batches during a deploy.
     meter_error = models.CharField(
         max_length=16, choices=MeterError.choices, blank=True, db_default=MeterError.NONE

@@ -57,6 +57,14 @@ answered that attempt 200. Stripe's report naming an attempt of a batch then mea
   sending): re-sending could bill it twice, and waiting for the next attempt could
   bill it never, should Stripe keep a dropped event's identifier.
 
+A batch Stripe refuses at once (a 4xx: it took nothing; its customer not gone) is tried
+again at the next run under the same identifier; a cause that persists (a deactivated
+meter, an invalid parameter) would have it tried and logged every run for good, so each
+such refusal counts (`refusals`) toward BILLING_OVERAGE_MAX_RESENDS beside the re-sends
+after Stripe dropped it, and past the cap it is left to finance as one Stripe keeps
+dropping is (_overage_report_refused). A run that finds Stripe unreachable (network, 429,
+5xx: StripeUnavailable) counts toward nothing.
+
 A batch finance found counted at Stripe (admin: "Counted at Stripe") is left so by
 every report, named or not: finance looked at the meter's events themselves.
 
@@ -246,9 +254,10 @@ def _overage_batches_send(*, now: datetime) -> int:
             if gone.get(customer):
                 _overage_report_fail(report=report, customer=customer, now=now)
                 continue
-            # This report alone: it stays unsent and is tried again next run; the others
-            # go on. Stripe being unreachable still ends the run (StripeUnavailable).
-            logger.exception("overage report %s refused by Stripe", report.identifier)
+            # This report alone: it stays unsent and is tried again next run, up to the
+            # re-send cap; the others go on. Stripe being unreachable still ends the run
+            # (StripeUnavailable), and counts toward nothing: nothing is wrong with the batch.
+            _overage_report_refused(report=report, refused=exc, attempt=sent_at)
             continue
         if taken is None:
             # Stripe has the identifier already, from an earlier attempt whose answer was
@@ -259,6 +268,89 @@ def _overage_batches_send(*, now: datetime) -> int:
             attempt.update(sent_at=sent_at)
         reported += report.credits
     return reported
+
+
+# Refusals that say nothing of the batch: the key or the account (401, 403; every batch
+# refused alike, and each left to finance would be a mass repair once the key is put
+# right), or a request that collided with another (409). Network errors, 429 and 5xx are
+# StripeUnavailable and never get here.
+_REFUSALS_NOT_THE_BATCH = frozenset({401, 403, 409})
+
+
+def _overage_report_refused(
+    *, report: OverageReport, refused: stripe_client.StripeRequestRefused, attempt: datetime
+) -> None:
+    """Stripe refused an attempt of the batch at once (4xx; its customer not gone): it took
+    nothing, so the batch is tried again at the next run under the same identifier. A
+    refusal that persists (an invalid parameter, a meter deactivated) would have it tried,
+    and logged, at every run for good: each one counts toward BILLING_OVERAGE_MAX_RESENDS
+    (`refusals`, beside the re-sends after Stripe dropped it, `_r<n>`), and past the cap
+    the batch is left to finance, as one Stripe keeps dropping is."""
+    if refused.status in _REFUSALS_NOT_THE_BATCH:
+        logger.exception("overage report %s refused by Stripe", report.identifier)
+        return
+    if _resends_all(report) >= settings.BILLING_OVERAGE_MAX_RESENDS:
+        _overage_report_refused_to_finance(report=report, refused=refused, attempt=attempt)
+        return
+    # As read: a report applied meanwhile (no lock on the demo's SQLite) may have moved it.
+    OverageReport.objects.filter(
+        pk=report.pk, identifier=report.identifier, sent_at__isnull=True
+    ).update(refusals=F("refusals") + 1)
+    logger.warning(
+        "overage report %s refused by Stripe (%s %s: %s): tried again at the next run "
+        "(re-send %d of BILLING_OVERAGE_MAX_RESENDS=%d)",
+        report.identifier,
+        refused.status,
+        refused.code,
+        refused,
+        _resends_all(report) + 1,
+        settings.BILLING_OVERAGE_MAX_RESENDS,
+        exc_info=refused,
+    )
+
+
+def _overage_report_refused_to_finance(
+    *, report: OverageReport, refused: stripe_client.StripeRequestRefused, attempt: datetime
+) -> bool:
+    """Leave a batch Stripe refused at once again, past the re-send cap, to finance, as
+    _overage_report_to_finance does one it keeps dropping: flagged maybe dropped and marked
+    sent, so that no run sends it and finance's "Not counted — send again" (once the cause
+    is put right) applies to it; audited and logged once.
+
+    Marked sent at its last attempt Stripe may have taken (one whose answer was lost: it
+    may have counted, which finance checks at Stripe first), or, where there is none, at
+    the attempt refused: Stripe took no attempt of it, so nothing of it counted."""
+    taken = report.last_attempt_at
+    error = (
+        f"Stripe refused meter event {report.identifier} at once ({refused.status} "
+        f"{refused.code}: {refused}) after it was re-sent {_resends_all(report)} times "
+        "(BILLING_OVERAGE_MAX_RESENDS): not sent again by itself. "
+        + (
+            "An earlier attempt got no answer and may have counted: look for it at Stripe "
+            "first ('Counted at Stripe' if it is there). "
+            if taken
+            else "Stripe took no attempt of it. "
+        )
+        + "Put the cause right at Stripe (the meter, the customer, the request), then "
+        "choose 'Not counted — send again'."
+    )[:500]
+    return _overage_report_mark(
+        _unfailed(report).filter(sent_at__isnull=True),
+        report=report,
+        action="billing.overage_refused",
+        why="left to finance",
+        data={
+            "code": refused.code,
+            "status": refused.status,
+            "message": str(refused)[:500],
+            "outcome": "finance",
+            "request_id": refused.request_id or "",
+        },
+        meter_error=MeterError.IN_DOUBT,
+        stripe_error_code=(refused.code or str(refused.status or ""))[:64],
+        error=error,
+        sent_at=taken or attempt,
+    )
 
 
 def _report_customer(report: OverageReport) -> str:
@@ -522,7 +614,7 @@ def _overage_report_named(
     customer = _report_customer(batch)
     if event.code == CUSTOMER_NOT_FOUND and gone.get(customer):
         return _overage_report_fail(report=batch, customer=customer, now=now, dropped=event)
-    if _resends(batch.identifier) >= settings.BILLING_OVERAGE_MAX_RESENDS:
+    if _resends_all(batch) >= settings.BILLING_OVERAGE_MAX_RESENDS:
         return _overage_report_to_finance(report=batch, dropped=event)
     return _overage_report_requeue(report=batch, dropped=event)
 
@@ -600,6 +692,13 @@ def _resends(identifier: str) -> int:
     return int(_RESENT.match(identifier)["n"] or 0)
 
 
+def _resends_all(report: OverageReport) -> int:
+    """How often the batch was sent again after an attempt failed: re-sent under a new
+    identifier after Stripe dropped it, or tried again after Stripe refused it at once.
+    Both count toward BILLING_OVERAGE_MAX_RESENDS; a retry after no answer does not."""
+    return _resends(report.identifier) + report.refusals
+
+
 def _unfailed(report: OverageReport):
     return OverageReport.objects.filter(
         pk=report.pk, identifier=report.identifier, failed_at__isnull=True
@@ -615,7 +714,7 @@ def _overage_report_to_finance(*, report: OverageReport, dropped: DroppedEvent) 
     the same report read again makes the same update, which changes nothing."""
     error = (
         f"Stripe dropped meter event {report.identifier} ({dropped.code}: {dropped.message}) "
-        f"after it was re-sent {_resends(report.identifier)} times "
+        f"after it was re-sent {_resends_all(report)} times "
         "(BILLING_OVERAGE_MAX_RESENDS): not sent again by itself. Put the cause right at "
         "Stripe (the meter, the customer), then choose 'Not counted — send again'."
     )[:500]

@@ -394,9 +394,11 @@ STRIPE_WEBHOOK_TOLERANCE_SECONDS = env.int("STRIPE_WEBHOOK_TOLERANCE_SECONDS", d
 # The billing meter overage is reported to, and how often it is reported.
 STRIPE_OVERAGE_EVENT_NAME = env.str("STRIPE_OVERAGE_EVENT_NAME", default="gym_overage_credits")
 BILLING_OVERAGE_REPORT_MINUTES = env.int("BILLING_OVERAGE_REPORT_MINUTES", default=15)
-# How often an overage batch Stripe named as dropped is re-sent by itself; dropped once more
-# after that (a cause that persists: an archived meter, a wrong customer), it is left to
-# finance (admin: Overage reports), logged once. 0: never re-sent without finance.
+# How often an overage batch Stripe named as dropped, or refused at once (a 4xx), is sent
+# again by itself, the two counted together; failing once more after that (a cause that
+# persists: an archived meter, a wrong customer), it is left to finance (admin: Overage
+# reports), logged once. Stripe unreachable counts toward nothing. 0: never sent again
+# without finance.
 BILLING_OVERAGE_MAX_RESENDS = env.int("BILLING_OVERAGE_MAX_RESENDS", default=3)
 # A failed renewal keeps inference running this long before it is suspended.
 BILLING_GRACE_PERIOD = timedelta(seconds=env.int("BILLING_GRACE_PERIOD_SECONDS", default=3 * 86400))

@@ -891,6 +891,87 @@ def test_a_batch_stripe_keeps_dropping_goes_to_finance_after_the_re_send_cap(
     assert counted(stripe_standin, org) == [(f"{first}_r3", 10)]
 
 
+def _overage_meter(stripe_sdk):
+    """The overage meter at the stand-in, as the catalog's sync made it."""
+    from django.conf import settings
+
+    [meter] = [
+        m
+        for m in stripe_sdk.v1.billing.meters.list().data
+        if m.event_name == settings.STRIPE_OVERAGE_EVENT_NAME and m.status == "active"
+    ]
+    return meter
+
+
+@pytest.mark.django_db
+def test_a_batch_stripe_keeps_refusing_at_once_goes_to_finance_after_the_re_send_cap(
+    customer, subscribed, stripe_standin, stripe_sdk, settings, caplog
+):
+    # given: at most 2 re-sends; 10 credits of overage; and the overage meter deactivated
+    # at Stripe (by hand, in the dashboard), so Stripe refuses every meter event at once
+    # (400: no active meter for the event name)
+    settings.BILLING_OVERAGE_MAX_RESENDS = 2
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    meter = _overage_meter(stripe_sdk)
+    stripe_sdk.v1.billing.meters.deactivate(meter.id)
+
+    # when: a run is refused; a run finds Stripe unreachable (counts toward nothing: the
+    # batch is not at fault); then two more runs are refused
+    with caplog.at_level(logging.WARNING, logger="gymbilling.services.overage"):
+        assert overage_report() == 0
+        [batch] = OverageReport.objects.filter(organization=org)
+        standin, settings.STRIPE_MAX_NETWORK_RETRIES = settings.STRIPE_API_BASE, 0
+        settings.STRIPE_API_BASE = "http://127.0.0.1:9"  # nothing listens there
+        with pytest.raises(stripe_client.StripeUnavailable):
+            overage_report()
+        settings.STRIPE_API_BASE = standin
+        batch.refresh_from_db()
+        assert (batch.sent_at, batch.meter_error) == (None, MeterError.NONE)
+        assert overage_report() == 0
+        assert overage_report() == 0
+        # and more runs
+        assert overage_report() == 0
+        assert overage_report() == 0
+
+    # then: tried again twice after the first refusal, then left to finance: flagged, marked
+    # sent (no run sends it), its error saying why and what to do
+    batch.refresh_from_db()
+    first = batch.identifier
+    assert (batch.sent_at is not None, batch.failed_at) == (True, None)
+    assert (batch.meter_error, batch.stripe_error_code) == (
+        MeterError.IN_DOUBT,
+        "resource_missing",
+    )
+    assert "refused" in batch.error and "re-sent 2 times" in batch.error
+    assert batch.refusals == 2  # the first refusal, and the one after the unanswered run
+    # (the attempt that got no answer may have reached Stripe, for all the run knew)
+    assert "An earlier attempt got no answer and may have counted" in batch.error
+    assert counted(stripe_standin, org) == []
+    # and logged: each refusal tried again at WARNING, then once at ERROR for finance, never
+    # again by the runs after; one audit record
+    logged = _logged(caplog)
+    assert [level for level, _ in logged] == [logging.WARNING] * 2 + [logging.ERROR]
+    assert logged[-1][1] == f"overage report {first} left to finance: {batch.error}"
+    [audit] = AuditEvent.objects.filter(action="billing.overage_refused")
+    assert (audit.target, audit.data["outcome"], audit.data["code"], audit.data["credits"]) == (
+        first,
+        "finance",
+        "resource_missing",
+        10,
+    )
+
+    # when: finance puts the meter right and says it was not counted
+    stripe_sdk.v1.billing.meters.reactivate(meter.id)
+    _checked(_finance(), "not_counted_send_again", batch.pk, note="meter reactivated")
+
+    # then: sent again once, under a new identifier, and counted once
+    assert overage_report() == 10
+    assert overage_report() == 0
+    assert counted(stripe_standin, org) == [(f"{first}_r1", 10)]
+
+
 # --- finance's word stands -----------------------------------------------------------------
 
 
