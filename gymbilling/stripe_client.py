@@ -185,6 +185,11 @@ def prices_by_lookup_key(lookup_keys: list[str]) -> list[dict]:
     return _list(_client().v1.prices.list, lookup_keys=lookup_keys, active=True, limit=100)
 
 
+def prices_active() -> Iterator[dict]:
+    """Every price active at Stripe, page after page."""
+    return _pages(_client().v1.prices.list, active=True)
+
+
 def price_create(*, key: str, **params) -> dict:
     return _call(_client().v1.prices.create, key=key, **params)
 

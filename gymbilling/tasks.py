@@ -10,6 +10,7 @@ from gymbilling.services import (
     payment_reversals_pending_settle,
     stripe_event_process,
     stripe_events_retry,
+    stripe_prices_retired_archive,
     subscription_downgrade_restore,
     subscriptions_downgrade_restore,
     subscriptions_last_period_cap,
@@ -72,3 +73,8 @@ def subscription_downgrade_restore_task(self, subscription_pk: int) -> bool:
 @shared_task
 def subscriptions_downgrade_restore_task() -> int:
     return subscriptions_downgrade_restore()
+
+
+@shared_task
+def stripe_prices_retired_archive_task() -> list[str]:
+    return stripe_prices_retired_archive()

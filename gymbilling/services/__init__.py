@@ -1,6 +1,6 @@
 """Every write of billing. Import services from here."""
 
-from gymbilling.services.catalog import catalog_sync
+from gymbilling.services.catalog import catalog_sync, stripe_prices_retired_archive
 from gymbilling.services.checkout import (
     checkout_create,
     portal_create,
@@ -54,6 +54,7 @@ __all__ = [
     "stripe_event_process",
     "stripe_event_record",
     "stripe_events_retry",
+    "stripe_prices_retired_archive",
     "subscription_change",
     "subscription_downgrade_restore",
     "subscription_sync",

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 
 from gymbilling import stripe_client
-from gymbilling.models import CreditPack, Plan, PriceKind, StripePrice
+from gymbilling.models import CreditPack, Plan, PriceKind, StripePrice, Subscription
 from metering.models import MICRO
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,6 +208,64 @@ def catalog_sync() -> SyncReport:
     for pack in CreditPack.objects.order_by("pk"):
         _pack_sync(pack, report)
     return report
+
+
+# Subscriptions that may still come back to their item's price: every one not ended (an
+# unpaid or paused one is paid, or resumed, on the item it has).
+_ENDED = (Subscription.Status.CANCELED, Subscription.Status.INCOMPLETE_EXPIRED)
+
+
+def _prices_needed() -> set[int]:
+    """The retired prices a subscription of ours may still put an item on: the one it pays
+    (a change on its plan moves the item back to it: checkout.plan_change_price), its
+    overage price, and, for a downgrade scheduled on Stripe's item (whose price no row
+    names) or a lifted one to be put back, every retired price of that plan, or of any
+    plan (checkout._lift_undo)."""
+    live = Subscription.objects.exclude(status__in=_ENDED)
+    retired = StripePrice.objects.filter(current=False)
+    needed = set(
+        retired.filter(
+            Q(pk__in=live.values("price_id"))
+            | Q(pk__in=live.values("overage_price_id"))
+            | Q(plan_id__in=live.filter(scheduled_plan__isnull=False).values("scheduled_plan_id"))
+        ).values_list("pk", flat=True)
+    )
+    if live.filter(downgrade_restore_due_at__isnull=False).exists():
+        needed |= set(retired.filter(kind=PriceKind.PLAN).values_list("pk", flat=True))
+    return needed
+
+
+def stripe_prices_retired_archive() -> list[str]:
+    """Archive at Stripe every retired price (StripePrice.current false) that is active
+    there and that no subscription of ours may still need; returns their ids.
+
+    A member left on a retired price who changes seats, or takes back a downgrade, has it
+    made active again at Stripe (checkout._price_usable), which refuses to put an item on
+    an archived price; left so, Stripe's own Checkout, payment links and dashboard could
+    sell a price the catalog retired. Archiving changes nothing for the subscriptions on
+    it (Stripe keeps billing them at it), and a later change that needs it makes it active
+    again. Run daily by beat; safe to run twice (archiving twice is the same update).
+
+    No transaction is open across the Stripe calls. What is needed is read again just
+    before each price is archived: a change that began since reactivates it at most
+    between that read and the archive, and is then refused by Stripe (nothing changed),
+    and succeeds when asked again."""
+    retired = {
+        p.stripe_price_id: p.pk
+        for p in StripePrice.objects.filter(current=False).exclude(pk__in=_prices_needed())
+    }
+    if not retired:
+        return []
+    # Read whole before any is archived: a page's cursor may be one archived meanwhile.
+    active = [price["id"] for price in stripe_client.prices_active() if price["id"] in retired]
+    archived = []
+    for price_id in active:
+        if retired[price_id] in _prices_needed():
+            continue
+        stripe_client.price_deactivate(price_id)
+        logger.info("retired price %s was active at Stripe: archived again", price_id)
+        archived.append(price_id)
+    return archived
 
 
 # The demo's and the tests' catalog: prices in US cents, credits in micro-credits.

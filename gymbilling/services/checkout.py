@@ -623,9 +623,12 @@ def _price_usable(price_id: str) -> None:
     """Make `price_id` one Stripe will put an item on. A price the catalog has retired
     since (a member's old price, or the one a scheduled downgrade was made at:
     StripePrice.current false) is archived at Stripe, which refuses to put an item on it:
-    it is made active again, and left so, as another member on it may need it next (the
-    catalog's sync only archives the price it replaces, and new purchases only ever use a
-    current one). A price we do not know is sent as it is, as before."""
+    it is made active again, here, each time a change needs it. The daily sweep
+    (catalog.stripe_prices_retired_archive) archives it again once no subscription of
+    ours may need it, so that Stripe's own Checkout and dashboard do not sell it; should
+    it archive one between this and the change, Stripe refuses the change (nothing
+    changed) and asking again succeeds. A price we do not know is sent as it is, as
+    before."""
     if StripePrice.objects.filter(stripe_price_id=price_id, current=False).exists():
         stripe_client.price_reactivate(price_id)
 

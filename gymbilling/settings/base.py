@@ -427,6 +427,13 @@ CELERY_BEAT_SCHEDULE |= {
         "task": "gymbilling.tasks.subscriptions_downgrade_restore_task",
         "schedule": timedelta(minutes=10),
     },
+    # Retired prices a member's change made active again at Stripe (checkout._price_usable),
+    # archived again once no subscription of ours needs them: Stripe's own Checkout and
+    # dashboard would otherwise still sell them.
+    "billing-retired-prices-archive": {
+        "task": "gymbilling.tasks.stripe_prices_retired_archive_task",
+        "schedule": crontab(minute=17, hour=3),
+    },
     "billing-overage-report": {
         "task": "gymbilling.tasks.overage_report_task",
         "schedule": timedelta(minutes=BILLING_OVERAGE_REPORT_MINUTES),

@@ -23,7 +23,11 @@ from gymbilling.models import (
     StripePrice,
     Subscription,
 )
-from gymbilling.services import catalog_sync, stripe_event_process
+from gymbilling.services import (
+    catalog_sync,
+    stripe_event_process,
+    stripe_prices_retired_archive,
+)
 from gymbilling.services.checkout import LIFTED, plan_change_price
 from gymbilling.stripe_standin.subscriptions import prorated
 from metering.models import MICRO, CreditLot, LotSource
@@ -301,6 +305,48 @@ def test_an_upgrade_declined_after_the_scheduled_price_was_retired_puts_the_down
     assert (sub.plan.code, sub.scheduled_plan.code) == ("pro", "basic")
     stripe_standin.set_card(BillingCustomer.objects.get().stripe_customer_id, "4242424242424242")
     assert _renewal(stripe_standin, deliver, sub)[0] == 2_000
+
+
+def _active(stripe_sdk, price: StripePrice) -> bool:
+    return stripe_sdk.v1.prices.retrieve(price.stripe_price_id).active
+
+
+def test_a_retired_price_made_active_again_is_archived_once_no_member_needs_it(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a member on Pro at $99; finance make Pro $129 (the $99 price archived at
+    # Stripe); the member moves to Basic from the next period
+    sub, old = _old_pro_with_basic_scheduled(customer, subscribed, deliver)
+    assert not _active(stripe_sdk, old)
+
+    # when: they take the downgrade back: their item goes back to the $99 price, which is
+    # made active again at Stripe for it
+    assert _change(customer, "pro") == "change_canceled"
+    assert "failed" not in deliver()
+    assert _item(stripe_sdk, sub) == (old.stripe_price_id, 1)
+    assert _active(stripe_sdk, old)
+
+    # then: the daily sweep leaves it active while they are on it
+    assert stripe_prices_retired_archive() == []
+    assert _active(stripe_sdk, old)
+    # and a downgrade scheduled and taken back again still works at that price
+    assert _change(customer, "basic") == "change_scheduled"
+    assert stripe_prices_retired_archive() == []
+    assert _change(customer, "pro") == "change_canceled"
+    assert "failed" not in deliver()
+    assert _item(stripe_sdk, sub) == (old.stripe_price_id, 1)
+
+    # when: their subscription ends
+    stripe_sdk.v1.subscriptions.cancel(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    assert Subscription.objects.get(pk=sub.pk).status == "canceled"
+
+    # then: the sweep archives the retired price at Stripe again, once; the current ones
+    # stay on sale
+    assert stripe_prices_retired_archive() == [old.stripe_price_id]
+    assert not _active(stripe_sdk, old)
+    assert stripe_prices_retired_archive() == []
+    assert stripe_sdk.v1.prices.retrieve(_current("pro")).active
 
 
 def test_a_change_to_the_plan_of_a_stale_price_is_at_that_plan_s_price_now(subscribed):
