@@ -22,7 +22,11 @@ from gymbilling.selectors import (
     plans_offered,
 )
 from gymbilling.services import checkout_create, portal_create
-from gymbilling.services.checkout import plan_change_price, plan_price_move
+from gymbilling.services.checkout import (
+    plan_change_price,
+    plan_change_refuse,
+    plan_price_move,
+)
 from gymbilling.services.subscriptions import live_subscription, plan_change_is_upgrade
 from metering.services.postings import amount_display
 
@@ -43,19 +47,11 @@ class CheckoutForm(forms.Form):
     seats = DigitsIntegerField(required=False, min_value=1, max_value=10_000)
 
 
-def _price_move(subscription, plan, seats: int) -> StripePrice | None:
-    """The move to the plan's price now that the page may offer (plan_price_move): none to
-    a price in another currency than the member pays, which checkout_create refuses
-    (currency_mismatch: Stripe keeps a customer in one currency)."""
-    move = plan_price_move(subscription=subscription, plan=plan, seats=seats)
-    if move is None or move.currency != subscription.known_price().currency:
-        return None
-    return move
-
-
-def _change_confirmation(request: HttpRequest, subscription, plan, seats: int) -> Confirmation:
-    """What the page asks before a change of plan or seats with the card on file."""
-    move = _price_move(subscription, plan, seats)
+def _change_confirmation(
+    request: HttpRequest, subscription, plan, seats: int, move: StripePrice | None
+) -> Confirmation:
+    """What the page asks before a change of plan or seats with the card on file; `move`:
+    the move to the plan's price now that the change is (plan_change_refuse)."""
     if move is not None:
         # Their own plan and seats, asked for on an old price: the move to the price now,
         # charged now or from the next period as checkout decides it (by what they pay).
@@ -122,8 +118,11 @@ class BillingPage(ActionPage):
             # is granted and charged what it was made for (StripePrice).
             period_price, period_currency = subscription.period_amount()
             # Offered to a member on an old price of their plan, nothing scheduled (with a
-            # change scheduled, the same request would take it back).
-            move = _price_move(subscription, subscription.plan, subscription.seats)
+            # change scheduled, the same request would take it back), the plan's price now
+            # in the currency they pay in (plan_price_move).
+            move = plan_price_move(
+                subscription=subscription, plan=subscription.plan, seats=subscription.seats
+            )
             context.update(
                 period_credits=subscription.period_credits(),
                 period_price=period_price,
@@ -148,11 +147,15 @@ class BillingPage(ActionPage):
         seats = data["seats"] or 1
         subscription = live_subscription(request.organization)
         if plan is not None and subscription is not None and request.POST.get("confirmed") != "yes":
+            # A change the row shows can only be refused (their own plan and seats as they
+            # are, nothing to move to: no_change) is refused now, as its "yes" would be,
+            # not asked about.
+            move = plan_change_refuse(subscription=subscription, plan=plan, seats=seats)
             # Only asked: the question's own form (a token of its own) is the one acted on.
             self.did_nothing = True
             return self.render_to_response(
                 self.get_context_data(
-                    confirm=_change_confirmation(request, subscription, plan, seats)
+                    confirm=_change_confirmation(request, subscription, plan, seats, move)
                 )
             )
         result = checkout_create(

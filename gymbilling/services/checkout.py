@@ -417,49 +417,7 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
     stripe_sub = _lift_undo(stripe_sub=stripe_sub)
     subscription = _mirror(stripe_sub)
-    if not subscription.live:
-        raise ApplicationError(
-            code="subscription_ended",
-            message="The subscription has ended; subscribe again to choose a plan.",
-            status=409,
-        )
-    if subscription.cancel_at_period_end:
-        # The member's cancellation stands until they take it back: a change would
-        # either undo it without saying so (renewing, and charging, a subscription they
-        # cancelled) or charge an upgrade for a subscription about to end.
-        raise ApplicationError(
-            code="subscription_canceling",
-            message=(
-                "The subscription is cancelled: it ends with its period, on "
-                f"{subscription.current_period_end.date().isoformat()}. Renew it in the "
-                "billing portal (POST /api/v1/billing/portal) first to change its plan or "
-                "seats."
-            ),
-            status=409,
-        )
-    # The member's own plan and seats, asked for while they pay an old price of it and
-    # nothing is scheduled: a move to the plan's price now, an upgrade or a downgrade by
-    # what they pay as any other change (plan_price_move).
-    moving = plan_price_move(subscription=subscription, plan=plan, seats=seats)
-    if (
-        (plan.pk, seats) == (subscription.plan_id, subscription.seats)
-        and not subscription.scheduled_plan_id
-        and moving is None
-    ):
-        raise ApplicationError(
-            code="no_change",
-            message="The subscription already has this plan and seats, at the plan's "
-            "current price.",
-            status=409,
-        )
-    if subscription.plan.currency != plan.currency or (
-        moving is not None and moving.currency != subscription.known_price().currency
-    ):
-        raise ApplicationError(
-            code="currency_mismatch",
-            message="A subscription cannot change currency; cancel it and subscribe again.",
-            param="plan",
-        )
+    moving = plan_change_refuse(subscription=subscription, plan=plan, seats=seats)
     # Taking back a scheduled change: this period is paid at the current plan and
     # seats already, so Stripe's item only goes back to them, at the price paid,
     # charging nothing (an always_invoice would prorate from the scheduled price and
@@ -565,6 +523,65 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     )
 
 
+def plan_change_refuse(*, subscription: Subscription, plan: Plan, seats: int) -> StripePrice | None:
+    """Refuse, from our row of `subscription`, a change to `plan` x `seats` that can only
+    fail; else the move to the plan's price now that it is (plan_price_move), or None.
+
+    The change decides from the row synced from Stripe inside its lock; the billing page
+    asks it from the row it draws, before it asks the member to confirm: a question whose
+    "yes" could only be refused is not asked.
+    """
+    if not subscription.live:
+        raise ApplicationError(
+            code="subscription_ended",
+            message="The subscription has ended; subscribe again to choose a plan.",
+            status=409,
+        )
+    if subscription.cancel_at_period_end:
+        # The member's cancellation stands until they take it back: a change would
+        # either undo it without saying so (renewing, and charging, a subscription they
+        # cancelled) or charge an upgrade for a subscription about to end.
+        raise ApplicationError(
+            code="subscription_canceling",
+            message=(
+                "The subscription is cancelled: it ends with its period, on "
+                f"{subscription.current_period_end.date().isoformat()}. Renew it in the "
+                "billing portal (POST /api/v1/billing/portal) first to change its plan or "
+                "seats."
+            ),
+            status=409,
+        )
+    # The member's own plan and seats, asked for while they pay an old price of it and
+    # nothing is scheduled: a move to the plan's price now, an upgrade or a downgrade by
+    # what they pay as any other change (plan_price_move).
+    moving = plan_price_move(subscription=subscription, plan=plan, seats=seats)
+    if (
+        (plan.pk, seats) == (subscription.plan_id, subscription.seats)
+        and not subscription.scheduled_plan_id
+        and moving is None
+    ):
+        paid = subscription.known_price()
+        raise ApplicationError(
+            code="no_change",
+            message=(
+                "The subscription already has this plan and seats. The plan sells in "
+                f"{plan.currency.upper()} now, and a subscription cannot change currency: "
+                "cancel it and subscribe again to pay its current price."
+                if paid is not None and paid.currency != plan.currency
+                else "The subscription already has this plan and seats, at the plan's "
+                "current price."
+            ),
+            status=409,
+        )
+    if subscription.plan.currency != plan.currency:
+        raise ApplicationError(
+            code="currency_mismatch",
+            message="A subscription cannot change currency; cancel it and subscribe again.",
+            param="plan",
+        )
+    return moving
+
+
 def plan_change_price(*, subscription: Subscription, plan: Plan) -> StripePrice:
     """The price a change of `subscription` to `plan`, at any seats, is made at.
 
@@ -592,7 +609,7 @@ def plan_price_move(*, subscription: Subscription, plan: Plan, seats: int) -> St
     while nothing is scheduled: with a change scheduled, the same request takes it back
     (a scheduled move to the price now among them). None too when they pay the current
     price already, or their price is unknown (no_change, as before), or the plan has no
-    current price.
+    current price, or sells in another currency than they pay in now.
     """
     if (plan.pk, seats) != (subscription.plan_id, subscription.seats):
         return None
@@ -601,6 +618,10 @@ def plan_price_move(*, subscription: Subscription, plan: Plan, seats: int) -> St
     paid = subscription.known_price()
     current = StripePrice.objects.filter(kind=PriceKind.PLAN, plan=plan, current=True).first()
     if paid is None or current is None or current.pk == paid.pk:
+        return None
+    if current.currency != paid.currency:
+        # Not a move there is: Stripe keeps a customer in one currency. Asking for their
+        # plan and seats as they are then changes nothing (no_change, plan_change_refuse).
         return None
     return current
 

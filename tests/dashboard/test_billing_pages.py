@@ -264,25 +264,81 @@ def test_a_move_to_a_current_price_in_another_currency_is_not_offered(
     assert _no_move_offered(client.get(BILLING))
 
 
-def test_a_team_pressing_change_seats_unchanged_is_offered_no_move_to_another_currency(
-    client, member, catalog, stripe_standin, deliver
+@pytest.mark.parametrize("sold_in", ["usd", "eur"], ids=["current-price", "sold-in-euros-now"])
+def test_a_team_pressing_change_seats_unchanged_is_answered_no_change_not_asked(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver, sold_in
 ):
-    # given a team of 2 seats at $49 a seat; then finance sell Team in euros (a new current
-    # price), which the checkout refuses them (currency_mismatch)
+    # given a team of 2 seats at $49 a seat; then, maybe, finance sell Team in euros (a new
+    # current price, which it cannot move to: Stripe keeps a customer in one currency)
     _, org = member(Role.ADMIN)
     subscribed(client, org, stripe_standin, deliver, plan="team", seats="2")
+    Plan.objects.filter(code="team").update(currency=sold_in)
+    catalog_sync()
+    sub = Subscription.objects.get(organization=org)
+    before = (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows())
+
+    # when they press "Change seats" with the number left at 2; and confirm it from a page
+    # drawn before (or a question asked before finance changed the currency)
+    asked = checkout(client, plan="team", seats="2")
+    confirmed = checkout(client, plan="team", seats="2", confirmed="yes")
+
+    # then both are refused as nothing to change, whatever the price is in: no question
+    # whose "yes" could only be refused; nothing changed at Stripe, here or in the ledger
+    assert refused(asked, 409, "no_change"), (asked.status_code, text(asked)[-600:])
+    assert 'name="confirmed"' not in text(asked)
+    assert refused(confirmed, 409, "no_change"), (confirmed.status_code, text(confirmed)[-600:])
+    assert _no_move_offered(asked)
+    assert (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows()) == before
+
+
+def test_a_change_of_a_subscription_canceled_at_period_end_is_refused_not_asked(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given Pro, canceled in the portal: it ends with its period
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    sub = Subscription.objects.get(organization=org)
+    stripe_sdk.v1.subscriptions.update(
+        sub.stripe_subscription_id, params={"cancel_at_period_end": True}
+    )
+    assert "failed" not in deliver()
+    before = (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows())
+
+    # when they press "Switch to Basic"
+    asked = checkout(client, plan="basic")
+
+    # then refused at once, as its "yes" would be, saying to renew it first
+    assert refused(asked, 409, "subscription_canceling"), (asked.status_code, text(asked)[-600:])
+    assert 'name="confirmed"' not in text(asked)
+    assert (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows()) == before
+
+
+def test_a_team_whose_plan_sells_in_another_currency_changes_seats_at_its_own_price(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given a team of 2 seats at $49 a seat; then finance sell Team in euros
+    _, org = member(Role.ADMIN)
+    subscribed(client, org, stripe_standin, deliver, plan="team", seats="2")
+    sub = Subscription.objects.get(organization=org)
+    paid = sub.price
     Plan.objects.filter(code="team").update(currency="eur")
     catalog_sync()
-    assert StripePrice.objects.get(lookup_key="gym_plan_team", current=True).currency == "eur"
 
-    # when they press "Change seats" with the number left at 2
-    asked = checkout(client, plan="team", seats="2")
+    # when they ask for 3 seats, the page asks at their $49 a seat, and they confirm
+    asked = checkout(client, plan="team", seats="3")
+    assert "Change your subscription to Team, 3 seats?" in text(asked)
+    assert "It costs 147.00 USD a period." in text(asked)
+    response = checkout(client, plan="team", seats="3", confirmed="yes")
+    assert "failed" not in deliver()
 
-    # then the question asked offers no move it would refuse
-    assert asked.status_code == 200
-    assert 'name="confirmed" value="yes"' in text(asked)
-    assert "current price" not in text(asked)
-    assert _no_move_offered(asked)
+    # then the seats change at the price they pay, in their currency
+    assert response.status_code == 302 and response["Location"] == BILLING
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    item = at_stripe["items"].data[0]
+    assert (item.price.id, item.quantity) == (paid.stripe_price_id, 3)
+    page = client.get(BILLING)
+    assert figure(page, "seats") == "3"
+    assert figure(page, "period-price") == "147.00 USD"
 
 
 def test_a_member_whose_row_names_another_plan_s_price_sees_their_plan_s(

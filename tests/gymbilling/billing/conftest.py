@@ -228,3 +228,11 @@ def subscription_state(stripe_sdk, sub) -> tuple:
 
     at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id).to_dict()
     return at_stripe, Subscription.objects.filter(pk=sub.pk).values().get(), ledger_rows()
+
+
+def subscription_state_unsynced(stripe_sdk, sub) -> tuple:
+    """subscription_state but the row's time of its last sync (a change syncs the row from
+    Stripe before it decides, refused or not)."""
+    at_stripe, row, ledger = subscription_state(stripe_sdk, sub)
+    row.pop("synced_at")
+    return at_stripe, row, ledger

@@ -32,7 +32,7 @@ from gymbilling.services.checkout import LIFTED, plan_change_price
 from gymbilling.stripe_standin.subscriptions import prorated
 from metering.models import MICRO, CreditLot, LotSource
 from metering.selectors import organization_balance
-from tests.gymbilling.billing.conftest import subscription_state
+from tests.gymbilling.billing.conftest import subscription_state_unsynced
 from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -497,7 +497,7 @@ def test_asking_for_one_s_own_plan_at_its_current_price_is_still_no_change(
 ):
     # given: a member on Pro at its current price
     sub = subscribed("pro")
-    before = _unchanged(stripe_sdk, sub)
+    before = subscription_state_unsynced(stripe_sdk, sub)
 
     # when: they ask for Pro
     response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
@@ -505,31 +505,26 @@ def test_asking_for_one_s_own_plan_at_its_current_price_is_still_no_change(
     # then: refused as before; nothing changed at Stripe, here or in the ledger
     assert response.status_code == 409, response.content
     assert response.json()["error"]["code"] == "no_change"
-    assert _unchanged(stripe_sdk, sub) == before
+    assert subscription_state_unsynced(stripe_sdk, sub) == before
 
 
-def _unchanged(stripe_sdk, sub) -> tuple:
-    """subscription_state but the row's time of its last sync (a change syncs the row from
-    Stripe before it decides)."""
-    at_stripe, row, ledger = subscription_state(stripe_sdk, sub)
-    row.pop("synced_at")
-    return at_stripe, row, ledger
-
-
-def test_a_move_to_a_current_price_in_another_currency_is_refused(
+def test_asking_for_one_s_own_plan_sold_now_in_another_currency_is_no_change(
     customer, subscribed, stripe_sdk, deliver
 ):
-    # given: a member on Pro at $99; then finance sell Pro in euros (a new current price)
+    # given: a member on Pro at $99; then finance sell Pro in euros (a new current price,
+    # which they cannot move to: Stripe keeps a customer in one currency)
     sub = subscribed("pro")
     Plan.objects.filter(code="pro").update(currency="eur")
     assert "gym_plan_pro" in catalog_sync().created
-    before = _unchanged(stripe_sdk, sub)
+    before = subscription_state_unsynced(stripe_sdk, sub)
 
     # when: they ask for Pro
     response = customer.client.post("/api/v1/billing/checkout", {"plan": "pro"}, format="json")
 
-    # then: refused, as any change of currency; nothing changed at Stripe, here or in the
-    # ledger
-    assert response.status_code == 400, response.content
-    assert response.json()["error"]["code"] == "currency_mismatch"
-    assert _unchanged(stripe_sdk, sub) == before
+    # then: nothing to change, as for a member on the current price, saying why they stay
+    # on theirs; nothing changed at Stripe, here or in the ledger
+    assert response.status_code == 409, response.content
+    error = response.json()["error"]
+    assert error["code"] == "no_change"
+    assert "sells in EUR now" in error["message"]
+    assert subscription_state_unsynced(stripe_sdk, sub) == before
