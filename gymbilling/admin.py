@@ -15,7 +15,11 @@ from django.urls import path, reverse
 
 from accounts.errors import ApplicationError
 from gymbilling import stripe_client
-from gymbilling.market.selectors import payment_market_order, shortfall_refund_owed
+from gymbilling.market.selectors import (
+    payment_market_order,
+    payouts_with_losses,
+    shortfall_refund_owed,
+)
 from gymbilling.market.services import order_shortfall_refund_request
 from gymbilling.models import (
     BillingCustomer,
@@ -898,6 +902,11 @@ class PayoutHoldingFilter(admin.SimpleListFilter):
                 "Frozen seller: not sent (closed, back to available; or pending, maybe sent "
                 "before), paid once the freeze is lifted",
             ),
+            (
+                "frozen_held",
+                "Frozen seller, pending and maybe sent before: refunds and disputes of its "
+                "sales are the platform's losses (column lost)",
+            ),
         ]
 
     def queryset(self, request, queryset):
@@ -917,6 +926,20 @@ class PayoutHoldingFilter(admin.SimpleListFilter):
                     )
                 ),
                 status=PayoutStatus.CUSTOMER_DELETED,
+            )
+        if self.value() == "frozen_held":
+            # Pending with a send counted (_payout_sent_before): not undone for the freeze,
+            # since Stripe may have paid it (market.services._payout_frozen). Its fills are
+            # paid out, so what refunds and disputes of its sales take while the freeze lasts
+            # is not taken from the seller's proceeds, and it pays them in full once sent.
+            return queryset.filter(
+                Exists(
+                    BillingCustomer.objects.filter(
+                        organization=OuterRef("seller"), resale_frozen_at__isnull=False
+                    )
+                ),
+                status=PayoutStatus.PENDING,
+                send_attempts__gt=0,
             )
         if self.value() == "frozen":
             # The freeze as it is now, not the payout's note (which says what the last
@@ -998,9 +1021,21 @@ class MarketPayoutAdmin(ReadOnlyAdmin):
         "may_have_paid",
         "send_attempts",
         "retry_allowed_at",
+        "lost",
         "created_at",
     ]
     list_filter = ["status", "method", PayoutHoldingFilter]
+
+    def get_queryset(self, request):
+        return payouts_with_losses(super().get_queryset(request))
+
+    @admin.display(
+        description="lost (refunds and disputes of its sales, the platform's)",
+        ordering="lost",
+    )
+    def lost(self, payout) -> int:
+        return payout.lost
+
     search_fields = ["seller__slug", "destination", "stripe_object_id"]
     actions = ["retry_payouts", "mark_paid_at_stripe"]
 

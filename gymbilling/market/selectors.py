@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db.models import (
+    BigIntegerField,
     Case,
     Count,
     ExpressionWrapper,
@@ -38,6 +39,8 @@ from gymbilling.models import (
     MarketListing,
     MarketOrder,
     MarketPayout,
+    MoneyAccountKind,
+    MoneyEntry,
     PayoutStatus,
     ProceedsState,
 )
@@ -290,3 +293,32 @@ def organization_payouts(*, organization: Organization) -> QuerySet[MarketPayout
     """The seller's payouts, newest first: sent, being sent (pending), or refused (failed,
     their proceeds back to available)."""
     return MarketPayout.objects.filter(seller=organization).order_by("-pk")
+
+
+def payouts_with_losses(queryset: QuerySet[MarketPayout]) -> QuerySet[MarketPayout]:
+    """`queryset` with `lost`: what refunds and disputes of each payout's sales booked as
+    the platform's loss against it, in minor units (0: none).
+
+    A sale refunded once its payout is recorded finds its fill paid out: the seller's share
+    of the refund is the platform's, whether Stripe took the payout already or it is still
+    pending. Net of what a refusal of the payout recovered from the seller (payout_failed)
+    and of what finance's mark paid booked again (payout_marked_paid): the money entries of
+    the losses account that name the payout. A dispute won later gives its loss back by a
+    reinstatement that names the fill, not the payout: not counted here.
+    """
+    lost = (
+        MoneyEntry.objects.filter(
+            transaction__payout=OuterRef("pk"), account__kind=MoneyAccountKind.LOSSES
+        )
+        .order_by()
+        .values("transaction__payout")
+        .annotate(total=Sum("amount"))
+        .values("total")
+    )
+    # The losses account's debits are negative (a loss booked is -amount there).
+    return queryset.annotate(
+        lost=ExpressionWrapper(
+            Value(0) - Coalesce(Subquery(lost, output_field=BigIntegerField()), Value(0)),
+            output_field=BigIntegerField(),
+        )
+    )

@@ -1873,7 +1873,15 @@ def _payout_frozen(payout: MarketPayout) -> str | None:
     it under "holding the seller's payouts: Frozen seller"); the first send once finance lifts
     the freeze looks at Stripe first, as every send does, and pays it once. Refunds and
     disputes of its sales meanwhile stay the platform's losses, as for any payout in
-    flight."""
+    flight: none is charged against it. Its amount cannot shrink (Stripe may have paid it
+    whole; a resend under its key with another amount is refused for a day, and the
+    look-up then finds a transfer that does not match: _PayoutUnsure), and it cannot be
+    undone to let them come out of the seller's proceeds on a look at Stripe that finds
+    nothing: that look proves nothing of a request whose answer was lost and that may
+    land later, and its proceeds paid again by a new payout, under a key of its own,
+    would pay the seller twice; sent, under its own key, it pays once. Finance see such
+    payouts, and what refunds and disputes lost on them (admin market payouts, "holding
+    the seller's payouts: Frozen seller, pending and maybe sent before", column lost)."""
     frozen = (
         BillingCustomer.objects.filter(
             organization_id=payout.seller_id, resale_frozen_at__isnull=False

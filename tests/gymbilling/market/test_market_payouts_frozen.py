@@ -263,6 +263,43 @@ def test_a_pending_payout_an_earlier_send_may_have_sent_waits_for_the_freeze(
     assert ledger_reconcile().ok
 
 
+def test_finance_see_a_held_payout_that_may_have_been_sent_and_what_its_refunds_lost(
+    market_stripe, seller, buyer, deliver, admin_client
+):
+    # given: a payout of the seller's 112 whose send Stripe did not answer (pending, maybe
+    # paid), the seller then frozen by a dispute of their own marketplace payment; and a
+    # never-sent payout of another frozen seller's, closed for its freeze
+    account = market_stripe.connect_account(seller)
+    order = sold(market_stripe, seller, buyer)
+    market_stripe.down = True
+    assert payouts_run(now=_later()) == 0
+    market_stripe.down = False
+    held = MarketPayout.objects.get(seller=seller)
+    other = market_member(credits_amount=credits(1000))
+    dispute_at_stripe(market_stripe, sold(market_stripe, other, seller))
+    deliver()
+    payouts_run(now=_later())
+    other_seller = market_member(credits_amount=credits(1000))
+    _, closed, _ = _recorded_then_frozen(market_stripe, other_seller, buyer)
+    payouts_run(now=_later())
+    closed.refresh_from_db()
+    assert closed.status == PayoutStatus.SELLER_FROZEN
+
+    # when: half the held payout's sale is refunded (62: fee 6, the seller's 56) while the
+    # freeze lasts
+    refund(order, 62)
+
+    # then: the seller's 56 is the platform's loss (Stripe may have paid it, so the payout
+    # is not undone), and finance find that payout, and only it, under its own filter,
+    # saying what its refunds lost
+    assert money("losses") == -56
+    listed = admin_client.get(CHANGELIST, {"holding": "frozen_held"})
+    assert [(p.pk, p.lost) for p in listed.context["cl"].result_list] == [(held.pk, 56)]
+    assert sorted(_frozen_listed(admin_client)) == sorted([held.pk, closed.pk])
+    assert market_stripe.transfers(account) == []
+    assert ledger_reconcile().ok
+
+
 def test_a_seller_frozen_between_the_record_and_the_send_of_one_run_is_not_paid(
     market_stripe, seller, buyer, monkeypatch
 ):
