@@ -474,21 +474,13 @@ class OrgApiView(APIView):
                     scope=f"key:{key.pk}", limit=key.requests_per_minute or org.requests_per_minute
                 ),
             )
-            # A key made with a key also counts in the bucket of the first key of its line,
-            # against that key's own limit: else a key allowed 10 a minute mints 100 keys
-            # of 10 each. Read with the key (api_keys._key_lookup: no query), counted in
-            # the same script as the rest (no round trip). A root without a limit of its
+            # A key made with a key also counts in the bucket of every key above it that
+            # has a limit of its own, against that key's limit: else a key allowed 10 a
+            # minute mints 100 keys of 10 each, wherever it stands in its line. Built with
+            # the cached key (api_keys._key_load: no query), counted in the same script
+            # as the rest (no round trip), all or none. An ancestor without a limit of its
             # own is bounded by the organization's, counted already.
-            root = key.limit_root
-            if root is not None and root.requests_per_minute is not None:
-                limits.insert(
-                    1,
-                    Limit(
-                        scope=f"key:{root.pk}",
-                        limit=root.requests_per_minute,
-                        name=f"API key's line ({root.prefix} and the keys made from it)",
-                    ),
-                )
+            limits[1:1] = key.line_limits
         if self.counts_requests_with_work and request.method == "POST":
             request.request_count = RequestCount(limits)
             return

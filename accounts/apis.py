@@ -116,8 +116,8 @@ class ApiKeyOutput(serializers.Serializer):
         allow_null=True,
         help_text="The id of the API key that made this one: revoking that key revokes "
         "this one, and this key's requests also count against the requests_per_minute of "
-        "the first key of the line. Null for a key a person or an operator made, and for "
-        "every key made before keys recorded it.",
+        "that key and of every key above it that has one. Null for a key a person or an "
+        "operator made, and for every key made before keys recorded it.",
     )
     created_at = serializers.DateTimeField()
     expires_at = serializers.DateTimeField(allow_null=True)

@@ -350,13 +350,24 @@ class ApiKey(models.Model):
         "self", on_delete=models.RESTRICT, null=True, blank=True, related_name="children"
     )
     # The first key of this key's line: its parent's limit_root, or its parent; null when
-    # it has no parent. A key made with a key also counts its requests in the root's
-    # per-key bucket (accounts.api_base), so minting keys does not multiply the root's
-    # requests per minute. Stored rather than walked up: the request path reads it with
-    # the key, in the same query (api_keys._key_lookup). Never changes once set.
+    # it has no parent. Never changes once set. The rate limit reads ancestor_limits
+    # (below), which holds this key's bucket when it has a limit; the release before it
+    # counted in this key's bucket alone, and still does while a deploy replaces it.
     limit_root = models.ForeignKey(
         "self", on_delete=models.RESTRICT, null=True, blank=True, related_name="+"
     )
+    # Every ancestor of this key (its parent, that key's parent, up to limit_root) that has
+    # a requests_per_minute of its own, root first: [{"id", "public_id",
+    # "requests_per_minute"}]. A request with this key counts in each one's per-key bucket
+    # too (accounts.api_base), so a key in the middle of a line, limited to 10 a minute,
+    # binds every key made below it, not only the first key's limit. Written by
+    # apikey_create from its parent's, so the request path reads it with the key in one
+    # query (api_keys._key_load), with no walk up the line. A snapshot: it holds because a
+    # key's requests_per_minute never changes once made (no service changes it; one that
+    # does must rewrite this list on every descendant in its transaction). [] for a key
+    # with no limited ancestor; null on keys made before migration 0013 (and by the
+    # release before, during its deploy): read by walking `parent` instead.
+    ancestor_limits = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["-pk"]

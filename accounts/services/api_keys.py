@@ -26,6 +26,7 @@ from django.utils import timezone
 from accounts.cache import SharedCache
 from accounts.errors import ApplicationError
 from accounts.models import ApiKey, Organization, Scope
+from accounts.ratelimits import Limit
 from accounts.services.audit import audit_record
 
 ALPHABET = string.digits + string.ascii_letters  # base62
@@ -50,23 +51,67 @@ MAX_REQUESTS_PER_MINUTE = 2_147_483_647
 KEYS = SharedCache("api-keys", max_age_s=5.0)
 
 
+def _key_load(public_id: str) -> ApiKey | None:
+    """The key with its organization, and the limits of its line (`line_limits`): the
+    buckets of its limited ancestors, which every request with it counts in too
+    (accounts.api_base). Built here, once per load, so the request path reads them with the
+    cached key at no cost: no query, no walk up the line."""
+    key = ApiKey.objects.select_related("organization").filter(public_id=public_id).first()
+    if key is not None:
+        # Nearest first: a request refused by several full buckets is told of the one
+        # closest to its key.
+        key.line_limits = tuple(
+            Limit(
+                scope=f"key:{ancestor['id']}",
+                limit=ancestor["requests_per_minute"],
+                name=f"API key's line ({PREFIX}{ancestor['public_id']} and the keys made from it)",
+            )
+            for ancestor in reversed(_ancestor_limits(key))
+        )
+    return key
+
+
 def _key_lookup(public_id: str) -> ApiKey | None:
-    # limit_root joined in the same query: every request with a key made with a key counts
-    # against its root's requests per minute (accounts.api_base), which must cost no query.
-    cached = KEYS.get(
-        public_id,
-        lambda: (
-            ApiKey.objects.select_related("organization", "limit_root")
-            .filter(public_id=public_id)
-            .first()
-        ),
-    )
+    cached = KEYS.get(public_id, lambda: _key_load(public_id))
     if cached is None:
         return None
     key = copy.copy(cached)
     key.organization = copy.copy(cached.organization)
     key._cached = cached  # where last_used_at is written back (apikey_authenticate)
     return key
+
+
+def _ancestor_limits(key: ApiKey) -> list[dict]:
+    """`key.ancestor_limits`: its ancestors with a requests_per_minute of their own, root
+    first. Stored on every key made since migration 0013; on one made before (or by the
+    release before, during its deploy) walked up from its parent instead, a query per
+    generation: only on a cache miss or when it makes a key (which stores the result), and
+    lines are a few keys deep. A key with no parent
+    (made by a person or an operator, or before 0012) has none."""
+    if key.ancestor_limits is not None:
+        return key.ancestor_limits
+    if key.parent_id is None:
+        return []
+    parent = ApiKey.objects.only(
+        "pk", "public_id", "requests_per_minute", "parent_id", "ancestor_limits"
+    ).get(pk=key.parent_id)
+    return _line_below(parent)
+
+
+def _line_below(parent: ApiKey) -> list[dict]:
+    """The ancestor_limits of a key made with `parent`: the parent's, and the parent when
+    it has a limit of its own. One without is bounded by the organization's limit, counted
+    for every request already."""
+    line = list(_ancestor_limits(parent))
+    if parent.requests_per_minute is not None:
+        line.append(
+            {
+                "id": parent.pk,
+                "public_id": parent.public_id,
+                "requests_per_minute": parent.requests_per_minute,
+            }
+        )
+    return line
 
 
 def _random(n: int) -> str:
@@ -211,8 +256,9 @@ def apikey_create(
     """Create a key. Returns the row and the full key, which is never shown again.
 
     Made with `actor_key` (a key's request): bounded by it (_require_within_parent), and
-    recorded as made by it (`parent`, `limit_root`), so that revoking it revokes this key
-    and this key's requests count against the limit of the first key of its line."""
+    recorded as made by it (`parent`, `limit_root`, `ancestor_limits`), so that revoking it
+    revokes this key and this key's requests count against the limit of every key above it
+    that has one."""
     if not name or not name.strip() or len(name) > 100:
         raise ApplicationError(
             code="invalid_name", message="A key needs a name of 1 to 100 characters.", param="name"
@@ -264,6 +310,7 @@ def apikey_create(
         else (actor_key.created_by if actor_key is not None else None),
         parent=actor_key,
         limit_root_id=(actor_key.limit_root_id or actor_key.pk) if actor_key is not None else None,
+        ancestor_limits=_line_below(actor_key) if actor_key is not None else [],
     )
     audit_record(
         organization=organization,

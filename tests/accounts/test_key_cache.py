@@ -104,32 +104,33 @@ def test_a_wrong_secret_for_a_cached_key_is_still_refused(key):
     assert refused.value.code == "authentication_failed"
 
 
-def test_a_child_keys_root_limit_is_read_without_a_query(key):
-    # given a key made with a limited key, used once
-    parent, _raw = key
-    root, _root_raw = apikey_create(
-        organization=parent.organization,
-        name="limited",
-        scopes=[Scope.INFERENCE],
-        requests_per_minute=7,
-    )
-    _child, raw = apikey_create(
-        organization=root.organization,
-        name="child",
-        scopes=[Scope.INFERENCE],
-        requests_per_minute=7,
-        actor_key=root,
-    )
-    apikey_authenticate(raw=raw)
+def test_a_keys_limited_ancestors_are_read_with_it_in_one_query_then_none(key):
+    # given a line: a key with no limit made K1 (7 a minute), which made K2 (5), which
+    # made K3
+    line = [key[0]]
+    for name, limit in (("k1", 7), ("k2", 5), ("k3", 5)):
+        made, raw = apikey_create(
+            organization=line[0].organization,
+            name=name,
+            scopes=[Scope.INFERENCE],
+            requests_per_minute=limit,
+            actor_key=line[-1],
+        )
+        line.append(made)
+    _first, k1, k2, _k3 = line  # and raw, K3's key
 
-    # when it is used again, and its rate limit reads the first key of its line
+    # when K3 is used, then used again
+    with CaptureQueriesContext(connection) as loading:
+        apikey_authenticate(raw=raw)
     with CaptureQueriesContext(connection) as queries:
         again = apikey_authenticate(raw=raw)
-        root_limit = (again.limit_root.pk, again.limit_root.requests_per_minute)
+        limits = [(limit.scope, limit.limit) for limit in again.line_limits]
 
-    # then no query was needed for either
+    # then its first use read the key and its line in one query, the next in none; the
+    # line is every limited key above it, nearest first
+    assert len([q for q in loading if q["sql"].startswith("SELECT")]) == 1
     assert len(queries) == 0
-    assert root_limit == (root.pk, 7)
+    assert limits == [(f"key:{k2.pk}", 5), (f"key:{k1.pk}", 7)]
 
 
 def test_revoking_a_key_fails_its_childs_very_next_request(key):

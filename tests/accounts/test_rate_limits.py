@@ -373,21 +373,23 @@ def test_a_disarmed_admin_key_is_counted_until_429(org, make_key, member_of):
 # --- keys made with keys share the first key's limit -------------------------------------
 
 
-def test_keys_made_with_a_key_share_its_requests_per_minute(org, make_key):
-    # given: K1 allowed 2 requests a minute, and two keys it made, each allowed 2 too
+def _made_with(parent: ApiKey, name: str, requests_per_minute: int | None = None):
+    """An inference key made with the key `parent`, as POST /api/v1/keys with it does."""
     from accounts.services import apikey_create
 
+    return apikey_create(
+        organization=parent.organization,
+        name=name,
+        scopes=[Scope.INFERENCE],
+        requests_per_minute=requests_per_minute,
+        actor_key=parent,
+    )
+
+
+def test_keys_made_with_a_key_share_its_requests_per_minute(org, make_key):
+    # given: K1 allowed 2 requests a minute, and two keys it made, each allowed 2 too
     k1, raw1 = make_key(org, scopes=[Scope.INFERENCE], name="k1", requests_per_minute=2)
-    children = [
-        apikey_create(
-            organization=org,
-            name=f"child {i}",
-            scopes=[Scope.INFERENCE],
-            requests_per_minute=2,
-            actor_key=k1,
-        )[1]
-        for i in range(2)
-    ]
+    children = [_made_with(k1, f"child {i}", 2)[1] for i in range(2)]
     first, second = key_client(children[0]), key_client(children[1])
 
     # when: one request from each child, then a third from either, and one from K1
@@ -407,15 +409,7 @@ def test_keys_made_with_a_key_share_its_requests_per_minute(org, make_key):
 
 def test_a_grandchild_counts_against_the_first_key_of_its_line(org, make_key):
     # given: K1 (2 a minute) made K2, which made K3; both at 2
-    from accounts.services import apikey_create
-
-    k1, raw1 = make_key(org, scopes=[Scope.INFERENCE], name="k1", requests_per_minute=2)
-    k2, _raw2 = apikey_create(
-        organization=org, name="k2", scopes=[Scope.INFERENCE], requests_per_minute=2, actor_key=k1
-    )
-    _k3, raw3 = apikey_create(
-        organization=org, name="k3", scopes=[Scope.INFERENCE], requests_per_minute=2, actor_key=k2
-    )
+    (_k1, raw1), _k2, (_k3, raw3) = _line(org, make_key, 2, 2, 2)
 
     # when
     answers = [key_client(raw3).get("/api/v1/me"), key_client(raw1).get("/api/v1/me")]
@@ -424,6 +418,88 @@ def test_a_grandchild_counts_against_the_first_key_of_its_line(org, make_key):
     # then
     assert [r.status_code for r in answers] == [200, 200]
     assert_rate_limited(third)
+
+
+def _line(org, make_key, *limits: int | None):
+    """K1 (made by the operator) and the keys made each with the one before, with `limits`
+    as their requests_per_minute: [(row, raw), ...]."""
+    line = [make_key(org, scopes=[Scope.INFERENCE], name="k1", requests_per_minute=limits[0])]
+    for i, limit in enumerate(limits[1:], start=2):
+        line.append(_made_with(line[-1][0], f"k{i}", limit))
+    return line
+
+
+def _counted(key: ApiKey) -> int:
+    """The requests counted in `key`'s own bucket this minute, as Redis holds them."""
+    import time
+
+    from accounts.ratelimits import _window_key
+    from accounts.redis import get_redis
+
+    return int(get_redis().get(_window_key("requests", f"key:{key.pk}", time.time())) or 0)
+
+
+def test_a_middle_keys_limit_binds_every_key_made_below_it(org, make_key):
+    # given: K1 with no limit of its own made K2 (2 a minute), which made K3 (2 a minute);
+    # K3 made two keys, each allowed 2
+    (_k1, raw1), _k2, (k3, _raw3) = _line(org, make_key, None, 2, 2)
+    grandchildren = [key_client(_made_with(k3, f"k4-{i}", 2)[1]) for i in range(2)]
+
+    # when: one request from each of K3's keys, then a third from either
+    served = [client.get("/api/v1/me") for client in grandchildren]
+    refused = grandchildren[0].get("/api/v1/me")
+
+    # then: the third is over K2's 2 (and K3's), which every key below K2 shares; K1,
+    # unlimited, is not held by it
+    assert [r.status_code for r in served] == [200, 200]
+    assert [r["x-ratelimit-remaining-requests"] for r in served] == ["1", "0"]
+    error = assert_rate_limited(refused)
+    assert error["limit"] == 2
+    assert "API key's line" in error["message"]
+    assert key_client(raw1).get("/api/v1/me").status_code == 200
+
+
+def test_a_request_refused_by_a_middle_key_counts_in_no_bucket_of_its_line(org, make_key):
+    # given: K1 allowed 4 a minute made K2 (2 a minute), which made K3a and K3b (2 each)
+    (_k1, raw1), (k2, _raw2), (k3a, raw3a) = _line(org, make_key, 4, 2, 2)
+    _k3b, raw3b = _made_with(k2, "k3b", 2)
+    served = [key_client(raw3a).get("/api/v1/me"), key_client(raw3b).get("/api/v1/me")]
+
+    # when: K3a asks again, with room in its own bucket and in K1's, but none in K2's
+    refused = key_client(raw3a).get("/api/v1/me")
+
+    # then: refused by K2's limit, named, with its Retry-After
+    assert [r.status_code for r in served] == [200, 200]
+    error = assert_rate_limited(refused)
+    assert error["limit"] == 2
+    assert f"API key's line ({k2.prefix} and the keys made from it)" in error["message"]
+    # and counted in no bucket: K3a's holds its one request, K1 still has 2 of its 4 left
+    assert _counted(k3a) == 1
+    k1_client = key_client(raw1)
+    assert [k1_client.get("/api/v1/me").status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_key_made_before_its_ancestors_limits_were_stored_still_counts_against_them(
+    org, make_key
+):
+    # given: K1 (no limit) made K2 (2 a minute), which made K3 and K3b (2 each): K2's,
+    # K3's and K3b's rows as migration 0013 leaves keys made before it (no ancestor_limits)
+    _k1, (k2, _raw2), (k3, raw3) = _line(org, make_key, None, 2, 2)
+    _k3b, raw3b = _made_with(k2, "k3b", 2)
+    ApiKey.objects.filter(organization=org).update(ancestor_limits=None)
+    k3.refresh_from_db()
+
+    # when: K3 and K3b are used once each, and a key K3 makes then is used
+    first = [key_client(raw3).get("/api/v1/me"), key_client(raw3b).get("/api/v1/me")]
+    k4, raw4 = _made_with(k3, "k4", 2)
+    second = key_client(raw4).get("/api/v1/me")
+
+    # then: K2's 2 bind all three, and K4 stored the line its parent's walk found
+    assert [r.status_code for r in first] == [200, 200]
+    error = assert_rate_limited(second)
+    assert f"API key's line ({k2.prefix} and the keys made from it)" in error["message"]
+    k4.refresh_from_db()
+    assert [a["id"] for a in k4.ancestor_limits] == [k2.pk, k3.pk]
 
 
 def test_a_key_made_by_a_person_counts_in_its_own_bucket_only(org, make_key, member_of):
@@ -450,18 +526,10 @@ def test_a_key_made_by_a_person_counts_in_its_own_bucket_only(org, make_key, mem
 
 def test_chat_completions_of_a_child_key_count_against_its_root_in_one_script(org, make_key):
     # given: a model, K1 allowed 2 requests a minute with one used, and a key K1 made
-    from accounts.services import apikey_create
     from tests.helpers import served_model
 
     served_model("gym-rl-line", access_tier="basic")
-    k1, raw1 = make_key(org, scopes=[Scope.INFERENCE], name="k1", requests_per_minute=2)
-    _child, child_raw = apikey_create(
-        organization=org,
-        name="child",
-        scopes=[Scope.INFERENCE],
-        requests_per_minute=2,
-        actor_key=k1,
-    )
+    (_k1, raw1), (_child, child_raw) = _line(org, make_key, 2, 2)
     assert key_client(raw1).get("/api/v1/me").status_code == 200
     child = key_client(child_raw)
     body = {"model": "gym-rl-line", "messages": [{"role": "user", "content": "hi"}]}
@@ -478,3 +546,26 @@ def test_chat_completions_of_a_child_key_count_against_its_root_in_one_script(or
     assert scripts_run == 1
     error = assert_rate_limited(refused)
     assert error["limit"] == 2
+
+
+def test_chat_completions_of_a_grandchild_count_against_the_middle_key_in_one_script(org, make_key):
+    # given: a model, K1 (no limit) made K2 (1 a minute, used by another key it made),
+    # which made K3
+    from tests.helpers import served_model
+
+    served_model("gym-rl-middle", access_tier="basic")
+    _k1, (k2, _raw2), (_k3, raw3) = _line(org, make_key, None, 1, 1)
+    _sibling, sibling_raw = _made_with(k2, "sibling", 1)
+    assert key_client(sibling_raw).get("/api/v1/me").status_code == 200
+    body = {"model": "gym-rl-middle", "messages": [{"role": "user", "content": "hi"}]}
+
+    # when: K3 asks for a completion
+    scripts_before = _scripts_run()
+    refused = _chat(key_client(raw3), body)
+    scripts_run = _scripts_run() - scripts_before
+
+    # then: refused by K2's limit, in the one script that would have reserved the job
+    error = assert_rate_limited(refused)
+    assert error["limit"] == 1
+    assert k2.prefix in error["message"]
+    assert scripts_run == 1
