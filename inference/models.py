@@ -249,12 +249,12 @@ JOB_ERROR_CODES = {
     ),
     "job_expired": "it did not settle before its hold expired; nothing charged",
     "worker_lost": (
-        "its worker died after streaming part of the answer, which cannot be streamed again; "
-        "nothing charged"
+        "its worker died after streaming part of the answer, which cannot be streamed again, "
+        "or died and its message did not come back; nothing charged"
     ),
     "worker_error": (
-        "its worker failed after starting it (the database or Redis failing under it); billed "
-        "only for what the engine delivered"
+        "its worker failed as it started it, past its retries, or after (the database or Redis "
+        "failing under it); billed only for what the engine delivered"
     ),
 }
 
@@ -320,7 +320,16 @@ class Job(models.Model):
     error_message = models.CharField(max_length=500, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["organization", "-id"])]
+        indexes = [
+            models.Index(fields=["organization", "-id"]),
+            # Running jobs by start, for the orphaned jobs' sweep (a minute's):
+            # partial, so it holds only the few jobs running at any time.
+            models.Index(
+                fields=["started_at"],
+                condition=models.Q(status="running"),
+                name="job_running_started",
+            ),
+        ]
         constraints = [unique_not_like_indexed("public_id", "job_public_id_unique")]
 
     def __str__(self) -> str:

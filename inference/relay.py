@@ -355,7 +355,7 @@ def _script(source: str):
 
 
 @contextlib.contextmanager
-def relay_run_lease(job_pk: int) -> Iterator[bool]:
+def relay_run_lease(job_pk: int, *, wait: bool = True, unleased: bool = True) -> Iterator[bool]:
     """Hold the job's run lease while the body runs; yields False, holding nothing, when
     another run of the job holds it and is alive: this message is a duplicate.
 
@@ -371,12 +371,17 @@ def relay_run_lease(job_pk: int) -> Iterator[bool]:
 
     Redis failing, the run goes on unleased, as before leases (a Redis
     outage stops its relay anyway): a duplicate is rare, a job left unrun
-    is not.
+    is not. With `unleased` False (the orphaned jobs' sweep, which must not
+    end a job whose run it cannot see) the RedisError is raised instead.
+    With `wait` False a held lease is not watched: False at once, whether its
+    holder is alive or lapsing.
     """
     key, token = _run_lease_key(job_pk), secrets.token_hex(8)
     try:
-        taken = _run_lease_take(key, token)
+        taken = _run_lease_take(key, token, wait=wait)
     except RedisError as exc:
+        if not unleased:
+            raise
         logger.warning(
             "job %s: its run lease cannot be taken (%r); running it unleased", job_pk, exc
         )
@@ -423,9 +428,9 @@ def relay_run_lease_release(pipe) -> None:
     held.released = True
 
 
-def _run_lease_take(key: str, token: str) -> bool:
+def _run_lease_take(key: str, token: str, *, wait: bool = True) -> bool:
     """Take the lease: at once if free; once it lapses if its holder no longer renews it.
-    False when its holder renews it (it is alive)."""
+    False when its holder renews it (it is alive), or, without `wait`, when it is held."""
     redis_client = get_redis()
     ttl_ms = int(RUN_LEASE_S * 1000)
     first_end = None
@@ -435,6 +440,8 @@ def _run_lease_take(key: str, token: str) -> bool:
     while True:
         if redis_client.set(key, token, nx=True, px=ttl_ms):
             return True
+        if not wait:
+            return False
         left_ms = redis_client.pttl(key)
         if left_ms == -2:
             continue  # it lapsed (or was let go) since the SET: take it now

@@ -15,7 +15,11 @@ some of its text: its client is reading that stream, so it ends failed,
 started (the database or Redis failing under it, or a bug) ends the job
 failed, `worker_error`, billed for what the engine delivered (_job_run): a
 task that raised is not run again, and the job would stay running until its
-hold expired.
+hold expired. One that fails before its job's start committed (the database
+or Redis failing) is tried again in the task (START_RETRY_PAUSES_S), and the
+job ends failed the same way when it cannot be. A running job whose run is
+gone and whose message is not coming back is ended by a sweep
+(jobs_orphaned_sweep), failed, `worker_lost`, unbilled.
 
 A job is mostly waiting (on Triton, PostgreSQL, Redis), so an inference worker
 may run many at once in threads (`--pool threads --concurrency 16`, as
@@ -37,20 +41,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import TypeVar
 
 from celery import shared_task
 from celery.signals import worker_process_shutdown
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
 
 from accounts.cache import cache_scope
 from accounts.redis import get_redis
 from inference import triton
-from inference.models import InputTokensSource, Job, JobStatus
+from inference.models import NON_TERMINAL, InputTokensSource, Job, JobStatus
 from inference.relay import (
     relay_cancel_requested,
     relay_cancel_watch,
@@ -75,6 +81,8 @@ from inference.services.jobs import (
 from metering.selectors import model_price_by_id
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 # A job delivered this soon after it was sent (a worker was idle) goes to the
@@ -175,40 +183,115 @@ class _Start:
         return status
 
 
+# The pauses between tries of a job whose run failed before its start
+# committed (the database or Redis failing as the job is loaded and marked
+# running): about 5 s in all, within the job's run limit. Nothing was
+# delivered then (a request sent engine first is ended when its start
+# raises), so the run is simply tried again, in this task: a task that raised
+# is acknowledged and never run again (acks_late hands back only a dead
+# worker's), and Celery's own retry would publish a new message through the
+# broker (Redis, which may be what is failing) and drop this one when that
+# publish fails. The run keeps its lease meanwhile, so no other message runs
+# the job; and job_start's guard still refuses one that ended meanwhile (a
+# cancel). After the last try, or on any other error, the job ends failed
+# (_unstarted_failed) rather than queued until its hold expires.
+START_RETRY_PAUSES_S = (0.2, 1.0, 4.0)
+_TRANSIENT = (OperationalError, InterfaceError, RedisError)
+
+
 def _job_run(job_pk: int, prompt: str, spec: dict | None) -> str:
     # The message's job by its primary key and, when the message says it, its
     # public id (job_start: a key may name another job after a crash).
-    start = _Start(job_pk, spec["id"] if spec is not None else None)
-    delivered: list[triton.GenerationResult | triton.TritonError] = []
-    try:
-        ended = _job_end(start, prompt, spec, delivered)
-    except Exception:
-        if start.started is None:
-            # Nothing committed: the job is still queued (or running, as a dead
-            # worker's left it), and ends as before this run (a cancel, or its
-            # hold's expiry).
-            raise
-        # Started, it must not be left running: nothing else would end it
-        # before its hold's expiry (a task that raised is not run again:
-        # acks_late hands back only a dead worker's), its hold and concurrency
-        # slot taken all that time, a cancel unable to end it, and the request
-        # waiting for it answered, at its timeout, that it was cancelled.
-        job = start.started
-        logger.exception("job %s: its run failed after it started; it ends failed", job)
-        ended = job, _worker_failure(delivered[0] if delivered else None), JobStatus.FAILED
+    public_id = spec["id"] if spec is not None else None
+    # Counted from when this worker took the job, whatever tries it takes.
+    limit_s = job_run_limit()
+    deadline = time.monotonic() + limit_s
+    engine_first = spec is not None and 0 <= time.time() - spec["sent_at"] < ENGINE_FIRST_WITHIN_S
+    pauses = iter(START_RETRY_PAUSES_S)
+    while True:
+        start = _Start(job_pk, public_id)
+        delivered: list[triton.GenerationResult | triton.TritonError] = []
+        try:
+            ended = _job_end(
+                start,
+                prompt,
+                spec,
+                delivered,
+                engine_first=engine_first,
+                deadline=deadline,
+                limit_s=limit_s,
+            )
+        except Exception as exc:
+            if start.started is None:
+                pause = next(pauses, None) if isinstance(exc, _TRANSIENT) else None
+                if pause is not None and time.monotonic() + pause < deadline:
+                    logger.warning(
+                        "job %s: its run failed before it started (%r); trying again in %g s",
+                        public_id or f"pk={job_pk}",
+                        exc,
+                        pause,
+                    )
+                    if not isinstance(exc, RedisError):
+                        connection.close()  # a broken connection: the next try opens a new one
+                    time.sleep(pause)
+                    # Started first from now on: a job cancelled meanwhile is never sent.
+                    engine_first = False
+                    continue
+                logger.exception(
+                    "job %s: its run failed before it started; it ends failed",
+                    public_id or f"pk={job_pk}",
+                )
+                return _unstarted_failed(job_pk, public_id, delivered)
+            # Started, it must not be left running: nothing else would end it
+            # before its hold's expiry (a task that raised is not run again:
+            # acks_late hands back only a dead worker's), its hold and concurrency
+            # slot taken all that time, a cancel unable to end it, and the request
+            # waiting for it answered, at its timeout, that it was cancelled.
+            job = start.started
+            logger.exception("job %s: its run failed after it started; it ends failed", job)
+            ended = job, _worker_failure(delivered[0] if delivered else None), JobStatus.FAILED
+        break
     if ended is None:
         return start.status()
     return _finish(*ended)
 
 
+def _unstarted_failed(job_pk: int, public_id: str | None, delivered: list) -> str:
+    """End failed (`worker_error`) a job whose run failed before its start committed, and
+    could not be tried again: its whole hold released, its reservations freed, its final
+    event sent (a waiting request answers 502 at once). Nothing was delivered: a request
+    sent engine first is ended when its start raises, before any response is read.
+
+    Queued, or running if its start committed and only its answer was lost; a
+    job that ended meanwhile (a cancel) is left as it ended. The database
+    failing still, the task raises and the job ends with its hold's expiry,
+    as before."""
+    jobs = Job.objects.filter(pk=job_pk)
+    if public_id is not None:
+        jobs = jobs.filter(public_id=public_id)
+    job = _db_retrying(lambda _retried: jobs.first(), what=f"job pk={job_pk}: its load")
+    if job is None:
+        return ""
+    if job.status not in NON_TERMINAL:
+        return job.status
+    outcome = _worker_failure(delivered[0] if delivered else None, started=False)
+    return _finish(job, outcome, JobStatus.FAILED)
+
+
 def _job_end(
-    start: _Start, prompt: str, spec: dict | None, delivered: list
+    start: _Start,
+    prompt: str,
+    spec: dict | None,
+    delivered: list,
+    *,
+    engine_first: bool,
+    deadline: float,
+    limit_s: float,
 ) -> tuple[Job, Outcome, str] | None:
     """Run the job: how it ended (the job, what to bill, its status), or None if it could
-    not be started. What the engine answered goes in `delivered` as soon as it has."""
-    limit_s = job_run_limit()
-    deadline = time.monotonic() + limit_s
-    engine_first = spec is not None and 0 <= time.time() - spec["sent_at"] < ENGINE_FIRST_WITHIN_S
+    not be started. What the engine answered goes in `delivered` as soon as it has.
+    `engine_first`: sent to the engine before it is started (ENGINE_FIRST_WITHIN_S);
+    `deadline` (time.monotonic()): its run limit, `limit_s` long."""
     if engine_first:
         job = job_from_engine_spec(start.job_pk, spec)
         model, urls = spec["triton_model"], spec["pools"]
@@ -299,17 +382,24 @@ def _job_end(
 
 def _finish(job: Job, outcome: Outcome, status: str) -> str:
     """Settle the job and relay its final event; the job's status."""
+    return _settled(job, outcome, status).status
+
+
+def _settled(job: Job, outcome: Outcome, status: str, *, tell_if_ended: bool = True) -> Job:
+    """Settle the job and relay its final event; the job as it ended (`settled_here`).
+    Without `tell_if_ended`, a job another settlement ended is not told again."""
     # The reservations' release and the final event go to Redis together;
     # the release is sent even if building the final event fails.
     pipe = get_redis().pipeline(transaction=False)
     try:
         job = _settle(job=job, outcome=outcome, status=status, pipe=pipe)
-        relay_publish(job.public_id, _final_event(job, outcome), pipe=pipe)
+        if tell_if_ended or job.settled_here:
+            relay_publish(job.public_id, _final_event(job, outcome), pipe=pipe)
         # Settled and answered: the run's lease goes in the same round trip.
         relay_run_lease_release(pipe)
     finally:
         _send(pipe)
-    return job.status
+    return job
 
 
 def _relayed_text(job: Job) -> str | None:
@@ -325,7 +415,9 @@ def _relayed_text(job: Job) -> str | None:
 
 
 def _relayed_before(job: Job, relayed: str) -> tuple[Job, Outcome, str]:
-    """End a streamed job whose worker died after relaying part of its text: not run again.
+    """End a job whose worker died after relaying `relayed` (its text streamed so far, ""
+    if none or not known): not run again. For a streamed job whose task came back, and for
+    any job the orphaned jobs' sweep ends (jobs_orphaned_sweep).
 
     A second run would generate from the start into the stream its client is
     still reading, which would get the text twice (the part, then all of
@@ -340,17 +432,85 @@ def _relayed_before(job: Job, relayed: str) -> tuple[Job, Outcome, str]:
     The answer was cut short by our failure, which a member must not pay
     for in doubt.
     """
+    what = "stopped after streaming part of the answer, which cannot be streamed again"
     outcome = Outcome(
         text=relayed,
         finish_reason="error",
         error_code="worker_lost",
         error_message=(
-            "The worker running this job stopped after streaming part of the answer, which "
-            "cannot be streamed again; nothing was charged. Send the request again."
+            f"The worker running this job {what if relayed else 'was lost'}; nothing was "
+            "charged. Send the request again."
         ),
     )
-    logger.warning("job %s: its worker died after relaying its first tokens; ending it", job)
+    logger.warning("job %s: its worker died (relayed %d characters); ending it", job, len(relayed))
     return job, outcome, JobStatus.FAILED
+
+
+def jobs_orphaned_sweep(*, now: datetime | None = None) -> int:
+    """End the running jobs whose run is gone and whose message is not coming back: failed,
+    `worker_lost`, billed nothing (_relayed_before); returns how many it ended.
+
+    Such a job's worker died and its message was not handed back (it had
+    failed for good: a settlement the database kept failing under; or the
+    broker lost it), so nothing else ends it before its hold expires (an
+    hour), its credits held and its concurrency slot taken meanwhile, and a
+    waiting stream left without its end. A job is an orphan once it has been
+    running longer than INFERENCE_ORPHAN_GRACE_SECONDS (a dead worker's
+    message is back and run by then, settings/base.py) and no run holds its
+    lease (relay_run_lease: every run takes it before it starts the job and
+    keeps it until it has settled).
+
+    The sweep takes the job's lease itself before it ends it, without
+    waiting (a held lease: a run is alive, or died less than RUN_LEASE_S ago,
+    for the next sweep), and keeps it until it has settled: a message that
+    comes back meanwhile waits for it, then finds the job ended (job_start)
+    and runs nothing; a sweep beside it gets no lease and leaves the job.
+    Settlement is once in any case (job_settle's claim). Redis failing, the
+    sweep ends nothing: it cannot tell a live run from a dead one.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.INFERENCE_ORPHAN_GRACE_SECONDS)
+    orphans = list(
+        Job.objects.filter(status=JobStatus.RUNNING, started_at__lt=cutoff)
+        .order_by("pk")
+        .values_list("pk", flat=True)[:ORPHANS_PER_SWEEP]
+    )
+    ended = 0
+    for pk in orphans:
+        try:
+            with relay_run_lease(pk, wait=False, unleased=False) as leased:
+                if leased and _orphan_end(pk, cutoff=cutoff):
+                    ended += 1
+        except RedisError as exc:
+            logger.warning("orphaned jobs not swept: Redis is failing (%r)", exc)
+            break
+        except Exception:  # the next job, and the next sweep, go on
+            logger.exception("job pk=%s: could not end it as orphaned", pk)
+    return ended
+
+
+# At most this many a sweep (a minute): after a mass failure the rest go the
+# next minutes, each sweep's work bounded.
+ORPHANS_PER_SWEEP = 200
+
+
+def _orphan_end(pk: int, *, cutoff: datetime) -> bool:
+    """End the orphaned job, its run lease held; whether this call ended it."""
+    # Checked again under its lease, with its row: a job whose row is locked is
+    # being settled right now (SKIP LOCKED), and is left to that settlement.
+    with transaction.atomic():
+        job = (
+            Job.objects.select_for_update(skip_locked=True)
+            .filter(pk=pk, status=JobStatus.RUNNING, started_at__lt=cutoff)
+            .first()
+        )
+    if job is None:
+        return False
+    # What its client was streamed, read as a restarted streamed job reads it
+    # (a job not streamed relays nothing before its end).
+    relayed = (_relayed_text(job) or "") if job.stream else ""
+    job = _settled(*_relayed_before(job, relayed), tell_if_ended=False)
+    return job.settled_here
 
 
 # How often a running asynchronous job tells its progress (and at its first
@@ -409,23 +569,31 @@ def _settle(*, job: Job, outcome: Outcome, status: str, pipe) -> Job:
 
     The job's catalog model and price are read here if its run could not read
     them (it failed as it read them, after the job started: _job_run)."""
+
+    def settle(retried: bool) -> Job:
+        if not Job.model.is_cached(job):
+            job.model = catalog_model_by_id(job.model_id)
+        if not Job.model_price.is_cached(job):
+            job.model_price = model_price_by_id(job.model_price_id)
+        return job_settle(job=job, outcome=outcome, status=status, pipe=pipe, retried=retried)
+
+    return _db_retrying(settle, what=f"job {job}: its settlement")
+
+
+def _db_retrying(call: Callable[[bool], T], *, what: str) -> T:
+    """`call(retried)`, tried again on a new connection while the database fails under it
+    (SETTLE_RETRY_PAUSES_S); `retried`: an earlier try raised. The last failure is raised."""
     pauses = iter(SETTLE_RETRY_PAUSES_S)
     retried = False
     while True:
         try:
-            if not Job.model.is_cached(job):
-                job.model = catalog_model_by_id(job.model_id)
-            if not Job.model_price.is_cached(job):
-                job.model_price = model_price_by_id(job.model_price_id)
-            return job_settle(job=job, outcome=outcome, status=status, pipe=pipe, retried=retried)
+            return call(retried)
         except (OperationalError, InterfaceError):
             retried = True
             pause = next(pauses, None)
             if pause is None:
                 raise
-            logger.warning(
-                "job %s: its settlement failed; trying again in %g s", job, pause, exc_info=True
-            )
+            logger.warning("%s failed; trying again in %g s", what, pause, exc_info=True)
             connection.close()  # a broken connection: the next try opens a new one
             time.sleep(pause)
 
@@ -557,9 +725,12 @@ def _failure_outcome(exc: triton.TritonError) -> Outcome:
     return _failed(exc.partial, code=exc.code, message=str(exc))
 
 
-def _worker_failure(result: triton.GenerationResult | triton.TritonError | None) -> Outcome:
-    """What a job whose run failed after it started is billed (`worker_error`): what the
-    engine delivered (`result`, None if it answered nothing), as a failed request is.
+def _worker_failure(
+    result: triton.GenerationResult | triton.TritonError | None, *, started: bool = True
+) -> Outcome:
+    """What a job whose run failed is billed (`worker_error`): what the engine delivered
+    (`result`, None if it answered nothing), as a failed request is. `started`: the run
+    failed after the job's start committed (else before: _unstarted_failed).
 
     The run failed on our side (the database or Redis under the worker, or a
     bug) before it could tell what the engine delivered its own way: its
@@ -577,7 +748,10 @@ def _worker_failure(result: triton.GenerationResult | triton.TritonError | None)
     return _failed(
         delivered,
         code="worker_error",
-        message=f"The job failed on our side after it started; {charged}. Send the request again.",
+        message=(
+            f"The job failed on our side {'after it started' if started else 'as it started'}; "
+            f"{charged}. Send the request again."
+        ),
     )
 
 
@@ -637,3 +811,9 @@ def job_callbacks_sweep_task() -> int:
 @shared_task(ignore_result=True)
 def concurrency_slots_sweep_task() -> int:
     return concurrency_slots_sweep()
+
+
+# --- orphaned jobs (jobs_orphaned_sweep) ---------------------------------------------
+@shared_task(ignore_result=True)
+def jobs_orphaned_sweep_task() -> int:
+    return jobs_orphaned_sweep()

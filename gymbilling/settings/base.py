@@ -332,7 +332,28 @@ CELERY_BEAT_SCHEDULE |= {
         "task": "inference.tasks.concurrency_slots_sweep_task",
         "schedule": timedelta(seconds=60),
     },
+    # Running jobs whose run is gone (no run lease) and whose message is not
+    # coming back, ended failed `worker_lost` instead of expired with their
+    # hold an hour later (jobs_orphaned_sweep).
+    "inference-orphaned-jobs-sweep": {
+        "task": "inference.tasks.jobs_orphaned_sweep_task",
+        "schedule": timedelta(seconds=60),
+    },
 }
+# How long a job must have been running, with no run holding its lease
+# (jobs_orphaned_sweep), before the sweep ends it as orphaned. Longer than a
+# dead worker's message takes to come back and run: at once from a prefork
+# child (reject on worker lost), after the broker's visibility timeout from a
+# whole worker (a threads pool's); then one more run (at least 5 minutes) for
+# it to wait in its queue and take the lease (RUN_LEASE_S, 5 s, is far
+# inside that). A live run, even one started unleased while Redis failed,
+# ends within a run and its settlement's retries. Well inside a hold's life
+# (by default 35 of its 60 minutes), or the hold's expiry would end the job
+# first, unbilled and `expired`.
+INFERENCE_ORPHAN_GRACE_SECONDS = env.int(
+    "INFERENCE_ORPHAN_GRACE_SECONDS",
+    default=CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] + max(300, math.ceil(_JOB_RUN_S)),
+)
 
 # --- Redis (rate limits, counters) ---------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/1")

@@ -882,15 +882,24 @@ def _slots_taken(job: Job) -> int:
     return get_redis().zcard(f"conc:org:{job.organization_id}")
 
 
-@contextlib.contextmanager
-def _connection_dropped_before(table: str, dropped: list[str]):
+def _connection_dropped_before(table: str, dropped: list[bool]):
     """The worker's database connection ended by the server (a restart, a failover) just
     before its first statement that reads `table` runs: that statement raises
     OperationalError, as in a database blip."""
+    return _connection_dropped(lambda sql: f'FROM "{table}"' in sql, dropped, times=1)
+
+
+@contextlib.contextmanager
+def _connection_dropped(at, seen: list[bool], *, times: int | None):
+    """The worker's database connection ended by the server just before each statement
+    `at(sql)` picks, its first `times` times (None: every time), so that the statement
+    raises OperationalError. `seen` gets, for each statement picked, whether it was."""
 
     def drop(execute, sql, params, many, context):
-        if not dropped and f'FROM "{table}"' in sql:
-            dropped.append(sql)
+        if not at(sql):
+            return execute(sql, params, many, context)
+        seen.append(times is None or len(seen) < times)
+        if seen[-1]:
             pid = context["connection"].connection.info.backend_pid
             with _admin_connection() as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", [pid])
@@ -914,7 +923,7 @@ def test_a_job_whose_worker_fails_after_starting_it_settles_failed_unbilled(
     org = job.organization
     before = organization_balance(organization=org)
     assert (_slots_taken(job), _tokens_counted(job)) == (1, RESERVED_TOKENS)
-    dropped: list[str] = []
+    dropped: list[bool] = []
 
     # when its task runs
     with _connection_dropped_before("metering_modelprice", dropped):
@@ -936,6 +945,12 @@ def test_a_job_whose_worker_fails_after_starting_it_settles_failed_unbilled(
     # and the request waiting for it answers with that error at once, in OpenAI's
     # shape, a 5xx that frees its Idempotency-Key (nothing was charged), not a
     # 504 saying the job was cancelled
+    _answered_at_once_worker_error(job)
+
+
+def _answered_at_once_worker_error(job: Job) -> None:
+    """The request waiting for the failed job answers at once: 502 `worker_error`, its
+    message the job's, nothing charged (its Idempotency-Key freed)."""
     started = time.monotonic()
     with pytest.raises(ApplicationError) as failed:
         apis.ChatCompletionsApi().answer(job, {"stream": False})
@@ -971,6 +986,117 @@ def test_a_job_whose_worker_fails_after_the_engine_answered_is_billed_what_it_de
     _settled_once(job, status=HoldStatus.CAPTURED, captured=job.credits_charged)
     # its slot freed, and the tokens it did not use given back
     assert (_slots_taken(job), _tokens_counted(job)) == (0, job.input_tokens + job.output_tokens)
+
+
+# -- a worker that fails before the job started: tried again, else the job settles failed --
+
+
+def _connection_dropped_at_the_start(starts: list[bool], *, times: int | None = None):
+    """The connection dropped (_connection_dropped) before the job's start statement: the
+    start raises OperationalError, nothing of it committed."""
+    return _connection_dropped(
+        lambda sql: sql.lstrip().startswith("UPDATE inference_job") and "started_at" in sql,
+        starts,
+        times=times,
+    )
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_job_whose_start_the_database_failed_under_is_run_again(
+    queued_job, engine, monkeypatch, message
+):
+    # given a job whose worker's database connection drops as it marks the
+    # job running (a fresh message: while the engine works; a late one:
+    # before it is sent)
+    monkeypatch.setattr(tasks, "START_RETRY_PAUSES_S", (0.05, 0.05))
+    job = _with_reservations(queued_job)
+    starts: list[bool] = []
+
+    # when its task runs
+    with _connection_dropped_at_the_start(starts, times=1):
+        status = _run(job, _spec(job, age_s=0 if message == "fresh" else 60))
+
+    # then the run is tried again and the job served, not left queued: billed
+    # once for what the engine delivered, its slot freed
+    assert starts == [True, False], "the start did not fail once and run again"
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.SUCCEEDED and job.output_tokens == 4
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=_expected_charge(job))
+    assert job.credits_charged == _expected_charge(job) > 0
+    assert _slots_taken(job) == 0
+    [final] = relay_events(job.public_id, timeout_s=5)
+    assert final["type"] == "done" and final["output_tokens"] == 4
+
+
+@pytest.mark.parametrize("message", ["fresh", "late"])
+def test_a_job_whose_start_keeps_failing_settles_failed_and_releases_its_whole_hold(
+    queued_job, engine, monkeypatch, settings, message
+):
+    # given a job with its token reservation and concurrency slot, whose
+    # worker's database connection drops each time it marks the job running
+    monkeypatch.setattr(tasks, "START_RETRY_PAUSES_S", (0.05, 0.05))
+    settings.INFERENCE_TIMEOUT_SECONDS = 5
+    job = _with_reservations(queued_job)
+    org = job.organization
+    before = organization_balance(organization=org)
+    served = _served_when_idle(engine)
+    starts: list[bool] = []
+
+    # when its task runs
+    with _connection_dropped_at_the_start(starts):
+        status = _run(job, _spec(job, age_s=0 if message == "fresh" else 60))
+
+    # then, its tries spent (the first and two more), the job is not left
+    # queued: it failed on our side, and says so
+    assert starts == [True, True, True]
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.FAILED
+    assert job.error_code == "worker_error" and "nothing was charged" in job.error_message
+    assert job.finished_at is not None
+    # nothing billed: its whole hold released once, the balance as before
+    assert (job.credits_charged, job.input_tokens, job.output_tokens) == (0, 0, 0)
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    after = organization_balance(organization=org)
+    assert (after.available, after.held) == (before.available + before.held, 0)
+    # its concurrency slot freed and its whole token reservation given back
+    assert (_slots_taken(job), _tokens_counted(job)) == (0, 0)
+    # no engine output delivered for it (a fresh message's request, sent
+    # before its start, was abandoned before any response)
+    if message == "late":
+        assert _served_when_idle(engine) == served
+    # and the request waiting for it answers 502 worker_error at once
+    _answered_at_once_worker_error(job)
+
+
+def test_a_copy_of_the_message_while_a_failed_start_waits_to_try_again_is_dropped(
+    queued_job, engine, monkeypatch
+):
+    # given a job whose first run's start failed (its database connection
+    # dropped) and which waits to try again, holding the job's run lease
+    monkeypatch.setattr(tasks, "START_RETRY_PAUSES_S", (3.0,))
+    spec = _spec(queued_job, age_s=60)
+    starts: list[bool] = []
+    first_status, errors = [], []
+
+    def first_run():
+        with _connection_dropped_at_the_start(starts, times=1):
+            first_status.append(_run(queued_job, spec))
+
+    first = threading.Thread(target=on_own_connection, args=(first_run, errors))
+    first.start()
+    wait_until(lambda: starts, timeout=30, what="the first run's start to fail")
+
+    # when a second copy of its message arrives meanwhile (a push sent twice)
+    second = _run(queued_job, spec)
+
+    # then the copy is dropped, and the first run, tried again, runs the job
+    # once: served once, billed once
+    assert second == tasks.DUPLICATE
+    first.join(timeout=60)
+    assert not errors and first_status == [JobStatus.SUCCEEDED]
+    job = Job.objects.get(pk=queued_job.pk)
+    assert job.status == JobStatus.SUCCEEDED and job.output_tokens == 4
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=_expected_charge(job))
 
 
 def test_a_settlement_whose_commit_answer_was_lost_still_frees_the_jobs_reservations(
