@@ -110,8 +110,14 @@ def error_body(*, code: str, message: str, status: int, param: str | None = None
     }
 
 
-def _first_field_error(detail: Any, prefix: str = "") -> tuple[str | None, str]:
-    """Flatten DRF's nested validation detail to (param, message) of the first problem."""
+# A field check's own codes that reach the client as `error.code` (a field raises
+# ValidationError(..., code=...)); any other field error is `invalid_request`. Only
+# codes README's table lists: DRF's own ("max_value", "invalid"...) are not a contract.
+_FIELD_ERROR_CODES = frozenset({"unsupported_parameter"})
+
+
+def _first_field_error(detail: Any, prefix: str = "") -> tuple[str | None, str, str]:
+    """Flatten DRF's nested validation detail to (param, message, code) of the first problem."""
     if isinstance(detail, dict):
         for key, value in detail.items():
             # A list's errors are keyed by index, and index 0 is falsy: keep it as text.
@@ -120,7 +126,8 @@ def _first_field_error(detail: Any, prefix: str = "") -> tuple[str | None, str]:
             return _first_field_error(value, f"{prefix}.{key}" if prefix else str(key))
     if isinstance(detail, list) and detail:
         return _first_field_error(detail[0], prefix)
-    return (prefix or None, str(detail))
+    code = getattr(detail, "code", None)
+    return (prefix or None, str(detail), code if code in _FIELD_ERROR_CODES else "invalid_request")
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
@@ -156,8 +163,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return None  # a genuine server error: Django's 500 handling takes over
 
     if isinstance(exc, drf_exceptions.ValidationError):
-        param, message = _first_field_error(exc.detail)
-        code = "invalid_request"
+        param, message, code = _first_field_error(exc.detail)
     else:
         param = None
         message = str(getattr(exc, "detail", exc))

@@ -35,6 +35,7 @@ from drf_spectacular.utils import (
 )
 from redis.exceptions import RedisError
 from rest_framework import serializers
+from rest_framework.exceptions import ErrorDetail
 from rest_framework.response import Response
 
 from accounts.api_base import (
@@ -59,7 +60,14 @@ from inference.models import (
     JobStatus,
     ModelStatus,
 )
-from inference.openai_body import generation_body, text_storable
+from inference.openai_body import (
+    NEUTRAL,
+    content_parts_text,
+    generation_body,
+    is_neutral,
+    neutral_json,
+    text_storable,
+)
 from inference.relay import HEARTBEAT, relay_events, relay_progress
 from inference.selectors import catalog_models_for, job_ended_final_event, organization_jobs
 from inference.services import job_cancel, job_submit
@@ -187,11 +195,116 @@ class ModelDetailApi(OrgApiView):
         return Response(_model_object(model))
 
 
+def _unsupported(message: str) -> serializers.ValidationError:
+    """A value OpenAI's API takes and this one does not serve: 400 `unsupported_parameter`
+    (accounts.errors), never dropped, since the client would not get what it asked for."""
+    return serializers.ValidationError(message, code="unsupported_parameter")
+
+
+class _Content(serializers.CharField):
+    """A message's content: a string, or OpenAI's list of content parts (what many SDK users
+    send), whose text parts are joined into one string (openai_body.content_parts_text).
+    A part of another type (image_url, input_audio, file...) is refused naming its type: these
+    models read text only, and dropping it would answer another prompt."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_blank=True, max_length=200_000, trim_whitespace=False, **kwargs)
+
+    def to_internal_value(self, data):
+        if not isinstance(data, list):
+            return super().to_internal_value(data)
+        if not data:
+            self.fail("invalid_parts")
+        texts = []
+        for index, part in enumerate(data):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str):
+                raise serializers.ValidationError(
+                    {index: {"type": ['A content part needs a "type", such as "text".']}}
+                )
+            if kind != "text":
+                refused = ErrorDetail(
+                    f"A {kind!r} content part is not supported: this model reads text only. "
+                    'Send text parts ({"type": "text", "text": "..."}) or a string.',
+                    code="unsupported_parameter",
+                )
+                raise serializers.ValidationError({index: {"type": [refused]}})
+            unknown = sorted(set(part) - {"type", "text"})
+            if unknown:
+                raise serializers.ValidationError(
+                    {index: {unknown[0]: [f"Unknown field {unknown[0]!r} in a text part."]}}
+                )
+            if type(part.get("text")) is not str:
+                raise serializers.ValidationError(
+                    {index: {"text": ["A text part's text is a string."]}}
+                )
+            texts.append(part["text"])
+        return content_parts_text(texts)
+
+    default_error_messages = {
+        **serializers.CharField.default_error_messages,
+        "invalid_parts": "content is a string or a non-empty list of text parts.",
+    }
+
+
 class _Message(StrictSerializer):
     # Strict: OpenAI's `name`, `tool_call_id` or `tool_calls` change what its
     # model sees; dropped silently, the answer would be to another prompt.
     role = serializers.ChoiceField(choices=["system", "user", "assistant", "developer"])
-    content = serializers.CharField(allow_blank=True, max_length=200_000, trim_whitespace=False)
+    content = _Content()
+
+
+class _Prompt(serializers.CharField):
+    """A text completion's prompt: a string, or a list of one string, as OpenAI's SDK allows.
+    Several prompts (a batch, answered with a choice each) or token ids are refused: one
+    request is one job, billed and answered alone."""
+
+    def __init__(self, **kwargs):
+        super().__init__(max_length=200_000, trim_whitespace=False, **kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, list):
+            if len(data) == 1 and isinstance(data[0], str):
+                data = data[0]
+            else:
+                raise _unsupported(
+                    "prompt is a string or a list of one string: several prompts, or token "
+                    "ids, are not supported. Send one request per prompt."
+                )
+        return super().to_internal_value(data)
+
+    def run_validation(self, data=serializers.empty):
+        # CharField refuses a blank prompt before to_internal_value: [""] as "" too.
+        if isinstance(data, list) and len(data) == 1 and isinstance(data[0], str):
+            data = data[0]
+        return super().run_validation(data)
+
+
+class _Neutral(serializers.Field):
+    """An OpenAI parameter this API does not act on, taken at its neutral values only: those
+    that ask for nothing more than leaving it out does (`logprobs: false`, `n: 1`), which
+    clients send by default. Another value asks for what this API does not serve: refused
+    with `unsupported_parameter`, never ignored. Taken values are dropped
+    (_GenerationInput.validate), as openai_body drops them."""
+
+    def __init__(self, *, types: tuple[type, ...], neutral: tuple, why: str, **kwargs):
+        super().__init__(required=False, allow_null=True, **kwargs)
+        self.types, self.neutral, self.why = types, neutral, why
+
+    def to_internal_value(self, data):
+        if type(data) not in self.types:
+            raise serializers.ValidationError(
+                f"{self.field_name} must be {' or '.join(neutral_json(n) for n in self.neutral)}."
+            )
+        if is_neutral(data, self.neutral):
+            return data
+        raise _unsupported(
+            f"{self.field_name}={neutral_json(data)} is not supported: {self.why}. Send "
+            f"{' or '.join(neutral_json(n) for n in self.neutral)}, or leave it out."
+        )
+
+    def to_representation(self, value):
+        return value
 
 
 class _JsonBoolean(serializers.BooleanField):
@@ -233,8 +346,12 @@ class _GenerationInput(StrictSerializer):
     seed = serializers.IntegerField(
         min_value=0, max_value=2**63 - 1, required=False, allow_null=True
     )
+    # OpenAI's range; sent to the engine (the TensorRT-LLM ensemble's own inputs).
+    presence_penalty = _JsonNumber(min_value=-2, max_value=2, required=False, allow_null=True)
+    frequency_penalty = _JsonNumber(min_value=-2, max_value=2, required=False, allow_null=True)
     stop = serializers.JSONField(required=False, allow_null=True)
-    n = serializers.IntegerField(min_value=1, max_value=1, required=False, allow_null=True)
+    n = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    logprobs = _Neutral(**NEUTRAL["logprobs"])
     stream = _JsonBoolean(default=False)
     stream_options = _StreamOptions(required=False, allow_null=True)
     user = serializers.CharField(max_length=256, required=False, allow_blank=True)
@@ -256,7 +373,18 @@ class _GenerationInput(StrictSerializer):
             )
         return stops
 
+    def validate_n(self, value):
+        if value is not None and value > 1:
+            raise _unsupported(
+                f"n={value} is not supported: each request generates one choice. Send n=1, "
+                "or one request per choice."
+            )
+        return value
+
     def validate(self, attrs):
+        for name, field in self.fields.items():
+            if isinstance(field, _Neutral):
+                attrs.pop(name, None)  # asks for nothing: nothing to pass on
         if attrs.get("stream_options") is not None and not attrs.get("stream"):
             raise serializers.ValidationError(
                 {"stream_options": "stream_options is only allowed when stream is true."}
@@ -342,6 +470,8 @@ class _GenerationApi(OrgApiView):
                 temperature=data.get("temperature"),
                 top_p=data.get("top_p"),
                 seed=data.get("seed"),
+                presence_penalty=data.get("presence_penalty"),
+                frequency_penalty=data.get("frequency_penalty"),
                 stop=tuple(data.get("stop") or ()),
             ),
             priority=data["priority"],
@@ -621,6 +751,16 @@ class _GenerationApi(OrgApiView):
         }
 
     @staticmethod
+    def finish_reason(final: dict) -> str:
+        """The choice's finish_reason, one of OpenAI's: strict clients (Go's, Rust's SDKs)
+        fail to parse any other. "stop" and "length" as the engine said; an answer cut
+        short otherwise (its job cancelled by POST /api/v1/jobs/{id}/cancel, or failed
+        after its first tokens) is "length", incomplete as one cut at max_tokens is, never
+        "stop", which would pass it for whole. Our own reason is `gym.finish_reason`."""
+        reason = final.get("finish_reason") if final["type"] == "done" else None
+        return reason if reason in ("stop", "length") else "length"
+
+    @staticmethod
     def gym(job: Job, final: dict) -> dict:
         gym = {
             "job_id": job.public_id,
@@ -628,10 +768,13 @@ class _GenerationApi(OrgApiView):
             "credits_remaining": final["credits_remaining"],
             "unit": "micro_credit",
             "prompt_tokens_source": final.get("input_tokens_source", ""),
+            # The job's own: "cancelled" and "error" too (as GET /api/v1/jobs/{id} says),
+            # where the choice carries the nearest of OpenAI's (finish_reason above).
+            "finish_reason": "error" if final["type"] == "error" else final["finish_reason"],
         }
         if final["type"] == "error":
-            # A stream that failed after its first tokens ends with finish_reason
-            # "error": why (job_deadline_exceeded, engine_error...) is said here.
+            # A stream that failed after its first tokens: why (job_deadline_exceeded,
+            # engine_error...), also sent as the stream's error event (sse_end).
             gym["error"] = {
                 "code": final.get("error_code", ""),
                 "message": final.get("error_message", ""),
@@ -685,12 +828,21 @@ class _GenerationApi(OrgApiView):
                 _cancel_abandoned(job)
 
     def sse_end(self, job: Job, final: dict, *, include_usage: bool) -> Iterator[dict | str]:
-        """The stream's last events for the job's final event."""
+        """The stream's last events for the job's final event.
+
+        A job that failed, or was cancelled, before generating anything ends its
+        stream with the error event its unstreamed answer's 4xx/5xx would carry. One
+        that failed after its first tokens ends its choice (finish_reason "length"),
+        its usage chunk if asked for, then an error event in OpenAI's error shape, as
+        OpenAI's streams report a failure (its SDKs raise it): after the usage, so a
+        client reading until the error has what it was charged (an error before any
+        token comes first, as it always did)."""
         if final["type"] == "error" and not final["output_tokens"]:
             yield self.engine_error(job, final).as_dict()
+        elif self.cancelled_unanswered(final):
+            yield self.cancelled(job, final).as_dict()
         else:
-            reason = final["finish_reason"] if final["type"] == "done" else "error"
-            last = self.chunk(job, delta_text=None, finish_reason=reason)
+            last = self.chunk(job, delta_text=None, finish_reason=self.finish_reason(final))
             if not include_usage:
                 # What the answer cost, which a streamed answer cannot
                 # carry in its headers (sent before it settled).
@@ -702,6 +854,8 @@ class _GenerationApi(OrgApiView):
             final_chunk["usage"] = self.usage(final)
             final_chunk["gym"] = self.gym(job, final)
             yield final_chunk
+        if final["type"] == "error" and final["output_tokens"]:
+            yield self.engine_error(job, final).as_dict()
         yield "[DONE]"
 
 
@@ -728,6 +882,9 @@ class ChatCompletionsApi(_GenerationApi):
             ref_name = "ChatCompletionInput"
 
         messages = _Message(many=True, allow_empty=False, max_length=512)
+        top_logprobs = _Neutral(**NEUTRAL["top_logprobs"])
+        response_format = _Neutral(**NEUTRAL["response_format"])
+        parallel_tool_calls = _Neutral(**NEUTRAL["parallel_tool_calls"])
 
     def prompt(self, data, model):
         return render_chat(model, data["messages"])
@@ -742,7 +899,7 @@ class ChatCompletionsApi(_GenerationApi):
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": final["text"]},
-                    "finish_reason": final["finish_reason"],
+                    "finish_reason": self.finish_reason(final),
                     "logprobs": None,
                 }
             ],
@@ -772,7 +929,9 @@ class CompletionsApi(_GenerationApi):
         class Meta:
             ref_name = "CompletionInput"
 
-        prompt = serializers.CharField(max_length=200_000, trim_whitespace=False)
+        prompt = _Prompt()
+        echo = _Neutral(**NEUTRAL["echo"])
+        best_of = _Neutral(**NEUTRAL["best_of"])
 
     def prompt(self, data, model):
         return data["prompt"]
@@ -787,7 +946,7 @@ class CompletionsApi(_GenerationApi):
                 {
                     "index": 0,
                     "text": final["text"],
-                    "finish_reason": final["finish_reason"],
+                    "finish_reason": self.finish_reason(final),
                     "logprobs": None,
                 }
             ],
@@ -902,7 +1061,7 @@ class JobListCreateApi(_GenerationApi):
             ref_name = "JobInput"
 
         messages = _Message(many=True, allow_empty=False, max_length=512, required=False)
-        prompt = serializers.CharField(max_length=200_000, trim_whitespace=False, required=False)
+        prompt = _Prompt(required=False)
         callback_url = serializers.CharField(
             required=False,
             allow_blank=True,
@@ -1009,7 +1168,7 @@ class QuoteApi(OrgApiView):
             ref_name = "QuoteInput"
 
         messages = _Message(many=True, allow_empty=False, max_length=512, required=False)
-        prompt = serializers.CharField(max_length=200_000, trim_whitespace=False, required=False)
+        prompt = _Prompt(required=False)
         expected_output_tokens = serializers.IntegerField(min_value=0, required=False)
 
         def validate(self, attrs):

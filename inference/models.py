@@ -112,6 +112,19 @@ class CatalogModel(models.Model):
     currency = models.CharField(max_length=3, default="usd")
     context_limit = models.PositiveIntegerField(default=4096)
     max_output_tokens = models.PositiveIntegerField(default=1024)
+    # A request's max_tokens is what its hold prices (with the prompt's bound):
+    # a default above what an answer needs holds more credits than it will
+    # spend, and refuses (402) an organization whose credits would have
+    # covered the answer. Blank is OpenAI's default, an answer that runs to
+    # its end (inference.services.jobs._max_tokens).
+    default_max_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="max_tokens of a request that leaves it out, at most max_output_tokens; "
+        "blank: max_output_tokens, cut to what the context leaves after the prompt (OpenAI's "
+        "default). Each request holds credits for its max_tokens until it settles.",
+    )
     size_class = models.CharField(max_length=16, default="small")
     chat_template = models.TextField(
         default="{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n",
@@ -179,6 +192,14 @@ class CatalogModel(models.Model):
         # The API renders this template for every chat request: one that does not
         # compile (a Jinja-style `messages[0]`, an unclosed tag) or cannot render (an
         # include of a file that is not there) would answer each of them with a 500.
+        if (
+            self.default_max_tokens is not None
+            and self.max_output_tokens is not None
+            and self.default_max_tokens > self.max_output_tokens
+        ):
+            raise ValidationError(
+                {"default_max_tokens": f"At most max_output_tokens ({self.max_output_tokens})."}
+            )
         try:
             chat_template_render(self.chat_template, _SAMPLE_CONVERSATION)
         except (TemplateSyntaxError, TemplateDoesNotExist) as exc:

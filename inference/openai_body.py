@@ -14,6 +14,7 @@ coercions ("16" as an integer) and its OpenAPI schema. tests/inference/test_open
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from accounts.models import Priority
@@ -24,6 +25,50 @@ _STANDARD = Priority.STANDARD.value  # a plain str, as a client sends it
 _MAX_TEXT = 200_000
 _MAX_MESSAGES = 512
 
+# OpenAI's parameters that this API does not act on, each with its neutral values (those
+# that ask for nothing more than leaving it out does), which clients send by default and
+# which are taken and dropped; any other value is refused, `unsupported_parameter`
+# (inference.apis `_Neutral`). `types`: the JSON types the parameter has at OpenAI (a
+# value of another type is malformed: `invalid_request`); `why`: what the refusal says.
+NEUTRAL: dict[str, dict] = {
+    "logprobs": {
+        # A boolean for chat, an integer (how many) for text completions.
+        "types": (bool, int),
+        "neutral": (False,),
+        "why": "this API returns no log probabilities",
+    },
+    "top_logprobs": {
+        "types": (int,),
+        "neutral": (0,),
+        "why": "this API returns no log probabilities",
+    },
+    "response_format": {
+        "types": (dict,),
+        "neutral": ({"type": "text"},),
+        "why": "these models answer in text; JSON modes and schemas are not enforced here",
+    },
+    "parallel_tool_calls": {
+        # Without tools (which this API does not take) either value asks for nothing.
+        "types": (bool,),
+        "neutral": (True, False),
+        "why": "tools are not supported",
+    },
+    "echo": {
+        "types": (bool,),
+        "neutral": (False,),
+        "why": "the prompt is not echoed in the answer",
+    },
+    "best_of": {
+        "types": (int,),
+        "neutral": (1,),
+        "why": "each request generates one candidate",
+    },
+}
+_NEUTRAL_BY_KIND = {
+    "chat": frozenset({"logprobs", "top_logprobs", "response_format", "parallel_tool_calls"}),
+    "completion": frozenset({"logprobs", "echo", "best_of"}),
+}
+
 _COMMON = frozenset(
     {
         "model",
@@ -32,6 +77,8 @@ _COMMON = frozenset(
         "temperature",
         "top_p",
         "seed",
+        "presence_penalty",
+        "frequency_penalty",
         "stop",
         "n",
         "stream",
@@ -40,6 +87,24 @@ _COMMON = frozenset(
         "priority",
     }
 )
+
+# Between the text parts of a message's content (`[{"type": "text", "text": ...}, ...]`),
+# as vLLM joins them: adjacent parts do not run their words together.
+CONTENT_PART_SEPARATOR = "\n"
+
+
+def content_parts_text(texts: list[str]) -> str:
+    """A message's text parts as the one string its chat template renders."""
+    return CONTENT_PART_SEPARATOR.join(texts)
+
+
+def neutral_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def is_neutral(value: Any, neutral: tuple) -> bool:
+    # Compared as JSON text: `false` is not `0`, nor `1.0` the `1` best_of takes.
+    return any(neutral_json(value) == neutral_json(n) for n in neutral)
 
 
 class _Defer(Exception):
@@ -55,13 +120,25 @@ def generation_body(data: Any, *, kind: str) -> dict | None:
         return None
     text_field = "messages" if kind == "chat" else "prompt"
     try:
-        if not data.keys() <= _COMMON | {text_field}:
+        neutral = _NEUTRAL_BY_KIND[kind]
+        if not data.keys() <= _COMMON | neutral | {text_field}:
             raise _Defer
+        for name in neutral & data.keys():
+            # Taken and dropped at a neutral value (or null), as the serializer does.
+            value = data[name]
+            if value is not None and (
+                type(value) not in NEUTRAL[name]["types"]
+                or not is_neutral(value, NEUTRAL[name]["neutral"])
+            ):
+                raise _Defer
         out: dict = {"model": _name(data.get("model"), 128)}
         if kind == "chat":
             out["messages"] = _messages(data.get("messages"))
         else:
-            out["prompt"] = _text(data.get("prompt"), allow_blank=False)
+            prompt = data.get("prompt")
+            if type(prompt) is list and len(prompt) == 1:
+                prompt = prompt[0]  # OpenAI's SDK allows a list of one prompt
+            out["prompt"] = _text(prompt, allow_blank=False)
         for name in ("max_tokens", "max_completion_tokens"):
             if name in data:
                 out[name] = _int(data[name], low=1)
@@ -74,6 +151,9 @@ def generation_body(data: Any, *, kind: str) -> dict | None:
             out["top_p"] = _float(data["top_p"], 0, 1)
         if "seed" in data:
             out["seed"] = _int(data["seed"], low=0, high=2**63 - 1)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if name in data:
+                out[name] = _float(data[name], -2, 2)
         if "stop" in data:
             out["stop"] = _stop(data["stop"])
         if "n" in data:
@@ -131,8 +211,25 @@ def _messages(value: Any) -> list[dict]:
         role = message["role"]
         if type(role) is not str or role not in _ROLES:
             raise _Defer
-        messages.append({"role": role, "content": _text(message["content"], allow_blank=True)})
+        content = message["content"]
+        if type(content) is list:
+            content = _content_parts(content)
+        messages.append({"role": role, "content": _text(content, allow_blank=True)})
     return messages
+
+
+def _content_parts(parts: list) -> str:
+    # Text parts only, each exactly {"type": "text", "text": str}; anything else defers.
+    if not parts:
+        raise _Defer
+    texts = []
+    for part in parts:
+        if type(part) is not dict or part.keys() != {"type", "text"} or part["type"] != "text":
+            raise _Defer
+        if type(part["text"]) is not str:
+            raise _Defer
+        texts.append(part["text"])
+    return content_parts_text(texts)
 
 
 def _int(value: Any, *, low: int, high: int | None = None) -> int | None:

@@ -646,6 +646,9 @@ def _engine_request(job: Job | EngineJob, prompt: str) -> triton.GenerationReque
         temperature=params.get("temperature"),
         top_p=params.get("top_p"),
         seed=params.get("seed"),
+        # A job queued by a web process of a release before the penalties has none.
+        presence_penalty=params.get("presence_penalty"),
+        frequency_penalty=params.get("frequency_penalty"),
         stop=list(params.get("stop") or []),
         # An asynchronous job is streamed from the engine too, though nobody
         # reads its tokens: a cancellation then ends it between two tokens and

@@ -165,6 +165,8 @@ class GenerationRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
 
@@ -237,6 +239,16 @@ def _encode(model_name: str, request: GenerationRequest, request_id: str):
         add("top_k", "INT32", _pack("<i", request.top_k, "top_k"))
     if request.seed is not None:
         add("seed", "UINT64", _pack("<Q", request.seed, "seed"))
+    # The ensemble's own inputs (FP32), OpenAI's meaning: subtracted from the logit of each
+    # token already generated, once (presence) or per occurrence (frequency).
+    if request.presence_penalty is not None:
+        add("presence_penalty", "FP32", _pack("<f", request.presence_penalty, "presence_penalty"))
+    if request.frequency_penalty is not None:
+        add(
+            "frequency_penalty",
+            "FP32",
+            _pack("<f", request.frequency_penalty, "frequency_penalty"),
+        )
     if request.stop:
         add("stop_words", "BYTES", _bytes_tensor(request.stop, "stop"), width=len(request.stop))
     # Without it the final flag of a stream rides on no response at all.

@@ -73,6 +73,8 @@ class SubmitParams:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     stop: tuple[str, ...] = ()
 
 
@@ -291,7 +293,14 @@ def _admitted_model(organization: Organization, model_name: str, priority: str) 
 
 
 def _max_tokens(model, requested: int | None, *, param: str = "max_tokens") -> int:
-    max_tokens = requested or min(256, model.max_output_tokens)
+    """The request's max_tokens, or the model's default (the catalog's default_max_tokens;
+    blank: its max_output_tokens, which _within_context cuts to what the context leaves).
+
+    Not a fixed 256 any more: that cut every answer left without max_tokens at 256
+    tokens (finish_reason "length"), where OpenAI's runs to its end. The hold prices
+    it, so a request without max_tokens holds up to max_output_tokens' worth."""
+    default = min(model.default_max_tokens or model.max_output_tokens, model.max_output_tokens)
+    max_tokens = requested or default
     if max_tokens > model.max_output_tokens:
         raise ApplicationError(
             code="invalid_request",
@@ -331,6 +340,11 @@ def _within_context(
     if bound + max_tokens <= limit and (prompt_limit is None or bound <= prompt_limit):
         return max_tokens
     if not model.tokenizer_file or _tokenizer(model.tokenizer_file) is None:
+        if requested is None and bound < limit:
+            # The default max_tokens, cut to what the prompt's bound leaves: it
+            # fits, where the engine would refuse it (a long prompt that fitted
+            # the default of 256 fits the model's whole output limit cut so).
+            return min(max_tokens, limit - bound)
         return max_tokens  # nothing to count with: the engine decides
     # Tokenizing holds the GIL (about 1 ms per 4 KB, 0.5 s per MB here): a
     # prompt whose bytes alone prove it too long is refused uncounted, so no
@@ -466,7 +480,14 @@ def job_submit(
             "max_tokens": max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "seed": params.seed,
+            # A seed drawn per job when the client gave none: the engine's default
+            # is a constant (TensorRT-LLM's, the development engine's 0), so the same
+            # prompt sampled at a temperature above 0 would answer the same text every
+            # time, which OpenAI's does not. Kept on the job, so a run can be replayed;
+            # in the API's own range, so a client could send it back as its seed.
+            "seed": params.seed if params.seed is not None else secrets.randbits(63),
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
             "stop": list(params.stop),
             "reserved_tokens": reserved_tokens,
             "reserved_at": reserved_at,
@@ -494,7 +515,7 @@ def job_submit(
             row=job,
             durable=hold_durable,
         )
-    except Exception:
+    except Exception as exc:
         concurrency_release(scope=f"org:{organization.pk}", job_id=public_id)
         rate_limit_refund(
             kind="tokens",
@@ -502,6 +523,22 @@ def job_submit(
             amount=reserved_tokens,
             counted_at=reserved_at,
         )
+        if (
+            isinstance(exc, ApplicationError)
+            and exc.code == "insufficient_credits"
+            and params.max_tokens is None
+        ):
+            # The hold priced the default max_tokens, which the client may not know
+            # of: a lower max_tokens may fit what is available.
+            raise ApplicationError(
+                code=exc.code,
+                message=f"{exc.message} This request left {params.max_tokens_param} out, "
+                f"so it holds credits for {max_tokens} output tokens, this model's default; "
+                f"a lower {params.max_tokens_param} holds less.",
+                status=exc.status,
+                param=params.max_tokens_param,
+                extra=exc.extra,
+            ) from exc
         raise
     # After commit: at once when no transaction is open, else when the
     # caller's commits.

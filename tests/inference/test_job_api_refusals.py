@@ -334,9 +334,22 @@ def test_listing_jobs_counts_against_the_request_limit(api, org, fresh_window):
         ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages.1.tool_call_id"),
         ({"role": "assistant", "content": "", "tool_calls": []}, "messages.1.tool_calls"),
         ({"role": "tool", "content": "42"}, "messages.1.role"),
-        ({"role": "user", "content": [{"type": "text", "text": "hi"}]}, "messages.1.content"),
+        ({"role": "user", "content": []}, "messages.1.content"),
+        ({"role": "user", "content": [{"text": "hi"}]}, "messages.1.content.0.type"),
+        (
+            {"role": "user", "content": [{"type": "text", "text": "hi", "name": "a"}]},
+            "messages.1.content.0.name",
+        ),
     ],
-    ids=["name", "tool_call_id", "tool_calls", "tool role", "content parts"],
+    ids=[
+        "name",
+        "tool_call_id",
+        "tool_calls",
+        "tool role",
+        "no parts",
+        "untyped part",
+        "part field",
+    ],
 )
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/jobs"])
 def test_a_message_the_model_would_read_otherwise_is_refused_naming_it(
@@ -413,3 +426,135 @@ def test_a_lone_surrogate_echoed_in_an_error_is_escaped_not_a_500(api, org, path
     assert organization_balance(organization=org) == before
     assert not Job.objects.filter(organization=org).exists()
     assert not org.idempotency_records.exists()
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/squat.png"}}
+AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "named"),
+    [
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]}
+                ],
+            },
+            "messages.0.content.1.type",
+            "'image_url' content part",
+        ),
+        (
+            "/api/v1/jobs",
+            {"model": MODEL, "messages": [{"role": "user", "content": [AUDIO]}]},
+            "messages.0.content.0.type",
+            "'input_audio' content part",
+        ),
+        ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs", "logprobs=true"),
+        ("/v1/chat/completions", {**CHAT, "top_logprobs": 3}, "top_logprobs", "top_logprobs=3"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "response_format": {"type": "json_object"}},
+            "response_format",
+            'response_format={"type": "json_object"}',
+        ),
+        ("/v1/chat/completions", {**CHAT, "n": 2}, "n", "n=2"),
+        ("/v1/completions", {"model": MODEL, "prompt": "Plan", "echo": True}, "echo", "echo=true"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "Plan", "best_of": 3},
+            "best_of",
+            "best_of=3",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "Plan", "logprobs": 2},
+            "logprobs",
+            "logprobs=2",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": ["Plan a week", "Plan a day"]},
+            "prompt",
+            "several prompts",
+        ),
+        ("/v1/completions", {"model": MODEL, "prompt": [464, 3290]}, "prompt", "token ids"),
+    ],
+    ids=[
+        "image part",
+        "audio part (jobs)",
+        "logprobs",
+        "top_logprobs",
+        "json mode",
+        "n",
+        "echo",
+        "best_of",
+        "completion logprobs",
+        "several prompts",
+        "token ids",
+    ],
+)
+def test_what_openai_serves_and_this_api_does_not_is_refused_as_unsupported_naming_it(
+    api, org, path, body, param, named
+):
+    # given a body OpenAI's API would take, asking for what these models do not serve
+    # (an image, log probabilities, a JSON mode, several choices or prompts)
+    before = organization_balance(organization=org)
+
+    # when
+    response = api.post(
+        path, json.dumps(body), content_type="application/json", HTTP_IDEMPOTENCY_KEY="unsup"
+    )
+
+    # then a 400 unsupported_parameter naming the field (and the part's type), not a
+    # silently different answer, and nothing is held, queued or kept under the key
+    error = _error(response, 400)
+    assert (error["code"], error["param"], error["type"]) == (
+        "unsupported_parameter",
+        param,
+        "invalid_request_error",
+    )
+    assert named in error["message"]
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+    assert not org.idempotency_records.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**CHAT, "logprobs": "no"}, "logprobs"),
+        ({**CHAT, "presence_penalty": 2.5}, "presence_penalty"),
+        ({**CHAT, "frequency_penalty": True}, "frequency_penalty"),
+        ({**CHAT, "n": 0}, "n"),
+        ({**CHAT, "tools": []}, "tools"),
+    ],
+    ids=["logprobs not a boolean", "penalty out of range", "penalty not a number", "n 0", "tools"],
+)
+def test_a_malformed_or_unknown_openai_field_stays_an_invalid_request(api, org, body, param):
+    # when a field is of the wrong type or out of OpenAI's own range, or one this API
+    # does not know (tools)
+    error = _error(api.post("/v1/chat/completions", body, format="json"), 400)
+
+    # then it is the plain invalid_request naming it, as before
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert not Job.objects.filter(organization=org).exists()
+
+
+def test_a_request_without_max_tokens_refused_for_credits_says_what_its_default_held(api, org):
+    # given a model whose output is dear: its default max_tokens (its whole output
+    # limit, 1024) costs more than the organization's 10 credits, 16 tokens do not
+    served_model("gym-dear", output_rate="100000")
+    before = organization_balance(organization=org)
+    body = {"model": "gym-dear", "messages": [{"role": "user", "content": "Plan my week."}]}
+
+    # when a request leaves max_tokens out
+    error = _error(api.post("/v1/chat/completions", body, format="json"), 402)
+
+    # then the 402 says that the default was priced, and that a lower max_tokens holds less
+    assert (error["code"], error["param"]) == ("insufficient_credits", "max_tokens")
+    assert "left max_tokens out, so it holds credits for 1024 output tokens" in error["message"]
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()

@@ -283,13 +283,17 @@ def test_a_stream_whose_queued_job_is_cancelled_ends_at_once_saying_so(
     # when the job is cancelled
     job_cancel(job=Job.objects.get(pk=queued_job.pk))
 
-    # then the stream ends at once, as a cancelled job's does: finish_reason
-    # "cancelled", nothing charged, [DONE]
+    # then the stream ends at once, as the unstreamed answer does: with the
+    # job_cancelled error (an event in OpenAI's error shape, not a finish_reason
+    # outside OpenAI's set), nothing charged, [DONE]
     reading.join(timeout=10)
     assert not reading.is_alive(), "the stream still waits for the cancelled job"
     last = json.loads(lines[-2][len(b"data: ") :])
-    assert last["choices"][0]["finish_reason"] == "cancelled"
-    assert last["gym"]["credits_charged"] == 0
+    assert (last["error"]["code"], last["error"]["job_id"]) == (
+        "job_cancelled",
+        queued_job.public_id,
+    )
+    assert "nothing was charged" in last["error"]["message"]
     assert lines[-1] == b"data: [DONE]\n\n"
 
 

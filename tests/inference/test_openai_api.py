@@ -294,6 +294,207 @@ def test_a_text_completion_works_too(gym):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_a_text_completion_takes_its_prompt_as_a_list_of_one_and_refuses_several(gym):
+    # given
+    client = gym["client"]
+    kwargs = {"model": MODEL, "max_tokens": 6, "seed": 4}
+
+    # when the prompt comes as OpenAI's SDK also sends one, a list of one string
+    listed = client.completions.create(prompt=["Rest days matter"], **kwargs)
+    plain = client.completions.create(prompt="Rest days matter", **kwargs)
+
+    # then it is that prompt, answered alike
+    assert listed.choices[0].text == plain.choices[0].text
+    assert listed.usage.prompt_tokens == plain.usage.prompt_tokens > 0
+
+    # and several prompts (a batch) are refused naming the field, nothing queued
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(prompt=["Rest days matter", "Sleep matters"], **kwargs)
+    assert (refused.value.body["code"], refused.value.body["param"]) == (
+        "unsupported_parameter",
+        "prompt",
+    )
+    assert Job.objects.filter(organization=gym["org"]).count() == 2
+
+
+def test_a_message_given_as_text_parts_is_answered_as_their_joined_text(gym):
+    # given a message as many SDK users send one: a list of text parts
+    client = gym["client"]
+    parts = [
+        {"type": "text", "text": "Plan a training week."},
+        {"type": "text", "text": "Keep it short."},
+    ]
+
+    # when it is sent, and the same text as a string (parts joined by a newline)
+    as_parts = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=8, seed=11
+    )
+    as_text = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Plan a training week.\nKeep it short."}],
+        max_tokens=8,
+        seed=11,
+    )
+
+    # then both are the same prompt, answered alike
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens > 0
+
+    # and a part the model cannot read (an image) is refused naming it, nothing held
+    before = organization_balance(organization=gym["org"])
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/squat.png"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": [parts[0], image]}], max_tokens=8
+        )
+    assert (refused.value.body["code"], refused.value.body["param"]) == (
+        "unsupported_parameter",
+        "messages.0.content.1.type",
+    )
+    assert "'image_url'" in refused.value.body["message"]
+    assert organization_balance(organization=gym["org"]) == before
+    assert Job.objects.filter(organization=gym["org"]).count() == 2
+
+
+WARM_UP = {"model": MODEL, "messages": [{"role": "user", "content": "Describe a good warm-up."}]}
+
+
+def test_the_fields_clients_send_by_default_are_taken_and_the_penalties_reach_the_engine(gym):
+    # given a prompt answered greedily (temperature 0: the same text every time)
+    client = gym["client"]
+    ask = {**WARM_UP, "max_tokens": 32, "temperature": 0}
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+
+    # when it is sent with what clients send by default: each neutral value of a
+    # parameter this API does not act on, and no penalty
+    defaults = client.chat.completions.create(
+        **ask,
+        n=1,
+        logprobs=False,
+        top_logprobs=0,
+        response_format={"type": "text"},
+        parallel_tool_calls=True,
+        user="member-42",
+        presence_penalty=0,
+        frequency_penalty=0,
+    )
+    # and with penalties on the tokens already generated
+    penalized = client.chat.completions.create(**ask, presence_penalty=2, frequency_penalty=2)
+
+    # then the first is answered as without them, and the engine applied the penalties
+    assert defaults.choices[0].message.content == plain
+    assert penalized.choices[0].message.content != plain
+    job = Job.objects.filter(organization=gym["org"]).latest("pk")
+    assert (job.params["presence_penalty"], job.params["frequency_penalty"]) == (2.0, 2.0)
+
+    # and a value asking for what is not served is refused, naming it
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**ask, logprobs=True)
+    assert (refused.value.body["code"], refused.value.body["param"]) == (
+        "unsupported_parameter",
+        "logprobs",
+    )
+
+
+def test_requests_without_a_seed_are_sampled_afresh_and_a_seed_still_repeats(gym):
+    # given a prompt sampled at temperature 1
+    client = gym["client"]
+    ask = {**WARM_UP, "max_tokens": 12, "temperature": 1}
+
+    # when it is sent four times without a seed, and twice with one
+    unseeded = [client.chat.completions.create(**ask).choices[0].message.content for _ in range(4)]
+    seeded = [
+        client.chat.completions.create(**ask, seed=9).choices[0].message.content for _ in range(2)
+    ]
+
+    # then the unseeded answers differ, as OpenAI's do, each job with a seed of its own
+    # (kept on it, so a run can be replayed); the seeded ones repeat
+    assert len(set(unseeded)) > 1, unseeded
+    assert seeded[0] == seeded[1]
+    seeds = [
+        job.params["seed"] for job in Job.objects.filter(organization=gym["org"]).order_by("pk")
+    ]
+    assert seeds[4:] == [9, 9]
+    assert len(set(seeds[:4])) == 4 and all(0 <= seed < 2**63 for seed in seeds[:4])
+
+
+def test_a_request_without_max_tokens_runs_to_the_models_output_limit_not_256(gym):
+    # given a model whose output limit is 400 tokens, and a prompt the engine answers at
+    # length (at temperature 2 with this seed it writes over 1,800 tokens)
+    client = gym["client"]
+    model = CatalogModel.objects.get(name=MODEL)
+    model.max_output_tokens = 400
+    model.save()
+    long = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a very long training guide."}],
+        "temperature": 2.0,
+        "seed": 4792,
+    }
+
+    # when it leaves max_tokens out
+    reply = client.chat.completions.create(**long)
+
+    # then it runs to the model's output limit (held for it), not to 256
+    job = Job.objects.get(organization=gym["org"])
+    assert job.params["max_tokens"] == 400
+    assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (400, "length")
+
+    # and a catalog default, where staff set one, is the limit instead
+    model.default_max_tokens = 20
+    model.save()
+    reply = client.chat.completions.create(**long)
+    assert reply.usage.completion_tokens <= 20
+    assert Job.objects.filter(organization=gym["org"]).latest("pk").params["max_tokens"] == 20
+
+
+def test_a_stream_cancelled_through_the_jobs_api_ends_with_an_openai_finish_reason(
+    gym, paced_triton_server
+):
+    # given a long streamed answer on the paced engine (1,815 tokens at a millisecond each)
+    client = gym["client"]
+    served_model(
+        "gym-long",
+        grpc_urls=[paced_triton_server.grpc_url],
+        access_tier="basic",
+        max_output_tokens=3000,
+    )
+    stream = client.chat.completions.create(
+        model="gym-long",
+        messages=[{"role": "user", "content": "Write a very long training guide."}],
+        max_tokens=3000,
+        temperature=2.0,
+        seed=4792,
+        stream=True,
+    )
+
+    # when its job is cancelled through the jobs API after its first tokens
+    chunks, deltas = [], 0
+    for chunk in stream:
+        chunks.append(chunk)
+        if chunk.choices and chunk.choices[0].delta.content:
+            deltas += 1
+            if deltas == 3:
+                job_id = chunk.id.removeprefix("chatcmpl-")
+                cancel = requests.post(
+                    f"{gym['url']}/api/v1/jobs/{job_id}/cancel",
+                    headers={"Authorization": f"Bearer {gym['raw']}"},
+                    timeout=10,
+                )
+                assert cancel.status_code == 200, cancel.text
+
+    # then the choice ends with one of OpenAI's finish reasons, "length" (cut short:
+    # not "stop", which would pass it for whole), and ours says it was cancelled
+    job = Job.objects.get(public_id=job_id)
+    assert (job.status, job.finish_reason) == (JobStatus.CANCELED, "cancelled")
+    [last] = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert last is chunks[-1]
+    assert last.choices[0].finish_reason == "length"
+    assert last.model_extra["gym"]["finish_reason"] == "cancelled"
+    assert 3 <= job.output_tokens < 1815
+    assert last.model_extra["gym"]["credits_charged"] == job.credits_charged > 0
+
+
 def test_models_lists_what_the_plan_allows(gym):
     # when
     models = gym["client"].models.list()

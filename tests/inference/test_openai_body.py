@@ -71,6 +71,43 @@ ORDINARY = [
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": None}),
     ("completion", {"model": "gym-tiny", "prompt": "Once upon a time", "max_tokens": 8}),
     ("completion", {"model": "gym-tiny", "prompt": "   ", "user": ""}),
+    # OpenAI's content parts, text only, joined into the one content string
+    (
+        "chat",
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Plan"},
+                        {"type": "text", "text": "a week"},
+                    ],
+                },
+            ],
+        },
+    ),
+    # the penalties, and the neutral values of what this API does not act on, as
+    # clients send them by default
+    (
+        "chat",
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "presence_penalty": 0,
+            "frequency_penalty": -0.5,
+            "n": 1,
+            "logprobs": False,
+            "top_logprobs": 0,
+            "response_format": {"type": "text"},
+            "parallel_tool_calls": True,
+            "user": "member-42",
+        },
+    ),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": None}),
+    ("completion", {"model": "m", "prompt": ["Once"], "echo": False, "best_of": 1}),
+    ("completion", {"model": "m", "prompt": "x", "logprobs": False, "presence_penalty": 2}),
 ]
 
 REFUSED = [
@@ -112,6 +149,28 @@ REFUSED = [
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "priority": "vip"}),
     ("completion", {"model": "m", "prompt": ""}),
     ("completion", {"model": "m", "prompt": ["a", "b"]}),
+    ("completion", {"model": "m", "prompt": [""]}),
+    ("completion", {"model": "m", "prompt": [7]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": ["x"]}]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": 0}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "echo": False}),
+    (
+        "chat",
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3},
+    ),
+    (
+        "chat",
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_object"},
+        },
+    ),
+    ("completion", {"model": "m", "prompt": "x", "best_of": 1.0}),
+    ("completion", {"model": "m", "prompt": "x", "response_format": {"type": "text"}}),
     ("completion", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
 ]
 
@@ -196,6 +255,11 @@ _fields = {
     ),
     "user": _either(st.text(max_size=8)),
     "priority": _either(st.sampled_from(["batch", "standard", "priority"])),
+    "presence_penalty": _either(st.none() | st.floats(min_value=-2, max_value=2)),
+    "frequency_penalty": _either(st.none() | st.integers(min_value=-2, max_value=2)),
+    "logprobs": _either(st.sampled_from([None, False])),
+    "response_format": _either(st.sampled_from([None, {"type": "text"}])),
+    "echo": _either(st.sampled_from([None, False])),
     "logit_bias": _values,
 }
 _TEXT_FIELD = {"chat": "messages", "completion": "prompt"}

@@ -201,14 +201,23 @@ def test_a_stream_stopped_at_its_run_limit_after_tokens_ends_saying_why(running_
         )
     )
 
-    # then its last chunk ends it in error, says why, and what it cost
-    last = json.loads(lines[-2][len(b"data: ") :])
-    assert last["choices"][0]["finish_reason"] == "error"
+    # then its choice ends with one of OpenAI's finish reasons (cut short: "length"),
+    # saying why and what it cost in its gym object, and an error event in OpenAI's
+    # shape follows, which OpenAI's SDKs raise
+    last = json.loads(lines[-3][len(b"data: ") :])
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert last["gym"]["finish_reason"] == "error"
     assert last["gym"]["error"] == {
         "code": "job_deadline_exceeded",
         "message": outcome.error_message,
     }
     assert last["gym"]["credits_charged"] == settled.credits_charged > 0
+    error = json.loads(lines[-2][len(b"data: ") :])["error"]
+    assert (error["code"], error["message"], error["job_id"]) == (
+        "job_deadline_exceeded",
+        outcome.error_message,
+        running_job.public_id,
+    )
     assert lines[-1] == b"data: [DONE]\n\n"
 
 

@@ -222,22 +222,25 @@ def test_an_engine_killed_mid_stream_charges_exactly_the_tokens_delivered(
     # when the server is SIGKILLed after the first few streamed tokens
     stream = _long_stream(client, stream_options={"include_usage": True})
     chunks, deltas = [], []
-    for chunk in stream:
-        chunks.append(chunk)
-        if chunk.choices and chunk.choices[0].delta.content:
-            deltas.append(chunk.choices[0].delta.content)
-            if len(deltas) == 3:
-                os.kill(private_triton_server.process.pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as failed:
+        for chunk in stream:
+            chunks.append(chunk)
+            if chunk.choices and chunk.choices[0].delta.content:
+                deltas.append(chunk.choices[0].delta.content)
+                if len(deltas) == 3:
+                    os.kill(private_triton_server.process.pid, signal.SIGKILL)
 
-    # then the stream ends (not hangs) with an error finish and the usage served
+    # then the stream ends (not hangs): its choice with one of OpenAI's finish reasons
+    # (cut short), the usage served, then OpenAI's error event, which the SDK raises
     assert private_triton_server.process.wait(timeout=10) == -signal.SIGKILL
     job = Job.objects.get(organization=org)
     assert job.status == JobStatus.FAILED, (job.status, job.output_tokens, job.error_message)
     assert job.error_code == "engine_error"
+    assert failed.value.body["code"] == "engine_error"
     assert len(deltas) <= job.output_tokens < LONG_TOKENS
     assert job.input_tokens > 0
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finishes[-1] == "error"
+    assert finishes[-1] == "length"
     usage = chunks[-1].usage
     assert (usage.prompt_tokens, usage.completion_tokens) == (job.input_tokens, job.output_tokens)
     # and why it ended, in its last chunk

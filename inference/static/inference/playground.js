@@ -236,6 +236,8 @@
       const choice = chunk.choices && chunk.choices[0];
       if (choice && choice.delta && choice.delta.content) answer.textContent += choice.delta.content;
       if (choice && choice.finish_reason) finish = choice.finish_reason;
+      // The job's own reason ("cancelled" too), where the choice has OpenAI's nearest.
+      if (chunk.gym && chunk.gym.finish_reason) finish = chunk.gym.finish_reason;
       if (chunk.gym && chunk.gym.error) {
         // A failure after tokens (the run limit, the engine): billed for them.
         showError(chunk.gym.error.code, chunk.gym.error.message);
