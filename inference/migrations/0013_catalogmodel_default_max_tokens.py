@@ -19,7 +19,7 @@ class Migration(migrations.Migration):
     atomic = False
 
     dependencies = [
-        ("inference", "0011_job_settle_drops_the_36_argument_function"),
+        ("inference", "0012_job_running_started_index"),
     ]
 
     operations = [
