@@ -68,7 +68,7 @@ from inference.openai_body import (
     neutral_json,
     text_storable,
 )
-from inference.relay import HEARTBEAT, relay_events, relay_progress
+from inference.relay import HEARTBEAT, CancelOrigin, relay_events, relay_progress
 from inference.selectors import catalog_models_for, job_ended_final_event, organization_jobs
 from inference.services import job_cancel, job_submit
 from inference.services.jobs import SubmitParams, job_quote, job_run_limit
@@ -418,7 +418,7 @@ def _announce_sunset(response, model: CatalogModel) -> None:
         response["X-Gym-Model-Successor"] = model.successor.name
 
 
-def _cancel_abandoned(job: Job) -> bool:
+def _cancel_abandoned(job: Job, *, origin: str = CancelOrigin.CLIENT) -> bool:
     """The job of a client that went away or stopped waiting: cancelled, not run for no one.
 
     Still queued (a backlog), it settles at once as canceled, nothing billed,
@@ -428,10 +428,11 @@ def _cancel_abandoned(job: Job) -> bool:
     sent). Called while answering or closing the response: a failure here is
     logged, never raised (the job then runs on, and its hold bounds what it
     can cost, as before). Whether it was cancelled: ended, or its worker asked
-    to stop.
+    to stop. `origin` GATEWAY_TIMEOUT: the gateway stopped waiting, and a job
+    it stops before its first token is charged nothing (inference.tasks).
     """
     try:
-        cancelled = job_cancel(job=job)
+        cancelled = job_cancel(job=job, origin=origin)
     except Exception:
         logger.exception("could not cancel job %s, whose client went away", job.public_id)
         return False
@@ -619,8 +620,12 @@ class _GenerationApi(OrgApiView):
         commit and publishing it, or Redis failed under it; or this cancel
         ended it while queued) is answered from its row (job_ended_final_event):
         else a job that succeeded and was charged in full would be a 504 saying
-        it was cancelled, with no charge."""
-        cancelled = _cancel_abandoned(job)
+        it was cancelled, with no charge.
+
+        The cancel is the gateway's own (CancelOrigin.GATEWAY_TIMEOUT): its
+        client gets a 504 and nothing else, so its worker, stopping the job
+        before any token, ends it failed (`engine_timeout`), nothing charged."""
+        cancelled = _cancel_abandoned(job, origin=CancelOrigin.GATEWAY_TIMEOUT)
         try:
             for event in relay_events(job.public_id, timeout_s=FINAL_AFTER_CANCEL_WAIT_S):
                 if event["type"] in ("done", "error"):
@@ -638,6 +643,8 @@ class _GenerationApi(OrgApiView):
         cancelled" (a client told that would not look for the charge)."""
         if final is None:
             charged = f"it is charged only for what it served: see GET /api/v1/jobs/{job.public_id}"
+        elif not final["credits_charged"]:
+            charged = "nothing was charged"
         else:
             charged = f"it was charged {amount_display(final['credits_charged'])} credits for what it served"
         if final is None and not cancelled:

@@ -262,7 +262,10 @@ NON_TERMINAL = (JobStatus.QUEUED, JobStatus.RUNNING)
 # one list for the API's schema (inference.apis.JobOutput) and the admin's filter.
 JOB_ERROR_CODES = {
     "engine_unavailable": "no engine would take it",
-    "engine_timeout": "its engine went silent",
+    "engine_timeout": (
+        "its engine went silent, or the gateway stopped waiting for it before its first token "
+        "(nothing charged then)"
+    ),
     "engine_error": "its engine refused or failed it",
     "job_deadline_exceeded": (
         "it ran longer than the run limit; billed for the prompt the engine took and the "

@@ -4,7 +4,9 @@ Tokens travel in a stream, not pub/sub: the worker may publish before the API
 process starts reading, and a stream keeps every event until it is read (or
 expires). A cancellation is a key (`relay_cancel`) that the worker's process
 polls for every job it runs (`relay_cancel_watch`), whether the job is
-waiting for the engine, streaming, or not streaming at all. A job's run holds
+waiting for the engine, streaming, or not streaming at all. Its value says
+who asked (CancelOrigin): the client, or the gateway that stopped waiting,
+which the worker bills differently (inference.tasks). A job's run holds
 a lease (`relay_run_lease`) that the same poller keeps alive, so that a
 second message for a job whose first run is alive is told from one handed
 back after its worker died.
@@ -203,21 +205,67 @@ def relay_progress(job_ids: list[str]) -> dict[str, dict]:
     return {job_id: json.loads(v) for job_id, v in zip(job_ids, values, strict=True) if v}
 
 
-def relay_cancel(job_id: str) -> None:
+class CancelOrigin:
+    """Who asked a job to stop: the value of its cancel key (relay_cancel).
+
+    CLIENT is b"1", the only value web processes of a release before origins
+    wrote: their cancels, whatever asked for them, keep the meaning they had
+    (billed as a cancel is). GATEWAY_TIMEOUT is the gateway's own cancel of a
+    request it stopped waiting for (INFERENCE_TIMEOUT_SECONDS): its client was
+    answered 504 with nothing, so a job stopped by it before any token bills
+    nothing (inference.tasks).
+    """
+
+    CLIENT = "client"
+    GATEWAY_TIMEOUT = "gateway_timeout"
+
+
+_CANCEL_VALUES = {CancelOrigin.CLIENT: b"1", CancelOrigin.GATEWAY_TIMEOUT: b"timeout"}
+
+
+def _cancel_origin(value: bytes) -> str:
+    # Anything but the gateway's own value is a client's: b"1" is what every
+    # release wrote before origins.
+    if value == _CANCEL_VALUES[CancelOrigin.GATEWAY_TIMEOUT]:
+        return CancelOrigin.GATEWAY_TIMEOUT
+    return CancelOrigin.CLIENT
+
+
+def relay_cancel(job_id: str, *, origin: str = CancelOrigin.CLIENT) -> None:
     """Ask the job's worker to stop it, for as long as the job can still run.
 
     A job's task may run again much later than its first run (a worker that
     died hands it back to the end of its queue), and a run after the request
     expired would bill in full: so it is kept until the job's hold has
     expired, after which no run can bill anything (the job has expired).
+
+    The gateway's timeout never overwrites a cancel already asked for (NX): a
+    client that cancelled first keeps its cancel's billing, and a worker that
+    read that cancel already bills by it. A client's overwrites the gateway's:
+    it asked to stop, as the client of any cancel does.
     """
     ttl = max(STREAM_TTL_SECONDS, int(settings.METERING_HOLD_TTL.total_seconds()) + 60)
-    get_redis().set(_cancel_key(job_id), b"1", ex=ttl)
+    nx = origin == CancelOrigin.GATEWAY_TIMEOUT
+    get_redis().set(_cancel_key(job_id), _CANCEL_VALUES[origin], ex=ttl, nx=nx)
 
 
-def relay_cancel_requested(job_id: str) -> bool:
-    """Whether the job was asked to stop (relay_cancel), now: one Redis read."""
-    return bool(get_redis().exists(_cancel_key(job_id)))
+def relay_cancel_requested(job_id: str) -> str | None:
+    """Who asked the job to stop (a CancelOrigin), None if nobody has: one Redis read."""
+    value = get_redis().get(_cancel_key(job_id))
+    return None if value is None else _cancel_origin(value)
+
+
+class CancelEvent(threading.Event):
+    """A running job's cancel (relay_cancel_watch): set once it was asked to stop, with
+    who asked (`origin`, a CancelOrigin; None when the worker stopped it itself)."""
+
+    origin: str | None = None
+
+    def set_by(self, origin: str) -> None:
+        # The first origin seen stays: it is the cancel the run was stopped by.
+        if not self.is_set():
+            self.origin = origin
+            self.set()
 
 
 @dataclass
@@ -253,7 +301,7 @@ class _CancelWatcher:
         self._lock = threading.Lock()
         # Keyed by the event: the same job may run twice in a process (a
         # redelivered task), and each run stops on its own.
-        self._watched: dict[threading.Event, _Watch] = {}
+        self._watched: dict[CancelEvent, _Watch] = {}
         # Run leases, by their token: key.
         self._leases: dict[str, str] = {}
         self._renewed_at = 0.0
@@ -267,15 +315,15 @@ class _CancelWatcher:
             )
             self._thread.start()
 
-    def watch(self, job_id: str, *, reader: bool = False) -> threading.Event:
-        event = threading.Event()
+    def watch(self, job_id: str, *, reader: bool = False) -> CancelEvent:
+        event = CancelEvent()
         due = time.monotonic() + reader_ttl_s() if reader else None
         with self._lock:
             self._watched[event] = _Watch(job_id, reader_due=due)
             self._start()
         return event
 
-    def unwatch(self, event: threading.Event) -> None:
+    def unwatch(self, event: CancelEvent) -> None:
         with self._lock:
             self._watched.pop(event, None)
 
@@ -333,7 +381,7 @@ class _CancelWatcher:
                 continue
             for (event, _w), flag in zip(watched, flags[: len(watched)], strict=True):
                 if flag is not None:
-                    event.set()
+                    event.set_by(_cancel_origin(flag))
             for (event, w), marker in zip(read, flags[len(watched) :], strict=True):
                 if marker is None:
                     logger.warning(
@@ -342,7 +390,8 @@ class _CancelWatcher:
                         w.job_id,
                     )
                     w.reader_due = None
-                    event.set()
+                    # Its client is gone with its reader: a client's cancel.
+                    event.set_by(CancelOrigin.CLIENT)
 
 
 _watcher = _CancelWatcher()
@@ -461,9 +510,10 @@ def _run_lease_take(key: str, token: str, *, wait: bool = True) -> bool:
 
 
 @contextlib.contextmanager
-def relay_cancel_watch(job_id: str, *, reader: bool = False) -> Iterator[threading.Event]:
-    """An Event that is set once `relay_cancel(job_id)` was called (from any process); with
-    `reader` (a streamed job), also once its reader's marker lapsed (_CancelWatcher)."""
+def relay_cancel_watch(job_id: str, *, reader: bool = False) -> Iterator[CancelEvent]:
+    """An Event that is set once `relay_cancel(job_id)` was called (from any process), with
+    its origin; with `reader` (a streamed job), also once its reader's marker lapsed
+    (_CancelWatcher)."""
     event = _watcher.watch(job_id, reader=reader)
     try:
         yield event

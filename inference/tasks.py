@@ -58,6 +58,8 @@ from accounts.redis import get_redis
 from inference import triton
 from inference.models import NON_TERMINAL, InputTokensSource, Job, JobStatus
 from inference.relay import (
+    CancelEvent,
+    CancelOrigin,
     relay_cancel_requested,
     relay_cancel_watch,
     relay_progress_set,
@@ -344,10 +346,12 @@ def _job_end(
     # process renews its reader marker (job_engine_spec's `reader`).
     reader = job.stream and spec is not None and spec.get("reader", False)
     with relay_cancel_watch(job.public_id, reader=reader) as cancel:
-        if getattr(job, "restarted", False) and relay_cancel_requested(job.public_id):
+        if getattr(job, "restarted", False):
             # A job cancelled while running whose task came back (its worker
             # died): the watcher would see it only after the prompt was sent.
-            cancel.set()
+            origin = relay_cancel_requested(job.public_id)
+            if origin is not None:
+                cancel.set_by(origin)
         result = _generate(
             engines,
             _engine_request(job, prompt),
@@ -371,6 +375,8 @@ def _job_end(
         outcome, status = _failure_outcome(result), JobStatus.FAILED
         if isinstance(result, triton.DeadlineExceeded):
             outcome = _past_deadline(job, prompt, result, outcome, limit_s)
+    elif _timed_out_untold(result, cancel):
+        outcome, status = _gateway_timeout(result), JobStatus.FAILED
     else:
         outcome = _result_outcome(job, prompt, result)
         cancelled = result.finish_reason == "cancelled"
@@ -658,6 +664,40 @@ def _engine_request(job: Job | EngineJob, prompt: str) -> triton.GenerationReque
         # (16 tokens: 2.5 -> 10 ms, README "Inference"), which they would pay
         # on every request for a cancellation they rarely use.
         stream=job.stream or job.kind == "async",
+    )
+
+
+def _timed_out_untold(result: triton.GenerationResult, cancel: CancelEvent) -> bool:
+    """Whether the job was stopped by the gateway's own timeout before any token came.
+
+    Its client was answered 504 `engine_timeout` with nothing (the gateway
+    stopped waiting: INFERENCE_TIMEOUT_SECONDS), so nothing is billed, not
+    even a prompt the engine took (as a failure before any response bills
+    nothing): a wait in the engine's queue is ours. A client's cancel
+    (CancelOrigin.CLIENT, and every cancel of a web process of a release
+    before origins) bills as before; tokens delivered before the timeout (a
+    stream) are billed as any cancel's.
+    """
+    return (
+        result.finish_reason == "cancelled"
+        and cancel.origin == CancelOrigin.GATEWAY_TIMEOUT
+        and not result.output_tokens
+        and not result.text
+    )
+
+
+def _gateway_timeout(result: triton.GenerationResult) -> Outcome:
+    """The outcome of a job the gateway stopped waiting for before its first token: failed,
+    `engine_timeout`, nothing charged; its engine time still counted as serving cost."""
+    return Outcome(
+        engine_ms=result.engine_ms,
+        finish_reason="error",
+        error_code="engine_timeout",
+        error_message=(
+            "The model did not answer before the gateway stopped waiting "
+            "(INFERENCE_TIMEOUT_SECONDS); the job was stopped and nothing was charged."
+        ),
+        input_tokens_source=InputTokensSource.NONE,
     )
 
 

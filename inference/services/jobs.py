@@ -42,6 +42,7 @@ from accounts.ratelimits import (
 from accounts.redis import get_redis
 from gymbilling.broker import task_publish
 from inference.models import NON_TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus
+from inference.relay import CancelOrigin
 from inference.selectors import catalog_model_resolve, job_final_event, pools_for_job
 from inference.services.callbacks import job_callback_record
 from metering.models import Hold, HoldStatus
@@ -1234,8 +1235,13 @@ def job_expire_for_hold(*, key: str) -> Job | None:
     return job
 
 
-def job_cancel(*, job: Job) -> Job:
+def job_cancel(*, job: Job, origin: str = CancelOrigin.CLIENT) -> Job:
     """Release a job not started yet at once; ask the worker of a started one to stop.
+
+    `origin` (a CancelOrigin: the client's unless the gateway timed out) tells the
+    worker who asked, which decides what a job stopped before its first token
+    bills: the gateway's own timeout, nothing (inference.tasks). A queued job
+    is released unbilled either way.
 
     A running job is stopped by its worker (it polls for the cancellation, see
     inference.relay) within a fraction of a second, and settles for what the
@@ -1260,16 +1266,16 @@ def job_cancel(*, job: Job) -> Job:
             job = _cancel_if_queued(job)
     finally:
         # Even when the database failed: a worker may have started the job.
-        job.stop_requested = _stop_request(job)
+        job.stop_requested = _stop_request(job, origin)
     return job
 
 
-def _stop_request(job: Job) -> bool:
+def _stop_request(job: Job, origin: str) -> bool:
     """Ask the job's worker to stop (relay_cancel); whether it could be asked."""
     from inference.relay import relay_cancel
 
     try:
-        relay_cancel(job.public_id)
+        relay_cancel(job.public_id, origin=origin)
     except RedisError:
         logger.exception("job %s: its worker could not be asked to stop", job.public_id)
         return False

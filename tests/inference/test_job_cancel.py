@@ -101,7 +101,7 @@ def test_cancelling_a_job_that_ended_changes_nothing(queued_job):
     assert not _cancel_requested(job)
 
 
-def _relay_down(_job_id):
+def _relay_down(_job_id, **_origin):
     # Stood in at the relay's one call that asks a worker to stop (relay_cancel):
     # Redis cannot be made to fail for one call here, and a real outage would
     # stop every other test's relay and broker.

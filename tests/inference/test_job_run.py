@@ -41,7 +41,7 @@ from accounts.redis import get_redis
 from inference import apis, relay, tasks, triton
 from inference.engine.tokenizer import count_tokens
 from inference.models import DedicatedCapacity, InputTokensSource, Job, JobStatus, ServerPool
-from inference.relay import relay_cancel, relay_events, relay_publish
+from inference.relay import CancelOrigin, relay_cancel, relay_events, relay_publish
 from inference.services import job_settle
 from inference.services.jobs import ENGINE_SPEC_HEADER, JOB_START_MARGIN, Outcome, job_engine_spec
 from metering.models import AccountKind, Hold, HoldStatus, UsageRecord
@@ -57,12 +57,13 @@ from tests.helpers import (
     served_model,
     wait_until,
 )
-from tests.inference.conftest import occupy_engine_workers
+from tests.inference.conftest import occupy_engine_workers, wait_for_engine_load
 from tests.reliability.test_inference_faults import _expected_charge, _settled_once
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PROMPT = "Strength training"
+TOKENIZER = "inference/engine/tokenizer.json"
 
 
 @pytest.fixture
@@ -100,6 +101,19 @@ def _queued(org, model, **params) -> Job:
     )
     hold_place(organization=org, amount=credits(1), key=job.public_id, new_key=True)
     return job
+
+
+def _queued_with_tokenizer(
+    name: str, grpc_url: str, grant, *, tokenizer_file: str = TOKENIZER, **params
+) -> Job:
+    """A queued job (_queued) of an organization with credits, on a model `name` served at
+    `grpc_url` whose catalog names `tokenizer_file` (blank: none)."""
+    model = served_model(
+        name, grpc_urls=[grpc_url], access_tier="basic", tokenizer_file=tokenizer_file
+    )
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    return _queued(org, model, **params)
 
 
 @pytest.fixture
@@ -498,6 +512,17 @@ def _settled_for_its_charge(job: Job, org, before) -> None:
     )
 
 
+def _billed_the_prompt_by_tokenizer(job: Job, org, before) -> None:
+    """The job was billed for PROMPT counted by the model's tokenizer (and what else it
+    served), its charge captured once (_settled_for_its_charge)."""
+    assert (job.input_tokens, job.input_tokens_source) == (
+        count_tokens(PROMPT),
+        InputTokensSource.TOKENIZER,
+    )
+    assert job.credits_charged == _expected_charge(job) > 0
+    _settled_for_its_charge(job, org, before)
+
+
 # With the development engine this prompt, at seed 282 and temperature 2,
 # makes 1070 tokens: over a second on the paced engine (a millisecond a token).
 LONG_PROMPT = "Tokens are the unit of work, and the cluster"
@@ -625,15 +650,8 @@ def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_
     # machine, to start the job and send it
     engine = paced_engine
     settings.INFERENCE_JOB_DEADLINE_SECONDS = 1.5
-    model = served_model(
-        "gym-run-busy",
-        grpc_urls=[engine.grpc_url],
-        access_tier="basic",
-        tokenizer_file="inference/engine/tokenizer.json",
-    )
-    org = OrganizationFactory()
-    grant(org, credits(10))
-    job = _queued(org, model)
+    job = _queued_with_tokenizer("gym-run-busy", engine.grpc_url, grant)
+    org = job.organization
     before = organization_balance(organization=org)
 
     # when it runs
@@ -648,13 +666,68 @@ def test_a_job_stopped_at_its_limit_before_its_first_token_is_billed_the_prompt_
     assert job.output_tokens == 0
     # and its engine time is the time it was in the engine's hands
     assert job.engine_ms > 0
-    assert (job.input_tokens, job.input_tokens_source) == (
-        count_tokens(PROMPT),
-        InputTokensSource.TOKENIZER,
-    )
-    assert job.credits_charged == _expected_charge(job) > 0
     assert f"{job.input_tokens} prompt and 0 output tokens" in job.error_message
-    _settled_for_its_charge(job, org, before)
+    _billed_the_prompt_by_tokenizer(job, org, before)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [CancelOrigin.GATEWAY_TIMEOUT, CancelOrigin.CLIENT],
+    ids=["gateway-timeout", "client"],
+)
+def test_a_job_cancelled_before_its_first_token_is_billed_by_who_cancelled_it(
+    paced_engine, grant, origin
+):
+    # given a job on a model with a tokenizer whose engine is busy (a request
+    # sent now waits, silent, in its queue: the paced engine), running, its
+    # prompt taken by the engine
+    engine = paced_engine
+    job = _queued_with_tokenizer("gym-run-waited", engine.grpc_url, grant)
+    org = job.organization
+    before = organization_balance(organization=org)
+    # The worker's pool has used its server first: no readiness check on the job's time.
+    triton.pool_for([engine.grpc_url], "ensemble").generate(triton.GenerationRequest(PROMPT, 1))
+    busy, workers = occupy_engine_workers(engine.grpc_url)
+    status, errors = [], []
+    run = threading.Thread(
+        target=on_own_connection,
+        args=(lambda: status.append(_run(job, _spec(job, age_s=60))), errors),
+    )
+    try:
+        run.start()
+        wait_for_engine_load(engine.metrics_url, 2 * workers + 1)
+
+        # when it is cancelled: by the gateway, which stopped waiting for it
+        # (its client answered 504 engine_timeout), or by its client
+        relay_cancel(job.public_id, origin=origin)
+        run.join(timeout=60)
+    finally:
+        busy.stop()
+
+    assert not errors and not run.is_alive()
+    job = Job.objects.get(pk=job.pk)
+    *_deltas, final = relay_events(job.public_id, timeout_s=10)
+    if origin == CancelOrigin.GATEWAY_TIMEOUT:
+        # then its client got nothing, and nothing is charged: the job failed,
+        # engine_timeout, its whole hold released once, the held credits back
+        assert status == [job.status] == [JobStatus.FAILED]
+        assert (job.error_code, job.finish_reason) == ("engine_timeout", "error")
+        assert (job.input_tokens, job.output_tokens, job.credits_charged) == (0, 0, 0)
+        assert job.input_tokens_source == InputTokensSource.NONE
+        assert (final["type"], final["error_code"], final["credits_charged"]) == (
+            "error",
+            "engine_timeout",
+            0,
+        )
+        _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+        after = organization_balance(organization=org)
+        assert (after.available, after.held) == (before.available + before.held, 0)
+    else:
+        # then, as any cancel: cancelled, billed the prompt the engine took,
+        # counted by the model's tokenizer
+        assert status == [job.status] == [JobStatus.CANCELED]
+        assert final["credits_charged"] == job.credits_charged
+        _billed_the_prompt_by_tokenizer(job, org, before)
 
 
 def test_a_job_not_streamed_outlasting_the_engine_timeout_succeeds_and_is_billed(

@@ -280,7 +280,7 @@ def test_a_job_a_worker_started_although_the_brokers_answer_was_lost_is_cancelle
     assert Hold.objects.get(key=job.public_id).status == HoldStatus.PENDING
 
 
-def _relay_down(_job_id):
+def _relay_down(_job_id, **_origin):
     # Stood in at the relay's one call that asks a worker to stop (relay_cancel):
     # Redis cannot be made to fail for one call here, and a real outage would
     # stop every other test's relay and broker.

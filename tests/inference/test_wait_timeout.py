@@ -21,7 +21,7 @@ from django.db import connection
 from accounts.errors import ApplicationError, exception_handler
 from inference import apis, relay, tasks
 from inference.models import Job, JobStatus
-from inference.relay import relay_cancel_requested, relay_publish
+from inference.relay import CancelOrigin, relay_cancel_requested, relay_publish
 from inference.services import job_settle, job_start
 from inference.services.jobs import Outcome
 from inference.triton import DeadlineExceeded, GenerationResult
@@ -93,15 +93,38 @@ def test_a_job_that_says_nothing_after_the_cancel_is_a_504_that_names_it(running
         apis._GenerationApi.wait(running_job)
     assert timed_out.value.status == 504
     assert f"see GET /api/v1/jobs/{running_job.public_id}" in timed_out.value.message
-    assert relay_cancel_requested(running_job.public_id)
+    # its worker is told the gateway stopped waiting, not that its client cancelled
+    assert relay_cancel_requested(running_job.public_id) == CancelOrigin.GATEWAY_TIMEOUT
     assert Job.objects.get(pk=running_job.pk).status == JobStatus.RUNNING  # its worker settles it
+
+
+def test_a_stream_whose_job_ended_unbilled_at_the_timeout_says_nothing_was_charged(running_job):
+    # given a streamed job its worker stopped at the gateway's timeout before its
+    # first token: failed, engine_timeout, nothing charged (inference.tasks)
+    outcome = Outcome(
+        finish_reason="error",
+        error_code="engine_timeout",
+        error_message="The model did not answer before the gateway stopped waiting.",
+    )
+    settled = job_settle(job=copy.copy(running_job), outcome=outcome, status=JobStatus.FAILED)
+    relay_publish(running_job.public_id, tasks._final_event(settled, outcome))
+
+    # when the stream's wait ends, and its last event is read after the cancel
+    final, cancelled = apis._GenerationApi.final_after_cancel(running_job)
+    error = apis._GenerationApi.timed_out(running_job, final, cancelled)
+
+    # then its error says nothing was charged, and keeps no Idempotency-Key
+    assert (error.code, error.status) == ("engine_timeout", 504)
+    assert "nothing was charged" in error.message
+    assert error.headers["X-Gym-Credits-Charged"] == amount_display(0)
+    assert not error.took_effect
 
 
 def test_a_job_whose_cancel_did_not_take_is_a_504_that_says_it_runs_on(running_job, monkeypatch):
     # given Redis failing under the request to stop the job's worker (stood in at the
     # relay's one call for it: Redis cannot be made to fail for one call here, and a real
     # outage would stop every other test's relay and broker)
-    def relay_down(_job_id):
+    def relay_down(_job_id, **_origin):
         raise redis.ConnectionError("redis is down")
 
     monkeypatch.setattr(relay, "relay_cancel", relay_down)
