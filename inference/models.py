@@ -274,7 +274,8 @@ JOB_ERROR_CODES = {
     "job_expired": "it did not settle before its hold expired; nothing charged",
     "worker_lost": (
         "its worker died after streaming part of the answer, which cannot be streamed again, "
-        "or died and its message did not come back; nothing charged"
+        "or died and its message did not come back; billed for the text streamed, counted by "
+        "the model's tokenizer (nothing if none was)"
     ),
     "worker_error": (
         "its worker failed as it started it, past its retries, or after (the database or Redis "

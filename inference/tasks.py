@@ -11,7 +11,8 @@ status under its row lock. A run holds a lease its process renews
 lapses (within 5 s), while a second copy of a message whose run is alive
 (a push sent twice, a retried publish) is dropped, the job left to that run. Not a streamed job whose dead run had relayed
 some of its text: its client is reading that stream, so it ends failed,
-`worker_lost`, unbilled (_relayed_before). A run that fails once its job has
+`worker_lost`, billed for the text relayed, counted by the model's tokenizer
+(_relayed_before). A run that fails once its job has
 started (the database or Redis failing under it, or a bug) ends the job
 failed, `worker_error`, billed for what the engine delivered (_job_run): a
 task that raised is not run again, and the job would stay running until its
@@ -19,7 +20,8 @@ hold expired. One that fails before its job's start committed (the database
 or Redis failing) is tried again in the task (START_RETRY_PAUSES_S), and the
 job ends failed the same way when it cannot be. A running job whose run is
 gone and whose message is not coming back is ended by a sweep
-(jobs_orphaned_sweep), failed, `worker_lost`, unbilled.
+(jobs_orphaned_sweep), failed, `worker_lost`, billed as above for the text
+a stream had relayed (its prompt only where the job's row kept it).
 
 A job is mostly waiting (on Triton, PostgreSQL, Redis), so an inference worker
 may run many at once in threads (`--pool threads --concurrency 16`, as
@@ -78,6 +80,7 @@ from inference.services.jobs import (
     job_from_engine_spec,
     job_run_limit,
     job_start_refusal,
+    output_tokens_count,
     prompt_tokens_count,
 )
 from metering.selectors import model_price_by_id
@@ -305,7 +308,7 @@ def _job_end(
         urls = [pool.grpc_urls for pool in pools]
         metrics = [pool.metrics_urls for pool in pools]
     elif start.relayed is not None:
-        return _relayed_before(*start.relayed)
+        return _relayed_before(*start.relayed, prompt=prompt)
     else:
         return None
     engines = [
@@ -367,7 +370,7 @@ def _job_end(
         if start.job is None and not start.ended and start.relayed is None:
             start()
         if start.relayed is not None:  # its request was abandoned before any response
-            return _relayed_before(*start.relayed)
+            return _relayed_before(*start.relayed, prompt=prompt)
         if start.job is None:
             return None
         job = start.job
@@ -420,7 +423,9 @@ def _relayed_text(job: Job) -> str | None:
         return ""
 
 
-def _relayed_before(job: Job, relayed: str) -> tuple[Job, Outcome, str]:
+def _relayed_before(
+    job: Job, relayed: str, *, prompt: str | None = None
+) -> tuple[Job, Outcome, str]:
     """End a job whose worker died after relaying `relayed` (its text streamed so far, ""
     if none or not known): not run again. For a streamed job whose task came back, and for
     any job the orphaned jobs' sweep ends (jobs_orphaned_sweep).
@@ -428,24 +433,59 @@ def _relayed_before(job: Job, relayed: str) -> tuple[Job, Outcome, str]:
     A second run would generate from the start into the stream its client is
     still reading, which would get the text twice (the part, then all of
     it). It ends failed (`worker_lost`), its final event an error the API
-    ends the client's stream with, after the text already relayed.
+    ends the client's stream with, after the text already relayed, as any
+    stream failing after its first tokens ends (apis.sse_end): its choice
+    ended "length", the code in its last chunk's gym.error, then OpenAI's
+    error event.
 
-    Billed nothing: the tokens the dead run delivered are not known. The
-    engine's counts rode on its responses, which died with the worker; the
-    relay carries text, not counts (counts on every token of every stream
-    would cost every job for a rare crash); and a count made by tokenizing
-    the text is not the engine's, and may state more than it generated.
-    The answer was cut short by our failure, which a member must not pay
-    for in doubt.
+    Billed for what its client got, as a cancelled stream is: the engine's
+    counts rode on its responses, which died with the worker, and the relay
+    carries text, not counts (counts on every token of every stream would
+    cost every job for a rare crash). So the relayed text's tokens and the
+    prompt are counted by the model's tokenizer, as a prompt the engine never
+    counted is (_with_untold_prompt, `tokenizer` as the source); at most
+    max_tokens of output (a tokenizer's count of decoded text may exceed the
+    engine's), and never more than the hold (job_settle). Once: job_settle
+    claims an open job only, so a redelivered message and a sweep that both
+    get here settle it once.
+
+    `prompt`: the job's text, which only its task message carries (or its row,
+    where the organization stores prompts: Organization.store_prompts); a
+    caller without it (the sweep, which has no message) bills the relayed
+    output alone, and the job says its prompt was unmetered.
+    Without a tokenizer in the catalog nothing can be counted: nothing billed
+    (`unmetered`), as for an untold prompt.
     """
+    prompt = prompt or job.prompt or None
+    outcome = Outcome(text=relayed, finish_reason="error", error_code="worker_lost")
+    # Nothing relayed ("": a job not streamed, a stream that had sent nothing
+    # yet, or a relay that could not be read) is not known to have reached its
+    # client: a failure before any token, billed nothing.
+    counted = output_tokens_count(model=job.model, text=relayed) if relayed else None
+    if counted is not None:
+        outcome = replace(outcome, output_tokens=min(counted, job.params["max_tokens"]))
+        if prompt is not None:
+            outcome = _with_untold_prompt(job, prompt, outcome)
+            charged = (
+                f"it was charged for the {outcome.output_tokens} output and "
+                f"{outcome.input_tokens} prompt tokens streamed, counted by the model's tokenizer"
+            )
+        else:
+            outcome = replace(outcome, input_tokens_source=InputTokensSource.UNMETERED)
+            charged = (
+                f"it was charged for the {outcome.output_tokens} output tokens streamed, counted "
+                "by the model's tokenizer (its prompt was not kept, so not counted)"
+            )
+    else:
+        if relayed:  # served, but the catalog has no tokenizer to count it with
+            outcome = replace(outcome, input_tokens_source=InputTokensSource.UNMETERED)
+        charged = "nothing was charged"
     what = "stopped after streaming part of the answer, which cannot be streamed again"
-    outcome = Outcome(
-        text=relayed,
-        finish_reason="error",
-        error_code="worker_lost",
+    outcome = replace(
+        outcome,
         error_message=(
-            f"The worker running this job {what if relayed else 'was lost'}; nothing was "
-            "charged. Send the request again."
+            f"The worker running this job {what if relayed else 'was lost'}; {charged}. "
+            "Send the request again."
         ),
     )
     logger.warning("job %s: its worker died (relayed %d characters); ending it", job, len(relayed))
@@ -454,7 +494,8 @@ def _relayed_before(job: Job, relayed: str) -> tuple[Job, Outcome, str]:
 
 def jobs_orphaned_sweep(*, now: datetime | None = None) -> int:
     """End the running jobs whose run is gone and whose message is not coming back: failed,
-    `worker_lost`, billed nothing (_relayed_before); returns how many it ended.
+    `worker_lost`, billed for the text a stream had relayed, nothing else (_relayed_before);
+    returns how many it ended.
 
     Such a job's worker died and its message was not handed back (it had
     failed for good: a settlement the database kept failing under; or the
@@ -515,6 +556,8 @@ def _orphan_end(pk: int, *, cutoff: datetime) -> bool:
     # What its client was streamed, read as a restarted streamed job reads it
     # (a job not streamed relays nothing before its end).
     relayed = (_relayed_text(job) or "") if job.stream else ""
+    # No prompt here (only the task message carries it): billed by the row's,
+    # where the organization keeps prompts, else the relayed output alone.
     job = _settled(*_relayed_before(job, relayed), tell_if_ended=False)
     return job.settled_here
 

@@ -138,10 +138,23 @@ def prompt_tokens_count(*, model: CatalogModel, prompt: str) -> int | None:
     with add_special_tokens on or off. A tokenizer file that cannot be read
     counts as none (logged): the job must still settle.
     """
+    counted = output_tokens_count(model=model, text=prompt)
+    return None if counted is None else counted + model.prompt_special_tokens
+
+
+def output_tokens_count(*, model: CatalogModel, text: str) -> int | None:
+    """`text`'s own tokens by the model's tokenizer, no special tokens; None when the catalog
+    has none (or it cannot be read: logged, and the job must still settle).
+
+    For generated text the engine's counts never reached us: a stream whose
+    worker died after relaying it (inference.tasks._relayed_before). The
+    development engine's output count is exactly this; a real engine's may
+    differ by the merges decoding undoes, which is why it is a fallback.
+    """
     tokenizer = _tokenizer(model.tokenizer_file) if model.tokenizer_file else None
     if tokenizer is None:
         return None
-    return len(tokenizer.encode(prompt, add_special_tokens=False).ids) + model.prompt_special_tokens
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 # One-byte texts on which a token a tokenizer prepends shows (_bound_slack).

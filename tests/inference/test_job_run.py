@@ -354,41 +354,58 @@ def _killed_before_settling(job: Job, spec: dict, monkeypatch) -> None:
             tasks._job_run(job.pk, PROMPT, spec)
 
 
+@pytest.mark.parametrize("tokenizer_file", [TOKENIZER, ""], ids=["tokenizer", "no-tokenizer"])
 @pytest.mark.parametrize("message", ["fresh", "late"])
 def test_a_streamed_job_whose_worker_died_after_relaying_is_not_streamed_twice(
-    queued_job, engine, monkeypatch, message
+    engine, grant, monkeypatch, message, tokenizer_file
 ):
-    # given a streamed job whose worker relayed its tokens and died before
-    # settling (the task comes back: reject_on_worker_lost), its message fresh
-    # (the engine first) or late (the job started first)
-    Job.objects.filter(pk=queued_job.pk).update(
-        stream=True, params=queued_job.params | {"max_tokens": 8}
+    # given a streamed job, on a model with a tokenizer or none, whose worker
+    # relayed its tokens and died before settling (the task comes back:
+    # reject_on_worker_lost), its message fresh (the engine first) or late
+    # (the job started first)
+    job = _queued_with_tokenizer(
+        "gym-run-lost", engine.grpc_url, grant, tokenizer_file=tokenizer_file, max_tokens=8
     )
-    queued_job.refresh_from_db()
-    org = queued_job.organization
-    spec = _spec(queued_job, age_s=0 if message == "fresh" else 60)
-    _killed_before_settling(queued_job, spec, monkeypatch)
+    org = job.organization
+    Job.objects.filter(pk=job.pk).update(stream=True)
+    job.refresh_from_db()
+    spec = _spec(job, age_s=0 if message == "fresh" else 60)
+    _killed_before_settling(job, spec, monkeypatch)
     before = organization_balance(organization=org)
     served = _served_when_idle(engine)
 
     # when the task runs again
-    status = _run(queued_job, spec)
+    status = _run(job, spec)
 
     # then what the client reads is the first run's text once, ended by an
-    # error that says why: the job failed, worker_lost, nothing charged
-    *deltas, final = relay_events(queued_job.public_id, timeout_s=10)
+    # error that says why: the job failed, worker_lost
+    *deltas, final = relay_events(job.public_id, timeout_s=10)
     relayed = "".join(event["text"] for event in deltas)
     assert {event["type"] for event in deltas} == {"delta"} and relayed != ""
     assert final["type"] == "error" and final["error_code"] == "worker_lost"
     assert final["text"] == relayed
-    assert (final["output_tokens"], final["credits_charged"]) == (0, 0)
-    job = Job.objects.get(pk=queued_job.pk)
+    job = Job.objects.get(pk=job.pk)
     assert status == job.status == JobStatus.FAILED and job.error_code == "worker_lost"
-    assert (job.credits_charged, job.output_tokens) == (0, 0)
-    # its hold released once, the held credits back
-    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
-    after = organization_balance(organization=org)
-    assert (after.available, after.held) == (before.available + before.held, 0)
+    assert (final["output_tokens"], final["credits_charged"]) == (
+        job.output_tokens,
+        job.credits_charged,
+    )
+    if tokenizer_file:
+        # and it was billed, once, for what its client got: the relayed text
+        # and the prompt, counted by the model's tokenizer (the dead run's
+        # engine counts died with it), within its max_tokens and its hold
+        assert job.output_tokens == count_tokens(relayed) > 0
+        assert job.output_tokens <= 8
+        assert f"{job.output_tokens} output and {job.input_tokens} prompt" in job.error_message
+        _billed_the_prompt_by_tokenizer(job, org, before)
+    else:
+        # and without a tokenizer nothing could be counted: nothing charged,
+        # and the job says so; its hold released once, the held credits back
+        assert (job.credits_charged, job.input_tokens, job.output_tokens) == (0, 0, 0)
+        assert job.input_tokens_source == InputTokensSource.UNMETERED
+        _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+        after = organization_balance(organization=org)
+        assert (after.available, after.held) == (before.available + before.held, 0)
     # and a late message never reached the engine again (a fresh one was sent
     # before the job's start, and abandoned before its first response)
     if message == "late":

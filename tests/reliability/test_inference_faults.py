@@ -30,7 +30,8 @@ from accounts.models import Scope
 from accounts.services import apikey_create
 from inference import apis, triton
 from inference.apis import render_chat
-from inference.models import TERMINAL, CatalogModel, Job, JobStatus, ServerPool
+from inference.engine.tokenizer import count_tokens
+from inference.models import TERMINAL, CatalogModel, InputTokensSource, Job, JobStatus, ServerPool
 from inference.relay import relay_events
 from inference.services import job_submit
 from inference.services.jobs import SubmitParams, prompt_token_bound
@@ -68,7 +69,9 @@ LONG_MESSAGES = [{"role": "user", "content": "Write a very long training guide."
 LONG_SEED, LONG_TEMPERATURE, LONG_TOKENS = 1200, 2.0, 1345
 
 
-def _model(urls: list[str], *, max_output_tokens: int = 1024) -> CatalogModel:
+def _model(
+    urls: list[str], *, max_output_tokens: int = 1024, tokenizer_file: str = ""
+) -> CatalogModel:
     price_book_publish(
         prices=[
             {
@@ -82,7 +85,11 @@ def _model(urls: list[str], *, max_output_tokens: int = 1024) -> CatalogModel:
     )
     pool = ServerPool.objects.create(name=f"fault-{uuid.uuid4().hex[:8]}", grpc_urls=urls)
     return CatalogModel.objects.create(
-        name=MODEL, pool=pool, access_tier="basic", max_output_tokens=max_output_tokens
+        name=MODEL,
+        pool=pool,
+        access_tier="basic",
+        max_output_tokens=max_output_tokens,
+        tokenizer_file=tokenizer_file,
     )
 
 
@@ -106,6 +113,22 @@ def _long_stream(client: openai.OpenAI, **options):
         stream=True,
         **options,
     )
+
+
+def _read_killing(stream, kill) -> tuple[list, list[str], openai.APIError]:
+    """The stream read to its end: its chunks, its text deltas, and the error its end raised
+    (a stream failing after its first tokens ends with OpenAI's error event, which the SDK
+    raises); `kill()` run once, as its third delta came (the first tokens are the client's,
+    the rest still to come)."""
+    chunks, deltas = [], []
+    with pytest.raises(openai.APIError) as failed:
+        for chunk in stream:
+            chunks.append(chunk)
+            if chunk.choices and chunk.choices[0].delta.content:
+                deltas.append(chunk.choices[0].delta.content)
+                if len(deltas) == 3:
+                    kill()
+    return chunks, deltas, failed.value
 
 
 def _client(live_server, org) -> openai.OpenAI:
@@ -221,14 +244,9 @@ def test_an_engine_killed_mid_stream_charges_exactly_the_tokens_delivered(
 
     # when the server is SIGKILLed after the first few streamed tokens
     stream = _long_stream(client, stream_options={"include_usage": True})
-    chunks, deltas = [], []
-    with pytest.raises(openai.APIError) as failed:
-        for chunk in stream:
-            chunks.append(chunk)
-            if chunk.choices and chunk.choices[0].delta.content:
-                deltas.append(chunk.choices[0].delta.content)
-                if len(deltas) == 3:
-                    os.kill(private_triton_server.process.pid, signal.SIGKILL)
+    chunks, deltas, failed = _read_killing(
+        stream, lambda: os.kill(private_triton_server.process.pid, signal.SIGKILL)
+    )
 
     # then the stream ends (not hangs): its choice with one of OpenAI's finish reasons
     # (cut short), the usage served, then OpenAI's error event, which the SDK raises
@@ -236,7 +254,7 @@ def test_an_engine_killed_mid_stream_charges_exactly_the_tokens_delivered(
     job = Job.objects.get(organization=org)
     assert job.status == JobStatus.FAILED, (job.status, job.output_tokens, job.error_message)
     assert job.error_code == "engine_error"
-    assert failed.value.body["code"] == "engine_error"
+    assert failed.body["code"] == "engine_error"
     assert len(deltas) <= job.output_tokens < LONG_TOKENS
     assert job.input_tokens > 0
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -480,9 +498,13 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_its_text_once(
     live_server, paced_private_triton_server, own_worker, grant
 ):
     # given a streamed chat completion running on the test's own worker (on a
-    # paced server: see LONG_SEED)
+    # paced server: see LONG_SEED), its model with a tokenizer
     proc, log = own_worker
-    _model([paced_private_triton_server.grpc_url], max_output_tokens=3000)
+    model = _model(
+        [paced_private_triton_server.grpc_url],
+        max_output_tokens=3000,
+        tokenizer_file="inference/engine/tokenizer.json",
+    )
     org = _organization(grant, credits(100))
     client = _client(live_server, org)
     before = organization_balance(organization=org)
@@ -490,30 +512,39 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_its_text_once(
 
     # when the pool process running it is SIGKILLed after its first tokens,
     # and its task comes back (reject on worker lost)
-    deltas = []
-    with pytest.raises(openai.APIError) as ended:
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                deltas.append(chunk.choices[0].delta.content)
-                if len(deltas) == 3:
-                    (child,) = _children(proc.pid)
-                    os.kill(child, signal.SIGKILL)
+    def kill_its_pool_process():
+        (child,) = _children(proc.pid)
+        os.kill(child, signal.SIGKILL)
 
-    # then the client's stream ends with an error that says why, after the
-    # text the first run relayed, once: the task did not stream it again
-    assert ended.value.code == "worker_lost", ended.value.body
+    chunks, deltas, failed = _read_killing(stream, kill_its_pool_process)
+
+    # then the client's stream ends, after the text the first run relayed,
+    # once (the task did not stream it again), as any stream failing after its
+    # tokens: its choice cut short (one of OpenAI's finish reasons, ours in
+    # gym), why in its last chunk, then OpenAI's error event, which the SDK raises
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == "length"
+    gym = last.model_extra["gym"]
+    assert (gym["finish_reason"], gym["error"]["code"]) == ("error", "worker_lost"), gym
+    assert failed.body["code"] == "worker_lost", failed.body
     job = Job.objects.get(organization=org)
     assert (job.status, job.error_code) == (JobStatus.FAILED, "worker_lost")
+    text = "".join(deltas)
     assert 3 <= len(deltas) < LONG_TOKENS
     final = list(relay_events(job.public_id, timeout_s=10))[-1]
-    assert final["text"] == "".join(deltas)
+    assert final["text"] == text
     deliveries = re.findall(r"inference\.tasks\.job_run\[([0-9a-f-]+)\] received", log.read_text())
     assert len(deliveries) == 2 and len(set(deliveries)) == 1, log.read_text()
 
-    # and nothing was charged (what the dead run delivered is not known), its
-    # hold released once
-    assert job.credits_charged == 0
-    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    # and it was billed, once, for what its client got: the text streamed and
+    # the prompt, counted by the model's tokenizer (the dead run's engine
+    # counts died with it)
+    assert job.output_tokens == count_tokens(text) > 0
+    assert job.input_tokens == count_tokens(render_chat(model, LONG_MESSAGES)) > 0
+    assert job.input_tokens_source == InputTokensSource.TOKENIZER
+    charge = _expected_charge(job)
+    assert job.credits_charged == gym["credits_charged"] == charge > 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
     after = organization_balance(organization=org)
-    assert (after.available, after.held) == (before.available, 0)
+    assert (before.available - after.available, after.held) == (charge, 0)
     _reconciles()
