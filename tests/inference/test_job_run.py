@@ -747,6 +747,43 @@ def test_a_job_cancelled_before_its_first_token_is_billed_by_who_cancelled_it(
         _billed_the_prompt_by_tokenizer(job, org, before)
 
 
+def test_a_stream_the_gateway_stops_waiting_for_after_its_tokens_is_billed_for_them(
+    paced_triton_server, grant
+):
+    # given a streamed job that runs over a second when nothing stops it,
+    # running, its first tokens relayed to its client
+    job, full = _long_streamed_job(paced_triton_server, grant)
+    org = job.organization
+    before = organization_balance(organization=org)
+    status, errors = [], []
+    run = threading.Thread(
+        target=on_own_connection,
+        args=(lambda: status.append(_run(job, _spec(job), prompt=LONG_PROMPT)), errors),
+    )
+    run.start()
+    wait_until(
+        lambda: get_redis().xlen(f"jobstream:{job.public_id}") >= 3,
+        timeout=30,
+        what="the job's first tokens",
+    )
+
+    # when the gateway stops waiting for it (a pause between two events)
+    relay_cancel(job.public_id, origin=CancelOrigin.GATEWAY_TIMEOUT)
+    run.join(timeout=60)
+
+    # then it is billed as any cancel is: the tokens its client was sent
+    assert not errors and not run.is_alive()
+    *deltas, final = relay_events(job.public_id, timeout_s=10)
+    job = Job.objects.get(pk=job.pk)
+    assert status == [job.status] == [JobStatus.CANCELED]
+    relayed = "".join(event["text"] for event in deltas)
+    assert full.text.startswith(relayed) and relayed
+    assert final["output_tokens"] == job.output_tokens == count_tokens(relayed) > 0
+    assert job.output_tokens < full.output_tokens
+    assert final["credits_charged"] == job.credits_charged == _expected_charge(job) > 0
+    _settled_for_its_charge(job, org, before)
+
+
 def test_a_job_not_streamed_outlasting_the_engine_timeout_succeeds_and_is_billed(
     paced_engine, grant, settings
 ):
