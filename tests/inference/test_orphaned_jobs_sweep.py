@@ -5,9 +5,12 @@ kept failing, a message the broker lost): nothing else ended it before its
 hold expired, an hour on, `expired`, its credits held and its concurrency
 slot taken meanwhile, its stream left without an end. The sweep
 (jobs_orphaned_sweep, beat, every minute) ends such a job `failed`,
-`worker_lost`, billed nothing, as a redelivered message ends a streamed job
-whose dead run relayed part of it (tasks._relayed_before), once it has run
-longer than INFERENCE_ORPHAN_GRACE_SECONDS with no run holding its lease.
+`worker_lost`, as a redelivered message ends a streamed job whose dead run
+relayed part of it (tasks._relayed_before), once it has run longer than
+INFERENCE_ORPHAN_GRACE_SECONDS with no run holding its lease: billed for the
+text its client was streamed, counted by the model's tokenizer (its prompt
+only where the job's row kept it: the sweep has no task message), nothing
+without a tokenizer or without relayed text.
 
 The task body runs in this process, on a tritonserver of its own, as in
 test_job_run.py; the job's statements commit as in the worker.
@@ -24,7 +27,8 @@ from django.utils import timezone
 
 from accounts.redis import get_redis
 from inference import relay, tasks, triton
-from inference.models import Job, JobStatus
+from inference.engine.tokenizer import count_tokens
+from inference.models import InputTokensSource, Job, JobStatus
 from inference.relay import relay_events, relay_publish
 from inference.tasks import jobs_orphaned_sweep
 from metering.models import Hold, HoldStatus
@@ -32,6 +36,8 @@ from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, on_own_connection, pause_after, served_model
 from tests.inference.test_job_run import (
+    PROMPT,
+    TOKENIZER,
     _queued,
     _run,
     _served_when_idle,
@@ -40,7 +46,7 @@ from tests.inference.test_job_run import (
     _tokens_counted,
     _with_reservations,
 )
-from tests.reliability.test_inference_faults import _settled_once
+from tests.reliability.test_inference_faults import _expected_charge, _settled_once
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -88,8 +94,9 @@ def test_a_running_job_whose_run_is_gone_ends_worker_lost_with_what_it_relayed(
     # when the sweep runs
     ended = jobs_orphaned_sweep()
 
-    # then the orphan ended failed, worker_lost, nothing charged: its whole
-    # hold released once, the balance as before
+    # then the orphan ended failed, worker_lost, nothing charged (its model
+    # has no tokenizer to count the relayed text with): its whole hold
+    # released once, the balance as before
     assert ended == 1
     job = Job.objects.get(pk=job.pk)
     assert (job.status, job.error_code) == (JobStatus.FAILED, "worker_lost")
@@ -118,6 +125,57 @@ def test_a_running_job_whose_run_is_gone_ends_worker_lost_with_what_it_relayed(
     # and a second sweep ends nothing more
     assert jobs_orphaned_sweep() == 0
     _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["prompt-kept", "prompt-not-kept"])
+def test_an_orphaned_stream_is_billed_for_the_text_it_relayed(grant, settings, kept):
+    # given a streamed job on a model with a tokenizer, running past the grace,
+    # whose dead run had relayed part of its answer; its prompt kept on its row
+    # (the organization stores prompts) or not (the sweep has no task message)
+    model = served_model("gym-orphans-tok", access_tier="basic", tokenizer_file=TOKENIZER)
+    org = OrganizationFactory(store_prompts=kept)
+    grant(org, credits(10))
+    job = _queued(org, model, max_tokens=64)
+    Job.objects.filter(pk=job.pk).update(prompt=PROMPT if kept else "")
+    grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
+    job = _running_since(_with_reservations(job), seconds_ago=grace + 60, stream=True)
+    relayed = "Squat deep, then drive up."
+    for text in ("Squat deep,", " then drive up."):
+        relay_publish(job.public_id, {"type": "delta", "text": text})
+    before = organization_balance(organization=org)
+
+    # when the sweep runs
+    assert jobs_orphaned_sweep() == 1
+
+    # then the job ended failed, worker_lost, billed for the text its client
+    # got, counted by the model's tokenizer, and for the prompt where kept
+    job = Job.objects.get(pk=job.pk)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "worker_lost")
+    assert job.output_tokens == count_tokens(relayed) > 0
+    if kept:
+        assert (job.input_tokens, job.input_tokens_source) == (
+            count_tokens(PROMPT),
+            InputTokensSource.TOKENIZER,
+        )
+    else:
+        assert (job.input_tokens, job.input_tokens_source) == (0, InputTokensSource.UNMETERED)
+        assert "prompt was not kept" in job.error_message
+    charge = _expected_charge(job)
+    assert job.credits_charged == charge > 0
+    # its hold captured for that charge once, the rest back in the balance
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+    after = organization_balance(organization=org)
+    assert (after.available, after.held) == (
+        before.available + job.hold_amount - charge,
+        before.held - job.hold_amount,
+    )
+    # and its client's stream ends after that text, with the charge
+    *_deltas, final = relay_events(job.public_id, timeout_s=5)
+    assert (final["type"], final["error_code"]) == ("error", "worker_lost")
+    assert (final["text"], final["credits_charged"]) == (relayed, charge)
+    # and a second sweep bills nothing more
+    assert jobs_orphaned_sweep() == 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
 
 
 def test_a_message_that_comes_back_as_the_sweep_ends_its_job_runs_nothing(
