@@ -411,8 +411,9 @@ def relay_run_lease(job_pk: int, *, wait: bool = True, unleased: bool = True) ->
     A job's task message can reach two workers: the broker's push sent twice
     (gymbilling.broker), a publish retried after its answer was lost. The
     second must not run the job again, nor take it for a dead worker's
-    (tasks._relayed_before would end a live stream unbilled). A message
-    handed back after its worker died must run it again. The lease tells
+    (tasks._relayed_before would end a live stream, billed for its first
+    tokens only). A message handed back after its worker died must run it
+    again. The lease tells
     them apart: a live run's process renews it every RUN_LEASE_RENEW_S, a
     dead one's lapses within RUN_LEASE_S. A message that finds it held
     watches it: renewed, its run is alive (about a second, at most
