@@ -897,7 +897,9 @@ def _overage_meter(stripe_sdk):
 
     [meter] = [
         m
-        for m in stripe_sdk.v1.billing.meters.list().data
+        # every page: the stand-in lives for the whole run, and other tests' meters
+        # fill Stripe's default page of 10
+        for m in stripe_sdk.v1.billing.meters.list(params={"limit": 100}).auto_paging_iter()
         if m.event_name == settings.STRIPE_OVERAGE_EVENT_NAME and m.status == "active"
     ]
     return meter
