@@ -195,36 +195,68 @@ def _limits(organization: Organization) -> list[Limit]:
     return [Limit(scope=f"org:{organization.pk}", limit=organization.tokens_per_minute)]
 
 
-def _tokens_to_reserve(
-    organization: Organization, model: CatalogModel, prompt: str, bound: int, max_tokens: int
-) -> int:
-    """The tokens a request counts against its tokens-per-minute limit: its prompt's
-    bound and max_tokens; or, when that is more than the whole limit, the prompt as the
-    model's tokenizer counts it (its bytes overstate it about fourfold in English).
+def _within_rate_limit(
+    organization: Organization,
+    model: CatalogModel,
+    prompt: str,
+    bound: int,
+    max_tokens: int,
+    *,
+    requested: int | None,
+    param: str = "max_tokens",
+    prompt_field: str | None = None,
+) -> tuple[int, int]:
+    """(max_tokens, tokens to reserve): what a request counts against its tokens-per-minute
+    limits is its prompt's bound and max_tokens; or, when that is more than the whole limit,
+    the prompt as the model's tokenizer counts it (its bytes overstate it about fourfold in
+    English). A max_tokens the client left out (the model's default) is cut to what the
+    limit leaves after the prompt, as the context's cut (_within_context): at the whole
+    output limit an organization allowed fewer tokens a minute would be refused every
+    request that leaves it out, where the old default of 256 was served. The reservation
+    then counts exactly the max_tokens the engine is sent and the hold prices.
 
-    A request that needs more than the limit even so can never be served: it is
-    refused with 429 `request_exceeds_rate_limit`, without a Retry-After, where a
-    `rate_limited` one would invite retries that all fail. Tokenizing (about 1 ms per
-    4 KB) happens only for such long requests.
+    A request that needs more than the limit even so (a max_tokens the client asked for,
+    or a prompt that leaves none) can never be served: it is refused with 429
+    `request_exceeds_rate_limit`, without a Retry-After, where a `rate_limited` one would
+    invite retries that all fail; one that left max_tokens out names the prompt
+    (`prompt_field`), the one thing to change. Tokenizing (about 1 ms per 4 KB) happens
+    only for such long requests.
     """
-    limit = organization.tokens_per_minute
-    wanted = bound + max_tokens
-    if wanted <= limit:
-        return wanted
+    # Every limit the reservation is charged to (rate_limit_consume): the tightest binds.
+    limit = min(each.limit for each in _limits(organization))
+    if bound + max_tokens <= limit:
+        return max_tokens, bound + max_tokens
     counted = prompt_tokens_count(model=model, prompt=prompt)
-    if counted is not None and counted + max_tokens <= limit:
-        return counted + max_tokens
     prompt_tokens = bound if counted is None else counted
+    if requested is None and prompt_tokens < limit:
+        max_tokens = min(max_tokens, limit - prompt_tokens)  # at least 1
+    if prompt_tokens + max_tokens <= limit:
+        return max_tokens, prompt_tokens + max_tokens
+    counting = "" if counted is not None else ", at most"
+    if requested is None:
+        # The default is cut to what the limit leaves, and nothing is left: no max_tokens
+        # can help. Said, since the client did not send the max_tokens it would look at.
+        needed = prompt_tokens + 1
+        message = (
+            f"This request's prompt alone is {prompt_tokens} tokens{counting}, and this "
+            f"organization's whole limit is {limit} tokens per minute: nothing is left for the "
+            f"completion, so no retry can succeed. It left {param} out, which is then cut to "
+            "what the limit leaves after the prompt: shorten the prompt."
+        )
+    else:
+        needed = prompt_tokens + max_tokens
+        message = (
+            f"This request needs {needed} tokens ({prompt_tokens} in the "
+            f"prompt{counting}, {max_tokens} for the completion), more than this "
+            f"organization's whole limit of {limit} tokens per minute: no retry can succeed. "
+            "Shorten the prompt or lower max_tokens."
+        )
     raise ApplicationError(
         code="request_exceeds_rate_limit",
-        message=(
-            f"This request needs {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-            f"prompt{'' if counted is not None else ', at most'}, {max_tokens} for the "
-            f"completion), more than this organization's whole limit of {limit} tokens per "
-            "minute: no retry can succeed. Shorten the prompt or lower max_tokens."
-        ),
+        message=message,
         status=429,
-        extra={"limit": limit, "kind": "tokens", "requested": prompt_tokens + max_tokens},
+        param=prompt_field if requested is None else None,
+        extra={"limit": limit, "kind": "tokens", "requested": needed},
     )
 
 
@@ -243,8 +275,10 @@ def job_quote(
 
     A request that job_submit would refuse is refused alike, in the same
     order (a suspended organization, then the model, then a priority outside
-    the plan): no price is quoted for it. `prompt` is the text, or a function
-    that renders it for the resolved model, as for job_submit.
+    the plan, the context, the whole tokens-per-minute limit): no price is
+    quoted for it; a max_tokens left out is cut as job_submit cuts it.
+    `prompt` is the text, or a function that renders it for the resolved
+    model, as for job_submit.
     `prompt_field`: the body field the prompt came in, which a context error names.
     """
     model = _admitted_model(organization, model_name, priority)
@@ -257,6 +291,17 @@ def job_quote(
         model, prompt, bound, max_tokens, requested=requested, param=prompt_field
     )
     price = model_price(model_name=model.name)
+    # The max_tokens job_submit would hold (and its refusal): nothing is reserved here.
+    max_tokens, _ = _within_rate_limit(
+        organization,
+        model,
+        prompt,
+        bound,
+        max_tokens,
+        requested=requested,
+        param=max_tokens_param,
+        prompt_field=prompt_field,
+    )
     rates = Rates.of(price, priority)
     # About 4 UTF-8 bytes per token is typical of English under a BPE; the
     # real count is the engine's, at capture.
@@ -306,6 +351,11 @@ def _admitted_model(organization: Organization, model_name: str, priority: str) 
     return model
 
 
+# The default max_tokens before it became the model's output limit: without a tokenizer
+# the default is never cut below it (_within_context), so no prompt gets less than it did.
+_OLD_DEFAULT_MAX_TOKENS = 256
+
+
 def _max_tokens(model, requested: int | None, *, param: str = "max_tokens") -> int:
     """The request's max_tokens, or the model's default (the catalog's default_max_tokens;
     blank: its max_output_tokens, which _within_context cuts to what the context leaves).
@@ -345,7 +395,9 @@ def _within_context(
     millisecond for 4 KB of English here). A max_tokens the client did not
     ask for (the default) is cut to what the context leaves, as OpenAI does.
     Without a tokenizer in the catalog the engine's own check decides, as
-    before.
+    before, and the default is max(limit - bound, 256), at most the default
+    (256: the default before it was the output limit; the catalog's default
+    when lower).
     """
     limit = model.context_limit
     prompt_limit = model.max_input_tokens
@@ -354,11 +406,15 @@ def _within_context(
     if bound + max_tokens <= limit and (prompt_limit is None or bound <= prompt_limit):
         return max_tokens
     if not model.tokenizer_file or _tokenizer(model.tokenizer_file) is None:
-        if requested is None and bound < limit:
-            # The default max_tokens, cut to what the prompt's bound leaves: it
-            # fits, where the engine would refuse it (a long prompt that fitted
-            # the default of 256 fits the model's whole output limit cut so).
-            return min(max_tokens, limit - bound)
+        if requested is None:
+            # The default, cut to what the prompt's bound leaves, but never below the
+            # old default (256, or the catalog's default below it): the bound counts
+            # bytes, about four times an English prompt's tokens, so cutting by it alone
+            # gave a 4,000-byte prompt (a quarter of a 4,096 context) 96 tokens, and one
+            # past the context in bytes (the cut skipped) the whole output limit, which
+            # then overflowed the context that 256 fitted. Non-increasing in the prompt:
+            # a longer prompt never gets more.
+            return max(min(max_tokens, limit - bound), min(_OLD_DEFAULT_MAX_TOKENS, max_tokens))
         return max_tokens  # nothing to count with: the engine decides
     # Tokenizing holds the GIL (about 1 ms per 4 KB, 0.5 s per MB here): a
     # prompt whose bytes alone prove it too long is refused uncounted, so no
@@ -459,13 +515,25 @@ def job_submit(
         param=prompt_field,
     )
     price = model_price(model_name=model.name)
+    # Cut before the hold is priced: the reservation, the hold and the engine all take
+    # this one max_tokens.
+    max_tokens, reserved_tokens = _within_rate_limit(
+        organization,
+        model,
+        prompt,
+        bound,
+        max_tokens,
+        requested=params.max_tokens,
+        param=params.max_tokens_param,
+        prompt_field=prompt_field,
+    )
     hold_amount = credits_worst_case(
         rates=Rates.of(price, priority), prompt_tokens=bound, max_output_tokens=max_tokens
     )
     public_id = f"job_{secrets.token_urlsafe(18)}"
 
-    # Redis reservations first: cheap to refuse, and undone if the hold fails.
-    reserved_tokens = _tokens_to_reserve(organization, model, prompt, bound, max_tokens)
+    # Redis reservations first (reserved_tokens, above): cheap to refuse, and undone if
+    # the hold fails.
     # The minute they count in, which the unused ones go back to (_release_reservations).
     reserved_at = time.time()
     # The tokens and a concurrency slot (and the request's own count) in one

@@ -56,3 +56,50 @@ def test_a_prompt_whose_bytes_prove_it_too_long_is_refused_without_tokenizing(mo
         jobs._within_context(model, shorter, len(shorter), 4, requested=4)
     assert len(encoded) == 1
     assert "in the prompt, 4 for the completion" in str(counted.value)
+
+
+@pytest.mark.parametrize(
+    ("prompt_bytes", "default"),
+    [
+        (1_000, 1_024),  # fits whole: the model's output limit
+        (3_500, 596),  # cut to what the bound leaves, more than 256
+        (3_840, 256),  # cut to 256 exactly
+        (4_000, 256),  # was 96: a quarter of the context in tokens
+        (4_095, 256),  # was 1 (billed, finish_reason "length")
+        (4_096, 256),
+        (4_097, 256),  # was 1,024: past the context in bytes, the cut was skipped
+        (14_000, 256),  # was 1,024, which the engine refused where 256 fitted
+    ],
+)
+def test_without_a_tokenizer_the_default_max_tokens_is_never_cut_below_the_old_256(
+    prompt_bytes, default
+):
+    # given a model with no tokenizer: a 4,096 context and an output limit of 1,024
+    model = CatalogModel(name="m", context_limit=4096, max_output_tokens=1024)
+    prompt = "x" * prompt_bytes
+
+    # when a request leaves max_tokens out
+    got = jobs._within_context(model, prompt, len(prompt), 1024, requested=None)
+
+    # then its default is what the bytes leave of the context, and 256 at least (the
+    # engine decides, as it did for 256, where the bytes overstate the tokens)
+    assert got == default
+
+
+def test_without_a_tokenizer_the_default_shrinks_as_the_prompt_grows_and_keeps_the_catalogs():
+    # given a model with no tokenizer
+    model = CatalogModel(name="m", context_limit=4096, max_output_tokens=1024)
+
+    # when prompts of every length around the context leave max_tokens out
+    defaults = [
+        jobs._within_context(model, "x" * n, n, 1024, requested=None) for n in range(0, 5000, 7)
+    ]
+
+    # then a longer prompt never gets more, and none less than 256
+    assert defaults == sorted(defaults, reverse=True)
+    assert (defaults[0], defaults[-1]) == (1024, 256)
+
+    # and a catalog default below 256 is kept whole, not raised to 256
+    assert jobs._within_context(model, "x" * 9000, 9000, 100, requested=None) == 100
+    # while a max_tokens the client asked for is the engine's to refuse, untouched
+    assert jobs._within_context(model, "x" * 4000, 4000, 1024, requested=1024) == 1024

@@ -13,8 +13,16 @@ from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, concurrency_release, rate_limit_consume
 from accounts.redis import get_redis
 from inference.models import Job
-from inference.services.jobs import prompt_tokens_count
-from metering.selectors import organization_balance
+from inference.services import job_submit
+from inference.services.jobs import (
+    SubmitParams,
+    job_quote,
+    prompt_token_bound,
+    prompt_tokens_count,
+)
+from metering.models import Hold
+from metering.selectors import model_price, organization_balance
+from metering.services import Rates, credits_worst_case
 from tests.factories import OrganizationFactory
 from tests.helpers import credits, ledger_rows, served_model, submit_job
 
@@ -136,5 +144,73 @@ def test_a_request_larger_than_the_whole_token_limit_is_refused_as_one_no_retry_
     assert "retry_after" not in error.extra
     assert error.extra["limit"] == 100 and error.extra["requested"] > 100
     assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 100
+    assert (ledger_rows(), organization_balance(organization=org)) == (rows, balance)
+    assert not Job.objects.filter(organization=org).exists()
+
+
+@pytest.mark.parametrize("tokenizer", [TOKENIZER, ""], ids=["counted", "no-tokenizer"])
+def test_a_default_max_tokens_is_cut_to_what_the_token_limit_leaves_and_held_so(
+    grant, fresh_window, tokenizer
+):
+    # given an organization allowed 600 tokens a minute, fewer than the model's output
+    # limit (1,024), which a request without max_tokens defaults to
+    model = served_model(MODEL, tokenizer_file=tokenizer, context_limit=8192)
+    org = OrganizationFactory(tokens_per_minute=600)
+    grant(org, credits(10))
+    prompt = "Squats and deadlifts build strength. " * (20 if tokenizer else 3)
+    counted = prompt_tokens_count(model=model, prompt=prompt)
+    prompt_tokens = counted if tokenizer else prompt_token_bound(prompt, model=model)
+    assert prompt_tokens < 600 < prompt_tokens + 1024
+    tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
+
+    # when it is quoted, then submitted, leaving max_tokens out
+    quote = job_quote(
+        organization=org, model_name=MODEL, prompt=prompt, max_tokens=None, priority="standard"
+    )
+    job = submit_job(org, MODEL, prompt=prompt, max_tokens=None)
+
+    # then it is admitted (it was a 429 no retry could serve, where 256 fitted), with
+    # max_tokens what the limit leaves after the prompt; the reservation, the hold and
+    # the engine's max_tokens are that one figure, and the quote says it
+    cut = 600 - prompt_tokens
+    assert job.params["max_tokens"] == cut == quote["max_tokens"]
+    assert job.params["reserved_tokens"] == 600
+    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 0
+    held = credits_worst_case(
+        rates=Rates.of(model_price(model_name=MODEL), "standard"),
+        prompt_tokens=prompt_token_bound(prompt, model=model),
+        max_output_tokens=cut,
+    )
+    assert Hold.objects.get(key=job.public_id).amount == job.hold_amount == held
+    assert quote["max_credits"] == held
+
+
+def test_a_prompt_that_fills_the_token_limit_alone_is_refused_naming_the_prompt(
+    grant, fresh_window
+):
+    # given an organization allowed 100 tokens a minute, and a prompt over that alone
+    served_model(MODEL, context_limit=8192)
+    org = OrganizationFactory(tokens_per_minute=100)
+    grant(org, credits(10))
+    rows, balance = ledger_rows(), organization_balance(organization=org)
+
+    # when a request leaves max_tokens out, which no cut can make fit
+    with pytest.raises(ApplicationError) as refused:
+        job_submit(
+            organization=org,
+            api_key=None,
+            model_name=MODEL,
+            prompt="Squats and deadlifts build strength. " * 3,
+            params=SubmitParams(max_tokens=None, max_tokens_param="max_completion_tokens"),
+            prompt_field="prompt",
+        )
+
+    # then it is refused as before, saying that max_tokens was left out and cut, and
+    # naming the prompt, the one thing a client can change; nothing taken
+    error = refused.value
+    assert (error.code, error.status, error.param) == ("request_exceeds_rate_limit", 429, "prompt")
+    assert "prompt alone is 111 tokens, at most" in error.message
+    assert "left max_completion_tokens out" in error.message
+    assert error.extra["requested"] == 112 and "retry_after" not in error.extra
     assert (ledger_rows(), organization_balance(organization=org)) == (rows, balance)
     assert not Job.objects.filter(organization=org).exists()

@@ -16,6 +16,7 @@ from accounts.services import apikey_create
 from inference.models import CatalogModel, Job
 from metering.selectors import organization_balance
 from tests.accounts.conftest import key_client
+from tests.factories import OrganizationFactory
 from tests.helpers import credits, served_model
 
 pytestmark = pytest.mark.django_db
@@ -558,3 +559,34 @@ def test_a_request_without_max_tokens_refused_for_credits_says_what_its_default_
     assert "left max_tokens out, so it holds credits for 1024 output tokens" in error["message"]
     assert organization_balance(organization=org) == before
     assert not Job.objects.filter(organization=org).exists()
+
+
+def test_a_request_without_max_tokens_fits_a_token_limit_below_the_output_limit(
+    grant, fresh_window
+):
+    # given an organization allowed 300 tokens a minute, fewer than the model's output
+    # limit (1,024), the default of a request without max_tokens
+    served_model(MODEL)
+    org = OrganizationFactory(tokens_per_minute=300)
+    grant(org, credits(10))
+    _key, raw = apikey_create(organization=org, name="tpm", scopes=[Scope.INFERENCE])
+    api = key_client(raw)
+    body = {"model": MODEL, "prompt": "Plan my week."}
+
+    # when it is quoted and submitted without max_tokens (each was a 429 "no retry can
+    # succeed", where the old default of 256 fitted)
+    quoted = api.post("/api/v1/credits/quote", body, format="json")
+    queued = api.post("/api/v1/jobs", body, format="json")
+
+    # then both take what the limit leaves after the prompt's 13 bytes
+    assert quoted.status_code == 200, quoted.content
+    assert queued.status_code == 202, queued.content
+    assert quoted.json()["max_tokens"] == 300 - 13
+    assert Job.objects.get(organization=org).params["max_tokens"] == 300 - 13
+
+    # and a prompt that fills the limit alone is refused as before, naming the prompt
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 300}]}
+    error = _error(api.post("/v1/chat/completions", long, format="json"), 429)
+    assert (error["code"], error["param"]) == ("request_exceeds_rate_limit", "messages")
+    assert "It left max_tokens out" in error["message"]
+    assert Job.objects.filter(organization=org).count() == 1
