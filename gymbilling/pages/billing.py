@@ -23,8 +23,8 @@ from gymbilling.selectors import (
 )
 from gymbilling.services import checkout_create, portal_create
 from gymbilling.services.checkout import (
+    plan_change_ask,
     plan_change_price,
-    plan_change_refuse,
     plan_price_move,
 )
 from gymbilling.services.subscriptions import live_subscription, plan_change_is_upgrade
@@ -51,7 +51,7 @@ def _change_confirmation(
     request: HttpRequest, subscription, plan, seats: int, move: StripePrice | None
 ) -> Confirmation:
     """What the page asks before a change of plan or seats with the card on file; `move`:
-    the move to the plan's price now that the change is (plan_change_refuse)."""
+    the move to the plan's price now that the change is (plan_change_ask)."""
     if move is not None:
         # Their own plan and seats, asked for on an old price: the move to the price now,
         # charged now or from the next period as checkout decides it (by what they pay).
@@ -147,10 +147,11 @@ class BillingPage(ActionPage):
         seats = data["seats"] or 1
         subscription = live_subscription(request.organization)
         if plan is not None and subscription is not None and request.POST.get("confirmed") != "yes":
-            # A change the row shows can only be refused (their own plan and seats as they
-            # are, nothing to move to: no_change) is refused now, as its "yes" would be,
-            # not asked about.
-            move = plan_change_refuse(subscription=subscription, plan=plan, seats=seats)
+            # A change that can only be refused (their own plan and seats as they are,
+            # nothing to move to: no_change) is refused now, as its "yes" would be, not
+            # asked about; but only as Stripe has the subscription now, not from a row
+            # whose webhook is late (a cancellation taken back in the portal).
+            move = plan_change_ask(subscription=subscription, plan=plan, seats=seats)
             # Only asked: the question's own form (a token of its own) is the one acted on.
             self.did_nothing = True
             return self.render_to_response(

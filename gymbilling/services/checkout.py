@@ -523,13 +523,46 @@ def _change(*, subscription: Subscription, plan: Plan, seats: int) -> CheckoutRe
     )
 
 
+def plan_change_ask(*, subscription: Subscription, plan: Plan, seats: int) -> StripePrice | None:
+    """plan_change_refuse, for the billing page before it asks the member to confirm a
+    change: a question whose "yes" could only be refused is not asked, and nothing the
+    change would do is refused.
+
+    Every refusal there depends on Stripe's subscription, which changes without us: our
+    row is only as current as the webhooks processed, and one late or being retried
+    leaves it showing a cancellation the member took back in the portal, the plan or
+    seats before a change there, or a scheduled change a renewal has applied. The change
+    itself decides after syncing from Stripe, so a refusal from the row alone would
+    refuse what its "yes" does. What the row refuses is read from Stripe, synced as the
+    change syncs it, and decided again; what the row allows is asked without a Stripe
+    call (the "yes" decides again, synced). Stripe unreachable is a 503
+    (payments_unavailable): neither the row's refusal nor a question can be trusted.
+    """
+    try:
+        return plan_change_refuse(subscription=subscription, plan=plan, seats=seats)
+    except ApplicationError:
+        if not stripe_client.configured():
+            raise  # no Stripe to read: the row is all there is, and the "yes" fails anyway
+    # Under the purchase lock, as the change's own sync: Stripe's subscription read before a
+    # change made meanwhile and mirrored after it would take our row back to before it. No
+    # transaction is open across the Stripe call (the lock has its own connection).
+    with _purchase_lock(subscription.organization):
+        try:
+            stripe_sub = stripe_client.subscription_retrieve(subscription.stripe_subscription_id)
+        except stripe_client.StripeUnavailable as exc:
+            raise _unavailable(exc) from exc
+        except stripe_client.StripeRequestRefused as exc:
+            raise provider_refused(exc) from exc
+        subscription = _mirror(stripe_sub)
+    return plan_change_refuse(subscription=subscription, plan=plan, seats=seats)
+
+
 def plan_change_refuse(*, subscription: Subscription, plan: Plan, seats: int) -> StripePrice | None:
     """Refuse, from our row of `subscription`, a change to `plan` x `seats` that can only
     fail; else the move to the plan's price now that it is (plan_price_move), or None.
 
-    The change decides from the row synced from Stripe inside its lock; the billing page
-    asks it from the row it draws, before it asks the member to confirm: a question whose
-    "yes" could only be refused is not asked.
+    Only as true as the row is current: the change asks it of the row synced from Stripe
+    inside its lock, the billing page through plan_change_ask (a refusal synced first).
     """
     if not subscription.live:
         raise ApplicationError(

@@ -63,6 +63,18 @@ def subscribed(client, org, stripe_standin, deliver, **fields) -> None:
     assert "failed" not in deliver()
 
 
+def canceling_pro(client, org, stripe_standin, stripe_sdk, deliver) -> Subscription:
+    """`org` subscribed to Pro from the page, then canceled at period end at Stripe (as in
+    the portal), its events applied: our row shows it canceling."""
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    sub = Subscription.objects.get(organization=org)
+    stripe_sdk.v1.subscriptions.update(
+        sub.stripe_subscription_id, params={"cancel_at_period_end": True}
+    )
+    assert "failed" not in deliver()
+    return sub
+
+
 def pack_bought(client, org, stripe_standin, deliver) -> CheckoutSession:
     """Boost 1k bought from the page by `org`'s member (`client`), paid, its events applied."""
     checkout(client, pack="boost-1k")
@@ -296,12 +308,7 @@ def test_a_change_of_a_subscription_canceled_at_period_end_is_refused_not_asked(
 ):
     # given Pro, canceled in the portal: it ends with its period
     _, org = member(Role.OWNER)
-    subscribed(client, org, stripe_standin, deliver, plan="pro")
-    sub = Subscription.objects.get(organization=org)
-    stripe_sdk.v1.subscriptions.update(
-        sub.stripe_subscription_id, params={"cancel_at_period_end": True}
-    )
-    assert "failed" not in deliver()
+    sub = canceling_pro(client, org, stripe_standin, stripe_sdk, deliver)
     before = (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows())
 
     # when they press "Switch to Basic"
@@ -311,6 +318,84 @@ def test_a_change_of_a_subscription_canceled_at_period_end_is_refused_not_asked(
     assert refused(asked, 409, "subscription_canceling"), (asked.status_code, text(asked)[-600:])
     assert 'name="confirmed"' not in text(asked)
     assert (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows()) == before
+
+
+def test_a_member_who_renewed_at_stripe_before_its_webhook_is_asked_and_changes(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given Pro, canceled at period end (its webhook applied); then renewed at Stripe, the
+    # cancellation taken back, its webhook not delivered yet (late, or being retried)
+    _, org = member(Role.OWNER)
+    sub = canceling_pro(client, org, stripe_standin, stripe_sdk, deliver)
+    stripe_sdk.v1.subscriptions.update(
+        sub.stripe_subscription_id, params={"cancel_at_period_end": False}
+    )
+    assert Subscription.objects.get(pk=sub.pk).cancel_at_period_end
+
+    # when they press "Switch to Basic", and confirm the question
+    asked = checkout(client, plan="basic")
+    confirmed = checkout(client, plan="basic", confirmed="yes")
+    assert "failed" not in deliver()
+
+    # then asked, as Stripe has it, not refused from our row; and the change is scheduled,
+    # the subscription renewing, at Stripe and here
+    assert asked.status_code == 200, (asked.status_code, text(asked)[-600:])
+    assert "Change your subscription to Basic?" in text(asked)
+    assert 'name="confirmed" value="yes"' in text(asked)
+    assert confirmed.status_code == 302 and confirmed["Location"] == BILLING
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == (
+        StripePrice.objects.get(lookup_key="gym_plan_basic", current=True).stripe_price_id
+    )
+    assert at_stripe.cancel_at_period_end is False
+    page = client.get(BILLING)
+    assert figure(page, "plan") == "Pro"
+    assert figure(page, "scheduled").startswith("From the next period: Basic")
+    assert 'data-figure="cancel-at-period-end"' not in text(page)
+
+
+def test_seats_changed_at_stripe_before_its_webhook_are_asked_about_not_no_change(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given a team of 2 seats; then 3 at Stripe (its portal, its dashboard), the webhook
+    # not delivered yet: our row still shows 2
+    _, org = member(Role.ADMIN)
+    subscribed(client, org, stripe_standin, deliver, plan="team", seats="2")
+    sub = Subscription.objects.get(organization=org)
+    item = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)["items"].data[0]
+    stripe_sdk.v1.subscriptions.update(
+        sub.stripe_subscription_id, params={"items": [{"id": item.id, "quantity": 3}]}
+    )
+    assert Subscription.objects.get(pk=sub.pk).seats == 2
+
+    # when they press "Change seats" with 2, as the page drawn from the row shows it
+    asked = checkout(client, plan="team", seats="2")
+
+    # then a change from the 3 they have is asked about, not refused as no_change
+    assert asked.status_code == 200, (asked.status_code, text(asked)[-600:])
+    assert "Change your subscription to Team, 2 seats?" in text(asked)
+    assert 'name="confirmed" value="yes"' in text(asked)
+    assert figure(client.get(BILLING), "seats") == "3"
+
+
+def test_a_refusal_the_page_cannot_check_at_stripe_is_a_503_not_a_stale_refusal(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given Pro, canceled at period end as our row shows it; and Stripe unreachable, so
+    # whether it was renewed since cannot be known
+    _, org = member(Role.OWNER)
+    sub = canceling_pro(client, org, stripe_standin, stripe_sdk, deliver)
+    before = (billing_fixtures.subscription_state(stripe_sdk, sub), billing_rows())
+
+    # when they press "Switch to Basic"
+    with override_settings(STRIPE_API_BASE="http://127.0.0.1:9", STRIPE_MAX_NETWORK_RETRIES=0):
+        asked = checkout(client, plan="basic")
+
+    # then the page says the payment provider cannot be reached, asks nothing, and
+    # nothing changed at Stripe, here or in the ledger
+    assert refused(asked, 503, "payments_unavailable"), (asked.status_code, text(asked)[-600:])
+    assert 'name="confirmed"' not in text(asked)
+    assert (billing_fixtures.subscription_state(stripe_sdk, sub), billing_rows()) == before
 
 
 def test_a_team_whose_plan_sells_in_another_currency_changes_seats_at_its_own_price(
