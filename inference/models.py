@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Coalesce
 from django.template import TemplateDoesNotExist, TemplateSyntaxError
 
 from accounts.models import Priority
@@ -284,6 +285,12 @@ JOB_ERROR_CODES = {
 }
 
 
+def job_run_start() -> Coalesce:
+    """When a job's current run started: run_started_at, or started_at for a job a run of a
+    release before it started (the orphaned jobs' sweep, and its index, read this)."""
+    return Coalesce("run_started_at", "started_at")
+
+
 class Job(models.Model):
     """One inference request. Its public id is also its hold's key in the ledger."""
 
@@ -327,7 +334,15 @@ class Job(models.Model):
     callback_url = models.URLField(max_length=2048, blank=True)
     hold_amount = models.BigIntegerField()
     queued_at = models.DateTimeField(auto_now_add=True)
+    # When its first run started (kept when the job runs again: reports read
+    # a job's time from queued to done by it)...
     started_at = models.DateTimeField(null=True, blank=True)
+    # ...and when its current run started: set by every start, a restart's too
+    # (job_start). The orphaned jobs' sweep measures its grace from it: a job
+    # run again after its worker died is as young as its new run, whose life
+    # the grace must cover, not as old as its first. Null on jobs started by
+    # a release before it (the sweep then reads started_at).
+    run_started_at = models.DateTimeField(null=True, blank=True)
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     input_tokens = models.PositiveIntegerField(default=0)
@@ -348,11 +363,19 @@ class Job(models.Model):
         indexes = [
             models.Index(fields=["organization", "-id"]),
             # Running jobs by start, for the orphaned jobs' sweep (a minute's):
-            # partial, so it holds only the few jobs running at any time.
+            # partial, so it holds only the few jobs running at any time. The
+            # sweep of a release before inference/0014 reads started_at; the
+            # sweep now reads its current run's start (job_run_start). The
+            # first can go once no process of that release is left.
             models.Index(
                 fields=["started_at"],
                 condition=models.Q(status="running"),
                 name="job_running_started",
+            ),
+            models.Index(
+                job_run_start(),
+                condition=models.Q(status="running"),
+                name="job_running_run_started",
             ),
         ]
         constraints = [unique_not_like_indexed("public_id", "job_public_id_unique")]

@@ -87,9 +87,16 @@ RUN_LEASE_RENEW_S = 1.0
 
 # Renews the leases whose token is still theirs: one whose run stalled past
 # its life may have been taken by a run after it, whose lease is not ours.
+# One that is gone is taken again, for the same token: it lapsed while its
+# run lived on (Redis failed for longer than RUN_LEASE_S, or lost its keys;
+# a run that started while Redis failed never had it). Else it stayed gone
+# for the rest of the run, whose job the orphaned jobs' sweep then took for a
+# dead worker's and ended live (jobs_orphaned_sweep).
 _RENEW = """
 for i, key in ipairs(KEYS) do
-  if redis.call('get', key) == ARGV[i + 1] then redis.call('pexpire', key, ARGV[1]) end
+  local held = redis.call('get', key)
+  if held == ARGV[i + 1] then redis.call('pexpire', key, ARGV[1])
+  elseif not held then redis.call('set', key, ARGV[i + 1], 'px', ARGV[1]) end
 end
 return 0
 """
@@ -304,6 +311,11 @@ class _CancelWatcher:
         self._watched: dict[CancelEvent, _Watch] = {}
         # Run leases, by their token: key.
         self._leases: dict[str, str] = {}
+        # Held across a renewal's round trip: a renewal takes a lease that is
+        # gone again, so one that reads a lease before its run lets it go must
+        # be over before the release is sent (unlease), or it would take the
+        # lease back after its run ended.
+        self._renewing = threading.Lock()
         self._renewed_at = 0.0
         self._thread: threading.Thread | None = None
 
@@ -333,27 +345,29 @@ class _CancelWatcher:
             self._start()
 
     def unlease(self, token: str) -> None:
-        with self._lock:
+        with self._renewing, self._lock:
             self._leases.pop(token, None)
 
     def _renew(self) -> None:
         now = time.monotonic()
         if now - self._renewed_at < RUN_LEASE_RENEW_S:
             return
-        with self._lock:
-            leases = list(self._leases.items())
-        if not leases:
-            return
-        self._renewed_at = now
-        try:
-            _script(_RENEW)(
-                keys=[key for _token, key in leases],
-                args=[int(RUN_LEASE_S * 1000), *(token for token, _key in leases)],
-            )
-        except Exception:
-            # As for the cancel keys: the runs go on; a lease that lapses
-            # meanwhile only lets a duplicate message run, as it did before.
-            logger.warning("could not renew the run leases of running jobs", exc_info=True)
+        with self._renewing:
+            with self._lock:
+                leases = list(self._leases.items())
+            if not leases:
+                return
+            self._renewed_at = now
+            try:
+                _script(_RENEW)(
+                    keys=[key for _token, key in leases],
+                    args=[int(RUN_LEASE_S * 1000), *(token for token, _key in leases)],
+                )
+            except Exception:
+                # As for the cancel keys: the runs go on, and take their
+                # leases back once Redis is; a lease gone meanwhile lets a
+                # duplicate message run, as it did before leases.
+                logger.warning("could not renew the run leases of running jobs", exc_info=True)
 
     def _run(self) -> None:
         while True:
@@ -421,7 +435,9 @@ def relay_run_lease(job_pk: int, *, wait: bool = True, unleased: bool = True) ->
 
     Redis failing, the run goes on unleased, as before leases (a Redis
     outage stops its relay anyway): a duplicate is rare, a job left unrun
-    is not. With `unleased` False (the orphaned jobs' sweep, which must not
+    is not. Its process takes the lease once Redis is back, as it takes back
+    one that lapsed during an outage (_RENEW), unless another run took it
+    meanwhile. With `unleased` False (the orphaned jobs' sweep, which must not
     end a job whose run it cannot see) the RedisError is raised instead.
     With `wait` False a held lease is not watched: False at once, whether its
     holder is alive or lapsing.
@@ -435,8 +451,7 @@ def relay_run_lease(job_pk: int, *, wait: bool = True, unleased: bool = True) ->
         logger.warning(
             "job %s: its run lease cannot be taken (%r); running it unleased", job_pk, exc
         )
-        yield True
-        return
+        taken = True
     if not taken:
         yield False
         return
@@ -471,11 +486,35 @@ def relay_run_lease_release(pipe) -> None:
     held = getattr(_held, "lease", None)
     if held is None or held.released:
         return
+    # No renewal after this one: it would take the lease back once let go.
+    _watcher.unlease(held.token)
     # EVAL, not a registered script: a pipeline holding one asks Redis first whether it
     # has it (SCRIPT EXISTS), the round trip this saves (the token refund beside it is
     # an EVAL too).
     pipe.eval(_RELEASE, 1, held.key, held.token)
     held.released = True
+
+
+def _run_lease_missing_key(job_pk: int) -> str:
+    return f"jobrunmissing:{job_pk}"
+
+
+def relay_run_lease_missing_since(job_pk: int, *, now: float, ttl_s: float) -> float:
+    """Note that the job's run lease was found missing at `now` (a Unix time), for the
+    orphaned jobs' sweep; returns when it was first found missing: `now` if it was not
+    found so within the last `ttl_s` seconds (nor found held since: relay_run_lease_seen).
+    One round trip."""
+    key = _run_lease_missing_key(job_pk)
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.set(key, repr(now), nx=True, px=max(int(ttl_s * 1000), 1))
+    pipe.get(key)
+    _first, since = pipe.execute()
+    return float(since) if since is not None else now
+
+
+def relay_run_lease_seen(job_pk: int) -> None:
+    """The job's run lease was found held: a sighting of it missing before is forgotten."""
+    get_redis().delete(_run_lease_missing_key(job_pk))
 
 
 def _run_lease_take(key: str, token: str, *, wait: bool = True) -> bool:

@@ -58,7 +58,7 @@ from redis.exceptions import RedisError
 from accounts.cache import cache_scope
 from accounts.redis import get_redis
 from inference import triton
-from inference.models import NON_TERMINAL, InputTokensSource, Job, JobStatus
+from inference.models import NON_TERMINAL, InputTokensSource, Job, JobStatus, job_run_start
 from inference.relay import (
     CancelEvent,
     CancelOrigin,
@@ -68,7 +68,9 @@ from inference.relay import (
     relay_publish,
     relay_relayed_text,
     relay_run_lease,
+    relay_run_lease_missing_since,
     relay_run_lease_release,
+    relay_run_lease_seen,
 )
 from inference.selectors import catalog_model_by_id, job_final_event, pools_for_job
 from inference.services import concurrency_slots_sweep, job_settle, job_start
@@ -501,11 +503,19 @@ def jobs_orphaned_sweep(*, now: datetime | None = None) -> int:
     failed for good: a settlement the database kept failing under; or the
     broker lost it), so nothing else ends it before its hold expires (an
     hour), its credits held and its concurrency slot taken meanwhile, and a
-    waiting stream left without its end. A job is an orphan once it has been
-    running longer than INFERENCE_ORPHAN_GRACE_SECONDS (a dead worker's
-    message is back and run by then, settings/base.py) and no run holds its
+    waiting stream left without its end. A job is an orphan once its current
+    run has lasted longer than INFERENCE_ORPHAN_GRACE_SECONDS (a dead worker's
+    message is back and run by then, settings/base.py) and no run held its
     lease (relay_run_lease: every run takes it before it starts the job and
-    keeps it until it has settled).
+    keeps it until it has settled) at two sweeps in a row.
+
+    From the current run's start (run_started_at, job_start), not the first:
+    a job run again after its whole worker died (its message back after the
+    visibility timeout) is past its first start's grace for all its new run,
+    which only its lease then protected. And at two sweeps: a live run whose
+    lease lapsed (Redis failed, or lost its keys) takes it back within
+    RUN_LEASE_RENEW_S of Redis answering again (_RENEW), so one sighting of
+    it missing is not enough to end a job (ORPHAN_CONFIRM_S).
 
     The sweep takes the job's lease itself before it ends it, without
     waiting (a held lease: a run is alive, or died less than RUN_LEASE_S ago,
@@ -514,31 +524,67 @@ def jobs_orphaned_sweep(*, now: datetime | None = None) -> int:
     and runs nothing; a sweep beside it gets no lease and leaves the job.
     Settlement is once in any case (job_settle's claim). Redis failing, the
     sweep ends nothing: it cannot tell a live run from a dead one.
+
+    Jobs are read in pages by primary key, each page after the last one read
+    (a keyset): the jobs a sweep leaves (live runs, first sightings, jobs whose
+    settlement raised) never keep it from those after them.
     """
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.INFERENCE_ORPHAN_GRACE_SECONDS)
-    orphans = list(
-        Job.objects.filter(status=JobStatus.RUNNING, started_at__lt=cutoff)
-        .order_by("pk")
-        .values_list("pk", flat=True)[:ORPHANS_PER_SWEEP]
+    running = Job.objects.alias(run_start=job_run_start()).filter(
+        status=JobStatus.RUNNING, run_start__lt=cutoff
     )
-    ended = 0
-    for pk in orphans:
-        try:
-            with relay_run_lease(pk, wait=False, unleased=False) as leased:
-                if leased and _orphan_end(pk, cutoff=cutoff):
+    ended, after = 0, 0
+    while ended < ORPHANS_PER_SWEEP:
+        page = list(
+            running.filter(pk__gt=after)
+            .order_by("pk")
+            .values_list("pk", flat=True)[:ORPHANS_PER_SWEEP]
+        )
+        for pk in page:
+            try:
+                if _orphan_sweep_one(pk, now=now, cutoff=cutoff):
                     ended += 1
-        except RedisError as exc:
-            logger.warning("orphaned jobs not swept: Redis is failing (%r)", exc)
+            except RedisError as exc:
+                logger.warning("orphaned jobs not swept: Redis is failing (%r)", exc)
+                return ended
+            except Exception:  # the next job, and the next sweep, go on
+                logger.exception("job pk=%s: could not end it as orphaned", pk)
+            if ended >= ORPHANS_PER_SWEEP:
+                break
+        if len(page) < ORPHANS_PER_SWEEP:
             break
-        except Exception:  # the next job, and the next sweep, go on
-            logger.exception("job pk=%s: could not end it as orphaned", pk)
+        after = page[-1]
     return ended
 
 
-# At most this many a sweep (a minute): after a mass failure the rest go the
-# next minutes, each sweep's work bounded.
+# At most this many ended a sweep (a minute): after a mass failure the rest go
+# the next minutes, each sweep's work bounded. Also the page the sweep reads
+# running jobs by.
 ORPHANS_PER_SWEEP = 200
+# The beat's interval between two sweeps (settings: inference-orphaned-jobs-sweep).
+ORPHAN_SWEEP_EVERY_S = 60
+# A job's lease found missing is confirmed missing by a sweep at least this
+# long after the first sighting (a beat's task run late and the next on time
+# may come seconds apart), far more than a live run takes to take its lease
+# back once Redis answers (RUN_LEASE_RENEW_S). A sighting is forgotten when
+# the lease is found held, and lapses a little over two sweeps after it was
+# made: a sweep missed in between (beat down) still confirms it.
+ORPHAN_CONFIRM_S = ORPHAN_SWEEP_EVERY_S / 2
+ORPHAN_SIGHTING_TTL_S = 2.5 * ORPHAN_SWEEP_EVERY_S
+
+
+def _orphan_sweep_one(pk: int, *, now: datetime, cutoff: datetime) -> bool:
+    """Look at one running job past the grace; whether this call ended it as orphaned."""
+    with relay_run_lease(pk, wait=False, unleased=False) as leased:
+        if not leased:  # a run holds it (or another sweep does)
+            relay_run_lease_seen(pk)
+            return False
+        at = now.timestamp()
+        since = relay_run_lease_missing_since(pk, now=at, ttl_s=ORPHAN_SIGHTING_TTL_S)
+        if at - since < ORPHAN_CONFIRM_S:
+            return False  # the first sighting: let go of the lease, for a live run to take
+        return _orphan_end(pk, cutoff=cutoff)
 
 
 def _orphan_end(pk: int, *, cutoff: datetime) -> bool:
@@ -548,7 +594,8 @@ def _orphan_end(pk: int, *, cutoff: datetime) -> bool:
     with transaction.atomic():
         job = (
             Job.objects.select_for_update(skip_locked=True)
-            .filter(pk=pk, status=JobStatus.RUNNING, started_at__lt=cutoff)
+            .alias(run_start=job_run_start())
+            .filter(pk=pk, status=JobStatus.RUNNING, run_start__lt=cutoff)
             .first()
         )
     if job is None:

@@ -334,22 +334,27 @@ CELERY_BEAT_SCHEDULE |= {
     },
     # Running jobs whose run is gone (no run lease) and whose message is not
     # coming back, ended failed `worker_lost` instead of expired with their
-    # hold an hour later (jobs_orphaned_sweep).
+    # hold an hour later (jobs_orphaned_sweep). Its interval is the sweep's
+    # ORPHAN_SWEEP_EVERY_S (a lease missing at two sweeps in a row ends a job).
     "inference-orphaned-jobs-sweep": {
         "task": "inference.tasks.jobs_orphaned_sweep_task",
         "schedule": timedelta(seconds=60),
     },
 }
-# How long a job must have been running, with no run holding its lease
+# How long a job's current run (run_started_at: a restart's is its own) must
+# have been running, with no run holding its lease at two sweeps in a row
 # (jobs_orphaned_sweep), before the sweep ends it as orphaned. Longer than a
 # dead worker's message takes to come back and run: at once from a prefork
 # child (reject on worker lost), after the broker's visibility timeout from a
 # whole worker (a threads pool's); then one more run (at least 5 minutes) for
 # it to wait in its queue and take the lease (RUN_LEASE_S, 5 s, is far
-# inside that). A live run, even one started unleased while Redis failed,
-# ends within a run and its settlement's retries. Well inside a hold's life
-# (by default 35 of its 60 minutes), or the hold's expiry would end the job
-# first, unbilled and `expired`.
+# inside that). A live run ends within a run and its settlement's retries;
+# one whose lease an outage took (or that started unleased while Redis
+# failed) takes it back as soon as Redis answers (inference.relay._RENEW).
+# Well inside a hold's life (by default 35 of its 60 minutes), or the hold's
+# expiry would end the job first, unbilled and `expired`. Under the
+# visibility timeout, or at a hold's life or more: a `manage.py check`
+# warning (inference.W005, W006).
 INFERENCE_ORPHAN_GRACE_SECONDS = env.int(
     "INFERENCE_ORPHAN_GRACE_SECONDS",
     default=CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] + max(300, math.ceil(_JOB_RUN_S)),

@@ -804,12 +804,14 @@ def job_start_margin() -> timedelta:
 
 # Loads the job and marks it running in one round trip, if its hold allows
 # (above). A job already running is a redelivery of a task whose worker died:
-# it runs again (its first start time is kept), and the settlement still
-# happens once (job_settle).
+# it runs again (its first start time is kept, for reports; its run's start
+# is this one, which the orphaned jobs' sweep measures its grace from), and
+# the settlement still happens once (job_settle).
 _START = """
 UPDATE inference_job
    SET status = %(running)s,
-       started_at = CASE WHEN status = %(queued)s THEN %(now)s ELSE started_at END
+       started_at = CASE WHEN status = %(queued)s THEN %(now)s ELSE started_at END,
+       run_started_at = %(now)s
  WHERE id = %(pk)s AND status IN (%(queued)s, %(running)s)
    AND (%(public_id)s IS NULL OR public_id = %(public_id)s)
    AND EXISTS (SELECT 1 FROM metering_hold h
@@ -827,7 +829,8 @@ def _start_prepared() -> str:
 UPDATE inference_job
    SET status = %(running)s::varchar,
        started_at = CASE WHEN status = %(queued)s::varchar THEN %(now)s::timestamptz
-                         ELSE started_at END
+                         ELSE started_at END,
+       run_started_at = %(now)s::timestamptz
  WHERE id = %(pk)s::bigint AND status IN (%(queued)s::varchar, %(running)s::varchar)
    AND (%(public_id)s::text IS NULL OR public_id = %(public_id)s::text)
    AND EXISTS (SELECT 1 FROM metering_hold h

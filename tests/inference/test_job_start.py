@@ -77,6 +77,10 @@ def test_a_redelivered_running_job_runs_again_and_keeps_its_first_start(job):
 
     assert again.status == JobStatus.RUNNING
     assert again.started_at == first.started_at
+    # and its run's start is this one's (the orphaned jobs' sweep's grace runs from it)
+    assert first.run_started_at == first.started_at
+    assert again.run_started_at > first.run_started_at
+    assert Job.objects.get(pk=job.pk).run_started_at == again.run_started_at
 
 
 def test_an_ended_job_is_not_started(job):

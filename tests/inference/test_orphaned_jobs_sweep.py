@@ -19,7 +19,7 @@ test_job_run.py; the job's statements commit as in the worker.
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import redis
@@ -34,7 +34,7 @@ from inference.tasks import jobs_orphaned_sweep
 from metering.models import Hold, HoldStatus
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, on_own_connection, pause_after, served_model
+from tests.helpers import credits, on_own_connection, pause_after, served_model, wait_until
 from tests.inference.test_job_run import (
     PROMPT,
     TOKENIZER,
@@ -69,9 +69,18 @@ def _running_since(job: Job, *, seconds_ago: float, stream: bool = False) -> Job
     """The job started by a run, `seconds_ago`, whose worker is gone (no lease held)."""
     Job.objects.filter(pk=job.pk).update(stream=stream)
     assert tasks.job_start(job_pk=job.pk, public_id=job.public_id)
-    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=seconds_ago))
+    since = timezone.now() - timedelta(seconds=seconds_ago)
+    Job.objects.filter(pk=job.pk).update(started_at=since, run_started_at=since)
     job.refresh_from_db()
     return job
+
+
+def _swept_twice(*, now: datetime | None = None) -> int:
+    """Two sweeps a beat's interval apart, from `now` (the first only notes the leases it
+    finds missing, and ends nothing); how many jobs the second ended."""
+    now = now or timezone.now()
+    assert jobs_orphaned_sweep(now=now) == 0
+    return jobs_orphaned_sweep(now=now + timedelta(seconds=tasks.ORPHAN_SWEEP_EVERY_S))
 
 
 def test_a_running_job_whose_run_is_gone_ends_worker_lost_with_what_it_relayed(
@@ -91,8 +100,8 @@ def test_a_running_job_whose_run_is_gone_ends_worker_lost_with_what_it_relayed(
     young = _running_since(_queued(org, job.model), seconds_ago=grace - 60)
     before = organization_balance(organization=org)
 
-    # when the sweep runs
-    ended = jobs_orphaned_sweep()
+    # when the sweep runs, twice (a minute apart)
+    ended = _swept_twice()
 
     # then the orphan ended failed, worker_lost, nothing charged (its model
     # has no tokenizer to count the relayed text with): its whole hold
@@ -144,8 +153,8 @@ def test_an_orphaned_stream_is_billed_for_the_text_it_relayed(grant, settings, k
         relay_publish(job.public_id, {"type": "delta", "text": text})
     before = organization_balance(organization=org)
 
-    # when the sweep runs
-    assert jobs_orphaned_sweep() == 1
+    # when the sweep runs, twice (a minute apart)
+    assert _swept_twice() == 1
 
     # then the job ended failed, worker_lost, billed for the text its client
     # got, counted by the model's tokenizer, and for the prompt where kept
@@ -184,12 +193,17 @@ def test_a_message_that_comes_back_as_the_sweep_ends_its_job_runs_nothing(
     # given a job running past the grace whose run is gone, and the sweep
     # ending it, held just before it settles (it holds the job's run lease)
     job = _running_since(queued_job, seconds_ago=settings.INFERENCE_ORPHAN_GRACE_SECONDS + 60)
+    now = timezone.now()
+    assert jobs_orphaned_sweep(now=now) == 0  # its lease found missing a first time
     served = _served_when_idle(engine)
     lost, settle = pause_after(monkeypatch, tasks, "_relayed_before", thread="sweep")
     swept, errors = [], []
     sweep = threading.Thread(
         target=on_own_connection,
-        args=(lambda: swept.append(jobs_orphaned_sweep()), errors),
+        args=(
+            lambda: swept.append(jobs_orphaned_sweep(now=now + timedelta(minutes=1))),
+            errors,
+        ),
         name="sweep",
     )
     sweep.start()
@@ -227,10 +241,151 @@ def test_the_sweep_ends_nothing_while_redis_fails(queued_job, settings, monkeypa
 
     monkeypatch.setattr(relay, "_run_lease_take", redis_down)
 
-    # when the sweep runs
-    ended = jobs_orphaned_sweep()
+    # when the sweep runs, twice (a minute apart)
+    now = timezone.now()
+    ended = jobs_orphaned_sweep(now=now) + jobs_orphaned_sweep(now=now + timedelta(minutes=1))
 
     # then it ends nothing: it cannot tell whether the job's run is alive
     assert ended == 0
     assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
     assert Hold.objects.get(key=job.public_id).status == HoldStatus.PENDING
+
+
+def test_a_job_run_again_after_its_worker_died_is_given_its_new_runs_grace(queued_job, settings):
+    # given a job first started well past the grace ago, whose whole worker
+    # died: its message came back after the visibility timeout and ran it
+    # again just now (job_start's restart), and Redis then lost that live
+    # run's lease (an outage, stood in for by deleting its key)
+    grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
+    job = _running_since(queued_job, seconds_ago=grace + 600)
+    first_start = job.started_at
+    get_redis().set(f"jobrun:{job.pk}", "live-run", px=60_000)
+    restarted = tasks.job_start(job_pk=job.pk, public_id=job.public_id)
+    assert restarted is not None and restarted.restarted
+    get_redis().delete(f"jobrun:{job.pk}")
+
+    # when the sweep runs, twice (a minute apart)
+    ended = _swept_twice()
+
+    # then it ends nothing: the job's current run is younger than the grace;
+    # the job runs on, its hold pending, its first start kept for reports
+    assert ended == 0
+    job = Job.objects.get(pk=job.pk)
+    assert (job.status, job.started_at) == (JobStatus.RUNNING, first_start)
+    assert job.run_started_at > first_start
+    assert Hold.objects.get(key=job.public_id).status == HoldStatus.PENDING
+
+    # and once that run too is past the grace with no lease, it is an orphan
+    assert _swept_twice(now=job.run_started_at + timedelta(seconds=grace + 1)) == 1
+    assert Job.objects.get(pk=job.pk).error_code == "worker_lost"
+
+
+def _lease_back(key: str) -> bytes | None:
+    """The lease under `key` once a few renewals had time to take it back (RUN_LEASE_S)."""
+    try:
+        return wait_until(lambda: get_redis().get(key), timeout=relay.RUN_LEASE_S)
+    except AssertionError:
+        return None
+
+
+def test_a_live_runs_lease_lost_in_a_redis_outage_comes_back(queued_job):
+    # given a live run holding its job's lease, renewed by its process, and
+    # beside it in the same process another job's run (a witness: its lease
+    # is renewed in the same round trip)
+    key = f"jobrun:{queued_job.pk}"
+    witness_pk = queued_job.pk + 1_000_000
+    witness = f"jobrun:{witness_pk}"
+    with relay.relay_run_lease(queued_job.pk) as leased, relay.relay_run_lease(witness_pk):
+        assert leased
+        token = get_redis().get(key)
+
+        # when Redis loses it (an outage longer than its life, stood in for by
+        # deleting its key)
+        get_redis().delete(key)
+
+        # then the run's process takes it back, under the run's own token
+        assert _lease_back(key) == token
+
+        # and one that another run took meanwhile is left to that run: once a
+        # renewal took the witness's lease back, the other run's is untouched
+        get_redis().set(key, "next-run", px=60_000)
+        get_redis().delete(witness)
+        assert _lease_back(witness) is not None
+        assert get_redis().get(key) == b"next-run"
+    get_redis().delete(key)
+
+
+def test_a_run_started_while_redis_failed_takes_its_lease_once_redis_is_back(
+    queued_job, monkeypatch
+):
+    # given a run that started unleased: Redis failed as it took its lease
+    # (stood in at the lease's one call: a real outage would stop every other
+    # test's relay and broker)
+    key = f"jobrun:{queued_job.pk}"
+    real_take = relay._run_lease_take
+
+    def redis_down(*_args, **_kwargs):
+        raise redis.ConnectionError("redis is down")
+
+    monkeypatch.setattr(relay, "_run_lease_take", redis_down)
+    with relay.relay_run_lease(queued_job.pk) as leased:
+        assert leased
+        monkeypatch.setattr(relay, "_run_lease_take", real_take)
+
+        # when Redis answers again, then the run holds its lease: a second
+        # message for the job is a duplicate, not a dead worker's
+        assert _lease_back(key) is not None
+        with relay.relay_run_lease(queued_job.pk) as second:
+            assert second is False
+    # and the run let it go as it ended
+    assert not get_redis().exists(key)
+
+
+def test_a_job_is_ended_only_once_its_lease_was_missing_at_two_sweeps_in_a_row(
+    queued_job, settings
+):
+    # given a job running past the grace with no lease
+    job = _running_since(queued_job, seconds_ago=settings.INFERENCE_ORPHAN_GRACE_SECONDS + 60)
+    key, now = f"jobrun:{job.pk}", timezone.now()
+
+    def swept(after_s: float) -> JobStatus:
+        assert jobs_orphaned_sweep(now=now + timedelta(seconds=after_s)) == 0
+        return Job.objects.get(pk=job.pk).status
+
+    # when a sweep finds its lease missing, then it does not end the job (a
+    # live run whose lease an outage took takes it back within seconds)
+    assert swept(0) == JobStatus.RUNNING
+    # nor does a sweep seconds after (a late beat task, then one on time)
+    assert swept(5) == JobStatus.RUNNING
+    # and a sweep that finds the lease held (its run took it back) forgets
+    # the first sighting: the next sweep to find it missing is a first again
+    get_redis().set(key, "live-run", px=60_000)
+    assert swept(60) == JobStatus.RUNNING
+    get_redis().delete(key)
+    assert swept(120) == JobStatus.RUNNING
+
+    # and the next sweep a minute on, its lease missing still, ends it
+    assert jobs_orphaned_sweep(now=now + timedelta(seconds=180)) == 1
+    job = Job.objects.get(pk=job.pk)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "worker_lost")
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+
+
+def test_jobs_the_sweep_leaves_do_not_hide_an_orphan_behind_them(queued_job, settings, monkeypatch):
+    # given more live runs past the grace than a sweep reads at once (two
+    # here), each holding its lease, ahead of an orphan (a higher key)
+    monkeypatch.setattr(tasks, "ORPHANS_PER_SWEEP", 2)
+    grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
+    org, model = queued_job.organization, queued_job.model
+    queued = [queued_job, _queued(org, model), _queued(org, model), _queued(org, model)]
+    *alive, orphan = [_running_since(job, seconds_ago=grace + 60) for job in queued]
+    for job in alive:
+        get_redis().set(f"jobrun:{job.pk}", "live-run", px=60_000)
+
+    # when the sweep runs, twice (a minute apart)
+    ended = _swept_twice()
+
+    # then the orphan ended, and the live runs' jobs run on
+    assert ended == 1
+    assert Job.objects.get(pk=orphan.pk).error_code == "worker_lost"
+    assert [Job.objects.get(pk=job.pk).status for job in alive] == [JobStatus.RUNNING] * 3
