@@ -1,7 +1,9 @@
 """System checks of the inference settings (`python manage.py check`; migrate and runserver
 run them too): a run limit that would fail every job, or that is capped without saying so,
-a broker that would hand a job back while it runs, or too late for it to start, and an
-answer that may outlast its Idempotency-Key's lock."""
+a broker that would hand a job back while it runs, or too late for it to start, an
+answer that may outlast its Idempotency-Key's lock, and an orphaned jobs' grace that would
+end a dead worker's jobs before their message comes back, or never before their hold
+expires."""
 
 from __future__ import annotations
 
@@ -106,6 +108,45 @@ def broker_visibility_check(app_configs, **kwargs) -> list:
             )
         ]
     return []
+
+
+@register(Tags.compatibility)
+def orphan_grace_check(app_configs, **kwargs) -> list:
+    """The orphaned jobs' sweep (inference.tasks.jobs_orphaned_sweep) ends a running job whose
+    run lease is gone once its current run is INFERENCE_ORPHAN_GRACE_SECONDS old. A grace
+    shorter than a Redis broker's visibility timeout ends a dead worker's job before its
+    message comes back to run it again (failed, worker_lost, instead of served); one as
+    long as a hold's life never ends a job before its hold's expiry does (expired,
+    nothing billed, its stream left without its end). Warnings, not errors: no live run
+    is ended either way (its lease keeps the sweep off), and nothing is billed twice."""
+    grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
+    hold_ttl = int(settings.METERING_HOLD_TTL.total_seconds())
+    unset = "or leave it unset: it then follows CELERY_VISIBILITY_TIMEOUT_SECONDS."
+    found = []
+    if settings.CELERY_BROKER_URL.split("://", 1)[0].lower() in REDIS_SCHEMES:
+        timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600)
+        if grace < timeout:
+            found.append(
+                CheckWarning(
+                    f"INFERENCE_ORPHAN_GRACE_SECONDS is {grace}, under "
+                    f"CELERY_VISIBILITY_TIMEOUT_SECONDS ({timeout}): the orphaned jobs' sweep "
+                    "ends the jobs of a worker that died (failed, worker_lost) before the "
+                    "broker hands their messages back to run them again.",
+                    hint=f"Raise it to at least {timeout} (the default adds one run), {unset}",
+                    id="inference.W005",
+                )
+            )
+    if grace >= hold_ttl:
+        found.append(
+            CheckWarning(
+                f"INFERENCE_ORPHAN_GRACE_SECONDS ({grace}) is METERING_HOLD_TTL_SECONDS "
+                f"({hold_ttl}) or more: a job whose worker vanished ends expired with its "
+                "hold, unbilled, before the orphaned jobs' sweep would end it.",
+                hint=f"Lower it below {hold_ttl}, or raise METERING_HOLD_TTL_SECONDS, {unset}",
+                id="inference.W006",
+            )
+        )
+    return found
 
 
 @register(Tags.compatibility)

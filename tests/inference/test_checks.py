@@ -106,13 +106,16 @@ def test_a_visibility_timeout_that_leaves_no_time_to_start_is_a_warning(settings
     # given hour-long holds and a message handed back after 50 minutes: the
     # job it carries needs 10 minutes of its hold left to start
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/13"
+    # (the orphaned jobs' grace following it, as its default does: W005)
     settings.METERING_HOLD_TTL = timedelta(hours=1)
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3000}
+    settings.INFERENCE_ORPHAN_GRACE_SECONDS = 3300
     [warning] = [m for m in run_checks() if m.id == "inference.W003"]
     assert "comes back too late to start" in warning.msg
     assert "at least 3601" in warning.hint
     # and at 45 minutes it starts in time
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2700}
+    settings.INFERENCE_ORPHAN_GRACE_SECONDS = 3000
     assert _ids() == []
 
 
@@ -127,8 +130,9 @@ def test_the_hold_life_a_warning_names_leaves_room_for_the_whole_margin(settings
     # then the runs are capped (a quarter of 1000 s), and the hold life each
     # warning names is enough on its own: 1200 s for the runs; for the
     # visibility timeout, 30 minutes and the margin a longer life gives (10
-    # minutes), not the 500 s it has now
-    assert set(warnings) == {"inference.W001", "inference.W003"}
+    # minutes), not the 500 s it has now (and the orphaned jobs' grace, 35
+    # minutes, outlives such a hold: W006)
+    assert set(warnings) == {"inference.W001", "inference.W003", "inference.W006"}
     assert "at least 1200" in warnings["inference.W001"].hint
     assert "at least 2401" in warnings["inference.W003"].hint
     settings.METERING_HOLD_TTL = timedelta(seconds=2401)
@@ -146,3 +150,40 @@ def test_a_wait_for_an_answer_longer_than_the_idempotency_lock_is_a_warning(sett
     [warning] = [m for m in run_checks() if m.id == "inference.W004"]
     assert not warning.is_serious()
     assert "IDEMPOTENCY_LOCK_TIMEOUT_SECONDS" in warning.msg
+
+
+def test_an_orphan_grace_under_the_visibility_timeout_is_a_warning(settings):
+    # given a Redis broker handing back a dead worker's messages after 30
+    # minutes, and a sweep ending jobs whose run's lease is gone after 20
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/13"
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 1800}
+    settings.INFERENCE_ORPHAN_GRACE_SECONDS = 1200
+
+    # then the sweep would end such a worker's jobs before their messages
+    # come back to run them again: said, with what to raise it to
+    [warning] = [m for m in run_checks() if m.id == "inference.W005"]
+    assert not warning.is_serious()
+    assert "before the broker hands their messages back" in warning.msg
+    assert "at least 1800" in warning.hint
+    # while at the visibility timeout it is quiet, and RabbitMQ (which hands a
+    # message back as its consumer's connection ends) has no such timeout
+    settings.INFERENCE_ORPHAN_GRACE_SECONDS = 1800
+    assert _ids() == []
+    settings.INFERENCE_ORPHAN_GRACE_SECONDS = 1200
+    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+    assert _ids() == []
+
+
+def test_an_orphan_grace_as_long_as_a_hold_is_a_warning(settings):
+    # given hour-long holds and a sweep that waits an hour
+    settings.METERING_HOLD_TTL = timedelta(hours=1)
+    settings.INFERENCE_ORPHAN_GRACE_SECONDS = 3600
+
+    # then a job whose worker vanished ends expired with its hold, unbilled,
+    # before the sweep would end it: said
+    [warning] = [m for m in run_checks() if m.id == "inference.W006"]
+    assert not warning.is_serious()
+    assert "ends expired with its hold" in warning.msg
+    assert "below 3600" in warning.hint
+    settings.INFERENCE_ORPHAN_GRACE_SECONDS = 3599
+    assert "inference.W006" not in _ids()
