@@ -28,6 +28,15 @@ place of the expiry. With it, every spend the member starts needs the
 wallet less the claim, on the fast path too, and work placed after the
 rollover burns the claimed lots last, so the sweep finds the excess there.
 
+A refund or dispute of the period's payment may wait for the same held
+credits (its own claim, `PaymentReversal.credits_pending`). Each credit is
+claimed once: what a reversal waits for of the lots is its own (money first:
+it takes them back as the jobs give them back), and the rollover claims only
+the excess beyond it (`_claim_fit`). So a reversal applied after the rollover
+lowers the carry's claim, one given back (a refund that failed, a dispute won)
+raises it again, and the sweep leaves the lots alone while a reversal still
+waits for them: the excess it expires is what the reversal did not take.
+
 Locks: the seller's market lock (`seller_lock`) serializes these with the
 rollover, which holds it from before it counts until it has recorded what
 was away; the carries' rows are locked (primary-key order) before ledger
@@ -37,9 +46,11 @@ accounts, as the market's lock order says.
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
+from django.utils import timezone
 
 from accounts.models import Organization
 from gymbilling.market.escrow import credits_expire_early, lots_remaining
@@ -147,6 +158,8 @@ def rollover_carry_open(
             lots=Q(pk__in=held_lots),
             amount=held_over,
             at=carry.created_at,
+            # What a pending refund of the period claimed of them is its own, not claimed twice.
+            claimed_by_others=partial(_reversals_pending_on, organization, held_lots),
         )
         RolloverCarry.objects.filter(pk=carry.pk).update(held_claimed=carry.held_claimed)
     return carry
@@ -327,6 +340,11 @@ def _carry_holds_settle(*, carry_id: int, now: datetime) -> int:
         )
         if running_then.filter(status=HoldStatus.PENDING).exists():
             return 0  # their captures may still burn these credits
+        if _reversals_pending_on(organization, carry.held_lots):
+            # A refund of the period waits for what the jobs gave back: its money bought
+            # them, so it takes them first (its sweep, seconds away); the excess expired
+            # here is what it leaves. Trimming first would expire what it is owed.
+            return 0
         # What those jobs burned of the lots was spent, not given back. Nothing else
         # burned the excess: the claim kept later work to the member's other credits.
         burned = -(
@@ -362,3 +380,77 @@ def _carry_holds_settle(*, carry_id: int, now: datetime) -> int:
             claim_drop(organization=organization, amount=carry.held_claimed)
         RolloverCarry.objects.filter(pk=carry.pk).update(held_over=0, held_claimed=0)
         return expired
+
+
+def _reversals_pending_on(organization: Organization, held_lots: list[int]) -> int:
+    """What the organization's pending refunds and disputes wait for of the lots `held_lots`.
+
+    A reversal's pending credits are somewhere in its payment's lots (its family); which of
+    them the jobs hold is not recorded, so only what cannot be outside `held_lots` counts:
+    its pending less what its other lots hold. Never more than is there, so the rollover
+    never claims less than the excess no reversal will take.
+    """
+    from gymbilling.services.payments import reversal_lots
+
+    if not held_lots:
+        return 0
+    now = timezone.now()
+    total = 0
+    for reversal in PaymentReversal.objects.filter(
+        organization=organization, credits_pending__gt=0
+    ).order_by("pk"):
+        family = reversal_lots(reversal)
+        if family is None:
+            continue
+        elsewhere = lots_remaining(
+            lots=family & Q(account__kind=AccountKind.WALLET) & ~Q(pk__in=held_lots), now=now
+        )
+        total += max(0, reversal.credits_pending - elsewhere)
+    return total
+
+
+def rollover_carries_claiming(*, organization: Organization) -> list[RolloverCarry]:
+    """Lock the organization's carries that still wait for held credits, in primary-key
+    order: a refund or dispute takes them before the ledger's accounts (the market's lock
+    order) and, once its own claim changed, fits theirs to it (`rollover_claims_fit`)."""
+    return _carries_locked(organization=organization, held_over__gt=0)
+
+
+def rollover_claims_fit(*, organization: Organization, carries: list[RolloverCarry]) -> None:
+    """Fit what the carries claim to what the organization's reversals now wait for.
+
+    Called in the transaction of a reversal that changed its own claim (applied, or given
+    back), under the seller's lock and with `carries` locked (`rollover_carries_claiming`).
+    """
+    for carry in carries:
+        _claim_fit(organization=organization, carry=carry)
+
+
+def _claim_fit(*, organization: Organization, carry: RolloverCarry) -> None:
+    """Each credit claimed once: the carry claims the excess it still waits for, less what
+    reversals wait for of its lots (theirs first), and never more than the lots hold."""
+    lots = Q(pk__in=carry.held_lots)
+    others = _reversals_pending_on(organization, carry.held_lots)
+    target = max(
+        0,
+        min(
+            carry.held_over,
+            lots_remaining(lots=lots & Q(account__kind=AccountKind.WALLET), now=timezone.now())
+            - others,
+        ),
+    )
+    claimed = carry.held_claimed
+    if target < claimed:
+        claim_drop(organization=organization, amount=claimed - target)
+        claimed = target
+    elif target > claimed:
+        claimed += credits_claim(
+            organization=organization,
+            lots=lots,
+            amount=target - claimed,
+            at=carry.created_at,
+            claimed_by_others=lambda: others + claimed,
+        )
+    if claimed != carry.held_claimed:
+        RolloverCarry.objects.filter(pk=carry.pk).update(held_claimed=claimed)
+        carry.held_claimed = claimed

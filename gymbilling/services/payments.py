@@ -310,6 +310,7 @@ def payment_reversal_apply(
     charge's total refunded so far (Stripe's `amount_refunded`), and only the
     part not yet reversed by an earlier event is applied now.
     """
+    from gymbilling.market.rollover import rollover_carries_claiming, rollover_claims_fit
     from gymbilling.market.services import seller_lock
 
     intent = charge.get("payment_intent")
@@ -350,6 +351,10 @@ def payment_reversal_apply(
             # one only then would wait, holding the wallet, for an order_release or a
             # pending sweep that holds that row and waits for the wallet (a deadlock).
             list(earlier.select_for_update().order_by("pk").values_list("pk", flat=True))
+            # The rollovers still waiting for plan credits running work holds, locked
+            # before the ledger's accounts too: what this reversal claims of those
+            # credits is claimed once, its own (rollover_claims_fit, below).
+            carries = rollover_carries_claiming(organization=organization)
             if cumulative:
                 # Each row records the money its own event returned (finance's report
                 # adds them up): the running total less what earlier rows recorded.
@@ -414,6 +419,11 @@ def payment_reversal_apply(
                 credits_pending=pending,
                 credits_lost=due - clawed - pending,
             )
+            if pending:
+                # A rollover that claimed the same held credits over its cap lets them go:
+                # this reversal takes them back, and claiming them twice would refuse work
+                # the member's other credits pay for.
+                rollover_claims_fit(organization=organization, carries=carries)
     except IntegrityError:
         return PaymentReversal.objects.filter(key=key).first()
     reversal.refresh_from_db()
@@ -447,7 +457,7 @@ def payment_reversals_reclaim(
     """
     taken_all = 0
     for reversal in reversals:
-        family = _reversal_lots(reversal)
+        family = reversal_lots(reversal)
         if family is None or reversal.credits_lost <= 0:
             continue
         ours = set(
@@ -479,7 +489,7 @@ def payment_reversals_reclaim(
     return taken_all
 
 
-def _reversal_lots(reversal: PaymentReversal) -> Q | None:
+def reversal_lots(reversal: PaymentReversal) -> Q | None:
     """The lots a reversal takes back from: the family of the lot its payment bought (None
     when it bought nothing here: a broken row, which the sweep reports)."""
     grant = _grant_for_payment(reversal.stripe_payment_intent_id).grant
@@ -495,7 +505,7 @@ def payment_reversals_claimed(*, organization) -> list[tuple[Q, datetime]]:
     for reversal in PaymentReversal.objects.filter(
         organization=organization, credits_pending__gt=0
     ).order_by("pk"):
-        lots = _reversal_lots(reversal)
+        lots = reversal_lots(reversal)
         if lots is not None:
             claimed.append((lots, reversal.created_at))
     return claimed
@@ -548,7 +558,9 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
     plan credits over than the cap. Pack credits have no cap.
     """
     from gymbilling.market.rollover import (
+        rollover_carries_claiming,
         rollover_carries_for_clawbacks,
+        rollover_claims_fit,
         rollover_reinstate_trim,
     )
     from gymbilling.market.services import seller_lock
@@ -572,6 +584,9 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
         )
         # Before the ledger's accounts, as the market's lock order has them.
         carries = rollover_carries_for_clawbacks(clawback_ids)
+        # And those waiting for held plan credits (every carry is locked under the seller's
+        # lock, held here, so the two lists' order cannot deadlock with another).
+        claiming = rollover_carries_claiming(organization=reversal.organization)
         given_back = clawbacks_reverse(
             key=key,
             reason=f"{reversal.kind} of {reversal.stripe_charge_id} "
@@ -591,6 +606,11 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
             key=key,
             now=timezone.now(),
         )
+        if reversal.credits_pending:
+            # What it waited for of held plan credits a rollover left over the cap is the
+            # rollover's to claim again: the member keeps the cap of them, no more.
+            PaymentReversal.objects.filter(pk=reversal.pk).update(credits_pending=0)
+            rollover_claims_fit(organization=reversal.organization, carries=claiming)
         PaymentReversal.objects.filter(pk=reversal.pk).update(
             reinstated_at=timezone.now(),
             credits_reinstated=given_back,
@@ -662,7 +682,7 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
         reversal = PaymentReversal.objects.select_for_update().get(pk=reversal_id)
         if reversal.credits_pending <= 0:
             return 0
-        lots = _reversal_lots(reversal)
+        lots = reversal_lots(reversal)
         if lots is None:
             raise LookupError(
                 f"payment {reversal.stripe_payment_intent_id!r} bought no credits here"

@@ -145,7 +145,7 @@ def test_a_refund_and_the_pending_sweep_do_not_deadlock(
     paused, resume = pause_after(
         monkeypatch,
         payments,
-        "_reversal_lots",
+        "reversal_lots",
         thread="sweep",
         when=lambda reversal: reversal.pk == second.pk,
     )

@@ -1,0 +1,147 @@
+"""A refund of a period's payment and that period's rollover both waiting for the same plan
+credits a running job holds: each credit is set aside once, whichever came first, and the
+credits the job gives back are neither spent by new work nor kept over the cap.
+
+Pro: 12,000 credits a month, 25% (3,000) roll over. The member's own 5,000 never expire,
+so the job's hold is backed by the plan's lot; Stripe is the stand-in over HTTP.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.utils import timezone
+
+from accounts.errors import ApplicationError
+from gymbilling.market.rollover import rollover_holds_settle
+from gymbilling.models import Invoice, PaymentReversal, RolloverCarry
+from gymbilling.reconcile import stripe_reconcile
+from gymbilling.services import payment_reversals_pending_settle
+from metering.models import MICRO, CreditLot, LedgerAccount
+from metering.reconcile import ledger_reconcile
+from metering.selectors import organization_balance
+from metering.services import hold_capture, hold_place, hold_release
+from tests.helpers import ledger_rows
+
+pytestmark = pytest.mark.django_db
+
+PLAN, OWN = 12_000 * MICRO, 5_000 * MICRO
+
+
+def _wallet_claim(org) -> int:
+    return LedgerAccount.objects.get(organization=org, kind="wallet").claimed
+
+
+def _pro_with_a_job_holding_the_plan(customer, subscribed, grant):
+    """Pro subscribed, the member's own 5,000 beside it, and a job ("job-running") holding
+    all 12,000 of the period's credits; returns the subscription and the period's lot."""
+    sub = subscribed("pro")
+    org = customer.organization
+    grant(org, OWN, source="promotion", paid=False, resellable=False, expires_at=None)
+    hold_place(organization=org, amount=PLAN, key="job-running")
+    [lot] = CreditLot.objects.filter(organization=org, source="subscription")
+    return sub, lot
+
+
+def _refund_first_period(sub, stripe_sdk):
+    """All of the first period's payment refunded at Stripe; returns the refund."""
+    first = Invoice.objects.get(subscription=sub, billing_reason="subscription_create")
+    return stripe_sdk.v1.refunds.create(params={"payment_intent": first.stripe_payment_intent_id})
+
+
+@pytest.mark.parametrize("first", ["rollover", "refund"])
+def test_a_refund_and_a_rollover_set_aside_the_credits_a_job_holds_once(
+    first, customer, subscribed, grant, stripe_standin, stripe_sdk, deliver
+):
+    # given: the job holds the period's 12,000 when the period ends (the trim leaves
+    # them: 9,000 over the cap wait for the job) and the period's payment is refunded
+    # in full (all 12,000 due back, waiting for the job), in either order
+    sub, old_lot = _pro_with_a_job_holding_the_plan(customer, subscribed, grant)
+    org = customer.organization
+    steps = {
+        "rollover": lambda: stripe_standin.advance(sub.stripe_subscription_id),
+        "refund": lambda: _refund_first_period(sub, stripe_sdk),
+    }
+    for step in (first, "refund" if first == "rollover" else "rollover"):
+        steps[step]()
+        assert "failed" not in deliver()
+    refund = PaymentReversal.objects.get()
+    assert (refund.credits_clawed_back, refund.credits_pending) == (0, PLAN)
+    assert RolloverCarry.objects.get(organization=org).held_over == PLAN - 3_000 * MICRO
+
+    # then: the old period's 12,000 are set aside once, for the refund; all else in the
+    # wallet (the new period's, the member's own, the plan's overage allowance) is free
+    balance = organization_balance(organization=org)
+    assert balance.set_aside == PLAN
+    assert balance.available == balance.wallet - PLAN
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: new work asks for all of that, gives it back, then spends 4,000
+    wallet = balance.wallet
+    hold_place(organization=org, amount=wallet - PLAN, key="job-all")
+    hold_release(key="job-all")
+    hold_place(organization=org, amount=4_000 * MICRO, key="job-new")
+    hold_capture(key="job-new", amount=4_000 * MICRO)
+
+    # and the old job fails, giving the 12,000 back, and the sweeps run (two beat
+    # tasks: the rollover's may come first)
+    hold_release(key="job-running")
+    rollover_holds_settle(now=timezone.now())
+    payment_reversals_pending_settle()
+    rollover_holds_settle(now=timezone.now())
+
+    # then: the refund took the old period's 12,000 back, nothing is set aside, and
+    # the new work was paid from the new period's credits
+    refund.refresh_from_db()
+    assert (refund.credits_clawed_back, refund.credits_pending, refund.credits_lost) == (
+        PLAN,
+        0,
+        0,
+    )
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == 0
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.set_aside) == (wallet - 4_000 * MICRO, 0)
+    assert _wallet_claim(org) == 0
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
+def test_a_refund_that_fails_while_the_job_runs_sets_the_rollover_s_excess_aside_again(
+    customer, subscribed, grant, stripe_standin, stripe_sdk, deliver
+):
+    # given: the period's payment refunded while the job holds its 12,000, then the
+    # period ends (the rollover's 9,000 over the cap are the refund's already)
+    sub, old_lot = _pro_with_a_job_holding_the_plan(customer, subscribed, grant)
+    org = customer.organization
+    refund = _refund_first_period(sub, stripe_sdk)
+    assert "failed" not in deliver()
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    assert organization_balance(organization=org).set_aside == PLAN
+
+    # when: the refund fails (its money is the gym's again) while the job still runs
+    stripe_standin.fail_refund(refund.id)
+    assert "failed" not in deliver()
+
+    # then: the refund waits for nothing now, and the rollover's 9,000 over the cap are
+    # set aside again: once the job gives the 12,000 back, new work may take the cap's
+    # 3,000 of them besides what the wallet had, no more
+    assert PaymentReversal.objects.get().reinstated_at is not None
+    balance = organization_balance(organization=org)
+    assert balance.set_aside == PLAN - 3_000 * MICRO
+    wallet = balance.wallet
+    hold_release(key="job-running")
+    rows = ledger_rows()
+    with pytest.raises(ApplicationError) as refused:
+        hold_place(organization=org, amount=wallet + 3_000 * MICRO + 1, key="job-greedy")
+    assert refused.value.code == "insufficient_credits"
+    assert ledger_rows() == rows
+
+    # when: the rollover's sweep runs
+    rollover_holds_settle(now=timezone.now())
+
+    # then: the old period keeps its cap, the rest expired, nothing is set aside
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == 3_000 * MICRO
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.set_aside) == (wallet + 3_000 * MICRO, 0)
+    assert ledger_reconcile().ok and stripe_reconcile().ok
