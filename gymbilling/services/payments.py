@@ -34,7 +34,7 @@ from gymbilling.models import (
     StripePrice,
 )
 from gymbilling.sweeps import each_isolated
-from metering.models import CreditLot, JournalTransaction, LotSource
+from metering.models import CreditLot, JournalTransaction, LotMovement, LotSource
 from metering.selectors import lot_family_ids
 from metering.services import (
     LotSale,
@@ -45,6 +45,7 @@ from metering.services import (
     credits_claim,
     credits_grant,
     lot_clawback,
+    transaction_reverse,
 )
 
 logger = logging.getLogger(__name__)
@@ -574,9 +575,27 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
         seller_lock(reversal.organization)
         # payment_reversal_apply's lock, then the row the pending sweep locks.
         transaction_lock(f"stripe-charge:{reversal.stripe_charge_id}")
-        reversal = PaymentReversal.objects.select_for_update().get(pk=reversal.pk)
+        # Every reversal of the charge, in primary-key order, before any ledger account
+        # (as payment_reversal_apply locks them): those still standing may give back what
+        # they took counting this one's money (_standing_refit).
+        rows = {
+            row.pk: row
+            for row in PaymentReversal.objects.select_for_update()
+            .filter(stripe_charge_id=reversal.stripe_charge_id)
+            .order_by("pk")
+        }
+        reversal = rows[reversal.pk]
         if reversal.reinstated_at is not None:
             return reversal
+        # What its clawbacks still hold (a refit may have given some back already): what
+        # the customer gets back now.
+        still_taken = -(
+            LotMovement.objects.filter(
+                transaction__in=JournalTransaction.objects.filter(
+                    organization=reversal.organization, reversed_by__isnull=True
+                ).filter(clawbacks_under(key))
+            ).aggregate(total=Sum("amount", default=0))["total"]
+        )
         clawback_ids = list(
             JournalTransaction.objects.filter(organization=reversal.organization)
             .filter(clawbacks_under(key))
@@ -587,7 +606,7 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
         # And those waiting for held plan credits (every carry is locked under the seller's
         # lock, held here, so the two lists' order cannot deadlock with another).
         claiming = rollover_carries_claiming(organization=reversal.organization)
-        given_back = clawbacks_reverse(
+        clawbacks_reverse(
             key=key,
             reason=f"{reversal.kind} of {reversal.stripe_charge_id} "
             + (
@@ -606,55 +625,124 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
             key=key,
             now=timezone.now(),
         )
-        if reversal.credits_pending:
-            # What it waited for of held plan credits a rollover left over the cap is the
-            # rollover's to claim again: the member keeps the cap of them, no more.
-            PaymentReversal.objects.filter(pk=reversal.pk).update(credits_pending=0)
-            rollover_claims_fit(organization=reversal.organization, carries=claiming)
         PaymentReversal.objects.filter(pk=reversal.pk).update(
             reinstated_at=timezone.now(),
-            credits_reinstated=given_back,
+            credits_reinstated=still_taken,
             credits_pending=0,
             credits_lost=0,
         )
+        _standing_refit(
+            reinstated=reversal,
+            standing=[
+                row for pk, row in rows.items() if pk != reversal.pk and row.reinstated_at is None
+            ],
+        )
+        # What it, or a refit, waited for of held plan credits a rollover left over the cap
+        # is the rollover's to claim again: the member keeps the cap of them, no more.
+        rollover_claims_fit(organization=reversal.organization, carries=claiming)
     reversal.refresh_from_db()
-    _standing_overreach_report(reversal)
     return reversal
 
 
-def _standing_overreach_report(reinstated: PaymentReversal) -> None:
-    """Tell finance when a reversal given back leaves the charge's others holding more credits
-    than their money paid for.
+def _standing_refit(*, reinstated: PaymentReversal, standing: list[PaymentReversal]) -> None:
+    """Give back what the charge's standing reversals took beyond what their money paid for.
 
     Each reversal takes the credits of the money the charge's reversals returned so far,
     less what the earlier ones took (`reversal_credits` on the running total), and the
     first money returned takes none. So when an earlier one is given back (a refund that
     failed) after a later one was applied, the later one took its credits counting the
-    earlier one's money as returned. Not undone here (it would take apart the later one's
-    clawback): logged at ERROR, for finance to give back the excess (an adjustment).
+    earlier one's money as returned. The latest give back first, each as if it had been
+    applied for less: first what it booked lost (spent: nothing moves), then what it
+    waits for (unclaimed), then what it took back (its clawbacks reversed to the very
+    lots, and what it keeps taken again under `<key>:refit:<pk>`, which a won dispute
+    gives back as its own). Credits a rollover recorded as away in those clawbacks
+    cannot be given back without the cap's own give-back: those stay taken, logged at
+    ERROR for finance. In the reinstatement's transaction, with the rows locked.
     """
+    from gymbilling.market.rollover import rollover_carries_for_clawbacks
+
     payment = _grant_for_payment(reinstated.stripe_payment_intent_id)
     if payment.grant is None or payment.charged <= 0:
         return  # nothing known of what the payment paid: nothing to compare
-    standing = list(
-        PaymentReversal.objects.filter(
-            stripe_charge_id=reinstated.stripe_charge_id, reinstated_at__isnull=True
-        )
-    )
     lot = payment.grant.created_lots.order_by("pk").first()
     paid_for = _credits_paid_by(lot=lot, total=payment.total, charge=payment.charged)(
         returned=sum(r.amount for r in standing)
     )
-    took = sum(_credits_reversed(r) for r in standing)
-    if took > paid_for:
+    excess = sum(_credits_reversed(r) for r in standing) - paid_for
+    for reversal in sorted(standing, key=lambda r: r.pk, reverse=True):
+        if excess <= 0:
+            return
+        lost = min(excess, reversal.credits_lost)
+        pending = min(excess - lost, reversal.credits_pending)
+        if pending:
+            claim_drop(organization=reversal.organization, amount=pending)
+        back = min(excess - lost - pending, reversal.credits_clawed_back)
+        keep = reversal.credits_clawed_back - back
+        retaken = (
+            _clawbacks_refit(
+                reversal=reversal,
+                lot=lot,
+                keep=keep,
+                key=f"{reversal.key}:refit:{reinstated.pk}",
+                away=rollover_carries_for_clawbacks,
+            )
+            if back
+            else None
+        )
+        if retaken is None:  # nothing to give back of it, or a rollover counted it away
+            back, keep, retaken = 0, reversal.credits_clawed_back, reversal.credits_clawed_back
+        PaymentReversal.objects.filter(pk=reversal.pk).update(
+            # What could not be taken again (expired since) is lost, as at its clawback.
+            credits_lost=reversal.credits_lost - lost + (keep - retaken),
+            credits_pending=reversal.credits_pending - pending,
+            credits_clawed_back=retaken,
+        )
+        excess -= lost + pending + back
+    if excess > 0:
         logger.error(
             "%s of %s given back after later reversals of the charge: they took %d "
-            "micro-credits, %d more than their money paid for; give those back",
+            "micro-credits more than their money paid for, which a rollover counted away; "
+            "give those back",
             reinstated.kind,
             reinstated.stripe_charge_id,
-            took,
-            took - paid_for,
+            excess,
         )
+
+
+def _clawbacks_refit(
+    *, reversal: PaymentReversal, lot: CreditLot, keep: int, key: str, away: Callable
+) -> int | None:
+    """Reverse what the reversal's clawbacks took and take `keep` of it again (family of
+    `lot`, as its clawback took it); returns what it holds taken now. None, and left as it
+    was, when a rollover counted any of those clawbacks away (`away`: the carries that
+    missed them; locked after the wallet here, which cannot deadlock: everything that
+    locks carries holds the seller's lock first, as the reinstatement does)."""
+    taken = list(
+        JournalTransaction.objects.filter(
+            organization=reversal.organization, reversed_by__isnull=True
+        )
+        .filter(clawbacks_under(reversal.key))
+        .order_by("pk")
+    )
+    if away([t.pk for t in taken]):
+        return None
+    for original in taken:
+        transaction_reverse(
+            original=original,
+            reason=f"{reversal.kind} of {reversal.stripe_charge_id}: took more than its money "
+            "paid for once an earlier reversal of the charge was given back",
+        )
+    if not keep:
+        return 0
+    # Work placed since the reversal shelters none of it (its claim kept it off them).
+    return lot_clawback(
+        lot=lot,
+        amount=keep,
+        key=key,
+        memo=f"{reversal.kind} of {reversal.stripe_charge_id}: what its money paid for",
+        family=True,
+        holds_placed_before=reversal.created_at,
+    )
 
 
 def payment_reversals_pending_settle(*, now: datetime | None = None) -> int:

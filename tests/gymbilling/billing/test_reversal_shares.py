@@ -10,12 +10,15 @@ import uuid
 import pytest
 
 from gymbilling import stripe_client
-from gymbilling.models import BillingCustomer, Invoice, PaymentReversal
+from gymbilling.models import BillingCustomer, Invoice, PaymentReversal, StripeEvent
 from gymbilling.reconcile import stripe_reconcile
-from gymbilling.services import overage_report
+from gymbilling.services import overage_report, stripe_event_process
 from gymbilling.services.payments import reversal_credits
 from metering.models import MICRO, CreditLot
+from metering.reconcile import ledger_reconcile
+from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place
+from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -128,33 +131,57 @@ def test_a_refund_of_the_overage_takes_no_plan_credits_and_the_rest_takes_them_a
     assert stripe_reconcile().ok
 
 
-def test_an_overage_refund_that_fails_after_the_rest_was_refunded_is_reported_to_finance(
-    customer, subscribed, stripe_standin, stripe_sdk, deliver, caplog
+@pytest.mark.parametrize("job", [False, True], ids=["idle", "job-holding"])
+def test_an_overage_refund_that_fails_after_the_rest_was_refunded_gives_the_excess_back(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, caplog, job
 ):
     # given: the renewal all by card; its $45 of overage refunded (no credits taken), then
-    # the $99 left (all 12,000 taken: the $144 is back)
+    # the $99 left (all 12,000 due back: the $144 is back), taken back at once, or with a
+    # job holding 2,000 of them: 10,000 taken, 2,000 waiting for the job
     invoice, lot = _renewed_with_overage(customer, subscribed, stripe_standin, deliver)
+    org = invoice.organization
     intent = invoice.stripe_payment_intent_id
+    held = 2_000 * MICRO if job else 0
+    if job:
+        hold_place(organization=org, amount=held, key="job-running")
     overage = stripe_sdk.v1.refunds.create(params={"payment_intent": intent, "amount": OVERAGE})
     deliver()
     stripe_sdk.v1.refunds.create(params={"payment_intent": intent})
     deliver()
-    assert [_reversed(r) for r in PaymentReversal.objects.order_by("pk")] == [0, PLAN_CREDITS]
+    first, rest = PaymentReversal.objects.order_by("pk")
+    assert (_reversed(first), rest.credits_clawed_back, rest.credits_pending) == (
+        0,
+        PLAN_CREDITS - held,
+        held,
+    )
 
     # when: the overage's refund fails (its $45 is the gym's again)
     stripe_standin.fail_refund(overage.id)
     with caplog.at_level("ERROR", logger="gymbilling.services.payments"):
         assert "failed" not in deliver()
 
-    # then: it gave back what it took (nothing); the $99 refund keeps the 12,000 it took,
-    # though $99 alone paid for 54/99 of them: finance is told to give the excess back
-    first = PaymentReversal.objects.order_by("pk").first()
+    # then: it gave back what it took (nothing); the $99 refund now keeps what $99 alone
+    # paid for, 54/99 of the 12,000, rounded down, as if the $45 had never been refunded:
+    # what the job holds stops waiting first, the rest comes back to the renewal's lot
+    first.refresh_from_db()
     assert (first.reinstated_at is not None, first.credits_reinstated) == (True, 0)
+    kept = PLAN_CREDITS * 5_400 // PLAN_PRICE
+    rest.refresh_from_db()
+    assert (rest.credits_clawed_back, rest.credits_pending, rest.credits_lost) == (kept, 0, 0)
     lot.refresh_from_db()
-    assert lot.remaining == 0
-    excess = PLAN_CREDITS - PLAN_CREDITS * 5_400 // PLAN_PRICE
-    [record] = [r for r in caplog.records if r.name == "gymbilling.services.payments"]
-    assert f"{excess} more than their money paid for" in record.getMessage()
+    assert lot.remaining == PLAN_CREDITS - kept
+    balance = organization_balance(organization=org)
+    assert balance.set_aside == 0
+    assert not [r for r in caplog.records if r.name == "gymbilling.services.payments"]
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: the overage's failure is delivered again
+    rows = ledger_rows()
+    for event in StripeEvent.objects.filter(type__startswith="charge.refund").order_by("pk"):
+        stripe_event_process(event_pk=event.pk, force=True)
+
+    # then: nothing more moved
+    assert ledger_rows() == rows
 
 
 @pytest.mark.parametrize(
