@@ -420,11 +420,12 @@ def payment_reversal_apply(
                 credits_pending=pending,
                 credits_lost=due - clawed - pending,
             )
-            if pending:
-                # A rollover that claimed the same held credits over its cap lets them go:
-                # this reversal takes them back, and claiming them twice would refuse work
-                # the member's other credits pay for.
-                rollover_claims_fit(organization=organization, carries=carries)
+            # A rollover that claimed the same held credits over its cap lets them go: what
+            # this reversal waits for of them is its own, and what it took back (or what the
+            # earlier ones settled above took) is no longer there to claim. Claiming them
+            # twice, or claiming what is gone, would refuse work the member's other credits
+            # pay for until the rollover's sweep.
+            rollover_claims_fit(organization=organization, carries=carries)
     except IntegrityError:
         return PaymentReversal.objects.filter(key=key).first()
     reversal.refresh_from_db()

@@ -145,3 +145,36 @@ def test_a_refund_that_fails_while_the_job_runs_sets_the_rollover_s_excess_aside
     balance = organization_balance(organization=org)
     assert (balance.wallet, balance.set_aside) == (wallet + 3_000 * MICRO, 0)
     assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
+def test_a_refund_applied_once_the_jobs_settled_lets_the_rollover_s_claim_go(
+    customer, subscribed, grant, stripe_standin, stripe_sdk, deliver
+):
+    # given: the period ended while the job held its 12,000 (9,000 over the cap set
+    # aside), then the job used 1,000 and gave 11,000 back, before the rollover's sweep
+    sub, old_lot = _pro_with_a_job_holding_the_plan(customer, subscribed, grant)
+    org = customer.organization
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    assert organization_balance(organization=org).set_aside == PLAN - 3_000 * MICRO
+    hold_capture(key="job-running", amount=1_000 * MICRO)
+
+    # when: the period's payment is refunded in full: all 12,000 due back
+    _refund_first_period(sub, stripe_sdk)
+    assert "failed" not in deliver()
+
+    # then: it took the 11,000 the job gave back (the 1,000 spent is lost) and waits for
+    # nothing; with nothing left of the old period, the rollover sets nothing aside, so
+    # new work may use the whole wallet at once, before any sweep
+    refund = PaymentReversal.objects.get()
+    assert (refund.credits_clawed_back, refund.credits_pending, refund.credits_lost) == (
+        PLAN - 1_000 * MICRO,
+        0,
+        1_000 * MICRO,
+    )
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == 0
+    balance = organization_balance(organization=org)
+    assert (balance.set_aside, _wallet_claim(org)) == (0, 0)
+    hold_place(organization=org, amount=balance.available, key="job-all")
+    assert ledger_reconcile().ok and stripe_reconcile().ok
