@@ -402,8 +402,13 @@ def _reversals_pending_on(organization: Organization, held_lots: list[int]) -> i
         family = reversal_lots(reversal)
         if family is None:
             continue
+        # Its own wallet's only: the family also holds the lots the marketplace delivered to
+        # buyers (split from these), which no reversal of this organization waits for.
         elsewhere = lots_remaining(
-            lots=family & Q(account__kind=AccountKind.WALLET) & ~Q(pk__in=held_lots), now=now
+            lots=family
+            & Q(account__organization=organization, account__kind=AccountKind.WALLET)
+            & ~Q(pk__in=held_lots),
+            now=now,
         )
         total += max(0, reversal.credits_pending - elsewhere)
     return total

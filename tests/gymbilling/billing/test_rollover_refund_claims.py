@@ -20,6 +20,7 @@ from metering.models import MICRO, CreditLot, LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place, hold_release
+from tests.gymbilling.market.conftest import market_member, sold
 from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -102,6 +103,40 @@ def test_a_refund_and_a_rollover_set_aside_the_credits_a_job_holds_once(
     balance = organization_balance(organization=org)
     assert (balance.wallet, balance.set_aside) == (wallet - 4_000 * MICRO, 0)
     assert _wallet_claim(org) == 0
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
+def test_credits_resold_to_another_member_are_not_counted_as_the_refund_s(
+    customer, subscribed, grant, stripe_standin, stripe_sdk, deliver, market_stripe
+):
+    # given: Pro, 2,000 of the period's credits sold on the marketplace to another member
+    # (lots of the buyer's, split from the period's lot), the job holding the 10,000 left
+    sub = subscribed("pro")
+    org = customer.organization
+    grant(org, OWN, source="promotion", paid=False, resellable=False, expires_at=None)
+    buyer = market_member()
+    sold(market_stripe, org, buyer, quantity=2_000 * MICRO, price=500)
+    hold_place(organization=org, amount=PLAN - 2_000 * MICRO, key="job-running")
+
+    # when: the period's payment is refunded in full, then the period ends
+    _refund_first_period(sub, stripe_sdk)
+    assert "failed" not in deliver()
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+
+    # then: the refund waits for the 10,000 the job holds (the 2,000 sold are lost to it),
+    # and the rollover's 7,000 over the cap are among them: set aside once, the refund's.
+    # The buyer's 2,000 are no credits of this wallet that the refund could wait for.
+    refund = PaymentReversal.objects.get()
+    assert (refund.credits_clawed_back, refund.credits_pending, refund.credits_lost) == (
+        0,
+        PLAN - 2_000 * MICRO,
+        2_000 * MICRO,
+    )
+    assert RolloverCarry.objects.get(organization=org).held_over == 7_000 * MICRO
+    balance = organization_balance(organization=org)
+    assert balance.set_aside == PLAN - 2_000 * MICRO
+    assert organization_balance(organization=buyer).available == 2_000 * MICRO
     assert ledger_reconcile().ok and stripe_reconcile().ok
 
 
