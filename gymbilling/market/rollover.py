@@ -5,8 +5,10 @@ their wallet's and their listings' subscription credits. Two kinds of
 subscription credits are elsewhere then, and come back later:
 - credits a buyer's pending order reserved (the buyer's escrow): if the
   order is released, they go back to the listing or the wallet;
-- credits a dispute clawed back (the adjustments account): if the dispute is
-  won, they go back to the very lots they were taken from.
+- credits a refund or dispute clawed back (the adjustments account): if the
+  dispute is won or the refund fails, they go back to the very lots they were
+  taken from; and in part when an earlier refund or dispute of the same
+  charge is given back (the later one's refit, gymbilling.services.payments).
 Each rollover that missed some records a `RolloverCarry`: the part of the
 cap it left unused, and what was away. What comes back fills that headroom
 and the rest expires on its way in, so the cap stays exact whichever of them
@@ -69,16 +71,16 @@ from metering.services import claim_drop, clawbacks_under, credits_claim, lots_t
 from metering.services.ledger import organization_account
 
 
-def _dispute_clawbacks_away(organization: Organization) -> list[JournalTransaction]:
-    """Clawbacks of disputes that may still be won, not reversed yet, that took plan credits.
+def _clawbacks_away(organization: Organization) -> list[JournalTransaction]:
+    """Clawbacks of refunds and disputes still standing, not reversed yet, that took plan
+    credits.
 
-    A refund's clawback never comes back; a dispute's does when it is won
-    (`clawbacks_reverse` reverses the clawbacks keyed `clawback:<key>` and
-    `clawback:<key>:...`).
+    A dispute's come back when it is won, a refund's when it fails (`clawbacks_reverse`
+    reverses the clawbacks keyed `clawback:<key>` and `clawback:<key>:...`), and some of
+    either's when an earlier reversal of the charge is given back (its refit).
     """
     keys = PaymentReversal.objects.filter(
         organization=organization,
-        kind=PaymentReversal.Kind.DISPUTE,
         reinstated_at__isnull=True,
         lost_at__isnull=True,  # lost for good: nothing comes back
     ).values_list("key", flat=True)
@@ -114,7 +116,7 @@ def rollover_carry_open(
         .order_by("pk")
         if lots_remaining(lots=_reserved_lots(fill), now=now) > 0
     ]
-    clawbacks = _dispute_clawbacks_away(organization)
+    clawbacks = _clawbacks_away(organization)
     escrow_listed = Q(
         account__organization=organization,
         account__kind=AccountKind.ESCROW,
@@ -243,7 +245,8 @@ def rollover_reinstate_trim(
     key: str,
     now: datetime,
 ) -> int:
-    """A won dispute gave its clawbacks back: expire what the rollovers they missed would have.
+    """A won dispute or a failed refund gave its clawbacks back: expire what the rollovers
+    they missed would have.
 
     `carries` from `rollover_carries_for_clawbacks`, locked by the caller
     before it reversed the clawbacks; once per reversal (the caller's
@@ -253,20 +256,95 @@ def rollover_reinstate_trim(
     it (credits that running work's holds will burn stay, as there).
     Returns the micro-credits expired.
     """
-    if not carries:
-        return 0
-    over = 0
-    lot_ids: set[int] = set()
-    # Which carries missed which clawback: one query, not one per pair.
-    missed_by: dict[int, set[int]] = {}
+    return _returned_trim(
+        organization=organization,
+        carries=carries,
+        clawback_ids=clawback_ids,
+        retaken=0,
+        key=key,
+        memo="disputed or refunded credits given back after the rollover",
+        now=now,
+    )
+
+
+def rollover_refit_trim(
+    *,
+    organization: Organization,
+    carries: list[RolloverCarry],
+    clawback_ids: list[int],
+    retake: JournalTransaction | None,
+    key: str,
+    now: datetime,
+) -> int:
+    """A refit reversed a reversal's clawbacks and took part again (`retake`, none when it
+    keeps nothing): expire what the rollovers those clawbacks missed would have of the
+    part that came back.
+
+    `carries` from `rollover_carries_for_clawbacks`, locked by the caller before it
+    reversed the clawbacks. The retake counts first against what came back of the
+    clawbacks no rollover missed: what the member keeps of the give-back is the cap's to
+    let through before it is theirs, so the cap holds however the two are read. The
+    retake is away for those rollovers in turn: given back later (the reversal undone), it
+    is capped too. Returns the micro-credits expired.
+    """
+    if retake is not None:
+        missed = {c.pk: c for each in _missed_by(carries, clawback_ids).values() for c in each}
+        for carry in missed.values():
+            carry.clawbacks.add(retake)
+    return _returned_trim(
+        organization=organization,
+        carries=carries,
+        clawback_ids=clawback_ids,
+        retaken=-(
+            LotMovement.objects.filter(transaction=retake).aggregate(
+                total=Sum("amount", default=0)
+            )["total"]
+            if retake is not None
+            else 0
+        ),
+        key=key,
+        memo="refunded credits given back by a refit after the rollover",
+        now=now,
+    )
+
+
+def _missed_by(
+    carries: list[RolloverCarry], clawback_ids: list[int]
+) -> dict[int, list[RolloverCarry]]:
+    """Which of `carries` missed each clawback (those missed by none left out): one query,
+    not one per pair."""
+    ids: dict[int, set[int]] = {}
     for carry_id, clawback_id in RolloverCarry.clawbacks.through.objects.filter(
         rollovercarry__in=carries, journaltransaction__in=clawback_ids
     ).values_list("rollovercarry_id", "journaltransaction_id"):
-        missed_by.setdefault(clawback_id, set()).add(carry_id)
-    for clawback_id in clawback_ids:
-        missed = [c for c in carries if c.pk in missed_by.get(clawback_id, ())]
-        if not missed:
-            continue
+        ids.setdefault(clawback_id, set()).add(carry_id)
+    return {
+        clawback_id: [c for c in carries if c.pk in carry_ids]
+        for clawback_id, carry_ids in ids.items()
+    }
+
+
+def _returned_trim(
+    *,
+    organization: Organization,
+    carries: list[RolloverCarry],
+    clawback_ids: list[int],
+    retaken: int,
+    key: str,
+    memo: str,
+    now: datetime,
+) -> int:
+    """Per clawback given back, what came back to unexpired plan-credit lots (less what
+    `retaken` took again, counted against the clawbacks no rollover missed first) passes
+    through its rollovers' headroom; the rest is taken from those lots, as the rollover's
+    trim would have taken it (credits that running work's holds will burn stay, as
+    there). Returns the micro-credits expired."""
+    if not carries:
+        return 0
+    missed_by = _missed_by(carries, clawback_ids)
+    over = 0
+    lot_ids: set[int] = set()
+    for clawback_id in sorted(clawback_ids, key=lambda pk: (pk in missed_by, pk)):
         returned = list(
             LotMovement.objects.filter(
                 transaction__reverses_id=clawback_id,
@@ -277,6 +355,12 @@ def rollover_reinstate_trim(
             .values_list("lot_id", "amount")
         )
         back = sum(amount for _, amount in returned)
+        kept = min(retaken, back)
+        retaken -= kept
+        back -= kept
+        missed = missed_by.get(clawback_id)
+        if not missed or back <= 0:
+            continue
         over += back - _through(missed, back)
         lot_ids.update(lot_id for lot_id, _ in returned)
     if over <= 0:
@@ -286,7 +370,7 @@ def rollover_reinstate_trim(
         lot_ids=sorted(lot_ids),
         amount=over,
         key=f"rollover-return:{key}",
-        memo=f"{carries[-1].memo}: disputed credits reinstated after the rollover",
+        memo=f"{carries[-1].memo}: {memo}",
     )
 
 

@@ -597,8 +597,12 @@ def payment_reversal_reinstate(*, key: str) -> PaymentReversal | None:
                 ).filter(clawbacks_under(key))
             ).aggregate(total=Sum("amount", default=0))["total"]
         )
+        # Those it gives back now: a refit's give-back of some (reversed already) was
+        # capped then, and counting it again would expire what the cap let through.
         clawback_ids = list(
-            JournalTransaction.objects.filter(organization=reversal.organization)
+            JournalTransaction.objects.filter(
+                organization=reversal.organization, reversed_by__isnull=True
+            )
             .filter(clawbacks_under(key))
             .values_list("pk", flat=True)
         )
@@ -656,12 +660,10 @@ def _standing_refit(*, reinstated: PaymentReversal, standing: list[PaymentRevers
     applied for less: first what it booked lost (spent: nothing moves), then what it
     waits for (unclaimed), then what it took back (its clawbacks reversed to the very
     lots, and what it keeps taken again under `<key>:refit:<pk>`, which a won dispute
-    gives back as its own). Credits a rollover recorded as away in those clawbacks
-    cannot be given back without the cap's own give-back: those stay taken, logged at
-    ERROR for finance. In the reinstatement's transaction, with the rows locked.
+    gives back as its own). Clawbacks made before a period change come back past that
+    rollover's cap (`_clawbacks_refit`). In the reinstatement's transaction, with the
+    rows locked.
     """
-    from gymbilling.market.rollover import rollover_carries_for_clawbacks
-
     payment = _grant_for_payment(reinstated.stripe_payment_intent_id)
     if payment.grant is None or payment.charged <= 0:
         return  # nothing known of what the payment paid: nothing to compare
@@ -681,17 +683,11 @@ def _standing_refit(*, reinstated: PaymentReversal, standing: list[PaymentRevers
         keep = reversal.credits_clawed_back - back
         retaken = (
             _clawbacks_refit(
-                reversal=reversal,
-                lot=lot,
-                keep=keep,
-                key=f"{reversal.key}:refit:{reinstated.pk}",
-                away=rollover_carries_for_clawbacks,
+                reversal=reversal, lot=lot, keep=keep, key=f"{reversal.key}:refit:{reinstated.pk}"
             )
             if back
-            else None
+            else keep
         )
-        if retaken is None:  # nothing to give back of it, or a rollover counted it away
-            back, keep, retaken = 0, reversal.credits_clawed_back, reversal.credits_clawed_back
         PaymentReversal.objects.filter(pk=reversal.pk).update(
             # What could not be taken again (expired since) is lost, as at its clawback.
             credits_lost=reversal.credits_lost - lost + (keep - retaken),
@@ -699,25 +695,20 @@ def _standing_refit(*, reinstated: PaymentReversal, standing: list[PaymentRevers
             credits_clawed_back=retaken,
         )
         excess -= lost + pending + back
-    if excess > 0:
-        logger.error(
-            "%s of %s given back after later reversals of the charge: they took %d "
-            "micro-credits more than their money paid for, which a rollover counted away; "
-            "give those back",
-            reinstated.kind,
-            reinstated.stripe_charge_id,
-            excess,
-        )
 
 
-def _clawbacks_refit(
-    *, reversal: PaymentReversal, lot: CreditLot, keep: int, key: str, away: Callable
-) -> int | None:
+def _clawbacks_refit(*, reversal: PaymentReversal, lot: CreditLot, keep: int, key: str) -> int:
     """Reverse what the reversal's clawbacks took and take `keep` of it again (family of
-    `lot`, as its clawback took it); returns what it holds taken now. None, and left as it
-    was, when a rollover counted any of those clawbacks away (`away`: the carries that
-    missed them; locked after the wallet here, which cannot deadlock: everything that
-    locks carries holds the seller's lock first, as the reinstatement does)."""
+    `lot`, as its clawback took it); returns what it holds taken now.
+
+    Plan credits a clawback took before a period change were away from that rollover's
+    cap (it recorded them on its carry): what comes back of them beyond what the reversal
+    keeps fills the cap the rollover left unused and the rest expires, as when a dispute
+    is won (`rollover_refit_trim`). The carries are locked after the wallet here, which
+    cannot deadlock: everything that locks carries holds the seller's lock first, as the
+    reinstatement does."""
+    from gymbilling.market.rollover import rollover_carries_for_clawbacks, rollover_refit_trim
+
     taken = list(
         JournalTransaction.objects.filter(
             organization=reversal.organization, reversed_by__isnull=True
@@ -725,25 +716,35 @@ def _clawbacks_refit(
         .filter(clawbacks_under(reversal.key))
         .order_by("pk")
     )
-    if away([t.pk for t in taken]):
-        return None
+    carries = rollover_carries_for_clawbacks([t.pk for t in taken])
     for original in taken:
         transaction_reverse(
             original=original,
             reason=f"{reversal.kind} of {reversal.stripe_charge_id}: took more than its money "
             "paid for once an earlier reversal of the charge was given back",
         )
-    if not keep:
-        return 0
     # Work placed since the reversal shelters none of it (its claim kept it off them).
-    return lot_clawback(
-        lot=lot,
-        amount=keep,
-        key=key,
-        memo=f"{reversal.kind} of {reversal.stripe_charge_id}: what its money paid for",
-        family=True,
-        holds_placed_before=reversal.created_at,
+    retaken = (
+        lot_clawback(
+            lot=lot,
+            amount=keep,
+            key=key,
+            memo=f"{reversal.kind} of {reversal.stripe_charge_id}: what its money paid for",
+            family=True,
+            holds_placed_before=reversal.created_at,
+        )
+        if keep
+        else 0
     )
+    rollover_refit_trim(
+        organization=reversal.organization,
+        carries=carries,
+        clawback_ids=[t.pk for t in taken],
+        retake=JournalTransaction.objects.filter(idempotency_key=f"clawback:{key}").first(),
+        key=key,
+        now=timezone.now(),
+    )
+    return retaken
 
 
 def payment_reversals_pending_settle(*, now: datetime | None = None) -> int:

@@ -184,6 +184,51 @@ def test_an_overage_refund_that_fails_after_the_rest_was_refunded_gives_the_exce
     assert ledger_rows() == rows
 
 
+@pytest.mark.parametrize("fails", ["overage", "rest"])
+def test_credits_a_refund_took_before_the_period_changed_come_back_within_the_cap(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, fails
+):
+    # given: the renewal all by card; its $45 of overage refunded, then the $99 left (all
+    # 12,000 taken back), then the period ends: nothing of the renewal's lot left to trim
+    # (its 3,000 cap unused)
+    invoice, lot = _renewed_with_overage(customer, subscribed, stripe_standin, deliver)
+    intent = invoice.stripe_payment_intent_id
+    overage = stripe_sdk.v1.refunds.create(params={"payment_intent": intent, "amount": OVERAGE})
+    deliver()
+    rest = stripe_sdk.v1.refunds.create(params={"payment_intent": intent})
+    deliver()
+    stripe_standin.advance(invoice.subscription.stripe_subscription_id)
+    assert "failed" not in deliver()
+    lot.refresh_from_db()
+    assert lot.remaining == 0
+
+    # when: the overage's refund fails (the $99 keeps 54/99 of the 12,000, the rest comes
+    # back), or the $99's (all 12,000 come back)
+    stripe_standin.fail_refund((overage if fails == "overage" else rest).id)
+    assert "failed" not in deliver()
+
+    # then: what comes back to the ended period's lot fills the cap the rollover left
+    # unused, no more: the member carries 3,000 of it over, the rest expired
+    later = PaymentReversal.objects.order_by("pk").last()
+    if fails == "overage":
+        assert later.credits_clawed_back == PLAN_CREDITS * 5_400 // PLAN_PRICE
+    else:
+        assert later.reinstated_at is not None
+    lot.refresh_from_db()
+    assert lot.remaining == 3_000 * MICRO
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: the $99's refund fails too, after the overage's
+    if fails == "overage":
+        stripe_standin.fail_refund(rest.id)
+        assert "failed" not in deliver()
+
+    # then: the 54/99 it kept taken come back past a cap already full: all expire
+    lot.refresh_from_db()
+    assert lot.remaining == 3_000 * MICRO
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
 @pytest.mark.parametrize(
     ("price", "charge", "total", "returned", "taken"),
     [
