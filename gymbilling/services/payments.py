@@ -404,17 +404,7 @@ def payment_reversal_apply(
             # What is still unspent now is held by running work (a clawback
             # takes all it may otherwise): it waits for that work to settle,
             # claimed on the wallet so that no new work takes it meanwhile.
-            pending = (
-                credits_claim(
-                    organization=organization,
-                    lots=_lot_family(lot),
-                    amount=due - clawed,
-                    at=reversal.created_at,
-                    claimed_by_others=_pending_besides(reversal),
-                )
-                if due > clawed
-                else 0
-            )
+            pending = _held_claim(reversal, lot=lot, amount=due - clawed)
             PaymentReversal.objects.filter(pk=reversal.pk).update(
                 credits_clawed_back=clawed,
                 credits_pending=pending,
@@ -533,6 +523,21 @@ def _pending_besides(reversal: PaymentReversal) -> Callable[[], int]:
         return others["total"] or 0
 
     return pending
+
+
+def _held_claim(reversal: PaymentReversal, *, lot: CreditLot, amount: int) -> int:
+    """Claim up to `amount` of what running work holds of the family of `lot` (the payment's)
+    for the reversal to wait for, beside what its other reversals wait for; returns what it
+    claimed (what it records pending). Nothing for nothing."""
+    if amount <= 0:
+        return 0
+    return credits_claim(
+        organization=reversal.organization,
+        lots=_lot_family(lot),
+        amount=amount,
+        at=reversal.created_at,
+        claimed_by_others=_pending_besides(reversal),
+    )
 
 
 def _credits_reversed(reversal: PaymentReversal) -> int:
@@ -660,7 +665,8 @@ def _standing_refit(*, reinstated: PaymentReversal, standing: list[PaymentRevers
     applied for less: first what it booked lost (spent: nothing moves), then what it
     waits for (unclaimed), then what it took back (its clawbacks reversed to the very
     lots, and what it keeps taken again under `<key>:refit:<pk>`, which a won dispute
-    gives back as its own). Clawbacks made before a period change come back past that
+    gives back as its own; what running work placed before it holds of that it waits
+    for, as at its clawback). Clawbacks made before a period change come back past that
     rollover's cap (`_clawbacks_refit`). In the reinstatement's transaction, with the
     rows locked.
     """
@@ -688,10 +694,14 @@ def _standing_refit(*, reinstated: PaymentReversal, standing: list[PaymentRevers
             if back
             else keep
         )
+        # What could not be taken again is, as at its clawback, held by work placed before
+        # it (the lots' burn order changed since: other credits it would have burned are
+        # spent), waiting for that work, claimed as apply claims it; the rest (expired
+        # since) is lost.
+        waits = _held_claim(reversal, lot=lot, amount=keep - retaken)
         PaymentReversal.objects.filter(pk=reversal.pk).update(
-            # What could not be taken again (expired since) is lost, as at its clawback.
-            credits_lost=reversal.credits_lost - lost + (keep - retaken),
-            credits_pending=reversal.credits_pending - pending,
+            credits_lost=reversal.credits_lost - lost + (keep - retaken - waits),
+            credits_pending=reversal.credits_pending - pending + waits,
             credits_clawed_back=retaken,
         )
         excess -= lost + pending + back

@@ -6,18 +6,24 @@ credit) or all by card; refunded or disputed in parts or whole, through the stan
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.models import BillingCustomer, Invoice, PaymentReversal, StripeEvent
 from gymbilling.reconcile import stripe_reconcile
-from gymbilling.services import overage_report, stripe_event_process
+from gymbilling.services import (
+    overage_report,
+    payment_reversals_pending_settle,
+    stripe_event_process,
+)
 from gymbilling.services.payments import reversal_credits
 from metering.models import MICRO, CreditLot
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import hold_capture, hold_place
+from metering.services import hold_capture, hold_place, hold_release
 from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -182,6 +188,69 @@ def test_an_overage_refund_that_fails_after_the_rest_was_refunded_gives_the_exce
 
     # then: nothing more moved
     assert ledger_rows() == rows
+
+
+@pytest.mark.parametrize("job_ends", ["released", "captured"])
+def test_what_a_refit_takes_again_that_old_work_now_holds_waits_for_that_work(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, grant, job_ends
+):
+    # given: the renewal all by card, and besides it 8,000 promotional credits expiring
+    # first and 8,000 of the member's own that never expire. A job holds 8,000 (its
+    # capture would burn the promotional ones first). The $45 of overage is refunded, then
+    # the $99 (all 12,000 taken back at once: none of them held); then new work spends
+    # the 8,000 promotional credits: the old job's capture would now burn the renewal's
+    invoice, lot = _renewed_with_overage(customer, subscribed, stripe_standin, deliver)
+    org = invoice.organization
+    soon = timezone.now() + timedelta(days=3)
+    grant(org, 8_000 * MICRO, source="promotion", paid=False, resellable=False, expires_at=soon)
+    grant(org, 8_000 * MICRO, source="promotion", paid=False, resellable=False, expires_at=None)
+    hold_place(organization=org, amount=8_000 * MICRO, key="job-old")
+    intent = invoice.stripe_payment_intent_id
+    overage = stripe_sdk.v1.refunds.create(params={"payment_intent": intent, "amount": OVERAGE})
+    deliver()
+    stripe_sdk.v1.refunds.create(params={"payment_intent": intent})
+    deliver()
+    rest = PaymentReversal.objects.order_by("pk").last()
+    assert (rest.credits_clawed_back, rest.credits_pending) == (PLAN_CREDITS, 0)
+    hold_place(organization=org, amount=8_000 * MICRO, key="job-new")
+    hold_capture(key="job-new", amount=8_000 * MICRO)
+
+    # when: the overage's refund fails: the $99 keeps 54/99 of the 12,000
+    stripe_standin.fail_refund(overage.id)
+    assert "failed" not in deliver()
+
+    # then: what the old job holds of them it cannot take again now: it waits for the job,
+    # set aside, rather than being booked as lost
+    kept = PLAN_CREDITS * 5_400 // PLAN_PRICE
+    rest.refresh_from_db()
+    assert (rest.credits_clawed_back, rest.credits_pending, rest.credits_lost) == (
+        4_000 * MICRO,
+        kept - 4_000 * MICRO,
+        0,
+    )
+    assert organization_balance(organization=org).set_aside == kept - 4_000 * MICRO
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: the old job ends (gives all back, or spends all) and the pending sweep runs
+    if job_ends == "released":
+        hold_release(key="job-old")
+    else:
+        hold_capture(key="job-old", amount=8_000 * MICRO)
+    payment_reversals_pending_settle()
+
+    # then: the $99 took what its money paid for once the job gave it back; spent, it is
+    # lost; nothing is set aside
+    rest.refresh_from_db()
+    taken = kept if job_ends == "released" else 4_000 * MICRO
+    assert (rest.credits_clawed_back, rest.credits_pending, rest.credits_lost) == (
+        taken,
+        0,
+        kept - taken,
+    )
+    lot.refresh_from_db()
+    assert lot.remaining == (PLAN_CREDITS - kept if job_ends == "released" else 0)
+    assert organization_balance(organization=org).set_aside == 0
+    assert ledger_reconcile().ok and stripe_reconcile().ok
 
 
 @pytest.mark.parametrize("fails", ["overage", "rest"])
