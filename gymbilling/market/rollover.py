@@ -69,6 +69,7 @@ from metering.models import (
 )
 from metering.services import claim_drop, clawbacks_under, credits_claim, lots_trim
 from metering.services.ledger import organization_account
+from metering.services.postings import accounts_lock
 
 
 def _clawbacks_away(organization: Organization) -> list[JournalTransaction]:
@@ -517,7 +518,14 @@ def rollover_claims_fit(*, organization: Organization, carries: list[RolloverCar
 
 def _claim_fit(*, organization: Organization, carry: RolloverCarry) -> None:
     """Each credit claimed once: the carry claims the excess it still waits for, less what
-    reversals wait for of its lots (theirs first), and never more than the lots hold."""
+    reversals wait for of its lots (theirs first), and never more than the lots hold.
+
+    Read under the wallet's row lock (carries before the wallet, the market's order), taken
+    before the first read: a pending settlement of another charge's reversal (which takes
+    neither the seller's nor the charge's lock, only its row and the wallet) committing
+    between what the reversals wait for and what the lots hold would count what it took
+    twice, and the carry would let go of credits its sweep must expire."""
+    accounts_lock(organization_account(organization, AccountKind.WALLET))
     lots = Q(pk__in=carry.held_lots)
     others = _reversals_pending_on(organization, carry.held_lots)
     target = max(

@@ -11,8 +11,9 @@ import threading
 import pytest
 
 from gymbilling import stripe_client
+from gymbilling.market import rollover
 from gymbilling.market.services import listing_create, order_release, order_reserve
-from gymbilling.models import CheckoutSession, PaymentReversal
+from gymbilling.models import CheckoutSession, Invoice, PaymentReversal, RolloverCarry
 from gymbilling.services import payment_reversals_pending_settle, payments
 from gymbilling.services.events import charge_refund_refresh
 from metering.models import MICRO, LedgerAccount
@@ -191,4 +192,70 @@ def test_a_refund_and_the_pending_sweep_do_not_deadlock(
     assert taken_pending_lost(last) == (100 * MICRO, 0, 150 * MICRO)
     assert wallet_claim(org) == 0
     assert organization_balance(organization=org).total == 500 * MICRO
+    assert ledger_reconcile().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_rollover_s_claim_fitted_while_another_payment_s_refund_settles_stays_whole(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, monkeypatch
+):
+    # given: Pro (12,000 credits for $99, 3,000 roll over); a job holds all 12,000 of the
+    # first period. $50 of the first period's payment is refunded: its 6,060 wait for the
+    # job. The period ends: 9,000 over the cap, the rollover sets aside the 5,939 the
+    # refund does not wait for. The job gives the 12,000 back; new work spends the
+    # renewal's 12,000, then the renewal is refunded (all of it spent: lost)
+    sub = subscribed("pro")
+    org = customer.organization
+    hold_place(organization=org, amount=12_000 * MICRO, key="job-running")
+    first = Invoice.objects.get(subscription=sub, billing_reason="subscription_create")
+    refund(stripe_sdk, charge_of(first.stripe_payment_intent_id), 5_000, deliver)
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    hold_release(key="job-running")
+    waiting = PaymentReversal.objects.get()
+    pending = 12_000 * MICRO * 5_000 // 9_900
+    assert taken_pending_lost(waiting) == (0, pending, 0)
+    carry = RolloverCarry.objects.get(organization=org)
+    assert (carry.held_over, carry.held_claimed) == (9_000 * MICRO, 12_000 * MICRO - pending)
+    hold_place(organization=org, amount=12_000 * MICRO, key="job-new")
+    hold_capture(key="job-new", amount=12_000 * MICRO)
+    renewal = Invoice.objects.get(subscription=sub, billing_reason="subscription_cycle")
+    renewal_refund = stripe_sdk.v1.refunds.create(
+        params={"payment_intent": renewal.stripe_payment_intent_id}
+    )
+    assert "failed" not in deliver()
+    spent = PaymentReversal.objects.exclude(pk=waiting.pk).get()
+    assert taken_pending_lost(spent) == (0, 0, 12_000 * MICRO)
+
+    # The renewal's refund fails, and is given back on a connection of its own: it fits
+    # the rollover's claim and pauses once it has read what the refunds wait for of the
+    # rollover's lots.
+    stripe_standin.fail_refund(renewal_refund.id)
+    paused, resume = pause_after(monkeypatch, rollover, "_reversals_pending_on", thread="refund")
+    errors: list = []
+    refunding = threading.Thread(
+        name="refund",
+        target=on_own_connection,
+        args=(lambda: payments.payment_reversal_reinstate(key=spent.key), errors),
+    )
+    refunding.start()
+    assert paused.wait(timeout=60)
+
+    # when: the pending sweep meanwhile takes back what the first refund waited for
+    sweeping = threading.Thread(
+        name="sweep", target=on_own_connection, args=(payment_reversals_pending_settle, errors)
+    )
+    run_against_paused(
+        sweeping, paused=refunding, resume=resume, what="the sweep to wait for the refund"
+    )
+
+    # then: the first refund took its 6,060; the rollover still sets aside the 5,939 left
+    # over the cap, so no new work spends what its sweep expires
+    assert errors == []
+    spent.refresh_from_db()
+    assert spent.reinstated_at is not None
+    assert taken_pending_lost(waiting) == (pending, 0, 0)
+    carry.refresh_from_db()
+    assert carry.held_claimed == 12_000 * MICRO - pending
+    assert wallet_claim(org) == carry.held_claimed
     assert ledger_reconcile().ok
