@@ -480,6 +480,26 @@ def test_a_team_subscription_changes_seats_with_the_card_on_file(
     assert figure(page, "period-price") == "245.00 USD"
 
 
+@pytest.mark.parametrize(
+    "fields", [{"plan": "pro"}, {"plan": "team", "seats": "3"}], ids=["from-pro", "from-team"]
+)
+def test_a_scheduled_change_to_a_plan_not_sold_per_seat_shows_no_seats(
+    client, member, catalog, stripe_standin, deliver, fields
+):
+    # given an owner on Pro, or a team of 3 seats, paid through Checkout
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, **fields)
+
+    # when they move to Basic, which is not sold per seat, from the next period
+    response = checkout(client, plan="basic", confirmed="yes")
+    assert "failed" not in deliver()
+
+    # then the page names the plan alone: the scheduled seats (1) mean nothing for Basic
+    assert response.status_code == 302 and response["Location"] == BILLING
+    assert Subscription.objects.get(organization=org).scheduled_seats == 1
+    assert figure(client.get(BILLING), "scheduled") == "From the next period: Basic."
+
+
 def test_an_old_price_s_team_is_asked_its_own_unit_price_for_more_seats(
     client, member, catalog, stripe_standin, stripe_sdk, deliver
 ):
