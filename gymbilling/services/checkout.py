@@ -606,10 +606,21 @@ def plan_change_refuse(*, subscription: Subscription, plan: Plan, seats: int) ->
             ),
             status=409,
         )
-    if subscription.plan.currency != plan.currency:
+    # Against the currency the member pays in (their price's), not the one their plan
+    # sells in now: Stripe keeps a customer, and its subscription's items, in one currency,
+    # and a member left on an old price pays in its currency whatever finance sell the plan
+    # in since. What the change is made at must be in it: their own plan at the price they
+    # pay (a change of seats, a scheduled change taken back), another plan at its price now.
+    _, paying_in = subscription.period_amount()
+    made_at = moving or plan_change_price(subscription=subscription, plan=plan)
+    if made_at.currency != paying_in:
         raise ApplicationError(
             code="currency_mismatch",
-            message="A subscription cannot change currency; cancel it and subscribe again.",
+            message=(
+                f"The subscription is paid in {paying_in.upper()} and {plan.name} sells in "
+                f"{made_at.currency.upper()}: a subscription cannot change currency. Cancel "
+                "it and subscribe again."
+            ),
             param="plan",
         )
     return moving

@@ -265,12 +265,10 @@ def test_a_move_to_a_current_price_in_another_currency_is_not_offered(
     client, member, catalog, stripe_standin, deliver
 ):
     # given an owner on Pro at $99; then finance sell Pro in euros (a new current price),
-    # which the checkout refuses them (currency_mismatch)
+    # which they cannot move to (asking for Pro is no_change)
     _, org = member(Role.OWNER)
     subscribed(client, org, stripe_standin, deliver, plan="pro")
-    Plan.objects.filter(code="pro").update(currency="eur")
-    catalog_sync()
-    assert StripePrice.objects.get(lookup_key="gym_plan_pro", current=True).currency == "eur"
+    billing_fixtures.plans_sold_in("eur", "pro")
 
     # then the page offers no move it would refuse
     assert _no_move_offered(client.get(BILLING))
@@ -284,8 +282,7 @@ def test_a_team_pressing_change_seats_unchanged_is_answered_no_change_not_asked(
     # current price, which it cannot move to: Stripe keeps a customer in one currency)
     _, org = member(Role.ADMIN)
     subscribed(client, org, stripe_standin, deliver, plan="team", seats="2")
-    Plan.objects.filter(code="team").update(currency=sold_in)
-    catalog_sync()
+    billing_fixtures.plans_sold_in(sold_in, "team")
     sub = Subscription.objects.get(organization=org)
     before = (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows())
 
@@ -406,8 +403,7 @@ def test_a_team_whose_plan_sells_in_another_currency_changes_seats_at_its_own_pr
     subscribed(client, org, stripe_standin, deliver, plan="team", seats="2")
     sub = Subscription.objects.get(organization=org)
     paid = sub.price
-    Plan.objects.filter(code="team").update(currency="eur")
-    catalog_sync()
+    billing_fixtures.plans_sold_in("eur", "team")
 
     # when they ask for 3 seats, the page asks at their $49 a seat, and they confirm
     asked = checkout(client, plan="team", seats="3")
@@ -424,6 +420,47 @@ def test_a_team_whose_plan_sells_in_another_currency_changes_seats_at_its_own_pr
     page = client.get(BILLING)
     assert figure(page, "seats") == "3"
     assert figure(page, "period-price") == "147.00 USD"
+
+
+def test_a_switch_to_a_plan_sold_in_the_currency_paid_is_asked_after_theirs_went_euro(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given an owner on Pro at $99; then finance sell Pro in euros, Basic still in dollars
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    billing_fixtures.plans_sold_in("eur", "pro")
+
+    # when they press "Switch to Basic", in the dollars they pay in, and confirm it
+    asked = checkout(client, plan="basic")
+    confirmed = checkout(client, plan="basic", confirmed="yes")
+    assert "failed" not in deliver()
+
+    # then asked and scheduled, as through the API
+    assert "Change your subscription to Basic?" in text(asked), text(asked)[-600:]
+    assert "It costs 20.00 USD a period." in text(asked)
+    assert confirmed.status_code == 302 and confirmed["Location"] == BILLING
+    assert figure(client.get(BILLING), "scheduled") == "From the next period: Basic."
+
+
+def test_a_switch_to_a_plan_sold_in_another_currency_than_paid_is_refused_not_asked(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given an owner on Pro at $99; then finance sell Pro and Basic in euros
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    sub = Subscription.objects.get(organization=org)
+    billing_fixtures.plans_sold_in("eur", "pro", "basic")
+    before = (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows())
+
+    # when they press "Switch to Basic"
+    asked = checkout(client, plan="basic")
+
+    # then refused at once, as its "yes" would be (Stripe keeps the customer in dollars):
+    # nothing changed at Stripe, here or in the ledger
+    assert refused(asked, 400, "currency_mismatch"), (asked.status_code, text(asked)[-600:])
+    assert "paid in USD and Basic sells in EUR" in text(asked)
+    assert 'name="confirmed"' not in text(asked)
+    assert (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows()) == before
 
 
 def test_a_member_whose_row_names_another_plan_s_price_sees_their_plan_s(

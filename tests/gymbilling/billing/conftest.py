@@ -236,3 +236,14 @@ def subscription_state_unsynced(stripe_sdk, sub) -> tuple:
     at_stripe, row, ledger = subscription_state(stripe_sdk, sub)
     row.pop("synced_at")
     return at_stripe, row, ledger
+
+
+def plans_sold_in(currency: str, *codes: str) -> None:
+    """Finance sell the plans `codes` in `currency` from now, the catalog synced: a new
+    current price each where that changes their currency (the one members had retired)."""
+    from gymbilling.models import Plan, StripePrice
+
+    Plan.objects.filter(code__in=codes).update(currency=currency)
+    catalog_sync()
+    current = StripePrice.objects.filter(kind="plan", plan__code__in=codes, current=True)
+    assert sorted(current.values_list("currency", flat=True)) == [currency] * len(codes)

@@ -32,7 +32,7 @@ from gymbilling.services.checkout import LIFTED, plan_change_price
 from gymbilling.stripe_standin.subscriptions import prorated
 from metering.models import MICRO, CreditLot, LotSource
 from metering.selectors import organization_balance
-from tests.gymbilling.billing.conftest import subscription_state_unsynced
+from tests.gymbilling.billing.conftest import plans_sold_in, subscription_state_unsynced
 from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -514,8 +514,7 @@ def test_asking_for_one_s_own_plan_sold_now_in_another_currency_is_no_change(
     # given: a member on Pro at $99; then finance sell Pro in euros (a new current price,
     # which they cannot move to: Stripe keeps a customer in one currency)
     sub = subscribed("pro")
-    Plan.objects.filter(code="pro").update(currency="eur")
-    assert "gym_plan_pro" in catalog_sync().created
+    plans_sold_in("eur", "pro")
     before = subscription_state_unsynced(stripe_sdk, sub)
 
     # when: they ask for Pro
@@ -527,4 +526,48 @@ def test_asking_for_one_s_own_plan_sold_now_in_another_currency_is_no_change(
     error = response.json()["error"]
     assert error["code"] == "no_change"
     assert "sells in EUR now" in error["message"]
+    assert subscription_state_unsynced(stripe_sdk, sub) == before
+
+
+def test_a_member_paying_in_dollars_moves_to_a_plan_sold_in_dollars_after_theirs_went_euro(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a member on Pro at $99; then finance sell Pro in euros (Basic still in dollars,
+    # the currency the member's customer at Stripe pays in)
+    sub = subscribed("pro")
+    paid = sub.price
+    plans_sold_in("eur", "pro")
+
+    # when: they move to Basic
+    assert _change(customer, "basic") == "change_scheduled"
+    assert "failed" not in deliver()
+
+    # then: a downgrade from the next period as for any member: Stripe's item at Basic's
+    # dollar price, the period standing at the $99 paid; the renewal charges $20 for 2,000
+    assert _item(stripe_sdk, sub) == (_current("basic"), 1)
+    sub.refresh_from_db()
+    assert (sub.plan.code, sub.scheduled_plan.code, sub.price) == ("pro", "basic", paid)
+    assert _renewal(stripe_standin, deliver, sub) == (2_000, 2_000 * MICRO)
+    assert Invoice.objects.get(subscription=sub, billing_reason="subscription_cycle").currency == (
+        "usd"
+    )
+
+
+def test_a_member_paying_in_dollars_is_refused_a_plan_sold_in_euros_as_their_own_now_is(
+    customer, subscribed, stripe_sdk, deliver
+):
+    # given: a member on Pro at $99; then finance sell Pro and Basic in euros
+    sub = subscribed("pro")
+    plans_sold_in("eur", "pro", "basic")
+    before = subscription_state_unsynced(stripe_sdk, sub)
+
+    # when: they ask for Basic, sold in euros, as their own plan now is
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+
+    # then: refused, saying the currency they pay in; nothing changed at Stripe, here or in
+    # the ledger (Stripe would refuse an item in another currency than its customer's)
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("currency_mismatch", "plan")
+    assert "paid in USD and Basic sells in EUR" in error["message"]
     assert subscription_state_unsynced(stripe_sdk, sub) == before
