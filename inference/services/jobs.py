@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
+from typing import NamedTuple
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
@@ -191,6 +192,23 @@ def tokenizer_special_tokens(path: str) -> int | None:
 _NORMALIZER_SLACK = 2
 
 
+# The default max_tokens before it became the model's output limit: without a tokenizer
+# the default is never cut below it (_within_context), so no prompt gets less than it did;
+# under a tokens-per-minute limit that would cut the default it is the default again
+# (_within_rate_limit), so that a minute serves as many such requests as it did.
+_OLD_DEFAULT_MAX_TOKENS = 256
+
+
+class _Fit(NamedTuple):
+    """What _within_context lets a request have."""
+
+    max_tokens: int
+    # The prompt's tokens by the model's tokenizer when the check had to count them (a
+    # long prompt), else None: _within_rate_limit takes this count rather than tokenize
+    # the prompt again, which holds the GIL about 1 ms per 4 KB.
+    prompt_tokens: int | None = None
+
+
 def _limits(organization: Organization) -> list[Limit]:
     return [Limit(scope=f"org:{organization.pk}", limit=organization.tokens_per_minute)]
 
@@ -205,15 +223,21 @@ def _within_rate_limit(
     requested: int | None,
     param: str = "max_tokens",
     prompt_field: str | None = None,
+    counted: int | None = None,
 ) -> tuple[int, int]:
     """(max_tokens, tokens to reserve): what a request counts against its tokens-per-minute
     limits is its prompt's bound and max_tokens; or, when that is more than the whole limit,
     the prompt as the model's tokenizer counts it (its bytes overstate it about fourfold in
-    English). A max_tokens the client left out (the model's default) is cut to what the
-    limit leaves after the prompt, as the context's cut (_within_context): at the whole
-    output limit an organization allowed fewer tokens a minute would be refused every
-    request that leaves it out, where the old default of 256 was served. The reservation
-    then counts exactly the max_tokens the engine is sent and the hold prices.
+    English); `counted`, when _within_context counted it already. A max_tokens the client
+    left out (the model's default) that the limit would cut is the old default of 256 (the
+    catalog's default when lower), cut further to what the limit leaves after the prompt
+    (at least 1): at the whole output limit an organization allowed fewer tokens a minute
+    would be refused every request that leaves it out, and cut to all the limit leaves
+    each such request would reserve the whole minute's budget, so every second one would
+    be rate_limited, and its hold priced on all of it. 256 serves as many as the old
+    default did; an organization whose limit leaves room for the whole default keeps it.
+    The reservation then counts exactly the max_tokens the engine is sent and the hold
+    prices.
 
     A request that needs more than the limit even so (a max_tokens the client asked for,
     or a prompt that leaves none) can never be served: it is refused with 429
@@ -226,10 +250,13 @@ def _within_rate_limit(
     limit = min(each.limit for each in _limits(organization))
     if bound + max_tokens <= limit:
         return max_tokens, bound + max_tokens
-    counted = prompt_tokens_count(model=model, prompt=prompt)
+    if counted is None:
+        counted = prompt_tokens_count(model=model, prompt=prompt)
     prompt_tokens = bound if counted is None else counted
-    if requested is None and prompt_tokens < limit:
-        max_tokens = min(max_tokens, limit - prompt_tokens)  # at least 1
+    if requested is None and prompt_tokens < limit < prompt_tokens + max_tokens:
+        # The limit cuts the default: never to all it leaves, which one request would then
+        # take alone, but to the old default, within what the limit leaves.
+        max_tokens = min(max_tokens, _OLD_DEFAULT_MAX_TOKENS, limit - prompt_tokens)  # >= 1
     if prompt_tokens + max_tokens <= limit:
         return max_tokens, prompt_tokens + max_tokens
     counting = "" if counted is not None else ", at most"
@@ -287,9 +314,7 @@ def job_quote(
     requested = max_tokens
     max_tokens = _max_tokens(model, max_tokens, param=max_tokens_param)
     bound = prompt_token_bound(prompt, model=model)
-    max_tokens = _within_context(
-        model, prompt, bound, max_tokens, requested=requested, param=prompt_field
-    )
+    fit = _within_context(model, prompt, bound, max_tokens, requested=requested, param=prompt_field)
     price = model_price(model_name=model.name)
     # The max_tokens job_submit would hold (and its refusal): nothing is reserved here.
     max_tokens, _ = _within_rate_limit(
@@ -297,10 +322,11 @@ def job_quote(
         model,
         prompt,
         bound,
-        max_tokens,
+        fit.max_tokens,
         requested=requested,
         param=max_tokens_param,
         prompt_field=prompt_field,
+        counted=fit.prompt_tokens,
     )
     rates = Rates.of(price, priority)
     # About 4 UTF-8 bytes per token is typical of English under a BPE; the
@@ -351,11 +377,6 @@ def _admitted_model(organization: Organization, model_name: str, priority: str) 
     return model
 
 
-# The default max_tokens before it became the model's output limit: without a tokenizer
-# the default is never cut below it (_within_context), so no prompt gets less than it did.
-_OLD_DEFAULT_MAX_TOKENS = 256
-
-
 def _max_tokens(model, requested: int | None, *, param: str = "max_tokens") -> int:
     """The request's max_tokens, or the model's default (the catalog's default_max_tokens;
     blank: its max_output_tokens, which _within_context cuts to what the context leaves).
@@ -382,9 +403,10 @@ def _within_context(
     *,
     requested: int | None,
     param: str | None = None,
-) -> int:
+) -> _Fit:
     """max_tokens, once the prompt and it fit the model's context (the catalog's context_limit)
-    and the prompt fits the engine's own limit on prompts (max_input_tokens, when set).
+    and the prompt fits the engine's own limit on prompts (max_input_tokens, when set); with
+    the prompt's tokenizer count when it was taken (_Fit).
 
     Refused with 400 `context_length_exceeded` before anything is reserved,
     held or sent, as OpenAI refuses it: the catalog's limit holds even for
@@ -404,7 +426,7 @@ def _within_context(
     if prompt_limit is not None and prompt_limit >= limit:
         prompt_limit = None  # the context is the tighter limit
     if bound + max_tokens <= limit and (prompt_limit is None or bound <= prompt_limit):
-        return max_tokens
+        return _Fit(max_tokens)
     if not model.tokenizer_file or _tokenizer(model.tokenizer_file) is None:
         if requested is None:
             # The default, cut to what the prompt's bound leaves, but never below the
@@ -414,8 +436,10 @@ def _within_context(
             # past the context in bytes (the cut skipped) the whole output limit, which
             # then overflowed the context that 256 fitted. Non-increasing in the prompt:
             # a longer prompt never gets more.
-            return max(min(max_tokens, limit - bound), min(_OLD_DEFAULT_MAX_TOKENS, max_tokens))
-        return max_tokens  # nothing to count with: the engine decides
+            return _Fit(
+                max(min(max_tokens, limit - bound), min(_OLD_DEFAULT_MAX_TOKENS, max_tokens))
+            )
+        return _Fit(max_tokens)  # nothing to count with: the engine decides
     # Tokenizing holds the GIL (about 1 ms per 4 KB, 0.5 s per MB here): a
     # prompt whose bytes alone prove it too long is refused uncounted, so no
     # request makes this process tokenize much more than its context.
@@ -429,11 +453,11 @@ def _within_context(
     if prompt_limit is not None and counted > prompt_limit:
         raise _prompt_too_long(prompt_limit, param, counted, exact=True)
     if counted + max_tokens <= limit:
-        return max_tokens
+        return _Fit(max_tokens, counted)
     if requested is not None:
         raise _context_exceeded(limit, param, prompt=counted, completion=max_tokens)
     if counted < limit:
-        return limit - counted  # the default max_tokens, cut to what is left
+        return _Fit(limit - counted, counted)  # the default max_tokens, cut to what is left
     raise _context_exceeded(limit, param, prompt_at_least=counted)
 
 
@@ -506,7 +530,7 @@ def job_submit(
         prompt = prompt(model)
     max_tokens = _max_tokens(model, params.max_tokens, param=params.max_tokens_param)
     bound = prompt_token_bound(prompt, model=model)
-    max_tokens = _within_context(
+    fit = _within_context(
         model,
         prompt,
         bound,
@@ -522,10 +546,11 @@ def job_submit(
         model,
         prompt,
         bound,
-        max_tokens,
+        fit.max_tokens,
         requested=params.max_tokens,
         param=params.max_tokens_param,
         prompt_field=prompt_field,
+        counted=fit.prompt_tokens,
     )
     hold_amount = credits_worst_case(
         rates=Rates.of(price, priority), prompt_tokens=bound, max_output_tokens=max_tokens
@@ -615,7 +640,7 @@ def job_submit(
             raise ApplicationError(
                 code=exc.code,
                 message=f"{exc.message} This request left {params.max_tokens_param} out, "
-                f"so it holds credits for {max_tokens} output tokens, this model's default; "
+                f"so it holds credits for {max_tokens} output tokens, the default it was given; "
                 f"a lower {params.max_tokens_param} holds less.",
                 status=exc.status,
                 param=params.max_tokens_param,

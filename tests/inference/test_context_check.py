@@ -22,8 +22,8 @@ def test_an_unreadable_tokenizer_leaves_the_check_to_the_engine_and_is_logged_on
 
     # when two long prompts are checked
     with caplog.at_level(logging.ERROR, logger="inference.services.jobs"):
-        first = jobs._within_context(model, prompt, len(prompt), 4, requested=4)
-        second = jobs._within_context(model, prompt, len(prompt), 4, requested=4)
+        first = jobs._within_context(model, prompt, len(prompt), 4, requested=4).max_tokens
+        second = jobs._within_context(model, prompt, len(prompt), 4, requested=4).max_tokens
 
     # then both pass on to the engine untouched, and the failure is logged once
     assert (first, second) == (4, 4)
@@ -79,7 +79,7 @@ def test_without_a_tokenizer_the_default_max_tokens_is_never_cut_below_the_old_2
     prompt = "x" * prompt_bytes
 
     # when a request leaves max_tokens out
-    got = jobs._within_context(model, prompt, len(prompt), 1024, requested=None)
+    got = jobs._within_context(model, prompt, len(prompt), 1024, requested=None).max_tokens
 
     # then its default is what the bytes leave of the context, and 256 at least (the
     # engine decides, as it did for 256, where the bytes overstate the tokens)
@@ -92,7 +92,8 @@ def test_without_a_tokenizer_the_default_shrinks_as_the_prompt_grows_and_keeps_t
 
     # when prompts of every length around the context leave max_tokens out
     defaults = [
-        jobs._within_context(model, "x" * n, n, 1024, requested=None) for n in range(0, 5000, 7)
+        jobs._within_context(model, "x" * n, n, 1024, requested=None).max_tokens
+        for n in range(0, 5000, 7)
     ]
 
     # then a longer prompt never gets more, and none less than 256
@@ -100,6 +101,6 @@ def test_without_a_tokenizer_the_default_shrinks_as_the_prompt_grows_and_keeps_t
     assert (defaults[0], defaults[-1]) == (1024, 256)
 
     # and a catalog default below 256 is kept whole, not raised to 256
-    assert jobs._within_context(model, "x" * 9000, 9000, 100, requested=None) == 100
+    assert jobs._within_context(model, "x" * 9000, 9000, 100, requested=None).max_tokens == 100
     # while a max_tokens the client asked for is the engine's to refuse, untouched
-    assert jobs._within_context(model, "x" * 4000, 4000, 1024, requested=1024) == 1024
+    assert jobs._within_context(model, "x" * 4000, 4000, 1024, requested=1024).max_tokens == 1024

@@ -111,7 +111,7 @@ def test_a_default_max_tokens_is_cut_to_leave_room_for_the_bos(bos_tokenizer):
 
     # when max_tokens is left out, the default is cut so that the engine's
     # count plus it is exactly the context
-    assert jobs._within_context(model, prompt, bound, 256, requested=None) == 64 - 44
+    assert jobs._within_context(model, prompt, bound, 256, requested=None) == (64 - 44, 44)
 
     # and one asked for that fits the text but not the BOS is refused, with
     # the engine's count
@@ -192,7 +192,7 @@ def test_the_engines_prompt_limit_counts_the_bos_and_yields_to_a_tighter_context
     assert [_engine_count(bos_tokenizer, p) for p in (fits, over)] == [44, 45]
 
     # then the prompt of 44 with its BOS fits, the one of 45 does not
-    assert jobs._within_context(model, fits, len(fits) + 1, 8, requested=8) == 8
+    assert jobs._within_context(model, fits, len(fits) + 1, 8, requested=8) == (8, 44)
     with pytest.raises(ApplicationError) as refused:
         jobs._within_context(model, over, len(over) + 1, 8, requested=8)
     assert "maximum prompt length is 44 tokens. However, your prompt is 45 tokens." in str(

@@ -13,7 +13,7 @@ from accounts.errors import ApplicationError
 from accounts.ratelimits import Limit, concurrency_release, rate_limit_consume
 from accounts.redis import get_redis
 from inference.models import Job
-from inference.services import job_submit
+from inference.services import job_submit, jobs
 from inference.services.jobs import (
     SubmitParams,
     job_quote,
@@ -149,18 +149,22 @@ def test_a_request_larger_than_the_whole_token_limit_is_refused_as_one_no_retry_
 
 
 @pytest.mark.parametrize("tokenizer", [TOKENIZER, ""], ids=["counted", "no-tokenizer"])
-def test_a_default_max_tokens_is_cut_to_what_the_token_limit_leaves_and_held_so(
-    grant, fresh_window, tokenizer
+@pytest.mark.parametrize("long", [False, True], ids=["short-prompt", "long-prompt"])
+def test_a_default_max_tokens_under_a_tight_token_limit_is_the_old_256_at_most(
+    grant, fresh_window, tokenizer, long
 ):
-    # given an organization allowed 600 tokens a minute, fewer than the model's output
-    # limit (1,024), which a request without max_tokens defaults to
+    # given an organization allowed 600 tokens a minute, fewer than a prompt and the
+    # model's output limit (1,024), which a request without max_tokens defaults to; a
+    # short prompt leaves more than the old default of 256 of it, a long one less
     model = served_model(MODEL, tokenizer_file=tokenizer, context_limit=8192)
     org = OrganizationFactory(tokens_per_minute=600)
     grant(org, credits(10))
-    prompt = "Squats and deadlifts build strength. " * (20 if tokenizer else 3)
+    prompt = "Squats and deadlifts build strength. " * ((20 if tokenizer else 10) if long else 1)
+    bound = prompt_token_bound(prompt, model=model)
     counted = prompt_tokens_count(model=model, prompt=prompt)
-    prompt_tokens = counted if tokenizer else prompt_token_bound(prompt, model=model)
+    prompt_tokens = counted if tokenizer else bound
     assert prompt_tokens < 600 < prompt_tokens + 1024
+    assert (600 - prompt_tokens < 256) == long
     tokens = [Limit(scope=f"org:{org.pk}", limit=org.tokens_per_minute)]
 
     # when it is quoted, then submitted, leaving max_tokens out
@@ -169,20 +173,49 @@ def test_a_default_max_tokens_is_cut_to_what_the_token_limit_leaves_and_held_so(
     )
     job = submit_job(org, MODEL, prompt=prompt, max_tokens=None)
 
-    # then it is admitted (it was a 429 no retry could serve, where 256 fitted), with
-    # max_tokens what the limit leaves after the prompt; the reservation, the hold and
-    # the engine's max_tokens are that one figure, and the quote says it
-    cut = 600 - prompt_tokens
+    # then it is admitted (at the whole output limit it was a 429 no retry could serve),
+    # with max_tokens the old 256, or what the limit leaves after the prompt when less;
+    # the reservation, the hold and the engine's max_tokens are that one figure, and the
+    # quote says it
+    cut = min(256, 600 - prompt_tokens)
     assert job.params["max_tokens"] == cut == quote["max_tokens"]
-    assert job.params["reserved_tokens"] == 600
-    assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 0
+    assert job.params["reserved_tokens"] == prompt_tokens + cut
     held = credits_worst_case(
         rates=Rates.of(model_price(model_name=MODEL), "standard"),
-        prompt_tokens=prompt_token_bound(prompt, model=model),
+        prompt_tokens=bound,
         max_output_tokens=cut,
     )
     assert Hold.objects.get(key=job.public_id).amount == job.hold_amount == held
     assert quote["max_credits"] == held
+    if not long:
+        # and a second in the same minute is admitted alike (cut to all the limit left,
+        # the first took the whole minute's budget and the second was rate_limited)
+        second = submit_job(org, MODEL, prompt=prompt, max_tokens=None)
+        assert (second.params["max_tokens"], second.hold_amount) == (256, held)
+    left = rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining
+    assert left == 600 - (prompt_tokens + cut) * (1 if long else 2)
+
+
+def test_a_long_prompt_is_tokenized_once_for_the_context_and_the_token_limit(
+    grant, fresh_window, monkeypatch
+):
+    # given a prompt whose bytes are past both the model's context and the organization's
+    # tokens per minute, so that both checks need its count by the tokenizer
+    served_model(MODEL, tokenizer_file=TOKENIZER, context_limit=2048)
+    org = OrganizationFactory(tokens_per_minute=1_100)
+    grant(org, credits(10))
+    prompt = "Squats and deadlifts build strength. " * 56
+    assert len(prompt.encode()) > 2048
+    counts = []
+    count = jobs.prompt_tokens_count  # the real count, its calls recorded
+    monkeypatch.setattr(jobs, "prompt_tokens_count", lambda **kw: counts.append(kw) or count(**kw))
+
+    # when it is submitted
+    job = submit_job(org, MODEL, prompt=prompt, max_tokens=16)
+
+    # then it is admitted on its counted tokens, counted once (the GIL held once)
+    assert job.params["reserved_tokens"] == count(model=job.model, prompt=prompt) + 16
+    assert len(counts) == 1
 
 
 def test_a_prompt_that_fills_the_token_limit_alone_is_refused_naming_the_prompt(

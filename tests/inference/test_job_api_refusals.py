@@ -578,11 +578,12 @@ def test_a_request_without_max_tokens_fits_a_token_limit_below_the_output_limit(
     quoted = api.post("/api/v1/credits/quote", body, format="json")
     queued = api.post("/api/v1/jobs", body, format="json")
 
-    # then both take what the limit leaves after the prompt's 13 bytes
+    # then both take the old default of 256, which fits what the limit leaves after the
+    # prompt's 13 bytes (287: all of it would leave nothing for the next request)
     assert quoted.status_code == 200, quoted.content
     assert queued.status_code == 202, queued.content
-    assert quoted.json()["max_tokens"] == 300 - 13
-    assert Job.objects.get(organization=org).params["max_tokens"] == 300 - 13
+    assert quoted.json()["max_tokens"] == 256
+    assert Job.objects.get(organization=org).params["max_tokens"] == 256
 
     # and a prompt that fills the limit alone is refused as before, naming the prompt
     long = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 300}]}
