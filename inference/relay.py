@@ -39,6 +39,8 @@ from accounts.redis import get_redis
 
 logger = logging.getLogger(__name__)
 
+# How long a job's stream outlives its last event once that event is its final one
+# ("done", "error"): long enough for its reader to read the end.
 STREAM_TTL_SECONDS = 600
 MAX_EVENTS = 100_000
 # How often a worker process asks Redis whether any of its running jobs was
@@ -106,13 +108,33 @@ return 0
 """
 
 
+def stream_running_ttl_s() -> int:
+    """How long a job's stream outlives its last event while that is not its final one.
+
+    What a dead worker's stream relayed is what its job is billed for
+    (tasks._relayed_before), and it is read only when the job's message comes
+    back (after the broker's visibility timeout, on a threads worker) or when
+    the orphaned jobs' sweep ends the job, which it does only once the run is
+    INFERENCE_ORPHAN_GRACE_SECONDS old: so the stream outlives that grace,
+    and a short stream life more for the sweep's two sightings and a late
+    beat. Else the text would have expired by then, and the stream billed
+    nothing. A job that ends shortens it again (its final event), so only a
+    dead worker's stream lives this long.
+    """
+    return settings.INFERENCE_ORPHAN_GRACE_SECONDS + STREAM_TTL_SECONDS
+
+
 def relay_publish(job_id: str, event: dict, pipe=None) -> None:
-    """Append `event` to the job's stream; with `pipe`, queued on that Redis pipeline."""
+    """Append `event` to the job's stream; with `pipe`, queued on that Redis pipeline.
+
+    Its life is set in the same round trip: long while the job runs
+    (stream_running_ttl_s), STREAM_TTL_SECONDS from its final event on."""
     own = pipe is None
     if own:
         pipe = get_redis().pipeline(transaction=False)
     pipe.xadd(_stream(job_id), {"e": json.dumps(event)}, maxlen=MAX_EVENTS, approximate=True)
-    pipe.expire(_stream(job_id), STREAM_TTL_SECONDS)
+    final = event.get("type") in ("done", "error")
+    pipe.expire(_stream(job_id), STREAM_TTL_SECONDS if final else stream_running_ttl_s())
     if own:
         pipe.execute()
 
@@ -174,19 +196,31 @@ def relay_events(
                     return
 
 
-def relay_relayed_text(job_id: str) -> str | None:
-    """The text the job's stream holds (its delta events, in order), or None if it holds none.
+@dataclass(frozen=True)
+class Relayed:
+    """What a job's stream relayed: its text, and how many delta events carried it."""
+
+    text: str
+    # Each delta is one engine response, which carries at least one token: a
+    # bound on the tokens a tokenizer's count of the text may claim (decoded
+    # text re-encodes to more tokens than the engine made, U+FFFD for one).
+    deltas: int
+
+
+def relay_relayed_text(job_id: str) -> Relayed | None:
+    """What the job's stream relayed (its delta events, in order), or None if it holds none.
 
     Read only for a streamed job whose task came back after its worker died
-    (inference.tasks): its client may be reading what the dead run relayed.
-    One XRANGE of the whole stream (at most max_tokens deltas).
+    (inference.tasks), and by the orphaned jobs' sweep: its client may be
+    reading what the dead run relayed. One XRANGE of the whole stream (at
+    most max_tokens deltas).
     """
     entries = get_redis().xrange(_stream(job_id))
     deltas = [json.loads(fields[b"e"]) for _entry_id, fields in entries]
     deltas = [event for event in deltas if event.get("type") == "delta"]
     if not deltas:
         return None
-    return "".join(event["text"] for event in deltas)
+    return Relayed("".join(event["text"] for event in deltas), len(deltas))
 
 
 def _progress_key(job_id: str) -> str:

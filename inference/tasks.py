@@ -62,6 +62,7 @@ from inference.models import NON_TERMINAL, InputTokensSource, Job, JobStatus, jo
 from inference.relay import (
     CancelEvent,
     CancelOrigin,
+    Relayed,
     relay_cancel_requested,
     relay_cancel_watch,
     relay_progress_set,
@@ -148,8 +149,8 @@ class _Start:
         self.started: Job | None = None
         self.ended = False  # the job had ended before it could be started
         # A streamed job whose dead worker had relayed some of its text: the
-        # job, and that text. It is not run again (_relayed_before).
-        self.relayed: tuple[Job, str] | None = None
+        # job, and what it relayed. It is not run again (_relayed_before).
+        self.relayed: tuple[Job, Relayed] | None = None
 
     def __call__(self) -> bool:
         job = job_start(job_pk=self.job_pk, public_id=self.public_id)
@@ -413,7 +414,12 @@ def _settled(job: Job, outcome: Outcome, status: str, *, tell_if_ended: bool = T
     return job
 
 
-def _relayed_text(job: Job) -> str | None:
+# What a job not streamed, or whose stream holds no delta, relayed; and what one whose
+# relay cannot be read is taken to have: not known, so billed as nothing.
+_NOTHING = Relayed("", 0)
+
+
+def _relayed_text(job: Job) -> Relayed | None:
     """What the relay holds of a restarted streamed job's text (None: nothing yet)."""
     try:
         return relay_relayed_text(job.public_id)
@@ -422,15 +428,16 @@ def _relayed_text(job: Job) -> str | None:
         # it again: it ends as if some was (and Redis failing, its run could
         # not have relayed anything anyway).
         logger.warning("job %s: its relay cannot be read (%r); not running it again", job, exc)
-        return ""
+        return _NOTHING
 
 
 def _relayed_before(
-    job: Job, relayed: str, *, prompt: str | None = None
+    job: Job, relayed: Relayed, *, prompt: str | None = None
 ) -> tuple[Job, Outcome, str]:
     """End a job whose worker died after relaying `relayed` (its text streamed so far, ""
-    if none or not known): not run again. For a streamed job whose task came back, and for
-    any job the orphaned jobs' sweep ends (jobs_orphaned_sweep).
+    if none or not known, and the delta events that carried it): not run again. For a
+    streamed job whose task came back, and for any job the orphaned jobs' sweep ends
+    (jobs_orphaned_sweep).
 
     A second run would generate from the start into the stream its client is
     still reading, which would get the text twice (the part, then all of
@@ -446,8 +453,10 @@ def _relayed_before(
     cost every job for a rare crash). So the relayed text's tokens and the
     prompt are counted by the model's tokenizer, as a prompt the engine never
     counted is (_with_untold_prompt, `tokenizer` as the source); at most
-    max_tokens of output (a tokenizer's count of decoded text may exceed the
-    engine's), and never more than the hold (job_settle). Once: job_settle
+    max_tokens of output, and at most one a delta event relayed (each carried
+    at least one of the engine's tokens): a tokenizer's count of decoded text
+    may exceed the engine's (a U+FFFD for a partial character re-encodes to
+    several tokens); and never more than the hold (job_settle). Once: job_settle
     claims an open job only, so a redelivered message and a sweep that both
     get here settle it once.
 
@@ -456,16 +465,26 @@ def _relayed_before(
     caller without it (the sweep, which has no message) bills the relayed
     output alone, and the job says its prompt was unmetered.
     Without a tokenizer in the catalog nothing can be counted: nothing billed
-    (`unmetered`), as for an untold prompt.
+    (`unmetered`), as for an untold prompt; its final event then says 0 output
+    tokens, so its client's stream ends as one failing before any token does
+    (apis.sse_end), after the text relayed.
+
+    This takes precedence over a cancel the job's key holds (tasks._job_end reads
+    the relay first): the gateway's timeout (CancelOrigin.GATEWAY_TIMEOUT), set
+    when a stream's reader stopped hearing from the dead worker, would otherwise
+    end it `engine_timeout`, unbilled, saying the model never answered, though
+    its client was streamed part of the answer.
     """
     prompt = prompt or job.prompt or None
-    outcome = Outcome(text=relayed, finish_reason="error", error_code="worker_lost")
+    text = relayed.text
+    outcome = Outcome(text=text, finish_reason="error", error_code="worker_lost")
     # Nothing relayed ("": a job not streamed, a stream that had sent nothing
     # yet, or a relay that could not be read) is not known to have reached its
     # client: a failure before any token, billed nothing.
-    counted = output_tokens_count(model=job.model, text=relayed) if relayed else None
+    counted = output_tokens_count(model=job.model, text=text) if text else None
     if counted is not None:
-        outcome = replace(outcome, output_tokens=min(counted, job.params["max_tokens"]))
+        output_tokens = min(counted, relayed.deltas, job.params["max_tokens"])
+        outcome = replace(outcome, output_tokens=output_tokens)
         if prompt is not None:
             outcome = _with_untold_prompt(job, prompt, outcome)
             charged = (
@@ -479,18 +498,18 @@ def _relayed_before(
                 "by the model's tokenizer (its prompt was not kept, so not counted)"
             )
     else:
-        if relayed:  # served, but the catalog has no tokenizer to count it with
+        if text:  # served, but the catalog has no tokenizer to count it with
             outcome = replace(outcome, input_tokens_source=InputTokensSource.UNMETERED)
         charged = "nothing was charged"
     what = "stopped after streaming part of the answer, which cannot be streamed again"
     outcome = replace(
         outcome,
         error_message=(
-            f"The worker running this job {what if relayed else 'was lost'}; {charged}. "
+            f"The worker running this job {what if text else 'was lost'}; {charged}. "
             "Send the request again."
         ),
     )
-    logger.warning("job %s: its worker died (relayed %d characters); ending it", job, len(relayed))
+    logger.warning("job %s: its worker died (relayed %d characters); ending it", job, len(text))
     return job, outcome, JobStatus.FAILED
 
 
@@ -602,7 +621,7 @@ def _orphan_end(pk: int, *, cutoff: datetime) -> bool:
         return False
     # What its client was streamed, read as a restarted streamed job reads it
     # (a job not streamed relays nothing before its end).
-    relayed = (_relayed_text(job) or "") if job.stream else ""
+    relayed = (_relayed_text(job) or _NOTHING) if job.stream else _NOTHING
     # No prompt here (only the task message carries it): billed by the row's,
     # where the organization keeps prompts, else the relayed output alone.
     job = _settled(*_relayed_before(job, relayed), tell_if_ended=False)

@@ -188,6 +188,24 @@ def wait_until(condition, *, timeout: float = 60.0, what: str = "the condition")
         time.sleep(0.1)
 
 
+def redis_aged(seconds: float, *keys: str) -> None:
+    """Redis's clock moved on by `seconds` for these keys: each whose life left is shorter
+    is gone, as it would have expired; the rest have that much less to live. A test of
+    what is still there after the broker's visibility timeout or the orphaned jobs'
+    grace cannot wait for either."""
+    from accounts.redis import get_redis
+
+    redis_client = get_redis()
+    for key in keys:
+        left_ms = redis_client.pttl(key)
+        if left_ms == -1:
+            continue  # no expiry: nothing to age
+        if left_ms <= seconds * 1000:
+            redis_client.delete(key)
+        else:
+            redis_client.pexpire(key, left_ms - int(seconds * 1000))
+
+
 # --- races on real connections -------------------------------------------------------------
 #
 # A hook on a call the code makes anyway only decides when each connection runs

@@ -354,7 +354,9 @@ CELERY_BEAT_SCHEDULE |= {
 # Well inside a hold's life (by default 35 of its 60 minutes), or the hold's
 # expiry would end the job first, unbilled and `expired`. Under the
 # visibility timeout, or at a hold's life or more: a `manage.py check`
-# warning (inference.W005, W006).
+# warning (inference.W005, W006). A running job's relay stream outlives it
+# (inference.relay.stream_running_ttl_s): what a dead worker streamed is what
+# its job is billed for when its message comes back or the sweep ends it.
 INFERENCE_ORPHAN_GRACE_SECONDS = env.int(
     "INFERENCE_ORPHAN_GRACE_SECONDS",
     default=CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] + max(300, math.ceil(_JOB_RUN_S)),

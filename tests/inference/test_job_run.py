@@ -54,6 +54,7 @@ from tests.helpers import (
     ledger_rows,
     on_own_connection,
     pause_after,
+    redis_aged,
     served_model,
     wait_until,
 )
@@ -410,6 +411,46 @@ def test_a_streamed_job_whose_worker_died_after_relaying_is_not_streamed_twice(
     # before the job's start, and abandoned before its first response)
     if message == "late":
         assert _served_when_idle(engine) == served
+
+
+def test_a_dead_workers_stream_is_billed_when_its_message_is_back_after_the_gateway_gave_up(
+    engine, grant, monkeypatch
+):
+    # given a streamed job on a model with a tokenizer whose threads-pool
+    # worker relayed its tokens and died before settling; its stream kept
+    # past the orphaned jobs' grace while the job runs
+    job = _queued_with_tokenizer("gym-run-vt", engine.grpc_url, grant, max_tokens=8)
+    org = job.organization
+    Job.objects.filter(pk=job.pk).update(stream=True)
+    job.refresh_from_db()
+    _killed_before_settling(job, _spec(job, age_s=60), monkeypatch)
+    stream, cancel_key = f"jobstream:{job.public_id}", f"jobcancel:{job.public_id}"
+    assert get_redis().ttl(stream) > settings.INFERENCE_ORPHAN_GRACE_SECONDS
+    # and its reader, hearing nothing more, timed out: the gateway's cancel set
+    relay_cancel(job.public_id, origin=CancelOrigin.GATEWAY_TIMEOUT)
+    before = organization_balance(organization=org)
+    served = _served_when_idle(engine)
+
+    # when its message comes back after the broker's visibility timeout
+    visibility_s = settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
+    redis_aged(visibility_s, stream, cancel_key)
+    status = _run(job, _spec(job, age_s=visibility_s))
+
+    # then it ended worker_lost, billed for what its client was streamed (the
+    # relayed text, counted by the model's tokenizer, and the prompt), not
+    # engine_timeout unbilled as if the model had never answered
+    *deltas, final = relay_events(job.public_id, timeout_s=10)
+    relayed = "".join(event["text"] for event in deltas)
+    assert relayed != ""
+    assert (final["type"], final["error_code"], final["text"]) == ("error", "worker_lost", relayed)
+    job = Job.objects.get(pk=job.pk)
+    assert status == job.status == JobStatus.FAILED and job.error_code == "worker_lost"
+    assert job.output_tokens == min(count_tokens(relayed), len(deltas)) > 0
+    _billed_the_prompt_by_tokenizer(job, org, before)
+    # and nothing was sent to the engine again; its stream, ended, lives
+    # only as long as a finished job's
+    assert _served_when_idle(engine) == served
+    assert 0 < get_redis().ttl(stream) <= relay.STREAM_TTL_SECONDS
 
 
 def test_a_streamed_job_whose_worker_died_before_relaying_runs_again(queued_job):

@@ -27,14 +27,21 @@ from django.utils import timezone
 
 from accounts.redis import get_redis
 from inference import relay, tasks, triton
-from inference.engine.tokenizer import count_tokens
+from inference.engine.tokenizer import count_tokens, load_tokenizer
 from inference.models import InputTokensSource, Job, JobStatus
 from inference.relay import relay_events, relay_publish
 from inference.tasks import jobs_orphaned_sweep
 from metering.models import Hold, HoldStatus
 from metering.selectors import organization_balance
 from tests.factories import OrganizationFactory
-from tests.helpers import credits, on_own_connection, pause_after, served_model, wait_until
+from tests.helpers import (
+    credits,
+    on_own_connection,
+    pause_after,
+    redis_aged,
+    served_model,
+    wait_until,
+)
 from tests.inference.test_job_run import (
     PROMPT,
     TOKENIZER,
@@ -149,7 +156,7 @@ def test_an_orphaned_stream_is_billed_for_the_text_it_relayed(grant, settings, k
     grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
     job = _running_since(_with_reservations(job), seconds_ago=grace + 60, stream=True)
     relayed = "Squat deep, then drive up."
-    for text in ("Squat deep,", " then drive up."):
+    for text in _token_deltas(relayed):
         relay_publish(job.public_id, {"type": "delta", "text": text})
     before = organization_balance(organization=org)
 
@@ -185,6 +192,64 @@ def test_an_orphaned_stream_is_billed_for_the_text_it_relayed(grant, settings, k
     # and a second sweep bills nothing more
     assert jobs_orphaned_sweep() == 0
     _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+
+
+def _token_deltas(text: str) -> list[str]:
+    """`text` as the engine streams it: a delta per token (the model's tokenizer's)."""
+    encoded = load_tokenizer().encode(text, add_special_tokens=False)
+    return [text[start:end] for start, end in encoded.offsets]
+
+
+@pytest.mark.parametrize(
+    ("deltas", "billed"),
+    [
+        (_token_deltas("Squat deep, then drive up."), count_tokens("Squat deep, then drive up.")),
+        # A partial character the engine decoded as U+FFFD, one a token: the
+        # tokenizer re-encodes each to 3 tokens, more than the engine made.
+        (["\ufffd"] * 3, 3),
+    ],
+    ids=["a-token-each", "replacement-characters"],
+)
+def test_a_dead_workers_stream_outlives_the_grace_and_is_billed_by_its_deltas(
+    grant, settings, deltas, billed
+):
+    # given a streamed job on a model with a tokenizer, whose run started
+    # past the grace ago and relayed its deltas a minute into it, then died
+    model = served_model("gym-orphans-kept", access_tier="basic", tokenizer_file=TOKENIZER)
+    org = OrganizationFactory()
+    grant(org, credits(10))
+    job = _queued(org, model, max_tokens=64)
+    grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
+    job = _running_since(_with_reservations(job), seconds_ago=grace + 60, stream=True)
+    for text in deltas:
+        relay_publish(job.public_id, {"type": "delta", "text": text})
+    # its stream kept past the grace while the job runs
+    stream = f"jobstream:{job.public_id}"
+    assert get_redis().ttl(stream) > grace + tasks.ORPHAN_SIGHTING_TTL_S
+    before = organization_balance(organization=org)
+
+    # when the sweep runs, twice (a minute apart), the grace since those
+    # deltas gone by (nothing written to the stream since)
+    redis_aged(grace + tasks.ORPHAN_SWEEP_EVERY_S, stream)
+    assert _swept_twice() == 1
+
+    # then the job ended worker_lost, billed for the text its client was
+    # streamed: counted by the model's tokenizer, never more than a token a
+    # delta (the engine's own count, lost with its worker, was at least that)
+    relayed = "".join(deltas)
+    job = Job.objects.get(pk=job.pk)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "worker_lost")
+    assert job.output_tokens == billed == min(count_tokens(relayed), len(deltas))
+    charge = _expected_charge(job)
+    assert job.credits_charged == charge > 0
+    _settled_once(job, status=HoldStatus.CAPTURED, captured=charge)
+    after = organization_balance(organization=org)
+    assert after.available == before.available + job.hold_amount - charge
+    # and its client's stream ends after that text; ended, it lives only as
+    # long as a finished job's
+    *_deltas, final = relay_events(job.public_id, timeout_s=5)
+    assert (final["type"], final["text"], final["credits_charged"]) == ("error", relayed, charge)
+    assert 0 < get_redis().ttl(stream) <= relay.STREAM_TTL_SECONDS
 
 
 def test_a_message_that_comes_back_as_the_sweep_ends_its_job_runs_nothing(
