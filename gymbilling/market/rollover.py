@@ -472,8 +472,9 @@ def _reversals_pending_on(organization: Organization, held_lots: list[int]) -> i
 
     A reversal's pending credits are somewhere in its payment's lots (its family); which of
     them the jobs hold is not recorded, so only what cannot be outside `held_lots` counts:
-    its pending less what its other lots hold. Never more than is there, so the rollover
-    never claims less than the excess no reversal will take.
+    its pending less what its other lots hold, and no more than its family holds of
+    `held_lots`. Never more than is there, so the rollover never claims less than the
+    excess no reversal will take.
     """
     from gymbilling.services.payments import reversal_lots
 
@@ -489,13 +490,13 @@ def _reversals_pending_on(organization: Organization, held_lots: list[int]) -> i
             continue
         # Its own wallet's only: the family also holds the lots the marketplace delivered to
         # buyers (split from these), which no reversal of this organization waits for.
-        elsewhere = lots_remaining(
-            lots=family
-            & Q(account__organization=organization, account__kind=AccountKind.WALLET)
-            & ~Q(pk__in=held_lots),
-            now=now,
-        )
-        total += max(0, reversal.credits_pending - elsewhere)
+        own = family & Q(account__organization=organization, account__kind=AccountKind.WALLET)
+        elsewhere = lots_remaining(lots=own & ~Q(pk__in=held_lots), now=now)
+        # Its pending lags its lots by up to a sweep (captured or expired credits lower it
+        # only when the pending sweep runs): what its other lots no longer hold is not in
+        # `held_lots` unless its family has lots there, so a pack's refund counts none.
+        within = lots_remaining(lots=own & Q(pk__in=held_lots), now=now)
+        total += min(max(0, reversal.credits_pending - elsewhere), within)
     return total
 
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from accounts.errors import ApplicationError
 from gymbilling.market.rollover import rollover_holds_settle
-from gymbilling.models import Invoice, PaymentReversal, RolloverCarry
+from gymbilling.models import CheckoutSession, Invoice, PaymentReversal, RolloverCarry
 from gymbilling.reconcile import stripe_reconcile
 from gymbilling.services import payment_reversals_pending_settle
 from metering.models import MICRO, CreditLot, LedgerAccount
@@ -212,4 +212,64 @@ def test_a_refund_applied_once_the_jobs_settled_lets_the_rollover_s_claim_go(
     balance = organization_balance(organization=org)
     assert (balance.set_aside, _wallet_claim(org)) == (0, 0)
     hold_place(organization=org, amount=balance.available, key="job-all")
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
+def test_a_pack_s_refund_waiting_on_spent_credits_leaves_the_rollover_s_claim(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: the period ended while a job held its 12,000 (9,000 over the cap claimed),
+    # then a 10,000 pack bought, all the wallet had free held by a second job, and the
+    # pack refunded in full: all 10,000 wait for that job
+    sub = subscribed("pro")
+    org = customer.organization
+    hold_place(organization=org, amount=PLAN, key="job-running")
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    response = customer.client.post(
+        "/api/v1/billing/checkout", {"pack": "boost-10k"}, format="json"
+    )
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    assert "failed" not in deliver()
+    hold_place(
+        organization=org, amount=organization_balance(organization=org).available, key="job-pack"
+    )
+    pack = CheckoutSession.objects.filter(organization=org).exclude(pack=None).get()
+    stripe_sdk.v1.refunds.create(params={"payment_intent": pack.stripe_payment_intent_id})
+    assert "failed" not in deliver()
+    assert PaymentReversal.objects.get().credits_pending == 10_000 * MICRO
+
+    # when: the second job spends the new period's 12,000 and the pack's 10,000 (the pack
+    # refund's pending lags till its sweep), and meanwhile a dollar of the new period's
+    # payment is refunded (its reversal fits the rollover's claim)
+    hold_capture(key="job-pack", amount=22_000 * MICRO)
+    new = Invoice.objects.filter(subscription=sub).exclude(billing_reason="subscription_create")
+    stripe_sdk.v1.refunds.create(
+        params={"payment_intent": new.get().stripe_payment_intent_id, "amount": 100}
+    )
+    assert "failed" not in deliver()
+
+    # then: the pack's refund waits for nothing of the old period's lot, so the rollover
+    # still claims its 9,000 over the cap: once the pack's sweep ran and the first job
+    # gave the 12,000 back, new work may take the cap's 3,000 of them, no more
+    assert RolloverCarry.objects.get(organization=org).held_claimed == 9_000 * MICRO
+    payment_reversals_pending_settle()
+    hold_release(key="job-running")
+    balance = organization_balance(organization=org)
+    assert balance.set_aside == 9_000 * MICRO
+    rows = ledger_rows()
+    with pytest.raises(ApplicationError) as refused:
+        hold_place(organization=org, amount=balance.wallet - 9_000 * MICRO + 1, key="job-greedy")
+    assert refused.value.code == "insufficient_credits"
+    assert ledger_rows() == rows
+
+    # when: the rollover's sweep runs: the old period keeps its cap, the rest expired
+    rollover_holds_settle(now=timezone.now())
+    assert (
+        CreditLot.objects.filter(organization=org, source="subscription")
+        .order_by("pk")[0]
+        .remaining
+        == 3_000 * MICRO
+    )
+    assert organization_balance(organization=org).set_aside == 0
     assert ledger_reconcile().ok and stripe_reconcile().ok
