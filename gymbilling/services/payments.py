@@ -671,8 +671,19 @@ def _standing_refit(*, reinstated: PaymentReversal, standing: list[PaymentRevers
     rows locked.
     """
     payment = _grant_for_payment(reinstated.stripe_payment_intent_id)
-    if payment.grant is None or payment.charged <= 0:
-        return  # nothing known of what the payment paid: nothing to compare
+    if payment.grant is None:
+        return  # not a payment that bought credits here: nothing to compare
+    if payment.charged <= 0:
+        # Apply reads what was paid from the Stripe charge, which is not at hand here
+        # (no Stripe call under these locks); the invoice's mirror says nothing was paid
+        # for a payment refunded or disputed, so it is wrong or missing: the standing
+        # reversals keep what they took, which finance must look into.
+        logger.error(
+            "refit of payment %s skipped: no amount paid recorded (reinstated reversal %s)",
+            reinstated.stripe_payment_intent_id,
+            reinstated.pk,
+        )
+        return
     lot = payment.grant.created_lots.order_by("pk").first()
     paid_for = _credits_paid_by(lot=lot, total=payment.total, charge=payment.charged)(
         returned=sum(r.amount for r in standing)

@@ -68,6 +68,17 @@ def _reversed(reversal: PaymentReversal) -> int:
     return reversal.credits_clawed_back + reversal.credits_pending + reversal.credits_lost
 
 
+def _overage_then_rest_refunded(stripe_sdk, deliver, invoice: Invoice) -> tuple:
+    """The invoice's $45 of overage refunded at Stripe, then the $99 left, each delivered;
+    returns the two refunds."""
+    intent = invoice.stripe_payment_intent_id
+    overage = stripe_sdk.v1.refunds.create(params={"payment_intent": intent, "amount": OVERAGE})
+    deliver()
+    rest = stripe_sdk.v1.refunds.create(params={"payment_intent": intent})
+    deliver()
+    return overage, rest
+
+
 @pytest.mark.parametrize("kind", ["dispute", "refund"])
 def test_a_reversal_of_a_renewal_the_balance_helped_pay_leaves_what_the_balance_paid_for(
     customer, subscribed, stripe_standin, stripe_sdk, deliver, kind
@@ -190,6 +201,29 @@ def test_an_overage_refund_that_fails_after_the_rest_was_refunded_gives_the_exce
     assert ledger_rows() == rows
 
 
+def test_a_refit_without_the_amount_paid_recorded_is_logged_not_silent(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, caplog
+):
+    # given: the renewal's $45 of overage refunded, then the $99 left (all 12,000 taken
+    # back), and the invoice's mirror of what was paid lost (0)
+    invoice, _ = _renewed_with_overage(customer, subscribed, stripe_standin, deliver)
+    overage, _ = _overage_then_rest_refunded(stripe_sdk, deliver, invoice)
+    Invoice.objects.filter(pk=invoice.pk).update(amount_paid=0)
+
+    # when: the overage's refund fails
+    stripe_standin.fail_refund(overage.id)
+    with caplog.at_level("ERROR", logger="gymbilling.services.payments"):
+        assert "failed" not in deliver()
+
+    # then: the $99 refund keeps what it took (nothing says what the payment paid), and
+    # the skipped refit is logged as an error for finance to look into
+    rest = PaymentReversal.objects.order_by("pk").last()
+    assert (rest.credits_clawed_back, rest.credits_pending) == (PLAN_CREDITS, 0)
+    [logged] = [r for r in caplog.records if r.name == "gymbilling.services.payments"]
+    assert logged.levelname == "ERROR"
+    assert invoice.stripe_payment_intent_id in logged.getMessage()
+
+
 @pytest.mark.parametrize("job_ends", ["released", "captured"])
 def test_what_a_refit_takes_again_that_old_work_now_holds_waits_for_that_work(
     customer, subscribed, stripe_standin, stripe_sdk, deliver, grant, job_ends
@@ -261,11 +295,7 @@ def test_credits_a_refund_took_before_the_period_changed_come_back_within_the_ca
     # 12,000 taken back), then the period ends: nothing of the renewal's lot left to trim
     # (its 3,000 cap unused)
     invoice, lot = _renewed_with_overage(customer, subscribed, stripe_standin, deliver)
-    intent = invoice.stripe_payment_intent_id
-    overage = stripe_sdk.v1.refunds.create(params={"payment_intent": intent, "amount": OVERAGE})
-    deliver()
-    rest = stripe_sdk.v1.refunds.create(params={"payment_intent": intent})
-    deliver()
+    overage, rest = _overage_then_rest_refunded(stripe_sdk, deliver, invoice)
     stripe_standin.advance(invoice.subscription.stripe_subscription_id)
     assert "failed" not in deliver()
     lot.refresh_from_db()
