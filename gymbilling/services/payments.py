@@ -800,12 +800,23 @@ def _reversal_pending_settle(*, reversal_id: int, now: datetime) -> int:
             )
         pending = reversal.credits_pending
         # Keyed by what is pending: a take that moved credits changes it, and
-        # one that moved nothing wrote nothing, so its key is free again.
+        # one that moved nothing wrote nothing, so its key is free again. Pending only
+        # goes down, except that a refit (another reversal of the charge given back,
+        # `_standing_refit`) may raise it to a value an earlier take was keyed by: that
+        # replay would take nothing and leave it pending for good. So the key also counts
+        # the charge's reversals given back, which only grows, once per refit.
+        refits = (
+            PaymentReversal.objects.filter(
+                stripe_charge_id=reversal.stripe_charge_id, reinstated_at__isnull=False
+            )
+            .exclude(pk=reversal.pk)
+            .count()
+        )
         taken, still = claim_settle(
             organization=reversal.organization,
             lots=lots,
             pending=pending,
-            key=f"{reversal.key}:pending:{pending}",
+            key=f"{reversal.key}:pending:{pending}" + (f":refits:{refits}" if refits else ""),
             memo=f"{reversal.kind} of {reversal.stripe_charge_id}, once running work settled",
             # Work started since cannot shelter them: it burns other lots.
             placed_before=reversal.created_at,

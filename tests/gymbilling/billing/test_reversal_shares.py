@@ -287,6 +287,53 @@ def test_what_a_refit_takes_again_that_old_work_now_holds_waits_for_that_work(
     assert ledger_reconcile().ok and stripe_reconcile().ok
 
 
+def test_a_wait_a_refit_raises_to_what_a_sweep_took_at_is_still_taken(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, grant
+):
+    # given: as above (8,000 promotional credits expiring first, a job holding 8,000 of
+    # them), and a second job holding the 2,545.45... of the renewal's credits that the
+    # refit below will leave waiting. The $45 of overage is refunded, then the $99: what
+    # the second job holds waits for it; it gives it back and the sweep takes it
+    invoice, lot = _renewed_with_overage(customer, subscribed, stripe_standin, deliver)
+    org = invoice.organization
+    soon = timezone.now() + timedelta(days=3)
+    grant(org, 8_000 * MICRO, source="promotion", paid=False, resellable=False, expires_at=soon)
+    grant(org, 8_000 * MICRO, source="promotion", paid=False, resellable=False, expires_at=None)
+    kept = PLAN_CREDITS * 5_400 // PLAN_PRICE
+    waits = kept - 4_000 * MICRO
+    hold_place(organization=org, amount=8_000 * MICRO, key="job-old")
+    hold_place(organization=org, amount=waits, key="job-short")
+    overage, _ = _overage_then_rest_refunded(stripe_sdk, deliver, invoice)
+    rest = PaymentReversal.objects.order_by("pk").last()
+    assert rest.credits_pending == waits
+    hold_release(key="job-short")
+    payment_reversals_pending_settle()
+    rest.refresh_from_db()
+    assert (rest.credits_clawed_back, rest.credits_pending) == (PLAN_CREDITS, 0)
+
+    # when: new work spends the promotional credits, and the overage's refund fails: the
+    # $99 keeps 54/99 of the 12,000, and waits again for what the old job now holds of
+    # them: as much as it waited for before the sweep
+    hold_place(organization=org, amount=8_000 * MICRO, key="job-new")
+    hold_capture(key="job-new", amount=8_000 * MICRO)
+    stripe_standin.fail_refund(overage.id)
+    assert "failed" not in deliver()
+    rest.refresh_from_db()
+    assert (rest.credits_clawed_back, rest.credits_pending) == (4_000 * MICRO, waits)
+
+    # and the old job gives its credits back, and the pending sweep runs
+    hold_release(key="job-old")
+    payment_reversals_pending_settle()
+
+    # then: the $99 took what its money paid for; nothing waits, nothing is set aside
+    rest.refresh_from_db()
+    assert (rest.credits_clawed_back, rest.credits_pending, rest.credits_lost) == (kept, 0, 0)
+    lot.refresh_from_db()
+    assert lot.remaining == PLAN_CREDITS - kept
+    assert organization_balance(organization=org).set_aside == 0
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
 @pytest.mark.parametrize("fails", ["overage", "rest"])
 def test_credits_a_refund_took_before_the_period_changed_come_back_within_the_cap(
     customer, subscribed, stripe_standin, stripe_sdk, deliver, fails
