@@ -546,6 +546,29 @@ def relay_run_lease_missing_since(job_pk: int, *, now: float, ttl_s: float) -> f
     return float(since) if since is not None else now
 
 
+# For each job, its lease key then its sighting's: a held lease forgets the sighting;
+# a missing one notes it (a first) or keeps it alive (ARGV: now, life in ms).
+_MISSING_NOTE = """
+for i = 1, #KEYS, 2 do
+  if redis.call('exists', KEYS[i]) == 1 then redis.call('del', KEYS[i + 1])
+  elseif not redis.call('set', KEYS[i + 1], ARGV[1], 'nx', 'px', ARGV[2]) then
+    redis.call('pexpire', KEYS[i + 1], ARGV[2])
+  end
+end
+return 0
+"""
+
+
+def relay_run_lease_missing_note(job_pks: list[int], *, now: float, ttl_s: float) -> None:
+    """Check the jobs' run leases without taking them, for the orphaned jobs' sweep past
+    its cap: a sighting of one missing is noted at `now` or, noted before, kept another
+    `ttl_s` seconds from its first; one found held is forgotten. One round trip."""
+    if not job_pks:
+        return
+    keys = [key for pk in job_pks for key in (_run_lease_key(pk), _run_lease_missing_key(pk))]
+    _script(_MISSING_NOTE)(keys=keys, args=[repr(now), max(int(ttl_s * 1000), 1)])
+
+
 def relay_run_lease_seen(job_pk: int) -> None:
     """The job's run lease was found held: a sighting of it missing before is forgotten."""
     get_redis().delete(_run_lease_missing_key(job_pk))

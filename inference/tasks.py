@@ -52,6 +52,7 @@ from celery import shared_task
 from celery.signals import worker_process_shutdown
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -69,6 +70,7 @@ from inference.relay import (
     relay_publish,
     relay_relayed_text,
     relay_run_lease,
+    relay_run_lease_missing_note,
     relay_run_lease_missing_since,
     relay_run_lease_release,
     relay_run_lease_seen,
@@ -86,6 +88,7 @@ from inference.services.jobs import (
     output_tokens_count,
     prompt_tokens_count,
 )
+from metering.models import Hold, HoldStatus
 from metering.selectors import model_price_by_id
 
 logger = logging.getLogger(__name__)
@@ -526,7 +529,10 @@ def jobs_orphaned_sweep(*, now: datetime | None = None) -> int:
     run has lasted longer than INFERENCE_ORPHAN_GRACE_SECONDS (a dead worker's
     message is back and run by then, settings/base.py) and no run held its
     lease (relay_run_lease: every run takes it before it starts the job and
-    keeps it until it has settled) at two sweeps in a row.
+    keeps it until it has settled) at two sweeps in a row; or, its lease
+    missing as well, once its hold expires within ORPHAN_HOLD_MARGIN_S
+    (_orphans_due): a run restarted late in its hold's life is still in its
+    grace then, and the hold's expiry would end it unbilled.
 
     From the current run's start (run_started_at, job_start), not the first:
     a job run again after its whole worker died (its message back after the
@@ -546,35 +552,73 @@ def jobs_orphaned_sweep(*, now: datetime | None = None) -> int:
 
     Jobs are read in pages by primary key, each page after the last one read
     (a keyset): the jobs a sweep leaves (live runs, first sightings, jobs whose
-    settlement raised) never keep it from those after them.
+    settlement raised) never keep it from those after them. Past its cap
+    (ORPHANS_PER_SWEEP ended), it reads the rest only to note their sightings
+    and keep them alive (one round trip a page), so each is ended at its turn.
     """
     now = now or timezone.now()
-    cutoff = now - timedelta(seconds=settings.INFERENCE_ORPHAN_GRACE_SECONDS)
-    running = Job.objects.alias(run_start=job_run_start()).filter(
-        status=JobStatus.RUNNING, run_start__lt=cutoff
-    )
+    # Each sighting is stamped when its lease is checked, not when the sweep
+    # began: one that took long over its pages would else note the jobs it
+    # came to last as found missing earlier than they were.
+    began = time.monotonic()
+
+    def at() -> float:
+        return now.timestamp() + (time.monotonic() - began)
+
+    running = _orphans_due(now)
     ended, after = 0, 0
-    while ended < ORPHANS_PER_SWEEP:
+    while True:
         page = list(
             running.filter(pk__gt=after)
             .order_by("pk")
             .values_list("pk", flat=True)[:ORPHANS_PER_SWEEP]
         )
-        for pk in page:
-            try:
-                if _orphan_sweep_one(pk, now=now, cutoff=cutoff):
-                    ended += 1
-            except RedisError as exc:
-                logger.warning("orphaned jobs not swept: Redis is failing (%r)", exc)
-                return ended
-            except Exception:  # the next job, and the next sweep, go on
-                logger.exception("job pk=%s: could not end it as orphaned", pk)
-            if ended >= ORPHANS_PER_SWEEP:
-                break
+        try:
+            for i, pk in enumerate(page):
+                if ended >= ORPHANS_PER_SWEEP:
+                    # The cap is reached: the rest are only looked at, their
+                    # sightings noted and kept alive, so that an orphan a mass
+                    # failure left behind the cap is confirmed at its turn,
+                    # not sighted a first time then because its sighting lapsed.
+                    relay_run_lease_missing_note(page[i:], now=at(), ttl_s=ORPHAN_SIGHTING_TTL_S)
+                    break
+                try:
+                    if _orphan_sweep_one(pk, now=at(), running=running):
+                        ended += 1
+                except RedisError:
+                    raise
+                except Exception:  # the next job, and the next sweep, go on
+                    logger.exception("job pk=%s: could not end it as orphaned", pk)
+        except RedisError as exc:
+            logger.warning("orphaned jobs not swept: Redis is failing (%r)", exc)
+            return ended
         if len(page) < ORPHANS_PER_SWEEP:
             break
         after = page[-1]
     return ended
+
+
+def _orphans_due(now: datetime):
+    """The running jobs the sweep looks at: past the grace, or whose hold expires soon.
+
+    A run that started late in its hold's life (a restart after its whole
+    worker died: its message back after the visibility timeout) is still in
+    its grace when its hold expires; orphaned, the hold's expiry would end it
+    `expired`, unbilled for what it relayed. So a job whose hold expires
+    within ORPHAN_HOLD_MARGIN_S is past its grace too (its lease still
+    missing at two sightings): ended `worker_lost`, billed, before then.
+    """
+    cutoff = now - timedelta(seconds=settings.INFERENCE_ORPHAN_GRACE_SECONDS)
+    expiring = Hold.objects.filter(
+        key=OuterRef("public_id"),
+        status=HoldStatus.PENDING,
+        expires_at__lt=now + timedelta(seconds=ORPHAN_HOLD_MARGIN_S),
+    )
+    return (
+        Job.objects.alias(run_start=job_run_start())
+        .filter(status=JobStatus.RUNNING)
+        .filter(Q(run_start__lt=cutoff) | Q(Exists(expiring)))
+    )
 
 
 # At most this many ended a sweep (a minute): after a mass failure the rest go
@@ -591,32 +635,32 @@ ORPHAN_SWEEP_EVERY_S = 60
 # made: a sweep missed in between (beat down) still confirms it.
 ORPHAN_CONFIRM_S = ORPHAN_SWEEP_EVERY_S / 2
 ORPHAN_SIGHTING_TTL_S = 2.5 * ORPHAN_SWEEP_EVERY_S
+# A job whose hold expires within this long is due as if past its grace: two
+# sweeps to confirm its lease missing, one more for a late or missed beat, and
+# it is ended before the hold's expiry (metering's holds_expire, every minute)
+# would end it `expired`, unbilled.
+ORPHAN_HOLD_MARGIN_S = 5 * ORPHAN_SWEEP_EVERY_S
 
 
-def _orphan_sweep_one(pk: int, *, now: datetime, cutoff: datetime) -> bool:
-    """Look at one running job past the grace; whether this call ended it as orphaned."""
+def _orphan_sweep_one(pk: int, *, now: float, running) -> bool:
+    """Look at one running job due (_orphans_due), its lease checked at `now` (a Unix
+    time); whether this call ended it as orphaned."""
     with relay_run_lease(pk, wait=False, unleased=False) as leased:
         if not leased:  # a run holds it (or another sweep does)
             relay_run_lease_seen(pk)
             return False
-        at = now.timestamp()
-        since = relay_run_lease_missing_since(pk, now=at, ttl_s=ORPHAN_SIGHTING_TTL_S)
-        if at - since < ORPHAN_CONFIRM_S:
+        since = relay_run_lease_missing_since(pk, now=now, ttl_s=ORPHAN_SIGHTING_TTL_S)
+        if now - since < ORPHAN_CONFIRM_S:
             return False  # the first sighting: let go of the lease, for a live run to take
-        return _orphan_end(pk, cutoff=cutoff)
+        return _orphan_end(pk, running=running)
 
 
-def _orphan_end(pk: int, *, cutoff: datetime) -> bool:
+def _orphan_end(pk: int, *, running) -> bool:
     """End the orphaned job, its run lease held; whether this call ended it."""
     # Checked again under its lease, with its row: a job whose row is locked is
     # being settled right now (SKIP LOCKED), and is left to that settlement.
     with transaction.atomic():
-        job = (
-            Job.objects.select_for_update(skip_locked=True)
-            .alias(run_start=job_run_start())
-            .filter(pk=pk, status=JobStatus.RUNNING, run_start__lt=cutoff)
-            .first()
-        )
+        job = running.select_for_update(skip_locked=True, of=("self",)).filter(pk=pk).first()
     if job is None:
         return False
     # What its client was streamed, read as a restarted streamed job reads it

@@ -351,10 +351,14 @@ CELERY_BEAT_SCHEDULE |= {
 # inside that). A live run ends within a run and its settlement's retries;
 # one whose lease an outage took (or that started unleased while Redis
 # failed) takes it back as soon as Redis answers (inference.relay._RENEW).
-# Well inside a hold's life (by default 35 of its 60 minutes), or the hold's
-# expiry would end the job first, unbilled and `expired`. Under the
-# visibility timeout, or at a hold's life or more: a `manage.py check`
-# warning (inference.W005, W006). A running job's relay stream outlives it
+# Below a hold's life (by default 35 of its 60 minutes), but that alone does
+# not keep a run inside it: a run restarted more than ~23 minutes after its
+# job was submitted (a message handed back after the visibility timeout) is
+# still in its grace when its hold expires. So the sweep also takes a job
+# whose hold expires within a few minutes (tasks.ORPHAN_HOLD_MARGIN_S) as past
+# its grace, and ends it billed before the hold's expiry would end it
+# `expired`, unbilled. Under the visibility timeout, or at a hold's life or
+# more: a `manage.py check` warning (inference.W005, W006). A running job's relay stream outlives it
 # (inference.relay.stream_running_ttl_s): what a dead worker streamed is what
 # its job is billed for when its message comes back or the sweep ends it.
 INFERENCE_ORPHAN_GRACE_SECONDS = env.int(

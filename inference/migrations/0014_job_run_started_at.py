@@ -8,8 +8,12 @@ visibility timeout) was past the grace for most of its new run, and only its run
 kept the sweep from ending it live.
 
 Nullable, no default: processes of the previous release, still running during a
-deploy, neither read nor write it; a job one of them started has it null, and the sweep
-reads started_at for it (models.job_run_start, the index's expression). The ALTER waits
+deploy, neither read nor write it; a job one of them first started has it null, and the
+sweep reads started_at for it (models.job_run_start, the index's expression). A job a
+new worker started and an old one restarted keeps the first run's value (not null): its
+grace runs from that first start, and only its lease keeps the sweep off the live
+restart. Drain the previous release's workers before the new sweep runs (README,
+deploy notes). The ALTER waits
 at most a lock_timeout (metering/0016's AddFieldIfAbsentOnPostgres), not atomic; the
 index is partial (running jobs only) and built concurrently, as 0012's. 0012's index on
 started_at stays for the previous release's sweep while it runs.

@@ -1315,8 +1315,10 @@ def job_expire_for_hold(*, key: str) -> Job | None:
     `hold_expired` signal) because it stayed pending past its expiry: the
     job's worker vanished, or its message was lost, so nothing was billed and
     nothing can be any more. The job ends with the state GET shows and, if
-    it asked for one, a `job.expired` webhook. A worker that still finishes
-    it later finds it ended and writes nothing (job_settle's claim).
+    it asked for one, a `job.expired` webhook; its final event is relayed as
+    every other ending's is, so a stream or answer waiting on it ends now, not
+    at its own timeout. A worker that still finishes it later finds it ended
+    and writes nothing (job_settle's claim).
     """
     now = timezone.now()
     with transaction.atomic():
@@ -1339,6 +1341,12 @@ def job_expire_for_hold(*, key: str) -> Job | None:
         functools.partial(
             concurrency_release, scope=f"org:{job.organization_id}", job_id=job.public_id
         ),
+        robust=True,
+    )
+    # Its text not known here (what a stream relayed is already in it), as the
+    # row's own final event says it (selectors.job_ended_final_event).
+    transaction.on_commit(
+        functools.partial(_final_event_send, job, text=None, finish_reason=job.finish_reason),
         robust=True,
     )
     return job
@@ -1407,20 +1415,17 @@ def _cancel_if_queued(job: Job) -> Job:
         job=job, outcome=outcome, status=JobStatus.CANCELED, only_from=(JobStatus.QUEUED,)
     )
     if job.settled_here:
-        _final_event_send(job, outcome)
+        _final_event_send(job, text=outcome.text, finish_reason=outcome.finish_reason)
     return job
 
 
-def _final_event_send(job: Job, outcome: Outcome) -> None:
+def _final_event_send(job: Job, *, text: str | None, finish_reason: str) -> None:
     """Relay the settled job's final event, best effort: the settlement has committed, and a
     failure raised from here would make a cancel that took effect look failed. A waiting
     request that misses it reads the job's end from its row once its wait ends."""
     from inference.relay import relay_publish
 
     try:
-        relay_publish(
-            job.public_id,
-            job_final_event(job, text=outcome.text, finish_reason=outcome.finish_reason),
-        )
+        relay_publish(job.public_id, job_final_event(job, text=text, finish_reason=finish_reason))
     except (RedisError, DatabaseError) as exc:
         logger.warning("job %s: ended, but its final event could not be sent (%r)", job, exc)

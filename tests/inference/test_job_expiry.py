@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from inference import tasks
 from inference.models import CallbackStatus, Job, JobCallback, JobStatus
+from inference.relay import relay_events, relay_publish
 from inference.services import job_settle
 from inference.services.jobs import Outcome
 from metering.models import Hold, HoldStatus, UsageRecord
@@ -206,3 +207,24 @@ def test_a_hold_a_day_past_its_expiry_is_released_even_if_a_receiver_always_fail
     row = Job.objects.get(pk=job.pk)
     assert (row.status, row.credits_charged) == (JobStatus.EXPIRED, 0)
     assert organization_balance(organization=job.organization).held == 0
+
+
+def test_a_stream_waiting_on_a_job_whose_hold_expired_gets_its_end(open_job):
+    # given a running streamed job whose dead run had relayed part of its
+    # answer, its client waiting on its stream
+    job = open_job("job_expiry_streamed", status=JobStatus.RUNNING)
+    relay_publish(job.public_id, {"type": "delta", "text": "Squat"})
+
+    # when the ledger's sweep releases its hold
+    assert _expire_holds() == 1
+
+    # then the stream ends: after what it was sent, the job's end, expired,
+    # nothing charged (before, no final event came and the client waited on)
+    *deltas, final = relay_events(job.public_id, timeout_s=5)
+    assert [event["text"] for event in deltas] == ["Squat"]
+    assert (final["type"], final["status"], final["error_code"]) == (
+        "error",
+        JobStatus.EXPIRED,
+        "job_expired",
+    )
+    assert final["credits_charged"] == 0

@@ -454,3 +454,69 @@ def test_jobs_the_sweep_leaves_do_not_hide_an_orphan_behind_them(queued_job, set
     assert ended == 1
     assert Job.objects.get(pk=orphan.pk).error_code == "worker_lost"
     assert [Job.objects.get(pk=job.pk).status for job in alive] == [JobStatus.RUNNING] * 3
+
+
+def test_an_orphan_whose_hold_expires_soon_is_ended_inside_its_grace(queued_job):
+    # given a streamed job whose run started only minutes ago (a restart late
+    # in its hold's life: its message back after the visibility timeout),
+    # still inside its grace, whose run died too after relaying part of its
+    # answer; its hold expires in two minutes
+    job = _running_since(queued_job, seconds_ago=300, stream=True)
+    relay_publish(job.public_id, {"type": "delta", "text": "Squat"})
+    expires = timezone.now() + timedelta(minutes=2)
+    Hold.objects.filter(key=job.public_id).update(expires_at=expires)
+
+    # when the sweep runs, twice (a minute apart), before the hold expires
+    ended = _swept_twice()
+
+    # then the job ended worker_lost, its hold settled by it (not left to
+    # expire, unbilled, with no end on its stream), and its stream ends
+    assert ended == 1
+    job = Job.objects.get(pk=job.pk)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "worker_lost")
+    _settled_once(job, status=HoldStatus.RELEASED, captured=0)
+    *deltas, final = relay_events(job.public_id, timeout_s=5)
+    assert [event["text"] for event in deltas] == ["Squat"]
+    assert (final["type"], final["error_code"]) == ("error", "worker_lost")
+
+
+def test_orphans_left_behind_the_cap_are_ended_at_their_turn(queued_job, settings, monkeypatch):
+    # given more orphans past the grace than a sweep ends (two a sweep here,
+    # as a mass failure leaves hundreds behind the 200)
+    monkeypatch.setattr(tasks, "ORPHANS_PER_SWEEP", 2)
+    grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
+    org, model = queued_job.organization, queued_job.model
+    queued = [queued_job] + [_queued(org, model) for _ in range(5)]
+    orphans = [_running_since(job, seconds_ago=grace + 60) for job in queued]
+    sightings = [f"jobrunmissing:{job.pk}" for job in orphans]
+    now = timezone.now()
+
+    # when the sweep runs every minute (Redis's clock moved on by as much
+    # between two, for the sightings' lives)
+    ended = []
+    for minute in range(4):
+        if minute:
+            redis_aged(tasks.ORPHAN_SWEEP_EVERY_S, *sightings)
+        ended.append(jobs_orphaned_sweep(now=now + timedelta(minutes=minute)))
+
+    # then each sweep after the first sightings ended as many as it may, and
+    # the last two were not sighted afresh at their turn (their sightings had
+    # lapsed behind the cap): all six ended by the fourth sweep
+    assert ended == [0, 2, 2, 2]
+    assert {Job.objects.get(pk=job.pk).error_code for job in orphans} == {"worker_lost"}
+
+
+def test_each_sighting_is_stamped_when_its_lease_is_checked(queued_job, settings):
+    # given two jobs past the grace with no lease
+    grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
+    first = _running_since(queued_job, seconds_ago=grace + 60)
+    second = _running_since(_queued(first.organization, first.model), seconds_ago=grace + 60)
+    now = timezone.now()
+
+    # when a sweep finds their leases missing a first time
+    assert jobs_orphaned_sweep(now=now) == 0
+
+    # then each sighting is stamped when its lease was checked, the second's
+    # after the first's, not both with the sweep's start
+    stamps = [float(get_redis().get(f"jobrunmissing:{job.pk}")) for job in (first, second)]
+    assert now.timestamp() <= stamps[0] < stamps[1]
