@@ -1070,7 +1070,7 @@ def test_only_an_answer_given_after_settlement_places_its_hold_unflushed(gym, st
         response = Client().post(
             "/v1/chat/completions",
             {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-             "stream": stream},
+             "seed": 1, "stream": stream},
             content_type="application/json",
             HTTP_AUTHORIZATION=f"Bearer {gym['raw']}",
         )  # fmt: skip
