@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from django.test import Client
 
@@ -263,11 +266,30 @@ def test_a_request_counted_with_a_jobs_tokens_is_all_or_nothing():
     assert rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining == 40
 
 
-def _scripts_run() -> int:
-    """Limit scripts Redis has run (they run by SHA), from its own command statistics."""
-    from accounts.redis import get_redis
+@contextmanager
+def _scripts_counted() -> Iterator[list[str]]:
+    """The Lua scripts this process sends to Redis inside the block, one name per call.
 
-    return get_redis().info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    Counted where every command leaves the client (`Redis.execute_command`, which
+    `Script.__call__` reaches through `evalsha`), then sent on to the real Redis as
+    before: a count of this test's requests alone, which Redis's own server-wide
+    `commandstats` is not (another process's script in the same moment would count).
+    """
+    import redis
+
+    sent: list[str] = []
+    original = redis.Redis.execute_command
+
+    def counting(client, *args, **options):
+        if str(args[0]).upper() in {"EVAL", "EVALSHA"}:
+            sent.append(str(args[0]).upper())
+        return original(client, *args, **options)
+
+    redis.Redis.execute_command = counting
+    try:
+        yield sent
+    finally:
+        redis.Redis.execute_command = original
 
 
 def _chat(client, body: dict):
@@ -288,9 +310,8 @@ def test_chat_completions_over_the_request_limit_are_refused_before_any_reservat
     # when: a bad body, then a request the organization cannot pay for (no
     # credits), then one over the limit
     bad = _chat(client, {"model": "gym-rl", "messages": []})
-    scripts_before = _scripts_run()
-    unpaid = _chat(client, body)
-    scripts_run = _scripts_run() - scripts_before
+    with _scripts_counted() as scripts:
+        unpaid = _chat(client, body)
     tokens = [Limit(scope=f"org:{org.pk}", limit=0)]
     tokens_before = rate_limit_consume(kind="tokens", limits=tokens, cost=0).remaining
     refused = client.post(
@@ -301,7 +322,7 @@ def test_chat_completions_over_the_request_limit_are_refused_before_any_reservat
     assert bad.status_code == 400 and bad["x-ratelimit-remaining-requests"] == "1"
     assert unpaid.status_code == 402 and unpaid["x-ratelimit-remaining-requests"] == "0"
     # the request's count and the job's tokens and slot in one script, one round trip
-    assert scripts_run == 1
+    assert len(scripts) == 1
     error = assert_rate_limited(refused)
     assert "API key" in error["message"]
     # no tokens reserved for it, and its Idempotency-Key left free for the retry
@@ -535,15 +556,14 @@ def test_chat_completions_of_a_child_key_count_against_its_root_in_one_script(or
     body = {"model": "gym-rl-line", "messages": [{"role": "user", "content": "hi"}]}
 
     # when: the child asks twice (the organization has no credits: 402 once counted)
-    scripts_before = _scripts_run()
-    unpaid = _chat(child, body)
-    scripts_run = _scripts_run() - scripts_before
+    with _scripts_counted() as scripts:
+        unpaid = _chat(child, body)
     refused = _chat(child, body)
 
     # then: the first counted in K1's bucket too, in the one script; the second is over it
     assert unpaid.status_code == 402, unpaid.content
     assert unpaid["x-ratelimit-remaining-requests"] == "0"
-    assert scripts_run == 1
+    assert len(scripts) == 1
     error = assert_rate_limited(refused)
     assert error["limit"] == 2
 
@@ -560,12 +580,11 @@ def test_chat_completions_of_a_grandchild_count_against_the_middle_key_in_one_sc
     body = {"model": "gym-rl-middle", "messages": [{"role": "user", "content": "hi"}]}
 
     # when: K3 asks for a completion
-    scripts_before = _scripts_run()
-    refused = _chat(key_client(raw3), body)
-    scripts_run = _scripts_run() - scripts_before
+    with _scripts_counted() as scripts:
+        refused = _chat(key_client(raw3), body)
 
     # then: refused by K2's limit, in the one script that would have reserved the job
     error = assert_rate_limited(refused)
     assert error["limit"] == 1
     assert k2.prefix in error["message"]
-    assert scripts_run == 1
+    assert len(scripts) == 1
