@@ -2,8 +2,8 @@
 run them too): a run limit that would fail every job, or that is capped without saying so,
 a broker that would hand a job back while it runs, or too late for it to start, an
 answer that may outlast its Idempotency-Key's lock, and an orphaned jobs' grace that would
-end a dead worker's jobs before their message comes back, or never before their hold
-expires."""
+end a dead worker's jobs before their message comes back (its grace, or a sweep so slow that
+its hold-expiry margin comes first), or never before their hold expires."""
 
 from __future__ import annotations
 
@@ -119,12 +119,36 @@ def orphan_grace_check(app_configs, **kwargs) -> list:
     long as a hold's life never ends a job before its hold's expiry does (expired,
     nothing billed, its stream left without its end). Warnings, not errors: no live run
     is ended either way (its lease keeps the sweep off), and nothing is billed twice."""
+    from inference.tasks import ORPHAN_HOLD_MARGIN_SWEEPS
+
     grace = settings.INFERENCE_ORPHAN_GRACE_SECONDS
     hold_ttl = int(settings.METERING_HOLD_TTL.total_seconds())
     unset = "or leave it unset: it then follows CELERY_VISIBILITY_TIMEOUT_SECONDS."
     found = []
     if settings.CELERY_BROKER_URL.split("://", 1)[0].lower() in REDIS_SCHEMES:
         timeout = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600)
+        # A job whose hold expires within a few sweeps is ended as if past its grace
+        # (tasks.ORPHAN_HOLD_MARGIN_S): a sweep so slow that this margin starts before
+        # the broker hands a dead worker's message back ends that job first.
+        sweep = settings.INFERENCE_ORPHAN_SWEEP_SECONDS
+        margin = ORPHAN_HOLD_MARGIN_SWEEPS * sweep
+        if hold_ttl - margin < timeout:
+            found.append(
+                CheckWarning(
+                    f"INFERENCE_ORPHAN_SWEEP_SECONDS is {sweep}: the orphaned jobs' sweep "
+                    f"ends a job whose hold expires within {ORPHAN_HOLD_MARGIN_SWEEPS} sweeps "
+                    f"({margin} s), which with METERING_HOLD_TTL_SECONDS ({hold_ttl}) is "
+                    f"before CELERY_VISIBILITY_TIMEOUT_SECONDS ({timeout}) hands a dead "
+                    "worker's message back to run it again (failed, worker_lost, instead of "
+                    "served).",
+                    hint=(
+                        "Lower it to at most "
+                        f"{max(0, (hold_ttl - timeout) // ORPHAN_HOLD_MARGIN_SWEEPS)} (default "
+                        "60), or raise METERING_HOLD_TTL_SECONDS."
+                    ),
+                    id="inference.W007",
+                )
+            )
         if grace < timeout:
             found.append(
                 CheckWarning(

@@ -625,8 +625,8 @@ def _orphans_due(now: datetime):
 # the next minutes, each sweep's work bounded. Also the page the sweep reads
 # running jobs by.
 ORPHANS_PER_SWEEP = 200
-# The beat's interval between two sweeps (settings: inference-orphaned-jobs-sweep).
-ORPHAN_SWEEP_EVERY_S = 60
+# The beat's interval between two sweeps (the inference-orphaned-jobs-sweep entry's).
+ORPHAN_SWEEP_EVERY_S = settings.INFERENCE_ORPHAN_SWEEP_SECONDS
 # A job's lease found missing is confirmed missing by a sweep at least this
 # long after the first sighting (a beat's task run late and the next on time
 # may come seconds apart), far more than a live run takes to take its lease
@@ -639,7 +639,8 @@ ORPHAN_SIGHTING_TTL_S = 2.5 * ORPHAN_SWEEP_EVERY_S
 # sweeps to confirm its lease missing, one more for a late or missed beat, and
 # it is ended before the hold's expiry (metering's holds_expire, every minute)
 # would end it `expired`, unbilled.
-ORPHAN_HOLD_MARGIN_S = 5 * ORPHAN_SWEEP_EVERY_S
+ORPHAN_HOLD_MARGIN_SWEEPS = 5
+ORPHAN_HOLD_MARGIN_S = ORPHAN_HOLD_MARGIN_SWEEPS * ORPHAN_SWEEP_EVERY_S
 
 
 def _orphan_sweep_one(pk: int, *, now: float, running) -> bool:

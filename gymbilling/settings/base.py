@@ -315,6 +315,10 @@ INFERENCE_CALLBACK_RETRY_SCHEDULE_SECONDS = [
 ]
 # How often beat queues the callbacks that are due (and any lost on the way).
 INFERENCE_CALLBACK_SWEEP_SECONDS = env.int("INFERENCE_CALLBACK_SWEEP_SECONDS", default=10)
+# How often beat runs the orphaned jobs' sweep (inference.tasks.jobs_orphaned_sweep),
+# which derives from it how far apart two sightings of a missing lease must be and
+# how close to its hold's expiry a job is ended (ORPHAN_CONFIRM_S, ORPHAN_HOLD_MARGIN_S).
+INFERENCE_ORPHAN_SWEEP_SECONDS = env.int("INFERENCE_ORPHAN_SWEEP_SECONDS", default=60)
 # Lets callback URLs name loopback (127.0.0.1, ::1, localhost), over http too:
 # for local receivers in development and tests. DEBUG allows it as well.
 INFERENCE_CALLBACK_ALLOW_HTTP_LOOPBACK = env.bool(
@@ -334,11 +338,11 @@ CELERY_BEAT_SCHEDULE |= {
     },
     # Running jobs whose run is gone (no run lease) and whose message is not
     # coming back, ended failed `worker_lost` instead of expired with their
-    # hold an hour later (jobs_orphaned_sweep). Its interval is the sweep's
-    # ORPHAN_SWEEP_EVERY_S (a lease missing at two sweeps in a row ends a job).
+    # hold an hour later (jobs_orphaned_sweep). The sweep reads its interval from
+    # the same setting (a lease missing at two sweeps in a row ends a job).
     "inference-orphaned-jobs-sweep": {
         "task": "inference.tasks.jobs_orphaned_sweep_task",
-        "schedule": timedelta(seconds=60),
+        "schedule": timedelta(seconds=INFERENCE_ORPHAN_SWEEP_SECONDS),
     },
 }
 # How long a job's current run (run_started_at: a restart's is its own) must

@@ -131,8 +131,14 @@ def test_the_hold_life_a_warning_names_leaves_room_for_the_whole_margin(settings
     # warning names is enough on its own: 1200 s for the runs; for the
     # visibility timeout, 30 minutes and the margin a longer life gives (10
     # minutes), not the 500 s it has now (and the orphaned jobs' grace, 35
-    # minutes, outlives such a hold: W006)
-    assert set(warnings) == {"inference.W001", "inference.W003", "inference.W006"}
+    # minutes, outlives such a hold: W006; so does the orphaned jobs' sweep's margin of
+    # 5 minutes before a hold's expiry, which starts before the message comes back: W007)
+    assert set(warnings) == {
+        "inference.W001",
+        "inference.W003",
+        "inference.W006",
+        "inference.W007",
+    }
     assert "at least 1200" in warnings["inference.W001"].hint
     assert "at least 2401" in warnings["inference.W003"].hint
     settings.METERING_HOLD_TTL = timedelta(seconds=2401)
@@ -187,3 +193,29 @@ def test_an_orphan_grace_as_long_as_a_hold_is_a_warning(settings):
     assert "below 3600" in warning.hint
     settings.INFERENCE_ORPHAN_GRACE_SECONDS = 3599
     assert "inference.W006" not in _ids()
+
+
+def test_an_orphan_sweep_so_slow_its_hold_margin_precedes_the_broker_is_a_warning(settings):
+    # given hour-long holds, a Redis broker handing back a dead worker's messages
+    # after 30 minutes, and the orphaned jobs' sweep every 10 minutes: a job whose
+    # hold expires within 5 sweeps (50 minutes) is ended as if past its grace
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/13"
+    settings.METERING_HOLD_TTL = timedelta(hours=1)
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 1800}
+    settings.INFERENCE_ORPHAN_GRACE_SECONDS = 2100
+    settings.INFERENCE_ORPHAN_SWEEP_SECONDS = 600
+
+    # then such a job would be ended 10 minutes after it was submitted, before its
+    # message comes back: said, with the slowest sweep that leaves room
+    [warning] = [m for m in run_checks() if m.id == "inference.W007"]
+    assert not warning.is_serious()
+    assert "before CELERY_VISIBILITY_TIMEOUT_SECONDS (1800)" in warning.msg
+    assert "at most 360" in warning.hint
+    # while at 6 minutes the margin (30 minutes) starts as the message comes back,
+    # and RabbitMQ (which hands a message back as its consumer's connection ends)
+    # has no such timeout
+    settings.INFERENCE_ORPHAN_SWEEP_SECONDS = 360
+    assert _ids() == []
+    settings.INFERENCE_ORPHAN_SWEEP_SECONDS = 600
+    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+    assert _ids() == []
