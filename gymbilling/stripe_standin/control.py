@@ -1,7 +1,7 @@
 """`/_config/...`: control endpoints for tests and the demo (no auth, like localstripe's).
 
     GET    /_config/health                        {"ok": true}
-    DELETE /_config/data                          forget everything (store, events, idempotency keys)
+    DELETE /_config/data                          forget everything (store, events, idempotency keys, faults)
     POST   /_config/idempotency_keys/expire       forget the idempotency keys only, as Stripe does
                                                   after 24 h: a request sent again runs again
     POST   /_config/webhooks/<id>                 {"url", "secret", "events"?: [...]} add/replace a target
@@ -27,6 +27,15 @@
     POST   /_config/meter_events/validation       {"later": true|false} an event for a customer the
                                                   stand-in has not got: taken, then reported in a
                                                   thin error report event (true), or 404 (meters.py)
+    POST   /_config/faults                        {"method"?: "POST", "path": "/v1/…", "status": 429|5xx,
+                                                  "count"?: 1, "taken"?: false} the next `count` requests
+                                                  to that path answer that status (429 `rate_limit`,
+                                                  5xx `api_error`), not run, storing nothing; taken (5xx
+                                                  only): run, then answered the 5xx, which its
+                                                  Idempotency-Key keeps (faults.py) → the fault
+    GET    /_config/faults                        {"data": [{"method", "path", "status", "count", "taken",
+                                                    "remaining", "faulted"}]}  faulted: requests answered
+    DELETE /_config/faults                        forget every fault (so does DELETE /_config/data)
 
 `/_config/webhooks/<id>` with id `hold`/`release` is taken by the hold/release
 endpoints, so those two names cannot be used as webhook ids.
@@ -34,10 +43,12 @@ endpoints, so those two names cannot be used as webhook ids.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from aiohttp import web
 from localstripe.resources import Customer, store
 
-from gymbilling.stripe_standin import idempotency, webhooks
+from gymbilling.stripe_standin import faults, idempotency, webhooks
 from gymbilling.stripe_standin.checkout import checkout_session_age, session_retrieve
 from gymbilling.stripe_standin.common import json_response, read_params, stripe_error, to_int
 from gymbilling.stripe_standin.connect import account_capabilities_set
@@ -61,6 +72,7 @@ async def data_forget(request: web.Request) -> web.Response:
     store.clear()
     webhooks.forget_events()
     idempotency.forget()
+    faults.forget()
     refunds_refuse(None)
     meter_validation_set(later=False)
     return json_response({"ok": True})
@@ -68,6 +80,20 @@ async def data_forget(request: web.Request) -> web.Response:
 
 async def idempotency_keys_expire(request: web.Request) -> web.Response:
     idempotency.forget()
+    return json_response({"ok": True})
+
+
+async def fault_add(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    return json_response(asdict(faults.fault_add(**params)))
+
+
+async def faults_list(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": faults.listing()})
+
+
+async def faults_forget(request: web.Request) -> web.Response:
+    faults.forget()
     return json_response({"ok": True})
 
 
@@ -162,6 +188,9 @@ routes = [
     ("GET", "/_config/health", health),
     ("DELETE", "/_config/data", data_forget),
     ("POST", "/_config/idempotency_keys/expire", idempotency_keys_expire),
+    ("POST", "/_config/faults", fault_add),
+    ("GET", "/_config/faults", faults_list),
+    ("DELETE", "/_config/faults", faults_forget),
     # hold/release before `{id}`: aiohttp matches routes in the order they are added.
     ("POST", "/_config/webhooks/hold", webhooks_hold),
     ("POST", "/_config/webhooks/release", webhooks_release),

@@ -7,7 +7,9 @@ request sent again after that runs again, as it would at Stripe.
 The same key on the same path returns the first response byte for byte, with
 `Idempotent-Replayed: true`. The same key with different parameters is refused
 (400 `idempotency_error`), as Stripe refuses it. 5xx responses are not kept, so a
-retry after a crash runs again.
+retry after a crash runs again, except one a fault says Stripe answered after it ran the
+request (faults.py, `taken`): Stripe keeps that 5xx under the key, and replays it saying
+`Stripe-Should-Retry: false`, as retrying gets the same answer.
 """
 
 from __future__ import annotations
@@ -62,10 +64,25 @@ async def idempotency_middleware(request: web.Request, handler):
             status=saved.status, body=saved.body, content_type=saved.content_type
         )
         response.headers["Idempotent-Replayed"] = "true"
+        if saved.status >= 500:
+            response.headers["Stripe-Should-Retry"] = "false"
         response.headers["Idempotency-Key"] = key[2]
         return response
     response = await handler(request)
-    if response.status < 500 and isinstance(response, web.Response) and response.body is not None:
-        _saved[key] = Saved(body_hash, response.status, bytes(response.body), response.content_type)
+    if response.status < 500:
+        _save(key, body_hash, response)
     response.headers["Idempotency-Key"] = key[2]
     return response
+
+
+async def keep(request: web.Request, response: web.StreamResponse) -> None:
+    """Keep `response` as the answer to the request's Idempotency-Key, whatever its status
+    (a 5xx after the request ran: faults.py), in place of the one its handler gave."""
+    key = _key_of(request)
+    if key is not None:
+        _save(key, hashlib.sha256(await request.read()).hexdigest(), response)
+
+
+def _save(key: tuple[str, str, str], body_hash: str, response: web.StreamResponse) -> None:
+    if isinstance(response, web.Response) and response.body is not None:
+        _saved[key] = Saved(body_hash, response.status, bytes(response.body), response.content_type)

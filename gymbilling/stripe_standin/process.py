@@ -161,6 +161,30 @@ class StripeStandIn:
         """Forget every idempotency key, as Stripe does after about 24 hours."""
         self.config("POST", "/_config/idempotency_keys/expire")
 
+    def fault(
+        self,
+        path: str,
+        status: int,
+        *,
+        method: str = "POST",
+        count: int = 1,
+        taken: bool = False,
+    ) -> dict[str, Any]:
+        """Answer the next `count` requests of `method` to `path` with `status` (429 or a
+        5xx) in Stripe's error shape, without running them; `taken` (a 5xx): run them, then
+        answer the 5xx, which their Idempotency-Key keeps (faults.py). An SDK's own
+        retries are requests too, each taking one of `count`."""
+        body = {"method": method, "path": path, "status": status, "count": count, "taken": taken}
+        return self.config("POST", "/_config/faults", body)
+
+    def faults(self) -> list[dict[str, Any]]:
+        """Every fault, in order, with the requests left (`remaining`) and answered
+        (`faulted`)."""
+        return self.config("GET", "/_config/faults")["data"]
+
+    def clear_faults(self) -> None:
+        self.config("DELETE", "/_config/faults")
+
     def advance(self, subscription_id: str) -> dict[str, Any]:
         """End the subscription's current period (renew, or cancel at period end)."""
         return self.config("POST", f"/_config/subscriptions/{subscription_id}/advance")

@@ -24,6 +24,7 @@ from gymbilling.stripe_standin import (
     connect,
     control,
     customers,
+    faults,
     idempotency,
     invoices,
     meters,
@@ -172,6 +173,9 @@ def create_app(
             request_id_middleware,
             error_middleware,
             auth_middleware,
+            # After the key is checked (Stripe limits an account), before the idempotency
+            # layer and every handler: a faulted request stores nothing (faults.py).
+            faults.fault_middleware,
             idempotency.idempotency_middleware,
             error_middleware,
             localstripe.server.save_store_middleware,

@@ -14,7 +14,7 @@ import uuid
 import pytest
 import stripe
 
-from gymbilling.stripe_standin.process import StandInError
+from gymbilling.stripe_standin.process import StandInError, StripeStandIn
 
 CARD_OK = "4242424242424242"
 CARD_DECLINED = "4000000000000002"
@@ -765,3 +765,129 @@ def test_errors_have_stripes_shape(stripe_client):
     assert missing.value.http_status == 404
     assert missing.value.code == "resource_missing"
     assert json.loads(missing.value.http_body)["error"]["type"] == "invalid_request_error"
+
+
+# --- injected faults: 429 and 5xx (/_config/faults) ----------------------------------------
+
+
+@pytest.fixture
+def faults(stripe_standin):
+    """The session's stand-in, its faults forgotten after the test (others share it)."""
+    yield stripe_standin
+    stripe_standin.clear_faults()
+
+
+def _customers_with(client, email: str) -> list[str]:
+    return [c.id for c in client.v1.customers.list(params={"email": email}).data]
+
+
+def test_a_429_fault_answers_the_next_requests_without_running_them(stripe_client, faults):
+    # given the next two customer creations rate limited
+    faults.fault("/v1/customers", 429, count=2)
+    email = f"{_unique('member')}@example.com"
+    params, key = {"email": email}, _unique("customer")
+
+    # when a customer is created, three times under one idempotency key
+    refused = []
+    for _ in range(2):
+        with pytest.raises(stripe.RateLimitError) as limited:
+            stripe_client.v1.customers.create(params=params, options={"idempotency_key": key})
+        refused.append(limited.value)
+    created = stripe_client.v1.customers.create(params=params, options={"idempotency_key": key})
+
+    # then the first two are Stripe's 429, and run nothing: the key kept no answer, so the
+    # third runs, and makes the one customer
+    for error in refused:
+        body = json.loads(error.http_body)["error"]
+        assert (error.http_status, body["type"], body["code"]) == (
+            429,
+            "invalid_request_error",
+            "rate_limit",
+        )
+    assert _customers_with(stripe_client, email) == [created.id]
+    assert [(f["status"], f["remaining"], f["faulted"]) for f in faults.faults()] == [(429, 0, 2)]
+    # and the key now keeps the customer
+    again = stripe_client.v1.customers.create(params=params, options={"idempotency_key": key})
+    assert again.id == created.id
+
+
+def test_a_5xx_fault_is_retried_by_the_sdk_and_runs_once(stripe_standin, faults):
+    # given an SDK that retries once, and the next customer creation answered 503
+    client = stripe.StripeClient(
+        "sk_test_standin",
+        base_addresses={"api": stripe_standin.api_base},
+        stripe_version=stripe.api_version,
+        max_network_retries=1,
+    )
+    faults.fault("/v1/customers", 503)
+    email = f"{_unique('member')}@example.com"
+
+    # when a customer is created
+    created = client.v1.customers.create(params={"email": email})
+
+    # then the 503 was answered, the SDK's retry made the customer, once
+    assert [(f["status"], f["faulted"]) for f in faults.faults()] == [(503, 1)]
+    assert _customers_with(client, email) == [created.id]
+
+
+def test_a_5xx_fault_after_the_request_ran_is_kept_under_its_idempotency_key(stripe_client, faults):
+    # given the next customer creation run, then answered 500 (taken)
+    faults.fault("/v1/customers", 500, taken=True)
+    email = f"{_unique('member')}@example.com"
+    params, key = {"email": email}, _unique("customer")
+
+    # when it is created, then sent again under the same key
+    with pytest.raises(stripe.APIError) as failed:
+        stripe_client.v1.customers.create(params=params, options={"idempotency_key": key})
+    with pytest.raises(stripe.APIError) as replayed:
+        stripe_client.v1.customers.create(params=params, options={"idempotency_key": key})
+
+    # then both are Stripe's 500, saying not to retry; the customer was made once, and the
+    # second answer is the first, kept under its key, as Stripe keeps it
+    assert (failed.value.http_status, failed.value.code) == (500, None)
+    assert json.loads(failed.value.http_body)["error"]["type"] == "api_error"
+    assert failed.value.headers["Stripe-Should-Retry"] == "false"
+    assert replayed.value.http_body == failed.value.http_body
+    assert replayed.value.headers["Idempotent-Replayed"] == "true"
+    assert replayed.value.headers["Stripe-Should-Retry"] == "false"
+    assert len(_customers_with(stripe_client, email)) == 1
+    assert [f["faulted"] for f in faults.faults()] == [1]
+
+
+def test_faults_are_checked_and_forgotten(faults, tmp_path):
+    # when faults Stripe cannot answer are asked for, they are refused, naming the parameter
+    for body, param in [
+        ({"path": "/v1/customers", "status": 404}, "status"),
+        ({"path": "/_config/faults", "status": 503}, "path"),
+        ({"path": "/v1/customers", "status": 429, "taken": True}, "taken"),
+        ({"path": "/v1/customers", "status": 503, "count": 0}, "count"),
+    ]:
+        with pytest.raises(StandInError) as refused:
+            faults.config("POST", "/_config/faults", body)
+        assert (refused.value.status, refused.value.body["error"]["param"]) == (400, param)
+    assert faults.faults() == []
+
+    # when faults are added, then forgotten
+    faults.fault("/v1/customers", 429, count=3)
+    faults.fault("/v1/billing/meter_events", 503, method="post")
+    assert [(f["method"], f["path"], f["remaining"]) for f in faults.faults()] == [
+        ("POST", "/v1/customers", 3),
+        ("POST", "/v1/billing/meter_events", 1),
+    ]
+    faults.clear_faults()
+
+    # then none is left
+    assert faults.faults() == []
+
+
+def test_forgetting_the_data_forgets_the_faults(tmp_path):
+    # given a stand-in of its own (forgetting the session's data would end others' state)
+    # with a fault
+    with StripeStandIn(data_dir=tmp_path) as standin:
+        standin.fault("/v1/customers", 503, count=5)
+
+        # when everything is forgotten
+        standin.reset()
+
+        # then the fault is too
+        assert standin.faults() == []
