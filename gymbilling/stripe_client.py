@@ -8,8 +8,10 @@ stand-in (gymbilling/stripe_standin) by setting STRIPE_API_BASE.
 - The API version is pinned (`API_VERSION`): Stripe changes object shapes
   between versions, and the webhook payloads follow the account's version, so
   we only ever read objects we fetched ourselves under this version.
-- Every call has a timeout and the SDK's own retries for network errors and
-  409/429/5xx (it sends the same idempotency key on each retry).
+- Every call has a timeout and the SDK's own retries for network errors, 409
+  and 5xx (it sends the same idempotency key on each retry); it follows Stripe's
+  `Stripe-Should-Retry` header, so a 429 is retried only where Stripe says so, and
+  a 5xx Stripe kept under the key (it ran the request) is not.
 - Every POST carries an idempotency key derived from our own rows
   (`checkout:<org>:<uuid>`, `customer:org:<pk>`, ...), so a retry after a
   timeout cannot create a second customer, subscription or transfer.
