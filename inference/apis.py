@@ -62,10 +62,11 @@ from inference.models import (
 )
 from inference.openai_body import (
     NEUTRAL,
+    NEUTRAL_BY_KIND,
     content_parts_text,
     generation_body,
-    is_neutral,
-    neutral_json,
+    neutral_refusal,
+    neutral_taken,
     text_storable,
 )
 from inference.relay import HEARTBEAT, CancelOrigin, relay_events, relay_progress
@@ -280,28 +281,35 @@ class _Prompt(serializers.CharField):
         return super().run_validation(data)
 
 
+_JSON_TYPES = {bool: "boolean", int: "integer", str: "string", list: "array", dict: "object"}
+
+
 class _Neutral(serializers.Field):
     """An OpenAI parameter this API does not act on, taken at its neutral values only: those
-    that ask for nothing more than leaving it out does (`logprobs: false`, `n: 1`), which
+    that ask for nothing more than leaving it out does (`logprobs: false`, `tools: []`), which
     clients send by default. Another value asks for what this API does not serve: refused
-    with `unsupported_parameter`, never ignored. Taken values are dropped
-    (_GenerationInput.validate), as openai_body drops them."""
+    with `unsupported_parameter`, never ignored; a malformed one is `invalid_request`. Taken
+    values are dropped (_GenerationInput.validate), as openai_body drops them: both decide
+    by openai_body.neutral_refusal, from its NEUTRAL table."""
 
-    def __init__(self, *, types: tuple[type, ...], neutral: tuple, why: str, **kwargs):
-        super().__init__(required=False, allow_null=True, **kwargs)
-        self.types, self.neutral, self.why = types, neutral, why
+    def __init__(self, *, name: str, **kwargs):
+        super().__init__(
+            required=False,
+            allow_null=True,
+            help_text=f"Not acted on: taken and dropped at {neutral_taken(name)}; refused "
+            "(400) otherwise.",
+            **kwargs,
+        )
+        # The schema gives OpenAI's JSON types, not a plain Field's "string".
+        types = [{"type": _JSON_TYPES[t]} for t in NEUTRAL[name]["types"]]
+        extend_schema_field(types[0] if len(types) == 1 else {"oneOf": types})(self)
 
     def to_internal_value(self, data):
-        if type(data) not in self.types:
-            raise serializers.ValidationError(
-                f"{self.field_name} must be {' or '.join(neutral_json(n) for n in self.neutral)}."
-            )
-        if is_neutral(data, self.neutral):
+        refusal = neutral_refusal(self.field_name, data)
+        if refusal is None:
             return data
-        raise _unsupported(
-            f"{self.field_name}={neutral_json(data)} is not supported: {self.why}. Send "
-            f"{' or '.join(neutral_json(n) for n in self.neutral)}, or leave it out."
-        )
+        code, message = refusal
+        raise serializers.ValidationError(message, code=code)
 
     def to_representation(self, value):
         return value
@@ -351,11 +359,20 @@ class _GenerationInput(StrictSerializer):
     frequency_penalty = _JsonNumber(min_value=-2, max_value=2, required=False, allow_null=True)
     stop = serializers.JSONField(required=False, allow_null=True)
     n = serializers.IntegerField(min_value=1, required=False, allow_null=True)
-    logprobs = _Neutral(**NEUTRAL["logprobs"])
+    logprobs = _Neutral(name="logprobs")
     stream = _JsonBoolean(default=False)
     stream_options = _StreamOptions(required=False, allow_null=True)
     user = serializers.CharField(max_length=256, required=False, allow_blank=True)
     priority = serializers.ChoiceField(choices=Priority.values, default=Priority.STANDARD)
+    # The OpenAI endpoint ("chat", "completion") whose parameters not acted on
+    # (openai_body.NEUTRAL_BY_KIND) the body also takes, each a _Neutral field.
+    neutral_kind: str | None = None
+
+    def get_fields(self):
+        fields = super().get_fields()
+        for name in sorted(NEUTRAL_BY_KIND.get(self.neutral_kind, ())):
+            fields[name] = _Neutral(name=name)
+        return fields
 
     def validate_stop(self, value):
         if value is None:
@@ -888,10 +905,8 @@ class ChatCompletionsApi(_GenerationApi):
         class Meta:
             ref_name = "ChatCompletionInput"
 
+        neutral_kind = "chat"
         messages = _Message(many=True, allow_empty=False, max_length=512)
-        top_logprobs = _Neutral(**NEUTRAL["top_logprobs"])
-        response_format = _Neutral(**NEUTRAL["response_format"])
-        parallel_tool_calls = _Neutral(**NEUTRAL["parallel_tool_calls"])
 
     def prompt(self, data, model):
         return render_chat(model, data["messages"])
@@ -936,9 +951,8 @@ class CompletionsApi(_GenerationApi):
         class Meta:
             ref_name = "CompletionInput"
 
+        neutral_kind = "completion"
         prompt = _Prompt()
-        echo = _Neutral(**NEUTRAL["echo"])
-        best_of = _Neutral(**NEUTRAL["best_of"])
 
     def prompt(self, data, model):
         return data["prompt"]

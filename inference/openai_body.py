@@ -27,9 +27,38 @@ _MAX_MESSAGES = 512
 
 # OpenAI's parameters that this API does not act on, each with its neutral values (those
 # that ask for nothing more than leaving it out does), which clients send by default and
-# which are taken and dropped; any other value is refused, `unsupported_parameter`
-# (inference.apis `_Neutral`). `types`: the JSON types the parameter has at OpenAI (a
-# value of another type is malformed: `invalid_request`); `why`: what the refusal says.
+# which are taken and dropped, as null is; any other value is refused,
+# `unsupported_parameter` (neutral_refusal, for both this module and inference.apis
+# `_Neutral`). `types`: the JSON types the parameter has at OpenAI; `valid` (optional): what
+# else OpenAI requires of a value (an enum's strings, a map's limits); a value failing
+# either is malformed, `invalid_request`, and `form` (optional) says what it must be.
+# `neutral`: the neutral values, or EVERY_VALID where any well-formed value asks for
+# nothing. `why`: what the refusal says. Types and values as in OpenAI's API reference
+# (and the official `openai` SDK's request types); where a value is taken as neutral by
+# our own reading, the entry says so.
+EVERY_VALID = None
+
+
+def _strings_in(*choices: str):
+    # An enum's strings; a value of another of the parameter's types is not checked here.
+    return lambda value: type(value) is not str or value in choices
+
+
+def _logit_bias_valid(value: dict) -> bool:
+    # Token ids (as JSON object keys) to a bias from -100 to 100.
+    return all(
+        key.isascii() and key.isdigit() and type(bias) is int and -100 <= bias <= 100
+        for key, bias in value.items()
+    )
+
+
+def _metadata_valid(value: dict) -> bool:
+    # OpenAI's limits on its tags: 16 keys of up to 64 characters, string values of up to 512.
+    return len(value) <= 16 and all(
+        len(key) <= 64 and type(tag) is str and len(tag) <= 512 for key, tag in value.items()
+    )
+
+
 NEUTRAL: dict[str, dict] = {
     "logprobs": {
         # A boolean for chat, an integer (how many) for text completions.
@@ -63,10 +92,131 @@ NEUTRAL: dict[str, dict] = {
         "neutral": (1,),
         "why": "each request generates one candidate",
     },
+    "tools": {
+        "types": (list,),
+        "form": "a list of tools",
+        "neutral": ([],),
+        "why": "function calling is not served: these models answer in text",
+    },
+    "tool_choice": {
+        # Our reading: "auto" with no tools (the only tools taken) generates a message, as
+        # "none" does. An object names a tool, of which there is none: refused whatever its
+        # shape.
+        "types": (str, dict),
+        "valid": _strings_in("none", "auto", "required"),
+        "form": '"none", "auto", "required" or an object naming a tool',
+        "neutral": ("none", "auto"),
+        "why": "tools are not supported, so none can be chosen",
+    },
+    "functions": {
+        # OpenAI's deprecated forms of tools and tool_choice, as the two above.
+        "types": (list,),
+        "form": "a list of functions",
+        "neutral": ([],),
+        "why": "function calling is not served: these models answer in text",
+    },
+    "function_call": {
+        "types": (str, dict),
+        "valid": _strings_in("none", "auto"),
+        "form": '"none", "auto" or an object naming a function',
+        "neutral": ("none", "auto"),
+        "why": "functions are not supported, so none can be called",
+    },
+    "logit_bias": {
+        "types": (dict,),
+        "valid": _logit_bias_valid,
+        "form": "an object mapping token ids to integers from -100 to 100",
+        "neutral": ({},),
+        "why": "these engines take no token biases",
+    },
+    "store": {
+        "types": (bool,),
+        "neutral": (False,),
+        "why": "nothing is stored for OpenAI's distillation or evals",
+    },
+    "metadata": {
+        # OpenAI's tags for a stored completion (store: true), which nothing here is: our
+        # choice is to take a well-formed object as asking for nothing and drop it, since
+        # clients attach tags by default, and to refuse a malformed one as OpenAI does.
+        "types": (dict,),
+        "valid": _metadata_valid,
+        "form": "an object of at most 16 keys of up to 64 characters, each with a string "
+        "value of up to 512 characters",
+        "neutral": EVERY_VALID,  # so never refused as unsupported: no `why`
+    },
+    "service_tier": {
+        # "auto" and "default" both mean the standard processing OpenAI serves by default.
+        "types": (str,),
+        "valid": _strings_in("auto", "default", "flex", "scale", "priority", "fast"),
+        "form": '"auto", "default", "flex", "scale", "priority" or "fast"',
+        "neutral": ("auto", "default"),
+        "why": "OpenAI's service tiers are not served here; this API's own `priority` field "
+        "chooses how a request is queued and priced",
+    },
+    "modalities": {
+        "types": (list,),
+        "valid": lambda value: all(m in ("text", "audio") for m in value),
+        "form": 'a list of "text" and "audio"',
+        "neutral": (["text"],),
+        "why": "these models answer in text only",
+    },
+    "prediction": {
+        "types": (dict,),
+        "form": "an object",
+        "neutral": (),
+        "why": "predicted outputs are not used",
+    },
+    "audio": {
+        "types": (dict,),
+        "form": "an object",
+        "neutral": (),
+        "why": "these models answer in text only",
+    },
+    "reasoning_effort": {
+        # Our choice: null only. "none" asks a reasoning model to skip its reasoning, which
+        # this API could not make an engine of the catalog do.
+        "types": (str,),
+        "valid": _strings_in("none", "minimal", "low", "medium", "high", "xhigh", "max"),
+        "form": '"none", "minimal", "low", "medium", "high", "xhigh" or "max"',
+        "neutral": (),
+        "why": "reasoning effort is not set on these engines",
+    },
+    "web_search_options": {
+        "types": (dict,),
+        "form": "an object",
+        "neutral": (),
+        "why": "these models do not search the web",
+    },
+    "suffix": {
+        # Our reading: an empty suffix inserts before nothing, as leaving it out does.
+        "types": (str,),
+        "neutral": ("",),
+        "why": "an answer is not inserted before a suffix (no fill-in-the-middle)",
+    },
 }
-_NEUTRAL_BY_KIND = {
-    "chat": frozenset({"logprobs", "top_logprobs", "response_format", "parallel_tool_calls"}),
-    "completion": frozenset({"logprobs", "echo", "best_of"}),
+NEUTRAL_BY_KIND = {
+    "chat": frozenset(
+        {
+            "logprobs",
+            "top_logprobs",
+            "response_format",
+            "parallel_tool_calls",
+            "tools",
+            "tool_choice",
+            "functions",
+            "function_call",
+            "logit_bias",
+            "store",
+            "metadata",
+            "service_tier",
+            "modalities",
+            "prediction",
+            "audio",
+            "reasoning_effort",
+            "web_search_options",
+        }
+    ),
+    "completion": frozenset({"logprobs", "echo", "best_of", "logit_bias", "suffix"}),
 }
 
 _COMMON = frozenset(
@@ -107,6 +257,47 @@ def is_neutral(value: Any, neutral: tuple) -> bool:
     return any(neutral_json(value) == neutral_json(n) for n in neutral)
 
 
+def neutral_refusal(name: str, value: Any) -> tuple[str, str] | None:
+    """Why a NEUTRAL parameter's value is refused, as (code, message), or None: it is taken
+    (and dropped), being null or asking for nothing. The code is "invalid" (malformed) or
+    "unsupported_parameter" (a well-formed value asking for what this API does not serve)."""
+    if value is None:
+        return None
+    spec = NEUTRAL[name]
+    neutral = spec["neutral"]
+    if type(value) not in spec["types"] or not spec.get("valid", _anything)(value):
+        return "invalid", f"{name} must be {spec.get('form') or _listed(neutral)}."
+    if neutral is EVERY_VALID or is_neutral(value, neutral):
+        return None
+    return "unsupported_parameter", (
+        f"{name}={_shown(value)} is not supported: {spec['why']}. Send {_listed(neutral)}, "
+        "or leave it out."
+    )
+
+
+def neutral_taken(name: str) -> str:
+    """What a NEUTRAL parameter is taken at, as the API's schema says it."""
+    neutral = NEUTRAL[name]["neutral"]
+    if neutral is EVERY_VALID:
+        return f"null or {NEUTRAL[name]['form']}"
+    return " or ".join(neutral_json(n) for n in (None, *neutral))
+
+
+def _anything(value: Any) -> bool:
+    return True
+
+
+def _listed(neutral: tuple) -> str:
+    # A parameter taken at null only (prediction) lists that.
+    return " or ".join(neutral_json(n) for n in neutral or (None,))
+
+
+def _shown(value: Any) -> str:
+    # A refused list of tools can run to kilobytes: the message shows its start.
+    text = neutral_json(value)
+    return text if len(text) <= 100 else f"{text[:97]}..."
+
+
 class _Defer(Exception):
     """Not the ordinary case: the serializer decides."""
 
@@ -120,16 +311,12 @@ def generation_body(data: Any, *, kind: str) -> dict | None:
         return None
     text_field = "messages" if kind == "chat" else "prompt"
     try:
-        neutral = _NEUTRAL_BY_KIND[kind]
+        neutral = NEUTRAL_BY_KIND[kind]
         if not data.keys() <= _COMMON | neutral | {text_field}:
             raise _Defer
         for name in neutral & data.keys():
             # Taken and dropped at a neutral value (or null), as the serializer does.
-            value = data[name]
-            if value is not None and (
-                type(value) not in NEUTRAL[name]["types"]
-                or not is_neutral(value, NEUTRAL[name]["neutral"])
-            ):
+            if neutral_refusal(name, data[name]) is not None:
                 raise _Defer
         out: dict = {"model": _name(data.get("model"), 128)}
         if kind == "chat":

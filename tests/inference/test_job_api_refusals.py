@@ -430,6 +430,7 @@ def test_a_lone_surrogate_echoed_in_an_error_is_escaped_not_a_500(api, org, path
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/squat.png"}}
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
 
 
@@ -482,6 +483,38 @@ AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}
             "several prompts",
         ),
         ("/v1/completions", {"model": MODEL, "prompt": [464, 3290]}, "prompt", "token ids"),
+        *[
+            ("/v1/chat/completions", {**CHAT, name: value}, name, named)
+            for name, value, named in [
+                ("tools", [LOOKUP], "tools=[{"),
+                ("tool_choice", "required", 'tool_choice="required"'),
+                ("tool_choice", LOOKUP, "tool_choice={"),
+                ("functions", [LOOKUP["function"]], "function calling is not served"),
+                ("function_call", {"name": "lookup"}, 'function_call={"name": "lookup"}'),
+                ("logit_bias", {"50256": -100}, 'logit_bias={"50256": -100}'),
+                ("store", True, "store=true"),
+                ("service_tier", "flex", 'service_tier="flex"'),
+                ("service_tier", "priority", "this API's own `priority` field"),
+                ("service_tier", "scale", 'service_tier="scale"'),
+                ("modalities", ["text", "audio"], 'modalities=["text", "audio"]'),
+                ("prediction", {"type": "content", "content": "Plan"}, "predicted outputs"),
+                ("audio", {"voice": "alloy", "format": "wav"}, "text only"),
+                ("reasoning_effort", "low", 'reasoning_effort="low"'),
+                ("web_search_options", {}, "web_search_options={}"),
+            ]
+        ],
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "Plan", "logit_bias": {"50256": -100}},
+            "logit_bias",
+            "token biases",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "def plan(", "suffix": "    return week"},
+            "suffix",
+            'suffix="    return week"',
+        ),
     ],
     ids=[
         "image part",
@@ -495,13 +528,31 @@ AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}
         "completion logprobs",
         "several prompts",
         "token ids",
+        "tools",
+        "tool_choice required",
+        "tool_choice a function",
+        "functions",
+        "function_call",
+        "logit_bias",
+        "store",
+        "service_tier flex",
+        "service_tier priority",
+        "service_tier scale",
+        "audio modality",
+        "prediction",
+        "audio",
+        "reasoning_effort",
+        "web_search_options",
+        "completion logit_bias",
+        "suffix",
     ],
 )
 def test_what_openai_serves_and_this_api_does_not_is_refused_as_unsupported_naming_it(
     api, org, path, body, param, named
 ):
     # given a body OpenAI's API would take, asking for what these models do not serve
-    # (an image, log probabilities, a JSON mode, several choices or prompts)
+    # (an image, log probabilities, a JSON mode, several choices or prompts, tools, a
+    # service tier, stored completions, audio, a suffix...)
     before = organization_balance(organization=org)
 
     # when
@@ -530,17 +581,54 @@ def test_what_openai_serves_and_this_api_does_not_is_refused_as_unsupported_nami
         ({**CHAT, "presence_penalty": 2.5}, "presence_penalty"),
         ({**CHAT, "frequency_penalty": True}, "frequency_penalty"),
         ({**CHAT, "n": 0}, "n"),
-        ({**CHAT, "tools": []}, "tools"),
+        ({**CHAT, "tools": {}}, "tools"),
+        ({**CHAT, "tool_choice": "maybe"}, "tool_choice"),
+        ({**CHAT, "logit_bias": {"50256": 500}}, "logit_bias"),
+        ({**CHAT, "store": "no"}, "store"),
+        ({**CHAT, "metadata": {f"tag{i}": "x" for i in range(17)}}, "metadata"),
+        ({**CHAT, "metadata": {"k" * 65: "x"}}, "metadata"),
+        ({**CHAT, "metadata": {"team": "x" * 513}}, "metadata"),
+        ({**CHAT, "metadata": {"team": 42}}, "metadata"),
+        ({**CHAT, "service_tier": "turbo"}, "service_tier"),
+        ({**CHAT, "modalities": ["video"]}, "modalities"),
+        ({**CHAT, "web_search_options": "on"}, "web_search_options"),
+        ({"model": MODEL, "prompt": "Plan", "suffix": 5}, "suffix"),
+        ({**CHAT, "tool": []}, "tool"),
+        ({"model": MODEL, "prompt": "Plan", "tools": []}, "tools"),
     ],
-    ids=["logprobs not a boolean", "penalty out of range", "penalty not a number", "n 0", "tools"],
+    ids=[
+        "logprobs not a boolean",
+        "penalty out of range",
+        "penalty not a number",
+        "n 0",
+        "tools not a list",
+        "tool_choice not OpenAI's",
+        "logit_bias out of range",
+        "store not a boolean",
+        "metadata 17 keys",
+        "metadata key too long",
+        "metadata value too long",
+        "metadata value not a string",
+        "service_tier not OpenAI's",
+        "modalities not OpenAI's",
+        "web_search_options not an object",
+        "suffix not a string",
+        "unknown field",
+        "tools on a text completion",
+    ],
 )
 def test_a_malformed_or_unknown_openai_field_stays_an_invalid_request(api, org, body, param):
-    # when a field is of the wrong type or out of OpenAI's own range, or one this API
-    # does not know (tools)
-    error = _error(api.post("/v1/chat/completions", body, format="json"), 400)
+    # given
+    before = organization_balance(organization=org)
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
 
-    # then it is the plain invalid_request naming it, as before
+    # when a field is of the wrong type or out of OpenAI's own range, or one this endpoint
+    # does not know (tools are a chat parameter)
+    error = _error(api.post(path, body, format="json"), 400)
+
+    # then it is the plain invalid_request naming it, as before, and nothing is held
     assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert organization_balance(organization=org) == before
     assert not Job.objects.filter(organization=org).exists()
 
 

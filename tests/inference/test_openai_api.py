@@ -369,7 +369,8 @@ def test_the_fields_clients_send_by_default_are_taken_and_the_penalties_reach_th
     plain = client.chat.completions.create(**ask).choices[0].message.content
 
     # when it is sent with what clients send by default: each neutral value of a
-    # parameter this API does not act on, and no penalty
+    # parameter this API does not act on (through extra_body where the SDK names no
+    # such argument), and no penalty
     defaults = client.chat.completions.create(
         **ask,
         n=1,
@@ -380,23 +381,70 @@ def test_the_fields_clients_send_by_default_are_taken_and_the_penalties_reach_th
         user="member-42",
         presence_penalty=0,
         frequency_penalty=0,
+        tools=[],
+        tool_choice="none",
+        functions=[],
+        function_call="none",
+        logit_bias={},
+        store=False,
+        metadata={"team": "strength", "client": "sdk"},
+        service_tier="auto",
+        modalities=["text"],
+        prediction=None,
+        audio=None,
+        reasoning_effort=None,
+        extra_body={"web_search_options": None},
     )
     # and with penalties on the tokens already generated
     penalized = client.chat.completions.create(**ask, presence_penalty=2, frequency_penalty=2)
 
     # then the first is answered as without them, and the engine applied the penalties
     assert defaults.choices[0].message.content == plain
+    assert defaults.usage.completion_tokens > 0
     assert penalized.choices[0].message.content != plain
     job = Job.objects.filter(organization=gym["org"]).latest("pk")
     assert (job.params["presence_penalty"], job.params["frequency_penalty"]) == (2.0, 2.0)
 
-    # and a value asking for what is not served is refused, naming it
+    # and a value asking for what is not served is refused, naming it, nothing held
+    before = organization_balance(organization=gym["org"])
+    for refused_kwargs, param in [
+        ({"logprobs": True}, "logprobs"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"service_tier": "flex"}, "service_tier"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**ask, **refused_kwargs)
+        assert (refused.value.body["code"], refused.value.body["param"]) == (
+            "unsupported_parameter",
+            param,
+        )
+    assert organization_balance(organization=gym["org"]) == before
+    assert Job.objects.filter(organization=gym["org"]).count() == 3
+
+
+def test_a_text_completion_takes_an_empty_suffix_and_logit_bias(gym):
+    # given a prompt answered greedily
+    client = gym["client"]
+    ask = {"model": MODEL, "prompt": "Rest days matter", "max_tokens": 8, "temperature": 0}
+    plain = client.completions.create(**ask)
+
+    # when it is sent with the neutral values of OpenAI's suffix and logit_bias
+    defaults = client.completions.create(**ask, suffix="", logit_bias={})
+
+    # then it is answered as without them
+    assert defaults.choices[0].text == plain.choices[0].text
+    assert defaults.usage.prompt_tokens == plain.usage.prompt_tokens > 0
+
+    # and a suffix to fill in before is refused, naming it, nothing held
+    before = organization_balance(organization=gym["org"])
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(**ask, logprobs=True)
+        client.completions.create(**ask, suffix=" and so does sleep.")
     assert (refused.value.body["code"], refused.value.body["param"]) == (
         "unsupported_parameter",
-        "logprobs",
+        "suffix",
     )
+    assert organization_balance(organization=gym["org"]) == before
+    assert Job.objects.filter(organization=gym["org"]).count() == 2
 
 
 def test_requests_without_a_seed_are_sampled_afresh_and_a_seed_still_repeats(gym):

@@ -106,7 +106,43 @@ ORDINARY = [
         },
     ),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": None}),
+    # what the openai SDK, LangChain, LiteLLM and the Vercel AI SDK send asking for nothing
+    (
+        "chat",
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [],
+            "tool_choice": "none",
+            "functions": [],
+            "function_call": "none",
+            "logit_bias": {},
+            "store": False,
+            "metadata": {"team": "strength", "k" * 64: "v" * 512},
+            "service_tier": "auto",
+            "modalities": ["text"],
+            "prediction": None,
+            "audio": None,
+            "reasoning_effort": None,
+            "web_search_options": None,
+        },
+    ),
+    (
+        "chat",
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "tool_choice": "auto",
+            "function_call": "auto",
+            "logit_bias": None,
+            "metadata": {},
+            "service_tier": "default",
+            "parallel_tool_calls": False,
+        },
+    ),
     ("completion", {"model": "m", "prompt": ["Once"], "echo": False, "best_of": 1}),
+    ("completion", {"model": "m", "prompt": "x", "logit_bias": {}, "suffix": ""}),
+    ("completion", {"model": "m", "prompt": "x", "logit_bias": None, "suffix": None}),
     ("completion", {"model": "m", "prompt": "x", "logprobs": False, "presence_penalty": 2}),
 ]
 
@@ -171,6 +207,10 @@ REFUSED = [
     ),
     ("completion", {"model": "m", "prompt": "x", "best_of": 1.0}),
     ("completion", {"model": "m", "prompt": "x", "response_format": {"type": "text"}}),
+    # chat's parameters not acted on are not a text completion's, even at a neutral value
+    ("completion", {"model": "m", "prompt": "x", "tools": []}),
+    ("completion", {"model": "m", "prompt": "x", "store": False}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "suffix": ""}),
     ("completion", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
 ]
 
@@ -260,7 +300,21 @@ _fields = {
     "logprobs": _either(st.sampled_from([None, False])),
     "response_format": _either(st.sampled_from([None, {"type": "text"}])),
     "echo": _either(st.sampled_from([None, False])),
-    "logit_bias": _values,
+    "tools": _either(st.sampled_from([None, [], [{"type": "function"}]])),
+    "tool_choice": _either(st.sampled_from([None, "none", "auto", "required"])),
+    "logit_bias": _either(
+        st.none() | st.dictionaries(st.sampled_from(["1", "50256", "x"]), st.integers(-101, 101))
+    ),
+    "store": _either(st.sampled_from([None, False, True])),
+    "metadata": _either(
+        st.none()
+        | st.dictionaries(
+            st.text(max_size=2) | st.just("k" * 65), st.text(max_size=3) | st.just("v" * 513)
+        )
+    ),
+    "service_tier": _either(st.sampled_from([None, "auto", "default", "flex", "turbo"])),
+    "modalities": _either(st.sampled_from([None, ["text"], ["text", "audio"], []])),
+    "suffix": _either(st.sampled_from([None, "", "end"])),
 }
 _TEXT_FIELD = {"chat": "messages", "completion": "prompt"}
 
@@ -269,7 +323,7 @@ _TEXT_FIELD = {"chat": "messages", "completion": "prompt"}
 def _body(draw, kind: str):
     # The endpoint's own text field always, the other one now and then.
     text_field = _TEXT_FIELD[kind]
-    optional = {n: s for n, s in _fields.items() if n not in (text_field, "logit_bias")}
+    optional = {n: s for n, s in _fields.items() if n != text_field}
     other = "prompt" if kind == "chat" else "messages"
     if draw(st.integers(0, 9)):
         optional.pop(other)
@@ -301,7 +355,7 @@ def test_whatever_the_fast_path_accepts_the_serializer_accepts_alike(kind_and_bo
 @settings(max_examples=200, deadline=None)
 @given(
     kind_and_body=_kind_and_body,
-    extra=st.sampled_from(["logit_bias", "tools", "functions"]),
+    extra=st.sampled_from(["tool", "logit_biases", "function", "bogus"]),
     value=_values,
 )
 def test_a_field_the_endpoint_does_not_know_is_left_to_the_serializer(kind_and_body, extra, value):
@@ -309,3 +363,70 @@ def test_a_field_the_endpoint_does_not_know_is_left_to_the_serializer(kind_and_b
     body = {**body, extra: value}
     assert generation_body(body, kind=kind) is None
     assert _reference(body, kind) is None
+
+
+# Each parameter this API does not act on, at a value asking for something (refused:
+# unsupported_parameter) and at one OpenAI would not take (malformed: invalid).
+NOT_ACTED_ON = [
+    ("chat", "tools", [{"type": "function", "function": {"name": "lookup"}}], "unsupported"),
+    ("chat", "tools", {}, "invalid"),
+    ("chat", "tool_choice", "required", "unsupported"),
+    ("chat", "tool_choice", {"type": "function", "function": {"name": "f"}}, "unsupported"),
+    ("chat", "tool_choice", "maybe", "invalid"),
+    ("chat", "tool_choice", True, "invalid"),
+    ("chat", "functions", [{"name": "lookup"}], "unsupported"),
+    ("chat", "functions", "lookup", "invalid"),
+    ("chat", "function_call", {"name": "lookup"}, "unsupported"),
+    ("chat", "function_call", "required", "invalid"),
+    ("chat", "logit_bias", {"50256": -100}, "unsupported"),
+    ("chat", "logit_bias", {"50256": 101}, "invalid"),
+    ("chat", "logit_bias", {"the": 5}, "invalid"),
+    ("chat", "logit_bias", {"50256": 1.5}, "invalid"),
+    ("chat", "logit_bias", [], "invalid"),
+    ("chat", "store", True, "unsupported"),
+    ("chat", "store", 0, "invalid"),
+    ("chat", "metadata", {f"k{i}": "v" for i in range(17)}, "invalid"),
+    ("chat", "metadata", {"k" * 65: "v"}, "invalid"),
+    ("chat", "metadata", {"k": "v" * 513}, "invalid"),
+    ("chat", "metadata", {"k": 1}, "invalid"),
+    ("chat", "metadata", "team", "invalid"),
+    ("chat", "service_tier", "flex", "unsupported"),
+    ("chat", "service_tier", "priority", "unsupported"),
+    ("chat", "service_tier", "scale", "unsupported"),
+    ("chat", "service_tier", "turbo", "invalid"),
+    ("chat", "modalities", ["text", "audio"], "unsupported"),
+    ("chat", "modalities", ["audio"], "unsupported"),
+    ("chat", "modalities", ["video"], "invalid"),
+    ("chat", "modalities", "text", "invalid"),
+    ("chat", "prediction", {"type": "content", "content": "x"}, "unsupported"),
+    ("chat", "prediction", "x", "invalid"),
+    ("chat", "audio", {"voice": "alloy", "format": "wav"}, "unsupported"),
+    ("chat", "reasoning_effort", "low", "unsupported"),
+    ("chat", "reasoning_effort", "none", "unsupported"),
+    ("chat", "reasoning_effort", "extreme", "invalid"),
+    ("chat", "web_search_options", {}, "unsupported"),
+    ("chat", "web_search_options", [], "invalid"),
+    ("completion", "logit_bias", {"50256": -100}, "unsupported"),
+    ("completion", "suffix", "\n# end", "unsupported"),
+    ("completion", "suffix", 5, "invalid"),
+]
+_BASE = {"chat": {"messages": [{"role": "user", "content": "x"}]}, "completion": {"prompt": "x"}}
+
+
+@pytest.mark.parametrize(("kind", "name", "value", "code"), NOT_ACTED_ON)
+def test_a_parameter_not_acted_on_is_refused_at_a_value_asking_for_something(
+    kind, name, value, code
+):
+    # given a body that is ordinary but for that parameter's value
+    body = {"model": "m", **_BASE[kind], name: value}
+
+    # when
+    serializer = SERIALIZERS[kind](data=body)
+
+    # then the serializer refuses it with that code, naming it, and the fast path defers
+    assert not serializer.is_valid()
+    assert list(serializer.errors) == [name]
+    assert serializer.errors[name][0].code == (
+        "unsupported_parameter" if code == "unsupported" else "invalid"
+    )
+    assert generation_body(body, kind=kind) is None
