@@ -187,6 +187,40 @@ NEUTRAL: dict[str, dict] = {
         "neutral": (),
         "why": "these models do not search the web",
     },
+    "safety_identifier": {
+        # An id of the application's end user for OpenAI's abuse detection (which
+        # replaces `user` there): nothing here acts on it, so any well-formed one is taken.
+        "types": (str,),
+        "valid": lambda value: len(value) <= 64,
+        "form": "a string of at most 64 characters",
+        "neutral": EVERY_VALID,
+    },
+    "prompt_cache_key": {
+        # A hint that groups requests sharing a prompt prefix for OpenAI's cache; the
+        # engines here reuse cached prefixes without one, so any string asks for nothing.
+        "types": (str,),
+        "form": "a string",
+        "neutral": EVERY_VALID,
+    },
+    "prompt_cache_retention": {
+        # "in-memory" is OpenAI's default retention; "24h" asks for an extended cache
+        # (and its price), which is not offered here.
+        "types": (str,),
+        "valid": _strings_in("in-memory", "24h"),
+        "form": '"in-memory" or "24h"',
+        "neutral": ("in-memory",),
+        "why": "the extended prompt cache is not offered; prefixes are cached by the engine",
+    },
+    "verbosity": {
+        # Our reading: "medium" is OpenAI's default, so it asks for nothing more than
+        # leaving it out; "low" and "high" steer a reasoning model's length, which these
+        # engines do not take.
+        "types": (str,),
+        "valid": _strings_in("low", "medium", "high"),
+        "form": '"low", "medium" or "high"',
+        "neutral": ("medium",),
+        "why": "verbosity is not set on these engines; `max_tokens` bounds an answer's length",
+    },
     "suffix": {
         # Our reading: an empty suffix inserts before nothing, as leaving it out does.
         "types": (str,),
@@ -214,6 +248,10 @@ NEUTRAL_BY_KIND = {
             "audio",
             "reasoning_effort",
             "web_search_options",
+            "safety_identifier",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "verbosity",
         }
     ),
     "completion": frozenset({"logprobs", "echo", "best_of", "logit_bias", "suffix"}),
