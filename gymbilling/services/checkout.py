@@ -921,9 +921,19 @@ def overage_item_changes(stripe_sub: dict, *, plan: Plan) -> list[dict]:
     price, and no other of ours: the existing overage item's price swapped, one added, or
     the item deleted when the plan has no overage; none when it is so already.
 
+    None either when the plan's overage sells in another currency than the subscription
+    is in: Stripe keeps a subscription in one currency for life and refuses (400) a price
+    in another on any of its items, which would fail the whole change (a member on an old
+    price of their plan changing its seats, a renewal's alignment). The overage item stays
+    at the price it has, and the period's allowance is withheld as for any subscription
+    without its plan's current overage price (invoices._overage_invoiced).
+
     Metered, so none of them is prorated or charged now: the meter's usage is invoiced at
     the period's end at the price on the item then."""
     target = current_overage_price(plan)
+    currency = stripe_sub.get("currency")
+    if target is not None and currency and target.currency != currency:
+        return []
     overage_prices = set(
         StripePrice.objects.filter(kind=PriceKind.OVERAGE).values_list("stripe_price_id", flat=True)
     )

@@ -19,13 +19,16 @@ adds, in the new API shape that the `stripe` SDK's pinned version reads
   charge stops counting them), customers deleted as Stripe deletes them
   (their subscriptions ended; retrieved, `deleted: true`), the customer balance
   applied to invoices as they are finalized.
+- Stripe's refusals of a currency mixed into a subscription or a customer's live
+  subscriptions (subscriptions.py): each subscription in one currency for life.
 - Idempotency-Key replay on every `POST /v1/...`, Stripe-shaped errors.
 - Signed webhooks delivered in creation order, retried with backoff.
 - A test clock of sorts: `POST /_config/subscriptions/<id>/advance` ends the
   current period (see `control.py` for every `/_config` endpoint).
 
-What it is not: tax, coupons and discounts, trials, 3-D Secure, multiple
-currencies per customer, Connect fees,
+What it is not: tax, coupons and discounts, trials, 3-D Secure, a customer's
+currency bound by its invoice items and balance (only its live subscriptions bind it
+here), Connect fees,
 payouts, real test clocks, `Customer.search`, rate limits, API versions other than
 the pinned one. Amounts are integers in minor units throughout.
 """

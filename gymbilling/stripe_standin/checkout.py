@@ -43,7 +43,11 @@ from gymbilling.stripe_standin.common import (
 from gymbilling.stripe_standin.pages import card_form, e, money, page
 from gymbilling.stripe_standin.payments import card_create, customer_card_replace, payment_collect
 from gymbilling.stripe_standin.prices import Price, price_create, price_retrieve
-from gymbilling.stripe_standin.subscriptions import subscription_start
+from gymbilling.stripe_standin.subscriptions import (
+    customer_currency_refuse,
+    prices_currency_refuse,
+    subscription_start,
+)
 from gymbilling.stripe_standin.webhooks import emit
 
 SESSION_LIFETIME_S = 24 * 3600
@@ -144,6 +148,12 @@ def checkout_session_create(
         customer_referenced(customer)
     items = _line_items(line_items, mode)
     first_price: Price = price_retrieve(items[0]["price"])
+    if mode == "subscription":
+        # Refused now, as Stripe does, not when the customer pays (subscription_start
+        # checks again then: a subscription in another currency started meanwhile).
+        prices_currency_refuse([price_retrieve(li["price"]) for li in items], param="line_items")
+        if customer:
+            customer_currency_refuse(customer, first_price.currency)
     amount = _amount_of(items)
     session = CheckoutSession(
         mode=mode,

@@ -19,6 +19,14 @@ Lifecycle emulated:
   declined → `past_due`.
 - `invoices.pay` retries with the current default card; paid → `active` again.
 - delete: cancel now.
+
+Currency, as Stripe keeps it (docs.stripe.com/invoicing/multi-currency-customers): a
+subscription is in one currency, its first price's, for life (its prices cannot change
+it), and a customer's live subscriptions are all in one. A price in another currency is
+refused, 400 `invalid_request_error` in Stripe's words, before anything changes: mixed in
+one create, put on an item of a subscription (update, `POST /v1/subscription_items`), or
+a new subscription (or Checkout in subscription mode) for a customer with a live one in
+another currency. A customer whose subscriptions all ended may subscribe in another.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dateutil.relativedelta import relativedelta
+from localstripe.errors import UserError
 from localstripe.resources import Customer, StripeObject
 
 from gymbilling.stripe_standin.common import (
@@ -143,6 +152,43 @@ def _recurring_price(price_id: Any, param: str) -> Price:
     return price
 
 
+def _currency_refuse(price: Price, *, expected: str, param: str) -> None:
+    """Stripe's refusal of a price in another currency than the subscription's."""
+    if price.currency != expected:
+        raise stripe_error(
+            400,
+            f"The price specified only supports `{price.currency}`. This doesn't match the "
+            f"expected currency: `{expected}`.",
+            param=param,
+        )
+
+
+def prices_currency_refuse(prices: list[Price], *, param: str) -> None:
+    """Stripe's refusal of one subscription (or subscription Checkout) priced in several
+    currencies."""
+    if len({price.currency for price in prices}) > 1:
+        raise stripe_error(
+            400,
+            "Currency and interval fields must match across all plans on this subscription. "
+            "Found mismatch in currency field.",
+            param=param,
+        )
+
+
+def customer_currency_refuse(customer_id: str | None, currency: str) -> None:
+    """Stripe's refusal of a new subscription in `currency` while the customer has a live
+    one (not canceled, not incomplete_expired) in another."""
+    for other in objects_of("subscription"):
+        live = other.customer == customer_id and other.status not in ENDED
+        if live and other.currency != currency:
+            raise stripe_error(
+                400,
+                "You cannot combine currencies on a single customer. This customer has an "
+                "active subscription, subscription schedule, discount, quote, or invoice "
+                f"item with currency {other.currency}.",
+            )
+
+
 def _item_params(items: Any) -> list[dict[str, Any]]:
     if not items:
         return []
@@ -219,6 +265,8 @@ def subscription_start(
     prices = [
         _recurring_price(entry["price"], f"items[{i}][price]") for i, entry in enumerate(items)
     ]
+    prices_currency_refuse(prices, param="items")
+    customer_currency_refuse(customer_id, prices[0].currency)
     start = now()
     end = period_after(start, prices[0].recurring)
     subscription = Subscription(
@@ -366,6 +414,7 @@ def _items_apply(subscription: Subscription, items: list[dict[str, Any]]) -> lis
             continue
         if item is None:
             price = _recurring_price(entry["price"], f"items[{index}][price]")
+            _currency_refuse(price, expected=subscription.currency, param=f"items[{index}][price]")
             item = _item_add(
                 subscription,
                 price=price,
@@ -376,7 +425,9 @@ def _items_apply(subscription: Subscription, items: list[dict[str, Any]]) -> lis
             continue
         old_price, old_quantity = item.price, item.quantity
         if entry.get("price"):
-            item.price = _recurring_price(entry["price"], f"items[{index}][price]")
+            price = _recurring_price(entry["price"], f"items[{index}][price]")
+            _currency_refuse(price, expected=subscription.currency, param=f"items[{index}][price]")
+            item.price = price
         if entry.get("quantity") is not None:
             item.quantity = entry["quantity"]
         if entry.get("metadata") is not None:
@@ -465,7 +516,13 @@ def subscription_update(
         )
     if default_payment_method:
         subscription.default_payment_method = default_payment_method
-    lines = _items_apply(subscription, _item_params(items))
+    try:
+        lines = _items_apply(subscription, _item_params(items))
+    except UserError:
+        # Refused (an item or price it cannot take: a price in another currency, one
+        # archived, an item not its own): Stripe applies none of the update.
+        _state_restore(subscription, before)
+        raise
     invoice = None
     if lines and proration_behavior == "always_invoice":
         invoice = _invoice_issue(
@@ -681,12 +738,44 @@ def _subscription_item_get(*, id: str, **_ignored: Any) -> SubscriptionItem:
     return stored("subscription_item", id)
 
 
+def _subscription_item_create(
+    *,
+    subscription: str | None = None,
+    price: str | None = None,
+    quantity: Any = None,
+    metadata: Any = None,
+    proration_behavior: str = "create_prorations",
+    payment_behavior: str | None = None,
+    **_ignored: Any,
+) -> SubscriptionItem:
+    """`POST /v1/subscription_items`: one item added, as an update adding it would (its
+    prorations, its refusals), Stripe's params named as this endpoint names them."""
+    for name, value in (("subscription", subscription), ("price", price)):
+        if not value:
+            raise stripe_error(
+                400, f"Missing required param: {name}.", code="parameter_missing", param=name
+            )
+    target = stored("subscription", subscription, param="subscription")
+    _currency_refuse(_recurring_price(price, "price"), expected=target.currency, param="price")
+    entry: dict[str, Any] = {"price": price, "metadata": metadata}
+    if quantity not in (None, ""):
+        entry["quantity"] = to_int(quantity, "quantity", minimum=0)
+    updated = subscription_update(
+        id=subscription,
+        items=[entry],
+        proration_behavior=proration_behavior,
+        payment_behavior=payment_behavior,
+    )
+    return updated.items._list[-1]
+
+
 routes = [
     ("POST", "/v1/subscriptions", api(_subscription_create)),
     ("GET", "/v1/subscriptions", api(_subscription_list)),
     ("GET", "/v1/subscriptions/{id}", api(_subscription_get)),
     ("POST", "/v1/subscriptions/{id}", api(subscription_update)),
     ("DELETE", "/v1/subscriptions/{id}", api(_subscription_delete)),
+    ("POST", "/v1/subscription_items", api(_subscription_item_create)),
     ("GET", "/v1/subscription_items/{id}", api(_subscription_item_get)),
     ("POST", "/v1/invoices/{id}/pay", api(invoice_pay)),
 ]

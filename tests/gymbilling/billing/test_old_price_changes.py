@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from gymbilling import stripe_client
 from gymbilling.models import (
     BillingCustomer,
     Invoice,
@@ -571,3 +572,124 @@ def test_a_member_paying_in_dollars_is_refused_a_plan_sold_in_euros_as_their_own
     assert (error["code"], error["param"]) == ("currency_mismatch", "plan")
     assert "paid in USD and Basic sells in EUR" in error["message"]
     assert subscription_state_unsynced(stripe_sdk, sub) == before
+
+
+def _currencies(stripe_sdk, sub) -> list[str]:
+    """The currency of each price on Stripe's subscription, plan item first."""
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    return [item.price.currency for item in at_stripe["items"].data]
+
+
+def test_a_team_paying_in_dollars_adds_seats_after_its_plan_went_euro_all_in_dollars(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a team of 2 seats at $49 a seat, its overage metered at Team's dollar price;
+    # then finance sell Team, and its overage, in euros
+    sub = subscribed("team", seats=2)
+    paid, overage = sub.price, sub.overage_price
+    plans_sold_in("eur", "team")
+
+    # when: they add a seat (an upgrade, charged now)
+    assert _change(customer, "team", seats=3) == "subscription_updated"
+    assert "failed" not in deliver()
+
+    # then: the seats change at the price they pay, and the overage item stays at its dollar
+    # price: Stripe refuses a price in another currency on any item of the subscription, so
+    # a change sending Team's euro overage price with it would fail whole (a 502)
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert [item.price.id for item in at_stripe["items"].data] == [
+        paid.stripe_price_id,
+        overage.stripe_price_id,
+    ]
+    assert _item(stripe_sdk, sub) == (paid.stripe_price_id, 3)
+    assert _currencies(stripe_sdk, sub) == ["usd", "usd"]
+    [update] = _update_invoices(stripe_sdk, sub)
+    assert (update.currency, update.status) == ("usd", "paid")
+    sub.refresh_from_db()
+    assert (sub.seats, sub.price, sub.overage_price) == (3, paid, overage)
+
+
+def test_a_renewal_after_the_plan_went_euro_sends_stripe_no_euro_price(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, caplog
+):
+    # given: a member on Pro at $99, its overage metered at Pro's dollar price; then finance
+    # sell Pro, and its overage, in euros
+    sub = subscribed("pro")
+    paid, overage = sub.price, sub.overage_price
+    plans_sold_in("eur", "pro")
+
+    # when: the period renews, and its paid invoice is processed
+    assert _renewal(stripe_standin, deliver, sub) == (9_900, 12_000 * MICRO)
+
+    # then: the overage item is not moved to Pro's euro price, which Stripe would refuse
+    # (asked, and logged as refused, each renewal): every price stays in dollars
+    assert _currencies(stripe_sdk, sub) == ["usd", "usd"]
+    sub.refresh_from_db()
+    assert (sub.price, sub.overage_price) == (paid, overage)
+    assert "could not be set" not in caplog.text
+
+
+def test_a_switch_to_a_plan_sold_only_in_euros_is_refused_before_stripe_is_asked(
+    customer, subscribed, stripe_sdk, deliver
+):
+    # given: a member on Pro at $99; and a plan sold only in euros (never in dollars)
+    sub = subscribed("pro")
+    Plan.objects.create(
+        code="pro-eu",
+        name="Pro EU",
+        currency="eur",
+        monthly_price=8_900,
+        monthly_credits=12_000 * MICRO,
+        sort_order=25,
+    )
+    catalog_sync()
+    euro = StripePrice.objects.get(plan__code="pro-eu", current=True)
+    before = subscription_state_unsynced(stripe_sdk, sub)
+
+    # when: they ask for it, with a question asked and with its "yes"
+    asked = customer.client.post("/api/v1/billing/checkout", {"plan": "pro-eu"}, format="json")
+
+    # then: our own refusal, a 400 saying what to do, not Stripe's (which would be a 502
+    # payment_provider_refused): Stripe is not asked, and nothing changed at Stripe, in our
+    # Subscription row or in the ledger
+    assert asked.status_code == 400, asked.content
+    error = asked.json()["error"]
+    assert (error["code"], error["param"]) == ("currency_mismatch", "plan")
+    assert error["message"] == (
+        "The subscription is paid in USD and Pro EU sells in EUR: a subscription cannot "
+        "change currency. Cancel it and subscribe again."
+    )
+    assert subscription_state_unsynced(stripe_sdk, sub) == before
+    # and Stripe, asked, would have refused it: the refusal is the same rule, answered first
+    item = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)["items"].data[0]
+    with pytest.raises(stripe_client.StripeRequestRefused) as refused:
+        stripe_client.subscription_update(
+            sub.stripe_subscription_id,
+            key=f"test:{sub.pk}",
+            items=[{"id": item.id, "price": euro.stripe_price_id}],
+        )
+    assert refused.value.status == 400
+    assert subscription_state_unsynced(stripe_sdk, sub) == before
+
+
+def test_a_member_whose_dollar_subscription_ended_subscribes_to_a_plan_sold_in_euros(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a member whose Pro subscription, in dollars, was canceled and has ended
+    sub = subscribed("pro")
+    stripe_sdk.v1.subscriptions.cancel(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    plans_sold_in("eur", "basic")
+
+    # when: they subscribe to Basic, sold in euros now, and pay
+    response = customer.client.post("/api/v1/billing/checkout", {"plan": "basic"}, format="json")
+    assert response.status_code == 200, response.content
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    assert "failed" not in deliver()
+
+    # then: the same Stripe customer has a subscription in euros (Stripe lets a customer
+    # whose subscriptions all ended subscribe in another currency), granted its credits
+    new = Subscription.objects.get(organization=customer.organization, status="active")
+    assert new.stripe_customer_id == sub.stripe_customer_id
+    assert new.period_amount() == (2_000, "eur")
+    assert Invoice.objects.get(subscription=new).currency == "eur"
