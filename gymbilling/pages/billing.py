@@ -25,6 +25,7 @@ from gymbilling.services import checkout_create, portal_create
 from gymbilling.services.checkout import (
     plan_change_ask,
     plan_change_price,
+    plan_offers,
     plan_price_move,
 )
 from gymbilling.services.subscriptions import live_subscription, plan_change_is_upgrade
@@ -133,7 +134,9 @@ class BillingPage(ActionPage):
             )
         context.update(
             subscription=subscription,
-            plans=plans_offered(),
+            # Each at the price it is bought or changed to at; with a subscription, only in
+            # the currency it is paid in (the others listed, saying why not: plan_offers).
+            plans=plan_offers(plans=list(plans_offered()), subscription=subscription),
             packs=packs_offered(),
             returned=self.request.GET.get("checkout"),
         )

@@ -626,6 +626,78 @@ def plan_change_refuse(*, subscription: Subscription, plan: Plan, seats: int) ->
     return moving
 
 
+@dataclass(frozen=True)
+class PlanOffer:
+    """A plan as the billing page offers it: at the price a purchase of it, or a change of
+    the subscription to it, is made at (`unit_amount` and `credits` per seat where the plan
+    is sold per seat); `refused`, one line saying why it cannot be had, empty when it can."""
+
+    plan: Plan
+    unit_amount: int
+    currency: str
+    credits: int
+    refused: str = ""
+
+
+def plan_offers(*, plans, subscription: Subscription | None) -> list[PlanOffer]:
+    """`plans` as offered to an organization with `subscription` (None: it has none).
+
+    Without a subscription every plan is offered at its current price, whatever its
+    currency: checkout starts a new subscription at it (a Stripe customer whose
+    subscriptions have all ended may subscribe in another currency). With one, a plan is
+    offered only in the currency its subscription is paid in, the rule plan_change_refuse
+    applies to a change: another plan at its price now; its own plan at its price now,
+    or, sold now in another currency, at the price they pay (a change of seats stays on
+    it: plan_change_price). A plan sold in another currency is still listed, with why it
+    cannot be had, rather than left out: members compare plans with the public price
+    list, and one gone from the page would read as withdrawn, not as out of reach of
+    this subscription (cancel it and subscribe again). A plan with no price synced yet
+    shows what the plan says; buying it is refused as not for sale, as before.
+    """
+    current = {
+        price.plan_id: price
+        for price in StripePrice.objects.filter(
+            kind=PriceKind.PLAN, current=True, plan__in=plans
+        ).select_related("plan")
+    }
+    paying_in = subscription.period_amount()[1] if subscription is not None else None
+    offers = []
+    for plan in plans:
+        price = current.get(plan.pk)
+        if (
+            subscription is not None
+            and plan.pk == subscription.plan_id
+            and (price is None or price.currency != paying_in)
+        ):
+            price = subscription.known_price() or price
+        if price is None:
+            offers.append(
+                PlanOffer(
+                    plan=plan,
+                    unit_amount=plan.monthly_price,
+                    currency=plan.currency,
+                    credits=plan.monthly_credits,
+                )
+            )
+            continue
+        refused = ""
+        if paying_in is not None and price.currency != paying_in:
+            refused = (
+                f"Sold in {price.currency.upper()}, and your subscription is paid in "
+                f"{paying_in.upper()}: a subscription cannot change currency."
+            )
+        offers.append(
+            PlanOffer(
+                plan=plan,
+                unit_amount=price.plan_amount_for(1),
+                currency=price.currency,
+                credits=price.plan_credits_for(1),
+                refused=refused,
+            )
+        )
+    return offers
+
+
 def plan_change_price(*, subscription: Subscription, plan: Plan) -> StripePrice:
     """The price a change of `subscription` to `plan`, at any seats, is made at.
 

@@ -27,7 +27,7 @@ from gymbilling.services import billing_customer_ensure, catalog_sync
 from gymbilling.services.invoices import invoice_sync
 from metering.models import MICRO
 from metering.selectors import organization_balance
-from tests.dashboard.pages import figure, refused, row, rows, text
+from tests.dashboard.pages import figure, post_forms, refused, row, rows, text
 from tests.factories import OrganizationFactory
 from tests.gymbilling import conftest as payment_fixtures
 from tests.gymbilling.billing import conftest as billing_fixtures
@@ -461,6 +461,132 @@ def test_a_switch_to_a_plan_sold_in_another_currency_than_paid_is_refused_not_as
     assert "paid in USD and Basic sells in EUR" in text(asked)
     assert 'name="confirmed"' not in text(asked)
     assert (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows()) == before
+
+
+def _plan_forms(page) -> list[str]:
+    """The plans the page's forms would buy or change to, in the page's order."""
+    return [fields["plan"] for _, fields in post_forms(page) if fields.get("plan")]
+
+
+EURO_REFUSED = (
+    "Sold in EUR, and your subscription is paid in USD: a subscription cannot change currency."
+)
+
+
+def test_a_dollar_subscriber_is_offered_no_plan_sold_only_in_euros(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given an owner on Pro, paid in dollars; and a plan sold only in euros
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    billing_fixtures.plan_sold_only_in_euros()
+
+    # when they read the page
+    page = client.get(BILLING)
+
+    # then the euro plan is listed at its price, saying in one line why it cannot be had,
+    # with no form to press (a press could only be refused: currency_mismatch); every plan
+    # in dollars is offered as before
+    assert rows(page, "data-plan") == ["basic", "pro", "pro-eu", "team", "enterprise"]
+    assert row(page, "data-plan", "pro-eu") == {
+        "price": "89.00 EUR",
+        "credits": "12000",
+        "refused": EURO_REFUSED,
+    }
+    assert row(page, "data-plan", "basic") == {"price": "20.00 USD", "credits": "2000"}
+    assert _plan_forms(page) == ["basic", "team", "enterprise"]
+
+
+def test_a_dollar_subscriber_s_offered_change_still_works_beside_a_euro_plan(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given an owner on Pro, paid in dollars, and a plan sold only in euros on the page
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    billing_fixtures.plan_sold_only_in_euros()
+    [basic] = [f for _, f in post_forms(client.get(BILLING)) if f.get("plan") == "basic"]
+
+    # when they press "Switch to Basic" as the page offers it, and confirm the question
+    asked = checkout(client, plan=basic["plan"])
+    confirmed = checkout(client, plan="basic", confirmed="yes")
+    assert "failed" not in deliver()
+
+    # then asked at Basic's dollar price, and scheduled: Stripe's item at it
+    assert "Change your subscription to Basic?" in text(asked), text(asked)[-600:]
+    assert "It costs 20.00 USD a period." in text(asked)
+    assert confirmed.status_code == 302 and confirmed["Location"] == BILLING
+    sub = Subscription.objects.get(organization=org)
+    at_stripe = stripe_sdk.v1.subscriptions.retrieve(sub.stripe_subscription_id)
+    assert at_stripe["items"].data[0].price.id == (
+        StripePrice.objects.get(lookup_key="gym_plan_basic", current=True).stripe_price_id
+    )
+    page = client.get(BILLING)
+    assert figure(page, "scheduled") == "From the next period: Basic."
+    assert row(page, "data-plan", "pro-eu")["refused"] == EURO_REFUSED
+
+
+def test_a_euro_plan_asked_for_from_a_form_made_by_hand_is_refused_changing_nothing(
+    client, member, catalog, stripe_standin, stripe_sdk, deliver
+):
+    # given an owner on Pro, paid in dollars, and a plan sold only in euros
+    _, org = member(Role.OWNER)
+    subscribed(client, org, stripe_standin, deliver, plan="pro")
+    billing_fixtures.plan_sold_only_in_euros()
+    sub = Subscription.objects.get(organization=org)
+    before = (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows())
+
+    # when a form the page does not draw asks for it, confirmed
+    confirmed = checkout(client, plan="pro-eu", confirmed="yes")
+
+    # then refused, saying why, before Stripe is asked: nothing changed there, here or in
+    # the ledger
+    assert refused(confirmed, 400, "currency_mismatch"), text(confirmed)[-600:]
+    assert "paid in USD and Pro EU sells in EUR" in text(confirmed)
+    assert (billing_fixtures.subscription_state_unsynced(stripe_sdk, sub), billing_rows()) == before
+
+
+def test_an_organization_without_a_subscription_is_offered_every_plan_euros_too(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given an owner with no subscription, and a plan sold only in euros
+    _, org = member(Role.OWNER)
+    billing_fixtures.plan_sold_only_in_euros()
+
+    # when they read the page, and subscribe to the euro plan
+    page = client.get(BILLING)
+    response = checkout(client, plan="pro-eu")
+    stripe_standin.pay_checkout(CheckoutSession.objects.get(organization=org).stripe_session_id)
+    assert "failed" not in deliver()
+
+    # then every plan is offered, each in its own currency; and the euro one, bought, is
+    # their subscription, paid in euros
+    assert row(page, "data-plan", "pro-eu") == {"price": "89.00 EUR", "credits": "12000"}
+    assert _plan_forms(page) == ["basic", "pro", "pro-eu", "team", "enterprise"]
+    assert response.status_code == 302
+    page = client.get(BILLING)
+    assert (figure(page, "plan"), figure(page, "period-price")) == ("Pro EU", "89.00 EUR")
+    # and, paying in euros now, it is the dollar plans that are listed but not offered
+    assert row(page, "data-plan", "basic")["refused"] == (
+        "Sold in USD, and your subscription is paid in EUR: a subscription cannot change currency."
+    )
+    assert _plan_forms(page) == []
+
+
+def test_a_team_whose_plan_went_euro_sees_its_own_seat_price_in_dollars(
+    client, member, catalog, stripe_standin, deliver
+):
+    # given a team of 2 seats at $49 a seat; then finance sell Team in euros
+    _, org = member(Role.ADMIN)
+    subscribed(client, org, stripe_standin, deliver, plan="team", seats="2")
+    billing_fixtures.plans_sold_in("eur", "team")
+
+    # when they read the page
+    page = client.get(BILLING)
+
+    # then their plan's row shows what a change of seats costs them, in dollars, and offers
+    # it (a change of seats stays at the price they pay)
+    assert row(page, "data-plan", "team") == {"price": "49.00 USD a seat", "credits": "5000 a seat"}
+    assert "team" in _plan_forms(page)
 
 
 def test_a_member_whose_row_names_another_plan_s_price_sees_their_plan_s(

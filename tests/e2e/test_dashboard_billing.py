@@ -200,3 +200,41 @@ def test_an_old_price_s_member_moves_to_the_plan_s_current_price(
     sub = Subscription.objects.get(organization=org)
     assert sub.price == StripePrice.objects.get(lookup_key="gym_plan_pro", current=True)
     assert visit.failures == []
+
+
+def test_a_dollar_member_is_not_offered_a_euro_plan_and_switches_to_a_dollar_one(
+    app_server, visit, catalog, stripe_standin, deliver, buy
+):
+    # given a customer on Pro, paid in dollars; and a plan sold only in euros
+    sign_up(visit, app_server)
+    org = Membership.objects.get(user__email=EMAIL).organization
+    buy(org, plan="pro")
+    billing_fixtures.plan_sold_only_in_euros()
+    page = visit.page
+    page.click("nav.side >> text=Plan and billing")
+
+    # then the euro plan is listed at its price, its button disabled, saying why in one line
+    euro = page.locator("tr[data-plan=pro-eu]")
+    assert euro.locator("[data-col=price]").inner_text() == "89.00 EUR"
+    assert euro.locator("button").is_disabled()
+    assert euro.locator("[data-col=refused]").inner_text() == (
+        "Sold in EUR, and your subscription is paid in USD: a subscription cannot change currency."
+    )
+    assert euro.locator("form").count() == 0
+
+    # when they press "Switch to Basic", offered in dollars, and confirm the question
+    page.click("tr[data-plan=basic] >> text=Switch to Basic")
+    question = page.locator("section.confirm")
+    assert question.locator("h2").inner_text() == "Change your subscription to Basic?"
+    assert "It costs 20.00 USD a period." in question.inner_text()
+    question.locator("text=Change my subscription").click()
+    page.wait_for_selector(".message.success")
+    assert "failed" not in deliver()
+
+    # then Basic is scheduled from the next period, and the euro plan still not offered
+    page.reload()
+    assert page.locator("[data-figure=scheduled]").inner_text() == "From the next period: Basic."
+    assert page.locator("tr[data-plan=pro-eu] button").is_disabled()
+    sub = Subscription.objects.get(organization=org)
+    assert sub.scheduled_plan.code == "basic"
+    assert visit.failures == []

@@ -220,6 +220,25 @@ def stripe_holds_next_update(monkeypatch) -> Callable[[], dict]:
     return land
 
 
+def plan_sold_only_in_euros():
+    """Pro EU, 89 EUR for 12,000 credits a month: a plan that never had a price in another
+    currency, synced to Stripe."""
+    from gymbilling.models import Plan
+    from metering.models import MICRO
+
+    plan = Plan.objects.create(
+        code="pro-eu",
+        name="Pro EU",
+        description="Pro, sold in euros.",
+        currency="eur",
+        monthly_price=8_900,
+        monthly_credits=12_000 * MICRO,
+        sort_order=25,
+    )
+    catalog_sync()
+    return plan
+
+
 def subscription_state(stripe_sdk, sub) -> tuple:
     """Stripe's subscription and our row, whole, and the ledger: what a refused change
     leaves as it found them."""

@@ -33,7 +33,11 @@ from gymbilling.services.checkout import LIFTED, plan_change_price
 from gymbilling.stripe_standin.subscriptions import prorated
 from metering.models import MICRO, CreditLot, LotSource
 from metering.selectors import organization_balance
-from tests.gymbilling.billing.conftest import plans_sold_in, subscription_state_unsynced
+from tests.gymbilling.billing.conftest import (
+    plan_sold_only_in_euros,
+    plans_sold_in,
+    subscription_state_unsynced,
+)
 from tests.helpers import ledger_rows
 
 pytestmark = pytest.mark.django_db
@@ -634,16 +638,7 @@ def test_a_switch_to_a_plan_sold_only_in_euros_is_refused_before_stripe_is_asked
 ):
     # given: a member on Pro at $99; and a plan sold only in euros (never in dollars)
     sub = subscribed("pro")
-    Plan.objects.create(
-        code="pro-eu",
-        name="Pro EU",
-        currency="eur",
-        monthly_price=8_900,
-        monthly_credits=12_000 * MICRO,
-        sort_order=25,
-    )
-    catalog_sync()
-    euro = StripePrice.objects.get(plan__code="pro-eu", current=True)
+    euro = StripePrice.objects.get(plan=plan_sold_only_in_euros(), current=True)
     before = subscription_state_unsynced(stripe_sdk, sub)
 
     # when: they ask for it, with a question asked and with its "yes"
