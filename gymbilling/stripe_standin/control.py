@@ -27,6 +27,10 @@
     POST   /_config/meter_events/validation       {"later": true|false} an event for a customer the
                                                   stand-in has not got: taken, then reported in a
                                                   thin error report event (true), or 404 (meters.py)
+    POST   /_config/meter_events/age              {"seconds": N, "customer"?: "cus_…"} every meter
+                                                  event (of that customer) as if sent N seconds
+                                                  earlier: past 24 h its identifier is taken
+                                                  again, as Stripe forgets one → {"aged": n} (meters.py)
     POST   /_config/faults                        {"method"?: "POST", "path": "/v1/…", "status": 429|5xx,
                                                   "count"?: 1, "taken"?: false} the next `count` requests
                                                   to that path answer that status (429 `rate_limit`,

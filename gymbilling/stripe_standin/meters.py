@@ -12,8 +12,19 @@ event is taken (200) and never counted, and a `v1.billing.meter.error_report_tri
 thin event reports it (`meter_event_customer_not_found`), naming it as Stripe does: by
 its request's Idempotency-Key, in `sample_errors[].request.identifier`, not by the
 event's identifier. Its identifier stays taken, as a counted one's does: an event sent
-again under the same identifier is refused whatever its Idempotency-Key, as Stripe
-refuses an identifier twice within a day (here, for good).
+again under the same identifier is refused whatever its Idempotency-Key.
+
+Stripe enforces an identifier's uniqueness only "within a rolling period of at least 24
+hours" (its API reference, `identifier`): here for exactly 24 hours from the event's
+`created` (IDENTIFIER_WINDOW_S), after which the same identifier is taken, and counted,
+again. `POST /_config/meter_events/age {"seconds": N}` makes every event (a customer's,
+with `"customer"`) N seconds older, as a day's wait would, so a test sees what a re-send
+after the window does.
+
+An event's `timestamp` must be "within the past 35 calendar days" and at most 5 minutes
+ahead (Stripe's docs); here one outside is refused at once, a 400 with the code Stripe's
+meter error reports give it (`timestamp_too_far_in_past`, `timestamp_in_future`),
+against the stand-in's clock.
 """
 
 from __future__ import annotations
@@ -47,6 +58,11 @@ EVENTS_KEY = "standin:meter_events"
 CUSTOMER_NOT_FOUND = "meter_event_customer_not_found"
 # Stripe validates meter events in windows and reports each window's errors at once.
 VALIDATION_WINDOW_S = 10
+# How long an identifier is refused again: Stripe guarantees at least 24 hours.
+IDENTIFIER_WINDOW_S = 24 * 60 * 60
+# How old, and how far ahead, an event's timestamp may be.
+TIMESTAMP_MAX_AGE_S = 35 * 24 * 60 * 60
+TIMESTAMP_MAX_AHEAD_S = 5 * 60
 _validate_later = False
 
 
@@ -171,9 +187,12 @@ def meter_event_create(
     value = to_decimal(
         payload.get(meter.value_settings["event_payload_key"], "1"), "payload[value]"
     )
+    timestamp = to_int(timestamp, "timestamp") if timestamp is not None else now()
+    _timestamp_check(timestamp)
     identifier = identifier or f"standin-{uuid.uuid4()}"
     events = _accepted_events()
-    if any(e["identifier"] == identifier for e in events):
+    held_since = now() - IDENTIFIER_WINDOW_S
+    if any(e["identifier"] == identifier and e["created"] > held_since for e in events):
         raise stripe_error(
             400,
             f"An event already exists with identifier {identifier}.",
@@ -187,7 +206,7 @@ def meter_event_create(
         "customer": customer_id,
         "value": str(value),
         "payload": {k: str(v) for k, v in payload.items()},
-        "timestamp": to_int(timestamp, "timestamp") if timestamp is not None else now(),
+        "timestamp": timestamp,
         "created": now(),
         "billed_on_invoice": None,
         "dropped": CUSTOMER_NOT_FOUND if dropped else None,
@@ -204,6 +223,34 @@ def meter_event_create(
         created=event["created"],
         livemode=False,
     )
+
+
+def _timestamp_check(timestamp: int) -> None:
+    """Refuse a timestamp older than Stripe takes, or too far ahead of its clock."""
+    if timestamp < now() - TIMESTAMP_MAX_AGE_S:
+        raise stripe_error(
+            400,
+            "The event's timestamp must be within the past 35 calendar days.",
+            code="timestamp_too_far_in_past",
+            param="timestamp",
+        )
+    if timestamp > now() + TIMESTAMP_MAX_AHEAD_S:
+        raise stripe_error(
+            400,
+            "The event's timestamp must not be more than 5 minutes in the future.",
+            code="timestamp_in_future",
+            param="timestamp",
+        )
+
+
+def meter_events_age(seconds: int, customer: str | None = None) -> int:
+    """Make every meter event (of `customer`, when given) `seconds` older (its `created`),
+    as if sent that much earlier: one past IDENTIFIER_WINDOW_S no longer holds its
+    identifier. Returns how many were aged."""
+    events = [e for e in _accepted_events() if customer is None or e["customer"] == customer]
+    for event in events:
+        event["created"] -= seconds
+    return len(events)
 
 
 def _customer_missing(customer_id: str) -> str | None:
@@ -339,8 +386,17 @@ async def config_meter_validation(request):
     return json_response({"later": _validate_later})
 
 
+async def config_meter_events_age(request):
+    """`POST /_config/meter_events/age {"seconds": N, "customer"?: "cus_…"}`."""
+    params = await read_params(request)
+    seconds = to_int(params.get("seconds"), "seconds", minimum=0)
+    aged = meter_events_age(seconds, params.get("customer") or None)
+    return json_response({"aged": aged, "seconds": seconds})
+
+
 routes = [
     ("POST", "/_config/meter_events/validation", config_meter_validation),
+    ("POST", "/_config/meter_events/age", config_meter_events_age),
     ("POST", "/v1/billing/meters", api(meter_create)),
     ("GET", "/v1/billing/meters", api(_meter_list)),
     ("GET", "/v1/billing/meters/{id}", api(_meter_get)),

@@ -258,6 +258,17 @@ class StripeStandIn:
         refused at once with a 404 (False, the default)."""
         self.config("POST", "/_config/meter_events/validation", {"later": later})
 
+    def meter_events_total(self, customer_id: str) -> int:
+        """The value of the customer's meter events Stripe counts (not those dropped)."""
+        listing = self.config("GET", "/_config/meter_events", query={"customer": customer_id})
+        return int(listing["total_value"])
+
+    def age_meter_events(self, seconds: int, customer_id: str | None = None) -> int:
+        """Make every meter event (of the customer, when given) `seconds` older: past 24
+        hours its identifier is taken again, as Stripe forgets one. Returns how many."""
+        body = {"seconds": seconds, "customer": customer_id}
+        return self.config("POST", "/_config/meter_events/age", body)["aged"]
+
     def hold_webhooks(self) -> None:
         self.config("POST", "/_config/webhooks/hold")
 

@@ -401,6 +401,57 @@ def test_a_deactivated_meter_refuses_events_until_reactivated_unless_its_name_is
     assert stripe_client.v1.billing.meters.retrieve(meter.id).status == "inactive"
 
 
+def test_a_meter_event_identifier_is_refused_for_a_day_then_taken_again_as_at_stripe(
+    stripe_client, stripe_standin
+):
+    # given a meter, a customer, and an event reported under an identifier
+    event_name = _unique("tokens")
+    stripe_client.v1.billing.meters.create(
+        params={"display_name": "Tokens", "event_name": event_name}
+    )
+    customer = stripe_client.v1.customers.create(params={"name": "Lifting Club"}).id
+    other = stripe_client.v1.customers.create(params={"name": "Rowing Club"}).id
+
+    def report(identifier: str, who: str = customer, timestamp: int | None = None) -> None:
+        params = {
+            "event_name": event_name,
+            "identifier": identifier,
+            "payload": {"stripe_customer_id": who, "value": "7"},
+        }
+        if timestamp is not None:
+            params["timestamp"] = timestamp
+        stripe_client.v1.billing.meter_events.create(params=params)
+
+    report(f"{customer}-1")
+    report(f"{other}-1", who=other)
+
+    # when it is sent again within the day, then it is refused as one Stripe has
+    stripe_standin.age_meter_events(24 * 3600 - 60, customer)
+    with pytest.raises(stripe.InvalidRequestError) as duplicate:
+        report(f"{customer}-1")
+    assert duplicate.value.code == "resource_already_exists"
+
+    # when a day has passed since it was taken, then the same identifier is taken, and
+    # counted, again; another customer's events are as they were
+    assert stripe_standin.age_meter_events(120, customer) == 1
+    report(f"{customer}-1")
+    assert stripe_standin.meter_events_total(customer) == 14
+    with pytest.raises(stripe.InvalidRequestError):
+        report(f"{other}-1", who=other)
+
+    # and a timestamp older than 35 days, or over 5 minutes ahead, is refused at once
+    now = int(time.time())
+    for timestamp, code in (
+        (now - 35 * 24 * 3600 - 60, "timestamp_too_far_in_past"),
+        (now + 10 * 60, "timestamp_in_future"),
+    ):
+        with pytest.raises(stripe.InvalidRequestError) as refused:
+            report(_unique("at"), timestamp=timestamp)
+        assert (refused.value.http_status, refused.value.code) == (400, code)
+    report(_unique("at"), timestamp=now - 34 * 24 * 3600)
+    assert stripe_standin.meter_events_total(customer) == 21
+
+
 def test_a_meter_event_it_cannot_attribute_is_taken_then_reported_in_a_thin_event(
     stripe_client, stripe_standin
 ):
