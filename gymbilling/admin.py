@@ -509,7 +509,9 @@ class OverageReportAdmin(ReadOnlyAdmin):
     failed) or maybe dropped (sent while Stripe dropped events it did not name, or named
     an attempt of it that may not be the one counted, or dropped it again after
     BILLING_OVERAGE_MAX_RESENDS re-sends, or refused it at once again after as many,
-    "refusals" counting those: check it at Stripe; it is never re-sent by itself).
+    "refusals" counting those, or an attempt of it got no answer and it could not be sent
+    again within the 24 hours Stripe refuses its identifier twice: check it at Stripe; it
+    is never re-sent by itself; "error" says which).
     Finance, once they have looked, say which:
     "Counted at Stripe" (the flag cleared) or "Not counted" (sent again)."""
 

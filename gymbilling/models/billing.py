@@ -533,7 +533,9 @@ class MeterError(models.TextChoices):
     # in; or it named an attempt of the batch without Stripe's answers saying whether
     # another attempt counted; or it kept dropping the batch past the re-send cap
     # (BILLING_OVERAGE_MAX_RESENDS), or kept refusing it at once past that cap
-    # (OverageReport.refusals). `error` says which.
+    # (OverageReport.refusals); or an attempt of it got no answer and it could not be sent
+    # again before Stripe may have forgotten its identifier (first_unknown_attempt_at).
+    # `error` says which.
     IN_DOUBT = "in_doubt", "Maybe dropped"
     # Maybe dropped, and finance found it counted among the meter's events at Stripe: the
     # flag cleared, for good (a report flags it no more; overage_report_counted).
@@ -571,6 +573,14 @@ class OverageReport(models.Model):
     # answered that attempt 200. Only a report naming this attempt re-sends the batch
     # (services/overage.py says why). Null: none yet, or sent by an older release.
     last_attempt_at = models.DateTimeField(null=True, blank=True)
+    # The first attempt under its identifier whose outcome is unknown (no answer, a 5xx,
+    # a run that died): Stripe may have taken it, and refuses its identifier again only
+    # for 24 hours, so the batch is not sent again by itself once this is 23 hours old
+    # (services/overage.py, RESEND_UNKNOWN_WITHIN). Written before the call where none
+    # is, put back when Stripe refused the attempt, cleared once Stripe answers one 200 or
+    # the batch is re-queued under a new identifier. Null on a batch not sent with a
+    # `last_attempt_at`: the previous release's attempt, which stands in for it.
+    first_unknown_attempt_at = models.DateTimeField(null=True, blank=True)
     # Set when it can never be sent (its Stripe customer was deleted): no longer tried;
     # `error` says why, for finance to invoice it another way or write it off.
     failed_at = models.DateTimeField(null=True, blank=True)

@@ -57,6 +57,19 @@ answered that attempt 200. Stripe's report naming an attempt of a batch then mea
   sending): re-sending could bill it twice, and waiting for the next attempt could
   bill it never, should Stripe keep a dropped event's identifier.
 
+Stripe refuses an identifier again only "within a rolling period of at least 24 hours"
+(its API reference), so the same identifier keeps a re-send from counting twice only
+within a day of an attempt Stripe may have taken. A batch whose attempt got no answer (a
+5xx, a timeout, a run that died) is sent again by itself only until its first such
+attempt is RESEND_UNKNOWN_WITHIN (23 hours) old; past that (Stripe unreachable, or beat
+stopped, for a day) it is left to finance, flagged maybe dropped and marked sent at its
+last attempt (_overage_report_unknown_to_finance): whether that attempt counted is known
+only among the meter's events at Stripe, and finance's "Not counted — send again" sends it
+under a new identifier. `first_unknown_attempt_at` is that first attempt: written, with
+`last_attempt_at`, before the call (where none is), put back with it when Stripe refused
+the attempt, cleared once Stripe answers an attempt 200 (took it, or has the identifier),
+and when the batch is re-queued under a new identifier.
+
 A batch Stripe refuses at once (a 4xx: it took nothing; its customer not gone) is tried
 again at the next run under the same identifier; a cause that persists (a deactivated
 meter, an invalid parameter) would have it tried and logged every run for good, so each
@@ -82,7 +95,8 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Max, Q, Sum
+from django.db.models import F, Max, Q, Sum, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -132,6 +146,15 @@ def overage_used_at(lot: CreditLot) -> datetime | None:
     return min(used_at, lot.expires_at - timedelta(seconds=1))
 
 
+# Stripe refuses a meter event's identifier again within at least 24 hours of taking it
+# (its API reference: "a rolling period of at least 24 hours"), and no longer promises to
+# after. A batch an attempt of which Stripe may have taken (no answer) is sent again under
+# that identifier only this long after the first such attempt; an hour's margin covers
+# the clocks and a run's length. Past it, it is left to finance.
+IDENTIFIER_HELD_FOR = timedelta(hours=24)
+RESEND_UNKNOWN_WITHIN = IDENTIFIER_HELD_FOR - timedelta(hours=1)
+
+
 def meter_timestamp(*, used_at: datetime, now: datetime) -> int:
     """The meter event's timestamp: the usage's, unless Stripe would refuse it as too old
     (a batch that waited weeks, Stripe or beat down): then the oldest it takes."""
@@ -164,7 +187,10 @@ def _invoice_id(lot: CreditLot) -> str:
 
 
 def overage_report(*, now=None) -> int:
-    """Report new overage to Stripe; returns the whole credits reported in this run."""
+    """Report new overage to Stripe; returns the whole credits reported in this run.
+
+    `now`: the run's clock (default the wall clock). A batch's attempts are stamped with
+    the wall clock; how old its first unanswered one is is read at the later of the two."""
     now = now or timezone.now()
     with session_lock(OVERAGE_LOCK):
         _overage_batches_write(now=now)
@@ -229,12 +255,24 @@ def _overage_batches_send(*, now: datetime) -> int:
         # When this batch was sent, not the run's start: Stripe's report of what it
         # dropped says when it validated them, and a long run sends its last batches late.
         sent_at = timezone.now()
+        first_unknown = _first_unknown_attempt(report)
+        if first_unknown and max(now, sent_at) - first_unknown >= RESEND_UNKNOWN_WITHIN:
+            # Stripe may have taken that attempt, and may no longer refuse its identifier:
+            # sent again, it could be counted twice.
+            _overage_report_unknown_to_finance(report=report, first=first_unknown)
+            continue
         # Under the identifier sent: where there is no lock (the demo's SQLite), a report
         # applied meanwhile may have renamed it to be sent again, and it is not sent yet.
         attempt = OverageReport.objects.filter(pk=report.pk, identifier=report.identifier)
         # Before the call: Stripe may take an attempt whose answer is lost, and a report
         # acts only on the last attempt Stripe may have taken (the module's docstring).
-        attempt.update(last_attempt_at=sent_at)
+        # The first such attempt stays: the previous release wrote only the last.
+        attempt.update(
+            last_attempt_at=sent_at,
+            first_unknown_attempt_at=Coalesce(
+                "first_unknown_attempt_at", "last_attempt_at", Value(sent_at)
+            ),
+        )
         try:
             taken = stripe_client.meter_event_create(
                 event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
@@ -245,7 +283,10 @@ def _overage_batches_send(*, now: datetime) -> int:
                 key=meter_event_key(identifier=report.identifier, sent_at=sent_at),
             )
         except stripe_client.StripeRequestRefused as exc:
-            attempt.update(last_attempt_at=report.last_attempt_at)  # Stripe took nothing
+            attempt.update(  # Stripe took nothing
+                last_attempt_at=report.last_attempt_at,
+                first_unknown_attempt_at=report.first_unknown_attempt_at,
+            )
             if exc.code == "resource_missing" and customer not in gone:
                 try:
                     gone[customer] = stripe_client.customer_gone(customer)
@@ -263,11 +304,54 @@ def _overage_batches_send(*, now: datetime) -> int:
             # Stripe has the identifier already, from an earlier attempt whose answer was
             # lost, and took nothing now: that attempt stays the last, and no 200 vouches
             # for it (sent_at differs from it).
-            attempt.update(sent_at=sent_at, last_attempt_at=report.last_attempt_at)
+            attempt.update(
+                sent_at=sent_at,
+                last_attempt_at=report.last_attempt_at,
+                first_unknown_attempt_at=None,
+            )
         else:
-            attempt.update(sent_at=sent_at)
+            attempt.update(sent_at=sent_at, first_unknown_attempt_at=None)
         reported += report.credits
     return reported
+
+
+def _first_unknown_attempt(report: OverageReport) -> datetime | None:
+    """A batch not sent: its first attempt Stripe may have taken under its identifier, or
+    None. Its last attempt where the previous release sent it (which records only that):
+    a batch not sent keeps one only when Stripe did not refuse it."""
+    return report.first_unknown_attempt_at or report.last_attempt_at
+
+
+def _overage_report_unknown_to_finance(*, report: OverageReport, first: datetime) -> bool:
+    """Leave to finance a batch an attempt of which got no answer (Stripe may have counted
+    it) at `first`, RESEND_UNKNOWN_WITHIN or longer ago: Stripe may have forgotten its
+    identifier, and would then count a re-send beside it. Flagged maybe dropped and marked
+    sent at its last attempt, as _overage_report_refused_to_finance leaves one, so that no
+    run sends it and finance's "Counted at Stripe" or "Not counted — send again" applies
+    to it; audited (`billing.overage_in_doubt`, reason `identifier_window`), logged once."""
+    error = (
+        f"Meter event {report.identifier} got no answer from Stripe when sent at "
+        f"{first.isoformat(timespec='seconds')} (a timeout, a 5xx, a run that died), so "
+        "Stripe may have counted it, and it was not sent again within "
+        f"{RESEND_UNKNOWN_WITHIN.total_seconds() / 3600:g} hours: Stripe refuses an identifier "
+        "twice only for 24, so a re-send now could bill it twice. Not sent again by itself. "
+        "Look for it among the meter's events at Stripe: 'Counted at Stripe' if it is "
+        "there, else 'Not counted — send again'."
+    )[:500]
+    return _overage_report_mark(
+        _unfailed(report).filter(sent_at__isnull=True),
+        report=report,
+        action="billing.overage_in_doubt",
+        why="left to finance",
+        data={
+            "reason": "identifier_window",
+            "first_unknown_attempt": first.isoformat(),
+            "last_attempt": (report.last_attempt_at or first).isoformat(),
+        },
+        meter_error=MeterError.IN_DOUBT,
+        error=error,
+        sent_at=report.last_attempt_at or first,
+    )
 
 
 # Refusals that say nothing of the batch: the key or the account (401, 403; every batch
@@ -683,7 +767,9 @@ def _overage_report_requeue(
         error=error,
         finance=finance,
         identifier=resend,
-        last_attempt_at=None,  # attempts are the new identifier's from now on
+        # attempts are the new identifier's from now on
+        last_attempt_at=None,
+        first_unknown_attempt_at=None,
     )
 
 
