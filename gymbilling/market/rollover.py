@@ -31,13 +31,20 @@ wallet less the claim, on the fast path too, and work placed after the
 rollover burns the claimed lots last, so the sweep finds the excess there.
 
 A refund or dispute of the period's payment may wait for the same held
-credits (its own claim, `PaymentReversal.credits_pending`). Each credit is
-claimed once: what a reversal waits for of the lots is its own (money first:
-it takes them back as the jobs give them back), and the rollover claims only
-the excess beyond it (`_claim_fit`). So a reversal applied after the rollover
-lowers the carry's claim, one given back (a refund that failed, a dispute won)
-raises it again, and the sweep leaves the lots alone while a reversal still
-waits for them: the excess it expires is what the reversal did not take.
+credits (its own claim, `PaymentReversal.credits_pending`), or take them back
+at once once the jobs gave them back. Money first, and each credit claimed
+once: what a reversal waits for or took of the lots is its own, and the cap
+applies to what it leaves (`_carry_due`): the rollover claims, and its sweep
+expires, only the excess over the cap of that (`_claim_fit`). So with a job
+holding a Pro period's 12,000 and $50 of that payment refunded (6,060.606060
+of them), the sweep expires 2,939.393940 and the member keeps the 3,000 cap,
+whichever came first. A reversal applied after the rollover lowers the carry's
+claim, one given back (a refund that failed, a dispute won) raises it again,
+and the sweep leaves the lots alone while a reversal still waits for them.
+What a reversal took is away from the cap's count once the sweep is done: the
+carry records its clawbacks as missed (with the cap it left unused, if the
+jobs and reversals took more than the excess), so a refund failing later
+brings back no more than the cap, as for clawbacks standing at the rollover.
 
 Locks: the seller's market lock (`seller_lock`) serializes these with the
 rollover, which holds it from before it counts until it has recorded what
@@ -48,7 +55,6 @@ accounts, as the market's lock order says.
 from __future__ import annotations
 
 from datetime import datetime
-from functools import partial
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
@@ -155,16 +161,9 @@ def rollover_carry_open(
     carry.clawbacks.add(*clawbacks)
     if held_over:
         # Once, with the record (a repeat returned above): no work started from now on
-        # may spend the excess the jobs give back before the sweep expires it.
-        carry.held_claimed = credits_claim(
-            organization=organization,
-            lots=Q(pk__in=held_lots),
-            amount=held_over,
-            at=carry.created_at,
-            # What a pending refund of the period claimed of them is its own, not claimed twice.
-            claimed_by_others=partial(_reversals_pending_on, organization, held_lots),
-        )
-        RolloverCarry.objects.filter(pk=carry.pk).update(held_claimed=carry.held_claimed)
+        # may spend the excess the jobs give back before the sweep expires it. What a
+        # pending refund of the period waits for of them is its own, not claimed twice.
+        _claim_fit(organization=organization, carry=carry)
     return carry
 
 
@@ -430,41 +429,81 @@ def _carry_holds_settle(*, carry_id: int, now: datetime) -> int:
             # them, so it takes them first (its sweep, seconds away); the excess expired
             # here is what it leaves. Trimming first would expire what it is owed.
             return 0
-        # What those jobs burned of the lots was spent, not given back. Nothing else
-        # burned the excess: the claim kept later work to the member's other credits.
-        burned = -(
-            LotMovement.objects.filter(
-                lot_id__in=carry.held_lots,
-                transaction__in=running_then.filter(settled_at__gt=carry.created_at).values(
-                    "settle_transaction_id"
-                ),
-            ).aggregate(total=Sum("amount"))["total"]
-            or 0
-        )
-        due = carry.held_over - burned
+        due, taken_by = _carry_due(organization=organization, carry=carry)
         expired = 0
         if due > 0:
             # Keyed by what is due: a trim that took less leaves the rest for a later key.
+            # What is due goes up again when a refund that took some fails, so the key
+            # counts this carry's trims before it too: an earlier one keyed by the same
+            # amount would be replayed, taking nothing.
+            trims = JournalTransaction.objects.filter(
+                organization=organization,
+                idempotency_key__startswith=f"trim:rollover-return:{carry.key}:held:",
+            ).count()
             expired = lots_trim(
                 organization=organization,
                 lot_ids=carry.held_lots,
                 amount=due,
-                key=f"rollover-return:{carry.key}:held:{due}",
+                key=f"rollover-return:{carry.key}:held:{due}" + (f":{trims}" if trims else ""),
                 memo=f"{carry.memo}: held credits given back after the rollover",
             )
         left = due - expired
         if left > 0 and lots_remaining(lots=Q(pk__in=carry.held_lots), now=now) > 0:
             # Later work holds the rest. The claim keeps later work to the cap's share of
-            # these lots, so only something else taking part of the excess meanwhile (a
-            # refund's clawback of the period's payment) leads here: what that work gives
-            # back is taken by a later run, the claim kept till then.
+            # these lots, and what refunds took counts against the excess, so only
+            # something else taking part of the lots meanwhile (finance's adjustment)
+            # leads here: what that work gives back is taken by a later run, the claim
+            # kept till then.
             RolloverCarry.objects.filter(pk=carry.pk).update(held_over=F("held_over") - expired)
             return expired
         # Done: in the same transaction as the trim, the claim goes with what it waited for.
         if carry.held_claimed:
             claim_drop(organization=organization, amount=carry.held_claimed)
-        RolloverCarry.objects.filter(pk=carry.pk).update(held_over=0, held_claimed=0)
+        # What refunds took of the lots since was away from the cap's count now: given back
+        # later (a refund that fails), it fills what the cap left unused, if anything (the
+        # jobs and the refunds took more than the excess), and the rest expires, as for
+        # clawbacks the rollover missed.
+        carry.clawbacks.add(*taken_by)
+        RolloverCarry.objects.filter(pk=carry.pk).update(
+            held_over=0, held_claimed=0, headroom=F("headroom") + max(0, -due)
+        )
         return expired
+
+
+def _carry_due(*, organization: Organization, carry: RolloverCarry) -> tuple[int, list[int]]:
+    """What the carry still has to expire of its lots, and the clawbacks that lowered it.
+
+    The excess it recorded (`held_over`, less what it expired already), less what the jobs
+    running at the rollover burned of the lots since (spent, not given back: nothing else
+    burns the excess, the claim keeps later work to the member's other credits), and less
+    what refunds and disputes took back of them since: their money first, so the cap
+    applies to what they leave. A clawback the carry missed (standing at the rollover,
+    or a refit's retake recorded as away) was not counted in the excess, and one reversed
+    since (a refund that failed, a dispute won) took nothing. Below zero when they took
+    more than the excess: the cap left that much unused. Read under the seller's lock,
+    with the carry's row and the wallet's locked.
+    """
+    lots = LotMovement.objects.filter(lot_id__in=carry.held_lots)
+    running_then = Hold.objects.filter(organization=organization, created_at__lte=carry.created_at)
+    burned = -(
+        lots.filter(
+            transaction__in=running_then.filter(settled_at__gt=carry.created_at).values(
+                "settle_transaction_id"
+            )
+        ).aggregate(total=Sum("amount", default=0))["total"]
+    )
+    clawed = list(
+        lots.filter(
+            transaction__organization=organization,
+            transaction__created_at__gt=carry.created_at,
+            transaction__reversed_by__isnull=True,
+            transaction__idempotency_key__startswith="clawback:",
+        )
+        .exclude(transaction__in=carry.clawbacks.all())
+        .values_list("transaction_id", "amount")
+    )
+    taken = -sum(amount for _, amount in clawed)
+    return carry.held_over - burned - taken, sorted({pk for pk, _ in clawed})
 
 
 def _reversals_pending_on(organization: Organization, held_lots: list[int]) -> int:
@@ -529,13 +568,16 @@ def _claim_fit(*, organization: Organization, carry: RolloverCarry) -> None:
     accounts_lock(organization_account(organization, AccountKind.WALLET))
     lots = Q(pk__in=carry.held_lots)
     others = _reversals_pending_on(organization, carry.held_lots)
+    due, _ = _carry_due(organization=organization, carry=carry)
+    # What a pending reversal waits for of the lots it takes before the sweep expires
+    # anything: the excess the carry may still expire is at most what is due less that.
     target = max(
         0,
         min(
-            carry.held_over,
-            lots_remaining(lots=lots & Q(account__kind=AccountKind.WALLET), now=timezone.now())
-            - others,
-        ),
+            due,
+            lots_remaining(lots=lots & Q(account__kind=AccountKind.WALLET), now=timezone.now()),
+        )
+        - others,
     )
     claimed = carry.held_claimed
     if target < claimed:

@@ -201,8 +201,8 @@ def test_the_rollover_s_claim_fitted_while_another_payment_s_refund_settles_stay
 ):
     # given: Pro (12,000 credits for $99, 3,000 roll over); a job holds all 12,000 of the
     # first period. $50 of the first period's payment is refunded: its 6,060 wait for the
-    # job. The period ends: 9,000 over the cap, the rollover sets aside the 5,939 the
-    # refund does not wait for. The job gives the 12,000 back; new work spends the
+    # job. The period ends: 9,000 over the cap, the rollover sets aside the 2,939 over the
+    # cap of what the refund leaves. The job gives the 12,000 back; new work spends the
     # renewal's 12,000, then the renewal is refunded (all of it spent: lost)
     sub = subscribed("pro")
     org = customer.organization
@@ -216,7 +216,7 @@ def test_the_rollover_s_claim_fitted_while_another_payment_s_refund_settles_stay
     pending = 12_000 * MICRO * 5_000 // 9_900
     assert taken_pending_lost(waiting) == (0, pending, 0)
     carry = RolloverCarry.objects.get(organization=org)
-    assert (carry.held_over, carry.held_claimed) == (9_000 * MICRO, 12_000 * MICRO - pending)
+    assert (carry.held_over, carry.held_claimed) == (9_000 * MICRO, 9_000 * MICRO - pending)
     hold_place(organization=org, amount=12_000 * MICRO, key="job-new")
     hold_capture(key="job-new", amount=12_000 * MICRO)
     renewal = Invoice.objects.get(subscription=sub, billing_reason="subscription_cycle")
@@ -249,13 +249,13 @@ def test_the_rollover_s_claim_fitted_while_another_payment_s_refund_settles_stay
         sweeping, paused=refunding, resume=resume, what="the sweep to wait for the refund"
     )
 
-    # then: the first refund took its 6,060; the rollover still sets aside the 5,939 left
-    # over the cap, so no new work spends what its sweep expires
+    # then: the first refund took its 6,060; the rollover still sets aside the 2,939 it
+    # leaves over the cap, so no new work spends what its sweep expires
     assert errors == []
     spent.refresh_from_db()
     assert spent.reinstated_at is not None
     assert taken_pending_lost(waiting) == (pending, 0, 0)
     carry.refresh_from_db()
-    assert carry.held_claimed == 12_000 * MICRO - pending
+    assert carry.held_claimed == 9_000 * MICRO - pending
     assert wallet_claim(org) == carry.held_claimed
     assert ledger_reconcile().ok

@@ -9,6 +9,7 @@ so the job's hold is backed by the plan's lot; Stripe is the stand-in over HTTP.
 from __future__ import annotations
 
 import pytest
+from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -16,7 +17,7 @@ from gymbilling.market.rollover import rollover_holds_settle
 from gymbilling.models import CheckoutSession, Invoice, PaymentReversal, RolloverCarry
 from gymbilling.reconcile import stripe_reconcile
 from gymbilling.services import payment_reversals_pending_settle
-from metering.models import MICRO, CreditLot, LedgerAccount
+from metering.models import MICRO, CreditLot, LedgerAccount, LotMovement
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place, hold_release
@@ -43,10 +44,25 @@ def _pro_with_a_job_holding_the_plan(customer, subscribed, grant):
     return sub, lot
 
 
-def _refund_first_period(sub, stripe_sdk):
-    """All of the first period's payment refunded at Stripe; returns the refund."""
+def _refund_first_period(sub, stripe_sdk, cents: int | None = None):
+    """The first period's payment refunded at Stripe (`cents` of it, or all); returns the
+    refund."""
     first = Invoice.objects.get(subscription=sub, billing_reason="subscription_create")
-    return stripe_sdk.v1.refunds.create(params={"payment_intent": first.stripe_payment_intent_id})
+    params = {"payment_intent": first.stripe_payment_intent_id}
+    if cents is not None:
+        params["amount"] = cents
+    return stripe_sdk.v1.refunds.create(params=params)
+
+
+def _period_end_and_refund(first, sub, stripe_standin, stripe_sdk, deliver, cents=None):
+    """The period ends and `cents` of its payment are refunded (all: None), `first` first."""
+    steps = {
+        "rollover": lambda: stripe_standin.advance(sub.stripe_subscription_id),
+        "refund": lambda: _refund_first_period(sub, stripe_sdk, cents),
+    }
+    for step in (first, "refund" if first == "rollover" else "rollover"):
+        steps[step]()
+        assert "failed" not in deliver()
 
 
 @pytest.mark.parametrize("first", ["rollover", "refund"])
@@ -58,13 +74,7 @@ def test_a_refund_and_a_rollover_set_aside_the_credits_a_job_holds_once(
     # in full (all 12,000 due back, waiting for the job), in either order
     sub, old_lot = _pro_with_a_job_holding_the_plan(customer, subscribed, grant)
     org = customer.organization
-    steps = {
-        "rollover": lambda: stripe_standin.advance(sub.stripe_subscription_id),
-        "refund": lambda: _refund_first_period(sub, stripe_sdk),
-    }
-    for step in (first, "refund" if first == "rollover" else "rollover"):
-        steps[step]()
-        assert "failed" not in deliver()
+    _period_end_and_refund(first, sub, stripe_standin, stripe_sdk, deliver)
     refund = PaymentReversal.objects.get()
     assert (refund.credits_clawed_back, refund.credits_pending) == (0, PLAN)
     assert RolloverCarry.objects.get(organization=org).held_over == PLAN - 3_000 * MICRO
@@ -272,4 +282,124 @@ def test_a_pack_s_refund_waiting_on_spent_credits_leaves_the_rollover_s_claim(
         == 3_000 * MICRO
     )
     assert organization_balance(organization=org).set_aside == 0
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
+# $50 of the period's $99 refunded: its credits' share, rounded down to the micro-credit.
+HALF_REFUNDED = 12_000 * MICRO * 50 // 99
+CAP = 3_000 * MICRO
+
+
+def _expired_of(lot) -> int:
+    """What went from `lot` to the expiry account (trims, held or not)."""
+    return -(
+        LotMovement.objects.filter(lot=lot, transaction__kind="expiry").aggregate(
+            total=Sum("amount", default=0)
+        )["total"]
+    )
+
+
+@pytest.mark.parametrize("first", ["rollover", "refund"])
+def test_a_partial_refund_of_held_credits_leaves_the_member_the_cap_of_what_it_did_not_take(
+    first, customer, subscribed, grant, stripe_standin, stripe_sdk, deliver
+):
+    # given: the job holds the period's 12,000 when the period ends (9,000 over the 3,000
+    # cap), and $50 of the period's $99 is refunded (6,060.606060 due back, waiting for
+    # the job), in either order
+    sub, old_lot = _pro_with_a_job_holding_the_plan(customer, subscribed, grant)
+    org = customer.organization
+    _period_end_and_refund(first, sub, stripe_standin, stripe_sdk, deliver, cents=5_000)
+    refund = PaymentReversal.objects.get()
+    assert (refund.credits_clawed_back, refund.credits_pending) == (0, HALF_REFUNDED)
+    carry = RolloverCarry.objects.get(organization=org)
+    assert carry.held_over == PLAN - CAP
+
+    # then: what the refund leaves of the 12,000 (5,939.393940) is capped: 2,939.393940
+    # over the cap are the rollover's, the refund's 6,060.606060 its own, and the member's
+    # 3,000 of the old period are theirs once the job gives them back
+    assert carry.held_claimed == PLAN - CAP - HALF_REFUNDED
+    balance = organization_balance(organization=org)
+    assert balance.set_aside == PLAN - CAP
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: the job fails, giving the 12,000 back, and the sweeps run (the rollover's may
+    # come first: it waits for the refund)
+    wallet = balance.wallet
+    hold_release(key="job-running")
+    assert organization_balance(organization=org).available == wallet + CAP
+    rollover_holds_settle(now=timezone.now())
+    payment_reversals_pending_settle()
+    rollover_holds_settle(now=timezone.now())
+
+    # then: the refund took its share, the rollover expired the rest over the cap, and the
+    # old period keeps the 3,000 cap
+    refund.refresh_from_db()
+    assert (refund.credits_clawed_back, refund.credits_pending, refund.credits_lost) == (
+        HALF_REFUNDED,
+        0,
+        0,
+    )
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == CAP
+    assert _expired_of(old_lot) == PLAN - CAP - HALF_REFUNDED
+    carry.refresh_from_db()
+    assert (carry.held_over, carry.held_claimed) == (0, 0)
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.set_aside) == (wallet + CAP, 0)
+    assert _wallet_claim(org) == 0
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
+@pytest.mark.parametrize(
+    ("cents", "refunded", "kept"),
+    [
+        (5_000, HALF_REFUNDED, CAP),  # $50: the cap of what it leaves is kept
+        (9_900, PLAN, 0),  # all of it: nothing left, the cap unused
+    ],
+)
+def test_a_refund_once_the_job_ended_leaves_the_cap_and_failing_brings_none_over_it(
+    customer, subscribed, grant, stripe_standin, stripe_sdk, deliver, cents, refunded, kept
+):
+    # given: the period ended while the job held its 12,000 (9,000 over the cap claimed),
+    # and the job failed, giving them back, before the rollover's sweep
+    sub, old_lot = _pro_with_a_job_holding_the_plan(customer, subscribed, grant)
+    org = customer.organization
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+    hold_release(key="job-running")
+    wallet = organization_balance(organization=org).wallet
+
+    # when: `cents` of the period's payment are refunded: it takes its credits at once
+    refund = _refund_first_period(sub, stripe_sdk, cents)
+    assert "failed" not in deliver()
+
+    # then: the rollover claims only what is over the cap of what the refund left
+    assert PaymentReversal.objects.get().credits_clawed_back == refunded
+    carry = RolloverCarry.objects.get(organization=org)
+    assert carry.held_claimed == PLAN - refunded - kept
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.available) == (wallet - refunded, wallet - PLAN + kept)
+
+    # when: the rollover's sweep runs
+    rollover_holds_settle(now=timezone.now())
+
+    # then: the old period keeps the cap of what the refund left
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == kept
+    assert _expired_of(old_lot) == PLAN - refunded - kept
+    assert organization_balance(organization=org).set_aside == 0
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: the refund fails afterwards (its money is the gym's again)
+    stripe_standin.fail_refund(refund.id)
+    assert "failed" not in deliver()
+
+    # then: the credits it took come back to the old lot, filling what the cap left
+    # unused; the rest expire, and the member has the 3,000 of the old period, no more
+    assert PaymentReversal.objects.get().reinstated_at is not None
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == CAP
+    assert _expired_of(old_lot) == PLAN - CAP
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.set_aside) == (wallet - PLAN + CAP, 0)
     assert ledger_reconcile().ok and stripe_reconcile().ok
