@@ -46,6 +46,13 @@ carry records its clawbacks as missed (with the cap it left unused, if the
 jobs and reversals took more than the excess), so a refund failing later
 brings back no more than the cap, as for clawbacks standing at the rollover.
 
+A job still running when a later period ends holds credits over both
+rollovers' caps, and both carries wait for the same lots. They are counted
+against each other as reversals are: the earlier carry claims first and the
+later one only the excess beyond its claim (`_carries_claiming_on`), and what
+one expires of the lots lowers what the other has due, so each credit is
+claimed once and expired once, and the member ends with the later cap.
+
 Locks: the seller's market lock (`seller_lock`) serializes these with the
 rollover, which holds it from before it counts until it has recorded what
 was away; the carries' rows are locked (primary-key order) before ledger
@@ -475,13 +482,15 @@ def _carry_due(*, organization: Organization, carry: RolloverCarry) -> tuple[int
 
     The excess it recorded (`held_over`, less what it expired already), less what the jobs
     running at the rollover burned of the lots since (spent, not given back: nothing else
-    burns the excess, the claim keeps later work to the member's other credits), and less
+    burns the excess, the claim keeps later work to the member's other credits), less
     what refunds and disputes took back of them since: their money first, so the cap
-    applies to what they leave. A clawback the carry missed (standing at the rollover,
-    or a refit's retake recorded as away) was not counted in the excess, and one reversed
+    applies to what they leave; and less what other rollovers expired of them since (a
+    later period's, or an earlier one's sweep): what one expired of credits over both
+    caps the other need not. A clawback the carry missed (standing at the rollover, or a
+    refit's retake recorded as away) was not counted in the excess, and one reversed
     since (a refund that failed, a dispute won) took nothing. Below zero when they took
-    more than the excess: the cap left that much unused. Read under the seller's lock,
-    with the carry's row and the wallet's locked.
+    more than the excess: the cap left that much unused. Read under the seller's lock
+    (every rollover and every carry's trim holds it), with the wallet's row locked.
     """
     lots = LotMovement.objects.filter(lot_id__in=carry.held_lots)
     running_then = Hold.objects.filter(organization=organization, created_at__lte=carry.created_at)
@@ -503,7 +512,24 @@ def _carry_due(*, organization: Organization, carry: RolloverCarry) -> tuple[int
         .values_list("transaction_id", "amount")
     )
     taken = -sum(amount for _, amount in clawed)
-    return carry.held_over - burned - taken, sorted({pk for pk, _ in clawed})
+    # What other rollovers expired of the lots since: a job running over two period ends
+    # holds credits both rollovers left over their caps, and each credit expires once.
+    rollovers = Q(transaction__idempotency_key__startswith="trim:rollover:") | Q(
+        transaction__idempotency_key__startswith="trim:rollover-return:",
+        transaction__idempotency_key__contains=":held:",
+    )
+    ours = Q(transaction__idempotency_key=f"trim:{carry.key}") | Q(
+        transaction__idempotency_key__startswith=f"trim:rollover-return:{carry.key}:held:"
+    )
+    expired = -(
+        lots.filter(rollovers & ~ours)
+        .filter(
+            transaction__organization=organization,
+            transaction__created_at__gt=carry.created_at,
+        )
+        .aggregate(total=Sum("amount", default=0))["total"]
+    )
+    return carry.held_over - burned - taken - expired, sorted({pk for pk, _ in clawed})
 
 
 def _reversals_pending_on(organization: Organization, held_lots: list[int]) -> int:
@@ -529,14 +555,51 @@ def _reversals_pending_on(organization: Organization, held_lots: list[int]) -> i
             continue
         # Its own wallet's only: the family also holds the lots the marketplace delivered to
         # buyers (split from these), which no reversal of this organization waits for.
-        own = family & Q(account__organization=organization, account__kind=AccountKind.WALLET)
-        elsewhere = lots_remaining(lots=own & ~Q(pk__in=held_lots), now=now)
         # Its pending lags its lots by up to a sweep (captured or expired credits lower it
         # only when the pending sweep runs): what its other lots no longer hold is not in
         # `held_lots` unless its family has lots there, so a pack's refund counts none.
-        within = lots_remaining(lots=own & Q(pk__in=held_lots), now=now)
-        total += min(max(0, reversal.credits_pending - elsewhere), within)
+        total += _claimed_within(
+            claimed=reversal.credits_pending,
+            lots=family & _wallet_of(organization),
+            held_lots=held_lots,
+            now=now,
+        )
     return total
+
+
+def _carries_claiming_on(organization: Organization, carry: RolloverCarry) -> int:
+    """What the organization's older rollovers still claim of the carry's lots: theirs
+    first, as a reversal's is, so that a job holding credits over two periods' caps has
+    each of them claimed once (a later rollover claims only the excess beyond the earlier
+    one's). Only what cannot be outside the carry's lots counts, as for reversals. Read
+    under the seller's lock, which every change of a carry's claim holds."""
+    if not carry.held_lots:
+        return 0
+    now = timezone.now()
+    return sum(
+        _claimed_within(
+            claimed=older.held_claimed,
+            lots=Q(pk__in=older.held_lots) & _wallet_of(organization),
+            held_lots=carry.held_lots,
+            now=now,
+        )
+        for older in RolloverCarry.objects.filter(
+            organization=organization, pk__lt=carry.pk, held_claimed__gt=0
+        ).order_by("pk")
+    )
+
+
+def _wallet_of(organization: Organization) -> Q:
+    return Q(account__organization=organization, account__kind=AccountKind.WALLET)
+
+
+def _claimed_within(*, claimed: int, lots: Q, held_lots: list[int], now: datetime) -> int:
+    """Of a claim on `lots`, what cannot be outside `held_lots`: the claim less what its
+    other lots hold, and no more than it holds of `held_lots`. Never more than is there,
+    so a carry never claims less than the excess no one else will take."""
+    elsewhere = lots_remaining(lots=lots & ~Q(pk__in=held_lots), now=now)
+    within = lots_remaining(lots=lots & Q(pk__in=held_lots), now=now)
+    return min(max(0, claimed - elsewhere), within)
 
 
 def rollover_carries_claiming(*, organization: Organization) -> list[RolloverCarry]:
@@ -567,10 +630,13 @@ def _claim_fit(*, organization: Organization, carry: RolloverCarry) -> None:
     twice, and the carry would let go of credits its sweep must expire."""
     accounts_lock(organization_account(organization, AccountKind.WALLET))
     lots = Q(pk__in=carry.held_lots)
-    others = _reversals_pending_on(organization, carry.held_lots)
+    others = _reversals_pending_on(organization, carry.held_lots) + _carries_claiming_on(
+        organization, carry
+    )
     due, _ = _carry_due(organization=organization, carry=carry)
-    # What a pending reversal waits for of the lots it takes before the sweep expires
-    # anything: the excess the carry may still expire is at most what is due less that.
+    # What pending reversals wait for of the lots they take before the sweep expires
+    # anything, and what older carries claim of them the older ones expire first: the
+    # excess this carry may still expire is at most what is due less both.
     target = max(
         0,
         min(
