@@ -197,6 +197,12 @@ class StripePrice(models.Model):
     # overage price (it buys none), or a row made by hand without them (the plan's or
     # pack's credits now are read instead).
     credits = models.BigIntegerField(null=True, blank=True)
+    # The Stripe billing meter a metered (overage) price reads, fixed when it was made: only
+    # events reported to that meter are billed at it. A change of the overage meter (another
+    # STRIPE_OVERAGE_EVENT_NAME) makes new overage prices that read the new one, and a
+    # retired price still reads the old. Blank: a licensed price, or one made before this
+    # was recorded and not read from Stripe since (services.catalog.stripe_price_meter_record).
+    meter = models.CharField(max_length=255, blank=True, default="", db_default="")
     lookup_key = models.CharField(max_length=200)
     current = models.BooleanField(default=True, help_text="The price new purchases use.")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -310,9 +316,9 @@ class Subscription(models.Model):
     )
     # The metered overage price Stripe's subscription carries, as last read there (null:
     # none of ours). Only a price on the subscription reads the meter: a period's overage
-    # allowance is granted only while this is its plan's current overage price
-    # (services.invoices.subscription_period_grant), or the overage used would never be
-    # invoiced.
+    # allowance is granted only while this is an overage price of its plan, current or
+    # retired, reading the meter overage is reported to (services.invoices.
+    # overage_price_billed), or the overage used would never be invoiced.
     overage_price = models.ForeignKey(
         StripePrice, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )

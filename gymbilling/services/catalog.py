@@ -10,7 +10,10 @@ their plan through it. A price also fixes the credits it buys
 (StripePrice.credits, and the price's `credits` metadata at Stripe): changed
 credits make a new price too, so members still on the old price (a subscription
 renewing at it, a checkout opened before the change) get what it was sold for,
-and new purchases what the plan or pack says now.
+and new purchases what the plan or pack says now. An overage price also fixes the
+meter it reads (StripePrice.meter, `recurring.meter` at Stripe): a change of the
+overage meter (another STRIPE_OVERAGE_EVENT_NAME) makes new overage prices reading
+it, and the renewals move subscriptions in their currency onto them.
 """
 
 from __future__ import annotations
@@ -60,15 +63,20 @@ def _price_ensure(
     product: str,
     params: dict,
     credits: int | None = None,
+    meter: str = "",
 ) -> StripePrice:
-    """The current price of `lookup_key`: kept when it has this amount, currency and
-    credits (None: an overage price, which buys none), else a new one that takes over."""
+    """The current price of `lookup_key`: kept when it has this amount, currency, credits
+    (None: an overage price, which buys none) and meter (blank: a licensed price), else a
+    new one that takes over."""
     current = StripePrice.objects.filter(lookup_key=lookup_key, current=True).first()
+    if current and meter and not current.meter:
+        current = _meter_read(current)
     if (
         current
         and current.unit_amount == unit_amount
         and current.currency == currency
         and current.credits == credits
+        and current.meter == meter
     ):
         report.unchanged.append(lookup_key)
         return current
@@ -89,6 +97,7 @@ def _price_ensure(
             _same_amount(price, amount)
             and price.get("currency") == currency
             and (price.get("metadata") or {}).get("credits") == metadata.get("credits")
+            and price_meter(price) == meter
         ):
             created = price
             break
@@ -123,6 +132,7 @@ def _price_ensure(
                 "unit_amount": unit_amount,
                 "currency": currency,
                 "credits": credits,
+                "meter": meter,
                 "lookup_key": lookup_key,
                 "current": True,
                 **owner,
@@ -132,6 +142,28 @@ def _price_ensure(
         stripe_client.price_deactivate(current.stripe_price_id)
     report.created.append(lookup_key)
     return row
+
+
+def price_meter(stripe_price: dict) -> str:
+    """The meter a Stripe price object reads; blank for a licensed price."""
+    return str((stripe_price.get("recurring") or {}).get("meter") or "")
+
+
+def stripe_price_meter_record(*, price: StripePrice, meter: str) -> StripePrice:
+    """Record the meter `price` reads, as Stripe's object of it says, where it is not
+    recorded yet (a price made before StripePrice.meter): fixed at Stripe, so written once."""
+    if meter and not price.meter:
+        StripePrice.objects.filter(pk=price.pk, meter="").update(meter=meter)
+        price.meter = meter
+    return price
+
+
+def _meter_read(price: StripePrice) -> StripePrice:
+    """`price` with its meter read from Stripe (it is active there: the current one)."""
+    for found in stripe_client.prices_by_lookup_key([price.lookup_key]):
+        if found.get("id") == price.stripe_price_id:
+            return stripe_price_meter_record(price=price, meter=price_meter(found))
+    return price
 
 
 def _plan_sync(plan: Plan, report: SyncReport, meter_id: str | None) -> None:
@@ -169,6 +201,7 @@ def _plan_sync(plan: Plan, report: SyncReport, meter_id: str | None) -> None:
                 "recurring": {"interval": "month", "usage_type": "metered", "meter": meter_id},
                 "per_1k_credits": True,
             },
+            meter=meter_id,
         )
 
 

@@ -997,8 +997,9 @@ def overage_item_changes(stripe_sub: dict, *, plan: Plan) -> list[dict]:
     is in: Stripe keeps a subscription in one currency for life and refuses (400) a price
     in another on any of its items, which would fail the whole change (a member on an old
     price of their plan changing its seats, a renewal's alignment). The overage item stays
-    at the price it has, and the period's allowance is withheld as for any subscription
-    without its plan's current overage price (invoices._overage_invoiced).
+    at the price it has, in the subscription's currency, and the period's allowance is
+    granted on it where it is an overage price of the plan reading the meter overage is
+    reported to (invoices.overage_price_billed), withheld otherwise.
 
     Metered, so none of them is prorated or charged now: the meter's usage is invoiced at
     the period's end at the price on the item then."""
@@ -1036,7 +1037,7 @@ def subscription_overage_align(*, subscription: Subscription, invoice: dict) -> 
     bills at the price on the item then. That invoice is finalized (paid) by now, so the
     item moves to the new plan's price (or goes, if it has no overage) for the period
     starting, whose allowance is granted next: in this order, or the grant would withhold
-    it (invoices._overage_invoiced). It also puts back an item removed by hand, and moves
+    it (invoices.overage_price_billed). It also puts back an item removed by hand, and moves
     an overage price changed in the catalog onto the subscription from its next period.
 
     Outside any transaction, under the purchase lock (a plan change at the same moment

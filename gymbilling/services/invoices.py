@@ -28,7 +28,7 @@ from typing import NamedTuple
 from django.db import transaction
 from django.utils import timezone
 
-from gymbilling.models import Invoice, Plan, PriceKind, StripePrice, Subscription
+from gymbilling.models import Invoice, PriceKind, StripePrice, Subscription
 from gymbilling.services.customers import organization_for_customer
 from gymbilling.services.subscriptions import current_overage_price, ts
 from metering.models import MICRO, JournalTransaction, LotSource
@@ -318,57 +318,81 @@ def subscription_period_grant(
     )
     Invoice.objects.filter(pk=invoice.pk).update(credits_granted=bought.credits)
     allowance_until = invoice.period_end or subscription.current_period_end
-    if (
+    if not (
         plan.overage_allowed
         and invoice.billing_reason in ("subscription_create", "subscription_cycle")
         # Ended (its deletion processed first): no meter invoices overage any more.
         and subscription.live
         # Paid after its period: no overage to allow any more.
         and allowance_until > timezone.now()
-        and _overage_invoiced(subscription)
     ):
-        allowance = plan.overage_ceiling_for(subscription.seats)
-        credits_grant(
-            organization=invoice.organization,
-            amount=allowance,
-            source=LotSource.OVERAGE,
-            paid=False,
-            resellable=False,
-            priority=OVERAGE_LOT_PRIORITY,
-            key=f"overage:{invoice.stripe_invoice_id}",
-            expires_at=allowance_until,
-            memo=f"overage allowance of {plan.code}, invoiced by the usage meter",
-            # Sold at the plan's overage price as it is used (the meter invoices it
-            # in arrears): the whole allowance's price, floored to a minor unit.
-            sale=LotSale(
-                revenue=overage_revenue(plan=plan, credits=allowance),
-                currency=plan.currency,
-                origin=plan.code,
-            ),
-        )
-
-
-def _overage_invoiced(subscription: Subscription) -> bool:
-    """Whether Stripe's subscription, as read just before this grant (invoice_refresh
-    syncs it first), carries its plan's current overage price: only a price on the
-    subscription reads the meter, so an allowance without it would be served on credit
-    that is never invoiced (a plan change that left the item behind, an item removed by
-    hand). Without it the allowance is not granted, and a human is told."""
-    expected = current_overage_price(subscription.plan)
-    if expected is not None and subscription.overage_price_id == expected.pk:
-        return True
-    logger.error(
-        "subscription %s: no overage allowance granted, its Stripe items do not carry "
-        "the current overage price of %s (%s; they carry %s)",
-        subscription.stripe_subscription_id,
-        subscription.plan.code,
-        expected.stripe_price_id if expected is not None else "none synced",
-        subscription.overage_price.stripe_price_id if subscription.overage_price else "none",
+        return
+    billed_at = overage_price_billed(subscription)
+    if billed_at is None:
+        return
+    allowance = plan.overage_ceiling_for(subscription.seats)
+    credits_grant(
+        organization=invoice.organization,
+        amount=allowance,
+        source=LotSource.OVERAGE,
+        paid=False,
+        resellable=False,
+        priority=OVERAGE_LOT_PRIORITY,
+        key=f"overage:{invoice.stripe_invoice_id}",
+        expires_at=allowance_until,
+        memo=f"overage allowance of {plan.code}, invoiced by the usage meter",
+        # Sold at the price on the subscription's overage item as it is used (the meter
+        # invoices it in arrears, in the subscription's currency): the whole allowance's
+        # price, floored to a minor unit.
+        sale=LotSale(
+            revenue=overage_revenue(price=billed_at, credits=allowance),
+            currency=billed_at.currency,
+            origin=plan.code,
+        ),
     )
-    return False
 
 
-def overage_revenue(*, plan: Plan, credits: int) -> int:
-    """Minor units `credits` micro-credits of overage cost at the plan's price per 1,000
-    credits, rounded down: never more than the meter invoices for them."""
-    return plan.overage_price_per_1k * credits // (1_000 * MICRO)
+def overage_price_billed(subscription: Subscription) -> StripePrice | None:
+    """The overage price a period's allowance is invoiced at: the one Stripe's subscription
+    carries (as read just before this grant: invoice_refresh syncs it first), when it is an
+    overage price of the subscription's plan, current or retired, that reads the meter
+    overage is reported to (the current overage price's: the catalog's sync makes every
+    current one read it). Only a price on the subscription reads the meter, and only events
+    reported to its own meter are billed at it, so anything else would serve the allowance
+    on credit never invoiced (a plan change that left the item behind, an item removed by
+    hand, a retired price reading the meter of an earlier STRIPE_OVERAGE_EVENT_NAME).
+
+    A retired price is one a member on an old price of their plan keeps where the plan's
+    overage now sells in another currency (Stripe keeps a subscription in one currency,
+    checkout.overage_item_changes), or one a renewal could not move: Stripe bills the
+    usage at it, once, in the currency the member pays. None: withheld, and a human is
+    told."""
+    carried = subscription.overage_price
+    current = current_overage_price(subscription.plan)
+    if carried is None or current is None or carried.plan_id != subscription.plan_id:
+        why = (
+            f"its Stripe items do not carry an overage price of {subscription.plan.code} "
+            f"(current: {current.stripe_price_id if current is not None else 'none synced'}; "
+            f"they carry {carried.stripe_price_id if carried is not None else 'none'})"
+        )
+    elif carried.pk == current.pk or (carried.meter and carried.meter == current.meter):
+        return carried
+    else:
+        why = (
+            f"it carries the retired overage price {carried.stripe_price_id} of "
+            f"{subscription.plan.code}, which reads meter {carried.meter or 'unknown'}, not "
+            f"{current.meter or 'unknown'} that overage is reported to (the current "
+            f"{current.stripe_price_id}'s; run stripe_sync_catalog where that is unknown)"
+        )
+    logger.error(
+        "subscription %s: no overage allowance granted, %s",
+        subscription.stripe_subscription_id,
+        why,
+    )
+    return None
+
+
+def overage_revenue(*, price: StripePrice, credits: int) -> int:
+    """Minor units (of the price's currency) `credits` micro-credits of overage cost at an
+    overage price (per 1,000 credits), rounded down: never more than the meter invoices."""
+    return price.unit_amount * credits // (1_000 * MICRO)

@@ -36,6 +36,7 @@ from accounts.services import organization_entitlements_set
 from accounts.services.organizations import ENTITLEMENT_FIELDS
 from gymbilling.market.services import credits_trim_with_listings, seller_lock, sellers_lock
 from gymbilling.models import PriceKind, StripePrice, Subscription
+from gymbilling.services.catalog import price_meter, stripe_price_meter_record
 from gymbilling.services.customers import organization_for_customer
 from gymbilling.sweeps import each_isolated
 from metering.models import LotSource
@@ -74,8 +75,10 @@ class StripeItems:
     seats: int
     period_start: datetime
     period_end: datetime
-    # The metered price that invoices the overage meter, if one of ours is on it.
+    # The metered price that invoices the overage meter, if one of ours is on it, and the
+    # meter Stripe says it reads.
     overage_price: StripePrice | None = None
+    overage_meter: str = ""
 
 
 def stripe_items(stripe_sub: dict) -> StripeItems:
@@ -87,7 +90,15 @@ def stripe_items(stripe_sub: dict) -> StripeItems:
             stripe_price_id__in=price_ids, kind__in=[PriceKind.PLAN, PriceKind.OVERAGE]
         ).select_related("plan")
     }
-    overage_prices = [p for p in prices.values() if p.kind == PriceKind.OVERAGE]
+    overage = next((p for p in prices.values() if p.kind == PriceKind.OVERAGE), None)
+    overage_meter = next(
+        (
+            price_meter(item.get("price") or {})
+            for item in items
+            if overage and (item.get("price") or {}).get("id") == overage.stripe_price_id
+        ),
+        "",
+    )
     for item in items:
         price = prices.get((item.get("price") or {}).get("id"))
         if price is None or price.kind != PriceKind.PLAN:
@@ -100,14 +111,16 @@ def stripe_items(stripe_sub: dict) -> StripeItems:
             seats=int(item.get("quantity") or 1),
             period_start=ts(start),
             period_end=ts(end),
-            overage_price=overage_prices[0] if overage_prices else None,
+            overage_price=overage,
+            overage_meter=overage_meter,
         )
     raise SubscriptionUnknown(f"subscription {stripe_sub.get('id')} has no price of ours")
 
 
 def current_overage_price(plan) -> StripePrice | None:
-    """The metered price that invoices `plan`'s overage now: the one a subscription to it
-    must carry for its overage allowance to be granted; None when the plan has none."""
+    """The metered price that invoices `plan`'s overage now, reading the meter overage is
+    reported to (the catalog's sync makes it so): the one each plan change and renewal puts
+    on a subscription to it, where its currency allows; None when the plan has none."""
     if not plan.overage_allowed:
         return None
     return StripePrice.objects.filter(kind=PriceKind.OVERAGE, plan=plan, current=True).first()
@@ -136,6 +149,10 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
     now = now or timezone.now()
     org = _organization_of(stripe_sub)
     items = stripe_items(stripe_sub)
+    if items.overage_price is not None:
+        # A retired price made before prices recorded their meter: the grant of the period
+        # checks it reads the meter overage is reported to (invoices.overage_price_billed).
+        stripe_price_meter_record(price=items.overage_price, meter=items.overage_meter)
     status = str(stripe_sub.get("status") or Status.INCOMPLETE)
     rolled_from = None  # (plan, its credits, its start) of a period that just ended
     with transaction.atomic():

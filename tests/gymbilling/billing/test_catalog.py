@@ -40,6 +40,31 @@ def test_sync_twice_creates_nothing_the_second_time(stripe_standin, stripe_sdk):
     assert overage.recurring.usage_type == "metered" and str(overage.unit_amount_decimal) == "0.9"
 
 
+def test_overage_prices_record_their_meter_read_from_stripe_where_made_before(
+    stripe_standin, stripe_sdk
+):
+    # given: synced; then the overage prices are as a release before StripePrice.meter
+    # left them, their meter not recorded
+    catalog_seed_defaults()
+    catalog_sync()
+    overage = StripePrice.objects.filter(kind="overage")
+    meters = {price.pk: price.meter for price in overage}
+    assert all(meters.values())
+    assert all(
+        stripe_sdk.v1.prices.retrieve(price.stripe_price_id).recurring.meter == price.meter
+        for price in overage
+    )
+    assert not StripePrice.objects.exclude(kind="overage").exclude(meter="").exists()
+    overage.update(meter="")
+
+    # when: the catalog is synced again
+    report = catalog_sync()
+
+    # then: each one's meter is read from Stripe, the same as the sync's: nothing is made
+    assert report.created == [] and report.deactivated == []
+    assert {price.pk: price.meter for price in overage} == meters
+
+
 def test_a_new_price_takes_over_and_the_old_one_still_names_its_plan(stripe_standin, stripe_sdk):
     # given: synced, then staff raise Pro's price
     catalog_seed_defaults()
