@@ -585,7 +585,8 @@ class OverageReport(models.Model):
     # (services/overage.py, RESEND_UNKNOWN_WITHIN). Written before the call where none
     # is, put back when Stripe refused the attempt, cleared once Stripe answers one 200 or
     # the batch is re-queued under a new identifier. Null on a batch not sent with a
-    # `last_attempt_at`: the previous release's attempt, which stands in for it.
+    # `last_attempt_at`: one the previous release tried (it wrote only its last attempt),
+    # whose clock starts at its `created_at`, before its first attempt.
     first_unknown_attempt_at = models.DateTimeField(null=True, blank=True)
     # Set when it can never be sent (its Stripe customer was deleted): no longer tried;
     # `error` says why, for finance to invoice it another way or write it off.

@@ -95,7 +95,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Max, Q, Sum, Value
+from django.db.models import Case, F, Max, Q, Sum, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -266,11 +266,15 @@ def _overage_batches_send(*, now: datetime) -> int:
         attempt = OverageReport.objects.filter(pk=report.pk, identifier=report.identifier)
         # Before the call: Stripe may take an attempt whose answer is lost, and a report
         # acts only on the last attempt Stripe may have taken (the module's docstring).
-        # The first such attempt stays: the previous release wrote only the last.
+        # The first such attempt stays; one the previous release made (it wrote only the
+        # last, moved on by each retry) is dated by the batch's creation, as
+        # _first_unknown_attempt dates it.
         attempt.update(
             last_attempt_at=sent_at,
             first_unknown_attempt_at=Coalesce(
-                "first_unknown_attempt_at", "last_attempt_at", Value(sent_at)
+                "first_unknown_attempt_at",
+                Case(When(last_attempt_at__isnull=False, then=F("created_at"))),
+                Value(sent_at),
             ),
         )
         try:
@@ -317,9 +321,13 @@ def _overage_batches_send(*, now: datetime) -> int:
 
 def _first_unknown_attempt(report: OverageReport) -> datetime | None:
     """A batch not sent: its first attempt Stripe may have taken under its identifier, or
-    None. Its last attempt where the previous release sent it (which records only that):
-    a batch not sent keeps one only when Stripe did not refuse it."""
-    return report.first_unknown_attempt_at or report.last_attempt_at
+    None. Where the previous release sent it (which records only its LAST attempt, each
+    retry moving it on), the batch's creation: it was written in the run that made its
+    first attempt, just before it, so the clock never starts later than that attempt,
+    which a retry through a day-long outage would else push past Stripe's window."""
+    if report.first_unknown_attempt_at is not None:
+        return report.first_unknown_attempt_at
+    return report.created_at if report.last_attempt_at is not None else None
 
 
 def _overage_report_unknown_to_finance(*, report: OverageReport, first: datetime) -> bool:

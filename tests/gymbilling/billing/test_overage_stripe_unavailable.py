@@ -281,6 +281,36 @@ def test_overage_stripe_took_but_unreachable_for_a_day_is_left_to_finance_not_bi
     assert faults.meter_events_total(customer_id(org)) == 10
 
 
+def test_overage_retried_by_the_previous_release_through_a_day_is_not_billed_twice(
+    customer, subscribed, faults, settings
+):
+    # given: Pro with 10 credits of overage used; Stripe counting the first attempt but
+    # answering it 500; then, as the previous release left such a batch, only its LAST
+    # attempt recorded: a retry 20 hours later, no first unanswered attempt
+    settings.STRIPE_MAX_NETWORK_RETRIES = 0
+    subscribed("pro")
+    org = customer.organization
+    spend(org, 12_010 * MICRO, key="job-1")
+    faults.fault(METER_EVENTS, 500, taken=True)
+    start = timezone.now()
+    _unavailable_run()
+    OverageReport.objects.filter(organization=org).update(
+        first_unknown_attempt_at=None, last_attempt_at=start + timedelta(hours=20)
+    )
+
+    # when: Stripe has forgotten the first attempt's identifier, and this release's run
+    # comes 25 hours after it (5 after the recorded retry)
+    assert faults.age_meter_events(DAY + 3600, customer_id(org)) == 1
+    reported = overage_report(now=start + timedelta(hours=25))
+
+    # then: its clock ran from the batch's creation, not that retry: not sent again, with
+    # finance, the meter holding exactly the overage used
+    assert reported == 0
+    assert faults.meter_events_total(customer_id(org)) == 10
+    assert _batches(org) == [(10, True, 0, MeterError.IN_DOUBT, None)]
+    assert ledger_reconcile().ok
+
+
 def test_overage_unanswered_for_a_day_not_taken_is_sent_again_by_finance_and_counted_once(
     customer, subscribed, faults, settings
 ):
