@@ -281,7 +281,14 @@ class _Prompt(serializers.CharField):
         return super().run_validation(data)
 
 
-_JSON_TYPES = {bool: "boolean", int: "integer", str: "string", list: "array", dict: "object"}
+# An OpenAPI 3.0 array must say what its items are: any JSON value here (`{}`).
+_JSON_TYPES = {
+    bool: {"type": "boolean"},
+    int: {"type": "integer"},
+    str: {"type": "string"},
+    list: {"type": "array", "items": {}},
+    dict: {"type": "object"},
+}
 
 
 class _Neutral(serializers.Field):
@@ -301,7 +308,7 @@ class _Neutral(serializers.Field):
             **kwargs,
         )
         # The schema gives OpenAI's JSON types, not a plain Field's "string".
-        types = [{"type": _JSON_TYPES[t]} for t in NEUTRAL[name]["types"]]
+        types = [_JSON_TYPES[t] for t in NEUTRAL[name]["types"]]
         extend_schema_field(types[0] if len(types) == 1 else {"oneOf": types})(self)
 
     def to_internal_value(self, data):

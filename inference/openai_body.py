@@ -291,8 +291,15 @@ def neutral_json(value: Any) -> str:
 
 
 def is_neutral(value: Any, neutral: tuple) -> bool:
-    # Compared as JSON text: `false` is not `0`, nor `1.0` the `1` best_of takes.
-    return any(neutral_json(value) == neutral_json(n) for n in neutral)
+    # Compared as JSON text: `false` is not `0`, nor `1.0` the `1` best_of takes. A value
+    # of another Python type or size than a neutral one cannot have its text, and is told
+    # so without writing it out: a refused megabyte of logit_bias costs no serializing.
+    return any(
+        type(value) is type(n)
+        and (not isinstance(n, list | dict) or len(value) == len(n))
+        and neutral_json(value) == neutral_json(n)
+        for n in neutral
+    )
 
 
 def neutral_refusal(name: str, value: Any) -> tuple[str, str] | None:
@@ -331,9 +338,14 @@ def _listed(neutral: tuple) -> str:
 
 
 def _shown(value: Any) -> str:
-    # A refused list of tools can run to kilobytes: the message shows its start.
-    text = neutral_json(value)
-    return text if len(text) <= 100 else f"{text[:97]}..."
+    # A refused list of tools can run to megabytes: the message shows its start, and only
+    # that much of it is written out (the encoder yields its text piece by piece).
+    text = ""
+    for piece in json.JSONEncoder(ensure_ascii=False).iterencode(value):
+        text += piece
+        if len(text) > 100:
+            return f"{text[:97]}..."
+    return text
 
 
 class _Defer(Exception):
