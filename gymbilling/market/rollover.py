@@ -51,7 +51,11 @@ rollovers' caps, and both carries wait for the same lots. They are counted
 against each other as reversals are: the earlier carry claims first and the
 later one only the excess beyond its claim (`_carries_claiming_on`), and what
 one expires of the lots lowers what the other has due, so each credit is
-claimed once and expired once, and the member ends with the later cap.
+claimed once and expired once, and the member ends with the later cap. The
+later rollover's own trim may take some of those lots too (a second job gave
+them back in between: they are free): the older carries' claims are fitted
+again to what it left, at once, not when their jobs end, so the member's new
+credits are never short of more than the excess still waiting.
 
 Locks: the seller's market lock (`seller_lock`) serializes these with the
 rollover, which holds it from before it counts until it has recorded what
@@ -114,15 +118,46 @@ def _clawbacks_away(organization: Organization) -> list[JournalTransaction]:
 
 
 def rollover_carry_open(
-    *, organization: Organization, key: str, keep: int, memo: str, now: datetime
+    *,
+    organization: Organization,
+    key: str,
+    keep: int,
+    memo: str,
+    now: datetime,
+    claiming: list[RolloverCarry],
 ) -> RolloverCarry | None:
-    """Record what the rollover `key` left of its cap `keep`, if some plan credits were away.
+    """Record what the rollover `key` left of its cap `keep`, if some plan credits were away,
+    and fit what the older rollovers claim to what its trims left.
 
     The caller is the rollover, after its trims, in their transaction: it
     holds the seller's lock, the open listings and the wallet and escrow
     accounts, so what it counts here is what it left. Once per rollover: a
-    repeat returns the first record (or None) and changes nothing.
+    repeat returns the first record (or None) and records nothing new.
+
+    `claiming`: the carries still waiting for held credits, locked by the caller before
+    the accounts (`rollover_carries_claiming`). The trims take what a job gave back since
+    an older rollover (it is free), and that rollover's excess with it: what they expired
+    of its lots it no longer has due (`_carry_due`). Its claim, fitted when it opened,
+    would otherwise stay on the credits gone until its own jobs end, keeping as much of
+    the member's other credits (the new period's) from them. So each is fitted again,
+    oldest first, then this one, which claims only the excess beyond theirs.
     """
+    carry = _carry_record(organization=organization, key=key, keep=keep, memo=memo, now=now)
+    fitting = list(claiming)
+    if carry is not None and carry.held_over and carry.pk not in {c.pk for c in claiming}:
+        # The newest, so last in primary-key order. Claimed with the record: no work
+        # started from now on may spend the excess the jobs give back before the sweep
+        # expires it; what a pending refund of the period waits for of them is its own,
+        # and what the older rollovers claim theirs, not claimed twice.
+        fitting.append(carry)
+    rollover_claims_fit(organization=organization, carries=fitting)
+    return carry
+
+
+def _carry_record(
+    *, organization: Organization, key: str, keep: int, memo: str, now: datetime
+) -> RolloverCarry | None:
+    """The rollover's record of what was away (`rollover_carry_open`), or None."""
     reserved = [
         fill
         for fill in MarketFill.objects.filter(seller=organization, status=FillStatus.RESERVED)
@@ -166,11 +201,6 @@ def rollover_carry_open(
         return RolloverCarry.objects.filter(key=key).first()
     carry.fills.add(*reserved)
     carry.clawbacks.add(*clawbacks)
-    if held_over:
-        # Once, with the record (a repeat returned above): no work started from now on
-        # may spend the excess the jobs give back before the sweep expires it. What a
-        # pending refund of the period waits for of them is its own, not claimed twice.
-        _claim_fit(organization=organization, carry=carry)
     return carry
 
 
@@ -610,10 +640,13 @@ def rollover_carries_claiming(*, organization: Organization) -> list[RolloverCar
 
 
 def rollover_claims_fit(*, organization: Organization, carries: list[RolloverCarry]) -> None:
-    """Fit what the carries claim to what the organization's reversals now wait for.
+    """Fit what the carries claim to what the organization's reversals now wait for, and to
+    what each still has due, in the order given (primary-key order: each counts the older
+    ones' claims first).
 
     Called in the transaction of a reversal that changed its own claim (applied, or given
-    back), under the seller's lock and with `carries` locked (`rollover_carries_claiming`).
+    back), or of a rollover whose trims took some of the carries' lots, under the seller's
+    lock and with `carries` locked (`rollover_carries_claiming`).
     """
     for carry in carries:
         _claim_fit(organization=organization, carry=carry)

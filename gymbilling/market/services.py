@@ -80,6 +80,7 @@ from gymbilling.market.money import (
     money_post,
 )
 from gymbilling.market.rollover import (
+    rollover_carries_claiming,
     rollover_carries_for_fills,
     rollover_carry_open,
     rollover_release_trim,
@@ -435,6 +436,10 @@ def credits_trim_with_listings(
             .filter(seller=seller, status=ListingStatus.OPEN)
             .order_by("pk")
         )
+        # Before the ledger's accounts (the lock order above): the rollovers still
+        # claiming held credits, whose claims rollover_carry_open fits again to what
+        # these trims leave.
+        claiming = rollover_carries_claiming(organization=seller)
         wallet = organization_account(seller, AccountKind.WALLET)
         escrow = organization_account(seller, AccountKind.ESCROW)
         # Counted and trimmed under both accounts' locks, which the minute's
@@ -466,8 +471,11 @@ def credits_trim_with_listings(
             for listing in listings:
                 _listing_close_if_done(listing, now=now)
         # Under the same locks: what it leaves of the cap for credits that
-        # were away (reserved by buyers, clawed back by disputes).
-        rollover_carry_open(organization=seller, key=key, keep=keep, memo=memo, now=now)
+        # were away (reserved by buyers, clawed back by disputes) or held, and
+        # what the older rollovers still claim of what these trims left.
+        rollover_carry_open(
+            organization=seller, key=key, keep=keep, memo=memo, now=now, claiming=claiming
+        )
     return expired
 
 
