@@ -57,6 +57,11 @@ them back in between: they are free): the older carries' claims are fitted
 again to what it left, at once, not when their jobs end, so the member's new
 credits are never short of more than the excess still waiting.
 
+A refund or dispute still waiting for credits the jobs have given back by the
+period end (its sweep not run yet) takes them before the trim counts
+(`credits_trim_with_listings`): the cap applies to what it leaves, as for
+held credits.
+
 Locks: the seller's market lock (`seller_lock`) serializes these with the
 rollover, which holds it from before it counts until it has recorded what
 was away; the carries' rows are locked (primary-key order) before ledger

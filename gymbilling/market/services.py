@@ -426,8 +426,16 @@ def credits_trim_with_listings(
     listing or the wallet, less what this cap would have taken of them had
     they been counted (rollover.py records what it left for them, and
     `order_release` trims them as they come back). So do credits a dispute
-    clawed back, if it is won. Returns the micro-credits expired.
+    clawed back, if it is won. Credits a pending refund or dispute waits for
+    that running work gave back since are its own: it takes them first, as
+    its sweep would, and the cap counts what it leaves. Returns the
+    micro-credits expired.
     """
+    from gymbilling.services.payments import (
+        payment_reversals_pending_locked,
+        payment_reversals_pending_take,
+    )
+
     now = now or timezone.now()
     with transaction.atomic():
         seller_lock(seller)
@@ -436,9 +444,10 @@ def credits_trim_with_listings(
             .filter(seller=seller, status=ListingStatus.OPEN)
             .order_by("pk")
         )
-        # Before the ledger's accounts (the lock order above): the rollovers still
-        # claiming held credits, whose claims rollover_carry_open fits again to what
-        # these trims leave.
+        # Before the ledger's accounts (the lock order above): the refunds and disputes
+        # still waiting for credits, then the rollovers still claiming held ones, whose
+        # claims rollover_carry_open fits again to what these trims leave.
+        pending = payment_reversals_pending_locked(organization=seller)
         claiming = rollover_carries_claiming(organization=seller)
         wallet = organization_account(seller, AccountKind.WALLET)
         escrow = organization_account(seller, AccountKind.ESCROW)
@@ -447,6 +456,12 @@ def credits_trim_with_listings(
         # trims would be expired by it and counted over the cap by these too,
         # and the seller would end below the cap by that lot.
         accounts_lock(wallet, escrow)
+        # Money first: what a refund waits for that the jobs gave back since (its sweep,
+        # every 10 seconds, may be late: beat down across the period end) is its own, not
+        # the member's to keep a cap of. Trimmed first, the cap would expire it, and the
+        # refund would take what the cap left (the member ends with none of it, and the
+        # refund books the rest lost).
+        payment_reversals_pending_take(reversals=pending, now=now)
         listed_lots = Q(market_listing_lot__listing__in=listings, source=LotSource.SUBSCRIPTION)
         listed = lots_remaining(lots=listed_lots, now=now)
         expired = credits_trim(

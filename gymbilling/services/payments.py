@@ -422,6 +422,35 @@ def payment_reversal_apply(
     return reversal
 
 
+def payment_reversals_pending_locked(*, organization) -> list[PaymentReversal]:
+    """The organization's refunds and disputes still waiting for credits running work held,
+    locked in primary-key order, for `payment_reversals_pending_take`: before the ledger's
+    accounts, as the pending sweep locks them."""
+    return list(
+        PaymentReversal.objects.select_for_update()
+        .filter(organization=organization, credits_pending__gt=0)
+        .order_by("pk")
+    )
+
+
+def payment_reversals_pending_take(*, reversals: list[PaymentReversal], now: datetime) -> int:
+    """Take back now what these reversals wait for that running work gave back since, as
+    their sweep (`payment_reversals_pending_settle`) will: for a period's rollover cap,
+    which counts the credits left after it. Their money bought those credits, so they come
+    first; trimmed before the sweep, the cap would expire them as the member's and the
+    reversal would find only the cap left to take (a loss, and the member without it).
+
+    The caller holds the reversals' rows (`payment_reversals_pending_locked`) and runs
+    inside its transaction. A reversal whose payment bought nothing here is left to the
+    sweep, which reports it. Returns the micro-credits taken back.
+    """
+    return sum(
+        _reversal_pending_settle(reversal_id=reversal.pk, now=now)
+        for reversal in reversals
+        if reversal_lots(reversal) is not None
+    )
+
+
 def payment_reversals_lost_locked(*, organizations: list[int]) -> list[PaymentReversal]:
     """The organizations' refunds and disputes that recorded credits as lost (and are not
     undone), locked in primary-key order, for `payment_reversals_reclaim`: before the

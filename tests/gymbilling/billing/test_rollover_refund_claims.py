@@ -403,3 +403,68 @@ def test_a_refund_once_the_job_ended_leaves_the_cap_and_failing_brings_none_over
     balance = organization_balance(organization=org)
     assert (balance.wallet, balance.set_aside) == (wallet - PLAN + CAP, 0)
     assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
+@pytest.mark.parametrize(
+    ("cents", "refunded", "kept"),
+    [
+        (5_000, HALF_REFUNDED, CAP),  # $50: the cap of what it leaves is kept
+        (9_900, PLAN, 0),  # all of it: the refund takes all 12,000, none lost
+    ],
+)
+def test_a_refund_whose_sweep_is_late_takes_its_credits_before_the_period_s_trim(
+    customer, subscribed, grant, stripe_standin, stripe_sdk, deliver, cents, refunded, kept
+):
+    # given: `cents` of the period's payment refunded while the job held its 12,000 (all
+    # the refund is owed waits for the job, claimed), then the job failed, giving them
+    # back: they are free in the wallet, still claimed, till the refund's sweep takes them
+    sub, old_lot = _pro_with_a_job_holding_the_plan(customer, subscribed, grant)
+    org = customer.organization
+    _refund_first_period(sub, stripe_sdk, cents)
+    assert "failed" not in deliver()
+    refund = PaymentReversal.objects.get()
+    assert (refund.credits_clawed_back, refund.credits_pending) == (0, refunded)
+    hold_release(key="job-running")
+    wallet = organization_balance(organization=org).wallet
+    lots_before = set(CreditLot.objects.filter(organization=org).values_list("pk", flat=True))
+
+    # when: the period ends before that sweep ran (beat late), then the sweeps run
+    stripe_standin.advance(sub.stripe_subscription_id)
+    assert "failed" not in deliver()
+
+    # then: the refund took what it waited for first (its money bought them), and the
+    # period's cap applied to what it left: nothing is claimed any more, at once
+    refund.refresh_from_db()
+    assert (refund.credits_clawed_back, refund.credits_pending, refund.credits_lost) == (
+        refunded,
+        0,
+        0,
+    )
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == kept
+    assert _expired_of(old_lot) == PLAN - refunded - kept
+    assert (organization_balance(organization=org).set_aside, _wallet_claim(org)) == (0, 0)
+    assert ledger_reconcile().ok and stripe_reconcile().ok
+
+    # when: the sweeps run, late
+    assert payment_reversals_pending_settle() == 0
+    assert rollover_holds_settle(now=timezone.now()) == 0
+
+    # then: nothing changes: the member keeps the cap of what the refund left, and the
+    # new period's grants
+    refund.refresh_from_db()
+    assert (refund.credits_clawed_back, refund.credits_pending, refund.credits_lost) == (
+        refunded,
+        0,
+        0,
+    )
+    old_lot.refresh_from_db()
+    assert old_lot.remaining == kept
+    granted = (
+        CreditLot.objects.filter(organization=org)
+        .exclude(pk__in=lots_before)
+        .aggregate(total=Sum("amount"))["total"]
+    )
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.set_aside) == (wallet - PLAN + kept + granted, 0)
+    assert ledger_reconcile().ok and stripe_reconcile().ok
