@@ -67,10 +67,11 @@ def _price_ensure(
 ) -> StripePrice:
     """The current price of `lookup_key`: kept when it has this amount, currency, credits
     (None: an overage price, which buys none) and meter (blank: a licensed price), else a
-    new one that takes over."""
+    new one that takes over. Never the price it returns archived: Stripe's replay of the
+    request that made the current one names that one again."""
     current = StripePrice.objects.filter(lookup_key=lookup_key, current=True).first()
     if current and meter and not current.meter:
-        current = _meter_read(current)
+        current = stripe_price_meter_read(price=current)
     if (
         current
         and current.unit_amount == unit_amount
@@ -121,6 +122,22 @@ def _price_ensure(
             created = stripe_client.price_create(
                 key=f"price:{lookup_key}:{digest}:{uuid.uuid4()}", **request
             )
+    if current and created["id"] == current.stripe_price_id:
+        # Stripe's replay of the request that made the current price (the key names the
+        # request, its meter too), sent because what Stripe lists under the lookup key did
+        # not show it as recorded here (its meter unread: archived by hand, its lookup key
+        # moved, no `recurring.meter` listed). It is the price just ensured, made as asked:
+        # it stays current, reading `meter`, never archived by its own sync.
+        logger.warning(
+            "price %s (%s): not found at Stripe under its lookup key as recorded, but "
+            "Stripe's replay of the request that made it returned it: kept as the current "
+            "price, reading meter %s; check it is active at Stripe",
+            current.stripe_price_id,
+            lookup_key,
+            meter or "none",
+        )
+        report.unchanged.append(lookup_key)
+        return stripe_price_meter_record(price=current, meter=meter)
     with transaction.atomic():
         if current:
             StripePrice.objects.filter(pk=current.pk).update(current=False)
@@ -158,8 +175,11 @@ def stripe_price_meter_record(*, price: StripePrice, meter: str) -> StripePrice:
     return price
 
 
-def _meter_read(price: StripePrice) -> StripePrice:
-    """`price` with its meter read from Stripe (it is active there: the current one)."""
+def stripe_price_meter_read(*, price: StripePrice) -> StripePrice:
+    """`price` with its meter read from Stripe and recorded, where it is listed under its
+    lookup key (active there: a current price); as it was otherwise. One Stripe call:
+    the catalog's sync, and a renewal whose grant compares meters
+    (invoices.overage_meter_known)."""
     for found in stripe_client.prices_by_lookup_key([price.lookup_key]):
         if found.get("id") == price.stripe_price_id:
             return stripe_price_meter_record(price=price, meter=price_meter(found))

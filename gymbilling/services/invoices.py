@@ -28,7 +28,9 @@ from typing import NamedTuple
 from django.db import transaction
 from django.utils import timezone
 
+from gymbilling import stripe_client
 from gymbilling.models import Invoice, PriceKind, StripePrice, Subscription
+from gymbilling.services.catalog import stripe_price_meter_read
 from gymbilling.services.customers import organization_for_customer
 from gymbilling.services.subscriptions import current_overage_price, ts
 from metering.models import MICRO, JournalTransaction, LotSource
@@ -37,6 +39,8 @@ from metering.services import LotSale, credits_grant
 logger = logging.getLogger(__name__)
 
 OVERAGE_LOT_PRIORITY = 1000  # burned after every other lot: overage is the last resort
+# The invoices that buy a period, each of which grants that period's overage allowance.
+PERIOD_BILLING_REASONS = ("subscription_create", "subscription_cycle")
 
 
 def invoice_subscription_id(invoice: dict) -> str | None:
@@ -159,7 +163,7 @@ def _period_seconds(subscription: Subscription, *, ends_at: datetime | None) -> 
         bought_from = Invoice.objects.filter(
             subscription=subscription,
             period_end=ends_at,
-            billing_reason__in=("subscription_create", "subscription_cycle"),
+            billing_reason__in=PERIOD_BILLING_REASONS,
             period_start__lt=ends_at,
         ).values_list("period_start", flat=True)
         start = max([_month_before(ends_at), *bought_from])
@@ -216,6 +220,9 @@ def invoice_sync(*, invoice: dict, subscription: Subscription | None) -> Invoice
     # grant (the ledger's key would refuse it as a conflict). The key is the
     # gate; this read only spares the replay that refusal.
     if bought.credits > 0 and not already:
+        if row.billing_reason in PERIOD_BILLING_REASONS:
+            # Outside the grant's transaction: it may ask Stripe.
+            overage_meter_known(subscription)
         subscription_period_grant(
             invoice=row,
             subscription=subscription,
@@ -320,7 +327,7 @@ def subscription_period_grant(
     allowance_until = invoice.period_end or subscription.current_period_end
     if not (
         plan.overage_allowed
-        and invoice.billing_reason in ("subscription_create", "subscription_cycle")
+        and invoice.billing_reason in PERIOD_BILLING_REASONS
         # Ended (its deletion processed first): no meter invoices overage any more.
         and subscription.live
         # Paid after its period: no overage to allow any more.
@@ -357,7 +364,8 @@ def overage_price_billed(subscription: Subscription) -> StripePrice | None:
     carries (as read just before this grant: invoice_refresh syncs it first), when it is an
     overage price of the subscription's plan, current or retired, that reads the meter
     overage is reported to (the current overage price's: the catalog's sync makes every
-    current one read it). Only a price on the subscription reads the meter, and only events
+    current one read it; where its meter is not recorded yet, overage_meter_known read it
+    before this grant). Only a price on the subscription reads the meter, and only events
     reported to its own meter are billed at it, so anything else would serve the allowance
     on credit never invoiced (a plan change that left the item behind, an item removed by
     hand, a retired price reading the meter of an earlier STRIPE_OVERAGE_EVENT_NAME).
@@ -382,7 +390,7 @@ def overage_price_billed(subscription: Subscription) -> StripePrice | None:
             f"it carries the retired overage price {carried.stripe_price_id} of "
             f"{subscription.plan.code}, which reads meter {carried.meter or 'unknown'}, not "
             f"{current.meter or 'unknown'} that overage is reported to (the current "
-            f"{current.stripe_price_id}'s; run stripe_sync_catalog where that is unknown)"
+            f"{current.stripe_price_id}'s, unknown where Stripe could not say it)"
         )
     logger.error(
         "subscription %s: no overage allowance granted, %s",
@@ -390,6 +398,37 @@ def overage_price_billed(subscription: Subscription) -> StripePrice | None:
         why,
     )
     return None
+
+
+def overage_meter_known(subscription: Subscription) -> None:
+    """Before a period's grant: where the subscription carries a retired overage price of
+    its plan whose meter is recorded, and its plan's current overage price's is not (made
+    before gymbilling/0046, no stripe_sync_catalog since), read that one from Stripe and
+    record it, so that overage_price_billed compares the two meters rather than withhold
+    the allowance until a sync (which no deploy step runs). At most one Stripe call, at a
+    renewal (or first) invoice's grant, none once the meter is recorded or where nothing
+    is compared.
+
+    Outside any transaction. Stripe refusing the read, or not listing the price under its
+    lookup key, leaves it unknown: the grant withholds the allowance and logs why, as
+    before. Stripe unreachable is raised, as subscription_overage_align does just before,
+    and the event is retried, its grant with it: a period's allowance is granted once, so
+    a passing outage must not withhold it for the whole period."""
+    carried = subscription.overage_price
+    if carried is None or not carried.meter or carried.plan_id != subscription.plan_id:
+        return
+    current = current_overage_price(subscription.plan)
+    if current is None or current.meter or current.pk == carried.pk:
+        return
+    try:
+        stripe_price_meter_read(price=current)
+    except stripe_client.StripeRequestRefused as exc:
+        logger.warning(
+            "overage price %s: its meter could not be read from Stripe (%s): %s",
+            current.stripe_price_id,
+            exc.code or exc.status,
+            exc,
+        )
 
 
 def overage_revenue(*, price: StripePrice, credits: int) -> int:

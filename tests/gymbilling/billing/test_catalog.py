@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 
 import pytest
@@ -63,6 +64,54 @@ def test_overage_prices_record_their_meter_read_from_stripe_where_made_before(
     # then: each one's meter is read from Stripe, the same as the sync's: nothing is made
     assert report.created == [] and report.deactivated == []
     assert {price.pk: price.meter for price in overage} == meters
+
+
+def test_a_current_price_whose_meter_is_not_found_is_kept_not_archived_by_its_own_sync(
+    stripe_standin, stripe_sdk, caplog
+):
+    # given: a plan with overage synced today, its prices made by this sync's own requests
+    # (Stripe keeps the idempotency keys they were made under for a day); its overage
+    # price is as a release before StripePrice.meter left it, and staff moved its lookup
+    # key to a price of their own in the dashboard, so Stripe no longer lists it under it
+    catalog_seed_defaults()
+    code = f"pro-{uuid.uuid4().hex[:8]}"
+    Plan.objects.filter(code="pro").update(code=code)
+    catalog_sync()
+    lookup_key = f"gym_plan_{code}_overage"
+    overage = StripePrice.objects.get(lookup_key=lookup_key, current=True)
+    meter = overage.meter
+    StripePrice.objects.filter(pk=overage.pk).update(meter="")
+    theirs = stripe_sdk.v1.prices.create(
+        params={
+            "product": f"gym_plan_{code}",
+            "currency": "usd",
+            "unit_amount": 1_500,
+            "recurring": {"interval": "month"},
+            "lookup_key": lookup_key,
+            "transfer_lookup_key": True,
+        }
+    )
+
+    # when: the catalog is synced again
+    with caplog.at_level(logging.WARNING, logger="gymbilling.services.catalog"):
+        report = catalog_sync()
+
+    # then: Stripe's replay of the request that made the price returns that same price:
+    # it stays the current one, active at Stripe (checkouts and renewals can put items on
+    # it), its meter recorded; nothing made, nothing archived, staff told
+    at_stripe = stripe_sdk.v1.prices.retrieve(overage.stripe_price_id)
+    assert at_stripe.active is True and at_stripe.recurring.meter == meter
+    overage.refresh_from_db()
+    assert overage.current and overage.meter == meter
+    assert report.created == [] and report.deactivated == []
+    assert StripePrice.objects.filter(lookup_key=lookup_key).count() == 1
+    assert stripe_sdk.v1.prices.retrieve(theirs.id).active is True
+    assert overage.stripe_price_id in caplog.text
+    # and a sync after it finds it as recorded: nothing more, nothing logged
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gymbilling.services.catalog"):
+        assert catalog_sync().created == []
+    assert caplog.text == ""
 
 
 def test_a_new_price_takes_over_and_the_old_one_still_names_its_plan(stripe_standin, stripe_sdk):

@@ -16,7 +16,7 @@ from accounts.errors import ApplicationError
 from gymbilling import stripe_client
 from gymbilling.models import Plan, StripePrice, Subscription
 from gymbilling.services import catalog_sync, overage_report
-from gymbilling.services.events import subscription_refresh
+from gymbilling.services.events import invoice_refresh, subscription_refresh
 from gymbilling.services.invoices import invoice_sync
 from metering.models import MICRO, CreditLot, JournalTransaction
 from metering.reconcile import ledger_reconcile
@@ -263,9 +263,13 @@ def _meter_of(stripe_sdk, price: StripePrice) -> str:
     return stripe_sdk.v1.prices.retrieve(price.stripe_price_id).recurring.meter
 
 
-@pytest.mark.parametrize("meter_recorded", [True, False], ids=["meter recorded", "made before"])
+@pytest.mark.parametrize(
+    "made_before",
+    [(), ("retired",), ("retired", "current")],
+    ids=["meters recorded", "retired made before", "both made before, no sync since"],
+)
 def test_an_old_dollar_price_member_keeps_its_overage_after_the_plan_went_euro(
-    customer, subscribed, stripe_standin, stripe_sdk, deliver, caplog, meter_recorded
+    customer, subscribed, stripe_standin, stripe_sdk, deliver, caplog, made_before
 ):
     # given: a member on Pro at $99, its overage metered at Pro's $9.00 per 1,000 credits;
     # then finance sell Pro in euros, its overage at 11.00 EUR per 1,000 credits: the
@@ -274,9 +278,15 @@ def test_an_old_dollar_price_member_keeps_its_overage_after_the_plan_went_euro(
     dollars = _sold_in_euros("pro", overage_price_per_1k=1_100)
     assert _stripe_prices(stripe_sdk, sub) >= {dollars.stripe_price_id}
     assert dollars.meter == _meter_of(stripe_sdk, dollars)
-    if not meter_recorded:
-        # (a price made before prices recorded their meter: the renewal's sync reads it)
+    euros = StripePrice.objects.get(plan__code="pro", kind="overage", current=True)
+    if "retired" in made_before:
+        # (a price made before prices recorded their meter: the renewal's sync reads it
+        # from the subscription's item)
         StripePrice.objects.filter(pk=dollars.pk).update(meter="")
+    if "current" in made_before:
+        # (so is Pro's current overage price, and stripe_sync_catalog has not run since the
+        # deploy: the renewal's grant reads its meter from Stripe)
+        StripePrice.objects.filter(pk=euros.pk).update(meter="")
 
     # when: the period renews, paid, and its grant is made
     with caplog.at_level(logging.ERROR, logger="gymbilling.services.invoices"):
@@ -292,6 +302,8 @@ def test_an_old_dollar_price_member_keeps_its_overage_after_the_plan_went_euro(
     assert allowance.amount == pro.fair_use_ceiling == 20_000 * MICRO
     assert (allowance.revenue, allowance.revenue_currency) == (18_000, "usd")
     assert "no overage allowance granted" not in caplog.text
+    euros.refresh_from_db()
+    assert euros.meter == _meter_of(stripe_sdk, euros) == _meter_of(stripe_sdk, dollars)
     # and the first period's allowance expires with its period (the stand-in's clock is a
     # period on, the wall clock is not): only the renewal's allows overage now
     _first_allowance_expires(customer, renewal)
@@ -316,6 +328,44 @@ def test_an_old_dollar_price_member_keeps_its_overage_after_the_plan_went_euro(
     assert sum(int(e["value"]) for e in stripe_standin.meter_events(sub.stripe_customer_id)) == (
         1_000
     )
+    assert ledger_reconcile().ok
+
+
+def test_stripe_unreachable_for_the_current_price_s_meter_retries_the_renewal_s_grant(
+    customer, subscribed, stripe_standin, stripe_sdk, deliver
+):
+    # given: a $99 Pro member kept on its dollar overage price after Pro went euro, both
+    # overage prices made before prices recorded their meter, no catalog sync since
+    sub = subscribed("pro")
+    dollars = _sold_in_euros("pro", overage_price_per_1k=1_100)
+    StripePrice.objects.filter(plan__code="pro", kind="overage").update(meter="")
+    renewal = _renew(stripe_standin, sub)
+
+    # when: the renewal's invoice is processed while Stripe does not answer the read of
+    # the current price's meter (its listing by lookup key; the SDK's retries too)
+    stripe_standin.fault("/v1/prices", 503, method="GET", count=3)
+    try:
+        with pytest.raises(stripe_client.StripeUnavailable):
+            invoice_refresh(invoice_id=renewal)
+        faulted = [(f["status"], f["faulted"]) for f in stripe_standin.faults()]
+    finally:
+        stripe_standin.clear_faults()
+
+    # then: nothing is granted yet, the paid credits nor the allowance (one grant, so the
+    # period's allowance is not withheld for a passing outage): the event is retried
+    assert faulted == [(503, 3)]
+    assert not JournalTransaction.objects.filter(idempotency_key__endswith=renewal).exists()
+
+    # when: the renewal's events are processed, Stripe answering
+    assert "failed" not in deliver()
+
+    # then: both are granted, the allowance sold at the dollar price the item carries
+    assert JournalTransaction.objects.filter(idempotency_key=f"grant:invoice:{renewal}")
+    allowance = _allowance(renewal)
+    assert allowance is not None and allowance.amount == 20_000 * MICRO
+    assert (allowance.revenue, allowance.revenue_currency) == (18_000, "usd")
+    dollars.refresh_from_db()
+    assert dollars.meter == _meter_of(stripe_sdk, dollars)
     assert ledger_reconcile().ok
 
 
