@@ -116,9 +116,13 @@ def _price_ensure(
         # price (or another database's rows) is a new request.
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:24]
         created = stripe_client.price_create(key=f"price:{lookup_key}:{digest}", **request)
-        if not created.get("active", True):
-            # A replay of a price made earlier today and deactivated since (the
-            # amount went back and forth): that one is retired, make a new one.
+        if (
+            not created.get("active", True)
+            or StripePrice.objects.filter(stripe_price_id=created["id"], current=False).exists()
+        ):
+            # A replay of a price made earlier today and retired since (the amount went
+            # back and forth): archived at Stripe, and without its lookup key, make a new
+            # one. Known by our row: a replay is the first answer byte for byte, "active".
             created = stripe_client.price_create(
                 key=f"price:{lookup_key}:{digest}:{uuid.uuid4()}", **request
             )

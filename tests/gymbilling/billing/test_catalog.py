@@ -135,6 +135,34 @@ def test_a_new_price_takes_over_and_the_old_one_still_names_its_plan(stripe_stan
     assert [p.id for p in looked_up] == [new.stripe_price_id]
 
 
+def test_a_price_that_goes_back_the_same_day_is_a_new_active_price(stripe_standin, stripe_sdk):
+    # given: a plan synced today at $99, then raised to $109 and synced (the $99 price is
+    # archived at Stripe); Stripe still keeps the idempotency keys they were made under
+    catalog_seed_defaults()
+    code = f"pro-{uuid.uuid4().hex[:8]}"
+    Plan.objects.filter(code="pro").update(code=code)
+    catalog_sync()
+    first = StripePrice.objects.get(lookup_key=f"gym_plan_{code}", current=True)
+    Plan.objects.filter(code=code).update(monthly_price=10_900)
+    catalog_sync()
+
+    # when: finance put it back to $99, and the catalog is synced
+    Plan.objects.filter(code=code).update(monthly_price=9_900)
+    report = catalog_sync()
+
+    # then: the current $99 price is one Stripe sells (active, under the lookup key), not
+    # the archived first one, which Stripe's replay of the same request names again (its
+    # answer as first given: "active")
+    assert report.created == [f"gym_plan_{code}"]
+    current = StripePrice.objects.get(lookup_key=f"gym_plan_{code}", current=True)
+    assert current.unit_amount == 9_900 and current.stripe_price_id != first.stripe_price_id
+    assert stripe_sdk.v1.prices.retrieve(current.stripe_price_id).active is True
+    looked_up = stripe_sdk.v1.prices.list(params={"lookup_keys": [f"gym_plan_{code}"]}).data
+    assert [p.id for p in looked_up] == [current.stripe_price_id]
+    first.refresh_from_db()
+    assert not first.current
+
+
 def test_the_command_says_what_is_missing():
     with (
         override_settings(STRIPE_SECRET_KEY=""),
