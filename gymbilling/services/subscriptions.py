@@ -225,16 +225,22 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
                 f"organization {org.pk} already has a live subscription; "
                 f"{stripe_sub['id']} needs a human"
             ) from None
-        if sub.live or live_subscription(org) is None:
-            # An ended subscription's late event (Stripe's order is not guaranteed)
-            # must not take away what the organization's live one entitles it to.
+        # An ended subscription's late event (Stripe's order is not guaranteed) must
+        # not take away what the organization's live one entitles it to.
+        entitles = sub.live or live_subscription(org) is None
+        if entitles:
             entitlements_write(subscription=sub, now=now)
-            if not sub.live:
-                overage_allowance_end(subscription=sub)
         if rolled_from is not None:
             # In the same transaction as the new period: a crash in between
             # would otherwise save the period and never trim its rollover.
             period_rollover(subscription=sub, previous=rolled_from)
+        if entitles and not sub.live:
+            # After the rollover: it locks the wallet, which the rollover's trim must
+            # lock only after the listings and pending refunds (the market's lock
+            # order: a pending refund's sweep holds its row and waits for the wallet).
+            # The two touch different lots (overage, the period's), so the books are
+            # the same either way.
+            overage_allowance_end(subscription=sub)
         if sub.status == Status.CANCELED:
             # Canceled at period end, Stripe's deletion comes as the period ends: the
             # cap applies now. Canceled at once, mid-period, the sweep applies it at
