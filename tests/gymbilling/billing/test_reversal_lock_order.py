@@ -2,21 +2,25 @@
 gymbilling.market.services): a reversal being applied, which settles the charge's earlier
 reversals first, meets an order's release and the pending sweep, each on a connection of
 its own, where the reversal used to hold the wallet and wait for a reversal row that the
-other held while waiting for the wallet. Both go through, and the ledger is right."""
+other held while waiting for the wallet; and a subscription's sync that ends it and rolls
+its period over (the rollover takes the pending refunds' rows) meets the pending sweep,
+where the sync used to lock the wallet first, ending the overage allowance. Both go
+through, and the ledger is right."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
+from django.utils import timezone
 
 from gymbilling import stripe_client
 from gymbilling.market import rollover
 from gymbilling.market.services import listing_create, order_release, order_reserve
 from gymbilling.models import CheckoutSession, Invoice, PaymentReversal, RolloverCarry
 from gymbilling.services import payment_reversals_pending_settle, payments
-from gymbilling.services.events import charge_refund_refresh
-from metering.models import MICRO, LedgerAccount
+from gymbilling.services.events import charge_refund_refresh, subscription_refresh
+from metering.models import MICRO, CreditLot, LedgerAccount
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
 from metering.services import hold_capture, hold_place, hold_release
@@ -258,4 +262,91 @@ def test_the_rollover_s_claim_fitted_while_another_payment_s_refund_settles_stay
     carry.refresh_from_db()
     assert carry.held_claimed == 9_000 * MICRO - pending
     assert wallet_claim(org) == carry.held_claimed
+    assert ledger_reconcile().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sync_of_an_ended_subscription_s_new_period_and_the_pending_sweep_do_not_deadlock(
+    customer, subscribed, grant, stripe_standin, stripe_sdk, deliver, monkeypatch, caplog
+):
+    # given: Pro (12,000 credits for $99.00, 3,000 roll over, a 20,000-credit overage
+    # allowance beside them) and the member's own 500; a job holds all 12,000 of the
+    # period. $50.00 of the period's payment refunded: its 6,060.606060 wait for the job
+    sub = subscribed("pro")
+    org = customer.organization
+    grant(org, 500 * MICRO, source="promotion", paid=False, resellable=False, expires_at=None)
+    [plan_lot] = CreditLot.objects.filter(organization=org, source="subscription")
+    [allowance] = CreditLot.objects.filter(organization=org, source="overage")
+    assert allowance.remaining == 20_000 * MICRO
+    hold_place(organization=org, amount=12_000 * MICRO, key="job-running")
+    first = Invoice.objects.get(subscription=sub, billing_reason="subscription_create")
+    refund(stripe_sdk, charge_of(first.stripe_payment_intent_id), 5_000, deliver)
+    waiting = PaymentReversal.objects.get()
+    pending = 12_000 * MICRO * 5_000 // 9_900
+    assert taken_pending_lost(waiting) == (0, pending, 0)
+    ended = sub.current_period_end
+
+    # Stripe renews the subscription and it is canceled at once, before either is applied:
+    # its sync ends it (the overage allowance with it) and rolls its period over. The
+    # pending sweep locks the refund's row and pauses there, before the wallet.
+    stripe_standin.advance(sub.stripe_subscription_id)
+    stripe_sdk.v1.subscriptions.cancel(sub.stripe_subscription_id)
+    no_deadlock_retries(monkeypatch)
+    paused, resume = pause_after(monkeypatch, payments, "reversal_lots", thread="sweep")
+    errors: list = []
+    sweeping = threading.Thread(
+        name="sweep", target=on_own_connection, args=(payment_reversals_pending_settle, errors)
+    )
+    sweeping.start()
+    assert paused.wait(timeout=60)
+
+    # when: the subscription's event is applied meanwhile, on a connection of its own
+    syncing = threading.Thread(
+        name="sync",
+        target=on_own_connection,
+        args=(lambda: subscription_refresh(subscription_id=sub.stripe_subscription_id), errors),
+    )
+    run_against_paused(
+        syncing, paused=sweeping, resume=resume, what="the sync to wait for the sweep"
+    )
+
+    # then: both went through, without a deadlock (the sweep logs one it lost). The sweep
+    # found the job still holding what the refund waits for; the rollover left the job
+    # the 12,000 it holds, setting aside the 9,000 over the cap less the refund's; the
+    # allowance ended, all but the 12,000 the job now burns first of it expired at once.
+    # The member may spend their own 500 and the cap's 3,000
+    assert errors == []
+    assert "failed" not in caplog.text
+    sub.refresh_from_db()
+    assert (sub.status, sub.current_period_start) == ("canceled", ended)
+    assert taken_pending_lost(waiting) == (0, pending, 0)
+    carry = RolloverCarry.objects.get(organization=org)
+    assert (carry.held_over, carry.held_claimed) == (9_000 * MICRO, 9_000 * MICRO - pending)
+    plan_lot.refresh_from_db()
+    allowance.refresh_from_db()
+    assert (plan_lot.remaining, allowance.remaining) == (12_000 * MICRO, 12_000 * MICRO)
+    assert allowance.expires_at <= timezone.now()
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.held, balance.set_aside) == (
+        12_500 * MICRO,
+        12_000 * MICRO,
+        9_000 * MICRO,
+    )
+    assert balance.available == 3_500 * MICRO
+    assert wallet_claim(org) == 9_000 * MICRO
+    assert ledger_reconcile().ok
+
+    # when: the job ends without using them, and the sweeps run
+    hold_release(key="job-running")
+    assert payment_reversals_pending_settle() == pending
+    assert rollover.rollover_holds_settle(now=timezone.now()) == 9_000 * MICRO - pending
+
+    # then: the refund took its 6,060.606060 and nothing was lost; the member keeps the
+    # cap of the period and their own 500, nothing set aside
+    assert taken_pending_lost(waiting) == (pending, 0, 0)
+    plan_lot.refresh_from_db()
+    assert plan_lot.remaining == 3_000 * MICRO
+    balance = organization_balance(organization=org)
+    assert (balance.wallet, balance.held, balance.set_aside) == (3_500 * MICRO, 0, 0)
+    assert wallet_claim(org) == 0
     assert ledger_reconcile().ok
