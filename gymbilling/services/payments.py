@@ -442,13 +442,29 @@ def payment_reversals_pending_take(*, reversals: list[PaymentReversal], now: dat
 
     The caller holds the reversals' rows (`payment_reversals_pending_locked`) and runs
     inside its transaction. A reversal whose payment bought nothing here is left to the
-    sweep, which reports it. Returns the micro-credits taken back.
+    sweep, which reports it. So is one whose take fails (logged at ERROR with its id):
+    each is taken in a savepoint of its own and the others still go, as in the sweep.
+    Raised, it would fail the period change, a subscription's sync, at every later event
+    of the subscription too: its period, plan and entitlements would stay as they were.
+    The cap then counts what that one waits for as the member's; its sweep takes what the
+    cap leaves. Returns the micro-credits taken back.
     """
-    return sum(
-        _reversal_pending_settle(reversal_id=reversal.pk, now=now)
-        for reversal in reversals
-        if reversal_lots(reversal) is not None
+    by_pk = {reversal.pk: reversal for reversal in reversals}
+    return each_isolated(
+        list(by_pk),
+        lambda pk: _reversal_pending_take(by_pk[pk], now=now),
+        what="the period change's take of payment reversal",
+        then="its sweep tries again",
     )
+
+
+def _reversal_pending_take(reversal: PaymentReversal, *, now: datetime) -> int:
+    # A savepoint: a take that fails leaves nothing of it behind, and the caller's
+    # transaction usable for the rest.
+    with transaction.atomic():
+        if reversal_lots(reversal) is None:
+            return 0
+        return _reversal_pending_settle(reversal_id=reversal.pk, now=now)
 
 
 def payment_reversals_lost_locked(*, organizations: list[int]) -> list[PaymentReversal]:

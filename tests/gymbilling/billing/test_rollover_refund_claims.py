@@ -20,7 +20,8 @@ from gymbilling.services import payment_reversals_pending_settle
 from metering.models import MICRO, CreditLot, LedgerAccount, LotMovement
 from metering.reconcile import ledger_reconcile
 from metering.selectors import organization_balance
-from metering.services import hold_capture, hold_place, hold_release
+from metering.services import hold_capture, hold_place, hold_release, lot_clawback
+from tests.factories import OrganizationFactory
 from tests.gymbilling.market.conftest import market_member, sold
 from tests.helpers import ledger_rows
 
@@ -468,3 +469,71 @@ def test_a_refund_whose_sweep_is_late_takes_its_credits_before_the_period_s_trim
     balance = organization_balance(organization=org)
     assert (balance.wallet, balance.set_aside) == (wallet - PLAN + kept + granted, 0)
     assert ledger_reconcile().ok and stripe_reconcile().ok
+
+
+def test_a_refund_whose_take_fails_at_the_period_s_end_is_left_to_its_sweep(
+    customer, subscribed, grant, stripe_standin, stripe_sdk, deliver, caplog
+):
+    # given: Pro and the member's own 5,000, and a 1,000 pack ($12.00); a job held the
+    # period's 12,000, another the pack's 1,000, when $50 of the period's payment and all
+    # of the pack's were refunded (6,060.606060 and 1,000 wait for the jobs); then both
+    # jobs gave them back, before the refunds' sweep took them
+    sub, old_lot = _pro_with_a_job_holding_the_plan(customer, subscribed, grant)
+    org = customer.organization
+    response = customer.client.post("/api/v1/billing/checkout", {"pack": "boost-1k"}, format="json")
+    stripe_standin.pay_checkout(response.json()["session_id"])
+    assert "failed" not in deliver()
+    [pack_lot] = CreditLot.objects.filter(organization=org, source="pack")
+    hold_place(organization=org, amount=1_000 * MICRO, key="job-pack")
+    _refund_first_period(sub, stripe_sdk, 5_000)
+    pack = CheckoutSession.objects.filter(organization=org).exclude(pack=None).get()
+    stripe_sdk.v1.refunds.create(params={"payment_intent": pack.stripe_payment_intent_id})
+    assert "failed" not in deliver()
+    period_refund, pack_refund = PaymentReversal.objects.order_by("pk")
+    assert period_refund.stripe_payment_intent_id != pack.stripe_payment_intent_id
+    assert (period_refund.credits_pending, pack_refund.credits_pending) == (
+        HALF_REFUNDED,
+        1_000 * MICRO,
+    )
+    hold_release(key="job-running")
+    hold_release(key="job-pack")
+    started = sub.current_period_start
+
+    # No consistent data makes a take fail (payments.payment_reversals_pending_take): the
+    # pack refund's is made to, by another write already under the ledger key it takes
+    # under (a clawback of another member's)
+    other_lot = grant(OrganizationFactory(), MICRO)
+    lot_clawback(
+        lot=other_lot, amount=MICRO, key=f"{pack_refund.key}:pending:{1_000 * MICRO}", memo="x"
+    )
+
+    # when: the period ends (the sync of the subscription's renewal rolls it over)
+    stripe_standin.advance(sub.stripe_subscription_id)
+    statuses = deliver()
+
+    # then: the period changed all the same; the period's refund took its credits before
+    # the trim (the member keeps the cap of what it left), and the pack's refund, logged,
+    # still waits for its 1,000, claimed, for its sweep
+    assert "failed" not in statuses
+    sub.refresh_from_db()
+    assert sub.current_period_start > started
+    period_refund.refresh_from_db()
+    pack_refund.refresh_from_db()
+    assert (
+        period_refund.credits_clawed_back,
+        period_refund.credits_pending,
+        period_refund.credits_lost,
+    ) == (HALF_REFUNDED, 0, 0)
+    assert (
+        pack_refund.credits_clawed_back,
+        pack_refund.credits_pending,
+        pack_refund.credits_lost,
+    ) == (0, 1_000 * MICRO, 0)
+    old_lot.refresh_from_db()
+    pack_lot.refresh_from_db()
+    assert (old_lot.remaining, pack_lot.remaining) == (CAP, 1_000 * MICRO)
+    assert _expired_of(old_lot) == PLAN - HALF_REFUNDED - CAP
+    assert _wallet_claim(org) == 1_000 * MICRO
+    [logged] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert f"payment reversal {pack_refund.pk} failed" in logged.getMessage()
+    assert ledger_reconcile().ok
