@@ -238,8 +238,11 @@ def subscription_sync(*, stripe_sub: dict, now: datetime | None = None) -> Subsc
             # After the rollover: it locks the wallet, which the rollover's trim must
             # lock only after the listings and pending refunds (the market's lock
             # order: a pending refund's sweep holds its row and waits for the wallet).
-            # The two touch different lots (overage, the period's), so the books are
-            # the same either way.
+            # The end state is the same either way; the timing is not. A job holding
+            # the period's credits burns its allowance first once that has expired, so
+            # ended first, the trim found the plan's lot free and a pending refund took
+            # its credits at once; ended after, the refund waits for the job and the
+            # excess stays set aside until then. Available credits are the same.
             overage_allowance_end(subscription=sub)
         if sub.status == Status.CANCELED:
             # Canceled at period end, Stripe's deletion comes as the period ends: the
