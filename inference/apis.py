@@ -61,11 +61,11 @@ from inference.models import (
     ModelStatus,
 )
 from inference.openai_body import (
-    NEUTRAL,
     NEUTRAL_BY_KIND,
     content_parts_text,
     generation_body,
     neutral_refusal,
+    neutral_spec,
     neutral_taken,
     text_storable,
 )
@@ -299,7 +299,10 @@ class _Neutral(serializers.Field):
     values are dropped (_GenerationInput.validate), as openai_body drops them: both decide
     by openai_body.neutral_refusal, from its NEUTRAL table."""
 
-    def __init__(self, *, name: str, **kwargs):
+    def __init__(self, *, name: str, kind: str | None, **kwargs):
+        # kind: the endpoint's ("chat", "completion"), whose form of the parameter is taken;
+        # None (a schema of both) either's.
+        self.kind = kind
         super().__init__(
             required=False,
             allow_null=True,
@@ -308,11 +311,11 @@ class _Neutral(serializers.Field):
             **kwargs,
         )
         # The schema gives OpenAI's JSON types, not a plain Field's "string".
-        types = [_JSON_TYPES[t] for t in NEUTRAL[name]["types"]]
+        types = [_JSON_TYPES[t] for t in neutral_spec(name, kind)["types"]]
         extend_schema_field(types[0] if len(types) == 1 else {"oneOf": types})(self)
 
     def to_internal_value(self, data):
-        refusal = neutral_refusal(self.field_name, data)
+        refusal = neutral_refusal(self.field_name, data, self.kind)
         if refusal is None:
             return data
         code, message = refusal
@@ -366,20 +369,36 @@ class _GenerationInput(StrictSerializer):
     frequency_penalty = _JsonNumber(min_value=-2, max_value=2, required=False, allow_null=True)
     stop = serializers.JSONField(required=False, allow_null=True)
     n = serializers.IntegerField(min_value=1, required=False, allow_null=True)
-    logprobs = _Neutral(name="logprobs")
     stream = _JsonBoolean(default=False)
     stream_options = _StreamOptions(required=False, allow_null=True)
     user = serializers.CharField(max_length=256, required=False, allow_blank=True)
     priority = serializers.ChoiceField(choices=Priority.values, default=Priority.STANDARD)
     # The OpenAI endpoint ("chat", "completion") whose parameters not acted on
-    # (openai_body.NEUTRAL_BY_KIND) the body also takes, each a _Neutral field.
-    neutral_kind: str | None = None
+    # (openai_body.NEUTRAL_BY_KIND) the body also takes, each a _Neutral field; or
+    # BY_TEXT_FIELD (the jobs API, the quote): the body's own text field says which, a
+    # chat's `messages`, a completion's `prompt`, so that the other kind's parameter is an
+    # unknown field, as at that kind's endpoint. Without a body to tell (the schema), or
+    # with both or neither text field (refused), both kinds' are fields.
+    neutral_kind: str
+    BY_TEXT_FIELD = "by_text_field"
 
     def get_fields(self):
         fields = super().get_fields()
-        for name in sorted(NEUTRAL_BY_KIND.get(self.neutral_kind, ())):
-            fields[name] = _Neutral(name=name)
+        kind = self.body_kind()
+        names = NEUTRAL_BY_KIND[kind] if kind else frozenset().union(*NEUTRAL_BY_KIND.values())
+        for name in sorted(names):
+            fields[name] = _Neutral(name=name, kind=kind)
         return fields
+
+    def body_kind(self) -> str | None:
+        """The kind whose neutral parameters this body takes, None if it cannot tell."""
+        if self.neutral_kind != self.BY_TEXT_FIELD:
+            return self.neutral_kind
+        # The fields are built when first read, which is after the body is given.
+        data = getattr(self, "initial_data", None)
+        if not isinstance(data, dict) or ("messages" in data) == ("prompt" in data):
+            return None
+        return "chat" if "messages" in data else "completion"
 
     def validate_stop(self, value):
         if value is None:
@@ -1088,6 +1107,7 @@ class JobListCreateApi(_GenerationApi):
         class Meta:
             ref_name = "JobInput"
 
+        neutral_kind = _GenerationInput.BY_TEXT_FIELD
         messages = _Message(many=True, allow_empty=False, max_length=512, required=False)
         prompt = _Prompt(required=False)
         callback_url = serializers.CharField(
@@ -1195,6 +1215,7 @@ class QuoteApi(OrgApiView):
         class Meta:
             ref_name = "QuoteInput"
 
+        neutral_kind = _GenerationInput.BY_TEXT_FIELD
         messages = _Message(many=True, allow_empty=False, max_length=512, required=False)
         prompt = _Prompt(required=False)
         expected_output_tokens = serializers.IntegerField(min_value=0, required=False)

@@ -33,9 +33,10 @@ _MAX_MESSAGES = 512
 # else OpenAI requires of a value (an enum's strings, a map's limits); a value failing
 # either is malformed, `invalid_request`, and `form` (optional) says what it must be.
 # `neutral`: the neutral values, or EVERY_VALID where any well-formed value asks for
-# nothing. `why`: what the refusal says. Types and values as in OpenAI's API reference
-# (and the official `openai` SDK's request types); where a value is taken as neutral by
-# our own reading, the entry says so.
+# nothing. `why`: what the refusal says. `by_kind` (optional): what differs at one kind's
+# endpoint (NEUTRAL_BY_KIND), replacing the keys it names. Types and values as in OpenAI's
+# API reference (and the official `openai` SDK's request types); where a value is taken as
+# neutral by our own reading, the entry says so.
 EVERY_VALID = None
 
 
@@ -61,8 +62,10 @@ def _metadata_valid(value: dict) -> bool:
 
 NEUTRAL: dict[str, dict] = {
     "logprobs": {
-        # A boolean for chat, an integer (how many) for text completions.
+        # A boolean for chat, an integer (how many) for text completions (whose `false` is
+        # taken too, as it always was).
         "types": (bool, int),
+        "by_kind": {"chat": {"types": (bool,), "form": "a boolean"}},
         "neutral": (False,),
         "why": "this API returns no log probabilities",
     },
@@ -302,13 +305,20 @@ def is_neutral(value: Any, neutral: tuple) -> bool:
     )
 
 
-def neutral_refusal(name: str, value: Any) -> tuple[str, str] | None:
-    """Why a NEUTRAL parameter's value is refused, as (code, message), or None: it is taken
-    (and dropped), being null or asking for nothing. The code is "invalid" (malformed) or
-    "unsupported_parameter" (a well-formed value asking for what this API does not serve)."""
+def neutral_spec(name: str, kind: str | None) -> dict:
+    """A NEUTRAL parameter's entry at a kind's endpoint; kind None: at either's."""
+    spec = NEUTRAL[name]
+    return {**spec, **spec.get("by_kind", {}).get(kind, {})}
+
+
+def neutral_refusal(name: str, value: Any, kind: str | None) -> tuple[str, str] | None:
+    """Why a NEUTRAL parameter's value is refused at a kind's endpoint, as (code, message),
+    or None: it is taken (and dropped), being null or asking for nothing. The code is
+    "invalid" (malformed) or "unsupported_parameter" (a well-formed value asking for what
+    this API does not serve)."""
     if value is None:
         return None
-    spec = NEUTRAL[name]
+    spec = neutral_spec(name, kind)
     neutral = spec["neutral"]
     if type(value) not in spec["types"] or not spec.get("valid", _anything)(value):
         return "invalid", f"{name} must be {spec.get('form') or _listed(neutral)}."
@@ -366,7 +376,7 @@ def generation_body(data: Any, *, kind: str) -> dict | None:
             raise _Defer
         for name in neutral & data.keys():
             # Taken and dropped at a neutral value (or null), as the serializer does.
-            if neutral_refusal(name, data[name]) is not None:
+            if neutral_refusal(name, data[name], kind) is not None:
                 raise _Defer
         out: dict = {"model": _name(data.get("model"), 128)}
         if kind == "chat":

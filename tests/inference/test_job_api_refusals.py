@@ -515,6 +515,14 @@ AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}
             "suffix",
             'suffix="    return week"',
         ),
+        ("/api/v1/jobs", {**CHAT, "tools": [LOOKUP]}, "tools", "tools=[{"),
+        ("/api/v1/credits/quote", {**CHAT, "store": True}, "store", "store=true"),
+        (
+            "/api/v1/credits/quote",
+            {"model": MODEL, "prompt": "Plan", "echo": True},
+            "echo",
+            "echo=true",
+        ),
     ],
     ids=[
         "image part",
@@ -545,6 +553,9 @@ AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}
         "web_search_options",
         "completion logit_bias",
         "suffix",
+        "tools (jobs)",
+        "store (quote)",
+        "echo (quote)",
     ],
 )
 def test_what_openai_serves_and_this_api_does_not_is_refused_as_unsupported_naming_it(
@@ -578,6 +589,7 @@ def test_what_openai_serves_and_this_api_does_not_is_refused_as_unsupported_nami
     ("body", "param"),
     [
         ({**CHAT, "logprobs": "no"}, "logprobs"),
+        ({**CHAT, "logprobs": 0}, "logprobs"),
         ({**CHAT, "presence_penalty": 2.5}, "presence_penalty"),
         ({**CHAT, "frequency_penalty": True}, "frequency_penalty"),
         ({**CHAT, "n": 0}, "n"),
@@ -598,6 +610,7 @@ def test_what_openai_serves_and_this_api_does_not_is_refused_as_unsupported_nami
     ],
     ids=[
         "logprobs not a boolean",
+        "chat logprobs an integer",
         "penalty out of range",
         "penalty not a number",
         "n 0",
@@ -630,6 +643,93 @@ def test_a_malformed_or_unknown_openai_field_stays_an_invalid_request(api, org, 
     assert (error["code"], error["param"]) == ("invalid_request", param)
     assert organization_balance(organization=org) == before
     assert not Job.objects.filter(organization=org).exists()
+
+
+@pytest.mark.parametrize("path", ["/api/v1/jobs", "/api/v1/credits/quote"])
+@pytest.mark.parametrize(
+    ("body", "param", "unknown"),
+    [
+        ({**CHAT, "echo": False}, "echo", True),
+        ({**CHAT, "suffix": ""}, "suffix", True),
+        ({"model": MODEL, "prompt": "Plan", "tools": []}, "tools", True),
+        ({"model": MODEL, "prompt": "Plan", "store": False}, "store", True),
+        ({**CHAT, "logprobs": 0}, "logprobs", False),
+    ],
+    ids=[
+        "echo with messages",
+        "suffix with messages",
+        "tools with prompt",
+        "store with prompt",
+        "chat logprobs an integer",
+    ],
+)
+def test_a_job_or_quote_refuses_the_other_kinds_parameters_as_its_endpoint_does(
+    api, org, path, body, param, unknown
+):
+    # given a body of one kind (messages: chat, prompt: completion) with a parameter the
+    # other kind's endpoint takes, or chat's logprobs as a completion's integer
+    before = organization_balance(organization=org)
+
+    # when
+    response = api.post(path, body, format="json", HTTP_IDEMPOTENCY_KEY=f"kind-{param}")
+
+    # then it is refused as /v1/chat/completions or /v1/completions refuses it, and nothing
+    # is held, queued or kept under the key
+    error = _error(response, 400)
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert (f"Unknown field {param!r}" in error["message"]) == unknown
+    assert organization_balance(organization=org) == before
+    assert not Job.objects.filter(organization=org).exists()
+    assert not org.idempotency_records.exists()
+
+
+# The parameters clients send by default, at their neutral values, of each kind.
+CHAT_NEUTRAL = {
+    **CHAT,
+    "logprobs": False,
+    "tools": [],
+    "tool_choice": "auto",
+    "store": False,
+    "metadata": {"team": "strength"},
+    "service_tier": "auto",
+    "parallel_tool_calls": True,
+    "response_format": {"type": "text"},
+}
+COMPLETION_NEUTRAL = {
+    "model": MODEL,
+    "prompt": "Plan",
+    "logprobs": None,
+    "echo": False,
+    "best_of": 1,
+    "suffix": "",
+    "logit_bias": {},
+}
+
+
+@pytest.mark.parametrize("body", [CHAT_NEUTRAL, COMPLETION_NEUTRAL], ids=["chat", "completion"])
+def test_a_quote_prices_the_body_its_endpoint_takes_neutral_parameters_and_all(api, org, body):
+    # given the exact body a client sends to /v1/chat/completions or /v1/completions
+    without = {k: v for k, v in body.items() if k in ("model", "messages", "prompt")}
+    before = organization_balance(organization=org)
+
+    # when it is quoted, and the same without the parameters not acted on
+    quoted = api.post("/api/v1/credits/quote", body, format="json")
+    plain = api.post("/api/v1/credits/quote", without, format="json")
+
+    # then it is priced as if they were left out, and nothing is held
+    assert quoted.status_code == 200, quoted.content
+    assert quoted.json() == plain.json()
+    assert organization_balance(organization=org) == before
+
+
+def test_a_job_takes_its_kinds_neutral_parameters(api, org):
+    # when a chat body with the parameters clients send by default is queued
+    response = api.post("/api/v1/jobs", CHAT_NEUTRAL, format="json")
+
+    # then the job is queued, as /v1/chat/completions would take it
+    assert response.status_code == 202, response.content
+    job = Job.objects.get(organization=org)
+    assert job.public_id == response.json()["id"]
 
 
 def test_a_request_without_max_tokens_refused_for_credits_says_what_its_default_held(api, org):
