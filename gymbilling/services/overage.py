@@ -95,8 +95,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, F, Max, Q, Sum, Value, When
-from django.db.models.functions import Coalesce
+from django.db.models import F, Max, Q, Sum
 from django.utils import timezone
 
 from accounts.errors import ApplicationError
@@ -266,17 +265,9 @@ def _overage_batches_send(*, now: datetime) -> int:
         attempt = OverageReport.objects.filter(pk=report.pk, identifier=report.identifier)
         # Before the call: Stripe may take an attempt whose answer is lost, and a report
         # acts only on the last attempt Stripe may have taken (the module's docstring).
-        # The first such attempt stays; one the previous release made (it wrote only the
-        # last, moved on by each retry) is dated by the batch's creation, as
-        # _first_unknown_attempt dates it.
-        attempt.update(
-            last_attempt_at=sent_at,
-            first_unknown_attempt_at=Coalesce(
-                "first_unknown_attempt_at",
-                Case(When(last_attempt_at__isnull=False, then=F("created_at"))),
-                Value(sent_at),
-            ),
-        )
+        # The first such attempt stays (as read: the run's lock keeps other runs off the
+        # batch), dated as _first_unknown_attempt dates it; else this one is the first.
+        attempt.update(last_attempt_at=sent_at, first_unknown_attempt_at=first_unknown or sent_at)
         try:
             taken = stripe_client.meter_event_create(
                 event_name=settings.STRIPE_OVERAGE_EVENT_NAME,
