@@ -90,6 +90,12 @@ class TritonDevServer:
     server and the public `ensemble` model answer ready; `stop()` sends SIGTERM
     (Triton ignores SIGINT when it is not in the foreground), waits, and
     removes the shared-memory regions the Python backend leaves in /dev/shm.
+
+    `graceful=False` makes `stop()` kill the server and its Python-backend stubs at
+    once (SIGKILL to its process group). For a throwaway server (the test suite's):
+    Triton's own shutdown lets in-flight requests finish, then unloads each model and
+    checks once a second whether they are gone, about 3 s here even when idle, which
+    a server nobody will ask anything again does not need.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class TritonDevServer:
         ready_timeout: float = 60.0,
         stop_timeout: float = 10.0,
         stream_token_interval_ms: float = 0,
+        graceful: bool = True,
     ):
         self.host = host
         self._requested_ports = (http_port, grpc_port, metrics_port)
@@ -116,6 +123,7 @@ class TritonDevServer:
         self.log_verbose = log_verbose
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
+        self.graceful = graceful
         # Milliseconds the engine waits after each streamed token (model.py).
         # Set here, never inherited from this process's environment: a
         # developer's pace for demos must not slow the tests or the bench.
@@ -353,7 +361,11 @@ class TritonDevServer:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
+        if process.poll() is None and not self.graceful:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        elif process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=self.stop_timeout)

@@ -137,9 +137,13 @@ def triton_server(tmp_path_factory):
 
     Its log stays in pytest's temporary directory (the last few runs are kept)
     so that concurrent test runs never share one.
+
+    Every server a test starts is killed at its end (`graceful=False`): nothing is
+    asked of it afterwards, and Triton's own shutdown costs about 3 s a server (over
+    60 servers a run). tests/inference/engine/test_triton_dev.py stops one both ways.
     """
     log = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
-    with TritonDevServer(log_path=log) as server:
+    with TritonDevServer(log_path=log, graceful=False) as server:
         yield server
         # Triton does not finish shutting down while a client holds a stream open.
         close_pools()
@@ -157,7 +161,7 @@ PACE_MS = 1
 def paced_triton_server(tmp_path_factory):
     """A second tritonserver whose engine waits PACE_MS after each streamed token."""
     log = tmp_path_factory.mktemp("paced-tritonserver") / "tritonserver.log"
-    with TritonDevServer(log_path=log, stream_token_interval_ms=PACE_MS) as server:
+    with TritonDevServer(log_path=log, stream_token_interval_ms=PACE_MS, graceful=False) as server:
         yield server
         close_pools()
 
@@ -198,8 +202,8 @@ def hung_grpc_url():
 
 @pytest.fixture
 def private_triton_server(tmp_path):
-    """A second tritonserver that a test may kill (costs 1-3 s to start)."""
-    with TritonDevServer(log_path=tmp_path / "tritonserver.log") as server:
+    """A second tritonserver that a test may kill, its own (started afresh for each test)."""
+    with TritonDevServer(log_path=tmp_path / "tritonserver.log", graceful=False) as server:
         yield server
 
 
@@ -209,7 +213,7 @@ def paced_private_triton_server(tmp_path):
     a test that must kill it, or act on its own, while a stream runs or a request waits
     behind BusyEngine's streams, on any machine. It costs what the unpaced one does."""
     with TritonDevServer(
-        log_path=tmp_path / "tritonserver.log", stream_token_interval_ms=PACE_MS
+        log_path=tmp_path / "tritonserver.log", stream_token_interval_ms=PACE_MS, graceful=False
     ) as server:
         yield server
 

@@ -423,7 +423,7 @@ def test_a_server_that_comes_back_is_used_again_within_its_not_ready_ttl(dead_gr
 
     # when a server comes up at that address
     port = int(dead_grpc_url.rsplit(":", 1)[1])
-    with TritonDevServer(grpc_port=port, log_path=tmp_path / "tritonserver.log"):
+    with TritonDevServer(grpc_port=port, log_path=tmp_path / "tritonserver.log", graceful=False):
         deadline = time.monotonic() + 15
         try:
             while True:

@@ -48,7 +48,7 @@ from metering.models import HoldStatus
 from metering.selectors import organization_balance
 from metering.services import price_book_publish
 from metering.services.postings import amount_display
-from tests.helpers import credits, paused_consumers
+from tests.helpers import RUNNING_WORKERS, credits, paused_consumers
 from tests.inference import conftest as engine_fixtures
 from tests.reliability.test_inference_faults import (
     _client,
@@ -536,8 +536,12 @@ def _queued_messages(queue: str = "inference.standard") -> int:
 
 
 def _worker_holds(job_pk: int) -> bool:
-    """Whether a worker has the job's task running or reserved (Celery's inspect)."""
-    inspect = celery_app.control.inspect(timeout=5)
+    """Whether a worker has the job's task running or reserved (Celery's inspect).
+
+    Asked of the tests' workers by name: Celery then returns once each has answered.
+    Asked of every worker, it cannot know how many there are and waits out the whole
+    timeout for each question (10 s a call, the test's longest part)."""
+    inspect = celery_app.control.inspect(timeout=5, destination=sorted(RUNNING_WORKERS))
     active, reserved = inspect.active(), inspect.reserved()
     if active is None or reserved is None:
         return True  # the worker did not answer (busy): it may hold it; ask again

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import queue
+import signal
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from inference.engine.server import TritonDevServer
 from inference.engine.tokenizer import count_tokens
 from tests.inference.conftest import MODEL, ensemble_inputs
 
@@ -252,3 +255,42 @@ def test_a_cancelled_stream_stops_generation_in_the_engine(triton_server):
         assert time.monotonic() < deadline, "the engine never finished the cancelled request"
         time.sleep(0.05)
     assert 2 <= _engine_output_tokens(triton_server.metrics_url) - before < 3000
+
+
+def _in_process_group(pgid: int) -> list[int]:
+    """The pids of every live process whose process group is `pgid` (from /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited while we looked
+            continue
+        # after the command: state, ppid, pgrp; a zombie is already gone
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.parametrize(
+    ("graceful", "exit_code"), [(True, 0), (False, -signal.SIGKILL)], ids=["graceful", "killed"]
+)
+def test_a_stopped_server_leaves_no_process_and_no_shared_memory(tmp_path, graceful, exit_code):
+    # given a server that has answered a request (its Python-backend stubs are up and
+    # hold their shared-memory regions)
+    server = TritonDevServer(log_path=tmp_path / "tritonserver.log", graceful=graceful).start()
+    process = server.process
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        assert client.is_model_ready(MODEL)
+    stubs = [pid for pid in _in_process_group(process.pid) if pid != process.pid]
+    assert stubs, "the Python backend runs its models in stub processes"
+    assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
+
+    # when it is stopped
+    server.stop()
+
+    # then: the server ended as asked (Triton's own shutdown exits 0; killed, SIGKILL),
+    # no stub of its group is left running, and its regions are removed
+    assert process.returncode == exit_code
+    assert _in_process_group(process.pid) == []
+    assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*")) == []
+    assert not server.is_running()
