@@ -362,16 +362,10 @@ class Job(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["organization", "-id"]),
-            # Running jobs by start, for the orphaned jobs' sweep (a minute's):
-            # partial, so it holds only the few jobs running at any time. The
-            # sweep of a release before inference/0014 reads started_at; the
-            # sweep now reads its current run's start (job_run_start). The
-            # first can go once no process of that release is left.
-            models.Index(
-                fields=["started_at"],
-                condition=models.Q(status="running"),
-                name="job_running_started",
-            ),
+            # Running jobs by their current run's start (job_run_start), for the
+            # orphaned jobs' sweep (a minute's): partial, so it holds only the few
+            # jobs running at any time. (0012's index on started_at, which the
+            # sweep of releases before 0014 read, is dropped by 0015.)
             models.Index(
                 job_run_start(),
                 condition=models.Q(status="running"),

@@ -87,6 +87,10 @@ def _unsafe(sent: list[Sent]) -> list[str]:
             continue  # a table made by these migrations: nothing waits for it yet
         if re.match(r"CREATE (UNIQUE )?INDEX (?!CONCURRENTLY)", upper):
             found.append(f"index built under a lock that stops writes: {sql}")
+        if re.match(r"DROP INDEX (?!CONCURRENTLY)", upper):
+            # (names only the index: its table is not known here, so a table these
+            # migrations made is not told apart; none of them drops such an index)
+            found.append(f"index dropped under the table's ACCESS EXCLUSIVE lock: {sql}")
         if not upper.startswith("ALTER TABLE"):
             continue
         if s.lock_timeout in ("0", ""):
@@ -256,4 +260,39 @@ def test_migrate_again_after_a_concurrent_index_build_gave_up_builds_it(
             "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", [f'"{name}"']
         )
         assert cursor.fetchone() == (True,)
+    assert _disagreements() == []
+
+
+def _index_valid(name: str) -> bool | None:
+    """Whether index `name` is valid; None where there is none."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", [f'"{name}"']
+        )
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def test_inference_0015_drops_the_sweeps_old_index_and_undone_builds_it_again():
+    # given the jobs table as 0014 left it: both partial indexes of running jobs
+    OrganizationFactory()
+    try:
+        migrate([("inference", "0014_job_run_started_at")])
+        assert _index_valid("job_running_started") is True
+
+        # when 0015 runs, the old index goes; undone, it is built again
+        migrate([("inference", "0015_drop_job_running_started")])
+        assert _index_valid("job_running_started") is None
+        migrate([("inference", "0014_job_run_started_at")])
+        assert _index_valid("job_running_started") is True
+
+        # and a run that dropped it and stopped before recording 0015 is run again
+        with connection.cursor() as cursor:
+            cursor.execute('DROP INDEX CONCURRENTLY "job_running_started"')
+    finally:
+        migrate_to_latest()
+
+    # then the old index is gone, the sweep's own stays, and the rest is as the models say
+    assert _index_valid("job_running_started") is None
+    assert _index_valid("job_running_run_started") is True
     assert _disagreements() == []

@@ -1,0 +1,53 @@
+"""Drop 0012's index of running jobs by `started_at`: nothing reads it any more.
+
+The orphaned jobs' sweep has read its current run's start (0014's index,
+`job_running_run_started`) since 0014; 0012's index stayed only for the sweep of the
+release before 0014, which has been gone for several releases. Every job's start and end
+still wrote it.
+
+Dropped concurrently, outside a transaction: a plain DROP INDEX takes the jobs table's
+ACCESS EXCLUSIVE lock, and waits behind every open reader of it while every new read and
+write of jobs waits behind it. IF EXISTS, so `migrate` can be run again after a drop
+that stopped (a concurrent drop that fails leaves the index INVALID, and a second drop
+removes it). Backwards, it is built again concurrently, as 0012 built it; elsewhere
+(`make demo`'s SQLite) these are the ordinary RemoveIndex and AddIndex.
+"""
+
+import importlib
+
+from django.db import migrations, models
+
+_0008 = importlib.import_module("metering.migrations.0008_hold_pending_by_organization")
+
+
+class RemoveIndexConcurrentlyOnPostgres(migrations.RemoveIndex):
+    """RemoveIndex, concurrently and IF EXISTS on PostgreSQL; backwards, the index is
+    built again as AddIndexConcurrentlyOnPostgres builds one."""
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return super().database_forwards(app_label, schema_editor, from_state, to_state)
+        schema_editor.execute(
+            f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(self.name)}"
+        )
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor != "postgresql":
+            return super().database_backwards(app_label, schema_editor, from_state, to_state)
+        model = to_state.apps.get_model(app_label, self.model_name)
+        index = to_state.models[app_label, self.model_name_lower].get_index_by_name(self.name)
+        _0008.index_build_concurrently(
+            schema_editor, index.create_sql(model, schema_editor, concurrently=True)
+        )
+
+
+class Migration(migrations.Migration):
+    atomic = False
+
+    dependencies = [
+        ("inference", "0014_job_run_started_at"),
+    ]
+
+    operations = [
+        RemoveIndexConcurrentlyOnPostgres(model_name="job", name="job_running_started"),
+    ]
