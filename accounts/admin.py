@@ -1,11 +1,13 @@
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import widgets
 from django.contrib.auth.admin import GroupAdmin as BaseGroupAdmin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
 from django.contrib.auth.models import Group, Permission
 from django.core.exceptions import ValidationError
+from django.db import models
 from django.db.models import Q
 from django.shortcuts import render
 from django.utils import timezone
@@ -22,6 +24,13 @@ from accounts.views import sign_in_count
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Rows that only services write (the ledger, what Stripe said, invitations): staff read
     them here and act through actions that call the services."""
+
+    # Its page still builds the model's form (to list the fields it shows), and a URL
+    # field's form field warns that Django 6 reads "example.com" as https, not http:
+    # https now, the admin's own widget kept.
+    formfield_overrides = {
+        models.URLField: {"widget": widgets.AdminURLFieldWidget, "assume_scheme": "https"}
+    }
 
     def has_add_permission(self, request, obj=None):
         return False

@@ -22,8 +22,11 @@ from django.utils.http import parse_header_parameters
 # is ASCII by the URL's rules, and Django decodes it with the request's charset: a charset
 # must read this unchanged to be taken. Some codecs Python calls text do not: `undefined`
 # raises on anything, `idna` and `punycode` refuse it, `utf-16` misreads it, and
-# `unicode_escape` / `raw_unicode_escape` rewrite backslashes (in the body too).
-_ASCII_PROBE = bytes(range(0x20, 0x7F)) + rb"\n\x41\u0041"
+# `unicode_escape` / `raw_unicode_escape` rewrite backslashes (in the body too). The
+# backslash only in escapes that codec knows (`\\` among them): one before another
+# character (`\]`) is an invalid escape, which `unicode_escape` decodes with a
+# DeprecationWarning on every first request that names it.
+_ASCII_PROBE = bytes(b for b in range(0x20, 0x7F) if b != 0x5C) + rb"\\\n\x41\u0041"
 
 
 # Asked twice per request that names a charset (building the request, then the
