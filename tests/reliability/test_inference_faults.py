@@ -318,6 +318,25 @@ def test_a_crowd_of_requests_never_overdraws_the_credits(
     _key, raw = apikey_create(organization=org, name="crowd", scopes=[Scope.INFERENCE])
     client = openai.OpenAI(base_url=f"{app_server}/v1", api_key=raw, max_retries=0, timeout=120)
     start = threading.Barrier(200)
+    # and workers that have seen the engine ready. A worker process checks a server on
+    # its first request to it; made under the crowd, on this machine's 2 CPUs, that check
+    # once timed out (2 s) and the pool answered 503 engine_unavailable for a second (a
+    # fresh clone, 2026-12-05): how the pool treats a server that does not answer is
+    # tests/inference/test_triton_client.py's, not this test's. Four requests at once,
+    # of another organization, reach each process of the session's worker.
+    warm = _organization(grant, budget)
+    _warm_key, warm_raw = apikey_create(organization=warm, name="warm", scopes=[Scope.INFERENCE])
+    warm_client = openai.OpenAI(
+        base_url=f"{app_server}/v1", api_key=warm_raw, max_retries=0, timeout=120
+    )
+    with ThreadPoolExecutor(max_workers=4) as threads:
+        warmed = threads.map(
+            lambda index: warm_client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=max_tokens, seed=index
+            ),
+            range(4),
+        )
+        assert all(reply.usage.total_tokens > 0 for reply in warmed)
 
     def call(index: int) -> tuple[int, str | None]:
         start.wait(timeout=60)
