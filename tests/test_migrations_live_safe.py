@@ -181,6 +181,16 @@ def test_migrations_since_the_review_lock_a_live_table_only_for_a_moment():
     assert not disagreements, "\n".join(disagreements)
 
 
+def _index_valid(name: str) -> bool | None:
+    """Whether index `name` is valid; None where there is none."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", [f'"{name}"']
+        )
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
 def _stalled_index_build(name: str, table: str, columns: str) -> None:
     """A CREATE INDEX CONCURRENTLY of `name` that gave up, as one that a stopped `migrate`,
     or a lock it waited for too long, leaves: the index there, INVALID. Here it waits on a
@@ -199,11 +209,7 @@ def _stalled_index_build(name: str, table: str, columns: str) -> None:
         builder.execute("SET lock_timeout = '200ms'")
         with pytest.raises(psycopg.errors.LockNotAvailable):
             builder.execute(f'CREATE INDEX CONCURRENTLY "{name}" ON "{table}" ({columns})')
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", [f'"{name}"']
-        )
-        assert cursor.fetchone() == (False,)
+    assert _index_valid(name) is False
 
 
 @pytest.fixture
@@ -212,13 +218,9 @@ def left_invalid():
     failed run's) and the database migrated to the latest, for the next test's schema."""
     names: list[str] = []
     yield names
-    with connection.cursor() as cursor:
-        for name in names:
-            cursor.execute(
-                "SELECT 1 FROM pg_index WHERE indexrelid = to_regclass(%s) AND NOT indisvalid",
-                [f'"{name}"'],
-            )
-            if cursor.fetchone():
+    for name in names:
+        if _index_valid(name) is False:
+            with connection.cursor() as cursor:
                 cursor.execute(f'DROP INDEX "{name}"')
     migrate_to_latest()
 
@@ -255,22 +257,8 @@ def test_migrate_again_after_a_concurrent_index_build_gave_up_builds_it(
     migrate_to_latest()
 
     # then it built the index, valid, under the name the state gives it
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", [f'"{name}"']
-        )
-        assert cursor.fetchone() == (True,)
+    assert _index_valid(name) is True
     assert _disagreements() == []
-
-
-def _index_valid(name: str) -> bool | None:
-    """Whether index `name` is valid; None where there is none."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", [f'"{name}"']
-        )
-        row = cursor.fetchone()
-    return None if row is None else row[0]
 
 
 def test_inference_0015_drops_the_sweeps_old_index_and_undone_builds_it_again():

@@ -15,30 +15,37 @@ removes it). Backwards, it is built again concurrently, as 0012 built it; elsewh
 
 import importlib
 
-from django.db import migrations, models
+from django.contrib.postgres.operations import RemoveIndexConcurrently
+from django.db import migrations
 
 _0008 = importlib.import_module("metering.migrations.0008_hold_pending_by_organization")
 
 
-class RemoveIndexConcurrentlyOnPostgres(migrations.RemoveIndex):
-    """RemoveIndex, concurrently and IF EXISTS on PostgreSQL; backwards, the index is
-    built again as AddIndexConcurrentlyOnPostgres builds one."""
+class RemoveIndexConcurrentlyOnPostgres(RemoveIndexConcurrently):
+    """Django's RemoveIndexConcurrently (DROP INDEX CONCURRENTLY IF EXISTS) on PostgreSQL;
+    backwards, the index is built again as AddIndexConcurrentlyOnPostgres builds one
+    (again after a build that stopped). The ordinary RemoveIndex elsewhere (`make demo`'s
+    SQLite, where CONCURRENTLY does not exist)."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
-            return super().database_forwards(app_label, schema_editor, from_state, to_state)
-        schema_editor.execute(
-            f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(self.name)}"
-        )
+            return migrations.RemoveIndex.database_forwards(
+                self, app_label, schema_editor, from_state, to_state
+            )
+        return super().database_forwards(app_label, schema_editor, from_state, to_state)
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor != "postgresql":
-            return super().database_backwards(app_label, schema_editor, from_state, to_state)
+            return migrations.RemoveIndex.database_backwards(
+                self, app_label, schema_editor, from_state, to_state
+            )
+        self._ensure_not_in_transaction(schema_editor)
         model = to_state.apps.get_model(app_label, self.model_name)
-        index = to_state.models[app_label, self.model_name_lower].get_index_by_name(self.name)
-        _0008.index_build_concurrently(
-            schema_editor, index.create_sql(model, schema_editor, concurrently=True)
-        )
+        if self.allow_migrate_model(schema_editor.connection.alias, model):
+            index = to_state.models[app_label, self.model_name_lower].get_index_by_name(self.name)
+            _0008.index_build_concurrently(
+                schema_editor, index.create_sql(model, schema_editor, concurrently=True)
+            )
 
 
 class Migration(migrations.Migration):
